@@ -1,0 +1,73 @@
+"""loralab.core: the machinery shared by every loralab method.
+
+Targets (which layers), gradients (estimated, reduced, streamed, offloaded), bitsandbytes helpers
+and low-rank linear algebra. Test helpers live in :mod:`loralab.core.testing`.
+
+Example:
+    >>> from loralab.core import estimate_gradients, find_targets, truncated_svd
+    >>> from loralab.core.testing import tiny_llama, make_lm_batches
+    >>> model = tiny_llama()
+    >>> grads = estimate_gradients(model, make_lm_batches(2), ["q_proj"], progress=False)
+    >>> U, S, Vh = truncated_svd(grads["model.layers.0.self_attn.q_proj"], 4)
+"""
+
+from loralab.core.distributed import (
+    all_reduce_mean_,
+    all_reduce_mean_dict_,
+    gathered_parameters,
+    is_distributed,
+    is_main_process,
+    rank,
+    unwrap_model,
+    world_size,
+)
+from loralab.core.gradients import GradientConsumer, GradientEstimationError, estimate_gradients
+from loralab.core.linalg import (
+    SVDResult,
+    ridge_inverse,
+    ridge_solve,
+    solve_sylvester_psd,
+    stiefel_sample,
+    truncated_svd,
+)
+from loralab.core.targets import (
+    TargetLayer,
+    TargetNotFoundError,
+    find_all_linear_modules,
+    find_targets,
+    get_module,
+    layer_kind,
+    replace_module,
+    to_storage_layout,
+    weight_matrix,
+)
+
+__version__ = "0.1.0"
+__all__ = [
+    "GradientConsumer",
+    "GradientEstimationError",
+    "SVDResult",
+    "TargetLayer",
+    "TargetNotFoundError",
+    "all_reduce_mean_",
+    "all_reduce_mean_dict_",
+    "estimate_gradients",
+    "find_all_linear_modules",
+    "find_targets",
+    "gathered_parameters",
+    "get_module",
+    "is_distributed",
+    "is_main_process",
+    "layer_kind",
+    "rank",
+    "replace_module",
+    "ridge_inverse",
+    "ridge_solve",
+    "solve_sylvester_psd",
+    "stiefel_sample",
+    "to_storage_layout",
+    "truncated_svd",
+    "unwrap_model",
+    "weight_matrix",
+    "world_size",
+]

@@ -1,0 +1,132 @@
+"""Rank / world helpers and reductions that work the same under torchrun, accelerate and DeepSpeed.
+
+All of them are no-ops in a single process, so method code calls them unconditionally.
+
+Example:
+    >>> import torch
+    >>> from loralab.core.distributed import all_reduce_mean_, world_size
+    >>> t = torch.ones(3)
+    >>> all_reduce_mean_(t)  # single process: unchanged
+    tensor([1., 1., 1.])
+    >>> world_size()
+    1
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+
+import torch.distributed as dist
+from torch import Tensor, nn
+
+__all__ = [
+    "all_reduce_mean_",
+    "all_reduce_mean_dict_",
+    "broadcast_",
+    "gathered_parameters",
+    "is_distributed",
+    "is_main_process",
+    "rank",
+    "unwrap_model",
+    "world_size",
+]
+
+
+def is_distributed() -> bool:
+    """True when ``torch.distributed`` is initialised with more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    """Number of processes in the default group (1 when not distributed)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    """This process's rank in the default group (0 when not distributed)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (and in a single process)."""
+    return rank() == 0
+
+
+def _reduce_device(t: Tensor) -> Tensor:
+    # gloo reduces CPU tensors only; NCCL reduces CUDA tensors only.
+    backend = dist.get_backend()
+    if backend == "gloo" and t.device.type != "cpu":
+        return t.cpu()
+    return t
+
+
+def all_reduce_mean_(tensor: Tensor) -> Tensor:
+    """Average ``tensor`` in place across all ranks and return it (a no-op in one process)."""
+    if not is_distributed():
+        return tensor
+    buf = _reduce_device(tensor)
+    # SUM then divide: ReduceOp.AVG is NCCL-only.
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    buf.div_(dist.get_world_size())
+    if buf is not tensor:
+        tensor.copy_(buf)
+    return tensor
+
+
+def all_reduce_mean_dict_(tensors: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    """Average every tensor of a name → tensor mapping in place, in a deterministic (sorted) order."""
+    for name in sorted(tensors):
+        all_reduce_mean_(tensors[name])
+    return tensors
+
+
+def broadcast_(tensor: Tensor, src: int = 0) -> Tensor:
+    """Overwrite ``tensor`` on every rank with rank ``src``'s value (a no-op in one process)."""
+    if not is_distributed():
+        return tensor
+    buf = _reduce_device(tensor)
+    dist.broadcast(buf, src=src)
+    if buf is not tensor:
+        tensor.copy_(buf)
+    return tensor
+
+
+def _is_zero3_param(p: nn.Parameter) -> bool:
+    return hasattr(p, "ds_id") and hasattr(p, "ds_status")
+
+
+@contextmanager
+def gathered_parameters(params: Iterable[nn.Parameter], modifier_rank: int | None = None) -> Iterator[None]:
+    """Make DeepSpeed ZeRO-3 partitioned parameters whole inside the block (a no-op otherwise).
+
+    With ``modifier_rank`` set, changes made on that rank are broadcast to every rank on exit, as in
+    ``deepspeed.zero.GatheredParameters``.
+    """
+    params = [p for p in params if _is_zero3_param(p)]
+    if not params:
+        yield
+        return
+    import deepspeed  # only reached when parameters are ZeRO-3 partitioned, so deepspeed is present
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
+        yield
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip DDP / DeepSpeed engine / torch.compile wrappers to reach the user's module."""
+    seen = 0
+    while seen < 8:
+        seen += 1
+        if hasattr(model, "module") and isinstance(model.module, nn.Module) and type(model).__name__ in (
+            "DistributedDataParallel",
+            "DataParallel",
+            "DeepSpeedEngine",
+        ):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            break
+    return model
+

@@ -1,0 +1,290 @@
+"""Estimate the mean full-weight gradient of each target layer over a few batches.
+
+Gradient-initialised methods (LoRA-GA, LoRA-SB) need ``G = mean_b ∇_W L(batch_b)`` for every adapted
+weight ``W`` (as an (out, in) matrix). :func:`estimate_gradients` computes it with:
+
+- fp32 accumulation whatever the weights' dtype, and only the target weights requiring grad;
+- per-parameter post-accumulate hooks that move each gradient into its fp32 buffer and free
+  ``weight.grad`` at once, so no second copy of the gradients lives in the parameter dtype;
+- an all-reduce (mean) across ranks under ``torch.distributed`` so every rank gets the same result;
+- a per-layer ``consumer(name, grad)`` that receives each finished gradient, after which loralab
+  drops its reference: a method turns the gradient into factors and holds only those. With
+  ``offload=True`` (see :mod:`loralab.core.offload`) gradients finish block by block, so at most one
+  block's gradients exist at any time;
+- the model's train/eval mode, ``requires_grad`` flags and existing ``.grad`` restored afterwards.
+
+Example:
+    >>> from loralab.core.testing import tiny_llama, make_lm_batches
+    >>> from loralab.core.gradients import estimate_gradients
+    >>> model = tiny_llama()
+    >>> grads = estimate_gradients(model, make_lm_batches(2), progress=False)
+    >>> grads["model.layers.0.self_attn.q_proj"].shape
+    torch.Size([64, 64])
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import contextmanager
+from itertools import islice
+from typing import Any, Union
+
+import torch
+from torch import Tensor, nn
+
+from loralab.core.distributed import all_reduce_mean_, is_main_process
+from loralab.core.targets import TargetLayer, find_targets, to_storage_layout
+
+__all__ = [
+    "GradientConsumer",
+    "GradientEstimationError",
+    "default_loss",
+    "estimate_gradients",
+    "resolve_targets",
+]
+
+logger = logging.getLogger(__name__)
+
+GradientConsumer = Callable[[str, Tensor], None]
+"""Called as ``consumer(layer_name, grad)`` once per target with its final (out, in) fp32 gradient."""
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+Targets = Union[str, Sequence[str], Mapping[str, TargetLayer]]
+
+
+class GradientEstimationError(RuntimeError):
+    """Gradient estimation could not produce a valid gradient (no data, unused or quantized layer, NaN)."""
+
+
+def default_loss(model: nn.Module, batch: Any) -> Tensor:
+    """``model(**batch).loss``, with the batch moved to the model's device."""
+    if not isinstance(batch, Mapping):
+        raise GradientEstimationError(
+            f"batches must be mappings of model inputs (dicts with input_ids, labels, ...), got {type(batch).__name__}; "
+            "pass loss_fn=lambda model, batch: ... for other batch types"
+        )
+    device = _model_device(model)
+    inputs = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
+    out = model(**inputs)
+    loss = out["loss"] if isinstance(out, Mapping) else getattr(out, "loss", None)
+    if loss is None:
+        raise GradientEstimationError(
+            f"{type(model).__name__}(**batch) returned no loss: include 'labels' in each batch or pass loss_fn"
+        )
+    return loss
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+def resolve_targets(model: nn.Module, targets: Targets) -> dict[str, TargetLayer]:
+    """Turn ``"all-linear"``, a regex, a name list, or an existing mapping into ``{name: TargetLayer}``."""
+    if isinstance(targets, Mapping):
+        if not targets:
+            raise GradientEstimationError("targets is an empty mapping: nothing to estimate")
+        return dict(targets)
+    return find_targets(model, targets)
+
+
+def _check_float_weights(targets: Mapping[str, TargetLayer]) -> None:
+    quantized = [f"{n} ({t.kind})" for n, t in targets.items() if t.is_quantized]
+    if quantized:
+        raise GradientEstimationError(
+            "cannot estimate full-weight gradients of quantized layers: "
+            + ", ".join(quantized[:5])
+            + (" ..." if len(quantized) > 5 else "")
+            + ". Estimate on a float copy of the same checkpoint (loralab.core.quant.load_float_copy, "
+            "with offload=True to bound memory), then initialise the quantized model from those gradients."
+        )
+
+
+def check_finite(name: str, grad: Tensor) -> None:
+    """Raise :class:`GradientEstimationError` naming ``name`` if ``grad`` has NaN or Inf entries."""
+    if not torch.isfinite(grad).all():
+        bad = int((~torch.isfinite(grad)).sum())
+        raise GradientEstimationError(
+            f"non-finite gradient for layer {name!r} ({bad} of {grad.numel()} entries are NaN/Inf); "
+            "check the loss on these batches, lower the sequence length, or estimate in float32"
+        )
+
+
+@contextmanager
+def estimation_mode(model: nn.Module, weights: Iterable[nn.Parameter], train: bool) -> Any:
+    """Only ``weights`` require grad, ``.grad`` cleared, mode set; everything restored on exit."""
+    weights = list(weights)
+    params = list(model.parameters())
+    saved_flags = [p.requires_grad for p in params]
+    saved_grads = [p.grad for p in params]
+    was_training = model.training
+    try:
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+        for w in weights:
+            w.requires_grad_(True)
+        model.train(train)
+        yield
+    finally:
+        for p, flag, g in zip(params, saved_flags, saved_grads):
+            p.requires_grad_(flag)
+            p.grad = g
+        model.train(was_training)
+
+
+def _progress(iterable: Iterable[Any], total: int | None, desc: str, enabled: bool) -> Iterable[Any]:
+    if not enabled or not is_main_process():
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, leave=False)
+
+
+def estimate_gradients(
+    model: nn.Module,
+    batches: Iterable[Any],
+    targets: Targets = "all-linear",
+    *,
+    num_batches: int | None = None,
+    loss_fn: LossFn | None = None,
+    consumer: GradientConsumer | None = None,
+    offload: bool = False,
+    device: torch.device | str | None = None,
+    no_split_module_classes: Sequence[str] | None = None,
+    train: bool = False,
+    reduce: bool = True,
+    progress: bool = True,
+) -> dict[str, Tensor] | None:
+    """Mean gradient of the loss w.r.t. each target weight, as (out, in) float32 matrices.
+
+    Args:
+        model: the model (float weights; see :mod:`loralab.core.quant` for quantized models).
+        batches: an iterable of batches (dicts of model inputs with ``labels`` unless ``loss_fn`` is
+            given), e.g. a ``DataLoader``. Each batch's loss is a mean, and the result is the mean over
+            batches: ``G = (1/N) Σ_b ∇_W L_b``.
+        targets: ``"all-linear"``, a regex, a list of layer names (as ``peft.LoraConfig``), or a
+            ``{name: TargetLayer}`` mapping from :func:`loralab.core.targets.find_targets`.
+        num_batches: use at most this many batches (``None``: all of them).
+        loss_fn: ``loss_fn(model, batch) -> scalar loss``; defaults to :func:`default_loss`.
+        consumer: called as ``consumer(name, grad)`` with each finished gradient, which is then
+            dropped; the function returns ``None``. Without it, all gradients are returned in a dict.
+        offload: block-wise mode: weights stay on the CPU and one decoder block at a time is moved to
+            ``device`` (see :func:`loralab.core.offload.estimate_gradients_offloaded`).
+        device: compute device of the offloaded blocks (default: CUDA if available, else CPU).
+        no_split_module_classes: block class names for ``offload`` (defaults per architecture).
+        train: run the model in train mode (dropout on); the default eval mode gives a deterministic
+            estimate of the same expected gradient.
+        reduce: average the gradients across ranks under ``torch.distributed`` (default on), so every
+            rank gets the same result.
+        progress: show a tqdm bar over batches (on the main process only).
+
+    Returns:
+        ``{name: grad}`` on the weights' device (offload: on the CPU), or ``None`` with a consumer.
+
+    Raises:
+        GradientEstimationError: no batch, a target that received no gradient (an unused layer), a
+            quantized target, or a non-finite gradient (the message names the layer).
+
+    Example:
+        >>> from loralab.core.testing import tiny_gpt2, make_lm_batches
+        >>> norms = {}
+        >>> estimate_gradients(tiny_gpt2(), make_lm_batches(2), ["c_attn"],
+        ...                    consumer=lambda n, g: norms.__setitem__(n, g.norm().item()), progress=False)
+        >>> sorted(norms)
+        ['transformer.h.0.attn.c_attn', 'transformer.h.1.attn.c_attn']
+    """
+    if num_batches is not None and num_batches < 1:
+        raise ValueError(f"num_batches must be >= 1 or None, got {num_batches}")
+    resolved = resolve_targets(model, targets)
+    _check_float_weights(resolved)
+    loss_fn = loss_fn or default_loss
+    if num_batches is not None:
+        batches = islice(batches, num_batches)
+    if offload:
+        from loralab.core.offload import estimate_gradients_offloaded
+
+        return estimate_gradients_offloaded(
+            model,
+            batches,
+            resolved,
+            loss_fn=loss_fn,
+            consumer=consumer,
+            device=device,
+            no_split_module_classes=no_split_module_classes,
+            train=train,
+            reduce=reduce,
+            progress=progress,
+            total=num_batches,
+        )
+    if device is not None:
+        raise ValueError("device applies to offload=True only; move the model yourself for the plain path")
+    return _estimate_plain(model, batches, resolved, loss_fn, consumer, train, reduce, progress, num_batches)
+
+
+def _estimate_plain(
+    model: nn.Module,
+    batches: Iterable[Any],
+    targets: dict[str, TargetLayer],
+    loss_fn: LossFn,
+    consumer: GradientConsumer | None,
+    train: bool,
+    reduce: bool,
+    progress: bool,
+    total: int | None,
+) -> dict[str, Tensor] | None:
+    sums: dict[str, Tensor] = {}
+    handles = []
+
+    def make_hook(name: str, module: nn.Module) -> Callable[[Tensor], None]:
+        def hook(p: Tensor) -> None:
+            g = to_storage_layout(module, p.grad).float()
+            if name in sums:
+                sums[name].add_(g)
+            else:
+                sums[name] = g.contiguous()  # we own p.grad from here on: no copy unless transposed
+            p.grad = None  # free the parameter-dtype gradient right away
+
+        return hook
+
+    weights = [t.weight for t in targets.values()]
+    if len({id(w) for w in weights}) != len(weights):
+        raise GradientEstimationError("two targets share one weight tensor (tied weights); exclude one of them")
+    n = 0
+    with estimation_mode(model, weights, train):
+        try:
+            for name, t in targets.items():
+                handles.append(t.weight.register_post_accumulate_grad_hook(make_hook(name, t.module)))
+            with torch.enable_grad():
+                for batch in _progress(batches, total, "estimating gradients", progress):
+                    loss = loss_fn(model, batch)
+                    if not torch.isfinite(loss):
+                        raise GradientEstimationError(f"non-finite loss ({loss.item()}) on batch {n}; the gradient would be NaN")
+                    loss.backward()
+                    n += 1
+        finally:
+            for h in handles:
+                h.remove()
+    if n == 0:
+        raise GradientEstimationError("no batches: the data iterable was empty (check the dataloader and num_batches)")
+    missing = [name for name in targets if name not in sums]
+    if missing:
+        raise GradientEstimationError(
+            f"{len(missing)} target layer(s) received no gradient (unused in the forward pass?): "
+            + ", ".join(missing[:10])
+            + ". Exclude them from the targets."
+        )
+    logger.info("estimated gradients of %d layers over %d batches", len(sums), n)
+    for name in targets:  # deterministic order on every rank, required by the all-reduce
+        g = sums[name].div_(n)
+        if reduce:
+            all_reduce_mean_(g)
+        check_finite(name, g)
+        if consumer is not None:
+            del sums[name]
+            consumer(name, g)
+            del g
+    return None if consumer is not None else sums

@@ -1,0 +1,263 @@
+"""Find the layers a low-rank method adapts, view their weights as (out, in) matrices, swap modules.
+
+Supported layer kinds: ``torch.nn.Linear``; transformers' GPT-2 ``Conv1D`` (weight stored (in, out),
+i.e. PEFT's ``fan_in_fan_out``); bitsandbytes ``Linear4bit`` (NF4/FP4) and ``Linear8bitLt``. Every
+method reasons about ``W`` as an (out, in) matrix acting as ``y = W x``; :func:`weight_matrix` and
+:func:`to_storage_layout` translate between that view and each kind's storage.
+
+Example:
+    >>> from loralab.core.testing import tiny_llama
+    >>> from loralab.core.targets import find_targets
+    >>> targets = find_targets(tiny_llama(), "all-linear")
+    >>> sorted({t.name.rsplit(".", 1)[-1] for t in targets.values()})
+    ['down_proj', 'gate_proj', 'k_proj', 'o_proj', 'q_proj', 'up_proj', 'v_proj']
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal, Union
+
+from torch import Tensor, nn
+
+__all__ = [
+    "LayerKind",
+    "TargetLayer",
+    "TargetNotFoundError",
+    "find_all_linear_modules",
+    "find_targets",
+    "get_module",
+    "layer_kind",
+    "replace_module",
+    "to_storage_layout",
+    "weight_matrix",
+]
+
+LayerKind = Literal["linear", "conv1d", "linear4bit", "linear8bit"]
+TargetSpec = Union[str, Sequence[str], None]
+
+# Sub-module names of task heads that are trained in full (PEFT's modules_to_save), never adapted
+# by default: a low-rank adapter on a freshly initialised head makes no sense.
+HEAD_NAMES = ("lm_head", "score", "classifier", "qa_outputs", "cls", "pooler")
+
+
+class TargetNotFoundError(ValueError):
+    """Raised when a target specification matches no adaptable layer (or names a non-adaptable one)."""
+
+
+def layer_kind(module: nn.Module) -> LayerKind | None:
+    """The kind of an adaptable layer, or ``None`` if loralab cannot adapt ``module``.
+
+    Checked by class name for bitsandbytes and transformers' Conv1D, so neither needs importing.
+    """
+    cls_names = {c.__name__ for c in type(module).__mro__}
+    if "Linear4bit" in cls_names:
+        return "linear4bit"
+    if "Linear8bitLt" in cls_names:
+        return "linear8bit"
+    if "Conv1D" in cls_names and hasattr(module, "nf"):
+        return "conv1d"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    return None
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    """The sub-module at qualified ``name`` (``""`` is the model itself), with a clear error."""
+    try:
+        return model.get_submodule(name) if name else model
+    except AttributeError as e:
+        raise TargetNotFoundError(f"model has no sub-module named {name!r}") from e
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at qualified ``name`` inside ``model`` and return the module it replaced."""
+    if not name:
+        raise ValueError("replace_module needs a sub-module name, got '' (the model itself)")
+    parent_name, _, child = name.rpartition(".")
+    parent = get_module(model, parent_name)
+    old = getattr(parent, child, None)
+    if old is None:
+        raise TargetNotFoundError(f"model has no sub-module named {name!r}")
+    setattr(parent, child, new)
+    return old
+
+
+def weight_matrix(module: nn.Module) -> Tensor:
+    """The layer's weight as an (out, in) matrix.
+
+    For ``Linear`` this is the weight itself; for ``Conv1D`` a transposed view (no copy); for
+    bitsandbytes layers a dequantized float copy (see :mod:`loralab.core.quant`).
+    """
+    kind = layer_kind(module)
+    if kind == "linear":
+        return module.weight
+    if kind == "conv1d":
+        return module.weight.T
+    if kind in ("linear4bit", "linear8bit"):
+        from loralab.core.quant import dequantize_weight
+
+        return dequantize_weight(module)
+    raise TypeError(f"{type(module).__name__} is not an adaptable layer (Linear, Conv1D, bnb Linear4bit/Linear8bitLt)")
+
+
+def to_storage_layout(module: nn.Module, matrix: Tensor) -> Tensor:
+    """Turn an (out, in) matrix (a weight or its gradient) into ``module.weight``'s storage layout."""
+    return matrix.T if layer_kind(module) == "conv1d" else matrix
+
+
+@dataclass(frozen=True)
+class TargetLayer:
+    """One adaptable layer of a model."""
+
+    name: str
+    """Qualified name inside the model, e.g. ``model.layers.0.self_attn.q_proj``."""
+    module: nn.Module
+    """The layer itself."""
+    kind: LayerKind
+    """What the layer is; decides how its weight maps to an (out, in) matrix."""
+
+    @property
+    def in_features(self) -> int:
+        return _in_out(self.module, self.kind)[0]
+
+    @property
+    def out_features(self) -> int:
+        return _in_out(self.module, self.kind)[1]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(out_features, in_features)``: the shape of :meth:`weight_matrix`."""
+        i, o = _in_out(self.module, self.kind)
+        return (o, i)
+
+    @property
+    def weight(self) -> nn.Parameter:
+        """The stored weight parameter (storage layout; quantized for bitsandbytes)."""
+        return self.module.weight
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.kind in ("linear4bit", "linear8bit")
+
+    def weight_matrix(self) -> Tensor:
+        """The weight as an (out, in) matrix; see :func:`weight_matrix`."""
+        return weight_matrix(self.module)
+
+    def gradient_matrix(self) -> Tensor | None:
+        """``weight.grad`` as an (out, in) matrix, or ``None`` when there is none."""
+        g = self.module.weight.grad
+        return None if g is None else to_storage_layout(self.module, g)
+
+
+def _in_out(module: nn.Module, kind: LayerKind) -> tuple[int, int]:
+    if kind == "conv1d":
+        return module.weight.shape[0], module.nf
+    return module.in_features, module.out_features
+
+
+def _head_prefixes(model: nn.Module) -> set[str]:
+    heads: set[str] = set()
+    out_emb = None
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        try:
+            out_emb = get_out()
+        except (AttributeError, NotImplementedError):
+            out_emb = None
+    for name, mod in model.named_modules():
+        last = name.rsplit(".", 1)[-1]
+        if (out_emb is not None and mod is out_emb) or last in HEAD_NAMES:
+            heads.add(name)
+    return heads
+
+
+def _under(name: str, prefixes: Iterable[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def _matches(name: str, spec: str | Sequence[str]) -> bool:
+    # Same semantics as PEFT's target_modules: a string is a full-match regex on the qualified name,
+    # a list matches a qualified name exactly or its dotted suffix.
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == s or name.endswith("." + s) for s in spec)
+
+
+def find_targets(
+    model: nn.Module,
+    target_modules: TargetSpec = "all-linear",
+    *,
+    exclude_modules: TargetSpec = None,
+    include_heads: bool = False,
+) -> dict[str, TargetLayer]:
+    """Adaptable layers of ``model`` selected by ``target_modules``, in module order.
+
+    Args:
+        model: any ``nn.Module`` (a transformers model, a PEFT base model, a plain module).
+        target_modules: ``"all-linear"`` (every adaptable layer), a regex matched against the whole
+            qualified name, or a list of names matched exactly or as a dotted suffix
+            (``["q_proj", "v_proj"]``), as in ``peft.LoraConfig``.
+        exclude_modules: the same forms, removed from the selection.
+        include_heads: adapt output/task heads too (``lm_head``, ``classifier``, ``score``, …, and the
+            model's output embedding). Off by default, as PEFT's ``"all-linear"``.
+
+    Raises:
+        TargetNotFoundError: nothing matched, or a listed name matched a non-adaptable module; the
+            message lists the candidate layer names.
+
+    Example:
+        >>> from loralab.core.testing import tiny_gpt2
+        >>> t = find_targets(tiny_gpt2(), ["c_attn"])
+        >>> next(iter(t.values())).kind
+        'conv1d'
+    """
+    if target_modules is None:
+        raise TargetNotFoundError("target_modules is None: pass 'all-linear', a regex, or a list of layer names")
+    heads = set() if include_heads else _head_prefixes(model)
+    candidates: dict[str, TargetLayer] = {}
+    non_adaptable_matches: list[str] = []
+    for name, mod in model.named_modules():
+        kind = layer_kind(mod)
+        # Do not descend into the base layers that PEFT or loralab wrappers keep inside themselves.
+        if kind is None:
+            if target_modules != "all-linear" and name and _matches(name, target_modules) and not list(mod.children()):
+                non_adaptable_matches.append(f"{name} ({type(mod).__name__})")
+            continue
+        if ".base_layer" in f".{name}" or _under(name, heads):
+            continue
+        candidates[name] = TargetLayer(name, mod, kind)
+    if target_modules == "all-linear":
+        selected = dict(candidates)
+    else:
+        selected = {n: t for n, t in candidates.items() if _matches(n, target_modules)}
+    if exclude_modules is not None:
+        selected = {n: t for n, t in selected.items() if not _matches(n, exclude_modules)}
+    if non_adaptable_matches:
+        raise TargetNotFoundError(
+            f"target_modules={target_modules!r} matched layers loralab cannot adapt: "
+            f"{', '.join(non_adaptable_matches[:10])}. Adaptable kinds are Linear, Conv1D and bitsandbytes Linear4bit/Linear8bitLt."
+        )
+    if not selected:
+        names = sorted({n.rsplit(".", 1)[-1] for n in candidates}) or ["<none>"]
+        raise TargetNotFoundError(
+            f"target_modules={target_modules!r} (exclude_modules={exclude_modules!r}) matched no adaptable layer "
+            f"of {type(model).__name__}; candidate layer names: {', '.join(names)}"
+        )
+    return selected
+
+
+def find_all_linear_modules(model: nn.Module) -> list[str]:
+    """Short names of every adaptable layer except heads, e.g. ``['down_proj', 'q_proj', …]``.
+
+    The LoRA-GA reference's helper of the same name: pass the result as ``LoraConfig.target_modules``.
+
+    Example:
+        >>> from loralab.core.testing import tiny_llama
+        >>> "q_proj" in find_all_linear_modules(tiny_llama())
+        True
+    """
+    return sorted({n.rsplit(".", 1)[-1] for n in find_targets(model, "all-linear")})
+

@@ -1,0 +1,227 @@
+"""Tiny models, an offline tokenizer and batch makers shared by every loralab package's tests.
+
+Everything is built from configs with fixed seeds: no hub download, deterministic, fast on a CPU.
+Models are created under ``torch.random.fork_rng`` so building one never changes the caller's RNG.
+
+Example:
+    >>> from loralab.core.testing import tiny_llama, make_lm_batches
+    >>> model = tiny_llama()
+    >>> batch = make_lm_batches(1, vocab_size=model.config.vocab_size)[0]
+    >>> model(**batch).loss.shape
+    torch.Size([])
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+__all__ = [
+    "TINY_ARCHS",
+    "VOCAB_SIZE",
+    "make_classification_batches",
+    "make_lm_batches",
+    "make_seq2seq_batches",
+    "offline_tokenizer",
+    "save_tiny",
+    "tiny_gpt2",
+    "tiny_llama",
+    "tiny_model",
+    "tiny_roberta",
+    "tiny_t5",
+]
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
+"""Vocabulary of :func:`offline_tokenizer` (256 byte symbols + 4 specials); tiny models use it too."""
+
+Arch = Literal["llama", "gpt2", "roberta", "t5"]
+TINY_ARCHS: tuple[Arch, ...] = ("llama", "gpt2", "roberta", "t5")
+
+
+def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build()
+    return model.eval()
+
+
+def tiny_llama(seed: int = 0, *, hidden_size: int = 64, num_hidden_layers: int = 2, **overrides: Any) -> nn.Module:
+    """A random ``LlamaForCausalLM``: hidden 64, 2 layers, 4 heads (2 KV heads), intermediate 128."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    cfg.update(overrides)
+    return _seeded(seed, lambda: LlamaForCausalLM(LlamaConfig(**cfg)))
+
+
+def tiny_gpt2(seed: int = 0, *, n_embd: int = 64, n_layer: int = 2, **overrides: Any) -> nn.Module:
+    """A random ``GPT2LMHeadModel`` (its attention and MLP are ``Conv1D`` layers)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = dict(vocab_size=VOCAB_SIZE, n_embd=n_embd, n_layer=n_layer, n_head=4, n_positions=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg.update(overrides)
+    return _seeded(seed, lambda: GPT2LMHeadModel(GPT2Config(**cfg)))
+
+
+def tiny_roberta(seed: int = 0, *, num_labels: int = 2, hidden_size: int = 64, num_hidden_layers: int = 2, **overrides: Any) -> nn.Module:
+    """A random ``RobertaForSequenceClassification`` with ``num_labels`` classes (1 = regression)."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    cfg = dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        intermediate_size=2 * hidden_size,
+        max_position_embeddings=260,
+        num_labels=num_labels,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    cfg.update(overrides)
+    return _seeded(seed, lambda: RobertaForSequenceClassification(RobertaConfig(**cfg)))
+
+
+def tiny_t5(seed: int = 0, *, d_model: int = 64, num_layers: int = 2, **overrides: Any) -> nn.Module:
+    """A random ``T5ForConditionalGeneration`` (2 encoder + 2 decoder blocks)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    cfg = dict(
+        vocab_size=VOCAB_SIZE,
+        d_model=d_model,
+        d_kv=16,
+        d_ff=2 * d_model,
+        num_layers=num_layers,
+        num_decoder_layers=num_layers,
+        num_heads=4,
+        pad_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=0,
+    )
+    cfg.update(overrides)
+    return _seeded(seed, lambda: T5ForConditionalGeneration(T5Config(**cfg)))
+
+
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {"llama": tiny_llama, "gpt2": tiny_gpt2, "roberta": tiny_roberta, "t5": tiny_t5}
+
+
+def tiny_model(arch: Arch, seed: int = 0, **overrides: Any) -> nn.Module:
+    """One of :data:`TINY_ARCHS` by name."""
+    if arch not in _BUILDERS:
+        raise ValueError(f"arch must be one of {', '.join(TINY_ARCHS)}, got {arch!r}")
+    return _BUILDERS[arch](seed, **overrides)
+
+
+def offline_tokenizer(model_max_length: int = 256, padding_side: str = "right"):
+    """A byte-level ``PreTrainedTokenizerFast`` built without any download.
+
+    256 byte symbols (every UTF-8 text is representable) plus ``<pad>`` (0), ``<s>`` (1), ``</s>`` (2),
+    ``<unk>`` (3). It saves and reloads with ``save_pretrained`` / ``AutoTokenizer.from_pretrained``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_symbols = list(pre_tokenizers.ByteLevel.alphabet())
+    byte_symbols.sort()
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for sym in byte_symbols:
+        vocab[sym] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=model_max_length,
+        padding_side=padding_side,
+    )
+
+
+def save_tiny(model: nn.Module, path: str | os.PathLike[str], *, tokenizer: bool = True) -> Path:
+    """Save ``model`` (and :func:`offline_tokenizer`) so ``from_pretrained(path)`` loads them."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    if tokenizer:
+        offline_tokenizer().save_pretrained(path)
+    return path
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def make_lm_batches(
+    n: int, batch_size: int = 2, seq_len: int = 16, *, vocab_size: int = VOCAB_SIZE, seed: int = 0, pad_last: int = 0
+) -> list[dict[str, torch.Tensor]]:
+    """``n`` causal-LM batches: ``input_ids``, ``attention_mask``, ``labels`` (= ids, -100 on padding).
+
+    ``pad_last`` right-pads that many positions of every sequence, to exercise masking.
+    """
+    g = _gen(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(4, vocab_size, (batch_size, seq_len), generator=g)
+        mask = torch.ones_like(ids)
+        if pad_last:
+            mask[:, seq_len - pad_last :] = 0
+            ids = ids.masked_fill(mask == 0, 0)
+        labels = ids.masked_fill(mask == 0, -100)
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return out
+
+
+def make_classification_batches(
+    n: int, batch_size: int = 4, seq_len: int = 16, *, num_labels: int = 2, vocab_size: int = VOCAB_SIZE, seed: int = 0
+) -> list[dict[str, torch.Tensor]]:
+    """``n`` sequence-classification batches whose label is a learnable function of the tokens.
+
+    The label is ``(first token) mod num_labels`` (a float target for regression when
+    ``num_labels == 1``), so tiny models can actually fit it in a few steps.
+    """
+    g = _gen(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(4, vocab_size, (batch_size, seq_len), generator=g)
+        ids[:, 0] = 1  # <s>, as RoBERTa expects
+        if num_labels == 1:
+            labels = (ids[:, 1].float() / vocab_size)
+        else:
+            labels = ids[:, 1] % num_labels
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    return out
+
+
+def make_seq2seq_batches(
+    n: int, batch_size: int = 2, src_len: int = 16, tgt_len: int = 8, *, vocab_size: int = VOCAB_SIZE, seed: int = 0
+) -> list[dict[str, torch.Tensor]]:
+    """``n`` encoder-decoder batches (``input_ids``, ``attention_mask``, ``labels``)."""
+    g = _gen(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(4, vocab_size, (batch_size, src_len), generator=g)
+        labels = torch.randint(4, vocab_size, (batch_size, tgt_len), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    return out

@@ -1,0 +1,4 @@
+"""loralab.lora_ga: LoRA-GA. The public API lives here and nothing else."""
+
+__version__ = "0.1.0"
+__all__: list[str] = []
