@@ -1,0 +1,123 @@
+"""The AdamW update as a functional core, shared by every loralab optimizer.
+
+LoRA-FA, LoRA-Pro and GaLore/GoLore all run AdamW on a *transformed* gradient (corrected, projected,
+adjusted). They differ in the transformation, not in AdamW, so the update lives here once, on lists
+of tensors (``torch._foreach_*`` when possible), in the style of ``torch.optim.adamw``'s functional
+core. Two conventions exist in the wild and both are needed for parity with the peers:
+
+- ``style="torch"`` (``torch.optim.AdamW``): ``p ← p(1 − lr·λ)``, then
+  ``p ← p − (lr / bc₁) · m / (√v / √bc₂ + ε)``;
+- ``style="hf"`` (transformers' legacy ``AdamW``, PEFT's LoRA-FA, galore-torch):
+  ``p ← p − lr·(√bc₂ / bc₁) · m / (√v + ε)``, then ``p ← p − lr·λ·p``.
+
+Here bcᵢ = 1 − βᵢᵗ with t the 1-based step (bias correction is right from the first step).
+
+Example:
+    >>> import torch
+    >>> p, g = torch.zeros(3), torch.ones(3)
+    >>> m, v = torch.zeros(3), torch.zeros(3)
+    >>> adamw_update_([p], [g], [m], [v], step=1, lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    >>> p
+    tensor([-0.1000, -0.1000, -0.1000])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = ["AdamWStyle", "adamw_direction", "adamw_update_", "check_adamw_hparams"]
+
+AdamWStyle = Literal["torch", "hf"]
+
+
+def check_adamw_hparams(lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
+    """Validate AdamW hyper-parameters as ``torch.optim.AdamW`` does, with the argument named."""
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: lr must be >= 0, got {lr}")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: eps must be >= 0, got {eps}")
+    if len(betas) != 2 or not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
+        raise ValueError(f"Invalid betas: each must be in [0, 1), got {betas}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay: must be >= 0, got {weight_decay}")
+
+
+def _update_moments_(grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor], beta1: float, beta2: float) -> None:
+    grads = [g.to(m.dtype) for g, m in zip(grads, exp_avgs)]
+    torch._foreach_lerp_(list(exp_avgs), grads, 1 - beta1)
+    torch._foreach_mul_(list(exp_avg_sqs), beta2)
+    torch._foreach_addcmul_(list(exp_avg_sqs), grads, grads, 1 - beta2)
+
+
+def adamw_direction(
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    *,
+    step: int,
+    betas: tuple[float, float],
+    eps: float,
+    style: AdamWStyle = "torch",
+) -> list[Tensor]:
+    """Update the moments in place and return the Adam directions ``N`` (the update is ``−lr·N``).
+
+    Used by optimizers that must transform the direction before applying it (GaLore projects it back
+    to the full space; LoRA-Pro's full mode projects it onto the LoRA factors).
+    """
+    if step < 1:
+        raise ValueError(f"step is 1-based, got {step}")
+    beta1, beta2 = betas
+    _update_moments_(grads, exp_avgs, exp_avg_sqs, beta1, beta2)
+    bc1 = 1 - beta1**step
+    bc2 = 1 - beta2**step
+    denom = torch._foreach_sqrt(list(exp_avg_sqs))
+    if style == "torch":
+        torch._foreach_div_(denom, math.sqrt(bc2))
+        torch._foreach_add_(denom, eps)
+        out = torch._foreach_div(list(exp_avgs), denom)
+        torch._foreach_div_(out, bc1)
+    elif style == "hf":
+        torch._foreach_add_(denom, eps)
+        out = torch._foreach_div(list(exp_avgs), denom)
+        torch._foreach_mul_(out, math.sqrt(bc2) / bc1)
+    else:
+        raise ValueError(f"style must be 'torch' or 'hf', got {style!r}")
+    return out
+
+
+def adamw_update_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    *,
+    step: int,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    style: AdamWStyle = "torch",
+) -> None:
+    """One AdamW step for a list of parameters sharing ``step`` and hyper-parameters (in place).
+
+    The moments keep their own dtype (keep them fp32 for bf16 parameters); the update is computed in
+    the moments' dtype and cast to each parameter's dtype.
+    """
+    if not params:
+        return
+    directions = adamw_direction(grads, exp_avgs, exp_avg_sqs, step=step, betas=betas, eps=eps, style=style)
+    params = list(params)
+    if style == "torch" and weight_decay:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    if all(d.dtype == p.dtype for d, p in zip(directions, params)):
+        torch._foreach_add_(params, directions, alpha=-lr)
+    else:
+        for p, d in zip(params, directions):
+            p.add_(d.to(p.dtype), alpha=-lr)
+    if style == "hf" and weight_decay:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)  # applied after the step, as transformers did
