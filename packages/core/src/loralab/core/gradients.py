@@ -98,7 +98,7 @@ def _check_float_weights(targets: Mapping[str, TargetLayer]) -> None:
             "cannot estimate full-weight gradients of quantized layers: "
             + ", ".join(quantized[:5])
             + (" ..." if len(quantized) > 5 else "")
-            + ". Estimate on a float copy of the same checkpoint (loralab.core.quant.load_float_copy, "
+            + ". Estimate on a float copy of the same checkpoint (loralab.core.quant.load_float_model_for_estimation, "
             "with offload=True to bound memory), then initialise the quantized model from those gradients."
         )
 

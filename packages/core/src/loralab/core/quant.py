@@ -1,0 +1,389 @@
+"""bitsandbytes helpers: detect quantized layers, dequantize / re-quantize weights, float copies.
+
+Gradient-initialised methods (LoRA-GA, LoRA-SB) need full-weight gradients, which a quantized layer
+does not have. The LoRA-GA seed's flow for QLoRA is: estimate the gradients on a float copy of the
+same checkpoint (with block-wise offload to bound memory), then load the quantized model, attach the
+adapters from those gradients, and fold the init offset ``W0 ← W0 − s·B·A`` into the quantized base
+weight by dequantize → subtract → re-quantize. This module gives each of those steps:
+
+- :func:`is_quantized` / :func:`quant_kind` / :func:`quant_config_of`: what a layer is and how it
+  is quantized (NF4 / FP4 / int8, blocksize, double quantization, compute dtype);
+- :func:`dequantize_weight`: the weight as a float (out, in) matrix;
+- :func:`requantize_weight_`: put a float (out, in) matrix back *with the layer's own settings*
+  (an NF4 layer stays NF4 with its blocksize and double quantization: the LoRA-GA reference rebuilt
+  the layer with the class defaults, which silently turns NF4 into FP4);
+- :func:`load_float_model_for_estimation`: a float model of the same checkpoint (from its path or
+  from a quantized model), and :func:`dequantized_copy` when no float checkpoint is at hand.
+
+Works on the CPU with bitsandbytes >= 0.45 (NF4, FP4 and int8 ``Linear8bitLt`` all run there).
+
+Example:
+    >>> import torch, bitsandbytes as bnb
+    >>> from loralab.core.quant import dequantize_weight, quant_kind, requantize_weight_
+    >>> layer = bnb.nn.Linear4bit(64, 32, quant_type="nf4", compute_dtype=torch.float32)
+    >>> layer = layer.to("cpu")  # quantizes
+    >>> quant_kind(layer)
+    'nf4'
+    >>> w = dequantize_weight(layer)  # (32, 64) float32
+    >>> requantize_weight_(layer, w * 0.5)
+    >>> quant_kind(layer)
+    'nf4'
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from loralab.core.targets import get_module, layer_kind, replace_module
+
+__all__ = [
+    "QuantKind",
+    "QuantSpec",
+    "QuantizationError",
+    "dequantize_weight",
+    "dequantized_copy",
+    "is_quantized",
+    "load_float_model_for_estimation",
+    "quant_config_of",
+    "quant_kind",
+    "quantized_layer_names",
+    "requantize_weight_",
+]
+
+logger = logging.getLogger(__name__)
+
+QuantKind = Literal["nf4", "fp4", "int8"]
+
+
+class QuantizationError(RuntimeError):
+    """A quantized layer cannot be read or written (missing statistics, shape mismatch, no bitsandbytes)."""
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one bitsandbytes layer is quantized (what :func:`requantize_weight_` keeps)."""
+
+    kind: QuantKind
+    """``"nf4"``, ``"fp4"`` (``Linear4bit``) or ``"int8"`` (``Linear8bitLt``)."""
+    blocksize: int | None
+    """4-bit quantization block size (64 by default); ``None`` for int8 (row-wise scales)."""
+    double_quant: bool
+    """4-bit: the block scales are themselves quantized (QLoRA's double quantization)."""
+    dtype: torch.dtype | None
+    """Dtype the weight was quantized from, which is what dequantization returns (4-bit)."""
+    compute_dtype: torch.dtype | None
+    """Dtype of the layer's matmul (``Linear4bit.compute_dtype``); ``None`` for int8."""
+    quant_storage: torch.dtype | None
+    """Storage dtype of the packed 4-bit data (``torch.uint8`` unless FSDP-style storage is used)."""
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """True for bitsandbytes ``Linear4bit`` (NF4/FP4, incl. ``LinearNF4``/``LinearFP4``) and ``Linear8bitLt``.
+
+    An int8 layer that keeps float weights (``has_fp16_weights=True``) is *not* quantized.
+    """
+    kind = layer_kind(module)
+    if kind == "linear4bit":
+        return True
+    if kind == "linear8bit":
+        return module.weight.dtype == torch.int8
+    return False
+
+
+def quant_kind(module: nn.Module) -> QuantKind | None:
+    """``"nf4"``, ``"fp4"``, ``"int8"``, or ``None`` for a layer that is not quantized."""
+    if not is_quantized(module):
+        return None
+    if layer_kind(module) == "linear8bit":
+        return "int8"
+    return _quant_state(module).quant_type
+
+
+def _quant_state(module: nn.Module) -> Any:
+    w = module.weight
+    qs = getattr(w, "quant_state", None)
+    if qs is None:
+        raise QuantizationError(
+            f"{type(module).__name__} has no quant_state: its weight was never quantized. Move the layer to a "
+            "device (layer.to('cpu') or .cuda()) or load the model with a BitsAndBytesConfig first"
+        )
+    return qs
+
+
+def quant_config_of(module: nn.Module) -> QuantSpec:
+    """The :class:`QuantSpec` of a quantized layer (raises ``TypeError`` for a float layer)."""
+    if not is_quantized(module):
+        raise TypeError(f"{type(module).__name__} is not a quantized bitsandbytes layer")
+    if layer_kind(module) == "linear8bit":
+        return QuantSpec("int8", None, False, None, None, None)
+    qs = _quant_state(module)
+    return QuantSpec(
+        kind=qs.quant_type,
+        blocksize=int(qs.blocksize),
+        double_quant=bool(qs.nested),
+        dtype=qs.dtype,
+        compute_dtype=getattr(module, "compute_dtype", None),
+        quant_storage=getattr(module.weight, "quant_storage", torch.uint8),
+    )
+
+
+def _int8_scales(module: nn.Module) -> Tensor:
+    # Linear8bitLt moves (CB, SCB) from the weight into module.state on its first forward.
+    scb = getattr(module.weight, "SCB", None)
+    if scb is None:
+        scb = getattr(getattr(module, "state", None), "SCB", None)
+    if scb is None:
+        raise QuantizationError(f"{type(module).__name__}: int8 row scales (SCB) not found on the weight nor in layer.state")
+    return scb
+
+
+def dequantize_weight(module: nn.Module, dtype: torch.dtype | None = torch.float32) -> Tensor:
+    """The layer's weight as a float (out, in) matrix (a new tensor, never a view of the storage).
+
+    Args:
+        module: a bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` (a float ``Linear``/``Conv1D`` is
+            accepted too and simply returns a detached copy of its (out, in) weight).
+        dtype: result dtype (float32 by default; ``None`` keeps bitsandbytes' own output dtype).
+
+    Example:
+        >>> import torch
+        >>> w = dequantize_weight(torch.nn.Linear(4, 3))
+        >>> w.shape
+        torch.Size([3, 4])
+    """
+    kind = layer_kind(module)
+    if kind is None:
+        raise TypeError(f"{type(module).__name__} is not an adaptable layer (Linear, Conv1D, bnb Linear4bit/Linear8bitLt)")
+    with torch.no_grad():
+        if kind == "linear":
+            w = module.weight.detach().clone()
+        elif kind == "conv1d":
+            w = module.weight.detach().T.clone()
+        elif kind == "linear8bit" and not is_quantized(module):
+            w = module.weight.detach().clone()
+        elif kind == "linear8bit":
+            import bitsandbytes.functional as bnbf
+
+            w = bnbf.int8_vectorwise_dequant(module.weight.data, _int8_scales(module))
+        else:
+            import bitsandbytes.functional as bnbf
+
+            w = bnbf.dequantize_4bit(module.weight.data, _quant_state(module))
+    w = w.detach()
+    return w.to(dtype) if dtype is not None else w
+
+
+def requantize_weight_(module: nn.Module, weight: Tensor) -> None:
+    """Overwrite a layer's weight with the float (out, in) matrix ``weight``, in place.
+
+    A quantized layer is re-quantized with its *own* settings (:func:`quant_config_of`: NF4 stays
+    NF4, same blocksize, double quantization, quantization dtype, storage dtype; the layer's compute
+    dtype is untouched) on the device it lives on. A float ``Linear``/``Conv1D`` simply gets the
+    values copied in (in its storage layout and dtype).
+
+    Raises:
+        ValueError: ``weight`` has the wrong shape or non-finite values.
+    """
+    kind = layer_kind(module)
+    if kind is None:
+        raise TypeError(f"{type(module).__name__} is not an adaptable layer (Linear, Conv1D, bnb Linear4bit/Linear8bitLt)")
+    expected = _out_in(module, kind)
+    if tuple(weight.shape) != expected:
+        raise ValueError(f"requantize_weight_: weight must have shape (out, in) = {expected} for {type(module).__name__}, got {tuple(weight.shape)}")
+    if not torch.isfinite(weight).all():
+        raise ValueError(f"requantize_weight_: weight for {type(module).__name__} has non-finite values")
+    old = module.weight
+    device = old.device
+    with torch.no_grad():
+        if kind == "linear" or (kind == "linear8bit" and not is_quantized(module)):
+            old.copy_(weight.to(old.dtype))
+            return
+        if kind == "conv1d":
+            old.copy_(weight.T.to(old.dtype))
+            return
+        import bitsandbytes as bnb
+
+        if kind == "linear8bit":
+            # Int8Params quantizes row-wise (absmax per output row, through fp16) when it is moved
+            # from the CPU to a device; do exactly that from a CPU float copy.
+            new = bnb.nn.Int8Params(
+                weight.detach().to("cpu", torch.float16).contiguous(), requires_grad=False, has_fp16_weights=False
+            )
+            new = new.to(device)
+            module.weight = new
+            state = getattr(module, "state", None)
+            if state is not None:  # drop the cached (CB, SCB) of the old weight; forward re-reads them
+                state.CB = None
+                state.SCB = None
+            return
+        spec = quant_config_of(module)
+        new = bnb.nn.Params4bit(
+            weight.detach().to("cpu", spec.dtype or torch.float32).contiguous(),
+            requires_grad=False,
+            quant_type=spec.kind,
+            blocksize=spec.blocksize,
+            compress_statistics=spec.double_quant,
+            quant_storage=spec.quant_storage or torch.uint8,
+            module=module,
+        )
+        module.weight = new.to(device)  # Params4bit quantizes on its first move to a device
+
+
+def _out_in(module: nn.Module, kind: str) -> tuple[int, int]:
+    if kind == "conv1d":
+        return (module.nf, module.weight.shape[0])
+    return (module.out_features, module.in_features)
+
+
+def quantized_layer_names(model: nn.Module) -> list[str]:
+    """Qualified names of every quantized bitsandbytes layer of ``model``, in module order."""
+    return [n for n, m in model.named_modules() if layer_kind(m) in ("linear4bit", "linear8bit") and is_quantized(m)]
+
+
+def dequantized_copy(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A deep copy of ``model`` with every quantized layer replaced by a float ``nn.Linear``.
+
+    The copy's weights are exactly the *dequantized* weights, so gradients estimated on it are the
+    gradients at the quantized model's own point (what the quantized model will train from). Use it
+    when no float checkpoint is available; it holds a full float copy of the model in memory.
+    """
+    names = quantized_layer_names(model)
+    qmods = {n: get_module(model, n) for n in names}
+    # deepcopy of bitsandbytes parameters is supported but wasteful; build the float layers first
+    # and keep the quantized ones out of the copy.
+    memo: dict[int, Any] = {}
+    floats: dict[str, nn.Linear] = {}
+    for n, m in qmods.items():
+        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        lin.weight = nn.Parameter(dequantize_weight(m, dtype), requires_grad=m.weight.requires_grad)
+        if m.bias is not None:
+            lin.bias = nn.Parameter(m.bias.detach().to(dtype).clone(), requires_grad=m.bias.requires_grad)
+        floats[n] = lin
+        memo[id(m)] = lin  # deepcopy puts the float layer wherever the quantized one was
+    out = copy.deepcopy(model, memo)
+    for n, lin in floats.items():
+        if get_module(out, n) is not lin:  # pragma: no cover - deepcopy honoured the memo
+            replace_module(out, n, lin)
+    config = getattr(out, "config", None)
+    if config is not None and getattr(config, "quantization_config", None) is not None:
+        try:
+            del config.quantization_config
+        except AttributeError:  # pragma: no cover
+            config.quantization_config = None
+    for attr in ("is_quantized", "is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if attr in vars(out):
+            setattr(out, attr, False)
+    if hasattr(out, "hf_quantizer"):
+        out.hf_quantizer = None
+    if "quantization_method" in vars(out):
+        out.quantization_method = None
+    # nn.Module.to, not PreTrainedModel.to: transformers refuses dtype casts of models it loaded in bnb
+    nn.Module.to(out, dtype)
+    return out
+
+
+def load_float_model_for_estimation(
+    name_or_path: str | os.PathLike[str] | nn.Module,
+    quantization_config: Any = None,
+    *,
+    torch_dtype: torch.dtype = torch.float32,
+    model_class: Any = None,
+    source: Literal["auto", "checkpoint", "dequantize"] = "auto",
+    **from_pretrained_kwargs: Any,
+) -> nn.Module:
+    """A float model of the same checkpoint as a (to-be-)quantized model, for gradient estimation.
+
+    The seed's QLoRA flow: ``G = estimate_gradients(float_model, ..., offload=True)`` on this float
+    model, then load the quantized model (same ``name_or_path`` + ``quantization_config``) and
+    initialise its adapters from ``G``. This function is the first step.
+
+    Args:
+        name_or_path: a checkpoint (hub id or local directory), or an already loaded quantized
+            model (its ``config._name_or_path`` names the checkpoint).
+        quantization_config: the ``BitsAndBytesConfig`` the quantized model uses. Only checked here
+            (the float model is loaded *without* it); it must be a bitsandbytes config.
+        torch_dtype: dtype of the float weights (float32 by default; bfloat16 halves the memory).
+        model_class: the ``transformers`` class to load with (default: the quantized model's class,
+            else ``AutoModelForCausalLM``).
+        source: ``"checkpoint"`` loads float weights from ``name_or_path``; ``"dequantize"`` (a
+            quantized model only) returns :func:`dequantized_copy`; ``"auto"`` loads the checkpoint
+            when it is a float checkpoint and otherwise dequantizes.
+        **from_pretrained_kwargs: passed to ``from_pretrained`` (``revision``, ``trust_remote_code``, …).
+
+    Returns:
+        The float model, on the CPU, in eval mode (pass ``offload=True`` to :func:`estimate_gradients`
+        to stream its blocks through an accelerator).
+
+    Example:
+        >>> from transformers import BitsAndBytesConfig
+        >>> bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+        >>> float_model = load_float_model_for_estimation("path/to/llama", bnb_config)  # doctest: +SKIP
+        >>> grads = estimate_gradients(float_model, batches, offload=True)  # doctest: +SKIP
+    """
+    if source not in ("auto", "checkpoint", "dequantize"):
+        raise ValueError(f"source must be 'auto', 'checkpoint' or 'dequantize', got {source!r}")
+    if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
+        raise ValueError(f"torch_dtype must be a floating-point torch.dtype, got {torch_dtype!r}")
+    if quantization_config is not None:
+        _check_bnb_config(quantization_config)
+    if isinstance(name_or_path, nn.Module):
+        qmodel = name_or_path
+        if not quantized_layer_names(qmodel):
+            raise ValueError(
+                f"{type(qmodel).__name__} has no quantized bitsandbytes layer: it already is a float model, "
+                "estimate on it directly"
+            )
+        path = getattr(getattr(qmodel, "config", None), "_name_or_path", "") or ""
+        if source == "dequantize" or (source == "auto" and not _is_float_checkpoint(path)):
+            logger.info("float copy for estimation: dequantizing the quantized model's weights")
+            return dequantized_copy(qmodel, torch_dtype).eval()
+        if not path:
+            raise ValueError("the quantized model has no config._name_or_path to reload a float copy from; use source='dequantize'")
+        model_class = model_class or type(qmodel)
+    else:
+        if source == "dequantize":
+            raise ValueError("source='dequantize' needs a loaded quantized model, got a path")
+        path = os.fspath(name_or_path)
+        if not _is_float_checkpoint(path):
+            raise ValueError(
+                f"{path!r} is a pre-quantized checkpoint (its config has a quantization_config): there are no float "
+                "weights to load. Load the quantized model and pass it here (source='dequantize')"
+            )
+    if model_class is None:
+        from transformers import AutoModelForCausalLM
+
+        model_class = AutoModelForCausalLM
+    kwargs = {"dtype": torch_dtype, "device_map": "cpu", **from_pretrained_kwargs}
+    kwargs.pop("quantization_config", None)
+    logger.info("loading float copy of %s in %s for gradient estimation", path, torch_dtype)
+    model = model_class.from_pretrained(path, **kwargs)
+    return model.eval()
+
+
+def _check_bnb_config(cfg: Any) -> None:
+    method = getattr(cfg, "quant_method", None)
+    method = getattr(method, "value", method)
+    if isinstance(cfg, dict):
+        method = cfg.get("quant_method", "bitsandbytes" if cfg.get("load_in_4bit") or cfg.get("load_in_8bit") else None)
+    if method != "bitsandbytes":
+        raise ValueError(f"quantization_config must be a bitsandbytes config (BitsAndBytesConfig), got {type(cfg).__name__} ({method!r})")
+
+
+def _is_float_checkpoint(path: str) -> bool:
+    """False when the checkpoint's own config carries a quantization_config (pre-quantized weights)."""
+    if not path:
+        return False
+    try:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError):
+        return False
+    return getattr(cfg, "quantization_config", None) is None

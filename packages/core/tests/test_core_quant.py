@@ -1,0 +1,197 @@
+"""bitsandbytes helpers, tested for real on the CPU (NF4, FP4 and int8 Linear8bitLt)."""
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from loralab.core.gradients import GradientEstimationError, estimate_gradients
+from loralab.core.quant import (
+    dequantize_weight,
+    dequantized_copy,
+    is_quantized,
+    load_float_model_for_estimation,
+    quant_config_of,
+    quant_kind,
+    quantized_layer_names,
+    requantize_weight_,
+)
+from loralab.core.targets import find_targets, weight_matrix
+from loralab.core.testing import make_lm_batches, save_tiny, tiny_llama
+
+bnb = pytest.importorskip("bitsandbytes")
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+IN, OUT = 128, 48
+# NF4/FP4 absmax-per-block quantization of N(0, 1/IN)-ish weights: the error per entry is at most
+# half a code step of the block's absmax; 0.2 * absmax is a generous, honest bound for 4 bits.
+REL_4BIT = 0.2
+REL_INT8 = 1.0 / 127  # row-wise absmax / 127 step, rounding error <= half a step (fp16 cast adds ~1e-3 rel)
+
+
+def _float_linear(seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(IN, OUT)
+
+
+def _linear4bit(lin: nn.Linear, quant_type: str, *, blocksize: int = 64, double_quant: bool = True, compute_dtype=torch.float32):
+    m = bnb.nn.Linear4bit(IN, OUT, bias=True, compute_dtype=compute_dtype, quant_type=quant_type, compress_statistics=double_quant)
+    m.weight = bnb.nn.Params4bit(
+        lin.weight.data.clone(), requires_grad=False, quant_type=quant_type, blocksize=blocksize, compress_statistics=double_quant, module=m
+    )
+    m.bias = nn.Parameter(lin.bias.data.clone())
+    return m.to("cpu")
+
+
+def _linear8bit(lin: nn.Linear):
+    m = bnb.nn.Linear8bitLt(IN, OUT, bias=True, has_fp16_weights=False, threshold=0.0)
+    m.weight = bnb.nn.Int8Params(lin.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
+    m.bias = nn.Parameter(lin.bias.data.clone())
+    return m.to("cpu")
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_4bit_detect_dequantize_requantize(quant_type):
+    lin = _float_linear()
+    m = _linear4bit(lin, quant_type, blocksize=128, double_quant=True)
+    assert is_quantized(m) and quant_kind(m) == quant_type
+    spec = quant_config_of(m)
+    assert (spec.blocksize, spec.double_quant, spec.compute_dtype) == (128, True, torch.float32)
+    w = dequantize_weight(m)
+    assert w.shape == (OUT, IN) and w.dtype == torch.float32
+    # the dequantized matrix is what the layer actually multiplies by
+    x = torch.randn(5, IN)
+    torch.testing.assert_close(m(x), x @ w.T + m.bias, atol=1e-5, rtol=1e-5)
+    # and close to the float weight within 4-bit error
+    block_absmax = lin.weight.detach().abs().max()
+    assert (w - lin.weight).abs().max() <= REL_4BIT * block_absmax
+    # weight_matrix of a 4-bit layer is its dequantized weight
+    torch.testing.assert_close(weight_matrix(m), w)
+
+    # re-quantize a new float matrix: settings kept, values = quantizing that matrix directly
+    new = torch.randn(OUT, IN) * 0.05
+    requantize_weight_(m, new)
+    assert quant_config_of(m) == spec
+    ref = _linear4bit(nn.Linear(IN, OUT), quant_type, blocksize=128, double_quant=True)
+    requantize_weight_(ref, new)
+    direct = bnb.nn.Params4bit(new.clone(), requires_grad=False, quant_type=quant_type, blocksize=128, compress_statistics=True).to("cpu")
+    expected = bnb.functional.dequantize_4bit(direct.data, direct.quant_state)
+    torch.testing.assert_close(dequantize_weight(m), expected, atol=0, rtol=0)
+    # round trip: dequantize → requantize is a fixed point of the quantizer, up to the 8-bit
+    # re-quantization of the block scales (double quantization), measured ~3e-4 relative
+    w2 = dequantize_weight(m)
+    requantize_weight_(m, w2)
+    torch.testing.assert_close(dequantize_weight(m), w2, atol=1e-6, rtol=2e-3)
+    torch.testing.assert_close(m(x), x @ dequantize_weight(m).T + m.bias, atol=1e-5, rtol=1e-5)
+
+
+def test_nf4_stays_nf4_with_non_default_settings():
+    # bitsandbytes' Linear4bit default is fp4 / blocksize 64: a rebuild with defaults would lose these
+    m = _linear4bit(_float_linear(), "nf4", blocksize=256, double_quant=False, compute_dtype=torch.bfloat16)
+    requantize_weight_(m, dequantize_weight(m) * 2)
+    spec = quant_config_of(m)
+    assert (spec.kind, spec.blocksize, spec.double_quant, spec.compute_dtype) == ("nf4", 256, False, torch.bfloat16)
+
+
+def test_int8_detect_dequantize_requantize():
+    lin = _float_linear()
+    m = _linear8bit(lin)
+    assert is_quantized(m) and quant_kind(m) == "int8"
+    w = dequantize_weight(m)
+    row_absmax = lin.weight.detach().abs().amax(1, keepdim=True)
+    assert ((w - lin.weight).abs() <= row_absmax * (0.5 * REL_INT8 + 2e-3)).all()
+    x = torch.randn(5, IN)
+    y = m(x)  # moves (CB, SCB) into layer.state: dequantize must still find the scales
+    torch.testing.assert_close(dequantize_weight(m), w)
+    torch.testing.assert_close(y, x @ w.T + m.bias, atol=2e-2, rtol=2e-2)  # int8 matmul through fp16 inputs
+    new = torch.randn(OUT, IN) * 0.05
+    requantize_weight_(m, new)
+    assert quant_kind(m) == "int8"
+    w_new = dequantize_weight(m)
+    assert ((w_new - new).abs() <= new.abs().amax(1, keepdim=True) * (0.5 * REL_INT8 + 2e-3)).all()
+    torch.testing.assert_close(m(x), x @ w_new.T + m.bias, atol=2e-2, rtol=2e-2)
+
+
+def test_float_layers_pass_through():
+    lin = _float_linear()
+    assert not is_quantized(lin) and quant_kind(lin) is None
+    w = dequantize_weight(lin)
+    assert w.data_ptr() != lin.weight.data_ptr()
+    requantize_weight_(lin, w * 3)
+    torch.testing.assert_close(lin.weight.detach(), w * 3)
+    with pytest.raises(TypeError, match="not a quantized"):
+        quant_config_of(lin)
+    with pytest.raises(TypeError, match="not an adaptable layer"):
+        dequantize_weight(nn.ReLU())
+
+
+def test_requantize_errors():
+    m = _linear4bit(_float_linear(), "nf4")
+    with pytest.raises(ValueError, match=r"shape \(out, in\) = \(48, 128\)"):
+        requantize_weight_(m, torch.zeros(IN, OUT))
+    bad = torch.zeros(OUT, IN)
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        requantize_weight_(m, bad)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    return save_tiny(tiny_llama(), tmp_path_factory.mktemp("tiny_llama"), tokenizer=False)
+
+
+def _load_quantized(path, **cfg):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=BitsAndBytesConfig(**cfg), device_map="cpu", dtype=torch.float32)
+
+
+def test_seed_flow_float_then_quantized(tiny_checkpoint):
+    from transformers import BitsAndBytesConfig
+
+    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    # 1. float copy from the checkpoint, estimate there
+    float_model = load_float_model_for_estimation(tiny_checkpoint, cfg)
+    assert not quantized_layer_names(float_model)
+    torch.testing.assert_close(float_model.model.layers[0].mlp.up_proj.weight, tiny_llama().model.layers[0].mlp.up_proj.weight)
+    batches = make_lm_batches(2)
+    grads = estimate_gradients(float_model, batches, ["q_proj"], progress=False)
+    assert set(grads) == {"model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"}
+    # 2. the quantized model refuses full-weight estimation with a pointer to this module
+    qmodel = _load_quantized(tiny_checkpoint, load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    assert len(quantized_layer_names(qmodel)) == 14
+    assert {t.kind for t in find_targets(qmodel).values()} == {"linear4bit"}
+    with pytest.raises(GradientEstimationError, match="load_float_model_for_estimation"):
+        estimate_gradients(qmodel, batches, ["q_proj"], progress=False)
+    # 3. from the quantized model: reload its float checkpoint (auto) or dequantize
+    again = load_float_model_for_estimation(qmodel)
+    torch.testing.assert_close(again.model.layers[1].self_attn.q_proj.weight, float_model.model.layers[1].self_attn.q_proj.weight)
+    deq = load_float_model_for_estimation(qmodel, source="dequantize")
+    assert not quantized_layer_names(deq) and quantized_layer_names(qmodel)
+    q = qmodel.model.layers[1].self_attn.q_proj
+    torch.testing.assert_close(deq.model.layers[1].self_attn.q_proj.weight, dequantize_weight(q))
+    # the dequantized copy computes what the quantized model computes
+    b = batches[0]
+    torch.testing.assert_close(deq(**b).loss, qmodel(**b).loss, atol=1e-4, rtol=1e-4)
+
+
+def test_int8_model_loads_and_dequantizes(tiny_checkpoint):
+    qmodel = _load_quantized(tiny_checkpoint, load_in_8bit=True)
+    names = quantized_layer_names(qmodel)
+    assert names and all(quant_kind(qmodel.get_submodule(n)) == "int8" for n in names)
+    deq = dequantized_copy(qmodel)
+    ref = tiny_llama().model.layers[0].mlp.down_proj.weight
+    got = deq.model.layers[0].mlp.down_proj.weight
+    assert ((got - ref).abs() <= ref.abs().amax(1, keepdim=True) * (0.5 * REL_INT8 + 2e-3)).all()
+
+
+def test_load_float_errors(tiny_checkpoint):
+    with pytest.raises(ValueError, match="bitsandbytes config"):
+        load_float_model_for_estimation(tiny_checkpoint, {"quant_method": "gptq"})
+    with pytest.raises(ValueError, match="already is a float model"):
+        load_float_model_for_estimation(tiny_llama())
+    with pytest.raises(ValueError, match="needs a loaded quantized model"):
+        load_float_model_for_estimation(tiny_checkpoint, source="dequantize")
+    with pytest.raises(ValueError, match="source must be"):
+        load_float_model_for_estimation(tiny_checkpoint, source="nope")
