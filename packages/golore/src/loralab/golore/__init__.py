@@ -1,4 +1,38 @@
-"""loralab.golore: GoLore/GaLore. The public API lives here and nothing else."""
+"""loralab.golore: GaLore and GoLore subspace optimizers, the ReLoRA-style wrapper, Figure 1.
+
+GaLore (Zhao et al., arXiv 2403.03507) trains full weights with optimizer state in a low-rank
+gradient subspace refreshed by SVD; GoLore (He et al., arXiv 2410.11289) refreshes it with random
+Stiefel projections late in training, which converges with small-batch gradients where GaLore stalls.
+
+Example:
+    >>> from loralab.core.testing import tiny_llama
+    >>> from loralab.golore import create_golore_optimizer
+    >>> opt = create_golore_optimizer(tiny_llama(), 1e-3, rank=8, rand_ratio=0.8, total_steps=100)
+"""
+
+from loralab.golore.factory import (
+    create_galore_optimizer,
+    create_golore_optimizer,
+    subspace_param_groups,
+)
+from loralab.golore.optimizer import (
+    GaLoreAdamW,
+    GaLoreSGD,
+    GoLoreAdamW,
+    GoLoreSGD,
+    SubspaceOptimizer,
+    resolve_rand_step,
+)
 
 __version__ = "0.1.0"
-__all__: list[str] = []
+__all__ = [
+    "GaLoreAdamW",
+    "GaLoreSGD",
+    "GoLoreAdamW",
+    "GoLoreSGD",
+    "SubspaceOptimizer",
+    "create_galore_optimizer",
+    "create_golore_optimizer",
+    "resolve_rand_step",
+    "subspace_param_groups",
+]

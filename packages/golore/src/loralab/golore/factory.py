@@ -1,0 +1,171 @@
+"""Build a GaLore / GoLore optimizer for a model: target layers get a projector, the rest plain AdamW.
+
+Example:
+    >>> from loralab.core.testing import tiny_llama
+    >>> from loralab.golore import create_golore_optimizer
+    >>> opt = create_golore_optimizer(tiny_llama(), 1e-3, rank=8, rand_ratio=0.8, total_steps=100)
+    >>> [g["rank"] for g in opt.param_groups]
+    [8, None]
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from torch import nn
+from torch.optim import Optimizer
+
+from loralab.core.targets import TargetSpec, find_targets
+from loralab.golore.optimizer import GaLoreAdamW, GaLoreSGD, GoLoreAdamW, GoLoreSGD
+
+__all__ = ["create_galore_optimizer", "create_golore_optimizer", "subspace_param_groups"]
+
+logger = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def subspace_param_groups(
+    model: nn.Module, targets: TargetSpec = "all-linear", **subspace: Any
+) -> list[dict[str, Any]]:
+    """Two param groups: the trainable 2-D weights of ``targets`` (with ``subspace`` keys) and the rest.
+
+    Quantized (bitsandbytes) and frozen target weights are skipped because they have no gradient to
+    project; everything else trainable (embeddings, norms, biases, heads) goes to the plain group.
+    """
+    found = find_targets(model, targets)
+    projected_ids = {
+        id(t.module.weight)
+        for t in found.values()
+        if t.module.weight.requires_grad and t.module.weight.dim() == 2 and not t.is_quantized
+    }
+    projected, plain = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (projected if id(p) in projected_ids else plain).append(p)
+    if not projected:
+        raise ValueError(
+            f"targets={targets!r} selected no trainable 2-D weight of {type(model).__name__} to project (are the weights frozen or quantized?)"
+        )
+    groups = [dict(params=projected, **subspace)]
+    if plain:
+        groups.append(dict(params=plain, rank=None))
+    logger.info(
+        "GaLore/GoLore: %d projected weights, %d plain parameters", len(projected), len(plain)
+    )
+    return groups
+
+
+def _build(
+    cls_adamw: type,
+    cls_sgd: type,
+    model: nn.Module,
+    lr: float,
+    optimizer: str,
+    targets: TargetSpec,
+    weight_decay: float,
+    subspace: dict[str, Any],
+    extra: dict[str, Any],
+) -> Optimizer:
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    groups = subspace_param_groups(model, targets, **subspace)
+    if optimizer == "adamw":
+        return cls_adamw(groups, lr=lr, weight_decay=weight_decay, **extra)
+    extra = {"momentum": 0.9, **extra}
+    return cls_sgd(groups, lr=lr, weight_decay=weight_decay, **extra)
+
+
+def create_galore_optimizer(
+    model: nn.Module,
+    lr: float,
+    *,
+    rank: int = 128,
+    update_proj_gap: int = 200,
+    scale: float = 0.25,
+    proj_type: str = "std",
+    weight_decay: float = 0.0,
+    targets: TargetSpec = "all-linear",
+    optimizer: str = "adamw",
+    **optimizer_kwargs: Any,
+) -> Optimizer:
+    """GaLore (SVD projectors) on the ``targets`` layers of ``model``, plain AdamW/SGD elsewhere.
+
+    Args:
+        model: the model; its trainable parameters are all optimized.
+        lr: learning rate.
+        rank, update_proj_gap, scale, proj_type: GaLore's projector settings (paper defaults for
+            pre-training: 128 / 200 / 0.25 / std).
+        weight_decay: decoupled (AdamW) or L2 (SGD) weight decay.
+        targets: which layers get a projector (``"all-linear"``, a regex, or names; see
+            :func:`loralab.core.find_targets`).
+        optimizer: ``"adamw"`` (:class:`GaLoreAdamW`) or ``"sgd"`` (:class:`GaLoreSGD`, momentum 0.9
+            unless given).
+        **optimizer_kwargs: passed to the optimizer (``betas``, ``eps``, ``momentum``,
+            ``reproject_moments``, ``second_moment``, ``svd_method``, ``seed``, ...).
+
+    Example:
+        >>> from loralab.core.testing import tiny_llama
+        >>> opt = create_galore_optimizer(tiny_llama(), 1e-3, rank=8)
+    """
+    subspace = dict(rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type)
+    return _build(
+        GaLoreAdamW,
+        GaLoreSGD,
+        model,
+        lr,
+        optimizer,
+        targets,
+        weight_decay,
+        subspace,
+        optimizer_kwargs,
+    )
+
+
+def create_golore_optimizer(
+    model: nn.Module,
+    lr: float,
+    *,
+    rank: int = 128,
+    update_proj_gap: int = 200,
+    scale: float = 0.25,
+    proj_type: str = "std",
+    rand_ratio: float = 0.0,
+    total_steps: int,
+    weight_decay: float = 0.0,
+    targets: TargetSpec = "all-linear",
+    optimizer: str = "adamw",
+    **optimizer_kwargs: Any,
+) -> Optimizer:
+    """GoLore: SVD projectors for the first ``rand_ratio`` fraction of ``total_steps``, random after.
+
+    ``rand_ratio`` follows the GoLore paper's code (``use_rand = step / total_steps >= rand_ratio``):
+    ``0.8`` (their C4 setting) is SVD for the first 80 % of the steps and random Stiefel projectors
+    for the last 20 %; ``0.0`` (default) is random from the start; ``1.0`` is GaLore.
+    Other arguments as :func:`create_galore_optimizer`.
+
+    Example:
+        >>> from loralab.core.testing import tiny_llama
+        >>> opt = create_golore_optimizer(tiny_llama(), 1e-3, rank=8, rand_ratio=0.8, total_steps=1000)
+    """
+    subspace = dict(
+        rank=rank,
+        update_proj_gap=update_proj_gap,
+        scale=scale,
+        proj_type=proj_type,
+        rand_ratio=rand_ratio,
+        total_steps=total_steps,
+    )
+    return _build(
+        GoLoreAdamW,
+        GoLoreSGD,
+        model,
+        lr,
+        optimizer,
+        targets,
+        weight_decay,
+        subspace,
+        optimizer_kwargs,
+    )

@@ -1,0 +1,657 @@
+"""GaLore and GoLore as real ``torch.optim.Optimizer``s (AdamW and momentum-SGD subspace optimizers).
+
+Every 2-D parameter of a param group that carries a ``rank`` gets a projector; its optimizer state
+lives in the projected (low-rank) space and the update is projected back and scaled by ``scale``
+(GaLore, arXiv 2403.03507, Alg. 2; GoLore, arXiv 2410.11289, Alg. 1). Every ``update_proj_gap``
+steps the projector is refreshed, from the SVD of the current gradient (GaLore) or drawn uniformly
+from the Stiefel manifold (GoLore), the latter from step ``rand_step`` on (``rand_ratio`` of
+``total_steps``). Parameters that are not 2-D, and groups without ``rank``, get plain AdamW / SGD in
+the same optimizer.
+
+What differs from the references, on purpose (tested):
+
+- **first-moment re-projection**: when the subspace changes, ``exp_avg`` (or the momentum buffer) is
+  carried into the new basis, ``M ← P_newᵀ P_old M`` (``reproject_moments=True``). galore-torch never
+  does it and GoLore's ``golore_adamw`` loses its re-assignment. ``reproject_moments=False`` gives
+  galore-torch's behaviour (used by the parity test).
+- **second moment** (``second_moment``): ``"keep"`` (default, as GoLore's ReLoRA path) leaves
+  ``exp_avg_sq`` as it is; ``"project"`` carries it as independent variances, ``(C∘C) v``. Zeroing it
+  is not offered: with the bias correction already at ~1, a zero ``v`` makes the next steps several
+  times too large.
+- **random projector**: exact Haar sample (QR of a Gaussian with the sign fix), drawn from a
+  per-parameter generator seeded by ``(seed, group, index, step)``, so a resumed run draws the same
+  matrices. The reference's polar factor ``Z (ZᵀZ)^{-1/2}`` built on the long side is
+  ill-conditioned for right projections.
+- **state**: tensors only (``step``, moments, ``proj_left``/``proj_right``) → ``state_dict()`` loads
+  with ``torch.load(weights_only=True)`` and resume is exact. galore-torch stores a Python projector
+  object.
+- **layer-wise stepping**: :meth:`step_parameter` steps one parameter, used by
+  :func:`loralab.golore.layerwise.register_layerwise_step` from gradient hooks.
+
+Example:
+    >>> import torch
+    >>> from loralab.golore import GaLoreAdamW
+    >>> w = torch.nn.Parameter(torch.randn(16, 8)); b = torch.nn.Parameter(torch.zeros(16))
+    >>> opt = GaLoreAdamW([{"params": [w], "rank": 2}, {"params": [b]}], lr=1e-2, update_proj_gap=10)
+    >>> (w.sum() + b.sum()).backward(); opt.step()
+    >>> opt.state[w]["exp_avg"].shape  # (m, r): right projection since m >= n
+    torch.Size([16, 2])
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from loralab.core.adamw import adamw_direction, check_adamw_hparams
+from loralab.golore.projector import (
+    PROJ_TYPES,
+    PROJECTIONS,
+    Side,
+    new_projector,
+    project,
+    project_back,
+    projector_side,
+    reproject_first_moment,
+    reproject_second_moment,
+    transition_matrices,
+)
+
+__all__ = ["GaLoreAdamW", "GaLoreSGD", "GoLoreAdamW", "GoLoreSGD", "SubspaceOptimizer"]
+
+logger = logging.getLogger(__name__)
+
+SECOND_MOMENT_POLICIES = ("keep", "project")
+SVD_METHODS = ("auto", "full", "randomized")
+
+_SUBSPACE_KEYS: dict[str, Any] = dict(
+    rank=None,
+    update_proj_gap=200,
+    scale=0.25,
+    proj_type="std",
+    projection="svd",
+    rand_step=None,
+    rand_ratio=None,
+    total_steps=None,
+    reproject_moments=True,
+    second_moment="keep",
+    svd_method="auto",
+    seed=0,
+)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def resolve_rand_step(group: dict[str, Any]) -> int | None:
+    """The optimizer step (0-based) from which projector refreshes draw random matrices, or ``None``.
+
+    Convention of the GoLore paper and code (``use_rand = step / total >= rand_ratio``):
+    ``rand_ratio`` is the fraction of training that uses SVD projectors; ``rand_ratio=0.8`` is SVD
+    for the first 80 % of ``total_steps`` and random for the last 20 %, ``0.0`` random from the
+    start, ``1.0`` never random (GaLore). An explicit ``rand_step`` wins over ``rand_ratio``.
+    """
+    if group.get("projection") == "random":
+        return 0
+    if group.get("rand_step") is not None:
+        return int(group["rand_step"])
+    ratio = group.get("rand_ratio")
+    if ratio is None:
+        return None
+    if ratio == 0:
+        return 0
+    return math.ceil(ratio * group["total_steps"])
+
+
+def _validate_subspace_group(group: dict[str, Any], where: str) -> None:
+    rank = group["rank"]
+    if rank is None:
+        return
+    if not _is_int(rank) or rank < 1:
+        raise ValueError(
+            f"{where}: rank must be a positive int (or None for no projection), got {rank!r}"
+        )
+    gap = group["update_proj_gap"]
+    if not _is_int(gap) or gap < 1:
+        raise ValueError(f"{where}: update_proj_gap must be a positive int, got {gap!r}")
+    scale = group["scale"]
+    if (
+        not isinstance(scale, (int, float))
+        or isinstance(scale, bool)
+        or not math.isfinite(scale)
+        or scale <= 0
+    ):
+        raise ValueError(f"{where}: scale must be a positive finite number, got {scale!r}")
+    if group["proj_type"] not in PROJ_TYPES:
+        raise ValueError(
+            f"{where}: proj_type must be one of {PROJ_TYPES}, got {group['proj_type']!r}"
+        )
+    if group["projection"] not in PROJECTIONS:
+        raise ValueError(
+            f"{where}: projection must be one of {PROJECTIONS}, got {group['projection']!r}"
+        )
+    if group["rand_step"] is not None and (
+        not _is_int(group["rand_step"]) or group["rand_step"] < 0
+    ):
+        raise ValueError(
+            f"{where}: rand_step must be an int >= 0 or None, got {group['rand_step']!r}"
+        )
+    ratio = group["rand_ratio"]
+    if ratio is not None:
+        if (
+            not isinstance(ratio, (int, float))
+            or isinstance(ratio, bool)
+            or not 0.0 <= ratio <= 1.0
+        ):
+            raise ValueError(
+                f"{where}: rand_ratio must be in [0, 1] (fraction of steps that use SVD projectors), got {ratio!r}"
+            )
+        if ratio > 0 and group["rand_step"] is None:
+            total = group["total_steps"]
+            if not _is_int(total) or total < 1:
+                raise ValueError(
+                    f"{where}: rand_ratio={ratio} needs total_steps (a positive int, the planned number of optimizer steps) "
+                    f"to know when to switch to random projections, got total_steps={total!r}; or pass rand_step"
+                )
+    if group["second_moment"] not in SECOND_MOMENT_POLICIES:
+        raise ValueError(
+            f"{where}: second_moment must be one of {SECOND_MOMENT_POLICIES}, got {group['second_moment']!r}"
+        )
+    if group["svd_method"] not in SVD_METHODS:
+        raise ValueError(
+            f"{where}: svd_method must be one of {SVD_METHODS}, got {group['svd_method']!r}"
+        )
+    if not _is_int(group["seed"]):
+        raise ValueError(f"{where}: seed must be an int, got {group['seed']!r}")
+
+
+class SubspaceOptimizer(Optimizer):
+    """Shared machinery: param-group validation, projector refresh and moment re-projection.
+
+    Subclasses define ``_base_defaults``/``_validate_base`` and ``_update(group, items)`` where
+    ``items`` are ``(param, low_rank_grad, state, side_or_None)`` tuples.
+    """
+
+    _moment_keys: tuple[str, ...] = ()
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+        super().__init__(params, defaults)
+
+    # ---------------------------------------------------------------- validation
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        where = f"{type(self).__name__} param group {len(self.param_groups) - 1}"
+        self._validate_base(group, where)
+        _validate_subspace_group(group, where)
+
+    def _validate_base(
+        self, group: dict[str, Any], where: str
+    ) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ``torch.optim.Optimizer.load_state_dict``, but state tensors keep their saved dtype.
+
+        torch casts every floating state tensor to its parameter's dtype; our moments and projectors
+        are float32 for bf16/fp16 parameters, and a round trip through bf16 would lose precision
+        (and exact resume).
+        """
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        ours = [p for g in self.param_groups for p in g["params"]]
+        for sid, p in zip(saved_ids, ours):
+            for key, value in state_dict["state"].get(sid, {}).items():
+                if key != "step" and isinstance(value, Tensor) and value.is_floating_point():
+                    self.state[p][key] = value.to(device=p.device, copy=True)
+
+    # ---------------------------------------------------------------- projector
+    def _param_seed(
+        self, group_index: int, param_index: int, group: dict[str, Any], step: int
+    ) -> int:
+        # Deterministic per (seed, group, parameter, step): resume draws the same random projector.
+        return (
+            int(group["seed"]) * 1_000_003 + group_index * 10_007 + param_index
+        ) * 1_000_033 + step
+
+    def _projector_mats(self, state: dict[str, Any], side: Side) -> tuple[Tensor, ...] | None:
+        if side == "left":
+            return (state["proj_left"],) if "proj_left" in state else None
+        if side == "right":
+            return (state["proj_right"],) if "proj_right" in state else None
+        if "proj_left" in state and "proj_right" in state:
+            return (state["proj_left"], state["proj_right"])
+        return None
+
+    def _store_mats(self, state: dict[str, Any], side: Side, mats: tuple[Tensor, ...]) -> None:
+        if side == "left":
+            state["proj_left"] = mats[0]
+        elif side == "right":
+            state["proj_right"] = mats[0]
+        else:
+            state["proj_left"], state["proj_right"] = mats
+
+    def _refresh(
+        self,
+        p: Tensor,
+        grad: Tensor,
+        state: dict[str, Any],
+        group: dict[str, Any],
+        gi: int,
+        pi: int,
+        side: Side,
+        step: int,
+    ) -> None:
+        rand_step = resolve_rand_step(group)
+        kind = "random" if rand_step is not None and step >= rand_step else "svd"
+        gen = torch.Generator().manual_seed(self._param_seed(gi, pi, group, step))
+        dtype = torch.float32 if grad.dtype in (torch.bfloat16, torch.float16) else grad.dtype
+        try:
+            new = new_projector(
+                grad,
+                group["rank"],
+                side,
+                kind,
+                generator=gen,
+                svd_method=group["svd_method"],
+                dtype=dtype,
+            )
+        except FloatingPointError as e:
+            raise FloatingPointError(
+                f"{type(self).__name__}: parameter {pi} of param group {gi} (shape {tuple(p.shape)}) at step {step}: {e}"
+            ) from e
+        old = self._projector_mats(state, side)
+        if old is not None and group["reproject_moments"]:
+            trans = transition_matrices(old, new, side)
+            for key in self._moment_keys:
+                if key == "exp_avg_sq":
+                    if group["second_moment"] == "project":
+                        state[key].copy_(reproject_second_moment(state[key], trans, side))
+                elif key in state:
+                    # copy_ into the stored tensor: re-binding a local name (GoLore's golore_adamw)
+                    # silently leaves the state in the old basis.
+                    state[key].copy_(reproject_first_moment(state[key], trans, side))
+        self._store_mats(state, side, new)
+
+    # ---------------------------------------------------------------- stepping
+    def _gather(
+        self, group: dict[str, Any], gi: int, params: Iterable[Tensor] | None = None
+    ) -> list[tuple[Tensor, Tensor, dict[str, Any], Side | None]]:
+        items = []
+        index = {id(p): i for i, p in enumerate(group["params"])}
+        for p in group["params"] if params is None else params:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(
+                    f"{type(self).__name__} does not support sparse gradients (param group {gi}, shape {tuple(p.shape)})"
+                )
+            pi = index[id(p)]
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.tensor(0.0)
+            step = int(state["step"].item())
+            grad = self._preprocess_grad(p, p.grad, group)
+            side: Side | None = None
+            if group["rank"] is not None and p.dim() == 2:
+                side = projector_side(p.shape, group["proj_type"])
+                if (
+                    step % group["update_proj_gap"] == 0
+                    or self._projector_mats(state, side) is None
+                ):
+                    self._refresh(p, grad, state, group, gi, pi, side, step)
+                grad = project(grad, self._projector_mats(state, side), side)
+            items.append((p, grad, state, side))
+        return items
+
+    def _preprocess_grad(self, p: Tensor, grad: Tensor, group: dict[str, Any]) -> Tensor:
+        return grad
+
+    def _full_update(
+        self,
+        p: Tensor,
+        direction: Tensor,
+        state: dict[str, Any],
+        side: Side | None,
+        group: dict[str, Any],
+    ) -> Tensor:
+        if side is None:
+            return direction
+        mats = self._projector_mats(state, side)
+        return project_back(direction, mats, side) * group["scale"]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One optimization step for every parameter that has a gradient.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (run with grad enabled).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for gi, group in enumerate(self.param_groups):
+            items = self._gather(group, gi)
+            if items:
+                self._update(group, items)
+        return loss
+
+    @torch.no_grad()
+    def step_parameter(self, param: Tensor) -> None:
+        """Step one parameter (its group's hyper-parameters); used by layer-wise stepping hooks."""
+        for gi, group in enumerate(self.param_groups):
+            if any(p is param for p in group["params"]):
+                items = self._gather(group, gi, [param])
+                if items:
+                    self._update(group, items)
+                return
+        raise KeyError(
+            f"{type(self).__name__}.step_parameter: the parameter (shape {tuple(param.shape)}) is not in any param group"
+        )
+
+    def _update(
+        self, group: dict[str, Any], items: list[tuple[Tensor, Tensor, dict[str, Any], Side | None]]
+    ) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+
+def _moment_dtype(p: Tensor) -> torch.dtype:
+    return torch.float32 if p.dtype in (torch.bfloat16, torch.float16) else p.dtype
+
+
+class GaLoreAdamW(SubspaceOptimizer):
+    """AdamW in a low-rank gradient subspace (GaLore, arXiv 2403.03507; GoLore, arXiv 2410.11289).
+
+    Param groups carry the projector settings as keys (galore-torch's shape): ``rank`` (``None`` →
+    plain AdamW for that group), ``update_proj_gap``, ``scale``, ``proj_type``
+    (std/reverse_std/left/right/full), ``projection`` (``"svd"`` or ``"random"``), ``rand_step`` or
+    ``rand_ratio`` + ``total_steps`` (switch SVD → random, see :func:`resolve_rand_step`),
+    ``reproject_moments``, ``second_moment`` (``"keep"``/``"project"``), ``svd_method``
+    (``"full"``/``"randomized"``/``"auto"``, see :func:`loralab.core.linalg.truncated_svd`), ``seed``.
+    Keyword arguments of the constructor are the defaults for every group.
+
+    Args:
+        params: parameters or param-group dicts.
+        lr, betas, eps, weight_decay: AdamW hyper-parameters (eps 1e-6 as galore-torch).
+        adamw_style: ``"hf"`` (galore-torch's transformers-style AdamW: weight decay after the step,
+            ``√bc₂/bc₁`` folded into the step size) or ``"torch"`` (``torch.optim.AdamW``).
+
+    Example:
+        >>> import torch
+        >>> lin = torch.nn.Linear(8, 16)
+        >>> opt = GaLoreAdamW([{"params": [lin.weight], "rank": 4, "update_proj_gap": 50}, {"params": [lin.bias]}], lr=1e-3)
+    """
+
+    _moment_keys = ("exp_avg", "exp_avg_sq")
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        *,
+        adamw_style: str = "hf",
+        rank: int | None = None,
+        update_proj_gap: int = 200,
+        scale: float = 0.25,
+        proj_type: str = "std",
+        projection: str = "svd",
+        rand_step: int | None = None,
+        rand_ratio: float | None = None,
+        total_steps: int | None = None,
+        reproject_moments: bool = True,
+        second_moment: str = "keep",
+        svd_method: str = "auto",
+        seed: int = 0,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            adamw_style=adamw_style,
+            rank=rank,
+            update_proj_gap=update_proj_gap,
+            scale=scale,
+            proj_type=proj_type,
+            projection=projection,
+            rand_step=rand_step,
+            rand_ratio=rand_ratio,
+            total_steps=total_steps,
+            reproject_moments=reproject_moments,
+            second_moment=second_moment,
+            svd_method=svd_method,
+            seed=seed,
+        )
+        super().__init__(params, defaults)
+
+    def _validate_base(self, group: dict[str, Any], where: str) -> None:
+        try:
+            check_adamw_hparams(
+                group["lr"], tuple(group["betas"]), group["eps"], group["weight_decay"]
+            )
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from e
+        if group["adamw_style"] not in ("hf", "torch"):
+            raise ValueError(
+                f"{where}: adamw_style must be 'hf' or 'torch', got {group['adamw_style']!r}"
+            )
+
+    def _update(
+        self, group: dict[str, Any], items: list[tuple[Tensor, Tensor, dict[str, Any], Side | None]]
+    ) -> None:
+        lr, wd, style = group["lr"], group["weight_decay"], group["adamw_style"]
+        by_step: dict[int, list[int]] = {}
+        for k, (p, g, state, _side) in enumerate(items):
+            if "exp_avg" not in state:
+                dt = _moment_dtype(p)
+                state["exp_avg"] = torch.zeros_like(
+                    g, dtype=dt, memory_format=torch.preserve_format
+                )
+                state["exp_avg_sq"] = torch.zeros_like(
+                    g, dtype=dt, memory_format=torch.preserve_format
+                )
+            state["step"] += 1
+            by_step.setdefault(int(state["step"].item()), []).append(k)
+        for step, ks in by_step.items():
+            dirs = adamw_direction(
+                [items[k][1] for k in ks],
+                [items[k][2]["exp_avg"] for k in ks],
+                [items[k][2]["exp_avg_sq"] for k in ks],
+                step=step,
+                betas=tuple(group["betas"]),
+                eps=group["eps"],
+                style=style,
+            )
+            for k, d in zip(ks, dirs):
+                p, _g, state, side = items[k]
+                full = self._full_update(p, d, state, side, group)
+                if style == "torch" and wd:
+                    p.mul_(1 - lr * wd)
+                p.add_(full.to(p.dtype), alpha=-lr)
+                if style == "hf" and wd:
+                    p.add_(
+                        p, alpha=-lr * wd
+                    )  # after the step, as galore-torch / transformers' AdamW
+
+
+class GoLoreAdamW(GaLoreAdamW):
+    """GaLore AdamW whose projector refreshes draw random Stiefel matrices from ``rand_step`` on.
+
+    GoLore (He et al., arXiv 2410.11289): with small-batch gradients GaLore's SVD subspace becomes a
+    noise subspace late in training and GaLore stalls (their Fig. 1); random projections sampled
+    uniformly from the Stiefel manifold are unbiased and converge. ``rand_ratio`` follows the paper's
+    code: the *fraction of steps that use SVD* (``0.8``: SVD for the first 80 % of ``total_steps``,
+    random after; the default ``0.0`` is random from the first step).
+
+    Example:
+        >>> import torch
+        >>> lin = torch.nn.Linear(8, 16)
+        >>> opt = GoLoreAdamW([{"params": [lin.weight], "rank": 4}], lr=1e-3, rand_ratio=0.8, total_steps=1000)
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        *,
+        rand_ratio: float = 0.0,
+        total_steps: int | None = None,
+        rand_step: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            rand_ratio=rand_ratio,
+            total_steps=total_steps,
+            rand_step=rand_step,
+            **kwargs,
+        )
+
+
+class GaLoreSGD(SubspaceOptimizer):
+    """Momentum SGD in a low-rank gradient subspace (the "MSGD" subspace optimizer of GoLore's paper).
+
+    Same param-group keys as :class:`GaLoreAdamW`; the momentum buffer lives in the projected space and
+    is re-projected on a subspace change (``reproject_moments``). Semantics of ``torch.optim.SGD``:
+    ``buf ← μ·buf + (1 − dampening)·g`` (the first step sets ``buf = g``), Nesterov optional, weight
+    decay added to the full-space gradient before projection (L2, as torch's SGD).
+
+    Example:
+        >>> import torch
+        >>> lin = torch.nn.Linear(8, 16)
+        >>> opt = GaLoreSGD([{"params": [lin.weight], "rank": 4}], lr=1e-2, momentum=0.9)
+    """
+
+    _moment_keys = ("momentum_buffer",)
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        rank: int | None = None,
+        update_proj_gap: int = 200,
+        scale: float = 0.25,
+        proj_type: str = "std",
+        projection: str = "svd",
+        rand_step: int | None = None,
+        rand_ratio: float | None = None,
+        total_steps: int | None = None,
+        reproject_moments: bool = True,
+        svd_method: str = "auto",
+        seed: int = 0,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            rank=rank,
+            update_proj_gap=update_proj_gap,
+            scale=scale,
+            proj_type=proj_type,
+            projection=projection,
+            rand_step=rand_step,
+            rand_ratio=rand_ratio,
+            total_steps=total_steps,
+            reproject_moments=reproject_moments,
+            second_moment="keep",
+            svd_method=svd_method,
+            seed=seed,
+        )
+        super().__init__(params, defaults)
+
+    def _validate_base(self, group: dict[str, Any], where: str) -> None:
+        if not group["lr"] >= 0:
+            raise ValueError(f"{where}: lr must be >= 0, got {group['lr']}")
+        if not group["momentum"] >= 0:
+            raise ValueError(f"{where}: momentum must be >= 0, got {group['momentum']}")
+        if not group["weight_decay"] >= 0:
+            raise ValueError(f"{where}: weight_decay must be >= 0, got {group['weight_decay']}")
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError(
+                f"{where}: nesterov needs momentum > 0 and dampening = 0, got momentum={group['momentum']}, dampening={group['dampening']}"
+            )
+
+    def _preprocess_grad(self, p: Tensor, grad: Tensor, group: dict[str, Any]) -> Tensor:
+        if group["weight_decay"]:
+            return grad.add(p, alpha=group["weight_decay"])
+        return grad
+
+    def _update(
+        self, group: dict[str, Any], items: list[tuple[Tensor, Tensor, dict[str, Any], Side | None]]
+    ) -> None:
+        mu, damp, lr = group["momentum"], group["dampening"], group["lr"]
+        for p, g, state, side in items:
+            state["step"] += 1
+            g = g.to(_moment_dtype(p))
+            if mu != 0:
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = g.clone()
+                else:
+                    state["momentum_buffer"].mul_(mu).add_(g, alpha=1 - damp)
+                buf = state["momentum_buffer"]
+                d = g.add(buf, alpha=mu) if group["nesterov"] else buf
+            else:
+                d = g
+            p.add_(self._full_update(p, d, state, side, group).to(p.dtype), alpha=-lr)
+
+
+class GoLoreSGD(GaLoreSGD):
+    """Momentum SGD with GoLore's random projectors from ``rand_step`` on (see :class:`GoLoreAdamW`).
+
+    Example:
+        >>> import torch
+        >>> lin = torch.nn.Linear(8, 16)
+        >>> opt = GoLoreSGD([{"params": [lin.weight], "rank": 4}], lr=1e-2, momentum=0.9)
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        rand_ratio: float = 0.0,
+        total_steps: int | None = None,
+        rand_step: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            momentum,
+            dampening,
+            weight_decay,
+            nesterov,
+            rand_ratio=rand_ratio,
+            total_steps=total_steps,
+            rand_step=rand_step,
+            **kwargs,
+        )

@@ -1,0 +1,209 @@
+"""The gradient projector of GaLore / GoLore as pure functions on tensors.
+
+A projector maps an (m, n) gradient ``G`` to a low-rank representation and back:
+
+- ``side="left"``:  ``P`` is (m, r) with orthonormal columns; ``R = Pᵀ G`` (r, n); back: ``P R``.
+- ``side="right"``: ``Q`` is (r, n) with orthonormal rows;    ``R = G Qᵀ`` (m, r); back: ``R Q``.
+- ``side="full"``:  both; ``R = Pᵀ G Qᵀ`` (r, r); back: ``P R Q``.
+
+Projection followed by back-projection is the orthogonal projection of ``G`` onto the subspace
+(GaLore, arXiv 2403.03507, Eq. 4; GoLore, arXiv 2410.11289, Alg. 1). The layouts (``P`` (m, r) and
+``Q`` (r, n)) are galore-torch's, so projector tensors are interchangeable with its ``ortho_matrix``.
+
+Two ways to choose the subspace:
+
+- ``"svd"`` (GaLore): the top-``r`` singular vectors of the current stochastic gradient;
+- ``"random"`` (GoLore): a matrix drawn uniformly from the Stiefel manifold, independent of the
+  gradient. With small batches the gradient is noise-dominated late in training and its top singular
+  space is a noise space; a random subspace is unbiased in expectation
+  (E[P Pᵀ] = (r/m) I), which is what GoLore's convergence proof needs (Thm. 5).
+
+Which side ``proj_type`` picks (as galore-torch): ``std`` projects the *smaller* dimension
+(right when m >= n, else left), so the optimizer state is (m, r) or (r, n); ``reverse_std`` the
+opposite; ``left``/``right``/``full`` as named.
+
+Example:
+    >>> import torch
+    >>> from loralab.golore.projector import new_projector, project, project_back, projector_side
+    >>> g = torch.randn(32, 16, dtype=torch.float64)
+    >>> side = projector_side(g.shape, "std")
+    >>> mats = new_projector(g, 4, side, "svd")
+    >>> low = project(g, mats, side)
+    >>> low.shape
+    torch.Size([32, 4])
+    >>> project_back(low, mats, side).shape
+    torch.Size([32, 16])
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from loralab.core.linalg import stiefel_sample, truncated_svd
+
+__all__ = [
+    "PROJECTIONS",
+    "PROJ_TYPES",
+    "ProjType",
+    "Projection",
+    "Side",
+    "effective_rank",
+    "new_projector",
+    "project",
+    "project_back",
+    "projector_side",
+    "reproject_first_moment",
+    "reproject_second_moment",
+    "transition_matrices",
+]
+
+ProjType = Literal["std", "reverse_std", "left", "right", "full"]
+Projection = Literal["svd", "random"]
+Side = Literal["left", "right", "full"]
+PROJ_TYPES: tuple[str, ...] = ("std", "reverse_std", "left", "right", "full")
+PROJECTIONS: tuple[str, ...] = ("svd", "random")
+
+Mats = tuple[Tensor, ...]
+"""``(P,)`` for left, ``(Q,)`` for right, ``(P, Q)`` for full."""
+
+
+def projector_side(shape: tuple[int, ...] | torch.Size, proj_type: str) -> Side:
+    """Which side a ``proj_type`` projects for a gradient of ``shape`` (m, n), as galore-torch decides."""
+    if proj_type not in PROJ_TYPES:
+        raise ValueError(f"proj_type must be one of {PROJ_TYPES}, got {proj_type!r}")
+    m, n = shape[-2], shape[-1]
+    if proj_type == "std":
+        return "right" if m >= n else "left"
+    if proj_type == "reverse_std":
+        return "left" if m >= n else "right"
+    return proj_type  # type: ignore[return-value]
+
+
+def effective_rank(shape: tuple[int, ...] | torch.Size, rank: int, side: Side) -> int:
+    """``rank`` clipped to the projected dimension (galore-torch's ``Vh[:rank]`` does the same silently)."""
+    m, n = shape[-2], shape[-1]
+    dim = {"left": m, "right": n, "full": min(m, n)}[side]
+    return min(rank, dim)
+
+
+def new_projector(
+    grad: Tensor,
+    rank: int,
+    side: Side,
+    projection: Projection,
+    *,
+    generator: torch.Generator | None = None,
+    svd_method: Literal["auto", "full", "randomized"] = "full",
+    dtype: torch.dtype | None = None,
+) -> Mats:
+    """A fresh projector for ``grad`` (m, n).
+
+    ``"svd"``: top-``rank`` singular vectors of ``grad`` (``truncated_svd`` in float32/float64; the
+    randomized method is much faster for r ≪ min(m, n) at equal subspace quality, see the benchmark).
+    ``"random"``: an exact uniform Stiefel sample (QR of a Gaussian with the sign fix, see
+    :func:`loralab.core.linalg.stiefel_sample`) drawn from ``generator``; ``grad`` only gives the shape.
+    The result is cast to ``dtype`` (default: ``grad``'s dtype, as galore-torch does).
+    """
+    if projection not in PROJECTIONS:
+        raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+    if grad.dim() != 2:
+        raise ValueError(f"a projector needs a 2-D gradient, got shape {tuple(grad.shape)}")
+    m, n = grad.shape
+    r = effective_rank(grad.shape, rank, side)
+    out_dtype = dtype or grad.dtype
+    if projection == "svd":
+        if not torch.isfinite(grad).all():
+            raise FloatingPointError(
+                f"GaLore projector: the gradient of shape {tuple(grad.shape)} has NaN/Inf values; cannot compute its SVD"
+            )
+        U, _, Vh = truncated_svd(grad, r, method=svd_method, generator=generator)
+        left, right = U, Vh
+    else:
+        left = (
+            stiefel_sample(m, r, generator=generator, dtype=torch.float64)
+            if side in ("left", "full")
+            else None
+        )
+        right = (
+            stiefel_sample(n, r, generator=generator, dtype=torch.float64).T
+            if side in ("right", "full")
+            else None
+        )
+    if side == "left":
+        return (left.to(device=grad.device, dtype=out_dtype).contiguous(),)
+    if side == "right":
+        return (right.to(device=grad.device, dtype=out_dtype).contiguous(),)
+    return (
+        left.to(device=grad.device, dtype=out_dtype).contiguous(),
+        right.to(device=grad.device, dtype=out_dtype).contiguous(),
+    )
+
+
+def project(grad: Tensor, mats: Mats, side: Side) -> Tensor:
+    """The low-rank representation of ``grad``: ``PᵀG`` (left), ``GQᵀ`` (right), ``PᵀGQᵀ`` (full)."""
+    g = grad.to(mats[0].dtype)
+    if side == "left":
+        return mats[0].T @ g
+    if side == "right":
+        return g @ mats[0].T
+    return mats[0].T @ g @ mats[1].T
+
+
+def project_back(low: Tensor, mats: Mats, side: Side) -> Tensor:
+    """The full-space matrix of a low-rank representation: ``P R`` (left), ``R Q`` (right), ``P R Q``."""
+    r = low.to(mats[0].dtype)
+    if side == "left":
+        return mats[0] @ r
+    if side == "right":
+        return r @ mats[0]
+    return mats[0] @ r @ mats[1]
+
+
+def transition_matrices(old: Mats, new: Mats, side: Side) -> Mats:
+    """The change-of-basis between two projectors of one side.
+
+    left: ``C = P_newᵀ P_old`` (r, r) acting as ``C R``; right: ``D = Q_old Q_newᵀ`` acting as ``R D``;
+    full: both. ``project(project_back(R, old), new) == C R D`` without forming an (m, n) matrix.
+    """
+    if side == "left":
+        return (new[0].T @ old[0],)
+    if side == "right":
+        return (old[0] @ new[0].T,)
+    return (new[0].T @ old[0], old[1] @ new[1].T)
+
+
+def _apply(trans: Mats, x: Tensor, side: Side) -> Tensor:
+    if side == "left":
+        return trans[0] @ x
+    if side == "right":
+        return x @ trans[0]
+    return trans[0] @ x @ trans[1]
+
+
+def reproject_first_moment(moment: Tensor, trans: Mats, side: Side) -> Tensor:
+    """The first moment (or a momentum buffer) expressed in the new subspace.
+
+    The moment ``M`` is a low-rank representation of the full-space average ``P M``; after a subspace
+    change the optimizer must carry ``P_newᵀ (P_old M)`` (GoLore Alg. 1 applies this to momentum; the
+    paper's ReLoRA-style code does it with ``exp_avg @ B0 @ B_newᵀ``). Neither reference's optimizer
+    path keeps it: galore-torch never touches the moments (issue #54) and GoLore's ``golore_adamw``
+    rebinds a local name, so the stored state stays in the old basis. Here the result is a new tensor;
+    callers ``copy_`` it into the state.
+    """
+    return _apply(trans, moment, side)
+
+
+def reproject_second_moment(exp_avg_sq: Tensor, trans: Mats, side: Side) -> Tensor:
+    """The second moment carried into the new basis, treating its entries as independent variances.
+
+    If the low-rank gradient entries ``x`` have (diagonal) second moments ``v``, the entries of
+    ``C x`` have second moments ``(C ∘ C) v`` (Hadamard square of the transition), which is
+    non-negative, exact for independent coordinates, and reduces to ``v`` when the subspace does not
+    change. This is the ``second_moment="project"`` policy; ``"keep"`` leaves ``v`` as it is (what
+    GoLore's ReLoRA path does, its projection of ``exp_avg_sq`` is commented out).
+    """
+    sq = tuple(t * t for t in trans)
+    return _apply(sq, exp_avg_sq, side).clamp_min_(0)
