@@ -158,7 +158,7 @@ def estimate_gradients(
     train: bool = False,
     reduce: bool = True,
     progress: bool = True,
-) -> dict[str, Tensor] | None:
+) -> dict[str, Tensor]:
     """Mean gradient of the loss w.r.t. each target weight, as (out, in) float32 matrices.
 
     Args:
@@ -171,7 +171,7 @@ def estimate_gradients(
         num_batches: use at most this many batches (``None``: all of them).
         loss_fn: ``loss_fn(model, batch) -> scalar loss``; defaults to :func:`default_loss`.
         consumer: called as ``consumer(name, grad)`` with each finished gradient, which is then
-            dropped; the function returns ``None``. Without it, all gradients are returned in a dict.
+            dropped; the function returns ``{}``. Without it, all gradients are returned in a dict.
         offload: block-wise mode: weights stay on the CPU and one decoder block at a time is moved to
             ``device`` (see :func:`loralab.core.offload.estimate_gradients_offloaded`).
         device: compute device of the offloaded blocks (default: CUDA if available, else CPU).
@@ -183,7 +183,7 @@ def estimate_gradients(
         progress: show a tqdm bar over batches (on the main process only).
 
     Returns:
-        ``{name: grad}`` on the weights' device (offload: on the CPU), or ``None`` with a consumer.
+        ``{name: grad}`` on the weights' device (offload: on the CPU), or an empty dict with a consumer.
 
     Raises:
         GradientEstimationError: no batch, a target that received no gradient (an unused layer), a
@@ -235,7 +235,7 @@ def _estimate_plain(
     reduce: bool,
     progress: bool,
     total: int | None,
-) -> dict[str, Tensor] | None:
+) -> dict[str, Tensor]:
     sums: dict[str, Tensor] = {}
     handles = []
 
@@ -287,4 +287,4 @@ def _estimate_plain(
             del sums[name]
             consumer(name, g)
             del g
-    return None if consumer is not None else sums
+    return {} if consumer is not None else {name: sums[name] for name in targets}  # in module order
