@@ -11,6 +11,7 @@ Example:
     >>> U, S, Vh = truncated_svd(grads["model.layers.0.self_attn.q_proj"], 4)
 """
 
+from loralab.core.adamw import adamw_direction, adamw_update_, check_adamw_hparams
 from loralab.core.distributed import (
     all_reduce_mean_,
     all_reduce_mean_dict_,
@@ -30,6 +31,17 @@ from loralab.core.linalg import (
     stiefel_sample,
     truncated_svd,
 )
+from loralab.core.lora_layers import LoraPair, LoraPairError, find_lora_pairs
+from loralab.core.offload import DEFAULT_BLOCK_CLASSES, estimate_gradients_offloaded, find_blocks
+from loralab.core.quant import (
+    QuantizationError,
+    dequantize_weight,
+    dequantized_copy,
+    is_quantized,
+    load_float_model_for_estimation,
+    quant_kind,
+    requantize_weight_,
+)
 from loralab.core.targets import (
     TargetLayer,
     TargetNotFoundError,
@@ -44,23 +56,39 @@ from loralab.core.targets import (
 
 __version__ = "0.1.0"
 __all__ = [
+    "DEFAULT_BLOCK_CLASSES",
     "GradientConsumer",
     "GradientEstimationError",
+    "LoraPair",
+    "LoraPairError",
+    "QuantizationError",
     "SVDResult",
     "TargetLayer",
     "TargetNotFoundError",
+    "adamw_direction",
+    "adamw_update_",
     "all_reduce_mean_",
     "all_reduce_mean_dict_",
+    "check_adamw_hparams",
+    "dequantize_weight",
+    "dequantized_copy",
     "estimate_gradients",
+    "estimate_gradients_offloaded",
     "find_all_linear_modules",
+    "find_blocks",
+    "find_lora_pairs",
     "find_targets",
     "gathered_parameters",
     "get_module",
     "is_distributed",
     "is_main_process",
+    "is_quantized",
     "layer_kind",
+    "load_float_model_for_estimation",
+    "quant_kind",
     "rank",
     "replace_module",
+    "requantize_weight_",
     "ridge_inverse",
     "ridge_solve",
     "solve_sylvester_psd",
