@@ -1,0 +1,295 @@
+"""LoRA-SB layers: PEFT LoRA layers with a LoRA-SB *variant* (``W0 + s·B·R·A``, only R trains).
+
+How it plugs into PEFT (0.19+) without patching it:
+
+- :class:`LoraSBConfig` registers these classes through PEFT's custom-module dispatch
+  (``LoraConfig._register_custom_module``), so ``get_peft_model`` builds :class:`LoraSBLinear` for
+  ``nn.Linear`` and GPT-2 ``Conv1D`` targets and :class:`LoraSBLinear4bit` for bitsandbytes 4-bit ones.
+- Each class is the matching PEFT LoRA layer plus :class:`LoraSBVariant`, a ``peft`` ``LoraVariant``:
+  PEFT's own ``forward``, mixed-adapter batches, ``merge``/``unmerge``/``merge_and_unload``,
+  ``disable_adapter``, ``set_adapter`` and ``delete_adapter`` all go through the variant hooks.
+- ``A`` and ``B`` live in PEFT's ``lora_A``/``lora_B`` slots (so keys stay ``lora_A.weight`` /
+  ``lora_B.weight``) and are frozen through PEFT's ``frozen_peft_weight_names``; ``R`` lives in a new
+  ``lora_R`` slot (key ``lora_R.weight``, float32). A state-dict hook stores ``A``/``B`` in the base
+  layer's dtype even when PEFT up-casts adapters to float32 (``autocast_adapter_dtype``); the values
+  were rounded to that dtype at init, so the round trip is exact.
+- A layer may also host plain LoRA adapters (added with a ``peft.LoraConfig``) beside LoRA-SB ones.
+
+Example:
+    >>> from peft import get_peft_model
+    >>> from loralab.core.testing import tiny_llama
+    >>> from loralab.lora_sb import LoraSBConfig
+    >>> model = get_peft_model(tiny_llama(), LoraSBConfig(r=4, target_modules=["q_proj"], sb_init="random"))
+    >>> type(model.base_model.model.model.layers[0].self_attn.q_proj).__name__
+    'LoraSBLinear'
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any, Optional
+
+import torch
+from peft.tuners.lora.layer import Linear as PeftLoraLinear
+from peft.tuners.lora.layer import LoraLayer, LoraVariant
+from torch import Tensor, nn
+
+from loralab.core.linalg import stiefel_sample, truncated_svd
+from loralab.core.targets import layer_kind, weight_matrix
+
+__all__ = [
+    "LoraSBLayerMixin",
+    "LoraSBLinear",
+    "LoraSBVariant",
+    "custom_module_mapping",
+    "is_lora_sb_layer",
+    "layer_generator",
+]
+
+R_NAME = "lora_R"
+
+
+def layer_generator(seed: int, layer_name: str) -> torch.Generator:
+    """A CPU generator seeded from ``(seed, layer_name)``: reproducible per layer, independent of layer order."""
+    return torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(layer_name.encode())) % (2**63))
+
+
+def _factor_dtype(base: nn.Module) -> torch.dtype:
+    """The dtype A and B are stored in: the base weight's float dtype (4-bit: the dtype it dequantizes to)."""
+    kind = layer_kind(base)
+    if kind in ("linear4bit", "linear8bit"):
+        from loralab.core.quant import quant_config_of
+
+        dtype = quant_config_of(base).dtype
+        return dtype if dtype is not None and dtype.is_floating_point else torch.float32
+    dtype = base.weight.dtype
+    return dtype if dtype.is_floating_point else torch.float32
+
+
+def _sb_state_dict_hook(module: nn.Module, state_dict: dict[str, Tensor], prefix: str, local_metadata: Any) -> None:
+    # A and B come from data and are frozen: the checkpoint keeps them in the base dtype (the issue's
+    # contract) even if PEFT's autocast_adapter_dtype made the live copies float32.
+    for adapter, dtype in getattr(module, "_sb_factor_dtype", {}).items():
+        for slot in ("lora_A", "lora_B"):
+            key = f"{prefix}{slot}.{adapter}.weight"
+            if key in state_dict and state_dict[key].dtype != dtype:
+                state_dict[key] = state_dict[key].to(dtype)
+
+
+class LoraSBVariant(LoraVariant):
+    """PEFT ``LoraVariant`` for LoRA-SB: adds ``R`` (r×r, fp32), freezes ``A``/``B``, ``y += s·B·R·A·drop(x)``."""
+
+    def supports_lora_conversion(self) -> bool:
+        return False
+
+    @staticmethod
+    def init(module: LoraLayer, adapter_name: str, config: Any = None, **kwargs: Any) -> None:
+        target_name = kwargs.get("target_name") or f"<{type(module.get_base_layer()).__name__} {module.out_features}x{module.in_features}>"
+        r = module.r[adapter_name]
+        m, n = module.out_features, module.in_features
+        if r > min(m, n):
+            raise ValueError(
+                f"LoRA-SB rank r={r} exceeds min(out_features, in_features)={min(m, n)} of layer {target_name!r} "
+                f"({m}x{n}); lower r or use rank_pattern for this layer"
+            )
+        base = module.get_base_layer()
+        dtype = _factor_dtype(base)
+        device = base.weight.device
+        module.lora_R[adapter_name] = nn.Linear(r, r, bias=False, device="meta")
+        module.lora_R[adapter_name].weight = nn.Parameter(torch.zeros(r, r, dtype=torch.float32, device=device))
+        module._sb_factor_dtype[adapter_name] = dtype
+        module._sb_target_name[adapter_name] = target_name
+        method = getattr(config, "sb_init", "gradient")
+        gen = layer_generator(getattr(config, "init_seed", 0), target_name)
+        if method == "weight_svd":
+            # LoRA-XS (Bałazy et al., 2024): B = U_r Σ_r and A = V_rᵀ from the base weight's SVD.
+            U, S, Vh = truncated_svd(
+                weight_matrix(base).detach(), r, method=getattr(config, "svd_method", "auto"),
+                oversample=getattr(config, "svd_oversample", 10), niter=getattr(config, "svd_niter", 10), generator=gen,
+            )
+            B, A = U * S, Vh
+        else:
+            # 'random' LoRA-XS, and the placeholder of 'gradient' until initialize_lora_sb_weights runs:
+            # orthonormal A, B from a local generator, R = 0 (a no-op adapter).
+            B = stiefel_sample(m, r, generator=gen)
+            A = stiefel_sample(n, r, generator=gen).T
+        set_sb_factors_(module, adapter_name, B, torch.zeros(r, r), A)
+        for slot in ("lora_A", "lora_B"):
+            frozen = dict(module.frozen_peft_weight_names)
+            if slot not in frozen.get(adapter_name, ()):
+                frozen[adapter_name] = (*frozen.get(adapter_name, ()), slot)
+            module.frozen_peft_weight_names = frozen
+        module._freeze_non_trainable_peft_weights(adapter_name)
+
+    @staticmethod
+    def _delta(module: LoraLayer, adapter: str) -> Tensor:
+        return module.get_delta_weight(adapter)
+
+    @staticmethod
+    def merge_safe(module: LoraLayer, active_adapter: str, orig_weight: Tensor) -> Tensor:
+        return orig_weight + module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def merge_unsafe(module: LoraLayer, active_adapter: str, orig_weight: Tensor) -> None:
+        orig_weight.data += module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def unmerge(module: LoraLayer, active_adapter: str, orig_weight: Tensor) -> Tensor:
+        return orig_weight - module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def forward(module: LoraLayer, active_adapter: str, x: Tensor, result: Tensor, **kwargs: Any) -> Tensor:
+        lora_A = module.lora_A[active_adapter]
+        lora_B = module.lora_B[active_adapter]
+        lora_R = module.lora_R[active_adapter]
+        dropout = module.lora_dropout[active_adapter]
+        # Dropout on the adapter input, as LoRA; R runs in float32 whatever A/B's dtype.
+        h = lora_A(module._cast_input_dtype(dropout(x), lora_A.weight.dtype))
+        h = lora_R(h.to(lora_R.weight.dtype))
+        out = lora_B(h.to(lora_B.weight.dtype)) * module.scaling[active_adapter]
+        return result + out.to(result.dtype)
+
+
+@torch.no_grad()
+def set_sb_factors_(module: LoraLayer, adapter_name: str, B: Tensor, R: Tensor, A: Tensor) -> None:
+    """Write ``B`` (m×r), ``R`` (r×r), ``A`` (r×n) into a LoRA-SB layer's adapter, in place.
+
+    ``A`` and ``B`` are rounded to the base dtype (then stored in the live parameters' dtype), ``R``
+    is kept in float32. Parameter objects are kept, so optimizers holding them stay valid.
+    """
+    if adapter_name not in module.lora_R:
+        raise KeyError(f"layer has no LoRA-SB adapter {adapter_name!r}; its LoRA-SB adapters: {list(module.lora_R)}")
+    dtype = module._sb_factor_dtype[adapter_name]
+    for slot, value in (("lora_A", A), ("lora_B", B)):
+        p = getattr(module, slot)[adapter_name].weight
+        if tuple(value.shape) != tuple(p.shape):
+            raise ValueError(f"{slot} of {module._sb_target_name[adapter_name]!r} must be {tuple(p.shape)}, got {tuple(value.shape)}")
+        p.data.copy_(value.to(dtype).to(device=p.device, dtype=p.dtype))
+    p = module.lora_R[adapter_name].weight
+    if tuple(R.shape) != tuple(p.shape):
+        raise ValueError(f"lora_R of {module._sb_target_name[adapter_name]!r} must be {tuple(p.shape)}, got {tuple(R.shape)}")
+    p.data.copy_(R.to(device=p.device, dtype=p.dtype))
+
+
+class LoraSBLayerMixin:
+    """What turns a PEFT LoRA layer class into one that can host LoRA-SB adapters."""
+
+    adapter_layer_names: tuple[str, ...] = (*LoraLayer.adapter_layer_names, R_NAME)
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: Any, **kwargs: Any) -> None:
+        if R_NAME not in self._modules:  # type: ignore[attr-defined]
+            self.lora_R = nn.ModuleDict()
+            self._sb_factor_dtype: dict[str, torch.dtype] = {}
+            self._sb_target_name: dict[str, str] = {}
+            self.register_state_dict_post_hook(_sb_state_dict_hook)  # type: ignore[attr-defined]
+        # PEFT builds A and B as nn.Linear (kaiming init from the global RNG) before the variant
+        # overwrites them: fork the RNG so creating LoRA-SB layers never changes the caller's RNG stream.
+        with torch.random.fork_rng(devices=[]):
+            super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)  # type: ignore[misc]
+
+    def resolve_lora_variant(self, *, config: Any, **kwargs: Any) -> Optional[LoraVariant]:
+        if getattr(config, "lora_sb", False):
+            return LoraSBVariant()
+        return super().resolve_lora_variant(config=config, **kwargs)  # type: ignore[misc]
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)  # type: ignore[misc]
+        self._sb_factor_dtype.pop(adapter_name, None)
+        self._sb_target_name.pop(adapter_name, None)
+
+    def get_delta_weight(self, adapter: str) -> Tensor:
+        """``s·B·R·A`` in the base weight's storage layout (float32; PEFT casts it when merging)."""
+        if adapter not in self.lora_R:
+            return super().get_delta_weight(adapter)  # type: ignore[misc]
+        A = self.lora_A[adapter].weight.float()  # type: ignore[attr-defined]
+        B = self.lora_B[adapter].weight.float()  # type: ignore[attr-defined]
+        R = self.lora_R[adapter].weight.float()
+        delta = (B @ R @ A) * self.scaling[adapter]  # type: ignore[attr-defined]
+        return delta.T if self.fan_in_fan_out else delta  # type: ignore[attr-defined]
+
+
+class LoraSBLinear(LoraSBLayerMixin, PeftLoraLinear):
+    """LoRA-SB on ``nn.Linear`` and transformers' GPT-2 ``Conv1D`` (weight stored (in, out))."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: Any, r: int = 0, lora_alpha: int = 1, **kwargs: Any) -> None:
+        kind = layer_kind(base_layer.get_base_layer() if hasattr(base_layer, "get_base_layer") else base_layer)
+        if kind not in ("linear", "conv1d"):
+            raise TypeError(f"LoraSBLinear adapts nn.Linear or Conv1D, got {type(base_layer).__name__} at {kwargs.get('target_name')!r}")
+        super().__init__(base_layer, adapter_name, config=config, r=r, lora_alpha=lora_alpha, is_target_conv_1d_layer=kind == "conv1d", **kwargs)
+        # Per layer, not from the config: one model may mix Linear and Conv1D targets.
+        self.fan_in_fan_out = kind == "conv1d"
+
+    def __repr__(self) -> str:
+        return "lora_sb." + nn.Module.__repr__(self)
+
+
+def is_lora_sb_layer(module: nn.Module, adapter_name: str | None = None) -> bool:
+    """Whether ``module`` is a LoRA-SB layer (hosting ``adapter_name``, when given)."""
+    if not isinstance(module, LoraSBLayerMixin):
+        return False
+    return adapter_name is None or adapter_name in module.lora_R
+
+
+_MAPPING: dict[type[nn.Module], type[nn.Module]] | None = None
+
+
+def _bnb_classes() -> dict[type[nn.Module], type[nn.Module]]:
+    from peft.import_utils import is_bnb_4bit_available
+
+    if not is_bnb_4bit_available():
+        return {}
+    import bitsandbytes as bnb
+    from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
+
+    class LoraSBLinear4bit(LoraSBLayerMixin, PeftLinear4bit):
+        """LoRA-SB on a bitsandbytes ``Linear4bit`` (NF4/FP4) base: QLoRA's memory with r² trainables."""
+
+        def __init__(self, base_layer: nn.Module, adapter_name: str, config: Any, r: int = 0, lora_alpha: int = 1, **kwargs: Any) -> None:
+            # PEFT's Linear4bit.__init__ drops target_name; replicate it so errors can name the layer.
+            nn.Module.__init__(self)
+            LoraLayer.__init__(self, base_layer)
+            self.fan_in_fan_out = False
+            self._active_adapter = adapter_name
+            self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, target_name=kwargs.get("target_name", ""))
+
+        def __repr__(self) -> str:
+            return "lora_sb." + nn.Module.__repr__(self)
+
+    LoraSBLinear4bit.__module__ = __name__
+    globals()["LoraSBLinear4bit"] = LoraSBLinear4bit
+    return {bnb.nn.Linear4bit: LoraSBLinear4bit}
+
+
+def custom_module_mapping() -> dict[type[nn.Module], type[nn.Module]]:
+    """``{base layer class: LoRA-SB layer class}`` for PEFT's dynamic dispatch (most specific first).
+
+    bitsandbytes ``Linear8bitLt`` is not supported: it is mapped to a class that raises, rather than
+    letting the ``nn.Linear`` entry (its parent class) wrap it wrongly.
+    """
+    global _MAPPING
+    if _MAPPING is None:
+        mapping: dict[type[nn.Module], type[nn.Module]] = {}
+        mapping.update(_bnb_classes())
+        try:
+            import bitsandbytes as bnb
+
+            mapping[bnb.nn.Linear8bitLt] = _Unsupported8bit
+        except ImportError:  # pragma: no cover - bitsandbytes is optional
+            pass
+        try:
+            from transformers.pytorch_utils import Conv1D
+
+            mapping[Conv1D] = LoraSBLinear
+        except ImportError:  # pragma: no cover - transformers is a dependency
+            pass
+        mapping[nn.Linear] = LoraSBLinear
+        _MAPPING = mapping
+    return dict(_MAPPING)
+
+
+class _Unsupported8bit(nn.Module):
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: Any = None, **kwargs: Any) -> None:
+        raise NotImplementedError(
+            f"LoRA-SB does not support bitsandbytes 8-bit layers ({kwargs.get('target_name')!r}); "
+            "load the model in 4-bit (BitsAndBytesConfig(load_in_4bit=True)) or in float"
+        )
