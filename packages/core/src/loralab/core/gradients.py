@@ -67,7 +67,8 @@ def default_loss(model: nn.Module, batch: Any) -> Tensor:
     device = _model_device(model)
     inputs = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
     out = model(**inputs)
-    loss = out["loss"] if isinstance(out, Mapping) else getattr(out, "loss", None)
+    # ModelOutput is a Mapping that drops None entries: .get, not [], so a missing loss is our error
+    loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
     if loss is None:
         raise GradientEstimationError(
             f"{type(model).__name__}(**batch) returned no loss: include 'labels' in each batch or pass loss_fn"

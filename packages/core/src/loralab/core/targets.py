@@ -174,6 +174,15 @@ def _head_prefixes(model: nn.Module) -> set[str]:
     return heads
 
 
+def _base_layer(module: nn.Module) -> nn.Module | None:
+    base = getattr(module, "base_layer", None)
+    if not isinstance(base, nn.Module):
+        return None
+    while isinstance(getattr(base, "base_layer", None), nn.Module):  # nested wrappers
+        base = base.base_layer
+    return base
+
+
 def _under(name: str, prefixes: Iterable[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
@@ -219,9 +228,17 @@ def find_targets(
     heads = set() if include_heads else _head_prefixes(model)
     candidates: dict[str, TargetLayer] = {}
     non_adaptable_matches: list[str] = []
+    wrappers: list[str] = []
     for name, mod in model.named_modules():
+        # An adapter wrapper (PEFT's LoRA layers keep the original layer as ``base_layer``) stands for
+        # its base layer under its own name; its insides (base_layer, lora_A, lora_B, ...) are not targets.
+        if wrappers and _under(name, [w for w in wrappers if w != name]):
+            continue
+        base = _base_layer(mod)
+        if base is not None:
+            wrappers.append(name)
+            mod = base
         kind = layer_kind(mod)
-        # Do not descend into the base layers that PEFT or loralab wrappers keep inside themselves.
         if kind is None:
             if target_modules != "all-linear" and name and _matches(name, target_modules) and not list(mod.children()):
                 non_adaptable_matches.append(f"{name} ({type(mod).__name__})")
