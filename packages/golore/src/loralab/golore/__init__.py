@@ -23,6 +23,13 @@ from loralab.golore.optimizer import (
     SubspaceOptimizer,
     resolve_rand_step,
 )
+from loralab.golore.relora import (
+    ReLoRaCallback,
+    ReLoRaConfig,
+    ReLoRaLinear,
+    ReLoRaModel,
+    merge_and_reinit,
+)
 
 __version__ = "0.1.0"
 __all__ = [
@@ -30,9 +37,14 @@ __all__ = [
     "GaLoreSGD",
     "GoLoreAdamW",
     "GoLoreSGD",
+    "ReLoRaCallback",
+    "ReLoRaConfig",
+    "ReLoRaLinear",
+    "ReLoRaModel",
     "SubspaceOptimizer",
     "create_galore_optimizer",
     "create_golore_optimizer",
+    "merge_and_reinit",
     "resolve_rand_step",
     "subspace_param_groups",
 ]
