@@ -96,7 +96,9 @@ class LoraSBVariant(LoraVariant):
         dtype = _factor_dtype(base)
         device = base.weight.device
         module.lora_R[adapter_name] = nn.Linear(r, r, bias=False, device="meta")
-        module.lora_R[adapter_name].weight = nn.Parameter(torch.zeros(r, r, dtype=torch.float32, device=device))
+        # R trains: float32 whatever the base dtype (float64 bases keep float64, for reference tests).
+        r_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        module.lora_R[adapter_name].weight = nn.Parameter(torch.zeros(r, r, dtype=r_dtype, device=device))
         module._sb_factor_dtype[adapter_name] = dtype
         module._sb_target_name[adapter_name] = target_name
         method = getattr(config, "sb_init", "gradient")
@@ -198,12 +200,14 @@ class LoraSBLayerMixin:
         self._sb_target_name.pop(adapter_name, None)
 
     def get_delta_weight(self, adapter: str) -> Tensor:
-        """``s·B·R·A`` in the base weight's storage layout (float32; PEFT casts it when merging)."""
+        """``s·B·R·A`` in the base weight's storage layout (float32, float64 for float64 factors; PEFT casts it when merging)."""
         if adapter not in self.lora_R:
             return super().get_delta_weight(adapter)  # type: ignore[misc]
-        A = self.lora_A[adapter].weight.float()  # type: ignore[attr-defined]
-        B = self.lora_B[adapter].weight.float()  # type: ignore[attr-defined]
-        R = self.lora_R[adapter].weight.float()
+        A = self.lora_A[adapter].weight  # type: ignore[attr-defined]
+        B = self.lora_B[adapter].weight  # type: ignore[attr-defined]
+        R = self.lora_R[adapter].weight
+        dt = torch.float64 if torch.float64 in (A.dtype, B.dtype, R.dtype) else torch.float32
+        A, B, R = A.to(dt), B.to(dt), R.to(dt)
         delta = (B @ R @ A) * self.scaling[adapter]  # type: ignore[attr-defined]
         return delta.T if self.fan_in_fan_out else delta  # type: ignore[attr-defined]
 
