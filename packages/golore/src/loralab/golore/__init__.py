@@ -15,6 +15,7 @@ from loralab.golore.factory import (
     create_golore_optimizer,
     subspace_param_groups,
 )
+from loralab.golore.layerwise import LayerwiseStepHandle, register_layerwise_step
 from loralab.golore.optimizer import (
     GaLoreAdamW,
     GaLoreSGD,
@@ -37,6 +38,7 @@ __all__ = [
     "GaLoreSGD",
     "GoLoreAdamW",
     "GoLoreSGD",
+    "LayerwiseStepHandle",
     "ReLoRaCallback",
     "ReLoRaConfig",
     "ReLoRaLinear",
@@ -45,6 +47,7 @@ __all__ = [
     "create_galore_optimizer",
     "create_golore_optimizer",
     "merge_and_reinit",
+    "register_layerwise_step",
     "resolve_rand_step",
     "subspace_param_groups",
 ]
