@@ -1,0 +1,47 @@
+"""Single-process behaviour of the distributed helpers (the 2-rank case runs in test_core_gradients)."""
+
+import torch
+from torch import nn
+
+from loralab.core.distributed import (
+    all_reduce_mean_,
+    all_reduce_mean_dict_,
+    broadcast_,
+    gathered_parameters,
+    is_distributed,
+    is_main_process,
+    rank,
+    unwrap_model,
+    world_size,
+)
+
+
+def test_single_process_no_ops():
+    assert not is_distributed() and world_size() == 1 and rank() == 0 and is_main_process()
+    t = torch.arange(3.0)
+    assert all_reduce_mean_(t) is t and torch.equal(t, torch.arange(3.0))
+    assert broadcast_(t) is t
+    d = {"b": torch.ones(1), "a": torch.zeros(1)}
+    assert all_reduce_mean_dict_(d) is d
+    params = list(nn.Linear(2, 2).parameters())
+    with gathered_parameters(params, modifier_rank=0):  # not ZeRO-3 partitioned: nothing to gather
+        params[0].data.zero_()
+    assert params[0].abs().sum() == 0
+
+
+def test_unwrap_model():
+    inner = nn.Linear(2, 2)
+    DDP = type("DistributedDataParallel", (nn.Module,), {})
+    Engine = type("DeepSpeedEngine", (nn.Module,), {})
+    ddp, engine = DDP(), Engine()
+    ddp.module = inner
+    engine.module = ddp
+    assert unwrap_model(engine) is inner
+    compiled = nn.Module()
+    compiled._orig_mod = engine
+    assert unwrap_model(compiled) is inner
+    assert unwrap_model(inner) is inner
+    # a user's module that merely has a .module attribute is not unwrapped
+    user = nn.Module()
+    user.module = inner
+    assert unwrap_model(user) is user

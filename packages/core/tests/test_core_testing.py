@@ -1,0 +1,87 @@
+"""The shared tiny models, tokenizer and batch makers."""
+
+import pytest
+import torch
+
+from loralab.core.testing import (
+    TINY_ARCHS,
+    VOCAB_SIZE,
+    make_classification_batches,
+    make_lm_batches,
+    make_seq2seq_batches,
+    offline_tokenizer,
+    save_tiny,
+    tiny_llama,
+    tiny_model,
+)
+
+BATCHES = {
+    "llama": lambda: make_lm_batches(1),
+    "gpt2": lambda: make_lm_batches(1),
+    "roberta": lambda: make_classification_batches(1),
+    "t5": lambda: make_seq2seq_batches(1),
+}
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_tiny_models_run_and_are_deterministic(arch):
+    state = torch.get_rng_state()
+    a, b = tiny_model(arch, seed=3), tiny_model(arch, seed=3)
+    assert torch.equal(state, torch.get_rng_state())  # building never touches the caller's RNG
+    assert not a.training
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), n
+    loss = a(**BATCHES[arch]()[0]).loss
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    assert sum(p.numel() for p in a.parameters()) < 500_000
+
+
+def test_tiny_model_unknown_arch():
+    with pytest.raises(ValueError, match="arch must be one of llama, gpt2, roberta, t5"):
+        tiny_model("bert")
+
+
+def test_overrides_and_seeds_differ():
+    m = tiny_llama(num_hidden_layers=3, hidden_size=32)
+    assert len(m.model.layers) == 3 and m.config.hidden_size == 32
+    assert not torch.equal(tiny_llama(0).lm_head.weight, tiny_llama(1).lm_head.weight)
+
+
+def test_offline_tokenizer_round_trip(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = offline_tokenizer()
+    assert len(tok) == VOCAB_SIZE and tok.pad_token_id == 0 and tok.eos_token_id == 2
+    text = "héllo, wörld ✓"
+    ids = tok(text)["input_ids"]
+    assert max(ids) < VOCAB_SIZE and tok.decode(ids) == text
+    tok.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    assert again(text)["input_ids"] == ids
+    padded = tok(["a", "abc"], padding=True, return_tensors="pt")
+    assert padded["attention_mask"].tolist() == [[1, 0, 0], [1, 1, 1]]
+
+
+def test_save_tiny_reloads(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = tiny_llama()
+    save_tiny(model, tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(again.model.layers[0].self_attn.q_proj.weight, model.model.layers[0].self_attn.q_proj.weight)
+    assert AutoTokenizer.from_pretrained(tmp_path).pad_token == "<pad>"
+
+
+def test_batch_makers():
+    lm = make_lm_batches(2, batch_size=3, seq_len=8, pad_last=2, seed=5)
+    assert len(lm) == 2 and lm[0]["input_ids"].shape == (3, 8)
+    b = lm[0]
+    assert (b["attention_mask"][:, -2:] == 0).all() and (b["labels"][:, -2:] == -100).all()
+    assert torch.equal(b["labels"][:, :-2], b["input_ids"][:, :-2])
+    assert torch.equal(make_lm_batches(1, seed=5)[0]["input_ids"], make_lm_batches(1, seed=5)[0]["input_ids"])
+    cls = make_classification_batches(1, num_labels=3)[0]
+    assert torch.equal(cls["labels"], cls["input_ids"][:, 1] % 3) and (cls["input_ids"][:, 0] == 1).all()
+    reg = make_classification_batches(1, num_labels=1)[0]
+    assert reg["labels"].dtype == torch.float32
+    s2s = make_seq2seq_batches(1, src_len=10, tgt_len=4)[0]
+    assert s2s["input_ids"].shape == (2, 10) and s2s["labels"].shape == (2, 4)
