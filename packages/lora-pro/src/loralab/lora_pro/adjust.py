@@ -1,0 +1,196 @@
+"""LoRA-Pro's gradient adjustment as pure, batched functions on tensors (arXiv 2407.18242, §2).
+
+Notation (PEFT's layout): a LoRA layer computes ``W = W0 + s·B·A`` with ``B`` (m, r), ``A`` (r, n) and
+scaling ``s``. With ``G`` = ∂L/∂W (m, n), the LoRA gradients are ``g_A = s·BᵀG`` and ``g_B = s·G·Aᵀ``.
+One step of (any) gradient method on A, B with directions ``gᴬ``, ``gᴮ`` moves W, to first order,
+along the *equivalent gradient* (paper, Eq. 3)::
+
+    g̃ = s·B·gᴬ + s·gᴮ·A
+
+LoRA-Pro picks ``gᴬ``, ``gᴮ`` so that ``g̃`` is the closest such matrix to ``G`` (paper, Theorem 2.1)::
+
+    gᴬ = (1/s²)(BᵀB)⁻¹ g_A + X·A
+    gᴮ = (1/s²)[I − B(BᵀB)⁻¹Bᵀ] g_B (AAᵀ)⁻¹ − B·X
+
+for any r×r ``X`` (``X`` cancels in ``g̃``). Theorem 2.3 picks the ``X`` that keeps ``(gᴬ, gᴮ)`` closest
+to the raw ``(g_A, g_B)``: the solution of the Sylvester equation (Eq. 9)::
+
+    BᵀB·X + X·AAᵀ = −(1/s²)(BᵀB)⁻¹ g_A Aᵀ
+
+``x_mode="zero"`` takes ``X = 0`` and ``x_mode="symmetry"`` the closed form of the official code
+(``X = −(1/(2s²))(BᵀB)⁻¹ Bᵀ g_B AAᵀ``, ``peta/optim.py``; note it is not invariant to the rescaling
+``A → cA, B → B/c`` that leaves W unchanged, unlike the other two modes).
+
+Singular Gram matrices. At LoRA's initialisation ``B = 0``: ``BᵀB`` is singular and ``(BᵀB)⁻¹`` does
+not exist. We use the Moore–Penrose pseudo-inverse (eigenvalues at round-off level dropped, see
+:func:`loralab.core.ridge_inverse`), optionally with a *relative* ridge. This is not a heuristic: with
+pseudo-inverses the formulas above give the **minimum-norm least-squares** solution, which for
+``B = 0`` is ``gᴬ = 0``, ``gᴮ = (1/s²) g_B (AAᵀ)⁻¹`` — exactly the first-step rule of the official
+code, obtained here without a special case (and right also for an init with ``B ≠ 0``).
+
+Every function accepts leading batch dimensions (all layers of one shape in one call) and computes
+in float32 (float64 stays float64) on the inputs' device.
+
+Example:
+    >>> import torch
+    >>> A, B = torch.randn(4, 12), torch.randn(10, 4)
+    >>> G = torch.randn(10, 12)
+    >>> gA, gB = lora_pro_gradients(A, B, 2.0 * B.T @ G, 2.0 * G @ A.T, 2.0)
+    >>> gA.shape, gB.shape
+    (torch.Size([4, 12]), torch.Size([10, 4]))
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from loralab.core.linalg import accumulation_dtype, ridge_inverse, solve_sylvester_psd
+
+__all__ = ["X_MODES", "XMode", "equivalent_gradient", "lora_gradients", "lora_pro_gradients", "optimal_equivalent_gradient", "solve_x"]
+
+XMode = Literal["sylvester", "zero", "symmetry"]
+X_MODES: tuple[str, ...] = ("sylvester", "zero", "symmetry")
+
+
+def _scale(scaling: float | Tensor, like: Tensor) -> Tensor:
+    s = torch.as_tensor(scaling, dtype=like.dtype, device=like.device)
+    if s.dim() > 0:  # one scaling per layer of the batch
+        s = s.reshape(*s.shape, 1, 1)
+    if not torch.all(s != 0):
+        raise ValueError("LoRA scaling must be non-zero (lora_alpha = 0 makes the adapter a no-op)")
+    return s
+
+
+def _check_factors(A: Tensor, B: Tensor, g_A: Tensor, g_B: Tensor) -> None:
+    if A.dim() < 2 or B.dim() < 2:
+        raise ValueError(f"A and B must be matrices (r, n) and (m, r), got shapes {tuple(A.shape)} and {tuple(B.shape)}")
+    if A.shape[-2] != B.shape[-1]:
+        raise ValueError(f"rank mismatch: A is {tuple(A.shape)} (r, n) but B is {tuple(B.shape)} (m, r)")
+    if g_A.shape != A.shape or g_B.shape != B.shape:
+        raise ValueError(
+            f"gradient shapes must match the factors: g_A {tuple(g_A.shape)} vs A {tuple(A.shape)}, g_B {tuple(g_B.shape)} vs B {tuple(B.shape)}"
+        )
+
+
+def equivalent_gradient(A: Tensor, B: Tensor, gA: Tensor, gB: Tensor, scaling: float | Tensor) -> Tensor:
+    """``g̃ = s·B·gᴬ + s·gᴮ·A`` (paper, Eq. 3): the full-weight direction a LoRA step follows."""
+    s = _scale(scaling, A)
+    return s * (B @ gA + gB @ A)
+
+
+def lora_gradients(A: Tensor, B: Tensor, G: Tensor, scaling: float | Tensor) -> tuple[Tensor, Tensor]:
+    """The LoRA gradients of a full-weight gradient ``G``: ``(g_A, g_B) = (s·BᵀG, s·G·Aᵀ)``.
+
+    Full mode uses it to bring the Adam direction (an m×n matrix) back to the factors.
+    """
+    s = _scale(scaling, G)
+    return s * (B.mT @ G), s * (G @ A.mT)
+
+
+def _grams(A: Tensor, B: Tensor, ridge: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    BtB = B.mT @ B
+    AAt = A @ A.mT
+    return BtB, AAt, ridge_inverse(BtB, ridge), ridge_inverse(AAt, ridge)
+
+
+def solve_x(
+    A: Tensor,
+    B: Tensor,
+    g_A: Tensor,
+    g_B: Tensor,
+    scaling: float | Tensor,
+    *,
+    x_mode: XMode = "sylvester",
+    ridge: float = 0.0,
+) -> Tensor:
+    """The r×r matrix ``X`` of Theorem 2.1 chosen by ``x_mode`` (see the module docstring)."""
+    if x_mode not in X_MODES:
+        raise ValueError(f"x_mode must be one of {X_MODES}, got {x_mode!r}")
+    dt = accumulation_dtype(A.dtype)
+    A, B, g_A, g_B = (t.to(dt) for t in (A, B, g_A, g_B))
+    s = _scale(scaling, A)
+    BtB, AAt, BtB_inv, _ = _grams(A, B, ridge)
+    return _x_from_grams(A, B, g_A, g_B, s, BtB, AAt, BtB_inv, x_mode)
+
+
+def _x_from_grams(A, B, g_A, g_B, s, BtB, AAt, BtB_inv, x_mode) -> Tensor:
+    if x_mode == "zero":
+        return torch.zeros_like(BtB)
+    if x_mode == "symmetry":
+        # the official code's closed form (peta/optim.py, X_mode="symmetry")
+        return -0.5 / s**2 * (BtB_inv @ (B.mT @ g_B) @ AAt)
+    # Theorem 2.3 / Eq. 9: BᵀB X + X AAᵀ = −(1/s²)(BᵀB)⁻¹ g_A Aᵀ, solved for all layers at once on the
+    # eigenbases of the two symmetric PSD Gram matrices (r×r, cheap), never via SciPy or the CPU.
+    rhs = -(BtB_inv @ g_A @ A.mT) / s**2
+    return solve_sylvester_psd(BtB, AAt, rhs)
+
+
+def lora_pro_gradients(
+    A: Tensor,
+    B: Tensor,
+    g_A: Tensor,
+    g_B: Tensor,
+    scaling: float | Tensor,
+    *,
+    x_mode: XMode = "sylvester",
+    ridge: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """LoRA-Pro's adjusted gradients ``(gᴬ, gᴮ)`` (Theorem 2.1 with ``X`` from ``x_mode``).
+
+    Args:
+        A: (..., r, n) down projection(s).
+        B: (..., m, r) up projection(s).
+        g_A: (..., r, n) gradient w.r.t. A (``s·BᵀG``).
+        g_B: (..., m, r) gradient w.r.t. B (``s·G·Aᵀ``).
+        scaling: ``s``; a float, or a tensor of shape ``(...)`` with one value per batched layer.
+        x_mode: ``"sylvester"`` (Theorem 2.3, default), ``"zero"`` or ``"symmetry"``.
+        ridge: relative ridge for ``(BᵀB)⁻¹`` and ``(AAᵀ)⁻¹`` (``0`` = pseudo-inverse, the exact
+            minimum-norm least-squares solution).
+
+    Returns:
+        ``(gᴬ, gᴮ)`` in the accumulation dtype (float32, or float64 for float64 inputs).
+
+    Example:
+        >>> A, B = torch.randn(2, 4, 12), torch.zeros(2, 10, 4)   # two layers, fresh LoRA init
+        >>> gA, gB = lora_pro_gradients(A, B, torch.zeros(2, 4, 12), torch.randn(2, 10, 4), 2.0)
+        >>> bool(gA.abs().max() == 0)
+        True
+    """
+    _check_factors(A, B, g_A, g_B)
+    if x_mode not in X_MODES:
+        raise ValueError(f"x_mode must be one of {X_MODES}, got {x_mode!r}")
+    if ridge < 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge}")
+    dt = accumulation_dtype(A.dtype)
+    A, B, g_A, g_B = (t.to(dt) for t in (A, B, g_A, g_B))
+    s = _scale(scaling, A)
+    BtB, AAt, BtB_inv, AAt_inv = _grams(A, B, ridge)
+    gA0 = (BtB_inv @ g_A) / s**2
+    # [I − B(BᵀB)⁻¹Bᵀ] M without forming the m×m projector: M − B((BᵀB)⁻¹(BᵀM)).
+    M = g_B @ AAt_inv
+    gB0 = (M - B @ (BtB_inv @ (B.mT @ M))) / s**2
+    if x_mode == "zero":
+        return gA0, gB0
+    X = _x_from_grams(A, B, g_A, g_B, s, BtB, AAt, BtB_inv, x_mode)
+    return gA0 + X @ A, gB0 - B @ X
+
+
+def optimal_equivalent_gradient(
+    A: Tensor, B: Tensor, g_A: Tensor, g_B: Tensor, scaling: float | Tensor, *, ridge: float = 0.0
+) -> Tensor:
+    """The optimal ``g̃`` (m, n) directly: ``(1/s)[B(BᵀB)⁻¹g_A + (I − P_B) g_B (AAᵀ)⁻¹ A]``.
+
+    Equals ``P_B·G + (I − P_B)·G·P_A`` (projections onto B's columns and A's rows) and does not depend
+    on ``X``. Full mode runs Adam on it (paper, Algorithm 1).
+    """
+    _check_factors(A, B, g_A, g_B)
+    dt = accumulation_dtype(A.dtype)
+    A, B, g_A, g_B = (t.to(dt) for t in (A, B, g_A, g_B))
+    s = _scale(scaling, A)
+    _, _, BtB_inv, AAt_inv = _grams(A, B, ridge)
+    M = g_B @ AAt_inv
+    M = M - B @ (BtB_inv @ (B.mT @ M))
+    return (B @ (BtB_inv @ g_A) + M @ A) / s

@@ -1,0 +1,387 @@
+"""``LoraProAdamW``: AdamW on LoRA-Pro's adjusted gradients, a real ``torch.optim.Optimizer``.
+
+Two modes (arXiv 2407.18242):
+
+- ``mode="efficient"`` (default; the official code's older ``step_efficient``): adjust the LoRA
+  gradients with :func:`~loralab.lora_pro.adjust.lora_pro_gradients` (Theorem 2.1, ``X`` from
+  ``x_mode``), then run AdamW on them with LoRA-sized states (two moments per factor).
+- ``mode="full"`` (the paper's Algorithm 1, official ``step_full``): run Adam on the optimal
+  equivalent gradient ``g̃`` (m×n states per layer — as much optimizer memory as full fine-tuning of
+  the adapted weights), then bring the Adam direction ``N`` back to the factors with the same
+  adjustment applied to ``(s·BᵀN, s·N·Aᵀ)``, so that the factor update moves ``W`` as close as possible
+  to ``−lr·N``.
+
+Layers are paired by module (:func:`loralab.core.find_lora_pairs`), never by parameter order; each
+layer's own scaling (α/r, rsLoRA α/√r, rank/alpha patterns) is read from PEFT. Trainable parameters
+that are not LoRA factors (a classifier head, ``modules_to_save``, biases) get plain AdamW in the same
+optimizer. All layers with equal shapes are adjusted in one batched call (r×r solves on the
+parameters' device). Bias correction is right from step 1; weight decay is decoupled.
+
+Example:
+    >>> import peft, torch
+    >>> from loralab.core.testing import tiny_llama
+    >>> model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    >>> opt = LoraProAdamW(model, lr=1e-3)
+    >>> batch = {"input_ids": torch.randint(0, 100, (2, 8))}
+    >>> model(**batch, labels=batch["input_ids"]).loss.backward()
+    >>> opt.step(); opt.zero_grad()
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from loralab.core.adamw import adamw_direction, adamw_update_, check_adamw_hparams
+from loralab.core.lora_layers import LoraPair, LoraPairError, find_lora_pairs
+from loralab.lora_pro.adjust import (
+    X_MODES,
+    XMode,
+    lora_gradients,
+    lora_pro_gradients,
+    optimal_equivalent_gradient,
+)
+
+__all__ = ["LoraProAdamW", "Mode", "WeightDecayMode"]
+
+logger = logging.getLogger(__name__)
+
+Mode = Literal["efficient", "full"]
+WeightDecayMode = Literal["factors", "effective"]
+MODES = ("efficient", "full")
+WEIGHT_DECAY_MODES = ("factors", "effective")
+
+
+def _moment_dtype(p: Tensor) -> torch.dtype:
+    # Keep Adam moments in float32 for half-precision parameters (their squares underflow in bf16).
+    return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+
+
+def _is_zero3_param(p: Tensor) -> bool:
+    return hasattr(p, "ds_id") or hasattr(p, "ds_numel")
+
+
+class LoraProAdamW(torch.optim.Optimizer):
+    """AdamW on LoRA-Pro's equivalent-gradient-optimal LoRA gradients.
+
+    Args:
+        params_or_model: the ``PeftModel`` (or any module with PEFT LoRA layers; its trainable
+            parameters are optimised, LoRA pairs found by module), or an iterable of parameters /
+            param-group dicts together with ``pairs=``.
+        lr, betas, eps, weight_decay: as ``torch.optim.AdamW``.
+        mode: ``"efficient"`` (LoRA-sized Adam states) or ``"full"`` (m×n Adam states on ``g̃``).
+        x_mode: ``"sylvester"`` (Theorem 2.3), ``"zero"`` or ``"symmetry"`` (official closed form).
+        ridge: relative ridge of the r×r inverses; ``0`` = pseudo-inverse (exact minimum-norm
+            least squares, handles ``B = 0`` at initialisation).
+        weight_decay_mode: ``"factors"`` multiplies A and B by ``1 − lr·λ`` (official efficient mode);
+            ``"effective"`` decays the effective weight ``W0 + s·B·A`` by ``1 − lr·λ``: A and B by
+            ``√(1 − lr·λ)`` and the frozen base weight by ``1 − lr·λ`` (official full mode). Default:
+            ``"effective"`` in full mode, ``"factors"`` in efficient mode.
+        pairs: the LoRA pairs when ``params_or_model`` is an iterable of parameters.
+        adapter_name: which adapter's pairs to use (default: the active one).
+        scaling: override every layer's scaling ``s`` (the seed API's ``scaling_factor``).
+        check_finite: raise ``FloatingPointError`` naming the layer when a gradient is NaN/Inf.
+
+    Param groups carry ``mode``, ``x_mode``, ``ridge`` and ``weight_decay_mode``; a LoRA layer's A and
+    B must be in the same group.
+
+    Example:
+        >>> # see the module docstring
+    """
+
+    def __init__(
+        self,
+        params_or_model: nn.Module | Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        mode: Mode = "efficient",
+        x_mode: XMode = "sylvester",
+        ridge: float = 0.0,
+        weight_decay_mode: WeightDecayMode | None = None,
+        pairs: Iterable[LoraPair] | None = None,
+        adapter_name: str | None = None,
+        scaling: float | None = None,
+        check_finite: bool = True,
+    ) -> None:
+        check_adamw_hparams(lr, tuple(betas), eps, weight_decay)
+        if isinstance(params_or_model, nn.Module):
+            model = params_or_model
+            found = find_lora_pairs(model, adapter_name) if pairs is None else list(pairs)
+            params: Any = [p for p in model.parameters() if p.requires_grad]
+            if not params:
+                raise ValueError(f"{type(model).__name__} has no trainable parameters")
+        else:
+            if pairs is None:
+                raise TypeError(
+                    "LoraProAdamW pairs LoRA factors by module: pass the PeftModel itself "
+                    "(LoraProAdamW(model, ...)), or the parameters together with pairs=find_lora_pairs(model)"
+                )
+            found = list(pairs)
+            params = params_or_model
+        if scaling is not None:
+            if not isinstance(scaling, (int, float)) or scaling == 0 or not math.isfinite(scaling):
+                raise ValueError(f"scaling must be a non-zero finite number, got {scaling!r}")
+            found = [LoraPair(p.name, p.module, p.adapter, p.A, p.B, float(scaling)) for p in found]
+        for p in found:
+            if p.scaling == 0:
+                raise ValueError(f"layer {p.name!r} has scaling 0 (lora_alpha = 0): LoRA-Pro divides by s²")
+        self._all_pairs = found
+        self._roles: dict[int, tuple[str, LoraPair]] = {}
+        for pair in found:
+            self._roles[id(pair.A)] = ("A", pair)
+            self._roles[id(pair.B)] = ("B", pair)
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            mode=mode,
+            x_mode=x_mode,
+            ridge=ridge,
+            weight_decay_mode=weight_decay_mode,
+        )
+        self.check_finite = check_finite
+        super().__init__(params, defaults)
+        self._finalise_pairs()
+
+    # ----------------------------------------------------------------------------- construction
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        check_adamw_hparams(group["lr"], tuple(group["betas"]), group["eps"], group["weight_decay"])
+        if group["mode"] not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {group['mode']!r}")
+        if group["x_mode"] not in X_MODES:
+            raise ValueError(f"x_mode must be one of {X_MODES}, got {group['x_mode']!r}")
+        if not group["ridge"] >= 0:
+            raise ValueError(f"ridge must be >= 0, got {group['ridge']!r}")
+        if group["weight_decay_mode"] is None:
+            group["weight_decay_mode"] = "effective" if group["mode"] == "full" else "factors"
+        if group["weight_decay_mode"] not in WEIGHT_DECAY_MODES:
+            raise ValueError(f"weight_decay_mode must be one of {WEIGHT_DECAY_MODES}, got {group['weight_decay_mode']!r}")
+        if group["weight_decay_mode"] == "effective" and group["mode"] != "full":
+            raise ValueError("weight_decay_mode='effective' is the official full mode's rule; use mode='full' or weight_decay_mode='factors'")
+        for p in group["params"]:
+            if _is_zero3_param(p):
+                raise NotImplementedError(
+                    "LoraProAdamW does not support DeepSpeed ZeRO-3 (parameters are partitioned, so a layer's A and B "
+                    "are never whole on one rank). Use ZeRO stage 0/1/2 (LoRA parameters are small), or DDP. "
+                    "Refusing rather than silently training plain LoRA."
+                )
+        if hasattr(self, "_pair_groups"):
+            self._finalise_pairs()
+
+    def _finalise_pairs(self) -> None:
+        where: dict[int, int] = {}
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                where[id(p)] = gi
+        pairs: list[LoraPair] = []
+        for pair in self._all_pairs:
+            ga, gb = where.get(id(pair.A)), where.get(id(pair.B))
+            if ga is None and gb is None:
+                continue  # a frozen adapter: not ours to train
+            if ga is None or gb is None:
+                missing, present = ("A", "B") if ga is None else ("B", "A")
+                raise LoraPairError(
+                    f"layer {pair.name!r}: lora_{present} is optimised but lora_{missing} is not (frozen or left out); "
+                    "LoRA-Pro needs both factors of every layer"
+                )
+            if ga != gb:
+                raise LoraPairError(f"layer {pair.name!r}: lora_A is in param group {ga} but lora_B in group {gb}; put both in one group")
+            if pair.A.shape[0] != pair.B.shape[1]:
+                raise LoraPairError(f"layer {pair.name!r}: A {tuple(pair.A.shape)} and B {tuple(pair.B.shape)} do not share a rank")
+            group = self.param_groups[ga]
+            if group["mode"] == "full" and group["weight_decay"] > 0 and group["weight_decay_mode"] == "effective":
+                w = self._base_weight(pair)
+                if w is None or not w.is_floating_point():
+                    raise ValueError(
+                        f"layer {pair.name!r}: weight_decay_mode='effective' decays the base weight, which is "
+                        "missing or quantized here; use weight_decay_mode='factors' or weight_decay=0"
+                    )
+            pairs.append(pair)
+        if not pairs:
+            logger.warning("LoraProAdamW: no trainable LoRA pair among the parameters; every parameter gets plain AdamW")
+        self._pairs = pairs
+        self._pair_groups = [where[id(p.A)] for p in pairs]
+
+    @staticmethod
+    def _base_weight(pair: LoraPair) -> Tensor | None:
+        base = getattr(pair.module, "base_layer", None) if pair.module is not None else None
+        return getattr(base, "weight", None)
+
+    @property
+    def lora_pairs(self) -> list[LoraPair]:
+        """The LoRA layers this optimizer adjusts, in module order."""
+        return list(self._pairs)
+
+    # ------------------------------------------------------------------------------ state I/O
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state; moments keep the dtype they were saved in (float32 for bf16 parameters).
+
+        ``torch.optim.Optimizer.load_state_dict`` casts every state tensor to its parameter's dtype,
+        which would round float32 moments of bf16 parameters (and break exact resume).
+        """
+        super().load_state_dict(state_dict)
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(ids, params):
+            saved = state_dict["state"].get(i)
+            if saved is None:
+                continue
+            for key, value in saved.items():
+                if key != "step" and isinstance(value, Tensor):
+                    self.state[p][key] = value.to(device=p.device, dtype=value.dtype, copy=True)
+
+    # ----------------------------------------------------------------------------------- step
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
+        """One optimisation step (LoRA pairs: LoRA-Pro; everything else: AdamW)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for gi, group in enumerate(self.param_groups):
+            pairs = [p for p, g in zip(self._pairs, self._pair_groups) if g == gi]
+            lora_ids = {id(t) for pair in pairs for t in (pair.A, pair.B)}
+            plain = [p for p in group["params"] if p.grad is not None and id(p) not in lora_ids]
+            if plain:
+                self._plain_step(group, plain)
+            active = []
+            for pair in pairs:
+                has_a, has_b = pair.A.grad is not None, pair.B.grad is not None
+                if not (has_a or has_b):
+                    continue
+                if has_a != has_b:
+                    raise RuntimeError(
+                        f"layer {pair.name!r}: lora_{'A' if has_a else 'B'} has a gradient but lora_{'B' if has_a else 'A'} "
+                        "has none; LoRA-Pro needs both (was one factor detached from the graph?)"
+                    )
+                active.append(pair)
+            if not active:
+                continue
+            buckets: dict[tuple, list[LoraPair]] = defaultdict(list)
+            for pair in active:
+                buckets[(tuple(pair.A.shape), tuple(pair.B.shape), pair.A.dtype, pair.A.device)].append(pair)
+            for bucket in buckets.values():
+                if group["mode"] == "efficient":
+                    self._efficient_bucket(group, bucket)
+                else:
+                    self._full_bucket(group, bucket)
+        return loss
+
+    def _next_step(self, p: Tensor) -> int:
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["step"] += 1
+        return int(state["step"].item())
+
+    def _moments(self, p: Tensor, shape: torch.Size, prefix: str = "") -> tuple[Tensor, Tensor]:
+        state = self.state[p]
+        if prefix + "exp_avg" not in state:
+            state[prefix + "exp_avg"] = torch.zeros(shape, dtype=_moment_dtype(p), device=p.device)
+            state[prefix + "exp_avg_sq"] = torch.zeros(shape, dtype=_moment_dtype(p), device=p.device)
+        return state[prefix + "exp_avg"], state[prefix + "exp_avg_sq"]
+
+    def _adam_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
+        return dict(lr=group["lr"], betas=tuple(group["betas"]), eps=group["eps"], weight_decay=group["weight_decay"])
+
+    def _plain_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        by_step: dict[int, list[tuple[Tensor, Tensor]]] = defaultdict(list)
+        for p in params:
+            if p.grad.is_sparse:
+                raise RuntimeError("LoraProAdamW does not support sparse gradients")
+            by_step[self._next_step(p)].append((p, p.grad))
+        for step, items in by_step.items():
+            ps = [p for p, _ in items]
+            ms, vs = zip(*(self._moments(p, p.shape) for p in ps))
+            adamw_update_(ps, [g for _, g in items], list(ms), list(vs), step=step, **self._adam_kwargs(group))
+
+    def _stack(self, bucket: list[LoraPair]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        A = torch.stack([p.A.detach() for p in bucket])
+        B = torch.stack([p.B.detach() for p in bucket])
+        gA = torch.stack([p.A.grad for p in bucket])
+        gB = torch.stack([p.B.grad for p in bucket])
+        s = torch.tensor([p.scaling for p in bucket], dtype=torch.float64)
+        if self.check_finite and not (torch.isfinite(gA).all() and torch.isfinite(gB).all()):
+            bad = [p.name for p in bucket if not (torch.isfinite(p.A.grad).all() and torch.isfinite(p.B.grad).all())]
+            raise FloatingPointError(f"LoraProAdamW: non-finite gradients (NaN/Inf) in LoRA layer(s) {bad}")
+        return A, B, gA, gB, s
+
+    def _check_out(self, bucket: list[LoraPair], *tensors: Tensor) -> None:
+        if self.check_finite and not all(torch.isfinite(t).all() for t in tensors):
+            raise FloatingPointError(
+                f"LoraProAdamW: the LoRA-Pro adjustment produced NaN/Inf for layer(s) {[p.name for p in bucket]}; "
+                "try ridge > 0 or float32 factors"
+            )
+
+    def _efficient_bucket(self, group: dict[str, Any], bucket: list[LoraPair]) -> None:
+        A, B, g_A, g_B, s = self._stack(bucket)
+        gA, gB = lora_pro_gradients(A, B, g_A, g_B, s.to(A.dtype if A.dtype == torch.float64 else torch.float32),
+                                    x_mode=group["x_mode"], ridge=group["ridge"])
+        self._check_out(bucket, gA, gB)
+        params, grads = [], []
+        for i, pair in enumerate(bucket):
+            params += [pair.A, pair.B]
+            grads += [gA[i], gB[i]]
+        by_step: dict[int, list[int]] = defaultdict(list)
+        for j, p in enumerate(params):
+            by_step[self._next_step(p)].append(j)
+        for step, idx in by_step.items():
+            ps = [params[j] for j in idx]
+            ms, vs = zip(*(self._moments(p, p.shape) for p in ps))
+            adamw_update_(ps, [grads[j] for j in idx], list(ms), list(vs), step=step, **self._adam_kwargs(group))
+
+    def _full_bucket(self, group: dict[str, Any], bucket: list[LoraPair]) -> None:
+        A, B, g_A, g_B, s = self._stack(bucket)
+        sd = s.to(A.dtype if A.dtype == torch.float64 else torch.float32)
+        gt = optimal_equivalent_gradient(A, B, g_A, g_B, sd, ridge=group["ridge"])
+        self._check_out(bucket, gt)
+        m, n = B.shape[-2], A.shape[-1]
+        steps = []
+        for pair in bucket:
+            steps.append(self._next_step(pair.B))
+            self._next_step(pair.A)
+        by_step: dict[int, list[int]] = defaultdict(list)
+        for i, st in enumerate(steps):
+            by_step[st].append(i)
+        directions: list[Tensor | None] = [None] * len(bucket)
+        for step, idx in by_step.items():
+            ms, vs = zip(*(self._moments(bucket[i].B, torch.Size((m, n)), prefix="full_") for i in idx))
+            out = adamw_direction([gt[i] for i in idx], list(ms), list(vs), step=step, betas=tuple(group["betas"]), eps=group["eps"])
+            for i, d in zip(idx, out):
+                directions[i] = d
+        N = torch.stack(directions).to(gt.dtype)  # type: ignore[arg-type]
+        # Bring the Adam direction back to the factors: the (gᴬ, gᴮ) whose equivalent gradient is closest
+        # to N (Theorem 2.1 applied to N instead of G; official step_full).
+        dA, dB = lora_pro_gradients(A, B, *lora_gradients(A, B, N, sd), sd, x_mode=group["x_mode"], ridge=group["ridge"])
+        self._check_out(bucket, dA, dB)
+        lr, wd = group["lr"], group["weight_decay"]
+        for i, pair in enumerate(bucket):
+            if wd:
+                if group["weight_decay_mode"] == "effective":
+                    # decays W0 + s·B·A as a whole (official full mode): √ on each factor, full on W0
+                    f = math.sqrt(1 - lr * wd)
+                    pair.A.mul_(f)
+                    pair.B.mul_(f)
+                    w = self._base_weight(pair)
+                    assert w is not None  # checked at construction
+                    w.mul_(1 - lr * wd)
+                else:
+                    pair.A.mul_(1 - lr * wd)
+                    pair.B.mul_(1 - lr * wd)
+            pair.A.add_(dA[i].to(pair.A.dtype), alpha=-lr)
+            pair.B.add_(dB[i].to(pair.B.dtype), alpha=-lr)
