@@ -209,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         "gradients exist, where PEFT's step keeps `weight.grad` of every target (in the parameter dtype) "
         "and the plain path returns all of them in fp32. On a GPU, offload also bounds device memory to "
         "about one block plus the glue (embeddings, head) and the boundary activations. Offload re-runs "
-        "each block's forward once (like activation checkpointing), hence its extra time.",
+        "each block's forward once (like activation checkpointing), hence its extra time. A consumer alone "
+        "(`plain+consumer`) saves nothing on the plain path: every gradient is final only after the last "
+        "batch, so all fp32 sums exist until then; Δ also holds autograd's saved activations of one batch.",
         "",
     ]
     text = "\n".join(lines)
