@@ -1,0 +1,3 @@
+from loralab.runners.c4.cli import main
+
+main()
