@@ -55,12 +55,15 @@ def layer_generator(seed: int, layer_name: str) -> torch.Generator:
 
 
 def _factor_dtype(base: nn.Module) -> torch.dtype:
-    """The dtype A and B are stored in: the base weight's float dtype (4-bit: the dtype it dequantizes to)."""
+    """The dtype A and B are stored in: the base weight's float dtype (4-bit: its compute dtype)."""
     kind = layer_kind(base)
     if kind in ("linear4bit", "linear8bit"):
-        from loralab.core.quant import quant_config_of
+        # the dtype the layer computes in (its activations), else the dtype it was quantized from
+        dtype = getattr(base, "compute_dtype", None)
+        if dtype is None:
+            from loralab.core.quant import quant_config_of
 
-        dtype = quant_config_of(base).dtype
+            dtype = quant_config_of(base).dtype
         return dtype if dtype is not None and dtype.is_floating_point else torch.float32
     dtype = base.weight.dtype
     return dtype if dtype.is_floating_point else torch.float32

@@ -157,8 +157,9 @@ def initialize_lora_sb_weights(
         loss_fn: ``loss_fn(model, batch) -> loss``; default ``model(**batch).loss``.
         num_batches: use at most this many batches.
         estimation_model: a float model of the same architecture to estimate the gradients on (same
-            module names as the un-wrapped model). Required in spirit for quantized bases; when omitted
-            and a target is quantized, a dequantized float copy is made (``loralab.core.quant``).
+            module names as the un-wrapped model), e.g. the float checkpoint of a 4-bit model. When
+            omitted and targets are quantized, the estimate runs on a copy of the model whose
+            bitsandbytes layers are float layers holding the dequantized weights.
         offload: block-wise gradient estimation (``estimate_gradients(offload=True)``).
         progress: tqdm bar on the main process.
 
@@ -177,22 +178,17 @@ def initialize_lora_sb_weights(
     def consumer(name: str, grad: Tensor) -> None:
         consume(name, update_approximation(grad, lr, cfg.update_approximation))  # type: ignore[misc]
 
-    quantized = [n for n, m in layers.items() if layer_kind(m.get_base_layer()) in ("linear4bit", "linear8bit")]
-    est_model: nn.Module
-    if estimation_model is None and quantized:
-        from loralab.core.quant import dequantized_copy
-
-        logger.info("LoRA-SB: %d quantized targets; estimating gradients on a dequantized float copy", len(quantized))
-        est_model = dequantized_copy(_inner_model(model))
-        _set_adapters_enabled(est_model, False)
-        targets = _targets_in(est_model, layers)
-        estimate_gradients(est_model, batches, targets, num_batches=num_batches, loss_fn=loss_fn, consumer=consumer,
-                           offload=offload, progress=progress)
-        del est_model
-    elif estimation_model is not None:
+    quantized = {n: m for n, m in layers.items() if layer_kind(m.get_base_layer()) in ("linear4bit", "linear8bit")}
+    if estimation_model is not None:
         targets = _targets_in(estimation_model, layers)
         estimate_gradients(estimation_model, batches, targets, num_batches=num_batches, loss_fn=loss_fn,
                            consumer=consumer, offload=offload, progress=progress)
+    elif quantized:
+        logger.info("LoRA-SB: %d quantized targets; estimating on a copy with dequantized float weights", len(quantized))
+        twin = _dequantized_twin(_inner_model(model))
+        estimate_gradients(twin, batches, _targets_in(twin, layers), num_batches=num_batches, loss_fn=loss_fn,
+                           consumer=consumer, offload=offload, progress=progress)
+        del twin
     else:
         targets = {n: TargetLayer(n, m.get_base_layer(), layer_kind(m.get_base_layer())) for n, m in layers.items()}
         with model.disable_adapter():
@@ -205,12 +201,54 @@ def initialize_lora_sb_weights(
     return model
 
 
-def _set_adapters_enabled(model: nn.Module, enabled: bool) -> None:
+def _effective_weight(module: nn.Module, dtype: torch.dtype) -> Tensor:
+    """The (out, in) weight a bitsandbytes layer actually applies, read off its forward on the identity.
+
+    Private workaround (reported to core): on the CPU, bitsandbytes 0.50 repacks a ``Params4bit`` into
+    its CPU kernel layout at the first forward, after which ``bnb.functional.dequantize_4bit`` (and so
+    ``loralab.core.quant.dequantize_weight``) returns wrong values. Applying the layer to ``I`` gives
+    ``W`` in whatever layout, with the layer's own kernel. The forward runs with autograd enabled on
+    purpose: an inference forward (nothing requiring grad) is what triggers that repacking, after which backward through
+    the layer yields no input gradient on the CPU (bitsandbytes 0.50; plain PEFT LoRA is affected too).
+    """
+    n = module.in_features
+    device = next(module.parameters()).device
+    # an input that requires grad keeps bitsandbytes on its autograd path (no repacking)
+    eye = torch.eye(n, dtype=dtype, device=device).requires_grad_(True)
+    with torch.enable_grad():
+        out = module(eye).detach()
+    if getattr(module, "bias", None) is not None:
+        out = out - module.bias.detach().to(out.dtype)
+    return out.T.to(dtype).contiguous()
+
+
+def _dequantized_twin(inner: nn.Module) -> nn.Module:
+    """A copy of ``inner`` with every bitsandbytes layer replaced by a float ``nn.Linear`` (its dequantized
+    weight, in the dtype it was quantized from) and every adapter disabled: its gradients are those at
+    the quantized model's own point. Only the non-quantized parts (embeddings, norms, head) are copied.
+    """
+    import copy
+
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    for m in model.modules():
-        if isinstance(m, BaseTunerLayer):
-            m.enable_adapters(enabled)
+    from loralab.lora_sb.layer import _factor_dtype
+
+    memo: dict[int, Any] = {}
+    for mod in inner.modules():
+        # PEFT's LoRA wrapper classes are also named Linear4bit: skip them, take the bitsandbytes layers.
+        if isinstance(mod, BaseTunerLayer) or layer_kind(mod) not in ("linear4bit", "linear8bit"):
+            continue
+        dtype = _factor_dtype(mod)
+        lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device="meta")
+        lin.weight = nn.Parameter(_effective_weight(mod, dtype), requires_grad=False)
+        if mod.bias is not None:
+            lin.bias = nn.Parameter(mod.bias.detach().to(dtype).clone(), requires_grad=False)
+        memo[id(mod)] = lin
+    twin = copy.deepcopy(inner, memo)
+    for mod in twin.modules():
+        if isinstance(mod, BaseTunerLayer):
+            mod.enable_adapters(False)
+    return twin
 
 
 def _targets_in(model: nn.Module, layers: Mapping[str, nn.Module]) -> dict[str, TargetLayer]:
