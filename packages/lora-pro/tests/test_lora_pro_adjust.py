@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from loralab.lora_pro import equivalent_gradient, lora_gradients, lora_pro_gradients, optimal_equivalent_gradient, solve_x
+from loralab.lora_pro import (
+    equivalent_gradient,
+    lora_gradients,
+    lora_pro_gradients,
+    optimal_equivalent_gradient,
+    solve_x,
+)
 
 M, N, R = 12, 10, 3
 S = 2.0

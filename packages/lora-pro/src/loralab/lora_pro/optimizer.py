@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from loralab.core.adamw import adamw_direction, adamw_update_, check_adamw_hparams
+from loralab.core.linalg import accumulation_dtype
 from loralab.core.lora_layers import LoraPair, LoraPairError, find_lora_pairs
 from loralab.lora_pro.adjust import (
     X_MODES,
@@ -330,8 +331,8 @@ class LoraProAdamW(torch.optim.Optimizer):
 
     def _efficient_bucket(self, group: dict[str, Any], bucket: list[LoraPair]) -> None:
         A, B, g_A, g_B, s = self._stack(bucket)
-        gA, gB = lora_pro_gradients(A, B, g_A, g_B, s.to(A.dtype if A.dtype == torch.float64 else torch.float32),
-                                    x_mode=group["x_mode"], ridge=group["ridge"])
+        sd = s.to(accumulation_dtype(A.dtype))
+        gA, gB = lora_pro_gradients(A, B, g_A, g_B, sd, x_mode=group["x_mode"], ridge=group["ridge"])
         self._check_out(bucket, gA, gB)
         params, grads = [], []
         for i, pair in enumerate(bucket):
@@ -347,7 +348,8 @@ class LoraProAdamW(torch.optim.Optimizer):
 
     def _full_bucket(self, group: dict[str, Any], bucket: list[LoraPair]) -> None:
         A, B, g_A, g_B, s = self._stack(bucket)
-        sd = s.to(A.dtype if A.dtype == torch.float64 else torch.float32)
+        dt = accumulation_dtype(A.dtype)
+        A, B, sd = A.to(dt), B.to(dt), s.to(dt)
         gt = optimal_equivalent_gradient(A, B, g_A, g_B, sd, ridge=group["ridge"])
         self._check_out(bucket, gt)
         m, n = B.shape[-2], A.shape[-1]
