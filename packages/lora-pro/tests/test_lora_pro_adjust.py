@@ -26,7 +26,7 @@ def _factors(seed, m=M, n=N, r=R, zero_b=False):
 
 def _lstsq_residual(A, B, G, s):
     """min over (gA, gB) of ‖s(B gA + gB A) − G‖ by a generic least-squares solve on vec()."""
-    m, r = B.shape
+    m = B.shape[0]
     n = A.shape[1]
     # vec (row-major): B gA -> kron(B, I_n) vec(gA); gB A -> kron(I_m, Aᵀ) vec(gB)
     K = s * torch.cat([torch.kron(B, torch.eye(n, dtype=B.dtype)), torch.kron(torch.eye(m, dtype=B.dtype), A.T.contiguous())], dim=1)

@@ -242,10 +242,10 @@ def test_constructor_errors(lp):
     with pytest.raises(ValueError, match="scaling"):
         LoraProAdamW(model, scaling=0.0)
     pairs = find_lora_pairs(model)
-    with pytest.raises(LoraPairError, match="same group|one group"):
+    with pytest.raises(LoraPairError, match="one group"):
         LoraProAdamW([{"params": [pairs[0].A]}, {"params": [pairs[0].B]}], pairs=pairs[:1])
     pairs[0].A.requires_grad_(False)
-    with pytest.raises(LoraPairError, match="lora_A is not|LoRA-Pro needs both"):
+    with pytest.raises(LoraPairError, match="LoRA-Pro needs both"):
         LoraProAdamW(model)
     with pytest.raises(LoraPairError, match="no PEFT LoRA layers"):
         LoraProAdamW(lp.Toy())
