@@ -1,0 +1,44 @@
+"""One method registry for every loralab runner: ``--method full | lora | lora-ga | lora-fa | lora-sb |
+lora-pro | galore | golore``.
+
+``get_method(name).setup(model, args, train_batches)`` returns ``MethodSetup(model, optimizer,
+scheduler, callbacks)``. Methods whose package is not installed raise ``ImportError`` with the
+``pip install`` line only when used.
+
+Example:
+    >>> from loralab.runners.methods import get_method, method_args
+    >>> from loralab.core.testing import tiny_llama
+    >>> setup = get_method("lora").setup(tiny_llama(), method_args("lora", lora_r=4))
+    >>> setup.model.peft_config["default"].r
+    4
+"""
+
+from loralab.runners.methods.base import (
+    COMMON_DEFAULTS,
+    OPTIONS,
+    Callback,
+    Method,
+    MethodError,
+    MethodSetup,
+    Option,
+    resolve_method_options,
+)
+from loralab.runners.methods.cli import add_method_arguments
+from loralab.runners.methods.registry import METHODS, MethodArgs, get_method, method_args, methods
+
+__all__ = [
+    "COMMON_DEFAULTS",
+    "METHODS",
+    "OPTIONS",
+    "Callback",
+    "Method",
+    "MethodArgs",
+    "MethodError",
+    "MethodSetup",
+    "Option",
+    "add_method_arguments",
+    "get_method",
+    "method_args",
+    "methods",
+    "resolve_method_options",
+]

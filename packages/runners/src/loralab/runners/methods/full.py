@@ -1,0 +1,25 @@
+"""``--method full``: full fine-tuning with AdamW over every parameter."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from torch import nn
+
+from loralab.runners.methods.base import Method
+
+__all__ = ["METHOD", "FullFineTuning"]
+
+
+class FullFineTuning(Method):
+    name = "full"
+    description = "full fine-tuning (AdamW on every weight)"
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def wrap(self, model: nn.Module, args: Any, train_batches: Any, *, resume: bool) -> nn.Module:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+
+
+METHOD = FullFineTuning()

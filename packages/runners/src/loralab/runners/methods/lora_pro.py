@@ -1,0 +1,47 @@
+"""``--method lora-pro``: LoRA-Pro (Wang et al., 2024, arXiv 2407.18242) from ``loralab-lora-pro``.
+
+PEFT LoRA adapters trained by ``LoraProAdamW``, which replaces A's and B's gradients by the
+"equivalent gradients" closest to full fine-tuning's (X from a Sylvester equation by default).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from torch import nn
+from torch.optim import Optimizer
+
+from loralab.runners.methods.base import LORA_DEFAULTS, Method, lora_kwargs
+
+__all__ = ["METHOD", "LoraPro"]
+
+
+class LoraPro(Method):
+    name = "lora-pro"
+    module = "loralab.lora_pro"
+    pip_name = "loralab-lora-pro"
+    requires = ("create_lora_pro_optimizer",)
+    description = "LoRA-Pro: LoRA with equivalent gradients (AdamW on the adjusted A, B gradients)"
+    zero_partitioning = False  # needs each (A, B) pair as matrices; ZeRO flattens them (LoRA-Pro issue #9)
+    defaults: ClassVar[dict[str, Any]] = {**LORA_DEFAULTS, "pro_mode": "efficient", "pro_x_mode": "sylvester"}
+
+    def wrap(self, model: nn.Module, args: Any, train_batches: Any, *, resume: bool) -> nn.Module:
+        self.import_package()
+        from peft import LoraConfig, get_peft_model
+
+        return get_peft_model(model, LoraConfig(**lora_kwargs(args)))
+
+    def build_optimizer(self, model: nn.Module, args: Any) -> Optimizer:
+        pkg = self.import_package()
+        return pkg.create_lora_pro_optimizer(
+            model,
+            args.learning_rate,
+            betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_epsilon,
+            weight_decay=args.weight_decay,
+            mode=args.pro_mode,
+            x_mode=args.pro_x_mode,
+        )
+
+
+METHOD = LoraPro()

@@ -1,0 +1,140 @@
+"""The method registry: every method sets up and trains a step; options are validated by name."""
+
+import argparse
+
+import pytest
+import torch
+
+from loralab.core.testing import (
+    make_classification_batches,
+    make_lm_batches,
+    tiny_llama,
+    tiny_roberta,
+)
+from loralab.runners.methods import (
+    METHODS,
+    MethodError,
+    add_method_arguments,
+    get_method,
+    method_args,
+)
+
+RANK = 4
+STEPS = 3
+SMALL = {"galore_rank": RANK}
+LORA_SMALL = {"lora_r": RANK}
+
+
+def installed(method: str) -> bool:
+    """Whether the method's package has landed with its contract API (until then its tests stay out)."""
+    try:
+        get_method(method).check_available()
+    except ImportError:
+        return False
+    return True
+
+
+def small_options(method: str) -> dict:
+    d = get_method(method).defaults
+    out = {k: v for k, v in {**SMALL, **LORA_SMALL}.items() if k in d}
+    if "ga_iters" in d:
+        out["ga_iters"] = 2
+    if "sb_num_batches" in d:
+        out["sb_num_batches"] = 2
+    if "update_proj_gap" in d:
+        out["update_proj_gap"] = 2
+    return out
+
+
+AVAILABLE = [m for m in METHODS if installed(m)]
+
+
+def test_registry_lists_the_issue_methods():
+    assert METHODS == ("full", "lora", "lora-ga", "lora-fa", "lora-sb", "lora-pro", "galore", "golore")
+    for name in METHODS:
+        assert get_method(name).name == name
+
+
+@pytest.mark.parametrize("method", AVAILABLE)
+def test_method_trains_causal_lm(method):
+    torch.manual_seed(0)
+    args = method_args(method, learning_rate=1e-2, max_steps=STEPS, progress=False, **small_options(method))
+    setup = get_method(method).setup(tiny_llama(), args, make_lm_batches(2))
+    model, opt = setup.model, setup.optimizer
+    model.train()
+    batch = make_lm_batches(1, seed=1)[0]
+    losses = []
+    for _ in range(STEPS):
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        setup.scheduler.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0], f"{method}: loss did not decrease {losses}"
+
+
+@pytest.mark.parametrize("method", [m for m in AVAILABLE if m not in ("full", "galore", "golore")])
+def test_lora_methods_keep_classifier_trainable(method):
+    args = method_args(method, task_type="SEQ_CLS", max_steps=STEPS, progress=False, **small_options(method))
+    setup = get_method(method).setup(tiny_roberta(), args, make_classification_batches(2))
+    trainable = [n for n, p in setup.model.named_parameters() if p.requires_grad]
+    assert any("classifier" in n for n in trainable), trainable
+    assert not any(n.endswith("query.base_layer.weight") for n in trainable)
+
+
+def test_unknown_method_names_the_argument():
+    with pytest.raises(MethodError, match="--method must be one of"):
+        get_method("dora")
+
+
+@pytest.mark.parametrize(
+    ("method", "option", "value", "applies_to"),
+    [("lora", "rand_ratio", 0.5, "golore"), ("full", "lora_r", 8, "lora"), ("galore", "ga_iters", 4, "lora-ga")],
+)
+def test_option_of_another_method_fails_fast(method, option, value, applies_to):
+    with pytest.raises(MethodError, match=rf"--{option} does not apply to --method {method} \(it applies to: .*{applies_to}"):
+        method_args(method, **{option: value})
+
+
+def test_bad_option_values_name_the_argument():
+    with pytest.raises(MethodError, match="--rand_ratio must be in"):
+        method_args("golore", rand_ratio=1.5)
+    with pytest.raises(MethodError, match="--lora_r must be >= 1"):
+        method_args("lora", lora_r=0)
+    with pytest.raises(MethodError, match="unknown method argument"):
+        method_args("lora", lora_rank=4)
+    with pytest.raises(MethodError, match="max_steps"):
+        method_args("lora", max_steps=0)
+
+
+def test_command_line_flags_and_defaults():
+    parser = add_method_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--method", "golore", "--galore_rank", "16", "--rand_ratio", "0.8", "--target_modules", "q_proj,v_proj"])
+    for k, v in dict(max_steps=10, learning_rate=1e-3).items():
+        setattr(args, k, v)
+    from loralab.runners.methods import resolve_method_options
+
+    resolve_method_options(get_method("golore"), args)
+    assert (args.galore_rank, args.rand_ratio, args.update_proj_gap) == (16, 0.8, 200)
+    assert args.target_modules == ["q_proj", "v_proj"]
+    bad = parser.parse_args(["--method", "lora", "--update_proj_gap", "5"])
+    with pytest.raises(MethodError, match="--update_proj_gap does not apply to --method lora"):
+        resolve_method_options(get_method("lora"), bad)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--method", "lora-ga", "--ga_direction", "sideways"])
+
+
+def test_gradient_methods_need_batches():
+    if not installed("lora-sb"):
+        pytest.skip("loralab-lora-sb not installed")
+    with pytest.raises(MethodError, match="train_batches are required"):
+        get_method("lora-sb").setup(tiny_llama(), method_args("lora-sb", lora_r=RANK))
+
+
+def test_missing_package_gives_pip_hint(monkeypatch):
+    method = get_method("lora-pro")
+    monkeypatch.setattr(type(method), "module", "loralab.not_a_package_xyz")
+    with pytest.raises(ImportError, match=r"pip install loralab-lora-pro"):
+        method.check_available()
