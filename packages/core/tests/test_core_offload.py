@@ -237,3 +237,13 @@ def test_train_mode_replays_dropout_masks():
     _assert_same(plain, off)
     evaluated = estimate_gradients(model, data, ["q_proj", "o_proj"], progress=False)
     assert any(not torch.allclose(plain[n], evaluated[n]) for n in plain)  # dropout was really on
+
+
+def test_peft_model_base_weights():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    data = make_lm_batches(2)
+    plain = estimate_gradients(model, data, ["q_proj", "o_proj"], progress=False)
+    off = estimate_gradients(model, data, ["q_proj", "o_proj"], offload=True, device="cpu", progress=False)
+    assert next(iter(off)) == "base_model.model.model.layers.0.self_attn.q_proj"
+    _assert_same(plain, off)

@@ -360,11 +360,19 @@ def load_float_model_for_estimation(
         from transformers import AutoModelForCausalLM
 
         model_class = AutoModelForCausalLM
-    kwargs = {"dtype": torch_dtype, "device_map": "cpu", **from_pretrained_kwargs}
+    kwargs = {_dtype_kwarg(): torch_dtype, "device_map": "cpu", **from_pretrained_kwargs}
     kwargs.pop("quantization_config", None)
     logger.info("loading float copy of %s in %s for gradient estimation", path, torch_dtype)
     model = model_class.from_pretrained(path, **kwargs)
     return model.eval()
+
+
+def _dtype_kwarg() -> str:
+    # transformers renamed from_pretrained's torch_dtype to dtype in 4.56
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
 
 
 def _check_bnb_config(cfg: Any) -> None:
