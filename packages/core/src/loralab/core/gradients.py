@@ -195,6 +195,7 @@ def estimate_gradients(
         >>> norms = {}
         >>> estimate_gradients(tiny_gpt2(), make_lm_batches(2), ["c_attn"],
         ...                    consumer=lambda n, g: norms.__setitem__(n, g.norm().item()), progress=False)
+        {}
         >>> sorted(norms)
         ['transformer.h.0.attn.c_attn', 'transformer.h.1.attn.c_attn']
     """

@@ -1,0 +1,19 @@
+"""Every example in loralab.core's docstrings runs and prints what it says."""
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = ["__init__", "adamw", "demo", "distributed", "gradients", "linalg", "lora_layers", "offload", "quant", "targets", "testing"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    if name in ("quant",):
+        pytest.importorskip("bitsandbytes")
+    if name == "lora_layers":
+        pytest.importorskip("peft")
+    module = importlib.import_module("loralab.core" if name == "__init__" else f"loralab.core.{name}")
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False)
+    assert result.failed == 0, f"{result.failed} of {result.attempted} examples failed in loralab.core.{name}"
