@@ -1,0 +1,52 @@
+"""The ``loralab`` console script: one subcommand per entrypoint.
+
+``loralab compare`` (the main job), ``loralab glue``, ``loralab metamath``, ``loralab winogrande``,
+``loralab c4``. Each subcommand is the ``main(argv)`` of its module, imported lazily so a broken or
+missing optional dependency of one entrypoint never breaks the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+__all__ = ["SUBCOMMANDS", "main"]
+
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    # name: (module whose main(argv) runs it, one-line help)
+    "compare": ("loralab.runners.compare", "fine-tune one model with every method side by side (plots, table, JSONL)"),
+    "glue": ("loralab.runners.glue", "GLUE classification (RoBERTa/BERT/T5) with any method"),
+    "metamath": ("loralab.runners.metamath", "MetaMathQA fine-tuning of a causal LM, then GSM8K evaluation"),
+    "winogrande": ("loralab.runners.winogrande", "WinoGrande training and two-option scoring"),
+    "c4": ("loralab.runners.c4.cli", "C4 pre-training of LLaMA (AdamW / GaLore / GoLore / ReLoRA)"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: loralab <command> [options]   (loralab <command> --help for its options)", "", "commands:"]
+    lines += [f"  {name:<11} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch ``loralab <command> ...`` to the entrypoint's ``main``.
+
+    Example:
+        >>> main(["--help"])  # doctest: +SKIP
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help"}:
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"loralab: unknown command {name!r}; choose one of {', '.join(SUBCOMMANDS)}\n", file=sys.stderr)
+        print(_usage(), file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    result = module.main(rest)
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

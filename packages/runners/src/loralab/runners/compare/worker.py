@@ -1,0 +1,269 @@
+"""One method of ``loralab compare``, run in its own process so its peak memory is its own.
+
+``python -m loralab.runners.compare.worker SPEC.json`` reads a :class:`RunSpec`, fine-tunes, and writes
+JSON lines to ``spec.metrics_file``: one ``{"kind": "step", ...}`` per optimizer step (training loss,
+learning rate, wall time since the method's setup began), ``{"kind": "eval", ...}`` every
+``eval_every`` steps, and a final ``{"kind": "summary", ...}`` (parameters, optimizer-state bytes,
+peak memory, init time, time per step, final metrics, or the error that stopped the run).
+
+Timing: ``time`` on each record counts the method's setup (gradient estimation for LoRA-GA / LoRA-SB)
+and its training steps, never evaluation, so loss-vs-wall-time curves compare what a user pays.
+Memory: the process's peak resident set size (``ru_maxrss``), and the peak above the resident size
+measured just after the model and data were loaded (sampled every 5 ms), which isolates what the
+method itself adds; on CUDA, ``torch.cuda.max_memory_allocated``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import resource
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["RunSpec", "optimizer_state_bytes", "run_method"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunSpec:
+    """Everything one method's run needs; written as JSON by the parent process."""
+
+    method: str
+    model_path: str
+    metrics_file: str
+    task: str = "embedded"
+    hparams: dict[str, Any] = field(default_factory=dict)
+    steps: int = 150
+    batch_size: int = 16
+    max_length: int = 64
+    eval_every: int = 25
+    seed: int = 42
+    device: str = "cpu"
+    train_file: str | None = None
+    validation_file: str | None = None
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    progress: bool = True
+    threads: int | None = None
+
+
+class _PeakRSS:
+    """Samples the process's resident set size in a thread; ``peak`` is the maximum seen."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        import psutil
+
+        self._proc = psutil.Process()
+        self.interval = interval
+        self.peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            time.sleep(self.interval)
+
+    def reset(self) -> int:
+        self.peak = self._proc.memory_info().rss
+        return self.peak
+
+    def __enter__(self) -> _PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+def _tensor_bytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held in ``optimizer.state`` (moments, projectors, step counters), excluding the parameters.
+
+    Example:
+        >>> p = torch.nn.Parameter(torch.zeros(10, 10))
+        >>> opt = torch.optim.AdamW([p])
+        >>> p.grad = torch.ones_like(p); opt.step()
+        >>> optimizer_state_bytes(opt)  # exp_avg + exp_avg_sq (400 B each) + a float32 step
+        804
+    """
+    return sum(_tensor_bytes(s) for s in optimizer.state.values())
+
+
+def _write(f: Any, record: dict[str, Any]) -> None:
+    f.write(json.dumps(record) + "\n")
+    f.flush()
+
+
+def run_method(spec: RunSpec) -> dict[str, Any]:
+    """Fine-tune ``spec.method`` and write its metrics; returns the summary record."""
+    from tqdm.auto import tqdm
+
+    from loralab.runners.compare.recipes import recipe_for
+    from loralab.runners.compare.task import load_data, load_model
+    from loralab.runners.methods import get_method, method_args
+
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    device = torch.device(spec.device)
+    Path(spec.metrics_file).parent.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {"kind": "summary", "method": spec.method, "status": "ok"}
+    with open(spec.metrics_file, "w", encoding="utf-8") as f, _PeakRSS() as rss:
+        method = get_method(spec.method)
+        method.check_available()
+        import peft  # noqa: F401  (imported before the clock starts: import time is not init time)
+        model, tokenizer, heads = load_model(spec.model_path, num_labels=1 if spec.task == "stsb" else (3 if spec.task == "mnli" else 2), seed=spec.seed)
+        data = load_data(
+            spec.task,
+            tokenizer,
+            max_length=spec.max_length,
+            train_file=spec.train_file,
+            validation_file=spec.validation_file,
+            max_train_samples=spec.max_train_samples,
+            max_eval_samples=spec.max_eval_samples,
+        )
+        batches = data.train_batches(spec.steps, spec.batch_size, spec.seed)
+        model.to(device)
+        total_params = sum(p.numel() for p in model.parameters())
+        hp = recipe_for(spec.method, spec.hparams)
+        args = method_args(
+            spec.method,
+            **hp,
+            max_steps=spec.steps,
+            seed=spec.seed,
+            task_type="SEQ_CLS",
+            modules_to_save=heads or None,
+            progress=False,
+        )
+        summary["hparams"] = {k: v for k, v in vars(args).items() if v is not None and k != "progress"}
+        baseline = rss.reset()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+        def to_device(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {k: v.to(device) for k, v in b.items()}
+
+        torch.manual_seed(spec.seed)
+        clock = 0.0
+        start = time.perf_counter()
+        setup = method.setup(model, args, train_batches=[to_device(b) for b in batches])
+        init_time = time.perf_counter() - start
+        clock += init_time
+        model, optimizer, scheduler = setup.model, setup.optimizer, setup.scheduler
+        for cb in setup.callbacks:
+            cb.on_train_begin(model, optimizer)
+        summary["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        summary["total_params"] = total_params
+        summary["init_time_s"] = init_time
+
+        def evaluate(step: int) -> dict[str, float]:
+            metrics = data.evaluate(model, device=device)
+            _write(f, {"kind": "eval", "method": spec.method, "step": step, "time": clock, **metrics})
+            return metrics
+
+        metrics = evaluate(0)
+        step_times: list[float] = []
+        model.train()
+        bar = tqdm(total=spec.steps, desc=f"{spec.method:>8}", disable=not spec.progress, leave=True, dynamic_ncols=True)
+        for step, batch in enumerate(batches, start=1):
+            t0 = time.perf_counter()
+            loss = model(**to_device(batch)).loss
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                summary["status"] = f"diverged: non-finite loss {value} at step {step}"
+                break
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            for cb in setup.callbacks:
+                cb.on_step_end(step, model, optimizer)
+            dt = time.perf_counter() - t0
+            step_times.append(dt)
+            clock += dt
+            lr = optimizer.param_groups[0]["lr"]
+            _write(f, {"kind": "step", "method": spec.method, "step": step, "loss": value, "lr": lr, "time": clock})
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.4f}")
+            if step == spec.steps or (spec.eval_every and step % spec.eval_every == 0):
+                metrics = evaluate(step)
+        bar.close()
+        summary["optimizer_state_bytes"] = optimizer_state_bytes(optimizer)
+        summary["steps"] = len(step_times)
+        summary["time_per_step_s"] = float(sorted(step_times)[len(step_times) // 2]) if step_times else math.nan
+        summary["train_time_s"] = clock
+        summary["final"] = metrics
+    summary["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    summary["peak_rss_above_loaded_bytes"] = max(0, rss.peak - baseline)
+    if device.type == "cuda":
+        summary["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+    with open(spec.metrics_file, "a", encoding="utf-8") as f:
+        _write(f, summary)
+    return summary
+
+
+def _quiet_libraries() -> None:
+    """Keep the per-method progress bar readable: no load reports or per-split progress bars."""
+    import warnings
+
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m loralab.runners.compare.worker SPEC.json", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_libraries()
+    spec = RunSpec(**json.loads(Path(argv[0]).read_text()))
+    try:
+        summary = run_method(spec)
+    except Exception as exc:  # reported as the method's row in the table, the other methods still run
+        traceback.print_exc()
+        message = " ".join(str(exc).split())
+        with open(spec.metrics_file, "a", encoding="utf-8") as f:
+            _write(f, {"kind": "summary", "method": spec.method, "status": f"failed: {type(exc).__name__}: {message}"})
+        return 1
+    return 0 if summary["status"] == "ok" else 3
+
+
+def write_spec(spec: RunSpec, path: str | Path) -> Path:
+    path = Path(path)
+    path.write_text(json.dumps(dataclasses.asdict(spec), indent=1))
+    return path
+
+
+if __name__ == "__main__":
+    sys.exit(main())

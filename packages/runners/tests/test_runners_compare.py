@@ -1,0 +1,149 @@
+"""``loralab compare``: a real run on a tiny model with two methods, its outputs, and its errors."""
+
+from __future__ import annotations
+
+import doctest
+import json
+import struct
+
+import pytest
+
+from loralab.runners.cli import main as loralab_main
+from loralab.runners.compare import CompareConfig, recipes, report, run_compare, worker
+from loralab.runners.compare.make_task import build
+from loralab.runners.compare.task import EMBEDDED_DIR
+
+
+def _png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+QUICK = ["--model", "tiny", "--steps", "6", "--batch_size", "4", "--eval_every", "3", "--max_length", "24",
+         "--max_train_samples", "64", "--max_eval_samples", "32", "--threads", "1", "--no_progress"]
+
+
+@pytest.fixture(scope="module")
+def two_method_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    code = loralab_main(["compare", "--methods", "lora", "lora-pro", "--output_dir", str(out), *QUICK,
+                         "--set", "lora-pro.pro_x_mode=zero"])
+    return code, out
+
+
+def test_compare_two_methods_writes_plots_table_and_metrics(two_method_run):
+    code, out = two_method_run
+    assert code == 0
+    for name in ("loss_vs_step.png", "loss_vs_time.png"):
+        w, h = _png_size(out / name)
+        assert w > 300 and h > 200
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for method in ("lora", "lora-pro"):
+        steps = [r for r in records if r["kind"] == "step" and r["method"] == method]
+        assert [r["step"] for r in steps] == list(range(1, 7))
+        assert all(r["loss"] > 0 for r in steps)
+        times = [r["time"] for r in steps]
+        assert times == sorted(times)
+        evals = [r["step"] for r in records if r["kind"] == "eval" and r["method"] == method]
+        assert evals == [0, 3, 6]
+        (summary,) = [r for r in records if r["kind"] == "summary" and r["method"] == method]
+        assert summary["status"] == "ok"
+        assert 0 < summary["trainable_params"] < summary["total_params"]
+        assert summary["optimizer_state_bytes"] > 0
+        assert summary["peak_rss_bytes"] > summary["peak_rss_above_loaded_bytes"] >= 0
+        assert 0.0 <= summary["final"]["accuracy"] <= 1.0
+    pro = next(r for r in records if r["kind"] == "summary" and r["method"] == "lora-pro")
+    assert pro["hparams"]["pro_x_mode"] == "zero"  # the --set override reached the method
+    # both LoRA methods train the same number of parameters (rank 8 adapters + classifier head)
+    lora = next(r for r in records if r["kind"] == "summary" and r["method"] == "lora")
+    assert lora["trainable_params"] == pro["trainable_params"]
+    # same batches, same head init, B = 0 at step 0: the step-0 evaluation is identical for both
+    ev0 = {r["method"]: r for r in records if r["kind"] == "eval" and r["step"] == 0}
+    assert ev0["lora"]["eval_loss"] == pytest.approx(ev0["lora-pro"]["eval_loss"], abs=1e-6)
+    # and so is the first step's loss (same first batch, same weights)
+    first = {r["method"]: r["loss"] for r in records if r["kind"] == "step" and r["step"] == 1}
+    assert first["lora"] == pytest.approx(first["lora-pro"], abs=1e-6)
+    table = (out / "results.md").read_text()
+    assert "| lora |" in table and "| lora-pro |" in table
+    assert "loralab compare --methods lora lora-pro" in table
+    assert (out / "runs" / "lora.log").exists()
+
+
+def test_compare_reports_a_failing_method_and_keeps_going(tmp_path):
+    # --rand_ratio does not apply to LoRA: the registry rejects it naming the flag; full still runs
+    code = loralab_main(["compare", "--methods", "lora", "full", "--output_dir", str(tmp_path), *QUICK,
+                         "--set", "lora.rand_ratio=0.5"])
+    assert code == 1
+    table = (tmp_path / "results.md").read_text()
+    assert "--rand_ratio does not apply to --method lora" in table
+    full_row = next(line for line in table.splitlines() if line.startswith("| full |"))
+    assert "failed" not in full_row
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--methods", "lora", "lora"], "lists a method twice"),
+        (["--steps", "0"], "--steps must be >= 1"),
+        (["--task", "imdb"], "--task must be one of"),
+        (["--set", "lora.learning_rate"], "expected KEY=VALUE"),
+        (["--set", "qlora.lora_r=4"], "unknown method 'qlora'"),
+    ],
+)
+def test_compare_bad_arguments_fail_fast(argv, message, capsys, tmp_path):
+    assert loralab_main(["compare", "--output_dir", str(tmp_path), *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_config_validate_names_unknown_method():
+    with pytest.raises(ValueError, match="unknown dora"):
+        CompareConfig(methods=["lora", "dora"]).validate()
+
+
+def test_recipes_cover_every_method_and_overrides_scope():
+    from loralab.runners.methods import METHODS
+
+    assert set(recipes.RECIPES) == set(METHODS) == set(recipes.METHOD_ORDER)
+    over = recipes.parse_overrides(["learning_rate=1e-3", "lora_r=4", "lora.learning_rate=2e-3"], ["lora", "full"])
+    # method-scoped wins over global whatever the order; LoRA options are not handed to full
+    assert over == {"lora": {"learning_rate": 2e-3, "lora_r": 4}, "full": {"learning_rate": 1e-3}}
+    assert recipes.recipe_for("lora-ga", over["lora"])["learning_rate"] == 2e-3
+
+
+def test_shipped_task_is_reproducible_from_its_generator():
+    splits = build()
+    for split, rows in splits.items():
+        shipped = [json.loads(line) for line in (EMBEDDED_DIR / f"{split}.jsonl").read_text().splitlines()]
+        assert shipped == rows, f"compare/data/{split}.jsonl differs from make_task.build(): regenerate it"
+    assert len(splits["train"]) == 2000 and len(splits["validation"]) == 400
+    assert not {r["sentence"] for r in splits["train"]} & {r["sentence"] for r in splits["validation"]}
+    assert 0.4 < sum(r["label"] for r in splits["train"]) / 2000 < 0.6
+
+
+def test_summaries_and_table_from_records():
+    records = [
+        {"kind": "step", "method": "a", "step": i, "loss": float(10 - i), "time": i * 0.1} for i in range(1, 11)
+    ] + [{"kind": "summary", "method": "a", "status": "ok", "final": {"eval_loss": 1.0, "accuracy": 0.5},
+          "trainable_params": 1234, "optimizer_state_bytes": 2**20, "init_time_s": 0.5, "time_per_step_s": 0.01,
+          "peak_rss_bytes": 2**30, "peak_rss_above_loaded_bytes": 2**20},
+         {"kind": "summary", "method": "b", "status": "failed: boom"}]
+    s = report.summarize(records)
+    assert s["a"]["train_loss_first_fifth"] == 8.5 and s["a"]["train_loss_last_fifth"] == 0.5
+    table = report.markdown_table(s, "accuracy")
+    assert "| a | 1.2k | 1.00 | 0.5 | 10 | 1,024 | 1 | 8.5000 | 0.5000 | 1.0000 | 0.5000 |" in table
+    assert "| b | failed: boom |" in table
+
+
+@pytest.mark.parametrize("module", [recipes, report, worker])
+def test_docstring_examples(module):
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0
+
+
+def test_run_compare_api_returns_summaries(tmp_path):
+    cfg = CompareConfig(model="tiny", methods=["full"], steps=2, batch_size=2, eval_every=0, max_length=16,
+                        max_train_samples=8, max_eval_samples=8, threads=1, progress=False, output_dir=str(tmp_path))
+    summaries = run_compare(cfg, command="test")
+    assert list(summaries) == ["full"] and summaries["full"]["status"] == "ok"
+    assert summaries["full"]["trainable_params"] == summaries["full"]["total_params"]
