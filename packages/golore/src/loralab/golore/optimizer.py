@@ -191,6 +191,11 @@ class SubspaceOptimizer(Optimizer):
         where = f"{type(self).__name__} param group {len(self.param_groups) - 1}"
         self._validate_base(group, where)
         _validate_subspace_group(group, where)
+        # remember which groups had matrices to project, to detect ZeRO-style flattening later
+        # (keyed by the group dict: DeepSpeed steps one group at a time through a one-element list)
+        self.__dict__.setdefault("_had_matrices", {})[id(group)] = group[
+            "rank"
+        ] is not None and any(p.dim() == 2 for p in group["params"])
 
     def _validate_base(
         self, group: dict[str, Any], where: str
@@ -281,9 +286,21 @@ class SubspaceOptimizer(Optimizer):
         self._store_mats(state, side, new)
 
     # ---------------------------------------------------------------- stepping
+    def _check_not_flattened(self, group: dict[str, Any], gi: int) -> None:
+        had = self.__dict__.get("_had_matrices", {})
+        if had.get(id(group)) and not any(p.dim() == 2 for p in group["params"]):
+            raise RuntimeError(
+                f"{type(self).__name__}: a param group with rank={group['rank']} had 2-D weights to project but now holds only "
+                f"{[tuple(p.shape) for p in group['params']][:3]}: its parameters were replaced by flat partitions "
+                "(DeepSpeed ZeRO stage 1/2/3 does this to a client optimizer). A low-rank projector needs the weight "
+                "matrices: use DDP, or DeepSpeed with zero_optimization.stage = 0 (GaLore's state is already small)."
+            )
+
     def _gather(
         self, group: dict[str, Any], gi: int, params: Iterable[Tensor] | None = None
     ) -> list[tuple[Tensor, Tensor, dict[str, Any], Side | None]]:
+        if params is None:
+            self._check_not_flattened(group, gi)
         items = []
         index = {id(p): i for i, p in enumerate(group["params"])}
         for p in group["params"] if params is None else params:
