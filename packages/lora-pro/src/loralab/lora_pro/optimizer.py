@@ -48,6 +48,7 @@ from loralab.lora_pro.adjust import (
     lora_pro_gradients,
     optimal_equivalent_gradient,
 )
+from loralab.lora_pro.zero import ZeroBinding, find_zero_optimizer
 
 __all__ = ["LoraProAdamW", "Mode", "WeightDecayMode"]
 
@@ -151,6 +152,8 @@ class LoraProAdamW(torch.optim.Optimizer):
             weight_decay_mode=weight_decay_mode,
         )
         self.check_finite = check_finite
+        self._zero: ZeroBinding | None = None
+        self._own_ids: set[int] = set()
         super().__init__(params, defaults)
         self._finalise_pairs()
 
@@ -173,6 +176,7 @@ class LoraProAdamW(torch.optim.Optimizer):
         if group["weight_decay_mode"] == "effective" and group["mode"] != "full":
             raise ValueError("weight_decay_mode='effective' is the official full mode's rule; use mode='full' or weight_decay_mode='factors'")
         for p in group["params"]:
+            self._own_ids.add(id(p))
             if _is_zero3_param(p):
                 raise NotImplementedError(
                     "LoraProAdamW does not support DeepSpeed ZeRO-3 (parameters are partitioned, so a layer's A and B "
@@ -221,6 +225,31 @@ class LoraProAdamW(torch.optim.Optimizer):
         base = getattr(pair.module, "base_layer", None) if pair.module is not None else None
         return getattr(base, "weight", None)
 
+    def attach_deepspeed(self, engine: Any) -> LoraProAdamW:
+        """Run LoRA-Pro correctly under DeepSpeed ZeRO stage 1/2 (call right after ``deepspeed.initialize``).
+
+        ZeRO-1/2 replaces our parameters by flat fp32 partitions; once attached, each step all-gathers
+        the (LoRA-sized) gradient partitions, adjusts every layer on its whole ``g_A``, ``g_B`` and runs
+        AdamW on this rank's partition (see :mod:`loralab.lora_pro.zero`). Efficient mode only; ZeRO-3
+        raises ``NotImplementedError``. Without this call a ZeRO-wrapped step raises instead of silently
+        training plain LoRA.
+
+        Example:
+            >>> # engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+            >>> # opt.attach_deepspeed(engine)
+        """
+        zero = find_zero_optimizer(engine)
+        if zero.optimizer is not self:
+            raise ValueError("attach_deepspeed: this DeepSpeed engine wraps a different optimizer")
+        for group in self.param_groups:
+            if group["mode"] != "efficient":
+                raise NotImplementedError(
+                    "LoraProAdamW mode='full' under DeepSpeed ZeRO-1/2 is not supported (its m×n Adam states do not "
+                    "partition along DeepSpeed's flat LoRA buffer); use mode='efficient', ZeRO stage 0, or DDP"
+                )
+        self._zero = ZeroBinding(zero)
+        return self
+
     @property
     def lora_pairs(self) -> list[LoraPair]:
         """The LoRA layers this optimizer adjusts, in module order."""
@@ -255,6 +284,9 @@ class LoraProAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for gi, group in enumerate(self.param_groups):
+            if any(id(p) not in self._own_ids for p in group["params"]):
+                self._zero_step(group)
+                continue
             pairs = [p for p, g in zip(self._pairs, self._pair_groups) if g == gi]
             lora_ids = {id(t) for pair in pairs for t in (pair.A, pair.B)}
             plain = [p for p in group["params"] if p.grad is not None and id(p) not in lora_ids]
@@ -282,6 +314,57 @@ class LoraProAdamW(torch.optim.Optimizer):
                 else:
                     self._full_bucket(group, bucket)
         return loss
+
+    def _zero_step(self, group: dict[str, Any]) -> None:
+        """One step of a group whose parameters DeepSpeed ZeRO-1/2 replaced by a flat fp32 partition."""
+        if self._zero is None:
+            if any(_is_zero3_param(p) or p.numel() == 0 for p in group["params"]):
+                raise NotImplementedError("LoraProAdamW does not support DeepSpeed ZeRO-3; use ZeRO stage 0/1/2 or DDP")
+            raise RuntimeError(
+                "LoraProAdamW: the parameters of a param group were replaced by tensors it was not built with "
+                "(DeepSpeed ZeRO flat partitions?). LoRA-Pro needs every layer's whole g_A and g_B: after "
+                "deepspeed.initialize(...) call optimizer.attach_deepspeed(engine) (ZeRO stage 1/2), or use stage 0 / DDP. "
+                "Refusing to train plain LoRA silently."
+            )
+        zb = self._zero
+        if len(group["params"]) != 1:
+            raise RuntimeError(f"LoraProAdamW: expected one flat DeepSpeed partition per param group, got {len(group['params'])} tensors")
+        if group["mode"] != "efficient":
+            raise NotImplementedError("LoraProAdamW mode='full' under DeepSpeed ZeRO-1/2 is not supported; use mode='efficient'")
+        part = group["params"][0]
+        if part.grad is None:
+            return
+        i = zb.group_of(part)
+        offsets = zb.offsets[i]
+        flat_grad = zb.gather(i, part.grad)
+        flat_param = zb.gather(i, part.detach())
+        buckets: dict[tuple, list[LoraPair]] = defaultdict(list)
+        for pair in self._pairs:
+            in_a, in_b = id(pair.A) in offsets, id(pair.B) in offsets
+            if in_a != in_b:
+                raise LoraPairError(f"layer {pair.name!r}: lora_A and lora_B are in different DeepSpeed param groups")
+            if in_a:
+                buckets[(tuple(pair.A.shape), tuple(pair.B.shape))].append(pair)
+
+        def view(flat: Tensor, p: Tensor) -> Tensor:
+            return flat[offsets[id(p)] : offsets[id(p)] + p.numel()].view(p.shape)
+
+        for bucket in buckets.values():
+            A = torch.stack([view(flat_param, p.A) for p in bucket])
+            B = torch.stack([view(flat_param, p.B) for p in bucket])
+            g_A = torch.stack([view(flat_grad, p.A) for p in bucket])
+            g_B = torch.stack([view(flat_grad, p.B) for p in bucket])
+            if self.check_finite and not (torch.isfinite(g_A).all() and torch.isfinite(g_B).all()):
+                raise FloatingPointError(f"LoraProAdamW: non-finite gradients (NaN/Inf) in LoRA layer(s) {[p.name for p in bucket]}")
+            s = torch.tensor([p.scaling for p in bucket], dtype=accumulation_dtype(A.dtype))
+            gA, gB = lora_pro_gradients(A, B, g_A, g_B, s, x_mode=group["x_mode"], ridge=group["ridge"])
+            self._check_out(bucket, gA, gB)
+            for k, pair in enumerate(bucket):
+                view(flat_grad, pair.A).copy_(gA[k])
+                view(flat_grad, pair.B).copy_(gB[k])
+        part.grad.copy_(flat_grad[zb.rank_slice(i, part)])
+        # element-wise AdamW on this rank's slice: identical to efficient mode on the whole tensors
+        self._plain_step(group, [part])
 
     def _next_step(self, p: Tensor) -> int:
         state = self.state[p]

@@ -1,0 +1,81 @@
+"""Run by test_lora_pro_distributed.py under ``torchrun --nproc-per-node 2`` (gloo, CPU).
+
+Each rank trains the toy LoRA model on its own half of every batch with ``LoraProAdamW`` (efficient
+mode, LoRA layers + a plain-AdamW head) three ways, and writes its parameters: ``ddp`` (DDP),
+``zero2`` (DeepSpeed ZeRO-2 with ``attach_deepspeed``) and ``zero2_unattached`` / ``zero3`` (the error
+each raises, written as text instead of parameters).
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import toy_batches, toy_peft
+
+from loralab.lora_pro import LoraProAdamW
+
+STEPS, MICRO = 4, 4
+LR = 1e-2
+
+
+def ds_config(stage):
+    return {
+        "train_micro_batch_size_per_gpu": MICRO,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+
+
+def params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def main(prefix: str) -> None:
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = dist.get_rank()
+    batches = toy_batches(STEPS, batch=MICRO, seed=10 + rank, dtype=torch.float32)
+    out = {}
+
+    model = toy_peft(0, dtype=torch.float32)
+    opt = LoraProAdamW(model, lr=LR, weight_decay=0.1)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    for b in batches:
+        opt.zero_grad()
+        ddp(**b).backward()
+        opt.step()
+    out["ddp"] = params(model)
+
+    model = toy_peft(0, dtype=torch.float32)
+    opt = LoraProAdamW(model, lr=LR, weight_decay=0.1)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(2))
+    opt.attach_deepspeed(engine)
+    for b in batches:
+        engine.backward(engine(**b))
+        engine.step()
+    out["zero2"] = params(model)
+
+    msgs = {}
+    for name, stage in (("zero2_unattached", 2), ("zero3", 3)):
+        model = toy_peft(0, dtype=torch.float32)
+        opt = LoraProAdamW(model, lr=LR)
+        try:
+            engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(stage))
+            engine.backward(engine(**batches[0]))
+            engine.step()
+            msgs[name] = "no error"
+        except (RuntimeError, NotImplementedError) as e:
+            msgs[name] = f"{type(e).__name__}: {e}"
+    out["errors"] = msgs
+    torch.save(out, f"{prefix}.{rank}.pt")
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
