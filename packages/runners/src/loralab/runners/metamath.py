@@ -1,0 +1,235 @@
+"""MetaMathQA fine-tuning of a causal LM, then GSM8K evaluation by greedy generation.
+
+``python -m loralab.runners.metamath --model_name_or_path meta-llama/Llama-2-7b-hf --method lora-ga ...``
+(also ``loralab metamath ...``). Training data: ``datasets.load_dataset("meta-math/MetaMathQA")``
+(columns ``query``, ``response``) or ``--train_file``; evaluation: ``openai/gsm8k`` ``main`` test split
+(``question``, ``answer`` ending in ``#### X``) or ``--eval_file``.
+
+Each example is ``prompt(query) + response + eos``; the loss is on the response and eos tokens only
+(the prompt's labels are -100). The prompt is tokenized on its own, exactly as at evaluation, and the
+response's tokens are appended, so the model is trained on the token sequence it will continue.
+Examples longer than ``--max_length`` are cut from the right; one whose prompt alone fills
+``--max_length`` is dropped (and counted in the log).
+
+Evaluation (:mod:`loralab.runners.gsm8k`): batched greedy generation with left padding and the
+attention mask, answer extraction, accuracy, and every prediction in ``output_dir/gsm8k_predictions.jsonl``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loralab.runners.arguments import TrainArgs, _f, parse_args
+from loralab.runners.data import load_split, pad_collate, require_columns, take
+from loralab.runners.gsm8k import (
+    PROMPT_TEMPLATES,
+    format_prompt,
+    generate_batched,
+    gsm8k_accuracy,
+    write_predictions,
+)
+from loralab.runners.training import TrainResult, train
+
+__all__ = ["MetaMathArgs", "encode_sft", "evaluate_gsm8k", "load_causal_lm", "main", "run"]
+
+logger = logging.getLogger(__name__)
+
+PREDICTIONS_FILE = "gsm8k_predictions.jsonl"
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class MetaMathArgs(TrainArgs):
+    dataset_name: str = _f("meta-math/MetaMathQA", "hub training set (columns query, response)")
+    train_file: str | None = _f(None, "local MetaMathQA-format file (json array / jsonl / csv / parquet with query, response)")
+    eval_dataset_name: str = _f("openai/gsm8k", "hub evaluation set (config 'main', split 'test'; columns question, answer)")
+    eval_file: str | None = _f(None, "local GSM8K-format file (question, answer ending in '#### X')")
+    query_types: str | None = _f(
+        None, "keep only MetaMathQA rows whose 'type' starts with one of these comma-separated prefixes (e.g. GSM)"
+    )
+    prompt_template: str = _f("alpaca", f"prompt: {' or '.join(PROMPT_TEMPLATES)} (LoRA-GA seed's 'Q: ..\\nA: '), or a format string with {{query}}")
+    max_length: int = _f(512, "maximum tokens per training example (prompt + response + eos)")
+    max_new_tokens: int = _f(256, "GSM8K generation length")
+    torch_dtype: str = _f("float32", "weights' dtype when loading (bfloat16 halves memory; --bf16 alone keeps fp32 master weights)", choices=tuple(TORCH_DTYPES))
+    do_train: bool = _f(True, "fine-tune before evaluating (false: only evaluate --model_name_or_path)")
+
+    def validate(self) -> None:
+        super().validate()
+        format_prompt(self.prompt_template, "q")  # raises naming --prompt_template
+        if self.max_new_tokens < 1:
+            raise ValueError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+def load_causal_lm(path: str, tokenizer_name: str | None = None, torch_dtype: str = "float32") -> tuple[Any, Any]:
+    """``AutoModelForCausalLM`` and its tokenizer; a missing pad token becomes eos (generation pads left)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_name or path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    import transformers
+
+    # transformers >= 4.56 calls it dtype (torch_dtype is deprecated there)
+    key = "dtype" if tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (4, 56) else "torch_dtype"
+    model = AutoModelForCausalLM.from_pretrained(path, **{key: TORCH_DTYPES[torch_dtype]})
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def encode_sft(tokenizer: Any, prompt: str, response: str, max_length: int) -> dict[str, list[int]] | None:
+    """``input_ids`` = prompt tokens + response tokens + eos; ``labels`` = -100 on the prompt.
+
+    ``None`` when the prompt alone fills ``max_length`` (no response token would be trained).
+
+    Example:
+        >>> from loralab.core.testing import offline_tokenizer
+        >>> ex = encode_sft(offline_tokenizer(), "Q: 1+1?\\nA: ", "2", 64)
+        >>> ex["labels"][-2:] == ex["input_ids"][-2:] and ex["labels"][0] == -100
+        True
+    """
+    p = tokenizer(prompt)["input_ids"]
+    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if len(p) >= max_length:
+        return None
+    ids = (p + r)[:max_length]
+    labels = ([-100] * len(p) + r)[:max_length]
+    return {"input_ids": ids, "labels": labels}
+
+
+def _load_train(args: MetaMathArgs, tokenizer: Any) -> list[dict[str, list[int]]]:
+    source = f"--train_file {args.train_file}" if args.train_file else f"{args.dataset_name} train"
+    raw = load_split(args.dataset_name, None, "train", args.train_file, arg="--train_file")
+    require_columns(raw, ["query", "response"], source)
+    if args.query_types:
+        prefixes = tuple(t.strip() for t in args.query_types.split(",") if t.strip())
+        require_columns(raw, ["type"], f"{source} (--query_types)")
+        raw = raw.filter(lambda ex: str(ex["type"]).startswith(prefixes))
+        if len(raw) == 0:
+            raise ValueError(f"--query_types {args.query_types}: no row of {source} has such a 'type'")
+    raw = take(raw, args.max_train_samples)
+    out, dropped = [], 0
+    for ex in raw:
+        enc = encode_sft(tokenizer, format_prompt(args.prompt_template, ex["query"]), ex["response"], args.max_length)
+        if enc is None:
+            dropped += 1
+        else:
+            out.append(enc)
+    if dropped:
+        logger.warning("%d of %d training examples dropped: their prompt alone has >= --max_length %d tokens", dropped, len(raw), args.max_length)
+    if not out:
+        raise ValueError(f"{source}: no training example fits --max_length {args.max_length}")
+    return out
+
+
+def _load_eval(args: MetaMathArgs) -> tuple[list[str], list[str]]:
+    source = f"--eval_file {args.eval_file}" if args.eval_file else f"{args.eval_dataset_name} main test"
+    raw = take(load_split(args.eval_dataset_name, "main", "test", args.eval_file, arg="--eval_file"), args.max_eval_samples)
+    require_columns(raw, ["question", "answer"], source)
+    return list(raw["question"]), list(raw["answer"])
+
+
+def evaluate_gsm8k(
+    acc: Any,
+    model: Any,
+    tokenizer: Any,
+    questions: list[str],
+    answers: list[str],
+    *,
+    prompt_template: str = "alpaca",
+    batch_size: int = 8,
+    max_new_tokens: int = 256,
+    predictions_path: str | Path | None = None,
+    progress: bool = False,
+) -> dict[str, float]:
+    """GSM8K accuracy of ``model`` (each process generates its shard; the main process writes the JSONL)."""
+    from accelerate.utils import gather_object
+
+    from loralab.runners.launch import zero_stage
+
+    plugin = acc.state.deepspeed_plugin
+    synced = plugin is not None and zero_stage(plugin.deepspeed_config) == 3 and acc.num_processes > 1
+    shard = list(range(acc.process_index, len(questions), acc.num_processes))
+    prompts = [format_prompt(prompt_template, questions[i]) for i in shard]
+    if synced:
+        # ZeRO-3 gathers parameters inside every forward: all ranks must run the same number of
+        # generate() calls, so shorter shards are padded with a repeated prompt (its output dropped)
+        per_rank = -(-len(questions) // acc.num_processes)
+        prompts += [prompts[-1] if prompts else format_prompt(prompt_template, questions[0])] * (per_rank - len(prompts))
+    unwrapped = acc.unwrap_model(model)
+    completions = generate_batched(
+        unwrapped, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens, device=acc.device, synced_gpus=synced, progress=progress
+    )
+    pairs = gather_object(list(zip(shard, completions[: len(shard)])))
+    by_index = dict(pairs)
+    ordered = [by_index[i] for i in range(len(questions))]
+    accuracy, records = gsm8k_accuracy(questions, answers, ordered)
+    if acc.is_main_process and predictions_path is not None:
+        write_predictions(predictions_path, records)
+    return {"accuracy": accuracy, "num_examples": float(len(records)), "num_answered": float(sum(r["prediction"] is not None for r in records))}
+
+
+def run(args: MetaMathArgs) -> TrainResult | dict[str, float]:
+    """Fine-tune on MetaMathQA (unless ``--do_train false``) and evaluate on GSM8K."""
+    model, tokenizer = load_causal_lm(args.model_name_or_path, args.tokenizer_name, args.torch_dtype)
+    questions, answers = _load_eval(args)
+    predictions_path = Path(args.output_dir) / PREDICTIONS_FILE
+
+    def evaluate(acc: Any, model: torch.nn.Module) -> dict[str, float]:
+        return evaluate_gsm8k(
+            acc,
+            model,
+            tokenizer,
+            questions,
+            answers,
+            prompt_template=args.prompt_template,
+            batch_size=args.per_device_eval_batch_size,
+            max_new_tokens=args.max_new_tokens,
+            predictions_path=predictions_path,
+            progress=not args.disable_tqdm and acc.is_local_main_process,
+        )
+
+    if not args.do_train:
+        return _evaluate_only(args, model, evaluate)
+    train_set = _load_train(args, tokenizer)
+    args.task_type = "CAUSAL_LM"
+    return train(args, model, train_set, pad_collate(tokenizer.pad_token_id), evaluate, tokenizer=tokenizer)
+
+
+def _evaluate_only(args: TrainArgs, model: Any, evaluate: Any) -> dict[str, float]:
+    import json
+
+    from loralab.runners.training import build_accelerator
+
+    acc = build_accelerator(args)
+    out = Path(args.output_dir)
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run_config.json").write_text(args.to_json())
+        print(f"[loralab.runners] config:\n{args.to_json()}", flush=True)
+    model = acc.prepare_model(model, evaluation_mode=True) if acc.state.deepspeed_plugin is None else model.to(acc.device)
+    model.eval()
+    with torch.no_grad():
+        metrics = evaluate(acc, model)
+    if acc.is_main_process:
+        with (out / "metrics.jsonl").open("a") as fh:
+            fh.write(json.dumps({"step": 0, "final": True, **{f"eval_{k}": v for k, v in metrics.items()}}) + "\n")
+        print(f"[loralab.runners] eval: {json.dumps(metrics)}", flush=True)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(MetaMathArgs, argv, description=__doc__ or "")
+    result = run(args)
+    return result if isinstance(result, dict) else result.metrics
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
