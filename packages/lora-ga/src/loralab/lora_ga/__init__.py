@@ -1,4 +1,16 @@
-"""loralab.lora_ga: LoRA-GA. The public API lives here and nothing else."""
+"""loralab.lora_ga: LoRA-GA (Wang, Yu & Li, 2024, arXiv 2407.05000). The public API lives here and nothing else."""
+
+from loralab.lora_ga.config import LoraGAConfig
+from loralab.lora_ga.maths import LoraGARankError, lora_ga_factors, lora_scaling, offset_weight
+from loralab.lora_ga.model import LoraGAInitError, get_lora_ga_model
 
 __version__ = "0.1.0"
-__all__: list[str] = []
+__all__ = [
+    "LoraGAConfig",
+    "LoraGAInitError",
+    "LoraGARankError",
+    "get_lora_ga_model",
+    "lora_ga_factors",
+    "lora_scaling",
+    "offset_weight",
+]

@@ -1,0 +1,112 @@
+"""``LoraGAConfig``: a ``peft.LoraConfig`` carrying the LoRA-GA initialisation settings.
+
+LoRA-GA (Wang, Yu & Li, 2024, arXiv 2407.05000) initialises LoRA's ``A`` and ``B`` from the SVD of
+the full-weight gradient averaged over ``bsz × iters`` samples, so that the first low-rank step
+approximates the first full fine-tuning step (paper §3.2), and offsets ``W0`` so the model's output
+is unchanged at step 0 (paper §3.3). The field names and defaults are the reference's
+(Outsider565/LoRA-GA): ``bsz=2, iters=64, max_length=1024, direction="ArB2r", scale="stable",
+stable_gamma=16, dtype="fp32"``.
+
+The paper's runs used rank-stabilised LoRA (``s = α/√r``): pass ``use_rslora=True``.
+
+Example:
+    >>> from loralab.lora_ga import LoraGAConfig
+    >>> cfg = LoraGAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_rslora=True)
+    >>> cfg.init_lora_weights, cfg.direction, cfg.scale, cfg.stable_gamma
+    ('lora_ga', 'ArB2r', 'stable', 16)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from peft import LoraConfig
+from peft.tuners.lora.config import LoraGAConfig as _PeftLoraGAConfig
+
+__all__ = ["DIRECTIONS", "DTYPES", "SCALES", "LoraGAConfig", "LoraGASettings"]
+
+DIRECTIONS = ("ArB2r", "ArBr", "A2rBr", "random")
+SCALES = ("stable", "gd", "unit", "weight_svd")
+# names the reference fork ("weightS") and PEFT ("gd_scale") use for the same scales
+_SCALE_ALIASES = {"weightS": "weight_svd", "gd_scale": "gd"}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+@dataclass
+class LoraGASettings(_PeftLoraGAConfig):
+    """PEFT's ``lora_ga_config`` sub-config, tagged as loralab's: a LoRA layer handed this config is
+    initialised by loralab (inside :class:`~loralab.lora_ga.LoraGAContext` or
+    :func:`~loralab.lora_ga.get_lora_ga_model`) and raises when no gradient is available, instead of
+    PEFT's silent fallback to the default init."""
+
+    dtype: str = field(default="fp32", metadata={"help": "dtype of A and B (LoraGAConfig.dtype)."})
+
+
+@dataclass
+class LoraGAConfig(LoraConfig):
+    """Configuration of a LoRA-GA model: every ``peft.LoraConfig`` field plus the fields below.
+
+    ``init_lora_weights`` defaults to ``"lora_ga"``. Use it with :func:`get_lora_ga_model` (one call:
+    estimate, decompose, initialise) or, as in the reference, with :func:`estimate_gradient` and
+    ``with LoraGAContext(model, named_grad): model = peft.get_peft_model(model, config)``.
+    """
+
+    bsz: int = field(default=2, metadata={"help": "Batch size of the gradient-estimation batches (reference default 2)."})
+    iters: int = field(default=64, metadata={"help": "Number of batches averaged into the gradient (reference default 64)."})
+    max_length: int = field(default=1024, metadata={"help": "Maximum sequence length of the estimation samples."})
+    direction: Literal["ArB2r", "ArBr", "A2rBr", "random"] = field(
+        default="ArB2r",
+        metadata={
+            "help": "Which singular vectors of G = U S Vh go where. ArB2r (paper): A = Vh[:r], B = U[:, r:2r]; "
+            "A2rBr: A = Vh[r:2r], B = U[:, :r]; ArBr: A = odd rows of Vh[:2r], B = even columns of U[:, :2r]; "
+            "random: a random split of the top 2r indices."
+        },
+    )
+    scale: Literal["stable", "gd", "unit", "weight_svd"] = field(
+        default="stable",
+        metadata={
+            "help": "Scaling of A and B. stable (paper Eq. 12): both times m^(1/4)/sqrt(stable_gamma); gd: both divided by "
+            "the LoRA scaling s; unit: orthonormal as they come; weight_svd: both times the mean sqrt of the "
+            "weight's top-r singular values divided by s (the reference's 'weightS')."
+        },
+    )
+    stable_gamma: float = field(default=16, metadata={"help": "gamma of the stable scale (reference default 16)."})
+    dtype: Literal["fp32", "bf16", "fp16"] = field(
+        default="fp32", metadata={"help": "dtype of the A and B adapter weights (the offset W0 keeps the base weight's dtype)."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.init_lora_weights is True:  # LoraConfig's default: LoRA-GA is the point of this class
+            self.init_lora_weights = "lora_ga"
+        self.scale = _SCALE_ALIASES.get(self.scale, self.scale)  # type: ignore[assignment]
+        self.dtype = _DTYPE_ALIASES.get(self.dtype, self.dtype)  # type: ignore[assignment]
+        for name in ("bsz", "iters", "max_length"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"LoraGAConfig.{name} must be a positive int, got {v!r}")
+        if self.direction not in DIRECTIONS:
+            raise ValueError(f"LoraGAConfig.direction must be one of {DIRECTIONS}, got {self.direction!r}")
+        if self.scale not in SCALES:
+            raise ValueError(f"LoraGAConfig.scale must be one of {SCALES} (or 'weightS', 'gd_scale'), got {self.scale!r}")
+        if isinstance(self.stable_gamma, bool) or not isinstance(self.stable_gamma, (int, float)) or not self.stable_gamma > 0:
+            raise ValueError(f"LoraGAConfig.stable_gamma must be a positive number, got {self.stable_gamma!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"LoraGAConfig.dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.init_lora_weights == "lora_ga":
+            if self.use_dora:
+                raise ValueError("LoraGAConfig: use_dora=True is not supported with LoRA-GA initialisation")
+            self.lora_ga_config = LoraGASettings(
+                direction=self.direction, scale=self.scale, stable_gamma=self.stable_gamma, dtype=self.dtype
+            )
+        super().__post_init__()
+        if self.init_lora_weights == "lora_ga" and not isinstance(self.lora_ga_config, LoraGASettings):
+            # LoraConfig.__post_init__ rebuilds dict sub-configs with PEFT's class: keep our tag
+            self.lora_ga_config = LoraGASettings(direction=self.direction, scale=self.scale, stable_gamma=self.stable_gamma, dtype=self.dtype)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The torch dtype of ``dtype``."""
+        return DTYPES[self.dtype]

@@ -1,0 +1,286 @@
+"""Build a LoRA-GA ``PeftModel``: estimate, decompose layer by layer, write ``A``, ``B`` and the offset ``W0``.
+
+Two ways in, one machinery:
+
+- :func:`get_lora_ga_model` (native): one call. The LoRA layers are created first (``B = 0``, so the
+  model still computes the base function and its weights' gradients are the base model's), then
+  core's :func:`~loralab.core.estimate_gradients` streams each finished gradient to a consumer that
+  keeps only the layer's factors ``(A, B)`` (r·(m+n) numbers, never the m·n gradient), then every
+  layer gets ``A``, ``B`` and ``W0 ← W0 − s·B·A``.
+- ``with LoraGAContext(model, named_grad): peft.get_peft_model(model, config)`` (the seed's API, see
+  :mod:`loralab.lora_ga.compat`): the same writes, from a precomputed gradient dict.
+
+PEFT's LoRA layers call ``lora_ga_init(adapter, config.lora_ga_config)`` for
+``init_lora_weights="lora_ga"``. loralab routes that call (for a :class:`LoraGASettings` sub-config
+only; PEFT's own LoRA-GA is untouched) to a session that records the layer, and finishes the init
+once the ``PeftModel`` is complete (so ``A``/``B`` are written in ``config.dtype`` after PEFT's dtype
+casts, and the offset uses exactly the stored values). Without a session it raises: PEFT's own
+``lora_ga`` init silently falls back to the default init when no gradient is attached.
+
+Example:
+    >>> from loralab.core.testing import tiny_llama, make_lm_batches
+    >>> from loralab.lora_ga import LoraGAConfig, get_lora_ga_model
+    >>> model = tiny_llama()
+    >>> cfg = LoraGAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], iters=2)
+    >>> peft_model = get_lora_ga_model(model, cfg, make_lm_batches(2), progress=False)
+    >>> peft_model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight.abs().sum() > 0
+    tensor(True)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from peft import PeftModel, get_peft_model
+from peft.tuners.lora.layer import LoraLayer
+from torch import Tensor, nn
+
+from loralab.core.distributed import gathered_parameters
+from loralab.core.gradients import estimate_gradients
+from loralab.core.quant import dequantize_weight, is_quantized, requantize_weight_
+from loralab.core.targets import layer_kind
+from loralab.lora_ga.config import DTYPES, LoraGAConfig, LoraGASettings
+from loralab.lora_ga.maths import lora_ga_factors, offset_weight
+
+__all__ = ["LoraGAInitError", "get_lora_ga_model", "lora_ga_session"]
+
+logger = logging.getLogger(__name__)
+
+
+class LoraGAInitError(RuntimeError):
+    """A LoRA-GA adapter cannot be initialised (no gradient, missing or mis-shaped gradient, quantized estimate)."""
+
+
+@dataclass
+class _Pending:
+    layer: LoraLayer
+    adapter: str
+    settings: LoraGASettings
+
+
+@dataclass
+class _Session:
+    """Records the LoRA layers PEFT asks to initialise with LoRA-GA while it is active."""
+
+    check: Callable[[LoraLayer, str], None] | None = None
+    pending: list[_Pending] = field(default_factory=list)
+
+
+_SESSIONS: list[_Session] = []
+_PEFT_LORA_GA_INIT = LoraLayer.lora_ga_init
+
+
+def _lora_ga_init(self: LoraLayer, adapter_name: str, lora_ga_config: Any) -> None:
+    if not isinstance(lora_ga_config, LoraGASettings):
+        return _PEFT_LORA_GA_INIT(self, adapter_name, lora_ga_config)  # PEFT's own LoRA-GA, unchanged
+    if not _SESSIONS:
+        raise LoraGAInitError(
+            "a LoraGAConfig adapter is being created without gradients: use loralab.lora_ga.get_lora_ga_model(model, "
+            "config, batches), or call peft.get_peft_model inside `with LoraGAContext(model, named_grad):`. "
+            "(loralab never falls back silently to the default init.) To load a saved adapter, save it with "
+            "save_lora_ga_model / save_loraga_model_final, which write a plain LoRA config."
+        )
+    session = _SESSIONS[-1]
+    if session.check is not None:
+        session.check(self, adapter_name)
+    # Until the init is finished the adapter is a no-op (B = 0): the model computes the base function.
+    self.reset_lora_parameters(adapter_name, init_lora_weights=True)
+    session.pending.append(_Pending(self, adapter_name, lora_ga_config))
+
+
+LoraLayer.lora_ga_init = _lora_ga_init  # routes only LoraGASettings sub-configs, see module docstring
+
+
+@contextmanager
+def lora_ga_session(check: Callable[[LoraLayer, str], None] | None = None) -> Any:
+    """Within this block, PEFT LoRA layers built from a :class:`LoraGAConfig` are recorded (``B = 0``)."""
+    session = _Session(check=check)
+    _SESSIONS.append(session)
+    try:
+        yield session
+    finally:
+        _SESSIONS.remove(session)
+
+
+def _base_name_map(model: nn.Module) -> dict[int, str]:
+    return {id(m): n for n, m in model.named_modules()}
+
+
+def write_lora_ga_layer(pending: _Pending, A: Tensor, B: Tensor) -> None:
+    """Store ``A``, ``B`` (in the settings' dtype) and offset the base weight by ``−s·B·A``.
+
+    Quantized bases are dequantized, offset in float32 and re-quantized with their own settings
+    (NF4 stays NF4). The initial factors are kept on the CPU as ``layer._lora_ga_init[adapter]`` for
+    :func:`~loralab.lora_ga.save_lora_ga_adapter` (the rank-2r plain LoRA export).
+    """
+    layer, adapter = pending.layer, pending.adapter
+    dtype = DTYPES[pending.settings.dtype]
+    lora_A, lora_B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    base = layer.get_base_layer()
+    s = float(layer.scaling[adapter])
+    with torch.no_grad(), gathered_parameters([lora_A, lora_B, base.weight], modifier_rank=0):
+        lora_A.data = A.to(device=lora_A.device, dtype=dtype).contiguous()
+        lora_B.data = B.to(device=lora_B.device, dtype=dtype).contiguous()
+        w = dequantize_weight(base)  # (out, in) float32 copy, whatever the storage (Linear, Conv1D, bnb)
+        # Offset with the factors exactly as stored, so W0' x + s B (A x) = W0 x up to W0's rounding.
+        requantize_weight_(base, offset_weight(w, lora_A.data, lora_B.data, s))
+    store = layer.__dict__.setdefault("_lora_ga_init", {})
+    store[adapter] = (lora_A.detach().to("cpu", copy=True), lora_B.detach().to("cpu", copy=True))
+
+
+def factors_for(pending: _Pending, grad: Tensor, name: str) -> tuple[Tensor, Tensor]:
+    """LoRA-GA factors of one recorded layer from its (out, in) gradient."""
+    layer, adapter, st = pending.layer, pending.adapter, pending.settings
+    weight = None
+    if st.scale == "weight_svd":
+        weight = dequantize_weight(layer.get_base_layer()).to(grad.device)
+    return lora_ga_factors(
+        grad.float(),
+        int(layer.r[adapter]),
+        scaling=float(layer.scaling[adapter]),
+        direction=st.direction,
+        scale=st.scale,
+        stable_gamma=st.stable_gamma,
+        weight=weight,
+        name=name,
+    )
+
+
+def _strip_prefix(name: str) -> str:
+    for prefix in ("base_model.model.",):
+        if name.startswith(prefix):
+            return name[len(prefix) :]
+    return name
+
+
+def get_lora_ga_model(
+    model: nn.Module,
+    config: LoraGAConfig,
+    batches: Iterable[Any] | None,
+    *,
+    loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
+    offload: bool = False,
+    no_split_module_classes: Sequence[str] | None = None,
+    adapter_name: str = "default",
+    progress: bool = True,
+    estimation_model: nn.Module | None = None,
+    gradients: Mapping[str, Tensor] | None = None,
+    device: torch.device | str | None = None,
+) -> PeftModel:
+    """Wrap ``model`` in a LoRA-GA-initialised ``PeftModel`` (estimate → SVD → A, B, offset W0).
+
+    Args:
+        model: a transformers (or any) model with float weights, or a bitsandbytes-quantized model
+            together with ``estimation_model`` or ``gradients``.
+        config: a :class:`LoraGAConfig` (``r``, ``lora_alpha``, ``use_rslora``, ``target_modules``,
+            direction/scale/γ/dtype, ...). ``use_rslora=True`` is what the paper's runs used.
+        batches: batches ``model(**batch)`` accepts, with ``labels`` (or pass ``loss_fn``); at most
+            ``config.iters`` of them are used. Each layer's gradient is averaged over them (and over
+            ranks under ``torch.distributed``, so every rank initialises identically).
+        loss_fn: ``loss_fn(model, batch) -> loss`` for batches without labels.
+        offload: block-wise estimation (weights on the CPU, one block on ``device``): at most one
+            block's gradients exist at any time.
+        no_split_module_classes: block class names for ``offload``.
+        adapter_name: name of the adapter.
+        progress: tqdm progress bar.
+        estimation_model: a float model of the same checkpoint to estimate on (the QLoRA flow:
+            :func:`loralab.core.quant.load_float_model_for_estimation`), when ``model`` is quantized.
+        gradients: precomputed ``{module name: (out, in) gradient}`` (names as in ``model``) instead of
+            estimating.
+        device: compute device for ``offload``.
+
+    Returns:
+        The ``PeftModel`` (``model`` is modified in place, as ``peft.get_peft_model`` does).
+
+    Raises:
+        LoraGAInitError: quantized targets without a float estimation model, a gradient missing or
+            of the wrong shape. ``LoraGARankError`` when ``2r > min(m, n)`` for some layer.
+
+    Example:
+        >>> # see the module docstring
+    """
+    if not isinstance(config, LoraGAConfig):
+        raise TypeError(f"config must be a loralab.lora_ga.LoraGAConfig, got {type(config).__name__}")
+    if config.init_lora_weights != "lora_ga":
+        raise ValueError(f"config.init_lora_weights must be 'lora_ga' for get_lora_ga_model, got {config.init_lora_weights!r}")
+    if isinstance(model, PeftModel):
+        raise TypeError("model is already a PeftModel: pass the base model (get_lora_ga_model adds the adapter)")
+    with lora_ga_session() as session:
+        peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+    by_layer = {id(p.layer): p for p in session.pending}
+    names: dict[str, _Pending] = {}
+    for name, mod in peft_model.named_modules():
+        if id(mod) in by_layer:
+            names[name] = by_layer[id(mod)]
+    factors: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def consumer(name: str, grad: Tensor) -> None:
+        factors[name] = factors_for(names[name], grad, name)
+
+    if gradients is not None:
+        for name, pending in names.items():
+            base_name = _strip_prefix(name)
+            if base_name not in gradients:
+                raise LoraGAInitError(f"gradients has no entry for target layer {base_name!r}")
+            grad = gradients[base_name]
+            expected = _out_in(pending.layer.get_base_layer())
+            if tuple(grad.shape) != expected:
+                raise LoraGAInitError(f"gradient of {base_name!r} must be (out, in) = {expected}, got {tuple(grad.shape)}")
+            consumer(name, grad)
+    elif estimation_model is not None:
+        by_base = {_strip_prefix(n): n for n in names}
+        estimate_gradients(
+            estimation_model,
+            _require(batches),
+            list(by_base),
+            num_batches=config.iters,
+            loss_fn=loss_fn,
+            consumer=lambda n, g: consumer(by_base[n], g),
+            offload=offload,
+            device=device,
+            no_split_module_classes=no_split_module_classes,
+            progress=progress,
+        )
+    else:
+        quantized = [n for n, p in names.items() if is_quantized(p.layer.get_base_layer())]
+        if quantized:
+            raise LoraGAInitError(
+                f"{len(quantized)} target layer(s) are quantized ({_strip_prefix(quantized[0])}, ...): LoRA-GA needs the "
+                "full-precision gradient. Estimate on a float model of the same checkpoint and initialise the quantized one: "
+                "get_lora_ga_model(quantized_model, config, batches, estimation_model=loralab.core.quant."
+                "load_float_model_for_estimation(path_or_quantized_model), offload=True)"
+            )
+        estimate_gradients(
+            peft_model,
+            _require(batches),
+            list(names),
+            num_batches=config.iters,
+            loss_fn=loss_fn,
+            consumer=consumer,
+            offload=offload,
+            device=device,
+            no_split_module_classes=no_split_module_classes,
+            progress=progress,
+        )
+    for name, pending in names.items():
+        A, B = factors.pop(name)
+        write_lora_ga_layer(pending, A, B)
+    logger.info("LoRA-GA initialised %d layers", len(names))
+    return peft_model
+
+
+def _require(batches: Iterable[Any] | None) -> Iterable[Any]:
+    if batches is None:
+        raise ValueError("batches is None: pass the estimation batches (or gradients=..., precomputed)")
+    return batches
+
+
+def _out_in(module: nn.Module) -> tuple[int, int]:
+    if layer_kind(module) == "conv1d":
+        return (module.nf, module.weight.shape[0])
+    return (module.out_features, module.in_features)
