@@ -1,0 +1,203 @@
+"""C4 pre-training runs on the tiny LLaMA with local C4-format shards written here.
+
+- one short single-process run per method: AdamW, GaLore, GoLore (SVD then random projectors) and the
+  ReLoRA-structure path (``--use_peft --golore``);
+- exact resume: stop at a checkpoint, ``--autoresume``, the loss curve continues bit for bit;
+- the same runs under ``torchrun --nproc-per-node 2`` (DDP, gloo) and ``deepspeed --num_gpus 2``
+  (ZeRO-1/2 for AdamW, stage 0 for the subspace methods) give the single-process losses on the same
+  global batch: the single-process reference reads the same two data streams
+  (``--data_streams 2``, two accumulated micro-batches of 4 = one micro-batch of 4 on each of 2 ranks).
+  Tolerance: rtol 1e-5, atol 1e-6 on every step's loss and the final eval loss (float32; the
+  reductions sum in a different order: observed differences are 0 or in the last bits).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from loralab.runners.c4 import C4Args, parse_args, run
+from loralab.runners.c4.testing import write_tiny_setup
+
+WORKER = Path(__file__).with_name("runners_c4_worker.py")
+STEPS = 6
+GAP = 2  # projector refresh / ReLoRA merge every 2 steps: refreshes at steps 0, 2, 4
+SAVE_EVERY = 3
+RTOL, ATOL = 1e-5, 1e-6
+METHODS = {
+    "adamw": ["--optimizer", "adamw"],
+    "galore": ["--optimizer", "galore_adamw"],
+    # rand_ratio 0.5 of 6 steps: SVD projectors at steps 0 and 2, a random one at step 4
+    "golore": ["--optimizer", "golore_adamw", "--rand_ratio", "0.5"],
+    "relora": ["--use_peft", "--golore", "--optimizer", "adamw", "--rand_ratio", "0.5"],
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("c4")
+    return write_tiny_setup(root / "setup", train_docs=120, validation_docs=12)
+
+
+def _argv(setup: dict[str, str], out: Path, method: str, *extra: str) -> list[str]:
+    return [
+        "--output_dir", str(out), "--model_config", setup["model_config"], "--tokenizer", setup["tokenizer"],
+        "--train_data", setup["train_data"], "--max_length", "32", "--batch_size", "4", "--total_batch_size", "8",
+        "--num_training_steps", str(STEPS), "--warmup_steps", "1", "--lr", "3e-3", "--grad_clipping", "1.0",
+        "--rank", "8", "--update_proj_gap", str(GAP), "--galore_scale", "1.0", "--eval_every", "3",
+        "--save_every", str(SAVE_EVERY), "--eval_tokens", "320", "--plot", "false", "--seed", "1",
+        *METHODS[method], *extra,
+    ]  # fmt: skip
+
+
+def _train_losses(run_dir: Path) -> list[float]:
+    recs = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    train = [r for r in recs if r["type"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, len(train) + 1)), "metrics.jsonl steps are not 1, 2, ... once each"
+    return [r["loss"] for r in train]
+
+
+@pytest.fixture(scope="module")
+def single(setup, tmp_path_factory):
+    """Single-process run per method on two data streams (the multi-process runs' global batch); cached."""
+    cache: dict[str, tuple[Path, dict]] = {}
+
+    def get(method: str) -> tuple[Path, dict]:
+        if method not in cache:
+            out = tmp_path_factory.mktemp(f"single_{method}")
+            cache[method] = (out, run(parse_args(_argv(setup, out, method, "--data_streams", "2"))))
+        return cache[method]
+
+    return get
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_single_process_run_trains_and_saves(single, method):
+    out, summary = single(method)
+    losses = _train_losses(out)
+    assert summary["finished"] and summary["step"] == STEPS and len(losses) == STEPS
+    assert all(math.isfinite(v) for v in losses)
+    # the untrained model sits at ln(260) = 5.56 nats; six steps must have moved it down
+    assert losses[-1] < losses[0] - 0.1, losses
+    assert summary["final_eval_loss"] < losses[0] - 0.1
+    assert summary["tokens_seen"] == STEPS * 8 * 32  # packed: no padding
+    assert summary["tokens_per_s"] > 0 and summary["peak_mem_mb"] > 0
+    evals = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in ln]
+    assert [e["step"] for e in evals] == [3, 6]
+    assert {p.name for p in out.glob("checkpoint-*")} == {"checkpoint-3", "checkpoint-6"}
+
+    opt_state = torch.load(out / "checkpoint-6" / "optimizer.pt", weights_only=True)
+    subspace_groups = [g for g in opt_state["param_groups"] if g.get("rank") is not None]
+    if method in ("galore", "golore"):
+        # the projected weights are the 7 attention / MLP matrices of each of the 2 layers
+        assert all(g["rank"] == 8 and g["update_proj_gap"] == GAP for g in subspace_groups)
+        assert sum(len(g["params"]) for g in subspace_groups) == 2 * 7
+    else:
+        assert not subspace_groups
+    if method == "relora":
+        assert summary["n_projector_resets"] == STEPS // GAP
+        assert summary["trainable_params"] < summary["params"]
+    # the final model is a plain LlamaForCausalLM (ReLoRA adapters merged) that gives the run's eval loss
+    _check_final_model(out, summary)
+
+
+def _check_final_model(out: Path, summary: dict) -> None:
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from loralab.runners.c4.train import Env, _eval_batches, evaluate
+
+    model = LlamaForCausalLM.from_pretrained(out / "final_model")
+    args = C4Args(**json.loads((out / "run_config.json").read_text()))
+    tok = AutoTokenizer.from_pretrained(out / "final_model")
+    loss, _ = evaluate(model, _eval_batches(args, tok, Env(0, 1, 0, torch.device("cpu"))), torch.device("cpu"))
+    assert loss == pytest.approx(summary["final_eval_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["adamw", "golore", "relora"])
+def test_resume_continues_the_same_loss_curve(setup, single, tmp_path, method):
+    ref_dir, ref = single(method)
+    out = tmp_path / "run"
+    first = run(parse_args(_argv(setup, out, method, "--data_streams", "2", "--stop_at_step", str(SAVE_EVERY))))
+    assert first["step"] == SAVE_EVERY and not first["finished"]
+    assert not (out / "final_model").exists()
+    resumed = run(parse_args(_argv(setup, out, method, "--data_streams", "2", "--autoresume")))
+    assert resumed["finished"]
+    # bit-identical: same weights, optimizer moments, projectors, RNG and data position after the resume
+    assert _train_losses(out) == _train_losses(ref_dir)
+    assert resumed["final_eval_loss"] == ref["final_eval_loss"]
+    assert resumed["tokens_seen"] == ref["tokens_seen"]
+    assert resumed["n_projector_resets"] == ref["n_projector_resets"]
+
+
+def test_resume_refuses_changed_settings(setup, single, tmp_path):
+    ref_dir, _ = single("adamw")
+    out = tmp_path / "run"
+    shutil.copytree(ref_dir / "checkpoint-3", out / "checkpoint-3")
+    with pytest.raises(ValueError, match=r"cannot resume .*--rank: 8 -> 4"):
+        run(parse_args(_argv(setup, out, "adamw", "--data_streams", "2", "--autoresume", "--rank", "4")))
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        run(parse_args(_argv(setup, tmp_path / "x", "adamw", "--resume_from_checkpoint", str(tmp_path / "nope"))))
+
+
+def _launch(cmd: list[str], runs: list[list[str]], tmp_path: Path) -> None:
+    runs_file = tmp_path / "runs.json"
+    runs_file.write_text(json.dumps(runs))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([*cmd, str(WORKER), str(runs_file)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+
+
+def _assert_same_run(run_dir: Path, ref_dir: Path) -> None:
+    got, want = json.loads((run_dir / "run_summary.json").read_text()), json.loads((ref_dir / "run_summary.json").read_text())
+    assert got["world_size"] == 2 and want["world_size"] == 1 and got["global_batch_size"] == want["global_batch_size"] == 8
+    torch.testing.assert_close(torch.tensor(_train_losses(run_dir)), torch.tensor(_train_losses(ref_dir)), rtol=RTOL, atol=ATOL)
+    assert got["final_eval_loss"] == pytest.approx(want["final_eval_loss"], rel=RTOL, abs=ATOL)
+    assert got["tokens_seen"] == want["tokens_seen"]
+
+
+@pytest.mark.multiprocess
+def test_torchrun_two_processes_match_single_process(setup, single, tmp_path):
+    runs = {m: tmp_path / m for m in METHODS}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port())]
+    _launch(cmd, [_argv(setup, out, m) for m, out in runs.items()], tmp_path)
+    for method, out in runs.items():
+        _assert_same_run(out, single(method)[0])
+        assert {p.name for p in (out / "checkpoint-6").glob("data_state_rank*.pt")} == {"data_state_rank0.pt", "data_state_rank1.pt"}
+
+
+@pytest.mark.multiprocess
+def test_deepspeed_two_processes_match_single_process(setup, single, tmp_path):
+    pytest.importorskip("deepspeed")
+    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which("deepspeed")
+    assert launcher is not None, "the deepspeed launcher is not on PATH"
+    configs = {}
+    for stage in (0, 1, 2):
+        configs[stage] = tmp_path / f"zero{stage}.json"
+        configs[stage].write_text(json.dumps({
+            "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto", "zero_optimization": {"stage": stage},
+        }))  # fmt: skip
+    # AdamW under ZeRO-1 and ZeRO-2; the subspace methods need whole 2-D weights: stage 0
+    plan = [("adamw", 1), ("adamw", 2), ("galore", 0), ("golore", 0), ("relora", 0)]
+    runs = [(m, s, tmp_path / f"{m}_zero{s}") for m, s in plan]
+    cmd = [launcher, "--num_gpus", "2", "--master_port", str(_free_port())]
+    _launch(cmd, [_argv(setup, out, m, "--deepspeed_config", str(configs[s])) for m, s, out in runs], tmp_path)
+    for method, _, out in runs:
+        _assert_same_run(out, single(method)[0])
+        assert json.loads((out / "run_summary.json").read_text())["deepspeed"]
+        assert (out / "checkpoint-6" / "deepspeed").is_dir()
