@@ -1,0 +1,306 @@
+"""``LoraFAAdamW``: AdamW on LoRA-FA's corrected B gradients, a real ``torch.optim.Optimizer``.
+
+LoRA-FA (Zhang et al., 2023, arXiv 2308.03303) trains only B; before the AdamW update each B gradient
+is replaced by ``(1/s²)·g_B·(A·Aᵀ)⁻¹`` (:mod:`loralab.lora_fa.correction`), the B-gradient whose update
+``s·ΔB·A`` is closest to full fine-tuning's. What differs from PEFT's ``LoraFAOptimizer``:
+
+- layers are paired by module (:func:`loralab.core.find_lora_pairs`), not by name substring and order;
+- ``(A·Aᵀ)⁻¹`` is computed once per layer (A is frozen; recomputed only if A's tensor is modified in
+  place) in float64, not a ``pinv`` per layer per step under bf16 autocast;
+- layers with equal shapes are corrected in one batched ``bmm`` and every parameter is updated with
+  ``torch._foreach_*`` (:func:`loralab.core.adamw_update_`);
+- state is per parameter (``step``, ``exp_avg``, ``exp_avg_sq`` tensors), so ``state_dict()`` loads with
+  ``torch.load(weights_only=True)`` and ``load_state_dict`` puts it on each parameter's device;
+- a trainable A, an A that receives a gradient, a non-finite gradient or parameters replaced behind
+  the optimizer's back (DeepSpeed ZeRO's flat partitions) raise errors naming the layer.
+
+The default numerics are PEFT's (transformers' AdamW: ``eps=1e-6``, ``√bc₂/bc₁`` step size, weight decay
+applied after the step); ``style="torch"`` gives ``torch.optim.AdamW``'s. Trainable parameters that are
+not LoRA B factors (a head, ``modules_to_save``, biases) get plain AdamW in the same optimizer.
+
+``correct_in_backward=True`` applies the correction with a gradient hook on every B instead of in
+``step`` (the correction is linear, so it commutes with gradient accumulation and with the data-
+parallel average); ``step`` then runs plain AdamW. That is the path for DeepSpeed ZeRO-1/2/3, which
+replace the optimizer's parameters by flat partitions where no layer structure is left.
+
+Example:
+    >>> import peft, torch
+    >>> from loralab.core.testing import tiny_llama
+    >>> model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    >>> for n, p in model.named_parameters():
+    ...     if "lora_A" in n:
+    ...         _ = p.requires_grad_(False)
+    >>> opt = LoraFAAdamW(model, lr=1e-3)
+    >>> ids = torch.randint(0, 100, (2, 8))
+    >>> model(input_ids=ids, labels=ids).loss.backward()
+    >>> opt.step(); opt.zero_grad()
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from loralab.core.adamw import AdamWStyle, adamw_update_, check_adamw_hparams
+from loralab.core.distributed import gathered_parameters
+from loralab.core.lora_layers import LoraPair, LoraPairError, find_lora_pairs
+from loralab.lora_fa.correction import DEFAULT_RIDGE, correct_grads, correction_matrix
+
+__all__ = ["LoraFAAdamW", "LoraFAError"]
+
+logger = logging.getLogger(__name__)
+
+STYLES = ("hf", "torch")
+
+
+class LoraFAError(ValueError):
+    """A LoRA-FA precondition does not hold (A trainable, A and B in different groups, scaling 0, …)."""
+
+
+def _moment_dtype(p: Tensor) -> torch.dtype:
+    # Adam moments in float32 for half-precision parameters (their squares underflow in bf16/fp16).
+    return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+
+
+class LoraFAAdamW(torch.optim.Optimizer):
+    """AdamW with LoRA-FA's closed-form correction of every LoRA B gradient (A frozen).
+
+    Args:
+        params_or_model: the ``PeftModel`` (or any module with PEFT LoRA layers): its trainable
+            parameters are optimised and LoRA pairs found by module. Or an iterable of parameters /
+            param-group dicts together with ``pairs=``.
+        lr, betas, eps, weight_decay: AdamW hyper-parameters (defaults: PEFT's LoRA-FA, ``eps=1e-6``).
+        style: ``"hf"`` (transformers/PEFT AdamW, default) or ``"torch"`` (``torch.optim.AdamW``).
+        ridge: absolute ridge in ``(A·Aᵀ + ridge·I)⁺`` (PEFT: 1e-8).
+        pairs: the LoRA pairs, when ``params_or_model`` is not a module.
+        adapter_name: which adapter (default: the active one).
+        correct_in_backward: correct B's gradient in a backward hook instead of in ``step`` (DeepSpeed
+            ZeRO-1/2/3 path; see the module docstring).
+        check_finite: raise ``FloatingPointError`` naming the layer if a gradient is NaN/Inf.
+
+    Raises:
+        LoraFAError: a LoRA layer's A is trainable or in the optimizer, or its scaling is 0.
+
+    Example:
+        >>> # see the module docstring
+    """
+
+    def __init__(
+        self,
+        params_or_model: nn.Module | Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        *,
+        style: AdamWStyle = "hf",
+        ridge: float = DEFAULT_RIDGE,
+        pairs: Iterable[LoraPair] | None = None,
+        adapter_name: str | None = None,
+        correct_in_backward: bool = False,
+        check_finite: bool = True,
+    ) -> None:
+        check_adamw_hparams(lr, tuple(betas), eps, weight_decay)
+        if not ridge >= 0:
+            raise ValueError(f"ridge must be >= 0, got {ridge}")
+        if isinstance(params_or_model, nn.Module):
+            model = params_or_model
+            found = find_lora_pairs(model, adapter_name) if pairs is None else list(pairs)
+            params: Any = [p for p in model.parameters() if p.requires_grad]
+            if not params:
+                raise ValueError(f"{type(model).__name__} has no trainable parameters")
+        else:
+            if pairs is None:
+                raise TypeError(
+                    "LoraFAAdamW pairs A and B by module: pass the PeftModel itself (LoraFAAdamW(model, ...)), "
+                    "or the parameters together with pairs=loralab.core.find_lora_pairs(model)"
+                )
+            found = list(pairs)
+            params = params_or_model
+        for pair in found:
+            if pair.A.requires_grad:
+                raise LoraFAError(
+                    f"layer {pair.name!r}: lora_A[{pair.adapter!r}] is trainable, but LoRA-FA keeps A frozen. "
+                    "Freeze it (A.requires_grad_(False)) or build the optimizer with create_lorafa_optimizer, which does."
+                )
+            if pair.A.dim() != 2:
+                raise LoraFAError(f"layer {pair.name!r}: LoRA-FA needs a 2-D lora_A (Linear adapters), got shape {tuple(pair.A.shape)}")
+            if pair.scaling == 0:
+                raise LoraFAError(f"layer {pair.name!r} has scaling 0 (lora_alpha = 0): LoRA-FA divides by s²")
+        self._all_pairs = found
+        self.ridge = float(ridge)
+        self.check_finite = check_finite
+        self.correct_in_backward = bool(correct_in_backward)
+        self._known: set[int] = set()
+        self._cache: dict[int, tuple[int, Tensor]] = {}
+        self._stacks: dict[tuple[int, ...], tuple[tuple[int, ...], Tensor]] = {}
+        self._hooks: list[Any] = []
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, style=style)
+        super().__init__(params, defaults)
+        self._finalise_pairs()
+        if self.correct_in_backward:
+            self._install_hooks()
+
+    # ----------------------------------------------------------------------------- construction
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        check_adamw_hparams(group["lr"], tuple(group["betas"]), group["eps"], group["weight_decay"])
+        if group["style"] not in STYLES:
+            raise ValueError(f"style must be one of {STYLES}, got {group['style']!r}")
+        self._known.update(id(p) for p in group["params"])
+        if hasattr(self, "_b_pair"):
+            self._finalise_pairs()
+
+    def _finalise_pairs(self) -> None:
+        in_groups = {id(p) for g in self.param_groups for p in g["params"]}
+        self._b_pair: dict[int, LoraPair] = {}
+        self._a_ids: dict[int, LoraPair] = {}
+        for pair in self._all_pairs:
+            if id(pair.A) in in_groups:
+                raise LoraFAError(f"layer {pair.name!r}: lora_A[{pair.adapter!r}] is in the optimizer, but LoRA-FA keeps A frozen")
+            if id(pair.B) in in_groups:
+                self._b_pair[id(pair.B)] = pair
+                self._a_ids[id(pair.A)] = pair
+        self.pairs = [p for p in self._all_pairs if id(p.B) in self._b_pair]
+        if not self.pairs:
+            raise LoraPairError("no LoRA B factor is among the optimizer's parameters: nothing for LoRA-FA to correct")
+
+    # ----------------------------------------------------------------------------- correction matrices
+
+    def _matrix(self, pair: LoraPair) -> Tensor:
+        """``(1/s²)(A·Aᵀ + ridge·I)⁺`` for one layer, cached while A's tensor is unchanged."""
+        version = pair.A._version
+        hit = self._cache.get(id(pair.B))
+        if hit is not None and hit[0] == version:
+            return hit[1]
+        with gathered_parameters([pair.A]):
+            M = correction_matrix(pair.A, pair.scaling, ridge=self.ridge, dtype=torch.float32)
+        self._cache[id(pair.B)] = (pair.A._version, M)
+        return M
+
+    def _stacked(self, pairs: list[LoraPair]) -> Tensor:
+        key = tuple(id(p.B) for p in pairs)
+        versions = tuple(p.A._version for p in pairs)
+        hit = self._stacks.get(key)
+        if hit is not None and hit[0] == versions:
+            return hit[1]
+        M = torch.stack([self._matrix(p) for p in pairs])
+        self._stacks[key] = (versions, M)
+        return M
+
+    def refresh(self) -> None:
+        """Forget the cached ``(A·Aᵀ)⁻¹`` (call after changing an A through ``.data``)."""
+        self._cache.clear()
+        self._stacks.clear()
+
+    def _install_hooks(self) -> None:
+        for pair in self.pairs:
+            M = self._matrix(pair)  # now, while A is whole (before DeepSpeed partitions it)
+
+            def hook(grad: Tensor, M: Tensor = M) -> Tensor:
+                return (grad.to(M.dtype) @ M.to(grad.device)).to(grad.dtype)
+
+            self._hooks.append(pair.B.register_hook(hook))
+
+    def remove_hooks(self) -> None:
+        """Remove the gradient hooks of ``correct_in_backward=True``."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    # ----------------------------------------------------------------------------- step
+
+    def _check_finite(self, grads: list[Tensor], names: list[str]) -> None:
+        if not grads:
+            return
+        norms = torch.stack([n.to(torch.float32).cpu() for n in torch._foreach_norm(grads)])
+        if not bool(torch.isfinite(norms).all()):
+            bad = [n for n, v in zip(names, norms.tolist()) if v != v or v in (float("inf"), float("-inf"))]
+            raise FloatingPointError(f"non-finite gradient in {bad[:5]}{' …' if len(bad) > 5 else ''}; step skipped, parameters unchanged")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One LoRA-FA AdamW step (B corrected, every other trainable parameter plain AdamW)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for pair in self.pairs:
+            if pair.A.grad is not None:
+                raise RuntimeError(
+                    f"layer {pair.name!r}: lora_A[{pair.adapter!r}] received a gradient, but LoRA-FA keeps A frozen "
+                    "(was requires_grad turned back on?). Freeze it and set its .grad to None."
+                )
+        plans = []
+        for group in self.param_groups:
+            lora: list[tuple[Tensor, LoraPair]] = []
+            plain: list[Tensor] = []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("LoraFAAdamW does not support sparse gradients")
+                pair = self._b_pair.get(id(p))
+                if pair is None and id(p) not in self._known and not self.correct_in_backward:
+                    raise RuntimeError(
+                        f"a parameter of shape {tuple(p.shape)} is in the optimizer but was not there at construction: "
+                        "DeepSpeed ZeRO (stage >= 1) replaces the parameters by flat partitions, where A and B cannot be "
+                        "paired, and this would silently train plain LoRA. Build the optimizer with "
+                        "correct_in_backward=True (create_lorafa_optimizer(..., correct_in_backward=True)), which "
+                        "corrects B's gradient in backward, before DeepSpeed flattens it."
+                    )
+                if pair is not None and not self.correct_in_backward:
+                    lora.append((p, pair))
+                else:
+                    plain.append(p)
+            # Correct B's gradients, batched over layers with equal (shape, dtype, device).
+            buckets: dict[tuple, list[tuple[Tensor, LoraPair]]] = defaultdict(list)
+            for p, pair in lora:
+                buckets[(tuple(p.shape), p.dtype, p.device)].append((p, pair))
+            params, grads, names = [], [], []
+            for items in buckets.values():
+                M = self._stacked([pair for _, pair in items])
+                if M.device != items[0][0].device:
+                    M = M.to(items[0][0].device)
+                params += [p for p, _ in items]
+                grads += correct_grads([p.grad for p, _ in items], M, out_dtype=_moment_dtype(items[0][0]))
+                names += [pair.name for _, pair in items]
+            params += plain
+            grads += [p.grad for p in plain]
+            names += [f"parameter {tuple(p.shape)}" for p in plain]
+            if self.check_finite:
+                self._check_finite(grads, names)
+            plans.append((group, params, grads))
+        for group, params, grads in plans:
+            # Parameters sharing a step count go through one foreach AdamW update.
+            by_step: dict[tuple[int, torch.dtype], list[tuple[Tensor, Tensor]]] = defaultdict(list)
+            for p, g in zip(params, grads):
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=_moment_dtype(p), memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=_moment_dtype(p), memory_format=torch.preserve_format)
+                state["step"] += 1
+                by_step[(int(state["step"].item()), p.device)].append((p, g))
+            for (step, _), items in by_step.items():
+                ps = [p for p, _ in items]
+                adamw_update_(
+                    ps,
+                    [g for _, g in items],
+                    [self.state[p]["exp_avg"] for p in ps],
+                    [self.state[p]["exp_avg_sq"] for p in ps],
+                    step=step,
+                    lr=group["lr"],
+                    betas=tuple(group["betas"]),
+                    eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                    style=group["style"],
+                )
+        return loss
