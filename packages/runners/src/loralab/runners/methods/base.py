@@ -127,13 +127,15 @@ COMMON_DEFAULTS: dict[str, Any] = dict(
     max_steps=100,
     seed=42,
     task_type="CAUSAL_LM",
+    modules_to_save=None,
     progress=True,
 )
 """Training hyper-parameters every method reads from ``args`` (entrypoints define them as flags).
 
 ``max_steps`` is the number of optimizer steps (schedulers and GoLore's switch point use it);
 ``task_type`` is PEFT's (``CAUSAL_LM``, ``SEQ_CLS``, ``SEQ_2_SEQ_LM``): it decides which heads stay
-trainable under LoRA (``SEQ_CLS`` keeps the classifier trainable).
+trainable under LoRA (``SEQ_CLS`` keeps ``classifier``/``score`` trainable); ``modules_to_save`` (a list of
+module names, e.g. T5's ``classification_head``) adds more trainable heads to the LoRA-family methods.
 """
 
 
@@ -326,6 +328,7 @@ def lora_kwargs(args: Any) -> dict[str, Any]:
         use_rslora=args.use_rslora,
         target_modules=args.target_modules,
         task_type=args.task_type,
+        **({"modules_to_save": list(args.modules_to_save)} if getattr(args, "modules_to_save", None) else {}),
     )
 
 

@@ -1,0 +1,151 @@
+"""Command-line arguments shared by every fine-tuning entrypoint (GLUE, MetaMath, WinoGrande).
+
+Flags follow ``transformers.TrainingArguments`` names where one exists (``--per_device_train_batch_size``,
+``--gradient_accumulation_steps``, ``--lr_scheduler_type``, ``--resume_from_checkpoint`` ...), so the seed
+projects' ``run_glue.py`` style command lines carry over. Each entrypoint subclasses
+:class:`TrainArgs` with its data flags; :func:`parse_args` builds ``argparse`` from the dataclass fields
+plus the method registry's flags, then validates everything (a method option that does not apply to
+``--method`` fails here, naming the flag).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, get_args, get_origin, get_type_hints
+
+from loralab.runners.methods import (
+    OPTIONS,
+    add_method_arguments,
+    get_method,
+    resolve_method_options,
+)
+from loralab.runners.methods.base import _bool
+
+__all__ = ["REPORT_TO", "TrainArgs", "build_parser", "parse_args"]
+
+REPORT_TO = ("none", "tensorboard", "wandb")
+T = TypeVar("T", bound="TrainArgs")
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainArgs:
+    """Training settings common to every entrypoint (the method's own options come from the registry)."""
+
+    model_name_or_path: str = _f(None, "model directory or hub name (AutoModel*.from_pretrained) (required)")
+    output_dir: str = _f(None, "run directory: run_config.json, metrics.jsonl, checkpoint-N/, final/ (required)")
+    tokenizer_name: str | None = _f(None, "tokenizer (default: model_name_or_path)")
+    # optimisation
+    learning_rate: float = _f(1e-4, "peak learning rate")
+    weight_decay: float = _f(0.0, "decoupled weight decay (matrices only)")
+    adam_beta1: float = _f(0.9, "Adam beta1")
+    adam_beta2: float = _f(0.999, "Adam beta2")
+    adam_epsilon: float = _f(1e-8, "Adam epsilon")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
+    lr_scheduler_type: str = _f("linear", "transformers scheduler name (linear, cosine, constant_with_warmup, ...)")
+    warmup_steps: int = _f(0, "warm-up optimizer steps (overrides --warmup_ratio)")
+    warmup_ratio: float = _f(0.0, "warm-up as a fraction of the optimizer steps")
+    num_train_epochs: float = _f(1.0, "epochs (ignored when --max_steps > 0)")
+    max_steps: int = _f(-1, "optimizer steps; -1 = num_train_epochs over the training set")
+    per_device_train_batch_size: int = _f(8, "micro-batch per process")
+    per_device_eval_batch_size: int = _f(8, "evaluation batch per process")
+    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
+    # precision and memory
+    bf16: bool = _f(False, "bfloat16 mixed precision (autocast; DeepSpeed bf16 under --deepspeed)")
+    gradient_checkpointing: bool = _f(False, "activation checkpointing (non-reentrant)")
+    # run control
+    seed: int = _f(42, "seed of model init, data order and dropout")
+    max_length: int = _f(512, "maximum tokens per training example")
+    max_train_samples: int | None = _f(None, "truncate the training set (quick runs)")
+    max_eval_samples: int | None = _f(None, "truncate the evaluation set (quick runs)")
+    logging_steps: int = _f(10, "log the training loss every N optimizer steps")
+    eval_steps: int = _f(0, "evaluate every N optimizer steps (0: only at the end)")
+    save_steps: int = _f(0, "checkpoint every N optimizer steps (0: no intermediate checkpoints)")
+    save_total_limit: int | None = _f(None, "keep only the newest N checkpoints")
+    resume_from_checkpoint: str | None = _f(
+        None, "checkpoint directory, or 'latest' for the newest checkpoint-N in --output_dir"
+    )
+    report_to: str = _f("none", "experiment tracker", choices=REPORT_TO)
+    run_name: str | None = _f(None, "tracker run name (default: the output_dir name)")
+    deepspeed: str | None = _f(
+        None, "DeepSpeed config: a JSON path or a built-in name (zero2, zero3, zero3_offload); 'auto' values are filled from these flags"
+    )
+    disable_tqdm: bool = _f(False, "no progress bars")
+    save_final_model: bool = _f(True, "save the trained model (adapter for LoRA methods) to output_dir/final")
+    local_rank: int = _f(-1, "set by the deepspeed launcher; the process rank comes from the environment")
+
+    # method options are attached by parse_args (see loralab.runners.methods.OPTIONS)
+
+    def validate(self) -> None:
+        for name in ("model_name_or_path", "output_dir"):
+            if not getattr(self, name):
+                raise ValueError(f"--{name} is required")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_train_samples", "max_eval_samples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"--max_steps must be -1 (use --num_train_epochs) or >= 1, got {self.max_steps}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.update({k: getattr(self, k) for k in (*OPTIONS, "method") if hasattr(self, k)})
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def _arg_type(tp: Any) -> Any:
+    if get_origin(tp) is not None:  # X | None
+        inner = [a for a in get_args(tp) if a is not type(None)]
+        tp = inner[0]
+    return _bool if tp is bool else tp
+
+
+def build_parser(cls: type[TrainArgs], description: str = "") -> argparse.ArgumentParser:
+    """``argparse`` parser with one ``--flag`` per dataclass field plus the method registry's flags."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kw: dict[str, Any] = dict(default=f.default, help=f.metadata.get("help", ""))
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        tp = _arg_type(hints[f.name])
+        if tp is _bool:
+            kw["nargs"] = "?"
+            kw["const"] = True
+        kw["type"] = tp
+        names = [f"--{f.name}"] + (["--local-rank"] if f.name == "local_rank" else [])
+        parser.add_argument(*names, **kw)
+    add_method_arguments(parser)
+    return parser
+
+
+def parse_args(cls: type[T], argv: list[str] | None = None, description: str = "") -> T:
+    """Parse ``argv`` into ``cls`` (a :class:`TrainArgs` subclass) and validate it and the method options."""
+    ns = build_parser(cls, description).parse_args(argv)
+    names = {f.name for f in dataclasses.fields(cls)}
+    args = cls(**{k: v for k, v in vars(ns).items() if k in names})
+    for k, v in vars(ns).items():
+        if k not in names:
+            setattr(args, k, v)
+    args.validate()
+    # max_steps may still be -1 here; the trainer fills it from the data before the method setup
+    saved = args.max_steps
+    args.max_steps = max(saved, 1)
+    resolve_method_options(get_method(args.method), args)
+    args.max_steps = saved
+    return args

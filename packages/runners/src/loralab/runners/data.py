@@ -1,0 +1,87 @@
+"""Datasets from the hub (``datasets.load_dataset(name)``) or local csv/json/jsonl/parquet files, column
+checks that name the file and the missing column, and padding collators.
+
+Example:
+    >>> from loralab.runners.data import pad_collate
+    >>> batch = pad_collate(0)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [5], "labels": [5]}])
+    >>> batch["attention_mask"].tolist()
+    [[1, 1, 1], [1, 0, 0]]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["load_split", "pad_collate", "require_columns", "take"]
+
+_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def load_split(name: str | None, config: str | None, split: str, data_file: str | None, *, arg: str) -> Any:
+    """A ``datasets.Dataset``: ``data_file`` when given (csv/tsv/json/jsonl/parquet), else the hub's ``split``.
+
+    ``arg`` names the command-line flag in error messages (``--train_file``).
+    """
+    import datasets
+
+    if data_file:
+        path = Path(data_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"{arg} {data_file}: no such file")
+        builder = _BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise ValueError(f"{arg} {data_file}: unsupported extension {path.suffix!r} (use {', '.join(_BUILDERS)})")
+        kw = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+        return datasets.load_dataset(builder, data_files={"data": str(path)}, split="data", **kw)
+    if not name:
+        raise ValueError(f"give {arg} or a dataset name")
+    return datasets.load_dataset(name, config, split=split)
+
+
+def require_columns(ds: Any, columns: Sequence[str], source: str) -> None:
+    """Raise naming ``source`` (the flag and file / dataset) when a column is missing."""
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"{source} lacks column(s) {', '.join(missing)} (has: {', '.join(ds.column_names)})")
+
+
+def take(ds: Any, n: int | None) -> Any:
+    """The first ``n`` examples (``--max_train_samples`` / ``--max_eval_samples``), or all."""
+    return ds if n is None or n >= len(ds) else ds.select(range(n))
+
+
+def pad_collate(pad_id: int, *, side: str = "right") -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
+    """Collator padding list fields (``input_ids`` with ``pad_id``, ``labels`` with -100, others with 0)
+    on ``side`` and building ``attention_mask``. Scalar fields (class ``labels``) become a tensor as they are.
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+
+    def collate(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        longest = max(len(e["input_ids"]) for e in examples)
+        out: dict[str, torch.Tensor] = {}
+        for key in examples[0]:
+            vals = [e[key] for e in examples]
+            if isinstance(vals[0], (list, tuple)):
+                fill = pad_id if key == "input_ids" else (-100 if key == "labels" else 0)
+                rows = []
+                for v in vals:
+                    pad = [fill] * (longest - len(v))
+                    rows.append(pad + list(v) if side == "left" else list(v) + pad)
+                out[key] = torch.tensor(rows)
+            elif isinstance(vals[0], (int, float)):
+                out[key] = torch.tensor(vals)
+        if "attention_mask" not in out:
+            rows = []
+            for e in examples:
+                n = len(e["input_ids"])
+                pad = [0] * (longest - n)
+                rows.append(pad + [1] * n if side == "left" else [1] * n + pad)
+            out["attention_mask"] = torch.tensor(rows)
+        return out
+
+    return collate

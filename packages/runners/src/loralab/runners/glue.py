@@ -1,0 +1,188 @@
+"""GLUE fine-tuning: ``python -m loralab.runners.glue --task_name sst2 --method lora-ga ...``.
+
+RoBERTa / BERT / T5 (any ``AutoModelForSequenceClassification``) on a GLUE task from
+``datasets.load_dataset("nyu-mll/glue", task)`` or local csv/tsv/json/jsonl files with the same
+columns; the task's official metric (accuracy, F1, Matthews correlation, Pearson/Spearman) computed
+here with numpy (no metric download).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from loralab.runners.arguments import TrainArgs, _f, parse_args
+from loralab.runners.data import load_split, pad_collate, require_columns, take
+from loralab.runners.training import TrainResult, train
+
+__all__ = ["GLUE_TASKS", "GlueArgs", "glue_metrics", "main", "matthews_corrcoef", "pearson", "spearman"]
+
+logger = logging.getLogger(__name__)
+
+GLUE_TASKS: dict[str, tuple[str, str | None, int, str]] = {
+    # task: (text column, second text column, num_labels, validation split)
+    "cola": ("sentence", None, 2, "validation"),
+    "sst2": ("sentence", None, 2, "validation"),
+    "mrpc": ("sentence1", "sentence2", 2, "validation"),
+    "qqp": ("question1", "question2", 2, "validation"),
+    "stsb": ("sentence1", "sentence2", 1, "validation"),
+    "mnli": ("premise", "hypothesis", 3, "validation_matched"),
+    "qnli": ("question", "sentence", 2, "validation"),
+    "rte": ("sentence1", "sentence2", 2, "validation"),
+    "wnli": ("sentence1", "sentence2", 2, "validation"),
+}
+HEAD_NAMES = ("classifier", "score", "classification_head")
+EOS_POOLED = ("t5", "mt5", "umt5", "bart", "mbart")
+"""Model types whose sequence-classification head reads the hidden state at the ``</s>`` token (the
+model raises on an example without one): examples whose tokenizer added none get one appended."""
+
+
+@dataclass
+class GlueArgs(TrainArgs):
+    task_name: str = _f(None, "GLUE task", choices=tuple(GLUE_TASKS))
+    dataset_name: str = _f("nyu-mll/glue", "hub dataset (config = task name)")
+    train_file: str | None = _f(None, "local training file (csv/tsv/json/jsonl/parquet) with the task's columns and 'label'")
+    validation_file: str | None = _f(None, "local validation file, same columns")
+    max_length: int = _f(128, "maximum tokens per (pair of) sentence(s)")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.task_name not in GLUE_TASKS:
+            raise ValueError(f"--task_name must be one of {', '.join(GLUE_TASKS)}, got {self.task_name!r}")
+
+
+def matthews_corrcoef(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Binary/multiclass Matthews correlation (CoLA's metric), as sklearn computes it."""
+    labels = np.union1d(y_true, y_pred)
+    c = np.zeros((len(labels), len(labels)))
+    idx = {v: i for i, v in enumerate(labels)}
+    for t, p in zip(y_true, y_pred):
+        c[idx[t], idx[p]] += 1
+    t_sum, p_sum = c.sum(1), c.sum(0)
+    n, correct = c.sum(), np.trace(c)
+    cov_ytyp = correct * n - t_sum @ p_sum
+    cov_ypyp = n * n - p_sum @ p_sum
+    cov_ytyt = n * n - t_sum @ t_sum
+    denom = np.sqrt(cov_ytyt * cov_ypyp)
+    return float(cov_ytyp / denom) if denom else 0.0
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    x, y = np.asarray(x, float) - np.mean(x), np.asarray(y, float) - np.mean(y)
+    d = np.sqrt((x * x).sum() * (y * y).sum())
+    return float((x * y).sum() / d) if d else 0.0
+
+
+def _rank(a: np.ndarray) -> np.ndarray:
+    # average ranks of ties, as scipy.stats.rankdata(method="average")
+    a = np.asarray(a, float)
+    order = np.argsort(a, kind="mergesort")
+    ranks = np.empty(len(a))
+    sa = a[order]
+    i = 0
+    while i < len(a):
+        j = i
+        while j + 1 < len(a) and sa[j + 1] == sa[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    return pearson(_rank(x), _rank(y))
+
+
+def glue_metrics(task: str, preds: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """The GLUE metric(s) of ``task`` (predictions are class ids, or scores for STS-B)."""
+    if task == "stsb":
+        return {"pearson": pearson(preds, labels), "spearmanr": spearman(preds, labels)}
+    if task == "cola":
+        return {"matthews_correlation": matthews_corrcoef(labels, preds)}
+    out = {"accuracy": float((preds == labels).mean())}
+    if task in ("mrpc", "qqp"):
+        tp = float(((preds == 1) & (labels == 1)).sum())
+        fp = float(((preds == 1) & (labels == 0)).sum())
+        fn = float(((preds == 0) & (labels == 1)).sum())
+        out["f1"] = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+    return out
+
+
+def _encode(ds: Any, tokenizer: Any, args: GlueArgs, source: str, *, eos_id: int | None = None) -> list[dict[str, Any]]:
+    """Tokenized ``{"input_ids", "labels"}`` rows; with ``eos_id``, every row ends in that token (T5/BART heads)."""
+    first, second, num_labels, _ = GLUE_TASKS[args.task_name]
+    require_columns(ds, [first, "label"] + ([second] if second else []), source)
+    out = []
+    for ex in ds:
+        if ex["label"] is None or (num_labels > 1 and int(ex["label"]) < 0):
+            continue  # unlabeled (test-split) rows
+        texts = (ex[first],) if second is None else (ex[first], ex[second])
+        ids = tokenizer(*texts, truncation=True, max_length=args.max_length)["input_ids"]
+        if eos_id is not None and eos_id not in ids:
+            ids = [*ids[: args.max_length - 1], eos_id]
+        label = float(ex["label"]) if num_labels == 1 else int(ex["label"])
+        out.append({"input_ids": ids, "labels": label})
+    if not out:
+        raise ValueError(f"{source}: no labeled example")
+    return out
+
+
+def run(args: GlueArgs) -> TrainResult:
+    """Load, fine-tune and evaluate; returns the final metrics (also in ``output_dir/metrics.jsonl``)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    _, _, num_labels, val_split = GLUE_TASKS[args.task_name]
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name_or_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    config = AutoConfig.from_pretrained(args.model_name_or_path)
+    eos_id = config.eos_token_id if config.model_type in EOS_POOLED else None
+    train_src = f"--train_file {args.train_file}" if args.train_file else f"{args.dataset_name}/{args.task_name} train"
+    val_src = f"--validation_file {args.validation_file}" if args.validation_file else f"{args.dataset_name}/{args.task_name} {val_split}"
+    train_raw = take(load_split(args.dataset_name, args.task_name, "train", args.train_file, arg="--train_file"), args.max_train_samples)
+    val_raw = take(load_split(args.dataset_name, args.task_name, val_split, args.validation_file, arg="--validation_file"), args.max_eval_samples)
+    train_set = _encode(train_raw, tokenizer, args, train_src, eos_id=eos_id)
+    val_set = _encode(val_raw, tokenizer, args, val_src, eos_id=eos_id)
+
+    torch.manual_seed(args.seed)
+    model = AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path, num_labels=num_labels)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    args.task_type = "SEQ_CLS"
+    heads = sorted({n.split(".")[-1] for n, _ in model.named_modules() if n.split(".")[-1] in HEAD_NAMES})
+    args.modules_to_save = heads or None
+    collate = pad_collate(tokenizer.pad_token_id)
+
+    def evaluate(acc: Any, model: torch.nn.Module) -> dict[str, float]:
+        shard = val_set[acc.process_index :: acc.num_processes]
+        preds, labels = [], []
+        bs = args.per_device_eval_batch_size
+        for i in range(0, len(shard), bs):
+            batch = {k: v.to(acc.device) for k, v in collate(shard[i : i + bs]).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            preds.append(logits[:, 0] if num_labels == 1 else logits.argmax(-1))
+            labels.append(batch["labels"])
+        from accelerate.utils import gather_object
+
+        p = gather_object([t.cpu().tolist() for t in preds])
+        y = gather_object([t.cpu().tolist() for t in labels])
+        flat_p = np.array([v for chunk in p for v in chunk])
+        flat_y = np.array([v for chunk in y for v in chunk])
+        return {**glue_metrics(args.task_name, flat_p, flat_y), "num_examples": float(len(flat_y))}
+
+    return train(args, model, train_set, collate, evaluate, tokenizer=tokenizer)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(GlueArgs, argv, description=__doc__ or "")
+    return run(args).metrics
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

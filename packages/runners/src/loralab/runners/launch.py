@@ -1,0 +1,150 @@
+"""DeepSpeed configs (ZeRO-2, ZeRO-3, ZeRO-3 with CPU offload) and the filling of their "auto" values.
+
+The built-in configs are defined here once; ``packages/runners/configs/deepspeed/*.json`` are the
+same dicts written to disk (a test keeps them equal). ``--deepspeed zero2`` (or a JSON path) gets its
+``"auto"`` values from the command line: micro-batch, accumulation, global batch, clipping, bf16, and
+the bucket sizes from the model's hidden size (the values transformers' integration uses).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DEEPSPEED_CONFIGS", "fill_deepspeed_config", "load_deepspeed_config", "zero_stage"]
+
+_COMMON: dict[str, Any] = {
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "train_batch_size": "auto",
+    "gradient_clipping": "auto",
+    "bf16": {"enabled": "auto"},
+    "fp16": {"enabled": False},
+    # the optimizer is the method's own (client) optimizer, not one of DeepSpeed's
+    "zero_allow_untested_optimizer": True,
+    "steps_per_print": 1000000,
+    "wall_clock_breakdown": False,
+}
+
+DEEPSPEED_CONFIGS: dict[str, dict[str, Any]] = {
+    "zero2": {
+        **_COMMON,
+        "zero_optimization": {
+            "stage": 2,
+            "allgather_partitions": True,
+            "allgather_bucket_size": 200000000,
+            "overlap_comm": True,
+            "reduce_scatter": True,
+            "reduce_bucket_size": "auto",
+            "contiguous_gradients": True,
+        },
+    },
+    "zero3": {
+        **_COMMON,
+        "zero_optimization": {
+            "stage": 3,
+            "overlap_comm": True,
+            "contiguous_gradients": True,
+            "sub_group_size": 1000000000,
+            "reduce_bucket_size": "auto",
+            "stage3_prefetch_bucket_size": "auto",
+            "stage3_param_persistence_threshold": "auto",
+            "stage3_max_live_parameters": 1000000000,
+            "stage3_max_reuse_distance": 1000000000,
+            "stage3_gather_16bit_weights_on_model_save": True,
+        },
+    },
+    "zero3_offload": {
+        **_COMMON,
+        "zero_optimization": {
+            "stage": 3,
+            "offload_optimizer": {"device": "cpu", "pin_memory": True},
+            "offload_param": {"device": "cpu", "pin_memory": True},
+            "overlap_comm": True,
+            "contiguous_gradients": True,
+            "sub_group_size": 1000000000,
+            "reduce_bucket_size": "auto",
+            "stage3_prefetch_bucket_size": "auto",
+            "stage3_param_persistence_threshold": "auto",
+            "stage3_max_live_parameters": 1000000000,
+            "stage3_max_reuse_distance": 1000000000,
+            "stage3_gather_16bit_weights_on_model_save": True,
+        },
+    },
+}
+"""Built-in DeepSpeed configs by ``--deepspeed`` name."""
+
+
+def load_deepspeed_config(spec: str | dict[str, Any]) -> dict[str, Any]:
+    """A built-in name (``zero2``, ``zero3``, ``zero3_offload``), a JSON path, or a dict (copied)."""
+    if isinstance(spec, dict):
+        return copy.deepcopy(spec)
+    if spec in DEEPSPEED_CONFIGS:
+        return copy.deepcopy(DEEPSPEED_CONFIGS[spec])
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"--deepspeed {spec!r} is neither a built-in config ({', '.join(DEEPSPEED_CONFIGS)}) nor a JSON file"
+        )
+    return json.loads(path.read_text())
+
+
+def zero_stage(config: dict[str, Any]) -> int:
+    return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
+def fill_deepspeed_config(
+    config: dict[str, Any],
+    *,
+    micro_batch_size: int,
+    gradient_accumulation_steps: int,
+    world_size: int,
+    max_grad_norm: float,
+    bf16: bool,
+    hidden_size: int | None = None,
+) -> dict[str, Any]:
+    """Replace every ``"auto"`` of ``config`` (in place; returned) with the run's values.
+
+    Bucket sizes follow transformers' DeepSpeed integration: ``reduce_bucket_size = h²``,
+    ``stage3_prefetch_bucket_size = 0.9·h²``, ``stage3_param_persistence_threshold = 10·h``
+    (``h`` = hidden size; DeepSpeed's own defaults when unknown).
+    """
+    values = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+        "train_batch_size": micro_batch_size * gradient_accumulation_steps * world_size,
+        "gradient_clipping": max_grad_norm,
+    }
+    for k, v in values.items():
+        if config.get(k) == "auto":
+            config[k] = v
+    if config.get("bf16", {}).get("enabled") == "auto":
+        config["bf16"]["enabled"] = bf16
+    if config.get("fp16", {}).get("enabled") == "auto":
+        config["fp16"]["enabled"] = False
+    zero = config.get("zero_optimization", {})
+    h = hidden_size
+    buckets = {
+        "reduce_bucket_size": h * h if h else 500_000_000,
+        "stage3_prefetch_bucket_size": int(0.9 * h * h) if h else 50_000_000,
+        "stage3_param_persistence_threshold": 10 * h if h else 100_000,
+    }
+    for k, v in buckets.items():
+        if zero.get(k) == "auto":
+            zero[k] = v
+    left = [k for k, v in _walk(config) if v == "auto"]
+    if left:
+        raise ValueError(f"--deepspeed config has 'auto' values the runner cannot fill: {', '.join(left)}; set them")
+    return config
+
+
+def _walk(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out += _walk(v, f"{prefix}{k}.")
+        else:
+            out.append((f"{prefix}{k}", v))
+    return out

@@ -1,0 +1,134 @@
+"""Shared fixtures of the runners' tests: tiny models saved to disk, fixture files in the real formats."""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+from pathlib import Path
+
+import pytest
+
+from loralab.core.testing import save_tiny, tiny_llama, tiny_roberta, tiny_t5
+
+NEUTRAL = "the a movie film plot actor story scene".split()
+POSITIVE = "great good fun best".split()
+NEGATIVE = "bad awful dull worst".split()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """``{"roberta": path, "llama": path, "t5": path}``: tiny models + offline tokenizer via save_pretrained."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {
+        "roberta": str(save_tiny(tiny_roberta(), root / "roberta")),
+        "llama": str(save_tiny(tiny_llama(), root / "llama")),
+        "t5": str(save_tiny(tiny_t5(), root / "t5")),
+    }
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def sst2_rows(n: int, seed: int) -> list[dict]:
+    # nyu-mll/glue sst2 columns: sentence, label, idx. Two sentiment words of the label among two neutral
+    # ones, shuffled: a byte-level 2-layer RoBERTa generalises from ~100 of these in a few dozen steps
+    # (with one sentiment word among five it only memorises the training set, in a plain AdamW loop too)
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = rng.randint(0, 1)
+        words = rng.choices(NEUTRAL, k=2) + rng.choices(POSITIVE if label else NEGATIVE, k=2)
+        rng.shuffle(words)
+        rows.append({"sentence": " ".join(words) + " ", "label": label, "idx": i})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def glue_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("glue")
+    return {
+        "train": write_jsonl(root / "sst2_train.jsonl", sst2_rows(32, 0)),
+        "validation": write_jsonl(root / "sst2_validation.jsonl", sst2_rows(16, 1)),
+    }
+
+
+def metamath_rows(n: int, seed: int) -> list[dict]:
+    # meta-math/MetaMathQA: query, response ("... The answer is: X"), type, original_question
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        q = f"What is {a} plus {b}?"
+        rows.append({"query": q, "response": f"{a} + {b} = {a + b}.\nThe answer is: {a + b}", "type": "GSM_Rephrased", "original_question": q})
+    return rows
+
+
+def gsm8k_rows(n: int, seed: int) -> list[dict]:
+    # openai/gsm8k main: question, answer ("reasoning <<a+b=c>>c\n#### c")
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        rows.append({"question": f"What is {a} plus {b}?", "answer": f"{a} + {b} = <<{a}+{b}={a + b}>>{a + b}\n#### {a + b}"})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def metamath_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("metamath")
+    train = root / "MetaMathQA-395K.json"  # the hub file is one JSON array
+    train.write_text(json.dumps(metamath_rows(24, 0)))
+    return {"train": str(train), "eval": write_jsonl(root / "gsm8k_test.jsonl", gsm8k_rows(6, 1))}
+
+
+HEAVY = ("rock", "brick", "anvil")
+LIGHT = ("feather", "leaf", "paper")
+
+
+def winogrande_rows(n: int, seed: int) -> list[dict]:
+    # allenai/winogrande columns: qID, sentence with one "_", option1, option2, answer "1"/"2". Whether the
+    # blank is the heavy or the light object follows from the word after it ("sank" / "floated"), an
+    # association a 2-layer byte-level Llama picks up in a few dozen steps
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        heavy, light = rng.choice(HEAVY), rng.choice(LIGHT)
+        options = [heavy, light] if rng.random() < 0.5 else [light, heavy]
+        sinks = rng.random() < 0.5
+        answer = options.index(heavy if sinks else light) + 1
+        sentence = f"I dropped a {options[0]} and a {options[1]} into the pond, and the _ {'sank' if sinks else 'floated'}."
+        rows.append({"qID": f"q{i}", "sentence": sentence, "option1": options[0], "option2": options[1], "answer": str(answer)})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def winogrande_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("winogrande")
+    return {
+        "train": write_jsonl(root / "train_xs.jsonl", winogrande_rows(16, 0)),
+        "validation": write_jsonl(root / "dev.jsonl", winogrande_rows(8, 1)),
+    }
+
+
+@pytest.fixture(scope="session")
+def helpers():
+    """The module's row makers and writers (test modules cannot import conftest under importlib mode)."""
+    import types
+
+    return types.SimpleNamespace(
+        free_port=free_port,
+        write_jsonl=write_jsonl,
+        sst2_rows=sst2_rows,
+        metamath_rows=metamath_rows,
+        gsm8k_rows=gsm8k_rows,
+        winogrande_rows=winogrande_rows,
+    )
