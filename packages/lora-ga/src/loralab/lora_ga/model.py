@@ -8,7 +8,7 @@ Two ways in, one machinery:
   keeps only the layer's factors ``(A, B)`` (r·(m+n) numbers, never the m·n gradient), then every
   layer gets ``A``, ``B`` and ``W0 ← W0 − s·B·A``.
 - ``with LoraGAContext(model, named_grad): peft.get_peft_model(model, config)`` (the seed's API, see
-  :mod:`loralab.lora_ga.compat`): the same writes, from a precomputed gradient dict.
+  :mod:`loralab.lora_ga.seed`): the same writes, from a precomputed gradient dict.
 
 PEFT's LoRA layers call ``lora_ga_init(adapter, config.lora_ga_config)`` for
 ``init_lora_weights="lora_ga"``. loralab routes that call (for a :class:`LoraGASettings` sub-config
@@ -43,9 +43,9 @@ from torch import Tensor, nn
 from loralab.core.distributed import gathered_parameters
 from loralab.core.gradients import estimate_gradients
 from loralab.core.quant import dequantize_weight, is_quantized, requantize_weight_
-from loralab.core.targets import layer_kind
+from loralab.core.targets import TargetLayer, find_targets, layer_kind
 from loralab.lora_ga.config import DTYPES, LoraGAConfig, LoraGASettings
-from loralab.lora_ga.maths import lora_ga_factors, offset_weight
+from loralab.lora_ga.maths import LoraGARankError, lora_ga_factors, offset_weight
 
 __all__ = ["LoraGAInitError", "get_lora_ga_model", "lora_ga_session"]
 
@@ -124,8 +124,12 @@ def write_lora_ga_layer(pending: _Pending, A: Tensor, B: Tensor) -> None:
     base = layer.get_base_layer()
     s = float(layer.scaling[adapter])
     with torch.no_grad(), gathered_parameters([lora_A, lora_B, base.weight], modifier_rank=0):
-        lora_A.data = A.to(device=lora_A.device, dtype=dtype).contiguous()
-        lora_B.data = B.to(device=lora_B.device, dtype=dtype).contiguous()
+        for param, value in ((lora_A, A), (lora_B, B)):
+            value = value.to(device=param.device, dtype=dtype)
+            if param.dtype == dtype and param.shape == value.shape:
+                param.copy_(value)  # in place: keeps DeepSpeed ZeRO-3's (gathered) storage valid
+            else:
+                param.data = value.contiguous()
         w = dequantize_weight(base)  # (out, in) float32 copy, whatever the storage (Linear, Conv1D, bnb)
         # Offset with the factors exactly as stored, so W0' x + s B (A x) = W0 x up to W0's rounding.
         requantize_weight_(base, offset_weight(w, lora_A.data, lora_B.data, s))
@@ -133,8 +137,8 @@ def write_lora_ga_layer(pending: _Pending, A: Tensor, B: Tensor) -> None:
     store[adapter] = (lora_A.detach().to("cpu", copy=True), lora_B.detach().to("cpu", copy=True))
 
 
-def factors_for(pending: _Pending, grad: Tensor, name: str) -> tuple[Tensor, Tensor]:
-    """LoRA-GA factors of one recorded layer from its (out, in) gradient."""
+def factors_for(pending: _Pending, grad: Tensor, name: str, *, svd_method: str = "auto") -> tuple[Tensor, Tensor]:
+    """LoRA-GA factors of one recorded layer from its (out, in) gradient (``name`` is used in errors)."""
     layer, adapter, st = pending.layer, pending.adapter, pending.settings
     weight = None
     if st.scale == "weight_svd":
@@ -147,7 +151,8 @@ def factors_for(pending: _Pending, grad: Tensor, name: str) -> tuple[Tensor, Ten
         scale=st.scale,
         stable_gamma=st.stable_gamma,
         weight=weight,
-        name=name,
+        name=_strip_prefix(name),
+        svd_method=svd_method,
     )
 
 
@@ -171,6 +176,7 @@ def get_lora_ga_model(
     estimation_model: nn.Module | None = None,
     gradients: Mapping[str, Tensor] | None = None,
     device: torch.device | str | None = None,
+    svd_method: str = "auto",
 ) -> PeftModel:
     """Wrap ``model`` in a LoRA-GA-initialised ``PeftModel`` (estimate → SVD → A, B, offset W0).
 
@@ -193,6 +199,9 @@ def get_lora_ga_model(
         gradients: precomputed ``{module name: (out, in) gradient}`` (names as in ``model``) instead of
             estimating.
         device: compute device for ``offload``.
+        svd_method: ``"auto"`` (randomized SVD with a 4r-column sketch and 4 power iterations, as the
+            reference's ``svd_lowrank(G, q=4r, niter=4)``, exact when that is not smaller), ``"full"``
+            (exact SVD) or ``"randomized"``.
 
     Returns:
         The ``PeftModel`` (``model`` is modified in place, as ``peft.get_peft_model`` does).
@@ -217,61 +226,91 @@ def get_lora_ga_model(
     for name, mod in peft_model.named_modules():
         if id(mod) in by_layer:
             names[name] = by_layer[id(mod)]
-    factors: dict[str, tuple[Tensor, Tensor]] = {}
+    try:
+        _check_ranks(names)  # before the (expensive) estimation, not after it
+        factors: dict[str, tuple[Tensor, Tensor]] = {}
 
-    def consumer(name: str, grad: Tensor) -> None:
-        factors[name] = factors_for(names[name], grad, name)
+        def consumer(name: str, grad: Tensor) -> None:
+            # Streaming: each finished gradient becomes r·(m+n) numbers here and is dropped by the caller.
+            factors[name] = factors_for(names[name], grad, name, svd_method=svd_method)
 
-    if gradients is not None:
-        for name, pending in names.items():
-            base_name = _strip_prefix(name)
-            if base_name not in gradients:
-                raise LoraGAInitError(f"gradients has no entry for target layer {base_name!r}")
-            grad = gradients[base_name]
-            expected = _out_in(pending.layer.get_base_layer())
-            if tuple(grad.shape) != expected:
-                raise LoraGAInitError(f"gradient of {base_name!r} must be (out, in) = {expected}, got {tuple(grad.shape)}")
-            consumer(name, grad)
-    elif estimation_model is not None:
-        by_base = {_strip_prefix(n): n for n in names}
-        estimate_gradients(
-            estimation_model,
-            _require(batches),
-            list(by_base),
-            num_batches=config.iters,
-            loss_fn=loss_fn,
-            consumer=lambda n, g: consumer(by_base[n], g),
-            offload=offload,
-            device=device,
-            no_split_module_classes=no_split_module_classes,
-            progress=progress,
-        )
-    else:
-        quantized = [n for n, p in names.items() if is_quantized(p.layer.get_base_layer())]
-        if quantized:
-            raise LoraGAInitError(
-                f"{len(quantized)} target layer(s) are quantized ({_strip_prefix(quantized[0])}, ...): LoRA-GA needs the "
-                "full-precision gradient. Estimate on a float model of the same checkpoint and initialise the quantized one: "
-                "get_lora_ga_model(quantized_model, config, batches, estimation_model=loralab.core.quant."
-                "load_float_model_for_estimation(path_or_quantized_model), offload=True)"
+        if gradients is not None:
+            for name, pending in names.items():
+                base_name = _strip_prefix(name)
+                if base_name not in gradients:
+                    raise LoraGAInitError(f"gradients has no entry for target layer {base_name!r}")
+                grad = gradients[base_name]
+                expected = _out_in(pending.layer.get_base_layer())
+                if tuple(grad.shape) != expected:
+                    raise LoraGAInitError(f"gradient of {base_name!r} must be (out, in) = {expected}, got {tuple(grad.shape)}")
+                consumer(name, grad)
+        elif estimation_model is not None:
+            by_base = {_strip_prefix(n): n for n in names}
+            estimate_gradients(
+                estimation_model,
+                _require(batches),
+                _targets(estimation_model, list(by_base)),
+                num_batches=config.iters,
+                loss_fn=loss_fn,
+                consumer=lambda n, g: consumer(by_base[n], g),
+                offload=offload,
+                device=device,
+                no_split_module_classes=no_split_module_classes,
+                progress=progress,
             )
-        estimate_gradients(
-            peft_model,
-            _require(batches),
-            list(names),
-            num_batches=config.iters,
-            loss_fn=loss_fn,
-            consumer=consumer,
-            offload=offload,
-            device=device,
-            no_split_module_classes=no_split_module_classes,
-            progress=progress,
-        )
+        else:
+            quantized = [n for n, p in names.items() if is_quantized(p.layer.get_base_layer())]
+            if quantized:
+                raise LoraGAInitError(
+                    f"{len(quantized)} target layer(s) are quantized ({_strip_prefix(quantized[0])}, ...): LoRA-GA needs the "
+                    "full-precision gradient. Estimate on a float model of the same checkpoint and initialise the quantized one: "
+                    "get_lora_ga_model(quantized_model, config, batches, estimation_model=loralab.core.quant."
+                    "load_float_model_for_estimation(path_or_quantized_model), offload=True)"
+                )
+            estimate_gradients(
+                peft_model,
+                _require(batches),
+                _targets(peft_model, list(names)),
+                num_batches=config.iters,
+                loss_fn=loss_fn,
+                consumer=consumer,
+                offload=offload,
+                device=device,
+                no_split_module_classes=no_split_module_classes,
+                progress=progress,
+            )
+    except BaseException:
+        # Nothing was written yet (B = 0, W0 untouched): give the caller back the model as it was.
+        peft_model.unload()
+        raise
     for name, pending in names.items():
         A, B = factors.pop(name)
         write_lora_ga_layer(pending, A, B)
     logger.info("LoRA-GA initialised %d layers", len(names))
     return peft_model
+
+
+def _targets(model: nn.Module, names: list[str]) -> dict[str, TargetLayer]:
+    """Exactly the named layers, heads included (PEFT adapts a head that target_modules names)."""
+    found = find_targets(model, names, include_heads=True)
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise LoraGAInitError(
+            f"{len(missing)} target layer(s) not found (or not float Linear/Conv1D) in the estimation model: "
+            + ", ".join(missing[:5])
+        )
+    return {n: found[n] for n in names}
+
+
+def _check_ranks(names: Mapping[str, _Pending]) -> None:
+    for name, pending in names.items():
+        m, n = _out_in(pending.layer.get_base_layer())
+        r = int(pending.layer.r[pending.adapter])
+        if 2 * r > min(m, n):
+            raise LoraGARankError(
+                f"layer {_strip_prefix(name)!r} ({m}x{n}): LoRA-GA needs 2r = {2 * r} singular vectors but the gradient has "
+                f"only min(m, n) = {min(m, n)}; use r <= {min(m, n) // 2} for this layer (rank_pattern) or exclude it"
+            )
 
 
 def _require(batches: Iterable[Any] | None) -> Iterable[Any]:
