@@ -15,7 +15,14 @@ import pytest
 import torch
 
 from loralab.core.testing import offline_tokenizer
-from loralab.runners.c4 import MODEL_CONFIGS, load_model_config, lr_multiplier, main, parse_args, run
+from loralab.runners.c4 import (
+    MODEL_CONFIGS,
+    load_model_config,
+    lr_multiplier,
+    main,
+    parse_args,
+    run,
+)
 from loralab.runners.c4.data import (
     DataExhaustedError,
     ListSource,
@@ -108,7 +115,7 @@ def test_stream_state_resumes_at_the_next_sequence(shards, tok, tmp_path):
 
 
 def test_shard_errors_name_the_file_and_the_fix(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no json/jsonl.*shards for split 'train'"):
+    with pytest.raises(FileNotFoundError, match=r"no json/jsonl.*shards for split 'train'"):
         find_shards(tmp_path, "train")
     bad = tmp_path / "c4-train.00000-of-00001.json"
     bad.write_text('{"content": "x"}\n')
@@ -168,7 +175,7 @@ def _saved(obj) -> bytes:
 
 
 def test_tokenized_dir_errors(tokenized, tmp_path):
-    with pytest.raises(FileNotFoundError, match="no tokens_meta.json.*pretokenize"):
+    with pytest.raises(FileNotFoundError, match=r"no tokens_meta.json.*pretokenize"):
         TokenizedSource(tmp_path)
     with pytest.raises(KeyError, match="has no 'test' split"):
         TokenizedSource(tokenized, "test")
