@@ -258,6 +258,24 @@ def test_state_dict_merge_and_remove_round_trip():
     assert remove_lorafa_layers(model) == []
 
 
+def test_a_stays_frozen_through_peft_adapter_switching():
+    # PEFT re-enables requires_grad on adapter weights in set_adapter / after disable_adapter();
+    # A must stay frozen (it is registered in PEFT's frozen_peft_weight_names)
+    model = peft_lora(tiny_llama(), target_modules=["q_proj", "v_proj"], lora_dropout=0.1)
+    apply_lorafa_layers(model)
+    ids = make_lm_batches(1, seq_len=SEQ)[0]["input_ids"]
+    with model.disable_adapter():
+        model(input_ids=ids)
+    model.set_adapter("default")
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert not any(p.A.requires_grad for p in find_lora_pairs(model))
+    assert all(p.B.requires_grad and p.B.grad is not None for p in find_lora_pairs(model))
+    remove_lorafa_layers(model)
+    model.set_adapter("default")  # back to plain LoRA: PEFT may train A again
+    assert all(p.A.requires_grad for p in find_lora_pairs(model))
+
+
 def test_errors_name_the_layer():
     with pytest.raises(LoraPairError, match="no PEFT LoRA layers"):
         apply_lorafa_layers(tiny_llama())

@@ -149,6 +149,28 @@ class FrozenDownProjection(nn.Linear):
         return f"{super().extra_repr()}, p={self.p}, frozen=True"
 
 
+def _register_frozen(module: nn.Module, adapter: str, weight_name: str, frozen: bool = True) -> None:
+    """Declare ``weight_name`` non-trainable to PEFT (>= 0.21) so ``set_adapter`` / ``disable_adapter()`` keep it frozen.
+
+    PEFT re-enables ``requires_grad`` on every adapter weight when an adapter is (re)activated, which would
+    break the frozen-A contract mid-training (e.g. after TRL's ``with model.disable_adapter():``); layers
+    list weights that must stay frozen in ``frozen_peft_weight_names``, which those code paths honour.
+    Older PEFT has no such list: the forward's requires-grad check then names the layer instead.
+    """
+    names = getattr(module, "frozen_peft_weight_names", None)
+    if not isinstance(names, dict):
+        return
+    names = {k: tuple(v) for k, v in names.items()}  # the class-level default is shared: never mutate it
+    current = names.get(adapter, ())
+    if frozen and weight_name not in current:
+        names[adapter] = (*current, weight_name)
+    elif not frozen:
+        names[adapter] = tuple(n for n in current if n != weight_name)
+        if not names[adapter]:
+            del names[adapter]
+    module.frozen_peft_weight_names = names
+
+
 def apply_lorafa_layers(model: nn.Module, adapter_name: str | None = None) -> list[str]:
     """Make every LoRA layer of ``model`` a memory-saving LoRA-FA layer (in place); returns their names.
 
@@ -200,6 +222,7 @@ def apply_lorafa_layers(model: nn.Module, adapter_name: str | None = None) -> li
                 "layer supports nn.Dropout or nn.Identity"
             )
         down.weight.requires_grad_(False)
+        _register_frozen(module, adapter, "lora_A")
         down.__class__ = FrozenDownProjection
         down.p = p
         down.layer_name = pair.name
@@ -229,6 +252,7 @@ def remove_lorafa_layers(model: nn.Module, adapter_name: str | None = None) -> l
         if not isinstance(down, FrozenDownProjection):
             continue
         p = down.p
+        _register_frozen(module, adapter, "lora_A", frozen=False)
         down.__class__ = nn.Linear
         del down.p, down.layer_name
         module.lora_dropout[adapter] = nn.Dropout(p) if p > 0.0 else nn.Identity()
