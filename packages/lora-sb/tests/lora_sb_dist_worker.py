@@ -1,0 +1,121 @@
+"""Run by test_lora_sb_distributed.py with 2 CPU ranks (gloo), both modes in one launch.
+
+The launcher is ``accelerate launch --multi_gpu --num_processes 2`` (its torchrun path; accelerate's
+``--cpu`` multi-process path needs mpirun) and the script runs ``Accelerator(cpu=True)`` (gloo):
+
+- ``accelerate``: ``get_lora_sb_model`` estimates on this rank's batches (loralab.core all-reduces the
+  gradients), then ``accelerator.prepare`` (DDP) trains ``R`` with AdamW.
+- ``zero2``: ``deepspeed.init_distributed("gloo")`` (reuses the process group), a fresh model with the
+  same init, then ``deepspeed.initialize`` with ZeRO stage 2 trains ``R`` with a torch AdamW client
+  optimizer. One launch for both keeps the test inside its time budget (process start-up dominates).
+
+Each rank writes ``{prefix}.{mode}.{rank}.pt``: the init factors (A, B, R per layer) and the final R.
+The constants are shared with the test (it loads this file).
+"""
+
+import sys
+
+import torch
+
+RANK_R = 4
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+INIT_LR = 1e-3
+TRAIN_LR = 1e-2
+MICRO = 2  # per-rank micro-batch size; the global batch is 2 * MICRO
+STEPS = 3
+
+
+def init_batches(rank: int):
+    from loralab.core.testing import make_lm_batches
+
+    return make_lm_batches(2, batch_size=MICRO, seed=10 + rank)
+
+
+def train_batches(rank: int):
+    from loralab.core.testing import make_lm_batches
+
+    return make_lm_batches(STEPS, batch_size=MICRO, seed=20 + rank)
+
+
+def build(batches):
+    from loralab.core.testing import tiny_llama
+    from loralab.lora_sb import LoraSBConfig, get_lora_sb_model
+
+    config = LoraSBConfig(r=RANK_R, target_modules=TARGETS)
+    return get_lora_sb_model(tiny_llama(), config, batches, lr=INIT_LR, progress=False)
+
+
+def factors(model):
+    from loralab.lora_sb import lora_sb_layers
+
+    return {
+        f"{name}.{slot}": getattr(layer, slot)["default"].weight.detach().clone()
+        for name, layer in lora_sb_layers(model).items()
+        for slot in ("lora_A", "lora_B", "lora_R")
+    }
+
+
+def final_r(model):
+    from loralab.lora_sb import lora_sb_layers
+
+    return {f"{name}.lora_R": layer.lora_R["default"].weight.detach().clone() for name, layer in lora_sb_layers(model).items()}
+
+
+def make_optimizer(model):
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=TRAIN_LR, weight_decay=0.0)
+
+
+def run_accelerate() -> tuple[int, dict, dict]:
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    assert accelerator.num_processes == 2, accelerator.num_processes
+    rank = accelerator.process_index
+    model = build(init_batches(rank))
+    init = factors(model)
+    opt = make_optimizer(model)
+    ddp_model, opt = accelerator.prepare(model, opt)
+    ddp_model.train()
+    for batch in train_batches(rank):
+        accelerator.backward(ddp_model(**batch).loss)
+        opt.step()
+        opt.zero_grad()
+    return rank, init, final_r(model)
+
+
+def run_zero2() -> tuple[int, dict, dict]:
+    import deepspeed
+    import torch.distributed as dist
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = dist.get_rank()
+    model = build(init_batches(rank))
+    init = factors(model)
+    config = {
+        "train_micro_batch_size_per_gpu": MICRO,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 2},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+    engine, *_ = deepspeed.initialize(model=model, optimizer=make_optimizer(model), config=config)
+    assert type(engine.optimizer).__name__ == "DeepSpeedZeroOptimizer", type(engine.optimizer).__name__
+    engine.train()
+    for batch in train_batches(rank):
+        engine.backward(engine(**batch).loss)
+        engine.step()
+    return rank, init, final_r(model)
+
+
+def main(prefix: str) -> None:
+    import torch.distributed as dist
+
+    for mode, run in (("accelerate", run_accelerate), ("zero2", run_zero2)):
+        rank, init, final = run()
+        torch.save({"init": init, "final": final}, f"{prefix}.{mode}.{rank}.pt")
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

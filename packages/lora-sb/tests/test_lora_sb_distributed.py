@@ -1,0 +1,107 @@
+"""LoRA-SB with 2 CPU ranks (gloo): accelerate (DDP) and DeepSpeed ZeRO-2 (torchrun + deepspeed.initialize).
+
+Each rank estimates the init on its own batches; loralab.core all-reduces the gradients, so every rank
+must build the same factors, equal to a single process's init from the concatenated batches. Training
+``R`` on per-rank micro-batches must then equal one process training on the global batch.
+"""
+
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+WORKER = Path(__file__).with_name("lora_sb_dist_worker.py")
+_spec = importlib.util.spec_from_file_location("lora_sb_dist_worker", WORKER)
+w = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(w)
+
+INIT_RTOL = 1e-5  # same gradients up to the all-reduce's summation order (float32)
+TRAIN_RTOL = 1e-4  # relative to the size of R's change over the steps
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """One 2-rank launch (accelerate's torchrun path) running both modes; returns ``load(mode)``."""
+    pytest.importorskip("deepspeed")
+    prefix = tmp_path_factory.mktemp("lora_sb_dist") / "run"
+    # --multi_gpu is accelerate's torchrun launcher; Accelerator(cpu=True) in the worker makes it multi-CPU
+    # with gloo (accelerate's --cpu multi-process launcher goes through mpirun instead).
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([*launcher, str(WORKER), str(prefix)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return lambda mode: [torch.load(f"{prefix}.{mode}.{r}.pt", weights_only=True) for r in (0, 1)]
+
+
+def _cat(a, b):
+    return [{k: torch.cat([x[k], y[k]]) for k in x} for x, y in zip(a, b)]
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    """One process: init from the concatenated init batches, train on the concatenated (global) batches."""
+    def train(batches):
+        model = w.build(_cat(w.init_batches(0), w.init_batches(1)))
+        opt = w.make_optimizer(model)
+        model.train()
+        for batch in batches:
+            model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        return w.final_r(model)
+
+    model = w.build(_cat(w.init_batches(0), w.init_batches(1)))
+    return {
+        "init": w.factors(model),
+        "global": train(_cat(w.train_batches(0), w.train_batches(1))),
+        "rank0_only": train(w.train_batches(0)),  # what training without gradient averaging would give
+    }
+
+
+def _delta(f, layer):
+    return f[f"{layer}.lora_B"] @ f[f"{layer}.lora_R"] @ f[f"{layer}.lora_A"]  # scaling is 1 (alpha = r)
+
+
+def _rel_change(got, ref, init):
+    return max(((got[k] - ref[k]).norm() / (ref[k] - init[k]).norm()).item() for k in ref)
+
+
+def _check(ranks, ref):
+    r0, r1 = ranks
+    layers = sorted({k.rsplit(".", 1)[0] for k in ref["init"]})
+    assert len(layers) == 2 * len(w.TARGETS)
+    # identical init on every rank (same all-reduced gradients, same local generator)
+    assert r0["init"].keys() == r1["init"].keys() == ref["init"].keys()
+    for k in r0["init"]:
+        assert torch.equal(r0["init"][k], r1["init"][k]), k
+    # ... equal to the single-process init from the concatenated batches
+    for layer in layers:
+        got, want = _delta(r0["init"], layer), _delta(ref["init"], layer)
+        assert (got - want).norm() <= INIT_RTOL * want.norm(), layer
+    # training steps equal one process on the global batch (and not one rank's batch alone)
+    init_r = {k: v for k, v in ref["init"].items() if k.endswith("lora_R")}
+    assert _rel_change(ref["rank0_only"], ref["global"], init_r) > 0.05
+    for out in ranks:
+        assert _rel_change(out["final"], ref["global"], init_r) < TRAIN_RTOL
+
+
+@pytest.mark.multiprocess
+def test_accelerate_two_cpu_processes(launched, single_process):
+    _check(launched("accelerate"), single_process)
+
+
+@pytest.mark.multiprocess
+def test_deepspeed_zero2_two_ranks(launched, single_process):
+    _check(launched("zero2"), single_process)
