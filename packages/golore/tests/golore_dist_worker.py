@@ -1,8 +1,11 @@
 """Run by test_golore_distributed.py under ``torchrun --nproc-per-node 2`` (gloo, CPU).
 
-mode ``ddp``: GoLore (random projectors) + GaLore groups under DDP, each rank a different batch;
-writes this rank's parameters. mode ``zero0`` / ``zero2``: the same optimizer as a DeepSpeed client
-optimizer; stage 0 must train, stage 2 must raise our clear error (written to the output file).
+One launch runs every mode in turn on the same seeded model, each rank a different batch, and writes
+``{prefix}.{mode}.{rank}.pt`` (the trained parameters, or ``{"error": message}``):
+
+- ``ddp``: GoLore (SVD, then random projectors) + GaLore groups under DDP;
+- ``zero0`` / ``zero1`` / ``zero2``: the same optimizer as a DeepSpeed client optimizer;
+- ``zero3``: must raise our clear error.
 """
 
 import sys
@@ -13,58 +16,60 @@ import torch.distributed as dist
 from loralab.core.testing import make_lm_batches, tiny_llama
 from loralab.golore import GoLoreAdamW
 
+MODES = ("ddp", "zero0", "zero1", "zero2", "zero3")
+STEPS = 4
+
 
 def groups(model):
     proj = [p for n, p in model.named_parameters() if n.endswith("proj.weight")]
     ids = {id(p) for p in proj}
     return [
         dict(params=[p for p in model.parameters() if id(p) not in ids]),
-        dict(params=proj, rank=4, update_proj_gap=2, rand_ratio=0.5, total_steps=4),
+        # weight decay and a 1-D-free matrix group; refresh at steps 0 (SVD) and 2 (random)
+        dict(params=proj, rank=4, update_proj_gap=2, rand_ratio=0.5, total_steps=STEPS),
     ]
 
 
-def main(mode: str, prefix: str) -> None:
-    if mode == "ddp":
-        dist.init_process_group("gloo")
-    else:
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="gloo")
-    rank = dist.get_rank()
+def run(mode, rank):
     model = tiny_llama()
-    opt = GoLoreAdamW(groups(model), lr=1e-3)
-    batches = make_lm_batches(4, seed=rank)  # different data per rank
+    opt = GoLoreAdamW(groups(model), lr=1e-2, weight_decay=0.1)
+    batches = make_lm_batches(STEPS, seed=rank)  # different data per rank
     if mode == "ddp":
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         for b in batches:
             opt.zero_grad()
             ddp(**b).loss.backward()
             opt.step()
-        torch.save({n: p.detach() for n, p in model.named_parameters()}, f"{prefix}.{rank}.pt")
-    else:
-        import deepspeed
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+    import deepspeed
 
-        stage = int(mode[-1])
-        cfg = {
-            "train_micro_batch_size_per_gpu": 2,
-            "zero_optimization": {"stage": stage},
-            "zero_allow_untested_optimizer": True,
-        }
+    cfg = {
+        "train_micro_batch_size_per_gpu": 2,
+        "zero_optimization": {"stage": int(mode[-1])},
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": 0.0,  # DeepSpeed clips to 1.0 by default; DDP does not clip
+    }
+    try:
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
-        try:
-            for b in batches:
-                loss = engine(**b).loss
-                engine.backward(loss)
-                engine.step()
-            msg = "ok"
-        except RuntimeError as e:
-            msg = str(e)
-        with open(f"{prefix}.{rank}.txt", "w") as fh:
-            fh.write(msg)
-        torch.save({n: p.detach() for n, p in model.named_parameters()}, f"{prefix}.{rank}.pt")
-    dist.barrier()
+        for b in batches:
+            loss = engine(**b).loss
+            engine.backward(loss)
+            engine.step()
+    except (RuntimeError, NotImplementedError) as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def main(prefix: str) -> None:
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = dist.get_rank()
+    for mode in MODES:
+        torch.save(run(mode, rank), f"{prefix}.{mode}.{rank}.pt")
+        dist.barrier()
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1])

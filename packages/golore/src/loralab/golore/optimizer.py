@@ -191,11 +191,14 @@ class SubspaceOptimizer(Optimizer):
         where = f"{type(self).__name__} param group {len(self.param_groups) - 1}"
         self._validate_base(group, where)
         _validate_subspace_group(group, where)
-        # remember which groups had matrices to project, to detect ZeRO-style flattening later
-        # (keyed by the group dict: DeepSpeed steps one group at a time through a one-element list)
-        self.__dict__.setdefault("_had_matrices", {})[id(group)] = group[
-            "rank"
-        ] is not None and any(p.dim() == 2 for p in group["params"])
+        # Remember each group's index and, for groups with matrices to project, its parameters:
+        # DeepSpeed ZeRO-1/2 later replaces them by one flat fp32 partition and steps one group at a
+        # time through a one-element param_groups list (so the enumerate index is not the group's).
+        has_matrices = group["rank"] is not None and any(p.dim() == 2 for p in group["params"])
+        self.__dict__.setdefault("_group_info", {})[id(group)] = (
+            len(self.param_groups) - 1,
+            list(group["params"]) if has_matrices else None,
+        )
 
     def _validate_base(
         self, group: dict[str, Any], where: str
@@ -209,7 +212,12 @@ class SubspaceOptimizer(Optimizer):
         are float32 for bf16/fp16 parameters, and a round trip through bf16 would lose precision
         (and exact resume).
         """
+        # torch rebuilds the param-group dicts: carry our per-group bookkeeping over, in order
+        infos = [self.__dict__.get("_group_info", {}).get(id(g)) for g in self.param_groups]
         super().load_state_dict(state_dict)
+        self._group_info = {
+            id(g): info for g, info in zip(self.param_groups, infos) if info is not None
+        }
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         ours = [p for g in self.param_groups for p in g["params"]]
         for sid, p in zip(saved_ids, ours):
@@ -286,47 +294,131 @@ class SubspaceOptimizer(Optimizer):
         self._store_mats(state, side, new)
 
     # ---------------------------------------------------------------- stepping
-    def _check_not_flattened(self, group: dict[str, Any], gi: int) -> None:
-        had = self.__dict__.get("_had_matrices", {})
-        if had.get(id(group)) and not any(p.dim() == 2 for p in group["params"]):
+    def _group_index(self, group: dict[str, Any], default: int) -> int:
+        info = self.__dict__.get("_group_info", {}).get(id(group))
+        return default if info is None else info[0]
+
+    def _flattened_originals(self, group: dict[str, Any]) -> list[Tensor] | None:
+        """The group's original matrices when DeepSpeed ZeRO replaced them by a flat partition, else None."""
+        info = self.__dict__.get("_group_info", {}).get(id(group))
+        if info is None or info[1] is None or any(p.dim() == 2 for p in group["params"]):
+            return None
+        return info[1]
+
+    def _prepare_item(
+        self,
+        p: Tensor,
+        grad: Tensor,
+        state: dict[str, Any],
+        group: dict[str, Any],
+        gi: int,
+        pi: int,
+    ) -> tuple[Tensor, Tensor, dict[str, Any], Side | None]:
+        if grad.is_sparse:
             raise RuntimeError(
-                f"{type(self).__name__}: a param group with rank={group['rank']} had 2-D weights to project but now holds only "
-                f"{[tuple(p.shape) for p in group['params']][:3]}: its parameters were replaced by flat partitions "
-                "(DeepSpeed ZeRO stage 1/2/3 does this to a client optimizer). A low-rank projector needs the weight "
-                "matrices: use DDP, or DeepSpeed with zero_optimization.stage = 0 (GaLore's state is already small)."
+                f"{type(self).__name__} does not support sparse gradients (param group {gi}, shape {tuple(p.shape)})"
             )
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0)
+        step = int(state["step"].item())
+        grad = self._preprocess_grad(p, grad, group)
+        side: Side | None = None
+        if group["rank"] is not None and p.dim() == 2:
+            side = projector_side(p.shape, group["proj_type"])
+            if step % group["update_proj_gap"] == 0 or self._projector_mats(state, side) is None:
+                self._refresh(p, grad, state, group, gi, pi, side, step)
+            grad = project(grad, self._projector_mats(state, side), side)
+        return p, grad, state, side
 
     def _gather(
         self, group: dict[str, Any], gi: int, params: Iterable[Tensor] | None = None
     ) -> list[tuple[Tensor, Tensor, dict[str, Any], Side | None]]:
-        if params is None:
-            self._check_not_flattened(group, gi)
         items = []
         index = {id(p): i for i, p in enumerate(group["params"])}
         for p in group["params"] if params is None else params:
             if p.grad is None:
                 continue
-            if p.grad.is_sparse:
-                raise RuntimeError(
-                    f"{type(self).__name__} does not support sparse gradients (param group {gi}, shape {tuple(p.shape)})"
-                )
-            pi = index[id(p)]
-            state = self.state[p]
-            if "step" not in state:
-                state["step"] = torch.tensor(0.0)
-            step = int(state["step"].item())
-            grad = self._preprocess_grad(p, p.grad, group)
-            side: Side | None = None
-            if group["rank"] is not None and p.dim() == 2:
-                side = projector_side(p.shape, group["proj_type"])
-                if (
-                    step % group["update_proj_gap"] == 0
-                    or self._projector_mats(state, side) is None
-                ):
-                    self._refresh(p, grad, state, group, gi, pi, side, step)
-                grad = project(grad, self._projector_mats(state, side), side)
-            items.append((p, grad, state, side))
+            items.append(self._prepare_item(p, p.grad, self.state[p], group, gi, index[id(p)]))
         return items
+
+    def _step_zero_partition(self, group: dict[str, Any], gi: int, originals: list[Tensor]) -> None:
+        """One step of a group whose matrices DeepSpeed ZeRO-1/2 flattened into this rank's partition.
+
+        DeepSpeed hands the client optimizer one flat fp32 partition of the group (its slice of the
+        concatenated, padded parameters) and that slice of the averaged gradient. A projector needs
+        whole gradient matrices, so: all-gather the gradient partitions (one all-gather per step, as
+        large as DDP's all-reduce), and for every parameter that overlaps this rank's slice, run the
+        ordinary update on a full-size copy (the replicated model weights, with this rank's exact fp32
+        master values in its slice), then write back only the slice this rank owns. Ranks that share a
+        matrix across a partition boundary compute the same update (same gradient, same seeded
+        projector), so their low-rank states stay identical; every other matrix's state lives on one
+        rank only. The states are stored in the partition's ``state`` under ``"param{i}.<key>"``
+        (tensors only, so DeepSpeed's checkpoints keep them).
+        """
+        import torch.distributed as dist
+
+        where = f"{type(self).__name__} param group {gi}"
+        if any(hasattr(p, "ds_tensor") or hasattr(p, "ds_id") for p in originals):
+            raise NotImplementedError(
+                f"{where}: DeepSpeed ZeRO-3 partitions the weight matrices themselves, so no rank holds a "
+                "whole matrix to project. Use ZeRO stage 1 or 2 (supported: the projector runs on all-gathered "
+                "gradients) or DDP; GaLore's optimizer state is already low-rank."
+            )
+        if len(group["params"]) != 1 or group["params"][0].dim() != 1:
+            raise RuntimeError(
+                f"{where}: had 2-D weights to project but now holds {[tuple(p.shape) for p in group['params']][:3]}; "
+                "expected DeepSpeed ZeRO-1/2's single flat partition. Another wrapper replaced the parameters: "
+                "use DDP or DeepSpeed ZeRO stage 0/1/2."
+            )
+        flat = group["params"][0]
+        if flat.grad is None:
+            return
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                f"{where}: the parameters were flattened (DeepSpeed ZeRO) but torch.distributed is not initialized"
+            )
+        storage = originals[0].untyped_storage()
+        if any(p.untyped_storage().data_ptr() != storage.data_ptr() for p in originals):
+            raise RuntimeError(
+                f"{where}: the original weights are not views of one flat buffer, so their place in the DeepSpeed "
+                "ZeRO partition is unknown. Use DDP or DeepSpeed ZeRO stage 0/1/2 with the default settings."
+            )
+        world, rank = dist.get_world_size(), dist.get_rank()
+        size = flat.numel()
+        if storage.nbytes() // originals[0].element_size() != world * size:
+            raise RuntimeError(
+                f"{where}: the flat buffer ({storage.nbytes() // originals[0].element_size()} elements) is not "
+                f"world_size ({world}) x the partition ({size}): ZeRO with a data-parallel group smaller than the "
+                "world (model/expert parallelism) is not supported; use DDP."
+            )
+        parts = [torch.empty_like(flat.grad) for _ in range(world)]
+        dist.all_gather(parts, flat.grad.detach().contiguous())
+        full_grad = torch.cat(parts)
+        start, end = rank * size, (rank + 1) * size
+        state = self.state[flat]
+        items, spans, substates = [], [], []
+        for pi, p in enumerate(originals):
+            off, n = p.storage_offset(), p.numel()
+            lo, hi = max(off, start), min(off + n, end)
+            if lo >= hi:
+                continue  # no part of this weight lives in this rank's partition
+            prefix = f"param{pi}."
+            sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            # the replicated model weights (the bit16 copy of the master)
+            full = p.detach().to(flat.dtype).clone()
+            full.view(-1)[lo - off : hi - off] = flat.detach()[lo - start : hi - start]
+            grad = full_grad[off : off + n].view(p.shape)
+            items.append(self._prepare_item(full, grad, sub, group, gi, pi))
+            spans.append((lo - off, hi - off, lo - start, hi - start))
+            substates.append((prefix, sub))
+        if items:
+            self._update(group, items)
+        with torch.no_grad():
+            for (full, _g, _s, _side), (a, b, c, d) in zip(items, spans):
+                flat[c:d] = full.view(-1)[a:b]
+        for prefix, sub in substates:
+            for k, v in sub.items():
+                state[prefix + k] = v
 
     def _preprocess_grad(self, p: Tensor, grad: Tensor, group: dict[str, Any]) -> Tensor:
         return grad
@@ -355,7 +447,12 @@ class SubspaceOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for gi, group in enumerate(self.param_groups):
+        for k, group in enumerate(self.param_groups):
+            gi = self._group_index(group, k)
+            originals = self._flattened_originals(group)
+            if originals is not None:
+                self._step_zero_partition(group, gi, originals)
+                continue
             items = self._gather(group, gi)
             if items:
                 self._update(group, items)
@@ -364,9 +461,9 @@ class SubspaceOptimizer(Optimizer):
     @torch.no_grad()
     def step_parameter(self, param: Tensor) -> None:
         """Step one parameter (its group's hyper-parameters); used by layer-wise stepping hooks."""
-        for gi, group in enumerate(self.param_groups):
+        for k, group in enumerate(self.param_groups):
             if any(p is param for p in group["params"]):
-                items = self._gather(group, gi, [param])
+                items = self._gather(group, self._group_index(group, k), [param])
                 if items:
                     self._update(group, items)
                 return
