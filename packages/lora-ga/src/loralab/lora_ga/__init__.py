@@ -3,14 +3,24 @@
 from loralab.lora_ga.config import LoraGAConfig
 from loralab.lora_ga.maths import LoraGARankError, lora_ga_factors, lora_scaling, offset_weight
 from loralab.lora_ga.model import LoraGAInitError, get_lora_ga_model
+from loralab.lora_ga.seed import (
+    LoraGAContext,
+    estimate_gradient,
+    save_loraga_model_final,
+    save_loraga_model_init,
+)
 
 __version__ = "0.1.0"
 __all__ = [
     "LoraGAConfig",
+    "LoraGAContext",
     "LoraGAInitError",
     "LoraGARankError",
+    "estimate_gradient",
     "get_lora_ga_model",
     "lora_ga_factors",
     "lora_scaling",
     "offset_weight",
+    "save_loraga_model_final",
+    "save_loraga_model_init",
 ]
