@@ -180,9 +180,9 @@ def find_and_initialize_grad(
     initialize_from_updates_(model, updates, adapter_name=adapter_name)
     model.base_model.set_adapter(adapter_name)
     if writer is not None:
-        for name, layer in layers.items():
+        for name, layer in layers.items():  # (no autograd: R requires grad)
             delta = updates[name].to(layer.lora_R[adapter_name].weight.device)
-            approx = layer.get_delta_weight(adapter_name)
+            approx = layer.get_delta_weight(adapter_name).detach()
             approx = (approx.T if layer.fan_in_fan_out else approx).to(delta)
             rel = (delta - approx).norm() / delta.norm().clamp_min(1e-30)
             writer.add_scalar(f"lora_sb_init/{name}/relative_error", float(rel), 0)

@@ -190,9 +190,16 @@ def initialize_lora_sb_weights(
                            consumer=consumer, offload=offload, progress=progress)
         del twin
     else:
-        targets = {n: TargetLayer(n, m.get_base_layer(), layer_kind(m.get_base_layer())) for n, m in layers.items()}
+        # Target names as seen from the PeftModel itself ("base_model.model." + un-wrapped name): the
+        # offloaded estimator matches targets to decoder blocks by these names.
+        prefix = "base_model.model."
+        targets = {prefix + n: TargetLayer(prefix + n, m.get_base_layer(), layer_kind(m.get_base_layer())) for n, m in layers.items()}
+
+        def unprefixed(name: str, grad: Tensor) -> None:
+            consumer(name[len(prefix):], grad)
+
         with model.disable_adapter():
-            estimate_gradients(model, batches, targets, num_batches=num_batches, loss_fn=loss_fn, consumer=consumer,
+            estimate_gradients(model, batches, targets, num_batches=num_batches, loss_fn=loss_fn, consumer=unprefixed,
                                offload=offload, progress=progress)
     missing = sorted(set(layers) - consume.done)  # type: ignore[attr-defined]
     if missing:
