@@ -287,3 +287,42 @@ def test_error_scaling_zero():
     model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=RANK, lora_alpha=0, target_modules=["q_proj"]))
     with pytest.raises(LoraFAError, match="has scaling 0"):
         create_lorafa_optimizer(model, RANK, 0, LR)
+
+
+def test_qlora_nf4_base(tmp_path):
+    """bitsandbytes NF4 base through PEFT's QLoRA path (CPU): pairs found on the 4-bit LoRA layers,
+    A untouched, B updated by exactly the corrected AdamW step (float64 reference, one step)."""
+    import bitsandbytes as bnb
+    import transformers
+
+    from loralab.core.testing import save_tiny
+
+    path = save_tiny(tiny_llama(0), tmp_path / "tiny", tokenizer=False)
+    quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    base = transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, device_map="cpu", dtype=torch.float32)
+    torch.manual_seed(0)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"]))
+    pairs = find_lora_pairs(model)
+    assert len(pairs) == 4 and all(isinstance(p.module.base_layer, bnb.nn.Linear4bit) for p in pairs)
+    opt = create_lorafa_optimizer(model, RANK, ALPHA, LR, weight_decay=WD)
+    batches = make_lm_batches(2, seed=8)
+    model(**batches[0]).loss.backward()
+    opt.step()
+    opt.zero_grad()
+    model(**batches[1]).loss.backward()
+    A0 = [p.A.detach().clone() for p in pairs]
+    before = {id(p.B): (p.B.detach().double().clone(), p.B.grad.double().clone(), opt.state[p.B]) for p in pairs}
+    expected = {}
+    for pair in pairs:
+        B, g, st = before[id(pair.B)]
+        A = pair.A.detach().double()
+        g = g @ torch.linalg.inv(A @ A.T + 1e-8 * torch.eye(RANK, dtype=A.dtype)) / (ALPHA / RANK) ** 2
+        m = BETAS[0] * st["exp_avg"].double() + (1 - BETAS[0]) * g
+        v = BETAS[1] * st["exp_avg_sq"].double() + (1 - BETAS[1]) * g * g
+        x = B - LR * math.sqrt(1 - BETAS[1] ** 2) / (1 - BETAS[0] ** 2) * m / (v.sqrt() + EPS)
+        expected[id(pair.B)] = x - LR * WD * x
+    opt.step()
+    for pair, a0 in zip(pairs, A0):
+        assert torch.equal(pair.A, a0)
+        assert _rel(pair.B.detach(), expected[id(pair.B)]) < TOL
+        assert pair.B.abs().max() > 0
