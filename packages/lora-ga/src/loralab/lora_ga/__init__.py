@@ -3,6 +3,7 @@
 from loralab.lora_ga.config import LoraGAConfig
 from loralab.lora_ga.maths import LoraGARankError, lora_ga_factors, lora_scaling, offset_weight
 from loralab.lora_ga.model import LoraGAInitError, get_lora_ga_model
+from loralab.lora_ga.save import load_lora_ga_model, save_lora_ga_adapter, save_lora_ga_model
 from loralab.lora_ga.seed import (
     LoraGAContext,
     estimate_gradient,
@@ -18,9 +19,12 @@ __all__ = [
     "LoraGARankError",
     "estimate_gradient",
     "get_lora_ga_model",
+    "load_lora_ga_model",
     "lora_ga_factors",
     "lora_scaling",
     "offset_weight",
+    "save_lora_ga_adapter",
+    "save_lora_ga_model",
     "save_loraga_model_final",
     "save_loraga_model_init",
 ]
