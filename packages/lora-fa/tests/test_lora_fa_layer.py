@@ -335,13 +335,10 @@ def load_nf4(path):
     return AutoModelForCausalLM.from_pretrained(path, quantization_config=q, device_map="cpu", dtype=torch.float32)
 
 
-def test_nf4_qlora_matches_peft_with_frozen_A(nf4_path, patch_seeds):
-    import bitsandbytes as bnb
-
-    base = load_nf4(nf4_path)
-    assert isinstance(base.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
-    ref = freeze_A(peft_lora(base, target_modules=LLAMA_TARGETS, lora_dropout=0.2))
-    ours = peft_lora(load_nf4(nf4_path), target_modules=LLAMA_TARGETS, lora_dropout=0.2)
+def nf4_pair(path, patch_seeds, dropout: float = 0.2):
+    """PEFT LoRA (A frozen, reference masks) and ours on two loads of the same NF4 model, same LoRA weights."""
+    ref = freeze_A(peft_lora(load_nf4(path), target_modules=LLAMA_TARGETS, lora_dropout=dropout))
+    ours = peft_lora(load_nf4(path), target_modules=LLAMA_TARGETS, lora_dropout=dropout)
     lora = {n: p for n, p in ref.named_parameters() if "lora_" in n}
     with torch.no_grad():
         for n, p in ours.named_parameters():
@@ -350,9 +347,34 @@ def test_nf4_qlora_matches_peft_with_frozen_A(nf4_path, patch_seeds):
     apply_lorafa_layers(ours)
     use_mask_dropout(ref, SeedSequence(1000))
     patch_seeds(1000)
+    return ref.train(), ours.train()
+
+
+def test_nf4_qlora_matches_peft_with_frozen_A(nf4_path, patch_seeds):
+    import bitsandbytes as bnb
+
+    ref, ours = nf4_pair(nf4_path, patch_seeds)
+    assert isinstance(ours.base_model.model.model.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
     batch = make_lm_batches(1, seq_len=SEQ)[0]
-    ref.train(), ours.train()
     assert_same(run_step(ours, batch), run_step(ref, batch), F32)
+
+
+def test_nf4_with_the_lorafa_optimizer_trains_like_peft_lorafa(nf4_path, patch_seeds):
+    # bullet 4: quantized base + memory-saving layer + our optimizer == the same optimizer on PEFT's layers
+    from loralab.lora_fa import create_lorafa_optimizer
+
+    ref, ours = nf4_pair(nf4_path, patch_seeds)
+    A0 = {p.name: p.A.detach().clone() for p in find_lora_pairs(ours)}
+    opts = [create_lorafa_optimizer(m, r=RANK, lora_alpha=8, lr=1e-2) for m in (ref, ours)]
+    for batch in make_lm_batches(3, seq_len=SEQ, seed=1):
+        for model, opt in zip((ref, ours), opts):
+            model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    want = {p.name: p.B for p in find_lora_pairs(ref)}
+    for pair in find_lora_pairs(ours):
+        assert torch.equal(pair.A, A0[pair.name]), pair.name
+        torch.testing.assert_close(pair.B, want[pair.name], rtol=1e-4, atol=1e-6)
 
 
 def test_docstring_examples_run():
