@@ -30,6 +30,11 @@ def test_update_approximation_is_adams_first_step_and_never_nan():
     m, v = g, g * g
     adam = -0.1 * m / (v.sqrt() + 1e-30)
     assert torch.allclose(d[g != 0], adam[g != 0], atol=1e-12)
+    # ... and torch.optim.Adam's actual first step (eps far below |g|)
+    w = torch.zeros_like(g, requires_grad=True)
+    w.grad = g.clone()
+    torch.optim.Adam([w], lr=0.1, eps=1e-300).step()
+    assert torch.allclose(w.detach()[g != 0], d[g != 0], atol=1e-12)
     assert torch.isfinite(update_approximation(torch.zeros(3, 3), 1.0)).all()
     assert torch.equal(update_approximation(g, 0.5, "gradient"), -0.5 * g)
 
