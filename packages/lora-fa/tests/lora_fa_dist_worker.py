@@ -1,0 +1,91 @@
+"""Run by test_lora_fa_distributed.py under ``torchrun --nproc-per-node 2`` (gloo, CPU).
+
+Each rank trains a toy LoRA model (two LoRA layers + a ``modules_to_save`` head that gets plain AdamW)
+on its own half of every batch through ``deepspeed.initialize(optimizer=create_lorafa_optimizer(...))``:
+
+- ``zero0``: ZeRO stage 0, correction in ``step`` (the default);
+- ``zero1`` / ``zero2`` / ``zero3``: ``correct_in_backward=True`` (B's gradient corrected by a hook
+  before DeepSpeed reduces and flattens it);
+- ``zero1_default``: stage 1 without ``correct_in_backward``: must raise, never train plain LoRA.
+
+Parameters (gathered for ZeRO-3) or the error text are written to ``{prefix}.{rank}.pt``.
+"""
+
+import sys
+
+import peft
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from loralab.lora_fa import create_lorafa_optimizer
+
+IN, HID, OUT, RANK, ALPHA = 16, 24, 8, 4, 8
+STEPS, MICRO, LR, WD = 4, 4, 1e-2, 0.1
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin1 = nn.Linear(IN, HID)
+        self.lin2 = nn.Linear(HID, HID)
+        self.head = nn.Linear(HID, OUT)
+
+    def forward(self, x, labels):
+        y = self.head(torch.relu(self.lin2(torch.relu(self.lin1(x)))))
+        return nn.functional.mse_loss(y, labels)
+
+
+def toy_peft(seed=0):
+    torch.manual_seed(seed)
+    config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["lin1", "lin2"], modules_to_save=["head"])
+    return peft.get_peft_model(Toy(), config)
+
+
+def toy_batches(n, batch, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [{"x": torch.randn(batch, IN, generator=g), "labels": torch.randn(batch, OUT, generator=g)} for _ in range(n)]
+
+
+def ds_config(stage):
+    return {
+        "train_micro_batch_size_per_gpu": MICRO,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+
+
+def trainable(model):
+    return {n: p for n, p in model.named_parameters() if p.requires_grad or "lora_A" in n}
+
+
+def main(prefix: str) -> None:
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = dist.get_rank()
+    batches = toy_batches(STEPS, MICRO, seed=10 + rank)
+    out, errors = {}, {}
+    runs = [("zero0", 0, False), ("zero1", 1, True), ("zero2", 2, True), ("zero3", 3, True), ("zero1_default", 1, False)]
+    for name, stage, in_backward in runs:
+        model = toy_peft(0)
+        opt = create_lorafa_optimizer(model, RANK, ALPHA, LR, weight_decay=WD, correct_in_backward=in_backward)
+        try:
+            engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(stage))
+            for b in batches:
+                engine.backward(engine(**b))
+                engine.step()
+            params = trainable(model)
+            with deepspeed.zero.GatheredParameters(list(params.values())) if stage == 3 else torch.no_grad():
+                out[name] = {n: p.detach().clone() for n, p in params.items()}
+        except (RuntimeError, NotImplementedError, ValueError) as e:
+            errors[name] = f"{type(e).__name__}: {e}"
+    out["errors"] = errors
+    torch.save(out, f"{prefix}.{rank}.pt")
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
