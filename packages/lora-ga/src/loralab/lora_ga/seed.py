@@ -50,7 +50,7 @@ from peft import LoraConfig, PeftModel
 from peft.tuners.lora.layer import LoraLayer
 from torch import Tensor, nn
 
-from loralab.core.distributed import is_main_process
+from loralab.core.distributed import gathered_parameters, is_main_process
 from loralab.core.gradients import estimate_gradients
 from loralab.core.targets import layer_kind
 from loralab.lora_ga.maths import LoraGARankError
@@ -136,6 +136,7 @@ def estimate_gradient(
         raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
     if isinstance(model, PeftModel):
         raise TypeError("estimate_gradient needs the base model (before get_peft_model), got a PeftModel")
+    _check_not_deepspeed_engine(model)
     device = None
     multi = False
     if accelerator is not None:
@@ -145,21 +146,26 @@ def estimate_gradient(
             device = accelerator.device
         else:
             model.to(accelerator.device)
-    grads = estimate_gradients(
-        model,
-        dataloader,
-        targets,
-        num_batches=num_batches,
-        loss_fn=loss_fn,
-        offload=quant_flag,
-        device=device,
-        no_split_module_classes=no_split_module_classes,
-        train=train,
-        # With an accelerator the mean goes through accelerate (below); otherwise core reduces over
-        # torch.distributed when it is initialised (torchrun), a no-op in one process.
-        reduce=not multi,
-        progress=progress,
-    )
+    # DeepSpeed ZeRO-3 (a model built under deepspeed.zero.Init / HF's zero3 loading): every rank
+    # holds a slice of each weight. Gather them for the estimate (the seed's full-model footprint,
+    # once), then they are partitioned again; the init writes go through GatheredParameters too.
+    zero3 = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    with gathered_parameters(zero3):
+        grads = estimate_gradients(
+            model,
+            dataloader,
+            targets,
+            num_batches=num_batches,
+            loss_fn=loss_fn,
+            offload=quant_flag,
+            device=device,
+            no_split_module_classes=no_split_module_classes,
+            train=train,
+            # With an accelerator the mean goes through accelerate (below); otherwise core reduces over
+            # torch.distributed when it is initialised (torchrun), a no-op in one process.
+            reduce=not multi,
+            progress=progress,
+        )
     out: dict[str, Tensor] = {}
     for name in list(grads):  # the same (module) order on every rank, as the all-reduce requires
         g = grads.pop(name)
@@ -168,6 +174,18 @@ def estimate_gradient(
         out[name] = g.to("cpu")
         del g
     return out
+
+
+def _check_not_deepspeed_engine(model: nn.Module) -> None:
+    """A DeepSpeed engine (or a module it hooked) partitions gradients itself: estimate before ``deepspeed.initialize``."""
+    hooked = type(model).__name__ == "DeepSpeedEngine" or any(hasattr(m, "ds_id") for m in model.modules())
+    if hooked:
+        raise TypeError(
+            "estimate_gradient got a model already wrapped by deepspeed.initialize (its ZeRO hooks partition and reduce "
+            "the gradients): estimate on the model before deepspeed.initialize / accelerator.prepare (a ZeRO-3 model "
+            "built under deepspeed.zero.Init is fine: its parameters are gathered for the estimate), then get_peft_model "
+            "inside LoraGAContext, then initialize DeepSpeed"
+        )
 
 
 def _out_in(module: nn.Module) -> tuple[int, int]:

@@ -1,0 +1,77 @@
+"""LoRA-GA's seed flow with 2 CPU ranks (gloo): accelerate, core offload, torchrun, DeepSpeed ZeRO-3.
+
+Each rank estimates on its own half of the batches; the gradients are averaged across ranks, so every
+rank must initialise identically (A, B and the offset W0 bit for bit), and equal to one process
+initialising from all the batches. One launch runs every mode (process start-up dominates the time);
+see ``lora_ga_dist_worker.py``.
+"""
+
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from loralab.core.testing import tiny_llama
+from loralab.lora_ga import get_lora_ga_model
+
+WORKER = Path(__file__).with_name("lora_ga_dist_worker.py")
+_spec = importlib.util.spec_from_file_location("lora_ga_dist_worker", WORKER)
+w = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(w)
+
+# mean of per-rank means vs one mean over all batches: the same gradient up to float32 rounding
+# (~1e-7), which the SVD amplifies by 1/(singular-value gap) in the factors: measured 1.2e-5.
+INIT_RTOL = 1e-4
+MODES = ("accelerate", "offload", "torchrun", "zero3")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """One 2-rank launch (accelerate's torchrun path, ``Accelerator(cpu=True)`` = gloo); both ranks' results."""
+    pytest.importorskip("deepspeed")
+    prefix = tmp_path_factory.mktemp("lora_ga_dist") / "run"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([*launcher, str(WORKER), str(prefix)], env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return [torch.load(f"{prefix}.{r}.pt", weights_only=True) for r in (0, 1)]
+
+
+def _rel(got, want):
+    return max(((x - y).norm() / y.norm()).item() for k in want for x, y in zip(got[k], want[k]))
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("mode", MODES)
+def test_every_rank_initialises_like_one_process_on_all_batches(ranks, mode):
+    r0, r1 = ranks[0][mode], ranks[1][mode]
+    assert r0.keys() == r1.keys() and len(r0) == 2 * len(w.TARGETS)
+    for name in r0:  # identical on every rank: same all-reduced gradient, same deterministic SVD
+        for x, y, what in zip(r0[name], r1[name], ("A", "B", "W0")):
+            assert torch.equal(x, y), f"{mode} {name}: {what} differs between ranks"
+    single = w.init_state(get_lora_ga_model(tiny_llama(), w.config(), list(w.loader()), progress=False))
+    assert _rel(r0, single) < INIT_RTOL
+    # the reduction matters: rank 0's batches alone give another init
+    alone = w.init_state(get_lora_ga_model(tiny_llama(), w.config(), w.rank_batches(0), progress=False))
+    assert _rel(alone, single) > 100 * INIT_RTOL
+
+
+@pytest.mark.multiprocess
+def test_modes_agree_and_deepspeed_engine_is_refused(ranks):
+    out = ranks[0]
+    for mode in MODES[1:]:
+        assert _rel(out[mode], out["accelerate"]) < INIT_RTOL, mode
+    assert out["engine_error"].startswith("TypeError: estimate_gradient got a model already wrapped by deepspeed.initialize")
+    assert "before deepspeed.initialize" in out["engine_error"]
