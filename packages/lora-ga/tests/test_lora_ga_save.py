@@ -111,6 +111,15 @@ def test_offset_model_round_trip(tmp_path):
         torch.testing.assert_close(after[k], before[k], atol=0, rtol=0)
 
 
+def test_loading_a_raw_lora_ga_checkpoint_warns(tmp_path):
+    """peft's save_pretrained keeps init_lora_weights="lora_ga": PEFT then silently skips the init when
+    loading, which is right on the offset model (e.g. resuming) but wrong on the original one: we warn."""
+    model, _ = _trained()
+    model.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="only fit the offset base weights"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
 def test_save_errors(tmp_path):
     plain = get_peft_model(tiny_llama(), LoraConfig(r=RANK, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match=r"has no LoRA-GA initial factors.*path_initial_model_for_weight_conversion"):

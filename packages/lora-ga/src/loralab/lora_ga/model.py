@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -77,7 +78,18 @@ _PEFT_LORA_GA_INIT = LoraLayer.lora_ga_init
 
 def _lora_ga_init(self: LoraLayer, adapter_name: str, lora_ga_config: Any) -> None:
     if not isinstance(lora_ga_config, LoraGASettings):
-        return _PEFT_LORA_GA_INIT(self, adapter_name, lora_ga_config)  # PEFT's own LoRA-GA, unchanged
+        if not hasattr(self.get_base_layer(), "_peft_loraga_grad"):
+            # PEFT's own LoRA-GA without a gradient (typically: loading a saved LoRA-GA adapter) silently
+            # falls back to the default init; the checkpoint's A, B only fit the *offset* base weights.
+            warnings.warn(
+                "a LoRA-GA adapter is being created without gradients (loading a saved LoRA-GA adapter?): PEFT takes A "
+                "and B from the checkpoint, but they only fit the offset base weights W0 - s*B0*A0 of the model it was "
+                "trained from. On the original base model load an adapter exported with "
+                "loralab.lora_ga.save_lora_ga_adapter (or save_loraga_model_final), or use load_lora_ga_model.",
+                UserWarning,
+                stacklevel=2,
+            )
+        return _PEFT_LORA_GA_INIT(self, adapter_name, lora_ga_config)  # PEFT's own LoRA-GA, otherwise unchanged
     if not _SESSIONS:
         raise LoraGAInitError(
             "a LoraGAConfig adapter is being created without gradients: use loralab.lora_ga.get_lora_ga_model(model, "
