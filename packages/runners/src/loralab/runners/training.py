@@ -34,7 +34,7 @@ from loralab.runners.arguments import TrainArgs
 from loralab.runners.launch import fill_deepspeed_config, load_deepspeed_config, zero_stage
 from loralab.runners.methods import MethodError, get_method
 
-__all__ = ["CRASH_ENV", "EpochSampler", "TrainResult", "build_accelerator", "find_checkpoint", "train"]
+__all__ = ["CRASH_ENV", "EpochSampler", "TrainResult", "build_accelerator", "find_checkpoint", "launch_info", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,11 +83,18 @@ def build_accelerator(args: TrainArgs, hidden_size: int | None = None) -> Any:
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._shared_state.clear()
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    deepspeed = bool(args.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     kw: dict[str, Any] = dict(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision="bf16" if args.bf16 else "no",
-        cpu=not torch.cuda.is_available(),
+        # accelerate's cpu=True turns DeepSpeed off; without CUDA, DeepSpeed runs on its CPU accelerator (gloo)
+        cpu=not torch.cuda.is_available() and not deepspeed,
     )
+    if deepspeed and not torch.cuda.is_available():
+        # accelerate only picks a CPU backend under cpu=True; name gloo so DeepSpeed's process group forms
+        from accelerate.utils import InitProcessGroupKwargs
+
+        kw["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
     if args.report_to != "none":
         kw.update(log_with=args.report_to, project_dir=args.output_dir)
     if args.deepspeed:
@@ -115,6 +122,20 @@ def build_accelerator(args: TrainArgs, hidden_size: int | None = None) -> Any:
             hidden_size=hidden_size,
         )
     return acc
+
+
+def launch_info(acc: Any) -> dict[str, Any]:
+    """How the run was launched (written to ``output_dir/launch.json``): processes, backend, precision and
+    the DeepSpeed config with its "auto" values filled."""
+    plugin = acc.state.deepspeed_plugin
+    return {
+        "distributed_type": str(acc.distributed_type).split(".")[-1],
+        "num_processes": acc.num_processes,
+        "backend": getattr(acc.state, "backend", None),
+        "device": str(acc.device),
+        "mixed_precision": acc.mixed_precision,
+        "deepspeed_config": plugin.deepspeed_config if plugin is not None else None,
+    }
 
 
 def find_checkpoint(spec: str, output_dir: str) -> Path:
@@ -195,25 +216,24 @@ def train(
     ``evaluate(accelerator, model)`` runs on every process and returns metrics (prefixless names,
     logged as ``eval_<name>``). It is called every ``--eval_steps`` and at the end.
     """
+    method = get_method(args.method)
+    method.check_available()
+    if args.deepspeed and not method.zero_partitioning:
+        # before any process group forms: --deepspeed names the config, its ZeRO stage is known already
+        _check_zero(method, zero_stage(load_deepspeed_config(args.deepspeed)))
     acc = accelerator or build_accelerator(args, getattr(getattr(model, "config", None), "hidden_size", None))
     out = Path(args.output_dir)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "run_config.json").write_text(args.to_json())
+        (out / "launch.json").write_text(json.dumps(launch_info(acc), indent=2, sort_keys=True, default=str))
     acc.wait_for_everyone()
     logger.info("config:\n%s", args.to_json())
     if acc.is_main_process:
         print(f"[loralab.runners] config:\n{args.to_json()}", flush=True)
 
-    method = get_method(args.method)
-    method.check_available()
     if acc.state.deepspeed_plugin is not None and not method.zero_partitioning:
-        stage = zero_stage(acc.state.deepspeed_plugin.deepspeed_config)
-        if stage >= 1:
-            raise MethodError(
-                f"--method {method.name} needs each weight's matrix in its optimizer, but DeepSpeed ZeRO-{stage} flattens and "
-                "shards them: run it without --deepspeed (DDP via torchrun / accelerate launch)"
-            )
+        _check_zero(method, zero_stage(acc.state.deepspeed_plugin.deepspeed_config))
     if len(train_dataset) < args.per_device_train_batch_size * acc.num_processes:
         raise ValueError(
             f"the training set has {len(train_dataset)} examples, fewer than one global batch "
@@ -323,6 +343,14 @@ def train(
     if args.report_to != "none":
         acc.end_training()
     return TrainResult(global_step=step, metrics=metrics, train_loss=last_loss, output_dir=str(out))
+
+
+def _check_zero(method: Any, stage: int) -> None:
+    if stage >= 1:
+        raise MethodError(
+            f"--method {method.name} needs each weight's matrix in its optimizer, but DeepSpeed ZeRO-{stage} flattens and "
+            "shards them: run it without --deepspeed (DDP via torchrun / accelerate launch)"
+        )
 
 
 def _evaluate(acc: Any, model: nn.Module, evaluate: Evaluate, log: _Metrics, step: int) -> dict[str, float]:
