@@ -1,4 +1,4 @@
-"""Run by test_lora_sb_distributed.py with 2 CPU ranks (gloo), both modes in one launch.
+"""Run by test_lora_sb_distributed.py with 2 CPU ranks (gloo), all modes in one launch.
 
 The launcher is ``accelerate launch --multi_gpu --num_processes 2`` (its torchrun path; accelerate's
 ``--cpu`` multi-process path needs mpirun) and the script runs ``Accelerator(cpu=True)`` (gloo):
@@ -7,7 +7,11 @@ The launcher is ``accelerate launch --multi_gpu --num_processes 2`` (its torchru
   gradients), then ``accelerator.prepare`` (DDP) trains ``R`` with AdamW.
 - ``zero2``: ``deepspeed.init_distributed("gloo")`` (reuses the process group), a fresh model with the
   same init, then ``deepspeed.initialize`` with ZeRO stage 2 trains ``R`` with a torch AdamW client
-  optimizer. One launch for both keeps the test inside its time budget (process start-up dominates).
+  optimizer.
+- ``trainer_zero2``: HF ``Trainer`` with ``TrainingArguments(deepspeed=<ZeRO-2 config>)`` (sequential
+  sampler, constant lr, no clipping), so its steps are the same AdamW steps as the other two.
+
+One launch for all three keeps the test inside its time budget (process start-up dominates).
 
 Each rank writes ``{prefix}.{mode}.{rank}.pt``: the init factors (A, B, R per layer) and the final R.
 The constants are shared with the test (it loads this file).
@@ -107,10 +111,52 @@ def run_zero2() -> tuple[int, dict, dict]:
     return rank, init, final_r(model)
 
 
+def run_trainer_zero2(prefix: str) -> tuple[int, dict, dict]:
+    import torch.distributed as dist
+    from accelerate.state import AcceleratorState
+    from torch.utils.data import SequentialSampler
+    from transformers import Trainer, TrainingArguments
+
+    # the Trainer builds its own Accelerator (with a DeepSpeed plugin): drop the first phase's state
+    AcceleratorState._reset_state(reset_partial_state=True)
+    ds_config = {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "zero_optimization": {"stage": 2},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+    # constant lr, no clipping, no weight decay: the same AdamW steps as the manual loops
+    args = TrainingArguments(
+        output_dir=f"{prefix}.trainer", per_device_train_batch_size=MICRO, max_steps=STEPS, learning_rate=TRAIN_LR,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0, save_strategy="no",
+        report_to=[], use_cpu=True, ddp_backend="gloo", deepspeed=ds_config, seed=0, disable_tqdm=True,
+    )
+    rank = dist.get_rank()
+    model = build(init_batches(rank))
+    init = factors(model)
+    # Rows in order [rank 0's step-0 micro-batch, rank 1's, rank 0's step-1, ...]: with a sequential
+    # sampler, accelerate's batch sharding hands each rank its own micro-batches.
+    rows = []
+    for b0, b1 in zip(train_batches(0), train_batches(1)):
+        for b in (b0, b1):
+            rows += [{k: v[i] for k, v in b.items()} for i in range(MICRO)]
+
+    class SequentialTrainer(Trainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return SequentialSampler(self.train_dataset)
+
+    trainer = SequentialTrainer(model=model, args=args, train_dataset=rows)
+    trainer.train()
+    assert type(trainer.model_wrapped).__name__ == "DeepSpeedEngine", type(trainer.model_wrapped).__name__
+    return rank, init, final_r(model)
+
+
 def main(prefix: str) -> None:
     import torch.distributed as dist
 
-    for mode, run in (("accelerate", run_accelerate), ("zero2", run_zero2)):
+    for mode, run in (("accelerate", run_accelerate), ("zero2", run_zero2), ("trainer_zero2", lambda: run_trainer_zero2(prefix))):
         rank, init, final = run()
         torch.save({"init": init, "final": final}, f"{prefix}.{mode}.{rank}.pt")
         dist.barrier()

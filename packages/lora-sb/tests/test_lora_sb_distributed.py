@@ -1,4 +1,4 @@
-"""LoRA-SB with 2 CPU ranks (gloo): accelerate (DDP) and DeepSpeed ZeRO-2 (torchrun + deepspeed.initialize).
+"""LoRA-SB with 2 CPU ranks (gloo): accelerate (DDP), DeepSpeed ZeRO-2 (deepspeed.initialize) and HF Trainer + ZeRO-2.
 
 Each rank estimates the init on its own batches; loralab.core all-reduces the gradients, so every rank
 must build the same factors, equal to a single process's init from the concatenated batches. Training
@@ -32,7 +32,7 @@ def _free_port():
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
-    """One 2-rank launch (accelerate's torchrun path) running both modes; returns ``load(mode)``."""
+    """One 2-rank launch (accelerate's torchrun path) running every mode; returns ``load(mode)``."""
     pytest.importorskip("deepspeed")
     prefix = tmp_path_factory.mktemp("lora_sb_dist") / "run"
     # --multi_gpu is accelerate's torchrun launcher; Accelerator(cpu=True) in the worker makes it multi-CPU
@@ -105,3 +105,8 @@ def test_accelerate_two_cpu_processes(launched, single_process):
 @pytest.mark.multiprocess
 def test_deepspeed_zero2_two_ranks(launched, single_process):
     _check(launched("zero2"), single_process)
+
+
+@pytest.mark.multiprocess
+def test_hf_trainer_with_deepspeed_zero2_two_ranks(launched, single_process):
+    _check(launched("trainer_zero2"), single_process)
