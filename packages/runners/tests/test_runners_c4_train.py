@@ -154,6 +154,37 @@ def test_resume_refuses_changed_settings(setup, single, tmp_path):
         run(parse_args(_argv(setup, tmp_path / "x", "adamw", "--resume_from_checkpoint", str(tmp_path / "nope"))))
 
 
+def test_results_table_lists_every_run(single, tmp_path, capsys):
+    from loralab.runners.c4 import main
+
+    runs = tmp_path / "runs"
+    for method in METHODS:
+        src, _ = single(method)
+        (runs / method).mkdir(parents=True)
+        for name in ("run_summary.json", "metrics.jsonl"):
+            shutil.copy(src / name, runs / method / name)
+    (runs / "not_a_run").mkdir()  # directories without run_summary.json are not runs
+    capsys.readouterr()  # drop what the runs printed (DeepSpeed's accelerator notice)
+    main(["table", str(runs)])
+    printed = capsys.readouterr().out.strip()
+    assert (runs / "results.md").read_text().strip() == printed
+    assert (runs / "eval_loss.png").stat().st_size > 0
+    lines = printed.splitlines()
+    assert lines[0].startswith("| run | optimizer | model | steps | final eval loss | final ppl | tokens/s | peak mem (MiB) |")
+    rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]] for ln in lines[2:]}
+    assert sorted(rows) == sorted(METHODS)
+    for method, cells in rows.items():
+        s = json.loads((runs / method / "run_summary.json").read_text())
+        assert cells[0] == {"adamw": "adamw", "galore": "galore_adamw", "golore": "golore_adamw", "relora": "adamw+relora"}[method]
+        assert cells[2] == f"{STEPS}/{STEPS}"
+        assert float(cells[3]) == pytest.approx(s["final_eval_loss"], abs=1e-4)
+        assert float(cells[4]) == pytest.approx(math.exp(s["final_eval_loss"]), rel=1e-3)
+        assert float(cells[5]) == pytest.approx(s["tokens_per_s"], abs=0.5)
+        assert cells[6] == f"{s['peak_mem_mb']:.0f} (CPU RSS)"
+    with pytest.raises(FileNotFoundError, match=r"no run directories with run_summary\.json"):
+        main(["table", str(tmp_path / "empty")])
+
+
 def _launch(cmd: list[str], runs: list[list[str]], tmp_path: Path) -> None:
     runs_file = tmp_path / "runs.json"
     runs_file.write_text(json.dumps(runs))
