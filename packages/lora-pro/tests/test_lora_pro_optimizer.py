@@ -308,3 +308,40 @@ def test_classification_model_with_head_trains(lp):
     out = model(input_ids=ids, labels=torch.tensor([0, 1, 0, 1]))
     out.loss.backward()
     opt.step()
+
+
+def test_one_batched_sylvester_solve_per_layer_shape(monkeypatch):
+    """All layers of one shape are solved in one batched call on the parameters' device (issue 6, item 3)."""
+    import loralab.lora_pro.adjust as adjust
+
+    calls = []
+    real = adjust.solve_sylvester_psd
+
+    def spy(a, b, c, **kw):
+        calls.append((tuple(a.shape), a.device, b.device, c.device))
+        return real(a, b, c, **kw)
+
+    monkeypatch.setattr(adjust, "solve_sylvester_psd", spy)
+    torch.manual_seed(0)
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules="all-linear"))
+    pairs = find_lora_pairs(model)
+    shapes = {(tuple(p.A.shape), tuple(p.B.shape)) for p in pairs}
+    assert len(pairs) > len(shapes) > 1  # several layers share a shape, several shapes exist
+    opt = LoraProAdamW(model, lr=LR)
+    ids = torch.randint(4, 100, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    assert len(calls) == len(shapes)
+    assert sorted(shape[0] for shape, *_ in calls) == sorted(
+        sum((tuple(p.A.shape), tuple(p.B.shape)) == s for p in pairs) for s in shapes
+    )
+    device = pairs[0].A.device
+    assert all(d == device for _, *devs in calls for d in devs)
+
+
+def test_finite_check_does_not_mistake_an_overflowing_sum_for_nan(lp):
+    opt = LoraProAdamW(lp.toy_peft(11), lr=LR)
+    big = torch.full((4,), 3e38)  # finite, but its float32 sum is inf
+    opt._check_out(opt.lora_pairs[:1], big, -big)  # no error
+    with pytest.raises(FloatingPointError, match="adjustment produced NaN/Inf"):
+        opt._check_out(opt.lora_pairs[:1], big, torch.tensor([float("inf")]))

@@ -113,18 +113,19 @@ def solve_x(
     A, B, g_A, g_B = (t.to(dt) for t in (A, B, g_A, g_B))
     s = _scale(scaling, A)
     BtB, AAt, BtB_inv, _ = _grams(A, B, ridge)
-    return _x_from_grams(A, B, g_A, g_B, s, BtB, AAt, BtB_inv, x_mode)
+    return _x_from_grams(A, g_A, BtB_inv / s**2, B.mT @ g_B, BtB, AAt, x_mode)
 
 
-def _x_from_grams(A, B, g_A, g_B, s, BtB, AAt, BtB_inv, x_mode) -> Tensor:
+def _x_from_grams(A, g_A, BtB_inv_s2, Btg_B, BtB, AAt, x_mode) -> Tensor:
+    # BtB_inv_s2 = (1/s²)(BᵀB)⁻¹ and Btg_B = Bᵀg_B are r×r: everything here is r×r except one product
     if x_mode == "zero":
         return torch.zeros_like(BtB)
     if x_mode == "symmetry":
         # the official code's closed form (peta/optim.py, X_mode="symmetry")
-        return -0.5 / s**2 * (BtB_inv @ (B.mT @ g_B) @ AAt)
+        return -0.5 * (BtB_inv_s2 @ Btg_B @ AAt)
     # Theorem 2.3 / Eq. 9: BᵀB X + X AAᵀ = −(1/s²)(BᵀB)⁻¹ g_A Aᵀ, solved for all layers at once on the
     # eigenbases of the two symmetric PSD Gram matrices (r×r, cheap), never via SciPy or the CPU.
-    rhs = -(BtB_inv @ g_A @ A.mT) / s**2
+    rhs = -(BtB_inv_s2 @ (g_A @ A.mT))
     return solve_sylvester_psd(BtB, AAt, rhs)
 
 
@@ -166,16 +167,25 @@ def lora_pro_gradients(
         raise ValueError(f"ridge must be >= 0, got {ridge}")
     dt = accumulation_dtype(A.dtype)
     A, B, g_A, g_B = (t.to(dt) for t in (A, B, g_A, g_B))
-    s = _scale(scaling, A)
+    s2 = _scale(scaling, A) ** 2
     BtB, AAt, BtB_inv, AAt_inv = _grams(A, B, ridge)
-    gA0 = (BtB_inv @ g_A) / s**2
-    # [I − B(BᵀB)⁻¹Bᵀ] M without forming the m×m projector: M − B((BᵀB)⁻¹(BᵀM)).
-    M = g_B @ AAt_inv
-    gB0 = (M - B @ (BtB_inv @ (B.mT @ M))) / s**2
-    if x_mode == "zero":
-        return gA0, gB0
-    X = _x_from_grams(A, B, g_A, g_B, s, BtB, AAt, BtB_inv, x_mode)
-    return gA0 + X @ A, gB0 - B @ X
+    # The 1/s² and every product that can be are folded into r×r matrices, so that each (r, n) / (m, r)
+    # tensor is touched by as few matrix products as possible (8 per layer; the rest is r×r):
+    #   gᴬ = [(1/s²)(BᵀB)⁻¹] g_A + X·A
+    #   gᴮ = (1/s²)[I − B(BᵀB)⁻¹Bᵀ] g_B (AAᵀ)⁻¹ − B·X = g_B [(1/s²)(AAᵀ)⁻¹] − B·[Y + X],
+    #   Y = (1/s²)(BᵀB)⁻¹ (Bᵀg_B) (AAᵀ)⁻¹  (the m×m projector is never formed).
+    BtB_inv_s2 = BtB_inv / s2
+    AAt_inv_s2 = AAt_inv / s2
+    Btg_B = B.mT @ g_B
+    Y = BtB_inv_s2 @ Btg_B @ AAt_inv
+    gA = BtB_inv_s2 @ g_A
+    gB = g_B @ AAt_inv_s2
+    if x_mode != "zero":
+        X = _x_from_grams(A, g_A, BtB_inv_s2, Btg_B, BtB, AAt, x_mode)
+        gA.add_(X @ A)
+        Y = Y + X
+    gB.sub_(B @ Y)
+    return gA, gB
 
 
 def optimal_equivalent_gradient(

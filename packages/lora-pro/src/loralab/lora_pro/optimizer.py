@@ -400,23 +400,30 @@ class LoraProAdamW(torch.optim.Optimizer):
         gA = torch.stack([p.A.grad for p in bucket])
         gB = torch.stack([p.B.grad for p in bucket])
         s = torch.tensor([p.scaling for p in bucket], dtype=torch.float64)
-        if self.check_finite and not (torch.isfinite(gA).all() and torch.isfinite(gB).all()):
-            bad = [p.name for p in bucket if not (torch.isfinite(p.A.grad).all() and torch.isfinite(p.B.grad).all())]
-            raise FloatingPointError(f"LoraProAdamW: non-finite gradients (NaN/Inf) in LoRA layer(s) {bad}")
+        # non-finite gradients are caught together with the adjusted ones, in _check_out
         return A, B, gA, gB, s
 
     def _check_out(self, bucket: list[LoraPair], *tensors: Tensor) -> None:
-        if self.check_finite and not all(torch.isfinite(t).all() for t in tensors):
-            raise FloatingPointError(
-                f"LoraProAdamW: the LoRA-Pro adjustment produced NaN/Inf for layer(s) {[p.name for p in bucket]}; "
-                "try ridge > 0 or float32 factors"
-            )
+        if not self.check_finite:
+            return
+        # one reduction per tensor; the exact element-wise test only when the sums are not finite (which a
+        # finite tensor can also give, by overflow)
+        total = sum(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32) for t in tensors)
+        if torch.isfinite(total) or all(torch.isfinite(t).all() for t in tensors):
+            return
+        bad = [p.name for p in bucket if any(t.grad is not None and not torch.isfinite(t.grad).all() for t in (p.A, p.B))]
+        if bad:
+            raise FloatingPointError(f"LoraProAdamW: non-finite gradients (NaN/Inf) in LoRA layer(s) {bad}")
+        raise FloatingPointError(
+            f"LoraProAdamW: the LoRA-Pro adjustment produced NaN/Inf for layer(s) {[p.name for p in bucket]}; "
+            "try ridge > 0 or float32 factors"
+        )
 
     def _efficient_bucket(self, group: dict[str, Any], bucket: list[LoraPair]) -> None:
         A, B, g_A, g_B, s = self._stack(bucket)
         sd = s.to(accumulation_dtype(A.dtype))
         gA, gB = lora_pro_gradients(A, B, g_A, g_B, sd, x_mode=group["x_mode"], ridge=group["ridge"])
-        self._check_out(bucket, gA, gB)
+        self._check_out(bucket, g_A, g_B, gA, gB)
         params, grads = [], []
         for i, pair in enumerate(bucket):
             params += [pair.A, pair.B]
@@ -434,7 +441,7 @@ class LoraProAdamW(torch.optim.Optimizer):
         dt = accumulation_dtype(A.dtype)
         A, B, sd = A.to(dt), B.to(dt), s.to(dt)
         gt = optimal_equivalent_gradient(A, B, g_A, g_B, sd, ridge=group["ridge"])
-        self._check_out(bucket, gt)
+        self._check_out(bucket, g_A, g_B, gt)
         m, n = B.shape[-2], A.shape[-1]
         steps = []
         for pair in bucket:
