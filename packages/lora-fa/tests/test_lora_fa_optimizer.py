@@ -326,3 +326,23 @@ def test_qlora_nf4_base(tmp_path):
         assert torch.equal(pair.A, a0)
         assert _rel(pair.B.detach(), expected[id(pair.B)]) < TOL
         assert pair.B.abs().max() > 0
+
+
+def test_with_the_memory_saving_layer_same_training_as_without():
+    from loralab.lora_fa import apply_lorafa_layers
+
+    batches = make_lm_batches(3, seed=9)
+    out = []
+    for swap in (False, True):
+        model = _model()
+        if swap:
+            assert len(apply_lorafa_layers(model)) == 4
+        opt = create_lorafa_optimizer(model, RANK, ALPHA, LR, weight_decay=WD)
+        model.train()
+        for batch in batches:
+            model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        out.append({n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n})
+    for n in out[0]:
+        torch.testing.assert_close(out[1][n], out[0][n], rtol=1e-5, atol=1e-7, msg=n)
