@@ -1,7 +1,8 @@
 """Run by test_lora_pro_distributed.py under ``torchrun --nproc-per-node 2`` (gloo, CPU).
 
 Each rank trains the toy LoRA model on its own half of every batch with ``LoraProAdamW`` (efficient
-mode, LoRA layers + a plain-AdamW head) three ways, and writes its parameters: ``ddp`` (DDP),
+mode, LoRA layers + a plain-AdamW head) several ways, and writes its parameters: ``ddp`` (DDP),
+``accelerate`` (``Accelerator.prepare``),
 ``zero2`` (DeepSpeed ZeRO-2 with ``attach_deepspeed``) and ``zero2_unattached`` / ``zero3`` (the error
 each raises, written as text instead of parameters).
 """
@@ -51,6 +52,18 @@ def main(prefix: str) -> None:
         ddp(**b).backward()
         opt.step()
     out["ddp"] = params(model)
+
+    # accelerate in the same launch (it reads torchrun's environment): DDP wrapper + AcceleratedOptimizer
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    model = toy_peft(0, dtype=torch.float32)
+    wrapped, aopt = accelerator.prepare(model, LoraProAdamW(model, lr=LR, weight_decay=0.1))
+    for b in batches:
+        aopt.zero_grad()
+        accelerator.backward(wrapped(**b))
+        aopt.step()
+    out["accelerate"] = params(model)
 
     model = toy_peft(0, dtype=torch.float32)
     opt = LoraProAdamW(model, lr=LR, weight_decay=0.1)
