@@ -41,6 +41,8 @@ import dataclasses
 import logging
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -179,19 +181,38 @@ def save_lora_ga_model(model: PeftModel, save_directory: str | os.PathLike[str],
         from safetensors.torch import save_file
 
         save_file({k: v.contiguous() for k, v in init.items()}, str(root / "adapter" / INIT_FACTORS_FILE), metadata={"format": "pt"})
-        base.save_pretrained(str(root / "base"), state_dict=_base_state_dict(base))
+        with _without_adapters(base):
+            base.save_pretrained(str(root / "base"))
 
 
-def _base_state_dict(base: nn.Module) -> dict[str, Tensor]:
-    """The base model's own state dict (LoRA wrappers removed: ``x.base_layer.weight`` -> ``x.weight``)."""
-    out: dict[str, Tensor] = {}
-    for key, value in base.state_dict().items():
-        parts = key.split(".")
-        if any(p.startswith("lora_") for p in parts) or "modules_to_save" in parts:
-            continue
-        parts = [p for p in parts if p not in ("base_layer", "original_module")]
-        out[".".join(parts)] = value
-    return out
+@contextmanager
+def _without_adapters(base: nn.Module) -> Iterator[None]:
+    """Temporarily put every wrapped layer's original module back (LoRA layer -> its base layer,
+    modules_to_save wrapper -> original module), so ``save_pretrained`` writes the base checkpoint with
+    transformers' own logic (quantized layers included)."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    swaps: list[tuple[nn.Module, str, nn.Module]] = []
+    swapped: list[str] = []
+    try:
+        for name, mod in list(base.named_modules()):
+            if isinstance(mod, LoraLayer):
+                inner = mod.get_base_layer()
+            elif isinstance(mod, ModulesToSaveWrapper):
+                inner = mod.original_module
+            else:
+                continue
+            if any(name.startswith(done + ".") for done in swapped):
+                continue  # inside a wrapper already taken out
+            swapped.append(name)
+            parent_name, _, attr = name.rpartition(".")
+            parent = base.get_submodule(parent_name) if parent_name else base
+            swaps.append((parent, attr, mod))
+            setattr(parent, attr, inner)
+        yield
+    finally:
+        for parent, attr, mod in reversed(swaps):
+            setattr(parent, attr, mod)
 
 
 def load_lora_ga_model(
