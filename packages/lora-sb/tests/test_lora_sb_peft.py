@@ -179,3 +179,48 @@ def test_gpt2_conv1d_save_load_merge(tmp_path):
     with torch.no_grad():
         assert torch.allclose(merged(**x).logits, live, atol=ATOL)
     assert type(merged.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
+
+
+def test_sequence_classification_head_trains_and_round_trips(tmp_path):
+    # task_type SEQ_CLS puts RoBERTa's classifier in modules_to_save: it trains beside R and is saved
+    from loralab.core.testing import make_classification_batches, tiny_roberta
+
+    data = make_classification_batches(2, seed=3)
+    cfg = LoraSBConfig(r=RANK, target_modules=["query", "value"], task_type="SEQ_CLS")
+    model = get_lora_sb_model(tiny_roberta(), cfg, data, lr=LR, progress=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_R." in n or ".classifier.modules_to_save." in n for n in trainable), trainable
+    n_r = sum(p.numel() for n, p in model.named_parameters() if ".lora_R." in n)
+    assert n_r == len(lora_sb_layers(model)) * RANK**2 == 4 * RANK**2
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for batch in data:
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        live = model(**data[0]).logits
+    model.save_pretrained(tmp_path)
+    loaded = load_lora_sb_model(tiny_roberta(), tmp_path)
+    with torch.no_grad():
+        assert torch.allclose(loaded(**data[0]).logits, live, atol=ATOL)
+        assert torch.allclose(loaded.merge_and_unload()(**data[0]).logits, live, atol=ATOL)
+
+
+def test_encoder_decoder_t5_init_identity():
+    from loralab.core import estimate_gradients
+    from loralab.core.testing import make_seq2seq_batches, tiny_t5
+    from loralab.lora_sb import update_approximation
+
+    batches = make_seq2seq_batches(2, seed=3)
+    targets = ["q", "v", "wo"]
+    grads = estimate_gradients(tiny_t5(), batches, targets, progress=False)
+    model = get_lora_sb_model(tiny_t5(), LoraSBConfig(r=RANK, target_modules=targets, svd_method="full"), batches, lr=LR, progress=False)
+    layers = lora_sb_layers(model)
+    assert set(layers) == set(grads) and any(n.startswith("decoder.") for n in layers)
+    for name, layer in layers.items():
+        delta = update_approximation(grads[name], LR).double()
+        U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+        want = U[:, :RANK] @ torch.diag(S[:RANK]) @ Vh[:RANK]
+        assert (layer.get_delta_weight("default").double() - want).norm() <= 1e-4 * want.norm(), name
