@@ -153,6 +153,36 @@ def test_quick_start_runs_with_only_the_imports_changed(tmp_path, accelerator):
     assert (got - base_logits).abs().max() > 100 * ROUNDTRIP_ATOL  # training changed the function
 
 
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_final_save_same_with_or_without_in_memory_init_factors(tmp_path, use_rslora):
+    """In-memory initial factors (save_lora_ga_adapter) and PEFT's conversion from the initial
+    checkpoint write the same plain rank-2r adapter and config."""
+    from safetensors.torch import load_file
+
+    batches = make_lm_batches(2, seed=8)
+    model = tiny_llama()
+    with LoraGAContext(model, estimate_gradient(model, batches, progress=False)):
+        model = peft.get_peft_model(model, LoraGAConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, use_rslora=use_rslora))
+    save_loraga_model_init(model, tmp_path / "a")
+    save_loraga_model_init(model, tmp_path / "b")
+    with torch.no_grad():  # "training"
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.01 * torch.randn_like(p))
+    save_loraga_model_final(model, tmp_path / "a")
+    for mod in model.modules():
+        mod.__dict__.pop("_lora_ga_init", None)  # as for a model re-loaded from the initial checkpoint
+    save_loraga_model_final(model, tmp_path / "b")
+    a, b = load_file(str(tmp_path / "a" / "adapter_model.safetensors")), load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and len(a) == 4 * len(TARGETS)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ca, cb = (peft.PeftConfig.from_pretrained(str(tmp_path / d)) for d in "ab")
+    assert (ca.r, ca.lora_alpha, ca.use_rslora, ca.init_lora_weights) == (cb.r, cb.lora_alpha, cb.use_rslora, cb.init_lora_weights)
+    assert ca.r == 2 * RANK and ca.lora_alpha == pytest.approx(ALPHA * (2**0.5 if use_rslora else 2))
+    assert not (tmp_path / "a" / "init_lora_checkpoint").exists() and not (tmp_path / "b" / "init_lora_checkpoint").exists()
+
+
 @pytest.mark.parametrize(
     "arch, kwargs",
     [

@@ -37,7 +37,6 @@ What is the same as the seed and what is not:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -55,6 +54,7 @@ from loralab.core.gradients import estimate_gradients
 from loralab.core.targets import layer_kind
 from loralab.lora_ga.maths import LoraGARankError
 from loralab.lora_ga.model import LoraGAInitError, factors_for, lora_ga_session, write_lora_ga_layer
+from loralab.lora_ga.save import plain_lora_config, save_lora_ga_adapter
 
 __all__ = ["INIT_SUBDIR", "LoraGAContext", "estimate_gradient", "save_loraga_model_final", "save_loraga_model_init"]
 
@@ -387,11 +387,13 @@ def save_loraga_model_final(model: PeftModel, save_dir: str | os.PathLike[str]) 
     """Save the trained adapter to ``save_dir`` as a plain PEFT LoRA for the *original* base model (the seed's helper).
 
     LoRA-GA changed the base weights (``W0 ← W0 − s·B0·A0``), so the trained adapter alone does not
-    fit the original model. PEFT's initial-weight conversion (``path_initial_model_for_weight_conversion``)
-    writes ``ΔW = s·(B·A − B0·A0)`` as a rank-2r adapter ``A' = [A; A0]``, ``B' = [B, −B0]`` with
-    ``r' = 2r`` and ``α' = 2α`` (``√2·α`` with rsLoRA, so ``s`` is unchanged). The initial checkpoint
-    written by :func:`save_loraga_model_init` is removed afterwards, as in the seed, and the saved
-    config is a plain ``LoraConfig`` (``init_lora_weights=True``, no LoRA-GA fields), so
+    fit the original model. ``ΔW = s·(B·A − B0·A0)`` is written as a rank-2r adapter ``A' = [A; A0]``,
+    ``B' = [B, −B0]`` with ``r' = 2r`` and ``α' = 2α`` (``√2·α`` with rsLoRA, so ``s`` is unchanged) by
+    :func:`~loralab.lora_ga.save_lora_ga_adapter` from the initial factors kept in memory; for a model
+    without them (e.g. re-loaded from the initial checkpoint) by PEFT's initial-weight conversion
+    (``path_initial_model_for_weight_conversion``) from ``save_dir/init_lora_checkpoint``, with the same
+    tensors. The initial checkpoint is removed afterwards, as in the seed, and the saved config is a
+    plain ``LoraConfig`` (``init_lora_weights=True``, no LoRA-GA fields), so
     ``PeftModel.from_pretrained(original_base_model, save_dir)`` needs neither loralab nor the offset.
 
     Raises:
@@ -411,24 +413,21 @@ def save_loraga_model_final(model: PeftModel, save_dir: str | os.PathLike[str]) 
             "before training (the final adapter is the difference to it)"
         )
     main = is_main_process()
-    with warnings.catch_warnings():
-        # PEFT re-reads the initial checkpoint's config as a plain LoraConfig: the LoRA-GA fields are ignored
-        warnings.filterwarnings("ignore", message="Unexpected keyword arguments", category=UserWarning)
-        model.save_pretrained(save_dir, is_main_process=main, path_initial_model_for_weight_conversion=init_dir)
+    in_memory = all(
+        adapter in layer.__dict__.get("_lora_ga_init", {})
+        for layer in model.modules()
+        if isinstance(layer, LoraLayer)
+        for adapter in layer.lora_A
+    )
+    if in_memory:
+        for adapter in model.peft_config:
+            save_lora_ga_adapter(model, save_dir if adapter == "default" else os.path.join(save_dir, adapter), adapter_name=adapter)
+    else:
+        with warnings.catch_warnings():
+            # PEFT re-reads the initial checkpoint's config as a plain LoraConfig: the LoRA-GA fields are ignored
+            warnings.filterwarnings("ignore", message="Unexpected keyword arguments", category=UserWarning)
+            model.save_pretrained(save_dir, is_main_process=main, path_initial_model_for_weight_conversion=init_dir)
+            if main:  # PEFT already doubled r and scaled α: keep those, drop the LoRA-GA fields
+                plain_lora_config(LoraConfig.from_pretrained(save_dir)).save_pretrained(save_dir)
     if main:
-        _plain_lora_config(os.path.join(save_dir, "adapter_config.json"))
         shutil.rmtree(init_dir)
-
-
-def _plain_lora_config(path: str) -> None:
-    """Drop the LoRA-GA-only fields from a saved adapter config (PEFT already set r, α, init_lora_weights)."""
-    from dataclasses import fields
-
-    with open(path) as f:
-        cfg = json.load(f)
-    known = {f.name for f in fields(LoraConfig)} | {"auto_mapping", "peft_version"}
-    cfg = {k: v for k, v in cfg.items() if k in known}
-    cfg["lora_ga_config"] = None
-    cfg["init_lora_weights"] = True
-    with open(path, "w") as f:
-        json.dump(cfg, f, indent=2, sort_keys=True)
