@@ -301,3 +301,32 @@ def test_cli_rejects_unknown_commands():
     with redirect_stdout(buf), pytest.raises(SystemExit):
         main(["pretokenize", "--help"])
     assert "--sequences_per_shard" in buf.getvalue()
+
+
+def test_deepspeed_config_is_filled_from_the_flags_and_checked(tmp_path):
+    from loralab.runners.c4.train import Env, _deepspeed_config
+
+    env = Env(0, 2, 0, torch.device("cpu"))
+
+    def cfg(body: dict, *flags: str) -> dict:
+        path = tmp_path / "ds.json"
+        path.write_text(json.dumps(body))
+        args = parse_args(["--output_dir", "x", "--batch_size", "4", "--grad_clipping", "1.0", "--deepspeed_config", str(path), *flags])
+        return _deepspeed_config(args, env, accum=3)
+
+    auto = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto", "zero_optimization": {"stage": 2}}  # fmt: skip
+    filled = cfg(auto)
+    assert (filled["train_batch_size"], filled["train_micro_batch_size_per_gpu"], filled["gradient_accumulation_steps"]) == (24, 4, 3)
+    assert filled["gradient_clipping"] == 1.0
+    with pytest.raises(ValueError, match=r"train_batch_size=16 disagrees with the command line \(24\)"):
+        cfg(dict(auto, train_batch_size=16))
+    with pytest.raises(ValueError, match="remove its 'optimizer'/'scheduler' sections"):
+        cfg(dict(auto, optimizer={"type": "AdamW"}))
+    with pytest.raises(ValueError, match=r"--optimizer galore_adamw needs whole 2-D weights.*ZeRO stage 2"):
+        cfg(auto, "--optimizer", "galore_adamw")
+    with pytest.raises(ValueError, match=r"--use_peft --golore needs whole 2-D weights.*ZeRO stage 1"):
+        cfg(dict(auto, zero_optimization={"stage": 1}), "--use_peft", "--golore")
+    assert cfg(dict(auto, zero_optimization={"stage": 0}), "--optimizer", "golore_adamw")["zero_optimization"]["stage"] == 0
+    with pytest.raises(FileNotFoundError, match=r"--deepspeed_config .* does not exist"):
+        _deepspeed_config(parse_args(["--output_dir", "x", "--deepspeed_config", str(tmp_path / "none.json")]), env, 1)

@@ -96,7 +96,7 @@ def test_single_process_run_trains_and_saves(single, method):
     assert losses[-1] < losses[0] - 0.1, losses
     assert summary["final_eval_loss"] < losses[0] - 0.1
     assert summary["tokens_seen"] == STEPS * 8 * 32  # packed: no padding
-    assert summary["tokens_per_s"] > 0 and summary["peak_mem_mb"] > 0
+    assert summary["tokens_per_s"] > 0 and summary["tokens_per_cpu_s"] > 0 and summary["peak_mem_mb"] > 0
     evals = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in ln]
     assert [e["step"] for e in evals] == [3, 6]
     assert {p.name for p in out.glob("checkpoint-*")} == {"checkpoint-3", "checkpoint-6"}

@@ -526,12 +526,14 @@ def run(args: C4Args) -> dict[str, Any]:
     stop_at = min(total_steps, args.stop_at_step) if args.stop_at_step is not None else total_steps
     bar = tqdm(total=total_steps, initial=step, desc="update steps", disable=env.rank != 0, dynamic_ncols=True)
     throughput: list[float] = []
+    cpu_throughput: list[float] = []  # tokens per CPU-second of this process (rank 0)
     last_eval: dict[str, Any] | None = None
     exhausted = False
     if env.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(env.device)
     while step < stop_at:
         t0 = time.perf_counter()
+        c0 = time.process_time()  # CPU seconds of this process: a fair clock on a shared machine
         reset = relora is not None and step % args.update_proj_gap == 0
         if reset:
             relora._config.forward_type = True
@@ -583,6 +585,7 @@ def run(args: C4Args) -> dict[str, Any]:
         if env.device.type == "cuda":
             torch.cuda.synchronize(env.device)
         dt = time.perf_counter() - t0
+        dc = time.process_time() - c0
         tok = torch.tensor(float(step_tokens))
         if dist.is_initialized() and env.world > 1:
             dist.all_reduce(tok)
@@ -590,11 +593,12 @@ def run(args: C4Args) -> dict[str, Any]:
         tps = float(tok) / dt
         if step > 1:
             throughput.append(tps)
+            cpu_throughput.append(float(tok) / max(dc, 1e-9))
         lr = optimizer.param_groups[0]["lr"]
         mem, mem_kind = peak_memory_mb(env.device)
         if step % args.logging_steps == 0 or step == stop_at:
             rec = {"type": "train", "step": step, "loss": float(step_loss), "lr": lr, "tokens_seen": tokens_seen, "tokens_per_s": tps,
-                   "step_time_s": dt, "peak_mem_mb": mem, "mem_kind": mem_kind}
+                   "step_time_s": dt, "step_cpu_s": dc, "peak_mem_mb": mem, "mem_kind": mem_kind}
             if grad_norm is not None:
                 rec["grad_norm"] = grad_norm
             if reset:
@@ -620,7 +624,8 @@ def run(args: C4Args) -> dict[str, Any]:
         "total_steps": total_steps, "finished": finished, "data_exhausted": exhausted, "world_size": env.world,
         "global_batch_size": args.global_batch_size(env.world), "max_length": args.max_length, "tokens_seen": tokens_seen,
         "final_eval_loss": last_eval["eval_loss"], "final_eval_ppl": last_eval["eval_ppl"],
-        "tokens_per_s": (sum(throughput) / len(throughput)) if throughput else None, "peak_mem_mb": mem, "mem_kind": mem_kind,
+        "tokens_per_s": (sum(throughput) / len(throughput)) if throughput else None,
+        "tokens_per_cpu_s": (sum(cpu_throughput) / len(cpu_throughput)) if cpu_throughput else None, "peak_mem_mb": mem, "mem_kind": mem_kind,
         "params": n_params, "trainable_params": n_trainable, "n_projector_resets": n_resets, "deepspeed": args.deepspeed_config is not None,
         "device": str(env.device),
     }
