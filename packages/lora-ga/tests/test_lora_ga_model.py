@@ -134,6 +134,25 @@ def test_given_gradients_give_the_reference_factors():
         torch.testing.assert_close(layer.lora_B["default"].weight.double(), B_ref, atol=TOL_FP32, rtol=0)
 
 
+@pytest.mark.parametrize(("scale", "direction"), [("weight_svd", "ArB2r"), ("gd", "A2rBr"), ("unit", "ArBr")])
+def test_other_scales_and_directions_through_the_model(scale, direction):
+    """The model path hands the layer's scaling and (out, in) base weight to the maths (float64 reference there)."""
+    model = tiny_model("llama")
+    batches = _batches("llama", 2)
+    base_out = _outputs(model, batches[0])
+    names = [n for n, m in model.named_modules() if n.split(".")[-1] in LLAMA_TARGETS]
+    W0 = {n: weight_matrix(get_module(model, n)).clone() for n in names}
+    G = {n: g.float() for n, g in _ref_grads(model, batches, names).items()}
+    cfg = _cfg(scale=scale, direction=direction, use_rslora=True)
+    pm = get_lora_ga_model(model, cfg, None, gradients=G, svd_method="full")
+    s = ALPHA / math.sqrt(RANK)
+    for n, layer in _lora_layers(pm).items():
+        A, B = lora_ga_factors(G[n], RANK, scaling=s, scale=scale, direction=direction, weight=W0[n], svd_method="full")
+        torch.testing.assert_close(layer.lora_A["default"].weight, A, atol=1e-6, rtol=0)
+        torch.testing.assert_close(layer.lora_B["default"].weight, B, atol=1e-6, rtol=0)
+    assert (_outputs(pm, batches[0]) - base_out).abs().max() < 1e-5 * base_out.abs().max()
+
+
 def test_default_randomized_svd_spans_the_exact_subspaces(llama_run):
     """The default sketch (q = 4r, 4 power iterations, as the reference's svd_lowrank) vs exact SVD."""
     _, _, _, G, _ = llama_run
@@ -347,6 +366,13 @@ def test_rank_error_names_the_layer_before_estimating():
     with pytest.raises(LoraGARankError, match=r"'model.layers.0.self_attn.v_proj' \(32x64\).*r <= 16"):
         get_lora_ga_model(model, _cfg(r=17, target_modules=["v_proj"]), never(), progress=False)
     # the model is given back untouched (no LoRA layers left behind)
+    assert not any("lora" in n for n, _ in model.named_modules())
+
+
+def test_non_linear_targets_are_refused_not_default_initialised():
+    model = tiny_model("llama")
+    with pytest.raises(LoraGAInitError, match=r"Linear and Conv1D layers only.*model\.embed_tokens \(Embedding\)"):
+        get_lora_ga_model(model, _cfg(target_modules=["embed_tokens", "q_proj"]), _batches("llama", 1), progress=False)
     assert not any("lora" in n for n, _ in model.named_modules())
 
 

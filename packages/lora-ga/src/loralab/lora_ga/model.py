@@ -48,7 +48,7 @@ from loralab.core.targets import TargetLayer, find_targets, layer_kind
 from loralab.lora_ga.config import DTYPES, LoraGAConfig, LoraGASettings
 from loralab.lora_ga.maths import LoraGARankError, lora_ga_factors, offset_weight
 
-__all__ = ["LoraGAInitError", "get_lora_ga_model", "lora_ga_session"]
+__all__ = ["LoraGAInitError", "check_all_recorded", "get_lora_ga_model", "lora_ga_session"]
 
 logger = logging.getLogger(__name__)
 
@@ -259,6 +259,7 @@ def get_lora_ga_model(
         if id(mod) in by_layer:
             names[name] = by_layer[id(mod)]
     try:
+        check_all_recorded(peft_model, names, adapter_name)
         _check_ranks(names)  # before the (expensive) estimation, not after it
         factors: dict[str, tuple[Tensor, Tensor]] = {}
 
@@ -332,6 +333,22 @@ def _targets(model: nn.Module, names: list[str]) -> dict[str, TargetLayer]:
             + ", ".join(missing[:5])
         )
     return {n: found[n] for n in names}
+
+
+def check_all_recorded(peft_model: nn.Module, recorded: Mapping[str, Any], adapter_name: str = "default") -> None:
+    """Raise when PEFT created ``adapter_name`` on a layer LoRA-GA does not initialise (embeddings,
+    Conv2d, ...): it would silently keep PEFT's default init. ``recorded``: the LoRA-GA layers by name."""
+    others = [
+        f"{_strip_prefix(n)} ({type(m).__name__})"
+        for n, m in peft_model.named_modules()
+        if isinstance(m, LoraLayer) and n not in recorded and (adapter_name in m.lora_A or adapter_name in m.lora_embedding_A)
+    ]
+    if others:
+        raise LoraGAInitError(
+            f"LoRA-GA initialises Linear and Conv1D layers only, but target_modules also matched {', '.join(others[:5])}"
+            f"{' ...' if len(others) > 5 else ''}; they would silently keep PEFT's default init. Remove them from "
+            "target_modules (or adapt them with a separate plain LoRA adapter)"
+        )
 
 
 def _check_ranks(names: Mapping[str, _Pending]) -> None:
