@@ -199,3 +199,18 @@ def test_gpt2_conv1d_init_identity():
         want = _truncation(update_approximation(grads[name], LR), RANK)  # (out, in)
         got = layer.get_delta_weight("default").double().T  # stored (in, out)
         assert torch.linalg.norm(got - want) <= 1e-4 * torch.linalg.norm(want), name
+
+
+def test_rank_pattern_and_rslora(reference_updates):
+    # per-layer ranks (PEFT's rank_pattern) and rsLoRA scaling: still the rank-r_i truncation, Σ r_i² trainables
+    cfg = LoraSBConfig(r=RANK, lora_alpha=16, use_rslora=True, rank_pattern={"down_proj": 2 * RANK}, target_modules=["q_proj", "down_proj"],
+                       svd_method="full")
+    model = get_lora_sb_model(tiny_llama(), cfg, _batches(), lr=LR, progress=False)
+    total = 0
+    for name, layer in lora_sb_layers(model).items():
+        r = 2 * RANK if name.endswith("down_proj") else RANK
+        assert layer.r["default"] == r and layer.scaling["default"] == pytest.approx(16 / r**0.5)
+        want = _truncation(reference_updates[name], r)
+        assert torch.linalg.norm(layer.get_delta_weight("default").double() - want) <= 1e-4 * torch.linalg.norm(want), name
+        total += r * r
+    assert model.get_nb_trainable_parameters()[0] == total == 2 * (RANK**2 + (2 * RANK) ** 2)
