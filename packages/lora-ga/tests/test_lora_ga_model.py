@@ -153,6 +153,19 @@ def test_other_scales_and_directions_through_the_model(scale, direction):
     assert (_outputs(pm, batches[0]) - base_out).abs().max() < 1e-5 * base_out.abs().max()
 
 
+def test_random_direction_differs_per_layer_and_is_reproducible():
+    model = tiny_model("llama")
+    names = [n for n, m in model.named_modules() if n.endswith("q_proj")]
+    G = {n: torch.randn(64, 64, generator=torch.Generator().manual_seed(0)) for n in names}  # same gradient
+    cfg = _cfg(target_modules=["q_proj"], direction="random", scale="unit")
+    a = _lora_layers(get_lora_ga_model(model, cfg, None, gradients=G))
+    b = _lora_layers(get_lora_ga_model(tiny_model("llama"), cfg, None, gradients=G))
+    A0, A1 = (a[n].lora_A["default"].weight for n in names)
+    assert not torch.allclose(A0, A1)  # another split for another layer
+    for n in names:
+        assert torch.equal(a[n].lora_A["default"].weight, b[n].lora_A["default"].weight)
+
+
 def test_default_randomized_svd_spans_the_exact_subspaces(llama_run):
     """The default sketch (q = 4r, 4 power iterations, as the reference's svd_lowrank) vs exact SVD."""
     _, _, _, G, _ = llama_run

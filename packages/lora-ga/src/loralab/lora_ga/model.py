@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -185,6 +186,8 @@ def factors_for(pending: _Pending, grad: Tensor, name: str, *, svd_method: str =
         weight=weight,
         name=_strip_prefix(name),
         svd_method=svd_method,
+        # "random" draws its own split per layer (as the reference), reproducibly on every rank
+        seed=zlib.crc32(_strip_prefix(name).encode()) if st.direction == "random" else 0,
     )
 
 
