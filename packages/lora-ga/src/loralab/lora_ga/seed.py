@@ -30,6 +30,9 @@ What is the same as the seed and what is not:
   as :func:`~loralab.lora_ga.get_lora_ga_model` does. Used without gradients, or with a gradient dict
   that misses a target or has one of the wrong shape, it raises (never PEFT's silent fallback to the
   default init), and the model is given back unchanged.
+- DeepSpeed ZeRO-3: a model partitioned by ``deepspeed.zero.Init`` (or transformers' ZeRO-3 loading)
+  has its parameters gathered for the estimate, and the init writes the offset ``W0`` through
+  ``GatheredParameters``; estimate before ``deepspeed.initialize`` (an engine is refused).
 - The save helpers keep the seed's layout (``save_dir/init_lora_checkpoint`` is written first and
   removed by the final save), and the final adapter is a plain PEFT LoRA (rank 2r) that loads on the
   original, unmodified base model.
@@ -51,9 +54,14 @@ from torch import Tensor, nn
 
 from loralab.core.distributed import gathered_parameters, is_main_process
 from loralab.core.gradients import estimate_gradients
-from loralab.core.targets import layer_kind
 from loralab.lora_ga.maths import LoraGARankError
-from loralab.lora_ga.model import LoraGAInitError, factors_for, lora_ga_session, write_lora_ga_layer
+from loralab.lora_ga.model import (
+    LoraGAInitError,
+    _out_in,
+    factors_for,
+    lora_ga_session,
+    write_lora_ga_layer,
+)
 from loralab.lora_ga.save import plain_lora_config, save_lora_ga_adapter
 
 __all__ = ["INIT_SUBDIR", "LoraGAContext", "estimate_gradient", "save_loraga_model_final", "save_loraga_model_init"]
@@ -186,12 +194,6 @@ def _check_not_deepspeed_engine(model: nn.Module) -> None:
             "built under deepspeed.zero.Init is fine: its parameters are gathered for the estimate), then get_peft_model "
             "inside LoraGAContext, then initialize DeepSpeed"
         )
-
-
-def _out_in(module: nn.Module) -> tuple[int, int]:
-    if layer_kind(module) == "conv1d":
-        return (module.nf, module.weight.shape[0])
-    return (module.out_features, module.in_features)
 
 
 class LoraGAContext:
