@@ -15,6 +15,21 @@ Differences from the seed, on purpose:
   config becomes a :class:`LoraSBConfig`, so ``save_pretrained`` / ``load_lora_sb_model`` /
   ``merge_and_unload`` work with clean keys (no monkey-patched ``forward``, no key mangling);
 - the SVD uses a local generator (``random_state``), never ``torch.manual_seed``.
+
+Example:
+    >>> from peft import LoraConfig, get_peft_model
+    >>> from loralab.core.testing import make_lm_batches, tiny_llama
+    >>> from loralab.lora_sb import estimate_and_process_grads_torch, find_and_initialize_grad
+    >>> model = tiny_llama()
+    >>> named_grads = estimate_and_process_grads_torch(model, make_lm_batches(2), lr=1e-3, num_samples=4,
+    ...                                                target_modules=["q_proj"], progress=False)
+    >>> sorted(named_grads)
+    ['model.layers.0.self_attn.q_proj.weight', 'model.layers.1.self_attn.q_proj.weight']
+    >>> model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"]))
+    >>> model = find_and_initialize_grad(model, model.peft_config, "default", "svd", {"svd": {"rank": 4}},
+    ...                                  named_grads=named_grads)
+    >>> type(model.peft_config["default"]).__name__, model.get_nb_trainable_parameters()[0]
+    ('LoraSBConfig', 32)
 """
 
 from __future__ import annotations
