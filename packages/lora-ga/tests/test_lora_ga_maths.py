@@ -193,3 +193,14 @@ def test_config_defaults_and_subclass():
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LoraGAConfig(r=RANK, **kwargs)
+
+
+def test_config_save_load_round_trip(tmp_path):
+    cfg = LoraGAConfig(
+        r=RANK, lora_alpha=ALPHA, target_modules=["q_proj"], iters=3, scale="gd", direction="A2rBr",
+        stable_gamma=4, dtype="bf16", use_rslora=True,
+    )  # fmt: skip
+    cfg.save_pretrained(tmp_path)
+    loaded = LoraGAConfig.from_pretrained(tmp_path)
+    assert type(loaded) is LoraGAConfig and type(loaded.lora_ga_config) is type(cfg.lora_ga_config)
+    assert loaded.to_dict() == cfg.to_dict()

@@ -18,14 +18,17 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+import logging
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
 import torch
 from peft import LoraConfig
 from peft.tuners.lora.config import LoraGAConfig as _PeftLoraGAConfig
 
 __all__ = ["DIRECTIONS", "DTYPES", "SCALES", "LoraGAConfig", "LoraGASettings"]
+
+logger = logging.getLogger(__name__)
 
 DIRECTIONS = ("ArB2r", "ArBr", "A2rBr", "random")
 SCALES = ("stable", "gd", "unit", "weight_svd")
@@ -105,6 +108,16 @@ class LoraGAConfig(LoraConfig):
         if self.init_lora_weights == "lora_ga" and not isinstance(self.lora_ga_config, LoraGASettings):
             # LoraConfig.__post_init__ rebuilds dict sub-configs with PEFT's class: keep our tag
             self.lora_ga_config = LoraGASettings(direction=self.direction, scale=self.scale, stable_gamma=self.stable_gamma, dtype=self.dtype)
+
+    @classmethod
+    def from_peft_type(cls, **kwargs: Any) -> LoraGAConfig:
+        """``LoraGAConfig.from_pretrained(path)`` gives a ``LoraGAConfig`` back (PEFT would build the class
+        registered for ``peft_type``, a plain ``LoraConfig``, and drop the LoRA-GA fields)."""
+        known = {f.name for f in fields(cls) if f.init}
+        dropped = sorted(set(kwargs) - known)
+        if dropped:
+            logger.warning("LoraGAConfig: ignoring unknown config keys %s", dropped)
+        return cls(**{k: v for k, v in kwargs.items() if k in known})
 
     @property
     def torch_dtype(self) -> torch.dtype:
