@@ -58,3 +58,39 @@ def test_hf_trainer_trains_only_r(tmp_path):
         assert torch.allclose(load_lora_sb_model(tiny_llama(), tmp_path / "final")(**x).logits, model(**x).logits, atol=1e-5)
 
 
+
+
+def test_hf_trainer_resume_gives_the_same_steps(tmp_path):
+    # an interrupted run resumed from its checkpoint (structure rebuilt with sb_init="random": the checkpoint
+    # restores A, B, R and the optimizer) ends exactly where the uninterrupted run does
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    data = _data()
+    rows = [{k: v[i] for k, v in b.items()} for b in data for i in range(4)]
+    targets = ["q_proj", "v_proj"]
+
+    def args(out):
+        return TrainingArguments(
+            output_dir=str(out), per_device_train_batch_size=4, max_steps=4, learning_rate=1e-2, warmup_steps=0, save_strategy="steps",
+            save_steps=2, report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+        )
+
+    class StopAt2(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 2
+
+    def r_of(model):
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    full = get_lora_sb_model(tiny_llama(), LoraSBConfig(r=4, target_modules=targets), data, lr=1e-3, progress=False)
+    Trainer(model=full, args=args(tmp_path / "a"), train_dataset=rows).train()
+    first = get_lora_sb_model(tiny_llama(), LoraSBConfig(r=4, target_modules=targets), data, lr=1e-3, progress=False)
+    Trainer(model=first, args=args(tmp_path / "b"), train_dataset=rows, callbacks=[StopAt2()]).train()
+    resumed = get_lora_sb_model(tiny_llama(), LoraSBConfig(r=4, target_modules=targets, sb_init="random"), [], progress=False)
+    Trainer(model=resumed, args=args(tmp_path / "b"), train_dataset=rows).train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2"))
+    want, got = r_of(full), r_of(resumed)
+    assert want.keys() == got.keys()
+    for n in want:
+        assert torch.equal(got[n], want[n]), n
+    for n, p in full.named_parameters():  # A and B came back from the checkpoint too
+        assert torch.equal(p, resumed.get_parameter(n)), n
