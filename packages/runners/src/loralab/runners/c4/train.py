@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import logging
 import math
@@ -495,8 +496,11 @@ def run(args: C4Args) -> dict[str, Any]:
         engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=cfg)
         train_model = engine
     elif env.world > 1 and relora is None:
-        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                                                  broadcast_buffers=False)
+        # the only buffers (rotary inv_freq) are identical on every rank: no per-forward broadcast
+        # (torch 2.13 renamed broadcast_buffers to forward_sync_buffers)
+        sync_kw = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+                   else {"broadcast_buffers": False})
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None, **sync_kw)
         train_model = ddp
     elif env.world > 1:
         for p in model.parameters():  # the explicit-all-reduce path starts from rank 0's weights, as DDP would
