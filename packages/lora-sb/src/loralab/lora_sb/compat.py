@@ -86,9 +86,10 @@ def estimate_and_process_grads_torch(
     """Seed API: ``{"<layer>.weight": −lr·sign(mean gradient)}`` over the first ``num_samples`` samples.
 
     Values are in each weight's storage layout (Conv1D: (in, out)), as the seed returned them.
-    ``quant_flag=True``: the model's bitsandbytes layers are dequantized into a float copy
-    (``origin_type`` dtype) for the estimate; ``quant_type`` is accepted for compatibility (the
-    quantization is read from the layers). ``no_split_module_classes`` is used with offload only and
+    ``quant_flag=True``: the estimate runs on a copy of the model whose bitsandbytes layers are float
+    layers holding the weights the 4-bit layers actually apply (read off their own kernels, so it stays
+    right after bitsandbytes repacks its CPU weights; in the layers' compute dtype). ``origin_type``
+    (validated) and ``quant_type`` are accepted for compatibility: both are read from the layers. ``no_split_module_classes`` is used with offload only and
     is accepted for compatibility.
     """
     if num_samples < 1:
@@ -98,9 +99,9 @@ def estimate_and_process_grads_torch(
     if quant_flag:
         if origin_type not in _DTYPES:
             raise ValueError(f"origin_type must be one of {sorted(_DTYPES)}, got {origin_type!r}")
-        from loralab.core.quant import dequantized_copy
+        from loralab.lora_sb.model import _dequantized_twin
 
-        est_model = dequantized_copy(model, dtype=_DTYPES[origin_type])
+        est_model = _dequantized_twin(model.base_model.model if isinstance(model, PeftModel) else model)
     targets = resolve_targets(est_model, target_modules)
     out: dict[str, Tensor] = {}
 
