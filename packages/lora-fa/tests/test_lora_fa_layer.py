@@ -282,6 +282,9 @@ def test_errors_name_the_layer():
     dora = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=RANK, target_modules=["q_proj"], use_dora=True))
     with pytest.raises(ValueError, match=r"layer '.*layers\.0\.self_attn\.q_proj'.*LoRA variant"):
         apply_lorafa_layers(dora)
+    conv = peft.get_peft_model(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3)), peft.LoraConfig(r=RANK, target_modules=["0"]))
+    with pytest.raises(ValueError, match=r"layer '.*0': lora_A\['default'\] is Conv2d; .* supports bias-free nn.Linear"):
+        apply_lorafa_layers(conv)
     model = peft_lora(tiny_llama(), target_modules=["q_proj"])
     apply_lorafa_layers(model)
     down = find_lora_pairs(model)[0].module.lora_A["default"]
