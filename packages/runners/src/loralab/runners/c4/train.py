@@ -469,7 +469,8 @@ def run(args: C4Args) -> dict[str, Any]:
     if len(tokenizer) > vocab:
         logger.warning("tokenizer has %d tokens but the model %d (ids >= %d must never occur; checked per batch)", len(tokenizer), vocab, vocab)
     if args.activation_checkpointing:
-        model.gradient_checkpointing_enable()
+        # transformers 5 renamed gradient_checkpointing_enable (deprecated) to activation_checkpointing_enable
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     n_params, _ = count_parameters(model)
     relora = _wrap_relora(model, args) if args.use_peft else None
     if relora is not None:
