@@ -121,3 +121,46 @@ def test_trainer_equals_a_hand_loop_with_clipping_and_schedule(tmp_path, accumul
         runs.append({n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n})
     for n in runs[0]:
         torch.testing.assert_close(runs[1][n], runs[0][n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_trainer_resume_from_checkpoint_equals_straight_run(tmp_path):
+    import transformers
+    from datasets import Dataset
+
+    from loralab.lora_fa import create_lorafa_optimizer
+
+    steps, lr = 4, 1e-2
+    batches = make_lm_batches(steps, batch_size=2, seq_len=12, seed=4)
+    rows = {k: [row for b in batches for row in b[k].tolist()] for k in batches[0]}
+
+    class CountSteps(transformers.TrainerCallback):
+        def __init__(self):
+            self.steps = 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.steps += 1
+
+    def run(output_dir, resume=None):
+        torch.manual_seed(0 if resume is None else 1)  # resumed: another A draw, the checkpoint must bring A back
+        model = peft.get_peft_model(tiny_llama(0), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        opt = create_lorafa_optimizer(model, 4, 8, lr, weight_decay=0.01)
+        sched = transformers.get_linear_schedule_with_warmup(opt, 1, steps)
+        trainer = transformers.Trainer(
+            model=model,
+            args=transformers.TrainingArguments(
+                output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=2, use_cpu=True, report_to=[],
+                save_strategy="steps", save_steps=2, disable_tqdm=True, seed=0, data_seed=0,
+            ),
+            train_dataset=Dataset.from_dict(rows),
+            optimizers=(opt, sched),
+            callbacks=[counter := CountSteps()],
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}, opt, counter.steps
+
+    straight, _, n_straight = run(tmp_path / "a")
+    resumed, opt, n_resumed = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-2"))
+    assert (n_straight, n_resumed) == (steps, steps // 2)
+    assert all(s["step"].item() == steps for s in opt.state.values())
+    for n in straight:
+        torch.testing.assert_close(resumed[n], straight[n], rtol=0, atol=0, msg=n)
