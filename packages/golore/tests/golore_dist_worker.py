@@ -5,6 +5,7 @@ One launch runs every mode in turn on the same seeded model, each rank a differe
 
 - ``ddp``: GoLore (SVD, then random projectors) + GaLore groups under DDP;
 - ``zero0`` / ``zero1`` / ``zero2``: the same optimizer as a DeepSpeed client optimizer;
+- ``zero2resume``: ZeRO-2 with a DeepSpeed checkpoint saved mid-way and loaded into a fresh engine;
 - ``zero3``: must raise our clear error.
 """
 
@@ -16,7 +17,8 @@ import torch.distributed as dist
 from loralab.core.testing import make_lm_batches, tiny_llama
 from loralab.golore import GoLoreAdamW
 
-MODES = ("ddp", "zero0", "zero1", "zero2", "zero3")
+MODES = ("ddp", "zero0", "zero1", "zero2", "zero2resume", "zero3")
+CKPT = ""  # set in main: a checkpoint folder next to the outputs
 STEPS = 4
 
 
@@ -28,6 +30,40 @@ def groups(model):
         # weight decay and a 1-D-free matrix group; refresh at steps 0 (SVD) and 2 (random)
         dict(params=proj, rank=4, update_proj_gap=2, rand_ratio=0.5, total_steps=STEPS),
     ]
+
+
+def ds_config(stage):
+    return {
+        "train_micro_batch_size_per_gpu": 2,
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": 0.0,  # DeepSpeed clips to 1.0 by default; DDP does not clip
+    }
+
+
+def run_resume(rank, batches):
+    """ZeRO-2: train half, save a DeepSpeed checkpoint, resume in a fresh engine, train the rest."""
+    import deepspeed
+
+    def engine():
+        model = tiny_llama()
+        opt = GoLoreAdamW(groups(model), lr=1e-2, weight_decay=0.1)
+        return deepspeed.initialize(model=model, optimizer=opt, config=ds_config(2))[0], model
+
+    def train(eng, bs):
+        for b in bs:
+            eng.backward(eng(**b).loss)
+            eng.step()
+
+    half = STEPS // 2 + 1  # the resumed engine's first step uses the saved projector (no refresh)
+    first, _ = engine()
+    train(first, batches[:half])
+    first.save_checkpoint(CKPT, tag="half")
+    dist.barrier()
+    second, model = engine()
+    second.load_checkpoint(CKPT, tag="half")
+    train(second, batches[half:])
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 def run(mode, rank):
@@ -43,14 +79,12 @@ def run(mode, rank):
         return {n: p.detach().clone() for n, p in model.named_parameters()}
     import deepspeed
 
-    cfg = {
-        "train_micro_batch_size_per_gpu": 2,
-        "zero_optimization": {"stage": int(mode[-1])},
-        "zero_allow_untested_optimizer": True,
-        "gradient_clipping": 0.0,  # DeepSpeed clips to 1.0 by default; DDP does not clip
-    }
+    if mode == "zero2resume":
+        return run_resume(rank, batches)
     try:
-        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+        engine, *_ = deepspeed.initialize(
+            model=model, optimizer=opt, config=ds_config(int(mode[-1]))
+        )
         for b in batches:
             loss = engine(**b).loss
             engine.backward(loss)
@@ -65,6 +99,8 @@ def main(prefix: str) -> None:
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank = dist.get_rank()
+    global CKPT
+    CKPT = f"{prefix}.ckpt"
     for mode in MODES:
         torch.save(run(mode, rank), f"{prefix}.{mode}.{rank}.pt")
         dist.barrier()

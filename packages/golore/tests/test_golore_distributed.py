@@ -83,3 +83,10 @@ def test_deepspeed_zero_client_optimizer_equals_ddp(results, stage):
 def test_deepspeed_zero3_raises_a_clear_error(results):
     msg = results("zero3", 0).get("error", "")
     assert "ZeRO-3" in msg and "ZeRO stage 1 or 2" in msg, msg
+
+
+@pytest.mark.multiprocess
+def test_deepspeed_zero2_checkpoint_resume_is_exact(results):
+    # the low-rank states live in ZeRO's partition state; a DeepSpeed checkpoint must carry them
+    for rank in (0, 1):
+        _assert_same(results("zero2resume", rank), results("zero2", rank))
