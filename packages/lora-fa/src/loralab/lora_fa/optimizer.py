@@ -62,6 +62,10 @@ class LoraFAError(ValueError):
     """A LoRA-FA precondition does not hold (A trainable, A and B in different groups, scaling 0, …)."""
 
 
+def _is_zero3_partitioned(p: Tensor) -> bool:
+    return hasattr(p, "ds_id") and hasattr(p, "ds_status")
+
+
 def _moment_dtype(p: Tensor) -> torch.dtype:
     # Adam moments in float32 for half-precision parameters (their squares underflow in bf16/fp16).
     return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
@@ -196,15 +200,33 @@ class LoraFAAdamW(torch.optim.Optimizer):
         return M
 
     def refresh(self) -> None:
-        """Forget the cached ``(A·Aᵀ)⁻¹`` (call after changing an A through ``.data``)."""
+        """Recompute the cached ``(A·Aᵀ)⁻¹`` (call after changing an A through ``.data``).
+
+        In-place changes of A are detected without it (A's version counter). With
+        ``correct_in_backward=True`` the matrices are recomputed right away (under ZeRO-3 every rank
+        must call it, outside backward: A is gathered).
+        """
         self._cache.clear()
         self._stacks.clear()
+        if self.correct_in_backward:
+            for pair in self.pairs:
+                self._matrix(pair)
+
+    def _hook_matrix(self, pair: LoraPair) -> Tensor:
+        # A ZeRO-3-partitioned A cannot be read (nor its version trusted) inside backward: use the
+        # matrix computed while it was whole. Otherwise follow A like ``step`` does, so that an A
+        # loaded after construction (a checkpoint resume) is picked up.
+        hit = self._cache.get(id(pair.B))
+        if hit is not None and _is_zero3_partitioned(pair.A):
+            return hit[1]
+        return self._matrix(pair)
 
     def _install_hooks(self) -> None:
         for pair in self.pairs:
-            M = self._matrix(pair)  # now, while A is whole (before DeepSpeed partitions it)
+            self._matrix(pair)  # now, while A is whole (before DeepSpeed ZeRO-3 partitions it)
 
-            def hook(grad: Tensor, M: Tensor = M) -> Tensor:
+            def hook(grad: Tensor, pair: LoraPair = pair) -> Tensor:
+                M = self._hook_matrix(pair)
                 return (grad.to(M.dtype) @ M.to(grad.device)).to(grad.dtype)
 
             self._hooks.append(pair.B.register_hook(hook))
