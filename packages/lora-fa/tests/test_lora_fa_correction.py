@@ -95,3 +95,13 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="got 2 gradients but 1 correction matrices"):
         correct_grads([torch.randn(3, 2), torch.randn(3, 2)], torch.eye(2).unsqueeze(0))
     assert correct_grads([], torch.eye(2)) == []
+
+
+@pytest.mark.parametrize("name", ["loralab.lora_fa", "loralab.lora_fa.compat", "loralab.lora_fa.correction", "loralab.lora_fa.optimizer"])
+def test_docstring_examples_run(name):
+    import doctest
+    import importlib
+
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False)
+    assert result.attempted > 0 and result.failed == 0, result
