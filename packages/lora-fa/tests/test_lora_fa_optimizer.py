@@ -349,3 +349,17 @@ def test_with_the_memory_saving_layer_same_training_as_without():
         out.append({n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n})
     for n in out[0]:
         torch.testing.assert_close(out[1][n], out[0][n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_only_the_active_adapter_is_paired_and_trained():
+    model = _model()
+    model.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj"]))
+    model.set_adapter("other")
+    opt = create_lorafa_optimizer(model, 2, 6, LR)
+    assert {p.adapter for p in opt.pairs} == {"other"} and len(opt.pairs) == 2
+    assert all(p.scaling == 3.0 for p in opt.pairs)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if ".default." in n}
+    model(**make_lm_batches(1)[0]).loss.backward()
+    opt.step()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if ".default." in n)
+    assert all(p.B.abs().max() > 0 for p in opt.pairs)
