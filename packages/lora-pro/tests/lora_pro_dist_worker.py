@@ -3,7 +3,7 @@
 Each rank trains the toy LoRA model on its own half of every batch with ``LoraProAdamW`` (efficient
 mode, LoRA layers + a plain-AdamW head) several ways, and writes its parameters: ``ddp`` (DDP),
 ``accelerate`` (``Accelerator.prepare``),
-``zero2`` (DeepSpeed ZeRO-2 with ``attach_deepspeed``) and ``zero2_unattached`` / ``zero3`` (the error
+``zero1`` / ``zero2`` (DeepSpeed ZeRO-1 / ZeRO-2 with ``attach_deepspeed``) and ``zero2_unattached`` / ``zero3`` (the error
 each raises, written as text instead of parameters).
 """
 
@@ -65,14 +65,15 @@ def main(prefix: str) -> None:
         aopt.step()
     out["accelerate"] = params(model)
 
-    model = toy_peft(0, dtype=torch.float32)
-    opt = LoraProAdamW(model, lr=LR, weight_decay=0.1)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(2))
-    opt.attach_deepspeed(engine)
-    for b in batches:
-        engine.backward(engine(**b))
-        engine.step()
-    out["zero2"] = params(model)
+    for stage in (1, 2):
+        model = toy_peft(0, dtype=torch.float32)
+        opt = LoraProAdamW(model, lr=LR, weight_decay=0.1)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(stage))
+        opt.attach_deepspeed(engine)
+        for b in batches:
+            engine.backward(engine(**b))
+            engine.step()
+        out[f"zero{stage}"] = params(model)
 
     msgs = {}
     for name, stage in (("zero2_unattached", 2), ("zero3", 3)):

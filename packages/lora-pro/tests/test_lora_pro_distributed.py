@@ -40,7 +40,7 @@ def _rel(got, ref, init):
 
 
 @pytest.mark.multiprocess
-def test_ddp_accelerate_and_deepspeed_zero2_equal_one_process_and_zero3_is_refused(lp, tmp_path):
+def test_ddp_accelerate_and_deepspeed_zero1_zero2_equal_one_process_and_zero3_is_refused(lp, tmp_path):
     pytest.importorskip("deepspeed")
     prefix = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()), str(WORKER), str(prefix)]
@@ -56,6 +56,7 @@ def test_ddp_accelerate_and_deepspeed_zero2_equal_one_process_and_zero3_is_refus
         assert _rel(out["ddp"], ref, init) < 1e-5  # round-off of the gradient averaging only
         assert _rel(out["accelerate"], ref, init) < 1e-5
         assert _rel(out["zero2"], ref, init) < 1e-5  # gathered per-layer gradients: exact LoRA-Pro
+        assert _rel(out["zero1"], ref, init) < 1e-5
         errors = out["errors"]
         assert errors["zero2_unattached"].startswith("RuntimeError") and "attach_deepspeed" in errors["zero2_unattached"]
         assert errors["zero3"].startswith("NotImplementedError") and "ZeRO-3" in errors["zero3"]
