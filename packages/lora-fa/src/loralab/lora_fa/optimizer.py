@@ -242,7 +242,14 @@ class LoraFAAdamW(torch.optim.Optimizer):
     def _check_finite(self, grads: list[Tensor], names: list[str]) -> None:
         if not grads:
             return
-        norms = torch.stack([n.to(torch.float32).cpu() for n in torch._foreach_norm(grads)])
+        norms = torch._foreach_norm(grads)
+        # one stack (and one host sync) per device, not one per parameter
+        by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
+        for n in norms:
+            by_device[n.device].append(n.to(torch.float32))
+        if all(bool(torch.isfinite(torch.stack(ns)).all()) for ns in by_device.values()):
+            return
+        norms = torch.stack([n.to(torch.float32).cpu() for n in norms])
         if not bool(torch.isfinite(norms).all()):
             bad = [n for n, v in zip(names, norms.tolist()) if v != v or v in (float("inf"), float("-inf"))]
             raise FloatingPointError(f"non-finite gradient in {bad[:5]}{' …' if len(bad) > 5 else ''}; step skipped, parameters unchanged")
