@@ -135,7 +135,10 @@ def test_quick_start_runs_with_only_the_imports_changed(tmp_path, accelerator):
         "save_dir": str(tmp_path),
         "train": train,
     }
-    exec(QUICK_START_IMPORTS + QUICK_START, env)  # the README text is the test
+    # The README's last line passes the trained PeftModel itself to PeftModel.from_pretrained: PEFT nests
+    # a second PeftModel and reports the adapter keys missing (a bug of the seed's README, documented).
+    with pytest.warns(UserWarning, match="missing adapter keys"):
+        exec(QUICK_START_IMPORTS + QUICK_START, env)  # the README text is the test
 
     # the seed's defaults: r=8, q_proj/v_proj (PEFT's Llama default), LoRA-GA factors written
     assert not os.path.exists(tmp_path / "init_lora_checkpoint")  # removed by the final save, as in the seed

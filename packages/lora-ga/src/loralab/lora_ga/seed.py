@@ -227,7 +227,7 @@ class LoraGAContext:
         >>> named_grad = estimate_gradient(model, make_lm_batches(2), None, progress=False)
         >>> with LoraGAContext(model=model, named_grad=named_grad):
         ...     model = peft.get_peft_model(model, LoraGAConfig(r=4, target_modules=["q_proj"]))
-        >>> float(model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight.abs().sum()) > 0
+        >>> float(model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight.detach().abs().sum()) > 0
         True
     """
 
