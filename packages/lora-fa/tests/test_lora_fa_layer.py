@@ -276,6 +276,26 @@ def test_a_stays_frozen_through_peft_adapter_switching():
     assert all(p.A.requires_grad for p in find_lora_pairs(model))
 
 
+def test_one_of_two_adapters_and_mixed_batch_inference():
+    # only the named adapter is converted; PEFT's mixed-batch forward (adapter_names=...) still works
+    ref = peft_lora(llama64(), target_modules=["q_proj", "v_proj"], lora_dropout=0.1)
+    ref.add_adapter("other", peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], lora_dropout=0.1))
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "lora_B.other" in name:
+                p.normal_(0, 0.1)
+    ours = copy.deepcopy(ref)
+    names = apply_lorafa_layers(ours, adapter_name="other")
+    assert len(names) == 4
+    layer = find_lora_pairs(ours, "other")[0].module
+    assert isinstance(layer.lora_A["other"], FrozenDownProjection)
+    assert type(layer.lora_A["default"]) is torch.nn.Linear and isinstance(layer.lora_dropout["default"], torch.nn.Dropout)
+    ids = make_lm_batches(1, batch_size=2, seq_len=SEQ)[0]["input_ids"]
+    ref.eval(), ours.eval()
+    mixed = ["default", "other"]
+    torch.testing.assert_close(ours(input_ids=ids, adapter_names=mixed).logits, ref(input_ids=ids, adapter_names=mixed).logits, **F64)
+
+
 def test_errors_name_the_layer():
     with pytest.raises(LoraPairError, match="no PEFT LoRA layers"):
         apply_lorafa_layers(tiny_llama())
