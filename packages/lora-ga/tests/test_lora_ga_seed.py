@@ -189,7 +189,7 @@ def test_final_save_same_with_or_without_in_memory_init_factors(tmp_path, use_rs
 @pytest.mark.parametrize(
     "arch, kwargs",
     [
-        ("llama", dict(target_modules=TARGETS)),
+        ("llama", dict(target_modules=TARGETS, task_type="CAUSAL_LM")),  # PeftModelForCausalLM
         ("llama", dict(target_modules=TARGETS, use_rslora=True, direction="A2rBr", scale="gd", dtype="bf16")),
         ("gpt2", dict(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)),  # Conv1D, with bias
     ],
