@@ -15,6 +15,8 @@ data is one DataLoader of 4 batches; rank ``r`` estimates on batches ``r`` and `
   gathers the parameters, the init writes the offset W0 through ``GatheredParameters`` (rank 0's
   value, identical anyway), then ``deepspeed.initialize`` (stage 3) runs one training step.
   ``estimate_gradient`` on the DeepSpeed engine itself must raise a clear error.
+- ``hf_zero3``: the usual way a ZeRO-3 model is made: transformers' ``from_pretrained`` of a saved
+  checkpoint while an ``HfDeepSpeedConfig`` (stage 3) is alive partitions it at load time.
 
 Each rank writes ``{prefix}.{mode}.{rank}.pt`` with every adapted layer's ``A``, ``B`` and offset
 ``W0`` (gathered for ZeRO-3). The constants are shared with the test (it loads this file).
@@ -79,22 +81,29 @@ def seed_flow(model, data, accelerator, **kwargs):
         return peft.get_peft_model(model, config())
 
 
+DS_CONFIG = {
+    "train_micro_batch_size_per_gpu": BATCH,
+    "gradient_accumulation_steps": 1,
+    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+    "zero_allow_untested_optimizer": True,
+}
+
+
+def _assert_partitioned(model):
+    q = model.model.layers[0].self_attn.q_proj.weight
+    assert hasattr(q, "ds_id") and q.numel() == 0, "the model is not ZeRO-3 partitioned"
+
+
 def run_zero3(rank: int) -> tuple[dict, str]:
     import deepspeed
 
     from loralab.core.testing import tiny_llama
 
     deepspeed.init_distributed(dist_backend="gloo")
-    ds_config = {
-        "train_micro_batch_size_per_gpu": BATCH,
-        "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-        "zero_allow_untested_optimizer": True,
-    }
+    ds_config = DS_CONFIG
     model = tiny_llama()
     deepspeed.zero.Init(module=model, config_dict_or_path=ds_config)
-    q = model.model.layers[0].self_attn.q_proj.weight
-    assert hasattr(q, "ds_id") and q.numel() == 0, "the model is not ZeRO-3 partitioned"
+    _assert_partitioned(model)
     peft_model = seed_flow(model, rank_batches(rank), None)
     state = init_state(peft_model)
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -116,7 +125,17 @@ def run_zero3(rank: int) -> tuple[dict, str]:
     return state, message
 
 
-def main(prefix: str) -> None:
+def run_hf_zero3(rank: int, checkpoint: str) -> dict:
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    keep_alive = HfDeepSpeedConfig(DS_CONFIG)  # noqa: F841 - transformers reads it while loading
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    _assert_partitioned(model)
+    return init_state(seed_flow(model, rank_batches(rank), None))
+
+
+def main(prefix: str, checkpoint: str) -> None:
     from accelerate import Accelerator
 
     from loralab.core.testing import tiny_llama
@@ -130,8 +149,9 @@ def main(prefix: str) -> None:
         "torchrun": init_state(seed_flow(tiny_llama(), rank_batches(rank), None)),
     }
     results["zero3"], results["engine_error"] = run_zero3(rank)
+    results["hf_zero3"] = run_hf_zero3(rank, checkpoint)
     torch.save(results, f"{prefix}.{rank}.pt")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])

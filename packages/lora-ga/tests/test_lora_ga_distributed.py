@@ -1,4 +1,5 @@
-"""LoRA-GA's seed flow with 2 CPU ranks (gloo): accelerate, core offload, torchrun, DeepSpeed ZeRO-3.
+"""LoRA-GA's seed flow with 2 CPU ranks (gloo): accelerate, core offload, torchrun, DeepSpeed ZeRO-3
+(``zero.Init`` and transformers' ZeRO-3 loading).
 
 Each rank estimates on its own half of the batches; the gradients are averaged across ranks, so every
 rank must initialise identically (A, B and the offset W0 bit for bit), and equal to one process
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loralab.core.testing import tiny_llama
+from loralab.core.testing import save_tiny, tiny_llama
 from loralab.lora_ga import get_lora_ga_model
 
 WORKER = Path(__file__).with_name("lora_ga_dist_worker.py")
@@ -27,7 +28,7 @@ _spec.loader.exec_module(w)
 # mean of per-rank means vs one mean over all batches: the same gradient up to float32 rounding
 # (~1e-7), which the SVD amplifies by 1/(singular-value gap) in the factors: measured 1.2e-5.
 INIT_RTOL = 1e-4
-MODES = ("accelerate", "offload", "torchrun", "zero3")
+MODES = ("accelerate", "offload", "torchrun", "zero3", "hf_zero3")
 
 
 def _free_port():
@@ -40,11 +41,13 @@ def _free_port():
 def ranks(tmp_path_factory):
     """One 2-rank launch (accelerate's torchrun path, ``Accelerator(cpu=True)`` = gloo); both ranks' results."""
     pytest.importorskip("deepspeed")
-    prefix = tmp_path_factory.mktemp("lora_ga_dist") / "run"
+    tmp = tmp_path_factory.mktemp("lora_ga_dist")
+    prefix = tmp / "run"
+    checkpoint = save_tiny(tiny_llama(), tmp / "ckpt", tokenizer=False)  # for the transformers ZeRO-3 loading mode
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                 "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([*launcher, str(WORKER), str(prefix)], env=env, capture_output=True, text=True, timeout=400)
+    proc = subprocess.run([*launcher, str(WORKER), str(prefix), str(checkpoint)], env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return [torch.load(f"{prefix}.{r}.pt", weights_only=True) for r in (0, 1)]
 
