@@ -163,6 +163,7 @@ def main() -> None:
         return
 
     cfg = QUICK if args.quick else FULL
+    load = os.getloadavg()[0]
     rows = {}
     for which in CONFIGS:
         rows[which] = {**_run_child("time", cfg, which), **_run_child("rss", cfg, which)}
@@ -196,8 +197,8 @@ def main() -> None:
         "",
         f"Command: `python benchmarks/lora_fa.py{' --quick' if args.quick else ''}`. Machine: 2-core CPU, 24 GiB, torch {torch.__version__} "
         f"({platform.python_version()}); {datetime.date.today().isoformat()}. Timings are CPU seconds of one thread (process_time), "
-        "taken while the machine was shared with other engineers' test runs (load average ~10 on 2 cores): ratios are meaningful, absolute "
-        "numbers indicative. RSS is sampled every 2 ms with psutil.",
+        f"taken while the machine was shared with other engineers' test runs (1-min load average {load:.1f} on 2 cores at the start): "
+        "ratios are meaningful, absolute numbers indicative. RSS is sampled every 2 ms with psutil.",
     ]
     text = "\n".join(lines) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
