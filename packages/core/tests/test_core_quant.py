@@ -195,3 +195,35 @@ def test_load_float_errors(tiny_checkpoint):
         load_float_model_for_estimation(tiny_checkpoint, source="dequantize")
     with pytest.raises(ValueError, match="source must be"):
         load_float_model_for_estimation(tiny_checkpoint, source="nope")
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_4bit_reads_survive_cpu_repacking(double_quant):
+    # bitsandbytes >= 0.48 repacks a Linear4bit for its CPU kernel on the first eval-mode forward of an
+    # input without grad (on CPUs with AVX512-BF16); reads must give the same weight and settings after.
+    # the CPU kernel's layout needs out_features % 32 == 0
+    torch.manual_seed(3)
+    m = bnb.nn.Linear4bit(IN, 64, bias=True, compute_dtype=torch.float32, quant_type="nf4", compress_statistics=double_quant)
+    m.weight = bnb.nn.Params4bit(torch.randn(64, IN) / IN**0.5, requires_grad=False, quant_type="nf4", compress_statistics=double_quant, module=m)
+    m = m.to("cpu")
+    w_before, spec_before = dequantize_weight(m), quant_config_of(m)
+    x = torch.randn(4, IN)
+    m.eval()
+    with torch.no_grad():
+        y = m(x)
+    repacked = bool(getattr(m.weight.quant_state, "packing_format_for_cpu", False))
+    logging.getLogger(__name__).info("bitsandbytes repacked the layer for the CPU kernel: %s", repacked)
+    # 4-bit codes are exact; only the bf16 cast of the unfolded block scales may move a weight, by
+    # at most bf16's relative step (2^-8) of that weight
+    w_after = dequantize_weight(m)
+    torch.testing.assert_close(w_after, w_before, atol=1e-6, rtol=2**-8)
+    assert quant_config_of(m) == spec_before
+    # the CPU kernel rounds x and W to bf16 (relative 2^-9 each): |error| <= 2^-7 * (|x| @ |W|^T)
+    bound = 2**-7 * (x.abs() @ w_after.abs().T) + 1e-6
+    assert ((y - (x @ w_after.T + m.bias)).abs() <= bound).all()
+    # reading did not undo the layer's fast layout
+    assert bool(getattr(m.weight.quant_state, "packing_format_for_cpu", False)) == repacked
+    # re-quantizing a packed layer keeps its original settings
+    requantize_weight_(m, w_after * 0.5)
+    assert quant_config_of(m) == spec_before
+    torch.testing.assert_close(dequantize_weight(m), w_after * 0.5, atol=1e-6, rtol=0.2)

@@ -117,18 +117,50 @@ def _quant_state(module: nn.Module) -> Any:
     return qs
 
 
+def _cpu_packed(qs: Any) -> bool:
+    # bitsandbytes >= 0.48, on CPUs with AVX512-BF16: the first CPU forward of a Linear4bit in eval
+    # mode on an input that does not require grad repacks the weight for its CPU kernel (another
+    # nibble layout, nested absmax unfolded to bf16) and flags the quant_state. dequantize_4bit does
+    # not understand that layout, so everything below reads the weight through the inverse.
+    return bool(getattr(qs, "packing_format_for_cpu", False))
+
+
+def _unpacked_4bit(module: nn.Module) -> tuple[Tensor, Any]:
+    """(packed 4-bit data, quant_state) in bitsandbytes' standard layout, without touching the layer."""
+    data, qs = module.weight.data, _quant_state(module)
+    if not _cpu_packed(qs):
+        return data, qs
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    # The inverse rewrites the state it is given: hand it a copy so the layer keeps its fast layout.
+    # Its scale handling is lossy (re-quantizes unfolded scales) or wrong (leaves them transposed
+    # when there was no double quantization), so take the scales the kernel really applies
+    # ((blocks-per-row, out) in bf16 → flat float32) and only let it restore the nibble order.
+    qs = copy.deepcopy(qs)
+    absmax = qs.absmax.T.reshape(-1).float()
+    qs.original_nested = False
+    data, qs = _convert_weight_packed_for_cpu_inverse(data, qs)
+    qs.absmax, qs.nested = absmax, False
+    return data, qs
+
+
 def quant_config_of(module: nn.Module) -> QuantSpec:
-    """The :class:`QuantSpec` of a quantized layer (raises ``TypeError`` for a float layer)."""
+    """The :class:`QuantSpec` of a quantized layer (raises ``TypeError`` for a float layer).
+
+    The settings are the layer's own even after bitsandbytes repacked it for its CPU kernel (which
+    unfolds double quantization and casts the scales to bf16 in the live state).
+    """
     if not is_quantized(module):
         raise TypeError(f"{type(module).__name__} is not a quantized bitsandbytes layer")
     if layer_kind(module) == "linear8bit":
         return QuantSpec("int8", None, False, None, None, None)
     qs = _quant_state(module)
+    packed = _cpu_packed(qs)
     return QuantSpec(
         kind=qs.quant_type,
         blocksize=int(qs.blocksize),
-        double_quant=bool(qs.nested),
-        dtype=qs.dtype,
+        double_quant=bool(qs.original_nested if packed else qs.nested),
+        dtype=qs.original_dtype if packed else qs.dtype,
         compute_dtype=getattr(module, "compute_dtype", None),
         quant_storage=getattr(module.weight, "quant_storage", torch.uint8),
     )
@@ -146,6 +178,9 @@ def _int8_scales(module: nn.Module) -> Tensor:
 
 def dequantize_weight(module: nn.Module, dtype: torch.dtype | None = torch.float32) -> Tensor:
     """The layer's weight as a float (out, in) matrix (a new tensor, never a view of the storage).
+
+    A 4-bit layer that bitsandbytes repacked for its CPU kernel (first inference forward in eval
+    mode) is read through the inverse of that repacking, on a copy: the layer is left as it is.
 
     Args:
         module: a bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` (a float ``Linear``/``Conv1D`` is
@@ -175,7 +210,7 @@ def dequantize_weight(module: nn.Module, dtype: torch.dtype | None = torch.float
         else:
             import bitsandbytes.functional as bnbf
 
-            w = bnbf.dequantize_4bit(module.weight.data, _quant_state(module))
+            w = bnbf.dequantize_4bit(*_unpacked_4bit(module))
     w = w.detach()
     return w.to(dtype) if dtype is not None else w
 
