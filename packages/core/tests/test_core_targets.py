@@ -38,6 +38,19 @@ def test_heads_of_classifiers_and_t5_excluded():
     assert "lm_head" not in t5 and any(n.startswith("decoder.") for n in t5) and any(n.startswith("encoder.") for n in t5)
 
 
+def test_listed_name_matching_a_head_is_reported_not_silently_dropped(caplog):
+    model = tiny_roberta()
+    with caplog.at_level("WARNING", logger="loralab.core.targets"):
+        targets = find_targets(model, ["dense"])
+    assert not any(n.startswith("classifier") for n in targets)
+    assert "classifier.dense" in caplog.text and "include_heads=True" in caplog.text
+    assert "classifier.dense" in find_targets(model, ["dense"], include_heads=True)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="loralab.core.targets"):
+        find_targets(model)  # "all-linear" leaves heads out by definition (as PEFT): no warning
+    assert "head" not in caplog.text
+
+
 def test_gpt2_conv1d_weight_is_transposed_view():
     model = tiny_gpt2()
     targets = find_targets(model, ["c_attn"])

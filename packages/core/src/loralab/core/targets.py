@@ -15,12 +15,15 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Union
 
 from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "LayerKind",
@@ -229,6 +232,7 @@ def find_targets(
     candidates: dict[str, TargetLayer] = {}
     non_adaptable_matches: list[str] = []
     wrappers: list[str] = []
+    skipped_heads: list[str] = []
     for name, mod in model.named_modules():
         # An adapter wrapper (PEFT's LoRA layers keep the original layer as ``base_layer``) stands for
         # its base layer under its own name; its insides (base_layer, lora_A, lora_B, ...) are not targets.
@@ -243,7 +247,11 @@ def find_targets(
             if target_modules != "all-linear" and name and _matches(name, target_modules) and not list(mod.children()):
                 non_adaptable_matches.append(f"{name} ({type(mod).__name__})")
             continue
-        if ".base_layer" in f".{name}" or _under(name, heads):
+        if ".base_layer" in f".{name}":
+            continue
+        if _under(name, heads):
+            if target_modules != "all-linear" and _matches(name, target_modules):
+                skipped_heads.append(name)
             continue
         candidates[name] = TargetLayer(name, mod, kind)
     if target_modules == "all-linear":
@@ -252,6 +260,14 @@ def find_targets(
         selected = {n: t for n, t in candidates.items() if _matches(n, target_modules)}
     if exclude_modules is not None:
         selected = {n: t for n, t in selected.items() if not _matches(n, exclude_modules)}
+    if skipped_heads:
+        # not silent: a listed name also matches head layers (e.g. "dense" and RoBERTa's classifier.dense)
+        logger.warning(
+            "target_modules=%r also matches task/output head layer(s) %s, which are trained in full, not adapted; "
+            "pass include_heads=True to adapt them",
+            target_modules,
+            ", ".join(skipped_heads[:10]),
+        )
     if non_adaptable_matches:
         raise TargetNotFoundError(
             f"target_modules={target_modules!r} matched layers loralab cannot adapt: "
