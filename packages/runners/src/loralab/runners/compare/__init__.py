@@ -156,6 +156,13 @@ def _last_lines(path: Path, n: int = 3) -> str:
     return " / ".join(lines[-n:])
 
 
+def _display_path(path: str | Path) -> str:
+    # an installed model (the embedded MiniLM) is shown from site-packages on, not as this machine's venv path
+    text = str(path)
+    marker = "site-packages/"
+    return "<site-packages>/" + text.split(marker, 1)[1] if marker in text else text
+
+
 def run_compare(config: CompareConfig, command: str | None = None) -> dict[str, dict[str, Any]]:
     """Run every method of ``config`` and write the plots, table and metrics; returns per-method summaries.
 
@@ -221,7 +228,7 @@ def run_compare(config: CompareConfig, command: str | None = None) -> dict[str, 
     (out / "results.md").write_text(
         f"# loralab compare\n\n{title}\n\n{table}\n\n"
         f"- command: `{command}`\n- machine: {_machine(device)}\n- date: {started:%Y-%m-%d %H:%M} UTC\n"
-        f"- model: `{model_path}`\n- time/step is the median optimizer step; init is the method's setup "
+        f"- model: `{_display_path(model_path)}`\n- time/step is the median optimizer step; init is the method's setup "
         "(gradient estimation and decomposition for LoRA-GA / LoRA-SB); peak RSS is each method's own process.\n"
         f"- hyper-parameters: `runs/<method>.jsonl` summary records; recipes in `loralab.runners.compare.recipes`.\n\n"
         "![loss vs step](loss_vs_step.png)\n\n![loss vs time](loss_vs_time.png)\n"
