@@ -50,7 +50,12 @@ def _install_for_tests(session: nox.Session, pkgs: list[str]) -> None:
 
 
 def _pytest(session: nox.Session, paths: list[str]) -> None:
-    session.run("pytest", *paths, *session.posargs, env={"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"})
+    session.run(
+        "pytest",
+        *paths,
+        *session.posargs,
+        env={"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"},
+    )
 
 
 def _make_test_session(pkg: str) -> None:
@@ -78,9 +83,10 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff over the whole repository."""
+    """ruff over the whole repository: lint rules, then the formatter's check."""
     session.install("ruff>=0.6")
     session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
 
 
 @nox.session
@@ -95,20 +101,48 @@ def build(session: nox.Session) -> None:
     dist = ROOT / "dist"
     session.run("rm", "-rf", str(dist), external=True)
     for pkg in PACKAGES:
-        session.run("uv", "build", "--no-sources", "--package", f"loralab-{pkg}", "--out-dir", str(dist), external=True)
+        session.run(
+            "uv",
+            "build",
+            "--no-sources",
+            "--package",
+            f"loralab-{pkg}",
+            "--out-dir",
+            str(dist),
+            external=True,
+        )
     for pkg in PACKAGES:
         wheel = next(dist.glob(f"loralab_{pkg.replace('-', '_')}-*.whl"))
         names = zipfile.ZipFile(wheel).namelist()
         if "loralab/__init__.py" in names:
-            session.error(f"{wheel.name} ships loralab/__init__.py: the namespace must stay PEP 420")
+            session.error(
+                f"{wheel.name} ships loralab/__init__.py: the namespace must stay PEP 420"
+            )
         if not any(n.endswith("py.typed") for n in names):
             session.error(f"{wheel.name} lacks py.typed")
         venv = ROOT / ".nox" / f"wheel-{pkg}"
         session.run("uv", "venv", "-q", "--clear", str(venv), external=True)
         py = str(venv / "bin" / "python")
-        session.run("uv", "pip", "install", "-q", "--python", py, "--find-links", str(dist), str(wheel), *CONSTRAINTS, external=True)
+        session.run(
+            "uv",
+            "pip",
+            "install",
+            "-q",
+            "--python",
+            py,
+            "--find-links",
+            str(dist),
+            str(wheel),
+            *CONSTRAINTS,
+            external=True,
+        )
         module = "loralab." + pkg.replace("-", "_")
-        session.run(py, "-c", f"import {module}; print('{module} ok from', {module}.__file__)", external=True)
+        session.run(
+            py,
+            "-c",
+            f"import {module}; print('{module} ok from', {module}.__file__)",
+            external=True,
+        )
 
 
 @nox.session

@@ -29,7 +29,10 @@ def ordered(results: Path) -> list[Path]:
 
 
 def assemble(results: Path, out: Path) -> str:
-    parts = [HEADER.rstrip(), f"_Assembled {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC._"]
+    parts = [
+        HEADER.rstrip(),
+        f"_Assembled {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC._",
+    ]
     files = ordered(results)
     if not files:
         parts.append("No benchmark results yet: run `nox -s bench`.")

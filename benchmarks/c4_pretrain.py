@@ -47,18 +47,31 @@ RUNS = {
     "galore": ["--optimizer", "galore_adamw"],
     "golore (rand_ratio 0)": ["--optimizer", "golore_adamw", "--rand_ratio", "0.0"],
 }
-NOTE = (
-    "Peak RSS on CPU is the process's high-water mark: the Python/torch runtime, weights, gradients, activations, and allocator caching of the transient full-size tensors GaLore/GoLore create (the back-projected update of each matrix, the first SVD), so it does not show the state saving here; the optimizer-state column is the exact difference. On GPU the column is peak allocated memory."
-)
+NOTE = "Peak RSS on CPU is the process's high-water mark: the Python/torch runtime, weights, gradients, activations, and allocator caching of the transient full-size tensors GaLore/GoLore create (the back-projected update of each matrix, the first SVD), so it does not show the state saving here; the optimizer-state column is the exact difference. On GPU the column is peak allocated memory."
 SUBSPACE = ["--rank", "128", "--galore_scale", "0.25"]
 
 
 def _state_mib(path: Path) -> float:
     state = torch.load(path, map_location="cpu", weights_only=True)["state"]
-    return sum(t.numel() * t.element_size() for s in state.values() for t in s.values() if torch.is_tensor(t)) / 2**20
+    return (
+        sum(
+            t.numel() * t.element_size()
+            for s in state.values()
+            for t in s.values()
+            if torch.is_tensor(t)
+        )
+        / 2**20
+    )
 
 
-def _run(name: str, extra: list[str], setup: dict[str, str], size: dict[str, int], out: Path, threads: int) -> dict:
+def _run(
+    name: str,
+    extra: list[str],
+    setup: dict[str, str],
+    size: dict[str, int],
+    out: Path,
+    threads: int,
+) -> dict:
     steps = size["steps"]
     argv = [
         sys.executable, "-m", "loralab.runners.c4", "--output_dir", str(out), "--model_config", "llama_60m",
@@ -75,7 +88,11 @@ def _run(name: str, extra: list[str], setup: dict[str, str], size: dict[str, int
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{proc.stderr[-4000:]}")
     summary = json.loads((out / "run_summary.json").read_text())
-    train = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == "train"]
+    train = [
+        r
+        for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+        if r["type"] == "train"
+    ]
     return {
         "tokens_per_s": summary["tokens_per_s"],
         "tokens_per_cpu_s": summary["tokens_per_cpu_s"],
@@ -102,7 +119,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         n_docs = max(200, 4 * size["steps"] * size["batch_size"] * size["max_length"] // 300)
         setup = write_tiny_setup(Path(tmp) / "setup", train_docs=n_docs, validation_docs=20)
-        rows = {name: _run(name, extra, setup, size, Path(tmp) / f"run{k}", a.threads) for k, (name, extra) in enumerate(RUNS.items())}
+        rows = {
+            name: _run(name, extra, setup, size, Path(tmp) / f"run{k}", a.threads)
+            for k, (name, extra) in enumerate(RUNS.items())
+        }
 
     base = rows["adamw"]
     device = base["device"]
@@ -127,26 +147,28 @@ def main() -> None:
         if device == "cpu" else torch.cuda.get_device_name(0) + f", torch {torch.__version__}"
     )  # fmt: skip
     command = f"python benchmarks/c4_pretrain.py{' --quick' if a.quick else ''}{'' if a.threads == 1 else f' --threads {a.threads}'}"
-    text = "\n".join([
-        "# C4 pre-training: AdamW vs GaLore vs GoLore (llama_60m)",
-        "",
-        f"- command: `{command}`",
-        f"- machine: {machine}; device {device}; {a.threads} thread(s) per run; load average at the end {load:.1f} "
-        "(shared machine: compare the CPU-second columns, wall-clock tokens/s include other jobs)",
-        f"- date: {datetime.date.today().isoformat()}",
-        f"- model: llama_60m ({base['params'] / 1e6:.1f}M parameters, vocab 32000), {size['max_length']}-token sequences, "
-        f"micro-batch {size['batch_size']}, {size['steps']} steps (throughput averaged over steps 2..{size['steps']}); "
-        "GaLore/GoLore rank 128, scale 0.25, the 7 attention/MLP matrices of every layer projected",
-        "",
-        table,
-        "",
-        "Optimizer state = the tensors in the saved `optimizer.pt` (AdamW: two moments per parameter; GaLore/GoLore: "
-        "moments of the rank-128 projected gradients plus the projectors for the 2-D weights, full moments for "
-        "embeddings, head and norms, which dominate at this size with a 32000-token vocabulary).",
-        "",
-        NOTE,
-        "",
-    ])
+    text = "\n".join(
+        [
+            "# C4 pre-training: AdamW vs GaLore vs GoLore (llama_60m)",
+            "",
+            f"- command: `{command}`",
+            f"- machine: {machine}; device {device}; {a.threads} thread(s) per run; load average at the end {load:.1f} "
+            "(shared machine: compare the CPU-second columns, wall-clock tokens/s include other jobs)",
+            f"- date: {datetime.date.today().isoformat()}",
+            f"- model: llama_60m ({base['params'] / 1e6:.1f}M parameters, vocab 32000), {size['max_length']}-token sequences, "
+            f"micro-batch {size['batch_size']}, {size['steps']} steps (throughput averaged over steps 2..{size['steps']}); "
+            "GaLore/GoLore rank 128, scale 0.25, the 7 attention/MLP matrices of every layer projected",
+            "",
+            table,
+            "",
+            "Optimizer state = the tensors in the saved `optimizer.pt` (AdamW: two moments per parameter; GaLore/GoLore: "
+            "moments of the rank-128 projected gradients plus the projectors for the 2-D weights, full moments for "
+            "embeddings, head and norms, which dominate at this size with a 32000-token vocabulary).",
+            "",
+            NOTE,
+            "",
+        ]
+    )
     Path(a.output).parent.mkdir(parents=True, exist_ok=True)
     Path(a.output).write_text(text)
     print(text)

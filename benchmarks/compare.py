@@ -25,14 +25,26 @@ DOCS = ROOT / "docs" / "compare"
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="40 steps, four methods")
-    parser.add_argument("--output_dir", default=str(ROOT / ".bench" / "compare"), help="where the run's files go")
+    parser.add_argument(
+        "--output_dir", default=str(ROOT / ".bench" / "compare"), help="where the run's files go"
+    )
     args = parser.parse_args(argv)
 
     from loralab.runners.compare import CompareConfig, run_compare
 
     cli: list[str] = ["--output_dir", args.output_dir]
     if args.quick:
-        cli += ["--steps", "40", "--eval_every", "10", "--methods", "full", "lora", "lora-ga", "lora-pro"]
+        cli += [
+            "--steps",
+            "40",
+            "--eval_every",
+            "10",
+            "--methods",
+            "full",
+            "lora",
+            "lora-ga",
+            "lora-pro",
+        ]
     from loralab.runners.compare import build_parser
 
     config = CompareConfig(**vars(build_parser().parse_args(cli)))
@@ -48,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     # the run links its plots beside it; BENCHMARKS.md (repo root) finds them in docs/compare/
     body = body.replace("](loss_vs_step.png)", "](docs/compare/loss_vs_step.png)")
     body = body.replace("](loss_vs_time.png)", "](docs/compare/loss_vs_time.png)")
-    body = body.replace("# loralab compare", "# loralab compare: every method on the embedded default", 1)
+    body = body.replace(
+        "# loralab compare", "# loralab compare: every method on the embedded default", 1
+    )
     body += f"\nProduced by `python benchmarks/compare.py{' --quick' if args.quick else ''}` (which runs the command above).\n"
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(body)

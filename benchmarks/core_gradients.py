@@ -41,8 +41,28 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "core.md"
 MODES = ("plain", "plain+consumer", "offload+consumer", "peft")
 
-FULL = dict(hidden_size=768, num_hidden_layers=12, intermediate_size=2048, vocab_size=8000, num_attention_heads=12, num_key_value_heads=12, batches=4, batch_size=2, seq_len=256)
-QUICK = dict(hidden_size=256, num_hidden_layers=4, intermediate_size=688, vocab_size=2000, num_attention_heads=4, num_key_value_heads=4, batches=2, batch_size=2, seq_len=64)
+FULL = dict(
+    hidden_size=768,
+    num_hidden_layers=12,
+    intermediate_size=2048,
+    vocab_size=8000,
+    num_attention_heads=12,
+    num_key_value_heads=12,
+    batches=4,
+    batch_size=2,
+    seq_len=256,
+)
+QUICK = dict(
+    hidden_size=256,
+    num_hidden_layers=4,
+    intermediate_size=688,
+    vocab_size=2000,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    batches=2,
+    batch_size=2,
+    seq_len=64,
+)
 
 
 def _rss_mib() -> float:
@@ -67,9 +87,14 @@ def worker(mode: str, size: dict, threads: int, repeat: int = 2) -> dict:
     size = dict(size)
     n_batches, bsz, seq = size.pop("batches"), size.pop("batch_size"), size.pop("seq_len")
     model = tiny_llama(seed=0, max_position_embeddings=max(256, seq), **size)
-    batches = make_lm_batches(n_batches, batch_size=bsz, seq_len=seq, vocab_size=model.config.vocab_size, seed=1)
+    batches = make_lm_batches(
+        n_batches, batch_size=bsz, seq_len=seq, vocab_size=model.config.vocab_size, seed=1
+    )
     targets = find_targets(model)
-    probes = {n: torch.randn(t.in_features, generator=torch.Generator().manual_seed(7)) for n, t in targets.items()}
+    probes = {
+        n: torch.randn(t.in_features, generator=torch.Generator().manual_seed(7))
+        for n, t in targets.items()
+    }
     sketches: dict[str, list[float]] = {}
 
     def consumer(name, grad):
@@ -83,20 +108,40 @@ def worker(mode: str, size: dict, threads: int, repeat: int = 2) -> dict:
         if mode == "plain+consumer":
             return estimate_gradients(model, batches, targets, consumer=consumer, progress=False)
         if mode == "offload+consumer":
-            return estimate_gradients(model, batches, targets, consumer=consumer, offload=True, device="cpu", progress=False)
+            return estimate_gradients(
+                model,
+                batches,
+                targets,
+                consumer=consumer,
+                offload=True,
+                device="cpu",
+                progress=False,
+            )
         if mode == "peft":
             from peft import LoraConfig
             from peft.tuners.lora.config import LoraGAConfig
             from peft.tuners.lora.loraga import preprocess_loraga
 
-            cfg = LoraConfig(r=8, target_modules=find_all_linear_modules(model), init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig())
+            cfg = LoraConfig(
+                r=8,
+                target_modules=find_all_linear_modules(model),
+                init_lora_weights="lora_ga",
+                lora_ga_config=LoraGAConfig(),
+            )
 
             def train_step():
                 for b in batches:
                     model(**b).loss.backward()
 
             preprocess_loraga(model, cfg, train_step)
-            return {n: (t.module._peft_loraga_grad.T if t.kind == "conv1d" else t.module._peft_loraga_grad) for n, t in targets.items()}
+            return {
+                n: (
+                    t.module._peft_loraga_grad.T
+                    if t.kind == "conv1d"
+                    else t.module._peft_loraga_grad
+                )
+                for n, t in targets.items()
+            }
         raise ValueError(f"unknown mode {mode!r}")
 
     gc.collect()
@@ -132,7 +177,16 @@ def worker(mode: str, size: dict, threads: int, repeat: int = 2) -> dict:
 
 
 def _run_mode(mode: str, quick: bool, threads: int, repeat: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", mode, "--threads", str(threads), "--repeat", str(repeat)] + (["--quick"] if quick else [])
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        mode,
+        "--threads",
+        str(threads),
+        "--repeat",
+        str(repeat),
+    ] + (["--quick"] if quick else [])
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     if proc.returncode != 0:
@@ -162,9 +216,13 @@ def _load_note() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small Llama (seconds) instead of ~97M parameters")
+    parser.add_argument(
+        "--quick", action="store_true", help="small Llama (seconds) instead of ~97M parameters"
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run (default 2)")
-    parser.add_argument("--repeat", type=int, default=2, help="runs per mode; time = the best (default 2)")
+    parser.add_argument(
+        "--repeat", type=int, default=2, help="runs per mode; time = the best (default 2)"
+    )
     parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS, help="markdown file to write")
     args = parser.parse_args(argv)

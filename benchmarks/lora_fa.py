@@ -65,7 +65,10 @@ def _build(cfg, which):
         max_position_embeddings=512,
         tie_word_embeddings=False,
     )
-    model = peft.get_peft_model(LlamaForCausalLM(c), peft.LoraConfig(r=cfg["rank"], lora_alpha=2 * cfg["rank"], target_modules=TARGETS))
+    model = peft.get_peft_model(
+        LlamaForCausalLM(c),
+        peft.LoraConfig(r=cfg["rank"], lora_alpha=2 * cfg["rank"], target_modules=TARGETS),
+    )
     lr = 1e-4
     if which == "peft":
         from peft.optimizers import create_lorafa_optimizer
@@ -79,7 +82,9 @@ def _build(cfg, which):
         for n, p in model.named_parameters():
             if "lora_A" in n:
                 p.requires_grad_(False)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, eps=1e-6, foreach=True)
+        opt = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=lr, eps=1e-6, foreach=True
+        )
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["seq"]), generator=g)
     n_lora = sum(1 for n, _ in model.named_modules() if n.endswith("lora_B.default"))
@@ -141,7 +146,11 @@ def _child_rss(cfg, which):
 def _run_child(mode, cfg, which):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = subprocess.run(
-        [sys.executable, __file__, "--child", mode, "--which", which, "--cfg", json.dumps(cfg)], env=env, capture_output=True, text=True, check=False
+        [sys.executable, __file__, "--child", mode, "--which", which, "--cfg", json.dumps(cfg)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if out.returncode != 0:
         raise RuntimeError(f"{mode}/{which} failed:\n{out.stderr[-3000:]}")

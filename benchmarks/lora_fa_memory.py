@@ -41,11 +41,11 @@ FULL = dict(hidden=768, inter=2048, layers=8, vocab=32000, seq=512, rank=16)
 QUICK = dict(hidden=256, inter=688, layers=4, vocab=8000, seq=256, rank=8)
 
 NOTE = (
-    'Reading: the ≤ 0.7× LoRA target holds with dropout (saved bytes 0.53×, step RSS increase 0.67×); '
-    'without dropout ours equals PEFT LoRA-FA (0.81× LoRA): freezing A already spares X, and what remains'
+    "Reading: the ≤ 0.7× LoRA target holds with dropout (saved bytes 0.53×, step RSS increase 0.67×); "
+    "without dropout ours equals PEFT LoRA-FA (0.81× LoRA): freezing A already spares X, and what remains"
     " is the frozen model's own activations (attention, MLP, norms, the 32k-vocabulary loss), which no "
     "adapter can remove. The layer's gain is the dropout masks. With gradient checkpointing the step's "
-    'peak is set by the LM head and loss, so all three are equal.'
+    "peak is set by the LM head and loss, so all three are equal."
 )
 
 RUNS = [  # (method, lora_dropout, gradient checkpointing)
@@ -92,7 +92,9 @@ def worker(cfg: dict, method: str, dropout: float, checkpointing: bool) -> dict:
     )
     base = LlamaForCausalLM(c)
     n_params = sum(p.numel() for p in base.parameters())
-    lcfg = peft.LoraConfig(r=cfg["rank"], lora_alpha=2 * cfg["rank"], target_modules="all-linear", lora_dropout=dropout)
+    lcfg = peft.LoraConfig(
+        r=cfg["rank"], lora_alpha=2 * cfg["rank"], target_modules="all-linear", lora_dropout=dropout
+    )
     model = peft.get_peft_model(base, lcfg)
     if method in ("peft-fa", "ours"):
         for name, p in model.named_parameters():
@@ -104,7 +106,9 @@ def worker(cfg: dict, method: str, dropout: float, checkpointing: bool) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    ids = torch.randint(4, cfg["vocab"], (1, cfg["seq"]), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        4, cfg["vocab"], (1, cfg["seq"]), generator=torch.Generator().manual_seed(0)
+    )
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (peak RSS) to the current RSS
     rss_before = _rss_kib("VmRSS")
@@ -130,7 +134,11 @@ def worker(cfg: dict, method: str, dropout: float, checkpointing: bool) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small model and sequence (a smoke run)")
-    ap.add_argument("--out", type=Path, help=f"results file (default: {RESULTS.relative_to(ROOT.parent)}; --quick only prints)")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        help=f"results file (default: {RESULTS.relative_to(ROOT.parent)}; --quick only prints)",
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     cfg = QUICK if args.quick else FULL
@@ -150,11 +158,15 @@ def main() -> None:
     )
     rows = []
     for method, dropout, ckpt in RUNS:
-        cmd = [sys.executable, __file__, "--worker", json.dumps([method, dropout, ckpt])] + (["--quick"] if args.quick else [])
+        cmd = [sys.executable, __file__, "--worker", json.dumps([method, dropout, ckpt])] + (
+            ["--quick"] if args.quick else []
+        )
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if out.returncode != 0 or line is None:
-            raise SystemExit(f"{method} dropout={dropout} checkpointing={ckpt} failed:\n{out.stderr[-4000:]}")
+            raise SystemExit(
+                f"{method} dropout={dropout} checkpointing={ckpt} failed:\n{out.stderr[-4000:]}"
+            )
         res = json.loads(line[len("RESULT ") :])
         rows.append((method, dropout, ckpt, res))
         print(method, dropout, ckpt, res, flush=True)
@@ -162,7 +174,11 @@ def main() -> None:
     def ref(dropout, ckpt, method):
         return next(r for m, d, c, r in rows if m == method and d == dropout and c == ckpt)
 
-    names = {"lora": "PEFT LoRA (A, B trained)", "peft-fa": "PEFT LoRA-FA (A frozen)", "ours": "loralab LoRA-FA layer"}
+    names = {
+        "lora": "PEFT LoRA (A, B trained)",
+        "peft-fa": "PEFT LoRA-FA (A frozen)",
+        "ours": "loralab LoRA-FA layer",
+    }
     table = [
         "| method | lora_dropout | grad. checkpointing | saved for backward (bytes/token) | vs LoRA | vs PEFT LoRA-FA "
         "| peak RSS of the step (MiB) | step increase (MiB) | vs LoRA | step (CPU s) |",

@@ -48,8 +48,28 @@ RESULTS = ROOT / "benchmarks" / "results" / "lora_ga.md"
 MODES = ("peft", "loralab", "loralab+offload", "seed")
 RANK = 8
 
-FULL = dict(hidden_size=768, num_hidden_layers=12, intermediate_size=2048, vocab_size=8000, num_attention_heads=12, num_key_value_heads=12, batches=4, batch_size=2, seq_len=256)
-QUICK = dict(hidden_size=256, num_hidden_layers=4, intermediate_size=688, vocab_size=2000, num_attention_heads=4, num_key_value_heads=4, batches=2, batch_size=2, seq_len=64)
+FULL = dict(
+    hidden_size=768,
+    num_hidden_layers=12,
+    intermediate_size=2048,
+    vocab_size=8000,
+    num_attention_heads=12,
+    num_key_value_heads=12,
+    batches=4,
+    batch_size=2,
+    seq_len=256,
+)
+QUICK = dict(
+    hidden_size=256,
+    num_hidden_layers=4,
+    intermediate_size=688,
+    vocab_size=2000,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    batches=2,
+    batch_size=2,
+    seq_len=64,
+)
 
 
 def _rss_mib() -> float:
@@ -78,7 +98,9 @@ def worker(mode: str, size: dict, threads: int, device: str, out_file: str) -> d
     size = dict(size)
     n_batches, bsz, seq = size.pop("batches"), size.pop("batch_size"), size.pop("seq_len")
     model = tiny_llama(seed=0, max_position_embeddings=max(256, seq), **size)
-    batches = make_lm_batches(n_batches, batch_size=bsz, seq_len=seq, vocab_size=model.config.vocab_size, seed=1)
+    batches = make_lm_batches(
+        n_batches, batch_size=bsz, seq_len=seq, vocab_size=model.config.vocab_size, seed=1
+    )
     targets = find_all_linear_modules(model)
     cuda = device == "cuda"
     if cuda and mode != "loralab+offload":
@@ -97,7 +119,9 @@ def worker(mode: str, size: dict, threads: int, device: str, out_file: str) -> d
         from peft.tuners.lora.config import LoraGAConfig as PeftLoraGASubConfig
         from peft.tuners.lora.loraga import preprocess_loraga
 
-        config = peft.LoraConfig(**cfg, init_lora_weights="lora_ga", lora_ga_config=PeftLoraGASubConfig())
+        config = peft.LoraConfig(
+            **cfg, init_lora_weights="lora_ga", lora_ga_config=PeftLoraGASubConfig()
+        )
 
         def train_step():
             for b in batches:
@@ -108,7 +132,9 @@ def worker(mode: str, size: dict, threads: int, device: str, out_file: str) -> d
     elif mode == "loralab":
         pm = get_lora_ga_model(model, LoraGAConfig(**cfg), batches, progress=False)
     elif mode == "loralab+offload":
-        pm = get_lora_ga_model(model, LoraGAConfig(**cfg), batches, offload=True, device=device, progress=False)
+        pm = get_lora_ga_model(
+            model, LoraGAConfig(**cfg), batches, offload=True, device=device, progress=False
+        )
     elif mode == "seed":
         named_grad = estimate_gradient(model, batches, None, targets=targets, progress=False)
         with LoraGAContext(model, named_grad):
@@ -142,7 +168,18 @@ def worker(mode: str, size: dict, threads: int, device: str, out_file: str) -> d
 
 
 def _run_mode(mode: str, quick: bool, threads: int, device: str, out_file: str) -> dict:
-    cmd = [sys.executable, __file__, "--worker", mode, "--threads", str(threads), "--device", device, "--factors", out_file]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        mode,
+        "--threads",
+        str(threads),
+        "--device",
+        device,
+        "--factors",
+        out_file,
+    ]
     cmd += ["--quick"] if quick else []
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
@@ -168,8 +205,16 @@ def _cos_vs_peft(ours: dict, theirs: dict) -> tuple[float, float]:
     for name, f in ours.items():
         a1, a2 = f["A"], theirs[name]["A"]
         b1, b2 = f["B"], theirs[name]["B"]
-        cos.append((torch.nn.functional.normalize(a1, dim=1) * torch.nn.functional.normalize(a2, dim=1)).sum(1).abs())
-        cos.append((torch.nn.functional.normalize(b1, dim=0) * torch.nn.functional.normalize(b2, dim=0)).sum(0).abs())
+        cos.append(
+            (torch.nn.functional.normalize(a1, dim=1) * torch.nn.functional.normalize(a2, dim=1))
+            .sum(1)
+            .abs()
+        )
+        cos.append(
+            (torch.nn.functional.normalize(b1, dim=0) * torch.nn.functional.normalize(b2, dim=0))
+            .sum(0)
+            .abs()
+        )
     c = torch.cat(cos)
     return c.median().item(), c.min().item()
 
@@ -184,9 +229,13 @@ def _load_note() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small Llama (seconds) instead of ~97M parameters")
+    parser.add_argument(
+        "--quick", action="store_true", help="small Llama (seconds) instead of ~97M parameters"
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run (default 2)")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="compute device (default cpu)")
+    parser.add_argument(
+        "--device", default="cpu", choices=("cpu", "cuda"), help="compute device (default cpu)"
+    )
     parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--factors", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS, help="markdown file to write")
@@ -204,14 +253,19 @@ def main(argv: list[str] | None = None) -> int:
             path = os.path.join(tmp, f"{m.replace('+', '_')}.pt")
             rows.append(_run_mode(m, args.quick, args.threads, args.device, path))
             factors[m] = torch.load(path, weights_only=True)
-            print(f"{m}: {rows[-1]['time_s']:.1f} s, peak {rows[-1]['peak_mib']:.0f} MiB", file=sys.stderr)
+            print(
+                f"{m}: {rows[-1]['time_s']:.1f} s, peak {rows[-1]['peak_mib']:.0f} MiB",
+                file=sys.stderr,
+            )
     by_mode = {r["mode"]: r for r in rows}
     peft_row = by_mode["peft"]
     peft_d = max(peft_row["peak_mib"] - peft_row["rss_before_mib"], 1e-9)
     cuda = args.device == "cuda"
     gpu_hdr = " GPU extra (MiB) | GPU / PEFT |" if cuda else ""
     machine = (
-        f"{torch.cuda.get_device_name()} + {os.cpu_count()}-core CPU" if cuda else "2-core CPU, 24 GiB"
+        f"{torch.cuda.get_device_name()} + {os.cpu_count()}-core CPU"
+        if cuda
+        else "2-core CPU, 24 GiB"
     )
     lines = [
         f"## lora-ga: whole LoRA-GA init (estimate + SVD + offset) — loralab vs PEFT ({args.device})",
@@ -227,7 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         m = r["mode"]
         d = r["peak_mib"] - r["rss_before_mib"]
-        diff = "(PEFT's definition)" if m == "peft" else f"{_compare(factors['loralab'], factors[m]):.1e}"
+        diff = (
+            "(PEFT's definition)"
+            if m == "peft"
+            else f"{_compare(factors['loralab'], factors[m]):.1e}"
+        )
         med, mn = _cos_vs_peft(factors[m], factors["peft"])
         gpu = ""
         if cuda:
@@ -235,15 +293,23 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(
             f"| {m} | {r['time_s']:.1f} | {r['peak_mib']:.0f} | {d:.0f} | {d / peft_d:.2f} | {r['time_s'] / peft_row['time_s']:.2f} |{gpu} {diff} | {med:.4f} / {mn:.4f} |"
         )
-    cmd = "python benchmarks/lora_ga_init.py" + (" --quick" if args.quick else "") + (" --device cuda" if cuda else "")
+    cmd = (
+        "python benchmarks/lora_ga_init.py"
+        + (" --quick" if args.quick else "")
+        + (" --device cuda" if cuda else "")
+    )
     lines += [
         "",
         f"Command: `{cmd}`. Machine: {machine}, torch {torch.__version__} ({platform.python_implementation()} "
         f"{platform.python_version()}); {_load_note()}"
-        + (" — the machine was shared with other jobs while this ran, so times are indicative" if not cuda else "")
+        + (
+            " — the machine was shared with other jobs while this ran, so times are indicative"
+            if not cuda
+            else ""
+        )
         + f". Date: {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC.",
         "",
-"Reading it: the target is ≤ 0.5× PEFT's extra memory at equal results; `loralab+offload` meets it. It streams the "
+        "Reading it: the target is ≤ 0.5× PEFT's extra memory at equal results; `loralab+offload` meets it. It streams the "
         "estimate block by block and keeps only r·(m+n) numbers per finished layer, so at most one block's fp32 gradients "
         "exist. Without offload a gradient is final only after the last batch, so every layer's fp32 sum exists until then "
         "(what PEFT holds in `weight.grad`): `seed` (which returns all gradients by design, the seed's `named_grad` dict) is "

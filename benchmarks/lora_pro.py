@@ -85,7 +85,9 @@ def _state_bytes(obj) -> int:
             for y in x.values():
                 add(y)
 
-    if hasattr(obj, "_state_m") or hasattr(obj, "_state_mA"):  # lora-pro-adamw keeps moments in dicts
+    if hasattr(obj, "_state_m") or hasattr(
+        obj, "_state_mA"
+    ):  # lora-pro-adamw keeps moments in dicts
         for attr in ("_state_m", "_state_v", "_state_mA", "_state_vA", "_state_mB", "_state_vB"):
             add(getattr(obj, attr, {}))
         if obj._base is not None:
@@ -99,12 +101,19 @@ def _make(name, model, lr=1e-4):
     import torch
 
     if name == "adamw":
-        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0, foreach=True)
+        return torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad],
+            lr=lr,
+            weight_decay=0.0,
+            foreach=True,
+        )
     if name.startswith("ours"):
         from loralab.lora_pro import LoraProAdamW
 
         mode = "full" if name == "ours-full" else "efficient"
-        return LoraProAdamW(model, lr=lr, mode=mode, x_mode="zero" if name.endswith("zero") else "sylvester")
+        return LoraProAdamW(
+            model, lr=lr, mode=mode, x_mode="zero" if name.endswith("zero") else "sylvester"
+        )
     from lora_pro import LoRAProAdamW
 
     return LoRAProAdamW(model, lr=lr, weight_decay=0.0, lorapro_mode=name.split("-")[1])
@@ -123,7 +132,9 @@ def run(cfg, names, device):
     torch.set_num_threads(1)
     model = _model(cfg, device)
     n_pairs = sum(1 for n, _ in model.named_parameters() if "lora_A" in n)
-    ids = torch.randint(4, cfg["vocab"], (2, cfg["seq"]), generator=torch.Generator().manual_seed(0)).to(device)
+    ids = torch.randint(
+        4, cfg["vocab"], (2, cfg["seq"]), generator=torch.Generator().manual_seed(0)
+    ).to(device)
     model(input_ids=ids, labels=ids).loss.backward()
     params = [p for p in model.parameters() if p.requires_grad]
     grads = [p.grad.detach().clone() for p in params]
@@ -146,7 +157,10 @@ def run(cfg, names, device):
             if i >= 2:
                 times.append(t1 - t0)
         rows[name] = dict(step=min(times), state=_state_bytes(opt))
-        print(f"{name:22s} step {rows[name]['step']:.4f} s  state {rows[name]['state'] / 2**20:.1f} MiB", file=sys.stderr)
+        print(
+            f"{name:22s} step {rows[name]['step']:.4f} s  state {rows[name]['state'] / 2**20:.1f} MiB",
+            file=sys.stderr,
+        )
         del opt
     return rows, n_pairs, lora_params
 
@@ -174,12 +188,20 @@ def table(cfg, rows, n_pairs, lora_params, device, quick):
         )
     import torch
 
-    machine = "2-core CPU, 24 GiB, torch " + torch.__version__ if device == "cpu" else torch.cuda.get_device_name()
+    machine = (
+        "2-core CPU, 24 GiB, torch " + torch.__version__
+        if device == "cpu"
+        else torch.cuda.get_device_name()
+    )
     lines += [
         "",
         f"Command: `python benchmarks/lora_pro.py{' --quick' if quick else ''}{' --device cuda' if device == 'cuda' else ''}`. "
         f"Machine: {machine} (Python {platform.python_version()}); {datetime.date.today().isoformat()}."
-        + (" The machine was shared with other engineers' jobs; CPU time of one thread is reported for that reason." if device == "cpu" else ""),
+        + (
+            " The machine was shared with other engineers' jobs; CPU time of one thread is reported for that reason."
+            if device == "cpu"
+            else ""
+        ),
         "",
         "Targets (issue 6): efficient mode ≤ 2× AdamW step time; ≥ 5× faster than lora-pro-adamw. Full mode keeps m×n Adam "
         "states per layer (as much optimizer memory as full fine-tuning of the adapted weights), as the paper's Algorithm 1 "

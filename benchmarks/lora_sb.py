@@ -34,7 +34,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results" / "lora_sb.md"
 
-FULL = dict(hidden=768, inter=2048, layers=8, vocab=32000, rank=32, seq=64, init_batches=4, repeats=3)
+FULL = dict(
+    hidden=768, inter=2048, layers=8, vocab=32000, rank=32, seq=64, init_batches=4, repeats=3
+)
 QUICK = dict(hidden=256, inter=688, layers=4, vocab=8000, rank=8, seq=32, init_batches=2, repeats=3)
 
 CONFIGS = {
@@ -78,7 +80,10 @@ def _state_bytes(opt) -> int:
     import torch
 
     return sum(
-        t.numel() * t.element_size() for st in opt.state.values() for t in st.values() if isinstance(t, torch.Tensor)
+        t.numel() * t.element_size()
+        for st in opt.state.values()
+        for t in st.values()
+        if isinstance(t, torch.Tensor)
     )
 
 
@@ -103,7 +108,9 @@ def worker(name: str, cfg: dict, out: str) -> None:
         from peft import LoraConfig, get_peft_model
 
         t0 = time.process_time()
-        model = get_peft_model(model, LoraConfig(r=cfg["rank"], lora_alpha=cfg["rank"], target_modules=targets))
+        model = get_peft_model(
+            model, LoraConfig(r=cfg["rank"], lora_alpha=cfg["rank"], target_modules=targets)
+        )
         init_s = time.process_time() - t0
     else:
         from loralab.core import estimate_gradients
@@ -112,11 +119,21 @@ def worker(name: str, cfg: dict, out: str) -> None:
         r = cfg["rank"] * (3 if name == "lora-sb-3r" else 1)
         # the gradient estimation alone (the same work get_lora_sb_model starts with), to split the init time
         t0 = time.process_time()
-        estimate_gradients(model, _batches(cfg, cfg["init_batches"], 1), targets, consumer=lambda n, g: None, progress=False)
+        estimate_gradients(
+            model,
+            _batches(cfg, cfg["init_batches"], 1),
+            targets,
+            consumer=lambda n, g: None,
+            progress=False,
+        )
         estimate_s = time.process_time() - t0
         t0 = time.process_time()
         model = get_lora_sb_model(
-            model, LoraSBConfig(r=r, target_modules=targets), _batches(cfg, cfg["init_batches"], 1), lr=1e-3, progress=False
+            model,
+            LoraSBConfig(r=r, target_modules=targets),
+            _batches(cfg, cfg["init_batches"], 1),
+            lr=1e-3,
+            progress=False,
         )
         init_s = time.process_time() - t0
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -165,9 +182,15 @@ def main() -> None:
     tmp = Path(os.environ.get("TMPDIR", "/tmp"))
     for name in names:
         out = tmp / f"lora_sb_bench_{name}_{os.getpid()}.json"
-        cmd = [sys.executable, __file__, "--worker", name, "--out", str(out)] + (["--quick"] if args.quick else [])
+        cmd = [sys.executable, __file__, "--worker", name, "--out", str(out)] + (
+            ["--quick"] if args.quick else []
+        )
         print(f"running {name} ...", flush=True)
-        subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("BENCH_THREADS", "1")})
+        subprocess.run(
+            cmd,
+            check=True,
+            env={**os.environ, "OMP_NUM_THREADS": os.environ.get("BENCH_THREADS", "1")},
+        )
         rows[name] = json.loads(out.read_text())
         out.unlink()
     md = _table(rows, cfg, args)
@@ -193,6 +216,7 @@ def _table(rows: dict, cfg: dict, args) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in rows.items():
+
         def ratio(key, fmt="{:.3g}×", r=r):
             return fmt.format(r[key] / lora[key]) if lora and lora[key] else "—"
 
@@ -204,7 +228,11 @@ def _table(rows: dict, cfg: dict, args) -> str:
             f"| {1000 * r['opt_step_s']:.2f} | {init} | {est} |"
         )
     sb = rows.get("lora-sb")
-    cmd = "python benchmarks/lora_sb.py" + (" --quick" if args.quick else "") + (f" --only {' '.join(args.only)}" if args.only else "")
+    cmd = (
+        "python benchmarks/lora_sb.py"
+        + (" --quick" if args.quick else "")
+        + (f" --only {' '.join(args.only)}" if args.only else "")
+    )
     lines += [""]
     if sb and lora:
         lines.append(

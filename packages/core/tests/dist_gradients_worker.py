@@ -26,13 +26,20 @@ def main(out_prefix: str) -> None:
     model = tiny_llama()
     batches = make_lm_batches(2, seed=100 + rank())  # different data per rank
     plain = estimate_gradients(model, batches, ["q_proj", "down_proj"], progress=False)
-    off = estimate_gradients(model, batches, ["q_proj", "down_proj"], offload=True, device="cpu", progress=False)
-    local = estimate_gradients(model, batches, ["q_proj", "down_proj"], reduce=False, progress=False)
+    off = estimate_gradients(
+        model, batches, ["q_proj", "down_proj"], offload=True, device="cpu", progress=False
+    )
+    local = estimate_gradients(
+        model, batches, ["q_proj", "down_proj"], reduce=False, progress=False
+    )
     t = torch.full((2,), float(rank()))
     broadcast_(t, src=1)
     d = {"a": torch.full((3,), float(rank()))}
     all_reduce_mean_dict_(d)
-    torch.save({"plain": plain, "offload": off, "local": local, "broadcast": t, "dict_mean": d["a"]}, f"{out_prefix}.{rank()}.pt")
+    torch.save(
+        {"plain": plain, "offload": off, "local": local, "broadcast": t, "dict_mean": d["a"]},
+        f"{out_prefix}.{rank()}.pt",
+    )
     dist.destroy_process_group()
 
 

@@ -83,10 +83,14 @@ def test_bf16_params_fp32_moments():
     m = [torch.zeros_like(p, dtype=torch.float32) for p in p16]
     v = [torch.zeros_like(p, dtype=torch.float32) for p in p16]
     adamw_update_(p16, [g.to(torch.bfloat16) for g in grads[0]], m, v, step=1, **HP)
-    assert all(p.dtype == torch.bfloat16 for p in p16) and all(x.dtype == torch.float32 for x in m + v)
+    assert all(p.dtype == torch.bfloat16 for p in p16) and all(
+        x.dtype == torch.float32 for x in m + v
+    )
     ref = _run_ours(params, grads[:1], "torch", **HP)
     for a, b in zip(p16, ref):
-        torch.testing.assert_close(a.float(), b, rtol=2e-2, atol=2e-2)  # bf16 has 8 bits of mantissa
+        torch.testing.assert_close(
+            a.float(), b, rtol=2e-2, atol=2e-2
+        )  # bf16 has 8 bits of mantissa
 
 
 def test_direction_is_the_update_without_decay():
@@ -102,9 +106,19 @@ def test_direction_is_the_update_without_decay():
 
 def test_errors():
     with pytest.raises(ValueError, match="step is 1-based"):
-        adamw_direction([torch.ones(1)], [torch.zeros(1)], [torch.zeros(1)], step=0, betas=(0.9, 0.9), eps=1e-8)
+        adamw_direction(
+            [torch.ones(1)], [torch.zeros(1)], [torch.zeros(1)], step=0, betas=(0.9, 0.9), eps=1e-8
+        )
     with pytest.raises(ValueError, match="style must be"):
-        adamw_direction([torch.ones(1)], [torch.zeros(1)], [torch.zeros(1)], step=1, betas=(0.9, 0.9), eps=1e-8, style="jax")
+        adamw_direction(
+            [torch.ones(1)],
+            [torch.zeros(1)],
+            [torch.zeros(1)],
+            step=1,
+            betas=(0.9, 0.9),
+            eps=1e-8,
+            style="jax",
+        )
     for kw, msg in [
         (dict(lr=-1.0), "learning rate"),
         (dict(eps=-1.0), "epsilon"),

@@ -14,7 +14,9 @@ def test_main_prints_norms_singular_values_and_difference(capsys):
     assert "transformer.h.1.mlp.c_proj" in out and "top singular values" in out
     assert "max |plain - offload|" in out and "(OK, tolerance" in out
     row = next(line for line in out.splitlines() if line.startswith("transformer.h.0.attn.c_attn"))
-    assert row.split()[1] == "192x64" and len(row.split()) == 3 + 3  # name, shape, norm, 3 singular values
+    assert (
+        row.split()[1] == "192x64" and len(row.split()) == 3 + 3
+    )  # name, shape, norm, 3 singular values
 
 
 @pytest.mark.parametrize("arch", ["roberta", "t5"])
@@ -23,7 +25,12 @@ def test_run_demo_other_archs(arch, capsys):
 
 
 def test_module_entry_point():
-    proc = subprocess.run([sys.executable, "-m", "loralab.core.demo", "--batches", "1"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "loralab.core.demo", "--batches", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "model.layers.1.mlp.down_proj" in proc.stdout and "OK" in proc.stdout
 

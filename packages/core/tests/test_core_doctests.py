@@ -5,7 +5,19 @@ import importlib
 
 import pytest
 
-MODULES = ["__init__", "adamw", "demo", "distributed", "gradients", "linalg", "lora_layers", "offload", "quant", "targets", "testing"]
+MODULES = [
+    "__init__",
+    "adamw",
+    "demo",
+    "distributed",
+    "gradients",
+    "linalg",
+    "lora_layers",
+    "offload",
+    "quant",
+    "targets",
+    "testing",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -14,6 +26,12 @@ def test_docstring_examples(name):
         pytest.importorskip("bitsandbytes")
     if name == "lora_layers":
         pytest.importorskip("peft")
-    module = importlib.import_module("loralab.core" if name == "__init__" else f"loralab.core.{name}")
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False)
-    assert result.failed == 0, f"{result.failed} of {result.attempted} examples failed in loralab.core.{name}"
+    module = importlib.import_module(
+        "loralab.core" if name == "__init__" else f"loralab.core.{name}"
+    )
+    result = doctest.testmod(
+        module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False
+    )
+    assert result.failed == 0, (
+        f"{result.failed} of {result.attempted} examples failed in loralab.core.{name}"
+    )

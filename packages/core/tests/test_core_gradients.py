@@ -55,7 +55,9 @@ def test_num_batches_and_consumer():
     for n in ref:
         torch.testing.assert_close(two[n], ref[n], rtol=0, atol=0)
     got = {}
-    out = estimate_gradients(model, batches[:2], ["v_proj"], consumer=lambda n, g: got.__setitem__(n, g), progress=False)
+    out = estimate_gradients(
+        model, batches[:2], ["v_proj"], consumer=lambda n, g: got.__setitem__(n, g), progress=False
+    )
     assert out == {} and list(got) == list(ref)
     with pytest.raises(ValueError, match="num_batches must be >= 1"):
         estimate_gradients(model, batches, num_batches=0)
@@ -102,8 +104,12 @@ class _TwoLayers(nn.Module):
 
 def test_unused_layer_is_named():
     model = _TwoLayers()
-    with pytest.raises(GradientEstimationError, match=r"1 target layer\(s\) received no gradient.*: unused"):
-        estimate_gradients(model, [torch.randn(2, 4)], loss_fn=lambda m, x: m(x).sum(), progress=False)
+    with pytest.raises(
+        GradientEstimationError, match=r"1 target layer\(s\) received no gradient.*: unused"
+    ):
+        estimate_gradients(
+            model, [torch.randn(2, 4)], loss_fn=lambda m, x: m(x).sum(), progress=False
+        )
 
 
 def test_non_finite_gradient_names_layer():
@@ -135,7 +141,9 @@ def test_tied_weights_and_empty_mapping():
     model = _TwoLayers()
     model.unused.weight = model.used.weight
     with pytest.raises(GradientEstimationError, match="tied weights"):
-        estimate_gradients(model, [torch.randn(2, 4)], loss_fn=lambda m, x: m(x).sum(), progress=False)
+        estimate_gradients(
+            model, [torch.randn(2, 4)], loss_fn=lambda m, x: m(x).sum(), progress=False
+        )
     with pytest.raises(GradientEstimationError, match="empty mapping"):
         estimate_gradients(model, [torch.randn(2, 4)], {}, progress=False)
 
@@ -151,7 +159,17 @@ def test_all_reduce_under_torchrun(tmp_path):
     worker = Path(__file__).with_name("dist_gradients_worker.py")
     prefix = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()), str(worker), str(prefix)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(_free_port()),
+        str(worker),
+        str(prefix),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (torch.load(f"{prefix}.{r}.pt", weights_only=True) for r in (0, 1))
@@ -164,6 +182,10 @@ def test_all_reduce_under_torchrun(tmp_path):
             torch.testing.assert_close(r["plain"][name], expected[name], rtol=1e-5, atol=1e-7)
             torch.testing.assert_close(r["offload"][name], expected[name], rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(r0["plain"][name], r1["plain"][name], rtol=0, atol=0)
-        assert not torch.allclose(r0["local"][name], r1["local"][name])  # reduce=False keeps each rank's own
-    assert torch.equal(r0["broadcast"], torch.ones(2)) and torch.equal(r1["broadcast"], torch.ones(2))
+        assert not torch.allclose(
+            r0["local"][name], r1["local"][name]
+        )  # reduce=False keeps each rank's own
+    assert torch.equal(r0["broadcast"], torch.ones(2)) and torch.equal(
+        r1["broadcast"], torch.ones(2)
+    )
     assert torch.equal(r0["dict_mean"], torch.full((3,), 0.5))

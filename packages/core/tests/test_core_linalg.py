@@ -43,7 +43,9 @@ def test_truncated_svd_vs_float64(method, transpose):
         a64 = a64.T
     U64, S64, Vh64 = torch.linalg.svd(a64, full_matrices=False)
     U, S, Vh = truncated_svd(a64.float(), RANK, method=method, generator=_gen(1))
-    assert U.shape == (a64.shape[0], RANK) and S.shape == (RANK,) and Vh.shape == (RANK, a64.shape[1])
+    assert (
+        U.shape == (a64.shape[0], RANK) and S.shape == (RANK,) and Vh.shape == (RANK, a64.shape[1])
+    )
     assert U.dtype == torch.float32
     torch.testing.assert_close(S.double(), S64[:RANK], rtol=1e-4, atol=1e-5)
     assert _subspace_cos(U.double(), U64[:, :RANK]) > 1 - 1e-5
@@ -61,14 +63,19 @@ def test_truncated_svd_float64_stays_float64_and_batched_full():
     torch.testing.assert_close(S, torch.linalg.svdvals(a)[:, :2])
     assert U.shape == (3, 10, 2) and Vh.shape == (3, 2, 7)
     torch.testing.assert_close(U.transpose(-1, -2) @ a @ Vh.transpose(-1, -2), torch.diag_embed(S))
-    assert accumulation_dtype(torch.bfloat16) == torch.float32 and accumulation_dtype(torch.float64) == torch.float64
+    assert (
+        accumulation_dtype(torch.bfloat16) == torch.float32
+        and accumulation_dtype(torch.float64) == torch.float64
+    )
 
 
 def test_truncated_svd_bf16_input_accumulates_in_fp32():
     a = _low_rank_plus_noise().to(torch.bfloat16)
     _, S, _ = truncated_svd(a, RANK, method="full")
     assert S.dtype == torch.float32
-    torch.testing.assert_close(S.double(), torch.linalg.svdvals(a.double())[:RANK], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        S.double(), torch.linalg.svdvals(a.double())[:RANK], rtol=1e-5, atol=1e-5
+    )
 
 
 def test_randomized_deterministic_with_generator_and_leaves_global_rng():
@@ -115,7 +122,9 @@ def test_stiefel_orthonormal_and_deterministic():
     assert torch.equal(q, stiefel_sample(20, 5, generator=_gen(0), dtype=torch.float64))
     qb = stiefel_sample(8, 3, generator=_gen(1), batch=(4,))
     assert qb.shape == (4, 8, 3)
-    torch.testing.assert_close(qb.transpose(-1, -2) @ qb, torch.eye(3).expand(4, 3, 3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        qb.transpose(-1, -2) @ qb, torch.eye(3).expand(4, 3, 3), atol=1e-5, rtol=0
+    )
     with pytest.raises(ValueError, match="1 <= k <= n"):
         stiefel_sample(3, 4)
 
@@ -131,9 +140,16 @@ def test_stiefel_rotation_invariance_statistically():
     sd = (1 / n) ** 0.5 / samples**0.5
     assert qs[:, 0, 0].mean().abs() < 5 * sd
     assert qs.diagonal(dim1=-2, dim2=-1).mean().abs() < 5 * sd
-    torch.testing.assert_close(qs.square().mean(0), torch.full((n, k), 1 / n, dtype=torch.float64), atol=0.01, rtol=0)
+    torch.testing.assert_close(
+        qs.square().mean(0), torch.full((n, k), 1 / n, dtype=torch.float64), atol=0.01, rtol=0
+    )
     # 2. E[Q Qᵀ] = (k/n) I
-    torch.testing.assert_close((qs @ qs.transpose(-1, -2)).mean(0), torch.eye(n, dtype=torch.float64) * k / n, atol=0.02, rtol=0)
+    torch.testing.assert_close(
+        (qs @ qs.transpose(-1, -2)).mean(0),
+        torch.eye(n, dtype=torch.float64) * k / n,
+        atol=0.02,
+        rtol=0,
+    )
     # 3. Q[0, 0] and (R Q)[0, 0] have the same distribution (two-sample Kolmogorov–Smirnov)
     p = scipy.stats.ks_2samp(qs[:, 0, 0].numpy(), rq[:, 0, 0].numpy()).pvalue
     assert p > 1e-3
@@ -152,15 +168,29 @@ def test_ridge_inverse_vs_float64():
     m = _psd(5, seed=1)
     torch.testing.assert_close(ridge_inverse(m), torch.linalg.inv(m), rtol=1e-8, atol=1e-10)
     lam = 0.1 * m.diagonal().mean()
-    torch.testing.assert_close(ridge_inverse(m, 0.1), torch.linalg.inv(m + lam * torch.eye(5, dtype=torch.float64)), rtol=1e-8, atol=1e-10)
-    torch.testing.assert_close(ridge_inverse(m, 0.1, relative=False), torch.linalg.inv(m + 0.1 * torch.eye(5, dtype=torch.float64)), rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(
+        ridge_inverse(m, 0.1),
+        torch.linalg.inv(m + lam * torch.eye(5, dtype=torch.float64)),
+        rtol=1e-8,
+        atol=1e-10,
+    )
+    torch.testing.assert_close(
+        ridge_inverse(m, 0.1, relative=False),
+        torch.linalg.inv(m + 0.1 * torch.eye(5, dtype=torch.float64)),
+        rtol=1e-8,
+        atol=1e-10,
+    )
     # singular (rank 2 of 5) with no ridge: the Moore–Penrose pseudo-inverse; all zeros: zeros
     s = _psd(5, rank=2, seed=2)
-    torch.testing.assert_close(ridge_inverse(s), torch.linalg.pinv(s, hermitian=True), rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(
+        ridge_inverse(s), torch.linalg.pinv(s, hermitian=True), rtol=1e-6, atol=1e-8
+    )
     assert torch.equal(ridge_inverse(torch.zeros(3, 3)), torch.zeros(3, 3))
     # float32 input, batched
     b = torch.stack([_psd(4, seed=i) for i in range(3)]).float()
-    torch.testing.assert_close(ridge_inverse(b).double(), torch.linalg.inv(b.double()), rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(
+        ridge_inverse(b).double(), torch.linalg.inv(b.double()), rtol=1e-3, atol=1e-4
+    )
 
 
 def test_ridge_solve_sides():
@@ -183,7 +213,9 @@ def test_sylvester_vs_scipy():
     ref = scipy.linalg.solve_sylvester(a.numpy(), b.numpy(), c.numpy())
     np.testing.assert_allclose(x.numpy(), ref, rtol=1e-8, atol=1e-10)
     # float32 batched
-    xs = solve_sylvester_psd(torch.stack([a, a]).float(), torch.stack([b, b]).float(), torch.stack([c, 2 * c]).float())
+    xs = solve_sylvester_psd(
+        torch.stack([a, a]).float(), torch.stack([b, b]).float(), torch.stack([c, 2 * c]).float()
+    )
     np.testing.assert_allclose(xs[1].double().numpy(), 2 * ref, rtol=1e-3, atol=1e-4)
 
 

@@ -11,7 +11,11 @@ peft = pytest.importorskip("peft")
 
 def test_pairs_shapes_and_scaling_patterns():
     cfg = peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], rank_pattern={"down_proj": 2}, alpha_pattern={"down_proj": 16}
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "down_proj"],
+        rank_pattern={"down_proj": 2},
+        alpha_pattern={"down_proj": 16},
     )
     model = peft.get_peft_model(tiny_llama(), cfg)
     pairs = find_lora_pairs(model)
@@ -24,11 +28,18 @@ def test_pairs_shapes_and_scaling_patterns():
         q.B.normal_()
     x = torch.randn(3, 64)
     base = q.module.base_layer
-    torch.testing.assert_close(q.module(x), base(x) + q.scaling * x @ (q.B @ q.A).T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        q.module(x), base(x) + q.scaling * x @ (q.B @ q.A).T, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_rslora_and_conv1d():
-    model = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["c_attn"], fan_in_fan_out=True))
+    model = peft.get_peft_model(
+        tiny_gpt2(),
+        peft.LoraConfig(
+            r=4, lora_alpha=8, use_rslora=True, target_modules=["c_attn"], fan_in_fan_out=True
+        ),
+    )
     pairs = find_lora_pairs(model)
     assert len(pairs) == 2 and pairs[0].scaling == pytest.approx(8 / 4**0.5)
     assert pairs[0].A.shape == (4, 64) and pairs[0].B.shape == (192, 4)
@@ -42,7 +53,10 @@ def test_adapter_selection_and_roles():
     assert [p.rank for p in other] == [2, 2] and all(p.name.endswith("v_proj") for p in other)
     roles = lora_param_roles(other)
     assert roles[id(other[0].A)] == ("A", other[0]) and roles[id(other[1].B)] == ("B", other[1])
-    with pytest.raises(LoraPairError, match=r"no LoRA layer has adapter 'nope'; adapters found: \['default', 'other'\]"):
+    with pytest.raises(
+        LoraPairError,
+        match=r"no LoRA layer has adapter 'nope'; adapters found: \['default', 'other'\]",
+    ):
         find_lora_pairs(model, "nope")
 
 

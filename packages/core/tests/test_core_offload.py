@@ -57,11 +57,21 @@ def test_offload_equals_plain(arch, caplog):
 
 
 def test_default_blocks_cover_encoder_and_decoder_stacks():
-    assert list(find_blocks(tiny_t5())) == ["encoder.block.0", "encoder.block.1", "decoder.block.0", "decoder.block.1"]
+    assert list(find_blocks(tiny_t5())) == [
+        "encoder.block.0",
+        "encoder.block.1",
+        "decoder.block.0",
+        "decoder.block.1",
+    ]
     assert list(find_blocks(tiny_gpt2())) == ["transformer.h.0", "transformer.h.1"]
     # RoBERTa's _no_split_modules also lists its embeddings: the default is its layers only
-    assert list(find_blocks(tiny_roberta())) == ["roberta.encoder.layer.0", "roberta.encoder.layer.1"]
-    assert {"LlamaDecoderLayer", "GPT2Block", "T5Block", "RobertaLayer", "BertLayer"} <= set(DEFAULT_BLOCK_CLASSES)
+    assert list(find_blocks(tiny_roberta())) == [
+        "roberta.encoder.layer.0",
+        "roberta.encoder.layer.1",
+    ]
+    assert {"LlamaDecoderLayer", "GPT2Block", "T5Block", "RobertaLayer", "BertLayer"} <= set(
+        DEFAULT_BLOCK_CLASSES
+    )
 
 
 def _live_gradient_like(shapes):
@@ -69,7 +79,12 @@ def _live_gradient_like(shapes):
     n = 0
     gc.collect()
     for o in gc.get_objects():
-        if isinstance(o, torch.Tensor) and not isinstance(o, nn.Parameter) and o.dtype == torch.float32 and tuple(o.shape) in shapes:
+        if (
+            isinstance(o, torch.Tensor)
+            and not isinstance(o, nn.Parameter)
+            and o.dtype == torch.float32
+            and tuple(o.shape) in shapes
+        ):
             n += 1
     return n
 
@@ -90,7 +105,14 @@ def test_counting_consumer_holds_at_most_one_block():
             del grad
             counts.append(_live_gradient_like(shapes))
 
-        out = estimate_gradients(model, data, consumer=consumer, offload=offload, device="cpu" if offload else None, progress=False)
+        out = estimate_gradients(
+            model,
+            data,
+            consumer=consumer,
+            offload=offload,
+            device="cpu" if offload else None,
+            progress=False,
+        )
         assert out == {}
         return seen, counts
 
@@ -158,7 +180,16 @@ def test_custom_blocks_general_mode_with_glue_targets():
     targets = find_targets(model, "all-linear", include_heads=True)
     assert {"inp", "out"} <= set(targets)
     plain = estimate_gradients(model, data, targets, loss_fn=_toy_loss, progress=False)
-    off = estimate_gradients(model, data, targets, loss_fn=_toy_loss, offload=True, device="cpu", no_split_module_classes=["_Block"], progress=False)
+    off = estimate_gradients(
+        model,
+        data,
+        targets,
+        loss_fn=_toy_loss,
+        offload=True,
+        device="cpu",
+        no_split_module_classes=["_Block"],
+        progress=False,
+    )
     _assert_same(plain, off)
     # float64 reference by plain autograd, per batch
     ref = {n: torch.zeros_like(t.weight, dtype=torch.float64) for n, t in targets.items()}
@@ -168,7 +199,9 @@ def test_custom_blocks_general_mode_with_glue_targets():
         for n, t in targets.items():
             ref[n] += t.weight.grad / len(data)
     for n in ref:
-        torch.testing.assert_close(off[n].double(), ref[n], rtol=1e-5, atol=1e-7)  # the result is float32
+        torch.testing.assert_close(
+            off[n].double(), ref[n], rtol=1e-5, atol=1e-7
+        )  # the result is float32
 
 
 def test_state_restored_after_offload():
@@ -189,10 +222,25 @@ def test_offload_errors():
     with pytest.raises(GradientEstimationError, match="no batches"):
         estimate_gradients(model, [], offload=True, device="cpu", progress=False)
     with pytest.raises(GradientEstimationError, match=r"found no block.*no_split_module_classes"):
-        estimate_gradients(model, make_lm_batches(1), offload=True, device="cpu", no_split_module_classes=["NoSuchLayer"], progress=False)
+        estimate_gradients(
+            model,
+            make_lm_batches(1),
+            offload=True,
+            device="cpu",
+            no_split_module_classes=["NoSuchLayer"],
+            progress=False,
+        )
     toy = _Toy(twice=True)
     with pytest.raises(GradientEstimationError, match="ran twice"):
-        estimate_gradients(toy, [torch.randn(2, 8)], loss_fn=_toy_loss, offload=True, device="cpu", no_split_module_classes=["_Block"], progress=False)
+        estimate_gradients(
+            toy,
+            [torch.randn(2, 8)],
+            loss_fn=_toy_loss,
+            offload=True,
+            device="cpu",
+            no_split_module_classes=["_Block"],
+            progress=False,
+        )
     with pytest.raises(ValueError, match="device applies to offload=True only"):
         estimate_gradients(model, make_lm_batches(1), device="cpu", progress=False)
 
@@ -208,7 +256,9 @@ def test_offload_non_finite_names_layer():
 def test_direct_call_keeps_targets_order():
     model = tiny_gpt2()
     targets = find_targets(model, ["c_fc", "c_attn"])
-    out = estimate_gradients_offloaded(model, make_lm_batches(2), targets, device="cpu", progress=False)
+    out = estimate_gradients_offloaded(
+        model, make_lm_batches(2), targets, device="cpu", progress=False
+    )
     assert list(out) == list(targets)
 
 
@@ -233,7 +283,9 @@ def test_train_mode_replays_dropout_masks():
     torch.manual_seed(123)
     plain = estimate_gradients(model, data, ["q_proj", "o_proj"], train=True, progress=False)
     torch.manual_seed(123)
-    off = estimate_gradients(model, data, ["q_proj", "o_proj"], train=True, offload=True, device="cpu", progress=False)
+    off = estimate_gradients(
+        model, data, ["q_proj", "o_proj"], train=True, offload=True, device="cpu", progress=False
+    )
     _assert_same(plain, off)
     evaluated = estimate_gradients(model, data, ["q_proj", "o_proj"], progress=False)
     assert any(not torch.allclose(plain[n], evaluated[n]) for n in plain)  # dropout was really on
@@ -241,9 +293,13 @@ def test_train_mode_replays_dropout_masks():
 
 def test_peft_model_base_weights():
     peft = pytest.importorskip("peft")
-    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    model = peft.get_peft_model(
+        tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+    )
     data = make_lm_batches(2)
     plain = estimate_gradients(model, data, ["q_proj", "o_proj"], progress=False)
-    off = estimate_gradients(model, data, ["q_proj", "o_proj"], offload=True, device="cpu", progress=False)
+    off = estimate_gradients(
+        model, data, ["q_proj", "o_proj"], offload=True, device="cpu", progress=False
+    )
     assert next(iter(off)) == "base_model.model.model.layers.0.self_attn.q_proj"
     _assert_same(plain, off)

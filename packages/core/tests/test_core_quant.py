@@ -27,7 +27,9 @@ IN, OUT = 128, 48
 # NF4/FP4 absmax-per-block quantization of N(0, 1/IN)-ish weights: the error per entry is at most
 # half a code step of the block's absmax; 0.2 * absmax is a generous, honest bound for 4 bits.
 REL_4BIT = 0.2
-REL_INT8 = 1.0 / 127  # row-wise absmax / 127 step, rounding error <= half a step (fp16 cast adds ~1e-3 rel)
+REL_INT8 = (
+    1.0 / 127
+)  # row-wise absmax / 127 step, rounding error <= half a step (fp16 cast adds ~1e-3 rel)
 
 
 def _float_linear(seed: int = 0) -> nn.Linear:
@@ -35,10 +37,29 @@ def _float_linear(seed: int = 0) -> nn.Linear:
     return nn.Linear(IN, OUT)
 
 
-def _linear4bit(lin: nn.Linear, quant_type: str, *, blocksize: int = 64, double_quant: bool = True, compute_dtype=torch.float32):
-    m = bnb.nn.Linear4bit(IN, OUT, bias=True, compute_dtype=compute_dtype, quant_type=quant_type, compress_statistics=double_quant)
+def _linear4bit(
+    lin: nn.Linear,
+    quant_type: str,
+    *,
+    blocksize: int = 64,
+    double_quant: bool = True,
+    compute_dtype=torch.float32,
+):
+    m = bnb.nn.Linear4bit(
+        IN,
+        OUT,
+        bias=True,
+        compute_dtype=compute_dtype,
+        quant_type=quant_type,
+        compress_statistics=double_quant,
+    )
     m.weight = bnb.nn.Params4bit(
-        lin.weight.data.clone(), requires_grad=False, quant_type=quant_type, blocksize=blocksize, compress_statistics=double_quant, module=m
+        lin.weight.data.clone(),
+        requires_grad=False,
+        quant_type=quant_type,
+        blocksize=blocksize,
+        compress_statistics=double_quant,
+        module=m,
     )
     m.bias = nn.Parameter(lin.bias.data.clone())
     return m.to("cpu")
@@ -46,7 +67,9 @@ def _linear4bit(lin: nn.Linear, quant_type: str, *, blocksize: int = 64, double_
 
 def _linear8bit(lin: nn.Linear):
     m = bnb.nn.Linear8bitLt(IN, OUT, bias=True, has_fp16_weights=False, threshold=0.0)
-    m.weight = bnb.nn.Int8Params(lin.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
+    m.weight = bnb.nn.Int8Params(
+        lin.weight.data.clone(), requires_grad=False, has_fp16_weights=False
+    )
     m.bias = nn.Parameter(lin.bias.data.clone())
     return m.to("cpu")
 
@@ -75,7 +98,13 @@ def test_4bit_detect_dequantize_requantize(quant_type):
     assert quant_config_of(m) == spec
     ref = _linear4bit(nn.Linear(IN, OUT), quant_type, blocksize=128, double_quant=True)
     requantize_weight_(ref, new)
-    direct = bnb.nn.Params4bit(new.clone(), requires_grad=False, quant_type=quant_type, blocksize=128, compress_statistics=True).to("cpu")
+    direct = bnb.nn.Params4bit(
+        new.clone(),
+        requires_grad=False,
+        quant_type=quant_type,
+        blocksize=128,
+        compress_statistics=True,
+    ).to("cpu")
     expected = bnb.functional.dequantize_4bit(direct.data, direct.quant_state)
     torch.testing.assert_close(dequantize_weight(m), expected, atol=0, rtol=0)
     # round trip: dequantize → requantize is a fixed point of the quantizer, up to the 8-bit
@@ -88,10 +117,17 @@ def test_4bit_detect_dequantize_requantize(quant_type):
 
 def test_nf4_stays_nf4_with_non_default_settings():
     # bitsandbytes' Linear4bit default is fp4 / blocksize 64: a rebuild with defaults would lose these
-    m = _linear4bit(_float_linear(), "nf4", blocksize=256, double_quant=False, compute_dtype=torch.bfloat16)
+    m = _linear4bit(
+        _float_linear(), "nf4", blocksize=256, double_quant=False, compute_dtype=torch.bfloat16
+    )
     requantize_weight_(m, dequantize_weight(m) * 2)
     spec = quant_config_of(m)
-    assert (spec.kind, spec.blocksize, spec.double_quant, spec.compute_dtype) == ("nf4", 256, False, torch.bfloat16)
+    assert (spec.kind, spec.blocksize, spec.double_quant, spec.compute_dtype) == (
+        "nf4",
+        256,
+        False,
+        torch.bfloat16,
+    )
 
 
 def test_int8_detect_dequantize_requantize():
@@ -104,7 +140,9 @@ def test_int8_detect_dequantize_requantize():
     x = torch.randn(5, IN)
     y = m(x)  # moves (CB, SCB) into layer.state: dequantize must still find the scales
     torch.testing.assert_close(dequantize_weight(m), w)
-    torch.testing.assert_close(y, x @ w.T + m.bias, atol=2e-2, rtol=2e-2)  # int8 matmul through fp16 inputs
+    torch.testing.assert_close(
+        y, x @ w.T + m.bias, atol=2e-2, rtol=2e-2
+    )  # int8 matmul through fp16 inputs
     new = torch.randn(OUT, IN) * 0.05
     requantize_weight_(m, new)
     assert quant_kind(m) == "int8"
@@ -144,29 +182,47 @@ def tiny_checkpoint(tmp_path_factory):
 def _load_quantized(path, **cfg):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=BitsAndBytesConfig(**cfg), device_map="cpu", dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=BitsAndBytesConfig(**cfg), device_map="cpu", dtype=torch.float32
+    )
 
 
 def test_seed_flow_float_then_quantized(tiny_checkpoint):
     from transformers import BitsAndBytesConfig
 
-    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    cfg = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
     # 1. float copy from the checkpoint, estimate there
     float_model = load_float_model_for_estimation(tiny_checkpoint, cfg)
     assert not quantized_layer_names(float_model)
-    torch.testing.assert_close(float_model.model.layers[0].mlp.up_proj.weight, tiny_llama().model.layers[0].mlp.up_proj.weight)
+    torch.testing.assert_close(
+        float_model.model.layers[0].mlp.up_proj.weight,
+        tiny_llama().model.layers[0].mlp.up_proj.weight,
+    )
     batches = make_lm_batches(2)
     grads = estimate_gradients(float_model, batches, ["q_proj"], progress=False)
     assert set(grads) == {"model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"}
     # 2. the quantized model refuses full-weight estimation with a pointer to this module
-    qmodel = _load_quantized(tiny_checkpoint, load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    qmodel = _load_quantized(
+        tiny_checkpoint,
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.float32,
+    )
     assert len(quantized_layer_names(qmodel)) == 14
     assert {t.kind for t in find_targets(qmodel).values()} == {"linear4bit"}
     with pytest.raises(GradientEstimationError, match="load_float_model_for_estimation"):
         estimate_gradients(qmodel, batches, ["q_proj"], progress=False)
     # 3. from the quantized model: reload its float checkpoint (auto) or dequantize
     again = load_float_model_for_estimation(qmodel)
-    torch.testing.assert_close(again.model.layers[1].self_attn.q_proj.weight, float_model.model.layers[1].self_attn.q_proj.weight)
+    torch.testing.assert_close(
+        again.model.layers[1].self_attn.q_proj.weight,
+        float_model.model.layers[1].self_attn.q_proj.weight,
+    )
     deq = load_float_model_for_estimation(qmodel, source="dequantize")
     assert not quantized_layer_names(deq) and quantized_layer_names(qmodel)
     q = qmodel.model.layers[1].self_attn.q_proj
@@ -203,8 +259,21 @@ def test_4bit_reads_survive_cpu_repacking(double_quant):
     # input without grad (on CPUs with AVX512-BF16); reads must give the same weight and settings after.
     # the CPU kernel's layout needs out_features % 32 == 0
     torch.manual_seed(3)
-    m = bnb.nn.Linear4bit(IN, 64, bias=True, compute_dtype=torch.float32, quant_type="nf4", compress_statistics=double_quant)
-    m.weight = bnb.nn.Params4bit(torch.randn(64, IN) / IN**0.5, requires_grad=False, quant_type="nf4", compress_statistics=double_quant, module=m)
+    m = bnb.nn.Linear4bit(
+        IN,
+        64,
+        bias=True,
+        compute_dtype=torch.float32,
+        quant_type="nf4",
+        compress_statistics=double_quant,
+    )
+    m.weight = bnb.nn.Params4bit(
+        torch.randn(64, IN) / IN**0.5,
+        requires_grad=False,
+        quant_type="nf4",
+        compress_statistics=double_quant,
+        module=m,
+    )
     m = m.to("cpu")
     w_before, spec_before = dequantize_weight(m), quant_config_of(m)
     x = torch.randn(4, IN)
@@ -212,7 +281,9 @@ def test_4bit_reads_survive_cpu_repacking(double_quant):
     with torch.no_grad():
         y = m(x)
     repacked = bool(getattr(m.weight.quant_state, "packing_format_for_cpu", False))
-    logging.getLogger(__name__).info("bitsandbytes repacked the layer for the CPU kernel: %s", repacked)
+    logging.getLogger(__name__).info(
+        "bitsandbytes repacked the layer for the CPU kernel: %s", repacked
+    )
     # 4-bit codes are exact; only the bf16 cast of the unfolded block scales may move a weight, by
     # at most bf16's relative step (2^-8) of that weight
     w_after = dequantize_weight(m)

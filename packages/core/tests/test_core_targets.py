@@ -24,7 +24,9 @@ def test_all_linear_llama_excludes_head():
     targets = find_targets(model)
     assert len(targets) == 2 * 7
     assert "lm_head" not in targets
-    assert list(targets) == [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+    assert list(targets) == [
+        n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"
+    ]
     assert find_all_linear_modules(model) == LLAMA_LINEAR
     with_head = find_targets(model, include_heads=True)
     assert "lm_head" in with_head and with_head["lm_head"].kind == "linear"
@@ -35,7 +37,11 @@ def test_heads_of_classifiers_and_t5_excluded():
     assert not any(n.startswith("classifier") for n in roberta)
     assert find_all_linear_modules(tiny_roberta()) == ["dense", "key", "query", "value"]
     t5 = find_targets(tiny_t5())
-    assert "lm_head" not in t5 and any(n.startswith("decoder.") for n in t5) and any(n.startswith("encoder.") for n in t5)
+    assert (
+        "lm_head" not in t5
+        and any(n.startswith("decoder.") for n in t5)
+        and any(n.startswith("encoder.") for n in t5)
+    )
 
 
 def test_listed_name_matching_a_head_is_reported_not_silently_dropped(caplog):
@@ -55,7 +61,11 @@ def test_gpt2_conv1d_weight_is_transposed_view():
     model = tiny_gpt2()
     targets = find_targets(model, ["c_attn"])
     t = targets["transformer.h.0.attn.c_attn"]
-    assert t.kind == "conv1d" and t.shape == (3 * 64, 64) and (t.out_features, t.in_features) == (192, 64)
+    assert (
+        t.kind == "conv1d"
+        and t.shape == (3 * 64, 64)
+        and (t.out_features, t.in_features) == (192, 64)
+    )
     w = t.weight_matrix()
     assert w.shape == t.shape and w.data_ptr() == t.weight.data_ptr()  # a view, no copy
     x = torch.randn(3, 64)
@@ -77,7 +87,9 @@ def test_linear_view_and_kinds():
 def test_linear4bit_is_a_target_with_dequantized_view():
     bnb = pytest.importorskip("bitsandbytes")
     model = nn.Sequential()
-    model.add_module("proj", bnb.nn.Linear4bit(64, 32, quant_type="nf4", compute_dtype=torch.float32).to("cpu"))
+    model.add_module(
+        "proj", bnb.nn.Linear4bit(64, 32, quant_type="nf4", compute_dtype=torch.float32).to("cpu")
+    )
     model.add_module("int8", bnb.nn.Linear8bitLt(64, 32, has_fp16_weights=False).to("cpu"))
     targets = find_targets(model)
     assert {n: t.kind for n, t in targets.items()} == {"proj": "linear4bit", "int8": "linear8bit"}
@@ -90,8 +102,14 @@ def test_regex_list_and_exclude():
     model = tiny_llama()
     regex = find_targets(model, r".*layers\.1\.self_attn\.(q|v)_proj")
     assert list(regex) == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
-    listed = find_targets(model, ["q_proj", "mlp.up_proj"], exclude_modules=["model.layers.0.self_attn.q_proj"])
-    assert list(listed) == ["model.layers.0.mlp.up_proj", "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.up_proj"]
+    listed = find_targets(
+        model, ["q_proj", "mlp.up_proj"], exclude_modules=["model.layers.0.self_attn.q_proj"]
+    )
+    assert list(listed) == [
+        "model.layers.0.mlp.up_proj",
+        "model.layers.1.self_attn.q_proj",
+        "model.layers.1.mlp.up_proj",
+    ]
     # suffix matching is by dotted component, not substring
     assert not any(n.endswith("proj") and n.endswith("_proj") is False for n in listed)
     with pytest.raises(TargetNotFoundError):
@@ -99,7 +117,10 @@ def test_regex_list_and_exclude():
 
 
 def test_not_found_lists_candidates():
-    with pytest.raises(TargetNotFoundError, match=r"matched no adaptable layer of LlamaForCausalLM; candidate layer names: down_proj, gate_proj"):
+    with pytest.raises(
+        TargetNotFoundError,
+        match=r"matched no adaptable layer of LlamaForCausalLM; candidate layer names: down_proj, gate_proj",
+    ):
         find_targets(tiny_llama(), ["query"])
     with pytest.raises(TargetNotFoundError, match="candidate layer names"):
         find_targets(tiny_llama(), "all-linear", exclude_modules=LLAMA_LINEAR)
@@ -108,7 +129,10 @@ def test_not_found_lists_candidates():
 
 
 def test_non_adaptable_match_is_an_error():
-    with pytest.raises(TargetNotFoundError, match=r"cannot adapt: model\.layers\.0\.input_layernorm \(LlamaRMSNorm\)"):
+    with pytest.raises(
+        TargetNotFoundError,
+        match=r"cannot adapt: model\.layers\.0\.input_layernorm \(LlamaRMSNorm\)",
+    ):
         find_targets(tiny_llama(), ["q_proj", "input_layernorm"])
 
 

@@ -68,7 +68,9 @@ def test_save_tiny_reloads(tmp_path):
     model = tiny_llama()
     save_tiny(model, tmp_path)
     again = AutoModelForCausalLM.from_pretrained(tmp_path)
-    assert torch.equal(again.model.layers[0].self_attn.q_proj.weight, model.model.layers[0].self_attn.q_proj.weight)
+    assert torch.equal(
+        again.model.layers[0].self_attn.q_proj.weight, model.model.layers[0].self_attn.q_proj.weight
+    )
     assert AutoTokenizer.from_pretrained(tmp_path).pad_token == "<pad>"
 
 
@@ -78,9 +80,14 @@ def test_batch_makers():
     b = lm[0]
     assert (b["attention_mask"][:, -2:] == 0).all() and (b["labels"][:, -2:] == -100).all()
     assert torch.equal(b["labels"][:, :-2], b["input_ids"][:, :-2])
-    assert torch.equal(make_lm_batches(1, seed=5)[0]["input_ids"], make_lm_batches(1, seed=5)[0]["input_ids"])
+    assert torch.equal(
+        make_lm_batches(1, seed=5)[0]["input_ids"], make_lm_batches(1, seed=5)[0]["input_ids"]
+    )
     cls = make_classification_batches(1, num_labels=3)[0]
-    assert torch.equal(cls["labels"], cls["input_ids"][:, 1] % 3) and (cls["input_ids"][:, 0] == 1).all()
+    assert (
+        torch.equal(cls["labels"], cls["input_ids"][:, 1] % 3)
+        and (cls["input_ids"][:, 0] == 1).all()
+    )
     reg = make_classification_batches(1, num_labels=1)[0]
     assert reg["labels"].dtype == torch.float32
     s2s = make_seq2seq_batches(1, src_len=10, tgt_len=4)[0]

@@ -38,13 +38,18 @@ class Toy(nn.Module):
 
 def toy_peft(seed=0):
     torch.manual_seed(seed)
-    config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["lin1", "lin2"], modules_to_save=["head"])
+    config = peft.LoraConfig(
+        r=RANK, lora_alpha=ALPHA, target_modules=["lin1", "lin2"], modules_to_save=["head"]
+    )
     return peft.get_peft_model(Toy(), config)
 
 
 def toy_batches(n, batch, seed):
     g = torch.Generator().manual_seed(seed)
-    return [{"x": torch.randn(batch, IN, generator=g), "labels": torch.randn(batch, OUT, generator=g)} for _ in range(n)]
+    return [
+        {"x": torch.randn(batch, IN, generator=g), "labels": torch.randn(batch, OUT, generator=g)}
+        for _ in range(n)
+    ]
 
 
 def ds_config(stage):
@@ -68,17 +73,29 @@ def main(prefix: str) -> None:
     rank = dist.get_rank()
     batches = toy_batches(STEPS, MICRO, seed=10 + rank)
     out, errors = {}, {}
-    runs = [("zero0", 0, False), ("zero1", 1, True), ("zero2", 2, True), ("zero3", 3, True), ("zero1_default", 1, False)]
+    runs = [
+        ("zero0", 0, False),
+        ("zero1", 1, True),
+        ("zero2", 2, True),
+        ("zero3", 3, True),
+        ("zero1_default", 1, False),
+    ]
     for name, stage, in_backward in runs:
         model = toy_peft(0)
-        opt = create_lorafa_optimizer(model, RANK, ALPHA, LR, weight_decay=WD, correct_in_backward=in_backward)
+        opt = create_lorafa_optimizer(
+            model, RANK, ALPHA, LR, weight_decay=WD, correct_in_backward=in_backward
+        )
         try:
             engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(stage))
             for b in batches:
                 engine.backward(engine(**b))
                 engine.step()
             params = trainable(model)
-            with deepspeed.zero.GatheredParameters(list(params.values())) if stage == 3 else torch.no_grad():
+            with (
+                deepspeed.zero.GatheredParameters(list(params.values()))
+                if stage == 3
+                else torch.no_grad()
+            ):
                 out[name] = {n: p.detach().clone() for n, p in params.items()}
         except (RuntimeError, NotImplementedError, ValueError) as e:
             errors[name] = f"{type(e).__name__}: {e}"

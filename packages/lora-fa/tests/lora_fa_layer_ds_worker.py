@@ -48,12 +48,18 @@ class MaskDropout(nn.Module):
         self.p, self.seeds = p, seeds
 
     def forward(self, x):
-        return x * lorafa_layer.lorafa_dropout_mask(x.shape, x.dtype, x.device, self.p, self.seeds()) if self.training else x
+        return (
+            x * lorafa_layer.lorafa_dropout_mask(x.shape, x.dtype, x.device, self.p, self.seeds())
+            if self.training
+            else x
+        )
 
 
 def build(ours: bool) -> peft.PeftModel:
     torch.manual_seed(0)
-    config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["lin1", "lin2"], lora_dropout=DROPOUT)
+    config = peft.LoraConfig(
+        r=RANK, lora_alpha=ALPHA, target_modules=["lin1", "lin2"], lora_dropout=DROPOUT
+    )
     model = peft.get_peft_model(Toy(), config)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -76,7 +82,10 @@ def main(prefix: str) -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     rank = dist.get_rank()
     g = torch.Generator().manual_seed(10 + rank)
-    batches = [{"x": torch.randn(MICRO, IN, generator=g), "labels": torch.randn(MICRO, OUT, generator=g)} for _ in range(STEPS)]
+    batches = [
+        {"x": torch.randn(MICRO, IN, generator=g), "labels": torch.randn(MICRO, OUT, generator=g)}
+        for _ in range(STEPS)
+    ]
     out = {}
     for stage in (3,):  # ZeRO-0 adds nothing for the layer beyond the single-process tests
         for kind in ("peft", "ours"):
@@ -95,7 +104,9 @@ def main(prefix: str) -> None:
                     engine.step()
                 params = [p for n, p in model.named_parameters() if "lora_" in n]
                 with deepspeed.zero.GatheredParameters(params) if stage == 3 else torch.no_grad():
-                    out[f"zero{stage}/{kind}"] = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+                    out[f"zero{stage}/{kind}"] = {
+                        n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n
+                    }
             except Exception as e:  # reported by the test with its message
                 out[f"zero{stage}/{kind}"] = f"{type(e).__name__}: {e}"
     torch.save(out, f"{prefix}.{rank}.pt")

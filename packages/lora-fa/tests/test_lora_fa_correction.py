@@ -97,11 +97,21 @@ def test_errors_name_the_problem():
     assert correct_grads([], torch.eye(2)) == []
 
 
-@pytest.mark.parametrize("name", ["loralab.lora_fa", "loralab.lora_fa.compat", "loralab.lora_fa.correction", "loralab.lora_fa.optimizer"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "loralab.lora_fa",
+        "loralab.lora_fa.compat",
+        "loralab.lora_fa.correction",
+        "loralab.lora_fa.optimizer",
+    ],
+)
 def test_docstring_examples_run(name):
     import doctest
     import importlib
 
     module = importlib.import_module(name)
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False)
+    result = doctest.testmod(
+        module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False
+    )
     assert result.attempted > 0 and result.failed == 0, result

@@ -45,21 +45,44 @@ def _single_process(w, make_opt):
 
 
 def _rel(got, ref, init):
-    return max(((got[n] - ref[n]).norm() / (ref[n] - init[n]).norm().clamp_min(1e-12)).item() for n in ref if "lora_A" not in n)
+    return max(
+        ((got[n] - ref[n]).norm() / (ref[n] - init[n]).norm().clamp_min(1e-12)).item()
+        for n in ref
+        if "lora_A" not in n
+    )
 
 
 @pytest.mark.multiprocess
 def test_deepspeed_zero0_to_3_equal_one_process_and_zero1_default_raises(tmp_path):
     pytest.importorskip("deepspeed")
     prefix = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()), str(WORKER), str(prefix)]
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(_free_port()),
+        str(WORKER),
+        str(prefix),
+    ]
+    proc = subprocess.run(
+        cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [torch.load(f"{prefix}.{r}.pt", weights_only=True) for r in (0, 1)]
 
     w = _worker_module()
-    init, ref = _single_process(w, lambda m: create_lorafa_optimizer(m, w.RANK, w.ALPHA, w.LR, weight_decay=w.WD))
-    _, plain = _single_process(w, lambda m: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=w.LR, weight_decay=w.WD, eps=1e-6))
+    init, ref = _single_process(
+        w, lambda m: create_lorafa_optimizer(m, w.RANK, w.ALPHA, w.LR, weight_decay=w.WD)
+    )
+    _, plain = _single_process(
+        w,
+        lambda m: torch.optim.AdamW(
+            [p for p in m.parameters() if p.requires_grad], lr=w.LR, weight_decay=w.WD, eps=1e-6
+        ),
+    )
     assert _rel(plain, ref, init) > 0.1  # plain LoRA (uncorrected B) would be caught
     for out in ranks:
         for run in ("zero0", "zero1", "zero2", "zero3"):
@@ -69,5 +92,9 @@ def test_deepspeed_zero0_to_3_equal_one_process_and_zero1_default_raises(tmp_pat
                     assert torch.equal(out[run][n], init[n]), (run, n)
             assert _rel(out[run], ref, init) < TOL, run
         err = out["errors"]["zero1_default"]
-        assert err.startswith("RuntimeError") and "silently train plain LoRA" in err and "correct_in_backward=True" in err
+        assert (
+            err.startswith("RuntimeError")
+            and "silently train plain LoRA" in err
+            and "correct_in_backward=True" in err
+        )
         assert set(out["errors"]) == {"zero1_default"}

@@ -32,7 +32,9 @@ F32 = dict(rtol=1e-5, atol=1e-6)
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def peft_lora(base: torch.nn.Module, *, seed: int = 0, b_scale: float = 0.1, **config) -> peft.PeftModel:
+def peft_lora(
+    base: torch.nn.Module, *, seed: int = 0, b_scale: float = 0.1, **config
+) -> peft.PeftModel:
     """``get_peft_model(base, LoraConfig(**config))`` with B drawn N(0, b_scale²) so the adapter path is live."""
     config.setdefault("r", RANK)
     config.setdefault("lora_alpha", 8)
@@ -41,7 +43,9 @@ def peft_lora(base: torch.nn.Module, *, seed: int = 0, b_scale: float = 0.1, **c
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * b_scale)
+                p.copy_(
+                    torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * b_scale
+                )
     return model
 
 
@@ -74,7 +78,9 @@ class MaskDropout(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return x
-        return x * lorafa_layer.lorafa_dropout_mask(x.shape, x.dtype, x.device, self.p, self.seeds())
+        return x * lorafa_layer.lorafa_dropout_mask(
+            x.shape, x.dtype, x.device, self.p, self.seeds()
+        )
 
 
 def use_mask_dropout(model: torch.nn.Module, seeds: SeedSequence) -> torch.nn.Module:
@@ -100,7 +106,9 @@ def patch_seeds(monkeypatch):
     return _patch
 
 
-def run_step(model: torch.nn.Module, batch: dict, *, embeds: bool = True) -> dict[str, torch.Tensor]:
+def run_step(
+    model: torch.nn.Module, batch: dict, *, embeds: bool = True
+) -> dict[str, torch.Tensor]:
     """Forward + backward; returns logits, loss, the input-embedding gradient and every parameter gradient."""
     model.zero_grad(set_to_none=True)
     emb = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(embeds)
@@ -143,11 +151,15 @@ def test_frozen_down_projection_matches_dense_float64(p):
     h.backward(gh)
     h_ref.backward(gh)
     torch.testing.assert_close(x.grad, x_ref.grad, **F64)
-    assert torch.autograd.gradcheck(lambda t: frozen_down_projection(t, A, p=p, seed=7), (x.detach().requires_grad_(),))
+    assert torch.autograd.gradcheck(
+        lambda t: frozen_down_projection(t, A, p=p, seed=7), (x.detach().requires_grad_(),)
+    )
 
 
 def test_dropout_mask_is_deterministic_and_has_rate_p():
-    m = lorafa_dropout_mask(torch.Size([200, 100]), torch.float32, torch.device("cpu"), 0.25, seed=3)
+    m = lorafa_dropout_mask(
+        torch.Size([200, 100]), torch.float32, torch.device("cpu"), 0.25, seed=3
+    )
     assert torch.equal(m, lorafa_dropout_mask(m.shape, m.dtype, m.device, 0.25, seed=3))
     assert not torch.equal(m, lorafa_dropout_mask(m.shape, m.dtype, m.device, 0.25, seed=4))
     assert m.unique().tolist() == [0.0, pytest.approx(1 / 0.75)]
@@ -227,7 +239,13 @@ def test_eval_mode_has_no_dropout():
 
 def test_gpt2_conv1d_matches_peft_with_frozen_A_float64():
     # GPT-2's own dropouts off: only the adapters' path differs between the two models
-    ref = freeze_A(peft_lora(tiny_gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0).double(), target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True))
+    ref = freeze_A(
+        peft_lora(
+            tiny_gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0).double(),
+            target_modules=["c_attn", "c_proj", "c_fc"],
+            fan_in_fan_out=True,
+        )
+    )
     ours = copy.deepcopy(ref)
     assert len(apply_lorafa_layers(ours)) == 2 * 4
     batch = make_lm_batches(1, seq_len=SEQ)[0]
@@ -254,7 +272,9 @@ def test_state_dict_merge_and_remove_round_trip():
     restored = remove_lorafa_layers(model)
     assert len(restored) == 4
     layer = find_lora_pairs(model)[0].module
-    assert type(layer.lora_A["default"]) is torch.nn.Linear and layer.lora_dropout["default"].p == 0.1
+    assert (
+        type(layer.lora_A["default"]) is torch.nn.Linear and layer.lora_dropout["default"].p == 0.1
+    )
     assert remove_lorafa_layers(model) == []
 
 
@@ -279,7 +299,9 @@ def test_a_stays_frozen_through_peft_adapter_switching():
 def test_one_of_two_adapters_and_mixed_batch_inference():
     # only the named adapter is converted; PEFT's mixed-batch forward (adapter_names=...) still works
     ref = peft_lora(llama64(), target_modules=["q_proj", "v_proj"], lora_dropout=0.1)
-    ref.add_adapter("other", peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], lora_dropout=0.1))
+    ref.add_adapter(
+        "other", peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], lora_dropout=0.1)
+    )
     with torch.no_grad():
         for name, p in ref.named_parameters():
             if "lora_B.other" in name:
@@ -289,28 +311,43 @@ def test_one_of_two_adapters_and_mixed_batch_inference():
     assert len(names) == 4
     layer = find_lora_pairs(ours, "other")[0].module
     assert isinstance(layer.lora_A["other"], FrozenDownProjection)
-    assert type(layer.lora_A["default"]) is torch.nn.Linear and isinstance(layer.lora_dropout["default"], torch.nn.Dropout)
+    assert type(layer.lora_A["default"]) is torch.nn.Linear and isinstance(
+        layer.lora_dropout["default"], torch.nn.Dropout
+    )
     ids = make_lm_batches(1, batch_size=2, seq_len=SEQ)[0]["input_ids"]
     ref.eval(), ours.eval()
     mixed = ["default", "other"]
-    torch.testing.assert_close(ours(input_ids=ids, adapter_names=mixed).logits, ref(input_ids=ids, adapter_names=mixed).logits, **F64)
+    torch.testing.assert_close(
+        ours(input_ids=ids, adapter_names=mixed).logits,
+        ref(input_ids=ids, adapter_names=mixed).logits,
+        **F64,
+    )
 
 
 def test_errors_name_the_layer():
     with pytest.raises(LoraPairError, match="no PEFT LoRA layers"):
         apply_lorafa_layers(tiny_llama())
-    dora = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=RANK, target_modules=["q_proj"], use_dora=True))
+    dora = peft.get_peft_model(
+        tiny_llama(), peft.LoraConfig(r=RANK, target_modules=["q_proj"], use_dora=True)
+    )
     with pytest.raises(ValueError, match=r"layer '.*layers\.0\.self_attn\.q_proj'.*LoRA variant"):
         apply_lorafa_layers(dora)
-    conv = peft.get_peft_model(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3)), peft.LoraConfig(r=RANK, target_modules=["0"]))
-    with pytest.raises(ValueError, match=r"layer '.*0': lora_A\['default'\] is Conv2d; .* supports bias-free nn.Linear"):
+    conv = peft.get_peft_model(
+        torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3)), peft.LoraConfig(r=RANK, target_modules=["0"])
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"layer '.*0': lora_A\['default'\] is Conv2d; .* supports bias-free nn.Linear",
+    ):
         apply_lorafa_layers(conv)
     model = peft_lora(tiny_llama(), target_modules=["q_proj"])
     apply_lorafa_layers(model)
     down = find_lora_pairs(model)[0].module.lora_A["default"]
     assert isinstance(down, FrozenDownProjection)
     down.weight.requires_grad_(True)
-    with pytest.raises(RuntimeError, match=r"LoRA-FA layer '.*layers\.0\.self_attn\.q_proj': lora_A requires grad"):
+    with pytest.raises(
+        RuntimeError, match=r"LoRA-FA layer '.*layers\.0\.self_attn\.q_proj': lora_A requires grad"
+    ):
         model(input_ids=make_lm_batches(1)[0]["input_ids"])
 
 
@@ -324,7 +361,9 @@ def test_bf16_autocast_gradients_keep_input_dtype():
         loss = model(inputs_embeds=emb, labels=batch["labels"]).loss
     loss.backward()
     assert emb.grad.dtype == torch.float32 and torch.isfinite(emb.grad).all()
-    assert all(p.B.grad is not None and p.B.grad.dtype == torch.float32 for p in find_lora_pairs(model))
+    assert all(
+        p.B.grad is not None and p.B.grad.dtype == torch.float32 for p in find_lora_pairs(model)
+    )
 
 
 # ---------------------------------------------------------------------------- checkpointing and NF4
@@ -336,7 +375,9 @@ def test_gradient_checkpointing_with_dropout_gives_the_same_gradients(use_reentr
     ref = peft_lora(tiny_llama(), target_modules=LLAMA_TARGETS, lora_dropout=0.2)
     apply_lorafa_layers(ref)
     ckpt = copy.deepcopy(ref)
-    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    ckpt.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": use_reentrant}
+    )
     batch = make_lm_batches(1, seq_len=SEQ)[0]
     ref.train(), ckpt.train()
     torch.manual_seed(0)
@@ -354,8 +395,12 @@ def nf4_path(tmp_path_factory):
 def load_nf4(path):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=q, device_map="cpu", dtype=torch.float32)
+    q = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    return AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=q, device_map="cpu", dtype=torch.float32
+    )
 
 
 def nf4_pair(path, patch_seeds, dropout: float = 0.2):
@@ -377,7 +422,9 @@ def test_nf4_qlora_matches_peft_with_frozen_A(nf4_path, patch_seeds):
     import bitsandbytes as bnb
 
     ref, ours = nf4_pair(nf4_path, patch_seeds)
-    assert isinstance(ours.base_model.model.model.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
+    assert isinstance(
+        ours.base_model.model.model.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit
+    )
     batch = make_lm_batches(1, seq_len=SEQ)[0]
     assert_same(run_step(ours, batch), run_step(ref, batch), F32)
 
@@ -402,7 +449,9 @@ def test_nf4_with_the_lorafa_optimizer_trains_like_peft_lorafa(nf4_path, patch_s
 
 def test_docstring_examples_run():
     for module in (lorafa_layer, lorafa_memory):
-        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+        result = doctest.testmod(
+            module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+        )
         assert result.failed == 0 and result.attempted > 0, module.__name__
 
 
@@ -427,8 +476,20 @@ def test_deepspeed_zero3_trains_like_peft_layers(tmp_path):
         port = s.getsockname()[1]
     worker = Path(__file__).with_name("lora_fa_layer_ds_worker.py")
     prefix = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port), str(worker), str(prefix)]
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(port),
+        str(worker),
+        str(prefix),
+    ]
+    proc = subprocess.run(
+        cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     for rank in (0, 1):
         out = torch.load(f"{prefix}.{rank}.pt", weights_only=True)
@@ -438,4 +499,10 @@ def test_deepspeed_zero3_trains_like_peft_layers(tmp_path):
             assert not isinstance(ours, str), ours
             assert peft_run.keys() == ours.keys() and len(ours) == 4
             for name in ours:
-                torch.testing.assert_close(ours[name], peft_run[name], rtol=1e-6, atol=1e-7, msg=lambda m, n=name, st=stage: f"zero{st} {n}: {m}")
+                torch.testing.assert_close(
+                    ours[name],
+                    peft_run[name],
+                    rtol=1e-6,
+                    atol=1e-7,
+                    msg=lambda m, n=name, st=stage: f"zero{st} {n}: {m}",
+                )

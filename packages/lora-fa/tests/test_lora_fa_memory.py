@@ -32,7 +32,9 @@ def saved_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
 
 
 def three_ways(base: torch.nn.Module, dropout: float) -> dict[str, torch.nn.Module]:
-    lora = peft.get_peft_model(base, peft.LoraConfig(r=RANK, lora_alpha=16, target_modules=TARGETS, lora_dropout=dropout))
+    lora = peft.get_peft_model(
+        base, peft.LoraConfig(r=RANK, lora_alpha=16, target_modules=TARGETS, lora_dropout=dropout)
+    )
     peft_fa = copy.deepcopy(lora)
     for name, p in peft_fa.named_parameters():
         if "lora_A" in name:
@@ -83,8 +85,12 @@ def test_nf4_qlora_ours_saves_less(ids, tmp_path):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     path = save_tiny(tiny_llama(max_position_embeddings=SEQ), tmp_path, tokenizer=False)
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    base = AutoModelForCausalLM.from_pretrained(path, quantization_config=q, device_map="cpu", dtype=torch.float32)
+    q = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    base = AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=q, device_map="cpu", dtype=torch.float32
+    )
     models = three_ways(base, 0.05)
     got = {k: saved_bytes(m, ids) for k, m in models.items()}
     assert got["ours"] < got["peft_fa"] < got["lora"], got

@@ -64,10 +64,16 @@ def test_matches_float64_reference_with_patterns_rslora_and_plain_params(use_rsl
             if pair is not None:  # LoRA-FA: (1/s²) g_B (A Aᵀ + 1e-8 I)⁻¹, s from the config by hand
                 A = pair.A.detach().double()
                 s = _expected_scaling(pair.name, use_rslora)
-                g = g @ torch.linalg.inv(A @ A.T + 1e-8 * torch.eye(A.shape[0], dtype=A.dtype)) / s**2
+                g = (
+                    g
+                    @ torch.linalg.inv(A @ A.T + 1e-8 * torch.eye(A.shape[0], dtype=A.dtype))
+                    / s**2
+                )
             m[n] = BETAS[0] * m[n] + (1 - BETAS[0]) * g
             v[n] = BETAS[1] * v[n] + (1 - BETAS[1]) * g * g
-            step_size = LR * math.sqrt(1 - BETAS[1] ** t) / (1 - BETAS[0] ** t)  # transformers' AdamW
+            step_size = (
+                LR * math.sqrt(1 - BETAS[1] ** t) / (1 - BETAS[0] ** t)
+            )  # transformers' AdamW
             ref[n] = ref[n] - step_size * m[n] / (v[n].sqrt() + EPS)
             ref[n] = ref[n] - LR * WD * ref[n]  # decoupled, after the step
         opt.step()
@@ -102,14 +108,18 @@ def test_pairing_is_by_module_not_by_parameter_order():
             if "lora_A" in n:
                 p.requires_grad_(False)
         params = [p for p in model.parameters() if p.requires_grad]
-        if shuffle:  # B's in reverse order, the plain parameter first: name/order pairing would break
+        if (
+            shuffle
+        ):  # B's in reverse order, the plain parameter first: name/order pairing would break
             params = params[::-1]
         opt = LoraFAAdamW(params, lr=LR, pairs=find_lora_pairs(model))
         for batch in batches:
             model(**batch).loss.backward()
             opt.step()
             opt.zero_grad()
-        results.append({n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n})
+        results.append(
+            {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+        )
     for n in results[0]:
         torch.testing.assert_close(results[0][n], results[1][n], rtol=0, atol=0)
 
@@ -117,7 +127,11 @@ def test_pairing_is_by_module_not_by_parameter_order():
 def test_correction_matrix_computed_once_per_layer_and_refreshed_when_A_changes(monkeypatch):
     calls = []
     real = optimizer_module.correction_matrix
-    monkeypatch.setattr(optimizer_module, "correction_matrix", lambda A, *a, **k: calls.append(A) or real(A, *a, **k))
+    monkeypatch.setattr(
+        optimizer_module,
+        "correction_matrix",
+        lambda A, *a, **k: calls.append(A) or real(A, *a, **k),
+    )
     model = _model()
     opt = create_lorafa_optimizer(model, RANK, ALPHA, LR)
     batches = make_lm_batches(3, seed=4)
@@ -128,7 +142,9 @@ def test_correction_matrix_computed_once_per_layer_and_refreshed_when_A_changes(
     pairs = find_lora_pairs(model)
     assert len(calls) == len(pairs) == 4
     with torch.no_grad():
-        pairs[0].A.mul_(2.0)  # in-place change of a frozen A bumps its version → recomputed, only that one
+        pairs[0].A.mul_(
+            2.0
+        )  # in-place change of a frozen A bumps its version → recomputed, only that one
     model(**batches[0]).loss.backward()
     opt.step()
     assert len(calls) == 5 and calls[-1] is pairs[0].A
@@ -141,7 +157,11 @@ def test_correction_matrix_computed_once_per_layer_and_refreshed_when_A_changes(
 def test_layers_of_equal_shape_are_corrected_in_one_batch(monkeypatch):
     buckets = []
     real = optimizer_module.correct_grads
-    monkeypatch.setattr(optimizer_module, "correct_grads", lambda grads, M, **k: buckets.append(len(grads)) or real(grads, M, **k))
+    monkeypatch.setattr(
+        optimizer_module,
+        "correct_grads",
+        lambda grads, M, **k: buckets.append(len(grads)) or real(grads, M, **k),
+    )
     model = _model()
     opt = create_lorafa_optimizer(model, RANK, ALPHA, LR)
     model(**make_lm_batches(1)[0]).loss.backward()
@@ -193,7 +213,9 @@ def test_correct_in_backward_equals_correction_in_step():
         model = _model()
         opt = create_lorafa_optimizer(model, RANK, ALPHA, LR, correct_in_backward=in_backward)
         for i, batch in enumerate(batches):
-            if i == 1:  # an A changed after construction (e.g. loaded from a checkpoint) is followed by both paths
+            if (
+                i == 1
+            ):  # an A changed after construction (e.g. loaded from a checkpoint) is followed by both paths
                 with torch.no_grad():
                     find_lora_pairs(model)[0].A.mul_(2.0)
             model(**batch).loss.backward()
@@ -221,7 +243,10 @@ def test_bf16_parameters_keep_float32_moments():
 
 def test_error_trainable_A():
     model = _model()
-    with pytest.raises(LoraFAError, match=r"layer '.*q_proj': lora_A\['default'\] is trainable, but LoRA-FA keeps A frozen"):
+    with pytest.raises(
+        LoraFAError,
+        match=r"layer '.*q_proj': lora_A\['default'\] is trainable, but LoRA-FA keeps A frozen",
+    ):
         LoraFAAdamW(model, lr=LR)
 
 
@@ -230,7 +255,9 @@ def test_error_A_receives_gradient():
     opt = create_lorafa_optimizer(model, RANK, ALPHA, LR)
     pair = find_lora_pairs(model)[1]
     pair.A.grad = torch.ones_like(pair.A)
-    with pytest.raises(RuntimeError, match=rf"layer '{pair.name}': lora_A\['default'\] received a gradient"):
+    with pytest.raises(
+        RuntimeError, match=rf"layer '{pair.name}': lora_A\['default'\] received a gradient"
+    ):
         opt.step()
 
 
@@ -239,7 +266,9 @@ def test_error_A_among_the_parameters():
     pairs = find_lora_pairs(model)
     for p in pairs:
         p.A.requires_grad_(False)
-    with pytest.raises(LoraFAError, match=r"lora_A\['default'\] is in the optimizer, but LoRA-FA keeps A frozen"):
+    with pytest.raises(
+        LoraFAError, match=r"lora_A\['default'\] is in the optimizer, but LoRA-FA keeps A frozen"
+    ):
         LoraFAAdamW(list(model.parameters()), lr=LR, pairs=pairs)
 
 
@@ -270,7 +299,9 @@ def test_error_flat_partitions_instead_of_silent_plain_lora():
     flat = torch.nn.Parameter(torch.zeros(10))
     flat.grad = torch.ones(10)
     opt.param_groups[0]["params"] = [flat]  # what DeepSpeed ZeRO does to a client optimizer
-    with pytest.raises(RuntimeError, match=r"would silently train plain LoRA.*correct_in_backward=True"):
+    with pytest.raises(
+        RuntimeError, match=r"would silently train plain LoRA.*correct_in_backward=True"
+    ):
         opt.step()
 
 
@@ -287,7 +318,9 @@ def test_error_rslora_mismatch_and_hyperparameters():
 
 
 def test_error_scaling_zero():
-    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=RANK, lora_alpha=0, target_modules=["q_proj"]))
+    model = peft.get_peft_model(
+        tiny_llama(), peft.LoraConfig(r=RANK, lora_alpha=0, target_modules=["q_proj"])
+    )
     with pytest.raises(LoraFAError, match="has scaling 0"):
         create_lorafa_optimizer(model, RANK, 0, LR)
 
@@ -301,12 +334,20 @@ def test_qlora_nf4_base(tmp_path):
     from loralab.core.testing import save_tiny
 
     path = save_tiny(tiny_llama(0), tmp_path / "tiny", tokenizer=False)
-    quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    base = transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, device_map="cpu", dtype=torch.float32)
+    quant = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    base = transformers.AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=quant, device_map="cpu", dtype=torch.float32
+    )
     torch.manual_seed(0)
-    model = peft.get_peft_model(base, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"]))
+    model = peft.get_peft_model(
+        base, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"])
+    )
     pairs = find_lora_pairs(model)
-    assert len(pairs) == 4 and all(isinstance(p.module.base_layer, bnb.nn.Linear4bit) for p in pairs)
+    assert len(pairs) == 4 and all(
+        isinstance(p.module.base_layer, bnb.nn.Linear4bit) for p in pairs
+    )
     opt = create_lorafa_optimizer(model, RANK, ALPHA, LR, weight_decay=WD)
     batches = make_lm_batches(2, seed=8)
     model(**batches[0]).loss.backward()
@@ -314,12 +355,19 @@ def test_qlora_nf4_base(tmp_path):
     opt.zero_grad()
     model(**batches[1]).loss.backward()
     A0 = [p.A.detach().clone() for p in pairs]
-    before = {id(p.B): (p.B.detach().double().clone(), p.B.grad.double().clone(), opt.state[p.B]) for p in pairs}
+    before = {
+        id(p.B): (p.B.detach().double().clone(), p.B.grad.double().clone(), opt.state[p.B])
+        for p in pairs
+    }
     expected = {}
     for pair in pairs:
         B, g, st = before[id(pair.B)]
         A = pair.A.detach().double()
-        g = g @ torch.linalg.inv(A @ A.T + 1e-8 * torch.eye(RANK, dtype=A.dtype)) / (ALPHA / RANK) ** 2
+        g = (
+            g
+            @ torch.linalg.inv(A @ A.T + 1e-8 * torch.eye(RANK, dtype=A.dtype))
+            / (ALPHA / RANK) ** 2
+        )
         m = BETAS[0] * st["exp_avg"].double() + (1 - BETAS[0]) * g
         v = BETAS[1] * st["exp_avg_sq"].double() + (1 - BETAS[1]) * g * g
         x = B - LR * math.sqrt(1 - BETAS[1] ** 2) / (1 - BETAS[0] ** 2) * m / (v.sqrt() + EPS)

@@ -29,7 +29,9 @@ TOL_REF = 1e-6  # vs float64 reference fed the same gradients; measured 1.6e-7
 
 def _pair_models():
     torch.manual_seed(0)
-    config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    config = peft.LoraConfig(
+        r=RANK, lora_alpha=ALPHA, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
     model = peft.get_peft_model(tiny_llama(0), config)
     model.base_model.model.model.norm.weight.requires_grad_(True)  # plain AdamW in both
     return model, copy.deepcopy(model)
@@ -69,10 +71,16 @@ def _reference(ours_model):
             g = p.grad.double()
             if id(p) in pairs:
                 A = pairs[id(p)].A.detach().double()
-                g = g @ torch.linalg.inv(A @ A.T + 1e-8 * torch.eye(RANK, dtype=A.dtype)) / (ALPHA / RANK) ** 2
+                g = (
+                    g
+                    @ torch.linalg.inv(A @ A.T + 1e-8 * torch.eye(RANK, dtype=A.dtype))
+                    / (ALPHA / RANK) ** 2
+                )
             state["m"][n] = 0.9 * state["m"][n] + 0.1 * g
             state["v"][n] = 0.999 * state["v"][n] + 0.001 * g * g
-            x = state["p"][n] - LR * math.sqrt(1 - 0.999**t) / (1 - 0.9**t) * state["m"][n] / (state["v"][n].sqrt() + 1e-6)
+            x = state["p"][n] - LR * math.sqrt(1 - 0.999**t) / (1 - 0.9**t) * state["m"][n] / (
+                state["v"][n].sqrt() + 1e-6
+            )
             state["p"][n] = x - LR * WD * x
 
     return state, step
@@ -80,7 +88,9 @@ def _reference(ours_model):
 
 @pytest.mark.parametrize("peft_bf16", [True, False], ids=["peft-bf16-autocast", "peft-fp32"])
 def test_drop_in_matches_peft_lorafa_after_10_steps(peft_bf16, monkeypatch):
-    assert peft_lorafa.is_bf16_available() or not peft_bf16, "PEFT would not use bf16 here: test premise changed"
+    assert peft_lorafa.is_bf16_available() or not peft_bf16, (
+        "PEFT would not use bf16 here: test premise changed"
+    )
     if not peft_bf16:
         monkeypatch.setattr(peft_lorafa, "is_bf16_available", lambda: False)
     batches = make_lm_batches(STEPS, seed=7)
@@ -104,9 +114,19 @@ def test_drop_in_matches_peft_lorafa_after_10_steps(peft_bf16, monkeypatch):
     assert min(b.norm().item() for b in ours_B.values()) > 0  # B moved
     # the plain AdamW parameter follows the same transformers-style update
     norm = "base_model.model.model.norm.weight"
-    assert _rel(dict(ours_model.named_parameters())[norm].detach(), dict(peft_model.named_parameters())[norm].detach()) < tol
+    assert (
+        _rel(
+            dict(ours_model.named_parameters())[norm].detach(),
+            dict(peft_model.named_parameters())[norm].detach(),
+        )
+        < tol
+    )
     # ours vs float64 reference of the same update (same gradients)
     for n, b in ours_B.items():
         assert _rel(b, ref_state["p"][n]) < TOL_REF, n
-    if peft_bf16:  # the gap to stock PEFT is PEFT's bf16 rounding: PEFT is that far from the reference too
-        assert max(_rel(peft_B[n], ref_state["p"][n]) for n in peft_B) > 10 * max(_rel(ours_B[n], ref_state["p"][n]) for n in ours_B)
+    if (
+        peft_bf16
+    ):  # the gap to stock PEFT is PEFT's bf16 rounding: PEFT is that far from the reference too
+        assert max(_rel(peft_B[n], ref_state["p"][n]) for n in peft_B) > 10 * max(
+            _rel(ours_B[n], ref_state["p"][n]) for n in ours_B
+        )

@@ -67,7 +67,13 @@ def test_resume_in_a_new_process_equals_straight_run(tmp_path):
     script = tmp_path / "resume.py"
     script.write_text(textwrap.dedent(SETUP) + textwrap.dedent(RESUME))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(script), str(ckpt), str(out)], env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(ckpt), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     resumed = torch.load(out, weights_only=True)
     params = dict(straight.named_parameters())
@@ -80,7 +86,9 @@ def test_state_dict_is_keyed_by_parameter_index_not_by_name():
     # PEFT's LoraFAOptimizer keys state by strings, which load_state_dict cannot map back to parameters
     # (so state stays on the device it was loaded to); ours is per parameter.
     torch.manual_seed(0)
-    model = peft.get_peft_model(tiny_llama(0), peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["q_proj"]))
+    model = peft.get_peft_model(
+        tiny_llama(0), peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["q_proj"])
+    )
     opt = create_lorafa_optimizer(model, RANK, ALPHA, LR)
     model(**make_lm_batches(1)[0]).loss.backward()
     opt.step()

@@ -28,7 +28,11 @@ def test_peft_readme_quick_start_with_only_the_import_changed(tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(model_id)
     tokenizer = AutoTokenizer.from_pretrained(model_id)
-    dataset = Dataset.from_dict({"text": TEXTS}).map(lambda b: tokenizer(b["text"], truncation=True, max_length=64), batched=True, remove_columns=["text"])
+    dataset = Dataset.from_dict({"text": TEXTS}).map(
+        lambda b: tokenizer(b["text"], truncation=True, max_length=64),
+        batched=True,
+        remove_columns=["text"],
+    )
 
     lora_rank = 16
     lora_alpha = 32
@@ -46,14 +50,22 @@ def test_peft_readme_quick_start_with_only_the_import_changed(tmp_path):
         lr=7e-5,
     )
     # you can also use scheduler, we recommend get_cosine_schedule_with_warmup from transformers
-    scheduler = transformers.get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=1, num_training_steps=4)
+    scheduler = transformers.get_cosine_schedule_with_warmup(
+        optimizer, num_warmup_steps=1, num_training_steps=4
+    )
 
     A0 = {n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_A" in n}
     trainer = transformers.Trainer(
         model=peft_model,
         args=transformers.TrainingArguments(
-            output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=4, use_cpu=True,
-            report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True,
+            output_dir=str(tmp_path / "out"),
+            max_steps=4,
+            per_device_train_batch_size=4,
+            use_cpu=True,
+            report_to=[],
+            save_strategy="no",
+            logging_steps=1,
+            disable_tqdm=True,
         ),
         train_dataset=dataset,
         data_collator=transformers.DataCollatorForLanguageModeling(tokenizer, mlm=False),
@@ -64,7 +76,10 @@ def test_peft_readme_quick_start_with_only_the_import_changed(tmp_path):
     peft_model.save_pretrained(str(tmp_path / "lorafa-tiny-llama"))
     # ---- end of the quick start
 
-    assert getattr(trainer.optimizer, "optimizer", trainer.optimizer) is optimizer and result.global_step == 4
+    assert (
+        getattr(trainer.optimizer, "optimizer", trainer.optimizer) is optimizer
+        and result.global_step == 4
+    )
     assert torch.isfinite(torch.tensor(result.training_loss))
     state = optimizer.state_dict()["state"]
     assert state and all(s["step"].item() == 4 for s in state.values())
@@ -73,7 +88,9 @@ def test_peft_readme_quick_start_with_only_the_import_changed(tmp_path):
             assert torch.equal(p, A0[n]) and not p.requires_grad
         if "lora_B" in n:
             assert p.abs().max() > 0
-    reloaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_id), str(tmp_path / "lorafa-tiny-llama"))
+    reloaded = peft.PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(model_id), str(tmp_path / "lorafa-tiny-llama")
+    )
     for (n, p), (_, q) in zip(peft_model.named_parameters(), reloaded.named_parameters()):
         assert torch.equal(p, q), n
 
@@ -86,7 +103,9 @@ def test_trainer_equals_a_hand_loop_with_clipping_and_schedule(tmp_path, accumul
     from loralab.lora_fa import create_lorafa_optimizer
 
     torch.manual_seed(0)
-    base = peft.get_peft_model(tiny_llama(0), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    base = peft.get_peft_model(
+        tiny_llama(0), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    )
     steps, lr, clip = 3, 1e-2, 0.05  # a small max_grad_norm so clipping is active
     batches = make_lm_batches(steps * accumulation, batch_size=2, seq_len=12, seed=3)
     runs = []
@@ -99,14 +118,24 @@ def test_trainer_equals_a_hand_loop_with_clipping_and_schedule(tmp_path, accumul
             trainer = transformers.Trainer(
                 model=model,
                 args=transformers.TrainingArguments(
-                    output_dir=str(tmp_path / "t"), max_steps=steps, per_device_train_batch_size=2,
-                    gradient_accumulation_steps=accumulation, max_grad_norm=clip, use_cpu=True, report_to=[],
-                    save_strategy="no", disable_tqdm=True, dataloader_drop_last=True, seed=0,
+                    output_dir=str(tmp_path / "t"),
+                    max_steps=steps,
+                    per_device_train_batch_size=2,
+                    gradient_accumulation_steps=accumulation,
+                    max_grad_norm=clip,
+                    use_cpu=True,
+                    report_to=[],
+                    save_strategy="no",
+                    disable_tqdm=True,
+                    dataloader_drop_last=True,
+                    seed=0,
                 ),
                 train_dataset=Dataset.from_dict(rows),
                 optimizers=(opt, sched),
             )
-            sequential = torch.utils.data.SequentialSampler(trainer.train_dataset)  # the hand loop's order
+            sequential = torch.utils.data.SequentialSampler(
+                trainer.train_dataset
+            )  # the hand loop's order
             trainer._get_train_sampler = lambda *a, sampler=sequential, **k: sampler
             trainer.train()
         else:
@@ -114,7 +143,9 @@ def test_trainer_equals_a_hand_loop_with_clipping_and_schedule(tmp_path, accumul
             for s in range(steps):
                 for b in batches[s * accumulation : (s + 1) * accumulation]:
                     (model(**b).loss / accumulation).backward()
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
+                torch.nn.utils.clip_grad_norm_(
+                    [p for p in model.parameters() if p.requires_grad], clip
+                )
                 opt.step()
                 sched.step()
                 opt.zero_grad()
@@ -141,22 +172,38 @@ def test_trainer_resume_from_checkpoint_equals_straight_run(tmp_path):
             self.steps += 1
 
     def run(output_dir, resume=None):
-        torch.manual_seed(0 if resume is None else 1)  # resumed: another A draw, the checkpoint must bring A back
-        model = peft.get_peft_model(tiny_llama(0), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        torch.manual_seed(
+            0 if resume is None else 1
+        )  # resumed: another A draw, the checkpoint must bring A back
+        model = peft.get_peft_model(
+            tiny_llama(0), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+        )
         opt = create_lorafa_optimizer(model, 4, 8, lr, weight_decay=0.01)
         sched = transformers.get_linear_schedule_with_warmup(opt, 1, steps)
         trainer = transformers.Trainer(
             model=model,
             args=transformers.TrainingArguments(
-                output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=2, use_cpu=True, report_to=[],
-                save_strategy="steps", save_steps=2, disable_tqdm=True, seed=0, data_seed=0,
+                output_dir=str(output_dir),
+                max_steps=steps,
+                per_device_train_batch_size=2,
+                use_cpu=True,
+                report_to=[],
+                save_strategy="steps",
+                save_steps=2,
+                disable_tqdm=True,
+                seed=0,
+                data_seed=0,
             ),
             train_dataset=Dataset.from_dict(rows),
             optimizers=(opt, sched),
             callbacks=[counter := CountSteps()],
         )
         trainer.train(resume_from_checkpoint=resume)
-        return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}, opt, counter.steps
+        return (
+            {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n},
+            opt,
+            counter.steps,
+        )
 
     straight, _, n_straight = run(tmp_path / "a")
     resumed, opt, n_resumed = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-2"))

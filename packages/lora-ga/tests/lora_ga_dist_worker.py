@@ -65,7 +65,11 @@ def init_state(model):
     out = {}
     for name, mod in model.named_modules():
         if hasattr(mod, "lora_A") and "default" in mod.lora_A:
-            params = [mod.lora_A["default"].weight, mod.lora_B["default"].weight, mod.get_base_layer().weight]
+            params = [
+                mod.lora_A["default"].weight,
+                mod.lora_B["default"].weight,
+                mod.get_base_layer().weight,
+            ]
             with gathered_parameters(params):
                 out[name.removeprefix(PREFIX)] = tuple(p.detach().clone() for p in params)
     return out
@@ -76,7 +80,9 @@ def seed_flow(model, data, accelerator, **kwargs):
 
     from loralab.lora_ga import LoraGAContext, estimate_gradient
 
-    named_grad = estimate_gradient(model, data, accelerator, targets=TARGETS, progress=False, **kwargs)
+    named_grad = estimate_gradient(
+        model, data, accelerator, targets=TARGETS, progress=False, **kwargs
+    )
     with LoraGAContext(model, named_grad):
         return peft.get_peft_model(model, config())
 
@@ -108,7 +114,10 @@ def run_zero3(rank: int) -> tuple[dict, str]:
     state = init_state(peft_model)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(
-        model=peft_model, model_parameters=params, optimizer=torch.optim.SGD(params, lr=0.1), config=ds_config
+        model=peft_model,
+        model_parameters=params,
+        optimizer=torch.optim.SGD(params, lr=0.1),
+        config=ds_config,
     )
     batch = rank_batches(rank)[0]
     loss = engine(**batch).loss

@@ -43,11 +43,38 @@ def ranks(tmp_path_factory):
     pytest.importorskip("deepspeed")
     tmp = tmp_path_factory.mktemp("lora_ga_dist")
     prefix = tmp / "run"
-    checkpoint = save_tiny(tiny_llama(), tmp / "ckpt", tokenizer=False)  # for the transformers ZeRO-3 loading mode
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([*launcher, str(WORKER), str(prefix), str(checkpoint)], env=env, capture_output=True, text=True, timeout=400)
+    checkpoint = save_tiny(
+        tiny_llama(), tmp / "ckpt", tokenizer=False
+    )  # for the transformers ZeRO-3 loading mode
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": "cpu",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    proc = subprocess.run(
+        [*launcher, str(WORKER), str(prefix), str(checkpoint)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return [torch.load(f"{prefix}.{r}.pt", weights_only=True) for r in (0, 1)]
 
@@ -64,10 +91,14 @@ def test_every_rank_initialises_like_one_process_on_all_batches(ranks, mode):
     for name in r0:  # identical on every rank: same all-reduced gradient, same deterministic SVD
         for x, y, what in zip(r0[name], r1[name], ("A", "B", "W0")):
             assert torch.equal(x, y), f"{mode} {name}: {what} differs between ranks"
-    single = w.init_state(get_lora_ga_model(tiny_llama(), w.config(), list(w.loader()), progress=False))
+    single = w.init_state(
+        get_lora_ga_model(tiny_llama(), w.config(), list(w.loader()), progress=False)
+    )
     assert _rel(r0, single) < INIT_RTOL
     # the reduction matters: rank 0's batches alone give another init
-    alone = w.init_state(get_lora_ga_model(tiny_llama(), w.config(), w.rank_batches(0), progress=False))
+    alone = w.init_state(
+        get_lora_ga_model(tiny_llama(), w.config(), w.rank_batches(0), progress=False)
+    )
     assert _rel(alone, single) > 100 * INIT_RTOL
 
 
@@ -76,5 +107,7 @@ def test_modes_agree_and_deepspeed_engine_is_refused(ranks):
     out = ranks[0]
     for mode in MODES[1:]:
         assert _rel(out[mode], out["accelerate"]) < INIT_RTOL, mode
-    assert out["engine_error"].startswith("TypeError: estimate_gradient got a model already wrapped by deepspeed.initialize")
+    assert out["engine_error"].startswith(
+        "TypeError: estimate_gradient got a model already wrapped by deepspeed.initialize"
+    )
     assert "before deepspeed.initialize" in out["engine_error"]

@@ -76,7 +76,11 @@ def _ref_factors(G, r=RANK, m_scale=True):
 
 
 def _lora_layers(peft_model):
-    return {n[len(PREFIX) :]: m for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+    return {
+        n[len(PREFIX) :]: m
+        for n, m in peft_model.named_modules()
+        if hasattr(m, "lora_A") and "default" in m.lora_A
+    }
 
 
 def _outputs(model, batch):
@@ -112,8 +116,13 @@ def test_factors_and_offset_match_float64_reference(llama_run):
         torch.testing.assert_close(B.double(), B_ref, atol=TOL_FP32, rtol=0, msg=name)
         # Eq. 13 with the factors as stored, to fp32 rounding of W0
         W_ref = W0[name] - s * B.double() @ A.double()
-        torch.testing.assert_close(weight_matrix(layer.get_base_layer()).double(), W_ref, atol=1e-6, rtol=0, msg=name)
-        assert layer.lora_A["default"].weight.requires_grad and not layer.get_base_layer().weight.requires_grad
+        torch.testing.assert_close(
+            weight_matrix(layer.get_base_layer()).double(), W_ref, atol=1e-6, rtol=0, msg=name
+        )
+        assert (
+            layer.lora_A["default"].weight.requires_grad
+            and not layer.get_base_layer().weight.requires_grad
+        )
 
 
 def test_step0_output_equals_base_fp32(llama_run):
@@ -127,14 +136,22 @@ def test_given_gradients_give_the_reference_factors():
     batches = _batches("llama", 2)
     names = [n for n, m in model.named_modules() if n.split(".")[-1] in LLAMA_TARGETS]
     G = _ref_grads(model, batches, names)
-    pm = get_lora_ga_model(model, _cfg(), None, gradients={n: g.float() for n, g in G.items()}, svd_method="full")
+    pm = get_lora_ga_model(
+        model, _cfg(), None, gradients={n: g.float() for n, g in G.items()}, svd_method="full"
+    )
     for name, layer in _lora_layers(pm).items():
         A_ref, B_ref, _ = _ref_factors(G[name])
-        torch.testing.assert_close(layer.lora_A["default"].weight.double(), A_ref, atol=TOL_FP32, rtol=0)
-        torch.testing.assert_close(layer.lora_B["default"].weight.double(), B_ref, atol=TOL_FP32, rtol=0)
+        torch.testing.assert_close(
+            layer.lora_A["default"].weight.double(), A_ref, atol=TOL_FP32, rtol=0
+        )
+        torch.testing.assert_close(
+            layer.lora_B["default"].weight.double(), B_ref, atol=TOL_FP32, rtol=0
+        )
 
 
-@pytest.mark.parametrize(("scale", "direction"), [("weight_svd", "ArB2r"), ("gd", "A2rBr"), ("unit", "ArBr")])
+@pytest.mark.parametrize(
+    ("scale", "direction"), [("weight_svd", "ArB2r"), ("gd", "A2rBr"), ("unit", "ArBr")]
+)
 def test_other_scales_and_directions_through_the_model(scale, direction):
     """The model path hands the layer's scaling and (out, in) base weight to the maths (float64 reference there)."""
     model = tiny_model("llama")
@@ -147,7 +164,9 @@ def test_other_scales_and_directions_through_the_model(scale, direction):
     pm = get_lora_ga_model(model, cfg, None, gradients=G, svd_method="full")
     s = ALPHA / math.sqrt(RANK)
     for n, layer in _lora_layers(pm).items():
-        A, B = lora_ga_factors(G[n], RANK, scaling=s, scale=scale, direction=direction, weight=W0[n], svd_method="full")
+        A, B = lora_ga_factors(
+            G[n], RANK, scaling=s, scale=scale, direction=direction, weight=W0[n], svd_method="full"
+        )
         torch.testing.assert_close(layer.lora_A["default"].weight, A, atol=1e-6, rtol=0)
         torch.testing.assert_close(layer.lora_B["default"].weight, B, atol=1e-6, rtol=0)
     assert (_outputs(pm, batches[0]) - base_out).abs().max() < 1e-5 * base_out.abs().max()
@@ -156,7 +175,9 @@ def test_other_scales_and_directions_through_the_model(scale, direction):
 def test_random_direction_differs_per_layer_and_is_reproducible():
     model = tiny_model("llama")
     names = [n for n, m in model.named_modules() if n.endswith("q_proj")]
-    G = {n: torch.randn(64, 64, generator=torch.Generator().manual_seed(0)) for n in names}  # same gradient
+    G = {
+        n: torch.randn(64, 64, generator=torch.Generator().manual_seed(0)) for n in names
+    }  # same gradient
     cfg = _cfg(target_modules=["q_proj"], direction="random", scale="unit")
     a = _lora_layers(get_lora_ga_model(model, cfg, None, gradients=G))
     b = _lora_layers(get_lora_ga_model(tiny_model("llama"), cfg, None, gradients=G))
@@ -182,12 +203,19 @@ def test_default_randomized_svd_spans_the_exact_subspaces(llama_run):
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_step0_equivalence_all_archs(arch, use_rslora):
     """Conv1D (GPT-2, fan_in_fan_out), Linear with bias (RoBERTa), encoder-decoder (T5); rsLoRA scaling."""
-    targets = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn", "c_fc"], "roberta": ["query", "value", "dense"], "t5": ["q", "v"]}[arch]
+    targets = {
+        "llama": ["q_proj", "v_proj"],
+        "gpt2": ["c_attn", "c_fc"],
+        "roberta": ["query", "value", "dense"],
+        "t5": ["q", "v"],
+    }[arch]
     model = tiny_model(arch)
     batches = _batches(arch, 2)
     biases = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("bias")}
     base_out = _outputs(model, batches[0])
-    cfg = _cfg(target_modules=targets, use_rslora=use_rslora, iters=2, fan_in_fan_out=arch == "gpt2")
+    cfg = _cfg(
+        target_modules=targets, use_rslora=use_rslora, iters=2, fan_in_fan_out=arch == "gpt2"
+    )
     pm = get_lora_ga_model(model, cfg, batches, progress=False)
     out = _outputs(pm, batches[0])
     assert (out - base_out).abs().max() < 1e-5 * base_out.abs().max()
@@ -195,7 +223,11 @@ def test_step0_equivalence_all_archs(arch, use_rslora):
     for layer in _lora_layers(pm).values():
         assert layer.scaling["default"] == pytest.approx(s)
         assert layer.lora_B["default"].weight.abs().sum() > 0
-    after = {n.replace(PREFIX, "").replace(".base_layer", ""): p for n, p in pm.named_parameters() if n.endswith("bias")}
+    after = {
+        n.replace(PREFIX, "").replace(".base_layer", ""): p
+        for n, p in pm.named_parameters()
+        if n.endswith("bias")
+    }
     assert set(after) == set(biases)
     for n, b in biases.items():  # only weights are offset; bias gradients never enter the factors
         assert torch.equal(after[n], b), n
@@ -208,7 +240,9 @@ def test_gpt2_conv1d_factors_are_out_in():
     name = "transformer.h.0.attn.c_attn"
     W0 = get_module(model, name).weight.detach().double().clone()  # (in, out) = (64, 192)
     G = _ref_grads(model, batches, [name])[name]  # (out, in)
-    pm = get_lora_ga_model(model, _cfg(target_modules=["c_attn"], iters=2), batches, progress=False, svd_method="full")
+    pm = get_lora_ga_model(
+        model, _cfg(target_modules=["c_attn"], iters=2), batches, progress=False, svd_method="full"
+    )
     layer = _lora_layers(pm)[name]
     A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     assert A.shape == (RANK, 64) and B.shape == (192, RANK)
@@ -251,7 +285,10 @@ def test_bf16_adapter_dtype_on_fp32_model_offsets_with_stored_values():
     A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     assert A.dtype == B.dtype == torch.bfloat16
     torch.testing.assert_close(
-        weight_matrix(layer.get_base_layer()).double(), W0 - 2.0 * B.double() @ A.double(), atol=1e-6, rtol=0
+        weight_matrix(layer.get_base_layer()).double(),
+        W0 - 2.0 * B.double() @ A.double(),
+        atol=1e-6,
+        rtol=0,
     )
     # The offset used the bf16 values exactly: with the adapter's forward in fp32 (PEFT runs it in the
     # adapter dtype, which rounds the input x to bf16) step 0 is the base model to fp32 rounding.
@@ -277,15 +314,26 @@ def test_streaming_holds_one_gradient_at_a_time(monkeypatch, offload):
     monkeypatch.setattr(ga_model, "factors_for", spy)
     model = tiny_model("llama")
     batches = _batches("llama", 2)
-    pm = get_lora_ga_model(model, _cfg(iters=2), batches, progress=False, offload=offload, device="cpu" if offload else None)
+    pm = get_lora_ga_model(
+        model,
+        _cfg(iters=2),
+        batches,
+        progress=False,
+        offload=offload,
+        device="cpu" if offload else None,
+    )
     assert len(seen) == 3 * 2
     if offload:  # same init as the plain path
         monkeypatch.setattr(ga_model, "factors_for", original)
         plain = get_lora_ga_model(tiny_model("llama"), _cfg(iters=2), batches, progress=False)
         a, b = _lora_layers(pm), _lora_layers(plain)
         for n in a:
-            torch.testing.assert_close(a[n].lora_B["default"].weight, b[n].lora_B["default"].weight, atol=1e-5, rtol=0)
-            torch.testing.assert_close(a[n].lora_A["default"].weight, b[n].lora_A["default"].weight, atol=1e-5, rtol=0)
+            torch.testing.assert_close(
+                a[n].lora_B["default"].weight, b[n].lora_B["default"].weight, atol=1e-5, rtol=0
+            )
+            torch.testing.assert_close(
+                a[n].lora_A["default"].weight, b[n].lora_A["default"].weight, atol=1e-5, rtol=0
+            )
 
 
 def test_uses_config_iters_batches():
@@ -322,7 +370,12 @@ def test_peft_lora_ga_parity_where_definitions_coincide():
     batch = _batches("llama", 1)[0]
     base = _outputs(model, batch)
     for scale, peft_scale in (("unit", "unit"), ("gd", "gd_scale"), ("stable", "stable")):
-        ours = get_lora_ga_model(copy.deepcopy(model), _cfg(target_modules=["q_proj", "v_proj"], scale=scale), None, gradients=G)
+        ours = get_lora_ga_model(
+            copy.deepcopy(model),
+            _cfg(target_modules=["q_proj", "v_proj"], scale=scale),
+            None,
+            gradients=G,
+        )
         theirs_model = copy.deepcopy(model)
         for n in names:
             get_module(theirs_model, n)._peft_loraga_grad = G[n].clone()
@@ -354,7 +407,12 @@ def test_gradient_estimate_matches_peft_preprocess():
     """Our streamed estimate equals PEFT's ``preprocess_loraga`` gradient (same batches, mean of batch losses)."""
     model = tiny_model("llama")
     batches = _batches("llama", 3)
-    cfg = LoraConfig(r=RANK, target_modules=["q_proj", "v_proj"], init_lora_weights="lora_ga", lora_ga_config=PeftLoraGASubConfig())
+    cfg = LoraConfig(
+        r=RANK,
+        target_modules=["q_proj", "v_proj"],
+        init_lora_weights="lora_ga",
+        lora_ga_config=PeftLoraGASubConfig(),
+    )
 
     def train_step():
         for b in batches:
@@ -376,7 +434,9 @@ def test_rank_error_names_the_layer_before_estimating():
         raise AssertionError("estimation must not start")
         yield
 
-    with pytest.raises(LoraGARankError, match=r"'model.layers.0.self_attn.v_proj' \(32x64\).*r <= 16"):
+    with pytest.raises(
+        LoraGARankError, match=r"'model.layers.0.self_attn.v_proj' \(32x64\).*r <= 16"
+    ):
         get_lora_ga_model(model, _cfg(r=17, target_modules=["v_proj"]), never(), progress=False)
     # the model is given back untouched (no LoRA layers left behind)
     assert not any("lora" in n for n, _ in model.named_modules())
@@ -384,8 +444,15 @@ def test_rank_error_names_the_layer_before_estimating():
 
 def test_non_linear_targets_are_refused_not_default_initialised():
     model = tiny_model("llama")
-    with pytest.raises(LoraGAInitError, match=r"Linear and Conv1D layers only.*model\.embed_tokens \(Embedding\)"):
-        get_lora_ga_model(model, _cfg(target_modules=["embed_tokens", "q_proj"]), _batches("llama", 1), progress=False)
+    with pytest.raises(
+        LoraGAInitError, match=r"Linear and Conv1D layers only.*model\.embed_tokens \(Embedding\)"
+    ):
+        get_lora_ga_model(
+            model,
+            _cfg(target_modules=["embed_tokens", "q_proj"]),
+            _batches("llama", 1),
+            progress=False,
+        )
     assert not any("lora" in n for n, _ in model.named_modules())
 
 

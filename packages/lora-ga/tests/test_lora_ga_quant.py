@@ -37,8 +37,15 @@ def _load(path, kind):
     if kind == "int8":
         q = BitsAndBytesConfig(load_in_8bit=True)
     else:
-        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=q, device_map="cpu", dtype=torch.float32).eval()
+        q = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=kind,
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+    return AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=q, device_map="cpu", dtype=torch.float32
+    ).eval()
 
 
 def _logits(model, batch):
@@ -50,9 +57,16 @@ def _logits(model, batch):
 def _requantized_reference(w, spec):
     """bitsandbytes' own quantize → dequantize of the float matrix ``w`` with the layer's settings."""
     if spec.kind == "int8":
-        q = bnb.nn.Int8Params(w.to(torch.float16), requires_grad=False, has_fp16_weights=False).to("cpu")
+        q = bnb.nn.Int8Params(w.to(torch.float16), requires_grad=False, has_fp16_weights=False).to(
+            "cpu"
+        )
         return bnb.functional.int8_vectorwise_dequant(q.data, q.SCB).float()
-    q, st = bnb.functional.quantize_4bit(w.to(spec.dtype), blocksize=spec.blocksize, compress_statistics=spec.double_quant, quant_type=spec.kind)
+    q, st = bnb.functional.quantize_4bit(
+        w.to(spec.dtype),
+        blocksize=spec.blocksize,
+        compress_statistics=spec.double_quant,
+        quant_type=spec.kind,
+    )
     return bnb.functional.dequantize_4bit(q, st).float()
 
 
@@ -64,10 +78,20 @@ def test_quantized_init_keeps_quant_type_and_offsets_dequantized_weight(checkpoi
     specs = {n: quant_config_of(get_module(qmodel, n)) for n in names}
     deq0 = {n: dequantize_weight(get_module(qmodel, n)) for n in names}
     float_model = load_float_model_for_estimation(checkpoint)
-    G = estimate_gradients(float_model, batches, TARGETS, progress=False)  # the float-checkpoint gradient
+    G = estimate_gradients(
+        float_model, batches, TARGETS, progress=False
+    )  # the float-checkpoint gradient
 
     cfg = LoraGAConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, iters=2)
-    pm = get_lora_ga_model(qmodel, cfg, batches, estimation_model=float_model, offload=True, device="cpu", progress=False)
+    pm = get_lora_ga_model(
+        qmodel,
+        cfg,
+        batches,
+        estimation_model=float_model,
+        offload=True,
+        device="cpu",
+        progress=False,
+    )
 
     s = ALPHA / RANK
     for n in names:
@@ -99,7 +123,13 @@ def test_init_after_a_cpu_forward(checkpoint):
     spec = quant_config_of(get_module(qmodel, n))
     base_q = _logits(qmodel, batches[0])  # may repack (CPUs with AVX512-BF16)
     float_model = load_float_model_for_estimation(checkpoint)
-    pm = get_lora_ga_model(qmodel, LoraGAConfig(r=RANK, lora_alpha=ALPHA, target_modules=["q_proj"], iters=2), batches, estimation_model=float_model, progress=False)
+    pm = get_lora_ga_model(
+        qmodel,
+        LoraGAConfig(r=RANK, lora_alpha=ALPHA, target_modules=["q_proj"], iters=2),
+        batches,
+        estimation_model=float_model,
+        progress=False,
+    )
     base = get_module(pm, PREFIX + n).get_base_layer()
     assert quant_config_of(base) == spec
     step0 = (_logits(pm, batches[0]) - base_q).abs().max()
@@ -112,7 +142,13 @@ def test_dequantized_copy_as_estimation_model(checkpoint):
     batches = make_lm_batches(2)
     float_model = load_float_model_for_estimation(qmodel, source="dequantize")
     G = estimate_gradients(float_model, batches, ["q_proj"], progress=False)
-    pm = get_lora_ga_model(qmodel, LoraGAConfig(r=RANK, lora_alpha=ALPHA, target_modules=["q_proj"], iters=2), batches, estimation_model=float_model, progress=False)
+    pm = get_lora_ga_model(
+        qmodel,
+        LoraGAConfig(r=RANK, lora_alpha=ALPHA, target_modules=["q_proj"], iters=2),
+        batches,
+        estimation_model=float_model,
+        progress=False,
+    )
     n = "model.layers.1.self_attn.q_proj"
     layer = get_module(pm, PREFIX + n)
     assert quant_kind(layer.get_base_layer()) == "nf4"
@@ -123,14 +159,23 @@ def test_dequantized_copy_as_estimation_model(checkpoint):
 
 def test_given_gradients_on_quantized_model(checkpoint):
     qmodel = _load(checkpoint, "nf4")
-    G = estimate_gradients(load_float_model_for_estimation(checkpoint), make_lm_batches(2), ["v_proj"], progress=False)
-    pm = get_lora_ga_model(qmodel, LoraGAConfig(r=RANK, lora_alpha=ALPHA, target_modules=["v_proj"]), None, gradients=G)
+    G = estimate_gradients(
+        load_float_model_for_estimation(checkpoint), make_lm_batches(2), ["v_proj"], progress=False
+    )
+    pm = get_lora_ga_model(
+        qmodel, LoraGAConfig(r=RANK, lora_alpha=ALPHA, target_modules=["v_proj"]), None, gradients=G
+    )
     for n in G:
         assert quant_kind(get_module(pm, PREFIX + n).get_base_layer()) == "nf4"
 
 
 def test_quantized_without_float_gradient_explains_the_flow(checkpoint):
     qmodel = _load(checkpoint, "nf4")
-    with pytest.raises(LoraGAInitError, match=r"quantized.*full-precision gradient.*estimation_model=.*load_float_model_for_estimation"):
-        get_lora_ga_model(qmodel, LoraGAConfig(r=RANK, target_modules=TARGETS), make_lm_batches(1), progress=False)
+    with pytest.raises(
+        LoraGAInitError,
+        match=r"quantized.*full-precision gradient.*estimation_model=.*load_float_model_for_estimation",
+    ):
+        get_lora_ga_model(
+            qmodel, LoraGAConfig(r=RANK, target_modules=TARGETS), make_lm_batches(1), progress=False
+        )
     assert not any("lora_A" in n for n, _ in qmodel.named_modules())  # given back untouched

@@ -26,7 +26,14 @@ LR = 0.05
 
 def _trained(use_rslora=False, **kw):
     batches = make_lm_batches(3)
-    cfg = LoraGAConfig(r=RANK, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"], iters=2, use_rslora=use_rslora, **kw)
+    cfg = LoraGAConfig(
+        r=RANK,
+        lora_alpha=ALPHA,
+        target_modules=["q_proj", "v_proj"],
+        iters=2,
+        use_rslora=use_rslora,
+        **kw,
+    )
     model = get_lora_ga_model(tiny_llama(), cfg, batches[:2], progress=False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=LR)
@@ -55,7 +62,9 @@ def test_export_loads_on_the_original_base(tmp_path, use_rslora):
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     factor = 2**0.5 if use_rslora else 2
     assert cfg["r"] == 2 * RANK and cfg["lora_alpha"] == pytest.approx(ALPHA * factor)
-    assert cfg["rank_pattern"] == {"v_proj": 4} and cfg["alpha_pattern"]["v_proj"] == pytest.approx(4 * factor)
+    assert cfg["rank_pattern"] == {"v_proj": 4} and cfg["alpha_pattern"]["v_proj"] == pytest.approx(
+        4 * factor
+    )
     assert cfg["init_lora_weights"] is True and cfg["lora_ga_config"] is None and "bsz" not in cfg
     loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)  # the original, un-offset model
     # every layer keeps its scaling s (so s·B'·A' = s·(B·A − B0·A0))
@@ -64,7 +73,12 @@ def test_export_loads_on_the_original_base(tmp_path, use_rslora):
     out = _logits(loaded, batches[2])
     assert (out - ref).abs().max() < 1e-5 * ref.abs().max()
     # it is not the plain adapter on the original base (the offset matters)
-    wrong = _logits(get_peft_model(tiny_llama(), LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["q_proj"])), batches[2])
+    wrong = _logits(
+        get_peft_model(
+            tiny_llama(), LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["q_proj"])
+        ),
+        batches[2],
+    )
     assert (wrong - ref).abs().max() > 1e-3
 
 
@@ -73,7 +87,13 @@ def test_export_equals_peft_initial_weight_conversion(tmp_path, use_rslora):
     """Same tensors and config as PEFT's save_pretrained(path_initial_model_for_weight_conversion=...)
     (which needs the initial adapter saved to disk before training; we keep A0, B0 in memory)."""
     batches = make_lm_batches(3)
-    cfg = LoraGAConfig(r=RANK, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"], iters=2, use_rslora=use_rslora)
+    cfg = LoraGAConfig(
+        r=RANK,
+        lora_alpha=ALPHA,
+        target_modules=["q_proj", "v_proj"],
+        iters=2,
+        use_rslora=use_rslora,
+    )
     model = get_lora_ga_model(tiny_llama(), cfg, batches[:2], progress=False)
     model.save_pretrained(tmp_path / "init")
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
@@ -81,7 +101,9 @@ def test_export_equals_peft_initial_weight_conversion(tmp_path, use_rslora):
         model(**b).loss.backward()
         opt.step()
         opt.zero_grad()
-    model.save_pretrained(tmp_path / "peft", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    model.save_pretrained(
+        tmp_path / "peft", path_initial_model_for_weight_conversion=str(tmp_path / "init")
+    )
     save_lora_ga_adapter(model, tmp_path / "ours")
     theirs = load_file(tmp_path / "peft" / "adapter_model.safetensors")
     ours = load_file(tmp_path / "ours" / "adapter_model.safetensors")
@@ -96,17 +118,26 @@ def test_export_equals_peft_initial_weight_conversion(tmp_path, use_rslora):
 def test_offset_model_round_trip(tmp_path):
     model, batches = _trained()
     save_lora_ga_model(model, tmp_path)
-    assert (tmp_path / "base" / "config.json").is_file() and (tmp_path / "adapter" / "lora_ga_init.safetensors").is_file()
+    assert (tmp_path / "base" / "config.json").is_file() and (
+        tmp_path / "adapter" / "lora_ga_init.safetensors"
+    ).is_file()
     loaded = load_lora_ga_model(tmp_path, is_trainable=True)
     ref = _logits(model, batches[2])
     torch.testing.assert_close(_logits(loaded, batches[2]), ref, atol=0, rtol=0)
     assert any(p.requires_grad for n, p in loaded.named_parameters() if "lora_A" in n)
     # the base checkpoint is the offset model (not the original), and export still works after loading
-    base_w = load_file(next((tmp_path / "base").glob("*.safetensors")))["model.layers.0.self_attn.q_proj.weight"]
-    torch.testing.assert_close(base_w, model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight)
+    base_w = load_file(next((tmp_path / "base").glob("*.safetensors")))[
+        "model.layers.0.self_attn.q_proj.weight"
+    ]
+    torch.testing.assert_close(
+        base_w, model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
+    )
     save_lora_ga_adapter(model, tmp_path / "before")
     save_lora_ga_adapter(loaded, tmp_path / "after")
-    before, after = load_file(tmp_path / "before" / "adapter_model.safetensors"), load_file(tmp_path / "after" / "adapter_model.safetensors")
+    before, after = (
+        load_file(tmp_path / "before" / "adapter_model.safetensors"),
+        load_file(tmp_path / "after" / "adapter_model.safetensors"),
+    )
     for k in before:
         torch.testing.assert_close(after[k], before[k], atol=0, rtol=0)
 
@@ -120,18 +151,29 @@ def test_quantized_offset_model_round_trip(tmp_path):
     from loralab.core.testing import save_tiny
 
     path = save_tiny(tiny_llama(), tmp_path / "ckpt", tokenizer=False)
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
-    qmodel = AutoModelForCausalLM.from_pretrained(path, quantization_config=q, device_map="cpu", dtype=torch.float32)
+    q = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    qmodel = AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=q, device_map="cpu", dtype=torch.float32
+    )
     batches = make_lm_batches(2)
     cfg = LoraGAConfig(r=RANK, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"], iters=2)
-    model = get_lora_ga_model(qmodel, cfg, batches, estimation_model=load_float_model_for_estimation(path), progress=False)
+    model = get_lora_ga_model(
+        qmodel, cfg, batches, estimation_model=load_float_model_for_estimation(path), progress=False
+    )
     spec = quant_config_of(model.get_base_model().model.layers[0].self_attn.q_proj.base_layer)
     save_lora_ga_model(model, tmp_path / "saved")
     # (forward after saving: on AVX512-BF16 CPUs bitsandbytes repacks 4-bit weights for its CPU kernel at
     # the first eval forward, with bf16 absmax; saving undoes that only approximately)
     ref = _logits(model, batches[0])
     loaded = load_lora_ga_model(tmp_path / "saved", device_map="cpu")
-    assert quant_config_of(loaded.get_base_model().model.layers[0].self_attn.q_proj.base_layer) == spec
+    assert (
+        quant_config_of(loaded.get_base_model().model.layers[0].self_attn.q_proj.base_layer) == spec
+    )
     torch.testing.assert_close(_logits(loaded, batches[0]), ref, atol=1e-5, rtol=1e-5)
 
 
@@ -146,7 +188,10 @@ def test_loading_a_raw_lora_ga_checkpoint_warns(tmp_path):
 
 def test_save_errors(tmp_path):
     plain = get_peft_model(tiny_llama(), LoraConfig(r=RANK, target_modules=["q_proj"]))
-    with pytest.raises(ValueError, match=r"has no LoRA-GA initial factors.*path_initial_model_for_weight_conversion"):
+    with pytest.raises(
+        ValueError,
+        match=r"has no LoRA-GA initial factors.*path_initial_model_for_weight_conversion",
+    ):
         save_lora_ga_adapter(plain, tmp_path)
     with pytest.raises(TypeError, match="expects the PeftModel"):
         save_lora_ga_adapter(tiny_llama(), tmp_path)

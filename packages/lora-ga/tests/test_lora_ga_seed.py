@@ -37,7 +37,9 @@ ALPHA = 8
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 PREFIX = "base_model.model."
 STEP0_ATOL = 1e-5  # fp32 logits, offset computed in fp32 (same tolerance as the native tests)
-ROUNDTRIP_ATOL = 1e-5  # reloaded plain LoRA on the original base vs the trained LoRA-GA model (fp32)
+ROUNDTRIP_ATOL = (
+    1e-5  # reloaded plain LoRA on the original base vs the trained LoRA-GA model (fp32)
+)
 
 QUICK_START = '''
 peft_config = LoraGAConfig()
@@ -141,9 +143,15 @@ def test_quick_start_runs_with_only_the_imports_changed(tmp_path, accelerator):
         exec(QUICK_START_IMPORTS + QUICK_START, env)  # the README text is the test
 
     # the seed's defaults: r=8, q_proj/v_proj (PEFT's Llama default), LoRA-GA factors written
-    assert not os.path.exists(tmp_path / "init_lora_checkpoint")  # removed by the final save, as in the seed
+    assert not os.path.exists(
+        tmp_path / "init_lora_checkpoint"
+    )  # removed by the final save, as in the seed
     cfg = peft.PeftConfig.from_pretrained(str(tmp_path))
-    assert type(cfg) is peft.LoraConfig and cfg.init_lora_weights is True and cfg.lora_ga_config is None
+    assert (
+        type(cfg) is peft.LoraConfig
+        and cfg.init_lora_weights is True
+        and cfg.lora_ga_config is None
+    )
     assert cfg.r == 16 and cfg.lora_alpha == 16  # rank 2r, α doubled: same scaling α/r
     # the saved adapter is a plain LoRA for the ORIGINAL base model: same function as the trained model
     original = tiny_llama()
@@ -165,7 +173,10 @@ def test_final_save_same_with_or_without_in_memory_init_factors(tmp_path, use_rs
     batches = make_lm_batches(2, seed=8)
     model = tiny_llama()
     with LoraGAContext(model, estimate_gradient(model, batches, progress=False)):
-        model = peft.get_peft_model(model, LoraGAConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, use_rslora=use_rslora))
+        model = peft.get_peft_model(
+            model,
+            LoraGAConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, use_rslora=use_rslora),
+        )
     save_loraga_model_init(model, tmp_path / "a")
     save_loraga_model_init(model, tmp_path / "b")
     with torch.no_grad():  # "training"
@@ -174,23 +185,43 @@ def test_final_save_same_with_or_without_in_memory_init_factors(tmp_path, use_rs
                 p.add_(0.01 * torch.randn_like(p))
     save_loraga_model_final(model, tmp_path / "a")
     for mod in model.modules():
-        mod.__dict__.pop("_lora_ga_init", None)  # as for a model re-loaded from the initial checkpoint
+        mod.__dict__.pop(
+            "_lora_ga_init", None
+        )  # as for a model re-loaded from the initial checkpoint
     save_loraga_model_final(model, tmp_path / "b")
-    a, b = load_file(str(tmp_path / "a" / "adapter_model.safetensors")), load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
+    a, b = (
+        load_file(str(tmp_path / "a" / "adapter_model.safetensors")),
+        load_file(str(tmp_path / "b" / "adapter_model.safetensors")),
+    )
     assert a.keys() == b.keys() and len(a) == 4 * len(TARGETS)
     for k in a:
         assert torch.equal(a[k], b[k]), k
     ca, cb = (peft.PeftConfig.from_pretrained(str(tmp_path / d)) for d in "ab")
-    assert (ca.r, ca.lora_alpha, ca.use_rslora, ca.init_lora_weights) == (cb.r, cb.lora_alpha, cb.use_rslora, cb.init_lora_weights)
-    assert ca.r == 2 * RANK and ca.lora_alpha == pytest.approx(ALPHA * (2**0.5 if use_rslora else 2))
-    assert not (tmp_path / "a" / "init_lora_checkpoint").exists() and not (tmp_path / "b" / "init_lora_checkpoint").exists()
+    assert (ca.r, ca.lora_alpha, ca.use_rslora, ca.init_lora_weights) == (
+        cb.r,
+        cb.lora_alpha,
+        cb.use_rslora,
+        cb.init_lora_weights,
+    )
+    assert ca.r == 2 * RANK and ca.lora_alpha == pytest.approx(
+        ALPHA * (2**0.5 if use_rslora else 2)
+    )
+    assert (
+        not (tmp_path / "a" / "init_lora_checkpoint").exists()
+        and not (tmp_path / "b" / "init_lora_checkpoint").exists()
+    )
 
 
 @pytest.mark.parametrize(
     "arch, kwargs",
     [
         ("llama", dict(target_modules=TARGETS, task_type="CAUSAL_LM")),  # PeftModelForCausalLM
-        ("llama", dict(target_modules=TARGETS, use_rslora=True, direction="A2rBr", scale="gd", dtype="bf16")),
+        (
+            "llama",
+            dict(
+                target_modules=TARGETS, use_rslora=True, direction="A2rBr", scale="gd", dtype="bf16"
+            ),
+        ),
         ("gpt2", dict(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)),  # Conv1D, with bias
     ],
 )
@@ -203,7 +234,9 @@ def test_context_equals_native_get_lora_ga_model(arch, kwargs):
     named_grad = estimate_gradient(model, batches, None, progress=False)
     with LoraGAContext(model=model, named_grad=named_grad):
         seed_model = peft.get_peft_model(model, LoraGAConfig(r=RANK, lora_alpha=ALPHA, **kwargs))
-    native = get_lora_ga_model(build(), LoraGAConfig(r=RANK, lora_alpha=ALPHA, **kwargs), batches, progress=False)
+    native = get_lora_ga_model(
+        build(), LoraGAConfig(r=RANK, lora_alpha=ALPHA, **kwargs), batches, progress=False
+    )
     _assert_same_init(_lora_state(seed_model), _lora_state(native))
     assert "named_grad" not in model.__dict__  # detached on exit, as in the seed
     if kwargs.get("dtype") == "bf16":
@@ -218,13 +251,17 @@ def test_estimate_gradient_is_cores_estimate_plain_and_offloaded():
     batches = make_lm_batches(2, seed=4)
     plain = estimate_gradient(model, batches, progress=False)
     core = estimate_gradients(model, batches, progress=False)
-    assert plain.keys() == core.keys() and set(find_all_linear_modules(model)) == {k.rsplit(".", 1)[-1] for k in plain}
+    assert plain.keys() == core.keys() and set(find_all_linear_modules(model)) == {
+        k.rsplit(".", 1)[-1] for k in plain
+    }
     for name, g in plain.items():
         assert g.dtype == torch.float32 and g.device.type == "cpu"
         assert torch.equal(g, core[name])
         mod = get_module(model, name)
         assert g.shape == (mod.nf, mod.weight.shape[0])  # the weight's (out, in), never the bias
-    offloaded = estimate_gradient(model, batches, quant_flag=True, no_split_module_classes=["GPT2Block"], progress=False)
+    offloaded = estimate_gradient(
+        model, batches, quant_flag=True, no_split_module_classes=["GPT2Block"], progress=False
+    )
     for name, g in plain.items():
         assert torch.allclose(offloaded[name], g, rtol=1e-4, atol=1e-7), name
 
@@ -235,11 +272,17 @@ def test_estimate_gradient_with_accelerator_prepares_the_dataloader(accelerator)
     loader = DataLoader(rows, batch_size=2)
     with_acc = estimate_gradient(model, loader, accelerator, targets=TARGETS, progress=False)
     prepared = accelerator.prepare_data_loader(DataLoader(rows, batch_size=2))
-    again = estimate_gradient(model, prepared, accelerator, targets=TARGETS, progress=False)  # not prepared twice
-    without = estimate_gradient(model, DataLoader(rows, batch_size=2), None, targets=TARGETS, progress=False)
+    again = estimate_gradient(
+        model, prepared, accelerator, targets=TARGETS, progress=False
+    )  # not prepared twice
+    without = estimate_gradient(
+        model, DataLoader(rows, batch_size=2), None, targets=TARGETS, progress=False
+    )
     assert with_acc.keys() == without.keys() == again.keys()
     for name in without:
-        assert torch.equal(with_acc[name], without[name]) and torch.equal(again[name], without[name])
+        assert torch.equal(with_acc[name], without[name]) and torch.equal(
+            again[name], without[name]
+        )
 
 
 def test_context_on_nf4_model_matches_native_and_stays_nf4(tmp_path):
@@ -248,26 +291,40 @@ def test_context_on_nf4_model_matches_native_and_stays_nf4(tmp_path):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     path = save_tiny(tiny_llama(), tmp_path / "ckpt", tokenizer=False)
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    q = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
 
     def load_nf4():
-        return AutoModelForCausalLM.from_pretrained(path, quantization_config=q, device_map="cpu", dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=q, device_map="cpu", dtype=torch.float32
+        )
 
     batches = make_lm_batches(2, seed=6)
-    named_grad = estimate_gradient(tiny_llama(), batches, quant_flag=True, progress=False)  # the float checkpoint
+    named_grad = estimate_gradient(
+        tiny_llama(), batches, quant_flag=True, progress=False
+    )  # the float checkpoint
     quantized = load_nf4()
     with pytest.raises(GradientEstimationError, match="float copy"):
         estimate_gradient(quantized, batches, progress=False)
     with LoraGAContext(quantized, named_grad):
-        seed_model = peft.get_peft_model(quantized, LoraGAConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS))
+        seed_model = peft.get_peft_model(
+            quantized, LoraGAConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS)
+        )
     native = get_lora_ga_model(
-        load_nf4(), LoraGAConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS), None, gradients=named_grad, progress=False
+        load_nf4(),
+        LoraGAConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS),
+        None,
+        gradients=named_grad,
+        progress=False,
     )
     a, b = _lora_state(seed_model), _lora_state(native)
     _assert_same_init(a, b)
     for name in a:
         base = get_module(seed_model.base_model.model, name).get_base_layer()
-        assert isinstance(base, bnb.nn.Linear4bit) and base.weight.quant_state.quant_type == "nf4", name
+        assert (
+            isinstance(base, bnb.nn.Linear4bit) and base.weight.quant_state.quant_type == "nf4"
+        ), name
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -298,7 +355,9 @@ def test_missing_target_raises_and_restores_the_model():
         before = model(**batch).logits
     grads = _fresh_grads(model)
     del grads["model.layers.1.self_attn.v_proj"]
-    with pytest.raises(LoraGAInitError, match=r"no gradient for target layer 'model\.layers\.1\.self_attn\.v_proj'"):
+    with pytest.raises(
+        LoraGAInitError, match=r"no gradient for target layer 'model\.layers\.1\.self_attn\.v_proj'"
+    ):
         with LoraGAContext(model, grads):
             peft.get_peft_model(model, LoraGAConfig(r=RANK, target_modules=TARGETS))
     assert _no_lora_layers(model)
@@ -315,7 +374,10 @@ def test_wrong_shape_raises_with_conv1d_hint():
     model = tiny_llama()
     grads = _fresh_grads(model)
     grads["model.layers.0.mlp.down_proj"] = grads["model.layers.0.mlp.down_proj"].T.contiguous()
-    with pytest.raises(LoraGAInitError, match=r"named_grad\['model\.layers\.0\.mlp\.down_proj'\] must have shape \(out, in\) = \(64, 128\), got \(128, 64\) \(Conv1D"):
+    with pytest.raises(
+        LoraGAInitError,
+        match=r"named_grad\['model\.layers\.0\.mlp\.down_proj'\] must have shape \(out, in\) = \(64, 128\), got \(128, 64\) \(Conv1D",
+    ):
         with LoraGAContext(model, grads):
             peft.get_peft_model(model, LoraGAConfig(r=RANK, target_modules=TARGETS))
     assert _no_lora_layers(model)
@@ -327,7 +389,9 @@ def test_wrong_shape_raises_with_conv1d_hint():
 def test_rank_too_large_names_the_layer():
     model = tiny_llama()
     grads = _fresh_grads(model)
-    with pytest.raises(LoraGARankError, match=r"'model\.layers\.0\.self_attn\.v_proj' \(32x64\).*use r <= 16"):
+    with pytest.raises(
+        LoraGARankError, match=r"'model\.layers\.0\.self_attn\.v_proj' \(32x64\).*use r <= 16"
+    ):
         with LoraGAContext(model, grads):
             peft.get_peft_model(model, LoraGAConfig(r=20, target_modules=TARGETS))
     assert _no_lora_layers(model)
@@ -361,6 +425,10 @@ def test_seed_docstring_examples_run():
     import importlib
 
     module = importlib.import_module("loralab.lora_ga.seed")
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False)
+    result = doctest.testmod(
+        module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False
+    )
     assert result.attempted > 0
-    assert result.failed == 0, f"{result.failed} of {result.attempted} examples failed in loralab.lora_ga.seed"
+    assert result.failed == 0, (
+        f"{result.failed} of {result.attempted} examples failed in loralab.lora_ga.seed"
+    )

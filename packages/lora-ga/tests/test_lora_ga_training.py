@@ -40,8 +40,12 @@ def _data():
         with torch.no_grad():
             y = teacher(input_ids=b["input_ids"]).logits.argmax(-1)
         labels = torch.full_like(y, -100)
-        labels[:, 1:] = y[:, :-1]  # the model shifts labels: position t predicts the teacher's token after t
-        out.append({"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "labels": labels})
+        labels[:, 1:] = y[
+            :, :-1
+        ]  # the model shifts labels: position t predicts the teacher's token after t
+        out.append(
+            {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "labels": labels}
+        )
     return out
 
 
@@ -61,12 +65,16 @@ def _train(model, batches):
 
 def test_lora_ga_converges_faster_than_lora():
     batches = _data()
-    kw = dict(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, use_rslora=True)  # the paper's runs used rsLoRA
+    kw = dict(
+        r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, use_rslora=True
+    )  # the paper's runs used rsLoRA
     torch.manual_seed(0)
     lora = get_peft_model(tiny_llama(), LoraConfig(**kw))
     ga = get_lora_ga_model(tiny_llama(), LoraGAConfig(**kw, iters=8), batches, progress=False)
     start_lora, end_lora = _train(lora, batches)
     start_ga, end_ga = _train(ga, batches)
-    assert abs(start_lora - start_ga) < 1e-4  # same function at step 0 (the offset keeps W0 + sBA = W0)
+    assert (
+        abs(start_lora - start_ga) < 1e-4
+    )  # same function at step 0 (the offset keeps W0 + sBA = W0)
     assert end_lora < start_lora and end_ga < start_ga
     assert end_ga < end_lora, (end_ga, end_lora)

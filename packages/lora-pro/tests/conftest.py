@@ -29,7 +29,9 @@ def toy_peft(seed: int = 0, dtype=torch.float64, *, b_random: bool = True, **cfg
     config = dict(r=RANK, lora_alpha=6, target_modules=["lin1", "lin2"], modules_to_save=["head"])
     config.update(cfg)
     model = peft.get_peft_model(Toy(), peft.LoraConfig(**config)).to(dtype)
-    if b_random:  # B = 0 at init makes the first steps degenerate; most reference tests want a generic point
+    if (
+        b_random
+    ):  # B = 0 at init makes the first steps degenerate; most reference tests want a generic point
         g = torch.Generator().manual_seed(seed + 100)
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -40,7 +42,10 @@ def toy_peft(seed: int = 0, dtype=torch.float64, *, b_random: bool = True, **cfg
 def toy_batches(n: int, batch: int = 8, seed: int = 0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     return [
-        {"x": torch.randn(batch, IN, generator=g, dtype=torch.float64).to(dtype), "labels": torch.randn(batch, OUT, generator=g, dtype=torch.float64).to(dtype)}
+        {
+            "x": torch.randn(batch, IN, generator=g, dtype=torch.float64).to(dtype),
+            "labels": torch.randn(batch, OUT, generator=g, dtype=torch.float64).to(dtype),
+        }
         for _ in range(n)
     ]
 
@@ -54,14 +59,18 @@ def ref_adjust(A, B, gA, gB, s, x_mode="sylvester"):
     if x_mode == "sylvester":
         # vec trick: (I ⊗ BᵀB + (AAᵀ)ᵀ ⊗ I) vec(X) = vec(C), column-major vec
         C = -(1 / s**2) * BtB_inv @ gA @ A.T
-        K = torch.kron(torch.eye(r, dtype=A.dtype), B.T @ B) + torch.kron((A @ A.T).T.contiguous(), torch.eye(r, dtype=A.dtype))
+        K = torch.kron(torch.eye(r, dtype=A.dtype), B.T @ B) + torch.kron(
+            (A @ A.T).T.contiguous(), torch.eye(r, dtype=A.dtype)
+        )
         X = (torch.linalg.pinv(K) @ C.T.reshape(-1)).reshape(r, r).T
     elif x_mode == "symmetry":
         X = -0.5 / s**2 * BtB_inv @ B.T @ gB @ (A @ A.T)
     else:
         X = torch.zeros(r, r, dtype=A.dtype)
     nA = (1 / s**2) * BtB_inv @ gA + X @ A
-    nB = (1 / s**2) * (torch.eye(B.shape[0], dtype=A.dtype) - B @ BtB_inv @ B.T) @ gB @ AAt_inv - B @ X
+    nB = (1 / s**2) * (
+        torch.eye(B.shape[0], dtype=A.dtype) - B @ BtB_inv @ B.T
+    ) @ gB @ AAt_inv - B @ X
     return nA, nB
 
 
@@ -102,6 +111,14 @@ def lp():
     from types import SimpleNamespace
 
     return SimpleNamespace(
-        IN=IN, OUT=OUT, RANK=RANK, RefAdam=RefAdam, Toy=Toy, lora_modules=lora_modules, math=math,
-        ref_adjust=ref_adjust, toy_batches=toy_batches, toy_peft=toy_peft,
+        IN=IN,
+        OUT=OUT,
+        RANK=RANK,
+        RefAdam=RefAdam,
+        Toy=Toy,
+        lora_modules=lora_modules,
+        math=math,
+        ref_adjust=ref_adjust,
+        toy_batches=toy_batches,
+        toy_peft=toy_peft,
     )

@@ -19,7 +19,11 @@ TOL = 1e-9  # float64 throughout
 def _factors(seed, m=M, n=N, r=R, zero_b=False):
     g = torch.Generator().manual_seed(seed)
     A = torch.randn(r, n, generator=g, dtype=torch.float64)
-    B = torch.zeros(m, r, dtype=torch.float64) if zero_b else torch.randn(m, r, generator=g, dtype=torch.float64)
+    B = (
+        torch.zeros(m, r, dtype=torch.float64)
+        if zero_b
+        else torch.randn(m, r, generator=g, dtype=torch.float64)
+    )
     G = torch.randn(m, n, generator=g, dtype=torch.float64)
     return A, B, G
 
@@ -29,7 +33,13 @@ def _lstsq_residual(A, B, G, s):
     m = B.shape[0]
     n = A.shape[1]
     # vec (row-major): B gA -> kron(B, I_n) vec(gA); gB A -> kron(I_m, Aᵀ) vec(gB)
-    K = s * torch.cat([torch.kron(B, torch.eye(n, dtype=B.dtype)), torch.kron(torch.eye(m, dtype=B.dtype), A.T.contiguous())], dim=1)
+    K = s * torch.cat(
+        [
+            torch.kron(B, torch.eye(n, dtype=B.dtype)),
+            torch.kron(torch.eye(m, dtype=B.dtype), A.T.contiguous()),
+        ],
+        dim=1,
+    )
     sol = torch.linalg.lstsq(K, G.reshape(-1, 1), driver="gelsd").solution
     return (K @ sol - G.reshape(-1, 1)).norm(), (K @ sol).reshape(m, n)
 
@@ -47,7 +57,9 @@ def test_equivalent_gradient_is_least_squares_optimum(seed, x_mode):
     # closed form P_B G + (I − P_B) G P_A, independent of X
     PB = B @ torch.linalg.inv(B.T @ B) @ B.T
     PA = A.T @ torch.linalg.inv(A @ A.T) @ A
-    torch.testing.assert_close(gt, PB @ G + (torch.eye(M, dtype=G.dtype) - PB) @ G @ PA, atol=TOL, rtol=0)
+    torch.testing.assert_close(
+        gt, PB @ G + (torch.eye(M, dtype=G.dtype) - PB) @ G @ PA, atol=TOL, rtol=0
+    )
     torch.testing.assert_close(optimal_equivalent_gradient(A, B, g_A, g_B, S), gt, atol=TOL, rtol=0)
 
 
@@ -61,7 +73,9 @@ def test_sylvester_x_solves_the_equation_and_minimises_the_change(seed):
     torch.testing.assert_close(BtB @ X + X @ AAt, rhs, atol=1e-10, rtol=0)
     gA, gB = lora_pro_gradients(A, B, g_A, g_B, S)
     # stationarity of ‖gᴬ − g_A‖² + ‖gᴮ − g_B‖² over X (Theorem 2.3): (gᴬ − g_A)Aᵀ − Bᵀ(gᴮ − g_B) = 0
-    torch.testing.assert_close((gA - g_A) @ A.T - B.T @ (gB - g_B), torch.zeros(R, R, dtype=A.dtype), atol=1e-9, rtol=0)
+    torch.testing.assert_close(
+        (gA - g_A) @ A.T - B.T @ (gB - g_B), torch.zeros(R, R, dtype=A.dtype), atol=1e-9, rtol=0
+    )
     # and every other X gives a larger change
     base = (gA - g_A).norm() ** 2 + (gB - g_B).norm() ** 2
     for k in range(5):
@@ -101,7 +115,13 @@ def test_b_zero_gives_the_minimum_norm_solution():
         torch.testing.assert_close(gB, g_B @ torch.linalg.inv(A @ A.T) / S**2, atol=TOL, rtol=0)
     # the minimum-norm least-squares solution of the generic problem
     m, r, n = M, R, N
-    K = S * torch.cat([torch.kron(B, torch.eye(n, dtype=B.dtype)), torch.kron(torch.eye(m, dtype=B.dtype), A.T.contiguous())], dim=1)
+    K = S * torch.cat(
+        [
+            torch.kron(B, torch.eye(n, dtype=B.dtype)),
+            torch.kron(torch.eye(m, dtype=B.dtype), A.T.contiguous()),
+        ],
+        dim=1,
+    )
     sol = torch.linalg.pinv(K) @ G.reshape(-1, 1)
     torch.testing.assert_close(gA.reshape(-1), sol[: r * n, 0], atol=1e-9, rtol=0)
     torch.testing.assert_close(gB.reshape(-1), sol[r * n :, 0], atol=1e-9, rtol=0)

@@ -40,16 +40,35 @@ def _rel(got, ref, init):
 
 
 @pytest.mark.multiprocess
-def test_ddp_accelerate_and_deepspeed_zero1_zero2_equal_one_process_and_zero3_is_refused(lp, tmp_path):
+def test_ddp_accelerate_and_deepspeed_zero1_zero2_equal_one_process_and_zero3_is_refused(
+    lp, tmp_path
+):
     pytest.importorskip("deepspeed")
     prefix = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()), str(WORKER), str(prefix)]
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(_free_port()),
+        str(WORKER),
+        str(prefix),
+    ]
+    proc = subprocess.run(
+        cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [torch.load(f"{prefix}.{r}.pt", weights_only=True) for r in (0, 1)]
 
     init, ref = _single_process(lp, lambda m: LoraProAdamW(m, lr=LR, weight_decay=0.1))
-    _, plain = _single_process(lp, lambda m: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=LR, weight_decay=0.1))
+    _, plain = _single_process(
+        lp,
+        lambda m: torch.optim.AdamW(
+            [p for p in m.parameters() if p.requires_grad], lr=LR, weight_decay=0.1
+        ),
+    )
     assert _rel(plain, ref, init) > 0.1  # plain LoRA training would be caught below
     for out in ranks:
         assert set(out["ddp"]) == set(ref) == set(out["zero2"])
@@ -58,7 +77,10 @@ def test_ddp_accelerate_and_deepspeed_zero1_zero2_equal_one_process_and_zero3_is
         assert _rel(out["zero2"], ref, init) < 1e-5  # gathered per-layer gradients: exact LoRA-Pro
         assert _rel(out["zero1"], ref, init) < 1e-5
         errors = out["errors"]
-        assert errors["zero2_unattached"].startswith("RuntimeError") and "attach_deepspeed" in errors["zero2_unattached"]
+        assert (
+            errors["zero2_unattached"].startswith("RuntimeError")
+            and "attach_deepspeed" in errors["zero2_unattached"]
+        )
         assert errors["zero3"].startswith("NotImplementedError") and "ZeRO-3" in errors["zero3"]
 
 

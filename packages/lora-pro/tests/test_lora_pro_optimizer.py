@@ -35,7 +35,10 @@ def _reference_run(lp, model, batches, mode, x_mode, wd=0.0):
                 A, B, s = pair.A, pair.B, pair.scaling
                 if mode == "efficient":
                     nA, nB = lp.ref_adjust(A, B, A.grad, B.grad, s, x_mode)
-                    dA, dB = adam.direction(pair.name + "A", nA), adam.direction(pair.name + "B", nB)
+                    dA, dB = (
+                        adam.direction(pair.name + "A", nA),
+                        adam.direction(pair.name + "B", nB),
+                    )
                     A.mul_(1 - LR * wd)
                     B.mul_(1 - LR * wd)
                 else:
@@ -43,7 +46,10 @@ def _reference_run(lp, model, batches, mode, x_mode, wd=0.0):
                     AAt_inv = torch.linalg.pinv(A @ A.T, hermitian=True)
                     PB = B @ BtB_inv @ B.T
                     # g̃ = (1/s)[B(BᵀB)⁻¹g_A + (I − P_B) g_B (AAᵀ)⁻¹ A]
-                    gt = (B @ BtB_inv @ A.grad + (torch.eye(B.shape[0], dtype=B.dtype) - PB) @ B.grad @ AAt_inv @ A) / s
+                    gt = (
+                        B @ BtB_inv @ A.grad
+                        + (torch.eye(B.shape[0], dtype=B.dtype) - PB) @ B.grad @ AAt_inv @ A
+                    ) / s
                     N = adam.direction(pair.name, gt)
                     dA, dB = lp.ref_adjust(A, B, s * B.T @ N, s * N @ A.T, s, x_mode)
                     f = (1 - LR * wd) ** 0.5
@@ -106,11 +112,16 @@ def test_non_lora_params_get_plain_torch_adamw(lp):
     [
         (dict(r=4, lora_alpha=8), {"q_proj": 2.0, "v_proj": 2.0}),
         (dict(r=4, lora_alpha=8, use_rslora=True), {"q_proj": 4.0, "v_proj": 4.0}),
-        (dict(r=4, lora_alpha=8, rank_pattern={"v_proj": 2}, alpha_pattern={"v_proj": 1}), {"q_proj": 2.0, "v_proj": 0.5}),
+        (
+            dict(r=4, lora_alpha=8, rank_pattern={"v_proj": 2}, alpha_pattern={"v_proj": 1}),
+            {"q_proj": 2.0, "v_proj": 0.5},
+        ),
     ],
 )
 def test_per_layer_scaling_from_peft_config(cfg, expected):
-    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(target_modules=["q_proj", "v_proj"], **cfg))
+    model = peft.get_peft_model(
+        tiny_llama(), peft.LoraConfig(target_modules=["q_proj", "v_proj"], **cfg)
+    )
     opt = create_lora_pro_optimizer(model, 1e-3)
     assert len(opt.lora_pairs) == 4
     for pair in opt.lora_pairs:
@@ -161,7 +172,9 @@ def test_state_dict_round_trip_and_exact_resume(lp, tmp_path, mode, dtype):
     opt2 = LoraProAdamW(resumed, lr=LR, weight_decay=0.01, mode=mode)
     opt2.load_state_dict(ckpt["opt"])
     moments = [v for st in opt2.state.values() for k, v in st.items() if k != "step"]
-    assert moments and all(m.dtype == (torch.float32 if dtype == torch.bfloat16 else dtype) for m in moments)
+    assert moments and all(
+        m.dtype == (torch.float32 if dtype == torch.bfloat16 else dtype) for m in moments
+    )
     for batch in batches[3:]:
         _grads(resumed, batch)
         opt2.step()
@@ -196,7 +209,9 @@ def test_hyperparameters_follow_param_groups_and_schedulers(lp):
         opt.step()
         sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(LR / 8)
-    assert opt.param_groups[0]["mode"] == "efficient" and opt.param_groups[0]["x_mode"] == "sylvester"
+    assert (
+        opt.param_groups[0]["mode"] == "efficient" and opt.param_groups[0]["x_mode"] == "sylvester"
+    )
 
 
 def test_closure_is_called(lp):
@@ -281,7 +296,10 @@ def test_one_factor_without_gradient_is_an_error(lp):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_200_steps_from_fresh_lora_init_stay_finite(mode, dtype):
     torch.manual_seed(0)
-    model = peft.get_peft_model(tiny_llama(hidden_size=32, num_hidden_layers=1), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    model = peft.get_peft_model(
+        tiny_llama(hidden_size=32, num_hidden_layers=1),
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+    )
     model.to(dtype)
     assert all(p.B.abs().max() == 0 for p in find_lora_pairs(model))
     opt = LoraProAdamW(model, lr=2e-3, mode=mode)
@@ -300,7 +318,9 @@ def test_200_steps_from_fresh_lora_init_stay_finite(mode, dtype):
 
 def test_classification_model_with_head_trains(lp):
     torch.manual_seed(0)
-    model = peft.get_peft_model(tiny_roberta(), peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"]))
+    model = peft.get_peft_model(
+        tiny_roberta(), peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"])
+    )
     opt = create_lora_pro_optimizer(model, 1e-3)
     head = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
     assert head  # the classifier is trained with plain AdamW in the same optimizer

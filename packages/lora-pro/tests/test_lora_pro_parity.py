@@ -27,9 +27,14 @@ def _max_rel(a, b):
 
 
 def _race(lp, mode, b_random, solver="eig", dtype=torch.float64):
-    ours, peer = lp.toy_peft(0, dtype=dtype, b_random=b_random), lp.toy_peft(0, dtype=dtype, b_random=b_random)
+    ours, peer = (
+        lp.toy_peft(0, dtype=dtype, b_random=b_random),
+        lp.toy_peft(0, dtype=dtype, b_random=b_random),
+    )
     o1 = LoraProAdamW(ours, lr=1e-2, mode=mode)
-    o2 = lora_pro_peer.LoRAProAdamW(peer, lr=1e-2, weight_decay=0.0, lorapro_mode=mode, efficient_solver=solver)
+    o2 = lora_pro_peer.LoRAProAdamW(
+        peer, lr=1e-2, weight_decay=0.0, lorapro_mode=mode, efficient_solver=solver
+    )
     rels = []
     for batch in lp.toy_batches(STEPS, dtype=dtype):
         for m, o in ((ours, o1), (peer, o2)):
@@ -48,7 +53,9 @@ def test_full_mode_matches_peer_from_fresh_lora_init(lp):
 
 def test_efficient_mode_matches_peer_eig_solver(lp):
     assert max(_race(lp, "efficient", b_random=True)) < 1e-5
-    assert max(_race(lp, "efficient", b_random=False)) < 1e-3  # the peer's absolute 1e-6 ridge while B is tiny
+    assert (
+        max(_race(lp, "efficient", b_random=False)) < 1e-3
+    )  # the peer's absolute 1e-6 ridge while B is tiny
 
 
 def test_peer_vec_solver_solves_a_different_equation():
@@ -57,7 +64,10 @@ def test_peer_vec_solver_solves_a_different_equation():
     from loralab.core import solve_sylvester_psd
 
     g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(3, 3, generator=g, dtype=torch.float64), torch.randn(3, 3, generator=g, dtype=torch.float64)
+    a, b = (
+        torch.randn(3, 3, generator=g, dtype=torch.float64),
+        torch.randn(3, 3, generator=g, dtype=torch.float64),
+    )
     A, B, C = a @ a.T, b @ b.T, torch.randn(3, 3, generator=g, dtype=torch.float64)
     assert (A @ _solve_sylvester_vec(A, B, C) + _solve_sylvester_vec(A, B, C) @ B - C).norm() > 1e-1
     X = solve_sylvester_psd(A, B, C)
@@ -89,10 +99,16 @@ def _train(kind, lr=1e-2, steps=60, r=4, s=2.0, target_rank=None):
 
     lin = torch.nn.Linear(W0.shape[1], W0.shape[0], bias=False)
     lin.weight.data.copy_(W0)
-    model = peft.get_peft_model(torch.nn.Sequential(lin), peft.LoraConfig(r=r, lora_alpha=int(s * r), target_modules=["0"]))
+    model = peft.get_peft_model(
+        torch.nn.Sequential(lin), peft.LoraConfig(r=r, lora_alpha=int(s * r), target_modules=["0"])
+    )
     pair = find_lora_pairs(model)[0]
     pair.A.data.copy_(A0)
-    opt = torch.optim.AdamW([pair.A, pair.B], lr=lr, weight_decay=0.0) if kind == "lora" else LoraProAdamW(model, lr=lr, mode="full" if kind == "full_mode" else kind)
+    opt = (
+        torch.optim.AdamW([pair.A, pair.B], lr=lr, weight_decay=0.0)
+        if kind == "lora"
+        else LoraProAdamW(model, lr=lr, mode="full" if kind == "full_mode" else kind)
+    )
     for x in xs:
         opt.zero_grad()
         loss_of(W0 + pair.scaling * pair.B @ pair.A, x).backward()
@@ -111,7 +127,10 @@ def test_lora_pro_moves_closer_to_full_finetuning_than_lora():
     """
     kw = dict(lr=3e-3, steps=60, target_rank=4)
     full = _train("full", **kw)
-    dist = {k: ((_train(k, **kw) - full).norm() / full.norm()).item() for k in ("lora", "full_mode", "efficient")}
+    dist = {
+        k: ((_train(k, **kw) - full).norm() / full.norm()).item()
+        for k in ("lora", "full_mode", "efficient")
+    }
     assert dist["full_mode"] < 0.5 * dist["lora"], dist
     assert dist["efficient"] < 1.25 * dist["lora"], dist
 
@@ -127,7 +146,9 @@ def _seed_loop(model, optimizer, batches):
 
 def test_seed_drop_in_runs_the_seed_loop(lp):
     model = lp.toy_peft(0, dtype=torch.float32, b_random=False, modules_to_save=None)
-    optimizer = AdamWLoRAPro(model.parameters(), lr=1e-2, weight_decay=0.01, T_max=5, scaling_factor=2.0)
+    optimizer = AdamWLoRAPro(
+        model.parameters(), lr=1e-2, weight_decay=0.01, T_max=5, scaling_factor=2.0
+    )
     assert AdamWLoraPro is AdamWLoRAPro and isinstance(optimizer, torch.optim.Optimizer)
     before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
     _seed_loop(model, optimizer, lp.toy_batches(8, dtype=torch.float32))
@@ -162,6 +183,8 @@ def test_seed_drop_in_rejects_parameters_that_do_not_alternate(lp):
 
 def test_seed_drop_in_l2_regularization(lp):
     model = lp.toy_peft(0, dtype=torch.float32, modules_to_save=None)
-    opt = AdamWLoRAPro(model.parameters(), lr=1e-3, weight_decay=0.1, L2_regularization=True, T_max=None)
+    opt = AdamWLoRAPro(
+        model.parameters(), lr=1e-3, weight_decay=0.1, L2_regularization=True, T_max=None
+    )
     assert opt.param_groups[0]["weight_decay"] == 0.0
     _seed_loop(model, opt, lp.toy_batches(2, dtype=torch.float32))

@@ -13,7 +13,10 @@ STEPS, ACCUM, MICRO, LR, MAX_NORM = 3, 2, 2, 5e-3, 0.05
 
 def _model():
     torch.manual_seed(0)
-    return peft.get_peft_model(tiny_llama(hidden_size=32, num_hidden_layers=1), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    return peft.get_peft_model(
+        tiny_llama(hidden_size=32, num_hidden_layers=1),
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )
 
 
 def _samples():
@@ -39,11 +42,23 @@ def test_trainer_with_clipping_accumulation_and_scheduler_matches_a_hand_loop(tm
     model = _model()
     opt = create_lora_pro_optimizer(model, LR, mode=mode)
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=MICRO, gradient_accumulation_steps=ACCUM,
-        max_grad_norm=MAX_NORM, learning_rate=LR, report_to=[], save_strategy="no", logging_strategy="no",
-        use_cpu=True, dataloader_num_workers=0, seed=0, disable_tqdm=True,
+        output_dir=str(tmp_path),
+        max_steps=STEPS,
+        per_device_train_batch_size=MICRO,
+        gradient_accumulation_steps=ACCUM,
+        max_grad_norm=MAX_NORM,
+        learning_rate=LR,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        dataloader_num_workers=0,
+        seed=0,
+        disable_tqdm=True,
     )
-    SequentialTrainer(model=model, args=args, train_dataset=samples, optimizers=(opt, _sched(opt))).train()
+    SequentialTrainer(
+        model=model, args=args, train_dataset=samples, optimizers=(opt, _sched(opt))
+    ).train()
     assert all(int(s["step"]) == STEPS for s in opt.state.values())
 
     # the same by hand: token-sum loss over the accumulated micro-batches, global-norm clip, step, schedule
@@ -53,7 +68,10 @@ def test_trainer_with_clipping_accumulation_and_scheduler_matches_a_hand_loop(tm
     params = [p for p in ref.parameters() if p.requires_grad]
     clipped = False
     for step in range(STEPS):
-        micro = [samples[(step * ACCUM + j) * MICRO : (step * ACCUM + j + 1) * MICRO] for j in range(ACCUM)]
+        micro = [
+            samples[(step * ACCUM + j) * MICRO : (step * ACCUM + j + 1) * MICRO]
+            for j in range(ACCUM)
+        ]
         micro = [{k: torch.stack([s[k] for s in m]) for k in m[0]} for m in micro]
         n_items = sum(int((m["labels"][:, 1:] != -100).sum()) for m in micro)
         for m in micro:

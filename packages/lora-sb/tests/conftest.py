@@ -11,7 +11,14 @@ LR = 1e-3
 class TinyMLP(nn.Module):
     """A float64 two-layer regression net, for dense reference checks."""
 
-    def __init__(self, n_in: int = 12, hidden: int = 16, n_out: int = 8, dtype: torch.dtype = torch.float64, seed: int = 0):
+    def __init__(
+        self,
+        n_in: int = 12,
+        hidden: int = 16,
+        n_out: int = 8,
+        dtype: torch.dtype = torch.float64,
+        seed: int = 0,
+    ):
         super().__init__()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -24,10 +31,15 @@ class TinyMLP(nn.Module):
         return {"loss": loss, "logits": y}
 
 
-def regression_batches(n: int, batch: int = 8, n_in: int = 12, n_out: int = 8, seed: int = 1, dtype=torch.float64):
+def regression_batches(
+    n: int, batch: int = 8, n_in: int = 12, n_out: int = 8, seed: int = 1, dtype=torch.float64
+):
     g = torch.Generator().manual_seed(seed)
     return [
-        {"x": torch.randn(batch, n_in, generator=g, dtype=dtype), "labels": torch.randn(batch, n_out, generator=g, dtype=dtype)}
+        {
+            "x": torch.randn(batch, n_in, generator=g, dtype=dtype),
+            "labels": torch.randn(batch, n_out, generator=g, dtype=dtype),
+        }
         for _ in range(n)
     ]
 

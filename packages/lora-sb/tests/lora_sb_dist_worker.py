@@ -62,11 +62,16 @@ def factors(model):
 def final_r(model):
     from loralab.lora_sb import lora_sb_layers
 
-    return {f"{name}.lora_R": layer.lora_R["default"].weight.detach().clone() for name, layer in lora_sb_layers(model).items()}
+    return {
+        f"{name}.lora_R": layer.lora_R["default"].weight.detach().clone()
+        for name, layer in lora_sb_layers(model).items()
+    }
 
 
 def make_optimizer(model):
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=TRAIN_LR, weight_decay=0.0)
+    return torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=TRAIN_LR, weight_decay=0.0
+    )
 
 
 def run_accelerate() -> tuple[int, dict, dict]:
@@ -103,7 +108,9 @@ def run_zero2() -> tuple[int, dict, dict]:
         "steps_per_print": 10**9,
     }
     engine, *_ = deepspeed.initialize(model=model, optimizer=make_optimizer(model), config=config)
-    assert type(engine.optimizer).__name__ == "DeepSpeedZeroOptimizer", type(engine.optimizer).__name__
+    assert type(engine.optimizer).__name__ == "DeepSpeedZeroOptimizer", type(
+        engine.optimizer
+    ).__name__
     engine.train()
     for batch in train_batches(rank):
         engine.backward(engine(**batch).loss)
@@ -129,9 +136,21 @@ def run_trainer_zero2(prefix: str) -> tuple[int, dict, dict]:
     }
     # constant lr, no clipping, no weight decay: the same AdamW steps as the manual loops
     args = TrainingArguments(
-        output_dir=f"{prefix}.trainer", per_device_train_batch_size=MICRO, max_steps=STEPS, learning_rate=TRAIN_LR,
-        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0, save_strategy="no",
-        report_to=[], use_cpu=True, ddp_backend="gloo", deepspeed=ds_config, seed=0, disable_tqdm=True,
+        output_dir=f"{prefix}.trainer",
+        per_device_train_batch_size=MICRO,
+        max_steps=STEPS,
+        learning_rate=TRAIN_LR,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        ddp_backend="gloo",
+        deepspeed=ds_config,
+        seed=0,
+        disable_tqdm=True,
     )
     rank = dist.get_rank()
     model = build(init_batches(rank))
@@ -149,14 +168,20 @@ def run_trainer_zero2(prefix: str) -> tuple[int, dict, dict]:
 
     trainer = SequentialTrainer(model=model, args=args, train_dataset=rows)
     trainer.train()
-    assert type(trainer.model_wrapped).__name__ == "DeepSpeedEngine", type(trainer.model_wrapped).__name__
+    assert type(trainer.model_wrapped).__name__ == "DeepSpeedEngine", type(
+        trainer.model_wrapped
+    ).__name__
     return rank, init, final_r(model)
 
 
 def main(prefix: str) -> None:
     import torch.distributed as dist
 
-    for mode, run in (("accelerate", run_accelerate), ("zero2", run_zero2), ("trainer_zero2", lambda: run_trainer_zero2(prefix))):
+    for mode, run in (
+        ("accelerate", run_accelerate),
+        ("zero2", run_zero2),
+        ("trainer_zero2", lambda: run_trainer_zero2(prefix)),
+    ):
         rank, init, final = run()
         torch.save({"init": init, "final": final}, f"{prefix}.{mode}.{rank}.pt")
         dist.barrier()

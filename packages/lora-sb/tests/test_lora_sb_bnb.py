@@ -29,8 +29,15 @@ def checkpoint(tmp_path_factory):
 def _load_nf4(path):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg, device_map="cpu", dtype=torch.float32)
+    cfg = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    return AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=cfg, device_map="cpu", dtype=torch.float32
+    )
 
 
 def _float_twin(qmodel):
@@ -52,7 +59,13 @@ def test_nf4_init_train_save_load(checkpoint, tmp_path):
     # no-grad forward, after which backward through the 4-bit layers gives no gradient.)
     assert torch.allclose(twin(**x).logits.detach(), qmodel(**x).logits.detach(), atol=5e-3)
     grads = estimate_gradients(twin, batches, TARGETS, progress=False)
-    model = get_lora_sb_model(qmodel, LoraSBConfig(r=RANK, target_modules=TARGETS, svd_method="full"), batches, lr=LR, progress=False)
+    model = get_lora_sb_model(
+        qmodel,
+        LoraSBConfig(r=RANK, target_modules=TARGETS, svd_method="full"),
+        batches,
+        lr=LR,
+        progress=False,
+    )
     layers = lora_sb_layers(model)
     assert set(layers) == set(grads)
     for name, layer in layers.items():

@@ -37,10 +37,31 @@ def launched(tmp_path_factory):
     prefix = tmp_path_factory.mktemp("lora_sb_dist") / "run"
     # --multi_gpu is accelerate's torchrun launcher; Accelerator(cpu=True) in the worker makes it multi-CPU
     # with gloo (accelerate's --cpu multi-process launcher goes through mpirun instead).
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([*launcher, str(WORKER), str(prefix)], env=env, capture_output=True, text=True, timeout=300)
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": "cpu",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    proc = subprocess.run(
+        [*launcher, str(WORKER), str(prefix)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return lambda mode: [torch.load(f"{prefix}.{mode}.{r}.pt", weights_only=True) for r in (0, 1)]
 
@@ -52,6 +73,7 @@ def _cat(a, b):
 @pytest.fixture(scope="module")
 def single_process():
     """One process: init from the concatenated init batches, train on the concatenated (global) batches."""
+
     def train(batches):
         model = w.build(_cat(w.init_batches(0), w.init_batches(1)))
         opt = w.make_optimizer(model)
@@ -66,12 +88,16 @@ def single_process():
     return {
         "init": w.factors(model),
         "global": train(_cat(w.train_batches(0), w.train_batches(1))),
-        "rank0_only": train(w.train_batches(0)),  # what training without gradient averaging would give
+        "rank0_only": train(
+            w.train_batches(0)
+        ),  # what training without gradient averaging would give
     }
 
 
 def _delta(f, layer):
-    return f[f"{layer}.lora_B"] @ f[f"{layer}.lora_R"] @ f[f"{layer}.lora_A"]  # scaling is 1 (alpha = r)
+    return (
+        f[f"{layer}.lora_B"] @ f[f"{layer}.lora_R"] @ f[f"{layer}.lora_A"]
+    )  # scaling is 1 (alpha = r)
 
 
 def _rel_change(got, ref, init):

@@ -38,7 +38,11 @@ def reference_updates():
 @pytest.mark.parametrize("alpha", [1, RANK, 4 * RANK, 64])
 def test_init_identity_for_every_target_and_alpha(alpha, reference_updates):
     model = get_lora_sb_model(
-        tiny_llama(), LoraSBConfig(r=RANK, lora_alpha=alpha, target_modules=TARGETS, svd_method="full"), _batches(), lr=LR, progress=False
+        tiny_llama(),
+        LoraSBConfig(r=RANK, lora_alpha=alpha, target_modules=TARGETS, svd_method="full"),
+        _batches(),
+        lr=LR,
+        progress=False,
     )
     layers = lora_sb_layers(model)
     assert set(layers) == set(reference_updates)
@@ -50,17 +54,27 @@ def test_init_identity_for_every_target_and_alpha(alpha, reference_updates):
 
 
 def test_randomized_init_is_near_optimal(reference_updates):
-    model = get_lora_sb_model(tiny_llama(), LoraSBConfig(r=RANK, target_modules=TARGETS), _batches(), lr=LR, progress=False)
+    model = get_lora_sb_model(
+        tiny_llama(),
+        LoraSBConfig(r=RANK, target_modules=TARGETS),
+        _batches(),
+        lr=LR,
+        progress=False,
+    )
     for name, layer in lora_sb_layers(model).items():
         delta = reference_updates[name].double()
         best = torch.linalg.norm(delta - _truncation(delta, RANK))
-        assert torch.linalg.norm(delta - layer.get_delta_weight("default").double()) <= best * (1 + 1e-3), name
+        assert torch.linalg.norm(delta - layer.get_delta_weight("default").double()) <= best * (
+            1 + 1e-3
+        ), name
 
 
 def test_base_weights_untouched_and_only_r_trains():
     base = tiny_llama()
     w0 = {n: p.detach().clone() for n, p in base.named_parameters()}
-    model = get_lora_sb_model(base, LoraSBConfig(r=RANK, target_modules=TARGETS), _batches(), lr=LR, progress=False)
+    model = get_lora_sb_model(
+        base, LoraSBConfig(r=RANK, target_modules=TARGETS), _batches(), lr=LR, progress=False
+    )
     for n, p in model.base_model.model.named_parameters():
         key = n.replace(".base_layer", "")
         if key in w0:
@@ -74,7 +88,9 @@ def test_base_weights_untouched_and_only_r_trains():
 
 
 def test_trainable_ratio_vs_lora_at_same_rank():
-    sb = get_peft_model(tiny_llama(), LoraSBConfig(r=RANK, target_modules=TARGETS, sb_init="random"))
+    sb = get_peft_model(
+        tiny_llama(), LoraSBConfig(r=RANK, target_modules=TARGETS, sb_init="random")
+    )
     lora = get_peft_model(tiny_llama(), LoraConfig(r=RANK, target_modules=TARGETS))
     n_sb, n_lora = sb.get_nb_trainable_parameters()[0], lora.get_nb_trainable_parameters()[0]
     # LoRA: r (m + n) per layer; LoRA-SB: r². hidden 64, intermediate 128, kv 32.
@@ -87,36 +103,70 @@ def test_trainable_ratio_vs_lora_at_same_rank():
 def test_init_is_deterministic_and_leaves_the_global_rng_alone():
     torch.manual_seed(123)
     state = torch.get_rng_state()
-    m1 = get_lora_sb_model(tiny_llama(), LoraSBConfig(r=RANK, target_modules=TARGETS), _batches(), lr=LR, progress=False)
+    m1 = get_lora_sb_model(
+        tiny_llama(),
+        LoraSBConfig(r=RANK, target_modules=TARGETS),
+        _batches(),
+        lr=LR,
+        progress=False,
+    )
     assert torch.equal(torch.get_rng_state(), state)
-    m2 = get_lora_sb_model(tiny_llama(), LoraSBConfig(r=RANK, target_modules=TARGETS), _batches(), lr=LR, progress=False)
+    m2 = get_lora_sb_model(
+        tiny_llama(),
+        LoraSBConfig(r=RANK, target_modules=TARGETS),
+        _batches(),
+        lr=LR,
+        progress=False,
+    )
     for (n1, p1), (n2, p2) in zip(m1.named_parameters(), m2.named_parameters()):
         assert n1 == n2 and torch.equal(p1, p2), n1
-    m3 = get_lora_sb_model(tiny_llama(), LoraSBConfig(r=RANK, target_modules=TARGETS, sb_init="random", init_seed=1), _batches(), progress=False)
-    m4 = get_lora_sb_model(tiny_llama(), LoraSBConfig(r=RANK, target_modules=TARGETS, sb_init="random", init_seed=1), _batches(), progress=False)
+    m3 = get_lora_sb_model(
+        tiny_llama(),
+        LoraSBConfig(r=RANK, target_modules=TARGETS, sb_init="random", init_seed=1),
+        _batches(),
+        progress=False,
+    )
+    m4 = get_lora_sb_model(
+        tiny_llama(),
+        LoraSBConfig(r=RANK, target_modules=TARGETS, sb_init="random", init_seed=1),
+        _batches(),
+        progress=False,
+    )
     for p3, p4 in zip(m3.parameters(), m4.parameters()):
         assert torch.equal(p3, p4)
     assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_lora_xs_inits():
-    model = get_peft_model(tiny_llama(), LoraSBConfig(r=RANK, target_modules=["q_proj"], sb_init="weight_svd", svd_method="full"))
+    model = get_peft_model(
+        tiny_llama(),
+        LoraSBConfig(r=RANK, target_modules=["q_proj"], sb_init="weight_svd", svd_method="full"),
+    )
     for name, layer in lora_sb_layers(model).items():
         W = layer.get_base_layer().weight.double()
         U, S, Vh = torch.linalg.svd(W)
         B = layer.lora_B["default"].weight.double()
         A = layer.lora_A["default"].weight.double()
-        assert torch.allclose(B @ A, U[:, :RANK] @ torch.diag(S[:RANK]) @ Vh[:RANK], atol=1e-4), name
+        assert torch.allclose(B @ A, U[:, :RANK] @ torch.diag(S[:RANK]) @ Vh[:RANK], atol=1e-4), (
+            name
+        )
         assert torch.count_nonzero(layer.lora_R["default"].weight) == 0
-    model = get_peft_model(tiny_llama(), LoraSBConfig(r=RANK, target_modules=["q_proj"], sb_init="random"))
+    model = get_peft_model(
+        tiny_llama(), LoraSBConfig(r=RANK, target_modules=["q_proj"], sb_init="random")
+    )
     for layer in lora_sb_layers(model).values():
         B = layer.lora_B["default"].weight
         assert torch.allclose(B.T @ B, torch.eye(RANK), atol=1e-5)
 
 
 def test_error_rank_larger_than_layer_names_the_layer():
-    with pytest.raises(ValueError, match=r"r=40 exceeds min\(out_features, in_features\)=32 of layer 'model.layers.0.self_attn.k_proj'"):
-        get_peft_model(tiny_llama(), LoraSBConfig(r=40, target_modules=["k_proj"], sb_init="random"))
+    with pytest.raises(
+        ValueError,
+        match=r"r=40 exceeds min\(out_features, in_features\)=32 of layer 'model.layers.0.self_attn.k_proj'",
+    ):
+        get_peft_model(
+            tiny_llama(), LoraSBConfig(r=40, target_modules=["k_proj"], sb_init="random")
+        )
 
 
 def test_zero_gradient_layer_errors_or_falls_back():
@@ -124,10 +174,22 @@ def test_zero_gradient_layer_errors_or_falls_back():
     targets = ["v_proj", "up_proj"]
     batches = _batches()
     with pytest.raises(LoraSBInitError) as err:
-        get_lora_sb_model(tiny_llama(), LoraSBConfig(r=RANK, target_modules=targets), batches, lr=LR, loss_fn=_dead_v_loss, progress=False)
+        get_lora_sb_model(
+            tiny_llama(),
+            LoraSBConfig(r=RANK, target_modules=targets),
+            batches,
+            lr=LR,
+            loss_fn=_dead_v_loss,
+            progress=False,
+        )
     assert "model.layers.1.self_attn.v_proj" in str(err.value) and "all zeros" in str(err.value)
     model = get_lora_sb_model(
-        tiny_llama(), LoraSBConfig(r=RANK, target_modules=targets, zero_gradient="random"), batches, lr=LR, loss_fn=_dead_v_loss, progress=False
+        tiny_llama(),
+        LoraSBConfig(r=RANK, target_modules=targets, zero_gradient="random"),
+        batches,
+        lr=LR,
+        loss_fn=_dead_v_loss,
+        progress=False,
     )
     layer = lora_sb_layers(model)["model.layers.1.self_attn.v_proj"]
     assert torch.count_nonzero(layer.lora_R["default"].weight) == 0
@@ -139,7 +201,11 @@ def test_zero_gradient_layer_errors_or_falls_back():
 
 def _dead_v_loss(model, batch):
     # Layer 1's v_proj output is replaced by zeros times itself: d loss / d W_v = 0 exactly.
-    inner = model.base_model.model if hasattr(model, "base_model") and hasattr(model.base_model, "model") else model
+    inner = (
+        model.base_model.model
+        if hasattr(model, "base_model") and hasattr(model.base_model, "model")
+        else model
+    )
     v = inner.model.layers[1].self_attn.v_proj
     handle = v.register_forward_hook(lambda mod, inp, out: out * 0.0)
     try:
@@ -152,19 +218,34 @@ def test_missing_gradient_errors():
     # a target the loss never reaches: core's estimator names it
     def loss_fn(model, batch):
         inner = model.base_model.model
-        return inner.model.embed_tokens(batch["input_ids"]).pow(2).mean() + 0 * inner.model.layers[0].self_attn.q_proj(
-            inner.model.embed_tokens(batch["input_ids"])
-        ).sum()
+        return (
+            inner.model.embed_tokens(batch["input_ids"]).pow(2).mean()
+            + 0
+            * inner.model.layers[0]
+            .self_attn.q_proj(inner.model.embed_tokens(batch["input_ids"]))
+            .sum()
+        )
 
-    with pytest.raises(GradientEstimationError, match=r"received no gradient.*model\.layers\.1\.self_attn\.q_proj"):
-        get_lora_sb_model(tiny_llama(), LoraSBConfig(r=RANK, target_modules=["q_proj"]), _batches(), lr=LR, loss_fn=loss_fn, progress=False)
+    with pytest.raises(
+        GradientEstimationError, match=r"received no gradient.*model\.layers\.1\.self_attn\.q_proj"
+    ):
+        get_lora_sb_model(
+            tiny_llama(),
+            LoraSBConfig(r=RANK, target_modules=["q_proj"]),
+            _batches(),
+            lr=LR,
+            loss_fn=loss_fn,
+            progress=False,
+        )
 
 
 def test_argument_and_config_errors():
     with pytest.raises(ValueError, match="lr is required"):
         get_lora_sb_model(tiny_llama(), LoraSBConfig(r=RANK, target_modules=["q_proj"]), _batches())
     with pytest.raises(TypeError, match="must be a LoraSBConfig"):
-        get_lora_sb_model(tiny_llama(), LoraConfig(r=RANK, target_modules=["q_proj"]), _batches(), lr=LR)
+        get_lora_sb_model(
+            tiny_llama(), LoraConfig(r=RANK, target_modules=["q_proj"]), _batches(), lr=LR
+        )
     with pytest.raises(ValueError, match="sb_init"):
         LoraSBConfig(sb_init="pissa")
     with pytest.raises(ValueError, match="use_dora"):
@@ -188,10 +269,17 @@ def test_plain_lora_layer_refuses_a_lora_sb_adapter():
 
 
 def test_gpt2_conv1d_init_identity():
-    grads = estimate_gradients(tiny_gpt2(), _batches(), ["c_attn", "c_fc", "c_proj"], progress=False)
+    grads = estimate_gradients(
+        tiny_gpt2(), _batches(), ["c_attn", "c_fc", "c_proj"], progress=False
+    )
     model = get_lora_sb_model(
-        tiny_gpt2(), LoraSBConfig(r=RANK, lora_alpha=2, target_modules=["c_attn", "c_fc", "c_proj"], svd_method="full"),
-        _batches(), lr=LR, progress=False,
+        tiny_gpt2(),
+        LoraSBConfig(
+            r=RANK, lora_alpha=2, target_modules=["c_attn", "c_fc", "c_proj"], svd_method="full"
+        ),
+        _batches(),
+        lr=LR,
+        progress=False,
     )
     layers = lora_sb_layers(model)
     assert set(layers) == set(grads)
@@ -204,14 +292,22 @@ def test_gpt2_conv1d_init_identity():
 
 def test_rank_pattern_and_rslora(reference_updates):
     # per-layer ranks (PEFT's rank_pattern) and rsLoRA scaling: still the rank-r_i truncation, Σ r_i² trainables
-    cfg = LoraSBConfig(r=RANK, lora_alpha=16, use_rslora=True, rank_pattern={"down_proj": 2 * RANK}, target_modules=["q_proj", "down_proj"],
-                       svd_method="full")
+    cfg = LoraSBConfig(
+        r=RANK,
+        lora_alpha=16,
+        use_rslora=True,
+        rank_pattern={"down_proj": 2 * RANK},
+        target_modules=["q_proj", "down_proj"],
+        svd_method="full",
+    )
     model = get_lora_sb_model(tiny_llama(), cfg, _batches(), lr=LR, progress=False)
     total = 0
     for name, layer in lora_sb_layers(model).items():
         r = 2 * RANK if name.endswith("down_proj") else RANK
         assert layer.r["default"] == r and layer.scaling["default"] == pytest.approx(16 / r**0.5)
         want = _truncation(reference_updates[name], r)
-        assert torch.linalg.norm(layer.get_delta_weight("default").double() - want) <= 1e-4 * torch.linalg.norm(want), name
+        assert torch.linalg.norm(
+            layer.get_delta_weight("default").double() - want
+        ) <= 1e-4 * torch.linalg.norm(want), name
         total += r * r
     assert model.get_nb_trainable_parameters()[0] == total == 2 * (RANK**2 + (2 * RANK) ** 2)

@@ -60,14 +60,18 @@ def test_factors_give_the_rank_r_truncation_whatever_the_scaling(scaling):
 def test_randomized_factors_are_near_optimal_on_a_sign_matrix():
     # Sign matrices have flat spectra (REFERENCES.md): oversampling keeps the randomized SVD optimal.
     delta = update_approximation(torch.randn(96, 80, generator=_gen(3)), LR)
-    B, R, A = sb_factors(delta, RANK, 1.0, method="randomized", oversample=10, niter=10, generator=_gen())
+    B, R, A = sb_factors(
+        delta, RANK, 1.0, method="randomized", oversample=10, niter=10, generator=_gen()
+    )
     S = torch.linalg.svdvals(delta.double())
     best = S[RANK:].square().sum().sqrt()
     err = torch.linalg.norm(delta.double() - (B @ R @ A).double())
     assert err <= best * (1 + 1e-3)
 
 
-def test_r_gradient_and_equivalent_gradient_match_autograd_and_projection(mlp_factory, regression_data):
+def test_r_gradient_and_equivalent_gradient_match_autograd_and_projection(
+    mlp_factory, regression_data
+):
     """g_R = s Bᵀ G Aᵀ (autograd through the PEFT layer vs the dense gradient of W), g̃ = s² P_B G P_A."""
     alpha = 8
     base = mlp_factory()
@@ -77,7 +81,9 @@ def test_r_gradient_and_equivalent_gradient_match_autograd_and_projection(mlp_fa
     layer = model.base_model.model.fc1
     # move R off zero so the dense W differs from W0
     with torch.no_grad():
-        layer.lora_R["default"].weight.copy_(torch.randn(RANK, RANK, generator=_gen(5), dtype=torch.float64))
+        layer.lora_R["default"].weight.copy_(
+            torch.randn(RANK, RANK, generator=_gen(5), dtype=torch.float64)
+        )
     s = layer.scaling["default"]
     assert s == alpha / RANK
     loss = model(**batches[0])["loss"]

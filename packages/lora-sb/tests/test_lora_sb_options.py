@@ -30,7 +30,9 @@ def _batches(n=2, seed=3):
 
 
 def _deltas(model):
-    return {n: layer.get_delta_weight("default").double() for n, layer in lora_sb_layers(model).items()}
+    return {
+        n: layer.get_delta_weight("default").double() for n, layer in lora_sb_layers(model).items()
+    }
 
 
 def _assert_same_init(a, b):
@@ -42,12 +44,23 @@ def _assert_same_init(a, b):
 
 @pytest.fixture(scope="module")
 def plain():
-    return get_lora_sb_model(tiny_llama(), LoraSBConfig(r=RANK, target_modules=TARGETS), _batches(), lr=LR, progress=False)
+    return get_lora_sb_model(
+        tiny_llama(),
+        LoraSBConfig(r=RANK, target_modules=TARGETS),
+        _batches(),
+        lr=LR,
+        progress=False,
+    )
 
 
 def test_offloaded_estimation_gives_the_same_init(plain):
     model = get_lora_sb_model(
-        tiny_llama(), LoraSBConfig(r=RANK, target_modules=TARGETS), _batches(), lr=LR, offload=True, progress=False
+        tiny_llama(),
+        LoraSBConfig(r=RANK, target_modules=TARGETS),
+        _batches(),
+        lr=LR,
+        offload=True,
+        progress=False,
     )
     _assert_same_init(model, plain)
 
@@ -55,17 +68,35 @@ def test_offloaded_estimation_gives_the_same_init(plain):
 def test_estimation_model_and_num_batches(plain):
     # a separate float model of the same architecture (e.g. the float checkpoint of a 4-bit model)
     model = get_lora_sb_model(
-        tiny_llama(), LoraSBConfig(r=RANK, target_modules=TARGETS), _batches(), lr=LR, estimation_model=tiny_llama(), progress=False
+        tiny_llama(),
+        LoraSBConfig(r=RANK, target_modules=TARGETS),
+        _batches(),
+        lr=LR,
+        estimation_model=tiny_llama(),
+        progress=False,
     )
     _assert_same_init(model, plain)
     # num_batches=2 of 5 batches == the first 2 batches
     model = get_lora_sb_model(
-        tiny_llama(), LoraSBConfig(r=RANK, target_modules=TARGETS), _batches(2) + _batches(3, seed=4), lr=LR, num_batches=2, progress=False
+        tiny_llama(),
+        LoraSBConfig(r=RANK, target_modules=TARGETS),
+        _batches(2) + _batches(3, seed=4),
+        lr=LR,
+        num_batches=2,
+        progress=False,
     )
     _assert_same_init(model, plain)
-    with pytest.raises(LoraSBInitError, match=r"estimation_model has no module 'model\.layers\.0\.self_attn\.q_proj'"):
+    with pytest.raises(
+        LoraSBInitError,
+        match=r"estimation_model has no module 'model\.layers\.0\.self_attn\.q_proj'",
+    ):
         get_lora_sb_model(
-            tiny_llama(), LoraSBConfig(r=RANK, target_modules=TARGETS), _batches(), lr=LR, estimation_model=torch.nn.Linear(2, 2), progress=False
+            tiny_llama(),
+            LoraSBConfig(r=RANK, target_modules=TARGETS),
+            _batches(),
+            lr=LR,
+            estimation_model=torch.nn.Linear(2, 2),
+            progress=False,
         )
 
 
@@ -76,16 +107,35 @@ def test_missing_gradient_is_an_error_naming_the_layer():
         h = inner.model.embed_tokens(batch["input_ids"])
         return inner.model.layers[0].self_attn.q_proj(h).pow(2).mean()
 
-    with pytest.raises(GradientEstimationError, match=r"received no gradient.*model\.layers\.1\.self_attn\.q_proj"):
-        get_lora_sb_model(tiny_llama(), LoraSBConfig(r=RANK, target_modules=["q_proj"]), _batches(), lr=LR, loss_fn=loss_fn, progress=False)
+    with pytest.raises(
+        GradientEstimationError, match=r"received no gradient.*model\.layers\.1\.self_attn\.q_proj"
+    ):
+        get_lora_sb_model(
+            tiny_llama(),
+            LoraSBConfig(r=RANK, target_modules=["q_proj"]),
+            _batches(),
+            lr=LR,
+            loss_fn=loss_fn,
+            progress=False,
+        )
     # updates given by hand: every target needs one, and the shapes must match
-    model = get_peft_model(tiny_llama(), LoraSBConfig(r=RANK, target_modules=["q_proj"], sb_init="random"))
-    with pytest.raises(LoraSBInitError, match=r"no gradient/update for 1 LoRA-SB target.*model\.layers\.1\.self_attn\.q_proj"):
+    model = get_peft_model(
+        tiny_llama(), LoraSBConfig(r=RANK, target_modules=["q_proj"], sb_init="random")
+    )
+    with pytest.raises(
+        LoraSBInitError,
+        match=r"no gradient/update for 1 LoRA-SB target.*model\.layers\.1\.self_attn\.q_proj",
+    ):
         initialize_from_updates_(model, {"model.layers.0.self_attn.q_proj": torch.ones(64, 64)})
-    with pytest.raises(LoraSBInitError, match=r"update for 'model\.layers\.0\.self_attn\.q_proj' has shape \(3, 3\)"):
+    with pytest.raises(
+        LoraSBInitError,
+        match=r"update for 'model\.layers\.0\.self_attn\.q_proj' has shape \(3, 3\)",
+    ):
         initialize_from_updates_(model, {"model.layers.0.self_attn.q_proj": torch.ones(3, 3)})
     with pytest.raises(LoraSBInitError, match="NaN/Inf"):
-        initialize_from_updates_(model, {"model.layers.0.self_attn.q_proj": torch.full((64, 64), float("nan"))})
+        initialize_from_updates_(
+            model, {"model.layers.0.self_attn.q_proj": torch.full((64, 64), float("nan"))}
+        )
 
 
 class _Writer:
@@ -98,11 +148,23 @@ class _Writer:
 
 def test_seed_writer_logs_each_layers_approximation_error():
     model = tiny_llama()
-    named_grads = estimate_and_process_grads_torch(model, _batches(), LR, num_samples=4, target_modules=["q_proj"], progress=False)
+    named_grads = estimate_and_process_grads_torch(
+        model, _batches(), LR, num_samples=4, target_modules=["q_proj"], progress=False
+    )
     model = get_peft_model(model, LoraConfig(r=RANK, target_modules=["q_proj"]))
     writer = _Writer()
-    find_and_initialize_grad(model, model.peft_config, "default", "svd", {"svd": {"rank": RANK}}, writer=writer, named_grads=named_grads)
-    assert set(writer.scalars) == {f"lora_sb_init/model.layers.{i}.self_attn.q_proj/relative_error" for i in (0, 1)}
+    find_and_initialize_grad(
+        model,
+        model.peft_config,
+        "default",
+        "svd",
+        {"svd": {"rank": RANK}},
+        writer=writer,
+        named_grads=named_grads,
+    )
+    assert set(writer.scalars) == {
+        f"lora_sb_init/model.layers.{i}.self_attn.q_proj/relative_error" for i in (0, 1)
+    }
     for name in lora_sb_layers(model):
         delta = named_grads[f"{name}.weight"].double()
         best = torch.linalg.svdvals(delta)[RANK:].square().sum().sqrt() / delta.norm()
@@ -117,13 +179,26 @@ def test_seed_quant_flag_estimates_on_the_dequantized_model(tmp_path):
     from loralab.core.testing import save_tiny
 
     path = save_tiny(tiny_llama(), tmp_path / "tiny", tokenizer=False)
-    qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    qmodel = AutoModelForCausalLM.from_pretrained(path, quantization_config=qcfg, device_map="cpu", dtype=torch.float32)
-    want = estimate_gradients(dequantized_copy(qmodel, dtype=torch.float32), _batches(), ["q_proj"], progress=False)
+    qcfg = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    qmodel = AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=qcfg, device_map="cpu", dtype=torch.float32
+    )
+    want = estimate_gradients(
+        dequantized_copy(qmodel, dtype=torch.float32), _batches(), ["q_proj"], progress=False
+    )
 
     def estimate():
         return estimate_and_process_grads_torch(
-            qmodel, _batches(), LR, num_samples=4, quant_flag=True, origin_type="fp32", target_modules=["q_proj"], progress=False
+            qmodel,
+            _batches(),
+            LR,
+            num_samples=4,
+            quant_flag=True,
+            origin_type="fp32",
+            target_modules=["q_proj"],
+            progress=False,
         )
 
     got = estimate()
@@ -138,4 +213,6 @@ def test_seed_quant_flag_estimates_on_the_dequantized_model(tmp_path):
     for key, value in got.items():
         assert (again[key] == value).float().mean() > 0.98, key
     with pytest.raises(ValueError, match="origin_type must be one of"):
-        estimate_and_process_grads_torch(qmodel, _batches(), LR, quant_flag=True, origin_type="int8")
+        estimate_and_process_grads_torch(
+            qmodel, _batches(), LR, quant_flag=True, origin_type="int8"
+        )

@@ -39,7 +39,13 @@ def _train_r(model, steps=3, lr=1e-2):
 
 @pytest.fixture(scope="module")
 def trained():
-    model = get_lora_sb_model(tiny_llama(), LoraSBConfig(r=RANK, target_modules=TARGETS, lora_dropout=0.1), _batches(), lr=LR, progress=False)
+    model = get_lora_sb_model(
+        tiny_llama(),
+        LoraSBConfig(r=RANK, target_modules=TARGETS, lora_dropout=0.1),
+        _batches(),
+        lr=LR,
+        progress=False,
+    )
     _train_r(model)
     return model
 
@@ -55,7 +61,9 @@ def test_save_load_merge_give_the_live_outputs(trained, tmp_path):
     with torch.no_grad():
         assert torch.allclose(loaded(**x).logits, live, atol=ATOL)
     # PEFT's documented route for custom layers works too
-    again = PeftModel.from_pretrained(tiny_llama(), tmp_path, config=LoraSBConfig.from_pretrained(tmp_path))
+    again = PeftModel.from_pretrained(
+        tiny_llama(), tmp_path, config=LoraSBConfig.from_pretrained(tmp_path)
+    )
     with torch.no_grad():
         assert torch.allclose(again(**x).logits, live, atol=ATOL)
     merged = loaded.merge_and_unload()
@@ -78,7 +86,9 @@ def test_merge_unmerge_and_disable_adapter(trained):
         assert torch.allclose(trained(**x).logits, live, atol=ATOL)
         for n, p in trained.base_model.model.named_parameters():
             if ".base_layer." in n:
-                assert torch.allclose(p, base.get_parameter(n.replace(".base_layer", "")), atol=1e-6)
+                assert torch.allclose(
+                    p, base.get_parameter(n.replace(".base_layer", "")), atol=1e-6
+                )
 
 
 def test_checkpoint_keys_are_clean_with_base_dtype_factors(tmp_path):
@@ -95,11 +105,21 @@ def test_checkpoint_keys_are_clean_with_base_dtype_factors(tmp_path):
     for key, value in sd.items():
         assert key.startswith("base_model.model.model.layers.")
         slot = key.rsplit(".", 2)[-2]
-        assert slot in ("lora_A", "lora_B", "lora_R") and key.endswith(f"{slot}.weight") and ".default." not in key, key
+        assert (
+            slot in ("lora_A", "lora_B", "lora_R")
+            and key.endswith(f"{slot}.weight")
+            and ".default." not in key
+        ), key
         # ...but the checkpoint stores A, B in the base dtype and R in fp32
         assert value.dtype == (torch.float32 if slot == "lora_R" else torch.bfloat16), key
     # get_lora_sb_model keeps A/B in the base dtype live, too
-    m2 = get_lora_sb_model(tiny_llama().to(torch.bfloat16), LoraSBConfig(r=RANK, target_modules=TARGETS), _batches(), lr=LR, progress=False)
+    m2 = get_lora_sb_model(
+        tiny_llama().to(torch.bfloat16),
+        LoraSBConfig(r=RANK, target_modules=TARGETS),
+        _batches(),
+        lr=LR,
+        progress=False,
+    )
     layer2 = next(iter(lora_sb_layers(m2).values()))
     assert layer2.lora_A["default"].weight.dtype == torch.bfloat16
     assert layer2.lora_R["default"].weight.dtype == torch.float32
@@ -110,10 +130,20 @@ def test_checkpoint_keys_are_clean_with_base_dtype_factors(tmp_path):
 
 
 def test_multiple_adapters_and_trainable_counts(tmp_path, capsys):
-    model = get_lora_sb_model(tiny_llama(), LoraSBConfig(r=RANK, target_modules=TARGETS), _batches(), lr=LR, progress=False)
+    model = get_lora_sb_model(
+        tiny_llama(),
+        LoraSBConfig(r=RANK, target_modules=TARGETS),
+        _batches(),
+        lr=LR,
+        progress=False,
+    )
     model.add_adapter("second", LoraSBConfig(r=2, target_modules=["q_proj"], init_seed=5))
-    initialize_lora_sb_weights(model, _batches(seed=9), lr=10 * LR, adapter_name="second", progress=False)
-    model.add_adapter("plain", LoraConfig(r=RANK, target_modules=["q_proj"], init_lora_weights=False))
+    initialize_lora_sb_weights(
+        model, _batches(seed=9), lr=10 * LR, adapter_name="second", progress=False
+    )
+    model.add_adapter(
+        "plain", LoraConfig(r=RANK, target_modules=["q_proj"], init_lora_weights=False)
+    )
     x = _batches(1, seed=11)[0]
     outs = {}
     for name in ("default", "second", "plain"):
@@ -141,19 +171,29 @@ def test_multiple_adapters_and_trainable_counts(tmp_path, capsys):
     xx = {k: torch.cat([v, v]) for k, v in x.items()}
     with torch.no_grad():
         mixed = loaded(**xx, adapter_names=["default"] * 2 + ["second"] * 2).logits
-    assert torch.allclose(mixed[:2], outs["default"], atol=ATOL) and torch.allclose(mixed[2:], outs["second"], atol=ATOL)
+    assert torch.allclose(mixed[:2], outs["default"], atol=ATOL) and torch.allclose(
+        mixed[2:], outs["second"], atol=ATOL
+    )
     loaded.delete_adapter("second")
     assert all("second" not in n for n, _ in loaded.named_parameters())
 
 
 def test_lora_sb_config_refuses_a_plain_lora_checkpoint(tmp_path):
-    get_peft_model(tiny_llama(), LoraConfig(r=RANK, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    get_peft_model(tiny_llama(), LoraConfig(r=RANK, target_modules=["q_proj"])).save_pretrained(
+        tmp_path
+    )
     with pytest.raises(ValueError, match="not a LoRA-SB config"):
         LoraSBConfig.from_pretrained(tmp_path)
 
 
 def test_dropout_on_the_adapter_input():
-    model = get_lora_sb_model(tiny_llama(), LoraSBConfig(r=RANK, target_modules=TARGETS, lora_dropout=0.5), _batches(), lr=LR, progress=False)
+    model = get_lora_sb_model(
+        tiny_llama(),
+        LoraSBConfig(r=RANK, target_modules=TARGETS, lora_dropout=0.5),
+        _batches(),
+        lr=LR,
+        progress=False,
+    )
     layer = next(iter(lora_sb_layers(model).values()))
     x = torch.randn(3, layer.in_features)
     layer.train()
@@ -168,7 +208,13 @@ def test_dropout_on_the_adapter_input():
 
 
 def test_gpt2_conv1d_save_load_merge(tmp_path):
-    model = get_lora_sb_model(tiny_gpt2(), LoraSBConfig(r=RANK, target_modules=["c_attn", "c_fc", "c_proj"]), _batches(), lr=LR, progress=False)
+    model = get_lora_sb_model(
+        tiny_gpt2(),
+        LoraSBConfig(r=RANK, target_modules=["c_attn", "c_fc", "c_proj"]),
+        _batches(),
+        lr=LR,
+        progress=False,
+    )
     _train_r(model, steps=2)
     x = _batches(1, seed=11)[0]
     with torch.no_grad():
@@ -189,7 +235,9 @@ def test_sequence_classification_head_trains_and_round_trips(tmp_path):
     cfg = LoraSBConfig(r=RANK, target_modules=["query", "value"], task_type="SEQ_CLS")
     model = get_lora_sb_model(tiny_roberta(), cfg, data, lr=LR, progress=False)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(".lora_R." in n or ".classifier.modules_to_save." in n for n in trainable), trainable
+    assert trainable and all(
+        ".lora_R." in n or ".classifier.modules_to_save." in n for n in trainable
+    ), trainable
     n_r = sum(p.numel() for n, p in model.named_parameters() if ".lora_R." in n)
     assert n_r == len(lora_sb_layers(model)) * RANK**2 == 4 * RANK**2
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -216,11 +264,19 @@ def test_encoder_decoder_t5_init_identity():
     batches = make_seq2seq_batches(2, seed=3)
     targets = ["q", "v", "wo"]
     grads = estimate_gradients(tiny_t5(), batches, targets, progress=False)
-    model = get_lora_sb_model(tiny_t5(), LoraSBConfig(r=RANK, target_modules=targets, svd_method="full"), batches, lr=LR, progress=False)
+    model = get_lora_sb_model(
+        tiny_t5(),
+        LoraSBConfig(r=RANK, target_modules=targets, svd_method="full"),
+        batches,
+        lr=LR,
+        progress=False,
+    )
     layers = lora_sb_layers(model)
     assert set(layers) == set(grads) and any(n.startswith("decoder.") for n in layers)
     for name, layer in layers.items():
         delta = update_approximation(grads[name], LR).double()
         U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
         want = U[:, :RANK] @ torch.diag(S[:RANK]) @ Vh[:RANK]
-        assert (layer.get_delta_weight("default").double() - want).norm() <= 1e-4 * want.norm(), name
+        assert (layer.get_delta_weight("default").double() - want).norm() <= 1e-4 * want.norm(), (
+            name
+        )

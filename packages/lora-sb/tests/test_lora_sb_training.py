@@ -16,8 +16,16 @@ def _data():
 
 def _final_loss(init: str) -> float:
     data = _data()
-    model = get_lora_sb_model(tiny_llama(), LoraSBConfig(r=RANK, target_modules="all-linear", sb_init=init), data, lr=LR, progress=False)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
+    model = get_lora_sb_model(
+        tiny_llama(),
+        LoraSBConfig(r=RANK, target_modules="all-linear", sb_init=init),
+        data,
+        lr=LR,
+        progress=False,
+    )
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0
+    )
     model.train()
     for step in range(STEPS):
         model(**data[step % len(data)]).loss.backward()
@@ -39,12 +47,27 @@ def test_hf_trainer_trains_only_r(tmp_path):
     from transformers import Trainer, TrainingArguments
 
     data = _data()
-    model = get_lora_sb_model(tiny_llama(), LoraSBConfig(r=4, target_modules=["q_proj", "v_proj"]), data, lr=1e-3, progress=False)
+    model = get_lora_sb_model(
+        tiny_llama(),
+        LoraSBConfig(r=4, target_modules=["q_proj", "v_proj"]),
+        data,
+        lr=1e-3,
+        progress=False,
+    )
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     rows = [{k: v[i] for k, v in b.items()} for b in data for i in range(4)]
     args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=4, learning_rate=1e-3, warmup_steps=0,
-        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=4,
+        learning_rate=1e-3,
+        warmup_steps=0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=args, train_dataset=rows)
     trainer.train()
@@ -55,9 +78,11 @@ def test_hf_trainer_trains_only_r(tmp_path):
     x = make_lm_batches(1, seed=11)[0]
     model.eval()
     with torch.no_grad():
-        assert torch.allclose(load_lora_sb_model(tiny_llama(), tmp_path / "final")(**x).logits, model(**x).logits, atol=1e-5)
-
-
+        assert torch.allclose(
+            load_lora_sb_model(tiny_llama(), tmp_path / "final")(**x).logits,
+            model(**x).logits,
+            atol=1e-5,
+        )
 
 
 def test_hf_trainer_resume_gives_the_same_steps(tmp_path):
@@ -71,8 +96,17 @@ def test_hf_trainer_resume_gives_the_same_steps(tmp_path):
 
     def args(out):
         return TrainingArguments(
-            output_dir=str(out), per_device_train_batch_size=4, max_steps=4, learning_rate=1e-2, warmup_steps=0, save_strategy="steps",
-            save_steps=2, report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+            output_dir=str(out),
+            per_device_train_batch_size=4,
+            max_steps=4,
+            learning_rate=1e-2,
+            warmup_steps=0,
+            save_strategy="steps",
+            save_steps=2,
+            report_to=[],
+            use_cpu=True,
+            seed=0,
+            disable_tqdm=True,
         )
 
     class StopAt2(TrainerCallback):
@@ -82,12 +116,25 @@ def test_hf_trainer_resume_gives_the_same_steps(tmp_path):
     def r_of(model):
         return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    full = get_lora_sb_model(tiny_llama(), LoraSBConfig(r=4, target_modules=targets), data, lr=1e-3, progress=False)
+    full = get_lora_sb_model(
+        tiny_llama(), LoraSBConfig(r=4, target_modules=targets), data, lr=1e-3, progress=False
+    )
     Trainer(model=full, args=args(tmp_path / "a"), train_dataset=rows).train()
-    first = get_lora_sb_model(tiny_llama(), LoraSBConfig(r=4, target_modules=targets), data, lr=1e-3, progress=False)
-    Trainer(model=first, args=args(tmp_path / "b"), train_dataset=rows, callbacks=[StopAt2()]).train()
-    resumed = get_lora_sb_model(tiny_llama(), LoraSBConfig(r=4, target_modules=targets, sb_init="random"), [], progress=False)
-    Trainer(model=resumed, args=args(tmp_path / "b"), train_dataset=rows).train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2"))
+    first = get_lora_sb_model(
+        tiny_llama(), LoraSBConfig(r=4, target_modules=targets), data, lr=1e-3, progress=False
+    )
+    Trainer(
+        model=first, args=args(tmp_path / "b"), train_dataset=rows, callbacks=[StopAt2()]
+    ).train()
+    resumed = get_lora_sb_model(
+        tiny_llama(),
+        LoraSBConfig(r=4, target_modules=targets, sb_init="random"),
+        [],
+        progress=False,
+    )
+    Trainer(model=resumed, args=args(tmp_path / "b"), train_dataset=rows).train(
+        resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2")
+    )
     want, got = r_of(full), r_of(resumed)
     assert want.keys() == got.keys()
     for n in want:

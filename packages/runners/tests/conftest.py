@@ -68,7 +68,14 @@ def metamath_rows(n: int, seed: int) -> list[dict]:
     for _ in range(n):
         a, b = rng.randint(1, 9), rng.randint(1, 9)
         q = f"What is {a} plus {b}?"
-        rows.append({"query": q, "response": f"{a} + {b} = {a + b}.\nThe answer is: {a + b}", "type": "GSM_Rephrased", "original_question": q})
+        rows.append(
+            {
+                "query": q,
+                "response": f"{a} + {b} = {a + b}.\nThe answer is: {a + b}",
+                "type": "GSM_Rephrased",
+                "original_question": q,
+            }
+        )
     return rows
 
 
@@ -78,7 +85,12 @@ def gsm8k_rows(n: int, seed: int) -> list[dict]:
     rows = []
     for _ in range(n):
         a, b = rng.randint(1, 9), rng.randint(1, 9)
-        rows.append({"question": f"What is {a} plus {b}?", "answer": f"{a} + {b} = <<{a}+{b}={a + b}>>{a + b}\n#### {a + b}"})
+        rows.append(
+            {
+                "question": f"What is {a} plus {b}?",
+                "answer": f"{a} + {b} = <<{a}+{b}={a + b}>>{a + b}\n#### {a + b}",
+            }
+        )
     return rows
 
 
@@ -106,7 +118,15 @@ def winogrande_rows(n: int, seed: int) -> list[dict]:
         sinks = rng.random() < 0.5
         answer = options.index(heavy if sinks else light) + 1
         sentence = f"I dropped a {options[0]} and a {options[1]} into the pond, and the _ {'sank' if sinks else 'floated'}."
-        rows.append({"qID": f"q{i}", "sentence": sentence, "option1": options[0], "option2": options[1], "answer": str(answer)})
+        rows.append(
+            {
+                "qID": f"q{i}",
+                "sentence": sentence,
+                "option1": options[0],
+                "option2": options[1],
+                "answer": str(answer),
+            }
+        )
     return rows
 
 

@@ -46,7 +46,9 @@ def tok():
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    return write_c4_shards(tmp_path_factory.mktemp("c4") / "en", train_docs=60, validation_docs=10, train_files=3)
+    return write_c4_shards(
+        tmp_path_factory.mktemp("c4") / "en", train_docs=60, validation_docs=10, train_files=3
+    )
 
 
 def _docs(path: Path) -> list[str]:
@@ -80,13 +82,17 @@ def test_truncate_gives_one_padded_document_per_sequence(tok):
     batch = collate(seqs, MAX_LEN, pad_id=0)
     n0 = len(seqs[0])
     assert batch["attention_mask"][0].sum() == n0 and batch["attention_mask"][1].sum() == MAX_LEN
-    assert (batch["labels"][0, n0:] == -100).all() and (batch["labels"][0, :n0] == batch["input_ids"][0, :n0]).all()
+    assert (batch["labels"][0, n0:] == -100).all() and (
+        batch["labels"][0, :n0] == batch["input_ids"][0, :n0]
+    ).all()
 
 
 def test_local_streams_are_disjoint_and_cover_the_shards(shards, tok):
     files = find_shards(shards, "train")
     assert [p.name for p in files] == [f"c4-train.{k:05d}-of-00003.json.gz" for k in range(3)]
-    assert [p.name for p in find_shards(shards, "validation")] == ["c4-validation.00000-of-00001.json.gz"]
+    assert [p.name for p in find_shards(shards, "validation")] == [
+        "c4-validation.00000-of-00001.json.gz"
+    ]
     src = LocalSource(files, shuffle_seed=None)
     all_docs = [d for f in files for d in _docs(f)]
     parts = [list(src.iter_stream(s, 3)) for s in range(3)]
@@ -119,7 +125,9 @@ def test_shard_errors_name_the_file_and_the_fix(tmp_path):
         find_shards(tmp_path, "train")
     bad = tmp_path / "c4-train.00000-of-00001.json"
     bad.write_text('{"content": "x"}\n')
-    with pytest.raises(KeyError, match=r"c4-train.00000-of-00001.json:1: record has no 'text' field.*--text_field"):
+    with pytest.raises(
+        KeyError, match=r"c4-train.00000-of-00001.json:1: record has no 'text' field.*--text_field"
+    ):
         list(LocalSource([bad]).iter_stream(0, 1))
     bad.write_text("not json\n")
     with pytest.raises(ValueError, match=r":1: not a JSON object per line"):
@@ -143,16 +151,22 @@ def test_pretokenize_writes_the_packed_sequences_and_the_loader_reads_them(token
     meta = json.loads((tokenized / "tokens_meta.json").read_text())
     assert meta["max_length"] == MAX_LEN and meta["vocab_size"] == 260 and meta["dtype"] == "uint16"
     # the same packed sequences the trainer would make from the raw text, in the same (seeded) file order
-    want_train = SequenceStream(LocalSource(find_shards(shards, "train"), shuffle_seed=42), tok, MAX_LEN)
+    want_train = SequenceStream(
+        LocalSource(find_shards(shards, "train"), shuffle_seed=42), tok, MAX_LEN
+    )
     n_train = meta["splits"]["train"]["num_sequences"]
-    assert meta["splits"]["train"]["files"] == [f"train-{k:05d}.npy" for k in range(math.ceil(n_train / 50))]
+    assert meta["splits"]["train"]["files"] == [
+        f"train-{k:05d}.npy" for k in range(math.ceil(n_train / 50))
+    ]
     assert meta["splits"]["train"]["documents"] == 60
     src = TokenizedSource(tokenized, "train")
     assert len(src) == n_train
     assert [src.sequence(j) for j in range(n_train)] == want_train.next_sequences(n_train)
     assert np.load(tokenized / "train-00000.npy").shape == (50, MAX_LEN)
     val = TokenizedSource(tokenized, "validation")
-    want_val = SequenceStream(LocalSource(find_shards(shards, "validation"), shuffle_seed=None), tok, MAX_LEN)
+    want_val = SequenceStream(
+        LocalSource(find_shards(shards, "validation"), shuffle_seed=None), tok, MAX_LEN
+    )
     assert [val.sequence(j) for j in range(len(val))] == want_val.next_sequences(len(val))
 
     # streams: sequence j -> stream j mod S, with a resumable position
@@ -189,14 +203,29 @@ def test_training_on_token_shards_equals_training_on_the_raw_text(tmp_path):
     common = ["--model_config", setup["model_config"], "--tokenizer", setup["tokenizer"], "--max_length", "32",
               "--batch_size", "4", "--num_training_steps", "4", "--warmup_steps", "1", "--lr", "3e-3",
               "--eval_every", "4", "--save_every", "4", "--eval_tokens", "256", "--plot", "false"]  # fmt: skip
-    raw = run(parse_args(["--output_dir", str(tmp_path / "raw"), "--train_data", setup["train_data"], *common]))
-    pre = run(parse_args(["--output_dir", str(tmp_path / "pre"), "--tokenized_dir", str(tokens), *common]))
+    raw = run(
+        parse_args(
+            ["--output_dir", str(tmp_path / "raw"), "--train_data", setup["train_data"], *common]
+        )
+    )
+    pre = run(
+        parse_args(["--output_dir", str(tmp_path / "pre"), "--tokenized_dir", str(tokens), *common])
+    )
 
     def losses(d):
-        return [json.loads(ln)["loss"] for ln in (d / "metrics.jsonl").read_text().splitlines() if '"train"' in ln]
+        return [
+            json.loads(ln)["loss"]
+            for ln in (d / "metrics.jsonl").read_text().splitlines()
+            if '"train"' in ln
+        ]
 
-    assert losses(tmp_path / "pre") == losses(tmp_path / "raw") and len(losses(tmp_path / "raw")) == 4
-    assert pre["final_eval_loss"] == raw["final_eval_loss"] and pre["tokens_seen"] == raw["tokens_seen"] == 4 * 4 * 32
+    assert (
+        losses(tmp_path / "pre") == losses(tmp_path / "raw") and len(losses(tmp_path / "raw")) == 4
+    )
+    assert (
+        pre["final_eval_loss"] == raw["final_eval_loss"]
+        and pre["tokens_seen"] == raw["tokens_seen"] == 4 * 4 * 32
+    )
     with pytest.raises(ValueError, match="holds 32-token sequences but --max_length is 16"):
         run(parse_args(["--output_dir", str(tmp_path / "bad"), "--tokenized_dir", str(tokens),
                         *common[:6], "--max_length", "16", *common[8:]]))  # fmt: skip
@@ -208,14 +237,23 @@ def test_cosine_schedule_with_warmup_and_floor():
     assert [lr_multiplier(s, "cosine", **kw) for s in (0, 5, 10)] == [0.0, 0.5, 1.0]
     for s in (10, 33, 55, 80, 100):
         p = (s - 10) / 90
-        assert lr_multiplier(s, "cosine", **kw) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)), abs=1e-12)
+        assert lr_multiplier(s, "cosine", **kw) == pytest.approx(
+            0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)), abs=1e-12
+        )
     assert lr_multiplier(150, "cosine", **kw) == pytest.approx(0.1)
     assert lr_multiplier(55, "linear", **kw) == pytest.approx(0.5)
 
 
 def test_relora_jagged_cosine_restarts_from_zero_each_cycle():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
-    sched = get_scheduler(opt, "cosine_restarts", num_training_steps=100, warmup_steps=5, cycle_length=20, restart_warmup_steps=4)
+    sched = get_scheduler(
+        opt,
+        "cosine_restarts",
+        num_training_steps=100,
+        warmup_steps=5,
+        cycle_length=20,
+        restart_warmup_steps=4,
+    )
     lrs = []
     for _ in range(100):
         lrs.append(opt.param_groups[0]["lr"])
@@ -225,13 +263,26 @@ def test_relora_jagged_cosine_restarts_from_zero_each_cycle():
     for cycle_start in (20, 40, 60, 80):
         assert lrs[cycle_start] == 0.0
         envelope = 2.0 * lr_multiplier(cycle_start + 4, "cosine", **kw)
-        assert lrs[cycle_start + 2] == pytest.approx(envelope / 2)  # linear re-warm-up to the envelope
+        assert lrs[cycle_start + 2] == pytest.approx(
+            envelope / 2
+        )  # linear re-warm-up to the envelope
         assert lrs[cycle_start + 4] == pytest.approx(envelope)
-        assert lrs[cycle_start + 10] == pytest.approx(2.0 * lr_multiplier(cycle_start + 10, "cosine", **kw))
+        assert lrs[cycle_start + 10] == pytest.approx(
+            2.0 * lr_multiplier(cycle_start + 10, "cosine", **kw)
+        )
     with pytest.raises(ValueError, match="--restart_warmup_steps must be in"):
-        get_scheduler(opt, "cosine_restarts", num_training_steps=100, warmup_steps=5, cycle_length=20, restart_warmup_steps=20)
+        get_scheduler(
+            opt,
+            "cosine_restarts",
+            num_training_steps=100,
+            warmup_steps=5,
+            cycle_length=20,
+            restart_warmup_steps=20,
+        )
     with pytest.raises(ValueError, match="--warmup_steps 30 is longer than --cycle_length 20"):
-        get_scheduler(opt, "cosine_restarts", num_training_steps=100, warmup_steps=30, cycle_length=20)
+        get_scheduler(
+            opt, "cosine_restarts", num_training_steps=100, warmup_steps=30, cycle_length=20
+        )
     with pytest.raises(ValueError, match="--scheduler must be"):
         get_scheduler(opt, "step", num_training_steps=100, warmup_steps=5)
 
@@ -239,13 +290,42 @@ def test_relora_jagged_cosine_restarts_from_zero_each_cycle():
 # --- arguments and presets -------------------------------------------------------------------------
 def test_batch_arguments_derive_accumulation_and_check_divisibility():
     a = parse_args(["--output_dir", "x", "--batch_size", "4", "--total_batch_size", "32"])
-    assert a.gradient_accumulation_for(1) == 8 and a.gradient_accumulation_for(2) == 4 and a.global_batch_size(4) == 32
-    with pytest.raises(ValueError, match="--total_batch_size 32 must be a multiple of --batch_size x world size = 4 x 3"):
+    assert (
+        a.gradient_accumulation_for(1) == 8
+        and a.gradient_accumulation_for(2) == 4
+        and a.global_batch_size(4) == 32
+    )
+    with pytest.raises(
+        ValueError,
+        match="--total_batch_size 32 must be a multiple of --batch_size x world size = 4 x 3",
+    ):
         a.gradient_accumulation_for(3)
-    b = parse_args(["--output_dir", "x", "--batch_size", "4", "--total_batch_size", "32", "--gradient_accumulation", "2"])
+    b = parse_args(
+        [
+            "--output_dir",
+            "x",
+            "--batch_size",
+            "4",
+            "--total_batch_size",
+            "32",
+            "--gradient_accumulation",
+            "2",
+        ]
+    )
     with pytest.raises(ValueError, match="--gradient_accumulation 2 disagrees"):
         b.gradient_accumulation_for(1)
-    c = parse_args(["--output_dir", "x", "--batch_size", "4", "--max_length", "128", "--max_train_tokens", "1M"])
+    c = parse_args(
+        [
+            "--output_dir",
+            "x",
+            "--batch_size",
+            "4",
+            "--max_length",
+            "128",
+            "--max_train_tokens",
+            "1M",
+        ]
+    )
     assert c.num_training_steps_from_tokens(2) == 10**6 // (8 * 128)
 
 
@@ -257,7 +337,11 @@ def test_batch_arguments_derive_accumulation_and_check_divisibility():
         (["--rand_ratio", "1.5"], ValueError, r"--rand_ratio must be in \[0, 1\], got 1.5"),
         (["--min_lr_ratio", "0"], ValueError, r"--min_lr_ratio must be in \(0, 1\]"),
         (["--use_peft"], NotImplementedError, "original ReLoRA.*pass --use_peft --golore"),
-        (["--golore"], ValueError, "--golore selects the ReLoRA-structure path and needs --use_peft"),
+        (
+            ["--golore"],
+            ValueError,
+            "--golore selects the ReLoRA-structure path and needs --use_peft",
+        ),
         (["--use_peft", "--golore", "--optimizer", "galore_adamw"], ValueError, "plain optimizer"),
         (["--max_train_tokens", "lots"], ValueError, "--max_train_tokens must look like 100M"),
         (["--vocab_size", "big"], ValueError, "--vocab_size must be an int or 'auto'"),
@@ -275,9 +359,16 @@ def test_shipped_json_configs_are_the_presets():
         assert json.loads((CONFIG_DIR / f"{name}.json").read_text()) == MODEL_CONFIGS[name], name
         from_file = load_model_config(CONFIG_DIR / f"{name}.json").to_dict()
         from_preset = load_model_config(name).to_dict()
-        assert {k: v for k, v in from_file.items() if k != "_name_or_path"} == {k: v for k, v in from_preset.items() if k != "_name_or_path"}
+        assert {k: v for k, v in from_file.items() if k != "_name_or_path"} == {
+            k: v for k, v in from_preset.items() if k != "_name_or_path"
+        }
     c60 = load_model_config("llama_60m")
-    assert (c60.hidden_size, c60.intermediate_size, c60.num_hidden_layers, c60.num_attention_heads) == (512, 1376, 8, 8)
+    assert (
+        c60.hidden_size,
+        c60.intermediate_size,
+        c60.num_hidden_layers,
+        c60.num_attention_heads,
+    ) == (512, 1376, 8, 8)
     with pytest.raises(ValueError, match="--model_config 'llama_3m' is neither a preset"):
         load_model_config("llama_3m")
 
@@ -311,22 +402,53 @@ def test_deepspeed_config_is_filled_from_the_flags_and_checked(tmp_path):
     def cfg(body: dict, *flags: str) -> dict:
         path = tmp_path / "ds.json"
         path.write_text(json.dumps(body))
-        args = parse_args(["--output_dir", "x", "--batch_size", "4", "--grad_clipping", "1.0", "--deepspeed_config", str(path), *flags])
+        args = parse_args(
+            [
+                "--output_dir",
+                "x",
+                "--batch_size",
+                "4",
+                "--grad_clipping",
+                "1.0",
+                "--deepspeed_config",
+                str(path),
+                *flags,
+            ]
+        )
         return _deepspeed_config(args, env, accum=3)
 
     auto = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
             "gradient_clipping": "auto", "zero_optimization": {"stage": 2}}  # fmt: skip
     filled = cfg(auto)
-    assert (filled["train_batch_size"], filled["train_micro_batch_size_per_gpu"], filled["gradient_accumulation_steps"]) == (24, 4, 3)
+    assert (
+        filled["train_batch_size"],
+        filled["train_micro_batch_size_per_gpu"],
+        filled["gradient_accumulation_steps"],
+    ) == (24, 4, 3)
     assert filled["gradient_clipping"] == 1.0
-    with pytest.raises(ValueError, match=r"train_batch_size=16 disagrees with the command line \(24\)"):
+    with pytest.raises(
+        ValueError, match=r"train_batch_size=16 disagrees with the command line \(24\)"
+    ):
         cfg(dict(auto, train_batch_size=16))
     with pytest.raises(ValueError, match="remove its 'optimizer'/'scheduler' sections"):
         cfg(dict(auto, optimizer={"type": "AdamW"}))
-    with pytest.raises(ValueError, match=r"--optimizer galore_adamw needs whole 2-D weights.*ZeRO stage 2"):
+    with pytest.raises(
+        ValueError, match=r"--optimizer galore_adamw needs whole 2-D weights.*ZeRO stage 2"
+    ):
         cfg(auto, "--optimizer", "galore_adamw")
-    with pytest.raises(ValueError, match=r"--use_peft --golore needs whole 2-D weights.*ZeRO stage 1"):
+    with pytest.raises(
+        ValueError, match=r"--use_peft --golore needs whole 2-D weights.*ZeRO stage 1"
+    ):
         cfg(dict(auto, zero_optimization={"stage": 1}), "--use_peft", "--golore")
-    assert cfg(dict(auto, zero_optimization={"stage": 0}), "--optimizer", "golore_adamw")["zero_optimization"]["stage"] == 0
+    assert (
+        cfg(dict(auto, zero_optimization={"stage": 0}), "--optimizer", "golore_adamw")[
+            "zero_optimization"
+        ]["stage"]
+        == 0
+    )
     with pytest.raises(FileNotFoundError, match=r"--deepspeed_config .* does not exist"):
-        _deepspeed_config(parse_args(["--output_dir", "x", "--deepspeed_config", str(tmp_path / "none.json")]), env, 1)
+        _deepspeed_config(
+            parse_args(["--output_dir", "x", "--deepspeed_config", str(tmp_path / "none.json")]),
+            env,
+            1,
+        )

@@ -17,7 +17,9 @@ from loralab.runners.c4.testing import write_tiny_setup
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    return write_tiny_setup(tmp_path_factory.mktemp("c4opt") / "setup", train_docs=60, validation_docs=8)
+    return write_tiny_setup(
+        tmp_path_factory.mktemp("c4opt") / "setup", train_docs=60, validation_docs=8
+    )
 
 
 def _argv(setup: dict[str, str], out: Path, *extra: str) -> list[str]:
@@ -29,7 +31,11 @@ def _argv(setup: dict[str, str], out: Path, *extra: str) -> list[str]:
 
 
 def _records(out: Path, kind: str) -> list[dict]:
-    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == kind]
+    return [
+        r
+        for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+        if r["type"] == kind
+    ]
 
 
 def test_bf16_checkpointing_tensorboard_rotation_and_jagged_schedule(setup, tmp_path):
@@ -42,16 +48,33 @@ def test_bf16_checkpointing_tensorboard_rotation_and_jagged_schedule(setup, tmp_
     train = _records(out, "train")
     losses = [r["loss"] for r in train]
     assert summary["finished"] and all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
-    assert {p.name for p in out.glob("checkpoint-*")} == {"checkpoint-6"}  # rotation kept the newest only
+    assert {p.name for p in out.glob("checkpoint-*")} == {
+        "checkpoint-6"
+    }  # rotation kept the newest only
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     # jagged cosine: the rate drops to 0 at the cycle start (step index 3, logged as step 4) and warms up again
-    lrs = [r["lr"] for r in train]  # the rate after each step's scheduler.step(): lr of the next step
+    lrs = [
+        r["lr"] for r in train
+    ]  # the rate after each step's scheduler.step(): lr of the next step
     assert lrs[2] == 0.0 and lrs[3] > 0.0
 
 
 def test_running_out_of_data_stops_with_a_checkpoint(setup, tmp_path):
     out = tmp_path / "run"
-    summary = run(parse_args(_argv(setup, out, "--num_training_steps", "1000", "--save_every", "1000", "--eval_every", "1000")))
+    summary = run(
+        parse_args(
+            _argv(
+                setup,
+                out,
+                "--num_training_steps",
+                "1000",
+                "--save_every",
+                "1000",
+                "--eval_every",
+                "1000",
+            )
+        )
+    )
     assert summary["data_exhausted"] and not summary["finished"] and 0 < summary["step"] < 1000
     assert (out / f"checkpoint-{summary['step']}").is_dir()
     assert math.isfinite(summary["final_eval_loss"])
@@ -67,6 +90,8 @@ def test_hub_streaming_path_splits_streams_and_resumes(setup):
     assert sorted(parts[0] + parts[1]) == sorted(everything) and not set(parts[0]) & set(parts[1])
     assert list(hub.iter_stream(1, 2, skip=5)) == parts[1][5:]
     with pytest.raises(KeyError, match="records have no 'body' field"):
-        next(HubSource("json", None, "train", data_files=files, text_field="body").iter_stream(0, 1))
+        next(
+            HubSource("json", None, "train", data_files=files, text_field="body").iter_stream(0, 1)
+        )
     with pytest.raises(RuntimeError, match=r"could not stream --dataset .*pass --train_data"):
         next(HubSource("json", None, "train", data_files=[files[0] + ".missing"]).iter_stream(0, 1))

@@ -66,9 +66,13 @@ def _argv(setup: dict[str, str], out: Path, method: str, *extra: str) -> list[st
 
 
 def _train_losses(run_dir: Path) -> list[float]:
-    recs = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    recs = [
+        json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()
+    ]
     train = [r for r in recs if r["type"] == "train"]
-    assert [r["step"] for r in train] == list(range(1, len(train) + 1)), "metrics.jsonl steps are not 1, 2, ... once each"
+    assert [r["step"] for r in train] == list(range(1, len(train) + 1)), (
+        "metrics.jsonl steps are not 1, 2, ... once each"
+    )
     return [r["loss"] for r in train]
 
 
@@ -96,8 +100,14 @@ def test_single_process_run_trains_and_saves(single, method):
     assert losses[-1] < losses[0] - 0.1, losses
     assert summary["final_eval_loss"] < losses[0] - 0.1
     assert summary["tokens_seen"] == STEPS * 8 * 32  # packed: no padding
-    assert summary["tokens_per_s"] > 0 and summary["tokens_per_cpu_s"] > 0 and summary["peak_mem_mb"] > 0
-    evals = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in ln]
+    assert (
+        summary["tokens_per_s"] > 0
+        and summary["tokens_per_cpu_s"] > 0
+        and summary["peak_mem_mb"] > 0
+    )
+    evals = [
+        json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in ln
+    ]
     assert [e["step"] for e in evals] == [3, 6]
     assert {p.name for p in out.glob("checkpoint-*")} == {"checkpoint-3", "checkpoint-6"}
 
@@ -124,7 +134,9 @@ def _check_final_model(out: Path, summary: dict) -> None:
     model = LlamaForCausalLM.from_pretrained(out / "final_model")
     args = C4Args(**json.loads((out / "run_config.json").read_text()))
     tok = AutoTokenizer.from_pretrained(out / "final_model")
-    loss, _ = evaluate(model, _eval_batches(args, tok, Env(0, 1, 0, torch.device("cpu"))), torch.device("cpu"))
+    loss, _ = evaluate(
+        model, _eval_batches(args, tok, Env(0, 1, 0, torch.device("cpu"))), torch.device("cpu")
+    )
     assert loss == pytest.approx(summary["final_eval_loss"], rel=1e-5)
 
 
@@ -132,7 +144,11 @@ def _check_final_model(out: Path, summary: dict) -> None:
 def test_resume_continues_the_same_loss_curve(setup, single, tmp_path, method):
     ref_dir, ref = single(method)
     out = tmp_path / "run"
-    first = run(parse_args(_argv(setup, out, method, "--data_streams", "2", "--stop_at_step", str(SAVE_EVERY))))
+    first = run(
+        parse_args(
+            _argv(setup, out, method, "--data_streams", "2", "--stop_at_step", str(SAVE_EVERY))
+        )
+    )
     assert first["step"] == SAVE_EVERY and not first["finished"]
     assert not (out / "final_model").exists()
     resumed = run(parse_args(_argv(setup, out, method, "--data_streams", "2", "--autoresume")))
@@ -149,9 +165,23 @@ def test_resume_refuses_changed_settings(setup, single, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(ref_dir / "checkpoint-3", out / "checkpoint-3")
     with pytest.raises(ValueError, match=r"cannot resume .*--rank: 8 -> 4"):
-        run(parse_args(_argv(setup, out, "adamw", "--data_streams", "2", "--autoresume", "--rank", "4")))
+        run(
+            parse_args(
+                _argv(setup, out, "adamw", "--data_streams", "2", "--autoresume", "--rank", "4")
+            )
+        )
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
-        run(parse_args(_argv(setup, tmp_path / "x", "adamw", "--resume_from_checkpoint", str(tmp_path / "nope"))))
+        run(
+            parse_args(
+                _argv(
+                    setup,
+                    tmp_path / "x",
+                    "adamw",
+                    "--resume_from_checkpoint",
+                    str(tmp_path / "nope"),
+                )
+            )
+        )
 
 
 def test_results_table_lists_every_run(single, tmp_path, capsys):
@@ -170,12 +200,22 @@ def test_results_table_lists_every_run(single, tmp_path, capsys):
     assert (runs / "results.md").read_text().strip() == printed
     assert (runs / "eval_loss.png").stat().st_size > 0
     lines = printed.splitlines()
-    assert lines[0].startswith("| run | optimizer | model | steps | final eval loss | final ppl | tokens/s | peak mem (MiB) |")
+    assert lines[0].startswith(
+        "| run | optimizer | model | steps | final eval loss | final ppl | tokens/s | peak mem (MiB) |"
+    )
     rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]] for ln in lines[2:]}
     assert sorted(rows) == sorted(METHODS)
     for method, cells in rows.items():
         s = json.loads((runs / method / "run_summary.json").read_text())
-        assert cells[0] == {"adamw": "adamw", "galore": "galore_adamw", "golore": "golore_adamw", "relora": "adamw+relora"}[method]
+        assert (
+            cells[0]
+            == {
+                "adamw": "adamw",
+                "galore": "galore_adamw",
+                "golore": "golore_adamw",
+                "relora": "adamw+relora",
+            }[method]
+        )
         assert cells[2] == f"{STEPS}/{STEPS}"
         assert float(cells[3]) == pytest.approx(s["final_eval_loss"], abs=1e-4)
         assert float(cells[4]) == pytest.approx(math.exp(s["final_eval_loss"]), rel=1e-3)
@@ -189,14 +229,28 @@ def _launch(cmd: list[str], runs: list[list[str]], tmp_path: Path) -> None:
     runs_file = tmp_path / "runs.json"
     runs_file.write_text(json.dumps(runs))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([*cmd, str(WORKER), str(runs_file)], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [*cmd, str(WORKER), str(runs_file)], env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
 
 
 def _assert_same_run(run_dir: Path, ref_dir: Path) -> None:
-    got, want = json.loads((run_dir / "run_summary.json").read_text()), json.loads((ref_dir / "run_summary.json").read_text())
-    assert got["world_size"] == 2 and want["world_size"] == 1 and got["global_batch_size"] == want["global_batch_size"] == 8
-    torch.testing.assert_close(torch.tensor(_train_losses(run_dir)), torch.tensor(_train_losses(ref_dir)), rtol=RTOL, atol=ATOL)
+    got, want = (
+        json.loads((run_dir / "run_summary.json").read_text()),
+        json.loads((ref_dir / "run_summary.json").read_text()),
+    )
+    assert (
+        got["world_size"] == 2
+        and want["world_size"] == 1
+        and got["global_batch_size"] == want["global_batch_size"] == 8
+    )
+    torch.testing.assert_close(
+        torch.tensor(_train_losses(run_dir)),
+        torch.tensor(_train_losses(ref_dir)),
+        rtol=RTOL,
+        atol=ATOL,
+    )
     assert got["final_eval_loss"] == pytest.approx(want["final_eval_loss"], rel=RTOL, abs=ATOL)
     assert got["tokens_seen"] == want["tokens_seen"]
 
@@ -204,17 +258,30 @@ def _assert_same_run(run_dir: Path, ref_dir: Path) -> None:
 @pytest.mark.multiprocess
 def test_torchrun_two_processes_match_single_process(setup, single, tmp_path):
     runs = {m: tmp_path / m for m in METHODS}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port())]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(_free_port()),
+    ]
     _launch(cmd, [_argv(setup, out, m) for m, out in runs.items()], tmp_path)
     for method, out in runs.items():
         _assert_same_run(out, single(method)[0])
-        assert {p.name for p in (out / "checkpoint-6").glob("data_state_rank*.pt")} == {"data_state_rank0.pt", "data_state_rank1.pt"}
+        assert {p.name for p in (out / "checkpoint-6").glob("data_state_rank*.pt")} == {
+            "data_state_rank0.pt",
+            "data_state_rank1.pt",
+        }
 
 
 @pytest.mark.multiprocess
 def test_deepspeed_two_processes_match_single_process(setup, single, tmp_path):
     pytest.importorskip("deepspeed")
-    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which("deepspeed")
+    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which(
+        "deepspeed"
+    )
     assert launcher is not None, "the deepspeed launcher is not on PATH"
     configs = {}
     for stage in (0, 1, 2):
@@ -227,7 +294,11 @@ def test_deepspeed_two_processes_match_single_process(setup, single, tmp_path):
     plan = [("adamw", 1), ("adamw", 2), ("galore", 0), ("golore", 0), ("relora", 0)]
     runs = [(m, s, tmp_path / f"{m}_zero{s}") for m, s in plan]
     cmd = [launcher, "--num_gpus", "2", "--master_port", str(_free_port())]
-    _launch(cmd, [_argv(setup, out, m, "--deepspeed_config", str(configs[s])) for m, s, out in runs], tmp_path)
+    _launch(
+        cmd,
+        [_argv(setup, out, m, "--deepspeed_config", str(configs[s])) for m, s, out in runs],
+        tmp_path,
+    )
     for method, _, out in runs:
         _assert_same_run(out, single(method)[0])
         assert json.loads((out / "run_summary.json").read_text())["deepspeed"]

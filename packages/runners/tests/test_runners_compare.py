@@ -20,15 +20,43 @@ def _png_size(path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
-QUICK = ["--model", "tiny", "--steps", "6", "--batch_size", "4", "--eval_every", "3", "--max_length", "24",
-         "--max_train_samples", "64", "--max_eval_samples", "32", "--threads", "1", "--no_progress"]
+QUICK = [
+    "--model",
+    "tiny",
+    "--steps",
+    "6",
+    "--batch_size",
+    "4",
+    "--eval_every",
+    "3",
+    "--max_length",
+    "24",
+    "--max_train_samples",
+    "64",
+    "--max_eval_samples",
+    "32",
+    "--threads",
+    "1",
+    "--no_progress",
+]
 
 
 @pytest.fixture(scope="module")
 def two_method_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
-    code = loralab_main(["compare", "--methods", "lora", "lora-pro", "--output_dir", str(out), *QUICK,
-                         "--set", "lora-pro.pro_x_mode=zero"])
+    code = loralab_main(
+        [
+            "compare",
+            "--methods",
+            "lora",
+            "lora-pro",
+            "--output_dir",
+            str(out),
+            *QUICK,
+            "--set",
+            "lora-pro.pro_x_mode=zero",
+        ]
+    )
     return code, out
 
 
@@ -72,8 +100,19 @@ def test_compare_two_methods_writes_plots_table_and_metrics(two_method_run):
 
 def test_compare_reports_a_failing_method_and_keeps_going(tmp_path):
     # --rand_ratio does not apply to LoRA: the registry rejects it naming the flag; full still runs
-    code = loralab_main(["compare", "--methods", "lora", "full", "--output_dir", str(tmp_path), *QUICK,
-                         "--set", "lora.rand_ratio=0.5"])
+    code = loralab_main(
+        [
+            "compare",
+            "--methods",
+            "lora",
+            "full",
+            "--output_dir",
+            str(tmp_path),
+            *QUICK,
+            "--set",
+            "lora.rand_ratio=0.5",
+        ]
+    )
     assert code == 1
     table = (tmp_path / "results.md").read_text()
     assert "--rand_ratio does not apply to --method lora" in table
@@ -105,7 +144,9 @@ def test_recipes_cover_every_method_and_overrides_scope():
     from loralab.runners.methods import METHODS
 
     assert set(recipes.RECIPES) == set(METHODS) == set(recipes.METHOD_ORDER)
-    over = recipes.parse_overrides(["learning_rate=1e-3", "lora_r=4", "lora.learning_rate=2e-3"], ["lora", "full"])
+    over = recipes.parse_overrides(
+        ["learning_rate=1e-3", "lora_r=4", "lora.learning_rate=2e-3"], ["lora", "full"]
+    )
     # method-scoped wins over global whatever the order; LoRA options are not handed to full
     assert over == {"lora": {"learning_rate": 2e-3, "lora_r": 4}, "full": {"learning_rate": 1e-3}}
     assert recipes.recipe_for("lora-ga", over["lora"])["learning_rate"] == 2e-3
@@ -114,20 +155,38 @@ def test_recipes_cover_every_method_and_overrides_scope():
 def test_shipped_task_is_reproducible_from_its_generator():
     splits = build()
     for split, rows in splits.items():
-        shipped = [json.loads(line) for line in (EMBEDDED_DIR / f"{split}.jsonl").read_text().splitlines()]
-        assert shipped == rows, f"compare/data/{split}.jsonl differs from make_task.build(): regenerate it"
+        shipped = [
+            json.loads(line) for line in (EMBEDDED_DIR / f"{split}.jsonl").read_text().splitlines()
+        ]
+        assert shipped == rows, (
+            f"compare/data/{split}.jsonl differs from make_task.build(): regenerate it"
+        )
     assert len(splits["train"]) == 2000 and len(splits["validation"]) == 400
-    assert not {r["sentence"] for r in splits["train"]} & {r["sentence"] for r in splits["validation"]}
+    assert not {r["sentence"] for r in splits["train"]} & {
+        r["sentence"] for r in splits["validation"]
+    }
     assert 0.4 < sum(r["label"] for r in splits["train"]) / 2000 < 0.6
 
 
 def test_summaries_and_table_from_records():
     records = [
-        {"kind": "step", "method": "a", "step": i, "loss": float(10 - i), "time": i * 0.1} for i in range(1, 11)
-    ] + [{"kind": "summary", "method": "a", "status": "ok", "final": {"eval_loss": 1.0, "accuracy": 0.5},
-          "trainable_params": 1234, "optimizer_state_bytes": 2**20, "init_time_s": 0.5, "time_per_step_s": 0.01,
-          "peak_rss_bytes": 2**30, "peak_rss_above_loaded_bytes": 2**20},
-         {"kind": "summary", "method": "b", "status": "failed: boom"}]
+        {"kind": "step", "method": "a", "step": i, "loss": float(10 - i), "time": i * 0.1}
+        for i in range(1, 11)
+    ] + [
+        {
+            "kind": "summary",
+            "method": "a",
+            "status": "ok",
+            "final": {"eval_loss": 1.0, "accuracy": 0.5},
+            "trainable_params": 1234,
+            "optimizer_state_bytes": 2**20,
+            "init_time_s": 0.5,
+            "time_per_step_s": 0.01,
+            "peak_rss_bytes": 2**30,
+            "peak_rss_above_loaded_bytes": 2**20,
+        },
+        {"kind": "summary", "method": "b", "status": "failed: boom"},
+    ]
     s = report.summarize(records)
     assert s["a"]["train_loss_first_fifth"] == 8.5 and s["a"]["train_loss_last_fifth"] == 0.5
     table = report.markdown_table(s, "accuracy")
@@ -142,8 +201,19 @@ def test_docstring_examples(module):
 
 
 def test_run_compare_api_returns_summaries(tmp_path):
-    cfg = CompareConfig(model="tiny", methods=["full"], steps=2, batch_size=2, eval_every=0, max_length=16,
-                        max_train_samples=8, max_eval_samples=8, threads=1, progress=False, output_dir=str(tmp_path))
+    cfg = CompareConfig(
+        model="tiny",
+        methods=["full"],
+        steps=2,
+        batch_size=2,
+        eval_every=0,
+        max_length=16,
+        max_train_samples=8,
+        max_eval_samples=8,
+        threads=1,
+        progress=False,
+        output_dir=str(tmp_path),
+    )
     summaries = run_compare(cfg, command="test")
     assert list(summaries) == ["full"] and summaries["full"]["status"] == "ok"
     assert summaries["full"]["trainable_params"] == summaries["full"]["total_params"]

@@ -17,11 +17,15 @@ from loralab.runners.methods import METHODS, MethodError, get_method
 STEPS = 3
 
 
-
-
 def method_flags(method: str) -> list[str]:
     d = get_method(method).defaults
-    small = {"lora_r": 4, "galore_rank": 4, "update_proj_gap": 2, "ga_iters": 2, "sb_num_batches": 2}
+    small = {
+        "lora_r": 4,
+        "galore_rank": 4,
+        "update_proj_gap": 2,
+        "ga_iters": 2,
+        "sb_num_batches": 2,
+    }
     return [x for k, v in small.items() if k in d for x in (f"--{k}", str(v))]
 
 
@@ -108,7 +112,16 @@ def roberta_dir(tiny_dirs):
 @pytest.mark.parametrize("method", METHODS)  # every method: a missing package fails, never skips
 def test_every_method_trains_and_evaluates_sst2(method, roberta_dir, glue_files, tmp_path):
     out = tmp_path / method
-    metrics = glue.main([*common(roberta_dir, glue_files, out), "--method", method, "--max_steps", str(STEPS), *method_flags(method)])
+    metrics = glue.main(
+        [
+            *common(roberta_dir, glue_files, out),
+            "--method",
+            method,
+            "--max_steps",
+            str(STEPS),
+            *method_flags(method),
+        ]
+    )
     assert set(metrics) == {"accuracy", "num_examples"}
     assert metrics["num_examples"] == 16 and 0.0 <= metrics["accuracy"] <= 1.0
     records = read_jsonl(out / "metrics.jsonl")
@@ -118,7 +131,14 @@ def test_every_method_trains_and_evaluates_sst2(method, roberta_dir, glue_files,
     config = json.loads((out / "run_config.json").read_text())
     assert config["method"] == method and config["task_name"] == "sst2"
     final = out / "final"
-    assert (final / ("model.safetensors" if method in ("full", "galore", "golore") else "adapter_model.safetensors")).is_file()
+    assert (
+        final
+        / (
+            "model.safetensors"
+            if method in ("full", "galore", "golore")
+            else "adapter_model.safetensors"
+        )
+    ).is_file()
     assert (final / "tokenizer_config.json").is_file()
 
 
@@ -128,7 +148,17 @@ def test_lora_trains_the_head_and_the_adapters_only(roberta_dir, glue_files, tmp
     from transformers import AutoModelForSequenceClassification
 
     out = tmp_path / "lora"
-    glue.main([*common(roberta_dir, glue_files, out), "--method", "lora", "--lora_r", "4", "--max_steps", "4"])
+    glue.main(
+        [
+            *common(roberta_dir, glue_files, out),
+            "--method",
+            "lora",
+            "--lora_r",
+            "4",
+            "--max_steps",
+            "4",
+        ]
+    )
     saved = load_file(out / "final" / "adapter_model.safetensors")
     assert any("lora_A" in k for k in saved) and any("classifier" in k for k in saved)
     assert not any("embeddings" in k for k in saved)
@@ -141,11 +171,32 @@ def test_learns_sst2_fixture_with_full_fine_tuning(roberta_dir, tmp_path, helper
     # the fixture's label is carried by its sentiment words: 60 steps on 128 examples must generalise to
     # the held-out sentences well above the majority class (a plain AdamW loop reaches ~0.95 there too)
     sst2_rows, write_jsonl = helpers.sst2_rows, helpers.write_jsonl
-    files = {"train": write_jsonl(tmp_path / "train.jsonl", sst2_rows(128, 3)), "validation": write_jsonl(tmp_path / "dev.jsonl", sst2_rows(32, 4))}
+    files = {
+        "train": write_jsonl(tmp_path / "train.jsonl", sst2_rows(128, 3)),
+        "validation": write_jsonl(tmp_path / "dev.jsonl", sst2_rows(32, 4)),
+    }
     labels = [r["label"] for r in sst2_rows(32, 4)]
     majority = max(np.mean(labels), 1 - np.mean(labels))
-    flags = ["--max_steps", "60", "--per_device_train_batch_size", "8", "--learning_rate", "1e-3", "--lr_scheduler_type", "constant"]
-    metrics = glue.main([*common(roberta_dir, files, tmp_path / "out"), "--method", "full", *flags, "--save_final_model", "false"])
+    flags = [
+        "--max_steps",
+        "60",
+        "--per_device_train_batch_size",
+        "8",
+        "--learning_rate",
+        "1e-3",
+        "--lr_scheduler_type",
+        "constant",
+    ]
+    metrics = glue.main(
+        [
+            *common(roberta_dir, files, tmp_path / "out"),
+            "--method",
+            "full",
+            *flags,
+            "--save_final_model",
+            "false",
+        ]
+    )
     assert metrics["accuracy"] >= 0.8 and metrics["accuracy"] > majority + 0.2, (metrics, majority)
 
 
@@ -156,7 +207,14 @@ def stsb_rows(n: int, seed: int) -> list[dict]:
     for i in range(n):
         s1 = rng.choices(words, k=5)
         s2 = s1[:3] + rng.choices(words, k=2)
-        rows.append({"sentence1": " ".join(s1), "sentence2": " ".join(s2), "label": round(rng.uniform(0, 5), 2), "idx": i})
+        rows.append(
+            {
+                "sentence1": " ".join(s1),
+                "sentence2": " ".join(s2),
+                "label": round(rng.uniform(0, 5), 2),
+                "idx": i,
+            }
+        )
     return rows
 
 
@@ -170,11 +228,23 @@ def test_stsb_regression_from_tsv_and_cola_from_csv(roberta_dir, tmp_path, helpe
     for split, seed in (("train", 0), ("validation", 1)):
         path = tmp_path / f"stsb_{split}.tsv"
         with path.open("w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=["sentence1", "sentence2", "label", "idx"], delimiter="\t")
+            w = csv.DictWriter(
+                fh, fieldnames=["sentence1", "sentence2", "label", "idx"], delimiter="\t"
+            )
             w.writeheader()
             w.writerows(stsb_rows(16, seed))
         files[split] = str(path)
-    m = glue.main([*common(model1, files, tmp_path / "stsb", task="stsb"), "--method", "lora", "--max_steps", "2", "--save_final_model", "false"])
+    m = glue.main(
+        [
+            *common(model1, files, tmp_path / "stsb", task="stsb"),
+            "--method",
+            "lora",
+            "--max_steps",
+            "2",
+            "--save_final_model",
+            "false",
+        ]
+    )
     assert set(m) == {"pearson", "spearmanr", "num_examples"} and -1 <= m["pearson"] <= 1
 
     for split, seed in (("train", 0), ("validation", 1)):
@@ -184,26 +254,78 @@ def test_stsb_regression_from_tsv_and_cola_from_csv(roberta_dir, tmp_path, helpe
             w.writeheader()
             w.writerows(helpers.sst2_rows(16, seed))
         files[split] = str(path)
-    m = glue.main([*common(roberta2, files, tmp_path / "cola", task="cola"), "--method", "lora", "--max_steps", "2", "--save_final_model", "false"])
+    m = glue.main(
+        [
+            *common(roberta2, files, tmp_path / "cola", task="cola"),
+            "--method",
+            "lora",
+            "--max_steps",
+            "2",
+            "--save_final_model",
+            "false",
+        ]
+    )
     assert set(m) == {"matthews_correlation", "num_examples"}
 
 
 def test_t5_sequence_classification_mrpc(tiny_dirs, tmp_path, helpers):
-    rows = [{"sentence1": r["sentence1"], "sentence2": r["sentence2"], "label": i % 2, "idx": i} for i, r in enumerate(stsb_rows(16, 0))]
-    files = {"train": helpers.write_jsonl(tmp_path / "mrpc_train.jsonl", rows), "validation": helpers.write_jsonl(tmp_path / "mrpc_dev.jsonl", rows[:8])}
+    rows = [
+        {"sentence1": r["sentence1"], "sentence2": r["sentence2"], "label": i % 2, "idx": i}
+        for i, r in enumerate(stsb_rows(16, 0))
+    ]
+    files = {
+        "train": helpers.write_jsonl(tmp_path / "mrpc_train.jsonl", rows),
+        "validation": helpers.write_jsonl(tmp_path / "mrpc_dev.jsonl", rows[:8]),
+    }
     out = tmp_path / "t5"
-    m = glue.main([*common(tiny_dirs["t5"], files, out, task="mrpc"), "--method", "lora", "--lora_r", "4", "--max_steps", "2"])
+    m = glue.main(
+        [
+            *common(tiny_dirs["t5"], files, out, task="mrpc"),
+            "--method",
+            "lora",
+            "--lora_r",
+            "4",
+            "--max_steps",
+            "2",
+        ]
+    )
     assert set(m) == {"accuracy", "f1", "num_examples"}
     from safetensors.torch import load_file
 
     # T5's head is `classification_head`: kept trainable and saved with the adapter
-    assert any("classification_head" in k for k in load_file(out / "final" / "adapter_model.safetensors"))
+    assert any(
+        "classification_head" in k for k in load_file(out / "final" / "adapter_model.safetensors")
+    )
 
 
-def test_bf16_gradient_accumulation_checkpointing_tensorboard(roberta_dir, glue_files, tmp_path, capsys):
+def test_bf16_gradient_accumulation_checkpointing_tensorboard(
+    roberta_dir, glue_files, tmp_path, capsys
+):
     out = tmp_path / "run"
-    flags = ["--bf16", "true", "--gradient_accumulation_steps", "2", "--gradient_checkpointing", "true", "--report_to", "tensorboard", "--eval_steps", "1"]
-    m = glue.main([*common(roberta_dir, glue_files, out), "--method", "lora", "--max_steps", "2", "--save_final_model", "false", *flags])
+    flags = [
+        "--bf16",
+        "true",
+        "--gradient_accumulation_steps",
+        "2",
+        "--gradient_checkpointing",
+        "true",
+        "--report_to",
+        "tensorboard",
+        "--eval_steps",
+        "1",
+    ]
+    m = glue.main(
+        [
+            *common(roberta_dir, glue_files, out),
+            "--method",
+            "lora",
+            "--max_steps",
+            "2",
+            "--save_final_model",
+            "false",
+            *flags,
+        ]
+    )
     assert 0 <= m["accuracy"] <= 1
     printed = capsys.readouterr().out
     assert "[loralab.runners] config:" in printed and '"gradient_accumulation_steps": 2' in printed
@@ -224,14 +346,23 @@ def test_unknown_task_names_the_flag(roberta_dir, glue_files, tmp_path, capsys):
 
 def test_missing_column_names_the_file_and_column(roberta_dir, tmp_path, helpers):
     rows = [{"text": "good movie", "label": 1}] * 8
-    files = {"train": helpers.write_jsonl(tmp_path / "train.jsonl", rows), "validation": helpers.write_jsonl(tmp_path / "dev.jsonl", rows)}
+    files = {
+        "train": helpers.write_jsonl(tmp_path / "train.jsonl", rows),
+        "validation": helpers.write_jsonl(tmp_path / "dev.jsonl", rows),
+    }
     with pytest.raises(ValueError, match=r"--train_file .*train.jsonl lacks column\(s\) sentence"):
         glue.main(common(roberta_dir, files, tmp_path / "out"))
 
 
 def test_missing_file_and_bad_extension(roberta_dir, glue_files, tmp_path):
     with pytest.raises(FileNotFoundError, match="--validation_file"):
-        glue.main([*common(roberta_dir, glue_files, tmp_path), "--validation_file", str(tmp_path / "nope.jsonl")])
+        glue.main(
+            [
+                *common(roberta_dir, glue_files, tmp_path),
+                "--validation_file",
+                str(tmp_path / "nope.jsonl"),
+            ]
+        )
     bad = tmp_path / "train.txt"
     bad.write_text("x")
     with pytest.raises(ValueError, match=r"--train_file .*unsupported extension '.txt'"):
@@ -240,9 +371,13 @@ def test_missing_file_and_bad_extension(roberta_dir, glue_files, tmp_path):
 
 def test_method_option_of_another_method_is_rejected(roberta_dir, glue_files, tmp_path):
     with pytest.raises(MethodError, match="--rand_ratio does not apply to --method lora"):
-        glue.main([*common(roberta_dir, glue_files, tmp_path), "--method", "lora", "--rand_ratio", "0.5"])
+        glue.main(
+            [*common(roberta_dir, glue_files, tmp_path), "--method", "lora", "--rand_ratio", "0.5"]
+        )
     with pytest.raises(ValueError, match="--per_device_train_batch_size must be >= 1"):
-        glue.main([*common(roberta_dir, glue_files, tmp_path), "--per_device_train_batch_size", "0"])
+        glue.main(
+            [*common(roberta_dir, glue_files, tmp_path), "--per_device_train_batch_size", "0"]
+        )
 
 
 def test_too_few_examples_for_a_batch(roberta_dir, glue_files, tmp_path):
@@ -251,7 +386,19 @@ def test_too_few_examples_for_a_batch(roberta_dir, glue_files, tmp_path):
 
 
 def test_max_samples_truncate(roberta_dir, glue_files, tmp_path):
-    m = glue.main([*common(roberta_dir, glue_files, tmp_path), "--method", "lora", "--max_steps", "1", "--max_eval_samples", "5", "--save_final_model", "false"])
+    m = glue.main(
+        [
+            *common(roberta_dir, glue_files, tmp_path),
+            "--method",
+            "lora",
+            "--max_steps",
+            "1",
+            "--max_eval_samples",
+            "5",
+            "--save_final_model",
+            "false",
+        ]
+    )
     assert m["num_examples"] == 5
 
 
@@ -268,4 +415,6 @@ def test_non_finite_loss_is_reported(roberta_dir, glue_files, tmp_path, monkeypa
 
     monkeypatch.setattr(RobertaForSequenceClassification, "forward", nan_forward)
     with pytest.raises(FloatingPointError, match="non-finite training loss nan at step 1"):
-        glue.main([*common(roberta_dir, glue_files, tmp_path), "--method", "full", "--max_steps", "2"])
+        glue.main(
+            [*common(roberta_dir, glue_files, tmp_path), "--method", "full", "--max_steps", "2"]
+        )

@@ -25,7 +25,10 @@ GSM8K_ANSWERS = [
         "Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs a day.\nShe makes 9 * 2 = $<<9*2=18>>18 every day at the farmer’s market.\n#### 18",
         "18",
     ),
-    ("It takes 2/2=<<2/2=1>>1 bolt of white fiber\nSo the total amount of fabric is 2+1=<<2+1=3>>3 bolts of fabric\n#### 3", "3"),
+    (
+        "It takes 2/2=<<2/2=1>>1 bolt of white fiber\nSo the total amount of fabric is 2+1=<<2+1=3>>3 bolts of fabric\n#### 3",
+        "3",
+    ),
     (
         "The cost of the house and repairs came out to 80,000+50,000=$<<80000+50000=130000>>130,000\n"
         "He increased the value of the house by 80,000*1.5=<<80000*1.5=120000>>120,000\n"
@@ -39,11 +42,17 @@ GSM8K_ANSWERS = [
 
 # meta-math/MetaMathQA "response" strings (GSM_* rows keep the "#### X" line; MATH_* rows do not)
 METAMATH_RESPONSES = [
-    ("Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether in April and May.\n#### 72\nThe answer is: 72", "72"),
+    (
+        "Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether in April and May.\n#### 72\nThe answer is: 72",
+        "72",
+    ),
     ("The total cost is $1,250 + $2,000 = $3,250.\n#### 3,250\nThe answer is: 3250", "3250"),
     ("The change in altitude is $-12 + 5 = -7$ meters.\nThe answer is: -7", "-7"),
     ("Half of a dollar is $0.50, so each apple costs $0.25.\nThe answer is: 0.25", "0.25"),
-    ("We have $x = \\frac{3}{4}$. Therefore, the answer is $\\boxed{3/4}$.The answer is: 3/4", "3/4"),
+    (
+        "We have $x = \\frac{3}{4}$. Therefore, the answer is $\\boxed{3/4}$.The answer is: 3/4",
+        "3/4",
+    ),
     ("The total is 1,234,567 people.\nThe answer is: 1,234,567", "1234567"),
 ]
 
@@ -77,7 +86,11 @@ def test_the_answer_is_wins_over_hashes_and_the_last_marker_counts():
 
 def test_numbers_compare_by_value():
     assert answers_match("18.00", "18") and answers_match("+7", "7") and answers_match("0.5", "1/2")
-    assert not answers_match("18", "-18") and not answers_match(None, "18") and not answers_match("3/0", "3")
+    assert (
+        not answers_match("18", "-18")
+        and not answers_match(None, "18")
+        and not answers_match("3/0", "3")
+    )
     assert parse_number("1250.50") == parse_number("1250.5")
 
 
@@ -125,7 +138,9 @@ def model_and_tokenizer():
 def test_batched_generation_equals_unbatched(model_and_tokenizer):
     model, tok = model_and_tokenizer
     one = generate_batched(model, tok, PROMPTS, batch_size=1, max_new_tokens=NEW_TOKENS)
-    batched = generate_batched(model, tok, PROMPTS, batch_size=len(PROMPTS), max_new_tokens=NEW_TOKENS)
+    batched = generate_batched(
+        model, tok, PROMPTS, batch_size=len(PROMPTS), max_new_tokens=NEW_TOKENS
+    )
     assert batched == one
     assert any(len(s) > 0 for s in one)
 
@@ -137,7 +152,13 @@ def test_generation_without_the_mask_would_differ(model_and_tokenizer):
     enc = [tok(p)["input_ids"] for p in PROMPTS]
     longest = max(map(len, enc))
     ids = torch.tensor([[tok.pad_token_id] * (longest - len(e)) + e for e in enc])
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tok.pad_token_id)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+    )
     unmasked = [tok.decode(row[longest:], skip_special_tokens=True) for row in out]
     assert unmasked != ref
 

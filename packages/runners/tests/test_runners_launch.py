@@ -40,7 +40,12 @@ STEPS = 2
 # per-process mean over tokens weighs tokens differently from one process's mean when examples have
 # different numbers of loss tokens: the causal-LM fixtures here have equal-length responses. Dropout is off
 # (the models' own, and LoRA's 0.05 default): step 1's loss does not see LoRA dropout (B = 0), its gradient does.
-ADAM_EPS = ["--adam_epsilon", "1e-4", "--lora_dropout", "0"]  # LoRA dropout masks cannot match across process counts
+ADAM_EPS = [
+    "--adam_epsilon",
+    "1e-4",
+    "--lora_dropout",
+    "0",
+]  # LoRA dropout masks cannot match across process counts
 LOSS_RTOL = 1e-5
 
 
@@ -50,25 +55,58 @@ LOSS_RTOL = 1e-5
 def test_deepspeed_json_files_are_the_builtin_configs():
     for name, config in DEEPSPEED_CONFIGS.items():
         assert json.loads((CONFIGS / "deepspeed" / f"{name}.json").read_text()) == config, name
-        assert load_deepspeed_config(str(CONFIGS / "deepspeed" / f"{name}.json")) == load_deepspeed_config(name)
-    assert [zero_stage(DEEPSPEED_CONFIGS[n]) for n in ("zero2", "zero3", "zero3_offload")] == [2, 3, 3]
-    assert DEEPSPEED_CONFIGS["zero3_offload"]["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+        assert load_deepspeed_config(
+            str(CONFIGS / "deepspeed" / f"{name}.json")
+        ) == load_deepspeed_config(name)
+    assert [zero_stage(DEEPSPEED_CONFIGS[n]) for n in ("zero2", "zero3", "zero3_offload")] == [
+        2,
+        3,
+        3,
+    ]
+    assert (
+        DEEPSPEED_CONFIGS["zero3_offload"]["zero_optimization"]["offload_optimizer"]["device"]
+        == "cpu"
+    )
 
 
 def test_auto_values_are_filled_from_the_flags():
     h = 64
     config = fill_deepspeed_config(
-        load_deepspeed_config("zero3"), micro_batch_size=4, gradient_accumulation_steps=8, world_size=2, max_grad_norm=0.5, bf16=True, hidden_size=h
+        load_deepspeed_config("zero3"),
+        micro_batch_size=4,
+        gradient_accumulation_steps=8,
+        world_size=2,
+        max_grad_norm=0.5,
+        bf16=True,
+        hidden_size=h,
     )
-    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"], config["train_batch_size"]) == (4, 8, 64)
+    assert (
+        config["train_micro_batch_size_per_gpu"],
+        config["gradient_accumulation_steps"],
+        config["train_batch_size"],
+    ) == (4, 8, 64)
     assert config["gradient_clipping"] == 0.5 and config["bf16"]["enabled"] is True
     zero = config["zero_optimization"]
-    assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"], zero["stage3_param_persistence_threshold"]) == (h * h, int(0.9 * h * h), 10 * h)
+    assert (
+        zero["reduce_bucket_size"],
+        zero["stage3_prefetch_bucket_size"],
+        zero["stage3_param_persistence_threshold"],
+    ) == (h * h, int(0.9 * h * h), 10 * h)
     assert "auto" not in json.dumps(config)
     # a value the runner has no flag for is named
-    custom = {**load_deepspeed_config("zero2"), "optimizer": {"type": "AdamW", "params": {"lr": "auto"}}}
+    custom = {
+        **load_deepspeed_config("zero2"),
+        "optimizer": {"type": "AdamW", "params": {"lr": "auto"}},
+    }
     with pytest.raises(ValueError, match=r"cannot fill: optimizer\.params\.lr"):
-        fill_deepspeed_config(custom, micro_batch_size=1, gradient_accumulation_steps=1, world_size=1, max_grad_norm=1.0, bf16=False)
+        fill_deepspeed_config(
+            custom,
+            micro_batch_size=1,
+            gradient_accumulation_steps=1,
+            world_size=1,
+            max_grad_norm=1.0,
+            bf16=False,
+        )
     with pytest.raises(FileNotFoundError, match="--deepspeed 'zero4' is neither a built-in config"):
         load_deepspeed_config("zero4")
 
@@ -77,7 +115,9 @@ def test_accelerate_yaml_configs_load():
     from accelerate.commands.config.config_args import load_config_from_file
 
     files = sorted((CONFIGS / "accelerate").glob("*.yaml"))
-    kinds = {f.stem: str(load_config_from_file(str(f)).distributed_type).split(".")[-1] for f in files}
+    kinds = {
+        f.stem: str(load_config_from_file(str(f)).distributed_type).split(".")[-1] for f in files
+    }
     assert kinds == {
         "single_process": "NO",
         "multi_gpu": "MULTI_GPU",
@@ -88,14 +128,19 @@ def test_accelerate_yaml_configs_load():
     for stem in ("zero2", "zero3", "zero3_offload"):
         raw = yaml.safe_load((CONFIGS / "accelerate" / f"deepspeed_{stem}.yaml").read_text())
         # the plugin YAMLs point at the JSON files (path from the repository root)
-        assert raw["deepspeed_config"]["deepspeed_config_file"] == f"packages/runners/configs/deepspeed/{stem}.json"
+        assert (
+            raw["deepspeed_config"]["deepspeed_config_file"]
+            == f"packages/runners/configs/deepspeed/{stem}.json"
+        )
 
 
 def test_method_that_needs_whole_matrices_refuses_zero(tiny_dirs, glue_files, tmp_path):
     argv = ["--model_name_or_path", tiny_dirs["roberta"], "--task_name", "sst2", "--train_file", glue_files["train"],
             "--validation_file", glue_files["validation"], "--output_dir", str(tmp_path), "--deepspeed", "zero2"]  # fmt: skip
     for method in ("lora-pro", "galore"):
-        with pytest.raises(MethodError, match=f"--method {method} needs each weight's matrix .* ZeRO-2"):
+        with pytest.raises(
+            MethodError, match=f"--method {method} needs each weight's matrix .* ZeRO-2"
+        ):
             glue.main([*argv, "--method", method])
 
 
@@ -106,11 +151,23 @@ def launch(cmd: list[str], cwd: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}"
+        )
 
 
 def deepspeed_cmd(port: int, module: str) -> list[str]:
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port), "--module", module]
+    return [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(port),
+        "--module",
+        module,
+    ]
 
 
 def accelerate_cmd(port: int, config: str, module: str) -> list[str]:
@@ -120,25 +177,39 @@ def accelerate_cmd(port: int, config: str, module: str) -> list[str]:
 
 
 def losses(out: Path) -> list[float]:
-    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    return [
+        r["loss"]
+        for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+        if "loss" in r
+    ]
 
 
 def assert_same_losses(out: Path, single_out: Path) -> None:
     got, want = losses(out), losses(single_out)
     assert len(got) == STEPS and got == pytest.approx(want, rel=LOSS_RTOL)
-    assert abs(want[1] - want[0]) > 100 * LOSS_RTOL * abs(want[0]), "the first update must move the loss well beyond the tolerance"
+    assert abs(want[1] - want[0]) > 100 * LOSS_RTOL * abs(want[0]), (
+        "the first update must move the loss well beyond the tolerance"
+    )
 
 
 def check_launch(out: Path, distributed_type: str, stage: int | None) -> None:
     info = json.loads((out / "launch.json").read_text())
-    assert (info["num_processes"], info["backend"], info["distributed_type"]) == (2, "gloo", distributed_type), info
+    assert (info["num_processes"], info["backend"], info["distributed_type"]) == (
+        2,
+        "gloo",
+        distributed_type,
+    ), info
     if stage is None:
         assert info["deepspeed_config"] is None
     else:
         ds = info["deepspeed_config"]
         assert ds["zero_optimization"]["stage"] == stage
         # "auto" filled from the flags: 2 per process x 2 processes
-        assert (ds["train_micro_batch_size_per_gpu"], ds["train_batch_size"], ds["gradient_clipping"]) == (2, 4, 1.0)
+        assert (
+            ds["train_micro_batch_size_per_gpu"],
+            ds["train_batch_size"],
+            ds["gradient_clipping"],
+        ) == (2, 4, 1.0)
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +217,12 @@ def roberta_no_dropout(tmp_path_factory):
     # dropout masks differ between ranks and a single process: without dropout the runs must agree
     from loralab.core.testing import save_tiny, tiny_roberta
 
-    return str(save_tiny(tiny_roberta(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), tmp_path_factory.mktemp("rob") / "m"))
+    return str(
+        save_tiny(
+            tiny_roberta(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+            tmp_path_factory.mktemp("rob") / "m",
+        )
+    )
 
 
 def glue_args(model: str, files: dict, out: Path, batch: int) -> list[str]:
@@ -170,7 +246,10 @@ def equal_length_metamath(tmp_path_factory, helpers):
     train = [{"query": f"What is {a} plus {b}?", "response": f"{a} + {b} = {a + b}.\nThe answer is: {a + b}", "type": "GSM_Rephrased",
               "original_question": f"What is {a} plus {b}?"} for a, b in pairs]  # fmt: skip
     (root / "MetaMathQA-395K.json").write_text(json.dumps(train))
-    return {"train": str(root / "MetaMathQA-395K.json"), "eval": helpers.write_jsonl(root / "gsm8k_test.jsonl", helpers.gsm8k_rows(6, 1))}
+    return {
+        "train": str(root / "MetaMathQA-395K.json"),
+        "eval": helpers.write_jsonl(root / "gsm8k_test.jsonl", helpers.gsm8k_rows(6, 1)),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -188,13 +267,27 @@ def metamath_single(tiny_dirs, equal_length_metamath, tmp_path_factory):
 
 
 def final_metrics(out: Path) -> dict:
-    return next(r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r.get("final"))
+    return next(
+        r
+        for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+        if r.get("final")
+    )
 
 
 @pytest.mark.multiprocess
-def test_glue_deepspeed_launcher_zero2_two_ranks_equal_one_process(roberta_no_dropout, glue_files, glue_single, tmp_path, helpers):
+def test_glue_deepspeed_launcher_zero2_two_ranks_equal_one_process(
+    roberta_no_dropout, glue_files, glue_single, tmp_path, helpers
+):
     out = tmp_path / "ds"
-    launch([*deepspeed_cmd(helpers.free_port(), "loralab.runners.glue"), *glue_args(roberta_no_dropout, glue_files, out, 2), "--deepspeed", "zero2"], tmp_path)
+    launch(
+        [
+            *deepspeed_cmd(helpers.free_port(), "loralab.runners.glue"),
+            *glue_args(roberta_no_dropout, glue_files, out, 2),
+            "--deepspeed",
+            "zero2",
+        ],
+        tmp_path,
+    )
     check_launch(out, "DEEPSPEED", 2)
     single_out, single_metrics = glue_single
     assert_same_losses(out, single_out)
@@ -203,9 +296,17 @@ def test_glue_deepspeed_launcher_zero2_two_ranks_equal_one_process(roberta_no_dr
 
 
 @pytest.mark.multiprocess
-def test_glue_accelerate_launch_two_processes_equal_one_process(roberta_no_dropout, glue_files, glue_single, tmp_path, helpers):
+def test_glue_accelerate_launch_two_processes_equal_one_process(
+    roberta_no_dropout, glue_files, glue_single, tmp_path, helpers
+):
     out = tmp_path / "acc"
-    launch([*accelerate_cmd(helpers.free_port(), "multi_gpu.yaml", "loralab.runners.glue"), *glue_args(roberta_no_dropout, glue_files, out, 2)], tmp_path)
+    launch(
+        [
+            *accelerate_cmd(helpers.free_port(), "multi_gpu.yaml", "loralab.runners.glue"),
+            *glue_args(roberta_no_dropout, glue_files, out, 2),
+        ],
+        tmp_path,
+    )
     check_launch(out, "MULTI_CPU", None)
     single_out, single_metrics = glue_single
     assert_same_losses(out, single_out)
@@ -213,26 +314,49 @@ def test_glue_accelerate_launch_two_processes_equal_one_process(roberta_no_dropo
 
 
 @pytest.mark.multiprocess
-def test_metamath_deepspeed_launcher_zero2_json_two_ranks_equal_one_process(tiny_dirs, equal_length_metamath, metamath_single, tmp_path, helpers):
+def test_metamath_deepspeed_launcher_zero2_json_two_ranks_equal_one_process(
+    tiny_dirs, equal_length_metamath, metamath_single, tmp_path, helpers
+):
     out = tmp_path / "ds"
     config = str(CONFIGS / "deepspeed" / "zero2.json")
-    launch([*deepspeed_cmd(helpers.free_port(), "loralab.runners.metamath"), *metamath_args(tiny_dirs["llama"], equal_length_metamath, out, 2), "--deepspeed", config], tmp_path)
+    launch(
+        [
+            *deepspeed_cmd(helpers.free_port(), "loralab.runners.metamath"),
+            *metamath_args(tiny_dirs["llama"], equal_length_metamath, out, 2),
+            "--deepspeed",
+            config,
+        ],
+        tmp_path,
+    )
     check_launch(out, "DEEPSPEED", 2)
     single_out, single_metrics = metamath_single
     assert_same_losses(out, single_out)
     assert final_metrics(out)["eval_accuracy"] == single_metrics["accuracy"]
     # every GSM8K question predicted once, in order, although the two ranks generated halves
     rows = [json.loads(line) for line in (out / metamath.PREDICTIONS_FILE).read_text().splitlines()]
-    single_rows = [json.loads(line) for line in (single_out / metamath.PREDICTIONS_FILE).read_text().splitlines()]
+    single_rows = [
+        json.loads(line)
+        for line in (single_out / metamath.PREDICTIONS_FILE).read_text().splitlines()
+    ]
     assert [r["question"] for r in rows] == [r["question"] for r in single_rows]
     assert [r["completion"] for r in rows] == [r["completion"] for r in single_rows]
 
 
 @pytest.mark.multiprocess
-def test_metamath_accelerate_deepspeed_plugin_yaml_two_processes(tiny_dirs, equal_length_metamath, metamath_single, tmp_path, helpers):
+def test_metamath_accelerate_deepspeed_plugin_yaml_two_processes(
+    tiny_dirs, equal_length_metamath, metamath_single, tmp_path, helpers
+):
     out = tmp_path / "accds"
     # the YAML names its JSON relative to the repository root: launch from there
-    launch([*accelerate_cmd(helpers.free_port(), "deepspeed_zero2.yaml", "loralab.runners.metamath"), *metamath_args(tiny_dirs["llama"], equal_length_metamath, out, 2)], REPO)
+    launch(
+        [
+            *accelerate_cmd(
+                helpers.free_port(), "deepspeed_zero2.yaml", "loralab.runners.metamath"
+            ),
+            *metamath_args(tiny_dirs["llama"], equal_length_metamath, out, 2),
+        ],
+        REPO,
+    )
     check_launch(out, "DEEPSPEED", 2)
     single_out, single_metrics = metamath_single
     assert_same_losses(out, single_out)
@@ -245,7 +369,10 @@ def test_winogrande_torchrun_script_two_processes_equal_one_process(tiny_dirs, t
 
     # WinoGrande format; the continuation (the loss tokens) is " sank." in every row: equal token counts
     rows = [r for r in helpers.winogrande_rows(64, 0) if r["sentence"].endswith("_ sank.")]
-    winogrande_files = {"train": helpers.write_jsonl(tmp_path / "train.jsonl", rows[:16]), "validation": helpers.write_jsonl(tmp_path / "dev.jsonl", rows[16:24])}
+    winogrande_files = {
+        "train": helpers.write_jsonl(tmp_path / "train.jsonl", rows[:16]),
+        "validation": helpers.write_jsonl(tmp_path / "dev.jsonl", rows[16:24]),
+    }
     assert len(rows) >= 24
 
     def argv(out: Path, batch: int) -> list[str]:
@@ -258,11 +385,23 @@ def test_winogrande_torchrun_script_two_processes_equal_one_process(tiny_dirs, t
     expected = winogrande.main(argv(single, 4))
     out = tmp_path / "torchrun"
     script = REPO / "packages" / "runners" / "scripts" / "winogrande.py"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(helpers.free_port()), str(script)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(helpers.free_port()),
+        str(script),
+    ]
     launch([*cmd, *argv(out, 2)], tmp_path)
     check_launch(out, "MULTI_CPU", None)
     assert_same_losses(out, single)
     assert final_metrics(out)["eval_accuracy"] == expected["accuracy"]
     # the two ranks scored halves of the validation set; the gathered predictions equal one process's
     rows = (out / winogrande.PREDICTIONS_FILE).read_text().splitlines()
-    assert [json.loads(r)["prediction"] for r in rows] == [json.loads(r)["prediction"] for r in (single / winogrande.PREDICTIONS_FILE).read_text().splitlines()]
+    assert [json.loads(r)["prediction"] for r in rows] == [
+        json.loads(r)["prediction"]
+        for r in (single / winogrande.PREDICTIONS_FILE).read_text().splitlines()
+    ]

@@ -14,11 +14,15 @@ from loralab.runners.methods import METHODS, get_method
 STEPS = 2
 
 
-
-
 def method_flags(method: str) -> list[str]:
     d = get_method(method).defaults
-    small = {"lora_r": 4, "galore_rank": 4, "update_proj_gap": 2, "ga_iters": 2, "sb_num_batches": 2}
+    small = {
+        "lora_r": 4,
+        "galore_rank": 4,
+        "update_proj_gap": 2,
+        "ga_iters": 2,
+        "sb_num_batches": 2,
+    }
     return [x for k, v in small.items() if k in d for x in (f"--{k}", str(v))]
 
 
@@ -60,12 +64,21 @@ def test_sft_example_masks_the_prompt():
 @pytest.mark.parametrize("method", METHODS)  # every method: a missing package fails, never skips
 def test_metamath_end_to_end(method, tiny_dirs, metamath_files, tmp_path):
     out = tmp_path / method
-    argv = [*common(tiny_dirs, metamath_files, out), "--method", method, "--max_steps", str(STEPS), *method_flags(method)]
+    argv = [
+        *common(tiny_dirs, metamath_files, out),
+        "--method",
+        method,
+        "--max_steps",
+        str(STEPS),
+        *method_flags(method),
+    ]
     metrics = metamath.main(argv)
     assert metrics["num_examples"] == 6.0 and 0.0 <= metrics["accuracy"] <= 1.0
     rows = [json.loads(line) for line in (out / "gsm8k_predictions.jsonl").read_text().splitlines()]
     assert [r["index"] for r in rows] == list(range(6))
-    assert all(r["reference"] is not None for r in rows)  # every fixture reference parsed from "#### X"
+    assert all(
+        r["reference"] is not None for r in rows
+    )  # every fixture reference parsed from "#### X"
     assert sum(r["correct"] for r in rows) / 6 == metrics["accuracy"]
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in logged if "loss" in r]
@@ -89,7 +102,13 @@ def test_alpaca_template_and_query_types(tiny_dirs, metamath_files, tmp_path):
 
 def test_evaluate_only(tiny_dirs, metamath_files, tmp_path):
     out = tmp_path / "eval"
-    argv = [*common(tiny_dirs, metamath_files, out), "--do_train", "false", "--max_eval_samples", "3"]
+    argv = [
+        *common(tiny_dirs, metamath_files, out),
+        "--do_train",
+        "false",
+        "--max_eval_samples",
+        "3",
+    ]
     metrics = metamath.main(argv)
     assert metrics["num_examples"] == 3.0
     assert len((out / "gsm8k_predictions.jsonl").read_text().splitlines()) == 3
@@ -98,8 +117,16 @@ def test_evaluate_only(tiny_dirs, metamath_files, tmp_path):
 def test_bad_inputs_name_the_argument(tiny_dirs, metamath_files, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
-    base = [*common(tiny_dirs, metamath_files, tmp_path / "x"), "--method", "lora", "--max_steps", "1"]
-    with pytest.raises(ValueError, match=r"--train_file .*bad.jsonl lacks column\(s\) query, response"):
+    base = [
+        *common(tiny_dirs, metamath_files, tmp_path / "x"),
+        "--method",
+        "lora",
+        "--max_steps",
+        "1",
+    ]
+    with pytest.raises(
+        ValueError, match=r"--train_file .*bad.jsonl lacks column\(s\) query, response"
+    ):
         metamath.main([*base, "--train_file", str(bad)])
     with pytest.raises(ValueError, match=r"--eval_file .*lacks column\(s\) question, answer"):
         metamath.main([*base, "--eval_file", metamath_files["train"]])

@@ -50,7 +50,16 @@ AVAILABLE = [m for m in METHODS if installed(m)]
 
 
 def test_registry_lists_the_issue_methods():
-    assert METHODS == ("full", "lora", "lora-ga", "lora-fa", "lora-sb", "lora-pro", "galore", "golore")
+    assert METHODS == (
+        "full",
+        "lora",
+        "lora-ga",
+        "lora-fa",
+        "lora-sb",
+        "lora-pro",
+        "galore",
+        "golore",
+    )
     for name in METHODS:
         assert get_method(name).name == name
 
@@ -58,7 +67,9 @@ def test_registry_lists_the_issue_methods():
 @pytest.mark.parametrize("method", AVAILABLE)
 def test_method_trains_causal_lm(method):
     torch.manual_seed(0)
-    args = method_args(method, learning_rate=1e-2, max_steps=STEPS, progress=False, **small_options(method))
+    args = method_args(
+        method, learning_rate=1e-2, max_steps=STEPS, progress=False, **small_options(method)
+    )
     setup = get_method(method).setup(tiny_llama(), args, make_lm_batches(2))
     model, opt = setup.model, setup.optimizer
     model.train()
@@ -77,7 +88,9 @@ def test_method_trains_causal_lm(method):
 
 @pytest.mark.parametrize("method", [m for m in AVAILABLE if m not in ("full", "galore", "golore")])
 def test_lora_methods_keep_classifier_trainable(method):
-    args = method_args(method, task_type="SEQ_CLS", max_steps=STEPS, progress=False, **small_options(method))
+    args = method_args(
+        method, task_type="SEQ_CLS", max_steps=STEPS, progress=False, **small_options(method)
+    )
     setup = get_method(method).setup(tiny_roberta(), args, make_classification_batches(2))
     trainable = [n for n, p in setup.model.named_parameters() if p.requires_grad]
     assert any("classifier" in n for n in trainable), trainable
@@ -91,10 +104,17 @@ def test_unknown_method_names_the_argument():
 
 @pytest.mark.parametrize(
     ("method", "option", "value", "applies_to"),
-    [("lora", "rand_ratio", 0.5, "golore"), ("full", "lora_r", 8, "lora"), ("galore", "ga_iters", 4, "lora-ga")],
+    [
+        ("lora", "rand_ratio", 0.5, "golore"),
+        ("full", "lora_r", 8, "lora"),
+        ("galore", "ga_iters", 4, "lora-ga"),
+    ],
 )
 def test_option_of_another_method_fails_fast(method, option, value, applies_to):
-    with pytest.raises(MethodError, match=rf"--{option} does not apply to --method {method} \(it applies to: .*{applies_to}"):
+    with pytest.raises(
+        MethodError,
+        match=rf"--{option} does not apply to --method {method} \(it applies to: .*{applies_to}",
+    ):
         method_args(method, **{option: value})
 
 
@@ -111,7 +131,18 @@ def test_bad_option_values_name_the_argument():
 
 def test_command_line_flags_and_defaults():
     parser = add_method_arguments(argparse.ArgumentParser())
-    args = parser.parse_args(["--method", "golore", "--galore_rank", "16", "--rand_ratio", "0.8", "--target_modules", "q_proj,v_proj"])
+    args = parser.parse_args(
+        [
+            "--method",
+            "golore",
+            "--galore_rank",
+            "16",
+            "--rand_ratio",
+            "0.8",
+            "--target_modules",
+            "q_proj,v_proj",
+        ]
+    )
     for k, v in dict(max_steps=10, learning_rate=1e-3).items():
         setattr(args, k, v)
     from loralab.runners.methods import resolve_method_options

@@ -31,7 +31,10 @@ def metamath_argv(tiny_dirs, glue_files, metamath_files, out: Path) -> list[str]
             "--max_length", "96", "--max_new_tokens", "4", "--prompt_template", "qa"]  # fmt: skip
 
 
-CASES = {"glue-golore": ("loralab.runners.glue", glue.main, glue_argv), "metamath-lora-ga": ("loralab.runners.metamath", metamath.main, metamath_argv)}
+CASES = {
+    "glue-golore": ("loralab.runners.glue", glue.main, glue_argv),
+    "metamath-lora-ga": ("loralab.runners.metamath", metamath.main, metamath_argv),
+}
 
 
 def records(out: Path) -> list[dict]:
@@ -39,11 +42,24 @@ def records(out: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_killed_after_first_checkpoint_and_resumed_matches_uninterrupted(case, tiny_dirs, glue_files, metamath_files, tmp_path):
+def test_killed_after_first_checkpoint_and_resumed_matches_uninterrupted(
+    case, tiny_dirs, glue_files, metamath_files, tmp_path
+):
     module, main, make = CASES[case]
 
     def argv(out: Path) -> list[str]:
-        flags = ["--output_dir", str(out), "--max_steps", str(STEPS), "--save_steps", str(SAVE), "--logging_steps", "1", "--disable_tqdm", "true"]
+        flags = [
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            str(STEPS),
+            "--save_steps",
+            str(SAVE),
+            "--logging_steps",
+            "1",
+            "--disable_tqdm",
+            "true",
+        ]
         return [*make(tiny_dirs, glue_files, metamath_files, out), *flags]
 
     full = tmp_path / "uninterrupted"
@@ -51,9 +67,17 @@ def test_killed_after_first_checkpoint_and_resumed_matches_uninterrupted(case, t
 
     out = tmp_path / "interrupted"
     env = {**os.environ, CRASH_ENV: str(SAVE), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", module, *argv(out)], env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *argv(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 17, proc.stderr[-4000:]
-    assert (out / f"checkpoint-{SAVE}" / "trainer_state.json").is_file() and not (out / "final").exists()
+    assert (out / f"checkpoint-{SAVE}" / "trainer_state.json").is_file() and not (
+        out / "final"
+    ).exists()
     assert [r["step"] for r in records(out) if "loss" in r] == [1, 2]
 
     resumed = main([*argv(out), "--resume_from_checkpoint", "latest"])
@@ -61,13 +85,25 @@ def test_killed_after_first_checkpoint_and_resumed_matches_uninterrupted(case, t
     got, want = records(out), records(full)
     # the resumed run's log continues the killed one's: steps 1..4 once each, the same losses
     assert [r["step"] for r in got if "loss" in r] == [1, 2, 3, 4]
-    assert [r["loss"] for r in got if "loss" in r] == pytest.approx([r["loss"] for r in want if "loss" in r], rel=1e-6)
+    assert [r["loss"] for r in got if "loss" in r] == pytest.approx(
+        [r["loss"] for r in want if "loss" in r], rel=1e-6
+    )
     assert (out / "final").is_dir()
 
 
 def test_resume_errors_name_the_flag(tiny_dirs, glue_files, metamath_files, tmp_path):
-    base = [*glue_argv(tiny_dirs, glue_files, metamath_files, tmp_path), "--output_dir", str(tmp_path / "empty"), "--max_steps", "2"]
-    with pytest.raises(FileNotFoundError, match="--resume_from_checkpoint latest: no checkpoint-N directory"):
+    base = [
+        *glue_argv(tiny_dirs, glue_files, metamath_files, tmp_path),
+        "--output_dir",
+        str(tmp_path / "empty"),
+        "--max_steps",
+        "2",
+    ]
+    with pytest.raises(
+        FileNotFoundError, match="--resume_from_checkpoint latest: no checkpoint-N directory"
+    ):
         glue.main([*base, "--resume_from_checkpoint", "latest"])
-    with pytest.raises(FileNotFoundError, match=r"--resume_from_checkpoint .*nope: not a checkpoint"):
+    with pytest.raises(
+        FileNotFoundError, match=r"--resume_from_checkpoint .*nope: not a checkpoint"
+    ):
         glue.main([*base, "--resume_from_checkpoint", str(tmp_path / "nope")])

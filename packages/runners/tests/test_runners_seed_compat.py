@@ -26,7 +26,9 @@ MAX_TOKENS = 512
 def metamath_env(monkeypatch, tiny_dirs, tmp_path, helpers):
     rows = helpers.metamath_rows(20, 0)
     rows.insert(3, {**rows[3], "type": "MATH_FOBAR"})  # not GSM-derived: the seed drops it
-    rows.insert(5, {**rows[5], "query": "x" * 600})  # over max_tokens with the byte-level tokenizer: dropped
+    rows.insert(
+        5, {**rows[5], "query": "x" * 600}
+    )  # over max_tokens with the byte-level tokenizer: dropped
     path = tmp_path / "MetaMathQA-395K.json"
     path.write_text(json.dumps(rows))
     monkeypatch.setenv(METAMATH_FILE_ENV, str(path))
@@ -38,7 +40,10 @@ def test_meta_math_rows_as_the_seed_builds_them(metamath_env):
     train, evaluation, same = DATASET_MAP["meta_math"](num_train=16, num_eval=4)
     kept = [r for r in metamath_env if "GSM" in r["type"] and len(r["query"]) < 600]
     assert len(train) == 16 and len(evaluation) == 4 and same is evaluation
-    assert train[0] == {"x": f"Q: {kept[0]['query']}\nA: ", "y": kept[0]["response"].split("\nThe answer is:")[0]}
+    assert train[0] == {
+        "x": f"Q: {kept[0]['query']}\nA: ",
+        "y": kept[0]["response"].split("\nThe answer is:")[0],
+    }
     assert "The answer is" not in "".join(train["y"])
     assert [r["x"] for r in evaluation] == [f"Q: {r['query']}\nA: " for r in kept[16:20]]
 
@@ -47,7 +52,11 @@ def test_gsm8k_from_a_local_file(monkeypatch, tmp_path, helpers):
     path = helpers.write_jsonl(tmp_path / "gsm8k.jsonl", helpers.gsm8k_rows(3, 0))
     monkeypatch.setenv(GSM8K_FILE_ENV, path)
     train, test, _ = DATASET_MAP["gsm8k"]()
-    assert train[0]["x"].startswith("Q: What is") and train[0]["y"].endswith(train[0]["y"].split("#### ")[-1]) and len(test) == 3
+    assert (
+        train[0]["x"].startswith("Q: What is")
+        and train[0]["y"].endswith(train[0]["y"].split("#### ")[-1])
+        and len(test) == 3
+    )
 
 
 def test_causal_lm_encoding_trains_on_the_response_only(tiny_dirs):
@@ -58,13 +67,20 @@ def test_causal_lm_encoding_trains_on_the_response_only(tiny_dirs):
         full = tok(x + " " + y + tok.eos_token)["input_ids"]
         n = len(tok(x)["input_ids"])
         assert enc["input_ids"][i, : len(full)].tolist() == full
-        assert enc["labels"][i, :n].eq(-100).all() and enc["labels"][i, n : len(full)].tolist() == full[n:]
-        assert enc["labels"][i, len(full) :].eq(-100).all() and enc["attention_mask"][i].sum() == len(full)
+        assert (
+            enc["labels"][i, :n].eq(-100).all()
+            and enc["labels"][i, n : len(full)].tolist() == full[n:]
+        )
+        assert enc["labels"][i, len(full) :].eq(-100).all() and enc["attention_mask"][
+            i
+        ].sum() == len(full)
 
 
 def test_transform_dataset_batches_through_a_dataloader(tiny_dirs, metamath_env):
     model, tok = initialize_text_to_text_model(tiny_dirs["llama"], "CausalLM", "bf16")
-    assert model.dtype == torch.bfloat16 and tok.pad_token == "<pad>"  # the tokenizer's own pad is kept
+    assert (
+        model.dtype == torch.bfloat16 and tok.pad_token == "<pad>"
+    )  # the tokenizer's own pad is kept
     train, _, _ = DATASET_MAP["meta_math"](num_train=8, num_eval=0)
     transform_dataset(model_type="CausalLM", dataset=train, tokenizer=tok, max_length=MAX_TOKENS)
     batch = next(iter(DataLoader(train, batch_size=4)))
@@ -76,10 +92,17 @@ def test_seq2seq_and_errors(tiny_dirs):
     from datasets import Dataset
 
     model, tok = initialize_text_to_text_model(tiny_dirs["t5"], "ConditionalGeneration", "fp32")
-    ds = transform_dataset("ConditionalGeneration", tok, Dataset.from_dict({"x": ["a b c", "d"], "y": ["pos", "negative"]}), 32)
+    ds = transform_dataset(
+        "ConditionalGeneration",
+        tok,
+        Dataset.from_dict({"x": ["a b c", "d"], "y": ["pos", "negative"]}),
+        32,
+    )
     b = ds[:2]
     assert b["labels"][0].tolist()[-1] == -100 and model(**b).loss.isfinite()  # padded label masked
-    with pytest.raises(ValueError, match="model_type must be one of CausalLM, ConditionalGeneration, got 'LM'"):
+    with pytest.raises(
+        ValueError, match="model_type must be one of CausalLM, ConditionalGeneration, got 'LM'"
+    ):
         initialize_text_to_text_model(tiny_dirs["llama"], "LM", "fp32")
     with pytest.raises(ValueError, match="dtype must be one of fp32, bf16, int8, nf4, got 'fp16'"):
         initialize_text_to_text_model(tiny_dirs["llama"], "CausalLM", "fp16")
@@ -100,7 +123,7 @@ from loralab.lora_ga import LoraGAConfig, estimate_gradient, LoraGAContext, save
 from loralab.runners.seed_compat import transform_dataset, initialize_text_to_text_model, DATASET_MAP
 from loralab.core.targets import find_all_linear_modules
 """
-SEED_EXAMPLE = '''
+SEED_EXAMPLE = """
 def main(lora_alpha=8, lora_rank=32, sample_size=128, seed=31):
     accelerator = Accelerator()
     model_id = "meta-llama/Llama-2-7b-hf"
@@ -172,10 +195,12 @@ def main(lora_alpha=8, lora_rank=32, sample_size=128, seed=31):
         )
         model = PeftModel.from_pretrained(model, save_dir)
     return model
-'''
+"""
 
 
-def test_seed_metamath_example_runs_with_only_the_imports_changed(tiny_dirs, metamath_env, tmp_path, monkeypatch):
+def test_seed_metamath_example_runs_with_only_the_imports_changed(
+    tiny_dirs, metamath_env, tmp_path, monkeypatch
+):
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
     monkeypatch.chdir(tmp_path)
@@ -210,7 +235,15 @@ def test_seed_metamath_example_runs_with_only_the_imports_changed(tiny_dirs, met
     adapter = json.loads((save_dir / "adapter_config.json").read_text())
     # a plain LoRA adapter of rank 2r on the original base (LoRA-GA's offset folded in), every linear layer
     assert adapter["r"] == 8 and adapter["peft_type"] == "LORA"
-    assert set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert set(adapter["target_modules"]) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     with torch.no_grad():
         logits = reloaded(**probe["batch"]).logits.float()
     # the reloaded bf16 model reproduces the trained one to bf16 rounding (eps 2^-8 relative, logits ~1)

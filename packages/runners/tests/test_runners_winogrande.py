@@ -13,17 +13,30 @@ from loralab.runners.winogrande import encode_continuation, score_options, split
 
 STEPS = 2
 SENTENCES = [
-    {"sentence": "Sarah was a much better surgeon than Maria so _ always got the harder cases.", "options": ("Sarah", "Maria")},
-    {"sentence": "The trophy doesn't fit into the brown suitcase because the _ is too large.", "options": ("trophy", "suitcase")},
-    {"sentence": "Ian volunteered to eat Dennis's menudo after already having a bowl because _ despised eating intestine.", "options": ("Ian", "Dennis")},
+    {
+        "sentence": "Sarah was a much better surgeon than Maria so _ always got the harder cases.",
+        "options": ("Sarah", "Maria"),
+    },
+    {
+        "sentence": "The trophy doesn't fit into the brown suitcase because the _ is too large.",
+        "options": ("trophy", "suitcase"),
+    },
+    {
+        "sentence": "Ian volunteered to eat Dennis's menudo after already having a bowl because _ despised eating intestine.",
+        "options": ("Ian", "Dennis"),
+    },
 ]
-
-
 
 
 def method_flags(method: str) -> list[str]:
     d = get_method(method).defaults
-    small = {"lora_r": 4, "galore_rank": 4, "update_proj_gap": 2, "ga_iters": 2, "sb_num_batches": 2}
+    small = {
+        "lora_r": 4,
+        "galore_rank": 4,
+        "update_proj_gap": 2,
+        "ga_iters": 2,
+        "sb_num_batches": 2,
+    }
     return [x for k, v in small.items() if k in d for x in (f"--{k}", str(v))]
 
 
@@ -39,11 +52,17 @@ def test_split_sentence_substitutes_the_option():
 
 def test_encode_keeps_the_continuation_and_masks_the_context():
     tok = offline_tokenizer()
-    ex = encode_continuation(tok, "The cat sat on the mat because the cat", " was tired.", max_length=64)
+    ex = encode_continuation(
+        tok, "The cat sat on the mat because the cat", " was tired.", max_length=64
+    )
     n = len(tok(" was tired.", add_special_tokens=False)["input_ids"])
     assert ex["labels"][-n:] == ex["input_ids"][-n:] and set(ex["labels"][:-n]) == {-100}
-    short = encode_continuation(tok, "The cat sat on the mat because the cat", " was tired.", max_length=n + 4)
-    assert len(short["input_ids"]) == n + 4 and short["input_ids"][-n:] == ex["input_ids"][-n:]  # context cut from the left
+    short = encode_continuation(
+        tok, "The cat sat on the mat because the cat", " was tired.", max_length=n + 4
+    )
+    assert (
+        len(short["input_ids"]) == n + 4 and short["input_ids"][-n:] == ex["input_ids"][-n:]
+    )  # context cut from the left
     with pytest.raises(ValueError, match="--max_length"):
         encode_continuation(tok, "ctx", " was tired.", max_length=n)
 
@@ -83,12 +102,17 @@ def test_winogrande_end_to_end(method, tiny_dirs, winogrande_files, tmp_path):
     ]  # fmt: skip
     metrics = winogrande.main(argv)
     assert metrics["num_examples"] == 8.0 and 0.0 <= metrics["accuracy"] <= 1.0
-    rows = [json.loads(line) for line in (out / "winogrande_predictions.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (out / "winogrande_predictions.jsonl").read_text().splitlines()
+    ]
     assert [r["index"] for r in rows] == list(range(8))
     assert sum(r["correct"] for r in rows) / 8 == metrics["accuracy"]
     assert all(r["prediction"] == (2 if r["scores"][1] > r["scores"][0] else 1) for r in rows)
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len([r for r in logged if "loss" in r]) == STEPS and logged[-1]["eval_accuracy"] == metrics["accuracy"]
+    assert (
+        len([r for r in logged if "loss" in r]) == STEPS
+        and logged[-1]["eval_accuracy"] == metrics["accuracy"]
+    )
 
 
 def test_winogrande_learns_the_fixture(tiny_dirs, winogrande_files, tmp_path):
@@ -98,7 +122,14 @@ def test_winogrande_learns_the_fixture(tiny_dirs, winogrande_files, tmp_path):
 
     tok = AutoTokenizer.from_pretrained(tiny_dirs["llama"])
     rows = [json.loads(line) for line in open(winogrande_files["train"])]
-    examples = [{"sentence": r["sentence"], "options": (r["option1"], r["option2"]), "label": int(r["answer"]) - 1} for r in rows]
+    examples = [
+        {
+            "sentence": r["sentence"],
+            "options": (r["option1"], r["option2"]),
+            "label": int(r["answer"]) - 1,
+        }
+        for r in rows
+    ]
 
     def margin(model):
         s = score_options(model, tok, examples)
@@ -122,11 +153,26 @@ def test_bad_files_name_the_argument(tiny_dirs, winogrande_files, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"sentence": "A _ b.", "option1": "x", "answer": "1"}) + "\n")
     unlabeled = tmp_path / "test.jsonl"
-    unlabeled.write_text(json.dumps({"sentence": "A _ b.", "option1": "x", "option2": "y", "answer": ""}) + "\n")
-    base = ["--model_name_or_path", tiny_dirs["llama"], "--output_dir", str(tmp_path / "o"), "--method", "lora", "--max_steps", "1"]
+    unlabeled.write_text(
+        json.dumps({"sentence": "A _ b.", "option1": "x", "option2": "y", "answer": ""}) + "\n"
+    )
+    base = [
+        "--model_name_or_path",
+        tiny_dirs["llama"],
+        "--output_dir",
+        str(tmp_path / "o"),
+        "--method",
+        "lora",
+        "--max_steps",
+        "1",
+    ]
     with pytest.raises(ValueError, match=r"--train_file .*bad\.jsonl lacks column\(s\) option2"):
-        winogrande.main([*base, "--train_file", str(bad), "--validation_file", winogrande_files["validation"]])
+        winogrande.main(
+            [*base, "--train_file", str(bad), "--validation_file", winogrande_files["validation"]]
+        )
     with pytest.raises(ValueError, match=r"--validation_file .*test\.jsonl: no labeled example"):
-        winogrande.main([*base, "--train_file", winogrande_files["train"], "--validation_file", str(unlabeled)])
+        winogrande.main(
+            [*base, "--train_file", winogrande_files["train"], "--validation_file", str(unlabeled)]
+        )
     with pytest.raises(SystemExit):
         winogrande.main([*base, "--dataset_config", "winogrande_xxl"])

@@ -35,7 +35,9 @@ __all__ = ["AdamWStyle", "adamw_direction", "adamw_update_", "check_adamw_hparam
 AdamWStyle = Literal["torch", "hf"]
 
 
-def check_adamw_hparams(lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
+def check_adamw_hparams(
+    lr: float, betas: tuple[float, float], eps: float, weight_decay: float
+) -> None:
     """Validate AdamW hyper-parameters as ``torch.optim.AdamW`` does, with the argument named."""
     if not 0.0 <= lr:
         raise ValueError(f"Invalid learning rate: lr must be >= 0, got {lr}")
@@ -47,7 +49,13 @@ def check_adamw_hparams(lr: float, betas: tuple[float, float], eps: float, weigh
         raise ValueError(f"Invalid weight_decay: must be >= 0, got {weight_decay}")
 
 
-def _update_moments_(grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor], beta1: float, beta2: float) -> None:
+def _update_moments_(
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    beta1: float,
+    beta2: float,
+) -> None:
     grads = [g.to(m.dtype) for g, m in zip(grads, exp_avgs)]
     torch._foreach_lerp_(list(exp_avgs), grads, 1 - beta1)
     torch._foreach_mul_(list(exp_avg_sqs), beta2)
@@ -110,7 +118,9 @@ def adamw_update_(
     """
     if not params:
         return
-    directions = adamw_direction(grads, exp_avgs, exp_avg_sqs, step=step, betas=betas, eps=eps, style=style)
+    directions = adamw_direction(
+        grads, exp_avgs, exp_avg_sqs, step=step, betas=betas, eps=eps, style=style
+    )
     params = list(params)
     if style == "torch" and weight_decay:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
@@ -120,4 +130,6 @@ def adamw_update_(
         for p, d in zip(params, directions):
             p.add_(d.to(p.dtype), alpha=-lr)
     if style == "hf" and weight_decay:
-        torch._foreach_mul_(params, 1 - lr * weight_decay)  # applied after the step, as transformers did
+        torch._foreach_mul_(
+            params, 1 - lr * weight_decay
+        )  # applied after the step, as transformers did

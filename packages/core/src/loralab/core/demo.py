@@ -43,7 +43,9 @@ def _batches(arch: str, n: int, seed: int) -> list[dict[str, torch.Tensor]]:
     return make_lm_batches(n, seed=seed)
 
 
-def run_demo(arch: str = "llama", *, batches: int = 4, top: int = 4, seed: int = 0, out=None) -> float:
+def run_demo(
+    arch: str = "llama", *, batches: int = 4, top: int = 4, seed: int = 0, out=None
+) -> float:
     """Run the demo and return the max relative difference between plain and offloaded gradients.
 
     Example:
@@ -64,8 +66,11 @@ def run_demo(arch: str = "llama", *, batches: int = 4, top: int = 4, seed: int =
     offloaded = estimate_gradients(model, data, offload=True, device="cpu", progress=False)
     t2 = time.perf_counter()
 
-    print(f"loralab.core demo: tiny {arch} ({sum(p.numel() for p in model.parameters()):,} parameters), "
-          f"{batches} batches, {len(plain)} target layers", file=out)
+    print(
+        f"loralab.core demo: tiny {arch} ({sum(p.numel() for p in model.parameters()):,} parameters), "
+        f"{batches} batches, {len(plain)} target layers",
+        file=out,
+    )
     width = max(len(n) for n in plain)
     print(f"{'layer':<{width}}  {'shape':>9}  {'‖G‖_F':>10}  top singular values", file=out)
     worst = 0.0
@@ -79,17 +84,26 @@ def run_demo(arch: str = "llama", *, batches: int = 4, top: int = 4, seed: int =
         print(f"{name:<{width}}  {shape:>9}  {g.norm().item():>10.4e}  {sv}", file=out)
     max_abs = max((plain[n] - offloaded[n]).abs().max().item() for n in plain)
     print(f"plain: {t1 - t0:.2f} s, offload (device=cpu): {t2 - t1:.2f} s", file=out)
-    print(f"max |plain - offload| = {max_abs:.3e}; max relative (per layer, Frobenius) = {worst:.3e} "
-          f"({'OK' if worst <= TOLERANCE else 'MISMATCH'}, tolerance {TOLERANCE:g})", file=out)
+    print(
+        f"max |plain - offload| = {max_abs:.3e}; max relative (per layer, Frobenius) = {worst:.3e} "
+        f"({'OK' if worst <= TOLERANCE else 'MISMATCH'}, tolerance {TOLERANCE:g})",
+        file=out,
+    )
     return worst
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point ``loralab-core-demo``; returns the process exit code."""
     parser = argparse.ArgumentParser(prog="loralab-core-demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", choices=TINY_ARCHS, default="llama", help="tiny model to use (default: llama)")
-    parser.add_argument("--batches", type=int, default=4, help="number of batches to average over (default: 4)")
-    parser.add_argument("--top", type=int, default=4, help="singular values to print per layer (default: 4)")
+    parser.add_argument(
+        "--arch", choices=TINY_ARCHS, default="llama", help="tiny model to use (default: llama)"
+    )
+    parser.add_argument(
+        "--batches", type=int, default=4, help="number of batches to average over (default: 4)"
+    )
+    parser.add_argument(
+        "--top", type=int, default=4, help="singular values to print per layer (default: 4)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="model and data seed (default: 0)")
     args = parser.parse_args(argv)
     if args.batches < 1 or args.top < 1:

@@ -97,7 +97,9 @@ def _is_zero3_param(p: nn.Parameter) -> bool:
 
 
 @contextmanager
-def gathered_parameters(params: Iterable[nn.Parameter], modifier_rank: int | None = None) -> Iterator[None]:
+def gathered_parameters(
+    params: Iterable[nn.Parameter], modifier_rank: int | None = None
+) -> Iterator[None]:
     """Make DeepSpeed ZeRO-3 partitioned parameters whole inside the block (a no-op otherwise).
 
     With ``modifier_rank`` set, changes made on that rank are broadcast to every rank on exit, as in
@@ -118,10 +120,15 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     seen = 0
     while seen < 8:
         seen += 1
-        if hasattr(model, "module") and isinstance(model.module, nn.Module) and type(model).__name__ in (
-            "DistributedDataParallel",
-            "DataParallel",
-            "DeepSpeedEngine",
+        if (
+            hasattr(model, "module")
+            and isinstance(model.module, nn.Module)
+            and type(model).__name__
+            in (
+                "DistributedDataParallel",
+                "DataParallel",
+                "DeepSpeedEngine",
+            )
         ):
             model = model.module
         elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
@@ -129,4 +136,3 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         else:
             break
     return model
-

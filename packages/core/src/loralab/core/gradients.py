@@ -137,7 +137,9 @@ def estimation_mode(model: nn.Module, weights: Iterable[nn.Parameter], train: bo
         model.train(was_training)
 
 
-def _progress(iterable: Iterable[Any], total: int | None, desc: str, enabled: bool) -> Iterable[Any]:
+def _progress(
+    iterable: Iterable[Any], total: int | None, desc: str, enabled: bool
+) -> Iterable[Any]:
     if not enabled or not is_main_process():
         return iterable
     from tqdm.auto import tqdm
@@ -223,8 +225,12 @@ def estimate_gradients(
             total=num_batches,
         )
     if device is not None:
-        raise ValueError("device applies to offload=True only; move the model yourself for the plain path")
-    return _estimate_plain(model, batches, resolved, loss_fn, consumer, train, reduce, progress, num_batches)
+        raise ValueError(
+            "device applies to offload=True only; move the model yourself for the plain path"
+        )
+    return _estimate_plain(
+        model, batches, resolved, loss_fn, consumer, train, reduce, progress, num_batches
+    )
 
 
 def _estimate_plain(
@@ -254,24 +260,32 @@ def _estimate_plain(
 
     weights = [t.weight for t in targets.values()]
     if len({id(w) for w in weights}) != len(weights):
-        raise GradientEstimationError("two targets share one weight tensor (tied weights); exclude one of them")
+        raise GradientEstimationError(
+            "two targets share one weight tensor (tied weights); exclude one of them"
+        )
     n = 0
     with estimation_mode(model, weights, train):
         try:
             for name, t in targets.items():
-                handles.append(t.weight.register_post_accumulate_grad_hook(make_hook(name, t.module)))
+                handles.append(
+                    t.weight.register_post_accumulate_grad_hook(make_hook(name, t.module))
+                )
             with torch.enable_grad():
                 for batch in _progress(batches, total, "estimating gradients", progress):
                     loss = loss_fn(model, batch)
                     if not torch.isfinite(loss):
-                        raise GradientEstimationError(f"non-finite loss ({loss.item()}) on batch {n}; the gradient would be NaN")
+                        raise GradientEstimationError(
+                            f"non-finite loss ({loss.item()}) on batch {n}; the gradient would be NaN"
+                        )
                     loss.backward()
                     n += 1
         finally:
             for h in handles:
                 h.remove()
     if n == 0:
-        raise GradientEstimationError("no batches: the data iterable was empty (check the dataloader and num_batches)")
+        raise GradientEstimationError(
+            "no batches: the data iterable was empty (check the dataloader and num_batches)"
+        )
     missing = [name for name in targets if name not in sums]
     if missing:
         raise GradientEstimationError(

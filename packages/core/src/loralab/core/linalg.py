@@ -53,7 +53,9 @@ def _check_matrix(name: str, m: Tensor, min_dim: int = 2) -> None:
     if not isinstance(m, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(m).__name__}")
     if m.dim() < min_dim:
-        raise ValueError(f"{name} must have at least {min_dim} dimensions, got shape {tuple(m.shape)}")
+        raise ValueError(
+            f"{name} must have at least {min_dim} dimensions, got shape {tuple(m.shape)}"
+        )
     if not m.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {m.dtype}")
 
@@ -94,11 +96,15 @@ def truncated_svd(
     _check_matrix("matrix", matrix)
     m, n = matrix.shape[-2:]
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1 or rank > min(m, n):
-        raise ValueError(f"rank must be an int in [1, min(m, n)] = [1, {min(m, n)}] for a {m}x{n} matrix, got {rank!r}")
+        raise ValueError(
+            f"rank must be an int in [1, min(m, n)] = [1, {min(m, n)}] for a {m}x{n} matrix, got {rank!r}"
+        )
     if method not in ("auto", "full", "randomized"):
         raise ValueError(f"method must be 'auto', 'full' or 'randomized', got {method!r}")
     if oversample < 0 or niter < 0:
-        raise ValueError(f"oversample and niter must be >= 0, got oversample={oversample}, niter={niter}")
+        raise ValueError(
+            f"oversample and niter must be >= 0, got oversample={oversample}, niter={niter}"
+        )
     a = matrix.to(accumulation_dtype(matrix.dtype))
     if not torch.isfinite(a).all():
         raise ValueError("truncated_svd: the matrix has non-finite values (NaN or Inf)")
@@ -107,7 +113,9 @@ def truncated_svd(
         method = "randomized" if (a.dim() == 2 and 2 * q < min(m, n)) else "full"
     if method == "full" or q == min(m, n):
         U, S, Vh = torch.linalg.svd(a, full_matrices=False)
-        return SVDResult(U[..., :rank].contiguous(), S[..., :rank].contiguous(), Vh[..., :rank, :].contiguous())
+        return SVDResult(
+            U[..., :rank].contiguous(), S[..., :rank].contiguous(), Vh[..., :rank, :].contiguous()
+        )
     if a.dim() != 2:
         raise ValueError(f"method='randomized' takes one 2-D matrix, got shape {tuple(a.shape)}")
     # Randomized range finder (Halko, Martinsson & Tropp 2011, Alg. 4.4): sketch the column space with
@@ -116,7 +124,9 @@ def truncated_svd(
     transpose = m < n
     if transpose:
         a = a.T
-    omega = torch.randn(a.shape[1], q, generator=generator, dtype=a.dtype, device="cpu").to(a.device)
+    omega = torch.randn(a.shape[1], q, generator=generator, dtype=a.dtype, device="cpu").to(
+        a.device
+    )
     y, _ = torch.linalg.qr(a @ omega)
     for _ in range(niter):
         z, _ = torch.linalg.qr(a.T @ y)
@@ -185,7 +195,9 @@ def ridge_inverse(gram: Tensor, ridge: float = 0.0, *, relative: bool = True) ->
     evals, evecs = torch.linalg.eigh(m)
     lam = ridge
     if relative and ridge > 0:
-        lam = ridge * torch.diagonal(m, dim1=-2, dim2=-1).mean(-1, keepdim=True).clamp_min(torch.finfo(dt).tiny)
+        lam = ridge * torch.diagonal(m, dim1=-2, dim2=-1).mean(-1, keepdim=True).clamp_min(
+            torch.finfo(dt).tiny
+        )
     shifted = evals + lam
     # Pseudo-inverse semantics for the null space: eigenvalues at round-off level are dropped.
     tol = evals.abs().amax(-1, keepdim=True) * evals.shape[-1] * torch.finfo(dt).eps
@@ -193,7 +205,14 @@ def ridge_inverse(gram: Tensor, ridge: float = 0.0, *, relative: bool = True) ->
     return (evecs * inv.unsqueeze(-2)) @ evecs.transpose(-1, -2)
 
 
-def ridge_solve(gram: Tensor, rhs: Tensor, ridge: float = 0.0, *, side: Literal["left", "right"] = "left", relative: bool = True) -> Tensor:
+def ridge_solve(
+    gram: Tensor,
+    rhs: Tensor,
+    ridge: float = 0.0,
+    *,
+    side: Literal["left", "right"] = "left",
+    relative: bool = True,
+) -> Tensor:
     """Solve ``(M + λI) X = rhs`` (``side="left"``) or ``X (M + λI) = rhs`` (``side="right"``).
 
     ``M`` is a batch of symmetric PSD (r, r) matrices; see :func:`ridge_inverse` for the ridge.
@@ -241,5 +260,9 @@ def solve_sylvester_psd(a: Tensor, b: Tensor, c: Tensor, *, eps: float = 0.0) ->
     scale = torch.maximum(alpha.abs().amax(-1), beta.abs().amax(-1)).unsqueeze(-1).unsqueeze(-1)
     tol = torch.clamp_min(scale * max(a.shape[-1], b.shape[-1]) * torch.finfo(dt).eps, eps)
     ct = p.transpose(-1, -2) @ c @ q
-    y = torch.where(denom.abs() > tol, ct / torch.where(denom.abs() > tol, denom, torch.ones_like(denom)), torch.zeros_like(ct))
+    y = torch.where(
+        denom.abs() > tol,
+        ct / torch.where(denom.abs() > tol, denom, torch.ones_like(denom)),
+        torch.zeros_like(ct),
+    )
     return p @ y @ q.transpose(-1, -2)

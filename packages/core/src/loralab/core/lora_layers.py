@@ -52,7 +52,9 @@ class LoraPair:
 
 
 def _is_lora_layer(module: nn.Module) -> bool:
-    return all(hasattr(module, a) for a in ("lora_A", "lora_B", "scaling")) and isinstance(module.lora_A, nn.ModuleDict)
+    return all(hasattr(module, a) for a in ("lora_A", "lora_B", "scaling")) and isinstance(
+        module.lora_A, nn.ModuleDict
+    )
 
 
 def find_lora_pairs(model: nn.Module, adapter_name: str | None = None) -> list[LoraPair]:
@@ -86,12 +88,16 @@ def find_lora_pairs(model: nn.Module, adapter_name: str | None = None) -> list[L
         adapter = adapter_name
         if adapter is None:
             if len(adapters) != 1:
-                raise LoraPairError(f"layer {name!r} has adapters {adapters}: pass adapter_name to pick one")
+                raise LoraPairError(
+                    f"layer {name!r} has adapters {adapters}: pass adapter_name to pick one"
+                )
             adapter = adapters[0]
         if adapter not in module.lora_A:
             continue
         if adapter not in module.lora_B:
-            raise LoraPairError(f"layer {name!r} has lora_A[{adapter!r}] but no lora_B[{adapter!r}]")
+            raise LoraPairError(
+                f"layer {name!r} has lora_A[{adapter!r}] but no lora_B[{adapter!r}]"
+            )
         pairs.append(
             LoraPair(
                 name=name,
@@ -104,7 +110,9 @@ def find_lora_pairs(model: nn.Module, adapter_name: str | None = None) -> list[L
         )
     if not pairs:
         if seen_adapters:
-            raise LoraPairError(f"no LoRA layer has adapter {adapter_name!r}; adapters found: {sorted(seen_adapters)}")
+            raise LoraPairError(
+                f"no LoRA layer has adapter {adapter_name!r}; adapters found: {sorted(seen_adapters)}"
+            )
         raise LoraPairError(
             f"{type(model).__name__} has no PEFT LoRA layers: wrap it with peft.get_peft_model(model, LoraConfig(...)) first"
         )

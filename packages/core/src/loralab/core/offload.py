@@ -99,7 +99,9 @@ DEFAULT_BLOCK_CLASSES: tuple[str, ...] = (
 ``_no_split_modules`` (transformers' list for ``device_map``), minus embedding modules."""
 
 
-def find_blocks(model: nn.Module, no_split_module_classes: Sequence[str] | None = None) -> dict[str, nn.Module]:
+def find_blocks(
+    model: nn.Module, no_split_module_classes: Sequence[str] | None = None
+) -> dict[str, nn.Module]:
     """The outermost sub-modules whose class name is a block class, in module order.
 
     Raises:
@@ -206,9 +208,13 @@ class _Offloader:
     @contextmanager
     def placed(self) -> Any:
         """Glue on the device, blocks on the CPU (their home) for the whole estimation; restored after."""
-        in_block = {id(p) for b in self.blocks for p in b.parameters()} | {id(t) for b in self.blocks for t in b.buffers()}
+        in_block = {id(p) for b in self.blocks for p in b.parameters()} | {
+            id(t) for b in self.blocks for t in b.buffers()
+        }
         moved: list[tuple[Tensor, torch.device]] = []
-        block_homes = [next((p.device for p in b.parameters()), torch.device("cpu")) for b in self.blocks]
+        block_homes = [
+            next((p.device for p in b.parameters()), torch.device("cpu")) for b in self.blocks
+        ]
         try:
             for t in list(self.model.parameters()) + list(self.model.buffers()):
                 if id(t) not in in_block and t.device != self.device:
@@ -253,13 +259,17 @@ class _Offloader:
             batch = {k: _to(v, self.device) for k, v in batch.items()}
         loss = self.loss_fn(self.model, batch)
         if not isinstance(loss, Tensor) or loss.dim() != 0:
-            raise GradientEstimationError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}")
+            raise GradientEstimationError(
+                f"loss_fn must return a scalar tensor, got {type(loss).__name__}"
+            )
         return loss
 
     # -------------------------------------------------------------- 1. record
     def record(self, batch: Any, n: int) -> _Batch:
         rec = _Batch()
-        memo: dict[int, tuple[Tensor, Tensor]] = {}  # id(live tensor) -> (live, stored): one copy per object
+        memo: dict[
+            int, tuple[Tensor, Tensor]
+        ] = {}  # id(live tensor) -> (live, stored): one copy per object
         order: list[int] = []
         handles = []
 
@@ -305,7 +315,9 @@ class _Offloader:
             for h in handles:
                 h.remove()
         if not torch.isfinite(loss):
-            raise GradientEstimationError(f"non-finite loss ({loss.item()}) on batch {n}; the gradient would be NaN")
+            raise GradientEstimationError(
+                f"non-finite loss ({loss.item()}) on batch {n}; the gradient would be NaN"
+            )
         if self.order is None:
             self.order = order
         elif order != self.order:
@@ -316,7 +328,9 @@ class _Offloader:
 
     # -------------------------------------------------------------- stand-in (glue-only) passes
     @contextmanager
-    def stand_ins(self, rec: _Batch, outputs: dict[int, list[Any]], seen: dict[int, list[Any]]) -> Any:
+    def stand_ins(
+        self, rec: _Batch, outputs: dict[int, list[Any]], seen: dict[int, list[Any]]
+    ) -> Any:
         """Replace every block's forward by one returning ``outputs[k]``; record live inputs in ``seen``."""
 
         def make(k: int) -> Callable[..., Any]:
@@ -335,7 +349,9 @@ class _Offloader:
                 if "forward" in vars(b):
                     del b.forward
 
-    def _outputs(self, rec: _Batch, grad_of: Callable[[int, int], bool]) -> tuple[dict[int, list[Any]], dict[tuple[int, int], Tensor]]:
+    def _outputs(
+        self, rec: _Batch, grad_of: Callable[[int, int], bool]
+    ) -> tuple[dict[int, list[Any]], dict[tuple[int, int], Tensor]]:
         outputs: dict[int, list[Any]] = {}
         leaves: dict[tuple[int, int], Tensor] = {}
         for k in self.order or []:
@@ -389,7 +405,9 @@ class _Offloader:
                     _accumulate(glue_sums, name, to_storage_layout(t.module, g))
         return identity_only
 
-    def glue_adjoint(self, batch: Any, rec: _Batch, i: int, params: Sequence[Tensor] = ()) -> tuple[dict[int, Tensor], list[Tensor | None]]:
+    def glue_adjoint(
+        self, batch: Any, rec: _Batch, i: int, params: Sequence[Tensor] = ()
+    ) -> tuple[dict[int, Tensor], list[Tensor | None]]:
         """General mode: ``∂S/∂O_i`` (and ``∂S/∂params``) with ``S = L + Σ_k ⟨in_k, T'_k⟩`` via one glue pass."""
         self._set_rng(rec.glue_rng)
         outputs, leaves = self._outputs(rec, lambda k, m: k == i)
@@ -408,7 +426,9 @@ class _Offloader:
         return out, list(grads[len(leaves) :])
 
     # -------------------------------------------------------------- 3. one block, one batch
-    def block_backward(self, rec: _Batch, k: int, out_adjoint: dict[int, Tensor], sums: dict[str, Tensor]) -> None:
+    def block_backward(
+        self, rec: _Batch, k: int, out_adjoint: dict[int, Tensor], sums: dict[str, Tensor]
+    ) -> None:
         r = rec.records[k]
         need = rec.grad_inputs.get(k, [])
         leaves = []
@@ -421,7 +441,9 @@ class _Offloader:
             leaves.append(x)
         args, kwargs = tree_unflatten(leaves, r.in_spec)
         block = self.blocks[k]
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [], enabled=self.train):
+        with torch.random.fork_rng(
+            devices=[self.device] if self.device.type == "cuda" else [], enabled=self.train
+        ):
             self._set_rng(r.rng)
             with torch.enable_grad():
                 out = block(*args, **kwargs)
@@ -456,7 +478,11 @@ def _accumulate(sums: dict[str, Tensor], name: str, g: Tensor) -> None:
 
 
 def _default_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
 
 
 @contextmanager
@@ -517,7 +543,9 @@ def estimate_gradients_offloaded(
     targets = dict(targets)
     weights = [t.weight for t in targets.values()]
     if len({id(w) for w in weights}) != len(weights):
-        raise GradientEstimationError("two targets share one weight tensor (tied weights); exclude one of them")
+        raise GradientEstimationError(
+            "two targets share one weight tensor (tied weights); exclude one of them"
+        )
     blocks = find_blocks(model, no_split_module_classes)
     off = _Offloader(model, blocks, targets, loss_fn, device, act_device, train)
     results: dict[str, Tensor] = {}
@@ -555,9 +583,15 @@ def estimate_gradients_offloaded(
                 bar.update(1)
         n = len(recs)
         if n == 0:
-            raise GradientEstimationError("no batches: the data iterable was empty (check the dataloader and num_batches)")
+            raise GradientEstimationError(
+                "no batches: the data iterable was empty (check the dataloader and num_batches)"
+            )
         order = off.order or []
-        never_ran = [off.block_names[k] for k in range(len(off.blocks)) if k not in order and off.block_targets[k]]
+        never_ran = [
+            off.block_names[k]
+            for k in range(len(off.blocks))
+            if k not in order and off.block_targets[k]
+        ]
         if never_ran:
             raise GradientEstimationError(
                 f"blocks {never_ran} never ran in the forward pass, so their targets would get no gradient; exclude them"
@@ -566,7 +600,10 @@ def estimate_gradients_offloaded(
             bar.reset(total=n * len(order))
             bar.set_description("offloaded backward (blocks)")
         logger.info(
-            "offload: %d blocks, %d batches, %s wiring", len(order), n, "identity" if identity_only else "general (glue between blocks)"
+            "offload: %d blocks, %d batches, %s wiring",
+            len(order),
+            n,
+            "identity" if identity_only else "general (glue between blocks)",
         )
         # 3. blocks in reverse execution order; each block's gradients final after its batches
         for k in reversed(order):
@@ -574,7 +611,11 @@ def estimate_gradients_offloaded(
             with off.on_device(off.blocks[k]):
                 for batch, rec in zip(batch_list, recs):
                     if identity_only:
-                        adj = {m: rec.direct.pop((kk, m)).to(device) for (kk, m) in list(rec.direct) if kk == k}
+                        adj = {
+                            m: rec.direct.pop((kk, m)).to(device)
+                            for (kk, m) in list(rec.direct)
+                            if kk == k
+                        }
                         for m in [m for (kk, m) in rec.out_adjoints if kk == k]:
                             extra = rec.out_adjoints.pop((k, m)).to(device)
                             adj[m] = adj[m] + extra if m in adj else extra
@@ -582,11 +623,15 @@ def estimate_gradients_offloaded(
                         adj, _ = off.glue_adjoint(batch, rec, k)
                     if adj and (off.block_targets[k] or rec.grad_inputs.get(k)):
                         off.block_backward(rec, k, adj, sums)
-                    if identity_only:  # route T'_k to the producers of block k's inputs, then drop it
-                        for (kk, c) in [key for key in rec.in_adjoints if key[0] == k]:
+                    if (
+                        identity_only
+                    ):  # route T'_k to the producers of block k's inputs, then drop it
+                        for kk, c in [key for key in rec.in_adjoints if key[0] == k]:
                             g = rec.in_adjoints.pop((kk, c))
                             src = rec.edges[(kk, c)]
-                            rec.out_adjoints[src] = rec.out_adjoints[src].add_(g) if src in rec.out_adjoints else g
+                            rec.out_adjoints[src] = (
+                                rec.out_adjoints[src].add_(g) if src in rec.out_adjoints else g
+                            )
                     if bar is not None:
                         bar.update(1)
             missing = [name for name in off.block_targets[k] if name not in sums]
@@ -611,7 +656,8 @@ def estimate_gradients_offloaded(
             missing = [name for name in off.glue_targets if name not in glue_sums]
             if missing:
                 raise GradientEstimationError(
-                    f"{len(missing)} target layer(s) received no gradient (unused in the forward pass?): " + ", ".join(missing[:10])
+                    f"{len(missing)} target layer(s) received no gradient (unused in the forward pass?): "
+                    + ", ".join(missing[:10])
                 )
             for name in off.glue_targets:
                 finish(name, glue_sums.pop(name), n)

@@ -172,7 +172,9 @@ def _int8_scales(module: nn.Module) -> Tensor:
     if scb is None:
         scb = getattr(getattr(module, "state", None), "SCB", None)
     if scb is None:
-        raise QuantizationError(f"{type(module).__name__}: int8 row scales (SCB) not found on the weight nor in layer.state")
+        raise QuantizationError(
+            f"{type(module).__name__}: int8 row scales (SCB) not found on the weight nor in layer.state"
+        )
     return scb
 
 
@@ -195,7 +197,9 @@ def dequantize_weight(module: nn.Module, dtype: torch.dtype | None = torch.float
     """
     kind = layer_kind(module)
     if kind is None:
-        raise TypeError(f"{type(module).__name__} is not an adaptable layer (Linear, Conv1D, bnb Linear4bit/Linear8bitLt)")
+        raise TypeError(
+            f"{type(module).__name__} is not an adaptable layer (Linear, Conv1D, bnb Linear4bit/Linear8bitLt)"
+        )
     with torch.no_grad():
         if kind == "linear":
             w = module.weight.detach().clone()
@@ -228,12 +232,18 @@ def requantize_weight_(module: nn.Module, weight: Tensor) -> None:
     """
     kind = layer_kind(module)
     if kind is None:
-        raise TypeError(f"{type(module).__name__} is not an adaptable layer (Linear, Conv1D, bnb Linear4bit/Linear8bitLt)")
+        raise TypeError(
+            f"{type(module).__name__} is not an adaptable layer (Linear, Conv1D, bnb Linear4bit/Linear8bitLt)"
+        )
     expected = _out_in(module, kind)
     if tuple(weight.shape) != expected:
-        raise ValueError(f"requantize_weight_: weight must have shape (out, in) = {expected} for {type(module).__name__}, got {tuple(weight.shape)}")
+        raise ValueError(
+            f"requantize_weight_: weight must have shape (out, in) = {expected} for {type(module).__name__}, got {tuple(weight.shape)}"
+        )
     if not torch.isfinite(weight).all():
-        raise ValueError(f"requantize_weight_: weight for {type(module).__name__} has non-finite values")
+        raise ValueError(
+            f"requantize_weight_: weight for {type(module).__name__} has non-finite values"
+        )
     old = module.weight
     device = old.device
     with torch.no_grad():
@@ -249,12 +259,16 @@ def requantize_weight_(module: nn.Module, weight: Tensor) -> None:
             # Int8Params quantizes row-wise (absmax per output row, through fp16) when it is moved
             # from the CPU to a device; do exactly that from a CPU float copy.
             new = bnb.nn.Int8Params(
-                weight.detach().to("cpu", torch.float16).contiguous(), requires_grad=False, has_fp16_weights=False
+                weight.detach().to("cpu", torch.float16).contiguous(),
+                requires_grad=False,
+                has_fp16_weights=False,
             )
             new = new.to(device)
             module.weight = new
             state = getattr(module, "state", None)
-            if state is not None:  # drop the cached (CB, SCB) of the old weight; forward re-reads them
+            if (
+                state is not None
+            ):  # drop the cached (CB, SCB) of the old weight; forward re-reads them
                 state.CB = None
                 state.SCB = None
             return
@@ -279,7 +293,11 @@ def _out_in(module: nn.Module, kind: str) -> tuple[int, int]:
 
 def quantized_layer_names(model: nn.Module) -> list[str]:
     """Qualified names of every quantized bitsandbytes layer of ``model``, in module order."""
-    return [n for n, m in model.named_modules() if layer_kind(m) in ("linear4bit", "linear8bit") and is_quantized(m)]
+    return [
+        n
+        for n, m in model.named_modules()
+        if layer_kind(m) in ("linear4bit", "linear8bit") and is_quantized(m)
+    ]
 
 
 def dequantized_copy(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -299,7 +317,9 @@ def dequantized_copy(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
         lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
         lin.weight = nn.Parameter(dequantize_weight(m, dtype), requires_grad=m.weight.requires_grad)
         if m.bias is not None:
-            lin.bias = nn.Parameter(m.bias.detach().to(dtype).clone(), requires_grad=m.bias.requires_grad)
+            lin.bias = nn.Parameter(
+                m.bias.detach().to(dtype).clone(), requires_grad=m.bias.requires_grad
+            )
         floats[n] = lin
         memo[id(m)] = lin  # deepcopy puts the float layer wherever the quantized one was
     out = copy.deepcopy(model, memo)
@@ -380,7 +400,9 @@ def load_float_model_for_estimation(
             logger.info("float copy for estimation: dequantizing the quantized model's weights")
             return dequantized_copy(qmodel, torch_dtype).eval()
         if not path:
-            raise ValueError("the quantized model has no config._name_or_path to reload a float copy from; use source='dequantize'")
+            raise ValueError(
+                "the quantized model has no config._name_or_path to reload a float copy from; use source='dequantize'"
+            )
         model_class = model_class or type(qmodel)
     else:
         if source == "dequantize":
@@ -414,9 +436,14 @@ def _check_bnb_config(cfg: Any) -> None:
     method = getattr(cfg, "quant_method", None)
     method = getattr(method, "value", method)
     if isinstance(cfg, dict):
-        method = cfg.get("quant_method", "bitsandbytes" if cfg.get("load_in_4bit") or cfg.get("load_in_8bit") else None)
+        method = cfg.get(
+            "quant_method",
+            "bitsandbytes" if cfg.get("load_in_4bit") or cfg.get("load_in_8bit") else None,
+        )
     if method != "bitsandbytes":
-        raise ValueError(f"quantization_config must be a bitsandbytes config (BitsAndBytesConfig), got {type(cfg).__name__} ({method!r})")
+        raise ValueError(
+            f"quantization_config must be a bitsandbytes config (BitsAndBytesConfig), got {type(cfg).__name__} ({method!r})"
+        )
 
 
 def _is_float_checkpoint(path: str) -> bool:

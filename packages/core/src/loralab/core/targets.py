@@ -103,7 +103,9 @@ def weight_matrix(module: nn.Module) -> Tensor:
         from loralab.core.quant import dequantize_weight
 
         return dequantize_weight(module)
-    raise TypeError(f"{type(module).__name__} is not an adaptable layer (Linear, Conv1D, bnb Linear4bit/Linear8bitLt)")
+    raise TypeError(
+        f"{type(module).__name__} is not an adaptable layer (Linear, Conv1D, bnb Linear4bit/Linear8bitLt)"
+    )
 
 
 def to_storage_layout(module: nn.Module, matrix: Tensor) -> Tensor:
@@ -227,7 +229,9 @@ def find_targets(
         'conv1d'
     """
     if target_modules is None:
-        raise TargetNotFoundError("target_modules is None: pass 'all-linear', a regex, or a list of layer names")
+        raise TargetNotFoundError(
+            "target_modules is None: pass 'all-linear', a regex, or a list of layer names"
+        )
     heads = set() if include_heads else _head_prefixes(model)
     candidates: dict[str, TargetLayer] = {}
     non_adaptable_matches: list[str] = []
@@ -244,7 +248,12 @@ def find_targets(
             mod = base
         kind = layer_kind(mod)
         if kind is None:
-            if target_modules != "all-linear" and name and _matches(name, target_modules) and not list(mod.children()):
+            if (
+                target_modules != "all-linear"
+                and name
+                and _matches(name, target_modules)
+                and not list(mod.children())
+            ):
                 non_adaptable_matches.append(f"{name} ({type(mod).__name__})")
             continue
         if ".base_layer" in f".{name}":
@@ -293,4 +302,3 @@ def find_all_linear_modules(model: nn.Module) -> list[str]:
         True
     """
     return sorted({n.rsplit(".", 1)[-1] for n in find_targets(model, "all-linear")})
-

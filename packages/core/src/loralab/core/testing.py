@@ -51,7 +51,9 @@ def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
     return model.eval()
 
 
-def tiny_llama(seed: int = 0, *, hidden_size: int = 64, num_hidden_layers: int = 2, **overrides: Any) -> nn.Module:
+def tiny_llama(
+    seed: int = 0, *, hidden_size: int = 64, num_hidden_layers: int = 2, **overrides: Any
+) -> nn.Module:
     """A random ``LlamaForCausalLM``: hidden 64, 2 layers, 4 heads (2 KV heads), intermediate 128."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -76,12 +78,28 @@ def tiny_gpt2(seed: int = 0, *, n_embd: int = 64, n_layer: int = 2, **overrides:
     """A random ``GPT2LMHeadModel`` (its attention and MLP are ``Conv1D`` layers)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = dict(vocab_size=VOCAB_SIZE, n_embd=n_embd, n_layer=n_layer, n_head=4, n_positions=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg = dict(
+        vocab_size=VOCAB_SIZE,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=4,
+        n_positions=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     cfg.update(overrides)
     return _seeded(seed, lambda: GPT2LMHeadModel(GPT2Config(**cfg)))
 
 
-def tiny_roberta(seed: int = 0, *, num_labels: int = 2, hidden_size: int = 64, num_hidden_layers: int = 2, **overrides: Any) -> nn.Module:
+def tiny_roberta(
+    seed: int = 0,
+    *,
+    num_labels: int = 2,
+    hidden_size: int = 64,
+    num_hidden_layers: int = 2,
+    **overrides: Any,
+) -> nn.Module:
     """A random ``RobertaForSequenceClassification`` with ``num_labels`` classes (1 = regression)."""
     from transformers import RobertaConfig, RobertaForSequenceClassification
 
@@ -101,7 +119,9 @@ def tiny_roberta(seed: int = 0, *, num_labels: int = 2, hidden_size: int = 64, n
     return _seeded(seed, lambda: RobertaForSequenceClassification(RobertaConfig(**cfg)))
 
 
-def tiny_t5(seed: int = 0, *, d_model: int = 64, num_layers: int = 2, **overrides: Any) -> nn.Module:
+def tiny_t5(
+    seed: int = 0, *, d_model: int = 64, num_layers: int = 2, **overrides: Any
+) -> nn.Module:
     """A random ``T5ForConditionalGeneration`` (2 encoder + 2 decoder blocks)."""
     from transformers import T5Config, T5ForConditionalGeneration
 
@@ -121,7 +141,12 @@ def tiny_t5(seed: int = 0, *, d_model: int = 64, num_layers: int = 2, **override
     return _seeded(seed, lambda: T5ForConditionalGeneration(T5Config(**cfg)))
 
 
-_BUILDERS: dict[str, Callable[..., nn.Module]] = {"llama": tiny_llama, "gpt2": tiny_gpt2, "roberta": tiny_roberta, "t5": tiny_t5}
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "llama": tiny_llama,
+    "gpt2": tiny_gpt2,
+    "roberta": tiny_roberta,
+    "t5": tiny_t5,
+}
 
 
 def tiny_model(arch: Arch, seed: int = 0, **overrides: Any) -> nn.Module:
@@ -174,7 +199,13 @@ def _gen(seed: int) -> torch.Generator:
 
 
 def make_lm_batches(
-    n: int, batch_size: int = 2, seq_len: int = 16, *, vocab_size: int = VOCAB_SIZE, seed: int = 0, pad_last: int = 0
+    n: int,
+    batch_size: int = 2,
+    seq_len: int = 16,
+    *,
+    vocab_size: int = VOCAB_SIZE,
+    seed: int = 0,
+    pad_last: int = 0,
 ) -> list[dict[str, torch.Tensor]]:
     """``n`` causal-LM batches: ``input_ids``, ``attention_mask``, ``labels`` (= ids, -100 on padding).
 
@@ -194,7 +225,13 @@ def make_lm_batches(
 
 
 def make_classification_batches(
-    n: int, batch_size: int = 4, seq_len: int = 16, *, num_labels: int = 2, vocab_size: int = VOCAB_SIZE, seed: int = 0
+    n: int,
+    batch_size: int = 4,
+    seq_len: int = 16,
+    *,
+    num_labels: int = 2,
+    vocab_size: int = VOCAB_SIZE,
+    seed: int = 0,
 ) -> list[dict[str, torch.Tensor]]:
     """``n`` sequence-classification batches whose label is a learnable function of the tokens.
 
@@ -207,7 +244,7 @@ def make_classification_batches(
         ids = torch.randint(4, vocab_size, (batch_size, seq_len), generator=g)
         ids[:, 0] = 1  # <s>, as RoBERTa expects
         if num_labels == 1:
-            labels = (ids[:, 1].float() / vocab_size)
+            labels = ids[:, 1].float() / vocab_size
         else:
             labels = ids[:, 1] % num_labels
         out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
@@ -215,7 +252,13 @@ def make_classification_batches(
 
 
 def make_seq2seq_batches(
-    n: int, batch_size: int = 2, src_len: int = 16, tgt_len: int = 8, *, vocab_size: int = VOCAB_SIZE, seed: int = 0
+    n: int,
+    batch_size: int = 2,
+    src_len: int = 16,
+    tgt_len: int = 8,
+    *,
+    vocab_size: int = VOCAB_SIZE,
+    seed: int = 0,
 ) -> list[dict[str, torch.Tensor]]:
     """``n`` encoder-decoder batches (``input_ids``, ``attention_mask``, ``labels``)."""
     g = _gen(seed)

@@ -82,7 +82,11 @@ def create_lorafa_optimizer(
     adapters = _active_adapters(model)
     configs = {a: model.peft_config[a] for a in adapters}  # type: ignore[index]
     if use_rslora is not None:
-        mismatched = [a for a, c in configs.items() if bool(getattr(c, "use_rslora", False)) != bool(use_rslora)]
+        mismatched = [
+            a
+            for a, c in configs.items()
+            if bool(getattr(c, "use_rslora", False)) != bool(use_rslora)
+        ]
         if mismatched:
             raise ValueError(
                 f"use_rslora={use_rslora} was passed to create_lorafa_optimizer, but the active adapters {mismatched} "

@@ -39,7 +39,9 @@ DEFAULT_RIDGE = 1e-8
 """PEFT's ``delta``: ``pinv(A·Aᵀ + 1e-8·I)`` (absolute, not scaled by A's magnitude)."""
 
 
-def correction_matrix(A: Tensor, scaling: float, *, ridge: float = DEFAULT_RIDGE, dtype: torch.dtype = torch.float32) -> Tensor:
+def correction_matrix(
+    A: Tensor, scaling: float, *, ridge: float = DEFAULT_RIDGE, dtype: torch.dtype = torch.float32
+) -> Tensor:
     """``M = (1/s²)·(A·Aᵀ + ridge·I)⁺`` for one (r, in) or a stack (L, r, in) of frozen A's.
 
     Args:
@@ -63,7 +65,12 @@ def correction_matrix(A: Tensor, scaling: float, *, ridge: float = DEFAULT_RIDGE
     return (inv / (s * s)).to(dtype)
 
 
-def correct_grads(grads: Sequence[Tensor], matrices: Tensor | Sequence[Tensor], *, out_dtype: torch.dtype | None = None) -> list[Tensor]:
+def correct_grads(
+    grads: Sequence[Tensor],
+    matrices: Tensor | Sequence[Tensor],
+    *,
+    out_dtype: torch.dtype | None = None,
+) -> list[Tensor]:
     """``g̃_B = g_B · M`` for a list of B gradients of equal shape (out, r), batched in one ``bmm``.
 
     ``matrices`` is a (L, r, r) stack from :func:`correction_matrix` (or a list of (r, r)). The product

@@ -54,7 +54,9 @@ def _draw_seed() -> int:
     return int(torch.randint(0, _SEED_HIGH, (1,)).item())
 
 
-def lorafa_dropout_mask(shape: torch.Size, dtype: torch.dtype, device: torch.device, p: float, seed: int) -> Tensor:
+def lorafa_dropout_mask(
+    shape: torch.Size, dtype: torch.dtype, device: torch.device, p: float, seed: int
+) -> Tensor:
     """The inverted-dropout multiplier ``bernoulli(1−p)/(1−p)`` drawn from a generator seeded with ``seed``.
 
     Deterministic in ``(shape, dtype, device, p, seed)``: backward calls it again instead of storing it.
@@ -94,7 +96,9 @@ class _FrozenDown(torch.autograd.Function):
         return grad_x, None, None, None
 
 
-def frozen_down_projection(x: Tensor, weight: Tensor, p: float = 0.0, seed: int | None = None) -> Tensor:
+def frozen_down_projection(
+    x: Tensor, weight: Tensor, p: float = 0.0, seed: int | None = None
+) -> Tensor:
     """Functional form: ``dropout_p(x) @ weightᵀ`` whose backward stores neither ``x`` nor the mask.
 
     Args:
@@ -149,7 +153,9 @@ class FrozenDownProjection(nn.Linear):
         return f"{super().extra_repr()}, p={self.p}, frozen=True"
 
 
-def _register_frozen(module: nn.Module, adapter: str, weight_name: str, frozen: bool = True) -> None:
+def _register_frozen(
+    module: nn.Module, adapter: str, weight_name: str, frozen: bool = True
+) -> None:
     """Declare ``weight_name`` non-trainable to PEFT (>= 0.21) so ``set_adapter`` / ``disable_adapter()`` keep it frozen.
 
     PEFT re-enables ``requires_grad`` on every adapter weight when an adapter is (re)activated, which would
@@ -160,7 +166,9 @@ def _register_frozen(module: nn.Module, adapter: str, weight_name: str, frozen: 
     names = getattr(module, "frozen_peft_weight_names", None)
     if not isinstance(names, dict):
         return
-    names = {k: tuple(v) for k, v in names.items()}  # the class-level default is shared: never mutate it
+    names = {
+        k: tuple(v) for k, v in names.items()
+    }  # the class-level default is shared: never mutate it
     current = names.get(adapter, ())
     if frozen and weight_name not in current:
         names[adapter] = (*current, weight_name)

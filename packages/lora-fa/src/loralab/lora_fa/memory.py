@@ -46,7 +46,9 @@ class SavedTensorStats:
 
 
 @contextlib.contextmanager
-def saved_tensor_bytes(exclude: Iterable[Tensor] | torch.nn.Module = ()) -> Iterator[SavedTensorStats]:
+def saved_tensor_bytes(
+    exclude: Iterable[Tensor] | torch.nn.Module = (),
+) -> Iterator[SavedTensorStats]:
     """Context manager: bytes of the storages autograd saves for backward inside the block.
 
     Args:

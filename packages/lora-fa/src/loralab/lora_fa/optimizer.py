@@ -133,9 +133,13 @@ class LoraFAAdamW(torch.optim.Optimizer):
                     "Freeze it (A.requires_grad_(False)) or build the optimizer with create_lorafa_optimizer, which does."
                 )
             if pair.A.dim() != 2:
-                raise LoraFAError(f"layer {pair.name!r}: LoRA-FA needs a 2-D lora_A (Linear adapters), got shape {tuple(pair.A.shape)}")
+                raise LoraFAError(
+                    f"layer {pair.name!r}: LoRA-FA needs a 2-D lora_A (Linear adapters), got shape {tuple(pair.A.shape)}"
+                )
             if pair.scaling == 0:
-                raise LoraFAError(f"layer {pair.name!r} has scaling 0 (lora_alpha = 0): LoRA-FA divides by s²")
+                raise LoraFAError(
+                    f"layer {pair.name!r} has scaling 0 (lora_alpha = 0): LoRA-FA divides by s²"
+                )
         self._all_pairs = found
         self.ridge = float(ridge)
         self.check_finite = check_finite
@@ -168,13 +172,17 @@ class LoraFAAdamW(torch.optim.Optimizer):
         self._a_ids: dict[int, LoraPair] = {}
         for pair in self._all_pairs:
             if id(pair.A) in in_groups:
-                raise LoraFAError(f"layer {pair.name!r}: lora_A[{pair.adapter!r}] is in the optimizer, but LoRA-FA keeps A frozen")
+                raise LoraFAError(
+                    f"layer {pair.name!r}: lora_A[{pair.adapter!r}] is in the optimizer, but LoRA-FA keeps A frozen"
+                )
             if id(pair.B) in in_groups:
                 self._b_pair[id(pair.B)] = pair
                 self._a_ids[id(pair.A)] = pair
         self.pairs = [p for p in self._all_pairs if id(p.B) in self._b_pair]
         if not self.pairs:
-            raise LoraPairError("no LoRA B factor is among the optimizer's parameters: nothing for LoRA-FA to correct")
+            raise LoraPairError(
+                "no LoRA B factor is among the optimizer's parameters: nothing for LoRA-FA to correct"
+            )
 
     # ----------------------------------------------------------------------------- correction matrices
 
@@ -251,8 +259,14 @@ class LoraFAAdamW(torch.optim.Optimizer):
             return
         norms = torch.stack([n.to(torch.float32).cpu() for n in norms])
         if not bool(torch.isfinite(norms).all()):
-            bad = [n for n, v in zip(names, norms.tolist()) if v != v or v in (float("inf"), float("-inf"))]
-            raise FloatingPointError(f"non-finite gradient in {bad[:5]}{' …' if len(bad) > 5 else ''}; step skipped, parameters unchanged")
+            bad = [
+                n
+                for n, v in zip(names, norms.tolist())
+                if v != v or v in (float("inf"), float("-inf"))
+            ]
+            raise FloatingPointError(
+                f"non-finite gradient in {bad[:5]}{' …' if len(bad) > 5 else ''}; step skipped, parameters unchanged"
+            )
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -299,7 +313,9 @@ class LoraFAAdamW(torch.optim.Optimizer):
                 if M.device != items[0][0].device:
                     M = M.to(items[0][0].device)
                 params += [p for p, _ in items]
-                grads += correct_grads([p.grad for p, _ in items], M, out_dtype=_moment_dtype(items[0][0]))
+                grads += correct_grads(
+                    [p.grad for p, _ in items], M, out_dtype=_moment_dtype(items[0][0])
+                )
                 names += [pair.name for _, pair in items]
             params += plain
             grads += [p.grad for p in plain]
@@ -314,8 +330,12 @@ class LoraFAAdamW(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, dtype=_moment_dtype(p), memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=_moment_dtype(p), memory_format=torch.preserve_format)
+                    state["exp_avg"] = torch.zeros_like(
+                        p, dtype=_moment_dtype(p), memory_format=torch.preserve_format
+                    )
+                    state["exp_avg_sq"] = torch.zeros_like(
+                        p, dtype=_moment_dtype(p), memory_format=torch.preserve_format
+                    )
                 state["step"] += 1
                 by_step[(int(state["step"].item()), p.device)].append((p, g))
             for (step, _), items in by_step.items():

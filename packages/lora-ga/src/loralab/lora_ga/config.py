@@ -57,9 +57,17 @@ class LoraGAConfig(LoraConfig):
     ``with LoraGAContext(model, named_grad): model = peft.get_peft_model(model, config)``.
     """
 
-    bsz: int = field(default=2, metadata={"help": "Batch size of the gradient-estimation batches (reference default 2)."})
-    iters: int = field(default=64, metadata={"help": "Number of batches averaged into the gradient (reference default 64)."})
-    max_length: int = field(default=1024, metadata={"help": "Maximum sequence length of the estimation samples."})
+    bsz: int = field(
+        default=2,
+        metadata={"help": "Batch size of the gradient-estimation batches (reference default 2)."},
+    )
+    iters: int = field(
+        default=64,
+        metadata={"help": "Number of batches averaged into the gradient (reference default 64)."},
+    )
+    max_length: int = field(
+        default=1024, metadata={"help": "Maximum sequence length of the estimation samples."}
+    )
     direction: Literal["ArB2r", "ArBr", "A2rBr", "random"] = field(
         default="ArB2r",
         metadata={
@@ -76,13 +84,20 @@ class LoraGAConfig(LoraConfig):
             "weight's top-r singular values divided by s (the reference's 'weightS')."
         },
     )
-    stable_gamma: float = field(default=16, metadata={"help": "gamma of the stable scale (reference default 16)."})
+    stable_gamma: float = field(
+        default=16, metadata={"help": "gamma of the stable scale (reference default 16)."}
+    )
     dtype: Literal["fp32", "bf16", "fp16"] = field(
-        default="fp32", metadata={"help": "dtype of the A and B adapter weights (the offset W0 keeps the base weight's dtype)."}
+        default="fp32",
+        metadata={
+            "help": "dtype of the A and B adapter weights (the offset W0 keeps the base weight's dtype)."
+        },
     )
 
     def __post_init__(self) -> None:
-        if self.init_lora_weights is True:  # LoraConfig's default: LoRA-GA is the point of this class
+        if (
+            self.init_lora_weights is True
+        ):  # LoraConfig's default: LoRA-GA is the point of this class
             self.init_lora_weights = "lora_ga"
         self.scale = _SCALE_ALIASES.get(self.scale, self.scale)  # type: ignore[assignment]
         self.dtype = _DTYPE_ALIASES.get(self.dtype, self.dtype)  # type: ignore[assignment]
@@ -91,23 +106,47 @@ class LoraGAConfig(LoraConfig):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"LoraGAConfig.{name} must be a positive int, got {v!r}")
         if self.direction not in DIRECTIONS:
-            raise ValueError(f"LoraGAConfig.direction must be one of {DIRECTIONS}, got {self.direction!r}")
+            raise ValueError(
+                f"LoraGAConfig.direction must be one of {DIRECTIONS}, got {self.direction!r}"
+            )
         if self.scale not in SCALES:
-            raise ValueError(f"LoraGAConfig.scale must be one of {SCALES} (or 'weightS', 'gd_scale'), got {self.scale!r}")
-        if isinstance(self.stable_gamma, bool) or not isinstance(self.stable_gamma, (int, float)) or not self.stable_gamma > 0:
-            raise ValueError(f"LoraGAConfig.stable_gamma must be a positive number, got {self.stable_gamma!r}")
+            raise ValueError(
+                f"LoraGAConfig.scale must be one of {SCALES} (or 'weightS', 'gd_scale'), got {self.scale!r}"
+            )
+        if (
+            isinstance(self.stable_gamma, bool)
+            or not isinstance(self.stable_gamma, (int, float))
+            or not self.stable_gamma > 0
+        ):
+            raise ValueError(
+                f"LoraGAConfig.stable_gamma must be a positive number, got {self.stable_gamma!r}"
+            )
         if self.dtype not in DTYPES:
-            raise ValueError(f"LoraGAConfig.dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+            raise ValueError(
+                f"LoraGAConfig.dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}"
+            )
         if self.init_lora_weights == "lora_ga":
             if self.use_dora:
-                raise ValueError("LoraGAConfig: use_dora=True is not supported with LoRA-GA initialisation")
+                raise ValueError(
+                    "LoraGAConfig: use_dora=True is not supported with LoRA-GA initialisation"
+                )
             self.lora_ga_config = LoraGASettings(
-                direction=self.direction, scale=self.scale, stable_gamma=self.stable_gamma, dtype=self.dtype
+                direction=self.direction,
+                scale=self.scale,
+                stable_gamma=self.stable_gamma,
+                dtype=self.dtype,
             )
         super().__post_init__()
-        if self.init_lora_weights == "lora_ga" and not isinstance(self.lora_ga_config, LoraGASettings):
+        if self.init_lora_weights == "lora_ga" and not isinstance(
+            self.lora_ga_config, LoraGASettings
+        ):
             # LoraConfig.__post_init__ rebuilds dict sub-configs with PEFT's class: keep our tag
-            self.lora_ga_config = LoraGASettings(direction=self.direction, scale=self.scale, stable_gamma=self.stable_gamma, dtype=self.dtype)
+            self.lora_ga_config = LoraGASettings(
+                direction=self.direction,
+                scale=self.scale,
+                stable_gamma=self.stable_gamma,
+                dtype=self.dtype,
+            )
 
     @classmethod
     def from_peft_type(cls, **kwargs: Any) -> LoraGAConfig:

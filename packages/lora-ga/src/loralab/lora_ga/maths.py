@@ -33,7 +33,14 @@ from torch import Tensor
 
 from loralab.core.linalg import truncated_svd
 
-__all__ = ["LoraGARankError", "canonical_signs", "gradient_svd", "lora_ga_factors", "lora_scaling", "offset_weight"]
+__all__ = [
+    "LoraGARankError",
+    "canonical_signs",
+    "gradient_svd",
+    "lora_ga_factors",
+    "lora_scaling",
+    "offset_weight",
+]
 
 
 class LoraGARankError(ValueError):
@@ -58,7 +65,9 @@ def canonical_signs(U: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:
     return U * signs, Vh * signs.unsqueeze(-1)
 
 
-def gradient_svd(grad: Tensor, k: int, *, niter: int = 4, seed: int = 0, method: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+def gradient_svd(
+    grad: Tensor, k: int, *, niter: int = 4, seed: int = 0, method: str = "auto"
+) -> tuple[Tensor, Tensor, Tensor]:
     """Top-``k`` singular triplets of ``grad`` in float32 (float64 stays float64), canonical signs.
 
     Randomized with ``4r = 2k`` sketch columns and ``niter`` power iterations like the reference's
@@ -104,7 +113,9 @@ def lora_ga_factors(
         LoraGARankError: ``2r > min(m, n)``.
     """
     if grad.dim() != 2:
-        raise ValueError(f"{name}: the gradient must be an (out, in) matrix, got shape {tuple(grad.shape)}")
+        raise ValueError(
+            f"{name}: the gradient must be an (out, in) matrix, got shape {tuple(grad.shape)}"
+        )
     m, n = grad.shape
     if not isinstance(r, int) or r < 1:
         raise ValueError(f"{name}: r must be a positive int, got {r!r}")
@@ -136,7 +147,12 @@ def lora_ga_factors(
     elif scale == "weight_svd":
         if weight is None:
             raise ValueError(f"{name}: scale='weight_svd' needs the base weight")
-        Sw = gradient_svd(weight.to(grad.dtype if grad.dtype == torch.float64 else torch.float32), r, seed=seed, method=svd_method)[1]
+        Sw = gradient_svd(
+            weight.to(grad.dtype if grad.dtype == torch.float64 else torch.float32),
+            r,
+            seed=seed,
+            method=svd_method,
+        )[1]
         avg = torch.sqrt(Sw / scaling).mean()
         A, B = A * avg, B * avg
     elif scale != "unit":
@@ -151,5 +167,7 @@ def offset_weight(weight: Tensor, A: Tensor, B: Tensor, scaling: float) -> Tenso
     output ``(W0 − s·B·A) x + s·B·(A x)`` equals ``W0 x`` up to the rounding of the result.
     """
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    out = weight.to(acc) - scaling * (B.to(device=weight.device, dtype=acc) @ A.to(device=weight.device, dtype=acc))
+    out = weight.to(acc) - scaling * (
+        B.to(device=weight.device, dtype=acc) @ A.to(device=weight.device, dtype=acc)
+    )
     return out.to(weight.dtype)

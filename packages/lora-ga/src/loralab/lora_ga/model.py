@@ -90,7 +90,9 @@ def _lora_ga_init(self: LoraLayer, adapter_name: str, lora_ga_config: Any) -> No
                 UserWarning,
                 stacklevel=2,
             )
-        return _PEFT_LORA_GA_INIT(self, adapter_name, lora_ga_config)  # PEFT's own LoRA-GA, otherwise unchanged
+        return _PEFT_LORA_GA_INIT(
+            self, adapter_name, lora_ga_config
+        )  # PEFT's own LoRA-GA, otherwise unchanged
     if not _SESSIONS:
         raise LoraGAInitError(
             "a LoraGAConfig adapter is being created without gradients: use loralab.lora_ga.get_lora_ga_model(model, "
@@ -106,7 +108,9 @@ def _lora_ga_init(self: LoraLayer, adapter_name: str, lora_ga_config: Any) -> No
     session.pending.append(_Pending(self, adapter_name, lora_ga_config))
 
 
-LoraLayer.lora_ga_init = _lora_ga_init  # routes only LoraGASettings sub-configs, see module docstring
+LoraLayer.lora_ga_init = (
+    _lora_ga_init  # routes only LoraGASettings sub-configs, see module docstring
+)
 
 
 @contextmanager
@@ -143,7 +147,9 @@ def write_lora_ga_layer(pending: _Pending, A: Tensor, B: Tensor) -> None:
                 param.copy_(value)  # in place: keeps DeepSpeed ZeRO-3's (gathered) storage valid
             else:
                 param.data = value.contiguous()
-        w = _float_weight(base)  # (out, in) float32 copy, whatever the storage (Linear, Conv1D, bnb)
+        w = _float_weight(
+            base
+        )  # (out, in) float32 copy, whatever the storage (Linear, Conv1D, bnb)
         # Offset with the factors exactly as stored, so W0' x + s B (A x) = W0 x up to W0's rounding.
         requantize_weight_(base, offset_weight(w, lora_A.data, lora_B.data, s))
     store = layer.__dict__.setdefault("_lora_ga_init", {})
@@ -170,7 +176,9 @@ def _float_weight(base: nn.Module) -> Tensor:
     return dequantize_weight(base)
 
 
-def factors_for(pending: _Pending, grad: Tensor, name: str, *, svd_method: str = "auto") -> tuple[Tensor, Tensor]:
+def factors_for(
+    pending: _Pending, grad: Tensor, name: str, *, svd_method: str = "auto"
+) -> tuple[Tensor, Tensor]:
     """LoRA-GA factors of one recorded layer from its (out, in) gradient (``name`` is used in errors)."""
     layer, adapter, st = pending.layer, pending.adapter, pending.settings
     weight = None
@@ -249,11 +257,17 @@ def get_lora_ga_model(
         >>> # see the module docstring
     """
     if not isinstance(config, LoraGAConfig):
-        raise TypeError(f"config must be a loralab.lora_ga.LoraGAConfig, got {type(config).__name__}")
+        raise TypeError(
+            f"config must be a loralab.lora_ga.LoraGAConfig, got {type(config).__name__}"
+        )
     if config.init_lora_weights != "lora_ga":
-        raise ValueError(f"config.init_lora_weights must be 'lora_ga' for get_lora_ga_model, got {config.init_lora_weights!r}")
+        raise ValueError(
+            f"config.init_lora_weights must be 'lora_ga' for get_lora_ga_model, got {config.init_lora_weights!r}"
+        )
     if isinstance(model, PeftModel):
-        raise TypeError("model is already a PeftModel: pass the base model (get_lora_ga_model adds the adapter)")
+        raise TypeError(
+            "model is already a PeftModel: pass the base model (get_lora_ga_model adds the adapter)"
+        )
     with lora_ga_session() as session:
         peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     by_layer = {id(p.layer): p for p in session.pending}
@@ -278,7 +292,9 @@ def get_lora_ga_model(
                 grad = gradients[base_name]
                 expected = _out_in(pending.layer.get_base_layer())
                 if tuple(grad.shape) != expected:
-                    raise LoraGAInitError(f"gradient of {base_name!r} must be (out, in) = {expected}, got {tuple(grad.shape)}")
+                    raise LoraGAInitError(
+                        f"gradient of {base_name!r} must be (out, in) = {expected}, got {tuple(grad.shape)}"
+                    )
                 consumer(name, grad)
         elif estimation_model is not None:
             by_base = {_strip_prefix(n): n for n in names}
@@ -338,13 +354,17 @@ def _targets(model: nn.Module, names: list[str]) -> dict[str, TargetLayer]:
     return {n: found[n] for n in names}
 
 
-def check_all_recorded(peft_model: nn.Module, recorded: Mapping[str, Any], adapter_name: str = "default") -> None:
+def check_all_recorded(
+    peft_model: nn.Module, recorded: Mapping[str, Any], adapter_name: str = "default"
+) -> None:
     """Raise when PEFT created ``adapter_name`` on a layer LoRA-GA does not initialise (embeddings,
     Conv2d, ...): it would silently keep PEFT's default init. ``recorded``: the LoRA-GA layers by name."""
     others = [
         f"{_strip_prefix(n)} ({type(m).__name__})"
         for n, m in peft_model.named_modules()
-        if isinstance(m, LoraLayer) and n not in recorded and (adapter_name in m.lora_A or adapter_name in m.lora_embedding_A)
+        if isinstance(m, LoraLayer)
+        and n not in recorded
+        and (adapter_name in m.lora_A or adapter_name in m.lora_embedding_A)
     ]
     if others:
         raise LoraGAInitError(
@@ -367,7 +387,9 @@ def _check_ranks(names: Mapping[str, _Pending]) -> None:
 
 def _require(batches: Iterable[Any] | None) -> Iterable[Any]:
     if batches is None:
-        raise ValueError("batches is None: pass the estimation batches (or gradients=..., precomputed)")
+        raise ValueError(
+            "batches is None: pass the estimation batches (or gradients=..., precomputed)"
+        )
     return batches
 
 

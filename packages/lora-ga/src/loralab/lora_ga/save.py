@@ -53,7 +53,13 @@ from torch import Tensor, nn
 
 from loralab.core.distributed import is_main_process
 
-__all__ = ["INIT_FACTORS_FILE", "load_lora_ga_model", "plain_lora_config", "save_lora_ga_adapter", "save_lora_ga_model"]
+__all__ = [
+    "INIT_FACTORS_FILE",
+    "load_lora_ga_model",
+    "plain_lora_config",
+    "save_lora_ga_adapter",
+    "save_lora_ga_model",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +89,11 @@ def plain_lora_config(config: LoraConfig, *, double_rank: bool = False) -> LoraC
 
 
 def _lora_layers(model: PeftModel, adapter_name: str) -> dict[str, LoraLayer]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer) and adapter_name in m.lora_A}
+    return {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, LoraLayer) and adapter_name in m.lora_A
+    }
 
 
 def _init_factors(layer: LoraLayer, name: str, adapter_name: str) -> tuple[Tensor, Tensor]:
@@ -99,12 +109,18 @@ def _init_factors(layer: LoraLayer, name: str, adapter_name: str) -> tuple[Tenso
 
 def _check_peft(model: Any, fn: str) -> PeftModel:
     if not isinstance(model, PeftModel):
-        raise TypeError(f"{fn} expects the PeftModel returned by get_lora_ga_model, got {type(model).__name__}")
+        raise TypeError(
+            f"{fn} expects the PeftModel returned by get_lora_ga_model, got {type(model).__name__}"
+        )
     return model
 
 
 def save_lora_ga_adapter(
-    model: PeftModel, save_directory: str | os.PathLike[str], *, adapter_name: str = "default", safe_serialization: bool = True
+    model: PeftModel,
+    save_directory: str | os.PathLike[str],
+    *,
+    adapter_name: str = "default",
+    safe_serialization: bool = True,
 ) -> None:
     """Save the (trained) LoRA-GA adapter as a plain rank-2r PEFT LoRA for the original base model.
 
@@ -118,10 +134,14 @@ def save_lora_ga_adapter(
     """
     model = _check_peft(model, "save_lora_ga_adapter")
     if adapter_name not in model.peft_config:
-        raise ValueError(f"no adapter named {adapter_name!r}; the model has {sorted(model.peft_config)}")
+        raise ValueError(
+            f"no adapter named {adapter_name!r}; the model has {sorted(model.peft_config)}"
+        )
     config = model.peft_config[adapter_name]
     if getattr(config, "use_dora", False):
-        raise ValueError("save_lora_ga_adapter: DoRA adapters cannot be converted (LoRA-GA does not use DoRA)")
+        raise ValueError(
+            "save_lora_ga_adapter: DoRA adapters cannot be converted (LoRA-GA does not use DoRA)"
+        )
     state = get_peft_model_state_dict(model, adapter_name=adapter_name)
     for name, layer in _lora_layers(model, adapter_name).items():
         A0, B0 = _init_factors(layer, name, adapter_name)
@@ -136,7 +156,13 @@ def save_lora_ga_adapter(
     _write_adapter(model, plain, state, save_directory, safe_serialization)
 
 
-def _write_adapter(model: PeftModel, config: LoraConfig, state: dict[str, Tensor], path: str | os.PathLike[str], safe: bool) -> None:
+def _write_adapter(
+    model: PeftModel,
+    config: LoraConfig,
+    state: dict[str, Tensor],
+    path: str | os.PathLike[str],
+    safe: bool,
+) -> None:
     if not is_main_process():
         return
     path = Path(path)
@@ -151,11 +177,15 @@ def _write_adapter(model: PeftModel, config: LoraConfig, state: dict[str, Tensor
     config = dataclasses.replace(config)
     config.inference_mode = True
     if config.base_model_name_or_path is None:
-        config.base_model_name_or_path = getattr(model.base_model.model, "name_or_path", None) or None
+        config.base_model_name_or_path = (
+            getattr(model.base_model.model, "name_or_path", None) or None
+        )
     config.save_pretrained(str(path))
 
 
-def save_lora_ga_model(model: PeftModel, save_directory: str | os.PathLike[str], *, adapter_name: str = "default") -> None:
+def save_lora_ga_model(
+    model: PeftModel, save_directory: str | os.PathLike[str], *, adapter_name: str = "default"
+) -> None:
     """Save the LoRA-GA model as it is: the offset base model and the rank-r adapter (and its init factors).
 
     Layout: ``save_directory/base`` (a transformers checkpoint of the base model with ``W0'``; quantized
@@ -168,7 +198,9 @@ def save_lora_ga_model(model: PeftModel, save_directory: str | os.PathLike[str],
     model = _check_peft(model, "save_lora_ga_model")
     base = model.get_base_model()
     if not hasattr(base, "save_pretrained"):
-        raise TypeError(f"save_lora_ga_model needs a transformers base model (with save_pretrained), got {type(base).__name__}")
+        raise TypeError(
+            f"save_lora_ga_model needs a transformers base model (with save_pretrained), got {type(base).__name__}"
+        )
     root = Path(save_directory)
     config = model.peft_config[adapter_name]
     init: dict[str, Tensor] = {}
@@ -176,11 +208,21 @@ def save_lora_ga_model(model: PeftModel, save_directory: str | os.PathLike[str],
         A0, B0 = _init_factors(layer, name, adapter_name)
         init[f"{name}.lora_A.weight"] = A0
         init[f"{name}.lora_B.weight"] = B0
-    _write_adapter(model, plain_lora_config(config), get_peft_model_state_dict(model, adapter_name=adapter_name), root / "adapter", True)
+    _write_adapter(
+        model,
+        plain_lora_config(config),
+        get_peft_model_state_dict(model, adapter_name=adapter_name),
+        root / "adapter",
+        True,
+    )
     if is_main_process():
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in init.items()}, str(root / "adapter" / INIT_FACTORS_FILE), metadata={"format": "pt"})
+        save_file(
+            {k: v.contiguous() for k, v in init.items()},
+            str(root / "adapter" / INIT_FACTORS_FILE),
+            metadata={"format": "pt"},
+        )
         with _without_adapters(base):
             base.save_pretrained(str(root / "base"))
 
@@ -235,16 +277,22 @@ def load_lora_ga_model(
     """
     root = Path(save_directory)
     if not (root / "base").is_dir() or not (root / "adapter" / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{root} is not a save_lora_ga_model directory (needs base/ and adapter/adapter_config.json)")
+        raise FileNotFoundError(
+            f"{root} is not a save_lora_ga_model directory (needs base/ and adapter/adapter_config.json)"
+        )
     if model_class is None:
         import transformers
 
         arch = transformers.AutoConfig.from_pretrained(str(root / "base")).architectures
         if not arch or not hasattr(transformers, arch[0]):
-            raise ValueError(f"cannot tell the model class of {root / 'base'} (architectures={arch}); pass model_class=")
+            raise ValueError(
+                f"cannot tell the model class of {root / 'base'} (architectures={arch}); pass model_class="
+            )
         model_class = getattr(transformers, arch[0])
     base = model_class.from_pretrained(str(root / "base"), **from_pretrained_kwargs)
-    model = PeftModel.from_pretrained(base, str(root / "adapter"), adapter_name=adapter_name, is_trainable=is_trainable)
+    model = PeftModel.from_pretrained(
+        base, str(root / "adapter"), adapter_name=adapter_name, is_trainable=is_trainable
+    )
     init_file = root / "adapter" / INIT_FACTORS_FILE
     if init_file.is_file():
         from safetensors.torch import load_file

@@ -64,7 +64,13 @@ from loralab.lora_ga.model import (
 )
 from loralab.lora_ga.save import plain_lora_config, save_lora_ga_adapter
 
-__all__ = ["INIT_SUBDIR", "LoraGAContext", "estimate_gradient", "save_loraga_model_final", "save_loraga_model_init"]
+__all__ = [
+    "INIT_SUBDIR",
+    "LoraGAContext",
+    "estimate_gradient",
+    "save_loraga_model_final",
+    "save_loraga_model_init",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +149,9 @@ def estimate_gradient(
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
     if isinstance(model, PeftModel):
-        raise TypeError("estimate_gradient needs the base model (before get_peft_model), got a PeftModel")
+        raise TypeError(
+            "estimate_gradient needs the base model (before get_peft_model), got a PeftModel"
+        )
     _check_not_deepspeed_engine(model)
     device = None
     multi = False
@@ -186,7 +194,9 @@ def estimate_gradient(
 
 def _check_not_deepspeed_engine(model: nn.Module) -> None:
     """A DeepSpeed engine (or a module it hooked) partitions gradients itself: estimate before ``deepspeed.initialize``."""
-    hooked = type(model).__name__ == "DeepSpeedEngine" or any(hasattr(m, "ds_id") for m in model.modules())
+    hooked = type(model).__name__ == "DeepSpeedEngine" or any(
+        hasattr(m, "ds_id") for m in model.modules()
+    )
     if hooked:
         raise TypeError(
             "estimate_gradient got a model already wrapped by deepspeed.initialize (its ZeRO hooks partition and reduce "
@@ -231,7 +241,13 @@ class LoraGAContext:
         True
     """
 
-    def __init__(self, model: nn.Module, named_grad: Mapping[str, Tensor] | None = None, *, svd_method: str = "auto") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        named_grad: Mapping[str, Tensor] | None = None,
+        *,
+        svd_method: str = "auto",
+    ) -> None:
         self.model = model
         self.named_grad = named_grad
         self.svd_method = svd_method
@@ -267,8 +283,14 @@ class LoraGAContext:
             expected = _out_in(base)
             got = tuple(grads[name].shape)
             if got != expected:
-                hint = " (Conv1D: pass the (out, in) gradient, i.e. weight.grad transposed)" if got == expected[::-1] else ""
-                raise LoraGAInitError(f"named_grad[{name!r}] must have shape (out, in) = {expected}, got {got}{hint}")
+                hint = (
+                    " (Conv1D: pass the (out, in) gradient, i.e. weight.grad transposed)"
+                    if got == expected[::-1]
+                    else ""
+                )
+                raise LoraGAInitError(
+                    f"named_grad[{name!r}] must have shape (out, in) = {expected}, got {got}{hint}"
+                )
             r = int(layer.r[adapter])
             m, n = expected
             if 2 * r > min(m, n):
@@ -291,7 +313,9 @@ class LoraGAContext:
             factors = []
             for pending in todo:
                 name = self._name_of(pending.layer)
-                factors.append(factors_for(pending, self.named_grad[name], name, svd_method=self.svd_method))
+                factors.append(
+                    factors_for(pending, self.named_grad[name], name, svd_method=self.svd_method)
+                )
         except BaseException:
             self._failed = True
             raise
@@ -305,7 +329,12 @@ class LoraGAContext:
         current = dict(self.model.named_modules())
         for name, original in self._modules.items():
             mod = current.get(name)
-            if mod is None or mod is original or not isinstance(mod, LoraLayer) or mod.get_base_layer() is not original:
+            if (
+                mod is None
+                or mod is original
+                or not isinstance(mod, LoraLayer)
+                or mod.get_base_layer() is not original
+            ):
                 continue
             parent_name, _, child = name.rpartition(".")
             setattr(current[parent_name] if parent_name else self.model, child, original)
@@ -320,7 +349,9 @@ class LoraGAContext:
                 "without gradients LoRA-GA cannot initialise, and loralab never falls back to the default init"
             )
         if not isinstance(self.named_grad, Mapping):
-            raise TypeError(f"named_grad must be a dict of module name -> gradient, got {type(self.named_grad).__name__}")
+            raise TypeError(
+                f"named_grad must be a dict of module name -> gradient, got {type(self.named_grad).__name__}"
+            )
         bad = [k for k, v in self.named_grad.items() if not isinstance(v, Tensor) or v.dim() != 2]
         if bad:
             raise LoraGAInitError(f"named_grad[{bad[0]!r}] must be a 2-D (out, in) tensor")
@@ -344,7 +375,9 @@ class LoraGAContext:
             context._finish()  # after PEFT's own dtype casts, as get_lora_ga_model
 
         PeftModel.__init__ = __init__  # type: ignore[method-assign]
-        self.model.named_grad = self.named_grad  # the seed attaches it too (code reading it keeps working)
+        self.model.named_grad = (
+            self.named_grad
+        )  # the seed attaches it too (code reading it keeps working)
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -381,8 +414,12 @@ def save_loraga_model_init(model: PeftModel, save_dir: str | os.PathLike[str]) -
         >>> # save_loraga_model_init(model, save_dir="out")   # then train
     """
     if not isinstance(model, PeftModel):
-        raise TypeError(f"save_loraga_model_init expects the PeftModel returned by get_peft_model, got {type(model).__name__}")
-    model.save_pretrained(os.path.join(os.fspath(save_dir), INIT_SUBDIR), is_main_process=is_main_process())
+        raise TypeError(
+            f"save_loraga_model_init expects the PeftModel returned by get_peft_model, got {type(model).__name__}"
+        )
+    model.save_pretrained(
+        os.path.join(os.fspath(save_dir), INIT_SUBDIR), is_main_process=is_main_process()
+    )
 
 
 def save_loraga_model_final(model: PeftModel, save_dir: str | os.PathLike[str]) -> None:
@@ -423,12 +460,20 @@ def save_loraga_model_final(model: PeftModel, save_dir: str | os.PathLike[str]) 
     )
     if in_memory:
         for adapter in model.peft_config:
-            save_lora_ga_adapter(model, save_dir if adapter == "default" else os.path.join(save_dir, adapter), adapter_name=adapter)
+            save_lora_ga_adapter(
+                model,
+                save_dir if adapter == "default" else os.path.join(save_dir, adapter),
+                adapter_name=adapter,
+            )
     else:
         with warnings.catch_warnings():
             # PEFT re-reads the initial checkpoint's config as a plain LoraConfig: the LoRA-GA fields are ignored
-            warnings.filterwarnings("ignore", message="Unexpected keyword arguments", category=UserWarning)
-            model.save_pretrained(save_dir, is_main_process=main, path_initial_model_for_weight_conversion=init_dir)
+            warnings.filterwarnings(
+                "ignore", message="Unexpected keyword arguments", category=UserWarning
+            )
+            model.save_pretrained(
+                save_dir, is_main_process=main, path_initial_model_for_weight_conversion=init_dir
+            )
             if main:  # PEFT already doubled r and scaled α: keep those, drop the LoRA-GA fields
                 plain_lora_config(LoraConfig.from_pretrained(save_dir)).save_pretrained(save_dir)
     if main:

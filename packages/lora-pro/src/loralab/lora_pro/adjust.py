@@ -49,7 +49,15 @@ from torch import Tensor
 
 from loralab.core.linalg import accumulation_dtype, ridge_inverse, solve_sylvester_psd
 
-__all__ = ["X_MODES", "XMode", "equivalent_gradient", "lora_gradients", "lora_pro_gradients", "optimal_equivalent_gradient", "solve_x"]
+__all__ = [
+    "X_MODES",
+    "XMode",
+    "equivalent_gradient",
+    "lora_gradients",
+    "lora_pro_gradients",
+    "optimal_equivalent_gradient",
+    "solve_x",
+]
 
 XMode = Literal["sylvester", "zero", "symmetry"]
 X_MODES: tuple[str, ...] = ("sylvester", "zero", "symmetry")
@@ -66,22 +74,30 @@ def _scale(scaling: float | Tensor, like: Tensor) -> Tensor:
 
 def _check_factors(A: Tensor, B: Tensor, g_A: Tensor, g_B: Tensor) -> None:
     if A.dim() < 2 or B.dim() < 2:
-        raise ValueError(f"A and B must be matrices (r, n) and (m, r), got shapes {tuple(A.shape)} and {tuple(B.shape)}")
+        raise ValueError(
+            f"A and B must be matrices (r, n) and (m, r), got shapes {tuple(A.shape)} and {tuple(B.shape)}"
+        )
     if A.shape[-2] != B.shape[-1]:
-        raise ValueError(f"rank mismatch: A is {tuple(A.shape)} (r, n) but B is {tuple(B.shape)} (m, r)")
+        raise ValueError(
+            f"rank mismatch: A is {tuple(A.shape)} (r, n) but B is {tuple(B.shape)} (m, r)"
+        )
     if g_A.shape != A.shape or g_B.shape != B.shape:
         raise ValueError(
             f"gradient shapes must match the factors: g_A {tuple(g_A.shape)} vs A {tuple(A.shape)}, g_B {tuple(g_B.shape)} vs B {tuple(B.shape)}"
         )
 
 
-def equivalent_gradient(A: Tensor, B: Tensor, gA: Tensor, gB: Tensor, scaling: float | Tensor) -> Tensor:
+def equivalent_gradient(
+    A: Tensor, B: Tensor, gA: Tensor, gB: Tensor, scaling: float | Tensor
+) -> Tensor:
     """``g̃ = s·B·gᴬ + s·gᴮ·A`` (paper, Eq. 3): the full-weight direction a LoRA step follows."""
     s = _scale(scaling, A)
     return s * (B @ gA + gB @ A)
 
 
-def lora_gradients(A: Tensor, B: Tensor, G: Tensor, scaling: float | Tensor) -> tuple[Tensor, Tensor]:
+def lora_gradients(
+    A: Tensor, B: Tensor, G: Tensor, scaling: float | Tensor
+) -> tuple[Tensor, Tensor]:
     """The LoRA gradients of a full-weight gradient ``G``: ``(g_A, g_B) = (s·BᵀG, s·G·Aᵀ)``.
 
     Full mode uses it to bring the Adam direction (an m×n matrix) back to the factors.

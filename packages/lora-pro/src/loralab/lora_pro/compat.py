@@ -54,7 +54,16 @@ def _pairs_from_alternating(params: list[Tensor], scaling: float) -> list[LoraPa
                 "(lora_A (r, in), lora_B (out, r)) pair; the seed API needs them alternating A, B. "
                 "Use LoraProAdamW(model) to pair by module and train other parameters too"
             )
-        pairs.append(LoraPair(name=f"pair{i // 2}", module=None, adapter="default", A=A, B=B, scaling=float(scaling)))  # type: ignore[arg-type]
+        pairs.append(
+            LoraPair(
+                name=f"pair{i // 2}",
+                module=None,
+                adapter="default",
+                A=A,
+                B=B,
+                scaling=float(scaling),
+            )
+        )  # type: ignore[arg-type]
     return pairs
 
 
@@ -92,7 +101,14 @@ class AdamWLoRAPro(LoraProAdamW):
         self.L2_regularization = bool(L2_regularization)
         self.l2 = weight_decay if L2_regularization else 0.0
         super().__init__(
-            params, lr, betas, eps, 0.0 if L2_regularization else weight_decay, mode="efficient", x_mode="sylvester", pairs=pairs
+            params,
+            lr,
+            betas,
+            eps,
+            0.0 if L2_regularization else weight_decay,
+            mode="efficient",
+            x_mode="sylvester",
+            pairs=pairs,
         )
         for group in self.param_groups:
             group.setdefault("peak_lr", lr)
@@ -111,7 +127,9 @@ class AdamWLoRAPro(LoraProAdamW):
         if group["n_warmup_steps"] == group["T_max"]:
             group["T_max"] *= 2
             group["n_warmup_steps"] = 0
-        group["lr"] = group["peak_lr"] * (0.5 + 0.5 * math.cos(group["n_warmup_steps"] / group["T_max"] * math.pi))
+        group["lr"] = group["peak_lr"] * (
+            0.5 + 0.5 * math.cos(group["n_warmup_steps"] / group["T_max"] * math.pi)
+        )
         group["n_warmup_steps"] += 1
 
     @torch.no_grad()

@@ -135,7 +135,9 @@ class LoraProAdamW(torch.optim.Optimizer):
             found = [LoraPair(p.name, p.module, p.adapter, p.A, p.B, float(scaling)) for p in found]
         for p in found:
             if p.scaling == 0:
-                raise ValueError(f"layer {p.name!r} has scaling 0 (lora_alpha = 0): LoRA-Pro divides by s²")
+                raise ValueError(
+                    f"layer {p.name!r} has scaling 0 (lora_alpha = 0): LoRA-Pro divides by s²"
+                )
         self._all_pairs = found
         self._roles: dict[int, tuple[str, LoraPair]] = {}
         for pair in found:
@@ -172,9 +174,13 @@ class LoraProAdamW(torch.optim.Optimizer):
         if group["weight_decay_mode"] is None:
             group["weight_decay_mode"] = "effective" if group["mode"] == "full" else "factors"
         if group["weight_decay_mode"] not in WEIGHT_DECAY_MODES:
-            raise ValueError(f"weight_decay_mode must be one of {WEIGHT_DECAY_MODES}, got {group['weight_decay_mode']!r}")
+            raise ValueError(
+                f"weight_decay_mode must be one of {WEIGHT_DECAY_MODES}, got {group['weight_decay_mode']!r}"
+            )
         if group["weight_decay_mode"] == "effective" and group["mode"] != "full":
-            raise ValueError("weight_decay_mode='effective' is the official full mode's rule; use mode='full' or weight_decay_mode='factors'")
+            raise ValueError(
+                "weight_decay_mode='effective' is the official full mode's rule; use mode='full' or weight_decay_mode='factors'"
+            )
         for p in group["params"]:
             self._own_ids.add(id(p))
             if _is_zero3_param(p):
@@ -203,11 +209,19 @@ class LoraProAdamW(torch.optim.Optimizer):
                     "LoRA-Pro needs both factors of every layer"
                 )
             if ga != gb:
-                raise LoraPairError(f"layer {pair.name!r}: lora_A is in param group {ga} but lora_B in group {gb}; put both in one group")
+                raise LoraPairError(
+                    f"layer {pair.name!r}: lora_A is in param group {ga} but lora_B in group {gb}; put both in one group"
+                )
             if pair.A.shape[0] != pair.B.shape[1]:
-                raise LoraPairError(f"layer {pair.name!r}: A {tuple(pair.A.shape)} and B {tuple(pair.B.shape)} do not share a rank")
+                raise LoraPairError(
+                    f"layer {pair.name!r}: A {tuple(pair.A.shape)} and B {tuple(pair.B.shape)} do not share a rank"
+                )
             group = self.param_groups[ga]
-            if group["mode"] == "full" and group["weight_decay"] > 0 and group["weight_decay_mode"] == "effective":
+            if (
+                group["mode"] == "full"
+                and group["weight_decay"] > 0
+                and group["weight_decay_mode"] == "effective"
+            ):
                 w = self._base_weight(pair)
                 if w is None or not w.is_floating_point():
                     raise ValueError(
@@ -216,7 +230,9 @@ class LoraProAdamW(torch.optim.Optimizer):
                     )
             pairs.append(pair)
         if not pairs:
-            logger.warning("LoraProAdamW: no trainable LoRA pair among the parameters; every parameter gets plain AdamW")
+            logger.warning(
+                "LoraProAdamW: no trainable LoRA pair among the parameters; every parameter gets plain AdamW"
+            )
         self._pairs = pairs
         self._pair_groups = [where[id(p.A)] for p in pairs]
 
@@ -307,7 +323,9 @@ class LoraProAdamW(torch.optim.Optimizer):
                 continue
             buckets: dict[tuple, list[LoraPair]] = defaultdict(list)
             for pair in active:
-                buckets[(tuple(pair.A.shape), tuple(pair.B.shape), pair.A.dtype, pair.A.device)].append(pair)
+                buckets[
+                    (tuple(pair.A.shape), tuple(pair.B.shape), pair.A.dtype, pair.A.device)
+                ].append(pair)
             for bucket in buckets.values():
                 if group["mode"] == "efficient":
                     self._efficient_bucket(group, bucket)
@@ -319,7 +337,9 @@ class LoraProAdamW(torch.optim.Optimizer):
         """One step of a group whose parameters DeepSpeed ZeRO-1/2 replaced by a flat fp32 partition."""
         if self._zero is None:
             if any(_is_zero3_param(p) or p.numel() == 0 for p in group["params"]):
-                raise NotImplementedError("LoraProAdamW does not support DeepSpeed ZeRO-3; use ZeRO stage 0/1/2 or DDP")
+                raise NotImplementedError(
+                    "LoraProAdamW does not support DeepSpeed ZeRO-3; use ZeRO stage 0/1/2 or DDP"
+                )
             raise RuntimeError(
                 "LoraProAdamW: the parameters of a param group were replaced by tensors it was not built with "
                 "(DeepSpeed ZeRO flat partitions?). LoRA-Pro needs every layer's whole g_A and g_B: after "
@@ -328,9 +348,13 @@ class LoraProAdamW(torch.optim.Optimizer):
             )
         zb = self._zero
         if len(group["params"]) != 1:
-            raise RuntimeError(f"LoraProAdamW: expected one flat DeepSpeed partition per param group, got {len(group['params'])} tensors")
+            raise RuntimeError(
+                f"LoraProAdamW: expected one flat DeepSpeed partition per param group, got {len(group['params'])} tensors"
+            )
         if group["mode"] != "efficient":
-            raise NotImplementedError("LoraProAdamW mode='full' under DeepSpeed ZeRO-1/2 is not supported; use mode='efficient'")
+            raise NotImplementedError(
+                "LoraProAdamW mode='full' under DeepSpeed ZeRO-1/2 is not supported; use mode='efficient'"
+            )
         part = group["params"][0]
         if part.grad is None:
             return
@@ -342,7 +366,9 @@ class LoraProAdamW(torch.optim.Optimizer):
         for pair in self._pairs:
             in_a, in_b = id(pair.A) in offsets, id(pair.B) in offsets
             if in_a != in_b:
-                raise LoraPairError(f"layer {pair.name!r}: lora_A and lora_B are in different DeepSpeed param groups")
+                raise LoraPairError(
+                    f"layer {pair.name!r}: lora_A and lora_B are in different DeepSpeed param groups"
+                )
             if in_a:
                 buckets[(tuple(pair.A.shape), tuple(pair.B.shape))].append(pair)
 
@@ -355,9 +381,13 @@ class LoraProAdamW(torch.optim.Optimizer):
             g_A = torch.stack([view(flat_grad, p.A) for p in bucket])
             g_B = torch.stack([view(flat_grad, p.B) for p in bucket])
             if self.check_finite and not (torch.isfinite(g_A).all() and torch.isfinite(g_B).all()):
-                raise FloatingPointError(f"LoraProAdamW: non-finite gradients (NaN/Inf) in LoRA layer(s) {[p.name for p in bucket]}")
+                raise FloatingPointError(
+                    f"LoraProAdamW: non-finite gradients (NaN/Inf) in LoRA layer(s) {[p.name for p in bucket]}"
+                )
             s = torch.tensor([p.scaling for p in bucket], dtype=accumulation_dtype(A.dtype))
-            gA, gB = lora_pro_gradients(A, B, g_A, g_B, s, x_mode=group["x_mode"], ridge=group["ridge"])
+            gA, gB = lora_pro_gradients(
+                A, B, g_A, g_B, s, x_mode=group["x_mode"], ridge=group["ridge"]
+            )
             self._check_out(bucket, gA, gB)
             for k, pair in enumerate(bucket):
                 view(flat_grad, pair.A).copy_(gA[k])
@@ -377,11 +407,18 @@ class LoraProAdamW(torch.optim.Optimizer):
         state = self.state[p]
         if prefix + "exp_avg" not in state:
             state[prefix + "exp_avg"] = torch.zeros(shape, dtype=_moment_dtype(p), device=p.device)
-            state[prefix + "exp_avg_sq"] = torch.zeros(shape, dtype=_moment_dtype(p), device=p.device)
+            state[prefix + "exp_avg_sq"] = torch.zeros(
+                shape, dtype=_moment_dtype(p), device=p.device
+            )
         return state[prefix + "exp_avg"], state[prefix + "exp_avg_sq"]
 
     def _adam_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
-        return dict(lr=group["lr"], betas=tuple(group["betas"]), eps=group["eps"], weight_decay=group["weight_decay"])
+        return dict(
+            lr=group["lr"],
+            betas=tuple(group["betas"]),
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+        )
 
     def _plain_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
         by_step: dict[int, list[tuple[Tensor, Tensor]]] = defaultdict(list)
@@ -392,7 +429,9 @@ class LoraProAdamW(torch.optim.Optimizer):
         for step, items in by_step.items():
             ps = [p for p, _ in items]
             ms, vs = zip(*(self._moments(p, p.shape) for p in ps))
-            adamw_update_(ps, [g for _, g in items], list(ms), list(vs), step=step, **self._adam_kwargs(group))
+            adamw_update_(
+                ps, [g for _, g in items], list(ms), list(vs), step=step, **self._adam_kwargs(group)
+            )
 
     def _stack(self, bucket: list[LoraPair]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         A = torch.stack([p.A.detach() for p in bucket])
@@ -408,12 +447,21 @@ class LoraProAdamW(torch.optim.Optimizer):
             return
         # one reduction per tensor; the exact element-wise test only when the sums are not finite (which a
         # finite tensor can also give, by overflow)
-        total = sum(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32) for t in tensors)
+        total = sum(
+            t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+            for t in tensors
+        )
         if torch.isfinite(total) or all(torch.isfinite(t).all() for t in tensors):
             return
-        bad = [p.name for p in bucket if any(t.grad is not None and not torch.isfinite(t.grad).all() for t in (p.A, p.B))]
+        bad = [
+            p.name
+            for p in bucket
+            if any(t.grad is not None and not torch.isfinite(t.grad).all() for t in (p.A, p.B))
+        ]
         if bad:
-            raise FloatingPointError(f"LoraProAdamW: non-finite gradients (NaN/Inf) in LoRA layer(s) {bad}")
+            raise FloatingPointError(
+                f"LoraProAdamW: non-finite gradients (NaN/Inf) in LoRA layer(s) {bad}"
+            )
         raise FloatingPointError(
             f"LoraProAdamW: the LoRA-Pro adjustment produced NaN/Inf for layer(s) {[p.name for p in bucket]}; "
             "try ridge > 0 or float32 factors"
@@ -422,7 +470,9 @@ class LoraProAdamW(torch.optim.Optimizer):
     def _efficient_bucket(self, group: dict[str, Any], bucket: list[LoraPair]) -> None:
         A, B, g_A, g_B, s = self._stack(bucket)
         sd = s.to(accumulation_dtype(A.dtype))
-        gA, gB = lora_pro_gradients(A, B, g_A, g_B, sd, x_mode=group["x_mode"], ridge=group["ridge"])
+        gA, gB = lora_pro_gradients(
+            A, B, g_A, g_B, sd, x_mode=group["x_mode"], ridge=group["ridge"]
+        )
         self._check_out(bucket, g_A, g_B, gA, gB)
         params, grads = [], []
         for i, pair in enumerate(bucket):
@@ -434,7 +484,14 @@ class LoraProAdamW(torch.optim.Optimizer):
         for step, idx in by_step.items():
             ps = [params[j] for j in idx]
             ms, vs = zip(*(self._moments(p, p.shape) for p in ps))
-            adamw_update_(ps, [grads[j] for j in idx], list(ms), list(vs), step=step, **self._adam_kwargs(group))
+            adamw_update_(
+                ps,
+                [grads[j] for j in idx],
+                list(ms),
+                list(vs),
+                step=step,
+                **self._adam_kwargs(group),
+            )
 
     def _full_bucket(self, group: dict[str, Any], bucket: list[LoraPair]) -> None:
         A, B, g_A, g_B, s = self._stack(bucket)
@@ -452,14 +509,25 @@ class LoraProAdamW(torch.optim.Optimizer):
             by_step[st].append(i)
         directions: list[Tensor | None] = [None] * len(bucket)
         for step, idx in by_step.items():
-            ms, vs = zip(*(self._moments(bucket[i].B, torch.Size((m, n)), prefix="full_") for i in idx))
-            out = adamw_direction([gt[i] for i in idx], list(ms), list(vs), step=step, betas=tuple(group["betas"]), eps=group["eps"])
+            ms, vs = zip(
+                *(self._moments(bucket[i].B, torch.Size((m, n)), prefix="full_") for i in idx)
+            )
+            out = adamw_direction(
+                [gt[i] for i in idx],
+                list(ms),
+                list(vs),
+                step=step,
+                betas=tuple(group["betas"]),
+                eps=group["eps"],
+            )
             for i, d in zip(idx, out):
                 directions[i] = d
         N = torch.stack(directions).to(gt.dtype)  # type: ignore[arg-type]
         # Bring the Adam direction back to the factors: the (gᴬ, gᴮ) whose equivalent gradient is closest
         # to N (Theorem 2.1 applied to N instead of G; official step_full).
-        dA, dB = lora_pro_gradients(A, B, *lora_gradients(A, B, N, sd), sd, x_mode=group["x_mode"], ridge=group["ridge"])
+        dA, dB = lora_pro_gradients(
+            A, B, *lora_gradients(A, B, N, sd), sd, x_mode=group["x_mode"], ridge=group["ridge"]
+        )
         self._check_out(bucket, dA, dB)
         lr, wd = group["lr"], group["weight_decay"]
         for i, pair in enumerate(bucket):

@@ -38,7 +38,9 @@ def find_zero_optimizer(engine_or_optimizer: Any) -> Any:
                 "LoraProAdamW does not support DeepSpeed ZeRO-3 (parameters are partitioned, so a layer's A and B are "
                 "never whole on one rank). Use ZeRO stage 0/1/2 (LoRA parameters are small) or DDP."
             )
-        if hasattr(candidate, "single_partition_of_fp32_groups") and hasattr(candidate, "round_robin_bit16_offsets"):
+        if hasattr(candidate, "single_partition_of_fp32_groups") and hasattr(
+            candidate, "round_robin_bit16_offsets"
+        ):
             return candidate
     raise TypeError(
         f"attach_deepspeed expects the DeepSpeed engine returned by deepspeed.initialize (ZeRO stage 1/2) or its "
@@ -53,14 +55,18 @@ class ZeroBinding:
         self.zero = zero
         self.offsets: list[dict[int, int]] = [
             {id(p): int(off) for p, off in zip(params, offsets)}
-            for params, offsets in zip(zero.round_robin_bit16_groups, zero.round_robin_bit16_offsets)
+            for params, offsets in zip(
+                zero.round_robin_bit16_groups, zero.round_robin_bit16_offsets
+            )
         ]
 
     def group_of(self, partition: Tensor) -> int:
         for i, t in enumerate(self.zero.single_partition_of_fp32_groups):
             if t is partition:
                 return i
-        raise RuntimeError("LoraProAdamW: a param group holds a flat tensor that the attached DeepSpeed optimizer does not own")
+        raise RuntimeError(
+            "LoraProAdamW: a param group holds a flat tensor that the attached DeepSpeed optimizer does not own"
+        )
 
     def gather(self, i: int, partition: Tensor) -> Tensor:
         """All partitions of group ``i`` concatenated: the full flat buffer (padding included)."""

@@ -58,7 +58,9 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def _first_samples(dataloader: Iterable[Mapping[str, Any]], num_samples: int) -> Iterator[dict[str, Any]]:
+def _first_samples(
+    dataloader: Iterable[Mapping[str, Any]], num_samples: int
+) -> Iterator[dict[str, Any]]:
     seen = 0
     for batch in dataloader:
         if seen >= num_samples:
@@ -101,29 +103,53 @@ def estimate_and_process_grads_torch(
             raise ValueError(f"origin_type must be one of {sorted(_DTYPES)}, got {origin_type!r}")
         from loralab.lora_sb.model import _dequantized_twin
 
-        est_model = _dequantized_twin(model.base_model.model if isinstance(model, PeftModel) else model)
+        est_model = _dequantized_twin(
+            model.base_model.model if isinstance(model, PeftModel) else model
+        )
     targets = resolve_targets(est_model, target_modules)
     out: dict[str, Tensor] = {}
 
     def consumer(name: str, grad: Tensor) -> None:
-        out[f"{name}.weight"] = to_storage_layout(targets[name].module, update_approximation(grad, lr)).contiguous()
+        out[f"{name}.weight"] = to_storage_layout(
+            targets[name].module, update_approximation(grad, lr)
+        ).contiguous()
 
-    estimate_gradients(est_model, _first_samples(dataloader, num_samples), targets, loss_fn=loss_fn, consumer=consumer, progress=progress)
+    estimate_gradients(
+        est_model,
+        _first_samples(dataloader, num_samples),
+        targets,
+        loss_fn=loss_fn,
+        consumer=consumer,
+        progress=progress,
+    )
     return out
 
 
 def _sb_config_from(cfg: LoraConfig, svd_cfg: Mapping[str, Any]) -> LoraSBConfig:
     names = {f.name for f in dataclasses.fields(LoraSBConfig)}
-    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name in names and f.init}
+    fields = {
+        f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name in names and f.init
+    }
     fields.update(init_lora_weights=True, lora_sb=True, sb_init="gradient")
-    for key, ours in (("n_iter", "svd_niter"), ("niter", "svd_niter"), ("random_state", "init_seed"), ("seed", "init_seed"), ("oversample", "svd_oversample")):
+    for key, ours in (
+        ("n_iter", "svd_niter"),
+        ("niter", "svd_niter"),
+        ("random_state", "init_seed"),
+        ("seed", "init_seed"),
+        ("oversample", "svd_oversample"),
+    ):
         if key in svd_cfg and svd_cfg[key] is not None:
             fields[ours] = int(svd_cfg[key])
     return LoraSBConfig(**fields)
 
 
 def _update_for(named_grads: Mapping[str, Tensor], name: str) -> Tensor | None:
-    for key in (f"base_model.model.{name}.weight", f"{name}.weight", f"base_model.model.{name}.base_layer.weight", f"{name}.base_layer.weight"):
+    for key in (
+        f"base_model.model.{name}.weight",
+        f"{name}.weight",
+        f"base_model.model.{name}.base_layer.weight",
+        f"{name}.base_layer.weight",
+    ):
         if key in named_grads:
             return named_grads[key]
     return None
@@ -155,11 +181,17 @@ def find_and_initialize_grad(
     :class:`LoraSBConfig`, only the ``R`` matrices train).
     """
     if reconstr_type != "svd":
-        raise ValueError(f"reconstr_type must be 'svd' (the only LoRA-SB reconstruction), got {reconstr_type!r}")
+        raise ValueError(
+            f"reconstr_type must be 'svd' (the only LoRA-SB reconstruction), got {reconstr_type!r}"
+        )
     if named_grads is None:
-        raise ValueError("named_grads is required: pass the output of estimate_and_process_grads_torch(model, dataloader, lr)")
+        raise ValueError(
+            "named_grads is required: pass the output of estimate_and_process_grads_torch(model, dataloader, lr)"
+        )
     if not isinstance(model, PeftModel):
-        raise TypeError(f"model must be a PeftModel (call get_peft_model first), got {type(model).__name__}")
+        raise TypeError(
+            f"model must be a PeftModel (call get_peft_model first), got {type(model).__name__}"
+        )
     cfg = peft_config.get(adapter_name) if isinstance(peft_config, Mapping) else peft_config
     if cfg is None:
         cfg = model.peft_config.get(adapter_name)
@@ -168,21 +200,36 @@ def find_and_initialize_grad(
     svd_cfg = dict((reconstruct_config or {}).get("svd", {}) or {})
     rank = svd_cfg.get("rank", cfg.r)
     if rank != cfg.r:
-        raise ValueError(f"reconstruct_config['svd']['rank']={rank} differs from the adapter's r={cfg.r}; set it to r")
+        raise ValueError(
+            f"reconstruct_config['svd']['rank']={rank} differs from the adapter's r={cfg.r}; set it to r"
+        )
     sb_cfg = cfg if isinstance(cfg, LoraSBConfig) else _sb_config_from(cfg, svd_cfg)
     inner = model.base_model.model
     mapping = custom_module_mapping()
     for name, module in list(inner.named_modules()):
-        if not isinstance(module, LoraLayer) or adapter_name not in module.lora_A or is_lora_sb_layer(module, adapter_name):
+        if (
+            not isinstance(module, LoraLayer)
+            or adapter_name not in module.lora_A
+            or is_lora_sb_layer(module, adapter_name)
+        ):
             continue
         others = [a for a in module.lora_A if a != adapter_name]
         if others:
-            raise ValueError(f"layer {name!r} also hosts adapters {others}; convert it before adding other adapters")
+            raise ValueError(
+                f"layer {name!r} also hosts adapters {others}; convert it before adding other adapters"
+            )
         base = module.get_base_layer()
         cls = next((c for k, c in mapping.items() if isinstance(base, k)), None)
         if cls is None or layer_kind(base) is None:
             raise TypeError(f"LoRA-SB cannot adapt layer {name!r} ({type(base).__name__})")
-        new = cls(base, adapter_name, config=sb_cfg, r=module.r[adapter_name], lora_alpha=module.lora_alpha[adapter_name], target_name=name)
+        new = cls(
+            base,
+            adapter_name,
+            config=sb_cfg,
+            r=module.r[adapter_name],
+            lora_alpha=module.lora_alpha[adapter_name],
+            target_name=name,
+        )
         replace_module(inner, name, new)
     model.peft_config[adapter_name] = sb_cfg
     layers = lora_sb_layers(model, adapter_name)
@@ -190,7 +237,9 @@ def find_and_initialize_grad(
     for name, layer in layers.items():
         g = _update_for(named_grads, name)
         if g is None:
-            raise LoraSBInitError(f"named_grads has no entry for LoRA-SB target {name!r} (looked for '{name}.weight' with and without 'base_model.model.')")
+            raise LoraSBInitError(
+                f"named_grads has no entry for LoRA-SB target {name!r} (looked for '{name}.weight' with and without 'base_model.model.')"
+            )
         base = layer.get_base_layer()
         updates[name] = (g.T if layer_kind(base) == "conv1d" else g).float()
     initialize_from_updates_(model, updates, adapter_name=adapter_name)

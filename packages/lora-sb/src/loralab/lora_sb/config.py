@@ -27,7 +27,15 @@ from peft import LoraConfig
 
 __all__ = ["LoraSBConfig"]
 
-_INCOMPATIBLE_FLAGS = ("use_dora", "use_bdlora", "alora_invocation_tokens", "arrow_config", "velora_config", "monteclora_config", "kasa_config")
+_INCOMPATIBLE_FLAGS = (
+    "use_dora",
+    "use_bdlora",
+    "alora_invocation_tokens",
+    "arrow_config",
+    "velora_config",
+    "monteclora_config",
+    "kasa_config",
+)
 
 
 @dataclass
@@ -41,7 +49,9 @@ class LoraSBConfig(LoraConfig):
 
     lora_alpha: Optional[int] = field(  # type: ignore[assignment]
         default=None,
-        metadata={"help": "Scaling numerator: s = lora_alpha / r (or / sqrt(r) with use_rslora). None means r (s = 1)."},
+        metadata={
+            "help": "Scaling numerator: s = lora_alpha / r (or / sqrt(r) with use_rslora). None means r (s = 1)."
+        },
     )
     lora_sb: bool = field(
         default=True,
@@ -76,11 +86,15 @@ class LoraSBConfig(LoraConfig):
     )
     init_seed: int = field(
         default=0,
-        metadata={"help": "Seed of the local torch.Generator used by the randomized SVD and random inits (the global RNG is never used)."},
+        metadata={
+            "help": "Seed of the local torch.Generator used by the randomized SVD and random inits (the global RNG is never used)."
+        },
     )
     svd_method: Literal["auto", "full", "randomized"] = field(
         default="auto",
-        metadata={"help": "Truncated SVD method (loralab.core.truncated_svd): exact 'full', 'randomized', or 'auto'."},
+        metadata={
+            "help": "Truncated SVD method (loralab.core.truncated_svd): exact 'full', 'randomized', or 'auto'."
+        },
     )
     svd_oversample: int = field(
         default=10,
@@ -89,33 +103,50 @@ class LoraSBConfig(LoraConfig):
             "q = r sketch lands far from the optimal rank-r truncation, q = r + 10 is optimal to ~5 digits."
         },
     )
-    svd_niter: int = field(default=10, metadata={"help": "Power iterations of the randomized SVD (the reference uses 10)."})
+    svd_niter: int = field(
+        default=10,
+        metadata={"help": "Power iterations of the randomized SVD (the reference uses 10)."},
+    )
 
     def __post_init__(self) -> None:
         if self.lora_alpha is None:
             self.lora_alpha = self.r
         super().__post_init__()
         if not self.lora_sb:
-            raise ValueError("LoraSBConfig.lora_sb must be True (it marks the adapter type); use peft.LoraConfig for plain LoRA")
+            raise ValueError(
+                "LoraSBConfig.lora_sb must be True (it marks the adapter type); use peft.LoraConfig for plain LoRA"
+            )
         if not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"r must be a positive int, got {self.r!r}")
         if self.sb_init not in ("gradient", "random", "weight_svd"):
-            raise ValueError(f"sb_init must be 'gradient', 'random' or 'weight_svd', got {self.sb_init!r}")
+            raise ValueError(
+                f"sb_init must be 'gradient', 'random' or 'weight_svd', got {self.sb_init!r}"
+            )
         if self.update_approximation not in ("sign", "gradient"):
-            raise ValueError(f"update_approximation must be 'sign' or 'gradient', got {self.update_approximation!r}")
+            raise ValueError(
+                f"update_approximation must be 'sign' or 'gradient', got {self.update_approximation!r}"
+            )
         if self.zero_gradient not in ("error", "random"):
-            raise ValueError(f"zero_gradient must be 'error' or 'random', got {self.zero_gradient!r}")
+            raise ValueError(
+                f"zero_gradient must be 'error' or 'random', got {self.zero_gradient!r}"
+            )
         if self.svd_method not in ("auto", "full", "randomized"):
-            raise ValueError(f"svd_method must be 'auto', 'full' or 'randomized', got {self.svd_method!r}")
+            raise ValueError(
+                f"svd_method must be 'auto', 'full' or 'randomized', got {self.svd_method!r}"
+            )
         if self.svd_oversample < 0 or self.svd_niter < 0:
-            raise ValueError(f"svd_oversample and svd_niter must be >= 0, got {self.svd_oversample} and {self.svd_niter}")
+            raise ValueError(
+                f"svd_oversample and svd_niter must be >= 0, got {self.svd_oversample} and {self.svd_niter}"
+            )
         if self.init_lora_weights not in (True, False):
             raise ValueError(
                 f"LoRA-SB sets A, B and R itself (see sb_init); init_lora_weights must be True or False, got {self.init_lora_weights!r}"
             )
         for flag in _INCOMPATIBLE_FLAGS:
             if getattr(self, flag, None):
-                raise ValueError(f"LoRA-SB cannot be combined with {flag}={getattr(self, flag)!r}; unset it")
+                raise ValueError(
+                    f"LoRA-SB cannot be combined with {flag}={getattr(self, flag)!r}; unset it"
+                )
         if self.lora_bias:
             raise ValueError("LoRA-SB has no adapter bias (only R trains); lora_bias must be False")
         # PEFT's documented route for custom LoRA layer classes (dynamic dispatch); _custom_modules is not a

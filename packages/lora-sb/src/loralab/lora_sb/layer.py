@@ -51,7 +51,9 @@ R_NAME = "lora_R"
 
 def layer_generator(seed: int, layer_name: str) -> torch.Generator:
     """A CPU generator seeded from ``(seed, layer_name)``: reproducible per layer, independent of layer order."""
-    return torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(layer_name.encode())) % (2**63))
+    return torch.Generator().manual_seed(
+        (int(seed) * 1_000_003 + zlib.crc32(layer_name.encode())) % (2**63)
+    )
 
 
 def _factor_dtype(base: nn.Module) -> torch.dtype:
@@ -69,7 +71,9 @@ def _factor_dtype(base: nn.Module) -> torch.dtype:
     return dtype if dtype.is_floating_point else torch.float32
 
 
-def _sb_state_dict_hook(module: nn.Module, state_dict: dict[str, Tensor], prefix: str, local_metadata: Any) -> None:
+def _sb_state_dict_hook(
+    module: nn.Module, state_dict: dict[str, Tensor], prefix: str, local_metadata: Any
+) -> None:
     # A and B come from data and are frozen: the checkpoint keeps them in the base dtype (the issue's
     # contract) even if PEFT's autocast_adapter_dtype made the live copies float32.
     for adapter, dtype in getattr(module, "_sb_factor_dtype", {}).items():
@@ -87,7 +91,10 @@ class LoraSBVariant(LoraVariant):
 
     @staticmethod
     def init(module: LoraLayer, adapter_name: str, config: Any = None, **kwargs: Any) -> None:
-        target_name = kwargs.get("target_name") or f"<{type(module.get_base_layer()).__name__} {module.out_features}x{module.in_features}>"
+        target_name = (
+            kwargs.get("target_name")
+            or f"<{type(module.get_base_layer()).__name__} {module.out_features}x{module.in_features}>"
+        )
         r = module.r[adapter_name]
         m, n = module.out_features, module.in_features
         if r > min(m, n):
@@ -101,7 +108,9 @@ class LoraSBVariant(LoraVariant):
         module.lora_R[adapter_name] = nn.Linear(r, r, bias=False, device="meta")
         # R trains: float32 whatever the base dtype (float64 bases keep float64, for reference tests).
         r_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        module.lora_R[adapter_name].weight = nn.Parameter(torch.zeros(r, r, dtype=r_dtype, device=device))
+        module.lora_R[adapter_name].weight = nn.Parameter(
+            torch.zeros(r, r, dtype=r_dtype, device=device)
+        )
         module._sb_factor_dtype[adapter_name] = dtype
         module._sb_target_name[adapter_name] = target_name
         method = getattr(config, "sb_init", "gradient")
@@ -109,8 +118,12 @@ class LoraSBVariant(LoraVariant):
         if method == "weight_svd":
             # LoRA-XS (Bałazy et al., 2024): B = U_r Σ_r and A = V_rᵀ from the base weight's SVD.
             U, S, Vh = truncated_svd(
-                weight_matrix(base).detach(), r, method=getattr(config, "svd_method", "auto"),
-                oversample=getattr(config, "svd_oversample", 10), niter=getattr(config, "svd_niter", 10), generator=gen,
+                weight_matrix(base).detach(),
+                r,
+                method=getattr(config, "svd_method", "auto"),
+                oversample=getattr(config, "svd_oversample", 10),
+                niter=getattr(config, "svd_niter", 10),
+                generator=gen,
             )
             B, A = U * S, Vh
         else:
@@ -143,7 +156,9 @@ class LoraSBVariant(LoraVariant):
         return orig_weight - module.get_delta_weight(active_adapter).to(orig_weight.dtype)
 
     @staticmethod
-    def forward(module: LoraLayer, active_adapter: str, x: Tensor, result: Tensor, **kwargs: Any) -> Tensor:
+    def forward(
+        module: LoraLayer, active_adapter: str, x: Tensor, result: Tensor, **kwargs: Any
+    ) -> Tensor:
         lora_A = module.lora_A[active_adapter]
         lora_B = module.lora_B[active_adapter]
         lora_R = module.lora_R[active_adapter]
@@ -163,16 +178,22 @@ def set_sb_factors_(module: LoraLayer, adapter_name: str, B: Tensor, R: Tensor, 
     is kept in float32. Parameter objects are kept, so optimizers holding them stay valid.
     """
     if adapter_name not in module.lora_R:
-        raise KeyError(f"layer has no LoRA-SB adapter {adapter_name!r}; its LoRA-SB adapters: {list(module.lora_R)}")
+        raise KeyError(
+            f"layer has no LoRA-SB adapter {adapter_name!r}; its LoRA-SB adapters: {list(module.lora_R)}"
+        )
     dtype = module._sb_factor_dtype[adapter_name]
     for slot, value in (("lora_A", A), ("lora_B", B)):
         p = getattr(module, slot)[adapter_name].weight
         if tuple(value.shape) != tuple(p.shape):
-            raise ValueError(f"{slot} of {module._sb_target_name[adapter_name]!r} must be {tuple(p.shape)}, got {tuple(value.shape)}")
+            raise ValueError(
+                f"{slot} of {module._sb_target_name[adapter_name]!r} must be {tuple(p.shape)}, got {tuple(value.shape)}"
+            )
         p.data.copy_(value.to(dtype).to(device=p.device, dtype=p.dtype))
     p = module.lora_R[adapter_name].weight
     if tuple(R.shape) != tuple(p.shape):
-        raise ValueError(f"lora_R of {module._sb_target_name[adapter_name]!r} must be {tuple(p.shape)}, got {tuple(R.shape)}")
+        raise ValueError(
+            f"lora_R of {module._sb_target_name[adapter_name]!r} must be {tuple(p.shape)}, got {tuple(R.shape)}"
+        )
     p.data.copy_(R.to(device=p.device, dtype=p.dtype))
 
 
@@ -181,7 +202,9 @@ class LoraSBLayerMixin:
 
     adapter_layer_names: tuple[str, ...] = (*LoraLayer.adapter_layer_names, R_NAME)
 
-    def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: Any, **kwargs: Any) -> None:
+    def update_layer(
+        self, adapter_name: str, r: int, lora_alpha: int, config: Any, **kwargs: Any
+    ) -> None:
         if R_NAME not in self._modules:  # type: ignore[attr-defined]
             self.lora_R = nn.ModuleDict()
             self._sb_factor_dtype: dict[str, torch.dtype] = {}
@@ -218,11 +241,31 @@ class LoraSBLayerMixin:
 class LoraSBLinear(LoraSBLayerMixin, PeftLoraLinear):
     """LoRA-SB on ``nn.Linear`` and transformers' GPT-2 ``Conv1D`` (weight stored (in, out))."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: Any, r: int = 0, lora_alpha: int = 1, **kwargs: Any) -> None:
-        kind = layer_kind(base_layer.get_base_layer() if hasattr(base_layer, "get_base_layer") else base_layer)
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: Any,
+        r: int = 0,
+        lora_alpha: int = 1,
+        **kwargs: Any,
+    ) -> None:
+        kind = layer_kind(
+            base_layer.get_base_layer() if hasattr(base_layer, "get_base_layer") else base_layer
+        )
         if kind not in ("linear", "conv1d"):
-            raise TypeError(f"LoraSBLinear adapts nn.Linear or Conv1D, got {type(base_layer).__name__} at {kwargs.get('target_name')!r}")
-        super().__init__(base_layer, adapter_name, config=config, r=r, lora_alpha=lora_alpha, is_target_conv_1d_layer=kind == "conv1d", **kwargs)
+            raise TypeError(
+                f"LoraSBLinear adapts nn.Linear or Conv1D, got {type(base_layer).__name__} at {kwargs.get('target_name')!r}"
+            )
+        super().__init__(
+            base_layer,
+            adapter_name,
+            config=config,
+            r=r,
+            lora_alpha=lora_alpha,
+            is_target_conv_1d_layer=kind == "conv1d",
+            **kwargs,
+        )
         # Per layer, not from the config: one model may mix Linear and Conv1D targets.
         self.fan_in_fan_out = kind == "conv1d"
 
@@ -251,13 +294,27 @@ def _bnb_classes() -> dict[type[nn.Module], type[nn.Module]]:
     class LoraSBLinear4bit(LoraSBLayerMixin, PeftLinear4bit):
         """LoRA-SB on a bitsandbytes ``Linear4bit`` (NF4/FP4) base: QLoRA's memory with r² trainables."""
 
-        def __init__(self, base_layer: nn.Module, adapter_name: str, config: Any, r: int = 0, lora_alpha: int = 1, **kwargs: Any) -> None:
+        def __init__(
+            self,
+            base_layer: nn.Module,
+            adapter_name: str,
+            config: Any,
+            r: int = 0,
+            lora_alpha: int = 1,
+            **kwargs: Any,
+        ) -> None:
             # PEFT's Linear4bit.__init__ drops target_name; replicate it so errors can name the layer.
             nn.Module.__init__(self)
             LoraLayer.__init__(self, base_layer)
             self.fan_in_fan_out = False
             self._active_adapter = adapter_name
-            self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, target_name=kwargs.get("target_name", ""))
+            self.update_layer(
+                adapter_name,
+                r,
+                lora_alpha=lora_alpha,
+                config=config,
+                target_name=kwargs.get("target_name", ""),
+            )
 
         def __repr__(self) -> str:
             return "lora_sb." + nn.Module.__repr__(self)
@@ -295,7 +352,9 @@ def custom_module_mapping() -> dict[type[nn.Module], type[nn.Module]]:
 
 
 class _Unsupported8bit(nn.Module):
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: Any = None, **kwargs: Any) -> None:
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, config: Any = None, **kwargs: Any
+    ) -> None:
         raise NotImplementedError(
             f"LoRA-SB does not support bitsandbytes 8-bit layers ({kwargs.get('target_name')!r}); "
             "load the model in 4-bit (BitsAndBytesConfig(load_in_4bit=True)) or in float"

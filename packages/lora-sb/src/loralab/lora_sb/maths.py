@@ -33,14 +33,18 @@ from loralab.core.linalg import truncated_svd
 __all__ = ["equivalent_gradient", "r_gradient", "sb_factors", "update_approximation"]
 
 
-def update_approximation(grad: Tensor, lr: float, kind: Literal["sign", "gradient"] = "sign") -> Tensor:
+def update_approximation(
+    grad: Tensor, lr: float, kind: Literal["sign", "gradient"] = "sign"
+) -> Tensor:
     """``ΔW̃``: the first full fine-tuning step from gradient ``grad`` (paper Eq. 9).
 
     ``kind="sign"`` gives ``−lr·sign(grad)`` (Adam's first step; zero entries stay zero, never NaN),
     ``kind="gradient"`` gives ``−lr·grad`` (SGD). Computed in float32 (float64 stays float64).
     """
     if not (isinstance(lr, (int, float)) and lr > 0):
-        raise ValueError(f"lr must be a positive number (the first optimizer step's learning rate), got {lr!r}")
+        raise ValueError(
+            f"lr must be a positive number (the first optimizer step's learning rate), got {lr!r}"
+        )
     g = grad.to(torch.float64 if grad.dtype == torch.float64 else torch.float32)
     if kind == "sign":
         return torch.sign(g).mul_(-float(lr))
@@ -66,7 +70,9 @@ def sb_factors(
     """
     if scaling == 0:
         raise ValueError("scaling must be non-zero")
-    U, S, Vh = truncated_svd(delta, rank, method=method, oversample=oversample, niter=niter, generator=generator)
+    U, S, Vh = truncated_svd(
+        delta, rank, method=method, oversample=oversample, niter=niter, generator=generator
+    )
     return U, torch.diag(S / scaling), Vh
 
 

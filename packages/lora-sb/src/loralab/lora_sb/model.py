@@ -64,13 +64,17 @@ def _inner_model(model: nn.Module) -> nn.Module:
 
 def lora_sb_layers(model: nn.Module, adapter_name: str = "default") -> dict[str, nn.Module]:
     """``{name: layer}`` of the LoRA-SB layers hosting ``adapter_name``; names as in the un-wrapped model."""
-    return {n: m for n, m in _inner_model(model).named_modules() if is_lora_sb_layer(m, adapter_name)}
+    return {
+        n: m for n, m in _inner_model(model).named_modules() if is_lora_sb_layer(m, adapter_name)
+    }
 
 
 def _config_of(model: nn.Module, adapter_name: str) -> LoraSBConfig:
     cfg = getattr(model, "peft_config", {}).get(adapter_name)
     if not isinstance(cfg, LoraSBConfig):
-        raise ValueError(f"adapter {adapter_name!r} is not a LoRA-SB adapter (config: {type(cfg).__name__}); build it with LoraSBConfig")
+        raise ValueError(
+            f"adapter {adapter_name!r} is not a LoRA-SB adapter (config: {type(cfg).__name__}); build it with LoraSBConfig"
+        )
     return cfg
 
 
@@ -95,10 +99,14 @@ def initialize_from_updates_(
     def consume(name: str, delta: Tensor) -> None:
         layer = layers.get(name)
         if layer is None:
-            raise LoraSBInitError(f"got an update for {name!r}, which is not a LoRA-SB layer of adapter {adapter_name!r}")
+            raise LoraSBInitError(
+                f"got an update for {name!r}, which is not a LoRA-SB layer of adapter {adapter_name!r}"
+            )
         shape = (layer.out_features, layer.in_features)
         if tuple(delta.shape) != shape:
-            raise LoraSBInitError(f"update for {name!r} has shape {tuple(delta.shape)}, expected (out, in) = {shape}")
+            raise LoraSBInitError(
+                f"update for {name!r} has shape {tuple(delta.shape)}, expected (out, in) = {shape}"
+            )
         if not torch.isfinite(delta).all():
             raise LoraSBInitError(f"update for {name!r} has NaN/Inf entries")
         r = layer.r[adapter_name]
@@ -114,8 +122,13 @@ def initialize_from_updates_(
             done.add(name)
             return
         B, R, A = sb_factors(
-            delta, r, layer.scaling[adapter_name], method=cfg.svd_method, oversample=cfg.svd_oversample,
-            niter=cfg.svd_niter, generator=gen,
+            delta,
+            r,
+            layer.scaling[adapter_name],
+            method=cfg.svd_method,
+            oversample=cfg.svd_oversample,
+            niter=cfg.svd_niter,
+            generator=gen,
         )
         set_sb_factors_(layer, adapter_name, B, R, A)
         done.add(name)
@@ -130,7 +143,8 @@ def initialize_from_updates_(
     if missing:
         raise LoraSBInitError(
             f"no gradient/update for {len(missing)} LoRA-SB target(s) of adapter {adapter_name!r}: "
-            + ", ".join(missing[:10]) + ". Every target needs one; check the names (un-wrapped model names) or exclude them."
+            + ", ".join(missing[:10])
+            + ". Every target needs one; check the names (un-wrapped model names) or exclude them."
         )
     return None
 
@@ -168,7 +182,9 @@ def initialize_lora_sb_weights(
     W0 is not modified. Returns ``model``.
     """
     if lr is None:
-        raise ValueError("lr is required: the learning rate of the first optimizer step (with warm-up, the first warm-up step's lr)")
+        raise ValueError(
+            "lr is required: the learning rate of the first optimizer step (with warm-up, the first warm-up step's lr)"
+        )
     cfg = _config_of(model, adapter_name)
     layers = lora_sb_layers(model, adapter_name)
     if not layers:
@@ -178,32 +194,68 @@ def initialize_lora_sb_weights(
     def consumer(name: str, grad: Tensor) -> None:
         consume(name, update_approximation(grad, lr, cfg.update_approximation))  # type: ignore[misc]
 
-    quantized = {n: m for n, m in layers.items() if layer_kind(m.get_base_layer()) in ("linear4bit", "linear8bit")}
+    quantized = {
+        n: m
+        for n, m in layers.items()
+        if layer_kind(m.get_base_layer()) in ("linear4bit", "linear8bit")
+    }
     if estimation_model is not None:
         targets = _targets_in(estimation_model, layers)
-        estimate_gradients(estimation_model, batches, targets, num_batches=num_batches, loss_fn=loss_fn,
-                           consumer=consumer, offload=offload, progress=progress)
+        estimate_gradients(
+            estimation_model,
+            batches,
+            targets,
+            num_batches=num_batches,
+            loss_fn=loss_fn,
+            consumer=consumer,
+            offload=offload,
+            progress=progress,
+        )
     elif quantized:
-        logger.info("LoRA-SB: %d quantized targets; estimating on a copy with dequantized float weights", len(quantized))
+        logger.info(
+            "LoRA-SB: %d quantized targets; estimating on a copy with dequantized float weights",
+            len(quantized),
+        )
         twin = _dequantized_twin(_inner_model(model))
-        estimate_gradients(twin, batches, _targets_in(twin, layers), num_batches=num_batches, loss_fn=loss_fn,
-                           consumer=consumer, offload=offload, progress=progress)
+        estimate_gradients(
+            twin,
+            batches,
+            _targets_in(twin, layers),
+            num_batches=num_batches,
+            loss_fn=loss_fn,
+            consumer=consumer,
+            offload=offload,
+            progress=progress,
+        )
         del twin
     else:
         # Target names as seen from the PeftModel itself ("base_model.model." + un-wrapped name): the
         # offloaded estimator matches targets to decoder blocks by these names.
         prefix = "base_model.model."
-        targets = {prefix + n: TargetLayer(prefix + n, m.get_base_layer(), layer_kind(m.get_base_layer())) for n, m in layers.items()}
+        targets = {
+            prefix + n: TargetLayer(prefix + n, m.get_base_layer(), layer_kind(m.get_base_layer()))
+            for n, m in layers.items()
+        }
 
         def unprefixed(name: str, grad: Tensor) -> None:
-            consumer(name[len(prefix):], grad)
+            consumer(name[len(prefix) :], grad)
 
         with model.disable_adapter():
-            estimate_gradients(model, batches, targets, num_batches=num_batches, loss_fn=loss_fn, consumer=unprefixed,
-                               offload=offload, progress=progress)
+            estimate_gradients(
+                model,
+                batches,
+                targets,
+                num_batches=num_batches,
+                loss_fn=loss_fn,
+                consumer=unprefixed,
+                offload=offload,
+                progress=progress,
+            )
     missing = sorted(set(layers) - consume.done)  # type: ignore[attr-defined]
     if missing:
-        raise LoraSBInitError(f"no gradient for LoRA-SB target(s) {', '.join(missing[:10])}; exclude them from target_modules")
+        raise LoraSBInitError(
+            f"no gradient for LoRA-SB target(s) {', '.join(missing[:10])}; exclude them from target_modules"
+        )
     logger.info("LoRA-SB: initialised %d layers of adapter %s", len(layers), adapter_name)
     return model
 
@@ -264,12 +316,16 @@ def _targets_in(model: nn.Module, layers: Mapping[str, nn.Module]) -> dict[str, 
         try:
             mod = model.get_submodule(name)
         except AttributeError as e:
-            raise LoraSBInitError(f"estimation_model has no module {name!r} (it must have the same architecture)") from e
+            raise LoraSBInitError(
+                f"estimation_model has no module {name!r} (it must have the same architecture)"
+            ) from e
         if hasattr(mod, "get_base_layer"):
             mod = mod.get_base_layer()
         kind = layer_kind(mod)
         if kind is None or kind in ("linear4bit", "linear8bit"):
-            raise LoraSBInitError(f"estimation_model's {name!r} is {type(mod).__name__}; it must be a float Linear/Conv1D")
+            raise LoraSBInitError(
+                f"estimation_model's {name!r} is {type(mod).__name__}; it must be a float Linear/Conv1D"
+            )
         targets[name] = TargetLayer(name, mod, kind)
     return targets
 
@@ -304,12 +360,23 @@ def get_lora_sb_model(
     if not isinstance(config, LoraSBConfig):
         raise TypeError(f"config must be a LoraSBConfig, got {type(config).__name__}")
     if config.sb_init == "gradient" and lr is None:
-        raise ValueError("lr is required: the learning rate of the first optimizer step (with warm-up, the first warm-up step's lr)")
-    peft_model = get_peft_model(model, config, adapter_name=adapter_name, autocast_adapter_dtype=False)
+        raise ValueError(
+            "lr is required: the learning rate of the first optimizer step (with warm-up, the first warm-up step's lr)"
+        )
+    peft_model = get_peft_model(
+        model, config, adapter_name=adapter_name, autocast_adapter_dtype=False
+    )
     if config.sb_init == "gradient":
         initialize_lora_sb_weights(
-            peft_model, batches, lr=lr, adapter_name=adapter_name, loss_fn=loss_fn, num_batches=num_batches,
-            estimation_model=estimation_model, offload=offload, progress=progress,
+            peft_model,
+            batches,
+            lr=lr,
+            adapter_name=adapter_name,
+            loss_fn=loss_fn,
+            num_batches=num_batches,
+            estimation_model=estimation_model,
+            offload=offload,
+            progress=progress,
         )
     return peft_model
 
@@ -328,10 +395,23 @@ def load_lora_sb_model(
     this does: ``PeftModel.from_pretrained(model, path, config=LoraSBConfig.from_pretrained(path))``.
     """
     config = LoraSBConfig.from_pretrained(str(model_id), subfolder=kwargs.get("subfolder"))
-    return PeftModel.from_pretrained(model, model_id, adapter_name=adapter_name, is_trainable=is_trainable, config=config, **kwargs)
+    return PeftModel.from_pretrained(
+        model,
+        model_id,
+        adapter_name=adapter_name,
+        is_trainable=is_trainable,
+        config=config,
+        **kwargs,
+    )
 
 
-def load_lora_sb_adapter(model: PeftModel, model_id: str | os.PathLike[str], adapter_name: str, is_trainable: bool = False, **kwargs: Any) -> PeftModel:
+def load_lora_sb_adapter(
+    model: PeftModel,
+    model_id: str | os.PathLike[str],
+    adapter_name: str,
+    is_trainable: bool = False,
+    **kwargs: Any,
+) -> PeftModel:
     """Load a saved LoRA-SB adapter as an extra adapter ``adapter_name`` of ``model`` (multi-adapter)."""
     config = LoraSBConfig.from_pretrained(str(model_id), subfolder=kwargs.get("subfolder"))
     config.inference_mode = not is_trainable

@@ -38,8 +38,12 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 class TrainArgs:
     """Training settings common to every entrypoint (the method's own options come from the registry)."""
 
-    model_name_or_path: str = _f(None, "model directory or hub name (AutoModel*.from_pretrained) (required)")
-    output_dir: str = _f(None, "run directory: run_config.json, metrics.jsonl, checkpoint-N/, final/ (required)")
+    model_name_or_path: str = _f(
+        None, "model directory or hub name (AutoModel*.from_pretrained) (required)"
+    )
+    output_dir: str = _f(
+        None, "run directory: run_config.json, metrics.jsonl, checkpoint-N/, final/ (required)"
+    )
     tokenizer_name: str | None = _f(None, "tokenizer (default: model_name_or_path)")
     # optimisation
     learning_rate: float = _f(1e-4, "peak learning rate")
@@ -48,7 +52,9 @@ class TrainArgs:
     adam_beta2: float = _f(0.999, "Adam beta2")
     adam_epsilon: float = _f(1e-8, "Adam epsilon")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
-    lr_scheduler_type: str = _f("linear", "transformers scheduler name (linear, cosine, constant_with_warmup, ...)")
+    lr_scheduler_type: str = _f(
+        "linear", "transformers scheduler name (linear, cosine, constant_with_warmup, ...)"
+    )
     warmup_steps: int = _f(0, "warm-up optimizer steps (overrides --warmup_ratio)")
     warmup_ratio: float = _f(0.0, "warm-up as a fraction of the optimizer steps")
     num_train_epochs: float = _f(1.0, "epochs (ignored when --max_steps > 0)")
@@ -74,11 +80,16 @@ class TrainArgs:
     report_to: str = _f("none", "experiment tracker", choices=REPORT_TO)
     run_name: str | None = _f(None, "tracker run name (default: the output_dir name)")
     deepspeed: str | None = _f(
-        None, "DeepSpeed config: a JSON path or a built-in name (zero2, zero3, zero3_offload); 'auto' values are filled from these flags"
+        None,
+        "DeepSpeed config: a JSON path or a built-in name (zero2, zero3, zero3_offload); 'auto' values are filled from these flags",
     )
     disable_tqdm: bool = _f(False, "no progress bars")
-    save_final_model: bool = _f(True, "save the trained model (adapter for LoRA methods) to output_dir/final")
-    local_rank: int = _f(-1, "set by the deepspeed launcher; the process rank comes from the environment")
+    save_final_model: bool = _f(
+        True, "save the trained model (adapter for LoRA methods) to output_dir/final"
+    )
+    local_rank: int = _f(
+        -1, "set by the deepspeed launcher; the process rank comes from the environment"
+    )
 
     # method options are attached by parse_args (see loralab.runners.methods.OPTIONS)
 
@@ -86,14 +97,21 @@ class TrainArgs:
         for name in ("model_name_or_path", "output_dir"):
             if not getattr(self, name):
                 raise ValueError(f"--{name} is required")
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "max_length"):
+        for name in (
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+            "max_length",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_train_samples", "max_eval_samples"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps == 0 or self.max_steps < -1:
-            raise ValueError(f"--max_steps must be -1 (use --num_train_epochs) or >= 1, got {self.max_steps}")
+            raise ValueError(
+                f"--max_steps must be -1 (use --num_train_epochs) or >= 1, got {self.max_steps}"
+            )
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.learning_rate <= 0:
@@ -117,7 +135,9 @@ def _arg_type(tp: Any) -> Any:
 
 def build_parser(cls: type[TrainArgs], description: str = "") -> argparse.ArgumentParser:
     """``argparse`` parser with one ``--flag`` per dataclass field plus the method registry's flags."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kw: dict[str, Any] = dict(default=f.default, help=f.metadata.get("help", ""))

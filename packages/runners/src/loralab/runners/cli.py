@@ -14,16 +14,26 @@ __all__ = ["SUBCOMMANDS", "main"]
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     # name: (module whose main(argv) runs it, one-line help)
-    "compare": ("loralab.runners.compare", "fine-tune one model with every method side by side (plots, table, JSONL)"),
+    "compare": (
+        "loralab.runners.compare",
+        "fine-tune one model with every method side by side (plots, table, JSONL)",
+    ),
     "glue": ("loralab.runners.glue", "GLUE classification (RoBERTa/BERT/T5) with any method"),
-    "metamath": ("loralab.runners.metamath", "MetaMathQA fine-tuning of a causal LM, then GSM8K evaluation"),
+    "metamath": (
+        "loralab.runners.metamath",
+        "MetaMathQA fine-tuning of a causal LM, then GSM8K evaluation",
+    ),
     "winogrande": ("loralab.runners.winogrande", "WinoGrande training and two-option scoring"),
     "c4": ("loralab.runners.c4.cli", "C4 pre-training of LLaMA (AdamW / GaLore / GoLore / ReLoRA)"),
 }
 
 
 def _usage() -> str:
-    lines = ["usage: loralab <command> [options]   (loralab <command> --help for its options)", "", "commands:"]
+    lines = [
+        "usage: loralab <command> [options]   (loralab <command> --help for its options)",
+        "",
+        "commands:",
+    ]
     lines += [f"  {name:<11} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
     return "\n".join(lines)
 
@@ -40,7 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:
-        print(f"loralab: unknown command {name!r}; choose one of {', '.join(SUBCOMMANDS)}\n", file=sys.stderr)
+        print(
+            f"loralab: unknown command {name!r}; choose one of {', '.join(SUBCOMMANDS)}\n",
+            file=sys.stderr,
+        )
         print(_usage(), file=sys.stderr)
         return 2
     module = importlib.import_module(SUBCOMMANDS[name][0])

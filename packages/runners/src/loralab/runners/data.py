@@ -21,7 +21,9 @@ __all__ = ["load_split", "pad_collate", "require_columns", "take"]
 _BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
-def load_split(name: str | None, config: str | None, split: str, data_file: str | None, *, arg: str) -> Any:
+def load_split(
+    name: str | None, config: str | None, split: str, data_file: str | None, *, arg: str
+) -> Any:
     """A ``datasets.Dataset``: ``data_file`` when given (csv/tsv/json/jsonl/parquet), else the hub's ``split``.
 
     ``arg`` names the command-line flag in error messages (``--train_file``).
@@ -34,7 +36,9 @@ def load_split(name: str | None, config: str | None, split: str, data_file: str 
             raise FileNotFoundError(f"{arg} {data_file}: no such file")
         builder = _BUILDERS.get(path.suffix.lower())
         if builder is None:
-            raise ValueError(f"{arg} {data_file}: unsupported extension {path.suffix!r} (use {', '.join(_BUILDERS)})")
+            raise ValueError(
+                f"{arg} {data_file}: unsupported extension {path.suffix!r} (use {', '.join(_BUILDERS)})"
+            )
         kw = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
         return datasets.load_dataset(builder, data_files={"data": str(path)}, split="data", **kw)
     if not name:
@@ -46,7 +50,9 @@ def require_columns(ds: Any, columns: Sequence[str], source: str) -> None:
     """Raise naming ``source`` (the flag and file / dataset) when a column is missing."""
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
-        raise ValueError(f"{source} lacks column(s) {', '.join(missing)} (has: {', '.join(ds.column_names)})")
+        raise ValueError(
+            f"{source} lacks column(s) {', '.join(missing)} (has: {', '.join(ds.column_names)})"
+        )
 
 
 def take(ds: Any, n: int | None) -> Any:
@@ -54,7 +60,9 @@ def take(ds: Any, n: int | None) -> Any:
     return ds if n is None or n >= len(ds) else ds.select(range(n))
 
 
-def pad_collate(pad_id: int, *, side: str = "right") -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
+def pad_collate(
+    pad_id: int, *, side: str = "right"
+) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
     """Collator padding list fields (``input_ids`` with ``pad_id``, ``labels`` with -100, others with 0)
     on ``side`` and building ``attention_mask``. Scalar fields (class ``labels``) become a tensor as they are.
     """

@@ -20,7 +20,15 @@ from loralab.runners.arguments import TrainArgs, _f, parse_args
 from loralab.runners.data import load_split, pad_collate, require_columns, take
 from loralab.runners.training import TrainResult, train
 
-__all__ = ["GLUE_TASKS", "GlueArgs", "glue_metrics", "main", "matthews_corrcoef", "pearson", "spearman"]
+__all__ = [
+    "GLUE_TASKS",
+    "GlueArgs",
+    "glue_metrics",
+    "main",
+    "matthews_corrcoef",
+    "pearson",
+    "spearman",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +54,18 @@ model raises on an example without one): examples whose tokenizer added none get
 class GlueArgs(TrainArgs):
     task_name: str = _f(None, "GLUE task", choices=tuple(GLUE_TASKS))
     dataset_name: str = _f("nyu-mll/glue", "hub dataset (config = task name)")
-    train_file: str | None = _f(None, "local training file (csv/tsv/json/jsonl/parquet) with the task's columns and 'label'")
+    train_file: str | None = _f(
+        None, "local training file (csv/tsv/json/jsonl/parquet) with the task's columns and 'label'"
+    )
     validation_file: str | None = _f(None, "local validation file, same columns")
     max_length: int = _f(128, "maximum tokens per (pair of) sentence(s)")
 
     def validate(self) -> None:
         super().validate()
         if self.task_name not in GLUE_TASKS:
-            raise ValueError(f"--task_name must be one of {', '.join(GLUE_TASKS)}, got {self.task_name!r}")
+            raise ValueError(
+                f"--task_name must be one of {', '.join(GLUE_TASKS)}, got {self.task_name!r}"
+            )
 
 
 def matthews_corrcoef(y_true: np.ndarray, y_pred: np.ndarray) -> float:
@@ -113,7 +125,9 @@ def glue_metrics(task: str, preds: np.ndarray, labels: np.ndarray) -> dict[str, 
     return out
 
 
-def _encode(ds: Any, tokenizer: Any, args: GlueArgs, source: str, *, eos_id: int | None = None) -> list[dict[str, Any]]:
+def _encode(
+    ds: Any, tokenizer: Any, args: GlueArgs, source: str, *, eos_id: int | None = None
+) -> list[dict[str, Any]]:
     """Tokenized ``{"input_ids", "labels"}`` rows; with ``eos_id``, every row ends in that token (T5/BART heads)."""
     first, second, num_labels, _ = GLUE_TASKS[args.task_name]
     require_columns(ds, [first, "label"] + ([second] if second else []), source)
@@ -142,19 +156,43 @@ def run(args: GlueArgs) -> TrainResult:
         tokenizer.pad_token = tokenizer.eos_token
     config = AutoConfig.from_pretrained(args.model_name_or_path)
     eos_id = config.eos_token_id if config.model_type in EOS_POOLED else None
-    train_src = f"--train_file {args.train_file}" if args.train_file else f"{args.dataset_name}/{args.task_name} train"
-    val_src = f"--validation_file {args.validation_file}" if args.validation_file else f"{args.dataset_name}/{args.task_name} {val_split}"
-    train_raw = take(load_split(args.dataset_name, args.task_name, "train", args.train_file, arg="--train_file"), args.max_train_samples)
-    val_raw = take(load_split(args.dataset_name, args.task_name, val_split, args.validation_file, arg="--validation_file"), args.max_eval_samples)
+    train_src = (
+        f"--train_file {args.train_file}"
+        if args.train_file
+        else f"{args.dataset_name}/{args.task_name} train"
+    )
+    val_src = (
+        f"--validation_file {args.validation_file}"
+        if args.validation_file
+        else f"{args.dataset_name}/{args.task_name} {val_split}"
+    )
+    train_raw = take(
+        load_split(args.dataset_name, args.task_name, "train", args.train_file, arg="--train_file"),
+        args.max_train_samples,
+    )
+    val_raw = take(
+        load_split(
+            args.dataset_name,
+            args.task_name,
+            val_split,
+            args.validation_file,
+            arg="--validation_file",
+        ),
+        args.max_eval_samples,
+    )
     train_set = _encode(train_raw, tokenizer, args, train_src, eos_id=eos_id)
     val_set = _encode(val_raw, tokenizer, args, val_src, eos_id=eos_id)
 
     torch.manual_seed(args.seed)
-    model = AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path, num_labels=num_labels)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        args.model_name_or_path, num_labels=num_labels
+    )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     args.task_type = "SEQ_CLS"
-    heads = sorted({n.split(".")[-1] for n, _ in model.named_modules() if n.split(".")[-1] in HEAD_NAMES})
+    heads = sorted(
+        {n.split(".")[-1] for n, _ in model.named_modules() if n.split(".")[-1] in HEAD_NAMES}
+    )
     args.modules_to_save = heads or None
     collate = pad_collate(tokenizer.pad_token_id)
 
@@ -164,7 +202,9 @@ def run(args: GlueArgs) -> TrainResult:
         bs = args.per_device_eval_batch_size
         for i in range(0, len(shard), bs):
             batch = {k: v.to(acc.device) for k, v in collate(shard[i : i + bs]).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits.float()
             preds.append(logits[:, 0] if num_labels == 1 else logits.argmax(-1))
             labels.append(batch["labels"])
         from accelerate.utils import gather_object
@@ -179,7 +219,9 @@ def run(args: GlueArgs) -> TrainResult:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     args = parse_args(GlueArgs, argv, description=__doc__ or "")
     return run(args).metrics
 

@@ -73,7 +73,9 @@ def format_prompt(template: str, query: str) -> str:
     """``template`` by name (:data:`PROMPT_TEMPLATES`) or a format string with ``{query}``."""
     fmt = PROMPT_TEMPLATES.get(template, template)
     if "{query}" not in fmt:
-        raise ValueError(f"--prompt_template must be one of {', '.join(PROMPT_TEMPLATES)} or contain '{{query}}', got {template!r}")
+        raise ValueError(
+            f"--prompt_template must be one of {', '.join(PROMPT_TEMPLATES)} or contain '{{query}}', got {template!r}"
+        )
     return fmt.format(query=query)
 
 
@@ -147,9 +149,13 @@ def generate_batched(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = device or next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
     if pad_id is None:
-        raise ValueError("the tokenizer has neither a pad nor an eos token: set tokenizer.pad_token")
+        raise ValueError(
+            "the tokenizer has neither a pad nor an eos token: set tokenizer.pad_token"
+        )
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     out: list[str] = [""] * len(prompts)
@@ -187,10 +193,14 @@ def generate_batched(
     return out
 
 
-def gsm8k_accuracy(questions: Sequence[str], references: Sequence[str], completions: Sequence[str]) -> tuple[float, list[dict[str, Any]]]:
+def gsm8k_accuracy(
+    questions: Sequence[str], references: Sequence[str], completions: Sequence[str]
+) -> tuple[float, list[dict[str, Any]]]:
     """Accuracy of ``completions`` against GSM8K ``references`` (``#### X`` answers) and one record per example."""
     if not (len(questions) == len(references) == len(completions)):
-        raise ValueError(f"lengths differ: {len(questions)} questions, {len(references)} references, {len(completions)} completions")
+        raise ValueError(
+            f"lengths differ: {len(questions)} questions, {len(references)} references, {len(completions)} completions"
+        )
     records = []
     correct = 0
     for i, (q, ref, comp) in enumerate(zip(questions, references, completions)):
@@ -198,7 +208,16 @@ def gsm8k_accuracy(questions: Sequence[str], references: Sequence[str], completi
         pred, gold = extract_answer(cut), extract_answer(ref)
         ok = answers_match(pred, gold)
         correct += ok
-        records.append({"index": i, "question": q, "completion": cut, "prediction": pred, "reference": gold, "correct": ok})
+        records.append(
+            {
+                "index": i,
+                "question": q,
+                "completion": cut,
+                "prediction": pred,
+                "reference": gold,
+                "correct": ok,
+            }
+        )
     return (correct / len(records) if records else 0.0), records
 
 

@@ -136,7 +136,9 @@ def fill_deepspeed_config(
             zero[k] = v
     left = [k for k, v in _walk(config) if v == "auto"]
     if left:
-        raise ValueError(f"--deepspeed config has 'auto' values the runner cannot fill: {', '.join(left)}; set them")
+        raise ValueError(
+            f"--deepspeed config has 'auto' values the runner cannot fill: {', '.join(left)}; set them"
+        )
     return config
 
 

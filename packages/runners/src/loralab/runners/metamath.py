@@ -47,17 +47,34 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 @dataclass
 class MetaMathArgs(TrainArgs):
     dataset_name: str = _f("meta-math/MetaMathQA", "hub training set (columns query, response)")
-    train_file: str | None = _f(None, "local MetaMathQA-format file (json array / jsonl / csv / parquet with query, response)")
-    eval_dataset_name: str = _f("openai/gsm8k", "hub evaluation set (config 'main', split 'test'; columns question, answer)")
-    eval_file: str | None = _f(None, "local GSM8K-format file (question, answer ending in '#### X')")
-    query_types: str | None = _f(
-        None, "keep only MetaMathQA rows whose 'type' starts with one of these comma-separated prefixes (e.g. GSM)"
+    train_file: str | None = _f(
+        None,
+        "local MetaMathQA-format file (json array / jsonl / csv / parquet with query, response)",
     )
-    prompt_template: str = _f("alpaca", f"prompt: {' or '.join(PROMPT_TEMPLATES)} (LoRA-GA seed's 'Q: ..\\nA: '), or a format string with {{query}}")
+    eval_dataset_name: str = _f(
+        "openai/gsm8k", "hub evaluation set (config 'main', split 'test'; columns question, answer)"
+    )
+    eval_file: str | None = _f(
+        None, "local GSM8K-format file (question, answer ending in '#### X')"
+    )
+    query_types: str | None = _f(
+        None,
+        "keep only MetaMathQA rows whose 'type' starts with one of these comma-separated prefixes (e.g. GSM)",
+    )
+    prompt_template: str = _f(
+        "alpaca",
+        f"prompt: {' or '.join(PROMPT_TEMPLATES)} (LoRA-GA seed's 'Q: ..\\nA: '), or a format string with {{query}}",
+    )
     max_length: int = _f(512, "maximum tokens per training example (prompt + response + eos)")
     max_new_tokens: int = _f(256, "GSM8K generation length")
-    torch_dtype: str = _f("float32", "weights' dtype when loading (bfloat16 halves memory; --bf16 alone keeps fp32 master weights)", choices=tuple(TORCH_DTYPES))
-    do_train: bool = _f(True, "fine-tune before evaluating (false: only evaluate --model_name_or_path)")
+    torch_dtype: str = _f(
+        "float32",
+        "weights' dtype when loading (bfloat16 halves memory; --bf16 alone keeps fp32 master weights)",
+        choices=tuple(TORCH_DTYPES),
+    )
+    do_train: bool = _f(
+        True, "fine-tune before evaluating (false: only evaluate --model_name_or_path)"
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -66,7 +83,9 @@ class MetaMathArgs(TrainArgs):
             raise ValueError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
-def load_causal_lm(path: str, tokenizer_name: str | None = None, torch_dtype: str = "float32") -> tuple[Any, Any]:
+def load_causal_lm(
+    path: str, tokenizer_name: str | None = None, torch_dtype: str = "float32"
+) -> tuple[Any, Any]:
     """``AutoModelForCausalLM`` and its tokenizer; a missing pad token becomes eos (generation pads left)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -76,14 +95,20 @@ def load_causal_lm(path: str, tokenizer_name: str | None = None, torch_dtype: st
     import transformers
 
     # transformers >= 4.56 calls it dtype (torch_dtype is deprecated there)
-    key = "dtype" if tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (4, 56) else "torch_dtype"
+    key = (
+        "dtype"
+        if tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (4, 56)
+        else "torch_dtype"
+    )
     model = AutoModelForCausalLM.from_pretrained(path, **{key: TORCH_DTYPES[torch_dtype]})
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
 
-def encode_sft(tokenizer: Any, prompt: str, response: str, max_length: int) -> dict[str, list[int]] | None:
+def encode_sft(
+    tokenizer: Any, prompt: str, response: str, max_length: int
+) -> dict[str, list[int]] | None:
     """``input_ids`` = prompt tokens + response tokens + eos; ``labels`` = -100 on the prompt.
 
     ``None`` when the prompt alone fills ``max_length`` (no response token would be trained).
@@ -112,25 +137,42 @@ def _load_train(args: MetaMathArgs, tokenizer: Any) -> list[dict[str, list[int]]
         require_columns(raw, ["type"], f"{source} (--query_types)")
         raw = raw.filter(lambda ex: str(ex["type"]).startswith(prefixes))
         if len(raw) == 0:
-            raise ValueError(f"--query_types {args.query_types}: no row of {source} has such a 'type'")
+            raise ValueError(
+                f"--query_types {args.query_types}: no row of {source} has such a 'type'"
+            )
     raw = take(raw, args.max_train_samples)
     out, dropped = [], 0
     for ex in raw:
-        enc = encode_sft(tokenizer, format_prompt(args.prompt_template, ex["query"]), ex["response"], args.max_length)
+        enc = encode_sft(
+            tokenizer,
+            format_prompt(args.prompt_template, ex["query"]),
+            ex["response"],
+            args.max_length,
+        )
         if enc is None:
             dropped += 1
         else:
             out.append(enc)
     if dropped:
-        logger.warning("%d of %d training examples dropped: their prompt alone has >= --max_length %d tokens", dropped, len(raw), args.max_length)
+        logger.warning(
+            "%d of %d training examples dropped: their prompt alone has >= --max_length %d tokens",
+            dropped,
+            len(raw),
+            args.max_length,
+        )
     if not out:
         raise ValueError(f"{source}: no training example fits --max_length {args.max_length}")
     return out
 
 
 def _load_eval(args: MetaMathArgs) -> tuple[list[str], list[str]]:
-    source = f"--eval_file {args.eval_file}" if args.eval_file else f"{args.eval_dataset_name} main test"
-    raw = take(load_split(args.eval_dataset_name, "main", "test", args.eval_file, arg="--eval_file"), args.max_eval_samples)
+    source = (
+        f"--eval_file {args.eval_file}" if args.eval_file else f"{args.eval_dataset_name} main test"
+    )
+    raw = take(
+        load_split(args.eval_dataset_name, "main", "test", args.eval_file, arg="--eval_file"),
+        args.max_eval_samples,
+    )
     require_columns(raw, ["question", "answer"], source)
     return list(raw["question"]), list(raw["answer"])
 
@@ -154,17 +196,28 @@ def evaluate_gsm8k(
     from loralab.runners.launch import zero_stage
 
     plugin = acc.state.deepspeed_plugin
-    synced = plugin is not None and zero_stage(plugin.deepspeed_config) == 3 and acc.num_processes > 1
+    synced = (
+        plugin is not None and zero_stage(plugin.deepspeed_config) == 3 and acc.num_processes > 1
+    )
     shard = list(range(acc.process_index, len(questions), acc.num_processes))
     prompts = [format_prompt(prompt_template, questions[i]) for i in shard]
     if synced:
         # ZeRO-3 gathers parameters inside every forward: all ranks must run the same number of
         # generate() calls, so shorter shards are padded with a repeated prompt (its output dropped)
         per_rank = -(-len(questions) // acc.num_processes)
-        prompts += [prompts[-1] if prompts else format_prompt(prompt_template, questions[0])] * (per_rank - len(prompts))
+        prompts += [prompts[-1] if prompts else format_prompt(prompt_template, questions[0])] * (
+            per_rank - len(prompts)
+        )
     unwrapped = acc.unwrap_model(model)
     completions = generate_batched(
-        unwrapped, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens, device=acc.device, synced_gpus=synced, progress=progress
+        unwrapped,
+        tokenizer,
+        prompts,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        device=acc.device,
+        synced_gpus=synced,
+        progress=progress,
     )
     pairs = gather_object(list(zip(shard, completions[: len(shard)])))
     by_index = dict(pairs)
@@ -172,12 +225,18 @@ def evaluate_gsm8k(
     accuracy, records = gsm8k_accuracy(questions, answers, ordered)
     if acc.is_main_process and predictions_path is not None:
         write_predictions(predictions_path, records)
-    return {"accuracy": accuracy, "num_examples": float(len(records)), "num_answered": float(sum(r["prediction"] is not None for r in records))}
+    return {
+        "accuracy": accuracy,
+        "num_examples": float(len(records)),
+        "num_answered": float(sum(r["prediction"] is not None for r in records)),
+    }
 
 
 def run(args: MetaMathArgs) -> TrainResult | dict[str, float]:
     """Fine-tune on MetaMathQA (unless ``--do_train false``) and evaluate on GSM8K."""
-    model, tokenizer = load_causal_lm(args.model_name_or_path, args.tokenizer_name, args.torch_dtype)
+    model, tokenizer = load_causal_lm(
+        args.model_name_or_path, args.tokenizer_name, args.torch_dtype
+    )
     questions, answers = _load_eval(args)
     predictions_path = Path(args.output_dir) / PREDICTIONS_FILE
 
@@ -199,7 +258,9 @@ def run(args: MetaMathArgs) -> TrainResult | dict[str, float]:
         return _evaluate_only(args, model, evaluate)
     train_set = _load_train(args, tokenizer)
     args.task_type = "CAUSAL_LM"
-    return train(args, model, train_set, pad_collate(tokenizer.pad_token_id), evaluate, tokenizer=tokenizer)
+    return train(
+        args, model, train_set, pad_collate(tokenizer.pad_token_id), evaluate, tokenizer=tokenizer
+    )
 
 
 def _evaluate_only(args: TrainArgs, model: Any, evaluate: Any) -> dict[str, float]:
@@ -213,19 +274,30 @@ def _evaluate_only(args: TrainArgs, model: Any, evaluate: Any) -> dict[str, floa
         out.mkdir(parents=True, exist_ok=True)
         (out / "run_config.json").write_text(args.to_json())
         print(f"[loralab.runners] config:\n{args.to_json()}", flush=True)
-    model = acc.prepare_model(model, evaluation_mode=True) if acc.state.deepspeed_plugin is None else model.to(acc.device)
+    model = (
+        acc.prepare_model(model, evaluation_mode=True)
+        if acc.state.deepspeed_plugin is None
+        else model.to(acc.device)
+    )
     model.eval()
     with torch.no_grad():
         metrics = evaluate(acc, model)
     if acc.is_main_process:
         with (out / "metrics.jsonl").open("a") as fh:
-            fh.write(json.dumps({"step": 0, "final": True, **{f"eval_{k}": v for k, v in metrics.items()}}) + "\n")
+            fh.write(
+                json.dumps(
+                    {"step": 0, "final": True, **{f"eval_{k}": v for k, v in metrics.items()}}
+                )
+                + "\n"
+            )
         print(f"[loralab.runners] eval: {json.dumps(metrics)}", flush=True)
     return metrics
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     args = parse_args(MetaMathArgs, argv, description=__doc__ or "")
     result = run(args)
     return result if isinstance(result, dict) else result.metrics

@@ -55,7 +55,11 @@ logger = logging.getLogger(__name__)
 
 MODEL_TYPES = ("CausalLM", "ConditionalGeneration")
 DTYPES = ("fp32", "bf16", "int8", "nf4")
-METAMATH_FILE_ENV, METAMATH_TOKENIZER_ENV, GSM8K_FILE_ENV = "LORALAB_METAMATH_FILE", "LORALAB_METAMATH_TOKENIZER", "LORALAB_GSM8K_FILE"
+METAMATH_FILE_ENV, METAMATH_TOKENIZER_ENV, GSM8K_FILE_ENV = (
+    "LORALAB_METAMATH_FILE",
+    "LORALAB_METAMATH_TOKENIZER",
+    "LORALAB_GSM8K_FILE",
+)
 SEED_TOKENIZER = "meta-llama/Llama-2-7b-hf"
 
 
@@ -65,7 +69,11 @@ def _check_model_type(model_type: str) -> None:
 
 
 def initialize_text_to_text_model(
-    model_name: str, model_type: str, dtype: str, tokenizer: str | None = None, flash_attention: bool = False
+    model_name: str,
+    model_type: str,
+    dtype: str,
+    tokenizer: str | None = None,
+    flash_attention: bool = False,
 ) -> tuple[Any, Any]:
     """``(model, tokenizer)`` as the seed loads them; ``int8`` / ``nf4`` through bitsandbytes
     (nf4: double quantization, bf16 compute, as the seed). A tokenizer without eos gets ``<|endoftext|>``
@@ -90,10 +98,15 @@ def initialize_text_to_text_model(
         kw["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0)
     else:
         kw["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="nf4"
+            load_in_4bit=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_quant_type="nf4",
         )
     if "quantization_config" in kw and not torch.cuda.is_available():
-        kw["device_map"] = "cpu"  # bitsandbytes quantizes on the CPU too, when told to place it there
+        kw["device_map"] = (
+            "cpu"  # bitsandbytes quantizes on the CPU too, when told to place it there
+        )
     model = cls.from_pretrained(model_name, **kw)
     tok = AutoTokenizer.from_pretrained(tokenizer or model_name)
     if tok.eos_token is None:
@@ -104,28 +117,51 @@ def initialize_text_to_text_model(
     return model, tok
 
 
-def causal_lm_encode(batch: dict[str, list[str]], tokenizer: Any, max_length: int) -> dict[str, torch.Tensor]:
+def causal_lm_encode(
+    batch: dict[str, list[str]], tokenizer: Any, max_length: int
+) -> dict[str, torch.Tensor]:
     """``x + " " + y + eos`` right-padded; labels -100 on the ``x`` tokens and on padding (the seed's
     ``causalLMEncode``)."""
     texts = [x + " " + y + tokenizer.eos_token for x, y in zip(batch["x"], batch["y"])]
-    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+    enc = tokenizer(
+        texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length
+    )
     labels = enc["input_ids"].clone()
     for i, x in enumerate(batch["x"]):
         n = len(tokenizer(x)["input_ids"])
         if n >= max_length:
-            logger.warning("prompt of %d tokens >= max_length %d: no response token is trained on", n, max_length)
+            logger.warning(
+                "prompt of %d tokens >= max_length %d: no response token is trained on",
+                n,
+                max_length,
+            )
         labels[i, :n] = -100
     labels[enc["attention_mask"] == 0] = -100
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
+    return {
+        "input_ids": enc["input_ids"],
+        "attention_mask": enc["attention_mask"],
+        "labels": labels,
+    }
 
 
-def seq2seq_encode(batch: dict[str, list[str]], tokenizer: Any, max_length: int | None) -> dict[str, torch.Tensor]:
+def seq2seq_encode(
+    batch: dict[str, list[str]], tokenizer: Any, max_length: int | None
+) -> dict[str, torch.Tensor]:
     """``x`` as the encoder input, ``y`` as labels with their mask (the seed's ``SeqToSeqEncode``; padded
     label positions are set to -100, which the seed leaves as pad ids by default)."""
-    inputs = tokenizer(batch["x"], return_tensors="pt", padding=True, truncation=True, max_length=max_length)
-    outputs = tokenizer(batch["y"], return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+    inputs = tokenizer(
+        batch["x"], return_tensors="pt", padding=True, truncation=True, max_length=max_length
+    )
+    outputs = tokenizer(
+        batch["y"], return_tensors="pt", padding=True, truncation=True, max_length=max_length
+    )
     labels = outputs["input_ids"].masked_fill(outputs["attention_mask"] == 0, -100)
-    return {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "labels": labels, "decoder_attention_mask": outputs["attention_mask"]}
+    return {
+        "input_ids": inputs["input_ids"],
+        "attention_mask": inputs["attention_mask"],
+        "labels": labels,
+        "decoder_attention_mask": outputs["attention_mask"],
+    }
 
 
 def transform_dataset(model_type: str, tokenizer: Any, dataset: Any, max_length: int) -> Any:
@@ -133,8 +169,12 @@ def transform_dataset(model_type: str, tokenizer: Any, dataset: Any, max_length:
     _check_model_type(model_type)
     missing = [c for c in ("x", "y") if c not in dataset.column_names]
     if missing:
-        raise ValueError(f"transform_dataset: the dataset lacks column(s) {', '.join(missing)} (has: {', '.join(dataset.column_names)})")
-    encode: Callable[..., dict[str, torch.Tensor]] = causal_lm_encode if model_type == "CausalLM" else seq2seq_encode
+        raise ValueError(
+            f"transform_dataset: the dataset lacks column(s) {', '.join(missing)} (has: {', '.join(dataset.column_names)})"
+        )
+    encode: Callable[..., dict[str, torch.Tensor]] = (
+        causal_lm_encode if model_type == "CausalLM" else seq2seq_encode
+    )
     dataset.set_transform(lambda batch: encode(batch, tokenizer, max_length))
     return dataset
 
@@ -150,7 +190,9 @@ def _rows(hub_name: str, config: str | None, env: str) -> Any:
     return datasets.load_dataset(hub_name, config, split="train")
 
 
-def load_meta_math(max_tokens: int = 512, *, num_train: int = 100_000, num_eval: int = 10_000) -> tuple[Any, Any, Any]:
+def load_meta_math(
+    max_tokens: int = 512, *, num_train: int = 100_000, num_eval: int = 10_000
+) -> tuple[Any, Any, Any]:
     """The seed's ``load_meta_math``: GSM-type MetaMathQA rows whose ``"Q: {query}\\nA: " + " " + response``
     (answer line cut) is shorter than ``max_tokens`` tokens; the first ``num_train`` train, the next
     ``num_eval`` eval. Returns ``(train, eval, eval)``."""
@@ -160,12 +202,21 @@ def load_meta_math(max_tokens: int = 512, *, num_train: int = 100_000, num_eval:
     from loralab.runners.data import require_columns
 
     ds = _rows("meta-math/MetaMathQA", None, METAMATH_FILE_ENV)
-    require_columns(ds, ["query", "response", "type"], os.environ.get(METAMATH_FILE_ENV) or "meta-math/MetaMathQA")
-    tokenizer = AutoTokenizer.from_pretrained(os.environ.get(METAMATH_TOKENIZER_ENV, SEED_TOKENIZER))
+    require_columns(
+        ds,
+        ["query", "response", "type"],
+        os.environ.get(METAMATH_FILE_ENV) or "meta-math/MetaMathQA",
+    )
+    tokenizer = AutoTokenizer.from_pretrained(
+        os.environ.get(METAMATH_TOKENIZER_ENV, SEED_TOKENIZER)
+    )
     train, evaluation = [], []
     for row in ds:
         ex = {"x": f"Q: {row['query']}\nA: ", "y": row["response"].split("\nThe answer is:")[0]}
-        if "GSM" not in row["type"] or len(tokenizer(ex["x"] + " " + ex["y"])["input_ids"]) >= max_tokens:
+        if (
+            "GSM" not in row["type"]
+            or len(tokenizer(ex["x"] + " " + ex["y"])["input_ids"]) >= max_tokens
+        ):
             continue
         if len(train) < num_train:
             train.append(ex)
@@ -195,5 +246,8 @@ def load_gsm8k() -> tuple[Any, Any, Any]:
     return fmt(d["train"]), fmt(d["test"]), fmt(d["test"])
 
 
-DATASET_MAP: dict[str, Callable[..., tuple[Any, Any, Any]]] = {"meta_math": load_meta_math, "gsm8k": load_gsm8k}
+DATASET_MAP: dict[str, Callable[..., tuple[Any, Any, Any]]] = {
+    "meta_math": load_meta_math,
+    "gsm8k": load_gsm8k,
+}
 """The seed's ``data.DATASET_MAP`` entries the LoRA-GA examples use."""

@@ -34,7 +34,15 @@ from loralab.runners.arguments import TrainArgs
 from loralab.runners.launch import fill_deepspeed_config, load_deepspeed_config, zero_stage
 from loralab.runners.methods import MethodError, get_method
 
-__all__ = ["CRASH_ENV", "EpochSampler", "TrainResult", "build_accelerator", "find_checkpoint", "launch_info", "train"]
+__all__ = [
+    "CRASH_ENV",
+    "EpochSampler",
+    "TrainResult",
+    "build_accelerator",
+    "find_checkpoint",
+    "launch_info",
+    "train",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +91,10 @@ def build_accelerator(args: TrainArgs, hidden_size: int | None = None) -> Any:
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._shared_state.clear()
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    deepspeed = bool(args.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    deepspeed = (
+        bool(args.deepspeed)
+        or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    )
     kw: dict[str, Any] = dict(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision="bf16" if args.bf16 else "no",
@@ -143,18 +154,26 @@ def find_checkpoint(spec: str, output_dir: str) -> Path:
     if spec == "latest":
         found = sorted(_checkpoints(Path(output_dir)), key=lambda p: int(p.name.split("-")[1]))
         if not found:
-            raise FileNotFoundError(f"--resume_from_checkpoint latest: no checkpoint-N directory in {output_dir}")
+            raise FileNotFoundError(
+                f"--resume_from_checkpoint latest: no checkpoint-N directory in {output_dir}"
+            )
         return found[-1]
     path = Path(spec)
     if not (path / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"--resume_from_checkpoint {spec}: not a checkpoint (no trainer_state.json)")
+        raise FileNotFoundError(
+            f"--resume_from_checkpoint {spec}: not a checkpoint (no trainer_state.json)"
+        )
     return path
 
 
 def _checkpoints(output_dir: Path) -> list[Path]:
     if not output_dir.is_dir():
         return []
-    return [p for p in output_dir.iterdir() if re.fullmatch(r"checkpoint-\d+", p.name) and (p / "trainer_state.json").is_file()]
+    return [
+        p
+        for p in output_dir.iterdir()
+        if re.fullmatch(r"checkpoint-\d+", p.name) and (p / "trainer_state.json").is_file()
+    ]
 
 
 def _seed_step(seed: int, step: int, rank: int) -> None:
@@ -177,7 +196,11 @@ class _Metrics:
         if step is None:
             self.path.unlink()
             return
-        kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = [
+            line
+            for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step
+        ]
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, record: dict[str, Any], step: int) -> None:
@@ -187,18 +210,26 @@ class _Metrics:
         with self.path.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
         if self.args.report_to != "none":
-            self.acc.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}, step=step)
+            self.acc.log(
+                {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"},
+                step=step,
+            )
 
 
 def _move(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def _init_batches(args: TrainArgs, dataset: Sequence[Any], collate: Callable[[list[Any]], Any], acc: Any) -> list[dict[str, Any]]:
+def _init_batches(
+    args: TrainArgs, dataset: Sequence[Any], collate: Callable[[list[Any]], Any], acc: Any
+) -> list[dict[str, Any]]:
     """Batches for gradient-based inits: this rank's share of the epoch-0 order (core all-reduces)."""
     order = list(EpochSampler(len(dataset), args.seed))[acc.process_index :: acc.num_processes]
     bs = args.per_device_train_batch_size
-    return [_move(collate([dataset[i] for i in order[j : j + bs]]), acc.device) for j in range(0, len(order) - bs + 1, bs)]
+    return [
+        _move(collate([dataset[i] for i in order[j : j + bs]]), acc.device)
+        for j in range(0, len(order) - bs + 1, bs)
+    ]
 
 
 def train(
@@ -221,12 +252,16 @@ def train(
     if args.deepspeed and not method.zero_partitioning:
         # before any process group forms: --deepspeed names the config, its ZeRO stage is known already
         _check_zero(method, zero_stage(load_deepspeed_config(args.deepspeed)))
-    acc = accelerator or build_accelerator(args, getattr(getattr(model, "config", None), "hidden_size", None))
+    acc = accelerator or build_accelerator(
+        args, getattr(getattr(model, "config", None), "hidden_size", None)
+    )
     out = Path(args.output_dir)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "run_config.json").write_text(args.to_json())
-        (out / "launch.json").write_text(json.dumps(launch_info(acc), indent=2, sort_keys=True, default=str))
+        (out / "launch.json").write_text(
+            json.dumps(launch_info(acc), indent=2, sort_keys=True, default=str)
+        )
     acc.wait_for_everyone()
     logger.info("config:\n%s", args.to_json())
     if acc.is_main_process:
@@ -245,7 +280,11 @@ def train(
         args.max_steps = max(1, math.ceil(args.num_train_epochs * steps_per_epoch))
     args.progress = not args.disable_tqdm and acc.is_local_main_process
 
-    resume = find_checkpoint(args.resume_from_checkpoint, args.output_dir) if args.resume_from_checkpoint else None
+    resume = (
+        find_checkpoint(args.resume_from_checkpoint, args.output_dir)
+        if args.resume_from_checkpoint
+        else None
+    )
     torch.manual_seed(args.seed)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -260,21 +299,32 @@ def train(
 
     sampler = EpochSampler(len(train_dataset), args.seed)
     loader = DataLoader(
-        train_dataset, batch_size=args.per_device_train_batch_size, sampler=sampler, collate_fn=collate_fn, drop_last=True
+        train_dataset,
+        batch_size=args.per_device_train_batch_size,
+        sampler=sampler,
+        collate_fn=collate_fn,
+        drop_last=True,
     )
     # the scheduler is stepped by hand once per optimizer step (accelerate would step it once per process)
     model, optimizer, loader = acc.prepare(model, optimizer, loader)
     if scheduler is not None:
         acc.register_for_checkpointing(scheduler)
     if args.report_to != "none":
-        acc.init_trackers(args.run_name or out.name, config={k: v for k, v in args.to_dict().items() if isinstance(v, (int, float, str, bool))})
+        acc.init_trackers(
+            args.run_name or out.name,
+            config={
+                k: v for k, v in args.to_dict().items() if isinstance(v, (int, float, str, bool))
+            },
+        )
 
     step, epoch, batch_in_epoch = 0, 0, 0
     if resume is not None:
         acc.load_state(str(resume))
         state = json.loads((resume / "trainer_state.json").read_text())
         step, epoch, batch_in_epoch = state["global_step"], state["epoch"], state["batch_in_epoch"]
-        logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume, step, epoch, batch_in_epoch)
+        logger.info(
+            "resumed from %s at step %d (epoch %d, batch %d)", resume, step, epoch, batch_in_epoch
+        )
     for cb in setup.callbacks:
         cb.on_train_begin(model, optimizer)
 
@@ -283,7 +333,12 @@ def train(
         metrics_log.restart(step if resume is not None else None)
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=args.max_steps, initial=step, disable=not args.progress, desc=f"{method.name} training")
+    bar = tqdm(
+        total=args.max_steps,
+        initial=step,
+        disable=not args.progress,
+        desc=f"{method.name} training",
+    )
     metrics: dict[str, float] = {}
     running, running_n, last_loss = 0.0, 0, float("nan")
     t0 = time.time()
@@ -298,9 +353,15 @@ def train(
             with acc.accumulate(model):
                 loss = model(**batch).loss
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite training loss {loss.item()} at step {step + 1} (method {method.name}); lower --learning_rate?")
+                    raise FloatingPointError(
+                        f"non-finite training loss {loss.item()} at step {step + 1} (method {method.name}); lower --learning_rate?"
+                    )
                 acc.backward(loss)
-                if acc.sync_gradients and args.max_grad_norm > 0 and acc.state.deepspeed_plugin is None:
+                if (
+                    acc.sync_gradients
+                    and args.max_grad_norm > 0
+                    and acc.state.deepspeed_plugin is None
+                ):
                     acc.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -316,15 +377,29 @@ def train(
             for cb in setup.callbacks:
                 cb.on_step_end(step, model, optimizer)
             if step % args.logging_steps == 0 or step == args.max_steps:
-                mean = acc.reduce(torch.tensor(running / max(running_n, 1), device=acc.device), reduction="mean").item()
+                mean = acc.reduce(
+                    torch.tensor(running / max(running_n, 1), device=acc.device), reduction="mean"
+                ).item()
                 last_loss = mean
                 lr = optimizer.param_groups[0]["lr"]
-                metrics_log.log({"loss": mean, "learning_rate": lr, "epoch": epoch + batch_in_epoch / max(len(loader), 1)}, step)
+                metrics_log.log(
+                    {
+                        "loss": mean,
+                        "learning_rate": lr,
+                        "epoch": epoch + batch_in_epoch / max(len(loader), 1),
+                    },
+                    step,
+                )
                 bar.set_postfix(loss=f"{mean:.4f}")
                 running, running_n = 0.0, 0
             if args.save_steps and step % args.save_steps == 0 and step < args.max_steps:
                 _save_checkpoint(acc, args, step, epoch, batch_in_epoch)
-            if evaluate is not None and args.eval_steps and step % args.eval_steps == 0 and step < args.max_steps:
+            if (
+                evaluate is not None
+                and args.eval_steps
+                and step % args.eval_steps == 0
+                and step < args.max_steps
+            ):
                 metrics = _evaluate(acc, model, evaluate, metrics_log, step)
             if step >= args.max_steps:
                 break
@@ -336,7 +411,14 @@ def train(
     bar.close()
     if evaluate is not None:
         metrics = _evaluate(acc, model, evaluate, metrics_log, step)
-    metrics_log.log({"train_runtime_s": time.time() - t0, "final": True, **{f"eval_{k}": v for k, v in metrics.items()}}, step)
+    metrics_log.log(
+        {
+            "train_runtime_s": time.time() - t0,
+            "final": True,
+            **{f"eval_{k}": v for k, v in metrics.items()},
+        },
+        step,
+    )
     if args.save_final_model:
         _save_final(acc, args, model, tokenizer, setup.callbacks)
     acc.wait_for_everyone()
@@ -353,7 +435,9 @@ def _check_zero(method: Any, stage: int) -> None:
         )
 
 
-def _evaluate(acc: Any, model: nn.Module, evaluate: Evaluate, log: _Metrics, step: int) -> dict[str, float]:
+def _evaluate(
+    acc: Any, model: nn.Module, evaluate: Evaluate, log: _Metrics, step: int
+) -> dict[str, float]:
     model.eval()
     with torch.no_grad():
         metrics = evaluate(acc, model)
@@ -368,10 +452,17 @@ def _save_checkpoint(acc: Any, args: TrainArgs, step: int, epoch: int, batch_in_
     path = Path(args.output_dir) / f"checkpoint-{step}"
     acc.save_state(str(path))
     if acc.is_main_process:
-        state = {"global_step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "max_steps": args.max_steps}
+        state = {
+            "global_step": step,
+            "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch,
+            "max_steps": args.max_steps,
+        }
         (path / "trainer_state.json").write_text(json.dumps(state))
         if args.save_total_limit:
-            old = sorted(_checkpoints(Path(args.output_dir)), key=lambda p: int(p.name.split("-")[1]))
+            old = sorted(
+                _checkpoints(Path(args.output_dir)), key=lambda p: int(p.name.split("-")[1])
+            )
             for p in old[: max(0, len(old) - args.save_total_limit)]:
                 shutil.rmtree(p, ignore_errors=True)
     acc.wait_for_everyone()
@@ -380,7 +471,9 @@ def _save_checkpoint(acc: Any, args: TrainArgs, step: int, epoch: int, batch_in_
         os._exit(17)
 
 
-def _save_final(acc: Any, args: TrainArgs, model: nn.Module, tokenizer: Any, callbacks: list[Any]) -> None:
+def _save_final(
+    acc: Any, args: TrainArgs, model: nn.Module, tokenizer: Any, callbacks: list[Any]
+) -> None:
     path = Path(args.output_dir) / "final"
     state_dict = acc.get_state_dict(model)
     unwrapped = acc.unwrap_model(model)

@@ -43,7 +43,14 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-WINOGRANDE_CONFIGS = ("winogrande_xs", "winogrande_s", "winogrande_m", "winogrande_l", "winogrande_xl", "winogrande_debiased")
+WINOGRANDE_CONFIGS = (
+    "winogrande_xs",
+    "winogrande_s",
+    "winogrande_m",
+    "winogrande_l",
+    "winogrande_xl",
+    "winogrande_debiased",
+)
 PREDICTIONS_FILE = "winogrande_predictions.jsonl"
 COLUMNS = ("sentence", "option1", "option2", "answer")
 
@@ -52,7 +59,9 @@ COLUMNS = ("sentence", "option1", "option2", "answer")
 class WinoGrandeArgs(TrainArgs):
     dataset_name: str = _f("allenai/winogrande", "hub dataset")
     dataset_config: str = _f("winogrande_xl", "training-set size", choices=WINOGRANDE_CONFIGS)
-    train_file: str | None = _f(None, "local WinoGrande-format file (sentence with '_', option1, option2, answer '1'/'2')")
+    train_file: str | None = _f(
+        None, "local WinoGrande-format file (sentence with '_', option1, option2, answer '1'/'2')"
+    )
     validation_file: str | None = _f(None, "local WinoGrande-format evaluation file")
     max_length: int = _f(128, "maximum tokens per sentence (context + continuation)")
     torch_dtype: str = _f("float32", "weights' dtype when loading", choices=("float32", "bfloat16"))
@@ -69,13 +78,17 @@ def split_sentence(sentence: str, option: str) -> tuple[str, str]:
     return sentence[:idx] + option, continuation
 
 
-def encode_continuation(tokenizer: Any, context: str, continuation: str, max_length: int) -> dict[str, list[int]]:
+def encode_continuation(
+    tokenizer: Any, context: str, continuation: str, max_length: int
+) -> dict[str, list[int]]:
     """Context tokens + continuation tokens; labels -100 on the context. Over ``max_length`` the context
     is cut from the left (the continuation, which is scored, is kept whole)."""
     c = tokenizer(context)["input_ids"]
     r = tokenizer(continuation, add_special_tokens=False)["input_ids"]
     if len(r) >= max_length:
-        raise ValueError(f"the continuation {continuation!r} alone has {len(r)} >= --max_length {max_length} tokens")
+        raise ValueError(
+            f"the continuation {continuation!r} alone has {len(r)} >= --max_length {max_length} tokens"
+        )
     c = c[max(0, len(c) + len(r) - max_length) :]
     return {"input_ids": c + r, "labels": [-100] * len(c) + r}
 
@@ -87,7 +100,13 @@ def _examples(ds: Any, source: str) -> list[dict[str, Any]]:
         answer = str(ex["answer"]).strip()
         if answer not in ("1", "2"):
             continue  # the test split is unlabeled (answer "")
-        out.append({"sentence": ex["sentence"], "options": (ex["option1"], ex["option2"]), "label": int(answer) - 1})
+        out.append(
+            {
+                "sentence": ex["sentence"],
+                "options": (ex["option1"], ex["option2"]),
+                "label": int(answer) - 1,
+            }
+        )
     if not out:
         raise ValueError(f"{source}: no labeled example (answer must be '1' or '2')")
     return out
@@ -109,15 +128,24 @@ def score_options(
     ``2 * batch_size`` sequences, right-padded with their attention mask) per forward.
     """
     device = device or next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
     collate = pad_collate(pad_id)
-    seqs = [encode_continuation(tokenizer, *split_sentence(ex["sentence"], opt), max_length) for ex in examples for opt in ex["options"]]
+    seqs = [
+        encode_continuation(tokenizer, *split_sentence(ex["sentence"], opt), max_length)
+        for ex in examples
+        for opt in ex["options"]
+    ]
     scores = []
     was_training = model.training
     model.eval()
     for i in range(0, len(seqs), 2 * batch_size):
         batch = collate(seqs[i : i + 2 * batch_size])
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits.float()
+        logits = model(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+        ).logits.float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1)
         target = batch["labels"][:, 1:].to(device)
         mask = target != -100
@@ -131,13 +159,42 @@ def run(args: WinoGrandeArgs) -> TrainResult:
     """Fine-tune on the WinoGrande training set and report two-option accuracy on the validation set."""
     from loralab.runners.metamath import load_causal_lm
 
-    model, tokenizer = load_causal_lm(args.model_name_or_path, args.tokenizer_name, args.torch_dtype)
-    train_src = f"--train_file {args.train_file}" if args.train_file else f"{args.dataset_name}/{args.dataset_config} train"
-    val_src = f"--validation_file {args.validation_file}" if args.validation_file else f"{args.dataset_name}/{args.dataset_config} validation"
-    train_raw = take(load_split(args.dataset_name, args.dataset_config, "train", args.train_file, arg="--train_file"), args.max_train_samples)
-    val_raw = take(load_split(args.dataset_name, args.dataset_config, "validation", args.validation_file, arg="--validation_file"), args.max_eval_samples)
+    model, tokenizer = load_causal_lm(
+        args.model_name_or_path, args.tokenizer_name, args.torch_dtype
+    )
+    train_src = (
+        f"--train_file {args.train_file}"
+        if args.train_file
+        else f"{args.dataset_name}/{args.dataset_config} train"
+    )
+    val_src = (
+        f"--validation_file {args.validation_file}"
+        if args.validation_file
+        else f"{args.dataset_name}/{args.dataset_config} validation"
+    )
+    train_raw = take(
+        load_split(
+            args.dataset_name, args.dataset_config, "train", args.train_file, arg="--train_file"
+        ),
+        args.max_train_samples,
+    )
+    val_raw = take(
+        load_split(
+            args.dataset_name,
+            args.dataset_config,
+            "validation",
+            args.validation_file,
+            arg="--validation_file",
+        ),
+        args.max_eval_samples,
+    )
     train_ex, val_ex = _examples(train_raw, train_src), _examples(val_raw, val_src)
-    train_set = [encode_continuation(tokenizer, *split_sentence(ex["sentence"], ex["options"][ex["label"]]), args.max_length) for ex in train_ex]
+    train_set = [
+        encode_continuation(
+            tokenizer, *split_sentence(ex["sentence"], ex["options"][ex["label"]]), args.max_length
+        )
+        for ex in train_ex
+    ]
     predictions_path = Path(args.output_dir) / PREDICTIONS_FILE
 
     def evaluate(acc: Any, model: torch.nn.Module) -> dict[str, float]:
@@ -145,25 +202,46 @@ def run(args: WinoGrandeArgs) -> TrainResult:
 
         shard = list(range(acc.process_index, len(val_ex), acc.num_processes))
         scores = score_options(
-            model, tokenizer, [val_ex[i] for i in shard], batch_size=args.per_device_eval_batch_size, max_length=args.max_length, device=acc.device
+            model,
+            tokenizer,
+            [val_ex[i] for i in shard],
+            batch_size=args.per_device_eval_batch_size,
+            max_length=args.max_length,
+            device=acc.device,
         )
         by_index = dict(gather_object([(i, s) for i, s in zip(shard, scores.tolist())]))
         records = []
         for i, ex in enumerate(val_ex):
             s = by_index[i]
             pred = int(s[1] > s[0])
-            records.append({"index": i, "sentence": ex["sentence"], "scores": s, "prediction": pred + 1, "answer": ex["label"] + 1, "correct": pred == ex["label"]})
+            records.append(
+                {
+                    "index": i,
+                    "sentence": ex["sentence"],
+                    "scores": s,
+                    "prediction": pred + 1,
+                    "answer": ex["label"] + 1,
+                    "correct": pred == ex["label"],
+                }
+            )
         if acc.is_main_process:
             predictions_path.parent.mkdir(parents=True, exist_ok=True)
             predictions_path.write_text("".join(json.dumps(r) + "\n" for r in records))
-        return {"accuracy": sum(r["correct"] for r in records) / len(records), "num_examples": float(len(records))}
+        return {
+            "accuracy": sum(r["correct"] for r in records) / len(records),
+            "num_examples": float(len(records)),
+        }
 
     args.task_type = "CAUSAL_LM"
-    return train(args, model, train_set, pad_collate(tokenizer.pad_token_id), evaluate, tokenizer=tokenizer)
+    return train(
+        args, model, train_set, pad_collate(tokenizer.pad_token_id), evaluate, tokenizer=tokenizer
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     args = parse_args(WinoGrandeArgs, argv, description=__doc__ or "")
     return run(args).metrics
 

@@ -38,23 +38,41 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 class C4Args:
     """Everything one C4 pre-training run needs (see ``python -m loralab.runners.c4 --help``)."""
 
-    output_dir: str = _f(None, "run directory: metrics.jsonl, checkpoints, plots, final model (required)")
-    # model
-    model_config: str = _f("llama_60m", "preset (llama_20m|60m|130m|350m|1b|7b) or a LLaMA config JSON path")
-    vocab_size: str | None = _f(
-        None, "override the config's vocab size: an int, or 'auto' = the tokenizer's size rounded up to 64"
+    output_dir: str = _f(
+        None, "run directory: metrics.jsonl, checkpoints, plots, final model (required)"
     )
-    tokenizer: str = _f("t5-base", "tokenizer name or local directory (AutoTokenizer.from_pretrained)")
-    dtype: str = _f("float32", "parameter dtype: float32 | bfloat16 (pure bf16 as the reference)", choices=DTYPES)
+    # model
+    model_config: str = _f(
+        "llama_60m", "preset (llama_20m|60m|130m|350m|1b|7b) or a LLaMA config JSON path"
+    )
+    vocab_size: str | None = _f(
+        None,
+        "override the config's vocab size: an int, or 'auto' = the tokenizer's size rounded up to 64",
+    )
+    tokenizer: str = _f(
+        "t5-base", "tokenizer name or local directory (AutoTokenizer.from_pretrained)"
+    )
+    dtype: str = _f(
+        "float32",
+        "parameter dtype: float32 | bfloat16 (pure bf16 as the reference)",
+        choices=DTYPES,
+    )
     activation_checkpointing: bool = _f(False, "gradient checkpointing of the decoder layers")
     # data
-    dataset: str = _f("allenai/c4", "datasets.load_dataset name streamed when --train_data is not given")
+    dataset: str = _f(
+        "allenai/c4", "datasets.load_dataset name streamed when --train_data is not given"
+    )
     dataset_config: str | None = _f("en", "dataset config name (C4: en)")
     train_data: str | None = _f(
-        None, "local C4 shards: a directory, file or glob of json/jsonl(.gz) files with a 'text' field"
+        None,
+        "local C4 shards: a directory, file or glob of json/jsonl(.gz) files with a 'text' field",
     )
-    eval_data: str | None = _f(None, "local validation shards (same forms); default: the dataset's validation split")
-    tokenized_dir: str | None = _f(None, "train from token shards written by 'pretokenize' instead of raw text")
+    eval_data: str | None = _f(
+        None, "local validation shards (same forms); default: the dataset's validation split"
+    )
+    tokenized_dir: str | None = _f(
+        None, "train from token shards written by 'pretokenize' instead of raw text"
+    )
     text_field: str = _f("text", "name of the text field of each record")
     max_length: int = _f(256, "sequence length in tokens")
     packing: str = _f(
@@ -71,23 +89,38 @@ class C4Args:
     eval_tokens: int = _f(10_000_000, "held-out tokens per evaluation (the reference's 10M)")
     # batch
     batch_size: int = _f(16, "sequences per device per micro-batch")
-    total_batch_size: int | None = _f(None, "sequences per optimizer step (default: batch_size x world size)")
-    gradient_accumulation: int | None = _f(None, "derived from total_batch_size; if given it must agree")
+    total_batch_size: int | None = _f(
+        None, "sequences per optimizer step (default: batch_size x world size)"
+    )
+    gradient_accumulation: int | None = _f(
+        None, "derived from total_batch_size; if given it must agree"
+    )
     # schedule
     num_training_steps: int = _f(10_000, "optimizer (update) steps")
-    max_train_tokens: str | None = _f(None, "train on this many tokens instead (e.g. 100M, 1B): overrides num_training_steps")
+    max_train_tokens: str | None = _f(
+        None, "train on this many tokens instead (e.g. 100M, 1B): overrides num_training_steps"
+    )
     lr: float = _f(1e-3, "peak learning rate")
     scheduler: str = _f("cosine", "learning-rate schedule", choices=SCHEDULERS)
     warmup_steps: int = _f(1_000, "linear warm-up steps")
     min_lr_ratio: float = _f(0.1, "cosine floor as a fraction of --lr")
-    cycle_length: int | None = _f(None, "cosine_restarts: steps per cycle (default: --update_proj_gap)")
-    restart_warmup_steps: int | None = _f(None, "cosine_restarts: warm-up steps after each restart (default: 10%% of the cycle)")
+    cycle_length: int | None = _f(
+        None, "cosine_restarts: steps per cycle (default: --update_proj_gap)"
+    )
+    restart_warmup_steps: int | None = _f(
+        None, "cosine_restarts: warm-up steps after each restart (default: 10%% of the cycle)"
+    )
     weight_decay: float = _f(0.0, "weight decay")
     adam_beta1: float = _f(0.9, "AdamW beta1")
     adam_beta2: float = _f(0.999, "AdamW beta2")
-    adam_eps: float | None = _f(None, "AdamW epsilon (default: the optimizer's own, 1e-8 for torch AdamW, 1e-6 for GaLore/GoLore as galore-torch)")
+    adam_eps: float | None = _f(
+        None,
+        "AdamW epsilon (default: the optimizer's own, 1e-8 for torch AdamW, 1e-6 for GaLore/GoLore as galore-torch)",
+    )
     momentum: float = _f(0.9, "SGD momentum")
-    grad_clipping: float = _f(0.0, "clip the global gradient norm to this (0 = off; GoLore uses 1.0)")
+    grad_clipping: float = _f(
+        0.0, "clip the global gradient norm to this (0 = off; GoLore uses 1.0)"
+    )
     # optimizer
     optimizer: str = _f("adamw", "optimizer", choices=OPTIMIZERS)
     rank: int = _f(128, "GaLore/GoLore projection rank")
@@ -95,41 +128,69 @@ class C4Args:
     galore_scale: float = _f(0.25, "scale of the projected update (GaLore's alpha)")
     proj_type: str = _f("std", "GaLore projection side: std | reverse_std | left | right | full")
     rand_ratio: float = _f(
-        0.8, "GoLore: fraction of the steps that use SVD projectors before switching to random ones (1.0 = GaLore)"
+        0.8,
+        "GoLore: fraction of the steps that use SVD projectors before switching to random ones (1.0 = GaLore)",
     )
-    use_peft: bool = _f(False, "the seed's ReLoRA-structure path: wrap the model in ReLoRaModel (needs --golore)")
-    golore: bool = _f(False, "with --use_peft: GoLore's ReLoRaModel, merge_and_reinit every --update_proj_gap steps")
+    use_peft: bool = _f(
+        False, "the seed's ReLoRA-structure path: wrap the model in ReLoRaModel (needs --golore)"
+    )
+    golore: bool = _f(
+        False,
+        "with --use_peft: GoLore's ReLoRaModel, merge_and_reinit every --update_proj_gap steps",
+    )
     # loop
     eval_every: int = _f(1_000, "evaluate every N update steps (and at the end)")
     save_every: int = _f(10_000, "checkpoint every N update steps (and at the end)")
     keep_checkpoints: int | None = _f(None, "keep only the newest N checkpoints")
     logging_steps: int = _f(1, "write a metrics line every N update steps")
-    autoresume: bool = _f(False, "resume from the newest complete checkpoint in --output_dir if there is one")
+    autoresume: bool = _f(
+        False, "resume from the newest complete checkpoint in --output_dir if there is one"
+    )
     resume_from_checkpoint: str | None = _f(None, "resume from this checkpoint directory")
     stop_at_step: int | None = _f(
-        None, "stop (after checkpointing) at this update step without changing the schedule (pre-emptible jobs, tests)"
+        None,
+        "stop (after checkpointing) at this update step without changing the schedule (pre-emptible jobs, tests)",
     )
     seed: int = _f(0, "seed of the model init and of everything random")
     report_to: str = _f("none", "also log to: none | tensorboard", choices=("none", "tensorboard"))
     plot: bool = _f(True, "write loss.png at the end")
     # launchers
-    deepspeed_config: str | None = _f(None, "DeepSpeed JSON config: enables DeepSpeed ('auto' values are filled from these flags)")
+    deepspeed_config: str | None = _f(
+        None, "DeepSpeed JSON config: enables DeepSpeed ('auto' values are filled from these flags)"
+    )
     local_rank: int = _f(-1, "set by the deepspeed launcher (the LOCAL_RANK variable is used)")
 
     def __post_init__(self) -> None:
         if not self.output_dir:
             raise ValueError("--output_dir is required")
-        positive = ("max_length", "batch_size", "num_training_steps", "rank", "update_proj_gap", "eval_every", "save_every", "logging_steps")
+        positive = (
+            "max_length",
+            "batch_size",
+            "num_training_steps",
+            "rank",
+            "update_proj_gap",
+            "eval_every",
+            "save_every",
+            "logging_steps",
+        )
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"--{name} must be a positive int, got {value!r}")
-        for name in ("total_batch_size", "gradient_accumulation", "data_streams", "keep_checkpoints", "cycle_length"):
+        for name in (
+            "total_batch_size",
+            "gradient_accumulation",
+            "data_streams",
+            "keep_checkpoints",
+            "cycle_length",
+        ):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"--{name} must be positive, got {value}")
         if self.warmup_steps < 0 or self.eval_tokens <= 0:
-            raise ValueError(f"--warmup_steps must be >= 0 and --eval_tokens > 0, got {self.warmup_steps}, {self.eval_tokens}")
+            raise ValueError(
+                f"--warmup_steps must be >= 0 and --eval_tokens > 0, got {self.warmup_steps}, {self.eval_tokens}"
+            )
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if not 0.0 < self.min_lr_ratio <= 1.0:
@@ -138,7 +199,11 @@ class C4Args:
             raise ValueError(f"--rand_ratio must be in [0, 1], got {self.rand_ratio}")
         if self.grad_clipping < 0:
             raise ValueError(f"--grad_clipping must be >= 0, got {self.grad_clipping}")
-        if self.vocab_size is not None and self.vocab_size != "auto" and not str(self.vocab_size).isdigit():
+        if (
+            self.vocab_size is not None
+            and self.vocab_size != "auto"
+            and not str(self.vocab_size).isdigit()
+        ):
             raise ValueError(f"--vocab_size must be an int or 'auto', got {self.vocab_size!r}")
         if self.use_peft and not self.golore:
             raise NotImplementedError(
@@ -146,7 +211,9 @@ class C4Args:
                 "pruning), which is not implemented; pass --use_peft --golore for GoLore's ReLoRA-structure GaLore/GoLore"
             )
         if self.golore and not self.use_peft:
-            raise ValueError("--golore selects the ReLoRA-structure path and needs --use_peft; for the optimizer form use --optimizer golore_adamw")
+            raise ValueError(
+                "--golore selects the ReLoRA-structure path and needs --use_peft; for the optimizer form use --optimizer golore_adamw"
+            )
         if self.use_peft and self.optimizer not in ("adamw", "adam", "sgd"):
             raise ValueError(
                 f"--use_peft --golore trains the low-rank factors with a plain optimizer (adamw | sgd), got --optimizer {self.optimizer}"
@@ -159,7 +226,9 @@ class C4Args:
     # derived values -------------------------------------------------------------------------
     def gradient_accumulation_for(self, world_size: int) -> int:
         """Micro-batches per optimizer step on each process; checks the batch sizes divide."""
-        total = self.total_batch_size or self.batch_size * world_size * (self.gradient_accumulation or 1)
+        total = self.total_batch_size or self.batch_size * world_size * (
+            self.gradient_accumulation or 1
+        )
         per_step = self.batch_size * world_size
         if total % per_step != 0:
             raise ValueError(
@@ -186,7 +255,9 @@ class C4Args:
         try:
             tokens = int(float(digits) * mult)
         except ValueError:
-            raise ValueError(f"--max_train_tokens must look like 100M, 1B or an int, got {self.max_train_tokens!r}") from None
+            raise ValueError(
+                f"--max_train_tokens must look like 100M, 1B or an int, got {self.max_train_tokens!r}"
+            ) from None
         return max(1, tokens // (self.global_batch_size(world_size) * self.max_length))
 
     def is_subspace(self) -> bool:
@@ -211,7 +282,8 @@ def _str2bool(text: str) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     """The ``argparse`` parser of :class:`C4Args` (bools accept ``--flag`` and ``--flag true|false``)."""
     parser = argparse.ArgumentParser(
-        prog="c4_pretrain", description="Pre-train LLaMA on C4 with AdamW, GaLore, GoLore or the ReLoRA-structure path."
+        prog="c4_pretrain",
+        description="Pre-train LLaMA on C4 with AdamW, GaLore, GoLore or the ReLoRA-structure path.",
     )
     hints = get_type_hints(C4Args)
     for f in dataclasses.fields(C4Args):

@@ -82,7 +82,9 @@ def find_shards(spec: str | os.PathLike[str], split: str | None = None) -> list[
     if path.is_file():
         files = [path]
     elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(SHARD_SUFFIXES))
+        files = sorted(
+            p for p in path.rglob("*") if p.is_file() and p.name.endswith(SHARD_SUFFIXES)
+        )
         if split is not None:
             named = [p for p in files if split in p.name]
             if named:
@@ -90,7 +92,9 @@ def find_shards(spec: str | os.PathLike[str], split: str | None = None) -> list[
             elif any(s in p.name for p in files for s in ("train", "validation")):
                 files = []
     else:
-        files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if p.endswith(SHARD_SUFFIXES))
+        files = sorted(
+            Path(p) for p in glob.glob(spec, recursive=True) if p.endswith(SHARD_SUFFIXES)
+        )
     if not files:
         raise FileNotFoundError(
             f"no json/jsonl(.gz) shards{f' for split {split!r}' if split else ''} found at {spec!r} "
@@ -112,7 +116,13 @@ class LocalSource:
     lines are parsed, so skipping on resume costs a decompression pass, not tokenization.
     """
 
-    def __init__(self, files: Sequence[str | os.PathLike[str]], *, text_field: str = "text", shuffle_seed: int | None = 42) -> None:
+    def __init__(
+        self,
+        files: Sequence[str | os.PathLike[str]],
+        *,
+        text_field: str = "text",
+        shuffle_seed: int | None = 42,
+    ) -> None:
         self.files = [Path(f) for f in files]
         if not self.files:
             raise ValueError("LocalSource needs at least one shard file")
@@ -137,7 +147,9 @@ class LocalSource:
                     try:
                         record = json.loads(line)
                     except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{lineno}: not a JSON object per line (C4 format): {e}") from None
+                        raise ValueError(
+                            f"{path}:{lineno}: not a JSON object per line (C4 format): {e}"
+                        ) from None
                     if self.text_field not in record:
                         raise KeyError(
                             f"{path}:{lineno}: record has no {self.text_field!r} field (has {sorted(record)}); set --text_field"
@@ -176,7 +188,11 @@ class HubSource:
         data_files: Any = None,
     ) -> None:
         self.name, self.config, self.split = name, config, split
-        self.text_field, self.shuffle_seed, self.shuffle_buffer = text_field, shuffle_seed, shuffle_buffer
+        self.text_field, self.shuffle_seed, self.shuffle_buffer = (
+            text_field,
+            shuffle_seed,
+            shuffle_buffer,
+        )
         self.data_files = data_files
 
     def _dataset(self):
@@ -206,7 +222,9 @@ class HubSource:
             ds = ds.skip(skip)
         for record in ds:
             if self.text_field not in record:
-                raise KeyError(f"--dataset {self.name!r} records have no {self.text_field!r} field (has {sorted(record)}); set --text_field")
+                raise KeyError(
+                    f"--dataset {self.name!r} records have no {self.text_field!r} field (has {sorted(record)}); set --text_field"
+                )
             yield record[self.text_field]
 
 
@@ -237,11 +255,18 @@ class SequenceStream:
             raise ValueError(f"packing must be 'pack' or 'truncate', got {packing!r}")
         if not 0 <= stream < num_streams:
             raise ValueError(f"stream must be in [0, {num_streams}), got {stream}")
-        self.source, self.tokenizer, self.max_length, self.packing = source, tokenizer, max_length, packing
+        self.source, self.tokenizer, self.max_length, self.packing = (
+            source,
+            tokenizer,
+            max_length,
+            packing,
+        )
         self.stream, self.num_streams, self.chunk_docs = stream, num_streams, chunk_docs
         self.eos = tokenizer.eos_token_id
         if packing == "pack" and self.eos is None:
-            raise ValueError("--packing pack joins documents with EOS, but the tokenizer has no eos_token; use --packing truncate")
+            raise ValueError(
+                "--packing pack joins documents with EOS, but the tokenizer has no eos_token; use --packing truncate"
+            )
         self.docs_consumed = 0
         self.buffer: list[int] = []  # pack: pending tokens
         self.pending: list[list[int]] = []  # truncate: pending sequences
@@ -276,7 +301,9 @@ class SequenceStream:
     # reading ----------------------------------------------------------------------------------
     def _next_docs(self) -> list[str]:
         if self._docs is None:
-            self._docs = self.source.iter_stream(self.stream, self.num_streams, skip=self.docs_consumed)
+            self._docs = self.source.iter_stream(
+                self.stream, self.num_streams, skip=self.docs_consumed
+            )
         out = []
         for text in self._docs:
             out.append(text)
@@ -330,11 +357,17 @@ class TokenizedSource:
         self.directory = Path(directory)
         meta_path = self.directory / TOKEN_META
         if not meta_path.is_file():
-            raise FileNotFoundError(f"--tokenized_dir {directory}: no {TOKEN_META} (write it with 'python -m loralab.runners.c4 pretokenize')")
+            raise FileNotFoundError(
+                f"--tokenized_dir {directory}: no {TOKEN_META} (write it with 'python -m loralab.runners.c4 pretokenize')"
+            )
         self.meta = json.loads(meta_path.read_text())
         if split not in self.meta["splits"]:
-            raise KeyError(f"--tokenized_dir {directory} has no {split!r} split (has {sorted(self.meta['splits'])})")
-        self.shards = [np.load(self.directory / f, mmap_mode="r") for f in self.meta["splits"][split]["files"]]
+            raise KeyError(
+                f"--tokenized_dir {directory} has no {split!r} split (has {sorted(self.meta['splits'])})"
+            )
+        self.shards = [
+            np.load(self.directory / f, mmap_mode="r") for f in self.meta["splits"][split]["files"]
+        ]
         self.offsets = np.cumsum([0] + [len(s) for s in self.shards])
         self.max_length = int(self.meta["max_length"])
 
@@ -358,19 +391,34 @@ class _TokenStream:
         self.docs_consumed = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"docs_consumed": self.docs_consumed, "buffer": torch.zeros(0, dtype=torch.int64), "pending": [],
-                "stream": self.stream, "num_streams": self.num_streams, "packing": "pack", "max_length": self.max_length}
+        return {
+            "docs_consumed": self.docs_consumed,
+            "buffer": torch.zeros(0, dtype=torch.int64),
+            "pending": [],
+            "stream": self.stream,
+            "num_streams": self.num_streams,
+            "packing": "pack",
+            "max_length": self.max_length,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if (state["stream"], state["num_streams"], state["max_length"]) != (self.stream, self.num_streams, self.max_length):
-            raise ValueError("token-shard state was saved with another --data_streams/--max_length; resume with the same ones")
+        if (state["stream"], state["num_streams"], state["max_length"]) != (
+            self.stream,
+            self.num_streams,
+            self.max_length,
+        ):
+            raise ValueError(
+                "token-shard state was saved with another --data_streams/--max_length; resume with the same ones"
+            )
         self.docs_consumed = int(state["docs_consumed"])
 
     def next_sequences(self, n: int) -> list[list[int]]:
         first = self.stream + self.num_streams * self.docs_consumed
         idx = [first + self.num_streams * k for k in range(n)]
         if idx[-1] >= len(self.source):
-            raise DataExhaustedError(f"token shards ran out after {self.docs_consumed} sequences of stream {self.stream}")
+            raise DataExhaustedError(
+                f"token shards ran out after {self.docs_consumed} sequences of stream {self.stream}"
+            )
         self.docs_consumed += n
         return [self.source.sequence(j) for j in idx]
 
@@ -420,7 +468,11 @@ def pretokenize(
     bar = tqdm(total=max_sequences, desc=f"pretokenize {split}", unit="seq", disable=not progress)
     done = False
     while not done:
-        want = sequences_per_shard if max_sequences is None else min(sequences_per_shard, max_sequences - total)
+        want = (
+            sequences_per_shard
+            if max_sequences is None
+            else min(sequences_per_shard, max_sequences - total)
+        )
         rows: list[list[int]] = []
         while len(rows) < want:
             try:
@@ -438,13 +490,26 @@ def pretokenize(
             done = True
     bar.close()
     if total == 0:
-        raise ValueError(f"pretokenize: the {split} source gave no full sequence of {max_length} tokens")
+        raise ValueError(
+            f"pretokenize: the {split} source gave no full sequence of {max_length} tokens"
+        )
     meta_path = out / TOKEN_META
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {"splits": {}}
     if meta.get("max_length", max_length) != max_length:
-        raise ValueError(f"{meta_path} was written with max_length={meta['max_length']}, not {max_length}")
-    meta.update(max_length=max_length, vocab_size=vocab, tokenizer=getattr(tokenizer, "name_or_path", ""), dtype=np.dtype(dtype).name)
-    meta["splits"][split] = {"files": files, "num_sequences": total, "documents": stream.docs_consumed}
+        raise ValueError(
+            f"{meta_path} was written with max_length={meta['max_length']}, not {max_length}"
+        )
+    meta.update(
+        max_length=max_length,
+        vocab_size=vocab,
+        tokenizer=getattr(tokenizer, "name_or_path", ""),
+        dtype=np.dtype(dtype).name,
+    )
+    meta["splits"][split] = {
+        "files": files,
+        "num_sequences": total,
+        "documents": stream.docs_consumed,
+    }
     meta_path.write_text(json.dumps(meta, indent=2))
     logger.info("pretokenize: %d sequences of %d tokens (%s) in %s", total, max_length, split, out)
     return out

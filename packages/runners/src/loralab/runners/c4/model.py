@@ -101,17 +101,24 @@ def load_model_config(name_or_path: str | os.PathLike[str], **overrides: Any):
             fields["max_position_embeddings"] = fields["max_sequence_length"]
         if fields.get("pad_token_id") == -1:
             logger.warning(
-                "--model_config %s has pad_token_id=-1 (the reference files): using 0 so the last vocabulary row stays trainable", key
+                "--model_config %s has pad_token_id=-1 (the reference files): using 0 so the last vocabulary row stays trainable",
+                key,
             )
             fields["pad_token_id"] = 0
-    fields = {k: v for k, v in fields.items() if k not in ("transformers_version", "max_sequence_length")}
+    fields = {
+        k: v for k, v in fields.items() if k not in ("transformers_version", "max_sequence_length")
+    }
     fields.update({k: v for k, v in overrides.items() if v is not None})
     fields.pop("model_type", None)
     return LlamaConfig(**fields)
 
 
 def build_model(
-    name_or_path: str | os.PathLike[str], *, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any
+    name_or_path: str | os.PathLike[str],
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    **overrides: Any,
 ) -> nn.Module:
     """A randomly initialised ``LlamaForCausalLM`` from :func:`load_model_config`, seeded.
 

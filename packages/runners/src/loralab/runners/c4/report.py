@@ -61,14 +61,18 @@ def _runs(runs_dir: Path) -> list[Path]:
 
 def results_table(run_dirs: list[Path]) -> str:
     """Markdown table: final eval loss / perplexity, tokens/s and peak memory per run."""
-    lines = ["| run | optimizer | model | steps | final eval loss | final ppl | tokens/s | peak mem (MiB) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | optimizer | model | steps | final eval loss | final ppl | tokens/s | peak mem (MiB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for d in run_dirs:
         s = json.loads((d / "run_summary.json").read_text())
         tps = f"{s['tokens_per_s']:.0f}" if s.get("tokens_per_s") else "n/a"
         mem = f"{s['peak_mem_mb']:.0f} ({'GPU' if s['mem_kind'].startswith('cuda') else 'CPU RSS'})"
-        lines.append(f"| {d.name} | {s['optimizer']} | {s['model_config']} | {s['step']}/{s['total_steps']} | "
-                     f"{s['final_eval_loss']:.4f} | {s['final_eval_ppl']:.2f} | {tps} | {mem} |")
+        lines.append(
+            f"| {d.name} | {s['optimizer']} | {s['model_config']} | {s['step']}/{s['total_steps']} | "
+            f"{s['final_eval_loss']:.4f} | {s['final_eval_ppl']:.2f} | {tps} | {mem} |"
+        )
     return "\n".join(lines)
 
 

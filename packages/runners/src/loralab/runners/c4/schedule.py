@@ -55,10 +55,14 @@ def lr_multiplier(
         if step >= cycle_length and in_cycle < restart_warmup_steps:
             # warm up again to the envelope's value at the end of this restart's warm-up
             end = step - in_cycle + restart_warmup_steps
-            target = _cosine((end - warmup_steps) / max(1, num_training_steps - warmup_steps), min_lr_ratio)
+            target = _cosine(
+                (end - warmup_steps) / max(1, num_training_steps - warmup_steps), min_lr_ratio
+            )
             return in_cycle / max(1, restart_warmup_steps) * target
         return _cosine(progress, min_lr_ratio)
-    raise ValueError(f"--scheduler must be cosine | linear | cosine_restarts | constant, got {kind!r}")
+    raise ValueError(
+        f"--scheduler must be cosine | linear | cosine_restarts | constant, got {kind!r}"
+    )
 
 
 def get_scheduler(
@@ -74,13 +78,19 @@ def get_scheduler(
     """A ``LambdaLR`` following :func:`lr_multiplier`; checks the restart settings for ``cosine_restarts``."""
     if kind == "cosine_restarts":
         if cycle_length is None or cycle_length <= 0:
-            raise ValueError(f"--scheduler cosine_restarts needs a positive --cycle_length, got {cycle_length}")
+            raise ValueError(
+                f"--scheduler cosine_restarts needs a positive --cycle_length, got {cycle_length}"
+            )
         if restart_warmup_steps is None:
             restart_warmup_steps = max(1, cycle_length // 10)
         if not 0 < restart_warmup_steps < cycle_length:
-            raise ValueError(f"--restart_warmup_steps must be in (0, --cycle_length={cycle_length}), got {restart_warmup_steps}")
+            raise ValueError(
+                f"--restart_warmup_steps must be in (0, --cycle_length={cycle_length}), got {restart_warmup_steps}"
+            )
         if warmup_steps > cycle_length:
-            raise ValueError(f"--warmup_steps {warmup_steps} is longer than --cycle_length {cycle_length}: the first restart would cut the warm-up")
+            raise ValueError(
+                f"--warmup_steps {warmup_steps} is longer than --cycle_length {cycle_length}: the first restart would cut the warm-up"
+            )
     lam = partial(
         lr_multiplier,
         kind=kind,
@@ -90,6 +100,13 @@ def get_scheduler(
         cycle_length=cycle_length,
         restart_warmup_steps=restart_warmup_steps,
     )
-    lr_multiplier(0, kind, num_training_steps=num_training_steps, warmup_steps=0, min_lr_ratio=min_lr_ratio,
-                  cycle_length=cycle_length, restart_warmup_steps=restart_warmup_steps)  # validates kind
+    lr_multiplier(
+        0,
+        kind,
+        num_training_steps=num_training_steps,
+        warmup_steps=0,
+        min_lr_ratio=min_lr_ratio,
+        cycle_length=cycle_length,
+        restart_warmup_steps=restart_warmup_steps,
+    )  # validates kind
     return LambdaLR(optimizer, lam)

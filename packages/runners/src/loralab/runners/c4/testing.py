@@ -24,18 +24,33 @@ from typing import Any
 
 __all__ = ["TINY_LLAMA_CONFIG", "synthetic_documents", "write_c4_shards", "write_tiny_setup"]
 
-WORDS = ("the model data train loss token layer weight rank step gradient subspace random projection optimizer memory "
-         "language text web page sentence word learns predicts next small large fast slow good new old first last").split()
+WORDS = (
+    "the model data train loss token layer weight rank step gradient subspace random projection optimizer memory "
+    "language text web page sentence word learns predicts next small large fast slow good new old first last"
+).split()
 
 TINY_LLAMA_CONFIG: dict[str, Any] = {
-    "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-    "num_key_value_heads": 4, "max_position_embeddings": 256, "vocab_size": 260, "bos_token_id": 1, "eos_token_id": 2,
-    "pad_token_id": 0, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "use_cache": False,
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 256,
+    "vocab_size": 260,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+    "use_cache": False,
 }
 """A 2-layer, hidden-64 LLaMA for the byte-level :func:`loralab.core.testing.offline_tokenizer` (vocab 260)."""
 
 
-def synthetic_documents(n: int, seed: int = 0, *, min_words: int = 20, max_words: int = 120) -> list[str]:
+def synthetic_documents(
+    n: int, seed: int = 0, *, min_words: int = 20, max_words: int = 120
+) -> list[str]:
     """``n`` English-like documents from a seeded first-order Markov chain over :data:`WORDS`."""
     rng = random.Random(seed)
     table = {w: rng.sample(WORDS, 4) for w in WORDS}
@@ -51,19 +66,33 @@ def synthetic_documents(n: int, seed: int = 0, *, min_words: int = 20, max_words
 
 
 def write_c4_shards(
-    directory: str | os.PathLike[str], *, train_docs: int = 400, validation_docs: int = 40, train_files: int = 2,
-    validation_files: int = 1, seed: int = 0,
+    directory: str | os.PathLike[str],
+    *,
+    train_docs: int = 400,
+    validation_docs: int = 40,
+    train_files: int = 2,
+    validation_files: int = 1,
+    seed: int = 0,
 ) -> Path:
     """C4-format ``c4-{train,validation}.NNNNN-of-MMMMM.json.gz`` files under ``directory``."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    for split, n, files, s in (("train", train_docs, train_files, seed), ("validation", validation_docs, validation_files, seed + 1)):
+    for split, n, files, s in (
+        ("train", train_docs, train_files, seed),
+        ("validation", validation_docs, validation_files, seed + 1),
+    ):
         docs = synthetic_documents(n, s)
         per = -(-n // files)
         for k in range(files):
-            with gzip.open(out / f"c4-{split}.{k:05d}-of-{files:05d}.json.gz", "wt", encoding="utf-8") as fh:
+            with gzip.open(
+                out / f"c4-{split}.{k:05d}-of-{files:05d}.json.gz", "wt", encoding="utf-8"
+            ) as fh:
                 for i, text in enumerate(docs[k * per : (k + 1) * per]):
-                    rec = {"text": text, "timestamp": f"2019-04-{1 + (i % 28):02d}T12:00:00Z", "url": f"https://example.org/{split}/{k}/{i}"}
+                    rec = {
+                        "text": text,
+                        "timestamp": f"2019-04-{1 + (i % 28):02d}T12:00:00Z",
+                        "url": f"https://example.org/{split}/{k}/{i}",
+                    }
                     fh.write(json.dumps(rec) + "\n")
     return out
 

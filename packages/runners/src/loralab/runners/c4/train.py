@@ -61,9 +61,27 @@ logger = logging.getLogger("loralab.runners.c4")
 
 COMPLETE = "COMPLETE"
 # settings that must not change across a resume, or the continued run is not the same run
-RESUME_KEYS = ("model_config", "vocab_size", "tokenizer", "max_length", "packing", "batch_size", "optimizer", "use_peft",
-               "rank", "update_proj_gap", "galore_scale", "proj_type", "rand_ratio", "num_training_steps", "seed",
-               "shuffle_seed", "train_data", "tokenized_dir", "dtype")
+RESUME_KEYS = (
+    "model_config",
+    "vocab_size",
+    "tokenizer",
+    "max_length",
+    "packing",
+    "batch_size",
+    "optimizer",
+    "use_peft",
+    "rank",
+    "update_proj_gap",
+    "galore_scale",
+    "proj_type",
+    "rand_ratio",
+    "num_training_steps",
+    "seed",
+    "shuffle_seed",
+    "train_data",
+    "tokenized_dir",
+    "dtype",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,7 +116,11 @@ def _init_distributed(args: C4Args) -> Env:
 
 def _setup_logging(env: Env) -> None:
     level = logging.INFO if env.rank == 0 else logging.WARNING
-    logging.basicConfig(level=level, format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=level,
+        format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     logger.setLevel(level)
 
 
@@ -117,9 +139,19 @@ def _wrap_relora(model: nn.Module, args: C4Args) -> nn.Module:
     try:
         from loralab.golore import ReLoRaModel
     except ImportError as e:  # pragma: no cover - golore is a declared extra
-        raise ImportError('--use_peft --golore needs loralab-golore: pip install "loralab-runners[golore]"') from e
-    return ReLoRaModel(model, r=args.rank, lora_dropout=0.0, target_modules=["attn", "attention", "mlp"], scale=args.galore_scale,
-                       keep_original_weights=True, lora_only=False, seed=args.seed)
+        raise ImportError(
+            '--use_peft --golore needs loralab-golore: pip install "loralab-runners[golore]"'
+        ) from e
+    return ReLoRaModel(
+        model,
+        r=args.rank,
+        lora_dropout=0.0,
+        target_modules=["attn", "attention", "mlp"],
+        scale=args.galore_scale,
+        keep_original_weights=True,
+        lora_only=False,
+        seed=args.seed,
+    )
 
 
 def _build_optimizer(model: nn.Module, args: C4Args, total_steps: int) -> torch.optim.Optimizer:
@@ -127,15 +159,32 @@ def _build_optimizer(model: nn.Module, args: C4Args, total_steps: int) -> torch.
     kind = args.optimizer
     if kind in ("adamw", "adam"):
         eps = 1e-8 if args.adam_eps is None else args.adam_eps
-        return torch.optim.AdamW(params, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=eps, weight_decay=args.weight_decay)
+        return torch.optim.AdamW(
+            params,
+            lr=args.lr,
+            betas=(args.adam_beta1, args.adam_beta2),
+            eps=eps,
+            weight_decay=args.weight_decay,
+        )
     if kind == "sgd":
-        return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+        return torch.optim.SGD(
+            params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
+        )
     try:
         from loralab.golore import create_galore_optimizer, create_golore_optimizer
     except ImportError as e:  # pragma: no cover
-        raise ImportError(f'--optimizer {kind} needs loralab-golore: pip install "loralab-runners[golore]"') from e
-    common: dict[str, Any] = dict(rank=args.rank, update_proj_gap=args.update_proj_gap, scale=args.galore_scale,
-                                  proj_type=args.proj_type, weight_decay=args.weight_decay, targets="all-linear", seed=args.seed)
+        raise ImportError(
+            f'--optimizer {kind} needs loralab-golore: pip install "loralab-runners[golore]"'
+        ) from e
+    common: dict[str, Any] = dict(
+        rank=args.rank,
+        update_proj_gap=args.update_proj_gap,
+        scale=args.galore_scale,
+        proj_type=args.proj_type,
+        weight_decay=args.weight_decay,
+        targets="all-linear",
+        seed=args.seed,
+    )
     if kind.endswith("adamw"):
         common.update(optimizer="adamw", betas=(args.adam_beta1, args.adam_beta2))
         if args.adam_eps is not None:
@@ -144,7 +193,9 @@ def _build_optimizer(model: nn.Module, args: C4Args, total_steps: int) -> torch.
         common.update(optimizer="sgd", momentum=args.momentum)
     if kind.startswith("galore"):
         return create_galore_optimizer(model, args.lr, **common)
-    return create_golore_optimizer(model, args.lr, rand_ratio=args.rand_ratio, total_steps=total_steps, **common)
+    return create_golore_optimizer(
+        model, args.lr, rand_ratio=args.rand_ratio, total_steps=total_steps, **common
+    )
 
 
 def _deepspeed_config(args: C4Args, env: Env, accum: int) -> dict[str, Any]:
@@ -153,7 +204,9 @@ def _deepspeed_config(args: C4Args, env: Env, accum: int) -> dict[str, Any]:
         raise FileNotFoundError(f"--deepspeed_config {path} does not exist")
     cfg = json.loads(path.read_text())
     if "optimizer" in cfg or "scheduler" in cfg:
-        raise ValueError(f"--deepspeed_config {path}: remove its 'optimizer'/'scheduler' sections; --optimizer and --scheduler choose them")
+        raise ValueError(
+            f"--deepspeed_config {path}: remove its 'optimizer'/'scheduler' sections; --optimizer and --scheduler choose them"
+        )
     fill = {
         "train_batch_size": args.batch_size * env.world * accum,
         "train_micro_batch_size_per_gpu": args.batch_size,
@@ -164,7 +217,9 @@ def _deepspeed_config(args: C4Args, env: Env, accum: int) -> dict[str, Any]:
         if cfg.get(key, "auto") == "auto":
             cfg[key] = value
         elif cfg[key] != value:
-            raise ValueError(f"--deepspeed_config {path}: {key}={cfg[key]} disagrees with the command line ({value}); set it to \"auto\"")
+            raise ValueError(
+                f'--deepspeed_config {path}: {key}={cfg[key]} disagrees with the command line ({value}); set it to "auto"'
+            )
     stage = int(cfg.get("zero_optimization", {}).get("stage", 0))
     ds_bf16 = args.dtype == "bfloat16" and not (args.is_subspace() or args.use_peft)
     for key in ("bf16", "fp16"):
@@ -172,7 +227,9 @@ def _deepspeed_config(args: C4Args, env: Env, accum: int) -> dict[str, Any]:
         if section is not None and section.get("enabled") == "auto":
             section["enabled"] = ds_bf16 if key == "bf16" else False
     if cfg.get("fp16", {}).get("enabled"):
-        raise ValueError(f"--deepspeed_config {path}: fp16 is not supported by this runner; use --dtype bfloat16")
+        raise ValueError(
+            f"--deepspeed_config {path}: fp16 is not supported by this runner; use --dtype bfloat16"
+        )
     if args.is_subspace() or args.use_peft:
         what = f"--optimizer {args.optimizer}" if args.is_subspace() else "--use_peft --golore"
         if stage != 0:
@@ -181,8 +238,10 @@ def _deepspeed_config(args: C4Args, env: Env, accum: int) -> dict[str, Any]:
                 "would silently become plain AdamW). Use ZeRO stage 0 in --deepspeed_config, or plain DDP (torchrun)."
             )
         if cfg.get("bf16", {}).get("enabled"):
-            raise ValueError(f"{what} under DeepSpeed: disable bf16 in --deepspeed_config (its bf16 optimizer flattens the weights); "
-                             "--dtype bfloat16 casts the model itself")
+            raise ValueError(
+                f"{what} under DeepSpeed: disable bf16 in --deepspeed_config (its bf16 optimizer flattens the weights); "
+                "--dtype bfloat16 casts the model itself"
+            )
     cfg.setdefault("steps_per_print", 10**9)
     cfg.setdefault("wall_clock_breakdown", False)
     return cfg
@@ -195,26 +254,56 @@ def _train_source(args: C4Args) -> Any:
     if args.tokenized_dir is not None:
         return TokenizedSource(args.tokenized_dir, "train")
     if args.train_data is not None:
-        return LocalSource(find_shards(args.train_data, "train"), text_field=args.text_field, shuffle_seed=args.shuffle_seed)
-    return HubSource(args.dataset, args.dataset_config, "train", text_field=args.text_field, shuffle_seed=args.shuffle_seed,
-                     shuffle_buffer=args.shuffle_buffer)
+        return LocalSource(
+            find_shards(args.train_data, "train"),
+            text_field=args.text_field,
+            shuffle_seed=args.shuffle_seed,
+        )
+    return HubSource(
+        args.dataset,
+        args.dataset_config,
+        "train",
+        text_field=args.text_field,
+        shuffle_seed=args.shuffle_seed,
+        shuffle_buffer=args.shuffle_buffer,
+    )
 
 
 def _eval_source(args: C4Args) -> Any:
     if args.eval_data is not None:
-        return LocalSource(find_shards(args.eval_data, "validation"), text_field=args.text_field, shuffle_seed=None)
+        return LocalSource(
+            find_shards(args.eval_data, "validation"), text_field=args.text_field, shuffle_seed=None
+        )
     if args.tokenized_dir is not None:
-        source = TokenizedSource(args.tokenized_dir, "validation") if _has_split(args.tokenized_dir, "validation") else None
+        source = (
+            TokenizedSource(args.tokenized_dir, "validation")
+            if _has_split(args.tokenized_dir, "validation")
+            else None
+        )
         if source is not None:
             return source
     if args.train_data is not None:
         try:
-            return LocalSource(find_shards(args.train_data, "validation"), text_field=args.text_field, shuffle_seed=None)
+            return LocalSource(
+                find_shards(args.train_data, "validation"),
+                text_field=args.text_field,
+                shuffle_seed=None,
+            )
         except FileNotFoundError:
-            raise FileNotFoundError(f"no validation shards next to --train_data {args.train_data}: pass --eval_data") from None
+            raise FileNotFoundError(
+                f"no validation shards next to --train_data {args.train_data}: pass --eval_data"
+            ) from None
     if args.tokenized_dir is not None:
-        raise FileNotFoundError(f"--tokenized_dir {args.tokenized_dir} has no validation split: pass --eval_data or pretokenize one")
-    return HubSource(args.dataset, args.dataset_config, "validation", text_field=args.text_field, shuffle_seed=None)
+        raise FileNotFoundError(
+            f"--tokenized_dir {args.tokenized_dir} has no validation split: pass --eval_data or pretokenize one"
+        )
+    return HubSource(
+        args.dataset,
+        args.dataset_config,
+        "validation",
+        text_field=args.text_field,
+        shuffle_seed=None,
+    )
 
 
 def _has_split(directory: str, split: str) -> bool:
@@ -230,10 +319,19 @@ def _make_streams(args: C4Args, tokenizer: Any, env: Env, num_streams: int) -> d
             continue
         if isinstance(source, TokenizedSource):
             if source.max_length != args.max_length:
-                raise ValueError(f"--tokenized_dir holds {source.max_length}-token sequences but --max_length is {args.max_length}")
+                raise ValueError(
+                    f"--tokenized_dir holds {source.max_length}-token sequences but --max_length is {args.max_length}"
+                )
             streams[s] = source.stream(s, num_streams)
         else:
-            streams[s] = SequenceStream(source, tokenizer, args.max_length, packing=args.packing, stream=s, num_streams=num_streams)
+            streams[s] = SequenceStream(
+                source,
+                tokenizer,
+                args.max_length,
+                packing=args.packing,
+                stream=s,
+                num_streams=num_streams,
+            )
     return streams
 
 
@@ -254,7 +352,10 @@ def _eval_batches(args: C4Args, tokenizer: Any, env: Env) -> list[dict[str, torc
     if not seqs:
         raise ValueError("the evaluation data gave no sequence")
     mine = seqs[env.rank :: env.world]
-    return [collate(mine[i : i + args.batch_size], args.max_length, tokenizer.pad_token_id or 0) for i in range(0, len(mine), args.batch_size)]
+    return [
+        collate(mine[i : i + args.batch_size], args.max_length, tokenizer.pad_token_id or 0)
+        for i in range(0, len(mine), args.batch_size)
+    ]
 
 
 def _check_ids(batch: dict[str, torch.Tensor], vocab: int) -> None:
@@ -269,17 +370,27 @@ def _check_ids(batch: dict[str, torch.Tensor], vocab: int) -> None:
 # evaluation, memory, metrics
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device) -> tuple[float, int]:
+def evaluate(
+    model: nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device
+) -> tuple[float, int]:
     """Token-weighted mean cross-entropy over all ranks' held-out batches, and the token count."""
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64)
     for batch in batches:
         labels = batch["labels"].to(device)
-        out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        out = model(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+        )
         logits = out.logits[:, :-1].float()
         target = labels[:, 1:]
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100, reduction="sum")
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)),
+            target.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        )
         total[0] += loss.double().cpu()
         total[1] += (target != -100).sum().cpu()
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -298,14 +409,20 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
 class Metrics:
     """``metrics.jsonl`` (rank 0) and optional TensorBoard; on resume, lines past the resumed step are dropped."""
 
-    def __init__(self, output_dir: Path, resume_step: int, enabled: bool, tensorboard: bool) -> None:
+    def __init__(
+        self, output_dir: Path, resume_step: int, enabled: bool, tensorboard: bool
+    ) -> None:
         self.path = output_dir / "metrics.jsonl"
         self.enabled = enabled
         self.tb = None
         if not enabled:
             return
         if self.path.exists():
-            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            keep = [
+                ln
+                for ln in self.path.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= resume_step
+            ]
             self.path.write_text("".join(ln + "\n" for ln in keep) if resume_step > 0 else "")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -351,12 +468,26 @@ def _set_rng_state(model: nn.Module, state: dict[str, Any]) -> None:
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoints (``checkpoint-N`` with a ``COMPLETE`` marker), oldest first."""
-    found = [p for p in output_dir.glob("checkpoint-*") if (p / COMPLETE).exists() and p.name.split("-")[-1].isdigit()]
+    found = [
+        p
+        for p in output_dir.glob("checkpoint-*")
+        if (p / COMPLETE).exists() and p.name.split("-")[-1].isdigit()
+    ]
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
-def _save_checkpoint(ckpt: Path, *, env: Env, args: C4Args, model: nn.Module, engine: Any, optimizer: Any, scheduler: Any,
-                     streams: dict[int, Any], state: dict[str, Any]) -> None:
+def _save_checkpoint(
+    ckpt: Path,
+    *,
+    env: Env,
+    args: C4Args,
+    model: nn.Module,
+    engine: Any,
+    optimizer: Any,
+    scheduler: Any,
+    streams: dict[int, Any],
+    state: dict[str, Any],
+) -> None:
     if env.rank == 0:
         ckpt.mkdir(parents=True, exist_ok=True)
     if dist.is_initialized():
@@ -368,10 +499,17 @@ def _save_checkpoint(ckpt: Path, *, env: Env, args: C4Args, model: nn.Module, en
         torch.save(base.state_dict(), ckpt / "model_state.pt")
         torch.save(optimizer.state_dict(), ckpt / "optimizer.pt")
         torch.save(scheduler.state_dict(), ckpt / "scheduler.pt")
-    torch.save({str(s): st.state_dict() for s, st in streams.items()}, ckpt / f"data_state_rank{env.rank}.pt")
+    torch.save(
+        {str(s): st.state_dict() for s, st in streams.items()},
+        ckpt / f"data_state_rank{env.rank}.pt",
+    )
     torch.save(_rng_state(base), ckpt / f"rng_state_rank{env.rank}.pt")
     if env.rank == 0:
-        (ckpt / "trainer_state.json").write_text(json.dumps({**state, "world_size": env.world, "config": dataclasses.asdict(args)}, indent=2))
+        (ckpt / "trainer_state.json").write_text(
+            json.dumps(
+                {**state, "world_size": env.world, "config": dataclasses.asdict(args)}, indent=2
+            )
+        )
     if dist.is_initialized():
         dist.barrier()
     if env.rank == 0:
@@ -386,7 +524,9 @@ def _resume_path(args: C4Args) -> Path | None:
     if args.resume_from_checkpoint is not None:
         path = Path(args.resume_from_checkpoint)
         if not (path / COMPLETE).exists():
-            raise FileNotFoundError(f"--resume_from_checkpoint {path} is not a complete checkpoint (no {COMPLETE} marker)")
+            raise FileNotFoundError(
+                f"--resume_from_checkpoint {path} is not a complete checkpoint (no {COMPLETE} marker)"
+            )
         return path
     if args.autoresume:
         found = list_checkpoints(Path(args.output_dir))
@@ -394,27 +534,54 @@ def _resume_path(args: C4Args) -> Path | None:
     return None
 
 
-def _load_checkpoint(ckpt: Path, *, env: Env, args: C4Args, model: nn.Module, engine: Any, optimizer: Any, scheduler: Any,
-                     streams: dict[int, Any]) -> dict[str, Any]:
+def _load_checkpoint(
+    ckpt: Path,
+    *,
+    env: Env,
+    args: C4Args,
+    model: nn.Module,
+    engine: Any,
+    optimizer: Any,
+    scheduler: Any,
+    streams: dict[int, Any],
+) -> dict[str, Any]:
     state = json.loads((ckpt / "trainer_state.json").read_text())
     old = state["config"]
-    changed = [f"--{k}: {old.get(k)!r} -> {getattr(args, k)!r}" for k in RESUME_KEYS if old.get(k) != getattr(args, k)]
+    changed = [
+        f"--{k}: {old.get(k)!r} -> {getattr(args, k)!r}"
+        for k in RESUME_KEYS
+        if old.get(k) != getattr(args, k)
+    ]
     if state["global_batch_size"] != args.global_batch_size(env.world):
-        changed.append(f"global batch: {state['global_batch_size']} -> {args.global_batch_size(env.world)}")
+        changed.append(
+            f"global batch: {state['global_batch_size']} -> {args.global_batch_size(env.world)}"
+        )
     if state["data_streams"] != (args.data_streams or env.world):
-        changed.append(f"--data_streams: {state['data_streams']} -> {args.data_streams or env.world}")
+        changed.append(
+            f"--data_streams: {state['data_streams']} -> {args.data_streams or env.world}"
+        )
     if changed:
-        raise ValueError(f"cannot resume from {ckpt}: settings differ from the checkpoint's ({'; '.join(changed)})")
+        raise ValueError(
+            f"cannot resume from {ckpt}: settings differ from the checkpoint's ({'; '.join(changed)})"
+        )
     base = unwrap_model(model)
     if engine is not None:
         engine.load_checkpoint(str(ckpt), tag="deepspeed")
     else:
-        base.load_state_dict(torch.load(ckpt / "model_state.pt", map_location="cpu", weights_only=True))
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
-        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", map_location="cpu", weights_only=True))
+        base.load_state_dict(
+            torch.load(ckpt / "model_state.pt", map_location="cpu", weights_only=True)
+        )
+        optimizer.load_state_dict(
+            torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
+        )
+        scheduler.load_state_dict(
+            torch.load(ckpt / "scheduler.pt", map_location="cpu", weights_only=True)
+        )
     data_file = ckpt / f"data_state_rank{env.rank}.pt"
     if not data_file.exists():
-        raise FileNotFoundError(f"{data_file} is missing: resume with the same number of processes ({state['world_size']})")
+        raise FileNotFoundError(
+            f"{data_file} is missing: resume with the same number of processes ({state['world_size']})"
+        )
     data = torch.load(data_file, weights_only=True)
     for s, stream in streams.items():
         stream.load_state_dict(data[str(s)])
@@ -452,10 +619,19 @@ def run(args: C4Args) -> dict[str, Any]:
     accum = args.gradient_accumulation_for(env.world)
     num_streams = args.data_streams or env.world
     if num_streams % env.world != 0:
-        raise ValueError(f"--data_streams {num_streams} must be a multiple of the number of processes {env.world}")
+        raise ValueError(
+            f"--data_streams {num_streams} must be a multiple of the number of processes {env.world}"
+        )
     total_steps = args.num_training_steps_from_tokens(env.world)
-    logger.info("C4 pre-training: world %d, micro-batch %d, accumulation %d, global batch %d sequences x %d tokens, %d steps",
-                env.world, args.batch_size, accum, args.global_batch_size(env.world), args.max_length, total_steps)
+    logger.info(
+        "C4 pre-training: world %d, micro-batch %d, accumulation %d, global batch %d sequences x %d tokens, %d steps",
+        env.world,
+        args.batch_size,
+        accum,
+        args.global_batch_size(env.world),
+        args.max_length,
+        total_steps,
+    )
     if env.rank == 0:
         logger.info("config: %s", json.dumps(dataclasses.asdict(args), sort_keys=True))
         (out_dir / "run_config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
@@ -467,25 +643,47 @@ def run(args: C4Args) -> dict[str, Any]:
     model = build_model(args.model_config, seed=args.seed, vocab_size=vocab)
     vocab = model.config.vocab_size
     if len(tokenizer) > vocab:
-        logger.warning("tokenizer has %d tokens but the model %d (ids >= %d must never occur; checked per batch)", len(tokenizer), vocab, vocab)
+        logger.warning(
+            "tokenizer has %d tokens but the model %d (ids >= %d must never occur; checked per batch)",
+            len(tokenizer),
+            vocab,
+            vocab,
+        )
     if args.activation_checkpointing:
         # transformers 5 renamed gradient_checkpointing_enable (deprecated) to activation_checkpointing_enable
-        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+        (
+            getattr(model, "activation_checkpointing_enable", None)
+            or model.gradient_checkpointing_enable
+        )()
     n_params, _ = count_parameters(model)
     relora = _wrap_relora(model, args) if args.use_peft else None
     if relora is not None:
         model = relora
-    ds_handles_bf16 = args.deepspeed_config is not None and not (args.is_subspace() or args.use_peft)
+    ds_handles_bf16 = args.deepspeed_config is not None and not (
+        args.is_subspace() or args.use_peft
+    )
     dtype = torch.bfloat16 if args.dtype == "bfloat16" and not ds_handles_bf16 else torch.float32
     model = model.to(device=env.device, dtype=dtype)
     model.train()
     _, n_trainable = count_parameters(model)
-    logger.info("model %s: %.2fM parameters, %.2fM trainable", args.model_config, n_params / 1e6, n_trainable / 1e6)
+    logger.info(
+        "model %s: %.2fM parameters, %.2fM trainable",
+        args.model_config,
+        n_params / 1e6,
+        n_trainable / 1e6,
+    )
 
     optimizer = _build_optimizer(model, args, total_steps)
     cycle = args.cycle_length or args.update_proj_gap
-    scheduler = get_scheduler(optimizer, args.scheduler, num_training_steps=total_steps, warmup_steps=args.warmup_steps,
-                              min_lr_ratio=args.min_lr_ratio, cycle_length=cycle, restart_warmup_steps=args.restart_warmup_steps)
+    scheduler = get_scheduler(
+        optimizer,
+        args.scheduler,
+        num_training_steps=total_steps,
+        warmup_steps=args.warmup_steps,
+        min_lr_ratio=args.min_lr_ratio,
+        cycle_length=cycle,
+        restart_warmup_steps=args.restart_warmup_steps,
+    )
 
     engine = None
     ddp = None
@@ -494,17 +692,27 @@ def run(args: C4Args) -> dict[str, Any]:
         import deepspeed
 
         cfg = _deepspeed_config(args, env, accum)
-        engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=cfg)
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=cfg
+        )
         train_model = engine
     elif env.world > 1 and relora is None:
         # the only buffers (rotary inv_freq) are identical on every rank: no per-forward broadcast
         # (torch 2.13 renamed broadcast_buffers to forward_sync_buffers)
-        sync_kw = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
-                   else {"broadcast_buffers": False})
-        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None, **sync_kw)
+        sync_kw = (
+            {"forward_sync_buffers": False}
+            if "forward_sync_buffers"
+            in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+            else {"broadcast_buffers": False}
+        )
+        ddp = nn.parallel.DistributedDataParallel(
+            model, device_ids=[env.device.index] if env.device.type == "cuda" else None, **sync_kw
+        )
         train_model = ddp
     elif env.world > 1:
-        for p in model.parameters():  # the explicit-all-reduce path starts from rank 0's weights, as DDP would
+        for p in (
+            model.parameters()
+        ):  # the explicit-all-reduce path starts from rank 0's weights, as DDP would
             broadcast_(p.data)
     params = [p for p in model.parameters()]
 
@@ -512,24 +720,61 @@ def run(args: C4Args) -> dict[str, Any]:
     step, tokens_seen, n_resets = 0, 0, 0
     ckpt = _resume_path(args)
     if ckpt is not None:
-        st = _load_checkpoint(ckpt, env=env, args=args, model=model, engine=engine, optimizer=optimizer, scheduler=scheduler, streams=streams)
+        st = _load_checkpoint(
+            ckpt,
+            env=env,
+            args=args,
+            model=model,
+            engine=engine,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            streams=streams,
+        )
         step, tokens_seen, n_resets = st["step"], st["tokens_seen"], st.get("n_resets", 0)
-    metrics = Metrics(out_dir, step, enabled=is_main_process(), tensorboard=args.report_to == "tensorboard")
+    metrics = Metrics(
+        out_dir, step, enabled=is_main_process(), tensorboard=args.report_to == "tensorboard"
+    )
     eval_batches = _eval_batches(args, tokenizer, env)
 
     def trainer_state() -> dict[str, Any]:
-        return {"step": step, "tokens_seen": tokens_seen, "n_resets": n_resets, "global_batch_size": args.global_batch_size(env.world),
-                "data_streams": num_streams, "accumulation": accum}
+        return {
+            "step": step,
+            "tokens_seen": tokens_seen,
+            "n_resets": n_resets,
+            "global_batch_size": args.global_batch_size(env.world),
+            "data_streams": num_streams,
+            "accumulation": accum,
+        }
 
     def do_eval() -> dict[str, Any]:
-        loss, n_tok = evaluate(train_model if engine is not None else model, eval_batches, env.device)
-        rec = {"type": "eval", "step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": n_tok}
+        loss, n_tok = evaluate(
+            train_model if engine is not None else model, eval_batches, env.device
+        )
+        rec = {
+            "type": "eval",
+            "step": step,
+            "eval_loss": loss,
+            "eval_ppl": math.exp(min(loss, 50.0)),
+            "eval_tokens": n_tok,
+        }
         metrics.log(rec)
-        logger.info("step %d: eval loss %.4f, perplexity %.2f (%d tokens)", step, loss, rec["eval_ppl"], n_tok)
+        logger.info(
+            "step %d: eval loss %.4f, perplexity %.2f (%d tokens)",
+            step,
+            loss,
+            rec["eval_ppl"],
+            n_tok,
+        )
         return rec
 
     stop_at = min(total_steps, args.stop_at_step) if args.stop_at_step is not None else total_steps
-    bar = tqdm(total=total_steps, initial=step, desc="update steps", disable=env.rank != 0, dynamic_ncols=True)
+    bar = tqdm(
+        total=total_steps,
+        initial=step,
+        desc="update steps",
+        disable=env.rank != 0,
+        dynamic_ncols=True,
+    )
     throughput: list[float] = []
     cpu_throughput: list[float] = []  # tokens per CPU-second of this process (rank 0)
     last_eval: dict[str, Any] | None = None
@@ -546,7 +791,11 @@ def run(args: C4Args) -> dict[str, Any]:
         try:
             for a in range(accum):
                 micro = a * env.world + env.rank
-                batch = collate(streams[micro % num_streams].next_sequences(args.batch_size), args.max_length, pad_id)
+                batch = collate(
+                    streams[micro % num_streams].next_sequences(args.batch_size),
+                    args.max_length,
+                    pad_id,
+                )
                 _check_ids(batch, vocab)
                 step_tokens += int(batch["attention_mask"].sum())
                 batch = {k: v.to(env.device) for k, v in batch.items()}
@@ -556,7 +805,11 @@ def run(args: C4Args) -> dict[str, Any]:
                     if a < accum - 1:
                         engine.step()
                 else:
-                    ctx = ddp.no_sync() if ddp is not None and a < accum - 1 else contextlib.nullcontext()
+                    ctx = (
+                        ddp.no_sync()
+                        if ddp is not None and a < accum - 1
+                        else contextlib.nullcontext()
+                    )
                     with ctx:
                         loss = train_model(**batch).loss
                         (loss / accum).backward()
@@ -568,7 +821,9 @@ def run(args: C4Args) -> dict[str, Any]:
         step_loss = torch.stack(losses).mean().cpu()
         all_reduce_mean_(step_loss)
         if not torch.isfinite(step_loss):
-            raise FloatingPointError(f"non-finite training loss {float(step_loss)} at update step {step}: lower --lr or enable --grad_clipping")
+            raise FloatingPointError(
+                f"non-finite training loss {float(step_loss)} at update step {step}: lower --lr or enable --grad_clipping"
+            )
         if relora is not None and engine is None and env.world > 1:
             _sync_gradients(params)
         if reset:
@@ -582,7 +837,11 @@ def run(args: C4Args) -> dict[str, Any]:
             grad_norm = float(gn) if gn is not None else None
         else:
             if args.grad_clipping > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], args.grad_clipping))
+                grad_norm = float(
+                    torch.nn.utils.clip_grad_norm_(
+                        [p for p in params if p.grad is not None], args.grad_clipping
+                    )
+                )
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -602,8 +861,18 @@ def run(args: C4Args) -> dict[str, Any]:
         lr = optimizer.param_groups[0]["lr"]
         mem, mem_kind = peak_memory_mb(env.device)
         if step % args.logging_steps == 0 or step == stop_at:
-            rec = {"type": "train", "step": step, "loss": float(step_loss), "lr": lr, "tokens_seen": tokens_seen, "tokens_per_s": tps,
-                   "step_time_s": dt, "step_cpu_s": dc, "peak_mem_mb": mem, "mem_kind": mem_kind}
+            rec = {
+                "type": "train",
+                "step": step,
+                "loss": float(step_loss),
+                "lr": lr,
+                "tokens_seen": tokens_seen,
+                "tokens_per_s": tps,
+                "step_time_s": dt,
+                "step_cpu_s": dc,
+                "peak_mem_mb": mem,
+                "mem_kind": mem_kind,
+            }
             if grad_norm is not None:
                 rec["grad_norm"] = grad_norm
             if reset:
@@ -614,24 +883,55 @@ def run(args: C4Args) -> dict[str, Any]:
         if step % args.eval_every == 0 or step == total_steps:
             last_eval = do_eval()
         if step % args.save_every == 0 or step == stop_at:
-            _save_checkpoint(out_dir / f"checkpoint-{step}", env=env, args=args, model=model, engine=engine, optimizer=optimizer,
-                             scheduler=scheduler, streams=streams, state=trainer_state())
+            _save_checkpoint(
+                out_dir / f"checkpoint-{step}",
+                env=env,
+                args=args,
+                model=model,
+                engine=engine,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                streams=streams,
+                state=trainer_state(),
+            )
     bar.close()
     if exhausted and step > 0:
-        _save_checkpoint(out_dir / f"checkpoint-{step}", env=env, args=args, model=model, engine=engine, optimizer=optimizer,
-                         scheduler=scheduler, streams=streams, state=trainer_state())
+        _save_checkpoint(
+            out_dir / f"checkpoint-{step}",
+            env=env,
+            args=args,
+            model=model,
+            engine=engine,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            streams=streams,
+            state=trainer_state(),
+        )
     finished = step >= total_steps
     if last_eval is None or last_eval["step"] != step:
         last_eval = do_eval()
     mem, mem_kind = peak_memory_mb(env.device)
     summary = {
-        "model_config": args.model_config, "optimizer": args.optimizer + ("+relora" if args.use_peft else ""), "step": step,
-        "total_steps": total_steps, "finished": finished, "data_exhausted": exhausted, "world_size": env.world,
-        "global_batch_size": args.global_batch_size(env.world), "max_length": args.max_length, "tokens_seen": tokens_seen,
-        "final_eval_loss": last_eval["eval_loss"], "final_eval_ppl": last_eval["eval_ppl"],
+        "model_config": args.model_config,
+        "optimizer": args.optimizer + ("+relora" if args.use_peft else ""),
+        "step": step,
+        "total_steps": total_steps,
+        "finished": finished,
+        "data_exhausted": exhausted,
+        "world_size": env.world,
+        "global_batch_size": args.global_batch_size(env.world),
+        "max_length": args.max_length,
+        "tokens_seen": tokens_seen,
+        "final_eval_loss": last_eval["eval_loss"],
+        "final_eval_ppl": last_eval["eval_ppl"],
         "tokens_per_s": (sum(throughput) / len(throughput)) if throughput else None,
-        "tokens_per_cpu_s": (sum(cpu_throughput) / len(cpu_throughput)) if cpu_throughput else None, "peak_mem_mb": mem, "mem_kind": mem_kind,
-        "params": n_params, "trainable_params": n_trainable, "n_projector_resets": n_resets, "deepspeed": args.deepspeed_config is not None,
+        "tokens_per_cpu_s": (sum(cpu_throughput) / len(cpu_throughput)) if cpu_throughput else None,
+        "peak_mem_mb": mem,
+        "mem_kind": mem_kind,
+        "params": n_params,
+        "trainable_params": n_trainable,
+        "n_projector_resets": n_resets,
+        "deepspeed": args.deepspeed_config is not None,
         "device": str(env.device),
     }
     if env.rank == 0:

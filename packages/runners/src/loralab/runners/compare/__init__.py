@@ -55,9 +55,16 @@ def _f(default: Any, help: str) -> Any:
 class CompareConfig:
     """Settings of one comparison (the command-line flags have the same names)."""
 
-    model: str = _f("auto", "model dir / hub id, 'minilm' (pretrained, needs loralab-runners[minilm]), 'tiny', or 'auto'")
-    task: str = _f("embedded", "'embedded' (shipped sentiment task) or a GLUE task name (sst2, rte, ...)")
-    methods: list[str] = field(default_factory=lambda: list(METHOD_ORDER), metadata={"help": "methods to compare"})
+    model: str = _f(
+        "auto",
+        "model dir / hub id, 'minilm' (pretrained, needs loralab-runners[minilm]), 'tiny', or 'auto'",
+    )
+    task: str = _f(
+        "embedded", "'embedded' (shipped sentiment task) or a GLUE task name (sst2, rte, ...)"
+    )
+    methods: list[str] = field(
+        default_factory=lambda: list(METHOD_ORDER), metadata={"help": "methods to compare"}
+    )
     output_dir: str = _f("loralab-compare", "where plots, table and metrics go")
     steps: int = _f(150, "optimizer steps per method")
     batch_size: int = _f(16, "examples per step")
@@ -66,10 +73,15 @@ class CompareConfig:
     seed: int = _f(42, "seed of head init, batch order and every method's randomness")
     device: str = _f("auto", "'cpu', 'cuda', 'cuda:1' ... or 'auto' (cuda when available)")
     set: list[str] = field(
-        default_factory=list, metadata={"help": "hyper-parameter overrides: KEY=VALUE (all methods) or METHOD.KEY=VALUE"}
+        default_factory=list,
+        metadata={"help": "hyper-parameter overrides: KEY=VALUE (all methods) or METHOD.KEY=VALUE"},
     )
-    train_file: str | None = _f(None, "local training file (GLUE columns) instead of the task's own")
-    validation_file: str | None = _f(None, "local validation file (GLUE columns) instead of the task's own")
+    train_file: str | None = _f(
+        None, "local training file (GLUE columns) instead of the task's own"
+    )
+    validation_file: str | None = _f(
+        None, "local validation file (GLUE columns) instead of the task's own"
+    )
     max_train_samples: int | None = _f(None, "truncate the training set")
     max_eval_samples: int | None = _f(None, "truncate the validation set")
     threads: int | None = _f(None, "torch CPU threads per method process (default: torch's)")
@@ -78,13 +90,17 @@ class CompareConfig:
     def validate(self) -> None:
         unknown = [m for m in self.methods if m not in RECIPES]
         if unknown:
-            raise ValueError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHOD_ORDER)}")
+            raise ValueError(
+                f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHOD_ORDER)}"
+            )
         if not self.methods:
             raise ValueError("--methods: give at least one method")
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"--methods lists a method twice: {self.methods}")
         if self.task not in available_tasks():
-            raise ValueError(f"--task must be one of {', '.join(available_tasks())}, got {self.task!r}")
+            raise ValueError(
+                f"--task must be one of {', '.join(available_tasks())}, got {self.task!r}"
+            )
         for name in ("steps", "batch_size", "max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -176,9 +192,19 @@ def run_compare(config: CompareConfig, command: str | None = None) -> dict[str, 
     model_path, model_label = resolve_model(config.model, out)
     device = _device(config.device)
     overrides = parse_overrides(config.set, config.methods)
-    (out / "config.json").write_text(json.dumps({**dataclasses.asdict(config), "model_path": model_path, "device": device}, indent=1))
+    (out / "config.json").write_text(
+        json.dumps(
+            {**dataclasses.asdict(config), "model_path": model_path, "device": device}, indent=1
+        )
+    )
     started = datetime.now(timezone.utc)
-    logger.info("comparing %s on %s (%s) with %s", ", ".join(config.methods), config.task, model_label, device)
+    logger.info(
+        "comparing %s on %s (%s) with %s",
+        ", ".join(config.methods),
+        config.task,
+        model_label,
+        device,
+    )
     records: list[dict[str, Any]] = []
     for i, method in enumerate(config.methods, start=1):
         print(f"[{i}/{len(config.methods)}] {method}", file=sys.stderr, flush=True)
@@ -208,7 +234,11 @@ def run_compare(config: CompareConfig, command: str | None = None) -> dict[str, 
         summary = next((r for r in method_records if r["kind"] == "summary"), None)
         if summary is None:  # the process died before it could say why (killed, out of memory, ...)
             reason = _last_lines(run_dir / f"{method}.log") or f"exit code {code}"
-            summary = {"kind": "summary", "method": method, "status": f"failed (exit {code}): {reason}"}
+            summary = {
+                "kind": "summary",
+                "method": method,
+                "status": f"failed (exit {code}): {reason}",
+            }
             method_records.append(summary)
         if summary["status"] == "ok":
             logger.info("%s done in %.1f s", method, time.perf_counter() - t0)
@@ -233,8 +263,11 @@ def run_compare(config: CompareConfig, command: str | None = None) -> dict[str, 
         f"- hyper-parameters: `runs/<method>.jsonl` summary records; recipes in `loralab.runners.compare.recipes`.\n\n"
         "![loss vs step](loss_vs_step.png)\n\n![loss vs time](loss_vs_time.png)\n"
     )
-    print(f"\n{table}\n\nplots: {out / 'loss_vs_step.png'}, {out / 'loss_vs_time.png'}\n"
-          f"table: {out / 'results.md'}\nmetrics: {out / 'metrics.jsonl'}", flush=True)
+    print(
+        f"\n{table}\n\nplots: {out / 'loss_vs_step.png'}, {out / 'loss_vs_time.png'}\n"
+        f"table: {out / 'results.md'}\nmetrics: {out / 'metrics.jsonl'}",
+        flush=True,
+    )
     return summaries
 
 
@@ -248,21 +281,45 @@ def build_parser() -> argparse.ArgumentParser:
         flag = f"--{f.name}"
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
         if f.name == "methods":
-            parser.add_argument(flag, nargs="+", default=default, choices=list(METHOD_ORDER), help=f.metadata["help"])
+            parser.add_argument(
+                flag,
+                nargs="+",
+                default=default,
+                choices=list(METHOD_ORDER),
+                help=f.metadata["help"],
+            )
         elif f.name == "set":
-            parser.add_argument(flag, action="append", default=[], metavar="[METHOD.]KEY=VALUE", help=f.metadata["help"])
+            parser.add_argument(
+                flag,
+                action="append",
+                default=[],
+                metavar="[METHOD.]KEY=VALUE",
+                help=f.metadata["help"],
+            )
         elif f.name == "progress":
-            parser.add_argument("--no_progress", dest="progress", action="store_false", help="no progress bars")
+            parser.add_argument(
+                "--no_progress", dest="progress", action="store_false", help="no progress bars"
+            )
         else:
-            kind = {"steps": int, "batch_size": int, "max_length": int, "eval_every": int, "seed": int,
-                    "max_train_samples": int, "max_eval_samples": int, "threads": int}.get(f.name, str)
+            kind = {
+                "steps": int,
+                "batch_size": int,
+                "max_length": int,
+                "eval_every": int,
+                "seed": int,
+                "max_train_samples": int,
+                "max_eval_samples": int,
+                "threads": int,
+            }.get(f.name, str)
             parser.add_argument(flag, type=kind, default=default, help=f.metadata["help"])
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """``loralab compare [options]``; exit status 1 when any method failed."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     config = CompareConfig(**vars(args))
@@ -271,7 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"loralab compare: error: {exc}", file=sys.stderr)
         return 2
-    summaries = run_compare(config, command=" ".join(["loralab", "compare", *map(shlex.quote, argv)]))
+    summaries = run_compare(
+        config, command=" ".join(["loralab", "compare", *map(shlex.quote, argv)])
+    )
     failed = [m for m, s in summaries.items() if s.get("status", "ok") != "ok"]
     if failed:
         logger.error("failed: %s", ", ".join(failed))

@@ -40,7 +40,16 @@ from typing import Any
 
 __all__ = ["COMMON", "METHOD_ORDER", "RECIPES", "parse_overrides", "recipe_for"]
 
-METHOD_ORDER: tuple[str, ...] = ("full", "lora", "lora-ga", "lora-fa", "lora-sb", "lora-pro", "galore", "golore")
+METHOD_ORDER: tuple[str, ...] = (
+    "full",
+    "lora",
+    "lora-ga",
+    "lora-fa",
+    "lora-sb",
+    "lora-pro",
+    "galore",
+    "golore",
+)
 """Every method ``loralab compare`` runs by default, in table and legend order."""
 
 COMMON: dict[str, Any] = dict(
@@ -51,18 +60,38 @@ COMMON: dict[str, Any] = dict(
 )
 """Schedule shared by every method (linear decay to 0 over the step budget, no warm-up)."""
 
-_LORA = dict(lora_r=8, lora_alpha=16.0, lora_dropout=0.0, use_rslora=False, target_modules="all-linear")
+_LORA = dict(
+    lora_r=8, lora_alpha=16.0, lora_dropout=0.0, use_rslora=False, target_modules="all-linear"
+)
 
 RECIPES: dict[str, dict[str, Any]] = {
     "full": dict(learning_rate=5e-5),
     "lora": dict(_LORA, learning_rate=5e-4),
-    "lora-ga": dict(_LORA, learning_rate=5e-4, ga_iters=8, ga_scale="stable", ga_stable_gamma=16.0, ga_direction="ArB2r"),
+    "lora-ga": dict(
+        _LORA,
+        learning_rate=5e-4,
+        ga_iters=8,
+        ga_scale="stable",
+        ga_stable_gamma=16.0,
+        ga_direction="ArB2r",
+    ),
     "lora-fa": dict(_LORA, learning_rate=5e-4),
     "lora-sb": dict(_LORA, lora_r=64, lora_alpha=64.0, learning_rate=2e-3, sb_num_batches=8),
     "lora-pro": dict(_LORA, learning_rate=5e-4, pro_mode="efficient", pro_x_mode="sylvester"),
-    "galore": dict(learning_rate=5e-5, galore_rank=8, update_proj_gap=25, galore_scale=4.0, target_modules="all-linear"),
+    "galore": dict(
+        learning_rate=5e-5,
+        galore_rank=8,
+        update_proj_gap=25,
+        galore_scale=4.0,
+        target_modules="all-linear",
+    ),
     "golore": dict(
-        learning_rate=5e-5, galore_rank=8, update_proj_gap=25, galore_scale=4.0, rand_ratio=0.5, target_modules="all-linear"
+        learning_rate=5e-5,
+        galore_rank=8,
+        update_proj_gap=25,
+        galore_scale=4.0,
+        rand_ratio=0.5,
+        target_modules="all-linear",
     ),
 }
 """Per-method hyper-parameters (registry option names and ``learning_rate``); see the module docstring."""
@@ -101,7 +130,9 @@ def parse_overrides(items: Iterable[str], methods: Iterable[str]) -> dict[str, d
         if "." in key:
             method, key = key.split(".", 1)
             if method not in RECIPES:
-                raise ValueError(f"--set {item!r}: unknown method {method!r} (choose from {', '.join(RECIPES)})")
+                raise ValueError(
+                    f"--set {item!r}: unknown method {method!r} (choose from {', '.join(RECIPES)})"
+                )
             scoped.append((method, key, _convert(value)))
         else:
             for m in methods:

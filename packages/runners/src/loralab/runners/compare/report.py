@@ -105,7 +105,9 @@ def markdown_table(summaries: dict[str, dict[str, Any]], metric: str) -> str:
     return "\n".join(lines)
 
 
-def plot_losses(records: list[dict[str, Any]], methods: Sequence[str], out_dir: str | Path, title: str) -> list[Path]:
+def plot_losses(
+    records: list[dict[str, Any]], methods: Sequence[str], out_dir: str | Path, title: str
+) -> list[Path]:
     """Write ``loss_vs_step.png`` (training loss, moving average; evaluation loss) and
     ``loss_vs_time.png`` (training loss against wall time including each method's init)."""
     import matplotlib
@@ -128,8 +130,18 @@ def plot_losses(records: list[dict[str, Any]], methods: Sequence[str], out_dir: 
         ax_train.plot([r["step"] for r in steps], smooth, **kw)
         ax_time.plot([r["time"] for r in steps], smooth, **kw)
         if evals:
-            ax_eval.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], marker="o", markersize=3, **kw)
-    ax_train.set(xlabel="optimizer step", ylabel=f"training loss ({SMOOTHING}-step moving average)", title="training loss")
+            ax_eval.plot(
+                [r["step"] for r in evals],
+                [r["eval_loss"] for r in evals],
+                marker="o",
+                markersize=3,
+                **kw,
+            )
+    ax_train.set(
+        xlabel="optimizer step",
+        ylabel=f"training loss ({SMOOTHING}-step moving average)",
+        title="training loss",
+    )
     ax_eval.set(xlabel="optimizer step", ylabel="validation loss", title="validation loss")
     ax_time.set(
         xlabel="wall time (s): method init (gradient estimation, SVD) + training steps",

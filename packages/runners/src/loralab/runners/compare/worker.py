@@ -134,7 +134,12 @@ def run_method(spec: RunSpec) -> dict[str, Any]:
         method = get_method(spec.method)
         method.check_available()
         import peft  # noqa: F401  (imported before the clock starts: import time is not init time)
-        model, tokenizer, heads = load_model(spec.model_path, num_labels=1 if spec.task == "stsb" else (3 if spec.task == "mnli" else 2), seed=spec.seed)
+
+        model, tokenizer, heads = load_model(
+            spec.model_path,
+            num_labels=1 if spec.task == "stsb" else (3 if spec.task == "mnli" else 2),
+            seed=spec.seed,
+        )
         data = load_data(
             spec.task,
             tokenizer,
@@ -157,7 +162,9 @@ def run_method(spec: RunSpec) -> dict[str, Any]:
             modules_to_save=heads or None,
             progress=False,
         )
-        summary["hparams"] = {k: v for k, v in vars(args).items() if v is not None and k != "progress"}
+        summary["hparams"] = {
+            k: v for k, v in vars(args).items() if v is not None and k != "progress"
+        }
         baseline = rss.reset()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -180,13 +187,21 @@ def run_method(spec: RunSpec) -> dict[str, Any]:
 
         def evaluate(step: int) -> dict[str, float]:
             metrics = data.evaluate(model, device=device)
-            _write(f, {"kind": "eval", "method": spec.method, "step": step, "time": clock, **metrics})
+            _write(
+                f, {"kind": "eval", "method": spec.method, "step": step, "time": clock, **metrics}
+            )
             return metrics
 
         metrics = evaluate(0)
         step_times: list[float] = []
         model.train()
-        bar = tqdm(total=spec.steps, desc=f"{spec.method:>8}", disable=not spec.progress, leave=True, dynamic_ncols=True)
+        bar = tqdm(
+            total=spec.steps,
+            desc=f"{spec.method:>8}",
+            disable=not spec.progress,
+            leave=True,
+            dynamic_ncols=True,
+        )
         for step, batch in enumerate(batches, start=1):
             t0 = time.perf_counter()
             loss = model(**to_device(batch)).loss
@@ -205,7 +220,17 @@ def run_method(spec: RunSpec) -> dict[str, Any]:
             step_times.append(dt)
             clock += dt
             lr = optimizer.param_groups[0]["lr"]
-            _write(f, {"kind": "step", "method": spec.method, "step": step, "loss": value, "lr": lr, "time": clock})
+            _write(
+                f,
+                {
+                    "kind": "step",
+                    "method": spec.method,
+                    "step": step,
+                    "loss": value,
+                    "lr": lr,
+                    "time": clock,
+                },
+            )
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4f}")
             if step == spec.steps or (spec.eval_every and step % spec.eval_every == 0):
@@ -213,7 +238,9 @@ def run_method(spec: RunSpec) -> dict[str, Any]:
         bar.close()
         summary["optimizer_state_bytes"] = optimizer_state_bytes(optimizer)
         summary["steps"] = len(step_times)
-        summary["time_per_step_s"] = float(sorted(step_times)[len(step_times) // 2]) if step_times else math.nan
+        summary["time_per_step_s"] = (
+            float(sorted(step_times)[len(step_times) // 2]) if step_times else math.nan
+        )
         summary["train_time_s"] = clock
         summary["final"] = metrics
     summary["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -250,11 +277,20 @@ def main(argv: list[str] | None = None) -> int:
     spec = RunSpec(**json.loads(Path(argv[0]).read_text()))
     try:
         summary = run_method(spec)
-    except Exception as exc:  # reported as the method's row in the table, the other methods still run
+    except (
+        Exception
+    ) as exc:  # reported as the method's row in the table, the other methods still run
         traceback.print_exc()
         message = " ".join(str(exc).split())
         with open(spec.metrics_file, "a", encoding="utf-8") as f:
-            _write(f, {"kind": "summary", "method": spec.method, "status": f"failed: {type(exc).__name__}: {message}"})
+            _write(
+                f,
+                {
+                    "kind": "summary",
+                    "method": spec.method,
+                    "status": f"failed: {type(exc).__name__}: {message}",
+                },
+            )
         return 1
     return 0 if summary["status"] == "ok" else 3
 

@@ -76,21 +76,51 @@ OPTIONS: dict[str, Option] = {
     for o in [
         # LoRA family (lora, lora-ga, lora-fa, lora-sb, lora-pro)
         Option("lora_r", int, "LoRA rank r"),
-        Option("lora_alpha", float, "LoRA alpha; scaling s = alpha / r (alpha / sqrt(r) with --use_rslora)"),
+        Option(
+            "lora_alpha",
+            float,
+            "LoRA alpha; scaling s = alpha / r (alpha / sqrt(r) with --use_rslora)",
+        ),
         Option("lora_dropout", float, "dropout on the LoRA branch input"),
-        Option("use_rslora", _bool, "rank-stabilized scaling s = alpha / sqrt(r) (the LoRA-GA paper's runs used it)"),
+        Option(
+            "use_rslora",
+            _bool,
+            "rank-stabilized scaling s = alpha / sqrt(r) (the LoRA-GA paper's runs used it)",
+        ),
         Option(
             "target_modules",
             str,
             "layers to adapt / project: 'all-linear' or comma-separated module-name suffixes (q_proj,v_proj)",
         ),
         # LoRA-GA
-        Option("ga_iters", int, "LoRA-GA: number of batches averaged for the gradient estimate (paper: 64 of 2)"),
-        Option("ga_direction", str, "LoRA-GA: which singular vectors go to A and B", ("ArB2r", "ArBr", "A2rBr", "random")),
-        Option("ga_scale", str, "LoRA-GA: scaling of the initial A, B", ("stable", "gd", "unit", "weight_svd")),
-        Option("ga_stable_gamma", float, "LoRA-GA: gamma of the 'stable' scale (A, B x m^(1/4)/sqrt(gamma))"),
+        Option(
+            "ga_iters",
+            int,
+            "LoRA-GA: number of batches averaged for the gradient estimate (paper: 64 of 2)",
+        ),
+        Option(
+            "ga_direction",
+            str,
+            "LoRA-GA: which singular vectors go to A and B",
+            ("ArB2r", "ArBr", "A2rBr", "random"),
+        ),
+        Option(
+            "ga_scale",
+            str,
+            "LoRA-GA: scaling of the initial A, B",
+            ("stable", "gd", "unit", "weight_svd"),
+        ),
+        Option(
+            "ga_stable_gamma",
+            float,
+            "LoRA-GA: gamma of the 'stable' scale (A, B x m^(1/4)/sqrt(gamma))",
+        ),
         # LoRA-SB
-        Option("sb_num_batches", int, "LoRA-SB: number of batches summed for the first-step update approximation"),
+        Option(
+            "sb_num_batches",
+            int,
+            "LoRA-SB: number of batches summed for the first-step update approximation",
+        ),
         Option(
             "sb_update_approximation",
             str,
@@ -98,13 +128,28 @@ OPTIONS: dict[str, Option] = {
             ("sign", "gradient"),
         ),
         # LoRA-Pro
-        Option("pro_mode", str, "LoRA-Pro: 'efficient' (Adam on adjusted LoRA gradients) or 'full' (full-space Adam)", ("efficient", "full")),
-        Option("pro_x_mode", str, "LoRA-Pro: how the free matrix X is chosen", ("sylvester", "zero", "symmetry")),
+        Option(
+            "pro_mode",
+            str,
+            "LoRA-Pro: 'efficient' (Adam on adjusted LoRA gradients) or 'full' (full-space Adam)",
+            ("efficient", "full"),
+        ),
+        Option(
+            "pro_x_mode",
+            str,
+            "LoRA-Pro: how the free matrix X is chosen",
+            ("sylvester", "zero", "symmetry"),
+        ),
         # GaLore / GoLore
         Option("galore_rank", int, "GaLore/GoLore: projection rank"),
         Option("update_proj_gap", int, "GaLore/GoLore: steps between projector updates (T)"),
         Option("galore_scale", float, "GaLore/GoLore: scale alpha applied to the projected update"),
-        Option("proj_type", str, "GaLore/GoLore: projection side", ("std", "reverse_std", "left", "right", "full")),
+        Option(
+            "proj_type",
+            str,
+            "GaLore/GoLore: projection side",
+            ("std", "reverse_std", "left", "right", "full"),
+        ),
         Option(
             "rand_ratio",
             float,
@@ -194,7 +239,7 @@ class Method(ABC):
         except ImportError as exc:
             raise ImportError(
                 f"--method {self.name} needs {self.module}: pip install {self.pip_name} "
-                f"(or pip install \"loralab-runners[{self.name if self.name != 'galore' else 'golore'}]\")"
+                f'(or pip install "loralab-runners[{self.name if self.name != "galore" else "golore"}]")'
             ) from exc
         missing = [n for n in self.requires if not hasattr(module, n)]
         if missing:
@@ -209,7 +254,12 @@ class Method(ABC):
         self.import_package()
 
     def setup(
-        self, model: nn.Module, args: Any, train_batches: Iterable[Mapping[str, torch.Tensor]] | None = None, *, resume: bool = False
+        self,
+        model: nn.Module,
+        args: Any,
+        train_batches: Iterable[Mapping[str, torch.Tensor]] | None = None,
+        *,
+        resume: bool = False,
     ) -> MethodSetup:
         """Wrap ``model`` and build its optimizer and scheduler from ``args``.
 
@@ -225,11 +275,18 @@ class Method(ABC):
         """
         resolve_method_options(self, args)
         if self.needs_batches and not resume and train_batches is None:
-            raise MethodError(f"--method {self.name} initializes from gradients: train_batches are required")
+            raise MethodError(
+                f"--method {self.name} initializes from gradients: train_batches are required"
+            )
         model = self.wrap(model, args, train_batches, resume=resume)
         optimizer = self.build_optimizer(model, args)
         scheduler = build_scheduler(optimizer, args)
-        return MethodSetup(model=model, optimizer=optimizer, scheduler=scheduler, callbacks=self.callbacks(model, args))
+        return MethodSetup(
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            callbacks=self.callbacks(model, args),
+        )
 
     @abstractmethod
     def wrap(self, model: nn.Module, args: Any, train_batches: Any, *, resume: bool) -> nn.Module:
@@ -246,7 +303,9 @@ class Method(ABC):
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise MethodError(f"{type(model).__name__} has no trainable parameter after the method setup")
+        raise MethodError(
+            f"{type(model).__name__} has no trainable parameter after the method setup"
+        )
     return params
 
 
@@ -255,8 +314,20 @@ def adamw(model: nn.Module, args: Any) -> Optimizer:
     decay, no_decay = [], []
     for p in trainable_parameters(model):
         (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [g for g in ({"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    groups = [
+        g
+        for g in (
+            {"params": decay, "weight_decay": args.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        )
+        if g["params"]
+    ]
+    return torch.optim.AdamW(
+        groups,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+    )
 
 
 def warmup_steps(args: Any) -> int:
@@ -270,7 +341,10 @@ def build_scheduler(optimizer: Optimizer, args: Any) -> Any:
     from transformers import get_scheduler
 
     return get_scheduler(
-        args.lr_scheduler_type, optimizer, num_warmup_steps=warmup_steps(args), num_training_steps=args.max_steps
+        args.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=warmup_steps(args),
+        num_training_steps=args.max_steps,
     )
 
 
@@ -294,7 +368,9 @@ def resolve_method_options(method: Method, args: Any) -> Any:
             value = method.defaults[name]
         opt = OPTIONS[name]
         if opt.choices is not None and value not in opt.choices:
-            raise MethodError(f"--{name} must be one of {', '.join(map(str, opt.choices))}, got {value!r}")
+            raise MethodError(
+                f"--{name} must be one of {', '.join(map(str, opt.choices))}, got {value!r}"
+            )
         if name == "target_modules" and isinstance(value, str) and value != "all-linear":
             value = [v.strip() for v in value.split(",") if v.strip()]
         setattr(args, name, value)
@@ -309,7 +385,9 @@ def resolve_method_options(method: Method, args: Any) -> Any:
         if not hasattr(args, name):
             setattr(args, name, default)
     if args.max_steps < 1:
-        raise MethodError(f"max_steps must be >= 1 (the number of optimizer steps), got {args.max_steps}")
+        raise MethodError(
+            f"max_steps must be >= 1 (the number of optimizer steps), got {args.max_steps}"
+        )
     return args
 
 
@@ -328,7 +406,11 @@ def lora_kwargs(args: Any) -> dict[str, Any]:
         use_rslora=args.use_rslora,
         target_modules=args.target_modules,
         task_type=args.task_type,
-        **({"modules_to_save": list(args.modules_to_save)} if getattr(args, "modules_to_save", None) else {}),
+        **(
+            {"modules_to_save": list(args.modules_to_save)}
+            if getattr(args, "modules_to_save", None)
+            else {}
+        ),
     )
 
 
@@ -336,7 +418,9 @@ def lora_scaling(args: Any) -> float:
     return args.lora_alpha / (args.lora_r**0.5 if args.use_rslora else args.lora_r)
 
 
-LORA_DEFAULTS: dict[str, Any] = dict(lora_r=8, lora_alpha=16.0, lora_dropout=0.05, use_rslora=False, target_modules="all-linear")
+LORA_DEFAULTS: dict[str, Any] = dict(
+    lora_r=8, lora_alpha=16.0, lora_dropout=0.05, use_rslora=False, target_modules="all-linear"
+)
 
 
 def as_list(x: Sequence[Any] | Any) -> list[Any]:

@@ -11,10 +11,16 @@ from loralab.runners.methods.registry import METHODS, get_method
 __all__ = ["add_method_arguments"]
 
 
-def add_method_arguments(parser: argparse.ArgumentParser, default: str = "lora") -> argparse.ArgumentParser:
+def add_method_arguments(
+    parser: argparse.ArgumentParser, default: str = "lora"
+) -> argparse.ArgumentParser:
     """Add ``--method`` and all method options to ``parser`` (a group titled "method")."""
-    group = parser.add_argument_group("method", "fine-tuning method and its options (see README for paper settings)")
-    group.add_argument("--method", default=default, choices=METHODS, help=f"fine-tuning method (default {default})")
+    group = parser.add_argument_group(
+        "method", "fine-tuning method and its options (see README for paper settings)"
+    )
+    group.add_argument(
+        "--method", default=default, choices=METHODS, help=f"fine-tuning method (default {default})"
+    )
     for opt in OPTIONS.values():
         users = [n for n in METHODS if opt.name in get_method(n).defaults]
         group.add_argument(

@@ -17,7 +17,11 @@ from loralab.runners.methods.base import Method
 __all__ = ["GALORE_DEFAULTS", "METHOD", "GaLore"]
 
 GALORE_DEFAULTS: dict[str, Any] = dict(
-    galore_rank=128, update_proj_gap=200, galore_scale=0.25, proj_type="std", target_modules="all-linear"
+    galore_rank=128,
+    update_proj_gap=200,
+    galore_scale=0.25,
+    proj_type="std",
+    target_modules="all-linear",
 )
 
 

@@ -27,7 +27,11 @@ class GoLore(GaLore):
     def build_optimizer(self, model: nn.Module, args: Any) -> Optimizer:
         pkg = self.import_package()
         return pkg.create_golore_optimizer(
-            model, args.learning_rate, rand_ratio=args.rand_ratio, total_steps=args.max_steps, **self.subspace_kwargs(args)
+            model,
+            args.learning_rate,
+            rand_ratio=args.rand_ratio,
+            total_steps=args.max_steps,
+            **self.subspace_kwargs(args),
         )
 
 

@@ -34,7 +34,12 @@ class LoraFA(Method):
     def build_optimizer(self, model: nn.Module, args: Any) -> Optimizer:
         pkg = self.import_package()
         return pkg.create_lorafa_optimizer(
-            model, args.lora_r, args.lora_alpha, args.learning_rate, weight_decay=args.weight_decay, use_rslora=args.use_rslora
+            model,
+            args.lora_r,
+            args.lora_alpha,
+            args.learning_rate,
+            weight_decay=args.weight_decay,
+            use_rslora=args.use_rslora,
         )
 
 

@@ -24,7 +24,13 @@ class LoraGA(Method):
     requires = ("LoraGAConfig", "get_lora_ga_model")
     description = "LoRA-GA: A, B from the SVD of the estimated full gradient, W0 offset"
     needs_batches = True
-    defaults: ClassVar[dict[str, Any]] = {**LORA_DEFAULTS, "ga_iters": 64, "ga_direction": "ArB2r", "ga_scale": "stable", "ga_stable_gamma": 16.0}
+    defaults: ClassVar[dict[str, Any]] = {
+        **LORA_DEFAULTS,
+        "ga_iters": 64,
+        "ga_direction": "ArB2r",
+        "ga_scale": "stable",
+        "ga_stable_gamma": 16.0,
+    }
 
     def wrap(self, model: nn.Module, args: Any, train_batches: Any, *, resume: bool) -> nn.Module:
         pkg = self.import_package()

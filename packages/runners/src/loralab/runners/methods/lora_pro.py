@@ -22,8 +22,14 @@ class LoraPro(Method):
     pip_name = "loralab-lora-pro"
     requires = ("create_lora_pro_optimizer",)
     description = "LoRA-Pro: LoRA with equivalent gradients (AdamW on the adjusted A, B gradients)"
-    zero_partitioning = False  # needs each (A, B) pair as matrices; ZeRO flattens them (LoRA-Pro issue #9)
-    defaults: ClassVar[dict[str, Any]] = {**LORA_DEFAULTS, "pro_mode": "efficient", "pro_x_mode": "sylvester"}
+    zero_partitioning = (
+        False  # needs each (A, B) pair as matrices; ZeRO flattens them (LoRA-Pro issue #9)
+    )
+    defaults: ClassVar[dict[str, Any]] = {
+        **LORA_DEFAULTS,
+        "pro_mode": "efficient",
+        "pro_x_mode": "sylvester",
+    }
 
     def wrap(self, model: nn.Module, args: Any, train_batches: Any, *, resume: bool) -> nn.Module:
         self.import_package()

@@ -31,7 +31,13 @@ class LoraSB(Method):
     requires = ("LoraSBConfig", "get_lora_sb_model")
     description = "LoRA-SB: only an r x r matrix trains; A, B, R from the first-step update's SVD"
     needs_batches = True
-    defaults: ClassVar[dict[str, Any]] = {**LORA_DEFAULTS, "lora_alpha": None, "lora_dropout": 0.0, "sb_num_batches": 8, "sb_update_approximation": "sign"}
+    defaults: ClassVar[dict[str, Any]] = {
+        **LORA_DEFAULTS,
+        "lora_alpha": None,
+        "lora_dropout": 0.0,
+        "sb_num_batches": 8,
+        "sb_update_approximation": "sign",
+    }
 
     def wrap(self, model: nn.Module, args: Any, train_batches: Any, *, resume: bool) -> nn.Module:
         pkg = self.import_package()
