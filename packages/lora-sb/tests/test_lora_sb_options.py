@@ -206,7 +206,7 @@ def test_seed_quant_flag_estimates_on_the_dequantized_model(tmp_path):
     for name, g in want.items():  # fresh model: exactly the dequantized weights' estimate
         assert torch.equal(got[f"{name}.weight"], update_approximation(g, LR))
     # An inference forward makes bitsandbytes 0.50 repack its CPU weights, after which a plain dequantize reads
-    # wrong values; the estimate reads the weights off the layers' kernels and stays (up to kernel round-off).
+    # wrong values; core's dequantize_weight undoes the repacking and the estimate stays (up to the bf16 scales).
     with torch.no_grad():
         qmodel(**_batches(1, seed=8)[0])
     again = estimate()

@@ -147,33 +147,13 @@ def write_lora_ga_layer(pending: _Pending, A: Tensor, B: Tensor) -> None:
                 param.copy_(value)  # in place: keeps DeepSpeed ZeRO-3's (gathered) storage valid
             else:
                 param.data = value.contiguous()
-        w = _float_weight(
-            base
-        )  # (out, in) float32 copy, whatever the storage (Linear, Conv1D, bnb)
+        # (out, in) float32 copy, whatever the storage (Linear, Conv1D, bnb; core reads a 4-bit layer
+        # right even after bitsandbytes repacked it for its CPU kernel)
+        w = dequantize_weight(base)
         # Offset with the factors exactly as stored, so W0' x + s B (A x) = W0 x up to W0's rounding.
         requantize_weight_(base, offset_weight(w, lora_A.data, lora_B.data, s))
     store = layer.__dict__.setdefault("_lora_ga_init", {})
     store[adapter] = (lora_A.detach().to("cpu", copy=True), lora_B.detach().to("cpu", copy=True))
-
-
-def _float_weight(base: nn.Module) -> Tensor:
-    """The (out, in) float32 weight of a Linear / Conv1D / bitsandbytes layer.
-
-    bitsandbytes >= 0.48 repacks a 4-bit weight for its CPU kernel on the first CPU forward in eval
-    mode (``quant_state.packing_format_for_cpu``: nested absmax unfolded, absmax in bf16, another
-    nibble layout), after which ``dequantize_4bit`` returns wrong values. Undo that first, as
-    bitsandbytes itself does before saving or moving the layer, so the offset and the re-quantization
-    (with the layer's original settings) start from the true weight.
-    """
-    weight = getattr(base, "weight", None)
-    state = getattr(weight, "quant_state", None)
-    if state is not None and getattr(state, "packing_format_for_cpu", False):
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
-        if getattr(base, "quant_state", None) is not None:
-            base.quant_state = weight.quant_state
-    return dequantize_weight(base)
 
 
 def factors_for(
@@ -183,7 +163,7 @@ def factors_for(
     layer, adapter, st = pending.layer, pending.adapter, pending.settings
     weight = None
     if st.scale == "weight_svd":
-        weight = _float_weight(layer.get_base_layer()).to(grad.device)
+        weight = dequantize_weight(layer.get_base_layer()).to(grad.device)
     return lora_ga_factors(
         grad.float(),
         int(layer.r[adapter]),

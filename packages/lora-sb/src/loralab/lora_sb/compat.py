@@ -89,8 +89,8 @@ def estimate_and_process_grads_torch(
 
     Values are in each weight's storage layout (Conv1D: (in, out)), as the seed returned them.
     ``quant_flag=True``: the estimate runs on a copy of the model whose bitsandbytes layers are float
-    layers holding the weights the 4-bit layers actually apply (read off their own kernels, so it stays
-    right after bitsandbytes repacks its CPU weights; in the layers' compute dtype). ``origin_type``
+    layers holding the weights the 4-bit layers actually apply (``loralab.core.quant.dequantize_weight``,
+    right also after bitsandbytes repacks its CPU weights; in the layers' compute dtype). ``origin_type``
     (validated) and ``quant_type`` are accepted for compatibility: both are read from the layers. ``no_split_module_classes`` is used with offload only and
     is accepted for compatibility.
     """

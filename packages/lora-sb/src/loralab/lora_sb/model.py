@@ -30,6 +30,7 @@ from peft import PeftModel, get_peft_model
 from torch import Tensor, nn
 
 from loralab.core.gradients import estimate_gradients
+from loralab.core.quant import dequantize_weight
 from loralab.core.targets import TargetLayer, layer_kind
 from loralab.lora_sb.config import LoraSBConfig
 from loralab.lora_sb.layer import is_lora_sb_layer, layer_generator, set_sb_factors_
@@ -260,27 +261,6 @@ def initialize_lora_sb_weights(
     return model
 
 
-def _effective_weight(module: nn.Module, dtype: torch.dtype) -> Tensor:
-    """The (out, in) weight a bitsandbytes layer actually applies, read off its forward on the identity.
-
-    Private workaround (reported to core): on the CPU, bitsandbytes 0.50 repacks a ``Params4bit`` into
-    its CPU kernel layout at the first forward, after which ``bnb.functional.dequantize_4bit`` (and so
-    ``loralab.core.quant.dequantize_weight``) returns wrong values. Applying the layer to ``I`` gives
-    ``W`` in whatever layout, with the layer's own kernel. The forward runs with autograd enabled on
-    purpose: an inference forward (nothing requiring grad) is what triggers that repacking, after which backward through
-    the layer yields no input gradient on the CPU (bitsandbytes 0.50; plain PEFT LoRA is affected too).
-    """
-    n = module.in_features
-    device = next(module.parameters()).device
-    # an input that requires grad keeps bitsandbytes on its autograd path (no repacking)
-    eye = torch.eye(n, dtype=dtype, device=device).requires_grad_(True)
-    with torch.enable_grad():
-        out = module(eye).detach()
-    if getattr(module, "bias", None) is not None:
-        out = out - module.bias.detach().to(out.dtype)
-    return out.T.to(dtype).contiguous()
-
-
 def _dequantized_twin(inner: nn.Module) -> nn.Module:
     """A copy of ``inner`` with every bitsandbytes layer replaced by a float ``nn.Linear`` (its dequantized
     weight, in the dtype it was quantized from) and every adapter disabled: its gradients are those at
@@ -299,7 +279,8 @@ def _dequantized_twin(inner: nn.Module) -> nn.Module:
             continue
         dtype = _factor_dtype(mod)
         lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device="meta")
-        lin.weight = nn.Parameter(_effective_weight(mod, dtype), requires_grad=False)
+        # the weight the layer applies (core reads a 4-bit layer right after bitsandbytes' CPU repacking)
+        lin.weight = nn.Parameter(dequantize_weight(mod, dtype), requires_grad=False)
         if mod.bias is not None:
             lin.bias = nn.Parameter(mod.bias.detach().to(dtype).clone(), requires_grad=False)
         memo[id(mod)] = lin
