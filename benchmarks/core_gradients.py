@@ -29,50 +29,18 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import os
 import platform
-import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+import _common
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "core.md"
 MODES = ("plain", "plain+consumer", "offload+consumer", "peft")
 
-FULL = dict(
-    hidden_size=768,
-    num_hidden_layers=12,
-    intermediate_size=2048,
-    vocab_size=8000,
-    num_attention_heads=12,
-    num_key_value_heads=12,
-    batches=4,
-    batch_size=2,
-    seq_len=256,
-)
-QUICK = dict(
-    hidden_size=256,
-    num_hidden_layers=4,
-    intermediate_size=688,
-    vocab_size=2000,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    batches=2,
-    batch_size=2,
-    seq_len=64,
-)
-
-
-def _rss_mib() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
-
-
-def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+FULL = _common.ESTIMATION_FULL
+QUICK = _common.ESTIMATION_QUICK
 
 
 def worker(mode: str, size: dict, threads: int, repeat: int = 2) -> dict:
@@ -82,14 +50,8 @@ def worker(mode: str, size: dict, threads: int, repeat: int = 2) -> dict:
     torch.set_num_threads(threads)
     from loralab.core.gradients import estimate_gradients
     from loralab.core.targets import find_all_linear_modules, find_targets
-    from loralab.core.testing import make_lm_batches, tiny_llama
 
-    size = dict(size)
-    n_batches, bsz, seq = size.pop("batches"), size.pop("batch_size"), size.pop("seq_len")
-    model = tiny_llama(seed=0, max_position_embeddings=max(256, seq), **size)
-    batches = make_lm_batches(
-        n_batches, batch_size=bsz, seq_len=seq, vocab_size=model.config.vocab_size, seed=1
-    )
+    model, batches = _common.llama_and_batches(size)
     targets = find_targets(model)
     probes = {
         n: torch.randn(t.in_features, generator=torch.Generator().manual_seed(7))
@@ -145,12 +107,12 @@ def worker(mode: str, size: dict, threads: int, repeat: int = 2) -> dict:
         raise ValueError(f"unknown mode {mode!r}")
 
     gc.collect()
-    rss_before = _rss_mib()
+    rss_before = _common.rss_mib()
     times = []
     t0 = time.perf_counter()
     grads = run_once()
     times.append(time.perf_counter() - t0)
-    peak = _peak_mib()  # the first run's peak: later runs reuse freed memory
+    peak = _common.peak_rss_mib()  # the first run's peak: later runs reuse freed memory
     for n, g in grads.items():
         consumer(n, g)
     for t in targets.values():  # PEFT leaves its gradients on the modules
@@ -177,21 +139,11 @@ def worker(mode: str, size: dict, threads: int, repeat: int = 2) -> dict:
 
 
 def _run_mode(mode: str, quick: bool, threads: int, repeat: int) -> dict:
-    cmd = [
-        sys.executable,
-        __file__,
-        "--worker",
-        mode,
-        "--threads",
-        str(threads),
-        "--repeat",
-        str(repeat),
-    ] + (["--quick"] if quick else [])
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"mode {mode} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    args = [__file__, "--worker", mode, "--threads", str(threads), "--repeat", str(repeat)]
+    args += ["--quick"] if quick else []
+    return _common.run_in_subprocess(
+        args, label=f"mode {mode}", env={"OMP_NUM_THREADS": str(threads)}
+    )
 
 
 def _max_rel(a: dict, b: dict) -> float:
@@ -204,14 +156,6 @@ def _max_rel(a: dict, b: dict) -> float:
         den = math.sqrt(sum(u * u for u in x)) or 1.0
         worst = max(worst, num / den)
     return worst
-
-
-def _load_note() -> str:
-    try:
-        load1 = os.getloadavg()[0]
-    except OSError:
-        return "unknown load"
-    return f"1-min load average at the end: {load1:.1f} on {os.cpu_count()} cores"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,8 +177,6 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = [_run_mode(m, args.quick, args.threads, args.repeat) for m in MODES]
     base = rows[0]
-    import torch
-
     lines = [
         "## core: gradient estimation — loralab vs PEFT `preprocess_loraga`",
         "",
@@ -258,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     cmd = "python benchmarks/core_gradients.py" + (" --quick" if args.quick else "")
     lines += [
         "",
-        f"Command: `{cmd}`. Machine: 2-core CPU, 24 GiB, torch {torch.__version__} ({platform.python_implementation()} "
-        f"{platform.python_version()}); {_load_note()} — the machine was shared with other jobs while this ran, "
+        f"Command: `{cmd}`. Machine: {_common.machine_description()} ({platform.python_implementation()} "
+        f"{platform.python_version()}); {_common.load_average_note()} — the machine was shared with other jobs while this ran, "
         f"so times are indicative. Date: {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC.",
         "",
         "Reading it: on a CPU-only machine `offload` cannot lower the *weights'* memory (they already live "
@@ -272,10 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch, so all fp32 sums exist until then; Δ also holds autograd's saved activations of one batch.",
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    _common.write_results(args.out, "\n".join(lines))
     return 0
 
 
