@@ -335,13 +335,15 @@ def test_one_batched_sylvester_solve_per_layer_shape(monkeypatch):
     import loralab.lora_pro.adjust as adjust
 
     calls = []
-    real = adjust.solve_sylvester_psd
+    real = (
+        adjust._solve_sylvester_eigh
+    )  # BᵀB = P diag(α) Pᵀ, AAᵀ = Q diag(β) Qᵀ (one eigh per Gram)
 
-    def spy(a, b, c, **kw):
-        calls.append((tuple(a.shape), a.device, b.device, c.device))
-        return real(a, b, c, **kw)
+    def spy(p, alpha, q, beta, c):
+        calls.append((tuple(p.shape), p.device, q.device, c.device))
+        return real(p, alpha, q, beta, c)
 
-    monkeypatch.setattr(adjust, "solve_sylvester_psd", spy)
+    monkeypatch.setattr(adjust, "_solve_sylvester_eigh", spy)
     torch.manual_seed(0)
     model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules="all-linear"))
     pairs = find_lora_pairs(model)

@@ -46,6 +46,7 @@ from loralab.lora_pro.adjust import (
     XMode,
     lora_gradients,
     lora_pro_gradients,
+    lora_pro_gradients_stacked,
     optimal_equivalent_gradient,
 )
 from loralab.lora_pro.zero import ZeroBinding, find_zero_optimizer
@@ -67,6 +68,39 @@ def _moment_dtype(p: Tensor) -> torch.dtype:
 
 def _is_zero3_param(p: Tensor) -> bool:
     return hasattr(p, "ds_id") or hasattr(p, "ds_numel")
+
+
+def _adamw_foreach_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    *,
+    step: int,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """AdamW (``torch.optim.AdamW``'s rule and its foreach arithmetic) on same-dtype tensor lists.
+
+    The same maths as :func:`loralab.core.adamw.adamw_update_` (style ``"torch"``), in the order
+    ``torch.optim.AdamW(foreach=True)`` computes it: the step size ``lr/bc₁`` goes into one
+    ``addcdiv_``, so the direction ``m/denom`` is never materialised (one tensor pass and one
+    allocation fewer per parameter; about half the time of the generic path on CPU).
+    """
+    beta1, beta2 = betas
+    if weight_decay:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    bc1 = 1 - beta1**step
+    bc2 = 1 - beta2**step
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, math.sqrt(bc2))
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(params, exp_avgs, denom, -lr / bc1)
 
 
 class LoraProAdamW(torch.optim.Optimizer):
@@ -156,6 +190,8 @@ class LoraProAdamW(torch.optim.Optimizer):
         self.check_finite = check_finite
         self._zero: ZeroBinding | None = None
         self._own_ids: set[int] = set()
+        # efficient mode: per bucket of equal-shape layers, stacked Adam moments (see _stacked_moments)
+        self._stacked: dict[tuple[int, ...], tuple[list[Tensor], list[tuple[Tensor, ...]]]] = {}
         super().__init__(params, defaults)
         self._finalise_pairs()
 
@@ -403,6 +439,17 @@ class LoraProAdamW(torch.optim.Optimizer):
         state["step"] += 1
         return int(state["step"].item())
 
+    def _next_steps(self, params: list[Tensor]) -> list[int]:
+        """``_next_step`` of many parameters: one ``_foreach_add_`` and one read-back."""
+        counters = []
+        for p in params:
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            counters.append(state["step"])
+        torch._foreach_add_(counters, 1.0)
+        return [int(v) for v in torch.stack(counters).tolist()]
+
     def _moments(self, p: Tensor, shape: torch.Size, prefix: str = "") -> tuple[Tensor, Tensor]:
         state = self.state[p]
         if prefix + "exp_avg" not in state:
@@ -421,17 +468,32 @@ class LoraProAdamW(torch.optim.Optimizer):
         )
 
     def _plain_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        by_step: dict[int, list[tuple[Tensor, Tensor]]] = defaultdict(list)
         for p in params:
             if p.grad.is_sparse:
                 raise RuntimeError("LoraProAdamW does not support sparse gradients")
-            by_step[self._next_step(p)].append((p, p.grad))
-        for step, items in by_step.items():
-            ps = [p for p, _ in items]
-            ms, vs = zip(*(self._moments(p, p.shape) for p in ps))
-            adamw_update_(
-                ps, [g for _, g in items], list(ms), list(vs), step=step, **self._adam_kwargs(group)
-            )
+        self._adamw(group, params, [p.grad for p in params])
+
+    def _adamw(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        steps: list[int] | None = None,
+    ) -> None:
+        """One AdamW step of ``params`` along ``grads``: ``torch._foreach_*`` over all of them at once."""
+        if steps is None:
+            steps = self._next_steps(params)
+        by_step: dict[int, list[int]] = defaultdict(list)
+        for j, st in enumerate(steps):
+            by_step[st].append(j)
+        for step, idx in by_step.items():
+            ps = [params[j] for j in idx]
+            gs = [grads[j] for j in idx]
+            ms, vs = (list(t) for t in zip(*(self._moments(p, p.shape) for p in ps)))
+            if all(p.dtype == m.dtype == g.dtype for p, m, g in zip(ps, ms, gs)):
+                _adamw_foreach_(ps, gs, ms, vs, step=step, **self._adam_kwargs(group))
+            else:  # fp32 moments of half-precision parameters
+                adamw_update_(ps, gs, ms, vs, step=step, **self._adam_kwargs(group))
 
     def _stack(self, bucket: list[LoraPair]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         A = torch.stack([p.A.detach() for p in bucket])
@@ -468,30 +530,106 @@ class LoraProAdamW(torch.optim.Optimizer):
         )
 
     def _efficient_bucket(self, group: dict[str, Any], bucket: list[LoraPair]) -> None:
-        A, B, g_A, g_B, s = self._stack(bucket)
-        sd = s.to(accumulation_dtype(A.dtype))
-        gA, gB = lora_pro_gradients(
-            A, B, g_A, g_B, sd, x_mode=group["x_mode"], ridge=group["ridge"]
-        )
-        self._check_out(bucket, g_A, g_B, gA, gB)
-        params, grads = [], []
+        # Each factor is stacked next to its gradient, [A; g_A] and [B | g_B], in the accumulation dtype:
+        # one copy of every tensor, and the adjustment becomes four batched products (see
+        # lora_pro_gradients_stacked).
+        r, n = bucket[0].A.shape
+        m = bucket[0].B.shape[0]
+        dt = accumulation_dtype(bucket[0].A.dtype)
+        kw: dict[str, Any] = dict(dtype=dt, device=bucket[0].A.device)
+        A_gA = torch.empty((len(bucket), 2 * r, n), **kw)
+        B_gB = torch.empty((len(bucket), m, 2 * r), **kw)
         for i, pair in enumerate(bucket):
-            params += [pair.A, pair.B]
-            grads += [gA[i], gB[i]]
-        by_step: dict[int, list[int]] = defaultdict(list)
-        for j, p in enumerate(params):
-            by_step[self._next_step(p)].append(j)
-        for step, idx in by_step.items():
-            ps = [params[j] for j in idx]
-            ms, vs = zip(*(self._moments(p, p.shape) for p in ps))
-            adamw_update_(
-                ps,
-                [grads[j] for j in idx],
-                list(ms),
-                list(vs),
-                step=step,
-                **self._adam_kwargs(group),
-            )
+            torch.cat([pair.A.detach(), pair.A.grad], dim=0, out=A_gA[i])
+            torch.cat([pair.B.detach(), pair.B.grad], dim=1, out=B_gB[i])
+        s = torch.tensor([p.scaling for p in bucket], **kw)
+        gA, gB = lora_pro_gradients_stacked(
+            A_gA, B_gB, s, x_mode=group["x_mode"], ridge=group["ridge"]
+        )
+        # the stacked inputs (gradients, and the factors with them: a contiguous reduction is several
+        # times faster than one over the strided gradient half) and the outputs
+        self._check_out(bucket, A_gA, B_gB, gA, gB)
+        params = [t for pair in bucket for t in (pair.A, pair.B)]
+        steps = self._next_steps(params)
+        moments = self._stacked_moments(bucket, gA.dtype)
+        if all(st == steps[0] for st in steps):
+            self._stacked_adamw(group, bucket, gA, gB, moments, steps[0])
+        else:  # layers that skipped steps: per parameter (the moments are views, still theirs)
+            grads = [g for i in range(len(bucket)) for g in (gA[i], gB[i])]
+            self._adamw(group, params, grads, steps)
+
+    def _stacked_moments(self, bucket: list[LoraPair], dtype: torch.dtype) -> list[Tensor]:
+        """The bucket's Adam moments as four stacked buffers ``[m_A, v_A, m_B, v_B]``.
+
+        ``state[p]["exp_avg"]`` / ``["exp_avg_sq"]`` of every factor stay per-parameter tensors (so
+        ``state_dict`` and resume are unchanged) but are views into these buffers, so that AdamW runs as
+        a few element-wise operations over the whole bucket instead of one kernel per parameter and
+        operation. Rebuilt (copying the current moments in) whenever a state tensor is no longer the
+        view handed out, e.g. after ``load_state_dict``.
+        """
+        key = tuple(id(p.A) for p in bucket)
+        cached = self._stacked.get(key)
+        if cached is not None:
+            bufs, views = cached
+            if all(
+                self.state[p]["exp_avg"] is vm and self.state[p]["exp_avg_sq"] is vv
+                for pair, (vmA, vvA, vmB, vvB) in zip(bucket, views)
+                for p, vm, vv in ((pair.A, vmA, vvA), (pair.B, vmB, vvB))
+            ):
+                return bufs
+        device = bucket[0].A.device
+        bufs = [
+            torch.zeros((len(bucket), *p.shape), dtype=dtype, device=device)
+            for p in (bucket[0].A, bucket[0].A, bucket[0].B, bucket[0].B)
+        ]
+        views = []
+        for i, pair in enumerate(bucket):
+            row = (bufs[0][i], bufs[1][i], bufs[2][i], bufs[3][i])
+            for p, vm, vv in ((pair.A, row[0], row[1]), (pair.B, row[2], row[3])):
+                state = self.state[p]
+                if "exp_avg" in state:
+                    vm.copy_(state["exp_avg"])
+                    vv.copy_(state["exp_avg_sq"])
+                state["exp_avg"], state["exp_avg_sq"] = vm, vv
+            views.append(row)
+        self._stacked[key] = (bufs, views)
+        return bufs
+
+    def _stacked_adamw(
+        self,
+        group: dict[str, Any],
+        bucket: list[LoraPair],
+        gA: Tensor,
+        gB: Tensor,
+        moments: list[Tensor],
+        step: int,
+    ) -> None:
+        """AdamW on the stacked adjusted gradients of a bucket (all its factors at the same ``step``).
+
+        The arithmetic of :func:`_adamw_foreach_` (``torch.optim.AdamW``'s), or of
+        :func:`loralab.core.adamw.adamw_update_` for half-precision factors with float32 moments.
+        """
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        beta1, beta2 = group["betas"]
+        bc1 = 1 - beta1**step
+        bc2 = 1 - beta2**step
+        mA, vA, mB, vB = moments
+        for params, g, m, v in (
+            ([p.A for p in bucket], gA, mA, vA),
+            ([p.B for p in bucket], gB, mB, vB),
+        ):
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denom = torch.sqrt(v, out=g)  # the adjusted gradient is spent: reuse its memory
+            denom.div_(math.sqrt(bc2)).add_(eps)
+            if wd:
+                torch._foreach_mul_(params, 1 - lr * wd)
+            if all(p.dtype == m.dtype for p in params):
+                torch._foreach_addcdiv_(params, list(m.unbind(0)), list(denom.unbind(0)), -lr / bc1)
+            else:  # half-precision factors: the direction in float32, rounded once, as core does
+                direction = torch.div(m, denom, out=denom).div_(bc1)
+                for p, d in zip(params, direction):
+                    p.add_(d.to(p.dtype), alpha=-lr)
 
     def _full_bucket(self, group: dict[str, Any], bucket: list[LoraPair]) -> None:
         A, B, g_A, g_B, s = self._stack(bucket)
