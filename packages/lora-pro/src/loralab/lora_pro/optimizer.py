@@ -190,8 +190,10 @@ class LoraProAdamW(torch.optim.Optimizer):
         self.check_finite = check_finite
         self._zero: ZeroBinding | None = None
         self._own_ids: set[int] = set()
-        # efficient mode: per bucket of equal-shape layers, stacked Adam moments (see _stacked_moments)
-        self._stacked: dict[tuple[int, ...], tuple[list[Tensor], list[tuple[Tensor, ...]]]] = {}
+        # efficient mode: per bucket of equal-shape layers, stacked Adam state (see _stacked_state)
+        self._stacked: dict[
+            tuple[int, ...], tuple[list[Tensor], Tensor, tuple[list[Tensor], ...]]
+        ] = {}
         super().__init__(params, defaults)
         self._finalise_pairs()
 
@@ -549,51 +551,66 @@ class LoraProAdamW(torch.optim.Optimizer):
         # the stacked inputs (gradients, and the factors with them: a contiguous reduction is several
         # times faster than one over the strided gradient half) and the outputs
         self._check_out(bucket, A_gA, B_gB, gA, gB)
-        params = [t for pair in bucket for t in (pair.A, pair.B)]
-        steps = self._next_steps(params)
-        moments = self._stacked_moments(bucket, gA.dtype)
+        moments, step_buf = self._stacked_state(bucket, gA.dtype)
+        step_buf.add_(1)
+        steps = [int(v) for v in step_buf.tolist()]
         if all(st == steps[0] for st in steps):
             self._stacked_adamw(group, bucket, gA, gB, moments, steps[0])
-        else:  # layers that skipped steps: per parameter (the moments are views, still theirs)
+        else:  # layers that skipped steps: per parameter (the state tensors are views, still theirs)
+            params = [t for pair in bucket for t in (pair.A, pair.B)]
             grads = [g for i in range(len(bucket)) for g in (gA[i], gB[i])]
             self._adamw(group, params, grads, steps)
 
-    def _stacked_moments(self, bucket: list[LoraPair], dtype: torch.dtype) -> list[Tensor]:
-        """The bucket's Adam moments as four stacked buffers ``[m_A, v_A, m_B, v_B]``.
+    def _stacked_state(
+        self, bucket: list[LoraPair], dtype: torch.dtype
+    ) -> tuple[list[Tensor], Tensor]:
+        """The bucket's Adam state as stacked buffers: ``[m_A, v_A, m_B, v_B]`` and the step counters.
 
-        ``state[p]["exp_avg"]`` / ``["exp_avg_sq"]`` of every factor stay per-parameter tensors (so
-        ``state_dict`` and resume are unchanged) but are views into these buffers, so that AdamW runs as
-        a few element-wise operations over the whole bucket instead of one kernel per parameter and
-        operation. Rebuilt (copying the current moments in) whenever a state tensor is no longer the
-        view handed out, e.g. after ``load_state_dict``.
+        ``state[p]["exp_avg"]``, ``["exp_avg_sq"]`` and ``["step"]`` of every factor stay per-parameter
+        tensors (so ``state_dict`` and resume are unchanged) but are views into these buffers, so that
+        AdamW runs as a few element-wise operations over the whole bucket instead of one kernel per
+        parameter and operation. Rebuilt (copying the current state in) whenever a state tensor is no
+        longer the view handed out, e.g. after ``load_state_dict``. Step counters are ordered A, B of
+        layer 0, A, B of layer 1, ...
         """
         key = tuple(id(p.A) for p in bucket)
         cached = self._stacked.get(key)
         if cached is not None:
-            bufs, views = cached
+            bufs, step_buf, views = cached
             if all(
-                self.state[p]["exp_avg"] is vm and self.state[p]["exp_avg_sq"] is vv
-                for pair, (vmA, vvA, vmB, vvB) in zip(bucket, views)
-                for p, vm, vv in ((pair.A, vmA, vvA), (pair.B, vmB, vvB))
+                state.get("exp_avg") is vm
+                and state.get("exp_avg_sq") is vv
+                and state.get("step") is vs
+                for state, vm, vv, vs in zip(
+                    (self.state[t] for pair in bucket for t in (pair.A, pair.B)), *views
+                )
             ):
-                return bufs
+                return bufs, step_buf
         device = bucket[0].A.device
+        L = len(bucket)
         bufs = [
-            torch.zeros((len(bucket), *p.shape), dtype=dtype, device=device)
+            torch.zeros((L, *p.shape), dtype=dtype, device=device)
             for p in (bucket[0].A, bucket[0].A, bucket[0].B, bucket[0].B)
         ]
-        views = []
+        # float32 on the CPU, as torch.optim keeps (and _next_step creates) the step counters
+        step_buf = torch.zeros(2 * L, dtype=torch.float32)
+        views: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
         for i, pair in enumerate(bucket):
-            row = (bufs[0][i], bufs[1][i], bufs[2][i], bufs[3][i])
-            for p, vm, vv in ((pair.A, row[0], row[1]), (pair.B, row[2], row[3])):
+            for j, (p, vm, vv) in enumerate(
+                ((pair.A, bufs[0][i], bufs[1][i]), (pair.B, bufs[2][i], bufs[3][i]))
+            ):
+                vs = step_buf[2 * i + j]
                 state = self.state[p]
                 if "exp_avg" in state:
                     vm.copy_(state["exp_avg"])
                     vv.copy_(state["exp_avg_sq"])
-                state["exp_avg"], state["exp_avg_sq"] = vm, vv
-            views.append(row)
-        self._stacked[key] = (bufs, views)
-        return bufs
+                if "step" in state:
+                    vs.copy_(state["step"])
+                state["exp_avg"], state["exp_avg_sq"], state["step"] = vm, vv, vs
+                for lst, v in zip(views, (vm, vv, vs)):
+                    lst.append(v)
+        self._stacked[key] = (bufs, step_buf, views)
+        return bufs, step_buf
 
     def _stacked_adamw(
         self,
@@ -606,8 +623,8 @@ class LoraProAdamW(torch.optim.Optimizer):
     ) -> None:
         """AdamW on the stacked adjusted gradients of a bucket (all its factors at the same ``step``).
 
-        The arithmetic of :func:`_adamw_foreach_` (``torch.optim.AdamW``'s), or of
-        :func:`loralab.core.adamw.adamw_update_` for half-precision factors with float32 moments.
+        ``torch.optim.AdamW``'s rule; for half-precision factors with float32 moments, the arithmetic of
+        :func:`loralab.core.adamw.adamw_update_` (the direction rounded once to the factor's dtype).
         """
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
         beta1, beta2 = group["betas"]
@@ -621,12 +638,17 @@ class LoraProAdamW(torch.optim.Optimizer):
             m.lerp_(g, 1 - beta1)
             v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
             denom = torch.sqrt(v, out=g)  # the adjusted gradient is spent: reuse its memory
-            denom.div_(math.sqrt(bc2)).add_(eps)
             if wd:
                 torch._foreach_mul_(params, 1 - lr * wd)
             if all(p.dtype == m.dtype for p in params):
-                torch._foreach_addcdiv_(params, list(m.unbind(0)), list(denom.unbind(0)), -lr / bc1)
+                # (lr/bc₁)·m/(√v/√bc₂ + ε) = (lr·√bc₂/bc₁)·m/(√v + ε·√bc₂): one pass over v fewer
+                denom.add_(eps * math.sqrt(bc2))
+                step_size = lr * math.sqrt(bc2) / bc1
+                torch._foreach_addcdiv_(
+                    params, list(m.unbind(0)), list(denom.unbind(0)), -step_size
+                )
             else:  # half-precision factors: the direction in float32, rounded once, as core does
+                denom.div_(math.sqrt(bc2)).add_(eps)
                 direction = torch.div(m, denom, out=denom).div_(bc1)
                 for p, d in zip(params, direction):
                     p.add_(d.to(p.dtype), alpha=-lr)
