@@ -36,50 +36,20 @@ import datetime as _dt
 import json
 import os
 import platform
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import _common
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "lora_ga.md"
 MODES = ("peft", "loralab", "loralab+offload", "seed")
 RANK = 8
 
-FULL = dict(
-    hidden_size=768,
-    num_hidden_layers=12,
-    intermediate_size=2048,
-    vocab_size=8000,
-    num_attention_heads=12,
-    num_key_value_heads=12,
-    batches=4,
-    batch_size=2,
-    seq_len=256,
-)
-QUICK = dict(
-    hidden_size=256,
-    num_hidden_layers=4,
-    intermediate_size=688,
-    vocab_size=2000,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    batches=2,
-    batch_size=2,
-    seq_len=64,
-)
-
-
-def _rss_mib() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
-
-
-def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+FULL = _common.ESTIMATION_FULL
+QUICK = _common.ESTIMATION_QUICK
 
 
 def worker(mode: str, size: dict, threads: int, device: str, out_file: str) -> dict:
@@ -92,15 +62,9 @@ def worker(mode: str, size: dict, threads: int, device: str, out_file: str) -> d
     import peft
 
     from loralab.core.targets import find_all_linear_modules
-    from loralab.core.testing import make_lm_batches, tiny_llama
     from loralab.lora_ga import LoraGAConfig, LoraGAContext, estimate_gradient, get_lora_ga_model
 
-    size = dict(size)
-    n_batches, bsz, seq = size.pop("batches"), size.pop("batch_size"), size.pop("seq_len")
-    model = tiny_llama(seed=0, max_position_embeddings=max(256, seq), **size)
-    batches = make_lm_batches(
-        n_batches, batch_size=bsz, seq_len=seq, vocab_size=model.config.vocab_size, seed=1
-    )
+    model, batches = _common.llama_and_batches(size)
     targets = find_all_linear_modules(model)
     cuda = device == "cuda"
     if cuda and mode != "loralab+offload":
@@ -113,7 +77,7 @@ def worker(mode: str, size: dict, threads: int, device: str, out_file: str) -> d
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     gpu_before = torch.cuda.memory_allocated() if cuda else 0
-    rss_before = _rss_mib()
+    rss_before = _common.rss_mib()
     t0 = time.perf_counter()
     if mode == "peft":
         from peft.tuners.lora.config import LoraGAConfig as PeftLoraGASubConfig
@@ -145,7 +109,7 @@ def worker(mode: str, size: dict, threads: int, device: str, out_file: str) -> d
     if cuda:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
-    peak = _peak_mib()
+    peak = _common.peak_rss_mib()
     gpu_peak = (torch.cuda.max_memory_allocated() - gpu_before) / 2**20 if cuda else None
     factors = {}
     for name, mod in pm.named_modules():
@@ -168,24 +132,11 @@ def worker(mode: str, size: dict, threads: int, device: str, out_file: str) -> d
 
 
 def _run_mode(mode: str, quick: bool, threads: int, device: str, out_file: str) -> dict:
-    cmd = [
-        sys.executable,
-        __file__,
-        "--worker",
-        mode,
-        "--threads",
-        str(threads),
-        "--device",
-        device,
-        "--factors",
-        out_file,
-    ]
-    cmd += ["--quick"] if quick else []
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"mode {mode} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    args = [__file__, "--worker", mode, "--threads", str(threads), "--device", device]
+    args += ["--factors", out_file] + (["--quick"] if quick else [])
+    return _common.run_in_subprocess(
+        args, label=f"mode {mode}", env={"OMP_NUM_THREADS": str(threads)}
+    )
 
 
 def _compare(ours: dict, other: dict) -> float:
@@ -217,14 +168,6 @@ def _cos_vs_peft(ours: dict, theirs: dict) -> tuple[float, float]:
         )
     c = torch.cat(cos)
     return c.median().item(), c.min().item()
-
-
-def _load_note() -> str:
-    try:
-        load1 = os.getloadavg()[0]
-    except OSError:
-        return "unknown load"
-    return f"1-min load average at the end: {load1:.1f} on {os.cpu_count()} cores"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,11 +205,6 @@ def main(argv: list[str] | None = None) -> int:
     peft_d = max(peft_row["peak_mib"] - peft_row["rss_before_mib"], 1e-9)
     cuda = args.device == "cuda"
     gpu_hdr = " GPU extra (MiB) | GPU / PEFT |" if cuda else ""
-    machine = (
-        f"{torch.cuda.get_device_name()} + {os.cpu_count()}-core CPU"
-        if cuda
-        else "2-core CPU, 24 GiB"
-    )
     lines = [
         f"## lora-ga: whole LoRA-GA init (estimate + SVD + offset) — loralab vs PEFT ({args.device})",
         "",
@@ -300,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     lines += [
         "",
-        f"Command: `{cmd}`. Machine: {machine}, torch {torch.__version__} ({platform.python_implementation()} "
-        f"{platform.python_version()}); {_load_note()}"
+        f"Command: `{cmd}`. Machine: {_common.machine_description(args.device)} ({platform.python_implementation()} "
+        f"{platform.python_version()}); {_common.load_average_note()}"
         + (
             " — the machine was shared with other jobs while this ran, so times are indicative"
             if not cuda
@@ -322,10 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         "the vectors). Times: the machine was shared (load average up to 14 on 2 cores), so they are indicative only.",
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    _common.write_results(args.out, "\n".join(lines))
     return 0
 
 
