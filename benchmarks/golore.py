@@ -17,15 +17,14 @@ Run: ``python benchmarks/golore.py [--quick]``; writes ``benchmarks/results/golo
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
 import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+import _common
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results" / "golore.md"
@@ -42,51 +41,7 @@ CONFIGS = {
 }
 
 
-def _model(cfg):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    c = LlamaConfig(
-        vocab_size=cfg["vocab"],
-        hidden_size=cfg["hidden"],
-        intermediate_size=cfg["inter"],
-        num_hidden_layers=cfg["layers"],
-        num_attention_heads=cfg["hidden"] // 64,
-        num_key_value_heads=cfg["hidden"] // 64,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(c)
-
-
-def _state_bytes(opt) -> int:
-    import torch
-
-    seen, total = set(), 0
-
-    def add(x):
-        nonlocal total
-        if isinstance(x, torch.Tensor):
-            if x.data_ptr() not in seen:
-                seen.add(x.data_ptr())
-                total += x.numel() * x.element_size()
-        elif isinstance(x, (list, tuple)):
-            for y in x:
-                add(y)
-        elif isinstance(x, dict):
-            for y in x.values():
-                add(y)
-        elif hasattr(x, "__dict__"):  # galore-torch's projector object
-            for y in vars(x).values():
-                add(y)
-
-    for st in opt.state.values():
-        add(st)
-    return total
-
-
-def worker(name: str, cfg: dict, out: str) -> None:
+def worker(name: str, cfg: dict) -> None:
     import warnings
 
     import torch
@@ -96,7 +51,7 @@ def worker(name: str, cfg: dict, out: str) -> None:
     # tiny gradients of a random model square to denormals; without this, timings measure x86 denormal
     # slow paths (which hit some optimizers and not others) rather than the optimizers
     torch.set_flush_denormal(True)
-    model = _model(cfg)
+    model = _common.random_llama(cfg)
     n_params = sum(p.numel() for p in model.parameters())
     ids = torch.randint(
         0, cfg["vocab"], (2, cfg["seq"]), generator=torch.Generator().manual_seed(0)
@@ -150,7 +105,7 @@ def worker(name: str, cfg: dict, out: str) -> None:
         first_step_s=first,
         regular_step_s=min(regular),
         refresh_step_s=min(refresh),
-        state_bytes=_state_bytes(opt),
+        state_bytes=_common.optimizer_state_bytes(opt),
     )
     if name.startswith("ours-svd") or name == "galore-torch":
         # subspace quality of the projector computed at the last refresh, against the exact SVD
@@ -168,41 +123,18 @@ def worker(name: str, cfg: dict, out: str) -> None:
             cap += float(project(g, mats, side).pow(2).sum())
             best += float(torch.linalg.svdvals(g)[: cfg["rank"]].pow(2).sum())
         res["subspace_quality"] = cap / best
-    Path(out).write_text(json.dumps(res))
+    print(json.dumps(res))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="a ~6M-parameter model instead of ~106M")
-    ap.add_argument("--only", nargs="*", default=None, help="subset of configs")
-    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--results", default=str(RESULTS), help="markdown output path")
-    args = ap.parse_args()
+    description = __doc__.split("\n\n")[0]
+    args = _common.workers_parser(description, results=RESULTS).parse_args()
     cfg = QUICK if args.quick else FULL
     if args.worker:
-        worker(args.worker, cfg, args.out)
+        worker(args.worker, cfg)
         return
-    names = args.only or list(CONFIGS)
-    rows = {}
-    tmp = Path(os.environ.get("TMPDIR", "/tmp"))
-    for name in names:
-        out = tmp / f"golore_bench_{name}_{os.getpid()}.json"
-        cmd = [sys.executable, __file__, "--worker", name, "--out", str(out)] + (
-            ["--quick"] if args.quick else []
-        )
-        print(f"running {name} ...", flush=True)
-        subprocess.run(
-            cmd,
-            check=True,
-            env={**os.environ, "OMP_NUM_THREADS": os.environ.get("BENCH_THREADS", "1")},
-        )
-        rows[name] = json.loads(out.read_text())
-        out.unlink()
-    md = _table(rows, cfg, args.quick)
-    print(md)
-    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.results).write_text(md)
+    rows = _common.run_workers(__file__, args.only or list(CONFIGS), quick=args.quick)
+    _common.write_results(args.results, _table(rows, cfg, args.quick))
 
 
 def _table(rows: dict, cfg: dict, quick: bool) -> str:
@@ -238,7 +170,7 @@ def _table(rows: dict, cfg: dict, quick: bool) -> str:
     cmd = "python benchmarks/golore.py" + (" --quick" if quick else "")
     lines += [
         "",
-        f"Command: `{cmd}`. Machine: 2-core CPU, 24 GiB, torch 2.13.0+cpu ({platform.python_version()}); "
+        f"Command: `{cmd}`. Machine: {_common.machine_description()} ({platform.python_version()}); "
         f"{datetime.date.today().isoformat()}. The machine was shared with other engineers' test runs while this was "
         "measured, so steps are timed in CPU seconds of one thread (time.process_time), minimum over repeats.",
         "",

@@ -21,15 +21,14 @@ Run: ``python benchmarks/lora_sb.py [--quick]``; writes ``benchmarks/results/lor
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
 import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+import _common
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results" / "lora_sb.md"
@@ -47,24 +46,6 @@ CONFIGS = {
 }
 
 
-def _model(cfg):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    c = LlamaConfig(
-        vocab_size=cfg["vocab"],
-        hidden_size=cfg["hidden"],
-        intermediate_size=cfg["inter"],
-        num_hidden_layers=cfg["layers"],
-        num_attention_heads=cfg["hidden"] // 64,
-        num_key_value_heads=cfg["hidden"] // 64,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(c)
-
-
 def _batches(cfg, n, seed):
     import torch
 
@@ -76,18 +57,7 @@ def _batches(cfg, n, seed):
     return out
 
 
-def _state_bytes(opt) -> int:
-    import torch
-
-    return sum(
-        t.numel() * t.element_size()
-        for st in opt.state.values()
-        for t in st.values()
-        if isinstance(t, torch.Tensor)
-    )
-
-
-def worker(name: str, cfg: dict, out: str) -> None:
+def worker(name: str, cfg: dict) -> None:
     import logging
     import warnings
 
@@ -98,7 +68,7 @@ def worker(name: str, cfg: dict, out: str) -> None:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     # random models' tiny gradients square to denormals; flush them so timings measure the methods
     torch.set_flush_denormal(True)
-    model = _model(cfg)
+    model = _common.random_llama(cfg)
     n_params = sum(p.numel() for p in model.parameters())
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     init_s = estimate_s = None
@@ -156,47 +126,24 @@ def worker(name: str, cfg: dict, out: str) -> None:
         params=n_params,
         rank=None if name == "full" else cfg["rank"] * (3 if name == "lora-sb-3r" else 1),
         trainable=sum(p.numel() for p in trainable),
-        state_bytes=_state_bytes(opt),
+        state_bytes=_common.optimizer_state_bytes(opt),
         init_s=init_s,
         estimate_s=estimate_s,
         step_s=min(steps[1:]),  # step 0 allocates the optimizer state
         opt_step_s=min(opt_steps[1:]),
     )
-    Path(out).write_text(json.dumps(res))
+    print(json.dumps(res))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="a ~6M-parameter model instead of ~106M")
-    ap.add_argument("--only", nargs="*", default=None, help="subset of variants")
-    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--results", default=str(RESULTS), help="markdown output path")
-    args = ap.parse_args()
+    description = __doc__.split("\n\n")[0]
+    args = _common.workers_parser(description, results=RESULTS, configs="variants").parse_args()
     cfg = QUICK if args.quick else FULL
     if args.worker:
-        worker(args.worker, cfg, args.out)
+        worker(args.worker, cfg)
         return
-    names = args.only or list(CONFIGS)
-    rows = {}
-    tmp = Path(os.environ.get("TMPDIR", "/tmp"))
-    for name in names:
-        out = tmp / f"lora_sb_bench_{name}_{os.getpid()}.json"
-        cmd = [sys.executable, __file__, "--worker", name, "--out", str(out)] + (
-            ["--quick"] if args.quick else []
-        )
-        print(f"running {name} ...", flush=True)
-        subprocess.run(
-            cmd,
-            check=True,
-            env={**os.environ, "OMP_NUM_THREADS": os.environ.get("BENCH_THREADS", "1")},
-        )
-        rows[name] = json.loads(out.read_text())
-        out.unlink()
-    md = _table(rows, cfg, args)
-    print(md)
-    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.results).write_text(md)
+    rows = _common.run_workers(__file__, args.only or list(CONFIGS), quick=args.quick)
+    _common.write_results(args.results, _table(rows, cfg, args))
 
 
 def _table(rows: dict, cfg: dict, args) -> str:
@@ -244,7 +191,7 @@ def _table(rows: dict, cfg: dict, args) -> str:
         )
         lines.append("")
     lines += [
-        f"Command: `{cmd}`. Machine: 2-core CPU, 24 GiB, torch 2.13.0+cpu (Python {platform.python_version()}); "
+        f"Command: `{cmd}`. Machine: {_common.machine_description()} (Python {platform.python_version()}); "
         f"{datetime.date.today().isoformat()}. The machine was shared with other engineers' jobs while this was measured, "
         "hence CPU seconds of one thread (time.process_time) rather than wall-clock time.",
         "",
