@@ -31,9 +31,9 @@ import datetime
 import json
 import os
 import platform
-import subprocess
-import sys
 from pathlib import Path
+
+import _common
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results" / "lora_fa.md"
@@ -52,21 +52,9 @@ CONFIGS = {
 def _build(cfg, which):
     import peft
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    c = LlamaConfig(
-        vocab_size=cfg["vocab"],
-        hidden_size=cfg["hidden"],
-        intermediate_size=cfg["inter"],
-        num_hidden_layers=cfg["layers"],
-        num_attention_heads=cfg["hidden"] // 32,
-        num_key_value_heads=cfg["hidden"] // 32,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-    )
     model = peft.get_peft_model(
-        LlamaForCausalLM(c),
+        _common.random_llama(cfg, head_dim=32),
         peft.LoraConfig(r=cfg["rank"], lora_alpha=2 * cfg["rank"], target_modules=TARGETS),
     )
     lr = 1e-4
@@ -144,17 +132,12 @@ def _child_rss(cfg, which):
 
 
 def _run_child(mode, cfg, which):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = subprocess.run(
-        [sys.executable, __file__, "--child", mode, "--which", which, "--cfg", json.dumps(cfg)],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
+    return _common.run_in_subprocess(
+        [__file__, "--child", mode, "--which", which, "--cfg", json.dumps(cfg)],
+        label=f"{mode}/{which}",
+        env={"OMP_NUM_THREADS": "1"},
+        timeout=None,
     )
-    if out.returncode != 0:
-        raise RuntimeError(f"{mode}/{which} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -177,8 +160,6 @@ def main() -> None:
     for which in CONFIGS:
         rows[which] = {**_run_child("time", cfg, which), **_run_child("rss", cfg, which)}
         print(which, rows[which], flush=True)
-    import torch
-
     n_lora = rows["ours"]["n_lora"]
     p, o = rows["peft"], rows["ours"]
     lines = [
@@ -204,15 +185,12 @@ def main() -> None:
         f"{p['peak_mib']:.0f} MiB ({o['peak_mib'] / p['peak_mib']:.2f}×). The optimizer state is the same size in both (two moments per B); "
         "the activation saving of the memory-saving layer is measured in `lora_fa_memory.md`.",
         "",
-        f"Command: `python benchmarks/lora_fa.py{' --quick' if args.quick else ''}`. Machine: 2-core CPU, 24 GiB, torch {torch.__version__} "
+        f"Command: `python benchmarks/lora_fa.py{' --quick' if args.quick else ''}`. Machine: {_common.machine_description()} "
         f"({platform.python_version()}); {datetime.date.today().isoformat()}. Timings are CPU seconds of one thread (process_time), "
         f"taken while the machine was shared with other engineers' test runs (1-min load average {load:.1f} on 2 cores at the start): "
         "ratios are meaningful, absolute numbers indicative. RSS is sampled every 2 ms with psutil.",
     ]
-    text = "\n".join(lines) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
+    _common.write_results(args.out, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -29,10 +29,10 @@ import datetime
 import json
 import os
 import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+import _common
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results" / "lora_fa_memory.md"
@@ -73,24 +73,11 @@ def worker(cfg: dict, method: str, dropout: float, checkpointing: bool) -> dict:
 
     import peft
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from loralab.lora_fa.layer import apply_lorafa_layers
     from loralab.lora_fa.memory import saved_tensor_bytes
 
-    torch.manual_seed(0)
-    c = LlamaConfig(
-        vocab_size=cfg["vocab"],
-        hidden_size=cfg["hidden"],
-        intermediate_size=cfg["inter"],
-        num_hidden_layers=cfg["layers"],
-        num_attention_heads=cfg["hidden"] // 64,
-        num_key_value_heads=cfg["hidden"] // 64,
-        max_position_embeddings=cfg["seq"],
-        tie_word_embeddings=False,
-        attn_implementation="sdpa",
-    )
-    base = LlamaForCausalLM(c)
+    base = _common.random_llama(cfg, max_position_embeddings=cfg["seq"], attn_implementation="sdpa")
     n_params = sum(p.numel() for p in base.parameters())
     lcfg = peft.LoraConfig(
         r=cfg["rank"], lora_alpha=2 * cfg["rank"], target_modules="all-linear", lora_dropout=dropout
@@ -150,24 +137,22 @@ def main() -> None:
     # glibc: one arena, and a fixed mmap threshold (no dynamic raise), so every tensor >= 1 MiB is mapped on
     # allocation and unmapped on free; RSS then follows the live tensors rather than the allocator's cache
     env = dict(
-        os.environ,
         OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"),
         MALLOC_ARENA_MAX="1",
         MALLOC_MMAP_THRESHOLD_=str(1 << 20),
-        TOKENIZERS_PARALLELISM="false",
     )
     rows = []
     for method, dropout, ckpt in RUNS:
-        cmd = [sys.executable, __file__, "--worker", json.dumps([method, dropout, ckpt])] + (
+        cmd = [__file__, "--worker", json.dumps([method, dropout, ckpt])] + (
             ["--quick"] if args.quick else []
         )
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
-        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if out.returncode != 0 or line is None:
-            raise SystemExit(
-                f"{method} dropout={dropout} checkpointing={ckpt} failed:\n{out.stderr[-4000:]}"
-            )
-        res = json.loads(line[len("RESULT ") :])
+        res = _common.run_in_subprocess(
+            cmd,
+            label=f"{method} dropout={dropout} checkpointing={ckpt}",
+            env=env,
+            timeout=1800,
+            result_prefix="RESULT ",
+        )
         rows.append((method, dropout, ckpt, res))
         print(method, dropout, ckpt, res, flush=True)
 
@@ -205,10 +190,8 @@ def main() -> None:
         f"decoder, one sequence of {cfg['seq']} tokens; one forward + backward + AdamW step per run, each in its own process.\n"
     )
     cmd = "python benchmarks/lora_fa_memory.py" + (" --quick" if args.quick else "")
-    import torch
-
     foot = (
-        f"\nCommand: `{cmd}`. Machine: 2-core CPU, 24 GiB, torch {torch.__version__} ({platform.python_version()}); "
+        f"\nCommand: `{cmd}`. Machine: {_common.machine_description()} ({platform.python_version()}); "
         f"{datetime.date.today().isoformat()}. The machine was shared with other engineers' test runs: CPU seconds are "
         "indicative only.\n\n"
         "'saved for backward' = bytes of the distinct storages autograd keeps between forward and backward "
@@ -220,11 +203,11 @@ def main() -> None:
         + ("\n" + NOTE + "\n" if not args.quick else "")
     )
     text = head + "\n" + "\n".join(table) + "\n" + foot
-    print(text)
     out = args.out or (None if args.quick else RESULTS)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
+    if out is None:
+        print(text)
+    else:
+        _common.write_results(out, text)
 
 
 if __name__ == "__main__":
