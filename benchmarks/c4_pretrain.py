@@ -34,6 +34,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import _common
 import torch
 
 ROOT = Path(__file__).resolve().parent
@@ -53,15 +54,7 @@ SUBSPACE = ["--rank", "128", "--galore_scale", "0.25"]
 
 def _state_mib(path: Path) -> float:
     state = torch.load(path, map_location="cpu", weights_only=True)["state"]
-    return (
-        sum(
-            t.numel() * t.element_size()
-            for s in state.values()
-            for t in s.values()
-            if torch.is_tensor(t)
-        )
-        / 2**20
-    )
+    return _common.optimizer_state_bytes(state) / 2**20
 
 
 def _run(
@@ -169,9 +162,7 @@ def main() -> None:
             "",
         ]
     )
-    Path(a.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.output).write_text(text)
-    print(text)
+    _common.write_results(a.output, text)
 
 
 if __name__ == "__main__":
