@@ -367,3 +367,41 @@ def test_finite_check_does_not_mistake_an_overflowing_sum_for_nan(lp):
     opt._check_out(opt.lora_pairs[:1], big, -big)  # no error
     with pytest.raises(FloatingPointError, match="adjustment produced NaN/Inf"):
         opt._check_out(opt.lora_pairs[:1], big, torch.tensor([float("inf")]))
+
+
+def test_layer_sitting_out_a_step_keeps_its_own_adam_clock(lp):
+    """Efficient mode stacks the Adam state of equal-shape layers; a layer without gradients for one
+    step falls behind by one step and still follows the dense float64 reference exactly."""
+    import copy
+
+    torch.manual_seed(0)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    model = peft.get_peft_model(tiny_llama(), cfg).double()
+    g = torch.Generator().manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.1)
+    ref = copy.deepcopy(model)
+    pairs, ref_pairs = find_lora_pairs(model), find_lora_pairs(ref)
+    assert len({(tuple(p.A.shape), tuple(p.B.shape)) for p in pairs}) < len(pairs)
+    opt = LoraProAdamW(model, lr=LR)
+    adam = lp.RefAdam(LR)
+    ids = torch.randint(4, 100, (2, 8), generator=torch.Generator().manual_seed(2))
+    for step in range(4):
+        for m, prs in ((model, pairs), (ref, ref_pairs)):
+            m.zero_grad(set_to_none=True)
+            m(input_ids=ids, labels=ids).loss.backward()
+            if step == 1:  # the first layer sits this step out
+                prs[0].A.grad = prs[0].B.grad = None
+        opt.step()
+        with torch.no_grad():
+            for p in ref_pairs:
+                if p.A.grad is None:
+                    continue
+                nA, nB = lp.ref_adjust(p.A, p.B, p.A.grad, p.B.grad, p.scaling, "sylvester")
+                p.A.add_(adam.direction(p.name + "A", nA), alpha=-LR)
+                p.B.add_(adam.direction(p.name + "B", nB), alpha=-LR)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-10, rtol=1e-8, msg=name)
+    assert opt.state[pairs[0].A]["step"].item() == 3
+    assert {opt.state[p.B]["step"].item() for p in pairs[1:]} == {4}

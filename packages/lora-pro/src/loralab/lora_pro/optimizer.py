@@ -609,6 +609,10 @@ class LoraProAdamW(torch.optim.Optimizer):
                 state["exp_avg"], state["exp_avg_sq"], state["step"] = vm, vv, vs
                 for lst, v in zip(views, (vm, vv, vs)):
                     lst.append(v)
+        # a layer that moved to another bucket (its shape group changed between steps) leaves its old
+        # buffers behind: drop every cached bucket that shares a layer with this one
+        for other in [k for k in self._stacked if not set(k).isdisjoint(key)]:
+            del self._stacked[other]
         self._stacked[key] = (bufs, step_buf, views)
         return bufs, step_buf
 
