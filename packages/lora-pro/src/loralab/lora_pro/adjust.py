@@ -42,6 +42,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -55,6 +56,7 @@ __all__ = [
     "equivalent_gradient",
     "lora_gradients",
     "lora_pro_gradients",
+    "lora_pro_gradients_buckets",
     "lora_pro_gradients_stacked",
     "optimal_equivalent_gradient",
     "solve_x",
@@ -248,15 +250,52 @@ def lora_pro_gradients_stacked(
     inputs must already be in the accumulation dtype (float32 or float64).
     """
     r = A_gA.shape[-2] // 2
-    if A_gA.shape[-2] != 2 * r or B_gB.shape[-1] != 2 * r:
-        raise ValueError(
-            f"A_gA must be (..., 2r, n) and B_gB (..., m, 2r), got {tuple(A_gA.shape)} and {tuple(B_gB.shape)}"
-        )
-    A, B = A_gA[..., :r, :], B_gB[..., :r]
-    s2 = _scale(scaling, A_gA) ** 2
+    batch = A_gA.shape[:-2]
+    s = torch.as_tensor(scaling, dtype=A_gA.dtype, device=A_gA.device).expand(batch).reshape(-1)
+    ((gA, gB),) = lora_pro_gradients_buckets(
+        [A_gA.reshape(-1, 2 * r, A_gA.shape[-1])],
+        [B_gB.reshape(-1, B_gB.shape[-2], B_gB.shape[-1])],
+        [s],
+        x_mode=x_mode,
+        ridge=ridge,
+    )
+    return gA.reshape(*batch, *gA.shape[-2:]), gB.reshape(*batch, *gB.shape[-2:])
+
+
+def lora_pro_gradients_buckets(
+    A_gAs: Sequence[Tensor],
+    B_gBs: Sequence[Tensor],
+    scalings: Sequence[Tensor],
+    *,
+    x_mode: XMode = "sylvester",
+    ridge: float = 0.0,
+) -> list[tuple[Tensor, Tensor]]:
+    """:func:`lora_pro_gradients_stacked` for several stacks of layers of one rank at once.
+
+    Each stack ``k`` holds the layers of one shape: ``A_gAs[k]`` (L_k, 2r, n_k), ``B_gBs[k]``
+    (L_k, m_k, 2r), ``scalings[k]`` (L_k,). The products that touch (m|n)×r data run per stack; all
+    the r×r work (Gram eigendecompositions, pseudo-inverses, the Sylvester solve) runs once, batched
+    over every layer of every stack. Returns ``[(gᴬ, gᴮ)]`` per stack.
+    """
+    if not A_gAs or not (len(A_gAs) == len(B_gBs) == len(scalings)):
+        raise ValueError("need one A_gA, B_gB and scaling tensor per stack, and at least one stack")
+    r = A_gAs[0].shape[-2] // 2
+    for A_gA, B_gB in zip(A_gAs, B_gBs):
+        if (
+            A_gA.dim() != 3
+            or B_gB.dim() != 3
+            or A_gA.shape[-2] != 2 * r
+            or B_gB.shape[-1] != 2 * r
+            or A_gA.shape[0] != B_gB.shape[0]
+        ):
+            raise ValueError(
+                f"every stack must be A_gA (L, 2r, n) and B_gB (L, m, 2r) with one rank r = {r}, got "
+                f"{tuple(A_gA.shape)} and {tuple(B_gB.shape)}"
+            )
     # [AAᵀ; g_A Aᵀ] and [BᵀB | Bᵀg_B]: the four r×r products that read A, g_A, B, g_B
-    AgA_At = A_gA @ A.mT
-    Bt_BgB = B.mT @ B_gB
+    AgA_At = _cat([A_gA @ A_gA[:, :r].mT for A_gA in A_gAs])
+    Bt_BgB = _cat([B_gB[..., :r].mT @ B_gB for B_gB in B_gBs])
+    s2 = _scale(_cat(list(scalings)), AgA_At) ** 2
     eb, ea = _eigh_pair(Bt_BgB[..., :r], AgA_At[..., :r, :])
     BtB_inv = _inverse_from_eigh(*eb, ridge)
     AAt_inv = _inverse_from_eigh(*ea, ridge)
@@ -271,14 +310,21 @@ def lora_pro_gradients_stacked(
     Btg_B = Bt_BgB[..., r:]
     Y = BtB_inv_s2 @ Btg_B @ AAt_inv
     if x_mode == "zero":
-        gA = BtB_inv_s2 @ A_gA[..., r:, :]
-        YX = Y
+        coef_A, YX = BtB_inv_s2, Y
     else:
         X = _x_from_eighs(AgA_At[..., r:, :], BtB_inv_s2, Btg_B, eb, ea, x_mode)
-        gA = torch.cat([X, BtB_inv_s2], dim=-1) @ A_gA
-        YX = Y + X
-    gB = B_gB @ torch.cat([-YX, AAt_inv_s2], dim=-2)
-    return gA, gB
+        coef_A, YX = torch.cat([X, BtB_inv_s2], dim=-1), Y + X
+    coef_B = torch.cat([-YX, AAt_inv_s2], dim=-2)
+    sizes = [t.shape[0] for t in A_gAs]
+    out = []
+    for A_gA, B_gB, cA, cB in zip(A_gAs, B_gBs, coef_A.split(sizes), coef_B.split(sizes)):
+        gA = cA @ (A_gA[:, r:] if x_mode == "zero" else A_gA)
+        out.append((gA, B_gB @ cB))
+    return out
+
+
+def _cat(tensors: list[Tensor]) -> Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
 def optimal_equivalent_gradient(

@@ -46,7 +46,7 @@ from loralab.lora_pro.adjust import (
     XMode,
     lora_gradients,
     lora_pro_gradients,
-    lora_pro_gradients_stacked,
+    lora_pro_gradients_buckets,
     optimal_equivalent_gradient,
 )
 from loralab.lora_pro.zero import ZeroBinding, find_zero_optimizer
@@ -364,10 +364,10 @@ class LoraProAdamW(torch.optim.Optimizer):
                 buckets[
                     (tuple(pair.A.shape), tuple(pair.B.shape), pair.A.dtype, pair.A.device)
                 ].append(pair)
-            for bucket in buckets.values():
-                if group["mode"] == "efficient":
-                    self._efficient_bucket(group, bucket)
-                else:
+            if group["mode"] == "efficient":
+                self._efficient_buckets(group, list(buckets.values()))
+            else:
+                for bucket in buckets.values():
                     self._full_bucket(group, bucket)
         return loss
 
@@ -531,26 +531,45 @@ class LoraProAdamW(torch.optim.Optimizer):
             "try ridge > 0 or float32 factors"
         )
 
-    def _efficient_bucket(self, group: dict[str, Any], bucket: list[LoraPair]) -> None:
+    def _efficient_buckets(self, group: dict[str, Any], buckets: list[list[LoraPair]]) -> None:
         # Each factor is stacked next to its gradient, [A; g_A] and [B | g_B], in the accumulation dtype:
-        # one copy of every tensor, and the adjustment becomes four batched products (see
-        # lora_pro_gradients_stacked).
-        r, n = bucket[0].A.shape
-        m = bucket[0].B.shape[0]
-        dt = accumulation_dtype(bucket[0].A.dtype)
-        kw: dict[str, Any] = dict(dtype=dt, device=bucket[0].A.device)
-        A_gA = torch.empty((len(bucket), 2 * r, n), **kw)
-        B_gB = torch.empty((len(bucket), m, 2 * r), **kw)
-        for i, pair in enumerate(bucket):
-            torch.cat([pair.A.detach(), pair.A.grad], dim=0, out=A_gA[i])
-            torch.cat([pair.B.detach(), pair.B.grad], dim=1, out=B_gB[i])
-        s = torch.tensor([p.scaling for p in bucket], **kw)
-        gA, gB = lora_pro_gradients_stacked(
-            A_gA, B_gB, s, x_mode=group["x_mode"], ridge=group["ridge"]
-        )
-        # the stacked inputs (gradients, and the factors with them: a contiguous reduction is several
-        # times faster than one over the strided gradient half) and the outputs
-        self._check_out(bucket, A_gA, B_gB, gA, gB)
+        # one copy of every tensor, and the adjustment becomes four batched products per shape; the r×r
+        # work of all shapes that share a rank, dtype and device runs as one batch (see
+        # lora_pro_gradients_buckets).
+        stacks: dict[tuple, list[tuple[list[LoraPair], Tensor, Tensor, Tensor]]] = defaultdict(list)
+        for bucket in buckets:
+            r, n = bucket[0].A.shape
+            m = bucket[0].B.shape[0]
+            dt = accumulation_dtype(bucket[0].A.dtype)
+            kw: dict[str, Any] = dict(dtype=dt, device=bucket[0].A.device)
+            A_gA = torch.empty((len(bucket), 2 * r, n), **kw)
+            B_gB = torch.empty((len(bucket), m, 2 * r), **kw)
+            for i, pair in enumerate(bucket):
+                torch.cat([pair.A.detach(), pair.A.grad], dim=0, out=A_gA[i])
+                torch.cat([pair.B.detach(), pair.B.grad], dim=1, out=B_gB[i])
+            s = torch.tensor([p.scaling for p in bucket], **kw)
+            stacks[(r, dt, A_gA.device)].append((bucket, A_gA, B_gB, s))
+        done = []
+        for items in stacks.values():
+            outs = lora_pro_gradients_buckets(
+                [it[1] for it in items],
+                [it[2] for it in items],
+                [it[3] for it in items],
+                x_mode=group["x_mode"],
+                ridge=group["ridge"],
+            )
+            for (bucket, A_gA, B_gB, _), (gA, gB) in zip(items, outs):
+                # the stacked inputs (gradients, and the factors with them: a contiguous reduction is
+                # several times faster than one over the strided gradient half) and the outputs; every
+                # shape is checked before any parameter or state changes
+                self._check_out(bucket, A_gA, B_gB, gA, gB)
+                done.append((bucket, gA, gB))
+        for bucket, gA, gB in done:
+            self._efficient_update(group, bucket, gA, gB)
+
+    def _efficient_update(
+        self, group: dict[str, Any], bucket: list[LoraPair], gA: Tensor, gB: Tensor
+    ) -> None:
         moments, step_buf = self._stacked_state(bucket, gA.dtype)
         step_buf.add_(1)
         steps = [int(v) for v in step_buf.tolist()]
