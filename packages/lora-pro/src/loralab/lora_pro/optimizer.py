@@ -542,11 +542,23 @@ class LoraProAdamW(torch.optim.Optimizer):
             m = bucket[0].B.shape[0]
             dt = accumulation_dtype(bucket[0].A.dtype)
             kw: dict[str, Any] = dict(dtype=dt, device=bucket[0].A.device)
-            A_gA = torch.empty((len(bucket), 2 * r, n), **kw)
-            B_gB = torch.empty((len(bucket), m, 2 * r), **kw)
-            for i, pair in enumerate(bucket):
-                torch.cat([pair.A.detach(), pair.A.grad], dim=0, out=A_gA[i])
-                torch.cat([pair.B.detach(), pair.B.grad], dim=1, out=B_gB[i])
+            if (
+                kw["device"].type == "cpu"
+            ):  # one copy of each tensor, per-layer copies are cheap here
+                A_gA = torch.empty((len(bucket), 2 * r, n), **kw)
+                B_gB = torch.empty((len(bucket), m, 2 * r), **kw)
+                for i, pair in enumerate(bucket):
+                    torch.cat([pair.A.detach(), pair.A.grad], dim=0, out=A_gA[i])
+                    torch.cat([pair.B.detach(), pair.B.grad], dim=1, out=B_gB[i])
+            else:  # accelerators: a few batched copy kernels rather than two launches per layer
+                A_gA = torch.cat(
+                    [torch.stack([p.A for p in bucket]), torch.stack([p.A.grad for p in bucket])],
+                    dim=1,
+                ).to(dt)
+                B_gB = torch.cat(
+                    [torch.stack([p.B for p in bucket]), torch.stack([p.B.grad for p in bucket])],
+                    dim=2,
+                ).to(dt)
             s = torch.tensor([p.scaling for p in bucket], **kw)
             stacks[(r, dt, A_gA.device)].append((bucket, A_gA, B_gB, s))
         done = []
