@@ -217,3 +217,22 @@ def test_run_compare_api_returns_summaries(tmp_path):
     summaries = run_compare(cfg, command="test")
     assert list(summaries) == ["full"] and summaries["full"]["status"] == "ok"
     assert summaries["full"]["trainable_params"] == summaries["full"]["total_params"]
+
+
+def test_a_half_precision_checkpoint_is_trained_in_float32(tmp_path):
+    # transformers 5 loads a checkpoint in its saved dtype by default; an fp16 checkpoint trained with
+    # fp16 weights and AdamW states went NaN at step 2 on a GPU (eps 1e-8 underflows): load fp32.
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from loralab.runners.compare.task import _tiny_bert, load_model
+
+    path = _tiny_bert(tmp_path / "tiny")
+    half = tmp_path / "half"
+    AutoModelForSequenceClassification.from_pretrained(path).half().save_pretrained(half)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        if (tmp_path / "tiny" / f).exists():
+            (half / f).write_bytes((tmp_path / "tiny" / f).read_bytes())
+    assert AutoModelForSequenceClassification.from_pretrained(half).dtype == torch.float16
+    model, _, _ = load_model(str(half), num_labels=2, seed=0)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}

@@ -16,7 +16,22 @@ from typing import Any
 
 import torch
 
-__all__ = ["load_split", "pad_collate", "require_columns", "take"]
+__all__ = ["dtype_kwargs", "load_split", "pad_collate", "require_columns", "take"]
+
+
+def dtype_kwargs(dtype: torch.dtype = torch.float32) -> dict[str, torch.dtype]:
+    """``from_pretrained`` keyword arguments that load the weights in ``dtype``.
+
+    Always pass one: transformers 5 loads a checkpoint in the dtype it was *saved* in by default, so
+    an fp16 checkpoint would be trained with fp16 weights and optimizer states (AdamW's eps = 1e-8
+    is 0 in fp16: the first steps divide by zero). Training keeps fp32 weights; ``--bf16`` autocasts.
+    transformers >= 4.56 calls the argument ``dtype`` (``torch_dtype`` before).
+    """
+    import transformers
+
+    version = tuple(int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype" if version >= (4, 56) else "torch_dtype": dtype}
+
 
 _BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 

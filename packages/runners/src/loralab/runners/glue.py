@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from loralab.runners.arguments import TrainArgs, _f, parse_args
-from loralab.runners.data import load_split, pad_collate, require_columns, take
+from loralab.runners.data import dtype_kwargs, load_split, pad_collate, require_columns, take
 from loralab.runners.training import TrainResult, train
 
 __all__ = [
@@ -185,7 +185,7 @@ def run(args: GlueArgs) -> TrainResult:
 
     torch.manual_seed(args.seed)
     model = AutoModelForSequenceClassification.from_pretrained(
-        args.model_name_or_path, num_labels=num_labels
+        args.model_name_or_path, num_labels=num_labels, **dtype_kwargs(torch.float32)
     )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id

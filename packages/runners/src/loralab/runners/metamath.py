@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from loralab.runners.arguments import TrainArgs, _f, parse_args
-from loralab.runners.data import load_split, pad_collate, require_columns, take
+from loralab.runners.data import dtype_kwargs, load_split, pad_collate, require_columns, take
 from loralab.runners.gsm8k import (
     PROMPT_TEMPLATES,
     format_prompt,
@@ -92,15 +92,7 @@ def load_causal_lm(
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_name or path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    import transformers
-
-    # transformers >= 4.56 calls it dtype (torch_dtype is deprecated there)
-    key = (
-        "dtype"
-        if tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (4, 56)
-        else "torch_dtype"
-    )
-    model = AutoModelForCausalLM.from_pretrained(path, **{key: TORCH_DTYPES[torch_dtype]})
+    model = AutoModelForCausalLM.from_pretrained(path, **dtype_kwargs(TORCH_DTYPES[torch_dtype]))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer

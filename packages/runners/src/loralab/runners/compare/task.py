@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from loralab.runners.data import load_split, pad_collate, require_columns, take
+from loralab.runners.data import dtype_kwargs, load_split, pad_collate, require_columns, take
 from loralab.runners.glue import GLUE_TASKS, HEAD_NAMES, glue_metrics
 
 __all__ = [
@@ -221,7 +221,10 @@ def load_model(path: str, num_labels: int, seed: int) -> tuple[nn.Module, Any, l
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    # fp32 whatever the checkpoint's stored dtype (see dtype_kwargs)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=num_labels, **dtype_kwargs(torch.float32)
+    )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     heads = sorted(
