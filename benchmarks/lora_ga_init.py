@@ -251,13 +251,11 @@ def main(argv: list[str] | None = None) -> int:
         "estimate block by block and keeps only r·(m+n) numbers per finished layer, so at most one block's fp32 gradients "
         "exist. Without offload a gradient is final only after the last batch, so every layer's fp32 sum exists until then "
         "(what PEFT holds in `weight.grad`): `seed` (which returns all gradients by design, the seed's `named_grad` dict) is "
-        "at PEFT's level, and `loralab` (plain) was above it in this run because `get_lora_ga_model` estimates through the "
-        "already-injected LoRA layers (B = 0), whose branch adds autograd memory; estimating with the adapters disabled "
-        "removes it (measured on a 512×8 Llama: 586 → 456 MiB, base-model estimate 477 MiB), requested in lora-ga's "
-        "model.py. Our three modes give the same A, B, W0 (float32 rounding); PEFT's factors differ by definition "
+        "at PEFT's level, and `loralab` (plain) estimates with the injected adapters switched off (with B = 0 they add nothing "
+        "to the output, and off they keep no activations), so it holds what an estimate on the base model holds. Our three modes give the same A, B, W0 (float32 rounding); PEFT's factors differ by definition "
         "(B·diag(S), unscaled A), and after normalisation they are the same singular vectors up to both randomized SVDs' "
         "accuracy (median |cos| 1; the smallest values are for nearly equal singular values, where any SVD may rotate "
-        "the vectors). Times: the machine was shared (load average up to 14 on 2 cores), so they are indicative only.",
+        "the vectors). Times are wall-clock; the load average above says how busy the machine was.",
         "",
     ]
     _common.write_results(args.out, "\n".join(lines))
