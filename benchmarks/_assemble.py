@@ -37,7 +37,10 @@ def assemble(results: Path, out: Path) -> str:
     if not files:
         parts.append("No benchmark results yet: run `nox -s bench`.")
     for path in files:
-        parts.append(f"<!-- from benchmarks/results/{path.name} -->\n" + path.read_text().strip())
+        text = path.read_text().strip()
+        if text.startswith("# "):  # every section one level under the page title
+            text = "#" + text
+        parts.append(f"<!-- from benchmarks/results/{path.name} -->\n" + text)
     text = "\n\n".join(parts) + "\n"
     out.write_text(text)
     return text

@@ -168,7 +168,8 @@ def run(cfg, names, device):
 def table(cfg, rows, n_pairs, lora_params, device, quick):
     base = rows["adamw"]
     lines = [
-        "# loralab-lora-pro: LoRA-Pro optimizer step vs lora-pro-adamw and AdamW",
+        "# loralab-lora-pro: LoRA-Pro optimizer step vs lora-pro-adamw and AdamW"
+        + ("" if device == "cpu" else f" ({device})"),
         "",
         f"Random Llama (hidden {cfg['hidden']}, {cfg['layers']} layers), PEFT LoRA r={cfg['rank']} on all linear layers: "
         f"{n_pairs} LoRA layers, {lora_params / 1e6:.2f}M LoRA parameters; real gradients of one backward, optimizer step "
