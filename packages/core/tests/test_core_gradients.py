@@ -1,9 +1,5 @@
 """estimate_gradients against float64 references, its errors, and the all-reduce under torchrun."""
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +8,7 @@ from torch import nn
 
 from loralab.core.gradients import GradientEstimationError, default_loss, estimate_gradients
 from loralab.core.targets import find_targets
-from loralab.core.testing import make_lm_batches, tiny_gpt2, tiny_llama
+from loralab.core.testing import make_lm_batches, run_torchrun, tiny_gpt2, tiny_llama
 
 N_BATCHES = 3
 # float32 estimate vs float64 reference: round-off of a float32 forward/backward on a tiny model
@@ -148,30 +144,11 @@ def test_tied_weights_and_empty_mapping():
         estimate_gradients(model, [torch.randn(2, 4)], {}, progress=False)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.multiprocess
 def test_all_reduce_under_torchrun(tmp_path):
     worker = Path(__file__).with_name("dist_gradients_worker.py")
     prefix = tmp_path / "out"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(_free_port()),
-        str(worker),
-        str(prefix),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_torchrun(worker, prefix, timeout=300)
     r0, r1 = (torch.load(f"{prefix}.{r}.pt", weights_only=True) for r in (0, 1))
     model = tiny_llama()
     # all-reduced = the mean over both ranks' batches (equal counts), the same on every rank

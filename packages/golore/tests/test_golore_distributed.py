@@ -4,45 +4,22 @@ One torchrun launch (module fixture) trains the same seeded tiny Llama for 4 ste
 rank on different data; the tests compare the results.
 """
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from loralab.core.testing import tiny_llama
+from loralab.core.testing import run_torchrun, tiny_llama
 
 WORKER = Path(__file__).with_name("golore_dist_worker.py")
 ATOL = 2e-5  # DDP's all-reduce and ZeRO's reduce-scatter sum in different orders (float32)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     pytest.importorskip("deepspeed")
     prefix = tmp_path_factory.mktemp("golore_dist") / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(_free_port()),
-        str(WORKER),
-        str(prefix),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_torchrun(WORKER, prefix, timeout=600)
 
     def load(mode, rank):
         return torch.load(f"{prefix}.{mode}.{rank}.pt", weights_only=True)

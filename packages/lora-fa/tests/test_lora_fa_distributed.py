@@ -3,15 +3,12 @@ the same parameters as one process on the whole batch under ZeRO-0 (correction i
 (``correct_in_backward=True``); ZeRO-1 without it raises instead of silently training plain LoRA."""
 
 import importlib.util
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from loralab.core.testing import run_torchrun
 from loralab.lora_fa import create_lorafa_optimizer
 
 WORKER = Path(__file__).with_name("lora_fa_dist_worker.py")
@@ -23,12 +20,6 @@ def _worker_module():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _single_process(w, make_opt):
@@ -56,21 +47,7 @@ def _rel(got, ref, init):
 def test_deepspeed_zero0_to_3_equal_one_process_and_zero1_default_raises(tmp_path):
     pytest.importorskip("deepspeed")
     prefix = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(_free_port()),
-        str(WORKER),
-        str(prefix),
-    ]
-    proc = subprocess.run(
-        cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_torchrun(WORKER, prefix, timeout=600)
     ranks = [torch.load(f"{prefix}.{r}.pt", weights_only=True) for r in (0, 1)]
 
     w = _worker_module()

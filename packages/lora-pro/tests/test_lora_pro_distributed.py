@@ -1,24 +1,15 @@
 """Data parallel and DeepSpeed (2 CPU ranks, gloo): same parameters as one process on the whole batch."""
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from loralab.core.testing import run_torchrun
 from loralab.lora_pro import LoraProAdamW
 
 WORKER = Path(__file__).with_name("lora_pro_dist_worker.py")
 STEPS, MICRO, LR = 4, 4, 1e-2  # as in the worker
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _single_process(lp, opt_factory):
@@ -45,21 +36,7 @@ def test_ddp_accelerate_and_deepspeed_zero1_zero2_equal_one_process_and_zero3_is
 ):
     pytest.importorskip("deepspeed")
     prefix = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(_free_port()),
-        str(WORKER),
-        str(prefix),
-    ]
-    proc = subprocess.run(
-        cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_torchrun(WORKER, prefix, timeout=600)
     ranks = [torch.load(f"{prefix}.{r}.pt", weights_only=True) for r in (0, 1)]
 
     init, ref = _single_process(lp, lambda m: LoraProAdamW(m, lr=LR, weight_decay=0.1))

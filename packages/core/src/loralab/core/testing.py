@@ -24,10 +24,12 @@ from torch import nn
 __all__ = [
     "TINY_ARCHS",
     "VOCAB_SIZE",
+    "free_port",
     "make_classification_batches",
     "make_lm_batches",
     "make_seq2seq_batches",
     "offline_tokenizer",
+    "run_torchrun",
     "save_tiny",
     "tiny_gpt2",
     "tiny_llama",
@@ -268,3 +270,33 @@ def make_seq2seq_batches(
         labels = torch.randint(4, vocab_size, (batch_size, tgt_len), generator=g)
         out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
     return out
+
+
+def free_port() -> int:
+    """A TCP port that is free right now on localhost (for a multi-process test's rendezvous)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_torchrun(
+    script: str | os.PathLike[str], *args: str, nproc: int = 2, timeout: float = 600
+) -> None:
+    """Run ``script`` under ``torch.distributed.run`` with ``nproc`` CPU processes (gloo), one thread each.
+
+    Raises ``AssertionError`` with the end of the processes' stderr if any of them fails, so a test
+    that calls it reads like the single-process check it is compared with.
+
+    Example:
+        >>> run_torchrun("worker.py", "/tmp/out", nproc=2)  # doctest: +SKIP
+    """
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+    cmd += ["--master-port", str(free_port()), str(script), *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}"
