@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from loralab.core.adamw import adamw_direction, adamw_update_, check_adamw_hparams
+from loralab.core import adamw as adamw_module
+from loralab.core.adamw import adamw_direction, adamw_step_, adamw_update_, check_adamw_hparams
 
 STEPS = 5
 SHAPES = [(6, 4), (5,), (3, 3)]
@@ -128,3 +129,66 @@ def test_errors():
         args = {**dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0), **kw}
         with pytest.raises(ValueError, match=msg):
             check_adamw_hparams(**args)
+
+
+def _run_step_(params, grads, moment_dtype=None, sit_out=(), **hp):
+    """adamw_step_ with per-parameter step counters; parameter i skips the steps listed in sit_out[i]."""
+    params = [p.clone() for p in params]
+    m = [torch.zeros_like(p, dtype=moment_dtype or p.dtype) for p in params]
+    v = [torch.zeros_like(p, dtype=moment_dtype or p.dtype) for p in params]
+    steps = [torch.tensor(0.0) for _ in params]
+    for t, gs in enumerate(grads, start=1):
+        idx = [i for i in range(len(params)) if t not in dict(sit_out).get(i, ())]
+        for i in idx:
+            steps[i] += 1
+        adamw_step_(
+            [params[i] for i in idx],
+            [gs[i] for i in idx],
+            [m[i] for i in idx],
+            [v[i] for i in idx],
+            [steps[i] for i in idx],
+            **hp,
+        )
+    return params
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])
+def test_step_matches_torch_optim_adamw(monkeypatch, dtype, fused):
+    """Both kernels of adamw_step_ (torch's fused CPU kernel, the foreach arithmetic) follow
+    torch.optim.AdamW, including a parameter that sits out a step and so runs one step behind."""
+    if not fused:
+        monkeypatch.setattr(adamw_module, "_FUSED_CPU", False)
+    elif not adamw_module.fused_adamw_available():
+        pytest.skip("this torch has no fused AdamW kernel for CPU")
+    params, grads = _problem(dtype=dtype, seed=4)
+    ours = _run_step_(params, grads, sit_out=[(1, (2,))], **HP)
+    ps = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = torch.optim.AdamW(ps, foreach=False, **HP)
+    for t, gs in enumerate(grads, start=1):
+        for i, (p, g) in enumerate(zip(ps, gs)):
+            p.grad = None if (i == 1 and t == 2) else g.clone()
+        opt.step()
+    tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-13, atol=1e-15)
+    for a, b in zip(ours, ps):
+        torch.testing.assert_close(a, b.detach(), **tol)
+
+
+def test_step_with_half_precision_params_keeps_float32_moments():
+    params, grads = _problem()
+    p16 = [p.to(torch.bfloat16) for p in params]
+    out = _run_step_(
+        p16, [[g.to(torch.bfloat16) for g in gs] for gs in grads[:1]], torch.float32, **HP
+    )
+    ref = _run_ours(params, grads[:1], "torch", **HP)
+    for a, b in zip(out, ref):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b, rtol=2e-2, atol=2e-2)
+
+
+def test_step_errors_and_empty():
+    adamw_step_([], [], [], [], [], **HP)
+    with pytest.raises(ValueError, match="equal lengths"):
+        adamw_step_(
+            [torch.zeros(1)], [torch.zeros(1)], [torch.zeros(1)], [torch.zeros(1)], [], **HP
+        )

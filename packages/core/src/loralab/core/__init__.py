@@ -11,7 +11,13 @@ Example:
     >>> U, S, Vh = truncated_svd(grads["model.layers.0.self_attn.q_proj"], 4)
 """
 
-from loralab.core.adamw import adamw_direction, adamw_update_, check_adamw_hparams
+from loralab.core.adamw import (
+    adamw_direction,
+    adamw_step_,
+    adamw_update_,
+    check_adamw_hparams,
+    fused_adamw_available,
+)
 from loralab.core.distributed import (
     all_reduce_mean_,
     all_reduce_mean_dict_,
@@ -66,6 +72,7 @@ __all__ = [
     "TargetLayer",
     "TargetNotFoundError",
     "adamw_direction",
+    "adamw_step_",
     "adamw_update_",
     "all_reduce_mean_",
     "all_reduce_mean_dict_",
@@ -78,6 +85,7 @@ __all__ = [
     "find_blocks",
     "find_lora_pairs",
     "find_targets",
+    "fused_adamw_available",
     "gathered_parameters",
     "get_module",
     "is_distributed",

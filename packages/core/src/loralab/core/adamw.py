@@ -30,7 +30,14 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["AdamWStyle", "adamw_direction", "adamw_update_", "check_adamw_hparams"]
+__all__ = [
+    "AdamWStyle",
+    "adamw_direction",
+    "adamw_step_",
+    "adamw_update_",
+    "check_adamw_hparams",
+    "fused_adamw_available",
+]
 
 AdamWStyle = Literal["torch", "hf"]
 
@@ -133,3 +140,132 @@ def adamw_update_(
         torch._foreach_mul_(
             params, 1 - lr * weight_decay
         )  # applied after the step, as transformers did
+
+
+_FUSED_CPU: bool | None = None
+
+
+def fused_adamw_available(device: torch.device | str = "cpu") -> bool:
+    """Whether :func:`adamw_step_` runs torch's fused AdamW kernel for tensors on ``device``.
+
+    True on CPU with torch ≥ 2.4 (tried once on a one-element tensor). False elsewhere: on CUDA the
+    fused kernel wants its step counters on the GPU, while loralab keeps them on the CPU as
+    ``torch.optim`` does by default, so CUDA runs the ``torch._foreach_*`` arithmetic.
+    """
+    return torch.device(device).type == "cpu" and _fused_cpu_available()
+
+
+def _fused_cpu_available() -> bool:
+    global _FUSED_CPU
+    if _FUSED_CPU is None:
+        p, g, m, v = (torch.zeros(1) for _ in range(4))
+        try:
+            torch._fused_adamw_(
+                [p], [g], [m], [v], [], [torch.ones(())], lr=0.0, beta1=0.9, beta2=0.999,
+                weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False,
+            )  # fmt: skip
+            _FUSED_CPU = True
+        except (AttributeError, NotImplementedError, RuntimeError):
+            _FUSED_CPU = False
+    return _FUSED_CPU
+
+
+def _fusable(tensors: Sequence[Tensor], steps: Sequence[Tensor]) -> bool:
+    dtype = tensors[0].dtype
+    return (
+        dtype in (torch.float32, torch.float64)
+        and all(
+            t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() and not t.is_sparse
+            for t in tensors
+        )
+        and all(s.device.type == "cpu" and s.dtype == torch.float32 for s in steps)
+        and _fused_cpu_available()
+    )
+
+
+def adamw_step_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    steps: Sequence[Tensor],
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """``torch.optim.AdamW``'s step (style ``"torch"``) with per-parameter step counters (in place).
+
+    ``steps`` holds each parameter's 1-based step as a float32 tensor, already incremented for this
+    step (``torch.optim`` keeps ``state["step"]`` this way). On CPU tensors of one dtype (float32 or
+    float64, contiguous) this runs torch's fused AdamW kernel, one pass over each parameter, the
+    same kernel as ``torch.optim.AdamW(fused=True)``; elsewhere (CUDA, mixed dtypes such as bf16
+    parameters with float32 moments) it runs the ``torch._foreach_*`` arithmetic of
+    ``torch.optim.AdamW(foreach=True)``, or :func:`adamw_update_` when dtypes differ.
+
+    Example:
+        >>> p, g, m, v = torch.zeros(3), torch.ones(3), torch.zeros(3), torch.zeros(3)
+        >>> adamw_step_([p], [g], [m], [v], [torch.tensor(1.0)], lr=0.1, betas=(0.9, 0.999),
+        ...             eps=1e-8, weight_decay=0.0)
+        >>> p
+        tensor([-0.1000, -0.1000, -0.1000])
+    """
+    params, grads, exp_avgs, exp_avg_sqs = (list(t) for t in (params, grads, exp_avgs, exp_avg_sqs))
+    if not params:
+        return
+    if not len(params) == len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(steps):
+        raise ValueError("adamw_step_: params, grads, moments and steps must have equal lengths")
+    beta1, beta2 = betas
+    if _fusable(params + grads + exp_avgs + exp_avg_sqs, steps):
+        torch._fused_adamw_(
+            params, grads, exp_avgs, exp_avg_sqs, [], list(steps), lr=lr, beta1=beta1,
+            beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False,
+        )  # fmt: skip
+        return
+    by_step: dict[int, list[int]] = {}
+    for j, st in enumerate(torch.stack([s.detach().cpu().float() for s in steps]).tolist()):
+        by_step.setdefault(int(st), []).append(j)
+    for step, idx in by_step.items():
+        ps, gs = [params[j] for j in idx], [grads[j] for j in idx]
+        ms, vs = [exp_avgs[j] for j in idx], [exp_avg_sqs[j] for j in idx]
+        if all(p.dtype == g.dtype == m.dtype == v.dtype for p, g, m, v in zip(ps, gs, ms, vs)):
+            _adamw_foreach_(
+                ps, gs, ms, vs, step=step, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay
+            )
+        else:
+            adamw_update_(
+                ps, gs, ms, vs, step=step, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay
+            )
+
+
+def _adamw_foreach_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    *,
+    step: int,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """AdamW in the order ``torch.optim.AdamW(foreach=True)`` computes it, on same-dtype lists.
+
+    The same maths as :func:`adamw_update_` (style ``"torch"``), but the step size ``lr/bc₁`` goes
+    into one ``addcdiv_``, so the direction ``m/denom`` is never materialised (one tensor pass and
+    one allocation fewer per parameter).
+    """
+    beta1, beta2 = betas
+    if weight_decay:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    bc1 = 1 - beta1**step
+    bc2 = 1 - beta2**step
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, math.sqrt(bc2))
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(params, exp_avgs, denom, -lr / bc1)
