@@ -16,6 +16,7 @@ from loralab.core.adamw import (
     adamw_step_,
     adamw_update_,
     check_adamw_hparams,
+    fused_adamw_,
     fused_adamw_available,
 )
 from loralab.core.distributed import (
@@ -85,6 +86,7 @@ __all__ = [
     "find_blocks",
     "find_lora_pairs",
     "find_targets",
+    "fused_adamw_",
     "fused_adamw_available",
     "gathered_parameters",
     "get_module",

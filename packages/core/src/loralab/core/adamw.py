@@ -36,6 +36,7 @@ __all__ = [
     "adamw_step_",
     "adamw_update_",
     "check_adamw_hparams",
+    "fused_adamw_",
     "fused_adamw_available",
 ]
 
@@ -216,11 +217,10 @@ def adamw_step_(
         return
     if not len(params) == len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(steps):
         raise ValueError("adamw_step_: params, grads, moments and steps must have equal lengths")
-    beta1, beta2 = betas
     if _fusable(params + grads + exp_avgs + exp_avg_sqs, steps):
-        torch._fused_adamw_(
-            params, grads, exp_avgs, exp_avg_sqs, [], list(steps), lr=lr, beta1=beta1,
-            beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False,
+        fused_adamw_(
+            params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr, betas=betas, eps=eps,
+            weight_decay=weight_decay,
         )  # fmt: skip
         return
     by_step: dict[int, list[int]] = {}
@@ -237,6 +237,29 @@ def adamw_step_(
             adamw_update_(
                 ps, gs, ms, vs, step=step, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay
             )
+
+
+def fused_adamw_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: Sequence[Tensor],
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """:func:`adamw_step_` on torch's fused kernel without checking its preconditions.
+
+    For hot loops whose caller guarantees them: :func:`fused_adamw_available` for the device, all
+    tensors on it, contiguous, of one float32/float64 dtype, float32 step counters on the CPU.
+    """
+    torch._fused_adamw_(
+        params, grads, exp_avgs, exp_avg_sqs, [], list(steps), lr=lr, beta1=betas[0],
+        beta2=betas[1], weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False,
+    )  # fmt: skip
 
 
 def _adamw_foreach_(
