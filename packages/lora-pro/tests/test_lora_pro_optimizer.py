@@ -14,6 +14,19 @@ LR = 1e-2
 STEPS = 4
 
 
+@pytest.fixture(params=["fused", "foreach"])
+def adamw_kernel(request, monkeypatch):
+    """Run a test with both AdamW kernels of efficient mode: torch's fused CPU kernel (the default
+    where available) and the element-wise ops on stacked buffers that CUDA uses."""
+    from loralab.core import adamw as core_adamw
+
+    if request.param == "fused" and not core_adamw.fused_adamw_available():
+        pytest.skip("this torch has no fused AdamW kernel for CPU")
+    if request.param == "foreach":
+        monkeypatch.setattr(core_adamw, "_FUSED_CPU", False)
+    return request.param
+
+
 def _grads(model, batch):
     model.zero_grad(set_to_none=True)
     model(**batch).backward()
@@ -70,7 +83,7 @@ def _run(model, batches, **kw):
 
 @pytest.mark.parametrize("mode", ["efficient", "full"])
 @pytest.mark.parametrize("x_mode", ["sylvester", "zero", "symmetry"])
-def test_matches_dense_float64_reference(lp, mode, x_mode):
+def test_matches_dense_float64_reference(adamw_kernel, lp, mode, x_mode):
     batches = lp.toy_batches(STEPS)
     ours, ref = lp.toy_peft(0), lp.toy_peft(0)
     _run(ours, batches, mode=mode, x_mode=x_mode, weight_decay=0.1)
@@ -80,7 +93,7 @@ def test_matches_dense_float64_reference(lp, mode, x_mode):
 
 
 @pytest.mark.parametrize("mode", ["efficient", "full"])
-def test_fresh_lora_init_b_zero_matches_reference(lp, mode):
+def test_fresh_lora_init_b_zero_matches_reference(adamw_kernel, lp, mode):
     batches = lp.toy_batches(3)
     ours, ref = lp.toy_peft(1, b_random=False), lp.toy_peft(1, b_random=False)
     _run(ours, batches, mode=mode)
@@ -89,7 +102,7 @@ def test_fresh_lora_init_b_zero_matches_reference(lp, mode):
         torch.testing.assert_close(p, q, atol=1e-9, rtol=1e-7)
 
 
-def test_non_lora_params_get_plain_torch_adamw(lp):
+def test_non_lora_params_get_plain_torch_adamw(adamw_kernel, lp):
     """The classifier head (modules_to_save) follows torch.optim.AdamW exactly, bias correction from step 1."""
     model = lp.toy_peft(2)
     head = [p for n, p in model.named_parameters() if "modules_to_save" in n and p.requires_grad]
@@ -155,7 +168,7 @@ def test_effective_weight_decay_in_full_mode_decays_w_eff(lp):
 
 @pytest.mark.parametrize("mode", ["efficient", "full"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_state_dict_round_trip_and_exact_resume(lp, tmp_path, mode, dtype):
+def test_state_dict_round_trip_and_exact_resume(adamw_kernel, lp, tmp_path, mode, dtype):
     batches = lp.toy_batches(6, dtype=dtype)
     model = lp.toy_peft(5, dtype=dtype)
     opt = LoraProAdamW(model, lr=LR, weight_decay=0.01, mode=mode)
@@ -198,6 +211,22 @@ def test_state_is_lora_sized_in_efficient_mode_and_full_sized_in_full_mode(lp):
     torch.save(opt.state_dict(), buf)
     buf.seek(0)
     torch.load(buf, weights_only=True)
+
+
+def test_cpu_workspace_is_twice_the_lora_parameters_and_reused(lp):
+    """Efficient mode keeps its CPU stacking buffers between steps (no fresh pages every step): one
+    pair per layer shape, 2× the LoRA parameters, the same memory at every step."""
+    model = lp.toy_peft(6)
+    opt = LoraProAdamW(model, lr=LR)
+    assert opt.workspace_bytes == 0
+    lora_bytes = sum(t.numel() * t.element_size() for p in opt.lora_pairs for t in (p.A, p.B))
+    ptrs = []
+    for batch in lp.toy_batches(3):
+        _grads(model, batch)
+        opt.step()
+        assert opt.workspace_bytes == 2 * lora_bytes
+        ptrs.append(sorted(t.data_ptr() for bufs in opt._workspace.values() for t in bufs))
+    assert ptrs[0] == ptrs[1] == ptrs[2]
 
 
 def test_hyperparameters_follow_param_groups_and_schedulers(lp):
@@ -273,14 +302,49 @@ def test_zero3_partitioned_parameters_are_refused():
         LoraProAdamW([p], pairs=[])
 
 
-def test_non_finite_gradients_are_reported_with_the_layer(lp):
-    model = lp.toy_peft(11)
-    opt = LoraProAdamW(model, lr=LR)
-    _grads(model, lp.toy_batches(1)[0])
+@pytest.mark.parametrize("x_mode", ["sylvester", "zero", "symmetry"])
+@pytest.mark.parametrize("factor", ["A", "B"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("fresh", [False, True], ids=["trained", "B=0"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_non_finite_gradients_are_reported_with_the_layer(lp, x_mode, factor, bad, fresh, dtype):
+    """Efficient mode checks only the adjusted gradients (products with the stacked raw gradients):
+    one NaN/Inf entry in either factor's gradient, also at B = 0 where (BᵀB)⁺ = 0, must still be
+    caught, name its layer, and leave parameters and optimizer state untouched."""
+    model = lp.toy_peft(11, dtype=dtype, b_random=not fresh)
+    batches = lp.toy_batches(2, dtype=dtype)
+    opt = LoraProAdamW(model, lr=LR, x_mode=x_mode)
+    _grads(model, batches[0])
+    opt.step()
+    _grads(model, batches[1])
     pair = opt.lora_pairs[1]
-    pair.B.grad[0, 0] = float("nan")
-    with pytest.raises(FloatingPointError, match="lin2"):
+    getattr(pair, factor).grad[0, 1] = bad
+    before = [p.detach().clone() for p in model.parameters()]
+    state = io.BytesIO()
+    torch.save(opt.state_dict(), state)
+    with pytest.raises(FloatingPointError, match=r"non-finite gradients .*lin2"):
         opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    state.seek(0)
+    saved = torch.load(state)["state"]
+    for k, v in opt.state_dict()["state"].items():
+        assert all(torch.equal(v[key], saved[k][key]) for key in v)
+
+
+@pytest.mark.parametrize("mode", ["efficient", "full"])
+def test_non_finite_gradient_of_a_plain_parameter_is_reported_by_name(lp, mode):
+    model = lp.toy_peft(11)
+    opt = LoraProAdamW(model, lr=LR, mode=mode)
+    _grads(model, lp.toy_batches(1)[0])
+    head = next(
+        p for n, p in model.named_parameters() if n.endswith("modules_to_save.default.bias")
+    )
+    head.grad[2] = float("inf")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(FloatingPointError, match=r"modules_to_save\.default\.bias"):
+        opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert not opt.state  # nothing was initialised either
 
 
 def test_one_factor_without_gradient_is_an_error(lp):
@@ -367,7 +431,7 @@ def test_finite_check_does_not_mistake_an_overflowing_sum_for_nan(lp):
         opt._check_out(opt.lora_pairs[:1], big, torch.tensor([float("inf")]))
 
 
-def test_layer_sitting_out_a_step_keeps_its_own_adam_clock(lp):
+def test_layer_sitting_out_a_step_keeps_its_own_adam_clock(adamw_kernel, lp):
     """Efficient mode stacks the Adam state of equal-shape layers; a layer without gradients for one
     step falls behind by one step and still follows the dense float64 reference exactly."""
     import copy

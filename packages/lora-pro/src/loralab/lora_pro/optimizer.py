@@ -38,7 +38,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from loralab.core.adamw import adamw_direction, adamw_update_, check_adamw_hparams
+from loralab.core.adamw import (
+    adamw_direction,
+    adamw_step_,
+    check_adamw_hparams,
+    fused_adamw_,
+    fused_adamw_available,
+)
 from loralab.core.linalg import accumulation_dtype
 from loralab.core.lora_layers import LoraPair, LoraPairError, find_lora_pairs
 from loralab.lora_pro.adjust import (
@@ -68,39 +74,6 @@ def _moment_dtype(p: Tensor) -> torch.dtype:
 
 def _is_zero3_param(p: Tensor) -> bool:
     return hasattr(p, "ds_id") or hasattr(p, "ds_numel")
-
-
-def _adamw_foreach_(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    *,
-    step: int,
-    lr: float,
-    betas: tuple[float, float],
-    eps: float,
-    weight_decay: float,
-) -> None:
-    """AdamW (``torch.optim.AdamW``'s rule and its foreach arithmetic) on same-dtype tensor lists.
-
-    The same maths as :func:`loralab.core.adamw.adamw_update_` (style ``"torch"``), in the order
-    ``torch.optim.AdamW(foreach=True)`` computes it: the step size ``lr/bc₁`` goes into one
-    ``addcdiv_``, so the direction ``m/denom`` is never materialised (one tensor pass and one
-    allocation fewer per parameter; about half the time of the generic path on CPU).
-    """
-    beta1, beta2 = betas
-    if weight_decay:
-        torch._foreach_mul_(params, 1 - lr * weight_decay)
-    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-    bc1 = 1 - beta1**step
-    bc2 = 1 - beta2**step
-    denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denom, math.sqrt(bc2))
-    torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(params, exp_avgs, denom, -lr / bc1)
 
 
 class LoraProAdamW(torch.optim.Optimizer):
@@ -151,6 +124,7 @@ class LoraProAdamW(torch.optim.Optimizer):
         check_adamw_hparams(lr, tuple(betas), eps, weight_decay)
         if isinstance(params_or_model, nn.Module):
             model = params_or_model
+            self._names = {id(p): n for n, p in model.named_parameters()}
             found = find_lora_pairs(model, adapter_name) if pairs is None else list(pairs)
             params: Any = [p for p in model.parameters() if p.requires_grad]
             if not params:
@@ -163,6 +137,7 @@ class LoraProAdamW(torch.optim.Optimizer):
                 )
             found = list(pairs)
             params = params_or_model
+            self._names = {}
         if scaling is not None:
             if not isinstance(scaling, (int, float)) or scaling == 0 or not math.isfinite(scaling):
                 raise ValueError(f"scaling must be a non-zero finite number, got {scaling!r}")
@@ -189,6 +164,7 @@ class LoraProAdamW(torch.optim.Optimizer):
         )
         self.check_finite = check_finite
         self._zero: ZeroBinding | None = None
+        self._workspace: dict[tuple, tuple[Tensor, Tensor]] = {}  # see _stacking_buffers
         self._own_ids: set[int] = set()
         # efficient mode: per bucket of equal-shape layers, stacked Adam state (see _stacked_state)
         self._stacked: dict[
@@ -337,15 +313,19 @@ class LoraProAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Two phases: every group's gradients are adjusted and checked before any parameter or state
+        # changes, so a NaN/Inf gradient anywhere raises with the model and optimizer untouched.
+        updates: list[Callable[[], None]] = []
         for gi, group in enumerate(self.param_groups):
             if any(id(p) not in self._own_ids for p in group["params"]):
-                self._zero_step(group)
+                updates.append(lambda group=group: self._zero_step(group))
                 continue
             pairs = [p for p, g in zip(self._pairs, self._pair_groups) if g == gi]
             lora_ids = {id(t) for pair in pairs for t in (pair.A, pair.B)}
             plain = [p for p in group["params"] if p.grad is not None and id(p) not in lora_ids]
             if plain:
-                self._plain_step(group, plain)
+                self._check_plain(gi, plain)
+                updates.append(lambda group=group, plain=plain: self._plain_step(group, plain))
             active = []
             for pair in pairs:
                 has_a, has_b = pair.A.grad is not None, pair.B.grad is not None
@@ -365,11 +345,42 @@ class LoraProAdamW(torch.optim.Optimizer):
                     (tuple(pair.A.shape), tuple(pair.B.shape), pair.A.dtype, pair.A.device)
                 ].append(pair)
             if group["mode"] == "efficient":
-                self._efficient_buckets(group, list(buckets.values()))
+                for bucket, gA, gB in self._efficient_adjust(group, list(buckets.values())):
+                    updates.append(
+                        lambda group=group, bucket=bucket, gA=gA, gB=gB: self._efficient_update(
+                            group, bucket, gA, gB
+                        )
+                    )
             else:
                 for bucket in buckets.values():
-                    self._full_bucket(group, bucket)
+                    if self.check_finite:
+                        self._check_out(
+                            bucket, *(t.grad for pair in bucket for t in (pair.A, pair.B))
+                        )
+                    updates.append(
+                        lambda group=group, bucket=bucket: self._full_bucket(group, bucket)
+                    )
+        for update in updates:
+            update()
         return loss
+
+    def _check_plain(self, gi: int, params: list[Tensor]) -> None:
+        """Raise ``FloatingPointError`` naming the parameters whose gradient is NaN/Inf."""
+        if not self.check_finite:
+            return
+        total = sum(
+            p.grad.sum(dtype=torch.float32 if p.grad.dtype != torch.float64 else None)
+            for p in params
+        )
+        if torch.isfinite(total):
+            return
+        bad = [
+            self._names.get(id(p), f"param_groups[{gi}] #{i}")
+            for i, p in enumerate(params)
+            if not torch.isfinite(p.grad).all()
+        ]
+        if bad:
+            raise FloatingPointError(f"LoraProAdamW: non-finite gradients (NaN/Inf) in {bad}")
 
     def _zero_step(self, group: dict[str, Any]) -> None:
         """One step of a group whose parameters DeepSpeed ZeRO-1/2 replaced by a flat fp32 partition."""
@@ -435,14 +446,13 @@ class LoraProAdamW(torch.optim.Optimizer):
         self._plain_step(group, [part])
 
     def _next_step(self, p: Tensor) -> int:
-        state = self.state[p]
-        if "step" not in state:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        state["step"] += 1
-        return int(state["step"].item())
+        return int(self._next_steps([p])[0].item())
 
-    def _next_steps(self, params: list[Tensor]) -> list[int]:
-        """``_next_step`` of many parameters: one ``_foreach_add_`` and one read-back."""
+    def _next_steps(self, params: list[Tensor]) -> list[Tensor]:
+        """Advance the step counters of ``params`` (one ``_foreach_add_``) and return them.
+
+        float32 tensors on the CPU, as ``torch.optim`` keeps ``state["step"]``.
+        """
         counters = []
         for p in params:
             state = self.state[p]
@@ -450,7 +460,7 @@ class LoraProAdamW(torch.optim.Optimizer):
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
             counters.append(state["step"])
         torch._foreach_add_(counters, 1.0)
-        return [int(v) for v in torch.stack(counters).tolist()]
+        return counters
 
     def _moments(self, p: Tensor, shape: torch.Size, prefix: str = "") -> tuple[Tensor, Tensor]:
         state = self.state[p]
@@ -480,22 +490,14 @@ class LoraProAdamW(torch.optim.Optimizer):
         group: dict[str, Any],
         params: list[Tensor],
         grads: list[Tensor],
-        steps: list[int] | None = None,
+        steps: list[Tensor] | None = None,
     ) -> None:
-        """One AdamW step of ``params`` along ``grads``: ``torch._foreach_*`` over all of them at once."""
+        """One AdamW step of ``params`` along ``grads`` (:func:`loralab.core.adamw_step_`: torch's
+        fused kernel on CPU, ``torch._foreach_*`` elsewhere); ``steps`` are the advanced counters."""
         if steps is None:
             steps = self._next_steps(params)
-        by_step: dict[int, list[int]] = defaultdict(list)
-        for j, st in enumerate(steps):
-            by_step[st].append(j)
-        for step, idx in by_step.items():
-            ps = [params[j] for j in idx]
-            gs = [grads[j] for j in idx]
-            ms, vs = (list(t) for t in zip(*(self._moments(p, p.shape) for p in ps)))
-            if all(p.dtype == m.dtype == g.dtype for p, m, g in zip(ps, ms, gs)):
-                _adamw_foreach_(ps, gs, ms, vs, step=step, **self._adam_kwargs(group))
-            else:  # fp32 moments of half-precision parameters
-                adamw_update_(ps, gs, ms, vs, step=step, **self._adam_kwargs(group))
+        ms, vs = zip(*(self._moments(p, p.shape) for p in params))
+        adamw_step_(params, grads, ms, vs, steps, **self._adam_kwargs(group))
 
     def _stack(self, bucket: list[LoraPair]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         A = torch.stack([p.A.detach() for p in bucket])
@@ -531,7 +533,10 @@ class LoraProAdamW(torch.optim.Optimizer):
             "try ridge > 0 or float32 factors"
         )
 
-    def _efficient_buckets(self, group: dict[str, Any], buckets: list[list[LoraPair]]) -> None:
+    def _efficient_adjust(
+        self, group: dict[str, Any], buckets: list[list[LoraPair]]
+    ) -> list[tuple[list[LoraPair], Tensor, Tensor]]:
+        """LoRA-Pro's adjusted gradients ``(bucket, gᴬ, gᴮ)`` of every bucket, checked for NaN/Inf."""
         # Each factor is stacked next to its gradient, [A; g_A] and [B | g_B], in the accumulation dtype:
         # one copy of every tensor, and the adjustment becomes four batched products per shape; the r×r
         # work of all shapes that share a rank, dtype and device runs as one batch (see
@@ -545,8 +550,7 @@ class LoraProAdamW(torch.optim.Optimizer):
             if (
                 kw["device"].type == "cpu"
             ):  # one copy of each tensor, per-layer copies are cheap here
-                A_gA = torch.empty((len(bucket), 2 * r, n), **kw)
-                B_gB = torch.empty((len(bucket), m, 2 * r), **kw)
+                A_gA, B_gB = self._stacking_buffers(len(bucket), r, n, m, dt)
                 for i, pair in enumerate(bucket):
                     torch.cat([pair.A.detach(), pair.A.grad], dim=0, out=A_gA[i])
                     torch.cat([pair.B.detach(), pair.B.grad], dim=1, out=B_gB[i])
@@ -570,32 +574,72 @@ class LoraProAdamW(torch.optim.Optimizer):
                 x_mode=group["x_mode"],
                 ridge=group["ridge"],
             )
-            for (bucket, A_gA, B_gB, _), (gA, gB) in zip(items, outs):
-                # the stacked inputs (gradients, and the factors with them: a contiguous reduction is
-                # several times faster than one over the strided gradient half) and the outputs; every
-                # shape is checked before any parameter or state changes
-                self._check_out(bucket, A_gA, B_gB, gA, gB)
+            for (bucket, _, _, _), (gA, gB) in zip(items, outs):
+                # Checking the outputs suffices: each is a product with the stacked inputs, gᴬ = [X | S]·[A; g_A]
+                # and gᴮ = [B | g_B]·[−(Y + X); T], and IEEE products carry NaN/Inf through (0·NaN = NaN),
+                # so a non-finite factor or gradient leaves a non-finite output; _check_out then names the
+                # layer. Every shape is checked before any parameter or state changes.
+                self._check_out(bucket, gA, gB)
                 done.append((bucket, gA, gB))
-        for bucket, gA, gB in done:
-            self._efficient_update(group, bucket, gA, gB)
+        return done
+
+    def _stacking_buffers(
+        self, layers: int, r: int, n: int, m: int, dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor]:
+        """CPU buffers for ``[A; g_A]`` (layers, 2r, n) and ``[B | g_B]`` (layers, m, 2r), kept between steps.
+
+        A fresh multi-MB CPU tensor is fresh memory from the operating system, and the first write to
+        each of its pages faults: allocating these every step made the stacking copy about twice as slow.
+        One pair per layer shape is kept (grown when a step has more layers of that shape);
+        :attr:`workspace_bytes` reports their size. CUDA's caching allocator already reuses memory,
+        so nothing is kept there.
+        """
+        key = (r, n, m, dtype)
+        bufs = self._workspace.get(key)
+        if bufs is None or bufs[0].shape[0] < layers:
+            bufs = (
+                torch.empty((layers, 2 * r, n), dtype=dtype),
+                torch.empty((layers, m, 2 * r), dtype=dtype),
+            )
+            self._workspace[key] = bufs
+        return bufs[0][:layers], bufs[1][:layers]
+
+    @property
+    def workspace_bytes(self) -> int:
+        """Bytes of the stacking buffers efficient mode keeps between steps on CPU (2× the LoRA
+        parameters of the layers it adjusts; 0 on CUDA and before the first step)."""
+        return sum(t.numel() * t.element_size() for bufs in self._workspace.values() for t in bufs)
 
     def _efficient_update(
         self, group: dict[str, Any], bucket: list[LoraPair], gA: Tensor, gB: Tensor
     ) -> None:
-        moments, step_buf = self._stacked_state(bucket, gA.dtype)
+        moments, step_buf, views = self._stacked_state(bucket, gA.dtype)
         step_buf.add_(1)
+        params = [t for pair in bucket for t in (pair.A, pair.B)]
+        if (
+            fused_adamw_available(gA.device)
+            and gA.dtype == bucket[0].A.dtype
+            and all(p.is_contiguous() for p in params)
+        ):
+            # torch's fused AdamW kernel (CPU), one pass over each factor (the element-wise ops on the
+            # stacked buffers below make eight); per-parameter step counters, so layers that sat out a
+            # step need no special case. Its other preconditions hold by construction: the adjusted
+            # gradients and the moments are slices of contiguous stacks in the factors' dtype.
+            grads = [g for pair_grads in zip(gA.unbind(0), gB.unbind(0)) for g in pair_grads]
+            fused_adamw_(params, grads, *views, **self._adam_kwargs(group))
+            return
         steps = [int(v) for v in step_buf.tolist()]
         if all(st == steps[0] for st in steps):
             self._stacked_adamw(group, bucket, gA, gB, moments, steps[0])
         else:  # layers that skipped steps: per parameter (the state tensors are views, still theirs)
-            params = [t for pair in bucket for t in (pair.A, pair.B)]
             grads = [g for i in range(len(bucket)) for g in (gA[i], gB[i])]
-            self._adamw(group, params, grads, steps)
+            self._adamw(group, params, grads, views[2])
 
     def _stacked_state(
         self, bucket: list[LoraPair], dtype: torch.dtype
-    ) -> tuple[list[Tensor], Tensor]:
-        """The bucket's Adam state as stacked buffers: ``[m_A, v_A, m_B, v_B]`` and the step counters.
+    ) -> tuple[list[Tensor], Tensor, tuple[list[Tensor], list[Tensor], list[Tensor]]]:
+        """The bucket's Adam state as stacked buffers: ``[m_A, v_A, m_B, v_B]``, the step counters, and
+        the per-parameter views ``(exp_avgs, exp_avg_sqs, steps)`` (ordered A, B of layer 0, ...).
 
         ``state[p]["exp_avg"]``, ``["exp_avg_sq"]`` and ``["step"]`` of every factor stay per-parameter
         tensors (so ``state_dict`` and resume are unchanged) but are views into these buffers, so that
@@ -616,7 +660,7 @@ class LoraProAdamW(torch.optim.Optimizer):
                     (self.state[t] for pair in bucket for t in (pair.A, pair.B)), *views
                 )
             ):
-                return bufs, step_buf
+                return bufs, step_buf, views
         device = bucket[0].A.device
         L = len(bucket)
         bufs = [
@@ -645,7 +689,7 @@ class LoraProAdamW(torch.optim.Optimizer):
         for other in [k for k in self._stacked if not set(k).isdisjoint(key)]:
             del self._stacked[other]
         self._stacked[key] = (bufs, step_buf, views)
-        return bufs, step_buf
+        return bufs, step_buf, views
 
     def _stacked_adamw(
         self,
@@ -693,7 +737,7 @@ class LoraProAdamW(torch.optim.Optimizer):
         dt = accumulation_dtype(A.dtype)
         A, B, sd = A.to(dt), B.to(dt), s.to(dt)
         gt = optimal_equivalent_gradient(A, B, g_A, g_B, sd, ridge=group["ridge"])
-        self._check_out(bucket, g_A, g_B, gt)
+        self._check_out(bucket, gt)
         m, n = B.shape[-2], A.shape[-1]
         steps = []
         for pair in bucket:
