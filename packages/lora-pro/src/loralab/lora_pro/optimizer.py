@@ -702,7 +702,8 @@ class LoraProAdamW(torch.optim.Optimizer):
     ) -> None:
         """AdamW on the stacked adjusted gradients of a bucket (all its factors at the same ``step``).
 
-        ``torch.optim.AdamW``'s rule; for half-precision factors with float32 moments, the arithmetic of
+        The path for CUDA (a few large element-wise kernels instead of one launch per parameter) and
+        for CPU without torch's fused kernel or with half-precision factors. ``torch.optim.AdamW``'s rule; for half-precision factors with float32 moments, the arithmetic of
         :func:`loralab.core.adamw.adamw_update_` (the direction rounded once to the factor's dtype).
         """
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
