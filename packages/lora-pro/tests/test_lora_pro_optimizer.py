@@ -331,6 +331,22 @@ def test_non_finite_gradients_are_reported_with_the_layer(lp, x_mode, factor, ba
         assert all(torch.equal(v[key], saved[k][key]) for key in v)
 
 
+@pytest.mark.parametrize("factor", ["A", "B"])
+@pytest.mark.parametrize(
+    "mode,x_mode", [("efficient", "sylvester"), ("efficient", "zero"), ("full", "sylvester")]
+)
+def test_non_finite_factor_is_reported_with_the_layer(lp, factor, mode, x_mode):
+    """A NaN parameter (a step taken with check_finite=False, a bad checkpoint) is named, not left to
+    LAPACK's "failed to converge"."""
+    model = lp.toy_peft(11)
+    opt = LoraProAdamW(model, lr=LR, mode=mode, x_mode=x_mode)
+    _grads(model, lp.toy_batches(1)[0])
+    with torch.no_grad():
+        getattr(opt.lora_pairs[0], factor)[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"non-finite LoRA factors .*lin1"):
+        opt.step()
+
+
 @pytest.mark.parametrize("mode", ["efficient", "full"])
 def test_non_finite_gradient_of_a_plain_parameter_is_reported_by_name(lp, mode):
     model = lp.toy_peft(11)

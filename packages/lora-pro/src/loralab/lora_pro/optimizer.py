@@ -353,9 +353,10 @@ class LoraProAdamW(torch.optim.Optimizer):
                     )
             else:
                 for bucket in buckets.values():
-                    if self.check_finite:
+                    if self.check_finite:  # gradients and factors (full mode's step is slow anyway)
                         self._check_out(
-                            bucket, *(t.grad for pair in bucket for t in (pair.A, pair.B))
+                            bucket,
+                            *(x for pair in bucket for t in (pair.A, pair.B) for x in (t, t.grad)),
                         )
                     updates.append(
                         lambda group=group, bucket=bucket: self._full_bucket(group, bucket)
@@ -434,9 +435,13 @@ class LoraProAdamW(torch.optim.Optimizer):
                     f"LoraProAdamW: non-finite gradients (NaN/Inf) in LoRA layer(s) {[p.name for p in bucket]}"
                 )
             s = torch.tensor([p.scaling for p in bucket], dtype=accumulation_dtype(A.dtype))
-            gA, gB = lora_pro_gradients(
-                A, B, g_A, g_B, s, x_mode=group["x_mode"], ridge=group["ridge"]
-            )
+            try:
+                gA, gB = lora_pro_gradients(
+                    A, B, g_A, g_B, s, x_mode=group["x_mode"], ridge=group["ridge"]
+                )
+            except torch.linalg.LinAlgError:
+                self._raise_non_finite_inputs(bucket)  # NaN/Inf factors: name the layer
+                raise
             self._check_out(bucket, gA, gB)
             for k, pair in enumerate(bucket):
                 view(flat_grad, pair.A).copy_(gA[k])
@@ -519,6 +524,15 @@ class LoraProAdamW(torch.optim.Optimizer):
         )
         if torch.isfinite(total) or all(torch.isfinite(t).all() for t in tensors):
             return
+        self._raise_non_finite_inputs(bucket)
+        raise FloatingPointError(
+            f"LoraProAdamW: the LoRA-Pro adjustment produced NaN/Inf for layer(s) {[p.name for p in bucket]}; "
+            "try ridge > 0 or float32 factors"
+        )
+
+    @staticmethod
+    def _raise_non_finite_inputs(bucket: list[LoraPair]) -> None:
+        """Raise ``FloatingPointError`` naming the layers whose gradients, or else factors, are NaN/Inf."""
         bad = [
             p.name
             for p in bucket
@@ -528,10 +542,12 @@ class LoraProAdamW(torch.optim.Optimizer):
             raise FloatingPointError(
                 f"LoraProAdamW: non-finite gradients (NaN/Inf) in LoRA layer(s) {bad}"
             )
-        raise FloatingPointError(
-            f"LoraProAdamW: the LoRA-Pro adjustment produced NaN/Inf for layer(s) {[p.name for p in bucket]}; "
-            "try ridge > 0 or float32 factors"
-        )
+        bad = [p.name for p in bucket if not all(torch.isfinite(t).all() for t in (p.A, p.B))]
+        if bad:
+            raise FloatingPointError(
+                f"LoraProAdamW: non-finite LoRA factors (NaN/Inf parameters) in layer(s) {bad}: the model "
+                "is already broken (a step taken with check_finite=False, or a bad checkpoint?)"
+            )
 
     def _efficient_adjust(
         self, group: dict[str, Any], buckets: list[list[LoraPair]]
@@ -567,13 +583,19 @@ class LoraProAdamW(torch.optim.Optimizer):
             stacks[(r, dt, A_gA.device)].append((bucket, A_gA, B_gB, s))
         done = []
         for items in stacks.values():
-            outs = lora_pro_gradients_buckets(
-                [it[1] for it in items],
-                [it[2] for it in items],
-                [it[3] for it in items],
-                x_mode=group["x_mode"],
-                ridge=group["ridge"],
-            )
+            try:
+                outs = lora_pro_gradients_buckets(
+                    [it[1] for it in items],
+                    [it[2] for it in items],
+                    [it[3] for it in items],
+                    x_mode=group["x_mode"],
+                    ridge=group["ridge"],
+                )
+            except torch.linalg.LinAlgError:
+                # the r×r eigendecompositions fail on NaN/Inf factors: say which layer, not LAPACK's code
+                for bucket, *_ in items:
+                    self._raise_non_finite_inputs(bucket)
+                raise
             for (bucket, _, _, _), (gA, gB) in zip(items, outs):
                 # Checking the outputs suffices: each is a product with the stacked inputs, gᴬ = [X | S]·[A; g_A]
                 # and gᴮ = [B | g_B]·[−(Y + X); T], and IEEE products carry NaN/Inf through (0·NaN = NaN),
