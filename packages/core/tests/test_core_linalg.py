@@ -236,3 +236,27 @@ def test_sylvester_errors():
         solve_sylvester_psd(a, a, torch.ones(2, 3))
     with pytest.raises(ValueError, match="square"):
         solve_sylvester_psd(torch.ones(3, 2), a, torch.ones(3, 3))
+
+
+def test_from_eigh_variants_equal_the_decomposing_ones():
+    """ridge_inverse_from_eigh / solve_sylvester_from_eigh (one eigh reused, as LoRA-Pro does) give
+    exactly what ridge_inverse / solve_sylvester_psd give, singular Grams included."""
+    from loralab.core.linalg import ridge_inverse_from_eigh, solve_sylvester_from_eigh
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 4, 2, generator=g, dtype=torch.float64)
+    a = x @ x.mT  # rank 2 of 4: singular
+    y = torch.randn(3, 5, 9, generator=g, dtype=torch.float64)
+    b = y @ y.mT
+    c = torch.randn(3, 4, 5, generator=g, dtype=torch.float64)
+    al, p = torch.linalg.eigh(0.5 * (a + a.mT))
+    be, q = torch.linalg.eigh(0.5 * (b + b.mT))
+    for ridge in (0.0, 0.1):
+        assert torch.equal(ridge_inverse_from_eigh(a, al, p, ridge), ridge_inverse(a, ridge))
+    assert torch.equal(solve_sylvester_from_eigh(p, al, q, be, c), solve_sylvester_psd(a, b, c))
+    with pytest.raises(ValueError, match="one eigh"):
+        ridge_inverse_from_eigh(a, al, q)
+    with pytest.raises(ValueError, match="ridge must be >= 0"):
+        ridge_inverse_from_eigh(a, al, p, -1.0)
+    with pytest.raises(ValueError, match="C must be"):
+        solve_sylvester_from_eigh(p, al, q, be, c.mT)

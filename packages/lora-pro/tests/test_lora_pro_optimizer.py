@@ -417,13 +417,13 @@ def test_one_batched_sylvester_solve_per_rank(monkeypatch):
 
     calls = []
     # BᵀB = P diag(α) Pᵀ, AAᵀ = Q diag(β) Qᵀ (one eigh per Gram, shared with the pseudo-inverses)
-    real = adjust._solve_sylvester_eigh
+    real = adjust.solve_sylvester_from_eigh
 
-    def spy(p, alpha, q, beta, c):
+    def spy(p, alpha, q, beta, c, **kw):
         calls.append((tuple(p.shape), p.device, q.device, c.device))
-        return real(p, alpha, q, beta, c)
+        return real(p, alpha, q, beta, c, **kw)
 
-    monkeypatch.setattr(adjust, "_solve_sylvester_eigh", spy)
+    monkeypatch.setattr(adjust, "solve_sylvester_from_eigh", spy)
     torch.manual_seed(0)
     model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules="all-linear"))
     pairs = find_lora_pairs(model)

@@ -27,7 +27,9 @@ __all__ = [
     "SVDResult",
     "accumulation_dtype",
     "ridge_inverse",
+    "ridge_inverse_from_eigh",
     "ridge_solve",
+    "solve_sylvester_from_eigh",
     "solve_sylvester_psd",
     "stiefel_sample",
     "truncated_svd",
@@ -191,11 +193,38 @@ def ridge_inverse(gram: Tensor, ridge: float = 0.0, *, relative: bool = True) ->
         raise ValueError(f"ridge must be >= 0, got {ridge}")
     dt = accumulation_dtype(gram.dtype)
     m = gram.to(dt)
-    m = 0.5 * (m + m.transpose(-1, -2))
-    evals, evecs = torch.linalg.eigh(m)
-    lam = ridge
+    evals, evecs = torch.linalg.eigh(0.5 * (m + m.transpose(-1, -2)))
+    return ridge_inverse_from_eigh(m, evals, evecs, ridge, relative=relative)
+
+
+def ridge_inverse_from_eigh(
+    gram: Tensor, evals: Tensor, evecs: Tensor, ridge: float = 0.0, *, relative: bool = True
+) -> Tensor:
+    """:func:`ridge_inverse` of ``gram`` given its eigendecomposition ``gram = V diag(λ) Vᵀ``.
+
+    For callers that already decomposed ``gram`` for something else (LoRA-Pro reuses one ``eigh``
+    for the pseudo-inverse and the Sylvester solve). ``gram`` is only read for the relative ridge.
+
+    Example:
+        >>> a = torch.randn(4, 16); g = a @ a.T
+        >>> lam, v = torch.linalg.eigh(g)
+        >>> torch.allclose(ridge_inverse_from_eigh(g, lam, v), ridge_inverse(g), atol=1e-5)
+        True
+    """
+    if (
+        evecs.shape[-2:] != (evals.shape[-1], evals.shape[-1])
+        or evals.shape[:-1] != evecs.shape[:-2]
+    ):
+        raise ValueError(
+            f"evals (..., r) and evecs (..., r, r) must come from one eigh, got {tuple(evals.shape)} "
+            f"and {tuple(evecs.shape)}"
+        )
+    if ridge < 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge}")
+    dt = evals.dtype
+    lam: float | Tensor = ridge
     if relative and ridge > 0:
-        lam = ridge * torch.diagonal(m, dim1=-2, dim2=-1).mean(-1, keepdim=True).clamp_min(
+        lam = ridge * torch.diagonal(gram, dim1=-2, dim2=-1).mean(-1, keepdim=True).clamp_min(
             torch.finfo(dt).tiny
         )
     shifted = evals + lam
@@ -256,13 +285,34 @@ def solve_sylvester_psd(a: Tensor, b: Tensor, c: Tensor, *, eps: float = 0.0) ->
     a, b, c = a.to(dt), b.to(dt), c.to(dt)
     alpha, p = torch.linalg.eigh(0.5 * (a + a.transpose(-1, -2)))
     beta, q = torch.linalg.eigh(0.5 * (b + b.transpose(-1, -2)))
+    return solve_sylvester_from_eigh(p, alpha, q, beta, c, eps=eps)
+
+
+def solve_sylvester_from_eigh(
+    p: Tensor, alpha: Tensor, q: Tensor, beta: Tensor, c: Tensor, *, eps: float = 0.0
+) -> Tensor:
+    """:func:`solve_sylvester_psd` given ``A = P diag(α) Pᵀ`` and ``B = Q diag(β) Qᵀ``.
+
+    For callers that already hold the eigendecompositions (LoRA-Pro reuses them for its
+    pseudo-inverses). ``c`` must be in the eigenvectors' dtype.
+
+    Example:
+        >>> x = torch.randn(4, 4); a = x @ x.T; y = torch.randn(3, 3); b = y @ y.T
+        >>> c = torch.randn(4, 3)
+        >>> (al, P), (be, Q) = torch.linalg.eigh(a), torch.linalg.eigh(b)
+        >>> torch.allclose(solve_sylvester_from_eigh(P, al, Q, be, c), solve_sylvester_psd(a, b, c))
+        True
+    """
+    if c.shape[-2:] != (alpha.shape[-1], beta.shape[-1]):
+        raise ValueError(
+            f"C must be ({alpha.shape[-1]}, {beta.shape[-1]}) to match the eigenvalues, got {tuple(c.shape[-2:])}"
+        )
     denom = alpha.unsqueeze(-1) + beta.unsqueeze(-2)
     scale = torch.maximum(alpha.abs().amax(-1), beta.abs().amax(-1)).unsqueeze(-1).unsqueeze(-1)
-    tol = torch.clamp_min(scale * max(a.shape[-1], b.shape[-1]) * torch.finfo(dt).eps, eps)
-    ct = p.transpose(-1, -2) @ c @ q
-    y = torch.where(
-        denom.abs() > tol,
-        ct / torch.where(denom.abs() > tol, denom, torch.ones_like(denom)),
-        torch.zeros_like(ct),
+    tol = torch.clamp_min(
+        scale * max(alpha.shape[-1], beta.shape[-1]) * torch.finfo(alpha.dtype).eps, eps
     )
+    ct = p.transpose(-1, -2) @ c @ q
+    ok = denom.abs() > tol
+    y = torch.where(ok, ct / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(ct))
     return p @ y @ q.transpose(-1, -2)

@@ -48,7 +48,11 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from loralab.core.linalg import accumulation_dtype
+from loralab.core.linalg import (
+    accumulation_dtype,
+    ridge_inverse_from_eigh,
+    solve_sylvester_from_eigh,
+)
 
 __all__ = [
     "X_MODES",
@@ -110,7 +114,7 @@ def lora_gradients(
 
 
 def _eigh_grams(
-    A: Tensor, B: Tensor, ridge: float
+    A: Tensor, B: Tensor
 ) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]:
     """``(BᵀB, its eigenvalues, eigenvectors)`` and the same for ``AAᵀ``: one batched ``eigh`` call."""
     return _eigh_pair(B.mT @ B, A @ A.mT)
@@ -120,41 +124,11 @@ def _eigh_pair(
     BtB: Tensor, AAt: Tensor
 ) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]:
     # One eigendecomposition per Gram matrix serves both its pseudo-inverse and the Sylvester solve
-    # (as loralab.core.ridge_inverse and solve_sylvester_psd each compute it: symmetrised first), and
+    # (core's ridge_inverse_from_eigh and solve_sylvester_from_eigh; symmetrised first, as core does), and
     # both Grams of every layer of the batch go through a single batched call.
     grams = torch.stack([BtB, AAt])
     evals, evecs = torch.linalg.eigh(0.5 * (grams + grams.mT))
     return (BtB, evals[0], evecs[0]), (AAt, evals[1], evecs[1])
-
-
-def _inverse_from_eigh(gram: Tensor, evals: Tensor, evecs: Tensor, ridge: float) -> Tensor:
-    """``loralab.core.ridge_inverse(gram, ridge)`` (relative ridge; ``0`` = pseudo-inverse) from ``eigh``."""
-    dt = evals.dtype
-    lam: float | Tensor = ridge
-    if ridge > 0:
-        lam = ridge * torch.diagonal(gram, dim1=-2, dim2=-1).mean(-1, keepdim=True).clamp_min(
-            torch.finfo(dt).tiny
-        )
-    shifted = evals + lam
-    # pseudo-inverse semantics for the null space: eigenvalues at round-off level are dropped
-    tol = evals.abs().amax(-1, keepdim=True) * evals.shape[-1] * torch.finfo(dt).eps
-    inv = torch.where(shifted.abs() > tol, 1.0 / shifted, torch.zeros_like(shifted))
-    return (evecs * inv.unsqueeze(-2)) @ evecs.mT
-
-
-def _solve_sylvester_eigh(p: Tensor, alpha: Tensor, q: Tensor, beta: Tensor, c: Tensor) -> Tensor:
-    """``loralab.core.solve_sylvester_psd(a, b, c)`` given ``a = P diag(α) Pᵀ``, ``b = Q diag(β) Qᵀ``.
-
-    ``X = P [(Pᵀ C Q) / (αᵢ + βⱼ)] Qᵀ``, entries with a round-off-level denominator set to zero (the
-    minimum-norm choice). All layers of the batch in one call, on the inputs' device.
-    """
-    denom = alpha.unsqueeze(-1) + beta.unsqueeze(-2)
-    scale = torch.maximum(alpha.abs().amax(-1), beta.abs().amax(-1)).unsqueeze(-1).unsqueeze(-1)
-    tol = scale * max(alpha.shape[-1], beta.shape[-1]) * torch.finfo(alpha.dtype).eps
-    ct = p.mT @ c @ q
-    ok = denom.abs() > tol
-    y = torch.where(ok, ct / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(ct))
-    return p @ y @ q.mT
 
 
 def solve_x(
@@ -173,8 +147,8 @@ def solve_x(
     dt = accumulation_dtype(A.dtype)
     A, B, g_A, g_B = (t.to(dt) for t in (A, B, g_A, g_B))
     s = _scale(scaling, A)
-    eb, ea = _eigh_grams(A, B, ridge)
-    BtB_inv_s2 = _inverse_from_eigh(*eb, ridge) / s**2
+    eb, ea = _eigh_grams(A, B)
+    BtB_inv_s2 = ridge_inverse_from_eigh(*eb, ridge) / s**2
     return _x_from_eighs(g_A @ A.mT, BtB_inv_s2, B.mT @ g_B, eb, ea, x_mode)
 
 
@@ -189,7 +163,7 @@ def _x_from_eighs(gAAt, BtB_inv_s2, Btg_B, eb, ea, x_mode) -> Tensor:
     # Theorem 2.3 / Eq. 9: BᵀB X + X AAᵀ = −(1/s²)(BᵀB)⁻¹ g_A Aᵀ, solved for all layers at once on the
     # eigenbases of the two symmetric PSD Gram matrices (r×r, cheap), never via SciPy or the CPU.
     rhs = -(BtB_inv_s2 @ gAAt)
-    return _solve_sylvester_eigh(eb[2], eb[1], ea[2], ea[1], rhs)
+    return solve_sylvester_from_eigh(eb[2], eb[1], ea[2], ea[1], rhs)
 
 
 def lora_pro_gradients(
@@ -297,8 +271,8 @@ def lora_pro_gradients_buckets(
     Bt_BgB = _cat([B_gB[..., :r].mT @ B_gB for B_gB in B_gBs])
     s2 = _scale(_cat(list(scalings)), AgA_At) ** 2
     eb, ea = _eigh_pair(Bt_BgB[..., :r], AgA_At[..., :r, :])
-    BtB_inv = _inverse_from_eigh(*eb, ridge)
-    AAt_inv = _inverse_from_eigh(*ea, ridge)
+    BtB_inv = ridge_inverse_from_eigh(*eb, ridge)
+    AAt_inv = ridge_inverse_from_eigh(*ea, ridge)
     # The 1/s² and every product that can be are folded into r×r matrices (the m×m projector is never
     # formed):
     #   gᴬ = [(1/s²)(BᵀB)⁻¹] g_A + X·A                      = [X | (1/s²)(BᵀB)⁻¹] · [A; g_A]
@@ -339,8 +313,8 @@ def optimal_equivalent_gradient(
     dt = accumulation_dtype(A.dtype)
     A, B, g_A, g_B = (t.to(dt) for t in (A, B, g_A, g_B))
     s = _scale(scaling, A)
-    eb, ea = _eigh_grams(A, B, ridge)
-    BtB_inv, AAt_inv = _inverse_from_eigh(*eb, ridge), _inverse_from_eigh(*ea, ridge)
+    eb, ea = _eigh_grams(A, B)
+    BtB_inv, AAt_inv = ridge_inverse_from_eigh(*eb, ridge), ridge_inverse_from_eigh(*ea, ridge)
     M = g_B @ AAt_inv
     M = M - B @ (BtB_inv @ (B.mT @ M))
     return (B @ (BtB_inv @ g_A) + M @ A) / s
