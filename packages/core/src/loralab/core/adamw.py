@@ -283,9 +283,7 @@ def _adamw_foreach_(
     beta1, beta2 = betas
     if weight_decay:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
-    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    _update_moments_(grads, exp_avgs, exp_avg_sqs, beta1, beta2)
     bc1 = 1 - beta1**step
     bc2 = 1 - beta2**step
     denom = torch._foreach_sqrt(exp_avg_sqs)

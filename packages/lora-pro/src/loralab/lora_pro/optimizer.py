@@ -33,6 +33,7 @@ import logging
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -70,6 +71,16 @@ WEIGHT_DECAY_MODES = ("factors", "effective")
 def _moment_dtype(p: Tensor) -> torch.dtype:
     # Keep Adam moments in float32 for half-precision parameters (their squares underflow in bf16).
     return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+
+
+def _all_finite(tensors: Iterable[Tensor]) -> bool:
+    """Whether every entry is finite: one reduction per tensor, the exact element-wise test only when
+    the sums are not finite (which finite tensors can also give, by overflow)."""
+    tensors = list(tensors)
+    total = sum(
+        t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32) for t in tensors
+    )
+    return bool(torch.isfinite(total)) or all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def _is_zero3_param(p: Tensor) -> bool:
@@ -318,14 +329,14 @@ class LoraProAdamW(torch.optim.Optimizer):
         updates: list[Callable[[], None]] = []
         for gi, group in enumerate(self.param_groups):
             if any(id(p) not in self._own_ids for p in group["params"]):
-                updates.append(lambda group=group: self._zero_step(group))
+                updates.append(partial(self._zero_step, group))
                 continue
             pairs = [p for p, g in zip(self._pairs, self._pair_groups) if g == gi]
             lora_ids = {id(t) for pair in pairs for t in (pair.A, pair.B)}
             plain = [p for p in group["params"] if p.grad is not None and id(p) not in lora_ids]
             if plain:
                 self._check_plain(gi, plain)
-                updates.append(lambda group=group, plain=plain: self._plain_step(group, plain))
+                updates.append(partial(self._plain_step, group, plain))
             active = []
             for pair in pairs:
                 has_a, has_b = pair.A.grad is not None, pair.B.grad is not None
@@ -346,11 +357,7 @@ class LoraProAdamW(torch.optim.Optimizer):
                 ].append(pair)
             if group["mode"] == "efficient":
                 for bucket, gA, gB in self._efficient_adjust(group, list(buckets.values())):
-                    updates.append(
-                        lambda group=group, bucket=bucket, gA=gA, gB=gB: self._efficient_update(
-                            group, bucket, gA, gB
-                        )
-                    )
+                    updates.append(partial(self._efficient_update, group, bucket, gA, gB))
             else:
                 for bucket in buckets.values():
                     if self.check_finite:  # gradients and factors (full mode's step is slow anyway)
@@ -358,30 +365,21 @@ class LoraProAdamW(torch.optim.Optimizer):
                             bucket,
                             *(x for pair in bucket for t in (pair.A, pair.B) for x in (t, t.grad)),
                         )
-                    updates.append(
-                        lambda group=group, bucket=bucket: self._full_bucket(group, bucket)
-                    )
+                    updates.append(partial(self._full_bucket, group, bucket))
         for update in updates:
             update()
         return loss
 
     def _check_plain(self, gi: int, params: list[Tensor]) -> None:
         """Raise ``FloatingPointError`` naming the parameters whose gradient is NaN/Inf."""
-        if not self.check_finite:
-            return
-        total = sum(
-            p.grad.sum(dtype=torch.float32 if p.grad.dtype != torch.float64 else None)
-            for p in params
-        )
-        if torch.isfinite(total):
+        if not self.check_finite or _all_finite([p.grad for p in params]):
             return
         bad = [
             self._names.get(id(p), f"param_groups[{gi}] #{i}")
             for i, p in enumerate(params)
             if not torch.isfinite(p.grad).all()
         ]
-        if bad:
-            raise FloatingPointError(f"LoraProAdamW: non-finite gradients (NaN/Inf) in {bad}")
+        raise FloatingPointError(f"LoraProAdamW: non-finite gradients (NaN/Inf) in {bad}")
 
     def _zero_step(self, group: dict[str, Any]) -> None:
         """One step of a group whose parameters DeepSpeed ZeRO-1/2 replaced by a flat fp32 partition."""
@@ -430,7 +428,7 @@ class LoraProAdamW(torch.optim.Optimizer):
             B = torch.stack([view(flat_param, p.B) for p in bucket])
             g_A = torch.stack([view(flat_grad, p.A) for p in bucket])
             g_B = torch.stack([view(flat_grad, p.B) for p in bucket])
-            if self.check_finite and not (torch.isfinite(g_A).all() and torch.isfinite(g_B).all()):
+            if self.check_finite and not _all_finite([g_A, g_B]):
                 raise FloatingPointError(
                     f"LoraProAdamW: non-finite gradients (NaN/Inf) in LoRA layer(s) {[p.name for p in bucket]}"
                 )
@@ -514,15 +512,7 @@ class LoraProAdamW(torch.optim.Optimizer):
         return A, B, gA, gB, s
 
     def _check_out(self, bucket: list[LoraPair], *tensors: Tensor) -> None:
-        if not self.check_finite:
-            return
-        # one reduction per tensor; the exact element-wise test only when the sums are not finite (which a
-        # finite tensor can also give, by overflow)
-        total = sum(
-            t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
-            for t in tensors
-        )
-        if torch.isfinite(total) or all(torch.isfinite(t).all() for t in tensors):
+        if not self.check_finite or _all_finite(tensors):
             return
         self._raise_non_finite_inputs(bucket)
         raise FloatingPointError(
