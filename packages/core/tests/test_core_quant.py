@@ -10,6 +10,7 @@ from loralab.core.gradients import GradientEstimationError, estimate_gradients
 from loralab.core.quant import (
     dequantize_weight,
     dequantized_copy,
+    dtype_kwarg,
     is_quantized,
     load_float_model_for_estimation,
     quant_config_of,
@@ -183,7 +184,10 @@ def _load_quantized(path, **cfg):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     return AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=BitsAndBytesConfig(**cfg), device_map="cpu", dtype=torch.float32
+        path,
+        quantization_config=BitsAndBytesConfig(**cfg),
+        device_map="cpu",
+        **{dtype_kwarg(): torch.float32},
     )
 
 
@@ -251,6 +255,17 @@ def test_load_float_errors(tiny_checkpoint):
         load_float_model_for_estimation(tiny_checkpoint, source="dequantize")
     with pytest.raises(ValueError, match="source must be"):
         load_float_model_for_estimation(tiny_checkpoint, source="nope")
+
+
+@pytest.mark.parametrize(
+    ("version", "expected"),
+    [("4.45.2", "torch_dtype"), ("4.55.4", "torch_dtype"), ("4.56.0", "dtype"), ("5.0.0", "dtype")],
+)
+def test_dtype_kwarg_follows_transformers_version(monkeypatch, version, expected):
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", version)
+    assert dtype_kwarg() == expected
 
 
 @pytest.mark.parametrize("double_quant", [True, False])

@@ -49,6 +49,7 @@ __all__ = [
     "QuantizationError",
     "dequantize_weight",
     "dequantized_copy",
+    "dtype_kwarg",
     "is_quantized",
     "load_float_model_for_estimation",
     "quant_config_of",
@@ -417,15 +418,26 @@ def load_float_model_for_estimation(
         from transformers import AutoModelForCausalLM
 
         model_class = AutoModelForCausalLM
-    kwargs = {_dtype_kwarg(): torch_dtype, "device_map": "cpu", **from_pretrained_kwargs}
+    kwargs = {dtype_kwarg(): torch_dtype, "device_map": "cpu", **from_pretrained_kwargs}
     kwargs.pop("quantization_config", None)
     logger.info("loading float copy of %s in %s for gradient estimation", path, torch_dtype)
     model = model_class.from_pretrained(path, **kwargs)
     return model.eval()
 
 
-def _dtype_kwarg() -> str:
-    # transformers renamed from_pretrained's torch_dtype to dtype in 4.56
+def dtype_kwarg() -> str:
+    """The name of ``from_pretrained``'s weight-dtype keyword in the installed transformers.
+
+    transformers 4.56 renamed ``torch_dtype`` to ``dtype``: this returns ``"dtype"`` from 4.56 on
+    and ``"torch_dtype"`` before, so one call works across the supported versions.
+
+    Example:
+        >>> import torch
+        >>> from transformers import AutoModelForCausalLM
+        >>> dtype_kwarg() in ("dtype", "torch_dtype")
+        True
+        >>> model = AutoModelForCausalLM.from_pretrained(path, **{dtype_kwarg(): torch.float32})  # doctest: +SKIP
+    """
     import transformers
 
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])

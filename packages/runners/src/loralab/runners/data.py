@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from loralab.core.quant import dtype_kwarg
+
 __all__ = ["dtype_kwargs", "load_split", "pad_collate", "require_columns", "take"]
 
 
@@ -25,12 +27,17 @@ def dtype_kwargs(dtype: torch.dtype = torch.float32) -> dict[str, torch.dtype]:
     Always pass one: transformers 5 loads a checkpoint in the dtype it was *saved* in by default, so
     an fp16 checkpoint would be trained with fp16 weights and optimizer states (AdamW's eps = 1e-8
     is 0 in fp16: the first steps divide by zero). Training keeps fp32 weights; ``--bf16`` autocasts.
-    transformers >= 4.56 calls the argument ``dtype`` (``torch_dtype`` before).
-    """
-    import transformers
+    transformers >= 4.56 calls the argument ``dtype`` (``torch_dtype`` before):
+    :func:`loralab.core.quant.dtype_kwarg` picks the name.
 
-    version = tuple(int(x) for x in transformers.__version__.split(".")[:2])
-    return {"dtype" if version >= (4, 56) else "torch_dtype": dtype}
+    Raises:
+        TypeError: ``dtype`` is not a ``torch.dtype`` (e.g. the string ``"fp16"``).
+    """
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(
+            f"dtype_kwargs: dtype must be a torch.dtype (e.g. torch.float32), got {dtype!r}"
+        )
+    return {dtype_kwarg(): dtype}
 
 
 _BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
