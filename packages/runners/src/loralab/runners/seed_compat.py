@@ -40,6 +40,8 @@ from typing import Any
 
 import torch
 
+from loralab.runners.data import dtype_kwargs
+
 __all__ = [
     "DATASET_MAP",
     "MODEL_TYPES",
@@ -93,7 +95,7 @@ def initialize_text_to_text_model(
     if flash_attention:
         kw["attn_implementation"] = "flash_attention_2"
     if dtype in ("fp32", "bf16"):
-        kw["dtype"] = torch.float32 if dtype == "fp32" else torch.bfloat16
+        kw.update(dtype_kwargs(torch.float32 if dtype == "fp32" else torch.bfloat16))
     elif dtype == "int8":
         kw["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0)
     else:
@@ -104,9 +106,8 @@ def initialize_text_to_text_model(
             bnb_4bit_quant_type="nf4",
         )
     if "quantization_config" in kw and not torch.cuda.is_available():
-        kw["device_map"] = (
-            "cpu"  # bitsandbytes quantizes on the CPU too, when told to place it there
-        )
+        # bitsandbytes quantizes on the CPU too, when told to place it there
+        kw["device_map"] = "cpu"
     model = cls.from_pretrained(model_name, **kw)
     tok = AutoTokenizer.from_pretrained(tokenizer or model_name)
     if tok.eos_token is None:
