@@ -10,6 +10,8 @@ from loralab.core.testing import (
     make_lm_batches,
     make_seq2seq_batches,
     offline_tokenizer,
+    run_accelerate,
+    run_torchrun,
     save_tiny,
     tiny_llama,
     tiny_model,
@@ -92,3 +94,24 @@ def test_batch_makers():
     assert reg["labels"].dtype == torch.float32
     s2s = make_seq2seq_batches(1, src_len=10, tgt_len=4)[0]
     assert s2s["input_ids"].shape == (2, 10) and s2s["labels"].shape == (2, 4)
+
+
+FAILING_WORKER = """\
+import sys
+print("worker stdout line")
+sys.stderr.write("worker failed on purpose\\n")
+sys.exit(1)
+"""
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("launch", [run_torchrun, run_accelerate], ids=lambda f: f.__name__)
+def test_launchers_fail_with_the_workers_output(launch, tmp_path):
+    # --multi_gpu needs 2 processes; each launch of this 4-line script takes ~8 s
+    if launch is run_accelerate:
+        pytest.importorskip("accelerate")
+    script = tmp_path / "fail.py"
+    script.write_text(FAILING_WORKER)
+    with pytest.raises(AssertionError, match="worker failed on purpose") as info:
+        launch(script, nproc=2, timeout=120)
+    assert "worker stdout line" in str(info.value)

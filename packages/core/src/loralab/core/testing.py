@@ -29,6 +29,7 @@ __all__ = [
     "make_lm_batches",
     "make_seq2seq_batches",
     "offline_tokenizer",
+    "run_accelerate",
     "run_torchrun",
     "save_tiny",
     "tiny_gpt2",
@@ -281,22 +282,59 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _run_launcher(cmd: list[str], env: dict[str, str], timeout: float) -> None:
+    import subprocess
+
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (
+        f"{' '.join(cmd)} failed (exit {proc.returncode})\n"
+        f"--- stderr (end) ---\n{proc.stderr[-4000:]}\n"
+        f"--- stdout (end) ---\n{proc.stdout[-2000:]}"
+    )
+
+
 def run_torchrun(
     script: str | os.PathLike[str], *args: str, nproc: int = 2, timeout: float = 600
 ) -> None:
     """Run ``script`` under ``torch.distributed.run`` with ``nproc`` CPU processes (gloo), one thread each.
 
-    Raises ``AssertionError`` with the end of the processes' stderr if any of them fails, so a test
-    that calls it reads like the single-process check it is compared with.
+    Raises ``AssertionError`` with the end of the processes' stderr and stdout if any of them fails, so
+    a test that calls it reads like the single-process check it is compared with.
 
     Example:
         >>> run_torchrun("worker.py", "/tmp/out", nproc=2)  # doctest: +SKIP
     """
-    import subprocess
     import sys
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
     cmd += ["--master-port", str(free_port()), str(script), *map(str, args)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}"
+    _run_launcher(cmd, {**os.environ, "OMP_NUM_THREADS": "1"}, timeout)
+
+
+def run_accelerate(
+    script: str | os.PathLike[str], *args: str, nproc: int = 2, timeout: float = 600
+) -> None:
+    """Run ``script`` under ``accelerate launch --multi_gpu`` with ``nproc`` CPU processes, one thread each.
+
+    ``--multi_gpu`` is accelerate's torchrun launcher; the script makes it multi-CPU with gloo by
+    creating ``Accelerator(cpu=True)`` (accelerate's ``--cpu`` multi-process launcher goes through
+    mpirun instead). No GPU is visible (``CUDA_VISIBLE_DEVICES=""``) and DeepSpeed, if the script uses
+    it, runs on its CPU accelerator (``DS_ACCELERATOR=cpu``); mixed precision and dynamo are off.
+    ``--multi_gpu`` needs ``nproc >= 2``. Raises ``AssertionError`` with the end of the processes' stderr and stdout if any of them fails.
+
+    Example:
+        >>> run_accelerate("worker.py", "/tmp/out", nproc=2, timeout=300)  # doctest: +SKIP
+    """
+    import sys
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
+    cmd += ["--num_processes", str(nproc), "--num_machines", "1"]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd += ["--main_process_port", str(free_port()), str(script), *map(str, args)]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": "cpu",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    _run_launcher(cmd, env, timeout)
