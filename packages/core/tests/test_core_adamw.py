@@ -192,3 +192,25 @@ def test_step_errors_and_empty():
         adamw_step_(
             [torch.zeros(1)], [torch.zeros(1)], [torch.zeros(1)], [torch.zeros(1)], [], **HP
         )
+
+
+def test_step_counters_are_one_based():
+    p, g, m, v = (torch.zeros(2) for _ in range(4))
+    with pytest.raises(ValueError, match="1-based"):
+        adamw_step_([p], [g], [m], [v], [torch.tensor(0.0)], **HP)
+    assert torch.equal(p, torch.zeros(2))
+
+
+def test_fused_kernel_only_on_cpu_and_unchecked_call_equals_checked():
+    from loralab.core.adamw import fused_adamw_, fused_adamw_available
+
+    assert not fused_adamw_available("cuda")  # its step counters would have to live on the GPU
+    if not fused_adamw_available("cpu"):
+        pytest.skip("this torch has no fused AdamW kernel for CPU")
+    params, grads = _problem(seed=5)
+    a, b = [p.clone() for p in params], [p.clone() for p in params]
+    state = [[torch.zeros_like(p) for p in params] for _ in range(4)]
+    steps = [torch.tensor(1.0) for _ in params]
+    adamw_step_(a, grads[0], state[0], state[1], steps, **HP)
+    fused_adamw_(b, grads[0], state[2], state[3], steps, **HP)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))

@@ -70,6 +70,14 @@ def _update_moments_(
     torch._foreach_addcmul_(list(exp_avg_sqs), grads, grads, 1 - beta2)
 
 
+def _torch_denom(exp_avg_sqs: Sequence[Tensor], bc2: float, eps: float) -> list[Tensor]:
+    """``√v / √bc₂ + ε``, torch.optim.AdamW's denominator."""
+    denom = torch._foreach_sqrt(list(exp_avg_sqs))
+    torch._foreach_div_(denom, math.sqrt(bc2))
+    torch._foreach_add_(denom, eps)
+    return denom
+
+
 def adamw_direction(
     grads: Sequence[Tensor],
     exp_avgs: Sequence[Tensor],
@@ -91,13 +99,12 @@ def adamw_direction(
     _update_moments_(grads, exp_avgs, exp_avg_sqs, beta1, beta2)
     bc1 = 1 - beta1**step
     bc2 = 1 - beta2**step
-    denom = torch._foreach_sqrt(list(exp_avg_sqs))
     if style == "torch":
-        torch._foreach_div_(denom, math.sqrt(bc2))
-        torch._foreach_add_(denom, eps)
+        denom = _torch_denom(exp_avg_sqs, bc2, eps)
         out = torch._foreach_div(list(exp_avgs), denom)
         torch._foreach_div_(out, bc1)
     elif style == "hf":
+        denom = torch._foreach_sqrt(list(exp_avg_sqs))
         torch._foreach_add_(denom, eps)
         out = torch._foreach_div(list(exp_avgs), denom)
         torch._foreach_mul_(out, math.sqrt(bc2) / bc1)
@@ -217,6 +224,11 @@ def adamw_step_(
         return
     if not len(params) == len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(steps):
         raise ValueError("adamw_step_: params, grads, moments and steps must have equal lengths")
+    step_values = [int(s) for s in steps]
+    if min(step_values) < 1:
+        raise ValueError(
+            f"adamw_step_: steps are 1-based and already advanced for this step, got {min(step_values)}"
+        )
     if _fusable(params + grads + exp_avgs + exp_avg_sqs, steps):
         fused_adamw_(
             params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr, betas=betas, eps=eps,
@@ -224,8 +236,8 @@ def adamw_step_(
         )  # fmt: skip
         return
     by_step: dict[int, list[int]] = {}
-    for j, st in enumerate(torch.stack([s.detach().cpu().float() for s in steps]).tolist()):
-        by_step.setdefault(int(st), []).append(j)
+    for j, st in enumerate(step_values):
+        by_step.setdefault(st, []).append(j)
     for step, idx in by_step.items():
         ps, gs = [params[j] for j in idx], [grads[j] for j in idx]
         ms, vs = [exp_avgs[j] for j in idx], [exp_avg_sqs[j] for j in idx]
@@ -286,7 +298,4 @@ def _adamw_foreach_(
     _update_moments_(grads, exp_avgs, exp_avg_sqs, beta1, beta2)
     bc1 = 1 - beta1**step
     bc2 = 1 - beta2**step
-    denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denom, math.sqrt(bc2))
-    torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(params, exp_avgs, denom, -lr / bc1)
+    torch._foreach_addcdiv_(params, exp_avgs, _torch_denom(exp_avg_sqs, bc2, eps), -lr / bc1)
