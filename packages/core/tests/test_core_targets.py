@@ -55,6 +55,9 @@ def test_listed_name_matching_a_head_is_reported_not_silently_dropped(caplog):
     with caplog.at_level("WARNING", logger="loralab.core.targets"):
         find_targets(model)  # "all-linear" leaves heads out by definition (as PEFT): no warning
     assert "head" not in caplog.text
+    with caplog.at_level("WARNING", logger="loralab.core.targets"):
+        find_targets(model, ["dense"], exclude_modules=["classifier.dense"])  # excluded on purpose
+    assert "head" not in caplog.text
 
 
 def test_gpt2_conv1d_weight_is_transposed_view():

@@ -269,10 +269,12 @@ def find_targets(
         selected = {n: t for n, t in candidates.items() if _matches(n, target_modules)}
     if exclude_modules is not None:
         selected = {n: t for n, t in selected.items() if not _matches(n, exclude_modules)}
+    if exclude_modules is not None:  # heads the user excluded by name are left out on purpose
+        skipped_heads = [n for n in skipped_heads if not _matches(n, exclude_modules)]
     if skipped_heads:
         # not silent: a listed name also matches head layers (e.g. "dense" and RoBERTa's classifier.dense)
         logger.warning(
-            "target_modules=%r also matches task/output head layer(s) %s, which are trained in full, not adapted; "
+            "target_modules=%r also matches task/output head layer(s) %s, which are left out (not adapted); "
             "pass include_heads=True to adapt them",
             target_modules,
             ", ".join(skipped_heads[:10]),
