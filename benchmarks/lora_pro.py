@@ -23,6 +23,9 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# before this folder leaves the import path (below)
+import _common
+
 ROOT = Path(__file__).resolve().parent
 # this file is named like the peer's package (``lora_pro``): keep its folder off the import path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
@@ -46,20 +49,10 @@ CONFIGS = {
 def _model(cfg, device):
     import peft
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    c = LlamaConfig(
-        vocab_size=cfg["vocab"],
-        hidden_size=cfg["hidden"],
-        intermediate_size=cfg["inter"],
-        num_hidden_layers=cfg["layers"],
-        num_attention_heads=cfg["hidden"] // 64,
-        num_key_value_heads=cfg["hidden"] // 64,
-        max_position_embeddings=256,
-    )
     lora = peft.LoraConfig(r=cfg["rank"], lora_alpha=2 * cfg["rank"], target_modules="all-linear")
-    model = peft.get_peft_model(LlamaForCausalLM(c), lora).to(device)
+    model = peft.get_peft_model(_common.random_llama(cfg, max_position_embeddings=256), lora)
+    model = model.to(device)
     # B = 0 at init would make every adjustment trivial (and lora-pro-adamw's first step special):
     # time a point in the middle of training instead.
     g = torch.Generator().manual_seed(1)
@@ -69,34 +62,15 @@ def _model(cfg, device):
     return model
 
 
-def _state_bytes(obj) -> int:
-    import torch
-
-    seen, total = set(), 0
-
-    def add(x):
-        nonlocal total
-        if isinstance(x, torch.Tensor):
-            if x.data_ptr() not in seen:
-                seen.add(x.data_ptr())
-                total += x.numel() * x.element_size()
-        elif isinstance(x, (list, tuple)):
-            for y in x:
-                add(y)
-        elif isinstance(x, dict):
-            for y in x.values():
-                add(y)
-
-    if hasattr(obj, "_state_m") or hasattr(
-        obj, "_state_mA"
-    ):  # lora-pro-adamw keeps moments in dicts
-        for attr in ("_state_m", "_state_v", "_state_mA", "_state_vA", "_state_mB", "_state_vB"):
-            add(getattr(obj, attr, {}))
-        if obj._base is not None:
-            add(dict(obj._base.state))
-    else:
-        add(dict(obj.state))
-    return total
+def _state_bytes(opt) -> int:
+    """Every tensor of the optimizer's state, counted once; lora-pro-adamw keeps its moments in dicts."""
+    if hasattr(opt, "_state_m") or hasattr(opt, "_state_mA"):
+        attrs = ("_state_m", "_state_v", "_state_mA", "_state_vA", "_state_mB", "_state_vB")
+        state = [getattr(opt, a, {}) for a in attrs]
+        if opt._base is not None:
+            state.append(dict(opt._base.state))
+        return _common.optimizer_state_bytes(state)
+    return _common.optimizer_state_bytes(opt)
 
 
 def _make(name, model, lr=1e-4):
@@ -197,13 +171,8 @@ def table(cfg, rows, n_pairs, lora_params, device, quick):
         lines.append(
             f"| {CONFIGS[name]} | {r['step']:.4f} | {r['step'] / base['step']:.2f} | {vs_fused} | {speed} | {r['state'] / 2**20:.1f} | {r['state'] / base['state']:.2f} | {r['workspace'] / 2**20:.1f} |"
         )
-    import torch
 
-    machine = (
-        "2-core CPU, 24 GiB, torch " + torch.__version__
-        if device == "cpu"
-        else torch.cuda.get_device_name()
-    )
+    machine = _common.machine_description(device)
     lines += [
         "",
         f"Command: `python benchmarks/lora_pro.py{' --quick' if quick else ''}{' --device cuda' if device == 'cuda' else ''}`. "
