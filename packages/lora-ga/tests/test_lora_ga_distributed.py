@@ -8,16 +8,12 @@ see ``lora_ga_dist_worker.py``.
 """
 
 import importlib.util
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from loralab.core.testing import save_tiny, tiny_llama
+from loralab.core.testing import run_accelerate, save_tiny, tiny_llama
 from loralab.lora_ga import get_lora_ga_model
 
 WORKER = Path(__file__).with_name("lora_ga_dist_worker.py")
@@ -31,51 +27,15 @@ INIT_RTOL = 1e-4
 MODES = ("accelerate", "offload", "torchrun", "zero3", "hf_zero3")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """One 2-rank launch (accelerate's torchrun path, ``Accelerator(cpu=True)`` = gloo); both ranks' results."""
     pytest.importorskip("deepspeed")
     tmp = tmp_path_factory.mktemp("lora_ga_dist")
     prefix = tmp / "run"
-    checkpoint = save_tiny(
-        tiny_llama(), tmp / "ckpt", tokenizer=False
-    )  # for the transformers ZeRO-3 loading mode
-    launcher = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
-    ]
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "DS_ACCELERATOR": "cpu",
-        "CUDA_VISIBLE_DEVICES": "",
-    }
-    proc = subprocess.run(
-        [*launcher, str(WORKER), str(prefix), str(checkpoint)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    # for the transformers ZeRO-3 loading mode
+    checkpoint = save_tiny(tiny_llama(), tmp / "ckpt", tokenizer=False)
+    run_accelerate(WORKER, prefix, checkpoint, timeout=400)
     return [torch.load(f"{prefix}.{r}.pt", weights_only=True) for r in (0, 1)]
 
 

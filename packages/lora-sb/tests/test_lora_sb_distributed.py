@@ -6,14 +6,12 @@ must build the same factors, equal to a single process's init from the concatena
 """
 
 import importlib.util
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from loralab.core.testing import run_accelerate
 
 WORKER = Path(__file__).with_name("lora_sb_dist_worker.py")
 _spec = importlib.util.spec_from_file_location("lora_sb_dist_worker", WORKER)
@@ -24,45 +22,14 @@ INIT_RTOL = 1e-5  # same gradients up to the all-reduce's summation order (float
 TRAIN_RTOL = 1e-4  # relative to the size of R's change over the steps
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
     """One 2-rank launch (accelerate's torchrun path) running every mode; returns ``load(mode)``."""
     pytest.importorskip("deepspeed")
     prefix = tmp_path_factory.mktemp("lora_sb_dist") / "run"
-    # --multi_gpu is accelerate's torchrun launcher; Accelerator(cpu=True) in the worker makes it multi-CPU
-    # with gloo (accelerate's --cpu multi-process launcher goes through mpirun instead).
-    launcher = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
-    ]
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "DS_ACCELERATOR": "cpu",
-        "CUDA_VISIBLE_DEVICES": "",
-    }
-    proc = subprocess.run(
-        [*launcher, str(WORKER), str(prefix)], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    # run_accelerate uses --multi_gpu, accelerate's torchrun launcher; Accelerator(cpu=True) in the
+    # worker makes it multi-CPU with gloo (accelerate's --cpu multi-process launcher goes through mpirun).
+    run_accelerate(WORKER, prefix, timeout=300)
     return lambda mode: [torch.load(f"{prefix}.{mode}.{r}.pt", weights_only=True) for r in (0, 1)]
 
 
@@ -88,16 +55,14 @@ def single_process():
     return {
         "init": w.factors(model),
         "global": train(_cat(w.train_batches(0), w.train_batches(1))),
-        "rank0_only": train(
-            w.train_batches(0)
-        ),  # what training without gradient averaging would give
+        # what training without gradient averaging would give
+        "rank0_only": train(w.train_batches(0)),
     }
 
 
 def _delta(f, layer):
-    return (
-        f[f"{layer}.lora_B"] @ f[f"{layer}.lora_R"] @ f[f"{layer}.lora_A"]
-    )  # scaling is 1 (alpha = r)
+    # scaling is 1 (alpha = r)
+    return f[f"{layer}.lora_B"] @ f[f"{layer}.lora_R"] @ f[f"{layer}.lora_A"]
 
 
 def _rel_change(got, ref, init):
