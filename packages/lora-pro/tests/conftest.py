@@ -29,9 +29,8 @@ def toy_peft(seed: int = 0, dtype=torch.float64, *, b_random: bool = True, **cfg
     config = dict(r=RANK, lora_alpha=6, target_modules=["lin1", "lin2"], modules_to_save=["head"])
     config.update(cfg)
     model = peft.get_peft_model(Toy(), peft.LoraConfig(**config)).to(dtype)
-    if (
-        b_random
-    ):  # B = 0 at init makes the first steps degenerate; most reference tests want a generic point
+    # B = 0 at init makes the first steps degenerate; most reference tests want a generic point
+    if b_random:
         g = torch.Generator().manual_seed(seed + 100)
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -94,15 +93,6 @@ def lora_modules(model):
     from loralab.core import find_lora_pairs
 
     return find_lora_pairs(model)
-
-
-@pytest.fixture
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
