@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from loralab.core.lora_layers import LoraPairError, find_lora_pairs
-from loralab.core.testing import make_lm_batches, save_tiny, tiny_gpt2, tiny_llama
+from loralab.core.testing import make_lm_batches, run_torchrun, save_tiny, tiny_gpt2, tiny_llama
 from loralab.lora_fa import layer as lorafa_layer
 from loralab.lora_fa import memory as lorafa_memory
 from loralab.lora_fa.layer import (
@@ -465,44 +465,22 @@ def test_deepspeed_zero3_trains_like_peft_layers(tmp_path):
     # ZeRO-3 partitions A, which our autograd function keeps for backward: B must equal the run on
     # PEFT's own layers with the same dropout masks, on every rank
     pytest.importorskip("deepspeed")
-    import os
-    import socket
-    import subprocess
-    import sys
     from pathlib import Path
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    worker = Path(__file__).with_name("lora_fa_layer_ds_worker.py")
     prefix = tmp_path / "out"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(port),
-        str(worker),
-        str(prefix),
-    ]
-    proc = subprocess.run(
-        cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_torchrun(Path(__file__).with_name("lora_fa_layer_ds_worker.py"), prefix, timeout=600)
+    stage = 3
     for rank in (0, 1):
         out = torch.load(f"{prefix}.{rank}.pt", weights_only=True)
-        for stage in (3,):
-            peft_run, ours = out[f"zero{stage}/peft"], out[f"zero{stage}/ours"]
-            assert not isinstance(peft_run, str), peft_run
-            assert not isinstance(ours, str), ours
-            assert peft_run.keys() == ours.keys() and len(ours) == 4
-            for name in ours:
-                torch.testing.assert_close(
-                    ours[name],
-                    peft_run[name],
-                    rtol=1e-6,
-                    atol=1e-7,
-                    msg=lambda m, n=name, st=stage: f"zero{st} {n}: {m}",
-                )
+        peft_run, ours = out[f"zero{stage}/peft"], out[f"zero{stage}/ours"]
+        assert not isinstance(peft_run, str), peft_run
+        assert not isinstance(ours, str), ours
+        assert peft_run.keys() == ours.keys() and len(ours) == 4
+        for name in ours:
+            torch.testing.assert_close(
+                ours[name],
+                peft_run[name],
+                rtol=1e-6,
+                atol=1e-7,
+                msg=lambda m, n=name, st=stage: f"zero{st} {n}: {m}",
+            )
