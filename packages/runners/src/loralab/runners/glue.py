@@ -24,6 +24,7 @@ __all__ = [
     "GLUE_TASKS",
     "GlueArgs",
     "glue_metrics",
+    "load_seq_cls_model",
     "main",
     "matthews_corrcoef",
     "pearson",
@@ -146,14 +147,48 @@ def _encode(
     return out
 
 
-def run(args: GlueArgs) -> TrainResult:
-    """Load, fine-tune and evaluate; returns the final metrics (also in ``output_dir/metrics.jsonl``)."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+def _load_tokenizer(name: str) -> Any:
+    from transformers import AutoTokenizer
 
-    _, _, num_labels, val_split = GLUE_TASKS[args.task_name]
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(name)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_seq_cls_model(
+    path: str, num_labels: int, seed: int, *, tokenizer: Any = None
+) -> tuple[Any, Any, list[str]]:
+    """``(model, tokenizer, head names)``: an fp32 ``AutoModelForSequenceClassification`` of ``path``.
+
+    The new head is initialized under ``torch.manual_seed(seed)`` (every run from the same seed
+    starts from the same head). ``tokenizer`` defaults to ``path``'s; a missing pad token becomes eos,
+    and the model's ``pad_token_id`` follows the tokenizer's when the config has none. The head
+    names (``classifier`` / ``score`` / ``classification_head``) are what ``modules_to_save`` needs.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    if tokenizer is None:
+        tokenizer = _load_tokenizer(path)
+    torch.manual_seed(seed)
+    # fp32 whatever the checkpoint's stored dtype (see dtype_kwargs)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=num_labels, **dtype_kwargs(torch.float32)
+    )
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    heads = sorted(
+        {n.split(".")[-1] for n, _ in model.named_modules() if n.split(".")[-1] in HEAD_NAMES}
+    )
+    return model, tokenizer, heads
+
+
+def run(args: GlueArgs) -> TrainResult:
+    """Load, fine-tune and evaluate; returns the final metrics (also in ``output_dir/metrics.jsonl``)."""
+    from transformers import AutoConfig
+
+    _, _, num_labels, val_split = GLUE_TASKS[args.task_name]
+    tokenizer = _load_tokenizer(args.tokenizer_name or args.model_name_or_path)
     config = AutoConfig.from_pretrained(args.model_name_or_path)
     eos_id = config.eos_token_id if config.model_type in EOS_POOLED else None
     train_src = (
@@ -183,16 +218,10 @@ def run(args: GlueArgs) -> TrainResult:
     train_set = _encode(train_raw, tokenizer, args, train_src, eos_id=eos_id)
     val_set = _encode(val_raw, tokenizer, args, val_src, eos_id=eos_id)
 
-    torch.manual_seed(args.seed)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        args.model_name_or_path, num_labels=num_labels, **dtype_kwargs(torch.float32)
+    model, _, heads = load_seq_cls_model(
+        args.model_name_or_path, num_labels, args.seed, tokenizer=tokenizer
     )
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
     args.task_type = "SEQ_CLS"
-    heads = sorted(
-        {n.split(".")[-1] for n, _ in model.named_modules() if n.split(".")[-1] in HEAD_NAMES}
-    )
     args.modules_to_save = heads or None
     collate = pad_collate(tokenizer.pad_token_id)
 

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from loralab.runners.data import dtype_kwargs, load_split, pad_collate, require_columns, take
-from loralab.runners.glue import GLUE_TASKS, HEAD_NAMES, glue_metrics
+from loralab.runners.data import load_split, pad_collate, require_columns, take
+from loralab.runners.glue import GLUE_TASKS, glue_metrics, load_seq_cls_model
 
 __all__ = [
     "EMBEDDED_DIR",
@@ -213,21 +213,7 @@ def load_data(
 def load_model(path: str, num_labels: int, seed: int) -> tuple[nn.Module, Any, list[str]]:
     """The classification model, its tokenizer, and the names of its (new) head modules.
 
-    The head is initialized under ``torch.manual_seed(seed)``, so every method starts from the same head.
+    The head is initialized under ``torch.manual_seed(seed)``, so every method starts from the same head
+    (the GLUE entrypoint's :func:`~loralab.runners.glue.load_seq_cls_model`).
     """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    torch.manual_seed(seed)
-    # fp32 whatever the checkpoint's stored dtype (see dtype_kwargs)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=num_labels, **dtype_kwargs(torch.float32)
-    )
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    heads = sorted(
-        {n.split(".")[-1] for n, _ in model.named_modules() if n.split(".")[-1] in HEAD_NAMES}
-    )
-    return model, tokenizer, heads
+    return load_seq_cls_model(path, num_labels, seed)
