@@ -38,19 +38,13 @@ import copy
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from loralab.runners.methods.registry import METHODS
+
 __all__ = ["COMMON", "METHOD_ORDER", "RECIPES", "parse_overrides", "recipe_for"]
 
-METHOD_ORDER: tuple[str, ...] = (
-    "full",
-    "lora",
-    "lora-ga",
-    "lora-fa",
-    "lora-sb",
-    "lora-pro",
-    "galore",
-    "golore",
-)
-"""Every method ``loralab compare`` runs by default, in table and legend order."""
+METHOD_ORDER: tuple[str, ...] = METHODS
+"""Every method ``loralab compare`` runs by default, in table and legend order: the registry's
+:data:`~loralab.runners.methods.registry.METHODS` (a new method is compared once it is registered)."""
 
 COMMON: dict[str, Any] = dict(
     lr_scheduler_type="linear",
