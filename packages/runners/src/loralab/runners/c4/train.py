@@ -710,9 +710,8 @@ def run(args: C4Args) -> dict[str, Any]:
         )
         train_model = ddp
     elif env.world > 1:
-        for p in (
-            model.parameters()
-        ):  # the explicit-all-reduce path starts from rank 0's weights, as DDP would
+        # the explicit-all-reduce path starts from rank 0's weights, as DDP would
+        for p in model.parameters():
             broadcast_(p.data)
     params = [p for p in model.parameters()]
 
@@ -766,6 +765,19 @@ def run(args: C4Args) -> dict[str, Any]:
             n_tok,
         )
         return rec
+
+    def save_checkpoint() -> None:
+        _save_checkpoint(
+            out_dir / f"checkpoint-{step}",
+            env=env,
+            args=args,
+            model=model,
+            engine=engine,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            streams=streams,
+            state=trainer_state(),
+        )
 
     stop_at = min(total_steps, args.stop_at_step) if args.stop_at_step is not None else total_steps
     bar = tqdm(
@@ -883,30 +895,10 @@ def run(args: C4Args) -> dict[str, Any]:
         if step % args.eval_every == 0 or step == total_steps:
             last_eval = do_eval()
         if step % args.save_every == 0 or step == stop_at:
-            _save_checkpoint(
-                out_dir / f"checkpoint-{step}",
-                env=env,
-                args=args,
-                model=model,
-                engine=engine,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                streams=streams,
-                state=trainer_state(),
-            )
+            save_checkpoint()
     bar.close()
     if exhausted and step > 0:
-        _save_checkpoint(
-            out_dir / f"checkpoint-{step}",
-            env=env,
-            args=args,
-            model=model,
-            engine=engine,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            streams=streams,
-            state=trainer_state(),
-        )
+        save_checkpoint()
     finished = step >= total_steps
     if last_eval is None or last_eval["step"] != step:
         last_eval = do_eval()
