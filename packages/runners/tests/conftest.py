@@ -4,22 +4,38 @@ from __future__ import annotations
 
 import json
 import random
-import socket
 from pathlib import Path
 
 import pytest
 
-from loralab.core.testing import save_tiny, tiny_llama, tiny_roberta, tiny_t5
+from loralab.core.testing import free_port, save_tiny, tiny_llama, tiny_roberta, tiny_t5
 
 NEUTRAL = "the a movie film plot actor story scene".split()
 POSITIVE = "great good fun best".split()
 NEGATIVE = "bad awful dull worst".split()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+SMALL_METHOD_OPTIONS = {
+    "lora_r": 4,
+    "galore_rank": 4,
+    "update_proj_gap": 2,
+    "ga_iters": 2,
+    "sb_num_batches": 2,
+}
+"""Small ranks, projector gaps and estimation batches for the end-to-end tests of every method."""
+
+
+def small_options(method: str) -> dict:
+    """The :data:`SMALL_METHOD_OPTIONS` that ``method`` takes, as ``method_args`` keywords."""
+    from loralab.runners.methods import get_method
+
+    defaults = get_method(method).defaults
+    return {k: v for k, v in SMALL_METHOD_OPTIONS.items() if k in defaults}
+
+
+def method_flags(method: str) -> list[str]:
+    """:func:`small_options` as command-line flags (``["--lora_r", "4", ...]``)."""
+    return [x for k, v in small_options(method).items() for x in (f"--{k}", str(v))]
 
 
 @pytest.fixture(scope="session")
@@ -141,11 +157,14 @@ def winogrande_files(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def helpers():
-    """The module's row makers and writers (test modules cannot import conftest under importlib mode)."""
+    """The module's row makers, writers and small method options (test modules cannot import conftest
+    under importlib mode)."""
     import types
 
     return types.SimpleNamespace(
         free_port=free_port,
+        small_options=small_options,
+        method_flags=method_flags,
         write_jsonl=write_jsonl,
         sst2_rows=sst2_rows,
         metamath_rows=metamath_rows,

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from loralab.core.testing import free_port
 from loralab.runners.c4 import C4Args, parse_args, run
 from loralab.runners.c4.testing import write_tiny_setup
 
@@ -40,12 +40,6 @@ METHODS = {
     "golore": ["--optimizer", "golore_adamw", "--rand_ratio", "0.5"],
     "relora": ["--use_peft", "--golore", "--optimizer", "adamw", "--rand_ratio", "0.5"],
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +259,7 @@ def test_torchrun_two_processes_match_single_process(setup, single, tmp_path):
         "--nproc-per-node",
         "2",
         "--master-port",
-        str(_free_port()),
+        str(free_port()),
     ]
     _launch(cmd, [_argv(setup, out, m) for m, out in runs.items()], tmp_path)
     for method, out in runs.items():
@@ -293,7 +287,7 @@ def test_deepspeed_two_processes_match_single_process(setup, single, tmp_path):
     # AdamW under ZeRO-1 and ZeRO-2; the subspace methods need whole 2-D weights: stage 0
     plan = [("adamw", 1), ("adamw", 2), ("galore", 0), ("golore", 0), ("relora", 0)]
     runs = [(m, s, tmp_path / f"{m}_zero{s}") for m, s in plan]
-    cmd = [launcher, "--num_gpus", "2", "--master_port", str(_free_port())]
+    cmd = [launcher, "--num_gpus", "2", "--master_port", str(free_port())]
     _launch(
         cmd,
         [_argv(setup, out, m, "--deepspeed_config", str(configs[s])) for m, s, out in runs],

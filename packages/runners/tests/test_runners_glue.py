@@ -12,21 +12,9 @@ import torch
 from scipy import stats
 
 from loralab.runners import glue
-from loralab.runners.methods import METHODS, MethodError, get_method
+from loralab.runners.methods import METHODS, MethodError
 
 STEPS = 3
-
-
-def method_flags(method: str) -> list[str]:
-    d = get_method(method).defaults
-    small = {
-        "lora_r": 4,
-        "galore_rank": 4,
-        "update_proj_gap": 2,
-        "ga_iters": 2,
-        "sb_num_batches": 2,
-    }
-    return [x for k, v in small.items() if k in d for x in (f"--{k}", str(v))]
 
 
 def common(model: str, files: dict, out: Path, task: str = "sst2") -> list[str]:
@@ -110,7 +98,7 @@ def roberta_dir(tiny_dirs):
 
 
 @pytest.mark.parametrize("method", METHODS)  # every method: a missing package fails, never skips
-def test_every_method_trains_and_evaluates_sst2(method, roberta_dir, glue_files, tmp_path):
+def test_every_method_trains_and_evaluates_sst2(method, roberta_dir, glue_files, tmp_path, helpers):
     out = tmp_path / method
     metrics = glue.main(
         [
@@ -119,7 +107,7 @@ def test_every_method_trains_and_evaluates_sst2(method, roberta_dir, glue_files,
             method,
             "--max_steps",
             str(STEPS),
-            *method_flags(method),
+            *helpers.method_flags(method),
         ]
     )
     assert set(metrics) == {"accuracy", "num_examples"}

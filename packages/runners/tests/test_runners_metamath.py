@@ -9,21 +9,9 @@ import pytest
 from loralab.core.testing import offline_tokenizer
 from loralab.runners import metamath
 from loralab.runners.gsm8k import format_prompt
-from loralab.runners.methods import METHODS, get_method
+from loralab.runners.methods import METHODS
 
 STEPS = 2
-
-
-def method_flags(method: str) -> list[str]:
-    d = get_method(method).defaults
-    small = {
-        "lora_r": 4,
-        "galore_rank": 4,
-        "update_proj_gap": 2,
-        "ga_iters": 2,
-        "sb_num_batches": 2,
-    }
-    return [x for k, v in small.items() if k in d for x in (f"--{k}", str(v))]
 
 
 def common(tiny_dirs, metamath_files, out: Path) -> list[str]:
@@ -62,7 +50,7 @@ def test_sft_example_masks_the_prompt():
 
 
 @pytest.mark.parametrize("method", METHODS)  # every method: a missing package fails, never skips
-def test_metamath_end_to_end(method, tiny_dirs, metamath_files, tmp_path):
+def test_metamath_end_to_end(method, tiny_dirs, metamath_files, tmp_path, helpers):
     out = tmp_path / method
     argv = [
         *common(tiny_dirs, metamath_files, out),
@@ -70,7 +58,7 @@ def test_metamath_end_to_end(method, tiny_dirs, metamath_files, tmp_path):
         method,
         "--max_steps",
         str(STEPS),
-        *method_flags(method),
+        *helpers.method_flags(method),
     ]
     metrics = metamath.main(argv)
     assert metrics["num_examples"] == 6.0 and 0.0 <= metrics["accuracy"] <= 1.0

@@ -21,8 +21,6 @@ from loralab.runners.methods import (
 
 RANK = 4
 STEPS = 3
-SMALL = {"galore_rank": RANK}
-LORA_SMALL = {"lora_r": RANK}
 
 
 def installed(method: str) -> bool:
@@ -32,18 +30,6 @@ def installed(method: str) -> bool:
     except ImportError:
         return False
     return True
-
-
-def small_options(method: str) -> dict:
-    d = get_method(method).defaults
-    out = {k: v for k, v in {**SMALL, **LORA_SMALL}.items() if k in d}
-    if "ga_iters" in d:
-        out["ga_iters"] = 2
-    if "sb_num_batches" in d:
-        out["sb_num_batches"] = 2
-    if "update_proj_gap" in d:
-        out["update_proj_gap"] = 2
-    return out
 
 
 AVAILABLE = [m for m in METHODS if installed(m)]
@@ -65,10 +51,10 @@ def test_registry_lists_the_issue_methods():
 
 
 @pytest.mark.parametrize("method", AVAILABLE)
-def test_method_trains_causal_lm(method):
+def test_method_trains_causal_lm(method, helpers):
     torch.manual_seed(0)
     args = method_args(
-        method, learning_rate=1e-2, max_steps=STEPS, progress=False, **small_options(method)
+        method, learning_rate=1e-2, max_steps=STEPS, progress=False, **helpers.small_options(method)
     )
     setup = get_method(method).setup(tiny_llama(), args, make_lm_batches(2))
     model, opt = setup.model, setup.optimizer
@@ -87,9 +73,13 @@ def test_method_trains_causal_lm(method):
 
 
 @pytest.mark.parametrize("method", [m for m in AVAILABLE if m not in ("full", "galore", "golore")])
-def test_lora_methods_keep_classifier_trainable(method):
+def test_lora_methods_keep_classifier_trainable(method, helpers):
     args = method_args(
-        method, task_type="SEQ_CLS", max_steps=STEPS, progress=False, **small_options(method)
+        method,
+        task_type="SEQ_CLS",
+        max_steps=STEPS,
+        progress=False,
+        **helpers.small_options(method),
     )
     setup = get_method(method).setup(tiny_roberta(), args, make_classification_batches(2))
     trainable = [n for n, p in setup.model.named_parameters() if p.requires_grad]

@@ -8,7 +8,7 @@ import torch
 
 from loralab.core.testing import offline_tokenizer, tiny_llama
 from loralab.runners import winogrande
-from loralab.runners.methods import METHODS, get_method
+from loralab.runners.methods import METHODS
 from loralab.runners.winogrande import encode_continuation, score_options, split_sentence
 
 STEPS = 2
@@ -26,18 +26,6 @@ SENTENCES = [
         "options": ("Ian", "Dennis"),
     },
 ]
-
-
-def method_flags(method: str) -> list[str]:
-    d = get_method(method).defaults
-    small = {
-        "lora_r": 4,
-        "galore_rank": 4,
-        "update_proj_gap": 2,
-        "ga_iters": 2,
-        "sb_num_batches": 2,
-    }
-    return [x for k, v in small.items() if k in d for x in (f"--{k}", str(v))]
 
 
 def test_split_sentence_substitutes_the_option():
@@ -84,7 +72,7 @@ def test_scores_are_continuation_log_likelihoods_and_batch_invariant():
 
 
 @pytest.mark.parametrize("method", METHODS)  # every method: a missing package fails, never skips
-def test_winogrande_end_to_end(method, tiny_dirs, winogrande_files, tmp_path):
+def test_winogrande_end_to_end(method, tiny_dirs, winogrande_files, tmp_path, helpers):
     out = tmp_path / method
     argv = [
         "--model_name_or_path", tiny_dirs["llama"],
@@ -98,7 +86,7 @@ def test_winogrande_end_to_end(method, tiny_dirs, winogrande_files, tmp_path):
         "--learning_rate", "1e-3",
         "--logging_steps", "1",
         "--disable_tqdm", "true",
-        *method_flags(method),
+        *helpers.method_flags(method),
     ]  # fmt: skip
     metrics = winogrande.main(argv)
     assert metrics["num_examples"] == 8.0 and 0.0 <= metrics["accuracy"] <= 1.0
