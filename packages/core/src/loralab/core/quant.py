@@ -134,10 +134,13 @@ def _unpacked_4bit(module: nn.Module) -> tuple[Tensor, Any]:
     from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
     # The inverse rewrites the state it is given: hand it a copy so the layer keeps its fast layout.
+    # A shallow copy is enough: the inverse and the lines below only rebind the state's attributes
+    # (absmax, nested, dtype, flags), never write into its tensors, and a packed state has no
+    # nested state2 left to share (a deep copy cloned every statistic on every read).
     # Its scale handling is lossy (re-quantizes unfolded scales) or wrong (leaves them transposed
     # when there was no double quantization), so take the scales the kernel really applies
     # ((blocks-per-row, out) in bf16 → flat float32) and only let it restore the nibble order.
-    qs = copy.deepcopy(qs)
+    qs = copy.copy(qs)
     absmax = qs.absmax.T.reshape(-1).float()
     qs.original_nested = False
     data, qs = _convert_weight_packed_for_cpu_inverse(data, qs)
@@ -267,9 +270,8 @@ def requantize_weight_(module: nn.Module, weight: Tensor) -> None:
             new = new.to(device)
             module.weight = new
             state = getattr(module, "state", None)
-            if (
-                state is not None
-            ):  # drop the cached (CB, SCB) of the old weight; forward re-reads them
+            # drop the cached (CB, SCB) of the old weight; forward re-reads them
+            if state is not None:
                 state.CB = None
                 state.SCB = None
             return
