@@ -28,9 +28,8 @@ IN, OUT = 128, 48
 # NF4/FP4 absmax-per-block quantization of N(0, 1/IN)-ish weights: the error per entry is at most
 # half a code step of the block's absmax; 0.2 * absmax is a generous, honest bound for 4 bits.
 REL_4BIT = 0.2
-REL_INT8 = (
-    1.0 / 127
-)  # row-wise absmax / 127 step, rounding error <= half a step (fp16 cast adds ~1e-3 rel)
+# row-wise absmax / 127 step, rounding error <= half a step (fp16 cast adds ~1e-3 rel)
+REL_INT8 = 1.0 / 127
 
 
 def _float_linear(seed: int = 0) -> nn.Linear:
@@ -271,7 +270,8 @@ def test_dtype_kwarg_follows_transformers_version(monkeypatch, version, expected
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_4bit_reads_survive_cpu_repacking(double_quant):
     # bitsandbytes >= 0.48 repacks a Linear4bit for its CPU kernel on the first eval-mode forward of an
-    # input without grad (on CPUs with AVX512-BF16); reads must give the same weight and settings after.
+    # input without grad (on CPUs with AVX512-BF16; forced below elsewhere); reads must give the same
+    # weight and settings after.
     # the CPU kernel's layout needs out_features % 32 == 0
     torch.manual_seed(3)
     m = bnb.nn.Linear4bit(
@@ -299,6 +299,14 @@ def test_4bit_reads_survive_cpu_repacking(double_quant):
     logging.getLogger(__name__).info(
         "bitsandbytes repacked the layer for the CPU kernel: %s", repacked
     )
+    pack = getattr(bnb.functional, "_convert_weight_packed_for_cpu", None)
+    if not repacked and pack is not None:
+        # without AVX512-BF16 the forward keeps the standard layout: repack the way it does on CPUs
+        # with it, so the packed reads below are tested on every machine (no forward after this:
+        # the packed kernel itself needs AVX512-BF16)
+        m.weight.data, _ = pack(m.weight.data, m.weight.quant_state)
+        repacked = bool(getattr(m.weight.quant_state, "packing_format_for_cpu", False))
+        assert repacked
     # 4-bit codes are exact; only the bf16 cast of the unfolded block scales may move a weight, by
     # at most bf16's relative step (2^-8) of that weight
     w_after = dequantize_weight(m)
