@@ -140,9 +140,8 @@ def test_int8_detect_dequantize_requantize():
     x = torch.randn(5, IN)
     y = m(x)  # moves (CB, SCB) into layer.state: dequantize must still find the scales
     torch.testing.assert_close(dequantize_weight(m), w)
-    torch.testing.assert_close(
-        y, x @ w.T + m.bias, atol=2e-2, rtol=2e-2
-    )  # int8 matmul through fp16 inputs
+    # int8 matmul through fp16 inputs
+    torch.testing.assert_close(y, x @ w.T + m.bias, atol=2e-2, rtol=2e-2)
     new = torch.randn(OUT, IN) * 0.05
     requantize_weight_(m, new)
     assert quant_kind(m) == "int8"

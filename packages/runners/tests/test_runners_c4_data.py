@@ -263,9 +263,8 @@ def test_relora_jagged_cosine_restarts_from_zero_each_cycle():
     for cycle_start in (20, 40, 60, 80):
         assert lrs[cycle_start] == 0.0
         envelope = 2.0 * lr_multiplier(cycle_start + 4, "cosine", **kw)
-        assert lrs[cycle_start + 2] == pytest.approx(
-            envelope / 2
-        )  # linear re-warm-up to the envelope
+        # linear re-warm-up to the envelope
+        assert lrs[cycle_start + 2] == pytest.approx(envelope / 2)
         assert lrs[cycle_start + 4] == pytest.approx(envelope)
         assert lrs[cycle_start + 10] == pytest.approx(
             2.0 * lr_multiplier(cycle_start + 10, "cosine", **kw)

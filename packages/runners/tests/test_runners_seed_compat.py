@@ -26,9 +26,8 @@ MAX_TOKENS = 512
 def metamath_env(monkeypatch, tiny_dirs, tmp_path, helpers):
     rows = helpers.metamath_rows(20, 0)
     rows.insert(3, {**rows[3], "type": "MATH_FOBAR"})  # not GSM-derived: the seed drops it
-    rows.insert(
-        5, {**rows[5], "query": "x" * 600}
-    )  # over max_tokens with the byte-level tokenizer: dropped
+    # over max_tokens with the byte-level tokenizer: dropped
+    rows.insert(5, {**rows[5], "query": "x" * 600})
     path = tmp_path / "MetaMathQA-395K.json"
     path.write_text(json.dumps(rows))
     monkeypatch.setenv(METAMATH_FILE_ENV, str(path))
@@ -78,9 +77,8 @@ def test_causal_lm_encoding_trains_on_the_response_only(tiny_dirs):
 
 def test_transform_dataset_batches_through_a_dataloader(tiny_dirs, metamath_env):
     model, tok = initialize_text_to_text_model(tiny_dirs["llama"], "CausalLM", "bf16")
-    assert (
-        model.dtype == torch.bfloat16 and tok.pad_token == "<pad>"
-    )  # the tokenizer's own pad is kept
+    # the tokenizer's own pad is kept
+    assert model.dtype == torch.bfloat16 and tok.pad_token == "<pad>"
     train, _, _ = DATASET_MAP["meta_math"](num_train=8, num_eval=0)
     transform_dataset(model_type="CausalLM", dataset=train, tokenizer=tok, max_length=MAX_TOKENS)
     batch = next(iter(DataLoader(train, batch_size=4)))

@@ -48,9 +48,8 @@ def test_encode_keeps_the_continuation_and_masks_the_context():
     short = encode_continuation(
         tok, "The cat sat on the mat because the cat", " was tired.", max_length=n + 4
     )
-    assert (
-        len(short["input_ids"]) == n + 4 and short["input_ids"][-n:] == ex["input_ids"][-n:]
-    )  # context cut from the left
+    # context cut from the left
+    assert len(short["input_ids"]) == n + 4 and short["input_ids"][-n:] == ex["input_ids"][-n:]
     with pytest.raises(ValueError, match="--max_length"):
         encode_continuation(tok, "ctx", " was tired.", max_length=n)
 
