@@ -381,6 +381,19 @@ class ReLoRaModel(nn.Module):
         )
         self._config.forward_type = False
 
+    def collect_full_gradients(self) -> None:
+        """Make the next forward/backward collect the full gradient of every wrapped ``W``.
+
+        Call it before the first forward of a step that ends with :meth:`merge_and_reinit` (the seed
+        loop's ``model._config.forward_type = True``); :meth:`merge_and_reinit` switches it off.
+        """
+        self._config.forward_type = True
+
+    @property
+    def generator(self) -> torch.Generator:
+        """The generator of the random (GoLore) projectors; checkpoint its state for an exact resume."""
+        return self._generator
+
     def save_pretrained(self, path: str | os.PathLike[str], **kwargs: Any) -> None:
         """The wrapped model's ``save_pretrained`` plus ``relora_config.json`` (as the reference)."""
         self.wrapped_model.save_pretrained(path, **kwargs)
