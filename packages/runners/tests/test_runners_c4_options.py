@@ -59,6 +59,93 @@ def test_bf16_checkpointing_tensorboard_rotation_and_jagged_schedule(setup, tmp_
     assert lrs[2] == 0.0 and lrs[3] > 0.0
 
 
+@pytest.mark.parametrize(
+    ("flags", "refused"),
+    [
+        (
+            ["--optimizer", "adamw", "--rank", "7", "--rand_ratio", "0.3"],
+            [
+                "--rank belongs to --optimizer galore_adamw | golore_adamw | galore_sgd | golore_sgd and --use_peft --golore, not to --optimizer adamw",
+                "--rand_ratio belongs to --optimizer golore_adamw | golore_sgd and --use_peft --golore, not to --optimizer adamw",
+            ],
+        ),
+        (
+            ["--optimizer", "galore_sgd", "--adam_eps", "1e-6", "--rand_ratio", "0.5"],
+            [
+                "--adam_eps belongs to --optimizer adamw | adam | galore_adamw | golore_adamw and --use_peft --golore --optimizer adamw, not to --optimizer galore_sgd",
+                "--rand_ratio belongs to --optimizer golore_adamw | golore_sgd and --use_peft --golore, not to --optimizer galore_sgd",
+            ],
+        ),
+        (
+            ["--optimizer", "adamw", "--momentum", "0.5"],
+            ["--momentum belongs to --optimizer sgd | galore_sgd | golore_sgd and --use_peft --golore --optimizer sgd"],
+        ),
+        (
+            ["--use_peft", "--golore", "--proj_type", "left"],
+            ["--proj_type belongs to --optimizer galore_adamw | golore_adamw | galore_sgd | golore_sgd, not to --use_peft --golore --optimizer adamw"],
+        ),
+        (
+            ["--scheduler", "linear", "--min_lr_ratio", "0.2", "--cycle_length", "10"],
+            [
+                "--min_lr_ratio belongs to --scheduler cosine | cosine_restarts, not to --scheduler linear",
+                "--cycle_length belongs to --scheduler cosine_restarts, not to --scheduler linear",
+            ],
+        ),
+    ],
+)  # fmt: skip
+def test_options_of_another_optimizer_are_refused_at_parse_time(flags, refused):
+    """Refused while parsing the command line, before anything is loaded; every flag is named."""
+    with pytest.raises(ValueError, match=r"^options that this run would ignore: ") as info:
+        parse_args(["--output_dir", "x", *flags])
+    for text in refused:
+        assert text in str(info.value)
+    assert str(info.value).count("belongs to") == len(refused)
+
+
+def test_unset_options_take_the_defaults_of_the_chosen_optimizer():
+    golore = parse_args(["--output_dir", "x", "--optimizer", "golore_adamw"])
+    assert (golore.rank, golore.update_proj_gap, golore.galore_scale, golore.rand_ratio) == (
+        128,
+        200,
+        0.25,
+        0.8,
+    )
+    assert (golore.adam_eps, golore.momentum, golore.proj_type) == (1e-6, None, "std")
+    adamw = parse_args(["--output_dir", "x"])
+    assert (adamw.rank, adamw.rand_ratio, adamw.adam_eps, adamw.min_lr_ratio) == (
+        None,
+        None,
+        1e-8,
+        0.1,
+    )
+    sgd = parse_args(["--output_dir", "x", "--optimizer", "sgd", "--scheduler", "constant"])
+    assert (sgd.momentum, sgd.adam_beta1, sgd.min_lr_ratio) == (0.9, None, None)
+
+
+@pytest.mark.parametrize(
+    ("flags", "layer", "limit"),
+    [
+        # the tiny config: hidden 64, intermediate 128; q/k/v/o are 64 x 64
+        (["--optimizer", "golore_adamw", "--rank", "128"], r"model\.layers\.0\.self_attn\.q_proj \(64 x 64", 64),
+        (["--use_peft", "--golore", "--rank", "4096"], r"model\.layers\.0\.self_attn\.q_proj \(64 x 64", 64),
+    ],
+)  # fmt: skip
+def test_rank_above_a_layer_width_is_refused_before_the_model_loads(
+    setup, tmp_path, monkeypatch, flags, layer, limit
+):
+    import loralab.runners.c4.train as c4_train
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was built before the rank was checked")
+
+    monkeypatch.setattr(c4_train, "build_model", no_loading)
+    with pytest.raises(
+        ValueError,
+        match=rf"^--rank {flags[-1]} is larger than layer {layer}.*the largest valid rank for this model is {limit}$",
+    ):
+        run(parse_args(_argv(setup, tmp_path / "run", "--num_training_steps", "2", *flags)))
+
+
 def test_running_out_of_data_stops_with_a_checkpoint(setup, tmp_path):
     out = tmp_path / "run"
     summary = run(

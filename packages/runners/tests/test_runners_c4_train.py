@@ -33,12 +33,13 @@ STEPS = 6
 GAP = 2  # projector refresh / ReLoRA merge every 2 steps: refreshes at steps 0, 2, 4
 SAVE_EVERY = 3
 RTOL, ATOL = 1e-5, 1e-6
+SUBSPACE = ["--rank", "8", "--update_proj_gap", str(GAP), "--galore_scale", "1.0"]
 METHODS = {
     "adamw": ["--optimizer", "adamw"],
-    "galore": ["--optimizer", "galore_adamw"],
+    "galore": ["--optimizer", "galore_adamw", *SUBSPACE],
     # rand_ratio 0.5 of 6 steps: SVD projectors at steps 0 and 2, a random one at step 4
-    "golore": ["--optimizer", "golore_adamw", "--rand_ratio", "0.5"],
-    "relora": ["--use_peft", "--golore", "--optimizer", "adamw", "--rand_ratio", "0.5"],
+    "golore": ["--optimizer", "golore_adamw", "--rand_ratio", "0.5", *SUBSPACE],
+    "relora": ["--use_peft", "--golore", "--optimizer", "adamw", "--rand_ratio", "0.5", *SUBSPACE],
 }
 
 
@@ -53,7 +54,7 @@ def _argv(setup: dict[str, str], out: Path, method: str, *extra: str) -> list[st
         "--output_dir", str(out), "--model_config", setup["model_config"], "--tokenizer", setup["tokenizer"],
         "--train_data", setup["train_data"], "--max_length", "32", "--batch_size", "4", "--total_batch_size", "8",
         "--num_training_steps", str(STEPS), "--warmup_steps", "1", "--lr", "3e-3", "--grad_clipping", "1.0",
-        "--rank", "8", "--update_proj_gap", str(GAP), "--galore_scale", "1.0", "--eval_every", "3",
+        "--eval_every", "3",
         "--save_every", str(SAVE_EVERY), "--eval_tokens", "320", "--plot", "false", "--seed", "1",
         *METHODS[method], *extra,
     ]  # fmt: skip
@@ -154,16 +155,33 @@ def test_resume_continues_the_same_loss_curve(setup, single, tmp_path, method):
     assert resumed["n_projector_resets"] == ref["n_projector_resets"]
 
 
-def test_resume_refuses_changed_settings(setup, single, tmp_path):
-    ref_dir, _ = single("adamw")
+def test_resume_refuses_changed_settings(setup, single, tmp_path, monkeypatch):
+    ref_dir, _ = single("golore")
     out = tmp_path / "run"
     shutil.copytree(ref_dir / "checkpoint-3", out / "checkpoint-3")
-    with pytest.raises(ValueError, match=r"cannot resume .*--rank: 8 -> 4"):
+    shutil.copy(ref_dir / "metrics.jsonl", out / "metrics.jsonl")
+    changed = ["--rank", "4", "--lr", "1e-3", "--warmup_steps", "2", "--scheduler", "linear", "--grad_clipping", "0.5"]  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"cannot resume from .*checkpoint-3: settings differ"
+    ) as info:
         run(
-            parse_args(
-                _argv(setup, out, "adamw", "--data_streams", "2", "--autoresume", "--rank", "4")
-            )
+            parse_args(_argv(setup, out, "golore", "--data_streams", "2", "--autoresume", *changed))
         )
+    for diff in (
+        "--rank: 8 -> 4",
+        "--lr: 0.003 -> 0.001",
+        "--warmup_steps: 1 -> 2",
+        "--scheduler: 'cosine' -> 'linear'",
+        "--min_lr_ratio: 0.1 -> None",
+        "--grad_clipping: 1.0 -> 0.5",
+    ):
+        assert diff in str(info.value)
+    # the same files named relative to another working directory are the same run: it resumes
+    monkeypatch.chdir(Path(setup["model_config"]).parent)
+    relative = {k: os.path.relpath(v) for k, v in setup.items()}
+    assert all(not Path(v).is_absolute() for v in relative.values())
+    resumed = run(parse_args(_argv(relative, out, "golore", "--data_streams", "2", "--autoresume")))
+    assert resumed["finished"] and _train_losses(out) == _train_losses(ref_dir)
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         run(
             parse_args(

@@ -5,6 +5,12 @@ The flag names follow the GaLore / GoLore ``torchrun_main.py`` scripts (``--mode
 ``--update_proj_gap``, ``--galore_scale``, ``--rand_ratio``, ``--use_peft --golore``, ...) so their
 launch lines carry over; ``parse_args`` builds the ``argparse`` parser from the fields' metadata.
 
+Options of one optimizer or schedule (``--rank``, ``--rand_ratio``, ``--momentum``, ``--adam_eps``,
+``--min_lr_ratio``, ...) default to ``None`` = "not given": given to a run they do not apply to, they
+are refused naming the flag and what it belongs to; not given, they take the defaults of
+:data:`OPTION_DEFAULTS` for the run's optimizer. ``--optimizer`` maps onto the method registry
+(:meth:`C4Args.method_name`, :meth:`C4Args.optim`), which builds the optimizer.
+
 Example:
     >>> from loralab.runners.c4.args import parse_args
     >>> args = parse_args(["--output_dir", "/tmp/run", "--batch_size", "4", "--total_batch_size", "8"])
@@ -19,13 +25,44 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, get_args, get_origin, get_type_hints
 
-__all__ = ["OPTIMIZERS", "SCHEDULERS", "C4Args", "build_parser", "parse_args"]
+__all__ = ["OPTIMIZERS", "OPTION_DEFAULTS", "SCHEDULERS", "C4Args", "build_parser", "parse_args"]
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "galore_adamw", "golore_adamw", "galore_sgd", "golore_sgd")
 """``--optimizer`` choices. ``galore_*`` / ``golore_*`` project the attention and MLP weights."""
 SCHEDULERS = ("cosine", "linear", "cosine_restarts", "constant")
 DTYPES = ("float32", "bfloat16")
 PACKING = ("pack", "truncate")
+
+OPTION_DEFAULTS: dict[str, Any] = dict(
+    rank=128,
+    update_proj_gap=200,
+    galore_scale=0.25,
+    proj_type="std",
+    rand_ratio=0.8,
+    adam_beta1=0.9,
+    adam_beta2=0.999,
+    momentum=0.9,
+    min_lr_ratio=0.1,
+)
+"""Defaults of the per-optimizer / per-schedule options when they apply and are not given (the
+GaLore / GoLore C4 settings). ``--adam_eps``: 1e-6 for GaLore/GoLore AdamW (galore-torch), else 1e-8."""
+
+# C4 flag -> method-registry option (the GaLore scripts' names differ from the fine-tuning runners')
+REGISTRY_NAMES = {
+    "rank": "galore_rank",
+    "update_proj_gap": "update_proj_gap",
+    "galore_scale": "galore_scale",
+    "proj_type": "proj_type",
+    "rand_ratio": "rand_ratio",
+}
+# C4 flag -> the inner optimizer it configures
+OPTIM_FLAGS = {"adam_beta1": "adamw", "adam_beta2": "adamw", "adam_eps": "adamw", "momentum": "sgd"}
+# C4 flag -> the --scheduler values it applies to
+SCHEDULER_FLAGS = {
+    "min_lr_ratio": ("cosine", "cosine_restarts"),
+    "cycle_length": ("cosine_restarts",),
+    "restart_warmup_steps": ("cosine_restarts",),
+}
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -103,7 +140,9 @@ class C4Args:
     lr: float = _f(1e-3, "peak learning rate")
     scheduler: str = _f("cosine", "learning-rate schedule", choices=SCHEDULERS)
     warmup_steps: int = _f(1_000, "linear warm-up steps")
-    min_lr_ratio: float = _f(0.1, "cosine floor as a fraction of --lr")
+    min_lr_ratio: float | None = _f(
+        None, "cosine / cosine_restarts: floor as a fraction of --lr (default 0.1)"
+    )
     cycle_length: int | None = _f(
         None, "cosine_restarts: steps per cycle (default: --update_proj_gap)"
     )
@@ -111,25 +150,36 @@ class C4Args:
         None, "cosine_restarts: warm-up steps after each restart (default: 10%% of the cycle)"
     )
     weight_decay: float = _f(0.0, "weight decay")
-    adam_beta1: float = _f(0.9, "AdamW beta1")
-    adam_beta2: float = _f(0.999, "AdamW beta2")
+    adam_beta1: float | None = _f(None, "AdamW beta1 (default 0.9)")
+    adam_beta2: float | None = _f(None, "AdamW beta2 (default 0.999)")
     adam_eps: float | None = _f(
         None,
         "AdamW epsilon (default: the optimizer's own, 1e-8 for torch AdamW, 1e-6 for GaLore/GoLore as galore-torch)",
     )
-    momentum: float = _f(0.9, "SGD momentum")
+    momentum: float | None = _f(None, "SGD momentum (the *sgd optimizers; default 0.9)")
     grad_clipping: float = _f(
         0.0, "clip the global gradient norm to this (0 = off; GoLore uses 1.0)"
     )
     # optimizer
     optimizer: str = _f("adamw", "optimizer", choices=OPTIMIZERS)
-    rank: int = _f(128, "GaLore/GoLore projection rank")
-    update_proj_gap: int = _f(200, "steps between projector refreshes")
-    galore_scale: float = _f(0.25, "scale of the projected update (GaLore's alpha)")
-    proj_type: str = _f("std", "GaLore projection side: std | reverse_std | left | right | full")
-    rand_ratio: float = _f(
-        0.8,
-        "GoLore: fraction of the steps that use SVD projectors before switching to random ones (1.0 = GaLore)",
+    rank: int | None = _f(
+        None,
+        "GaLore/GoLore/ReLoRA-path projection rank (default 128; at most the narrowest target layer's width)",
+    )
+    update_proj_gap: int | None = _f(
+        None, "GaLore/GoLore/ReLoRA path: steps between projector refreshes (default 200)"
+    )
+    galore_scale: float | None = _f(
+        None,
+        "GaLore/GoLore/ReLoRA path: scale of the projected update (GaLore's alpha; default 0.25)",
+    )
+    proj_type: str | None = _f(
+        None,
+        "GaLore/GoLore projection side: std | reverse_std | left | right | full (default std)",
+    )
+    rand_ratio: float | None = _f(
+        None,
+        "GoLore / ReLoRA path: fraction of the steps that use SVD projectors before switching to random ones (1.0 = GaLore; default 0.8)",
     )
     use_peft: bool = _f(
         False, "the seed's ReLoRA-structure path: wrap the model in ReLoRaModel (needs --golore)"
@@ -175,6 +225,8 @@ class C4Args:
         )
         for name in positive:
             value = getattr(self, name)
+            if value is None and name in OPTION_DEFAULTS:
+                continue
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"--{name} must be a positive int, got {value!r}")
         for name in (
@@ -193,9 +245,9 @@ class C4Args:
             )
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
-        if not 0.0 < self.min_lr_ratio <= 1.0:
+        if self.min_lr_ratio is not None and not 0.0 < self.min_lr_ratio <= 1.0:
             raise ValueError(f"--min_lr_ratio must be in (0, 1], got {self.min_lr_ratio}")
-        if not 0.0 <= self.rand_ratio <= 1.0:
+        if self.rand_ratio is not None and not 0.0 <= self.rand_ratio <= 1.0:
             raise ValueError(f"--rand_ratio must be in [0, 1], got {self.rand_ratio}")
         if self.grad_clipping < 0:
             raise ValueError(f"--grad_clipping must be >= 0, got {self.grad_clipping}")
@@ -222,6 +274,63 @@ class C4Args:
             self.num_training_steps_from_tokens()  # validates the format
         if self.stop_at_step is not None and self.stop_at_step <= 0:
             raise ValueError(f"--stop_at_step must be positive, got {self.stop_at_step}")
+        self._refuse_foreign_options()
+        self._fill_option_defaults()
+
+    # optimizer / schedule options ---------------------------------------------------------------
+    def method_name(self) -> str:
+        """The method-registry name that builds this run's optimizer (``full``, ``galore``, ``golore``,
+        ``golore-relora``)."""
+        return "golore-relora" if self.use_peft else _c4_method(self.optimizer)
+
+    def optim(self) -> str:
+        """The inner optimizer: ``sgd`` for the ``*sgd`` choices, else ``adamw`` (``adam`` = AdamW)."""
+        return _c4_optim(self.optimizer)
+
+    def _applies(self, flag: str, method: str, optim: str) -> bool:
+        from loralab.runners.methods import get_method
+
+        if flag in REGISTRY_NAMES:
+            return REGISTRY_NAMES[flag] in get_method(method).defaults
+        return OPTIM_FLAGS[flag] == optim
+
+    def _refuse_foreign_options(self) -> None:
+        """Refuse every given option that the chosen optimizer / schedule does not read."""
+        method, optim = self.method_name(), self.optim()
+        what = ("--use_peft --golore " if self.use_peft else "") + f"--optimizer {self.optimizer}"
+        wrong = []
+        for flag in (*REGISTRY_NAMES, *OPTIM_FLAGS):
+            if getattr(self, flag) is None or self._applies(flag, method, optim):
+                continue
+            owners = [o for o in OPTIMIZERS if self._applies(flag, _c4_method(o), _c4_optim(o))]
+            relora = [o for o in ("adamw", "sgd") if self._applies(flag, "golore-relora", o)]
+            where = f"--optimizer {' | '.join(owners)}" if owners else ""
+            if relora:
+                peft = "--use_peft --golore" + (
+                    "" if len(relora) == 2 else f" --optimizer {relora[0]}"
+                )
+                where = f"{where} and {peft}" if where else peft
+            wrong.append(f"--{flag} belongs to {where}, not to {what}")
+        for flag, schedules in SCHEDULER_FLAGS.items():
+            if getattr(self, flag) is not None and self.scheduler not in schedules:
+                wrong.append(
+                    f"--{flag} belongs to --scheduler {' | '.join(schedules)}, not to --scheduler {self.scheduler}"
+                )
+        if wrong:
+            raise ValueError(f"options that this run would ignore: {'; '.join(wrong)}; remove them")
+
+    def _fill_option_defaults(self) -> None:
+        method, optim = self.method_name(), self.optim()
+        for flag, default in OPTION_DEFAULTS.items():
+            if flag in SCHEDULER_FLAGS:
+                applies = self.scheduler in SCHEDULER_FLAGS[flag]
+            else:
+                applies = self._applies(flag, method, optim)
+            if applies and getattr(self, flag) is None:
+                setattr(self, flag, default)
+        if optim == "adamw" and self.adam_eps is None:
+            # galore-torch's AdamW default, which the GaLore/GoLore C4 runs used
+            self.adam_eps = 1e-6 if method in ("galore", "golore") else 1e-8
 
     # derived values -------------------------------------------------------------------------
     def gradient_accumulation_for(self, world_size: int) -> int:
@@ -262,6 +371,15 @@ class C4Args:
 
     def is_subspace(self) -> bool:
         return self.optimizer.startswith(("galore", "golore"))
+
+
+def _c4_method(optimizer: str) -> str:
+    family = optimizer.split("_")[0]
+    return family if family in ("galore", "golore") else "full"
+
+
+def _c4_optim(optimizer: str) -> str:
+    return "sgd" if optimizer.endswith("sgd") else "adamw"
 
 
 def _arg_type(tp: Any) -> tuple[Any, bool]:

@@ -11,18 +11,21 @@ GoLore, DeepSpeed's under ``--deepspeed_config``, and an explicit all-reduce for
 (``--use_peft --golore``): DDP registers its hooks once, on the parameters that require a gradient
 at wrap time, while the ReLoRA path switches ``W`` on only on projector-refresh steps.
 
-ReLoRA path (the seed's loop): on steps ``step % update_proj_gap == 0`` the model collects the full
-gradient of every wrapped ``W`` (``_config.forward_type = True``), and after the backward
-``merge_and_reinit(optimizer, use_rand)`` folds the adapter into ``W`` and draws the new projector
-(SVD, or random Stiefel once ``step / num_training_steps >= rand_ratio``). Gradient clipping is
-applied after the merge, to the gradients the optimizer actually steps on (the reference clips
-before, including ``W``'s full gradient).
+The model and optimizer come from the method registry (``--optimizer`` → ``full`` / ``galore`` /
+``golore``, ``--use_peft --golore`` → ``golore-relora``); the method's callbacks run at the start of
+each step and before its optimizer step. ReLoRA path: on steps ``step % update_proj_gap == 0`` the
+model collects the full gradient of every wrapped ``W``, and after the backward ``merge_and_reinit``
+folds the adapter into ``W`` and draws the new projector (SVD, or random Stiefel once
+``step / num_training_steps >= rand_ratio``). Gradient clipping is applied after the merge, to the
+gradients the optimizer actually steps on (the reference clips before, including ``W``'s full
+gradient).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import inspect
 import json
 import logging
@@ -52,8 +55,9 @@ from loralab.runners.c4.data import (
     eval_sequence_count,
     find_shards,
 )
-from loralab.runners.c4.model import build_model, count_parameters
+from loralab.runners.c4.model import build_model, count_parameters, load_model_config
 from loralab.runners.c4.schedule import get_scheduler
+from loralab.runners.methods import Method, MethodArgs, get_method, method_args
 
 __all__ = ["run"]
 
@@ -65,23 +69,58 @@ RESUME_KEYS = (
     "model_config",
     "vocab_size",
     "tokenizer",
+    "dtype",
+    "dataset",
+    "dataset_config",
+    "train_data",
+    "tokenized_dir",
+    "text_field",
     "max_length",
     "packing",
+    "shuffle_seed",
+    "shuffle_buffer",
     "batch_size",
+    "num_training_steps",
+    "max_train_tokens",
+    "lr",
+    "scheduler",
+    "warmup_steps",
+    "min_lr_ratio",
+    "cycle_length",
+    "restart_warmup_steps",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_eps",
+    "momentum",
+    "grad_clipping",
     "optimizer",
-    "use_peft",
     "rank",
     "update_proj_gap",
     "galore_scale",
     "proj_type",
     "rand_ratio",
-    "num_training_steps",
+    "use_peft",
+    "golore",
     "seed",
-    "shuffle_seed",
-    "train_data",
-    "tokenized_dir",
-    "dtype",
+    "deepspeed_config",
 )
+# flags that name files or directories: compared resolved, so ./data and /abs/data are one setting
+PATH_KEYS = ("model_config", "tokenizer", "train_data", "tokenized_dir", "deepspeed_config")
+
+
+def _resolved(value: Any) -> Any:
+    """An existing path (or a glob that matches) as an absolute path; anything else unchanged."""
+    if isinstance(value, str) and (os.path.exists(value) or glob.glob(value)):
+        return str(Path(value).resolve())
+    return value
+
+
+def run_identity(args: C4Args) -> dict[str, Any]:
+    """The settings a resume must keep (:data:`RESUME_KEYS`), paths resolved."""
+    return {
+        k: _resolved(getattr(args, k)) if k in PATH_KEYS else getattr(args, k) for k in RESUME_KEYS
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,67 +174,45 @@ def _resolve_vocab(args: C4Args, tokenizer: Any) -> int | None:
     return int(args.vocab_size)
 
 
-def _wrap_relora(model: nn.Module, args: C4Args) -> nn.Module:
-    try:
-        from loralab.golore import ReLoRaModel
-    except ImportError as e:  # pragma: no cover - golore is a declared extra
-        raise ImportError(
-            '--use_peft --golore needs loralab-golore: pip install "loralab-runners[golore]"'
-        ) from e
-    return ReLoRaModel(
-        model,
-        r=args.rank,
-        lora_dropout=0.0,
-        target_modules=["attn", "attention", "mlp"],
-        scale=args.galore_scale,
-        keep_original_weights=True,
-        lora_only=False,
-        seed=args.seed,
+def _method_args(args: C4Args, total_steps: int) -> MethodArgs:
+    """The registry arguments of this run (C4's flag names mapped onto the registry's)."""
+    from loralab.runners.c4.args import REGISTRY_NAMES
+
+    method = get_method(args.method_name())
+    options = {
+        REGISTRY_NAMES[flag]: getattr(args, flag)
+        for flag in REGISTRY_NAMES
+        if REGISTRY_NAMES[flag] in method.defaults
+    }
+    adam = (
+        dict(adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_epsilon=args.adam_eps)
+        if args.optim() == "adamw"
+        else dict(momentum=args.momentum)
     )
-
-
-def _build_optimizer(model: nn.Module, args: C4Args, total_steps: int) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    kind = args.optimizer
-    if kind in ("adamw", "adam"):
-        eps = 1e-8 if args.adam_eps is None else args.adam_eps
-        return torch.optim.AdamW(
-            params,
-            lr=args.lr,
-            betas=(args.adam_beta1, args.adam_beta2),
-            eps=eps,
-            weight_decay=args.weight_decay,
-        )
-    if kind == "sgd":
-        return torch.optim.SGD(
-            params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
-        )
-    try:
-        from loralab.golore import create_galore_optimizer, create_golore_optimizer
-    except ImportError as e:  # pragma: no cover
-        raise ImportError(
-            f'--optimizer {kind} needs loralab-golore: pip install "loralab-runners[golore]"'
-        ) from e
-    common: dict[str, Any] = dict(
-        rank=args.rank,
-        update_proj_gap=args.update_proj_gap,
-        scale=args.galore_scale,
-        proj_type=args.proj_type,
+    margs = method_args(
+        args.method_name(),
+        learning_rate=args.lr,
         weight_decay=args.weight_decay,
-        targets="all-linear",
+        optim=args.optim(),
+        max_steps=total_steps,
+        warmup_steps=args.warmup_steps,
         seed=args.seed,
+        progress=False,
+        **adam,
+        **options,
     )
-    if kind.endswith("adamw"):
-        common.update(optimizer="adamw", betas=(args.adam_beta1, args.adam_beta2))
-        if args.adam_eps is not None:
-            common["eps"] = args.adam_eps
-    else:
-        common.update(optimizer="sgd", momentum=args.momentum)
-    if kind.startswith("galore"):
-        return create_galore_optimizer(model, args.lr, **common)
-    return create_golore_optimizer(
-        model, args.lr, rand_ratio=args.rand_ratio, total_steps=total_steps, **common
-    )
+    margs.flag_names = {v: k for k, v in REGISTRY_NAMES.items()}  # errors name C4's flags
+    return margs
+
+
+def _check_shapes(args: C4Args, method: Method, margs: MethodArgs) -> None:
+    """The method's shape checks (rank <= the narrowest target's width) on a ``meta``-device model:
+    before anything is loaded or allocated."""
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        meta = LlamaForCausalLM(load_model_config(args.model_config))
+    method.check_model(meta, margs)
 
 
 def _deepspeed_config(args: C4Args, env: Env, accum: int) -> dict[str, Any]:
@@ -221,7 +238,8 @@ def _deepspeed_config(args: C4Args, env: Env, accum: int) -> dict[str, Any]:
                 f'--deepspeed_config {path}: {key}={cfg[key]} disagrees with the command line ({value}); set it to "auto"'
             )
     stage = int(cfg.get("zero_optimization", {}).get("stage", 0))
-    ds_bf16 = args.dtype == "bfloat16" and not (args.is_subspace() or args.use_peft)
+    whole_matrices = not get_method(args.method_name()).zero_partitioning
+    ds_bf16 = args.dtype == "bfloat16" and not whole_matrices
     for key in ("bf16", "fp16"):
         section = cfg.setdefault(key, {"enabled": False}) if key == "bf16" else cfg.get(key)
         if section is not None and section.get("enabled") == "auto":
@@ -230,8 +248,8 @@ def _deepspeed_config(args: C4Args, env: Env, accum: int) -> dict[str, Any]:
         raise ValueError(
             f"--deepspeed_config {path}: fp16 is not supported by this runner; use --dtype bfloat16"
         )
-    if args.is_subspace() or args.use_peft:
-        what = f"--optimizer {args.optimizer}" if args.is_subspace() else "--use_peft --golore"
+    if whole_matrices:
+        what = "--use_peft --golore" if args.use_peft else f"--optimizer {args.optimizer}"
         if stage != 0:
             raise ValueError(
                 f"{what} needs whole 2-D weights in the optimizer, but ZeRO stage {stage} hands it flat 1-D partitions (the projection "
@@ -447,23 +465,21 @@ class Metrics:
 # ---------------------------------------------------------------------------------------------
 # checkpoints
 # ---------------------------------------------------------------------------------------------
-def _rng_state(model: nn.Module) -> dict[str, Any]:
+def _rng_state(callbacks: list[Any]) -> dict[str, Any]:
+    """RNG states and the method callbacks' states (GoLore's ReLoRA-path projector generator)."""
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
-    gen = getattr(model, "_generator", None)
-    if isinstance(gen, torch.Generator):
-        state["relora"] = gen.get_state()
+    state["callbacks"] = [cb.state_dict() for cb in callbacks]
     return state
 
 
-def _set_rng_state(model: nn.Module, state: dict[str, Any]) -> None:
+def _set_rng_state(callbacks: list[Any], state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-    gen = getattr(model, "_generator", None)
-    if "relora" in state and isinstance(gen, torch.Generator):
-        gen.set_state(state["relora"])
+    for cb, cb_state in zip(callbacks, state["callbacks"], strict=True):
+        cb.load_state_dict(cb_state)
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -486,6 +502,7 @@ def _save_checkpoint(
     optimizer: Any,
     scheduler: Any,
     streams: dict[int, Any],
+    callbacks: list[Any],
     state: dict[str, Any],
 ) -> None:
     if env.rank == 0:
@@ -503,11 +520,17 @@ def _save_checkpoint(
         {str(s): st.state_dict() for s, st in streams.items()},
         ckpt / f"data_state_rank{env.rank}.pt",
     )
-    torch.save(_rng_state(base), ckpt / f"rng_state_rank{env.rank}.pt")
+    torch.save(_rng_state(callbacks), ckpt / f"rng_state_rank{env.rank}.pt")
     if env.rank == 0:
         (ckpt / "trainer_state.json").write_text(
             json.dumps(
-                {**state, "world_size": env.world, "config": dataclasses.asdict(args)}, indent=2
+                {
+                    **state,
+                    "world_size": env.world,
+                    "config": dataclasses.asdict(args),
+                    "identity": run_identity(args),
+                },
+                indent=2,
             )
         )
     if dist.is_initialized():
@@ -544,14 +567,11 @@ def _load_checkpoint(
     optimizer: Any,
     scheduler: Any,
     streams: dict[int, Any],
+    callbacks: list[Any],
 ) -> dict[str, Any]:
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    old = state["config"]
-    changed = [
-        f"--{k}: {old.get(k)!r} -> {getattr(args, k)!r}"
-        for k in RESUME_KEYS
-        if old.get(k) != getattr(args, k)
-    ]
+    old, new = state["identity"], run_identity(args)
+    changed = [f"--{k}: {old.get(k)!r} -> {new[k]!r}" for k in RESUME_KEYS if old.get(k) != new[k]]
     if state["global_batch_size"] != args.global_batch_size(env.world):
         changed.append(
             f"global batch: {state['global_batch_size']} -> {args.global_batch_size(env.world)}"
@@ -585,7 +605,7 @@ def _load_checkpoint(
     data = torch.load(data_file, weights_only=True)
     for s, stream in streams.items():
         stream.load_state_dict(data[str(s)])
-    _set_rng_state(base, torch.load(ckpt / f"rng_state_rank{env.rank}.pt", weights_only=False))
+    _set_rng_state(callbacks, torch.load(ckpt / f"rng_state_rank{env.rank}.pt", weights_only=True))
     logger.info("resumed from %s at step %d", ckpt, state["step"])
     return state
 
@@ -623,6 +643,9 @@ def run(args: C4Args) -> dict[str, Any]:
             f"--data_streams {num_streams} must be a multiple of the number of processes {env.world}"
         )
     total_steps = args.num_training_steps_from_tokens(env.world)
+    method = get_method(args.method_name())
+    margs = _method_args(args, total_steps)
+    _check_shapes(args, method, margs)
     logger.info(
         "C4 pre-training: world %d, micro-batch %d, accumulation %d, global batch %d sequences x %d tokens, %d steps",
         env.world,
@@ -656,14 +679,28 @@ def run(args: C4Args) -> dict[str, Any]:
             or model.gradient_checkpointing_enable
         )()
     n_params, _ = count_parameters(model)
-    relora = _wrap_relora(model, args) if args.use_peft else None
-    if relora is not None:
-        model = relora
-    ds_handles_bf16 = args.deepspeed_config is not None and not (
-        args.is_subspace() or args.use_peft
-    )
+    ds_handles_bf16 = args.deepspeed_config is not None and method.zero_partitioning
     dtype = torch.bfloat16 if args.dtype == "bfloat16" and not ds_handles_bf16 else torch.float32
     model = model.to(device=env.device, dtype=dtype)
+    setup = method.setup(
+        model,
+        margs,
+        scheduler=lambda opt: get_scheduler(
+            opt,
+            args.scheduler,
+            num_training_steps=total_steps,
+            warmup_steps=args.warmup_steps,
+            min_lr_ratio=args.min_lr_ratio or 0.0,
+            cycle_length=args.cycle_length or args.update_proj_gap,
+            restart_warmup_steps=args.restart_warmup_steps,
+        ),
+    )
+    model, optimizer, scheduler, callbacks = (
+        setup.model,
+        setup.optimizer,
+        setup.scheduler,
+        setup.callbacks,
+    )
     model.train()
     _, n_trainable = count_parameters(model)
     logger.info(
@@ -671,18 +708,6 @@ def run(args: C4Args) -> dict[str, Any]:
         args.model_config,
         n_params / 1e6,
         n_trainable / 1e6,
-    )
-
-    optimizer = _build_optimizer(model, args, total_steps)
-    cycle = args.cycle_length or args.update_proj_gap
-    scheduler = get_scheduler(
-        optimizer,
-        args.scheduler,
-        num_training_steps=total_steps,
-        warmup_steps=args.warmup_steps,
-        min_lr_ratio=args.min_lr_ratio,
-        cycle_length=cycle,
-        restart_warmup_steps=args.restart_warmup_steps,
     )
 
     engine = None
@@ -696,7 +721,7 @@ def run(args: C4Args) -> dict[str, Any]:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=cfg
         )
         train_model = engine
-    elif env.world > 1 and relora is None:
+    elif env.world > 1 and method.ddp_wrappable:
         # the only buffers (rotary inv_freq) are identical on every rank: no per-forward broadcast
         # (torch 2.13 renamed broadcast_buffers to forward_sync_buffers)
         sync_kw = (
@@ -715,8 +740,11 @@ def run(args: C4Args) -> dict[str, Any]:
             broadcast_(p.data)
     params = [p for p in model.parameters()]
 
+    def n_resets() -> int:  # projector refreshes of the ReLoRA path so far
+        return sum(getattr(cb, "n_resets", 0) for cb in callbacks)
+
     streams = _make_streams(args, tokenizer, env, num_streams)
-    step, tokens_seen, n_resets = 0, 0, 0
+    step, tokens_seen = 0, 0
     ckpt = _resume_path(args)
     if ckpt is not None:
         st = _load_checkpoint(
@@ -728,8 +756,9 @@ def run(args: C4Args) -> dict[str, Any]:
             optimizer=optimizer,
             scheduler=scheduler,
             streams=streams,
+            callbacks=callbacks,
         )
-        step, tokens_seen, n_resets = st["step"], st["tokens_seen"], st.get("n_resets", 0)
+        step, tokens_seen = st["step"], st["tokens_seen"]
     metrics = Metrics(
         out_dir, step, enabled=is_main_process(), tensorboard=args.report_to == "tensorboard"
     )
@@ -739,7 +768,7 @@ def run(args: C4Args) -> dict[str, Any]:
         return {
             "step": step,
             "tokens_seen": tokens_seen,
-            "n_resets": n_resets,
+            "n_resets": n_resets(),
             "global_batch_size": args.global_batch_size(env.world),
             "data_streams": num_streams,
             "accumulation": accum,
@@ -776,6 +805,7 @@ def run(args: C4Args) -> dict[str, Any]:
             optimizer=optimizer,
             scheduler=scheduler,
             streams=streams,
+            callbacks=callbacks,
             state=trainer_state(),
         )
 
@@ -793,12 +823,14 @@ def run(args: C4Args) -> dict[str, Any]:
     exhausted = False
     if env.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(env.device)
+    for cb in callbacks:
+        cb.on_train_begin(model, optimizer)
     while step < stop_at:
         t0 = time.perf_counter()
         c0 = time.process_time()  # CPU seconds of this process: a fair clock on a shared machine
-        reset = relora is not None and step % args.update_proj_gap == 0
-        if reset:
-            relora._config.forward_type = True
+        resets_before = n_resets()
+        for cb in callbacks:
+            cb.on_step_begin(step, model)
         losses, step_tokens = [], 0
         try:
             for a in range(accum):
@@ -836,12 +868,11 @@ def run(args: C4Args) -> dict[str, Any]:
             raise FloatingPointError(
                 f"non-finite training loss {float(step_loss)} at update step {step}: lower --lr or enable --grad_clipping"
             )
-        if relora is not None and engine is None and env.world > 1:
+        if not method.ddp_wrappable and engine is None and env.world > 1:
             _sync_gradients(params)
-        if reset:
-            use_rand = step / total_steps >= args.rand_ratio
-            relora.merge_and_reinit(optimizer, use_rand)
-            n_resets += 1
+        for cb in callbacks:
+            cb.on_before_optimizer_step(step, model, optimizer)
+        reset = n_resets() > resets_before
         grad_norm = None
         if engine is not None:
             engine.step()
@@ -858,6 +889,8 @@ def run(args: C4Args) -> dict[str, Any]:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         step += 1
+        for cb in callbacks:
+            cb.on_step_end(step, model, optimizer)
         if env.device.type == "cuda":
             torch.cuda.synchronize(env.device)
         dt = time.perf_counter() - t0
@@ -922,7 +955,7 @@ def run(args: C4Args) -> dict[str, Any]:
         "mem_kind": mem_kind,
         "params": n_params,
         "trainable_params": n_trainable,
-        "n_projector_resets": n_resets,
+        "n_projector_resets": n_resets(),
         "deepspeed": args.deepspeed_config is not None,
         "device": str(env.device),
     }

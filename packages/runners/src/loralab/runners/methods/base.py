@@ -40,6 +40,7 @@ __all__ = [
     "MethodError",
     "MethodSetup",
     "Option",
+    "base_optimizer",
     "resolve_method_options",
 ]
 
@@ -174,6 +175,8 @@ COMMON_DEFAULTS: dict[str, Any] = dict(
     task_type="CAUSAL_LM",
     modules_to_save=None,
     progress=True,
+    optim="adamw",
+    momentum=0.9,
 )
 """Training hyper-parameters every method reads from ``args`` (entrypoints define them as flags).
 
@@ -181,20 +184,42 @@ COMMON_DEFAULTS: dict[str, Any] = dict(
 ``task_type`` is PEFT's (``CAUSAL_LM``, ``SEQ_CLS``, ``SEQ_2_SEQ_LM``): it decides which heads stay
 trainable under LoRA (``SEQ_CLS`` keeps ``classifier``/``score`` trainable); ``modules_to_save`` (a list of
 module names, e.g. T5's ``classification_head``) adds more trainable heads to the LoRA-family methods.
+``optim`` is the optimizer a method runs its (projected) updates with: ``"adamw"`` (``adam_*`` apply)
+or ``"sgd"`` (``momentum`` applies), one of the method's :attr:`Method.optimizers`.
 """
 
 
 class Callback:
-    """Hooks a method may need during training; every hook is optional (no-op by default)."""
+    """Hooks a method may need during training; every hook is optional (no-op by default).
+
+    A loop calls, per optimizer step ``k`` (0-based: the steps completed before it):
+    ``on_step_begin(k)`` before the first forward, ``on_before_optimizer_step(k)`` once the step's
+    gradients are complete (accumulated, and averaged over processes) and before clipping and the
+    optimizer step, then ``on_step_end(k + 1)``. ``state_dict`` / ``load_state_dict`` hold what a
+    checkpoint must keep for an exact resume (tensors and plain values only).
+    """
 
     def on_train_begin(self, model: nn.Module, optimizer: Optimizer) -> None:
         """Called once after the model and optimizer are prepared (wrapped) for training."""
+
+    def on_step_begin(self, step: int, model: nn.Module) -> None:
+        """Called before the first forward of the optimizer step that follows ``step`` completed ones."""
+
+    def on_before_optimizer_step(self, step: int, model: nn.Module, optimizer: Optimizer) -> None:
+        """Called after the backward passes of that step, before gradient clipping and the optimizer step."""
 
     def on_step_end(self, step: int, model: nn.Module, optimizer: Optimizer) -> None:
         """Called after each optimizer step with the 1-based global step."""
 
     def on_save(self, output_dir: str, model: nn.Module) -> None:
         """Called on the main process after the final model is saved in ``output_dir``."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of this callback (default: nothing)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` on resume."""
 
 
 @dataclass
@@ -219,6 +244,11 @@ class Method(ABC):
         needs_batches: whether :meth:`setup` needs training batches (gradient-based inits).
         zero_partitioning: whether the optimizer works when DeepSpeed ZeRO flattens and shards
             parameters (optimizers that need each weight's matrix shape or LoRA A/B pairing do not).
+        ddp_wrappable: whether DDP may average the gradients. DDP registers its hooks once, on the
+            parameters that require a gradient at wrap time; a method whose trainable set changes
+            during training (``golore-relora``) needs the loop to all-reduce gradients itself.
+        optimizers: the ``optim`` values (``adamw``, ``sgd``) the method can run with.
+        extra: the ``loralab-runners[extra]`` that installs :attr:`module` (default: :attr:`name`).
     """
 
     name: ClassVar[str]
@@ -228,6 +258,9 @@ class Method(ABC):
     requires: ClassVar[tuple[str, ...]] = ()
     needs_batches: ClassVar[bool] = False
     zero_partitioning: ClassVar[bool] = True
+    ddp_wrappable: ClassVar[bool] = True
+    optimizers: ClassVar[tuple[str, ...]] = ("adamw",)
+    extra: ClassVar[str | None] = None
     description: ClassVar[str] = ""
 
     def import_package(self) -> ModuleType | None:
@@ -239,7 +272,7 @@ class Method(ABC):
         except ImportError as exc:
             raise ImportError(
                 f"--method {self.name} needs {self.module}: pip install {self.pip_name} "
-                f'(or pip install "loralab-runners[{self.name if self.name != "galore" else "golore"}]")'
+                f'(or pip install "loralab-runners[{self.extra or self.name}]")'
             ) from exc
         missing = [n for n in self.requires if not hasattr(module, n)]
         if missing:
@@ -260,6 +293,7 @@ class Method(ABC):
         train_batches: Iterable[Mapping[str, torch.Tensor]] | None = None,
         *,
         resume: bool = False,
+        scheduler: Callable[[Optimizer], Any] | None = None,
     ) -> MethodSetup:
         """Wrap ``model`` and build its optimizer and scheduler from ``args``.
 
@@ -272,29 +306,41 @@ class Method(ABC):
             resume: the caller will load a checkpoint over every weight next, so gradient-based inits
                 build the same structure without estimating (the checkpoint holds the initialized
                 and offset weights).
+            scheduler: builds the learning-rate scheduler from the optimizer instead of
+                ``transformers.get_scheduler(args.lr_scheduler_type, ...)`` (C4's cosine with a floor).
         """
         resolve_method_options(self, args)
+        self.check_model(model, args)
         if self.needs_batches and not resume and train_batches is None:
             raise MethodError(
                 f"--method {self.name} initializes from gradients: train_batches are required"
             )
         model = self.wrap(model, args, train_batches, resume=resume)
         optimizer = self.build_optimizer(model, args)
-        scheduler = build_scheduler(optimizer, args)
         return MethodSetup(
             model=model,
             optimizer=optimizer,
-            scheduler=scheduler,
+            scheduler=build_scheduler(optimizer, args)
+            if scheduler is None
+            else scheduler(optimizer),
             callbacks=self.callbacks(model, args),
         )
+
+    def check_model(self, model: nn.Module, args: Any) -> None:
+        """Refuse options the model's shapes cannot honour (a rank above a layer's width).
+
+        Reads shapes only, so a model built on the ``meta`` device works: entrypoints call it before
+        loading the real weights. Default: nothing to check.
+        """
+        return None
 
     @abstractmethod
     def wrap(self, model: nn.Module, args: Any, train_batches: Any, *, resume: bool) -> nn.Module:
         """Return the model to train (adapters attached, trainable parameters set)."""
 
     def build_optimizer(self, model: nn.Module, args: Any) -> Optimizer:
-        """Default: ``torch.optim.AdamW`` over the trainable parameters (decay on matrices only)."""
-        return adamw(model, args)
+        """Default: :func:`base_optimizer` (``args.optim``) over the trainable parameters."""
+        return base_optimizer(model, args)
 
     def callbacks(self, model: nn.Module, args: Any) -> list[Callback]:
         return []
@@ -309,12 +355,21 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
-def adamw(model: nn.Module, args: Any) -> Optimizer:
-    """AdamW with weight decay on >= 2-D weights only (biases and norms undecayed, as HF Trainer)."""
+def base_optimizer(model: nn.Module, args: Any) -> Optimizer:
+    """``torch.optim.AdamW`` (``args.optim == "adamw"``) or momentum ``SGD`` (``"sgd"``, ``args.momentum``)
+    over the trainable parameters, weight decay on >= 2-D weights only (as HF Trainer)."""
+    if getattr(args, "optim", "adamw") == "sgd":
+        return torch.optim.SGD(
+            _decay_groups(model, args), lr=args.learning_rate, momentum=args.momentum
+        )
+    return adamw(model, args)
+
+
+def _decay_groups(model: nn.Module, args: Any) -> list[dict[str, Any]]:
     decay, no_decay = [], []
     for p in trainable_parameters(model):
         (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [
+    return [
         g
         for g in (
             {"params": decay, "weight_decay": args.weight_decay},
@@ -322,8 +377,12 @@ def adamw(model: nn.Module, args: Any) -> Optimizer:
         )
         if g["params"]
     ]
+
+
+def adamw(model: nn.Module, args: Any) -> Optimizer:
+    """AdamW with weight decay on >= 2-D weights only (biases and norms undecayed, as HF Trainer)."""
     return torch.optim.AdamW(
-        groups,
+        _decay_groups(model, args),
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         eps=args.adam_epsilon,
@@ -384,11 +443,21 @@ def resolve_method_options(method: Method, args: Any) -> Any:
     for name, default in COMMON_DEFAULTS.items():
         if not hasattr(args, name):
             setattr(args, name, default)
+    if args.optim not in method.optimizers:
+        raise MethodError(
+            f"--optim {args.optim} does not apply to --method {method.name} (it runs with: {', '.join(method.optimizers)})"
+        )
     if args.max_steps < 1:
         raise MethodError(
             f"max_steps must be >= 1 (the number of optimizer steps), got {args.max_steps}"
         )
     return args
+
+
+def option_flag(args: Any, name: str) -> str:
+    """How the entrypoint spells option ``name`` in error messages: ``--name``, or the entrypoint's
+    own flag from ``args.flag_names`` (C4 follows the GaLore scripts: ``--rank`` for ``galore_rank``)."""
+    return "--" + getattr(args, "flag_names", {}).get(name, name)
 
 
 def _registry() -> Mapping[str, Method]:

@@ -1,4 +1,4 @@
-"""``--method full``: full fine-tuning with AdamW over every parameter."""
+"""``--method full``: full fine-tuning with AdamW (or momentum SGD, ``optim="sgd"``) over every parameter."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ __all__ = ["METHOD", "FullFineTuning"]
 class FullFineTuning(Method):
     name = "full"
     description = "full fine-tuning (AdamW on every weight)"
+    optimizers = ("adamw", "sgd")
     defaults: ClassVar[dict[str, Any]] = {}
 
     def wrap(self, model: nn.Module, args: Any, train_batches: Any, *, resume: bool) -> nn.Module:

@@ -1,0 +1,119 @@
+"""``golore-relora``: GoLore's ReLoRA-structure path (the GoLore code's ``--use_peft --golore``).
+
+Every target linear layer becomes ``W − s·A·B`` (``loralab.golore.ReLoRaModel``): one factor is a
+fixed orthonormal projector, the other is trained by a plain optimizer (AdamW or momentum SGD), so
+that factor holds GaLore's low-rank state. Every ``update_proj_gap`` steps the step collects W's full
+gradient, and before the optimizer step ``merge_and_reinit`` folds the adapter into W and draws the
+next projector: the SVD of that gradient (GaLore), or a random Stiefel one once
+``step / max_steps >= rand_ratio`` (GoLore, arXiv 2410.11289).
+
+The refresh needs the loop's per-step hooks (:class:`ReLoRaRefresh`): a loop that calls only
+``on_step_end`` is refused at the first step rather than training without refreshes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from torch import nn
+from torch.optim import Optimizer
+
+from loralab.runners.methods.base import Callback, Method, option_flag
+from loralab.runners.methods.galore import check_rank
+
+__all__ = ["METHOD", "GoLoreReLoRA", "ReLoRaRefresh"]
+
+
+class ReLoRaRefresh(Callback):
+    """Collect W's gradient on refresh steps and call ``merge_and_reinit`` before their optimizer step.
+
+    ``n_resets`` counts the refreshes; :meth:`state_dict` keeps it and the random-projector generator.
+    """
+
+    def __init__(self, model: nn.Module, update_proj_gap: int, rand_ratio: float, max_steps: int):
+        self.model, self.update_proj_gap = model, update_proj_gap
+        self.rand_ratio, self.max_steps = rand_ratio, max_steps
+        self.n_resets = 0
+        self.refreshing = False
+        self._begun: int | None = None
+
+    def on_step_begin(self, step: int, model: nn.Module) -> None:
+        self._begun = step
+        self.refreshing = step % self.update_proj_gap == 0
+        if self.refreshing:
+            self.model.collect_full_gradients()
+
+    def on_before_optimizer_step(self, step: int, model: nn.Module, optimizer: Optimizer) -> None:
+        if self.refreshing:
+            # GoLore's switch: random projectors once step / total >= rand_ratio
+            self.model.merge_and_reinit(optimizer, step / self.max_steps >= self.rand_ratio)
+            self.n_resets += 1
+
+    def on_step_end(self, step: int, model: nn.Module, optimizer: Optimizer) -> None:
+        if self._begun != step - 1:
+            raise RuntimeError(
+                "--method golore-relora needs a training loop that calls on_step_begin and "
+                "on_before_optimizer_step on the method's callbacks (the C4 runner's does); this one "
+                "does not, so no projector would ever be refreshed"
+            )
+        self.refreshing = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"n_resets": self.n_resets, "generator": self.model.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.n_resets = int(state["n_resets"])
+        self.model.generator.set_state(state["generator"])
+
+
+class GoLoreReLoRA(Method):
+    name = "golore-relora"
+    module = "loralab.golore"
+    pip_name = "loralab-golore"
+    extra = "golore"
+    requires = ("ReLoRaModel",)
+    description = "GaLore/GoLore as W - s·A·B with a fixed projector factor, merged every update_proj_gap steps"
+    zero_partitioning = False  # merge_and_reinit needs whole W, A, B matrices
+    ddp_wrappable = False  # W trains on refresh steps only: DDP would never average its gradient
+    optimizers = ("adamw", "sgd")
+    defaults: ClassVar[dict[str, Any]] = dict(
+        galore_rank=128,
+        update_proj_gap=200,
+        galore_scale=0.25,
+        rand_ratio=0.0,
+        target_modules="all-linear",
+    )
+
+    def check_model(self, model: nn.Module, args: Any) -> None:
+        self.import_package()
+        # ReLoRaLinear picks the smaller side, as proj_type "std"
+        check_rank(
+            model,
+            args.galore_rank,
+            args.target_modules,
+            "std",
+            flag=option_flag(args, "galore_rank"),
+        )
+
+    def wrap(self, model: nn.Module, args: Any, train_batches: Any, *, resume: bool) -> nn.Module:
+        pkg = self.import_package()
+        from loralab.core.targets import find_targets
+
+        # the registry's target selection; ReLoRaModel matches substrings, so hand it full names
+        names = list(find_targets(model, args.target_modules))
+        return pkg.ReLoRaModel(
+            model,
+            target_modules=names,
+            r=args.galore_rank,
+            lora_dropout=0.0,
+            keep_original_weights=True,
+            lora_only=False,
+            scale=args.galore_scale,
+            seed=args.seed,
+        )
+
+    def callbacks(self, model: nn.Module, args: Any) -> list[Callback]:
+        return [ReLoRaRefresh(model, args.update_proj_gap, args.rand_ratio, args.max_steps)]
+
+
+METHOD = GoLoreReLoRA()
