@@ -115,7 +115,7 @@ def test_every_method_trains_and_evaluates_sst2(method, roberta_dir, glue_files,
     records = read_jsonl(out / "metrics.jsonl")
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == STEPS and all(np.isfinite(losses))
-    assert records[-1]["final"] and records[-1]["eval_accuracy"] == metrics["accuracy"]
+    assert records[-1]["kind"] == "summary" and records[-1]["eval_accuracy"] == metrics["accuracy"]
     config = json.loads((out / "run_config.json").read_text())
     assert config["method"] == method and config["task_name"] == "sst2"
     final = out / "final"
@@ -319,7 +319,7 @@ def test_bf16_gradient_accumulation_checkpointing_tensorboard(
     assert "[loralab.runners] config:" in printed and '"gradient_accumulation_steps": 2' in printed
     records = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in records if "loss" in r] == [1, 2]
-    assert [r["step"] for r in records if "eval_accuracy" in r and not r.get("final")] == [1, 2]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [1, 2]
     assert list(out.rglob("events.out.tfevents.*")), "tensorboard wrote no event file"
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from loralab.runners import glue, metamath
-from loralab.runners.training import CRASH_ENV
+from loralab.runners.loop import CRASH_ENV
 
 STEPS, SAVE = 4, 2
 

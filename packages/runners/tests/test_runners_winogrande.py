@@ -92,7 +92,7 @@ def test_winogrande_end_to_end(method, tiny_dirs, winogrande_files, tmp_path, he
     rows = [
         json.loads(line) for line in (out / "winogrande_predictions.jsonl").read_text().splitlines()
     ]
-    assert [r["index"] for r in rows] == list(range(8))
+    assert [r["idx"] for r in rows] == list(range(8))
     assert sum(r["correct"] for r in rows) / 8 == metrics["accuracy"]
     assert all(r["prediction"] == (2 if r["scores"][1] > r["scores"][0] else 1) for r in rows)
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
