@@ -72,6 +72,16 @@ def test_metamath_end_to_end(method, tiny_dirs, metamath_files, tmp_path, helper
     assert len(losses) == STEPS and all(x == x for x in losses)
     assert logged[-1]["kind"] == "summary" and logged[-1]["eval_accuracy"] == metrics["accuracy"]
     assert (out / "run_config.json").is_file() and (out / "final").is_dir()
+    # final/ loaded the bare way regenerates the run's final completions (greedy, same batching)
+    from transformers import AutoTokenizer
+
+    from loralab.runners.gsm8k import generate_batched, stop_at
+
+    model = helpers.reload_final(tiny_dirs["llama"], out / "final", "AutoModelForCausalLM")
+    tokenizer = AutoTokenizer.from_pretrained(str(out / "final"))
+    prompts = [format_prompt("qa", r["question"]) for r in rows]
+    completions = generate_batched(model, tokenizer, prompts, batch_size=4, max_new_tokens=4)
+    assert [stop_at(c) for c in completions] == [r["completion"] for r in rows]
 
 
 def test_alpaca_template_and_query_types(tiny_dirs, metamath_files, tmp_path):

@@ -100,6 +100,16 @@ def test_winogrande_end_to_end(method, tiny_dirs, winogrande_files, tmp_path, he
         len([r for r in logged if "loss" in r]) == STEPS
         and logged[-1]["eval_accuracy"] == metrics["accuracy"]
     )
+    # final/ loaded the bare way reproduces the run's option scores
+    from transformers import AutoTokenizer
+
+    model = helpers.reload_final(tiny_dirs["llama"], out / "final", "AutoModelForCausalLM")
+    tokenizer = AutoTokenizer.from_pretrained(str(out / "final"))
+    examples = [{"sentence": r["sentence"], "options": tuple(r["options"])} for r in rows]
+    scores = score_options(model, tokenizer, examples, batch_size=4, max_length=128)
+    torch.testing.assert_close(
+        scores, torch.tensor([r["scores"] for r in rows]), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_winogrande_learns_the_fixture(tiny_dirs, winogrande_files, tmp_path):

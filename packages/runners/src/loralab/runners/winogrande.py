@@ -217,6 +217,7 @@ def run(args: WinoGrandeArgs) -> TrainResult:
                 {
                     "idx": i,
                     "sentence": ex["sentence"],
+                    "options": list(ex["options"]),
                     "scores": s,
                     "prediction": pred + 1,
                     "answer": ex["label"] + 1,

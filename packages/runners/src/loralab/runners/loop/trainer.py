@@ -101,6 +101,9 @@ class LoopConfig:
     progress: bool = False
     description: str = "training"
     method: str = ""  # named in error messages
+    clock_start: float = (
+        0.0  # time_s at step 0 (compare counts the method's setup as training time)
+    )
 
 
 @dataclass
@@ -226,7 +229,7 @@ def run_loop(
         disable=not (config.progress and engine.is_main),
         desc=config.description,
     )
-    clock = 0.0  # training time: evaluation and checkpointing excluded
+    clock = config.clock_start  # training time: evaluation and checkpointing excluded
     last: dict[str, float] = {}
     step_times: list[float] = []
     window: list[float] = []
