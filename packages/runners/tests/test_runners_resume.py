@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from loralab.runners import glue, metamath
 from loralab.runners.loop import CRASH_ENV
@@ -89,7 +90,15 @@ def test_killed_after_first_checkpoint_and_resumed_matches_uninterrupted(
     assert [r["loss"] for r in got if "loss" in r] == pytest.approx(
         [r["loss"] for r in want if "loss" in r], rel=1e-6
     )
-    assert (out / "final").is_dir()
+    # and its final/ export is the uninterrupted run's (LoRA-GA: the initial factors the rank-2r export
+    # needs come back from the checkpoint, they are not re-estimated)
+    from safetensors.torch import load_file
+
+    name = "adapter_model.safetensors" if case == "metamath-lora-ga" else "model.safetensors"
+    got_w, want_w = load_file(out / "final" / name), load_file(full / "final" / name)
+    assert got_w.keys() == want_w.keys()
+    for k in want_w:
+        torch.testing.assert_close(got_w[k], want_w[k], rtol=1e-5, atol=1e-7)
 
 
 def test_resume_errors_name_the_flag(tiny_dirs, glue_files, metamath_files, tmp_path):
