@@ -108,7 +108,7 @@ def test_compat_errors():
             model, model.peft_config, "default", "svd", {"svd": {"rank": LORA_RANK}}
         )
     with pytest.raises(
-        LoraSBInitError, match=r"no entry for LoRA-SB target 'model\.layers\.0\.self_attn\.q_proj'"
+        LoraSBInitError, match=r"no entry for target 'model\.layers\.0\.self_attn\.q_proj'"
     ):
         find_and_initialize_grad(
             model, model.peft_config, "default", "svd", {"svd": {"rank": LORA_RANK}}, named_grads={}

@@ -5,7 +5,7 @@ import importlib
 
 import pytest
 
-MODULES = ["__init__", "config", "layer", "maths", "model", "compat"]
+MODULES = ["__init__", "config", "layer", "maths", "model", "compat", "export"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -56,7 +56,7 @@ def test_save_load_merge_give_the_live_outputs(trained, tmp_path):
         live = trained(**x).logits
     trained.save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert cfg["peft_type"] == "LORA" and cfg["lora_sb"] is True and cfg["r"] == RANK
+    assert cfg["peft_type"] == "LORA_SB" and cfg["lora_sb"] is True and cfg["r"] == RANK
     loaded = load_lora_sb_model(tiny_llama(), tmp_path)
     with torch.no_grad():
         assert torch.allclose(loaded(**x).logits, live, atol=ATOL)

@@ -155,6 +155,18 @@ def winogrande_files(tmp_path_factory):
     }
 
 
+def reload_final(base: str, final: Path, auto_class: str, **kwargs):
+    """``final/`` loaded the bare way, in eval mode: ``PeftModel.from_pretrained(original base, final)`` for
+    an adapter, ``AutoModel*.from_pretrained(final)`` for a full model (``auto_class`` names the class)."""
+    import transformers
+    from peft import PeftModel
+
+    cls = getattr(transformers, auto_class)
+    if (final / "adapter_config.json").is_file():
+        return PeftModel.from_pretrained(cls.from_pretrained(base, **kwargs), str(final)).eval()
+    return cls.from_pretrained(str(final), **kwargs).eval()
+
+
 @pytest.fixture(scope="session")
 def helpers():
     """The module's row makers, writers and small method options (test modules cannot import conftest
@@ -163,6 +175,7 @@ def helpers():
 
     return types.SimpleNamespace(
         free_port=free_port,
+        reload_final=reload_final,
         small_options=small_options,
         method_flags=method_flags,
         write_jsonl=write_jsonl,

@@ -69,10 +69,10 @@ def test_compare_two_methods_writes_plots_table_and_metrics(two_method_run):
         assert w > 300 and h > 200
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     for method in ("lora", "lora-pro"):
-        steps = [r for r in records if r["kind"] == "step" and r["method"] == method]
+        steps = [r for r in records if r["kind"] == "train" and r["method"] == method]
         assert [r["step"] for r in steps] == list(range(1, 7))
         assert all(r["loss"] > 0 for r in steps)
-        times = [r["time"] for r in steps]
+        times = [r["time_s"] for r in steps]
         assert times == sorted(times)
         evals = [r["step"] for r in records if r["kind"] == "eval" and r["method"] == method]
         assert evals == [0, 3, 6]
@@ -81,7 +81,7 @@ def test_compare_two_methods_writes_plots_table_and_metrics(two_method_run):
         assert 0 < summary["trainable_params"] < summary["total_params"]
         assert summary["optimizer_state_bytes"] > 0
         assert summary["peak_rss_bytes"] > summary["peak_rss_above_loaded_bytes"] >= 0
-        assert 0.0 <= summary["final"]["accuracy"] <= 1.0
+        assert 0.0 <= summary["eval_accuracy"] <= 1.0 and summary["step"] == 6
     pro = next(r for r in records if r["kind"] == "summary" and r["method"] == "lora-pro")
     assert pro["hparams"]["pro_x_mode"] == "zero"  # the --set override reached the method
     # both LoRA methods train the same number of parameters (rank 8 adapters + classifier head)
@@ -91,7 +91,7 @@ def test_compare_two_methods_writes_plots_table_and_metrics(two_method_run):
     ev0 = {r["method"]: r for r in records if r["kind"] == "eval" and r["step"] == 0}
     assert ev0["lora"]["eval_loss"] == pytest.approx(ev0["lora-pro"]["eval_loss"], abs=1e-6)
     # and so is the first step's loss (same first batch, same weights)
-    first = {r["method"]: r["loss"] for r in records if r["kind"] == "step" and r["step"] == 1}
+    first = {r["method"]: r["loss"] for r in records if r["kind"] == "train" and r["step"] == 1}
     assert first["lora"] == pytest.approx(first["lora-pro"], abs=1e-6)
     table = (out / "results.md").read_text()
     assert "| lora |" in table and "| lora-pro |" in table
@@ -195,14 +195,15 @@ def test_shipped_task_is_reproducible_from_its_generator():
 
 def test_summaries_and_table_from_records():
     records = [
-        {"kind": "step", "method": "a", "step": i, "loss": float(10 - i), "time": i * 0.1}
+        {"kind": "train", "method": "a", "step": i, "loss": float(10 - i), "time_s": i * 0.1}
         for i in range(1, 11)
     ] + [
         {
             "kind": "summary",
             "method": "a",
             "status": "ok",
-            "final": {"eval_loss": 1.0, "accuracy": 0.5},
+            "eval_loss": 1.0,
+            "eval_accuracy": 0.5,
             "trainable_params": 1234,
             "optimizer_state_bytes": 2**20,
             "init_time_s": 0.5,

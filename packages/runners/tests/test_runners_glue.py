@@ -115,7 +115,7 @@ def test_every_method_trains_and_evaluates_sst2(method, roberta_dir, glue_files,
     records = read_jsonl(out / "metrics.jsonl")
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == STEPS and all(np.isfinite(losses))
-    assert records[-1]["final"] and records[-1]["eval_accuracy"] == metrics["accuracy"]
+    assert records[-1]["kind"] == "summary" and records[-1]["eval_accuracy"] == metrics["accuracy"]
     config = json.loads((out / "run_config.json").read_text())
     assert config["method"] == method and config["task_name"] == "sst2"
     final = out / "final"
@@ -128,6 +128,37 @@ def test_every_method_trains_and_evaluates_sst2(method, roberta_dir, glue_files,
         )
     ).is_file()
     assert (final / "tokenizer_config.json").is_file()
+    # final/ loaded the bare way (PeftModel on the original base, or AutoModel) reproduces the logits of
+    # the run's final evaluation (LoRA-GA: the rank-2r export; LoRA-SB: R folded into B)
+    rows = read_jsonl(out / "eval_predictions.jsonl")
+    assert [r["idx"] for r in rows] == list(range(16))
+    assert set(rows[0]) == {"idx", "label", "logits"} and len(rows[0]["logits"]) == 2
+    model = helpers.reload_final(
+        roberta_dir, final, "AutoModelForSequenceClassification", num_labels=2
+    )
+    assert_reproduces_logits(model, final, glue_files["validation"], rows)
+
+
+def assert_reproduces_logits(model, final: Path, validation_file: str, rows: list[dict]) -> None:
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from loralab.runners.data import load_split, pad_collate
+
+    tokenizer = AutoTokenizer.from_pretrained(str(final))
+    args = SimpleNamespace(task_name="sst2", max_length=64)
+    raw = load_split(None, None, "validation", validation_file, arg="--validation_file")
+    examples, idx = glue.encode_glue(raw, tokenizer, args, "validation")
+    assert idx == [r["idx"] for r in rows]
+    assert [e["labels"] for e in examples] == [r["label"] for r in rows]
+    with torch.no_grad():
+        batch = pad_collate(tokenizer.pad_token_id)(examples)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    # float32 forward of the same function; LoRA-GA's export regroups W0' + s·B·A as W0 + s·B'·A'
+    torch.testing.assert_close(
+        logits, torch.tensor([r["logits"] for r in rows]), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_lora_trains_the_head_and_the_adapters_only(roberta_dir, glue_files, tmp_path):
@@ -319,7 +350,7 @@ def test_bf16_gradient_accumulation_checkpointing_tensorboard(
     assert "[loralab.runners] config:" in printed and '"gradient_accumulation_steps": 2' in printed
     records = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in records if "loss" in r] == [1, 2]
-    assert [r["step"] for r in records if "eval_accuracy" in r and not r.get("final")] == [1, 2]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [1, 2]
     assert list(out.rglob("events.out.tfevents.*")), "tensorboard wrote no event file"
 
 

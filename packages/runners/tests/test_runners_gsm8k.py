@@ -109,7 +109,7 @@ def test_accuracy_and_jsonl(tmp_path):
     path = write_predictions(tmp_path / "p.jsonl", records)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r["correct"] for r in rows] == [True, True, True, False]
-    assert set(rows[0]) == {"index", "question", "completion", "prediction", "reference", "correct"}
+    assert set(rows[0]) == {"idx", "question", "completion", "prediction", "reference", "correct"}
     assert stop_at("a\nQ: b") == "a"
 
 

@@ -270,7 +270,7 @@ def final_metrics(out: Path) -> dict:
     return next(
         r
         for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-        if r.get("final")
+        if r["kind"] == "summary"
     )
 
 

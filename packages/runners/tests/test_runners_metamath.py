@@ -63,15 +63,25 @@ def test_metamath_end_to_end(method, tiny_dirs, metamath_files, tmp_path, helper
     metrics = metamath.main(argv)
     assert metrics["num_examples"] == 6.0 and 0.0 <= metrics["accuracy"] <= 1.0
     rows = [json.loads(line) for line in (out / "gsm8k_predictions.jsonl").read_text().splitlines()]
-    assert [r["index"] for r in rows] == list(range(6))
+    assert [r["idx"] for r in rows] == list(range(6))
     # every fixture reference parsed from "#### X"
     assert all(r["reference"] is not None for r in rows)
     assert sum(r["correct"] for r in rows) / 6 == metrics["accuracy"]
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in logged if "loss" in r]
     assert len(losses) == STEPS and all(x == x for x in losses)
-    assert logged[-1]["final"] and logged[-1]["eval_accuracy"] == metrics["accuracy"]
+    assert logged[-1]["kind"] == "summary" and logged[-1]["eval_accuracy"] == metrics["accuracy"]
     assert (out / "run_config.json").is_file() and (out / "final").is_dir()
+    # final/ loaded the bare way regenerates the run's final completions (greedy, same batching)
+    from transformers import AutoTokenizer
+
+    from loralab.runners.gsm8k import generate_batched, stop_at
+
+    model = helpers.reload_final(tiny_dirs["llama"], out / "final", "AutoModelForCausalLM")
+    tokenizer = AutoTokenizer.from_pretrained(str(out / "final"))
+    prompts = [format_prompt("qa", r["question"]) for r in rows]
+    completions = generate_batched(model, tokenizer, prompts, batch_size=4, max_new_tokens=4)
+    assert [stop_at(c) for c in completions] == [r["completion"] for r in rows]
 
 
 def test_alpaca_template_and_query_types(tiny_dirs, metamath_files, tmp_path):

@@ -7,14 +7,16 @@ GoLore (optimizer state with projectors, a step counter and a random-projector R
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from loralab.runners import glue, metamath
-from loralab.runners.training import CRASH_ENV
+from loralab.runners.loop import CRASH_ENV
 
 STEPS, SAVE = 4, 2
 
@@ -88,7 +90,15 @@ def test_killed_after_first_checkpoint_and_resumed_matches_uninterrupted(
     assert [r["loss"] for r in got if "loss" in r] == pytest.approx(
         [r["loss"] for r in want if "loss" in r], rel=1e-6
     )
-    assert (out / "final").is_dir()
+    # and its final/ export is the uninterrupted run's (LoRA-GA: the initial factors the rank-2r export
+    # needs come back from the checkpoint, they are not re-estimated)
+    from safetensors.torch import load_file
+
+    name = "adapter_model.safetensors" if case == "metamath-lora-ga" else "model.safetensors"
+    got_w, want_w = load_file(out / "final" / name), load_file(full / "final" / name)
+    assert got_w.keys() == want_w.keys()
+    for k in want_w:
+        torch.testing.assert_close(got_w[k], want_w[k], rtol=1e-5, atol=1e-7)
 
 
 def test_resume_errors_name_the_flag(tiny_dirs, glue_files, metamath_files, tmp_path):
@@ -107,3 +117,103 @@ def test_resume_errors_name_the_flag(tiny_dirs, glue_files, metamath_files, tmp_
         FileNotFoundError, match=r"--resume_from_checkpoint .*nope: not a checkpoint"
     ):
         glue.main([*base, "--resume_from_checkpoint", str(tmp_path / "nope")])
+
+
+def lora_argv(tiny_dirs, glue_files, out, *extra: str) -> list[str]:
+    return ["--model_name_or_path", tiny_dirs["roberta"], "--task_name", "sst2", "--train_file", glue_files["train"],
+            "--validation_file", glue_files["validation"], "--method", "lora", "--lora_r", "4",
+            "--per_device_train_batch_size", "4", "--output_dir", str(out), "--disable_tqdm", "true",
+            "--logging_steps", "1", *extra]  # fmt: skip
+
+
+def test_a_finished_output_dir_is_refused_before_the_model_loads(
+    tiny_dirs, glue_files, tmp_path, monkeypatch
+):
+    from loralab.runners.loop import OutputDirError
+
+    out = tmp_path / "run"
+    glue.main(
+        lora_argv(
+            tiny_dirs,
+            glue_files,
+            out,
+            "--max_steps",
+            "3",
+            "--save_steps",
+            "1",
+            "--learning_rate",
+            "1e-3",
+        )
+    )
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the output_dir check")
+
+    with monkeypatch.context() as m:
+        m.setattr(glue, "load_seq_cls_model", no_model)
+        with pytest.raises(OutputDirError, match=r"is not empty .*pass --overwrite_output_dir"):
+            glue.main(
+                lora_argv(tiny_dirs, glue_files, out, "--max_steps", "2", "--learning_rate", "2e-3")
+            )
+
+    # --overwrite_output_dir: the first run's checkpoints, metrics and final/ go first
+    glue.main(lora_argv(tiny_dirs, glue_files, out, "--max_steps", "2", "--learning_rate", "2e-3",
+                        "--overwrite_output_dir", "true"))  # fmt: skip
+    assert not list(out.glob("checkpoint-*"))
+    assert [r["step"] for r in records(out) if r["kind"] == "train"] == [1, 2]
+    # so 'latest' cannot pick up the first run's checkpoint (other learning rate) any more
+    with pytest.raises(FileNotFoundError, match="no checkpoint-N directory of this run"):
+        glue.main(lora_argv(tiny_dirs, glue_files, out, "--max_steps", "2", "--learning_rate", "2e-3",
+                            "--resume_from_checkpoint", "latest"))  # fmt: skip
+
+
+def test_resume_with_changed_settings_names_each_flag(tiny_dirs, glue_files, tmp_path, monkeypatch):
+    from loralab.runners.loop import CheckpointError
+
+    out = tmp_path / "run"
+    base = ("--max_steps", "3", "--save_steps", "2", "--seed", "7")
+    glue.main(lora_argv(tiny_dirs, glue_files, out, *base, "--learning_rate", "1e-3"))
+    with pytest.raises(CheckpointError) as err:
+        glue.main(lora_argv(tiny_dirs, glue_files, out, *base, "--learning_rate", "2e-3",
+                            "--lora_r", "8", "--resume_from_checkpoint", "latest"))  # fmt: skip
+    message = str(err.value)
+    assert "--learning_rate: 0.001 -> 0.002" in message and "--lora_r: 4 -> 8" in message
+    assert "train_file" not in message
+    # the same run with the training file given by a relative path, more logging and another eval batch
+    # size (not training settings) resumes
+    monkeypatch.chdir(Path(glue_files["train"]).parent)
+    argv = lora_argv(tiny_dirs, glue_files, out, *base, "--learning_rate", "1e-3", "--resume_from_checkpoint",
+                     "latest", "--per_device_eval_batch_size", "3")  # fmt: skip
+    argv[argv.index("--train_file") + 1] = Path(glue_files["train"]).name
+    glue.main(argv)
+    assert [r["step"] for r in records(out) if r["kind"] == "train"] == [1, 2, 3]
+
+
+def test_torn_checkpoint_in_a_run_names_the_file(tiny_dirs, glue_files, tmp_path):
+    from loralab.runners.loop import CheckpointError
+
+    out = tmp_path / "run"
+    argv = lora_argv(
+        tiny_dirs,
+        glue_files,
+        out,
+        "--max_steps",
+        "3",
+        "--save_steps",
+        "1",
+        "--learning_rate",
+        "1e-3",
+    )
+    glue.main(argv)
+    for name in ("optimizer.bin", "model.safetensors"):
+        f = out / "checkpoint-2" / name
+        data = f.read_bytes()
+        f.write_bytes(data[:100])
+        with pytest.raises(CheckpointError, match=rf"checkpoint-2/{name} is truncated: 100 of {len(data)} bytes.*"
+                           rf"newest complete older checkpoint is {re.escape(str(out / 'checkpoint-1'))}"):  # fmt: skip
+            glue.main([*argv, "--resume_from_checkpoint", "latest"])
+        f.write_bytes(data)
+    (out / "checkpoint-2" / "trainer_state.json").write_text("")
+    with pytest.raises(CheckpointError, match=r"checkpoint-2/trainer_state\.json is empty"):
+        glue.main([*argv, "--resume_from_checkpoint", "latest"])

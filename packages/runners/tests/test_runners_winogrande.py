@@ -92,13 +92,23 @@ def test_winogrande_end_to_end(method, tiny_dirs, winogrande_files, tmp_path, he
     rows = [
         json.loads(line) for line in (out / "winogrande_predictions.jsonl").read_text().splitlines()
     ]
-    assert [r["index"] for r in rows] == list(range(8))
+    assert [r["idx"] for r in rows] == list(range(8))
     assert sum(r["correct"] for r in rows) / 8 == metrics["accuracy"]
     assert all(r["prediction"] == (2 if r["scores"][1] > r["scores"][0] else 1) for r in rows)
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert (
         len([r for r in logged if "loss" in r]) == STEPS
         and logged[-1]["eval_accuracy"] == metrics["accuracy"]
+    )
+    # final/ loaded the bare way reproduces the run's option scores
+    from transformers import AutoTokenizer
+
+    model = helpers.reload_final(tiny_dirs["llama"], out / "final", "AutoModelForCausalLM")
+    tokenizer = AutoTokenizer.from_pretrained(str(out / "final"))
+    examples = [{"sentence": r["sentence"], "options": tuple(r["options"])} for r in rows]
+    scores = score_options(model, tokenizer, examples, batch_size=4, max_length=128)
+    torch.testing.assert_close(
+        scores, torch.tensor([r["scores"] for r in rows]), rtol=1e-4, atol=1e-4
     )
 
 

@@ -3,7 +3,13 @@
 from loralab.lora_ga.config import LoraGAConfig
 from loralab.lora_ga.maths import LoraGARankError, lora_ga_factors, lora_scaling, offset_weight
 from loralab.lora_ga.model import LoraGAInitError, get_lora_ga_model
-from loralab.lora_ga.save import load_lora_ga_model, save_lora_ga_adapter, save_lora_ga_model
+from loralab.lora_ga.save import (
+    get_lora_ga_init_factors,
+    load_lora_ga_model,
+    save_lora_ga_adapter,
+    save_lora_ga_model,
+    set_lora_ga_init_factors,
+)
 from loralab.lora_ga.seed import (
     LoraGAContext,
     estimate_gradient,
@@ -18,6 +24,7 @@ __all__ = [
     "LoraGAInitError",
     "LoraGARankError",
     "estimate_gradient",
+    "get_lora_ga_init_factors",
     "get_lora_ga_model",
     "load_lora_ga_model",
     "lora_ga_factors",
@@ -27,4 +34,5 @@ __all__ = [
     "save_lora_ga_model",
     "save_loraga_model_final",
     "save_loraga_model_init",
+    "set_lora_ga_init_factors",
 ]

@@ -55,10 +55,12 @@ from loralab.core.distributed import is_main_process
 
 __all__ = [
     "INIT_FACTORS_FILE",
+    "get_lora_ga_init_factors",
     "load_lora_ga_model",
     "plain_lora_config",
     "save_lora_ga_adapter",
     "save_lora_ga_model",
+    "set_lora_ga_init_factors",
 ]
 
 logger = logging.getLogger(__name__)
@@ -107,6 +109,46 @@ def _init_factors(layer: LoraLayer, name: str, adapter_name: str) -> tuple[Tenso
     return store[adapter_name]
 
 
+def get_lora_ga_init_factors(
+    model: PeftModel, *, adapter_name: str = "default"
+) -> dict[str, Tensor]:
+    """The initial ``A0``, ``B0`` of every layer as ``{"<layer>.lora_A.weight": A0, "<layer>.lora_B.weight": B0}``
+    (the layout of :data:`INIT_FACTORS_FILE`): what a training checkpoint must keep, besides the model's
+    state dict, for :func:`save_lora_ga_adapter` to work after a resume.
+
+    Raises:
+        ValueError: a layer has no initial factors (the model was not initialised by loralab).
+    """
+    out: dict[str, Tensor] = {}
+    for name, layer in _lora_layers(model, adapter_name).items():
+        A0, B0 = _init_factors(layer, name, adapter_name)
+        out[f"{name}.lora_A.weight"], out[f"{name}.lora_B.weight"] = A0, B0
+    return out
+
+
+def set_lora_ga_init_factors(
+    model: PeftModel, factors: dict[str, Tensor], *, adapter_name: str = "default"
+) -> None:
+    """Restore :func:`get_lora_ga_init_factors`'s output onto a model of the same structure.
+
+    Raises:
+        ValueError: a layer of ``model`` has no entry in ``factors``, or ``factors`` names a layer
+            ``model`` does not have.
+    """
+    layers = _lora_layers(model, adapter_name)
+    expected = {f"{n}.lora_{ab}.weight" for n in layers for ab in "AB"}
+    missing, extra = sorted(expected - set(factors)), sorted(set(factors) - expected)
+    if missing or extra:
+        raise ValueError(
+            f"LoRA-GA initial factors do not match the model: missing {missing[:3]}, unexpected {extra[:3]}"
+        )
+    for name, layer in layers.items():
+        layer.__dict__.setdefault("_lora_ga_init", {})[adapter_name] = (
+            factors[f"{name}.lora_A.weight"].detach().to("cpu", copy=True),
+            factors[f"{name}.lora_B.weight"].detach().to("cpu", copy=True),
+        )
+
+
 def _check_peft(model: Any, fn: str) -> PeftModel:
     if not isinstance(model, PeftModel):
         raise TypeError(
@@ -121,12 +163,15 @@ def save_lora_ga_adapter(
     *,
     adapter_name: str = "default",
     safe_serialization: bool = True,
+    state_dict: dict[str, Tensor] | None = None,
 ) -> None:
     """Save the (trained) LoRA-GA adapter as a plain rank-2r PEFT LoRA for the original base model.
 
     ``A' = [A; A0]``, ``B' = [B, −B0]``, ``r' = 2r``, ``α' = 2α`` (``√2·α`` with rsLoRA): loading it on
     the unmodified base model gives exactly this model's function (for float bases). Writes
-    ``adapter_config.json`` + ``adapter_model.safetensors`` (on the main process only).
+    ``adapter_config.json`` + ``adapter_model.safetensors`` (on the main process only). ``state_dict``:
+    the model's whole state dict when its parameters are sharded (DeepSpeed ZeRO-3), as for PEFT's
+    ``save_pretrained``.
 
     Raises:
         TypeError: ``model`` is not a ``PeftModel``.
@@ -142,7 +187,7 @@ def save_lora_ga_adapter(
         raise ValueError(
             "save_lora_ga_adapter: DoRA adapters cannot be converted (LoRA-GA does not use DoRA)"
         )
-    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    state = get_peft_model_state_dict(model, state_dict=state_dict, adapter_name=adapter_name)
     for name, layer in _lora_layers(model, adapter_name).items():
         A0, B0 = _init_factors(layer, name, adapter_name)
         ka, kb = f"{name}.lora_A.weight", f"{name}.lora_B.weight"

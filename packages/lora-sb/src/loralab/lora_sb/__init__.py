@@ -13,7 +13,8 @@ Example:
 """
 
 from loralab.lora_sb.compat import estimate_and_process_grads_torch, find_and_initialize_grad
-from loralab.lora_sb.config import LoraSBConfig
+from loralab.lora_sb.config import LORA_SB_PEFT_TYPE, LoraSBConfig
+from loralab.lora_sb.export import lora_sb_as_lora_state_dict, save_lora_sb_as_lora
 from loralab.lora_sb.layer import LoraSBLinear, LoraSBVariant, is_lora_sb_layer
 from loralab.lora_sb.maths import equivalent_gradient, r_gradient, sb_factors, update_approximation
 from loralab.lora_sb.model import (
@@ -28,6 +29,7 @@ from loralab.lora_sb.model import (
 
 __version__ = "0.1.0"
 __all__ = [
+    "LORA_SB_PEFT_TYPE",
     "LoraSBConfig",
     "LoraSBInitError",
     "LoraSBLinear",
@@ -41,8 +43,10 @@ __all__ = [
     "is_lora_sb_layer",
     "load_lora_sb_adapter",
     "load_lora_sb_model",
+    "lora_sb_as_lora_state_dict",
     "lora_sb_layers",
     "r_gradient",
+    "save_lora_sb_as_lora",
     "sb_factors",
     "update_approximation",
 ]

@@ -20,12 +20,25 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 from peft import LoraConfig
+from peft.utils import CONFIG_NAME, PeftType
 
-__all__ = ["LoraSBConfig"]
+__all__ = ["LORA_SB_PEFT_TYPE", "LoraSBConfig"]
+
+# The "peft_type" LoRA-SB adapters are saved with. It is no PeftType, so bare PEFT refuses the file
+# (KeyError: 'LORA_SB' from its type registry) instead of reading it as a LoraConfig and building
+# plain LoRA layers that compute B·A without R. LoraSBConfig.from_pretrained reads it.
+LORA_SB_PEFT_TYPE = "LORA_SB"
+_NOTE_KEY = "loralab_note"
+_NOTE = (
+    "LoRA-SB adapter (W = W0 + s*B*R*A). Load it with loralab.lora_sb.load_lora_sb_model(base, path); "
+    "for plain LoRA tools export it with loralab.lora_sb.save_lora_sb_as_lora(model, dir)."
+)
 
 _INCOMPATIBLE_FLAGS = (
     "use_dora",
@@ -155,12 +168,36 @@ class LoraSBConfig(LoraConfig):
 
         self._register_custom_module(custom_module_mapping())
 
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """PEFT's ``save_pretrained``, with ``"peft_type": "LORA_SB"`` written to ``adapter_config.json``.
+
+        The live config keeps ``peft_type=LORA`` (PEFT dispatches on it); only the file says
+        ``LORA_SB``, so bare PEFT (``PeftModel.from_pretrained``, ``PeftConfig.from_pretrained``,
+        transformers' ``load_adapter``) raises ``KeyError: 'LORA_SB'`` instead of loading the adapter
+        as plain LoRA (``B·A`` without ``R``). A ``loralab_note`` field says how to load or export it.
+        """
+        super().save_pretrained(save_directory, **kwargs)
+        path = os.path.join(save_directory, CONFIG_NAME)
+        with open(path) as f:
+            data = json.load(f)
+        data["peft_type"] = LORA_SB_PEFT_TYPE
+        data[_NOTE_KEY] = _NOTE
+        with open(path, "w") as f:
+            f.write(json.dumps(data, indent=2, sort_keys=True))
+
     @classmethod
     def from_peft_type(cls, **kwargs: Any) -> LoraSBConfig:
-        """Build a ``LoraSBConfig`` from saved fields (PEFT's version would return a plain ``LoraConfig``)."""
-        if not kwargs.get("lora_sb", False):
+        """Build a ``LoraSBConfig`` from saved fields (PEFT's version would return a plain ``LoraConfig``).
+
+        Reads ``peft_type`` ``"LORA_SB"`` (what :meth:`save_pretrained` writes) and, for adapters saved
+        before it did, ``"LORA"`` with ``lora_sb: true``.
+        """
+        peft_type = kwargs.pop("peft_type", LORA_SB_PEFT_TYPE)
+        kwargs.pop(_NOTE_KEY, None)
+        if peft_type not in (LORA_SB_PEFT_TYPE, PeftType.LORA) or not kwargs.get("lora_sb", False):
             raise ValueError(
-                "this adapter config is not a LoRA-SB config (no 'lora_sb' field): load it with peft.PeftModel.from_pretrained"
+                f"this adapter config is not a LoRA-SB config (peft_type={peft_type!r}, lora_sb="
+                f"{kwargs.get('lora_sb')!r}): load it with peft.PeftModel.from_pretrained"
             )
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in kwargs.items() if k in names})

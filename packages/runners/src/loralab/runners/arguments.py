@@ -31,6 +31,8 @@ T = TypeVar("T", bound="TrainArgs")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with ``metadata={"help": ...}``; ``identity=False`` marks a setting that does not
+    change what is trained (logging, evaluation, output paths): a resume may change it."""
     return field(default=default, metadata={"help": help, **kw})
 
 
@@ -42,7 +44,15 @@ class TrainArgs:
         None, "model directory or hub name (AutoModel*.from_pretrained) (required)"
     )
     output_dir: str = _f(
-        None, "run directory: run_config.json, metrics.jsonl, checkpoint-N/, final/ (required)"
+        None,
+        "run directory: run_config.json, metrics.jsonl, checkpoint-N/, final/ (required)",
+        identity=False,
+    )
+    overwrite_output_dir: bool = _f(
+        False,
+        "replace the previous run in a non-empty --output_dir (its checkpoints, metrics, predictions and "
+        "final/ are removed first); without it a non-empty --output_dir is refused",
+        identity=False,
     )
     tokenizer_name: str | None = _f(None, "tokenizer (default: model_name_or_path)")
     # optimisation
@@ -60,7 +70,7 @@ class TrainArgs:
     num_train_epochs: float = _f(1.0, "epochs (ignored when --max_steps > 0)")
     max_steps: int = _f(-1, "optimizer steps; -1 = num_train_epochs over the training set")
     per_device_train_batch_size: int = _f(8, "micro-batch per process")
-    per_device_eval_batch_size: int = _f(8, "evaluation batch per process")
+    per_device_eval_batch_size: int = _f(8, "evaluation batch per process", identity=False)
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
     # precision and memory
     bf16: bool = _f(False, "bfloat16 mixed precision (autocast; DeepSpeed bf16 under --deepspeed)")
@@ -69,26 +79,38 @@ class TrainArgs:
     seed: int = _f(42, "seed of model init, data order and dropout")
     max_length: int = _f(512, "maximum tokens per training example")
     max_train_samples: int | None = _f(None, "truncate the training set (quick runs)")
-    max_eval_samples: int | None = _f(None, "truncate the evaluation set (quick runs)")
-    logging_steps: int = _f(10, "log the training loss every N optimizer steps")
-    eval_steps: int = _f(0, "evaluate every N optimizer steps (0: only at the end)")
-    save_steps: int = _f(0, "checkpoint every N optimizer steps (0: no intermediate checkpoints)")
-    save_total_limit: int | None = _f(None, "keep only the newest N checkpoints")
-    resume_from_checkpoint: str | None = _f(
-        None, "checkpoint directory, or 'latest' for the newest checkpoint-N in --output_dir"
+    max_eval_samples: int | None = _f(
+        None, "truncate the evaluation set (quick runs)", identity=False
     )
-    report_to: str = _f("none", "experiment tracker", choices=REPORT_TO)
-    run_name: str | None = _f(None, "tracker run name (default: the output_dir name)")
+    logging_steps: int = _f(10, "log the training loss every N optimizer steps", identity=False)
+    eval_steps: int = _f(0, "evaluate every N optimizer steps (0: only at the end)", identity=False)
+    save_steps: int = _f(
+        0, "checkpoint every N optimizer steps (0: no intermediate checkpoints)", identity=False
+    )
+    save_total_limit: int | None = _f(None, "keep only the newest N checkpoints", identity=False)
+    resume_from_checkpoint: str | None = _f(
+        None,
+        "checkpoint directory, or 'latest' for the newest checkpoint-N in --output_dir",
+        identity=False,
+    )
+    report_to: str = _f("none", "experiment tracker", choices=REPORT_TO, identity=False)
+    run_name: str | None = _f(
+        None, "tracker run name (default: the output_dir name)", identity=False
+    )
     deepspeed: str | None = _f(
         None,
         "DeepSpeed config: a JSON path or a built-in name (zero2, zero3, zero3_offload); 'auto' values are filled from these flags",
     )
-    disable_tqdm: bool = _f(False, "no progress bars")
+    disable_tqdm: bool = _f(False, "no progress bars", identity=False)
     save_final_model: bool = _f(
-        True, "save the trained model (adapter for LoRA methods) to output_dir/final"
+        True,
+        "save the trained model (adapter for LoRA methods) to output_dir/final",
+        identity=False,
     )
     local_rank: int = _f(
-        -1, "set by the deepspeed launcher; the process rank comes from the environment"
+        -1,
+        "set by the deepspeed launcher; the process rank comes from the environment",
+        identity=False,
     )
 
     # method options are attached by parse_args (see loralab.runners.methods.OPTIONS)

@@ -3,7 +3,10 @@
 RoBERTa / BERT / T5 (any ``AutoModelForSequenceClassification``) on a GLUE task from
 ``datasets.load_dataset("nyu-mll/glue", task)`` or local csv/tsv/json/jsonl files with the same
 columns; the task's official metric (accuracy, F1, Matthews correlation, Pearson/Spearman) computed
-here with numpy (no metric download).
+here with numpy (no metric download). The final evaluation's logits of every validation example are
+in ``output_dir/eval_predictions.jsonl`` (``idx``, ``label``, ``logits``); ``final/`` is the method's
+export (``PeftModel.from_pretrained(base, final)`` or ``AutoModelForSequenceClassification.from_pretrained(final)``
+reproduces those logits).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,11 +22,15 @@ import torch
 
 from loralab.runners.arguments import TrainArgs, _f, parse_args
 from loralab.runners.data import dtype_kwargs, load_split, pad_collate, require_columns, take
-from loralab.runners.training import TrainResult, train
+from loralab.runners.loop import to_device
+from loralab.runners.loop.finetune import TrainResult, check_output_dir, finetune
+from loralab.runners.predictions import write_predictions
 
 __all__ = [
     "GLUE_TASKS",
+    "PREDICTIONS_FILE",
     "GlueArgs",
+    "encode_glue",
     "glue_metrics",
     "load_seq_cls_model",
     "main",
@@ -45,6 +53,8 @@ GLUE_TASKS: dict[str, tuple[str, str | None, int, str]] = {
     "rte": ("sentence1", "sentence2", 2, "validation"),
     "wnli": ("sentence1", "sentence2", 2, "validation"),
 }
+PREDICTIONS_FILE = "eval_predictions.jsonl"
+"""One row per validation example of the final evaluation: ``idx``, ``label``, ``logits`` (list of floats)."""
 HEAD_NAMES = ("classifier", "score", "classification_head")
 EOS_POOLED = ("t5", "mt5", "umt5", "bart", "mbart")
 """Model types whose sequence-classification head reads the hidden state at the ``</s>`` token (the
@@ -126,14 +136,16 @@ def glue_metrics(task: str, preds: np.ndarray, labels: np.ndarray) -> dict[str, 
     return out
 
 
-def _encode(
+def encode_glue(
     ds: Any, tokenizer: Any, args: GlueArgs, source: str, *, eos_id: int | None = None
-) -> list[dict[str, Any]]:
-    """Tokenized ``{"input_ids", "labels"}`` rows; with ``eos_id``, every row ends in that token (T5/BART heads)."""
+) -> tuple[list[dict[str, Any]], list[int]]:
+    """Tokenized ``{"input_ids", "labels"}`` rows of the labeled examples and their ``idx`` (the
+    dataset's ``idx`` column, else the row number); with ``eos_id``, every row ends in that token
+    (T5/BART heads)."""
     first, second, num_labels, _ = GLUE_TASKS[args.task_name]
     require_columns(ds, [first, "label"] + ([second] if second else []), source)
-    out = []
-    for ex in ds:
+    out, idxs = [], []
+    for row, ex in enumerate(ds):
         if ex["label"] is None or (num_labels > 1 and int(ex["label"]) < 0):
             continue  # unlabeled (test-split) rows
         texts = (ex[first],) if second is None else (ex[first], ex[second])
@@ -142,9 +154,10 @@ def _encode(
             ids = [*ids[: args.max_length - 1], eos_id]
         label = float(ex["label"]) if num_labels == 1 else int(ex["label"])
         out.append({"input_ids": ids, "labels": label})
+        idxs.append(int(ex["idx"]) if ex.get("idx") is not None else row)
     if not out:
         raise ValueError(f"{source}: no labeled example")
-    return out
+    return out, idxs
 
 
 def _load_tokenizer(name: str) -> Any:
@@ -187,7 +200,10 @@ def run(args: GlueArgs) -> TrainResult:
     """Load, fine-tune and evaluate; returns the final metrics (also in ``output_dir/metrics.jsonl``)."""
     from transformers import AutoConfig
 
+    check_output_dir(args)  # before anything loads
     _, _, num_labels, val_split = GLUE_TASKS[args.task_name]
+
+    # data
     tokenizer = _load_tokenizer(args.tokenizer_name or args.model_name_or_path)
     config = AutoConfig.from_pretrained(args.model_name_or_path)
     eos_id = config.eos_token_id if config.model_type in EOS_POOLED else None
@@ -215,36 +231,44 @@ def run(args: GlueArgs) -> TrainResult:
         ),
         args.max_eval_samples,
     )
-    train_set = _encode(train_raw, tokenizer, args, train_src, eos_id=eos_id)
-    val_set = _encode(val_raw, tokenizer, args, val_src, eos_id=eos_id)
+    train_set, _ = encode_glue(train_raw, tokenizer, args, train_src, eos_id=eos_id)
+    val_set, val_idx = encode_glue(val_raw, tokenizer, args, val_src, eos_id=eos_id)
+    collate = pad_collate(tokenizer.pad_token_id)
 
+    # model (the method wraps it inside finetune)
     model, _, heads = load_seq_cls_model(
         args.model_name_or_path, num_labels, args.seed, tokenizer=tokenizer
     )
     args.task_type = "SEQ_CLS"
     args.modules_to_save = heads or None
-    collate = pad_collate(tokenizer.pad_token_id)
 
-    def evaluate(acc: Any, model: torch.nn.Module) -> dict[str, float]:
-        shard = val_set[acc.process_index :: acc.num_processes]
-        preds, labels = [], []
+    def evaluate(engine: Any, model: torch.nn.Module) -> dict[str, float]:
+        # each rank scores its shard; every row's logits go to eval_predictions.jsonl
+        shard = list(range(engine.rank, len(val_set), engine.world_size))
         bs = args.per_device_eval_batch_size
+        rows = []
         for i in range(0, len(shard), bs):
-            batch = {k: v.to(acc.device) for k, v in collate(shard[i : i + bs]).items()}
+            ids = shard[i : i + bs]
+            batch = to_device(collate([val_set[j] for j in ids]), engine.device)
             logits = model(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
             ).logits.float()
-            preds.append(logits[:, 0] if num_labels == 1 else logits.argmax(-1))
-            labels.append(batch["labels"])
-        from accelerate.utils import gather_object
+            rows += [(j, row) for j, row in zip(ids, logits.cpu().tolist())]
+        by_index = dict(engine.gather_object(rows))
+        logits = np.array([by_index[j] for j in range(len(val_set))])
+        labels = np.array([ex["labels"] for ex in val_set])
+        preds = logits[:, 0] if num_labels == 1 else logits.argmax(-1)
+        if engine.is_main:
+            write_predictions(
+                Path(args.output_dir) / PREDICTIONS_FILE,
+                [
+                    {"idx": val_idx[j], "label": val_set[j]["labels"], "logits": by_index[j]}
+                    for j in range(len(val_set))
+                ],
+            )
+        return {**glue_metrics(args.task_name, preds, labels), "num_examples": float(len(labels))}
 
-        p = gather_object([t.cpu().tolist() for t in preds])
-        y = gather_object([t.cpu().tolist() for t in labels])
-        flat_p = np.array([v for chunk in p for v in chunk])
-        flat_y = np.array([v for chunk in y for v in chunk])
-        return {**glue_metrics(args.task_name, flat_p, flat_y), "num_examples": float(len(flat_y))}
-
-    return train(args, model, train_set, collate, evaluate, tokenizer=tokenizer)
+    return finetune(args, model, train_set, collate, evaluate, tokenizer=tokenizer)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

@@ -210,7 +210,7 @@ def gsm8k_accuracy(
         correct += ok
         records.append(
             {
-                "index": i,
+                "idx": i,
                 "question": q,
                 "completion": cut,
                 "prediction": pred,
@@ -222,7 +222,7 @@ def gsm8k_accuracy(
 
 
 def write_predictions(path: str | Path, records: Sequence[dict[str, Any]]) -> Path:
-    """One JSON object per line (``index, question, completion, prediction, reference, correct``)."""
+    """One JSON object per line (``idx, question, completion, prediction, reference, correct``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as fh:

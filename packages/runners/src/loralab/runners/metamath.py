@@ -34,7 +34,14 @@ from loralab.runners.gsm8k import (
     gsm8k_accuracy,
     write_predictions,
 )
-from loralab.runners.training import TrainResult, train
+from loralab.runners.loop.checkpoint import remove_run_artifacts
+from loralab.runners.loop.finetune import (
+    TrainResult,
+    build_engine,
+    check_output_dir,
+    finetune,
+)
+from loralab.runners.loop.metrics import MetricsLog
 
 __all__ = ["MetaMathArgs", "encode_sft", "evaluate_gsm8k", "load_causal_lm", "main", "run"]
 
@@ -170,7 +177,7 @@ def _load_eval(args: MetaMathArgs) -> tuple[list[str], list[str]]:
 
 
 def evaluate_gsm8k(
-    acc: Any,
+    engine: Any,
     model: Any,
     tokenizer: Any,
     questions: list[str],
@@ -182,40 +189,32 @@ def evaluate_gsm8k(
     predictions_path: str | Path | None = None,
     progress: bool = False,
 ) -> dict[str, float]:
-    """GSM8K accuracy of ``model`` (each process generates its shard; the main process writes the JSONL)."""
-    from accelerate.utils import gather_object
-
-    from loralab.runners.launch import zero_stage
-
-    plugin = acc.state.deepspeed_plugin
-    synced = (
-        plugin is not None and zero_stage(plugin.deepspeed_config) == 3 and acc.num_processes > 1
-    )
-    shard = list(range(acc.process_index, len(questions), acc.num_processes))
+    """GSM8K accuracy of ``model`` (each rank of ``engine`` generates its shard; the main process writes
+    the JSONL, one row per question with its ``idx``)."""
+    synced = engine.gathers_in_forward and engine.world_size > 1
+    shard = list(range(engine.rank, len(questions), engine.world_size))
     prompts = [format_prompt(prompt_template, questions[i]) for i in shard]
     if synced:
         # ZeRO-3 gathers parameters inside every forward: all ranks must run the same number of
         # generate() calls, so shorter shards are padded with a repeated prompt (its output dropped)
-        per_rank = -(-len(questions) // acc.num_processes)
+        per_rank = -(-len(questions) // engine.world_size)
         prompts += [prompts[-1] if prompts else format_prompt(prompt_template, questions[0])] * (
             per_rank - len(prompts)
         )
-    unwrapped = acc.unwrap_model(model)
     completions = generate_batched(
-        unwrapped,
+        engine.unwrap(model),
         tokenizer,
         prompts,
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
-        device=acc.device,
+        device=engine.device,
         synced_gpus=synced,
         progress=progress,
     )
-    pairs = gather_object(list(zip(shard, completions[: len(shard)])))
-    by_index = dict(pairs)
+    by_index = dict(engine.gather_object(list(zip(shard, completions[: len(shard)]))))
     ordered = [by_index[i] for i in range(len(questions))]
     accuracy, records = gsm8k_accuracy(questions, answers, ordered)
-    if acc.is_main_process and predictions_path is not None:
+    if engine.is_main and predictions_path is not None:
         write_predictions(predictions_path, records)
     return {
         "accuracy": accuracy,
@@ -226,15 +225,16 @@ def evaluate_gsm8k(
 
 def run(args: MetaMathArgs) -> TrainResult | dict[str, float]:
     """Fine-tune on MetaMathQA (unless ``--do_train false``) and evaluate on GSM8K."""
+    check_output_dir(args)  # before anything loads
     model, tokenizer = load_causal_lm(
         args.model_name_or_path, args.tokenizer_name, args.torch_dtype
     )
     questions, answers = _load_eval(args)
     predictions_path = Path(args.output_dir) / PREDICTIONS_FILE
 
-    def evaluate(acc: Any, model: torch.nn.Module) -> dict[str, float]:
+    def evaluate(engine: Any, model: torch.nn.Module) -> dict[str, float]:
         return evaluate_gsm8k(
-            acc,
+            engine,
             model,
             tokenizer,
             questions,
@@ -243,46 +243,40 @@ def run(args: MetaMathArgs) -> TrainResult | dict[str, float]:
             batch_size=args.per_device_eval_batch_size,
             max_new_tokens=args.max_new_tokens,
             predictions_path=predictions_path,
-            progress=not args.disable_tqdm and acc.is_local_main_process,
+            progress=not args.disable_tqdm and engine.is_main,
         )
 
     if not args.do_train:
         return _evaluate_only(args, model, evaluate)
     train_set = _load_train(args, tokenizer)
     args.task_type = "CAUSAL_LM"
-    return train(
+    return finetune(
         args, model, train_set, pad_collate(tokenizer.pad_token_id), evaluate, tokenizer=tokenizer
     )
 
 
 def _evaluate_only(args: TrainArgs, model: Any, evaluate: Any) -> dict[str, float]:
-    import json
-
-    from loralab.runners.training import build_accelerator
-
-    acc = build_accelerator(args)
+    """``--do_train false``: evaluate ``--model_name_or_path`` as it is (a ``summary`` record at step 0)."""
+    engine = build_engine(args)
     out = Path(args.output_dir)
-    if acc.is_main_process:
+    if engine.is_main:
+        if args.overwrite_output_dir:
+            remove_run_artifacts(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "run_config.json").write_text(args.to_json())
         print(f"[loralab.runners] config:\n{args.to_json()}", flush=True)
+    acc = engine.acc
     model = (
         acc.prepare_model(model, evaluation_mode=True)
-        if acc.state.deepspeed_plugin is None
-        else model.to(acc.device)
+        if not engine.deepspeed
+        else model.to(engine.device)
     )
     model.eval()
     with torch.no_grad():
-        metrics = evaluate(acc, model)
-    if acc.is_main_process:
-        with (out / "metrics.jsonl").open("a") as fh:
-            fh.write(
-                json.dumps(
-                    {"step": 0, "final": True, **{f"eval_{k}": v for k, v in metrics.items()}}
-                )
-                + "\n"
-            )
-        print(f"[loralab.runners] eval: {json.dumps(metrics)}", flush=True)
+        metrics = evaluate(engine, model)
+    MetricsLog(out / "metrics.jsonl", enabled=engine.is_main).summary(0, metrics, status="ok")
+    if engine.is_main:
+        print(f"[loralab.runners] eval: {metrics}", flush=True)
     return metrics
 
 

@@ -17,7 +17,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -29,7 +28,8 @@ import torch
 
 from loralab.runners.arguments import TrainArgs, _f, parse_args
 from loralab.runners.data import load_split, pad_collate, require_columns, take
-from loralab.runners.training import TrainResult, train
+from loralab.runners.loop.finetune import TrainResult, check_output_dir, finetune
+from loralab.runners.predictions import write_predictions
 
 __all__ = [
     "WINOGRANDE_CONFIGS",
@@ -159,6 +159,7 @@ def run(args: WinoGrandeArgs) -> TrainResult:
     """Fine-tune on the WinoGrande training set and report two-option accuracy on the validation set."""
     from loralab.runners.metamath import load_causal_lm
 
+    check_output_dir(args)  # before anything loads
     model, tokenizer = load_causal_lm(
         args.model_name_or_path, args.tokenizer_name, args.torch_dtype
     )
@@ -197,43 +198,41 @@ def run(args: WinoGrandeArgs) -> TrainResult:
     ]
     predictions_path = Path(args.output_dir) / PREDICTIONS_FILE
 
-    def evaluate(acc: Any, model: torch.nn.Module) -> dict[str, float]:
-        from accelerate.utils import gather_object
-
-        shard = list(range(acc.process_index, len(val_ex), acc.num_processes))
+    def evaluate(engine: Any, model: torch.nn.Module) -> dict[str, float]:
+        shard = list(range(engine.rank, len(val_ex), engine.world_size))
         scores = score_options(
             model,
             tokenizer,
             [val_ex[i] for i in shard],
             batch_size=args.per_device_eval_batch_size,
             max_length=args.max_length,
-            device=acc.device,
+            device=engine.device,
         )
-        by_index = dict(gather_object([(i, s) for i, s in zip(shard, scores.tolist())]))
+        by_index = dict(engine.gather_object([(i, s) for i, s in zip(shard, scores.tolist())]))
         records = []
         for i, ex in enumerate(val_ex):
             s = by_index[i]
             pred = int(s[1] > s[0])
             records.append(
                 {
-                    "index": i,
+                    "idx": i,
                     "sentence": ex["sentence"],
+                    "options": list(ex["options"]),
                     "scores": s,
                     "prediction": pred + 1,
                     "answer": ex["label"] + 1,
                     "correct": pred == ex["label"],
                 }
             )
-        if acc.is_main_process:
-            predictions_path.parent.mkdir(parents=True, exist_ok=True)
-            predictions_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        if engine.is_main:
+            write_predictions(predictions_path, records)
         return {
             "accuracy": sum(r["correct"] for r in records) / len(records),
             "num_examples": float(len(records)),
         }
 
     args.task_type = "CAUSAL_LM"
-    return train(
+    return finetune(
         args, model, train_set, pad_collate(tokenizer.pad_token_id), evaluate, tokenizer=tokenizer
     )
 

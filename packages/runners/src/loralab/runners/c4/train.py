@@ -465,21 +465,20 @@ class Metrics:
 # ---------------------------------------------------------------------------------------------
 # checkpoints
 # ---------------------------------------------------------------------------------------------
-def _rng_state(callbacks: list[Any]) -> dict[str, Any]:
-    """RNG states and the method callbacks' states (GoLore's ReLoRA-path projector generator)."""
+def _rng_state(method: Method, model: nn.Module) -> dict[str, Any]:
+    """RNG states and the method's state outside the model (GoLore's ReLoRA-path projector generator)."""
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
-    state["callbacks"] = [cb.state_dict() for cb in callbacks]
+    state["method"] = method.checkpoint_state(model)
     return state
 
 
-def _set_rng_state(callbacks: list[Any], state: dict[str, Any]) -> None:
+def _set_rng_state(method: Method, model: nn.Module, state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-    for cb, cb_state in zip(callbacks, state["callbacks"], strict=True):
-        cb.load_state_dict(cb_state)
+    method.load_checkpoint_state(model, state["method"])
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -502,7 +501,7 @@ def _save_checkpoint(
     optimizer: Any,
     scheduler: Any,
     streams: dict[int, Any],
-    callbacks: list[Any],
+    method: Method,
     state: dict[str, Any],
 ) -> None:
     if env.rank == 0:
@@ -520,7 +519,7 @@ def _save_checkpoint(
         {str(s): st.state_dict() for s, st in streams.items()},
         ckpt / f"data_state_rank{env.rank}.pt",
     )
-    torch.save(_rng_state(callbacks), ckpt / f"rng_state_rank{env.rank}.pt")
+    torch.save(_rng_state(method, base), ckpt / f"rng_state_rank{env.rank}.pt")
     if env.rank == 0:
         (ckpt / "trainer_state.json").write_text(
             json.dumps(
@@ -567,7 +566,7 @@ def _load_checkpoint(
     optimizer: Any,
     scheduler: Any,
     streams: dict[int, Any],
-    callbacks: list[Any],
+    method: Method,
 ) -> dict[str, Any]:
     state = json.loads((ckpt / "trainer_state.json").read_text())
     old, new = state["identity"], run_identity(args)
@@ -605,7 +604,9 @@ def _load_checkpoint(
     data = torch.load(data_file, weights_only=True)
     for s, stream in streams.items():
         stream.load_state_dict(data[str(s)])
-    _set_rng_state(callbacks, torch.load(ckpt / f"rng_state_rank{env.rank}.pt", weights_only=True))
+    _set_rng_state(
+        method, base, torch.load(ckpt / f"rng_state_rank{env.rank}.pt", weights_only=True)
+    )
     logger.info("resumed from %s at step %d", ckpt, state["step"])
     return state
 
@@ -756,7 +757,7 @@ def run(args: C4Args) -> dict[str, Any]:
             optimizer=optimizer,
             scheduler=scheduler,
             streams=streams,
-            callbacks=callbacks,
+            method=method,
         )
         step, tokens_seen = st["step"], st["tokens_seen"]
     metrics = Metrics(
@@ -805,7 +806,7 @@ def run(args: C4Args) -> dict[str, Any]:
             optimizer=optimizer,
             scheduler=scheduler,
             streams=streams,
-            callbacks=callbacks,
+            method=method,
             state=trainer_state(),
         )
 
@@ -871,7 +872,7 @@ def run(args: C4Args) -> dict[str, Any]:
         if not method.ddp_wrappable and engine is None and env.world > 1:
             _sync_gradients(params)
         for cb in callbacks:
-            cb.on_before_optimizer_step(step, model, optimizer)
+            cb.before_optimizer_step(step, model, optimizer)
         reset = n_resets() > resets_before
         grad_norm = None
         if engine is not None:

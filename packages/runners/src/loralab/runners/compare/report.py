@@ -48,7 +48,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         if r["kind"] == "summary":
             out.setdefault(r["method"], {}).update(r)
     for method, s in out.items():
-        losses = [r["loss"] for r in records if r["kind"] == "step" and r["method"] == method]
+        losses = [r["loss"] for r in records if r["kind"] == "train" and r["method"] == method]
         fifth = max(1, len(losses) // 5)
         s["train_loss_first_fifth"] = _mean(losses[:fifth])
         s["train_loss_last_fifth"] = _mean(losses[-fifth:])
@@ -78,10 +78,9 @@ def markdown_table(summaries: dict[str, dict[str, Any]], metric: str) -> str:
     ncols = head.count("|") - 1
     lines = [head, "|" + "---|" * ncols]
     for method, s in summaries.items():
-        if s.get("status", "ok") != "ok" and "final" not in s:
+        if s.get("status", "ok") != "ok" and "eval_loss" not in s:
             lines.append(f"| {method} | {s.get('status')} |" + " |" * (ncols - 2))
             continue
-        final = s.get("final", {})
         status = "" if s.get("status", "ok") == "ok" else f" ({s['status']})"
         lines.append(
             "| "
@@ -96,8 +95,8 @@ def markdown_table(summaries: dict[str, dict[str, Any]], metric: str) -> str:
                     _mib(s.get("peak_rss_above_loaded_bytes")),
                     f"{s['train_loss_first_fifth']:.4f}",
                     f"{s['train_loss_last_fifth']:.4f}",
-                    f"{final.get('eval_loss', math.nan):.4f}",
-                    f"{final.get(metric, math.nan):.4f}",
+                    f"{s.get('eval_loss', math.nan):.4f}",
+                    f"{s.get(f'eval_{metric}', math.nan):.4f}",
                 ]
             )
             + " |"
@@ -121,14 +120,14 @@ def plot_losses(
     fig, (ax_train, ax_eval) = plt.subplots(1, 2, figsize=(12, 4.5))
     fig2, ax_time = plt.subplots(figsize=(7, 4.5))
     for i, method in enumerate(methods):
-        steps = [r for r in records if r["kind"] == "step" and r["method"] == method]
+        steps = [r for r in records if r["kind"] == "train" and r["method"] == method]
         evals = [r for r in records if r["kind"] == "eval" and r["method"] == method]
         if not steps:
             continue
         smooth = moving_average([r["loss"] for r in steps])
         kw = dict(color=colors(i % 10), label=method, linewidth=1.6)
         ax_train.plot([r["step"] for r in steps], smooth, **kw)
-        ax_time.plot([r["time"] for r in steps], smooth, **kw)
+        ax_time.plot([r["time_s"] for r in steps], smooth, **kw)
         if evals:
             ax_eval.plot(
                 [r["step"] for r in evals],

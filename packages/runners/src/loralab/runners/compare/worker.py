@@ -1,12 +1,14 @@
 """One method of ``loralab compare``, run in its own process so its peak memory is its own.
 
-``python -m loralab.runners.compare.worker SPEC.json`` reads a :class:`RunSpec`, fine-tunes, and writes
-JSON lines to ``spec.metrics_file``: one ``{"kind": "step", ...}`` per optimizer step (training loss,
-learning rate, wall time since the method's setup began), ``{"kind": "eval", ...}`` every
-``eval_every`` steps, and a final ``{"kind": "summary", ...}`` (parameters, optimizer-state bytes,
-peak memory, init time, time per step, final metrics, or the error that stopped the run).
+``python -m loralab.runners.compare.worker SPEC.json`` reads a :class:`RunSpec`, fine-tunes on the
+runners' training loop (:func:`loralab.runners.loop.run_loop`, plain-torch engine), and writes the
+loop's metrics schema to ``spec.metrics_file``, each record with ``method``: one ``{"kind": "train",
+...}`` per optimizer step (``loss``, ``learning_rate``, ``time_s``), ``{"kind": "eval", ...}`` at step 0,
+every ``eval_every`` steps and at the end (``eval_loss``, ``eval_<metric>``), and a final
+``{"kind": "summary", ...}`` (parameters, optimizer-state bytes, peak memory, init time, time per
+step, the final ``eval_*`` metrics, or the error that stopped the run).
 
-Timing: ``time`` on each record counts the method's setup (gradient estimation for LoRA-GA / LoRA-SB)
+Timing: ``time_s`` on each record counts the method's setup (gradient estimation for LoRA-GA / LoRA-SB)
 and its training steps, never evaluation, so loss-vs-wall-time curves compare what a user pays.
 Memory: the process's peak resident set size (``ru_maxrss``), and the peak above the resident size
 measured just after the model and data were loaded (sampled every 5 ms), which isolates what the
@@ -118,19 +120,21 @@ def _write(f: Any, record: dict[str, Any]) -> None:
 
 
 def run_method(spec: RunSpec) -> dict[str, Any]:
-    """Fine-tune ``spec.method`` and write its metrics; returns the summary record."""
-    from tqdm.auto import tqdm
-
+    """Fine-tune ``spec.method`` on the training loop and write its metrics; returns the summary record."""
     from loralab.runners.compare.recipes import recipe_for
     from loralab.runners.compare.task import load_data, load_model
+    from loralab.runners.loop import ListBatches, LoopConfig, MetricsLog, TorchEngine, run_loop
     from loralab.runners.methods import get_method, method_args
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    device = torch.device(spec.device)
-    Path(spec.metrics_file).parent.mkdir(parents=True, exist_ok=True)
-    summary: dict[str, Any] = {"kind": "summary", "method": spec.method, "status": "ok"}
-    with open(spec.metrics_file, "w", encoding="utf-8") as f, _PeakRSS() as rss:
+    engine = TorchEngine(device=spec.device)
+    device = engine.device
+    metrics = MetricsLog(spec.metrics_file, extra={"method": spec.method})
+    metrics.restart(None)
+    summary: dict[str, Any] = {"status": "ok"}
+    with _PeakRSS() as rss:
+        # model, data and the method's hyper-parameters (same seed, head init and batches for every method)
         method = get_method(spec.method)
         method.check_available()
         import peft  # noqa: F401  (imported before the clock starts: import time is not init time)
@@ -152,10 +156,9 @@ def run_method(spec: RunSpec) -> dict[str, Any]:
         batches = data.train_batches(spec.steps, spec.batch_size, spec.seed)
         model.to(device)
         total_params = sum(p.numel() for p in model.parameters())
-        hp = recipe_for(spec.method, spec.hparams)
         args = method_args(
             spec.method,
-            **hp,
+            **recipe_for(spec.method, spec.hparams),
             max_steps=spec.steps,
             seed=spec.seed,
             task_type="SEQ_CLS",
@@ -169,87 +172,55 @@ def run_method(spec: RunSpec) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
-        def to_device(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            return {k: v.to(device) for k, v in b.items()}
-
+        # the method's setup (gradient estimation for LoRA-GA / LoRA-SB) is timed as init
         torch.manual_seed(spec.seed)
-        clock = 0.0
         start = time.perf_counter()
-        setup = method.setup(model, args, train_batches=[to_device(b) for b in batches])
+        setup = method.setup(
+            model, args, train_batches=[{k: v.to(device) for k, v in b.items()} for b in batches]
+        )
         init_time = time.perf_counter() - start
-        clock += init_time
-        model, optimizer, scheduler = setup.model, setup.optimizer, setup.scheduler
-        for cb in setup.callbacks:
-            cb.on_train_begin(model, optimizer)
+        model, optimizer = engine.prepare(setup.model, setup.optimizer, setup.scheduler)
         summary["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         summary["total_params"] = total_params
         summary["init_time_s"] = init_time
 
-        def evaluate(step: int) -> dict[str, float]:
-            metrics = data.evaluate(model, device=device)
-            _write(
-                f, {"kind": "eval", "method": spec.method, "step": step, "time": clock, **metrics}
-            )
-            return metrics
-
-        metrics = evaluate(0)
-        step_times: list[float] = []
-        model.train()
-        bar = tqdm(
-            total=spec.steps,
-            desc=f"{spec.method:>8}",
-            disable=not spec.progress,
-            leave=True,
-            dynamic_ncols=True,
+        # the loop: every step logged, evaluation at 0, every eval_every steps and at the end
+        result = run_loop(
+            engine,
+            model,
+            optimizer,
+            setup.scheduler,
+            ListBatches(batches, device),
+            LoopConfig(
+                max_steps=spec.steps,
+                seed=spec.seed,
+                logging_steps=1,
+                eval_steps=spec.eval_every,
+                eval_at_start=True,
+                stop_on_nonfinite=True,
+                progress=spec.progress,
+                description=f"{spec.method:>8}",
+                method=spec.method,
+                clock_start=init_time,
+            ),
+            evaluate=lambda m: data.evaluate(m, device=device),
+            metrics=metrics,
+            callbacks=setup.callbacks,
         )
-        for step, batch in enumerate(batches, start=1):
-            t0 = time.perf_counter()
-            loss = model(**to_device(batch)).loss
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                summary["status"] = f"diverged: non-finite loss {value} at step {step}"
-                break
-            loss.backward()
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            for cb in setup.callbacks:
-                cb.on_step_end(step, model, optimizer)
-            dt = time.perf_counter() - t0
-            step_times.append(dt)
-            clock += dt
-            lr = optimizer.param_groups[0]["lr"]
-            _write(
-                f,
-                {
-                    "kind": "step",
-                    "method": spec.method,
-                    "step": step,
-                    "loss": value,
-                    "lr": lr,
-                    "time": clock,
-                },
-            )
-            bar.update(1)
-            bar.set_postfix(loss=f"{value:.4f}")
-            if step == spec.steps or (spec.eval_every and step % spec.eval_every == 0):
-                metrics = evaluate(step)
-        bar.close()
+        summary["status"] = result.status
         summary["optimizer_state_bytes"] = optimizer_state_bytes(optimizer)
-        summary["steps"] = len(step_times)
+        summary["steps"] = len(result.step_times)
         summary["time_per_step_s"] = (
-            float(sorted(step_times)[len(step_times) // 2]) if step_times else math.nan
+            float(sorted(result.step_times)[len(result.step_times) // 2])
+            if result.step_times
+            else math.nan
         )
-        summary["train_time_s"] = clock
-        summary["final"] = metrics
+        summary["train_time_s"] = result.train_time_s
     summary["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     summary["peak_rss_above_loaded_bytes"] = max(0, rss.peak - baseline)
     if device.type == "cuda":
         summary["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
-    with open(spec.metrics_file, "a", encoding="utf-8") as f:
-        _write(f, summary)
-    return summary
+    return metrics.summary(result.step, result.metrics, **summary)
 
 
 def _quiet_libraries() -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 from torch.optim import Optimizer
+
+from loralab.runners.loop.trainer import Callback
 
 __all__ = [
     "COMMON_DEFAULTS",
@@ -189,39 +192,6 @@ or ``"sgd"`` (``momentum`` applies), one of the method's :attr:`Method.optimizer
 """
 
 
-class Callback:
-    """Hooks a method may need during training; every hook is optional (no-op by default).
-
-    A loop calls, per optimizer step ``k`` (0-based: the steps completed before it):
-    ``on_step_begin(k)`` before the first forward, ``on_before_optimizer_step(k)`` once the step's
-    gradients are complete (accumulated, and averaged over processes) and before clipping and the
-    optimizer step, then ``on_step_end(k + 1)``. ``state_dict`` / ``load_state_dict`` hold what a
-    checkpoint must keep for an exact resume (tensors and plain values only).
-    """
-
-    def on_train_begin(self, model: nn.Module, optimizer: Optimizer) -> None:
-        """Called once after the model and optimizer are prepared (wrapped) for training."""
-
-    def on_step_begin(self, step: int, model: nn.Module) -> None:
-        """Called before the first forward of the optimizer step that follows ``step`` completed ones."""
-
-    def on_before_optimizer_step(self, step: int, model: nn.Module, optimizer: Optimizer) -> None:
-        """Called after the backward passes of that step, before gradient clipping and the optimizer step."""
-
-    def on_step_end(self, step: int, model: nn.Module, optimizer: Optimizer) -> None:
-        """Called after each optimizer step with the 1-based global step."""
-
-    def on_save(self, output_dir: str, model: nn.Module) -> None:
-        """Called on the main process after the final model is saved in ``output_dir``."""
-
-    def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint keeps of this callback (default: nothing)."""
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` on resume."""
-
-
 @dataclass
 class MethodSetup:
     """What a method hands the training loop."""
@@ -344,6 +314,41 @@ class Method(ABC):
 
     def callbacks(self, model: nn.Module, args: Any) -> list[Callback]:
         return []
+
+    def save_final(
+        self,
+        model: nn.Module,
+        directory: str | os.PathLike[str],
+        *,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Write the trained model to ``directory`` so that it reloads the bare way and reproduces it.
+
+        Default: ``model.save_pretrained`` (a PEFT adapter loads with
+        ``PeftModel.from_pretrained(original_base, directory)``, a full model with
+        ``AutoModel*.from_pretrained(directory)``). Methods whose trained weights do not fit the original
+        base (LoRA-GA's offset ``W0``, LoRA-SB's ``B·R·A``) override it with their package's exporter.
+        ``state_dict``: the whole state dict when the engine shards the weights (ZeRO-3), else ``None``.
+        Called on the main process only.
+        """
+        model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
+
+    def checkpoint_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Tensors the method keeps outside the model's state dict, saved with every checkpoint (default:
+        none). ``model`` is unwrapped."""
+        return {}
+
+    def load_checkpoint_state(self, model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore :meth:`checkpoint_state` on resume (default: nothing to restore).
+
+        Raises:
+            MethodError: ``state`` has entries though the method keeps none.
+        """
+        if state:
+            raise MethodError(
+                f"--method {self.name} keeps no state outside the model, but the checkpoint has "
+                f"{', '.join(sorted(state)[:3])}: was it written by another method?"
+            )
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

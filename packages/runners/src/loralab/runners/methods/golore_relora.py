@@ -7,14 +7,18 @@ gradient, and before the optimizer step ``merge_and_reinit`` folds the adapter i
 next projector: the SVD of that gradient (GaLore), or a random Stiefel one once
 ``step / max_steps >= rand_ratio`` (GoLore, arXiv 2410.11289).
 
-The refresh needs the loop's per-step hooks (:class:`ReLoRaRefresh`): a loop that calls only
-``on_step_end`` is refused at the first step rather than training without refreshes.
+The refresh runs in the loop's per-step hooks (:class:`ReLoRaRefresh`); a loop that calls only
+``on_step_end`` is refused at the first step rather than training without refreshes. W trains on
+refresh steps only, so DDP (which registers its hooks once) cannot average its gradient
+(``ddp_wrappable = False``): the loop all-reduces the gradients itself.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 from torch.optim import Optimizer
 
@@ -27,7 +31,7 @@ __all__ = ["METHOD", "GoLoreReLoRA", "ReLoRaRefresh"]
 class ReLoRaRefresh(Callback):
     """Collect W's gradient on refresh steps and call ``merge_and_reinit`` before their optimizer step.
 
-    ``n_resets`` counts the refreshes; :meth:`state_dict` keeps it and the random-projector generator.
+    ``n_resets`` counts the refreshes so far (a function of the step, so a resumed run agrees).
     """
 
     def __init__(self, model: nn.Module, update_proj_gap: int, rand_ratio: float, max_steps: int):
@@ -39,11 +43,14 @@ class ReLoRaRefresh(Callback):
 
     def on_step_begin(self, step: int, model: nn.Module) -> None:
         self._begun = step
+        self.n_resets = -(
+            -step // self.update_proj_gap
+        )  # refresh steps 0, gap, 2·gap, ... before step
         self.refreshing = step % self.update_proj_gap == 0
         if self.refreshing:
             self.model.collect_full_gradients()
 
-    def on_before_optimizer_step(self, step: int, model: nn.Module, optimizer: Optimizer) -> None:
+    def before_optimizer_step(self, step: int, model: nn.Module, optimizer: Optimizer) -> None:
         if self.refreshing:
             # GoLore's switch: random projectors once step / total >= rand_ratio
             self.model.merge_and_reinit(optimizer, step / self.max_steps >= self.rand_ratio)
@@ -53,17 +60,10 @@ class ReLoRaRefresh(Callback):
         if self._begun != step - 1:
             raise RuntimeError(
                 "--method golore-relora needs a training loop that calls on_step_begin and "
-                "on_before_optimizer_step on the method's callbacks (the C4 runner's does); this one "
+                "before_optimizer_step on the method's callbacks (runners.loop does); this one "
                 "does not, so no projector would ever be refreshed"
             )
         self.refreshing = False
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"n_resets": self.n_resets, "generator": self.model.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.n_resets = int(state["n_resets"])
-        self.model.generator.set_state(state["generator"])
 
 
 class GoLoreReLoRA(Method):
@@ -114,6 +114,13 @@ class GoLoreReLoRA(Method):
 
     def callbacks(self, model: nn.Module, args: Any) -> list[Callback]:
         return [ReLoRaRefresh(model, args.update_proj_gap, args.rand_ratio, args.max_steps)]
+
+    def checkpoint_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        # the random (GoLore) projectors' generator: an exact resume draws the same next projector
+        return {"relora_generator": model.generator.get_state()}
+
+    def load_checkpoint_state(self, model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+        model.generator.set_state(state["relora_generator"])
 
 
 METHOD = GoLoreReLoRA()

@@ -8,8 +8,11 @@ runs used rsLoRA (``--use_rslora true``). Then AdamW as for LoRA.
 from __future__ import annotations
 
 import itertools
+import os
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from loralab.runners.methods.base import LORA_DEFAULTS, Method, lora_kwargs
@@ -21,7 +24,13 @@ class LoraGA(Method):
     name = "lora-ga"
     module = "loralab.lora_ga"
     pip_name = "loralab-lora-ga"
-    requires = ("LoraGAConfig", "get_lora_ga_model")
+    requires = (
+        "LoraGAConfig",
+        "get_lora_ga_model",
+        "save_lora_ga_adapter",
+        "get_lora_ga_init_factors",
+        "set_lora_ga_init_factors",
+    )
     description = "LoRA-GA: A, B from the SVD of the estimated full gradient, W0 offset"
     needs_batches = True
     defaults: ClassVar[dict[str, Any]] = {
@@ -49,6 +58,24 @@ class LoraGA(Method):
         )
         batches = list(itertools.islice(iter(train_batches), args.ga_iters))
         return pkg.get_lora_ga_model(model, config, batches, progress=args.progress)
+
+    def save_final(
+        self,
+        model: nn.Module,
+        directory: str | os.PathLike[str],
+        *,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """The rank-2r plain LoRA for the *original* base (``A' = [A; A0]``, ``B' = [B, -B0]``): the
+        trained rank-r adapter alone only fits the offset base ``W0 - s·B0·A0`` the run trained on."""
+        self.import_package().save_lora_ga_adapter(model, directory, state_dict=state_dict)
+
+    def checkpoint_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        # A0, B0 live outside the state dict; the final export needs them after a resume too
+        return self.import_package().get_lora_ga_init_factors(model)
+
+    def load_checkpoint_state(self, model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+        self.import_package().set_lora_ga_init_factors(model, dict(state))
 
 
 METHOD = LoraGA()

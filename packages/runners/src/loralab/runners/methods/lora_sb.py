@@ -4,17 +4,28 @@
 first-step update approximated on ``--sb_num_batches`` training batches (``-lr·sign(G)``, Adam's
 first step, with ``lr`` the first optimizer step's learning rate). ``lora_alpha`` defaults to ``r``
 (s = 1) as in the reference scripts. Then AdamW on R (and any classifier head).
+
+``final/`` is the plain PEFT LoRA export (``B' = B·R``, ``A' = A``: ``loralab.lora_sb.save_lora_sb_as_lora``),
+which loads with ``PeftModel.from_pretrained(original_base, final)`` and no loralab; the native LoRA-SB
+adapter (A, B, R: resumable training, ``loralab.lora_sb.load_lora_sb_model``) is in
+``final/lora_sb_native/``.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from loralab.runners.methods.base import LORA_DEFAULTS, Method, lora_kwargs, warmup_steps
 
-__all__ = ["METHOD", "LoraSB", "first_step_lr"]
+__all__ = ["METHOD", "NATIVE_DIR", "LoraSB", "first_step_lr"]
+
+NATIVE_DIR = "lora_sb_native"
+"""Sub-directory of ``final/`` holding the native LoRA-SB adapter."""
 
 
 def first_step_lr(args: Any) -> float:
@@ -28,7 +39,7 @@ class LoraSB(Method):
     name = "lora-sb"
     module = "loralab.lora_sb"
     pip_name = "loralab-lora-sb"
-    requires = ("LoraSBConfig", "get_lora_sb_model")
+    requires = ("LoraSBConfig", "get_lora_sb_model", "save_lora_sb_as_lora")
     description = "LoRA-SB: only an r x r matrix trains; A, B, R from the first-step update's SVD"
     needs_batches = True
     defaults: ClassVar[dict[str, Any]] = {
@@ -57,6 +68,20 @@ class LoraSB(Method):
             lr=first_step_lr(args),
             num_batches=args.sb_num_batches,
             progress=args.progress,
+        )
+
+    def save_final(
+        self,
+        model: nn.Module,
+        directory: str | os.PathLike[str],
+        *,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """``directory``: plain LoRA (R folded into B) for bare PEFT; ``directory/lora_sb_native``: the
+        native adapter."""
+        self.import_package().save_lora_sb_as_lora(model, directory)
+        model.save_pretrained(
+            Path(directory) / NATIVE_DIR, state_dict=state_dict, safe_serialization=True
         )
 
 

@@ -17,7 +17,7 @@ from loralab.runners.methods.base import COMMON_DEFAULTS, OPTIONS, Method, Metho
 __all__ = [
     "METHODS",
     "METHOD_MODULES",
-    "STEP_HOOK_METHOD_MODULES",
+    "PRETRAINING_METHOD_MODULES",
     "get_method",
     "method_args",
     "methods",
@@ -36,18 +36,18 @@ METHOD_MODULES: dict[str, str] = {
 METHODS: tuple[str, ...] = tuple(METHOD_MODULES)
 """The ``--method`` choices, in the order the docs list them."""
 
-STEP_HOOK_METHOD_MODULES: dict[str, str] = {
+PRETRAINING_METHOD_MODULES: dict[str, str] = {
     "golore-relora": "loralab.runners.methods.golore_relora",
 }
-"""Methods whose callbacks need ``on_step_begin`` / ``on_before_optimizer_step`` (see
-:class:`~loralab.runners.methods.base.Callback`). Only the C4 runner's loop calls those hooks today, so
-these are not ``--method`` choices of the fine-tuning entrypoints (:data:`METHODS`); :func:`get_method`
-finds them (C4's ``--use_peft --golore`` is ``golore-relora``)."""
+"""Methods only C4 pre-training offers (C4's ``--use_peft --golore`` is ``golore-relora``), not
+``--method`` choices of the fine-tuning entrypoints (:data:`METHODS`): ``golore-relora`` trains W on
+refresh steps only, which DDP cannot average (:attr:`Method.ddp_wrappable`), and the fine-tuning
+engines run DDP; C4 all-reduces those gradients itself. :func:`get_method` finds them."""
 
 
 @cache
 def _load(name: str) -> Method:
-    return importlib.import_module({**METHOD_MODULES, **STEP_HOOK_METHOD_MODULES}[name]).METHOD
+    return importlib.import_module({**METHOD_MODULES, **PRETRAINING_METHOD_MODULES}[name]).METHOD
 
 
 def get_method(name: str) -> Method:
@@ -57,7 +57,7 @@ def get_method(name: str) -> Method:
         >>> get_method("lora").defaults["lora_r"]
         8
     """
-    if name not in METHOD_MODULES and name not in STEP_HOOK_METHOD_MODULES:
+    if name not in METHOD_MODULES and name not in PRETRAINING_METHOD_MODULES:
         raise MethodError(f"--method must be one of {', '.join(METHODS)}, got {name!r}")
     return _load(name)
 
