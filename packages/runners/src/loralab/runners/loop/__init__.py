@@ -46,7 +46,7 @@ from loralab.runners.loop.checkpoint import (
     save_checkpoint,
     validate_checkpoint,
 )
-from loralab.runners.loop.engine import AccelerateEngine, Engine, TorchEngine
+from loralab.runners.loop.engine import AccelerateEngine, DeepSpeedEngine, Engine, TorchEngine
 from loralab.runners.loop.metrics import KINDS, MetricsLog
 from loralab.runners.loop.trainer import (
     CRASH_ENV,
@@ -68,6 +68,7 @@ __all__ = [
     "Callback",
     "CheckpointError",
     "DataExhausted",
+    "DeepSpeedEngine",
     "Engine",
     "EpochBatches",
     "EpochSampler",

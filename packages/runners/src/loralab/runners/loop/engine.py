@@ -16,7 +16,9 @@ The loop (:mod:`loralab.runners.loop.trainer`) never calls DDP, DeepSpeed or acc
 
 Engines here: :class:`AccelerateEngine` (one process, ``torchrun`` DDP, ``accelerate launch`` and
 ``deepspeed`` / ``--deepspeed`` ZeRO, all through ``accelerate.Accelerator``: what the fine-tuning
-recipes use) and :class:`TorchEngine` (one process or plain ``torch.distributed`` DDP, no accelerate).
+recipes use), :class:`TorchEngine` (one process or plain ``torch.distributed`` DDP, no accelerate; or an
+explicit gradient all-reduce with ``ddp=False``) and :class:`DeepSpeedEngine` (``deepspeed.initialize``
+directly: C4 pre-training under the ``deepspeed`` launcher).
 
 Example:
     >>> import torch
@@ -39,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["AccelerateEngine", "Engine", "TorchEngine"]
+__all__ = ["AccelerateEngine", "DeepSpeedEngine", "Engine", "TorchEngine"]
 
 
 class Engine(ABC):
@@ -59,6 +61,11 @@ class Engine(ABC):
     @property
     def clips_itself(self) -> bool:
         """Whether the back end clips gradients on its own (DeepSpeed's ``gradient_clipping``)."""
+        return False
+
+    @property
+    def steps_scheduler(self) -> bool:
+        """Whether the back end steps the scheduler given to :meth:`prepare` itself (DeepSpeed does)."""
         return False
 
     @property
@@ -252,13 +259,19 @@ class TorchEngine(Engine):
     """One process, or ``torch.distributed`` DDP when a process group with several ranks is up.
 
     ``device``: where the model trains (default: ``cuda:LOCAL_RANK`` when CUDA is available, else CPU).
+    ``ddp=False``: no DDP wrapper; the weights are broadcast from rank 0 and every gradient is averaged
+    by one explicit all-reduce after the last micro-batch of a step (before the callbacks'
+    ``before_optimizer_step``). For models whose set of trainable parameters changes during training:
+    DDP registers its hooks once, at wrap time (GoLore's ReLoRA path trains ``W`` on refresh steps only).
     ``ddp_kwargs`` go to ``DistributedDataParallel``. Checkpoints hold ``model.pt``, ``optimizer.pt``,
     ``scheduler.pt`` (main process) and ``rng_state_rank{r}.pt`` (every rank).
     """
 
     name = "torch"
 
-    def __init__(self, device: str | torch.device | None = None, **ddp_kwargs: Any) -> None:
+    def __init__(
+        self, device: str | torch.device | None = None, *, ddp: bool = True, **ddp_kwargs: Any
+    ) -> None:
         import torch.distributed as dist
 
         self._dist = dist.is_available() and dist.is_initialized()
@@ -268,21 +281,29 @@ class TorchEngine(Engine):
             local = int(os.environ.get("LOCAL_RANK", "0"))
             device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        self.ddp = ddp
         self.ddp_kwargs = ddp_kwargs
         self._model: nn.Module | None = None
 
     def prepare(self, model, optimizer, scheduler=None):
         model = model.to(self.device)
         self.scheduler = scheduler
-        if self.world_size > 1:
+        if self.world_size > 1 and self.ddp:
             ids = [self.device.index] if self.device.type == "cuda" else None
             model = nn.parallel.DistributedDataParallel(model, device_ids=ids, **self.ddp_kwargs)
+        elif self.world_size > 1:
+            import torch.distributed as dist
+
+            for p in model.parameters():  # start from rank 0's weights, as DDP would
+                dist.broadcast(p.data, src=0)
         self._model = model
         return model, optimizer
 
     def accumulate(self, model, *, last):
         if self.world_size > 1 and not last and hasattr(model, "no_sync"):
             return model.no_sync()
+        if self.world_size > 1 and last and not self.ddp:
+            return _all_reduce_after(model)
         return contextlib.nullcontext()
 
     def backward(self, loss, accumulation):
@@ -327,6 +348,119 @@ class TorchEngine(Engine):
         if self.scheduler is not None:
             self.scheduler.load_state_dict(torch.load(directory / "scheduler.pt", **load))
         _set_rng_state(torch.load(directory / f"rng_state_rank{self.rank}.pt", weights_only=False))
+
+
+@contextlib.contextmanager
+def _all_reduce_after(model: nn.Module):
+    """Average every existing gradient over ranks once the block ran, in one flat buffer (same parameter
+    order on every rank)."""
+    yield
+    import torch.distributed as dist
+
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+# --------------------------------------------------------------------------------------------- deepspeed
+class DeepSpeedEngine(Engine):
+    """``deepspeed.initialize`` as the back end (the ``deepspeed`` launcher, ZeRO 0-2), without accelerate.
+
+    ``config``: the DeepSpeed config dict (batch sizes, accumulation and ``gradient_clipping`` filled in).
+    DeepSpeed scales the loss by the accumulation, clips, and steps the scheduler given to
+    :meth:`prepare` at each optimizer step (:attr:`steps_scheduler`). Checkpoints hold DeepSpeed's own
+    layout under ``deepspeed/`` and ``rng_state_rank{r}.pt``. The process group must be up
+    (``deepspeed.init_distributed``).
+    """
+
+    name = "deepspeed"
+
+    def __init__(self, config: dict[str, Any], device: str | torch.device | None = None) -> None:
+        import torch.distributed as dist
+
+        self.config = config
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        if device is None:
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self._last = True
+        self._ds: Any = None
+
+    @property
+    def clips_itself(self) -> bool:
+        return True
+
+    @property
+    def steps_scheduler(self) -> bool:
+        return True
+
+    def prepare(self, model, optimizer, scheduler=None):
+        import deepspeed
+
+        self.scheduler = scheduler
+        self._ds, optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.config
+        )
+        return self._ds, optimizer
+
+    def accumulate(self, model, *, last):
+        self._last = last
+        return contextlib.nullcontext()
+
+    def backward(self, loss, accumulation):
+        self._ds.backward(loss)  # scaled by 1 / gradient_accumulation_steps inside
+        if not self._last:
+            self._ds.step()  # a micro-step: DeepSpeed only counts it (no optimizer step)
+
+    def clip_grad_norm_(self, model, max_norm):
+        return None  # DeepSpeed clips inside its step (config "gradient_clipping")
+
+    def step(self, optimizer):
+        self._ds.step()  # the accumulation boundary: optimizer step, scheduler step, zero_grad
+
+    def reduce_mean(self, value):
+        if self.world_size == 1:
+            return float(value)
+        import torch.distributed as dist
+
+        t = torch.tensor(float(value), dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t) / self.world_size
+
+    def gather_object(self, items):
+        if self.world_size == 1:
+            return list(items)
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, list(items))
+        return [x for part in out for x in part]
+
+    def barrier(self):
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def save_state(self, model, optimizer, directory):
+        self._ds.save_checkpoint(str(directory), tag="deepspeed")
+        torch.save(_rng_state(), directory / f"rng_state_rank{self.rank}.pt")
+
+    def load_state(self, model, optimizer, directory):
+        self._ds.load_checkpoint(str(directory), tag="deepspeed")
+        _set_rng_state(torch.load(directory / f"rng_state_rank{self.rank}.pt", weights_only=False))
+
+    def describe(self):
+        return {**super().describe(), "deepspeed_config": self.config}
 
 
 def _rng_state() -> dict[str, Any]:

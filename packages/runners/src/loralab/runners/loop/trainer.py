@@ -169,7 +169,7 @@ def train_step(
     if max_grad_norm > 0 and not engine.clips_itself:
         grad_norm = engine.clip_grad_norm_(model, max_grad_norm)
     engine.step(optimizer)
-    if scheduler is not None:
+    if scheduler is not None and not engine.steps_scheduler:
         scheduler.step()
     return StepOutput(loss=sum(losses) / n, grad_norm=grad_norm)
 
