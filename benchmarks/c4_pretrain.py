@@ -84,7 +84,7 @@ def _run(
     train = [
         r
         for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-        if r["type"] == "train"
+        if r["kind"] == "train"
     ]
     return {
         "tokens_per_s": summary["tokens_per_s"],

@@ -287,6 +287,33 @@ class C4Args:
         """The inner optimizer: ``sgd`` for the ``*sgd`` choices, else ``adamw`` (``adam`` = AdamW)."""
         return _c4_optim(self.optimizer)
 
+    def registry_args(self, total_steps: int) -> Any:
+        """The method registry's arguments for this run (C4's flag names mapped onto the registry's;
+        errors about them name C4's flags)."""
+        from loralab.runners.methods import get_method, method_args
+
+        defaults = get_method(self.method_name()).defaults
+        options = {v: getattr(self, k) for k, v in REGISTRY_NAMES.items() if v in defaults}
+        inner = (
+            dict(adam_beta1=self.adam_beta1, adam_beta2=self.adam_beta2, adam_epsilon=self.adam_eps)
+            if self.optim() == "adamw"
+            else dict(momentum=self.momentum)
+        )
+        margs = method_args(
+            self.method_name(),
+            learning_rate=self.lr,
+            weight_decay=self.weight_decay,
+            optim=self.optim(),
+            max_steps=total_steps,
+            warmup_steps=self.warmup_steps,
+            seed=self.seed,
+            progress=False,
+            **inner,
+            **options,
+        )
+        margs.flag_names = {v: k for k, v in REGISTRY_NAMES.items()}
+        return margs
+
     def _applies(self, flag: str, method: str, optim: str) -> bool:
         from loralab.runners.methods import get_method
 

@@ -29,7 +29,13 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["MODEL_CONFIGS", "build_model", "count_parameters", "load_model_config"]
+__all__ = [
+    "MODEL_CONFIGS",
+    "build_model",
+    "check_method_shapes",
+    "count_parameters",
+    "load_model_config",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -138,3 +144,15 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return total, trainable
+
+
+def check_method_shapes(
+    name_or_path: str | os.PathLike[str], method: Any, method_args: Any
+) -> None:
+    """``method.check_model`` (e.g. rank <= the narrowest target layer's width) on the config's model
+    built on the ``meta`` device: shapes only, nothing allocated, before the real model loads."""
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        meta = LlamaForCausalLM(load_model_config(name_or_path))
+    method.check_model(meta, method_args)

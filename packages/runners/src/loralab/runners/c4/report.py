@@ -37,8 +37,8 @@ def plot_run(run_dir: str | os.PathLike[str], path: str | os.PathLike[str] | Non
     """``loss.png``: training loss and evaluation loss against the update step."""
     plt = _plt()
     records = load_metrics(run_dir)
-    train = [(r["step"], r["loss"]) for r in records if r.get("type") == "train"]
-    ev = [(r["step"], r["eval_loss"]) for r in records if r.get("type") == "eval"]
+    train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train"]
+    ev = [(r["step"], r["eval_loss"]) for r in records if r.get("kind") == "eval"]
     fig, ax = plt.subplots(figsize=(6, 4))
     if train:
         ax.plot(*zip(*train), label="train loss", lw=1)
@@ -81,7 +81,7 @@ def plot_runs(run_dirs: list[Path], path: str | os.PathLike[str]) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     for d in run_dirs:
-        ev = [(r["step"], r["eval_loss"]) for r in load_metrics(d) if r.get("type") == "eval"]
+        ev = [(r["step"], r["eval_loss"]) for r in load_metrics(d) if r.get("kind") == "eval"]
         if ev:
             ax.plot(*zip(*ev), "o-", label=d.name)
     ax.set_xlabel("update step")

@@ -1,0 +1,135 @@
+"""Where a C4 run executes: the process group, logging, and the loop engine (plain / DDP / DeepSpeed).
+
+Example:
+    >>> import torch
+    >>> from loralab.runners.c4.engine import Env
+    >>> Env(0, 1, 0, torch.device("cpu")).world
+    1
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from loralab.runners.c4.args import C4Args
+from loralab.runners.loop import DeepSpeedEngine, Engine, TorchEngine
+from loralab.runners.methods import Method, get_method
+
+__all__ = ["Env", "build_engine", "deepspeed_config", "init_distributed", "setup_logging"]
+
+logger = logging.getLogger("loralab.runners.c4")
+
+
+@dataclasses.dataclass
+class Env:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+
+def init_distributed(args: C4Args) -> Env:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", max(args.local_rank, 0)))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    backend = "nccl" if cuda else "gloo"
+    if args.deepspeed_config is not None:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend)
+    elif world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return Env(rank, world, local_rank, device)
+
+
+def setup_logging(env: Env) -> None:
+    level = logging.INFO if env.rank == 0 else logging.WARNING
+    logging.basicConfig(
+        level=level,
+        format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logger.setLevel(level)
+
+
+def deepspeed_config(args: C4Args, env: Env, accum: int) -> dict[str, Any]:
+    """``--deepspeed_config`` with its ``"auto"`` values filled from the flags; conflicts refused by name."""
+    path = Path(args.deepspeed_config)
+    if not path.is_file():
+        raise FileNotFoundError(f"--deepspeed_config {path} does not exist")
+    cfg = json.loads(path.read_text())
+    if "optimizer" in cfg or "scheduler" in cfg:
+        raise ValueError(
+            f"--deepspeed_config {path}: remove its 'optimizer'/'scheduler' sections; --optimizer and --scheduler choose them"
+        )
+    fill = {
+        "train_batch_size": args.batch_size * env.world * accum,
+        "train_micro_batch_size_per_gpu": args.batch_size,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": args.grad_clipping,
+    }
+    for key, value in fill.items():
+        if cfg.get(key, "auto") == "auto":
+            cfg[key] = value
+        elif cfg[key] != value:
+            raise ValueError(
+                f'--deepspeed_config {path}: {key}={cfg[key]} disagrees with the command line ({value}); set it to "auto"'
+            )
+    stage = int(cfg.get("zero_optimization", {}).get("stage", 0))
+    whole_matrices = not get_method(args.method_name()).zero_partitioning
+    ds_bf16 = args.dtype == "bfloat16" and not whole_matrices
+    for key in ("bf16", "fp16"):
+        section = cfg.setdefault(key, {"enabled": False}) if key == "bf16" else cfg.get(key)
+        if section is not None and section.get("enabled") == "auto":
+            section["enabled"] = ds_bf16 if key == "bf16" else False
+    if cfg.get("fp16", {}).get("enabled"):
+        raise ValueError(
+            f"--deepspeed_config {path}: fp16 is not supported by this runner; use --dtype bfloat16"
+        )
+    if whole_matrices:
+        what = "--use_peft --golore" if args.use_peft else f"--optimizer {args.optimizer}"
+        if stage != 0:
+            raise ValueError(
+                f"{what} needs whole 2-D weights in the optimizer, but ZeRO stage {stage} hands it flat 1-D partitions (the projection "
+                "would silently become plain AdamW). Use ZeRO stage 0 in --deepspeed_config, or plain DDP (torchrun)."
+            )
+        if cfg.get("bf16", {}).get("enabled"):
+            raise ValueError(
+                f"{what} under DeepSpeed: disable bf16 in --deepspeed_config (its bf16 optimizer flattens the weights); "
+                "--dtype bfloat16 casts the model itself"
+            )
+    cfg.setdefault("steps_per_print", 10**9)
+    cfg.setdefault("wall_clock_breakdown", False)
+    return cfg
+
+
+def build_engine(args: C4Args, env: Env, method: Method, accum: int) -> Engine:
+    """DeepSpeed under ``--deepspeed_config``; else DDP, or (methods DDP cannot average) an explicit
+    gradient all-reduce; one process needs neither."""
+    if args.deepspeed_config is not None:
+        return DeepSpeedEngine(deepspeed_config(args, env, accum), device=env.device)
+    # the only buffers (rotary inv_freq) are identical on every rank: no per-forward broadcast
+    # (torch 2.13 renamed broadcast_buffers to forward_sync_buffers)
+    import inspect
+
+    sync = (
+        "forward_sync_buffers"
+        if "forward_sync_buffers"
+        in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+        else "broadcast_buffers"
+    )
+    return TorchEngine(device=env.device, ddp=method.ddp_wrappable, **{sync: False})
