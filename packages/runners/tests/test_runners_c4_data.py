@@ -394,7 +394,7 @@ def test_cli_rejects_unknown_commands():
 
 
 def test_deepspeed_config_is_filled_from_the_flags_and_checked(tmp_path):
-    from loralab.runners.c4.train import Env, _deepspeed_config
+    from loralab.runners.c4.engine import Env, deepspeed_config
 
     env = Env(0, 2, 0, torch.device("cpu"))
 
@@ -414,7 +414,7 @@ def test_deepspeed_config_is_filled_from_the_flags_and_checked(tmp_path):
                 *flags,
             ]
         )
-        return _deepspeed_config(args, env, accum=3)
+        return deepspeed_config(args, env, accum=3)
 
     auto = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
             "gradient_clipping": "auto", "zero_optimization": {"stage": 2}}  # fmt: skip
@@ -446,7 +446,7 @@ def test_deepspeed_config_is_filled_from_the_flags_and_checked(tmp_path):
         == 0
     )
     with pytest.raises(FileNotFoundError, match=r"--deepspeed_config .* does not exist"):
-        _deepspeed_config(
+        deepspeed_config(
             parse_args(["--output_dir", "x", "--deepspeed_config", str(tmp_path / "none.json")]),
             env,
             1,

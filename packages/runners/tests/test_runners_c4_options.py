@@ -34,7 +34,7 @@ def _records(out: Path, kind: str) -> list[dict]:
     return [
         r
         for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-        if r["type"] == kind
+        if r["kind"] == kind
     ]
 
 
@@ -54,7 +54,7 @@ def test_bf16_checkpointing_tensorboard_rotation_and_jagged_schedule(setup, tmp_
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     # jagged cosine: the rate drops to 0 at the cycle start (step index 3, logged as step 4) and warms up again
     lrs = [
-        r["lr"] for r in train
+        r["learning_rate"] for r in train
     ]  # the rate after each step's scheduler.step(): lr of the next step
     assert lrs[2] == 0.0 and lrs[3] > 0.0
 

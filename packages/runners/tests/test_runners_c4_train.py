@@ -27,6 +27,7 @@ import torch
 from loralab.core.testing import free_port
 from loralab.runners.c4 import C4Args, parse_args, run
 from loralab.runners.c4.testing import write_tiny_setup
+from loralab.runners.loop import CheckpointError
 
 WORKER = Path(__file__).with_name("runners_c4_worker.py")
 STEPS = 6
@@ -64,7 +65,7 @@ def _train_losses(run_dir: Path) -> list[float]:
     recs = [
         json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()
     ]
-    train = [r for r in recs if r["type"] == "train"]
+    train = [r for r in recs if r["kind"] == "train"]
     assert [r["step"] for r in train] == list(range(1, len(train) + 1)), (
         "metrics.jsonl steps are not 1, 2, ... once each"
     )
@@ -100,9 +101,10 @@ def test_single_process_run_trains_and_saves(single, method):
         and summary["tokens_per_cpu_s"] > 0
         and summary["peak_mem_mb"] > 0
     )
-    evals = [
-        json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in ln
-    ]
+    records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert records[-1]["kind"] == "summary" and records[-1]["status"] == "ok"
+    assert records[-1]["eval_loss"] == summary["final_eval_loss"]
     assert [e["step"] for e in evals] == [3, 6]
     assert {p.name for p in out.glob("checkpoint-*")} == {"checkpoint-3", "checkpoint-6"}
 
@@ -124,14 +126,13 @@ def test_single_process_run_trains_and_saves(single, method):
 def _check_final_model(out: Path, summary: dict) -> None:
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from loralab.runners.c4.train import Env, _eval_batches, evaluate
+    from loralab.runners.c4.batches import eval_batches
+    from loralab.runners.c4.train import evaluate
 
     model = LlamaForCausalLM.from_pretrained(out / "final_model")
     args = C4Args(**json.loads((out / "run_config.json").read_text()))
     tok = AutoTokenizer.from_pretrained(out / "final_model")
-    loss, _ = evaluate(
-        model, _eval_batches(args, tok, Env(0, 1, 0, torch.device("cpu"))), torch.device("cpu")
-    )
+    loss, _ = evaluate(model, eval_batches(args, tok, 0, 1), torch.device("cpu"))
     assert loss == pytest.approx(summary["final_eval_loss"], rel=1e-5)
 
 
@@ -155,6 +156,30 @@ def test_resume_continues_the_same_loss_curve(setup, single, tmp_path, method):
     assert resumed["n_projector_resets"] == ref["n_projector_resets"]
 
 
+def test_killed_run_resumes_exactly_and_skips_a_torn_save(setup, single, tmp_path):
+    """kill -9 right after checkpoint 3 (the loop's crash hook: ``os._exit``, no cleanup), a save torn
+    half-way (``.checkpoint-6.tmp``, as a job killed while saving leaves it): ``--autoresume`` skips and
+    removes the torn save, continues from checkpoint 3, and gives the uninterrupted losses bit for bit."""
+    from loralab.runners.loop import CRASH_ENV
+
+    ref_dir, ref = single("adamw")
+    out = tmp_path / "run"
+    env = {**os.environ, CRASH_ENV: str(SAVE_EVERY), "OMP_NUM_THREADS": "1"}
+    argv = _argv(setup, out, "adamw", "--data_streams", "2")
+    proc = subprocess.run(
+        [sys.executable, "-m", "loralab.runners.c4", *argv], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 17, proc.stderr[-3000:]
+    assert {p.name for p in out.glob("checkpoint-*")} == {"checkpoint-3"}
+    torn = out / ".checkpoint-6.tmp"
+    torn.mkdir()
+    (torn / "model.pt").write_bytes(b"half")
+    resumed = run(parse_args([*argv, "--autoresume"]))
+    assert not torn.exists() and resumed["finished"]
+    assert _train_losses(out) == _train_losses(ref_dir)
+    assert resumed["final_eval_loss"] == ref["final_eval_loss"]
+
+
 def test_resume_refuses_changed_settings(setup, single, tmp_path, monkeypatch):
     ref_dir, _ = single("golore")
     out = tmp_path / "run"
@@ -162,7 +187,8 @@ def test_resume_refuses_changed_settings(setup, single, tmp_path, monkeypatch):
     shutil.copy(ref_dir / "metrics.jsonl", out / "metrics.jsonl")
     changed = ["--rank", "4", "--lr", "1e-3", "--warmup_steps", "2", "--scheduler", "linear", "--grad_clipping", "0.5"]  # fmt: skip
     with pytest.raises(
-        ValueError, match=r"cannot resume from .*checkpoint-3: settings differ"
+        CheckpointError,
+        match=r"cannot resume from .*checkpoint-3: its run was trained with other settings",
     ) as info:
         run(
             parse_args(_argv(setup, out, "golore", "--data_streams", "2", "--autoresume", *changed))
@@ -182,7 +208,7 @@ def test_resume_refuses_changed_settings(setup, single, tmp_path, monkeypatch):
     assert all(not Path(v).is_absolute() for v in relative.values())
     resumed = run(parse_args(_argv(relative, out, "golore", "--data_streams", "2", "--autoresume")))
     assert resumed["finished"] and _train_losses(out) == _train_losses(ref_dir)
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    with pytest.raises(CheckpointError, match=r"--resume_from_checkpoint .*nope: not a checkpoint"):
         run(
             parse_args(
                 _argv(
@@ -282,10 +308,13 @@ def test_torchrun_two_processes_match_single_process(setup, single, tmp_path):
     _launch(cmd, [_argv(setup, out, m) for m, out in runs.items()], tmp_path)
     for method, out in runs.items():
         _assert_same_run(out, single(method)[0])
-        assert {p.name for p in (out / "checkpoint-6").glob("data_state_rank*.pt")} == {
-            "data_state_rank0.pt",
-            "data_state_rank1.pt",
+        # one checkpoint holds both ranks' RNG and every data stream's position
+        assert {p.name for p in (out / "checkpoint-6").glob("rng_state_rank*.pt")} == {
+            "rng_state_rank0.pt",
+            "rng_state_rank1.pt",
         }
+        data = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["data"]
+        assert data["world"] == 2 and sorted(data["streams"]) == ["0", "1"]
 
 
 @pytest.mark.multiprocess
