@@ -268,7 +268,7 @@ def _launch(cmd: list[str], runs: list[list[str]], tmp_path: Path) -> None:
     runs_file.write_text(json.dumps(runs))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(
-        [*cmd, str(WORKER), str(runs_file)], env=env, capture_output=True, text=True, timeout=600
+        [*cmd, str(WORKER), str(runs_file)], env=env, capture_output=True, text=True, timeout=1500
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
 
