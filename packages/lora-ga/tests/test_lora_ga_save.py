@@ -199,3 +199,28 @@ def test_save_errors(tmp_path):
         save_lora_ga_adapter(plain, tmp_path, adapter_name="other")
     with pytest.raises(FileNotFoundError, match="not a save_lora_ga_model directory"):
         load_lora_ga_model(tmp_path)
+
+
+def test_init_factors_travel_to_a_model_built_without_estimation(tmp_path):
+    # a training checkpoint holds the state dict; the initial factors come with get/set_lora_ga_init_factors
+    from loralab.lora_ga import get_lora_ga_init_factors, set_lora_ga_init_factors
+
+    model, _batches = _trained()
+    factors = get_lora_ga_init_factors(model)
+    assert len(factors) == 2 * 2 * 2  # 2 layers x (q_proj, v_proj) x (A0, B0)
+    fresh = get_peft_model(
+        tiny_llama(), LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"])
+    )
+    fresh.load_state_dict(model.state_dict())
+    with pytest.raises(ValueError, match="LoRA-GA initial factors do not match the model: missing"):
+        set_lora_ga_init_factors(fresh, {k: v for k, v in factors.items() if "layers.0." not in k})
+    set_lora_ga_init_factors(fresh, factors)
+    # the export from the restored model, with a full state dict passed (as under ZeRO-3), is the same
+    save_lora_ga_adapter(model, tmp_path / "a")
+    save_lora_ga_adapter(fresh.eval(), tmp_path / "b", state_dict=fresh.state_dict())
+    a = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    fresh2 = get_peft_model(tiny_llama(), LoraConfig(r=RANK, target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(ValueError, match="has no LoRA-GA initial factors"):
+        get_lora_ga_init_factors(fresh2)

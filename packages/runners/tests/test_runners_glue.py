@@ -385,7 +385,8 @@ def test_missing_file_and_bad_extension(roberta_dir, glue_files, tmp_path):
     bad = tmp_path / "train.txt"
     bad.write_text("x")
     with pytest.raises(ValueError, match=r"--train_file .*unsupported extension '.txt'"):
-        glue.main([*common(roberta_dir, glue_files, tmp_path), "--train_file", str(bad)])
+        # not tmp_path itself: a non-empty --output_dir is refused before the data is read
+        glue.main([*common(roberta_dir, glue_files, tmp_path / "out"), "--train_file", str(bad)])
 
 
 def test_method_option_of_another_method_is_rejected(roberta_dir, glue_files, tmp_path):

@@ -84,7 +84,7 @@ def test_resume_from_a_checkpoint_gives_the_uninterrupted_losses(tmp_path):
     run_loop(engine, model, opt, sched, data, cfg, loss_fn=loss_fn, identity=identity,
              metrics=MetricsLog(part / "metrics.jsonl"))  # fmt: skip
     save_checkpoint(part, SAVE, engine=engine, model=model, optimizer=opt, identity=identity,
-                    trainer_state={"step": SAVE, "data": data.state_dict()})  # fmt: skip
+                    trainer_state={"step": SAVE, "data": [data.state_dict()]})  # fmt: skip
     ckpt, state = find_checkpoint("latest", part, identity.run_id)
     assert ckpt.name == f"checkpoint-{SAVE}" and state["run"]["run_id"] == identity.run_id
     resumed, got = train(part, resume=(ckpt, state), identity=identity)
@@ -97,7 +97,7 @@ def test_checkpoint_is_renamed_into_place_and_a_killed_save_is_ignored(tmp_path)
     engine, model, opt, _sched, data, _cfg = build(tmp_path)
     identity = RunIdentity.new({"lr": 1e-2})
     save_checkpoint(tmp_path, 1, engine=engine, model=model, optimizer=opt, identity=identity,
-                    trainer_state={"step": 1, "data": data.state_dict()})  # fmt: skip
+                    trainer_state={"step": 1, "data": [data.state_dict()]})  # fmt: skip
     # a save killed half way leaves only its temporary directory
     torn = tmp_path / ".checkpoint-2.tmp"
     torn.mkdir()
@@ -122,7 +122,7 @@ def test_torn_checkpoint_names_the_file_and_the_older_complete_one(tmp_path, dam
     identity = RunIdentity.new({"lr": 1e-2})
     for step in (1, 2):
         save_checkpoint(tmp_path, step, engine=engine, model=model, optimizer=opt,
-                        identity=identity, trainer_state={"step": step, "data": data.state_dict()})  # fmt: skip
+                        identity=identity, trainer_state={"step": step, "data": [data.state_dict()]})  # fmt: skip
     target = tmp_path / "checkpoint-2" / damage.removeprefix("missing:")
     if damage.startswith("missing:"):
         target.unlink()
@@ -145,9 +145,9 @@ def test_latest_is_the_newest_checkpoint_of_this_run(tmp_path):
     engine, model, opt, _sched, data, _cfg = build(tmp_path)
     mine, other = RunIdentity.new({"lr": 1e-2}), RunIdentity.new({"lr": 5e-2})
     save_checkpoint(tmp_path, 2, engine=engine, model=model, optimizer=opt, identity=mine,
-                    trainer_state={"step": 2, "data": data.state_dict()})  # fmt: skip
+                    trainer_state={"step": 2, "data": [data.state_dict()]})  # fmt: skip
     save_checkpoint(tmp_path, 4, engine=engine, model=model, optimizer=opt, identity=other,
-                    trainer_state={"step": 4, "data": data.state_dict()})  # fmt: skip
+                    trainer_state={"step": 4, "data": [data.state_dict()]})  # fmt: skip
     assert find_checkpoint("latest", tmp_path, mine.run_id)[0].name == "checkpoint-2"
     with pytest.raises(CheckpointError, match="no checkpoint-N directory of this run"):
         find_checkpoint("latest", tmp_path, "another-run")

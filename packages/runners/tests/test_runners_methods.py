@@ -159,3 +159,33 @@ def test_missing_package_gives_pip_hint(monkeypatch):
     monkeypatch.setattr(type(method), "module", "loralab.not_a_package_xyz")
     with pytest.raises(ImportError, match=r"pip install loralab-lora-pro"):
         method.check_available()
+
+
+def test_options_come_from_the_method_modules_and_their_config_dataclasses():
+    from typing import get_args, get_type_hints
+
+    from loralab.runners.methods import OPTIONS
+
+    # the union of every method's own options, each method's defaults naming exactly its options
+    declared = {o.name for m in METHODS for o in get_method(m).options}
+    assert set(OPTIONS) == declared
+    for m in METHODS:
+        assert {o.name for o in get_method(m).options} == set(get_method(m).defaults)
+    sourced = [o for o in OPTIONS.values() if o.source is not None]
+    assert {o.name for o in sourced} >= {
+        "lora_r",
+        "lora_alpha",
+        "ga_iters",
+        "ga_scale",
+        "sb_update_approximation",
+    }
+    for opt in sourced:
+        cls, f = opt.source_field()
+        # the flag's help is the field's metadata["help"]; its choices are the field's Literal values
+        assert " ".join(f.metadata["help"].split()) in opt.describe()
+        literal = get_args(get_type_hints(cls)[f.name])
+        if opt.choices is not None:
+            assert tuple(opt.choices) == literal, opt.name
+    bad = type(next(iter(sourced)))("x", int, source="peft:LoraConfig.nope")
+    with pytest.raises(ValueError, match="LoraConfig has no field 'nope'"):
+        bad.source_field()

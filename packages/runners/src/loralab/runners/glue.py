@@ -68,7 +68,7 @@ class GlueArgs(TrainArgs):
     train_file: str | None = _f(
         None, "local training file (csv/tsv/json/jsonl/parquet) with the task's columns and 'label'"
     )
-    validation_file: str | None = _f(None, "local validation file, same columns")
+    validation_file: str | None = _f(None, "local validation file, same columns", identity=False)
     max_length: int = _f(128, "maximum tokens per (pair of) sentence(s)")
 
     def validate(self) -> None:

@@ -59,10 +59,12 @@ class MetaMathArgs(TrainArgs):
         "local MetaMathQA-format file (json array / jsonl / csv / parquet with query, response)",
     )
     eval_dataset_name: str = _f(
-        "openai/gsm8k", "hub evaluation set (config 'main', split 'test'; columns question, answer)"
+        "openai/gsm8k",
+        "hub evaluation set (config 'main', split 'test'; columns question, answer)",
+        identity=False,
     )
     eval_file: str | None = _f(
-        None, "local GSM8K-format file (question, answer ending in '#### X')"
+        None, "local GSM8K-format file (question, answer ending in '#### X')", identity=False
     )
     query_types: str | None = _f(
         None,
@@ -73,7 +75,7 @@ class MetaMathArgs(TrainArgs):
         f"prompt: {' or '.join(PROMPT_TEMPLATES)} (LoRA-GA seed's 'Q: ..\\nA: '), or a format string with {{query}}",
     )
     max_length: int = _f(512, "maximum tokens per training example (prompt + response + eos)")
-    max_new_tokens: int = _f(256, "GSM8K generation length")
+    max_new_tokens: int = _f(256, "GSM8K generation length", identity=False)
     torch_dtype: str = _f(
         "float32",
         "weights' dtype when loading (bfloat16 halves memory; --bf16 alone keeps fp32 master weights)",

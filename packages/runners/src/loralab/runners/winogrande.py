@@ -62,7 +62,9 @@ class WinoGrandeArgs(TrainArgs):
     train_file: str | None = _f(
         None, "local WinoGrande-format file (sentence with '_', option1, option2, answer '1'/'2')"
     )
-    validation_file: str | None = _f(None, "local WinoGrande-format evaluation file")
+    validation_file: str | None = _f(
+        None, "local WinoGrande-format evaluation file", identity=False
+    )
     max_length: int = _f(128, "maximum tokens per sentence (context + continuation)")
     torch_dtype: str = _f("float32", "weights' dtype when loading", choices=("float32", "bfloat16"))
 

@@ -319,8 +319,8 @@ def save_checkpoint(
 ) -> Path:
     """Write ``checkpoint-{step}`` atomically (every rank calls; see the module docstring).
 
-    ``trainer_state``: the loop's position (step, data position...); ``keep``: delete all but the newest
-    ``keep`` checkpoints afterwards.
+    ``trainer_state``: the loop's position (``step``; ``data``: every rank's data-source position, in rank
+    order); ``keep``: delete all but the newest ``keep`` checkpoints afterwards.
     """
     out = Path(out)
     final = out / f"checkpoint-{step}"

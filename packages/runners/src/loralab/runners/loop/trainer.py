@@ -213,7 +213,13 @@ def run_loop(
     if resume is not None:
         ckpt, state = resume
         engine.load_state(model, optimizer, ckpt)
-        data.load_state_dict(state["data"])
+        positions = state["data"]  # one per rank (streaming sources differ per rank)
+        if len(positions) != engine.world_size:
+            raise ValueError(
+                f"{ckpt} was written by {len(positions)} processes, this run has {engine.world_size}: "
+                "resume with the same number of processes"
+            )
+        data.load_state_dict(positions[engine.rank])
         if load_method_state_fn is not None:
             load_method_state_fn(load_method_state(ckpt))
         step = int(state["step"])
@@ -310,7 +316,7 @@ def run_loop(
                 optimizer=optimizer,
                 trainer_state={
                     "step": step,
-                    "data": data.state_dict(),
+                    "data": engine.gather_object([data.state_dict()]),
                     "max_steps": config.max_steps,
                 },
                 identity=identity,

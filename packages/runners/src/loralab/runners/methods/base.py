@@ -4,8 +4,8 @@ A *method* turns a loaded model (plus, for gradient-initialized methods, a few t
 ``MethodSetup(model, optimizer, scheduler, callbacks)``. Every entrypoint calls the registry
 (:func:`loralab.runners.methods.get_method`) and nothing else, so adding a method is one module.
 
-Method options are declared once in :data:`OPTIONS` (name, type, help); each method says which of
-them apply to it and with which default. :func:`resolve_method_options` rejects an option given to a
+Each method module declares its options (:class:`Option`: name, type, and the config-dataclass field
+whose ``metadata["help"]`` documents it) and their defaults; :data:`OPTIONS` is their union. :func:`resolve_method_options` rejects an option given to a
 method it does not apply to, naming the argument (``--rand_ratio does not apply to --method lora``).
 
 Example:
@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import logging
 import os
@@ -37,7 +38,9 @@ from loralab.runners.loop.trainer import Callback
 
 __all__ = [
     "COMMON_DEFAULTS",
+    "LORA_OPTIONS",
     "OPTIONS",
+    "TARGET_MODULES",
     "Callback",
     "Method",
     "MethodError",
@@ -56,12 +59,48 @@ class MethodError(ValueError):
 
 @dataclass(frozen=True)
 class Option:
-    """One method option (a ``--name`` flag). ``type`` converts the command-line string."""
+    """One method option (a ``--name`` flag), declared by the method module that uses it.
+
+    ``type`` converts the command-line string; ``choices`` are checked by ``argparse``. ``source``
+    (``"module:Class.field"``) names the method package's config-dataclass field the option sets: its
+    ``metadata["help"]`` is the flag's help (read when the parser is built; the package is optional),
+    and a test keeps ``choices`` equal to the field's ``Literal`` values. ``help`` is used for options
+    without a config field (optimizer arguments) and appended after a source's help otherwise.
+    """
 
     name: str
     type: Callable[[str], Any]
-    help: str
+    help: str = ""
     choices: tuple[Any, ...] | None = None
+    source: str | None = None
+
+    def source_field(self) -> tuple[type, dataclasses.Field[Any]]:
+        """The config dataclass and its field named by ``source`` (imports the package).
+
+        Raises:
+            ImportError: the package is not installed.
+            ValueError: ``source`` does not name a dataclass field.
+        """
+        if self.source is None:
+            raise ValueError(f"--{self.name} has no config-dataclass source")
+        module, _, qual = self.source.partition(":")
+        cls_name, _, field_name = qual.partition(".")
+        cls = getattr(importlib.import_module(module), cls_name)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if field_name not in fields:
+            raise ValueError(f"--{self.name}: {cls_name} has no field {field_name!r}")
+        return cls, fields[field_name]
+
+    def describe(self) -> str:
+        """The flag's help text (the source field's ``metadata["help"]`` when it can be imported)."""
+        if self.source is None:
+            return self.help
+        try:
+            cls, f = self.source_field()
+        except ImportError:
+            return f"{self.help} (sets {self.source}; install its package for the full description)"
+        text = " ".join(str(f.metadata.get("help", "")).split())
+        return f"{text} ({cls.__name__}.{f.name}){' ' + self.help if self.help else ''}".strip()
 
 
 def _bool(text: str | bool) -> bool:
@@ -75,94 +114,58 @@ def _bool(text: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
 
 
-OPTIONS: dict[str, Option] = {
-    o.name: o
-    for o in [
-        # LoRA family (lora, lora-ga, lora-fa, lora-sb, lora-pro)
-        Option("lora_r", int, "LoRA rank r"),
-        Option(
-            "lora_alpha",
-            float,
-            "LoRA alpha; scaling s = alpha / r (alpha / sqrt(r) with --use_rslora)",
-        ),
-        Option("lora_dropout", float, "dropout on the LoRA branch input"),
-        Option(
-            "use_rslora",
-            _bool,
-            "rank-stabilized scaling s = alpha / sqrt(r) (the LoRA-GA paper's runs used it)",
-        ),
-        Option(
-            "target_modules",
-            str,
-            "layers to adapt / project: 'all-linear' or comma-separated module-name suffixes (q_proj,v_proj)",
-        ),
-        # LoRA-GA
-        Option(
-            "ga_iters",
-            int,
-            "LoRA-GA: number of batches averaged for the gradient estimate (paper: 64 of 2)",
-        ),
-        Option(
-            "ga_direction",
-            str,
-            "LoRA-GA: which singular vectors go to A and B",
-            ("ArB2r", "ArBr", "A2rBr", "random"),
-        ),
-        Option(
-            "ga_scale",
-            str,
-            "LoRA-GA: scaling of the initial A, B",
-            ("stable", "gd", "unit", "weight_svd"),
-        ),
-        Option(
-            "ga_stable_gamma",
-            float,
-            "LoRA-GA: gamma of the 'stable' scale (A, B x m^(1/4)/sqrt(gamma))",
-        ),
-        # LoRA-SB
-        Option(
-            "sb_num_batches",
-            int,
-            "LoRA-SB: number of batches summed for the first-step update approximation",
-        ),
-        Option(
-            "sb_update_approximation",
-            str,
-            "LoRA-SB: first-step update approximated ('sign' = Adam's first step, 'gradient' = SGD's)",
-            ("sign", "gradient"),
-        ),
-        # LoRA-Pro
-        Option(
-            "pro_mode",
-            str,
-            "LoRA-Pro: 'efficient' (Adam on adjusted LoRA gradients) or 'full' (full-space Adam)",
-            ("efficient", "full"),
-        ),
-        Option(
-            "pro_x_mode",
-            str,
-            "LoRA-Pro: how the free matrix X is chosen",
-            ("sylvester", "zero", "symmetry"),
-        ),
-        # GaLore / GoLore
-        Option("galore_rank", int, "GaLore/GoLore: projection rank"),
-        Option("update_proj_gap", int, "GaLore/GoLore: steps between projector updates (T)"),
-        Option("galore_scale", float, "GaLore/GoLore: scale alpha applied to the projected update"),
-        Option(
-            "proj_type",
-            str,
-            "GaLore/GoLore: projection side",
-            ("std", "reverse_std", "left", "right", "full"),
-        ),
-        Option(
-            "rand_ratio",
-            float,
-            "GoLore: fraction of training that uses SVD projectors before switching to random ones "
-            "(GoLore code's convention: random when step/total_steps >= rand_ratio; 0 = random from the start)",
-        ),
-    ]
-}
-"""Every method option, declared once. Methods list the ones that apply with their defaults."""
+TARGET_MODULES = Option(
+    "target_modules",
+    str,
+    "'all-linear' or comma-separated module-name suffixes (q_proj,v_proj); GaLore/GoLore: the layers projected",
+)
+LORA_OPTIONS: tuple[Option, ...] = (
+    Option("lora_r", int, source="peft:LoraConfig.r"),
+    Option("lora_alpha", float, source="peft:LoraConfig.lora_alpha"),
+    Option("lora_dropout", float, source="peft:LoraConfig.lora_dropout"),
+    Option("use_rslora", _bool, source="peft:LoraConfig.use_rslora"),
+    TARGET_MODULES,
+)
+"""The options of the LoRA family (lora, lora-ga, lora-fa, lora-sb, lora-pro): ``peft.LoraConfig`` fields."""
+
+
+class _AllOptions(Mapping[str, Option]):
+    """Every registered method's options by name, collected from the method modules on first use (so a
+    new method is one module: its options come with it)."""
+
+    def __init__(self) -> None:
+        self._options: dict[str, Option] | None = None
+
+    def _load(self) -> dict[str, Option]:
+        if self._options is None:
+            options: dict[str, Option] = {}
+            for method in _registry().values():
+                declared = {o.name: o for o in method.options}
+                if set(declared) != set(method.defaults):
+                    raise MethodError(
+                        f"--method {method.name}: options {sorted(declared)} and defaults "
+                        f"{sorted(method.defaults)} must name the same flags"
+                    )
+                for name, opt in declared.items():
+                    if options.setdefault(name, opt) != opt:
+                        raise MethodError(
+                            f"--{name} is declared differently by two methods ({method.name} and another)"
+                        )
+            self._options = options
+        return self._options
+
+    def __getitem__(self, key: str) -> Option:
+        return self._load()[key]
+
+    def __iter__(self) -> Any:
+        return iter(self._load())
+
+    def __len__(self) -> int:
+        return len(self._load())
+
+
+OPTIONS: Mapping[str, Option] = _AllOptions()
+"""Every method option by name: the union of the registered methods' ``options``."""
 
 COMMON_DEFAULTS: dict[str, Any] = dict(
     learning_rate=1e-4,
@@ -209,7 +212,8 @@ class Method(ABC):
         name: the ``--method`` value.
         module: the package it lazily imports (``None`` for methods built on PEFT/torch only).
         pip_name: what to ``pip install`` when ``module`` is missing.
-        defaults: the method options (names in :data:`OPTIONS`) that apply, with their defaults.
+        options: the method's option flags (:class:`Option`), with help from its config dataclass.
+        defaults: the default of each of ``options`` (same names).
         requires: names the package must export (its native API in the cross-package contract).
         needs_batches: whether :meth:`setup` needs training batches (gradient-based inits).
         zero_partitioning: whether the optimizer works when DeepSpeed ZeRO flattens and shards
@@ -224,6 +228,7 @@ class Method(ABC):
     name: ClassVar[str]
     module: ClassVar[str | None] = None
     pip_name: ClassVar[str | None] = None
+    options: ClassVar[tuple[Option, ...]] = ()
     defaults: ClassVar[Mapping[str, Any]] = {}
     requires: ClassVar[tuple[str, ...]] = ()
     needs_batches: ClassVar[bool] = False

@@ -1,5 +1,6 @@
 """Command-line flags of the registry: ``--method`` and every method option (default ``None`` =
-"not given", so options of another method can be detected and rejected)."""
+"not given", so options of another method can be detected and rejected). Each flag's help is its
+config-dataclass field's ``metadata["help"]`` (see :class:`~loralab.runners.methods.base.Option`)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,6 @@ def add_method_arguments(
             type=opt.type,
             default=None,
             choices=opt.choices,
-            help=f"{opt.help} [{', '.join(users)}]",
+            help=f"{opt.describe()} [{', '.join(users)}]".replace("%", "%%"),
         )
     return parser

@@ -12,9 +12,23 @@ from typing import Any, ClassVar
 from torch import nn
 from torch.optim import Optimizer
 
-from loralab.runners.methods.base import Method, MethodError, option_flag
+from loralab.runners.methods.base import TARGET_MODULES, Method, MethodError, Option, option_flag
 
-__all__ = ["GALORE_DEFAULTS", "METHOD", "GaLore", "largest_rank"]
+__all__ = ["GALORE_DEFAULTS", "GALORE_OPTIONS", "METHOD", "GaLore", "largest_rank"]
+
+# GaLore has no config dataclass: its options are create_galore_optimizer's param-group keys
+GALORE_OPTIONS: tuple[Option, ...] = (
+    Option("galore_rank", int, "GaLore/GoLore: projection rank"),
+    Option("update_proj_gap", int, "GaLore/GoLore: steps between projector updates (T)"),
+    Option("galore_scale", float, "GaLore/GoLore: scale alpha applied to the projected update"),
+    Option(
+        "proj_type",
+        str,
+        "GaLore/GoLore: projection side",
+        ("std", "reverse_std", "left", "right", "full"),
+    ),
+    TARGET_MODULES,
+)
 
 GALORE_DEFAULTS: dict[str, Any] = dict(
     galore_rank=128,
@@ -75,6 +89,7 @@ class GaLore(Method):
     description = "GaLore: full training, Adam in a gradient SVD subspace"
     zero_partitioning = False  # projects each weight's gradient matrix; ZeRO flattens them
     optimizers = ("adamw", "sgd")
+    options = GALORE_OPTIONS
     defaults: ClassVar[dict[str, Any]] = dict(GALORE_DEFAULTS)
 
     def check_model(self, model: nn.Module, args: Any) -> None:

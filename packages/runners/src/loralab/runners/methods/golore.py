@@ -13,7 +13,8 @@ from typing import Any, ClassVar
 from torch import nn
 from torch.optim import Optimizer
 
-from loralab.runners.methods.galore import GALORE_DEFAULTS, GaLore
+from loralab.runners.methods.base import Option
+from loralab.runners.methods.galore import GALORE_DEFAULTS, GALORE_OPTIONS, GaLore
 
 __all__ = ["METHOD", "GoLore"]
 
@@ -22,6 +23,15 @@ class GoLore(GaLore):
     name = "golore"
     requires = ("create_golore_optimizer",)
     description = "GoLore: GaLore with random projectors after a fraction rand_ratio of the steps"
+    options = (
+        *GALORE_OPTIONS,
+        Option(
+            "rand_ratio",
+            float,
+            "GoLore: fraction of training that uses SVD projectors before switching to random ones "
+            "(GoLore code's convention: random when step/total_steps >= rand_ratio; 0 = random from the start)",
+        ),
+    )
     defaults: ClassVar[dict[str, Any]] = {**GALORE_DEFAULTS, "rand_ratio": 0.0}
 
     def build_optimizer(self, model: nn.Module, args: Any) -> Optimizer:

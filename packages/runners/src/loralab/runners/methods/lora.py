@@ -6,7 +6,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from loralab.runners.methods.base import LORA_DEFAULTS, Method, lora_kwargs
+from loralab.runners.methods.base import LORA_DEFAULTS, LORA_OPTIONS, Method, lora_kwargs
 
 __all__ = ["METHOD", "LoRA"]
 
@@ -14,6 +14,7 @@ __all__ = ["METHOD", "LoRA"]
 class LoRA(Method):
     name = "lora"
     description = "PEFT LoRA (B = 0, A Kaiming-uniform) + AdamW"
+    options = LORA_OPTIONS
     defaults: ClassVar[dict[str, Any]] = dict(LORA_DEFAULTS)
 
     def wrap(self, model: nn.Module, args: Any, train_batches: Any, *, resume: bool) -> nn.Module:

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 from torch import nn
 from torch.optim import Optimizer
 
-from loralab.runners.methods.base import LORA_DEFAULTS, Method, lora_kwargs
+from loralab.runners.methods.base import LORA_DEFAULTS, LORA_OPTIONS, Method, lora_kwargs
 
 __all__ = ["METHOD", "LoraFA"]
 
@@ -23,6 +23,7 @@ class LoraFA(Method):
     requires = ("create_lorafa_optimizer",)
     description = "LoRA-FA: A frozen, B updated with the projected (full-FT-equivalent) gradient"
     zero_partitioning = False  # pairs each B with its A: needs the unflattened matrices
+    options = LORA_OPTIONS
     defaults: ClassVar[dict[str, Any]] = dict(LORA_DEFAULTS)
 
     def wrap(self, model: nn.Module, args: Any, train_batches: Any, *, resume: bool) -> nn.Module:

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from loralab.runners.methods.base import LORA_DEFAULTS, Method, lora_kwargs
+from loralab.runners.methods.base import LORA_DEFAULTS, LORA_OPTIONS, Method, Option, lora_kwargs
 
 __all__ = ["METHOD", "LoraGA"]
 
@@ -33,6 +33,16 @@ class LoraGA(Method):
     )
     description = "LoRA-GA: A, B from the SVD of the estimated full gradient, W0 offset"
     needs_batches = True
+    options = (
+        *LORA_OPTIONS,
+        Option("ga_iters", int, "(batches per process; averaged over all processes)",
+               source="loralab.lora_ga:LoraGAConfig.iters"),
+        Option("ga_direction", str, choices=("ArB2r", "ArBr", "A2rBr", "random"),
+               source="loralab.lora_ga:LoraGAConfig.direction"),
+        Option("ga_scale", str, choices=("stable", "gd", "unit", "weight_svd"),
+               source="loralab.lora_ga:LoraGAConfig.scale"),
+        Option("ga_stable_gamma", float, source="loralab.lora_ga:LoraGAConfig.stable_gamma"),
+    )  # fmt: skip
     defaults: ClassVar[dict[str, Any]] = {
         **LORA_DEFAULTS,
         "ga_iters": 64,

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 from torch import nn
 from torch.optim import Optimizer
 
-from loralab.runners.methods.base import LORA_DEFAULTS, Method, lora_kwargs
+from loralab.runners.methods.base import LORA_DEFAULTS, LORA_OPTIONS, Method, Option, lora_kwargs
 
 __all__ = ["METHOD", "LoraPro"]
 
@@ -24,6 +24,22 @@ class LoraPro(Method):
     description = "LoRA-Pro: LoRA with equivalent gradients (AdamW on the adjusted A, B gradients)"
     zero_partitioning = (
         False  # needs each (A, B) pair as matrices; ZeRO flattens them (LoRA-Pro issue #9)
+    )
+    # LoRA-Pro has no config dataclass: its options are create_lora_pro_optimizer's arguments
+    options = (
+        *LORA_OPTIONS,
+        Option(
+            "pro_mode",
+            str,
+            "LoRA-Pro: 'efficient' (Adam on adjusted LoRA gradients) or 'full' (full-space Adam)",
+            ("efficient", "full"),
+        ),
+        Option(
+            "pro_x_mode",
+            str,
+            "LoRA-Pro: how the free matrix X is chosen",
+            ("sylvester", "zero", "symmetry"),
+        ),
     )
     defaults: ClassVar[dict[str, Any]] = {
         **LORA_DEFAULTS,

@@ -20,7 +20,14 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from loralab.runners.methods.base import LORA_DEFAULTS, Method, lora_kwargs, warmup_steps
+from loralab.runners.methods.base import (
+    LORA_DEFAULTS,
+    LORA_OPTIONS,
+    Method,
+    Option,
+    lora_kwargs,
+    warmup_steps,
+)
 
 __all__ = ["METHOD", "NATIVE_DIR", "LoraSB", "first_step_lr"]
 
@@ -42,6 +49,20 @@ class LoraSB(Method):
     requires = ("LoraSBConfig", "get_lora_sb_model", "save_lora_sb_as_lora")
     description = "LoRA-SB: only an r x r matrix trains; A, B, R from the first-step update's SVD"
     needs_batches = True
+    options = (
+        *LORA_OPTIONS,
+        Option(
+            "sb_num_batches",
+            int,
+            "LoRA-SB: number of training batches summed for the first-step update approximation",
+        ),
+        Option(
+            "sb_update_approximation",
+            str,
+            choices=("sign", "gradient"),
+            source="loralab.lora_sb:LoraSBConfig.update_approximation",
+        ),
+    )
     defaults: ClassVar[dict[str, Any]] = {
         **LORA_DEFAULTS,
         "lora_alpha": None,
