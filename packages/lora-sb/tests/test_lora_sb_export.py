@@ -23,6 +23,7 @@ from loralab.core.testing import (
 from loralab.lora_sb import (
     LORA_SB_PEFT_TYPE,
     LoraSBConfig,
+    convert_lora_sb_checkpoint,
     get_lora_sb_model,
     load_lora_sb_adapter,
     load_lora_sb_model,
@@ -202,3 +203,40 @@ def test_adapters_saved_before_the_marker_still_load(trained_llama, tmp_path):
         assert torch.allclose(got, trained_llama(**x).logits, atol=ATOL)
     with pytest.raises(ValueError, match="not a LoRA-SB config \\(peft_type='BOFT'"):
         LoraSBConfig.from_peft_type(**{**saved, "peft_type": "BOFT"})
+
+
+def test_saved_checkpoint_converts_without_the_model(trained_llama, tmp_path):
+    # file to file (e.g. a finished run's final/): the same plain adapter as the in-memory export
+    trained_llama.save_pretrained(tmp_path / "native")
+    config = convert_lora_sb_checkpoint(tmp_path / "native", tmp_path / "plain")
+    save_lora_sb_as_lora(trained_llama, tmp_path / "direct")
+    assert config.to_dict() == LoraConfig.from_pretrained(tmp_path / "direct").to_dict()
+    converted = load_file(tmp_path / "plain" / "adapter_model.safetensors")
+    direct = load_file(tmp_path / "direct" / "adapter_model.safetensors")
+    assert converted.keys() == direct.keys()
+    assert all(torch.equal(converted[k], direct[k]) for k in direct)
+    x = make_lm_batches(1, seed=11)[0]
+    plain, _ = _load_bare(tiny_llama(), tmp_path / "plain")
+    with torch.no_grad():
+        assert torch.allclose(plain(**x).logits, trained_llama(**x).logits, atol=ATOL)
+
+
+def test_convert_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"Can't find 'adapter_config\.json'"):
+        convert_lora_sb_checkpoint(tmp_path / "nowhere", tmp_path / "out")
+    plain = get_peft_model(tiny_llama(), LoraConfig(r=RANK, target_modules=["q_proj"]))
+    plain.save_pretrained(tmp_path / "lora")
+    with pytest.raises(
+        ValueError, match="not a LoRA-SB config \\(peft_type='LORA', lora_sb=None\\)"
+    ):
+        convert_lora_sb_checkpoint(tmp_path / "lora", tmp_path / "out")
+    sb = get_peft_model(
+        tiny_llama(), LoraSBConfig(r=RANK, target_modules=["q_proj"], sb_init="random")
+    )
+    sb.save_pretrained(tmp_path / "sb")
+    (tmp_path / "sb" / "adapter_model.safetensors").unlink()
+    with pytest.raises(
+        FileNotFoundError, match=r"no adapter_model\.safetensors or adapter_model\.bin"
+    ):
+        convert_lora_sb_checkpoint(tmp_path / "sb", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -1,7 +1,7 @@
 """find_and_initialize_grad honours every key of the seed's reconstruct_config, or refuses it by name.
 
 Each init is checked against a float64 reference of what the seed's ``find_and_initialize_grad``
-computes (RaghavSinghal10/lora-sb ``utils/initialization_utils.py``): it takes the SVD of
+computes (its ``utils/initialization_utils.py``, as in the authors' Fed-SB code): it takes the SVD of
 ``named_grads[key].T`` (in×out) = ``U S Vᵀ``; encoder = ``U_r`` (in×r), decoder = ``V_rᵀ`` (r×out),
 latent = ``diag(S_r)``; ``lora_B = decoderᵀ``, ``lora_A = encoderᵀ``. Its random draws come from the
 global RNG, so those parts are compared in distribution (bounds and moments), not in value.
@@ -325,4 +325,14 @@ def test_adapter_configs_that_would_break_silently_are_refused():
             "svd",
             cfg,
             named_grads=_named_grads(model.base_model.model),
+        )
+
+
+def test_embedding_targets_are_refused_not_skipped():
+    model = get_peft_model(
+        tiny_llama(), LoraConfig(r=RANK, target_modules=["q_proj", "embed_tokens"])
+    )
+    with pytest.raises(TypeError, match=r"layer 'model\.embed_tokens' \(Embedding\) hosts"):
+        find_and_initialize_grad(
+            model, model.peft_config, "default", "svd", SEED_YAML, named_grads={}
         )

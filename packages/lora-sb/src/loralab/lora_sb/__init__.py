@@ -14,7 +14,11 @@ Example:
 
 from loralab.lora_sb.compat import estimate_and_process_grads_torch, find_and_initialize_grad
 from loralab.lora_sb.config import LORA_SB_PEFT_TYPE, LoraSBConfig
-from loralab.lora_sb.export import lora_sb_as_lora_state_dict, save_lora_sb_as_lora
+from loralab.lora_sb.export import (
+    convert_lora_sb_checkpoint,
+    lora_sb_as_lora_state_dict,
+    save_lora_sb_as_lora,
+)
 from loralab.lora_sb.layer import LoraSBLinear, LoraSBVariant, is_lora_sb_layer
 from loralab.lora_sb.maths import equivalent_gradient, r_gradient, sb_factors, update_approximation
 from loralab.lora_sb.model import (
@@ -34,6 +38,7 @@ __all__ = [
     "LoraSBInitError",
     "LoraSBLinear",
     "LoraSBVariant",
+    "convert_lora_sb_checkpoint",
     "equivalent_gradient",
     "estimate_and_process_grads_torch",
     "find_and_initialize_grad",

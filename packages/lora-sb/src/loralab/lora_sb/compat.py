@@ -14,7 +14,12 @@ Differences from the seed, on purpose:
 - the layers become real :class:`~loralab.lora_sb.layer.LoraSBLinear` PEFT layers, and the adapter's
   config becomes a :class:`LoraSBConfig`, so ``save_pretrained`` / ``load_lora_sb_model`` /
   ``merge_and_unload`` work with clean keys (no monkey-patched ``forward``, no key mangling);
-- the SVD uses a local generator (``random_state``), never ``torch.manual_seed``.
+- the SVD uses a local generator (``random_state``), never ``torch.manual_seed``, and honours
+  ``n_iter`` (the seed's SVD ignores both: 10 iterations after ``torch.manual_seed(42)``);
+- every ``reconstruct_config`` key is honoured as the seed does (``r_squared=False``: plain LoRA;
+  ``half_init_dec`` / ``replacement_module_random_init``: the seed's kaiming-uniform re-draws, from
+  local generators) or refused with an error naming it (see :func:`find_and_initialize_grad`);
+- ``R = Σ_r/s`` (the paper's init; the seed sets ``R = Σ_r``, the same at its scripts' ``lora_alpha = r``).
 
 Example:
     >>> from peft import LoraConfig, get_peft_model
@@ -135,7 +140,7 @@ def estimate_and_process_grads_torch(
 # --- find_and_initialize_grad: the seed's reconstruct_config ------------------------------------------
 #
 # The seed's config/reconstruct_config.yaml (inherited from LoRA-XS) and what its find_and_initialize_grad
-# does with each key (RaghavSinghal10/lora-sb utils/initialization_utils.py):
+# does with each key (its utils/initialization_utils.py; the same function ships in the authors' Fed-SB code):
 #   reconstruction_type: "svd"      not read by find_and_initialize_grad (the reconstr_type argument is)
 #   reconstr_mode: "separated"      anything else raises NotImplementedError
 #   half_init_dec: False            True: kaiming-uniform re-init of the lower half of the decoder (B)
@@ -336,6 +341,22 @@ def _random_generator(seed: int, name: str) -> torch.Generator:
     return layer_generator(seed, f"{name}#seed-random-init")
 
 
+def _check_factor_slots(model: PeftModel, adapter_name: str) -> None:
+    """Refuse layers that host the adapter outside lora_A/lora_B (embedding, conv): the seed's init
+    re-initialises Linear factors only, and skipping them would leave them silently untouched."""
+    for name, module in model.base_model.model.named_modules():
+        if (
+            isinstance(module, LoraLayer)
+            and adapter_name in getattr(module, "r", {})
+            and adapter_name not in module.lora_A
+        ):
+            raise TypeError(
+                f"find_and_initialize_grad initialises Linear LoRA factors; layer {name!r} "
+                f"({type(module).__name__}) hosts adapter {adapter_name!r} otherwise (e.g. an embedding). "
+                "Exclude it from target_modules"
+            )
+
+
 def _to_lora_sb_(
     model: PeftModel,
     adapter_name: str,
@@ -511,6 +532,7 @@ def find_and_initialize_grad(
             "its saved adapter_config.json keep r, so the checkpoint would not reload)"
         )
     _check_adapter_config(cfg)
+    _check_factor_slots(model, adapter_name)
     if seed.r_squared:
         layers = _to_lora_sb_(model, adapter_name, cfg, seed, named_grads)
     else:

@@ -36,8 +36,8 @@ import os
 
 import torch
 from peft import LoraConfig, PeftModel
-from peft.utils import SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict
-from safetensors.torch import save_file
+from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, get_peft_model_state_dict
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from loralab.core.targets import layer_kind
@@ -45,7 +45,7 @@ from loralab.lora_sb.config import LoraSBConfig
 from loralab.lora_sb.layer import R_NAME
 from loralab.lora_sb.model import lora_sb_layers
 
-__all__ = ["lora_sb_as_lora_state_dict", "save_lora_sb_as_lora"]
+__all__ = ["convert_lora_sb_checkpoint", "lora_sb_as_lora_state_dict", "save_lora_sb_as_lora"]
 
 _PREFIX = "base_model.model."
 
@@ -61,6 +61,44 @@ def _plain_config(cfg: LoraSBConfig, all_conv1d: bool) -> LoraConfig:
         # per layer with a warning)
         fields["fan_in_fan_out"] = True
     return LoraConfig(**fields)
+
+
+def _fold_r_into_b(state: dict[str, Tensor]) -> list[str]:
+    """In place: ``lora_B ← B·R`` (float64 product, stored in float32; float64 stays float64), ``lora_A``
+    in the same dtype, ``lora_R`` dropped, for every ``<layer>.lora_R.weight`` key. Returns the layers."""
+    suffix = f".{R_NAME}.weight"
+    layers = sorted(k[: -len(suffix)] for k in state if k.endswith(suffix))
+    for layer in layers:
+        A, B = state.get(f"{layer}.lora_A.weight"), state.get(f"{layer}.lora_B.weight")
+        R = state.pop(f"{layer}{suffix}")
+        if A is None or B is None:
+            raise ValueError(f"{layer!r} has lora_R but no lora_A/lora_B weights")
+        if B.shape[1] != R.shape[0] or R.shape[1] != A.shape[0]:
+            raise ValueError(
+                f"{layer!r}: shapes B {tuple(B.shape)}, R {tuple(R.shape)}, A {tuple(A.shape)} do not chain"
+            )
+        dtype = torch.float64 if torch.float64 in (A.dtype, B.dtype, R.dtype) else torch.float32
+        state[f"{layer}.lora_A.weight"] = A.detach().to(dtype).contiguous()
+        state[f"{layer}.lora_B.weight"] = (B.detach().double() @ R.detach().double()).to(dtype)
+    leftover = sorted(k for k in state if f".{R_NAME}." in k)
+    # a LoRA-SB slot this export does not know: refuse rather than write a wrong adapter
+    if leftover:
+        raise ValueError(f"could not fold R into B for {leftover[:5]}")
+    return layers
+
+
+def _write(
+    state: dict[str, Tensor], config: LoraConfig, save_directory: str | os.PathLike[str]
+) -> None:
+    os.makedirs(save_directory, exist_ok=True)
+    # own, contiguous CPU copies: safetensors refuses tensors that share storage (tied heads)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    save_file(
+        tensors,
+        os.path.join(os.fspath(save_directory), SAFETENSORS_WEIGHTS_NAME),
+        metadata={"format": "pt"},
+    )
+    config.save_pretrained(os.fspath(save_directory))
 
 
 @torch.no_grad()
@@ -87,22 +125,21 @@ def lora_sb_as_lora_state_dict(
             "(model.unmerge_adapter()) before exporting, or the export would add ΔW a second time"
         )
     state = get_peft_model_state_dict(model, adapter_name=adapter_name)
-    for name, layer in layers.items():
-        key = f"{_PREFIX}{name}"
-        A = layer.lora_A[adapter_name].weight
-        B = layer.lora_B[adapter_name].weight
-        R = layer.lora_R[adapter_name].weight
-        dtype = torch.float64 if torch.float64 in (A.dtype, B.dtype, R.dtype) else torch.float32
-        state[f"{key}.lora_A.weight"] = A.detach().to(dtype).contiguous()
-        state[f"{key}.lora_B.weight"] = (B.detach().double() @ R.detach().double()).to(dtype)
-        del state[f"{key}.{R_NAME}.weight"]
-    leftover = sorted(k for k in state if f".{R_NAME}." in k)
-    if (
-        leftover
-    ):  # a LoRA-SB slot this export did not fold: refuse rather than write a wrong adapter
-        raise ValueError(f"could not fold R into B for {leftover[:5]}")
+    folded = _fold_r_into_b(state)
+    missing = sorted(set(layers) - {k[len(_PREFIX) :] for k in folded})
+    # a LoRA-SB layer whose R is not in the state dict: refuse rather than write a wrong adapter
+    if missing:
+        raise ValueError(f"no lora_R in the adapter's state dict for {missing[:5]}")
     all_conv1d = all(layer_kind(m.get_base_layer()) == "conv1d" for m in layers.values())
-    return state, _plain_config(cfg, all_conv1d)
+    config = _plain_config(cfg, all_conv1d)
+    if config.task_type is None:
+        # as PeftModel.save_pretrained: without a task type, record the base class for AutoPeftModel
+        base_class = type(model.base_model.model)
+        config.auto_mapping = {
+            "base_model_class": base_class.__name__,
+            "parent_library": base_class.__module__,
+        }
+    return state, config
 
 
 def save_lora_sb_as_lora(
@@ -131,13 +168,35 @@ def save_lora_sb_as_lora(
     """
     state, config = lora_sb_as_lora_state_dict(model, adapter_name)
     if is_main_process:
-        os.makedirs(save_directory, exist_ok=True)
-        # own, contiguous CPU copies: safetensors refuses tensors that share storage (tied heads)
-        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-        save_file(
-            tensors,
-            os.path.join(os.fspath(save_directory), SAFETENSORS_WEIGHTS_NAME),
-            metadata={"format": "pt"},
+        _write(state, config, save_directory)
+    return config
+
+
+@torch.no_grad()
+def convert_lora_sb_checkpoint(
+    lora_sb_directory: str | os.PathLike[str], save_directory: str | os.PathLike[str]
+) -> LoraConfig:
+    """File to file: turn a saved native LoRA-SB adapter into a plain LoRA adapter (``B' = B·R``),
+    without the base model. Same result as :func:`save_lora_sb_as_lora` on the loaded model, except
+    that ``fan_in_fan_out`` is copied from the saved config (PEFT sets it per GPT-2 ``Conv1D`` layer,
+    with a warning, when it is False).
+
+    Reads ``adapter_config.json`` (with ``LoraSBConfig.from_pretrained``) and
+    ``adapter_model.safetensors`` (or ``adapter_model.bin``) from ``lora_sb_directory``.
+    """
+    src = os.fspath(lora_sb_directory)
+    cfg = LoraSBConfig.from_pretrained(src)
+    path = os.path.join(src, SAFETENSORS_WEIGHTS_NAME)
+    if os.path.isfile(path):
+        state = load_file(path)
+    elif os.path.isfile(os.path.join(src, WEIGHTS_NAME)):
+        state = torch.load(os.path.join(src, WEIGHTS_NAME), map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(
+            f"no {SAFETENSORS_WEIGHTS_NAME} or {WEIGHTS_NAME} in {src!r} (a save_pretrained folder)"
         )
-        config.save_pretrained(os.fspath(save_directory))
+    if not _fold_r_into_b(state):
+        raise ValueError(f"{src!r} holds no lora_R weights: it is not a LoRA-SB adapter checkpoint")
+    config = _plain_config(cfg, all_conv1d=False)
+    _write(state, config, save_directory)
     return config
