@@ -63,3 +63,34 @@ def test_adapter_selection_and_roles():
 def test_no_lora_layers():
     with pytest.raises(LoraPairError, match="has no PEFT LoRA layers"):
         find_lora_pairs(tiny_llama())
+
+
+def test_embedding_pairs_are_opt_in():
+    cfg = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False
+    )
+    model = peft.get_peft_model(tiny_llama(), cfg)
+    assert all("embed_tokens" not in p.name for p in find_lora_pairs(model))  # default: Linear only
+    pairs = find_lora_pairs(model, embeddings=True)
+    emb = [p for p in pairs if p.name.endswith("embed_tokens")]
+    assert len(pairs) == 3 and len(emb) == 1
+    e = emb[0]
+    assert e.A is e.module.lora_embedding_A["default"]
+    assert e.B is e.module.lora_embedding_B["default"]
+    assert (e.A.shape, e.B.shape, e.scaling) == ((4, 260), (64, 4), 2.0)
+    # the embedding is a Linear on one-hot inputs: W_eff = W0 + s·B·A in the (out, in) view
+    ids = torch.tensor([[3, 7, 259]])
+    onehot = torch.nn.functional.one_hot(ids, 260).to(torch.float32)
+    expected = onehot @ (e.module.base_layer.weight.T + e.scaling * e.B @ e.A).T
+    torch.testing.assert_close(e.module(ids), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_only_embedding_lora_layers_error_says_so():
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["embed_tokens"]))
+    with pytest.raises(
+        LoraPairError,
+        match=r"only LoRA layers are embeddings \(\['base_model.model.model.embed_tokens'\]\), "
+        "which this method does not support",
+    ):
+        find_lora_pairs(model)
+    assert len(find_lora_pairs(model, embeddings=True)) == 1

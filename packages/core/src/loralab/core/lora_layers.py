@@ -40,9 +40,11 @@ class LoraPair:
     adapter: str
     """Adapter name (``"default"`` unless several adapters are loaded)."""
     A: nn.Parameter
-    """``lora_A[adapter].weight``, shape (r, in)."""
+    """``lora_A[adapter].weight``, shape (r, in); for an embedding layer ``lora_embedding_A[adapter]``,
+    shape (r, num_embeddings) (the layer is ``x ↦ onehot(x)·(W0 + s·B·A)ᵀ``, a Linear on one-hot inputs)."""
     B: nn.Parameter
-    """``lora_B[adapter].weight``, shape (out, r)."""
+    """``lora_B[adapter].weight``, shape (out, r); for an embedding layer ``lora_embedding_B[adapter]``,
+    shape (embedding_dim, r)."""
     scaling: float
     """The layer's own scaling (α/r, α/√r with rsLoRA; honours rank/alpha patterns)."""
 
@@ -57,16 +59,27 @@ def _is_lora_layer(module: nn.Module) -> bool:
     )
 
 
-def find_lora_pairs(model: nn.Module, adapter_name: str | None = None) -> list[LoraPair]:
+def _embedding_adapters(module: nn.Module) -> list[str]:
+    emb = getattr(module, "lora_embedding_A", None)
+    return list(emb.keys()) if isinstance(emb, nn.ParameterDict) else []
+
+
+def find_lora_pairs(
+    model: nn.Module, adapter_name: str | None = None, *, embeddings: bool = False
+) -> list[LoraPair]:
     """All LoRA (A, B) pairs of ``model`` for one adapter, in module order.
 
     Args:
         model: a ``PeftModel`` or any module containing PEFT ``LoraLayer``s (DDP / DeepSpeed
             wrappers are fine: modules are found wherever they are).
         adapter_name: which adapter; ``None`` takes the model's active adapter (or the only one).
+        embeddings: also return the pairs of LoRA embedding layers (``lora_embedding_A`` /
+            ``lora_embedding_B``, PEFT's ``nn.Parameter``s of shapes (r, num_embeddings) and
+            (embedding_dim, r)). Off by default: a method opts in once its maths is checked for them.
 
     Raises:
-        LoraPairError: the model has no LoRA layer, or ``adapter_name`` is unknown (message lists the
+        LoraPairError: the model has no LoRA layer (or, with ``embeddings=False``, only embedding
+            LoRA layers: the message says so), or ``adapter_name`` is unknown (message lists the
             adapters found).
 
     Example:
@@ -74,6 +87,7 @@ def find_lora_pairs(model: nn.Module, adapter_name: str | None = None) -> list[L
     """
     pairs: list[LoraPair] = []
     seen_adapters: set[str] = set()
+    skipped_embeddings: list[str] = []
     if adapter_name is None:
         active = getattr(model, "active_adapter", None)
         if isinstance(active, str):
@@ -83,7 +97,11 @@ def find_lora_pairs(model: nn.Module, adapter_name: str | None = None) -> list[L
     for name, module in model.named_modules():
         if not _is_lora_layer(module):
             continue
-        adapters = list(module.lora_A.keys())
+        emb_adapters = _embedding_adapters(module)
+        if emb_adapters and not embeddings:
+            skipped_embeddings.append(name)
+            continue
+        adapters = list(module.lora_A.keys()) + emb_adapters
         seen_adapters.update(adapters)
         adapter = adapter_name
         if adapter is None:
@@ -92,6 +110,22 @@ def find_lora_pairs(model: nn.Module, adapter_name: str | None = None) -> list[L
                     f"layer {name!r} has adapters {adapters}: pass adapter_name to pick one"
                 )
             adapter = adapters[0]
+        if adapter in emb_adapters:
+            if adapter not in module.lora_embedding_B:
+                raise LoraPairError(
+                    f"layer {name!r} has lora_embedding_A[{adapter!r}] but no lora_embedding_B[{adapter!r}]"
+                )
+            pairs.append(
+                LoraPair(
+                    name=name,
+                    module=module,
+                    adapter=adapter,
+                    A=module.lora_embedding_A[adapter],
+                    B=module.lora_embedding_B[adapter],
+                    scaling=float(module.scaling[adapter]),
+                )
+            )
+            continue
         if adapter not in module.lora_A:
             continue
         if adapter not in module.lora_B:
@@ -109,6 +143,12 @@ def find_lora_pairs(model: nn.Module, adapter_name: str | None = None) -> list[L
             )
         )
     if not pairs:
+        if skipped_embeddings and not seen_adapters:
+            raise LoraPairError(
+                f"{type(model).__name__}'s only LoRA layers are embeddings ({skipped_embeddings[:3]}"
+                f"{' …' if len(skipped_embeddings) > 3 else ''}), which this method does not support: "
+                "target Linear layers (LoraConfig(target_modules=[...]))"
+            )
         if seen_adapters:
             raise LoraPairError(
                 f"no LoRA layer has adapter {adapter_name!r}; adapters found: {sorted(seen_adapters)}"

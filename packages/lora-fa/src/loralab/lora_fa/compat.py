@@ -18,6 +18,11 @@ Example:
     >>> opt = create_lorafa_optimizer(model, r=4, lora_alpha=8, lr=1e-3)
     >>> any(p.requires_grad for n, p in model.named_parameters() if "lora_A" in n)
     False
+
+Embedding adapters (``LoraConfig(target_modules=["embed_tokens", ...])``) are LoRA-FA layers too, as in
+PEFT: ``lora_embedding_A`` (r, num_embeddings) frozen, ``lora_embedding_B`` (dim, r) corrected. PEFT
+initialises an embedding adapter's A to zeros, so with A frozen it cannot learn (in PEFT as here);
+a warning names such layers.
 """
 
 from __future__ import annotations
@@ -58,7 +63,11 @@ def create_lorafa_optimizer(
     use_rslora: bool | None = None,
     **kwargs: Any,
 ) -> LoraFAAdamW:
-    """Freeze every ``lora_A`` of ``model`` and return a :class:`LoraFAAdamW` over its trainable params.
+    """Freeze every ``lora_A`` (and ``lora_embedding_A``) of ``model`` and return a :class:`LoraFAAdamW`.
+
+    The optimizer holds the model's trainable parameters: each LoRA B (Linear, Conv1D,
+    MultiheadAttention, ``target_parameters`` and embedding adapters, as PEFT's) gets LoRA-FA's
+    corrected AdamW step, every other trainable parameter plain AdamW.
 
     Args:
         model: a ``PeftModel`` with LoRA adapters (the active adapter is the one trained).
@@ -75,6 +84,7 @@ def create_lorafa_optimizer(
     Raises:
         ValueError: ``use_rslora`` disagrees with the model's config, or an invalid hyper-parameter.
         loralab.core.LoraPairError: the model has no LoRA layer.
+        LoraFAError: a LoRA layer on a convolution (PEFT's LoRA-FA fails on those too).
 
     Example:
         >>> # see the module docstring
@@ -105,7 +115,10 @@ def create_lorafa_optimizer(
                 getattr(c, "lora_alpha", None),
             )
     for name, param in model.named_parameters():
-        if "lora_A" in name:
+        # PEFT's check is the substring "lora_A", which misses embedding adapters' lora_embedding_A:
+        # PEFT leaves it requires_grad=True but never updates it (its step only moves the second
+        # factor of each pair). Freezing it gives the same parameters without computing its gradient.
+        if "lora_A" in name or "lora_embedding_A" in name:
             param.requires_grad_(False)
     kwargs.setdefault("betas", (0.9, 0.999))
     kwargs.setdefault("eps", 1e-6)

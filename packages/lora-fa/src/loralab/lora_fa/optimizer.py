@@ -4,7 +4,8 @@ LoRA-FA (Zhang et al., 2023, arXiv 2308.03303) trains only B; before the AdamW u
 is replaced by ``(1/s²)·g_B·(A·Aᵀ)⁻¹`` (:mod:`loralab.lora_fa.correction`), the B-gradient whose update
 ``s·ΔB·A`` is closest to full fine-tuning's. What differs from PEFT's ``LoraFAOptimizer``:
 
-- layers are paired by module (:func:`loralab.core.find_lora_pairs`), not by name substring and order;
+- layers are paired by module (:func:`loralab.core.find_lora_pairs`, embedding adapters included),
+  not by name substring and order;
 - ``(A·Aᵀ)⁻¹`` is computed once per layer (A is frozen; recomputed only if A's tensor is modified in
   place) in float64, not a ``pinv`` per layer per step under bf16 autocast;
 - layers with equal shapes are corrected in one batched ``bmm`` and every parameter is updated with
@@ -66,6 +67,29 @@ def _is_zero3_partitioned(p: Tensor) -> bool:
     return hasattr(p, "ds_id") and hasattr(p, "ds_status")
 
 
+def _a_name(pair: LoraPair) -> str:
+    emb = getattr(pair.module, "lora_embedding_A", None)
+    return "lora_embedding_A" if emb is not None and pair.adapter in emb else "lora_A"
+
+
+def _warn_zero_a(pairs: list[LoraPair]) -> None:
+    # PEFT initialises an embedding adapter's A to zeros (B random): with A frozen, B's gradient
+    # s·G·Aᵀ is zero and only weight decay moves B. That is LoRA-FA's maths (PEFT's optimizer does the
+    # same), but a layer that cannot learn must not go unnoticed.
+    zero = [
+        f"{p.name}.{_a_name(p)}[{p.adapter!r}]"
+        for p in pairs
+        if p.A.numel() > 0 and not _is_zero3_partitioned(p.A) and not bool(p.A.detach().any())
+    ]
+    if zero:
+        logger.warning(
+            "LoRA-FA keeps A frozen, and these A's are all zeros, so their layers cannot learn (B's gradient "
+            "is zero; only weight decay moves B): %s. PEFT initialises embedding adapters that way; "
+            "LoraConfig(init_lora_weights=False) gives them a random A.",
+            zero,
+        )
+
+
 def _moment_dtype(p: Tensor) -> torch.dtype:
     # Adam moments in float32 for half-precision parameters (their squares underflow in bf16/fp16).
     return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
@@ -114,7 +138,11 @@ class LoraFAAdamW(torch.optim.Optimizer):
             raise ValueError(f"ridge must be >= 0, got {ridge}")
         if isinstance(params_or_model, nn.Module):
             model = params_or_model
-            found = find_lora_pairs(model, adapter_name) if pairs is None else list(pairs)
+            found = (
+                find_lora_pairs(model, adapter_name, embeddings=True)
+                if pairs is None
+                else list(pairs)
+            )
             params: Any = [p for p in model.parameters() if p.requires_grad]
             if not params:
                 raise ValueError(f"{type(model).__name__} has no trainable parameters")
@@ -129,18 +157,20 @@ class LoraFAAdamW(torch.optim.Optimizer):
         for pair in found:
             if pair.A.requires_grad:
                 raise LoraFAError(
-                    f"layer {pair.name!r}: lora_A[{pair.adapter!r}] is trainable, but LoRA-FA keeps A frozen. "
+                    f"layer {pair.name!r}: {_a_name(pair)}[{pair.adapter!r}] is trainable, but LoRA-FA keeps A frozen. "
                     "Freeze it (A.requires_grad_(False)) or build the optimizer with create_lorafa_optimizer, which does."
                 )
             if pair.A.dim() != 2:
                 raise LoraFAError(
-                    f"layer {pair.name!r}: LoRA-FA needs a 2-D lora_A (Linear adapters), got shape {tuple(pair.A.shape)}"
+                    f"layer {pair.name!r}: LoRA-FA needs a 2-D lora_A (Linear, Conv1D, embedding and "
+                    f"MultiheadAttention adapters; PEFT's LoRA-FA fails on convolutions too), got shape {tuple(pair.A.shape)}"
                 )
             if pair.scaling == 0:
                 raise LoraFAError(
                     f"layer {pair.name!r} has scaling 0 (lora_alpha = 0): LoRA-FA divides by s²"
                 )
         self._all_pairs = found
+        _warn_zero_a(found)
         self.ridge = float(ridge)
         self.check_finite = check_finite
         self.correct_in_backward = bool(correct_in_backward)
@@ -173,7 +203,7 @@ class LoraFAAdamW(torch.optim.Optimizer):
         for pair in self._all_pairs:
             if id(pair.A) in in_groups:
                 raise LoraFAError(
-                    f"layer {pair.name!r}: lora_A[{pair.adapter!r}] is in the optimizer, but LoRA-FA keeps A frozen"
+                    f"layer {pair.name!r}: {_a_name(pair)}[{pair.adapter!r}] is in the optimizer, but LoRA-FA keeps A frozen"
                 )
             if id(pair.B) in in_groups:
                 self._b_pair[id(pair.B)] = pair
@@ -278,7 +308,7 @@ class LoraFAAdamW(torch.optim.Optimizer):
         for pair in self.pairs:
             if pair.A.grad is not None:
                 raise RuntimeError(
-                    f"layer {pair.name!r}: lora_A[{pair.adapter!r}] received a gradient, but LoRA-FA keeps A frozen "
+                    f"layer {pair.name!r}: {_a_name(pair)}[{pair.adapter!r}] received a gradient, but LoRA-FA keeps A frozen "
                     "(was requires_grad turned back on?). Freeze it and set its .grad to None."
                 )
         plans = []

@@ -2,7 +2,8 @@
 full-weight gradient is closest to full fine-tuning's.
 
 Native API: :class:`LoraProAdamW`, :func:`create_lora_pro_optimizer`, the pure maths in
-:mod:`loralab.lora_pro.adjust`; seed drop-in: :class:`AdamWLoRAPro` (alias ``AdamWLoraPro``).
+:mod:`loralab.lora_pro.adjust`. Drop-ins: :class:`LoRAProAdamW` (PyPI ``lora-pro-adamw``, import name
+``lora_pro``) and :class:`AdamWLoRAPro` (alias ``AdamWLoraPro``; the seed, laihongphuc/lora_pro).
 
 Example:
     >>> import peft
@@ -21,12 +22,14 @@ from loralab.lora_pro.adjust import (
 )
 from loralab.lora_pro.compat import AdamWLoRAPro, AdamWLoraPro
 from loralab.lora_pro.factory import create_lora_pro_optimizer
+from loralab.lora_pro.lora_pro_adamw import LoRAProAdamW
 from loralab.lora_pro.optimizer import LoraProAdamW
 
 __version__ = "0.1.0"
 __all__ = [
     "AdamWLoRAPro",
     "AdamWLoraPro",
+    "LoRAProAdamW",
     "LoraProAdamW",
     "create_lora_pro_optimizer",
     "equivalent_gradient",

@@ -19,7 +19,10 @@ to the raw ``(g_A, g_B)``: the solution of the Sylvester equation (Eq. 9)::
 
 ``x_mode="zero"`` takes ``X = 0`` and ``x_mode="symmetry"`` the closed form of the official code
 (``X = −(1/(2s²))(BᵀB)⁻¹ Bᵀ g_B AAᵀ``, ``peta/optim.py``; note it is not invariant to the rescaling
-``A → cA, B → B/c`` that leaves W unchanged, unlike the other two modes).
+``A → cA, B → B/c`` that leaves W unchanged, unlike the other two modes). ``x_mode="sylvester_swapped"``
+solves ``AAᵀ·X + X·BᵀB`` = the same right-hand side: what ``lora-pro-adamw``'s default efficient
+solver (``"vec"``, a row-major vec with the column-major Kronecker identity) computes. Any ``X`` keeps
+``g̃`` optimal (it cancels); only the split of the update between A and B differs.
 
 Singular Gram matrices. At LoRA's initialisation ``B = 0``: ``BᵀB`` is singular and ``(BᵀB)⁻¹`` does
 not exist. We use the Moore–Penrose pseudo-inverse (eigenvalues at round-off level dropped, see
@@ -66,8 +69,8 @@ __all__ = [
     "solve_x",
 ]
 
-XMode = Literal["sylvester", "zero", "symmetry"]
-X_MODES: tuple[str, ...] = ("sylvester", "zero", "symmetry")
+XMode = Literal["sylvester", "zero", "symmetry", "sylvester_swapped"]
+X_MODES: tuple[str, ...] = ("sylvester", "zero", "symmetry", "sylvester_swapped")
 
 
 def _scale(scaling: float | Tensor, like: Tensor) -> Tensor:
@@ -114,18 +117,28 @@ def lora_gradients(
 
 
 def _eigh_grams(
-    A: Tensor, B: Tensor
+    A: Tensor, B: Tensor, jitter: float = 0.0
 ) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]:
     """``(BᵀB, its eigenvalues, eigenvectors)`` and the same for ``AAᵀ``: one batched ``eigh`` call."""
-    return _eigh_pair(B.mT @ B, A @ A.mT)
+    return _eigh_pair(B.mT @ B, A @ A.mT, jitter)
+
+
+def _check_jitter(jitter: float) -> None:
+    if not jitter >= 0:
+        raise ValueError(f"jitter must be >= 0, got {jitter}")
 
 
 def _eigh_pair(
-    BtB: Tensor, AAt: Tensor
+    BtB: Tensor, AAt: Tensor, jitter: float = 0.0
 ) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]:
     # One eigendecomposition per Gram matrix serves both its pseudo-inverse and the Sylvester solve
     # (core's ridge_inverse_from_eigh and solve_sylvester_from_eigh; symmetrised first, as core does), and
-    # both Grams of every layer of the batch go through a single batched call.
+    # both Grams of every layer of the batch go through a single batched call. ``jitter`` > 0 replaces
+    # both Grams by Gram + jitter·I everywhere (inverses, projector, Sylvester): lora-pro-adamw's
+    # regularisation (absolute 1e-6 in its efficient mode, 1e-8 in its full mode).
+    if jitter:
+        eye = torch.eye(BtB.shape[-1], dtype=BtB.dtype, device=BtB.device)
+        BtB, AAt = BtB + jitter * eye, AAt + jitter * eye
     grams = torch.stack([BtB, AAt])
     evals, evecs = torch.linalg.eigh(0.5 * (grams + grams.mT))
     return (BtB, evals[0], evecs[0]), (AAt, evals[1], evecs[1])
@@ -140,14 +153,16 @@ def solve_x(
     *,
     x_mode: XMode = "sylvester",
     ridge: float = 0.0,
+    jitter: float = 0.0,
 ) -> Tensor:
     """The r×r matrix ``X`` of Theorem 2.1 chosen by ``x_mode`` (see the module docstring)."""
     if x_mode not in X_MODES:
         raise ValueError(f"x_mode must be one of {X_MODES}, got {x_mode!r}")
+    _check_jitter(jitter)
     dt = accumulation_dtype(A.dtype)
     A, B, g_A, g_B = (t.to(dt) for t in (A, B, g_A, g_B))
     s = _scale(scaling, A)
-    eb, ea = _eigh_grams(A, B)
+    eb, ea = _eigh_grams(A, B, jitter)
     BtB_inv_s2 = ridge_inverse_from_eigh(*eb, ridge) / s**2
     return _x_from_eighs(g_A @ A.mT, BtB_inv_s2, B.mT @ g_B, eb, ea, x_mode)
 
@@ -163,6 +178,9 @@ def _x_from_eighs(gAAt, BtB_inv_s2, Btg_B, eb, ea, x_mode) -> Tensor:
     # Theorem 2.3 / Eq. 9: BᵀB X + X AAᵀ = −(1/s²)(BᵀB)⁻¹ g_A Aᵀ, solved for all layers at once on the
     # eigenbases of the two symmetric PSD Gram matrices (r×r, cheap), never via SciPy or the CPU.
     rhs = -(BtB_inv_s2 @ gAAt)
+    if x_mode == "sylvester_swapped":
+        # AAᵀ X + X BᵀB = rhs: lora-pro-adamw's "vec" solver (see the module docstring)
+        return solve_sylvester_from_eigh(ea[2], ea[1], eb[2], eb[1], rhs)
     return solve_sylvester_from_eigh(eb[2], eb[1], ea[2], ea[1], rhs)
 
 
@@ -175,6 +193,7 @@ def lora_pro_gradients(
     *,
     x_mode: XMode = "sylvester",
     ridge: float = 0.0,
+    jitter: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """LoRA-Pro's adjusted gradients ``(gᴬ, gᴮ)`` (Theorem 2.1 with ``X`` from ``x_mode``).
 
@@ -184,9 +203,12 @@ def lora_pro_gradients(
         g_A: (..., r, n) gradient w.r.t. A (``s·BᵀG``).
         g_B: (..., m, r) gradient w.r.t. B (``s·G·Aᵀ``).
         scaling: ``s``; a float, or a tensor of shape ``(...)`` with one value per batched layer.
-        x_mode: ``"sylvester"`` (Theorem 2.3, default), ``"zero"`` or ``"symmetry"``.
+        x_mode: ``"sylvester"`` (Theorem 2.3, default), ``"zero"``, ``"symmetry"`` or
+            ``"sylvester_swapped"`` (lora-pro-adamw's "vec" solver).
         ridge: relative ridge for ``(BᵀB)⁻¹`` and ``(AAᵀ)⁻¹`` (``0`` = pseudo-inverse, the exact
             minimum-norm least-squares solution).
+        jitter: absolute ``jitter·I`` added to ``BᵀB`` and ``AAᵀ`` before everything (``0`` = none;
+            lora-pro-adamw uses 1e-6 in efficient mode, 1e-8 in full mode).
 
     Returns:
         ``(gᴬ, gᴮ)`` in the accumulation dtype (float32, or float64 for float64 inputs).
@@ -202,10 +224,13 @@ def lora_pro_gradients(
         raise ValueError(f"x_mode must be one of {X_MODES}, got {x_mode!r}")
     if ridge < 0:
         raise ValueError(f"ridge must be >= 0, got {ridge}")
+    _check_jitter(jitter)
     dt = accumulation_dtype(A.dtype)
     A_gA = torch.cat([A.to(dt), g_A.to(dt)], dim=-2)
     B_gB = torch.cat([B.to(dt), g_B.to(dt)], dim=-1)
-    return lora_pro_gradients_stacked(A_gA, B_gB, scaling, x_mode=x_mode, ridge=ridge)
+    return lora_pro_gradients_stacked(
+        A_gA, B_gB, scaling, x_mode=x_mode, ridge=ridge, jitter=jitter
+    )
 
 
 def lora_pro_gradients_stacked(
@@ -215,6 +240,7 @@ def lora_pro_gradients_stacked(
     *,
     x_mode: XMode = "sylvester",
     ridge: float = 0.0,
+    jitter: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """:func:`lora_pro_gradients` on ``A_gA = [A; g_A]`` (..., 2r, n) and ``B_gB = [B | g_B]`` (..., m, 2r).
 
@@ -232,6 +258,7 @@ def lora_pro_gradients_stacked(
         [s],
         x_mode=x_mode,
         ridge=ridge,
+        jitter=jitter,
     )
     return gA.reshape(*batch, *gA.shape[-2:]), gB.reshape(*batch, *gB.shape[-2:])
 
@@ -243,6 +270,7 @@ def lora_pro_gradients_buckets(
     *,
     x_mode: XMode = "sylvester",
     ridge: float = 0.0,
+    jitter: float = 0.0,
 ) -> list[tuple[Tensor, Tensor]]:
     """:func:`lora_pro_gradients_stacked` for several stacks of layers of one rank at once.
 
@@ -270,7 +298,7 @@ def lora_pro_gradients_buckets(
     AgA_At = _cat([A_gA @ A_gA[:, :r].mT for A_gA in A_gAs])
     Bt_BgB = _cat([B_gB[..., :r].mT @ B_gB for B_gB in B_gBs])
     s2 = _scale(_cat(list(scalings)), AgA_At) ** 2
-    eb, ea = _eigh_pair(Bt_BgB[..., :r], AgA_At[..., :r, :])
+    eb, ea = _eigh_pair(Bt_BgB[..., :r], AgA_At[..., :r, :], jitter)
     BtB_inv = ridge_inverse_from_eigh(*eb, ridge)
     AAt_inv = ridge_inverse_from_eigh(*ea, ridge)
     # The 1/s² and every product that can be are folded into r×r matrices (the m×m projector is never
@@ -302,7 +330,14 @@ def _cat(tensors: list[Tensor]) -> Tensor:
 
 
 def optimal_equivalent_gradient(
-    A: Tensor, B: Tensor, g_A: Tensor, g_B: Tensor, scaling: float | Tensor, *, ridge: float = 0.0
+    A: Tensor,
+    B: Tensor,
+    g_A: Tensor,
+    g_B: Tensor,
+    scaling: float | Tensor,
+    *,
+    ridge: float = 0.0,
+    jitter: float = 0.0,
 ) -> Tensor:
     """The optimal ``g̃`` (m, n) directly: ``(1/s)[B(BᵀB)⁻¹g_A + (I − P_B) g_B (AAᵀ)⁻¹ A]``.
 
@@ -312,8 +347,9 @@ def optimal_equivalent_gradient(
     _check_factors(A, B, g_A, g_B)
     dt = accumulation_dtype(A.dtype)
     A, B, g_A, g_B = (t.to(dt) for t in (A, B, g_A, g_B))
+    _check_jitter(jitter)
     s = _scale(scaling, A)
-    eb, ea = _eigh_grams(A, B)
+    eb, ea = _eigh_grams(A, B, jitter)
     BtB_inv, AAt_inv = ridge_inverse_from_eigh(*eb, ridge), ridge_inverse_from_eigh(*ea, ridge)
     M = g_B @ AAt_inv
     M = M - B @ (BtB_inv @ (B.mT @ M))

@@ -1,4 +1,7 @@
-"""The seed project's entry point (laihongphuc/lora_pro): ``AdamWLoRAPro(params, lr, ..., T_max, scaling_factor)``.
+"""The seed project's entry point (laihongphuc/lora_pro on GitHub): ``AdamWLoRAPro(params, lr, ..., T_max, scaling_factor)``.
+
+Not the PyPI package ``lora-pro-adamw`` (import name ``lora_pro``), a different project: its
+``LoRAProAdamW`` drop-in is :mod:`loralab.lora_pro.lora_pro_adamw`.
 
 The seed's ``AdamWLoraPro`` is a plain class (not a ``torch.optim.Optimizer``) that takes
 ``model.parameters()``, keeps those with ``requires_grad`` and assumes they alternate ``A, B, A, B``

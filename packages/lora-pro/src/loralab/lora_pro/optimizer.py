@@ -96,9 +96,12 @@ class LoraProAdamW(torch.optim.Optimizer):
             param-group dicts together with ``pairs=``.
         lr, betas, eps, weight_decay: as ``torch.optim.AdamW``.
         mode: ``"efficient"`` (LoRA-sized Adam states) or ``"full"`` (m×n Adam states on ``g̃``).
-        x_mode: ``"sylvester"`` (Theorem 2.3), ``"zero"`` or ``"symmetry"`` (official closed form).
+        x_mode: ``"sylvester"`` (Theorem 2.3), ``"zero"``, ``"symmetry"`` (official closed form) or
+            ``"sylvester_swapped"`` (``AAᵀ·X + X·BᵀB``, lora-pro-adamw's "vec" solver).
         ridge: relative ridge of the r×r inverses; ``0`` = pseudo-inverse (exact minimum-norm
             least squares, handles ``B = 0`` at initialisation).
+        jitter: absolute ``jitter·I`` added to ``BᵀB`` and ``AAᵀ`` before every inverse and the
+            Sylvester solve (default ``0``; lora-pro-adamw's regularisation, which its drop-in sets).
         weight_decay_mode: ``"factors"`` multiplies A and B by ``1 − lr·λ`` (official efficient mode);
             ``"effective"`` decays the effective weight ``W0 + s·B·A`` by ``1 − lr·λ``: A and B by
             ``√(1 − lr·λ)`` and the frozen base weight by ``1 − lr·λ`` (official full mode). Default:
@@ -108,7 +111,7 @@ class LoraProAdamW(torch.optim.Optimizer):
         scaling: override every layer's scaling ``s`` (the seed API's ``scaling_factor``).
         check_finite: raise ``FloatingPointError`` naming the layer when a gradient is NaN/Inf.
 
-    Param groups carry ``mode``, ``x_mode``, ``ridge`` and ``weight_decay_mode``; a LoRA layer's A and
+    Param groups carry ``mode``, ``x_mode``, ``ridge``, ``jitter`` and ``weight_decay_mode``; a LoRA layer's A and
     B must be in the same group.
 
     Example:
@@ -126,6 +129,7 @@ class LoraProAdamW(torch.optim.Optimizer):
         mode: Mode = "efficient",
         x_mode: XMode = "sylvester",
         ridge: float = 0.0,
+        jitter: float = 0.0,
         weight_decay_mode: WeightDecayMode | None = None,
         pairs: Iterable[LoraPair] | None = None,
         adapter_name: str | None = None,
@@ -171,6 +175,7 @@ class LoraProAdamW(torch.optim.Optimizer):
             mode=mode,
             x_mode=x_mode,
             ridge=ridge,
+            jitter=jitter,
             weight_decay_mode=weight_decay_mode,
         )
         self.check_finite = check_finite
@@ -196,6 +201,8 @@ class LoraProAdamW(torch.optim.Optimizer):
             raise ValueError(f"x_mode must be one of {X_MODES}, got {group['x_mode']!r}")
         if not group["ridge"] >= 0:
             raise ValueError(f"ridge must be >= 0, got {group['ridge']!r}")
+        if not group["jitter"] >= 0:
+            raise ValueError(f"jitter must be >= 0, got {group['jitter']!r}")
         if group["weight_decay_mode"] is None:
             group["weight_decay_mode"] = "effective" if group["mode"] == "full" else "factors"
         if group["weight_decay_mode"] not in WEIGHT_DECAY_MODES:
@@ -435,7 +442,14 @@ class LoraProAdamW(torch.optim.Optimizer):
             s = torch.tensor([p.scaling for p in bucket], dtype=accumulation_dtype(A.dtype))
             try:
                 gA, gB = lora_pro_gradients(
-                    A, B, g_A, g_B, s, x_mode=group["x_mode"], ridge=group["ridge"]
+                    A,
+                    B,
+                    g_A,
+                    g_B,
+                    s,
+                    x_mode=group["x_mode"],
+                    ridge=group["ridge"],
+                    jitter=group.get("jitter", 0.0),
                 )
             except torch.linalg.LinAlgError:
                 self._raise_non_finite_inputs(bucket)  # NaN/Inf factors: name the layer
@@ -580,6 +594,7 @@ class LoraProAdamW(torch.optim.Optimizer):
                     [it[3] for it in items],
                     x_mode=group["x_mode"],
                     ridge=group["ridge"],
+                    jitter=group.get("jitter", 0.0),
                 )
             except torch.linalg.LinAlgError:
                 # the r×r eigendecompositions fail on NaN/Inf factors: say which layer, not LAPACK's code
@@ -749,7 +764,9 @@ class LoraProAdamW(torch.optim.Optimizer):
         A, B, g_A, g_B, s = self._stack(bucket)
         dt = accumulation_dtype(A.dtype)
         A, B, sd = A.to(dt), B.to(dt), s.to(dt)
-        gt = optimal_equivalent_gradient(A, B, g_A, g_B, sd, ridge=group["ridge"])
+        gt = optimal_equivalent_gradient(
+            A, B, g_A, g_B, sd, ridge=group["ridge"], jitter=group.get("jitter", 0.0)
+        )
         self._check_out(bucket, gt)
         m, n = B.shape[-2], A.shape[-1]
         steps = []
@@ -778,7 +795,13 @@ class LoraProAdamW(torch.optim.Optimizer):
         # Bring the Adam direction back to the factors: the (gᴬ, gᴮ) whose equivalent gradient is closest
         # to N (Theorem 2.1 applied to N instead of G; official step_full).
         dA, dB = lora_pro_gradients(
-            A, B, *lora_gradients(A, B, N, sd), sd, x_mode=group["x_mode"], ridge=group["ridge"]
+            A,
+            B,
+            *lora_gradients(A, B, N, sd),
+            sd,
+            x_mode=group["x_mode"],
+            ridge=group["ridge"],
+            jitter=group.get("jitter", 0.0),
         )
         self._check_out(bucket, dA, dB)
         lr, wd = group["lr"], group["weight_decay"]
