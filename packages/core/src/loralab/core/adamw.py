@@ -87,18 +87,21 @@ def adamw_direction(
     betas: tuple[float, float],
     eps: float,
     style: AdamWStyle = "torch",
+    correct_bias: bool = True,
 ) -> list[Tensor]:
     """Update the moments in place and return the Adam directions ``N`` (the update is ``−lr·N``).
 
     Used by optimizers that must transform the direction before applying it (GaLore projects it back
     to the full space; LoRA-Pro's full mode projects it onto the LoRA factors).
+    ``correct_bias=False`` drops the bias corrections (bc₁ = bc₂ = 1: ``N = m / (√v + ε)`` in both
+    styles), transformers' ``AdamW(correct_bias=False)`` as in BERT's TF code.
     """
     if step < 1:
         raise ValueError(f"step is 1-based, got {step}")
     beta1, beta2 = betas
     _update_moments_(grads, exp_avgs, exp_avg_sqs, beta1, beta2)
-    bc1 = 1 - beta1**step
-    bc2 = 1 - beta2**step
+    bc1 = 1 - beta1**step if correct_bias else 1.0
+    bc2 = 1 - beta2**step if correct_bias else 1.0
     if style == "torch":
         denom = _torch_denom(exp_avg_sqs, bc2, eps)
         out = torch._foreach_div(list(exp_avgs), denom)

@@ -10,6 +10,8 @@ Example:
     >>> opt = create_golore_optimizer(tiny_llama(), 1e-3, rank=8, rand_ratio=0.8, total_steps=100)
 """
 
+from loralab.golore.adafactor import GaLoreAdafactor, GoLoreAdafactor
+from loralab.golore.adamw8bit import GaLoreAdamW8bit, GoLoreAdamW8bit, optimizer_state_bytes
 from loralab.golore.factory import (
     create_galore_optimizer,
     create_golore_optimizer,
@@ -34,9 +36,13 @@ from loralab.golore.relora import (
 
 __version__ = "0.1.0"
 __all__ = [
+    "GaLoreAdafactor",
     "GaLoreAdamW",
+    "GaLoreAdamW8bit",
     "GaLoreSGD",
+    "GoLoreAdafactor",
     "GoLoreAdamW",
+    "GoLoreAdamW8bit",
     "GoLoreSGD",
     "LayerwiseStepHandle",
     "ReLoRaCallback",
@@ -47,6 +53,7 @@ __all__ = [
     "create_galore_optimizer",
     "create_golore_optimizer",
     "merge_and_reinit",
+    "optimizer_state_bytes",
     "register_layerwise_step",
     "resolve_rand_step",
     "subspace_param_groups",

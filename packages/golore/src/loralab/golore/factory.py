@@ -17,13 +17,27 @@ from torch import nn
 from torch.optim import Optimizer
 
 from loralab.core.targets import TargetSpec, find_targets
+from loralab.golore.adafactor import GaLoreAdafactor, GoLoreAdafactor
+from loralab.golore.adamw8bit import GaLoreAdamW8bit, GoLoreAdamW8bit
 from loralab.golore.optimizer import GaLoreAdamW, GaLoreSGD, GoLoreAdamW, GoLoreSGD
 
 __all__ = ["create_galore_optimizer", "create_golore_optimizer", "subspace_param_groups"]
 
 logger = logging.getLogger(__name__)
 
-OPTIMIZERS = ("adamw", "sgd")
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "sgd")
+_GALORE = {
+    "adamw": GaLoreAdamW,
+    "adamw8bit": GaLoreAdamW8bit,
+    "adafactor": GaLoreAdafactor,
+    "sgd": GaLoreSGD,
+}
+_GOLORE = {
+    "adamw": GoLoreAdamW,
+    "adamw8bit": GoLoreAdamW8bit,
+    "adafactor": GoLoreAdafactor,
+    "sgd": GoLoreSGD,
+}
 
 
 def subspace_param_groups(
@@ -59,10 +73,9 @@ def subspace_param_groups(
 
 
 def _build(
-    cls_adamw: type,
-    cls_sgd: type,
+    classes: dict[str, type],
     model: nn.Module,
-    lr: float,
+    lr: float | None,
     optimizer: str,
     targets: TargetSpec,
     weight_decay: float,
@@ -72,15 +85,15 @@ def _build(
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     groups = subspace_param_groups(model, targets, **subspace)
-    if optimizer == "adamw":
-        return cls_adamw(groups, lr=lr, weight_decay=weight_decay, **extra)
-    extra = {"momentum": 0.9, **extra}
-    return cls_sgd(groups, lr=lr, weight_decay=weight_decay, **extra)
+    if optimizer == "sgd":
+        extra = {"momentum": 0.9, **extra}
+    # unknown keyword arguments raise the optimizer's own TypeError naming them
+    return classes[optimizer](groups, lr=lr, weight_decay=weight_decay, **extra)
 
 
 def create_galore_optimizer(
     model: nn.Module,
-    lr: float,
+    lr: float | None,
     *,
     rank: int = 128,
     update_proj_gap: int = 200,
@@ -95,16 +108,20 @@ def create_galore_optimizer(
 
     Args:
         model: the model; its trainable parameters are all optimized.
-        lr: learning rate.
+        lr: learning rate (``None`` only for ``optimizer="adafactor"`` with its default
+            ``relative_step=True``; a float there needs ``relative_step=False``).
         rank, update_proj_gap, scale, proj_type: GaLore's projector settings (paper defaults for
             pre-training: 128 / 200 / 0.25 / std).
         weight_decay: decoupled (AdamW) or L2 (SGD) weight decay.
         targets: which layers get a projector (``"all-linear"``, a regex, or names; see
             :func:`loralab.core.find_targets`).
-        optimizer: ``"adamw"`` (:class:`GaLoreAdamW`) or ``"sgd"`` (:class:`GaLoreSGD`, momentum 0.9
-            unless given).
+        optimizer: ``"adamw"`` (:class:`GaLoreAdamW`), ``"adamw8bit"`` (:class:`GaLoreAdamW8bit`),
+            ``"adafactor"`` (:class:`GaLoreAdafactor`) or ``"sgd"`` (:class:`GaLoreSGD`, momentum
+            0.9 unless given).
         **optimizer_kwargs: passed to the optimizer (``betas``, ``eps``, ``momentum``,
-            ``reproject_moments``, ``second_moment``, ``svd_method``, ``seed``, ...).
+            ``optim_bits``, ``min_8bit_size``, ``relative_step``, ``reproject_moments``,
+            ``second_moment``, ``svd_method``, ``seed``, ...); one it does not take raises its
+            ``TypeError`` naming it.
 
     Example:
         >>> from loralab.core.testing import tiny_llama
@@ -112,8 +129,7 @@ def create_galore_optimizer(
     """
     subspace = dict(rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type)
     return _build(
-        GaLoreAdamW,
-        GaLoreSGD,
+        _GALORE,
         model,
         lr,
         optimizer,
@@ -126,7 +142,7 @@ def create_galore_optimizer(
 
 def create_golore_optimizer(
     model: nn.Module,
-    lr: float,
+    lr: float | None,
     *,
     rank: int = 128,
     update_proj_gap: int = 200,
@@ -159,8 +175,7 @@ def create_golore_optimizer(
         total_steps=total_steps,
     )
     return _build(
-        GoLoreAdamW,
-        GoLoreSGD,
+        _GOLORE,
         model,
         lr,
         optimizer,

@@ -282,16 +282,21 @@ class SubspaceOptimizer(Optimizer):
             ) from e
         old = self._projector_mats(state, side)
         if old is not None and group["reproject_moments"]:
-            trans = transition_matrices(old, new, side)
-            for key in self._moment_keys:
-                if key == "exp_avg_sq":
-                    if group["second_moment"] == "project":
-                        state[key].copy_(reproject_second_moment(state[key], trans, side))
-                elif key in state:
-                    # copy_ into the stored tensor: re-binding a local name (GoLore's golore_adamw)
-                    # silently leaves the state in the old basis.
-                    state[key].copy_(reproject_first_moment(state[key], trans, side))
+            self._reproject_moments(state, transition_matrices(old, new, side), side, group)
         self._store_mats(state, side, new)
+
+    def _reproject_moments(
+        self, state: dict[str, Any], trans: tuple[Tensor, ...], side: Side, group: dict[str, Any]
+    ) -> None:
+        """Carry the low-rank moments into the new basis (subclasses with other state layouts override)."""
+        for key in self._moment_keys:
+            if key == "exp_avg_sq":
+                if group["second_moment"] == "project" and key in state:
+                    state[key].copy_(reproject_second_moment(state[key], trans, side))
+            elif key in state:
+                # copy_ into the stored tensor: re-binding a local name (GoLore's golore_adamw)
+                # silently leaves the state in the old basis.
+                state[key].copy_(reproject_first_moment(state[key], trans, side))
 
     # ---------------------------------------------------------------- stepping
     def _group_index(self, group: dict[str, Any], default: int) -> int:
@@ -495,6 +500,11 @@ class GaLoreAdamW(SubspaceOptimizer):
     Args:
         params: parameters or param-group dicts.
         lr, betas, eps, weight_decay: AdamW hyper-parameters (eps 1e-6 as galore-torch).
+        correct_bias: ``False`` drops Adam's bias corrections (transformers' / galore-torch's
+            ``AdamW(correct_bias=False)``; a per-group key like the others).
+        no_deprecation_warning: accepted for galore-torch's signature. galore-torch warns (unless
+            ``True``) that its copy of transformers' AdamW is deprecated; this class is not, so it
+            never warns and the flag has nothing to silence either way.
         adamw_style: ``"hf"`` (galore-torch's transformers-style AdamW: weight decay after the step,
             ``√bc₂/bc₁`` folded into the step size) or ``"torch"`` (``torch.optim.AdamW``).
 
@@ -513,6 +523,8 @@ class GaLoreAdamW(SubspaceOptimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-6,
         weight_decay: float = 0.0,
+        correct_bias: bool = True,
+        no_deprecation_warning: bool = False,
         *,
         adamw_style: str = "hf",
         rank: int | None = None,
@@ -528,11 +540,16 @@ class GaLoreAdamW(SubspaceOptimizer):
         svd_method: str = "auto",
         seed: int = 0,
     ) -> None:
+        if not isinstance(no_deprecation_warning, bool):
+            raise ValueError(
+                f"{type(self).__name__}: no_deprecation_warning must be a bool, got {no_deprecation_warning!r}"
+            )
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
             eps=eps,
             weight_decay=weight_decay,
+            correct_bias=correct_bias,
             adamw_style=adamw_style,
             rank=rank,
             update_proj_gap=update_proj_gap,
@@ -560,6 +577,8 @@ class GaLoreAdamW(SubspaceOptimizer):
             raise ValueError(
                 f"{where}: adamw_style must be 'hf' or 'torch', got {group['adamw_style']!r}"
             )
+        if not isinstance(group.get("correct_bias", True), bool):
+            raise ValueError(f"{where}: correct_bias must be a bool, got {group['correct_bias']!r}")
 
     def _update(
         self, group: dict[str, Any], items: list[tuple[Tensor, Tensor, dict[str, Any], Side | None]]
@@ -586,6 +605,7 @@ class GaLoreAdamW(SubspaceOptimizer):
                 betas=tuple(group["betas"]),
                 eps=group["eps"],
                 style=style,
+                correct_bias=group.get("correct_bias", True),
             )
             for k, d in zip(ks, dirs):
                 p, _g, state, side = items[k]
@@ -621,6 +641,8 @@ class GoLoreAdamW(GaLoreAdamW):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-6,
         weight_decay: float = 0.0,
+        correct_bias: bool = True,
+        no_deprecation_warning: bool = False,
         *,
         rand_ratio: float = 0.0,
         total_steps: int | None = None,
@@ -633,6 +655,8 @@ class GoLoreAdamW(GaLoreAdamW):
             betas,
             eps,
             weight_decay,
+            correct_bias,
+            no_deprecation_warning,
             rand_ratio=rand_ratio,
             total_steps=total_steps,
             rand_step=rand_step,

@@ -22,8 +22,14 @@ Differences from the reference (deliberate): moments are carried for any optimiz
 second moment is left as is (the reference's policy; ``second_moment="project"`` carries it as
 independent variances); the random projector is an exact Haar sample from a seeded generator;
 ``W`` is frozen at construction (the reference leaves it trainable until the first reset, so an
-optimizer built before it would train it in full); a missing full gradient, ``lora_only`` with kept
-weights and ``quantize`` raise clear errors instead of crashing later.
+optimizer built before it would train it in full); a missing full gradient and ``lora_only`` with
+kept weights raise clear errors instead of crashing later.
+
+``quantize="4bit"`` / ``"8bit"`` (the seed's flags, whose code crashes there) store the frozen ``W``
+with bitsandbytes (NF4 with optional double quantization, or int8 row-wise) while ``A``/``B`` stay
+float (QLoRA-style). On ``forward_type`` steps a zero float matrix is added to ``W`` for that one
+forward so that its gradient is the full gradient ``G``; :meth:`ReLoRaLinear.merge_and_reinit`
+dequantizes ``W``, folds the adapter in and re-quantizes with the layer's own settings.
 
 Example (the seed README's loop, with the import changed):
     >>> import torch
@@ -62,6 +68,7 @@ __all__ = ["ReLoRaCallback", "ReLoRaConfig", "ReLoRaLinear", "ReLoRaModel", "mer
 logger = logging.getLogger(__name__)
 
 FIRST_MOMENT_KEYS = ("exp_avg", "momentum_buffer")
+QUANTIZE = (None, "4bit", "8bit")
 
 
 @dataclass
@@ -85,10 +92,17 @@ class ReLoRaConfig:
     )
     scale: float = field(default=1.0, metadata={"help": "s in W_eff = W − s·A·B (GaLore's scale)"})
     quantize: str | None = field(
-        default=None, metadata={"help": "not supported: W must be floating point (see error)"}
+        default=None,
+        metadata={
+            "help": "store the frozen W quantized with bitsandbytes: '4bit' (NF4, blocksize 64) or '8bit' "
+            "(int8 row-wise, LLM.int8 without outliers); None keeps W in float"
+        },
     )
     use_double_quant: bool = field(
-        default=False, metadata={"help": "bitsandbytes double quantization (only with quantize)"}
+        default=False,
+        metadata={
+            "help": "QLoRA double quantization of the NF4 block scales (quantize='4bit' only)"
+        },
     )
     forward_type: bool = field(
         default=False,
@@ -109,16 +123,18 @@ class ReLoRaConfig:
             raise ValueError(
                 "lora_only=True drops W, so keep_original_weights must be False (the reference asserts the same)"
             )
-        if self.quantize is not None:
-            raise NotImplementedError(
-                f"ReLoRaModel(quantize={self.quantize!r}) is not supported: the GoLore/GaLore re-parameterisation trains W itself on "
-                "every projector refresh (forward_type=True) and merges the adapter into it, so W must be a floating-point "
-                "parameter (the reference creates no weight at all in this case and crashes on the first forward). For "
-                "memory savings use GoLoreAdamW / create_golore_optimizer on a bf16 model instead."
-            )
-        if self.use_double_quant:
+        if self.quantize not in QUANTIZE:
+            raise ValueError(f"quantize must be one of {QUANTIZE}, got {self.quantize!r}")
+        if not isinstance(self.use_double_quant, bool):
+            raise ValueError(f"use_double_quant must be a bool, got {self.use_double_quant!r}")
+        if self.use_double_quant and self.quantize != "4bit":
             raise ValueError(
-                "use_double_quant=True needs quantize, which is not supported (see quantize)"
+                "use_double_quant=True quantizes the NF4 block scales, so it needs quantize='4bit', "
+                f"got quantize={self.quantize!r}"
+            )
+        if self.quantize is not None and self.lora_only:
+            raise ValueError(
+                f"quantize={self.quantize!r} quantizes W, but lora_only=True has no W; use one or the other"
             )
 
 
@@ -159,6 +175,53 @@ class ReLoRaLinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
         self.lora_B.requires_grad_(not self.proj_type)
         self.lora_A.requires_grad_(self.proj_type)
+        self.base_layer: nn.Module | None = None
+        self._grad_probe: Tensor | None = None
+        if config.quantize is not None:
+            self.quantize_(config.quantize, config.use_double_quant)
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the frozen W is stored quantized (in ``base_layer``, a bitsandbytes layer)."""
+        return self.base_layer is not None
+
+    @torch.no_grad()
+    def quantize_(self, quantize: str, use_double_quant: bool = False) -> None:
+        """Move the float W into a bitsandbytes layer: ``"4bit"`` NF4 (blocksize 64, double quantization
+        of the block scales if ``use_double_quant``, compute dtype = W's dtype) or ``"8bit"`` int8 row-wise.
+
+        The LoRA-style factors stay float; the bias stays a float parameter next to the quantized layer.
+        """
+        import bitsandbytes as bnb
+
+        if self.weight is None:
+            raise ValueError("quantize_: lora_only=True has no W to quantize")
+        if quantize not in ("4bit", "8bit"):
+            raise ValueError(f"quantize must be '4bit' or '8bit', got {quantize!r}")
+        if use_double_quant and quantize != "4bit":
+            raise ValueError(
+                f"use_double_quant=True needs quantize='4bit', got quantize={quantize!r}"
+            )
+        w = self.weight.detach()
+        if quantize == "4bit":
+            layer = bnb.nn.Linear4bit(
+                self.in_features, self.out_features, bias=False, compute_dtype=w.dtype,
+                compress_statistics=use_double_quant, quant_type="nf4", device="meta",
+            )  # fmt: skip
+            layer.weight = bnb.nn.Params4bit(
+                w.to("cpu").clone(), requires_grad=False, quant_type="nf4", blocksize=64,
+                compress_statistics=use_double_quant, module=layer,
+            )  # fmt: skip
+        else:
+            layer = bnb.nn.Linear8bitLt(
+                self.in_features, self.out_features, bias=False, has_fp16_weights=False,
+                device="meta",
+            )  # fmt: skip
+            layer.weight = bnb.nn.Int8Params(
+                w.to("cpu", torch.float16).clone(), requires_grad=False, has_fp16_weights=False
+            )
+        self.base_layer = layer.to(w.device)  # bitsandbytes quantizes on the move to the device
+        self.weight = None
 
     @property
     def trained_factor(self) -> nn.Parameter:
@@ -173,11 +236,20 @@ class ReLoRaLinear(nn.Module):
     def effective_weight(self) -> Tensor:
         """``W − s·A·B`` (out, in)."""
         delta = self.lora_A.weight @ self.lora_B.weight
+        if self.quantized:
+            return self._dequantized().to(delta.dtype) - self.scale * delta
         if self.weight is None:
             return -self.scale * delta
         return self.weight - self.scale * delta
 
+    def _dequantized(self) -> Tensor:
+        from loralab.core.quant import dequantize_weight
+
+        return dequantize_weight(self.base_layer, dtype=self.lora_A.weight.dtype)
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.quantized:
+            return self._forward_quantized(x)
         if (
             self.relora_config.forward_type
             and self.weight is not None
@@ -192,6 +264,22 @@ class ReLoRaLinear(nn.Module):
             # the reference's lora_only path returns +s·A·B·x (no W at all)
             return low
         return F.linear(x, self.weight, self.bias) - low
+
+    def _forward_quantized(self, x: Tensor) -> Tensor:
+        y = self.base_layer(x).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        if self.relora_config.forward_type and self._grad_probe is None:
+            # A quantized W has no gradient: add a zero float matrix to W for this step, whose
+            # gradient is the full gradient G of W (the float path makes W itself trainable instead).
+            self._grad_probe = torch.zeros(
+                self.out_features, self.in_features, device=x.device, dtype=self.lora_A.weight.dtype,
+                requires_grad=True,
+            )  # fmt: skip
+            self.trained_factor.requires_grad_(False)
+        if self._grad_probe is not None:
+            y = y + F.linear(x, self._grad_probe.to(x.dtype))
+        return y - self.lora_A(self.lora_B(self.lora_dropout(x))) * self.scale
 
     def _new_projector(self, grad: Tensor, rand: bool, generator: torch.Generator) -> Tensor:
         out_f, in_f = grad.shape
@@ -217,21 +305,33 @@ class ReLoRaLinear(nn.Module):
         if self.lora_only:
             logger.warning("merge_and_reinit skipped: lora_only=True has no W to merge into")
             return
-        if self.weight.grad is None:
+        holder = self._grad_probe if self.quantized else self.weight
+        if holder is None or holder.grad is None:
             raise RuntimeError(
                 "merge_and_reinit needs the full gradient of W: set model._config.forward_type = True before the "
                 "forward/backward of this step (the seed loop sets it on the steps where reset_relora is True)"
             )
         if second_moment not in ("keep", "project"):
             raise ValueError(f"second_moment must be 'keep' or 'project', got {second_moment!r}")
-        wg = self.weight.grad.detach().clone()
+        wg = holder.grad.detach().clone()
         if not torch.isfinite(wg).all():
             raise FloatingPointError(
                 f"merge_and_reinit: the gradient of W ({tuple(wg.shape)}) has NaN/Inf values"
             )
-        self.weight.grad = None
-        self.weight.requires_grad_(False)
-        self.weight.add_(self.lora_A.weight @ self.lora_B.weight, alpha=-self.scale)  # W ← W_eff
+        if self.quantized:
+            from loralab.core.quant import requantize_weight_
+
+            self._grad_probe = None
+            # W ← W_eff, re-quantized with the layer's own settings (NF4/int8, blocksize, double
+            # quantization, quantization dtype); the compute dtype of the layer is untouched
+            merged = self._dequantized() - self.scale * (self.lora_A.weight @ self.lora_B.weight)
+            requantize_weight_(self.base_layer, merged)
+        else:
+            self.weight.grad = None
+            self.weight.requires_grad_(False)
+            self.weight.add_(
+                self.lora_A.weight @ self.lora_B.weight, alpha=-self.scale
+            )  # W ← W_eff
         old = self.projector.detach().clone()
         new = self._new_projector(wg, rand, generator or torch.Generator().manual_seed(0)).to(
             old.dtype
@@ -395,7 +495,23 @@ class ReLoRaModel(nn.Module):
         return self._generator
 
     def save_pretrained(self, path: str | os.PathLike[str], **kwargs: Any) -> None:
-        """The wrapped model's ``save_pretrained`` plus ``relora_config.json`` (as the reference)."""
+        """The wrapped model's ``save_pretrained`` plus ``relora_config.json`` (as the reference).
+
+        A quantized W is saved as its dequantized float values under the float layout's key
+        (``<layer>.weight``), so the checkpoint has one layout; :meth:`from_pretrained` quantizes it
+        again with the saved ``quantize`` / ``use_double_quant``.
+        """
+        layers = {
+            n: m for n, m in self.wrapped_model.named_modules() if isinstance(m, ReLoRaLinear)
+        }
+        if any(m.quantized for m in layers.values()) and "state_dict" not in kwargs:
+            sd = self.wrapped_model.state_dict()
+            for name, m in layers.items():
+                if m.quantized:
+                    for k in [k for k in sd if k.startswith(f"{name}.base_layer.")]:
+                        del sd[k]
+                    sd[f"{name}.weight"] = m._dequantized().detach().clone()
+            kwargs["state_dict"] = sd
         self.wrapped_model.save_pretrained(path, **kwargs)
         with open(os.path.join(path, "relora_config.json"), "w") as fh:
             json.dump(asdict(self._config), fh, indent=2)
@@ -429,6 +545,13 @@ class ReLoRaModel(nn.Module):
             raise RuntimeError(
                 f"ReLoRaModel.from_pretrained: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
             )
+        if cfg.get("quantize") is not None:
+            ReLoRaConfig(**{**cfg, "forward_type": False})  # validates the saved settings by name
+            model._config.quantize = cfg["quantize"]
+            model._config.use_double_quant = cfg.get("use_double_quant", False)
+            for m in model.modules():
+                if isinstance(m, ReLoRaLinear):
+                    m.quantize_(cfg["quantize"], model._config.use_double_quant)
         return model
 
 
