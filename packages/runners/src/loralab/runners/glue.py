@@ -18,6 +18,7 @@ import torch
 
 from loralab.runners.arguments import TrainArgs, _f, parse_args
 from loralab.runners.data import dtype_kwargs, load_split, pad_collate, require_columns, take
+from loralab.runners.preflight import check_train_args
 from loralab.runners.training import TrainResult, train
 
 __all__ = [
@@ -252,6 +253,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     args = parse_args(GlueArgs, argv, description=__doc__ or "")
+    # bad input refused before any model or data loads
+    check_train_args(args, auto_class="AutoModelForSequenceClassification")
     return run(args).metrics
 
 

@@ -34,6 +34,7 @@ from loralab.runners.gsm8k import (
     gsm8k_accuracy,
     write_predictions,
 )
+from loralab.runners.preflight import check_train_args
 from loralab.runners.training import TrainResult, train
 
 __all__ = ["MetaMathArgs", "encode_sft", "evaluate_gsm8k", "load_causal_lm", "main", "run"]
@@ -291,6 +292,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     args = parse_args(MetaMathArgs, argv, description=__doc__ or "")
+    check_train_args(args)  # bad input refused before any model or data loads
     result = run(args)
     return result if isinstance(result, dict) else result.metrics
 

@@ -29,6 +29,7 @@ import torch
 
 from loralab.runners.arguments import TrainArgs, _f, parse_args
 from loralab.runners.data import load_split, pad_collate, require_columns, take
+from loralab.runners.preflight import check_train_args
 from loralab.runners.training import TrainResult, train
 
 __all__ = [
@@ -243,6 +244,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     args = parse_args(WinoGrandeArgs, argv, description=__doc__ or "")
+    check_train_args(args)  # bad input refused before any model or data loads
     return run(args).metrics
 
 
