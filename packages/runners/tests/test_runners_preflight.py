@@ -393,3 +393,24 @@ def test_existing_fixtures_pass(tiny_dirs, glue_files, tmp_path):
         glue_argv(tiny_dirs["roberta"], glue_files, tmp_path / "out", "--lora_r", "4"),
     )
     preflight.check_train_args(args, auto_class="AutoModelForSequenceClassification")
+
+
+def test_json_file_with_a_non_utf8_first_line_names_it(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_bytes(b'{"a": "\xff"}\n')
+    with pytest.raises(
+        PreflightError, match=r"--train_file .*a\.json, line 1: byte 0xff at column 8"
+    ):
+        check_data_file(str(path), "--train_file")
+
+
+def test_large_json_array_is_checked_for_utf8_only(tmp_path, monkeypatch):
+    # above WHOLE_JSON_LIMIT the file is streamed (UTF-8 per line), not held in memory to parse
+    monkeypatch.setattr(preflight, "WHOLE_JSON_LIMIT", 10)
+    path = tmp_path / "big.json"
+    path.write_text('[{"a": 1},\n {"a": 2}]\n')
+    check_data_file(str(path), "--train_file")
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(b'[{"a": 1},\n {"a": "\xe9"}]\n')
+    with pytest.raises(PreflightError, match=r"bad\.json, line 2: byte 0xe9"):
+        check_data_file(str(bad), "--train_file")

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import csv
 import difflib
-import io
 import json
 import logging
 import os
@@ -239,21 +238,30 @@ _FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".p
 _checked: set[tuple[str, int, int]] = set()
 
 
-def _lines(raw: bytes, where: str) -> Iterator[tuple[int, str]]:
-    """``(line number, text)`` of UTF-8 ``raw``; a non-UTF-8 byte is named with its line and column."""
-    for n, line in enumerate(raw.splitlines(), start=1):
-        try:
-            yield n, line.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise PreflightError(
-                f"{where}, line {n}: byte 0x{line[exc.start]:02x} at column {exc.start + 1} is not "
-                "UTF-8; save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 IN > OUT)"
-            ) from None
+WHOLE_JSON_LIMIT = 512 * 2**20
+"""Largest ``.json`` array parsed whole by the check (bytes); a larger one is checked for UTF-8 only
+and its JSON is left to ``datasets`` (a whole parse would hold the file in memory twice)."""
 
 
-def _check_json_lines(raw: bytes, where: str) -> int:
+def _lines(path: Path, where: str) -> Iterator[tuple[int, str]]:
+    """``(line number, text with its line end)`` of the UTF-8 file at ``path``, streamed; a non-UTF-8
+    byte is named with its line and column."""
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, start=1):
+            if n == 1 and line.startswith(b"\xef\xbb\xbf"):
+                line = line[3:]  # a UTF-8 byte-order mark
+            try:
+                yield n, line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise PreflightError(
+                    f"{where}, line {n}: byte 0x{line[exc.start]:02x} at column {exc.start + 1} is "
+                    "not UTF-8; save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 IN > OUT)"
+                ) from None
+
+
+def _check_json_lines(path: Path, where: str) -> int:
     rows = 0
-    for n, text in _lines(raw, where):
+    for n, text in _lines(path, where):
         if not text.strip():
             continue
         try:
@@ -272,22 +280,33 @@ def _check_json_lines(raw: bytes, where: str) -> int:
     return rows
 
 
-def _check_json(raw: bytes, where: str) -> int:
+def _first_char(path: Path, where: str) -> str:
+    for _, text in _lines(path, where):
+        if text.strip():
+            return text.strip()[0]
+    return ""
+
+
+def _check_json(path: Path, where: str) -> int:
     """A ``.json`` file: a JSON array of objects, or JSON lines (``datasets`` reads both)."""
-    for _ in _lines(raw, where):  # names the first non-UTF-8 line
-        pass
-    text = raw.decode("utf-8").lstrip("\ufeff")
-    if not text.lstrip().startswith("["):
+    whole_ok = path.stat().st_size <= WHOLE_JSON_LIMIT
+    if _first_char(path, where) != "[":
         try:
-            return _check_json_lines(raw, where)
+            return _check_json_lines(path, where)
         except PreflightError as line_error:
+            if not whole_ok or "UTF-8" in str(line_error):
+                raise
             try:  # one JSON object spread over several lines
-                whole = json.loads(text)
+                whole = json.loads(path.read_bytes().decode("utf-8-sig"))
             except json.JSONDecodeError:
                 raise line_error from None
             return 1 if isinstance(whole, dict) and whole else 0
+    if not whole_ok:
+        return sum(1 for _ in _lines(path, where))  # UTF-8 checked; the JSON is left to datasets
+    for _ in _lines(path, where):  # names the first non-UTF-8 line
+        pass
     try:
-        rows = json.loads(text)
+        rows = json.loads(path.read_bytes().decode("utf-8-sig"))
     except json.JSONDecodeError as exc:
         raise PreflightError(
             f"{where}, line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}); the file "
@@ -302,9 +321,8 @@ def _check_json(raw: bytes, where: str) -> int:
     return len(rows)
 
 
-def _check_csv(raw: bytes, where: str, delimiter: str) -> int:
-    lines = [text for _, text in _lines(raw, where)]
-    reader = csv.reader(io.StringIO("\n".join(lines)), delimiter=delimiter)
+def _check_csv(path: Path, where: str, delimiter: str) -> int:
+    reader = csv.reader((text for _, text in _lines(path, where)), delimiter=delimiter)
     header: list[str] | None = None
     rows = 0
     try:
@@ -374,17 +392,14 @@ def check_data_file(path: str, flag: str) -> None:
             ) from None
     else:
         try:
-            raw = p.read_bytes()
+            if suffix == ".jsonl":
+                rows = _check_json_lines(p, where)
+            elif suffix == ".json":
+                rows = _check_json(p, where)
+            else:
+                rows = _check_csv(p, where, "\t" if suffix == ".tsv" else ",")
         except OSError as exc:
             raise PreflightError(f"{where}: cannot be read ({exc.strerror})") from None
-        if raw.startswith(b"\xef\xbb\xbf"):
-            raw = raw[3:]
-        if suffix == ".jsonl":
-            rows = _check_json_lines(raw, where)
-        elif suffix == ".json":
-            rows = _check_json(raw, where)
-        else:
-            rows = _check_csv(raw, where, "\t" if suffix == ".tsv" else ",")
     if rows == 0:
         raise PreflightError(
             f"{where}: the file has no example (only blank lines or an empty list); it needs at "
