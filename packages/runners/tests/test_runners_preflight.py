@@ -414,3 +414,14 @@ def test_large_json_array_is_checked_for_utf8_only(tmp_path, monkeypatch):
     bad.write_bytes(b'[{"a": 1},\n {"a": "\xe9"}]\n')
     with pytest.raises(PreflightError, match=r"bad\.json, line 2: byte 0xe9"):
         check_data_file(str(bad), "--train_file")
+
+
+def test_classification_heads_are_not_rank_checked(tiny_dirs):
+    # T5's classification_head.out_proj is 2 x 64: trained in full (modules_to_save), never adapted
+    from loralab.runners.methods import method_args
+
+    preflight.check_ranks(
+        tiny_dirs["t5"],
+        [preflight.rank_request("lora", method_args("lora", lora_r=4))],
+        auto_class="AutoModelForSequenceClassification",
+    )

@@ -515,12 +515,18 @@ def check_ranks(model_path: str, requests: Sequence[RankRequest], *, auto_class:
             exc,
         )
         return
+    heads = None
+    if auto_class == "AutoModelForSequenceClassification":
+        from loralab.runners.glue import HEAD_NAMES
+
+        # the classification head is trained in full (modules_to_save), never adapted
+        heads = rf"(.*\.)?({'|'.join(HEAD_NAMES)})(\..*)?"
     for req in requests:
         spec = req.target_modules
         if isinstance(spec, str) and spec != "all-linear" and "," in spec:
             spec = [s.strip() for s in spec.split(",") if s.strip()]
         try:
-            targets = find_targets(model, spec)
+            targets = find_targets(model, spec, exclude_modules=heads)
         except TargetNotFoundError:
             continue  # the method reports unmatched targets itself, with PEFT's semantics
         if not targets:
