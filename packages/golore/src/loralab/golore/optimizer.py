@@ -210,8 +210,29 @@ class SubspaceOptimizer(Optimizer):
 
         torch casts every floating state tensor to its parameter's dtype; our moments and projectors
         are float32 for bf16/fp16 parameters, and a round trip through bf16 would lose precision
-        (and exact resume).
+        (and exact resume). A state saved for other shapes, another ``rank`` or ``proj_type`` is
+        refused (:func:`loralab.core.optim_state.check_state_dict`), naming the parameter.
         """
+        from loralab.core.optim_state import check_state_dict
+        from loralab.golore.projector import effective_rank, projector_side
+
+        def expected(p: Tensor, group: Any) -> dict[str, tuple[int, ...]]:
+            # a projected matrix keeps (r, n) / (m, r) / (r, r) moments and (m, r) / (r, n) projectors
+            moments = ("exp_avg", "exp_avg_sq", "momentum_buffer")
+            if group["rank"] is None or p.dim() != 2:
+                return dict.fromkeys(moments, tuple(p.shape))
+            m, n = p.shape
+            side = projector_side(p.shape, group["proj_type"])
+            r = effective_rank(p.shape, group["rank"], side)
+            low = {"left": (r, n), "right": (m, r), "full": (r, r)}[side]
+            out = dict.fromkeys(moments, low)
+            if side in ("left", "full"):
+                out["proj_left"] = (m, r)
+            if side in ("right", "full"):
+                out["proj_right"] = (r, n)
+            return out
+
+        check_state_dict(self, state_dict, expected, settings=("rank", "proj_type"))
         # torch rebuilds the param-group dicts: carry our per-group bookkeeping over, in order
         infos = [self.__dict__.get("_group_info", {}).get(id(g)) for g in self.param_groups]
         super().load_state_dict(state_dict)

@@ -298,6 +298,19 @@ class LoraFAAdamW(torch.optim.Optimizer):
                 f"non-finite gradient in {bad[:5]}{' …' if len(bad) > 5 else ''}; step skipped, parameters unchanged"
             )
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ``torch.optim.Optimizer.load_state_dict``, but a state saved for another model or LoRA
+        rank (moments of other shapes) is refused here, naming the parameter and both shapes
+        (:func:`loralab.core.optim_state.check_state_dict`), instead of failing at the next step."""
+        from loralab.core.optim_state import check_state_dict
+
+        def expected(p: Tensor, group: Any) -> dict[str, tuple[int, ...]]:
+            # B's moments hold its projected gradient, the shape of B itself
+            return dict.fromkeys(("exp_avg", "exp_avg_sq"), tuple(p.shape))
+
+        check_state_dict(self, state_dict, expected)
+        super().load_state_dict(state_dict)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One LoRA-FA AdamW step (B corrected, every other trainable parameter plain AdamW)."""

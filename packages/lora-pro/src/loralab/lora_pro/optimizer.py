@@ -309,8 +309,22 @@ class LoraProAdamW(torch.optim.Optimizer):
         """Load a state; moments keep the dtype they were saved in (float32 for bf16 parameters).
 
         ``torch.optim.Optimizer.load_state_dict`` casts every state tensor to its parameter's dtype,
-        which would round float32 moments of bf16 parameters (and break exact resume).
+        which would round float32 moments of bf16 parameters (and break exact resume). A state saved
+        for another model, LoRA rank or ``mode`` / ``x_mode`` is refused
+        (:func:`loralab.core.optim_state.check_state_dict`), naming the parameter and both shapes.
         """
+        from loralab.core.optim_state import check_state_dict
+
+        full_shapes = {id(pair.B): (pair.B.shape[0], pair.A.shape[1]) for pair in self._pairs}
+
+        def expected(p: Tensor, group: Any) -> dict[str, tuple[int, ...]]:
+            # efficient mode: moments of A and B themselves; full mode: (m, n) moments on B's entry
+            out = dict.fromkeys(("exp_avg", "exp_avg_sq"), tuple(p.shape))
+            if id(p) in full_shapes:
+                out.update(dict.fromkeys(("full_exp_avg", "full_exp_avg_sq"), full_shapes[id(p)]))
+            return out
+
+        check_state_dict(self, state_dict, expected, settings=("mode", "x_mode"))
         super().load_state_dict(state_dict)
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]

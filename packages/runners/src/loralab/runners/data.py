@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from loralab.core.quant import dtype_kwarg
+from loralab.runners.preflight import check_data_file
 
 __all__ = ["dtype_kwargs", "load_split", "pad_collate", "require_columns", "take"]
 
@@ -61,6 +62,9 @@ def load_split(
             raise ValueError(
                 f"{arg} {data_file}: unsupported extension {path.suffix!r} (use {', '.join(_BUILDERS)})"
             )
+        # names the file and line of an empty file, a non-UTF-8 byte or a broken JSON line, which
+        # datasets reports as a bare StopIteration / DatasetGenerationError / UnicodeDecodeError
+        check_data_file(data_file, arg)
         kw = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
         return datasets.load_dataset(builder, data_files={"data": str(path)}, split="data", **kw)
     if not name:

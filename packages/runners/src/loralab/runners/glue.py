@@ -25,6 +25,7 @@ from loralab.runners.data import dtype_kwargs, load_split, pad_collate, require_
 from loralab.runners.loop import to_device
 from loralab.runners.loop.finetune import TrainResult, check_output_dir, finetune
 from loralab.runners.predictions import write_predictions
+from loralab.runners.preflight import check_train_args
 
 __all__ = [
     "GLUE_TASKS",
@@ -276,6 +277,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     args = parse_args(GlueArgs, argv, description=__doc__ or "")
+    # bad input refused before any model or data loads
+    check_train_args(args, auto_class="AutoModelForSequenceClassification")
     return run(args).metrics
 
 

@@ -42,6 +42,7 @@ from loralab.runners.loop.finetune import (
     finetune,
 )
 from loralab.runners.loop.metrics import MetricsLog
+from loralab.runners.preflight import check_train_args
 
 __all__ = ["MetaMathArgs", "encode_sft", "evaluate_gsm8k", "load_causal_lm", "main", "run"]
 
@@ -287,6 +288,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     args = parse_args(MetaMathArgs, argv, description=__doc__ or "")
+    check_train_args(args)  # bad input refused before any model or data loads
     result = run(args)
     return result if isinstance(result, dict) else result.metrics
 

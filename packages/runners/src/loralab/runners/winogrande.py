@@ -30,6 +30,7 @@ from loralab.runners.arguments import TrainArgs, _f, parse_args
 from loralab.runners.data import load_split, pad_collate, require_columns, take
 from loralab.runners.loop.finetune import TrainResult, check_output_dir, finetune
 from loralab.runners.predictions import write_predictions
+from loralab.runners.preflight import check_train_args
 
 __all__ = [
     "WINOGRANDE_CONFIGS",
@@ -244,6 +245,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     args = parse_args(WinoGrandeArgs, argv, description=__doc__ or "")
+    check_train_args(args)  # bad input refused before any model or data loads
     return run(args).metrics
 
 

@@ -28,7 +28,6 @@ import logging
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import threading
 import time
@@ -37,10 +36,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from loralab.runners.compare.process import exit_on_sigterm, run_worker, worker_command
 from loralab.runners.compare.recipes import METHOD_ORDER, RECIPES, parse_overrides
 from loralab.runners.compare.report import load_records, markdown_table, plot_losses, summarize
-from loralab.runners.compare.task import available_tasks, metric_name, resolve_model
+from loralab.runners.compare.task import available_tasks, metric_name
 from loralab.runners.compare.worker import RunSpec, write_spec
+from loralab.runners.preflight import PreflightError, check_compare, check_overrides
 
 __all__ = ["CompareConfig", "main", "run_compare"]
 
@@ -107,6 +108,7 @@ class CompareConfig:
         if self.eval_every < 0:
             raise ValueError(f"--eval_every must be >= 0, got {self.eval_every}")
         parse_overrides(self.set, self.methods)  # raises on malformed --set
+        check_overrides(self.set, self.methods)  # unknown keys, wrong types: before any process
 
 
 def _device(name: str) -> str:
@@ -152,16 +154,13 @@ def _run_one(spec: RunSpec, run_dir: Path, progress: bool) -> int:
     log_path = run_dir / f"{spec.method}.log"
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "loralab.runners.compare.worker", str(spec_path)],
-            stdout=log,
-            stderr=subprocess.PIPE,
-            env=env,
-        )
-        assert proc.stderr is not None
-        sinks = [log] + ([sys.stderr.buffer] if progress else [])
-        pump = _tee(proc.stderr, *sinks)
-        code = proc.wait()
+        # the method process dies with this one (SIGTERM, SIGKILL, Ctrl-C): see compare.process
+        proc, reaper = run_worker(worker_command(str(spec_path)), stdout=log, env=env)
+        with reaper:
+            assert proc.stderr is not None
+            sinks = [log] + ([sys.stderr.buffer] if progress else [])
+            pump = _tee(proc.stderr, *sinks)
+            code = proc.wait()
         pump.join()
     return code
 
@@ -183,24 +182,85 @@ def _display_path(path: str | Path) -> str:
     return text
 
 
+COMPARABLE = (
+    "model_path",
+    "task",
+    "steps",
+    "batch_size",
+    "max_length",
+    "eval_every",
+    "seed",
+    "device",
+    "train_file",
+    "validation_file",
+    "max_train_samples",
+    "max_eval_samples",
+    "threads",
+)
+"""Settings that make two methods' results comparable: a re-run into the same ``--output_dir`` must
+keep them (``--methods``, ``--set`` and ``--no_progress`` may change)."""
+
+
+def _earlier_methods(out: Path, settings: dict[str, Any]) -> list[str]:
+    """Methods an earlier comparison in ``out`` ran with the same :data:`COMPARABLE` settings.
+
+    Raises:
+        PreflightError: ``out`` holds a comparison with other settings (named, old → new).
+    """
+    path = out / "config.json"
+    if not path.is_file():
+        return []
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise PreflightError(
+            f"--output_dir {out}: its config.json from an earlier comparison is unreadable ({exc}); "
+            "use another --output_dir, or delete that one"
+        ) from None
+    differ = [
+        f"{k} {earlier[k]!r} → {settings[k]!r}"
+        for k in COMPARABLE
+        if k in earlier and earlier[k] != settings[k]
+    ]
+    if differ:
+        raise PreflightError(
+            f"--output_dir {out} holds a comparison with other settings ({'; '.join(differ)}): its "
+            "results would not be comparable with this run's. Use another --output_dir, or re-run "
+            "with the same settings (then the methods given replace theirs and the others are kept)"
+        )
+    return [m for m in earlier.get("methods", []) if (out / "runs" / f"{m}.jsonl").is_file()]
+
+
 def run_compare(config: CompareConfig, command: str | None = None) -> dict[str, dict[str, Any]]:
     """Run every method of ``config`` and write the plots, table and metrics; returns per-method summaries.
 
     A method that fails (missing package, bad option, crash, divergence) gets a row saying why; the
     others still run. ``command`` is echoed in ``results.md`` (default: this process's command line).
+
+    Bad input (``--set`` keys and types, ``--device``, ``--model``, data files, ``--output_dir``,
+    ranks larger than a target layer) raises :class:`~loralab.runners.preflight.PreflightError`
+    before any method process starts. Re-running into an ``--output_dir`` that holds an earlier
+    comparison with the same settings keeps the earlier methods' results and replaces those of the
+    methods run again (the table, plots and ``metrics.jsonl`` show all of them); with other settings
+    (steps, seed, model, data, device ...) it is refused, naming them.
     """
     config.validate()
+    model_path, model_label = check_compare(config)
     out = Path(config.output_dir)
     run_dir = out / "runs"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    model_path, model_label = resolve_model(config.model, out)
     device = _device(config.device)
     overrides = parse_overrides(config.set, config.methods)
-    (out / "config.json").write_text(
-        json.dumps(
-            {**dataclasses.asdict(config), "model_path": model_path, "device": device}, indent=1
-        )
-    )
+    settings = {
+        **dataclasses.asdict(config),
+        "model_path": model_path,
+        "device": device,
+    }
+    earlier = _earlier_methods(out, settings)
+    kept = [m for m in earlier if m not in config.methods]
+    # the earlier table's order, then the methods new to this directory in the order given
+    all_methods = [*earlier, *(m for m in config.methods if m not in earlier)]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps({**settings, "methods": all_methods}, indent=1))
     started = datetime.now(timezone.utc)
     logger.info(
         "comparing %s on %s (%s) with %s",
@@ -209,59 +269,36 @@ def run_compare(config: CompareConfig, command: str | None = None) -> dict[str, 
         model_label,
         device,
     )
+    if kept:
+        logger.info("keeping the earlier results of %s in %s", ", ".join(kept), out)
     records: list[dict[str, Any]] = []
-    for i, method in enumerate(config.methods, start=1):
-        print(f"[{i}/{len(config.methods)}] {method}", file=sys.stderr, flush=True)
-        metrics_file = run_dir / f"{method}.jsonl"
-        spec = RunSpec(
-            method=method,
-            model_path=model_path,
-            metrics_file=str(metrics_file),
-            task=config.task,
-            hparams=overrides[method],
-            steps=config.steps,
-            batch_size=config.batch_size,
-            max_length=config.max_length,
-            eval_every=config.eval_every,
-            seed=config.seed,
-            device=device,
-            train_file=config.train_file,
-            validation_file=config.validation_file,
-            max_train_samples=config.max_train_samples,
-            max_eval_samples=config.max_eval_samples,
-            progress=config.progress,
-            threads=config.threads,
-        )
-        t0 = time.perf_counter()
-        code = _run_one(spec, run_dir, config.progress)
-        method_records = load_records(metrics_file) if metrics_file.exists() else []
-        summary = next((r for r in method_records if r["kind"] == "summary"), None)
-        if summary is None:  # the process died before it could say why (killed, out of memory, ...)
-            reason = _last_lines(run_dir / f"{method}.log") or f"exit code {code}"
-            summary = {
-                "kind": "summary",
-                "method": method,
-                "status": f"failed (exit {code}): {reason}",
-            }
-            method_records.append(summary)
-        if summary["status"] == "ok":
-            logger.info("%s done in %.1f s", method, time.perf_counter() - t0)
-        else:
-            logger.error("%s: %s (log: %s)", method, summary["status"], run_dir / f"{method}.log")
-        records += method_records
+    with exit_on_sigterm():
+        for i, method in enumerate(config.methods, start=1):
+            print(f"[{i}/{len(config.methods)}] {method}", file=sys.stderr, flush=True)
+            records += _compare_one(config, method, model_path, device, overrides[method], run_dir)
+    for method in kept:
+        records += _method_records(run_dir, method, None)
+    order = {m: i for i, m in enumerate(all_methods)}
+    records.sort(key=lambda r: order.get(r.get("method"), len(order)))
     with open(out / "metrics.jsonl", "w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
     summaries = summarize(records)
-    summaries = {m: summaries[m] for m in config.methods if m in summaries}
+    summaries = {m: summaries[m] for m in all_methods if m in summaries}
     metric = metric_name(config.task)
     title = f"{model_label} on {config.task}: {config.steps} steps x {config.batch_size} examples, seed {config.seed}"
-    plot_losses(records, config.methods, out, title)
+    plot_losses(records, all_methods, out, title)
     command = command or " ".join(["loralab", "compare", *map(shlex.quote, sys.argv[1:])])
     table = markdown_table(summaries, metric)
+    earlier_note = (
+        f"- kept from an earlier run in this directory (same settings): {', '.join(kept)} "
+        "(`runs/<method>.jsonl`, `runs/<method>.log`).\n"
+        if kept
+        else ""
+    )
     (out / "results.md").write_text(
         f"# loralab compare\n\n{title}\n\n{table}\n\n"
-        f"- command: `{command}`\n- machine: {_machine(device)}\n- date: {started:%Y-%m-%d %H:%M} UTC\n"
+        f"- command: `{command}`\n{earlier_note}- machine: {_machine(device)}\n- date: {started:%Y-%m-%d %H:%M} UTC\n"
         f"- model: `{_display_path(model_path)}`\n- time/step is the median optimizer step; init is the method's setup "
         "(gradient estimation and decomposition for LoRA-GA / LoRA-SB); peak RSS is each method's own process.\n"
         f"- hyper-parameters: `runs/<method>.jsonl` summary records; recipes in `loralab.runners.compare.recipes`.\n\n"
@@ -273,6 +310,58 @@ def run_compare(config: CompareConfig, command: str | None = None) -> dict[str, 
         flush=True,
     )
     return summaries
+
+
+def _method_records(run_dir: Path, method: str, code: int | None) -> list[dict[str, Any]]:
+    """``runs/<method>.jsonl``'s records, ending in a summary (a failed one when the process died)."""
+    metrics_file = run_dir / f"{method}.jsonl"
+    method_records = load_records(metrics_file) if metrics_file.exists() else []
+    if not any(r["kind"] == "summary" for r in method_records):
+        # the process died before it could say why (killed, out of memory, ...)
+        exit_text = f"exit {code}" if code is not None else "no summary"
+        reason = _last_lines(run_dir / f"{method}.log") or exit_text
+        method_records.append(
+            {"kind": "summary", "method": method, "status": f"failed ({exit_text}): {reason}"}
+        )
+    return method_records
+
+
+def _compare_one(
+    config: CompareConfig,
+    method: str,
+    model_path: str,
+    device: str,
+    hparams: dict[str, Any],
+    run_dir: Path,
+) -> list[dict[str, Any]]:
+    spec = RunSpec(
+        method=method,
+        model_path=model_path,
+        metrics_file=str(run_dir / f"{method}.jsonl"),
+        task=config.task,
+        hparams=hparams,
+        steps=config.steps,
+        batch_size=config.batch_size,
+        max_length=config.max_length,
+        eval_every=config.eval_every,
+        seed=config.seed,
+        device=device,
+        train_file=config.train_file,
+        validation_file=config.validation_file,
+        max_train_samples=config.max_train_samples,
+        max_eval_samples=config.max_eval_samples,
+        progress=config.progress,
+        threads=config.threads,
+    )
+    t0 = time.perf_counter()
+    code = _run_one(spec, run_dir, config.progress)
+    method_records = _method_records(run_dir, method, code)
+    summary = next(r for r in method_records if r["kind"] == "summary")
+    if summary["status"] == "ok":
+        logger.info("%s done in %.1f s", method, time.perf_counter() - t0)
+    else:
+        logger.error("%s: %s (log: %s)", method, summary["status"], run_dir / f"{method}.log")
+    return method_records
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -332,10 +421,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"loralab compare: error: {exc}", file=sys.stderr)
         return 2
-    summaries = run_compare(
-        config, command=" ".join(["loralab", "compare", *map(shlex.quote, argv)])
-    )
-    failed = [m for m, s in summaries.items() if s.get("status", "ok") != "ok"]
+    try:
+        summaries = run_compare(
+            config, command=" ".join(["loralab", "compare", *map(shlex.quote, argv)])
+        )
+    except PreflightError as exc:  # raised before any method process started
+        print(f"loralab compare: error: {exc}", file=sys.stderr)
+        return 2
+    # the exit status is this run's: a method kept from an earlier run does not count
+    failed = [m for m in config.methods if summaries.get(m, {}).get("status", "ok") != "ok"]
     if failed:
         logger.error("failed: %s", ", ".join(failed))
         return 1

@@ -1,0 +1,615 @@
+"""Pre-flight checks: refuse bad input before any model or data is loaded, naming the flag and the fix.
+
+Every fine-tuning entrypoint (GLUE, MetaMath, WinoGrande) calls :func:`check_train_args` right after
+parsing its arguments, and ``loralab compare`` calls :func:`check_compare` before it starts any method
+process. What is checked (each failure is a :class:`PreflightError`, a ``ValueError``, or a
+``FileNotFoundError`` for a missing file):
+
+* ``--set`` keys and values of ``loralab compare`` (:func:`check_overrides`): an unknown key is named
+  with the closest known one; a value of the wrong type names the key, the value and the type.
+* ``--device`` (:func:`check_device`): ``cuda`` on a machine without CUDA, a GPU index that does not
+  exist, a name torch does not know.
+* the model (:func:`check_model_path`): a path-like argument (``/...``, ``./...``, ``~...``, or with more
+  than one ``/``) that does not exist or holds no model, told apart from a hub id (``org/name``).
+* local data files (:func:`check_data_file`): missing, empty, a non-UTF-8 byte, a broken JSON line, a
+  csv row with more fields than its header, an unreadable parquet file: the file and line are named.
+* ``--output_dir`` (:func:`check_output_dir_writable`): an existing file, or a place that cannot be written.
+* ranks (:func:`check_ranks`): a LoRA rank (``2r`` for LoRA-GA) or GaLore/GoLore rank larger than
+  ``min(out, in)`` of a target layer; the shapes come from the model's config on the ``meta`` device
+  (no weight is read), the targets from :func:`loralab.core.find_targets`, as the methods select them.
+
+Example:
+    >>> from loralab.runners.preflight import check_overrides
+    >>> check_overrides(["lora.learning_rat=1e-3"], ["lora"])
+    Traceback (most recent call last):
+    ...
+    loralab.runners.preflight.PreflightError: --set lora.learning_rat=1e-3: unknown key 'learning_rat' (did you mean 'learning_rate'?); keys: ...
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "COMPARE_FIXED_KEYS",
+    "PreflightError",
+    "RankRequest",
+    "check_compare",
+    "check_data_file",
+    "check_device",
+    "check_model_path",
+    "check_output_dir_writable",
+    "check_overrides",
+    "check_ranks",
+    "check_train_args",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class PreflightError(ValueError):
+    """A run's input is wrong; the message names the flag (and the file and line) and what to do."""
+
+
+class PreflightFileNotFoundError(PreflightError, FileNotFoundError):
+    """A file or directory named on the command line does not exist."""
+
+
+# ----------------------------------------------------------------------------------- --set
+
+
+COMPARE_FIXED_KEYS: dict[str, str] = {
+    "max_steps": "--steps",
+    "seed": "--seed",
+    "task_type": "the task (compare classifies)",
+    "modules_to_save": "the model's classification head",
+    "progress": "--no_progress",
+}
+"""Hyper-parameters ``loralab compare`` sets itself for every method: ``--set`` refuses them."""
+
+
+def _settable_types() -> dict[str, Any]:
+    """``--set`` key → the type its value must have (an Option's type, or its common default's)."""
+    from loralab.runners.methods import COMMON_DEFAULTS, OPTIONS
+    from loralab.runners.methods.base import _bool
+
+    out: dict[str, Any] = {}
+    for name, default in COMMON_DEFAULTS.items():
+        if name not in COMPARE_FIXED_KEYS:
+            out[name] = type(default)
+    for name, opt in OPTIONS.items():
+        out[name] = bool if opt.type is _bool else opt.type
+    return out
+
+
+def _type_ok(value: Any, expected: Any) -> bool:
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if expected is bool:  # 0 / 1 were always taken as false / true
+        return isinstance(value, bool) or value in (0, 1)
+    return True  # str options take any text (the registry checks their choices)
+
+
+def check_overrides(items: Iterable[str], methods: Sequence[str]) -> None:
+    """Refuse ``--set`` items with an unknown key (suggesting the closest one), a key compare sets
+    itself, or a value of the wrong type; run before any method process starts.
+
+    Whether an option applies to a method (``--set full.lora_r=4``) is the registry's check, reported
+    in that method's row of the table.
+
+    Example:
+        >>> check_overrides(["lora.learning_rate=abc"], ["lora"])
+        Traceback (most recent call last):
+        ...
+        loralab.runners.preflight.PreflightError: --set lora.learning_rate=abc: learning_rate must be a float (a number like 1e-3), got 'abc'
+    """
+    from loralab.runners.compare.recipes import _convert
+
+    types = _settable_types()
+    for item in items:
+        if "=" not in item:
+            raise PreflightError(f"--set {item!r}: expected KEY=VALUE or METHOD.KEY=VALUE")
+        key, text = item.split("=", 1)
+        key = key.split(".", 1)[1] if "." in key else key
+        if key in COMPARE_FIXED_KEYS:
+            raise PreflightError(
+                f"--set {item}: {key} is set by loralab compare for every method; use "
+                f"{COMPARE_FIXED_KEYS[key]} instead"
+            )
+        if key not in types:
+            close = difflib.get_close_matches(key, list(types), n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise PreflightError(
+                f"--set {item}: unknown key {key!r}{hint}; keys: {', '.join(sorted(types))}"
+            )
+        value, expected = _convert(text), types[key]
+        if value is None or _type_ok(value, expected):
+            continue
+        what = {
+            float: "a float (a number like 1e-3)",
+            int: "an int (a whole number like 8)",
+            bool: "a bool (true or false)",
+        }[expected]
+        raise PreflightError(f"--set {item}: {key} must be {what}, got {text!r}")
+
+
+# ---------------------------------------------------------------------------------- device
+
+
+def check_device(name: str, flag: str = "--device") -> None:
+    """Refuse a device this machine does not have (``auto`` always passes).
+
+    Example:
+        >>> check_device("cpu")
+    """
+    import torch
+
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise PreflightError(
+            f"{flag} {name}: not a device name ({exc}); use cpu, cuda, cuda:N or auto"
+        ) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (
+                f"this torch {torch.__version__} is built without CUDA"
+                if torch.version.cuda is None
+                else "no CUDA GPU is visible (driver, CUDA_VISIBLE_DEVICES)"
+            )
+            raise PreflightError(
+                f"{flag} {name}: this machine has no CUDA device ({why}); use {flag} cpu or {flag} auto"
+            )
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise PreflightError(
+                f"{flag} {name}: there are {count} CUDA device(s) here (cuda:0 to cuda:{count - 1})"
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise PreflightError(
+            f"{flag} {name}: MPS is not available on this machine; use {flag} cpu or {flag} auto"
+        )
+
+
+# ----------------------------------------------------------------------------------- model
+
+_HUB_ID = re.compile(r"^[\w.\-]+(/[\w.\-]+)?$")
+
+
+def _path_like(value: str) -> bool:
+    seps = {os.sep} | ({os.altsep} if os.altsep else set())
+    return (
+        value.startswith(("/", "./", "../", "~", ".\\", "..\\"))
+        or value in (".", "..")
+        or any(value.endswith(s) for s in seps)
+        or not _HUB_ID.match(value)
+    )
+
+
+def check_model_path(value: str, flag: str = "--model_name_or_path") -> None:
+    """Refuse a local model path that does not exist or holds no model; hub ids pass unchanged.
+
+    A path-like value (``/``, ``./``, ``../``, ``~`` at the start, a trailing separator, or more than
+    one ``/``) must be a directory with ``config.json`` (or a PEFT ``adapter_config.json``). An
+    ``org/name`` value is a path when that directory exists, else a hub id.
+
+    Example:
+        >>> check_model_path("./no/such/model")
+        Traceback (most recent call last):
+        ...
+        loralab.runners.preflight.PreflightFileNotFoundError: --model_name_or_path ./no/such/model: no such directory; give an existing model directory (config.json + weights) or a hub id such as 'FacebookAI/roberta-base'
+    """
+    path = Path(value).expanduser()
+    if not path.exists():
+        if _path_like(value):
+            raise PreflightFileNotFoundError(
+                f"{flag} {value}: no such directory; give an existing model directory "
+                "(config.json + weights) or a hub id such as 'FacebookAI/roberta-base'"
+            )
+        return  # a hub id
+    if not path.is_dir():
+        raise PreflightError(
+            f"{flag} {value}: is a file; give the model's directory (the one holding config.json)"
+        )
+    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        raise PreflightError(
+            f"{flag} {value}: the directory has no config.json, so it is not a saved model; give the "
+            "directory save_pretrained() wrote (config.json + weights)"
+        )
+
+
+# ------------------------------------------------------------------------------ data files
+
+_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+_checked: set[tuple[str, int, int]] = set()
+
+
+WHOLE_JSON_LIMIT = 512 * 2**20
+"""Largest ``.json`` array parsed whole by the check (bytes); a larger one is checked for UTF-8 only
+and its JSON is left to ``datasets`` (a whole parse would hold the file in memory twice)."""
+
+
+def _lines(path: Path, where: str) -> Iterator[tuple[int, str]]:
+    """``(line number, text with its line end)`` of the UTF-8 file at ``path``, streamed; a non-UTF-8
+    byte is named with its line and column."""
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, start=1):
+            if n == 1 and line.startswith(b"\xef\xbb\xbf"):
+                line = line[3:]  # a UTF-8 byte-order mark
+            try:
+                yield n, line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise PreflightError(
+                    f"{where}, line {n}: byte 0x{line[exc.start]:02x} at column {exc.start + 1} is "
+                    "not UTF-8; save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 IN > OUT)"
+                ) from None
+
+
+def _check_json_lines(path: Path, where: str) -> int:
+    rows = 0
+    for n, text in _lines(path, where):
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PreflightError(
+                f"{where}, line {n}: not valid JSON ({exc.msg} at column {exc.colno}); each line must "
+                'be one JSON object such as {"sentence": ..., "label": 0}: fix or delete the line'
+            ) from None
+        if not isinstance(obj, dict):
+            raise PreflightError(
+                f"{where}, line {n}: a JSON {type(obj).__name__} where one JSON object per line "
+                '({"column": value, ...}) is expected'
+            )
+        rows += 1
+    return rows
+
+
+def _first_char(path: Path, where: str) -> str:
+    for _, text in _lines(path, where):
+        if text.strip():
+            return text.strip()[0]
+    return ""
+
+
+def _check_json(path: Path, where: str) -> int:
+    """A ``.json`` file: a JSON array of objects, or JSON lines (``datasets`` reads both)."""
+    whole_ok = path.stat().st_size <= WHOLE_JSON_LIMIT
+    if _first_char(path, where) != "[":
+        try:
+            return _check_json_lines(path, where)
+        except PreflightError as line_error:
+            if not whole_ok or "UTF-8" in str(line_error):
+                raise
+            try:  # one JSON object spread over several lines
+                whole = json.loads(path.read_bytes().decode("utf-8-sig"))
+            except json.JSONDecodeError:
+                raise line_error from None
+            return 1 if isinstance(whole, dict) and whole else 0
+    if not whole_ok:
+        return sum(1 for _ in _lines(path, where))  # UTF-8 checked; the JSON is left to datasets
+    for _ in _lines(path, where):  # names the first non-UTF-8 line
+        pass
+    try:
+        rows = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except json.JSONDecodeError as exc:
+        raise PreflightError(
+            f"{where}, line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}); the file "
+            "must be a JSON array of objects or one JSON object per line"
+        ) from None
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise PreflightError(
+                f"{where}: element {i} of the JSON array is a {type(row).__name__}, not an object "
+                '({"column": value, ...})'
+            )
+    return len(rows)
+
+
+def _check_csv(path: Path, where: str, delimiter: str) -> int:
+    reader = csv.reader((text for _, text in _lines(path, where)), delimiter=delimiter)
+    header: list[str] | None = None
+    rows = 0
+    try:
+        for row in reader:
+            if not any(cell.strip() for cell in row):
+                continue
+            if header is None:
+                header = row
+                continue
+            if len(row) > len(header):
+                raise PreflightError(
+                    f"{where}, line {reader.line_num}: {len(row)} fields but the header has "
+                    f"{len(header)} ({', '.join(header)}); quote fields that contain "
+                    f"{'a tab' if delimiter == chr(9) else 'a comma'}"
+                )
+            rows += 1
+    except csv.Error as exc:
+        raise PreflightError(f"{where}, line {reader.line_num}: {exc}") from None
+    if header is not None and rows == 0:
+        raise PreflightError(
+            f"{where}: has a header ({', '.join(header)}) but no example rows; check the file"
+        )
+    return rows
+
+
+def check_data_file(path: str, flag: str) -> None:
+    """Refuse a local data file that ``datasets`` could not load into at least one example.
+
+    Checks the extension, that the file is not empty, that every line is UTF-8, that every JSON line
+    (``.jsonl``, JSON-lines ``.json``) is one object, that a ``.json`` array parses, that no csv/tsv row
+    has more fields than its header, and that a parquet file opens with rows. The first problem is
+    named with ``flag``, the file and the line. A file already checked (same size and time) is skipped.
+
+    Raises:
+        FileNotFoundError: no such file (a :class:`PreflightFileNotFoundError`).
+        PreflightError: anything else, with the line and what to do.
+    """
+    p = Path(path).expanduser()
+    where = f"{flag} {path}"
+    if not p.exists():
+        raise PreflightFileNotFoundError(f"{where}: no such file")
+    if p.is_dir():
+        raise PreflightError(f"{where}: is a directory; give one {'/'.join(_FORMATS)} file")
+    suffix = p.suffix.lower()
+    if suffix not in _FORMATS:
+        raise PreflightError(
+            f"{where}: unsupported extension {p.suffix!r} (use {', '.join(_FORMATS)})"
+        )
+    stat = p.stat()
+    key = (str(p.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key in _checked:
+        return
+    if stat.st_size == 0:
+        raise PreflightError(
+            f"{where}: the file is empty (0 bytes); it needs at least one example: check the path, "
+            "or regenerate the file"
+        )
+    if suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+
+            rows = pq.ParquetFile(p).metadata.num_rows
+        except Exception as exc:  # pyarrow raises several kinds on a damaged file
+            raise PreflightError(
+                f"{where}: not a readable parquet file ({type(exc).__name__}: {exc}); re-export it "
+                "(e.g. DataFrame.to_parquet) or give a jsonl/csv file"
+            ) from None
+    else:
+        try:
+            if suffix == ".jsonl":
+                rows = _check_json_lines(p, where)
+            elif suffix == ".json":
+                rows = _check_json(p, where)
+            else:
+                rows = _check_csv(p, where, "\t" if suffix == ".tsv" else ",")
+        except OSError as exc:
+            raise PreflightError(f"{where}: cannot be read ({exc.strerror})") from None
+    if rows == 0:
+        raise PreflightError(
+            f"{where}: the file has no example (only blank lines or an empty list); it needs at "
+            "least one row"
+        )
+    _checked.add(key)
+
+
+# ------------------------------------------------------------------------------ output dir
+
+
+def check_output_dir_writable(value: str, flag: str = "--output_dir") -> None:
+    """Refuse an ``output_dir`` that is an existing file or cannot be created / written.
+
+    Nothing is created: writability is probed with a temporary file (removed at once) in the
+    directory, or in its nearest existing parent when the directory does not exist yet.
+
+    Example:
+        >>> import tempfile
+        >>> check_output_dir_writable(tempfile.gettempdir() + "/a-run-not-made-yet")
+    """
+    out = Path(value).expanduser()
+    if out.exists() and not out.is_dir():
+        raise PreflightError(
+            f"{flag} {value}: is an existing file, not a directory; give a directory path "
+            "(it is created when missing)"
+        )
+    probe = out
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise PreflightError(
+            f"{flag} {value}: cannot be created because {probe} is a file; give a directory path"
+        )
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise PreflightError(
+            f"{flag} {value}: cannot write in {probe} ({exc}); choose a directory you can write to"
+        ) from None
+
+
+# ----------------------------------------------------------------------------------- ranks
+
+
+@dataclass(frozen=True)
+class RankRequest:
+    """One method's rank to check against the target layers.
+
+    ``option`` is ``lora_r`` or ``galore_rank``; ``factor`` 2 for LoRA-GA (it needs ``2r`` singular
+    vectors); ``flag`` is how the message names where the value came from (``--lora_r 128``).
+    """
+
+    method: str
+    option: str
+    value: int
+    target_modules: Any
+    flag: str
+    factor: int = 1
+
+
+def rank_request(method: str, args: Any, flag: str | None = None) -> RankRequest | None:
+    """The :class:`RankRequest` of ``method`` with its resolved options in ``args`` (``None``: no rank)."""
+    from loralab.runners.methods import get_method
+
+    defaults = get_method(method).defaults
+    for option in ("lora_r", "galore_rank"):
+        value = getattr(args, option, None)
+        if option in defaults and isinstance(value, int):
+            return RankRequest(
+                method=method,
+                option=option,
+                value=value,
+                target_modules=getattr(args, "target_modules", "all-linear"),
+                flag=flag or f"--{option} {value}",
+                factor=2 if method == "lora-ga" else 1,
+            )
+    return None
+
+
+def _meta_model(model_path: str, auto_class: str) -> Any:
+    import torch
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(model_path)
+    with torch.device("meta"):
+        return getattr(transformers, auto_class).from_config(config)
+
+
+def check_ranks(model_path: str, requests: Sequence[RankRequest], *, auto_class: str) -> None:
+    """Refuse a rank larger than ``min(out, in)`` (LoRA-GA: ``2r``) of a target layer.
+
+    The model is built from its config on the ``meta`` device (shapes only, no weight read). When the
+    config cannot be read here (a hub id not in the cache, custom code), the check is skipped with a
+    warning: loading the model then reports the problem itself.
+    """
+    from loralab.core.targets import TargetNotFoundError, find_targets
+
+    requests = [r for r in requests if r is not None]
+    if not requests:
+        return
+    try:
+        model = _meta_model(model_path, auto_class)
+    except Exception as exc:  # any failure here is reported again, fully, by the real load
+        logger.warning(
+            "rank check skipped: cannot build %s from the config of %s on the meta device (%s: %s)",
+            auto_class,
+            model_path,
+            type(exc).__name__,
+            exc,
+        )
+        return
+    heads = None
+    if auto_class == "AutoModelForSequenceClassification":
+        from loralab.runners.glue import HEAD_NAMES
+
+        # the classification head is trained in full (modules_to_save), never adapted
+        heads = rf"(.*\.)?({'|'.join(HEAD_NAMES)})(\..*)?"
+    for req in requests:
+        spec = req.target_modules
+        if isinstance(spec, str) and spec != "all-linear" and "," in spec:
+            spec = [s.strip() for s in spec.split(",") if s.strip()]
+        try:
+            targets = find_targets(model, spec, exclude_modules=heads)
+        except TargetNotFoundError:
+            continue  # the method reports unmatched targets itself, with PEFT's semantics
+        if not targets:
+            continue
+        narrow = min(targets.values(), key=lambda t: min(t.shape))
+        largest = min(narrow.shape) // req.factor
+        if req.value > largest:
+            out_f, in_f = narrow.shape
+            need = "2r" if req.factor == 2 else "r"
+            raise PreflightError(
+                f"{req.flag}: too large for target layer {narrow.name} ({out_f} x {in_f}) of "
+                f"{model_path}: --method {req.method} needs {need} <= min(out, in) = {min(narrow.shape)}; "
+                f"the largest valid {req.option} for these target layers is {largest} (or leave the "
+                "narrow layers out with --target_modules)"
+            )
+
+
+# ------------------------------------------------------------------------------ entrypoints
+
+
+def check_train_args(args: Any, *, auto_class: str = "AutoModelForCausalLM") -> None:
+    """Everything a fine-tuning entrypoint (GLUE, MetaMath, WinoGrande) can check before loading.
+
+    ``args`` are the parsed, validated arguments (method options resolved); ``auto_class`` is the
+    ``transformers`` class the entrypoint loads (for the target layers' names and shapes).
+    """
+    check_output_dir_writable(args.output_dir)
+    check_model_path(args.model_name_or_path)
+    if getattr(args, "tokenizer_name", None):
+        check_model_path(args.tokenizer_name, "--tokenizer_name")
+    for flag in ("train_file", "validation_file", "eval_file"):
+        if getattr(args, flag, None):
+            check_data_file(getattr(args, flag), f"--{flag}")
+    check_ranks(
+        args.model_name_or_path,
+        [rank_request(args.method, args)],
+        auto_class=auto_class,
+    )
+
+
+def check_compare(config: Any) -> tuple[str, str]:
+    """Everything ``loralab compare`` can check before any method process starts; returns the resolved
+    ``(model path or hub id, label)`` (``tiny`` is written under ``--output_dir`` once it is checked).
+    """
+    from loralab.runners.compare.recipes import parse_overrides, recipe_for
+    from loralab.runners.compare.task import resolve_model
+    from loralab.runners.methods import MethodError, method_args
+
+    check_overrides(config.set, config.methods)
+    check_output_dir_writable(config.output_dir)
+    check_device(config.device)
+    for flag in ("train_file", "validation_file"):
+        if getattr(config, flag):
+            check_data_file(getattr(config, flag), f"--{flag}")
+    if config.model not in ("auto", "tiny", "minilm"):
+        check_model_path(config.model, "--model")
+    model_path, label = resolve_model(config.model, config.output_dir)
+    overrides = parse_overrides(config.set, config.methods)
+    requests = []
+    for method in config.methods:
+        try:
+            args = method_args(
+                method,
+                **recipe_for(method, overrides[method]),
+                max_steps=config.steps,
+                seed=config.seed,
+                task_type="SEQ_CLS",
+                progress=False,
+            )
+        except (MethodError, TypeError):
+            continue  # reported in the method's row, as before (e.g. an option of another method)
+        req = rank_request(method, args)
+        if req is not None:
+            keys = {s.split("=", 1)[0] for s in config.set}
+            given = f"{method}.{req.option}" in keys or req.option in keys
+            how = f"--set {method}.{req.option}={req.value}" if given else "the recipe's"
+            requests.append(
+                RankRequest(
+                    **{
+                        **req.__dict__,
+                        "flag": f"{req.option}={req.value} for {method} ({how})",
+                    }
+                )
+            )
+    check_ranks(model_path, requests, auto_class="AutoModelForSequenceClassification")
+    return model_path, label
