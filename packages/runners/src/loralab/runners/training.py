@@ -483,3 +483,12 @@ def _save_final(
             tokenizer.save_pretrained(path)
         for cb in callbacks:
             cb.on_save(str(path), unwrapped)
+        if getattr(args, "merge_and_save", False):
+            from loralab.runners.quantization import MERGED_DIR, estimation_dtype, merge_and_save
+
+            merge_and_save(
+                unwrapped,
+                path.parent / MERGED_DIR,
+                dtype=estimation_dtype(args),
+                tokenizer=tokenizer,
+            )

@@ -219,6 +219,9 @@ class Method(ABC):
         needs_batches: whether :meth:`setup` needs training batches (gradient-based inits).
         zero_partitioning: whether the optimizer works when DeepSpeed ZeRO flattens and shards
             parameters (optimizers that need each weight's matrix shape or LoRA A/B pairing do not).
+        has_adapter: the method trains adapters over a frozen base (``--merge_and_save`` applies).
+        quantized_base: the method trains on a bitsandbytes 4-/8-bit base (``--load_in_4bit`` /
+            ``--load_in_8bit``); methods that update the base weights themselves cannot.
     """
 
     name: ClassVar[str]
@@ -228,6 +231,8 @@ class Method(ABC):
     requires: ClassVar[tuple[str, ...]] = ()
     needs_batches: ClassVar[bool] = False
     zero_partitioning: ClassVar[bool] = True
+    has_adapter: ClassVar[bool] = True
+    quantized_base: ClassVar[bool] = True
     description: ClassVar[str] = ""
 
     def import_package(self) -> ModuleType | None:

@@ -14,6 +14,9 @@ __all__ = ["METHOD", "FullFineTuning"]
 class FullFineTuning(Method):
     name = "full"
     description = "full fine-tuning (AdamW on every weight)"
+    # full weights train: nothing to merge, and a bitsandbytes weight gets no gradient
+    has_adapter = False
+    quantized_base = False
     defaults: ClassVar[dict[str, Any]] = {}
 
     def wrap(self, model: nn.Module, args: Any, train_batches: Any, *, resume: bool) -> nn.Module:

@@ -32,6 +32,9 @@ class GaLore(Method):
     requires = ("create_galore_optimizer",)
     description = "GaLore: full training, Adam in a gradient SVD subspace"
     zero_partitioning = False  # projects each weight's gradient matrix; ZeRO flattens them
+    # full weights train: nothing to merge, and a bitsandbytes weight gets no gradient
+    has_adapter = False
+    quantized_base = False
     defaults: ClassVar[dict[str, Any]] = dict(GALORE_DEFAULTS)
 
     def wrap(self, model: nn.Module, args: Any, train_batches: Any, *, resume: bool) -> nn.Module:
