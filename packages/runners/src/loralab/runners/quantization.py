@@ -334,6 +334,9 @@ def merged_model(
                 deltas[name] = mod.get_delta_weight(adapter_name).detach().float().cpu()
     with _trained_modules_in_place(base, adapter_name):
         out = dequantized_copy(base, dtype)
+    # PEFT's bookkeeping on the wrapped model: the merged copy is a plain transformers model
+    for attr in ("peft_config", "_hf_peft_config_loaded"):
+        out.__dict__.pop(attr, None)
     with torch.no_grad():
         for name, delta in deltas.items():
             w = out.get_submodule(name).weight
