@@ -32,10 +32,11 @@ BASE = ["--model_name_or_path", MISSING_MODEL, "--output_dir", "unused"]
 ADAPTER_METHODS = ["lora", "lora-fa", "lora-pro:efficient", "lora-pro:full", "lora-sb", "lora-ga"]
 RELOAD_ATOL = 1e-5
 """Adapter reloaded on the same quantized base: the same quantized weights, the same kernels."""
-MERGED_ATOL = {"4bit": 1e-4, "8bit": 0.15}
+MERGED_ATOL = {"4bit": 1e-5, "8bit": 0.05}
 """Dequantized merged model vs the quantized run (logits of a tiny random Llama, |logit| ~ 1): 4-bit
-kernels dequantize the same weights (float rounding only); LLM.int8 also rounds the *activations*
-to int8 per row, which the float merged model does not (measured max |diff| below 0.1 here)."""
+kernels dequantize the same weights (float rounding only; measured max |diff| 1.6e-6 over the six
+runs); LLM.int8 also rounds the *activations* to int8 per row, which the float merged model does not
+(measured max |diff| 6e-3 to 2.7e-2)."""
 
 
 def meta(argv: list[str]) -> MetaMathArgs:
@@ -345,3 +346,37 @@ def test_lora_ga_readme_names_the_base():
 
     assert "offset_base/" in lora_ga_readme(True)
     assert "not saved for float runs" in lora_ga_readme(False)
+
+
+# -- loralab compare -------------------------------------------------------------------------------
+
+
+def test_compare_quantized_base_refusals():
+    from loralab.runners.compare import CompareConfig
+
+    with pytest.raises(ValueError, match="--load_in_4bit and --load_in_8bit are exclusive"):
+        CompareConfig(methods=["lora"], load_in_4bit=True, load_in_8bit=True).validate()
+    with pytest.raises(ValueError, match="--load_in_8bit: --methods includes full, golore"):
+        CompareConfig(methods=["lora", "full", "golore"], load_in_8bit=True).validate()
+
+
+def test_compare_on_a_4bit_base(tmp_path):
+    from loralab.runners.compare import CompareConfig, run_compare
+
+    cfg = CompareConfig(
+        model="tiny",
+        methods=["lora"],
+        steps=2,
+        batch_size=2,
+        eval_every=0,
+        max_length=16,
+        max_train_samples=8,
+        max_eval_samples=8,
+        threads=1,
+        progress=False,
+        output_dir=str(tmp_path),
+        load_in_4bit=True,
+    )
+    summaries = run_compare(cfg, command="test")
+    assert summaries["lora"]["status"] == "ok", summaries["lora"]
+    assert json.loads((tmp_path / "config.json").read_text())["load_in_4bit"] is True
