@@ -245,17 +245,8 @@ def _quantized_base(path: str, bits: str):
     )
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("bits", ["4bit", "8bit"])
-@pytest.mark.parametrize("method", ADAPTER_METHODS)
-def test_every_adapter_method_on_a_quantized_base(
-    method, bits, tiny_dirs, metamath_files, helpers, tmp_path, monkeypatch
-):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    name, _, mode = method.partition(":")
-    x = make_lm_batches(1, seed=11)[0]
+def _train(monkeypatch, helpers, tiny_dirs, metamath_files, out, name, x, extra):
+    """Run the MetaMath entrypoint for 4 steps; returns the trained model's logits on ``x``."""
     trained: dict[str, torch.Tensor] = {}
     save_final = training._save_final
 
@@ -267,7 +258,6 @@ def test_every_adapter_method_on_a_quantized_base(
         save_final(acc, args, model, tokenizer, callbacks)
 
     monkeypatch.setattr(training, "_save_final", capture)
-    out = tmp_path / "run"
     metamath.main(
         [
             "--model_name_or_path",
@@ -285,8 +275,6 @@ def test_every_adapter_method_on_a_quantized_base(
             "--method",
             name,
             *helpers.method_flags(name),
-            *(["--pro_mode", mode] if mode else []),
-            f"--load_in_{bits[0]}bit",
             "--max_steps",
             "4",
             "--per_device_train_batch_size",
@@ -297,8 +285,33 @@ def test_every_adapter_method_on_a_quantized_base(
             "1",
             "--disable_tqdm",
             "true",
-            "--merge_and_save",
+            *extra,
         ]
+    )
+    return trained
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+@pytest.mark.parametrize("method", ADAPTER_METHODS)
+def test_every_adapter_method_on_a_quantized_base(
+    method, bits, tiny_dirs, metamath_files, helpers, tmp_path, monkeypatch
+):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    name, _, mode = method.partition(":")
+    x = make_lm_batches(1, seed=11)[0]
+    out = tmp_path / "run"
+    trained = _train(
+        monkeypatch,
+        helpers,
+        tiny_dirs,
+        metamath_files,
+        out,
+        name,
+        x,
+        [*(["--pro_mode", mode] if mode else []), f"--load_in_{bits[0]}bit", "--merge_and_save"],
     )
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
@@ -380,3 +393,23 @@ def test_compare_on_a_4bit_base(tmp_path):
     summaries = run_compare(cfg, command="test")
     assert summaries["lora"]["status"] == "ok", summaries["lora"]
     assert json.loads((tmp_path / "config.json").read_text())["load_in_4bit"] is True
+
+
+@pytest.mark.slow
+def test_lora_ga_float_run_exports_an_adapter_for_the_original_base(
+    tiny_dirs, metamath_files, helpers, tmp_path, monkeypatch
+):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    x = make_lm_batches(1, seed=11)[0]
+    out = tmp_path / "run"
+    trained = _train(monkeypatch, helpers, tiny_dirs, metamath_files, out, "lora-ga", x, [])
+    final = out / "final"
+    assert "not saved for float runs" in (final / "README.md").read_text()
+    assert not (final / "offset_base").exists()
+    base = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], dtype=torch.float32)
+    reloaded = PeftModel.from_pretrained(base, final / "original_base_adapter").eval()
+    with torch.no_grad():
+        got = reloaded(**x).logits.float()
+    assert torch.allclose(got, trained["logits"], atol=RELOAD_ATOL)
