@@ -94,3 +94,45 @@ def test_nf4_init_train_save_load(checkpoint, tmp_path):
     loaded = load_lora_sb_model(_load_nf4(checkpoint), tmp_path)
     with torch.no_grad():
         assert torch.allclose(loaded(**x).logits, live, atol=1e-5)
+
+
+def test_int8_init_train_save_load(checkpoint, tmp_path):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    def load_int8():
+        return AutoModelForCausalLM.from_pretrained(
+            checkpoint,
+            quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+            device_map="cpu",
+            dtype=torch.float32,
+        )
+
+    batches = make_lm_batches(2, seed=3)
+    x = make_lm_batches(1, seed=11)[0]
+    model = get_lora_sb_model(
+        load_int8(),
+        LoraSBConfig(r=RANK, target_modules=TARGETS, svd_method="full"),
+        batches,
+        lr=LR,
+        progress=False,
+    )
+    layers = lora_sb_layers(model)
+    assert len(layers) == 2 * len(TARGETS)
+    for layer in layers.values():
+        assert type(layer).__name__ == "LoraSBLinear8bitLt"
+        assert isinstance(layer.get_base_layer(), bnb.nn.Linear8bitLt)
+        # initialised from the gradient: a non-zero rank-r update
+        assert layer.get_delta_weight("default").abs().max() > 0
+    assert model.get_nb_trainable_parameters()[0] == len(layers) * RANK**2
+    model.train()
+    model(**batches[0]).loss.backward()
+    for n, p in model.named_parameters():
+        assert (p.grad is not None) == (".lora_R." in n), n
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    model.eval()
+    with torch.no_grad():
+        live = model(**x).logits
+    model.save_pretrained(tmp_path)
+    loaded = load_lora_sb_model(load_int8(), tmp_path)
+    with torch.no_grad():
+        assert torch.allclose(loaded(**x).logits, live, atol=1e-5)

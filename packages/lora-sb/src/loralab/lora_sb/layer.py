@@ -284,62 +284,71 @@ _MAPPING: dict[type[nn.Module], type[nn.Module]] | None = None
 
 
 def _bnb_classes() -> dict[type[nn.Module], type[nn.Module]]:
-    from peft.import_utils import is_bnb_4bit_available
+    from peft.import_utils import is_bnb_4bit_available, is_bnb_available
 
-    if not is_bnb_4bit_available():
-        return {}
+    mapping: dict[type[nn.Module], type[nn.Module]] = {}
+    if not is_bnb_available():
+        return mapping
     import bitsandbytes as bnb
-    from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
+    from peft.tuners.lora import bnb as peft_bnb
 
-    class LoraSBLinear4bit(LoraSBLayerMixin, PeftLinear4bit):
-        """LoRA-SB on a bitsandbytes ``Linear4bit`` (NF4/FP4) base: QLoRA's memory with r² trainables."""
+    def lora_sb_class(peft_cls: type[nn.Module], name: str, doc: str) -> type[nn.Module]:
+        class LoraSBQuantLinear(LoraSBLayerMixin, peft_cls):  # type: ignore[misc, valid-type]
+            def __init__(
+                self,
+                base_layer: nn.Module,
+                adapter_name: str,
+                config: Any,
+                r: int = 0,
+                lora_alpha: int = 1,
+                **kwargs: Any,
+            ) -> None:
+                # PEFT's bnb __init__ drops target_name; replicate it so errors can name the layer.
+                nn.Module.__init__(self)
+                LoraLayer.__init__(self, base_layer)
+                self.fan_in_fan_out = False
+                self._active_adapter = adapter_name
+                self.update_layer(
+                    adapter_name,
+                    r,
+                    lora_alpha=lora_alpha,
+                    config=config,
+                    target_name=kwargs.get("target_name", ""),
+                )
 
-        def __init__(
-            self,
-            base_layer: nn.Module,
-            adapter_name: str,
-            config: Any,
-            r: int = 0,
-            lora_alpha: int = 1,
-            **kwargs: Any,
-        ) -> None:
-            # PEFT's Linear4bit.__init__ drops target_name; replicate it so errors can name the layer.
-            nn.Module.__init__(self)
-            LoraLayer.__init__(self, base_layer)
-            self.fan_in_fan_out = False
-            self._active_adapter = adapter_name
-            self.update_layer(
-                adapter_name,
-                r,
-                lora_alpha=lora_alpha,
-                config=config,
-                target_name=kwargs.get("target_name", ""),
-            )
+            def __repr__(self) -> str:
+                return "lora_sb." + nn.Module.__repr__(self)
 
-        def __repr__(self) -> str:
-            return "lora_sb." + nn.Module.__repr__(self)
+        LoraSBQuantLinear.__name__ = LoraSBQuantLinear.__qualname__ = name
+        LoraSBQuantLinear.__doc__ = doc
+        LoraSBQuantLinear.__module__ = __name__
+        globals()[name] = LoraSBQuantLinear
+        return LoraSBQuantLinear
 
-    LoraSBLinear4bit.__module__ = __name__
-    globals()["LoraSBLinear4bit"] = LoraSBLinear4bit
-    return {bnb.nn.Linear4bit: LoraSBLinear4bit}
+    if is_bnb_4bit_available():
+        mapping[bnb.nn.Linear4bit] = lora_sb_class(
+            peft_bnb.Linear4bit,
+            "LoraSBLinear4bit",
+            "LoRA-SB on a bitsandbytes ``Linear4bit`` (NF4/FP4) base: QLoRA's memory with r² trainables.",
+        )
+    # before nn.Linear (its parent class) in the mapping, so PEFT's dispatch picks it
+    mapping[bnb.nn.Linear8bitLt] = lora_sb_class(
+        peft_bnb.Linear8bitLt,
+        "LoraSBLinear8bitLt",
+        "LoRA-SB on a bitsandbytes ``Linear8bitLt`` (LLM.int8) base.",
+    )
+    return mapping
 
 
 def custom_module_mapping() -> dict[type[nn.Module], type[nn.Module]]:
     """``{base layer class: LoRA-SB layer class}`` for PEFT's dynamic dispatch (most specific first).
 
-    bitsandbytes ``Linear8bitLt`` is not supported: it is mapped to a class that raises, rather than
-    letting the ``nn.Linear`` entry (its parent class) wrap it wrongly.
+    bitsandbytes ``Linear4bit`` and ``Linear8bitLt`` come before ``nn.Linear`` (their parent class).
     """
     global _MAPPING
     if _MAPPING is None:
         mapping: dict[type[nn.Module], type[nn.Module]] = {}
         mapping.update(_bnb_classes())
-        try:
-            import bitsandbytes as bnb
-
-            mapping[bnb.nn.Linear8bitLt] = _Unsupported8bit
-        except ImportError:  # pragma: no cover - bitsandbytes is optional
-            pass
         try:
             from transformers.pytorch_utils import Conv1D
 
@@ -349,13 +358,3 @@ def custom_module_mapping() -> dict[type[nn.Module], type[nn.Module]]:
         mapping[nn.Linear] = LoraSBLinear
         _MAPPING = mapping
     return dict(_MAPPING)
-
-
-class _Unsupported8bit(nn.Module):
-    def __init__(
-        self, base_layer: nn.Module, adapter_name: str, config: Any = None, **kwargs: Any
-    ) -> None:
-        raise NotImplementedError(
-            f"LoRA-SB does not support bitsandbytes 8-bit layers ({kwargs.get('target_name')!r}); "
-            "load the model in 4-bit (BitsAndBytesConfig(load_in_4bit=True)) or in float"
-        )

@@ -23,6 +23,7 @@ from loralab.runners.methods import (
     resolve_method_options,
 )
 from loralab.runners.methods.base import _bool
+from loralab.runners.quantization import check_quantization_args
 
 __all__ = ["REPORT_TO", "TrainArgs", "build_parser", "parse_args"]
 
@@ -75,6 +76,26 @@ class TrainArgs:
     # precision and memory
     bf16: bool = _f(False, "bfloat16 mixed precision (autocast; DeepSpeed bf16 under --deepspeed)")
     gradient_checkpointing: bool = _f(False, "activation checkpointing (non-reentrant)")
+    # quantized base (QLoRA): transformers' BitsAndBytesConfig names, see loralab.runners.quantization
+    load_in_4bit: bool = _f(
+        False, "load the base in 4-bit (bitsandbytes NF4/FP4) and train the adapters on it (QLoRA)"
+    )
+    load_in_8bit: bool = _f(False, "load the base in 8-bit (bitsandbytes LLM.int8)")
+    bnb_4bit_quant_type: str | None = _f(
+        None, "4-bit data type (default nf4, QLoRA's)", choices=("nf4", "fp4")
+    )
+    bnb_4bit_use_double_quant: bool | None = _f(
+        None, "4-bit: quantize the block scales too (QLoRA's double quantization; default false)"
+    )
+    bnb_4bit_compute_dtype: str | None = _f(
+        None,
+        "4-bit matmul dtype (default: the weights' dtype, --torch_dtype or float32)",
+        choices=("float32", "bfloat16", "float16"),
+    )
+    merge_and_save: bool = _f(
+        False,
+        "also write output_dir/merged: the adapters merged into the (dequantized) base, a plain model",
+    )
     # run control
     seed: int = _f(42, "seed of model init, data order and dropout")
     max_length: int = _f(512, "maximum tokens per training example")
@@ -190,4 +211,5 @@ def parse_args(cls: type[T], argv: list[str] | None = None, description: str = "
     args.max_steps = max(saved, 1)
     resolve_method_options(get_method(args.method), args)
     args.max_steps = saved
+    check_quantization_args(args)  # before any model loads
     return args

@@ -26,6 +26,7 @@ from loralab.runners.loop import to_device
 from loralab.runners.loop.finetune import TrainResult, check_output_dir, finetune
 from loralab.runners.predictions import write_predictions
 from loralab.runners.preflight import check_train_args
+from loralab.runners.quantization import bnb_config, prepare_quantized_model, quantized_load_kwargs
 
 __all__ = [
     "GLUE_TASKS",
@@ -171,7 +172,13 @@ def _load_tokenizer(name: str) -> Any:
 
 
 def load_seq_cls_model(
-    path: str, num_labels: int, seed: int, *, tokenizer: Any = None
+    path: str,
+    num_labels: int,
+    seed: int,
+    *,
+    tokenizer: Any = None,
+    quantization_config: Any = None,
+    gradient_checkpointing: bool = False,
 ) -> tuple[Any, Any, list[str]]:
     """``(model, tokenizer, head names)``: an fp32 ``AutoModelForSequenceClassification`` of ``path``.
 
@@ -179,6 +186,10 @@ def load_seq_cls_model(
     starts from the same head). ``tokenizer`` defaults to ``path``'s; a missing pad token becomes eos,
     and the model's ``pad_token_id`` follows the tokenizer's when the config has none. The head
     names (``classifier`` / ``score`` / ``classification_head``) are what ``modules_to_save`` needs.
+
+    ``quantization_config`` (a ``BitsAndBytesConfig``, :func:`loralab.runners.quantization.bnb_config`)
+    loads a quantized base (the head stays float) prepared for k-bit training
+    (:func:`loralab.runners.quantization.prepare_quantized_model`).
     """
     from transformers import AutoModelForSequenceClassification
 
@@ -187,8 +198,12 @@ def load_seq_cls_model(
     torch.manual_seed(seed)
     # fp32 whatever the checkpoint's stored dtype (see dtype_kwargs)
     model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=num_labels, **dtype_kwargs(torch.float32)
+        path,
+        num_labels=num_labels,
+        **dtype_kwargs(torch.float32),
+        **quantized_load_kwargs(quantization_config),
     )
+    model = prepare_quantized_model(model, gradient_checkpointing=gradient_checkpointing)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     heads = sorted(
@@ -238,7 +253,13 @@ def run(args: GlueArgs) -> TrainResult:
 
     # model (the method wraps it inside finetune)
     model, _, heads = load_seq_cls_model(
-        args.model_name_or_path, num_labels, args.seed, tokenizer=tokenizer
+        args.model_name_or_path,
+        num_labels,
+        args.seed,
+        tokenizer=tokenizer,
+        # the new head stays float (it trains as modules_to_save)
+        quantization_config=bnb_config(args, skip_modules=list(HEAD_NAMES)),
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     args.task_type = "SEQ_CLS"
     args.modules_to_save = heads or None

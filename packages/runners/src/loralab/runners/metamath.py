@@ -27,6 +27,7 @@ import torch
 
 from loralab.runners.arguments import TrainArgs, _f, parse_args
 from loralab.runners.data import dtype_kwargs, load_split, pad_collate, require_columns, take
+from loralab.runners.example_flags import lorafa_example_argv
 from loralab.runners.gsm8k import (
     PROMPT_TEMPLATES,
     format_prompt,
@@ -43,6 +44,7 @@ from loralab.runners.loop.finetune import (
 )
 from loralab.runners.loop.metrics import MetricsLog
 from loralab.runners.preflight import check_train_args
+from loralab.runners.quantization import bnb_config, prepare_quantized_model, quantized_load_kwargs
 
 __all__ = ["MetaMathArgs", "encode_sft", "evaluate_gsm8k", "load_causal_lm", "main", "run"]
 
@@ -91,18 +93,35 @@ class MetaMathArgs(TrainArgs):
         format_prompt(self.prompt_template, "q")  # raises naming --prompt_template
         if self.max_new_tokens < 1:
             raise ValueError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.merge_and_save and not self.do_train:
+            raise ValueError("--merge_and_save needs training (--do_train true): nothing to merge")
 
 
 def load_causal_lm(
-    path: str, tokenizer_name: str | None = None, torch_dtype: str = "float32"
+    path: str,
+    tokenizer_name: str | None = None,
+    torch_dtype: str = "float32",
+    *,
+    quantization_config: Any = None,
+    gradient_checkpointing: bool = False,
 ) -> tuple[Any, Any]:
-    """``AutoModelForCausalLM`` and its tokenizer; a missing pad token becomes eos (generation pads left)."""
+    """``AutoModelForCausalLM`` and its tokenizer; a missing pad token becomes eos (generation pads left).
+
+    ``quantization_config`` (a ``BitsAndBytesConfig``, :func:`loralab.runners.quantization.bnb_config`)
+    loads a quantized base prepared for k-bit training
+    (:func:`loralab.runners.quantization.prepare_quantized_model`).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_name or path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, **dtype_kwargs(TORCH_DTYPES[torch_dtype]))
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        **dtype_kwargs(TORCH_DTYPES[torch_dtype]),
+        **quantized_load_kwargs(quantization_config),
+    )
+    model = prepare_quantized_model(model, gradient_checkpointing=gradient_checkpointing)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
@@ -230,7 +249,11 @@ def run(args: MetaMathArgs) -> TrainResult | dict[str, float]:
     """Fine-tune on MetaMathQA (unless ``--do_train false``) and evaluate on GSM8K."""
     check_output_dir(args)  # before anything loads
     model, tokenizer = load_causal_lm(
-        args.model_name_or_path, args.tokenizer_name, args.torch_dtype
+        args.model_name_or_path,
+        args.tokenizer_name,
+        args.torch_dtype,
+        quantization_config=bnb_config(args),
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     questions, answers = _load_eval(args)
     predictions_path = Path(args.output_dir) / PREDICTIONS_FILE
@@ -287,6 +310,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # PEFT's LoRA-FA example flags (--base_model_name_or_path, --dataset_name_or_path, --lorafa, --quantize)
+    argv = lorafa_example_argv(sys.argv[1:] if argv is None else list(argv))
     args = parse_args(MetaMathArgs, argv, description=__doc__ or "")
     check_train_args(args)  # bad input refused before any model or data loads
     result = run(args)

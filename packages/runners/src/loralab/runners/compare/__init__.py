@@ -86,6 +86,10 @@ class CompareConfig:
     max_train_samples: int | None = _f(None, "truncate the training set")
     max_eval_samples: int | None = _f(None, "truncate the validation set")
     threads: int | None = _f(None, "torch CPU threads per method process (default: torch's)")
+    load_in_4bit: bool = _f(
+        False, "QLoRA: every method trains on an NF4 base (adapter methods only; see --methods)"
+    )
+    load_in_8bit: bool = _f(False, "every method trains on an 8-bit (LLM.int8) base")
     progress: bool = _f(True, "progress bars")
 
     def validate(self) -> None:
@@ -109,6 +113,19 @@ class CompareConfig:
             raise ValueError(f"--eval_every must be >= 0, got {self.eval_every}")
         parse_overrides(self.set, self.methods)  # raises on malformed --set
         check_overrides(self.set, self.methods)  # unknown keys, wrong types: before any process
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("--load_in_4bit and --load_in_8bit are exclusive; give one of them")
+        if self.load_in_4bit or self.load_in_8bit:
+            from loralab.runners.methods import get_method
+
+            flag = "--load_in_4bit" if self.load_in_4bit else "--load_in_8bit"
+            full = [m for m in self.methods if not get_method(m).quantized_base]
+            if full:
+                raise ValueError(
+                    f"{flag}: --methods includes {', '.join(full)}, which train full weights (a quantized "
+                    "weight gets no gradient); list adapter methods only, e.g. --methods lora lora-ga lora-fa "
+                    "lora-sb lora-pro"
+                )
 
 
 def _device(name: str) -> str:
@@ -352,6 +369,8 @@ def _compare_one(
         max_eval_samples=config.max_eval_samples,
         progress=config.progress,
         threads=config.threads,
+        load_in_4bit=config.load_in_4bit,
+        load_in_8bit=config.load_in_8bit,
     )
     t0 = time.perf_counter()
     code = _run_one(spec, run_dir, config.progress)
@@ -389,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar="[METHOD.]KEY=VALUE",
                 help=f.metadata["help"],
             )
+        elif f.name in ("load_in_4bit", "load_in_8bit"):
+            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
         elif f.name == "progress":
             parser.add_argument(
                 "--no_progress", dest="progress", action="store_false", help="no progress bars"

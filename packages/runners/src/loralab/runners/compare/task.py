@@ -210,10 +210,13 @@ def load_data(
     )
 
 
-def load_model(path: str, num_labels: int, seed: int) -> tuple[nn.Module, Any, list[str]]:
+def load_model(
+    path: str, num_labels: int, seed: int, *, quantization_config: Any = None
+) -> tuple[nn.Module, Any, list[str]]:
     """The classification model, its tokenizer, and the names of its (new) head modules.
 
     The head is initialized under ``torch.manual_seed(seed)``, so every method starts from the same head
-    (the GLUE entrypoint's :func:`~loralab.runners.glue.load_seq_cls_model`).
+    (the GLUE entrypoint's :func:`~loralab.runners.glue.load_seq_cls_model`, which also loads a
+    quantized base from ``quantization_config``).
     """
-    return load_seq_cls_model(path, num_labels, seed)
+    return load_seq_cls_model(path, num_labels, seed, quantization_config=quantization_config)

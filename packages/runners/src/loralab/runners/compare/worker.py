@@ -58,6 +58,8 @@ class RunSpec:
     max_eval_samples: int | None = None
     progress: bool = True
     threads: int | None = None
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
 
 
 class _PeakRSS:
@@ -137,12 +139,21 @@ def run_method(spec: RunSpec) -> dict[str, Any]:
         # model, data and the method's hyper-parameters (same seed, head init and batches for every method)
         method = get_method(spec.method)
         method.check_available()
+        from types import SimpleNamespace
+
         import peft  # noqa: F401  (imported before the clock starts: import time is not init time)
 
+        from loralab.runners.glue import HEAD_NAMES
+        from loralab.runners.quantization import bnb_config
+
+        quantization = SimpleNamespace(
+            method=spec.method, load_in_4bit=spec.load_in_4bit, load_in_8bit=spec.load_in_8bit
+        )
         model, tokenizer, heads = load_model(
             spec.model_path,
             num_labels=1 if spec.task == "stsb" else (3 if spec.task == "mnli" else 2),
             seed=spec.seed,
+            quantization_config=bnb_config(quantization, skip_modules=list(HEAD_NAMES)),
         )
         data = load_data(
             spec.task,

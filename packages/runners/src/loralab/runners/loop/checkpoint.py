@@ -74,6 +74,7 @@ RUN_ARTIFACTS = (
     "launch.json",
     "metrics.jsonl",
     "final",
+    "merged",
     "eval_predictions.jsonl",
     "gsm8k_predictions.jsonl",
     "winogrande_predictions.jsonl",

@@ -46,6 +46,7 @@ from loralab.runners.loop.checkpoint import (
 from loralab.runners.loop.engine import AccelerateEngine, Engine
 from loralab.runners.loop.metrics import MetricsLog
 from loralab.runners.loop.trainer import LoopConfig, run_loop
+from loralab.runners.quantization import MERGED_DIR, estimation_dtype, merge_and_save
 
 __all__ = [
     "TrainResult",
@@ -286,7 +287,14 @@ def finetune(
     )
     if args.save_final_model:
         save_final(
-            engine, method, model, out / "final", tokenizer=tokenizer, callbacks=setup.callbacks
+            engine,
+            method,
+            model,
+            out / "final",
+            tokenizer=tokenizer,
+            callbacks=setup.callbacks,
+            merged=out / MERGED_DIR if getattr(args, "merge_and_save", False) else None,
+            merged_dtype=estimation_dtype(args),
         )
     engine.barrier()
     engine.end()
@@ -322,10 +330,14 @@ def save_final(
     *,
     tokenizer: Any = None,
     callbacks: Sequence[Any] = (),
+    merged: Path | None = None,
+    merged_dtype: torch.dtype = torch.float32,
 ) -> None:
     """Write ``path`` with the method's exporter (every rank calls: ZeRO-3 gathers the weights first).
 
     The directory is written as ``.NAME.tmp`` and renamed when complete; a previous ``path`` is replaced.
+    ``merged`` (``--merge_and_save``): also write the adapters merged into the (dequantized) base there,
+    as a plain ``merged_dtype`` model (:func:`loralab.runners.quantization.merge_and_save`).
     """
     state_dict = engine.full_state_dict(model)
     unwrapped = engine.unwrap(model)
@@ -333,7 +345,7 @@ def save_final(
         tmp = path.with_name(f".{path.name}.tmp")
         if tmp.exists():
             shutil.rmtree(tmp)
-        method.save_final(unwrapped, tmp, state_dict=state_dict)
+        method.save_final(unwrapped, tmp, state_dict=state_dict, final_directory=path)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if path.exists():
@@ -341,4 +353,6 @@ def save_final(
         os.replace(tmp, path)
         for cb in callbacks:
             cb.on_save(str(path), unwrapped)
+        if merged is not None:
+            merge_and_save(unwrapped, merged, dtype=merged_dtype, tokenizer=tokenizer)
     engine.barrier()

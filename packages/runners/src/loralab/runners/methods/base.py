@@ -223,6 +223,9 @@ class Method(ABC):
             during training (``golore-relora``) needs the loop to all-reduce gradients itself.
         optimizers: the ``optim`` values (``adamw``, ``sgd``) the method can run with.
         extra: the ``loralab-runners[extra]`` that installs :attr:`module` (default: :attr:`name`).
+        has_adapter: the method trains adapters over a frozen base (``--merge_and_save`` applies).
+        quantized_base: the method trains on a bitsandbytes 4-/8-bit base (``--load_in_4bit`` /
+            ``--load_in_8bit``); methods that update the base weights themselves cannot.
     """
 
     name: ClassVar[str]
@@ -236,6 +239,8 @@ class Method(ABC):
     ddp_wrappable: ClassVar[bool] = True
     optimizers: ClassVar[tuple[str, ...]] = ("adamw",)
     extra: ClassVar[str | None] = None
+    has_adapter: ClassVar[bool] = True
+    quantized_base: ClassVar[bool] = True
     description: ClassVar[str] = ""
 
     def import_package(self) -> ModuleType | None:
@@ -326,6 +331,7 @@ class Method(ABC):
         directory: str | os.PathLike[str],
         *,
         state_dict: dict[str, torch.Tensor] | None = None,
+        final_directory: str | os.PathLike[str] | None = None,
     ) -> None:
         """Write the trained model to ``directory`` so that it reloads the bare way and reproduces it.
 
@@ -334,6 +340,8 @@ class Method(ABC):
         ``AutoModel*.from_pretrained(directory)``). Methods whose trained weights do not fit the original
         base (LoRA-GA's offset ``W0``, LoRA-SB's ``B·R·A``) override it with their package's exporter.
         ``state_dict``: the whole state dict when the engine shards the weights (ZeRO-3), else ``None``.
+        ``final_directory``: where ``directory`` is renamed to once complete (the loop writes into a
+        temporary directory), for configs that name a path inside it; ``None``: ``directory`` itself.
         Called on the main process only.
         """
         model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)

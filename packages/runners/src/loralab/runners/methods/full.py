@@ -15,6 +15,9 @@ class FullFineTuning(Method):
     name = "full"
     description = "full fine-tuning (AdamW on every weight)"
     optimizers = ("adamw", "sgd")
+    # full weights train: nothing to merge, and a bitsandbytes weight gets no gradient
+    has_adapter = False
+    quantized_base = False
     defaults: ClassVar[dict[str, Any]] = {}
 
     def wrap(self, model: nn.Module, args: Any, train_batches: Any, *, resume: bool) -> nn.Module:

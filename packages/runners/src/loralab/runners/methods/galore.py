@@ -90,6 +90,9 @@ class GaLore(Method):
     zero_partitioning = False  # projects each weight's gradient matrix; ZeRO flattens them
     optimizers = ("adamw", "sgd")
     options = GALORE_OPTIONS
+    # full weights train: nothing to merge, and a bitsandbytes weight gets no gradient
+    has_adapter = False
+    quantized_base = False
     defaults: ClassVar[dict[str, Any]] = dict(GALORE_DEFAULTS)
 
     def check_model(self, model: nn.Module, args: Any) -> None:

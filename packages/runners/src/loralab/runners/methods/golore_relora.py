@@ -76,6 +76,10 @@ class GoLoreReLoRA(Method):
     zero_partitioning = False  # merge_and_reinit needs whole W, A, B matrices
     ddp_wrappable = False  # W trains on refresh steps only: DDP would never average its gradient
     optimizers = ("adamw", "sgd")
+    # W trains (merged every gap) and final/ is the merged full model; ReLoRaModel(quantize=...) is
+    # the package API for a quantized frozen W, not wired to the C4 command line
+    has_adapter = False
+    quantized_base = False
     defaults: ClassVar[dict[str, Any]] = dict(
         galore_rank=128,
         update_proj_gap=200,

@@ -8,16 +8,24 @@ runs used rsLoRA (``--use_rslora true``). Then AdamW as for LoRA.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from loralab.runners.methods.base import LORA_DEFAULTS, LORA_OPTIONS, Method, Option, lora_kwargs
+from loralab.runners.quantization import estimation_dtype, estimation_model
 
-__all__ = ["METHOD", "LoraGA"]
+__all__ = ["METHOD", "OFFSET_BASE", "ORIGINAL_BASE_ADAPTER", "LoraGA", "lora_ga_readme"]
+
+ORIGINAL_BASE_ADAPTER = "original_base_adapter"
+"""Sub-directory of a quantized run's ``final/``: the rank-2r LoRA for the original checkpoint."""
+OFFSET_BASE = "offset_base"
+"""Sub-directory of a quantized run's ``final/``: the offset base ``W0'``, quantized as trained."""
 
 
 class LoraGA(Method):
@@ -67,7 +75,20 @@ class LoraGA(Method):
             stable_gamma=args.ga_stable_gamma,
         )
         batches = list(itertools.islice(iter(train_batches), args.ga_iters))
-        return pkg.get_lora_ga_model(model, config, batches, progress=args.progress)
+        # Quantized base (QLoRA): the gradient is estimated on a float copy of the same checkpoint,
+        # block by block, then the quantized model gets A, B and its offset W0 re-quantized with
+        # each layer's own settings (the LoRA-GA seed's flow, in loralab.core.quant).
+        float_model = estimation_model(model, estimation_dtype(args))
+        peft_model = pkg.get_lora_ga_model(
+            model,
+            config,
+            batches,
+            progress=args.progress,
+            estimation_model=float_model,
+            offload=float_model is not None,
+        )
+        del float_model
+        return peft_model
 
     def save_final(
         self,
@@ -75,10 +96,37 @@ class LoraGA(Method):
         directory: str | os.PathLike[str],
         *,
         state_dict: dict[str, torch.Tensor] | None = None,
+        final_directory: str | os.PathLike[str] | None = None,
     ) -> None:
-        """The rank-2r plain LoRA for the *original* base (``A' = [A; A0]``, ``B' = [B, -B0]``): the
-        trained rank-r adapter alone only fits the offset base ``W0 - s·B0·A0`` the run trained on."""
-        self.import_package().save_lora_ga_adapter(model, directory, state_dict=state_dict)
+        """Float base: the rank-2r plain LoRA for the *original* base (``A' = [A; A0]``,
+        ``B' = [B, -B0]``); the trained rank-r adapter alone only fits the offset base
+        ``W0 - s·B0·A0`` (paper Eq. 13) the run trained on.
+
+        Quantized base: the original checkpoint quantized again differs from the trained offset base by
+        the re-quantization error, so ``directory`` holds the rank-r adapter, ``directory/offset_base``
+        the offset base as trained (named in ``adapter_config.json``: bare ``PeftModel.from_pretrained``
+        on it reproduces the run exactly), and ``directory/original_base_adapter`` the rank-2r LoRA.
+        A ``README.md`` says which base each adapter needs.
+        """
+        from loralab.core.quant import quantized_layer_names
+
+        pkg = self.import_package()
+        directory = Path(directory)
+        quantized = bool(quantized_layer_names(model.get_base_model()))
+        if not quantized:
+            pkg.save_lora_ga_adapter(model, directory, state_dict=state_dict)
+        else:
+            model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
+            save_offset_base(model, directory / OFFSET_BASE)
+            pkg.save_lora_ga_adapter(
+                model, directory / ORIGINAL_BASE_ADAPTER, state_dict=state_dict
+            )
+            where = Path(final_directory if final_directory is not None else directory)
+            cfg_path = directory / "adapter_config.json"
+            cfg = json.loads(cfg_path.read_text())
+            cfg["base_model_name_or_path"] = str((where / OFFSET_BASE).resolve())
+            cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        (directory / "README.md").write_text(lora_ga_readme(quantized))
 
     def checkpoint_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         # A0, B0 live outside the state dict; the final export needs them after a resume too
@@ -86,6 +134,42 @@ class LoraGA(Method):
 
     def load_checkpoint_state(self, model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
         self.import_package().set_lora_ga_init_factors(model, dict(state))
+
+
+def save_offset_base(model: nn.Module, path: Path) -> None:
+    """The PEFT model's base (``W0'``, quantized as it is) as a transformers checkpoint."""
+    from loralab.runners.quantization import _trained_modules_in_place
+
+    base = model.get_base_model()
+    with _trained_modules_in_place(base, "default"):
+        base.save_pretrained(str(path), safe_serialization=True)
+
+
+def lora_ga_readme(quantized: bool) -> str:
+    """What ``final/`` of a LoRA-GA run holds and which base each adapter needs."""
+    lines = [
+        "# LoRA-GA run: which base each adapter needs",
+        "",
+        "LoRA-GA offsets the base weights at initialisation (`W0' = W0 - s*B0*A0`, paper Eq. 13), so",
+        "the trained rank-r adapter fits the *offset* base, not the original checkpoint.",
+        "",
+    ]
+    if quantized:
+        lines += [
+            f"- `./` (the rank-r adapter) + `{OFFSET_BASE}/` (the offset base, quantized as trained):",
+            f"  `PeftModel.from_pretrained(AutoModel*.from_pretrained('{OFFSET_BASE}'), '.')` reproduces",
+            "  the trained model exactly. `adapter_config.json` names that base.",
+            f"- `{ORIGINAL_BASE_ADAPTER}/`: a plain rank-2r LoRA for the original checkpoint. On the",
+            "  original *float* checkpoint it is exact; on the original checkpoint quantized again it",
+            "  differs from the trained model by the re-quantization error `Q(W0) - Q(W0') - s*B0*A0`.",
+        ]
+    else:
+        lines += [
+            "- `./`: a plain rank-2r LoRA (`A' = [A; A0]`, `B' = [B, -B0]`) for the original checkpoint:",
+            "  `PeftModel.from_pretrained(original_base, '.')` reproduces the trained model. The offset",
+            "  base is not saved for float runs.",
+        ]
+    return "\n".join(lines) + "\n"
 
 
 METHOD = LoraGA()

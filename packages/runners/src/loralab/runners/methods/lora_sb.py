@@ -28,6 +28,7 @@ from loralab.runners.methods.base import (
     lora_kwargs,
     warmup_steps,
 )
+from loralab.runners.quantization import estimation_dtype, estimation_model
 
 __all__ = ["METHOD", "NATIVE_DIR", "LoraSB", "first_step_lr"]
 
@@ -82,14 +83,20 @@ class LoraSB(Method):
             # on resume the checkpoint restores A, B and R: build the structure without estimating
             sb_init="random" if resume else "gradient",
         )
-        return pkg.get_lora_sb_model(
+        # Quantized base: estimate on a float copy of the same checkpoint, block by block.
+        float_model = None if resume else estimation_model(model, estimation_dtype(args))
+        peft_model = pkg.get_lora_sb_model(
             model,
             config,
             train_batches if not resume else [],
             lr=first_step_lr(args),
             num_batches=args.sb_num_batches,
             progress=args.progress,
+            estimation_model=float_model,
+            offload=float_model is not None,
         )
+        del float_model
+        return peft_model
 
     def save_final(
         self,
@@ -97,6 +104,7 @@ class LoraSB(Method):
         directory: str | os.PathLike[str],
         *,
         state_dict: dict[str, torch.Tensor] | None = None,
+        final_directory: str | os.PathLike[str] | None = None,
     ) -> None:
         """``directory``: plain LoRA (R folded into B) for bare PEFT; ``directory/lora_sb_native``: the
         native adapter."""
