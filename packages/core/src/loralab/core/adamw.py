@@ -72,7 +72,7 @@ def _update_moments_(
 
 def _torch_denom(exp_avg_sqs: Sequence[Tensor], bc2: float, eps: float) -> list[Tensor]:
     """``√v / √bc₂ + ε``, torch.optim.AdamW's denominator."""
-    denom = torch._foreach_sqrt(list(exp_avg_sqs))
+    denom = list(torch._foreach_sqrt(list(exp_avg_sqs)))
     torch._foreach_div_(denom, math.sqrt(bc2))
     torch._foreach_add_(denom, eps)
     return denom
@@ -101,12 +101,12 @@ def adamw_direction(
     bc2 = 1 - beta2**step
     if style == "torch":
         denom = _torch_denom(exp_avg_sqs, bc2, eps)
-        out = torch._foreach_div(list(exp_avgs), denom)
+        out = list(torch._foreach_div(list(exp_avgs), denom))
         torch._foreach_div_(out, bc1)
     elif style == "hf":
-        denom = torch._foreach_sqrt(list(exp_avg_sqs))
+        denom = list(torch._foreach_sqrt(list(exp_avg_sqs)))
         torch._foreach_add_(denom, eps)
-        out = torch._foreach_div(list(exp_avgs), denom)
+        out = list(torch._foreach_div(list(exp_avgs), denom))
         torch._foreach_mul_(out, math.sqrt(bc2) / bc1)
     else:
         raise ValueError(f"style must be 'torch' or 'hf', got {style!r}")
