@@ -43,9 +43,7 @@ __all__ = [
 AdamWStyle = Literal["torch", "hf"]
 
 
-def check_adamw_hparams(
-    lr: float, betas: tuple[float, float], eps: float, weight_decay: float
-) -> None:
+def check_adamw_hparams(lr: float, betas: Sequence[float], eps: float, weight_decay: float) -> None:
     """Validate AdamW hyper-parameters as ``torch.optim.AdamW`` does, with the argument named."""
     if not 0.0 <= lr:
         raise ValueError(f"Invalid learning rate: lr must be >= 0, got {lr}")

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from torch import nn
+from torch import Tensor, nn
 
 __all__ = ["LoraPair", "LoraPairError", "find_lora_pairs", "lora_param_roles"]
 
@@ -39,9 +39,9 @@ class LoraPair:
     """The PEFT ``LoraLayer``."""
     adapter: str
     """Adapter name (``"default"`` unless several adapters are loaded)."""
-    A: nn.Parameter
-    """``lora_A[adapter].weight``, shape (r, in)."""
-    B: nn.Parameter
+    A: Tensor
+    """``lora_A[adapter].weight``, shape (r, in) (a Parameter; any leaf tensor for the seed APIs)."""
+    B: Tensor
     """``lora_B[adapter].weight``, shape (out, r)."""
     scaling: float
     """The layer's own scaling (α/r, α/√r with rsLoRA; honours rank/alpha patterns)."""
