@@ -46,16 +46,20 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 from loralab.core.linalg import stiefel_sample, truncated_svd
 from loralab.core.targets import TargetNotFoundError, find_targets, replace_module
-from loralab.golore.projector import reproject_second_moment
+from loralab.golore.projector import Side, reproject_second_moment
 
 __all__ = ["ReLoRaCallback", "ReLoRaConfig", "ReLoRaLinear", "ReLoRaModel", "merge_and_reinit"]
 
@@ -161,12 +165,12 @@ class ReLoRaLinear(nn.Module):
         self.lora_A.requires_grad_(self.proj_type)
 
     @property
-    def trained_factor(self) -> nn.Parameter:
+    def trained_factor(self) -> Tensor:
         """The factor the optimizer trains (``A`` for a right projector, ``B`` for a left one)."""
         return self.lora_A.weight if self.proj_type else self.lora_B.weight
 
     @property
-    def projector(self) -> nn.Parameter:
+    def projector(self) -> Tensor:
         """The fixed orthonormal factor (``B`` (r, in) for a right projector, ``A`` (out, r) for a left one)."""
         return self.lora_B.weight if self.proj_type else self.lora_A.weight
 
@@ -191,7 +195,7 @@ class ReLoRaLinear(nn.Module):
         if self.lora_only:
             # the reference's lora_only path returns +s·A·B·x (no W at all)
             return low
-        return F.linear(x, self.weight, self.bias) - low
+        return F.linear(x, cast(Tensor, self.weight), self.bias) - low  # W exists unless lora_only
 
     def _new_projector(self, grad: Tensor, rand: bool, generator: torch.Generator) -> Tensor:
         out_f, in_f = grad.shape
@@ -217,21 +221,22 @@ class ReLoRaLinear(nn.Module):
         if self.lora_only:
             logger.warning("merge_and_reinit skipped: lora_only=True has no W to merge into")
             return
-        if self.weight.grad is None:
+        weight = cast(nn.Parameter, self.weight)  # W exists unless lora_only
+        if weight.grad is None:
             raise RuntimeError(
                 "merge_and_reinit needs the full gradient of W: set model._config.forward_type = True before the "
                 "forward/backward of this step (the seed loop sets it on the steps where reset_relora is True)"
             )
         if second_moment not in ("keep", "project"):
             raise ValueError(f"second_moment must be 'keep' or 'project', got {second_moment!r}")
-        wg = self.weight.grad.detach().clone()
+        wg = weight.grad.detach().clone()
         if not torch.isfinite(wg).all():
             raise FloatingPointError(
                 f"merge_and_reinit: the gradient of W ({tuple(wg.shape)}) has NaN/Inf values"
             )
-        self.weight.grad = None
-        self.weight.requires_grad_(False)
-        self.weight.add_(self.lora_A.weight @ self.lora_B.weight, alpha=-self.scale)  # W ← W_eff
+        weight.grad = None
+        weight.requires_grad_(False)
+        weight.add_(self.lora_A.weight @ self.lora_B.weight, alpha=-self.scale)  # W ← W_eff
         old = self.projector.detach().clone()
         new = self._new_projector(wg, rand, generator or torch.Generator().manual_seed(0)).to(
             old.dtype
@@ -247,7 +252,7 @@ class ReLoRaLinear(nn.Module):
                 state[key].copy_(state[key] @ t if self.proj_type else t @ state[key])
         if second_moment == "project" and isinstance(state.get("exp_avg_sq"), Tensor):
             v = state["exp_avg_sq"]
-            side = "right" if self.proj_type else "left"
+            side: Side = "right" if self.proj_type else "left"
             v.copy_(reproject_second_moment(v, (trans.to(v.dtype),), side))
         factor.zero_()
         factor.requires_grad_(True)
@@ -304,7 +309,7 @@ class ReLoRaModel(nn.Module):
         self,
         model: nn.Module,
         *,
-        target_modules: list[str] | str = ("attn", "attention", "mlp"),  # type: ignore[assignment]
+        target_modules: Sequence[str] | str = ("attn", "attention", "mlp"),
         r: int = 128,
         lora_dropout: float = 0.1,
         keep_original_weights: bool = True,
@@ -346,9 +351,10 @@ class ReLoRaModel(nn.Module):
                 f"ReLoRaModel wraps nn.Linear layers only (as the reference); these matched layers are not: {', '.join(others[:5])}"
             )
         for name, t in found.items():
-            replace_module(model, name, ReLoRaLinear(t.module, r, self._config))
+            # only kind "linear" is left: nn.Linear
+            replace_module(model, name, ReLoRaLinear(cast(nn.Linear, t.module), r, self._config))
         # expose the wrapped forward's signature (HF Trainer keeps dataset columns by it)
-        self.forward = model.forward  # type: ignore[method-assign]
+        self.forward = model.forward  # type: ignore[method-assign]  # an instance attribute on purpose
         logger.info("ReLoRaModel: wrapped %d linear layers", len(found))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -383,7 +389,8 @@ class ReLoRaModel(nn.Module):
 
     def save_pretrained(self, path: str | os.PathLike[str], **kwargs: Any) -> None:
         """The wrapped model's ``save_pretrained`` plus ``relora_config.json`` (as the reference)."""
-        self.wrapped_model.save_pretrained(path, **kwargs)
+        # saving needs a transformers model, as in the reference
+        cast("PreTrainedModel", self.wrapped_model).save_pretrained(path, **kwargs)
         with open(os.path.join(path, "relora_config.json"), "w") as fh:
             json.dump(asdict(self._config), fh, indent=2)
 
@@ -422,10 +429,11 @@ class ReLoRaModel(nn.Module):
 try:  # the HF Trainer face; transformers is a dependency, but keep the import local to this class
     from transformers import TrainerCallback
 except ImportError:  # pragma: no cover
+    # never taken (transformers is a dependency); the checker sees the real class
     TrainerCallback = object  # type: ignore[misc,assignment]
 
 
-class ReLoRaCallback(TrainerCallback):  # type: ignore[misc]
+class ReLoRaCallback(TrainerCallback):
     """Drive :class:`ReLoRaModel` from ``transformers.Trainer``: the seed loop as a callback.
 
     Sets ``forward_type`` at the start of every ``update_proj_gap``-th optimizer step (before its first
