@@ -37,10 +37,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
-from peft import LoraConfig, PeftModel
+from peft import LoraConfig, PeftConfig, PeftModel
+from peft.tuners.lora import LoraModel
 from peft.tuners.lora.layer import LoraLayer
 from torch import Tensor, nn
 
@@ -104,7 +105,8 @@ def estimate_and_process_grads_torch(
         from loralab.lora_sb.model import _dequantized_twin
 
         est_model = _dequantized_twin(
-            model.base_model.model if isinstance(model, PeftModel) else model
+            # base_model.model: the wrapped transformers model
+            cast(nn.Module, model.base_model.model) if isinstance(model, PeftModel) else model
         )
     targets = resolve_targets(est_model, target_modules)
     out: dict[str, Tensor] = {}
@@ -192,6 +194,7 @@ def find_and_initialize_grad(
         raise TypeError(
             f"model must be a PeftModel (call get_peft_model first), got {type(model).__name__}"
         )
+    cfg: PeftConfig | None
     cfg = peft_config.get(adapter_name) if isinstance(peft_config, Mapping) else peft_config
     if cfg is None:
         cfg = model.peft_config.get(adapter_name)
@@ -204,7 +207,7 @@ def find_and_initialize_grad(
             f"reconstruct_config['svd']['rank']={rank} differs from the adapter's r={cfg.r}; set it to r"
         )
     sb_cfg = cfg if isinstance(cfg, LoraSBConfig) else _sb_config_from(cfg, svd_cfg)
-    inner = model.base_model.model
+    inner = cast(nn.Module, model.base_model.model)  # the wrapped transformers model
     mapping = custom_module_mapping()
     for name, module in list(inner.named_modules()):
         if (
@@ -243,10 +246,10 @@ def find_and_initialize_grad(
         base = layer.get_base_layer()
         updates[name] = (g.T if layer_kind(base) == "conv1d" else g).float()
     initialize_from_updates_(model, updates, adapter_name=adapter_name)
-    model.base_model.set_adapter(adapter_name)
+    cast(LoraModel, model.base_model).set_adapter(adapter_name)  # a LoRA PeftModel's tuner
     if writer is not None:
         for name, layer in layers.items():  # (no autograd: R requires grad)
-            delta = updates[name].to(layer.lora_R[adapter_name].weight.device)
+            delta = updates[name].to(cast(Tensor, layer.lora_R[adapter_name].weight).device)
             approx = layer.get_delta_weight(adapter_name).detach()
             approx = (approx.T if layer.fan_in_fan_out else approx).to(delta)
             rel = (delta - approx).norm() / delta.norm().clamp_min(1e-30)
