@@ -24,11 +24,15 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
+
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
+    from transformers import PreTrainedModel
 
 from loralab.runners.arguments import TrainArgs
 from loralab.runners.launch import fill_deepspeed_config, load_deepspeed_config, zero_stage
@@ -287,9 +291,13 @@ def train(
     )
     torch.manual_seed(args.seed)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # --gradient_checkpointing needs a transformers model (AttributeError otherwise, as before)
+        hf_model = cast("PreTrainedModel", model)
+        hf_model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
         if hasattr(model, "config"):
-            model.config.use_cache = False
+            hf_model.config.use_cache = False
     init_batches = None
     if method.needs_batches and resume is None:
         model.to(acc.device)
@@ -298,8 +306,8 @@ def train(
     model, optimizer, scheduler = setup.model, setup.optimizer, setup.scheduler
 
     sampler = EpochSampler(len(train_dataset), args.seed)
-    loader = DataLoader(
-        train_dataset,
+    loader: DataLoader[Any] = DataLoader(
+        cast("Dataset[Any]", train_dataset),  # a Sequence is a map-style dataset
         batch_size=args.per_device_train_batch_size,
         sampler=sampler,
         collate_fn=collate_fn,

@@ -33,7 +33,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -54,6 +54,11 @@ from loralab.runners.c4.data import (
 )
 from loralab.runners.c4.model import build_model, count_parameters
 from loralab.runners.c4.schedule import get_scheduler
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from loralab.golore import ReLoRaModel
 
 __all__ = ["run"]
 
@@ -135,7 +140,7 @@ def _resolve_vocab(args: C4Args, tokenizer: Any) -> int | None:
     return int(args.vocab_size)
 
 
-def _wrap_relora(model: nn.Module, args: C4Args) -> nn.Module:
+def _wrap_relora(model: nn.Module, args: C4Args) -> ReLoRaModel:
     try:
         from loralab.golore import ReLoRaModel
     except ImportError as e:  # pragma: no cover - golore is a declared extra
@@ -199,7 +204,7 @@ def _build_optimizer(model: nn.Module, args: C4Args, total_steps: int) -> torch.
 
 
 def _deepspeed_config(args: C4Args, env: Env, accum: int) -> dict[str, Any]:
-    path = Path(args.deepspeed_config)
+    path = Path(cast(str, args.deepspeed_config))  # only called when --deepspeed_config is set
     if not path.is_file():
         raise FileNotFoundError(f"--deepspeed_config {path} does not exist")
     cfg = json.loads(path.read_text())
@@ -313,7 +318,7 @@ def _has_split(directory: str, split: str) -> bool:
 
 def _make_streams(args: C4Args, tokenizer: Any, env: Env, num_streams: int) -> dict[int, Any]:
     source = _train_source(args)
-    streams = {}
+    streams: dict[int, Any] = {}
     for s in range(num_streams):
         if s % env.world != env.rank:
             continue
@@ -641,7 +646,8 @@ def run(args: C4Args) -> dict[str, Any]:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     vocab = _resolve_vocab(args, tokenizer)
     model = build_model(args.model_config, seed=args.seed, vocab_size=vocab)
-    vocab = model.config.vocab_size
+    # build_model makes a LlamaForCausalLM
+    vocab = cast("PreTrainedModel", model).config.vocab_size
     if len(tokenizer) > vocab:
         logger.warning(
             "tokenizer has %d tokens but the model %d (ids >= %d must never occur; checked per batch)",
@@ -653,7 +659,7 @@ def run(args: C4Args) -> dict[str, Any]:
         # transformers 5 renamed gradient_checkpointing_enable (deprecated) to activation_checkpointing_enable
         (
             getattr(model, "activation_checkpointing_enable", None)
-            or model.gradient_checkpointing_enable
+            or cast("PreTrainedModel", model).gradient_checkpointing_enable
         )()
     n_params, _ = count_parameters(model)
     relora = _wrap_relora(model, args) if args.use_peft else None
@@ -699,7 +705,7 @@ def run(args: C4Args) -> dict[str, Any]:
     elif env.world > 1 and relora is None:
         # the only buffers (rotary inv_freq) are identical on every rank: no per-forward broadcast
         # (torch 2.13 renamed broadcast_buffers to forward_sync_buffers)
-        sync_kw = (
+        sync_kw: dict[str, Any] = (
             {"forward_sync_buffers": False}
             if "forward_sync_buffers"
             in inspect.signature(nn.parallel.DistributedDataParallel).parameters
@@ -797,7 +803,7 @@ def run(args: C4Args) -> dict[str, Any]:
         t0 = time.perf_counter()
         c0 = time.process_time()  # CPU seconds of this process: a fair clock on a shared machine
         reset = relora is not None and step % args.update_proj_gap == 0
-        if reset:
+        if reset and relora is not None:  # reset implies relora
             relora._config.forward_type = True
         losses, step_tokens = [], 0
         try:
@@ -838,7 +844,7 @@ def run(args: C4Args) -> dict[str, Any]:
             )
         if relora is not None and engine is None and env.world > 1:
             _sync_gradients(params)
-        if reset:
+        if reset and relora is not None:  # reset implies relora
             use_rand = step / total_steps >= args.rand_ratio
             relora.merge_and_reinit(optimizer, use_rand)
             n_resets += 1
@@ -961,5 +967,6 @@ def _save_final_model(model: nn.Module, tokenizer: Any, path: Path) -> None:
                 state[name] = p.detach()
         plain.load_state_dict(state, strict=True)
         base = plain
-    base.save_pretrained(path)
+    # a LlamaForCausalLM: the run's own model, or the merged plain copy above
+    cast("PreTrainedModel", base).save_pretrained(path)
     tokenizer.save_pretrained(path)
