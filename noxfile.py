@@ -2,7 +2,7 @@
 
 - ``test-<package>``: a fresh env with only that package, its real dependencies and its test extra.
 - ``tests``: every package's tests in one env (what CI runs).
-- ``lint``: ruff. ``build``: every wheel built alone and imported alone. ``bench``: all benchmarks.
+- ``lint``: ruff and mypy. ``build``: every wheel built alone and imported alone. ``bench``: all benchmarks.
 
 uv reads ``UV_FIND_LINKS`` (not pip's ``PIP_FIND_LINKS``): we forward the latter so the local CPU
 torch wheel is found, and every install is constrained by ``constraints.txt``.
@@ -81,12 +81,32 @@ def tests(session: nox.Session) -> None:
     _pytest(session, [f"packages/{pkg}/tests" for pkg in PACKAGES])
 
 
+# What mypy needs to resolve every import of the packages' src: the packages themselves (no test
+# extras), bitsandbytes and matplotlib (typed), and stubs for psutil and tqdm. Modules without types
+# (accelerate, datasets, deepspeed, ...) are listed in pyproject's [tool.mypy] overrides instead.
+LINT_INSTALL = [
+    *_editable("core", "quant"),
+    *_editable("lora-ga"),
+    *_editable("lora-fa"),
+    *_editable("lora-sb"),
+    *_editable("lora-pro"),
+    *_editable("golore", "plot"),
+    *_editable("runners"),
+    "ruff>=0.6",
+    "mypy>=1.13",
+    "types-psutil",
+    "types-tqdm",
+]
+
+
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff over the whole repository: lint rules, then the formatter's check."""
-    session.install("ruff>=0.6")
+    """ruff over the whole repository (lint rules, then the formatter's check), then mypy over every
+    package's src (configured in pyproject.toml's [tool.mypy])."""
+    session.install(*LINT_INSTALL, *CONSTRAINTS)
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+    session.run("mypy")
 
 
 @nox.session

@@ -43,9 +43,7 @@ __all__ = [
 AdamWStyle = Literal["torch", "hf"]
 
 
-def check_adamw_hparams(
-    lr: float, betas: tuple[float, float], eps: float, weight_decay: float
-) -> None:
+def check_adamw_hparams(lr: float, betas: Sequence[float], eps: float, weight_decay: float) -> None:
     """Validate AdamW hyper-parameters as ``torch.optim.AdamW`` does, with the argument named."""
     if not 0.0 <= lr:
         raise ValueError(f"Invalid learning rate: lr must be >= 0, got {lr}")
@@ -72,7 +70,7 @@ def _update_moments_(
 
 def _torch_denom(exp_avg_sqs: Sequence[Tensor], bc2: float, eps: float) -> list[Tensor]:
     """``√v / √bc₂ + ε``, torch.optim.AdamW's denominator."""
-    denom = torch._foreach_sqrt(list(exp_avg_sqs))
+    denom = list(torch._foreach_sqrt(list(exp_avg_sqs)))
     torch._foreach_div_(denom, math.sqrt(bc2))
     torch._foreach_add_(denom, eps)
     return denom
@@ -104,12 +102,12 @@ def adamw_direction(
     bc2 = 1 - beta2**step if correct_bias else 1.0
     if style == "torch":
         denom = _torch_denom(exp_avg_sqs, bc2, eps)
-        out = torch._foreach_div(list(exp_avgs), denom)
+        out = list(torch._foreach_div(list(exp_avgs), denom))
         torch._foreach_div_(out, bc1)
     elif style == "hf":
-        denom = torch._foreach_sqrt(list(exp_avg_sqs))
+        denom = list(torch._foreach_sqrt(list(exp_avg_sqs)))
         torch._foreach_add_(denom, eps)
-        out = torch._foreach_div(list(exp_avgs), denom)
+        out = list(torch._foreach_div(list(exp_avgs), denom))
         torch._foreach_mul_(out, math.sqrt(bc2) / bc1)
     else:
         raise ValueError(f"style must be 'torch' or 'hf', got {style!r}")

@@ -92,13 +92,13 @@ def broadcast_(tensor: Tensor, src: int = 0) -> Tensor:
     return tensor
 
 
-def _is_zero3_param(p: nn.Parameter) -> bool:
+def _is_zero3_param(p: Tensor) -> bool:
     return hasattr(p, "ds_id") and hasattr(p, "ds_status")
 
 
 @contextmanager
 def gathered_parameters(
-    params: Iterable[nn.Parameter], modifier_rank: int | None = None
+    params: Iterable[Tensor], modifier_rank: int | None = None
 ) -> Iterator[None]:
     """Make DeepSpeed ZeRO-3 partitioned parameters whole inside the block (a no-op otherwise).
 

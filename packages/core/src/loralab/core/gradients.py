@@ -28,7 +28,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from itertools import islice
-from typing import Any, Union
+from typing import Any, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -249,7 +249,8 @@ def _estimate_plain(
 
     def make_hook(name: str, module: nn.Module) -> Callable[[Tensor], None]:
         def hook(p: Tensor) -> None:
-            g = to_storage_layout(module, p.grad).float()
+            # a post-accumulate-grad hook runs once p.grad is set
+            g = to_storage_layout(module, cast(Tensor, p.grad)).float()
             if name in sums:
                 sums[name].add_(g)
             else:

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from torch import nn
+from torch import Tensor, nn
 
 __all__ = ["LoraPair", "LoraPairError", "find_lora_pairs", "lora_param_roles"]
 
@@ -39,10 +39,11 @@ class LoraPair:
     """The PEFT ``LoraLayer``."""
     adapter: str
     """Adapter name (``"default"`` unless several adapters are loaded)."""
-    A: nn.Parameter
-    """``lora_A[adapter].weight``, shape (r, in); for an embedding layer ``lora_embedding_A[adapter]``,
+    A: Tensor
+    """``lora_A[adapter].weight``, shape (r, in) (a Parameter; any leaf tensor
+    for the seed APIs); for an embedding layer ``lora_embedding_A[adapter]``,
     shape (r, num_embeddings) (the layer is ``x ↦ onehot(x)·(W0 + s·B·A)ᵀ``, a Linear on one-hot inputs)."""
-    B: nn.Parameter
+    B: Tensor
     """``lora_B[adapter].weight``, shape (out, r); for an embedding layer ``lora_embedding_B[adapter]``,
     shape (embedding_dim, r)."""
     scaling: float

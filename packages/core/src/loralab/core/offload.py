@@ -392,6 +392,7 @@ class _Offloader:
         keys = list(leaves)
         glue = list(self.glue_targets.items())
         inputs = [leaves[key] for key in keys] + [t.weight for _, t in glue]
+        grads: Sequence[Tensor | None]
         if loss.requires_grad:
             grads = torch.autograd.grad(loss, inputs, allow_unused=True)
         else:
@@ -650,9 +651,9 @@ def estimate_gradients_offloaded(
                 params = [t.weight for t in off.glue_targets.values()]
                 for batch, rec in zip(batch_list, recs):
                     _, grads = off.glue_adjoint(batch, rec, -1, params)
-                    for (name, t), g in zip(off.glue_targets.items(), grads):
-                        if g is not None:
-                            _accumulate(glue_sums, name, to_storage_layout(t.module, g))
+                    for (name, t), gw in zip(off.glue_targets.items(), grads):
+                        if gw is not None:
+                            _accumulate(glue_sums, name, to_storage_layout(t.module, gw))
             missing = [name for name in off.glue_targets if name not in glue_sums]
             if missing:
                 raise GradientEstimationError(

@@ -36,12 +36,12 @@ import copy
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
 
-from loralab.core.targets import get_module, layer_kind, replace_module
+from loralab.core.targets import _weight, get_module, layer_kind, replace_module
 
 __all__ = [
     "QuantKind",
@@ -128,7 +128,7 @@ def _cpu_packed(qs: Any) -> bool:
 
 def _unpacked_4bit(module: nn.Module) -> tuple[Tensor, Any]:
     """(packed 4-bit data, quant_state) in bitsandbytes' standard layout, without touching the layer."""
-    data, qs = module.weight.data, _quant_state(module)
+    data, qs = _weight(module).data, _quant_state(module)
     if not _cpu_packed(qs):
         return data, qs
     from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
@@ -206,15 +206,15 @@ def dequantize_weight(module: nn.Module, dtype: torch.dtype | None = torch.float
         )
     with torch.no_grad():
         if kind == "linear":
-            w = module.weight.detach().clone()
+            w = _weight(module).detach().clone()
         elif kind == "conv1d":
-            w = module.weight.detach().T.clone()
+            w = _weight(module).detach().T.clone()
         elif kind == "linear8bit" and not is_quantized(module):
-            w = module.weight.detach().clone()
+            w = _weight(module).detach().clone()
         elif kind == "linear8bit":
             import bitsandbytes.functional as bnbf
 
-            w = bnbf.int8_vectorwise_dequant(module.weight.data, _int8_scales(module))
+            w = bnbf.int8_vectorwise_dequant(_weight(module).data, _int8_scales(module))
         else:
             import bitsandbytes.functional as bnbf
 
@@ -248,7 +248,7 @@ def requantize_weight_(module: nn.Module, weight: Tensor) -> None:
         raise ValueError(
             f"requantize_weight_: weight for {type(module).__name__} has non-finite values"
         )
-    old = module.weight
+    old = _weight(module)
     device = old.device
     with torch.no_grad():
         if kind == "linear" or (kind == "linear8bit" and not is_quantized(module)):
@@ -262,13 +262,13 @@ def requantize_weight_(module: nn.Module, weight: Tensor) -> None:
         if kind == "linear8bit":
             # Int8Params quantizes row-wise (absmax per output row, through fp16) when it is moved
             # from the CPU to a device; do exactly that from a CPU float copy.
-            new = bnb.nn.Int8Params(
+            # typed as the Parameter it is: bitsandbytes types Int8Params.to with a self bound to nn.Module
+            new: nn.Parameter = bnb.nn.Int8Params(
                 weight.detach().to("cpu", torch.float16).contiguous(),
                 requires_grad=False,
                 has_fp16_weights=False,
             )
-            new = new.to(device)
-            module.weight = new
+            module.weight = new.to(device)
             state = getattr(module, "state", None)
             # drop the cached (CB, SCB) of the old weight; forward re-reads them
             if state is not None:
@@ -276,22 +276,24 @@ def requantize_weight_(module: nn.Module, weight: Tensor) -> None:
                 state.SCB = None
             return
         spec = quant_config_of(module)
-        new = bnb.nn.Params4bit(
+        new4: nn.Parameter = bnb.nn.Params4bit(  # typed as Parameter: see Int8Params above
             weight.detach().to("cpu", spec.dtype or torch.float32).contiguous(),
             requires_grad=False,
             quant_type=spec.kind,
             blocksize=spec.blocksize,
             compress_statistics=spec.double_quant,
             quant_storage=spec.quant_storage or torch.uint8,
-            module=module,
+            # kind "linear4bit" (matched by class name) means module is a bnb Linear4bit
+            module=cast(bnb.nn.Linear4bit, module),
         )
-        module.weight = new.to(device)  # Params4bit quantizes on its first move to a device
+        module.weight = new4.to(device)  # Params4bit quantizes on its first move to a device
 
 
 def _out_in(module: nn.Module, kind: str) -> tuple[int, int]:
+    # the sizes are plain ints on every adaptable kind (Conv1D.nf, Linear.in/out_features)
     if kind == "conv1d":
-        return (module.nf, module.weight.shape[0])
-    return (module.out_features, module.in_features)
+        return (cast(int, module.nf), _weight(module).shape[0])
+    return (cast(int, module.out_features), cast(int, module.in_features))
 
 
 def quantized_layer_names(model: nn.Module) -> list[str]:
@@ -311,7 +313,8 @@ def dequantized_copy(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
     when no float checkpoint is available; it holds a full float copy of the model in memory.
     """
     names = quantized_layer_names(model)
-    qmods = {n: get_module(model, n) for n in names}
+    # bitsandbytes' Linear4bit and Linear8bitLt both subclass nn.Linear
+    qmods = {n: cast(nn.Linear, get_module(model, n)) for n in names}
     # deepcopy of bitsandbytes parameters is supported but wasteful; build the float layers first
     # and keep the quantized ones out of the copy.
     memo: dict[int, Any] = {}
@@ -339,9 +342,9 @@ def dequantized_copy(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
         if attr in vars(out):
             setattr(out, attr, False)
     if hasattr(out, "hf_quantizer"):
-        out.hf_quantizer = None
+        setattr(out, "hf_quantizer", None)  # noqa: B010 (nn.Module's attributes are typed Tensor | Module)
     if "quantization_method" in vars(out):
-        out.quantization_method = None
+        setattr(out, "quantization_method", None)  # noqa: B010
     # nn.Module.to, not PreTrainedModel.to: transformers refuses dtype casts of models it loaded in bnb
     nn.Module.to(out, dtype)
     return out

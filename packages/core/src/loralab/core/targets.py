@@ -19,7 +19,7 @@ import logging
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal, Union, cast
 
 from torch import Tensor, nn
 
@@ -96,9 +96,9 @@ def weight_matrix(module: nn.Module) -> Tensor:
     """
     kind = layer_kind(module)
     if kind == "linear":
-        return module.weight
+        return _weight(module)
     if kind == "conv1d":
-        return module.weight.T
+        return _weight(module).T
     if kind in ("linear4bit", "linear8bit"):
         from loralab.core.quant import dequantize_weight
 
@@ -141,7 +141,7 @@ class TargetLayer:
     @property
     def weight(self) -> nn.Parameter:
         """The stored weight parameter (storage layout; quantized for bitsandbytes)."""
-        return self.module.weight
+        return _weight(self.module)
 
     @property
     def is_quantized(self) -> bool:
@@ -153,14 +153,21 @@ class TargetLayer:
 
     def gradient_matrix(self) -> Tensor | None:
         """``weight.grad`` as an (out, in) matrix, or ``None`` when there is none."""
-        g = self.module.weight.grad
+        g = _weight(self.module).grad
         return None if g is None else to_storage_layout(self.module, g)
 
 
+def _weight(module: nn.Module) -> nn.Parameter:
+    # nn.Module.__getattr__ is typed ``Tensor | Module``; every adaptable kind (see layer_kind, which
+    # matches bitsandbytes and Conv1D by class name) stores its weight as a Parameter.
+    return cast(nn.Parameter, module.weight)
+
+
 def _in_out(module: nn.Module, kind: LayerKind) -> tuple[int, int]:
+    # the sizes are plain ints on every adaptable kind (Conv1D.nf, Linear.in/out_features)
     if kind == "conv1d":
-        return module.weight.shape[0], module.nf
-    return module.in_features, module.out_features
+        return _weight(module).shape[0], cast(int, module.nf)
+    return cast(int, module.in_features), cast(int, module.out_features)
 
 
 def _head_prefixes(model: nn.Module) -> set[str]:
@@ -183,8 +190,8 @@ def _base_layer(module: nn.Module) -> nn.Module | None:
     base = getattr(module, "base_layer", None)
     if not isinstance(base, nn.Module):
         return None
-    while isinstance(getattr(base, "base_layer", None), nn.Module):  # nested wrappers
-        base = base.base_layer
+    while isinstance(inner := getattr(base, "base_layer", None), nn.Module):  # nested wrappers
+        base = inner
     return base
 
 

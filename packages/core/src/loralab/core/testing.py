@@ -16,10 +16,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = [
     "TINY_ARCHS",
@@ -47,7 +50,10 @@ Arch = Literal["llama", "gpt2", "roberta", "t5"]
 TINY_ARCHS: tuple[Arch, ...] = ("llama", "gpt2", "roberta", "t5")
 
 
-def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
+_M = TypeVar("_M", bound=nn.Module)
+
+
+def _seeded(seed: int, build: Callable[[], _M]) -> _M:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build()
@@ -56,11 +62,11 @@ def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
 
 def tiny_llama(
     seed: int = 0, *, hidden_size: int = 64, num_hidden_layers: int = 2, **overrides: Any
-) -> nn.Module:
+) -> PreTrainedModel:
     """A random ``LlamaForCausalLM``: hidden 64, 2 layers, 4 heads (2 KV heads), intermediate 128."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = dict(
+    cfg: dict[str, Any] = dict(
         vocab_size=VOCAB_SIZE,
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
@@ -77,11 +83,13 @@ def tiny_llama(
     return _seeded(seed, lambda: LlamaForCausalLM(LlamaConfig(**cfg)))
 
 
-def tiny_gpt2(seed: int = 0, *, n_embd: int = 64, n_layer: int = 2, **overrides: Any) -> nn.Module:
+def tiny_gpt2(
+    seed: int = 0, *, n_embd: int = 64, n_layer: int = 2, **overrides: Any
+) -> PreTrainedModel:
     """A random ``GPT2LMHeadModel`` (its attention and MLP are ``Conv1D`` layers)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = dict(
+    cfg: dict[str, Any] = dict(
         vocab_size=VOCAB_SIZE,
         n_embd=n_embd,
         n_layer=n_layer,
@@ -102,11 +110,11 @@ def tiny_roberta(
     hidden_size: int = 64,
     num_hidden_layers: int = 2,
     **overrides: Any,
-) -> nn.Module:
+) -> PreTrainedModel:
     """A random ``RobertaForSequenceClassification`` with ``num_labels`` classes (1 = regression)."""
     from transformers import RobertaConfig, RobertaForSequenceClassification
 
-    cfg = dict(
+    cfg: dict[str, Any] = dict(
         vocab_size=VOCAB_SIZE,
         hidden_size=hidden_size,
         num_hidden_layers=num_hidden_layers,
@@ -124,11 +132,11 @@ def tiny_roberta(
 
 def tiny_t5(
     seed: int = 0, *, d_model: int = 64, num_layers: int = 2, **overrides: Any
-) -> nn.Module:
+) -> PreTrainedModel:
     """A random ``T5ForConditionalGeneration`` (2 encoder + 2 decoder blocks)."""
     from transformers import T5Config, T5ForConditionalGeneration
 
-    cfg = dict(
+    cfg: dict[str, Any] = dict(
         vocab_size=VOCAB_SIZE,
         d_model=d_model,
         d_kv=16,
@@ -144,7 +152,7 @@ def tiny_t5(
     return _seeded(seed, lambda: T5ForConditionalGeneration(T5Config(**cfg)))
 
 
-_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+_BUILDERS: dict[str, Callable[..., PreTrainedModel]] = {
     "llama": tiny_llama,
     "gpt2": tiny_gpt2,
     "roberta": tiny_roberta,
@@ -152,7 +160,7 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def tiny_model(arch: Arch, seed: int = 0, **overrides: Any) -> nn.Module:
+def tiny_model(arch: Arch, seed: int = 0, **overrides: Any) -> PreTrainedModel:
     """One of :data:`TINY_ARCHS` by name."""
     if arch not in _BUILDERS:
         raise ValueError(f"arch must be one of {', '.join(TINY_ARCHS)}, got {arch!r}")
@@ -187,7 +195,9 @@ def offline_tokenizer(model_max_length: int = 256, padding_side: str = "right"):
     )
 
 
-def save_tiny(model: nn.Module, path: str | os.PathLike[str], *, tokenizer: bool = True) -> Path:
+def save_tiny(
+    model: PreTrainedModel, path: str | os.PathLike[str], *, tokenizer: bool = True
+) -> Path:
     """Save ``model`` (and :func:`offline_tokenizer`) so ``from_pretrained(path)`` loads them."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

@@ -50,11 +50,12 @@ def subspace_param_groups(
     """
     found = find_targets(model, targets)
     projected_ids = {
-        id(t.module.weight)
+        id(t.weight)
         for t in found.values()
-        if t.module.weight.requires_grad and t.module.weight.dim() == 2 and not t.is_quantized
+        if t.weight.requires_grad and t.weight.dim() == 2 and not t.is_quantized
     }
-    projected, plain = [], []
+    projected: list[nn.Parameter] = []
+    plain: list[nn.Parameter] = []
     for _, p in model.named_parameters():
         if not p.requires_grad:
             continue

@@ -43,7 +43,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -53,6 +53,7 @@ from loralab.core.adamw import adamw_direction, check_adamw_hparams
 from loralab.golore.projector import (
     PROJ_TYPES,
     PROJECTIONS,
+    Projection,
     Side,
     new_projector,
     project,
@@ -284,7 +285,7 @@ class SubspaceOptimizer(Optimizer):
         step: int,
     ) -> None:
         rand_step = resolve_rand_step(group)
-        kind = "random" if rand_step is not None and step >= rand_step else "svd"
+        kind: Projection = "random" if rand_step is not None and step >= rand_step else "svd"
         gen = torch.Generator().manual_seed(self._param_seed(gi, pi, group, step))
         dtype = torch.float32 if grad.dtype in (torch.bfloat16, torch.float16) else grad.dtype
         try:
@@ -353,7 +354,8 @@ class SubspaceOptimizer(Optimizer):
             side = projector_side(p.shape, group["proj_type"])
             if step % group["update_proj_gap"] == 0 or self._projector_mats(state, side) is None:
                 self._refresh(p, grad, state, group, gi, pi, side, step)
-            grad = project(grad, self._projector_mats(state, side), side)
+            # the refresh above guarantees a projector
+            grad = project(grad, cast(tuple[Tensor, ...], self._projector_mats(state, side)), side)
         return p, grad, state, side
 
     def _gather(
@@ -459,9 +461,11 @@ class SubspaceOptimizer(Optimizer):
     ) -> Tensor:
         if side is None:
             return direction
-        mats = self._projector_mats(state, side)
+        # side is set only for parameters projected (so given a projector) in this step
+        mats = cast(tuple[Tensor, ...], self._projector_mats(state, side))
         return project_back(direction, mats, side) * group["scale"]
 
+    # one signature for torch.optim.Optimizer.step's two overloads (closure None / given)
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """One optimization step for every parameter that has a gradient.

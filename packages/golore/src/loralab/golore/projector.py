@@ -37,7 +37,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import Tensor
@@ -79,7 +79,7 @@ def projector_side(shape: tuple[int, ...] | torch.Size, proj_type: str) -> Side:
         return "right" if m >= n else "left"
     if proj_type == "reverse_std":
         return "left" if m >= n else "right"
-    return proj_type  # type: ignore[return-value]
+    return cast(Side, proj_type)  # checked against PROJ_TYPES: one of "left", "right", "full"
 
 
 def effective_rank(shape: tuple[int, ...] | torch.Size, rank: int, side: Side) -> int:
@@ -114,6 +114,8 @@ def new_projector(
     m, n = grad.shape
     r = effective_rank(grad.shape, rank, side)
     out_dtype = dtype or grad.dtype
+    left: Tensor | None
+    right: Tensor | None
     if projection == "svd":
         if not torch.isfinite(grad).all():
             raise FloatingPointError(
@@ -132,14 +134,16 @@ def new_projector(
             if side in ("right", "full")
             else None
         )
+
+    def out(t: Tensor | None) -> Tensor:
+        # side decides which factors exist, and only those are read below
+        return cast(Tensor, t).to(device=grad.device, dtype=out_dtype).contiguous()
+
     if side == "left":
-        return (left.to(device=grad.device, dtype=out_dtype).contiguous(),)
+        return (out(left),)
     if side == "right":
-        return (right.to(device=grad.device, dtype=out_dtype).contiguous(),)
-    return (
-        left.to(device=grad.device, dtype=out_dtype).contiguous(),
-        right.to(device=grad.device, dtype=out_dtype).contiguous(),
-    )
+        return (out(right),)
+    return (out(left), out(right))
 
 
 def project(grad: Tensor, mats: Mats, side: Side) -> Tensor:

@@ -52,16 +52,20 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+if TYPE_CHECKING:
+    pass
+
 from loralab.core.linalg import stiefel_sample, truncated_svd
 from loralab.core.targets import TargetNotFoundError, find_targets, replace_module
-from loralab.golore.projector import reproject_second_moment
+from loralab.golore.projector import Side, reproject_second_moment
 
 __all__ = ["ReLoRaCallback", "ReLoRaConfig", "ReLoRaLinear", "ReLoRaModel", "merge_and_reinit"]
 
@@ -224,12 +228,12 @@ class ReLoRaLinear(nn.Module):
         self.weight = None
 
     @property
-    def trained_factor(self) -> nn.Parameter:
+    def trained_factor(self) -> Tensor:
         """The factor the optimizer trains (``A`` for a right projector, ``B`` for a left one)."""
         return self.lora_A.weight if self.proj_type else self.lora_B.weight
 
     @property
-    def projector(self) -> nn.Parameter:
+    def projector(self) -> Tensor:
         """The fixed orthonormal factor (``B`` (r, in) for a right projector, ``A`` (out, r) for a left one)."""
         return self.lora_B.weight if self.proj_type else self.lora_A.weight
 
@@ -263,7 +267,7 @@ class ReLoRaLinear(nn.Module):
         if self.lora_only:
             # the reference's lora_only path returns +s·A·B·x (no W at all)
             return low
-        return F.linear(x, self.weight, self.bias) - low
+        return F.linear(x, cast(Tensor, self.weight), self.bias) - low  # W exists unless lora_only
 
     def _forward_quantized(self, x: Tensor) -> Tensor:
         y = self.base_layer(x).to(x.dtype)
@@ -347,7 +351,7 @@ class ReLoRaLinear(nn.Module):
                 state[key].copy_(state[key] @ t if self.proj_type else t @ state[key])
         if second_moment == "project" and isinstance(state.get("exp_avg_sq"), Tensor):
             v = state["exp_avg_sq"]
-            side = "right" if self.proj_type else "left"
+            side: Side = "right" if self.proj_type else "left"
             v.copy_(reproject_second_moment(v, (trans.to(v.dtype),), side))
         factor.zero_()
         factor.requires_grad_(True)
@@ -404,7 +408,7 @@ class ReLoRaModel(nn.Module):
         self,
         model: nn.Module,
         *,
-        target_modules: list[str] | str = ("attn", "attention", "mlp"),  # type: ignore[assignment]
+        target_modules: Sequence[str] | str = ("attn", "attention", "mlp"),
         r: int = 128,
         lora_dropout: float = 0.1,
         keep_original_weights: bool = True,
@@ -446,9 +450,10 @@ class ReLoRaModel(nn.Module):
                 f"ReLoRaModel wraps nn.Linear layers only (as the reference); these matched layers are not: {', '.join(others[:5])}"
             )
         for name, t in found.items():
-            replace_module(model, name, ReLoRaLinear(t.module, r, self._config))
+            # only kind "linear" is left: nn.Linear
+            replace_module(model, name, ReLoRaLinear(cast(nn.Linear, t.module), r, self._config))
         # expose the wrapped forward's signature (HF Trainer keeps dataset columns by it)
-        self.forward = model.forward  # type: ignore[method-assign]
+        self.forward = model.forward  # type: ignore[method-assign]  # an instance attribute on purpose
         logger.info("ReLoRaModel: wrapped %d linear layers", len(found))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -558,10 +563,11 @@ class ReLoRaModel(nn.Module):
 try:  # the HF Trainer face; transformers is a dependency, but keep the import local to this class
     from transformers import TrainerCallback
 except ImportError:  # pragma: no cover
+    # never taken (transformers is a dependency); the checker sees the real class
     TrainerCallback = object  # type: ignore[misc,assignment]
 
 
-class ReLoRaCallback(TrainerCallback):  # type: ignore[misc]
+class ReLoRaCallback(TrainerCallback):
     """Drive :class:`ReLoRaModel` from ``transformers.Trainer``: the seed loop as a callback.
 
     Sets ``forward_type`` at the start of every ``update_proj_gap``-th optimizer step (before its first

@@ -28,7 +28,7 @@ a warning names such layers.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -90,7 +90,8 @@ def create_lorafa_optimizer(
         >>> # see the module docstring
     """
     adapters = _active_adapters(model)
-    configs = {a: model.peft_config[a] for a in adapters}  # type: ignore[index]
+    # _active_adapters returned names only if model.peft_config is a dict
+    configs = {a: cast(dict[str, Any], model.peft_config)[a] for a in adapters}
     if use_rslora is not None:
         mismatched = [
             a

@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import logging
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -75,7 +76,7 @@ class _FrozenDown(torch.autograd.Function):
     """``H = (X ⊙ mask)·Aᵀ`` with A frozen; saves A (a parameter: no extra memory) and the seed, not X."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, p: float, seed: int) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, weight: Tensor, p: float, seed: int) -> Tensor:
         if p > 0.0:
             x = x * lorafa_dropout_mask(x.shape, x.dtype, x.device, p, seed)
         ctx.save_for_backward(weight)
@@ -84,7 +85,7 @@ class _FrozenDown(torch.autograd.Function):
         return x @ weight.t()
 
     @staticmethod
-    def backward(ctx, grad_h: Tensor):  # type: ignore[override]
+    def backward(ctx, grad_h: Tensor):
         (weight,) = ctx.saved_tensors
         grad_x = None
         if ctx.needs_input_grad[0]:
@@ -176,7 +177,8 @@ def _register_frozen(
         names[adapter] = tuple(n for n in current if n != weight_name)
         if not names[adapter]:
             del names[adapter]
-    module.frozen_peft_weight_names = names
+    # a plain dict attribute (nn.Module's attribute typing only knows Tensor | Module)
+    setattr(module, "frozen_peft_weight_names", names)  # noqa: B010
 
 
 def apply_lorafa_layers(model: nn.Module, adapter_name: str | None = None) -> list[str]:
@@ -204,12 +206,12 @@ def apply_lorafa_layers(model: nn.Module, adapter_name: str | None = None) -> li
     names = []
     for pair in find_lora_pairs(model, adapter_name):
         module, adapter = pair.module, pair.adapter
-        down = module.lora_A[adapter]
+        down = cast(nn.ModuleDict, module.lora_A)[adapter]  # a PEFT LoraLayer's ModuleDict
         if isinstance(down, FrozenDownProjection):
             names.append(pair.name)
             continue
         if adapter in getattr(module, "lora_variant", {}):
-            variant = type(module.lora_variant[adapter]).__name__
+            variant = type(cast(dict[str, Any], module.lora_variant)[adapter]).__name__
             raise ValueError(
                 f"layer {pair.name!r}: adapter {adapter!r} is a LoRA variant ({variant}, e.g. use_dora=True); the LoRA-FA "
                 "memory-saving layer supports plain LoRA only — build the model without the variant"
@@ -219,7 +221,8 @@ def apply_lorafa_layers(model: nn.Module, adapter_name: str | None = None) -> li
                 f"layer {pair.name!r}: lora_A[{adapter!r}] is {type(down).__name__}; the LoRA-FA memory-saving layer supports "
                 "bias-free nn.Linear down projections (LoRA on Linear, Conv1D and bitsandbytes base layers)"
             )
-        dropout = module.lora_dropout[adapter] if adapter in module.lora_dropout else nn.Identity()
+        dropouts = cast(nn.ModuleDict, module.lora_dropout)  # a PEFT LoraLayer's ModuleDict
+        dropout = dropouts[adapter] if adapter in dropouts else nn.Identity()
         if type(dropout) is nn.Dropout:
             p = float(dropout.p)
         elif isinstance(dropout, nn.Identity):
@@ -256,13 +259,16 @@ def remove_lorafa_layers(model: nn.Module, adapter_name: str | None = None) -> l
     names = []
     for pair in find_lora_pairs(model, adapter_name):
         module, adapter = pair.module, pair.adapter
-        down = module.lora_A[adapter]
+        down = cast(nn.ModuleDict, module.lora_A)[adapter]  # a PEFT LoraLayer's ModuleDict
         if not isinstance(down, FrozenDownProjection):
             continue
         p = down.p
         _register_frozen(module, adapter, "lora_A", frozen=False)
-        down.__class__ = nn.Linear
+        # the in-place class swap back; the checker types __class__ as the narrowed class
+        down.__class__ = nn.Linear  # type: ignore[assignment]
         del down.p, down.layer_name
-        module.lora_dropout[adapter] = nn.Dropout(p) if p > 0.0 else nn.Identity()
+        cast(nn.ModuleDict, module.lora_dropout)[adapter] = (
+            nn.Dropout(p) if p > 0.0 else nn.Identity()
+        )
         names.append(pair.name)
     return names

@@ -42,7 +42,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -287,11 +287,11 @@ class LoraFAAdamW(torch.optim.Optimizer):
             by_device[n.device].append(n.to(torch.float32))
         if all(bool(torch.isfinite(torch.stack(ns)).all()) for ns in by_device.values()):
             return
-        norms = torch.stack([n.to(torch.float32).cpu() for n in norms])
-        if not bool(torch.isfinite(norms).all()):
+        all_norms = torch.stack([n.to(torch.float32).cpu() for n in norms])
+        if not bool(torch.isfinite(all_norms).all()):
             bad = [
                 n
-                for n, v in zip(names, norms.tolist())
+                for n, v in zip(names, all_norms.tolist())
                 if v != v or v in (float("inf"), float("-inf"))
             ]
             raise FloatingPointError(
@@ -318,6 +318,7 @@ class LoraFAAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        pair: LoraPair | None
         for pair in self.pairs:
             if pair.A.grad is not None:
                 raise RuntimeError(
@@ -357,18 +358,21 @@ class LoraFAAdamW(torch.optim.Optimizer):
                     M = M.to(items[0][0].device)
                 params += [p for p, _ in items]
                 grads += correct_grads(
-                    [p.grad for p, _ in items], M, out_dtype=_moment_dtype(items[0][0])
+                    # parameters without a gradient were skipped above
+                    [cast(Tensor, p.grad) for p, _ in items],
+                    M,
+                    out_dtype=_moment_dtype(items[0][0]),
                 )
                 names += [pair.name for _, pair in items]
             params += plain
-            grads += [p.grad for p in plain]
+            grads += [cast(Tensor, p.grad) for p in plain]  # all have one, as above
             names += [f"parameter {tuple(p.shape)}" for p in plain]
             if self.check_finite:
                 self._check_finite(grads, names)
             plans.append((group, params, grads))
         for group, params, grads in plans:
             # Parameters sharing a step count go through one foreach AdamW update.
-            by_step: dict[tuple[int, torch.dtype], list[tuple[Tensor, Tensor]]] = defaultdict(list)
+            by_step: dict[tuple[int, torch.device], list[tuple[Tensor, Tensor]]] = defaultdict(list)
             for p, g in zip(params, grads):
                 state = self.state[p]
                 if not state:
@@ -381,11 +385,11 @@ class LoraFAAdamW(torch.optim.Optimizer):
                     )
                 state["step"] += 1
                 by_step[(int(state["step"].item()), p.device)].append((p, g))
-            for (step, _), items in by_step.items():
-                ps = [p for p, _ in items]
+            for (step, _), step_items in by_step.items():
+                ps = [p for p, _ in step_items]
                 adamw_update_(
                     ps,
-                    [g for _, g in items],
+                    [g for _, g in step_items],
                     [self.state[p]["exp_avg"] for p in ps],
                     [self.state[p]["exp_avg_sq"] for p in ps],
                     step=step,

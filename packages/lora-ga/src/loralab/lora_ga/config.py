@@ -33,9 +33,13 @@ logger = logging.getLogger(__name__)
 DIRECTIONS = ("ArB2r", "ArBr", "A2rBr", "random")
 SCALES = ("stable", "gd", "unit", "weight_svd")
 # names the reference fork ("weightS") and PEFT ("gd_scale") use for the same scales
-_SCALE_ALIASES = {"weightS": "weight_svd", "gd_scale": "gd"}
+_SCALE_ALIASES: dict[str, Literal["weight_svd", "gd"]] = {"weightS": "weight_svd", "gd_scale": "gd"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+_DTYPE_ALIASES: dict[str, Literal["fp32", "bf16", "fp16"]] = {
+    "float32": "fp32",
+    "bfloat16": "bf16",
+    "float16": "fp16",
+}
 
 
 @dataclass
@@ -98,9 +102,10 @@ class LoraGAConfig(LoraConfig):
         if (
             self.init_lora_weights is True
         ):  # LoraConfig's default: LoRA-GA is the point of this class
-            self.init_lora_weights = "lora_ga"
-        self.scale = _SCALE_ALIASES.get(self.scale, self.scale)  # type: ignore[assignment]
-        self.dtype = _DTYPE_ALIASES.get(self.dtype, self.dtype)  # type: ignore[assignment]
+            # PEFT accepts "lora_ga" but its Literal annotation does not list it
+            self.init_lora_weights = "lora_ga"  # type: ignore[assignment]
+        self.scale = _SCALE_ALIASES.get(self.scale, self.scale)
+        self.dtype = _DTYPE_ALIASES.get(self.dtype, self.dtype)
         for name in ("bsz", "iters", "max_length"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:

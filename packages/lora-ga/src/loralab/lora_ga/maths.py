@@ -31,7 +31,7 @@ import math
 import torch
 from torch import Tensor
 
-from loralab.core.linalg import truncated_svd
+from loralab.core.linalg import SVDMethod, truncated_svd
 
 __all__ = [
     "LoraGARankError",
@@ -66,7 +66,7 @@ def canonical_signs(U: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def gradient_svd(
-    grad: Tensor, k: int, *, niter: int = 4, seed: int = 0, method: str = "auto"
+    grad: Tensor, k: int, *, niter: int = 4, seed: int = 0, method: SVDMethod = "auto"
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Top-``k`` singular triplets of ``grad`` in float32 (float64 stays float64), canonical signs.
 
@@ -75,7 +75,7 @@ def gradient_svd(
     every run gets the same factors) and exact SVD when the sketch would not be smaller than the matrix.
     """
     gen = torch.Generator().manual_seed(seed)
-    U, S, Vh = truncated_svd(grad, k, method=method, oversample=k, niter=niter, generator=gen)  # type: ignore[arg-type]
+    U, S, Vh = truncated_svd(grad, k, method=method, oversample=k, niter=niter, generator=gen)
     U, Vh = canonical_signs(U, Vh)
     return U, S, Vh
 
@@ -91,7 +91,7 @@ def lora_ga_factors(
     weight: Tensor | None = None,
     seed: int = 0,
     name: str = "layer",
-    svd_method: str = "auto",
+    svd_method: SVDMethod = "auto",
 ) -> tuple[Tensor, Tensor]:
     """LoRA-GA's ``(A, B)`` for one layer from its averaged gradient ``grad`` (m, n) = (out, in).
 

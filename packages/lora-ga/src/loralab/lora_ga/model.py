@@ -35,7 +35,7 @@ import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from peft import PeftModel, get_peft_model
@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from loralab.core.distributed import gathered_parameters
 from loralab.core.gradients import estimate_gradients
+from loralab.core.linalg import SVDMethod
 from loralab.core.quant import dequantize_weight, is_quantized, requantize_weight_
 from loralab.core.targets import TargetLayer, find_targets, layer_kind
 from loralab.lora_ga.config import DTYPES, LoraGAConfig, LoraGASettings
@@ -108,9 +109,8 @@ def _lora_ga_init(self: LoraLayer, adapter_name: str, lora_ga_config: Any) -> No
     session.pending.append(_Pending(self, adapter_name, lora_ga_config))
 
 
-LoraLayer.lora_ga_init = (
-    _lora_ga_init  # routes only LoraGASettings sub-configs, see module docstring
-)
+# replacing PEFT's own method is the point: routes only LoraGASettings sub-configs, see module docstring
+LoraLayer.lora_ga_init = _lora_ga_init  # type: ignore[method-assign]
 
 
 @contextmanager
@@ -137,10 +137,13 @@ def write_lora_ga_layer(pending: _Pending, A: Tensor, B: Tensor) -> None:
     """
     layer, adapter = pending.layer, pending.adapter
     dtype = DTYPES[pending.settings.dtype]
-    lora_A, lora_B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    # the factors are Linear / Conv sub-modules and base an adaptable layer: all weights are Parameters
+    lora_A = cast(nn.Parameter, layer.lora_A[adapter].weight)
+    lora_B = cast(nn.Parameter, layer.lora_B[adapter].weight)
     base = layer.get_base_layer()
     s = float(layer.scaling[adapter])
-    with torch.no_grad(), gathered_parameters([lora_A, lora_B, base.weight], modifier_rank=0):
+    base_w = cast(nn.Parameter, base.weight)
+    with torch.no_grad(), gathered_parameters([lora_A, lora_B, base_w], modifier_rank=0):
         for param, value in ((lora_A, A), (lora_B, B)):
             value = value.to(device=param.device, dtype=dtype)
             if param.dtype == dtype and param.shape == value.shape:
@@ -157,7 +160,7 @@ def write_lora_ga_layer(pending: _Pending, A: Tensor, B: Tensor) -> None:
 
 
 def factors_for(
-    pending: _Pending, grad: Tensor, name: str, *, svd_method: str = "auto"
+    pending: _Pending, grad: Tensor, name: str, *, svd_method: SVDMethod = "auto"
 ) -> tuple[Tensor, Tensor]:
     """LoRA-GA factors of one recorded layer from its (out, in) gradient (``name`` is used in errors)."""
     layer, adapter, st = pending.layer, pending.adapter, pending.settings
@@ -199,7 +202,7 @@ def get_lora_ga_model(
     estimation_model: nn.Module | None = None,
     gradients: Mapping[str, Tensor] | None = None,
     device: torch.device | str | None = None,
-    svd_method: str = "auto",
+    svd_method: SVDMethod = "auto",
 ) -> PeftModel:
     """Wrap ``model`` in a LoRA-GA-initialised ``PeftModel`` (estimate → SVD → A, B, offset W0).
 
@@ -378,6 +381,7 @@ def _require(batches: Iterable[Any] | None) -> Iterable[Any]:
 
 
 def _out_in(module: nn.Module) -> tuple[int, int]:
+    # the sizes are plain ints on every adaptable kind (Conv1D.nf, Linear.in/out_features)
     if layer_kind(module) == "conv1d":
-        return (module.nf, module.weight.shape[0])
-    return (module.out_features, module.in_features)
+        return (cast(int, module.nf), cast(Tensor, module.weight).shape[0])
+    return (cast(int, module.out_features), cast(int, module.in_features))

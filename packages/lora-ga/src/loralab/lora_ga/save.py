@@ -44,12 +44,15 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model_state_dict
 from peft.tuners.lora.layer import LoraLayer
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 from loralab.core.distributed import is_main_process
 
@@ -196,7 +199,8 @@ def save_lora_ga_adapter(
         A, B = state[ka], state[kb]
         state[ka] = torch.cat([A, A0.to(A.device, A.dtype)], dim=0).contiguous()
         state[kb] = torch.cat([B, -B0.to(B.device, B.dtype)], dim=1).contiguous()
-    plain = plain_lora_config(config, double_rank=True)
+    # a LoRA-GA PeftModel's adapter configs are LoraConfigs (LoraGAConfig is one)
+    plain = plain_lora_config(cast(LoraConfig, config), double_rank=True)
     plain.base_model_name_or_path = config.base_model_name_or_path
     _write_adapter(model, plain, state, save_directory, safe_serialization)
 
@@ -255,7 +259,7 @@ def save_lora_ga_model(
         init[f"{name}.lora_B.weight"] = B0
     _write_adapter(
         model,
-        plain_lora_config(config),
+        plain_lora_config(cast(LoraConfig, config)),  # a LoraConfig, as above
         get_peft_model_state_dict(model, adapter_name=adapter_name),
         root / "adapter",
         True,
@@ -269,7 +273,8 @@ def save_lora_ga_model(
             metadata={"format": "pt"},
         )
         with _without_adapters(base):
-            base.save_pretrained(str(root / "base"))
+            # checked above: a transformers model
+            cast("PreTrainedModel", base).save_pretrained(str(root / "base"))
 
 
 @contextmanager

@@ -54,6 +54,7 @@ from torch import Tensor, nn
 
 from loralab.core.distributed import gathered_parameters, is_main_process
 from loralab.core.gradients import estimate_gradients
+from loralab.core.linalg import SVDMethod
 from loralab.lora_ga.maths import LoraGARankError
 from loralab.lora_ga.model import (
     LoraGAInitError,
@@ -246,7 +247,7 @@ class LoraGAContext:
         model: nn.Module,
         named_grad: Mapping[str, Tensor] | None = None,
         *,
-        svd_method: str = "auto",
+        svd_method: SVDMethod = "auto",
     ) -> None:
         self.model = model
         self.named_grad = named_grad
@@ -374,14 +375,15 @@ class LoraGAContext:
             original(peft_self, *args, **kwargs)
             context._finish()  # after PEFT's own dtype casts, as get_lora_ga_model
 
-        PeftModel.__init__ = __init__  # type: ignore[method-assign]
-        self.model.named_grad = (
-            self.named_grad
-        )  # the seed attaches it too (code reading it keeps working)
+        # patched for the context's lifetime (restored in __exit__); the wrapper forwards *args
+        PeftModel.__init__ = __init__  # type: ignore[method-assign,assignment]
+        # the seed attaches it too (code reading it keeps working); a plain attribute, not a
+        # Tensor | Module, hence setattr
+        setattr(self.model, "named_grad", self.named_grad)  # noqa: B010
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        PeftModel.__init__ = self._peft_init  # type: ignore[method-assign]
+        PeftModel.__init__ = self._peft_init  # type: ignore[method-assign]  # restores the patch above
         try:
             if exc_type is None:
                 self._finish()  # layers added without a PeftModel (inject_adapter_in_model, LoraModel(...))

@@ -60,13 +60,14 @@ def _pairs_from_alternating(params: list[Tensor], scaling: float) -> list[LoraPa
         pairs.append(
             LoraPair(
                 name=f"pair{i // 2}",
-                module=None,
+                # the seed API hands over bare tensors: there is no module, and nothing reads it
+                module=None,  # type: ignore[arg-type]
                 adapter="default",
                 A=A,
                 B=B,
                 scaling=float(scaling),
             )
-        )  # type: ignore[arg-type]
+        )
     return pairs
 
 
@@ -136,6 +137,7 @@ class AdamWLoRAPro(LoraProAdamW):
         group["n_warmup_steps"] += 1
 
     @torch.no_grad()
+    # torch.optim.Optimizer.step types the closure's result as float; ours returns the loss Tensor
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
         loss = None
         if closure is not None:

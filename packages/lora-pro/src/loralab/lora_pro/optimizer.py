@@ -34,7 +34,7 @@ import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -80,7 +80,15 @@ def _all_finite(tensors: Iterable[Tensor]) -> bool:
     total = sum(
         t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32) for t in tensors
     )
-    return bool(torch.isfinite(total)) or all(bool(torch.isfinite(t).all()) for t in tensors)
+    # callers pass at least one tensor, so the sum is a Tensor, never sum()'s start value 0
+    return bool(torch.isfinite(cast(Tensor, total))) or all(
+        bool(torch.isfinite(t).all()) for t in tensors
+    )
+
+
+def _grad(t: Tensor) -> Tensor:
+    # ``t.grad`` of a tensor the step selected for having one (the checker sees ``Tensor | None``)
+    return cast(Tensor, t.grad)
 
 
 def _is_zero3_param(p: Tensor) -> bool:
@@ -184,7 +192,8 @@ class LoraProAdamW(torch.optim.Optimizer):
         self._own_ids: set[int] = set()
         # efficient mode: per bucket of equal-shape layers, stacked Adam state (see _stacked_state)
         self._stacked: dict[
-            tuple[int, ...], tuple[list[Tensor], Tensor, tuple[list[Tensor], ...]]
+            tuple[int, ...],
+            tuple[list[Tensor], Tensor, tuple[list[Tensor], list[Tensor], list[Tensor]]],
         ] = {}
         super().__init__(params, defaults)
         self._finalise_pairs()
@@ -339,6 +348,7 @@ class LoraProAdamW(torch.optim.Optimizer):
     # ----------------------------------------------------------------------------------- step
 
     @torch.no_grad()
+    # torch.optim.Optimizer.step types the closure's result as float; ours returns the loss Tensor
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
         """One optimisation step (LoRA pairs: LoRA-Pro; everything else: AdamW)."""
         loss = None
@@ -384,7 +394,12 @@ class LoraProAdamW(torch.optim.Optimizer):
                     if self.check_finite:  # gradients and factors (full mode's step is slow anyway)
                         self._check_out(
                             bucket,
-                            *(x for pair in bucket for t in (pair.A, pair.B) for x in (t, t.grad)),
+                            *(
+                                x
+                                for pair in bucket
+                                for t in (pair.A, pair.B)
+                                for x in (t, _grad(t))
+                            ),
                         )
                     updates.append(partial(self._full_bucket, group, bucket))
         for update in updates:
@@ -393,12 +408,12 @@ class LoraProAdamW(torch.optim.Optimizer):
 
     def _check_plain(self, gi: int, params: list[Tensor]) -> None:
         """Raise ``FloatingPointError`` naming the parameters whose gradient is NaN/Inf."""
-        if not self.check_finite or _all_finite([p.grad for p in params]):
+        if not self.check_finite or _all_finite([_grad(p) for p in params]):
             return
         bad = [
             self._names.get(id(p), f"param_groups[{gi}] #{i}")
             for i, p in enumerate(params)
-            if not torch.isfinite(p.grad).all()
+            if not torch.isfinite(_grad(p)).all()
         ]
         raise FloatingPointError(f"LoraProAdamW: non-finite gradients (NaN/Inf) in {bad}")
 
@@ -512,9 +527,9 @@ class LoraProAdamW(torch.optim.Optimizer):
 
     def _plain_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
         for p in params:
-            if p.grad.is_sparse:
+            if _grad(p).is_sparse:
                 raise RuntimeError("LoraProAdamW does not support sparse gradients")
-        self._adamw(group, params, [p.grad for p in params])
+        self._adamw(group, params, [_grad(p) for p in params])
 
     def _adamw(
         self,
@@ -533,8 +548,8 @@ class LoraProAdamW(torch.optim.Optimizer):
     def _stack(self, bucket: list[LoraPair]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         A = torch.stack([p.A.detach() for p in bucket])
         B = torch.stack([p.B.detach() for p in bucket])
-        gA = torch.stack([p.A.grad for p in bucket])
-        gB = torch.stack([p.B.grad for p in bucket])
+        gA = torch.stack([_grad(p.A) for p in bucket])
+        gB = torch.stack([_grad(p.B) for p in bucket])
         s = torch.tensor([p.scaling for p in bucket], dtype=torch.float64)
         # non-finite gradients are caught together with the adjusted ones, in _check_out
         return A, B, gA, gB, s
@@ -586,15 +601,15 @@ class LoraProAdamW(torch.optim.Optimizer):
             ):  # one copy of each tensor, per-layer copies are cheap here
                 A_gA, B_gB = self._stacking_buffers(len(bucket), r, n, m, dt)
                 for i, pair in enumerate(bucket):
-                    torch.cat([pair.A.detach(), pair.A.grad], dim=0, out=A_gA[i])
-                    torch.cat([pair.B.detach(), pair.B.grad], dim=1, out=B_gB[i])
+                    torch.cat([pair.A.detach(), _grad(pair.A)], dim=0, out=A_gA[i])
+                    torch.cat([pair.B.detach(), _grad(pair.B)], dim=1, out=B_gB[i])
             else:  # accelerators: a few batched copy kernels rather than two launches per layer
                 A_gA = torch.cat(
-                    [torch.stack([p.A for p in bucket]), torch.stack([p.A.grad for p in bucket])],
+                    [torch.stack([p.A for p in bucket]), torch.stack([_grad(p.A) for p in bucket])],
                     dim=1,
                 ).to(dt)
                 B_gB = torch.cat(
-                    [torch.stack([p.B for p in bucket]), torch.stack([p.B.grad for p in bucket])],
+                    [torch.stack([p.B for p in bucket]), torch.stack([_grad(p.B) for p in bucket])],
                     dim=2,
                 ).to(dt)
             s = torch.tensor([p.scaling for p in bucket], **kw)
@@ -710,7 +725,7 @@ class LoraProAdamW(torch.optim.Optimizer):
         ]
         # float32 on the CPU, as torch.optim keeps (and _next_step creates) the step counters
         step_buf = torch.zeros(2 * L, dtype=torch.float32)
-        views: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
+        views = ([], [], [])  # typed by the cached unpacking above
         for i, pair in enumerate(bucket):
             for j, (p, vm, vv) in enumerate(
                 ((pair.A, bufs[0][i], bufs[1][i]), (pair.B, bufs[2][i], bufs[3][i]))
@@ -805,7 +820,8 @@ class LoraProAdamW(torch.optim.Optimizer):
             )
             for i, d in zip(idx, out):
                 directions[i] = d
-        N = torch.stack(directions).to(gt.dtype)  # type: ignore[arg-type]
+        # every slot was filled: by_step's index lists partition range(len(bucket))
+        N = torch.stack(cast(list[Tensor], directions)).to(gt.dtype)
         # Bring the Adam direction back to the factors: the (gᴬ, gᴮ) whose equivalent gradient is closest
         # to N (Theorem 2.1 applied to N instead of G; official step_full).
         dA, dB = lora_pro_gradients(

@@ -43,7 +43,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from peft import LoraConfig, PeftModel
@@ -116,7 +116,8 @@ def estimate_and_process_grads_torch(
         from loralab.lora_sb.model import _dequantized_twin
 
         est_model = _dequantized_twin(
-            model.base_model.model if isinstance(model, PeftModel) else model
+            # base_model.model: the wrapped transformers model
+            cast(nn.Module, model.base_model.model) if isinstance(model, PeftModel) else model
         )
     targets = resolve_targets(est_model, target_modules)
     out: dict[str, Tensor] = {}

@@ -60,6 +60,7 @@ class LoraSBConfig(LoraConfig):
     then only scales how fast ``R`` moves under the optimizer.
     """
 
+    # None until __post_init__ resolves it to r; PEFT declares the field as a plain int
     lora_alpha: Optional[int] = field(  # type: ignore[assignment]
         default=None,
         metadata={

@@ -27,7 +27,7 @@ Example:
 from __future__ import annotations
 
 import zlib
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, TypeGuard, cast
 
 import torch
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
@@ -67,7 +67,7 @@ def _factor_dtype(base: nn.Module) -> torch.dtype:
 
             dtype = quant_config_of(base).dtype
         return dtype if dtype is not None and dtype.is_floating_point else torch.float32
-    dtype = base.weight.dtype
+    dtype = cast(Tensor, base.weight).dtype
     return dtype if dtype.is_floating_point else torch.float32
 
 
@@ -91,12 +91,14 @@ class LoraSBVariant(LoraVariant):
 
     @staticmethod
     def init(module: LoraLayer, adapter_name: str, config: Any = None, **kwargs: Any) -> None:
+        module = cast(LoraSBLayerMixin, module)  # the variant is only resolved by LoRA-SB layers
         target_name = (
             kwargs.get("target_name")
             or f"<{type(module.get_base_layer()).__name__} {module.out_features}x{module.in_features}>"
         )
         r = module.r[adapter_name]
-        m, n = module.out_features, module.in_features
+        # PEFT sets both from the base layer (None only before that)
+        m, n = cast(int, module.out_features), cast(int, module.in_features)
         if r > min(m, n):
             raise ValueError(
                 f"LoRA-SB rank r={r} exceeds min(out_features, in_features)={min(m, n)} of layer {target_name!r} "
@@ -104,7 +106,7 @@ class LoraSBVariant(LoraVariant):
             )
         base = module.get_base_layer()
         dtype = _factor_dtype(base)
-        device = base.weight.device
+        device = cast(Tensor, base.weight).device
         module.lora_R[adapter_name] = nn.Linear(r, r, bias=False, device="meta")
         # R trains: float32 whatever the base dtype (float64 bases keep float64, for reference tests).
         r_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -141,37 +143,44 @@ class LoraSBVariant(LoraVariant):
 
     @staticmethod
     def _delta(module: LoraLayer, adapter: str) -> Tensor:
+        module = cast(LoraSBLayerMixin, module)  # the variant is only resolved by LoRA-SB layers
         return module.get_delta_weight(adapter)
 
     @staticmethod
     def merge_safe(module: LoraLayer, active_adapter: str, orig_weight: Tensor) -> Tensor:
+        module = cast(LoraSBLayerMixin, module)  # the variant is only resolved by LoRA-SB layers
         return orig_weight + module.get_delta_weight(active_adapter).to(orig_weight.dtype)
 
     @staticmethod
     def merge_unsafe(module: LoraLayer, active_adapter: str, orig_weight: Tensor) -> None:
+        module = cast(LoraSBLayerMixin, module)  # the variant is only resolved by LoRA-SB layers
         orig_weight.data += module.get_delta_weight(active_adapter).to(orig_weight.dtype)
 
     @staticmethod
     def unmerge(module: LoraLayer, active_adapter: str, orig_weight: Tensor) -> Tensor:
+        module = cast(LoraSBLayerMixin, module)  # the variant is only resolved by LoRA-SB layers
         return orig_weight - module.get_delta_weight(active_adapter).to(orig_weight.dtype)
 
     @staticmethod
     def forward(
         module: LoraLayer, active_adapter: str, x: Tensor, result: Tensor, **kwargs: Any
     ) -> Tensor:
+        module = cast(LoraSBLayerMixin, module)  # the variant is only resolved by LoRA-SB layers
         lora_A = module.lora_A[active_adapter]
         lora_B = module.lora_B[active_adapter]
         lora_R = module.lora_R[active_adapter]
         dropout = module.lora_dropout[active_adapter]
         # Dropout on the adapter input, as LoRA; R runs in float32 whatever A/B's dtype.
-        h = lora_A(module._cast_input_dtype(dropout(x), lora_A.weight.dtype))
+        h = lora_A(module._cast_input_dtype(dropout(x), cast(Tensor, lora_A.weight).dtype))
         h = lora_R(h.to(lora_R.weight.dtype))
         out = lora_B(h.to(lora_B.weight.dtype)) * module.scaling[active_adapter]
         return result + out.to(result.dtype)
 
 
 @torch.no_grad()
-def set_sb_factors_(module: LoraLayer, adapter_name: str, B: Tensor, R: Tensor, A: Tensor) -> None:
+def set_sb_factors_(
+    module: LoraSBLayerMixin, adapter_name: str, B: Tensor, R: Tensor, A: Tensor
+) -> None:
     """Write ``B`` (m×r), ``R`` (r×r), ``A`` (r×n) into a LoRA-SB layer's adapter, in place.
 
     ``A`` and ``B`` are rounded to the base dtype (then stored in the live parameters' dtype), ``R``
@@ -189,7 +198,7 @@ def set_sb_factors_(module: LoraLayer, adapter_name: str, B: Tensor, R: Tensor, 
                 f"{slot} of {module._sb_target_name[adapter_name]!r} must be {tuple(p.shape)}, got {tuple(value.shape)}"
             )
         p.data.copy_(value.to(dtype).to(device=p.device, dtype=p.dtype))
-    p = module.lora_R[adapter_name].weight
+    p = cast(Tensor, module.lora_R[adapter_name].weight)  # an nn.Linear's weight
     if tuple(R.shape) != tuple(p.shape):
         raise ValueError(
             f"lora_R of {module._sb_target_name[adapter_name]!r} must be {tuple(p.shape)}, got {tuple(R.shape)}"
@@ -197,45 +206,60 @@ def set_sb_factors_(module: LoraLayer, adapter_name: str, B: Tensor, R: Tensor, 
     p.data.copy_(R.to(device=p.device, dtype=p.dtype))
 
 
-class LoraSBLayerMixin:
+if TYPE_CHECKING:
+
+    class _LoraModule(nn.Module, LoraLayer):
+        # what the mixin's hosts (PEFT's lora Linear / Linear4bit / Linear8bitLt) all provide
+        fan_in_fan_out: bool
+
+        def get_delta_weight(self, adapter: str) -> Tensor: ...
+
+else:
+    _LoraModule = object
+
+
+class LoraSBLayerMixin(_LoraModule):
     """What turns a PEFT LoRA layer class into one that can host LoRA-SB adapters."""
 
+    lora_R: nn.ModuleDict
+    _sb_factor_dtype: dict[str, torch.dtype]
+    _sb_target_name: dict[str, str]
     adapter_layer_names: tuple[str, ...] = (*LoraLayer.adapter_layer_names, R_NAME)
 
     def update_layer(
         self, adapter_name: str, r: int, lora_alpha: int, config: Any, **kwargs: Any
     ) -> None:
-        if R_NAME not in self._modules:  # type: ignore[attr-defined]
+        if R_NAME not in self._modules:
             self.lora_R = nn.ModuleDict()
-            self._sb_factor_dtype: dict[str, torch.dtype] = {}
-            self._sb_target_name: dict[str, str] = {}
-            self.register_state_dict_post_hook(_sb_state_dict_hook)  # type: ignore[attr-defined]
+            self._sb_factor_dtype = {}
+            self._sb_target_name = {}
+            self.register_state_dict_post_hook(_sb_state_dict_hook)
         # PEFT builds A and B as nn.Linear (kaiming init from the global RNG) before the variant
         # overwrites them: fork the RNG so creating LoRA-SB layers never changes the caller's RNG stream.
         with torch.random.fork_rng(devices=[]):
-            super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)  # type: ignore[misc]
+            super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
 
     def resolve_lora_variant(self, *, config: Any, **kwargs: Any) -> Optional[LoraVariant]:
         if getattr(config, "lora_sb", False):
             return LoraSBVariant()
-        return super().resolve_lora_variant(config=config, **kwargs)  # type: ignore[misc]
+        return super().resolve_lora_variant(config=config, **kwargs)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        super().delete_adapter(adapter_name)  # type: ignore[misc]
+        super().delete_adapter(adapter_name)
         self._sb_factor_dtype.pop(adapter_name, None)
         self._sb_target_name.pop(adapter_name, None)
 
     def get_delta_weight(self, adapter: str) -> Tensor:
         """``s·B·R·A`` in the base weight's storage layout (float32, float64 for float64 factors; PEFT casts it when merging)."""
         if adapter not in self.lora_R:
-            return super().get_delta_weight(adapter)  # type: ignore[misc]
-        A = self.lora_A[adapter].weight  # type: ignore[attr-defined]
-        B = self.lora_B[adapter].weight  # type: ignore[attr-defined]
-        R = self.lora_R[adapter].weight
+            return super().get_delta_weight(adapter)
+        A = cast(Tensor, self.lora_A[adapter].weight)  # the factors are nn.Linear
+        B = cast(Tensor, self.lora_B[adapter].weight)
+        R = cast(Tensor, self.lora_R[adapter].weight)
         dt = torch.float64 if torch.float64 in (A.dtype, B.dtype, R.dtype) else torch.float32
         A, B, R = A.to(dt), B.to(dt), R.to(dt)
-        delta = (B @ R @ A) * self.scaling[adapter]  # type: ignore[attr-defined]
-        return delta.T if self.fan_in_fan_out else delta  # type: ignore[attr-defined]
+        delta = (B @ R @ A) * self.scaling[adapter]
+        return delta.T if self.fan_in_fan_out else delta
 
 
 class LoraSBLinear(LoraSBLayerMixin, PeftLoraLinear):
@@ -251,7 +275,10 @@ class LoraSBLinear(LoraSBLayerMixin, PeftLoraLinear):
         **kwargs: Any,
     ) -> None:
         kind = layer_kind(
-            base_layer.get_base_layer() if hasattr(base_layer, "get_base_layer") else base_layer
+            # a PEFT tuner layer when it has get_base_layer
+            cast(LoraLayer, base_layer).get_base_layer()
+            if hasattr(base_layer, "get_base_layer")
+            else base_layer
         )
         if kind not in ("linear", "conv1d"):
             raise TypeError(
@@ -273,7 +300,9 @@ class LoraSBLinear(LoraSBLayerMixin, PeftLoraLinear):
         return "lora_sb." + nn.Module.__repr__(self)
 
 
-def is_lora_sb_layer(module: nn.Module, adapter_name: str | None = None) -> bool:
+def is_lora_sb_layer(
+    module: object, adapter_name: str | None = None
+) -> TypeGuard[LoraSBLayerMixin]:
     """Whether ``module`` is a LoRA-SB layer (hosting ``adapter_name``, when given)."""
     if not isinstance(module, LoraSBLayerMixin):
         return False

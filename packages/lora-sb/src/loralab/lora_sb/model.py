@@ -23,17 +23,23 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 from peft import PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 
 from loralab.core.gradients import estimate_gradients
 from loralab.core.quant import dequantize_weight
-from loralab.core.targets import TargetLayer, layer_kind
+from loralab.core.targets import LayerKind, TargetLayer, layer_kind
 from loralab.lora_sb.config import LoraSBConfig
-from loralab.lora_sb.layer import is_lora_sb_layer, layer_generator, set_sb_factors_
+from loralab.lora_sb.layer import (
+    LoraSBLayerMixin,
+    is_lora_sb_layer,
+    layer_generator,
+    set_sb_factors_,
+)
 from loralab.lora_sb.maths import sb_factors, update_approximation
 
 __all__ = [
@@ -59,11 +65,11 @@ def _inner_model(model: nn.Module) -> nn.Module:
     # Names are taken relative to the wrapped transformers model, i.e. the same as in the original
     # (un-wrapped) model: "model.layers.0.self_attn.q_proj".
     if isinstance(model, PeftModel):
-        return model.base_model.model
+        return cast(nn.Module, model.base_model.model)  # the wrapped transformers model
     return model
 
 
-def lora_sb_layers(model: nn.Module, adapter_name: str = "default") -> dict[str, nn.Module]:
+def lora_sb_layers(model: nn.Module, adapter_name: str = "default") -> dict[str, LoraSBLayerMixin]:
     """``{name: layer}`` of the LoRA-SB layers hosting ``adapter_name``; names as in the un-wrapped model."""
     return {
         n: m for n, m in _inner_model(model).named_modules() if is_lora_sb_layer(m, adapter_name)
@@ -77,6 +83,13 @@ def _config_of(model: nn.Module, adapter_name: str) -> LoraSBConfig:
             f"adapter {adapter_name!r} is not a LoRA-SB adapter (config: {type(cfg).__name__}); build it with LoraSBConfig"
         )
     return cfg
+
+
+class _Consumer(Protocol):
+    # what initialize_from_updates_(..., consumer_mode=True) returns: the consumer and the names done
+    done: set[str]
+
+    def __call__(self, name: str, delta: Tensor) -> None: ...
 
 
 @torch.no_grad()
@@ -135,7 +148,7 @@ def initialize_from_updates_(
         done.add(name)
 
     if consumer_mode:
-        consume.done = done  # type: ignore[attr-defined]
+        consume.done = done  # type: ignore[attr-defined]  # a function attribute, read back as _Consumer
         return consume
     if updates is not None:
         for name, delta in updates.items():
@@ -190,10 +203,12 @@ def initialize_lora_sb_weights(
     layers = lora_sb_layers(model, adapter_name)
     if not layers:
         raise LoraSBInitError(f"model has no LoRA-SB layers for adapter {adapter_name!r}")
-    consume = initialize_from_updates_(model, adapter_name=adapter_name, consumer_mode=True)
+    consume = cast(
+        _Consumer, initialize_from_updates_(model, adapter_name=adapter_name, consumer_mode=True)
+    )
 
     def consumer(name: str, grad: Tensor) -> None:
-        consume(name, update_approximation(grad, lr, cfg.update_approximation))  # type: ignore[misc]
+        consume(name, update_approximation(grad, lr, cfg.update_approximation))
 
     quantized = {
         n: m
@@ -234,7 +249,10 @@ def initialize_lora_sb_weights(
         # offloaded estimator matches targets to decoder blocks by these names.
         prefix = "base_model.model."
         targets = {
-            prefix + n: TargetLayer(prefix + n, m.get_base_layer(), layer_kind(m.get_base_layer()))
+            # LoRA-SB layers only wrap adaptable kinds, so layer_kind is never None here
+            prefix + n: TargetLayer(
+                prefix + n, m.get_base_layer(), cast(LayerKind, layer_kind(m.get_base_layer()))
+            )
             for n, m in layers.items()
         }
 
@@ -252,7 +270,7 @@ def initialize_lora_sb_weights(
                 offload=offload,
                 progress=progress,
             )
-    missing = sorted(set(layers) - consume.done)  # type: ignore[attr-defined]
+    missing = sorted(set(layers) - consume.done)
     if missing:
         raise LoraSBInitError(
             f"no gradient for LoRA-SB target(s) {', '.join(missing[:10])}; exclude them from target_modules"
@@ -277,6 +295,7 @@ def _dequantized_twin(inner: nn.Module) -> nn.Module:
         # PEFT's LoRA wrapper classes are also named Linear4bit: skip them, take the bitsandbytes layers.
         if isinstance(mod, BaseTunerLayer) or layer_kind(mod) not in ("linear4bit", "linear8bit"):
             continue
+        mod = cast(nn.Linear, mod)  # bitsandbytes' Linear4bit and Linear8bitLt subclass nn.Linear
         dtype = _factor_dtype(mod)
         lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device="meta")
         # the weight the layer applies (core reads a 4-bit layer right after bitsandbytes' CPU repacking)
@@ -301,7 +320,7 @@ def _targets_in(model: nn.Module, layers: Mapping[str, nn.Module]) -> dict[str, 
                 f"estimation_model has no module {name!r} (it must have the same architecture)"
             ) from e
         if hasattr(mod, "get_base_layer"):
-            mod = mod.get_base_layer()
+            mod = cast(BaseTunerLayer, mod).get_base_layer()  # a PEFT tuner layer
         kind = layer_kind(mod)
         if kind is None or kind in ("linear4bit", "linear8bit"):
             raise LoraSBInitError(

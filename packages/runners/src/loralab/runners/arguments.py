@@ -14,7 +14,7 @@ import argparse
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, TypeVar, get_args, get_origin, get_type_hints
 
 from loralab.runners.methods import (
     OPTIONS,
@@ -40,6 +40,12 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 @dataclass
 class TrainArgs:
     """Training settings common to every entrypoint (the method's own options come from the registry)."""
+
+    if TYPE_CHECKING:
+        # --method, the method's options and run-time settings (progress, task_type, ...) are set as
+        # plain attributes by parse_args and the recipes, not declared as fields
+        def __getattr__(self, name: str) -> Any: ...
+        def __setattr__(self, name: str, value: Any) -> None: ...
 
     model_name_or_path: str = _f(
         None, "model directory or hub name (AutoModel*.from_pretrained) (required)"

@@ -211,7 +211,8 @@ def load_meta_math(
     tokenizer = AutoTokenizer.from_pretrained(
         os.environ.get(METAMATH_TOKENIZER_ENV, SEED_TOKENIZER)
     )
-    train, evaluation = [], []
+    train: list[dict[str, str]] = []
+    evaluation: list[dict[str, str]] = []
     for row in ds:
         ex = {"x": f"Q: {row['query']}\nA: ", "y": row["response"].split("\nThe answer is:")[0]}
         if (

@@ -29,8 +29,10 @@ import argparse
 import csv
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, TypedDict
 
 import torch
 from tqdm.auto import tqdm
@@ -97,6 +99,15 @@ class NonconvergenceConfig:
             raise ValueError(f"rand_ratio must be in [0, 1], got {self.rand_ratio}")
         if self.sigma <= 0 or self.lr_adamw <= 0 or self.lr_msgd <= 0:
             raise ValueError("sigma and learning rates must be positive")
+
+
+class NonconvergenceResult(TypedDict):
+    """What :func:`run_nonconvergence` returns."""
+
+    f_star: float
+    curves: dict[tuple[str, str], list[tuple[int, float]]]
+    final: dict[tuple[str, str], float]
+    config: dict[str, Any]
 
 
 @dataclass
@@ -168,18 +179,15 @@ def _optimizer(
         if opt_name == "adamw":
             return torch.optim.AdamW([X], lr=cfg.lr_adamw, weight_decay=0.0)
         return torch.optim.SGD([X], lr=cfg.lr_msgd, momentum=cfg.momentum)
-    if opt_name == "adamw":
-        cls, kw = (
-            (GoLoreAdamW, dict(rand_ratio=cfg.rand_ratio, total_steps=cfg.steps))
-            if method == "golore"
-            else (GaLoreAdamW, {})
-        )
-        return cls([{"params": [X], **sub}], lr=cfg.lr_adamw, eps=1e-8, adamw_style="torch", **kw)
-    cls, kw = (
-        (GoLoreSGD, dict(rand_ratio=cfg.rand_ratio, total_steps=cfg.steps))
-        if method == "golore"
-        else (GaLoreSGD, {})
+    # GoLore's extra keys, none for GaLore (typed loosely: the optimizers take them as keywords)
+    kw: dict[str, Any] = (
+        dict(rand_ratio=cfg.rand_ratio, total_steps=cfg.steps) if method == "golore" else {}
     )
+    cls: Callable[..., torch.optim.Optimizer]
+    if opt_name == "adamw":
+        cls = GoLoreAdamW if method == "golore" else GaLoreAdamW
+        return cls([{"params": [X], **sub}], lr=cfg.lr_adamw, eps=1e-8, adamw_style="torch", **kw)
+    cls = GoLoreSGD if method == "golore" else GaLoreSGD
     return cls([{"params": [X], **sub}], lr=cfg.lr_msgd, momentum=cfg.momentum, **kw)
 
 
@@ -230,7 +238,7 @@ def run_nonconvergence(
     *,
     progress: bool = True,
     plot: bool = True,
-) -> dict[str, object]:
+) -> NonconvergenceResult:
     """Run every (optimizer, method) pair; write ``nonconvergence.csv`` (+ ``.png``) under ``out_dir``.
 
     Returns a dict with ``f_star``, ``curves`` {(optimizer, method): [(step, loss)]} and ``final``
@@ -255,7 +263,7 @@ def run_nonconvergence(
                 curves[(opt_name, method)][-1][1],
                 problem.f_star,
             )
-    result: dict[str, object] = {
+    result: NonconvergenceResult = {
         "f_star": problem.f_star,
         "curves": curves,
         "final": {k: v[-1][1] for k, v in curves.items()},
@@ -313,7 +321,7 @@ def _plot(
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict[str, object]:
+def main(argv: list[str] | None = None) -> NonconvergenceResult:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -355,7 +363,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     res = run_nonconvergence(cfg, args.out)
     f_star = res["f_star"]
     print(f"f* = {f_star:.4f}")
-    for (opt_name, method), loss in res["final"].items():  # type: ignore[union-attr]
+    for (opt_name, method), loss in res["final"].items():
         print(f"{opt_name:6s} {method:20s} final f = {loss:.4f}  (f - f* = {loss - f_star:.3g})")
     print(
         f"wrote {Path(args.out) / 'nonconvergence.png'} and {Path(args.out) / 'nonconvergence.csv'}"

@@ -45,6 +45,7 @@ def _pretokenize(argv: list[str]) -> None:
         ("train", a.train_data, a.max_train_sequences, a.shuffle_seed),
         ("validation", a.eval_data or a.train_data, a.max_eval_sequences, None),
     ):
+        source: LocalSource | HubSource
         if data is not None:
             try:
                 source = LocalSource(

@@ -27,7 +27,7 @@ import os
 import resource
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -53,6 +53,9 @@ from loralab.runners.loop import (
     save_checkpoint,
 )
 from loralab.runners.methods import get_method
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = ["RESUME_KEYS", "evaluate", "run"]
 
@@ -196,7 +199,8 @@ def run(args: C4Args) -> dict[str, Any]:
         else (int(args.vocab_size) if args.vocab_size is not None else None)
     )
     model = build_model(args.model_config, seed=args.seed, vocab_size=vocab)
-    vocab = model.config.vocab_size
+    # build_model makes a LlamaForCausalLM
+    vocab = cast("PreTrainedModel", model).config.vocab_size
     if len(tokenizer) > vocab:
         logger.warning(
             "tokenizer has %d tokens, the model %d: ids are checked per batch",
@@ -207,7 +211,7 @@ def run(args: C4Args) -> dict[str, Any]:
         # transformers 5 renamed gradient_checkpointing_enable to activation_checkpointing_enable
         (
             getattr(model, "activation_checkpointing_enable", None)
-            or model.gradient_checkpointing_enable
+            or cast("PreTrainedModel", model).gradient_checkpointing_enable
         )()
     n_params, _ = count_parameters(model)
     # DeepSpeed's own bf16 (AdamW only: it flattens the weights the subspace methods need whole)
@@ -358,5 +362,6 @@ def _save_final_model(model: nn.Module, tokenizer: Any, path: Path) -> None:
                 state[name] = p.detach()
         plain.load_state_dict(state, strict=True)
         base = plain
-    base.save_pretrained(path)
+    # a LlamaForCausalLM: the run's own model, or the merged plain copy above
+    cast("PreTrainedModel", base).save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -34,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 from loralab.runners.compare.process import exit_on_sigterm, run_worker, worker_command
 from loralab.runners.compare.recipes import METHOD_ORDER, RECIPES, parse_overrides
@@ -152,7 +153,7 @@ def _machine(device: str) -> str:
     return f"{hw}, torch {torch.__version__}, Python {platform.python_version()}"
 
 
-def _tee(src: BinaryIO, *sinks: BinaryIO) -> threading.Thread:
+def _tee(src: io.BufferedReader, *sinks: BinaryIO) -> threading.Thread:
     """Copy a child's stderr to ours (its progress bar) and to its log file."""
 
     def pump() -> None:
@@ -176,7 +177,7 @@ def _run_one(spec: RunSpec, run_dir: Path, progress: bool) -> int:
         with reaper:
             assert proc.stderr is not None
             sinks = [log] + ([sys.stderr.buffer] if progress else [])
-            pump = _tee(proc.stderr, *sinks)
+            pump = _tee(cast(io.BufferedReader, proc.stderr), *sinks)  # a PIPE is a BufferedReader
             code = proc.wait()
         pump.join()
     return code
@@ -391,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for f in dataclasses.fields(CompareConfig):
         flag = f"--{f.name}"
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if f.name == "methods":
             parser.add_argument(
                 flag,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import cast
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 SEED = 20261122
@@ -177,7 +178,7 @@ def main() -> None:
         with path.open("w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
-        positives = sum(int(r["label"]) for r in rows)
+        positives = sum(int(cast(int, r["label"])) for r in rows)  # build() makes 0/1 labels
         print(f"wrote {len(rows)} rows ({positives} positive) to {path}")
 
 

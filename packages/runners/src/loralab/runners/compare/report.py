@@ -125,7 +125,7 @@ def plot_losses(
         if not steps:
             continue
         smooth = moving_average([r["loss"] for r in steps])
-        kw = dict(color=colors(i % 10), label=method, linewidth=1.6)
+        kw: dict[str, Any] = dict(color=colors(i % 10), label=method, linewidth=1.6)
         ax_train.plot([r["step"] for r in steps], smooth, **kw)
         ax_time.plot([r["time_s"] for r in steps], smooth, **kw)
         if evals:

@@ -262,6 +262,13 @@ class Method(ABC):
             )
         return module
 
+    def package(self) -> ModuleType:
+        """:meth:`import_package` for a method that has a package (``module`` set)."""
+        pkg = self.import_package()
+        if pkg is None:
+            raise TypeError(f"--method {self.name} has no package of its own")
+        return pkg
+
     def check_available(self) -> None:
         """Raise the ``pip install`` error early (before any model is loaded) if the package is missing."""
         self.import_package()
@@ -384,7 +391,8 @@ def base_optimizer(model: nn.Module, args: Any) -> Optimizer:
 
 
 def _decay_groups(model: nn.Module, args: Any) -> list[dict[str, Any]]:
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in trainable_parameters(model):
         (decay if p.dim() >= 2 else no_decay).append(p)
     return [

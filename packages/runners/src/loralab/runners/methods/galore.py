@@ -129,7 +129,7 @@ class GaLore(Method):
         return kw
 
     def build_optimizer(self, model: nn.Module, args: Any) -> Optimizer:
-        pkg = self.import_package()
+        pkg = self.package()
         return pkg.create_galore_optimizer(model, args.learning_rate, **self.subspace_kwargs(args))
 
 

@@ -35,7 +35,7 @@ class GoLore(GaLore):
     defaults: ClassVar[dict[str, Any]] = {**GALORE_DEFAULTS, "rand_ratio": 0.0}
 
     def build_optimizer(self, model: nn.Module, args: Any) -> Optimizer:
-        pkg = self.import_package()
+        pkg = self.package()
         return pkg.create_golore_optimizer(
             model,
             args.learning_rate,

@@ -33,7 +33,7 @@ class LoraFA(Method):
         return get_peft_model(model, LoraConfig(**lora_kwargs(args)))
 
     def build_optimizer(self, model: nn.Module, args: Any) -> Optimizer:
-        pkg = self.import_package()
+        pkg = self.package()
         return pkg.create_lorafa_optimizer(
             model,
             args.lora_r,

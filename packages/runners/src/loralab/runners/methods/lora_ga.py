@@ -60,7 +60,7 @@ class LoraGA(Method):
     }
 
     def wrap(self, model: nn.Module, args: Any, train_batches: Any, *, resume: bool) -> nn.Module:
-        pkg = self.import_package()
+        pkg = self.package()
         if resume:
             # Same adapter structure without estimating: the checkpoint about to be loaded holds the
             # initialized A, B and the offset W0 (every weight of the model is checkpointed).

@@ -54,7 +54,7 @@ class LoraPro(Method):
         return get_peft_model(model, LoraConfig(**lora_kwargs(args)))
 
     def build_optimizer(self, model: nn.Module, args: Any) -> Optimizer:
-        pkg = self.import_package()
+        pkg = self.package()
         return pkg.create_lora_pro_optimizer(
             model,
             args.learning_rate,

@@ -73,7 +73,7 @@ class LoraSB(Method):
     }
 
     def wrap(self, model: nn.Module, args: Any, train_batches: Any, *, resume: bool) -> nn.Module:
-        pkg = self.import_package()
+        pkg = self.package()
         kw = lora_kwargs(args)
         if kw["lora_alpha"] is None:
             kw.pop("lora_alpha")
