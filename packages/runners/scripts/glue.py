@@ -12,4 +12,6 @@ import sys
 from loralab.runners.glue import main
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from loralab.runners.cli import run_entrypoint
+
+    sys.exit(run_entrypoint(main, sys.argv[1:], prog="glue.py"))

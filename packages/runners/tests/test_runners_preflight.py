@@ -425,3 +425,40 @@ def test_classification_heads_are_not_rank_checked(tiny_dirs):
         [preflight.rank_request("lora", method_args("lora", lora_r=4))],
         auto_class="AutoModelForSequenceClassification",
     )
+
+
+# ---------------------------------------------------------------- exit status, no traceback
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ((), r"--model_name_or_path .*no-such-model: no such directory"),  # a preflight check
+        (("--learning_rate", "-1"), r"--learning_rate must be > 0, got -1\.0"),  # a config check
+        (("--method", "galore", "--lora_r", "3"), r"--lora_r does not apply to --method galore"),
+    ],
+)
+def test_bad_input_exits_2_with_the_message_and_no_traceback(
+    extra, message, glue_files, tmp_path, capsys, no_model_load
+):
+    import re
+
+    from loralab.runners.cli import run_entrypoint
+
+    argv = glue_argv(str(tmp_path / "no-such-model"), glue_files, tmp_path / "out", *extra)
+    assert run_entrypoint(glue.main, argv, prog="python -m loralab.runners.glue") == 2
+    err = capsys.readouterr().err
+    assert re.search(r"^python -m loralab\.runners\.glue: error: " + message, err, re.M), err
+    assert "Traceback" not in err
+    assert loralab_main(["glue", *argv]) == 2
+    assert "loralab glue: error: " in capsys.readouterr().err
+
+
+def test_c4_bad_input_exits_2(tmp_path, capsys):
+    from loralab.runners.c4.cli import main as c4_main
+    from loralab.runners.cli import run_entrypoint
+
+    argv = ["--optimizer", "adamw", "--rank", "7", "--output_dir", str(tmp_path / "c4")]
+    assert run_entrypoint(c4_main, argv, prog="c4_pretrain.py") == 2
+    err = capsys.readouterr().err
+    assert "c4_pretrain.py: error: options that this run would ignore: --rank" in err, err

@@ -23,6 +23,7 @@ from loralab.runners.methods import (
     resolve_method_options,
 )
 from loralab.runners.methods.base import _bool
+from loralab.runners.preflight import bad_input_named
 from loralab.runners.quantization import check_quantization_args
 
 __all__ = ["REPORT_TO", "TrainArgs", "build_parser", "parse_args"]
@@ -207,15 +208,16 @@ def parse_args(cls: type[T], argv: list[str] | None = None, description: str = "
     """Parse ``argv`` into ``cls`` (a :class:`TrainArgs` subclass) and validate it and the method options."""
     ns = build_parser(cls, description).parse_args(argv)
     names = {f.name for f in dataclasses.fields(cls)}
-    args = cls(**{k: v for k, v in vars(ns).items() if k in names})
-    for k, v in vars(ns).items():
-        if k not in names:
-            setattr(args, k, v)
-    args.validate()
-    # max_steps may still be -1 here; the trainer fills it from the data before the method setup
-    saved = args.max_steps
-    args.max_steps = max(saved, 1)
-    resolve_method_options(get_method(args.method), args)
-    args.max_steps = saved
-    check_quantization_args(args)  # before any model loads
+    with bad_input_named():
+        args = cls(**{k: v for k, v in vars(ns).items() if k in names})
+        for k, v in vars(ns).items():
+            if k not in names:
+                setattr(args, k, v)
+        args.validate()
+        # max_steps may still be -1 here; the trainer fills it from the data before the method setup
+        saved = args.max_steps
+        args.max_steps = max(saved, 1)
+        resolve_method_options(get_method(args.method), args)
+        args.max_steps = saved
+        check_quantization_args(args)  # before any model loads
     return args

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Callable
+from typing import Any
 
-__all__ = ["SUBCOMMANDS", "main"]
+__all__ = ["SUBCOMMANDS", "main", "run_entrypoint"]
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     # name: (module whose main(argv) runs it, one-line help)
@@ -57,7 +59,31 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage(), file=sys.stderr)
         return 2
     module = importlib.import_module(SUBCOMMANDS[name][0])
-    result = module.main(rest)
+    return run_entrypoint(module.main, rest, prog=f"loralab {name}")
+
+
+def run_entrypoint(
+    entry: Callable[[list[str] | None], Any], argv: list[str] | None = None, *, prog: str
+) -> int:
+    """Run an entrypoint's ``main(argv)``; return its exit status.
+
+    Bad input (:class:`~loralab.runners.preflight.PreflightError`, which the argument parsers raise for
+    every invalid flag value, and :class:`~loralab.runners.methods.MethodError`) ends as argparse's
+    errors do: ``PROG: error: MESSAGE`` on stderr and status 2, without a traceback (the message
+    names the flag, file and line, and what to do). Any other exception is a bug and propagates.
+
+    Example:
+        >>> from loralab.runners import glue
+        >>> run_entrypoint(glue.main, ["--help"], prog="loralab glue")  # doctest: +SKIP
+    """
+    from loralab.runners.methods import MethodError
+    from loralab.runners.preflight import PreflightError
+
+    try:
+        result = entry(argv)
+    except (PreflightError, MethodError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
     return result if isinstance(result, int) else 0
 
 

@@ -319,4 +319,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from loralab.runners.cli import run_entrypoint
+
+    sys.exit(run_entrypoint(main, sys.argv[1:], prog="python -m loralab.runners.metamath"))

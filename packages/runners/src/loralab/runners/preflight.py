@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import difflib
 import json
@@ -44,6 +45,7 @@ __all__ = [
     "COMPARE_FIXED_KEYS",
     "PreflightError",
     "RankRequest",
+    "bad_input_named",
     "check_compare",
     "check_data_file",
     "check_device",
@@ -63,6 +65,19 @@ class PreflightError(ValueError):
 
 class PreflightFileNotFoundError(PreflightError, FileNotFoundError):
     """A file or directory named on the command line does not exist."""
+
+
+@contextlib.contextmanager
+def bad_input_named() -> Iterator[None]:
+    """Re-raise a plain ``ValueError`` of argument validation (a config's ``__post_init__``: its
+    message names the flag) as :class:`PreflightError`, which the entrypoints report without a
+    traceback; ``ValueError`` subclasses (:class:`PreflightError`, ``MethodError``) pass unchanged."""
+    try:
+        yield
+    except ValueError as exc:
+        if type(exc) is ValueError:
+            raise PreflightError(str(exc)) from exc
+        raise
 
 
 # ----------------------------------------------------------------------------------- --set

@@ -449,5 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> C4Args:
     """Parse command-line flags into a validated :class:`C4Args`."""
+    from loralab.runners.preflight import bad_input_named
+
     ns = build_parser().parse_args(argv)
-    return C4Args(**vars(ns))
+    with bad_input_named():
+        return C4Args(**vars(ns))
