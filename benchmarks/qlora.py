@@ -37,11 +37,8 @@ BASES = ("fp32", "nf4")
 QUICK_NOTE = (
     "Reading (`--quick`): the ratios are about 1.0 and say nothing about a large model. The quick "
     "model's quantizable weights are small (3.1M decoder-linear parameters: 12 MiB in fp32, ~1.7 MiB in "
-    "NF4, a ~10 MiB difference) next to what 'model + step' also counts here: the libraries the worker "
-    "imports after its floor is measured (transformers' model code, PEFT, bitsandbytes) and the "
-    "float32 embeddings, head, optimizer state and activations, which a 4-bit base does not shrink. "
-    "The ~106M-parameter run (`python benchmarks/qlora.py`) was not made: the machine was too busy "
-    "(1-min load 11 to 20 on 2 cores; this quick run alone took about 20 minutes)."
+    "NF4, a ~10 MiB difference) next to what 'model + step' also counts: the float32 embeddings, "
+    "head, optimizer state and activations, which a 4-bit base does not shrink. See the ~106M run."
 )
 
 
@@ -58,8 +55,13 @@ def _reset_peak() -> None:
 
 
 def worker(cfg: dict, path: str, method: str, base: str) -> dict:
+    # everything the run imports is imported before the floor is read, so that 'model + step' counts
+    # the model, adapters, optimizer state and activations, not library code
+    import bitsandbytes  # noqa: F401
+    import peft  # noqa: F401
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.models.llama import modeling_llama  # noqa: F401
 
     from loralab.core.quant import dtype_kwarg
     from loralab.runners.methods import get_method, method_args
@@ -69,6 +71,7 @@ def worker(cfg: dict, path: str, method: str, base: str) -> dict:
         quantized_load_kwargs,
     )
 
+    get_method(method).import_package()
     floor = _kib("VmRSS")
     args = method_args(method, lora_r=cfg["rank"], max_steps=10, learning_rate=1e-4, progress=False)
     if method == "lora-ga":
@@ -115,6 +118,12 @@ def worker(cfg: dict, path: str, method: str, base: str) -> dict:
         step_cpu_s=step_s,
         losses=losses,
     )
+
+
+def _decoder_linear(cfg: dict) -> int:
+    """Parameters of the decoder's linear layers (q, k, v, o, gate, up, down): what NF4 quantizes."""
+    h, i = cfg["hidden"], cfg["inter"]
+    return cfg["layers"] * (4 * h * h + 3 * h * i)
 
 
 def save_model(cfg: dict, path: Path) -> int:
@@ -188,6 +197,10 @@ def main() -> None:
         f"Command: `python benchmarks/qlora.py{quick}`. Machine: {_common.machine_description()} "
         f"(CPython {platform.python_version()}); {_common.load_average_note()} — the machine was shared, "
         f"so CPU seconds are indicative. Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.",
+        "",
+        f"Decoder linear weights (what NF4 quantizes): {_decoder_linear(cfg) / 1e6:.1f}M parameters, "
+        f"{_decoder_linear(cfg) * 4 / 2**20:,.0f} MiB in float32, ~{_decoder_linear(cfg) * 0.5 / 2**20 * 1.03:,.0f} "
+        "MiB in NF4 (4 bits + one float32 absmax per 64-block); embeddings, head and norms stay float32.",
         "",
         "'model + step' = the step's peak RSS minus the process's RSS after its imports (before the "
         "model loads): the weights, the adapters, the optimizer state and the step's activations. "

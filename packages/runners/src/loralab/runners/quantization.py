@@ -48,6 +48,7 @@ __all__ = [
     "bnb_config",
     "check_quantization_args",
     "estimation_dtype",
+    "estimation_kwargs",
     "estimation_model",
     "is_quantized_run",
     "merge_and_save",
@@ -273,6 +274,14 @@ def estimation_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
         copied,
     )
     return float_model.eval()
+
+
+def estimation_kwargs(model: nn.Module, args: Any) -> dict[str, Any]:
+    """The ``estimation_model`` / ``offload`` keywords of ``get_lora_ga_model`` / ``get_lora_sb_model``:
+    on a quantized base, the float copy of :func:`estimation_model` streamed block by block (the
+    LoRA-GA seed's quantized flow); on a float base, estimate on ``model`` itself."""
+    float_model = estimation_model(model, estimation_dtype(args))
+    return {"estimation_model": float_model, "offload": float_model is not None}
 
 
 @contextmanager

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from loralab.runners.methods.base import LORA_DEFAULTS, LORA_OPTIONS, Method, Option, lora_kwargs
-from loralab.runners.quantization import estimation_dtype, estimation_model
+from loralab.runners.quantization import estimation_kwargs
 
 __all__ = ["METHOD", "OFFSET_BASE", "ORIGINAL_BASE_ADAPTER", "LoraGA", "lora_ga_readme"]
 
@@ -78,17 +78,9 @@ class LoraGA(Method):
         # Quantized base (QLoRA): the gradient is estimated on a float copy of the same checkpoint,
         # block by block, then the quantized model gets A, B and its offset W0 re-quantized with
         # each layer's own settings (the LoRA-GA seed's flow, in loralab.core.quant).
-        float_model = estimation_model(model, estimation_dtype(args))
-        peft_model = pkg.get_lora_ga_model(
-            model,
-            config,
-            batches,
-            progress=args.progress,
-            estimation_model=float_model,
-            offload=float_model is not None,
+        return pkg.get_lora_ga_model(
+            model, config, batches, progress=args.progress, **estimation_kwargs(model, args)
         )
-        del float_model
-        return peft_model
 
     def save_final(
         self,

@@ -28,7 +28,7 @@ from loralab.runners.methods.base import (
     lora_kwargs,
     warmup_steps,
 )
-from loralab.runners.quantization import estimation_dtype, estimation_model
+from loralab.runners.quantization import estimation_kwargs
 
 __all__ = ["METHOD", "NATIVE_DIR", "LoraSB", "first_step_lr"]
 
@@ -84,19 +84,15 @@ class LoraSB(Method):
             sb_init="random" if resume else "gradient",
         )
         # Quantized base: estimate on a float copy of the same checkpoint, block by block.
-        float_model = None if resume else estimation_model(model, estimation_dtype(args))
-        peft_model = pkg.get_lora_sb_model(
+        return pkg.get_lora_sb_model(
             model,
             config,
             train_batches if not resume else [],
             lr=first_step_lr(args),
             num_batches=args.sb_num_batches,
             progress=args.progress,
-            estimation_model=float_model,
-            offload=float_model is not None,
+            **(estimation_kwargs(model, args) if not resume else {}),
         )
-        del float_model
-        return peft_model
 
     def save_final(
         self,
