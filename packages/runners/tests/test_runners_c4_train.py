@@ -127,7 +127,7 @@ def _check_final_model(out: Path, summary: dict) -> None:
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from loralab.runners.c4.batches import eval_batches
-    from loralab.runners.c4.train import evaluate
+    from loralab.runners.c4.stats import evaluate
 
     model = LlamaForCausalLM.from_pretrained(out / "final_model")
     args = C4Args(**json.loads((out / "run_config.json").read_text()))

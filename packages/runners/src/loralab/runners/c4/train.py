@@ -24,14 +24,10 @@ import json
 import logging
 import math
 import os
-import resource
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from loralab.runners.c4.args import C4Args
@@ -39,8 +35,8 @@ from loralab.runners.c4.batches import C4Batches, eval_batches, make_streams
 from loralab.runners.c4.engine import build_engine, init_distributed, setup_logging
 from loralab.runners.c4.model import build_model, check_method_shapes, count_parameters
 from loralab.runners.c4.schedule import get_scheduler
+from loralab.runners.c4.stats import StepStats, evaluate, peak_memory_mb
 from loralab.runners.loop import (
-    Callback,
     LoopConfig,
     MetricsLog,
     RunIdentity,
@@ -57,7 +53,7 @@ from loralab.runners.methods import get_method
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-__all__ = ["RESUME_KEYS", "evaluate", "run"]
+__all__ = ["RESUME_KEYS", "run"]
 
 logger = logging.getLogger("loralab.runners.c4")
 
@@ -78,78 +74,6 @@ def _resolved(value: Any) -> Any:
     if isinstance(value, str) and (os.path.exists(value) or glob.glob(value)):
         return str(Path(value).resolve())
     return value
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device
-) -> tuple[float, int]:
-    """Token-weighted mean cross-entropy over all ranks' held-out batches, and the token count."""
-    total = torch.zeros(2, dtype=torch.float64)
-    for batch in batches:
-        out = model(
-            input_ids=batch["input_ids"].to(device),
-            attention_mask=batch["attention_mask"].to(device),
-        )
-        logits, target = out.logits[:, :-1].float(), batch["labels"].to(device)[:, 1:]
-        loss = F.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="sum"
-        )  # ignore_index -100: padding
-        total += torch.stack([loss.double().cpu(), (target != -100).sum().cpu().double()])
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(total)
-    return float(total[0] / total[1].clamp_min(1)), int(total[1])
-
-
-def peak_memory_mb(device: torch.device) -> tuple[float, str]:
-    """Peak allocated GPU memory, or the process's peak RSS on CPU (MiB), and which one it is."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_peak_rss"
-
-
-class StepStats(Callback):
-    """Tokens (all ranks), wall-clock and CPU time, throughput and peak memory of each step; what C4
-    adds to the loop's train records (``extras``)."""
-
-    def __init__(self, batches: C4Batches, device: torch.device, method_callbacks: list) -> None:
-        self.batches, self.device, self.method_callbacks = batches, device, method_callbacks
-        self.tokens_per_s: list[float] = []  # steps after the first (the first computes projectors)
-        self.tokens_per_cpu_s: list[float] = []
-        self.last: dict[str, Any] = {}
-
-    def on_step_begin(self, step: int, model: nn.Module) -> None:
-        self.t0, self.c0 = (
-            time.perf_counter(),
-            time.process_time(),
-        )  # CPU-s: fair on a shared machine
-
-    def on_step_end(self, step: int, model: nn.Module, optimizer: Any) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        dt, dc = time.perf_counter() - self.t0, time.process_time() - self.c0
-        tok = torch.tensor(float(self.batches.step_tokens))
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(tok)
-        self.batches.tokens_seen += int(tok)
-        if step > 1:
-            self.tokens_per_s.append(float(tok) / dt)
-            self.tokens_per_cpu_s.append(float(tok) / max(dc, 1e-9))
-        mem, kind = peak_memory_mb(self.device)
-        # runs before the method's callbacks end the step: a ReLoRA refresh is still flagged
-        reset = any(getattr(cb, "refreshing", False) for cb in self.method_callbacks)
-        self.last = {
-            "tokens_seen": self.batches.tokens_seen,
-            "tokens_per_s": float(tok) / dt,
-            "step_time_s": dt,
-            "step_cpu_s": dc,
-            "peak_mem_mb": mem,
-            "mem_kind": kind,
-            **({"projector_reset": True} if reset else {}),
-        }
-
-    def extras(self) -> dict[str, Any]:
-        return self.last
 
 
 def run(args: C4Args) -> dict[str, Any]:
@@ -290,7 +214,10 @@ def run(args: C4Args) -> dict[str, Any]:
     if step > 0 and (result.status == "ok" or exhausted):
         save_checkpoint(
             out_dir, step, engine=engine, model=model, optimizer=optimizer, identity=identity,
-            trainer_state={"step": step, "data": batches.state_dict(), "max_steps": stop_at},
+            # the loop's format: one data position per rank
+            trainer_state={
+                "step": step, "data": engine.gather_object([batches.state_dict()]), "max_steps": stop_at,
+            },
             method_state=method.checkpoint_state(base), keep=args.keep_checkpoints,
         )  # fmt: skip
     final = result.metrics
@@ -330,7 +257,9 @@ def run(args: C4Args) -> dict[str, Any]:
     if env.rank == 0:
         (out_dir / "run_summary.json").write_text(json.dumps(summary, indent=2))
         if finished:
-            _save_final_model(base, tokenizer, out_dir / "final_model")
+            # a plain LlamaForCausalLM directory (golore-relora: W - s·A·B merged into the weights)
+            method.save_final(base, out_dir / "final_model")
+            tokenizer.save_pretrained(out_dir / "final_model")
         if args.plot:
             from loralab.runners.c4.report import plot_run
 
@@ -339,29 +268,3 @@ def run(args: C4Args) -> dict[str, Any]:
         tb.close()
     engine.barrier()
     return summary
-
-
-def _save_final_model(model: nn.Module, tokenizer: Any, path: Path) -> None:
-    """A plain ``LlamaForCausalLM`` directory (the ReLoRA path's adapters merged into the weights)."""
-    base = model  # unwrapped by the engine
-    inner = getattr(base, "wrapped_model", None)
-    if inner is not None:  # ReLoRaModel: W_eff = W - s·A·B into a fresh plain model
-        from transformers import LlamaForCausalLM
-
-        from loralab.golore import ReLoRaLinear
-
-        plain = LlamaForCausalLM(inner.config).to(next(inner.parameters()).dtype)
-        state = {}
-        for name, mod in inner.named_modules():
-            if isinstance(mod, ReLoRaLinear):
-                state[f"{name}.weight"] = mod.effective_weight().detach()
-                if mod.bias is not None:
-                    state[f"{name}.bias"] = mod.bias.detach()
-        for name, p in inner.named_parameters():
-            if ".lora_" not in name and name not in state:
-                state[name] = p.detach()
-        plain.load_state_dict(state, strict=True)
-        base = plain
-    # a LlamaForCausalLM: the run's own model, or the merged plain copy above
-    cast("PreTrainedModel", base).save_pretrained(path)
-    tokenizer.save_pretrained(path)

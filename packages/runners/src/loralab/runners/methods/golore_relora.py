@@ -15,6 +15,7 @@ refresh steps only, so DDP (which registers its hooks once) cannot average its g
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -125,6 +126,32 @@ class GoLoreReLoRA(Method):
 
     def load_checkpoint_state(self, model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
         model.generator.set_state(state["relora_generator"])
+
+    def save_final(
+        self,
+        model: nn.Module,
+        directory: str | os.PathLike[str],
+        *,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        final_directory: str | os.PathLike[str] | None = None,
+    ) -> None:
+        """A plain transformers model with ``W_eff = W - s·A·B`` in every adapted layer (what the
+        run trained), so ``AutoModelForCausalLM.from_pretrained(directory)`` reproduces it."""
+        from loralab.golore import ReLoRaLinear
+
+        inner = model.wrapped_model  # the ReLoRaModel's transformers model
+        state: dict[str, torch.Tensor] = {}
+        for name, mod in inner.named_modules():
+            if isinstance(mod, ReLoRaLinear):
+                state[f"{name}.weight"] = mod.effective_weight().detach()
+                if mod.bias is not None:
+                    state[f"{name}.bias"] = mod.bias.detach()
+        for name, p in inner.named_parameters():
+            if ".lora_" not in name and name not in state:
+                state[name] = p.detach()
+        plain = type(inner)(inner.config).to(next(inner.parameters()).dtype)
+        plain.load_state_dict(state, strict=True)
+        plain.save_pretrained(directory, safe_serialization=True)
 
 
 METHOD = GoLoreReLoRA()
