@@ -26,6 +26,7 @@ import math
 import os
 import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -55,6 +56,7 @@ from loralab.runners.loop import (
 from loralab.runners.methods import get_method
 
 if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
     from transformers import PreTrainedModel
 
 __all__ = ["RESUME_KEYS", "evaluate", "run"]
@@ -99,6 +101,16 @@ def evaluate(
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(total)
     return float(total[0] / total[1].clamp_min(1)), int(total[1])
+
+
+def _tensorboard_tracker(writer: SummaryWriter) -> Callable[[dict[str, float], int], None]:
+    """A :class:`MetricsLog` tracker writing every value as a TensorBoard scalar."""
+
+    def track(values: dict[str, float], step: int) -> None:
+        for k, v in values.items():
+            writer.add_scalar(k, v, step)
+
+    return track
 
 
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:
@@ -256,9 +268,7 @@ def run(args: C4Args) -> dict[str, Any]:
     metrics = MetricsLog(
         out_dir / "metrics.jsonl",
         enabled=engine.is_main,
-        tracker=(lambda values, step: [tb.add_scalar(k, v, step) for k, v in values.items()])
-        if tb is not None
-        else None,
+        tracker=_tensorboard_tracker(tb) if tb is not None else None,
     )
 
     def eval_fn(m: nn.Module) -> dict[str, float]:
