@@ -226,7 +226,7 @@ class SubspaceOptimizer(Optimizer):
             side = projector_side(p.shape, group["proj_type"])
             r = effective_rank(p.shape, group["rank"], side)
             low = {"left": (r, n), "right": (m, r), "full": (r, r)}[side]
-            out = dict.fromkeys(moments, low)
+            out: dict[str, tuple[int, ...]] = dict.fromkeys(moments, low)
             if side in ("left", "full"):
                 out["proj_left"] = (m, r)
             if side in ("right", "full"):

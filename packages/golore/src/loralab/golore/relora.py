@@ -61,7 +61,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    pass
+    import bitsandbytes as bnb
+    from transformers import PreTrainedModel
 
 from loralab.core.linalg import stiefel_sample, truncated_svd
 from loralab.core.targets import TargetNotFoundError, find_targets, replace_module
@@ -207,6 +208,7 @@ class ReLoRaLinear(nn.Module):
                 f"use_double_quant=True needs quantize='4bit', got quantize={quantize!r}"
             )
         w = self.weight.detach()
+        layer: bnb.nn.Linear4bit | bnb.nn.Linear8bitLt
         if quantize == "4bit":
             layer = bnb.nn.Linear4bit(
                 self.in_features, self.out_features, bias=False, compute_dtype=w.dtype,
@@ -246,10 +248,14 @@ class ReLoRaLinear(nn.Module):
             return -self.scale * delta
         return self.weight - self.scale * delta
 
+    def _quantized_layer(self) -> nn.Module:
+        # the quantized paths run only when self.quantized, i.e. base_layer is set
+        return cast(nn.Module, self.base_layer)
+
     def _dequantized(self) -> Tensor:
         from loralab.core.quant import dequantize_weight
 
-        return dequantize_weight(self.base_layer, dtype=self.lora_A.weight.dtype)
+        return dequantize_weight(self._quantized_layer(), dtype=self.lora_A.weight.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.quantized:
@@ -270,7 +276,7 @@ class ReLoRaLinear(nn.Module):
         return F.linear(x, cast(Tensor, self.weight), self.bias) - low  # W exists unless lora_only
 
     def _forward_quantized(self, x: Tensor) -> Tensor:
-        y = self.base_layer(x).to(x.dtype)
+        y = self._quantized_layer()(x).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         if self.relora_config.forward_type and self._grad_probe is None:
@@ -329,13 +335,12 @@ class ReLoRaLinear(nn.Module):
             # W ← W_eff, re-quantized with the layer's own settings (NF4/int8, blocksize, double
             # quantization, quantization dtype); the compute dtype of the layer is untouched
             merged = self._dequantized() - self.scale * (self.lora_A.weight @ self.lora_B.weight)
-            requantize_weight_(self.base_layer, merged)
+            requantize_weight_(self._quantized_layer(), merged)
         else:
-            self.weight.grad = None
-            self.weight.requires_grad_(False)
-            self.weight.add_(
-                self.lora_A.weight @ self.lora_B.weight, alpha=-self.scale
-            )  # W ← W_eff
+            # holder is the float W here (checked above to have a gradient)
+            holder.grad = None
+            holder.requires_grad_(False)
+            holder.add_(self.lora_A.weight @ self.lora_B.weight, alpha=-self.scale)  # W ← W_eff
         old = self.projector.detach().clone()
         new = self._new_projector(wg, rand, generator or torch.Generator().manual_seed(0)).to(
             old.dtype
@@ -517,7 +522,8 @@ class ReLoRaModel(nn.Module):
                         del sd[k]
                     sd[f"{name}.weight"] = m._dequantized().detach().clone()
             kwargs["state_dict"] = sd
-        self.wrapped_model.save_pretrained(path, **kwargs)
+        # save_pretrained needs a transformers model as the wrapped one (as the reference)
+        cast("PreTrainedModel", self.wrapped_model).save_pretrained(path, **kwargs)
         with open(os.path.join(path, "relora_config.json"), "w") as fh:
             json.dump(asdict(self._config), fh, indent=2)
 

@@ -35,14 +35,17 @@ Example:
 
 from __future__ import annotations
 
+from typing import cast
+
 from torch import nn
 
-from loralab.lora_pro.optimizer import LoraProAdamW
+from loralab.lora_pro.adjust import XMode
+from loralab.lora_pro.optimizer import LoraProAdamW, Mode
 
 __all__ = ["LoRAProAdamW"]
 
 LORAPRO_MODES = ("full", "efficient")
-EFFICIENT_SOLVERS = {"vec": "sylvester_swapped", "eig": "sylvester"}
+EFFICIENT_SOLVERS: dict[str, XMode] = {"vec": "sylvester_swapped", "eig": "sylvester"}
 EFFICIENT_JITTER = 1e-6
 FULL_JITTER = 1e-8
 
@@ -103,7 +106,7 @@ class LoRAProAdamW(LoraProAdamW):
             betas,
             eps,
             weight_decay,
-            mode=mode,
+            mode=cast(Mode, mode),  # one of LORAPRO_MODES, checked above
             x_mode=EFFICIENT_SOLVERS[solver] if mode == "efficient" else "sylvester",
             # its absolute regularisation of BᵀB and AAᵀ: 1e-6 in efficient mode, 1e-8 in full mode
             jitter=EFFICIENT_JITTER if mode == "efficient" else FULL_JITTER,

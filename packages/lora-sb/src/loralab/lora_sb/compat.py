@@ -43,15 +43,16 @@ import dataclasses
 import logging
 import math
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
-from peft import LoraConfig, PeftModel
+from peft import LoraConfig, PeftConfig, PeftModel
 from peft.tuners.lora.layer import LoraLayer
+from peft.tuners.tuners_utils import BaseTuner
 from torch import Tensor, nn
 
 from loralab.core.gradients import estimate_gradients, resolve_targets
-from loralab.core.linalg import truncated_svd
+from loralab.core.linalg import SVDMethod, truncated_svd
 from loralab.core.targets import layer_kind, replace_module, to_storage_layout
 from loralab.lora_sb.config import _INCOMPATIBLE_FLAGS, LoraSBConfig
 from loralab.lora_sb.layer import (
@@ -62,6 +63,9 @@ from loralab.lora_sb.layer import (
 )
 from loralab.lora_sb.maths import update_approximation
 from loralab.lora_sb.model import LoraSBInitError, initialize_from_updates_, lora_sb_layers
+
+if TYPE_CHECKING:
+    from loralab.lora_sb.layer import LoraSBLayerMixin, _LoraModule
 
 __all__ = ["estimate_and_process_grads_torch", "find_and_initialize_grad"]
 
@@ -178,7 +182,7 @@ class _SeedInit:
     niter: int | None
     seed: int | None
     oversample: int | None
-    method: str | None
+    method: SVDMethod | None
 
 
 def _int_or_none(where: str, value: Any, minimum: int | None = None) -> int | None:
@@ -295,7 +299,7 @@ def _update_for(named_grads: Mapping[str, Tensor], name: str) -> Tensor | None:
     return None
 
 
-def _update_matrix(named_grads: Mapping[str, Tensor], name: str, layer: nn.Module) -> Tensor:
+def _update_matrix(named_grads: Mapping[str, Tensor], name: str, layer: LoraLayer) -> Tensor:
     """``ΔW̃`` of layer ``name`` as an (out, in) float32 matrix (``named_grads`` holds storage layouts)."""
     g = _update_for(named_grads, name)
     if g is None:
@@ -342,10 +346,14 @@ def _random_generator(seed: int, name: str) -> torch.Generator:
     return layer_generator(seed, f"{name}#seed-random-init")
 
 
+def _wrapped(model: PeftModel) -> nn.Module:
+    return cast(nn.Module, model.base_model.model)  # the wrapped transformers model
+
+
 def _check_factor_slots(model: PeftModel, adapter_name: str) -> None:
     """Refuse layers that host the adapter outside lora_A/lora_B (embedding, conv): the seed's init
     re-initialises Linear factors only, and skipping them would leave them silently untouched."""
-    for name, module in model.base_model.model.named_modules():
+    for name, module in _wrapped(model).named_modules():
         if (
             isinstance(module, LoraLayer)
             and adapter_name in getattr(module, "r", {})
@@ -364,10 +372,10 @@ def _to_lora_sb_(
     cfg: LoraConfig,
     seed: _SeedInit,
     named_grads: Mapping[str, Tensor],
-) -> dict[str, nn.Module]:
+) -> dict[str, LoraSBLayerMixin]:
     """``r_squared=True``: turn the adapter's LoRA layers into LoRA-SB layers initialised from the SVD."""
     sb_cfg = _sb_config_from(cfg, seed)
-    inner = model.base_model.model
+    inner = _wrapped(model)
     mapping = custom_module_mapping()
     for name, module in list(inner.named_modules()):
         if (
@@ -401,9 +409,10 @@ def _to_lora_sb_(
     if seed.half_init_dec or seed.random_init:
         with torch.no_grad():
             for name, layer in layers.items():
-                A = layer.lora_A[adapter_name].weight.float()
-                B = layer.lora_B[adapter_name].weight.float()
-                R = layer.lora_R[adapter_name].weight.detach().clone()
+                # the factors are nn.Linear layers (LoRA-SB hosts Linear-type layers only)
+                A = cast(Tensor, layer.lora_A[adapter_name].weight).float()
+                B = cast(Tensor, layer.lora_B[adapter_name].weight).float()
+                R = cast(Tensor, layer.lora_R[adapter_name].weight).detach().clone()
                 B, A = _seed_random_factors(B, A, seed, _random_generator(sb_cfg.init_seed, name))
                 set_sb_factors_(layer, adapter_name, B, R, A)
     return layers
@@ -416,7 +425,7 @@ def _plain_lora_init_(
     cfg: LoraConfig,
     seed: _SeedInit,
     named_grads: Mapping[str, Tensor],
-) -> dict[str, nn.Module]:
+) -> dict[str, _LoraModule]:
     """``r_squared=False`` (the seed's plain-LoRA branch): no R; ``B = U_r`` of ``ΔW̃`` (after the seed's
     optional random replacements), ``A ~ N(0, 1e-5²)``; A and B both train, the adapter stays a plain
     PEFT LoRA adapter (its checkpoint loads with bare PEFT)."""
@@ -426,8 +435,8 @@ def _plain_lora_init_(
             "is a LoRA-SB adapter (LoraSBConfig); build it with peft.LoraConfig"
         )
     init_seed = 0 if seed.seed is None else seed.seed
-    layers: dict[str, nn.Module] = {}
-    for name, module in model.base_model.model.named_modules():
+    layers: dict[str, _LoraModule] = {}
+    for name, module in _wrapped(model).named_modules():
         if not isinstance(module, LoraLayer) or adapter_name not in module.lora_A:
             continue
         lora_A, lora_B = module.lora_A[adapter_name], module.lora_B[adapter_name]
@@ -462,7 +471,8 @@ def _plain_lora_init_(
         A = torch.randn(r, n, generator=gen, dtype=torch.float64).mul_(_PLAIN_A_STD)
         lora_A.weight.copy_(A.to(lora_A.weight))
         lora_B.weight.copy_(B.to(lora_B.weight))
-        layers[name] = module
+        # a PEFT LoRA layer with nn.Linear factors (checked above): a Linear-type host
+        layers[name] = cast("_LoraModule", module)
     return layers
 
 
@@ -520,7 +530,9 @@ def find_and_initialize_grad(
         raise TypeError(
             f"model must be a PeftModel (call get_peft_model first), got {type(model).__name__}"
         )
-    cfg = peft_config.get(adapter_name) if isinstance(peft_config, Mapping) else peft_config
+    cfg: PeftConfig | None = (
+        peft_config.get(adapter_name) if isinstance(peft_config, Mapping) else peft_config
+    )
     if cfg is None:
         cfg = model.peft_config.get(adapter_name)
     if not isinstance(cfg, LoraConfig):
@@ -534,11 +546,12 @@ def find_and_initialize_grad(
         )
     _check_adapter_config(cfg)
     _check_factor_slots(model, adapter_name)
+    layers: Mapping[str, _LoraModule]
     if seed.r_squared:
         layers = _to_lora_sb_(model, adapter_name, cfg, seed, named_grads)
     else:
         layers = _plain_lora_init_(model, adapter_name, cfg, seed, named_grads)
-    model.base_model.set_adapter(adapter_name)
+    cast(BaseTuner, model.base_model).set_adapter(adapter_name)  # get_peft_model's tuner
     if writer is not None:
         for name, layer in layers.items():
             with torch.no_grad():

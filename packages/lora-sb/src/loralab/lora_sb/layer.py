@@ -322,7 +322,10 @@ def _bnb_classes() -> dict[type[nn.Module], type[nn.Module]]:
     from peft.tuners.lora import bnb as peft_bnb
 
     def lora_sb_class(peft_cls: type[nn.Module], name: str, doc: str) -> type[nn.Module]:
-        class LoraSBQuantLinear(LoraSBLayerMixin, peft_cls):  # type: ignore[misc, valid-type]
+        # a base class chosen at run time: to the checker it is Any (PEFT's bnb LoRA layer)
+        host: Any = peft_cls
+
+        class LoraSBQuantLinear(LoraSBLayerMixin, host):
             def __init__(
                 self,
                 base_layer: nn.Module,

@@ -507,8 +507,12 @@ def _meta_model(model_path: str, auto_class: str) -> Any:
         return getattr(transformers, auto_class).from_config(config)
 
 
-def check_ranks(model_path: str, requests: Sequence[RankRequest], *, auto_class: str) -> None:
+def check_ranks(
+    model_path: str, requests: Sequence[RankRequest | None], *, auto_class: str
+) -> None:
     """Refuse a rank larger than ``min(out, in)`` (LoRA-GA: ``2r``) of a target layer.
+
+    ``None`` requests (:func:`rank_request` of a method without a rank) are skipped.
 
     The model is built from its config on the ``meta`` device (shapes only, no weight read). When the
     config cannot be read here (a hub id not in the cache, custom code), the check is skipped with a
@@ -516,8 +520,8 @@ def check_ranks(model_path: str, requests: Sequence[RankRequest], *, auto_class:
     """
     from loralab.core.targets import TargetNotFoundError, find_targets
 
-    requests = [r for r in requests if r is not None]
-    if not requests:
+    wanted = [r for r in requests if r is not None]
+    if not wanted:
         return
     try:
         model = _meta_model(model_path, auto_class)
@@ -536,7 +540,7 @@ def check_ranks(model_path: str, requests: Sequence[RankRequest], *, auto_class:
 
         # the classification head is trained in full (modules_to_save), never adapted
         heads = rf"(.*\.)?({'|'.join(HEAD_NAMES)})(\..*)?"
-    for req in requests:
+    for req in wanted:
         spec = req.target_modules
         if isinstance(spec, str) and spec != "all-linear" and "," in spec:
             spec = [s.strip() for s in spec.split(",") if s.strip()]

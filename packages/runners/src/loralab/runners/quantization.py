@@ -36,10 +36,15 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    import bitsandbytes as bnb
+    from peft import PeftModel
+    from transformers import PreTrainedModel
 
 __all__ = [
     "COMPUTE_DTYPES",
@@ -58,6 +63,15 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+ModelT = TypeVar("ModelT", bound=nn.Module)
+
+
+class _DeltaLayer(Protocol):
+    """A PEFT LoRA-type layer (LoRA, LoRA-SB): its adapter's ``ΔW`` in the base weight's layout."""
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor: ...
+
 
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES: dict[str, torch.dtype] = {
@@ -201,7 +215,7 @@ def quantized_load_kwargs(quantization_config: Any) -> dict[str, Any]:
     return {"quantization_config": quantization_config, "device_map": {"": device}}
 
 
-def prepare_quantized_model(model: nn.Module, *, gradient_checkpointing: bool = False) -> nn.Module:
+def prepare_quantized_model(model: ModelT, *, gradient_checkpointing: bool = False) -> ModelT:
     """PEFT's ``prepare_model_for_kbit_training`` on a freshly loaded quantized model (no-op otherwise).
 
     Freezes the base, casts every non-quantized fp16/bf16 parameter (norms, embeddings, heads) to
@@ -226,8 +240,8 @@ def prepare_quantized_model(model: nn.Module, *, gradient_checkpointing: bool = 
     )
     for name in names:
         layer = model.get_submodule(name)
-        if hasattr(layer, "support_avx512bf16_for_cpu"):
-            layer.support_avx512bf16_for_cpu = False
+        if hasattr(layer, "support_avx512bf16_for_cpu"):  # bitsandbytes' Linear4bit
+            cast("bnb.nn.Linear4bit", layer).support_avx512bf16_for_cpu = False
     return model
 
 
@@ -258,7 +272,7 @@ def estimation_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
     if not quantized_layer_names(model):
         return None
     float_model = load_float_model_for_estimation(model, torch_dtype=dtype)
-    own = dict(float_model.named_parameters())
+    own: dict[str, torch.Tensor] = dict(float_model.named_parameters())
     own.update(dict(float_model.named_buffers()))
     copied = 0
     with torch.no_grad():
@@ -340,7 +354,8 @@ def merged_model(
     with torch.no_grad():
         for name, mod in base.named_modules():
             if isinstance(mod, BaseTunerLayer) and adapter_name in getattr(mod, "lora_A", {}):
-                deltas[name] = mod.get_delta_weight(adapter_name).detach().float().cpu()
+                delta = cast(_DeltaLayer, mod).get_delta_weight(adapter_name)  # it has lora_A
+                deltas[name] = delta.detach().float().cpu()
     with _trained_modules_in_place(base, adapter_name):
         out = dequantized_copy(base, dtype)
     # PEFT's bookkeeping on the wrapped model: the merged copy is a plain transformers model
@@ -348,7 +363,7 @@ def merged_model(
         out.__dict__.pop(attr, None)
     with torch.no_grad():
         for name, delta in deltas.items():
-            w = out.get_submodule(name).weight
+            w = cast(torch.Tensor, out.get_submodule(name).weight)  # an adapted Linear-type layer
             if tuple(w.shape) != tuple(delta.shape):  # pragma: no cover - PEFT returns the layout
                 raise RuntimeError(
                     f"merge: delta of {name} is {tuple(delta.shape)}, weight {tuple(w.shape)}"
@@ -376,7 +391,8 @@ def merge_and_save(
     """
     path = Path(path)
     out = merged_model(model, dtype, adapter_name)
-    out.save_pretrained(path, safe_serialization=True)
+    # merged_model: a copy of the PEFT model's transformers base
+    cast("PreTrainedModel", out).save_pretrained(path, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     (path / "README.md").write_text(
@@ -386,7 +402,11 @@ def merge_and_save(
             ", computed from the dequantized bitsandbytes weights (a float model: load it with "
             "`AutoModel*.from_pretrained(path)`; it matches the quantized run's logits up to "
             "bitsandbytes' kernel numerics)"
-            if getattr(model.get_base_model().config, "quantization_config", None) is not None
+            # merged_model checked that model is a PeftModel
+            if getattr(
+                cast("PeftModel", model).get_base_model().config, "quantization_config", None
+            )
+            is not None
             else ""
         )
         + ".\n"

@@ -181,7 +181,7 @@ def make_streams(
     args: C4Args, tokenizer: Any, rank: int, world: int, num_streams: int
 ) -> dict[int, Any]:
     source = train_source(args)
-    streams = {}
+    streams: dict[int, Any] = {}
     for s in range(num_streams):
         if s % world != rank:
             continue

@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -68,7 +68,9 @@ def setup_logging(env: Env) -> None:
 
 def deepspeed_config(args: C4Args, env: Env, accum: int) -> dict[str, Any]:
     """``--deepspeed_config`` with its ``"auto"`` values filled from the flags; conflicts refused by name."""
-    path = Path(args.deepspeed_config)
+    path = Path(
+        cast(str, args.deepspeed_config)
+    )  # build_engine calls this under --deepspeed_config
     if not path.is_file():
         raise FileNotFoundError(f"--deepspeed_config {path} does not exist")
     cfg = json.loads(path.read_text())

@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -51,6 +52,7 @@ from loralab.runners.loop import (
 from loralab.runners.methods import get_method
 
 if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
     from transformers import PreTrainedModel
 
 __all__ = ["RESUME_KEYS", "run"]
@@ -74,6 +76,16 @@ def _resolved(value: Any) -> Any:
     if isinstance(value, str) and (os.path.exists(value) or glob.glob(value)):
         return str(Path(value).resolve())
     return value
+
+
+def _tensorboard_tracker(writer: SummaryWriter) -> Callable[[dict[str, float], int], None]:
+    """A :class:`MetricsLog` tracker writing every value as a TensorBoard scalar."""
+
+    def track(values: dict[str, float], step: int) -> None:
+        for k, v in values.items():
+            writer.add_scalar(k, v, step)
+
+    return track
 
 
 def run(args: C4Args) -> dict[str, Any]:
@@ -180,9 +192,7 @@ def run(args: C4Args) -> dict[str, Any]:
     metrics = MetricsLog(
         out_dir / "metrics.jsonl",
         enabled=engine.is_main,
-        tracker=(lambda values, step: [tb.add_scalar(k, v, step) for k, v in values.items()])
-        if tb is not None
-        else None,
+        tracker=_tensorboard_tracker(tb) if tb is not None else None,
     )
 
     def eval_fn(m: nn.Module) -> dict[str, float]:

@@ -296,7 +296,8 @@ def run_compare(config: CompareConfig, command: str | None = None) -> dict[str, 
             records += _compare_one(config, method, model_path, device, overrides[method], run_dir)
     for method in kept:
         records += _method_records(run_dir, method, None)
-    order = {m: i for i, m in enumerate(all_methods)}
+    # keyed by a record's "method"; a record without one (None) sorts last
+    order: dict[str | None, int] = {m: i for i, m in enumerate(all_methods)}
     records.sort(key=lambda r: order.get(r.get("method"), len(order)))
     with open(out / "metrics.jsonl", "w", encoding="utf-8") as f:
         for r in records:

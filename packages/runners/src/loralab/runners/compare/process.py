@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from typing import IO, Any
 
 __all__ = [
     "TERMINATE_TIMEOUT_S",
@@ -83,8 +84,8 @@ def die_with_parent(parent_pid: int | None = None) -> None:
 
 
 def run_worker(
-    cmd: Sequence[str], *, stdout: object, env: dict[str, str]
-) -> tuple[subprocess.Popen[bytes], Iterator[None]]:
+    cmd: Sequence[str], *, stdout: int | IO[Any] | None, env: dict[str, str]
+) -> tuple[subprocess.Popen[bytes], contextlib.AbstractContextManager[None]]:
     """Start ``cmd`` (stderr piped) and return it with a context that terminates it on the way out.
 
     Leaving the context while the process still runs (an exception, ``SystemExit`` from SIGTERM,
@@ -92,7 +93,7 @@ def run_worker(
     """
     proc = subprocess.Popen(
         list(cmd),
-        stdout=stdout,  # type: ignore[arg-type]
+        stdout=stdout,
         stderr=subprocess.PIPE,
         env={**env, PARENT_ENV: str(os.getpid())},
     )

@@ -27,7 +27,7 @@ import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -47,6 +47,9 @@ from loralab.runners.loop.engine import AccelerateEngine, Engine
 from loralab.runners.loop.metrics import MetricsLog
 from loralab.runners.loop.trainer import LoopConfig, run_loop
 from loralab.runners.quantization import MERGED_DIR, estimation_dtype, merge_and_save
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = [
     "TrainResult",
@@ -226,9 +229,13 @@ def finetune(
     # 3. method
     torch.manual_seed(args.seed)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # --gradient_checkpointing needs a transformers model (or a PEFT wrapper forwarding to one)
+        hf_model = cast("PreTrainedModel", model)
+        hf_model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
         if hasattr(model, "config"):
-            model.config.use_cache = False
+            hf_model.config.use_cache = False
     init_batches = None
     if method.needs_batches and resume is None:
         model.to(engine.device)

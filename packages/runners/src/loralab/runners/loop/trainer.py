@@ -242,7 +242,7 @@ def run_loop(
     train_loss = math.nan
     status = "ok"
 
-    def do_eval() -> dict[str, float]:
+    def do_eval(evaluate: Evaluate) -> dict[str, float]:
         m = _evaluate(model, evaluate)
         metrics.eval(step, m, time_s=clock)
         if engine.is_main:
@@ -250,7 +250,7 @@ def run_loop(
         return m
 
     if evaluate is not None and config.eval_at_start and step == 0:
-        last = do_eval()
+        last = do_eval(evaluate)
     model.train()
     while step < config.max_steps:
         t0 = time.perf_counter()
@@ -331,10 +331,10 @@ def run_loop(
             and step % config.eval_steps == 0
             and step < config.max_steps
         ):
-            last = do_eval()
+            last = do_eval(evaluate)
     bar.close()
     if evaluate is not None and status == "ok":
-        last = do_eval()
+        last = do_eval(evaluate)
     return LoopResult(
         step=step,
         status=status,

@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import builtins
 import dataclasses
 import importlib
 import logging
@@ -28,7 +29,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, cast
 
 import torch
 from torch import nn
@@ -57,6 +58,12 @@ class MethodError(ValueError):
     """A method option or argument is wrong; the message names the argument and what to do."""
 
 
+class SavesPretrained(Protocol):
+    """A model that writes itself with ``save_pretrained``: a ``PeftModel`` or a transformers model."""
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str], /, **kwargs: Any) -> Any: ...
+
+
 @dataclass(frozen=True)
 class Option:
     """One method option (a ``--name`` flag), declared by the method module that uses it.
@@ -74,7 +81,8 @@ class Option:
     choices: tuple[Any, ...] | None = None
     source: str | None = None
 
-    def source_field(self) -> tuple[type, dataclasses.Field[Any]]:
+    # builtins.type: the field ``type`` above shadows the builtin in this class body
+    def source_field(self) -> tuple[builtins.type, dataclasses.Field[Any]]:
         """The config dataclass and its field named by ``source`` (imports the package).
 
         Raises:
@@ -351,7 +359,10 @@ class Method(ABC):
         temporary directory), for configs that name a path inside it; ``None``: ``directory`` itself.
         Called on the main process only.
         """
-        model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
+        # wrap() returns a PeftModel or a transformers model
+        cast(SavesPretrained, model).save_pretrained(
+            directory, state_dict=state_dict, safe_serialization=True
+        )
 
     def checkpoint_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Tensors the method keeps outside the model's state dict, saved with every checkpoint (default:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -25,6 +25,9 @@ from torch.optim import Optimizer
 
 from loralab.runners.methods.base import Callback, Method, option_flag
 from loralab.runners.methods.galore import check_rank
+
+if TYPE_CHECKING:
+    from loralab.golore import ReLoRaModel
 
 __all__ = ["METHOD", "GoLoreReLoRA", "ReLoRaRefresh"]
 
@@ -36,7 +39,8 @@ class ReLoRaRefresh(Callback):
     """
 
     def __init__(self, model: nn.Module, update_proj_gap: int, rand_ratio: float, max_steps: int):
-        self.model, self.update_proj_gap = model, update_proj_gap
+        # the model GoLoreReLoRA.wrap returned
+        self.model, self.update_proj_gap = cast("ReLoRaModel", model), update_proj_gap
         self.rand_ratio, self.max_steps = rand_ratio, max_steps
         self.n_resets = 0
         self.refreshing = False
@@ -101,7 +105,7 @@ class GoLoreReLoRA(Method):
         )
 
     def wrap(self, model: nn.Module, args: Any, train_batches: Any, *, resume: bool) -> nn.Module:
-        pkg = self.import_package()
+        pkg = self.package()
         from loralab.core.targets import find_targets
 
         # the registry's target selection; ReLoRaModel matches substrings, so hand it full names
@@ -122,10 +126,11 @@ class GoLoreReLoRA(Method):
 
     def checkpoint_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         # the random (GoLore) projectors' generator: an exact resume draws the same next projector
-        return {"relora_generator": model.generator.get_state()}
+        # model: the ReLoRaModel wrap() returned
+        return {"relora_generator": cast("ReLoRaModel", model).generator.get_state()}
 
     def load_checkpoint_state(self, model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-        model.generator.set_state(state["relora_generator"])
+        cast("ReLoRaModel", model).generator.set_state(state["relora_generator"])
 
     def save_final(
         self,

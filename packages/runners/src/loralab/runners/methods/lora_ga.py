@@ -12,13 +12,23 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 from torch import nn
 
-from loralab.runners.methods.base import LORA_DEFAULTS, LORA_OPTIONS, Method, Option, lora_kwargs
+from loralab.runners.methods.base import (
+    LORA_DEFAULTS,
+    LORA_OPTIONS,
+    Method,
+    Option,
+    SavesPretrained,
+    lora_kwargs,
+)
 from loralab.runners.quantization import estimation_kwargs
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 __all__ = ["METHOD", "OFFSET_BASE", "ORIGINAL_BASE_ADAPTER", "LoraGA", "lora_ga_readme"]
 
@@ -102,13 +112,16 @@ class LoraGA(Method):
         """
         from loralab.core.quant import quantized_layer_names
 
-        pkg = self.import_package()
+        pkg = self.package()
         directory = Path(directory)
-        quantized = bool(quantized_layer_names(model.get_base_model()))
+        # wrap() returned get_lora_ga_model's PeftModel
+        quantized = bool(quantized_layer_names(cast("PeftModel", model).get_base_model()))
         if not quantized:
             pkg.save_lora_ga_adapter(model, directory, state_dict=state_dict)
         else:
-            model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
+            cast(SavesPretrained, model).save_pretrained(
+                directory, state_dict=state_dict, safe_serialization=True
+            )
             save_offset_base(model, directory / OFFSET_BASE)
             pkg.save_lora_ga_adapter(
                 model, directory / ORIGINAL_BASE_ADAPTER, state_dict=state_dict
@@ -122,19 +135,20 @@ class LoraGA(Method):
 
     def checkpoint_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         # A0, B0 live outside the state dict; the final export needs them after a resume too
-        return self.import_package().get_lora_ga_init_factors(model)
+        return self.package().get_lora_ga_init_factors(model)
 
     def load_checkpoint_state(self, model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-        self.import_package().set_lora_ga_init_factors(model, dict(state))
+        self.package().set_lora_ga_init_factors(model, dict(state))
 
 
 def save_offset_base(model: nn.Module, path: Path) -> None:
     """The PEFT model's base (``W0'``, quantized as it is) as a transformers checkpoint."""
     from loralab.runners.quantization import _trained_modules_in_place
 
-    base = model.get_base_model()
+    base = cast("PeftModel", model).get_base_model()
     with _trained_modules_in_place(base, "default"):
-        base.save_pretrained(str(path), safe_serialization=True)
+        # a PEFT model's base is a transformers model
+        cast(SavesPretrained, base).save_pretrained(str(path), safe_serialization=True)
 
 
 def lora_ga_readme(quantized: bool) -> str:

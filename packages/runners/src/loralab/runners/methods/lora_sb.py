@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ from loralab.runners.methods.base import (
     LORA_OPTIONS,
     Method,
     Option,
+    SavesPretrained,
     lora_kwargs,
     warmup_steps,
 )
@@ -104,8 +105,8 @@ class LoraSB(Method):
     ) -> None:
         """``directory``: plain LoRA (R folded into B) for bare PEFT; ``directory/lora_sb_native``: the
         native adapter."""
-        self.import_package().save_lora_sb_as_lora(model, directory)
-        model.save_pretrained(
+        self.package().save_lora_sb_as_lora(model, directory)
+        cast(SavesPretrained, model).save_pretrained(  # wrap() returned a PeftModel
             Path(directory) / NATIVE_DIR, state_dict=state_dict, safe_serialization=True
         )
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loralab.runners.methods.base import COMMON_DEFAULTS, OPTIONS, Method, MethodError
 
@@ -69,6 +69,11 @@ def methods() -> Mapping[str, Method]:
 
 class MethodArgs:
     """A plain attribute bag standing in for parsed command-line arguments (see :func:`method_args`)."""
+
+    if TYPE_CHECKING:
+        # its attributes are the keyword arguments it is built with, and what callers add (flag_names)
+        def __getattr__(self, name: str) -> Any: ...
+        def __setattr__(self, name: str, value: Any) -> None: ...
 
     def __init__(self, **kw: Any) -> None:
         self.__dict__.update(kw)
