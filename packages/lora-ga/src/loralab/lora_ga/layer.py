@@ -36,12 +36,14 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
+import torch
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from peft.tuners.lora.layer import LoraLayer
-from torch import nn
+from torch import Tensor, nn
 
+from loralab.core.targets import layer_kind
 from loralab.lora_ga.config import LoraGASettings
 
 __all__ = [
@@ -81,6 +83,23 @@ class Session:
 
 _SESSIONS: list[Session] = []
 
+PRECOMPUTED = "_loralab_loraga_factors"
+"""Attribute :func:`~loralab.lora_ga.preprocess_loraga` sets on each target: its ``(A, B)`` by PEFT's definition."""
+
+
+def float_dtype(base: nn.Module) -> torch.dtype:
+    """The float dtype PEFT gives a layer's adapters: the weight's, or a quantized layer's compute dtype."""
+    kind = layer_kind(base)
+    if kind in ("linear4bit", "linear8bit"):
+        dtype = getattr(base, "compute_dtype", None)
+        if dtype is None:
+            from loralab.core.quant import quant_config_of
+
+            dtype = quant_config_of(base).dtype
+        return dtype if dtype is not None and dtype.is_floating_point else torch.float32
+    dtype = cast(Tensor, base.weight).dtype
+    return dtype if dtype.is_floating_point else torch.float32
+
 
 @contextmanager
 def lora_ga_session(
@@ -111,9 +130,24 @@ class _LoraGALayerMixin:
     def lora_ga_init(self, adapter_name: str, lora_ga_config: Any) -> None:
         layer: Any = self
         if not isinstance(lora_ga_config, LoraGASettings):
-            # an adapter made from PEFT's own LoraConfig on this layer: PEFT's LoRA-GA, unchanged
-            super().lora_ga_init(adapter_name, lora_ga_config)  # type: ignore[misc]
-            return
+            # PEFT's own LoraConfig(init_lora_weights="lora_ga"): factors by PEFT's definition
+            base = layer.get_base_layer()
+            if PRECOMPUTED in base.__dict__:  # from loralab.lora_ga.preprocess_loraga
+                layer.reset_lora_parameters(
+                    adapter_name, init_lora_weights=True
+                )  # B = 0 until written
+                layer.__dict__.setdefault("_lora_ga_precomputed", set()).add(adapter_name)
+                return
+            if hasattr(
+                base, "_peft_loraga_grad"
+            ):  # from peft.preprocess_loraga: PEFT's code, unchanged
+                super().lora_ga_init(adapter_name, lora_ga_config)  # type: ignore[misc]
+                return
+            raise LoraGAInitError(
+                f"LoRA-GA layer {self.__dict__.get('_lora_ga_target', '')!r} has no gradient: call "
+                "loralab.lora_ga.preprocess_loraga(model, lora_config, train_step) on the model before "
+                "get_peft_model, with the same lora_config (loralab never falls back to the default init)"
+            )
         if not _SESSIONS:
             raise LoraGAInitError(_NO_SESSION)
         session = _SESSIONS[-1]
@@ -128,10 +162,22 @@ class _LoraGALayerMixin:
         self, adapter_name: str, r: int, lora_alpha: int, config: Any, **kwargs: Any
     ) -> None:
         self.__dict__["_lora_ga_building"] = config
+        self.__dict__["_lora_ga_target"] = kwargs.get("target_name", "")
         try:
             super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)  # type: ignore[misc]
         finally:
             del self.__dict__["_lora_ga_building"]
+        precomputed = self.__dict__.get("_lora_ga_precomputed", set())
+        if adapter_name in precomputed:
+            precomputed.discard(adapter_name)
+            from loralab.lora_ga.model import write_factors
+
+            # after PEFT's device/dtype move, as PEFT's own init happens before it: A, B in the
+            # base layer's float dtype (PEFT's choice), the offset from the values as stored
+            base = self.get_base_layer()  # type: ignore[attr-defined]
+            A, B = base.__dict__.pop(PRECOMPUTED)
+            write_factors(self, adapter_name, A, B, float_dtype(base))  # type: ignore[arg-type]
+            return
         recorded = self.__dict__.get("_lora_ga_recorded", set())
         if adapter_name not in recorded:
             return

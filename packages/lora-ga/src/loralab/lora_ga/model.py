@@ -58,14 +58,17 @@ def _base_name_map(model: nn.Module) -> dict[int, str]:
 
 
 def write_lora_ga_layer(pending: Pending, A: Tensor, B: Tensor) -> None:
-    """Store ``A``, ``B`` (in the settings' dtype) and offset the base weight by ``−s·B·A``.
+    """Store ``A``, ``B`` (in the settings' dtype) and offset the base weight by ``−s·B·A`` (:func:`write_factors`)."""
+    write_factors(pending.layer, pending.adapter, A, B, DTYPES[pending.settings.dtype])
+
+
+def write_factors(layer: LoraLayer, adapter: str, A: Tensor, B: Tensor, dtype: torch.dtype) -> None:
+    """Store ``A``, ``B`` in ``dtype`` and offset the base weight by ``−s·B·A`` (paper Eq. 13).
 
     Quantized bases are dequantized, offset in float32 and re-quantized with their own settings
     (NF4 stays NF4). The initial factors are kept on the CPU as ``layer._lora_ga_init[adapter]`` for
     :func:`~loralab.lora_ga.save_lora_ga_adapter` (the rank-2r plain LoRA export).
     """
-    layer, adapter = pending.layer, pending.adapter
-    dtype = DTYPES[pending.settings.dtype]
     # the factors are Linear / Conv sub-modules and base an adaptable layer: all weights are Parameters
     lora_A = cast(nn.Parameter, layer.lora_A[adapter].weight)
     lora_B = cast(nn.Parameter, layer.lora_B[adapter].weight)
