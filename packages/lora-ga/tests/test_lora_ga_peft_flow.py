@@ -11,6 +11,7 @@ sketch); against a float64 reference of PEFT's definition 1e-4; offsets 1e-6.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import warnings
@@ -222,6 +223,24 @@ def test_gpt2_conv1d_step0_and_save_export(tmp_path):
     with torch.no_grad():
         out = pm(**batches[0]).logits
     assert (out - base).abs().max() < 1e-5 * base.abs().max()
+    # PEFT's own save: the same file as PEFT's flow writes, loading with bare PEFT (PEFT's classes)
+    pm.save_pretrained(tmp_path / "raw")
+    theirs = _build(
+        peft.preprocess_loraga,
+        _config(r=4, target_modules=["c_attn", "c_fc"]),
+        model=tiny_gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+        batches=batches,
+    )
+    theirs.save_pretrained(tmp_path / "peft")
+    ours_cfg = json.loads((tmp_path / "raw" / "adapter_config.json").read_text())
+    peft_cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert ours_cfg == peft_cfg
+    raw = peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "raw")
+    for name, layer in _layers(raw).items():
+        assert type(layer) is peft_lora.Linear
+        torch.testing.assert_close(
+            _factors(layer)[1], _factors(_layers(pm)[name])[1], rtol=0, atol=0
+        )
     # the drop-in keeps the initial factors: the plain rank-2r export loads on the original base
     save_lora_ga_adapter(pm, tmp_path)
     fresh = tiny_gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)

@@ -391,8 +391,8 @@ def float_targets(
             swapped[name] = (q, lin)
         yield {n: lin for n, (_, lin) in swapped.items()}
     finally:
-        for name, (q, _) in swapped.items():
-            replace_module(model, name, q)
+        for name, (original, _) in swapped.items():
+            replace_module(model, name, original)
 
 
 def load_float_model_for_estimation(

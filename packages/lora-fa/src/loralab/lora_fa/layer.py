@@ -157,24 +157,24 @@ class LoraFAVariant(LoraVariant):
 
     @staticmethod
     def merge_safe(module: LoraLayer, active_adapter: str, orig_weight: Tensor) -> Tensor:
-        delta = cast(Tensor, module.get_delta_weight(active_adapter))  # type: ignore[operator]
+        delta = cast(Tensor, cast(Any, module).get_delta_weight(active_adapter))
         return orig_weight + delta.to(orig_weight.dtype)
 
     @staticmethod
     def merge_unsafe(module: LoraLayer, active_adapter: str, orig_weight: Tensor) -> None:
-        delta = cast(Tensor, module.get_delta_weight(active_adapter))  # type: ignore[operator]
+        delta = cast(Tensor, cast(Any, module).get_delta_weight(active_adapter))
         orig_weight.data += delta.to(orig_weight.dtype)
 
     @staticmethod
     def unmerge(module: LoraLayer, active_adapter: str, orig_weight: Tensor) -> Tensor:
-        delta = cast(Tensor, module.get_delta_weight(active_adapter))  # type: ignore[operator]
+        delta = cast(Tensor, cast(Any, module).get_delta_weight(active_adapter))
         return orig_weight - delta.to(orig_weight.dtype)
 
     def forward(  # type: ignore[override]  # an instance method: it names its layer in errors
         self, module: LoraLayer, active_adapter: str, x: Tensor, result: Tensor, **kwargs: Any
     ) -> Tensor:
-        down = cast(nn.Linear, cast(nn.ModuleDict, module.lora_A)[active_adapter])
-        up = cast(nn.ModuleDict, module.lora_B)[active_adapter]
+        down = cast(nn.Linear, module.lora_A[active_adapter])
+        up = module.lora_B[active_adapter]
         if down.weight.requires_grad:
             raise RuntimeError(
                 f"LoRA-FA layer {self.layer_name!r}: lora_A requires grad. LoRA-FA keeps A frozen and its memory-saving "
@@ -182,7 +182,7 @@ class LoraFAVariant(LoraVariant):
                 "the conversion with remove_lorafa_layers(model)."
             )
         p = _dropout_p(module, active_adapter, self.layer_name)
-        dropout = cast(nn.ModuleDict, module.lora_dropout)[active_adapter]
+        dropout = module.lora_dropout[active_adapter]
         h = frozen_down_projection(x, down.weight, p if dropout.training else 0.0)
         out = up(h) * module.scaling[active_adapter]
         if layer_kind(module.get_base_layer()) in ("linear4bit", "linear8bit"):
@@ -193,7 +193,7 @@ class LoraFAVariant(LoraVariant):
 
 
 def _dropout_p(module: LoraLayer, adapter: str, layer_name: str) -> float:
-    dropouts = cast(nn.ModuleDict, module.lora_dropout)  # a PEFT LoraLayer's ModuleDict
+    dropouts = module.lora_dropout  # a PEFT LoraLayer's ModuleDict
     dropout = dropouts[adapter] if adapter in dropouts else nn.Identity()
     if type(dropout) is nn.Dropout:
         return float(dropout.p)

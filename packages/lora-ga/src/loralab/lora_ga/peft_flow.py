@@ -137,7 +137,7 @@ def _targets(model: nn.Module, lora_config: LoraConfig) -> dict[str, TargetLayer
         defaults = LoraModel.target_module_mapping.get(model_config["model_type"])
         if defaults is None:
             raise ValueError("Please specify `target_modules` in `peft_config`")
-        lora_config.target_modules = set(defaults)
+        lora_config.target_modules = set(defaults)  # type: ignore[assignment]  # PEFT stores a set
     if lora_config.target_modules == "all-linear":
         # PEFT expands it in get_peft_model: every Linear/Conv1D except the output layer
         matched = {n: t.module for n, t in find_targets(model, "all-linear").items()}
@@ -168,12 +168,10 @@ def _rank_and_scaling(lora_config: LoraConfig, name: str) -> tuple[int, float]:
     """PEFT's per-layer rank and scaling (``rank_pattern``, ``alpha_pattern``, rsLoRA)."""
     from peft.utils.other import get_pattern_key
 
-    r = lora_config.rank_pattern.get(
-        get_pattern_key(lora_config.rank_pattern.keys(), name), lora_config.r
-    )
-    alpha = lora_config.alpha_pattern.get(
-        get_pattern_key(lora_config.alpha_pattern.keys(), name), lora_config.lora_alpha
-    )
+    rank_pattern = lora_config.rank_pattern or {}
+    alpha_pattern = lora_config.alpha_pattern or {}
+    r = rank_pattern.get(get_pattern_key(list(rank_pattern), name), lora_config.r)
+    alpha = alpha_pattern.get(get_pattern_key(list(alpha_pattern), name), lora_config.lora_alpha)
     scaling = alpha / r**0.5 if lora_config.use_rslora else alpha / r
     return int(r), float(scaling)
 

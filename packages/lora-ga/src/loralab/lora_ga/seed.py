@@ -25,9 +25,10 @@ What is the same as the seed and what is not:
   model in eval mode (dropout off, a deterministic estimate); the seed used train mode (pass
   ``train=True``).
 - :class:`LoraGAContext` makes plain ``peft.get_peft_model(model, LoraGAConfig(...))`` build a
-  LoRA-GA model: it routes PEFT's LoRA-GA init of every adapted layer to loralab for the duration of
-  the block, and writes ``A``, ``B`` and the offset ``W0`` as soon as the ``PeftModel`` exists, exactly
-  as :func:`~loralab.lora_ga.get_lora_ga_model` does. Used without gradients, or with a gradient dict
+  LoRA-GA model: the LoRA-GA layers PEFT builds for a ``LoraGAConfig`` (:mod:`loralab.lora_ga.layer`,
+  chosen through PEFT's custom-module dispatch) report to the context, which checks every target
+  first and then writes each layer's ``A``, ``B`` and offset ``W0`` as soon as PEFT has finished it,
+  with the same code as :func:`~loralab.lora_ga.get_lora_ga_model`. Used without gradients, or with a gradient dict
   that misses a target or has one of the wrong shape, it raises (never PEFT's silent fallback to the
   default init), and the model is given back unchanged.
 - DeepSpeed ZeRO-3: a model partitioned by ``deepspeed.zero.Init`` (or transformers' ZeRO-3 loading)
@@ -45,7 +46,7 @@ import os
 import shutil
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from peft import LoraConfig, PeftModel
@@ -208,10 +209,10 @@ def _check_not_deepspeed_engine(model: nn.Module) -> None:
 class LoraGAContext:
     """Inside this block, ``peft.get_peft_model(model, LoraGAConfig(...))`` builds a LoRA-GA model from ``named_grad``.
 
-    Every LoRA layer PEFT creates from a :class:`~loralab.lora_ga.LoraGAConfig` is checked against
-    ``named_grad`` (present, (out, in)-shaped, rank ``2r <= min(m, n)``) while PEFT builds it; once the
-    ``PeftModel`` exists, each layer gets LoRA-GA's ``A``, ``B`` and offset ``W0`` (the same code as
-    :func:`~loralab.lora_ga.get_lora_ga_model`). ``model.named_grad`` is set for the duration, as the
+    When PEFT builds the first LoRA layer of a :class:`~loralab.lora_ga.LoraGAConfig`, every target
+    of the config is checked against ``named_grad`` (present, (out, in)-shaped, finite, rank
+    ``2r <= min(m, n)``); then each layer gets LoRA-GA's ``A``, ``B`` and offset ``W0`` as soon as
+    PEFT has finished it (the same code as :func:`~loralab.lora_ga.get_lora_ga_model`). ``model.named_grad`` is set for the duration, as the
     seed does.
 
     Args:
@@ -366,7 +367,7 @@ class LoraGAContext:
         for pending in self._written:
             dtype = DTYPES[pending.settings.dtype]
             for slot in (pending.layer.lora_A, pending.layer.lora_B):
-                param = slot[pending.adapter].weight
+                param = cast(nn.Parameter, slot[pending.adapter].weight)  # a Linear's weight
                 if param.dtype != dtype:
                     with torch.no_grad(), gathered_parameters([param], modifier_rank=0):
                         param.data = param.data.to(dtype)
@@ -395,9 +396,12 @@ class LoraGAContext:
         for pending in reversed(self._written):
             layer, adapter = pending.layer, pending.adapter
             base = layer.get_base_layer()
-            A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+            # Linear sub-modules and an adaptable base layer: all weights are Parameters
+            A = cast(nn.Parameter, layer.lora_A[adapter].weight)
+            B = cast(nn.Parameter, layer.lora_B[adapter].weight)
+            W = cast(nn.Parameter, base.weight)
             s = float(layer.scaling[adapter])
-            with torch.no_grad(), gathered_parameters([A, B, base.weight], modifier_rank=0):
+            with torch.no_grad(), gathered_parameters([A, B, W], modifier_rank=0):
                 w = dequantize_weight(base)
                 requantize_weight_(base, offset_weight(w, A.data, -B.data, s))
         self._written.clear()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -116,7 +117,11 @@ class LoraGA(Method):
         if not quantized:
             pkg.save_lora_ga_adapter(model, directory, state_dict=state_dict)
         else:
-            model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
+            with warnings.catch_warnings():
+                # the raw rank-r adapter is meant for the offset base saved next to it (and named in
+                # its config), which is what LoraGAConfig.save_pretrained's warning asks for
+                warnings.filterwarnings("ignore", message="saving a raw LoRA-GA checkpoint")
+                model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
             save_offset_base(model, directory / OFFSET_BASE)
             pkg.save_lora_ga_adapter(
                 model, directory / ORIGINAL_BASE_ADAPTER, state_dict=state_dict
