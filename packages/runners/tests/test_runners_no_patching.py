@@ -5,7 +5,8 @@ interpreter, between two snapshots of ``vars()`` of every class and module of ``
 (LoraLayer, Linear, Embedding, the bitsandbytes layers, LoraModel, LoraConfig, the variants,
 LoRA-GA's ``preprocess_loraga`` ...), PEFT's model / tuner / mapping modules, transformers'
 ``PreTrainedModel`` and the torch layer classes. Each entry must be the very same object before and
-after, and no entry may appear or disappear.
+after, and no entry may appear or disappear — after the imports, and again after loralab's
+PEFT-facing code ran (LoRA-GA's native API, seed context and PEFT drop-in; LoRA-FA's layers).
 """
 
 from __future__ import annotations
@@ -42,6 +43,14 @@ for cls in (transformers.PreTrainedModel, torch.nn.Module, torch.nn.Linear, torc
             torch.nn.Dropout, torch.nn.ModuleDict):
     classes[f"{cls.__module__}.{cls.__qualname__}"] = cls
 
+# transformers adds nn.Module.smart_apply the first time it builds a model: do that before the snapshot
+transformers.LlamaForCausalLM(
+    transformers.LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2,
+    )
+)
+
 
 def snapshot():
     out = {}
@@ -60,23 +69,51 @@ for info in sorted(pkgutil.walk_packages(loralab.__path__, "loralab."), key=lamb
         continue
     importlib.import_module(info.name)
     imported.append(info.name)
-after = snapshot()
-changes = []
-for key, old in before.items():
-    new = after[key]
-    for attr in sorted(set(old) | set(new)):
-        if attr not in new:
-            changes.append(f"{key}: {attr} removed")
-        elif attr not in old:
-            changes.append(f"{key}: {attr} added")
-        elif new[attr] is not old[attr]:
-            changes.append(f"{key}: {attr} replaced")
-print(json.dumps({"imported": imported, "classes": sorted(classes), "changes": changes}))
+
+
+def diff(before, after):
+    changes = []
+    for key, old in before.items():
+        new = after[key]
+        for attr in sorted(set(old) | set(new)):
+            if attr not in new:
+                changes.append(f"{key}: {attr} removed")
+            elif attr not in old:
+                changes.append(f"{key}: {attr} added")
+            elif new[attr] is not old[attr]:
+                changes.append(f"{key}: {attr} replaced")
+    return changes
+
+
+changes = diff(before, snapshot())
+# and while loralab's PEFT-facing code runs: LoRA-GA native, seed context, PEFT drop-in, LoRA-FA
+from loralab.core.testing import make_lm_batches, tiny_llama
+from loralab import lora_fa, lora_ga
+
+batches = make_lm_batches(1)
+cfg = lambda: lora_ga.LoraGAConfig(r=2, target_modules=["q_proj"], iters=1)
+lora_ga.get_lora_ga_model(tiny_llama(), cfg(), batches, progress=False)
+model = tiny_llama()
+grads = lora_ga.estimate_gradient(model, batches, None, targets=["q_proj"], progress=False)
+with lora_ga.LoraGAContext(model, grads):
+    peft.get_peft_model(model, cfg())
+model = tiny_llama()
+config = peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="lora_ga",
+                         lora_ga_config=peft.LoraGAConfig(), lora_dropout=0.1)
+lora_ga.preprocess_loraga(model, config, lambda: model(**batches[0]).loss.backward())
+pm = peft.get_peft_model(model, config)
+lora_fa.apply_lorafa_layers(pm)
+pm.train()
+pm(**batches[0]).loss.backward()
+lora_fa.remove_lorafa_layers(pm)
+used = diff(before, snapshot())
+print(json.dumps({"imported": imported, "classes": sorted(classes), "changes": changes,
+                  "changes_after_use": used}))
 """
 
 
 @pytest.mark.slow
-def test_importing_every_loralab_module_leaves_peft_and_transformers_unchanged():
+def test_importing_and_using_loralab_leaves_peft_and_transformers_unchanged():
     proc = subprocess.run(
         [sys.executable, "-c", SNAPSHOT_SCRIPT],
         capture_output=True,
@@ -115,3 +152,4 @@ def test_importing_every_loralab_module_leaves_peft_and_transformers_unchanged()
     ):
         assert name in classes, name
     assert result["changes"] == []
+    assert result["changes_after_use"] == []
