@@ -444,3 +444,27 @@ def test_cache_without_a_target_raises(tmp_path):
             lambda: None,
             str(cache),
         )
+
+
+def test_drop_in_streams_one_full_gradient_at_a_time(monkeypatch):
+    """Each finished gradient becomes (A, B) and is released before the next one is decomposed; no full
+    gradient stays on the model (PEFT keeps every target's ``_peft_loraga_grad`` until get_peft_model)."""
+    import weakref
+
+    from loralab.lora_ga import peft_flow
+
+    seen = []
+    original = peft_flow.peft_lora_ga_factors
+
+    def spy(grad, *args, **kwargs):
+        assert all(r() is None for r in seen), "an earlier full gradient is still alive"
+        out = original(grad, *args, **kwargs)
+        seen.append(weakref.ref(grad))
+        return out
+
+    monkeypatch.setattr(peft_flow, "peft_lora_ga_factors", spy)
+    model = tiny_llama()
+    preprocess_loraga(model, _config(r=4), _train_step(model, make_lm_batches(2)))
+    assert len(seen) == 2 * len(TARGETS)
+    assert not any(hasattr(m, "_peft_loraga_grad") for m in model.modules())
+    assert all(p.grad is None for p in model.parameters())
