@@ -132,15 +132,13 @@ class _LoraGALayerMixin:
         if not isinstance(lora_ga_config, LoraGASettings):
             # PEFT's own LoraConfig(init_lora_weights="lora_ga"): factors by PEFT's definition
             base = layer.get_base_layer()
-            if PRECOMPUTED in base.__dict__:  # from loralab.lora_ga.preprocess_loraga
-                layer.reset_lora_parameters(
-                    adapter_name, init_lora_weights=True
-                )  # B = 0 until written
+            if PRECOMPUTED in base.__dict__:
+                # from loralab.lora_ga.preprocess_loraga: B = 0 until update_layer writes the factors
+                layer.reset_lora_parameters(adapter_name, init_lora_weights=True)
                 layer.__dict__.setdefault("_lora_ga_precomputed", set()).add(adapter_name)
                 return
-            if hasattr(
-                base, "_peft_loraga_grad"
-            ):  # from peft.preprocess_loraga: PEFT's code, unchanged
+            if hasattr(base, "_peft_loraga_grad"):
+                # from peft.preprocess_loraga: PEFT's code, unchanged
                 super().lora_ga_init(adapter_name, lora_ga_config)  # type: ignore[misc]
                 return
             raise LoraGAInitError(
