@@ -166,3 +166,55 @@ def test_all_reduce_under_torchrun(tmp_path):
         r1["broadcast"], torch.ones(2)
     )
     assert torch.equal(r0["dict_mean"], torch.full((3,), 0.5))
+
+
+# ---------------------------------------------------------------------------- estimate_gradients_from_step
+
+
+def test_from_step_equals_batch_estimate_and_counts_backward_passes_per_layer():
+    from loralab.core.gradients import estimate_gradients_from_step
+
+    model, batches = tiny_llama(), make_lm_batches(N_BATCHES)
+    targets = ["q_proj", "down_proj"]
+    want = estimate_gradients(model, batches, targets, train=True, progress=False)
+
+    def train_step():
+        for b in batches:
+            model(**b).loss.backward()
+
+    got = estimate_gradients_from_step(model, train_step, targets)
+    assert list(got) == list(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=RTOL_F32, atol=1e-7)
+    assert all(p.grad is None for p in model.parameters()) and model.training is False
+    # a layer reached by fewer backward passes is averaged over its own passes (PEFT's contract)
+    q0 = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 64)
+
+    def uneven():
+        train_step()
+        q0(x).pow(2).sum().backward()
+
+    extra = estimate_gradients_from_step(model, uneven, targets, consumer=None)
+    lone = 2 * (q0.weight.detach() @ x.T @ x)  # d/dW sum((W x)^2) for each row of x, summed
+    name = "model.layers.0.self_attn.q_proj"
+    expected = (want[name] * N_BATCHES + lone) / (N_BATCHES + 1)
+    torch.testing.assert_close(extra[name], expected, rtol=RTOL_F32, atol=1e-6)
+    other = "model.layers.1.self_attn.q_proj"
+    torch.testing.assert_close(extra[other], want[other], rtol=RTOL_F32, atol=1e-7)
+
+
+def test_from_step_errors_name_the_layer():
+    from loralab.core.gradients import estimate_gradients_from_step
+
+    model = tiny_llama()
+    x = torch.randn(2, 64)
+    with pytest.raises(
+        GradientEstimationError,
+        match=r"3 target layer\(s\) received no gradient from train_step.*layers\.1\.self_attn\.q_proj",
+    ):
+        estimate_gradients_from_step(
+            model,
+            lambda: model.model.layers[0].self_attn.q_proj(x).sum().backward(),
+            ["q_proj", "k_proj"],
+        )

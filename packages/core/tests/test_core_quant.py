@@ -320,3 +320,32 @@ def test_4bit_reads_survive_cpu_repacking(double_quant):
     requantize_weight_(m, w_after * 0.5)
     assert quant_config_of(m) == spec_before
     torch.testing.assert_close(dequantize_weight(m), w_after * 0.5, atol=1e-6, rtol=0.2)
+
+
+def test_float_targets_give_the_dequantized_models_gradients(tiny_checkpoint):
+    from loralab.core.gradients import estimate_gradients_from_step
+    from loralab.core.quant import float_targets
+
+    model = _load_quantized(
+        tiny_checkpoint,
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    ref = dequantized_copy(model)
+    names = [n for n in quantized_layer_names(model) if n.endswith(("q_proj", "down_proj"))]
+    q_before = {n: model.get_submodule(n) for n in names}
+    batches = make_lm_batches(2)
+    want = estimate_gradients(ref, batches, names, train=True, progress=False)
+    with float_targets(model, names) as swapped:
+        assert sorted(swapped) == sorted(names)
+        assert all(type(model.get_submodule(n)) is nn.Linear for n in names)
+
+        def train_step():
+            for b in batches:
+                model(**b).loss.backward()
+
+        got = estimate_gradients_from_step(model, train_step, names)
+    for n in names:
+        assert model.get_submodule(n) is q_before[n]  # the quantized layers are back, unchanged
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7)

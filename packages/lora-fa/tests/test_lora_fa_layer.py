@@ -18,7 +18,7 @@ from loralab.core.testing import make_lm_batches, run_torchrun, save_tiny, tiny_
 from loralab.lora_fa import layer as lorafa_layer
 from loralab.lora_fa import memory as lorafa_memory
 from loralab.lora_fa.layer import (
-    FrozenDownProjection,
+    LoraFAVariant,
     apply_lorafa_layers,
     frozen_down_projection,
     lorafa_dropout_mask,
@@ -310,10 +310,10 @@ def test_one_of_two_adapters_and_mixed_batch_inference():
     names = apply_lorafa_layers(ours, adapter_name="other")
     assert len(names) == 4
     layer = find_lora_pairs(ours, "other")[0].module
-    assert isinstance(layer.lora_A["other"], FrozenDownProjection)
-    assert type(layer.lora_A["default"]) is torch.nn.Linear and isinstance(
-        layer.lora_dropout["default"], torch.nn.Dropout
-    )
+    assert isinstance(layer.lora_variant["other"], LoraFAVariant)
+    assert "default" not in layer.lora_variant and layer.lora_A["default"].weight.requires_grad
+    assert type(layer.lora_A["other"]) is torch.nn.Linear  # PEFT's own modules, not swapped
+    assert isinstance(layer.lora_dropout["other"], torch.nn.Dropout)
     ids = make_lm_batches(1, batch_size=2, seq_len=SEQ)[0]["input_ids"]
     ref.eval(), ours.eval()
     mixed = ["default", "other"]
@@ -342,8 +342,9 @@ def test_errors_name_the_layer():
         apply_lorafa_layers(conv)
     model = peft_lora(tiny_llama(), target_modules=["q_proj"])
     apply_lorafa_layers(model)
-    down = find_lora_pairs(model)[0].module.lora_A["default"]
-    assert isinstance(down, FrozenDownProjection)
+    layer = find_lora_pairs(model)[0].module
+    assert isinstance(layer.lora_variant["default"], LoraFAVariant)
+    down = layer.lora_A["default"]
     down.weight.requires_grad_(True)
     with pytest.raises(
         RuntimeError, match=r"LoRA-FA layer '.*layers\.0\.self_attn\.q_proj': lora_A requires grad"

@@ -15,6 +15,9 @@ data is one DataLoader of 4 batches; rank ``r`` estimates on batches ``r`` and `
   gathers the parameters, the init writes the offset W0 through ``GatheredParameters`` (rank 0's
   value, identical anyway), then ``deepspeed.initialize`` (stage 3) runs one training step.
   ``estimate_gradient`` on the DeepSpeed engine itself must raise a clear error.
+- ``peft_flow``: PEFT's flow with loralab's drop-in: ``preprocess_loraga(model, peft.LoraConfig(...,
+  init_lora_weights="lora_ga"), train_step)`` where each rank's ``train_step`` runs its own batches;
+  loralab.core all-reduces the mean over ``torch.distributed`` (PEFT keeps each rank's own).
 - ``hf_zero3``: the usual way a ZeRO-3 model is made: transformers' ``from_pretrained`` of a saved
   checkpoint while an ``HfDeepSpeedConfig`` (stage 3) is alive partitions it at load time.
 
@@ -87,6 +90,34 @@ def seed_flow(model, data, accelerator, **kwargs):
         return peft.get_peft_model(model, config())
 
 
+def peft_config():
+    import peft
+
+    return peft.LoraConfig(
+        r=RANK_R,
+        lora_alpha=ALPHA,
+        target_modules=TARGETS,
+        init_lora_weights="lora_ga",
+        lora_ga_config=peft.LoraGAConfig(),
+    )
+
+
+def peft_flow(model, batches):
+    """PEFT's LoRA-GA code with ``preprocess_loraga`` imported from loralab."""
+    import peft
+
+    from loralab.lora_ga import preprocess_loraga
+
+    cfg = peft_config()
+
+    def train_step():
+        for b in batches:
+            model(**b).loss.backward()
+
+    preprocess_loraga(model, cfg, train_step)
+    return peft.get_peft_model(model, cfg)
+
+
 DS_CONFIG = {
     "train_micro_batch_size_per_gpu": BATCH,
     "gradient_accumulation_steps": 1,
@@ -156,6 +187,7 @@ def main(prefix: str, checkpoint: str) -> None:
         "accelerate": init_state(seed_flow(tiny_llama(), loader(), accelerator)),
         "offload": init_state(seed_flow(tiny_llama(), loader(), accelerator, quant_flag=True)),
         "torchrun": init_state(seed_flow(tiny_llama(), rank_batches(rank), None)),
+        "peft_flow": init_state(peft_flow(tiny_llama(), rank_batches(rank))),
     }
     results["zero3"], results["engine_error"] = run_zero3(rank)
     results["hf_zero3"] = run_hf_zero3(rank, checkpoint)

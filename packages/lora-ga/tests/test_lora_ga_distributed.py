@@ -1,5 +1,5 @@
 """LoRA-GA's seed flow with 2 CPU ranks (gloo): accelerate, core offload, torchrun, DeepSpeed ZeRO-3
-(``zero.Init`` and transformers' ZeRO-3 loading).
+(``zero.Init`` and transformers' ZeRO-3 loading), and the ``preprocess_loraga`` drop-in for PEFT's flow.
 
 Each rank estimates on its own half of the batches; the gradients are averaged across ranks, so every
 rank must initialise identically (A, B and the offset W0 bit for bit), and equal to one process
@@ -59,6 +59,20 @@ def test_every_rank_initialises_like_one_process_on_all_batches(ranks, mode):
     alone = w.init_state(
         get_lora_ga_model(tiny_llama(), w.config(), w.rank_batches(0), progress=False)
     )
+    assert _rel(alone, single) > 100 * INIT_RTOL
+
+
+@pytest.mark.multiprocess
+def test_peft_flow_drop_in_initialises_every_rank_like_one_process(ranks):
+    # PEFT's own preprocess_loraga would keep each rank's gradient; the drop-in all-reduces it
+    r0, r1 = ranks[0]["peft_flow"], ranks[1]["peft_flow"]
+    assert r0.keys() == r1.keys() and len(r0) == 2 * len(w.TARGETS)
+    for name in r0:
+        for x, y, what in zip(r0[name], r1[name], ("A", "B", "W0")):
+            assert torch.equal(x, y), f"{name}: {what} differs between ranks"
+    single = w.init_state(w.peft_flow(tiny_llama(), list(w.loader())))
+    assert _rel(r0, single) < INIT_RTOL
+    alone = w.init_state(w.peft_flow(tiny_llama(), w.rank_batches(0)))
     assert _rel(alone, single) > 100 * INIT_RTOL
 
 

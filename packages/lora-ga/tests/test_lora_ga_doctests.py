@@ -1,11 +1,11 @@
-"""Every example in the docstrings of loralab.lora_ga's config, maths, model and save modules runs."""
+"""Every example in the docstrings of loralab.lora_ga's modules runs."""
 
 import doctest
 import importlib
 
 import pytest
 
-MODULES = ["config", "maths", "model", "save"]
+MODULES = ["config", "maths", "model", "save", "layer", "peft_flow"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -2,10 +2,12 @@
 parity with PEFT's initial-weight conversion, and the offset model's save / load round trip."""
 
 import json
+import warnings
 
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import layer as peft_lora
 from peft.tuners.lora.layer import LoraLayer
 from safetensors.torch import load_file
 
@@ -177,13 +179,21 @@ def test_quantized_offset_model_round_trip(tmp_path):
     torch.testing.assert_close(_logits(loaded, batches[0]), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_loading_a_raw_lora_ga_checkpoint_warns(tmp_path):
+def test_saving_a_raw_lora_ga_checkpoint_warns(tmp_path):
     """peft's save_pretrained keeps init_lora_weights="lora_ga": PEFT then silently skips the init when
-    loading, which is right on the offset model (e.g. resuming) but wrong on the original one: we warn."""
+    loading, which is right on the offset model (e.g. resuming) but wrong on the original one. loralab
+    changes nothing in PEFT's loading, so the warning comes when such a checkpoint is written."""
     model, _ = _trained()
-    model.save_pretrained(tmp_path)
     with pytest.warns(UserWarning, match="only fit the offset base weights"):
-        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+        model.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PEFT's own loading path: nothing from loralab
+        warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecations
+        warnings.filterwarnings(
+            "ignore", message="Unexpected keyword arguments"
+        )  # PEFT: LoRA-GA fields
+        loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert type(loaded.base_model.model.model.layers[0].self_attn.q_proj) is peft_lora.Linear
 
 
 def test_save_errors(tmp_path):

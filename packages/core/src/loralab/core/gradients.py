@@ -41,6 +41,7 @@ __all__ = [
     "GradientEstimationError",
     "default_loss",
     "estimate_gradients",
+    "estimate_gradients_from_step",
     "resolve_targets",
 ]
 
@@ -305,3 +306,99 @@ def _estimate_plain(
             consumer(name, g)
             del g
     return {} if consumer is not None else {name: sums[name] for name in targets}  # in module order
+
+
+def estimate_gradients_from_step(
+    model: nn.Module,
+    train_step: Callable[[], None],
+    targets: Targets = "all-linear",
+    *,
+    consumer: GradientConsumer | None = None,
+    train: bool = True,
+    reduce: bool = True,
+) -> dict[str, Tensor]:
+    """Mean gradient of each target weight over the backward passes ``train_step()`` runs.
+
+    For callers that own the forward/backward loop (PEFT's ``preprocess_loraga(model, config,
+    train_step)`` contract): ``train_step`` runs any number of ``loss.backward()`` calls on ``model``;
+    each target's gradient is summed in float32 as it arrives (its ``.grad`` is freed at once, as in
+    :func:`estimate_gradients`) and divided by the number of backward passes that reached it, then
+    averaged across ranks (``reduce``) and handed to ``consumer`` one layer at a time.
+
+    Args:
+        model: the model ``train_step`` runs (float target weights).
+        train_step: ``() -> None``; runs forward and backward passes.
+        targets: as :func:`estimate_gradients`.
+        consumer: ``consumer(name, grad)`` per finished gradient (then dropped); without it the
+            gradients are returned.
+        train: train mode during ``train_step`` (PEFT's default for this contract); ``False``: eval mode.
+        reduce: average across ranks under ``torch.distributed``.
+
+    Raises:
+        GradientEstimationError: a quantized target, a target no backward pass reached (the message
+            names it), shared weights, or a non-finite gradient.
+
+    Example:
+        >>> from loralab.core.testing import tiny_llama, make_lm_batches
+        >>> model, batches = tiny_llama(), make_lm_batches(2)
+        >>> def train_step():
+        ...     for b in batches:
+        ...         model(**b).loss.backward()
+        >>> grads = estimate_gradients_from_step(model, train_step, ["q_proj"])
+        >>> sorted(grads)[0], grads["model.layers.0.self_attn.q_proj"].shape
+        ('model.layers.0.self_attn.q_proj', torch.Size([64, 64]))
+    """
+    resolved = resolve_targets(model, targets)
+    _check_float_weights(resolved)
+    weights = [t.weight for t in resolved.values()]
+    if len({id(w) for w in weights}) != len(weights):
+        raise GradientEstimationError(
+            "two targets share one weight tensor (tied weights); exclude one of them"
+        )
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def make_hook(name: str, module: nn.Module) -> Callable[[Tensor], None]:
+        def hook(p: Tensor) -> None:
+            # runs once per backward pass that reached p (autograd accumulates within a pass first)
+            g = to_storage_layout(module, cast(Tensor, p.grad)).float()
+            if name in sums:
+                sums[name].add_(g)
+            else:
+                sums[name] = g.contiguous()
+            counts[name] = counts.get(name, 0) + 1
+            p.grad = None  # free the parameter-dtype gradient right away
+
+        return hook
+
+    handles = []
+    with estimation_mode(model, weights, train):
+        try:
+            for name, t in resolved.items():
+                handles.append(
+                    t.weight.register_post_accumulate_grad_hook(make_hook(name, t.module))
+                )
+            with torch.enable_grad():
+                train_step()
+        finally:
+            for h in handles:
+                h.remove()
+    missing = [name for name in resolved if name not in sums]
+    if missing:
+        raise GradientEstimationError(
+            f"{len(missing)} target layer(s) received no gradient from train_step (unused in its forward passes, "
+            "or no backward?): " + ", ".join(missing[:10]) + ". Exclude them from the targets."
+        )
+    logger.info(
+        "estimated gradients of %d layers over %d backward passes", len(sums), max(counts.values())
+    )
+    for name in resolved:  # deterministic order on every rank, required by the all-reduce
+        g = sums[name].div_(counts[name])
+        if reduce:
+            all_reduce_mean_(g)
+        check_finite(name, g)
+        if consumer is not None:
+            del sums[name]
+            consumer(name, g)
+            del g
+    return {} if consumer is not None else {name: sums[name] for name in resolved}

@@ -35,6 +35,8 @@ from __future__ import annotations
 import copy
 import logging
 import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -50,6 +52,7 @@ __all__ = [
     "dequantize_weight",
     "dequantized_copy",
     "dtype_kwarg",
+    "float_targets",
     "is_quantized",
     "load_float_model_for_estimation",
     "quant_config_of",
@@ -348,6 +351,48 @@ def dequantized_copy(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
     # nn.Module.to, not PreTrainedModel.to: transformers refuses dtype casts of models it loaded in bnb
     nn.Module.to(out, dtype)
     return out
+
+
+@contextmanager
+def float_targets(
+    model: nn.Module, names: Iterable[str], dtype: torch.dtype | None = None
+) -> Iterator[dict[str, nn.Linear]]:
+    """Within the block, the quantized layers among ``names`` are float ``nn.Linear`` copies (in place).
+
+    Each bitsandbytes layer is swapped for an ``nn.Linear`` holding its *dequantized* weight (the
+    point the quantized model trains from) in ``dtype`` (default: the layer's compute dtype, else
+    float32), so code that runs ``model`` itself (a user's training step) produces full-weight
+    gradients for them; the quantized layers are put back on exit, unchanged. Holds the float
+    copies of those layers only (not of the whole model). Yields ``{name: float layer}``.
+
+    Example:
+        >>> from loralab.core.testing import tiny_llama
+        >>> model = tiny_llama()
+        >>> with float_targets(model, ["model.layers.0.self_attn.q_proj"]) as swapped:
+        ...     swapped  # a float model: nothing to swap
+        {}
+    """
+    swapped: dict[str, tuple[nn.Module, nn.Linear]] = {}
+    try:
+        for name in names:
+            m = get_module(model, name)
+            if not (layer_kind(m) in ("linear4bit", "linear8bit") and is_quantized(m)):
+                continue
+            q = cast(nn.Linear, m)  # bitsandbytes' layers subclass nn.Linear
+            dt = dtype or getattr(q, "compute_dtype", None) or quant_config_of(q).dtype
+            if dt is None or not dt.is_floating_point:
+                dt = torch.float32
+            weight = dequantize_weight(q, dt)
+            lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device="meta")
+            lin.weight = nn.Parameter(weight, requires_grad=False)
+            if q.bias is not None:
+                lin.bias = nn.Parameter(q.bias.detach().to(dt), requires_grad=False)
+            replace_module(model, name, lin)
+            swapped[name] = (q, lin)
+        yield {n: lin for n, (_, lin) in swapped.items()}
+    finally:
+        for name, (original, _) in swapped.items():
+            replace_module(model, name, original)
 
 
 def load_float_model_for_estimation(

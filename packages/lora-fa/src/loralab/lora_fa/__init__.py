@@ -12,16 +12,16 @@ Example:
 
 from loralab.lora_fa.compat import LoraFAOptimizer, create_lorafa_optimizer
 from loralab.lora_fa.correction import correct_grads, correction_matrix, optimal_b_gradient
-from loralab.lora_fa.layer import FrozenDownProjection, apply_lorafa_layers, remove_lorafa_layers
+from loralab.lora_fa.layer import LoraFAVariant, apply_lorafa_layers, remove_lorafa_layers
 from loralab.lora_fa.memory import SavedTensorStats, saved_tensor_bytes
 from loralab.lora_fa.optimizer import LoraFAAdamW, LoraFAError
 
 __version__ = "0.1.0"
 __all__ = [
-    "FrozenDownProjection",
     "LoraFAAdamW",
     "LoraFAError",
     "LoraFAOptimizer",
+    "LoraFAVariant",
     "SavedTensorStats",
     "apply_lorafa_layers",
     "correct_grads",

@@ -7,24 +7,27 @@ needed. Autograd already skips saving ``X`` for a frozen ``A``, but ``nn.Dropout
 tensor of X's shape (float on CPU, bool on CUDA), one per adapted layer since q, k, v … each own a
 dropout — and with the usual ``lora_dropout > 0`` most of the saving is gone again.
 
-:func:`apply_lorafa_layers` therefore turns each adapter's down projection into a
-:class:`FrozenDownProjection`, which fuses dropout into the frozen ``A`` matmul with a custom autograd
-function that saves only an integer seed and regenerates the mask in backward. The frozen base
-weight's input-gradient path is PEFT's own, untouched (``base_layer`` is not wrapped).
+:func:`apply_lorafa_layers` therefore gives each adapter a :class:`LoraFAVariant`, a PEFT
+``LoraVariant`` (PEFT's public hook for LoRA layers that compute differently; nothing of PEFT is
+changed): its forward fuses dropout into the frozen ``A`` matmul with a custom autograd function that
+saves only an integer seed and regenerates the mask in backward. The frozen base weight's
+input-gradient path is PEFT's own, untouched (``base_layer`` is not wrapped).
 
-The swap keeps the module tree and state-dict keys (``lora_A.<adapter>.weight``), so PEFT's saving,
-merging and QLoRA (bitsandbytes base layers) work unchanged. It works with gradient checkpointing:
-the seed lives on the autograd node of the original forward (non-reentrant checkpointing reuses it),
-and it is drawn from the global CPU generator, whose state checkpointing restores before
-recomputation, so a recomputed forward draws the same seed (reentrant checkpointing).
+The layers, their modules and state-dict keys (``lora_A.<adapter>.weight``) are PEFT's own, so
+saving, merging (the variant's merge is plain LoRA's) and QLoRA (bitsandbytes base layers) work
+unchanged. It works with gradient checkpointing: the seed lives on the autograd node of the original
+forward (non-reentrant checkpointing reuses it), and it is drawn from the global CPU generator, whose
+state checkpointing restores before recomputation, so a recomputed forward draws the same seed
+(reentrant checkpointing).
 
 Example:
     >>> import peft, torch
     >>> from loralab.core.testing import tiny_llama
     >>> model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.1))
     >>> names = apply_lorafa_layers(model)
-    >>> len(names), model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].p
-    (2, 0.1)
+    >>> q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    >>> len(names), type(q_proj.lora_variant["default"]).__name__, q_proj.lora_A["default"].weight.requires_grad
+    (2, 'LoraFAVariant', False)
 """
 
 from __future__ import annotations
@@ -33,12 +36,14 @@ import logging
 from typing import Any, cast
 
 import torch
+from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from torch import Tensor, nn
 
 from loralab.core.lora_layers import find_lora_pairs
+from loralab.core.targets import layer_kind
 
 __all__ = [
-    "FrozenDownProjection",
+    "LoraFAVariant",
     "apply_lorafa_layers",
     "frozen_down_projection",
     "lorafa_dropout_mask",
@@ -130,28 +135,74 @@ def frozen_down_projection(
     return _FrozenDown.apply(x, weight, float(p), 0 if seed is None else int(seed))
 
 
-class FrozenDownProjection(nn.Linear):
-    """A PEFT ``lora_A`` ``nn.Linear`` whose weight is frozen and whose dropout is fused (see module doc).
+class LoraFAVariant(LoraVariant):
+    """PEFT ``LoraVariant`` of a LoRA-FA adapter: ``y = base(x) + s·B·(dropout(x)·Aᵀ)`` with ``A`` frozen,
+    computed by :func:`frozen_down_projection` (backward keeps ``dropout(x)·Aᵀ``, not ``x`` nor the mask).
 
-    Instances are made by :func:`apply_lorafa_layers` by changing the class of PEFT's own ``lora_A``
-    module (same parameter object, same state-dict keys), with ``p`` taken from the layer's
-    ``lora_dropout``. ``layer_name`` is kept for error messages.
+    Set on a PEFT LoRA layer's ``lora_variant[adapter]`` by :func:`apply_lorafa_layers`. The dropout
+    probability is the layer's own ``lora_dropout[adapter]`` (``nn.Dropout`` or ``nn.Identity``),
+    active in train mode only. Merging and conversion are plain LoRA's (the function is LoRA's).
+    ``layer_name`` is kept for error messages.
     """
 
-    p: float
-    layer_name: str
+    def __init__(self, layer_name: str) -> None:
+        self.layer_name = layer_name
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.weight.requires_grad:
+    def supports_lora_conversion(self) -> bool:
+        return True  # the function is plain LoRA's: only the backward's saved tensors differ
+
+    @staticmethod
+    def init(module: LoraLayer, adapter_name: str, **kwargs: Any) -> None:
+        """Nothing to create: A and B are PEFT's own (the variant is set on existing layers)."""
+
+    @staticmethod
+    def merge_safe(module: LoraLayer, active_adapter: str, orig_weight: Tensor) -> Tensor:
+        delta = cast(Tensor, cast(Any, module).get_delta_weight(active_adapter))
+        return orig_weight + delta.to(orig_weight.dtype)
+
+    @staticmethod
+    def merge_unsafe(module: LoraLayer, active_adapter: str, orig_weight: Tensor) -> None:
+        delta = cast(Tensor, cast(Any, module).get_delta_weight(active_adapter))
+        orig_weight.data += delta.to(orig_weight.dtype)
+
+    @staticmethod
+    def unmerge(module: LoraLayer, active_adapter: str, orig_weight: Tensor) -> Tensor:
+        delta = cast(Tensor, cast(Any, module).get_delta_weight(active_adapter))
+        return orig_weight - delta.to(orig_weight.dtype)
+
+    def forward(  # type: ignore[override]  # an instance method: it names its layer in errors
+        self, module: LoraLayer, active_adapter: str, x: Tensor, result: Tensor, **kwargs: Any
+    ) -> Tensor:
+        down = cast(nn.Linear, module.lora_A[active_adapter])
+        up = module.lora_B[active_adapter]
+        if down.weight.requires_grad:
             raise RuntimeError(
                 f"LoRA-FA layer {self.layer_name!r}: lora_A requires grad. LoRA-FA keeps A frozen and its memory-saving "
                 "backward cannot produce A's gradient; freeze it (lora_A.weight.requires_grad_(False)) or undo "
-                "the swap with remove_lorafa_layers(model)."
+                "the conversion with remove_lorafa_layers(model)."
             )
-        return frozen_down_projection(x, self.weight, self.p if self.training else 0.0)
+        p = _dropout_p(module, active_adapter, self.layer_name)
+        dropout = module.lora_dropout[active_adapter]
+        h = frozen_down_projection(x, down.weight, p if dropout.training else 0.0)
+        out = up(h) * module.scaling[active_adapter]
+        if layer_kind(module.get_base_layer()) in ("linear4bit", "linear8bit"):
+            # PEFT's bitsandbytes layers add the adapter output in the result's dtype (outside autocast)
+            if not torch.is_autocast_enabled():
+                out = out.to(result.dtype)
+        return result + out
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, p={self.p}, frozen=True"
+
+def _dropout_p(module: LoraLayer, adapter: str, layer_name: str) -> float:
+    dropouts = module.lora_dropout  # a PEFT LoraLayer's ModuleDict
+    dropout = dropouts[adapter] if adapter in dropouts else nn.Identity()
+    if type(dropout) is nn.Dropout:
+        return float(dropout.p)
+    if isinstance(dropout, nn.Identity):
+        return 0.0
+    raise ValueError(
+        f"layer {layer_name!r}: lora_dropout[{adapter!r}] is {type(dropout).__name__}; the LoRA-FA memory-saving "
+        "layer supports nn.Dropout or nn.Identity"
+    )
 
 
 def _register_frozen(
@@ -184,9 +235,10 @@ def _register_frozen(
 def apply_lorafa_layers(model: nn.Module, adapter_name: str | None = None) -> list[str]:
     """Make every LoRA layer of ``model`` a memory-saving LoRA-FA layer (in place); returns their names.
 
-    For each layer: ``lora_A[adapter]`` is frozen and becomes a :class:`FrozenDownProjection` carrying
-    the dropout probability, and ``lora_dropout[adapter]`` becomes ``nn.Identity`` (dropout now happens
-    inside the down projection, with the mask regenerated in backward). Idempotent. Works for LoRA on
+    For each layer: ``lora_A[adapter]`` is frozen and the adapter gets a :class:`LoraFAVariant`
+    (``layer.lora_variant[adapter]``, PEFT's hook for LoRA variants), which computes the adapter with
+    the layer's own dropout fused into the frozen down projection (the mask is regenerated in
+    backward). Modules, parameters and state-dict keys stay PEFT's own. Idempotent. Works for LoRA on
     ``nn.Linear``, GPT-2 ``Conv1D`` and bitsandbytes 4/8-bit base layers (the down projection is an
     ``nn.Linear`` in all of them).
 
@@ -197,8 +249,8 @@ def apply_lorafa_layers(model: nn.Module, adapter_name: str | None = None) -> li
     Raises:
         loralab.core.lora_layers.LoraPairError: the model has no LoRA layers.
         ValueError: a layer's ``lora_A`` is not a bias-free ``nn.Linear`` (LoRA on convolutions), the
-            adapter is a LoRA variant (DoRA, …) whose forward does not go through ``lora_A(dropout(x))``,
-            or its dropout is not ``nn.Dropout``/``nn.Identity`` — the message names the layer.
+            adapter is already another LoRA variant (DoRA, …), or its dropout is not
+            ``nn.Dropout``/``nn.Identity`` — the message names the layer.
 
     Example:
         >>> # see the module docstring
@@ -206,45 +258,35 @@ def apply_lorafa_layers(model: nn.Module, adapter_name: str | None = None) -> li
     names = []
     for pair in find_lora_pairs(model, adapter_name):
         module, adapter = pair.module, pair.adapter
-        down = cast(nn.ModuleDict, module.lora_A)[adapter]  # a PEFT LoraLayer's ModuleDict
-        if isinstance(down, FrozenDownProjection):
+        variants = cast(dict[str, Any], module.lora_variant)  # a PEFT LoraLayer's dict
+        if isinstance(variants.get(adapter), LoraFAVariant):
             names.append(pair.name)
             continue
-        if adapter in getattr(module, "lora_variant", {}):
-            variant = type(cast(dict[str, Any], module.lora_variant)[adapter]).__name__
+        if adapter in variants:
+            variant = type(variants[adapter]).__name__
             raise ValueError(
                 f"layer {pair.name!r}: adapter {adapter!r} is a LoRA variant ({variant}, e.g. use_dora=True); the LoRA-FA "
                 "memory-saving layer supports plain LoRA only — build the model without the variant"
             )
+        down = cast(nn.ModuleDict, module.lora_A)[adapter]  # a PEFT LoraLayer's ModuleDict
         if type(down) is not nn.Linear or down.bias is not None:
             raise ValueError(
                 f"layer {pair.name!r}: lora_A[{adapter!r}] is {type(down).__name__}; the LoRA-FA memory-saving layer supports "
                 "bias-free nn.Linear down projections (LoRA on Linear, Conv1D and bitsandbytes base layers)"
             )
-        dropouts = cast(nn.ModuleDict, module.lora_dropout)  # a PEFT LoraLayer's ModuleDict
-        dropout = dropouts[adapter] if adapter in dropouts else nn.Identity()
-        if type(dropout) is nn.Dropout:
-            p = float(dropout.p)
-        elif isinstance(dropout, nn.Identity):
-            p = 0.0
-        else:
-            raise ValueError(
-                f"layer {pair.name!r}: lora_dropout[{adapter!r}] is {type(dropout).__name__}; the LoRA-FA memory-saving "
-                "layer supports nn.Dropout or nn.Identity"
-            )
+        _dropout_p(
+            module, adapter, pair.name
+        )  # nn.Dropout or nn.Identity, else the error names the layer
         down.weight.requires_grad_(False)
         _register_frozen(module, adapter, "lora_A")
-        down.__class__ = FrozenDownProjection
-        down.p = p
-        down.layer_name = pair.name
-        module.lora_dropout[adapter] = nn.Identity()
+        variants[adapter] = LoraFAVariant(pair.name)
         names.append(pair.name)
     logger.info("LoRA-FA memory-saving down projection on %d layers", len(names))
     return names
 
 
 def remove_lorafa_layers(model: nn.Module, adapter_name: str | None = None) -> list[str]:
-    """Undo :func:`apply_lorafa_layers`: plain ``nn.Linear`` ``lora_A`` (still frozen) and ``nn.Dropout(p)`` again.
+    """Undo :func:`apply_lorafa_layers`: plain PEFT LoRA again (``A`` still frozen).
 
     Returns the names of the layers restored (layers never converted are left alone).
 
@@ -259,16 +301,10 @@ def remove_lorafa_layers(model: nn.Module, adapter_name: str | None = None) -> l
     names = []
     for pair in find_lora_pairs(model, adapter_name):
         module, adapter = pair.module, pair.adapter
-        down = cast(nn.ModuleDict, module.lora_A)[adapter]  # a PEFT LoraLayer's ModuleDict
-        if not isinstance(down, FrozenDownProjection):
+        variants = cast(dict[str, Any], module.lora_variant)  # a PEFT LoraLayer's dict
+        if not isinstance(variants.get(adapter), LoraFAVariant):
             continue
-        p = down.p
+        del variants[adapter]
         _register_frozen(module, adapter, "lora_A", frozen=False)
-        # the in-place class swap back; the checker types __class__ as the narrowed class
-        down.__class__ = nn.Linear  # type: ignore[assignment]
-        del down.p, down.layer_name
-        cast(nn.ModuleDict, module.lora_dropout)[adapter] = (
-            nn.Dropout(p) if p > 0.0 else nn.Identity()
-        )
         names.append(pair.name)
     return names

@@ -3,6 +3,7 @@
 from loralab.lora_ga.config import LoraGAConfig
 from loralab.lora_ga.maths import LoraGARankError, lora_ga_factors, lora_scaling, offset_weight
 from loralab.lora_ga.model import LoraGAInitError, get_lora_ga_model
+from loralab.lora_ga.peft_flow import preprocess_loraga
 from loralab.lora_ga.save import (
     get_lora_ga_init_factors,
     load_lora_ga_model,
@@ -30,6 +31,7 @@ __all__ = [
     "lora_ga_factors",
     "lora_scaling",
     "offset_weight",
+    "preprocess_loraga",
     "save_lora_ga_adapter",
     "save_lora_ga_model",
     "save_loraga_model_final",

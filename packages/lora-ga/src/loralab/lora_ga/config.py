@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
@@ -44,10 +45,10 @@ _DTYPE_ALIASES: dict[str, Literal["fp32", "bf16", "fp16"]] = {
 
 @dataclass
 class LoraGASettings(_PeftLoraGAConfig):
-    """PEFT's ``lora_ga_config`` sub-config, tagged as loralab's: a LoRA layer handed this config is
-    initialised by loralab (inside :class:`~loralab.lora_ga.LoraGAContext` or
-    :func:`~loralab.lora_ga.get_lora_ga_model`) and raises when no gradient is available, instead of
-    PEFT's silent fallback to the default init."""
+    """PEFT's ``lora_ga_config`` sub-config, tagged as loralab's: loralab's LoRA-GA layers (built for a
+    :class:`LoraGAConfig`) initialise an adapter with this sub-config themselves (inside
+    :class:`~loralab.lora_ga.LoraGAContext` or :func:`~loralab.lora_ga.get_lora_ga_model`) and raise
+    when no gradient is available, instead of PEFT's silent fallback to the default init."""
 
     dtype: str = field(default="fp32", metadata={"help": "dtype of A and B (LoraGAConfig.dtype)."})
 
@@ -152,6 +153,32 @@ class LoraGAConfig(LoraConfig):
                 stable_gamma=self.stable_gamma,
                 dtype=self.dtype,
             )
+        # PEFT's route for custom LoRA layer classes (dynamic dispatch): PEFT builds loralab's LoRA-GA
+        # layers for this config and keeps its own classes, unchanged, for every other config.
+        # _custom_modules is not a dataclass field: never serialized, re-created with every config.
+        from loralab.lora_ga.layer import custom_module_mapping
+
+        self._register_custom_module(custom_module_mapping())
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """PEFT's ``save_pretrained`` (the file is unchanged), warning that a raw LoRA-GA checkpoint
+        (``model.save_pretrained``) fits only the offset base weights.
+
+        Bare PEFT loads such a checkpoint on the original model with its own ``lora_ga`` init, which
+        silently skips the init when no gradient is attached: right on the offset model (resuming),
+        wrong on the original one. The warning is raised here, when the checkpoint is written, since
+        loralab changes nothing in PEFT's loading.
+        """
+        if self.init_lora_weights == "lora_ga":
+            warnings.warn(
+                "saving a raw LoRA-GA checkpoint: its A and B only fit the offset base weights W0 - s*B0*A0 (fine to "
+                "resume training on the same offset model). For the original base model export with "
+                "loralab.lora_ga.save_lora_ga_adapter (or save_loraga_model_final), or save the offset model with "
+                "save_lora_ga_model.",
+                UserWarning,
+                stacklevel=3,
+            )
+        super().save_pretrained(save_directory, **kwargs)
 
     @classmethod
     def from_peft_type(cls, **kwargs: Any) -> LoraGAConfig:

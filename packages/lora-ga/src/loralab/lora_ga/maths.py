@@ -40,6 +40,7 @@ __all__ = [
     "lora_ga_factors",
     "lora_scaling",
     "offset_weight",
+    "peft_lora_ga_factors",
 ]
 
 
@@ -157,6 +158,87 @@ def lora_ga_factors(
         A, B = A * avg, B * avg
     elif scale != "unit":
         raise ValueError(f"scale must be one of stable, gd, unit, weight_svd, got {scale!r}")
+    return A.contiguous(), B.contiguous()
+
+
+PEFT_SCALES = ("stable", "weight_svd", "gd_scale", "unit")
+"""``peft.LoraGAConfig.scale`` values."""
+
+
+def peft_lora_ga_factors(
+    grad: Tensor,
+    r: int,
+    *,
+    scaling: float,
+    direction: str = "ArB2r",
+    scale: str = "stable",
+    stable_gamma: float = 16,
+    weight: Tensor | None = None,
+    seed: int = 0,
+    name: str = "layer",
+    svd_method: SVDMethod = "auto",
+) -> tuple[Tensor, Tensor]:
+    """``(A, B)`` by *PEFT's* definition of LoRA-GA (``init_lora_weights="lora_ga"``, PEFT >= 0.19).
+
+    PEFT differs from the paper / reference (:func:`lora_ga_factors`): ``B`` carries the singular values
+    of its own columns, and the stable factor multiplies ``B`` only. With ``G = U S Vh``:
+
+    - directions (same index sets as the reference, S folded into B): ``ArB2r``: ``A = Vh[:r]``,
+      ``B = U[:, r:2r]·diag(S[r:2r])``; ``A2rBr``: ``A = Vh[r:2r]``, ``B = U[:, :r]·diag(S[:r])``;
+      ``ArBr``: ``A = Vh[1:2r:2]``, ``B = U[:, 0:2r:2]·diag(S[0:2r:2])``; ``random``: one random set of
+      ``r`` of the top ``2r`` indices for *both* A and B (here drawn from ``seed``, PEFT uses the global
+      generator);
+    - scales: ``stable``: ``B ·= m^{1/4}/√γ``; ``weight_svd``: ``B ·= σ₁(W)/S_B[0]`` (when
+      ``S_B[0] > 0``; σ₁ exact here, PEFT estimates it with a rank-r randomized SVD); ``gd_scale``: A and B divided by ``s``; ``unit``: nothing.
+
+    Singular-vector signs are canonical (:func:`canonical_signs`); PEFT's come from its random sketch,
+    so the two agree up to the sign of each row of A / column of B.
+
+    Raises:
+        LoraGARankError: ``2r > min(m, n)``.
+        ValueError: an unknown direction or scale, ``weight_svd`` without ``weight``.
+    """
+    if grad.dim() != 2:
+        raise ValueError(
+            f"{name}: the gradient must be an (out, in) matrix, got shape {tuple(grad.shape)}"
+        )
+    m, n = grad.shape
+    if 2 * r > min(m, n):
+        raise LoraGARankError(
+            f"layer {name!r} ({m}x{n}): LoRA-GA needs 2r = {2 * r} singular vectors but the gradient has only "
+            f"min(m, n) = {min(m, n)}; use r <= {min(m, n) // 2} for this layer (rank_pattern) or exclude it"
+        )
+    if not torch.isfinite(grad).all():
+        raise ValueError(f"{name}: the gradient has non-finite values (NaN/Inf)")
+    U, S, Vh = gradient_svd(grad, 2 * r, seed=seed, method=svd_method)
+    if direction == "ArB2r":
+        a_idx, b_idx = torch.arange(r), torch.arange(r, 2 * r)
+    elif direction == "A2rBr":
+        a_idx, b_idx = torch.arange(r, 2 * r), torch.arange(r)
+    elif direction == "ArBr":
+        a_idx, b_idx = torch.arange(1, 2 * r, 2), torch.arange(0, 2 * r, 2)
+    elif direction == "random":
+        perm = torch.randperm(2 * r, generator=torch.Generator().manual_seed(seed))[:r]
+        a_idx = b_idx = perm
+    else:
+        raise ValueError(f"direction must be one of ArB2r, ArBr, A2rBr, random, got {direction!r}")
+    S_B = S[b_idx]
+    A, B = Vh[a_idx], U[:, b_idx] * S_B
+    if scale == "stable":
+        B = B * (m**0.25 / math.sqrt(stable_gamma))
+    elif scale == "weight_svd":
+        if weight is None:
+            raise ValueError(f"{name}: scale='weight_svd' needs the base weight")
+        w = weight.to(grad.dtype if grad.dtype == torch.float64 else torch.float32)
+        # the weight's top singular value, exactly (singular values only): PEFT's svd_lowrank(W, q=r)
+        # sketch is off by ~1% on the flat spectra of freshly initialised weights
+        sigma1 = torch.linalg.svdvals(w)[0]
+        if S_B[0] > 0:
+            B = B * (sigma1 / S_B[0])
+    elif scale == "gd_scale":
+        A, B = A / scaling, B / scaling
+    elif scale != "unit":
+        raise ValueError(f"scale must be one of {PEFT_SCALES}, got {scale!r}")
     return A.contiguous(), B.contiguous()
 
 

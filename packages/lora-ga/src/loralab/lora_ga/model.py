@@ -10,12 +10,12 @@ Two ways in, one machinery:
 - ``with LoraGAContext(model, named_grad): peft.get_peft_model(model, config)`` (the seed's API, see
   :mod:`loralab.lora_ga.seed`): the same writes, from a precomputed gradient dict.
 
-PEFT's LoRA layers call ``lora_ga_init(adapter, config.lora_ga_config)`` for
-``init_lora_weights="lora_ga"``. loralab routes that call (for a :class:`LoraGASettings` sub-config
-only; PEFT's own LoRA-GA is untouched) to a session that records the layer, and finishes the init
-once the ``PeftModel`` is complete (so ``A``/``B`` are written in ``config.dtype`` after PEFT's dtype
-casts, and the offset uses exactly the stored values). Without a session it raises: PEFT's own
-``lora_ga`` init silently falls back to the default init when no gradient is attached.
+A :class:`LoraGAConfig` makes PEFT build loralab's LoRA-GA layer classes (PEFT's custom-module
+dispatch, see :mod:`loralab.lora_ga.layer`; no PEFT class is changed). Their ``lora_ga_init`` records
+the layer in a session (``B = 0``); :func:`get_lora_ga_model` finishes the init once the ``PeftModel``
+is complete (so ``A``/``B`` are written in ``config.dtype`` after PEFT's dtype casts, and the offset
+uses exactly the stored values). Without a session it raises: PEFT's own ``lora_ga`` init silently
+falls back to the default init when no gradient is attached.
 
 Example:
     >>> from loralab.core.testing import tiny_llama, make_lm_batches
@@ -30,11 +30,8 @@ Example:
 from __future__ import annotations
 
 import logging
-import warnings
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
@@ -47,7 +44,8 @@ from loralab.core.gradients import estimate_gradients
 from loralab.core.linalg import SVDMethod
 from loralab.core.quant import dequantize_weight, is_quantized, requantize_weight_
 from loralab.core.targets import TargetLayer, find_targets, layer_kind
-from loralab.lora_ga.config import DTYPES, LoraGAConfig, LoraGASettings
+from loralab.lora_ga.config import DTYPES, LoraGAConfig
+from loralab.lora_ga.layer import LoraGAInitError, Pending, lora_ga_session
 from loralab.lora_ga.maths import LoraGARankError, lora_ga_factors, offset_weight
 
 __all__ = ["LoraGAInitError", "check_all_recorded", "get_lora_ga_model", "lora_ga_session"]
@@ -55,88 +53,22 @@ __all__ = ["LoraGAInitError", "check_all_recorded", "get_lora_ga_model", "lora_g
 logger = logging.getLogger(__name__)
 
 
-class LoraGAInitError(RuntimeError):
-    """A LoRA-GA adapter cannot be initialised (no gradient, missing or mis-shaped gradient, quantized estimate)."""
-
-
-@dataclass
-class _Pending:
-    layer: LoraLayer
-    adapter: str
-    settings: LoraGASettings
-
-
-@dataclass
-class _Session:
-    """Records the LoRA layers PEFT asks to initialise with LoRA-GA while it is active."""
-
-    check: Callable[[LoraLayer, str], None] | None = None
-    pending: list[_Pending] = field(default_factory=list)
-
-
-_SESSIONS: list[_Session] = []
-_PEFT_LORA_GA_INIT = LoraLayer.lora_ga_init
-
-
-def _lora_ga_init(self: LoraLayer, adapter_name: str, lora_ga_config: Any) -> None:
-    if not isinstance(lora_ga_config, LoraGASettings):
-        if not hasattr(self.get_base_layer(), "_peft_loraga_grad"):
-            # PEFT's own LoRA-GA without a gradient (typically: loading a saved LoRA-GA adapter) silently
-            # falls back to the default init; the checkpoint's A, B only fit the *offset* base weights.
-            warnings.warn(
-                "a LoRA-GA adapter is being created without gradients (loading a saved LoRA-GA adapter?): PEFT takes A "
-                "and B from the checkpoint, but they only fit the offset base weights W0 - s*B0*A0 of the model it was "
-                "trained from. On the original base model load an adapter exported with "
-                "loralab.lora_ga.save_lora_ga_adapter (or save_loraga_model_final), or use load_lora_ga_model.",
-                UserWarning,
-                stacklevel=2,
-            )
-        return _PEFT_LORA_GA_INIT(
-            self, adapter_name, lora_ga_config
-        )  # PEFT's own LoRA-GA, otherwise unchanged
-    if not _SESSIONS:
-        raise LoraGAInitError(
-            "a LoraGAConfig adapter is being created without gradients: use loralab.lora_ga.get_lora_ga_model(model, "
-            "config, batches), or call peft.get_peft_model inside `with LoraGAContext(model, named_grad):`. "
-            "(loralab never falls back silently to the default init.) To load a saved adapter, save it with "
-            "save_lora_ga_model / save_loraga_model_final, which write a plain LoRA config."
-        )
-    session = _SESSIONS[-1]
-    if session.check is not None:
-        session.check(self, adapter_name)
-    # Until the init is finished the adapter is a no-op (B = 0): the model computes the base function.
-    self.reset_lora_parameters(adapter_name, init_lora_weights=True)
-    session.pending.append(_Pending(self, adapter_name, lora_ga_config))
-
-
-# replacing PEFT's own method is the point: routes only LoraGASettings sub-configs, see module docstring
-LoraLayer.lora_ga_init = _lora_ga_init  # type: ignore[method-assign]
-
-
-@contextmanager
-def lora_ga_session(check: Callable[[LoraLayer, str], None] | None = None) -> Any:
-    """Within this block, PEFT LoRA layers built from a :class:`LoraGAConfig` are recorded (``B = 0``)."""
-    session = _Session(check=check)
-    _SESSIONS.append(session)
-    try:
-        yield session
-    finally:
-        _SESSIONS.remove(session)
-
-
 def _base_name_map(model: nn.Module) -> dict[int, str]:
     return {id(m): n for n, m in model.named_modules()}
 
 
-def write_lora_ga_layer(pending: _Pending, A: Tensor, B: Tensor) -> None:
-    """Store ``A``, ``B`` (in the settings' dtype) and offset the base weight by ``−s·B·A``.
+def write_lora_ga_layer(pending: Pending, A: Tensor, B: Tensor) -> None:
+    """Store ``A``, ``B`` (in the settings' dtype) and offset the base weight by ``−s·B·A`` (:func:`write_factors`)."""
+    write_factors(pending.layer, pending.adapter, A, B, DTYPES[pending.settings.dtype])
+
+
+def write_factors(layer: LoraLayer, adapter: str, A: Tensor, B: Tensor, dtype: torch.dtype) -> None:
+    """Store ``A``, ``B`` in ``dtype`` and offset the base weight by ``−s·B·A`` (paper Eq. 13).
 
     Quantized bases are dequantized, offset in float32 and re-quantized with their own settings
     (NF4 stays NF4). The initial factors are kept on the CPU as ``layer._lora_ga_init[adapter]`` for
     :func:`~loralab.lora_ga.save_lora_ga_adapter` (the rank-2r plain LoRA export).
     """
-    layer, adapter = pending.layer, pending.adapter
-    dtype = DTYPES[pending.settings.dtype]
     # the factors are Linear / Conv sub-modules and base an adaptable layer: all weights are Parameters
     lora_A = cast(nn.Parameter, layer.lora_A[adapter].weight)
     lora_B = cast(nn.Parameter, layer.lora_B[adapter].weight)
@@ -160,7 +92,7 @@ def write_lora_ga_layer(pending: _Pending, A: Tensor, B: Tensor) -> None:
 
 
 def factors_for(
-    pending: _Pending, grad: Tensor, name: str, *, svd_method: SVDMethod = "auto"
+    pending: Pending, grad: Tensor, name: str, *, svd_method: SVDMethod = "auto"
 ) -> tuple[Tensor, Tensor]:
     """LoRA-GA factors of one recorded layer from its (out, in) gradient (``name`` is used in errors)."""
     layer, adapter, st = pending.layer, pending.adapter, pending.settings
@@ -254,7 +186,7 @@ def get_lora_ga_model(
     with lora_ga_session() as session:
         peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     by_layer = {id(p.layer): p for p in session.pending}
-    names: dict[str, _Pending] = {}
+    names: dict[str, Pending] = {}
     for name, mod in peft_model.named_modules():
         if id(mod) in by_layer:
             names[name] = by_layer[id(mod)]
@@ -361,7 +293,7 @@ def check_all_recorded(
         )
 
 
-def _check_ranks(names: Mapping[str, _Pending]) -> None:
+def _check_ranks(names: Mapping[str, Pending]) -> None:
     for name, pending in names.items():
         m, n = _out_in(pending.layer.get_base_layer())
         r = int(pending.layer.r[pending.adapter])

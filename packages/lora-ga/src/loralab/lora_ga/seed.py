@@ -25,9 +25,10 @@ What is the same as the seed and what is not:
   model in eval mode (dropout off, a deterministic estimate); the seed used train mode (pass
   ``train=True``).
 - :class:`LoraGAContext` makes plain ``peft.get_peft_model(model, LoraGAConfig(...))`` build a
-  LoRA-GA model: it routes PEFT's LoRA-GA init of every adapted layer to loralab for the duration of
-  the block, and writes ``A``, ``B`` and the offset ``W0`` as soon as the ``PeftModel`` exists, exactly
-  as :func:`~loralab.lora_ga.get_lora_ga_model` does. Used without gradients, or with a gradient dict
+  LoRA-GA model: the LoRA-GA layers PEFT builds for a ``LoraGAConfig`` (:mod:`loralab.lora_ga.layer`,
+  chosen through PEFT's custom-module dispatch) report to the context, which checks every target
+  first and then writes each layer's ``A``, ``B`` and offset ``W0`` as soon as PEFT has finished it,
+  with the same code as :func:`~loralab.lora_ga.get_lora_ga_model`. Used without gradients, or with a gradient dict
   that misses a target or has one of the wrong shape, it raises (never PEFT's silent fallback to the
   default init), and the model is given back unchanged.
 - DeepSpeed ZeRO-3: a model partitioned by ``deepspeed.zero.Init`` (or transformers' ZeRO-3 loading)
@@ -45,7 +46,7 @@ import os
 import shutil
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from peft import LoraConfig, PeftModel
@@ -55,14 +56,12 @@ from torch import Tensor, nn
 from loralab.core.distributed import gathered_parameters, is_main_process
 from loralab.core.gradients import estimate_gradients
 from loralab.core.linalg import SVDMethod
-from loralab.lora_ga.maths import LoraGARankError
-from loralab.lora_ga.model import (
-    LoraGAInitError,
-    _out_in,
-    factors_for,
-    lora_ga_session,
-    write_lora_ga_layer,
-)
+from loralab.core.quant import dequantize_weight, requantize_weight_
+from loralab.core.targets import layer_kind
+from loralab.lora_ga.config import DTYPES
+from loralab.lora_ga.layer import LoraGAInitError, Pending, is_lora_ga_layer, lora_ga_session
+from loralab.lora_ga.maths import LoraGARankError, offset_weight
+from loralab.lora_ga.model import _out_in, factors_for, write_lora_ga_layer
 from loralab.lora_ga.save import plain_lora_config, save_lora_ga_adapter
 
 __all__ = [
@@ -210,10 +209,10 @@ def _check_not_deepspeed_engine(model: nn.Module) -> None:
 class LoraGAContext:
     """Inside this block, ``peft.get_peft_model(model, LoraGAConfig(...))`` builds a LoRA-GA model from ``named_grad``.
 
-    Every LoRA layer PEFT creates from a :class:`~loralab.lora_ga.LoraGAConfig` is checked against
-    ``named_grad`` (present, (out, in)-shaped, rank ``2r <= min(m, n)``) while PEFT builds it; once the
-    ``PeftModel`` exists, each layer gets LoRA-GA's ``A``, ``B`` and offset ``W0`` (the same code as
-    :func:`~loralab.lora_ga.get_lora_ga_model`). ``model.named_grad`` is set for the duration, as the
+    When PEFT builds the first LoRA layer of a :class:`~loralab.lora_ga.LoraGAConfig`, every target
+    of the config is checked against ``named_grad`` (present, (out, in)-shaped, finite, rank
+    ``2r <= min(m, n)``); then each layer gets LoRA-GA's ``A``, ``B`` and offset ``W0`` as soon as
+    PEFT has finished it (the same code as :func:`~loralab.lora_ga.get_lora_ga_model`). ``model.named_grad`` is set for the duration, as the
     seed does.
 
     Args:
@@ -254,7 +253,8 @@ class LoraGAContext:
         self.svd_method = svd_method
         self._session: Any = None
         self._session_cm: Any = None
-        self._done: set[int] = set()
+        self._written: list[Pending] = []
+        self._checked: set[int] = set()
         self._failed = False
 
     # -- names -------------------------------------------------------------------------------------
@@ -270,63 +270,141 @@ class LoraGAContext:
             )
         return name
 
-    def _check(self, layer: LoraLayer, adapter: str) -> None:
+    def _validate(self, name: str, base: nn.Module, r: int) -> None:
+        """The checks of one target layer (gradient present, (out, in)-shaped, finite; ``2r <= min(m, n)``)."""
+        grads = self.named_grad
+        assert grads is not None
+        if name not in grads:
+            raise LoraGAInitError(
+                f"named_grad has no gradient for target layer {name!r} (it has {len(grads)} entries, e.g. "
+                f"{next(iter(grads))!r}): estimate with targets covering the config's target_modules"
+            )
+        expected = _out_in(base)
+        got = tuple(grads[name].shape)
+        if got != expected:
+            hint = (
+                " (Conv1D: pass the (out, in) gradient, i.e. weight.grad transposed)"
+                if got == expected[::-1]
+                else ""
+            )
+            raise LoraGAInitError(
+                f"named_grad[{name!r}] must have shape (out, in) = {expected}, got {got}{hint}"
+            )
+        m, n = expected
+        if 2 * r > min(m, n):
+            raise LoraGARankError(
+                f"layer {name!r} ({m}x{n}): LoRA-GA needs 2r = {2 * r} singular vectors but the gradient has only "
+                f"min(m, n) = {min(m, n)}; use r <= {min(m, n) // 2} for this layer (rank_pattern) or exclude it"
+            )
+        if not torch.isfinite(grads[name]).all():
+            raise LoraGAInitError(f"named_grad[{name!r}] has non-finite values (NaN/Inf)")
+
+    def _check_all_targets(self, config: Any) -> None:
+        """Every layer PEFT will adapt with ``config``, checked before the first one is written.
+
+        The layers are written one by one as PEFT builds them, so a failure on a later layer must be
+        caught here for the model to be given back unchanged. Uses PEFT's own target matching and
+        ``rank_pattern`` lookup, on the (already expanded) config PEFT hands to the layers.
+        """
+        from peft.tuners.lora.model import LoraModel
+        from peft.utils.other import get_pattern_key
+
+        inside: list[str] = []
+        for name, mod in self._modules.items():
+            if any(name.startswith(prefix) for prefix in inside):
+                continue  # parts of a LoRA layer that existed before
+            if isinstance(mod, LoraLayer):
+                inside.append(name + ".")
+            if not name or not LoraModel._check_target_module_exists(config, name):
+                continue
+            key = self._names.get(id(mod), name)
+            base = mod.get_base_layer() if isinstance(mod, LoraLayer) else mod
+            if isinstance(mod, LoraLayer) and not is_lora_ga_layer(mod):
+                raise LoraGAInitError(
+                    f"target layer {key!r} already holds PEFT LoRA adapters ({', '.join(mod.lora_A)}) in a plain PEFT "
+                    "layer, which would silently keep PEFT's default init for a LoRA-GA adapter; add the LoRA-GA "
+                    "adapter first (or to a fresh model)"
+                )
+            if layer_kind(base) is None:
+                raise LoraGAInitError(
+                    f"LoRA-GA initialises Linear and Conv1D layers only, but target_modules also matched {key} "
+                    f"({type(base).__name__}); it would silently keep PEFT's default init. Remove it from "
+                    "target_modules (or adapt it with a separate plain LoRA adapter)"
+                )
+            r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), name), config.r)
+            self._validate(key, base, int(r))
+
+    def _check(self, layer: LoraLayer, adapter: str, config: Any) -> None:
         try:
-            name = self._name_of(layer)
-            grads = self.named_grad
-            assert grads is not None
-            if name not in grads:
-                raise LoraGAInitError(
-                    f"named_grad has no gradient for target layer {name!r} (it has {len(grads)} entries, e.g. "
-                    f"{next(iter(grads))!r}): estimate with targets covering the config's target_modules"
-                )
-            base = layer.get_base_layer()
-            expected = _out_in(base)
-            got = tuple(grads[name].shape)
-            if got != expected:
-                hint = (
-                    " (Conv1D: pass the (out, in) gradient, i.e. weight.grad transposed)"
-                    if got == expected[::-1]
-                    else ""
-                )
-                raise LoraGAInitError(
-                    f"named_grad[{name!r}] must have shape (out, in) = {expected}, got {got}{hint}"
-                )
-            r = int(layer.r[adapter])
-            m, n = expected
-            if 2 * r > min(m, n):
-                raise LoraGARankError(
-                    f"layer {name!r} ({m}x{n}): LoRA-GA needs 2r = {2 * r} singular vectors but the gradient has only "
-                    f"min(m, n) = {min(m, n)}; use r <= {min(m, n) // 2} for this layer (rank_pattern) or exclude it"
-                )
+            if id(config) not in self._checked:
+                self._checked.add(id(config))
+                self._check_all_targets(config)
+            # the layer itself again (a module the scan above did not see, e.g. a renamed one)
+            self._validate(self._name_of(layer), layer.get_base_layer(), int(layer.r[adapter]))
         except BaseException:
             self._failed = True
             raise
 
-    # -- finishing ---------------------------------------------------------------------------------
-    def _finish(self) -> None:
-        """Write A, B and the offset W0 of every recorded layer not written yet (factors first, then writes)."""
-        todo = [p for p in self._session.pending if id(p.layer) not in self._done]
-        if not todo:
-            return
-        assert self.named_grad is not None
+    # -- writing -----------------------------------------------------------------------------------
+    def _ready(self, pending: Pending) -> None:
+        """PEFT finished the layer (device and dtype moves done): write A, B and the offset W0 now."""
         try:
-            factors = []
-            for pending in todo:
-                name = self._name_of(pending.layer)
-                factors.append(
-                    factors_for(pending, self.named_grad[name], name, svd_method=self.svd_method)
-                )
+            assert self.named_grad is not None
+            name = self._name_of(pending.layer)
+            A, B = factors_for(pending, self.named_grad[name], name, svd_method=self.svd_method)
+            write_lora_ga_layer(pending, A, B)
+            self._written.append(pending)
         except BaseException:
             self._failed = True
             raise
-        for pending, (A, B) in zip(todo, factors):
-            write_lora_ga_layer(pending, A, B)
-            self._done.add(id(pending.layer))
-        logger.info("LoRA-GA initialised %d layers from named_grad", len(todo))
+
+    def _settle_dtypes(self) -> None:
+        """A and B in the settings' dtype, as get_lora_ga_model leaves them.
+
+        PEFT's ``autocast_adapter_dtype`` up-casts bf16/fp16 adapters to float32 after the layers are
+        built; the values are the stored ones (exact up-cast), only the storage dtype goes back.
+        """
+        for pending in self._written:
+            dtype = DTYPES[pending.settings.dtype]
+            for slot in (pending.layer.lora_A, pending.layer.lora_B):
+                param = cast(nn.Parameter, slot[pending.adapter].weight)  # a Linear's weight
+                if param.dtype != dtype:
+                    with torch.no_grad(), gathered_parameters([param], modifier_rank=0):
+                        param.data = param.data.to(dtype)
+
+    def _check_nothing_left_default(self) -> None:
+        """No adapter added inside the block may keep PEFT's default init (a layer kind LoRA-GA does not build)."""
+        written = {(id(p.layer), p.adapter) for p in self._written}
+        others = [
+            f"{name} ({type(mod).__name__})"
+            for name, mod in self.model.named_modules()
+            if isinstance(mod, LoraLayer)
+            for adapter in (*mod.lora_A, *mod.lora_embedding_A)
+            if adapter not in self._adapters_before.get(id(mod), ())
+            and (id(mod), adapter) not in written
+        ]
+        if others:
+            self._failed = True
+            raise LoraGAInitError(
+                f"adapters created inside LoraGAContext on {', '.join(others[:5])} were not initialised with LoRA-GA "
+                "(not built from a LoraGAConfig, or a layer kind LoRA-GA does not adapt); they would keep PEFT's "
+                "default init"
+            )
 
     def _restore(self) -> None:
-        """Put the original modules back where PEFT injected LoRA layers in this block."""
+        """Undo the writes (``W0' + s·B0·A0``, exact up to rounding) and put the original modules back."""
+        for pending in reversed(self._written):
+            layer, adapter = pending.layer, pending.adapter
+            base = layer.get_base_layer()
+            # Linear sub-modules and an adaptable base layer: all weights are Parameters
+            A = cast(nn.Parameter, layer.lora_A[adapter].weight)
+            B = cast(nn.Parameter, layer.lora_B[adapter].weight)
+            W = cast(nn.Parameter, base.weight)
+            s = float(layer.scaling[adapter])
+            with torch.no_grad(), gathered_parameters([A, B, W], modifier_rank=0):
+                w = dequantize_weight(base)
+                requantize_weight_(base, offset_weight(w, A.data, -B.data, s))
+        self._written.clear()
         current = dict(self.model.named_modules())
         for name, original in self._modules.items():
             mod = current.get(name)
@@ -356,7 +434,7 @@ class LoraGAContext:
         bad = [k for k, v in self.named_grad.items() if not isinstance(v, Tensor) or v.dim() != 2]
         if bad:
             raise LoraGAInitError(f"named_grad[{bad[0]!r}] must be a 2-D (out, in) tensor")
-        self._modules = {}
+        self._modules: dict[str, nn.Module] = {}
         self._names: dict[int, str] = {}
         for name, mod in self.model.named_modules():
             self._modules[name] = mod
@@ -364,33 +442,30 @@ class LoraGAContext:
             if key.startswith("base_model.model."):  # the model is already a PeftModel
                 key = key[len("base_model.model.") :]
             self._names.setdefault(id(mod), key)
+        self._adapters_before = {
+            id(m): {*m.lora_A, *m.lora_embedding_A}
+            for m in self._modules.values()
+            if isinstance(m, LoraLayer)
+        }
         self._flags = [(p, p.requires_grad) for p in self.model.parameters()]
-        self._session_cm = lora_ga_session(check=self._check)
+        # loralab's LoRA-GA layers (built by PEFT for a LoraGAConfig) call _check while PEFT builds
+        # them and _ready once each is finished: the init is written layer by layer, no PEFT hook needed
+        self._session_cm = lora_ga_session(check=self._check, ready=self._ready)
         self._session = self._session_cm.__enter__()
-        self._peft_init = PeftModel.__init__
-        context = self
-        original = self._peft_init
-
-        def __init__(peft_self: PeftModel, *args: Any, **kwargs: Any) -> None:
-            original(peft_self, *args, **kwargs)
-            context._finish()  # after PEFT's own dtype casts, as get_lora_ga_model
-
-        # patched for the context's lifetime (restored in __exit__); the wrapper forwards *args
-        PeftModel.__init__ = __init__  # type: ignore[method-assign,assignment]
         # the seed attaches it too (code reading it keeps working); a plain attribute, not a
         # Tensor | Module, hence setattr
         setattr(self.model, "named_grad", self.named_grad)  # noqa: B010
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        PeftModel.__init__ = self._peft_init  # type: ignore[method-assign]  # restores the patch above
         try:
             if exc_type is None:
-                self._finish()  # layers added without a PeftModel (inject_adapter_in_model, LoraModel(...))
-            else:
-                unfinished = any(id(p.layer) not in self._done for p in self._session.pending)
-                if self._failed or unfinished:
-                    self._restore()
+                self._check_nothing_left_default()
+                self._settle_dtypes()
+                if self._written:
+                    logger.info("LoRA-GA initialised %d layers from named_grad", len(self._written))
+            elif self._failed or self._written:
+                self._restore()
         except BaseException:
             self._restore()
             raise
@@ -419,9 +494,12 @@ def save_loraga_model_init(model: PeftModel, save_dir: str | os.PathLike[str]) -
         raise TypeError(
             f"save_loraga_model_init expects the PeftModel returned by get_peft_model, got {type(model).__name__}"
         )
-    model.save_pretrained(
-        os.path.join(os.fspath(save_dir), INIT_SUBDIR), is_main_process=is_main_process()
-    )
+    with warnings.catch_warnings():
+        # the seed's initial checkpoint is raw on purpose: save_loraga_model_final turns it into a plain LoRA
+        warnings.filterwarnings("ignore", message="saving a raw LoRA-GA checkpoint")
+        model.save_pretrained(
+            os.path.join(os.fspath(save_dir), INIT_SUBDIR), is_main_process=is_main_process()
+        )
 
 
 def save_loraga_model_final(model: PeftModel, save_dir: str | os.PathLike[str]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, cast
@@ -119,9 +120,13 @@ class LoraGA(Method):
         if not quantized:
             pkg.save_lora_ga_adapter(model, directory, state_dict=state_dict)
         else:
-            cast(SavesPretrained, model).save_pretrained(
-                directory, state_dict=state_dict, safe_serialization=True
-            )
+            with warnings.catch_warnings():
+                # the raw rank-r adapter is meant for the offset base saved next to it (and named in
+                # its config), which is what LoraGAConfig.save_pretrained's warning asks for
+                warnings.filterwarnings("ignore", message="saving a raw LoRA-GA checkpoint")
+                cast(SavesPretrained, model).save_pretrained(
+                    directory, state_dict=state_dict, safe_serialization=True
+                )
             save_offset_base(model, directory / OFFSET_BASE)
             pkg.save_lora_ga_adapter(
                 model, directory / ORIGINAL_BASE_ADAPTER, state_dict=state_dict

@@ -1,0 +1,274 @@
+"""LoRA-GA layers: PEFT LoRA layers whose ``lora_ga_init`` is loralab's, chosen by :class:`LoraGAConfig`.
+
+How LoRA-GA plugs into PEFT (0.19+) without changing any PEFT class:
+
+- :class:`~loralab.lora_ga.LoraGAConfig` registers these classes through PEFT's custom-module
+  dispatch (``LoraConfig._register_custom_module``), so ``get_peft_model(model, LoraGAConfig(...))``
+  builds :class:`LoraGALinear` for ``nn.Linear`` and GPT-2 ``Conv1D`` targets and
+  ``LoraGALinear4bit`` / ``LoraGALinear8bitLt`` for bitsandbytes ones. A plain ``peft.LoraConfig``
+  (PEFT's own LoRA-GA included) keeps PEFT's classes and behaviour.
+- Each class is the matching PEFT LoRA layer with :meth:`~_LoraGALayerMixin.lora_ga_init`
+  overridden: instead of PEFT's ``_peft_loraga_grad`` attribute (and its silent fallback to the
+  default init when none is attached) the layer is recorded in the active :func:`lora_ga_session`
+  with ``B = 0`` (the model still computes the base function), and raises without a session.
+- :meth:`~_LoraGALayerMixin.update_layer` tells the session once PEFT has finished the layer (after
+  its device/dtype move), so a session holding the gradients (``LoraGAContext``) writes ``A``, ``B``
+  and ``W0'`` right there, while :func:`~loralab.lora_ga.get_lora_ga_model` estimates first and
+  writes afterwards.
+
+The layers compute exactly PEFT's LoRA (forward, merge, save keys are PEFT's own). Saved adapters
+are plain LoRA (``save_lora_ga_adapter`` / ``save_lora_ga_model``) and load with bare PEFT.
+
+Example:
+    >>> import peft
+    >>> from loralab.core.testing import tiny_llama
+    >>> from loralab.lora_ga import LoraGAConfig, LoraGAInitError
+    >>> try:
+    ...     peft.get_peft_model(tiny_llama(), LoraGAConfig(r=4, target_modules=["q_proj"]))
+    ... except LoraGAInitError as err:
+    ...     print(str(err)[:52])
+    a LoraGAConfig adapter is being created without grad
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import torch
+from peft.tuners.lora.layer import Linear as PeftLoraLinear
+from peft.tuners.lora.layer import LoraLayer
+from torch import Tensor, nn
+
+from loralab.core.targets import layer_kind
+from loralab.lora_ga.config import LoraGASettings
+
+__all__ = [
+    "LoraGAInitError",
+    "LoraGALinear",
+    "custom_module_mapping",
+    "lora_ga_session",
+]
+
+
+class LoraGAInitError(RuntimeError):
+    """A LoRA-GA adapter cannot be initialised (no gradient, missing or mis-shaped gradient, quantized estimate)."""
+
+
+@dataclass
+class Pending:
+    """A LoRA layer PEFT asked to initialise with LoRA-GA (``B = 0`` until written)."""
+
+    layer: LoraLayer
+    adapter: str
+    settings: LoraGASettings
+
+
+@dataclass
+class Session:
+    """Records the LoRA-GA layers PEFT builds while it is active.
+
+    ``check(layer, adapter, lora_config)`` runs when PEFT asks for the init (may raise; ``lora_config``
+    is the whole ``LoraConfig`` PEFT builds the layer from); ``ready(pending)``
+    runs once PEFT has finished the layer (after its device/dtype move).
+    """
+
+    check: Callable[[LoraLayer, str, Any], None] | None = None
+    ready: Callable[[Pending], None] | None = None
+    pending: list[Pending] = field(default_factory=list)
+
+
+_SESSIONS: list[Session] = []
+
+PRECOMPUTED = "_loralab_loraga_factors"
+"""Attribute :func:`~loralab.lora_ga.preprocess_loraga` sets on each target: its ``(A, B)`` by PEFT's definition."""
+
+
+def float_dtype(base: nn.Module) -> torch.dtype:
+    """The float dtype PEFT gives a layer's adapters: the weight's, or a quantized layer's compute dtype."""
+    kind = layer_kind(base)
+    if kind in ("linear4bit", "linear8bit"):
+        dtype = getattr(base, "compute_dtype", None)
+        if dtype is None:
+            from loralab.core.quant import quant_config_of
+
+            dtype = quant_config_of(base).dtype
+        return dtype if dtype is not None and dtype.is_floating_point else torch.float32
+    dtype = cast(Tensor, base.weight).dtype
+    return dtype if dtype.is_floating_point else torch.float32
+
+
+@contextmanager
+def lora_ga_session(
+    check: Callable[[LoraLayer, str, Any], None] | None = None,
+    ready: Callable[[Pending], None] | None = None,
+) -> Iterator[Session]:
+    """Within this block, LoRA-GA layers built from a :class:`LoraGAConfig` are recorded (``B = 0``)."""
+    session = Session(check=check, ready=ready)
+    _SESSIONS.append(session)
+    try:
+        yield session
+    finally:
+        _SESSIONS.remove(session)
+
+
+_NO_SESSION = (
+    "a LoraGAConfig adapter is being created without gradients: use loralab.lora_ga.get_lora_ga_model(model, "
+    "config, batches), call peft.get_peft_model inside `with LoraGAContext(model, named_grad):`, or use "
+    "loralab.lora_ga.preprocess_loraga with PEFT's own LoraConfig(init_lora_weights='lora_ga'). (loralab never "
+    "falls back silently to the default init.) To load a saved adapter, save it with save_lora_ga_adapter / "
+    "save_lora_ga_model / save_loraga_model_final, which write a plain LoRA config."
+)
+
+
+class _LoraGALayerMixin:
+    """``lora_ga_init`` and ``update_layer`` of a LoRA-GA layer (mixed in before a PEFT LoRA layer class)."""
+
+    def lora_ga_init(self, adapter_name: str, lora_ga_config: Any) -> None:
+        layer: Any = self
+        if not isinstance(lora_ga_config, LoraGASettings):
+            # PEFT's own LoraConfig(init_lora_weights="lora_ga"): factors by PEFT's definition
+            base = layer.get_base_layer()
+            if PRECOMPUTED in base.__dict__:
+                # from loralab.lora_ga.preprocess_loraga: B = 0 until update_layer writes the factors
+                layer.reset_lora_parameters(adapter_name, init_lora_weights=True)
+                layer.__dict__.setdefault("_lora_ga_precomputed", set()).add(adapter_name)
+                return
+            if hasattr(base, "_peft_loraga_grad"):
+                # from peft.preprocess_loraga: PEFT's code, unchanged
+                super().lora_ga_init(adapter_name, lora_ga_config)  # type: ignore[misc]
+                return
+            raise LoraGAInitError(
+                f"LoRA-GA layer {self.__dict__.get('_lora_ga_target', '')!r} has no gradient: call "
+                "loralab.lora_ga.preprocess_loraga(model, lora_config, train_step) on the model before "
+                "get_peft_model, with the same lora_config (loralab never falls back to the default init)"
+            )
+        if not _SESSIONS:
+            raise LoraGAInitError(_NO_SESSION)
+        session = _SESSIONS[-1]
+        if session.check is not None:
+            # the whole LoraConfig PEFT is building with (update_layer below keeps it for this call)
+            session.check(layer, adapter_name, layer.__dict__.get("_lora_ga_building"))
+        # Until the init is finished the adapter is a no-op (B = 0): the model computes the base function.
+        layer.reset_lora_parameters(adapter_name, init_lora_weights=True)
+        layer.__dict__.setdefault("_lora_ga_recorded", set()).add(adapter_name)
+
+    def update_layer(
+        self, adapter_name: str, r: int, lora_alpha: int, config: Any, **kwargs: Any
+    ) -> None:
+        self.__dict__["_lora_ga_building"] = config
+        self.__dict__["_lora_ga_target"] = kwargs.get("target_name", "")
+        try:
+            super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)  # type: ignore[misc]
+        finally:
+            del self.__dict__["_lora_ga_building"]
+        precomputed = self.__dict__.get("_lora_ga_precomputed", set())
+        if adapter_name in precomputed:
+            precomputed.discard(adapter_name)
+            from loralab.lora_ga.model import write_factors
+
+            # after PEFT's device/dtype move, as PEFT's own init happens before it: A, B in the
+            # base layer's float dtype (PEFT's choice), the offset from the values as stored
+            base = self.get_base_layer()  # type: ignore[attr-defined]
+            A, B = base.__dict__.pop(PRECOMPUTED)
+            write_factors(self, adapter_name, A, B, float_dtype(base))  # type: ignore[arg-type]
+            return
+        recorded = self.__dict__.get("_lora_ga_recorded", set())
+        if adapter_name not in recorded:
+            return
+        recorded.discard(adapter_name)
+        # recorded only inside a session (lora_ga_init raises otherwise)
+        session = _SESSIONS[-1]
+        pending = Pending(self, adapter_name, config.lora_ga_config)  # type: ignore[arg-type]
+        session.pending.append(pending)
+        if session.ready is not None:
+            session.ready(pending)
+
+
+class LoraGALinear(_LoraGALayerMixin, PeftLoraLinear):
+    """PEFT's LoRA ``Linear`` (for ``nn.Linear`` and GPT-2 ``Conv1D`` bases) with loralab's LoRA-GA init."""
+
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, config: Any, **kwargs: Any
+    ) -> None:
+        base = base_layer.get_base_layer() if isinstance(base_layer, LoraLayer) else base_layer
+        # what PEFT's default dispatch does for these bases (custom dispatch bypasses it)
+        is_conv1d = type(base).__name__ == "Conv1D"
+        if is_conv1d and not config.fan_in_fan_out:
+            warnings.warn(
+                "fan_in_fan_out is set to False but the target module is `Conv1D`. Setting fan_in_fan_out to True.",
+                stacklevel=2,
+            )
+            config.fan_in_fan_out = True
+        elif not is_conv1d and config.fan_in_fan_out:
+            warnings.warn(
+                "fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
+                "Setting fan_in_fan_out to False.",
+                stacklevel=2,
+            )
+            config.fan_in_fan_out = False
+        super().__init__(
+            base_layer, adapter_name, config=config, is_target_conv_1d_layer=is_conv1d, **kwargs
+        )
+
+    def __repr__(self) -> str:
+        return "lora_ga." + nn.Module.__repr__(self)
+
+
+def _bnb_classes() -> dict[type[nn.Module], type[nn.Module]]:
+    """LoRA-GA layer classes for bitsandbytes 4/8-bit bases (empty without bitsandbytes)."""
+    try:
+        import bitsandbytes as bnb
+        from peft.tuners.lora import bnb as peft_bnb
+    except ImportError:  # pragma: no cover - bitsandbytes is an optional extra
+        return {}
+    mapping: dict[type[nn.Module], type[nn.Module]] = {}
+    for bnb_cls, peft_cls, name in (
+        (getattr(bnb.nn, "Linear4bit", None), getattr(peft_bnb, "Linear4bit", None), "Linear4bit"),
+        (
+            getattr(bnb.nn, "Linear8bitLt", None),
+            getattr(peft_bnb, "Linear8bitLt", None),
+            "Linear8bitLt",
+        ),
+    ):
+        if bnb_cls is None or peft_cls is None:  # pragma: no cover - old bitsandbytes
+            continue
+        cls = type(
+            f"LoraGA{name}",
+            (_LoraGALayerMixin, peft_cls),
+            {
+                "__doc__": f"PEFT's LoRA ``{name}`` (bitsandbytes) with loralab's LoRA-GA init.",
+                "__module__": __name__,
+                "__repr__": lambda self: "lora_ga." + nn.Module.__repr__(self),
+            },
+        )
+        globals()[cls.__name__] = cls
+        mapping[bnb_cls] = cls
+    return mapping
+
+
+_MAPPING: dict[type[nn.Module], type[nn.Module]] | None = None
+
+
+def custom_module_mapping() -> dict[type[nn.Module], type[nn.Module]]:
+    """``{base layer class: LoRA-GA layer class}`` for PEFT's dynamic dispatch (most specific first).
+
+    bitsandbytes ``Linear4bit`` and ``Linear8bitLt`` come before ``nn.Linear`` (their parent class).
+    """
+    global _MAPPING
+    if _MAPPING is None:
+        from transformers.pytorch_utils import Conv1D
+
+        mapping = _bnb_classes()
+        mapping[Conv1D] = LoraGALinear
+        mapping[nn.Linear] = LoraGALinear
+        _MAPPING = mapping
+    return dict(_MAPPING)
+
+
+def is_lora_ga_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is one of loralab's LoRA-GA layer classes."""
+    return isinstance(module, _LoraGALayerMixin)
