@@ -27,6 +27,7 @@ LOSS_RTOL = 1e-5  # float32 reduction order (as test_runners_launch)
 # final adapters of one process and of 2 ranks differ by 4.8e-4 (relative, worst tensor) under FSDP2 and
 # under DDP alike (FSDP2 and DDP gave bit-identical adapters)
 ADAPTER_RTOL = 2e-3
+BF16_LOSS_RTOL = 2e-2  # bfloat16 compute (8 mantissa bits) against float32
 
 
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -89,8 +90,12 @@ def test_fsdp_other_values_and_combinations_are_refused(small_glue):
         glue.main(
             glue_argv(model, root, root / "o2", 4, "--fsdp", "full_shard", "--deepspeed", "zero2")
         )
-    with pytest.raises(ValueError, match="--fsdp full_shard cannot be combined with --bf16"):
-        glue.main(glue_argv(model, root, root / "o3", 4, "--fsdp", "full_shard", "--bf16", "true"))
+    with pytest.raises(
+        ValueError, match="--fsdp full_shard cannot be combined with --load_in_4bit"
+    ):
+        glue.main(
+            glue_argv(model, root, root / "o3", 4, "--fsdp", "full_shard", "--load_in_4bit", "true")
+        )
 
 
 @pytest.mark.parametrize("method", ["galore", "golore", "lora-ga", "lora-sb"])
@@ -213,6 +218,9 @@ def test_glue_lora_lora_fa_and_full_fine_tuning_under_fsdp_equal_one_process(sma
     runs = [
         _method_argv(model, root, root / "fsdp" / m, 2, m, "--fsdp", "full_shard") for m in methods
     ]
+    # bf16 under FSDP2's MixedPrecisionPolicy (bfloat16 compute, float32 reduction and master weights)
+    bf16 = ["--fsdp", "full_shard", "--bf16", "true"]
+    runs.append(_method_argv(model, root, root / "fsdp" / "lora-bf16", 2, "lora", *bf16))
     (root / "runs.json").write_text(json.dumps(runs))
     worker = Path(__file__).with_name("runners_fsdp_worker.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
@@ -236,3 +244,14 @@ def test_glue_lora_lora_fa_and_full_fine_tuning_under_fsdp_equal_one_process(sma
         assert sorted(a) == sorted(b), m
         err = max(rel_error(a[k], b[k]) for k in b)
         assert err < ADAPTER_RTOL, (m, err)
+    out = root / "fsdp" / "lora-bf16"
+    launch = json.loads((out / "launch.json").read_text())
+    assert launch["mixed_precision"] == "bf16 (param bfloat16, reduce float32)"
+    assert "engine fsdp2 (fully_shard, bf16 params, fp32 reduce)" in proc.stdout + proc.stderr
+    got = [r["loss"] for r in records(out, "train")]
+    want = [r["loss"] for r in records(root / "single" / "lora", "train")]
+    assert got == pytest.approx(want, rel=BF16_LOSS_RTOL)
+    from safetensors.torch import load_file
+
+    a = load_file(str(out / "final" / "adapter_model.safetensors"))
+    assert all(t.dtype == torch.float32 for t in a.values())  # the master weights stay float32

@@ -80,7 +80,11 @@ class TrainArgs:
     per_device_eval_batch_size: int = _f(8, "evaluation batch per process", identity=False)
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
     # precision and memory
-    bf16: bool = _f(False, "bfloat16 mixed precision (autocast; DeepSpeed bf16 under --deepspeed)")
+    bf16: bool = _f(
+        False,
+        "bfloat16 mixed precision (autocast; DeepSpeed bf16 under --deepspeed; under --fsdp FSDP2's "
+        "MixedPrecisionPolicy: bfloat16 parameters in compute, float32 gradient reduction)",
+    )
     gradient_checkpointing: bool = _f(False, "activation checkpointing (non-reentrant)")
     # quantized base (QLoRA): transformers' BitsAndBytesConfig names, see loralab.runners.quantization
     load_in_4bit: bool = _f(
@@ -177,7 +181,6 @@ class TrainArgs:
                 ("--deepspeed", self.deepspeed),
                 ("--load_in_4bit", self.load_in_4bit),
                 ("--load_in_8bit", self.load_in_8bit),
-                ("--bf16", self.bf16),
             ):
                 if value:
                     raise ValueError(

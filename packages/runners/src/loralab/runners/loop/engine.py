@@ -484,6 +484,10 @@ class FSDP2Engine(TorchEngine):
     :meth:`accumulate` turns that off for all but the last micro-batch. The process group must be up
     (torchrun's environment; :meth:`__init__` initialises it: gloo on CPU, NCCL on CUDA).
 
+    ``bf16=True`` (``--bf16``): ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``:
+    forward and backward in bfloat16 on the gathered parameters, gradients reduced in float32, and the
+    sharded parameters, their gradients and the optimizer stay float32 (no autocast).
+
     Checkpoints: the model through ``torch.distributed.checkpoint`` (``model/``, sharded, every rank
     writes its rows), each rank's optimizer state (its own rows only) in ``optimizer_rank{r}.pt``,
     ``scheduler.pt`` and ``rng_state_rank{r}.pt``; a resume needs the same number of processes (the run
@@ -493,9 +497,10 @@ class FSDP2Engine(TorchEngine):
 
     name = "fsdp2"
 
-    def __init__(self, device: str | torch.device | None = None) -> None:
+    def __init__(self, device: str | torch.device | None = None, *, bf16: bool = False) -> None:
         import torch.distributed as dist
 
+        self.bf16 = bf16
         if not dist.is_initialized():
             if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
                 raise RuntimeError(
@@ -513,8 +518,13 @@ class FSDP2Engine(TorchEngine):
         return True
 
     def shard(self, model):
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        kw: dict[str, Any] = {}
+        if self.bf16:
+            kw["mp_policy"] = MixedPrecisionPolicy(
+                param_dtype=torch.bfloat16, reduce_dtype=torch.float32
+            )
         model = model.to(self.device)
         block_names = set(getattr(_inner_model(model), "_no_split_modules", None) or ())
         blocks = [m for m in model.modules() if type(m).__name__ in block_names]
@@ -523,8 +533,8 @@ class FSDP2Engine(TorchEngine):
                 m for m in _inner_model(model).children() if any(True for _ in m.parameters())
             ]
         for block in blocks:
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, **kw)
+        fully_shard(model, **kw)
         self._model = model
         return model
 
@@ -593,7 +603,12 @@ class FSDP2Engine(TorchEngine):
     def describe(self):
         import torch.distributed as dist
 
-        return {**super().describe(), "sharding": "fully_shard", "backend": dist.get_backend()}
+        return {
+            **super().describe(),
+            "sharding": "fully_shard",
+            "backend": dist.get_backend(),
+            "mixed_precision": "bf16 (param bfloat16, reduce float32)" if self.bf16 else "no",
+        }
 
 
 def _inner_model(model: nn.Module) -> nn.Module:

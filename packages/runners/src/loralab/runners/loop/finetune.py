@@ -141,7 +141,7 @@ def build_engine(args: Any, hidden_size: int | None = None) -> Engine:
     """The fine-tuning recipes' engine: :class:`FSDP2Engine` under ``--fsdp full_shard``, else
     :class:`AccelerateEngine` over :func:`build_accelerator`."""
     if getattr(args, "fsdp", None):
-        return FSDP2Engine()
+        return FSDP2Engine(bf16=bool(args.bf16))
     return AccelerateEngine(build_accelerator(args, hidden_size))
 
 
@@ -149,7 +149,7 @@ def _engine_line(engine: Engine) -> str:
     """One line naming the engine and its stage, printed by every rank."""
     what = engine.name
     if isinstance(engine, FSDP2Engine):
-        what = "fsdp2 (fully_shard)"
+        what = "fsdp2 (fully_shard" + (", bf16 params, fp32 reduce)" if engine.bf16 else ")")
     elif isinstance(engine, AccelerateEngine) and engine.deepspeed:
         stage = zero_stage(engine.acc.state.deepspeed_plugin.deepspeed_config)
         what = f"accelerate + DeepSpeed ZeRO-{stage}"
