@@ -56,6 +56,18 @@ def torchrun(argv: list[str], cwd: Path, port: int) -> str:
     return proc.stdout + proc.stderr
 
 
+def run_worker(runs: list[tuple[str, list[str]]], root: Path, port: int) -> str:
+    """Several ``(recipe, argv)`` trainings in one 2-process torchrun launch (runners_fsdp_worker.py)."""
+    (root / "runs.json").write_text(json.dumps(runs))
+    worker = Path(__file__).with_name("runners_fsdp_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(port), str(worker), str(root / "runs.json")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    return proc.stdout + proc.stderr
+
+
 def records(out: Path, kind: str) -> list[dict]:
     rows = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
     return [r for r in rows if r["kind"] == kind]
@@ -221,13 +233,7 @@ def test_glue_lora_lora_fa_and_full_fine_tuning_under_fsdp_equal_one_process(sma
     # bf16 under FSDP2's MixedPrecisionPolicy (bfloat16 compute, float32 reduction and master weights)
     bf16 = ["--fsdp", "full_shard", "--bf16", "true"]
     runs.append(_method_argv(model, root, root / "fsdp" / "lora-bf16", 2, "lora", *bf16))
-    (root / "runs.json").write_text(json.dumps(runs))
-    worker = Path(__file__).with_name("runners_fsdp_worker.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(helpers.free_port()), str(worker), str(root / "runs.json")]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=TIMEOUT)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    log = run_worker([("glue", argv) for argv in runs], root, helpers.free_port())
     for m in methods:
         single = root / "single" / m
         expected = glue.main(_method_argv(model, root, single, 4, m))
@@ -247,7 +253,7 @@ def test_glue_lora_lora_fa_and_full_fine_tuning_under_fsdp_equal_one_process(sma
     out = root / "fsdp" / "lora-bf16"
     launch = json.loads((out / "launch.json").read_text())
     assert launch["mixed_precision"] == "bf16 (param bfloat16, reduce float32)"
-    assert "engine fsdp2 (fully_shard, bf16 params, fp32 reduce)" in proc.stdout + proc.stderr
+    assert "engine fsdp2 (fully_shard, bf16 params, fp32 reduce)" in log
     got = [r["loss"] for r in records(out, "train")]
     want = [r["loss"] for r in records(root / "single" / "lora", "train")]
     assert got == pytest.approx(want, rel=BF16_LOSS_RTOL)
@@ -255,3 +261,65 @@ def test_glue_lora_lora_fa_and_full_fine_tuning_under_fsdp_equal_one_process(sma
 
     a = load_file(str(out / "final" / "adapter_model.safetensors"))
     assert all(t.dtype == torch.float32 for t in a.values())  # the master weights stay float32
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_metamath_and_winogrande_under_fsdp_equal_one_process(tiny_dirs, tmp_path, helpers):
+    # odd evaluation sets (5 GSM8K questions: generation with synced forwards; 7 WinoGrande examples):
+    # the shorter shard is padded, and the gathered predictions equal one process's
+    from loralab.runners import metamath, winogrande
+
+    pairs = [(a, b) for a in range(5, 10) for b in range(5, 10)][
+        :24
+    ]  # two-digit sums: equal lengths
+    train = [{"query": f"What is {a} plus {b}?", "response": f"{a} + {b} = {a + b}.\nThe answer is: {a + b}",
+              "type": "GSM_Rephrased", "original_question": f"What is {a} plus {b}?"} for a, b in pairs]  # fmt: skip
+    (tmp_path / "MetaMathQA-395K.json").write_text(json.dumps(train))
+    gsm8k = helpers.write_jsonl(tmp_path / "gsm8k_test.jsonl", helpers.gsm8k_rows(5, 1))
+    rows = [r for r in helpers.winogrande_rows(64, 0) if r["sentence"].endswith("_ sank.")]
+    assert len(rows) >= 23
+    wg_train = helpers.write_jsonl(tmp_path / "wg_train.jsonl", rows[:16])
+    wg_dev = helpers.write_jsonl(tmp_path / "wg_dev.jsonl", rows[16:23])
+
+    def mm(out: Path, batch: int, *extra: str) -> list[str]:
+        return ["--model_name_or_path", tiny_dirs["llama"], "--train_file", str(tmp_path / "MetaMathQA-395K.json"),
+                "--eval_file", gsm8k, "--output_dir", str(out), "--per_device_train_batch_size", str(batch),
+                "--per_device_eval_batch_size", "2", "--max_steps", str(STEPS), "--logging_steps", "1",
+                "--learning_rate", "1e-3", "--max_length", "96", "--max_new_tokens", "4", "--prompt_template", "qa",
+                "--method", "lora-fa", "--lora_r", "4", "--lora_dropout", "0", "--adam_epsilon", "1e-4",
+                "--disable_tqdm", "true", *extra]  # fmt: skip
+
+    def wg(out: Path, batch: int, *extra: str) -> list[str]:
+        return ["--model_name_or_path", tiny_dirs["llama"], "--train_file", wg_train, "--validation_file", wg_dev,
+                "--output_dir", str(out), "--per_device_train_batch_size", str(batch), "--per_device_eval_batch_size",
+                "2", "--max_steps", str(STEPS), "--logging_steps", "1", "--learning_rate", "1e-3", "--method",
+                "lora-pro", "--lora_r", "4", "--lora_dropout", "0", "--adam_epsilon", "1e-4", "--disable_tqdm",
+                "true", *extra]  # fmt: skip
+
+    fsdp = ["--fsdp", "full_shard"]
+    run_worker(
+        [
+            ("metamath", mm(tmp_path / "mm", 2, *fsdp)),
+            ("winogrande", wg(tmp_path / "wg", 2, *fsdp)),
+        ],
+        tmp_path,
+        helpers.free_port(),
+    )
+    mm_single = metamath.main(mm(tmp_path / "mm1", 4))
+    wg_single = winogrande.main(wg(tmp_path / "wg1", 4))
+    for out, single, expected in (("mm", "mm1", mm_single), ("wg", "wg1", wg_single)):
+        got = [r["loss"] for r in records(tmp_path / out, "train")]
+        want = [r["loss"] for r in records(tmp_path / single, "train")]
+        assert len(got) == STEPS and got == pytest.approx(want, rel=LOSS_RTOL), out
+        summary = records(tmp_path / out, "summary")[0]
+        assert summary["eval_accuracy"] == expected["accuracy"], out
+    for out, single, name in (
+        ("mm", "mm1", metamath.PREDICTIONS_FILE),
+        ("wg", "wg1", winogrande.PREDICTIONS_FILE),
+    ):
+        got = [json.loads(r) for r in (tmp_path / out / name).read_text().splitlines()]
+        want = [json.loads(r) for r in (tmp_path / single / name).read_text().splitlines()]
+        assert len(got) == len(want) == (5 if out == "mm" else 7)
+        key = "completion" if out == "mm" else "prediction"
+        assert [r[key] for r in got] == [r[key] for r in want], out

@@ -478,7 +478,8 @@ class FSDP2Engine(TorchEngine):
     sharded by rows over the ranks, gathered for each block's forward and backward.
 
     :meth:`shard` applies ``fully_shard`` to every transformer block (the model's ``_no_split_modules``
-    classes; else every direct child holding parameters) and then to the root; the method's optimizer is
+    classes; else every direct child holding parameters), to the ``transformers`` model inside a PEFT
+    wrapper, and then to the root; the method's optimizer is
     built afterwards on the sharded parameters (loralab's LoRA optimizers gather the small LoRA factors
     through :mod:`loralab.core.sharding`). Gradients are averaged by FSDP2's reduce-scatter;
     :meth:`accumulate` turns that off for all but the last micro-batch. The process group must be up
@@ -534,6 +535,11 @@ class FSDP2Engine(TorchEngine):
             ]
         for block in blocks:
             fully_shard(block, **kw)
+        inner = _inner_model(model)
+        if inner is not model:
+            # a PEFT wrapper's generate() calls the inner model directly, bypassing the root's hooks:
+            # the inner model is its own group, so its forward gathers the embeddings and head too
+            fully_shard(inner, **kw)
         fully_shard(model, **kw)
         self._model = model
         return model
