@@ -133,6 +133,17 @@ def test_sharded_engines_capability():
         get_method("lora").check_engine("fsdp1", "--fsdp")
 
 
+def test_every_rank_prints_its_engine(small_glue):
+    from loralab.runners.arguments import parse_args
+    from loralab.runners.glue import GlueArgs
+    from loralab.runners.loop.finetune import _engine_line, build_engine
+
+    model, root = small_glue
+    args = parse_args(GlueArgs, glue_argv(model, root, root / "e", 4))
+    line = _engine_line(build_engine(args))
+    assert line == "[loralab.runners] rank 0/1: engine accelerate (NO) on cpu"
+
+
 def test_fsdp2_engine_needs_a_launcher(monkeypatch):
     for var in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
