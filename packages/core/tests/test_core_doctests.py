@@ -15,6 +15,7 @@ MODULES = [
     "lora_layers",
     "offload",
     "quant",
+    "sharding",
     "targets",
     "testing",
 ]

@@ -111,6 +111,18 @@ def test_evaluate_only(tiny_dirs, metamath_files, tmp_path):
     assert len((out / "gsm8k_predictions.jsonl").read_text().splitlines()) == 3
 
 
+def test_evaluate_only_refuses_fsdp(tiny_dirs, metamath_files, tmp_path):
+    argv = [
+        *common(tiny_dirs, metamath_files, tmp_path / "e"),
+        "--do_train",
+        "false",
+        "--fsdp",
+        "full_shard",
+    ]
+    with pytest.raises(ValueError, match="--do_train false evaluates without it: drop --fsdp"):
+        metamath.main(argv)
+
+
 def test_bad_inputs_name_the_argument(tiny_dirs, metamath_files, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")

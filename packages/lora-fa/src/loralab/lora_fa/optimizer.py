@@ -24,6 +24,12 @@ not LoRA B factors (a head, ``modules_to_save``, biases) get plain AdamW in the 
 parallel average); ``step`` then runs plain AdamW. That is the path for DeepSpeed ZeRO-1/2/3, which
 replace the optimizer's parameters by flat partitions where no layer structure is left.
 
+Under FSDP2 (``fully_shard``: every parameter a ``DTensor`` sharded by rows) ``step`` gathers each
+(small) A once to build its correction matrix (:mod:`loralab.core.sharding`), corrects the local rows
+of B's gradient (``g_B·M`` is row-wise) and runs AdamW on this rank's shards: the optimizer state
+holds this rank's rows only, and the result equals the one-process step on the whole batch.
+``correct_in_backward=True`` is refused there (hooks on sharded parameters never see a gradient).
+
 Example:
     >>> import peft, torch
     >>> from loralab.core.testing import tiny_llama
@@ -50,6 +56,7 @@ from torch import Tensor, nn
 from loralab.core.adamw import AdamWStyle, adamw_update_, check_adamw_hparams
 from loralab.core.distributed import gathered_parameters
 from loralab.core.lora_layers import LoraPair, LoraPairError, find_lora_pairs
+from loralab.core.sharding import all_ranks_agree, is_sharded, local_tensor, whole
 from loralab.lora_fa.correction import DEFAULT_RIDGE, correct_grads, correction_matrix
 
 __all__ = ["LoraFAAdamW", "LoraFAError"]
@@ -79,7 +86,9 @@ def _warn_zero_a(pairs: list[LoraPair]) -> None:
     zero = [
         f"{p.name}.{_a_name(p)}[{p.adapter!r}]"
         for p in pairs
-        if p.A.numel() > 0 and not _is_zero3_partitioned(p.A) and not bool(p.A.detach().any())
+        if p.A.numel() > 0
+        and not _is_zero3_partitioned(p.A)
+        and not bool(whole(p.A.detach()).any())
     ]
     if zero:
         logger.warning(
@@ -88,6 +97,11 @@ def _warn_zero_a(pairs: list[LoraPair]) -> None:
             "LoraConfig(init_lora_weights=False) gives them a random A.",
             zero,
         )
+
+
+def _version(t: Tensor) -> int:
+    # in-place changes of a DTensor parameter reach its local shard, whose version counter moves
+    return local_tensor(t)._version
 
 
 def _moment_dtype(p: Tensor) -> torch.dtype:
@@ -169,6 +183,12 @@ class LoraFAAdamW(torch.optim.Optimizer):
                 raise LoraFAError(
                     f"layer {pair.name!r} has scaling 0 (lora_alpha = 0): LoRA-FA divides by s²"
                 )
+        if correct_in_backward and any(is_sharded(t) for pair in found for t in (pair.A, pair.B)):
+            raise LoraFAError(
+                "correct_in_backward=True registers gradient hooks on B, but these parameters are sharded "
+                "DTensors (FSDP2's fully_shard), whose hooks never see a gradient; use "
+                "correct_in_backward=False, which corrects the sharded gradients in step"
+            )
         self._all_pairs = found
         _warn_zero_a(found)
         self.ridge = float(ridge)
@@ -216,24 +236,29 @@ class LoraFAAdamW(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------------------- correction matrices
 
-    def _matrix(self, pair: LoraPair) -> Tensor:
+    def _matrix(self, pair: LoraPair, *, fresh: bool = False) -> Tensor:
         """``(1/s²)(A·Aᵀ + ridge·I)⁺`` for one layer, cached while A's tensor is unchanged."""
-        version = pair.A._version
+        version = _version(pair.A)
         hit = self._cache.get(id(pair.B))
-        if hit is not None and hit[0] == version:
+        if not fresh and hit is not None and hit[0] == version:
             return hit[1]
         with gathered_parameters([pair.A]):
-            M = correction_matrix(pair.A, pair.scaling, ridge=self.ridge, dtype=torch.float32)
-        self._cache[id(pair.B)] = (pair.A._version, M)
+            # a sharded (FSDP2) A is gathered: it is r×in, small
+            A = whole(pair.A)
+            M = correction_matrix(A, pair.scaling, ridge=self.ridge, dtype=torch.float32)
+        self._cache[id(pair.B)] = (_version(pair.A), M)
         return M
 
     def _stacked(self, pairs: list[LoraPair]) -> Tensor:
         key = tuple(id(p.B) for p in pairs)
-        versions = tuple(p.A._version for p in pairs)
+        versions = tuple(_version(p.A) for p in pairs)
         hit = self._stacks.get(key)
-        if hit is not None and hit[0] == versions:
-            return hit[1]
-        M = torch.stack([self._matrix(p) for p in pairs])
+        valid = hit is not None and hit[0] == versions
+        # gathering a sharded A is a collective: every rank must decide alike whether to rebuild
+        As = [p.A for p in pairs]
+        if all_ranks_agree(valid, As):
+            return cast(tuple, hit)[1]
+        M = torch.stack([self._matrix(p, fresh=any(is_sharded(a) for a in As)) for p in pairs])
         self._stacks[key] = (versions, M)
         return M
 
@@ -277,16 +302,22 @@ class LoraFAAdamW(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------------------- step
 
-    def _check_finite(self, grads: list[Tensor], names: list[str]) -> None:
+    def _check_finite(self, grads: list[Tensor], names: list[str], params: list[Tensor]) -> None:
+        ok = True
+        if grads:
+            norms = torch._foreach_norm(grads)
+            # one stack (and one host sync) per device, not one per parameter
+            by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
+            for n in norms:
+                by_device[n.device].append(n.to(torch.float32))
+            ok = all(bool(torch.isfinite(torch.stack(ns)).all()) for ns in by_device.values())
+        # sharded gradients: a NaN in another rank's rows must stop this rank's step too
+        if all_ranks_agree(ok, params):
+            return
         if not grads:
-            return
-        norms = torch._foreach_norm(grads)
-        # one stack (and one host sync) per device, not one per parameter
-        by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
-        for n in norms:
-            by_device[n.device].append(n.to(torch.float32))
-        if all(bool(torch.isfinite(torch.stack(ns)).all()) for ns in by_device.values()):
-            return
+            raise FloatingPointError(
+                "non-finite gradient on another rank's shard; step skipped, parameters unchanged"
+            )
         all_norms = torch.stack([n.to(torch.float32).cpu() for n in norms])
         if not bool(torch.isfinite(all_norms).all()):
             bad = [
@@ -297,6 +328,9 @@ class LoraFAAdamW(torch.optim.Optimizer):
             raise FloatingPointError(
                 f"non-finite gradient in {bad[:5]}{' …' if len(bad) > 5 else ''}; step skipped, parameters unchanged"
             )
+        raise FloatingPointError(
+            "non-finite gradient on another rank's shard; step skipped, parameters unchanged"
+        )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As ``torch.optim.Optimizer.load_state_dict``, but a state saved for another model or LoRA
@@ -305,8 +339,8 @@ class LoraFAAdamW(torch.optim.Optimizer):
         from loralab.core.optim_state import check_state_dict
 
         def expected(p: Tensor, group: Any) -> dict[str, tuple[int, ...]]:
-            # B's moments hold its projected gradient, the shape of B itself
-            return dict.fromkeys(("exp_avg", "exp_avg_sq"), tuple(p.shape))
+            # B's moments hold its projected gradient, the shape of B itself (of this rank's shard)
+            return dict.fromkeys(("exp_avg", "exp_avg_sq"), tuple(local_tensor(p).shape))
 
         check_state_dict(self, state_dict, expected)
         super().load_state_dict(state_dict)
@@ -351,30 +385,38 @@ class LoraFAAdamW(torch.optim.Optimizer):
             buckets: dict[tuple, list[tuple[Tensor, LoraPair]]] = defaultdict(list)
             for p, pair in lora:
                 buckets[(tuple(p.shape), p.dtype, p.device)].append((p, pair))
-            params, grads, names = [], [], []
+            # Under FSDP2 the parameters and gradients are row shards (DTensors): B's correction is
+            # row-wise (g_B·M) and AdamW element-wise, so both run on this rank's local rows; the
+            # optimizer state is keyed by the parameter and holds those rows only.
+            params, grads, names, keys = [], [], [], []
             for items in buckets.values():
                 M = self._stacked([pair for _, pair in items])
                 if M.device != items[0][0].device:
                     M = M.to(items[0][0].device)
-                params += [p for p, _ in items]
+                keys += [p for p, _ in items]
+                params += [local_tensor(p) for p, _ in items]
                 grads += correct_grads(
                     # parameters without a gradient were skipped above
-                    [cast(Tensor, p.grad) for p, _ in items],
+                    [local_tensor(cast(Tensor, p.grad)) for p, _ in items],
                     M,
                     out_dtype=_moment_dtype(items[0][0]),
                 )
                 names += [pair.name for _, pair in items]
-            params += plain
-            grads += [cast(Tensor, p.grad) for p in plain]  # all have one, as above
+            keys += plain
+            params += [local_tensor(p) for p in plain]
+            # all have one, as above
+            grads += [local_tensor(cast(Tensor, p.grad)) for p in plain]
             names += [f"parameter {tuple(p.shape)}" for p in plain]
             if self.check_finite:
-                self._check_finite(grads, names)
-            plans.append((group, params, grads))
-        for group, params, grads in plans:
+                self._check_finite(grads, names, keys)
+            plans.append((group, params, grads, keys))
+        for group, params, grads, keys in plans:
             # Parameters sharing a step count go through one foreach AdamW update.
-            by_step: dict[tuple[int, torch.device], list[tuple[Tensor, Tensor]]] = defaultdict(list)
-            for p, g in zip(params, grads):
-                state = self.state[p]
+            by_step: dict[tuple[int, torch.device], list[tuple[Tensor, Tensor, Tensor]]] = (
+                defaultdict(list)
+            )
+            for p, g, key in zip(params, grads, keys):
+                state = self.state[key]
                 if not state:
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
                     state["exp_avg"] = torch.zeros_like(
@@ -384,14 +426,14 @@ class LoraFAAdamW(torch.optim.Optimizer):
                         p, dtype=_moment_dtype(p), memory_format=torch.preserve_format
                     )
                 state["step"] += 1
-                by_step[(int(state["step"].item()), p.device)].append((p, g))
+                by_step[(int(state["step"].item()), p.device)].append((p, g, key))
             for (step, _), step_items in by_step.items():
-                ps = [p for p, _ in step_items]
+                states = [self.state[key] for _, _, key in step_items]
                 adamw_update_(
-                    ps,
-                    [g for _, g in step_items],
-                    [self.state[p]["exp_avg"] for p in ps],
-                    [self.state[p]["exp_avg_sq"] for p in ps],
+                    [p for p, _, _ in step_items],
+                    [g for _, g, _ in step_items],
+                    [st["exp_avg"] for st in states],
+                    [st["exp_avg_sq"] for st in states],
                     step=step,
                     lr=group["lr"],
                     betas=tuple(group["betas"]),

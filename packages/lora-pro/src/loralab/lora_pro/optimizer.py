@@ -17,6 +17,12 @@ that are not LoRA factors (a classifier head, ``modules_to_save``, biases) get p
 optimizer. All layers with equal shapes are adjusted in one batched call (r×r solves on the
 parameters' device). Bias correction is right from step 1; weight decay is decoupled.
 
+Under FSDP2 (``fully_shard``: parameters are ``DTensor`` row shards) each step gathers every layer's
+(small) factors and gradients whole (:mod:`loralab.core.sharding`), adjusts them as in one process, and
+updates this rank's rows only; the optimizer state holds this rank's rows only (in full mode the
+m×n moments too: the rows of B's shard, with ``s·BᵀN`` summed over the row shards and ``s·N·Aᵀ``
+gathered, so no m×n matrix is ever gathered). The result equals one process on the whole batch.
+
 Example:
     >>> import peft, torch
     >>> from loralab.core.testing import tiny_llama
@@ -48,6 +54,14 @@ from loralab.core.adamw import (
 )
 from loralab.core.linalg import accumulation_dtype
 from loralab.core.lora_layers import LoraPair, LoraPairError, find_lora_pairs
+from loralab.core.sharding import (
+    all_ranks_agree,
+    gather_rows,
+    local_tensor,
+    rows_of,
+    sum_over_shards_,
+    whole,
+)
 from loralab.lora_pro.adjust import (
     X_MODES,
     XMode,
@@ -324,11 +338,14 @@ class LoraProAdamW(torch.optim.Optimizer):
         """
         from loralab.core.optim_state import check_state_dict
 
-        full_shapes = {id(pair.B): (pair.B.shape[0], pair.A.shape[1]) for pair in self._pairs}
+        # under FSDP2, of this rank's rows (the state holds them only)
+        full_shapes = {
+            id(pair.B): (local_tensor(pair.B).shape[0], pair.A.shape[1]) for pair in self._pairs
+        }
 
         def expected(p: Tensor, group: Any) -> dict[str, tuple[int, ...]]:
             # efficient mode: moments of A and B themselves; full mode: (m, n) moments on B's entry
-            out = dict.fromkeys(("exp_avg", "exp_avg_sq"), tuple(p.shape))
+            out = dict.fromkeys(("exp_avg", "exp_avg_sq"), tuple(local_tensor(p).shape))
             if id(p) in full_shapes:
                 out.update(dict.fromkeys(("full_exp_avg", "full_exp_avg_sq"), full_shapes[id(p)]))
             return out
@@ -391,31 +408,29 @@ class LoraProAdamW(torch.optim.Optimizer):
                     updates.append(partial(self._efficient_update, group, bucket, gA, gB))
             else:
                 for bucket in buckets.values():
+                    stacked = self._stack(bucket)
                     if self.check_finite:  # gradients and factors (full mode's step is slow anyway)
-                        self._check_out(
-                            bucket,
-                            *(
-                                x
-                                for pair in bucket
-                                for t in (pair.A, pair.B)
-                                for x in (t, _grad(t))
-                            ),
-                        )
-                    updates.append(partial(self._full_bucket, group, bucket))
+                        self._check_out(bucket, *stacked[:4])
+                    updates.append(partial(self._full_bucket, group, bucket, stacked))
         for update in updates:
             update()
         return loss
 
     def _check_plain(self, gi: int, params: list[Tensor]) -> None:
         """Raise ``FloatingPointError`` naming the parameters whose gradient is NaN/Inf."""
-        if not self.check_finite or _all_finite([_grad(p) for p in params]):
+        if not self.check_finite:
+            return
+        # sharded (FSDP2) gradients are checked on this rank's rows; every rank raises if one finds NaN
+        if all_ranks_agree(_all_finite([local_tensor(_grad(p)) for p in params]), params):
             return
         bad = [
             self._names.get(id(p), f"param_groups[{gi}] #{i}")
             for i, p in enumerate(params)
-            if not torch.isfinite(_grad(p)).all()
+            if not torch.isfinite(local_tensor(_grad(p))).all()
         ]
-        raise FloatingPointError(f"LoraProAdamW: non-finite gradients (NaN/Inf) in {bad}")
+        raise FloatingPointError(
+            f"LoraProAdamW: non-finite gradients (NaN/Inf) in {bad or 'another rank’s shard'}"
+        )
 
     def _zero_step(self, group: dict[str, Any]) -> None:
         """One step of a group whose parameters DeepSpeed ZeRO-1/2 replaced by a flat fp32 partition."""
@@ -539,17 +554,23 @@ class LoraProAdamW(torch.optim.Optimizer):
         steps: list[Tensor] | None = None,
     ) -> None:
         """One AdamW step of ``params`` along ``grads`` (:func:`loralab.core.adamw_step_`: torch's
-        fused kernel on CPU, ``torch._foreach_*`` elsewhere); ``steps`` are the advanced counters."""
+        fused kernel on CPU, ``torch._foreach_*`` elsewhere); ``steps`` are the advanced counters.
+
+        Sharded (FSDP2) parameters step on their local rows, with moments of those rows (the
+        gradients are local rows too: the caller's, or the parameters' own local shards)."""
         if steps is None:
             steps = self._next_steps(params)
-        ms, vs = zip(*(self._moments(p, p.shape) for p in params))
-        adamw_step_(params, grads, ms, vs, steps, **self._adam_kwargs(group))
+        locals_ = [local_tensor(p) for p in params]
+        ms, vs = zip(*(self._moments(p, lp.shape) for p, lp in zip(params, locals_)))
+        grads = [local_tensor(g) for g in grads]
+        adamw_step_(locals_, grads, ms, vs, steps, **self._adam_kwargs(group))
 
     def _stack(self, bucket: list[LoraPair]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        A = torch.stack([p.A.detach() for p in bucket])
-        B = torch.stack([p.B.detach() for p in bucket])
-        gA = torch.stack([_grad(p.A) for p in bucket])
-        gB = torch.stack([_grad(p.B) for p in bucket])
+        # whole factors and gradients (gathered when FSDP2 shards them: they are LoRA-sized)
+        A = torch.stack([whole(p.A.detach()) for p in bucket])
+        B = torch.stack([whole(p.B.detach()) for p in bucket])
+        gA = torch.stack([whole(_grad(p.A)) for p in bucket])
+        gB = torch.stack([whole(_grad(p.B)) for p in bucket])
         s = torch.tensor([p.scaling for p in bucket], dtype=torch.float64)
         # non-finite gradients are caught together with the adjusted ones, in _check_out
         return A, B, gA, gB, s
@@ -566,16 +587,21 @@ class LoraProAdamW(torch.optim.Optimizer):
     @staticmethod
     def _raise_non_finite_inputs(bucket: list[LoraPair]) -> None:
         """Raise ``FloatingPointError`` naming the layers whose gradients, or else factors, are NaN/Inf."""
+        # whole tensors: every rank reaches here together (the adjusted outputs it checked are whole)
         bad = [
             p.name
             for p in bucket
-            if any(t.grad is not None and not torch.isfinite(t.grad).all() for t in (p.A, p.B))
+            if any(
+                t.grad is not None and not torch.isfinite(whole(t.grad)).all() for t in (p.A, p.B)
+            )
         ]
         if bad:
             raise FloatingPointError(
                 f"LoraProAdamW: non-finite gradients (NaN/Inf) in LoRA layer(s) {bad}"
             )
-        bad = [p.name for p in bucket if not all(torch.isfinite(t).all() for t in (p.A, p.B))]
+        bad = [
+            p.name for p in bucket if not all(torch.isfinite(whole(t)).all() for t in (p.A, p.B))
+        ]
         if bad:
             raise FloatingPointError(
                 f"LoraProAdamW: non-finite LoRA factors (NaN/Inf parameters) in layer(s) {bad}: the model "
@@ -601,15 +627,24 @@ class LoraProAdamW(torch.optim.Optimizer):
             ):  # one copy of each tensor, per-layer copies are cheap here
                 A_gA, B_gB = self._stacking_buffers(len(bucket), r, n, m, dt)
                 for i, pair in enumerate(bucket):
-                    torch.cat([pair.A.detach(), _grad(pair.A)], dim=0, out=A_gA[i])
-                    torch.cat([pair.B.detach(), _grad(pair.B)], dim=1, out=B_gB[i])
+                    # whole(): gathered when FSDP2 shards them (LoRA-sized), else the tensor itself
+                    A_i, gA_i = whole(pair.A.detach()), whole(_grad(pair.A))
+                    B_i, gB_i = whole(pair.B.detach()), whole(_grad(pair.B))
+                    torch.cat([A_i, gA_i], dim=0, out=A_gA[i])
+                    torch.cat([B_i, gB_i], dim=1, out=B_gB[i])
             else:  # accelerators: a few batched copy kernels rather than two launches per layer
                 A_gA = torch.cat(
-                    [torch.stack([p.A for p in bucket]), torch.stack([_grad(p.A) for p in bucket])],
+                    [
+                        torch.stack([whole(p.A.detach()) for p in bucket]),
+                        torch.stack([whole(_grad(p.A)) for p in bucket]),
+                    ],
                     dim=1,
                 ).to(dt)
                 B_gB = torch.cat(
-                    [torch.stack([p.B for p in bucket]), torch.stack([_grad(p.B) for p in bucket])],
+                    [
+                        torch.stack([whole(p.B.detach()) for p in bucket]),
+                        torch.stack([whole(_grad(p.B)) for p in bucket]),
+                    ],
                     dim=2,
                 ).to(dt)
             s = torch.tensor([p.scaling for p in bucket], **kw)
@@ -669,9 +704,15 @@ class LoraProAdamW(torch.optim.Optimizer):
     def _efficient_update(
         self, group: dict[str, Any], bucket: list[LoraPair], gA: Tensor, gB: Tensor
     ) -> None:
+        # FSDP2: this rank's rows of the (whole) adjusted gradients, for its rows of A and B
+        rows_A, rows_B = rows_of(bucket[0].A), rows_of(bucket[0].B)
+        if rows_A != slice(0, gA.shape[1]):
+            gA = gA[:, rows_A].contiguous()
+        if rows_B != slice(0, gB.shape[1]):
+            gB = gB[:, rows_B].contiguous()
         moments, step_buf, views = self._stacked_state(bucket, gA.dtype)
         step_buf.add_(1)
-        params = [t for pair in bucket for t in (pair.A, pair.B)]
+        params = [local_tensor(t) for pair in bucket for t in (pair.A, pair.B)]
         if (
             fused_adamw_available(gA.device)
             and gA.dtype == bucket[0].A.dtype
@@ -689,7 +730,8 @@ class LoraProAdamW(torch.optim.Optimizer):
             self._stacked_adamw(group, bucket, gA, gB, moments, steps[0])
         else:  # layers that skipped steps: per parameter (the state tensors are views, still theirs)
             grads = [g for i in range(len(bucket)) for g in (gA[i], gB[i])]
-            self._adamw(group, params, grads, views[2])
+            keys = [t for pair in bucket for t in (pair.A, pair.B)]
+            self._adamw(group, keys, grads, views[2])
 
     def _stacked_state(
         self, bucket: list[LoraPair], dtype: torch.dtype
@@ -719,8 +761,8 @@ class LoraProAdamW(torch.optim.Optimizer):
                 return bufs, step_buf, views
         device = bucket[0].A.device
         L = len(bucket)
-        bufs = [
-            torch.zeros((L, *p.shape), dtype=dtype, device=device)
+        bufs = [  # of this rank's rows when FSDP2 shards the factors
+            torch.zeros((L, *local_tensor(p).shape), dtype=dtype, device=device)
             for p in (bucket[0].A, bucket[0].A, bucket[0].B, bucket[0].B)
         ]
         # float32 on the CPU, as torch.optim keeps (and _next_step creates) the step counters
@@ -768,8 +810,8 @@ class LoraProAdamW(torch.optim.Optimizer):
         bc2 = 1 - beta2**step
         mA, vA, mB, vB = moments
         for params, g, m, v in (
-            ([p.A for p in bucket], gA, mA, vA),
-            ([p.B for p in bucket], gB, mB, vB),
+            ([local_tensor(p.A) for p in bucket], gA, mA, vA),
+            ([local_tensor(p.B) for p in bucket], gB, mB, vB),
         ):
             m.lerp_(g, 1 - beta1)
             v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
@@ -789,15 +831,25 @@ class LoraProAdamW(torch.optim.Optimizer):
                 for p, d in zip(params, direction):
                     p.add_(d.to(p.dtype), alpha=-lr)
 
-    def _full_bucket(self, group: dict[str, Any], bucket: list[LoraPair]) -> None:
-        A, B, g_A, g_B, s = self._stack(bucket)
+    def _full_bucket(
+        self,
+        group: dict[str, Any],
+        bucket: list[LoraPair],
+        stacked: tuple[Tensor, Tensor, Tensor, Tensor, Tensor],
+    ) -> None:
+        A, B, g_A, g_B, s = stacked
         dt = accumulation_dtype(A.dtype)
         A, B, sd = A.to(dt), B.to(dt), s.to(dt)
         gt = optimal_equivalent_gradient(
             A, B, g_A, g_B, sd, ridge=group["ridge"], jitter=group.get("jitter", 0.0)
         )
         self._check_out(bucket, gt)
-        m, n = B.shape[-2], A.shape[-1]
+        # Under FSDP2 the m×n moments hold the rows of B's shard only: Adam runs on those rows of g̃
+        # (element-wise), and the direction N goes back to the factors by the projection algebra on
+        # row shards, s·BᵀN = Σₖ s·Bₖᵀ·Nₖ (an r×n all-reduce) and s·N·Aᵀ by rows (an m×r gather).
+        rows = rows_of(bucket[0].B)
+        gt, B_rows = gt[:, rows], B[:, rows]
+        m, n = gt.shape[-2], A.shape[-1]
         steps = []
         for pair in bucket:
             steps.append(self._next_step(pair.B))
@@ -824,10 +876,14 @@ class LoraProAdamW(torch.optim.Optimizer):
         N = torch.stack(cast(list[Tensor], directions)).to(gt.dtype)
         # Bring the Adam direction back to the factors: the (gᴬ, gᴮ) whose equivalent gradient is closest
         # to N (Theorem 2.1 applied to N instead of G; official step_full).
+        nA, nB = lora_gradients(A, B_rows, N, sd)
+        nA = sum_over_shards_(nA.contiguous(), bucket[0].B)
+        nB = gather_rows(bucket[0].B, nB.transpose(0, 1)).transpose(0, 1)
         dA, dB = lora_pro_gradients(
             A,
             B,
-            *lora_gradients(A, B, N, sd),
+            nA,
+            nB,
             sd,
             x_mode=group["x_mode"],
             ridge=group["ridge"],
@@ -835,18 +891,23 @@ class LoraProAdamW(torch.optim.Optimizer):
         )
         self._check_out(bucket, dA, dB)
         lr, wd = group["lr"], group["weight_decay"]
+        rows_A = rows_of(bucket[0].A)
         for i, pair in enumerate(bucket):
+            a, b = (
+                local_tensor(pair.A),
+                local_tensor(pair.B),
+            )  # this rank's rows (all of them unsharded)
             if wd:
                 if group["weight_decay_mode"] == "effective":
                     # decays W0 + s·B·A as a whole (official full mode): √ on each factor, full on W0
                     f = math.sqrt(1 - lr * wd)
-                    pair.A.mul_(f)
-                    pair.B.mul_(f)
+                    a.mul_(f)
+                    b.mul_(f)
                     w = self._base_weight(pair)
                     assert w is not None  # checked at construction
-                    w.mul_(1 - lr * wd)
+                    local_tensor(w).mul_(1 - lr * wd)
                 else:
-                    pair.A.mul_(1 - lr * wd)
-                    pair.B.mul_(1 - lr * wd)
-            pair.A.add_(dA[i].to(pair.A.dtype), alpha=-lr)
-            pair.B.add_(dB[i].to(pair.B.dtype), alpha=-lr)
+                    a.mul_(1 - lr * wd)
+                    b.mul_(1 - lr * wd)
+            a.add_(dA[i][rows_A].to(a.dtype), alpha=-lr)
+            b.add_(dB[i][rows].to(b.dtype), alpha=-lr)

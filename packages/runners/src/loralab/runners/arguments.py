@@ -81,7 +81,11 @@ class TrainArgs:
     per_device_eval_batch_size: int = _f(8, "evaluation batch per process", identity=False)
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
     # precision and memory
-    bf16: bool = _f(False, "bfloat16 mixed precision (autocast; DeepSpeed bf16 under --deepspeed)")
+    bf16: bool = _f(
+        False,
+        "bfloat16 mixed precision (autocast; DeepSpeed bf16 under --deepspeed; under --fsdp FSDP2's "
+        "MixedPrecisionPolicy: bfloat16 parameters in compute, float32 gradient reduction)",
+    )
     gradient_checkpointing: bool = _f(False, "activation checkpointing (non-reentrant)")
     # quantized base (QLoRA): transformers' BitsAndBytesConfig names, see loralab.runners.quantization
     load_in_4bit: bool = _f(
@@ -129,6 +133,11 @@ class TrainArgs:
         None,
         "DeepSpeed config: a JSON path or a built-in name (zero2, zero3, zero3_offload); 'auto' values are filled from these flags",
     )
+    fsdp: str | None = _f(
+        None,
+        "shard parameters, gradients and optimizer state with FSDP2 (torch.distributed.fsdp.fully_shard); "
+        "launch with torchrun. Only 'full_shard'",
+    )
     disable_tqdm: bool = _f(False, "no progress bars", identity=False)
     save_final_model: bool = _f(
         True,
@@ -166,6 +175,18 @@ class TrainArgs:
             raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.learning_rate <= 0:
             raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}")
+        if self.fsdp is not None:
+            if self.fsdp != "full_shard":
+                raise ValueError(f"--fsdp supports only 'full_shard' (FSDP2), got {self.fsdp!r}")
+            for flag, value in (
+                ("--deepspeed", self.deepspeed),
+                ("--load_in_4bit", self.load_in_4bit),
+                ("--load_in_8bit", self.load_in_8bit),
+            ):
+                if value:
+                    raise ValueError(
+                        f"--fsdp full_shard cannot be combined with {flag} yet, got {flag} {value}"
+                    )
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -267,6 +267,12 @@ def run(args: GlueArgs) -> TrainResult:
     def evaluate(engine: Any, model: torch.nn.Module) -> dict[str, float]:
         # each rank scores its shard; every row's logits go to eval_predictions.jsonl
         shard = list(range(engine.rank, len(val_set), engine.world_size))
+        real = len(shard)
+        if engine.gathers_in_forward and engine.world_size > 1:
+            # ZeRO-3 / FSDP2 gather parameters inside every forward: every rank runs as many forwards,
+            # the shorter shards padded with a repeated example whose logits are dropped
+            per_rank = -(-len(val_set) // engine.world_size)
+            shard += [shard[-1] if shard else 0] * (per_rank - len(shard))
         bs = args.per_device_eval_batch_size
         rows = []
         for i in range(0, len(shard), bs):
@@ -276,6 +282,7 @@ def run(args: GlueArgs) -> TrainResult:
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
             ).logits.float()
             rows += [(j, row) for j, row in zip(ids, logits.cpu().tolist())]
+        rows = rows[:real]
         by_index = dict(engine.gather_object(rows))
         logits = np.array([by_index[j] for j in range(len(val_set))])
         labels = np.array([ex["labels"] for ex in val_set])

@@ -36,6 +36,7 @@ from loralab.runners.gsm8k import (
     write_predictions,
 )
 from loralab.runners.loop.checkpoint import remove_run_artifacts
+from loralab.runners.loop.engine import AccelerateEngine
 from loralab.runners.loop.finetune import (
     TrainResult,
     build_engine,
@@ -95,6 +96,10 @@ class MetaMathArgs(TrainArgs):
             raise ValueError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.merge_and_save and not self.do_train:
             raise ValueError("--merge_and_save needs training (--do_train true): nothing to merge")
+        if self.fsdp and not self.do_train:
+            raise ValueError(
+                "--fsdp full_shard shards training; --do_train false evaluates without it: drop --fsdp"
+            )
 
 
 def load_causal_lm(
@@ -284,6 +289,7 @@ def run(args: MetaMathArgs) -> TrainResult | dict[str, float]:
 def _evaluate_only(args: TrainArgs, model: Any, evaluate: Any) -> dict[str, float]:
     """``--do_train false``: evaluate ``--model_name_or_path`` as it is (a ``summary`` record at step 0)."""
     engine = build_engine(args)
+    assert isinstance(engine, AccelerateEngine)  # --fsdp is refused without training (validate)
     out = Path(args.output_dir)
     if engine.is_main:
         if args.overwrite_output_dir:

@@ -572,6 +572,10 @@ def check_train_args(args: Any, *, auto_class: str = "AutoModelForCausalLM") -> 
     ``args`` are the parsed, validated arguments (method options resolved); ``auto_class`` is the
     ``transformers`` class the entrypoint loads (for the target layers' names and shapes).
     """
+    if getattr(args, "fsdp", None):
+        from loralab.runners.methods import get_method
+
+        get_method(args.method).check_engine("fsdp2", "--fsdp full_shard")
     check_output_dir_writable(args.output_dir)
     check_model_path(args.model_name_or_path)
     if getattr(args, "tokenizer_name", None):

@@ -208,6 +208,12 @@ def run(args: WinoGrandeArgs) -> TrainResult:
 
     def evaluate(engine: Any, model: torch.nn.Module) -> dict[str, float]:
         shard = list(range(engine.rank, len(val_ex), engine.world_size))
+        real = len(shard)
+        if engine.gathers_in_forward and engine.world_size > 1:
+            # ZeRO-3 / FSDP2 gather parameters inside every forward: every rank scores as many
+            # examples, the shorter shards padded with a repeated one whose scores are dropped
+            per_rank = -(-len(val_ex) // engine.world_size)
+            shard += [shard[-1] if shard else 0] * (per_rank - len(shard))
         scores = score_options(
             model,
             tokenizer,
@@ -215,7 +221,8 @@ def run(args: WinoGrandeArgs) -> TrainResult:
             batch_size=args.per_device_eval_batch_size,
             max_length=args.max_length,
             device=engine.device,
-        )
+        )[:real]
+        shard = shard[:real]
         by_index = dict(engine.gather_object([(i, s) for i, s in zip(shard, scores.tolist())]))
         records = []
         for i, ex in enumerate(val_ex):

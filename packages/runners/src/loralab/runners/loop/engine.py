@@ -17,8 +17,13 @@ The loop (:mod:`loralab.runners.loop.trainer`) never calls DDP, DeepSpeed or acc
 Engines here: :class:`AccelerateEngine` (one process, ``torchrun`` DDP, ``accelerate launch`` and
 ``deepspeed`` / ``--deepspeed`` ZeRO, all through ``accelerate.Accelerator``: what the fine-tuning
 recipes use), :class:`TorchEngine` (one process or plain ``torch.distributed`` DDP, no accelerate; or an
-explicit gradient all-reduce with ``ddp=False``) and :class:`DeepSpeedEngine` (``deepspeed.initialize``
-directly: C4 pre-training under the ``deepspeed`` launcher).
+explicit gradient all-reduce with ``ddp=False``), :class:`DeepSpeedEngine` (``deepspeed.initialize``
+directly: C4 pre-training under the ``deepspeed`` launcher) and :class:`FSDP2Engine` (``--fsdp
+full_shard``: ``torch.distributed.fsdp.fully_shard`` under ``torchrun``).
+
+An engine that replaces the parameters (FSDP2's ``DTensor`` shards) does so in :meth:`Engine.shard`,
+which the recipe calls on the method's model *before* the optimizer is built, so that the optimizer
+holds the parameters that train.
 
 Example:
     >>> import torch
@@ -41,7 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["AccelerateEngine", "DeepSpeedEngine", "Engine", "TorchEngine"]
+__all__ = ["AccelerateEngine", "DeepSpeedEngine", "Engine", "FSDP2Engine", "TorchEngine"]
 
 
 class Engine(ABC):
@@ -73,6 +78,10 @@ class Engine(ABC):
         """Whether every forward gathers sharded parameters (ZeRO-3, FSDP): all ranks must then run the
         same number of forwards (generation pads the shorter shards)."""
         return False
+
+    def shard(self, model: nn.Module) -> nn.Module:
+        """Shard ``model``'s parameters before its optimizer is built (FSDP2); default: unchanged."""
+        return model
 
     @abstractmethod
     def prepare(
@@ -461,6 +470,158 @@ class DeepSpeedEngine(Engine):
 
     def describe(self):
         return {**super().describe(), "deepspeed_config": self.config}
+
+
+# --------------------------------------------------------------------------------------------- FSDP2
+class FSDP2Engine(TorchEngine):
+    """FSDP2 (``torch.distributed.fsdp.fully_shard``) under ``torchrun``: every parameter a ``DTensor``
+    sharded by rows over the ranks, gathered for each block's forward and backward.
+
+    :meth:`shard` applies ``fully_shard`` to every transformer block (the model's ``_no_split_modules``
+    classes; else every direct child holding parameters), to the ``transformers`` model inside a PEFT
+    wrapper, and then to the root; the method's optimizer is
+    built afterwards on the sharded parameters (loralab's LoRA optimizers gather the small LoRA factors
+    through :mod:`loralab.core.sharding`). Gradients are averaged by FSDP2's reduce-scatter;
+    :meth:`accumulate` turns that off for all but the last micro-batch. The process group must be up
+    (torchrun's environment; :meth:`__init__` initialises it: gloo on CPU, NCCL on CUDA).
+
+    ``bf16=True`` (``--bf16``): ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``:
+    forward and backward in bfloat16 on the gathered parameters, gradients reduced in float32, and the
+    sharded parameters, their gradients and the optimizer stay float32 (no autocast).
+
+    Checkpoints: the model through ``torch.distributed.checkpoint`` (``model/``, sharded, every rank
+    writes its rows), each rank's optimizer state (its own rows only) in ``optimizer_rank{r}.pt``,
+    ``scheduler.pt`` and ``rng_state_rank{r}.pt``; a resume needs the same number of processes (the run
+    identity holds it). :meth:`full_state_dict` gathers the whole weights onto the main process for
+    ``final/``.
+    """
+
+    name = "fsdp2"
+
+    def __init__(self, device: str | torch.device | None = None, *, bf16: bool = False) -> None:
+        import torch.distributed as dist
+
+        self.bf16 = bf16
+        if not dist.is_initialized():
+            if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+                raise RuntimeError(
+                    "--fsdp full_shard needs a launcher that sets RANK / WORLD_SIZE (torchrun "
+                    "--nproc-per-node N ...); it found none"
+                )
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            if torch.cuda.is_available():
+                torch.cuda.set_device(local)
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        super().__init__(device)
+
+    @property
+    def gathers_in_forward(self) -> bool:
+        return True
+
+    def shard(self, model):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        kw: dict[str, Any] = {}
+        if self.bf16:
+            kw["mp_policy"] = MixedPrecisionPolicy(
+                param_dtype=torch.bfloat16, reduce_dtype=torch.float32
+            )
+        model = model.to(self.device)
+        block_names = set(getattr(_inner_model(model), "_no_split_modules", None) or ())
+        blocks = [m for m in model.modules() if type(m).__name__ in block_names]
+        if not blocks:
+            blocks = [
+                m for m in _inner_model(model).children() if any(True for _ in m.parameters())
+            ]
+        for block in blocks:
+            fully_shard(block, **kw)
+        inner = _inner_model(model)
+        if inner is not model:
+            # a PEFT wrapper's generate() calls the inner model directly, bypassing the root's hooks:
+            # the inner model is its own group, so its forward gathers the embeddings and head too
+            fully_shard(inner, **kw)
+        fully_shard(model, **kw)
+        self._model = model
+        return model
+
+    def prepare(self, model, optimizer, scheduler=None):
+        from torch.distributed.fsdp import FSDPModule
+
+        if not isinstance(model, FSDPModule):
+            raise RuntimeError(
+                "FSDP2Engine.prepare: the model was not sharded; call engine.shard(model) before "
+                "building its optimizer (the optimizer must hold the sharded parameters)"
+            )
+        self.scheduler = scheduler
+        self._model = model
+        return model, optimizer
+
+    def accumulate(self, model, *, last):
+        # gradients are reduce-scattered (averaged) in the last micro-batch's backward only
+        model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
+    def clip_grad_norm_(self, model, max_norm):
+        params = [p for p in model.parameters() if p.grad is not None]
+        if not params:
+            return None
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # a DTensor: the global norm
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def unwrap(self, model):
+        return model  # fully_shard works in place: the model is the user's module
+
+    def full_state_dict(self, model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(
+            model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        return sd if self.is_main else None
+
+    def save_state(self, model, optimizer, directory):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(directory / "model"))
+        # loralab's optimizers keep plain tensors of this rank's rows (not DTensors): one file per rank
+        torch.save(optimizer.state_dict(), directory / f"optimizer_rank{self.rank}.pt")
+        if self.is_main and self.scheduler is not None:
+            torch.save(self.scheduler.state_dict(), directory / "scheduler.pt")
+        torch.save(_rng_state(), directory / f"rng_state_rank{self.rank}.pt")
+
+    def load_state(self, model, optimizer, directory):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            set_model_state_dict,
+        )
+
+        state = {"model": get_model_state_dict(model)}
+        dcp.load(state, checkpoint_id=str(directory / "model"))
+        set_model_state_dict(model, state["model"])
+        load = dict(map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(torch.load(directory / f"optimizer_rank{self.rank}.pt", **load))
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(torch.load(directory / "scheduler.pt", **load))
+        _set_rng_state(torch.load(directory / f"rng_state_rank{self.rank}.pt", weights_only=False))
+
+    def describe(self):
+        import torch.distributed as dist
+
+        return {
+            **super().describe(),
+            "sharding": "fully_shard",
+            "backend": dist.get_backend(),
+            "mixed_precision": "bf16 (param bfloat16, reduce float32)" if self.bf16 else "no",
+        }
+
+
+def _inner_model(model: nn.Module) -> nn.Module:
+    """The ``transformers`` model inside a PEFT wrapper (where ``_no_split_modules`` is declared)."""
+    base = getattr(model, "base_model", None)
+    inner = getattr(base, "model", None) if base is not None else None
+    return inner if isinstance(inner, nn.Module) else model
 
 
 def _rng_state() -> dict[str, Any]:

@@ -3,7 +3,8 @@
 A recipe loads its data and model, defines ``evaluate(engine, model)``, and calls :func:`finetune`,
 which reads top to bottom:
 
-1. the engine (``accelerate``: one process, ``torchrun``, ``accelerate launch``, ``deepspeed``);
+1. the engine (``accelerate``: one process, ``torchrun``, ``accelerate launch``, ``deepspeed``; FSDP2 under
+   ``torchrun`` with ``--fsdp full_shard``), checked against the method's sharded engines;
 2. the output directory (``--overwrite_output_dir`` removes the previous run) and the run identity
    (a resume must match the checkpoint's settings);
 3. the method (``--method``): adapters, optimizer, scheduler, callbacks; gradient-based inits get
@@ -43,7 +44,7 @@ from loralab.runners.loop.checkpoint import (
     remove_temporary,
     run_identity,
 )
-from loralab.runners.loop.engine import AccelerateEngine, Engine
+from loralab.runners.loop.engine import AccelerateEngine, Engine, FSDP2Engine
 from loralab.runners.loop.metrics import MetricsLog
 from loralab.runners.loop.trainer import LoopConfig, run_loop
 from loralab.runners.quantization import MERGED_DIR, estimation_dtype, merge_and_save
@@ -126,6 +127,12 @@ def build_accelerator(args: Any, hidden_size: int | None = None) -> Any:
         )
         kw["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=config)
     acc = Accelerator(**kw)
+    if getattr(acc.state, "fsdp_plugin", None) is not None:
+        # accelerate would shard the model behind the method's optimizer: refuse, never train wrong
+        raise ValueError(
+            "accelerate launch with an FSDP config is not supported by the fine-tuning recipes yet: "
+            "launch with torchrun and --fsdp full_shard (FSDP2) instead"
+        )
     plugin = acc.state.deepspeed_plugin
     if plugin is not None and not args.deepspeed:
         # launched by `accelerate launch` with a DeepSpeed YAML: fill the JSON's "auto" values too
@@ -133,9 +140,25 @@ def build_accelerator(args: Any, hidden_size: int | None = None) -> Any:
     return acc
 
 
-def build_engine(args: Any, hidden_size: int | None = None) -> AccelerateEngine:
-    """The fine-tuning recipes' engine: :class:`AccelerateEngine` over :func:`build_accelerator`."""
+def build_engine(args: Any, hidden_size: int | None = None) -> Engine:
+    """The fine-tuning recipes' engine: :class:`FSDP2Engine` under ``--fsdp full_shard``, else
+    :class:`AccelerateEngine` over :func:`build_accelerator`."""
+    if getattr(args, "fsdp", None):
+        return FSDP2Engine(bf16=bool(args.bf16))
     return AccelerateEngine(build_accelerator(args, hidden_size))
+
+
+def _engine_line(engine: Engine) -> str:
+    """One line naming the engine and its stage, printed by every rank."""
+    what = engine.name
+    if isinstance(engine, FSDP2Engine):
+        what = "fsdp2 (fully_shard" + (", bf16 params, fp32 reduce)" if engine.bf16 else ")")
+    elif isinstance(engine, AccelerateEngine) and engine.deepspeed:
+        stage = zero_stage(engine.acc.state.deepspeed_plugin.deepspeed_config)
+        what = f"accelerate + DeepSpeed ZeRO-{stage}"
+    elif isinstance(engine, AccelerateEngine):
+        what = f"accelerate ({str(engine.acc.distributed_type).split('.')[-1]})"
+    return f"[loralab.runners] rank {engine.rank}/{engine.world_size}: engine {what} on {engine.device}"
 
 
 def identity_settings(args: Any, world_size: int) -> dict[str, Any]:
@@ -176,6 +199,8 @@ def finetune(
     # 1. engine
     method = get_method(args.method)
     method.check_available()
+    if getattr(args, "fsdp", None):
+        method.check_engine("fsdp2", "--fsdp full_shard")
     if args.deepspeed and not method.zero_partitioning:
         # before any process group forms: --deepspeed names the config, its ZeRO stage is known already
         _check_zero(method, zero_stage(load_deepspeed_config(args.deepspeed)))
@@ -184,6 +209,9 @@ def finetune(
     )
     if isinstance(engine, AccelerateEngine) and engine.deepspeed and not method.zero_partitioning:
         _check_zero(method, zero_stage(engine.acc.state.deepspeed_plugin.deepspeed_config))
+    if isinstance(engine, FSDP2Engine):
+        method.check_engine("fsdp2", "--fsdp full_shard")
+    print(_engine_line(engine), flush=True)
 
     # 2. output directory, data, run identity
     out = Path(args.output_dir)
@@ -240,7 +268,8 @@ def finetune(
     if method.needs_batches and resume is None:
         model.to(engine.device)
         init_batches = data.first_batches(_init_batch_count(method, args))
-    setup = method.setup(model, args, init_batches, resume=resume is not None)
+    # an engine that shards the parameters (FSDP2) does so before the method builds its optimizer
+    setup = method.setup(model, args, init_batches, resume=resume is not None, shard=engine.shard)
     model, optimizer = engine.prepare(setup.model, setup.optimizer, setup.scheduler)
     if args.report_to != "none" and isinstance(engine, AccelerateEngine):
         engine.acc.init_trackers(

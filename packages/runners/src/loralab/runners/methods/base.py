@@ -41,6 +41,7 @@ __all__ = [
     "COMMON_DEFAULTS",
     "LORA_OPTIONS",
     "OPTIONS",
+    "SHARDING_ENGINES",
     "TARGET_MODULES",
     "Callback",
     "Method",
@@ -52,6 +53,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+SHARDING_ENGINES = ("deepspeed_zero", "fsdp2")
+"""Engines that shard parameters, named in :attr:`Method.sharded_engines`."""
 
 
 class MethodError(ValueError):
@@ -224,8 +228,11 @@ class Method(ABC):
         defaults: the default of each of ``options`` (same names).
         requires: names the package must export (its native API in the cross-package contract).
         needs_batches: whether :meth:`setup` needs training batches (gradient-based inits).
-        zero_partitioning: whether the optimizer works when DeepSpeed ZeRO flattens and shards
-            parameters (optimizers that need each weight's matrix shape or LoRA A/B pairing do not).
+        sharded_engines: the sharding engines the method runs under (:data:`SHARDING_ENGINES`):
+            ``"deepspeed_zero"`` (``--deepspeed`` with ZeRO stage >= 1, which flattens and shards the
+            parameters: optimizers that need each weight's matrix or LoRA A/B pairing cannot) and
+            ``"fsdp2"`` (``--fsdp full_shard``: ``DTensor`` row shards, tested per method). One process
+            and DDP always work. :attr:`zero_partitioning` reads the first.
         ddp_wrappable: whether DDP may average the gradients. DDP registers its hooks once, on the
             parameters that require a gradient at wrap time; a method whose trainable set changes
             during training (``golore-relora``) needs the loop to all-reduce gradients itself.
@@ -243,13 +250,32 @@ class Method(ABC):
     defaults: ClassVar[Mapping[str, Any]] = {}
     requires: ClassVar[tuple[str, ...]] = ()
     needs_batches: ClassVar[bool] = False
-    zero_partitioning: ClassVar[bool] = True
+    sharded_engines: ClassVar[frozenset[str]] = frozenset({"deepspeed_zero"})
     ddp_wrappable: ClassVar[bool] = True
     optimizers: ClassVar[tuple[str, ...]] = ("adamw",)
     extra: ClassVar[str | None] = None
     has_adapter: ClassVar[bool] = True
     quantized_base: ClassVar[bool] = True
     description: ClassVar[str] = ""
+
+    @property
+    def zero_partitioning(self) -> bool:
+        """Whether the method runs under DeepSpeed ZeRO stage >= 1 (``"deepspeed_zero"`` in
+        :attr:`sharded_engines`)."""
+        return "deepspeed_zero" in self.sharded_engines
+
+    def check_engine(self, engine: str, flag: str) -> None:
+        """Raise :class:`MethodError` naming ``flag`` when the method cannot run under ``engine`` (one
+        of :data:`SHARDING_ENGINES`)."""
+        if engine not in SHARDING_ENGINES:
+            raise ValueError(f"engine must be one of {SHARDING_ENGINES}, got {engine!r}")
+        if engine not in self.sharded_engines:
+            runs = sorted(self.sharded_engines) or ["none"]
+            raise MethodError(
+                f"--method {self.name} does not run under {flag} yet (its sharded engines: "
+                f"{', '.join(runs)}); run it without {flag}: one process or DDP (torchrun / "
+                "accelerate launch)"
+            )
 
     def import_package(self) -> ModuleType | None:
         """Import the method's package, or raise ``ImportError`` saying what to install."""
@@ -289,6 +315,7 @@ class Method(ABC):
         *,
         resume: bool = False,
         scheduler: Callable[[Optimizer], Any] | None = None,
+        shard: Callable[[nn.Module], nn.Module] | None = None,
     ) -> MethodSetup:
         """Wrap ``model`` and build its optimizer and scheduler from ``args``.
 
@@ -303,6 +330,8 @@ class Method(ABC):
                 and offset weights).
             scheduler: builds the learning-rate scheduler from the optimizer instead of
                 ``transformers.get_scheduler(args.lr_scheduler_type, ...)`` (C4's cosine with a floor).
+            shard: applied to the wrapped model before the optimizer is built (an engine that replaces
+                the parameters by shards: :meth:`loralab.runners.loop.engine.Engine.shard`).
         """
         resolve_method_options(self, args)
         self.check_model(model, args)
@@ -311,6 +340,8 @@ class Method(ABC):
                 f"--method {self.name} initializes from gradients: train_batches are required"
             )
         model = self.wrap(model, args, train_batches, resume=resume)
+        if shard is not None:
+            model = shard(model)
         optimizer = self.build_optimizer(model, args)
         return MethodSetup(
             model=model,

@@ -15,6 +15,7 @@ class FullFineTuning(Method):
     name = "full"
     description = "full fine-tuning (AdamW on every weight)"
     optimizers = ("adamw", "sgd")
+    sharded_engines = frozenset({"deepspeed_zero", "fsdp2"})  # torch's AdamW / SGD: element-wise
     # full weights train: nothing to merge, and a bitsandbytes weight gets no gradient
     has_adapter = False
     quantized_base = False

@@ -87,7 +87,8 @@ class GaLore(Method):
     extra = "golore"
     requires = ("create_galore_optimizer",)
     description = "GaLore: full training, Adam in a gradient SVD subspace"
-    zero_partitioning = False  # projects each weight's gradient matrix; ZeRO flattens them
+    # projects each weight's gradient matrix: ZeRO flattens them, FSDP2 shards them (not yet handled)
+    sharded_engines: ClassVar[frozenset[str]] = frozenset()
     optimizers = ("adamw", "sgd")
     options = GALORE_OPTIONS
     # full weights train: nothing to merge, and a bitsandbytes weight gets no gradient

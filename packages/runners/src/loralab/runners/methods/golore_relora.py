@@ -78,7 +78,8 @@ class GoLoreReLoRA(Method):
     extra = "golore"
     requires = ("ReLoRaModel",)
     description = "GaLore/GoLore as W - s·A·B with a fixed projector factor, merged every update_proj_gap steps"
-    zero_partitioning = False  # merge_and_reinit needs whole W, A, B matrices
+    # merge_and_reinit needs whole W, A, B matrices
+    sharded_engines: ClassVar[frozenset[str]] = frozenset()
     ddp_wrappable = False  # W trains on refresh steps only: DDP would never average its gradient
     optimizers = ("adamw", "sgd")
     # W trains (merged every gap) and final/ is the merged full model; ReLoRaModel(quantize=...) is

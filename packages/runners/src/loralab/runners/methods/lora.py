@@ -15,6 +15,7 @@ class LoRA(Method):
     name = "lora"
     description = "PEFT LoRA (B = 0, A Kaiming-uniform) + AdamW"
     options = LORA_OPTIONS
+    sharded_engines = frozenset({"deepspeed_zero", "fsdp2"})  # torch's AdamW: element-wise
     defaults: ClassVar[dict[str, Any]] = dict(LORA_DEFAULTS)
 
     def wrap(self, model: nn.Module, args: Any, train_batches: Any, *, resume: bool) -> nn.Module:

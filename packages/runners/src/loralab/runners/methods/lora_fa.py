@@ -22,7 +22,9 @@ class LoraFA(Method):
     pip_name = "loralab-lora-fa"
     requires = ("create_lorafa_optimizer",)
     description = "LoRA-FA: A frozen, B updated with the projected (full-FT-equivalent) gradient"
-    zero_partitioning = False  # pairs each B with its A: needs the unflattened matrices
+    # pairs each B with its A: needs the unflattened matrices (ZeRO flattens them); under FSDP2 the
+    # optimizer gathers the row-sharded A (loralab.core.sharding)
+    sharded_engines = frozenset({"fsdp2"})
     options = LORA_OPTIONS
     defaults: ClassVar[dict[str, Any]] = dict(LORA_DEFAULTS)
 

@@ -22,9 +22,9 @@ class LoraPro(Method):
     pip_name = "loralab-lora-pro"
     requires = ("create_lora_pro_optimizer",)
     description = "LoRA-Pro: LoRA with equivalent gradients (AdamW on the adjusted A, B gradients)"
-    zero_partitioning = (
-        False  # needs each (A, B) pair as matrices; ZeRO flattens them (LoRA-Pro issue #9)
-    )
+    # needs each (A, B) pair as matrices: ZeRO flattens them (LoRA-Pro issue #9); under FSDP2 the
+    # optimizer gathers the row-sharded factors (loralab.core.sharding)
+    sharded_engines = frozenset({"fsdp2"})
     # LoRA-Pro has no config dataclass: its options are create_lora_pro_optimizer's arguments
     options = (
         *LORA_OPTIONS,

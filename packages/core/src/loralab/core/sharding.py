@@ -1,0 +1,200 @@
+"""Whole-matrix views of parameters and gradients that an engine may shard (one place for engine glue).
+
+An optimizer that transforms a layer's gradient as a matrix (LoRA-FA's ``g_B·(A·Aᵀ)⁻¹``, LoRA-Pro's
+adjustment) needs the layer's ``(out, in)`` matrices whole, while the engine may hold only a slice of
+them on each rank. These helpers give, per parameter, the whole parameter and gradient, the rows this
+rank holds, and a way to write a whole update back to the local slice, so that method code is written
+once for every engine:
+
+- one process and DDP: parameters and gradients are plain, whole tensors (DDP averaged the
+  gradients); every helper is the identity (no copy, no communication);
+- FSDP2 (``torch.distributed.fsdp.fully_shard``): parameters are ``DTensor``\\s sharded on dim 0
+  (``Shard(0)``) over a 1-D device mesh, and after backward their gradients are ``DTensor``\\s of the same
+  layout holding the data-parallel mean. :func:`whole` all-gathers them (meant for the small LoRA
+  factors; full weight matrices should use the projection algebra on row shards: :func:`rows_of`,
+  :func:`sum_over_shards_`, :func:`gather_rows`). A ``Replicate()`` layout is whole on every rank.
+
+Row shards follow ``torch.chunk`` as ``DTensor``'s ``Shard(0)`` does: rank ``k`` holds rows
+``[k·c, min((k+1)·c, m))`` with ``c = ⌈m / world⌉`` (empty on the last ranks when ``m < world``).
+Layouts other than one mesh dimension with ``Shard(0)`` or ``Replicate()`` (HSDP's 2-D meshes, tensor
+parallelism's ``Shard(1)``) raise ``NotImplementedError`` naming the placement.
+
+Every function that communicates (:func:`whole`, :func:`whole_grad`, :func:`sum_over_shards_`,
+:func:`gather_rows`, :func:`all_ranks_agree`) is a collective over the parameter's mesh: call it on
+every rank, in the same order.
+
+Example:
+    >>> import torch
+    >>> from loralab.core.sharding import local_tensor, rows_of, whole, write_rows_
+    >>> p = torch.nn.Parameter(torch.zeros(4, 3))  # one process: nothing is sharded
+    >>> whole(p) is p, rows_of(p)
+    (True, slice(0, 4, None))
+    >>> write_rows_(p, torch.ones(4, 3))
+    >>> float(local_tensor(p).sum())
+    12.0
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = [
+    "all_ranks_agree",
+    "gather_rows",
+    "is_sharded",
+    "local_rows",
+    "local_tensor",
+    "rows_of",
+    "sum_over_shards_",
+    "whole",
+    "whole_grad",
+    "write_rows_",
+]
+
+
+def _dtensor_type() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return None
+    return DTensor
+
+
+def _is_dtensor(t: Any) -> bool:
+    cls = _dtensor_type()
+    return cls is not None and isinstance(t, cls)
+
+
+def _layout(t: Tensor) -> str:
+    """``"shard0"`` or ``"replicate"`` for a supported ``DTensor``; raises for other layouts."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    placements = tuple(t.placements)  # type: ignore[attr-defined]
+    if len(placements) == 1:
+        (pl,) = placements
+        if isinstance(pl, Replicate):
+            return "replicate"
+        if type(pl) is Shard and pl.dim == 0:
+            return "shard0"
+    raise NotImplementedError(
+        f"loralab.core.sharding supports DTensors on a 1-D device mesh with placement Shard(0) (FSDP2's "
+        f"fully_shard) or Replicate(), got placements {placements} on mesh "
+        f"{tuple(t.device_mesh.shape)}"  # type: ignore[attr-defined]
+    )
+
+
+def is_sharded(t: Tensor | None) -> bool:
+    """Whether ``t`` is a ``DTensor`` split over several ranks (FSDP2), i.e. not whole on this rank."""
+    return (
+        t is not None and _is_dtensor(t) and _layout(t) == "shard0" and t.device_mesh.size() > 1  # type: ignore[attr-defined]
+    )
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """This rank's part of ``t`` as a plain tensor sharing its storage (in-place changes write to
+    ``t``); ``t`` itself when it is not a ``DTensor``."""
+    if _is_dtensor(t):
+        _layout(t)
+        return t.to_local()  # type: ignore[attr-defined]
+    return t
+
+
+def whole(t: Tensor) -> Tensor:
+    """The whole tensor as a plain tensor: all-gathered from the shards of a sharded ``DTensor``, else
+    ``t`` itself (detached when it is a parameter under ``no_grad``, as the caller sees it)."""
+    if _is_dtensor(t):
+        _layout(t)
+        return t.full_tensor()  # type: ignore[attr-defined]
+    return t
+
+
+def whole_grad(p: Tensor) -> Tensor | None:
+    """The whole gradient of ``p`` (see :func:`whole`), ``None`` when it has none."""
+    return None if p.grad is None else whole(p.grad)
+
+
+def rows_of(t: Tensor) -> slice:
+    """The rows (dim 0) of the whole tensor that this rank holds: all of them unless ``t`` is sharded."""
+    m = t.shape[0]
+    if not is_sharded(t):
+        return slice(0, m)
+    mesh = t.device_mesh  # type: ignore[attr-defined]
+    world, rank = mesh.size(), mesh.get_local_rank()
+    chunk = -(-m // world)
+    start = min(rank * chunk, m)
+    rows = slice(start, min(start + chunk, m))
+    local = t.to_local().shape[0]  # type: ignore[attr-defined]
+    if rows.stop - rows.start != local:  # a layout that does not follow torch.chunk: never guess
+        raise NotImplementedError(
+            f"a Shard(0) DTensor of {m} rows holds {local} rows on mesh rank {rank} of {world}, not "
+            f"torch.chunk's {rows.stop - rows.start}: uneven custom sharding is not supported"
+        )
+    return rows
+
+
+def local_rows(t: Tensor, value: Tensor) -> Tensor:
+    """The rows of ``value`` (shaped like the whole ``t``) that this rank holds for ``t`` (a view)."""
+    if value.shape[0] != t.shape[0]:
+        raise ValueError(
+            f"local_rows: value has {value.shape[0]} rows, the whole tensor {t.shape[0]}: got "
+            f"shapes {tuple(value.shape)} and {tuple(t.shape)}"
+        )
+    return value[rows_of(t)]
+
+
+@torch.no_grad()
+def write_rows_(p: Tensor, value: Tensor) -> None:
+    """Copy the whole ``value`` into ``p``: this rank's rows into its local shard (no communication;
+    every rank computes the same whole ``value``, or at least its own rows of it)."""
+    local_tensor(p).copy_(local_rows(p, value))
+
+
+def _group(t: Tensor) -> Any:
+    return t.device_mesh.get_group()  # type: ignore[attr-defined]
+
+
+def sum_over_shards_(value: Tensor, like: Tensor) -> Tensor:
+    """Sum ``value`` in place over the ranks that share ``like``'s shards (an all-reduce; the identity
+    when ``like`` is not sharded). The projection algebra on row shards: ``Bᵀ·N = Σ_k B_kᵀ·N_k``."""
+    if is_sharded(like):
+        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=_group(like))
+    return value
+
+
+def gather_rows(like: Tensor, rows: Tensor) -> Tensor:
+    """The whole matrix from this rank's ``rows`` (laid out as ``like``'s local shard; ``rows`` itself
+    when ``like`` is not sharded). For small results such as ``N·Aᵀ`` (m×r) of a row-sharded ``N``."""
+    if not is_sharded(like):
+        return rows
+    from torch.distributed.tensor import DTensor
+
+    shape = (like.shape[0], *rows.shape[1:])
+    stride = torch.empty(shape, device="meta").stride()
+    d = DTensor.from_local(
+        rows.contiguous(),
+        like.device_mesh,  # type: ignore[attr-defined]
+        like.placements,  # type: ignore[attr-defined]
+        run_check=False,
+        shape=torch.Size(shape),
+        stride=stride,
+    )
+    return d.full_tensor()
+
+
+def all_ranks_agree(ok: bool, tensors: Iterable[Tensor]) -> bool:
+    """``ok`` and-ed over every rank when any of ``tensors`` is sharded, else ``ok`` (no communication).
+
+    A check made on local shards (finite gradients) can fail on one rank only; all ranks must then take
+    the same branch (raise together), or the others would wait forever in the next collective.
+    """
+    sharded = next((t for t in tensors if is_sharded(t)), None)
+    if sharded is None:
+        return ok
+    flag = torch.tensor(1.0 if ok else 0.0, device=local_tensor(sharded).device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=_group(sharded))
+    return bool(flag.item() == 1.0)

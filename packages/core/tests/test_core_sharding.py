@@ -1,0 +1,73 @@
+"""Whole-matrix views under FSDP2 (2 CPU ranks, gloo) and the identity in one process."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from loralab.core.sharding import (
+    all_ranks_agree,
+    gather_rows,
+    is_sharded,
+    local_rows,
+    local_tensor,
+    rows_of,
+    sum_over_shards_,
+    whole,
+    whole_grad,
+    write_rows_,
+)
+from loralab.core.testing import run_torchrun
+
+sys.path.insert(0, str(Path(__file__).parent))
+from sharding_worker import SHAPES, batch, model
+
+WORKER = Path(__file__).with_name("sharding_worker.py")
+
+
+def test_one_process_is_the_identity():
+    p = torch.nn.Parameter(torch.randn(3, 2))
+    p.grad = torch.randn(3, 2)
+    assert not is_sharded(p) and not is_sharded(None)
+    assert whole(p) is p and whole_grad(p) is p.grad and local_tensor(p) is p
+    assert rows_of(p) == slice(0, 3)
+    v = torch.randn(3, 2)
+    assert torch.equal(local_rows(p, v), v)
+    assert sum_over_shards_(v, p) is v and gather_rows(p, v) is v
+    assert all_ranks_agree(False, [p]) is False and all_ranks_agree(True, [p]) is True
+    write_rows_(p, v)
+    assert torch.equal(p.detach(), v)
+    q = torch.nn.Parameter(torch.zeros(2))
+    assert whole_grad(q) is None
+
+
+def test_local_rows_refuses_a_value_of_another_height():
+    with pytest.raises(ValueError, match="value has 2 rows, the whole tensor 3"):
+        local_rows(torch.zeros(3, 2), torch.zeros(2, 2))
+
+
+@pytest.mark.multiprocess
+def test_fsdp2_whole_matrices_equal_one_process(tmp_path):
+    prefix = tmp_path / "run"
+    run_torchrun(WORKER, prefix, timeout=600)
+    ranks = [torch.load(f"{prefix}.{r}.pt", weights_only=True) for r in (0, 1)]
+
+    net = model()  # one process, the whole batch
+    net(batch()).pow(2).sum().div(4).backward()
+    chunk_rows = {5: [(0, 3), (3, 5)], 1: [(0, 1), (1, 1)], 4: [(0, 2), (2, 4)]}
+    for i, (layer, (m, n)) in enumerate(zip(net, SHAPES)):
+        W, G = layer.weight.detach(), layer.weight.grad
+        P = torch.arange(m * 2, dtype=torch.float32).reshape(m, 2)
+        update = torch.full((m, n), float(i + 1)) + torch.arange(m).unsqueeze(1)
+        for r, out in enumerate(ranks):
+            assert torch.equal(out[f"whole{i}"], W)  # gathered exactly
+            # the gradient is the data-parallel mean: equal up to the order of the sums
+            torch.testing.assert_close(out[f"grad{i}"], G, rtol=1e-6, atol=1e-7)
+            assert tuple(out[f"rows{i}"].tolist()) == chunk_rows[m][r]
+            torch.testing.assert_close(out[f"PtG{i}"], P.T @ G, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(out[f"GQ{i}"], G @ torch.ones(n, 2), rtol=1e-6, atol=1e-6)
+            assert torch.equal(out[f"written{i}"], update)
+    for out in ranks:
+        assert out["agree_true"] is True and out["agree_false"] is False
+        assert "Shard(dim=1)" in out["error"] and "Shard(0)" in out["error"]

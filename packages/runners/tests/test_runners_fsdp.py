@@ -1,0 +1,336 @@
+"""``--fsdp full_shard``: FSDP2 (``fully_shard``) under torchrun with 2 CPU processes (gloo).
+
+GLUE with LoRA-Pro (its optimizer gathers the row-sharded LoRA factors, :mod:`loralab.core.sharding`)
+trains as one process with the same global batch, evaluates an odd-sized validation set (the shorter
+shard is padded: every forward is a collective), writes ``final/`` from the gathered weights, and resumes
+from its checkpoint exactly. Unsupported combinations are refused before anything loads.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from loralab.runners import glue
+from loralab.runners.loop.engine import FSDP2Engine
+from loralab.runners.methods import MethodError, get_method
+
+TIMEOUT = 900
+STEPS = 3
+LOSS_RTOL = 1e-5  # float32 reduction order (as test_runners_launch)
+# LoRA-Pro's r×r (pseudo-)inverses of BᵀB with B ≈ 0 (PEFT's init) amplify that float32 round-off: the
+# final adapters of one process and of 2 ranks differ by 4.8e-4 (relative, worst tensor) under FSDP2 and
+# under DDP alike (FSDP2 and DDP gave bit-identical adapters)
+ADAPTER_RTOL = 2e-3
+BF16_LOSS_RTOL = 2e-2  # bfloat16 compute (8 mantissa bits) against float32
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ relative to ‖b‖, with a floor of 1e-6 per entry: attention key biases get a zero gradient
+    (softmax is invariant to them), so in full fine-tuning they hold pure round-off (~1e-12)."""
+    return ((a - b).norm() / (b.norm() + 1e-6 * b.numel() ** 0.5)).item()
+
+
+def glue_argv(model: str, root: Path, out: Path, batch: int, *extra: str) -> list[str]:
+    return ["--model_name_or_path", model, "--task_name", "sst2", "--train_file", str(root / "train.jsonl"),
+            "--validation_file", str(root / "val.jsonl"), "--output_dir", str(out), "--per_device_train_batch_size",
+            str(batch), "--max_steps", str(STEPS), "--logging_steps", "1", "--learning_rate", "1e-3", "--method",
+            "lora-pro", "--lora_r", "4", "--disable_tqdm", "true", "--adam_epsilon", "1e-4", "--lora_dropout", "0",
+            *extra]  # fmt: skip
+
+
+def torchrun(argv: list[str], cwd: Path, port: int) -> str:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(port), "-m", "loralab.runners.glue", *argv]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"torchrun failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}"
+        )
+    return proc.stdout + proc.stderr
+
+
+def run_worker(runs: list[tuple[str, list[str]]], root: Path, port: int) -> str:
+    """Several ``(recipe, argv)`` trainings in one 2-process torchrun launch (runners_fsdp_worker.py)."""
+    (root / "runs.json").write_text(json.dumps(runs))
+    worker = Path(__file__).with_name("runners_fsdp_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(port), str(worker), str(root / "runs.json")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    return proc.stdout + proc.stderr
+
+
+def records(out: Path, kind: str) -> list[dict]:
+    rows = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    return [r for r in rows if r["kind"] == kind]
+
+
+def adapter(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "final" / "adapter_model.safetensors"))
+
+
+@pytest.fixture
+def small_glue(tmp_path, helpers):
+    from loralab.core.testing import save_tiny, tiny_roberta
+
+    # no dropout: masks differ between ranks and one process
+    model = save_tiny(
+        tiny_roberta(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), tmp_path / "m"
+    )
+    helpers.write_jsonl(tmp_path / "train.jsonl", helpers.sst2_rows(32, 0))
+    helpers.write_jsonl(tmp_path / "val.jsonl", helpers.sst2_rows(15, 1))  # odd: shards of 8 and 7
+    return str(model), tmp_path
+
+
+def test_fsdp_other_values_and_combinations_are_refused(small_glue):
+    model, root = small_glue
+    with pytest.raises(
+        ValueError, match=r"--fsdp supports only 'full_shard' \(FSDP2\), got 'shard_grad_op'"
+    ):
+        glue.main(glue_argv(model, root, root / "o1", 4, "--fsdp", "shard_grad_op"))
+    with pytest.raises(ValueError, match="--fsdp full_shard cannot be combined with --deepspeed"):
+        glue.main(
+            glue_argv(model, root, root / "o2", 4, "--fsdp", "full_shard", "--deepspeed", "zero2")
+        )
+    with pytest.raises(
+        ValueError, match="--fsdp full_shard cannot be combined with --load_in_4bit"
+    ):
+        glue.main(
+            glue_argv(model, root, root / "o3", 4, "--fsdp", "full_shard", "--load_in_4bit", "true")
+        )
+
+
+@pytest.mark.parametrize("method", ["galore", "golore", "lora-ga", "lora-sb"])
+def test_methods_not_yet_sharded_are_refused_under_fsdp(small_glue, helpers, method):
+    model, root = small_glue
+    argv = ["--model_name_or_path", model, "--task_name", "sst2", "--train_file", str(root / "train.jsonl"),
+            "--validation_file", str(root / "val.jsonl"), "--output_dir", str(root / method), "--max_steps", "1",
+            "--method", method, *helpers.method_flags(method), "--fsdp", "full_shard"]  # fmt: skip
+    with pytest.raises(
+        MethodError, match=f"--method {method} does not run under --fsdp full_shard"
+    ):
+        glue.main(argv)
+
+
+def test_sharded_engines_capability():
+    for name in ("lora", "lora-fa", "lora-pro", "full"):
+        get_method(name).check_engine("fsdp2", "--fsdp full_shard")
+    assert get_method("lora").zero_partitioning and get_method("full").zero_partitioning
+    assert (
+        not get_method("lora-pro").zero_partitioning and not get_method("galore").zero_partitioning
+    )
+    with pytest.raises(ValueError, match=r"engine must be one of .* got 'fsdp1'"):
+        get_method("lora").check_engine("fsdp1", "--fsdp")
+
+
+def test_every_rank_prints_its_engine(small_glue):
+    from loralab.runners.arguments import parse_args
+    from loralab.runners.glue import GlueArgs
+    from loralab.runners.loop.finetune import _engine_line, build_engine
+
+    model, root = small_glue
+    args = parse_args(GlueArgs, glue_argv(model, root, root / "e", 4))
+    line = _engine_line(build_engine(args))
+    assert line == "[loralab.runners] rank 0/1: engine accelerate (NO) on cpu"
+
+
+def test_fsdp2_engine_needs_a_launcher(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(RuntimeError, match=r"--fsdp full_shard needs a launcher .*torchrun"):
+        FSDP2Engine()
+
+
+def test_prepare_refuses_a_model_that_was_not_sharded(monkeypatch):
+    engine = object.__new__(FSDP2Engine)  # no process group needed to reach the check
+    with pytest.raises(
+        RuntimeError, match=r"call engine.shard\(model\) before building its optimizer"
+    ):
+        engine.prepare(torch.nn.Linear(2, 2), None)
+
+
+def test_accelerate_fsdp_plugin_is_refused(monkeypatch):
+    import types
+
+    import accelerate
+
+    from loralab.runners.loop.finetune import build_accelerator
+
+    class FakeAccelerator:  # what `accelerate launch` with an FSDP YAML builds
+        def __init__(self, **kw):
+            self.state = types.SimpleNamespace(fsdp_plugin=object(), deepspeed_plugin=None)
+
+    monkeypatch.setattr(accelerate, "Accelerator", FakeAccelerator)
+    args = types.SimpleNamespace(deepspeed=None, gradient_accumulation_steps=1, bf16=False, report_to="none",
+                                 per_device_train_batch_size=2, max_grad_norm=1.0)  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"accelerate launch with an FSDP config .* --fsdp full_shard"
+    ):
+        build_accelerator(args)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_glue_lora_pro_fsdp_two_ranks_equal_one_process_and_resume_exactly(small_glue, helpers):
+    model, root = small_glue
+    single = root / "single"
+    expected = glue.main(glue_argv(model, root, single, 4))
+    out = root / "fsdp"
+    log = torchrun(glue_argv(model, root, out, 2, "--fsdp", "full_shard", "--save_steps", "2"), root,
+                   helpers.free_port())  # fmt: skip
+    for r in (0, 1):  # every rank says which engine ran
+        assert f"[loralab.runners] rank {r}/2: engine fsdp2 (fully_shard) on cpu" in log
+    launch = json.loads((out / "launch.json").read_text())
+    assert (launch["engine"], launch["num_processes"], launch["backend"]) == ("fsdp2", 2, "gloo")
+    got = [r["loss"] for r in records(out, "train")]
+    want = [r["loss"] for r in records(single, "train")]
+    assert len(got) == STEPS and got == pytest.approx(want, rel=LOSS_RTOL)
+    assert abs(want[1] - want[0]) > 100 * LOSS_RTOL * abs(want[0])  # the updates moved the loss
+    assert records(out, "summary")[0]["eval_accuracy"] == expected["accuracy"]
+    assert records(out, "summary")[0]["eval_num_examples"] == 15
+    a, b = adapter(out), adapter(single)
+    assert sorted(a) == sorted(b)
+    for k in b:
+        assert rel_error(a[k], b[k]) < ADAPTER_RTOL, k
+    # final/ reloads the bare way onto the original base
+    reloaded = helpers.reload_final(model, out / "final", "AutoModelForSequenceClassification")
+    assert any("lora_B" in n for n, _ in reloaded.named_parameters())
+
+    # interrupted after the checkpoint at step 2: resuming gives the uninterrupted run's adapter exactly
+    resumed = root / "resumed"
+    shutil.copytree(out, resumed, ignore=shutil.ignore_patterns("final"))
+    assert sorted(p.name for p in (resumed / "checkpoint-2").iterdir()) == [
+        "model", "optimizer_rank0.pt", "optimizer_rank1.pt", "rng_state_rank0.pt", "rng_state_rank1.pt",
+        "scheduler.pt", "trainer_state.json",
+    ]  # fmt: skip
+    torchrun(glue_argv(model, root, resumed, 2, "--fsdp", "full_shard", "--save_steps", "2",
+                       "--resume_from_checkpoint", "latest"), root, helpers.free_port())  # fmt: skip
+    c = adapter(resumed)
+    assert all(torch.equal(c[k], a[k]) for k in a)
+    assert [r["loss"] for r in records(resumed, "train")][-1] == got[-1]
+
+
+def _method_argv(
+    model: str, root: Path, out: Path, batch: int, method: str, *extra: str
+) -> list[str]:
+    argv = glue_argv(model, root, out, batch, *extra)
+    argv[argv.index("lora-pro")] = method
+    if method == "full":  # no adapter options
+        for flag in ("--lora_r", "--lora_dropout"):
+            i = argv.index(flag)
+            del argv[i : i + 2]
+    return argv
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_glue_lora_lora_fa_and_full_fine_tuning_under_fsdp_equal_one_process(small_glue, helpers):
+    # torch's AdamW on the DTensor shards (lora, full) and LoRA-FA's optimizer (gathers A), one launch
+    model, root = small_glue
+    methods = ("lora", "lora-fa", "full")
+    runs = [
+        _method_argv(model, root, root / "fsdp" / m, 2, m, "--fsdp", "full_shard") for m in methods
+    ]
+    # bf16 under FSDP2's MixedPrecisionPolicy (bfloat16 compute, float32 reduction and master weights)
+    bf16 = ["--fsdp", "full_shard", "--bf16", "true"]
+    runs.append(_method_argv(model, root, root / "fsdp" / "lora-bf16", 2, "lora", *bf16))
+    log = run_worker([("glue", argv) for argv in runs], root, helpers.free_port())
+    for m in methods:
+        single = root / "single" / m
+        expected = glue.main(_method_argv(model, root, single, 4, m))
+        out = root / "fsdp" / m
+        got = [r["loss"] for r in records(out, "train")]
+        want = [r["loss"] for r in records(single, "train")]
+        assert got == pytest.approx(want, rel=LOSS_RTOL), m
+        assert abs(want[1] - want[0]) > 100 * LOSS_RTOL * abs(want[0]), m
+        assert records(out, "summary")[0]["eval_accuracy"] == expected["accuracy"], m
+        final = "adapter_model.safetensors" if m != "full" else "model.safetensors"
+        from safetensors.torch import load_file
+
+        a, b = load_file(str(out / "final" / final)), load_file(str(single / "final" / final))
+        assert sorted(a) == sorted(b), m
+        err = max(rel_error(a[k], b[k]) for k in b)
+        assert err < ADAPTER_RTOL, (m, err)
+    out = root / "fsdp" / "lora-bf16"
+    launch = json.loads((out / "launch.json").read_text())
+    assert launch["mixed_precision"] == "bf16 (param bfloat16, reduce float32)"
+    assert "engine fsdp2 (fully_shard, bf16 params, fp32 reduce)" in log
+    got = [r["loss"] for r in records(out, "train")]
+    want = [r["loss"] for r in records(root / "single" / "lora", "train")]
+    assert got == pytest.approx(want, rel=BF16_LOSS_RTOL)
+    from safetensors.torch import load_file
+
+    a = load_file(str(out / "final" / "adapter_model.safetensors"))
+    assert all(t.dtype == torch.float32 for t in a.values())  # the master weights stay float32
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_metamath_and_winogrande_under_fsdp_equal_one_process(tiny_dirs, tmp_path, helpers):
+    # odd evaluation sets (5 GSM8K questions: generation with synced forwards; 7 WinoGrande examples):
+    # the shorter shard is padded, and the gathered predictions equal one process's
+    from loralab.runners import metamath, winogrande
+
+    pairs = [(a, b) for a in range(5, 10) for b in range(5, 10)][
+        :24
+    ]  # two-digit sums: equal lengths
+    train = [{"query": f"What is {a} plus {b}?", "response": f"{a} + {b} = {a + b}.\nThe answer is: {a + b}",
+              "type": "GSM_Rephrased", "original_question": f"What is {a} plus {b}?"} for a, b in pairs]  # fmt: skip
+    (tmp_path / "MetaMathQA-395K.json").write_text(json.dumps(train))
+    gsm8k = helpers.write_jsonl(tmp_path / "gsm8k_test.jsonl", helpers.gsm8k_rows(5, 1))
+    rows = [r for r in helpers.winogrande_rows(64, 0) if r["sentence"].endswith("_ sank.")]
+    assert len(rows) >= 23
+    wg_train = helpers.write_jsonl(tmp_path / "wg_train.jsonl", rows[:16])
+    wg_dev = helpers.write_jsonl(tmp_path / "wg_dev.jsonl", rows[16:23])
+
+    def mm(out: Path, batch: int, *extra: str) -> list[str]:
+        return ["--model_name_or_path", tiny_dirs["llama"], "--train_file", str(tmp_path / "MetaMathQA-395K.json"),
+                "--eval_file", gsm8k, "--output_dir", str(out), "--per_device_train_batch_size", str(batch),
+                "--per_device_eval_batch_size", "2", "--max_steps", str(STEPS), "--logging_steps", "1",
+                "--learning_rate", "1e-3", "--max_length", "96", "--max_new_tokens", "4", "--prompt_template", "qa",
+                "--method", "lora-fa", "--lora_r", "4", "--lora_dropout", "0", "--adam_epsilon", "1e-4",
+                "--disable_tqdm", "true", *extra]  # fmt: skip
+
+    def wg(out: Path, batch: int, *extra: str) -> list[str]:
+        return ["--model_name_or_path", tiny_dirs["llama"], "--train_file", wg_train, "--validation_file", wg_dev,
+                "--output_dir", str(out), "--per_device_train_batch_size", str(batch), "--per_device_eval_batch_size",
+                "2", "--max_steps", str(STEPS), "--logging_steps", "1", "--learning_rate", "1e-3", "--method",
+                "lora-pro", "--lora_r", "4", "--lora_dropout", "0", "--adam_epsilon", "1e-4", "--disable_tqdm",
+                "true", *extra]  # fmt: skip
+
+    fsdp = ["--fsdp", "full_shard"]
+    run_worker(
+        [
+            ("metamath", mm(tmp_path / "mm", 2, *fsdp)),
+            ("winogrande", wg(tmp_path / "wg", 2, *fsdp)),
+        ],
+        tmp_path,
+        helpers.free_port(),
+    )
+    mm_single = metamath.main(mm(tmp_path / "mm1", 4))
+    wg_single = winogrande.main(wg(tmp_path / "wg1", 4))
+    for out, single, expected in (("mm", "mm1", mm_single), ("wg", "wg1", wg_single)):
+        got = [r["loss"] for r in records(tmp_path / out, "train")]
+        want = [r["loss"] for r in records(tmp_path / single, "train")]
+        assert len(got) == STEPS and got == pytest.approx(want, rel=LOSS_RTOL), out
+        summary = records(tmp_path / out, "summary")[0]
+        assert summary["eval_accuracy"] == expected["accuracy"], out
+    for out, single, name in (
+        ("mm", "mm1", metamath.PREDICTIONS_FILE),
+        ("wg", "wg1", winogrande.PREDICTIONS_FILE),
+    ):
+        got = [json.loads(r) for r in (tmp_path / out / name).read_text().splitlines()]
+        want = [json.loads(r) for r in (tmp_path / single / name).read_text().splitlines()]
+        assert len(got) == len(want) == (5 if out == "mm" else 7)
+        key = "completion" if out == "mm" else "prediction"
+        assert [r[key] for r in got] == [r[key] for r in want], out
