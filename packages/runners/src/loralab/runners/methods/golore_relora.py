@@ -27,6 +27,8 @@ from loralab.runners.methods.base import Callback, Method, option_flag
 from loralab.runners.methods.galore import check_rank
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
     from loralab.golore import ReLoRaModel
 
 __all__ = ["METHOD", "GoLoreReLoRA", "ReLoRaRefresh"]
@@ -145,7 +147,8 @@ class GoLoreReLoRA(Method):
         run trained), so ``AutoModelForCausalLM.from_pretrained(directory)`` reproduces it."""
         from loralab.golore import ReLoRaLinear
 
-        inner = model.wrapped_model  # the ReLoRaModel's transformers model
+        # model: the ReLoRaModel wrap() returned; its wrapped_model is the transformers model
+        inner = cast("PreTrainedModel", cast("ReLoRaModel", model).wrapped_model)
         state: dict[str, torch.Tensor] = {}
         for name, mod in inner.named_modules():
             if isinstance(mod, ReLoRaLinear):
@@ -155,7 +158,8 @@ class GoLoreReLoRA(Method):
         for name, p in inner.named_parameters():
             if ".lora_" not in name and name not in state:
                 state[name] = p.detach()
-        plain = type(inner)(inner.config).to(next(inner.parameters()).dtype)
+        plain = type(inner)(inner.config)
+        plain.to(dtype=next(inner.parameters()).dtype)
         plain.load_state_dict(state, strict=True)
         plain.save_pretrained(directory, safe_serialization=True)
 
