@@ -159,7 +159,7 @@ class GoLoreReLoRA(Method):
             if ".lora_" not in name and name not in state:
                 state[name] = p.detach()
         plain = type(inner)(inner.config)
-        plain.to(dtype=next(inner.parameters()).dtype)
+        cast(nn.Module, plain).to(next(inner.parameters()).dtype)  # transformers types .to oddly
         plain.load_state_dict(state, strict=True)
         plain.save_pretrained(directory, safe_serialization=True)
 
