@@ -41,6 +41,17 @@ QUICK_NOTE = (
     "head, optimizer state and activations, which a 4-bit base does not shrink. See the ~106M run."
 )
 
+CPU_NOTE = (
+    "Reading (CPU build of bitsandbytes): a 4-bit base does NOT lower the host memory of a training "
+    "step here. On the ~106M model (2026-12-02: 'model + step' NF4 / fp32 = 1.04 for lora and lora-fa, "
+    "1.12 for lora-pro and lora-sb, 1.19 for lora-ga) the ~190 MiB that NF4 saves on the decoder's "
+    "linear weights is spent again during the step, and the load peaks higher (the float checkpoint "
+    "is read whole before it is quantized). Where it goes was not isolated (bitsandbytes' CPU kernels "
+    "dequantize each weight to a float32 temporary per matmul, and its autograd function keeps "
+    "its own state, which saved-tensor hooks do not see). QLoRA's memory saving is a GPU claim: "
+    "re-run this script on a GPU machine (allocated device memory) before quoting it; none was lent."
+)
+
 
 def _kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -209,8 +220,7 @@ def main() -> None:
         "machine that copy lives in the same host memory, so their setup peak is not lower than the "
         "float run's; on a GPU the float copy stays on the host and only one block at a time is on the device.",
     ]
-    if args.quick:
-        lines += ["", QUICK_NOTE]
+    lines += ["", QUICK_NOTE if args.quick else CPU_NOTE]
     _common.write_results(args.results, "\n".join(lines) + "\n")
 
 
