@@ -45,6 +45,14 @@ def _gone(pid: int, within: float) -> bool:
     return False
 
 
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """Kill ``proc`` and its descendants if it is still running."""
+    if proc.poll() is None:
+        for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+            p.kill()
+        proc.wait()
+
+
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
 def test_a_child_armed_with_die_with_parent_dies_with_it(tmp_path, how):
@@ -87,13 +95,17 @@ def test_killing_compare_stops_the_method_process(tmp_path, how):
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = tmp_path / "runs" / "full.jsonl"
     deadline = time.monotonic() + 600
-    while not (metrics.exists() and '"kind": "step"' in metrics.read_text()):
-        assert proc.poll() is None, "compare ended before its method trained"
-        assert time.monotonic() < deadline, "the method never started training"
-        time.sleep(0.5)
-    (worker,) = psutil.Process(proc.pid).children()
-    proc.send_signal(how)
-    code = proc.wait(timeout=60)
+    try:
+        # the metrics schema's per-step record (kind "train")
+        while not (metrics.exists() and '"kind": "train"' in metrics.read_text()):
+            assert proc.poll() is None, "compare ended before its method trained"
+            assert time.monotonic() < deadline, "the method never started training"
+            time.sleep(0.5)
+        (worker,) = psutil.Process(proc.pid).children()
+        proc.send_signal(how)
+        code = proc.wait(timeout=60)
+    finally:  # a failed wait must not leave a 100000-step comparison running
+        _kill_tree(proc)
     if how == signal.SIGTERM:
         assert code == 128 + signal.SIGTERM  # it waited for the method process, then exited
     assert _gone(worker.pid, 15), f"the method process kept training after compare got {how!r}"
