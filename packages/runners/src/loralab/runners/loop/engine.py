@@ -46,7 +46,14 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["AccelerateEngine", "DeepSpeedEngine", "Engine", "FSDP2Engine", "TorchEngine"]
+__all__ = [
+    "AccelerateEngine",
+    "DeepSpeedEngine",
+    "Engine",
+    "FSDP2Engine",
+    "ProcessGroupEngine",
+    "TorchEngine",
+]
 
 
 class Engine(ABC):
@@ -263,8 +270,38 @@ class AccelerateEngine(Engine):
             self.acc.end_training()
 
 
+# ---------------------------------------------------------------------------------- torch.distributed
+class ProcessGroupEngine(Engine):
+    """Collectives over ``torch.distributed``'s default process group (the plain-torch and DeepSpeed
+    engines; identity in one process)."""
+
+    def reduce_mean(self, value):
+        if self.world_size == 1:
+            return float(value)
+        import torch.distributed as dist
+
+        t = torch.tensor(float(value), dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t) / self.world_size
+
+    def gather_object(self, items):
+        if self.world_size == 1:
+            return list(items)
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, list(items))
+        return [x for part in out for x in part]
+
+    def barrier(self):
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
 # --------------------------------------------------------------------------------------------- plain torch
-class TorchEngine(Engine):
+class TorchEngine(ProcessGroupEngine):
     """One process, or ``torch.distributed`` DDP when a process group with several ranks is up.
 
     ``device``: where the model trains (default: ``cuda:LOCAL_RANK`` when CUDA is available, else CPU).
@@ -318,30 +355,6 @@ class TorchEngine(Engine):
     def backward(self, loss, accumulation):
         (loss / accumulation).backward()
 
-    def reduce_mean(self, value):
-        if self.world_size == 1:
-            return float(value)
-        import torch.distributed as dist
-
-        t = torch.tensor(float(value), dtype=torch.float64)
-        dist.all_reduce(t)
-        return float(t) / self.world_size
-
-    def gather_object(self, items):
-        if self.world_size == 1:
-            return list(items)
-        import torch.distributed as dist
-
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, list(items))
-        return [x for part in out for x in part]
-
-    def barrier(self):
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
     def save_state(self, model, optimizer, directory):
         if self.is_main:
             torch.save(self.unwrap(model).state_dict(), directory / "model.pt")
@@ -379,7 +392,7 @@ def _all_reduce_after(model: nn.Module):
 
 
 # --------------------------------------------------------------------------------------------- deepspeed
-class DeepSpeedEngine(Engine):
+class DeepSpeedEngine(ProcessGroupEngine):
     """``deepspeed.initialize`` as the back end (the ``deepspeed`` launcher, ZeRO 0-2), without accelerate.
 
     ``config``: the DeepSpeed config dict (batch sizes, accumulation and ``gradient_clipping`` filled in).
@@ -435,30 +448,6 @@ class DeepSpeedEngine(Engine):
 
     def step(self, optimizer):
         self._ds.step()  # the accumulation boundary: optimizer step, scheduler step, zero_grad
-
-    def reduce_mean(self, value):
-        if self.world_size == 1:
-            return float(value)
-        import torch.distributed as dist
-
-        t = torch.tensor(float(value), dtype=torch.float64)
-        dist.all_reduce(t)
-        return float(t) / self.world_size
-
-    def gather_object(self, items):
-        if self.world_size == 1:
-            return list(items)
-        import torch.distributed as dist
-
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, list(items))
-        return [x for part in out for x in part]
-
-    def barrier(self):
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
 
     def save_state(self, model, optimizer, directory):
         self._ds.save_checkpoint(str(directory), tag="deepspeed")
