@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     args = parse_args(GlueArgs, argv, description=__doc__ or "")
     # bad input refused before any model or data loads
-    check_train_args(args, auto_class="AutoModelForSequenceClassification")
+    check_train_args(args, auto_class="AutoModelForSequenceClassification", heads=HEAD_NAMES)
     return run(args).metrics
 
 

@@ -508,7 +508,11 @@ def _meta_model(model_path: str, auto_class: str) -> Any:
 
 
 def check_ranks(
-    model_path: str, requests: Sequence[RankRequest | None], *, auto_class: str
+    model_path: str,
+    requests: Sequence[RankRequest | None],
+    *,
+    auto_class: str,
+    heads: Sequence[str] = (),
 ) -> None:
     """Refuse a rank larger than ``min(out, in)`` (LoRA-GA: ``2r``) of a target layer.
 
@@ -534,18 +538,14 @@ def check_ranks(
             exc,
         )
         return
-    heads = None
-    if auto_class == "AutoModelForSequenceClassification":
-        from loralab.runners.glue import HEAD_NAMES
-
-        # the classification head is trained in full (modules_to_save), never adapted
-        heads = rf"(.*\.)?({'|'.join(HEAD_NAMES)})(\..*)?"
+    # ``heads``: a task head (GLUE's classifier) is trained in full (modules_to_save), never adapted
+    exclude = rf"(.*\.)?({'|'.join(heads)})(\..*)?" if heads else None
     for req in wanted:
         spec = req.target_modules
         if isinstance(spec, str) and spec != "all-linear" and "," in spec:
             spec = [s.strip() for s in spec.split(",") if s.strip()]
         try:
-            targets = find_targets(model, spec, exclude_modules=heads)
+            targets = find_targets(model, spec, exclude_modules=exclude)
         except TargetNotFoundError:
             continue  # the method reports unmatched targets itself, with PEFT's semantics
         if not targets:
@@ -566,11 +566,14 @@ def check_ranks(
 # ------------------------------------------------------------------------------ entrypoints
 
 
-def check_train_args(args: Any, *, auto_class: str = "AutoModelForCausalLM") -> None:
+def check_train_args(
+    args: Any, *, auto_class: str = "AutoModelForCausalLM", heads: Sequence[str] = ()
+) -> None:
     """Everything a fine-tuning entrypoint (GLUE, MetaMath, WinoGrande) can check before loading.
 
     ``args`` are the parsed, validated arguments (method options resolved); ``auto_class`` is the
-    ``transformers`` class the entrypoint loads (for the target layers' names and shapes).
+    ``transformers`` class the entrypoint loads (for the target layers' names and shapes); ``heads``
+    the names of its task head's modules, which are trained in full and never adapted.
     """
     if getattr(args, "fsdp", None):
         from loralab.runners.methods import get_method
@@ -587,6 +590,7 @@ def check_train_args(args: Any, *, auto_class: str = "AutoModelForCausalLM") -> 
         args.model_name_or_path,
         [rank_request(args.method, args)],
         auto_class=auto_class,
+        heads=heads,
     )
 
 
@@ -634,5 +638,9 @@ def check_compare(config: Any) -> tuple[str, str]:
                     }
                 )
             )
-    check_ranks(model_path, requests, auto_class="AutoModelForSequenceClassification")
+    from loralab.runners.glue import HEAD_NAMES
+
+    check_ranks(
+        model_path, requests, auto_class="AutoModelForSequenceClassification", heads=HEAD_NAMES
+    )
     return model_path, label
