@@ -100,7 +100,7 @@ def test_compare_two_methods_writes_plots_table_and_metrics(two_method_run):
 
 
 def test_compare_reports_a_failing_method_and_keeps_going(tmp_path):
-    # --rand_ratio does not apply to LoRA: the registry rejects it naming the flag; full still runs
+    # a target that matches no layer fails in LoRA's process (after the model loads); full still runs
     code = loralab_main(
         [
             "compare",
@@ -111,12 +111,13 @@ def test_compare_reports_a_failing_method_and_keeps_going(tmp_path):
             str(tmp_path),
             *QUICK,
             "--set",
-            "lora.rand_ratio=0.5",
+            "lora.target_modules=no_such_layer",
         ]
     )
     assert code == 1
     table = (tmp_path / "results.md").read_text()
-    assert "--rand_ratio does not apply to --method lora" in table
+    lora_row = next(line for line in table.splitlines() if line.startswith("| lora |"))
+    assert "failed" in lora_row and "no_such_layer" in lora_row, lora_row
     full_row = next(line for line in table.splitlines() if line.startswith("| full |"))
     assert "failed" not in full_row
 

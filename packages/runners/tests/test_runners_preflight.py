@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import doctest
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -462,3 +463,18 @@ def test_c4_bad_input_exits_2(tmp_path, capsys):
     assert run_entrypoint(c4_main, argv, prog="c4_pretrain.py") == 2
     err = capsys.readouterr().err
     assert "c4_pretrain.py: error: options that this run would ignore: --rank" in err, err
+
+
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ("full.lora_r=4", r"lora_r is not an option of full \(it applies to: lora, lora-ga"),
+        ("lora.rand_ratio=0.5", r"rand_ratio is not an option of lora \(it applies to: golore"),
+        ("galore_rank=4", r"galore_rank is not an option of any of --methods full, lora"),
+        ("lora-fa.lora_r=4", r"lora-fa is not among --methods \(full, lora\)"),
+    ],
+)
+def test_set_item_that_reaches_no_compared_method_is_refused(item, message):
+    with pytest.raises(PreflightError, match=rf"--set {re.escape(item)}: {message}"):
+        check_overrides([item], ["full", "lora"])
+    check_overrides(["lora_r=4", "lora.lora_r=8", "learning_rate=1e-3"], ["full", "lora"])

@@ -107,6 +107,21 @@ def _settable_types() -> dict[str, Any]:
     return out
 
 
+def _takes(method: str, key: str) -> bool:
+    from loralab.runners.methods import MethodError, get_method
+
+    try:
+        return key in get_method(method).defaults
+    except MethodError:  # an unknown method is named by compare's own check
+        return True
+
+
+def _all_methods() -> list[str]:
+    from loralab.runners.methods import METHODS
+
+    return list(METHODS)
+
+
 def _type_ok(value: Any, expected: Any) -> bool:
     if expected is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -121,8 +136,9 @@ def check_overrides(items: Iterable[str], methods: Sequence[str]) -> None:
     """Refuse ``--set`` items with an unknown key (suggesting the closest one), a key compare sets
     itself, or a value of the wrong type; run before any method process starts.
 
-    Whether an option applies to a method (``--set full.lora_r=4``) is the registry's check, reported
-    in that method's row of the table.
+    A method-scoped item must name a method being compared and one of its options (``--set
+    full.lora_r=4`` is refused: ``lora_r`` is not an option of ``full``); an unscoped method option
+    goes to the compared methods it applies to and is refused when it applies to none of them.
 
     Example:
         >>> check_overrides(["lora.learning_rate=abc"], ["lora"])
@@ -131,13 +147,19 @@ def check_overrides(items: Iterable[str], methods: Sequence[str]) -> None:
         loralab.runners.preflight.PreflightError: --set lora.learning_rate=abc: learning_rate must be a float (a number like 1e-3), got 'abc'
     """
     from loralab.runners.compare.recipes import _convert
+    from loralab.runners.methods import OPTIONS
 
     types = _settable_types()
     for item in items:
         if "=" not in item:
             raise PreflightError(f"--set {item!r}: expected KEY=VALUE or METHOD.KEY=VALUE")
         key, text = item.split("=", 1)
-        key = key.split(".", 1)[1] if "." in key else key
+        scope, key = key.split(".", 1) if "." in key else (None, key)
+        if scope is not None and scope not in methods:
+            raise PreflightError(
+                f"--set {item}: {scope} is not among --methods ({', '.join(methods)}); add it to "
+                "--methods or drop the item"
+            )
         if key in COMPARE_FIXED_KEYS:
             raise PreflightError(
                 f"--set {item}: {key} is set by loralab compare for every method; use "
@@ -149,6 +171,15 @@ def check_overrides(items: Iterable[str], methods: Sequence[str]) -> None:
             raise PreflightError(
                 f"--set {item}: unknown key {key!r}{hint}; keys: {', '.join(sorted(types))}"
             )
+        if key in OPTIONS:
+            takers = [m for m in (methods if scope is None else [scope]) if _takes(m, key)]
+            if not takers:
+                applies = [m for m in _all_methods() if _takes(m, key)]
+                whom = scope if scope is not None else "any of --methods " + ", ".join(methods)
+                raise PreflightError(
+                    f"--set {item}: {key} is not an option of {whom} (it applies to: "
+                    f"{', '.join(applies)}); remove it"
+                )
         value, expected = _convert(text), types[key]
         if value is None or _type_ok(value, expected):
             continue
