@@ -25,7 +25,8 @@ from typing import Any, Literal
 
 import torch
 from peft import LoraConfig
-from peft.tuners.lora.config import LoraGAConfig as _PeftLoraGAConfig
+
+from loralab.lora_ga.layer import LoraGASettings, custom_module_mapping
 
 __all__ = ["DIRECTIONS", "DTYPES", "SCALES", "LoraGAConfig", "LoraGASettings"]
 
@@ -41,16 +42,6 @@ _DTYPE_ALIASES: dict[str, Literal["fp32", "bf16", "fp16"]] = {
     "bfloat16": "bf16",
     "float16": "fp16",
 }
-
-
-@dataclass
-class LoraGASettings(_PeftLoraGAConfig):
-    """PEFT's ``lora_ga_config`` sub-config, tagged as loralab's: loralab's LoRA-GA layers (built for a
-    :class:`LoraGAConfig`) initialise an adapter with this sub-config themselves (inside
-    :class:`~loralab.lora_ga.LoraGAContext` or :func:`~loralab.lora_ga.get_lora_ga_model`) and raise
-    when no gradient is available, instead of PEFT's silent fallback to the default init."""
-
-    dtype: str = field(default="fp32", metadata={"help": "dtype of A and B (LoraGAConfig.dtype)."})
 
 
 @dataclass
@@ -156,8 +147,6 @@ class LoraGAConfig(LoraConfig):
         # PEFT's route for custom LoRA layer classes (dynamic dispatch): PEFT builds loralab's LoRA-GA
         # layers for this config and keeps its own classes, unchanged, for every other config.
         # _custom_modules is not a dataclass field: never serialized, re-created with every config.
-        from loralab.lora_ga.layer import custom_module_mapping
-
         self._register_custom_module(custom_module_mapping())
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:

@@ -39,23 +39,67 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
+from peft.tuners.lora.config import LoraGAConfig as _PeftLoraGAConfig
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from peft.tuners.lora.layer import LoraLayer
 from torch import Tensor, nn
 
+from loralab.core.distributed import gathered_parameters
+from loralab.core.quant import dequantize_weight, requantize_weight_
 from loralab.core.targets import layer_kind
-from loralab.lora_ga.config import LoraGASettings
+from loralab.lora_ga.maths import offset_weight
 
 __all__ = [
     "LoraGAInitError",
     "LoraGALinear",
+    "LoraGASettings",
     "custom_module_mapping",
     "lora_ga_session",
+    "write_factors",
 ]
+
+
+@dataclass
+class LoraGASettings(_PeftLoraGAConfig):
+    """PEFT's ``lora_ga_config`` sub-config, tagged as loralab's: loralab's LoRA-GA layers (built for a
+    :class:`LoraGAConfig`) initialise an adapter with this sub-config themselves (inside
+    :class:`~loralab.lora_ga.LoraGAContext` or :func:`~loralab.lora_ga.get_lora_ga_model`) and raise
+    when no gradient is available, instead of PEFT's silent fallback to the default init."""
+
+    dtype: str = field(default="fp32", metadata={"help": "dtype of A and B (LoraGAConfig.dtype)."})
 
 
 class LoraGAInitError(RuntimeError):
     """A LoRA-GA adapter cannot be initialised (no gradient, missing or mis-shaped gradient, quantized estimate)."""
+
+
+def write_factors(layer: LoraLayer, adapter: str, A: Tensor, B: Tensor, dtype: torch.dtype) -> None:
+    """Store ``A``, ``B`` in ``dtype`` and offset the base weight by ``−s·B·A`` (paper Eq. 13).
+
+    Quantized bases are dequantized, offset in float32 and re-quantized with their own settings
+    (NF4 stays NF4). The initial factors are kept on the CPU as ``layer._lora_ga_init[adapter]`` for
+    :func:`~loralab.lora_ga.save_lora_ga_adapter` (the rank-2r plain LoRA export).
+    """
+    # the factors are Linear / Conv sub-modules and base an adaptable layer: all weights are Parameters
+    lora_A = cast(nn.Parameter, layer.lora_A[adapter].weight)
+    lora_B = cast(nn.Parameter, layer.lora_B[adapter].weight)
+    base = layer.get_base_layer()
+    s = float(layer.scaling[adapter])
+    base_w = cast(nn.Parameter, base.weight)
+    with torch.no_grad(), gathered_parameters([lora_A, lora_B, base_w], modifier_rank=0):
+        for param, value in ((lora_A, A), (lora_B, B)):
+            value = value.to(device=param.device, dtype=dtype)
+            if param.dtype == dtype and param.shape == value.shape:
+                param.copy_(value)  # in place: keeps DeepSpeed ZeRO-3's (gathered) storage valid
+            else:
+                param.data = value.contiguous()
+        # (out, in) float32 copy, whatever the storage (Linear, Conv1D, bnb; core reads a 4-bit layer
+        # right even after bitsandbytes repacked it for its CPU kernel)
+        w = dequantize_weight(base)
+        # Offset with the factors exactly as stored, so W0' x + s B (A x) = W0 x up to W0's rounding.
+        requantize_weight_(base, offset_weight(w, lora_A.data, lora_B.data, s))
+    store = layer.__dict__.setdefault("_lora_ga_init", {})
+    store[adapter] = (lora_A.detach().to("cpu", copy=True), lora_B.detach().to("cpu", copy=True))
 
 
 @dataclass
@@ -168,8 +212,6 @@ class _LoraGALayerMixin:
         precomputed = self.__dict__.get("_lora_ga_precomputed", set())
         if adapter_name in precomputed:
             precomputed.discard(adapter_name)
-            from loralab.lora_ga.model import write_factors
-
             # after PEFT's device/dtype move, as PEFT's own init happens before it: A, B in the
             # base layer's float dtype (PEFT's choice), the offset from the values as stored
             base = self.get_base_layer()  # type: ignore[attr-defined]

@@ -39,14 +39,13 @@ from peft import PeftModel, get_peft_model
 from peft.tuners.lora.layer import LoraLayer
 from torch import Tensor, nn
 
-from loralab.core.distributed import gathered_parameters
 from loralab.core.gradients import estimate_gradients
 from loralab.core.linalg import SVDMethod
-from loralab.core.quant import dequantize_weight, is_quantized, requantize_weight_
+from loralab.core.quant import dequantize_weight, is_quantized
 from loralab.core.targets import TargetLayer, find_targets, layer_kind
 from loralab.lora_ga.config import DTYPES, LoraGAConfig
-from loralab.lora_ga.layer import LoraGAInitError, Pending, lora_ga_session
-from loralab.lora_ga.maths import LoraGARankError, lora_ga_factors, offset_weight
+from loralab.lora_ga.layer import LoraGAInitError, Pending, lora_ga_session, write_factors
+from loralab.lora_ga.maths import LoraGARankError, lora_ga_factors
 
 __all__ = ["LoraGAInitError", "check_all_recorded", "get_lora_ga_model", "lora_ga_session"]
 
@@ -60,35 +59,6 @@ def _base_name_map(model: nn.Module) -> dict[int, str]:
 def write_lora_ga_layer(pending: Pending, A: Tensor, B: Tensor) -> None:
     """Store ``A``, ``B`` (in the settings' dtype) and offset the base weight by ``−s·B·A`` (:func:`write_factors`)."""
     write_factors(pending.layer, pending.adapter, A, B, DTYPES[pending.settings.dtype])
-
-
-def write_factors(layer: LoraLayer, adapter: str, A: Tensor, B: Tensor, dtype: torch.dtype) -> None:
-    """Store ``A``, ``B`` in ``dtype`` and offset the base weight by ``−s·B·A`` (paper Eq. 13).
-
-    Quantized bases are dequantized, offset in float32 and re-quantized with their own settings
-    (NF4 stays NF4). The initial factors are kept on the CPU as ``layer._lora_ga_init[adapter]`` for
-    :func:`~loralab.lora_ga.save_lora_ga_adapter` (the rank-2r plain LoRA export).
-    """
-    # the factors are Linear / Conv sub-modules and base an adaptable layer: all weights are Parameters
-    lora_A = cast(nn.Parameter, layer.lora_A[adapter].weight)
-    lora_B = cast(nn.Parameter, layer.lora_B[adapter].weight)
-    base = layer.get_base_layer()
-    s = float(layer.scaling[adapter])
-    base_w = cast(nn.Parameter, base.weight)
-    with torch.no_grad(), gathered_parameters([lora_A, lora_B, base_w], modifier_rank=0):
-        for param, value in ((lora_A, A), (lora_B, B)):
-            value = value.to(device=param.device, dtype=dtype)
-            if param.dtype == dtype and param.shape == value.shape:
-                param.copy_(value)  # in place: keeps DeepSpeed ZeRO-3's (gathered) storage valid
-            else:
-                param.data = value.contiguous()
-        # (out, in) float32 copy, whatever the storage (Linear, Conv1D, bnb; core reads a 4-bit layer
-        # right even after bitsandbytes repacked it for its CPU kernel)
-        w = dequantize_weight(base)
-        # Offset with the factors exactly as stored, so W0' x + s B (A x) = W0 x up to W0's rounding.
-        requantize_weight_(base, offset_weight(w, lora_A.data, lora_B.data, s))
-    store = layer.__dict__.setdefault("_lora_ga_init", {})
-    store[adapter] = (lora_A.detach().to("cpu", copy=True), lora_B.detach().to("cpu", copy=True))
 
 
 def factors_for(
