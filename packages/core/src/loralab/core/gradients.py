@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import contextmanager
 from itertools import islice
 from typing import Any, Union, cast
 
@@ -34,6 +33,14 @@ import torch
 from torch import Tensor, nn
 
 from loralab.core.distributed import all_reduce_mean_, is_main_process
+from loralab.core.estimation import (
+    GradientConsumer,
+    GradientEstimationError,
+    LossFn,
+    check_finite,
+    default_loss,
+    estimation_mode,
+)
 from loralab.core.targets import TargetLayer, find_targets, to_storage_layout
 
 __all__ = [
@@ -47,41 +54,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-GradientConsumer = Callable[[str, Tensor], None]
-"""Called as ``consumer(layer_name, grad)`` once per target with its final (out, in) fp32 gradient."""
-
-LossFn = Callable[[nn.Module, Any], Tensor]
 Targets = Union[str, Sequence[str], Mapping[str, TargetLayer]]
-
-
-class GradientEstimationError(RuntimeError):
-    """Gradient estimation could not produce a valid gradient (no data, unused or quantized layer, NaN)."""
-
-
-def default_loss(model: nn.Module, batch: Any) -> Tensor:
-    """``model(**batch).loss``, with the batch moved to the model's device."""
-    if not isinstance(batch, Mapping):
-        raise GradientEstimationError(
-            f"batches must be mappings of model inputs (dicts with input_ids, labels, ...), got {type(batch).__name__}; "
-            "pass loss_fn=lambda model, batch: ... for other batch types"
-        )
-    device = _model_device(model)
-    inputs = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
-    out = model(**inputs)
-    # ModelOutput is a Mapping that drops None entries: .get, not [], so a missing loss is our error
-    loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
-    if loss is None:
-        raise GradientEstimationError(
-            f"{type(model).__name__}(**batch) returned no loss: include 'labels' in each batch or pass loss_fn"
-        )
-    return loss
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        if p.device.type != "meta":
-            return p.device
-    return torch.device("cpu")
 
 
 def resolve_targets(model: nn.Module, targets: Targets) -> dict[str, TargetLayer]:
@@ -103,39 +76,6 @@ def _check_float_weights(targets: Mapping[str, TargetLayer]) -> None:
             + ". Estimate on a float copy of the same checkpoint (loralab.core.quant.load_float_model_for_estimation, "
             "with offload=True to bound memory), then initialise the quantized model from those gradients."
         )
-
-
-def check_finite(name: str, grad: Tensor) -> None:
-    """Raise :class:`GradientEstimationError` naming ``name`` if ``grad`` has NaN or Inf entries."""
-    if not torch.isfinite(grad).all():
-        bad = int((~torch.isfinite(grad)).sum())
-        raise GradientEstimationError(
-            f"non-finite gradient for layer {name!r} ({bad} of {grad.numel()} entries are NaN/Inf); "
-            "check the loss on these batches, lower the sequence length, or estimate in float32"
-        )
-
-
-@contextmanager
-def estimation_mode(model: nn.Module, weights: Iterable[nn.Parameter], train: bool) -> Any:
-    """Only ``weights`` require grad, ``.grad`` cleared, mode set; everything restored on exit."""
-    weights = list(weights)
-    params = list(model.parameters())
-    saved_flags = [p.requires_grad for p in params]
-    saved_grads = [p.grad for p in params]
-    was_training = model.training
-    try:
-        for p in params:
-            p.requires_grad_(False)
-            p.grad = None
-        for w in weights:
-            w.requires_grad_(True)
-        model.train(train)
-        yield
-    finally:
-        for p, flag, g in zip(params, saved_flags, saved_grads):
-            p.requires_grad_(flag)
-            p.grad = g
-        model.train(was_training)
 
 
 def _progress(

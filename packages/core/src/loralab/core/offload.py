@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from loralab.core.distributed import all_reduce_mean_, is_main_process
-from loralab.core.gradients import (
+from loralab.core.estimation import (
     GradientConsumer,
     GradientEstimationError,
     LossFn,

@@ -43,7 +43,8 @@ from typing import Any, Literal, cast
 import torch
 from torch import Tensor, nn
 
-from loralab.core.targets import _weight, get_module, layer_kind, replace_module
+from loralab.core.modules import get_module, layer_kind, replace_module
+from loralab.core.modules import weight_parameter as _weight
 
 __all__ = [
     "QuantKind",

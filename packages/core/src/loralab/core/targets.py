@@ -19,9 +19,18 @@ import logging
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Union, cast
+from typing import Union, cast
 
 from torch import Tensor, nn
+
+from loralab.core.modules import (
+    LayerKind,
+    TargetNotFoundError,
+    get_module,
+    layer_kind,
+    replace_module,
+)
+from loralab.core.modules import weight_parameter as _weight
 
 logger = logging.getLogger(__name__)
 
@@ -38,54 +47,11 @@ __all__ = [
     "weight_matrix",
 ]
 
-LayerKind = Literal["linear", "conv1d", "linear4bit", "linear8bit"]
 TargetSpec = Union[str, Sequence[str], None]
 
 # Sub-module names of task heads that are trained in full (PEFT's modules_to_save), never adapted
 # by default: a low-rank adapter on a freshly initialised head makes no sense.
 HEAD_NAMES = ("lm_head", "score", "classifier", "qa_outputs", "cls", "pooler")
-
-
-class TargetNotFoundError(ValueError):
-    """Raised when a target specification matches no adaptable layer (or names a non-adaptable one)."""
-
-
-def layer_kind(module: nn.Module) -> LayerKind | None:
-    """The kind of an adaptable layer, or ``None`` if loralab cannot adapt ``module``.
-
-    Checked by class name for bitsandbytes and transformers' Conv1D, so neither needs importing.
-    """
-    cls_names = {c.__name__ for c in type(module).__mro__}
-    if "Linear4bit" in cls_names:
-        return "linear4bit"
-    if "Linear8bitLt" in cls_names:
-        return "linear8bit"
-    if "Conv1D" in cls_names and hasattr(module, "nf"):
-        return "conv1d"
-    if isinstance(module, nn.Linear):
-        return "linear"
-    return None
-
-
-def get_module(model: nn.Module, name: str) -> nn.Module:
-    """The sub-module at qualified ``name`` (``""`` is the model itself), with a clear error."""
-    try:
-        return model.get_submodule(name) if name else model
-    except AttributeError as e:
-        raise TargetNotFoundError(f"model has no sub-module named {name!r}") from e
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Put ``new`` at qualified ``name`` inside ``model`` and return the module it replaced."""
-    if not name:
-        raise ValueError("replace_module needs a sub-module name, got '' (the model itself)")
-    parent_name, _, child = name.rpartition(".")
-    parent = get_module(model, parent_name)
-    old = getattr(parent, child, None)
-    if old is None:
-        raise TargetNotFoundError(f"model has no sub-module named {name!r}")
-    setattr(parent, child, new)
-    return old
 
 
 def weight_matrix(module: nn.Module) -> Tensor:
@@ -155,12 +121,6 @@ class TargetLayer:
         """``weight.grad`` as an (out, in) matrix, or ``None`` when there is none."""
         g = _weight(self.module).grad
         return None if g is None else to_storage_layout(self.module, g)
-
-
-def _weight(module: nn.Module) -> nn.Parameter:
-    # nn.Module.__getattr__ is typed ``Tensor | Module``; every adaptable kind (see layer_kind, which
-    # matches bitsandbytes and Conv1D by class name) stores its weight as a Parameter.
-    return cast(nn.Parameter, module.weight)
 
 
 def _in_out(module: nn.Module, kind: LayerKind) -> tuple[int, int]:
