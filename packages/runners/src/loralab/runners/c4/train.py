@@ -49,7 +49,7 @@ from loralab.runners.loop import (
     run_loop,
     save_checkpoint,
 )
-from loralab.runners.methods import get_method
+from loralab.runners.methods import FinalDirectory, get_method
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -268,7 +268,7 @@ def run(args: C4Args) -> dict[str, Any]:
         (out_dir / "run_summary.json").write_text(json.dumps(summary, indent=2))
         if finished:
             # a plain LlamaForCausalLM directory (golore-relora: W - s·A·B merged into the weights)
-            method.save_final(base, out_dir / "final_model")
+            method.save_final(base, FinalDirectory(out_dir / "final_model"))
             tokenizer.save_pretrained(out_dir / "final_model")
         if args.plot:
             from loralab.runners.c4.report import plot_run

@@ -47,6 +47,7 @@ from loralab.runners.loop.checkpoint import (
 from loralab.runners.loop.engine import AccelerateEngine, Engine, FSDP2Engine
 from loralab.runners.loop.metrics import MetricsLog
 from loralab.runners.loop.trainer import LoopConfig, run_loop
+from loralab.runners.methods.base import FinalDirectory
 from loralab.runners.quantization import MERGED_DIR, estimation_dtype, merge_and_save
 
 if TYPE_CHECKING:
@@ -381,7 +382,7 @@ def save_final(
         tmp = path.with_name(f".{path.name}.tmp")
         if tmp.exists():
             shutil.rmtree(tmp)
-        method.save_final(unwrapped, tmp, state_dict=state_dict, final_directory=path)
+        method.save_final(unwrapped, FinalDirectory(tmp, state_dict, final_path=path))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if path.exists():

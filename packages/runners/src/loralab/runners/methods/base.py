@@ -28,6 +28,7 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
 from typing import Any, ClassVar, Protocol, cast
 
@@ -44,6 +45,7 @@ __all__ = [
     "SHARDING_ENGINES",
     "TARGET_MODULES",
     "Callback",
+    "FinalDirectory",
     "Method",
     "MethodError",
     "MethodSetup",
@@ -217,6 +219,28 @@ class MethodSetup:
     callbacks: list[Callback] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class FinalDirectory:
+    """Where :meth:`Method.save_final` writes the trained model, and what it writes from.
+
+    Example:
+        >>> FinalDirectory(Path("runs/a/.final.tmp"), final_path=Path("runs/a/final")).where
+        PosixPath('runs/a/final')
+    """
+
+    path: Path
+    """The directory to write (the loop writes a temporary one, renamed when complete)."""
+    state_dict: dict[str, torch.Tensor] | None = None
+    """The whole state dict when the engine shards the weights (ZeRO-3, FSDP2), else ``None``."""
+    final_path: Path | None = None
+    """Where :attr:`path` is renamed to once complete (``None``: :attr:`path` itself)."""
+
+    @property
+    def where(self) -> Path:
+        """The directory's final location (for configs that name a path inside it)."""
+        return self.final_path if self.final_path is not None else self.path
+
+
 class Method(ABC):
     """One fine-tuning method. Subclasses live one per module in ``loralab.runners.methods``.
 
@@ -371,28 +395,18 @@ class Method(ABC):
     def callbacks(self, model: nn.Module, args: Any) -> list[Callback]:
         return []
 
-    def save_final(
-        self,
-        model: nn.Module,
-        directory: str | os.PathLike[str],
-        *,
-        state_dict: dict[str, torch.Tensor] | None = None,
-        final_directory: str | os.PathLike[str] | None = None,
-    ) -> None:
-        """Write the trained model to ``directory`` so that it reloads the bare way and reproduces it.
+    def save_final(self, model: nn.Module, out: FinalDirectory) -> None:
+        """Write the trained model to ``out.path`` so that it reloads the bare way and reproduces it.
 
         Default: ``model.save_pretrained`` (a PEFT adapter loads with
         ``PeftModel.from_pretrained(original_base, directory)``, a full model with
         ``AutoModel*.from_pretrained(directory)``). Methods whose trained weights do not fit the original
         base (LoRA-GA's offset ``W0``, LoRA-SB's ``B·R·A``) override it with their package's exporter.
-        ``state_dict``: the whole state dict when the engine shards the weights (ZeRO-3), else ``None``.
-        ``final_directory``: where ``directory`` is renamed to once complete (the loop writes into a
-        temporary directory), for configs that name a path inside it; ``None``: ``directory`` itself.
         Called on the main process only.
         """
         # wrap() returns a PeftModel or a transformers model
         cast(SavesPretrained, model).save_pretrained(
-            directory, state_dict=state_dict, safe_serialization=True
+            out.path, state_dict=out.state_dict, safe_serialization=True
         )
 
     def checkpoint_state(self, model: nn.Module) -> dict[str, torch.Tensor]:

@@ -15,7 +15,6 @@ refresh steps only, so DDP (which registers its hooks once) cannot average its g
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
@@ -23,7 +22,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from loralab.runners.methods.base import Callback, Method, option_flag
+from loralab.runners.methods.base import Callback, FinalDirectory, Method, option_flag
 from loralab.runners.methods.galore import check_rank
 
 if TYPE_CHECKING:
@@ -135,14 +134,7 @@ class GoLoreReLoRA(Method):
     def load_checkpoint_state(self, model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
         cast("ReLoRaModel", model).generator.set_state(state["relora_generator"])
 
-    def save_final(
-        self,
-        model: nn.Module,
-        directory: str | os.PathLike[str],
-        *,
-        state_dict: dict[str, torch.Tensor] | None = None,
-        final_directory: str | os.PathLike[str] | None = None,
-    ) -> None:
+    def save_final(self, model: nn.Module, out: FinalDirectory) -> None:
         """A plain transformers model with ``W_eff = W - s·A·B`` in every adapted layer (what the
         run trained), so ``AutoModelForCausalLM.from_pretrained(directory)`` reproduces it."""
         from loralab.golore import ReLoRaLinear
@@ -161,7 +153,7 @@ class GoLoreReLoRA(Method):
         plain = type(inner)(inner.config)
         cast(nn.Module, plain).to(next(inner.parameters()).dtype)  # transformers types .to oddly
         plain.load_state_dict(state, strict=True)
-        plain.save_pretrained(directory, safe_serialization=True)
+        plain.save_pretrained(out.path, safe_serialization=True)
 
 
 METHOD = GoLoreReLoRA()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +20,7 @@ from torch import nn
 from loralab.runners.methods.base import (
     LORA_DEFAULTS,
     LORA_OPTIONS,
+    FinalDirectory,
     Method,
     Option,
     SavesPretrained,
@@ -93,28 +93,21 @@ class LoraGA(Method):
             model, config, batches, progress=args.progress, **estimation_kwargs(model, args)
         )
 
-    def save_final(
-        self,
-        model: nn.Module,
-        directory: str | os.PathLike[str],
-        *,
-        state_dict: dict[str, torch.Tensor] | None = None,
-        final_directory: str | os.PathLike[str] | None = None,
-    ) -> None:
+    def save_final(self, model: nn.Module, out: FinalDirectory) -> None:
         """Float base: the rank-2r plain LoRA for the *original* base (``A' = [A; A0]``,
         ``B' = [B, -B0]``); the trained rank-r adapter alone only fits the offset base
         ``W0 - s·B0·A0`` (paper Eq. 13) the run trained on.
 
         Quantized base: the original checkpoint quantized again differs from the trained offset base by
-        the re-quantization error, so ``directory`` holds the rank-r adapter, ``directory/offset_base``
+        the re-quantization error, so ``out.path`` holds the rank-r adapter, ``out.path/offset_base``
         the offset base as trained (named in ``adapter_config.json``: bare ``PeftModel.from_pretrained``
-        on it reproduces the run exactly), and ``directory/original_base_adapter`` the rank-2r LoRA.
+        on it reproduces the run exactly), and ``out.path/original_base_adapter`` the rank-2r LoRA.
         A ``README.md`` says which base each adapter needs.
         """
         from loralab.core.quant import quantized_layer_names
 
         pkg = self.package()
-        directory = Path(directory)
+        directory, state_dict = out.path, out.state_dict
         # wrap() returned get_lora_ga_model's PeftModel
         quantized = bool(quantized_layer_names(cast("PeftModel", model).get_base_model()))
         if not quantized:
@@ -131,10 +124,9 @@ class LoraGA(Method):
             pkg.save_lora_ga_adapter(
                 model, directory / ORIGINAL_BASE_ADAPTER, state_dict=state_dict
             )
-            where = Path(final_directory if final_directory is not None else directory)
             cfg_path = directory / "adapter_config.json"
             cfg = json.loads(cfg_path.read_text())
-            cfg["base_model_name_or_path"] = str((where / OFFSET_BASE).resolve())
+            cfg["base_model_name_or_path"] = str((out.where / OFFSET_BASE).resolve())
             cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
         (directory / "README.md").write_text(lora_ga_readme(quantized))
 

@@ -13,16 +13,14 @@ adapter (A, B, R: resumable training, ``loralab.lora_sb.load_lora_sb_model``) is
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any, ClassVar, cast
 
-import torch
 from torch import nn
 
 from loralab.runners.methods.base import (
     LORA_DEFAULTS,
     LORA_OPTIONS,
+    FinalDirectory,
     Method,
     Option,
     SavesPretrained,
@@ -95,19 +93,12 @@ class LoraSB(Method):
             **(estimation_kwargs(model, args) if not resume else {}),
         )
 
-    def save_final(
-        self,
-        model: nn.Module,
-        directory: str | os.PathLike[str],
-        *,
-        state_dict: dict[str, torch.Tensor] | None = None,
-        final_directory: str | os.PathLike[str] | None = None,
-    ) -> None:
-        """``directory``: plain LoRA (R folded into B) for bare PEFT; ``directory/lora_sb_native``: the
+    def save_final(self, model: nn.Module, out: FinalDirectory) -> None:
+        """``out.path``: plain LoRA (R folded into B) for bare PEFT; ``out.path/lora_sb_native``: the
         native adapter."""
-        self.package().save_lora_sb_as_lora(model, directory)
+        self.package().save_lora_sb_as_lora(model, out.path)
         cast(SavesPretrained, model).save_pretrained(  # wrap() returned a PeftModel
-            Path(directory) / NATIVE_DIR, state_dict=state_dict, safe_serialization=True
+            out.path / NATIVE_DIR, state_dict=out.state_dict, safe_serialization=True
         )
 
 
