@@ -28,6 +28,21 @@ _COMMON: dict[str, Any] = {
     "wall_clock_breakdown": False,
 }
 
+_ZERO3: dict[str, Any] = {
+    "stage": 3,
+    "overlap_comm": True,
+    "contiguous_gradients": True,
+    "sub_group_size": 1000000000,
+    "reduce_bucket_size": "auto",
+    "stage3_prefetch_bucket_size": "auto",
+    "stage3_param_persistence_threshold": "auto",
+    "stage3_max_live_parameters": 1000000000,
+    "stage3_max_reuse_distance": 1000000000,
+    "stage3_gather_16bit_weights_on_model_save": True,
+}
+"""ZeRO-3 as the transformers / accelerate examples configure it (``zero3``; ``zero3_offload`` adds CPU
+offload of the optimizer state and the parameters)."""
+
 DEEPSPEED_CONFIGS: dict[str, dict[str, Any]] = {
     "zero2": {
         **_COMMON,
@@ -41,36 +56,13 @@ DEEPSPEED_CONFIGS: dict[str, dict[str, Any]] = {
             "contiguous_gradients": True,
         },
     },
-    "zero3": {
-        **_COMMON,
-        "zero_optimization": {
-            "stage": 3,
-            "overlap_comm": True,
-            "contiguous_gradients": True,
-            "sub_group_size": 1000000000,
-            "reduce_bucket_size": "auto",
-            "stage3_prefetch_bucket_size": "auto",
-            "stage3_param_persistence_threshold": "auto",
-            "stage3_max_live_parameters": 1000000000,
-            "stage3_max_reuse_distance": 1000000000,
-            "stage3_gather_16bit_weights_on_model_save": True,
-        },
-    },
+    "zero3": {**_COMMON, "zero_optimization": _ZERO3},
     "zero3_offload": {
         **_COMMON,
         "zero_optimization": {
-            "stage": 3,
+            **_ZERO3,
             "offload_optimizer": {"device": "cpu", "pin_memory": True},
             "offload_param": {"device": "cpu", "pin_memory": True},
-            "overlap_comm": True,
-            "contiguous_gradients": True,
-            "sub_group_size": 1000000000,
-            "reduce_bucket_size": "auto",
-            "stage3_prefetch_bucket_size": "auto",
-            "stage3_param_persistence_threshold": "auto",
-            "stage3_max_live_parameters": 1000000000,
-            "stage3_max_reuse_distance": 1000000000,
-            "stage3_gather_16bit_weights_on_model_save": True,
         },
     },
 }

@@ -47,7 +47,15 @@ from loralab.runners.loop.metrics import MetricsLog
 from loralab.runners.preflight import check_train_args
 from loralab.runners.quantization import bnb_config, prepare_quantized_model, quantized_load_kwargs
 
-__all__ = ["MetaMathArgs", "encode_sft", "evaluate_gsm8k", "load_causal_lm", "main", "run"]
+__all__ = [
+    "MetaMathArgs",
+    "encode_sft",
+    "evaluate_gsm8k",
+    "load_causal_lm",
+    "load_run_model",
+    "main",
+    "run",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -250,16 +258,22 @@ def evaluate_gsm8k(
     }
 
 
-def run(args: MetaMathArgs) -> TrainResult | dict[str, float]:
-    """Fine-tune on MetaMathQA (unless ``--do_train false``) and evaluate on GSM8K."""
-    check_output_dir(args)  # before anything loads
-    model, tokenizer = load_causal_lm(
+def load_run_model(args: Any) -> tuple[Any, Any]:
+    """:func:`load_causal_lm` with a run's flags (``--model_name_or_path``, ``--tokenizer_name``,
+    ``--torch_dtype``, the quantization flags, ``--gradient_checkpointing``)."""
+    return load_causal_lm(
         args.model_name_or_path,
         args.tokenizer_name,
         args.torch_dtype,
         quantization_config=bnb_config(args),
         gradient_checkpointing=args.gradient_checkpointing,
     )
+
+
+def run(args: MetaMathArgs) -> TrainResult | dict[str, float]:
+    """Fine-tune on MetaMathQA (unless ``--do_train false``) and evaluate on GSM8K."""
+    check_output_dir(args)  # before anything loads
+    model, tokenizer = load_run_model(args)
     questions, answers = _load_eval(args)
     predictions_path = Path(args.output_dir) / PREDICTIONS_FILE
 

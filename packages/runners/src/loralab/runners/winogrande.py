@@ -160,17 +160,10 @@ def score_options(
 
 def run(args: WinoGrandeArgs) -> TrainResult:
     """Fine-tune on the WinoGrande training set and report two-option accuracy on the validation set."""
-    from loralab.runners.metamath import load_causal_lm
-    from loralab.runners.quantization import bnb_config
+    from loralab.runners.metamath import load_run_model
 
     check_output_dir(args)  # before anything loads
-    model, tokenizer = load_causal_lm(
-        args.model_name_or_path,
-        args.tokenizer_name,
-        args.torch_dtype,
-        quantization_config=bnb_config(args),
-        gradient_checkpointing=args.gradient_checkpointing,
-    )
+    model, tokenizer = load_run_model(args)
     train_src = (
         f"--train_file {args.train_file}"
         if args.train_file
