@@ -421,11 +421,17 @@ def test_classification_heads_are_not_rank_checked(tiny_dirs):
     # T5's classification_head.out_proj is 2 x 64: trained in full (modules_to_save), never adapted
     from loralab.runners.methods import method_args
 
+    from loralab.runners.glue import HEAD_NAMES
+
+    request = [preflight.rank_request("lora", method_args("lora", lora_r=4))]
     preflight.check_ranks(
-        tiny_dirs["t5"],
-        [preflight.rank_request("lora", method_args("lora", lora_r=4))],
-        auto_class="AutoModelForSequenceClassification",
+        tiny_dirs["t5"], request, auto_class="AutoModelForSequenceClassification", heads=HEAD_NAMES
     )
+    # without the entrypoint's head names the head is a target like any other layer
+    with pytest.raises(PreflightError, match=r"classification_head\.out_proj \(2 x 64\)"):
+        preflight.check_ranks(
+            tiny_dirs["t5"], request, auto_class="AutoModelForSequenceClassification"
+        )
 
 
 # ---------------------------------------------------------------- exit status, no traceback
