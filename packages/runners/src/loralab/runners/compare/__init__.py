@@ -286,7 +286,7 @@ def _earlier_methods(out: Path, settings: dict[str, Any]) -> dict[str, list[str]
     """
     path = out / "config.json"
     if not path.is_file():
-        return []
+        return {}
     try:
         earlier = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -311,6 +311,14 @@ def _earlier_methods(out: Path, settings: dict[str, Any]) -> dict[str, list[str]
         for m in earlier.get("methods", [])
         if runs.get(m) and all((out / "runs" / f"{r}.jsonl").is_file() for r in runs[m])
     }
+
+
+def _earlier_chosen(out: Path) -> dict[str, float | None]:
+    """The learning-rate factor each method of an earlier comparison in ``out`` was reported at."""
+    try:
+        return dict(json.loads((out / "config.json").read_text()).get("chosen_lr_factors", {}))
+    except (OSError, ValueError):
+        return {}
 
 
 def run_compare(config: CompareConfig, command: str | None = None) -> dict[str, dict[str, Any]]:
@@ -340,6 +348,7 @@ def run_compare(config: CompareConfig, command: str | None = None) -> dict[str, 
         "device": device,
     }
     earlier = _earlier_methods(out, settings)
+    earlier_chosen = _earlier_chosen(out)
     kept = [m for m in earlier if m not in config.methods]
     # the earlier table's order, then the methods new to this directory in the order given
     all_methods = [*earlier, *(m for m in config.methods if m not in earlier)]
@@ -376,45 +385,45 @@ def run_compare(config: CompareConfig, command: str | None = None) -> dict[str, 
                 runs[method].append(run_id(method, factor, seed, config.seed))
                 sweep_s += (time.perf_counter() - t0) if config.sweep else 0.0
             # the factor is chosen on the held-out split only (report.choose_lr_factor)
-            factor = (
+            best: float | None = (
                 choose_lr_factor(summarize(method_records).values(), metric)
                 if config.sweep
                 else 1.0
             )
-            chosen[method] = factor
+            chosen[method] = best
             if config.sweep:
                 logger.info(
                     "%s: chosen learning-rate factor %s (held-out %s)",
                     method,
-                    "none (every run failed)" if factor is None else f"{factor:g}",
+                    "none (every run failed)" if best is None else f"{best:g}",
                     metric,
                 )
-            if factor is not None:
+            if best is not None:
                 for seed in range(config.seed + 1, config.seed + config.seeds):
                     method_records += _announce_and_run(
-                        config, method, factor, seed, i, seed - config.seed + 1, config.seeds,
+                        config, method, best, seed, i, seed - config.seed + 1, config.seeds,
                         model_path, device, overrides[method], run_dir, label="seed",
                     )  # fmt: skip
-                    runs[method].append(run_id(method, factor, seed, config.seed))
+                    runs[method].append(run_id(method, best, seed, config.seed))
             for r in method_records:
                 if r["kind"] == "summary":
-                    r["chosen_lr_factor"] = factor
+                    r["chosen_lr_factor"] = best
             records += method_records
-    (out / "config.json").write_text(
-        json.dumps({**settings, "methods": all_methods, "runs": runs}, indent=1)
-    )
     for method in kept:
+        chosen[method] = earlier_chosen.get(method, 1.0)
         for name in runs[method]:
             records += _method_records(run_dir, name, None, method)
-        earlier_summaries = [
-            r for r in records if r["kind"] == "summary" and r.get("method") == method
-        ]
-        chosen[method] = next(
-            (r.get("chosen_lr_factor") for r in earlier_summaries if "chosen_lr_factor" in r),
-            1.0,
+            for r in records:
+                if r["kind"] == "summary" and r.get("method") == method:
+                    r["chosen_lr_factor"] = chosen[method]
+    (out / "config.json").write_text(
+        json.dumps(
+            {**settings, "methods": all_methods, "runs": runs, "chosen_lr_factors": chosen},
+            indent=1,
         )
+    )
     order = {m: i for i, m in enumerate(all_methods)}
-    records.sort(key=lambda r: order.get(r.get("method"), len(order)))
+    records.sort(key=lambda r: order.get(str(r.get("method")), len(order)))
     with open(out / "metrics.jsonl", "w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
@@ -427,7 +436,7 @@ def run_compare(config: CompareConfig, command: str | None = None) -> dict[str, 
     selected = [
         r
         for r in records
-        if chosen.get(r.get("method")) is not None
+        if chosen.get(str(r.get("method"))) is not None
         and r.get("lr_factor", 1.0) == chosen[r["method"]]
     ]
     plot_losses(selected, all_methods, out, title)
