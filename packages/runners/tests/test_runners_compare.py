@@ -10,7 +10,7 @@ import struct
 import pytest
 
 from loralab.runners.cli import main as loralab_main
-from loralab.runners.compare import CompareConfig, recipes, report, run_compare, worker
+from loralab.runners.compare import CompareConfig, recipes, report, run_compare, task, worker
 from loralab.runners.compare.make_task import build
 from loralab.runners.compare.task import EMBEDDED_DIR
 
@@ -256,7 +256,7 @@ def test_summaries_and_table_from_records():
     assert "| b | failed: boom |" in table
 
 
-@pytest.mark.parametrize("module", [recipes, report, worker])
+@pytest.mark.parametrize("module", [recipes, report, task, worker])
 def test_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0

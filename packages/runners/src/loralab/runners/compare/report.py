@@ -120,7 +120,7 @@ def gap_closed(value: float, lora: float, full: float) -> float:
     an input is missing.
 
     Example:
-        >>> gap_closed(0.8, lora=0.7, full=0.9)
+        >>> gap_closed(0.75, lora=0.5, full=1.0)
         0.5
     """
     if any(not isinstance(x, (int, float)) or not math.isfinite(x) for x in (value, lora, full)):
@@ -154,7 +154,7 @@ def loss_target(full_losses: Sequence[float], fraction: float = DEFAULT_TARGET_F
     fine-tuning's smoothed training loss.
 
     Example:
-        >>> loss_target([1.0, 0.0], fraction=0.9)
+        >>> round(loss_target([1.0] + [0.0] * 20, fraction=0.9), 6)  # smoothed end: 0.0
         0.1
     """
     smooth = moving_average(list(full_losses))
@@ -221,9 +221,10 @@ def aggregate(
             )
             out[method] = {**first, "lr_factor": factor, "seeds": 0}
             continue
-        row = {k: v for k, v in ok[0].items() if not isinstance(v, (int, float)) or k == "step"}
-        row.update({"trainable_params": ok[0].get("trainable_params")})
-        row["optimizer_state_bytes"] = ok[0].get("optimizer_state_bytes", 0)
+        # what every seed shares (parameters, optimizer-state size, hyper-parameters) from the
+        # first; the measured columns below are replaced by their mean over the seeds
+        row = dict(ok[0])
+        row.pop("train_losses", None)
         row["lr_factor"] = factor
         row["learning_rate"] = ok[0].get("hparams", {}).get("learning_rate")
         row["seeds"] = len(ok)
@@ -231,7 +232,10 @@ def aggregate(
         row["seeds_failed"] = [s.get("status") for s in runs if s.get("status") != "ok"]
         for key in (*_AGGREGATED, f"eval_{metric}", f"heldout_{metric}"):
             if any(key in s for s in ok):
-                row[key], row[f"{key}_std"] = mean_std(s.get(key, math.nan) for s in ok)
+                mean, std = mean_std(s.get(key, math.nan) for s in ok)
+                row[key] = mean
+                if len(ok) > 1:  # one seed: no spread to show
+                    row[f"{key}_std"] = std
         row["train_losses_per_seed"] = [s.get("train_losses", []) for s in ok]
         out[method] = row
     full, lora = out.get("full", {}), out.get("lora", {})
