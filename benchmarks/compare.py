@@ -5,8 +5,8 @@ writes ``benchmarks/results/compare.md`` (the table, the command, the machine, t
 two plots to ``docs/compare/`` so the root README and BENCHMARKS.md can show them.
 
 Run: ``python benchmarks/compare.py [--quick] [--output_dir DIR]``. ``--quick`` runs 40 steps of four
-methods (a smoke run, a few minutes); without it, the full default (150 steps, all eight methods,
-~6-10 minutes on a 2-core CPU). Timings are wall-clock, so run it on an otherwise idle machine.
+methods (a smoke run, a few minutes); without it, the full default (150 steps, every registered
+method). Timings are wall-clock, so run it on an otherwise idle machine.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import struct
 import pytest
 
 from loralab.runners.cli import main as loralab_main
-from loralab.runners.compare import CompareConfig, recipes, report, run_compare, worker
+from loralab.runners.compare import CompareConfig, recipes, report, run_compare, task, worker
 from loralab.runners.compare.make_task import build
 from loralab.runners.compare.task import EMBEDDED_DIR
 
@@ -191,7 +191,40 @@ def test_shipped_task_is_reproducible_from_its_generator():
     assert not {r["sentence"] for r in splits["train"]} & {
         r["sentence"] for r in splits["validation"]
     }
-    assert 0.4 < sum(r["label"] for r in splits["train"]) / 2000 < 0.6
+    # four classes, about 1/8, 3/8, 3/8, 1/8 (three clauses, each positive with probability 1/2)
+    counts = [sum(r["label"] == k for r in splits["train"]) / 2000 for k in range(4)]
+    for share, expected in zip(counts, (1 / 8, 3 / 8, 3 / 8, 1 / 8)):
+        assert abs(share - expected) < 0.04, counts
+
+
+def _count_positive_clauses(sentence: str) -> int:
+    """An independent reading of the rule: per clause, the adjective's polarity flipped by a negation."""
+    from loralab.runners.compare import make_task
+
+    count = 0
+    for clause in sentence.removesuffix(" .").split(" ; "):
+        words = clause.split()
+        adjective = words[-1]
+        assert (adjective in make_task.POSITIVE) != (adjective in make_task.NEGATIVE), clause
+        negated = any(w in make_task.NEGATIONS for w in words)
+        count += int((adjective in make_task.POSITIVE) != negated)
+    return count
+
+
+def test_shipped_task_labels_count_the_positive_clauses():
+    from loralab.runners.compare import make_task
+
+    splits = build()
+    for rows in splits.values():
+        for r in rows:
+            assert r["label"] == _count_positive_clauses(r["sentence"]), r
+    adjectives = {
+        split: {r["sentence"].split(" ; ")[0].split()[-1] for r in rows}
+        for split, rows in splits.items()
+    }
+    # validation has adjectives that training never shows (the pretrained knowledge is needed)
+    assert len(adjectives["validation"] - adjectives["train"]) >= 10
+    assert make_task.NUM_LABELS == 4
 
 
 def test_summaries_and_table_from_records():
@@ -217,11 +250,14 @@ def test_summaries_and_table_from_records():
     s = report.summarize(records)
     assert s["a"]["train_loss_first_fifth"] == 8.5 and s["a"]["train_loss_last_fifth"] == 0.5
     table = report.markdown_table(s, "accuracy")
-    assert "| a | 1.2k | 1.00 | 0.5 | 10 | 1,024 | 1 | 8.5000 | 0.5000 | 1.0000 | 0.5000 |" in table
+    assert (
+        "| a | – | 1.2k | 1.00 | 0.5 | 10 | 1,024 | 1 | 8.5000 | 0.5000 | 1.0000 | 0.5000 | – | – |"
+        in table
+    )
     assert "| b | failed: boom |" in table
 
 
-@pytest.mark.parametrize("module", [recipes, report, worker])
+@pytest.mark.parametrize("module", [recipes, report, task, worker])
 def test_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0

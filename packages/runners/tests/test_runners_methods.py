@@ -42,6 +42,7 @@ def test_registry_lists_the_issue_methods():
         "lora-ga",
         "lora-fa",
         "lora-sb",
+        "lora-xs",
         "lora-pro",
         "galore",
         "golore",

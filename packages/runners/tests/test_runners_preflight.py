@@ -419,9 +419,8 @@ def test_large_json_array_is_checked_for_utf8_only(tmp_path, monkeypatch):
 
 def test_classification_heads_are_not_rank_checked(tiny_dirs):
     # T5's classification_head.out_proj is 2 x 64: trained in full (modules_to_save), never adapted
-    from loralab.runners.methods import method_args
-
     from loralab.runners.glue import HEAD_NAMES
+    from loralab.runners.methods import method_args
 
     request = [preflight.rank_request("lora", method_args("lora", lora_r=4))]
     preflight.check_ranks(

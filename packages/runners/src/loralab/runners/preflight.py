@@ -43,10 +43,12 @@ from typing import Any
 
 __all__ = [
     "COMPARE_FIXED_KEYS",
+    "DEFAULT_LR_FACTORS",
     "PreflightError",
     "RankRequest",
     "bad_input_named",
     "check_compare",
+    "check_compare_sweep",
     "check_data_file",
     "check_device",
     "check_model_path",
@@ -625,6 +627,59 @@ def check_train_args(
     )
 
 
+DEFAULT_LR_FACTORS: tuple[float, ...] = (0.25, 1.0, 4.0)
+"""``loralab compare --sweep``'s grid: multipliers of each recipe's learning rate (a 16× range)."""
+
+
+def check_compare_sweep(config: Any) -> tuple[float, ...]:
+    """``loralab compare``'s ``--sweep``, ``--lr_factors``, ``--seeds`` and ``--heldout_fraction``;
+    returns the factors each method trains at (``(1.0,)`` without ``--sweep``).
+
+    Raises:
+        PreflightError: ``--lr_factors`` without ``--sweep``, empty, non-positive, not finite or
+            repeated; ``--seeds`` < 1; ``--heldout_fraction`` outside [0, 1), or 0 with ``--sweep``
+            (the sweep chooses on the held-out split).
+    """
+    import math
+
+    factors = config.lr_factors
+    if factors is not None and not config.sweep:
+        raise PreflightError(
+            f"--lr_factors {' '.join(map(str, factors))} is only used with --sweep; add --sweep, "
+            "or drop --lr_factors (and use --set learning_rate=... for one rate)"
+        )
+    if config.sweep:
+        factors = DEFAULT_LR_FACTORS if factors is None else tuple(float(f) for f in factors)
+        if not factors:
+            raise PreflightError(
+                "--lr_factors: give at least one factor (e.g. --lr_factors 0.25 1 4), or omit the "
+                f"flag for the default grid {' '.join(f'{f:g}' for f in DEFAULT_LR_FACTORS)}"
+            )
+        bad = [f for f in factors if not math.isfinite(f) or f <= 0]
+        if bad:
+            raise PreflightError(
+                f"--lr_factors must be positive finite multipliers of each recipe's learning "
+                f"rate, got {' '.join(f'{f:g}' for f in bad)}"
+            )
+        if len(set(factors)) != len(factors):
+            raise PreflightError(
+                f"--lr_factors lists a factor twice: {' '.join(f'{f:g}' for f in factors)}"
+            )
+    else:
+        factors = (1.0,)
+    if not isinstance(config.seeds, int) or config.seeds < 1:
+        raise PreflightError(f"--seeds must be an integer >= 1, got {config.seeds!r}")
+    fraction = config.heldout_fraction
+    if not 0.0 <= fraction < 1.0:
+        raise PreflightError(f"--heldout_fraction must be in [0, 1), got {fraction}")
+    if config.sweep and fraction == 0.0:
+        raise PreflightError(
+            "--sweep chooses each method's rate on the held-out part of the training data: "
+            "--heldout_fraction must be > 0, got 0"
+        )
+    return tuple(factors)
+
+
 def check_compare(config: Any) -> tuple[str, str]:
     """Everything ``loralab compare`` can check before any method process starts; returns the resolved
     ``(model path or hub id, label)`` (``tiny`` is written under ``--output_dir`` once it is checked).
@@ -633,6 +688,7 @@ def check_compare(config: Any) -> tuple[str, str]:
     from loralab.runners.compare.task import resolve_model
     from loralab.runners.methods import MethodError, method_args
 
+    check_compare_sweep(config)
     check_overrides(config.set, config.methods)
     check_output_dir_writable(config.output_dir)
     check_device(config.device)

@@ -20,6 +20,9 @@ Where the values come from:
   entries train; A, B, R from the first-step update approximated on ``sb_num_batches`` batches. The
   paper compares LoRA-SB at a *higher* rank than LoRA and still trains far fewer parameters: r = 64
   here trains 64² = 4,096 entries per layer, fewer than LoRA r = 8's 6,144 on a 384 x 384 layer.
+* ``lora-xs``: LoRA-SB's architecture, rank, alpha and rate (r = 64, s = 1, 2e-3) with LoRA-XS's init
+  (frozen B = U_r·Σ_r, A = V_rᵀ from the pretrained weight's SVD, R = 0): the same 4,096 trainable
+  entries per layer, so the difference to ``lora-sb`` is the initialisation alone (LoRA-SB's claim).
 * ``lora-pro``: the LoRA rate, ``efficient`` mode with the Sylvester choice of X (paper defaults).
 * ``galore`` / ``golore``: rank 8 (matching LoRA's rank), scale 4 (GaLore's GLUE recipe), at the full
   fine-tuning rate since the update is full-space; ``update_proj_gap`` 25 because the run is short
@@ -71,6 +74,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     ),
     "lora-fa": dict(_LORA, learning_rate=5e-4),
     "lora-sb": dict(_LORA, lora_r=64, lora_alpha=64.0, learning_rate=2e-3, sb_num_batches=8),
+    "lora-xs": dict(_LORA, lora_r=64, lora_alpha=64.0, learning_rate=2e-3, xs_init="weight_svd"),
     "lora-pro": dict(_LORA, learning_rate=5e-4, pro_mode="efficient", pro_x_mode="sylvester"),
     "galore": dict(
         learning_rate=5e-5,

@@ -14,8 +14,9 @@ method's process so that every method sees identical weights, batches and evalua
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,18 +29,25 @@ from loralab.runners.glue import GLUE_TASKS, glue_metrics, load_seq_cls_model
 
 __all__ = [
     "EMBEDDED_DIR",
+    "HELDOUT_SEED",
     "CompareData",
     "available_tasks",
     "load_data",
     "load_model",
     "metric_name",
+    "num_labels",
     "resolve_model",
 ]
 
 logger = logging.getLogger(__name__)
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "data"
-"""The shipped task: ``train.jsonl`` (2000 rows) and ``validation.jsonl`` (400 rows), SST-2 columns."""
+"""The shipped task: ``train.jsonl`` (2000 rows) and ``validation.jsonl`` (400 rows), SST-2 columns,
+labels 0..3 (:mod:`loralab.runners.compare.make_task`)."""
+
+
+HELDOUT_SEED = 1234
+"""Seed of the held-out draw (:meth:`CompareData.split_heldout`), fixed whatever ``--seed`` is."""
 
 
 def available_tasks() -> list[str]:
@@ -50,6 +58,20 @@ def available_tasks() -> list[str]:
 def metric_name(task: str) -> str:
     """The headline metric of ``task`` (GLUE's official one; accuracy for the embedded task)."""
     return {"stsb": "pearson", "cola": "matthews_correlation"}.get(task, "accuracy")
+
+
+def num_labels(task: str) -> int:
+    """Classes of ``task`` (1 = regression for STS-B): the embedded task's four, GLUE's otherwise.
+
+    Example:
+        >>> num_labels("embedded"), num_labels("mnli"), num_labels("stsb")
+        (4, 3, 1)
+    """
+    if task == "embedded":
+        from loralab.runners.compare.make_task import NUM_LABELS
+
+        return NUM_LABELS
+    return GLUE_TASKS[task][2]
 
 
 def _minilm_path() -> str | None:
@@ -118,6 +140,37 @@ class CompareData:
     num_labels: int
     metric: str
     pad_id: int
+    heldout: list[dict[str, Any]] = field(default_factory=list)
+
+    def split_heldout(self, fraction: float, seed: int = HELDOUT_SEED) -> CompareData:
+        """A copy whose ``heldout`` is ``round(fraction * len(train))`` training rows (at least one
+        when ``fraction > 0``) drawn with a fixed ``seed``, and whose ``train`` is the rest.
+
+        The draw does not depend on ``--seed``: every method, factor and seed is scored on the same
+        held-out rows. Raises ``ValueError`` when no training row would be left.
+
+        Example:
+            >>> rows = [{"input_ids": [1], "labels": i % 2} for i in range(10)]
+            >>> d = CompareData("embedded", rows, rows[:2], 2, "accuracy", 0).split_heldout(0.2)
+            >>> len(d.train), len(d.heldout)
+            (8, 2)
+        """
+        if not 0.0 <= fraction < 1.0:
+            raise ValueError(f"--heldout_fraction must be in [0, 1), got {fraction}")
+        n = len(self.train)
+        k = max(1, round(fraction * n)) if fraction > 0 else 0
+        if k >= n:
+            raise ValueError(
+                f"--heldout_fraction {fraction} leaves no training example of {n}; "
+                "lower it or give more training data"
+            )
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+        held = set(order[:k])
+        return dataclasses.replace(
+            self,
+            train=[r for i, r in enumerate(self.train) if i not in held],
+            heldout=[self.train[i] for i in sorted(held)],
+        )
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         return pad_collate(self.pad_id)(examples)
@@ -137,17 +190,19 @@ class CompareData:
 
     @torch.no_grad()
     def evaluate(
-        self, model: nn.Module, batch_size: int = 64, device: torch.device | str = "cpu"
+        self,
+        model: nn.Module,
+        batch_size: int = 64,
+        device: torch.device | str = "cpu",
+        rows: list[dict[str, Any]] | None = None,
     ) -> dict[str, float]:
-        """Mean validation loss and the task metric(s)."""
+        """Mean loss and the task metric(s) on ``rows`` (default: the validation split)."""
+        rows = self.validation if rows is None else rows
         was_training = model.training
         model.eval()
         losses, preds, labels = [], [], []
-        for i in range(0, len(self.validation), batch_size):
-            batch = {
-                k: v.to(device)
-                for k, v in self.collate(self.validation[i : i + batch_size]).items()
-            }
+        for i in range(0, len(rows), batch_size):
+            batch = {k: v.to(device) for k, v in self.collate(rows[i : i + batch_size]).items()}
             out = model(**batch)
             logits = out.logits.float()
             losses.append(float(out.loss) * len(batch["labels"]))
@@ -173,7 +228,8 @@ def load_data(
     if task not in available_tasks():
         raise ValueError(f"--task must be one of {', '.join(available_tasks())}, got {task!r}")
     glue_task = "sst2" if task == "embedded" else task
-    first, second, num_labels, val_split = GLUE_TASKS[glue_task]
+    first, second, _, val_split = GLUE_TASKS[glue_task]
+    labels = num_labels(task)
     if task == "embedded":
         train_file = train_file or str(EMBEDDED_DIR / "train.jsonl")
         validation_file = validation_file or str(EMBEDDED_DIR / "validation.jsonl")
@@ -187,14 +243,19 @@ def load_data(
         require_columns(ds, [first, "label"] + ([second] if second else []), source)
         rows = []
         for ex in ds:
-            if ex["label"] is None or (num_labels > 1 and int(ex["label"]) < 0):
+            if ex["label"] is None or (labels > 1 and int(ex["label"]) < 0):
                 continue  # unlabeled (test-split) rows
+            if labels > 1 and int(ex["label"]) >= labels:
+                raise ValueError(
+                    f"{source}: label {ex['label']} out of range for --task {task} "
+                    f"({labels} classes: 0..{labels - 1})"
+                )
             texts = (ex[first],) if second is None else (ex[first], ex[second])
             enc = tokenizer(*texts, truncation=True, max_length=max_length)
             rows.append(
                 {
                     "input_ids": enc["input_ids"],
-                    "labels": float(ex["label"]) if num_labels == 1 else int(ex["label"]),
+                    "labels": float(ex["label"]) if labels == 1 else int(ex["label"]),
                 }
             )
         if not rows:
@@ -204,7 +265,7 @@ def load_data(
         task,
         splits["train"],
         splits["validation"],
-        num_labels,
+        labels,
         metric_name(task),
         tokenizer.pad_token_id,
     )

@@ -8,6 +8,12 @@ every ``eval_every`` steps and at the end (``eval_loss``, ``eval_<metric>``), an
 ``{"kind": "summary", ...}`` (parameters, optimizer-state bytes, peak memory, init time, time per
 step, the final ``eval_*`` metrics, or the error that stopped the run).
 
+One process is one *run*: a method at one learning-rate factor (``lr_factor`` times its recipe's
+learning rate, ``--sweep``) and one seed (``--seeds``); every record carries ``method``, ``run``,
+``lr_factor`` and ``seed``. A fraction of the training data (``heldout_fraction``) is held out of
+training and scored once at the end (``heldout_loss``, ``heldout_<metric>`` in the summary): the
+sweep picks each method's factor on it, never on the validation split that the table reports.
+
 Timing: ``time_s`` on each record counts the method's setup (gradient estimation for LoRA-GA / LoRA-SB)
 and its training steps, never evaluation, so loss-vs-wall-time curves compare what a user pays.
 Memory: the process's peak resident set size (``ru_maxrss``), and the peak above the resident size
@@ -44,6 +50,9 @@ class RunSpec:
     method: str
     model_path: str
     metrics_file: str
+    run: str = ""
+    lr_factor: float = 1.0
+    heldout_fraction: float = 0.1
     task: str = "embedded"
     hparams: dict[str, Any] = field(default_factory=dict)
     steps: int = 150
@@ -124,7 +133,7 @@ def _write(f: Any, record: dict[str, Any]) -> None:
 def run_method(spec: RunSpec) -> dict[str, Any]:
     """Fine-tune ``spec.method`` on the training loop and write its metrics; returns the summary record."""
     from loralab.runners.compare.recipes import recipe_for
-    from loralab.runners.compare.task import load_data, load_model
+    from loralab.runners.compare.task import load_data, load_model, num_labels
     from loralab.runners.loop import ListBatches, LoopConfig, MetricsLog, TorchEngine, run_loop
     from loralab.runners.methods import get_method, method_args
 
@@ -132,7 +141,7 @@ def run_method(spec: RunSpec) -> dict[str, Any]:
         torch.set_num_threads(spec.threads)
     engine = TorchEngine(device=spec.device)
     device = engine.device
-    metrics = MetricsLog(spec.metrics_file, extra={"method": spec.method})
+    metrics = MetricsLog(spec.metrics_file, extra=_identity(spec))
     metrics.restart(None)
     summary: dict[str, Any] = {"status": "ok"}
     with _PeakRSS() as rss:
@@ -151,7 +160,7 @@ def run_method(spec: RunSpec) -> dict[str, Any]:
         )
         model, tokenizer, heads = load_model(
             spec.model_path,
-            num_labels=1 if spec.task == "stsb" else (3 if spec.task == "mnli" else 2),
+            num_labels=num_labels(spec.task),
             seed=spec.seed,
             quantization_config=bnb_config(quantization, skip_modules=list(HEAD_NAMES)),
         )
@@ -163,13 +172,16 @@ def run_method(spec: RunSpec) -> dict[str, Any]:
             validation_file=spec.validation_file,
             max_train_samples=spec.max_train_samples,
             max_eval_samples=spec.max_eval_samples,
-        )
+        ).split_heldout(spec.heldout_fraction)
         batches = data.train_batches(spec.steps, spec.batch_size, spec.seed)
         model.to(device)
         total_params = sum(p.numel() for p in model.parameters())
+        hparams = recipe_for(spec.method, spec.hparams)
+        # --sweep: the factor multiplies the recipe's rate (after any --set learning_rate)
+        hparams["learning_rate"] = hparams["learning_rate"] * spec.lr_factor
         args = method_args(
             spec.method,
-            **recipe_for(spec.method, spec.hparams),
+            **hparams,
             max_steps=spec.steps,
             seed=spec.seed,
             task_type="SEQ_CLS",
@@ -227,11 +239,25 @@ def run_method(spec: RunSpec) -> dict[str, Any]:
             else math.nan
         )
         summary["train_time_s"] = result.train_time_s
+        if result.status == "ok" and data.heldout:
+            # scored once at the end, after the run's clock stopped; what --sweep chooses on
+            held = data.evaluate(model, device=device, rows=data.heldout)
+            summary.update({f"heldout_{k.removeprefix('eval_')}": v for k, v in held.items()})
     summary["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     summary["peak_rss_above_loaded_bytes"] = max(0, rss.peak - baseline)
     if device.type == "cuda":
         summary["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
     return metrics.summary(result.step, result.metrics, **summary)
+
+
+def _identity(spec: RunSpec) -> dict[str, Any]:
+    """The keys every record of this run carries."""
+    return {
+        "method": spec.method,
+        "run": spec.run or spec.method,
+        "lr_factor": spec.lr_factor,
+        "seed": spec.seed,
+    }
 
 
 def _quiet_libraries() -> None:
@@ -269,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                 f,
                 {
                     "kind": "summary",
-                    "method": spec.method,
+                    **_identity(spec),
                     "status": f"failed: {type(exc).__name__}: {message}",
                 },
             )

@@ -1,5 +1,5 @@
 """One method registry for every loralab runner: ``--method full | lora | lora-ga | lora-fa | lora-sb |
-lora-pro | galore | golore``.
+lora-xs | lora-pro | galore | golore``.
 
 ``get_method(name).setup(model, args, train_batches)`` returns ``MethodSetup(model, optimizer,
 scheduler, callbacks)``. Methods whose package is not installed raise ``ImportError`` with the

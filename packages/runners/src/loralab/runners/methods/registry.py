@@ -29,6 +29,7 @@ METHOD_MODULES: dict[str, str] = {
     "lora-ga": "loralab.runners.methods.lora_ga",
     "lora-fa": "loralab.runners.methods.lora_fa",
     "lora-sb": "loralab.runners.methods.lora_sb",
+    "lora-xs": "loralab.runners.methods.lora_xs",
     "lora-pro": "loralab.runners.methods.lora_pro",
     "galore": "loralab.runners.methods.galore",
     "golore": "loralab.runners.methods.golore",
