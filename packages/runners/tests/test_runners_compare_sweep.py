@@ -11,8 +11,9 @@ import pytest
 
 from loralab.runners.cli import main as loralab_main
 from loralab.runners.compare import CompareConfig, report, run_compare, run_id
+from loralab.runners.compare.checks import DEFAULT_LR_FACTORS, check_compare_sweep
 from loralab.runners.compare.task import CompareData
-from loralab.runners.preflight import DEFAULT_LR_FACTORS, PreflightError, check_compare_sweep
+from loralab.runners.preflight import PreflightError
 
 METRIC = "accuracy"
 

@@ -17,6 +17,8 @@ import pytest
 
 from loralab.runners import glue, metamath, preflight, winogrande
 from loralab.runners.cli import main as loralab_main
+from loralab.runners.compare import checks as compare_checks
+from loralab.runners.compare.checks import check_overrides
 from loralab.runners.data import load_split
 from loralab.runners.preflight import (
     PreflightError,
@@ -24,7 +26,6 @@ from loralab.runners.preflight import (
     check_device,
     check_model_path,
     check_output_dir_writable,
-    check_overrides,
 )
 
 TINY_WIDTH = 64
@@ -51,8 +52,9 @@ def no_model_load(monkeypatch):
     monkeypatch.setattr(metamath, "load_causal_lm", boom)
 
 
-def test_module_examples():
-    result = doctest.testmod(preflight, optionflags=doctest.ELLIPSIS)
+@pytest.mark.parametrize("module", [preflight, compare_checks])
+def test_module_examples(module):
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
 
 

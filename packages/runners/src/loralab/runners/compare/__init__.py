@@ -44,6 +44,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
+from loralab.runners.compare.checks import (
+    DEFAULT_LR_FACTORS,
+    check_compare,
+    check_compare_sweep,
+    check_overrides,
+)
 from loralab.runners.compare.process import exit_on_sigterm, run_worker, worker_command
 from loralab.runners.compare.recipes import METHOD_ORDER, RECIPES, parse_overrides
 from loralab.runners.compare.report import (
@@ -57,13 +63,7 @@ from loralab.runners.compare.report import (
 )
 from loralab.runners.compare.task import available_tasks, metric_name
 from loralab.runners.compare.worker import RunSpec, write_spec
-from loralab.runners.preflight import (
-    DEFAULT_LR_FACTORS,
-    PreflightError,
-    check_compare,
-    check_compare_sweep,
-    check_overrides,
-)
+from loralab.runners.preflight import PreflightError
 
 __all__ = ["CompareConfig", "main", "run_compare", "run_id"]
 
