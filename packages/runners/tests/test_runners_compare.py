@@ -10,9 +10,18 @@ import struct
 import pytest
 
 from loralab.runners.cli import main as loralab_main
-from loralab.runners.compare import CompareConfig, recipes, report, run_compare, task, worker
+from loralab.runners.compare import (
+    CompareConfig,
+    recipes,
+    report,
+    run_compare,
+    task,
+    testing,
+    worker,
+)
 from loralab.runners.compare.make_task import build
 from loralab.runners.compare.task import EMBEDDED_DIR
+from loralab.runners.compare.testing import smoke_config
 
 
 def _png_size(path) -> tuple[int, int]:
@@ -257,26 +266,14 @@ def test_summaries_and_table_from_records():
     assert "| b | failed: boom |" in table
 
 
-@pytest.mark.parametrize("module", [recipes, report, task, worker])
+@pytest.mark.parametrize("module", [recipes, report, task, testing, worker])
 def test_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0
 
 
 def test_run_compare_api_returns_summaries(tmp_path):
-    cfg = CompareConfig(
-        model="tiny",
-        methods=["full"],
-        steps=2,
-        batch_size=2,
-        eval_every=0,
-        max_length=16,
-        max_train_samples=8,
-        max_eval_samples=8,
-        threads=1,
-        progress=False,
-        output_dir=str(tmp_path),
-    )
+    cfg = smoke_config(str(tmp_path), methods=["full"])
     summaries = run_compare(cfg, command="test")
     assert list(summaries) == ["full"] and summaries["full"]["status"] == "ok"
     assert summaries["full"]["trainable_params"] == summaries["full"]["total_params"]

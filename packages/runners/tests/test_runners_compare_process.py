@@ -15,21 +15,11 @@ import psutil
 import pytest
 
 from loralab.runners.cli import main as loralab_main
-from loralab.runners.compare import CompareConfig, run_compare
+from loralab.runners.compare import run_compare
 from loralab.runners.compare.process import worker_command
+from loralab.runners.compare.testing import smoke_config
 from loralab.runners.preflight import PreflightError
 
-QUICK = dict(
-    model="tiny",
-    steps=2,
-    batch_size=2,
-    eval_every=0,
-    max_length=16,
-    max_train_samples=8,
-    max_eval_samples=8,
-    threads=1,
-    progress=False,
-)
 ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
 
 
@@ -129,10 +119,8 @@ def test_worker_is_launched_without_runpy_double_import(tmp_path):
 @pytest.mark.slow
 def test_rerun_keeps_earlier_methods_and_refuses_other_settings(tmp_path):
     out = tmp_path / "cmp"
-    run_compare(CompareConfig(methods=["full"], output_dir=str(out), **QUICK), command="first")
-    summaries = run_compare(
-        CompareConfig(methods=["lora"], output_dir=str(out), **QUICK), command="second"
-    )
+    run_compare(smoke_config(str(out), methods=["full"]), command="first")
+    summaries = run_compare(smoke_config(str(out), methods=["lora"]), command="second")
     assert list(summaries) == ["full", "lora"]
     assert all(s["status"] == "ok" for s in summaries.values())
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -147,9 +135,7 @@ def test_rerun_keeps_earlier_methods_and_refuses_other_settings(tmp_path):
     with pytest.raises(
         PreflightError, match=r"holds a comparison with other settings \(steps 2 → 3; seed 42 → 7\)"
     ):
-        run_compare(
-            CompareConfig(methods=["lora"], output_dir=str(out), **{**QUICK, "steps": 3}, seed=7)
-        )
+        run_compare(smoke_config(str(out), methods=["lora"], steps=3, seed=7))
     assert json.loads((out / "config.json").read_text())["steps"] == 2  # untouched
 
 

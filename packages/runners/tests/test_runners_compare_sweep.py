@@ -13,6 +13,7 @@ from loralab.runners.cli import main as loralab_main
 from loralab.runners.compare import CompareConfig, report, run_compare, run_id
 from loralab.runners.compare.checks import DEFAULT_LR_FACTORS, check_compare_sweep
 from loralab.runners.compare.task import CompareData
+from loralab.runners.compare.testing import smoke_config
 from loralab.runners.preflight import PreflightError
 
 METRIC = "accuracy"
@@ -206,30 +207,21 @@ def test_check_compare_sweep_returns_the_grid():
 
 # --------------------------------------------------------------------------------- a real sweep
 
-QUICK = dict(
-    model="tiny",
-    steps=4,
-    batch_size=4,
-    eval_every=0,
-    max_length=16,
-    max_train_samples=40,
-    max_eval_samples=8,
-    threads=1,
-    progress=False,
-)
+SWEEP_SMOKE = dict(steps=4, batch_size=4, max_train_samples=40)
+"""The smoke comparison with enough training rows for a held-out split."""
 
 
 @pytest.mark.slow
 def test_sweep_with_seeds_end_to_end(tmp_path):
     out = tmp_path / "sweep"
     summaries = run_compare(
-        CompareConfig(
+        smoke_config(
+            str(out),
             methods=["full", "lora"],
-            output_dir=str(out),
             sweep=True,
             lr_factors=[1.0, 8.0],
             seeds=2,
-            **QUICK,
+            **SWEEP_SMOKE,
         ),
         command="loralab compare --sweep --seeds 2",
     )

@@ -237,53 +237,36 @@ def stsb_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
+def _write_csv(path, rows, delimiter=","):
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]), delimiter=delimiter)
+        w.writeheader()
+        w.writerows(rows)
+    return str(path)
+
+
+def _lora_two_steps(model, files, out, task):
+    argv = [*common(model, files, out, task=task), "--method", "lora", "--max_steps", "2"]
+    return glue.main([*argv, "--save_final_model", "false"])
+
+
 def test_stsb_regression_from_tsv_and_cola_from_csv(roberta_dir, tmp_path, helpers):
-    roberta2 = roberta_dir
     # GLUE's own files are TSV; the hub's csv/json exports keep the nyu-mll/glue column names
     from loralab.core.testing import save_tiny, tiny_roberta
 
     model1 = str(save_tiny(tiny_roberta(num_labels=1), tmp_path / "roberta1"))
-    files = {}
-    for split, seed in (("train", 0), ("validation", 1)):
-        path = tmp_path / f"stsb_{split}.tsv"
-        with path.open("w", newline="") as fh:
-            w = csv.DictWriter(
-                fh, fieldnames=["sentence1", "sentence2", "label", "idx"], delimiter="\t"
-            )
-            w.writeheader()
-            w.writerows(stsb_rows(16, seed))
-        files[split] = str(path)
-    m = glue.main(
-        [
-            *common(model1, files, tmp_path / "stsb", task="stsb"),
-            "--method",
-            "lora",
-            "--max_steps",
-            "2",
-            "--save_final_model",
-            "false",
-        ]
-    )
+    files = {
+        split: _write_csv(tmp_path / f"stsb_{split}.tsv", stsb_rows(16, seed), delimiter="\t")
+        for split, seed in (("train", 0), ("validation", 1))
+    }
+    m = _lora_two_steps(model1, files, tmp_path / "stsb", "stsb")
     assert set(m) == {"pearson", "spearmanr", "num_examples"} and -1 <= m["pearson"] <= 1
 
-    for split, seed in (("train", 0), ("validation", 1)):
-        path = tmp_path / f"cola_{split}.csv"
-        with path.open("w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=["sentence", "label", "idx"])
-            w.writeheader()
-            w.writerows(helpers.sst2_rows(16, seed))
-        files[split] = str(path)
-    m = glue.main(
-        [
-            *common(roberta2, files, tmp_path / "cola", task="cola"),
-            "--method",
-            "lora",
-            "--max_steps",
-            "2",
-            "--save_final_model",
-            "false",
-        ]
-    )
+    files = {
+        split: _write_csv(tmp_path / f"cola_{split}.csv", helpers.sst2_rows(16, seed))
+        for split, seed in (("train", 0), ("validation", 1))
+    }
+    m = _lora_two_steps(roberta_dir, files, tmp_path / "cola", "cola")
     assert set(m) == {"matthews_correlation", "num_examples"}
 
 

@@ -61,19 +61,12 @@ def test_module_examples(module):
 # ---------------------------------------------------------------- --set (loralab compare)
 
 
+def _compare_set(out, item):
+    return loralab_main(["compare", "--model", "tiny", "--output_dir", str(out), "--set", item])
+
+
 def test_compare_unknown_set_key_names_it_and_suggests(tmp_path, capsys):
-    code = loralab_main(
-        [
-            "compare",
-            "--model",
-            "tiny",
-            "--output_dir",
-            str(tmp_path),
-            "--set",
-            "lora.learning_rat=1e-3",
-        ]
-    )
-    assert code == 2
+    assert _compare_set(tmp_path, "lora.learning_rat=1e-3") == 2
     err = capsys.readouterr().err
     assert "--set lora.learning_rat=1e-3: unknown key 'learning_rat'" in err
     assert "did you mean 'learning_rate'?" in err
@@ -81,18 +74,7 @@ def test_compare_unknown_set_key_names_it_and_suggests(tmp_path, capsys):
 
 
 def test_compare_wrong_type_names_key_value_and_type(tmp_path, capsys):
-    code = loralab_main(
-        [
-            "compare",
-            "--model",
-            "tiny",
-            "--output_dir",
-            str(tmp_path),
-            "--set",
-            "lora.learning_rate=abc",
-        ]
-    )
-    assert code == 2
+    assert _compare_set(tmp_path, "lora.learning_rate=abc") == 2
     err = capsys.readouterr().err
     assert "--set lora.learning_rate=abc: learning_rate must be a float" in err and "'abc'" in err
     assert not (tmp_path / "runs").exists()

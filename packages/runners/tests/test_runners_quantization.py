@@ -371,22 +371,10 @@ def test_compare_quantized_base_refusals():
 
 
 def test_compare_on_a_4bit_base(tmp_path):
-    from loralab.runners.compare import CompareConfig, run_compare
+    from loralab.runners.compare import run_compare
+    from loralab.runners.compare.testing import smoke_config
 
-    cfg = CompareConfig(
-        model="tiny",
-        methods=["lora"],
-        steps=2,
-        batch_size=2,
-        eval_every=0,
-        max_length=16,
-        max_train_samples=8,
-        max_eval_samples=8,
-        threads=1,
-        progress=False,
-        output_dir=str(tmp_path),
-        load_in_4bit=True,
-    )
+    cfg = smoke_config(str(tmp_path), methods=["lora"], load_in_4bit=True)
     summaries = run_compare(cfg, command="test")
     assert summaries["lora"]["status"] == "ok", summaries["lora"]
     assert json.loads((tmp_path / "config.json").read_text())["load_in_4bit"] is True

@@ -119,6 +119,9 @@ def test_resume_errors_name_the_flag(tiny_dirs, glue_files, metamath_files, tmp_
         glue.main([*base, "--resume_from_checkpoint", str(tmp_path / "nope")])
 
 
+THREE_STEPS_SAVING_EACH = ("--max_steps", "3", "--save_steps", "1", "--learning_rate", "1e-3")
+
+
 def lora_argv(tiny_dirs, glue_files, out, *extra: str) -> list[str]:
     return ["--model_name_or_path", tiny_dirs["roberta"], "--task_name", "sst2", "--train_file", glue_files["train"],
             "--validation_file", glue_files["validation"], "--method", "lora", "--lora_r", "4",
@@ -132,19 +135,7 @@ def test_a_finished_output_dir_is_refused_before_the_model_loads(
     from loralab.runners.loop import OutputDirError
 
     out = tmp_path / "run"
-    glue.main(
-        lora_argv(
-            tiny_dirs,
-            glue_files,
-            out,
-            "--max_steps",
-            "3",
-            "--save_steps",
-            "1",
-            "--learning_rate",
-            "1e-3",
-        )
-    )
+    glue.main(lora_argv(tiny_dirs, glue_files, out, *THREE_STEPS_SAVING_EACH))
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
 
     def no_model(*a, **k):
@@ -194,17 +185,7 @@ def test_torn_checkpoint_in_a_run_names_the_file(tiny_dirs, glue_files, tmp_path
     from loralab.runners.loop import CheckpointError
 
     out = tmp_path / "run"
-    argv = lora_argv(
-        tiny_dirs,
-        glue_files,
-        out,
-        "--max_steps",
-        "3",
-        "--save_steps",
-        "1",
-        "--learning_rate",
-        "1e-3",
-    )
+    argv = lora_argv(tiny_dirs, glue_files, out, *THREE_STEPS_SAVING_EACH)
     glue.main(argv)
     for name in ("optimizer.bin", "model.safetensors"):
         f = out / "checkpoint-2" / name
