@@ -214,7 +214,10 @@ def test_correct_bias_false_really_drops_the_correction(style):
     m, v = 0.1 * g, 0.001 * g * g
     torch.testing.assert_close(out[False], m / (v.sqrt() + 1e-8), atol=1e-12, rtol=0)
     torch.testing.assert_close(out[True], g.sign(), atol=1e-6, rtol=0)
-    assert (out[False].abs() - 0.1 / math.sqrt(0.001)).abs().max() < 1e-6  # ≈ 3.16, not 1
+    # ≈ 0.1/√0.001 = 3.16, not 1 (ε = 1e-8 moves it by up to 2e-6 at |g| = 0.5: the exact value,
+    # ε included, is checked above)
+    assert (out[False].abs() - 0.1 / math.sqrt(0.001)).abs().max() < 1e-5
+    assert (out[True].abs() - 1.0).abs().max() < 1e-6
 
 
 def test_no_deprecation_warning_is_accepted_and_never_warns():
