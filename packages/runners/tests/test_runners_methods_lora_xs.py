@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from loralab.core.testing import make_lm_batches, tiny_llama
-from loralab.runners.methods import MethodError, get_method, method_args
+from loralab.runners.methods import FinalDirectory, MethodError, get_method, method_args
 
 pytest.importorskip("loralab.lora_sb")
 
@@ -95,7 +95,7 @@ def test_lora_xs_trains_and_final_reloads_with_bare_peft(tmp_path):
             opt.zero_grad()
             losses.append(float(loss))
     assert losses[-1] < losses[0]
-    get_method("lora-xs").save_final(model, tmp_path / "final")
+    get_method("lora-xs").save_final(model, FinalDirectory(tmp_path / "final"))
     torch.manual_seed(0)
     reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "final")
     model.eval()
