@@ -25,7 +25,8 @@ Example:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from itertools import islice
 from typing import Any, Union, cast
 
@@ -76,6 +77,51 @@ def _check_float_weights(targets: Mapping[str, TargetLayer]) -> None:
             + ". Estimate on a float copy of the same checkpoint (loralab.core.quant.load_float_model_for_estimation, "
             "with offload=True to bound memory), then initialise the quantized model from those gradients."
         )
+
+
+def _distinct_weights(targets: Mapping[str, TargetLayer]) -> list[nn.Parameter]:
+    """The targets' weights; tied weights (one tensor, two targets) are refused."""
+    weights = [t.weight for t in targets.values()]
+    if len({id(w) for w in weights}) != len(weights):
+        raise GradientEstimationError(
+            "two targets share one weight tensor (tied weights); exclude one of them"
+        )
+    return weights
+
+
+@contextmanager
+def _summing_gradients(
+    targets: Mapping[str, TargetLayer],
+    sums: dict[str, Tensor],
+    counts: dict[str, int] | None = None,
+) -> Iterator[None]:
+    """While open, every backward pass adds each target's (out, in) float32 gradient into
+    ``sums[name]`` (``counts[name]``: the passes that reached it) and frees ``weight.grad`` at once, so
+    no second copy lives in the parameter dtype. A post-accumulate-grad hook runs once per pass, after
+    autograd has accumulated within it."""
+
+    def make_hook(name: str, module: nn.Module) -> Callable[[Tensor], None]:
+        def hook(p: Tensor) -> None:
+            g = to_storage_layout(module, cast(Tensor, p.grad)).float()
+            if name in sums:
+                sums[name].add_(g)
+            else:
+                sums[name] = g.contiguous()  # we own p.grad from here on: no copy unless transposed
+            if counts is not None:
+                counts[name] = counts.get(name, 0) + 1
+            p.grad = None
+
+        return hook
+
+    handles = [
+        t.weight.register_post_accumulate_grad_hook(make_hook(name, t.module))
+        for name, t in targets.items()
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _progress(
@@ -186,44 +232,21 @@ def _estimate_plain(
     total: int | None,
 ) -> dict[str, Tensor]:
     sums: dict[str, Tensor] = {}
-    handles = []
-
-    def make_hook(name: str, module: nn.Module) -> Callable[[Tensor], None]:
-        def hook(p: Tensor) -> None:
-            # a post-accumulate-grad hook runs once p.grad is set
-            g = to_storage_layout(module, cast(Tensor, p.grad)).float()
-            if name in sums:
-                sums[name].add_(g)
-            else:
-                sums[name] = g.contiguous()  # we own p.grad from here on: no copy unless transposed
-            p.grad = None  # free the parameter-dtype gradient right away
-
-        return hook
-
-    weights = [t.weight for t in targets.values()]
-    if len({id(w) for w in weights}) != len(weights):
-        raise GradientEstimationError(
-            "two targets share one weight tensor (tied weights); exclude one of them"
-        )
+    weights = _distinct_weights(targets)
     n = 0
-    with estimation_mode(model, weights, train):
-        try:
-            for name, t in targets.items():
-                handles.append(
-                    t.weight.register_post_accumulate_grad_hook(make_hook(name, t.module))
+    with (
+        estimation_mode(model, weights, train),
+        _summing_gradients(targets, sums),
+        torch.enable_grad(),
+    ):
+        for batch in _progress(batches, total, "estimating gradients", progress):
+            loss = loss_fn(model, batch)
+            if not torch.isfinite(loss):
+                raise GradientEstimationError(
+                    f"non-finite loss ({loss.item()}) on batch {n}; the gradient would be NaN"
                 )
-            with torch.enable_grad():
-                for batch in _progress(batches, total, "estimating gradients", progress):
-                    loss = loss_fn(model, batch)
-                    if not torch.isfinite(loss):
-                        raise GradientEstimationError(
-                            f"non-finite loss ({loss.item()}) on batch {n}; the gradient would be NaN"
-                        )
-                    loss.backward()
-                    n += 1
-        finally:
-            for h in handles:
-                h.remove()
+            loss.backward()
+            n += 1
     if n == 0:
         raise GradientEstimationError(
             "no batches: the data iterable was empty (check the dataloader and num_batches)"
@@ -290,39 +313,15 @@ def estimate_gradients_from_step(
     """
     resolved = resolve_targets(model, targets)
     _check_float_weights(resolved)
-    weights = [t.weight for t in resolved.values()]
-    if len({id(w) for w in weights}) != len(weights):
-        raise GradientEstimationError(
-            "two targets share one weight tensor (tied weights); exclude one of them"
-        )
+    weights = _distinct_weights(resolved)
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
-
-    def make_hook(name: str, module: nn.Module) -> Callable[[Tensor], None]:
-        def hook(p: Tensor) -> None:
-            # runs once per backward pass that reached p (autograd accumulates within a pass first)
-            g = to_storage_layout(module, cast(Tensor, p.grad)).float()
-            if name in sums:
-                sums[name].add_(g)
-            else:
-                sums[name] = g.contiguous()
-            counts[name] = counts.get(name, 0) + 1
-            p.grad = None  # free the parameter-dtype gradient right away
-
-        return hook
-
-    handles = []
-    with estimation_mode(model, weights, train):
-        try:
-            for name, t in resolved.items():
-                handles.append(
-                    t.weight.register_post_accumulate_grad_hook(make_hook(name, t.module))
-                )
-            with torch.enable_grad():
-                train_step()
-        finally:
-            for h in handles:
-                h.remove()
+    with (
+        estimation_mode(model, weights, train),
+        _summing_gradients(resolved, sums, counts),
+        torch.enable_grad(),
+    ):
+        train_step()
     missing = [name for name in resolved if name not in sums]
     if missing:
         raise GradientEstimationError(
