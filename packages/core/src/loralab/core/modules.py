@@ -11,6 +11,8 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Literal, cast
 
 from torch import nn
@@ -20,6 +22,7 @@ __all__ = [
     "TargetNotFoundError",
     "get_module",
     "layer_kind",
+    "modules_replaced",
     "replace_module",
     "weight_parameter",
 ]
@@ -74,3 +77,42 @@ def weight_parameter(module: nn.Module) -> nn.Parameter:
     # nn.Module.__getattr__ is typed ``Tensor | Module``; every adaptable kind (see layer_kind, which
     # matches bitsandbytes and Conv1D by class name) stores its weight as a Parameter.
     return cast(nn.Parameter, module.weight)
+
+
+@contextmanager
+def modules_replaced(
+    model: nn.Module, choose: Callable[[nn.Module], nn.Module | None]
+) -> Iterator[None]:
+    """Temporarily put ``choose(module)`` in place of every outermost sub-module for which it is not
+    ``None`` (sub-modules of a replaced one are not visited); everything is put back on exit.
+
+    For writing a wrapped model's inner model with its own ``save_pretrained`` (PEFT's LoRA layers ->
+    their base layers, ``modules_to_save`` wrappers -> one copy).
+
+    Example:
+        >>> from torch import nn
+        >>> m = nn.Sequential(nn.Sequential(nn.Linear(2, 2)))
+        >>> with modules_replaced(m, lambda mod: mod[0] if type(mod) is nn.Sequential and mod is not m else None):
+        ...     type(m[0]).__name__
+        'Linear'
+        >>> type(m[0]).__name__
+        'Sequential'
+    """
+    swaps: list[tuple[nn.Module, str, nn.Module]] = []
+    done: list[str] = []
+    try:
+        for name, mod in list(model.named_modules()):
+            if not name or any(name.startswith(d + ".") for d in done):
+                continue
+            inner = choose(mod)
+            if inner is None:
+                continue
+            done.append(name)
+            parent_name, _, attr = name.rpartition(".")
+            parent = get_module(model, parent_name)
+            swaps.append((parent, attr, mod))
+            setattr(parent, attr, inner)
+        yield
+    finally:
+        for parent, attr, mod in reversed(swaps):
+            setattr(parent, attr, mod)

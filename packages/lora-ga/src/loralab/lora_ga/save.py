@@ -41,8 +41,7 @@ import dataclasses
 import logging
 import math
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -55,6 +54,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 from loralab.core.distributed import is_main_process
+from loralab.core.modules import modules_replaced
 
 __all__ = [
     "INIT_FACTORS_FILE",
@@ -277,34 +277,20 @@ def save_lora_ga_model(
             cast("PreTrainedModel", base).save_pretrained(str(root / "base"))
 
 
-@contextmanager
-def _without_adapters(base: nn.Module) -> Iterator[None]:
+def _without_adapters(base: nn.Module) -> AbstractContextManager[None]:
     """Temporarily put every wrapped layer's original module back (LoRA layer -> its base layer,
     modules_to_save wrapper -> original module), so ``save_pretrained`` writes the base checkpoint with
     transformers' own logic (quantized layers included)."""
     from peft.utils.other import ModulesToSaveWrapper
 
-    swaps: list[tuple[nn.Module, str, nn.Module]] = []
-    swapped: list[str] = []
-    try:
-        for name, mod in list(base.named_modules()):
-            if isinstance(mod, LoraLayer):
-                inner = mod.get_base_layer()
-            elif isinstance(mod, ModulesToSaveWrapper):
-                inner = mod.original_module
-            else:
-                continue
-            if any(name.startswith(done + ".") for done in swapped):
-                continue  # inside a wrapper already taken out
-            swapped.append(name)
-            parent_name, _, attr = name.rpartition(".")
-            parent = base.get_submodule(parent_name) if parent_name else base
-            swaps.append((parent, attr, mod))
-            setattr(parent, attr, inner)
-        yield
-    finally:
-        for parent, attr, mod in reversed(swaps):
-            setattr(parent, attr, mod)
+    def choose(mod: nn.Module) -> nn.Module | None:
+        if isinstance(mod, LoraLayer):
+            return mod.get_base_layer()
+        if isinstance(mod, ModulesToSaveWrapper):
+            return cast(nn.Module, mod.original_module)
+        return None
+
+    return modules_replaced(base, choose)
 
 
 def load_lora_ga_model(

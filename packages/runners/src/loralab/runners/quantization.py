@@ -33,8 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
@@ -298,34 +297,22 @@ def estimation_kwargs(model: nn.Module, args: Any) -> dict[str, Any]:
     return {"estimation_model": float_model, "offload": float_model is not None}
 
 
-@contextmanager
-def _trained_modules_in_place(base: nn.Module, adapter_name: str) -> Iterator[None]:
+def _trained_modules_in_place(base: nn.Module, adapter_name: str) -> AbstractContextManager[None]:
     """Temporarily put each LoRA layer's base layer and each ``modules_to_save`` wrapper's *trained*
     copy where the wrappers are, so the base model looks like a plain transformers model."""
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils.other import ModulesToSaveWrapper
 
-    swaps: list[tuple[nn.Module, str, nn.Module]] = []
-    done: list[str] = []
-    try:
-        for name, mod in list(base.named_modules()):
-            if any(name.startswith(d + ".") for d in done):
-                continue
-            if isinstance(mod, ModulesToSaveWrapper):
-                inner = mod.modules_to_save[adapter_name]
-            elif isinstance(mod, BaseTunerLayer):
-                inner = mod.get_base_layer()
-            else:
-                continue
-            done.append(name)
-            parent_name, _, attr = name.rpartition(".")
-            parent = base.get_submodule(parent_name) if parent_name else base
-            swaps.append((parent, attr, mod))
-            setattr(parent, attr, inner)
-        yield
-    finally:
-        for parent, attr, mod in reversed(swaps):
-            setattr(parent, attr, mod)
+    from loralab.core.modules import modules_replaced
+
+    def choose(mod: nn.Module) -> nn.Module | None:
+        if isinstance(mod, ModulesToSaveWrapper):
+            return cast(nn.Module, mod.modules_to_save[adapter_name])
+        if isinstance(mod, BaseTunerLayer):
+            return mod.get_base_layer()
+        return None
+
+    return modules_replaced(base, choose)
 
 
 def merged_model(
