@@ -200,14 +200,23 @@ def test_load_quantized_weight_restores_codes_and_statistics(tmp_path, kind, dou
     saved, w_saved, y_saved = _saved(m, tmp_path), dequantize_weight(m), m(x)
     other = build(1)
     other(x)
+    rest = {k: v for k, v in saved.items() if not k.startswith("weight.")}
     if kind != "int8":
-        # why the helper exists: load_state_dict copies the 4-bit codes but keeps the old block
-        # scales, without a word (the statistics' keys are not reported as unexpected)
+        # why the helper exists: load_state_dict refuses the 4-bit statistics, and without them
+        # (or with strict=False) copies the codes but keeps the layer's old block scales
         plain = build(1)
-        assert plain.load_state_dict(saved).unexpected_keys == []
+        with pytest.raises(
+            RuntimeError, match=r"Unexpected key\(s\) in state_dict: \"weight\.absmax\""
+        ):
+            plain.load_state_dict(saved)
+        plain.load_state_dict(rest)
         assert not torch.equal(dequantize_weight(plain), w_saved)
+    else:
+        # int8 after its first forward: bitsandbytes refuses to load SCB
+        with pytest.raises(RuntimeError, match="Loading a quantized checkpoint into non-quantized"):
+            other.load_state_dict(saved)
     load_quantized_weight_(other, saved)
-    other.load_state_dict(saved)  # bias, and the same codes again
+    other.load_state_dict(rest)  # bias, and the same codes again (int8: and SCB)
     assert torch.equal(dequantize_weight(other), w_saved)
     assert quant_config_of(other) == quant_config_of(m)
     torch.testing.assert_close(other(x), y_saved, atol=0, rtol=0)

@@ -13,7 +13,8 @@ weight by dequantize → subtract → re-quantize. This module gives each of tho
   (an NF4 layer stays NF4 with its blocksize and double quantization: the LoRA-GA reference rebuilt
   the layer with the class defaults, which silently turns NF4 into FP4);
 - :func:`load_quantized_weight_`: restore a quantized weight exactly (codes and statistics) from
-  the layer's own ``state_dict()`` entries, which ``load_state_dict`` alone does not for 4-bit;
+  the layer's own ``state_dict()`` entries, which ``load_state_dict`` alone refuses (4-bit) or
+  loads only before the first forward (int8);
 - :func:`load_float_model_for_estimation`: a float model of the same checkpoint (from its path or
   from a quantized model), and :func:`dequantized_copy` when no float checkpoint is at hand.
 
@@ -300,15 +301,16 @@ def load_quantized_weight_(module: nn.Module, state: Mapping[str, Tensor]) -> No
     """Restore a quantized bitsandbytes layer's weight exactly from the entries its own
     ``state_dict()`` wrote (keys relative to the layer), in place.
 
-    ``torch.nn.Module.load_state_dict`` alone does not: it copies a ``Linear4bit``'s packed codes into
-    the existing weight but keeps the layer's own quantization statistics (the ``weight.absmax``,
-    ``weight.quant_map``, ``weight.nested_*`` entries are not even reported as unexpected), so a layer
-    whose weight was re-quantized after it was built (:func:`requantize_weight_`, a ReLoRA merge)
-    silently dequantizes to other values; ``Linear8bitLt`` reloads its row scales (``SCB``) only while
-    they still sit on the weight (before its first forward). This rebuilds the weight from the saved
-    codes and statistics: 4-bit through ``Params4bit.from_prequantized`` (blocksize, double
+    ``torch.nn.Module.load_state_dict`` alone does not: a ``Linear4bit`` refuses its own
+    ``weight.absmax``, ``weight.quant_map``, ``weight.nested_*``, ``weight.quant_state.*`` entries as
+    unexpected keys, and with ``strict=False`` copies the packed codes but keeps the layer's own
+    statistics, so a weight re-quantized after the layer was built (:func:`requantize_weight_`, a
+    ReLoRA merge) dequantizes to other values; ``Linear8bitLt`` reloads its row scales (``SCB``) only
+    while they still sit on the weight (before its first forward). This rebuilds the weight from the
+    saved codes and statistics: 4-bit through ``Params4bit.from_prequantized`` (blocksize, double
     quantization, quantization dtype as saved), int8 as the saved codes and row scales. The layer's
-    compute dtype is untouched. Call it before ``load_state_dict`` copies the same codes again.
+    compute dtype is untouched. ``load_state_dict`` may then load the rest without the ``weight.*``
+    statistics (it copies the same codes again).
 
     Args:
         module: a quantized ``Linear4bit`` / ``Linear8bitLt``.

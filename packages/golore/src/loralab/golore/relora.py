@@ -34,8 +34,8 @@ matrix is a registered parameter for its step, so a loop that all-reduces the mo
 averages ``G`` over processes as it does a float ``W``'s. ``state_dict()`` holds the quantized ``W``
 as bitsandbytes writes it (codes and block / row scales under ``<layer>.base_layer.``) and
 ``load_state_dict`` restores both exactly (:func:`loralab.core.quant.load_quantized_weight_`; torch's
-own loading would keep the stale scales of a re-quantized 4-bit ``W``), so a checkpoint resumes bit
-for bit.
+own loading refuses the 4-bit statistics as unexpected keys, and with ``strict=False`` keeps the stale
+scales of a re-quantized ``W``), so a checkpoint resumes bit for bit.
 
 Example (the seed README's loop, with the import changed):
     >>> import torch
@@ -256,14 +256,18 @@ class ReLoRaLinear(nn.Module):
         error_msgs: list[str],
     ) -> None:
         # Every merge re-quantizes W, so its block / row scales differ from those of the model a
-        # checkpoint is loaded into; torch's load_state_dict would copy the 4-bit codes and keep the
-        # stale scales (silently). Rebuild W from the saved codes and statistics first.
+        # checkpoint is loaded into; torch's load_state_dict refuses a 4-bit layer's statistics as
+        # unexpected keys (and with strict=False copies the codes but keeps the stale scales).
+        # Rebuild W from the saved codes and statistics, then let torch copy the codes (and int8's
+        # SCB, which bitsandbytes loads itself).
         base = f"{prefix}base_layer."
         if self.quantized and f"{base}weight" in state_dict:
             from loralab.core.quant import load_quantized_weight_
 
             entries = {k[len(base) :]: v for k, v in state_dict.items() if k.startswith(base)}
             load_quantized_weight_(self._quantized_layer(), entries)
+            for k in [k for k in state_dict if k.startswith(f"{base}weight.")]:
+                del state_dict[k]  # 4-bit statistics, restored above
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
