@@ -11,8 +11,9 @@ bitsandbytes frozen W, on the tiny LLaMA with local C4-format shards (CPU, bitsa
 Tolerance of ``final_model/`` against the quantized model (logits of |x| ~ 1-5): the 4-bit CPU
 matmul multiplies by the same dequantized NF4 values the float model holds, so they differ by float32
 rounding only (``deq(W)·x − s·A·(B·x)`` against ``(deq(W) − s·A·B)·x``): 1e-4 is asserted. LLM.int8
-also rounds the activations to int8 per row (absmax / 127), which the float model does not: 0.1 is
-asserted (measured values in the runners' README).
+also rounds the activations to int8 per row (absmax / 127), which the float model does not: 0.05 is
+asserted. Measured here (|logits| <= 1.05): 4.2e-7 for NF4 with and without double quantization,
+5.6e-3 for int8.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ SETTINGS = {
     "nf4_dq": ["--quantize", "4bit", "--use_double_quant"],
     "int8": ["--quantize", "8bit"],
 }
-LOGIT_ATOL = {"nf4": 1e-4, "nf4_dq": 1e-4, "int8": 0.1}
+LOGIT_ATOL = {"nf4": 1e-4, "nf4_dq": 1e-4, "int8": 0.05}
 WORKER = Path(__file__).with_name("runners_c4_worker.py")
 
 
