@@ -8,11 +8,13 @@ from torch import nn
 
 from loralab.core.gradients import GradientEstimationError, estimate_gradients
 from loralab.core.quant import (
+    QuantizationError,
     dequantize_weight,
     dequantized_copy,
     dtype_kwarg,
     is_quantized,
     load_float_model_for_estimation,
+    load_quantized_weight_,
     quant_config_of,
     quant_kind,
     quantized_layer_names,
@@ -171,6 +173,82 @@ def test_requantize_errors():
     bad[0, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         requantize_weight_(m, bad)
+
+
+def _saved(m: nn.Module, tmp_path) -> dict:
+    """``m.state_dict()`` through torch.save / torch.load(weights_only=True), as a checkpoint holds it."""
+    torch.save(m.state_dict(), tmp_path / "layer.pt")
+    return torch.load(tmp_path / "layer.pt", weights_only=True)
+
+
+@pytest.mark.parametrize(
+    ("kind", "double_quant"), [("nf4", False), ("nf4", True), ("fp4", True), ("int8", False)]
+)
+def test_load_quantized_weight_restores_codes_and_statistics(tmp_path, kind, double_quant):
+    def build(seed):
+        lin = _float_linear(seed)
+        return (
+            _linear8bit(lin)
+            if kind == "int8"
+            else _linear4bit(lin, kind, double_quant=double_quant)
+        )
+
+    m = build(0)
+    x = torch.randn(5, IN)
+    m(x)  # int8: the first forward moves (CB, SCB) from the weight into layer.state
+    requantize_weight_(m, dequantize_weight(m) * 1.5 + 0.01)  # a weight re-quantized after building
+    saved, w_saved, y_saved = _saved(m, tmp_path), dequantize_weight(m), m(x)
+    other = build(1)
+    other(x)
+    rest = {k: v for k, v in saved.items() if not k.startswith("weight.")}
+    if kind != "int8":
+        # why the helper exists: load_state_dict refuses the 4-bit statistics, and without them
+        # (or with strict=False) copies the codes but keeps the layer's old block scales
+        plain = build(1)
+        with pytest.raises(
+            RuntimeError, match=r"Unexpected key\(s\) in state_dict: \"weight\.absmax\""
+        ):
+            plain.load_state_dict(saved)
+        plain.load_state_dict(rest)
+        assert not torch.equal(dequantize_weight(plain), w_saved)
+    else:
+        # int8 after its first forward: bitsandbytes refuses to load SCB
+        with pytest.raises(RuntimeError, match="Loading a quantized checkpoint into non-quantized"):
+            other.load_state_dict(saved)
+    load_quantized_weight_(other, saved)
+    other.load_state_dict(rest)  # bias, and the same codes again (int8: and SCB)
+    assert torch.equal(dequantize_weight(other), w_saved)
+    assert quant_config_of(other) == quant_config_of(m)
+    torch.testing.assert_close(other(x), y_saved, atol=0, rtol=0)
+
+
+def test_load_quantized_weight_errors(tmp_path):
+    four, eight = _linear4bit(_float_linear(), "nf4"), _linear8bit(_float_linear())
+    s4, s8 = _saved(four, tmp_path), _saved(eight, tmp_path)
+    with pytest.raises(TypeError, match="Linear is not a quantized bitsandbytes layer"):
+        load_quantized_weight_(_float_linear(), s4)
+    with pytest.raises(QuantizationError, match="no 'weight' entry for Linear4bit"):
+        load_quantized_weight_(four, {"bias": s4["bias"]})
+    with pytest.raises(QuantizationError, match=r"a 4-bit layer needs weight\.absmax"):
+        load_quantized_weight_(four, s8)
+    with pytest.raises(QuantizationError, match="an int8 layer needs the row scales 'SCB'"):
+        load_quantized_weight_(eight, s4)
+    with pytest.raises(
+        QuantizationError,
+        match=r"the saved 4-bit weight is \(64, 128\), the layer's \(out, in\) is \(48, 128\)",
+    ):
+        load_quantized_weight_(four, _saved(_linear4bit_shape(64), tmp_path))
+    bad = dict(s8, SCB=s8["SCB"][:-1])
+    with pytest.raises(
+        QuantizationError,
+        match=r"the int8 layer's \(out, in\) is \(48, 128\); the entries are weight \(48, 128\) torch.int8 and SCB \(47,\)",
+    ):
+        load_quantized_weight_(eight, bad)
+
+
+def _linear4bit_shape(out: int):
+    m = bnb.nn.Linear4bit(IN, out, bias=True, compute_dtype=torch.float32, quant_type="nf4")
+    return m.to("cpu")
 
 
 @pytest.fixture(scope="module")

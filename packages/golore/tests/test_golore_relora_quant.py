@@ -112,3 +112,55 @@ def test_quantized_save_reloads_with_same_settings(tmp_path):
 def test_bad_quantize_settings_refused_by_name(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ReLoRaConfig(r=4, **kwargs)
+
+
+def _train(model, steps, gap=2, lr=1e-2):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    batch = make_lm_batches(1)[0]
+    for step in range(steps):
+        model._config.forward_type = step % gap == 0
+        model(**batch).loss.backward()
+        if step % gap == 0:
+            model.merge_and_reinit(opt, rand=False)
+        opt.step()
+        opt.zero_grad()
+    return batch
+
+
+@pytest.mark.parametrize(("quantize", "dq"), SETTINGS)
+def test_state_dict_round_trip_after_merges(tmp_path, quantize, dq):
+    """W re-quantized by merges: torch.save(state_dict) / load_state_dict(torch.load(weights_only=True))
+    into a model built from other weights restores W's codes and scales exactly, and the next merge
+    (re-quantization included) is the same."""
+    model = _wrap(quantize, dq)
+    batch = _train(model, 4)
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    fresh = _wrap(quantize, dq, seed=1)
+    fresh.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    for a, b in zip(_layers(model), _layers(fresh), strict=True):
+        assert torch.equal(dequantize_weight(a.base_layer), dequantize_weight(b.base_layer))
+        assert quant_config_of(a.base_layer) == quant_config_of(b.base_layer)
+        assert torch.equal(a.lora_A.weight, b.lora_A.weight)
+        assert torch.equal(a.lora_B.weight, b.lora_B.weight)
+    for m in (model, fresh):
+        m._config.forward_type = True
+        m(**batch).loss.backward()
+        m.merge_and_reinit(None)
+        m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**batch).logits, model(**batch).logits, atol=0, rtol=0)
+
+
+def test_full_gradient_holder_is_a_parameter_for_its_step():
+    """On a forward_type step the zero matrix standing in for a quantized W is among the model's
+    parameters (a multi-process loop's all-reduce averages its gradient), and gone after the merge."""
+    model = _wrap("4bit", False)
+    batch = make_lm_batches(1)[0]
+    probes = lambda: [n for n, _ in model.named_parameters() if n.endswith("_grad_probe")]  # noqa: E731
+    assert probes() == [] and "_grad_probe" not in "".join(model.state_dict())
+    model._config.forward_type = True
+    model(**batch).loss.backward()
+    assert len(probes()) == len(_layers(model))
+    assert all(p.grad is not None for n, p in model.named_parameters() if n.endswith("_grad_probe"))
+    model.merge_and_reinit(None)
+    assert probes() == []

@@ -49,6 +49,7 @@ from loralab.core.quant import (
     dtype_kwarg,
     is_quantized,
     load_float_model_for_estimation,
+    load_quantized_weight_,
     quant_kind,
     requantize_weight_,
 )
@@ -99,6 +100,7 @@ __all__ = [
     "is_quantized",
     "layer_kind",
     "load_float_model_for_estimation",
+    "load_quantized_weight_",
     "quant_kind",
     "rank",
     "replace_module",

@@ -12,6 +12,9 @@ weight by dequantize → subtract → re-quantize. This module gives each of tho
 - :func:`requantize_weight_`: put a float (out, in) matrix back *with the layer's own settings*
   (an NF4 layer stays NF4 with its blocksize and double quantization: the LoRA-GA reference rebuilt
   the layer with the class defaults, which silently turns NF4 into FP4);
+- :func:`load_quantized_weight_`: restore a quantized weight exactly (codes and statistics) from
+  the layer's own ``state_dict()`` entries, which ``load_state_dict`` alone refuses (4-bit) or
+  loads only before the first forward (int8);
 - :func:`load_float_model_for_estimation`: a float model of the same checkpoint (from its path or
   from a quantized model), and :func:`dequantized_copy` when no float checkpoint is at hand.
 
@@ -35,7 +38,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, cast
@@ -56,6 +59,7 @@ __all__ = [
     "float_targets",
     "is_quantized",
     "load_float_model_for_estimation",
+    "load_quantized_weight_",
     "quant_config_of",
     "quant_kind",
     "quantized_layer_names",
@@ -291,6 +295,100 @@ def requantize_weight_(module: nn.Module, weight: Tensor) -> None:
             module=cast(bnb.nn.Linear4bit, module),
         )
         module.weight = new4.to(device)  # Params4bit quantizes on its first move to a device
+
+
+def load_quantized_weight_(module: nn.Module, state: Mapping[str, Tensor]) -> None:
+    """Restore a quantized bitsandbytes layer's weight exactly from the entries its own
+    ``state_dict()`` wrote (keys relative to the layer), in place.
+
+    ``torch.nn.Module.load_state_dict`` alone does not: a ``Linear4bit`` refuses its own
+    ``weight.absmax``, ``weight.quant_map``, ``weight.nested_*``, ``weight.quant_state.*`` entries as
+    unexpected keys, and with ``strict=False`` copies the packed codes but keeps the layer's own
+    statistics, so a weight re-quantized after the layer was built (:func:`requantize_weight_`, a
+    ReLoRA merge) dequantizes to other values; ``Linear8bitLt`` reloads its row scales (``SCB``) only
+    while they still sit on the weight (before its first forward). This rebuilds the weight from the
+    saved codes and statistics: 4-bit through ``Params4bit.from_prequantized`` (blocksize, double
+    quantization, quantization dtype as saved), int8 as the saved codes and row scales. The layer's
+    compute dtype is untouched. ``load_state_dict`` may then load the rest without the ``weight.*``
+    statistics (it copies the same codes again).
+
+    Args:
+        module: a quantized ``Linear4bit`` / ``Linear8bitLt``.
+        state: its entries: ``weight`` and, 4-bit, ``weight.absmax``, ``weight.quant_map``,
+            ``weight.quant_state.bitsandbytes__<nf4|fp4>`` (plus ``weight.nested_*`` with double
+            quantization); int8, ``SCB`` (``weight_format`` is ignored).
+
+    Raises:
+        TypeError: ``module`` is not a quantized bitsandbytes layer.
+        QuantizationError: an entry is missing, or the entries are of the other kind or shape.
+
+    Example:
+        >>> import torch, bitsandbytes as bnb
+        >>> layer = bnb.nn.Linear4bit(64, 32, quant_type="nf4", compute_dtype=torch.float32).to("cpu")
+        >>> saved = {k: v.clone() for k, v in layer.state_dict().items()}
+        >>> requantize_weight_(layer, dequantize_weight(layer) * 2)
+        >>> load_quantized_weight_(layer, saved)
+        >>> torch.equal(layer.weight.quant_state.absmax, saved["weight.absmax"])
+        True
+    """
+    kind = layer_kind(module)
+    if kind not in ("linear4bit", "linear8bit") or not is_quantized(module):
+        raise TypeError(f"{type(module).__name__} is not a quantized bitsandbytes layer")
+    if "weight" not in state:
+        raise QuantizationError(
+            f"load_quantized_weight_: no 'weight' entry for {type(module).__name__} (got {sorted(state)})"
+        )
+    out_in = _out_in(module, kind)
+    device = _weight(module).device
+    data = state["weight"].detach().to(device).clone()
+    import bitsandbytes as bnb
+
+    if kind == "linear4bit":
+        stats = {
+            k[len("weight.") :]: v.detach().clone()
+            for k, v in state.items()
+            if k.startswith("weight.")
+        }
+        if "absmax" not in stats or not any(k.startswith("quant_state.") for k in stats):
+            raise QuantizationError(
+                f"load_quantized_weight_: a 4-bit layer needs weight.absmax, weight.quant_map and "
+                f"weight.quant_state.bitsandbytes__<type> entries, got {sorted(state)}"
+            )
+        new4: nn.Parameter = (
+            bnb.nn.Params4bit.from_prequantized(  # typed as Parameter (see requantize)
+                data=data,
+                quantized_stats=stats,
+                requires_grad=False,
+                device=device,
+                module=cast(bnb.nn.Linear4bit, module),  # kind "linear4bit": a bnb Linear4bit
+            )
+        )
+        shape = tuple(new4.quant_state.shape)
+        if shape != out_in:
+            raise QuantizationError(
+                f"load_quantized_weight_: the saved 4-bit weight is {shape}, the layer's (out, in) is {out_in}"
+            )
+        module.weight = new4
+        return
+    if "SCB" not in state:
+        raise QuantizationError(
+            f"load_quantized_weight_: an int8 layer needs the row scales 'SCB', got {sorted(state)}"
+        )
+    scb = state["SCB"].detach().to(device).clone()
+    if data.dtype != torch.int8 or tuple(data.shape) != out_in or tuple(scb.shape) != out_in[:1]:
+        raise QuantizationError(
+            f"load_quantized_weight_: the int8 layer's (out, in) is {out_in}; the entries are weight "
+            f"{tuple(data.shape)} {data.dtype} and SCB {tuple(scb.shape)}"
+        )
+    # the layout Int8Params has after quantizing: CB is the weight's own storage, SCB on the weight
+    new8: nn.Parameter = bnb.nn.Int8Params(
+        data, requires_grad=False, has_fp16_weights=False, CB=data, SCB=scb
+    )
+    module.weight = new8
+    st = getattr(module, "state", None)
+    if st is not None:  # drop the cached (CB, SCB) of the old weight; forward re-reads them
+        st.CB = None
+        st.SCB = None
 
 
 def _out_in(module: nn.Module, kind: str) -> tuple[int, int]:

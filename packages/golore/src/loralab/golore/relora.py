@@ -29,7 +29,13 @@ kept weights raise clear errors instead of crashing later.
 with bitsandbytes (NF4 with optional double quantization, or int8 row-wise) while ``A``/``B`` stay
 float (QLoRA-style). On ``forward_type`` steps a zero float matrix is added to ``W`` for that one
 forward so that its gradient is the full gradient ``G``; :meth:`ReLoRaLinear.merge_and_reinit`
-dequantizes ``W``, folds the adapter in and re-quantizes with the layer's own settings.
+dequantizes ``W``, folds the adapter in and re-quantizes with the layer's own settings. That zero
+matrix is a registered parameter for its step, so a loop that all-reduces the model's gradients
+averages ``G`` over processes as it does a float ``W``'s. ``state_dict()`` holds the quantized ``W``
+as bitsandbytes writes it (codes and block / row scales under ``<layer>.base_layer.``) and
+``load_state_dict`` restores both exactly (:func:`loralab.core.quant.load_quantized_weight_`; torch's
+own loading refuses the 4-bit statistics as unexpected keys, and with ``strict=False`` keeps the stale
+scales of a re-quantized ``W``), so a checkpoint resumes bit for bit.
 
 Example (the seed README's loop, with the import changed):
     >>> import torch
@@ -146,6 +152,8 @@ class ReLoRaConfig:
 class ReLoRaLinear(nn.Module):
     """``y = W x + b − s·A(B(dropout(x)))`` with one factor a fixed projector (see module docstring)."""
 
+    _grad_probe: nn.Parameter | None  # registered in __init__ (a parameter only while it exists)
+
     def __init__(self, base: nn.Linear, r: int, config: ReLoRaConfig) -> None:
         super().__init__()
         out_f, in_f = base.out_features, base.in_features
@@ -181,7 +189,10 @@ class ReLoRaLinear(nn.Module):
         self.lora_B.requires_grad_(not self.proj_type)
         self.lora_A.requires_grad_(self.proj_type)
         self.base_layer: nn.Module | None = None
-        self._grad_probe: Tensor | None = None
+        # the zero float matrix added to a quantized W on forward_type steps (see _forward_quantized);
+        # a registered parameter while it exists, so code that reduces the model's gradients (a
+        # multi-process loop's all-reduce) averages W's full gradient as it does a float W's
+        self.register_parameter("_grad_probe", None)
         if config.quantize is not None:
             self.quantize_(config.quantize, config.use_double_quant)
 
@@ -226,8 +237,40 @@ class ReLoRaLinear(nn.Module):
             layer.weight = bnb.nn.Int8Params(
                 w.to("cpu", torch.float16).clone(), requires_grad=False, has_fp16_weights=False
             )
+        # bitsandbytes repacks a 4-bit weight for its CPU kernel at a no-grad eval-mode forward on CPUs
+        # with AVX512-BF16 (an evaluation during training), a layout backward and the merge's
+        # re-quantization are not checked on: keep the standard layout (as the runners' QLoRA models)
+        if hasattr(layer, "support_avx512bf16_for_cpu"):
+            layer.support_avx512bf16_for_cpu = False
         self.base_layer = layer.to(w.device)  # bitsandbytes quantizes on the move to the device
         self.weight = None
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # Every merge re-quantizes W, so its block / row scales differ from those of the model a
+        # checkpoint is loaded into; torch's load_state_dict refuses a 4-bit layer's statistics as
+        # unexpected keys (and with strict=False copies the codes but keeps the stale scales).
+        # Rebuild W from the saved codes and statistics, then let torch copy the codes (and int8's
+        # SCB, which bitsandbytes loads itself).
+        base = f"{prefix}base_layer."
+        if self.quantized and f"{base}weight" in state_dict:
+            from loralab.core.quant import load_quantized_weight_
+
+            entries = {k[len(base) :]: v for k, v in state_dict.items() if k.startswith(base)}
+            load_quantized_weight_(self._quantized_layer(), entries)
+            for k in [k for k in state_dict if k.startswith(f"{base}weight.")]:
+                del state_dict[k]  # 4-bit statistics, restored above
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     @property
     def trained_factor(self) -> Tensor:
@@ -282,10 +325,14 @@ class ReLoRaLinear(nn.Module):
         if self.relora_config.forward_type and self._grad_probe is None:
             # A quantized W has no gradient: add a zero float matrix to W for this step, whose
             # gradient is the full gradient G of W (the float path makes W itself trainable instead).
-            self._grad_probe = torch.zeros(
-                self.out_features, self.in_features, device=x.device, dtype=self.lora_A.weight.dtype,
-                requires_grad=True,
-            )  # fmt: skip
+            self._grad_probe = nn.Parameter(
+                torch.zeros(
+                    self.out_features,
+                    self.in_features,
+                    device=x.device,
+                    dtype=self.lora_A.weight.dtype,
+                )
+            )
             self.trained_factor.requires_grad_(False)
         if self._grad_probe is not None:
             y = y + F.linear(x, self._grad_probe.to(x.dtype))

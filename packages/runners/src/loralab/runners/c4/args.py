@@ -2,8 +2,8 @@
 
 The flag names follow the GaLore / GoLore ``torchrun_main.py`` scripts (``--model_config``,
 ``--batch_size``, ``--total_batch_size``, ``--optimizer galore_adamw``, ``--rank``,
-``--update_proj_gap``, ``--galore_scale``, ``--rand_ratio``, ``--use_peft --golore``, ...) so their
-launch lines carry over; ``parse_args`` builds the ``argparse`` parser from the fields' metadata.
+``--update_proj_gap``, ``--galore_scale``, ``--rand_ratio``, ``--use_peft --golore``, ``--quantize``,
+``--use_double_quant``, ...) so their launch lines carry over; ``parse_args`` builds the ``argparse`` parser from the fields' metadata.
 
 Options of one optimizer or schedule (``--rank``, ``--rand_ratio``, ``--momentum``, ``--adam_eps``,
 ``--min_lr_ratio``, ...) default to ``None`` = "not given": given to a run they do not apply to, they
@@ -31,6 +31,7 @@ OPTIMIZERS = ("adamw", "adam", "sgd", "galore_adamw", "golore_adamw", "galore_sg
 """``--optimizer`` choices. ``galore_*`` / ``golore_*`` project the attention and MLP weights."""
 SCHEDULERS = ("cosine", "linear", "cosine_restarts", "constant")
 DTYPES = ("float32", "bfloat16")
+QUANTIZE = ("4bit", "8bit")
 PACKING = ("pack", "truncate")
 
 OPTION_DEFAULTS: dict[str, Any] = dict(
@@ -188,6 +189,17 @@ class C4Args:
         False,
         "with --use_peft: GoLore's ReLoRaModel, merge_and_reinit every --update_proj_gap steps",
     )
+    quantize: str | None = _f(
+        None,
+        "with --use_peft --golore: store the frozen W of every wrapped layer with bitsandbytes, 4bit (NF4, "
+        "blocksize 64) or 8bit (int8 row-wise); A/B, norms, embeddings and the head stay float, every "
+        "merge dequantizes W, folds A·B in and re-quantizes (the GoLore scripts' flag; default: float W)",
+        choices=QUANTIZE,
+    )
+    use_double_quant: bool | None = _f(
+        None,
+        "with --quantize 4bit: QLoRA double quantization of the NF4 block scales (the GoLore scripts' flag; default off)",
+    )
     # loop
     eval_every: int = _f(1_000, "evaluate every N update steps (and at the end)")
     save_every: int = _f(10_000, "checkpoint every N update steps (and at the end)")
@@ -274,6 +286,7 @@ class C4Args:
             self.num_training_steps_from_tokens()  # validates the format
         if self.stop_at_step is not None and self.stop_at_step <= 0:
             raise ValueError(f"--stop_at_step must be positive, got {self.stop_at_step}")
+        self._check_quantize()
         self._refuse_foreign_options()
         self._fill_option_defaults()
 
@@ -312,7 +325,42 @@ class C4Args:
             **options,
         )
         margs.flag_names = {v: k for k, v in REGISTRY_NAMES.items()}
+        if get_method(self.method_name()).quantizes_frozen_weights:
+            # read by the method (golore-relora) as args.quantize / args.use_double_quant
+            margs.quantize, margs.use_double_quant = self.quantize, bool(self.use_double_quant)
         return margs
+
+    def _check_quantize(self) -> None:
+        """``--quantize`` / ``--use_double_quant`` apply to a method that quantizes its frozen weights
+        itself (``--use_peft --golore``); any other run trains full weights, which bitsandbytes
+        weights cannot (as ``--load_in_4bit`` with ``--method full | galore | golore``)."""
+        from loralab.runners.methods import MethodError, get_method
+
+        if self.quantize is not None and self.quantize not in QUANTIZE:
+            raise ValueError(
+                f"--quantize must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}"
+            )
+        if self.use_double_quant is not None and self.quantize != "4bit":
+            given = f"--quantize {self.quantize}" if self.quantize else "no --quantize"
+            raise ValueError(
+                "--use_double_quant quantizes the NF4 block scales: it only applies with --quantize 4bit "
+                f"(and --use_peft --golore), got {given}; add --quantize 4bit or drop --use_double_quant"
+            )
+        if self.quantize is None:
+            return
+        if not get_method(self.method_name()).quantizes_frozen_weights:
+            raise MethodError(
+                f"--optimizer {self.optimizer} trains full weights, which a --quantize {self.quantize} model "
+                "does not have (bitsandbytes weights get no gradient): use --use_peft --golore (GoLore's "
+                "ReLoRA path: float A/B over a quantized frozen W) or drop --quantize"
+            )
+        if self.deepspeed_config is not None:
+            raise ValueError(
+                "--quantize with --deepspeed_config is not supported by the runners (not checked): run "
+                "--use_peft --golore --quantize on one process or under torchrun"
+            )
+        if self.quantize == "4bit" and self.use_double_quant is None:
+            self.use_double_quant = False
 
     def _applies(self, flag: str, method: str, optim: str) -> bool:
         from loralab.runners.methods import get_method

@@ -13,7 +13,9 @@ holding the run identity; this recipe adds the final checkpoint, ``run_summary.j
 GoLore's ReLoRA path: its callback collects ``W``'s full gradient on refresh steps and calls
 ``merge_and_reinit`` once the step's gradients are averaged, before clipping, so clipping applies to
 the gradients the optimizer steps on (the reference clips before the merge, ``W``'s gradient
-included).
+included). With ``--quantize`` its frozen ``W`` is stored with bitsandbytes (the method quantizes
+the float model it is given), the checkpoints hold ``W``'s codes and scales, and ``final_model/``
+is the float ``W_eff = deq(W) − s·A·B``.
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ RESUME_KEYS = (
     "batch_size", "num_training_steps", "max_train_tokens", "lr", "scheduler", "warmup_steps",
     "min_lr_ratio", "cycle_length", "restart_warmup_steps", "weight_decay", "adam_beta1", "adam_beta2",
     "adam_eps", "momentum", "grad_clipping", "optimizer", "rank", "update_proj_gap", "galore_scale",
-    "proj_type", "rand_ratio", "use_peft", "golore", "seed", "deepspeed_config",
+    "proj_type", "rand_ratio", "use_peft", "golore", "quantize", "use_double_quant", "seed",
+    "deepspeed_config",
 )  # fmt: skip
 """The settings a resume must keep (with the global batch and the number of data streams): a resume
 whose values differ is refused, naming each flag ``old -> new``."""
@@ -241,7 +244,11 @@ def run(args: C4Args) -> dict[str, Any]:
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
     summary = {
         "model_config": args.model_config,
-        "optimizer": args.optimizer + ("+relora" if args.use_peft else ""),
+        # the results table's optimizer column: adamw, adamw+relora, adamw+relora+4bit-dq, ...
+        "optimizer": args.optimizer
+        + ("+relora" if args.use_peft else "")
+        + (f"+{args.quantize}" if args.quantize else "")
+        + ("-dq" if args.use_double_quant else ""),
         "step": step,
         "total_steps": total_steps,
         "finished": finished,

@@ -263,8 +263,13 @@ class Method(ABC):
         optimizers: the ``optim`` values (``adamw``, ``sgd``) the method can run with.
         extra: the ``loralab-runners[extra]`` that installs :attr:`module` (default: :attr:`name`).
         has_adapter: the method trains adapters over a frozen base (``--merge_and_save`` applies).
-        quantized_base: the method trains on a bitsandbytes 4-/8-bit base (``--load_in_4bit`` /
-            ``--load_in_8bit``); methods that update the base weights themselves cannot.
+        quantized_base: :meth:`setup` takes a model that bitsandbytes quantized while loading
+            (``--load_in_4bit`` / ``--load_in_8bit``) and trains adapters over it; methods that need
+            the float base weights (they train them, or fold updates into them) cannot.
+        quantizes_frozen_weights: the method stores the frozen weights of the float model it is
+            given with bitsandbytes itself (C4's ``--quantize 4bit|8bit`` / ``--use_double_quant``,
+            read as ``args.quantize`` / ``args.use_double_quant``): ``golore-relora``, whose merges
+            dequantize, fold and re-quantize ``W``.
     """
 
     name: ClassVar[str]
@@ -280,6 +285,7 @@ class Method(ABC):
     extra: ClassVar[str | None] = None
     has_adapter: ClassVar[bool] = True
     quantized_base: ClassVar[bool] = True
+    quantizes_frozen_weights: ClassVar[bool] = False
     description: ClassVar[str] = ""
 
     @property

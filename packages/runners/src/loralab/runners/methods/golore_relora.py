@@ -11,10 +11,19 @@ The refresh runs in the loop's per-step hooks (:class:`ReLoRaRefresh`); a loop t
 ``on_step_end`` is refused at the first step rather than training without refreshes. W trains on
 refresh steps only, so DDP (which registers its hooks once) cannot average its gradient
 (``ddp_wrappable = False``): the loop all-reduces the gradients itself.
+
+QLoRA-style (C4's ``--quantize 4bit|8bit`` / ``--use_double_quant``, the GoLore scripts' flags, read as
+``args.quantize`` / ``args.use_double_quant``): ``ReLoRaModel(quantize=...)`` stores every wrapped
+``W`` with bitsandbytes (NF4 with blocksize 64 and optional double quantization, or int8 row-wise)
+while ``A``/``B``, norms, embeddings and the head stay float; a refresh step collects ``W``'s full
+gradient through a float zero matrix and the merge dequantizes ``W``, folds ``−s·A·B`` in and
+re-quantizes it. Checkpoints hold the quantized ``W`` (codes and scales) and resume bit for bit.
+``final/`` is a plain *float* model: ``W_eff = deq(W) − s·A·B`` (see :meth:`GoLoreReLoRA.save_final`).
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
@@ -22,7 +31,13 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from loralab.runners.methods.base import Callback, FinalDirectory, Method, option_flag
+from loralab.runners.methods.base import (
+    Callback,
+    FinalDirectory,
+    Method,
+    MethodError,
+    option_flag,
+)
 from loralab.runners.methods.galore import check_rank
 
 if TYPE_CHECKING:
@@ -83,10 +98,13 @@ class GoLoreReLoRA(Method):
     sharded_engines: ClassVar[frozenset[str]] = frozenset()
     ddp_wrappable = False  # W trains on refresh steps only: DDP would never average its gradient
     optimizers = ("adamw", "sgd")
-    # W trains (merged every gap) and final/ is the merged full model; ReLoRaModel(quantize=...) is
-    # the package API for a quantized frozen W, not wired to the C4 command line
+    # W trains (merged every gap) and final/ is the merged full model
     has_adapter = False
+    # It cannot take a model bitsandbytes quantized while loading (--load_in_4bit/8bit): it wraps
+    # nn.Linear layers and folds every merge into W. It quantizes the frozen W of the float model it
+    # is given itself (args.quantize: C4's --quantize), and re-quantizes W after every merge.
     quantized_base = False
+    quantizes_frozen_weights = True
     defaults: ClassVar[dict[str, Any]] = dict(
         galore_rank=128,
         update_proj_gap=200,
@@ -97,6 +115,19 @@ class GoLoreReLoRA(Method):
 
     def check_model(self, model: nn.Module, args: Any) -> None:
         self.import_package()
+        quantize = getattr(args, "quantize", None)
+        if quantize is not None:
+            if quantize not in ("4bit", "8bit"):
+                raise MethodError(f"--quantize must be 4bit or 8bit, got {quantize!r}")
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise ImportError(
+                    f"--quantize {quantize} needs bitsandbytes: pip install bitsandbytes "
+                    '(or pip install "loralab-golore[quant]")'
+                )
+        if getattr(args, "use_double_quant", None) and quantize != "4bit":
+            raise MethodError(
+                f"--use_double_quant quantizes the NF4 block scales: it needs --quantize 4bit, got {quantize!r}"
+            )
         # ReLoRaLinear picks the smaller side, as proj_type "std"
         check_rank(
             model,
@@ -120,6 +151,8 @@ class GoLoreReLoRA(Method):
             keep_original_weights=True,
             lora_only=False,
             scale=args.galore_scale,
+            quantize=getattr(args, "quantize", None),
+            use_double_quant=bool(getattr(args, "use_double_quant", None)),
             seed=args.seed,
         )
 
@@ -136,19 +169,30 @@ class GoLoreReLoRA(Method):
 
     def save_final(self, model: nn.Module, out: FinalDirectory) -> None:
         """A plain transformers model with ``W_eff = W - s·A·B`` in every adapted layer (what the
-        run trained), so ``AutoModelForCausalLM.from_pretrained(directory)`` reproduces it."""
+        run trained), so ``AutoModelForCausalLM.from_pretrained(directory)`` reproduces it.
+
+        With a quantized ``W`` (``--quantize``) the saved weights are float, in the model's dtype:
+        ``W_eff = deq(W) - s·A·B``, with no ``quantization_config``. The reloaded model computes in
+        float what the run computed through bitsandbytes' kernels: on the CPU the 4-bit matmul
+        dequantizes the same NF4 values (equal up to float rounding), while LLM.int8 also rounds the
+        activations to int8 per row, which the float model does not (see the runners' README for the
+        measured differences).
+        """
         from loralab.golore import ReLoRaLinear
 
         # model: the ReLoRaModel wrap() returned; its wrapped_model is the transformers model
         inner = cast("PreTrainedModel", cast("ReLoRaModel", model).wrapped_model)
         state: dict[str, torch.Tensor] = {}
+        wrapped: list[str] = []
         for name, mod in inner.named_modules():
             if isinstance(mod, ReLoRaLinear):
+                wrapped.append(f"{name}.")
                 state[f"{name}.weight"] = mod.effective_weight().detach()
                 if mod.bias is not None:
                     state[f"{name}.bias"] = mod.bias.detach()
         for name, p in inner.named_parameters():
-            if ".lora_" not in name and name not in state:
+            # a wrapped layer's own tensors (A, B, a quantized W in base_layer) are in W_eff above
+            if not name.startswith(tuple(wrapped)):
                 state[name] = p.detach()
         plain = type(inner)(inner.config)
         cast(nn.Module, plain).to(next(inner.parameters()).dtype)  # transformers types .to oddly
