@@ -181,5 +181,5 @@ def test_8bit_and_adafactor_refuse_sharded_parameters(monkeypatch):
         match=r"GaLoreAdafactor does not run on FSDP2-sharded .*Adafactor's factored second "
         r"moments .*optimizer='adamw'",
     ):
-        GaLoreAdafactor([{"params": [w], "rank": 2}], lr=1e-3)
+        GaLoreAdafactor([{"params": [w], "rank": 2}])
     GaLoreAdamW([{"params": [w], "rank": 2}])  # the row-shard algebra: accepted
