@@ -112,7 +112,7 @@ def test_fsdp_other_values_and_combinations_are_refused(small_glue):
         )
 
 
-@pytest.mark.parametrize("method", ["golore-relora", "lora-ga", "lora-sb"])
+@pytest.mark.parametrize("method", ["lora-ga", "lora-sb"])
 def test_methods_not_yet_sharded_are_refused_under_fsdp(small_glue, helpers, method):
     model, root = small_glue
     argv = ["--model_name_or_path", model, "--task_name", "sst2", "--train_file", str(root / "train.jsonl"),
