@@ -27,7 +27,8 @@ LOSS_RTOL = 1e-5  # float32 reduction order (as test_runners_launch)
 # final adapters of one process and of 2 ranks differ by 4.8e-4 (relative, worst tensor) under FSDP2 and
 # under DDP alike (FSDP2 and DDP gave bit-identical adapters)
 ADAPTER_RTOL = 2e-3
-# GaLore/GoLore full fine-tuning: float32 reduction order moves the SVD projectors' last bits
+# GaLore/GoLore full fine-tuning, float32: the reduction order moves the SVD projectors' last bits;
+# measured 1.2e-6 (worst tensor, both methods)
 GALORE_RTOL = 1e-3
 BF16_LOSS_RTOL = 2e-2  # bfloat16 compute (8 mantissa bits) against float32
 
