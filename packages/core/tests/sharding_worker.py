@@ -16,6 +16,7 @@ from torch.distributed.tensor import Shard, distribute_tensor
 
 from loralab.core.sharding import (
     all_ranks_agree,
+    broadcast_from_first_,
     gather_rows,
     is_sharded,
     local_rows,
@@ -71,6 +72,9 @@ def main(prefix: str) -> None:
         out[f"written{i}"] = p.full_tensor().clone()
     out["agree_true"] = all_ranks_agree(True, [net[0].weight])
     out["agree_false"] = all_ranks_agree(rank == 0, [net[0].weight])  # False on one rank only
+    mine = torch.arange(6.0).reshape(2, 3) + 100 * rank  # each rank its own values
+    out["broadcast"] = broadcast_from_first_(mine, net[0].weight).clone()
+    out["broadcast_t"] = broadcast_from_first_((mine + 100 * rank).T, net[0].weight).clone()
     try:
         rows_of(distribute_tensor(torch.zeros(4, 4), net[0].weight.device_mesh, [Shard(1)]))
     except NotImplementedError as e:

@@ -8,6 +8,7 @@ import torch
 
 from loralab.core.sharding import (
     all_ranks_agree,
+    broadcast_from_first_,
     gather_rows,
     is_sharded,
     local_rows,
@@ -35,6 +36,7 @@ def test_one_process_is_the_identity():
     v = torch.randn(3, 2)
     assert torch.equal(local_rows(p, v), v)
     assert sum_over_shards_(v, p) is v and gather_rows(p, v) is v
+    assert broadcast_from_first_(v, p) is v
     assert all_ranks_agree(False, [p]) is False and all_ranks_agree(True, [p]) is True
     write_rows_(p, v)
     assert torch.equal(p.detach(), v)
@@ -70,4 +72,7 @@ def test_fsdp2_whole_matrices_equal_one_process(tmp_path):
             assert torch.equal(out[f"written{i}"], update)
     for out in ranks:
         assert out["agree_true"] is True and out["agree_false"] is False
+        # the first rank's values everywhere, a non-contiguous value too
+        assert torch.equal(out["broadcast"], torch.arange(6.0).reshape(2, 3))
+        assert torch.equal(out["broadcast_t"], torch.arange(6.0).reshape(2, 3).T)
         assert "Shard(dim=1)" in out["error"] and "Shard(0)" in out["error"]

@@ -20,7 +20,7 @@ Layouts other than one mesh dimension with ``Shard(0)`` or ``Replicate()`` (HSDP
 parallelism's ``Shard(1)``) raise ``NotImplementedError`` naming the placement.
 
 Every function that communicates (:func:`whole`, :func:`whole_grad`, :func:`sum_over_shards_`,
-:func:`gather_rows`, :func:`all_ranks_agree`) is a collective over the parameter's mesh: call it on
+:func:`gather_rows`, :func:`broadcast_from_first_`, :func:`all_ranks_agree`) is a collective over the parameter's mesh: call it on
 every rank, in the same order.
 
 Example:
@@ -45,6 +45,7 @@ from torch import Tensor
 
 __all__ = [
     "all_ranks_agree",
+    "broadcast_from_first_",
     "gather_rows",
     "is_sharded",
     "local_rows",
@@ -184,6 +185,22 @@ def gather_rows(like: Tensor, rows: Tensor) -> Tensor:
         stride=stride,
     )
     return d.full_tensor()
+
+
+def broadcast_from_first_(value: Tensor, like: Tensor) -> Tensor:
+    """Overwrite ``value`` in place with the first rank's ``value`` over ``like``'s mesh (a broadcast;
+    the identity when ``like`` is not sharded).
+
+    For a small result that every rank computes from the same whole input (a projector from the SVD of
+    a gathered gradient): the ranks then hold bit-identical copies, whatever the linear-algebra
+    library does with threads, so replicated state derived from it never drifts apart.
+    """
+    if is_sharded(like):
+        buf = value if value.is_contiguous() else value.contiguous()
+        dist.broadcast(buf, group=_group(like), group_src=0)
+        if buf is not value:
+            value.copy_(buf)
+    return value
 
 
 def all_ranks_agree(ok: bool, tensors: Iterable[Tensor]) -> bool:

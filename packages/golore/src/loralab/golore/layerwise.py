@@ -84,7 +84,8 @@ def register_layerwise_step(
     if world_size() > 1:
         raise RuntimeError(
             "layer-wise stepping is single-process: under DDP the gradient hook fires before the all-reduce has "
-            f"averaged the gradient (world size {world_size()}); use a normal optimizer.step() there"
+            f"averaged the gradient, and FSDP2 reduces it outside these hooks (world size {world_size()}); "
+            "use a normal optimizer.step() there (GaLoreAdamW / GaLoreSGD step FSDP2 row shards)"
         )
     handle = LayerwiseStepHandle(optimizer, accumulation_steps)
     for group in optimizer.param_groups:

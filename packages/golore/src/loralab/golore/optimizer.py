@@ -27,6 +27,14 @@ What differs from the references, on purpose (tested):
   object.
 - **layer-wise stepping**: :meth:`step_parameter` steps one parameter, used by
   :func:`loralab.golore.layerwise.register_layerwise_step` from gradient hooks.
+- **FSDP2** (``fully_shard``, parameters row-sharded ``DTensor``\\s): :class:`GaLoreAdamW`,
+  :class:`GaLoreSGD` and their GoLore forms step each rank's rows with the projection algebra on row
+  shards (:func:`loralab.golore.projector.project_shard`), never gathering a weight: a right
+  projection keeps the (m, r) state row-sharded, a left one all-reduces the (r, n) ``Σ_k P_kᵀ·G_k``
+  and keeps that state replicated. An SVD refresh gathers the gradient of one matrix at a time
+  (:func:`loralab.core.sharding.gather_rows`) and every rank keeps its rows of ``P`` (``Q`` whole),
+  broadcast from the first rank so replicas agree bit for bit. The result equals one process's up
+  to the order of the sums. The 8-bit and Adafactor forms refuse FSDP2.
 
 Example:
     >>> import torch
@@ -49,19 +57,22 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from loralab.core import sharding
 from loralab.core.adamw import adamw_direction, check_adamw_hparams
 from loralab.golore.projector import (
     PROJ_TYPES,
     PROJECTIONS,
     Projection,
     Side,
+    effective_rank,
     new_projector,
-    project,
     project_back,
+    project_shard,
     projector_side,
     reproject_first_moment,
     reproject_second_moment,
-    transition_matrices,
+    shard_projector,
+    transition_shard,
 )
 
 __all__ = ["GaLoreAdamW", "GaLoreSGD", "GoLoreAdamW", "GoLoreSGD", "SubspaceOptimizer"]
@@ -181,6 +192,9 @@ class SubspaceOptimizer(Optimizer):
     """
 
     _moment_keys: tuple[str, ...] = ()
+    # whether _update works on each rank's rows of an FSDP2-sharded parameter (elementwise maths only)
+    _steps_row_shards: bool = True
+    _fsdp2_refusal: str = ""
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         super().__init__(params, defaults)
@@ -192,6 +206,11 @@ class SubspaceOptimizer(Optimizer):
         where = f"{type(self).__name__} param group {len(self.param_groups) - 1}"
         self._validate_base(group, where)
         _validate_subspace_group(group, where)
+        if not self._steps_row_shards and any(sharding.is_sharded(p) for p in group["params"]):
+            raise NotImplementedError(
+                f"{where}: {type(self).__name__} does not run on FSDP2-sharded parameters (fully_shard): "
+                f"{self._fsdp2_refusal}"
+            )
         # Remember each group's index and, for groups with matrices to project, its parameters:
         # DeepSpeed ZeRO-1/2 later replaces them by one flat fp32 partition and steps one group at a
         # time through a one-element param_groups list (so the enumerate index is not the group's).
@@ -215,20 +234,22 @@ class SubspaceOptimizer(Optimizer):
         refused (:func:`loralab.core.optim_state.check_state_dict`), naming the parameter.
         """
         from loralab.core.optim_state import check_state_dict
-        from loralab.golore.projector import effective_rank, projector_side
 
         def expected(p: Tensor, group: Any) -> dict[str, tuple[int, ...]]:
             # a projected matrix keeps (r, n) / (m, r) / (r, r) moments and (m, r) / (r, n) projectors
+            # under FSDP2 each rank keeps the state of its rows only (m_k of the m rows)
             moments = ("exp_avg", "exp_avg_sq", "momentum_buffer")
             if group["rank"] is None or p.dim() != 2:
-                return dict.fromkeys(moments, tuple(p.shape))
-            m, n = p.shape
+                return dict.fromkeys(moments, tuple(sharding.local_tensor(p).shape))
+            n = p.shape[1]
+            rows = sharding.rows_of(p)
+            m_k = rows.stop - rows.start
             side = projector_side(p.shape, group["proj_type"])
             r = effective_rank(p.shape, group["rank"], side)
-            low = {"left": (r, n), "right": (m, r), "full": (r, r)}[side]
+            low = {"left": (r, n), "right": (m_k, r), "full": (r, r)}[side]
             out: dict[str, tuple[int, ...]] = dict.fromkeys(moments, low)
             if side in ("left", "full"):
-                out["proj_left"] = (m, r)
+                out["proj_left"] = (m_k, r)
             if side in ("right", "full"):
                 out["proj_right"] = (r, n)
             return out
@@ -284,13 +305,21 @@ class SubspaceOptimizer(Optimizer):
         side: Side,
         step: int,
     ) -> None:
+        """A new projector for ``p`` from ``grad`` (this rank's rows of the gradient when ``p`` is
+        FSDP2-sharded), the moments carried into its basis, stored as this rank keeps it."""
         rand_step = resolve_rand_step(group)
         kind: Projection = "random" if rand_step is not None and step >= rand_step else "svd"
         gen = torch.Generator().manual_seed(self._param_seed(gi, pi, group, step))
         dtype = torch.float32 if grad.dtype in (torch.bfloat16, torch.float16) else grad.dtype
+        if kind == "svd":
+            # the only whole matrix a sharded step builds: one gradient at a time, freed on return
+            source = sharding.gather_rows(p, grad)
+        else:
+            # a random projector reads only the shape, dtype and device: no gather, no (m, n) memory
+            source = grad.new_empty(()).expand(tuple(p.shape))
         try:
             new = new_projector(
-                grad,
+                source,
                 group["rank"],
                 side,
                 kind,
@@ -302,9 +331,13 @@ class SubspaceOptimizer(Optimizer):
             raise FloatingPointError(
                 f"{type(self).__name__}: parameter {pi} of param group {gi} (shape {tuple(p.shape)}) at step {step}: {e}"
             ) from e
+        del source
+        for mat in new:  # replicas of one projector must agree bit for bit (seeded draws too)
+            sharding.broadcast_from_first_(mat, p)
+        new = shard_projector(new, side, p)
         old = self._projector_mats(state, side)
         if old is not None and group["reproject_moments"]:
-            self._reproject_moments(state, transition_matrices(old, new, side), side, group)
+            self._reproject_moments(state, transition_shard(old, new, side, p), side, group)
         self._store_mats(state, side, new)
 
     def _reproject_moments(
@@ -341,6 +374,11 @@ class SubspaceOptimizer(Optimizer):
         gi: int,
         pi: int,
     ) -> tuple[Tensor, Tensor, dict[str, Any], Side | None]:
+        """``(tensor to update, low-rank or plain gradient, state, side)`` for one parameter.
+
+        Under FSDP2 the tensor to update and the gradient are this rank's rows (plain tensors sharing
+        the ``DTensor``'s storage), so the state and the elementwise maths cover the shard only; the
+        projection of a matrix uses the row-shard algebra (:func:`project_shard`)."""
         if grad.is_sparse:
             raise RuntimeError(
                 f"{type(self).__name__} does not support sparse gradients (param group {gi}, shape {tuple(p.shape)})"
@@ -348,15 +386,17 @@ class SubspaceOptimizer(Optimizer):
         if "step" not in state:
             state["step"] = torch.tensor(0.0)
         step = int(state["step"].item())
-        grad = self._preprocess_grad(p, grad, group)
+        target = sharding.local_tensor(p)
+        grad = self._preprocess_grad(target, sharding.local_tensor(grad), group)
         side: Side | None = None
         if group["rank"] is not None and p.dim() == 2:
             side = projector_side(p.shape, group["proj_type"])
             if step % group["update_proj_gap"] == 0 or self._projector_mats(state, side) is None:
                 self._refresh(p, grad, state, group, gi, pi, side, step)
             # the refresh above guarantees a projector
-            grad = project(grad, cast(tuple[Tensor, ...], self._projector_mats(state, side)), side)
-        return p, grad, state, side
+            mats = cast(tuple[Tensor, ...], self._projector_mats(state, side))
+            grad = project_shard(grad, mats, side, p)
+        return target, grad, state, side
 
     def _gather(
         self, group: dict[str, Any], gi: int, params: Iterable[Tensor] | None = None

@@ -22,6 +22,14 @@ Which side ``proj_type`` picks (as galore-torch): ``std`` projects the *smaller*
 (right when m >= n, else left), so the optimizer state is (m, r) or (r, n); ``reverse_std`` the
 opposite; ``left``/``right``/``full`` as named.
 
+Row shards (FSDP2's ``fully_shard``: each rank holds a block ``G_k`` of the rows of ``G``): no rank
+needs the whole ``G`` to project it. Each rank keeps its rows ``P_k`` of ``P`` and the whole ``Q``
+(r, n), and :func:`project_shard` / :func:`transition_shard` use ``G·Qᵀ = [G_k·Qᵀ]_k`` (row-sharded
+result) and ``Pᵀ·G = Σ_k P_kᵀ·G_k`` (an all-reduce of (r, n) partial products, replicated result);
+:func:`project_back` of a rank's blocks is the rank's rows of the update (``P_k·R``, ``R_k·Q``).
+Only a projector refresh by SVD needs the whole gradient (gathered by the optimizer, one matrix at a
+time); :func:`shard_projector` then keeps the rank's rows.
+
 Example:
     >>> import torch
     >>> from loralab.golore.projector import new_projector, project, project_back, projector_side
@@ -43,6 +51,7 @@ import torch
 from torch import Tensor
 
 from loralab.core.linalg import stiefel_sample, truncated_svd
+from loralab.core.sharding import rows_of, sum_over_shards_
 
 __all__ = [
     "PROJECTIONS",
@@ -54,10 +63,13 @@ __all__ = [
     "new_projector",
     "project",
     "project_back",
+    "project_shard",
     "projector_side",
     "reproject_first_moment",
     "reproject_second_moment",
+    "shard_projector",
     "transition_matrices",
+    "transition_shard",
 ]
 
 ProjType = Literal["std", "reverse_std", "left", "right", "full"]
@@ -211,3 +223,44 @@ def reproject_second_moment(exp_avg_sq: Tensor, trans: Mats, side: Side) -> Tens
     """
     sq = tuple(t * t for t in trans)
     return _apply(sq, exp_avg_sq, side).clamp_min_(0)
+
+
+def shard_projector(mats: Mats, side: Side, like: Tensor) -> Mats:
+    """The part of a whole projector that this rank keeps for the row-sharded matrix ``like``: its rows
+    of ``P`` (left, full) and the whole ``Q`` (right, full; (r, n) is small). ``mats`` itself when
+    ``like`` is not sharded."""
+    rows = rows_of(like)
+    if rows == slice(0, like.shape[0]) or side == "right":
+        return mats
+    if side == "left":
+        return (mats[0][rows].contiguous(),)
+    return (mats[0][rows].contiguous(), mats[1])
+
+
+def project_shard(grad_rows: Tensor, mats: Mats, side: Side, like: Tensor) -> Tensor:
+    """:func:`project` of this rank's row block of the gradient of ``like``, ``mats`` as
+    :func:`shard_projector` keeps them. Right: ``G_k·Qᵀ``, this rank's rows of the (m, r) result. Left /
+    full: ``Σ_k P_kᵀ·G_k(·Qᵀ)``, the partial products summed over the ranks (an all-reduce of an
+    (r, n) / (r, r) matrix; call on every rank), the whole result on every rank. :func:`project` when
+    ``like`` is not sharded.
+
+    Example:
+        >>> import torch
+        >>> g, q = torch.randn(6, 4), torch.linalg.qr(torch.randn(4, 2))[0].T
+        >>> torch.equal(project_shard(g, (q,), "right", g), project(g, (q,), "right"))
+        True
+    """
+    low = project(grad_rows, mats, side)
+    if side != "right":
+        sum_over_shards_(low, like)
+    return low
+
+
+def transition_shard(old: Mats, new: Mats, side: Side, like: Tensor) -> Mats:
+    """:func:`transition_matrices` of projectors kept as :func:`shard_projector` does:
+    ``C = P_newᵀ·P_old = Σ_k P_new,kᵀ·P_old,k`` is summed over the ranks (an (r, r) all-reduce; call on
+    every rank), ``D = Q_old·Q_newᵀ`` needs no communication (``Q`` is whole)."""
+    trans = transition_matrices(old, new, side)
+    if side != "right":
+        sum_over_shards_(trans[0], like)
+    return trans

@@ -87,8 +87,9 @@ class GaLore(Method):
     extra = "golore"
     requires = ("create_galore_optimizer",)
     description = "GaLore: full training, Adam in a gradient SVD subspace"
-    # projects each weight's gradient matrix: ZeRO flattens them, FSDP2 shards them (not yet handled)
-    sharded_engines: ClassVar[frozenset[str]] = frozenset()
+    # projects each weight's gradient matrix: ZeRO flattens them (refused); FSDP2's row shards are
+    # projected with the row-shard algebra (GaLoreAdamW / GaLoreSGD, loralab.golore.projector)
+    sharded_engines: ClassVar[frozenset[str]] = frozenset({"fsdp2"})
     optimizers = ("adamw", "sgd")
     options = GALORE_OPTIONS
     # full weights train: nothing to merge, and a bitsandbytes weight gets no gradient
