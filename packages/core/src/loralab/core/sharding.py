@@ -46,6 +46,7 @@ from torch import Tensor
 __all__ = [
     "all_ranks_agree",
     "gather_rows",
+    "is_dtensor",
     "is_sharded",
     "local_rows",
     "local_tensor",
@@ -86,6 +87,12 @@ def _layout(t: Tensor) -> str:
         f"fully_shard) or Replicate(), got placements {placements} on mesh "
         f"{tuple(t.device_mesh.shape)}"  # type: ignore[attr-defined]
     )
+
+
+def is_dtensor(t: Tensor | None) -> bool:
+    """Whether ``t`` is a ``DTensor`` (a parameter or gradient an FSDP2 model holds), whatever its
+    layout; :func:`is_sharded` says whether it is split over several ranks."""
+    return t is not None and _is_dtensor(t)
 
 
 def is_sharded(t: Tensor | None) -> bool:
