@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from loralab.core.gradients import estimate_gradients
 from loralab.core.linalg import SVDMethod
 from loralab.core.quant import dequantize_weight, is_quantized
+from loralab.core.sharding import is_dtensor
 from loralab.core.targets import TargetLayer, find_targets, layer_kind
 from loralab.lora_ga.config import DTYPES, LoraGAConfig
 from loralab.lora_ga.layer import LoraGAInitError, Pending, lora_ga_session, write_factors
@@ -150,7 +151,7 @@ def get_lora_ga_model(
             ``LoraGARankError`` when ``2r > min(m, n)`` for some layer.
         loralab.core.gradients.GradientEstimationError: a target received no gradient (named; under
             FSDP2 every rank raises together), a non-finite gradient.
-        ValueError: ``offload=True`` with ``shard``.
+        ValueError: ``offload=True`` when ``shard`` shards the targets.
 
     Example:
         >>> # see the module docstring
@@ -166,10 +167,6 @@ def get_lora_ga_model(
     if isinstance(model, PeftModel):
         raise TypeError(
             "model is already a PeftModel: pass the base model (get_lora_ga_model adds the adapter)"
-        )
-    if shard is not None and offload:
-        raise ValueError(
-            "offload=True cannot be combined with shard (FSDP2): the shards already bound the memory"
         )
     with lora_ga_session() as session:
         peft_model = get_peft_model(model, config, adapter_name=adapter_name)
@@ -244,7 +241,7 @@ def get_lora_ga_model(
     except BaseException:
         # Nothing was written yet (B = 0, W0 untouched): give the caller back the model as it was
         # (a sharded model stays as it is: its parameters are the shards now).
-        if shard is None:
+        if not any(is_dtensor(p) for p in peft_model.parameters()):
             peft_model.unload()
         raise
     for name, pending in names.items():
