@@ -9,11 +9,12 @@ before the estimate, which then runs on the sharded model. Rank ``r`` estimates 
 - ``gpt2``: tiny GPT-2, ``Conv1D`` targets (``c_attn``, ``c_fc``: weights stored (in, out), so the
   rows FSDP2 shards are the input features);
 - ``unused``: a Linear (``spare``) added to block 0 that the forward never calls is also targeted:
-  every rank must raise the estimation error naming it.
+  every rank must raise the estimation error naming it;
+- ``dtype``: ``LoraGAConfig(dtype="bf16")`` with the factors sharded in float32 must raise.
 
 Each rank writes ``{prefix}.{rank}.pt``: per mode ``{layer: (A, B, W0)}`` gathered whole, the initial
 factors the LoRA-GA export keeps (``_lora_ga_init``), whether the parameters were sharded, and the
-error message of ``unused``.
+error messages of ``unused`` and ``dtype``.
 """
 
 import importlib.util
@@ -87,6 +88,12 @@ def main(prefix: str) -> None:
         get_lora_ga_model(model, config, batches, progress=False, shard=fully_shard_model)
     except Exception as e:  # the test checks the type and message
         out["unused_error"] = f"{type(e).__name__}: {e}"
+    config = w.config()
+    config.dtype = "bf16"  # the sharded factors are float32: fully_shard fixed their dtype
+    try:
+        get_lora_ga_model(tiny_llama(), config, batches, progress=False, shard=fully_shard_model)
+    except Exception as e:  # the test checks the type and message
+        out["dtype_error"] = f"{type(e).__name__}: {e}"
     torch.save(out, f"{prefix}.{rank}.pt")
     dist.destroy_process_group()
 

@@ -84,3 +84,13 @@ def test_fsdp2_target_without_gradient_raises_naming_it_on_every_rank(ranks):
         msg = out["unused_error"]
         assert msg.startswith("GradientEstimationError: 1 target layer(s) received no gradient")
         assert "base_model.model.model.layers.0.spare" in msg and "FSDP2" in msg
+
+
+@pytest.mark.multiprocess
+def test_fsdp2_factor_dtype_other_than_the_sharded_one_is_refused(ranks):
+    for out in ranks:
+        msg = out["dtype_error"]
+        assert msg.startswith(
+            "LoraGAInitError: LoRA-GA factors are torch.float32 in the FSDP2-sharded"
+        )
+        assert "LoraGAConfig.dtype asks for torch.bfloat16" in msg
