@@ -355,7 +355,8 @@ class Method(ABC):
             scheduler: builds the learning-rate scheduler from the optimizer instead of
                 ``transformers.get_scheduler(args.lr_scheduler_type, ...)`` (C4's cosine with a floor).
             shard: applied to the wrapped model before the optimizer is built (an engine that replaces
-                the parameters by shards: :meth:`loralab.runners.loop.engine.Engine.shard`).
+                the parameters by shards: :meth:`loralab.runners.loop.engine.Engine.shard`), through
+                :meth:`wrap_sharded` (gradient-based inits shard before they estimate).
         """
         resolve_method_options(self, args)
         self.check_model(model, args)
