@@ -88,8 +88,10 @@ def main(prefix: str) -> None:
         get_lora_ga_model(model, config, batches, progress=False, shard=fully_shard_model)
     except Exception as e:  # the test checks the type and message
         out["unused_error"] = f"{type(e).__name__}: {e}"
-    config = w.config()
-    config.dtype = "bf16"  # the sharded factors are float32: fully_shard fixed their dtype
+    from loralab.lora_ga import LoraGAConfig
+
+    # the sharded factors are float32: fully_shard fixed their dtype
+    config = LoraGAConfig(r=w.RANK_R, lora_alpha=w.ALPHA, target_modules=w.TARGETS, dtype="bf16")
     try:
         get_lora_ga_model(tiny_llama(), config, batches, progress=False, shard=fully_shard_model)
     except Exception as e:  # the test checks the type and message

@@ -32,6 +32,7 @@ WORKER = Path(__file__).with_name("lora_ga_fsdp_worker.py")
 # bound as the DDP / ZeRO-3 modes (test_lora_ga_distributed.py)
 INIT_RTOL = 1e-4
 BUILDS = {"llama": (tiny_llama, w.config), "gpt2": (tiny_gpt2, fw.gpt2_config)}
+N_TARGETS = {"llama": 2 * len(w.TARGETS), "gpt2": 2 * len(fw.GPT2_TARGETS)}  # 2 blocks each
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def test_fsdp2_init_equals_one_process_on_every_rank(ranks, mode):
     build, config = BUILDS[mode]
     single_model = get_lora_ga_model(build(), config(), list(w.loader()), progress=False)
     single = fw.state(single_model)
-    assert r0.keys() == r1.keys() == single.keys() and len(r0) == 4
+    assert r0.keys() == r1.keys() == single.keys() and len(r0) == N_TARGETS[mode]
     for name in r0:  # identical on every rank: the same gathered gradient, the same SVD
         for x, y, what in zip(r0[name], r1[name], ("A", "B", "W0")):
             assert torch.equal(x, y), f"{mode} {name}: {what} differs between ranks"
