@@ -28,8 +28,9 @@ LOSS_RTOL = 1e-5  # float32 reduction order (as test_runners_launch)
 # under DDP alike (FSDP2 and DDP gave bit-identical adapters)
 ADAPTER_RTOL = 2e-3
 # LoRA-GA / LoRA-SB: the init's SVD amplifies the float32 round-off of the averaged gradient by
-# 1/(singular-value gap) (1e-4 bound in test_lora_ga_distributed.py), then the training steps as LoRA's
-INIT_ADAPTER_RTOL = 1e-3
+# 1/(singular-value gap) (1e-4 bound in test_lora_ga_distributed.py), then the training steps as LoRA's;
+# measured on final/: 1.6e-5 (lora-ga), 2.9e-6 (lora-sb, plain and native)
+INIT_ADAPTER_RTOL = 1e-4
 BF16_LOSS_RTOL = 2e-2  # bfloat16 compute (8 mantissa bits) against float32
 
 
@@ -288,7 +289,12 @@ def test_glue_lora_ga_and_lora_sb_under_fsdp_equal_one_process(small_glue, helpe
 
     model, root = small_glue
     methods = ("lora-ga", "lora-sb")
-    small = {"lora-ga": ["--ga_iters", "2"], "lora-sb": ["--sb_num_batches", "2"]}
+    # key/value: their gradients have full rank. The last layer's FFN and query see only the <s> token
+    # the classifier reads, so their gradient has rank <= 8 (the examples, some identical): LoRA-GA's
+    # singular vectors r..2r then span a near-null space that float32 round-off turns (measured: 1.4e-2
+    # relative in B0 of layer.1.output.dense between 2 ranks and one process, losses still to 1e-5)
+    kv = ["--target_modules", "key,value"]
+    small = {"lora-ga": ["--ga_iters", "2", *kv], "lora-sb": ["--sb_num_batches", "2", *kv]}
     runs = [
         _method_argv(model, root, root / "fsdp" / m, 2, m, *small[m], "--fsdp", "full_shard")
         for m in methods
