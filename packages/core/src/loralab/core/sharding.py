@@ -92,7 +92,13 @@ def _layout(t: Tensor) -> str:
 
 def is_dtensor(t: Tensor | None) -> bool:
     """Whether ``t`` is a ``DTensor`` (a parameter or gradient an FSDP2 model holds), whatever its
-    layout; :func:`is_sharded` says whether it is split over several ranks."""
+    layout; :func:`is_sharded` says whether it is split over several ranks.
+
+    Example:
+        >>> import torch
+        >>> is_dtensor(torch.zeros(2)), is_dtensor(None)
+        (False, False)
+    """
     return t is not None and _is_dtensor(t)
 
 
@@ -202,7 +208,11 @@ def refresh_fsdp_trainable(model: nn.Module) -> None:
     trainable parameter then reduces in the gradient's own dtype and keeps it (bfloat16 gradients on
     float32 parameters under ``param_dtype=bfloat16``). Gradient estimation turns ``requires_grad``
     on for frozen weights and off again, so it calls this after each change. FSDP2 has no public call
-    for it: this uses its group's ``_init_mp_dtypes`` (torch 2.6 to 2.13), and raises if that is gone.
+    for it: this uses its group's ``_init_mp_dtypes`` (checked on torch 2.13), and raises if that is gone.
+
+    Example:
+        >>> import torch
+        >>> refresh_fsdp_trainable(torch.nn.Linear(2, 2))  # no FSDP2: nothing to do
     """
     for module in model.modules():
         get_state = getattr(module, "_get_fsdp_state", None)
