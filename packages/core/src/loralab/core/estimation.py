@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from loralab.core.sharding import refresh_fsdp_trainable
+
 __all__ = [
     "GradientConsumer",
     "GradientEstimationError",
@@ -76,7 +78,8 @@ def check_finite(name: str, grad: Tensor) -> None:
 
 @contextmanager
 def estimation_mode(model: nn.Module, weights: Iterable[nn.Parameter], train: bool) -> Any:
-    """Only ``weights`` require grad, ``.grad`` cleared, mode set; everything restored on exit."""
+    """Only ``weights`` require grad, ``.grad`` cleared, mode set; everything restored on exit
+    (under FSDP2, its groups re-read the trainable parameters after each change)."""
     weights = list(weights)
     params = list(model.parameters())
     saved_flags = [p.requires_grad for p in params]
@@ -88,10 +91,12 @@ def estimation_mode(model: nn.Module, weights: Iterable[nn.Parameter], train: bo
             p.grad = None
         for w in weights:
             w.requires_grad_(True)
+        refresh_fsdp_trainable(model)  # FSDP2 reads the trainable set once, at its first forward
         model.train(train)
         yield
     finally:
         for p, flag, g in zip(params, saved_flags, saved_grads):
             p.requires_grad_(flag)
             p.grad = g
+        refresh_fsdp_trainable(model)
         model.train(was_training)

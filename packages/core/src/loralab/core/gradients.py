@@ -11,7 +11,33 @@ weight ``W`` (as an (out, in) matrix). :func:`estimate_gradients` computes it wi
   drops its reference: a method turns the gradient into factors and holds only those. With
   ``offload=True`` (see :mod:`loralab.core.offload`) gradients finish block by block, so at most one
   block's gradients exist at any time;
-- the model's train/eval mode, ``requires_grad`` flags and existing ``.grad`` restored afterwards.
+- the model's train/eval mode, ``requires_grad`` flags and existing ``.grad`` restored afterwards;
+- FSDP2 (``torch.distributed.fsdp.fully_shard``): the estimate runs on the sharded model itself (below).
+
+FSDP2. The choice is to estimate on the sharded model, as a training step would, not before
+``fully_shard`` (which would need the whole model on every rank) nor with hooks on the gathered
+weights (which would hold every layer's whole gradient across batches). It works because:
+
+- ``requires_grad`` can be toggled after ``fully_shard``: FSDP2 copies each sharded parameter's flag
+  to its gathered twin every time it all-gathers it (``FSDPParam.to_unsharded``), so the frozen base
+  weights of a PEFT model get gradients inside :func:`~loralab.core.estimation.estimation_mode` and
+  are frozen again after it;
+- each backward's whole gradient of a block exists only while FSDP2 reduce-scatters it (exactly as in
+  training); the reduce-scatter averages it over the ranks, and FSDP2 then runs the parameter's
+  post-accumulate-grad hooks on the sharded parameter, where this rank's rows are added into a float32
+  sum (in the weight's storage layout) and ``.grad`` is freed. No further all-reduce is made;
+- after the last batch the gradients are finished one layer at a time: the layer's rows are
+  all-gathered (:func:`loralab.core.sharding.gather_rows`) into the whole (out, in) matrix on every
+  rank, checked, handed to the consumer, and dropped before the next layer's gather.
+
+Memory per rank under FSDP2: the model's shards, the float32 row sums of every target (``1/world`` of
+all target gradients, as a training step's sharded float32 gradients), FSDP2's one gathered block
+during forward/backward, and one whole (out, in) gradient (plus what the consumer makes of it) at a
+time while finishing. Every rank receives the same whole gradient (an all-gather has no reduction
+order), so a deterministic consumer gives identical results on every rank with no broadcast; the price
+is that each rank runs every layer's consumer (redundant compute, not memory). Every function here is
+then a collective: call it on every rank, with the same targets. ``offload=True`` and ``reduce=False``
+are refused with sharded targets (the shards already bound memory; FSDP2 always averages).
 
 Example:
     >>> from loralab.core.testing import tiny_llama, make_lm_batches
@@ -27,6 +53,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, Union, cast
 
@@ -42,6 +69,7 @@ from loralab.core.estimation import (
     default_loss,
     estimation_mode,
 )
+from loralab.core.sharding import all_ranks_agree, gather_rows, is_dtensor, local_tensor
 from loralab.core.targets import TargetLayer, find_targets, to_storage_layout
 
 __all__ = [
@@ -89,26 +117,45 @@ def _distinct_weights(targets: Mapping[str, TargetLayer]) -> list[nn.Parameter]:
     return weights
 
 
+@dataclass
+class _Sums:
+    """What :func:`_summing_gradients` collects: per target the float32 gradient sum and the number
+    of backward passes that reached it. ``fsdp``: the targets whose gradient arrived as FSDP2's
+    ``DTensor`` (already averaged over the ranks): their sums are this rank's rows in the weight's
+    storage layout, made whole by :func:`_finish`."""
+
+    sums: dict[str, Tensor] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    fsdp: set[str] = field(default_factory=set)
+
+
 @contextmanager
-def _summing_gradients(
-    targets: Mapping[str, TargetLayer],
-    sums: dict[str, Tensor],
-    counts: dict[str, int] | None = None,
-) -> Iterator[None]:
-    """While open, every backward pass adds each target's (out, in) float32 gradient into
-    ``sums[name]`` (``counts[name]``: the passes that reached it) and frees ``weight.grad`` at once, so
-    no second copy lives in the parameter dtype. A post-accumulate-grad hook runs once per pass, after
-    autograd has accumulated within it."""
+def _summing_gradients(targets: Mapping[str, TargetLayer], acc: _Sums) -> Iterator[None]:
+    """While open, every backward pass adds each target's float32 gradient into ``acc.sums[name]``
+    (``acc.counts[name]``: the passes that reached it) and frees ``weight.grad`` at once, so no second
+    copy lives in the parameter dtype. A post-accumulate-grad hook runs once per pass, after autograd
+    has accumulated within it; under FSDP2 it runs on the sharded parameter after the reduce-scatter."""
 
     def make_hook(name: str, module: nn.Module) -> Callable[[Tensor], None]:
         def hook(p: Tensor) -> None:
-            g = to_storage_layout(module, cast(Tensor, p.grad)).float()
-            if name in sums:
-                sums[name].add_(g)
+            grad = cast(Tensor, p.grad)
+            if is_dtensor(grad):
+                # FSDP2: this rank's rows of the ranks' mean gradient, a view of the reduce-scatter
+                # output: copied before it is kept
+                g = local_tensor(grad)
+                acc.fsdp.add(name)
+                if name in acc.sums:
+                    acc.sums[name].add_(g)
+                else:
+                    acc.sums[name] = g.to(torch.float32, copy=True).contiguous()
             else:
-                sums[name] = g.contiguous()  # we own p.grad from here on: no copy unless transposed
-            if counts is not None:
-                counts[name] = counts.get(name, 0) + 1
+                g = to_storage_layout(module, grad).float()
+                if name in acc.sums:
+                    acc.sums[name].add_(g)
+                else:
+                    # we own p.grad from here on: no copy unless transposed
+                    acc.sums[name] = g.contiguous()
+            acc.counts[name] = acc.counts.get(name, 0) + 1
             p.grad = None
 
         return hook
@@ -122,6 +169,70 @@ def _summing_gradients(
     finally:
         for h in handles:
             h.remove()
+
+
+def _check_sharding(targets: Mapping[str, TargetLayer], *, reduce: bool, offload: bool) -> bool:
+    """Whether any target weight is a ``DTensor`` (FSDP2); refuses what cannot apply to one."""
+    sharded = [n for n, t in targets.items() if is_dtensor(t.weight)]
+    if not sharded:
+        return False
+    if offload:
+        raise ValueError(
+            f"offload=True streams the blocks of a whole model, but target {sharded[0]!r} is sharded by "
+            "FSDP2 (fully_shard): estimate with offload=False, the shards already bound the memory"
+        )
+    if not reduce:
+        raise ValueError(
+            f"reduce=False cannot apply to target {sharded[0]!r}, sharded by FSDP2 (fully_shard): its "
+            "reduce-scatter always averages the gradient over the ranks"
+        )
+    return True
+
+
+def _check_reached(
+    targets: Mapping[str, TargetLayer], acc: _Sums, sharded: bool, what: str
+) -> None:
+    """Raise naming the targets no backward pass reached; under FSDP2 every rank raises together."""
+    missing = [name for name in targets if name not in acc.sums]
+    if sharded and not all_ranks_agree(not missing, (t.weight for t in targets.values())):
+        if not missing:  # only another rank lacks one: raise here too, or this rank would hang
+            raise GradientEstimationError(
+                f"a target layer received no gradient {what} on another rank (FSDP2): every rank must "
+                "reach every target; exclude the unused layers from the targets"
+            )
+    if missing:
+        raise GradientEstimationError(
+            f"{len(missing)} target layer(s) received no gradient {what}: "
+            + ", ".join(missing[:10])
+            + ". Exclude them from the targets."
+            + (" (FSDP2: the layer's weight got no gradient on this rank.)" if sharded else "")
+        )
+
+
+def _finish(
+    targets: Mapping[str, TargetLayer],
+    acc: _Sums,
+    divisor: Callable[[str], int],
+    reduce: bool,
+    consumer: GradientConsumer | None,
+) -> dict[str, Tensor]:
+    """Mean, reduce across ranks (plain) or gather the rows (FSDP2), check, and hand out one layer at a
+    time, in module order (the same on every rank: the reductions and gathers are collectives)."""
+    for name in targets:
+        g = acc.sums.pop(name).div_(divisor(name))
+        if name in acc.fsdp:
+            t = targets[name]
+            # the whole (out, in) mean gradient on every rank, this layer only
+            g = to_storage_layout(t.module, gather_rows(t.weight, g))
+        elif reduce:
+            all_reduce_mean_(g)
+        check_finite(name, g)
+        if consumer is not None:
+            consumer(name, g)
+            del g
+        else:
+            acc.sums[name] = g
+    return {} if consumer is not None else {name: acc.sums[name] for name in targets}
 
 
 def _progress(
@@ -161,7 +272,8 @@ def estimate_gradients(
         num_batches: use at most this many batches (``None``: all of them).
         loss_fn: ``loss_fn(model, batch) -> scalar loss``; defaults to :func:`default_loss`.
         consumer: called as ``consumer(name, grad)`` with each finished gradient, which is then
-            dropped; the function returns ``{}``. Without it, all gradients are returned in a dict.
+            dropped; the function returns ``{}``. Without it, all gradients are returned in a dict
+            (under FSDP2 that holds every layer's whole gradient: pass a consumer at scale).
         offload: block-wise mode: weights stay on the CPU and one decoder block at a time is moved to
             ``device`` (see :func:`loralab.core.offload.estimate_gradients_offloaded`).
         device: compute device of the offloaded blocks (default: CUDA if available, else CPU).
@@ -195,6 +307,7 @@ def estimate_gradients(
     loss_fn = loss_fn or default_loss
     if num_batches is not None:
         batches = islice(batches, num_batches)
+    sharded = _check_sharding(resolved, reduce=reduce, offload=offload)
     if offload:
         from loralab.core.offload import estimate_gradients_offloaded
 
@@ -216,7 +329,7 @@ def estimate_gradients(
             "device applies to offload=True only; move the model yourself for the plain path"
         )
     return _estimate_plain(
-        model, batches, resolved, loss_fn, consumer, train, reduce, progress, num_batches
+        model, batches, resolved, loss_fn, consumer, train, reduce, progress, num_batches, sharded
     )
 
 
@@ -230,13 +343,14 @@ def _estimate_plain(
     reduce: bool,
     progress: bool,
     total: int | None,
+    sharded: bool,
 ) -> dict[str, Tensor]:
-    sums: dict[str, Tensor] = {}
+    acc = _Sums()
     weights = _distinct_weights(targets)
     n = 0
     with (
         estimation_mode(model, weights, train),
-        _summing_gradients(targets, sums),
+        _summing_gradients(targets, acc),
         torch.enable_grad(),
     ):
         for batch in _progress(batches, total, "estimating gradients", progress):
@@ -251,24 +365,9 @@ def _estimate_plain(
         raise GradientEstimationError(
             "no batches: the data iterable was empty (check the dataloader and num_batches)"
         )
-    missing = [name for name in targets if name not in sums]
-    if missing:
-        raise GradientEstimationError(
-            f"{len(missing)} target layer(s) received no gradient (unused in the forward pass?): "
-            + ", ".join(missing[:10])
-            + ". Exclude them from the targets."
-        )
-    logger.info("estimated gradients of %d layers over %d batches", len(sums), n)
-    for name in targets:  # deterministic order on every rank, required by the all-reduce
-        g = sums[name].div_(n)
-        if reduce:
-            all_reduce_mean_(g)
-        check_finite(name, g)
-        if consumer is not None:
-            del sums[name]
-            consumer(name, g)
-            del g
-    return {} if consumer is not None else {name: sums[name] for name in targets}  # in module order
+    _check_reached(targets, acc, sharded, "(unused in the forward pass?)")
+    logger.info("estimated gradients of %d layers over %d batches", len(acc.sums), n)
+    return _finish(targets, acc, lambda name: n, reduce, consumer)
 
 
 def estimate_gradients_from_step(
@@ -313,31 +412,21 @@ def estimate_gradients_from_step(
     """
     resolved = resolve_targets(model, targets)
     _check_float_weights(resolved)
+    sharded = _check_sharding(resolved, reduce=reduce, offload=False)
     weights = _distinct_weights(resolved)
-    sums: dict[str, Tensor] = {}
-    counts: dict[str, int] = {}
+    acc = _Sums()
     with (
         estimation_mode(model, weights, train),
-        _summing_gradients(resolved, sums, counts),
+        _summing_gradients(resolved, acc),
         torch.enable_grad(),
     ):
         train_step()
-    missing = [name for name in resolved if name not in sums]
-    if missing:
-        raise GradientEstimationError(
-            f"{len(missing)} target layer(s) received no gradient from train_step (unused in its forward passes, "
-            "or no backward?): " + ", ".join(missing[:10]) + ". Exclude them from the targets."
-        )
-    logger.info(
-        "estimated gradients of %d layers over %d backward passes", len(sums), max(counts.values())
+    _check_reached(
+        resolved, acc, sharded, "from train_step (unused in its forward passes, or no backward?)"
     )
-    for name in resolved:  # deterministic order on every rank, required by the all-reduce
-        g = sums[name].div_(counts[name])
-        if reduce:
-            all_reduce_mean_(g)
-        check_finite(name, g)
-        if consumer is not None:
-            del sums[name]
-            consumer(name, g)
-            del g
-    return {} if consumer is not None else {name: sums[name] for name in resolved}
+    logger.info(
+        "estimated gradients of %d layers over %d backward passes",
+        len(acc.sums),
+        max(acc.counts.values()),
+    )
+    return _finish(resolved, acc, lambda name: acc.counts[name], reduce, consumer)

@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from loralab.core.modules import get_module, layer_kind, replace_module
 from loralab.core.modules import weight_parameter as _weight
+from loralab.core.sharding import whole, write_rows_
 
 __all__ = [
     "QuantKind",
@@ -198,7 +199,8 @@ def dequantize_weight(module: nn.Module, dtype: torch.dtype | None = torch.float
 
     Args:
         module: a bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` (a float ``Linear``/``Conv1D`` is
-            accepted too and simply returns a detached copy of its (out, in) weight).
+            accepted too and simply returns a detached copy of its (out, in) weight; all-gathered
+            when FSDP2 shards it, so every rank must call).
         dtype: result dtype (float32 by default; ``None`` keeps bitsandbytes' own output dtype).
 
     Example:
@@ -213,10 +215,11 @@ def dequantize_weight(module: nn.Module, dtype: torch.dtype | None = torch.float
             f"{type(module).__name__} is not an adaptable layer (Linear, Conv1D, bnb Linear4bit/Linear8bitLt)"
         )
     with torch.no_grad():
+        # a float weight sharded by FSDP2 (fully_shard) is all-gathered (a collective: every rank calls)
         if kind == "linear":
-            w = _weight(module).detach().clone()
+            w = whole(_weight(module).detach()).clone()
         elif kind == "conv1d":
-            w = _weight(module).detach().T.clone()
+            w = whole(_weight(module).detach()).T.clone()
         elif kind == "linear8bit" and not is_quantized(module):
             w = _weight(module).detach().clone()
         elif kind == "linear8bit":
@@ -237,7 +240,7 @@ def requantize_weight_(module: nn.Module, weight: Tensor) -> None:
     A quantized layer is re-quantized with its *own* settings (:func:`quant_config_of`: NF4 stays
     NF4, same blocksize, double quantization, quantization dtype, storage dtype; the layer's compute
     dtype is untouched) on the device it lives on. A float ``Linear``/``Conv1D`` simply gets the
-    values copied in (in its storage layout and dtype).
+    values copied in (in its storage layout and dtype; an FSDP2-sharded weight gets this rank's rows).
 
     Raises:
         ValueError: ``weight`` has the wrong shape or non-finite values.
@@ -259,11 +262,12 @@ def requantize_weight_(module: nn.Module, weight: Tensor) -> None:
     old = _weight(module)
     device = old.device
     with torch.no_grad():
+        # write_rows_: an FSDP2-sharded float weight gets this rank's rows (no communication)
         if kind == "linear" or (kind == "linear8bit" and not is_quantized(module)):
-            old.copy_(weight.to(old.dtype))
+            write_rows_(old, weight.to(old.dtype))
             return
         if kind == "conv1d":
-            old.copy_(weight.T.to(old.dtype))
+            write_rows_(old, weight.T.to(old.dtype))
             return
         import bitsandbytes as bnb
 

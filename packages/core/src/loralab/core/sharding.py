@@ -41,15 +41,17 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = [
     "all_ranks_agree",
     "broadcast_from_first_",
     "gather_rows",
+    "is_dtensor",
     "is_sharded",
     "local_rows",
     "local_tensor",
+    "refresh_fsdp_trainable",
     "rows_of",
     "sum_over_shards_",
     "whole",
@@ -87,6 +89,18 @@ def _layout(t: Tensor) -> str:
         f"fully_shard) or Replicate(), got placements {placements} on mesh "
         f"{tuple(t.device_mesh.shape)}"  # type: ignore[attr-defined]
     )
+
+
+def is_dtensor(t: Tensor | None) -> bool:
+    """Whether ``t`` is a ``DTensor`` (a parameter or gradient an FSDP2 model holds), whatever its
+    layout; :func:`is_sharded` says whether it is split over several ranks.
+
+    Example:
+        >>> import torch
+        >>> is_dtensor(torch.zeros(2)), is_dtensor(None)
+        (False, False)
+    """
+    return t is not None and _is_dtensor(t)
 
 
 def is_sharded(t: Tensor | None) -> bool:
@@ -201,6 +215,34 @@ def broadcast_from_first_(value: Tensor, like: Tensor) -> Tensor:
         if buf is not value:
             value.copy_(buf)
     return value
+
+
+def refresh_fsdp_trainable(model: nn.Module) -> None:
+    """Make FSDP2 re-read which of ``model``'s parameters require grad (a no-op without FSDP2).
+
+    FSDP2 reads the trainable parameters of each of its groups once, at its lazy init (the first
+    forward), to fix the dtypes of the gradient reduction (``MixedPrecisionPolicy``): a group with no
+    trainable parameter then reduces in the gradient's own dtype and keeps it (bfloat16 gradients on
+    float32 parameters under ``param_dtype=bfloat16``). Gradient estimation turns ``requires_grad``
+    on for frozen weights and off again, so it calls this after each change. FSDP2 has no public call
+    for it: this uses its group's ``_init_mp_dtypes`` (checked on torch 2.13), and raises if that is gone.
+
+    Example:
+        >>> import torch
+        >>> refresh_fsdp_trainable(torch.nn.Linear(2, 2))  # no FSDP2: nothing to do
+    """
+    for module in model.modules():
+        get_state = getattr(module, "_get_fsdp_state", None)
+        if get_state is None:
+            continue
+        groups = getattr(get_state(), "_fsdp_param_groups", None)
+        if groups is None or any(not hasattr(g, "_init_mp_dtypes") for g in groups):
+            raise RuntimeError(
+                f"this torch {torch.__version__} changed FSDP2's internals that loralab uses to update "
+                "the trainable parameters after requires_grad changes (FSDPParamGroup._init_mp_dtypes)"
+            )
+        for group in groups:
+            group._init_mp_dtypes()
 
 
 def all_ranks_agree(ok: bool, tensors: Iterable[Tensor]) -> bool:

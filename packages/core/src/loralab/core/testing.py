@@ -28,6 +28,7 @@ __all__ = [
     "TINY_ARCHS",
     "VOCAB_SIZE",
     "free_port",
+    "fully_shard_model",
     "make_classification_batches",
     "make_lm_batches",
     "make_seq2seq_batches",
@@ -281,6 +282,28 @@ def make_seq2seq_batches(
         labels = torch.randint(4, vocab_size, (batch_size, tgt_len), generator=g)
         out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
     return out
+
+
+def fully_shard_model(model: nn.Module) -> nn.Module:
+    """Apply FSDP2's ``fully_shard`` to ``model`` in place, as the runners' FSDP2 engine does: each
+    transformer block (the model's ``_no_split_modules`` classes), the ``transformers`` model inside a
+    PEFT wrapper, then the root. Needs the process group (every rank calls it).
+
+    Example:
+        >>> fully_shard_model(tiny_llama())  # doctest: +SKIP
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    base = getattr(model, "base_model", None)
+    inner = getattr(base, "model", None) if base is not None else None
+    inner = inner if isinstance(inner, nn.Module) else model
+    blocks = set(getattr(inner, "_no_split_modules", None) or ())
+    for module in [m for m in model.modules() if type(m).__name__ in blocks]:
+        fully_shard(module)
+    if inner is not model:
+        fully_shard(inner)
+    fully_shard(model)
+    return model
 
 
 def free_port() -> int:

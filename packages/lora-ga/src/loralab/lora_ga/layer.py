@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from loralab.core.distributed import gathered_parameters
 from loralab.core.quant import dequantize_weight, requantize_weight_
+from loralab.core.sharding import is_dtensor, write_rows_
 from loralab.core.targets import layer_kind
 from loralab.lora_ga.maths import offset_weight
 
@@ -79,6 +80,10 @@ def write_factors(layer: LoraLayer, adapter: str, A: Tensor, B: Tensor, dtype: t
     Quantized bases are dequantized, offset in float32 and re-quantized with their own settings
     (NF4 stays NF4). The initial factors are kept on the CPU as ``layer._lora_ga_init[adapter]`` for
     :func:`~loralab.lora_ga.save_lora_ga_adapter` (the rank-2r plain LoRA export).
+
+    Under FSDP2 (``fully_shard``: ``DTensor`` row shards) every rank passes the same whole ``A``,
+    ``B``: each writes its own rows of ``A``, ``B`` and of ``W0 − s·B·A``; the base weight is
+    all-gathered for the offset (one layer's (out, in) matrix at a time, a collective).
     """
     # the factors are Linear / Conv sub-modules and base an adaptable layer: all weights are Parameters
     lora_A = cast(nn.Parameter, layer.lora_A[adapter].weight)
@@ -86,20 +91,32 @@ def write_factors(layer: LoraLayer, adapter: str, A: Tensor, B: Tensor, dtype: t
     base = layer.get_base_layer()
     s = float(layer.scaling[adapter])
     base_w = cast(nn.Parameter, base.weight)
+    stored: list[Tensor] = []
     with torch.no_grad(), gathered_parameters([lora_A, lora_B, base_w], modifier_rank=0):
         for param, value in ((lora_A, A), (lora_B, B)):
             value = value.to(device=param.device, dtype=dtype)
-            if param.dtype == dtype and param.shape == value.shape:
+            if is_dtensor(param):
+                if param.dtype != dtype:
+                    raise LoraGAInitError(
+                        f"LoRA-GA factors are {param.dtype} in the FSDP2-sharded model (fully_shard keeps the "
+                        f"dtype it sharded), but LoraGAConfig.dtype asks for {dtype}: set dtype to match"
+                    )
+                write_rows_(param, value)  # this rank's rows; every rank holds the same whole value
+            elif param.dtype == dtype and param.shape == value.shape:
                 param.copy_(value)  # in place: keeps DeepSpeed ZeRO-3's (gathered) storage valid
             else:
                 param.data = value.contiguous()
+            stored.append(value)
         # (out, in) float32 copy, whatever the storage (Linear, Conv1D, bnb; core reads a 4-bit layer
-        # right even after bitsandbytes repacked it for its CPU kernel)
+        # right even after bitsandbytes repacked it for its CPU kernel; FSDP2 shards: all-gathered)
         w = dequantize_weight(base)
         # Offset with the factors exactly as stored, so W0' x + s B (A x) = W0 x up to W0's rounding.
-        requantize_weight_(base, offset_weight(w, lora_A.data, lora_B.data, s))
+        requantize_weight_(base, offset_weight(w, stored[0], stored[1], s))
     store = layer.__dict__.setdefault("_lora_ga_init", {})
-    store[adapter] = (lora_A.detach().to("cpu", copy=True), lora_B.detach().to("cpu", copy=True))
+    store[adapter] = (
+        stored[0].detach().to("cpu", copy=True),
+        stored[1].detach().to("cpu", copy=True),
+    )
 
 
 @dataclass

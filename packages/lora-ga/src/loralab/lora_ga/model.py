@@ -7,6 +7,9 @@ Two ways in, one machinery:
   core's :func:`~loralab.core.estimate_gradients` streams each finished gradient to a consumer that
   keeps only the layer's factors ``(A, B)`` (r·(m+n) numbers, never the m·n gradient), then every
   layer gets ``A``, ``B`` and ``W0 ← W0 − s·B·A``.
+- under FSDP2, ``get_lora_ga_model(model, config, batches, shard=fn)`` with ``fn`` applying
+  ``fully_shard`` to the ``PeftModel``: the estimate runs on the sharded model and each rank writes its
+  rows of ``A``, ``B`` and ``W0'`` (the memory bound is in :mod:`loralab.core.gradients`);
 - ``with LoraGAContext(model, named_grad): peft.get_peft_model(model, config)`` (the seed's API, see
   :mod:`loralab.lora_ga.seed`): the same writes, from a precomputed gradient dict.
 
@@ -42,6 +45,7 @@ from torch import Tensor, nn
 from loralab.core.gradients import estimate_gradients
 from loralab.core.linalg import SVDMethod
 from loralab.core.quant import dequantize_weight, is_quantized
+from loralab.core.sharding import is_dtensor
 from loralab.core.targets import TargetLayer, find_targets, layer_kind
 from loralab.lora_ga.config import DTYPES, LoraGAConfig
 from loralab.lora_ga.layer import LoraGAInitError, Pending, lora_ga_session, write_factors
@@ -105,6 +109,7 @@ def get_lora_ga_model(
     gradients: Mapping[str, Tensor] | None = None,
     device: torch.device | str | None = None,
     svd_method: SVDMethod = "auto",
+    shard: Callable[[PeftModel], nn.Module] | None = None,
 ) -> PeftModel:
     """Wrap ``model`` in a LoRA-GA-initialised ``PeftModel`` (estimate → SVD → A, B, offset W0).
 
@@ -130,13 +135,23 @@ def get_lora_ga_model(
         svd_method: ``"auto"`` (randomized SVD with a 4r-column sketch and 4 power iterations, as the
             reference's ``svd_lowrank(G, q=4r, niter=4)``, exact when that is not smaller), ``"full"``
             (exact SVD) or ``"randomized"``.
+        shard: FSDP2: ``shard(peft_model)`` applies ``torch.distributed.fsdp.fully_shard`` to the
+            ``PeftModel`` (in place) once its LoRA layers exist (``B = 0``) and before the estimate,
+            which then runs on the sharded model (:mod:`loralab.core.gradients`: each rank holds its
+            rows of every gradient and one whole layer's at a time); every rank writes its rows of
+            ``A``, ``B`` and the offset ``W0`` and ends with the one-process init. Call on every rank
+            with its own ``batches``.
 
     Returns:
         The ``PeftModel`` (``model`` is modified in place, as ``peft.get_peft_model`` does).
 
     Raises:
         LoraGAInitError: quantized targets without a float estimation model, a gradient missing or
-            of the wrong shape. ``LoraGARankError`` when ``2r > min(m, n)`` for some layer.
+            of the wrong shape, a ``config.dtype`` other than the sharded factors' dtype (FSDP2).
+            ``LoraGARankError`` when ``2r > min(m, n)`` for some layer.
+        loralab.core.gradients.GradientEstimationError: a target received no gradient (named; under
+            FSDP2 every rank raises together), a non-finite gradient.
+        ValueError: ``offload=True`` when ``shard`` shards the targets.
 
     Example:
         >>> # see the module docstring
@@ -155,6 +170,9 @@ def get_lora_ga_model(
         )
     with lora_ga_session() as session:
         peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+    if shard is not None:
+        # FSDP2 (fully_shard) works in place: same modules and names, DTensor row-shard parameters
+        peft_model = cast(PeftModel, shard(peft_model))
     by_layer = {id(p.layer): p for p in session.pending}
     names: dict[str, Pending] = {}
     for name, mod in peft_model.named_modules():
@@ -221,8 +239,10 @@ def get_lora_ga_model(
                     progress=progress,
                 )
     except BaseException:
-        # Nothing was written yet (B = 0, W0 untouched): give the caller back the model as it was.
-        peft_model.unload()
+        # Nothing was written yet (B = 0, W0 untouched): give the caller back the model as it was
+        # (a sharded model stays as it is: its parameters are the shards now).
+        if not any(is_dtensor(p) for p in peft_model.parameters()):
+            peft_model.unload()
         raise
     for name, pending in names.items():
         A, B = factors.pop(name)

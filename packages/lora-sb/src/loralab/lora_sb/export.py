@@ -103,10 +103,14 @@ def _write(
 
 @torch.no_grad()
 def lora_sb_as_lora_state_dict(
-    model: PeftModel, adapter_name: str = "default"
+    model: PeftModel,
+    adapter_name: str = "default",
+    *,
+    state_dict: dict[str, Tensor] | None = None,
 ) -> tuple[dict[str, Tensor], LoraConfig]:
     """``(state_dict, LoraConfig)`` of ``adapter_name`` as a plain LoRA adapter (``B' = B·R``), in PEFT's
-    saved-adapter format (keys without the adapter name); see :func:`save_lora_sb_as_lora`."""
+    saved-adapter format (keys without the adapter name); see :func:`save_lora_sb_as_lora`.
+    ``state_dict``: the model's whole state dict when its parameters are sharded (FSDP2, ZeRO-3)."""
     if not isinstance(model, PeftModel):
         raise TypeError(f"model must be a PeftModel, got {type(model).__name__}")
     cfg = model.peft_config.get(adapter_name)
@@ -124,7 +128,7 @@ def lora_sb_as_lora_state_dict(
             f"adapter {adapter_name!r} is merged into the base weights of {merged[:5]}; unmerge it "
             "(model.unmerge_adapter()) before exporting, or the export would add ΔW a second time"
         )
-    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    state = get_peft_model_state_dict(model, state_dict=state_dict, adapter_name=adapter_name)
     folded = _fold_r_into_b(state)
     missing = sorted(set(layers) - {k[len(_PREFIX) :] for k in folded})
     # a LoRA-SB layer whose R is not in the state dict: refuse rather than write a wrong adapter
@@ -148,6 +152,7 @@ def save_lora_sb_as_lora(
     adapter_name: str = "default",
     *,
     is_main_process: bool = True,
+    state_dict: dict[str, Tensor] | None = None,
 ) -> LoraConfig:
     """Save LoRA-SB adapter ``adapter_name`` as a plain LoRA adapter (``R`` folded into ``B``).
 
@@ -163,10 +168,13 @@ def save_lora_sb_as_lora(
         save_directory: the output folder (created if needed).
         adapter_name: which adapter to export.
         is_main_process: write files only when True (call it on every rank, pass the rank-0 flag).
+        state_dict: the model's whole state dict when its parameters are sharded (FSDP2's
+            ``get_model_state_dict(..., full_state_dict=True)``, ZeRO-3), as for PEFT's
+            ``save_pretrained``; read instead of the model's own parameters.
 
     Returns the ``LoraConfig`` written. Raises ``ValueError`` for a non-LoRA-SB or merged adapter.
     """
-    state, config = lora_sb_as_lora_state_dict(model, adapter_name)
+    state, config = lora_sb_as_lora_state_dict(model, adapter_name, state_dict=state_dict)
     if is_main_process:
         _write(state, config, save_directory)
     return config

@@ -35,6 +35,7 @@ from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from torch import Tensor, nn
 
 from loralab.core.linalg import stiefel_sample, truncated_svd
+from loralab.core.sharding import write_rows_
 from loralab.core.targets import layer_kind, weight_matrix
 
 __all__ = [
@@ -184,7 +185,8 @@ def set_sb_factors_(
     """Write ``B`` (m×r), ``R`` (r×r), ``A`` (r×n) into a LoRA-SB layer's adapter, in place.
 
     ``A`` and ``B`` are rounded to the base dtype (then stored in the live parameters' dtype), ``R``
-    is kept in float32. Parameter objects are kept, so optimizers holding them stay valid.
+    is kept in float32. Parameter objects are kept, so optimizers holding them stay valid. Under
+    FSDP2 (``fully_shard``) every rank passes the same whole factors and writes its own rows.
     """
     if adapter_name not in module.lora_R:
         raise KeyError(
@@ -197,13 +199,14 @@ def set_sb_factors_(
             raise ValueError(
                 f"{slot} of {module._sb_target_name[adapter_name]!r} must be {tuple(p.shape)}, got {tuple(value.shape)}"
             )
-        p.data.copy_(value.to(dtype).to(device=p.device, dtype=p.dtype))
+        # write_rows_: the whole value, or this rank's rows of an FSDP2 (fully_shard) row shard
+        write_rows_(p, value.to(dtype).to(device=p.device, dtype=p.dtype))
     p = cast(Tensor, module.lora_R[adapter_name].weight)  # an nn.Linear's weight
     if tuple(R.shape) != tuple(p.shape):
         raise ValueError(
             f"lora_R of {module._sb_target_name[adapter_name]!r} must be {tuple(p.shape)}, got {tuple(R.shape)}"
         )
-    p.data.copy_(R.to(device=p.device, dtype=p.dtype))
+    write_rows_(p, R.to(device=p.device, dtype=p.dtype))
 
 
 if TYPE_CHECKING:

@@ -194,6 +194,12 @@ def initialize_lora_sb_weights(
     The adapters are disabled while estimating, so the gradient is the base model's; under
     ``torch.distributed`` gradients are averaged across ranks and every rank gets the same factors.
     W0 is not modified. Returns ``model``.
+
+    Under FSDP2 (``model`` sharded with ``fully_shard``: ``DTensor`` row shards) the estimate runs on
+    the sharded model: each rank keeps its rows of every target's mean gradient and makes one layer's
+    whole at a time (:mod:`loralab.core.gradients`), and every rank writes its rows of ``B``, ``R``,
+    ``A`` (the same on every rank). Call it on every rank with its own ``batches``; a target that gets
+    no gradient raises ``loralab.core.gradients.GradientEstimationError`` naming it, on every rank.
     """
     if lr is None:
         raise ValueError(
@@ -342,6 +348,7 @@ def get_lora_sb_model(
     progress: bool = True,
     estimation_model: nn.Module | None = None,
     offload: bool = False,
+    shard: Callable[[PeftModel], nn.Module] | None = None,
 ) -> PeftModel:
     """Wrap ``model`` with LoRA-SB adapters initialised from ``batches`` (only the r×r ``R`` train).
 
@@ -349,6 +356,10 @@ def get_lora_sb_model(
     (skipped when ``config.sb_init`` is ``"random"`` or ``"weight_svd"``, the LoRA-XS inits). Adapters
     keep A/B in the base dtype and R in float32 (``autocast_adapter_dtype=False``); ``modules_to_save``
     are trainable as usual.
+
+    ``shard``: FSDP2: ``shard(peft_model)`` applies ``torch.distributed.fsdp.fully_shard`` to the
+    ``PeftModel`` (in place) after ``get_peft_model`` and before the init, which then estimates on the
+    sharded model (see :func:`initialize_lora_sb_weights`). Call on every rank with its own ``batches``.
 
     Example:
         >>> from loralab.core.testing import tiny_gpt2, make_lm_batches
@@ -366,6 +377,9 @@ def get_lora_sb_model(
     peft_model = get_peft_model(
         model, config, adapter_name=adapter_name, autocast_adapter_dtype=False
     )
+    if shard is not None:
+        # FSDP2 (fully_shard) works in place: same modules and names, DTensor row-shard parameters
+        peft_model = cast(PeftModel, shard(peft_model))
     if config.sb_init == "gradient":
         initialize_lora_sb_weights(
             peft_model,

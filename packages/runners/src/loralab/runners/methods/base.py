@@ -361,7 +361,8 @@ class Method(ABC):
             scheduler: builds the learning-rate scheduler from the optimizer instead of
                 ``transformers.get_scheduler(args.lr_scheduler_type, ...)`` (C4's cosine with a floor).
             shard: applied to the wrapped model before the optimizer is built (an engine that replaces
-                the parameters by shards: :meth:`loralab.runners.loop.engine.Engine.shard`).
+                the parameters by shards: :meth:`loralab.runners.loop.engine.Engine.shard`), through
+                :meth:`wrap_sharded` (gradient-based inits shard before they estimate).
         """
         resolve_method_options(self, args)
         self.check_model(model, args)
@@ -369,9 +370,10 @@ class Method(ABC):
             raise MethodError(
                 f"--method {self.name} initializes from gradients: train_batches are required"
             )
-        model = self.wrap(model, args, train_batches, resume=resume)
-        if shard is not None:
-            model = shard(model)
+        if shard is None:
+            model = self.wrap(model, args, train_batches, resume=resume)
+        else:
+            model = self.wrap_sharded(model, args, train_batches, resume=resume, shard=shard)
         optimizer = self.build_optimizer(model, args)
         return MethodSetup(
             model=model,
@@ -393,6 +395,23 @@ class Method(ABC):
     @abstractmethod
     def wrap(self, model: nn.Module, args: Any, train_batches: Any, *, resume: bool) -> nn.Module:
         """Return the model to train (adapters attached, trainable parameters set)."""
+
+    def wrap_sharded(
+        self,
+        model: nn.Module,
+        args: Any,
+        train_batches: Any,
+        *,
+        resume: bool,
+        shard: Callable[[nn.Module], nn.Module],
+    ) -> nn.Module:
+        """:meth:`wrap`, then ``shard`` (the engine's :meth:`~loralab.runners.loop.engine.Engine.shard`).
+
+        A method whose data-driven init must run on the sharded model (LoRA-GA, LoRA-SB: the gradient
+        estimate, so that no rank needs every layer's whole gradient) overrides this to shard between
+        building the adapters and initialising them.
+        """
+        return shard(self.wrap(model, args, train_batches, resume=resume))
 
     def build_optimizer(self, model: nn.Module, args: Any) -> Optimizer:
         """Default: :func:`base_optimizer` (``args.optim``) over the trainable parameters."""

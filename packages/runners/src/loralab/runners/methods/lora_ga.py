@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
@@ -52,6 +52,7 @@ class LoraGA(Method):
     )
     description = "LoRA-GA: A, B from the SVD of the estimated full gradient, W0 offset"
     needs_batches = True
+    sharded_engines = frozenset({"deepspeed_zero", "fsdp2"})
     options = (
         *LORA_OPTIONS,
         Option("ga_iters", int, "(batches per process; averaged over all processes)",
@@ -71,6 +72,32 @@ class LoraGA(Method):
     }
 
     def wrap(self, model: nn.Module, args: Any, train_batches: Any, *, resume: bool) -> nn.Module:
+        return self._build(model, args, train_batches, resume=resume)
+
+    def wrap_sharded(
+        self,
+        model: nn.Module,
+        args: Any,
+        train_batches: Any,
+        *,
+        resume: bool,
+        shard: Callable[[nn.Module], nn.Module],
+    ) -> nn.Module:
+        """FSDP2: the adapters are built (``B = 0``), the model sharded, and the gradient estimated on
+        the sharded model (each rank writes its rows of A, B and the offset W0)."""
+        if resume:
+            return shard(self._build(model, args, train_batches, resume=True))
+        return self._build(model, args, train_batches, resume=False, shard=shard)
+
+    def _build(
+        self,
+        model: nn.Module,
+        args: Any,
+        train_batches: Any,
+        *,
+        resume: bool,
+        shard: Callable[[nn.Module], nn.Module] | None = None,
+    ) -> nn.Module:
         pkg = self.package()
         if resume:
             # Same adapter structure without estimating: the checkpoint about to be loaded holds the
@@ -90,7 +117,12 @@ class LoraGA(Method):
         # block by block, then the quantized model gets A, B and its offset W0 re-quantized with
         # each layer's own settings (the LoRA-GA seed's flow, in loralab.core.quant).
         return pkg.get_lora_ga_model(
-            model, config, batches, progress=args.progress, **estimation_kwargs(model, args)
+            model,
+            config,
+            batches,
+            progress=args.progress,
+            shard=shard,
+            **estimation_kwargs(model, args),
         )
 
     def save_final(self, model: nn.Module, out: FinalDirectory) -> None:

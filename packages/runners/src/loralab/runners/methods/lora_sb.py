@@ -13,6 +13,7 @@ adapter (A, B, R: resumable training, ``loralab.lora_sb.load_lora_sb_model``) is
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar, cast
 
 from torch import nn
@@ -49,6 +50,7 @@ class LoraSB(Method):
     requires = ("LoraSBConfig", "get_lora_sb_model", "save_lora_sb_as_lora")
     description = "LoRA-SB: only an r x r matrix trains; A, B, R from the first-step update's SVD"
     needs_batches = True
+    sharded_engines = frozenset({"deepspeed_zero", "fsdp2"})
     options = (
         *LORA_OPTIONS,
         Option(
@@ -72,6 +74,30 @@ class LoraSB(Method):
     }
 
     def wrap(self, model: nn.Module, args: Any, train_batches: Any, *, resume: bool) -> nn.Module:
+        return self._build(model, args, train_batches, resume=resume)
+
+    def wrap_sharded(
+        self,
+        model: nn.Module,
+        args: Any,
+        train_batches: Any,
+        *,
+        resume: bool,
+        shard: Callable[[nn.Module], nn.Module],
+    ) -> nn.Module:
+        """FSDP2: the adapters are built, the model sharded, then the gradient estimated on the
+        sharded model (each rank writes its rows of B, R, A)."""
+        return self._build(model, args, train_batches, resume=resume, shard=shard)
+
+    def _build(
+        self,
+        model: nn.Module,
+        args: Any,
+        train_batches: Any,
+        *,
+        resume: bool,
+        shard: Callable[[nn.Module], nn.Module] | None = None,
+    ) -> nn.Module:
         pkg = self.package()
         kw = lora_kwargs(args)
         if kw["lora_alpha"] is None:
@@ -90,13 +116,14 @@ class LoraSB(Method):
             lr=first_step_lr(args),
             num_batches=args.sb_num_batches,
             progress=args.progress,
+            shard=shard,
             **(estimation_kwargs(model, args) if not resume else {}),
         )
 
     def save_final(self, model: nn.Module, out: FinalDirectory) -> None:
         """``out.path``: plain LoRA (R folded into B) for bare PEFT; ``out.path/lora_sb_native``: the
         native adapter."""
-        self.package().save_lora_sb_as_lora(model, out.path)
+        self.package().save_lora_sb_as_lora(model, out.path, state_dict=out.state_dict)
         cast(SavesPretrained, model).save_pretrained(  # wrap() returned a PeftModel
             out.path / NATIVE_DIR, state_dict=out.state_dict, safe_serialization=True
         )

@@ -1,0 +1,146 @@
+"""Gradient estimation on an FSDP2 (``fully_shard``) model, in one process (a 1-rank gloo group).
+
+The 2-rank behaviour (row shards, reduce-scatter, one layer gathered at a time) is tested through
+LoRA-GA and LoRA-SB (``test_lora_ga_fsdp.py``, ``test_lora_sb_fsdp.py``); here: the DTensor path of
+the hooks equals the plain estimate, FSDP2's trainable set is refreshed after the estimate (its
+reduction dtypes), and the options that cannot apply to a sharded model are refused by name.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from loralab.core import sharding
+from loralab.core.gradients import estimate_gradients, estimate_gradients_from_step
+from loralab.core.sharding import refresh_fsdp_trainable
+
+TARGETS = ["blocks.0", "blocks.1"]
+
+
+class Net(nn.Module):
+    """Two blocks and a head: as a PEFT model under training, only the head trains."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(8, 8) for _ in range(2)])
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x, labels):
+        for block in self.blocks:
+            x = torch.tanh(block(x))
+        return {"loss": F.cross_entropy(self.head(x), labels)}
+
+
+def batches(n: int = 3):
+    g = torch.Generator().manual_seed(1)
+    return [{"x": torch.randn(4, 8, generator=g), "labels": torch.randint(0, 3, (4,), generator=g)}
+            for _ in range(n)]  # fmt: skip
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    if dist.is_initialized():
+        pytest.skip("a process group is already up in this process")
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def build(mp: bool = False):
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    torch.manual_seed(0)
+    plain = Net()
+    sharded = copy.deepcopy(plain)
+    kw = {}
+    if mp:
+        kw["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32
+        )
+    for block in sharded.blocks:
+        fully_shard(block, **kw)
+    fully_shard(sharded, **kw)
+    for model in (plain, sharded):
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("head."))
+    return plain, sharded
+
+
+def test_fsdp2_estimate_equals_the_plain_one(one_rank_group):
+    plain, sharded = build()
+    want = estimate_gradients(plain, batches(), TARGETS, progress=False)
+    got = estimate_gradients(sharded, batches(), TARGETS, progress=False)
+    assert sharding.is_dtensor(sharded.blocks[0].weight)
+    assert got.keys() == want.keys()
+    for name in want:
+        assert not sharding.is_dtensor(got[name]) and got[name].dtype == torch.float32
+        torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-7)
+    # estimate_gradients_from_step (PEFT's train_step contract) takes the same path
+    model = sharded
+
+    def train_step():
+        for b in batches():
+            model(**b)["loss"].backward()
+
+    got = estimate_gradients_from_step(model, train_step, TARGETS, train=False)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-7)
+    # requires_grad restored: only the head trains
+    assert [n for n, p in sharded.named_parameters() if p.requires_grad] == [
+        "head.weight",
+        "head.bias",
+    ]
+
+
+def _head_grad_dtype(model) -> torch.dtype:
+    model(**batches(1)[0])["loss"].backward()
+    dtype = model.head.weight.grad.dtype
+    model.zero_grad(set_to_none=True)
+    return dtype
+
+
+def test_fsdp2_reduces_in_float32_after_the_estimate(one_rank_group, monkeypatch):
+    # The estimate runs the first forward (FSDP2's lazy init) with only the blocks' weights trainable:
+    # the root group (the head) then had no trainable parameter. Without the refresh, FSDP2 would keep
+    # the head's gradient in bfloat16 (param_dtype) instead of reducing it to float32.
+    _, sharded = build(mp=True)
+    estimate_gradients(sharded, batches(), TARGETS, progress=False)
+    assert _head_grad_dtype(sharded) == torch.float32
+    import loralab.core.estimation as estimation
+
+    monkeypatch.setattr(estimation, "refresh_fsdp_trainable", lambda model: None)
+    _, stale = build(mp=True)
+    estimate_gradients(stale, batches(), TARGETS, progress=False)
+    try:
+        stale_dtype = _head_grad_dtype(stale)
+    except RuntimeError as e:  # a bfloat16 gradient refused on the float32 parameter
+        stale_dtype = str(e)
+    assert stale_dtype != torch.float32  # what the refresh prevents
+
+
+def test_fsdp2_refuses_offload_and_reduce_false(one_rank_group):
+    _, sharded = build()
+    with pytest.raises(ValueError, match=r"offload=True streams .* 'blocks.0' is sharded by FSDP2"):
+        estimate_gradients(sharded, batches(), TARGETS, offload=True, progress=False)
+    with pytest.raises(
+        ValueError, match=r"reduce=False cannot apply to target 'blocks.0', sharded by FSDP2"
+    ):
+        estimate_gradients(sharded, batches(), TARGETS, reduce=False, progress=False)
+
+
+def test_refresh_refuses_unknown_fsdp_internals():
+    class Fake(nn.Module):
+        def _get_fsdp_state(self):
+            return object()
+
+    refresh_fsdp_trainable(Net())  # no FSDP2: nothing to do
+    with pytest.raises(RuntimeError, match="changed FSDP2's internals"):
+        refresh_fsdp_trainable(Fake())

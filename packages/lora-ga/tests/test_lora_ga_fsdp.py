@@ -1,0 +1,97 @@
+"""LoRA-GA under FSDP2 (``fully_shard``, 2 CPU ranks, gloo): ``get_lora_ga_model(..., shard=...)``
+estimates on the sharded model and writes each rank's rows of ``A``, ``B`` and the offset ``W0``.
+
+Every rank must end with the same init, equal to one process initialising from all the batches
+(``Linear`` and GPT-2 ``Conv1D`` targets), and a target that gets no gradient must raise an error
+naming it on every rank. One launch runs every mode (``lora_ga_fsdp_worker.py``).
+"""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from loralab.core.testing import run_torchrun, tiny_gpt2, tiny_llama
+from loralab.lora_ga import get_lora_ga_model
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+w = _load("lora_ga_dist_worker")
+fw = _load("lora_ga_fsdp_worker")
+WORKER = Path(__file__).with_name("lora_ga_fsdp_worker.py")
+
+# FSDP2's reduce-scatter mean of per-rank means vs one mean over all batches: the same gradient up to
+# float32 rounding (~1e-7), which the SVD amplifies by 1/(singular-value gap) in the factors; the same
+# bound as the DDP / ZeRO-3 modes (test_lora_ga_distributed.py)
+INIT_RTOL = 1e-4
+BUILDS = {"llama": (tiny_llama, w.config), "gpt2": (tiny_gpt2, fw.gpt2_config)}
+N_TARGETS = {"llama": 2 * len(w.TARGETS), "gpt2": 2 * len(fw.GPT2_TARGETS)}  # 2 blocks each
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    prefix = tmp_path_factory.mktemp("lora_ga_fsdp") / "run"
+    run_torchrun(WORKER, prefix, timeout=600)
+    return [torch.load(f"{prefix}.{r}.pt", weights_only=True) for r in (0, 1)]
+
+
+def _rel(got, want):
+    return max(((x - y).norm() / y.norm()).item() for k in want for x, y in zip(got[k], want[k]))
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("mode", ["llama", "gpt2"])
+def test_fsdp2_init_equals_one_process_on_every_rank(ranks, mode):
+    r0, r1 = ranks[0][mode], ranks[1][mode]
+    assert bool(ranks[0][f"{mode}_sharded"]) and bool(ranks[1][f"{mode}_sharded"])
+    build, config = BUILDS[mode]
+    single_model = get_lora_ga_model(build(), config(), list(w.loader()), progress=False)
+    single = fw.state(single_model)
+    assert r0.keys() == r1.keys() == single.keys() and len(r0) == N_TARGETS[mode]
+    for name in r0:  # identical on every rank: the same gathered gradient, the same SVD
+        for x, y, what in zip(r0[name], r1[name], ("A", "B", "W0")):
+            assert torch.equal(x, y), f"{mode} {name}: {what} differs between ranks"
+    assert _rel(r0, single) < INIT_RTOL
+    # the offset itself: W0' - W0 = -s·B·A, against the original weights
+    base = build()
+    s = single_model.base_model.model.get_submodule(next(iter(single))).scaling["default"]
+    for name, (A, B, W0) in r0.items():
+        w0 = base.get_submodule(name).weight.detach()
+        delta = -s * (B.double() @ A.double())
+        delta = delta.T if mode == "gpt2" else delta  # Conv1D stores (in, out)
+        err = ((W0.double() - w0.double()) - delta).norm() / delta.norm()
+        assert err < 1e-5, (name, err.item())
+    # the reduction matters: rank 0's batches alone give another init
+    alone = fw.state(get_lora_ga_model(build(), config(), w.rank_batches(0), progress=False))
+    assert _rel(alone, single) > 100 * INIT_RTOL
+    # the initial factors kept for the rank-2r export are the whole A0, B0 on every rank
+    for out in ranks:
+        init = out[f"{mode}_init"]
+        assert init.keys() == r0.keys()
+        for name, (A0, B0) in init.items():
+            assert torch.equal(A0, r0[name][0]) and torch.equal(B0, r0[name][1])
+
+
+@pytest.mark.multiprocess
+def test_fsdp2_target_without_gradient_raises_naming_it_on_every_rank(ranks):
+    for out in ranks:
+        msg = out["unused_error"]
+        assert msg.startswith("GradientEstimationError: 1 target layer(s) received no gradient")
+        assert "base_model.model.model.layers.0.spare" in msg and "FSDP2" in msg
+
+
+@pytest.mark.multiprocess
+def test_fsdp2_factor_dtype_other_than_the_sharded_one_is_refused(ranks):
+    for out in ranks:
+        msg = out["dtype_error"]
+        assert msg.startswith(
+            "LoraGAInitError: LoRA-GA factors are torch.float32 in the FSDP2-sharded"
+        )
+        assert "LoraGAConfig.dtype asks for torch.bfloat16" in msg
