@@ -367,7 +367,7 @@ def load_quantized_weight_(module: nn.Module, state: Mapping[str, Tensor]) -> No
                 module=cast(bnb.nn.Linear4bit, module),  # kind "linear4bit": a bnb Linear4bit
             )
         )
-        shape = tuple(new4.quant_state.shape)
+        shape = tuple(new4.quant_state.shape)  # type: ignore[attr-defined]  # a bnb Params4bit
         if shape != out_in:
             raise QuantizationError(
                 f"load_quantized_weight_: the saved 4-bit weight is {shape}, the layer's (out, in) is {out_in}"

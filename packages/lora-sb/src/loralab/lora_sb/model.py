@@ -374,7 +374,7 @@ def get_lora_sb_model(
         raise ValueError(
             "lr is required: the learning rate of the first optimizer step (with warm-up, the first warm-up step's lr)"
         )
-    peft_model = get_peft_model(
+    peft_model: PeftModel = get_peft_model(
         model, config, adapter_name=adapter_name, autocast_adapter_dtype=False
     )
     if shard is not None:
