@@ -142,19 +142,15 @@ def _summing_gradients(targets: Mapping[str, TargetLayer], acc: _Sums) -> Iterat
             if is_dtensor(grad):
                 # FSDP2: this rank's rows of the ranks' mean gradient, a view of the reduce-scatter
                 # output: copied before it is kept
-                g = local_tensor(grad)
                 acc.fsdp.add(name)
-                if name in acc.sums:
-                    acc.sums[name].add_(g)
-                else:
-                    acc.sums[name] = g.to(torch.float32, copy=True).contiguous()
+                g, owned = local_tensor(grad), False
             else:
-                g = to_storage_layout(module, grad).float()
-                if name in acc.sums:
-                    acc.sums[name].add_(g)
-                else:
-                    # we own p.grad from here on: no copy unless transposed
-                    acc.sums[name] = g.contiguous()
+                # we own p.grad from here on: no copy unless transposed or cast
+                g, owned = to_storage_layout(module, grad).float(), True
+            if name in acc.sums:
+                acc.sums[name].add_(g)
+            else:
+                acc.sums[name] = (g if owned else g.to(torch.float32, copy=True)).contiguous()
             acc.counts[name] = acc.counts.get(name, 0) + 1
             p.grad = None
 
