@@ -208,6 +208,12 @@ def broadcast_from_first_(value: Tensor, like: Tensor) -> Tensor:
     For a small result that every rank computes from the same whole input (a projector from the SVD of
     a gathered gradient): the ranks then hold bit-identical copies, whatever the linear-algebra
     library does with threads, so replicated state derived from it never drifts apart.
+
+    Example:
+        >>> import torch
+        >>> q = torch.ones(2, 3)
+        >>> broadcast_from_first_(q, torch.zeros(4, 3)) is q  # not sharded: nothing to do
+        True
     """
     if is_sharded(like):
         buf = value if value.is_contiguous() else value.contiguous()

@@ -228,7 +228,14 @@ def reproject_second_moment(exp_avg_sq: Tensor, trans: Mats, side: Side) -> Tens
 def shard_projector(mats: Mats, side: Side, like: Tensor) -> Mats:
     """The part of a whole projector that this rank keeps for the row-sharded matrix ``like``: its rows
     of ``P`` (left, full) and the whole ``Q`` (right, full; (r, n) is small). ``mats`` itself when
-    ``like`` is not sharded."""
+    ``like`` is not sharded.
+
+    Example:
+        >>> import torch
+        >>> p = torch.linalg.qr(torch.randn(6, 2))[0]
+        >>> shard_projector((p,), "left", torch.zeros(6, 4))[0] is p  # one process: the whole P
+        True
+    """
     rows = rows_of(like)
     if rows == slice(0, like.shape[0]) or side == "right":
         return mats
@@ -259,7 +266,15 @@ def project_shard(grad_rows: Tensor, mats: Mats, side: Side, like: Tensor) -> Te
 def transition_shard(old: Mats, new: Mats, side: Side, like: Tensor) -> Mats:
     """:func:`transition_matrices` of projectors kept as :func:`shard_projector` does:
     ``C = P_newᵀ·P_old = Σ_k P_new,kᵀ·P_old,k`` is summed over the ranks (an (r, r) all-reduce; call on
-    every rank), ``D = Q_old·Q_newᵀ`` needs no communication (``Q`` is whole)."""
+    every rank), ``D = Q_old·Q_newᵀ`` needs no communication (``Q`` is whole).
+
+    Example:
+        >>> import torch
+        >>> old, new = (torch.linalg.qr(torch.randn(6, 2))[0] for _ in range(2))
+        >>> g = torch.zeros(6, 4)
+        >>> torch.equal(transition_shard((old,), (new,), "left", g)[0], new.T @ old)
+        True
+    """
     trans = transition_matrices(old, new, side)
     if side != "right":
         sum_over_shards_(trans[0], like)
