@@ -37,6 +37,8 @@ SCALES = ("stable", "gd", "unit", "weight_svd")
 # names the reference fork ("weightS") and PEFT ("gd_scale") use for the same scales
 _SCALE_ALIASES: dict[str, Literal["weight_svd", "gd"]] = {"weightS": "weight_svd", "gd_scale": "gd"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_SETTINGS_FIELDS = ("direction", "scale", "stable_gamma", "dtype")
+"""The fields LoRA-GA's init reads, mirrored in the ``lora_ga_config`` sub-config."""
 _DTYPE_ALIASES: dict[str, Literal["fp32", "bf16", "fp16"]] = {
     "float32": "fp32",
     "bfloat16": "bf16",
@@ -96,6 +98,28 @@ class LoraGAConfig(LoraConfig):
         ):  # LoraConfig's default: LoRA-GA is the point of this class
             # PEFT accepts "lora_ga" but its Literal annotation does not list it
             self.init_lora_weights = "lora_ga"  # type: ignore[assignment]
+        self._check_fields()
+        if self.init_lora_weights == "lora_ga":
+            if self.use_dora:
+                raise ValueError(
+                    "LoraGAConfig: use_dora=True is not supported with LoRA-GA initialisation"
+                )
+            self.lora_ga_config = self._new_settings()
+        super().__post_init__()
+        if self.init_lora_weights == "lora_ga" and not isinstance(
+            self.lora_ga_config, LoraGASettings
+        ):
+            # LoraConfig.__post_init__ rebuilds dict sub-configs with PEFT's class: keep our tag
+            self.lora_ga_config = self._new_settings()
+        # what the sub-config held when built: lora_ga_settings() tells which side a user edited later
+        self.__dict__["_lora_ga_built"] = self._settings_tuple()
+        # PEFT's route for custom LoRA layer classes (dynamic dispatch): PEFT builds loralab's LoRA-GA
+        # layers for this config and keeps its own classes, unchanged, for every other config.
+        # _custom_modules is not a dataclass field: never serialized, re-created with every config.
+        self._register_custom_module(custom_module_mapping())
+
+    def _check_fields(self) -> None:
+        """Normalise the aliases and validate the LoRA-GA fields (at construction and at every use)."""
         self.scale = _SCALE_ALIASES.get(self.scale, self.scale)
         self.dtype = _DTYPE_ALIASES.get(self.dtype, self.dtype)
         for name in ("bsz", "iters", "max_length"):
@@ -122,32 +146,53 @@ class LoraGAConfig(LoraConfig):
             raise ValueError(
                 f"LoraGAConfig.dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}"
             )
-        if self.init_lora_weights == "lora_ga":
-            if self.use_dora:
-                raise ValueError(
-                    "LoraGAConfig: use_dora=True is not supported with LoRA-GA initialisation"
-                )
-            self.lora_ga_config = LoraGASettings(
-                direction=self.direction,
-                scale=self.scale,
-                stable_gamma=self.stable_gamma,
-                dtype=self.dtype,
+
+    def _new_settings(self) -> LoraGASettings:
+        return LoraGASettings(
+            direction=self.direction,
+            scale=self.scale,
+            stable_gamma=self.stable_gamma,
+            dtype=self.dtype,
+        )
+
+    def _settings_tuple(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, f) for f in _SETTINGS_FIELDS)
+
+    def lora_ga_settings(self) -> LoraGASettings:
+        """The LoRA-GA settings as they are now, validated; the sub-config is brought up to date.
+
+        The fields can be changed after construction either on this config (``cfg.dtype = "bf16"``)
+        or, PEFT's way, on its sub-config (``cfg.lora_ga_config.direction = "ArBr"``): both count.
+        Changing the same setting to different values on both sides is refused, naming it.
+
+        Example:
+            >>> from loralab.lora_ga import LoraGAConfig
+            >>> cfg = LoraGAConfig(r=4, target_modules=["q_proj"])
+            >>> cfg.dtype = "bf16"
+            >>> cfg.lora_ga_settings().dtype
+            'bf16'
+        """
+        if self.use_dora:
+            raise ValueError(
+                "LoraGAConfig: use_dora=True is not supported with LoRA-GA initialisation"
             )
-        super().__post_init__()
-        if self.init_lora_weights == "lora_ga" and not isinstance(
-            self.lora_ga_config, LoraGASettings
-        ):
-            # LoraConfig.__post_init__ rebuilds dict sub-configs with PEFT's class: keep our tag
-            self.lora_ga_config = LoraGASettings(
-                direction=self.direction,
-                scale=self.scale,
-                stable_gamma=self.stable_gamma,
-                dtype=self.dtype,
-            )
-        # PEFT's route for custom LoRA layer classes (dynamic dispatch): PEFT builds loralab's LoRA-GA
-        # layers for this config and keeps its own classes, unchanged, for every other config.
-        # _custom_modules is not a dataclass field: never serialized, re-created with every config.
-        self._register_custom_module(custom_module_mapping())
+        built = self.__dict__.get("_lora_ga_built")
+        sub = self.lora_ga_config
+        if isinstance(sub, LoraGASettings) and built is not None:
+            for i, name in enumerate(_SETTINGS_FIELDS):
+                mine, theirs = getattr(self, name), getattr(sub, name)
+                if theirs != built[i] and mine == built[i]:
+                    setattr(self, name, theirs)  # edited on the sub-config only: that edit counts
+                elif theirs != built[i] and mine != theirs:
+                    raise ValueError(
+                        f"LoraGAConfig.{name} = {mine!r} but LoraGAConfig.lora_ga_config.{name} = {theirs!r}: both "
+                        "were changed after construction; set one of them"
+                    )
+        self._check_fields()
+        settings = self._new_settings()
+        self.lora_ga_config = settings
+        self.__dict__["_lora_ga_built"] = self._settings_tuple()
+        return settings
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """PEFT's ``save_pretrained`` (the file is unchanged), warning that a raw LoRA-GA checkpoint
@@ -159,6 +204,7 @@ class LoraGAConfig(LoraConfig):
         loralab changes nothing in PEFT's loading.
         """
         if self.init_lora_weights == "lora_ga":
+            self.lora_ga_settings()  # the file holds the settings as they are now
             warnings.warn(
                 "saving a raw LoRA-GA checkpoint: its A and B only fit the offset base weights W0 - s*B0*A0 (fine to "
                 "resume training on the same offset model). For the original base model export with "

@@ -241,7 +241,9 @@ class _LoraGALayerMixin:
         recorded.discard(adapter_name)
         # recorded only inside a session (lora_ga_init raises otherwise)
         session = _SESSIONS[-1]
-        pending = Pending(self, adapter_name, config.lora_ga_config)  # type: ignore[arg-type]
+        # a LoraGAConfig's fields as they are now (set after construction counts, never ignored)
+        settings = config.lora_ga_settings() if hasattr(config, "lora_ga_settings") else None
+        pending = Pending(self, adapter_name, settings or config.lora_ga_config)
         session.pending.append(pending)
         if session.ready is not None:
             session.ready(pending)

@@ -168,6 +168,7 @@ def get_lora_ga_model(
         raise TypeError(
             "model is already a PeftModel: pass the base model (get_lora_ga_model adds the adapter)"
         )
+    config.lora_ga_settings()  # fields changed since construction are validated now, not ignored
     with lora_ga_session() as session:
         peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     if shard is not None:
