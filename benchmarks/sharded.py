@@ -1,0 +1,299 @@
+"""Benchmark: per-rank memory, optimizer state and step time of every method under each engine.
+
+Each method trains a random Llama (~97M parameters, untied, vocab 8000) with 2 CPU ranks (gloo,
+``torchrun --nproc-per-node 2``, one torch thread per rank) under every engine the runners offer it
+(its ``sharded_engines``, read from the registry at run time):
+
+- ``ddp``: ``accelerate`` DDP (every rank holds the whole model, gradients and optimizer state);
+- ``zero2`` / ``zero3``: ``--deepspeed zero2`` / ``zero3`` (accelerate's DeepSpeed plugin);
+- ``fsdp2``: ``--fsdp full_shard`` (``torch.distributed.fsdp.fully_shard``, ``DTensor`` row shards).
+
+The worker builds the engine, the method (``Method.setup``, its optimizer included) and runs the
+runners' own ``train_step`` exactly as the fine-tuning loop does. Per rank it reports:
+
+- peak RSS while training (sampled every 2 ms from the first step on, after the model was built whole
+  and the engine sharded it and freed memory was handed back with ``malloc_trim``) minus the RSS after
+  the imports: what this rank's parameters, gradients, optimizer state and activations cost;
+- optimizer-state bytes: every tensor in the innermost optimizer's ``state`` (a ``DTensor`` counts its
+  local shard; DeepSpeed's fp32 master partitions are not included, see the table notes);
+- step time: the median of the timed steps (after warm-up), the slowest rank's.
+
+Ratios are to the same method's ``ddp`` run. Targets (issue "sharded training"): per-rank optimizer
+state ≤ 0.55× DDP's under ZeRO-3 and FSDP2; step time ≤ 1.3× the method's DDP step.
+
+Usage::
+
+    python benchmarks/sharded.py --quick            # small Llama, a minute or two per method
+    python benchmarks/sharded.py                    # ~97M-parameter Llama
+    python benchmarks/sharded.py --methods lora galore --engines ddp fsdp2
+
+Writes the markdown table to ``benchmarks/results/sharded.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import _common
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "sharded.md"
+METHODS = ("full", "lora", "lora-fa", "lora-pro", "lora-pro-full", "galore", "golore")
+ENGINES = ("ddp", "zero2", "zero3", "fsdp2")
+FULL = _common.ESTIMATION_FULL
+QUICK = _common.ESTIMATION_QUICK
+PREFIX = "SHARDED_RESULT "
+
+
+def _method_flags(method: str) -> tuple[str, list[str]]:
+    """The ``--method`` and its option flags for a benchmark method name."""
+    lora = ["--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0"]
+    if method == "lora-pro-full":
+        return "lora-pro", [*lora, "--pro_mode", "full"]
+    if method in ("lora", "lora-fa", "lora-pro"):
+        return method, lora
+    if method in ("galore", "golore"):
+        return method, ["--galore_rank", "64", "--update_proj_gap", "200"]
+    return method, []
+
+
+def _engine_flags(engine: str) -> list[str]:
+    return {"ddp": [], "zero2": ["--deepspeed", "zero2"], "zero3": ["--deepspeed", "zero3"]}.get(
+        engine, ["--fsdp", "full_shard"]
+    )
+
+
+def engines_of(method: str) -> list[str]:
+    """``ddp`` plus the sharding engines the runners accept for ``method``."""
+    from loralab.runners.methods import get_method
+
+    sharded = get_method(_method_flags(method)[0]).sharded_engines
+    out = ["ddp"]
+    if "deepspeed_zero" in sharded:
+        out += ["zero2", "zero3"]
+    if "fsdp2" in sharded:
+        out.append("fsdp2")
+    return out
+
+
+def _state_bytes(optimizer) -> int:
+    """Bytes of every tensor in the innermost optimizer's state (a DTensor: its local shard)."""
+    import torch
+
+    from loralab.core.sharding import local_tensor
+
+    inner = optimizer
+    while not (isinstance(inner, torch.optim.Optimizer) and inner.state) and hasattr(
+        inner, "optimizer"
+    ):
+        inner = inner.optimizer
+    total = 0
+    for st in getattr(inner, "state", {}).values():
+        for v in st.values():
+            if isinstance(v, torch.Tensor):
+                t = local_tensor(v)
+                total += t.numel() * t.element_size()
+    return total
+
+
+class _RssSampler:
+    """The highest RSS seen by a background thread sampling every ``period`` seconds."""
+
+    def __init__(self, period: float = 0.002) -> None:
+        import threading
+
+        self.peak = _common.rss_mib()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(period,), daemon=True)
+        self._thread.start()
+
+    def _run(self, period: float) -> None:
+        while not self._stop.wait(period):
+            self.peak = max(self.peak, _common.rss_mib())
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, _common.rss_mib())
+
+
+def _release_freed_memory() -> None:
+    """Hand memory freed by the sharding back to the OS, so RSS shows what is still held."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc: RSS may keep freed pages
+        pass
+
+
+def worker(method: str, engine_name: str, size: dict, steps: int, warmup: int) -> None:
+    """One (method, engine) run on this rank; rank 0 prints every rank's numbers."""
+    import torch
+
+    torch.set_num_threads(1)
+    base_rss = _common.rss_mib()
+
+    from loralab.runners.arguments import TrainArgs, parse_args
+    from loralab.runners.loop.finetune import build_engine
+    from loralab.runners.loop.trainer import train_step
+    from loralab.runners.methods import get_method
+
+    name, flags = _method_flags(method)
+    tmp = tempfile.mkdtemp(prefix="sharded-bench-")
+    args = parse_args(
+        TrainArgs,
+        ["--model_name_or_path", "random-llama", "--output_dir", tmp, "--method", name,
+         "--learning_rate", "1e-4", "--adam_epsilon", "1e-4", "--max_steps", str(steps + warmup),
+         "--per_device_train_batch_size", str(size["batch_size"]), "--max_grad_norm", "0",
+         "--disable_tqdm", "true", *flags, *_engine_flags(engine_name)],
+    )  # fmt: skip
+    args.task_type = "CAUSAL_LM"
+    args.progress = False
+    engine = build_engine(args, size["hidden_size"])
+    imported_rss = _common.rss_mib()
+    model, batches = _common.llama_and_batches(size)
+    # every rank draws its own half of the global batch
+    batches = [
+        {k: v[engine.rank :: engine.world_size] if v.shape[0] > 1 else v for k, v in b.items()}
+        for b in batches
+    ]
+    method_obj = get_method(name)
+    setup = method_obj.setup(model, args, None, resume=False, shard=engine.shard)
+    model, optimizer = engine.prepare(setup.model, setup.optimizer, setup.scheduler)
+    model.train()
+    _release_freed_memory()
+    sampler = _RssSampler()
+    times = []
+    for step in range(warmup + steps):
+        batch = {k: v.to(engine.device) for k, v in batches[step % len(batches)].items()}
+        t0 = time.perf_counter()
+        out = train_step(engine, model, optimizer, setup.scheduler, [batch], step=step, method=name)
+        if hasattr(optimizer, "zero_grad"):
+            optimizer.zero_grad(set_to_none=True)
+        if step >= warmup:
+            times.append(time.perf_counter() - t0)
+    peak = sampler.stop()
+    row = {
+        "rank": engine.rank,
+        "peak_mib": peak - imported_rss,
+        "state_bytes": _state_bytes(optimizer),
+        "step_s": statistics.median(times),
+        "loss": out.loss,
+        "import_mib": imported_rss - base_rss,
+    }
+    rows = engine.gather_object([row])
+    if engine.is_main:
+        print(PREFIX + json.dumps({"method": method, "engine": engine_name, "ranks": rows}))
+    engine.end()
+
+
+def _launch(method: str, engine: str, quick: bool, steps: int, warmup: int, port: int) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(port), __file__, "--worker", method, engine, "--steps", str(steps), "--warmup",
+           str(warmup), *(["--quick"] if quick else [])]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(PREFIX)]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{method} under {engine} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1][len(PREFIX) :])
+
+
+def _row(r: dict, ddp: dict) -> str:
+    peak = max(x["peak_mib"] for x in r["ranks"])
+    state = max(x["state_bytes"] for x in r["ranks"])
+    step = max(x["step_s"] for x in r["ranks"])
+    d_peak = max(x["peak_mib"] for x in ddp["ranks"])
+    d_state = max(x["state_bytes"] for x in ddp["ranks"])
+    d_step = max(x["step_s"] for x in ddp["ranks"])
+    state_ratio = f"{state / d_state:.2f}" if d_state else "—"
+    return (
+        f"| {r['method']} | {r['engine']} | {peak:.0f} | {peak / d_peak:.2f} | {state / 2**20:.1f} | "
+        f"{state_ratio} | {step:.2f} | {step / d_step:.2f} | {r['ranks'][0]['loss']:.4f} |"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="small Llama instead of ~97M parameters"
+    )
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (default 3)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed first steps (default 2)")
+    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="markdown file to write")
+    args = parser.parse_args(argv)
+    size = QUICK if args.quick else FULL
+    if args.worker:
+        worker(args.worker[0], args.worker[1], size, args.steps, args.warmup)
+        return 0
+
+    lines = [
+        "## sharded engines: per-rank memory, optimizer state and step time vs DDP (2 CPU ranks)",
+        "",
+        f"Random Llama ({size['hidden_size']} x {size['num_hidden_layers']} layers, vocab "
+        f"{size['vocab_size']}), global batch {size['batch_size']}x{size['seq_len']} tokens split over 2 ranks "
+        f"(gloo, one torch thread each), fp32, {args.warmup} warm-up + {args.steps} timed steps; the runners' "
+        "engines and methods (`Method.setup`, `train_step`). peak = the rank's highest RSS during training "
+        "(sampled every 2 ms) minus its RSS after the imports (the worst rank); state = tensors in the optimizer's state on that rank (a DTensor: its "
+        "shard); step = median step time of the slowest rank. Ratios to the method's DDP run.",
+        "",
+        "| method | engine | peak (MiB) | peak / DDP | state (MiB) | state / DDP | step (s) | step / DDP | loss (last step) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    port = 29700
+    missing = []
+    for method in args.methods:
+        engines = [e for e in engines_of(method) if e in args.engines]
+        missing += [f"{method} × {e}" for e in args.engines if e not in engines]
+        results = {}
+        failed = {}
+        for e in engines:
+            port += 1
+            try:
+                results[e] = _launch(method, e, args.quick, args.steps, args.warmup, port)
+            except RuntimeError as err:  # one failing cell must not lose the others' numbers
+                failed[e] = str(err).strip().splitlines()[-1][:200]
+            print(f"{method} {e}: {'FAILED' if e in failed else 'done'}", flush=True)
+        ddp = results.get("ddp")
+        for e in engines:
+            if e in failed or ddp is None:
+                why = failed.get(e, "no DDP run to compare with")
+                lines.append(f"| {method} | {e} | failed: {why} | | | | | | |")
+            else:
+                lines.append(_row(results[e], ddp))
+    cmd = "python benchmarks/sharded.py" + (" --quick" if args.quick else "")
+    lines += [
+        "",
+        f"Command: `{cmd}`. Machine: {_common.machine_description()} ({platform.python_implementation()} "
+        f"{platform.python_version()}); {_common.load_average_note()}. Date: "
+        f"{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC. Peak memory is reliable on a shared machine; "
+        "step times are indicative when the load average exceeds the 2 cores.",
+        "",
+        "Not run (the runners refuse the engine for the method at the time of this run): "
+        + (", ".join(missing) if missing else "none")
+        + ". DeepSpeed keeps fp32 master partitions of the trainable parameters besides the optimizer's "
+        "state; they are in the peak, not in the state column.",
+        "",
+    ]
+    _common.write_results(args.out, "\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
