@@ -15,6 +15,7 @@ from loralab.core.quant import (
     is_quantized,
     load_float_model_for_estimation,
     load_quantized_weight_,
+    load_state_dict_with_quantized_,
     quant_config_of,
     quant_kind,
     quantized_layer_names,
@@ -244,6 +245,30 @@ def test_load_quantized_weight_errors(tmp_path):
         match=r"the int8 layer's \(out, in\) is \(48, 128\); the entries are weight \(48, 128\) torch.int8 and SCB \(47,\)",
     ):
         load_quantized_weight_(eight, bad)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_load_state_dict_with_quantized_restores_a_whole_model_strictly(tmp_path, kind):
+    def build(seed):
+        lin = _float_linear(seed)
+        q = _linear8bit(lin) if kind == "int8" else _linear4bit(lin, kind, double_quant=True)
+        return nn.Sequential(q, nn.ReLU(), nn.Linear(q.out_features, 3))
+
+    model, x = build(0), torch.randn(5, IN)
+    model(x)
+    requantize_weight_(model[0], dequantize_weight(model[0]) * 1.5 + 0.01)
+    saved, y_saved = _saved(model, tmp_path), model(x)
+    other = build(1)
+    other(x)
+    load_state_dict_with_quantized_(other, saved)
+    torch.testing.assert_close(other(x), y_saved, atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match=r"missing keys \['2.bias'\]"):
+        load_state_dict_with_quantized_(build(1), {k: v for k, v in saved.items() if k != "2.bias"})
+    with pytest.raises(RuntimeError, match=r"unexpected keys \['extra'\]"):
+        load_state_dict_with_quantized_(build(1), {**saved, "extra": torch.zeros(1)})
+    no_weight = {k: v for k, v in saved.items() if not k.startswith("0.")}
+    with pytest.raises(RuntimeError, match=r"missing keys \['0.weight'"):
+        load_state_dict_with_quantized_(build(1), no_weight)
 
 
 def _linear4bit_shape(out: int):

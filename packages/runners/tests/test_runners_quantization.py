@@ -86,11 +86,6 @@ def test_deepspeed_with_a_quantized_base_refused():
         meta(["--load_in_4bit", "--deepspeed", "zero2"])
 
 
-def test_lora_ga_resume_on_a_quantized_base_refused():
-    with pytest.raises(ValueError, match="--resume_from_checkpoint with --method lora-ga"):
-        meta(["--method", "lora-ga", "--load_in_4bit", "--resume_from_checkpoint", "latest"])
-
-
 def test_merge_and_save_refusals():
     with pytest.raises(ValueError, match="--method full has none"):
         meta(["--method", "full", "--merge_and_save"])

@@ -50,6 +50,7 @@ from loralab.core.quant import (
     is_quantized,
     load_float_model_for_estimation,
     load_quantized_weight_,
+    load_state_dict_with_quantized_,
     quant_kind,
     requantize_weight_,
 )
@@ -101,6 +102,7 @@ __all__ = [
     "layer_kind",
     "load_float_model_for_estimation",
     "load_quantized_weight_",
+    "load_state_dict_with_quantized_",
     "quant_kind",
     "rank",
     "replace_module",

@@ -14,7 +14,8 @@ weight by dequantize → subtract → re-quantize. This module gives each of tho
   the layer with the class defaults, which silently turns NF4 into FP4);
 - :func:`load_quantized_weight_`: restore a quantized weight exactly (codes and statistics) from
   the layer's own ``state_dict()`` entries, which ``load_state_dict`` alone refuses (4-bit) or
-  loads only before the first forward (int8);
+  loads only before the first forward (int8); :func:`load_state_dict_with_quantized_` does it for a
+  whole model's state dict (a checkpoint of a QLoRA run), strictly;
 - :func:`load_float_model_for_estimation`: a float model of the same checkpoint (from its path or
   from a quantized model), and :func:`dequantized_copy` when no float checkpoint is at hand.
 
@@ -61,6 +62,7 @@ __all__ = [
     "is_quantized",
     "load_float_model_for_estimation",
     "load_quantized_weight_",
+    "load_state_dict_with_quantized_",
     "quant_config_of",
     "quant_kind",
     "quantized_layer_names",
@@ -393,6 +395,56 @@ def load_quantized_weight_(module: nn.Module, state: Mapping[str, Tensor]) -> No
     if st is not None:  # drop the cached (CB, SCB) of the old weight; forward re-reads them
         st.CB = None
         st.SCB = None
+
+
+_QUANTIZED_ENTRIES = ("weight", "SCB", "weight_format")
+"""A bitsandbytes layer's own state-dict entries besides ``weight.*`` (int8's row scales and format)."""
+
+
+def load_state_dict_with_quantized_(model: nn.Module, state: Mapping[str, Tensor]) -> None:
+    """``model.load_state_dict(state)``, strict, for a model with bitsandbytes layers: each quantized
+    layer's codes and statistics restored exactly (:func:`load_quantized_weight_`), the rest by torch.
+
+    ``load_state_dict`` alone refuses a 4-bit layer's ``weight.absmax`` / ``weight.quant_state.*``
+    entries as unexpected keys, and ``strict=False`` would keep stale statistics (and hide any other
+    mismatch); here every key of ``state`` must belong to ``model`` and every key of ``model`` must be
+    in ``state``, as with ``strict=True``.
+
+    Raises:
+        RuntimeError: keys missing from ``state`` or not in ``model`` (the first ten named).
+        QuantizationError: a quantized layer's entries are incomplete or of another shape.
+
+    Example:
+        >>> import torch, bitsandbytes as bnb
+        >>> model = torch.nn.Sequential(bnb.nn.Linear4bit(64, 32, compute_dtype=torch.float32)).to("cpu")
+        >>> saved = {k: v.clone() for k, v in model.state_dict().items()}
+        >>> requantize_weight_(model[0], dequantize_weight(model[0]) * 2)
+        >>> load_state_dict_with_quantized_(model, saved)
+        >>> torch.equal(model[0].weight.quant_state.absmax, saved["0.weight.absmax"])
+        True
+    """
+    rest = dict(state)
+    restored: set[str] = set()
+    for name in quantized_layer_names(model):
+        prefix = name + "."
+        own = {
+            k[len(prefix) :]: rest.pop(k)
+            for k in list(rest)
+            if k.startswith(prefix)
+            and (k[len(prefix) :] in _QUANTIZED_ENTRIES or k[len(prefix) :].startswith("weight."))
+        }
+        if own:  # a layer without entries stays missing (reported below)
+            load_quantized_weight_(get_module(model, name), own)
+            restored |= {prefix + k for k in own}
+    missing, unexpected = model.load_state_dict(rest, strict=False)
+    missing = [k for k in missing if k not in restored]
+    if missing or unexpected:
+        raise RuntimeError(
+            f"loading the state dict into {type(model).__name__}: "
+            + (f"missing keys {missing[:10]}" if missing else "")
+            + ("; " if missing and unexpected else "")
+            + (f"unexpected keys {list(unexpected)[:10]}" if unexpected else "")
+        )
 
 
 def _out_in(module: nn.Module, kind: str) -> tuple[int, int]:

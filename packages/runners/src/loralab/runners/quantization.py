@@ -148,15 +148,6 @@ def check_quantization_args(args: Any) -> None:
                 "(bitsandbytes weights get no gradient): use an adapter method (lora, lora-fa, lora-pro, "
                 f"lora-sb, lora-ga) or drop {_flag(args)}"
             )
-        if (
-            method is not None
-            and method.name == "lora-ga"
-            and getattr(args, "resume_from_checkpoint", None)
-        ):
-            raise ValueError(
-                f"--resume_from_checkpoint with --method lora-ga on a {_flag(args)} base is not supported: "
-                "the checkpoint's offset quantized base is not restored with its quantization statistics"
-            )
         if getattr(args, "deepspeed", None) or (
             os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
         ):

@@ -46,6 +46,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from loralab.core.quant import load_state_dict_with_quantized_, quantized_layer_names
+
 __all__ = [
     "AccelerateEngine",
     "DeepSpeedEngine",
@@ -247,7 +249,15 @@ class AccelerateEngine(Engine):
         self.acc.save_state(str(directory))
 
     def load_state(self, model, optimizer, directory):
-        self.acc.load_state(str(directory))
+        inner = self.unwrap(model)
+        if not quantized_layer_names(inner):
+            self.acc.load_state(str(directory))
+            return
+        # bitsandbytes layers: torch refuses their statistics as unexpected keys, and a non-strict load
+        # keeps stale ones; accelerate restores the rest (optimizer, scheduler, RNG), then the weights
+        # are loaded again, strictly, with the quantized layers rebuilt from their saved statistics
+        self.acc.load_state(str(directory), strict=False)
+        load_state_dict_with_quantized_(inner, _saved_model_state(directory))
 
     def describe(self):
         plugin = self.acc.state.deepspeed_plugin
@@ -365,11 +375,26 @@ class TorchEngine(ProcessGroupEngine):
 
     def load_state(self, model, optimizer, directory):
         load = dict(map_location="cpu", weights_only=True)
-        self.unwrap(model).load_state_dict(torch.load(directory / "model.pt", **load))
+        load_state_dict_with_quantized_(
+            self.unwrap(model), torch.load(directory / "model.pt", **load)
+        )
         optimizer.load_state_dict(torch.load(directory / "optimizer.pt", **load))
         if self.scheduler is not None:
             self.scheduler.load_state_dict(torch.load(directory / "scheduler.pt", **load))
         _set_rng_state(torch.load(directory / f"rng_state_rank{self.rank}.pt", weights_only=False))
+
+
+def _saved_model_state(directory: Path) -> dict[str, torch.Tensor]:
+    """The model weights ``Accelerator.save_state`` wrote into ``directory`` (one model)."""
+    if (directory / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        return load_file(directory / "model.safetensors")
+    if (directory / "pytorch_model.bin").is_file():
+        return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise FileNotFoundError(
+        f"{directory}: no model.safetensors or pytorch_model.bin (the checkpoint is not accelerate's)"
+    )
 
 
 @contextlib.contextmanager
