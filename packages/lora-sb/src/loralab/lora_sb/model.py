@@ -31,7 +31,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 
 from loralab.core.gradients import estimate_gradients
-from loralab.core.quant import dequantize_weight
+from loralab.core.quant import check_fsdp_quantized, dequantize_weight
+from loralab.core.sharding import is_dtensor
 from loralab.core.targets import LayerKind, TargetLayer, layer_kind
 from loralab.lora_sb.config import LoraSBConfig
 from loralab.lora_sb.layer import (
@@ -294,6 +295,15 @@ def _dequantized_twin(inner: nn.Module) -> nn.Module:
 
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    if any(is_dtensor(p) for p in inner.parameters()):
+        # a deep copy of an FSDP2 model would share its shards and hooks: the float copy must be
+        # made before sharding, by the caller
+        raise LoraSBInitError(
+            "LoRA-SB: the quantized targets of an FSDP2-sharded model need a float copy to estimate on: pass "
+            "estimation_model=loralab.core.quant.load_float_model_for_estimation(path_or_quantized_model), "
+            "made on every rank before fully_shard (offload=True streams it block by block)"
+        )
+
     from loralab.lora_sb.layer import _factor_dtype
 
     memo: dict[int, Any] = {}
@@ -380,6 +390,8 @@ def get_lora_sb_model(
     if shard is not None:
         # FSDP2 (fully_shard) works in place: same modules and names, DTensor row-shard parameters
         peft_model = cast(PeftModel, shard(peft_model))
+        # FSDP-QLoRA: refuse, before the estimate, what FSDP2 would break in bitsandbytes layers
+        check_fsdp_quantized(peft_model)
     if config.sb_init == "gradient":
         initialize_lora_sb_weights(
             peft_model,
