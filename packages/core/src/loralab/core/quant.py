@@ -118,7 +118,7 @@ def quant_kind(module: nn.Module) -> QuantKind | None:
 
 
 def _quant_state(module: nn.Module) -> Any:
-    w = module.weight
+    w = _weight(module)
     qs = getattr(w, "quant_state", None)
     if qs is None and is_dtensor(w):
         # FSDP2 (fully_shard) replaced the Params4bit by a DTensor of its packed codes: the statistics
@@ -189,7 +189,7 @@ def quant_config_of(module: nn.Module) -> QuantSpec:
 def _quant_storage(module: nn.Module) -> torch.dtype:
     # Params4bit records it; under FSDP2 the weight is a DTensor of the codes (its dtype is the
     # storage), and bitsandbytes' CPU repacking views the codes as uint8 but remembers the original.
-    w = module.weight
+    w = _weight(module)
     storage = getattr(w, "quant_storage", None)
     if storage is None and is_dtensor(w):
         storage = w.dtype
@@ -350,7 +350,7 @@ def _requantize_sharded_4bit_(module: nn.Module, weight: Tensor, spec: QuantSpec
             f"gave {tuple(codes.shape)} {codes.dtype}"
         )
     write_rows_(old, codes)
-    module.quant_state = qs
+    setattr(module, "quant_state", qs)  # noqa: B010 (nn.Module's attributes are typed Tensor | Module)
 
 
 def check_fsdp_quantized(model: nn.Module) -> int:
