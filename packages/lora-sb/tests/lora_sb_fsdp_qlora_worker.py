@@ -10,7 +10,8 @@ optimizer as ``lora_sb_dist_worker``). Error modes, each caught before training:
 
 - ``unused``: a Linear (``spare``) that the forward never calls is targeted (it is in the float copy
   too): the estimate raises naming it, on every rank;
-- ``no_float``: quantized targets of the sharded model without ``estimation_model``.
+- ``no_float``: quantized targets of the sharded model without ``estimation_model``;
+- ``cast``: a ``MixedPrecisionPolicy(param_dtype=float16)`` that would cast the bfloat16 codes.
 
 Each rank writes ``{prefix}.{rank}.pt``.
 """
@@ -126,6 +127,19 @@ def main(prefix: str, path: str) -> None:
         )  # fmt: skip
     except Exception as e:
         out["no_float_error"] = f"{type(e).__name__}: {e}"
+
+    def shard_fp16(peft_model):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = MixedPrecisionPolicy(param_dtype=torch.float16)
+        for layer in peft_model.base_model.model.model.layers:
+            fully_shard(layer, mp_policy=policy)
+        return fully_shard(peft_model, mp_policy=policy)
+
+    try:
+        build(path, w.init_batches(rank), shard=shard_fp16)
+    except Exception as e:
+        out["cast_error"] = f"{type(e).__name__}: {e}"
     torch.save(out, f"{prefix}.{rank}.pt")
     dist.destroy_process_group()
 

@@ -92,3 +92,9 @@ def test_fsdp_qlora_errors_are_raised_on_every_rank_before_training(ranks):
             "LoraSBInitError: LoRA-SB: the quantized targets of an FSDP2-sharded model need a float copy"
         )
         assert "estimation_model=loralab.core.quant.load_float_model_for_estimation" in msg
+        msg = out["cast_error"]
+        assert msg.startswith(
+            "QuantizationError: base_model.model.model.layers.0.self_attn.q_proj.base_layer "
+            "(Linear4bit) stores its 4-bit codes as torch.bfloat16"
+        )
+        assert "BitsAndBytesConfig(bnb_4bit_quant_storage=torch.float16)" in msg

@@ -201,6 +201,8 @@ def initialize_lora_sb_weights(
     whole at a time (:mod:`loralab.core.gradients`), and every rank writes its rows of ``B``, ``R``,
     ``A`` (the same on every rank). Call it on every rank with its own ``batches``; a target that gets
     no gradient raises ``loralab.core.gradients.GradientEstimationError`` naming it, on every rank.
+    Sharded bitsandbytes targets (FSDP-QLoRA) need ``estimation_model`` (a float copy made before
+    sharding), and are checked first (:func:`loralab.core.quant.check_fsdp_quantized`).
     """
     if lr is None:
         raise ValueError(
@@ -210,6 +212,8 @@ def initialize_lora_sb_weights(
     layers = lora_sb_layers(model, adapter_name)
     if not layers:
         raise LoraSBInitError(f"model has no LoRA-SB layers for adapter {adapter_name!r}")
+    # FSDP-QLoRA: refuse, before the estimate, what FSDP2 would break in bitsandbytes layers
+    check_fsdp_quantized(model)
     consume = cast(
         _Consumer, initialize_from_updates_(model, adapter_name=adapter_name, consumer_mode=True)
     )
@@ -390,8 +394,8 @@ def get_lora_sb_model(
     if shard is not None:
         # FSDP2 (fully_shard) works in place: same modules and names, DTensor row-shard parameters
         peft_model = cast(PeftModel, shard(peft_model))
-        # FSDP-QLoRA: refuse, before the estimate, what FSDP2 would break in bitsandbytes layers
-        check_fsdp_quantized(peft_model)
+        if config.sb_init != "gradient":  # the gradient init checks in initialize_lora_sb_weights
+            check_fsdp_quantized(peft_model)
     if config.sb_init == "gradient":
         initialize_lora_sb_weights(
             peft_model,
