@@ -49,12 +49,13 @@ from torch import Tensor, nn
 
 from loralab.core.modules import get_module, layer_kind, replace_module
 from loralab.core.modules import weight_parameter as _weight
-from loralab.core.sharding import whole, write_rows_
+from loralab.core.sharding import is_dtensor, local_tensor, whole, write_rows_
 
 __all__ = [
     "QuantKind",
     "QuantSpec",
     "QuantizationError",
+    "check_fsdp_quantized",
     "dequantize_weight",
     "dequantized_copy",
     "dtype_kwarg",
@@ -119,8 +120,13 @@ def quant_kind(module: nn.Module) -> QuantKind | None:
 
 
 def _quant_state(module: nn.Module) -> Any:
-    w = module.weight
+    w = _weight(module)
     qs = getattr(w, "quant_state", None)
+    if qs is None and is_dtensor(w):
+        # FSDP2 (fully_shard) replaced the Params4bit by a DTensor of its packed codes: the statistics
+        # stay on the layer (Params4bit keeps module.quant_state in step; bitsandbytes' forward re-attaches
+        # it to the gathered weight), so that is where a sharded layer's state is read and written.
+        qs = getattr(module, "quant_state", None)
     if qs is None:
         raise QuantizationError(
             f"{type(module).__name__} has no quant_state: its weight was never quantized. Move the layer to a "
@@ -139,7 +145,8 @@ def _cpu_packed(qs: Any) -> bool:
 
 def _unpacked_4bit(module: nn.Module) -> tuple[Tensor, Any]:
     """(packed 4-bit data, quant_state) in bitsandbytes' standard layout, without touching the layer."""
-    data, qs = _weight(module).data, _quant_state(module)
+    # an FSDP2-sharded 4-bit weight is all-gathered (a collective: every rank calls)
+    data, qs = whole(_weight(module).data), _quant_state(module)
     if not _cpu_packed(qs):
         return data, qs
     from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
@@ -177,8 +184,21 @@ def quant_config_of(module: nn.Module) -> QuantSpec:
         double_quant=bool(qs.original_nested if packed else qs.nested),
         dtype=qs.original_dtype if packed else qs.dtype,
         compute_dtype=getattr(module, "compute_dtype", None),
-        quant_storage=getattr(module.weight, "quant_storage", torch.uint8),
+        quant_storage=_quant_storage(module),
     )
+
+
+def _quant_storage(module: nn.Module) -> torch.dtype:
+    # Params4bit records it; under FSDP2 the weight is a DTensor of the codes (its dtype is the
+    # storage), and bitsandbytes' CPU repacking views the codes as uint8 but remembers the original.
+    w = _weight(module)
+    storage = getattr(w, "quant_storage", None)
+    if storage is None and is_dtensor(w):
+        storage = w.dtype
+    qs = getattr(w, "quant_state", None) or getattr(module, "quant_state", None)
+    if qs is not None and _cpu_packed(qs):
+        storage = getattr(qs, "original_storage_type", storage)
+    return storage or getattr(module, "quant_storage", None) or torch.uint8
 
 
 def _int8_scales(module: nn.Module) -> Tensor:
@@ -243,6 +263,9 @@ def requantize_weight_(module: nn.Module, weight: Tensor) -> None:
     NF4, same blocksize, double quantization, quantization dtype, storage dtype; the layer's compute
     dtype is untouched) on the device it lives on. A float ``Linear``/``Conv1D`` simply gets the
     values copied in (in its storage layout and dtype; an FSDP2-sharded weight gets this rank's rows).
+    An FSDP2-sharded 4-bit weight gets this rank's rows of the new codes and the layer the new
+    statistics (every rank calls with the same ``weight``); the model must be resharded then (before
+    its first forward, or after ``model.reshard()``), not gathered between a forward and its backward.
 
     Raises:
         ValueError: ``weight`` has the wrong shape or non-finite values.
@@ -290,6 +313,9 @@ def requantize_weight_(module: nn.Module, weight: Tensor) -> None:
                 state.SCB = None
             return
         spec = quant_config_of(module)
+        if is_dtensor(old):
+            _requantize_sharded_4bit_(module, weight, spec)
+            return
         new4: nn.Parameter = bnb.nn.Params4bit(  # typed as Parameter: see Int8Params above
             weight.detach().to("cpu", spec.dtype or torch.float32).contiguous(),
             requires_grad=False,
@@ -301,6 +327,124 @@ def requantize_weight_(module: nn.Module, weight: Tensor) -> None:
             module=cast(bnb.nn.Linear4bit, module),
         )
         module.weight = new4.to(device)  # Params4bit quantizes on its first move to a device
+
+
+def _requantize_sharded_4bit_(module: nn.Module, weight: Tensor, spec: QuantSpec) -> None:
+    """Re-quantize an FSDP2-sharded 4-bit weight: every rank quantizes the same whole matrix (the
+    same codes and statistics: quantization is deterministic), writes its own rows of the packed
+    codes into its shard and sets the layer's ``quant_state``, which bitsandbytes' forward attaches
+    to the weight FSDP2 gathers. The parameter stays the DTensor FSDP2 manages (a new Params4bit
+    in its place would detach the layer from FSDP2)."""
+    import bitsandbytes.functional as bnbf
+
+    old = _weight(module)
+    local = local_tensor(old)
+    codes, qs = bnbf.quantize_4bit(
+        weight.detach().to(local.device, spec.dtype or torch.float32).contiguous(),
+        blocksize=spec.blocksize,
+        compress_statistics=spec.double_quant,
+        quant_type=spec.kind,
+        quant_storage=spec.quant_storage or torch.uint8,
+    )
+    if tuple(codes.shape) != tuple(old.shape) or codes.dtype != old.dtype:
+        raise QuantizationError(  # pragma: no cover - the layer's own settings give its own layout
+            f"requantize_weight_: the sharded 4-bit weight is {tuple(old.shape)} {old.dtype}, re-quantizing "
+            f"gave {tuple(codes.shape)} {codes.dtype}"
+        )
+    write_rows_(old, codes)
+    setattr(module, "quant_state", qs)  # noqa: B010 (nn.Module's attributes are typed Tensor | Module)
+
+
+def check_fsdp_quantized(model: nn.Module) -> int:
+    """Check, before it runs, that FSDP2 (``fully_shard``) can run ``model``'s bitsandbytes layers, and
+    keep their codes intact. Returns the number of sharded 4-bit layers (0 without FSDP2 or bitsandbytes).
+
+    FSDP2 shards a ``Linear4bit``'s packed codes (an ``(out·in / k, 1)`` tensor in the storage dtype,
+    ``k`` codes per element) like any parameter and all-gathers them before each forward, as a plain
+    tensor: the statistics stay on the layer (``layer.quant_state``) and bitsandbytes' forward
+    re-attaches them. FSDP2 all-gathers parameters of mixed dtypes as bytes (checked on torch 2.13), so
+    every storage dtype shards (``uint8``, and the float storages of
+    ``BitsAndBytesConfig(bnb_4bit_quant_storage=...)`` that FSDP1 needed). What breaks is checked here:
+
+    - a ``MixedPrecisionPolicy(param_dtype=...)`` other than a *float* storage dtype casts the codes as
+      if they were numbers (bitsandbytes then fails on the wrong size, or computes garbage). Integer
+      storage is never cast;
+    - an int8 ``Linear8bitLt`` keeps its row scales on the weight, which FSDP2 replaces: not supported;
+    - a layer sharded before it was quantized has no statistics to re-attach.
+
+    It also turns off bitsandbytes' CPU kernel repacking on sharded layers
+    (``support_avx512bf16_for_cpu = False``): on CPUs with AVX512-BF16 the first eval-mode forward
+    rewrites the *gathered* codes and the layer's shared ``quant_state`` into another layout in place,
+    and the next all-gather brings the original layout back under the rewritten state (wrong outputs).
+    The plain 4-bit kernel computes the same function.
+
+    Call it on every rank after ``fully_shard`` and before the first forward; loralab's
+    ``shard=`` hooks (LoRA-GA, LoRA-SB) do. Uses FSDP2's internals (its parameter groups, checked on
+    torch 2.13) and raises ``RuntimeError`` if they are gone.
+
+    Raises:
+        QuantizationError: one of the cases above, naming the layer and what to change.
+
+    Example:
+        >>> from loralab.core.testing import tiny_llama
+        >>> check_fsdp_quantized(tiny_llama())  # no FSDP2, no bitsandbytes layer
+        0
+    """
+    checked = 0
+    for module in model.modules():
+        get_state = getattr(module, "_get_fsdp_state", None)
+        if get_state is None:
+            continue
+        groups = getattr(get_state(), "_fsdp_param_groups", None)
+        if groups is None:
+            continue
+        for group in groups:
+            params = getattr(group, "fsdp_params", None)
+            policy = getattr(group, "mp_policy", None)
+            if params is None or policy is None:
+                raise RuntimeError(
+                    f"this torch {torch.__version__} changed FSDP2's internals that loralab reads to check "
+                    "sharded bitsandbytes layers (FSDPParamGroup.fsdp_params / mp_policy)"
+                )
+            for fsdp_param in params:
+                info = fsdp_param._module_info
+                layer, pname = info.module, info.param_name
+                kind = layer_kind(layer)
+                if pname != "weight" or kind not in ("linear4bit", "linear8bit"):
+                    continue
+                name = _name_of(model, layer)
+                if kind == "linear8bit":
+                    if layer.weight.dtype == torch.int8:
+                        raise QuantizationError(
+                            f"{name} is a bitsandbytes int8 Linear8bitLt sharded by FSDP2: its row scales (SCB) "
+                            "live on the weight FSDP2 replaces, which loralab does not support. Load the model "
+                            "in 4 bits (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4')) or "
+                            "do not shard this layer"
+                        )
+                    continue
+                if getattr(layer, "quant_state", None) is None:
+                    raise QuantizationError(
+                        f"{name} (Linear4bit) was sharded by FSDP2 before it was quantized: it has no "
+                        "quant_state. Load the model with a BitsAndBytesConfig (or move the layer to a device) "
+                        "before fully_shard"
+                    )
+                storage = layer.weight.dtype
+                cast_to = policy.param_dtype
+                if cast_to is not None and cast_to != storage and storage.is_floating_point:
+                    raise QuantizationError(
+                        f"{name} (Linear4bit) stores its 4-bit codes as {storage} and FSDP2's "
+                        f"MixedPrecisionPolicy(param_dtype={cast_to}) would cast them as numbers, corrupting "
+                        f"them. Load with BitsAndBytesConfig(bnb_4bit_quant_storage={cast_to}) (or torch.uint8), "
+                        "or shard without param_dtype"
+                    )
+                # why: see the docstring (the repacking rewrites the gathered codes and shared state)
+                layer.support_avx512bf16_for_cpu = False
+                checked += 1
+    return checked
+
+
+def _name_of(model: nn.Module, layer: nn.Module) -> str:
+    return next((n for n, m in model.named_modules() if m is layer), type(layer).__name__)
 
 
 def load_quantized_weight_(module: nn.Module, state: Mapping[str, Tensor]) -> None:

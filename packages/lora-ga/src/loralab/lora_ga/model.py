@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from loralab.core.gradients import estimate_gradients
 from loralab.core.linalg import SVDMethod
-from loralab.core.quant import dequantize_weight, is_quantized
+from loralab.core.quant import check_fsdp_quantized, dequantize_weight, is_quantized
 from loralab.core.sharding import is_dtensor
 from loralab.core.targets import TargetLayer, find_targets, layer_kind
 from loralab.lora_ga.config import DTYPES, LoraGAConfig
@@ -174,6 +174,8 @@ def get_lora_ga_model(
     if shard is not None:
         # FSDP2 (fully_shard) works in place: same modules and names, DTensor row-shard parameters
         peft_model = cast(PeftModel, shard(peft_model))
+        # FSDP-QLoRA: refuse, before the estimate, what FSDP2 would break in bitsandbytes layers
+        check_fsdp_quantized(peft_model)
     by_layer = {id(p.layer): p for p in session.pending}
     names: dict[str, Pending] = {}
     for name, mod in peft_model.named_modules():

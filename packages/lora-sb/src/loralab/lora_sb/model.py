@@ -31,7 +31,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 
 from loralab.core.gradients import estimate_gradients
-from loralab.core.quant import dequantize_weight
+from loralab.core.quant import check_fsdp_quantized, dequantize_weight
+from loralab.core.sharding import is_dtensor
 from loralab.core.targets import LayerKind, TargetLayer, layer_kind
 from loralab.lora_sb.config import LoraSBConfig
 from loralab.lora_sb.layer import (
@@ -200,6 +201,8 @@ def initialize_lora_sb_weights(
     whole at a time (:mod:`loralab.core.gradients`), and every rank writes its rows of ``B``, ``R``,
     ``A`` (the same on every rank). Call it on every rank with its own ``batches``; a target that gets
     no gradient raises ``loralab.core.gradients.GradientEstimationError`` naming it, on every rank.
+    Sharded bitsandbytes targets (FSDP-QLoRA) need ``estimation_model`` (a float copy made before
+    sharding), and are checked first (:func:`loralab.core.quant.check_fsdp_quantized`).
     """
     if lr is None:
         raise ValueError(
@@ -209,6 +212,8 @@ def initialize_lora_sb_weights(
     layers = lora_sb_layers(model, adapter_name)
     if not layers:
         raise LoraSBInitError(f"model has no LoRA-SB layers for adapter {adapter_name!r}")
+    # FSDP-QLoRA: refuse, before the estimate, what FSDP2 would break in bitsandbytes layers
+    check_fsdp_quantized(model)
     consume = cast(
         _Consumer, initialize_from_updates_(model, adapter_name=adapter_name, consumer_mode=True)
     )
@@ -293,6 +298,15 @@ def _dequantized_twin(inner: nn.Module) -> nn.Module:
     import copy
 
     from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if any(is_dtensor(p) for p in inner.parameters()):
+        # a deep copy of an FSDP2 model would share its shards and hooks: the float copy must be
+        # made before sharding, by the caller
+        raise LoraSBInitError(
+            "LoRA-SB: the quantized targets of an FSDP2-sharded model need a float copy to estimate on: pass "
+            "estimation_model=loralab.core.quant.load_float_model_for_estimation(path_or_quantized_model), "
+            "made on every rank before fully_shard (offload=True streams it block by block)"
+        )
 
     from loralab.lora_sb.layer import _factor_dtype
 
@@ -380,6 +394,8 @@ def get_lora_sb_model(
     if shard is not None:
         # FSDP2 (fully_shard) works in place: same modules and names, DTensor row-shard parameters
         peft_model = cast(PeftModel, shard(peft_model))
+        if config.sb_init != "gradient":  # the gradient init checks in initialize_lora_sb_weights
+            check_fsdp_quantized(peft_model)
     if config.sb_init == "gradient":
         initialize_lora_sb_weights(
             peft_model,
