@@ -17,7 +17,10 @@ how the gradient is obtained and held:
   gradients never lives on the model (PEFT keeps every target's ``.grad`` and then its
   ``_peft_loraga_grad`` until ``get_peft_model``);
 - under ``torch.distributed`` the mean is all-reduced, so every rank initialises identically (PEFT
-  keeps each rank's own gradient);
+  keeps each rank's own gradient); a base model sharded with FSDP2's ``fully_shard`` before this call
+  is estimated on its shards (``train_step`` runs the sharded model) and each rank writes its rows of
+  ``W0'``; ``get_peft_model`` then warns that the new ``lora_A`` / ``lora_B`` are outside FSDP2
+  (``fully_shard`` each of them before training, see the README);
 - bitsandbytes 4/8-bit targets work (PEFT refuses them): during ``train_step`` they are float copies
   of their dequantized weights (:func:`loralab.core.quant.float_targets`), and the init re-quantizes
   ``W0 − s·B·A`` with the layer's own settings;

@@ -200,6 +200,12 @@ def initialize_lora_sb_weights(
     whole at a time (:mod:`loralab.core.gradients`), and every rank writes its rows of ``B``, ``R``,
     ``A`` (the same on every rank). Call it on every rank with its own ``batches``; a target that gets
     no gradient raises ``loralab.core.gradients.GradientEstimationError`` naming it, on every rank.
+
+    Under DeepSpeed ZeRO-3 before ``deepspeed.initialize`` (the base, or the whole ``PeftModel``,
+    partitioned by ``deepspeed.zero.Init``) the estimate gathers the model on every rank
+    (:func:`loralab.core.distributed.gathered_zero3_model`) and ``B``, ``R``, ``A`` are written into
+    the partitioned parameters; ``offload=True`` and a model already hooked by ``deepspeed.initialize``
+    raise.
     """
     if lr is None:
         raise ValueError(
