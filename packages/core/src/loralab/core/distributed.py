@@ -104,7 +104,8 @@ _WHOLE = "_loralab_zero3_whole"
 def _is_partitioned_now(p: Tensor) -> bool:
     # a ZeRO-3 parameter holding only its partition (not inside a GatheredParameters block or a
     # forward that fetched it): DeepSpeed refuses to gather one twice (overlapping contexts)
-    return _is_zero3_param(p) and getattr(p.ds_status, "name", "") == "NOT_AVAILABLE"
+    status = getattr(p, "ds_status", None)  # a deepspeed ZeroParamStatus
+    return _is_zero3_param(p) and getattr(status, "name", "") == "NOT_AVAILABLE"
 
 
 @contextmanager
