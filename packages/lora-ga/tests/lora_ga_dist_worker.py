@@ -18,6 +18,10 @@ data is one DataLoader of 4 batches; rank ``r`` estimates on batches ``r`` and `
 - ``peft_flow``: PEFT's flow with loralab's drop-in: ``preprocess_loraga(model, peft.LoraConfig(...,
   init_lora_weights="lora_ga"), train_step)`` where each rank's ``train_step`` runs its own batches;
   loralab.core all-reduces the mean over ``torch.distributed`` (PEFT keeps each rank's own).
+- ``native_zero3``: the model partitioned by ``deepspeed.zero.Init`` as in ``zero3``, then the native
+  ``get_lora_ga_model`` (core's estimate gathers it; A, B, W0' written into the partitions).
+- ``peft_flow_zero3``: PEFT's flow with the drop-in on a model partitioned the same way (the drop-in
+  gathers it while ``train_step`` runs; ``get_peft_model`` writes into the partitions).
 - ``hf_zero3``: the usual way a ZeRO-3 model is made: transformers' ``from_pretrained`` of a saved
   checkpoint while an ``HfDeepSpeedConfig`` (stage 3) is alive partitions it at load time.
 
@@ -165,6 +169,26 @@ def run_zero3(rank: int) -> tuple[dict, str]:
     return state, message
 
 
+def partitioned_llama():
+    import deepspeed
+
+    from loralab.core.testing import tiny_llama
+
+    model = tiny_llama()
+    deepspeed.zero.Init(module=model, config_dict_or_path=DS_CONFIG)
+    _assert_partitioned(model)
+    return model
+
+
+def run_native_zero3(rank: int) -> dict:
+    from loralab.lora_ga import get_lora_ga_model
+
+    model = get_lora_ga_model(partitioned_llama(), config(), rank_batches(rank), progress=False)
+    q = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
+    assert q.numel() == 0, "W0 is no longer partitioned"
+    return init_state(model)
+
+
 def run_hf_zero3(rank: int, checkpoint: str) -> dict:
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
@@ -190,6 +214,8 @@ def main(prefix: str, checkpoint: str) -> None:
         "peft_flow": init_state(peft_flow(tiny_llama(), rank_batches(rank))),
     }
     results["zero3"], results["engine_error"] = run_zero3(rank)
+    results["native_zero3"] = run_native_zero3(rank)
+    results["peft_flow_zero3"] = init_state(peft_flow(partitioned_llama(), rank_batches(rank)))
     results["hf_zero3"] = run_hf_zero3(rank, checkpoint)
     torch.save(results, f"{prefix}.{rank}.pt")
 

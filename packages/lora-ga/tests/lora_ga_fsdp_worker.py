@@ -10,11 +10,17 @@ before the estimate, which then runs on the sharded model. Rank ``r`` estimates 
   rows FSDP2 shards are the input features);
 - ``unused``: a Linear (``spare``) added to block 0 that the forward never calls is also targeted:
   every rank must raise the estimation error naming it;
-- ``dtype``: ``LoraGAConfig(dtype="bf16")`` with the factors sharded in float32 must raise.
+- ``dtype``: ``LoraGAConfig(dtype="bf16")`` with the factors sharded in float32 must raise;
+- ``peft_flow``: PEFT's flow with loralab's drop-in on a sharded model: the base model sharded
+  (``fully_shard_model``), ``preprocess_loraga(model, peft.LoraConfig(..., init_lora_weights="lora_ga"),
+  train_step)`` with ``train_step`` running this rank's batches through the sharded model, then
+  ``peft.get_peft_model`` (its warning recorded); then ``fully_shard`` on every new ``lora_A`` /
+  ``lora_B`` module and one SGD step on this rank's first batch.
 
 Each rank writes ``{prefix}.{rank}.pt``: per mode ``{layer: (A, B, W0)}`` gathered whole, the initial
-factors the LoRA-GA export keeps (``_lora_ga_init``), whether the parameters were sharded, and the
-error messages of ``unused`` and ``dtype``.
+factors the LoRA-GA export keeps (``_lora_ga_init``), whether the parameters were sharded, the
+error messages of ``unused`` and ``dtype``, and for ``peft_flow`` the state after the SGD step and the
+warning ``get_peft_model`` gave.
 """
 
 import importlib.util
@@ -63,6 +69,58 @@ def init_factors(model):
     }
 
 
+STEP_LR = 0.1
+
+
+def shard_adapters(model) -> None:
+    """``fully_shard`` every ``lora_A`` / ``lora_B`` module PEFT added after the base was sharded."""
+    from torch.distributed.fsdp import fully_shard
+
+    for mod in model.modules():
+        if hasattr(mod, "lora_A") and "default" in mod.lora_A:
+            fully_shard(mod.lora_A["default"])
+            fully_shard(mod.lora_B["default"])
+
+
+def sgd_step(model, batch) -> None:
+    """One SGD step (``STEP_LR``) of the trainable parameters on ``batch``, in train mode."""
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=STEP_LR)
+    model.train()
+    model(**batch).loss.backward()
+    opt.step()
+
+
+def run_peft_flow(batches) -> dict:
+    import warnings
+
+    import peft
+
+    from loralab.core.sharding import is_sharded
+    from loralab.core.testing import fully_shard_model, tiny_llama
+    from loralab.lora_ga import preprocess_loraga
+
+    model = fully_shard_model(tiny_llama())
+    config = w.peft_config()
+
+    def train_step():
+        for b in batches:
+            model(**b).loss.backward()
+
+    preprocess_loraga(model, config, train_step)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = peft.get_peft_model(model, config)
+    out = {
+        "peft_flow": state(peft_model),
+        "peft_flow_warnings": [str(c.message) for c in caught if "FSDP2" in str(c.message)],
+    }
+    shard_adapters(peft_model)
+    out["peft_flow_sharded"] = torch.tensor(all(is_sharded(p) for p in peft_model.parameters()))
+    sgd_step(peft_model, batches[0])
+    out["peft_flow_step"] = state(peft_model)
+    return out
+
+
 def main(prefix: str) -> None:
     from loralab.core.sharding import is_sharded
     from loralab.core.testing import fully_shard_model, tiny_gpt2, tiny_llama
@@ -96,6 +154,7 @@ def main(prefix: str) -> None:
         get_lora_ga_model(tiny_llama(), config, batches, progress=False, shard=fully_shard_model)
     except Exception as e:  # the test checks the type and message
         out["dtype_error"] = f"{type(e).__name__}: {e}"
+    out.update(run_peft_flow(batches))
     torch.save(out, f"{prefix}.{rank}.pt")
     dist.destroy_process_group()
 

@@ -1,5 +1,6 @@
 """LoRA-GA's seed flow with 2 CPU ranks (gloo): accelerate, core offload, torchrun, DeepSpeed ZeRO-3
-(``zero.Init`` and transformers' ZeRO-3 loading), and the ``preprocess_loraga`` drop-in for PEFT's flow.
+(``zero.Init`` and transformers' ZeRO-3 loading), the native API on a ZeRO-3 partitioned model, and the
+``preprocess_loraga`` drop-in for PEFT's flow (plain and ZeRO-3 partitioned).
 
 Each rank estimates on its own half of the batches; the gradients are averaged across ranks, so every
 rank must initialise identically (A, B and the offset W0 bit for bit), and equal to one process
@@ -24,7 +25,7 @@ _spec.loader.exec_module(w)
 # mean of per-rank means vs one mean over all batches: the same gradient up to float32 rounding
 # (~1e-7), which the SVD amplifies by 1/(singular-value gap) in the factors: measured 1.2e-5.
 INIT_RTOL = 1e-4
-MODES = ("accelerate", "offload", "torchrun", "zero3", "hf_zero3")
+MODES = ("accelerate", "offload", "torchrun", "zero3", "hf_zero3", "native_zero3")
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +64,11 @@ def test_every_rank_initialises_like_one_process_on_all_batches(ranks, mode):
 
 
 @pytest.mark.multiprocess
-def test_peft_flow_drop_in_initialises_every_rank_like_one_process(ranks):
-    # PEFT's own preprocess_loraga would keep each rank's gradient; the drop-in all-reduces it
-    r0, r1 = ranks[0]["peft_flow"], ranks[1]["peft_flow"]
+@pytest.mark.parametrize("mode", ["peft_flow", "peft_flow_zero3"])
+def test_peft_flow_drop_in_initialises_every_rank_like_one_process(ranks, mode):
+    # PEFT's own preprocess_loraga would keep each rank's gradient; the drop-in all-reduces it (and
+    # gathers a ZeRO-3 partitioned model while train_step runs)
+    r0, r1 = ranks[0][mode], ranks[1][mode]
     assert r0.keys() == r1.keys() and len(r0) == 2 * len(w.TARGETS)
     for name in r0:
         for x, y, what in zip(r0[name], r1[name], ("A", "B", "W0")):

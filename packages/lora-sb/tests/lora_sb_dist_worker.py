@@ -10,10 +10,18 @@ The launcher is ``accelerate launch --multi_gpu --num_processes 2`` (its torchru
   optimizer.
 - ``trainer_zero2``: HF ``Trainer`` with ``TrainingArguments(deepspeed=<ZeRO-2 config>)`` (sequential
   sampler, constant lr, no clipping), so its steps are the same AdamW steps as the other two.
+- ``zero3``: the base model partitioned by ``deepspeed.zero.Init(module=...)`` (ZeRO-3: each rank holds
+  half of every weight), then ``get_lora_sb_model`` (the estimate gathers the model, the LoRA-SB
+  layers are new, whole parameters), then ``deepspeed.initialize`` with ZeRO stage 3 trains ``R``.
+- ``zero3_peft``: ``get_peft_model`` with the LoRA-SB config first, then the whole ``PeftModel``
+  partitioned by ``deepspeed.zero.Init`` (``A``, ``B``, ``R`` partitioned too), then
+  ``initialize_lora_sb_weights``: the factors are written into the partitioned parameters; then stage 3
+  trains ``R`` as above.
 
-One launch for all three keeps the test inside its time budget (process start-up dominates).
+One launch for all of them keeps the test inside its time budget (process start-up dominates).
 
-Each rank writes ``{prefix}.{mode}.{rank}.pt``: the init factors (A, B, R per layer) and the final R.
+Each rank writes ``{prefix}.{mode}.{rank}.pt``: the init factors (A, B, R per layer) and the final R
+(ZeRO-3 partitions gathered), and for ZeRO-3 whether the weights were partitioned.
 The constants are shared with the test (it loads this file).
 """
 
@@ -49,23 +57,21 @@ def build(batches):
     return get_lora_sb_model(tiny_llama(), config, batches, lr=INIT_LR, progress=False)
 
 
-def factors(model):
+def factors(model, slots=("lora_A", "lora_B", "lora_R")):
+    """``{"<layer>.<slot>": weight}`` of every LoRA-SB layer (ZeRO-3 partitions gathered)."""
+    from loralab.core.distributed import gathered_parameters
     from loralab.lora_sb import lora_sb_layers
 
-    return {
-        f"{name}.{slot}": getattr(layer, slot)["default"].weight.detach().clone()
-        for name, layer in lora_sb_layers(model).items()
-        for slot in ("lora_A", "lora_B", "lora_R")
-    }
+    out = {}
+    for name, layer in lora_sb_layers(model).items():
+        params = [getattr(layer, slot)["default"].weight for slot in slots]
+        with gathered_parameters(params):
+            out.update({f"{name}.{s}": p.detach().clone() for s, p in zip(slots, params)})
+    return out
 
 
 def final_r(model):
-    from loralab.lora_sb import lora_sb_layers
-
-    return {
-        f"{name}.lora_R": layer.lora_R["default"].weight.detach().clone()
-        for name, layer in lora_sb_layers(model).items()
-    }
+    return factors(model, ("lora_R",))
 
 
 def make_optimizer(model):
@@ -116,6 +122,94 @@ def run_zero2() -> tuple[int, dict, dict]:
         engine.backward(engine(**batch).loss)
         engine.step()
     return rank, init, final_r(model)
+
+
+ZERO3 = {
+    "train_micro_batch_size_per_gpu": MICRO,
+    "gradient_accumulation_steps": 1,
+    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+    "zero_allow_untested_optimizer": True,
+    "steps_per_print": 10**9,
+}
+
+
+def _partitioned(model, names) -> bool:
+    """Whether every named parameter holds only its ZeRO-3 partition (empty until gathered)."""
+    params = dict(model.named_parameters())
+    return all(hasattr(params[n], "ds_id") and params[n].numel() == 0 for n in names)
+
+
+def _train_zero3(model, rank: int) -> None:
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=params,
+        optimizer=torch.optim.AdamW(params, lr=TRAIN_LR, weight_decay=0.0),
+        config=ZERO3,
+    )
+    assert type(engine.optimizer).__name__ == "DeepSpeedZeroOptimizer_Stage3", type(
+        engine.optimizer
+    ).__name__
+    engine.train()
+    for batch in train_batches(rank):
+        engine.backward(engine(**batch).loss)
+        engine.step()
+
+
+def run_zero3() -> tuple[int, dict, dict, dict]:
+    """Base model partitioned by zero.Init, then get_lora_sb_model, then ZeRO-3 training."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from loralab.core.testing import tiny_llama
+    from loralab.lora_sb import LoraSBConfig, get_lora_sb_model
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = dist.get_rank()
+    base = tiny_llama()
+    deepspeed.zero.Init(module=base, config_dict_or_path=ZERO3)
+    q = "model.layers.0.self_attn.q_proj"
+    flags = {"base_partitioned": _partitioned(base, [f"{q}.weight"])}
+    config = LoraSBConfig(r=RANK_R, target_modules=TARGETS)
+    model = get_lora_sb_model(base, config, init_batches(rank), lr=INIT_LR, progress=False)
+    q = f"base_model.model.{q}.base_layer.weight"
+    flags["base_partitioned_after_init"] = _partitioned(model, [q])
+    init = factors(model)
+    _train_zero3(model, rank)
+    return rank, init, final_r(model), flags
+
+
+def run_zero3_peft() -> tuple[int, dict, dict, dict]:
+    """get_peft_model, the whole PeftModel partitioned by zero.Init, initialize_lora_sb_weights."""
+    import deepspeed
+    import torch.distributed as dist
+    from peft import get_peft_model
+
+    from loralab.core.testing import tiny_llama
+    from loralab.lora_sb import LoraSBConfig, initialize_lora_sb_weights
+
+    rank = dist.get_rank()
+    config = LoraSBConfig(r=RANK_R, target_modules=TARGETS)
+    model = get_peft_model(tiny_llama(), config, autocast_adapter_dtype=False)
+    deepspeed.zero.Init(module=model, config_dict_or_path=ZERO3)
+    layer = "base_model.model.model.layers.0.self_attn.q_proj"
+    names = [f"{layer}.{s}.default.weight" for s in ("lora_A", "lora_B", "lora_R")]
+    flags = {"factors_partitioned": _partitioned(model, [*names, f"{layer}.base_layer.weight"])}
+    try:  # block streaming cannot stream a partitioned model: refused, naming the way out
+        initialize_lora_sb_weights(model, init_batches(rank), lr=INIT_LR, offload=True)
+    except Exception as e:  # the test checks the type and message
+        flags["offload_error"] = f"{type(e).__name__}: {e}"
+    initialize_lora_sb_weights(model, init_batches(rank), lr=INIT_LR, progress=False)
+    flags["factors_partitioned_after_init"] = _partitioned(model, names)
+    init = factors(model)
+    _train_zero3(model, rank)
+    try:  # after deepspeed.initialize its hooks own the partitions: refused
+        initialize_lora_sb_weights(model, init_batches(rank), lr=INIT_LR, progress=False)
+    except Exception as e:  # the test checks the type and message
+        flags["engine_error"] = f"{type(e).__name__}: {e}"
+    return rank, init, final_r(model), flags
 
 
 def run_trainer_zero2(prefix: str) -> tuple[int, dict, dict]:
@@ -181,9 +275,12 @@ def main(prefix: str) -> None:
         ("accelerate", run_accelerate),
         ("zero2", run_zero2),
         ("trainer_zero2", lambda: run_trainer_zero2(prefix)),
+        ("zero3", run_zero3),
+        ("zero3_peft", run_zero3_peft),
     ):
-        rank, init, final = run()
-        torch.save({"init": init, "final": final}, f"{prefix}.{mode}.{rank}.pt")
+        rank, init, final, *flags = run()
+        out = {"init": init, "final": final, **(flags[0] if flags else {})}
+        torch.save(out, f"{prefix}.{mode}.{rank}.pt")
         dist.barrier()
     dist.destroy_process_group()
 

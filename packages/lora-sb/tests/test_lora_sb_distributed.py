@@ -1,4 +1,5 @@
-"""LoRA-SB with 2 CPU ranks (gloo): accelerate (DDP), DeepSpeed ZeRO-2 (deepspeed.initialize) and HF Trainer + ZeRO-2.
+"""LoRA-SB with 2 CPU ranks (gloo): accelerate (DDP), DeepSpeed ZeRO-2 (deepspeed.initialize), HF Trainer +
+ZeRO-2, and DeepSpeed ZeRO-3 (the model partitioned by ``deepspeed.zero.Init`` before the init).
 
 Each rank estimates the init on its own batches; loralab.core all-reduces the gradients, so every rank
 must build the same factors, equal to a single process's init from the concatenated batches. Training
@@ -101,3 +102,34 @@ def test_deepspeed_zero2_two_ranks(launched, single_process):
 @pytest.mark.multiprocess
 def test_hf_trainer_with_deepspeed_zero2_two_ranks(launched, single_process):
     _check(launched("trainer_zero2"), single_process)
+
+
+@pytest.mark.multiprocess
+def test_deepspeed_zero3_partitioned_base_two_ranks(launched, single_process):
+    # the base model partitioned by zero.Init, then get_lora_sb_model, then stage-3 training
+    ranks = launched("zero3")
+    for out in ranks:
+        assert out["base_partitioned"] and out["base_partitioned_after_init"]
+    _check(ranks, single_process)
+
+
+@pytest.mark.multiprocess
+def test_deepspeed_zero3_factors_written_into_partitioned_parameters(launched, single_process):
+    # the whole PeftModel partitioned (A, B, R too), then initialize_lora_sb_weights writes into it
+    ranks = launched("zero3_peft")
+    for out in ranks:
+        assert out["factors_partitioned"] and out["factors_partitioned_after_init"]
+    _check(ranks, single_process)
+
+
+@pytest.mark.multiprocess
+def test_deepspeed_zero3_offload_and_hooked_model_are_refused(launched):
+    for out in launched("zero3_peft"):
+        assert out["offload_error"].startswith(
+            "ValueError: offload=True streams the blocks of a whole model, but the model is partitioned"
+        )
+        assert "estimate with offload=False" in out["offload_error"]
+        assert out["engine_error"].startswith(
+            "TypeError: the gradient estimate got a model whose modules deepspeed.initialize has hooked"
+        )
+        assert "before deepspeed.initialize" in out["engine_error"]

@@ -25,6 +25,7 @@ __all__ = [
     "all_reduce_mean_dict_",
     "broadcast_",
     "gathered_parameters",
+    "gathered_zero3_model",
     "is_distributed",
     "is_main_process",
     "rank",
@@ -96,6 +97,17 @@ def _is_zero3_param(p: Tensor) -> bool:
     return hasattr(p, "ds_id") and hasattr(p, "ds_status")
 
 
+# set on the parameters gathered_zero3_model holds whole: gathered_parameters leaves them to it
+_WHOLE = "_loralab_zero3_whole"
+
+
+def _is_partitioned_now(p: Tensor) -> bool:
+    # a ZeRO-3 parameter holding only its partition (not inside a GatheredParameters block or a
+    # forward that fetched it): DeepSpeed refuses to gather one twice (overlapping contexts)
+    status = getattr(p, "ds_status", None)  # a deepspeed ZeroParamStatus
+    return _is_zero3_param(p) and getattr(status, "name", "") == "NOT_AVAILABLE"
+
+
 @contextmanager
 def gathered_parameters(
     params: Iterable[Tensor], modifier_rank: int | None = None
@@ -103,9 +115,10 @@ def gathered_parameters(
     """Make DeepSpeed ZeRO-3 partitioned parameters whole inside the block (a no-op otherwise).
 
     With ``modifier_rank`` set, changes made on that rank are broadcast to every rank on exit, as in
-    ``deepspeed.zero.GatheredParameters``.
+    ``deepspeed.zero.GatheredParameters``. Inside :func:`gathered_zero3_model` the model's parameters
+    are whole already and left to it (DeepSpeed refuses overlapping blocks); it keeps the changes.
     """
-    params = [p for p in params if _is_zero3_param(p)]
+    params = [p for p in params if _is_zero3_param(p) and not getattr(p, _WHOLE, False)]
     if not params:
         yield
         return
@@ -113,6 +126,47 @@ def gathered_parameters(
 
     with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
         yield
+
+
+@contextmanager
+def gathered_zero3_model(model: nn.Module, what: str = "estimate") -> Iterator[None]:
+    """Make a DeepSpeed ZeRO-3 partitioned model whole on every rank inside the block (a no-op otherwise).
+
+    For a model partitioned by ``deepspeed.zero.Init`` (or transformers' ZeRO-3 loading) *before*
+    ``deepspeed.initialize``: no engine hook fetches its parameters, so a forward needs them gathered.
+    Every currently partitioned parameter is all-gathered (the whole model on every rank, once) and
+    partitioned again on exit from rank 0's values (``GatheredParameters(modifier_rank=0)``: one
+    broadcast), so what a consumer writes into the model inside the block (an init's factors,
+    identical on every rank) is kept; parameters already gathered by an outer block are left to it. A
+    collective: call it on every rank. A module hooked by ``deepspeed.initialize`` (its engine fetches
+    and releases parameters itself and partitions their gradients) raises ``TypeError``: ``what``
+    names the operation in the message.
+
+    Example:
+        >>> from loralab.core.testing import tiny_llama
+        >>> with gathered_zero3_model(tiny_llama()):  # not partitioned: nothing to do
+        ...     pass
+    """
+    zero3 = [p for p in model.parameters() if _is_zero3_param(p)]
+    if zero3 and any(hasattr(m, "ds_id") for m in model.modules()):
+        raise TypeError(
+            f"the {what} got a model whose modules deepspeed.initialize has hooked (ZeRO-3: its engine "
+            f"gathers the parameters and partitions the gradients itself): run the {what} on the model "
+            "before deepspeed.initialize (partitioned by deepspeed.zero.Init or a ZeRO-3 from_pretrained "
+            "is fine)"
+        )
+    params = [p for p in zero3 if _is_partitioned_now(p)]
+    if not params:
+        yield
+        return
+    with gathered_parameters(params, modifier_rank=0):
+        for p in params:
+            setattr(p, _WHOLE, True)
+        try:
+            yield
+        finally:
+            for p in params:
+                delattr(p, _WHOLE)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -12,7 +12,12 @@ weight ``W`` (as an (out, in) matrix). :func:`estimate_gradients` computes it wi
   ``offload=True`` (see :mod:`loralab.core.offload`) gradients finish block by block, so at most one
   block's gradients exist at any time;
 - the model's train/eval mode, ``requires_grad`` flags and existing ``.grad`` restored afterwards;
-- FSDP2 (``torch.distributed.fsdp.fully_shard``): the estimate runs on the sharded model itself (below).
+- FSDP2 (``torch.distributed.fsdp.fully_shard``): the estimate runs on the sharded model itself (below);
+- DeepSpeed ZeRO-3 before ``deepspeed.initialize`` (``deepspeed.zero.Init``, transformers' ZeRO-3
+  loading): no engine hook fetches the partitions, so the plain path gathers the model whole on every
+  rank for the estimate (:func:`loralab.core.distributed.gathered_zero3_model`) and partitions it
+  again after; the sums are then whole per rank and all-reduced one layer at a time, as under DDP
+  (``offload=True`` is refused; a module hooked by ``deepspeed.initialize`` raises).
 
 FSDP2. The choice is to estimate on the sharded model, as a training step would, not before
 ``fully_shard`` (which would need the whole model on every rank) nor with hooks on the gathered
@@ -60,7 +65,12 @@ from typing import Any, Union, cast
 import torch
 from torch import Tensor, nn
 
-from loralab.core.distributed import all_reduce_mean_, is_main_process
+from loralab.core.distributed import (
+    _is_partitioned_now,
+    all_reduce_mean_,
+    gathered_zero3_model,
+    is_main_process,
+)
 from loralab.core.estimation import (
     GradientConsumer,
     GradientEstimationError,
@@ -304,6 +314,11 @@ def estimate_gradients(
     if num_batches is not None:
         batches = islice(batches, num_batches)
     sharded = _check_sharding(resolved, reduce=reduce, offload=offload)
+    if offload and _is_zero3_partitioned(model):
+        raise ValueError(
+            "offload=True streams the blocks of a whole model, but the model is partitioned by DeepSpeed "
+            "ZeRO-3 (deepspeed.zero.Init): estimate with offload=False (the parameters are gathered for it)"
+        )
     if offload:
         from loralab.core.offload import estimate_gradients_offloaded
 
@@ -324,9 +339,26 @@ def estimate_gradients(
         raise ValueError(
             "device applies to offload=True only; move the model yourself for the plain path"
         )
-    return _estimate_plain(
-        model, batches, resolved, loss_fn, consumer, train, reduce, progress, num_batches, sharded
-    )
+    # DeepSpeed ZeRO-3 before deepspeed.initialize: no hook fetches the partitions, so the model is
+    # gathered whole on every rank for the estimate (a no-op for any other model)
+    with gathered_zero3_model(model, "gradient estimate"):
+        return _estimate_plain(
+            model,
+            batches,
+            resolved,
+            loss_fn,
+            consumer,
+            train,
+            reduce,
+            progress,
+            num_batches,
+            sharded,
+        )
+
+
+def _is_zero3_partitioned(model: nn.Module) -> bool:
+    # partitioned now: a model an outer GatheredParameters block made whole is a plain model here
+    return any(_is_partitioned_now(p) for p in model.parameters())
 
 
 def _estimate_plain(

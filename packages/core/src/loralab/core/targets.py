@@ -126,7 +126,9 @@ class TargetLayer:
 def _in_out(module: nn.Module, kind: LayerKind) -> tuple[int, int]:
     # the sizes are plain ints on every adaptable kind (Conv1D.nf, Linear.in/out_features)
     if kind == "conv1d":
-        return _weight(module).shape[0], cast(int, module.nf)
+        w = _weight(module)
+        # a DeepSpeed ZeRO-3 partitioned weight is empty; its whole shape is ds_shape
+        return getattr(w, "ds_shape", w.shape)[0], cast(int, module.nf)
     return cast(int, module.in_features), cast(int, module.out_features)
 
 

@@ -234,6 +234,16 @@ class _LoraGALayerMixin:
             base = self.get_base_layer()  # type: ignore[attr-defined]
             A, B = base.__dict__.pop(PRECOMPUTED)
             write_factors(self, adapter_name, A, B, float_dtype(base))  # type: ignore[arg-type]
+            if is_dtensor(base.weight):
+                # PEFT's flow on a model sharded before get_peft_model: the init is right (each rank
+                # wrote its rows of W0'), but the new A, B are plain tensors outside every FSDP2 group
+                warnings.warn(
+                    f"get_peft_model added LoRA parameters to the FSDP2-sharded layer "
+                    f"{self.__dict__.get('_lora_ga_target', '')!r}: FSDP2 neither shards them nor averages "
+                    "their gradients across ranks. Before training, apply fully_shard to each adapter module "
+                    "(lora_A[adapter] and lora_B[adapter] of every LoRA layer)",
+                    stacklevel=2,
+                )
             return
         recorded = self.__dict__.get("_lora_ga_recorded", set())
         if adapter_name not in recorded:

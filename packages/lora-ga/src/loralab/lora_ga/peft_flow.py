@@ -17,7 +17,12 @@ how the gradient is obtained and held:
   gradients never lives on the model (PEFT keeps every target's ``.grad`` and then its
   ``_peft_loraga_grad`` until ``get_peft_model``);
 - under ``torch.distributed`` the mean is all-reduced, so every rank initialises identically (PEFT
-  keeps each rank's own gradient);
+  keeps each rank's own gradient); a base model sharded with FSDP2's ``fully_shard`` before this call
+  is estimated on its shards (``train_step`` runs the sharded model) and each rank writes its rows of
+  ``W0'``; ``get_peft_model`` then warns that the new ``lora_A`` / ``lora_B`` are outside FSDP2
+  (``fully_shard`` each of them before training, see the README); a model partitioned by DeepSpeed
+  ZeRO-3's ``deepspeed.zero.Init`` (before ``deepspeed.initialize``) is gathered on every rank while
+  ``train_step`` runs, and ``get_peft_model`` writes ``W0'`` into the partitions;
 - bitsandbytes 4/8-bit targets work (PEFT refuses them): during ``train_step`` they are float copies
   of their dequantized weights (:func:`loralab.core.quant.float_targets`), and the init re-quantizes
   ``W0 − s·B·A`` with the layer's own settings;
@@ -66,6 +71,7 @@ from peft import LoraConfig
 from peft.tuners.lora.config import LoraGAConfig as PeftLoraGAConfig
 from torch import Tensor, nn
 
+from loralab.core.distributed import gathered_zero3_model
 from loralab.core.gradients import estimate_gradients_from_step
 from loralab.core.quant import dequantize_weight, float_targets
 from loralab.core.targets import TargetLayer, find_targets, layer_kind, to_storage_layout
@@ -263,7 +269,12 @@ def preprocess_loraga(
                 )
             consumer(name, grad)
 
-        with float_targets(model, list(targets)) as swapped:
+        # gathered_zero3_model: a model partitioned by deepspeed.zero.Init (before deepspeed.initialize)
+        # is made whole on every rank while train_step runs (a no-op for any other model)
+        with (
+            gathered_zero3_model(model, "preprocess_loraga"),
+            float_targets(model, list(targets)) as swapped,
+        ):
             estimation_targets = find_targets(model, list(targets), include_heads=True)
             estimate_gradients_from_step(
                 model, train_step, estimation_targets, consumer=consume, train=True

@@ -34,6 +34,7 @@ from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from torch import Tensor, nn
 
+from loralab.core.distributed import gathered_parameters
 from loralab.core.linalg import stiefel_sample, truncated_svd
 from loralab.core.sharding import write_rows_
 from loralab.core.targets import layer_kind, weight_matrix
@@ -48,6 +49,7 @@ __all__ = [
 ]
 
 R_NAME = "lora_R"
+SLOTS = ("lora_A", "lora_B", R_NAME)
 
 
 def layer_generator(seed: int, layer_name: str) -> torch.Generator:
@@ -120,8 +122,11 @@ class LoraSBVariant(LoraVariant):
         gen = layer_generator(getattr(config, "init_seed", 0), target_name)
         if method == "weight_svd":
             # LoRA-XS (Bałazy et al., 2024): B = U_r Σ_r and A = V_rᵀ from the base weight's SVD.
+            # a ZeRO-3 partitioned base weight is gathered for its SVD (every rank the same)
+            with gathered_parameters([cast(Tensor, base.weight)]):
+                weight = weight_matrix(base).detach().clone()
             U, S, Vh = truncated_svd(
-                weight_matrix(base).detach(),
+                weight,
                 r,
                 method=getattr(config, "svd_method", "auto"),
                 oversample=getattr(config, "svd_oversample", 10),
@@ -193,20 +198,20 @@ def set_sb_factors_(
             f"layer has no LoRA-SB adapter {adapter_name!r}; its LoRA-SB adapters: {list(module.lora_R)}"
         )
     dtype = module._sb_factor_dtype[adapter_name]
-    for slot, value in (("lora_A", A), ("lora_B", B)):
-        p = getattr(module, slot)[adapter_name].weight
-        if tuple(value.shape) != tuple(p.shape):
-            raise ValueError(
-                f"{slot} of {module._sb_target_name[adapter_name]!r} must be {tuple(p.shape)}, got {tuple(value.shape)}"
-            )
-        # write_rows_: the whole value, or this rank's rows of an FSDP2 (fully_shard) row shard
-        write_rows_(p, value.to(dtype).to(device=p.device, dtype=p.dtype))
-    p = cast(Tensor, module.lora_R[adapter_name].weight)  # an nn.Linear's weight
-    if tuple(R.shape) != tuple(p.shape):
-        raise ValueError(
-            f"lora_R of {module._sb_target_name[adapter_name]!r} must be {tuple(p.shape)}, got {tuple(R.shape)}"
-        )
-    write_rows_(p, R.to(device=p.device, dtype=p.dtype))
+    # the factors are nn.Linear weights
+    params = [cast(Tensor, getattr(module, s)[adapter_name].weight) for s in SLOTS]
+    # DeepSpeed ZeRO-3 partitions (a PeftModel under deepspeed.zero.Init): whole inside the block, and
+    # rank 0's values (the same on every rank) partitioned again on exit; a no-op otherwise
+    with gathered_parameters(params, modifier_rank=0):
+        for slot, p, value in zip(SLOTS, params, (A, B, R)):
+            if tuple(value.shape) != tuple(p.shape):
+                raise ValueError(
+                    f"{slot} of {module._sb_target_name[adapter_name]!r} must be {tuple(p.shape)}, got {tuple(value.shape)}"
+                )
+            if slot != R_NAME:  # A and B are rounded to the base dtype; R stays float32
+                value = value.to(dtype)
+            # write_rows_: the whole value, or this rank's rows of an FSDP2 (fully_shard) row shard
+            write_rows_(p, value.to(device=p.device, dtype=p.dtype))
 
 
 if TYPE_CHECKING:

@@ -203,6 +203,12 @@ def initialize_lora_sb_weights(
     no gradient raises ``loralab.core.gradients.GradientEstimationError`` naming it, on every rank.
     Sharded bitsandbytes targets (FSDP-QLoRA) need ``estimation_model`` (a float copy made before
     sharding), and are checked first (:func:`loralab.core.quant.check_fsdp_quantized`).
+
+    Under DeepSpeed ZeRO-3 before ``deepspeed.initialize`` (the base, or the whole ``PeftModel``,
+    partitioned by ``deepspeed.zero.Init``) the estimate gathers the model on every rank
+    (:func:`loralab.core.distributed.gathered_zero3_model`) and ``B``, ``R``, ``A`` are written into
+    the partitioned parameters; ``offload=True`` and a model already hooked by ``deepspeed.initialize``
+    raise.
     """
     if lr is None:
         raise ValueError(
