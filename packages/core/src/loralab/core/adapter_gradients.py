@@ -190,14 +190,15 @@ def _adapters_disabled(model: nn.Module) -> Iterator[None]:
             if not off:
                 m.enable_adapters(False)  # type: ignore[operator]
         if peft_flag is not None:
-            model._adapters_disabled = True  # PeftModel's own flag, as its disable_adapter() sets
+            # PeftModel's own flag, as its disable_adapter() sets (a plain attribute, not a Module's)
+            object.__setattr__(model, "_adapters_disabled", True)
         yield
     finally:
         for m, off in zip(toggled, was_off):
             if not off:
                 m.enable_adapters(True)  # type: ignore[operator]
         if peft_flag is not None:
-            model._adapters_disabled = peft_flag
+            object.__setattr__(model, "_adapters_disabled", peft_flag)
         for p, flag in flags:
             p.requires_grad_(flag)
         refresh_fsdp_trainable(model)  # FSDP2 re-reads the trainable set (as estimation_mode does)
