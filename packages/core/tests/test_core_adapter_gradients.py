@@ -223,7 +223,7 @@ def checkpoint(tmp_path_factory):
     return save_tiny(tiny_llama(), tmp_path_factory.mktemp("adapter_grads_llama"), tokenizer=False)
 
 
-def _quantized(path, kind):
+def _quantized(path, kind, compute_dtype=torch.float32):
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -232,7 +232,7 @@ def _quantized(path, kind):
         q = BitsAndBytesConfig(load_in_8bit=True)
     else:
         q = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_compute_dtype=torch.float32
+            load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_compute_dtype=compute_dtype
         )
     return AutoModelForCausalLM.from_pretrained(
         path, quantization_config=q, device_map="cpu", **{dtype_kwarg(): torch.float32}
@@ -283,3 +283,19 @@ def test_quantized_estimation_model_is_refused(checkpoint):
         estimate_adapter_gradients(
             pm, make_lm_batches(1), print, estimation_model=_quantized(checkpoint, "nf4")
         )
+
+
+def test_float_copies_compute_in_the_layers_dtype(checkpoint, caplog):
+    """A float32 model whose 4-bit layers compute in bfloat16 (QLoRA after PEFT's
+    prepare_model_for_kbit_training): the float copies take float32 activations, compute in bfloat16
+    as the 4-bit layers do, and the gradients still arrive as float32."""
+    batches = make_lm_batches(2)
+    qmodel = _quantized(checkpoint, "nf4", compute_dtype=torch.bfloat16)
+    want = estimate_gradients(dequantized_copy(qmodel), batches, NAMES, progress=False)
+    with caplog.at_level(logging.INFO, logger="loralab.core.adapter_gradients"):
+        got = _collect(_peft(qmodel), batches)
+    assert "(torch.bfloat16)" in caplog.text
+    for n in NAMES:
+        assert got[n].dtype == torch.float32
+        # bfloat16 matmuls in the targets (8 mantissa bits) against the float32 copy
+        torch.testing.assert_close(got[n], want[n], rtol=0, atol=0.05 * float(want[n].abs().max()))
