@@ -299,3 +299,28 @@ def test_float_copies_compute_in_the_layers_dtype(checkpoint, caplog):
         assert got[n].dtype == torch.float32
         # bfloat16 matmuls in the targets (8 mantissa bits) against the float32 copy
         torch.testing.assert_close(got[n], want[n], rtol=0, atol=0.05 * float(want[n].abs().max()))
+
+
+def test_layers_that_would_cut_the_backward_run_as_float_copies(checkpoint, caplog, monkeypatch):
+    """bitsandbytes' CPU repacking (AVX512-BF16 CPUs, after an inference forward) leaves a 4-bit layer
+    without an input gradient; such a non-target layer is swapped for a float copy during the estimate.
+    The repacking itself needs such a CPU: the detection is stood in for here."""
+    cut = "model.layers.1.mlp.up_proj"  # not a target
+    monkeypatch.setattr(ag, "_backward_cut", lambda m: m is qmodel.get_submodule(cut))
+    batches = make_lm_batches(2)
+    qmodel = _quantized(checkpoint, "nf4")
+    original = qmodel.get_submodule(cut)
+    want = estimate_gradients(dequantized_copy(qmodel), batches, NAMES, progress=False)
+    seen = []
+
+    def loss_fn(model, batch):
+        seen.append(type(model.get_base_model().get_submodule(cut)).__name__)
+        return model(**batch).loss
+
+    with caplog.at_level(logging.INFO, logger="loralab.core.adapter_gradients"):
+        got = _collect(_peft(qmodel), batches, loss_fn=loss_fn)
+    assert seen == ["_FloatCopy", "_FloatCopy"] and qmodel.get_submodule(cut) is original
+    assert "1 other 4-bit layer(s) repacked by bitsandbytes for its CPU kernel" in caplog.text
+    assert "estimating 6 quantized layer(s)" in caplog.text
+    for n in NAMES:
+        torch.testing.assert_close(got[n], want[n], rtol=RTOL, atol=ATOL)

@@ -18,7 +18,10 @@ every path:
   swapped for a float ``nn.Linear`` holding its dequantized weight for the duration
   (:func:`loralab.core.quant.float_targets`: float copies of the targets only, not of the model). The
   copy is in the dtype the layer computes in (``compute_dtype``; else the dtype it was quantized from,
-  else float32), so the forward is the quantized model's own; gradients are summed in float32 anyway;
+  else float32), so the forward is the quantized model's own; gradients are summed in float32 anyway.
+  A non-target 4-bit layer that bitsandbytes repacked for its CPU kernel (after an inference forward;
+  backward through it then gives no input gradient) runs as a float copy too, so nothing below it
+  silently loses its gradient;
 - **dtype and device**: each gradient reaches the consumer as a float32 (out, in) matrix on the device
   its layer computed on: the layer's weight device on the plain path, ``device`` with ``offload=True``
   (core's block-wise estimator finishes on the CPU; the gradient is moved back to the compute device,
@@ -204,6 +207,16 @@ def _adapters_disabled(model: nn.Module) -> Iterator[None]:
         refresh_fsdp_trainable(model)  # FSDP2 re-reads the trainable set (as estimation_mode does)
 
 
+def _backward_cut(module: nn.Module) -> bool:
+    """A 4-bit layer bitsandbytes (>= 0.48, CPUs with AVX512-BF16) repacked for its CPU kernel after an
+    inference forward: backward through it yields no input gradient (observed with 0.50), so the
+    layers below it would silently get a wrong gradient."""
+    if layer_kind(module) != "linear4bit":
+        return False
+    qs = getattr(getattr(module, "weight", None), "quant_state", None)
+    return bool(getattr(qs, "packing_format_for_cpu", False))
+
+
 def _compute_device(device: torch.device | str | None) -> torch.device:
     # the offload estimator's own default (kept in one place)
     from loralab.core.offload import _default_device
@@ -291,6 +304,9 @@ def estimate_adapter_gradients(
     full = {n: f"{est_prefix}.{n}" if est_prefix else n for n in targets}
     paths = {id(m): p for p, m in est.named_modules()}
     quantized = [paths[id(t.module)] for t in targets.values() if t.is_quantized]
+    # Non-target layers that would cut the backward: float copies too (no gradient is kept for them).
+    target_ids = {id(t.module) for t in targets.values()}
+    cut = [p for p, m in est.named_modules() if id(m) not in target_ids and _backward_cut(m)]
     dev = _compute_device(device) if offload else None
     done: list[str] = []
     relative = {f: n for n, f in full.items()}
@@ -303,18 +319,25 @@ def estimate_adapter_gradients(
 
     with ExitStack() as stack:
         stack.enter_context(_adapters_disabled(est))
-        if quantized:
+        if quantized or cut:
             # the quantized model's own point: float copies of these layers only, swapped back on exit
-            swapped = stack.enter_context(float_targets(est, quantized))
+            swapped = stack.enter_context(float_targets(est, quantized + cut))
+            by_path = {paths[id(t.module)]: n for n, t in targets.items() if t.is_quantized}
+            for path in quantized:
+                n = by_path[path]
+                targets[n] = TargetLayer(n, swapped[path], "linear")
             logger.info(
                 "estimating %d quantized layer(s) on float copies of their dequantized weights (%s)",
-                len(swapped),
-                ", ".join(sorted({str(lin.weight.dtype) for lin in swapped.values()})),
+                len(quantized),
+                ", ".join(sorted({str(swapped[p].weight.dtype) for p in quantized})) or "-",
             )
-            by_path = {paths[id(t.module)]: n for n, t in targets.items() if t.is_quantized}
-            for path, lin in swapped.items():
-                n = by_path[path]
-                targets[n] = TargetLayer(n, lin, "linear")
+            if cut:
+                logger.info(
+                    "%d other 4-bit layer(s) repacked by bitsandbytes for its CPU kernel (which gives "
+                    "no input gradient) run as float copies during the estimate: %s",
+                    len(cut),
+                    ", ".join(cut[:5]) + (" ..." if len(cut) > 5 else ""),
+                )
         estimate_gradients(
             est,
             batches,
