@@ -8,6 +8,7 @@ import pytest
 MODULES = [
     "__init__",
     "adamw",
+    "adapter_gradients",
     "demo",
     "distributed",
     "estimation",
@@ -27,7 +28,7 @@ MODULES = [
 def test_docstring_examples(name):
     if name in ("quant",):
         pytest.importorskip("bitsandbytes")
-    if name == "lora_layers":
+    if name in ("lora_layers", "adapter_gradients"):
         pytest.importorskip("peft")
     module = importlib.import_module(
         "loralab.core" if name == "__init__" else f"loralab.core.{name}"

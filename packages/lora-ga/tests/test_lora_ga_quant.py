@@ -6,16 +6,17 @@ import logging
 import pytest
 import torch
 
-from loralab.core.gradients import estimate_gradients
+from loralab.core.gradients import GradientEstimationError, estimate_gradients
 from loralab.core.quant import (
     dequantize_weight,
+    dequantized_copy,
     load_float_model_for_estimation,
     quant_config_of,
     quant_kind,
 )
 from loralab.core.targets import get_module
 from loralab.core.testing import make_lm_batches, save_tiny, tiny_llama
-from loralab.lora_ga import LoraGAConfig, LoraGAInitError, get_lora_ga_model, lora_ga_factors
+from loralab.lora_ga import LoraGAConfig, get_lora_ga_model, lora_ga_factors
 
 bnb = pytest.importorskip("bitsandbytes")
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -169,13 +170,46 @@ def test_given_gradients_on_quantized_model(checkpoint):
         assert quant_kind(get_module(pm, PREFIX + n).get_base_layer()) == "nf4"
 
 
-def test_quantized_without_float_gradient_explains_the_flow(checkpoint):
+def test_quantized_without_estimation_model_estimates_at_its_own_point(checkpoint):
+    """No float checkpoint needed: the quantized targets are estimated on float copies of their
+    dequantized weights (core's estimate_adapter_gradients), which equals estimating on a whole
+    dequantized copy of the model; W0 is then offset and re-quantized as in the seed's flow."""
+    qmodel = _load(checkpoint, "nf4")
+    batches = make_lm_batches(2)
+    names = [n for n, m in qmodel.named_modules() if n.split(".")[-1] in TARGETS]
+    specs = {n: quant_config_of(get_module(qmodel, n)) for n in names}
+    deq0 = {n: dequantize_weight(get_module(qmodel, n)) for n in names}
+    G = estimate_gradients(dequantized_copy(qmodel), batches, names, progress=False)
+    pm = get_lora_ga_model(
+        qmodel,
+        LoraGAConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, iters=2),
+        batches,
+        progress=False,
+    )
+    s = ALPHA / RANK
+    for n in names:
+        layer = get_module(pm, PREFIX + n)
+        base = layer.get_base_layer()
+        assert quant_kind(base) == "nf4" and quant_config_of(base) == specs[n], n
+        A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        A_ref, B_ref = lora_ga_factors(G[n], RANK, scaling=s)
+        torch.testing.assert_close(A, A_ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(B, B_ref, atol=1e-5, rtol=0)
+        expected = _requantized_reference(deq0[n] - s * B.detach() @ A.detach(), specs[n])
+        torch.testing.assert_close(dequantize_weight(base), expected, atol=1e-6, rtol=0)
+
+
+def test_quantized_estimation_model_is_refused(checkpoint):
     qmodel = _load(checkpoint, "nf4")
     with pytest.raises(
-        LoraGAInitError,
-        match=r"quantized.*full-precision gradient.*estimation_model=.*load_float_model_for_estimation",
+        GradientEstimationError,
+        match=r"estimation_model's layer 'model\.layers\.0\.self_attn\.q_proj' is quantized \(Linear4bit\)",
     ):
         get_lora_ga_model(
-            qmodel, LoraGAConfig(r=RANK, target_modules=TARGETS), make_lm_batches(1), progress=False
+            qmodel,
+            LoraGAConfig(r=RANK, target_modules=TARGETS),
+            make_lm_batches(1),
+            estimation_model=_load(checkpoint, "nf4"),
+            progress=False,
         )
     assert not any("lora_A" in n for n, _ in qmodel.named_modules())  # given back untouched

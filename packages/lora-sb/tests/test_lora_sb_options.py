@@ -87,7 +87,7 @@ def test_estimation_model_and_num_batches(plain):
     )
     _assert_same_init(model, plain)
     with pytest.raises(
-        LoraSBInitError,
+        GradientEstimationError,
         match=r"estimation_model has no module 'model\.layers\.0\.self_attn\.q_proj'",
     ):
         get_lora_sb_model(

@@ -19,6 +19,7 @@ from loralab.core.adamw import (
     fused_adamw_,
     fused_adamw_available,
 )
+from loralab.core.adapter_gradients import estimate_adapter_gradients
 from loralab.core.distributed import (
     all_reduce_mean_,
     all_reduce_mean_dict_,
@@ -87,6 +88,7 @@ __all__ = [
     "dequantize_weight",
     "dequantized_copy",
     "dtype_kwarg",
+    "estimate_adapter_gradients",
     "estimate_gradients",
     "estimate_gradients_offloaded",
     "find_all_linear_modules",

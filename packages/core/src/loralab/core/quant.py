@@ -652,6 +652,16 @@ def dequantized_copy(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
     return out
 
 
+class _FloatCopy(nn.Linear):
+    """A float stand-in for a bitsandbytes layer: computes in its weight's dtype and returns the
+    input's dtype, as ``Linear4bit`` (input cast to ``compute_dtype``) and ``Linear8bitLt`` do, so it
+    fits wherever the quantized layer did (e.g. float32 activations after PEFT's
+    ``prepare_model_for_kbit_training`` into a bfloat16-compute layer)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.to(self.weight.dtype)).to(x.dtype)
+
+
 @contextmanager
 def float_targets(
     model: nn.Module, names: Iterable[str], dtype: torch.dtype | None = None
@@ -659,8 +669,9 @@ def float_targets(
     """Within the block, the quantized layers among ``names`` are float ``nn.Linear`` copies (in place).
 
     Each bitsandbytes layer is swapped for an ``nn.Linear`` holding its *dequantized* weight (the
-    point the quantized model trains from) in ``dtype`` (default: the layer's compute dtype, else
-    float32), so code that runs ``model`` itself (a user's training step) produces full-weight
+    point the quantized model trains from) in ``dtype`` (default: the layer's compute dtype, else the
+    dtype it was quantized from, else float32), which computes in that dtype and returns its input's
+    dtype (as the bitsandbytes layer does), so code that runs ``model`` itself (a user's training step) produces full-weight
     gradients for them; the quantized layers are put back on exit, unchanged. Holds the float
     copies of those layers only (not of the whole model). Yields ``{name: float layer}``.
 
@@ -682,7 +693,7 @@ def float_targets(
             if dt is None or not dt.is_floating_point:
                 dt = torch.float32
             weight = dequantize_weight(q, dt)
-            lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device="meta")
+            lin = _FloatCopy(q.in_features, q.out_features, bias=q.bias is not None, device="meta")
             lin.weight = nn.Parameter(weight, requires_grad=False)
             if q.bias is not None:
                 lin.bias = nn.Parameter(q.bias.detach().to(dt), requires_grad=False)

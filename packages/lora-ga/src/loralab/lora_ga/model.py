@@ -2,11 +2,12 @@
 
 Two ways in, one machinery:
 
-- :func:`get_lora_ga_model` (native): one call. The LoRA layers are created first (``B = 0``, so the
-  model still computes the base function and its weights' gradients are the base model's), then
-  core's :func:`~loralab.core.estimate_gradients` streams each finished gradient to a consumer that
-  keeps only the layer's factors ``(A, B)`` (r·(m+n) numbers, never the m·n gradient), then every
-  layer gets ``A``, ``B`` and ``W0 ← W0 − s·B·A``.
+- :func:`get_lora_ga_model` (native): one call. The LoRA layers are created first (``B = 0``), then
+  core's :func:`~loralab.core.adapter_gradients.estimate_adapter_gradients` (adapters off, names of
+  the base model; bitsandbytes targets estimated on float copies of their dequantized weights, at the
+  quantized model's own point) streams each finished gradient to a consumer that keeps only the
+  layer's factors ``(A, B)`` (r·(m+n) numbers, never the m·n gradient), then every layer gets ``A``,
+  ``B`` and ``W0 ← W0 − s·B·A`` (a quantized ``W0`` is dequantized, offset and re-quantized).
 - under FSDP2, ``get_lora_ga_model(model, config, batches, shard=fn)`` with ``fn`` applying
   ``fully_shard`` to the ``PeftModel``: the estimate runs on the sharded model and each rank writes its
   rows of ``A``, ``B`` and ``W0'`` (the memory bound is in :mod:`loralab.core.gradients`);
@@ -42,11 +43,11 @@ from peft import PeftModel, get_peft_model
 from peft.tuners.lora.layer import LoraLayer
 from torch import Tensor, nn
 
-from loralab.core.gradients import estimate_gradients
+from loralab.core.adapter_gradients import estimate_adapter_gradients
 from loralab.core.linalg import SVDMethod
-from loralab.core.quant import check_fsdp_quantized, dequantize_weight, is_quantized
+from loralab.core.quant import check_fsdp_quantized, dequantize_weight
 from loralab.core.sharding import is_dtensor
-from loralab.core.targets import TargetLayer, find_targets, layer_kind
+from loralab.core.targets import layer_kind
 from loralab.lora_ga.config import DTYPES, LoraGAConfig
 from loralab.lora_ga.layer import LoraGAInitError, Pending, lora_ga_session, write_factors
 from loralab.lora_ga.maths import LoraGARankError, lora_ga_factors
@@ -54,10 +55,6 @@ from loralab.lora_ga.maths import LoraGARankError, lora_ga_factors
 __all__ = ["LoraGAInitError", "check_all_recorded", "get_lora_ga_model", "lora_ga_session"]
 
 logger = logging.getLogger(__name__)
-
-
-def _base_name_map(model: nn.Module) -> dict[int, str]:
-    return {id(m): n for n, m in model.named_modules()}
 
 
 def write_lora_ga_layer(pending: Pending, A: Tensor, B: Tensor) -> None:
@@ -68,7 +65,8 @@ def write_lora_ga_layer(pending: Pending, A: Tensor, B: Tensor) -> None:
 def factors_for(
     pending: Pending, grad: Tensor, name: str, *, svd_method: SVDMethod = "auto"
 ) -> tuple[Tensor, Tensor]:
-    """LoRA-GA factors of one recorded layer from its (out, in) gradient (``name`` is used in errors)."""
+    """LoRA-GA factors of one recorded layer from its (out, in) gradient (``name``: the layer's name in
+    the base model, used in errors and for ``direction="random"``'s per-layer seed)."""
     layer, adapter, st = pending.layer, pending.adapter, pending.settings
     weight = None
     if st.scale == "weight_svd":
@@ -81,18 +79,11 @@ def factors_for(
         scale=st.scale,
         stable_gamma=st.stable_gamma,
         weight=weight,
-        name=_strip_prefix(name),
+        name=name,
         svd_method=svd_method,
         # "random" draws its own split per layer (as the reference), reproducibly on every rank
-        seed=zlib.crc32(_strip_prefix(name).encode()) if st.direction == "random" else 0,
+        seed=zlib.crc32(name.encode()) if st.direction == "random" else 0,
     )
-
-
-def _strip_prefix(name: str) -> str:
-    for prefix in ("base_model.model.",):
-        if name.startswith(prefix):
-            return name[len(prefix) :]
-    return name
 
 
 def get_lora_ga_model(
@@ -114,8 +105,9 @@ def get_lora_ga_model(
     """Wrap ``model`` in a LoRA-GA-initialised ``PeftModel`` (estimate → SVD → A, B, offset W0).
 
     Args:
-        model: a transformers (or any) model with float weights, or a bitsandbytes-quantized model
-            together with ``estimation_model`` or ``gradients``.
+        model: a transformers (or any) model, float or bitsandbytes-quantized (4/8-bit targets are
+            estimated at the quantized model's own point, on float copies of their dequantized
+            weights, unless ``estimation_model`` or ``gradients`` is given).
         config: a :class:`LoraGAConfig` (``r``, ``lora_alpha``, ``use_rslora``, ``target_modules``,
             direction/scale/γ/dtype, ...). ``use_rslora=True`` is what the paper's runs used.
         batches: batches ``model(**batch)`` accepts, with ``labels`` (or pass ``loss_fn``); at most
@@ -127,8 +119,9 @@ def get_lora_ga_model(
         no_split_module_classes: block class names for ``offload``.
         adapter_name: name of the adapter.
         progress: tqdm progress bar.
-        estimation_model: a float model of the same checkpoint to estimate on (the QLoRA flow:
-            :func:`loralab.core.quant.load_float_model_for_estimation`), when ``model`` is quantized.
+        estimation_model: a float model with the same module names to estimate on instead (the
+            seed's QLoRA flow: the float checkpoint,
+            :func:`loralab.core.quant.load_float_model_for_estimation`); its targets must be float.
         gradients: precomputed ``{module name: (out, in) gradient}`` (names as in ``model``) instead of
             estimating.
         device: compute device for ``offload``.
@@ -146,11 +139,12 @@ def get_lora_ga_model(
         The ``PeftModel`` (``model`` is modified in place, as ``peft.get_peft_model`` does).
 
     Raises:
-        LoraGAInitError: quantized targets without a float estimation model, a gradient missing or
-            of the wrong shape, a ``config.dtype`` other than the sharded factors' dtype (FSDP2).
+        LoraGAInitError: a gradient missing or of the wrong shape, a ``config.dtype`` other than the
+            sharded factors' dtype (FSDP2).
             ``LoraGARankError`` when ``2r > min(m, n)`` for some layer.
         loralab.core.gradients.GradientEstimationError: a target received no gradient (named; under
-            FSDP2 every rank raises together), a non-finite gradient.
+            FSDP2 every rank raises together), a non-finite gradient, an ``estimation_model`` that
+            lacks a target or holds it quantized or in another shape (named).
         ValueError: ``offload=True`` when ``shard`` shards the targets.
 
     Example:
@@ -177,8 +171,8 @@ def get_lora_ga_model(
         # FSDP-QLoRA: refuse, before the estimate, what FSDP2 would break in bitsandbytes layers
         check_fsdp_quantized(peft_model)
     by_layer = {id(p.layer): p for p in session.pending}
-    names: dict[str, Pending] = {}
-    for name, mod in peft_model.named_modules():
+    names: dict[str, Pending] = {}  # by name in the base model (no "base_model.model." prefix)
+    for name, mod in peft_model.get_base_model().named_modules():
         if id(mod) in by_layer:
             names[name] = by_layer[id(mod)]
     try:
@@ -192,55 +186,31 @@ def get_lora_ga_model(
 
         if gradients is not None:
             for name, pending in names.items():
-                base_name = _strip_prefix(name)
-                if base_name not in gradients:
-                    raise LoraGAInitError(f"gradients has no entry for target layer {base_name!r}")
-                grad = gradients[base_name]
+                if name not in gradients:
+                    raise LoraGAInitError(f"gradients has no entry for target layer {name!r}")
+                grad = gradients[name]
                 expected = _out_in(pending.layer.get_base_layer())
                 if tuple(grad.shape) != expected:
                     raise LoraGAInitError(
-                        f"gradient of {base_name!r} must be (out, in) = {expected}, got {tuple(grad.shape)}"
+                        f"gradient of {name!r} must be (out, in) = {expected}, got {tuple(grad.shape)}"
                     )
                 consumer(name, grad)
-        elif estimation_model is not None:
-            by_base = {_strip_prefix(n): n for n in names}
-            estimate_gradients(
-                estimation_model,
+        else:
+            # Adapters off while estimating (with B = 0 they add nothing anyway; off, their branch
+            # keeps no activations for backward); quantized targets as float copies of themselves.
+            estimate_adapter_gradients(
+                peft_model,
                 _require(batches),
-                _targets(estimation_model, list(by_base)),
-                num_batches=config.iters,
+                consumer,
+                layer_names=list(names),
+                estimation_model=estimation_model,
                 loss_fn=loss_fn,
-                consumer=lambda n, g: consumer(by_base[n], g),
+                num_batches=config.iters,
                 offload=offload,
                 device=device,
                 no_split_module_classes=no_split_module_classes,
                 progress=progress,
             )
-        else:
-            quantized = [n for n, p in names.items() if is_quantized(p.layer.get_base_layer())]
-            if quantized:
-                raise LoraGAInitError(
-                    f"{len(quantized)} target layer(s) are quantized ({_strip_prefix(quantized[0])}, ...): LoRA-GA needs the "
-                    "full-precision gradient. Estimate on a float model of the same checkpoint and initialise the quantized one: "
-                    "get_lora_ga_model(quantized_model, config, batches, estimation_model=loralab.core.quant."
-                    "load_float_model_for_estimation(path_or_quantized_model), offload=True)"
-                )
-            # With B = 0 the adapters add nothing to the output, so the base weights' gradient is the
-            # same with them off; off, their branch keeps no activations for backward (measured: the
-            # plain estimate's extra memory drops to the base model's).
-            with peft_model.disable_adapter():
-                estimate_gradients(
-                    peft_model,
-                    _require(batches),
-                    _targets(peft_model, list(names)),
-                    num_batches=config.iters,
-                    loss_fn=loss_fn,
-                    consumer=consumer,
-                    offload=offload,
-                    device=device,
-                    no_split_module_classes=no_split_module_classes,
-                    progress=progress,
-                )
     except BaseException:
         # Nothing was written yet (B = 0, W0 untouched): give the caller back the model as it was
         # (a sharded model stays as it is: its parameters are the shards now).
@@ -254,26 +224,16 @@ def get_lora_ga_model(
     return peft_model
 
 
-def _targets(model: nn.Module, names: list[str]) -> dict[str, TargetLayer]:
-    """Exactly the named layers, heads included (PEFT adapts a head that target_modules names)."""
-    found = find_targets(model, names, include_heads=True)
-    missing = [n for n in names if n not in found]
-    if missing:
-        raise LoraGAInitError(
-            f"{len(missing)} target layer(s) not found (or not float Linear/Conv1D) in the estimation model: "
-            + ", ".join(missing[:5])
-        )
-    return {n: found[n] for n in names}
-
-
 def check_all_recorded(
     peft_model: nn.Module, recorded: Mapping[str, Any], adapter_name: str = "default"
 ) -> None:
     """Raise when PEFT created ``adapter_name`` on a layer LoRA-GA does not initialise (embeddings,
-    Conv2d, ...): it would silently keep PEFT's default init. ``recorded``: the LoRA-GA layers by name."""
+    Conv2d, ...): it would silently keep PEFT's default init. ``recorded``: the LoRA-GA layers by
+    their names in the base model (``peft_model.get_base_model()``)."""
+    base = peft_model.get_base_model() if isinstance(peft_model, PeftModel) else peft_model
     others = [
-        f"{_strip_prefix(n)} ({type(m).__name__})"
-        for n, m in peft_model.named_modules()
+        f"{n} ({type(m).__name__})"
+        for n, m in base.named_modules()
         if isinstance(m, LoraLayer)
         and n not in recorded
         and (adapter_name in m.lora_A or adapter_name in m.lora_embedding_A)
@@ -292,7 +252,7 @@ def _check_ranks(names: Mapping[str, Pending]) -> None:
         r = int(pending.layer.r[pending.adapter])
         if 2 * r > min(m, n):
             raise LoraGARankError(
-                f"layer {_strip_prefix(name)!r} ({m}x{n}): LoRA-GA needs 2r = {2 * r} singular vectors but the gradient has "
+                f"layer {name!r} ({m}x{n}): LoRA-GA needs 2r = {2 * r} singular vectors but the gradient has "
                 f"only min(m, n) = {min(m, n)}; use r <= {min(m, n) // 2} for this layer (rank_pattern) or exclude it"
             )
 

@@ -51,6 +51,7 @@ from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.tuners_utils import BaseTuner
 from torch import Tensor, nn
 
+from loralab.core.adapter_gradients import estimate_adapter_gradients
 from loralab.core.gradients import estimate_gradients, resolve_targets
 from loralab.core.linalg import SVDMethod, truncated_svd
 from loralab.core.targets import layer_kind, replace_module, to_storage_layout
@@ -104,26 +105,24 @@ def estimate_and_process_grads_torch(
     """Seed API: ``{"<layer>.weight": −lr·sign(mean gradient)}`` over the first ``num_samples`` samples.
 
     Values are in each weight's storage layout (Conv1D: (in, out)), as the seed returned them.
-    ``quant_flag=True``: the estimate runs on a copy of the model whose bitsandbytes layers are float
-    layers holding the weights the 4-bit layers actually apply (``loralab.core.quant.dequantize_weight``,
-    right also after bitsandbytes repacks its CPU weights; in the layers' compute dtype). ``origin_type``
+    ``quant_flag=True``: the estimate runs on the model itself (adapters off), its bitsandbytes target
+    layers swapped for the estimate only for float layers holding the weights they actually apply
+    (``loralab.core.quant.dequantize_weight``, right also after bitsandbytes repacks its CPU weights;
+    in the layers' compute dtype): core's ``estimate_adapter_gradients``. ``origin_type``
     (validated) and ``quant_type`` are accepted for compatibility: both are read from the layers. ``no_split_module_classes`` is used with offload only and
     is accepted for compatibility.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     update_approximation(torch.zeros(1), lr)  # validates lr with the native message
-    est_model = model
     if quant_flag:
         if origin_type not in _DTYPES:
             raise ValueError(f"origin_type must be one of {sorted(_DTYPES)}, got {origin_type!r}")
-        from loralab.lora_sb.model import _dequantized_twin
-
-        est_model = _dequantized_twin(
-            # base_model.model: the wrapped transformers model
-            cast(nn.Module, model.base_model.model) if isinstance(model, PeftModel) else model
-        )
-    targets = resolve_targets(est_model, target_modules)
+        # names as in the un-wrapped model (a PeftModel's LoRA wrappers stand for their base layers)
+        base = model.get_base_model() if isinstance(model, PeftModel) else model
+        targets = resolve_targets(base, target_modules)
+    else:
+        targets = resolve_targets(model, target_modules)
     out: dict[str, Tensor] = {}
 
     def consumer(name: str, grad: Tensor) -> None:
@@ -131,14 +130,26 @@ def estimate_and_process_grads_torch(
             targets[name].module, update_approximation(grad, lr)
         ).contiguous()
 
-    estimate_gradients(
-        est_model,
-        _first_samples(dataloader, num_samples),
-        targets,
-        loss_fn=loss_fn,
-        consumer=consumer,
-        progress=progress,
-    )
+    if quant_flag:
+        # core's adapter estimation: adapters off, quantized targets on float copies of their
+        # dequantized weights (in their compute dtype), at the quantized model's own point
+        estimate_adapter_gradients(
+            model,
+            _first_samples(dataloader, num_samples),
+            consumer,
+            layer_names=list(targets),
+            loss_fn=loss_fn,
+            progress=progress,
+        )
+    else:
+        estimate_gradients(
+            model,
+            _first_samples(dataloader, num_samples),
+            targets,
+            loss_fn=loss_fn,
+            consumer=consumer,
+            progress=progress,
+        )
     return out
 
 

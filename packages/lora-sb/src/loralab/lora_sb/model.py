@@ -27,13 +27,10 @@ from typing import Any, Protocol, cast
 
 import torch
 from peft import PeftModel, get_peft_model
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 
-from loralab.core.gradients import estimate_gradients
-from loralab.core.quant import check_fsdp_quantized, dequantize_weight
-from loralab.core.sharding import is_dtensor
-from loralab.core.targets import LayerKind, TargetLayer, layer_kind
+from loralab.core.adapter_gradients import estimate_adapter_gradients
+from loralab.core.quant import check_fsdp_quantized
 from loralab.lora_sb.config import LoraSBConfig
 from loralab.lora_sb.layer import (
     LoraSBLayerMixin,
@@ -186,9 +183,11 @@ def initialize_lora_sb_weights(
         loss_fn: ``loss_fn(model, batch) -> loss``; default ``model(**batch).loss``.
         num_batches: use at most this many batches.
         estimation_model: a float model of the same architecture to estimate the gradients on (same
-            module names as the un-wrapped model), e.g. the float checkpoint of a 4-bit model. When
-            omitted and targets are quantized, the estimate runs on a copy of the model whose
-            bitsandbytes layers are float layers holding the dequantized weights.
+            module names as the un-wrapped model), e.g. the float checkpoint of a 4-bit model; its
+            targets must be float. When omitted and targets are quantized, the estimate runs on the
+            model itself with each quantized target swapped, for the estimate only, for a float
+            layer holding its dequantized weight in its compute dtype (the model's own point; no
+            copy of the rest of the model).
         offload: block-wise gradient estimation (``estimate_gradients(offload=True)``).
         progress: tqdm bar on the main process.
 
@@ -209,6 +208,10 @@ def initialize_lora_sb_weights(
     (:func:`loralab.core.distributed.gathered_zero3_model`) and ``B``, ``R``, ``A`` are written into
     the partitioned parameters; ``offload=True`` and a model already hooked by ``deepspeed.initialize``
     raise.
+
+    Estimation is core's :func:`~loralab.core.adapter_gradients.estimate_adapter_gradients`; its
+    ``GradientEstimationError`` also names an ``estimation_model`` layer that is missing, quantized
+    or of another shape.
     """
     if lr is None:
         raise ValueError(
@@ -227,66 +230,19 @@ def initialize_lora_sb_weights(
     def consumer(name: str, grad: Tensor) -> None:
         consume(name, update_approximation(grad, lr, cfg.update_approximation))
 
-    quantized = {
-        n: m
-        for n, m in layers.items()
-        if layer_kind(m.get_base_layer()) in ("linear4bit", "linear8bit")
-    }
-    if estimation_model is not None:
-        targets = _targets_in(estimation_model, layers)
-        estimate_gradients(
-            estimation_model,
-            batches,
-            targets,
-            num_batches=num_batches,
-            loss_fn=loss_fn,
-            consumer=consumer,
-            offload=offload,
-            progress=progress,
-        )
-    elif quantized:
-        logger.info(
-            "LoRA-SB: %d quantized targets; estimating on a copy with dequantized float weights",
-            len(quantized),
-        )
-        twin = _dequantized_twin(_inner_model(model))
-        estimate_gradients(
-            twin,
-            batches,
-            _targets_in(twin, layers),
-            num_batches=num_batches,
-            loss_fn=loss_fn,
-            consumer=consumer,
-            offload=offload,
-            progress=progress,
-        )
-        del twin
-    else:
-        # Target names as seen from the PeftModel itself ("base_model.model." + un-wrapped name): the
-        # offloaded estimator matches targets to decoder blocks by these names.
-        prefix = "base_model.model."
-        targets = {
-            # LoRA-SB layers only wrap adaptable kinds, so layer_kind is never None here
-            prefix + n: TargetLayer(
-                prefix + n, m.get_base_layer(), cast(LayerKind, layer_kind(m.get_base_layer()))
-            )
-            for n, m in layers.items()
-        }
-
-        def unprefixed(name: str, grad: Tensor) -> None:
-            consumer(name[len(prefix) :], grad)
-
-        with model.disable_adapter():
-            estimate_gradients(
-                model,
-                batches,
-                targets,
-                num_batches=num_batches,
-                loss_fn=loss_fn,
-                consumer=unprefixed,
-                offload=offload,
-                progress=progress,
-            )
+    # core's one estimation path: adapters off, names of the base model, quantized targets estimated
+    # at the model's own point on float copies of their dequantized weights (or on estimation_model)
+    estimate_adapter_gradients(
+        model,
+        batches,
+        consumer,
+        layer_names=list(layers),
+        estimation_model=estimation_model,
+        loss_fn=loss_fn,
+        num_batches=num_batches,
+        offload=offload,
+        progress=progress,
+    )
     missing = sorted(set(layers) - consume.done)
     if missing:
         raise LoraSBInitError(
@@ -294,66 +250,6 @@ def initialize_lora_sb_weights(
         )
     logger.info("LoRA-SB: initialised %d layers of adapter %s", len(layers), adapter_name)
     return model
-
-
-def _dequantized_twin(inner: nn.Module) -> nn.Module:
-    """A copy of ``inner`` with every bitsandbytes layer replaced by a float ``nn.Linear`` (its dequantized
-    weight, in the dtype it was quantized from) and every adapter disabled: its gradients are those at
-    the quantized model's own point. Only the non-quantized parts (embeddings, norms, head) are copied.
-    """
-    import copy
-
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    if any(is_dtensor(p) for p in inner.parameters()):
-        # a deep copy of an FSDP2 model would share its shards and hooks: the float copy must be
-        # made before sharding, by the caller
-        raise LoraSBInitError(
-            "LoRA-SB: the quantized targets of an FSDP2-sharded model need a float copy to estimate on: pass "
-            "estimation_model=loralab.core.quant.load_float_model_for_estimation(path_or_quantized_model), "
-            "made on every rank before fully_shard (offload=True streams it block by block)"
-        )
-
-    from loralab.lora_sb.layer import _factor_dtype
-
-    memo: dict[int, Any] = {}
-    for mod in inner.modules():
-        # PEFT's LoRA wrapper classes are also named Linear4bit: skip them, take the bitsandbytes layers.
-        if isinstance(mod, BaseTunerLayer) or layer_kind(mod) not in ("linear4bit", "linear8bit"):
-            continue
-        mod = cast(nn.Linear, mod)  # bitsandbytes' Linear4bit and Linear8bitLt subclass nn.Linear
-        dtype = _factor_dtype(mod)
-        lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device="meta")
-        # the weight the layer applies (core reads a 4-bit layer right after bitsandbytes' CPU repacking)
-        lin.weight = nn.Parameter(dequantize_weight(mod, dtype), requires_grad=False)
-        if mod.bias is not None:
-            lin.bias = nn.Parameter(mod.bias.detach().to(dtype).clone(), requires_grad=False)
-        memo[id(mod)] = lin
-    twin = copy.deepcopy(inner, memo)
-    for mod in twin.modules():
-        if isinstance(mod, BaseTunerLayer):
-            mod.enable_adapters(False)
-    return twin
-
-
-def _targets_in(model: nn.Module, layers: Mapping[str, nn.Module]) -> dict[str, TargetLayer]:
-    targets = {}
-    for name in layers:
-        try:
-            mod = model.get_submodule(name)
-        except AttributeError as e:
-            raise LoraSBInitError(
-                f"estimation_model has no module {name!r} (it must have the same architecture)"
-            ) from e
-        if hasattr(mod, "get_base_layer"):
-            mod = cast(BaseTunerLayer, mod).get_base_layer()  # a PEFT tuner layer
-        kind = layer_kind(mod)
-        if kind is None or kind in ("linear4bit", "linear8bit"):
-            raise LoraSBInitError(
-                f"estimation_model's {name!r} is {type(mod).__name__}; it must be a float Linear/Conv1D"
-            )
-        targets[name] = TargetLayer(name, mod, kind)
-    return targets
 
 
 def get_lora_sb_model(
