@@ -151,6 +151,13 @@ def test_every_rank_prints_its_engine(small_glue):
     args = parse_args(GlueArgs, glue_argv(model, root, root / "e", 4))
     line = engine_line(build_engine(args))
     assert line == "[loralab.runners] rank 0/1: engine accelerate (NO) on cpu"
+    engine = object.__new__(FSDP2Engine)  # the FSDP2 line without a process group
+    engine.rank, engine.world_size, engine.device = 1, 2, torch.device("cpu")
+    engine.bf16, engine.reshard_after_forward, engine.launcher = True, False, "accelerate"
+    assert engine_line(engine) == (
+        "[loralab.runners] rank 1/2: engine fsdp2 (fully_shard, no reshard after forward, bf16 "
+        "params, fp32 reduce; launched by accelerate) on cpu"
+    )
 
 
 def test_fsdp2_engine_needs_a_launcher(monkeypatch):
@@ -248,6 +255,22 @@ def test_accelerate_fsdp_yaml_is_read_and_refuses_unsharded_methods(
         match=r"--method lora-xs does not run under accelerate launch with an FSDP config",
     ):
         glue.main(argv)
+
+
+def test_metamath_evaluation_only_refuses_fsdp(small_glue, monkeypatch):
+    from loralab.runners import metamath
+
+    model, root = small_glue
+    argv = ["--model_name_or_path", model, "--train_file", "x.json", "--eval_file", "y.jsonl", "--output_dir",
+            str(root / "mm"), "--do_train", "false"]  # fmt: skip
+    with pytest.raises(ValueError, match=r"^--fsdp full_shard shards training; --do_train false"):
+        metamath.main([*argv, "--fsdp", "full_shard"])
+    for k, v in FSDP_YAML_ENV.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(
+        ValueError, match=r"^accelerate launch with an FSDP config .* shards training"
+    ):
+        metamath.main(argv)
 
 
 def test_fsdp2_engine_refuses_wrap_classes_the_model_lacks():
@@ -582,36 +605,39 @@ def test_glue_lora_and_galore_under_accelerate_fsdp2_yaml_equal_one_process(smal
 def test_glue_deepspeed_zero3_resume_gives_the_uninterrupted_losses(small_glue, helpers):
     # --deepspeed zero3 (parameters, gradients and optimizer state partitioned) under the deepspeed
     # launcher: equal to one process, and a run resumed from its step-2 checkpoint (DeepSpeed's own
-    # layout) continues with the uninterrupted run's losses and adapter exactly
+    # layout, through accelerate) continues with the uninterrupted run's losses and adapter exactly.
+    # One launch: the uninterrupted run, a copy of it as an interruption after checkpoint-2 leaves it
+    # (no checkpoint-3, no final/), and the resume
     from safetensors.torch import load_file
 
     model, root = small_glue
     zero3 = ["--deepspeed", "zero3", "--save_steps", "2"]
-    ds = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--module",
-          "loralab.runners.glue"]  # fmt: skip
-
-    def deepspeed(argv: list[str]) -> str:
-        cmd = [*ds[:5], "--master_port", str(helpers.free_port()), *ds[5:], *argv]
-        return launch(cmd, root)
-
-    out = root / "zero3"
-    log = deepspeed(_method_argv(model, root, out, 2, "lora", *zero3))
+    out, resumed = root / "zero3", root / "resumed"
+    runs = [
+        ("glue", _method_argv(model, root, out, 2, "lora", *zero3)),
+        ("copy_run", [str(out), str(resumed)]),
+        ("glue", _method_argv(model, root, resumed, 2, "lora", *zero3, "--resume_from_checkpoint", "latest")),
+    ]  # fmt: skip
+    (root / "runs.json").write_text(json.dumps(runs))
+    worker = Path(__file__).with_name("runners_fsdp_worker.py")
+    log = launch([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+                  str(helpers.free_port()), str(worker), str(root / "runs.json")], root)  # fmt: skip
     for r in (0, 1):
         assert f"[loralab.runners] rank {r}/2: engine accelerate + DeepSpeed ZeRO-3 on cpu" in log
+    assert (
+        json.loads((out / "launch.json").read_text())["deepspeed_config"]["zero_optimization"][
+            "stage"
+        ]
+        == 3
+    )
     single = root / "single"
     glue.main(_method_argv(model, root, single, 4, "lora"))
     got = [r["loss"] for r in records(out, "train")]
     want = [r["loss"] for r in records(single, "train")]
     assert len(got) == STEPS and got == pytest.approx(want, rel=LOSS_RTOL)
     assert abs(want[1] - want[0]) > 100 * LOSS_RTOL * abs(want[0])
-
-    resumed = root / "resumed"
-    shutil.copytree(out, resumed, ignore=shutil.ignore_patterns("final"))
-    assert (resumed / "checkpoint-2").is_dir() and not (resumed / "checkpoint-3").exists()
-    deepspeed(_method_argv(model, root, resumed, 2, "lora", *zero3, "--resume_from_checkpoint", "latest"))  # fmt: skip
-    assert [
-        r["loss"] for r in records(resumed, "train")
-    ] == got  # step 3 recomputed after the resume
+    # step 3 recomputed after the resume (the records up to the checkpoint are kept)
+    assert [r["loss"] for r in records(resumed, "train")] == got
     a = load_file(str(out / "final" / "adapter_model.safetensors"))
     c = load_file(str(resumed / "final" / "adapter_model.safetensors"))
     assert sorted(a) == sorted(c) and all(torch.equal(c[k], a[k]) for k in a)
