@@ -602,6 +602,9 @@ def test_glue_lora_and_galore_under_accelerate_fsdp2_yaml_equal_one_process(smal
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
+# two trainings in one deepspeed launch; on a loaded 2-core machine the launcher and the imports alone
+# took 3 minutes per launch (measured), so the suite's 900 s would cut it off
+@pytest.mark.timeout(1800)
 def test_glue_deepspeed_zero3_resume_gives_the_uninterrupted_losses(small_glue, helpers):
     # --deepspeed zero3 (parameters, gradients and optimizer state partitioned) under the deepspeed
     # launcher: equal to one process, and a run resumed from its step-2 checkpoint (DeepSpeed's own
