@@ -3,19 +3,34 @@
 One launch runs several trainings one after the other (each ``[recipe, argv]``: ``loralab.runners.<recipe>
 .main(argv)``, ``--fsdp full_shard`` in the argv), the process group made once and reused, so that several
 runs share the launcher's start-up cost. Usage: ``runners_fsdp_worker.py RUNS.json`` (a JSON list of
-``[recipe, argv]`` pairs).
+``[recipe, argv]`` pairs; ``["copy_run", [src, dst]]`` copies a run directory without ``final/`` on rank
+0, as an interrupted run leaves it, for a ``--resume_from_checkpoint`` run that follows). Also run by
+the ``deepspeed`` launcher.
 """
 
 import importlib
 import json
+import shutil
 import sys
 from pathlib import Path
 
 
 def main(runs: str) -> None:
     for recipe, argv in json.loads(Path(runs).read_text()):
+        if (
+            recipe == "copy_run"
+        ):  # [src, dst]: an interrupted run (no final/), for a resume that follows
+            import torch.distributed as dist
+
+            if dist.get_rank() == 0:
+                shutil.copytree(
+                    argv[0], argv[1], ignore=shutil.ignore_patterns("final", "checkpoint-3")
+                )
+            dist.barrier()
+            continue
         importlib.import_module(f"loralab.runners.{recipe}").main(argv)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    # the deepspeed launcher appends --local_rank=N (LOCAL_RANK is read)
+    main(next(a for a in sys.argv[1:] if not a.startswith("--local_rank")))

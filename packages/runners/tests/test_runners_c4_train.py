@@ -3,7 +3,8 @@
 - one short single-process run per method: AdamW, GaLore, GoLore (SVD then random projectors) and the
   ReLoRA-structure path (``--use_peft --golore``);
 - exact resume: stop at a checkpoint, ``--autoresume``, the loss curve continues bit for bit;
-- the same runs under ``torchrun --nproc-per-node 2`` (DDP, gloo) and ``deepspeed --num_gpus 2``
+- the same runs under ``torchrun --nproc-per-node 2`` (DDP, gloo; and FSDP2 with ``--fsdp full_shard``
+  for AdamW, GaLore and GoLore, which also resumes exactly) and ``deepspeed --num_gpus 2``
   (ZeRO-1/2 for AdamW, stage 0 for the subspace methods) give the single-process losses on the same
   global batch: the single-process reference reads the same two data streams
   (``--data_streams 2``, two accumulated micro-batches of 4 = one micro-batch of 4 on each of 2 ranks).
@@ -263,7 +264,7 @@ def test_results_table_lists_every_run(single, tmp_path, capsys):
         main(["table", str(tmp_path / "empty")])
 
 
-def _launch(cmd: list[str], runs: list[list[str]], tmp_path: Path) -> None:
+def _launch(cmd: list[str], runs: list[list[str]], tmp_path: Path) -> str:
     runs_file = tmp_path / "runs.json"
     runs_file.write_text(json.dumps(runs))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -271,6 +272,7 @@ def _launch(cmd: list[str], runs: list[list[str]], tmp_path: Path) -> None:
         [*cmd, str(WORKER), str(runs_file)], env=env, capture_output=True, text=True, timeout=1500
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+    return proc.stdout + proc.stderr
 
 
 def _assert_same_run(run_dir: Path, ref_dir: Path) -> None:
@@ -347,3 +349,74 @@ def test_deepspeed_two_processes_match_single_process(setup, single, tmp_path):
         _assert_same_run(out, single(method)[0])
         assert json.loads((out / "run_summary.json").read_text())["deepspeed"]
         assert (out / "checkpoint-6" / "deepspeed").is_dir()
+
+
+def test_fsdp_refuses_what_it_cannot_shard_before_the_model_loads(setup, tmp_path):
+    from loralab.runners.methods import MethodError
+
+    with pytest.raises(
+        MethodError,
+        match=r"--use_peft --golore \(golore-relora\) does not run under --fsdp full_shard yet: "
+        r"drop --fsdp .*or use --optimizer golore_adamw",
+    ):
+        parse_args(_argv(setup, tmp_path / "a", "relora", "--fsdp", "full_shard"))
+    with pytest.raises(
+        ValueError, match=r"--fsdp supports only 'full_shard' \(FSDP2\), got 'hybrid'"
+    ):
+        parse_args(_argv(setup, tmp_path / "b", "adamw", "--fsdp", "hybrid"))
+    with pytest.raises(
+        ValueError, match=r"--fsdp full_shard cannot be combined with --deepspeed_config"
+    ):
+        parse_args(_argv(setup, tmp_path / "c", "adamw", "--fsdp", "full_shard", "--deepspeed_config", "ds.json"))  # fmt: skip
+
+
+def test_every_rank_prints_its_engine_line():
+    from loralab.runners.loop import DeepSpeedEngine, TorchEngine, engine_line
+
+    assert engine_line(TorchEngine(device="cpu")) == (
+        "[loralab.runners] rank 0/1: engine torch (one process) on cpu"
+    )
+    ds = DeepSpeedEngine({"zero_optimization": {"stage": 2}}, device="cpu")
+    assert engine_line(ds) == "[loralab.runners] rank 0/1: engine deepspeed ZeRO-2 on cpu"
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_fsdp_two_processes_match_single_process_and_resume_exactly(setup, single, tmp_path):
+    # --fsdp full_shard: every weight a DTensor row shard; AdamW element-wise on the shards, GaLore /
+    # GoLore project the row shards (their SVD / random projectors from the gathered matrix). GoLore is
+    # also stopped at its step-3 checkpoint and resumed (projectors, moments, step counters and the
+    # random-projector RNG restored) in the same launch
+    runs = {m: tmp_path / m for m in ("adamw", "galore", "golore")}
+    fsdp = ["--fsdp", "full_shard"]
+    argvs = [_argv(setup, out, m, *fsdp) for m, out in runs.items()]
+    resumed = tmp_path / "golore_resumed"
+    argvs += [
+        _argv(setup, resumed, "golore", *fsdp, "--stop_at_step", str(SAVE_EVERY)),
+        _argv(setup, resumed, "golore", *fsdp, "--autoresume"),
+    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(free_port())]  # fmt: skip
+    log = _launch(cmd, argvs, tmp_path)
+    for r in (0, 1):  # every rank says which engine ran
+        assert (
+            f"[loralab.runners] rank {r}/2: engine fsdp2 (fully_shard, reshard after forward; "
+            "launched by torchrun) on cpu"
+        ) in log
+    for method, out in runs.items():
+        _assert_same_run(out, single(method)[0])
+        summary = json.loads((out / "run_summary.json").read_text())
+        assert summary["engine"] == "fsdp2"
+        assert {p.name for p in (out / "checkpoint-6").iterdir()} >= {
+            "model", "optimizer_rank0.pt", "optimizer_rank1.pt", "rng_state_rank0.pt", "rng_state_rank1.pt",
+        }  # fmt: skip
+        # final_model/ is the whole model gathered from the shards: a plain LlamaForCausalLM
+        _check_final_model(out, summary)
+    state = torch.load(resumed / "checkpoint-3" / "optimizer_rank1.pt", weights_only=True)
+    keys = {k for st in state["state"].values() for k in st}
+    assert {"exp_avg", "step"} <= keys and any(k.startswith("proj") for k in keys), keys
+    ref = json.loads((runs["golore"] / "run_summary.json").read_text())
+    got = json.loads((resumed / "run_summary.json").read_text())
+    assert got["finished"] and _train_losses(resumed) == _train_losses(runs["golore"])
+    assert got["final_eval_loss"] == ref["final_eval_loss"]
+    assert got["n_projector_resets"] == ref["n_projector_resets"]

@@ -144,12 +144,20 @@ def test_sharded_engines_capability():
 def test_every_rank_prints_its_engine(small_glue):
     from loralab.runners.arguments import parse_args
     from loralab.runners.glue import GlueArgs
-    from loralab.runners.loop.finetune import _engine_line, build_engine
+    from loralab.runners.loop.engine import engine_line
+    from loralab.runners.loop.finetune import build_engine
 
     model, root = small_glue
     args = parse_args(GlueArgs, glue_argv(model, root, root / "e", 4))
-    line = _engine_line(build_engine(args))
+    line = engine_line(build_engine(args))
     assert line == "[loralab.runners] rank 0/1: engine accelerate (NO) on cpu"
+    engine = object.__new__(FSDP2Engine)  # the FSDP2 line without a process group
+    engine.rank, engine.world_size, engine.device = 1, 2, torch.device("cpu")
+    engine.bf16, engine.reshard_after_forward, engine.launcher = True, False, "accelerate"
+    assert engine_line(engine) == (
+        "[loralab.runners] rank 1/2: engine fsdp2 (fully_shard, no reshard after forward, bf16 "
+        "params, fp32 reduce; launched by accelerate) on cpu"
+    )
 
 
 def test_fsdp2_engine_needs_a_launcher(monkeypatch):
@@ -187,6 +195,95 @@ def test_accelerate_fsdp_plugin_is_refused(monkeypatch):
         build_accelerator(args)
 
 
+# what `accelerate launch --config_file configs/accelerate/fsdp2.yaml` puts in each process's environment
+FSDP_YAML_ENV = {
+    "ACCELERATE_USE_FSDP": "true",
+    "FSDP_VERSION": "2",
+    "FSDP_RESHARD_AFTER_FORWARD": "true",
+    "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+    "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT",
+    "FSDP_OFFLOAD_PARAMS": "false",
+    "FSDP_CPU_RAM_EFFICIENT_LOADING": "false",
+    "FSDP_ACTIVATION_CHECKPOINTING": "false",
+    "ACCELERATE_MIXED_PRECISION": "no",
+}
+
+
+@pytest.mark.parametrize(
+    ("env", "extra", "message"),
+    [
+        ({"FSDP_VERSION": "1"}, [], r"only FSDP2 is supported, set fsdp_version: 2, got fsdp_version 1"),
+        ({"FSDP_OFFLOAD_PARAMS": "true"}, [], r"fsdp_offload_params is not supported, got fsdp_offload_params: true"),
+        ({"FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}, [], r"fsdp_cpu_ram_efficient_loading is not supported"),
+        ({"FSDP_ACTIVATION_CHECKPOINTING": "true"}, [], r"fsdp_activation_checkpointing is not supported \(use --gradient_checkpointing true\)"),
+        ({"FSDP_AUTO_WRAP_POLICY": "SIZE_BASED_WRAP"}, [], r"must be TRANSFORMER_BASED_WRAP .*got fsdp_auto_wrap_policy SIZE_BASED_WRAP"),
+        ({"FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT"}, [], r"must be SHARDED_STATE_DICT .*got fsdp_state_dict_type FULL_STATE_DICT"),
+        ({"ACCELERATE_MIXED_PRECISION": "fp16"}, [], r"mixed_precision must be 'no' or 'bf16', got 'fp16'"),
+        ({"ACCELERATE_MIXED_PRECISION": "bf16"}, [], r"has mixed_precision: bf16: pass --bf16 true, got --bf16 false"),
+        ({}, ["--fsdp", "full_shard"], r"already shards with FSDP2: drop --fsdp, got --fsdp full_shard"),
+        ({}, ["--deepspeed", "zero2"], r"accelerate launch with an FSDP config .* cannot be combined with --deepspeed"),
+    ],
+)  # fmt: skip
+def test_accelerate_fsdp_yaml_settings_it_cannot_honour_are_refused(
+    small_glue, monkeypatch, env, extra, message
+):
+    model, root = small_glue
+    for k, v in {**FSDP_YAML_ENV, **env}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValueError, match=message):
+        glue.main(glue_argv(model, root, root / "o", 4, *extra))
+
+
+def test_accelerate_fsdp_yaml_is_read_and_refuses_unsharded_methods(
+    small_glue, helpers, monkeypatch
+):
+    from loralab.runners.launch import FSDPLaunch, accelerate_fsdp
+
+    assert accelerate_fsdp() is None  # not launched by accelerate with an FSDP config
+    model, root = small_glue
+    for k, v in FSDP_YAML_ENV.items():
+        monkeypatch.setenv(k, v)
+    assert accelerate_fsdp() == FSDPLaunch(reshard_after_forward=True, wrap_classes=None)
+    monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "false")
+    monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", "RobertaLayer,RobertaEmbeddings")
+    assert accelerate_fsdp() == FSDPLaunch(False, ("RobertaLayer", "RobertaEmbeddings"))
+    argv = ["--model_name_or_path", model, "--task_name", "sst2", "--train_file", str(root / "train.jsonl"),
+            "--validation_file", str(root / "val.jsonl"), "--output_dir", str(root / "xs"), "--max_steps", "1",
+            "--method", "lora-xs", *helpers.method_flags("lora-xs")]  # fmt: skip
+    with pytest.raises(
+        MethodError,
+        match=r"--method lora-xs does not run under accelerate launch with an FSDP config",
+    ):
+        glue.main(argv)
+
+
+def test_metamath_evaluation_only_refuses_fsdp(small_glue, monkeypatch):
+    from loralab.runners import metamath
+
+    model, root = small_glue
+    argv = ["--model_name_or_path", model, "--train_file", "x.json", "--eval_file", "y.jsonl", "--output_dir",
+            str(root / "mm"), "--do_train", "false"]  # fmt: skip
+    with pytest.raises(ValueError, match=r"^--fsdp full_shard shards training; --do_train false"):
+        metamath.main([*argv, "--fsdp", "full_shard"])
+    for k, v in FSDP_YAML_ENV.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(
+        ValueError, match=r"^accelerate launch with an FSDP config .* shards training"
+    ):
+        metamath.main(argv)
+
+
+def test_fsdp2_engine_refuses_wrap_classes_the_model_lacks():
+    engine = object.__new__(FSDP2Engine)  # no process group needed to reach the check
+    engine.bf16, engine.reshard_after_forward, engine.device = False, True, torch.device("cpu")
+    engine.wrap_classes = ("LlamaDecoderLayer",)
+    with pytest.raises(
+        ValueError,
+        match=r"fsdp_transformer_layer_cls_to_wrap names classes the model does not have: \['LlamaDecoderLayer'\]",
+    ):
+        engine.shard(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_glue_lora_pro_fsdp_two_ranks_equal_one_process_and_resume_exactly(small_glue, helpers):
@@ -197,7 +294,10 @@ def test_glue_lora_pro_fsdp_two_ranks_equal_one_process_and_resume_exactly(small
     log = torchrun(glue_argv(model, root, out, 2, "--fsdp", "full_shard", "--save_steps", "2"), root,
                    helpers.free_port())  # fmt: skip
     for r in (0, 1):  # every rank says which engine ran
-        assert f"[loralab.runners] rank {r}/2: engine fsdp2 (fully_shard) on cpu" in log
+        assert (
+            f"[loralab.runners] rank {r}/2: engine fsdp2 (fully_shard, reshard after forward; launched by torchrun) on cpu"
+            in log
+        )
     launch = json.loads((out / "launch.json").read_text())
     assert (launch["engine"], launch["num_processes"], launch["backend"]) == ("fsdp2", 2, "gloo")
     got = [r["loss"] for r in records(out, "train")]
@@ -272,7 +372,10 @@ def test_glue_lora_lora_fa_and_full_fine_tuning_under_fsdp_equal_one_process(sma
     out = root / "fsdp" / "lora-bf16"
     launch = json.loads((out / "launch.json").read_text())
     assert launch["mixed_precision"] == "bf16 (param bfloat16, reduce float32)"
-    assert "engine fsdp2 (fully_shard, bf16 params, fp32 reduce)" in log
+    assert (
+        "engine fsdp2 (fully_shard, reshard after forward, bf16 params, fp32 reduce; launched by torchrun)"
+        in log
+    )
     got = [r["loss"] for r in records(out, "train")]
     want = [r["loss"] for r in records(root / "single" / "lora", "train")]
     assert got == pytest.approx(want, rel=BF16_LOSS_RTOL)
@@ -405,7 +508,7 @@ def test_glue_galore_and_golore_under_fsdp_equal_one_process_and_resume_exactly(
     fsdp = ["--fsdp", "full_shard", "--save_steps", "2"]
     runs = [_method_argv(model, root, root / "fsdp" / m, 2, m, *f, *fsdp) for m, f in flags.items()]
     log = run_worker([("glue", argv) for argv in runs], root, helpers.free_port())
-    assert "engine fsdp2 (fully_shard)" in log
+    assert "engine fsdp2 (fully_shard, reshard after forward; launched by torchrun)" in log
     from safetensors.torch import load_file
 
     for m, f in flags.items():
@@ -438,3 +541,106 @@ def test_glue_galore_and_golore_under_fsdp_equal_one_process_and_resume_exactly(
     a = load_file(str(root / "fsdp" / "galore" / "final" / "model.safetensors"))
     c = load_file(str(resumed / "final" / "model.safetensors"))
     assert all(torch.equal(c[k], a[k]) for k in a)
+
+
+def launch(cmd: list[str], cwd: Path, timeout: int = TIMEOUT) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    return proc.stdout + proc.stderr
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_glue_lora_and_galore_under_accelerate_fsdp2_yaml_equal_one_process(small_glue, helpers):
+    # `accelerate launch --config_file configs/accelerate/fsdp2.yaml`: the plugin's settings, the same
+    # FSDP2 engine as --fsdp full_shard (sharded before the method's optimizer is built); LoRA with
+    # torch's AdamW on the DTensor shards, GaLore's projected optimizer on the row shards
+    from safetensors.torch import load_file
+
+    model, root = small_glue
+    flags = {"lora": [], "galore": ["--galore_rank", "4", "--update_proj_gap", "2"]}
+    runs = [
+        ("glue", _method_argv(model, root, root / "acc" / m, 2, m, *f)) for m, f in flags.items()
+    ]
+    (root / "runs.json").write_text(json.dumps(runs))
+    yaml_path = Path(__file__).parents[1] / "configs" / "accelerate" / "fsdp2.yaml"
+    worker = Path(__file__).with_name("runners_fsdp_worker.py")
+    log = launch([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(yaml_path),
+                  "--num_processes", "2", "--main_process_port", str(helpers.free_port()), str(worker),
+                  str(root / "runs.json")], root)  # fmt: skip
+    for r in (0, 1):  # every rank says which engine ran, its reshard policy and the launcher
+        assert (
+            f"[loralab.runners] rank {r}/2: engine fsdp2 (fully_shard, reshard after forward; "
+            "launched by accelerate) on cpu"
+        ) in log
+    for m, f in flags.items():
+        out, single = root / "acc" / m, root / "single" / m
+        launch_info = json.loads((out / "launch.json").read_text())
+        assert (launch_info["engine"], launch_info["launcher"], launch_info["num_processes"]) == (
+            "fsdp2", "accelerate", 2,
+        )  # fmt: skip
+        expected = glue.main(_method_argv(model, root, single, 4, m, *f))
+        got = [r["loss"] for r in records(out, "train")]
+        want = [r["loss"] for r in records(single, "train")]
+        assert len(got) == STEPS and got == pytest.approx(want, rel=LOSS_RTOL), m
+        assert abs(want[1] - want[0]) > 100 * LOSS_RTOL * abs(want[0]), m
+        assert records(out, "summary")[0]["eval_accuracy"] == expected["accuracy"], m
+        name = "adapter_model.safetensors" if m == "lora" else "model.safetensors"
+        a, b = load_file(str(out / "final" / name)), load_file(str(single / "final" / name))
+        assert sorted(a) == sorted(b), m
+        err = max(rel_error(a[k], b[k]) for k in b)
+        assert err < (ADAPTER_RTOL if m == "lora" else GALORE_RTOL), (m, err)
+        # final/ reloads the bare way (PeftModel on the original base; AutoModel for full weights)
+        reloaded = helpers.reload_final(model, out / "final", "AutoModelForSequenceClassification")
+        got_sd = {k: v for k, v in reloaded.state_dict().items()}
+        if m == "galore":
+            assert all(torch.equal(got_sd[k], a[k]) for k in a if k in got_sd)
+        else:
+            assert any("lora_B" in n for n, _ in reloaded.named_parameters())
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+# two trainings in one deepspeed launch; on a loaded 2-core machine the launcher and the imports alone
+# took 3 minutes and one ZeRO-3 training 9 minutes (measured), so the suite's 900 s would cut it off
+@pytest.mark.timeout(2400)
+def test_glue_deepspeed_zero3_resume_gives_the_uninterrupted_losses(small_glue, helpers):
+    # --deepspeed zero3 (parameters, gradients and optimizer state partitioned) under the deepspeed
+    # launcher: equal to one process, and a run resumed from its step-2 checkpoint (DeepSpeed's own
+    # layout, through accelerate) continues with the uninterrupted run's losses and adapter exactly.
+    # One launch: the uninterrupted run, a copy of it as an interruption after checkpoint-2 leaves it
+    # (no checkpoint-3, no final/), and the resume
+    from safetensors.torch import load_file
+
+    model, root = small_glue
+    zero3 = ["--deepspeed", "zero3", "--save_steps", "2"]
+    out, resumed = root / "zero3", root / "resumed"
+    runs = [
+        ("glue", _method_argv(model, root, out, 2, "lora", *zero3)),
+        ("copy_run", [str(out), str(resumed)]),
+        ("glue", _method_argv(model, root, resumed, 2, "lora", *zero3, "--resume_from_checkpoint", "latest")),
+    ]  # fmt: skip
+    (root / "runs.json").write_text(json.dumps(runs))
+    worker = Path(__file__).with_name("runners_fsdp_worker.py")
+    log = launch([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+                  str(helpers.free_port()), str(worker), str(root / "runs.json")], root, timeout=1700)  # fmt: skip
+    for r in (0, 1):
+        assert f"[loralab.runners] rank {r}/2: engine accelerate + DeepSpeed ZeRO-3 on cpu" in log
+    assert (
+        json.loads((out / "launch.json").read_text())["deepspeed_config"]["zero_optimization"][
+            "stage"
+        ]
+        == 3
+    )
+    single = root / "single"
+    glue.main(_method_argv(model, root, single, 4, "lora"))
+    got = [r["loss"] for r in records(out, "train")]
+    want = [r["loss"] for r in records(single, "train")]
+    assert len(got) == STEPS and got == pytest.approx(want, rel=LOSS_RTOL)
+    assert abs(want[1] - want[0]) > 100 * LOSS_RTOL * abs(want[0])
+    # step 3 recomputed after the resume (the records up to the checkpoint are kept)
+    assert [r["loss"] for r in records(resumed, "train")] == got
+    a = load_file(str(out / "final" / "adapter_model.safetensors"))
+    c = load_file(str(resumed / "final" / "adapter_model.safetensors"))
+    assert sorted(a) == sorted(c) and all(torch.equal(c[k], a[k]) for k in a)

@@ -124,6 +124,7 @@ def test_accelerate_yaml_configs_load():
         "deepspeed_zero2": "DEEPSPEED",
         "deepspeed_zero3": "DEEPSPEED",
         "deepspeed_zero3_offload": "DEEPSPEED",
+        "fsdp2": "FSDP",
     }
     for stem in ("zero2", "zero3", "zero3_offload"):
         raw = yaml.safe_load((CONFIGS / "accelerate" / f"deepspeed_{stem}.yaml").read_text())

@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar, get_args, get_origin, get_type_hints
 
+from loralab.runners.launch import ACCELERATE_FSDP_YAML, accelerate_fsdp, fsdp_flag
 from loralab.runners.methods import (
     OPTIONS,
     add_method_arguments,
@@ -175,6 +176,19 @@ class TrainArgs:
             raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.learning_rate <= 0:
             raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}")
+        launch = (
+            accelerate_fsdp()
+        )  # accelerate launch with an FSDP2 YAML: the same engine as --fsdp
+        if launch is not None:
+            if self.fsdp is not None:
+                raise ValueError(
+                    f"{ACCELERATE_FSDP_YAML} already shards with FSDP2: drop --fsdp, got --fsdp {self.fsdp}"
+                )
+            if launch.mixed_precision == "bf16" and not self.bf16:
+                raise ValueError(
+                    f"{ACCELERATE_FSDP_YAML} has mixed_precision: bf16: pass --bf16 true, got --bf16 false"
+                )
+            self.fsdp = "full_shard"
         if self.fsdp is not None:
             if self.fsdp != "full_shard":
                 raise ValueError(f"--fsdp supports only 'full_shard' (FSDP2), got {self.fsdp!r}")
@@ -185,7 +199,7 @@ class TrainArgs:
             ):
                 if value:
                     raise ValueError(
-                        f"--fsdp full_shard cannot be combined with {flag} yet, got {flag} {value}"
+                        f"{fsdp_flag()} cannot be combined with {flag} yet, got {flag} {value}"
                     )
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""DeepSpeed configs (ZeRO-2, ZeRO-3, ZeRO-3 with CPU offload) and the filling of their "auto" values.
+"""DeepSpeed configs (ZeRO-2, ZeRO-3, ZeRO-3 with CPU offload) and the filling of their "auto" values;
+accelerate's FSDP2 plugin read from ``accelerate launch``'s environment (:func:`accelerate_fsdp`).
 
 The built-in configs are defined here once; ``packages/runners/configs/deepspeed/*.json`` are the
 same dicts written to disk (a test keeps them equal). ``--deepspeed zero2`` (or a JSON path) gets its
@@ -10,10 +11,20 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEEPSPEED_CONFIGS", "fill_deepspeed_config", "load_deepspeed_config", "zero_stage"]
+__all__ = [
+    "DEEPSPEED_CONFIGS",
+    "FSDPLaunch",
+    "accelerate_fsdp",
+    "fill_deepspeed_config",
+    "fsdp_flag",
+    "load_deepspeed_config",
+    "zero_stage",
+]
 
 _COMMON: dict[str, Any] = {
     "train_micro_batch_size_per_gpu": "auto",
@@ -142,3 +153,96 @@ def _walk(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
         else:
             out.append((f"{prefix}{k}", v))
     return out
+
+
+# --------------------------------------------------------------------------------------------- FSDP2
+ACCELERATE_FSDP_YAML = (
+    "accelerate launch with an FSDP config (packages/runners/configs/accelerate/fsdp2.yaml)"
+)
+"""How messages name an ``accelerate launch`` whose config has ``distributed_type: FSDP``."""
+
+
+@dataclass(frozen=True)
+class FSDPLaunch:
+    """The FSDP2 settings of an ``accelerate launch --config_file fsdp2.yaml`` run, as accelerate's
+    ``FullyShardedDataParallelPlugin`` read them from the launcher's environment.
+
+    ``reshard_after_forward``: ``fsdp_reshard_after_forward`` (true: full shard, the gathered weights are
+    freed after each block's forward and gathered again for its backward). ``wrap_classes``:
+    ``fsdp_transformer_layer_cls_to_wrap`` (``None``: the model's ``_no_split_modules``, as accelerate
+    does). ``mixed_precision``: the YAML's ``mixed_precision``.
+    """
+
+    reshard_after_forward: bool = True
+    wrap_classes: tuple[str, ...] | None = None
+    mixed_precision: str = "no"
+
+
+def fsdp_flag() -> str:
+    """How messages name the FSDP2 request of this process: ``--fsdp full_shard`` or the accelerate YAML."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return ACCELERATE_FSDP_YAML
+    return "--fsdp full_shard"
+
+
+def accelerate_fsdp() -> FSDPLaunch | None:
+    """The FSDP2 settings when ``accelerate launch`` started this process with an FSDP config, else ``None``.
+
+    accelerate's own ``Accelerator`` turns FSDP on only on GPUs (and other accelerators; on a CPU its
+    state stays ``MULTI_CPU``/``NO`` and the model would silently train as DDP or alone), and its FSDP2
+    ``prepare`` swaps the optimizer's parameters after sharding. The fine-tuning entrypoints instead
+    shard with these settings before the method's optimizer is built (:class:`loralab.runners.loop.
+    engine.FSDP2Engine`), on GPUs and CPUs alike. Options that engine cannot honour are refused here,
+    each naming its YAML key.
+
+    Example:
+        >>> import os
+        >>> os.environ.pop("ACCELERATE_USE_FSDP", None) and None
+        >>> accelerate_fsdp() is None
+        True
+    """
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return None
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    version = os.environ.get("FSDP_VERSION", "1")
+    if version != "2":
+        raise ValueError(
+            f"{ACCELERATE_FSDP_YAML}: only FSDP2 is supported, set fsdp_version: 2, got fsdp_version {version}"
+        )
+    plugin = FullyShardedDataParallelPlugin()
+    refused = {
+        "fsdp_offload_params": type(plugin.cpu_offload).__name__ == "CPUOffloadPolicy",
+        "fsdp_cpu_ram_efficient_loading": bool(plugin.cpu_ram_efficient_loading),
+        "fsdp_activation_checkpointing": bool(plugin.activation_checkpointing),
+    }
+    for key, on in refused.items():
+        if on:
+            hint = " (use --gradient_checkpointing true)" if "activation" in key else ""
+            raise ValueError(
+                f"{ACCELERATE_FSDP_YAML}: {key} is not supported{hint}, got {key}: true"
+            )
+    policy = os.environ.get("FSDP_AUTO_WRAP_POLICY", "NO_WRAP").upper()
+    if policy != "TRANSFORMER_BASED_WRAP":
+        raise ValueError(
+            f"{ACCELERATE_FSDP_YAML}: fsdp_auto_wrap_policy must be TRANSFORMER_BASED_WRAP (one group per "
+            f"transformer block), got fsdp_auto_wrap_policy {policy}"
+        )
+    state_dict = str(plugin.state_dict_type).split(".")[-1]
+    if state_dict != "SHARDED_STATE_DICT":
+        # checkpoints are always torch.distributed.checkpoint shards; final/ always the gathered weights
+        raise ValueError(
+            f"{ACCELERATE_FSDP_YAML}: fsdp_state_dict_type must be SHARDED_STATE_DICT (checkpoints are "
+            f"written sharded, final/ whole), got fsdp_state_dict_type {state_dict}"
+        )
+    mixed = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if mixed not in ("no", "bf16"):
+        raise ValueError(
+            f"{ACCELERATE_FSDP_YAML}: mixed_precision must be 'no' or 'bf16', got {mixed!r}"
+        )
+    names = plugin.transformer_cls_names_to_wrap
+    return FSDPLaunch(
+        reshard_after_forward=bool(plugin.reshard_after_forward),
+        wrap_classes=tuple(n.strip() for n in names if n.strip()) if names else None,
+        mixed_precision=mixed,
+    )

@@ -105,8 +105,10 @@ class MetaMathArgs(TrainArgs):
         if self.merge_and_save and not self.do_train:
             raise ValueError("--merge_and_save needs training (--do_train true): nothing to merge")
         if self.fsdp and not self.do_train:
+            from loralab.runners.launch import fsdp_flag
+
             raise ValueError(
-                "--fsdp full_shard shards training; --do_train false evaluates without it: drop --fsdp"
+                f"{fsdp_flag()} shards training; --do_train false evaluates without it: drop it"
             )
 
 

@@ -490,9 +490,10 @@ def check_train_args(
     the names of its task head's modules, which are trained in full and never adapted.
     """
     if getattr(args, "fsdp", None):
+        from loralab.runners.launch import fsdp_flag
         from loralab.runners.methods import get_method
 
-        get_method(args.method).check_engine("fsdp2", "--fsdp full_shard")
+        get_method(args.method).check_engine("fsdp2", fsdp_flag())
     check_output_dir_writable(args.output_dir)
     check_model_path(args.model_name_or_path)
     if getattr(args, "tokenizer_name", None):

@@ -220,6 +220,11 @@ class C4Args:
     deepspeed_config: str | None = _f(
         None, "DeepSpeed JSON config: enables DeepSpeed ('auto' values are filled from these flags)"
     )
+    fsdp: str | None = _f(
+        None,
+        "shard parameters, gradients and optimizer state with FSDP2 (torch.distributed.fsdp.fully_shard, "
+        "one group per decoder layer); launch with torchrun. Only 'full_shard'",
+    )
     local_rank: int = _f(-1, "set by the deepspeed launcher (the LOCAL_RANK variable is used)")
 
     def __post_init__(self) -> None:
@@ -287,6 +292,7 @@ class C4Args:
         if self.stop_at_step is not None and self.stop_at_step <= 0:
             raise ValueError(f"--stop_at_step must be positive, got {self.stop_at_step}")
         self._check_quantize()
+        self._check_fsdp()
         self._refuse_foreign_options()
         self._fill_option_defaults()
 
@@ -361,6 +367,29 @@ class C4Args:
             )
         if self.quantize == "4bit" and self.use_double_quant is None:
             self.use_double_quant = False
+
+    def _check_fsdp(self) -> None:
+        """``--fsdp full_shard``: FSDP2 for the methods whose optimizers run on its row shards (full
+        AdamW / SGD, GaLore, GoLore); refused before anything loads otherwise."""
+        if self.fsdp is None:
+            return
+        if self.fsdp != "full_shard":
+            raise ValueError(f"--fsdp supports only 'full_shard' (FSDP2), got {self.fsdp!r}")
+        if self.deepspeed_config is not None:
+            raise ValueError(
+                "--fsdp full_shard cannot be combined with --deepspeed_config (both shard the model), "
+                f"got --deepspeed_config {self.deepspeed_config}"
+            )
+        from loralab.runners.methods import MethodError, get_method
+
+        method = get_method(self.method_name())
+        if "fsdp2" not in method.sharded_engines:
+            what = "--use_peft --golore" if self.use_peft else f"--optimizer {self.optimizer}"
+            raise MethodError(
+                f"{what} ({method.name}) does not run under --fsdp full_shard yet: drop --fsdp (one "
+                "process or DDP via torchrun), or use --optimizer golore_adamw (GoLore's optimizer "
+                "form, which runs under --fsdp full_shard)"
+            )
 
     def _applies(self, flag: str, method: str, optim: str) -> bool:
         from loralab.runners.methods import get_method

@@ -1,4 +1,5 @@
-"""Where a C4 run executes: the process group, logging, and the loop engine (plain / DDP / DeepSpeed).
+"""Where a C4 run executes: the process group, logging, and the loop engine (plain / DDP / DeepSpeed /
+FSDP2).
 
 Example:
     >>> import torch
@@ -21,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from loralab.runners.c4.args import C4Args
-from loralab.runners.loop import DeepSpeedEngine, Engine, TorchEngine
+from loralab.runners.loop import DeepSpeedEngine, Engine, FSDP2Engine, TorchEngine
 from loralab.runners.methods import Method, get_method
 
 __all__ = ["Env", "build_engine", "deepspeed_config", "init_distributed", "setup_logging"]
@@ -120,10 +121,13 @@ def deepspeed_config(args: C4Args, env: Env, accum: int) -> dict[str, Any]:
 
 
 def build_engine(args: C4Args, env: Env, method: Method, accum: int) -> Engine:
-    """DeepSpeed under ``--deepspeed_config``; else DDP, or (methods DDP cannot average) an explicit
-    gradient all-reduce; one process needs neither."""
+    """DeepSpeed under ``--deepspeed_config``; FSDP2 under ``--fsdp full_shard`` (one group per decoder
+    layer; ``--dtype bfloat16`` casts the model itself, so the shards are bfloat16); else DDP, or
+    (methods DDP cannot average) an explicit gradient all-reduce; one process needs neither."""
     if args.deepspeed_config is not None:
         return DeepSpeedEngine(deepspeed_config(args, env, accum), device=env.device)
+    if args.fsdp is not None:
+        return FSDP2Engine(device=env.device)
     # the only buffers (rotary inv_freq) are identical on every rank: no per-forward broadcast
     # (torch 2.13 renamed broadcast_buffers to forward_sync_buffers)
     import inspect

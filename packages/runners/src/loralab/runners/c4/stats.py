@@ -20,10 +20,26 @@ __all__ = ["StepStats", "evaluate", "peak_memory_mb"]
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device
+    model: nn.Module,
+    batches: list[dict[str, torch.Tensor]],
+    device: torch.device,
+    *,
+    synced_forwards: bool = False,
 ) -> tuple[float, int]:
-    """Token-weighted mean cross-entropy over all ranks' held-out batches, and the token count."""
+    """Token-weighted mean cross-entropy over all ranks' held-out batches, and the token count.
+
+    ``synced_forwards`` (FSDP2: every forward gathers the sharded weights, a collective): every rank
+    runs as many forwards as the rank with the most batches; the extra ones are discarded.
+    """
     total = torch.zeros(2, dtype=torch.float64)
+    extra = 0
+    if synced_forwards and dist.is_initialized() and dist.get_world_size() > 1:
+        most = torch.tensor([len(batches)])
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        extra = int(most) - len(batches)
+    for _ in range(extra):
+        ids = torch.zeros(1, 2, dtype=torch.long, device=device)
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
     for batch in batches:
         out = model(
             input_ids=batch["input_ids"].to(device),

@@ -4,7 +4,8 @@
 it resumes (before the model builds), builds the model and the method's optimizer through the
 registry (``--optimizer`` → ``full`` / ``galore`` / ``golore``, ``--use_peft --golore`` →
 ``golore-relora``), hands them to the loop's engine (one process, DDP, an explicit all-reduce for
-``golore-relora``, or DeepSpeed) and runs :func:`~loralab.runners.loop.run_loop` over the data streams
+``golore-relora``, DeepSpeed, or FSDP2 under ``--fsdp full_shard``, which shards the model before
+the optimizer is built) and runs :func:`~loralab.runners.loop.run_loop` over the data streams
 of :mod:`.batches`. The loop logs the ``metrics.jsonl`` schema (``kind`` train / eval / summary; C4
 adds tokens, throughput and memory to each train record), evaluates, and writes atomic checkpoints
 holding the run identity; this recipe adds the final checkpoint, ``run_summary.json`` and the plain
@@ -44,6 +45,7 @@ from loralab.runners.loop import (
     MetricsLog,
     RunIdentity,
     check_identity,
+    engine_line,
     find_checkpoint,
     list_checkpoints,
     remove_temporary,
@@ -68,7 +70,7 @@ RESUME_KEYS = (
     "min_lr_ratio", "cycle_length", "restart_warmup_steps", "weight_decay", "adam_beta1", "adam_beta2",
     "adam_eps", "momentum", "grad_clipping", "optimizer", "rank", "update_proj_gap", "galore_scale",
     "proj_type", "rand_ratio", "use_peft", "golore", "quantize", "use_double_quant", "seed",
-    "deepspeed_config",
+    "deepspeed_config", "fsdp",
 )  # fmt: skip
 """The settings a resume must keep (with the global batch and the number of data streams): a resume
 whose values differ is refused, naming each flag ``old -> new``."""
@@ -153,6 +155,9 @@ def run(args: C4Args) -> dict[str, Any]:
             or cast("PreTrainedModel", model).gradient_checkpointing_enable
         )()
     n_params, _ = count_parameters(model)
+    # the engine first: FSDP2 shards the model inside method.setup, before the optimizer is built
+    engine = build_engine(args, env, method, accum)
+    print(engine_line(engine), flush=True)  # every rank: engine, stage, rank / world size
     # DeepSpeed's own bf16 (AdamW only: it flattens the weights the subspace methods need whole)
     ds_bf16 = args.deepspeed_config is not None and method.zero_partitioning
     dtype = torch.bfloat16 if args.dtype == "bfloat16" and not ds_bf16 else torch.float32
@@ -168,6 +173,7 @@ def run(args: C4Args) -> dict[str, Any]:
             cycle_length=args.cycle_length or args.update_proj_gap,
             restart_warmup_steps=args.restart_warmup_steps,
         ),
+        shard=engine.shard,
     )
     _, n_trainable = count_parameters(setup.model)
     logger.info(
@@ -176,7 +182,6 @@ def run(args: C4Args) -> dict[str, Any]:
         n_params / 1e6,
         n_trainable / 1e6,
     )
-    engine = build_engine(args, env, method, accum)
     model, optimizer = engine.prepare(setup.model, setup.optimizer, setup.scheduler)
 
     # 3. data, metrics, the loop
@@ -199,7 +204,7 @@ def run(args: C4Args) -> dict[str, Any]:
     )
 
     def eval_fn(m: nn.Module) -> dict[str, float]:
-        loss, n_tok = evaluate(m, held_out, env.device)
+        loss, n_tok = evaluate(m, held_out, env.device, synced_forwards=engine.gathers_in_forward)
         logger.info(
             "eval loss %.4f, perplexity %.2f (%d tokens)", loss, math.exp(min(loss, 50.0)), n_tok
         )
@@ -268,14 +273,17 @@ def run(args: C4Args) -> dict[str, Any]:
         "trainable_params": n_trainable,
         "n_projector_resets": sum(getattr(cb, "n_resets", 0) for cb in setup.callbacks),
         "deepspeed": args.deepspeed_config is not None,
+        "engine": engine.name,
         "device": str(env.device),
     }
     metrics.summary(step, final, status=result.status, train_runtime_s=result.train_time_s)
+    # FSDP2: the whole weights gathered onto rank 0 (every rank takes part); None when unsharded
+    whole = engine.full_state_dict(model) if finished else None
     if env.rank == 0:
         (out_dir / "run_summary.json").write_text(json.dumps(summary, indent=2))
         if finished:
             # a plain LlamaForCausalLM directory (golore-relora: W - s·A·B merged into the weights)
-            method.save_final(base, FinalDirectory(out_dir / "final_model"))
+            method.save_final(base, FinalDirectory(out_dir / "final_model", whole))
             tokenizer.save_pretrained(out_dir / "final_model")
         if args.plot:
             from loralab.runners.c4.report import plot_run

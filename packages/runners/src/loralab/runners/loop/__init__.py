@@ -46,7 +46,14 @@ from loralab.runners.loop.checkpoint import (
     save_checkpoint,
     validate_checkpoint,
 )
-from loralab.runners.loop.engine import AccelerateEngine, DeepSpeedEngine, Engine, TorchEngine
+from loralab.runners.loop.engine import (
+    AccelerateEngine,
+    DeepSpeedEngine,
+    Engine,
+    FSDP2Engine,
+    TorchEngine,
+    engine_line,
+)
 from loralab.runners.loop.metrics import KINDS, MetricsLog
 from loralab.runners.loop.trainer import (
     CRASH_ENV,
@@ -72,6 +79,7 @@ __all__ = [
     "Engine",
     "EpochBatches",
     "EpochSampler",
+    "FSDP2Engine",
     "ListBatches",
     "LoopConfig",
     "LoopResult",
@@ -82,6 +90,7 @@ __all__ = [
     "TorchEngine",
     "check_identity",
     "default_loss",
+    "engine_line",
     "find_checkpoint",
     "list_checkpoints",
     "load_method_state",

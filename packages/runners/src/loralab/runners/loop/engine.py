@@ -55,6 +55,7 @@ __all__ = [
     "FSDP2Engine",
     "ProcessGroupEngine",
     "TorchEngine",
+    "engine_line",
 ]
 
 
@@ -499,6 +500,12 @@ class FSDP2Engine(TorchEngine):
     :meth:`accumulate` turns that off for all but the last micro-batch. The process group must be up
     (torchrun's environment; :meth:`__init__` initialises it: gloo on CPU, NCCL on CUDA).
 
+    ``reshard_after_forward`` (default ``True``, full shard): free each block's gathered weights after
+    its forward and gather them again for its backward (``False``: keep them, one all-gather per step).
+    ``wrap_classes``: the class names of the blocks to shard (default: ``_no_split_modules``).
+    ``launcher`` names what started the processes in :meth:`describe` (``torchrun`` for ``--fsdp
+    full_shard``, ``accelerate`` for the FSDP2 YAML; :func:`loralab.runners.launch.accelerate_fsdp`).
+
     ``bf16=True`` (``--bf16``): ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``:
     forward and backward in bfloat16 on the gathered parameters, gradients reduced in float32, and the
     sharded parameters, their gradients and the optimizer stay float32 (no autocast).
@@ -512,10 +519,21 @@ class FSDP2Engine(TorchEngine):
 
     name = "fsdp2"
 
-    def __init__(self, device: str | torch.device | None = None, *, bf16: bool = False) -> None:
+    def __init__(
+        self,
+        device: str | torch.device | None = None,
+        *,
+        bf16: bool = False,
+        reshard_after_forward: bool = True,
+        wrap_classes: tuple[str, ...] | None = None,
+        launcher: str = "torchrun",
+    ) -> None:
         import torch.distributed as dist
 
         self.bf16 = bf16
+        self.reshard_after_forward = reshard_after_forward
+        self.wrap_classes = wrap_classes
+        self.launcher = launcher
         if not dist.is_initialized():
             if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
                 raise RuntimeError(
@@ -535,13 +553,22 @@ class FSDP2Engine(TorchEngine):
     def shard(self, model):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        kw: dict[str, Any] = {}
+        kw: dict[str, Any] = {"reshard_after_forward": self.reshard_after_forward}
         if self.bf16:
             kw["mp_policy"] = MixedPrecisionPolicy(
                 param_dtype=torch.bfloat16, reduce_dtype=torch.float32
             )
         model = model.to(self.device)
-        block_names = set(getattr(_inner_model(model), "_no_split_modules", None) or ())
+        if self.wrap_classes is not None:
+            block_names = set(self.wrap_classes)
+            found = {type(m).__name__ for m in model.modules()}
+            if not block_names <= found:
+                raise ValueError(
+                    "fsdp_transformer_layer_cls_to_wrap names classes the model does not have: "
+                    f"{sorted(block_names - found)}"
+                )
+        else:
+            block_names = set(getattr(_inner_model(model), "_no_split_modules", None) or ())
         blocks = [m for m in model.modules() if type(m).__name__ in block_names]
         if not blocks:
             blocks = [
@@ -626,9 +653,48 @@ class FSDP2Engine(TorchEngine):
         return {
             **super().describe(),
             "sharding": "fully_shard",
+            "launcher": self.launcher,
+            "reshard_after_forward": self.reshard_after_forward,
             "backend": dist.get_backend(),
             "mixed_precision": "bf16 (param bfloat16, reduce float32)" if self.bf16 else "no",
         }
+
+
+def engine_line(engine: Engine) -> str:
+    """The line every rank prints at start: its rank, the world size, the engine and its stage (ZeRO
+    stage, FSDP2 reshard policy, DDP or one process) and the device.
+
+    Example:
+        >>> engine_line(TorchEngine(device="cpu"))
+        '[loralab.runners] rank 0/1: engine torch (one process) on cpu'
+    """
+    from loralab.runners.launch import zero_stage
+
+    if isinstance(engine, FSDP2Engine):
+        policy = (
+            "reshard after forward" if engine.reshard_after_forward else "no reshard after forward"
+        )
+        bf16 = ", bf16 params, fp32 reduce" if engine.bf16 else ""
+        what = f"fsdp2 (fully_shard, {policy}{bf16}; launched by {engine.launcher})"
+    elif isinstance(engine, AccelerateEngine) and engine.deepspeed:
+        stage = zero_stage(engine.acc.state.deepspeed_plugin.deepspeed_config)
+        what = f"accelerate + DeepSpeed ZeRO-{stage}"
+    elif isinstance(engine, AccelerateEngine):
+        what = f"accelerate ({str(engine.acc.distributed_type).split('.')[-1]})"
+    elif isinstance(engine, DeepSpeedEngine):
+        what = f"deepspeed ZeRO-{zero_stage(engine.config)}"
+    elif isinstance(engine, TorchEngine):
+        kind = (
+            "one process"
+            if engine.world_size == 1
+            else "DDP"
+            if engine.ddp
+            else "gradient all-reduce"
+        )
+        what = f"torch ({kind})"
+    else:
+        what = engine.name
+    return f"[loralab.runners] rank {engine.rank}/{engine.world_size}: engine {what} on {engine.device}"
 
 
 def _inner_model(model: nn.Module) -> nn.Module:

@@ -4,7 +4,8 @@ A recipe loads its data and model, defines ``evaluate(engine, model)``, and call
 which reads top to bottom:
 
 1. the engine (``accelerate``: one process, ``torchrun``, ``accelerate launch``, ``deepspeed``; FSDP2 under
-   ``torchrun`` with ``--fsdp full_shard``), checked against the method's sharded engines;
+   ``torchrun`` with ``--fsdp full_shard`` or ``accelerate launch`` with ``configs/accelerate/fsdp2.yaml``),
+   checked against the method's sharded engines;
 2. the output directory (``--overwrite_output_dir`` removes the previous run) and the run identity
    (a resume must match the checkpoint's settings);
 3. the method (``--method``): adapters, optimizer, scheduler, callbacks; gradient-based inits get
@@ -33,7 +34,13 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
-from loralab.runners.launch import fill_deepspeed_config, load_deepspeed_config, zero_stage
+from loralab.runners.launch import (
+    accelerate_fsdp,
+    fill_deepspeed_config,
+    fsdp_flag,
+    load_deepspeed_config,
+    zero_stage,
+)
 from loralab.runners.loop.batches import EpochBatches
 from loralab.runners.loop.checkpoint import (
     RunIdentity,
@@ -44,7 +51,7 @@ from loralab.runners.loop.checkpoint import (
     remove_temporary,
     run_identity,
 )
-from loralab.runners.loop.engine import AccelerateEngine, Engine, FSDP2Engine
+from loralab.runners.loop.engine import AccelerateEngine, Engine, FSDP2Engine, engine_line
 from loralab.runners.loop.metrics import MetricsLog
 from loralab.runners.loop.trainer import LoopConfig, run_loop
 from loralab.runners.methods.base import FinalDirectory
@@ -131,8 +138,8 @@ def build_accelerator(args: Any, hidden_size: int | None = None) -> Any:
     if getattr(acc.state, "fsdp_plugin", None) is not None:
         # accelerate would shard the model behind the method's optimizer: refuse, never train wrong
         raise ValueError(
-            "accelerate launch with an FSDP config is not supported by the fine-tuning recipes yet: "
-            "launch with torchrun and --fsdp full_shard (FSDP2) instead"
+            "accelerate launch with an FSDP config reached the Accelerator: the fine-tuning recipes shard "
+            "with FSDP2 themselves (fsdp_version: 2, or torchrun with --fsdp full_shard)"
         )
     plugin = acc.state.deepspeed_plugin
     if plugin is not None and not args.deepspeed:
@@ -142,24 +149,21 @@ def build_accelerator(args: Any, hidden_size: int | None = None) -> Any:
 
 
 def build_engine(args: Any, hidden_size: int | None = None) -> Engine:
-    """The fine-tuning recipes' engine: :class:`FSDP2Engine` under ``--fsdp full_shard``, else
-    :class:`AccelerateEngine` over :func:`build_accelerator`."""
+    """The fine-tuning recipes' engine: :class:`FSDP2Engine` under ``--fsdp full_shard`` or ``accelerate
+    launch`` with an FSDP2 config (the plugin's settings, :func:`loralab.runners.launch.accelerate_fsdp`;
+    the arguments' ``validate`` set ``args.fsdp``), else :class:`AccelerateEngine` over
+    :func:`build_accelerator`."""
     if getattr(args, "fsdp", None):
-        return FSDP2Engine(bf16=bool(args.bf16))
+        launch = accelerate_fsdp()  # accelerate launch with the FSDP2 YAML: its plugin's settings
+        if launch is None:
+            return FSDP2Engine(bf16=bool(args.bf16))
+        return FSDP2Engine(
+            bf16=bool(args.bf16),
+            reshard_after_forward=launch.reshard_after_forward,
+            wrap_classes=launch.wrap_classes,
+            launcher="accelerate",
+        )
     return AccelerateEngine(build_accelerator(args, hidden_size))
-
-
-def _engine_line(engine: Engine) -> str:
-    """One line naming the engine and its stage, printed by every rank."""
-    what = engine.name
-    if isinstance(engine, FSDP2Engine):
-        what = "fsdp2 (fully_shard" + (", bf16 params, fp32 reduce)" if engine.bf16 else ")")
-    elif isinstance(engine, AccelerateEngine) and engine.deepspeed:
-        stage = zero_stage(engine.acc.state.deepspeed_plugin.deepspeed_config)
-        what = f"accelerate + DeepSpeed ZeRO-{stage}"
-    elif isinstance(engine, AccelerateEngine):
-        what = f"accelerate ({str(engine.acc.distributed_type).split('.')[-1]})"
-    return f"[loralab.runners] rank {engine.rank}/{engine.world_size}: engine {what} on {engine.device}"
 
 
 def identity_settings(args: Any, world_size: int) -> dict[str, Any]:
@@ -201,7 +205,7 @@ def finetune(
     method = get_method(args.method)
     method.check_available()
     if getattr(args, "fsdp", None):
-        method.check_engine("fsdp2", "--fsdp full_shard")
+        method.check_engine("fsdp2", fsdp_flag())
     if args.deepspeed and not method.zero_partitioning:
         # before any process group forms: --deepspeed names the config, its ZeRO stage is known already
         _check_zero(method, zero_stage(load_deepspeed_config(args.deepspeed)))
@@ -211,8 +215,8 @@ def finetune(
     if isinstance(engine, AccelerateEngine) and engine.deepspeed and not method.zero_partitioning:
         _check_zero(method, zero_stage(engine.acc.state.deepspeed_plugin.deepspeed_config))
     if isinstance(engine, FSDP2Engine):
-        method.check_engine("fsdp2", "--fsdp full_shard")
-    print(_engine_line(engine), flush=True)
+        method.check_engine("fsdp2", fsdp_flag())
+    print(engine_line(engine), flush=True)
 
     # 2. output directory, data, run identity
     out = Path(args.output_dir)
