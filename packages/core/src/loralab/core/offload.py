@@ -170,6 +170,14 @@ class _Declined(Exception):
         self.consumed = consumed
 
 
+def _size(nbytes: float) -> str:
+    """``nbytes`` for a message: ``"3.2 MiB"``, ``"34.1 KiB"``."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes:.0f} B"
+
+
 def _storage_bytes(tensors: Iterable[Any]) -> int:
     """Bytes of the distinct storages behind ``tensors`` (views of one storage count once)."""
     seen: dict[int, int] = {}
@@ -757,8 +765,8 @@ def _run(
                     if projected > budget:
                         reason = (
                             f"the boundary activations of {count} batch(es) (about "
-                            f"{projected / 2**20:.0f} MiB) would exceed the gradient sums the "
-                            f"block-wise order saves ({budget / 2**20:.0f} MiB)"
+                            f"{_size(projected)}) would exceed the gradient sums the block-wise "
+                            f"order saves ({_size(budget)})"
                         )
                 if multi and n == 0:
                     declined = torch.tensor([0.0 if reason is None else 1.0], device=device)
