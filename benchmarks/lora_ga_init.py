@@ -59,6 +59,7 @@ import platform
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import _common
@@ -388,6 +389,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES), help="shapes to run"
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="modes of one shape run at the same time (default 1; peak RSS is per process, so memory "
+        "figures do not depend on it, times do)",
+    )
     parser.add_argument("--worker", choices=(*MODES, "fsdp2"), help=argparse.SUPPRESS)
     parser.add_argument("--shape", choices=list(SHAPES), help=argparse.SUPPRESS)
     parser.add_argument("--factors", help=argparse.SUPPRESS)
@@ -408,12 +416,16 @@ def main(argv: list[str] | None = None) -> int:
     sections, verdicts, resets = [], [], set()
     for shape in args.shapes:
         size = SHAPES[shape][1 if args.quick else 0]
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as pool:
             rows, factors = [], {}
+            paths = {m: os.path.join(tmp, f"{m.replace('+', '_')}.pt") for m in modes}
+            futures = {
+                m: pool.submit(_run_mode, m, shape, args.quick, args.threads, args.device, paths[m])
+                for m in modes
+            }
             for m in modes:
-                path = os.path.join(tmp, f"{m.replace('+', '_')}.pt")
-                rows.append(_run_mode(m, shape, args.quick, args.threads, args.device, path))
-                factors[m] = torch.load(path, weights_only=True)
+                rows.append(futures[m].result())
+                factors[m] = torch.load(paths[m], weights_only=True)
                 r = rows[-1]
                 if m == "fsdp2":
                     resets |= {x["peak_reset"] for x in r["ranks"]}
@@ -433,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         "python benchmarks/lora_ga_init.py"
         + (" --quick" if args.quick else "")
         + (" --device cuda" if cuda else "")
+        + (f" --jobs {args.jobs}" if args.jobs > 1 else "")
     )
     peak_note = (
         "peak RSS reset right before the init (`/proc/self/clear_refs`)"
@@ -457,7 +470,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `{cmd}`. Machine: {_common.machine_description(args.device)} ({platform.python_implementation()} "
         f"{platform.python_version()}); {_common.load_average_note()}"
         + (
-            " — the machine was shared with other jobs while this ran, so times are indicative only (memory is not affected)"
+            " — the machine was shared with other jobs while this ran"
+            + (f", and {args.jobs} modes ran at a time" if args.jobs > 1 else "")
+            + ", so times are indicative only (peak RSS is per process and not affected; no swap)"
             if not cuda
             else ""
         )
