@@ -41,8 +41,10 @@ def main(out_prefix: str) -> None:
         assert out == {}
         return got
 
-    # with a consumer the default streams block-wise (the ranks agree after their first batch)
-    auto = collect(batches, ["q_proj", "down_proj"])
+    # with a consumer the default streams block-wise (the ranks agree after their first batch);
+    # short batches, whose boundary activations stay under the sums the block-wise order saves
+    short = make_lm_batches(2, batch_size=1, seq_len=4, seed=300 + rank())
+    auto = collect(short, ["q_proj", "down_proj"])
     # rank 1's batches are longer: its boundary activations outweigh the q_proj sums the block-wise
     # order saves, rank 0's do not; both ranks must take the hook path together
     mixed = make_lm_batches(2, batch_size=1, seq_len=4 if rank() == 0 else 64, seed=200 + rank())
