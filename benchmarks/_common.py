@@ -43,6 +43,30 @@ ESTIMATION_FULL: dict[str, int] = dict(  # ~97M parameters (12 x 768, vocab 8000
     batch_size=2,
     seq_len=256,
 )
+ESTIMATION_WIDE: dict[str, int] = (
+    dict(  # ~29M parameters, 32000-token vocabulary (the head dominates)
+        hidden_size=256,
+        num_hidden_layers=16,
+        intermediate_size=688,
+        vocab_size=32000,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        batches=4,
+        batch_size=2,
+        seq_len=256,
+    )
+)
+ESTIMATION_WIDE_QUICK: dict[str, int] = dict(  # --quick's wide-vocabulary shape
+    hidden_size=128,
+    num_hidden_layers=4,
+    intermediate_size=344,
+    vocab_size=8000,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    batches=2,
+    batch_size=2,
+    seq_len=64,
+)
 ESTIMATION_QUICK: dict[str, int] = dict(  # --quick: seconds
     hidden_size=256,
     num_hidden_layers=4,
@@ -135,6 +159,28 @@ def rss_mib() -> float:
     import psutil
 
     return psutil.Process().memory_info().rss / 2**20
+
+
+def reset_peak_rss() -> bool:
+    """Return freed heap memory to the system and reset this process's peak RSS to its current RSS.
+
+    Linux: ``malloc_trim(0)`` then ``5`` written to ``/proc/self/clear_refs`` (resets ``VmHWM``, which
+    ``ru_maxrss`` reads), so :func:`peak_rss_mib` then measures from here on, not the model build's
+    transient peak. Returns False where that is not possible (the peak then counts from process start).
+
+    Example::
+
+        reset_peak_rss(); before = rss_mib(); run(); extra = peak_rss_mib() - before
+    """
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
 
 
 def peak_rss_mib() -> float:

@@ -4,7 +4,9 @@ Modes, each run in its own fresh subprocess on the same random Llama and the sam
 
 - ``plain``: ``loralab.core.estimate_gradients`` returning every layer's gradient (fp32 dict);
 - ``plain+consumer``: the same with a per-layer consumer that keeps only a sketch of each gradient
-  (as a method keeps only its factors), so nothing but the estimator's own buffers is measured;
+  (as a method keeps only its factors), so nothing but the estimator's own buffers is measured; on
+  the hook path (``blockwise=False``: with a consumer, the default streams such a model block by
+  block in place, which ``benchmarks/lora_ga_init.py`` measures);
 - ``offload+consumer``: ``estimate_gradients(offload=True, device="cpu")`` with the same consumer:
   block by block, at most one block's gradients exist at any time;
 - ``peft``: PEFT's ``preprocess_loraga`` gradient step (its ``estimate_gradients``, driven by a
@@ -68,7 +70,9 @@ def worker(mode: str, size: dict, threads: int, repeat: int = 2) -> dict:
         if mode == "plain":
             return estimate_gradients(model, batches, targets, progress=False)
         if mode == "plain+consumer":
-            return estimate_gradients(model, batches, targets, consumer=consumer, progress=False)
+            return estimate_gradients(
+                model, batches, targets, consumer=consumer, blockwise=False, progress=False
+            )
         if mode == "offload+consumer":
             return estimate_gradients(
                 model,

@@ -1,32 +1,52 @@
-"""Benchmark: peak memory and wall time of the whole LoRA-GA init, loralab vs PEFT.
+"""Benchmark: extra memory and wall time of the whole LoRA-GA init, loralab vs PEFT.
 
 "Whole init" = gradient estimate + per-layer SVD + A/B + offset W0, on the same random Llama, the
-same batches and the same LoRA config (r=8, all-linear targets, stable scale). Each mode runs in its
-own fresh process:
+same batches and the same LoRA config (r=8, all-linear targets, stable scale). Two shapes: a
+wide-vocabulary small Llama (~29M parameters, 16 x 256, vocab 32000: the head's logits dominate
+the activations) and a ~97M one (12 x 768, vocab 8000). Each mode runs in its own fresh process:
 
+- ``baseline``: the *no-gradient baseline*: the same forward and backward passes over the same
+  batches (eval mode, as the estimate) with **no** parameter requiring grad; a forward hook makes the
+  input embeddings' output a leaf that requires grad, so ``loss.backward()`` runs through the whole
+  model (every activation gradient, autograd's saved activations of one batch) and computes no
+  weight gradient. No LoRA layer, no SVD. What any gradient estimate needs at least;
 - ``peft``: PEFT's ``preprocess_loraga(model, config, train_step)`` (a ``train_step`` callback over
   the batches; PEFT keeps ``weight.grad`` of every target) then ``get_peft_model``;
-- ``loralab``: ``get_lora_ga_model(model, config, batches)``: core's estimator streams each finished
-  gradient to a consumer that keeps only the layer's factors;
-- ``loralab+offload``: the same with ``offload=True`` (block-wise estimate: at most one block's
-  gradients exist at any time);
+- ``loralab``: ``get_lora_ga_model(model, config, batches)``, the plain path. On these models it runs
+  block by block in place (core's ``blockwise`` default): the boundary hidden states of every batch
+  are recorded, then each block's backward runs over all batches and its gradients are finished and
+  turned into factors, so at most one block's float32 sums exist;
+- ``loralab+hooks``: the same with core's hook path forced (``estimate_gradients(blockwise=False)``,
+  patched into ``loralab.lora_ga.model``): every target's sum exists until the last batch;
+- ``loralab+offload``: ``offload=True`` (block-wise with the weights on the CPU, one block on the
+  compute device; on a CPU-only run the same algorithm as ``loralab``);
 - ``seed``: the seed's API, ``estimate_gradient`` (returns every gradient, as the seed does) then
-  ``with LoraGAContext(...): peft.get_peft_model(...)``.
+  ``with LoraGAContext(...): peft.get_peft_model(...)``;
+- ``fsdp2`` (2 gloo ranks, ``torch.distributed.run``): ``get_lora_ga_model(..., shard=fully_shard_model)``
+  on the same global batches, each rank reading its half of every batch's sequences; the estimate
+  runs on the sharded model (hook path: each rank sums its rows of every gradient). Its memory is
+  measured from the moment the model is sharded (see the table's note).
 
-Memory: peak resident set size of the process (``ru_maxrss``) minus the RSS right before the init
-(model and batches built) = the init's *extra* memory. On a CUDA device (``--device cuda``) the
-model lives on the GPU (offload: on the CPU, one block at a time on the GPU) and the GPU's
-``max_memory_allocated`` is reported too. Results are compared: our modes' A, B, W0 must agree to
-float32 rounding; PEFT's factors differ by definition (PEFT scales B by the singular values and
-leaves A unscaled, see packages/lora-ga/README.md), so its A rows and B columns are compared with
-ours after normalising, as |cos| (1 = same vector up to sign; both use a randomized SVD).
+Memory. Each process builds the model and batches, returns freed heap to the system and resets its
+peak RSS (``_common.reset_peak_rss``), then runs the init: Δ = peak RSS − RSS right before the init.
+*Extra* = Δ(mode) − Δ(baseline): the init's memory above the same passes without weight gradients
+(negative: below them, e.g. a block-wise order keeps one block's autograd graph, not the model's).
+The targets: extra ≤ 0.5× PEFT's on every path, ≤ 0.2× with offload; under FSDP2, each rank's peak
+RSS ≤ 0.6× the one-process ``loralab`` peak (both absolute: process, model or shard, and init).
+On a CUDA device (``--device cuda``) the model lives on the GPU (offload: on the CPU, one block at a
+time on the GPU) and the GPU's ``max_memory_allocated`` is reported too; ``fsdp2`` is CPU-only.
+
+Results are compared: our modes' A, B, W0 must agree to float32 rounding; PEFT's factors differ by
+definition (PEFT scales B by the singular values and leaves A unscaled, see
+packages/lora-ga/README.md), so its A rows and B columns are compared with ours after normalising,
+as |cos| (1 = same vector up to sign; both use a randomized SVD).
 
 Usage::
 
-    python benchmarks/lora_ga_init.py --quick   # small Llama, under a minute per mode
-    python benchmarks/lora_ga_init.py           # ~97M-parameter Llama (12 x 768, vocab 8000)
+    python benchmarks/lora_ga_init.py --quick   # small shapes, under a minute per mode
+    python benchmarks/lora_ga_init.py           # ~29M wide-vocabulary and ~97M Llamas
 
-Writes the markdown table to ``benchmarks/results/lora_ga.md``.
+Writes the markdown tables to ``benchmarks/results/lora_ga.md``.
 """
 
 from __future__ import annotations
@@ -39,21 +59,42 @@ import platform
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import _common
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "lora_ga.md"
-MODES = ("peft", "loralab", "loralab+offload", "seed")
+MODES = ("baseline", "peft", "loralab", "loralab+hooks", "loralab+offload", "seed")
 RANK = 8
+SHAPES = {  # name: (full size, --quick size)
+    "wide": (_common.ESTIMATION_WIDE, _common.ESTIMATION_WIDE_QUICK),
+    "97M": (_common.ESTIMATION_FULL, _common.ESTIMATION_QUICK),
+}
+FSDP_PREFIX = "FSDP2RESULT "
 
-FULL = _common.ESTIMATION_FULL
-QUICK = _common.ESTIMATION_QUICK
+
+def _factors(pm) -> dict:
+    from loralab.core.sharding import whole
+
+    factors = {}
+    for name, mod in pm.named_modules():
+        if hasattr(mod, "lora_A") and "default" in mod.lora_A:
+            factors[name] = {
+                k: whole(p.detach()).float().cpu().clone()
+                for k, p in (
+                    ("A", mod.lora_A["default"].weight),
+                    ("B", mod.lora_B["default"].weight),
+                    ("W0", mod.get_base_layer().weight),
+                )
+            }
+    return factors
 
 
 def worker(mode: str, size: dict, threads: int, device: str, out_file: str) -> dict:
     """Run one mode in this (fresh) process; save the factors to ``out_file``; return the measurements."""
+    import functools
     import gc
 
     import torch
@@ -61,6 +102,8 @@ def worker(mode: str, size: dict, threads: int, device: str, out_file: str) -> d
     torch.set_num_threads(threads)
     import peft
 
+    import loralab.lora_ga.model as ga_model
+    from loralab.core.gradients import estimate_gradients
     from loralab.core.targets import find_all_linear_modules
     from loralab.lora_ga import LoraGAConfig, LoraGAContext, estimate_gradient, get_lora_ga_model
 
@@ -71,15 +114,31 @@ def worker(mode: str, size: dict, threads: int, device: str, out_file: str) -> d
         model.to("cuda")
         batches = [{k: v.to("cuda") for k, v in b.items()} for b in batches]
     cfg = dict(r=RANK, lora_alpha=2 * RANK, target_modules=targets)
+    params = sum(p.numel() for p in model.parameters())
 
     gc.collect()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     gpu_before = torch.cuda.memory_allocated() if cuda else 0
+    reset = _common.reset_peak_rss()
     rss_before = _common.rss_mib()
     t0 = time.perf_counter()
-    if mode == "peft":
+    pm = None
+    if mode == "baseline":
+        model.eval()
+        model.requires_grad_(False)
+
+        def leaf(module, args, output):  # the embeddings' output: the only tensor requiring grad
+            return output.detach().requires_grad_(True)
+
+        handle = model.get_input_embeddings().register_forward_hook(leaf)
+        with torch.enable_grad():
+            for b in batches:
+                model(**b).loss.backward()
+        handle.remove()
+        assert all(p.grad is None for p in model.parameters())
+    elif mode == "peft":
         from peft.tuners.lora.config import LoraGAConfig as PeftLoraGASubConfig
         from peft.tuners.lora.loraga import preprocess_loraga
 
@@ -94,6 +153,9 @@ def worker(mode: str, size: dict, threads: int, device: str, out_file: str) -> d
         preprocess_loraga(model, config, train_step)
         pm = peft.get_peft_model(model, config)
     elif mode == "loralab":
+        pm = get_lora_ga_model(model, LoraGAConfig(**cfg), batches, progress=False)
+    elif mode == "loralab+hooks":
+        ga_model.estimate_gradients = functools.partial(estimate_gradients, blockwise=False)
         pm = get_lora_ga_model(model, LoraGAConfig(**cfg), batches, progress=False)
     elif mode == "loralab+offload":
         pm = get_lora_ga_model(
@@ -111,19 +173,13 @@ def worker(mode: str, size: dict, threads: int, device: str, out_file: str) -> d
     elapsed = time.perf_counter() - t0
     peak = _common.peak_rss_mib()
     gpu_peak = (torch.cuda.max_memory_allocated() - gpu_before) / 2**20 if cuda else None
-    factors = {}
-    for name, mod in pm.named_modules():
-        if hasattr(mod, "lora_A") and "default" in mod.lora_A:
-            factors[name] = {
-                "A": mod.lora_A["default"].weight.detach().float().cpu(),
-                "B": mod.lora_B["default"].weight.detach().float().cpu(),
-                "W0": mod.get_base_layer().weight.detach().float().cpu(),
-            }
+    factors = _factors(pm) if pm is not None else {}
     torch.save(factors, out_file)
     return {
         "mode": mode,
-        "params": sum(p.numel() for n, p in pm.named_parameters() if "lora_" not in n),
+        "params": params,
         "layers": len(factors),
+        "peak_reset": reset,
         "rss_before_mib": rss_before,
         "peak_mib": peak,
         "gpu_extra_mib": gpu_peak,
@@ -131,12 +187,84 @@ def worker(mode: str, size: dict, threads: int, device: str, out_file: str) -> d
     }
 
 
-def _run_mode(mode: str, quick: bool, threads: int, device: str, out_file: str) -> dict:
-    args = [__file__, "--worker", mode, "--threads", str(threads), "--device", device]
-    args += ["--factors", out_file] + (["--quick"] if quick else [])
-    return _common.run_in_subprocess(
-        args, label=f"mode {mode}", env={"OMP_NUM_THREADS": str(threads)}
-    )
+def fsdp2_worker(size: dict, threads: int, out_file: str) -> None:
+    """One rank of the ``fsdp2`` mode (under ``torch.distributed.run``, gloo): rank 0 prints both
+    ranks' measurements on one line and saves the whole factors."""
+    import gc
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    from loralab.core.targets import find_all_linear_modules
+    from loralab.core.testing import fully_shard_model
+    from loralab.lora_ga import LoraGAConfig, get_lora_ga_model
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model, batches = _common.llama_and_batches(size)
+    # the same global batches as one process: each rank reads its share of every batch's sequences
+    local = [{k: v[rank::world] for k, v in b.items()} for b in batches]
+    del batches
+    cfg = LoraGAConfig(r=RANK, lora_alpha=2 * RANK, target_modules=find_all_linear_modules(model))
+    params = sum(p.numel() for p in model.parameters())
+    gc.collect()
+    dist.barrier()
+    rss_whole = _common.rss_mib()  # the whole random model, built on every rank
+    sharded: dict = {}
+
+    def shard(peft_model):
+        # A real FSDP2 run loads the model sharded and never holds it whole on a rank; here every
+        # rank built the whole random model, so the measurement starts once it is sharded: freed
+        # memory back to the system, peak RSS reset, then the estimate, SVD and writes.
+        fully_shard_model(peft_model)
+        gc.collect()
+        sharded["reset"] = _common.reset_peak_rss()
+        sharded["rss"] = _common.rss_mib()
+        sharded["t0"] = time.perf_counter()
+        return peft_model
+
+    pm = get_lora_ga_model(model, cfg, local, progress=False, shard=shard)
+    elapsed = time.perf_counter() - sharded["t0"]
+    peak = _common.peak_rss_mib()
+    row = {
+        "rank": rank,
+        "params": params,
+        "peak_reset": sharded["reset"],
+        "rss_whole_mib": rss_whole,
+        "rss_before_mib": sharded["rss"],
+        "peak_mib": peak,
+        "time_s": elapsed,
+    }
+    rows: list = [None] * world
+    dist.all_gather_object(rows, row)
+    factors = _factors(pm)  # collective: gathered whole on every rank
+    if rank == 0:
+        torch.save(factors, out_file)
+        print(FSDP_PREFIX + json.dumps({"mode": "fsdp2", "ranks": rows}), flush=True)
+    dist.destroy_process_group()
+
+
+def _run_mode(mode: str, shape: str, quick: bool, threads: int, device: str, out_file: str) -> dict:
+    args = [__file__, "--worker", mode, "--shape", shape, "--threads", str(threads)]
+    args += ["--device", device, "--factors", out_file] + (["--quick"] if quick else [])
+    env = {"OMP_NUM_THREADS": str(threads)}
+    if mode == "fsdp2":
+        args = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port"]
+        args += [str(_free_port()), __file__, "--worker", "fsdp2", "--shape", shape]
+        args += ["--threads", str(threads), "--factors", out_file] + (["--quick"] if quick else [])
+        return _common.run_in_subprocess(
+            args, label=f"{shape} mode fsdp2", env=env, result_prefix=FSDP_PREFIX
+        )
+    return _common.run_in_subprocess(args, label=f"{shape} mode {mode}", env=env)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _compare(ours: dict, other: dict) -> float:
@@ -170,92 +298,185 @@ def _cos_vs_peft(ours: dict, theirs: dict) -> tuple[float, float]:
     return c.median().item(), c.min().item()
 
 
+def _shape_section(shape: str, size: dict, rows: list, factors: dict, args) -> tuple[list, list]:
+    """The markdown table of one shape and the verdict lines of its targets."""
+    by_mode = {r["mode"]: r for r in rows}
+    delta = {m: r["peak_mib"] - r["rss_before_mib"] for m, r in by_mode.items() if m != "fsdp2"}
+    extra = {m: d - delta["baseline"] for m, d in delta.items()}
+    peft_extra = extra["peft"]
+    cuda = args.device == "cuda"
+    base = by_mode["baseline"]
+    n_layers = by_mode["peft"]["layers"]
+    lines = [
+        f"### {shape}: random Llama, {base['params'] / 1e6:.1f}M parameters "
+        f"({size['num_hidden_layers']} x {size['hidden_size']}, vocab {size['vocab_size']})",
+        "",
+        f"LoRA r={RANK} on all {n_layers} linear layers (all-linear), {size['batches']} batches of "
+        f"{size['batch_size']}x{size['seq_len']} tokens, fp32, {args.threads} torch threads.",
+        "",
+        "| mode | time (s) | peak RSS (MiB) | Δ (MiB) | extra = Δ − Δ baseline (MiB) | extra / PEFT's |"
+        + (" GPU extra (MiB) |" if cuda else "")
+        + " A, B, W0 vs `loralab` (max rel.) | A/B vs PEFT, \\|cos\\| median / min |",
+        "|---|---:|---:|---:|---:|---:|" + ("---:|" if cuda else "") + "---:|---:|",
+    ]
+    for m in [r["mode"] for r in rows if r["mode"] != "fsdp2"]:
+        r = by_mode[m]
+        if m == "baseline":
+            diff, cosines = "—", "—"
+        else:
+            diff = (
+                "(PEFT's definition)"
+                if m == "peft"
+                else f"{_compare(factors['loralab'], factors[m]):.1e}"
+            )
+            med, mn = _cos_vs_peft(factors[m], factors["peft"])
+            cosines = f"{med:.4f} / {mn:.4f}"
+        ratio = "—" if m == "baseline" else f"{extra[m] / peft_extra:.2f}"
+        gpu = f" {r['gpu_extra_mib']:.0f} |" if cuda else ""
+        lines.append(
+            f"| {m} | {r['time_s']:.1f} | {r['peak_mib']:.0f} | {delta[m]:.0f} | {extra[m]:.0f} | "
+            f"{ratio} |{gpu} {diff} | {cosines} |"
+        )
+    verdicts = []
+    for m, target in (
+        ("loralab", 0.5),
+        ("loralab+offload", 0.2),
+    ):
+        ratio = extra[m] / peft_extra
+        verdicts.append(
+            f"- {shape}, `{m}`: extra {extra[m]:.0f} MiB = {ratio:.2f}× PEFT's {peft_extra:.0f} MiB "
+            f"(target ≤ {target}×): **{'met' if ratio <= target else 'NOT met'}**"
+        )
+    if "fsdp2" in by_mode:
+        f = by_mode["fsdp2"]
+        one = by_mode["loralab"]
+        lines += [
+            "",
+            f"FSDP2, 2 gloo ranks on this machine, the same {size['batches']} global batches (each rank "
+            f"{size['batch_size'] // 2}x{size['seq_len']} of each): `get_lora_ga_model(..., shard=fully_shard_model)`, "
+            f"A, B, W0 gathered vs one-process `loralab`: {_compare(factors['loralab'], factors['fsdp2']):.1e} (max rel.).",
+            "",
+            "Each rank builds the whole random model (a real run loads it sharded), so the measurement starts once "
+            "`fully_shard` has run (inside `get_lora_ga_model`'s `shard` callback: freed memory returned, peak RSS "
+            "reset): peak = the process, its shard of the model and the init. One-process `loralab` peak "
+            f"(process, whole model, init): {one['peak_mib']:.0f} MiB.",
+            "",
+            "| rank | time (s) | RSS, whole model built (MiB) | RSS once sharded (MiB) | peak RSS (MiB) | Δ (MiB) | peak / one-process `loralab` peak |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        worst = 0.0
+        for r in f["ranks"]:
+            ratio = r["peak_mib"] / one["peak_mib"]
+            worst = max(worst, ratio)
+            lines.append(
+                f"| {r['rank']} | {r['time_s']:.1f} | {r['rss_whole_mib']:.0f} | {r['rss_before_mib']:.0f} | "
+                f"{r['peak_mib']:.0f} | {r['peak_mib'] - r['rss_before_mib']:.0f} | {ratio:.2f} |"
+            )
+        verdicts.append(
+            f"- {shape}, FSDP2: largest per-rank peak RSS = {worst:.2f}× the one-process `loralab` peak "
+            f"({one['peak_mib']:.0f} MiB) (target ≤ 0.6×): **{'met' if worst <= 0.6 else 'NOT met'}**"
+        )
+    return lines, verdicts
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="small Llama (seconds) instead of ~97M parameters"
-    )
+    parser.add_argument("--quick", action="store_true", help="small shapes (seconds per mode)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run (default 2)")
     parser.add_argument(
         "--device", default="cpu", choices=("cpu", "cuda"), help="compute device (default cpu)"
     )
-    parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES), help="shapes to run"
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="modes of one shape run at the same time (default 1; peak RSS is per process, so memory "
+        "figures do not depend on it, times do)",
+    )
+    parser.add_argument("--worker", choices=(*MODES, "fsdp2"), help=argparse.SUPPRESS)
+    parser.add_argument("--shape", choices=list(SHAPES), help=argparse.SUPPRESS)
     parser.add_argument("--factors", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS, help="markdown file to write")
     args = parser.parse_args(argv)
-    size = QUICK if args.quick else FULL
     if args.worker:
-        print(json.dumps(worker(args.worker, size, args.threads, args.device, args.factors)))
+        size = SHAPES[args.shape][1 if args.quick else 0]
+        if args.worker == "fsdp2":
+            fsdp2_worker(size, args.threads, args.factors)
+        else:
+            print(json.dumps(worker(args.worker, size, args.threads, args.device, args.factors)))
         return 0
 
     import torch
 
-    with tempfile.TemporaryDirectory() as tmp:
-        rows, factors = [], {}
-        for m in MODES:
-            path = os.path.join(tmp, f"{m.replace('+', '_')}.pt")
-            rows.append(_run_mode(m, args.quick, args.threads, args.device, path))
-            factors[m] = torch.load(path, weights_only=True)
-            print(
-                f"{m}: {rows[-1]['time_s']:.1f} s, peak {rows[-1]['peak_mib']:.0f} MiB",
-                file=sys.stderr,
-            )
-    by_mode = {r["mode"]: r for r in rows}
-    peft_row = by_mode["peft"]
-    peft_d = max(peft_row["peak_mib"] - peft_row["rss_before_mib"], 1e-9)
     cuda = args.device == "cuda"
-    gpu_hdr = " GPU extra (MiB) | GPU / PEFT |" if cuda else ""
-    lines = [
-        f"## lora-ga: whole LoRA-GA init (estimate + SVD + offset) — loralab vs PEFT ({args.device})",
-        "",
-        f"Random Llama, {peft_row['params'] / 1e6:.1f}M parameters, LoRA r={RANK} on all {peft_row['layers']} linear layers "
-        f"(all-linear), {size['batches']} batches of {size['batch_size']}x{size['seq_len']} tokens, fp32, {args.threads} torch threads. "
-        "Each mode in a fresh process. Δ = the process's peak RSS minus its RSS right before the init (model and batches "
-        "built): the init's extra host memory.",
-        "",
-        f"| mode | time (s) | peak RSS (MiB) | Δ extra (MiB) | Δ / PEFT | time / PEFT |{gpu_hdr} A, B, W0 vs `loralab` (max rel.) | A/B vs PEFT, \\|cos\\| median / min |",
-        "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if cuda else "") + "---:|---:|",
-    ]
-    for r in rows:
-        m = r["mode"]
-        d = r["peak_mib"] - r["rss_before_mib"]
-        diff = (
-            "(PEFT's definition)"
-            if m == "peft"
-            else f"{_compare(factors['loralab'], factors[m]):.1e}"
-        )
-        med, mn = _cos_vs_peft(factors[m], factors["peft"])
-        gpu = ""
-        if cuda:
-            gpu = f" {r['gpu_extra_mib']:.0f} | {r['gpu_extra_mib'] / max(peft_row['gpu_extra_mib'], 1e-9):.2f} |"
-        lines.append(
-            f"| {m} | {r['time_s']:.1f} | {r['peak_mib']:.0f} | {d:.0f} | {d / peft_d:.2f} | {r['time_s'] / peft_row['time_s']:.2f} |{gpu} {diff} | {med:.4f} / {mn:.4f} |"
-        )
+    modes = MODES + (() if cuda else ("fsdp2",))
+    sections, verdicts, resets = [], [], set()
+    for shape in args.shapes:
+        size = SHAPES[shape][1 if args.quick else 0]
+        with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as pool:
+            rows, factors = [], {}
+            paths = {m: os.path.join(tmp, f"{m.replace('+', '_')}.pt") for m in modes}
+            futures = {
+                m: pool.submit(_run_mode, m, shape, args.quick, args.threads, args.device, paths[m])
+                for m in modes
+            }
+            for m in modes:
+                rows.append(futures[m].result())
+                factors[m] = torch.load(paths[m], weights_only=True)
+                r = rows[-1]
+                if m == "fsdp2":
+                    resets |= {x["peak_reset"] for x in r["ranks"]}
+                    peaks = ", ".join(f"{x['peak_mib']:.0f}" for x in r["ranks"])
+                    print(f"{shape} fsdp2: peaks {peaks} MiB", file=sys.stderr)
+                else:
+                    resets.add(r["peak_reset"])
+                    print(
+                        f"{shape} {m}: {r['time_s']:.1f} s, peak {r['peak_mib']:.0f} MiB, "
+                        f"Δ {r['peak_mib'] - r['rss_before_mib']:.0f} MiB",
+                        file=sys.stderr,
+                    )
+        lines, v = _shape_section(shape, size, rows, factors, args)
+        sections += [*lines, ""]
+        verdicts += v
     cmd = (
         "python benchmarks/lora_ga_init.py"
         + (" --quick" if args.quick else "")
         + (" --device cuda" if cuda else "")
+        + (f" --jobs {args.jobs}" if args.jobs > 1 else "")
     )
-    lines += [
+    peak_note = (
+        "peak RSS reset right before the init (`/proc/self/clear_refs`)"
+        if resets == {True}
+        else "peak RSS since process start (the reset was not available)"
+    )
+    lines = [
+        f"## lora-ga: whole LoRA-GA init (estimate + SVD + offset) — extra memory vs PEFT ({args.device})",
+        "",
+        "Each mode in a fresh process, on the same model, batches and LoRA config. Δ = the process's peak RSS minus its "
+        f"RSS right before the init ({peak_note}); *extra* = Δ − Δ of `baseline`, the same forward/backward passes over "
+        "the same batches with no weight gradient (the embeddings' output is the only tensor requiring grad). Modes: "
+        "`loralab` = `get_lora_ga_model` (its plain path streams block by block on these models), `loralab+hooks` = the "
+        "same with core's hook path forced (`blockwise=False`), `loralab+offload` = `offload=True`, `seed` = the seed's "
+        "`estimate_gradient` + `LoraGAContext` (returns every gradient by design), `peft` = PEFT's `preprocess_loraga`.",
+        "",
+        *sections,
+        "Targets:",
+        "",
+        *verdicts,
         "",
         f"Command: `{cmd}`. Machine: {_common.machine_description(args.device)} ({platform.python_implementation()} "
         f"{platform.python_version()}); {_common.load_average_note()}"
         + (
-            " — the machine was shared with other jobs while this ran, so times are indicative"
+            " — the machine was shared with other jobs while this ran"
+            + (f", and {args.jobs} modes ran at a time" if args.jobs > 1 else "")
+            + ", so times are indicative only (peak RSS is per process and not affected; no swap)"
             if not cuda
             else ""
         )
         + f". Date: {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC.",
-        "",
-        "Reading it: the target is ≤ 0.5× PEFT's extra memory at equal results; `loralab+offload` meets it. It streams the "
-        "estimate block by block and keeps only r·(m+n) numbers per finished layer, so at most one block's fp32 gradients "
-        "exist. Without offload a gradient is final only after the last batch, so every layer's fp32 sum exists until then "
-        "(what PEFT holds in `weight.grad`): `seed` (which returns all gradients by design, the seed's `named_grad` dict) is "
-        "at PEFT's level, and `loralab` (plain) estimates with the injected adapters switched off (with B = 0 they add nothing "
-        "to the output, and off they keep no activations), so it holds what an estimate on the base model holds. Our three modes give the same A, B, W0 (float32 rounding); PEFT's factors differ by definition "
-        "(B·diag(S), unscaled A), and after normalisation they are the same singular vectors up to both randomized SVDs' "
-        "accuracy (median |cos| 1; the smallest values are for nearly equal singular values, where any SVD may rotate "
-        "the vectors). Times are wall-clock; the load average above says how busy the machine was.",
         "",
     ]
     _common.write_results(args.out, "\n".join(lines))

@@ -1,7 +1,7 @@
 """Run by test_core_gradients.py under ``torchrun --nproc-per-node 2`` (gloo, CPU).
 
 Each rank estimates on its own batches; the all-reduced result must be the mean over both ranks'
-batches, identical on every rank, for the plain and the offloaded path.
+batches, identical on every rank, for the plain (hooks and block-wise) and the offloaded path.
 """
 
 import sys
@@ -32,12 +32,39 @@ def main(out_prefix: str) -> None:
     local = estimate_gradients(
         model, batches, ["q_proj", "down_proj"], reduce=False, progress=False
     )
+
+    def collect(data, targets):
+        got = {}
+        out = estimate_gradients(
+            model, data, targets, consumer=lambda n, g: got.__setitem__(n, g), progress=False
+        )
+        assert out == {}
+        return got
+
+    # with a consumer the default streams block-wise (the ranks agree after their first batch);
+    # short batches, whose boundary activations stay under the sums the block-wise order saves
+    short = make_lm_batches(2, batch_size=1, seq_len=4, seed=300 + rank())
+    auto = collect(short, ["q_proj", "down_proj"])
+    # rank 1's batches are longer: its boundary activations outweigh the q_proj sums the block-wise
+    # order saves, rank 0's do not; both ranks must take the hook path together
+    mixed = make_lm_batches(2, batch_size=1, seq_len=4 if rank() == 0 else 64, seed=200 + rank())
+    declined = collect(mixed, ["q_proj"])
     t = torch.full((2,), float(rank()))
     broadcast_(t, src=1)
     d = {"a": torch.full((3,), float(rank()))}
     all_reduce_mean_dict_(d)
     torch.save(
-        {"plain": plain, "offload": off, "local": local, "broadcast": t, "dict_mean": d["a"]},
+        {
+            "plain": plain,
+            "offload": off,
+            "local": local,
+            "auto": auto,
+            "auto_order": list(auto),
+            "declined": declined,
+            "declined_order": list(declined),
+            "broadcast": t,
+            "dict_mean": d["a"],
+        },
         f"{out_prefix}.{rank()}.pt",
     )
     dist.destroy_process_group()

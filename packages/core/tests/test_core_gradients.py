@@ -166,6 +166,27 @@ def test_all_reduce_under_torchrun(tmp_path):
         r1["broadcast"], torch.ones(2)
     )
     assert torch.equal(r0["dict_mean"], torch.full((3,), 0.5))
+    # the default with a consumer: block-wise on both ranks (last block first), the same mean
+    short = make_lm_batches(2, batch_size=1, seq_len=4, seed=300) + make_lm_batches(
+        2, batch_size=1, seq_len=4, seed=301
+    )
+    expected_short = estimate_gradients(model, short, ["q_proj", "down_proj"], progress=False)
+    for r in (r0, r1):
+        assert r["auto_order"][0].startswith("model.layers.1."), r["auto_order"]
+        for name in expected_short:
+            torch.testing.assert_close(r["auto"][name], expected_short[name], rtol=1e-5, atol=1e-7)
+    # one rank's batches too long for the block-wise order: both ranks took the hook path (module
+    # order), so the all-reduces paired the same layers
+    mixed = make_lm_batches(2, batch_size=1, seq_len=4, seed=200) + make_lm_batches(
+        2, batch_size=1, seq_len=64, seed=201
+    )
+    expected_mixed = estimate_gradients(model, mixed, ["q_proj"], progress=False)
+    for r in (r0, r1):
+        assert r["declined_order"] == list(expected_mixed)
+        for name in expected_mixed:
+            torch.testing.assert_close(
+                r["declined"][name], expected_mixed[name], rtol=1e-5, atol=1e-7
+            )
 
 
 # ---------------------------------------------------------------------------- estimate_gradients_from_step

@@ -97,7 +97,7 @@ def test_counting_consumer_holds_at_most_one_block():
     shapes = {t.shape for t in targets.values()}
     per_block = 7
 
-    def run(offload):
+    def run(**kw):
         seen, counts = {}, []
 
         def consumer(name, grad):
@@ -105,27 +105,22 @@ def test_counting_consumer_holds_at_most_one_block():
             del grad
             counts.append(_live_gradient_like(shapes))
 
-        out = estimate_gradients(
-            model,
-            data,
-            consumer=consumer,
-            offload=offload,
-            device="cpu" if offload else None,
-            progress=False,
-        )
+        out = estimate_gradients(model, data, consumer=consumer, progress=False, **kw)
         assert out == {}
         return seen, counts
 
-    seen, counts = run(offload=True)
-    assert max(counts) <= per_block, counts
-    # called block by block, last block first, each gradient final
-    blocks = [name.split(".")[2] for name in seen]
-    assert blocks == ["2"] * per_block + ["1"] * per_block + ["0"] * per_block
-    # the same counter sees every gradient at once on the plain path: the check is not vacuous
-    reference, plain_counts = run(offload=False)
-    assert max(plain_counts) == len(targets)
-    _assert_same(reference, {n: seen[n] for n in reference})
-    assert max(counts) == per_block  # and the offload count is not vacuous either
+    # the hook path (the reference) holds every target's sum until the last batch: the counter
+    # sees all of them at once, so the checks below are not vacuous
+    reference, hook_counts = run(blockwise=False)
+    assert max(hook_counts) == len(targets)
+    # offload, and the plain path's default (block-wise in place on this model): one block at a time
+    for kw in (dict(offload=True, device="cpu"), dict(), dict(blockwise=True)):
+        seen, counts = run(**kw)
+        assert max(counts) == per_block, (kw, counts)
+        # called block by block, last block first, each gradient final
+        blocks = [name.split(".")[2] for name in seen]
+        assert blocks == ["2"] * per_block + ["1"] * per_block + ["0"] * per_block
+        _assert_same(reference, {n: seen[n] for n in reference})
 
 
 def test_heads_and_subset_targets_in_identity_mode():

@@ -2,6 +2,8 @@
 Conv1D / bias layers, streaming, PEFT's ``lora_ga`` parity where the definitions coincide, and errors."""
 
 import copy
+import functools
+import gc
 import math
 import weakref
 
@@ -334,6 +336,67 @@ def test_streaming_holds_one_gradient_at_a_time(monkeypatch, offload):
             torch.testing.assert_close(
                 a[n].lora_A["default"].weight, b[n].lora_A["default"].weight, atol=1e-5, rtol=0
             )
+
+
+def _live_fp32_like(shapes):
+    """Live float32 tensors (not parameters) shaped like a target's gradient: what the estimator holds."""
+    gc.collect()
+    return sum(
+        1
+        for o in gc.get_objects()
+        if isinstance(o, torch.Tensor)
+        and not isinstance(o, torch.nn.Parameter)
+        and o.dtype == torch.float32
+        and tuple(o.shape) in shapes
+    )
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_plain_path_holds_one_block_of_gradients_at_a_time(monkeypatch):
+    """Without offload, a model with decoder blocks streams block by block in place (core's
+    ``blockwise`` default): when a layer's gradient arrives, at most one block's sums exist."""
+    model = tiny_model("llama")
+    shapes = {tuple(weight_matrix(get_module(model, n)).shape) for n in _llama_target_names(model)}
+    per_block = len(LLAMA_TARGETS)
+    original = ga_model.factors_for
+    # short batches: on this 64-wide model the boundary activations of 2 x 16-token batches would
+    # outweigh the 56 KiB of sums the block-wise order saves, and the default would (rightly) use hooks
+    data = make_lm_batches(2, batch_size=1, seq_len=8)
+
+    def run(estimator):
+        seen, counts = [], []
+
+        def spy(pending, grad, name, **kw):
+            counts.append(_live_fp32_like(shapes))
+            seen.append(name)
+            return original(pending, grad, name, **kw)
+
+        monkeypatch.setattr(ga_model, "factors_for", spy)
+        monkeypatch.setattr(ga_model, "estimate_gradients", estimator)
+        pm = get_lora_ga_model(copy.deepcopy(model), _cfg(iters=2), data, progress=False)
+        return pm, seen, counts
+
+    pm, seen, counts = run(estimate_gradients)
+    assert max(counts) <= per_block, counts
+    assert [n.split(".")[4] for n in seen] == ["1"] * per_block + [
+        "0"
+    ] * per_block  # last block first
+    # the hook path (blockwise=False) holds every target's sum: the counter is not vacuous
+    hooks, _, hook_counts = run(functools.partial(estimate_gradients, blockwise=False))
+    assert max(hook_counts) == 2 * per_block
+    a, b = _lora_layers(pm), _lora_layers(hooks)  # and both give the same init
+    for n in a:
+        for f in ("lora_A", "lora_B"):
+            torch.testing.assert_close(
+                getattr(a[n], f)["default"].weight,
+                getattr(b[n], f)["default"].weight,
+                atol=1e-5,
+                rtol=0,
+            )
+
+
+def _llama_target_names(model):
+    return [n for n, _ in model.named_modules() if n.split(".")[-1] in LLAMA_TARGETS]
 
 
 def test_uses_config_iters_batches():

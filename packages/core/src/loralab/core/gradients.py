@@ -11,6 +11,17 @@ weight ``W`` (as an (out, in) matrix). :func:`estimate_gradients` computes it wi
   drops its reference: a method turns the gradient into factors and holds only those. With
   ``offload=True`` (see :mod:`loralab.core.offload`) gradients finish block by block, so at most one
   block's gradients exist at any time;
+- two orders for the plain path. *Hooks*: ordinary backward passes, batch by batch, each target's
+  float32 sum kept until the last batch (every target's sum exists at the end, as PEFT's
+  ``weight.grad``). *Block-wise* (``blockwise``): the offload algorithm in place, nothing moved:
+  the boundary hidden states of every batch are recorded, then block by block from the last one its
+  backward runs over all batches, its gradients are finished and handed to the consumer, so at most
+  one block's sums (and one block's autograd graph) exist. The default picks block-wise when it holds
+  less: a consumer is given, the model is whole on one device (not FSDP2 / ZeRO-3 sharded, not inside
+  a DDP / DeepSpeed wrapper), its blocks are found, and the boundary activations of all batches stay
+  under the gradient sums it saves (checked on the first batch's recording; otherwise the batches
+  read so far are replayed on the hook path, and the log says why). Both orders compute the same
+  float32 operations, summed over batches in the same order;
 - the model's train/eval mode, ``requires_grad`` flags and existing ``.grad`` restored afterwards;
 - FSDP2 (``torch.distributed.fsdp.fully_shard``): the estimate runs on the sharded model itself (below);
 - DeepSpeed ZeRO-3 before ``deepspeed.initialize`` (``deepspeed.zero.Init``, transformers' ZeRO-3
@@ -59,7 +70,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from itertools import islice
+from itertools import chain, islice
 from typing import Any, Union, cast
 
 import torch
@@ -69,7 +80,9 @@ from loralab.core.distributed import (
     _is_partitioned_now,
     all_reduce_mean_,
     gathered_zero3_model,
+    is_distributed,
     is_main_process,
+    unwrap_model,
 )
 from loralab.core.estimation import (
     GradientConsumer,
@@ -265,6 +278,7 @@ def estimate_gradients(
     train: bool = False,
     reduce: bool = True,
     progress: bool = True,
+    blockwise: bool | None = None,
 ) -> dict[str, Tensor]:
     """Mean gradient of the loss w.r.t. each target weight, as (out, in) float32 matrices.
 
@@ -283,12 +297,20 @@ def estimate_gradients(
         offload: block-wise mode: weights stay on the CPU and one decoder block at a time is moved to
             ``device`` (see :func:`loralab.core.offload.estimate_gradients_offloaded`).
         device: compute device of the offloaded blocks (default: CUDA if available, else CPU).
-        no_split_module_classes: block class names for ``offload`` (defaults per architecture).
+        no_split_module_classes: block class names for ``offload`` and ``blockwise`` (defaults per
+            architecture, see :func:`loralab.core.offload.find_blocks`).
         train: run the model in train mode (dropout on); the default eval mode gives a deterministic
             estimate of the same expected gradient.
         reduce: average the gradients across ranks under ``torch.distributed`` (default on), so every
             rank gets the same result.
         progress: show a tqdm bar over batches (on the main process only).
+        blockwise: the order of the plain path (see the module docstring). ``None`` (default):
+            block-wise when it holds less memory (with a consumer, a whole model on one device, its
+            blocks found, and the recorded boundary activations of all batches below the gradient
+            sums it saves), else hooks; the choice is logged. ``True``: block-wise, refused where it
+            cannot run; it costs one more forward per batch and keeps ``batches × (blocks + 1)``
+            hidden states on the model's device. ``False``: the hook path. ``offload=True`` is
+            block-wise by construction (``blockwise=False`` with it is refused).
 
     Returns:
         ``{name: grad}`` on the weights' device (offload: on the CPU), or an empty dict with a consumer.
@@ -296,6 +318,8 @@ def estimate_gradients(
     Raises:
         GradientEstimationError: no batch, a target that received no gradient (an unused layer), a
             quantized target, or a non-finite gradient (the message names the layer).
+        ValueError: ``device`` without ``offload``, ``blockwise=False`` with ``offload=True``,
+            ``blockwise=True`` where it cannot run (sharded or wrapped model, several devices).
 
     Example:
         >>> from loralab.core.testing import tiny_gpt2, make_lm_batches
@@ -311,6 +335,12 @@ def estimate_gradients(
     resolved = resolve_targets(model, targets)
     _check_float_weights(resolved)
     loss_fn = loss_fn or default_loss
+    expected = num_batches  # the number of batches the estimate will read, when known
+    try:
+        n_given = len(cast(Sequence[Any], batches))
+        expected = n_given if expected is None else min(expected, n_given)
+    except TypeError:  # an iterator, a generator, a DataLoader over an IterableDataset
+        pass
     if num_batches is not None:
         batches = islice(batches, num_batches)
     sharded = _check_sharding(resolved, reduce=reduce, offload=offload)
@@ -318,6 +348,11 @@ def estimate_gradients(
         raise ValueError(
             "offload=True streams the blocks of a whole model, but the model is partitioned by DeepSpeed "
             "ZeRO-3 (deepspeed.zero.Init): estimate with offload=False (the parameters are gathered for it)"
+        )
+    if offload and blockwise is False:
+        raise ValueError(
+            "blockwise=False asks for the hook path, but offload=True always estimates block by block; "
+            "drop one of them"
         )
     if offload:
         from loralab.core.offload import estimate_gradients_offloaded
@@ -339,6 +374,45 @@ def estimate_gradients(
         raise ValueError(
             "device applies to offload=True only; move the model yourself for the plain path"
         )
+    if blockwise is not False:
+        blocker = _blockwise_blocker(model, resolved, sharded)
+        if blockwise and blocker:
+            raise ValueError(f"blockwise=True cannot run here: {blocker}")
+        if blockwise is None and not blocker and consumer is None:
+            blocker = "no consumer (every finished gradient is kept anyway)"
+        if blocker:
+            logger.info("plain path with hooks: %s", blocker)
+        else:
+            from loralab.core.offload import estimate_gradients_blockwise
+
+            if blockwise:
+                return estimate_gradients_blockwise(
+                    model,
+                    batches,
+                    resolved,
+                    loss_fn=loss_fn,
+                    consumer=consumer,
+                    no_split_module_classes=no_split_module_classes,
+                    train=train,
+                    reduce=reduce,
+                    progress=progress,
+                    total=num_batches,
+                )
+            done, batches = _try_blockwise(
+                model,
+                batches,
+                resolved,
+                loss_fn,
+                consumer,
+                no_split_module_classes,
+                train,
+                reduce,
+                progress,
+                num_batches,
+                expected,
+            )
+            if done is not None:
+                return done
     # DeepSpeed ZeRO-3 before deepspeed.initialize: no hook fetches the partitions, so the model is
     # gathered whole on every rank for the estimate (a no-op for any other model)
     with gathered_zero3_model(model, "gradient estimate"):
@@ -359,6 +433,87 @@ def estimate_gradients(
 def _is_zero3_partitioned(model: nn.Module) -> bool:
     # partitioned now: a model an outer GatheredParameters block made whole is a plain model here
     return any(_is_partitioned_now(p) for p in model.parameters())
+
+
+def _blockwise_blocker(
+    model: nn.Module, targets: Mapping[str, TargetLayer], sharded: bool
+) -> str | None:
+    """Why the plain path cannot run block by block on this model (``None``: it can)."""
+    from loralab.core.offload import model_device
+
+    if sharded:
+        return (
+            "the targets are sharded by FSDP2 (fully_shard): each rank holds its rows of every sum"
+        )
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        return "the model's parameters are DeepSpeed ZeRO-3 partitioned"
+    if unwrap_model(model) is not model:
+        return f"the model is wrapped by {type(model).__name__}, whose hooks reduce every backward"
+    if model_device(model) is None:
+        return "the model's parameters and buffers are on several devices (or on meta)"
+    return None
+
+
+def _try_blockwise(
+    model: nn.Module,
+    batches: Iterable[Any],
+    targets: dict[str, TargetLayer],
+    loss_fn: LossFn,
+    consumer: GradientConsumer | None,
+    no_split_module_classes: Sequence[str] | None,
+    train: bool,
+    reduce: bool,
+    progress: bool,
+    total: int | None,
+    expected: int | None,
+) -> tuple[dict[str, Tensor] | None, Iterable[Any]]:
+    """The default's block-wise attempt: ``(result, _)``, or ``(None, batches to replay)`` when it
+    does not apply (no block found, blocks not called once each in a fixed order) or would hold more
+    than the hook path (its budget: every target's float32 sum minus the largest block's)."""
+    from loralab.core.offload import _Declined, _run, find_blocks, model_device
+
+    try:
+        blocks = find_blocks(model, no_split_module_classes)
+    except GradientEstimationError:
+        logger.info("plain path with hooks: no decoder block found")
+        return None, batches
+    grad_bytes = {name: t.weight.numel() * 4 for name, t in targets.items()}
+    per_block = [
+        sum(b for name, b in grad_bytes.items() if name.startswith(block + ".")) for block in blocks
+    ]
+    budget = sum(grad_bytes.values()) - max(per_block)
+    if reduce and is_distributed() and expected is None:
+        # the ranks decide together after their first batch, projecting over the known count
+        logger.info("plain path with hooks: the number of batches is unknown (pass num_batches)")
+        return None, batches
+    device = cast(torch.device, model_device(model))
+    it = iter(batches)
+    try:
+        return (
+            _run(
+                model,
+                it,
+                targets,
+                loss_fn=loss_fn,
+                consumer=consumer,
+                device=device,
+                act_device=device,
+                result_device=device,
+                blocks=blocks,
+                in_place=True,
+                train=train,
+                reduce=reduce,
+                progress=progress,
+                total=total,
+                budget=budget,
+                expected_batches=expected,
+            ),
+            it,
+        )
+    except _Declined as e:
+        logger.info("plain path with hooks: %s", e.reason)
+        consumed = e.consumed
+    return None, chain(consumed, it)
 
 
 def _estimate_plain(

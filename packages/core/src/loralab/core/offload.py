@@ -34,6 +34,13 @@ plain path up to float round-off (tests: tiny Llama, GPT-2, RoBERTa and T5, max 
 ≤ 1e-5 in float32). Each block must be called once per forward (true of every supported
 architecture); ``train=True`` re-uses the recording's RNG state for each block's recomputation.
 
+The same machinery runs **in place** for the plain path (``estimate_gradients(..., blockwise=...)``,
+:func:`estimate_gradients_blockwise`): every weight stays where it is, the boundary activations stay
+on the model's device, and nothing is moved; what it buys is the gradient memory (one block's sums
+at a time instead of every target's until the last batch, and one block's autograd graph instead of
+the whole model's). Its cost is the boundary activations of *every* batch, about
+``batches × (blocks + 1) × tokens × hidden`` numbers, and one more forward per batch (the recording).
+
 Example:
     >>> from loralab.core.testing import tiny_llama, make_lm_batches
     >>> from loralab.core.gradients import estimate_gradients
@@ -54,7 +61,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from loralab.core.distributed import all_reduce_mean_, is_main_process
+from loralab.core.distributed import all_reduce_mean_, is_distributed, is_main_process
 from loralab.core.estimation import (
     GradientConsumer,
     GradientEstimationError,
@@ -67,6 +74,7 @@ from loralab.core.targets import TargetLayer, to_storage_layout
 
 __all__ = [
     "DEFAULT_BLOCK_CLASSES",
+    "estimate_gradients_blockwise",
     "estimate_gradients_offloaded",
     "find_blocks",
 ]
@@ -128,8 +136,9 @@ def find_blocks(
             blocks[name] = mod
     if not blocks:
         raise GradientEstimationError(
-            f"offload=True found no block of {type(model).__name__}: tried classes {sorted(names) or '[]'}. "
-            "Pass no_split_module_classes=['YourDecoderLayer'] naming the repeated block class"
+            f"block-wise estimation (offload=True, blockwise=True) found no block of {type(model).__name__}: "
+            f"tried classes {sorted(names) or '[]'}. Pass no_split_module_classes=['YourDecoderLayer'] naming "
+            "the repeated block class"
         )
     return blocks
 
@@ -145,6 +154,38 @@ def _is_float(x: Any) -> bool:
 
 def _to(x: Any, device: torch.device) -> Any:
     return x.to(device) if isinstance(x, Tensor) else x
+
+
+class _BlockStructureError(GradientEstimationError):
+    """The blocks are not called once each, in one fixed order, per forward pass."""
+
+
+class _Declined(Exception):
+    """Automatic mode only: block-wise streaming does not apply to this model or would hold more than
+    the hook path; ``consumed`` are the batches read so far, to be replayed there."""
+
+    def __init__(self, reason: str, consumed: list[Any]) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.consumed = consumed
+
+
+def _size(nbytes: float) -> str:
+    """``nbytes`` for a message: ``"3.2 MiB"``, ``"34.1 KiB"``."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes:.0f} B"
+
+
+def _storage_bytes(tensors: Iterable[Any]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views of one storage count once)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if isinstance(t, Tensor):
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
 
 
 @dataclass
@@ -173,6 +214,11 @@ class _Batch:
     out_adjoints: dict[tuple[int, int], Tensor] = field(default_factory=dict)
     glue_rng: Any = None
 
+    def nbytes(self) -> int:
+        """Bytes this batch keeps between passes (boundary activations and head-pass adjoints)."""
+        kept = [x for r in self.records.values() for x in r.in_leaves + r.out_leaves]
+        return _storage_bytes(kept + list(self.direct.values()))
+
 
 class _Offloader:
     def __init__(
@@ -184,8 +230,11 @@ class _Offloader:
         device: torch.device,
         activation_device: torch.device,
         train: bool,
+        in_place: bool = False,
     ) -> None:
         self.model = model
+        # in place (the plain path's block-wise mode): nothing is moved, every block runs where it is
+        self.in_place = in_place
         self.block_names = list(blocks)
         self.blocks = list(blocks.values())
         self.loss_fn = loss_fn
@@ -208,6 +257,9 @@ class _Offloader:
     @contextmanager
     def placed(self) -> Any:
         """Glue on the device, blocks on the CPU (their home) for the whole estimation; restored after."""
+        if self.in_place:
+            yield
+            return
         in_block = {id(p) for b in self.blocks for p in b.parameters()} | {
             id(t) for b in self.blocks for t in b.buffers()
         }
@@ -232,7 +284,7 @@ class _Offloader:
 
     @contextmanager
     def on_device(self, block: nn.Module) -> Any:
-        if self.device.type == "cpu":
+        if self.in_place or self.device.type == "cpu":
             yield
             return
         block.to(self.device)
@@ -286,12 +338,12 @@ class _Offloader:
         def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
             k = self.index[id(module)]
             if k in rec.records:
-                raise GradientEstimationError(
-                    f"block {self.block_names[k]!r} ran twice in one forward pass; offload=True needs every block "
-                    "(no_split_module_classes) called once per forward"
+                raise _BlockStructureError(
+                    f"block {self.block_names[k]!r} ran twice in one forward pass; block-wise estimation "
+                    "(offload=True, blockwise=True) needs every block (no_split_module_classes) called once per forward"
                 )
             order.append(k)
-            if self.device.type != "cpu":
+            if self.device.type != "cpu" and not self.in_place:
                 module.to(self.device)
             leaves, spec = tree_flatten((args, kwargs))
             rec.records[k] = _Record([store(x) for x in leaves], spec, [], None, self._rng_state())
@@ -302,7 +354,7 @@ class _Offloader:
             r = rec.records[k]
             r.out_leaves = [store(x) for x in leaves]
             r.out_spec = spec
-            if self.device.type != "cpu":
+            if self.device.type != "cpu" and not self.in_place:
                 module.to("cpu")
 
         for b in self.blocks:
@@ -321,8 +373,9 @@ class _Offloader:
         if self.order is None:
             self.order = order
         elif order != self.order:
-            raise GradientEstimationError(
-                f"batch {n} ran the blocks in a different order than batch 0; offload=True needs a fixed block order"
+            raise _BlockStructureError(
+                f"batch {n} ran the blocks in a different order than batch 0; block-wise estimation "
+                "(offload=True, blockwise=True) needs a fixed block order"
             )
         return rec
 
@@ -539,7 +592,120 @@ def estimate_gradients_offloaded(
         ``{name: grad}`` (fp32, (out, in), on the CPU) in the targets' order, or ``{}`` with a consumer.
     """
     device = torch.device(device) if device is not None else _default_device()
-    act_device = torch.device(activation_device)
+    return _run(
+        model,
+        batches,
+        targets,
+        loss_fn=loss_fn,
+        consumer=consumer,
+        device=device,
+        act_device=torch.device(activation_device),
+        result_device=torch.device("cpu"),
+        blocks=find_blocks(model, no_split_module_classes),
+        in_place=False,
+        train=train,
+        reduce=reduce,
+        progress=progress,
+        total=total,
+    )
+
+
+def model_device(model: nn.Module) -> torch.device | None:
+    """The one device holding every parameter and buffer of ``model``; ``None`` if several (or meta)."""
+    devices = {t.device for t in model.parameters()} | {t.device for t in model.buffers()}
+    if len(devices) != 1:
+        return None
+    (device,) = devices
+    return None if device.type == "meta" else device
+
+
+def estimate_gradients_blockwise(
+    model: nn.Module,
+    batches: Iterable[Any],
+    targets: Mapping[str, TargetLayer],
+    *,
+    loss_fn: LossFn | None = None,
+    consumer: GradientConsumer | None = None,
+    no_split_module_classes: Sequence[str] | None = None,
+    train: bool = False,
+    reduce: bool = True,
+    progress: bool = True,
+    total: int | None = None,
+) -> dict[str, Tensor]:
+    """The plain path block by block, in place: the same algorithm as offload, nothing moved.
+
+    Usually reached through ``estimate_gradients(..., blockwise=True)`` (or its default, which picks
+    it when it holds less memory). Every parameter and buffer must be on one device; the boundary
+    activations stay there too. With a ``consumer`` at most one block's gradient sums exist at a time
+    (plus the targets outside every block, e.g. a head, which are summed over all batches).
+
+    Args:
+        model, batches, targets, loss_fn, consumer, no_split_module_classes, train, reduce, progress,
+        total: as in :func:`estimate_gradients_offloaded`.
+
+    Returns:
+        ``{name: grad}`` (fp32, (out, in), on the model's device) in the targets' order, or ``{}``
+        with a consumer.
+
+    Raises:
+        ValueError: the model's parameters and buffers are not on one device.
+        GradientEstimationError: as :func:`estimate_gradients_offloaded`.
+
+    Example:
+        >>> from loralab.core.testing import tiny_llama, make_lm_batches
+        >>> from loralab.core.targets import find_targets
+        >>> model = tiny_llama()
+        >>> got = estimate_gradients_blockwise(model, make_lm_batches(2), find_targets(model), progress=False)
+        >>> got["model.layers.0.mlp.up_proj"].shape
+        torch.Size([128, 64])
+    """
+    device = model_device(model)
+    if device is None:
+        raise ValueError(
+            "blockwise=True runs every block where it is, so the model must be on one device; its "
+            "parameters and buffers are on several (or on meta): move it, or use offload=True"
+        )
+    return _run(
+        model,
+        batches,
+        targets,
+        loss_fn=loss_fn,
+        consumer=consumer,
+        device=device,
+        act_device=device,
+        result_device=device,
+        blocks=find_blocks(model, no_split_module_classes),
+        in_place=True,
+        train=train,
+        reduce=reduce,
+        progress=progress,
+        total=total,
+    )
+
+
+def _run(
+    model: nn.Module,
+    batches: Iterable[Any],
+    targets: Mapping[str, TargetLayer],
+    *,
+    loss_fn: LossFn | None,
+    consumer: GradientConsumer | None,
+    device: torch.device,
+    act_device: torch.device,
+    result_device: torch.device,
+    blocks: dict[str, nn.Module],
+    in_place: bool,
+    train: bool,
+    reduce: bool,
+    progress: bool,
+    total: int | None,
+    budget: int | None = None,
+    expected_batches: int | None = None,
+) -> dict[str, Tensor]:
+    """The block-wise estimate. ``budget`` (automatic mode, ``in_place`` only): raise
+    :class:`_Declined` as soon as the boundary activations of all batches (projected over
+    ``expected_batches`` when known) would exceed it, or when the blocks' structure does not allow the
+    block-wise order; the caller replays the consumed batches on the hook path."""
     loss_fn = loss_fn or default_loss
     targets = dict(targets)
     weights = [t.weight for t in targets.values()]
@@ -547,8 +713,7 @@ def estimate_gradients_offloaded(
         raise GradientEstimationError(
             "two targets share one weight tensor (tied weights); exclude one of them"
         )
-    blocks = find_blocks(model, no_split_module_classes)
-    off = _Offloader(model, blocks, targets, loss_fn, device, act_device, train)
+    off = _Offloader(model, blocks, targets, loss_fn, device, act_device, train, in_place)
     results: dict[str, Tensor] = {}
     done: list[str] = []
 
@@ -557,7 +722,7 @@ def estimate_gradients_offloaded(
         if reduce:
             all_reduce_mean_(g)
         check_finite(name, g)
-        g = g.to("cpu")
+        g = g.to(result_device)
         done.append(name)
         if consumer is not None:
             consumer(name, g)
@@ -568,102 +733,136 @@ def estimate_gradients_offloaded(
     if progress and is_main_process():
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=None, desc="offloaded gradients", leave=False)
+        bar = tqdm(total=None, desc="block-wise gradients", leave=False)
 
-    with estimation_mode(model, weights, train), _no_cache(model), off.placed():
-        recs: list[_Batch] = []
-        batch_list: list[Any] = []
-        glue_sums: dict[str, Tensor] = {}
-        identity_only = True
-        for n, batch in enumerate(batches):
-            rec = off.record(batch, n)
-            identity_only &= off.head_pass(batch, rec, glue_sums)
-            recs.append(rec)
-            batch_list.append(batch)
+    try:
+        with estimation_mode(model, weights, train), _no_cache(model), off.placed():
+            recs: list[_Batch] = []
+            batch_list: list[Any] = []
+            glue_sums: dict[str, Tensor] = {}
+            identity_only = True
+            kept = 0
+            # automatic mode across ranks: every rank must take the same order (the per-layer
+            # all-reduces would pair different layers otherwise), so the ranks decide together, once,
+            # after their first batch (projected over the known number of batches)
+            multi = budget is not None and reduce and is_distributed()
+            for n, batch in enumerate(batches):
+                batch_list.append(batch)
+                reason = None
+                try:
+                    rec = off.record(batch, n)
+                except _BlockStructureError as e:
+                    if budget is None or (multi and n > 0):
+                        raise
+                    reason = str(e)
+                else:
+                    identity_only &= off.head_pass(batch, rec, glue_sums)
+                    recs.append(rec)
+                    kept += rec.nbytes()
+                if budget is not None and reason is None and (not multi or n == 0):
+                    count = max(len(recs), expected_batches or 0)
+                    projected = kept / len(recs) * count
+                    if projected > budget:
+                        reason = (
+                            f"the boundary activations of {count} batch(es) (about "
+                            f"{_size(projected)}) would exceed the gradient sums the block-wise "
+                            f"order saves ({_size(budget)})"
+                        )
+                if multi and n == 0:
+                    declined = torch.tensor([0.0 if reason is None else 1.0], device=device)
+                    if all_reduce_mean_(declined).item() > 0 and reason is None:
+                        reason = "another rank declined the block-wise order"
+                if reason is not None:
+                    raise _Declined(reason, batch_list)
+                if bar is not None:
+                    bar.update(1)
+            n = len(recs)
+            if n == 0:
+                raise GradientEstimationError(
+                    "no batches: the data iterable was empty (check the dataloader and num_batches)"
+                )
+            order = off.order or []
+            never_ran = [
+                off.block_names[k]
+                for k in range(len(off.blocks))
+                if k not in order and off.block_targets[k]
+            ]
+            if never_ran:
+                raise GradientEstimationError(
+                    f"blocks {never_ran} never ran in the forward pass, so their targets would get no gradient; exclude them"
+                )
             if bar is not None:
-                bar.update(1)
-        n = len(recs)
-        if n == 0:
-            raise GradientEstimationError(
-                "no batches: the data iterable was empty (check the dataloader and num_batches)"
+                bar.reset(total=n * len(order))
+                bar.set_description("block-wise backward (blocks)")
+            logger.info(
+                "%s: %d blocks, %d batches, %s wiring",
+                "block-wise (in place)" if in_place else "offload",
+                len(order),
+                n,
+                "identity" if identity_only else "general (glue between blocks)",
             )
-        order = off.order or []
-        never_ran = [
-            off.block_names[k]
-            for k in range(len(off.blocks))
-            if k not in order and off.block_targets[k]
-        ]
-        if never_ran:
-            raise GradientEstimationError(
-                f"blocks {never_ran} never ran in the forward pass, so their targets would get no gradient; exclude them"
-            )
+            # 3. blocks in reverse execution order; each block's gradients final after its batches
+            for k in reversed(order):
+                sums: dict[str, Tensor] = {}
+                with off.on_device(off.blocks[k]):
+                    for batch, rec in zip(batch_list, recs):
+                        if identity_only:
+                            adj = {
+                                m: rec.direct.pop((kk, m)).to(device)
+                                for (kk, m) in list(rec.direct)
+                                if kk == k
+                            }
+                            for m in [m for (kk, m) in rec.out_adjoints if kk == k]:
+                                extra = rec.out_adjoints.pop((k, m)).to(device)
+                                adj[m] = adj[m] + extra if m in adj else extra
+                        else:
+                            adj, _ = off.glue_adjoint(batch, rec, k)
+                        if adj and (off.block_targets[k] or rec.grad_inputs.get(k)):
+                            off.block_backward(rec, k, adj, sums)
+                        if identity_only:
+                            # route T'_k to the producers of block k's inputs, then drop it
+                            for kk, c in [key for key in rec.in_adjoints if key[0] == k]:
+                                g = rec.in_adjoints.pop((kk, c))
+                                src = rec.edges[(kk, c)]
+                                rec.out_adjoints[src] = (
+                                    rec.out_adjoints[src].add_(g) if src in rec.out_adjoints else g
+                                )
+                        if identity_only:
+                            # block k's records are used by no later pass: drop them now
+                            rec.records[k].in_leaves = []
+                            rec.records[k].out_leaves = []
+                        if bar is not None:
+                            bar.update(1)
+                missing = [name for name in off.block_targets[k] if name not in sums]
+                if missing:
+                    raise GradientEstimationError(
+                        f"{len(missing)} target layer(s) received no gradient (unused in the forward pass?): "
+                        + ", ".join(missing[:10])
+                        + ". Exclude them from the targets."
+                    )
+                for name in off.block_targets[k]:  # same order on every rank (all-reduce)
+                    finish(name, sums.pop(name), n)
+                del sums
+            # 4. targets outside the blocks
+            if off.glue_targets:
+                if not identity_only:
+                    params = [t.weight for t in off.glue_targets.values()]
+                    for batch, rec in zip(batch_list, recs):
+                        _, grads = off.glue_adjoint(batch, rec, -1, params)
+                        for (name, t), gw in zip(off.glue_targets.items(), grads):
+                            if gw is not None:
+                                _accumulate(glue_sums, name, to_storage_layout(t.module, gw))
+                missing = [name for name in off.glue_targets if name not in glue_sums]
+                if missing:
+                    raise GradientEstimationError(
+                        f"{len(missing)} target layer(s) received no gradient (unused in the forward pass?): "
+                        + ", ".join(missing[:10])
+                    )
+                for name in off.glue_targets:
+                    finish(name, glue_sums.pop(name), n)
+    finally:
         if bar is not None:
-            bar.reset(total=n * len(order))
-            bar.set_description("offloaded backward (blocks)")
-        logger.info(
-            "offload: %d blocks, %d batches, %s wiring",
-            len(order),
-            n,
-            "identity" if identity_only else "general (glue between blocks)",
-        )
-        # 3. blocks in reverse execution order; each block's gradients final after its batches
-        for k in reversed(order):
-            sums: dict[str, Tensor] = {}
-            with off.on_device(off.blocks[k]):
-                for batch, rec in zip(batch_list, recs):
-                    if identity_only:
-                        adj = {
-                            m: rec.direct.pop((kk, m)).to(device)
-                            for (kk, m) in list(rec.direct)
-                            if kk == k
-                        }
-                        for m in [m for (kk, m) in rec.out_adjoints if kk == k]:
-                            extra = rec.out_adjoints.pop((k, m)).to(device)
-                            adj[m] = adj[m] + extra if m in adj else extra
-                    else:
-                        adj, _ = off.glue_adjoint(batch, rec, k)
-                    if adj and (off.block_targets[k] or rec.grad_inputs.get(k)):
-                        off.block_backward(rec, k, adj, sums)
-                    if (
-                        identity_only
-                    ):  # route T'_k to the producers of block k's inputs, then drop it
-                        for kk, c in [key for key in rec.in_adjoints if key[0] == k]:
-                            g = rec.in_adjoints.pop((kk, c))
-                            src = rec.edges[(kk, c)]
-                            rec.out_adjoints[src] = (
-                                rec.out_adjoints[src].add_(g) if src in rec.out_adjoints else g
-                            )
-                    if bar is not None:
-                        bar.update(1)
-            missing = [name for name in off.block_targets[k] if name not in sums]
-            if missing:
-                raise GradientEstimationError(
-                    f"{len(missing)} target layer(s) received no gradient (unused in the forward pass?): "
-                    + ", ".join(missing[:10])
-                    + ". Exclude them from the targets."
-                )
-            for name in off.block_targets[k]:  # same order on every rank (all-reduce)
-                finish(name, sums.pop(name), n)
-            del sums
-        # 4. targets outside the blocks
-        if off.glue_targets:
-            if not identity_only:
-                params = [t.weight for t in off.glue_targets.values()]
-                for batch, rec in zip(batch_list, recs):
-                    _, grads = off.glue_adjoint(batch, rec, -1, params)
-                    for (name, t), gw in zip(off.glue_targets.items(), grads):
-                        if gw is not None:
-                            _accumulate(glue_sums, name, to_storage_layout(t.module, gw))
-            missing = [name for name in off.glue_targets if name not in glue_sums]
-            if missing:
-                raise GradientEstimationError(
-                    f"{len(missing)} target layer(s) received no gradient (unused in the forward pass?): "
-                    + ", ".join(missing[:10])
-                )
-            for name in off.glue_targets:
-                finish(name, glue_sums.pop(name), n)
-    if bar is not None:
-        bar.close()
+            bar.close()
     if consumer is not None:
         return {}
     return {name: results[name] for name in targets if name in results}
