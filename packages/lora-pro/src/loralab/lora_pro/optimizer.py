@@ -64,6 +64,7 @@ from loralab.core.sharding import (
 )
 from loralab.core.zero_views import (
     GroupOriginals,
+    ZeroPartition,
     full_shape,
     is_zero3_param,
     is_zero_partition,
@@ -453,11 +454,6 @@ class LoraProAdamW(torch.optim.Optimizer):
         if flat.grad is None:
             return
         zp = zero_partition(originals, flat, where)
-        if group["mode"] != "efficient":
-            raise NotImplementedError(
-                f"{where}: mode='full' under DeepSpeed ZeRO is not supported yet; use mode='efficient', "
-                "DDP or FSDP2 (--fsdp full_shard)"
-            )
         bad_local = self.check_finite and not _all_finite([flat.grad])
         if not zp.all_agree(not bad_local):
             raise FloatingPointError(
@@ -483,6 +479,9 @@ class LoraProAdamW(torch.optim.Optimizer):
         lora = [t for bucket in buckets.values() for pair in bucket for t in (pair.A, pair.B)]
         W = zp.wholes(flat, lora)
         G = zp.wholes(flat.grad, lora)
+        if group["mode"] == "full":
+            self._zero_full(group, zp, [p for b in buckets.values() for p in b], W, G)
+            return
         adjusted: list[tuple[list[LoraPair], Tensor, Tensor]] = []
         for bucket in buckets.values():
             A = torch.stack([W[id(p.A)] for p in bucket])
@@ -517,6 +516,103 @@ class LoraProAdamW(torch.optim.Optimizer):
                 zp.write_(flat.grad, pair.B, gB[k].to(flat.grad.dtype))
         # element-wise AdamW on this rank's partition: identical to efficient mode on whole tensors
         self._plain_step(group, [flat])
+
+    def _zero_full(
+        self,
+        group: dict[str, Any],
+        zp: ZeroPartition,
+        pairs: list[LoraPair],
+        W: dict[int, Tensor],
+        G: dict[int, Tensor],
+    ) -> None:
+        """Full mode on a DeepSpeed ZeRO partition: each layer's m×n Adam state on one owner rank.
+
+        Layer ``k`` of the partition is owned by rank ``k mod world``, which keeps its m×n moments
+        (in the partition's state, under ``"param<i>.full_exp_avg"`` etc., ``i`` the index of B in
+        the param group) and computes its step from the whole, all-gathered ``A, B, g_A, g_B`` exactly
+        as in one process; the new factors reach every rank in one LoRA-sized all-reduce, and each
+        rank writes its elements into its partition. The m×n state is split over the ranks, as ZeRO
+        splits every other optimizer state; nothing m×n is communicated. Trainable parameters that
+        are not LoRA factors get AdamW element-wise on the partition.
+        """
+        flat = zp.flat
+        lr, wd = group["lr"], group["weight_decay"]
+        state = self.state[flat]
+        sizes = [(W[id(p.A)].numel(), W[id(p.B)].numel()) for p in pairs]
+        new = torch.zeros(sum(a + b for a, b in sizes), dtype=flat.dtype, device=flat.device)
+        bad: list[str] = []
+        offset = 0
+        for k, (pair, (na, nb)) in enumerate(zip(pairs, sizes)):
+            here = slice(offset, offset + na + nb)
+            offset += na + nb
+            if k % zp.world != zp.rank:
+                continue
+            key = f"param{zp.piece(pair.B).index}."
+            A, B = W[id(pair.A)][None], W[id(pair.B)][None]
+            gA, gB = G[id(pair.A)][None], G[id(pair.B)][None]
+            if self.check_finite and not _all_finite([gA, gB, A, B]):
+                bad.append(pair.name)
+                continue
+            dt = accumulation_dtype(A.dtype)
+            Ad, Bd = A.to(dt), B.to(dt)
+            sd = torch.tensor([pair.scaling], dtype=dt)
+            ridge, jitter = group["ridge"], group.get("jitter", 0.0)
+            gt = optimal_equivalent_gradient(Ad, Bd, gA, gB, sd, ridge=ridge, jitter=jitter)
+            if key + "step" not in state:
+                state[key + "step"] = torch.tensor(0.0, dtype=torch.float32)
+                for name in ("full_exp_avg", "full_exp_avg_sq"):
+                    state[key + name] = torch.zeros(
+                        gt.shape[1:], dtype=_moment_dtype(flat), device=flat.device
+                    )
+            state[key + "step"] += 1
+            (N,) = adamw_direction(
+                [gt[0]],
+                [state[key + "full_exp_avg"]],
+                [state[key + "full_exp_avg_sq"]],
+                step=int(state[key + "step"].item()),
+                betas=tuple(group["betas"]),
+                eps=group["eps"],
+            )
+            nA, nB = lora_gradients(Ad, Bd, N.to(gt.dtype)[None], sd)
+            dA, dB = lora_pro_gradients(
+                Ad, Bd, nA, nB, sd, x_mode=group["x_mode"], ridge=ridge, jitter=jitter
+            )
+            if self.check_finite and not _all_finite([dA, dB]):
+                bad.append(pair.name)
+                continue
+            a, b = A[0].clone(), B[0].clone()
+            if wd:
+                f = (
+                    math.sqrt(1 - lr * wd)
+                    if group["weight_decay_mode"] == "effective"
+                    else 1 - lr * wd
+                )
+                a.mul_(f)
+                b.mul_(f)
+            a.add_(dA[0].to(a.dtype), alpha=-lr)
+            b.add_(dB[0].to(b.dtype), alpha=-lr)
+            new[here] = torch.cat([a.reshape(-1), b.reshape(-1)])
+        if not zp.all_agree(not bad):  # every rank raises together, before any parameter changes
+            raise FloatingPointError(
+                f"LoraProAdamW: non-finite gradients, factors or adjusted directions (NaN/Inf) in "
+                f"LoRA layer(s) {bad or 'of another rank'} (mode='full' under DeepSpeed ZeRO)"
+            )
+        if zp.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(new, group=zp.group)  # each layer's values come from its owner only
+        # element-wise AdamW for the group's other parameters (its LoRA elements are overwritten)
+        self._plain_step(group, [flat])
+        offset = 0
+        for pair, (na, nb) in zip(pairs, sizes):
+            zp.write_(flat, pair.A, new[offset : offset + na].view(W[id(pair.A)].shape))
+            zp.write_(flat, pair.B, new[offset + na : offset + na + nb].view(W[id(pair.B)].shape))
+            offset += na + nb
+            if wd and group["weight_decay_mode"] == "effective":
+                w = self._base_weight(pair)  # frozen: replicated (ZeRO-1/2) or partitioned (ZeRO-3)
+                assert w is not None  # checked at construction
+                local = w.ds_tensor if is_zero3_param(w) else local_tensor(w)  # type: ignore[attr-defined]
+                local.mul_(1 - lr * wd)
 
     @staticmethod
     def _raise_non_finite_zero(bucket: list[LoraPair], W: dict[int, Tensor]) -> None:
