@@ -22,9 +22,10 @@ class LoraPro(Method):
     pip_name = "loralab-lora-pro"
     requires = ("create_lora_pro_optimizer",)
     description = "LoRA-Pro: LoRA with equivalent gradients (AdamW on the adjusted A, B gradients)"
-    # needs each (A, B) pair as matrices: ZeRO flattens them (LoRA-Pro issue #9); under FSDP2 the
-    # optimizer gathers the row-sharded factors (loralab.core.sharding)
-    sharded_engines = frozenset({"fsdp2"})
+    # needs each (A, B) pair as matrices: the optimizer gathers the small factors from DeepSpeed
+    # ZeRO's flat partitions (loralab.core.zero_views; full mode keeps each layer's m×n state on one
+    # rank) and from FSDP2's row shards (loralab.core.sharding)
+    sharded_engines = frozenset({"deepspeed_zero", "fsdp2"})
     # LoRA-Pro has no config dataclass: its options are create_lora_pro_optimizer's arguments
     options = (
         *LORA_OPTIONS,
