@@ -390,8 +390,8 @@ def _stage12(originals: Sequence[Tensor], flat: Tensor, where: str) -> ZeroParti
         )
     pieces = []
     for i, p in enumerate(originals):
-        off, n = p.storage_offset(), p.numel()
-        spans = []
+        off, n = int(p.storage_offset()), p.numel()
+        spans: list[tuple[int, int, int]] = []
         for k in range(world):
             lo, hi = max(off, k * size), min(off + n, (k + 1) * size)
             spans.append((lo - off, hi - off, lo - k * size) if hi > lo else (0, 0, 0))
