@@ -20,6 +20,7 @@ MODULES = [
     "sharding",
     "targets",
     "testing",
+    "zero_views",
 ]
 
 
