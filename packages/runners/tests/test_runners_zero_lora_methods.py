@@ -3,7 +3,8 @@
 batch, and so do the logged losses.
 
 Their optimizers find each layer's factors in DeepSpeed's flat partitions and gather them
-(:mod:`loralab.core.zero_views`). Tolerance: the losses within 1e-5 relative, and the relative
+(:mod:`loralab.core.zero_views`). Tolerance: the losses within 1e-5 relative (1e-4 for LoRA-Pro's
+full mode), and the relative
 difference of every saved tensor, ``‖ds − one‖ / ‖one‖``, below 1e-5 for LoRA-FA and 1e-3 for
 LoRA-Pro (float32 reduction-order noise of the gradient averaging; see ``ADAPTER_REL``), with
 ``--adam_epsilon 1e-4`` so that Adam's first, sign-like steps do not amplify that noise in
@@ -29,6 +30,8 @@ REL = 1e-5
 # relative on one lora_B after 3 steps under ZeRO-3, losses and classifier head within 1e-5, no
 # structure in which elements differ); the 2-rank toy tests with a random B hold 1e-5
 ADAPTER_REL = {"lora-fa": REL, "lora-pro": 1e-3, "lora-pro-full": 1e-3}
+# the same noise reaches the losses of full mode (measured: 1.7e-5 relative at step 3, ZeRO-3)
+LOSS_REL = {"lora-fa": REL, "lora-pro": REL, "lora-pro-full": 1e-4}
 METHODS = {
     "lora-fa": [],
     "lora-pro": [],
@@ -107,7 +110,7 @@ def test_glue_deepspeed_two_ranks_equal_one_process(
            str(helpers.free_port()), "--module", "loralab.runners.glue",
            *_args(roberta_no_dropout, glue_files, out, 2, method), "--deepspeed", stage]  # fmt: skip
     _launch(cmd, tmp_path)
-    assert _losses(out) == pytest.approx(_losses(single), rel=REL)
+    assert _losses(out) == pytest.approx(_losses(single), rel=LOSS_REL[method])
     got = _adapter(out)
     assert set(got) == set(want)
     for k in want:
