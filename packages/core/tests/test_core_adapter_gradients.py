@@ -319,7 +319,9 @@ def test_layers_that_would_cut_the_backward_run_as_float_copies(checkpoint, capl
 
     with caplog.at_level(logging.INFO, logger="loralab.core.adapter_gradients"):
         got = _collect(_peft(qmodel), batches, loss_fn=loss_fn)
-    assert seen == ["_FloatCopy", "_FloatCopy"] and qmodel.get_submodule(cut) is original
+    # every forward of the estimate (one per batch on the hook path; the recording, glue and block
+    # passes block-wise) ran the float copy
+    assert seen and set(seen) == {"_FloatCopy"} and qmodel.get_submodule(cut) is original
     assert "1 other 4-bit layer(s) repacked by bitsandbytes for its CPU kernel" in caplog.text
     assert "estimating 6 quantized layer(s)" in caplog.text
     for n in NAMES:

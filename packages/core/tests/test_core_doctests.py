@@ -21,6 +21,7 @@ MODULES = [
     "sharding",
     "targets",
     "testing",
+    "zero_views",
 ]
 
 

@@ -3,10 +3,10 @@
 Each rank trains a toy LoRA model (two LoRA layers + a ``modules_to_save`` head that gets plain AdamW)
 on its own half of every batch through ``deepspeed.initialize(optimizer=create_lorafa_optimizer(...))``:
 
-- ``zero0``: ZeRO stage 0, correction in ``step`` (the default);
-- ``zero1`` / ``zero2`` / ``zero3``: ``correct_in_backward=True`` (B's gradient corrected by a hook
-  before DeepSpeed reduces and flattens it);
-- ``zero1_default``: stage 1 without ``correct_in_backward``: must raise, never train plain LoRA.
+- ``zero0`` / ``zero1`` / ``zero2`` / ``zero3``: ZeRO stage 0-3, correction in ``step`` (the
+  default; under ZeRO-1/2/3 on B's gradient gathered from DeepSpeed's flat partitions);
+- ``zero2_backward`` / ``zero3_backward``: ``correct_in_backward=True`` (B's gradient corrected by
+  a hook before DeepSpeed reduces and flattens it).
 
 Parameters (gathered for ZeRO-3) or the error text are written to ``{prefix}.{rank}.pt``.
 """
@@ -75,10 +75,11 @@ def main(prefix: str) -> None:
     out, errors = {}, {}
     runs = [
         ("zero0", 0, False),
-        ("zero1", 1, True),
-        ("zero2", 2, True),
-        ("zero3", 3, True),
-        ("zero1_default", 1, False),
+        ("zero1", 1, False),
+        ("zero2", 2, False),
+        ("zero3", 3, False),
+        ("zero2_backward", 2, True),
+        ("zero3_backward", 3, True),
     ]
     for name, stage, in_backward in runs:
         model = toy_peft(0)

@@ -1,6 +1,6 @@
 """DeepSpeed (2 CPU ranks, gloo, torchrun + deepspeed.initialize): the LoRA-FA client optimizer gives
-the same parameters as one process on the whole batch under ZeRO-0 (correction in step) and ZeRO-1/2/3
-(``correct_in_backward=True``); ZeRO-1 without it raises instead of silently training plain LoRA."""
+the same parameters as one process on the whole batch under ZeRO-0/1/2/3 (correction in step, on the
+gradients found in DeepSpeed's flat partitions) and ZeRO-2/3 with ``correct_in_backward=True``."""
 
 import importlib.util
 from pathlib import Path
@@ -44,10 +44,10 @@ def _rel(got, ref, init):
 
 
 @pytest.mark.multiprocess
-def test_deepspeed_zero0_to_3_equal_one_process_and_zero1_default_raises(tmp_path):
+def test_deepspeed_zero0_to_3_equal_one_process(tmp_path):
     pytest.importorskip("deepspeed")
     prefix = tmp_path / "run"
-    run_torchrun(WORKER, prefix, timeout=600)
+    run_torchrun(WORKER, prefix, timeout=900)
     ranks = [torch.load(f"{prefix}.{r}.pt", weights_only=True) for r in (0, 1)]
 
     w = _worker_module()
@@ -62,16 +62,10 @@ def test_deepspeed_zero0_to_3_equal_one_process_and_zero1_default_raises(tmp_pat
     )
     assert _rel(plain, ref, init) > 0.1  # plain LoRA (uncorrected B) would be caught
     for out in ranks:
-        for run in ("zero0", "zero1", "zero2", "zero3"):
+        for run in ("zero0", "zero1", "zero2", "zero3", "zero2_backward", "zero3_backward"):
             assert set(out[run]) == set(ref), run
             for n in ref:
                 if "lora_A" in n:  # A frozen and never touched
                     assert torch.equal(out[run][n], init[n]), (run, n)
             assert _rel(out[run], ref, init) < TOL, run
-        err = out["errors"]["zero1_default"]
-        assert (
-            err.startswith("RuntimeError")
-            and "silently train plain LoRA" in err
-            and "correct_in_backward=True" in err
-        )
-        assert set(out["errors"]) == {"zero1_default"}
+        assert out["errors"] == {}

@@ -9,7 +9,7 @@ import torch
 
 import loralab.lora_fa.optimizer as optimizer_module
 from loralab.core import LoraPairError, find_lora_pairs
-from loralab.core.testing import make_lm_batches, tiny_llama
+from loralab.core.testing import as_zero12_partition, make_lm_batches, tiny_llama
 from loralab.lora_fa import LoraFAAdamW, LoraFAError, create_lorafa_optimizer
 
 RANK, ALPHA = 4, 16
@@ -293,16 +293,17 @@ def test_error_non_finite_gradient_names_the_layer_and_leaves_parameters():
         assert torch.equal(a, p)
 
 
-def test_error_flat_partitions_instead_of_silent_plain_lora():
+def test_error_flat_partitions_of_unknown_layout_instead_of_silent_plain_lora():
+    from loralab.core.zero_views import ZeroLayoutError
+
     model = _model()
     opt = create_lorafa_optimizer(model, RANK, ALPHA, LR)
     flat = torch.nn.Parameter(torch.zeros(10))
     flat.grad = torch.ones(10)
-    opt.param_groups[0]["params"] = [flat]  # what DeepSpeed ZeRO does to a client optimizer
-    with pytest.raises(
-        RuntimeError, match=r"would silently train plain LoRA.*correct_in_backward=True"
-    ):
+    opt.param_groups[0]["params"] = [flat]  # a flat tensor whose layout is not DeepSpeed ZeRO's
+    with pytest.raises(ZeroLayoutError, match="not views of one flat buffer"):
         opt.step()
+    assert torch.equal(flat, torch.zeros(10))
 
 
 def test_error_rslora_mismatch_and_hyperparameters():
@@ -411,3 +412,32 @@ def test_only_the_active_adapter_is_paired_and_trained():
     opt.step()
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if ".default." in n)
     assert all(p.B.abs().max() > 0 for p in opt.pairs)
+
+
+@pytest.mark.parametrize("in_backward", [False, True])
+def test_zero12_partition_in_one_process_equals_the_plain_step(in_backward):
+    """The ZeRO path (each B found in the flat partition, its gradient corrected whole, AdamW on the
+    partition) against the plain path, 3 steps, float64; the real engines (2 ranks, ZeRO-1/2/3)
+    run in test_lora_fa_distributed.py."""
+    batches = make_lm_batches(3, batch_size=2, seq_len=8, seed=3)
+    out = []
+    for zero in (False, True):
+        model = _model().double()
+        opt = create_lorafa_optimizer(
+            model, RANK, ALPHA, LR, weight_decay=WD, correct_in_backward=in_backward
+        )
+        if zero:
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            hand_gradient, copy_back = as_zero12_partition(opt, trainable)
+        for b in batches:
+            model(**b).loss.backward()
+            if zero:
+                hand_gradient()
+            opt.step()
+            opt.zero_grad()
+            if zero:
+                copy_back()
+        out.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    plain, zero = out
+    for n in plain:
+        torch.testing.assert_close(zero[n], plain[n], rtol=1e-12, atol=1e-12, msg=n)

@@ -13,6 +13,7 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.config import LoraGAConfig as PeftLoraGASubConfig
 from peft.tuners.lora.loraga import preprocess_loraga
 
+import loralab.core.adapter_gradients as adapter_gradients
 import loralab.lora_ga.model as ga_model
 from loralab.core.gradients import estimate_gradients
 from loralab.core.targets import get_module, weight_matrix
@@ -372,7 +373,8 @@ def test_plain_path_holds_one_block_of_gradients_at_a_time(monkeypatch):
             return original(pending, grad, name, **kw)
 
         monkeypatch.setattr(ga_model, "factors_for", spy)
-        monkeypatch.setattr(ga_model, "estimate_gradients", estimator)
+        # get_lora_ga_model estimates through core's estimate_adapter_gradients
+        monkeypatch.setattr(adapter_gradients, "estimate_gradients", estimator)
         pm = get_lora_ga_model(copy.deepcopy(model), _cfg(iters=2), data, progress=False)
         return pm, seen, counts
 

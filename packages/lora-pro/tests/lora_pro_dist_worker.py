@@ -3,8 +3,9 @@
 Each rank trains the toy LoRA model on its own half of every batch with ``LoraProAdamW`` (efficient
 mode, LoRA layers + a plain-AdamW head) several ways, and writes its parameters: ``ddp`` (DDP),
 ``accelerate`` (``Accelerator.prepare``),
-``zero1`` / ``zero2`` (DeepSpeed ZeRO-1 / ZeRO-2 with ``attach_deepspeed``) and ``zero2_unattached`` / ``zero3`` (the error
-each raises, written as text instead of parameters).
+``zero1`` / ``zero2`` / ``zero3`` (DeepSpeed ZeRO-1 / 2 / 3: the optimizer finds its layers in the
+flat partitions itself), ``zero2_attached`` (the optional ``attach_deepspeed`` call of older code) and ``full_zero2`` /
+``full_zero3`` (``mode="full"``, every parameter).
 """
 
 import sys
@@ -65,28 +66,41 @@ def main(prefix: str) -> None:
         aopt.step()
     out["accelerate"] = params(model)
 
-    for stage in (1, 2):
+    for name, stage, attach in (
+        ("zero1", 1, False),
+        ("zero2", 2, False),
+        ("zero2_attached", 2, True),
+        ("zero3", 3, False),
+    ):
         model = toy_peft(0, dtype=torch.float32)
         opt = LoraProAdamW(model, lr=LR, weight_decay=0.1)
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(stage))
-        opt.attach_deepspeed(engine)
+        if attach:
+            opt.attach_deepspeed(engine)
         for b in batches:
             engine.backward(engine(**b))
             engine.step()
-        out[f"zero{stage}"] = params(model)
+        if stage == 3:
+            with deepspeed.zero.GatheredParameters(list(model.parameters())):
+                out[name] = params(model)
+        else:
+            out[name] = params(model)
 
-    msgs = {}
-    for name, stage in (("zero2_unattached", 2), ("zero3", 3)):
+    # full mode: the m×n Adam states on each layer's owner rank (weight decay of the effective weight)
+    for name, stage in (("full_zero2", 2), ("full_zero3", 3)):
         model = toy_peft(0, dtype=torch.float32)
-        opt = LoraProAdamW(model, lr=LR)
-        try:
-            engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(stage))
-            engine.backward(engine(**batches[0]))
+        opt = LoraProAdamW(model, lr=LR, weight_decay=0.1, mode="full")
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(stage))
+        for b in batches:
+            engine.backward(engine(**b))
             engine.step()
-            msgs[name] = "no error"
-        except (RuntimeError, NotImplementedError) as e:
-            msgs[name] = f"{type(e).__name__}: {e}"
-    out["errors"] = msgs
+        with (
+            deepspeed.zero.GatheredParameters(list(model.parameters()))
+            if stage == 3
+            else torch.no_grad()
+        ):
+            # every parameter: full mode also decays the frozen base weights
+            out[name] = {n: p.detach().clone() for n, p in model.named_parameters()}
     torch.save(out, f"{prefix}.{rank}.pt")
     dist.barrier()
 

@@ -134,9 +134,8 @@ def test_sharded_engines_capability():
         get_method(name).check_engine("fsdp2", "--fsdp full_shard")
     assert get_method("lora-ga").zero_partitioning and get_method("lora-sb").zero_partitioning
     assert get_method("lora").zero_partitioning and get_method("full").zero_partitioning
-    assert (
-        not get_method("lora-pro").zero_partitioning and not get_method("galore").zero_partitioning
-    )
+    assert get_method("lora-pro").zero_partitioning and get_method("lora-fa").zero_partitioning
+    assert not get_method("galore").zero_partitioning and not get_method("golore").zero_partitioning
     with pytest.raises(ValueError, match=r"engine must be one of .* got 'fsdp1'"):
         get_method("lora").check_engine("fsdp1", "--fsdp")
 

@@ -139,8 +139,8 @@ def test_method_that_needs_whole_matrices_refuses_zero(tiny_dirs, glue_files, tm
     argv = ["--model_name_or_path", tiny_dirs["roberta"], "--task_name", "sst2", "--train_file", glue_files["train"],
             "--validation_file", glue_files["validation"], "--output_dir", str(tmp_path), "--deepspeed", "zero2"]  # fmt: skip
     # GaLore's default rank 128 exceeds the tiny model's 64-wide layers (refused before the ZeRO check)
-    rank = {"galore": ["--galore_rank", "4"]}
-    for method in ("lora-pro", "galore"):
+    rank = {"galore": ["--galore_rank", "4"], "golore": ["--galore_rank", "4"]}
+    for method in ("golore", "galore"):
         with pytest.raises(
             MethodError, match=f"--method {method} needs each weight's matrix .* ZeRO-2"
         ):

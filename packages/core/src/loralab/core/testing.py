@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 __all__ = [
     "TINY_ARCHS",
     "VOCAB_SIZE",
+    "as_zero12_partition",
     "free_port",
     "fully_shard_model",
     "make_classification_batches",
@@ -371,3 +372,52 @@ def run_accelerate(
         "CUDA_VISIBLE_DEVICES": "",
     }
     _run_launcher(cmd, env, timeout)
+
+
+def as_zero12_partition(
+    optimizer: torch.optim.Optimizer, params: list[torch.Tensor], pad: int = 3
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """Do to ``optimizer`` in one process what DeepSpeed ZeRO-1/2 does with world size 1.
+
+    ``params`` (the trainable parameters, all in the optimizer's first and only param group) become
+    views of one flat buffer (padded by ``pad`` elements, as DeepSpeed aligns it), and the group holds
+    a flat copy of it (the fp32 master partition). Returns ``hand_gradient()``, to call after
+    backward (moves the gradients into the partition's, as DeepSpeed's step does) and
+    ``copy_back()``, to call after the optimizer step (copies the partition back into the model's
+    buffer). For fast single-process tests of the optimizers' ZeRO path
+    (:mod:`loralab.core.zero_views`); the real engines run in the multi-process tests.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.ones(2, 2))
+        >>> opt = torch.optim.SGD([w], lr=0.5)
+        >>> hand_gradient, copy_back = as_zero12_partition(opt, [w])
+        >>> (w.sum()).backward(); hand_gradient(); opt.step(); copy_back()
+        >>> w.detach()
+        tensor([[0.5000, 0.5000],
+                [0.5000, 0.5000]])
+    """
+    if len(optimizer.param_groups) != 1:
+        raise ValueError(
+            f"as_zero12_partition: expects one param group, got {len(optimizer.param_groups)}"
+        )
+    total = sum(p.numel() for p in params)
+    buf = torch.zeros(total + pad, dtype=params[0].dtype)
+    off = 0
+    for p in params:
+        buf[off : off + p.numel()].copy_(p.detach().reshape(-1))
+        p.data = buf[off : off + p.numel()].view(p.shape)
+        off += p.numel()
+    master = nn.Parameter(buf.clone())
+    optimizer.param_groups[0]["params"] = [master]
+
+    def hand_gradient() -> None:
+        zeros = [torch.zeros(p.numel(), dtype=buf.dtype) for p in params]
+        grads = [z if p.grad is None else p.grad.reshape(-1) for z, p in zip(zeros, params)]
+        master.grad = torch.cat([*grads, torch.zeros(pad, dtype=buf.dtype)])
+        for p in params:
+            p.grad = None
+
+    def copy_back() -> None:
+        buf.copy_(master.detach())
+
+    return hand_gradient, copy_back

@@ -59,6 +59,7 @@ from torch.optim import Optimizer
 
 from loralab.core import sharding
 from loralab.core.adamw import adamw_direction, check_adamw_hparams
+from loralab.core.zero_views import ZeroPartition, full_shape, is_zero_partition, zero_partition
 from loralab.golore.projector import (
     PROJ_TYPES,
     PROJECTIONS,
@@ -214,7 +215,10 @@ class SubspaceOptimizer(Optimizer):
         # Remember each group's index and, for groups with matrices to project, its parameters:
         # DeepSpeed ZeRO-1/2 later replaces them by one flat fp32 partition and steps one group at a
         # time through a one-element param_groups list (so the enumerate index is not the group's).
-        has_matrices = group["rank"] is not None and any(p.dim() == 2 for p in group["params"])
+        # full_shape: a model built under deepspeed.zero.Init holds empty ZeRO-3 parameters
+        has_matrices = group["rank"] is not None and any(
+            len(full_shape(p)) == 2 for p in group["params"]
+        )
         self.__dict__.setdefault("_group_info", {})[id(group)] = (
             len(self.param_groups) - 1,
             list(group["params"]) if has_matrices else None,
@@ -361,7 +365,10 @@ class SubspaceOptimizer(Optimizer):
     def _flattened_originals(self, group: dict[str, Any]) -> list[Tensor] | None:
         """The group's original matrices when DeepSpeed ZeRO replaced them by a flat partition, else None."""
         info = self.__dict__.get("_group_info", {}).get(id(group))
-        if info is None or info[1] is None or any(p.dim() == 2 for p in group["params"]):
+        if info is None or info[1] is None:
+            return None
+        # ZeRO-3 empties the lists of the groups it is not stepping: nothing to do for those
+        if not is_zero_partition(group["params"], {id(p) for p in info[1]}):
             return None
         return info[1]
 
@@ -410,83 +417,66 @@ class SubspaceOptimizer(Optimizer):
         return items
 
     def _step_zero_partition(self, group: dict[str, Any], gi: int, originals: list[Tensor]) -> None:
-        """One step of a group whose matrices DeepSpeed ZeRO-1/2 flattened into this rank's partition.
+        """One step of a group whose parameters DeepSpeed ZeRO (stage 1, 2 or 3) replaced by this
+        rank's flat fp32 partition (:mod:`loralab.core.zero_views` finds each parameter in it).
 
-        DeepSpeed hands the client optimizer one flat fp32 partition of the group (its slice of the
-        concatenated, padded parameters) and that slice of the averaged gradient. A projector needs
-        whole gradient matrices, so: all-gather the gradient partitions (one all-gather per step, as
-        large as DDP's all-reduce), and for every parameter that overlaps this rank's slice, run the
-        ordinary update on a full-size copy (the replicated model weights, with this rank's exact fp32
-        master values in its slice), then write back only the slice this rank owns. Ranks that share a
-        matrix across a partition boundary compute the same update (same gradient, same seeded
-        projector), so their low-rank states stay identical; every other matrix's state lives on one
-        rank only. The states are stored in the partition's ``state`` under ``"param{i}.<key>"``
-        (tensors only, so DeepSpeed's checkpoints keep them).
+        Every weight matrix to project has one **owner rank** (assigned greedily by size, the same on
+        every rank): its gradient and master weight are gathered to the owner only (one matrix at a
+        time, never all-gathered), the owner runs the ordinary update on the whole matrix with the
+        matrix's low-rank state, and scatters the new values back to the ranks that hold its
+        elements. The low-rank state of a matrix lives on its owner only, in the partition's state
+        under ``"param{i}.<key>"`` (tensors only, so DeepSpeed's checkpoints keep it); the optimizer
+        state is split over the ranks as ZeRO splits any other. Parameters that are not projected
+        (vectors) step element-wise on this rank's elements (for the 8-bit and Adafactor forms, whose
+        states need whole tensors, they go to an owner too). The result equals one process's up to
+        the order of the gradient sums; random projectors are seeded per parameter as in one process.
         """
-        import torch.distributed as dist
-
         where = f"{type(self).__name__} param group {gi}"
-        if any(hasattr(p, "ds_tensor") or hasattr(p, "ds_id") for p in originals):
-            raise NotImplementedError(
-                f"{where}: DeepSpeed ZeRO-3 partitions the weight matrices themselves, so no rank holds a "
-                "whole matrix to project. Use ZeRO stage 1 or 2 (supported: the projector runs on all-gathered "
-                "gradients) or DDP; GaLore's optimizer state is already low-rank."
-            )
         if len(group["params"]) != 1 or group["params"][0].dim() != 1:
             raise RuntimeError(
                 f"{where}: had 2-D weights to project but now holds {[tuple(p.shape) for p in group['params']][:3]}; "
-                "expected DeepSpeed ZeRO-1/2's single flat partition. Another wrapper replaced the parameters: "
-                "use DDP or DeepSpeed ZeRO stage 0/1/2."
+                "expected DeepSpeed ZeRO's single flat partition. Another wrapper replaced the parameters: "
+                "use DDP, FSDP2 or DeepSpeed ZeRO."
             )
         flat = group["params"][0]
         if flat.grad is None:
             return
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError(
-                f"{where}: the parameters were flattened (DeepSpeed ZeRO) but torch.distributed is not initialized"
-            )
-        storage = originals[0].untyped_storage()
-        if any(p.untyped_storage().data_ptr() != storage.data_ptr() for p in originals):
-            raise RuntimeError(
-                f"{where}: the original weights are not views of one flat buffer, so their place in the DeepSpeed "
-                "ZeRO partition is unknown. Use DDP or DeepSpeed ZeRO stage 0/1/2 with the default settings."
-            )
-        world, rank = dist.get_world_size(), dist.get_rank()
-        size = flat.numel()
-        if storage.nbytes() // originals[0].element_size() != world * size:
-            raise RuntimeError(
-                f"{where}: the flat buffer ({storage.nbytes() // originals[0].element_size()} elements) is not "
-                f"world_size ({world}) x the partition ({size}): ZeRO with a data-parallel group smaller than the "
-                "world (model/expert parallelism) is not supported; use DDP."
-            )
-        parts = [torch.empty_like(flat.grad) for _ in range(world)]
-        dist.all_gather(parts, flat.grad.detach().contiguous())
-        full_grad = torch.cat(parts)
-        start, end = rank * size, (rank + 1) * size
+        grad = flat.grad
+        zp = zero_partition(originals, flat, where)
         state = self.state[flat]
-        items, spans, substates = [], [], []
-        for pi, p in enumerate(originals):
-            off, n = p.storage_offset(), p.numel()
-            lo, hi = max(off, start), min(off + n, end)
-            if lo >= hi:
-                continue  # no part of this weight lives in this rank's partition
-            prefix = f"param{pi}."
-            sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-            # the replicated model weights (the bit16 copy of the master)
-            full = p.detach().to(flat.dtype).clone()
-            full.view(-1)[lo - off : hi - off] = flat.detach()[lo - start : hi - start]
-            grad = full_grad[off : off + n].view(p.shape)
-            items.append(self._prepare_item(full, grad, sub, group, gi, pi))
-            spans.append((lo - off, hi - off, lo - start, hi - start))
-            substates.append((prefix, sub))
-        if items:
-            self._update(group, items)
-        with torch.no_grad():
-            for (full, _g, _s, _side), (a, b, c, d) in zip(items, spans):
-                flat[c:d] = full.view(-1)[a:b]
-        for prefix, sub in substates:
+        # the element-wise forms step vectors on each rank's elements; 8-bit block-wise states and
+        # Adafactor's RMS need every tensor whole: all of theirs go to an owner
+        owners = _owners(zp, group, every=not self._steps_row_shards)
+
+        def substate(prefix: str) -> dict[str, Any]:
+            return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+        def keep(prefix: str, sub: dict[str, Any]) -> None:
             for k, v in sub.items():
                 state[prefix + k] = v
+
+        for pc in zp.pieces:
+            prefix = f"param{pc.index}."
+            owner = owners.get(id(pc.param))
+            if owner is None:  # a vector: element-wise on this rank's elements, in place
+                if not zp.holds(pc.param):
+                    continue
+                sub = substate(prefix)
+                local, local_grad = zp.local(flat, pc.param), zp.local(grad, pc.param)
+                self._update(
+                    group, [self._prepare_item(local, local_grad, sub, group, gi, pc.index)]
+                )
+                keep(prefix, sub)
+                continue
+            weight = zp.gather_to(flat, pc.param, owner)
+            whole_grad = zp.gather_to(grad, pc.param, owner)
+            if weight is not None and whole_grad is not None:  # the owner
+                sub = substate(prefix)
+                item = self._prepare_item(weight, whole_grad, sub, group, gi, pc.index)
+                self._update(group, [item])
+                keep(prefix, sub)
+                del whole_grad
+            zp.scatter_from_(flat, pc.param, weight, owner)
 
     def _preprocess_grad(self, p: Tensor, grad: Tensor, group: dict[str, Any]) -> Tensor:
         return grad
@@ -545,6 +535,20 @@ class SubspaceOptimizer(Optimizer):
         self, group: dict[str, Any], items: list[tuple[Tensor, Tensor, dict[str, Any], Side | None]]
     ) -> None:  # pragma: no cover
         raise NotImplementedError
+
+
+def _owners(zp: ZeroPartition, group: dict[str, Any], every: bool) -> dict[int, int]:
+    """The rank that updates each projected matrix of a ZeRO partition (each parameter when
+    ``every``): greedily the least loaded rank by elements so far, in parameter order
+    (deterministic: every rank computes the same)."""
+    load = [0] * zp.world
+    owners = {}
+    for pc in zp.pieces:
+        if every or (group["rank"] is not None and len(pc.shape) == 2):
+            k = min(range(zp.world), key=lambda r: (load[r], r))
+            owners[id(pc.param)] = k
+            load[k] += pc.numel
+    return owners
 
 
 def _moment_dtype(p: Tensor) -> torch.dtype:

@@ -12,17 +12,22 @@ is replaced by ``(1/s²)·g_B·(A·Aᵀ)⁻¹`` (:mod:`loralab.lora_fa.correctio
   ``torch._foreach_*`` (:func:`loralab.core.adamw_update_`);
 - state is per parameter (``step``, ``exp_avg``, ``exp_avg_sq`` tensors), so ``state_dict()`` loads with
   ``torch.load(weights_only=True)`` and ``load_state_dict`` puts it on each parameter's device;
-- a trainable A, an A that receives a gradient, a non-finite gradient or parameters replaced behind
-  the optimizer's back (DeepSpeed ZeRO's flat partitions) raise errors naming the layer.
+- a trainable A, an A that receives a gradient or a non-finite gradient raise errors naming the layer.
 
 The default numerics are PEFT's (transformers' AdamW: ``eps=1e-6``, ``√bc₂/bc₁`` step size, weight decay
 applied after the step); ``style="torch"`` gives ``torch.optim.AdamW``'s. Trainable parameters that are
 not LoRA B factors (a head, ``modules_to_save``, biases) get plain AdamW in the same optimizer.
 
+Under DeepSpeed ZeRO (stage 1, 2 or 3), which replaces the optimizer's parameters by one flat fp32
+partition per param group, ``step`` finds every B in the partition (:mod:`loralab.core.zero_views`),
+all-gathers B's (small) gradient whole, corrects it, writes this rank's elements back and runs AdamW
+element-wise on the partition (the optimizer state is the partition's: nothing is replicated); under
+ZeRO-3 the frozen A is gathered for its correction matrix at every step. The result equals the
+one-process step on the whole batch.
+
 ``correct_in_backward=True`` applies the correction with a gradient hook on every B instead of in
 ``step`` (the correction is linear, so it commutes with gradient accumulation and with the data-
-parallel average); ``step`` then runs plain AdamW. That is the path for DeepSpeed ZeRO-1/2/3, which
-replace the optimizer's parameters by flat partitions where no layer structure is left.
+parallel average); ``step`` then runs plain AdamW (on DeepSpeed's partitions too).
 
 Under FSDP2 (``fully_shard``: every parameter a ``DTensor`` sharded by rows) ``step`` gathers each
 (small) A once to build its correction matrix (:mod:`loralab.core.sharding`), corrects the local rows
@@ -57,6 +62,13 @@ from loralab.core.adamw import AdamWStyle, adamw_update_, check_adamw_hparams
 from loralab.core.distributed import gathered_parameters
 from loralab.core.lora_layers import LoraPair, LoraPairError, find_lora_pairs
 from loralab.core.sharding import all_ranks_agree, is_sharded, local_tensor, whole
+from loralab.core.zero_views import (
+    GroupOriginals,
+    full_shape,
+    is_zero3_param,
+    is_zero_partition,
+    zero_partition,
+)
 from loralab.lora_fa.correction import DEFAULT_RIDGE, correct_grads, correction_matrix
 
 __all__ = ["LoraFAAdamW", "LoraFAError"]
@@ -68,10 +80,6 @@ STYLES = ("hf", "torch")
 
 class LoraFAError(ValueError):
     """A LoRA-FA precondition does not hold (A trainable, A and B in different groups, scaling 0, …)."""
-
-
-def _is_zero3_partitioned(p: Tensor) -> bool:
-    return hasattr(p, "ds_id") and hasattr(p, "ds_status")
 
 
 def _a_name(pair: LoraPair) -> str:
@@ -86,9 +94,7 @@ def _warn_zero_a(pairs: list[LoraPair]) -> None:
     zero = [
         f"{p.name}.{_a_name(p)}[{p.adapter!r}]"
         for p in pairs
-        if p.A.numel() > 0
-        and not _is_zero3_partitioned(p.A)
-        and not bool(whole(p.A.detach()).any())
+        if p.A.numel() > 0 and not is_zero3_param(p.A) and not bool(whole(p.A.detach()).any())
     ]
     if zero:
         logger.warning(
@@ -174,10 +180,10 @@ class LoraFAAdamW(torch.optim.Optimizer):
                     f"layer {pair.name!r}: {_a_name(pair)}[{pair.adapter!r}] is trainable, but LoRA-FA keeps A frozen. "
                     "Freeze it (A.requires_grad_(False)) or build the optimizer with create_lorafa_optimizer, which does."
                 )
-            if pair.A.dim() != 2:
+            if len(full_shape(pair.A)) != 2:  # full_shape: an empty ZeRO-3 parameter's whole shape
                 raise LoraFAError(
                     f"layer {pair.name!r}: LoRA-FA needs a 2-D lora_A (Linear, Conv1D, embedding and "
-                    f"MultiheadAttention adapters; PEFT's LoRA-FA fails on convolutions too), got shape {tuple(pair.A.shape)}"
+                    f"MultiheadAttention adapters; PEFT's LoRA-FA fails on convolutions too), got shape {tuple(full_shape(pair.A))}"
                 )
             if pair.scaling == 0:
                 raise LoraFAError(
@@ -195,6 +201,7 @@ class LoraFAAdamW(torch.optim.Optimizer):
         self.check_finite = check_finite
         self.correct_in_backward = bool(correct_in_backward)
         self._known: set[int] = set()
+        self._originals = GroupOriginals()  # to find each group's parameters in a ZeRO partition
         self._cache: dict[int, tuple[int, Tensor]] = {}
         self._stacks: dict[tuple[int, ...], tuple[tuple[int, ...], Tensor]] = {}
         self._hooks: list[Any] = []
@@ -213,6 +220,7 @@ class LoraFAAdamW(torch.optim.Optimizer):
         if group["style"] not in STYLES:
             raise ValueError(f"style must be one of {STYLES}, got {group['style']!r}")
         self._known.update(id(p) for p in group["params"])
+        self._originals.record(group, len(self.param_groups) - 1)
         if hasattr(self, "_b_pair"):
             self._finalise_pairs()
 
@@ -253,12 +261,16 @@ class LoraFAAdamW(torch.optim.Optimizer):
         key = tuple(id(p.B) for p in pairs)
         versions = tuple(_version(p.A) for p in pairs)
         hit = self._stacks.get(key)
-        valid = hit is not None and hit[0] == versions
-        # gathering a sharded A is a collective: every rank must decide alike whether to rebuild
         As = [p.A for p in pairs]
+        # A ZeRO-3 A is gathered afresh at every step (its version counter does not follow the
+        # partition, which a checkpoint load rewrites): a collective that every rank makes alike
+        zero3 = any(is_zero3_param(a) for a in As)
+        valid = hit is not None and hit[0] == versions and not zero3
+        # gathering a sharded A is a collective: every rank must decide alike whether to rebuild
         if all_ranks_agree(valid, As):
             return cast(tuple, hit)[1]
-        M = torch.stack([self._matrix(p, fresh=any(is_sharded(a) for a in As)) for p in pairs])
+        fresh = zero3 or any(is_sharded(a) for a in As)
+        M = torch.stack([self._matrix(p, fresh=fresh) for p in pairs])
         self._stacks[key] = (versions, M)
         return M
 
@@ -280,7 +292,7 @@ class LoraFAAdamW(torch.optim.Optimizer):
         # matrix computed while it was whole. Otherwise follow A like ``step`` does, so that an A
         # loaded after construction (a checkpoint resume) is picked up.
         hit = self._cache.get(id(pair.B))
-        if hit is not None and _is_zero3_partitioned(pair.A):
+        if hit is not None and is_zero3_param(pair.A):
             return hit[1]
         return self._matrix(pair)
 
@@ -343,7 +355,59 @@ class LoraFAAdamW(torch.optim.Optimizer):
             return dict.fromkeys(("exp_avg", "exp_avg_sq"), tuple(local_tensor(p).shape))
 
         check_state_dict(self, state_dict, expected)
+        old_groups = list(self.param_groups)
         super().load_state_dict(state_dict)
+        self._originals.carry_over(old_groups, self.param_groups)  # torch rebuilt the group dicts
+
+    def _zero_plan(
+        self, group: dict[str, Any]
+    ) -> tuple[dict[str, Any], list[Tensor], list[Tensor], list[Tensor]] | None:
+        """``(group, params, grads, keys)`` of a group DeepSpeed ZeRO replaced by this rank's flat
+        partition: B's whole gradients all-gathered (LoRA-sized), corrected as in one process, and
+        this rank's elements written into the partition's gradient; AdamW then runs element-wise on
+        the partition (its state is the partition's)."""
+        gi, originals = self._originals.of(group)
+        where = f"LoraFAAdamW param group {gi}"
+        if len(group["params"]) != 1:
+            raise RuntimeError(
+                f"{where}: expected one flat DeepSpeed ZeRO partition, got {len(group['params'])} "
+                "tensors in place of the parameters it was built with"
+            )
+        flat = group["params"][0]
+        if flat.grad is None:
+            return None
+        if flat.grad.is_sparse:
+            raise RuntimeError("LoraFAAdamW does not support sparse gradients")
+        zp = zero_partition(originals, flat, where)
+        grad = flat.grad
+        pairs = [pair for pair in self.pairs if pair.B in zp]
+        names = [f"{where}'s DeepSpeed partition"]
+        if pairs and not self.correct_in_backward:  # (with it, the hooks corrected B already)
+            G = zp.wholes(grad, [pair.B for pair in pairs])
+            buckets: dict[tuple, list[LoraPair]] = defaultdict(list)
+            for pair in pairs:
+                buckets[(tuple(zp.piece(pair.B).shape), tuple(full_shape(pair.A)))].append(pair)
+            corrected = []
+            for bucket in buckets.values():
+                M = self._stacked(bucket).to(grad.device)
+                gs = correct_grads([G[id(p.B)] for p in bucket], M, out_dtype=grad.dtype)
+                corrected += list(zip(bucket, gs))
+            if self.check_finite:
+                bad = [p.name for p, g in corrected if not bool(torch.isfinite(g).all())]
+                if bad:  # whole gradients: every rank finds the same layers
+                    raise FloatingPointError(
+                        f"non-finite gradient in {bad[:5]}; step skipped, parameters unchanged"
+                    )
+            for pair, g in corrected:
+                zp.write_(grad, pair.B, g)
+        if self.check_finite:
+            ok = bool(torch.isfinite(grad).all())
+            if not zp.all_agree(ok):
+                raise FloatingPointError(
+                    f"non-finite gradient in {names[0]} on {'this' if not ok else 'another'} rank; "
+                    "step skipped, parameters unchanged"
+                )
+        return group, [flat], [grad], [flat]
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -361,6 +425,11 @@ class LoraFAAdamW(torch.optim.Optimizer):
                 )
         plans = []
         for group in self.param_groups:
+            if is_zero_partition(group["params"], self._known):
+                plan = self._zero_plan(group)
+                if plan is not None:
+                    plans.append(plan)
+                continue
             lora: list[tuple[Tensor, LoraPair]] = []
             plain: list[Tensor] = []
             for p in group["params"]:
@@ -369,14 +438,6 @@ class LoraFAAdamW(torch.optim.Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError("LoraFAAdamW does not support sparse gradients")
                 pair = self._b_pair.get(id(p))
-                if pair is None and id(p) not in self._known and not self.correct_in_backward:
-                    raise RuntimeError(
-                        f"a parameter of shape {tuple(p.shape)} is in the optimizer but was not there at construction: "
-                        "DeepSpeed ZeRO (stage >= 1) replaces the parameters by flat partitions, where A and B cannot be "
-                        "paired, and this would silently train plain LoRA. Build the optimizer with "
-                        "correct_in_backward=True (create_lorafa_optimizer(..., correct_in_backward=True)), which "
-                        "corrects B's gradient in backward, before DeepSpeed flattens it."
-                    )
                 if pair is not None and not self.correct_in_backward:
                     lora.append((p, pair))
                 else:

@@ -62,6 +62,14 @@ from loralab.core.sharding import (
     sum_over_shards_,
     whole,
 )
+from loralab.core.zero_views import (
+    GroupOriginals,
+    ZeroPartition,
+    full_shape,
+    is_zero3_param,
+    is_zero_partition,
+    zero_partition,
+)
 from loralab.lora_pro.adjust import (
     X_MODES,
     XMode,
@@ -70,7 +78,6 @@ from loralab.lora_pro.adjust import (
     lora_pro_gradients_buckets,
     optimal_equivalent_gradient,
 )
-from loralab.lora_pro.zero import ZeroBinding, find_zero_optimizer
 
 __all__ = ["LoraProAdamW", "Mode", "WeightDecayMode"]
 
@@ -103,10 +110,6 @@ def _all_finite(tensors: Iterable[Tensor]) -> bool:
 def _grad(t: Tensor) -> Tensor:
     # ``t.grad`` of a tensor the step selected for having one (the checker sees ``Tensor | None``)
     return cast(Tensor, t.grad)
-
-
-def _is_zero3_param(p: Tensor) -> bool:
-    return hasattr(p, "ds_id") or hasattr(p, "ds_numel")
 
 
 class LoraProAdamW(torch.optim.Optimizer):
@@ -201,7 +204,7 @@ class LoraProAdamW(torch.optim.Optimizer):
             weight_decay_mode=weight_decay_mode,
         )
         self.check_finite = check_finite
-        self._zero: ZeroBinding | None = None
+        self._originals = GroupOriginals()  # to find each group's parameters in a ZeRO partition
         self._workspace: dict[tuple, tuple[Tensor, Tensor]] = {}  # see _stacking_buffers
         self._own_ids: set[int] = set()
         # efficient mode: per bucket of equal-shape layers, stacked Adam state (see _stacked_state)
@@ -238,12 +241,7 @@ class LoraProAdamW(torch.optim.Optimizer):
             )
         for p in group["params"]:
             self._own_ids.add(id(p))
-            if _is_zero3_param(p):
-                raise NotImplementedError(
-                    "LoraProAdamW does not support DeepSpeed ZeRO-3 (parameters are partitioned, so a layer's A and B "
-                    "are never whole on one rank). Use ZeRO stage 0/1/2 (LoRA parameters are small), or DDP. "
-                    "Refusing rather than silently training plain LoRA."
-                )
+        self._originals.record(group, len(self.param_groups) - 1)
         if hasattr(self, "_pair_groups"):
             self._finalise_pairs()
 
@@ -267,9 +265,11 @@ class LoraProAdamW(torch.optim.Optimizer):
                 raise LoraPairError(
                     f"layer {pair.name!r}: lora_A is in param group {ga} but lora_B in group {gb}; put both in one group"
                 )
-            if pair.A.shape[0] != pair.B.shape[1]:
+            # full_shape: a model built under deepspeed.zero.Init holds empty ZeRO-3 parameters
+            a_shape, b_shape = full_shape(pair.A), full_shape(pair.B)
+            if a_shape[0] != b_shape[1]:
                 raise LoraPairError(
-                    f"layer {pair.name!r}: A {tuple(pair.A.shape)} and B {tuple(pair.B.shape)} do not share a rank"
+                    f"layer {pair.name!r}: A {tuple(a_shape)} and B {tuple(b_shape)} do not share a rank"
                 )
             group = self.param_groups[ga]
             if (
@@ -297,28 +297,23 @@ class LoraProAdamW(torch.optim.Optimizer):
         return getattr(base, "weight", None)
 
     def attach_deepspeed(self, engine: Any) -> LoraProAdamW:
-        """Run LoRA-Pro correctly under DeepSpeed ZeRO stage 1/2 (call right after ``deepspeed.initialize``).
+        """Check that a DeepSpeed engine (or its ZeRO optimizer) wraps this optimizer; not needed.
 
-        ZeRO-1/2 replaces our parameters by flat fp32 partitions; once attached, each step all-gathers
-        the (LoRA-sized) gradient partitions, adjusts every layer on its whole ``g_A``, ``g_B`` and runs
-        AdamW on this rank's partition (see :mod:`loralab.lora_pro.zero`). Efficient mode only; ZeRO-3
-        raises ``NotImplementedError``. Without this call a ZeRO-wrapped step raises instead of silently
-        training plain LoRA.
+        Under DeepSpeed ZeRO (stage 1, 2 or 3) the optimizer finds its parameters in the flat
+        partitions DeepSpeed hands it by itself (:mod:`loralab.core.zero_views`); this call is kept
+        for code written when it was required, and only checks the wrapping.
 
         Example:
             >>> # engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
-            >>> # opt.attach_deepspeed(engine)
+            >>> # opt.attach_deepspeed(engine)  # optional
         """
-        zero = find_zero_optimizer(engine)
-        if zero.optimizer is not self:
-            raise ValueError("attach_deepspeed: this DeepSpeed engine wraps a different optimizer")
-        for group in self.param_groups:
-            if group["mode"] != "efficient":
-                raise NotImplementedError(
-                    "LoraProAdamW mode='full' under DeepSpeed ZeRO-1/2 is not supported (its m×n Adam states do not "
-                    "partition along DeepSpeed's flat LoRA buffer); use mode='efficient', ZeRO stage 0, or DDP"
-                )
-        self._zero = ZeroBinding(zero)
+        inner = getattr(engine, "optimizer", None)
+        wrapped = [getattr(c, "optimizer", None) for c in (engine, inner)]
+        if not any(w is self for w in wrapped):
+            raise TypeError(
+                "attach_deepspeed expects the DeepSpeed engine returned by deepspeed.initialize (or its "
+                f"ZeRO optimizer) wrapping this optimizer, got {type(engine).__name__}"
+            )
         return self
 
     @property
@@ -340,7 +335,11 @@ class LoraProAdamW(torch.optim.Optimizer):
 
         # under FSDP2, of this rank's rows (the state holds them only)
         full_shapes = {
-            id(pair.B): (local_tensor(pair.B).shape[0], pair.A.shape[1]) for pair in self._pairs
+            id(pair.B): (
+                full_shape(pair.B)[0] if is_zero3_param(pair.B) else local_tensor(pair.B).shape[0],
+                full_shape(pair.A)[1],
+            )
+            for pair in self._pairs
         }
 
         def expected(p: Tensor, group: Any) -> dict[str, tuple[int, ...]]:
@@ -351,7 +350,9 @@ class LoraProAdamW(torch.optim.Optimizer):
             return out
 
         check_state_dict(self, state_dict, expected, settings=("mode", "x_mode"))
+        old_groups = list(self.param_groups)
         super().load_state_dict(state_dict)
+        self._originals.carry_over(old_groups, self.param_groups)  # torch rebuilt the group dicts
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for i, p in zip(ids, params):
@@ -376,7 +377,7 @@ class LoraProAdamW(torch.optim.Optimizer):
         # changes, so a NaN/Inf gradient anywhere raises with the model and optimizer untouched.
         updates: list[Callable[[], None]] = []
         for gi, group in enumerate(self.param_groups):
-            if any(id(p) not in self._own_ids for p in group["params"]):
+            if is_zero_partition(group["params"], self._own_ids):
                 updates.append(partial(self._zero_step, group))
                 continue
             pairs = [p for p, g in zip(self._pairs, self._pair_groups) if g == gi]
@@ -433,52 +434,60 @@ class LoraProAdamW(torch.optim.Optimizer):
         )
 
     def _zero_step(self, group: dict[str, Any]) -> None:
-        """One step of a group whose parameters DeepSpeed ZeRO-1/2 replaced by a flat fp32 partition."""
-        if self._zero is None:
-            if any(_is_zero3_param(p) or p.numel() == 0 for p in group["params"]):
-                raise NotImplementedError(
-                    "LoraProAdamW does not support DeepSpeed ZeRO-3; use ZeRO stage 0/1/2 or DDP"
-                )
-            raise RuntimeError(
-                "LoraProAdamW: the parameters of a param group were replaced by tensors it was not built with "
-                "(DeepSpeed ZeRO flat partitions?). LoRA-Pro needs every layer's whole g_A and g_B: after "
-                "deepspeed.initialize(...) call optimizer.attach_deepspeed(engine) (ZeRO stage 1/2), or use stage 0 / DDP. "
-                "Refusing to train plain LoRA silently."
-            )
-        zb = self._zero
+        """One step of a group whose parameters DeepSpeed ZeRO (stage 1, 2 or 3) replaced by this
+        rank's flat fp32 partition (:mod:`loralab.core.zero_views` finds the layers in it).
+
+        The partition's master weights and gradient are all-gathered (LoRA-sized: one all-gather
+        each), every layer is adjusted on its whole ``A, B, g_A, g_B`` (every rank computes the same
+        r×r solves), and this rank's elements of the adjusted gradients replace the partition's
+        gradient; AdamW then runs element-wise on the partition, exactly as efficient mode does on
+        whole tensors. Trainable parameters that are not LoRA factors keep their gradient.
+        """
+        gi, originals = self._originals.of(group)
+        where = f"LoraProAdamW param group {gi}"
         if len(group["params"]) != 1:
             raise RuntimeError(
-                f"LoraProAdamW: expected one flat DeepSpeed partition per param group, got {len(group['params'])} tensors"
+                f"{where}: expected one flat DeepSpeed ZeRO partition, got {len(group['params'])} "
+                "tensors in place of the parameters it was built with"
             )
-        if group["mode"] != "efficient":
-            raise NotImplementedError(
-                "LoraProAdamW mode='full' under DeepSpeed ZeRO-1/2 is not supported; use mode='efficient'"
-            )
-        part = group["params"][0]
-        if part.grad is None:
+        flat = group["params"][0]
+        if flat.grad is None:
             return
-        i = zb.group_of(part)
-        offsets = zb.offsets[i]
-        flat_grad = zb.gather(i, part.grad)
-        flat_param = zb.gather(i, part.detach())
+        zp = zero_partition(originals, flat, where)
+        bad_local = self.check_finite and not _all_finite([flat.grad])
+        if not zp.all_agree(not bad_local):
+            raise FloatingPointError(
+                f"{where}: non-finite gradients (NaN/Inf) in the DeepSpeed partition of "
+                f"{'this rank' if bad_local else 'another rank'}"
+            )
         buckets: dict[tuple, list[LoraPair]] = defaultdict(list)
         for pair in self._pairs:
-            in_a, in_b = id(pair.A) in offsets, id(pair.B) in offsets
+            in_a, in_b = pair.A in zp, pair.B in zp
             if in_a != in_b:
+                # ZeRO-3 splits a large group into sub-groups stepped one at a time
                 raise LoraPairError(
-                    f"layer {pair.name!r}: lora_A and lora_B are in different DeepSpeed param groups"
+                    f"layer {pair.name!r}: lora_A and lora_B are in different DeepSpeed ZeRO "
+                    "partitions (ZeRO-3 sub-groups): raise zero_optimization.sub_group_size above "
+                    "the number of trainable parameters"
                 )
             if in_a:
-                buckets[(tuple(pair.A.shape), tuple(pair.B.shape))].append(pair)
-
-        def view(flat: Tensor, p: Tensor) -> Tensor:
-            return flat[offsets[id(p)] : offsets[id(p)] + p.numel()].view(p.shape)
-
+                key = (tuple(zp.piece(pair.A).shape), tuple(zp.piece(pair.B).shape))
+                buckets[key].append(pair)
+        if not buckets:
+            self._plain_step(group, [flat])
+            return
+        lora = [t for bucket in buckets.values() for pair in bucket for t in (pair.A, pair.B)]
+        W = zp.wholes(flat, lora)
+        G = zp.wholes(flat.grad, lora)
+        if group["mode"] == "full":
+            self._zero_full(group, zp, [p for b in buckets.values() for p in b], W, G)
+            return
+        adjusted: list[tuple[list[LoraPair], Tensor, Tensor]] = []
         for bucket in buckets.values():
-            A = torch.stack([view(flat_param, p.A) for p in bucket])
-            B = torch.stack([view(flat_param, p.B) for p in bucket])
-            g_A = torch.stack([view(flat_grad, p.A) for p in bucket])
-            g_B = torch.stack([view(flat_grad, p.B) for p in bucket])
+            A = torch.stack([W[id(p.A)] for p in bucket])
+            B = torch.stack([W[id(p.B)] for p in bucket])
+            g_A = torch.stack([G[id(p.A)] for p in bucket])
+            g_B = torch.stack([G[id(p.B)] for p in bucket])
             if self.check_finite and not _all_finite([g_A, g_B]):
                 raise FloatingPointError(
                     f"LoraProAdamW: non-finite gradients (NaN/Inf) in LoRA layer(s) {[p.name for p in bucket]}"
@@ -496,15 +505,130 @@ class LoraProAdamW(torch.optim.Optimizer):
                     jitter=group.get("jitter", 0.0),
                 )
             except torch.linalg.LinAlgError:
-                self._raise_non_finite_inputs(bucket)  # NaN/Inf factors: name the layer
+                self._raise_non_finite_zero(bucket, W)
                 raise
-            self._check_out(bucket, gA, gB)
+            if self.check_finite and not _all_finite([gA, gB]):
+                self._raise_non_finite_zero(bucket, W)
+            adjusted.append((bucket, gA, gB))
+        for bucket, gA, gB in adjusted:  # every bucket checked: now change the gradient
             for k, pair in enumerate(bucket):
-                view(flat_grad, pair.A).copy_(gA[k])
-                view(flat_grad, pair.B).copy_(gB[k])
-        part.grad.copy_(flat_grad[zb.rank_slice(i, part)])
-        # element-wise AdamW on this rank's slice: identical to efficient mode on the whole tensors
-        self._plain_step(group, [part])
+                zp.write_(flat.grad, pair.A, gA[k].to(flat.grad.dtype))
+                zp.write_(flat.grad, pair.B, gB[k].to(flat.grad.dtype))
+        # element-wise AdamW on this rank's partition: identical to efficient mode on whole tensors
+        self._plain_step(group, [flat])
+
+    def _zero_full(
+        self,
+        group: dict[str, Any],
+        zp: ZeroPartition,
+        pairs: list[LoraPair],
+        W: dict[int, Tensor],
+        G: dict[int, Tensor],
+    ) -> None:
+        """Full mode on a DeepSpeed ZeRO partition: each layer's m×n Adam state on one owner rank.
+
+        Layer ``k`` of the partition is owned by rank ``k mod world``, which keeps its m×n moments
+        (in the partition's state, under ``"param<i>.full_exp_avg"`` etc., ``i`` the index of B in
+        the param group) and computes its step from the whole, all-gathered ``A, B, g_A, g_B`` exactly
+        as in one process; the new factors reach every rank in one LoRA-sized all-reduce, and each
+        rank writes its elements into its partition. The m×n state is split over the ranks, as ZeRO
+        splits every other optimizer state; nothing m×n is communicated. Trainable parameters that
+        are not LoRA factors get AdamW element-wise on the partition.
+        """
+        flat = zp.flat
+        lr, wd = group["lr"], group["weight_decay"]
+        state = self.state[flat]
+        sizes = [(W[id(p.A)].numel(), W[id(p.B)].numel()) for p in pairs]
+        new = torch.zeros(sum(a + b for a, b in sizes), dtype=flat.dtype, device=flat.device)
+        bad: list[str] = []
+        offset = 0
+        for k, (pair, (na, nb)) in enumerate(zip(pairs, sizes)):
+            here = slice(offset, offset + na + nb)
+            offset += na + nb
+            if k % zp.world != zp.rank:
+                continue
+            key = f"param{zp.piece(pair.B).index}."
+            A, B = W[id(pair.A)][None], W[id(pair.B)][None]
+            gA, gB = G[id(pair.A)][None], G[id(pair.B)][None]
+            if self.check_finite and not _all_finite([gA, gB, A, B]):
+                bad.append(pair.name)
+                continue
+            dt = accumulation_dtype(A.dtype)
+            Ad, Bd = A.to(dt), B.to(dt)
+            sd = torch.tensor([pair.scaling], dtype=dt)
+            ridge, jitter = group["ridge"], group.get("jitter", 0.0)
+            gt = optimal_equivalent_gradient(Ad, Bd, gA, gB, sd, ridge=ridge, jitter=jitter)
+            if key + "step" not in state:
+                state[key + "step"] = torch.tensor(0.0, dtype=torch.float32)
+                for name in ("full_exp_avg", "full_exp_avg_sq"):
+                    state[key + name] = torch.zeros(
+                        gt.shape[1:], dtype=_moment_dtype(flat), device=flat.device
+                    )
+            state[key + "step"] += 1
+            (N,) = adamw_direction(
+                [gt[0]],
+                [state[key + "full_exp_avg"]],
+                [state[key + "full_exp_avg_sq"]],
+                step=int(state[key + "step"].item()),
+                betas=tuple(group["betas"]),
+                eps=group["eps"],
+            )
+            nA, nB = lora_gradients(Ad, Bd, N.to(gt.dtype)[None], sd)
+            dA, dB = lora_pro_gradients(
+                Ad, Bd, nA, nB, sd, x_mode=group["x_mode"], ridge=ridge, jitter=jitter
+            )
+            if self.check_finite and not _all_finite([dA, dB]):
+                bad.append(pair.name)
+                continue
+            a, b = A[0].clone(), B[0].clone()
+            if wd:
+                f = (
+                    math.sqrt(1 - lr * wd)
+                    if group["weight_decay_mode"] == "effective"
+                    else 1 - lr * wd
+                )
+                a.mul_(f)
+                b.mul_(f)
+            a.add_(dA[0].to(a.dtype), alpha=-lr)
+            b.add_(dB[0].to(b.dtype), alpha=-lr)
+            new[here] = torch.cat([a.reshape(-1), b.reshape(-1)])
+        if not zp.all_agree(not bad):  # every rank raises together, before any parameter changes
+            raise FloatingPointError(
+                f"LoraProAdamW: non-finite gradients, factors or adjusted directions (NaN/Inf) in "
+                f"LoRA layer(s) {bad or 'of another rank'} (mode='full' under DeepSpeed ZeRO)"
+            )
+        if zp.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(new, group=zp.group)  # each layer's values come from its owner only
+        # element-wise AdamW for the group's other parameters (its LoRA elements are overwritten)
+        self._plain_step(group, [flat])
+        offset = 0
+        for pair, (na, nb) in zip(pairs, sizes):
+            zp.write_(flat, pair.A, new[offset : offset + na].view(W[id(pair.A)].shape))
+            zp.write_(flat, pair.B, new[offset + na : offset + na + nb].view(W[id(pair.B)].shape))
+            offset += na + nb
+            if wd and group["weight_decay_mode"] == "effective":
+                w = self._base_weight(pair)  # frozen: replicated (ZeRO-1/2) or partitioned (ZeRO-3)
+                assert w is not None  # checked at construction
+                local = w.ds_tensor if is_zero3_param(w) else local_tensor(w)  # type: ignore[attr-defined]
+                local.mul_(1 - lr * wd)
+
+    @staticmethod
+    def _raise_non_finite_zero(bucket: list[LoraPair], W: dict[int, Tensor]) -> None:
+        bad = [
+            p.name
+            for p in bucket
+            if not all(bool(torch.isfinite(W[id(t)]).all()) for t in (p.A, p.B))
+        ]
+        if bad:
+            raise FloatingPointError(
+                f"LoraProAdamW: non-finite LoRA factors (NaN/Inf parameters) in layer(s) {bad}"
+            )
+        raise FloatingPointError(
+            f"LoraProAdamW: the LoRA-Pro adjustment produced NaN/Inf for layer(s) {[p.name for p in bucket]}; "
+            "try ridge > 0 or float32 factors"
+        )
 
     def _next_step(self, p: Tensor) -> int:
         return int(self._next_steps([p])[0].item())

@@ -174,16 +174,6 @@ def identity_settings(args: Any, world_size: int) -> dict[str, Any]:
     return run_identity({**args.to_dict(), "num_processes": world_size}, exclude=skip)
 
 
-def _check_zero(method: Any, stage: int) -> None:
-    from loralab.runners.methods import MethodError
-
-    if stage >= 1:
-        raise MethodError(
-            f"--method {method.name} needs each weight's matrix in its optimizer, but DeepSpeed ZeRO-{stage} flattens and "
-            "shards them: run it without --deepspeed (DDP via torchrun / accelerate launch)"
-        )
-
-
 def finetune(
     args: Any,
     model: nn.Module,
@@ -206,14 +196,16 @@ def finetune(
     method.check_available()
     if getattr(args, "fsdp", None):
         method.check_engine("fsdp2", fsdp_flag())
-    if args.deepspeed and not method.zero_partitioning:
+    if args.deepspeed:
         # before any process group forms: --deepspeed names the config, its ZeRO stage is known already
-        _check_zero(method, zero_stage(load_deepspeed_config(args.deepspeed)))
+        stage = zero_stage(load_deepspeed_config(args.deepspeed))
+        method.check_zero(args, stage, f"--deepspeed {args.deepspeed}")
     engine = engine or build_engine(
         args, getattr(getattr(model, "config", None), "hidden_size", None)
     )
-    if isinstance(engine, AccelerateEngine) and engine.deepspeed and not method.zero_partitioning:
-        _check_zero(method, zero_stage(engine.acc.state.deepspeed_plugin.deepspeed_config))
+    if isinstance(engine, AccelerateEngine) and engine.deepspeed:
+        stage = zero_stage(engine.acc.state.deepspeed_plugin.deepspeed_config)
+        method.check_zero(args, stage, "accelerate's DeepSpeed plugin")
     if isinstance(engine, FSDP2Engine):
         method.check_engine("fsdp2", fsdp_flag())
     print(engine_line(engine), flush=True)

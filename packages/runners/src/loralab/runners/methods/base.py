@@ -307,6 +307,15 @@ class Method(ABC):
                 "accelerate launch)"
             )
 
+    def check_zero(self, args: Any, stage: int, flag: str) -> None:
+        """Raise :class:`MethodError` naming ``flag`` when the method (with the options in ``args``)
+        cannot run under DeepSpeed ZeRO ``stage`` (0: DeepSpeed without partitioning always runs)."""
+        if stage >= 1 and not self.zero_partitioning:
+            raise MethodError(
+                f"--method {self.name} needs each weight's matrix in its optimizer, but DeepSpeed ZeRO-{stage} "
+                f"({flag}) flattens and shards them: run it without {flag} (DDP via torchrun / accelerate launch)"
+            )
+
     def import_package(self) -> ModuleType | None:
         """Import the method's package, or raise ``ImportError`` saying what to install."""
         if self.module is None:

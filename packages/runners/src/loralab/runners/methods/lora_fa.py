@@ -22,9 +22,9 @@ class LoraFA(Method):
     pip_name = "loralab-lora-fa"
     requires = ("create_lorafa_optimizer",)
     description = "LoRA-FA: A frozen, B updated with the projected (full-FT-equivalent) gradient"
-    # pairs each B with its A: needs the unflattened matrices (ZeRO flattens them); under FSDP2 the
-    # optimizer gathers the row-sharded A (loralab.core.sharding)
-    sharded_engines = frozenset({"fsdp2"})
+    # pairs each B with its A: the optimizer gathers B's gradient from DeepSpeed ZeRO's flat
+    # partitions (loralab.core.zero_views) and the row-sharded A under FSDP2 (loralab.core.sharding)
+    sharded_engines = frozenset({"deepspeed_zero", "fsdp2"})
     options = LORA_OPTIONS
     defaults: ClassVar[dict[str, Any]] = dict(LORA_DEFAULTS)
 

