@@ -380,7 +380,7 @@ def test_plain_path_holds_one_block_of_gradients_at_a_time(monkeypatch):
 
     pm, seen, counts = run(estimate_gradients)
     assert max(counts) <= per_block, counts
-    assert [n.split(".")[4] for n in seen] == ["1"] * per_block + [
+    assert [n.split(".")[2] for n in seen] == ["1"] * per_block + [
         "0"
     ] * per_block  # last block first
     # the hook path (blockwise=False) holds every target's sum: the counter is not vacuous
