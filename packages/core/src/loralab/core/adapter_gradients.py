@@ -304,7 +304,7 @@ def estimate_adapter_gradients(
     full = {n: f"{est_prefix}.{n}" if est_prefix else n for n in targets}
     paths = {id(m): p for p, m in est.named_modules()}
     quantized = [paths[id(t.module)] for t in targets.values() if t.is_quantized]
-    sharded = [p for p in quantized if is_dtensor(get_module(est, p).weight)]
+    sharded = [p for p in quantized if is_dtensor(cast(Tensor, get_module(est, p).weight))]
     if sharded:
         # a float copy of a sharded layer would be a whole matrix outside FSDP2's groups, per rank
         raise GradientEstimationError(

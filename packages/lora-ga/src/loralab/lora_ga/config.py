@@ -148,10 +148,12 @@ class LoraGAConfig(LoraConfig):
             )
 
     def _new_settings(self) -> LoraGASettings:
+        # PEFT's sub-config annotates scale with its own names and stable_gamma as int; loralab's layers
+        # read these values (its scale names, a float gamma), PEFT's never do
         return LoraGASettings(
             direction=self.direction,
-            scale=self.scale,
-            stable_gamma=self.stable_gamma,
+            scale=self.scale,  # type: ignore[arg-type]
+            stable_gamma=self.stable_gamma,  # type: ignore[arg-type]
             dtype=self.dtype,
         )
 

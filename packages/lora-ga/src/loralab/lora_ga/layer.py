@@ -253,7 +253,7 @@ class _LoraGALayerMixin:
         session = _SESSIONS[-1]
         # a LoraGAConfig's fields as they are now (set after construction counts, never ignored)
         settings = config.lora_ga_settings() if hasattr(config, "lora_ga_settings") else None
-        pending = Pending(self, adapter_name, settings or config.lora_ga_config)
+        pending = Pending(self, adapter_name, settings or config.lora_ga_config)  # type: ignore[arg-type]
         session.pending.append(pending)
         if session.ready is not None:
             session.ready(pending)
