@@ -136,6 +136,26 @@ def test_default_falls_back_on_a_block_called_twice_and_true_refuses(caplog):
         _collect(batches=data, blockwise=True, **kw)
 
 
+def test_default_falls_back_when_the_loss_reaches_targets_outside_their_blocks(caplog):
+    """A loss that calls a block's layer directly (the block itself never runs): block by block those
+    targets would get nothing, so the default takes hooks and true refuses naming the blocks."""
+
+    def loss_fn(model, batch):
+        h = model.model.embed_tokens(batch["input_ids"])
+        return model.model.layers[0].self_attn.q_proj(h).pow(2).mean()
+
+    model, data = tiny_llama(), make_lm_batches(2)
+    names = ["model.layers.0.self_attn.q_proj"]
+    kw = dict(model=model, targets=names, loss_fn=loss_fn)
+    ref = _collect(batches=data, blockwise=False, **kw)
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        got = _collect(batches=iter(data), **kw)
+    assert any("never ran in the forward pass" in r.getMessage() for r in caplog.records)
+    _assert_same(ref, got)
+    with pytest.raises(GradientEstimationError, match=r"blocks \['model.layers.0'\] never ran"):
+        _collect(batches=data, blockwise=True, **kw)
+
+
 def test_default_without_blocks_uses_hooks(caplog):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))

@@ -160,6 +160,25 @@ class _BlockStructureError(GradientEstimationError):
     """The blocks are not called once each, in one fixed order, per forward pass."""
 
 
+def _check_all_ran(off: _Offloader) -> None:
+    """After the first recording: every block holding targets ran (as a block) in the forward pass.
+
+    A target the loss reaches some other way (its block's submodule called directly) gets no gradient
+    block by block: the automatic mode takes the hook path then, explicit block-wise modes raise.
+    """
+    never_ran = [
+        off.block_names[k]
+        for k in range(len(off.blocks))
+        if k not in (off.order or []) and off.block_targets[k]
+    ]
+    if never_ran:
+        raise _BlockStructureError(
+            f"blocks {never_ran} never ran in the forward pass, so their targets would get no gradient "
+            "block by block; exclude them (or estimate with blockwise=False, which follows the loss however "
+            "it reaches the layers)"
+        )
+
+
 class _Declined(Exception):
     """Automatic mode only: block-wise streaming does not apply to this model or would hold more than
     the hook path; ``consumed`` are the batches read so far, to be replayed there."""
@@ -751,6 +770,8 @@ def _run(
                 reason = None
                 try:
                     rec = off.record(batch, n)
+                    if n == 0:
+                        _check_all_ran(off)
                 except _BlockStructureError as e:
                     if budget is None or (multi and n > 0):
                         raise
@@ -782,15 +803,6 @@ def _run(
                     "no batches: the data iterable was empty (check the dataloader and num_batches)"
                 )
             order = off.order or []
-            never_ran = [
-                off.block_names[k]
-                for k in range(len(off.blocks))
-                if k not in order and off.block_targets[k]
-            ]
-            if never_ran:
-                raise GradientEstimationError(
-                    f"blocks {never_ran} never ran in the forward pass, so their targets would get no gradient; exclude them"
-                )
             if bar is not None:
                 bar.reset(total=n * len(order))
                 bar.set_description("block-wise backward (blocks)")
