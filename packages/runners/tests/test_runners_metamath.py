@@ -119,7 +119,10 @@ def test_evaluate_only_refuses_fsdp(tiny_dirs, metamath_files, tmp_path):
         "--fsdp",
         "full_shard",
     ]
-    with pytest.raises(ValueError, match="--do_train false evaluates without it: drop --fsdp"):
+    with pytest.raises(
+        ValueError,
+        match="--fsdp full_shard shards training; --do_train false evaluates without it: drop it",
+    ):
         metamath.main(argv)
 
 
