@@ -183,3 +183,12 @@ def test_group_originals_follow_rebuilt_groups_and_refuse_unknown_ones():
     originals.carry_over(old, opt.param_groups)
     index, params = originals.of(opt.param_groups[0])
     assert index == 0 and params[0] is w
+
+
+def test_flat_partition_returns_the_one_flat_tensor_and_refuses_anything_else():
+    from loralab.core.zero_views import flat_partition
+
+    flat = torch.zeros(6)
+    assert flat_partition({"params": [flat]}, "g") is flat
+    with pytest.raises(RuntimeError, match="g: expected one flat DeepSpeed ZeRO partition, got 2"):
+        flat_partition({"params": [flat, flat]}, "g")

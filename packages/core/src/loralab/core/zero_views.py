@@ -60,6 +60,7 @@ __all__ = [
     "Piece",
     "ZeroLayoutError",
     "ZeroPartition",
+    "flat_partition",
     "full_shape",
     "is_zero3_param",
     "is_zero_partition",
@@ -308,6 +309,25 @@ def _rank_world(group: Any) -> tuple[int, int]:
     if not (dist.is_available() and dist.is_initialized()):
         return 0, 1
     return dist.get_rank(group=group), dist.get_world_size(group=group)
+
+
+def flat_partition(group: dict[str, Any], where: str) -> Tensor:
+    """The one flat partition DeepSpeed ZeRO put in place of a param group's parameters.
+
+    Raises ``RuntimeError`` (prefixed by ``where``) when the group holds anything else.
+
+    Example:
+        >>> import torch
+        >>> flat = torch.zeros(6)
+        >>> flat_partition({"params": [flat]}, "group 0") is flat
+        True
+    """
+    if len(group["params"]) != 1:
+        raise RuntimeError(
+            f"{where}: expected one flat DeepSpeed ZeRO partition, got {len(group['params'])} "
+            "tensors in place of the parameters it was built with"
+        )
+    return group["params"][0]
 
 
 def zero_partition(originals: Sequence[Tensor], flat: Tensor, where: str = "") -> ZeroPartition:

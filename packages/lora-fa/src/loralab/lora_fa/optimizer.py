@@ -64,6 +64,7 @@ from loralab.core.lora_layers import LoraPair, LoraPairError, find_lora_pairs
 from loralab.core.sharding import all_ranks_agree, is_sharded, local_tensor, whole
 from loralab.core.zero_views import (
     GroupOriginals,
+    flat_partition,
     full_shape,
     is_zero3_param,
     is_zero_partition,
@@ -368,12 +369,7 @@ class LoraFAAdamW(torch.optim.Optimizer):
         the partition (its state is the partition's)."""
         gi, originals = self._originals.of(group)
         where = f"LoraFAAdamW param group {gi}"
-        if len(group["params"]) != 1:
-            raise RuntimeError(
-                f"{where}: expected one flat DeepSpeed ZeRO partition, got {len(group['params'])} "
-                "tensors in place of the parameters it was built with"
-            )
-        flat = group["params"][0]
+        flat = flat_partition(group, where)
         if flat.grad is None:
             return None
         if flat.grad.is_sparse:

@@ -65,6 +65,7 @@ from loralab.core.sharding import (
 from loralab.core.zero_views import (
     GroupOriginals,
     ZeroPartition,
+    flat_partition,
     full_shape,
     is_zero3_param,
     is_zero_partition,
@@ -445,12 +446,7 @@ class LoraProAdamW(torch.optim.Optimizer):
         """
         gi, originals = self._originals.of(group)
         where = f"LoraProAdamW param group {gi}"
-        if len(group["params"]) != 1:
-            raise RuntimeError(
-                f"{where}: expected one flat DeepSpeed ZeRO partition, got {len(group['params'])} "
-                "tensors in place of the parameters it was built with"
-            )
-        flat = group["params"][0]
+        flat = flat_partition(group, where)
         if flat.grad is None:
             return
         zp = zero_partition(originals, flat, where)
