@@ -16,6 +16,8 @@ weight by dequantize → subtract → re-quantize. This module gives each of tho
   the layer's own ``state_dict()`` entries, which ``load_state_dict`` alone refuses (4-bit) or
   loads only before the first forward (int8); :func:`load_state_dict_with_quantized_` does it for a
   whole model's state dict (a checkpoint of a QLoRA run), strictly;
+- :func:`quant_statistics` / :func:`load_quant_statistics_`: every 4-bit layer's statistics alone,
+  for checkpoints that store the codes elsewhere (FSDP2's sharded checkpoint holds the codes only);
 - :func:`load_float_model_for_estimation`: a float model of the same checkpoint (from its path or
   from a quantized model), and :func:`dequantized_copy` when no float checkpoint is at hand.
 
@@ -62,10 +64,12 @@ __all__ = [
     "float_targets",
     "is_quantized",
     "load_float_model_for_estimation",
+    "load_quant_statistics_",
     "load_quantized_weight_",
     "load_state_dict_with_quantized_",
     "quant_config_of",
     "quant_kind",
+    "quant_statistics",
     "quantized_layer_names",
     "requantize_weight_",
 ]
@@ -539,6 +543,81 @@ def load_quantized_weight_(module: nn.Module, state: Mapping[str, Tensor]) -> No
     if st is not None:  # drop the cached (CB, SCB) of the old weight; forward re-reads them
         st.CB = None
         st.SCB = None
+
+
+def _own_4bit_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    # the bitsandbytes layers themselves, not a PEFT layer wrapping one (it reads as 4-bit too)
+    layers = ((n, get_module(model, n)) for n in quantized_layer_names(model))
+    return [
+        (n, m) for n, m in layers if layer_kind(m) == "linear4bit" and "weight" in m._parameters
+    ]
+
+
+def quant_statistics(model: nn.Module) -> dict[str, Tensor]:
+    """Every 4-bit layer's quantization statistics, as ``Linear4bit`` saves them next to its codes:
+    ``{layer}.weight.absmax``, ``.quant_map``, ``.quant_state.bitsandbytes__<type>`` (plus
+    ``.nested_*`` with double quantization). The codes themselves are not included.
+
+    A checkpoint of a sharded model needs them separately: FSDP2 checkpoints a sharded ``Linear4bit``'s
+    codes like any parameter, while its statistics live on the layer (``layer.quant_state``, the same on
+    every rank), and a weight re-quantized after loading (LoRA-GA's offset ``W0 − s·B·A``, a ReLoRA
+    merge) has statistics the original checkpoint does not. Restore them with
+    :func:`load_quant_statistics_`.
+
+    Example:
+        >>> import torch, bitsandbytes as bnb
+        >>> model = torch.nn.Sequential(bnb.nn.Linear4bit(64, 32, compute_dtype=torch.float32)).to("cpu")
+        >>> sorted(quant_statistics(model))  # Linear4bit's default: FP4, double quantization
+        ['0.weight.absmax', '0.weight.nested_absmax', '0.weight.nested_quant_map', '0.weight.quant_map', '0.weight.quant_state.bitsandbytes__fp4']
+    """
+    out: dict[str, Tensor] = {}
+    for name, module in _own_4bit_layers(model):
+        for k, v in _quant_state(module).as_dict(packed=True).items():
+            out[f"{name}.weight.{k}"] = v.detach().cpu().clone()
+    return out
+
+
+def load_quant_statistics_(model: nn.Module, stats: Mapping[str, Tensor]) -> None:
+    """Set every 4-bit layer's statistics from :func:`quant_statistics`'s entries, in place (the codes
+    are loaded separately). Strict: every 4-bit layer needs its entries, and every entry a layer.
+
+    Raises:
+        QuantizationError: a 4-bit layer without entries, or entries of no 4-bit layer (named).
+
+    Example:
+        >>> import torch, bitsandbytes as bnb
+        >>> model = torch.nn.Sequential(bnb.nn.Linear4bit(64, 32, compute_dtype=torch.float32)).to("cpu")
+        >>> saved = quant_statistics(model)
+        >>> requantize_weight_(model[0], dequantize_weight(model[0]) * 2)
+        >>> load_quant_statistics_(model, saved)
+        >>> torch.equal(model[0].weight.quant_state.absmax, saved["0.weight.absmax"])
+        True
+    """
+    from bitsandbytes.functional import QuantState
+
+    rest = dict(stats)
+    for name, module in _own_4bit_layers(model):
+        prefix = f"{name}.weight."
+        own = {k[len(prefix) :]: rest.pop(k) for k in list(rest) if k.startswith(prefix)}
+        if not own:
+            raise QuantizationError(
+                f"load_quant_statistics_: no statistics for the 4-bit layer {name}"
+            )
+        weight = _weight(module)
+        qs = QuantState.from_dict(own, device=local_tensor(weight).device)
+        if tuple(qs.shape) != _out_in(module, "linear4bit"):
+            raise QuantizationError(
+                f"load_quant_statistics_: the statistics of {name} are for a {tuple(qs.shape)} weight, "
+                f"the layer's (out, in) is {_out_in(module, 'linear4bit')}"
+            )
+        if not is_dtensor(weight):
+            weight.quant_state = qs  # type: ignore[attr-defined]  # a bnb Params4bit
+        # bitsandbytes' forward re-attaches module.quant_state to the (gathered) weight
+        setattr(module, "quant_state", qs)  # noqa: B010 (nn.Module's attributes are typed Tensor | Module)
+    if rest:
+        raise QuantizationError(
+            f"load_quant_statistics_: entries of no 4-bit layer: {sorted(rest)[:10]}"
+        )
 
 
 _QUANTIZED_ENTRIES = ("weight", "SCB", "weight_format")
