@@ -109,11 +109,9 @@ def test_fsdp_other_values_and_combinations_are_refused(small_glue):
         glue.main(
             glue_argv(model, root, root / "o2", 4, "--fsdp", "full_shard", "--deepspeed", "zero2")
         )
-    with pytest.raises(
-        ValueError, match="--fsdp full_shard cannot be combined with --load_in_4bit"
-    ):
+    with pytest.raises(ValueError, match="--fsdp full_shard cannot shard an 8-bit"):
         glue.main(
-            glue_argv(model, root, root / "o3", 4, "--fsdp", "full_shard", "--load_in_4bit", "true")
+            glue_argv(model, root, root / "o3", 4, "--fsdp", "full_shard", "--load_in_8bit", "true")
         )
 
 

@@ -104,6 +104,13 @@ class TrainArgs:
         "4-bit matmul dtype (default: the weights' dtype, --torch_dtype or float32)",
         choices=("float32", "bfloat16", "float16"),
     )
+    bnb_4bit_quant_storage: str | None = _f(
+        None,
+        "4-bit: the dtype the packed codes are stored in (default uint8). FSDP2 (--fsdp full_shard) "
+        "shards every storage; with --fsdp and --bf16 a float storage must be bfloat16 (FSDP2 casts "
+        "float parameters to its compute dtype)",
+        choices=("uint8", "bfloat16", "float16", "float32"),
+    )
     merge_and_save: bool = _f(
         False,
         "also write output_dir/merged: the adapters merged into the (dequantized) base, a plain model",
@@ -192,15 +199,18 @@ class TrainArgs:
         if self.fsdp is not None:
             if self.fsdp != "full_shard":
                 raise ValueError(f"--fsdp supports only 'full_shard' (FSDP2), got {self.fsdp!r}")
-            for flag, value in (
-                ("--deepspeed", self.deepspeed),
-                ("--load_in_4bit", self.load_in_4bit),
-                ("--load_in_8bit", self.load_in_8bit),
-            ):
-                if value:
-                    raise ValueError(
-                        f"{fsdp_flag()} cannot be combined with {flag} yet, got {flag} {value}"
-                    )
+            if self.deepspeed:
+                raise ValueError(
+                    f"{fsdp_flag()} cannot be combined with --deepspeed (both shard the model), got "
+                    f"--deepspeed {self.deepspeed}"
+                )
+            if self.load_in_8bit:
+                # bitsandbytes' int8 layer keeps its row scales on the weight tensor, which FSDP2
+                # replaces by its shard (loralab.core.quant.check_fsdp_quantized)
+                raise ValueError(
+                    f"{fsdp_flag()} cannot shard an 8-bit (LLM.int8) base: use --load_in_4bit "
+                    "(FSDP-QLoRA) or drop the sharding, got --load_in_8bit true"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

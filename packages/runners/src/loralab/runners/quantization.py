@@ -3,7 +3,8 @@
 Flags (transformers' ``BitsAndBytesConfig`` names, fields of
 :class:`~loralab.runners.arguments.TrainArgs`): ``--load_in_4bit`` / ``--load_in_8bit``,
 ``--bnb_4bit_quant_type nf4|fp4``, ``--bnb_4bit_use_double_quant``, ``--bnb_4bit_compute_dtype``,
-and ``--merge_and_save``. This module turns them into what the entrypoints need:
+``--bnb_4bit_quant_storage`` (the codes' dtype; every one shards under ``--fsdp full_shard``, the
+FSDP-QLoRA setting) and ``--merge_and_save``. This module turns them into what the entrypoints need:
 
 - :func:`check_quantization_args`: refuses, before any model loads, contradictory or meaningless
   combinations (both 4 and 8 bit, a 4-bit sub-option without ``--load_in_4bit``), methods that
@@ -49,6 +50,7 @@ __all__ = [
     "COMPUTE_DTYPES",
     "MERGED_DIR",
     "QUANT_TYPES",
+    "base_state_dict",
     "bnb_config",
     "check_quantization_args",
     "estimation_dtype",
@@ -78,7 +80,18 @@ COMPUTE_DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
-_SUB_OPTIONS = ("bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype")
+QUANT_STORAGES: dict[str, torch.dtype] = {
+    "uint8": torch.uint8,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+}
+_SUB_OPTIONS = (
+    "bnb_4bit_quant_type",
+    "bnb_4bit_use_double_quant",
+    "bnb_4bit_compute_dtype",
+    "bnb_4bit_quant_storage",
+)
 MERGED_DIR = "merged"
 """``output_dir/merged``: where ``--merge_and_save`` writes the merged model."""
 
@@ -103,7 +116,7 @@ def check_quantization_args(args: Any) -> None:
     Raises:
         ValueError: both ``--load_in_4bit`` and ``--load_in_8bit``; a ``--bnb_4bit_*`` option without
             ``--load_in_4bit``; a bad quant type / compute dtype; ``--deepspeed`` with a quantized
-            base; ``--merge_and_save`` without ``--save_final_model`` or for a method without adapters.
+            base; ``--merge_and_save`` without ``--save_final_model`` or for a method without adapters or under ``--fsdp``.
         loralab.runners.methods.MethodError: a method that trains full weights on a quantized base.
     """
     from loralab.runners.methods import MethodError, get_method
@@ -139,6 +152,25 @@ def check_quantization_args(args: Any) -> None:
             raise ValueError(
                 f"--bnb_4bit_compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {args.bnb_4bit_compute_dtype!r}"
             )
+        if getattr(args, "bnb_4bit_quant_storage", None) is None:
+            args.bnb_4bit_quant_storage = "uint8"
+        storage = args.bnb_4bit_quant_storage
+        if storage not in QUANT_STORAGES:
+            raise ValueError(
+                f"--bnb_4bit_quant_storage must be one of {', '.join(QUANT_STORAGES)}, got {storage!r}"
+            )
+        if (
+            getattr(args, "fsdp", None)
+            and getattr(args, "bf16", False)
+            and storage not in ("uint8", "bfloat16")
+        ):
+            # FSDP2's MixedPrecisionPolicy(param_dtype=bfloat16) casts float-stored codes as numbers
+            # (loralab.core.quant.check_fsdp_quantized); integer codes are never cast
+            raise ValueError(
+                "--fsdp full_shard with --bf16 casts float parameters to bfloat16, which would corrupt "
+                "4-bit codes stored as another float: use --bnb_4bit_quant_storage uint8 or bfloat16, "
+                f"got --bnb_4bit_quant_storage {storage}"
+            )
     method_name = getattr(args, "method", None)
     method = get_method(method_name) if method_name is not None else None
     if four or eight:
@@ -165,6 +197,13 @@ def check_quantization_args(args: Any) -> None:
                 f"--merge_and_save merges adapters into the base; --method {method.name} has none "
                 "(final/ already is the full model)"
             )
+        if getattr(args, "fsdp", None):
+            # the merge runs on the main process over the model's weights, which FSDP2 shards
+            raise ValueError(
+                "--merge_and_save cannot merge an FSDP2-sharded model (--fsdp full_shard): drop it and "
+                "merge final/ afterwards in one process (loralab.runners.quantization.merge_and_save "
+                "on PeftModel.from_pretrained(base, final))"
+            )
 
 
 def bnb_config(args: Any, skip_modules: list[str] | None = None) -> Any:
@@ -186,6 +225,7 @@ def bnb_config(args: Any, skip_modules: list[str] | None = None) -> Any:
         bnb_4bit_quant_type=args.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=bool(args.bnb_4bit_use_double_quant),
         bnb_4bit_compute_dtype=COMPUTE_DTYPES[args.bnb_4bit_compute_dtype],
+        bnb_4bit_quant_storage=QUANT_STORAGES[args.bnb_4bit_quant_storage],
         **extra,
     )
 
@@ -304,6 +344,58 @@ def _trained_modules_in_place(base: nn.Module, adapter_name: str) -> AbstractCon
         return None
 
     return modules_replaced(base, choose)
+
+
+def base_state_dict(
+    state_dict: dict[str, torch.Tensor], model: nn.Module, adapter_name: str = "default"
+) -> dict[str, torch.Tensor]:
+    """The transformers state dict of a PEFT ``model``'s base, from the PEFT model's whole
+    ``state_dict`` (what a sharding engine gathers): adapter tensors dropped, each LoRA layer's base
+    layer and each ``modules_to_save`` wrapper's *trained* copy under the plain module's name, and each
+    4-bit layer's quantization statistics added (bitsandbytes' packed ``weight.absmax`` / ``weight.
+    quant_map`` / ... entries, as ``Linear4bit`` saves them).
+
+    FSDP2 all-gathers a sharded 4-bit layer's codes as a plain tensor; the statistics stay on the
+    layer (``layer.quant_state``, the same on every rank: :func:`loralab.core.quant.
+    check_fsdp_quantized`), so they are read from there.
+
+    Example:
+        >>> from peft import LoraConfig, get_peft_model
+        >>> from loralab.core.testing import tiny_llama
+        >>> peft_model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
+        >>> sd = base_state_dict(peft_model.state_dict(), peft_model)
+        >>> "model.layers.0.self_attn.q_proj.weight" in sd, any("lora" in k for k in sd)
+        (True, False)
+    """
+    from loralab.core.quant import layer_kind, quantized_layer_names
+
+    adapter_parts = (".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embedding_B.")
+    prefix = "base_model.model."
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if not key.startswith(prefix):
+            raise ValueError(f"not a PEFT model's state dict: {key!r} lacks the prefix {prefix!r}")
+        name = key[len(prefix) :]
+        if any(part in name for part in adapter_parts) or ".original_module." in name:
+            continue
+        name = name.replace(".base_layer.", ".").replace(f".modules_to_save.{adapter_name}.", ".")
+        if ".modules_to_save." in name:  # another adapter's trained copy
+            continue
+        out[name] = value
+    base = cast("PeftModel", model).get_base_model()
+    with _trained_modules_in_place(base, adapter_name):
+        for name in quantized_layer_names(base):
+            layer = base.get_submodule(name)
+            if layer_kind(layer) != "linear4bit":
+                continue
+            state = getattr(layer, "quant_state", None) or getattr(
+                layer.weight, "quant_state", None
+            )
+            if state is None:
+                raise ValueError(f"4-bit layer {name} has no quantization statistics to save")
+            for k, v in state.as_dict(packed=True).items():
+                out[f"{name}.weight.{k}"] = v
+    return out
 
 
 def merged_model(

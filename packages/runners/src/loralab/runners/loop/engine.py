@@ -46,7 +46,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from loralab.core.quant import load_state_dict_with_quantized_, quantized_layer_names
+from loralab.core.quant import (
+    check_fsdp_quantized,
+    load_quant_statistics_,
+    load_state_dict_with_quantized_,
+    quant_statistics,
+    quantized_layer_names,
+)
 
 __all__ = [
     "AccelerateEngine",
@@ -488,6 +494,10 @@ class DeepSpeedEngine(ProcessGroupEngine):
 
 
 # --------------------------------------------------------------------------------------------- FSDP2
+QUANT_STATISTICS_FILE = "quant_statistics.pt"
+"""An FSDP2 checkpoint's 4-bit statistics (:func:`loralab.core.quant.quant_statistics`)."""
+
+
 class FSDP2Engine(TorchEngine):
     """FSDP2 (``torch.distributed.fsdp.fully_shard``) under ``torchrun``: every parameter a ``DTensor``
     sharded by rows over the ranks, gathered for each block's forward and backward.
@@ -512,7 +522,9 @@ class FSDP2Engine(TorchEngine):
 
     Checkpoints: the model through ``torch.distributed.checkpoint`` (``model/``, sharded, every rank
     writes its rows), each rank's optimizer state (its own rows only) in ``optimizer_rank{r}.pt``,
-    ``scheduler.pt`` and ``rng_state_rank{r}.pt``; a resume needs the same number of processes (the run
+    ``scheduler.pt``, ``rng_state_rank{r}.pt`` and, with a 4-bit base (FSDP-QLoRA), the layers'
+    quantization statistics in ``quant_statistics.pt`` (the sharded checkpoint holds their codes only);
+    a resume needs the same number of processes (the run
     identity holds it). :meth:`full_state_dict` gathers the whole weights onto the main process for
     ``final/``.
     """
@@ -582,6 +594,8 @@ class FSDP2Engine(TorchEngine):
             # the inner model is its own group, so its forward gathers the embeddings and head too
             fully_shard(inner, **kw)
         fully_shard(model, **kw)
+        # a 4-bit base (FSDP-QLoRA): refuse what would corrupt the sharded codes, before any forward
+        check_fsdp_quantized(model)
         self._model = model
         return model
 
@@ -625,6 +639,11 @@ class FSDP2Engine(TorchEngine):
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
         dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(directory / "model"))
+        # a 4-bit base's codes are in model/; their statistics live on the layers, the same on every
+        # rank, and may differ from the checkpoint's (LoRA-GA's re-quantized offset W0)
+        stats = quant_statistics(model)
+        if stats and self.is_main:
+            torch.save(stats, directory / QUANT_STATISTICS_FILE)
         # loralab's optimizers keep plain tensors of this rank's rows (not DTensors): one file per rank
         torch.save(optimizer.state_dict(), directory / f"optimizer_rank{self.rank}.pt")
         if self.is_main and self.scheduler is not None:
@@ -642,6 +661,8 @@ class FSDP2Engine(TorchEngine):
         dcp.load(state, checkpoint_id=str(directory / "model"))
         set_model_state_dict(model, state["model"])
         load = dict(map_location="cpu", weights_only=True)
+        if quant_statistics(model):
+            load_quant_statistics_(model, torch.load(directory / QUANT_STATISTICS_FILE, **load))
         optimizer.load_state_dict(torch.load(directory / f"optimizer_rank{self.rank}.pt", **load))
         if self.scheduler is not None:
             self.scheduler.load_state_dict(torch.load(directory / "scheduler.pt", **load))

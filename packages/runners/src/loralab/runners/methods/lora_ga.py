@@ -152,7 +152,7 @@ class LoraGA(Method):
                 cast(SavesPretrained, model).save_pretrained(
                     directory, state_dict=state_dict, safe_serialization=True
                 )
-            save_offset_base(model, directory / OFFSET_BASE)
+            save_offset_base(model, directory / OFFSET_BASE, state_dict)
             pkg.save_lora_ga_adapter(
                 model, directory / ORIGINAL_BASE_ADAPTER, state_dict=state_dict
             )
@@ -170,14 +170,33 @@ class LoraGA(Method):
         self.package().set_lora_ga_init_factors(model, dict(state))
 
 
-def save_offset_base(model: nn.Module, path: Path) -> None:
-    """The PEFT model's base (``W0'``, quantized as it is) as a transformers checkpoint."""
-    from loralab.runners.quantization import _trained_modules_in_place
+def save_offset_base(
+    model: nn.Module, path: Path, state_dict: dict[str, torch.Tensor] | None = None
+) -> None:
+    """The PEFT model's base (``W0'``, quantized as it is) as a transformers checkpoint.
+
+    ``state_dict``: the PEFT model's whole state dict, gathered by a sharding engine (FSDP2), whose
+    parameters in ``model`` are this rank's shards only."""
+    from loralab.runners.quantization import _trained_modules_in_place, base_state_dict
 
     base = cast("PeftModel", model).get_base_model()
-    with _trained_modules_in_place(base, "default"):
-        # a PEFT model's base is a transformers model
-        cast(SavesPretrained, base).save_pretrained(str(path), safe_serialization=True)
+    if state_dict is None:
+        with _trained_modules_in_place(base, "default"):
+            # a PEFT model's base is a transformers model
+            cast(SavesPretrained, base).save_pretrained(str(path), safe_serialization=True)
+        return
+    whole = base_state_dict(state_dict, model)
+    # transformers 5 replaces a given state_dict by its quantizer's (None for bitsandbytes: then the
+    # model's own, here this rank's shards); without the quantizer it saves ours, and the config keeps
+    # its quantization_config
+    quantizer = getattr(base, "hf_quantizer", None)
+    base.hf_quantizer = None
+    try:
+        cast(SavesPretrained, base).save_pretrained(
+            str(path), state_dict=whole, safe_serialization=True
+        )
+    finally:
+        base.hf_quantizer = quantizer
 
 
 def lora_ga_readme(quantized: bool) -> str:
