@@ -148,10 +148,18 @@ GALORE_FLAGS = {
     # rand_ratio 0.5 of 3 steps: an SVD projector at step 0, a random one at step 2
     "golore": ["--galore_rank", "4", "--update_proj_gap", "2", "--rand_ratio", "0.5"],
 }
-# relative difference of each saved weight / of the losses to one process's (float32 reduction-order
-# noise of the averaged gradient, through an SVD of it and Adam with eps 1e-4)
-GALORE_REL = 1e-4
+# ‖ds − one‖ ≤ GALORE_REL·‖one‖ + GALORE_ATOL for each saved tensor: float32 reduction-order noise of
+# the averaged gradient, through an SVD of it and Adam with eps 1e-4 (measured: 1.2e-6 relative, 7.2e-9
+# absolute at most under ZeRO-2 and ZeRO-3); the absolute term is for the attention key biases, whose
+# gradient is zero in exact arithmetic (softmax ignores a shift shared by all keys): Adam moves them by
+# round-off only (|w| ~ 1e-12, different on every reduction order)
+GALORE_REL = 1e-5
+GALORE_ATOL = 1e-8
 GALORE_LOSS_REL = 1e-5
+# two trainings in one launch: under ZeRO-2 they run one after the other; under ZeRO-3 (accelerate's
+# DeepSpeed plugin) the second training of a launch stalled before making its output directory
+# (observed), so each ZeRO-3 training has its own launch
+GALORE_LAUNCHES = [("zero2", ("galore", "golore")), ("zero3", ("galore",)), ("zero3", ("golore",))]
 WORKER = Path(__file__).with_name("runners_fsdp_worker.py")
 
 
@@ -171,11 +179,13 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+@pytest.mark.parametrize(
+    ("stage", "methods"), GALORE_LAUNCHES, ids=[f"{s}-{'+'.join(m)}" for s, m in GALORE_LAUNCHES]
+)
 def test_glue_galore_and_golore_under_deepspeed_equal_one_process(
-    roberta_no_dropout, glue_files, tmp_path, helpers, stage
+    roberta_no_dropout, glue_files, tmp_path, helpers, stage, methods
 ):
-    outs = {m: tmp_path / f"{m}_{stage}" for m in GALORE_FLAGS}
+    outs = {m: tmp_path / f"{m}_{stage}" for m in methods}
     runs = [["glue", [*_galore_args(roberta_no_dropout, glue_files, out, 2, m), "--deepspeed", stage]]
             for m, out in outs.items()]  # fmt: skip
     (tmp_path / "runs.json").write_text(json.dumps(runs))
@@ -183,24 +193,19 @@ def test_glue_galore_and_golore_under_deepspeed_equal_one_process(
            str(helpers.free_port()), str(WORKER), str(tmp_path / "runs.json")]  # fmt: skip
     start = time.monotonic()
     _launch(cmd, tmp_path)
-    print(f"deepspeed launch ({stage}, galore + golore): {time.monotonic() - start:.0f} s")
-    init = None
+    print(f"deepspeed launch ({stage}, {' + '.join(methods)}): {time.monotonic() - start:.0f} s")
+    from transformers import AutoModelForSequenceClassification
+
+    init = AutoModelForSequenceClassification.from_pretrained(roberta_no_dropout).state_dict()
     for method, out in outs.items():
         single = tmp_path / f"{method}_single"
         glue.main(_galore_args(roberta_no_dropout, glue_files, single, 4, method))
         assert _losses(out) == pytest.approx(_losses(single), rel=GALORE_LOSS_REL)
         got, want = _weights(out), _weights(single)
         assert set(got) == set(want)
-        worst = max(
-            ((got[k] - want[k]).norm() / want[k].norm().clamp_min(1e-12)).item() for k in want
-        )
-        print(f"{method} {stage}: largest relative weight difference {worst:.2e}")
-        assert worst < GALORE_REL
-        if init is None:
-            from transformers import AutoModelForSequenceClassification
-
-            init = AutoModelForSequenceClassification.from_pretrained(roberta_no_dropout)
-            init = {k: v.detach() for k, v in init.state_dict().items()}
+        for k in want:
+            diff = (got[k] - want[k]).norm().item()
+            assert diff <= GALORE_REL * want[k].norm().item() + GALORE_ATOL, (method, k, diff)
         # every projected matrix trained (not a silent no-op): the attention and MLP weights moved
         moved = [k for k in want if k.endswith("dense.weight") and k in init]
         assert moved and all(not torch.allclose(got[k], init[k]) for k in moved)
