@@ -133,7 +133,8 @@ def test_sharded_engines_capability():
     assert get_method("lora-ga").zero_partitioning and get_method("lora-sb").zero_partitioning
     assert get_method("lora").zero_partitioning and get_method("full").zero_partitioning
     assert get_method("lora-pro").zero_partitioning and get_method("lora-fa").zero_partitioning
-    assert not get_method("galore").zero_partitioning and not get_method("golore").zero_partitioning
+    assert get_method("galore").zero_partitioning and get_method("golore").zero_partitioning
+    assert not get_method("golore-relora").zero_partitioning
     with pytest.raises(ValueError, match=r"engine must be one of .* got 'fsdp1'"):
         get_method("lora").check_engine("fsdp1", "--fsdp")
 

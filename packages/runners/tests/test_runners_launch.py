@@ -135,16 +135,17 @@ def test_accelerate_yaml_configs_load():
         )
 
 
-def test_method_that_needs_whole_matrices_refuses_zero(tiny_dirs, glue_files, tmp_path):
-    argv = ["--model_name_or_path", tiny_dirs["roberta"], "--task_name", "sst2", "--train_file", glue_files["train"],
-            "--validation_file", glue_files["validation"], "--output_dir", str(tmp_path), "--deepspeed", "zero2"]  # fmt: skip
-    # GaLore's default rank 128 exceeds the tiny model's 64-wide layers (refused before the ZeRO check)
-    rank = {"galore": ["--galore_rank", "4"], "golore": ["--galore_rank", "4"]}
-    for method in ("golore", "galore"):
-        with pytest.raises(
-            MethodError, match=f"--method {method} needs each weight's matrix .* ZeRO-2"
-        ):
-            glue.main([*argv, "--method", method, *rank.get(method, [])])
+def test_method_that_needs_whole_matrices_refuses_zero():
+    # every --method of the fine-tuning recipes runs under ZeRO (GaLore / GoLore gather each matrix to
+    # an owner rank); C4's ReLoRA path (golore-relora) still needs the weights whole
+    from loralab.runners.methods import get_method
+
+    with pytest.raises(
+        MethodError,
+        match=r"--method golore-relora needs each weight's matrix .* ZeRO-2 \(--deepspeed zero2\)",
+    ):
+        get_method("golore-relora").check_zero(None, 2, "--deepspeed zero2")
+    get_method("golore-relora").check_zero(None, 0, "--deepspeed zero0")  # stage 0: no partitioning
 
 
 # ---------------------------------------------------------------- 2 CPU processes

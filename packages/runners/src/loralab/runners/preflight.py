@@ -498,8 +498,10 @@ def check_train_args(
         from loralab.runners.launch import load_deepspeed_config, zero_stage
         from loralab.runners.methods import get_method
 
-        stage = zero_stage(load_deepspeed_config(args.deepspeed))
-        get_method(args.method).check_zero(args, stage, f"--deepspeed {args.deepspeed}")
+        ds_config = load_deepspeed_config(args.deepspeed)
+        get_method(args.method).check_zero(
+            args, zero_stage(ds_config), f"--deepspeed {args.deepspeed}", ds_config
+        )
     check_output_dir_writable(args.output_dir)
     check_model_path(args.model_name_or_path)
     if getattr(args, "tokenizer_name", None):

@@ -25,7 +25,14 @@ from loralab.runners.c4.args import C4Args
 from loralab.runners.loop import DeepSpeedEngine, Engine, FSDP2Engine, TorchEngine
 from loralab.runners.methods import Method, get_method
 
-__all__ = ["Env", "build_engine", "deepspeed_config", "init_distributed", "setup_logging"]
+__all__ = [
+    "Env",
+    "build_engine",
+    "deepspeed_bf16",
+    "deepspeed_config",
+    "init_distributed",
+    "setup_logging",
+]
 
 logger = logging.getLogger("loralab.runners.c4")
 
@@ -93,8 +100,9 @@ def deepspeed_config(args: C4Args, env: Env, accum: int) -> dict[str, Any]:
                 f'--deepspeed_config {path}: {key}={cfg[key]} disagrees with the command line ({value}); set it to "auto"'
             )
     stage = int(cfg.get("zero_optimization", {}).get("stage", 0))
-    whole_matrices = not get_method(args.method_name()).zero_partitioning
-    ds_bf16 = args.dtype == "bfloat16" and not whole_matrices
+    method = get_method(args.method_name())
+    what = "--use_peft --golore" if args.use_peft else f"--optimizer {args.optimizer}"
+    ds_bf16 = deepspeed_bf16(args)
     for key in ("bf16", "fp16"):
         section = cfg.setdefault(key, {"enabled": False}) if key == "bf16" else cfg.get(key)
         if section is not None and section.get("enabled") == "auto":
@@ -103,21 +111,41 @@ def deepspeed_config(args: C4Args, env: Env, accum: int) -> dict[str, Any]:
         raise ValueError(
             f"--deepspeed_config {path}: fp16 is not supported by this runner; use --dtype bfloat16"
         )
-    if whole_matrices:
-        what = "--use_peft --golore" if args.use_peft else f"--optimizer {args.optimizer}"
-        if stage != 0:
-            raise ValueError(
-                f"{what} needs whole 2-D weights in the optimizer, but ZeRO stage {stage} hands it flat 1-D partitions (the projection "
-                "would silently become plain AdamW). Use ZeRO stage 0 in --deepspeed_config, or plain DDP (torchrun)."
-            )
-        if cfg.get("bf16", {}).get("enabled"):
-            raise ValueError(
-                f"{what} under DeepSpeed: disable bf16 in --deepspeed_config (its bf16 optimizer flattens the weights); "
-                "--dtype bfloat16 casts the model itself"
-            )
+    if stage != 0 and not method.zero_partitioning:
+        raise ValueError(
+            f"{what} needs whole 2-D weights in the optimizer, but ZeRO stage {stage} hands it flat 1-D partitions (the projection "
+            "would silently become plain AdamW). Use ZeRO stage 0 in --deepspeed_config, or plain DDP (torchrun)."
+        )
+    if method.name != "full" and cfg.get("bf16", {}).get("enabled"):
+        raise ValueError(
+            f"{what} under DeepSpeed: disable bf16 in --deepspeed_config (its bf16 optimizer flattens the weights "
+            "at stage 0, and the subspace optimizers' ZeRO path is tested in float32 only); --dtype bfloat16 "
+            "casts the model itself at stage 0"
+        )
+    if stage != 0 and args.dtype == "bfloat16" and not ds_bf16:
+        # GaLore / GoLore under ZeRO-1/2/3: each matrix is gathered whole to an owner rank
+        # (loralab.core.zero_views); that path is tested against one process in float32 only
+        raise ValueError(
+            f"--dtype bfloat16 with {what} under DeepSpeed ZeRO stage {stage} is not supported by the runners "
+            "yet (tested in float32 only): use --dtype float32, ZeRO stage 0, DDP (torchrun) or --fsdp full_shard"
+        )
+    if stage != 0 and method.name != "full":
+        # GaLore / GoLore's optimizers are client optimizers DeepSpeed does not know (an explicit false
+        # in the config is kept: DeepSpeed then refuses, naming the key)
+        cfg.setdefault("zero_allow_untested_optimizer", True)
     cfg.setdefault("steps_per_print", 10**9)
     cfg.setdefault("wall_clock_breakdown", False)
     return cfg
+
+
+def deepspeed_bf16(args: C4Args) -> bool:
+    """Whether ``--dtype bfloat16`` is DeepSpeed's own bf16 (float32 master weights; plain AdamW / SGD
+    only) rather than the model cast to bfloat16 by the runner (the subspace methods at ZeRO stage 0)."""
+    return (
+        args.deepspeed_config is not None
+        and args.dtype == "bfloat16"
+        and get_method(args.method_name()).name == "full"
+    )
 
 
 def build_engine(args: C4Args, env: Env, method: Method, accum: int) -> Engine:

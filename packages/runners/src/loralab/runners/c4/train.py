@@ -36,7 +36,12 @@ from torch import nn
 
 from loralab.runners.c4.args import C4Args
 from loralab.runners.c4.batches import C4Batches, eval_batches, make_streams
-from loralab.runners.c4.engine import build_engine, init_distributed, setup_logging
+from loralab.runners.c4.engine import (
+    build_engine,
+    deepspeed_bf16,
+    init_distributed,
+    setup_logging,
+)
 from loralab.runners.c4.model import build_model, check_method_shapes, count_parameters
 from loralab.runners.c4.schedule import get_scheduler
 from loralab.runners.c4.stats import StepStats, evaluate, peak_memory_mb
@@ -158,9 +163,10 @@ def run(args: C4Args) -> dict[str, Any]:
     # the engine first: FSDP2 shards the model inside method.setup, before the optimizer is built
     engine = build_engine(args, env, method, accum)
     print(engine_line(engine), flush=True)  # every rank: engine, stage, rank / world size
-    # DeepSpeed's own bf16 (AdamW only: it flattens the weights the subspace methods need whole)
-    ds_bf16 = args.deepspeed_config is not None and method.zero_partitioning
-    dtype = torch.bfloat16 if args.dtype == "bfloat16" and not ds_bf16 else torch.float32
+    # DeepSpeed's own bf16 (AdamW / SGD only: the subspace methods cast the model at ZeRO stage 0)
+    dtype = (
+        torch.bfloat16 if args.dtype == "bfloat16" and not deepspeed_bf16(args) else torch.float32
+    )
     setup = method.setup(
         model.to(device=env.device, dtype=dtype),
         margs,

@@ -425,13 +425,14 @@ def _all_reduce_after(model: nn.Module):
 
 # --------------------------------------------------------------------------------------------- deepspeed
 class DeepSpeedEngine(ProcessGroupEngine):
-    """``deepspeed.initialize`` as the back end (the ``deepspeed`` launcher, ZeRO 0-2), without accelerate.
+    """``deepspeed.initialize`` as the back end (the ``deepspeed`` launcher, ZeRO 0-3), without accelerate.
 
     ``config``: the DeepSpeed config dict (batch sizes, accumulation and ``gradient_clipping`` filled in).
     DeepSpeed scales the loss by the accumulation, clips, and steps the scheduler given to
     :meth:`prepare` at each optimizer step (:attr:`steps_scheduler`). Checkpoints hold DeepSpeed's own
     layout under ``deepspeed/`` and ``rng_state_rank{r}.pt``. The process group must be up
-    (``deepspeed.init_distributed``).
+    (``deepspeed.init_distributed``). Under ZeRO-3 every forward gathers the partitioned weights
+    (:attr:`gathers_in_forward`) and :meth:`full_state_dict` gathers them onto the main process.
     """
 
     name = "deepspeed"
@@ -457,6 +458,16 @@ class DeepSpeedEngine(ProcessGroupEngine):
     def steps_scheduler(self) -> bool:
         return True
 
+    @property
+    def zero3(self) -> bool:
+        from loralab.runners.launch import zero_stage
+
+        return zero_stage(self.config) == 3
+
+    @property
+    def gathers_in_forward(self) -> bool:
+        return self.zero3
+
     def prepare(self, model, optimizer, scheduler=None):
         import deepspeed
 
@@ -480,6 +491,14 @@ class DeepSpeedEngine(ProcessGroupEngine):
 
     def step(self, optimizer):
         self._ds.step()  # the accumulation boundary: optimizer step, scheduler step, zero_grad
+
+    def full_state_dict(self, model):
+        if not self.zero3:
+            return None
+        # every rank takes part in the gathers; the whole weights in their training dtype on rank 0
+        # (DeepSpeed names it "16bit", it gathers whatever dtype the parameters have)
+        sd = self._ds._zero3_consolidated_16bit_state_dict()
+        return sd if self.is_main else None
 
     def save_state(self, model, optimizer, directory):
         self._ds.save_checkpoint(str(directory), tag="deepspeed")

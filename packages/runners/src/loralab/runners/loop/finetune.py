@@ -198,14 +198,19 @@ def finetune(
         method.check_engine("fsdp2", fsdp_flag())
     if args.deepspeed:
         # before any process group forms: --deepspeed names the config, its ZeRO stage is known already
-        stage = zero_stage(load_deepspeed_config(args.deepspeed))
-        method.check_zero(args, stage, f"--deepspeed {args.deepspeed}")
+        ds_config = load_deepspeed_config(args.deepspeed)
+        method.check_zero(args, zero_stage(ds_config), f"--deepspeed {args.deepspeed}", ds_config)
     engine = engine or build_engine(
         args, getattr(getattr(model, "config", None), "hidden_size", None)
     )
     if isinstance(engine, AccelerateEngine) and engine.deepspeed:
         stage = zero_stage(engine.acc.state.deepspeed_plugin.deepspeed_config)
-        method.check_zero(args, stage, "accelerate's DeepSpeed plugin")
+        method.check_zero(
+            args,
+            stage,
+            "accelerate's DeepSpeed plugin",
+            engine.acc.state.deepspeed_plugin.deepspeed_config,
+        )
     if isinstance(engine, FSDP2Engine):
         method.check_engine("fsdp2", fsdp_flag())
     print(engine_line(engine), flush=True)

@@ -307,9 +307,12 @@ class Method(ABC):
                 "accelerate launch)"
             )
 
-    def check_zero(self, args: Any, stage: int, flag: str) -> None:
+    def check_zero(
+        self, args: Any, stage: int, flag: str, config: Mapping[str, Any] | None = None
+    ) -> None:
         """Raise :class:`MethodError` naming ``flag`` when the method (with the options in ``args``)
-        cannot run under DeepSpeed ZeRO ``stage`` (0: DeepSpeed without partitioning always runs)."""
+        cannot run under DeepSpeed ZeRO ``stage`` (0: DeepSpeed without partitioning always runs).
+        ``config``: the DeepSpeed config when known (accelerate's plugin: its ``bf16`` section)."""
         if stage >= 1 and not self.zero_partitioning:
             raise MethodError(
                 f"--method {self.name} needs each weight's matrix in its optimizer, but DeepSpeed ZeRO-{stage} "

@@ -6,6 +6,7 @@ PEFT LoRA adapters trained by ``LoraProAdamW``, which replaces A's and B's gradi
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from torch import nn
@@ -55,8 +56,10 @@ class LoraPro(Method):
         "pro_x_mode": "sylvester",
     }
 
-    def check_zero(self, args: Any, stage: int, flag: str) -> None:
-        super().check_zero(args, stage, flag)
+    def check_zero(
+        self, args: Any, stage: int, flag: str, config: Mapping[str, Any] | None = None
+    ) -> None:
+        super().check_zero(args, stage, flag, config)
         if stage >= 1 and getattr(args, "pro_mode", "efficient") == "full":
             # the package runs full mode under ZeRO-1/2/3 (its 2-rank tests pass), but a 2-rank GLUE run
             # under ZeRO-3 differed from one process by 4.4e-2 in one lora_A: not offered until explained
