@@ -20,8 +20,8 @@ parameters' device). Bias correction is right from step 1; weight decay is decou
 Under FSDP2 (``fully_shard``: parameters are ``DTensor`` row shards) each step gathers every layer's
 (small) factors and gradients whole (:mod:`loralab.core.sharding`), adjusts them as in one process, and
 updates this rank's rows only; the optimizer state holds this rank's rows only (in full mode the
-m×n moments too: the rows of B's shard, with ``s·BᵀN`` summed over the row shards and ``s·N·Aᵀ``
-gathered, so no m×n matrix is ever gathered). The result equals one process on the whole batch.
+m×n moments too: the rows of B's shard, ``g̃`` built for those rows only, with ``s·BᵀN`` summed over
+the row shards and ``s·N·Aᵀ`` gathered, so no m×n matrix is ever gathered or built whole). The result equals one process on the whole batch.
 
 Example:
     >>> import peft, torch
