@@ -63,6 +63,19 @@ def test_equivalent_gradient_is_least_squares_optimum(seed, x_mode):
     torch.testing.assert_close(optimal_equivalent_gradient(A, B, g_A, g_B, S), gt, atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize("rows", [slice(0, 6), slice(6, 12), slice(11, 12), slice(12, 12)])
+def test_optimal_equivalent_gradient_rows_are_the_dense_rows(rows):
+    # one rank's rows of a row-sharded layer (FSDP2 full mode), an empty last shard included
+    A, B, G = _factors(4)
+    g_A, g_B = lora_gradients(A, B, G, S)
+    PB = B @ torch.linalg.inv(B.T @ B) @ B.T
+    PA = A.T @ torch.linalg.inv(A @ A.T) @ A
+    dense = PB @ G + (torch.eye(M, dtype=G.dtype) - PB) @ G @ PA
+    got = optimal_equivalent_gradient(A[None], B[None], g_A[None], g_B[None], S, rows=rows)
+    assert got.shape == (1, rows.stop - rows.start, N)
+    torch.testing.assert_close(got[0], dense[rows], atol=TOL, rtol=0)
+
+
 @pytest.mark.parametrize("seed", [0, 3])
 def test_sylvester_x_solves_the_equation_and_minimises_the_change(seed):
     A, B, G = _factors(seed)

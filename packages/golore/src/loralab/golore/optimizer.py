@@ -475,8 +475,11 @@ class SubspaceOptimizer(Optimizer):
                 item = self._prepare_item(weight, whole_grad, sub, group, gi, pc.index)
                 self._update(group, [item])
                 keep(prefix, sub)
-                del whole_grad
+                del whole_grad, item
             zp.scatter_from_(flat, pc.param, weight, owner)
+            # free the owner's whole matrix now: bound until the next gather returned, it would make
+            # two whole matrices at once on the owner of consecutive parameters
+            del weight
 
     def _preprocess_grad(self, p: Tensor, grad: Tensor, group: dict[str, Any]) -> Tensor:
         return grad

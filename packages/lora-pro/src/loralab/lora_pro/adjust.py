@@ -338,11 +338,21 @@ def optimal_equivalent_gradient(
     *,
     ridge: float = 0.0,
     jitter: float = 0.0,
+    rows: slice | None = None,
 ) -> Tensor:
     """The optimal ``g̃`` (m, n) directly: ``(1/s)[B(BᵀB)⁻¹g_A + (I − P_B) g_B (AAᵀ)⁻¹ A]``.
 
     Equals ``P_B·G + (I − P_B)·G·P_A`` (projections onto B's columns and A's rows) and does not depend
-    on ``X``. Full mode runs Adam on it (paper, Algorithm 1).
+    on ``X``. Full mode runs Adam on it (paper, Algorithm 1). ``rows`` (a slice of the m rows) gives
+    ``g̃[..., rows, :]`` only, built from the same rows of ``B`` and ``g_B`` (the r×r products still
+    use them whole): a rank of a row-sharded layer never builds the whole m×n matrix.
+
+    Example:
+        >>> import torch
+        >>> A, B, gA, gB = torch.randn(2, 5), torch.randn(4, 2), torch.randn(2, 5), torch.randn(4, 2)
+        >>> full = optimal_equivalent_gradient(A, B, gA, gB, 2.0)
+        >>> torch.allclose(optimal_equivalent_gradient(A, B, gA, gB, 2.0, rows=slice(1, 3)), full[1:3])
+        True
     """
     _check_factors(A, B, g_A, g_B)
     dt = accumulation_dtype(A.dtype)
@@ -351,6 +361,9 @@ def optimal_equivalent_gradient(
     s = _scale(scaling, A)
     eb, ea = _eigh_grams(A, B, jitter)
     BtB_inv, AAt_inv = ridge_inverse_from_eigh(*eb, ridge), ridge_inverse_from_eigh(*ea, ridge)
-    M = g_B @ AAt_inv
-    M = M - B @ (BtB_inv @ (B.mT @ M))
+    M = g_B @ AAt_inv  # m×r
+    K = BtB_inv @ (B.mT @ M)  # r×r, from the whole B and M
+    if rows is not None:
+        B, M = B[..., rows, :], M[..., rows, :]
+    M = M - B @ K
     return (B @ (BtB_inv @ g_A) + M @ A) / s

@@ -20,8 +20,8 @@ parameters' device). Bias correction is right from step 1; weight decay is decou
 Under FSDP2 (``fully_shard``: parameters are ``DTensor`` row shards) each step gathers every layer's
 (small) factors and gradients whole (:mod:`loralab.core.sharding`), adjusts them as in one process, and
 updates this rank's rows only; the optimizer state holds this rank's rows only (in full mode the
-m×n moments too: the rows of B's shard, with ``s·BᵀN`` summed over the row shards and ``s·N·Aᵀ``
-gathered, so no m×n matrix is ever gathered). The result equals one process on the whole batch.
+m×n moments too: the rows of B's shard, ``g̃`` built for those rows only, with ``s·BᵀN`` summed over
+the row shards and ``s·N·Aᵀ`` gathered, so no m×n matrix is ever gathered or built whole). The result equals one process on the whole batch.
 
 Example:
     >>> import peft, torch
@@ -588,6 +588,8 @@ class LoraProAdamW(torch.optim.Optimizer):
             a.add_(dA[0].to(a.dtype), alpha=-lr)
             b.add_(dB[0].to(b.dtype), alpha=-lr)
             new[here] = torch.cat([a.reshape(-1), b.reshape(-1)])
+            # free this layer's m×n g̃ and direction before the next layer builds its own
+            del gt, N
         if not zp.all_agree(not bad):  # every rank raises together, before any parameter changes
             raise FloatingPointError(
                 f"LoraProAdamW: non-finite gradients, factors or adjusted directions (NaN/Inf) in "
@@ -695,8 +697,15 @@ class LoraProAdamW(torch.optim.Optimizer):
         # non-finite gradients are caught together with the adjusted ones, in _check_out
         return A, B, gA, gB, s
 
-    def _check_out(self, bucket: list[LoraPair], *tensors: Tensor) -> None:
-        if not self.check_finite or _all_finite(tensors):
+    def _check_out(self, bucket: list[LoraPair], *tensors: Tensor, sharded: bool = False) -> None:
+        """Raise if ``tensors`` hold NaN/Inf; ``sharded``: they are this rank's rows of the bucket's
+        layers, so the ranks agree first (all raise together, or none)."""
+        if not self.check_finite:
+            return
+        ok = _all_finite(tensors)
+        if sharded:
+            ok = all_ranks_agree(ok, [bucket[0].B])
+        if ok:
             return
         self._raise_non_finite_inputs(bucket)
         raise FloatingPointError(
@@ -960,15 +969,16 @@ class LoraProAdamW(torch.optim.Optimizer):
         A, B, g_A, g_B, s = stacked
         dt = accumulation_dtype(A.dtype)
         A, B, sd = A.to(dt), B.to(dt), s.to(dt)
-        gt = optimal_equivalent_gradient(
-            A, B, g_A, g_B, sd, ridge=group["ridge"], jitter=group.get("jitter", 0.0)
-        )
-        self._check_out(bucket, gt)
-        # Under FSDP2 the m×n moments hold the rows of B's shard only: Adam runs on those rows of g̃
-        # (element-wise), and the direction N goes back to the factors by the projection algebra on
-        # row shards, s·BᵀN = Σₖ s·Bₖᵀ·Nₖ (an r×n all-reduce) and s·N·Aᵀ by rows (an m×r gather).
+        # Under FSDP2 the m×n moments hold the rows of B's shard only: g̃ is built for those rows only
+        # (never whole), Adam runs on them (element-wise), and the direction N goes back to the
+        # factors by the projection algebra on row shards, s·BᵀN = Σₖ s·Bₖᵀ·Nₖ (an r×n all-reduce)
+        # and s·N·Aᵀ by rows (an m×r gather).
         rows = rows_of(bucket[0].B)
-        gt, B_rows = gt[:, rows], B[:, rows]
+        gt = optimal_equivalent_gradient(
+            A, B, g_A, g_B, sd, ridge=group["ridge"], jitter=group.get("jitter", 0.0), rows=rows
+        )
+        self._check_out(bucket, gt, sharded=True)
+        B_rows = B[:, rows]
         m, n = gt.shape[-2], A.shape[-1]
         steps = []
         for pair in bucket:
