@@ -213,6 +213,7 @@ def fsdp2_worker(size: dict, threads: int, out_file: str) -> None:
 
     torch.set_num_threads(threads)
     import loralab.core.gradients as core_gradients
+    from loralab.core.estimation import default_loss
     from loralab.core.targets import find_all_linear_modules
     from loralab.core.testing import fully_shard_model
     from loralab.lora_ga import LoraGAConfig, get_lora_ga_model
@@ -253,7 +254,30 @@ def fsdp2_worker(size: dict, threads: int, out_file: str) -> None:
         return finish(targets, acc, *args, **kwargs)
 
     core_gradients._finish = measured_finish
-    pm = get_lora_ga_model(model, cfg, local, progress=False, shard=shard)
+
+    def first_batch_counted(model, batch):
+        # the first batch's forward: bytes autograd saves for its backward (distinct storages,
+        # parameters and views of them excluded: FSDP2's gathered weights are freed after each block)
+        if "saved_mib" in sharded:
+            return default_loss(model, batch)
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if not isinstance(t, torch.nn.Parameter) and not isinstance(
+                t._base, torch.nn.Parameter
+            ):
+                st = getattr(t, "_local_tensor", t).untyped_storage()
+                storages[st.data_ptr()] = st.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = default_loss(model, batch)
+        sharded["saved_mib"] = sum(storages.values()) / 2**20
+        return loss
+
+    pm = get_lora_ga_model(
+        model, cfg, local, progress=False, shard=shard, loss_fn=first_batch_counted
+    )
     elapsed = time.perf_counter() - sharded["t0"]
     peak = _common.peak_rss_mib()
     core_gradients._finish = finish
@@ -268,6 +292,7 @@ def fsdp2_worker(size: dict, threads: int, out_file: str) -> None:
         "rss_whole_mib": rss_whole,
         "rss_before_mib": sharded["rss"],
         "sums_mib": sharded["sums_mib"],
+        "saved_mib": sharded["saved_mib"],
         "live_at_finish_mib": sharded["live_mib"],
         "rss_finish_mib": sharded["rss_finish"],
         "rss_end_mib": rss_end,
@@ -438,15 +463,17 @@ def _fsdp_section(shape: str, size: dict, rows: list, factors: dict) -> tuple[li
         "is the process with its libraries before any model exists (*after imports*).",
         "",
         "Breakdown columns: *after imports* = RSS once the libraries are imported and the process group "
-        "exists, before any model; *at the last backward's end* = where every batch's backward has run and "
+        "exists, before any model; *saved for backward* = the storages autograd keeps from the first "
+        "batch's forward for its backward (`saved_tensors_hooks`, each storage once, parameters excluded): "
+        "every block's activations, held until that batch's backward; *at the last backward's end* = where every batch's backward has run and "
         "the rows are not yet gathered: this rank's float32 row sums (`sums`), every live CPU tensor's "
         "storage (`live`: the shard and the sums) and the RSS; *kept by malloc at the end* = RSS after the "
         "init minus RSS after `malloc_trim(0)` (memory freed by torch but not returned by the allocator).",
         "",
         "| mode | rank | time (s) | RSS after imports (MiB) | RSS, whole model built (MiB) | RSS once sharded (MiB) "
-        "| sums / live / RSS at the last backward's end (MiB) | kept by malloc at the end (MiB) | peak RSS (MiB) "
+        "| saved for backward, one batch (MiB) | sums / live / RSS at the last backward's end (MiB) | kept by malloc at the end (MiB) | peak RSS (MiB) "
         "| Δ (MiB) | peak / one-process `loralab` peak | (peak − after imports) / one-process's |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     worst: dict[str, tuple[float, float]] = {}
     for m in fsdp_modes:
@@ -457,7 +484,8 @@ def _fsdp_section(shape: str, size: dict, rows: list, factors: dict) -> tuple[li
             worst[m] = (max(w[0], ratio), max(w[1], above))
             lines.append(
                 f"| {m} | {r['rank']} | {r['time_s']:.1f} | {r['rss_import_mib']:.0f} | "
-                f"{r['rss_whole_mib']:.0f} | {r['rss_before_mib']:.0f} | {r['sums_mib']:.0f} / "
+                f"{r['rss_whole_mib']:.0f} | {r['rss_before_mib']:.0f} | {r['saved_mib']:.0f} | "
+                f"{r['sums_mib']:.0f} / "
                 f"{r['live_at_finish_mib']:.0f} / {r['rss_finish_mib']:.0f} | "
                 f"{r['rss_end_mib'] - r['rss_end_trimmed_mib']:.0f} | {r['peak_mib']:.0f} | "
                 f"{r['peak_mib'] - r['rss_before_mib']:.0f} | {ratio:.2f} | {above:.2f} |"
