@@ -597,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
         intro = [
             "## lora-ga: whole LoRA-GA init under FSDP2 — per-rank peak memory vs one process (cpu)",
             "",
-            "The same init (estimate + SVD + offset), models, batches and LoRA config as the section above, "
+            "The same init (estimate + SVD + offset), models, batches and LoRA config as the lora-ga CPU section (`lora_ga.md`), "
             "measured per rank of a 2-process FSDP2 run and against one process's `loralab` (its plain path, "
             f"block by block), re-measured in this run ({peak_note}).",
         ]
