@@ -172,4 +172,7 @@ def bench(session: nox.Session) -> None:
     scripts = sorted(p for p in (ROOT / "benchmarks").glob("*.py") if not p.name.startswith("_"))
     for script in scripts:
         session.run("python", str(script), *session.posargs)
+    if "cuda" not in session.posargs:  # the LoRA-GA init's FSDP2 per-rank run (CPU, gloo)
+        script = ROOT / "benchmarks" / "lora_ga_init.py"
+        session.run("python", str(script), "--fsdp2", *session.posargs)
     session.run("python", str(ROOT / "benchmarks" / "_assemble.py"))

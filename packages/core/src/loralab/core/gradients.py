@@ -47,9 +47,14 @@ weights (which would hold every layer's whole gradient across batches). It works
   rank, checked, handed to the consumer, and dropped before the next layer's gather.
 
 Memory per rank under FSDP2: the model's shards, the float32 row sums of every target (``1/world`` of
-all target gradients, as a training step's sharded float32 gradients), FSDP2's one gathered block
-during forward/backward, and one whole (out, in) gradient (plus what the consumer makes of it) at a
-time while finishing. Every rank receives the same whole gradient (an all-gather has no reduction
+all target gradients, as a training step's sharded float32 gradients), autograd's saved activations
+of one (local) batch through every block (the forward runs whole before its backward, as in
+training), FSDP2's gathered block(s) during forward/backward, and one whole (out, in) gradient (plus
+what the consumer makes of it) at a time while finishing. With the shard, a rank of a float32 model
+thus holds ``(1 + s)/world`` of it before activations, ``s`` the targets' share of the parameters
+(about 0.9 for all-linear targets of a decoder whose embeddings are small): on 2 ranks about as much
+as the whole model the block-wise one-process path holds (measured in benchmarks/lora_ga_init.py
+``--fsdp2``). A block-wise order on the sharded model would bound the sums to one block. Every rank receives the same whole gradient (an all-gather has no reduction
 order), so a deterministic consumer gives identical results on every rank with no broadcast; the price
 is that each rank runs every layer's consumer (redundant compute, not memory). Every function here is
 then a collective: call it on every rank, with the same targets. ``offload=True`` and ``reduce=False``
