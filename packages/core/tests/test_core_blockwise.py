@@ -189,11 +189,11 @@ def test_blockwise_refusals_name_the_reason():
         estimate_gradients(
             DistributedDataParallel(tiny_llama()), data, blockwise=True, progress=False
         )
-    zero3 = tiny_llama()
-    for p in zero3.parameters():
-        p.ds_id = 0  # what DeepSpeed's zero.Init leaves on a partitioned parameter
-    with pytest.raises(ValueError, match=r"blockwise=True cannot run here: .*ZeRO-3"):
-        estimate_gradients(zero3, data, blockwise=True, progress=False)
+    hooked = tiny_llama()
+    for m in hooked.modules():
+        m.ds_id = 0  # what deepspeed.initialize leaves on the modules of a ZeRO-3 model it hooked
+    with pytest.raises(ValueError, match=r"blockwise=True cannot run here: .*deepspeed.initialize"):
+        estimate_gradients(hooked, data, blockwise=True, progress=False)
     split = tiny_llama()
     split.model.layers[1].register_buffer("far", torch.zeros(1, device="meta"))
     with pytest.raises(ValueError, match=r"blockwise=True cannot run here: .*several devices"):

@@ -77,7 +77,7 @@ import torch
 from torch import Tensor, nn
 
 from loralab.core.distributed import (
-    _is_partitioned_now,
+    _is_zero3_partitioned,
     all_reduce_mean_,
     gathered_zero3_model,
     is_distributed,
@@ -344,11 +344,6 @@ def estimate_gradients(
     if num_batches is not None:
         batches = islice(batches, num_batches)
     sharded = _check_sharding(resolved, reduce=reduce, offload=offload)
-    if offload and _is_zero3_partitioned(model):
-        raise ValueError(
-            "offload=True streams the blocks of a whole model, but the model is partitioned by DeepSpeed "
-            "ZeRO-3 (deepspeed.zero.Init): estimate with offload=False (the parameters are gathered for it)"
-        )
     if offload and blockwise is False:
         raise ValueError(
             "blockwise=False asks for the hook path, but offload=True always estimates block by block; "
@@ -374,6 +369,31 @@ def estimate_gradients(
         raise ValueError(
             "device applies to offload=True only; move the model yourself for the plain path"
         )
+    if blockwise is not False and _is_zero3_partitioned(model):
+        # DeepSpeed ZeRO-3 before deepspeed.initialize: no hook fetches the partitions, so the
+        # estimate gathers one block (or the glue) at a time, whatever its memory (see above)
+        from loralab.core.offload import _BlockStructureError, estimate_gradients_blockwise
+
+        try:
+            return estimate_gradients_blockwise(
+                model,
+                batches,
+                resolved,
+                loss_fn=loss_fn,
+                consumer=consumer,
+                no_split_module_classes=no_split_module_classes,
+                train=train,
+                reduce=reduce,
+                progress=progress,
+                total=num_batches,
+            )
+        except GradientEstimationError as e:
+            if not isinstance(e, _BlockStructureError) and "found no block" not in str(e):
+                raise
+            raise GradientEstimationError(
+                f"{e}; or pass blockwise=False to gather the whole DeepSpeed ZeRO-3 model on every rank "
+                "for the estimate"
+            ) from None
     if blockwise is not False:
         blocker = _blockwise_blocker(model, resolved, sharded)
         if blockwise and blocker:
@@ -413,8 +433,8 @@ def estimate_gradients(
             )
             if done is not None:
                 return done
-    # DeepSpeed ZeRO-3 before deepspeed.initialize: no hook fetches the partitions, so the model is
-    # gathered whole on every rank for the estimate (a no-op for any other model)
+    # DeepSpeed ZeRO-3 with blockwise=False (asked for): the model is gathered whole on every rank for
+    # the estimate (a no-op for any other model)
     with gathered_zero3_model(model, "gradient estimate"):
         return _estimate_plain(
             model,
@@ -430,11 +450,6 @@ def estimate_gradients(
         )
 
 
-def _is_zero3_partitioned(model: nn.Module) -> bool:
-    # partitioned now: a model an outer GatheredParameters block made whole is a plain model here
-    return any(_is_partitioned_now(p) for p in model.parameters())
-
-
 def _blockwise_blocker(
     model: nn.Module, targets: Mapping[str, TargetLayer], sharded: bool
 ) -> str | None:
@@ -445,8 +460,8 @@ def _blockwise_blocker(
         return (
             "the targets are sharded by FSDP2 (fully_shard): each rank holds its rows of every sum"
         )
-    if any(hasattr(p, "ds_id") for p in model.parameters()):
-        return "the model's parameters are DeepSpeed ZeRO-3 partitioned"
+    if any(hasattr(m, "ds_id") for m in model.modules()):
+        return "the model's modules are hooked by deepspeed.initialize (ZeRO-3)"
     if unwrap_model(model) is not model:
         return f"the model is wrapped by {type(model).__name__}, whose hooks reduce every backward"
     if model_device(model) is None:
