@@ -41,6 +41,16 @@ at a time instead of every target's until the last batch, and one block's autogr
 the whole model's). Its cost is the boundary activations of *every* batch, about
 ``batches × (blocks + 1) × tokens × hidden`` numbers, and one more forward per batch (the recording).
 
+On a DeepSpeed ZeRO-3 partitioned model (``deepspeed.zero.Init`` before ``deepspeed.initialize``)
+both entry points run in place and gather each part only while it runs: the glue around each
+recording, head pass and glue pass, each block inside the recording for its own call (a forward
+pre-hook gathers it, the forward hook partitions it again), and each block alone for its backward
+over all batches (``on_device``). So a rank never holds more than one block plus the glue gathered;
+each block's sums are all-reduced after its backward and handed to the consumer once it is
+partitioned again. ``offload=True`` keeps the boundary activations on ``activation_device``; the
+weights stay where DeepSpeed keeps them. See :mod:`loralab.core.gradients` for the rules (equal
+batch counts on every rank, no ``deepspeed.initialize`` hooks).
+
 Example:
     >>> from loralab.core.testing import tiny_llama, make_lm_batches
     >>> from loralab.core.gradients import estimate_gradients
@@ -681,6 +691,8 @@ def estimate_gradients_offloaded(
     """Block-wise offloaded :func:`~loralab.core.gradients.estimate_gradients` (see the module docstring).
 
     Usually called through ``estimate_gradients(..., offload=True)``, which resolves ``targets``.
+    On a DeepSpeed ZeRO-3 partitioned model nothing is moved: each block is gathered where DeepSpeed
+    keeps it, one at a time, and only the boundary activations go to ``activation_device``.
 
     Args:
         model: the float model; its weights may live on the CPU (its blocks are returned there).
@@ -689,7 +701,8 @@ def estimate_gradients_offloaded(
         loss_fn: ``loss_fn(model, batch)``; the batch's tensors are already on ``device``.
         consumer: ``consumer(name, grad)`` per finished gradient, called block by block (last block
             first); with it, the result is an empty dict and at most one block's gradients exist.
-        device: compute device (default: the current CUDA device, else the CPU).
+        device: compute device (default: the current CUDA device, else the CPU; ZeRO-3: the
+            partitions' device, and another one is refused).
         no_split_module_classes: block class names (default: :data:`DEFAULT_BLOCK_CLASSES`, else the
             model's ``_no_split_modules``).
         train, reduce, progress: as in :func:`~loralab.core.gradients.estimate_gradients`.
@@ -698,6 +711,13 @@ def estimate_gradients_offloaded(
 
     Returns:
         ``{name: grad}`` (fp32, (out, in), on the CPU) in the targets' order, or ``{}`` with a consumer.
+
+    Raises:
+        GradientEstimationError: no block found, blocks not called once each in a fixed order, no
+            batch, an unused target, a non-finite loss or gradient; ZeRO-3: ranks with different
+            numbers of batches.
+        ValueError: ZeRO-3: ``device`` other than the partitions' device, or several devices.
+        TypeError: a ZeRO-3 model whose modules ``deepspeed.initialize`` has hooked.
     """
     zero3 = _is_zero3_partitioned(model)
     if zero3:
@@ -781,7 +801,8 @@ def estimate_gradients_blockwise(
     Usually reached through ``estimate_gradients(..., blockwise=True)`` (or its default, which picks
     it when it holds less memory). Every parameter and buffer must be on one device; the boundary
     activations stay there too. With a ``consumer`` at most one block's gradient sums exist at a time
-    (plus the targets outside every block, e.g. a head, which are summed over all batches).
+    (plus the targets outside every block, e.g. a head, which are summed over all batches). A DeepSpeed
+    ZeRO-3 partitioned model is gathered one block (or the glue) at a time (module docstring).
 
     Args:
         model, batches, targets, loss_fn, consumer, no_split_module_classes, train, reduce, progress,
@@ -793,7 +814,9 @@ def estimate_gradients_blockwise(
 
     Raises:
         ValueError: the model's parameters and buffers are not on one device.
-        GradientEstimationError: as :func:`estimate_gradients_offloaded`.
+        GradientEstimationError: as :func:`estimate_gradients_offloaded`; under ZeRO-3 also ranks
+            with different numbers of batches.
+        TypeError: a ZeRO-3 model whose modules ``deepspeed.initialize`` has hooked.
 
     Example:
         >>> from loralab.core.testing import tiny_llama, make_lm_batches
