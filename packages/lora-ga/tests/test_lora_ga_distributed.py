@@ -36,7 +36,7 @@ def ranks(tmp_path_factory):
     prefix = tmp / "run"
     # for the transformers ZeRO-3 loading mode
     checkpoint = save_tiny(tiny_llama(), tmp / "ckpt", tokenizer=False)
-    run_accelerate(WORKER, prefix, checkpoint, timeout=400)
+    run_accelerate(WORKER, prefix, checkpoint, timeout=900)
     return [torch.load(f"{prefix}.{r}.pt", weights_only=True) for r in (0, 1)]
 
 

@@ -30,7 +30,7 @@ def launched(tmp_path_factory):
     prefix = tmp_path_factory.mktemp("lora_sb_dist") / "run"
     # run_accelerate uses --multi_gpu, accelerate's torchrun launcher; Accelerator(cpu=True) in the
     # worker makes it multi-CPU with gloo (accelerate's --cpu multi-process launcher goes through mpirun).
-    run_accelerate(WORKER, prefix, timeout=300)
+    run_accelerate(WORKER, prefix, timeout=900)
     return lambda mode: [torch.load(f"{prefix}.{mode}.{r}.pt", weights_only=True) for r in (0, 1)]
 
 
