@@ -17,11 +17,12 @@ weight ``W`` (as an (out, in) matrix). :func:`estimate_gradients` computes it wi
   the boundary hidden states of every batch are recorded, then block by block from the last one its
   backward runs over all batches, its gradients are finished and handed to the consumer, so at most
   one block's sums (and one block's autograd graph) exist. The default picks block-wise when it holds
-  less: a consumer is given, the model is whole on one device (not FSDP2 sharded, not inside
-  a DDP / DeepSpeed wrapper; a ZeRO-3 partitioned model is always block-wise, below), its blocks are found, and the boundary activations of all batches stay
-  under the gradient sums it saves (checked on the first batch's recording; otherwise the batches
-  read so far are replayed on the hook path, and the log says why). Both orders compute the same
-  float32 operations, summed over batches in the same order;
+  less: a consumer is given, the model is whole on one device (not FSDP2 sharded, not inside a
+  DDP / DeepSpeed wrapper; a ZeRO-3 partitioned model is always block-wise, below), its blocks are
+  found, and the boundary activations of all batches stay under the gradient sums it saves (checked
+  on the first batch's recording; otherwise the batches read so far are replayed on the hook path,
+  and the log says why). Both orders compute the same float32 operations, summed over batches in the
+  same order;
 - the model's train/eval mode, ``requires_grad`` flags and existing ``.grad`` restored afterwards;
 - FSDP2 (``torch.distributed.fsdp.fully_shard``): the estimate runs on the sharded model itself (below);
 - DeepSpeed ZeRO-3 before ``deepspeed.initialize`` (``deepspeed.zero.Init``, transformers' ZeRO-3
@@ -35,17 +36,18 @@ final norm, head) for each batch's recording and head pass, each block inside th
 own call, and each block again, alone, for its backward over all batches. Each block's float32 sums
 are whole on every rank (the gathered weight's gradient, this rank's batches); they are all-reduced
 (mean) one layer at a time, as under DDP, and handed to the consumer once the block is partitioned
-again, so the consumer gathers only the layer it writes (LoRA-GA's ``W0`` offset and factors, LoRA-SB's
-``B``, ``R``, ``A``). Every rank ends with the same gradients, equal to one process's on all the
-batches. Peak per rank: one block plus the glue gathered, one block's sums, and the boundary hidden
-states of this rank's batches (on the CPU with ``offload=True``, which otherwise runs the same way:
-DeepSpeed decides where a gathered block lives, so a ``device`` other than that one is refused). Every gather is a
-collective: the ranks check before each batch that all of them have one (``GradientEstimationError``
-on every rank otherwise), and a model whose blocks are not found, or not called once each per
-forward, raises (``no_split_module_classes`` names the blocks). ``blockwise=False`` asks for the hook
-path instead: it gathers the whole model on every rank for the estimate
-(:func:`loralab.core.distributed.gathered_zero3_model`), for architectures the block-wise order cannot
-handle. A module hooked by ``deepspeed.initialize`` raises ``TypeError`` (estimate before it).
+again, so the consumer gathers only the layer it writes (LoRA-GA's ``W0`` offset and factors,
+LoRA-SB's ``B``, ``R``, ``A``). Every rank ends with the same gradients, equal to one process's on
+all the batches. Peak per rank: one block plus the glue gathered, one block's sums, and the boundary
+hidden states of this rank's batches (on the CPU with ``offload=True``, which otherwise runs the
+same way: DeepSpeed decides where a gathered block lives, so another ``device`` is refused). Every
+gather is a collective: the ranks check before each batch that all of them have one
+(``GradientEstimationError`` on every rank otherwise), and a model whose blocks are not found, or
+not called once each per forward, raises (``no_split_module_classes`` names the blocks).
+``blockwise=False`` asks for the hook path instead: it gathers the whole model on every rank for the
+estimate (:func:`loralab.core.distributed.gathered_zero3_model`), for architectures the block-wise
+order cannot handle. A module hooked by ``deepspeed.initialize`` raises ``TypeError`` (estimate
+before it).
 
 FSDP2. The choice is to estimate on the sharded model, as a training step would, not before
 ``fully_shard`` (which would need the whole model on every rank) nor with hooks on the gathered
@@ -312,8 +314,9 @@ def estimate_gradients(
             dropped; the function returns ``{}``. Without it, all gradients are returned in a dict
             (under FSDP2 that holds every layer's whole gradient: pass a consumer at scale).
         offload: block-wise mode: weights stay on the CPU and one decoder block at a time is moved to
-            ``device`` (see :func:`loralab.core.offload.estimate_gradients_offloaded`); on a DeepSpeed
-            ZeRO-3 partitioned model: the block-wise estimate with the boundary activations on the CPU.
+            ``device`` (see :func:`loralab.core.offload.estimate_gradients_offloaded`); on a
+            DeepSpeed ZeRO-3 partitioned model: the block-wise estimate with the boundary
+            activations on the CPU.
         device: compute device of the offloaded blocks (default: CUDA if available, else CPU).
         no_split_module_classes: block class names for ``offload`` and ``blockwise`` (defaults per
             architecture, see :func:`loralab.core.offload.find_blocks`).
@@ -341,8 +344,9 @@ def estimate_gradients(
             with different numbers of batches, blocks not found (the message offers
             ``blockwise=False``).
         ValueError: ``device`` without ``offload`` (with ``offload`` on a ZeRO-3 model: a device
-            other than the one DeepSpeed gathers the blocks on), ``blockwise=False`` with ``offload=True``,
-            ``blockwise=True`` where it cannot run (sharded or wrapped model, several devices).
+            other than the one DeepSpeed gathers the blocks on), ``blockwise=False`` with
+            ``offload=True``, ``blockwise=True`` where it cannot run (sharded or wrapped model,
+            several devices).
         TypeError: a ZeRO-3 model whose modules ``deepspeed.initialize`` has hooked.
 
     Example:
@@ -415,8 +419,8 @@ def estimate_gradients(
             if not isinstance(e, _BlockStructureError) and "found no block" not in str(e):
                 raise
             raise GradientEstimationError(
-                f"{e}; or pass blockwise=False to gather the whole DeepSpeed ZeRO-3 model on every rank "
-                "for the estimate"
+                f"{e}; or pass blockwise=False to gather the whole DeepSpeed ZeRO-3 model on every "
+                "rank for the estimate"
             ) from None
     if blockwise is not False:
         blocker = _blockwise_blocker(model, resolved, sharded)
