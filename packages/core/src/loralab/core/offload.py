@@ -300,8 +300,8 @@ class _Offloader:
         self.in_place = in_place
         self.block_names = list(blocks)
         self.blocks = list(blocks.values())
-        # DeepSpeed ZeRO-3 partitions (deepspeed.zero.Init, before deepspeed.initialize): each block's,
-        # and the glue's, are gathered only while that part runs (see _zero3_parts)
+        # DeepSpeed ZeRO-3 partitions (deepspeed.zero.Init, before deepspeed.initialize): each
+        # block's, and the glue's, are gathered only while that part runs (see _zero3_parts)
         self.block_params, self.glue_params = (
             _zero3_parts(model, self.blocks) if zero3 else ([[] for _ in self.blocks], [])
         )
@@ -356,7 +356,7 @@ class _Offloader:
 
     @contextmanager
     def on_device(self, block: nn.Module) -> Any:
-        """Block ``block`` ready to run: on the device (offload) and, under ZeRO-3, gathered whole."""
+        """``block`` ready to run: on the device (offload) and, under ZeRO-3, gathered whole."""
         with gathered_parameters(self.block_params[self.index[id(block)]]):
             if self.in_place or self.device.type == "cpu":
                 yield
@@ -801,8 +801,9 @@ def estimate_gradients_blockwise(
     Usually reached through ``estimate_gradients(..., blockwise=True)`` (or its default, which picks
     it when it holds less memory). Every parameter and buffer must be on one device; the boundary
     activations stay there too. With a ``consumer`` at most one block's gradient sums exist at a time
-    (plus the targets outside every block, e.g. a head, which are summed over all batches). A DeepSpeed
-    ZeRO-3 partitioned model is gathered one block (or the glue) at a time (module docstring).
+    (plus the targets outside every block, e.g. a head, which are summed over all batches). A
+    DeepSpeed ZeRO-3 partitioned model is gathered one block (or the glue) at a time (module
+    docstring).
 
     Args:
         model, batches, targets, loss_fn, consumer, no_split_module_classes, train, reduce, progress,
@@ -872,8 +873,9 @@ def _run(
     """The block-wise estimate. ``budget`` (automatic mode, ``in_place`` only): raise
     :class:`_Declined` as soon as the boundary activations of all batches (projected over
     ``expected_batches`` when known) would exceed it, or when the blocks' structure does not allow the
-    block-wise order; the caller replays the consumed batches on the hook path. ``zero3`` (``in_place``
-    only): the DeepSpeed ZeRO-3 partitions are gathered one block (or the glue) at a time."""
+    block-wise order; the caller replays the consumed batches on the hook path. ``zero3``
+    (``in_place`` only): the DeepSpeed ZeRO-3 partitions are gathered one block (or the glue) at a
+    time."""
     loss_fn = loss_fn or default_loss
     targets = dict(targets)
     weights = [t.weight for t in targets.values()]

@@ -166,7 +166,7 @@ def estimate_gradient(
             model.to(accelerator.device)
     # DeepSpeed ZeRO-3 (a model built under deepspeed.zero.Init / HF's zero3 loading): every rank
     # holds a slice of each weight; core's estimate gathers one decoder block at a time (the seed
-    # gathered the whole model), and the init writes go through GatheredParameters, one layer at a time.
+    # gathered the whole model); the init writes go through GatheredParameters, one layer at a time.
     grads = estimate_gradients(
         model,
         dataloader,

@@ -205,8 +205,8 @@ def initialize_lora_sb_weights(
 
     Under DeepSpeed ZeRO-3 before ``deepspeed.initialize`` (the base, or the whole ``PeftModel``,
     partitioned by ``deepspeed.zero.Init``) the estimate runs block by block, gathering one decoder
-    block (or the embeddings and head) at a time, never the whole model (:mod:`loralab.core.gradients`);
-    each layer's ``B``, ``R``, ``A`` are written into its partitioned parameters as its gradient
+    block (or the embeddings and head) at a time, never the whole model
+    (:mod:`loralab.core.gradients`); each layer's ``B``, ``R``, ``A`` are written into its partitioned parameters as its gradient
     arrives, one layer gathered at a time. Every rank needs the same number of batches;
     ``offload=True`` works the same with the boundary activations on the CPU; a model already hooked
     by ``deepspeed.initialize`` raises.
