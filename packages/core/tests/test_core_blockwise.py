@@ -189,11 +189,11 @@ def test_blockwise_refusals_name_the_reason():
         estimate_gradients(
             DistributedDataParallel(tiny_llama()), data, blockwise=True, progress=False
         )
-    zero3 = tiny_llama()
-    for p in zero3.parameters():
-        p.ds_id = 0  # what DeepSpeed's zero.Init leaves on a partitioned parameter
-    with pytest.raises(ValueError, match=r"blockwise=True cannot run here: .*ZeRO-3"):
-        estimate_gradients(zero3, data, blockwise=True, progress=False)
+    hooked = tiny_llama()
+    for m in hooked.modules():
+        m.ds_id = 0  # what deepspeed.initialize leaves on the modules of a ZeRO-3 model it hooked
+    with pytest.raises(ValueError, match=r"blockwise=True cannot run here: .*deepspeed.initialize"):
+        estimate_gradients(hooked, data, blockwise=True, progress=False)
     split = tiny_llama()
     split.model.layers[1].register_buffer("far", torch.zeros(1, device="meta"))
     with pytest.raises(ValueError, match=r"blockwise=True cannot run here: .*several devices"):
@@ -205,3 +205,75 @@ def test_blockwise_refusals_name_the_reason():
     for model in (DistributedDataParallel(tiny_llama()), split):
         got = _collect(model=model, batches=data)
         _assert_same(ref, {n.removeprefix("module."): g for n, g in got.items()})
+
+
+class _Status:  # what DeepSpeed's ZeroParamStatus exposes: its name
+    def __init__(self, name):
+        self.name = name
+
+
+def _fake_zero3(model, status="NOT_AVAILABLE"):
+    """Mark every parameter the way deepspeed.zero.Init does (ds_id, ds_status, ds_numel), without
+    emptying it: enough for the checks that run before any gather."""
+    for i, p in enumerate(model.parameters()):
+        p.ds_id, p.ds_status, p.ds_numel = i, _Status(status), p.numel()
+    return model
+
+
+def test_zero3_parts_split_each_block_from_the_glue():
+    from loralab.core.offload import _zero3_parts, find_blocks
+
+    model = _fake_zero3(tiny_llama())
+    blocks = list(find_blocks(model).values())
+    per_block, glue = _zero3_parts(model, blocks)
+    for b, mine in zip(blocks, per_block):
+        assert [id(p) for p in mine] == [id(p) for p in b.parameters()]
+    in_blocks = {id(p) for b in blocks for p in b.parameters()}
+    assert [id(p) for p in glue] == [id(p) for p in model.parameters() if id(p) not in in_blocks]
+    assert {id(p) for p in glue} == {
+        id(model.model.embed_tokens.weight),
+        id(model.model.norm.weight),
+        id(model.lm_head.weight),
+    }
+    # parameters gathered already (an outer GatheredParameters block) are left to it
+    whole = _fake_zero3(tiny_llama(), "AVAILABLE")
+    assert _zero3_parts(whole, list(find_blocks(whole).values())) == ([[], []], [])
+
+
+def test_zero3_batch_counts_must_agree_across_ranks(monkeypatch):
+    import loralab.core.offload as offload
+
+    assert list(offload._same_count(iter([1, 2]), False, torch.device("cpu"))) == [1, 2]
+    # another rank has a third batch, this rank not: the mean of "has one" is between 0 and 1
+    monkeypatch.setattr(offload, "all_reduce_mean_", lambda t: t if t.item() else t.fill_(0.5))
+    with pytest.raises(
+        GradientEstimationError,
+        match=r"ZeRO-3: this rank has 2 batch\(es\), another rank more than 2; .*same number of batches",
+    ):
+        list(offload._same_count([1, 2], True, torch.device("cpu")))
+
+
+def test_zero3_refusals_name_the_way_out():
+    data = make_lm_batches(1)
+    with pytest.raises(
+        ValueError,
+        match=r"computes where DeepSpeed gathers the partitions \(cpu\), got device=meta: omit device",
+    ):
+        estimate_gradients(
+            _fake_zero3(tiny_llama()), data, offload=True, device="meta", progress=False
+        )
+    hooked = _fake_zero3(tiny_llama())
+    for m in hooked.modules():
+        m.ds_id = 0  # what deepspeed.initialize leaves on the modules it hooked
+    with pytest.raises(
+        TypeError, match=r"deepspeed.initialize has hooked.*before deepspeed.initialize"
+    ):
+        estimate_gradients(hooked, data, progress=False)
+    flat = _fake_zero3(nn.Sequential(nn.Linear(4, 4)))
+    with pytest.raises(
+        GradientEstimationError,
+        match=r"found no block.*pass blockwise=False to gather the whole DeepSpeed ZeRO-3 model",
+    ):
+        estimate_gradients(
+            flat, [torch.zeros(1, 4)], loss_fn=lambda m, b: m(b).sum(), progress=False
+        )

@@ -115,3 +115,34 @@ def test_launchers_fail_with_the_workers_output(launch, tmp_path):
     with pytest.raises(AssertionError, match="worker failed on purpose") as info:
         launch(script, nproc=2, timeout=120)
     assert "worker stdout line" in str(info.value)
+
+
+def test_zero3_gather_peak_counts_whole_parameters_at_each_gather():
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+    from loralab.core.testing import zero3_gather_peak
+
+    class Status:
+        def __init__(self, name):
+            self.name = name
+
+    model = tiny_llama()
+    for p in model.parameters():  # marked as deepspeed.zero.Init marks a partitioned parameter
+        p.ds_id, p.ds_status, p.ds_numel = 0, Status("NOT_AVAILABLE"), p.numel()
+    block = list(model.model.layers[0].parameters())
+    total = sum(p.numel() for p in model.parameters())
+    enter = GatheredParameters.__enter__
+    with zero3_gather_peak(model) as seen:
+        for p in block:
+            p.ds_status = Status("AVAILABLE")
+        with GatheredParameters([]):  # no ZeRO-3 parameter: a no-op that still counts
+            pass
+    assert GatheredParameters.__enter__ is enter
+    in_blocks = sum(p.numel() for layer in model.model.layers for p in layer.parameters())
+    assert seen == {
+        "peak": sum(p.numel() for p in block),
+        "bound": total - in_blocks + sum(p.numel() for p in block),
+        "total": total,
+        "gathers": 1,
+    }

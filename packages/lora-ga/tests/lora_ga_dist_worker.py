@@ -12,18 +12,22 @@ data is one DataLoader of 4 batches; rank ``r`` estimates on batches ``r`` and `
   ``torch.distributed``.
 - ``zero3``: ``deepspeed.init_distributed("gloo")`` (reuses the group), the model partitioned with
   ``deepspeed.zero.Init(module=...)`` (ZeRO-3: each rank holds half of every weight); the estimate
-  gathers the parameters, the init writes the offset W0 through ``GatheredParameters`` (rank 0's
+  gathers one decoder block at a time, the init writes the offset W0 through ``GatheredParameters`` (rank 0's
   value, identical anyway), then ``deepspeed.initialize`` (stage 3) runs one training step.
   ``estimate_gradient`` on the DeepSpeed engine itself must raise a clear error.
 - ``peft_flow``: PEFT's flow with loralab's drop-in: ``preprocess_loraga(model, peft.LoraConfig(...,
   init_lora_weights="lora_ga"), train_step)`` where each rank's ``train_step`` runs its own batches;
   loralab.core all-reduces the mean over ``torch.distributed`` (PEFT keeps each rank's own).
 - ``native_zero3``: the model partitioned by ``deepspeed.zero.Init`` as in ``zero3``, then the native
-  ``get_lora_ga_model`` (core's estimate gathers it; A, B, W0' written into the partitions).
+  ``get_lora_ga_model`` (core's estimate gathers one block at a time; A, B, W0' written into the
+  partitions), counting at every gather how much of the model is whole
+  (:func:`loralab.core.testing.zero3_gather_peak`); then an estimate with one batch on rank 0 and two
+  on rank 1, which must raise on both ranks.
 - ``peft_flow_zero3``: PEFT's flow with the drop-in on a model partitioned the same way (the drop-in
   gathers it while ``train_step`` runs; ``get_peft_model`` writes into the partitions).
 - ``hf_zero3``: the usual way a ZeRO-3 model is made: transformers' ``from_pretrained`` of a saved
-  checkpoint while an ``HfDeepSpeedConfig`` (stage 3) is alive partitions it at load time.
+  checkpoint while an ``HfDeepSpeedConfig`` (stage 3) is alive partitions it at load time (the
+  gathers counted as in ``native_zero3``).
 
 Each rank writes ``{prefix}.{mode}.{rank}.pt`` with every adapted layer's ``A``, ``B`` and offset
 ``W0`` (gathered for ZeRO-3). The constants are shared with the test (it loads this file).
@@ -180,23 +184,38 @@ def partitioned_llama():
     return model
 
 
-def run_native_zero3(rank: int) -> dict:
+def run_native_zero3(rank: int) -> tuple[dict, dict, str]:
+    from loralab.core.gradients import estimate_gradients
+    from loralab.core.testing import zero3_gather_peak
     from loralab.lora_ga import get_lora_ga_model
 
-    model = get_lora_ga_model(partitioned_llama(), config(), rank_batches(rank), progress=False)
+    base = partitioned_llama()
+    with zero3_gather_peak(
+        base
+    ) as gathered:  # never more than one block (+ embeddings, head) whole
+        model = get_lora_ga_model(base, config(), rank_batches(rank), progress=False)
     q = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
     assert q.numel() == 0, "W0 is no longer partitioned"
-    return init_state(model)
+    try:  # rank 0 has one batch, rank 1 two: both ranks raise (the block gathers would not pair)
+        estimate_gradients(partitioned_llama(), rank_batches(rank)[: 1 + rank], progress=False)
+        message = ""
+    except Exception as e:  # the test checks the message
+        message = f"{type(e).__name__}: {e}"
+    return init_state(model), gathered, message
 
 
-def run_hf_zero3(rank: int, checkpoint: str) -> dict:
+def run_hf_zero3(rank: int, checkpoint: str) -> tuple[dict, dict]:
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
+
+    from loralab.core.testing import zero3_gather_peak
 
     keep_alive = HfDeepSpeedConfig(DS_CONFIG)  # noqa: F841 - transformers reads it while loading
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     _assert_partitioned(model)
-    return init_state(seed_flow(model, rank_batches(rank), None))
+    with zero3_gather_peak(model) as gathered:
+        state = init_state(seed_flow(model, rank_batches(rank), None))
+    return state, gathered
 
 
 def main(prefix: str, checkpoint: str) -> None:
@@ -214,9 +233,11 @@ def main(prefix: str, checkpoint: str) -> None:
         "peft_flow": init_state(peft_flow(tiny_llama(), rank_batches(rank))),
     }
     results["zero3"], results["engine_error"] = run_zero3(rank)
-    results["native_zero3"] = run_native_zero3(rank)
+    results["native_zero3"], results["native_zero3_gathered"], results["uneven_error"] = (
+        run_native_zero3(rank)
+    )
     results["peft_flow_zero3"] = init_state(peft_flow(partitioned_llama(), rank_batches(rank)))
-    results["hf_zero3"] = run_hf_zero3(rank, checkpoint)
+    results["hf_zero3"], results["hf_zero3_gathered"] = run_hf_zero3(rank, checkpoint)
     torch.save(results, f"{prefix}.{rank}.pt")
 
 

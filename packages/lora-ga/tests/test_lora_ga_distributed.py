@@ -36,7 +36,7 @@ def ranks(tmp_path_factory):
     prefix = tmp / "run"
     # for the transformers ZeRO-3 loading mode
     checkpoint = save_tiny(tiny_llama(), tmp / "ckpt", tokenizer=False)
-    run_accelerate(WORKER, prefix, checkpoint, timeout=400)
+    run_accelerate(WORKER, prefix, checkpoint, timeout=900)
     return [torch.load(f"{prefix}.{r}.pt", weights_only=True) for r in (0, 1)]
 
 
@@ -67,7 +67,7 @@ def test_every_rank_initialises_like_one_process_on_all_batches(ranks, mode):
 @pytest.mark.parametrize("mode", ["peft_flow", "peft_flow_zero3"])
 def test_peft_flow_drop_in_initialises_every_rank_like_one_process(ranks, mode):
     # PEFT's own preprocess_loraga would keep each rank's gradient; the drop-in all-reduces it (and
-    # gathers a ZeRO-3 partitioned model while train_step runs)
+    # gathers a ZeRO-3 partitioned model whole while train_step, the caller's own loop, runs)
     r0, r1 = ranks[0][mode], ranks[1][mode]
     assert r0.keys() == r1.keys() and len(r0) == 2 * len(w.TARGETS)
     for name in r0:
@@ -77,6 +77,25 @@ def test_peft_flow_drop_in_initialises_every_rank_like_one_process(ranks, mode):
     assert _rel(r0, single) < INIT_RTOL
     alone = w.init_state(w.peft_flow(tiny_llama(), w.rank_batches(0)))
     assert _rel(alone, single) > 100 * INIT_RTOL
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("mode", ["native_zero3", "hf_zero3"])
+def test_zero3_estimate_never_gathers_more_than_one_block(ranks, mode):
+    # counted at every GatheredParameters entry: at most the largest block plus the embeddings, final
+    # norm and head, never the whole model (the init's writes gather one layer)
+    for out in ranks:
+        seen = out[f"{mode}_gathered"]
+        assert seen["gathers"] > 0 and 0 < seen["peak"] <= seen["bound"] < seen["total"], seen
+
+
+@pytest.mark.multiprocess
+def test_zero3_estimate_with_uneven_batches_raises_on_every_rank(ranks):
+    for out in ranks:
+        assert out["uneven_error"].startswith(
+            "GradientEstimationError: DeepSpeed ZeRO-3: this rank has"
+        ), out["uneven_error"]
+        assert "every rank needs the same number of batches" in out["uneven_error"]
 
 
 @pytest.mark.multiprocess

@@ -11,12 +11,14 @@ The launcher is ``accelerate launch --multi_gpu --num_processes 2`` (its torchru
 - ``trainer_zero2``: HF ``Trainer`` with ``TrainingArguments(deepspeed=<ZeRO-2 config>)`` (sequential
   sampler, constant lr, no clipping), so its steps are the same AdamW steps as the other two.
 - ``zero3``: the base model partitioned by ``deepspeed.zero.Init(module=...)`` (ZeRO-3: each rank holds
-  half of every weight), then ``get_lora_sb_model`` (the estimate gathers the model, the LoRA-SB
-  layers are new, whole parameters), then ``deepspeed.initialize`` with ZeRO stage 3 trains ``R``.
+  half of every weight), then ``get_lora_sb_model`` (the estimate gathers one decoder block at a
+  time, counted by :func:`loralab.core.testing.zero3_gather_peak`; the LoRA-SB layers are new, whole
+  parameters), then ``deepspeed.initialize`` with ZeRO stage 3 trains ``R``.
 - ``zero3_peft``: ``get_peft_model`` with the LoRA-SB config first, then the whole ``PeftModel``
   partitioned by ``deepspeed.zero.Init`` (``A``, ``B``, ``R`` partitioned too), then
-  ``initialize_lora_sb_weights``: the factors are written into the partitioned parameters; then stage 3
-  trains ``R`` as above.
+  ``initialize_lora_sb_weights`` with ``offload=True`` (kept for comparison), then again without it
+  (gathers counted): the factors are written into the partitioned parameters; then stage 3 trains
+  ``R`` as above.
 
 One launch for all of them keeps the test inside its time budget (process start-up dominates).
 
@@ -163,7 +165,7 @@ def run_zero3() -> tuple[int, dict, dict, dict]:
     import deepspeed
     import torch.distributed as dist
 
-    from loralab.core.testing import tiny_llama
+    from loralab.core.testing import tiny_llama, zero3_gather_peak
     from loralab.lora_sb import LoraSBConfig, get_lora_sb_model
 
     deepspeed.init_distributed(dist_backend="gloo")
@@ -173,7 +175,9 @@ def run_zero3() -> tuple[int, dict, dict, dict]:
     q = "model.layers.0.self_attn.q_proj"
     flags = {"base_partitioned": _partitioned(base, [f"{q}.weight"])}
     config = LoraSBConfig(r=RANK_R, target_modules=TARGETS)
-    model = get_lora_sb_model(base, config, init_batches(rank), lr=INIT_LR, progress=False)
+    with zero3_gather_peak(base) as gathered:  # one block (+ embeddings, head) whole at a time
+        model = get_lora_sb_model(base, config, init_batches(rank), lr=INIT_LR, progress=False)
+    flags["gathered"] = gathered
     q = f"base_model.model.{q}.base_layer.weight"
     flags["base_partitioned_after_init"] = _partitioned(model, [q])
     init = factors(model)
@@ -187,7 +191,7 @@ def run_zero3_peft() -> tuple[int, dict, dict, dict]:
     import torch.distributed as dist
     from peft import get_peft_model
 
-    from loralab.core.testing import tiny_llama
+    from loralab.core.testing import tiny_llama, zero3_gather_peak
     from loralab.lora_sb import LoraSBConfig, initialize_lora_sb_weights
 
     rank = dist.get_rank()
@@ -197,11 +201,12 @@ def run_zero3_peft() -> tuple[int, dict, dict, dict]:
     layer = "base_model.model.model.layers.0.self_attn.q_proj"
     names = [f"{layer}.{s}.default.weight" for s in ("lora_A", "lora_B", "lora_R")]
     flags = {"factors_partitioned": _partitioned(model, [*names, f"{layer}.base_layer.weight"])}
-    try:  # block streaming cannot stream a partitioned model: refused, naming the way out
-        initialize_lora_sb_weights(model, init_batches(rank), lr=INIT_LR, offload=True)
-    except Exception as e:  # the test checks the type and message
-        flags["offload_error"] = f"{type(e).__name__}: {e}"
-    initialize_lora_sb_weights(model, init_batches(rank), lr=INIT_LR, progress=False)
+    # offload=True on a partitioned model: the same block-wise estimate, boundary states on the CPU
+    initialize_lora_sb_weights(model, init_batches(rank), lr=INIT_LR, offload=True, progress=False)
+    flags["offload_init"] = factors(model)
+    with zero3_gather_peak(model) as gathered:  # the PeftModel's own blocks (LoRA factors included)
+        initialize_lora_sb_weights(model, init_batches(rank), lr=INIT_LR, progress=False)
+    flags["gathered"] = gathered
     flags["factors_partitioned_after_init"] = _partitioned(model, names)
     init = factors(model)
     _train_zero3(model, rank)

@@ -108,6 +108,24 @@ def _is_partitioned_now(p: Tensor) -> bool:
     return _is_zero3_param(p) and getattr(status, "name", "") == "NOT_AVAILABLE"
 
 
+def _is_zero3_partitioned(model: nn.Module) -> bool:
+    # partitioned now: a model an outer GatheredParameters block made whole is a plain model here
+    return any(_is_partitioned_now(p) for p in model.parameters())
+
+
+def _refuse_zero3_engine(model: nn.Module, what: str) -> None:
+    """Raise ``TypeError`` for a ZeRO-3 model whose modules ``deepspeed.initialize`` has hooked (its
+    engine fetches and releases the parameters itself and partitions their gradients)."""
+    zero3 = any(_is_zero3_param(p) for p in model.parameters())
+    if zero3 and any(hasattr(m, "ds_id") for m in model.modules()):
+        raise TypeError(
+            f"the {what} got a model whose modules deepspeed.initialize has hooked (ZeRO-3: its engine "
+            f"gathers the parameters and partitions the gradients itself): run the {what} on the model "
+            "before deepspeed.initialize (partitioned by deepspeed.zero.Init or a ZeRO-3 from_pretrained "
+            "is fine)"
+        )
+
+
 @contextmanager
 def gathered_parameters(
     params: Iterable[Tensor], modifier_rank: int | None = None
@@ -147,14 +165,8 @@ def gathered_zero3_model(model: nn.Module, what: str = "estimate") -> Iterator[N
         >>> with gathered_zero3_model(tiny_llama()):  # not partitioned: nothing to do
         ...     pass
     """
+    _refuse_zero3_engine(model, what)
     zero3 = [p for p in model.parameters() if _is_zero3_param(p)]
-    if zero3 and any(hasattr(m, "ds_id") for m in model.modules()):
-        raise TypeError(
-            f"the {what} got a model whose modules deepspeed.initialize has hooked (ZeRO-3: its engine "
-            f"gathers the parameters and partitions the gradients itself): run the {what} on the model "
-            "before deepspeed.initialize (partitioned by deepspeed.zero.Init or a ZeRO-3 from_pretrained "
-            "is fine)"
-        )
     params = [p for p in zero3 if _is_partitioned_now(p)]
     if not params:
         yield

@@ -17,18 +17,37 @@ weight ``W`` (as an (out, in) matrix). :func:`estimate_gradients` computes it wi
   the boundary hidden states of every batch are recorded, then block by block from the last one its
   backward runs over all batches, its gradients are finished and handed to the consumer, so at most
   one block's sums (and one block's autograd graph) exist. The default picks block-wise when it holds
-  less: a consumer is given, the model is whole on one device (not FSDP2 / ZeRO-3 sharded, not inside
-  a DDP / DeepSpeed wrapper), its blocks are found, and the boundary activations of all batches stay
-  under the gradient sums it saves (checked on the first batch's recording; otherwise the batches
-  read so far are replayed on the hook path, and the log says why). Both orders compute the same
-  float32 operations, summed over batches in the same order;
+  less: a consumer is given, the model is whole on one device (not FSDP2 sharded, not inside a
+  DDP / DeepSpeed wrapper; a ZeRO-3 partitioned model is always block-wise, below), its blocks are
+  found, and the boundary activations of all batches stay under the gradient sums it saves (checked
+  on the first batch's recording; otherwise the batches read so far are replayed on the hook path,
+  and the log says why). Both orders compute the same float32 operations, summed over batches in the
+  same order;
 - the model's train/eval mode, ``requires_grad`` flags and existing ``.grad`` restored afterwards;
 - FSDP2 (``torch.distributed.fsdp.fully_shard``): the estimate runs on the sharded model itself (below);
 - DeepSpeed ZeRO-3 before ``deepspeed.initialize`` (``deepspeed.zero.Init``, transformers' ZeRO-3
-  loading): no engine hook fetches the partitions, so the plain path gathers the model whole on every
-  rank for the estimate (:func:`loralab.core.distributed.gathered_zero3_model`) and partitions it
-  again after; the sums are then whole per rank and all-reduced one layer at a time, as under DDP
-  (``offload=True`` is refused; a module hooked by ``deepspeed.initialize`` raises).
+  loading): the estimate runs block by block (below), never on the whole model.
+
+DeepSpeed ZeRO-3. No engine hook fetches the partitions of a model partitioned before
+``deepspeed.initialize``, and gathering it whole on every rank would defeat ZeRO-3 (a model larger
+than one device). So a partitioned model always takes the block-wise order, with each part gathered
+only while it runs (``deepspeed.zero.GatheredParameters``, no broadcast back): the glue (embeddings,
+final norm, head) for each batch's recording and head pass, each block inside the recording for its
+own call, and each block again, alone, for its backward over all batches. Each block's float32 sums
+are whole on every rank (the gathered weight's gradient, this rank's batches); they are all-reduced
+(mean) one layer at a time, as under DDP, and handed to the consumer once the block is partitioned
+again, so the consumer gathers only the layer it writes (LoRA-GA's ``W0`` offset and factors,
+LoRA-SB's ``B``, ``R``, ``A``). Every rank ends with the same gradients, equal to one process's on
+all the batches. Peak per rank: one block plus the glue gathered, one block's sums, and the boundary
+hidden states of this rank's batches (on the CPU with ``offload=True``, which otherwise runs the
+same way: DeepSpeed decides where a gathered block lives, so another ``device`` is refused). Every
+gather is a collective: the ranks check before each batch that all of them have one
+(``GradientEstimationError`` on every rank otherwise), and a model whose blocks are not found, or
+not called once each per forward, raises (``no_split_module_classes`` names the blocks).
+``blockwise=False`` asks for the hook path instead: it gathers the whole model on every rank for the
+estimate (:func:`loralab.core.distributed.gathered_zero3_model`), for architectures the block-wise
+order cannot handle. A module hooked by ``deepspeed.initialize`` raises ``TypeError`` (estimate
+before it).
 
 FSDP2. The choice is to estimate on the sharded model, as a training step would, not before
 ``fully_shard`` (which would need the whole model on every rank) nor with hooks on the gathered
@@ -82,7 +101,7 @@ import torch
 from torch import Tensor, nn
 
 from loralab.core.distributed import (
-    _is_partitioned_now,
+    _is_zero3_partitioned,
     all_reduce_mean_,
     gathered_zero3_model,
     is_distributed,
@@ -300,7 +319,9 @@ def estimate_gradients(
             dropped; the function returns ``{}``. Without it, all gradients are returned in a dict
             (under FSDP2 that holds every layer's whole gradient: pass a consumer at scale).
         offload: block-wise mode: weights stay on the CPU and one decoder block at a time is moved to
-            ``device`` (see :func:`loralab.core.offload.estimate_gradients_offloaded`).
+            ``device`` (see :func:`loralab.core.offload.estimate_gradients_offloaded`); on a
+            DeepSpeed ZeRO-3 partitioned model: the block-wise estimate with the boundary
+            activations on the CPU.
         device: compute device of the offloaded blocks (default: CUDA if available, else CPU).
         no_split_module_classes: block class names for ``offload`` and ``blockwise`` (defaults per
             architecture, see :func:`loralab.core.offload.find_blocks`).
@@ -315,16 +336,23 @@ def estimate_gradients(
             sums it saves), else hooks; the choice is logged. ``True``: block-wise, refused where it
             cannot run; it costs one more forward per batch and keeps ``batches × (blocks + 1)``
             hidden states on the model's device. ``False``: the hook path. ``offload=True`` is
-            block-wise by construction (``blockwise=False`` with it is refused).
+            block-wise by construction (``blockwise=False`` with it is refused). A DeepSpeed ZeRO-3
+            partitioned model is always block-wise, one block gathered at a time, unless
+            ``blockwise=False``, which gathers the whole model on every rank (module docstring).
 
     Returns:
         ``{name: grad}`` on the weights' device (offload: on the CPU), or an empty dict with a consumer.
 
     Raises:
         GradientEstimationError: no batch, a target that received no gradient (an unused layer), a
-            quantized target, or a non-finite gradient (the message names the layer).
-        ValueError: ``device`` without ``offload``, ``blockwise=False`` with ``offload=True``,
-            ``blockwise=True`` where it cannot run (sharded or wrapped model, several devices).
+            quantized target, or a non-finite gradient (the message names the layer); ZeRO-3: ranks
+            with different numbers of batches, blocks not found (the message offers
+            ``blockwise=False``).
+        ValueError: ``device`` without ``offload`` (with ``offload`` on a ZeRO-3 model: a device
+            other than the one DeepSpeed gathers the blocks on), ``blockwise=False`` with
+            ``offload=True``, ``blockwise=True`` where it cannot run (sharded or wrapped model,
+            several devices).
+        TypeError: a ZeRO-3 model whose modules ``deepspeed.initialize`` has hooked.
 
     Example:
         >>> from loralab.core.testing import tiny_gpt2, make_lm_batches
@@ -349,11 +377,6 @@ def estimate_gradients(
     if num_batches is not None:
         batches = islice(batches, num_batches)
     sharded = _check_sharding(resolved, reduce=reduce, offload=offload)
-    if offload and _is_zero3_partitioned(model):
-        raise ValueError(
-            "offload=True streams the blocks of a whole model, but the model is partitioned by DeepSpeed "
-            "ZeRO-3 (deepspeed.zero.Init): estimate with offload=False (the parameters are gathered for it)"
-        )
     if offload and blockwise is False:
         raise ValueError(
             "blockwise=False asks for the hook path, but offload=True always estimates block by block; "
@@ -379,6 +402,31 @@ def estimate_gradients(
         raise ValueError(
             "device applies to offload=True only; move the model yourself for the plain path"
         )
+    if blockwise is not False and _is_zero3_partitioned(model):
+        # DeepSpeed ZeRO-3 before deepspeed.initialize: no hook fetches the partitions, so the
+        # estimate gathers one block (or the glue) at a time, whatever its memory (see above)
+        from loralab.core.offload import _BlockStructureError, estimate_gradients_blockwise
+
+        try:
+            return estimate_gradients_blockwise(
+                model,
+                batches,
+                resolved,
+                loss_fn=loss_fn,
+                consumer=consumer,
+                no_split_module_classes=no_split_module_classes,
+                train=train,
+                reduce=reduce,
+                progress=progress,
+                total=num_batches,
+            )
+        except GradientEstimationError as e:
+            if not isinstance(e, _BlockStructureError) and "found no block" not in str(e):
+                raise
+            raise GradientEstimationError(
+                f"{e}; or pass blockwise=False to gather the whole DeepSpeed ZeRO-3 model on every "
+                "rank for the estimate"
+            ) from None
     if blockwise is not False:
         blocker = _blockwise_blocker(model, resolved, sharded)
         if blockwise and blocker:
@@ -418,8 +466,8 @@ def estimate_gradients(
             )
             if done is not None:
                 return done
-    # DeepSpeed ZeRO-3 before deepspeed.initialize: no hook fetches the partitions, so the model is
-    # gathered whole on every rank for the estimate (a no-op for any other model)
+    # DeepSpeed ZeRO-3 with blockwise=False (asked for): the model is gathered whole on every rank for
+    # the estimate (a no-op for any other model)
     with gathered_zero3_model(model, "gradient estimate"):
         return _estimate_plain(
             model,
@@ -435,11 +483,6 @@ def estimate_gradients(
         )
 
 
-def _is_zero3_partitioned(model: nn.Module) -> bool:
-    # partitioned now: a model an outer GatheredParameters block made whole is a plain model here
-    return any(_is_partitioned_now(p) for p in model.parameters())
-
-
 def _blockwise_blocker(
     model: nn.Module, targets: Mapping[str, TargetLayer], sharded: bool
 ) -> str | None:
@@ -450,8 +493,8 @@ def _blockwise_blocker(
         return (
             "the targets are sharded by FSDP2 (fully_shard): each rank holds its rows of every sum"
         )
-    if any(hasattr(p, "ds_id") for p in model.parameters()):
-        return "the model's parameters are DeepSpeed ZeRO-3 partitioned"
+    if any(hasattr(m, "ds_id") for m in model.modules()):
+        return "the model's modules are hooked by deepspeed.initialize (ZeRO-3)"
     if unwrap_model(model) is not model:
         return f"the model is wrapped by {type(model).__name__}, whose hooks reduce every backward"
     if model_device(model) is None:

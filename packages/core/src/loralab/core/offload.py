@@ -41,6 +41,16 @@ at a time instead of every target's until the last batch, and one block's autogr
 the whole model's). Its cost is the boundary activations of *every* batch, about
 ``batches × (blocks + 1) × tokens × hidden`` numbers, and one more forward per batch (the recording).
 
+On a DeepSpeed ZeRO-3 partitioned model (``deepspeed.zero.Init`` before ``deepspeed.initialize``)
+both entry points run in place and gather each part only while it runs: the glue around each
+recording, head pass and glue pass, each block inside the recording for its own call (a forward
+pre-hook gathers it, the forward hook partitions it again), and each block alone for its backward
+over all batches (``on_device``). So a rank never holds more than one block plus the glue gathered;
+each block's sums are all-reduced after its backward and handed to the consumer once it is
+partitioned again. ``offload=True`` keeps the boundary activations on ``activation_device``; the
+weights stay where DeepSpeed keeps them. See :mod:`loralab.core.gradients` for the rules (equal
+batch counts on every rank, no ``deepspeed.initialize`` hooks).
+
 Example:
     >>> from loralab.core.testing import tiny_llama, make_lm_batches
     >>> from loralab.core.gradients import estimate_gradients
@@ -52,8 +62,8 @@ Example:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,7 +71,15 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from loralab.core.distributed import all_reduce_mean_, is_distributed, is_main_process
+from loralab.core.distributed import (
+    _is_partitioned_now,
+    _is_zero3_partitioned,
+    _refuse_zero3_engine,
+    all_reduce_mean_,
+    gathered_parameters,
+    is_distributed,
+    is_main_process,
+)
 from loralab.core.estimation import (
     GradientConsumer,
     GradientEstimationError,
@@ -239,6 +257,31 @@ class _Batch:
         return _storage_bytes(kept + list(self.direct.values()))
 
 
+def _zero3_parts(
+    model: nn.Module, blocks: Sequence[nn.Module]
+) -> tuple[list[list[nn.Parameter]], list[nn.Parameter]]:
+    """The DeepSpeed ZeRO-3 parameters partitioned now, split into each block's and the rest (the
+    glue: embeddings, final norm, head), each list in module order (the same on every rank).
+
+    A parameter is listed once, under the first block holding it, or under the glue when it is
+    outside every block. One whole block (or the glue) is all a rank holds gathered at a time.
+
+    Example:
+        >>> from loralab.core.testing import tiny_llama
+        >>> model = tiny_llama()  # not partitioned: nothing to gather
+        >>> _zero3_parts(model, list(find_blocks(model).values()))
+        ([[], []], [])
+    """
+    seen: set[int] = set()
+    per_block: list[list[nn.Parameter]] = []
+    for b in blocks:
+        mine = [p for p in b.parameters() if _is_partitioned_now(p) and id(p) not in seen]
+        seen.update(id(p) for p in mine)
+        per_block.append(mine)
+    glue = [p for p in model.parameters() if _is_partitioned_now(p) and id(p) not in seen]
+    return per_block, glue
+
+
 class _Offloader:
     def __init__(
         self,
@@ -250,12 +293,18 @@ class _Offloader:
         activation_device: torch.device,
         train: bool,
         in_place: bool = False,
+        zero3: bool = False,
     ) -> None:
         self.model = model
         # in place (the plain path's block-wise mode): nothing is moved, every block runs where it is
         self.in_place = in_place
         self.block_names = list(blocks)
         self.blocks = list(blocks.values())
+        # DeepSpeed ZeRO-3 partitions (deepspeed.zero.Init, before deepspeed.initialize): each
+        # block's, and the glue's, are gathered only while that part runs (see _zero3_parts)
+        self.block_params, self.glue_params = (
+            _zero3_parts(model, self.blocks) if zero3 else ([[] for _ in self.blocks], [])
+        )
         self.loss_fn = loss_fn
         self.device = device
         self.act_device = activation_device
@@ -301,16 +350,22 @@ class _Offloader:
             for b, home in zip(self.blocks, block_homes):
                 b.to(home)
 
+    def gathered_glue(self) -> Any:
+        """ZeRO-3: the glue's (embeddings, final norm, head) partitions whole inside the block."""
+        return gathered_parameters(self.glue_params) if self.glue_params else nullcontext()
+
     @contextmanager
     def on_device(self, block: nn.Module) -> Any:
-        if self.in_place or self.device.type == "cpu":
-            yield
-            return
-        block.to(self.device)
-        try:
-            yield
-        finally:
-            block.to("cpu")
+        """``block`` ready to run: on the device (offload) and, under ZeRO-3, gathered whole."""
+        with gathered_parameters(self.block_params[self.index[id(block)]]):
+            if self.in_place or self.device.type == "cpu":
+                yield
+                return
+            block.to(self.device)
+            try:
+                yield
+            finally:
+                block.to("cpu")
 
     def _rng_state(self) -> Any:
         if not self.train:
@@ -343,6 +398,7 @@ class _Offloader:
         ] = {}  # id(live tensor) -> (live, stored): one copy per object
         order: list[int] = []
         handles = []
+        gathers: dict[int, ExitStack] = {}  # ZeRO-3: the blocks gathered now (one, between hooks)
 
         def store(x: Any) -> Any:
             if not isinstance(x, Tensor):
@@ -362,6 +418,9 @@ class _Offloader:
                     "(offload=True, blockwise=True) needs every block (no_split_module_classes) called once per forward"
                 )
             order.append(k)
+            if self.block_params[k]:  # ZeRO-3: this block whole for its own call only
+                gathers[k] = ExitStack()
+                gathers[k].enter_context(gathered_parameters(self.block_params[k]))
             if self.device.type != "cpu" and not self.in_place:
                 module.to(self.device)
             leaves, spec = tree_flatten((args, kwargs))
@@ -375,16 +434,20 @@ class _Offloader:
             r.out_spec = spec
             if self.device.type != "cpu" and not self.in_place:
                 module.to("cpu")
+            if k in gathers:
+                gathers.pop(k).close()
 
         for b in self.blocks:
             handles.append(b.register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(b.register_forward_hook(post, with_kwargs=True))
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self.gathered_glue():
                 loss = self._loss(batch)
         finally:
             for h in handles:
                 h.remove()
+            for stack in gathers.values():  # a forward that raised inside a block
+                stack.close()
         if not torch.isfinite(loss):
             raise GradientEstimationError(
                 f"non-finite loss ({loss.item()}) on batch {n}; the gradient would be NaN"
@@ -442,6 +505,10 @@ class _Offloader:
 
         Returns True when every gradient-carrying block input is an identity edge.
         """
+        with self.gathered_glue():
+            return self._head_pass(batch, rec, glue_sums)
+
+    def _head_pass(self, batch: Any, rec: _Batch, glue_sums: dict[str, Tensor]) -> bool:
         rec.glue_rng = self._rng_state()
         outputs, leaves = self._outputs(rec, lambda k, m: True)
         by_id = {id(v): key for key, v in leaves.items()}
@@ -482,6 +549,12 @@ class _Offloader:
         self, batch: Any, rec: _Batch, i: int, params: Sequence[Tensor] = ()
     ) -> tuple[dict[int, Tensor], list[Tensor | None]]:
         """General mode: ``∂S/∂O_i`` (and ``∂S/∂params``) with ``S = L + Σ_k ⟨in_k, T'_k⟩`` via one glue pass."""
+        with self.gathered_glue():
+            return self._glue_adjoint(batch, rec, i, params)
+
+    def _glue_adjoint(
+        self, batch: Any, rec: _Batch, i: int, params: Sequence[Tensor]
+    ) -> tuple[dict[int, Tensor], list[Tensor | None]]:
         self._set_rng(rec.glue_rng)
         outputs, leaves = self._outputs(rec, lambda k, m: k == i)
         seen: dict[int, list[Any]] = {}
@@ -541,6 +614,32 @@ class _Offloader:
                 rec.in_adjoints[(k, c)] = g.detach().to(self.act_device)
 
 
+def _same_count(batches: Iterable[Any], check: bool, device: torch.device) -> Iterator[Any]:
+    """``batches``; with ``check`` (ZeRO-3 across ranks: every recording gathers each block, a
+    collective), the ranks agree before each batch that all of them have one, and raise together
+    when some rank has run out (the gathers would pair different batches, or hang)."""
+    it = iter(batches)
+    n = 0
+    while True:
+        try:
+            batch, more = next(it), 1.0
+        except StopIteration:
+            batch, more = None, 0.0
+        if check:
+            have = all_reduce_mean_(torch.tensor([more], device=device)).item()
+            if 0.0 < have < 1.0:
+                mine, theirs = (f"more than {n}", str(n)) if more else (str(n), f"more than {n}")
+                raise GradientEstimationError(
+                    f"DeepSpeed ZeRO-3: this rank has {mine} batch(es), another rank {theirs}; the "
+                    "block-wise estimate gathers every block for each batch on all ranks together, so "
+                    "every rank needs the same number of batches (num_batches, or even shards)"
+                )
+        if not more:
+            return
+        yield batch
+        n += 1
+
+
 def _accumulate(sums: dict[str, Tensor], name: str, g: Tensor) -> None:
     # g is a fresh autograd result (or a transposed view of one): we own it, no copy needed
     g = g.detach().float()
@@ -592,6 +691,8 @@ def estimate_gradients_offloaded(
     """Block-wise offloaded :func:`~loralab.core.gradients.estimate_gradients` (see the module docstring).
 
     Usually called through ``estimate_gradients(..., offload=True)``, which resolves ``targets``.
+    On a DeepSpeed ZeRO-3 partitioned model nothing is moved: each block is gathered where DeepSpeed
+    keeps it, one at a time, and only the boundary activations go to ``activation_device``.
 
     Args:
         model: the float model; its weights may live on the CPU (its blocks are returned there).
@@ -600,7 +701,8 @@ def estimate_gradients_offloaded(
         loss_fn: ``loss_fn(model, batch)``; the batch's tensors are already on ``device``.
         consumer: ``consumer(name, grad)`` per finished gradient, called block by block (last block
             first); with it, the result is an empty dict and at most one block's gradients exist.
-        device: compute device (default: the current CUDA device, else the CPU).
+        device: compute device (default: the current CUDA device, else the CPU; ZeRO-3: the
+            partitions' device, and another one is refused).
         no_split_module_classes: block class names (default: :data:`DEFAULT_BLOCK_CLASSES`, else the
             model's ``_no_split_modules``).
         train, reduce, progress: as in :func:`~loralab.core.gradients.estimate_gradients`.
@@ -609,8 +711,27 @@ def estimate_gradients_offloaded(
 
     Returns:
         ``{name: grad}`` (fp32, (out, in), on the CPU) in the targets' order, or ``{}`` with a consumer.
+
+    Raises:
+        GradientEstimationError: no block found, blocks not called once each in a fixed order, no
+            batch, an unused target, a non-finite loss or gradient; ZeRO-3: ranks with different
+            numbers of batches.
+        ValueError: ZeRO-3: ``device`` other than the partitions' device, or several devices.
+        TypeError: a ZeRO-3 model whose modules ``deepspeed.initialize`` has hooked.
     """
-    device = torch.device(device) if device is not None else _default_device()
+    zero3 = _is_zero3_partitioned(model)
+    if zero3:
+        # DeepSpeed keeps each partition where it put it and gathers a block there: nothing to move
+        _refuse_zero3_engine(model, "gradient estimate")
+        home = _one_device(model, "offload=True")
+        if device is not None and not _same_device(torch.device(device), home):
+            raise ValueError(
+                f"offload=True on a DeepSpeed ZeRO-3 partitioned model computes where DeepSpeed gathers "
+                f"the partitions ({home}), got device={device}: omit device"
+            )
+        device = home
+    else:
+        device = torch.device(device) if device is not None else _default_device()
     return _run(
         model,
         batches,
@@ -621,12 +742,36 @@ def estimate_gradients_offloaded(
         act_device=torch.device(activation_device),
         result_device=torch.device("cpu"),
         blocks=find_blocks(model, no_split_module_classes),
-        in_place=False,
+        in_place=zero3,
         train=train,
         reduce=reduce,
         progress=progress,
         total=total,
+        zero3=zero3,
     )
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    # "cuda" names the current CUDA device
+    if a.type != b.type:
+        return False
+    if a.type == "cuda":
+        current = torch.cuda.current_device()
+        return (a.index if a.index is not None else current) == (
+            b.index if b.index is not None else current
+        )
+    return a.index is None or b.index is None or a.index == b.index
+
+
+def _one_device(model: nn.Module, what: str) -> torch.device:
+    device = model_device(model)
+    if device is None:
+        raise ValueError(
+            f"{what} runs every block where it is, so the model must be on one device; its "
+            "parameters and buffers are on several (or on meta): move it"
+            + ("" if what == "offload=True" else ", or use offload=True")
+        )
+    return device
 
 
 def model_device(model: nn.Module) -> torch.device | None:
@@ -656,7 +801,9 @@ def estimate_gradients_blockwise(
     Usually reached through ``estimate_gradients(..., blockwise=True)`` (or its default, which picks
     it when it holds less memory). Every parameter and buffer must be on one device; the boundary
     activations stay there too. With a ``consumer`` at most one block's gradient sums exist at a time
-    (plus the targets outside every block, e.g. a head, which are summed over all batches).
+    (plus the targets outside every block, e.g. a head, which are summed over all batches). A
+    DeepSpeed ZeRO-3 partitioned model is gathered one block (or the glue) at a time (module
+    docstring).
 
     Args:
         model, batches, targets, loss_fn, consumer, no_split_module_classes, train, reduce, progress,
@@ -668,7 +815,9 @@ def estimate_gradients_blockwise(
 
     Raises:
         ValueError: the model's parameters and buffers are not on one device.
-        GradientEstimationError: as :func:`estimate_gradients_offloaded`.
+        GradientEstimationError: as :func:`estimate_gradients_offloaded`; under ZeRO-3 also ranks
+            with different numbers of batches.
+        TypeError: a ZeRO-3 model whose modules ``deepspeed.initialize`` has hooked.
 
     Example:
         >>> from loralab.core.testing import tiny_llama, make_lm_batches
@@ -678,12 +827,10 @@ def estimate_gradients_blockwise(
         >>> got["model.layers.0.mlp.up_proj"].shape
         torch.Size([128, 64])
     """
-    device = model_device(model)
-    if device is None:
-        raise ValueError(
-            "blockwise=True runs every block where it is, so the model must be on one device; its "
-            "parameters and buffers are on several (or on meta): move it, or use offload=True"
-        )
+    device = _one_device(model, "blockwise=True")
+    zero3 = _is_zero3_partitioned(model)
+    if zero3:
+        _refuse_zero3_engine(model, "gradient estimate")
     return _run(
         model,
         batches,
@@ -699,6 +846,7 @@ def estimate_gradients_blockwise(
         reduce=reduce,
         progress=progress,
         total=total,
+        zero3=zero3,
     )
 
 
@@ -720,11 +868,14 @@ def _run(
     total: int | None,
     budget: int | None = None,
     expected_batches: int | None = None,
+    zero3: bool = False,
 ) -> dict[str, Tensor]:
     """The block-wise estimate. ``budget`` (automatic mode, ``in_place`` only): raise
     :class:`_Declined` as soon as the boundary activations of all batches (projected over
     ``expected_batches`` when known) would exceed it, or when the blocks' structure does not allow the
-    block-wise order; the caller replays the consumed batches on the hook path."""
+    block-wise order; the caller replays the consumed batches on the hook path. ``zero3``
+    (``in_place`` only): the DeepSpeed ZeRO-3 partitions are gathered one block (or the glue) at a
+    time."""
     loss_fn = loss_fn or default_loss
     targets = dict(targets)
     weights = [t.weight for t in targets.values()]
@@ -732,7 +883,7 @@ def _run(
         raise GradientEstimationError(
             "two targets share one weight tensor (tied weights); exclude one of them"
         )
-    off = _Offloader(model, blocks, targets, loss_fn, device, act_device, train, in_place)
+    off = _Offloader(model, blocks, targets, loss_fn, device, act_device, train, in_place, zero3)
     results: dict[str, Tensor] = {}
     done: list[str] = []
 
@@ -765,7 +916,7 @@ def _run(
             # all-reduces would pair different layers otherwise), so the ranks decide together, once,
             # after their first batch (projected over the known number of batches)
             multi = budget is not None and reduce and is_distributed()
-            for n, batch in enumerate(batches):
+            for n, batch in enumerate(_same_count(batches, zero3 and is_distributed(), device)):
                 batch_list.append(batch)
                 reason = None
                 try:

@@ -14,7 +14,8 @@ Example:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -42,6 +43,7 @@ __all__ = [
     "tiny_model",
     "tiny_roberta",
     "tiny_t5",
+    "zero3_gather_peak",
 ]
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -421,3 +423,53 @@ def as_zero12_partition(
         buf.copy_(master.detach())
 
     return hand_gradient, copy_back
+
+
+@contextmanager
+def zero3_gather_peak(model: nn.Module) -> Iterator[dict[str, int]]:
+    """Watch how much of a DeepSpeed ZeRO-3 partitioned ``model`` is gathered whole at once.
+
+    While open, every entry into ``deepspeed.zero.GatheredParameters`` (loralab's gathers and anyone
+    else's) counts the elements of ``model``'s ZeRO-3 parameters that are whole (``AVAILABLE``) at
+    that moment. The yielded dict holds ``peak`` (the largest count), ``bound`` (the largest decoder
+    block's elements plus those outside every block: embeddings, final norm, head, i.e. what the
+    block-wise estimate may hold at once), ``total`` (every element) and ``gathers`` (the entries).
+    Without DeepSpeed, or with no partitioned parameter, nothing is counted.
+
+    Example:
+        >>> from loralab.core.testing import tiny_llama
+        >>> with zero3_gather_peak(tiny_llama()) as seen:  # not partitioned: nothing to count
+        ...     pass
+        >>> seen
+        {'peak': 0, 'bound': 0, 'total': 0, 'gathers': 0}
+    """
+    from loralab.core.offload import find_blocks
+
+    def numel(ps: Iterable[Any]) -> int:
+        return sum(int(p.ds_numel) for p in ps)
+
+    params = [p for p in model.parameters() if hasattr(p, "ds_id") and hasattr(p, "ds_status")]
+    seen = {"peak": 0, "bound": 0, "total": numel(params), "gathers": 0}
+    if not params:
+        yield seen
+        return
+    blocks = [{id(p) for p in b.parameters()} for b in find_blocks(model).values()]
+    in_blocks = set().union(*blocks)
+    glue = numel(p for p in params if id(p) not in in_blocks)
+    seen["bound"] = glue + max(numel(p for p in params if id(p) in b) for b in blocks)
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+    enter = GatheredParameters.__enter__
+
+    def counting_enter(self: Any) -> Any:
+        out = enter(self)
+        whole = numel(p for p in params if p.ds_status.name == "AVAILABLE")
+        seen["peak"] = max(seen["peak"], whole)
+        seen["gathers"] += 1
+        return out
+
+    GatheredParameters.__enter__ = counting_enter  # type: ignore[method-assign]
+    try:
+        yield seen
+    finally:
+        GatheredParameters.__enter__ = enter  # type: ignore[method-assign]

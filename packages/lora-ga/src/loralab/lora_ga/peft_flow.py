@@ -21,8 +21,11 @@ how the gradient is obtained and held:
   is estimated on its shards (``train_step`` runs the sharded model) and each rank writes its rows of
   ``W0'``; ``get_peft_model`` then warns that the new ``lora_A`` / ``lora_B`` are outside FSDP2
   (``fully_shard`` each of them before training, see the README); a model partitioned by DeepSpeed
-  ZeRO-3's ``deepspeed.zero.Init`` (before ``deepspeed.initialize``) is gathered on every rank while
-  ``train_step`` runs, and ``get_peft_model`` writes ``W0'`` into the partitions;
+  ZeRO-3's ``deepspeed.zero.Init`` (before ``deepspeed.initialize``) is gathered whole on every rank
+  while ``train_step`` runs (``train_step`` is the caller's own forward and backward loop, so
+  loralab cannot reorder it block by block as :func:`~loralab.lora_ga.get_lora_ga_model` does, and
+  nothing fetches the partitions during it; the native API never gathers the whole model), and
+  ``get_peft_model`` writes ``W0'`` into the partitions one layer at a time;
 - bitsandbytes 4/8-bit targets work (PEFT refuses them): during ``train_step`` they are float copies
   of their dequantized weights (:func:`loralab.core.quant.float_targets`), and the init re-quantizes
   ``W0 − s·B·A`` with the layer's own settings;
@@ -270,7 +273,9 @@ def preprocess_loraga(
             consumer(name, grad)
 
         # gathered_zero3_model: a model partitioned by deepspeed.zero.Init (before deepspeed.initialize)
-        # is made whole on every rank while train_step runs (a no-op for any other model)
+        # is made whole on every rank while train_step runs (a no-op for any other model). Unlike
+        # estimate_gradients, the loop is the caller's: its forwards and backwards cannot be
+        # reordered block by block, and no hook fetches the partitions while they run.
         with (
             gathered_zero3_model(model, "preprocess_loraga"),
             float_targets(model, list(targets)) as swapped,

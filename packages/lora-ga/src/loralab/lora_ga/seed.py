@@ -32,8 +32,10 @@ What is the same as the seed and what is not:
   that misses a target or has one of the wrong shape, it raises (never PEFT's silent fallback to the
   default init), and the model is given back unchanged.
 - DeepSpeed ZeRO-3: a model partitioned by ``deepspeed.zero.Init`` (or transformers' ZeRO-3 loading)
-  has its parameters gathered for the estimate, and the init writes the offset ``W0`` through
-  ``GatheredParameters``; estimate before ``deepspeed.initialize`` (an engine is refused).
+  is estimated one decoder block at a time (core's block-wise order: only that block's partitions,
+  or the embeddings and head while they run, are gathered; never the whole model), and the init
+  writes the offset ``W0`` through ``GatheredParameters`` one layer at a time; every rank needs the
+  same number of batches; estimate before ``deepspeed.initialize`` (an engine is refused).
 - The save helpers keep the seed's layout (``save_dir/init_lora_checkpoint`` is written first and
   removed by the final save), and the final adapter is a plain PEFT LoRA (rank 2r) that loads on the
   original, unmodified base model.
@@ -163,25 +165,23 @@ def estimate_gradient(
         else:
             model.to(accelerator.device)
     # DeepSpeed ZeRO-3 (a model built under deepspeed.zero.Init / HF's zero3 loading): every rank
-    # holds a slice of each weight. Gather them for the estimate (the seed's full-model footprint,
-    # once), then they are partitioned again; the init writes go through GatheredParameters too.
-    zero3 = [p for p in model.parameters() if hasattr(p, "ds_id")]
-    with gathered_parameters(zero3):
-        grads = estimate_gradients(
-            model,
-            dataloader,
-            targets,
-            num_batches=num_batches,
-            loss_fn=loss_fn,
-            offload=quant_flag,
-            device=device,
-            no_split_module_classes=no_split_module_classes,
-            train=train,
-            # With an accelerator the mean goes through accelerate (below); otherwise core reduces over
-            # torch.distributed when it is initialised (torchrun), a no-op in one process.
-            reduce=not multi,
-            progress=progress,
-        )
+    # holds a slice of each weight; core's estimate gathers one decoder block at a time (the seed
+    # gathered the whole model); the init writes go through GatheredParameters, one layer at a time.
+    grads = estimate_gradients(
+        model,
+        dataloader,
+        targets,
+        num_batches=num_batches,
+        loss_fn=loss_fn,
+        offload=quant_flag,
+        device=device,
+        no_split_module_classes=no_split_module_classes,
+        train=train,
+        # With an accelerator the mean goes through accelerate (below); otherwise core reduces over
+        # torch.distributed when it is initialised (torchrun), a no-op in one process.
+        reduce=not multi,
+        progress=progress,
+    )
     out: dict[str, Tensor] = {}
     for name in list(grads):  # the same (module) order on every rank, as the all-reduce requires
         g = grads.pop(name)
@@ -201,7 +201,7 @@ def _check_not_deepspeed_engine(model: nn.Module) -> None:
         raise TypeError(
             "estimate_gradient got a model already wrapped by deepspeed.initialize (its ZeRO hooks partition and reduce "
             "the gradients): estimate on the model before deepspeed.initialize / accelerator.prepare (a ZeRO-3 model "
-            "built under deepspeed.zero.Init is fine: its parameters are gathered for the estimate), then get_peft_model "
+            "built under deepspeed.zero.Init is fine: it is estimated one gathered block at a time), then get_peft_model "
             "inside LoraGAContext, then initialize DeepSpeed"
         )
 

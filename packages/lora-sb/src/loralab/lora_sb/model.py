@@ -204,10 +204,12 @@ def initialize_lora_sb_weights(
     sharding), and are checked first (:func:`loralab.core.quant.check_fsdp_quantized`).
 
     Under DeepSpeed ZeRO-3 before ``deepspeed.initialize`` (the base, or the whole ``PeftModel``,
-    partitioned by ``deepspeed.zero.Init``) the estimate gathers the model on every rank
-    (:func:`loralab.core.distributed.gathered_zero3_model`) and ``B``, ``R``, ``A`` are written into
-    the partitioned parameters; ``offload=True`` and a model already hooked by ``deepspeed.initialize``
-    raise.
+    partitioned by ``deepspeed.zero.Init``) the estimate runs block by block, gathering one decoder
+    block (or the embeddings and head) at a time, never the whole model
+    (:mod:`loralab.core.gradients`); each layer's ``B``, ``R``, ``A`` are written into its partitioned parameters as its gradient
+    arrives, one layer gathered at a time. Every rank needs the same number of batches;
+    ``offload=True`` works the same with the boundary activations on the CPU; a model already hooked
+    by ``deepspeed.initialize`` raises.
 
     Estimation is core's :func:`~loralab.core.adapter_gradients.estimate_adapter_gradients`; its
     ``GradientEstimationError`` also names an ``estimation_model`` layer that is missing, quantized
