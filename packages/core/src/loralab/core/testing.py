@@ -468,8 +468,8 @@ def zero3_gather_peak(model: nn.Module) -> Iterator[dict[str, int]]:
         seen["gathers"] += 1
         return out
 
-    GatheredParameters.__enter__ = counting_enter  # type: ignore[method-assign]
+    GatheredParameters.__enter__ = counting_enter
     try:
         yield seen
     finally:
-        GatheredParameters.__enter__ = enter  # type: ignore[method-assign]
+        GatheredParameters.__enter__ = enter

@@ -190,13 +190,13 @@ def save_offset_base(
     # model's own, here this rank's shards); without the quantizer it saves ours, and the config keeps
     # its quantization_config
     quantizer = getattr(base, "hf_quantizer", None)
-    base.hf_quantizer = None
+    setattr(base, "hf_quantizer", None)  # noqa: B010 (nn.Module's attributes are typed Tensor | Module)
     try:
         cast(SavesPretrained, base).save_pretrained(
             str(path), state_dict=whole, safe_serialization=True
         )
     finally:
-        base.hf_quantizer = quantizer
+        setattr(base, "hf_quantizer", quantizer)  # noqa: B010
 
 
 def lora_ga_readme(quantized: bool) -> str:
