@@ -402,24 +402,30 @@ def estimate_gradients(
         raise ValueError(
             "device applies to offload=True only; move the model yourself for the plain path"
         )
+
+    def run_blockwise() -> dict[str, Tensor]:
+        from loralab.core.offload import estimate_gradients_blockwise
+
+        return estimate_gradients_blockwise(
+            model,
+            batches,
+            resolved,
+            loss_fn=loss_fn,
+            consumer=consumer,
+            no_split_module_classes=no_split_module_classes,
+            train=train,
+            reduce=reduce,
+            progress=progress,
+            total=num_batches,
+        )
+
     if blockwise is not False and _is_zero3_partitioned(model):
         # DeepSpeed ZeRO-3 before deepspeed.initialize: no hook fetches the partitions, so the
         # estimate gathers one block (or the glue) at a time, whatever its memory (see above)
-        from loralab.core.offload import _BlockStructureError, estimate_gradients_blockwise
+        from loralab.core.offload import _BlockStructureError
 
         try:
-            return estimate_gradients_blockwise(
-                model,
-                batches,
-                resolved,
-                loss_fn=loss_fn,
-                consumer=consumer,
-                no_split_module_classes=no_split_module_classes,
-                train=train,
-                reduce=reduce,
-                progress=progress,
-                total=num_batches,
-            )
+            return run_blockwise()
         except GradientEstimationError as e:
             if not isinstance(e, _BlockStructureError) and "found no block" not in str(e):
                 raise
@@ -436,21 +442,8 @@ def estimate_gradients(
         if blocker:
             logger.info("plain path with hooks: %s", blocker)
         else:
-            from loralab.core.offload import estimate_gradients_blockwise
-
             if blockwise:
-                return estimate_gradients_blockwise(
-                    model,
-                    batches,
-                    resolved,
-                    loss_fn=loss_fn,
-                    consumer=consumer,
-                    no_split_module_classes=no_split_module_classes,
-                    train=train,
-                    reduce=reduce,
-                    progress=progress,
-                    total=num_batches,
-                )
+                return run_blockwise()
             done, batches = _try_blockwise(
                 model,
                 batches,
