@@ -157,11 +157,12 @@ GALORE_REL = 1e-5
 GALORE_ATOL = 1e-8
 GALORE_LOSS_REL = 1e-5
 # one training per launch: under ZeRO-3 (accelerate's DeepSpeed plugin) a second training in the same
-# launch stalled before making its output directory (observed). The cells that share code paths are
-# merged to keep CI short: GaLore under ZeRO-2 (flat fp32 partitions, SVD projectors) and GoLore under
-# ZeRO-3 (partitioned parameters, an SVD projector at step 0 and a random one at step 2); GoLore under
-# ZeRO-2 and GaLore under ZeRO-3 run the same owner-rank code (tested in the golore package)
-GALORE_LAUNCHES = [("zero2", ("galore",)), ("zero3", ("golore",))]
+# launch stalled before making its output directory (observed; likely the stale DeepSpeed extension
+# build lock found the same day). To keep CI short only GoLore under ZeRO-3 runs here (partitioned
+# parameters, an SVD projector at step 0 and a random one at step 2: GaLore's code path and GoLore's);
+# ZeRO-1/2's flat partitions under the same owner-rank code are tested in the golore package
+# (golore_dist_worker.py), and GaLore under ZeRO-2 from the runners passed once by hand (2026-12-03)
+GALORE_LAUNCHES = [("zero3", ("golore",))]
 WORKER = Path(__file__).with_name("runners_fsdp_worker.py")
 
 
