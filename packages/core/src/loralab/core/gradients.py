@@ -426,9 +426,7 @@ def estimate_gradients(
 
         try:
             return run_blockwise()
-        except GradientEstimationError as e:
-            if not isinstance(e, _BlockStructureError) and "found no block" not in str(e):
-                raise
+        except _BlockStructureError as e:
             raise GradientEstimationError(
                 f"{e}; or pass blockwise=False to gather the whole DeepSpeed ZeRO-3 model on every "
                 "rank for the estimate"

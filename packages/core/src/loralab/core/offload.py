@@ -125,6 +125,11 @@ DEFAULT_BLOCK_CLASSES: tuple[str, ...] = (
 ``_no_split_modules`` (transformers' list for ``device_map``), minus embedding modules."""
 
 
+class _BlockStructureError(GradientEstimationError):
+    """The model's blocks cannot be streamed: none found, or not called once each, in one fixed order,
+    per forward pass."""
+
+
 def find_blocks(
     model: nn.Module, no_split_module_classes: Sequence[str] | None = None
 ) -> dict[str, nn.Module]:
@@ -153,7 +158,7 @@ def find_blocks(
         if type(mod).__name__ in names and not any(name.startswith(b + ".") for b in blocks):
             blocks[name] = mod
     if not blocks:
-        raise GradientEstimationError(
+        raise _BlockStructureError(
             f"block-wise estimation (offload=True, blockwise=True) found no block of {type(model).__name__}: "
             f"tried classes {sorted(names) or '[]'}. Pass no_split_module_classes=['YourDecoderLayer'] naming "
             "the repeated block class"
@@ -172,10 +177,6 @@ def _is_float(x: Any) -> bool:
 
 def _to(x: Any, device: torch.device) -> Any:
     return x.to(device) if isinstance(x, Tensor) else x
-
-
-class _BlockStructureError(GradientEstimationError):
-    """The blocks are not called once each, in one fixed order, per forward pass."""
 
 
 def _check_all_ran(off: _Offloader) -> None:

@@ -660,9 +660,8 @@ class FSDP2Engine(TorchEngine):
         dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(directory / "model"))
         # a 4-bit base's codes are in model/; their statistics live on the layers, the same on every
         # rank, and may differ from the checkpoint's (LoRA-GA's re-quantized offset W0)
-        stats = quant_statistics(model)
-        if stats and self.is_main:
-            torch.save(stats, directory / QUANT_STATISTICS_FILE)
+        if self.is_main and quantized_layer_names(model):
+            torch.save(quant_statistics(model), directory / QUANT_STATISTICS_FILE)
         # loralab's optimizers keep plain tensors of this rank's rows (not DTensors): one file per rank
         torch.save(optimizer.state_dict(), directory / f"optimizer_rank{self.rank}.pt")
         if self.is_main and self.scheduler is not None:
@@ -680,7 +679,7 @@ class FSDP2Engine(TorchEngine):
         dcp.load(state, checkpoint_id=str(directory / "model"))
         set_model_state_dict(model, state["model"])
         load = dict(map_location="cpu", weights_only=True)
-        if quant_statistics(model):
+        if quantized_layer_names(model):
             load_quant_statistics_(model, torch.load(directory / QUANT_STATISTICS_FILE, **load))
         optimizer.load_state_dict(torch.load(directory / f"optimizer_rank{self.rank}.pt", **load))
         if self.scheduler is not None:
