@@ -14,10 +14,12 @@ from loralab.core.quant import (
     dtype_kwarg,
     is_quantized,
     load_float_model_for_estimation,
+    load_quant_statistics_,
     load_quantized_weight_,
     load_state_dict_with_quantized_,
     quant_config_of,
     quant_kind,
+    quant_statistics,
     quantized_layer_names,
     requantize_weight_,
 )
@@ -245,6 +247,30 @@ def test_load_quantized_weight_errors(tmp_path):
         match=r"the int8 layer's \(out, in\) is \(48, 128\); the entries are weight \(48, 128\) torch.int8 and SCB \(47,\)",
     ):
         load_quantized_weight_(eight, bad)
+
+
+def test_quant_statistics_round_trip_and_errors():
+    model = nn.Sequential(_linear4bit(_float_linear(), "nf4"), _linear4bit(_float_linear(), "nf4"))
+    saved = quant_statistics(model)
+    assert {k.split(".weight.")[0] for k in saved} == {"0", "1"}
+    assert "0.weight" not in saved  # the codes are not statistics
+    before = dequantize_weight(model[0])
+    requantize_weight_(model[0], before * 3)
+    load_quant_statistics_(model, saved)  # the codes are not restored: only the statistics are
+    assert torch.equal(model[0].weight.quant_state.absmax, saved["0.weight.absmax"])
+    with pytest.raises(QuantizationError, match="no statistics for the 4-bit layer 1"):
+        load_quant_statistics_(model, {k: v for k, v in saved.items() if k.startswith("0.")})
+    with pytest.raises(
+        QuantizationError, match=r"entries of no 4-bit layer: \['2.weight.absmax'\]"
+    ):
+        load_quant_statistics_(model, {**saved, "2.weight.absmax": saved["0.weight.absmax"]})
+    wider = nn.Sequential(_linear4bit_shape(64), _linear4bit_shape(64))
+    with pytest.raises(
+        QuantizationError,
+        match=r"are for a \(64, 128\) weight, the layer's \(out, in\) is \(48, 128\)",
+    ):
+        load_quant_statistics_(model, quant_statistics(wider))
+    assert quant_statistics(nn.Sequential(_float_linear())) == {}
 
 
 @pytest.mark.parametrize("kind", ["nf4", "int8"])

@@ -394,3 +394,27 @@ def test_lora_ga_float_run_exports_an_adapter_for_the_original_base(
     with torch.no_grad():
         got = reloaded(**x).logits.float()
     assert torch.allclose(got, trained["logits"], atol=RELOAD_ATOL)
+
+
+def test_base_state_dict_maps_a_peft_state_dict_to_the_base_and_refuses_others():
+    from peft import LoraConfig, get_peft_model
+
+    from loralab.core.testing import tiny_roberta
+    from loralab.runners.quantization import base_state_dict
+
+    base = tiny_roberta(num_labels=2)
+    plain = {k: v.clone() for k, v in base.state_dict().items()}
+    cfg = LoraConfig(r=2, target_modules=["query"], modules_to_save=["classifier"])
+    peft_model = get_peft_model(base, cfg)
+    head = peft_model.base_model.model.classifier.modules_to_save["default"]
+    torch.nn.init.ones_(head.dense.weight)  # the trained copy, not the original, is the base's
+    sd = base_state_dict(peft_model.state_dict(), peft_model)
+    assert sorted(sd) == sorted(plain)
+    assert torch.equal(
+        sd["classifier.dense.weight"], torch.ones_like(plain["classifier.dense.weight"])
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"not a PEFT model's state dict: 'roberta\.embeddings\.word_embeddings\.weight' lacks",
+    ):
+        base_state_dict(plain, peft_model)
