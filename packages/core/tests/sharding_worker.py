@@ -17,18 +17,22 @@ from torch.distributed.tensor import Shard, distribute_tensor
 from loralab.core.sharding import (
     all_ranks_agree,
     broadcast_from_first_,
+    cols_of,
+    gather_columns,
     gather_rows,
     is_sharded,
     local_rows,
     local_tensor,
     rows_of,
+    sum_columns_over_shards,
     sum_over_shards_,
     whole,
     whole_grad,
     write_rows_,
 )
 
-# rows 5 (uneven: 3 + 2), 1 (fewer rows than ranks: rank 1 holds none) and 4
+# rows 5 (uneven: 3 + 2), 1 (fewer rows than ranks: rank 1 holds none) and 4; columns 3 (2 + 1),
+# 5 (3 + 2) and 1 (1 + 0) for the column blocks
 SHAPES = [(5, 3), (1, 5), (4, 1)]
 
 
@@ -65,6 +69,12 @@ def main(prefix: str) -> None:
         # projection algebra on row shards: Pᵀ·G = Σ_k P_kᵀ·G_k (all-reduce), G·Q locally + gather
         P = torch.arange(p.shape[0] * 2, dtype=torch.float32).reshape(p.shape[0], 2)
         out[f"PtG{i}"] = sum_over_shards_(local_rows(p, P).T @ local_tensor(p.grad), p).clone()
+        # the same sum kept by column blocks (reduce-scatter), then gathered whole (all-gather)
+        PtG_cols = sum_columns_over_shards(local_rows(p, P).T @ local_tensor(p.grad), p)
+        cols = cols_of(p, p.shape[1])
+        out[f"cols{i}"] = torch.tensor([cols.start, cols.stop])
+        out[f"PtG_cols{i}"] = PtG_cols.clone()
+        out[f"PtG_gathered{i}"] = gather_columns(PtG_cols, p, p.shape[1]).clone()
         Q = torch.ones(p.shape[1], 2)
         out[f"GQ{i}"] = gather_rows(p, local_tensor(p.grad) @ Q).clone()
         update = torch.full(p.shape, float(i + 1)) + torch.arange(p.shape[0]).unsqueeze(1)

@@ -6,14 +6,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from loralab.core import sharding
 from loralab.core.sharding import (
     all_ranks_agree,
+    block_of,
     broadcast_from_first_,
+    cols_of,
+    gather_columns,
     gather_rows,
     is_sharded,
     local_rows,
     local_tensor,
     rows_of,
+    sum_columns_over_shards,
     sum_over_shards_,
     whole,
     whole_grad,
@@ -37,6 +42,8 @@ def test_one_process_is_the_identity():
     assert torch.equal(local_rows(p, v), v)
     assert sum_over_shards_(v, p) is v and gather_rows(p, v) is v
     assert broadcast_from_first_(v, p) is v
+    assert cols_of(p, 7) == slice(0, 7)
+    assert sum_columns_over_shards(v, p) is v and gather_columns(v, p, 2) is v
     assert all_ranks_agree(False, [p]) is False and all_ranks_agree(True, [p]) is True
     write_rows_(p, v)
     assert torch.equal(p.detach(), v)
@@ -47,6 +54,46 @@ def test_one_process_is_the_identity():
 def test_local_rows_refuses_a_value_of_another_height():
     with pytest.raises(ValueError, match="value has 2 rows, the whole tensor 3"):
         local_rows(torch.zeros(3, 2), torch.zeros(2, 2))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("size", [0, 1, 2, 5, 13])
+def test_block_of_is_torch_chunk_split(size, world):
+    # DTensor's Shard rule: torch.chunk's blocks, then empty blocks for the ranks left over
+    chunks = torch.arange(size).chunk(world) if size else ()
+    blocks = [block_of(size, world, k) for k in range(world)]
+    for k, b in enumerate(blocks):
+        want = chunks[k].tolist() if k < len(chunks) else []
+        assert list(range(size))[b] == want, (size, world, k)
+    assert sum(b.stop - b.start for b in blocks) == size
+
+
+def test_block_of_refuses_a_rank_outside_the_world():
+    with pytest.raises(ValueError, match="0 <= rank < world, got size=4, world=2, rank=2"):
+        block_of(4, 2, 2)
+    with pytest.raises(ValueError, match="size=-1"):
+        block_of(-1, 2, 0)
+
+
+def test_column_helpers_refuse_what_is_not_a_matrix_or_not_this_ranks_block(monkeypatch):
+    p = torch.zeros(4, 5)
+    with pytest.raises(
+        ValueError, match=r"sum_columns_over_shards needs a 2-D matrix, got shape \(5,\)"
+    ):
+        sum_columns_over_shards(torch.zeros(5), p)
+    with pytest.raises(
+        ValueError, match=r"gather_columns needs a 2-D matrix, got shape \(2, 1, 3\)"
+    ):
+        gather_columns(torch.zeros(2, 1, 3), p, 3)
+    # stands in for a Shard(0) DTensor on rank 0 of 2: its block of 5 columns is 3 wide (checked
+    # before any communication)
+    monkeypatch.setattr(sharding, "is_sharded", lambda t: t is p)
+    monkeypatch.setattr(sharding, "_world_rank", lambda t: (2, 0))
+    assert cols_of(p, 5) == slice(0, 3)
+    with pytest.raises(
+        ValueError, match=r"block has 2 columns, its share of 5 is 3: got shape \(4, 2\)"
+    ):
+        gather_columns(torch.zeros(4, 2), p, 5)
 
 
 @pytest.mark.multiprocess
@@ -69,6 +116,14 @@ def test_fsdp2_whole_matrices_equal_one_process(tmp_path):
             assert tuple(out[f"rows{i}"].tolist()) == chunk_rows[m][r]
             torch.testing.assert_close(out[f"PtG{i}"], P.T @ G, rtol=1e-6, atol=1e-6)
             torch.testing.assert_close(out[f"GQ{i}"], G @ torch.ones(n, 2), rtol=1e-6, atol=1e-6)
+            # Pᵀ·G by column blocks (torch.chunk's split of the n columns: uneven, or empty on rank 1
+            # for n = 1), and the blocks gathered whole again
+            cols = block_of(n, 2, r)
+            assert tuple(out[f"cols{i}"].tolist()) == (cols.start, cols.stop)
+            torch.testing.assert_close(
+                out[f"PtG_cols{i}"], (P.T @ G)[:, cols], rtol=1e-6, atol=1e-6
+            )
+            torch.testing.assert_close(out[f"PtG_gathered{i}"], P.T @ G, rtol=1e-6, atol=1e-6)
             assert torch.equal(out[f"written{i}"], update)
     for out in ranks:
         assert out["agree_true"] is True and out["agree_false"] is False

@@ -3,7 +3,8 @@
 Each rank trains the toy model (float64; weights of 13×6 (right projection, rows split 7 + 6), 5×13
 and 3×5 (left projection, 3 + 2 and 2 + 1 rows)) sharded with FSDP2 (``fully_shard`` on each layer and
 the root) on its own half of every batch, with each optimizer of :data:`CONFIGS`, and writes per
-configuration the whole parameters after the steps, the shapes of its optimizer state and, per step,
+configuration the whole parameters after the steps, the shapes of its optimizer state (for a left
+projection: its column block of the (r, n) moments, 7 + 6 and 3 + 2 columns) and, per step,
 the shapes of the whole matrices gathered (``DTensor.full_tensor``) and how many earlier gathered
 matrices were still alive at each gather. ``resume``: GaLore AdamW stopped after 2 steps, its
 ``state_dict`` saved and loaded into a fresh sharded model and optimizer, then 2 more steps.

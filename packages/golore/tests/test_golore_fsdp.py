@@ -1,6 +1,7 @@
-"""GaLore / GoLore under FSDP2 (``fully_shard``): the row-shard projection algebra in float64 against the
-dense formulas (one process, shards emulated by splitting rows), the 2-rank run (gloo) against one
-process on the whole batch, no whole weight gathered outside an SVD refresh, exact resume, and the
+"""GaLore / GoLore under FSDP2 (``fully_shard``): the row-shard projection algebra and a left
+projection's column-block state in float64 against the dense formulas (one process, shards emulated
+by splitting rows and columns), the 2-rank run (gloo) against one process on the whole batch, the
+state each rank holds, no whole weight gathered outside an SVD refresh, exact resume, and the
 optimizers that refuse sharded parameters."""
 
 import sys
@@ -9,11 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from loralab.core.adamw import adamw_direction
+from loralab.core.sharding import block_of
 from loralab.core.testing import run_torchrun
 from loralab.golore.projector import (
     new_projector,
     project,
     project_back,
+    project_back_shard,
+    project_shard,
     reproject_first_moment,
     reproject_second_moment,
     transition_matrices,
@@ -29,6 +34,8 @@ WORKER = Path(__file__).with_name("golore_fsdp_worker.py")
 TOL = 1e-10
 # how torch.chunk splits the toy's rows over 2 ranks (Shard(0))
 ROWS = {13: [(0, 7), (7, 13)], 5: [(0, 3), (3, 5)], 3: [(0, 2), (2, 3)]}
+# the same rule for the columns of a left projection's (r, n) moments
+COLS = {13: [(0, 7), (7, 13)], 6: [(0, 3), (3, 6)], 5: [(0, 3), (3, 5)]}
 
 
 # ---------------------------------------------------------------- shard algebra, one process
@@ -86,6 +93,68 @@ def test_row_block_algebra_equals_the_dense_formulas(side, m, world):
         torch.testing.assert_close(got_m, want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize(("m", "n", "world"), [(5, 13, 2), (4, 7, 3), (3, 2, 3)])
+def test_left_projection_by_column_blocks_equals_the_dense_step(m, n, world):
+    # A left projection under FSDP2: rank k holds rows G_k and P_k, receives its column block J_k of
+    # Σ_k P_kᵀ·G_k (a reduce-scatter, emulated: sum then slice), keeps Adam's moments for J_k only,
+    # carries them into a new basis with C·R (C acts from the left, columns stay separate) and
+    # back-projects P_k·N with N gathered from the blocks (emulated: concatenation). (3, 2, 3): more
+    # ranks than columns, the last rank's block is empty. Dense float64 reference: one matrix.
+    gen = torch.Generator().manual_seed(m * 100 + n * 10 + world)
+    r = 2
+    grads = [torch.randn(m, n, generator=gen, dtype=torch.float64) for _ in range(3)]
+    projs = [new_projector(grads[0], r, "left", "svd"), new_projector(grads[2], r, "left", "svd")]
+    rows = [block_of(m, world, k) for k in range(world)]
+    cols = [block_of(n, world, k) for k in range(world)]
+    kw = dict(betas=(0.9, 0.999), eps=1e-8, style="hf")
+    dense = {"exp_avg": torch.zeros(r, n, dtype=torch.float64)}
+    dense["exp_avg_sq"] = torch.zeros_like(dense["exp_avg"])
+    blocks = [{key: v[:, c].clone() for key, v in dense.items()} for c in cols]
+    for step, G in enumerate(grads, start=1):
+        mats = projs[0] if step < 3 else projs[1]
+        if step == 3:  # a projector refresh: both moments carried into the new basis
+            C = transition_matrices(projs[0], projs[1], "left")
+            # C = Σ_k P_new,kᵀ·P_old,k (an all-reduce of (r, r)): whole on every rank
+            C_sum = sum(
+                transition_matrices((projs[0][0][s],), (projs[1][0][s],), "left")[0] for s in rows
+            )
+            torch.testing.assert_close(C_sum, C[0], rtol=1e-12, atol=1e-12)
+            dense["exp_avg"] = reproject_first_moment(dense["exp_avg"], C, "left")
+            dense["exp_avg_sq"] = reproject_second_moment(dense["exp_avg_sq"], C, "left")
+            for b in blocks:
+                b["exp_avg"] = reproject_first_moment(b["exp_avg"], C, "left")
+                b["exp_avg_sq"] = reproject_second_moment(b["exp_avg_sq"], C, "left")
+        low = project(G, mats, "left")
+        (N,) = adamw_direction([low], [dense["exp_avg"]], [dense["exp_avg_sq"]], step=step, **kw)
+        summed = sum(project(G[s], (mats[0][s],), "left") for s in rows)
+        dirs = []
+        for b, c in zip(blocks, cols):
+            (d,) = adamw_direction(
+                [summed[:, c]], [b["exp_avg"]], [b["exp_avg_sq"]], step=step, **kw
+            )
+            assert d.shape == (r, c.stop - c.start)
+            dirs.append(d)
+        gathered = torch.cat(dirs, dim=1)
+        torch.testing.assert_close(gathered, N, rtol=1e-12, atol=1e-12)
+        update = project_back(N, mats, "left")
+        for s in rows:
+            torch.testing.assert_close(
+                project_back(gathered, (mats[0][s],), "left"), update[s], rtol=1e-12, atol=1e-12
+            )
+    for b, c in zip(blocks, cols):
+        for key in dense:
+            torch.testing.assert_close(b[key], dense[key][:, c], rtol=1e-12, atol=1e-12)
+
+
+def test_project_shard_and_back_in_one_process_are_project_and_back():
+    g = torch.randn(6, 9, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    for side in ("left", "right", "full"):
+        mats = new_projector(g, 2, side, "svd")
+        low = project_shard(g, mats, side, g)
+        assert torch.equal(low, project(g, mats, side))
+        assert torch.equal(project_back_shard(low, mats, side, g), project_back(low, mats, side))
+
+
 # ---------------------------------------------------------------- 2 ranks against one process
 def _one_process(name: str) -> tuple[dict, dict]:
     model = toy()
@@ -122,18 +191,32 @@ def test_fsdp2_two_ranks_equal_one_process(fsdp_ranks):
 
 @pytest.mark.multiprocess
 def test_fsdp2_state_covers_the_rank_rows_only(fsdp_ranks):
-    # right projection: (m_k, r) moments and the whole (r, n) Q; left: replicated (r, n) moments and
-    # the rank's (m_k, r) rows of P; plain AdamW on the biases: the rank's rows
+    # right projection: (m_k, r) moments and the whole (r, n) Q; left: the rank's column block
+    # (torch.chunk's split of the n columns) of the (r, n) moments and its (m_k, r) rows of P; full:
+    # the whole (r, r) moments; plain AdamW on the biases: the rank's rows
     for r, out in enumerate(fsdp_ranks):
         m_k = {m: b - a for m, ((a, b)) in ((m, ROWS[m][r]) for m in ROWS)}
+        n_k = {n: b - a for n, ((a, b)) in ((n, COLS[n][r]) for n in COLS)}
         state = {k: tuple(v.tolist()) for k, v in out["galore_adamw"]["state"].items()}
         assert state["lin1.weight.exp_avg"] == (m_k[13], 2)
         assert state["lin1.weight.proj_right"] == (2, 6)
-        assert state["lin2.weight.exp_avg"] == (2, 13)
+        assert state["lin2.weight.exp_avg"] == (2, n_k[13])
+        assert state["lin2.weight.exp_avg_sq"] == (2, n_k[13])
         assert state["lin2.weight.proj_left"] == (m_k[5], 2)
-        assert state["head.weight.exp_avg_sq"] == (2, 5)
+        assert state["head.weight.exp_avg"] == (2, n_k[5])
+        assert state["head.weight.exp_avg_sq"] == (2, n_k[5])
         assert state["head.weight.proj_left"] == (m_k[3], 2)
         assert state["lin1.bias.exp_avg"] == (m_k[13],)
+        golore = {k: tuple(v.tolist()) for k, v in out["golore_adamw"]["state"].items()}
+        assert golore["lin2.weight.exp_avg_sq"] == (2, n_k[13])
+        sgd = {k: tuple(v.tolist()) for k, v in out["galore_sgd"]["state"].items()}
+        assert sgd["lin2.weight.momentum_buffer"] == (2, n_k[13])
+        assert sgd["head.weight.momentum_buffer"] == (2, n_k[5])
+        # reverse_std: lin1 (13×6) is projected on the left, lin2 (5×13) on the right
+        rev = {k: tuple(v.tolist()) for k, v in out["golore_sgd_reverse"]["state"].items()}
+        assert rev["lin1.weight.momentum_buffer"] == (2, n_k[6])
+        assert rev["lin1.weight.proj_left"] == (m_k[13], 2)
+        assert rev["lin2.weight.momentum_buffer"] == (m_k[5], 2)
         full = {k: tuple(v.tolist()) for k, v in out["galore_adamw_torch_full"]["state"].items()}
         assert full["lin1.weight.exp_avg"] == (2, 2)
         assert full["lin1.weight.proj_left"] == (m_k[13], 2)

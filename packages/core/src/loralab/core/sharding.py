@@ -12,16 +12,20 @@ once for every engine:
   (``Shard(0)``) over a 1-D device mesh, and after backward their gradients are ``DTensor``\\s of the same
   layout holding the data-parallel mean. :func:`whole` all-gathers them (meant for the small LoRA
   factors; full weight matrices should use the projection algebra on row shards: :func:`rows_of`,
-  :func:`sum_over_shards_`, :func:`gather_rows`). A ``Replicate()`` layout is whole on every rank.
+  :func:`sum_over_shards_`, :func:`gather_rows`, :func:`sum_columns_over_shards`,
+  :func:`gather_columns`). A ``Replicate()`` layout is whole on every rank.
 
 Row shards follow ``torch.chunk`` as ``DTensor``'s ``Shard(0)`` does: rank ``k`` holds rows
-``[k·c, min((k+1)·c, m))`` with ``c = ⌈m / world⌉`` (empty on the last ranks when ``m < world``).
+``[k·c, min((k+1)·c, m))`` with ``c = ⌈m / world⌉`` (empty on the last ranks when ``m < world``,
+:func:`block_of`). A small matrix derived from a row-sharded parameter (an (r, n) ``Pᵀ·G``) can be
+kept by column blocks over the same mesh (:func:`cols_of`), split by the same rule.
 Layouts other than one mesh dimension with ``Shard(0)`` or ``Replicate()`` (HSDP's 2-D meshes, tensor
 parallelism's ``Shard(1)``) raise ``NotImplementedError`` naming the placement.
 
 Every function that communicates (:func:`whole`, :func:`whole_grad`, :func:`sum_over_shards_`,
-:func:`gather_rows`, :func:`broadcast_from_first_`, :func:`all_ranks_agree`) is a collective over the parameter's mesh: call it on
-every rank, in the same order.
+:func:`sum_columns_over_shards`, :func:`gather_rows`, :func:`gather_columns`,
+:func:`broadcast_from_first_`, :func:`all_ranks_agree`) is a collective over the parameter's mesh:
+call it on every rank, in the same order.
 
 Example:
     >>> import torch
@@ -45,7 +49,10 @@ from torch import Tensor, nn
 
 __all__ = [
     "all_ranks_agree",
+    "block_of",
     "broadcast_from_first_",
+    "cols_of",
+    "gather_columns",
     "gather_rows",
     "is_dtensor",
     "is_sharded",
@@ -53,6 +60,7 @@ __all__ = [
     "local_tensor",
     "refresh_fsdp_trainable",
     "rows_of",
+    "sum_columns_over_shards",
     "sum_over_shards_",
     "whole",
     "whole_grad",
@@ -133,16 +141,53 @@ def whole_grad(p: Tensor) -> Tensor | None:
     return None if p.grad is None else whole(p.grad)
 
 
+def block_of(size: int, world: int, rank: int) -> slice:
+    """The block of ``size`` indices that rank ``rank`` of ``world`` holds when ``torch.chunk`` splits
+    them (``DTensor``'s ``Shard`` rule): ``[k·c, min((k+1)·c, size))`` with ``c = ⌈size / world⌉``,
+    empty on the last ranks when the blocks run out.
+
+    Example:
+        >>> [block_of(5, 2, k) for k in range(2)]
+        [slice(0, 3, None), slice(3, 5, None)]
+        >>> block_of(1, 2, 1)  # fewer indices than ranks: the last rank holds none
+        slice(1, 1, None)
+    """
+    if size < 0 or world < 1 or not 0 <= rank < world:
+        raise ValueError(
+            f"block_of needs size >= 0 and 0 <= rank < world, got size={size}, world={world}, rank={rank}"
+        )
+    chunk = -(-size // world)
+    start = min(rank * chunk, size)
+    return slice(start, min(start + chunk, size))
+
+
+def _world_rank(t: Tensor) -> tuple[int, int]:
+    mesh = t.device_mesh  # type: ignore[attr-defined]
+    return mesh.size(), mesh.get_local_rank()
+
+
+def cols_of(like: Tensor, n: int) -> slice:
+    """The block of the ``n`` columns of a matrix derived from ``like`` that this rank keeps: the
+    :func:`block_of` rule over ``like``'s mesh when ``like`` is sharded, all ``n`` columns otherwise.
+
+    Example:
+        >>> import torch
+        >>> cols_of(torch.zeros(4, 3), 7)  # one process: every column
+        slice(0, 7, None)
+    """
+    if not is_sharded(like):
+        return slice(0, n)
+    world, rank = _world_rank(like)
+    return block_of(n, world, rank)
+
+
 def rows_of(t: Tensor) -> slice:
     """The rows (dim 0) of the whole tensor that this rank holds: all of them unless ``t`` is sharded."""
     m = t.shape[0]
     if not is_sharded(t):
         return slice(0, m)
-    mesh = t.device_mesh  # type: ignore[attr-defined]
-    world, rank = mesh.size(), mesh.get_local_rank()
-    chunk = -(-m // world)
-    start = min(rank * chunk, m)
-    rows = slice(start, min(start + chunk, m))
+    world, rank = _world_rank(t)
+    rows = block_of(m, world, rank)
     local = t.to_local().shape[0]  # type: ignore[attr-defined]
     if rows.stop - rows.start != local:  # a layout that does not follow torch.chunk: never guess
         raise NotImplementedError(
@@ -179,6 +224,66 @@ def sum_over_shards_(value: Tensor, like: Tensor) -> Tensor:
     if is_sharded(like):
         dist.all_reduce(value, op=dist.ReduceOp.SUM, group=_group(like))
     return value
+
+
+def _check_2d(value: Tensor, what: str) -> None:
+    if value.dim() != 2:
+        raise ValueError(f"{what} needs a 2-D matrix, got shape {tuple(value.shape)}")
+
+
+def sum_columns_over_shards(value: Tensor, like: Tensor) -> Tensor:
+    """This rank's column block (:func:`cols_of`) of ``value`` (r, n) summed over the ranks that share
+    ``like``'s shards: a reduce-scatter by columns, so each rank receives (and keeps) only its block;
+    ``value`` itself when ``like`` is not sharded. ``Pᵀ·G = Σ_k P_kᵀ·G_k`` kept by columns.
+
+    Example:
+        >>> import torch
+        >>> v = torch.ones(2, 5)
+        >>> sum_columns_over_shards(v, torch.zeros(4, 5)) is v  # not sharded: nothing to do
+        True
+    """
+    _check_2d(value, "sum_columns_over_shards")
+    if not is_sharded(like):
+        return value
+    world, _rank = _world_rank(like)
+    r, n = value.shape
+    chunk = -(-n // world)
+    # reduce_scatter_tensor splits dim 0 into equal blocks: the transpose, zero-padded to world·c rows
+    buf = value.new_zeros(world * chunk, r)
+    buf[:n].copy_(value.T)
+    out = value.new_empty(chunk, r)
+    dist.reduce_scatter_tensor(out, buf, op=dist.ReduceOp.SUM, group=_group(like))
+    cols = cols_of(like, n)
+    return out[: cols.stop - cols.start].T.contiguous()
+
+
+def gather_columns(block: Tensor, like: Tensor, n: int) -> Tensor:
+    """The whole (r, n) matrix from every rank's column block (:func:`cols_of`; an all-gather);
+    ``block`` itself when ``like`` is not sharded.
+
+    Example:
+        >>> import torch
+        >>> b = torch.ones(2, 5)
+        >>> gather_columns(b, torch.zeros(4, 5), 5) is b  # not sharded: nothing to do
+        True
+    """
+    _check_2d(block, "gather_columns")
+    if not is_sharded(like):
+        return block
+    cols = cols_of(like, n)
+    if block.shape[1] != cols.stop - cols.start:
+        raise ValueError(
+            f"gather_columns: this rank's block has {block.shape[1]} columns, its share of {n} "
+            f"is {cols.stop - cols.start}: got shape {tuple(block.shape)}"
+        )
+    world, _rank = _world_rank(like)
+    r = block.shape[0]
+    chunk = -(-n // world)
+    buf = block.new_zeros(chunk, r)
+    buf[: block.shape[1]].copy_(block.T)
+    out = block.new_empty(world * chunk, r)
+    dist.all_gather_into_tensor(out, buf, group=_group(like))
+    return out[:n].T.contiguous()
 
 
 def gather_rows(like: Tensor, rows: Tensor) -> Tensor:

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from loralab.golore.optimizer import SubspaceOptimizer
+from loralab.golore.optimizer import Item, SubspaceOptimizer
 from loralab.golore.projector import Side, reproject_first_moment, reproject_second_moment
 
 __all__ = ["GaLoreAdafactor", "GoLoreAdafactor"]
@@ -218,11 +218,9 @@ class GaLoreAdafactor(SubspaceOptimizer):
         elif "exp_avg_sq" in state:
             state["exp_avg_sq"].copy_(reproject_second_moment(state["exp_avg_sq"], trans, side))
 
-    def _update(
-        self, group: dict[str, Any], items: list[tuple[Tensor, Tensor, dict[str, Any], Side | None]]
-    ) -> None:
+    def _update(self, group: dict[str, Any], items: list[Item]) -> None:
         eps1, _ = group["eps"]
-        for p, g, state, side in items:
+        for p, g, state, side, _like in items:  # never FSDP2-sharded (refused)
             if g.dtype in (torch.float16, torch.bfloat16):
                 g = g.float()
             factored = g.dim() >= 2

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from loralab.core.adamw import check_adamw_hparams
-from loralab.golore.optimizer import SubspaceOptimizer, _is_int
+from loralab.golore.optimizer import Item, SubspaceOptimizer, _is_int
 from loralab.golore.projector import Side, reproject_first_moment, reproject_second_moment
 
 __all__ = ["GaLoreAdamW8bit", "GoLoreAdamW8bit", "optimizer_state_bytes"]
@@ -294,11 +294,9 @@ class GaLoreAdamW8bit(SubspaceOptimizer):
                 state["state2"], beta2, 0.0, 0.0, wd, 1.0, None, max_unorm=0.0, skip_zeros=False,
             )  # fmt: skip
 
-    def _update(
-        self, group: dict[str, Any], items: list[tuple[Tensor, Tensor, dict[str, Any], Side | None]]
-    ) -> None:
+    def _update(self, group: dict[str, Any], items: list[Item]) -> None:
         lr, wd = group["lr"], group["weight_decay"]
-        for p, g, state, side in items:
+        for p, g, state, side, _like in items:  # never FSDP2-sharded (refused)
             g = g.contiguous()
             if side is not None and g.dtype != torch.float32 and g.dtype != torch.float64:
                 g = g.float()

@@ -30,8 +30,12 @@ What differs from the references, on purpose (tested):
 - **FSDP2** (``fully_shard``, parameters row-sharded ``DTensor``\\s): :class:`GaLoreAdamW`,
   :class:`GaLoreSGD` and their GoLore forms step each rank's rows with the projection algebra on row
   shards (:func:`loralab.golore.projector.project_shard`), never gathering a weight: a right
-  projection keeps the (m, r) state row-sharded, a left one all-reduces the (r, n) ``Σ_k P_kᵀ·G_k``
-  and keeps that state replicated. An SVD refresh gathers the gradient of one matrix at a time
+  projection keeps the rank's rows of the (m, r) state; a left one reduce-scatters the (r, n)
+  ``Σ_k P_kᵀ·G_k`` by columns, keeps the rank's column block of the (r, n) moments (columns split as
+  ``torch.chunk`` splits rows, :func:`loralab.core.sharding.cols_of`), and all-gathers the (r, n)
+  direction to form its rows ``P_k·N`` of the update; ``"full"``'s (r, r) state is whole on every
+  rank (small, and its change of basis mixes columns). Projectors: the rank's rows of ``P``, the whole
+  (r, n) ``Q``. An SVD refresh gathers the gradient of one matrix at a time
   (:func:`loralab.core.sharding.gather_rows`) and every rank keeps its rows of ``P`` (``Q`` whole),
   broadcast from the first rank so replicas agree bit for bit. The result equals one process's up
   to the order of the sums. The 8-bit and Adafactor forms refuse FSDP2.
@@ -67,7 +71,7 @@ from loralab.golore.projector import (
     Side,
     effective_rank,
     new_projector,
-    project_back,
+    project_back_shard,
     project_shard,
     projector_side,
     reproject_first_moment,
@@ -75,6 +79,10 @@ from loralab.golore.projector import (
     shard_projector,
     transition_shard,
 )
+
+# (tensor to update: this rank's rows under FSDP2, low-rank or plain gradient, state, side or None
+# for a parameter not projected, the parameter as the optimizer holds it: a DTensor under FSDP2)
+Item = tuple[Tensor, Tensor, dict[str, Any], Side | None, Tensor]
 
 __all__ = ["GaLoreAdamW", "GaLoreSGD", "GoLoreAdamW", "GoLoreSGD", "SubspaceOptimizer"]
 
@@ -189,7 +197,8 @@ class SubspaceOptimizer(Optimizer):
     """Shared machinery: param-group validation, projector refresh and moment re-projection.
 
     Subclasses define ``_base_defaults``/``_validate_base`` and ``_update(group, items)`` where
-    ``items`` are ``(param, low_rank_grad, state, side_or_None)`` tuples.
+    ``items`` are ``(param, low_rank_grad, state, side_or_None, like)`` tuples (``like``: the
+    parameter as the optimizer holds it, passed to :meth:`_full_update`).
     """
 
     _moment_keys: tuple[str, ...] = ()
@@ -241,7 +250,8 @@ class SubspaceOptimizer(Optimizer):
 
         def expected(p: Tensor, group: Any) -> dict[str, tuple[int, ...]]:
             # a projected matrix keeps (r, n) / (m, r) / (r, r) moments and (m, r) / (r, n) projectors
-            # under FSDP2 each rank keeps the state of its rows only (m_k of the m rows)
+            # under FSDP2 each rank keeps the state of its rows only (m_k of the m rows), and of its
+            # column block of a left projection's (r, n) moments (n_k of the n columns)
             moments = ("exp_avg", "exp_avg_sq", "momentum_buffer")
             if group["rank"] is None or p.dim() != 2:
                 return dict.fromkeys(moments, tuple(sharding.local_tensor(p).shape))
@@ -250,7 +260,9 @@ class SubspaceOptimizer(Optimizer):
             m_k = rows.stop - rows.start
             side = projector_side(p.shape, group["proj_type"])
             r = effective_rank(p.shape, group["rank"], side)
-            low = {"left": (r, n), "right": (m_k, r), "full": (r, r)}[side]
+            cols = sharding.cols_of(p, n)
+            n_k = cols.stop - cols.start
+            low = {"left": (r, n_k), "right": (m_k, r), "full": (r, r)}[side]
             out: dict[str, tuple[int, ...]] = dict.fromkeys(moments, low)
             if side in ("left", "full"):
                 out["proj_left"] = (m_k, r)
@@ -380,12 +392,13 @@ class SubspaceOptimizer(Optimizer):
         group: dict[str, Any],
         gi: int,
         pi: int,
-    ) -> tuple[Tensor, Tensor, dict[str, Any], Side | None]:
-        """``(tensor to update, low-rank or plain gradient, state, side)`` for one parameter.
+    ) -> Item:
+        """``(tensor to update, low-rank or plain gradient, state, side, p)`` for one parameter.
 
         Under FSDP2 the tensor to update and the gradient are this rank's rows (plain tensors sharing
         the ``DTensor``'s storage), so the state and the elementwise maths cover the shard only; the
-        projection of a matrix uses the row-shard algebra (:func:`project_shard`)."""
+        projection of a matrix uses the row-shard algebra (:func:`project_shard`, and
+        :func:`project_back_shard` given ``p``, the sharded parameter, in :meth:`_full_update`)."""
         if grad.is_sparse:
             raise RuntimeError(
                 f"{type(self).__name__} does not support sparse gradients (param group {gi}, shape {tuple(p.shape)})"
@@ -403,11 +416,11 @@ class SubspaceOptimizer(Optimizer):
             # the refresh above guarantees a projector
             mats = cast(tuple[Tensor, ...], self._projector_mats(state, side))
             grad = project_shard(grad, mats, side, p)
-        return target, grad, state, side
+        return target, grad, state, side, p
 
     def _gather(
         self, group: dict[str, Any], gi: int, params: Iterable[Tensor] | None = None
-    ) -> list[tuple[Tensor, Tensor, dict[str, Any], Side | None]]:
+    ) -> list[Item]:
         items = []
         index = {id(p): i for i, p in enumerate(group["params"])}
         for p in group["params"] if params is None else params:
@@ -491,12 +504,18 @@ class SubspaceOptimizer(Optimizer):
         state: dict[str, Any],
         side: Side | None,
         group: dict[str, Any],
+        like: Tensor | None = None,
     ) -> Tensor:
+        """The full-space update of ``p`` (this rank's rows) for a low-rank ``direction``; ``like``:
+        the parameter as the optimizer holds it (an FSDP2 ``DTensor``: a left projection's direction is
+        a column block, all-gathered here), ``p`` when not given."""
         if side is None:
             return direction
         # side is set only for parameters projected (so given a projector) in this step
         mats = cast(tuple[Tensor, ...], self._projector_mats(state, side))
-        return project_back(direction, mats, side) * group["scale"]
+        return (
+            project_back_shard(direction, mats, side, p if like is None else like) * group["scale"]
+        )
 
     # one signature for torch.optim.Optimizer.step's two overloads (closure None / given)
     @torch.no_grad()
@@ -534,9 +553,7 @@ class SubspaceOptimizer(Optimizer):
             f"{type(self).__name__}.step_parameter: the parameter (shape {tuple(param.shape)}) is not in any param group"
         )
 
-    def _update(
-        self, group: dict[str, Any], items: list[tuple[Tensor, Tensor, dict[str, Any], Side | None]]
-    ) -> None:  # pragma: no cover
+    def _update(self, group: dict[str, Any], items: list[Item]) -> None:  # pragma: no cover
         raise NotImplementedError
 
 
@@ -652,12 +669,10 @@ class GaLoreAdamW(SubspaceOptimizer):
         if not isinstance(group.get("correct_bias", True), bool):
             raise ValueError(f"{where}: correct_bias must be a bool, got {group['correct_bias']!r}")
 
-    def _update(
-        self, group: dict[str, Any], items: list[tuple[Tensor, Tensor, dict[str, Any], Side | None]]
-    ) -> None:
+    def _update(self, group: dict[str, Any], items: list[Item]) -> None:
         lr, wd, style = group["lr"], group["weight_decay"], group["adamw_style"]
         by_step: dict[int, list[int]] = {}
-        for k, (p, g, state, _side) in enumerate(items):
+        for k, (p, g, state, _side, _like) in enumerate(items):
             if "exp_avg" not in state:
                 dt = _moment_dtype(p)
                 state["exp_avg"] = torch.zeros_like(
@@ -680,8 +695,8 @@ class GaLoreAdamW(SubspaceOptimizer):
                 correct_bias=group.get("correct_bias", True),
             )
             for k, d in zip(ks, dirs):
-                p, _g, state, side = items[k]
-                full = self._full_update(p, d, state, side, group)
+                p, _g, state, side, like = items[k]
+                full = self._full_update(p, d, state, side, group, like)
                 if style == "torch" and wd:
                     p.mul_(1 - lr * wd)
                 p.add_(full.to(p.dtype), alpha=-lr)
@@ -811,11 +826,9 @@ class GaLoreSGD(SubspaceOptimizer):
             return grad.add(p, alpha=group["weight_decay"])
         return grad
 
-    def _update(
-        self, group: dict[str, Any], items: list[tuple[Tensor, Tensor, dict[str, Any], Side | None]]
-    ) -> None:
+    def _update(self, group: dict[str, Any], items: list[Item]) -> None:
         mu, damp, lr = group["momentum"], group["dampening"], group["lr"]
-        for p, g, state, side in items:
+        for p, g, state, side, like in items:
             state["step"] += 1
             g = g.to(_moment_dtype(p))
             if mu != 0:
@@ -827,7 +840,7 @@ class GaLoreSGD(SubspaceOptimizer):
                 d = g.add(buf, alpha=mu) if group["nesterov"] else buf
             else:
                 d = g
-            p.add_(self._full_update(p, d, state, side, group).to(p.dtype), alpha=-lr)
+            p.add_(self._full_update(p, d, state, side, group, like).to(p.dtype), alpha=-lr)
 
 
 class GoLoreSGD(GaLoreSGD):

@@ -25,8 +25,14 @@ opposite; ``left``/``right``/``full`` as named.
 Row shards (FSDP2's ``fully_shard``: each rank holds a block ``G_k`` of the rows of ``G``): no rank
 needs the whole ``G`` to project it. Each rank keeps its rows ``P_k`` of ``P`` and the whole ``Q``
 (r, n), and :func:`project_shard` / :func:`transition_shard` use ``G·Qᵀ = [G_k·Qᵀ]_k`` (row-sharded
-result) and ``Pᵀ·G = Σ_k P_kᵀ·G_k`` (an all-reduce of (r, n) partial products, replicated result);
-:func:`project_back` of a rank's blocks is the rank's rows of the update (``P_k·R``, ``R_k·Q``).
+result) and ``Pᵀ·G = Σ_k P_kᵀ·G_k``. For a left projection that sum is reduce-scattered by columns:
+each rank receives, and keeps its moments for, its column block ``[Pᵀ·G]_{:, J_k}`` (the columns
+split as ``torch.chunk`` splits rows, :func:`loralab.core.sharding.cols_of`), which Adam's elementwise
+maths and the change of basis ``C·R`` (C acts from the left, so columns never mix) respect;
+:func:`project_back_shard` all-gathers the (r, n) direction and returns the rank's rows ``P_k·N``. For
+``"full"`` the (r, r) ``Pᵀ·G·Qᵀ`` is all-reduced and kept whole on every rank: its change of basis
+``C·R·D`` mixes columns (and rows), and r×r is r/n of a left projection's state.
+:func:`project_back` of a rank's row blocks is the rank's rows of the update (``R_k·Q``, ``P_k·R·Q``).
 Only a projector refresh by SVD needs the whole gradient (gathered by the optimizer, one matrix at a
 time); :func:`shard_projector` then keeps the rank's rows.
 
@@ -51,7 +57,12 @@ import torch
 from torch import Tensor
 
 from loralab.core.linalg import stiefel_sample, truncated_svd
-from loralab.core.sharding import rows_of, sum_over_shards_
+from loralab.core.sharding import (
+    gather_columns,
+    rows_of,
+    sum_columns_over_shards,
+    sum_over_shards_,
+)
 
 __all__ = [
     "PROJECTIONS",
@@ -63,6 +74,7 @@ __all__ = [
     "new_projector",
     "project",
     "project_back",
+    "project_back_shard",
     "project_shard",
     "projector_side",
     "reproject_first_moment",
@@ -246,10 +258,12 @@ def shard_projector(mats: Mats, side: Side, like: Tensor) -> Mats:
 
 def project_shard(grad_rows: Tensor, mats: Mats, side: Side, like: Tensor) -> Tensor:
     """:func:`project` of this rank's row block of the gradient of ``like``, ``mats`` as
-    :func:`shard_projector` keeps them. Right: ``G_k·Qᵀ``, this rank's rows of the (m, r) result. Left /
-    full: ``Σ_k P_kᵀ·G_k(·Qᵀ)``, the partial products summed over the ranks (an all-reduce of an
-    (r, n) / (r, r) matrix; call on every rank), the whole result on every rank. :func:`project` when
-    ``like`` is not sharded.
+    :func:`shard_projector` keeps them; :func:`project` when ``like`` is not sharded (call on every rank).
+
+    - right: ``G_k·Qᵀ``, this rank's rows of the (m, r) result (no communication);
+    - left: this rank's column block (:func:`loralab.core.sharding.cols_of`) of ``Σ_k P_kᵀ·G_k``, the
+      (r, n) partial products reduce-scattered by columns;
+    - full: ``Σ_k P_kᵀ·G_k·Qᵀ``, the (r, r) partial products all-reduced, whole on every rank.
 
     Example:
         >>> import torch
@@ -258,15 +272,37 @@ def project_shard(grad_rows: Tensor, mats: Mats, side: Side, like: Tensor) -> Te
         True
     """
     low = project(grad_rows, mats, side)
-    if side != "right":
+    if side == "left":
+        return sum_columns_over_shards(low, like)
+    if side == "full":
         sum_over_shards_(low, like)
     return low
+
+
+def project_back_shard(low: Tensor, mats: Mats, side: Side, like: Tensor) -> Tensor:
+    """:func:`project_back` of what :func:`project_shard` gave this rank (or a direction of the same
+    layout): this rank's rows of the full-space update. Left: the (r, n) ``N`` is all-gathered from
+    the ranks' column blocks, then ``P_k·N`` (call on every rank); right ``R_k·Q`` and full
+    ``P_k·R·Q`` need no communication. :func:`project_back` when ``like`` is not sharded.
+
+    Example:
+        >>> import torch
+        >>> p = torch.linalg.qr(torch.randn(6, 2))[0]
+        >>> low = torch.randn(2, 4)
+        >>> torch.equal(project_back_shard(low, (p,), "left", torch.zeros(6, 4)), p @ low)
+        True
+    """
+    if side == "left":
+        low = gather_columns(low, like, like.shape[1])
+    return project_back(low, mats, side)
 
 
 def transition_shard(old: Mats, new: Mats, side: Side, like: Tensor) -> Mats:
     """:func:`transition_matrices` of projectors kept as :func:`shard_projector` does:
     ``C = P_newᵀ·P_old = Σ_k P_new,kᵀ·P_old,k`` is summed over the ranks (an (r, r) all-reduce; call on
-    every rank), ``D = Q_old·Q_newᵀ`` needs no communication (``Q`` is whole).
+    every rank), ``D = Q_old·Q_newᵀ`` needs no communication (``Q`` is whole). Each matrix is whole on
+    every rank, so the moments' blocks re-project locally: a right projection's row block ``R_k·D``, a
+    left one's column block ``C·R_{:, J_k} = (C·R)_{:, J_k}`` (and ``(C∘C)·v_{:, J_k}``).
 
     Example:
         >>> import torch
