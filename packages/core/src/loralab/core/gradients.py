@@ -432,7 +432,7 @@ def estimate_gradients(
                 "rank for the estimate"
             ) from None
     if blockwise is not False:
-        blocker = _blockwise_blocker(model, resolved, sharded)
+        blocker = _blockwise_blocker(model)
         if blockwise and blocker:
             raise ValueError(f"blockwise=True cannot run here: {blocker}")
         if blockwise is None and not blocker and consumer is None:
@@ -474,16 +474,10 @@ def estimate_gradients(
         )
 
 
-def _blockwise_blocker(
-    model: nn.Module, targets: Mapping[str, TargetLayer], sharded: bool
-) -> str | None:
+def _blockwise_blocker(model: nn.Module) -> str | None:
     """Why the plain path cannot run block by block on this model (``None``: it can)."""
     from loralab.core.offload import model_device
 
-    if sharded:
-        return (
-            "the targets are sharded by FSDP2 (fully_shard): each rank holds its rows of every sum"
-        )
     if any(hasattr(m, "ds_id") for m in model.modules()):
         return "the model's modules are hooked by deepspeed.initialize (ZeRO-3)"
     if unwrap_model(model) is not model:
@@ -509,14 +503,21 @@ def _try_blockwise(
     """The default's block-wise attempt: ``(result, _)``, or ``(None, batches to replay)`` when it
     does not apply (no block found, blocks not called once each in a fixed order) or would hold more
     than the hook path (its budget: every target's float32 sum minus the largest block's)."""
-    from loralab.core.offload import _Declined, _run, find_blocks, model_device
+    from loralab.core.offload import _Declined, _fsdp_blocker, _run, find_blocks, model_device
 
     try:
         blocks = find_blocks(model, no_split_module_classes)
     except GradientEstimationError:
         logger.info("plain path with hooks: no decoder block found")
         return None, batches
-    grad_bytes = {name: t.weight.numel() * 4 for name, t in targets.items()}
+    sharded = any(is_dtensor(t.weight) for t in targets.values())
+    if sharded:
+        blocker = _fsdp_blocker(blocks, targets)
+        if blocker is not None:
+            logger.info("plain path with hooks (FSDP2): %s", blocker)
+            return None, batches
+    # the float32 sums each order holds: under FSDP2 this rank's rows (local shards) of them
+    grad_bytes = {name: local_tensor(t.weight).numel() * 4 for name, t in targets.items()}
     per_block = [
         sum(b for name, b in grad_bytes.items() if name.startswith(block + ".")) for block in blocks
     ]
