@@ -51,6 +51,13 @@ partitioned again. ``offload=True`` keeps the boundary activations on ``activati
 weights stay where DeepSpeed keeps them. See :mod:`loralab.core.gradients` for the rules (equal
 batch counts on every rank, no ``deepspeed.initialize`` hooks).
 
+On an FSDP2 model (``fully_shard`` on each block, then the root) the in-place order runs through
+FSDP2's own hooks: the recording gathers each block for its own call, the stand-in passes silence the
+blocks' hooks (no block is gathered), and each block runs alone with ``torch.autograd.backward`` so
+that FSDP2 reduce-scatters its gradients into the targets' post-accumulate hooks, where this rank's
+rows are summed; a finished layer's rows are all-gathered whole for the consumer. See
+:mod:`loralab.core.gradients` for what a rank holds.
+
 Example:
     >>> from loralab.core.testing import tiny_llama, make_lm_batches
     >>> from loralab.core.gradients import estimate_gradients
@@ -1106,11 +1113,16 @@ def _run(
                         if bar is not None:
                             bar.update(1)
                 missing = [name for name in off.block_targets[k] if name not in sums]
-                if missing:
+                if missing:  # (the same blocks on every rank: under FSDP2 all of them raise here)
                     raise GradientEstimationError(
                         f"{len(missing)} target layer(s) received no gradient (unused in the forward pass?): "
                         + ", ".join(missing[:10])
                         + ". Exclude them from the targets."
+                        + (
+                            " (FSDP2: the layer's weight got no gradient on this rank.)"
+                            if fsdp
+                            else ""
+                        )
                     )
                 for name in off.block_targets[k]:  # same order on every rank (all-reduce)
                     finish(name, sums.pop(name), n, rows=name in acc.fsdp)
