@@ -497,7 +497,7 @@ def _fsdp_section(shape: str, size: dict, rows: list, factors: dict) -> tuple[li
         "| mode | rank | time (s) | RSS after imports (MiB) | RSS, whole model built (MiB) | RSS once sharded (MiB) "
         "| saved for backward, peak (MiB) | float32 sums at once: layers / MiB | live / RSS at the first gather (MiB) | kept by malloc at the end (MiB) | peak RSS (MiB) "
         "| Δ (MiB) | peak / one-process `loralab` peak | (peak − after imports) / one-process's |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     worst: dict[str, tuple[float, float]] = {}
     for m in fsdp_modes:

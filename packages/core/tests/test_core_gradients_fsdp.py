@@ -213,3 +213,31 @@ def test_fsdp2_blockwise_refused_where_it_cannot_run(one_rank_group, caplog):
     with_head = find_targets(sharded, ["q_proj", "lm_head"], include_heads=True)
     with pytest.raises(ValueError, match=r"target 'lm_head' is outside every block"):
         estimate_gradients(sharded, data, with_head, blockwise=True, progress=False)
+
+
+def test_fsdp2_blockwise_with_mixed_precision_equals_the_hook_path(one_rank_group):
+    # bfloat16 compute, float32 reduction: the recorded block inputs are FSDP2's cast ones, and each
+    # block alone runs the same bfloat16 operations as inside the model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from loralab.core.testing import make_lm_batches, tiny_llama
+
+    def build():
+        model = tiny_llama()
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for layer in model.model.layers:
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+        return model
+
+    data = make_lm_batches(2)
+    blockwise: dict = {}
+    hooks: dict = {}
+    estimate_gradients(build(), data, ["q_proj", "down_proj"], consumer=_consume(blockwise),
+                       blockwise=True, progress=False)  # fmt: skip
+    estimate_gradients(build(), data, ["q_proj", "down_proj"], consumer=_consume(hooks),
+                       blockwise=False, progress=False)  # fmt: skip
+    assert sorted(blockwise) == sorted(hooks) and len(hooks) == 4
+    for name in hooks:
+        assert blockwise[name].dtype == torch.float32
+        torch.testing.assert_close(blockwise[name], hooks[name], rtol=1e-6, atol=1e-7)
