@@ -610,6 +610,7 @@ def main(argv: list[str] | None = None) -> int:
         + (" --quick" if args.quick else "")
         + (" --device cuda" if cuda else "")
         + (" --fsdp2" if args.fsdp2 else "")
+        + (f" --shapes {' '.join(args.shapes)}" if args.shapes != list(SHAPES) else "")
         + (f" --jobs {args.jobs}" if args.jobs > 1 else "")
     )
     peak_note = (
