@@ -213,6 +213,14 @@ def test_fsdp2_blockwise_refused_where_it_cannot_run(one_rank_group, caplog):
     with_head = find_targets(sharded, ["q_proj", "lm_head"], include_heads=True)
     with pytest.raises(ValueError, match=r"target 'lm_head' is outside every block"):
         estimate_gradients(sharded, data, with_head, blockwise=True, progress=False)
+    # offload's own entry points, called directly, refuse what estimate_gradients refuses first
+    from loralab.core.offload import estimate_gradients_blockwise, estimate_gradients_offloaded
+
+    targets = find_targets(sharded, ["q_proj"])
+    with pytest.raises(ValueError, match=r"^reduce=False cannot apply to a model sharded by FSDP2"):
+        estimate_gradients_blockwise(sharded, data, targets, reduce=False, progress=False)
+    with pytest.raises(ValueError, match=r"^offload=True cannot stream a model sharded by FSDP2"):
+        estimate_gradients_offloaded(sharded, data, targets, device="cpu", progress=False)
 
 
 def test_fsdp2_blockwise_with_mixed_precision_equals_the_hook_path(one_rank_group):
