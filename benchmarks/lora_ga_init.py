@@ -25,11 +25,12 @@ the activations) and a ~97M one (12 x 768, vocab 8000). Each mode runs in its ow
 - ``--fsdp2`` runs instead ``loralab`` (the one-process reference) and two FSDP2 modes (2 gloo ranks,
   ``torch.distributed.run``): ``get_lora_ga_model(..., shard=fully_shard_model)`` on the same global
   batches, each rank reading its half of every batch's sequences; the estimate runs on the sharded
-  model (hook path: each rank sums its rows of every gradient). Memory is measured from the moment
-  the model is sharded (see the table's note), with a per-rank breakdown: RSS after the imports and
-  the process group, RSS once sharded, this rank's float32 row sums and every live CPU tensor at the
-  end of the last backward, and the memory glibc malloc still holds after the init (RSS before minus
-  after ``malloc_trim(0)``). ``fsdp2`` runs with the default allocator settings (as every other mode);
+  model (block by block: each rank sums its rows of one block's gradients at a time). Memory is
+  measured from the moment the model is sharded (see the table's note), with a per-rank breakdown:
+  RSS after the imports and the process group, RSS once sharded, the most bytes autograd saved for
+  backward at once, the most float32 row sums held at once, every live CPU tensor when the first
+  layer is gathered, and the memory glibc malloc still holds after the init (RSS before minus after
+  ``malloc_trim(0)``). ``fsdp2`` runs with the default allocator settings (as every other mode);
   ``fsdp2+malloc`` with ``MALLOC_ARENA_MAX=1 MALLOC_MMAP_THRESHOLD_=1048576``, to show how much of the
   peak is freed memory the allocator keeps (a rank's half batch makes many tensors just under 1 MiB).
 
@@ -68,6 +69,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import _common
@@ -213,9 +215,9 @@ def fsdp2_worker(size: dict, threads: int, out_file: str) -> None:
 
     torch.set_num_threads(threads)
     import loralab.core.gradients as core_gradients
-    from loralab.core.estimation import default_loss
+    import loralab.core.offload as core_offload
     from loralab.core.targets import find_all_linear_modules
-    from loralab.core.testing import fully_shard_model
+    from loralab.core.testing import fully_shard_model, gradient_sums_peak
     from loralab.lora_ga import LoraGAConfig, get_lora_ga_model
 
     dist.init_process_group("gloo")
@@ -243,44 +245,27 @@ def fsdp2_worker(size: dict, threads: int, out_file: str) -> None:
         sharded["t0"] = time.perf_counter()
         return peft_model
 
-    # Breakdown, measured where the estimate's last backward has run and before the rows are
-    # gathered: this rank's float32 row sums, and every live CPU tensor (shards + sums).
-    finish = core_gradients._finish
+    # Breakdown, measured when the first layer's rows are gathered (the block-wise order: the last
+    # block's backward has run over every batch; the hook path: every batch's backward has run):
+    # every live CPU tensor (shards, the sums, the recorded boundary activations) and the RSS.
+    gather = core_offload.gather_rows
 
-    def measured_finish(targets, acc, *args, **kwargs):
-        sharded["sums_mib"] = sum(t.numel() * t.element_size() for t in acc.sums.values()) / 2**20
-        sharded["live_mib"] = _live_cpu_tensors_mib()
-        sharded["rss_finish"] = _common.rss_mib()
-        return finish(targets, acc, *args, **kwargs)
+    def measured_gather(like, rows):
+        if "live_mib" not in sharded:
+            sharded["live_mib"] = _live_cpu_tensors_mib()
+            sharded["rss_finish"] = _common.rss_mib()
+        return gather(like, rows)
 
-    core_gradients._finish = measured_finish
+    core_offload.gather_rows = core_gradients.gather_rows = measured_gather
 
-    def first_batch_counted(model, batch):
-        # the first batch's forward: bytes autograd saves for its backward (distinct storages,
-        # parameters and views of them excluded: FSDP2's gathered weights are freed after each block)
-        if "saved_mib" in sharded:
-            return default_loss(model, batch)
-        storages: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            if not isinstance(t, torch.nn.Parameter) and not isinstance(
-                t._base, torch.nn.Parameter
-            ):
-                st = getattr(t, "_local_tensor", t).untyped_storage()
-                storages[st.data_ptr()] = st.nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = default_loss(model, batch)
-        sharded["saved_mib"] = sum(storages.values()) / 2**20
-        return loss
-
-    pm = get_lora_ga_model(
-        model, cfg, local, progress=False, shard=shard, loss_fn=first_batch_counted
-    )
+    with _saved_for_backward_peak() as saved, gradient_sums_peak() as sums:
+        pm = get_lora_ga_model(model, cfg, local, progress=False, shard=shard)
+    sharded["saved_mib"] = saved["peak"] / 2**20
+    sharded["sums_mib"] = sums["peak"] * 4 / 2**20  # float32 rows
+    sharded["sums_layers"] = sums["peak_layers"]
     elapsed = time.perf_counter() - sharded["t0"]
     peak = _common.peak_rss_mib()
-    core_gradients._finish = finish
+    core_offload.gather_rows = core_gradients.gather_rows = gather
     rss_end = _common.rss_mib()
     gc.collect()
     _common.reset_peak_rss()  # malloc_trim(0): the freed memory the allocator still held
@@ -292,6 +277,7 @@ def fsdp2_worker(size: dict, threads: int, out_file: str) -> None:
         "rss_whole_mib": rss_whole,
         "rss_before_mib": sharded["rss"],
         "sums_mib": sharded["sums_mib"],
+        "sums_layers": sharded["sums_layers"],
         "saved_mib": sharded["saved_mib"],
         "live_at_finish_mib": sharded["live_mib"],
         "rss_finish_mib": sharded["rss_finish"],
@@ -307,6 +293,40 @@ def fsdp2_worker(size: dict, threads: int, out_file: str) -> None:
         torch.save(factors, out_file)
         print(FSDP_PREFIX + json.dumps({"mode": "fsdp2", "ranks": rows}), flush=True)
     dist.destroy_process_group()
+
+
+@contextmanager
+def _saved_for_backward_peak():
+    """While open: the most bytes autograd holds at once for backward passes (distinct storages;
+    parameters and views of them excluded: FSDP2 frees its gathered weights itself). Each saved
+    tensor is held through a small object whose release (autograd frees it after the backward, or
+    with its graph) takes its bytes off the count."""
+    import torch
+
+    seen = {"peak": 0}
+    live: dict[int, list] = {}  # storage pointer -> [bytes, holders]
+
+    class Held:
+        def __init__(self, t: torch.Tensor) -> None:
+            self.t = t
+            self.key = None
+            if isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter):
+                return
+            st = getattr(t, "_local_tensor", t).untyped_storage()
+            self.key = st.data_ptr()
+            entry = live.setdefault(self.key, [st.nbytes(), 0])
+            entry[1] += 1
+            seen["peak"] = max(seen["peak"], sum(e[0] for e in live.values()))
+
+        def __del__(self) -> None:
+            entry = live.get(self.key) if self.key is not None else None
+            if entry is not None:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del live[self.key]
+
+    with torch.autograd.graph.saved_tensors_hooks(Held, lambda h: h.t):
+        yield seen
 
 
 def _live_cpu_tensors_mib() -> float:
@@ -451,7 +471,8 @@ def _fsdp_section(shape: str, size: dict, rows: list, factors: dict) -> tuple[li
         "",
         f"FSDP2, 2 gloo ranks on this machine, the same {size['batches']} global batches (each rank "
         f"{size['batch_size'] // 2}x{size['seq_len']} of each): `get_lora_ga_model(..., shard=fully_shard_model)` "
-        "(core's hook path on the sharded model: each rank sums its rows of every target's gradient), "
+        "(core's block-wise order on the sharded model: each block alone over every batch, its rows summed, "
+        "gathered and handed to the SVD before the block before it runs), "
         f"A, B, W0 gathered vs one-process `loralab` (max rel.): {agree}. `fsdp2` runs with the default "
         "allocator settings, as the one-process modes; `fsdp2+malloc` is the same run with glibc told to "
         "return freed memory (`MALLOC_ARENA_MAX=1 MALLOC_MMAP_THRESHOLD_=1048576`).",
@@ -463,17 +484,20 @@ def _fsdp_section(shape: str, size: dict, rows: list, factors: dict) -> tuple[li
         "is the process with its libraries before any model exists (*after imports*).",
         "",
         "Breakdown columns: *after imports* = RSS once the libraries are imported and the process group "
-        "exists, before any model; *saved for backward* = the storages autograd keeps from the first "
-        "batch's forward for its backward (`saved_tensors_hooks`, each storage once, parameters excluded): "
-        "every block's activations, held until that batch's backward; *at the last backward's end* = where every batch's backward has run and "
-        "the rows are not yet gathered: this rank's float32 row sums (`sums`), every live CPU tensor's "
-        "storage (`live`: the shard and the sums) and the RSS; *kept by malloc at the end* = RSS after the "
-        "init minus RSS after `malloc_trim(0)` (memory freed by torch but not returned by the allocator).",
+        "exists, before any model; *saved for backward* = the most bytes autograd held at once for backward "
+        "passes (`saved_tensors_hooks`, each storage once, parameters excluded; block-wise: one block's "
+        "activations for one batch, or the glue's for the head pass); *float32 sums at once* = the most "
+        "layers whose float32 row sums existed at the same time and their size "
+        "(`loralab.core.testing.gradient_sums_peak`); *at the first gather* = when the first layer's rows "
+        "are gathered (block-wise: the last block's backward has run over every batch): every live CPU "
+        "tensor's storage (`live`: the shard, the sums, the recorded boundary activations) and the RSS; "
+        "*kept by malloc at the end* = RSS after the init minus RSS after `malloc_trim(0)` (memory freed by "
+        "torch but not returned by the allocator).",
         "",
         "| mode | rank | time (s) | RSS after imports (MiB) | RSS, whole model built (MiB) | RSS once sharded (MiB) "
-        "| saved for backward, one batch (MiB) | sums / live / RSS at the last backward's end (MiB) | kept by malloc at the end (MiB) | peak RSS (MiB) "
+        "| saved for backward, peak (MiB) | float32 sums at once: layers / MiB | live / RSS at the first gather (MiB) | kept by malloc at the end (MiB) | peak RSS (MiB) "
         "| Δ (MiB) | peak / one-process `loralab` peak | (peak − after imports) / one-process's |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     worst: dict[str, tuple[float, float]] = {}
     for m in fsdp_modes:
@@ -485,7 +509,7 @@ def _fsdp_section(shape: str, size: dict, rows: list, factors: dict) -> tuple[li
             lines.append(
                 f"| {m} | {r['rank']} | {r['time_s']:.1f} | {r['rss_import_mib']:.0f} | "
                 f"{r['rss_whole_mib']:.0f} | {r['rss_before_mib']:.0f} | {r['saved_mib']:.0f} | "
-                f"{r['sums_mib']:.0f} / "
+                f"{r['sums_layers']} / {r['sums_mib']:.0f} | "
                 f"{r['live_at_finish_mib']:.0f} / {r['rss_finish_mib']:.0f} | "
                 f"{r['rss_end_mib'] - r['rss_end_trimmed_mib']:.0f} | {r['peak_mib']:.0f} | "
                 f"{r['peak_mib'] - r['rss_before_mib']:.0f} | {ratio:.2f} | {above:.2f} |"
@@ -586,6 +610,7 @@ def main(argv: list[str] | None = None) -> int:
         + (" --quick" if args.quick else "")
         + (" --device cuda" if cuda else "")
         + (" --fsdp2" if args.fsdp2 else "")
+        + (f" --shapes {' '.join(args.shapes)}" if args.shapes != list(SHAPES) else "")
         + (f" --jobs {args.jobs}" if args.jobs > 1 else "")
     )
     peak_note = (

@@ -251,6 +251,9 @@ def test_zero3_batch_counts_must_agree_across_ranks(monkeypatch):
         match=r"ZeRO-3: this rank has 2 batch\(es\), another rank more than 2; .*same number of batches",
     ):
         list(offload._same_count([1, 2], True, torch.device("cpu")))
+    # the FSDP2 block-wise estimate checks the same, named for its engine
+    with pytest.raises(GradientEstimationError, match=r"^FSDP2: this rank has 2 batch\(es\)"):
+        list(offload._same_count([1, 2], True, torch.device("cpu"), "FSDP2"))
 
 
 def test_zero3_refusals_name_the_way_out():

@@ -18,7 +18,9 @@ before the estimate, which then runs on the sharded model. Rank ``r`` estimates 
   ``lora_B`` module and one SGD step on this rank's first batch.
 
 Each rank writes ``{prefix}.{rank}.pt``: per mode ``{layer: (A, B, W0)}`` gathered whole, the initial
-factors the LoRA-GA export keeps (``_lora_ga_init``), whether the parameters were sharded, the
+factors the LoRA-GA export keeps (``_lora_ga_init``), whether the parameters were sharded, how many
+layers' float32 gradient sums existed at once and in all (the estimate runs block by block on the
+sharded model: one block's at a time; :func:`loralab.core.testing.gradient_sums_peak`), the
 error messages of ``unused`` and ``dtype``, and for ``peft_flow`` the state after the SGD step and the
 warning ``get_peft_model`` gave.
 """
@@ -123,7 +125,7 @@ def run_peft_flow(batches) -> dict:
 
 def main(prefix: str) -> None:
     from loralab.core.sharding import is_sharded
-    from loralab.core.testing import fully_shard_model, tiny_gpt2, tiny_llama
+    from loralab.core.testing import fully_shard_model, gradient_sums_peak, tiny_gpt2, tiny_llama
     from loralab.lora_ga import get_lora_ga_model
 
     dist.init_process_group("gloo")
@@ -134,7 +136,11 @@ def main(prefix: str) -> None:
         ("llama", tiny_llama, w.config()),
         ("gpt2", tiny_gpt2, gpt2_config()),
     ):
-        model = get_lora_ga_model(build(), config, batches, progress=False, shard=fully_shard_model)
+        with gradient_sums_peak() as seen:  # the float32 sums held at once (this rank's rows)
+            model = get_lora_ga_model(
+                build(), config, batches, progress=False, shard=fully_shard_model
+            )
+        out[f"{mode}_sums"] = torch.tensor([seen["peak_layers"], seen["layers"]])
         out[mode] = state(model)
         out[f"{mode}_init"] = init_factors(model)
         out[f"{mode}_sharded"] = torch.tensor(all(is_sharded(p) for p in model.parameters()))

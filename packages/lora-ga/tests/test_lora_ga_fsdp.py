@@ -52,6 +52,9 @@ def _rel(got, want):
 def test_fsdp2_init_equals_one_process_on_every_rank(ranks, mode):
     r0, r1 = ranks[0][mode], ranks[1][mode]
     assert bool(ranks[0][f"{mode}_sharded"]) and bool(ranks[1][f"{mode}_sharded"])
+    # the estimate ran block by block on the shards: one block's sums at a time (2 blocks)
+    for out in ranks:
+        assert out[f"{mode}_sums"].tolist() == [N_TARGETS[mode] // 2, N_TARGETS[mode]]
     build, config = BUILDS[mode]
     single_model = get_lora_ga_model(build(), config(), list(w.loader()), progress=False)
     single = fw.state(single_model)

@@ -17,12 +17,12 @@ weight ``W`` (as an (out, in) matrix). :func:`estimate_gradients` computes it wi
   the boundary hidden states of every batch are recorded, then block by block from the last one its
   backward runs over all batches, its gradients are finished and handed to the consumer, so at most
   one block's sums (and one block's autograd graph) exist. The default picks block-wise when it holds
-  less: a consumer is given, the model is whole on one device (not FSDP2 sharded, not inside a
-  DDP / DeepSpeed wrapper; a ZeRO-3 partitioned model is always block-wise, below), its blocks are
-  found, and the boundary activations of all batches stay under the gradient sums it saves (checked
-  on the first batch's recording; otherwise the batches read so far are replayed on the hook path,
-  and the log says why). Both orders compute the same float32 operations, summed over batches in the
-  same order;
+  less: a consumer is given, the model is on one device (not inside a DDP / DeepSpeed wrapper; a
+  ZeRO-3 partitioned model is always block-wise, below; an FSDP2 one needs each block sharded on its
+  own, below), its blocks are found, and the boundary activations of all batches stay under the
+  gradient sums it saves (checked on the first batch's recording; otherwise the batches read so far
+  are replayed on the hook path, and the log says why). Both orders compute the same float32
+  operations, summed over batches in the same order;
 - the model's train/eval mode, ``requires_grad`` flags and existing ``.grad`` restored afterwards;
 - FSDP2 (``torch.distributed.fsdp.fully_shard``): the estimate runs on the sharded model itself (below);
 - DeepSpeed ZeRO-3 before ``deepspeed.initialize`` (``deepspeed.zero.Init``, transformers' ZeRO-3
@@ -61,20 +61,40 @@ weights (which would hold every layer's whole gradient across batches). It works
   training); the reduce-scatter averages it over the ranks, and FSDP2 then runs the parameter's
   post-accumulate-grad hooks on the sharded parameter, where this rank's rows are added into a float32
   sum (in the weight's storage layout) and ``.grad`` is freed. No further all-reduce is made;
-- after the last batch the gradients are finished one layer at a time: the layer's rows are
-  all-gathered (:func:`loralab.core.sharding.gather_rows`) into the whole (out, in) matrix on every
-  rank, checked, handed to the consumer, and dropped before the next layer's gather.
+- a gradient is finished one layer at a time: the layer's rows are all-gathered
+  (:func:`loralab.core.sharding.gather_rows`) into the whole (out, in) matrix on every rank, checked,
+  handed to the consumer, and dropped before the next layer's gather.
 
-Memory per rank under FSDP2: the model's shards, the float32 row sums of every target (``1/world`` of
-all target gradients, as a training step's sharded float32 gradients), autograd's saved activations
-of one (local) batch through every block (the forward runs whole before its backward, as in
-training), FSDP2's gathered block(s) during forward/backward, and one whole (out, in) gradient (plus
-what the consumer makes of it) at a time while finishing. With the shard, a rank of a float32 model
-thus holds ``(1 + s)/world`` of it before activations, ``s`` the targets' share of the parameters
-(about 0.9 for all-linear targets of a decoder whose embeddings are small): on 2 ranks about as much
-as the whole model the block-wise one-process path holds (measured in benchmarks/lora_ga_init.py
-``--fsdp2``). A block-wise order on the sharded model would bound the sums to one block. Every rank receives the same whole gradient (an all-gather has no reduction
-order), so a deterministic consumer gives identical results on every rank with no broadcast; the price
+The order is block-wise by default, whatever the size of the boundary activations (as under ZeRO-3:
+the order that bounds a rank's sums and autograd graph to one block), when each decoder block is its
+own FSDP2 module
+(``fully_shard`` on each block, then the root, as training shards a transformer), and FSDP2 runs a
+block called alone exactly as inside the model (all-gather before its forward, reduce-scatter into
+the hooks after its backward). So the recording (no grad) runs the sharded model through FSDP2's
+hooks, each block gathered only for its own call; the head passes run the glue with the blocks as
+stand-ins (their FSDP2 hooks silenced: no block is gathered); then, from the last block, each block
+runs alone over every batch (``torch.autograd.backward`` with the adjoint of its outputs), its
+targets' rows are summed by the hooks, and the block's layers are gathered and handed to the
+consumer before the block before it runs. Every rank runs the same blocks and batches in the same
+order (each gather and reduce-scatter is a collective); the ranks check before each batch that all of
+them have one (``GradientEstimationError`` on every rank otherwise). Where the order cannot apply
+(no block found, a block that is not an FSDP2 module of its own, a target outside every block such as
+a head, blocks not called once each in a fixed order), the default takes the hook path on the
+sharded model and logs why; ``blockwise=True`` raises ``ValueError`` naming the reason.
+:func:`estimate_gradients_from_step` (the caller's own loop) always takes the hook path.
+
+Memory per rank under FSDP2, block-wise: the model's shards; this rank's float32 row sums of one
+block's targets (``1/world`` of one block's gradients); the recorded boundary hidden states of this
+rank's batches (``batches × (blocks + 1) × local tokens × hidden``); one block gathered with its
+autograd graph for one batch (or the glue's for a head pass); and one whole (out, in) gradient (plus
+what the consumer makes of it) at a time while finishing. On the hook path the sums are those of every
+target (``1/world`` of all target gradients, as a training step's sharded float32 gradients) and the
+saved activations those of one batch through every block (the forward runs whole before its
+backward). With the shard, a float32 rank thus holds about ``1/world`` of the model plus one block on
+the block-wise order, against ``(1 + s)/world`` on the hook path, ``s`` the targets' share of the
+parameters (measured in benchmarks/lora_ga_init.py ``--fsdp2``).
+
+Every rank receives the same whole gradient (an all-gather has no reduction order), so a deterministic consumer gives identical results on every rank with no broadcast; the price
 is that each rank runs every layer's consumer (redundant compute, not memory). Every function here is
 then a collective: call it on every rank, with the same targets. ``offload=True`` and ``reduce=False``
 are refused with sharded targets (the shards already bound memory; FSDP2 always averages).
@@ -91,6 +111,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -331,9 +352,10 @@ def estimate_gradients(
             rank gets the same result.
         progress: show a tqdm bar over batches (on the main process only).
         blockwise: the order of the plain path (see the module docstring). ``None`` (default):
-            block-wise when it holds less memory (with a consumer, a whole model on one device, its
+            block-wise when it holds less memory (with a consumer, a model on one device, its
             blocks found, and the recorded boundary activations of all batches below the gradient
-            sums it saves), else hooks; the choice is logged. ``True``: block-wise, refused where it
+            sums it saves; under FSDP2 whenever each block is its own FSDP2 module and no target
+            is outside them), else hooks; the choice is logged. ``True``: block-wise, refused where it
             cannot run; it costs one more forward per batch and keeps ``batches × (blocks + 1)``
             hidden states on the model's device. ``False``: the hook path. ``offload=True`` is
             block-wise by construction (``blockwise=False`` with it is refused). A DeepSpeed ZeRO-3
@@ -350,8 +372,8 @@ def estimate_gradients(
             ``blockwise=False``).
         ValueError: ``device`` without ``offload`` (with ``offload`` on a ZeRO-3 model: a device
             other than the one DeepSpeed gathers the blocks on), ``blockwise=False`` with
-            ``offload=True``, ``blockwise=True`` where it cannot run (sharded or wrapped model,
-            several devices).
+            ``offload=True``, ``blockwise=True`` where it cannot run (a wrapped model, several
+            devices; FSDP2: a block that is not its own FSDP2 module, a target outside every block).
         TypeError: a ZeRO-3 model whose modules ``deepspeed.initialize`` has hooked.
 
     Example:
@@ -432,7 +454,7 @@ def estimate_gradients(
                 "rank for the estimate"
             ) from None
     if blockwise is not False:
-        blocker = _blockwise_blocker(model, resolved, sharded)
+        blocker = _blockwise_blocker(model)
         if blockwise and blocker:
             raise ValueError(f"blockwise=True cannot run here: {blocker}")
         if blockwise is None and not blocker and consumer is None:
@@ -474,16 +496,10 @@ def estimate_gradients(
         )
 
 
-def _blockwise_blocker(
-    model: nn.Module, targets: Mapping[str, TargetLayer], sharded: bool
-) -> str | None:
+def _blockwise_blocker(model: nn.Module) -> str | None:
     """Why the plain path cannot run block by block on this model (``None``: it can)."""
     from loralab.core.offload import model_device
 
-    if sharded:
-        return (
-            "the targets are sharded by FSDP2 (fully_shard): each rank holds its rows of every sum"
-        )
     if any(hasattr(m, "ds_id") for m in model.modules()):
         return "the model's modules are hooked by deepspeed.initialize (ZeRO-3)"
     if unwrap_model(model) is not model:
@@ -509,19 +525,27 @@ def _try_blockwise(
     """The default's block-wise attempt: ``(result, _)``, or ``(None, batches to replay)`` when it
     does not apply (no block found, blocks not called once each in a fixed order) or would hold more
     than the hook path (its budget: every target's float32 sum minus the largest block's)."""
-    from loralab.core.offload import _Declined, _run, find_blocks, model_device
+    from loralab.core.offload import _Declined, _fsdp_blocker, _run, find_blocks, model_device
 
     try:
         blocks = find_blocks(model, no_split_module_classes)
     except GradientEstimationError:
         logger.info("plain path with hooks: no decoder block found")
         return None, batches
+    sharded = any(is_dtensor(t.weight) for t in targets.values())
+    if sharded:
+        blocker = _fsdp_blocker(blocks, targets)
+        if blocker is not None:
+            logger.info("plain path with hooks (FSDP2): %s", blocker)
+            return None, batches
     grad_bytes = {name: t.weight.numel() * 4 for name, t in targets.items()}
     per_block = [
         sum(b for name, b in grad_bytes.items() if name.startswith(block + ".")) for block in blocks
     ]
-    budget = sum(grad_bytes.values()) - max(per_block)
-    if reduce and is_distributed() and expected is None:
+    # FSDP2: block-wise whatever the boundary activations' size, as under ZeRO-3 (the order that
+    # bounds a rank's sums and graph to one block); only a block structure it cannot order declines
+    budget = math.inf if sharded else sum(grad_bytes.values()) - max(per_block)
+    if reduce and is_distributed() and expected is None and not sharded:
         # the ranks decide together after their first batch, projecting over the known count
         logger.info("plain path with hooks: the number of batches is unknown (pass num_batches)")
         return None, batches

@@ -51,6 +51,13 @@ partitioned again. ``offload=True`` keeps the boundary activations on ``activati
 weights stay where DeepSpeed keeps them. See :mod:`loralab.core.gradients` for the rules (equal
 batch counts on every rank, no ``deepspeed.initialize`` hooks).
 
+On an FSDP2 model (``fully_shard`` on each block, then the root) the in-place order runs through
+FSDP2's own hooks: the recording gathers each block for its own call, the stand-in passes silence the
+blocks' hooks (no block is gathered), and each block runs alone with ``torch.autograd.backward`` so
+that FSDP2 reduce-scatters its gradients into the targets' post-accumulate hooks, where this rank's
+rows are summed; a finished layer's rows are all-gathered whole for the consumer. See
+:mod:`loralab.core.gradients` for what a rank holds.
+
 Example:
     >>> from loralab.core.testing import tiny_llama, make_lm_batches
     >>> from loralab.core.gradients import estimate_gradients
@@ -62,6 +69,7 @@ Example:
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -88,6 +96,7 @@ from loralab.core.estimation import (
     default_loss,
     estimation_mode,
 )
+from loralab.core.sharding import gather_rows, is_dtensor
 from loralab.core.targets import TargetLayer, to_storage_layout
 
 __all__ = [
@@ -130,10 +139,25 @@ class _BlockStructureError(GradientEstimationError):
     per forward pass."""
 
 
+def _class_name(module: nn.Module) -> str:
+    """The module's class name; for a module FSDP2's ``fully_shard`` wrapped (its class replaced by
+    ``FSDP<Class>``, a subclass of ``(FSDPModule, Class)``), the original class's."""
+    cls = type(module)
+    bases = cls.__bases__
+    if (
+        len(bases) == 2
+        and bases[0].__name__ == "FSDPModule"
+        and cls.__name__ == f"FSDP{bases[1].__name__}"
+    ):
+        return bases[1].__name__
+    return cls.__name__
+
+
 def find_blocks(
     model: nn.Module, no_split_module_classes: Sequence[str] | None = None
 ) -> dict[str, nn.Module]:
-    """The outermost sub-modules whose class name is a block class, in module order.
+    """The outermost sub-modules whose class name is a block class, in module order (a block
+    ``fully_shard``-ed by FSDP2 is found under its own class name).
 
     Raises:
         GradientEstimationError: no block found; the message lists the classes tried.
@@ -145,7 +169,7 @@ def find_blocks(
     """
     if no_split_module_classes is None:
         names = set(DEFAULT_BLOCK_CLASSES)
-        present = {type(m).__name__ for m in model.modules()}
+        present = {_class_name(m) for m in model.modules()}
         if not names & present:
             fallback = getattr(model, "_no_split_modules", None) or []
             names = {c for c in fallback if "Embedding" not in c}
@@ -155,7 +179,7 @@ def find_blocks(
         names = set(no_split_module_classes)
     blocks: dict[str, nn.Module] = {}
     for name, mod in model.named_modules():
-        if type(mod).__name__ in names and not any(name.startswith(b + ".") for b in blocks):
+        if _class_name(mod) in names and not any(name.startswith(b + ".") for b in blocks):
             blocks[name] = mod
     if not blocks:
         raise _BlockStructureError(
@@ -295,8 +319,12 @@ class _Offloader:
         train: bool,
         in_place: bool = False,
         zero3: bool = False,
+        fsdp: bool = False,
     ) -> None:
         self.model = model
+        # FSDP2 (fully_shard, each block its own FSDP module): every block runs through FSDP2's hooks
+        # (all-gather, reduce-scatter into the targets' post-accumulate hooks), except as a stand-in
+        self.fsdp = fsdp
         # in place (the plain path's block-wise mode): nothing is moved, every block runs where it is
         self.in_place = in_place
         self.block_names = list(blocks)
@@ -476,11 +504,21 @@ class _Offloader:
 
             return forward
 
+        # FSDP2: a stand-in runs none of its block's weights, so none of the block's forward hooks
+        # either: they would all-gather the block, and their backward hooks would gather it again and
+        # keep it whole until the end of the backward (every block at once)
+        silenced = (
+            [(b, b._forward_pre_hooks, b._forward_hooks) for b in self.blocks] if self.fsdp else []
+        )
         try:
             for k in self.order or []:
                 self.blocks[k].forward = make(k)
+            for b, _, _ in silenced:
+                b._forward_pre_hooks, b._forward_hooks = OrderedDict(), OrderedDict()
             yield
         finally:
+            for b, pre, post in silenced:
+                b._forward_pre_hooks, b._forward_hooks = pre, post
             for b in self.blocks:
                 if "forward" in vars(b):
                     del b.forward
@@ -603,6 +641,16 @@ class _Offloader:
                 gs.append(adj.to(y.device, y.dtype))
         if not ys:
             return
+        if self.fsdp:
+            # FSDP2: the block's whole weights exist only inside this call, so autograd accumulates
+            # into them (.grad) and FSDP2's post-backward reduce-scatters each one, averaging it over
+            # the ranks, into the sharded weight's post-accumulate hook (_summing_gradients, open
+            # around this block's batches): this rank's rows go into the block's float32 sums there
+            torch.autograd.backward(ys, gs)
+            for c, x in grad_leaves.items():
+                if x.grad is not None:
+                    rec.in_adjoints[(k, c)] = x.grad.detach().to(self.act_device)
+            return
         targets = self.block_targets[k]
         weights = [t.weight for t in targets.values()]
         inputs = weights + list(grad_leaves.values())
@@ -615,10 +663,41 @@ class _Offloader:
                 rec.in_adjoints[(k, c)] = g.detach().to(self.act_device)
 
 
-def _same_count(batches: Iterable[Any], check: bool, device: torch.device) -> Iterator[Any]:
-    """``batches``; with ``check`` (ZeRO-3 across ranks: every recording gathers each block, a
-    collective), the ranks agree before each batch that all of them have one, and raise together
-    when some rank has run out (the gathers would pair different batches, or hang)."""
+def _fsdp_blocker(blocks: Mapping[str, nn.Module], targets: Mapping[str, Any]) -> str | None:
+    """Why the block-wise order cannot run on a model sharded by FSDP2 (``None``: it can).
+
+    Each block must be an FSDP2 module of its own (``fully_shard`` on each block, as for training):
+    FSDP2 gathers a block's weights only inside the forward of a module it wraps, so a block run alone
+    needs its own. Targets outside every block (a head) are refused: their gradient would be taken
+    through the glue's gathered weights, which only a whole backward reduce-scatters.
+
+    Example:
+        >>> from loralab.core.testing import tiny_llama
+        >>> from loralab.core.targets import find_targets
+        >>> model = tiny_llama()  # not sharded: no block is an FSDP2 module
+        >>> _fsdp_blocker(find_blocks(model), find_targets(model))
+        "block 'model.layers.0' is not an FSDP2 module of its own (apply fully_shard to each block)"
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    plain = [name for name, b in blocks.items() if not isinstance(b, FSDPModule)]
+    if plain:
+        return f"block {plain[0]!r} is not an FSDP2 module of its own (apply fully_shard to each block)"
+    outside = [n for n in targets if not any(n.startswith(b + ".") for b in blocks)]
+    if outside:
+        return (
+            f"target {outside[0]!r} is outside every block (FSDP2 reduces its gradient only in a "
+            "whole backward)"
+        )
+    return None
+
+
+def _same_count(
+    batches: Iterable[Any], check: bool, device: torch.device, engine: str = "DeepSpeed ZeRO-3"
+) -> Iterator[Any]:
+    """``batches``; with ``check`` (ZeRO-3 or FSDP2 across ranks: every recording gathers each
+    block, a collective), the ranks agree before each batch that all of them have one, and raise
+    together when some rank has run out (the gathers would pair different batches, or hang)."""
     it = iter(batches)
     n = 0
     while True:
@@ -631,7 +710,7 @@ def _same_count(batches: Iterable[Any], check: bool, device: torch.device) -> It
             if 0.0 < have < 1.0:
                 mine, theirs = (f"more than {n}", str(n)) if more else (str(n), f"more than {n}")
                 raise GradientEstimationError(
-                    f"DeepSpeed ZeRO-3: this rank has {mine} batch(es), another rank {theirs}; the "
+                    f"{engine}: this rank has {mine} batch(es), another rank {theirs}; the "
                     "block-wise estimate gathers every block for each batch on all ranks together, so "
                     "every rank needs the same number of batches (num_batches, or even shards)"
                 )
@@ -876,7 +955,11 @@ def _run(
     ``expected_batches`` when known) would exceed it, or when the blocks' structure does not allow the
     block-wise order; the caller replays the consumed batches on the hook path. ``zero3``
     (``in_place`` only): the DeepSpeed ZeRO-3 partitions are gathered one block (or the glue) at a
-    time."""
+    time. Targets sharded by FSDP2 (``in_place`` only): each block runs through FSDP2's own hooks,
+    its gradients are summed as this rank's rows and gathered one layer at a time when finished."""
+    # (gradients imports this module inside its functions only: no import cycle)
+    from loralab.core.gradients import _summing_gradients, _Sums
+
     loss_fn = loss_fn or default_loss
     targets = dict(targets)
     weights = [t.weight for t in targets.values()]
@@ -884,13 +967,29 @@ def _run(
         raise GradientEstimationError(
             "two targets share one weight tensor (tied weights); exclude one of them"
         )
-    off = _Offloader(model, blocks, targets, loss_fn, device, act_device, train, in_place, zero3)
+    fsdp = any(is_dtensor(w) for w in weights)
+    if fsdp:
+        if not in_place:
+            raise ValueError("offload=True cannot stream a model sharded by FSDP2 (fully_shard)")
+        if not reduce:
+            raise ValueError("reduce=False cannot apply to a model sharded by FSDP2 (fully_shard)")
+        blocker = _fsdp_blocker(blocks, targets)
+        if blocker is not None:
+            raise ValueError(f"blockwise=True cannot run here: {blocker}")
+    off = _Offloader(
+        model, blocks, targets, loss_fn, device, act_device, train, in_place, zero3, fsdp
+    )
     results: dict[str, Tensor] = {}
     done: list[str] = []
 
-    def finish(name: str, g: Tensor, n: int) -> None:
+    def finish(name: str, g: Tensor, n: int, rows: bool = False) -> None:
         g.div_(n)
-        if reduce:
+        if rows:
+            # FSDP2 averaged over the ranks already: gather this layer's rows into the whole
+            # (out, in) matrix on every rank (a collective, in the same order everywhere)
+            t = targets[name]
+            g = to_storage_layout(t.module, gather_rows(t.weight, g))
+        elif reduce:
             all_reduce_mean_(g)
         check_finite(name, g)
         g = g.to(result_device)
@@ -917,7 +1016,9 @@ def _run(
             # all-reduces would pair different layers otherwise), so the ranks decide together, once,
             # after their first batch (projected over the known number of batches)
             multi = budget is not None and reduce and is_distributed()
-            for n, batch in enumerate(_same_count(batches, zero3 and is_distributed(), device)):
+            check_count = (zero3 or fsdp) and is_distributed()
+            engine = "FSDP2" if fsdp else "DeepSpeed ZeRO-3"
+            for n, batch in enumerate(_same_count(batches, check_count, device, engine)):
                 batch_list.append(batch)
                 reason = None
                 try:
@@ -958,17 +1059,31 @@ def _run(
             if bar is not None:
                 bar.reset(total=n * len(order))
                 bar.set_description("block-wise backward (blocks)")
+            if fsdp:
+                # the recording leaves no FSDP2 module gathered (the root keeps its weights whole
+                # after a forward, for a training backward that will not come)
+                from torch.distributed.fsdp import FSDPModule
+
+                for m in model.modules():
+                    if isinstance(m, FSDPModule):
+                        m.reshard()
             logger.info(
                 "%s: %d blocks, %d batches, %s wiring",
-                "block-wise (in place)" if in_place else "offload",
+                ("block-wise (in place, FSDP2)" if fsdp else "block-wise (in place)")
+                if in_place
+                else "offload",
                 len(order),
                 n,
                 "identity" if identity_only else "general (glue between blocks)",
             )
             # 3. blocks in reverse execution order; each block's gradients final after its batches
             for k in reversed(order):
-                sums: dict[str, Tensor] = {}
-                with off.on_device(off.blocks[k]):
+                acc = _Sums()  # FSDP2: this block's targets' rows, summed by their hooks
+                sums: dict[str, Tensor] = acc.sums
+                with (
+                    off.on_device(off.blocks[k]),
+                    _summing_gradients(off.block_targets[k], acc) if fsdp else nullcontext(),
+                ):
                     for batch, rec in zip(batch_list, recs):
                         if identity_only:
                             adj = {
@@ -998,15 +1113,20 @@ def _run(
                         if bar is not None:
                             bar.update(1)
                 missing = [name for name in off.block_targets[k] if name not in sums]
-                if missing:
+                if missing:  # (the same blocks on every rank: under FSDP2 all of them raise here)
                     raise GradientEstimationError(
                         f"{len(missing)} target layer(s) received no gradient (unused in the forward pass?): "
                         + ", ".join(missing[:10])
                         + ". Exclude them from the targets."
+                        + (
+                            " (FSDP2: the layer's weight got no gradient on this rank.)"
+                            if fsdp
+                            else ""
+                        )
                     )
                 for name in off.block_targets[k]:  # same order on every rank (all-reduce)
-                    finish(name, sums.pop(name), n)
-                del sums
+                    finish(name, sums.pop(name), n, rows=name in acc.fsdp)
+                del sums, acc
             # 4. targets outside the blocks
             if off.glue_targets:
                 if not identity_only:

@@ -31,6 +31,7 @@ __all__ = [
     "as_zero12_partition",
     "free_port",
     "fully_shard_model",
+    "gradient_sums_peak",
     "make_classification_batches",
     "make_lm_batches",
     "make_seq2seq_batches",
@@ -423,6 +424,66 @@ def as_zero12_partition(
         buf.copy_(master.detach())
 
     return hand_gradient, copy_back
+
+
+@contextmanager
+def gradient_sums_peak() -> Iterator[dict[str, int]]:
+    """Watch how many float32 gradient sums loralab's estimators hold at once.
+
+    While open, every per-layer sum an estimate keeps in :class:`loralab.core.gradients._Sums` is
+    counted: the hook path and :func:`~loralab.core.gradients.estimate_gradients_from_step` (every
+    target's sum until the last batch), and the block-wise order in place (one block's sums at a time;
+    under FSDP2 this rank's rows of them). The yielded dict holds ``peak_layers`` (the most layers
+    whose sums existed at once), ``peak`` (the most elements at once) and ``layers`` (the distinct
+    layers summed). Sums the caller keeps as results (no consumer) count until the estimate returns.
+
+    Example:
+        >>> from loralab.core.testing import tiny_llama, make_lm_batches
+        >>> from loralab.core.gradients import estimate_gradients
+        >>> with gradient_sums_peak() as seen:  # block-wise: one block's 7 layers at a time
+        ...     _ = estimate_gradients(tiny_llama(), make_lm_batches(2), blockwise=True,
+        ...                            consumer=lambda n, g: None, progress=False)
+        >>> seen["peak_layers"], seen["layers"]
+        (7, 14)
+    """
+    from loralab.core import gradients
+
+    seen = {"peak_layers": 0, "peak": 0, "layers": 0}
+    live: dict[tuple[int, str], int] = {}  # (id of the dict, layer) -> elements
+    names: set[str] = set()
+
+    def note() -> None:
+        seen["peak_layers"] = max(seen["peak_layers"], len(live))
+        seen["peak"] = max(seen["peak"], sum(live.values()))
+
+    class CountedSums(dict):  # type: ignore[type-arg]
+        def __setitem__(self, name: str, value: torch.Tensor) -> None:
+            super().__setitem__(name, value)
+            live[(id(self), name)] = value.numel()
+            names.add(name)
+            seen["layers"] = len(names)
+            note()
+
+        def pop(self, name: str, *default: Any) -> Any:
+            live.pop((id(self), name), None)
+            return super().pop(name, *default)
+
+        def __del__(self) -> None:
+            for key in [k for k in live if k[0] == id(self)]:
+                del live[key]
+
+    original = gradients._Sums
+
+    class Counted(original):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            super().__init__()
+            self.sums = CountedSums()
+
+    gradients._Sums = Counted  # type: ignore[misc]
+    try:
+        yield seen
+    finally:
+        gradients._Sums = original  # type: ignore[misc]
 
 
 @contextmanager
