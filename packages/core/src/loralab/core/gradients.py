@@ -112,15 +112,14 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import chain, islice
 from typing import Any, Union, cast
 
 import torch
 from torch import Tensor, nn
 
+from loralab.core import gradient_sums
 from loralab.core.distributed import (
     _is_zero3_partitioned,
     all_reduce_mean_,
@@ -137,7 +136,7 @@ from loralab.core.estimation import (
     default_loss,
     estimation_mode,
 )
-from loralab.core.sharding import all_ranks_agree, gather_rows, is_dtensor, local_tensor
+from loralab.core.sharding import all_ranks_agree, gather_rows, is_dtensor
 from loralab.core.targets import TargetLayer, find_targets, to_storage_layout
 
 __all__ = [
@@ -185,56 +184,6 @@ def _distinct_weights(targets: Mapping[str, TargetLayer]) -> list[nn.Parameter]:
     return weights
 
 
-@dataclass
-class _Sums:
-    """What :func:`_summing_gradients` collects: per target the float32 gradient sum and the number
-    of backward passes that reached it. ``fsdp``: the targets whose gradient arrived as FSDP2's
-    ``DTensor`` (already averaged over the ranks): their sums are this rank's rows in the weight's
-    storage layout, made whole by :func:`_finish`."""
-
-    sums: dict[str, Tensor] = field(default_factory=dict)
-    counts: dict[str, int] = field(default_factory=dict)
-    fsdp: set[str] = field(default_factory=set)
-
-
-@contextmanager
-def _summing_gradients(targets: Mapping[str, TargetLayer], acc: _Sums) -> Iterator[None]:
-    """While open, every backward pass adds each target's float32 gradient into ``acc.sums[name]``
-    (``acc.counts[name]``: the passes that reached it) and frees ``weight.grad`` at once, so no second
-    copy lives in the parameter dtype. A post-accumulate-grad hook runs once per pass, after autograd
-    has accumulated within it; under FSDP2 it runs on the sharded parameter after the reduce-scatter."""
-
-    def make_hook(name: str, module: nn.Module) -> Callable[[Tensor], None]:
-        def hook(p: Tensor) -> None:
-            grad = cast(Tensor, p.grad)
-            if is_dtensor(grad):
-                # FSDP2: this rank's rows of the ranks' mean gradient, a view of the reduce-scatter
-                # output: copied before it is kept
-                acc.fsdp.add(name)
-                g, owned = local_tensor(grad), False
-            else:
-                # we own p.grad from here on: no copy unless transposed or cast
-                g, owned = to_storage_layout(module, grad).float(), True
-            if name in acc.sums:
-                acc.sums[name].add_(g)
-            else:
-                acc.sums[name] = (g if owned else g.to(torch.float32, copy=True)).contiguous()
-            acc.counts[name] = acc.counts.get(name, 0) + 1
-            p.grad = None
-
-        return hook
-
-    handles = [
-        t.weight.register_post_accumulate_grad_hook(make_hook(name, t.module))
-        for name, t in targets.items()
-    ]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def _check_sharding(targets: Mapping[str, TargetLayer], *, reduce: bool, offload: bool) -> bool:
     """Whether any target weight is a ``DTensor`` (FSDP2); refuses what cannot apply to one."""
     sharded = [n for n, t in targets.items() if is_dtensor(t.weight)]
@@ -254,7 +203,7 @@ def _check_sharding(targets: Mapping[str, TargetLayer], *, reduce: bool, offload
 
 
 def _check_reached(
-    targets: Mapping[str, TargetLayer], acc: _Sums, sharded: bool, what: str
+    targets: Mapping[str, TargetLayer], acc: gradient_sums.GradientSums, sharded: bool, what: str
 ) -> None:
     """Raise naming the targets no backward pass reached; under FSDP2 every rank raises together."""
     missing = [name for name in targets if name not in acc.sums]
@@ -275,7 +224,7 @@ def _check_reached(
 
 def _finish(
     targets: Mapping[str, TargetLayer],
-    acc: _Sums,
+    acc: gradient_sums.GradientSums,
     divisor: Callable[[str], int],
     reduce: bool,
     consumer: GradientConsumer | None,
@@ -591,12 +540,12 @@ def _estimate_plain(
     total: int | None,
     sharded: bool,
 ) -> dict[str, Tensor]:
-    acc = _Sums()
+    acc = gradient_sums.GradientSums()
     weights = _distinct_weights(targets)
     n = 0
     with (
         estimation_mode(model, weights, train),
-        _summing_gradients(targets, acc),
+        gradient_sums.summing_gradients(targets, acc),
         torch.enable_grad(),
     ):
         for batch in _progress(batches, total, "estimating gradients", progress):
@@ -660,10 +609,10 @@ def estimate_gradients_from_step(
     _check_float_weights(resolved)
     sharded = _check_sharding(resolved, reduce=reduce, offload=False)
     weights = _distinct_weights(resolved)
-    acc = _Sums()
+    acc = gradient_sums.GradientSums()
     with (
         estimation_mode(model, weights, train),
-        _summing_gradients(resolved, acc),
+        gradient_sums.summing_gradients(resolved, acc),
         torch.enable_grad(),
     ):
         train_step()

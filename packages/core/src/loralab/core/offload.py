@@ -79,6 +79,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from loralab.core import gradient_sums
 from loralab.core.distributed import (
     _is_partitioned_now,
     _is_zero3_partitioned,
@@ -644,7 +645,7 @@ class _Offloader:
         if self.fsdp:
             # FSDP2: the block's whole weights exist only inside this call, so autograd accumulates
             # into them (.grad) and FSDP2's post-backward reduce-scatters each one, averaging it over
-            # the ranks, into the sharded weight's post-accumulate hook (_summing_gradients, open
+            # the ranks, into the sharded weight's post-accumulate hook (gradient_sums.summing_gradients, open
             # around this block's batches): this rank's rows go into the block's float32 sums there
             torch.autograd.backward(ys, gs)
             for c, x in grad_leaves.items():
@@ -957,9 +958,6 @@ def _run(
     (``in_place`` only): the DeepSpeed ZeRO-3 partitions are gathered one block (or the glue) at a
     time. Targets sharded by FSDP2 (``in_place`` only): each block runs through FSDP2's own hooks,
     its gradients are summed as this rank's rows and gathered one layer at a time when finished."""
-    # (gradients imports this module inside its functions only: no import cycle)
-    from loralab.core.gradients import _summing_gradients, _Sums
-
     loss_fn = loss_fn or default_loss
     targets = dict(targets)
     weights = [t.weight for t in targets.values()]
@@ -1078,11 +1076,15 @@ def _run(
             )
             # 3. blocks in reverse execution order; each block's gradients final after its batches
             for k in reversed(order):
-                acc = _Sums()  # FSDP2: this block's targets' rows, summed by their hooks
+                acc = (
+                    gradient_sums.GradientSums()
+                )  # FSDP2: this block's targets' rows, summed by their hooks
                 sums: dict[str, Tensor] = acc.sums
                 with (
                     off.on_device(off.blocks[k]),
-                    _summing_gradients(off.block_targets[k], acc) if fsdp else nullcontext(),
+                    gradient_sums.summing_gradients(off.block_targets[k], acc)
+                    if fsdp
+                    else nullcontext(),
                 ):
                     for batch, rec in zip(batch_list, recs):
                         if identity_only:

@@ -430,7 +430,7 @@ def as_zero12_partition(
 def gradient_sums_peak() -> Iterator[dict[str, int]]:
     """Watch how many float32 gradient sums loralab's estimators hold at once.
 
-    While open, every per-layer sum an estimate keeps in :class:`loralab.core.gradients._Sums` is
+    While open, every per-layer sum an estimate keeps in :class:`loralab.core.gradient_sums.GradientSums` is
     counted: the hook path and :func:`~loralab.core.gradients.estimate_gradients_from_step` (every
     target's sum until the last batch), and the block-wise order in place (one block's sums at a time;
     under FSDP2 this rank's rows of them). The yielded dict holds ``peak_layers`` (the most layers
@@ -446,7 +446,7 @@ def gradient_sums_peak() -> Iterator[dict[str, int]]:
         >>> seen["peak_layers"], seen["layers"]
         (7, 14)
     """
-    from loralab.core import gradients
+    from loralab.core import gradient_sums
 
     seen = {"peak_layers": 0, "peak": 0, "layers": 0}
     live: dict[tuple[int, str], int] = {}  # (id of the dict, layer) -> elements
@@ -472,18 +472,18 @@ def gradient_sums_peak() -> Iterator[dict[str, int]]:
             for key in [k for k in live if k[0] == id(self)]:
                 del live[key]
 
-    original = gradients._Sums
+    original = gradient_sums.GradientSums
 
     class Counted(original):  # type: ignore[misc, valid-type]
         def __init__(self) -> None:
             super().__init__()
             self.sums = CountedSums()
 
-    gradients._Sums = Counted  # type: ignore[misc]
+    gradient_sums.GradientSums = Counted  # type: ignore[misc]
     try:
         yield seen
     finally:
-        gradients._Sums = original  # type: ignore[misc]
+        gradient_sums.GradientSums = original  # type: ignore[misc]
 
 
 @contextmanager
