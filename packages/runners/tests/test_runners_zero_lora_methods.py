@@ -7,8 +7,8 @@ and low-rank moments (:mod:`loralab.core.zero_views`); the two methods run one a
 launch per stage. Tolerances: see ``GALORE_REL``.
 
 Their optimizers find each layer's factors in DeepSpeed's flat partitions and gather them
-(:mod:`loralab.core.zero_views`); LoRA-Pro's full mode (m×n state on an owner rank) runs under ZeRO-3
-in the GoLore launch below (no launch of its own). Tolerance: the losses within 1e-5 relative (1e-4
+(:mod:`loralab.core.zero_views`); LoRA-Pro runs in efficient mode under ZeRO-2 and in full mode (m×n
+state on an owner rank) under ZeRO-3 (see ``CASES``). Tolerance: the losses within 1e-5 relative (1e-4
 for LoRA-Pro's full mode), and the relative
 difference of every saved tensor, ``‖ds − one‖ / ‖one‖``, below 1e-5 for LoRA-FA, 1e-3 for
 LoRA-Pro and 2e-2 for its full mode (float32 reduction-order noise of the gradient averaging; see
@@ -44,11 +44,24 @@ REL = 1e-5
 # under ZeRO-3 vs one process: 5.5e-3 (4.4e-2 before), losses 7e-7. Hence 2e-2 for full mode.
 ADAPTER_REL = {"lora-fa": REL, "lora-pro": 1e-3, "lora-pro-full": 2e-2}
 LOSS_REL = {"lora-fa": REL, "lora-pro": REL, "lora-pro-full": 1e-4}
-# one deepspeed launch per method and stage; LoRA-Pro's full mode runs in the ZeRO-3 GoLore launch
-# (ALSO_IN_LAUNCH) to add no launch: ZeRO-1/2 full mode is covered by the package's 2-rank tests
-# (loralab-lora-pro's lora_pro_dist_worker.py), the runners add no code for it
-METHODS: dict[str, list[str]] = {"lora-fa": [], "lora-pro": []}
-FLAGS = {**METHODS, "lora-pro-full": ["--pro_mode", "full"]}
+METHODS: dict[str, list[str]] = {
+    "lora-fa": [],
+    "lora-pro": [],
+    "lora-pro-full": ["--pro_mode", "full"],
+}
+# one deepspeed launch per case (CI time: no more launches than before). LoRA-Pro: efficient mode under
+# ZeRO-2, full mode under ZeRO-3; the runners pass --pro_mode through and add no code per mode or
+# stage. The optimizer's other pairs are tested elsewhere: efficient mode under ZeRO-1/2/3 and full
+# mode under ZeRO-2/3 in the package's 2-rank tests (lora_pro_dist_worker.py), efficient mode under
+# ZeRO-3 bf16 in test_runners_bf16_sharded.py.
+# A second training in one ZeRO-3 launch stalls before making its output directory (seen again with a
+# private extension cache), so full mode could not join the GoLore launch below.
+CASES = [
+    ("lora-fa", "zero2"),
+    ("lora-fa", "zero3"),
+    ("lora-pro", "zero2"),
+    ("lora-pro-full", "zero3"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +82,7 @@ def _args(model: str, files: dict, out: Path, batch: int, method: str) -> list[s
             "--validation_file", files["validation"], "--output_dir", str(out),
             "--per_device_train_batch_size", str(batch), "--max_steps", str(STEPS), "--logging_steps", "1",
             "--learning_rate", "1e-3", "--method", name, "--lora_r", "4", "--disable_tqdm", "true",
-            "--adam_epsilon", "1e-4", "--lora_dropout", "0", *FLAGS[method]]  # fmt: skip
+            "--adam_epsilon", "1e-4", "--lora_dropout", "0", *METHODS[method]]  # fmt: skip
 
 
 def _launch(cmd: list[str], cwd: Path) -> None:
@@ -109,8 +122,7 @@ def single_runs(roberta_no_dropout, glue_files, tmp_path_factory):
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["zero2", "zero3"])
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize(("method", "stage"), CASES, ids=[f"{m}-{s}" for m, s in CASES])
 def test_glue_deepspeed_two_ranks_equal_one_process(
     roberta_no_dropout, glue_files, single_runs, tmp_path, helpers, method, stage
 ):
@@ -127,6 +139,7 @@ def test_glue_deepspeed_two_ranks_equal_one_process(
     assert set(got) == set(want)
     for k in want:
         rel = ((got[k] - want[k]).norm() / want[k].norm().clamp_min(1e-12)).item()
+        print(f"{method} {stage}: {k} {rel:.2e}")
         assert rel < ADAPTER_REL[method], (k, rel)
 
 
@@ -153,14 +166,13 @@ GALORE_REL = 1e-5
 GALORE_ATOL = 1e-8
 GALORE_LOSS_REL = 1e-5
 # one training per launch: under ZeRO-3 (accelerate's DeepSpeed plugin) a second training in the same
-# launch stalled before making its output directory (observed; likely the stale DeepSpeed extension
-# build lock found the same day). To keep CI short only GoLore under ZeRO-3 runs here (partitioned
+# launch stalled before making its output directory (observed; seen again with a private
+# TORCH_EXTENSIONS_DIR, so not the stale DeepSpeed extension build lock found the same day, and not
+# explained). To keep CI short only GoLore under ZeRO-3 runs here (partitioned
 # parameters, an SVD projector at step 0 and a random one at step 2: GaLore's code path and GoLore's);
 # ZeRO-1/2's flat partitions under the same owner-rank code are tested in the golore package
 # (golore_dist_worker.py), and GaLore under ZeRO-2 from the runners passed once by hand (2026-12-03)
 GALORE_LAUNCHES = [("zero3", ("golore",))]
-# runner trainings of the lora methods that share a launch above (compared with ADAPTER_REL)
-ALSO_IN_LAUNCH = {"zero3": ("lora-pro-full",)}
 WORKER = Path(__file__).with_name("runners_fsdp_worker.py")
 
 
@@ -184,14 +196,11 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
     ("stage", "methods"), GALORE_LAUNCHES, ids=[f"{s}-{'+'.join(m)}" for s, m in GALORE_LAUNCHES]
 )
 def test_glue_galore_and_golore_under_deepspeed_equal_one_process(
-    roberta_no_dropout, glue_files, single_runs, tmp_path, helpers, stage, methods
+    roberta_no_dropout, glue_files, tmp_path, helpers, stage, methods
 ):
     outs = {m: tmp_path / f"{m}_{stage}" for m in methods}
     runs = [["glue", [*_galore_args(roberta_no_dropout, glue_files, out, 2, m), "--deepspeed", stage]]
             for m, out in outs.items()]  # fmt: skip
-    lora_outs = {m: tmp_path / f"{m}_{stage}" for m in ALSO_IN_LAUNCH.get(stage, ())}
-    runs += [["glue", [*_args(roberta_no_dropout, glue_files, out, 2, m), "--deepspeed", stage]]
-             for m, out in lora_outs.items()]  # fmt: skip
     (tmp_path / "runs.json").write_text(json.dumps(runs))
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
            str(helpers.free_port()), str(WORKER), str(tmp_path / "runs.json")]  # fmt: skip
@@ -213,16 +222,6 @@ def test_glue_galore_and_golore_under_deepspeed_equal_one_process(
         # every projected matrix trained (not a silent no-op): the attention and MLP weights moved
         moved = [k for k in want if k.endswith("dense.weight") and k in init]
         assert moved and all(not torch.allclose(got[k], init[k]) for k in moved)
-    for method, out in lora_outs.items():
-        single = single_runs(method)
-        assert _losses(out) == pytest.approx(_losses(single), rel=LOSS_REL[method])
-        got, want = _adapter(out), _adapter(single)
-        assert set(got) == set(want)
-        assert any("lora_B" in k and v.abs().max() > 0 for k, v in want.items())  # B moved from 0
-        for k in want:
-            rel = ((got[k] - want[k]).norm() / want[k].norm().clamp_min(1e-12)).item()
-            print(f"{method} {stage}: {k} {rel:.2e}")
-            assert rel < ADAPTER_REL[method], (method, k, rel)
 
 
 def test_galore_and_golore_refuse_bf16_under_zero_before_the_model_loads(glue_files, tmp_path):
