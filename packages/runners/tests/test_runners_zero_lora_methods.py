@@ -34,8 +34,9 @@ STEPS = 3
 REL = 1e-5
 # LoRA-Pro starts from B = 0 and inverts BᵀB of a B of norm ~1e-3 in its first steps: that amplifies
 # the float32 reduction-order noise of the averaged gradient in the adapter (measured: 4.8e-4
-# relative on one lora_B after 3 steps under ZeRO-3, losses and classifier head within 1e-5, no
-# structure in which elements differ); the 2-rank toy tests with a random B hold 1e-5
+# relative on one lora_B after 3 steps under ZeRO-3 with float32 Grams; 9.3e-5 under ZeRO-2 since
+# the package forms them in float64; losses and classifier head within 1e-5, no structure in which
+# elements differ); the 2-rank toy tests with a random B hold 1e-5
 #
 # Full mode is more sensitive: its step 2 moves A by (1/s)·B⁺N, with κ(B) ≈ 1e3 after the first step
 # (measured). In one process, float32 differs from the same run in float64 by 3.5e-3 (worst saved
