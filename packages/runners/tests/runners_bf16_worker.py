@@ -18,8 +18,9 @@ batched buckets):
 
 :func:`reference` runs this arithmetic in one process: float32 master weights, a bfloat16 copy of
 them for forward and backward of each rank's micro-batch, the bfloat16 gradients cast to float32 and
-averaged, the optimizer step on the float32 masters; for ZeRO-3 from the bfloat16-rounded start and
-with the mean rounded to bfloat16, as DeepSpeed does.
+averaged, the optimizer step on the float32 masters; for ZeRO-3 from the bfloat16-rounded start,
+with the mean rounded to bfloat16 and the frozen weights rounded to bfloat16 after each step (LoRA-Pro
+full mode decays them), as DeepSpeed does.
 
 Each rank writes ``{prefix}.{rank}.pt``: per engine and method the whole float32 master weights of the
 trainable parameters, and, for the methods that update whole weight matrices (GaLore, GoLore,
@@ -185,6 +186,14 @@ def reference(method: str, engine: str) -> dict[str, Tensor]:
                 pm.grad = pm.grad.bfloat16().float()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if engine == "zero3":
+            # DeepSpeed keeps frozen parameters in bfloat16 only (no float32 master): LoRA-Pro full
+            # mode's weight decay of the base weight (weight_decay_mode="effective") multiplies them
+            # in bfloat16, rounding at every step (a no-op for every other method: they stay put)
+            with torch.no_grad():
+                for pm in master.parameters():
+                    if not pm.requires_grad:
+                        pm.copy_(pm.bfloat16())
     return {n: p.detach().clone() for n, p in master.named_parameters() if p.requires_grad}
 
 

@@ -31,8 +31,21 @@ pseudo-inverses the formulas above give the **minimum-norm least-squares** solut
 ``B = 0`` is ``gᴬ = 0``, ``gᴮ = (1/s²) g_B (AAᵀ)⁻¹`` — exactly the first-step rule of the official
 code, obtained here without a special case (and right also for an init with ``B ≠ 0``).
 
+Precision. The Gram matrices and all the r×r algebra (eigendecompositions, inverses, the Sylvester
+solve) run in float64, from float64 copies of ``A`` and ``B`` (LoRA-sized). A few steps after
+``B = 0`` the columns of ``B`` are nearly dependent (κ(B) ≈ 10³ measured on a 3-step GLUE run): a Gram
+formed and decomposed in float32 has its smallest eigenvalue, which ``(BᵀB)⁻¹`` follows, wrong by
+about ``u·κ(B)²`` relative (u = 6e-8: 5e-2 there; the runs' factors then differed by as much from the
+exact float64 run, and a 2-rank DeepSpeed run from one process by 4.4e-2). With float32 inputs the
+remaining error of ``gᴬ``, ``gᴮ``, ``X`` and ``g̃`` is of the order of ``u·κ(B)`` (tested). The
+products with (m|n)-sized data stay in float32; :func:`optimal_equivalent_gradient` does all but its
+two m×n products in float64, since ``B·[(BᵀB)⁻¹g_A]`` with the inverse applied in float32 is off by
+``u·κ(B)²`` again (along B's large singular directions, which is what moves ``W``). For the same
+reason ``B·gᴬ`` from :func:`lora_pro_gradients` on float32 inputs keeps an error up to ``u·κ(B)²``
+(3e-3 measured at κ = 10³, 3e-2 before): full mode hands it float64 factors.
+
 Every function accepts leading batch dimensions (all layers of one shape in one call) and computes
-in float32 (float64 stays float64) on the inputs' device.
+in float32 (float64 stays float64) on the inputs' device, the r×r part in float64 (see above).
 
 Example:
     >>> import torch
@@ -116,10 +129,18 @@ def lora_gradients(
     return s * (B.mT @ G), s * (G @ A.mT)
 
 
+def _gram_dtype(device: torch.device) -> torch.dtype:
+    # float64 for the Grams and the r×r algebra (module docstring, "Precision"); MPS has no float64
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def _eigh_grams(
     A: Tensor, B: Tensor, jitter: float = 0.0
 ) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]:
-    """``(BᵀB, its eigenvalues, eigenvectors)`` and the same for ``AAᵀ``: one batched ``eigh`` call."""
+    """``(BᵀB, its eigenvalues, eigenvectors)`` and the same for ``AAᵀ``: one batched ``eigh`` call,
+    Grams formed and decomposed in float64 (see the module docstring, "Precision")."""
+    gd = _gram_dtype(A.device)
+    A, B = A.to(gd), B.to(gd)
     return _eigh_pair(B.mT @ B, A @ A.mT, jitter)
 
 
@@ -136,6 +157,8 @@ def _eigh_pair(
     # both Grams of every layer of the batch go through a single batched call. ``jitter`` > 0 replaces
     # both Grams by Gram + jitter·I everywhere (inverses, projector, Sylvester): lora-pro-adamw's
     # regularisation (absolute 1e-6 in its efficient mode, 1e-8 in its full mode).
+    gd = _gram_dtype(BtB.device)
+    BtB, AAt = BtB.to(gd), AAt.to(gd)
     if jitter:
         eye = torch.eye(BtB.shape[-1], dtype=BtB.dtype, device=BtB.device)
         BtB, AAt = BtB + jitter * eye, AAt + jitter * eye
@@ -161,10 +184,13 @@ def solve_x(
     _check_jitter(jitter)
     dt = accumulation_dtype(A.dtype)
     A, B, g_A, g_B = (t.to(dt) for t in (A, B, g_A, g_B))
-    s = _scale(scaling, A)
     eb, ea = _eigh_grams(A, B, jitter)
+    s = _scale(scaling, eb[0])
     BtB_inv_s2 = ridge_inverse_from_eigh(*eb, ridge) / s**2
-    return _x_from_eighs(g_A @ A.mT, BtB_inv_s2, B.mT @ g_B, eb, ea, x_mode)
+    gd = eb[0].dtype
+    return _x_from_eighs((g_A @ A.mT).to(gd), BtB_inv_s2, (B.mT @ g_B).to(gd), eb, ea, x_mode).to(
+        dt
+    )
 
 
 def _x_from_eighs(gAAt, BtB_inv_s2, Btg_B, eb, ea, x_mode) -> Tensor:
@@ -294,11 +320,18 @@ def lora_pro_gradients_buckets(
                 f"every stack must be A_gA (L, 2r, n) and B_gB (L, m, 2r) with one rank r = {r}, got "
                 f"{tuple(A_gA.shape)} and {tuple(B_gB.shape)}"
             )
-    # [AAᵀ; g_A Aᵀ] and [BᵀB | Bᵀg_B]: the four r×r products that read A, g_A, B, g_B
-    AgA_At = _cat([A_gA @ A_gA[:, :r].mT for A_gA in A_gAs])
-    Bt_BgB = _cat([B_gB[..., :r].mT @ B_gB for B_gB in B_gBs])
-    s2 = _scale(_cat(list(scalings)), AgA_At) ** 2
-    eb, ea = _eigh_pair(Bt_BgB[..., :r], AgA_At[..., :r, :], jitter)
+    # AAᵀ, g_A Aᵀ, BᵀB and Bᵀg_B: the four r×r products that read A, g_A, B, g_B; the Grams from
+    # float64 copies of A and B (module docstring, "Precision"), the other two in the inputs' dtype
+    dt, gd = A_gAs[0].dtype, _gram_dtype(A_gAs[0].device)
+    A64s = [A_gA[:, :r].to(gd) for A_gA in A_gAs]
+    B64s = [B_gB[..., :r].to(gd) for B_gB in B_gBs]
+    AAt = _cat([a @ a.mT for a in A64s])
+    BtB = _cat([b.mT @ b for b in B64s])
+    del A64s, B64s
+    gAAt = _cat([A_gA[:, r:] @ A_gA[:, :r].mT for A_gA in A_gAs]).to(gd)
+    Btg_B = _cat([B_gB[..., :r].mT @ B_gB[..., r:] for B_gB in B_gBs]).to(gd)
+    s2 = _scale(_cat(list(scalings)), AAt) ** 2
+    eb, ea = _eigh_pair(BtB, AAt, jitter)
     BtB_inv = ridge_inverse_from_eigh(*eb, ridge)
     AAt_inv = ridge_inverse_from_eigh(*ea, ridge)
     # The 1/s² and every product that can be are folded into r×r matrices (the m×m projector is never
@@ -309,14 +342,15 @@ def lora_pro_gradients_buckets(
     #   Y = (1/s²)(BᵀB)⁻¹ (Bᵀg_B) (AAᵀ)⁻¹
     BtB_inv_s2 = BtB_inv / s2
     AAt_inv_s2 = AAt_inv / s2
-    Btg_B = Bt_BgB[..., r:]
     Y = BtB_inv_s2 @ Btg_B @ AAt_inv
     if x_mode == "zero":
         coef_A, YX = BtB_inv_s2, Y
     else:
-        X = _x_from_eighs(AgA_At[..., r:, :], BtB_inv_s2, Btg_B, eb, ea, x_mode)
+        X = _x_from_eighs(gAAt, BtB_inv_s2, Btg_B, eb, ea, x_mode)
         coef_A, YX = torch.cat([X, BtB_inv_s2], dim=-1), Y + X
-    coef_B = torch.cat([-YX, AAt_inv_s2], dim=-2)
+    # the r×r coefficients back in the inputs' dtype for the (m|n)×r products
+    coef_A = coef_A.to(dt)
+    coef_B = torch.cat([-YX, AAt_inv_s2], dim=-2).to(dt)
     sizes = [t.shape[0] for t in A_gAs]
     out = []
     for A_gA, B_gB, cA, cB in zip(A_gAs, B_gBs, coef_A.split(sizes), coef_B.split(sizes)):
@@ -355,9 +389,12 @@ def optimal_equivalent_gradient(
         True
     """
     _check_factors(A, B, g_A, g_B)
-    dt = accumulation_dtype(A.dtype)
-    A, B, g_A, g_B = (t.to(dt) for t in (A, B, g_A, g_B))
     _check_jitter(jitter)
+    # the LoRA-sized and r×r work in float64, only the two m×n products in float32 (float64 stays
+    # float64): with the inverses rounded to float32 first, B·(BᵀB)⁻¹g_A would carry an error of
+    # u·κ(B)² relative (module docstring, "Precision"); this way u·κ(B)
+    dt, gd = accumulation_dtype(A.dtype), _gram_dtype(A.device)
+    A, B, g_A, g_B = (t.to(gd) for t in (A, B, g_A, g_B))
     s = _scale(scaling, A)
     eb, ea = _eigh_grams(A, B, jitter)
     BtB_inv, AAt_inv = ridge_inverse_from_eigh(*eb, ridge), ridge_inverse_from_eigh(*ea, ridge)
@@ -366,4 +403,5 @@ def optimal_equivalent_gradient(
     if rows is not None:
         B, M = B[..., rows, :], M[..., rows, :]
     M = M - B @ K
-    return (B @ (BtB_inv @ g_A) + M @ A) / s
+    Z = BtB_inv @ g_A  # r×n
+    return B.to(dt) @ (Z / s).to(dt) + (M / s).to(dt) @ A.to(dt)

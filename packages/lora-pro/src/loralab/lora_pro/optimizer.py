@@ -95,6 +95,14 @@ def _moment_dtype(p: Tensor) -> torch.dtype:
     return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
 
 
+def _factor_dtype(like: Tensor) -> torch.dtype:
+    """Full mode maps the Adam direction back to the factors in float64 (LoRA-sized work; MPS has
+    none): the factor update ``(1/s²)(BᵀB)⁻¹·s·BᵀN`` computed with a float32 inverse is off by about
+    ``u·κ(B)²`` along B's large singular directions, which is what moves ``W`` (κ(B) ≈ 10³ a few steps
+    after ``B = 0``: 5e-2 relative on a GLUE run; see :mod:`loralab.lora_pro.adjust`, "Precision")."""
+    return torch.float32 if like.device.type == "mps" else torch.float64
+
+
 def _all_finite(tensors: Iterable[Tensor]) -> bool:
     """Whether every entry is finite: one reduction per tensor, the exact element-wise test only when
     the sums are not finite (which finite tensors can also give, by overflow)."""
@@ -570,8 +578,12 @@ class LoraProAdamW(torch.optim.Optimizer):
                 eps=group["eps"],
             )
             nA, nB = lora_gradients(Ad, Bd, N.to(gt.dtype)[None], sd)
+            fd = _factor_dtype(Ad)  # LoRA-sized: in float64, as _full_bucket
             dA, dB = lora_pro_gradients(
-                Ad, Bd, nA, nB, sd, x_mode=group["x_mode"], ridge=ridge, jitter=jitter
+                *(t.to(fd) for t in (Ad, Bd, nA, nB, sd)),
+                x_mode=group["x_mode"],
+                ridge=ridge,
+                jitter=jitter,
             )
             if self.check_finite and not _all_finite([dA, dB]):
                 bad.append(pair.name)
@@ -1009,12 +1021,14 @@ class LoraProAdamW(torch.optim.Optimizer):
         nA, nB = lora_gradients(A, B_rows, N, sd)
         nA = sum_over_shards_(nA.contiguous(), bucket[0].B)
         nB = gather_rows(bucket[0].B, nB.transpose(0, 1)).transpose(0, 1)
+        # LoRA-sized: in float64 (see _factor_dtype)
+        fd = _factor_dtype(A)
         dA, dB = lora_pro_gradients(
-            A,
-            B,
-            nA,
-            nB,
-            sd,
+            A.to(fd),
+            B.to(fd),
+            nA.to(fd),
+            nB.to(fd),
+            sd.to(fd),
             x_mode=group["x_mode"],
             ridge=group["ridge"],
             jitter=group.get("jitter", 0.0),

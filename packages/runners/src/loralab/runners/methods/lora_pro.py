@@ -6,7 +6,6 @@ PEFT LoRA adapters trained by ``LoraProAdamW``, which replaces A's and B's gradi
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from torch import nn
@@ -16,7 +15,6 @@ from loralab.runners.methods.base import (
     LORA_DEFAULTS,
     LORA_OPTIONS,
     Method,
-    MethodError,
     Option,
     lora_kwargs,
 )
@@ -32,7 +30,7 @@ class LoraPro(Method):
     description = "LoRA-Pro: LoRA with equivalent gradients (AdamW on the adjusted A, B gradients)"
     # needs each (A, B) pair as matrices: the optimizer gathers the small factors from DeepSpeed
     # ZeRO's flat partitions (loralab.core.zero_views; full mode keeps each layer's m×n state on one
-    # rank) and from FSDP2's row shards (loralab.core.sharding)
+    # rank; both modes under ZeRO-1/2/3) and from FSDP2's row shards (loralab.core.sharding)
     sharded_engines = frozenset({"deepspeed_zero", "fsdp2"})
     # LoRA-Pro has no config dataclass: its options are create_lora_pro_optimizer's arguments
     options = (
@@ -55,18 +53,6 @@ class LoraPro(Method):
         "pro_mode": "efficient",
         "pro_x_mode": "sylvester",
     }
-
-    def check_zero(
-        self, args: Any, stage: int, flag: str, config: Mapping[str, Any] | None = None
-    ) -> None:
-        super().check_zero(args, stage, flag, config)
-        if stage >= 1 and getattr(args, "pro_mode", "efficient") == "full":
-            # the package runs full mode under ZeRO-1/2/3 (its 2-rank tests pass), but a 2-rank GLUE run
-            # under ZeRO-3 differed from one process by 4.4e-2 in one lora_A: not offered until explained
-            raise MethodError(
-                f"--pro_mode full is not supported under DeepSpeed ZeRO-{stage} ({flag}) by the runners yet: use "
-                "--pro_mode efficient, or full mode with DDP (torchrun / accelerate launch) or --fsdp full_shard"
-            )
 
     def wrap(self, model: nn.Module, args: Any, train_batches: Any, *, resume: bool) -> nn.Module:
         self.import_package()
