@@ -163,7 +163,7 @@ def test_method_with_its_own_optimizer_refuses_zero_offload(name: str, key: str)
     with pytest.raises(
         MethodError,
         match=rf"--method {name} does not run with DeepSpeed ZeRO offload \(--deepspeed x.json: "
-        rf"zero_optimization.{key} on cpu/nvme\).*use --deepspeed zero3 \(no offload\)",
+        rf"zero_optimization.{key} on cpu/nvme\).*use ZeRO-3 without offload \(--deepspeed zero3\)",
     ):
         method.check_zero(args, 3, "--deepspeed x.json", config)
     with pytest.raises(
@@ -186,7 +186,7 @@ def test_zero_offload_refuses_sgd_and_runs_adamw():
     with pytest.raises(
         MethodError,
         match=r"--optim sgd does not run with DeepSpeed ZeRO offload \(--deepspeed zero3_offload: "
-        r"zero_optimization.offload_optimizer on cpu/nvme\).*use --optim adamw",
+        r"zero_optimization.offload_optimizer on cpu/nvme\).*use AdamW \(--optim adamw\)",
     ):
         get_method("full").check_zero(
             method_args("full", optim="sgd"), 3, "--deepspeed zero3_offload", config

@@ -320,7 +320,9 @@ class Method(ABC):
             )
         self.check_offload(args, flag, config)
 
-    def check_offload(self, args: Any, flag: str, config: Mapping[str, Any] | None) -> None:
+    def check_offload(
+        self, args: Any, flag: str, config: Mapping[str, Any] | None, what: str | None = None
+    ) -> None:
         """Refuse ZeRO offload (``offload_optimizer`` / ``offload_param`` on ``cpu`` / ``nvme``) where it
         would train something other than what was asked.
 
@@ -343,16 +345,17 @@ class Method(ABC):
         optim = getattr(args, "optim", "adamw") if args is not None else "adamw"
         if own_optimizer:
             raise MethodError(
-                f"--method {self.name} does not run with DeepSpeed ZeRO offload ({flag}: zero_optimization."
+                f"{what or '--method ' + self.name} does not run with DeepSpeed ZeRO offload ({flag}: "
+                "zero_optimization."
                 f"{' and zero_optimization.'.join(offloaded)} on cpu/nvme): accelerate would replace its "
                 "optimizer by DeepSpeed's CPU Adam (plain Adam), and its ZeRO views are not tested on "
-                "offloaded partitions; use --deepspeed zero3 (no offload)"
+                "offloaded partitions; use ZeRO-3 without offload (--deepspeed zero3)"
             )
         if optim != "adamw" and "offload_optimizer" in offloaded:
             raise MethodError(
                 f"--optim {optim} does not run with DeepSpeed ZeRO offload ({flag}: zero_optimization."
                 "offload_optimizer on cpu/nvme): accelerate would replace the optimizer by DeepSpeed's CPU "
-                "Adam; use --optim adamw, or --deepspeed zero3 (no offload)"
+                "Adam; use AdamW (--optim adamw), or ZeRO-3 without offload (--deepspeed zero3)"
             )
 
     def import_package(self) -> ModuleType | None:
