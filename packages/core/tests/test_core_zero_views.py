@@ -192,3 +192,25 @@ def test_flat_partition_returns_the_one_flat_tensor_and_refuses_anything_else():
     assert flat_partition({"params": [flat]}, "g") is flat
     with pytest.raises(RuntimeError, match="g: expected one flat DeepSpeed ZeRO partition, got 2"):
         flat_partition({"params": [flat, flat]}, "g")
+
+
+def test_zero3_offload_is_refused_naming_the_config_key(monkeypatch):
+    # offload_param marks the partitions' final_location; offload_optimizer moves the fp32 partition
+    # to the CPU while the parameters' partitions stay on the accelerator (here: the meta device)
+    _fake_world(monkeypatch, 0, 1)
+    params = _stage3_params(1)
+    flat = torch.zeros(23)
+    flat.ds_id = "7_9"
+    params[1].ds_tensor.final_location = "not-nvme"
+    with pytest.raises(ZeroLayoutError, match=r"offload \(zero_optimization\.offload_param\)"):
+        zero_partition(params, flat, "opt group 0")
+    params[1].ds_tensor.final_location = None
+    zero_partition(params, flat)  # no offload: the layout reads
+    on_cpu = torch.zeros(23, device="meta")
+    on_cpu.ds_id = "7_9"
+    with pytest.raises(
+        ZeroLayoutError,
+        match=r"partition is on meta, its parameters' partitions on cpu: DeepSpeed optimizer "
+        r"offload \(zero_optimization\.offload_optimizer\)",
+    ):
+        zero_partition(params, on_cpu)

@@ -461,6 +461,15 @@ def test_deepspeed_config_is_filled_from_the_flags_and_checked(tmp_path):
         ]["stage"]
         == 0
     )
+    # ZeRO offload: GaLore / GoLore's optimizers are refused on offloaded partitions; AdamW runs
+    offload = dict(auto, zero_optimization={"stage": 3, "offload_param": {"device": "nvme"}})
+    with pytest.raises(
+        ValueError,
+        match=r"--optimizer galore_adamw does not run with DeepSpeed ZeRO offload \(--deepspeed_config .*: "
+        r"zero_optimization\.offload_param on cpu/nvme\)",
+    ):
+        cfg(offload, "--optimizer", "galore_adamw")
+    assert cfg(offload, "--optimizer", "adamw")["zero_optimization"]["stage"] == 3
     with pytest.raises(FileNotFoundError, match=r"--deepspeed_config .* does not exist"):
         deepspeed_config(
             parse_args(["--output_dir", "x", "--deepspeed_config", str(tmp_path / "none.json")]),

@@ -148,6 +148,54 @@ def test_method_that_needs_whole_matrices_refuses_zero():
     get_method("golore-relora").check_zero(None, 0, "--deepspeed zero0")  # stage 0: no partitioning
 
 
+@pytest.mark.parametrize("name", ["lora-fa", "lora-pro", "galore", "golore"])
+@pytest.mark.parametrize("key", ["offload_optimizer", "offload_param"])
+def test_method_with_its_own_optimizer_refuses_zero_offload(name: str, key: str):
+    # accelerate swaps a client optimizer for DeepSpeedCPUAdam under offload_optimizer: GaLore, LoRA-FA,
+    # LoRA-Pro and GoLore would silently train plain Adam (a 2-rank GLUE run differed from zero3)
+    from loralab.runners.launch import load_deepspeed_config
+    from loralab.runners.methods import get_method, method_args
+
+    method = get_method(name)
+    args = method_args(name, learning_rate=1e-3, max_steps=2)
+    config = load_deepspeed_config("zero3")
+    config["zero_optimization"][key] = {"device": "cpu"}
+    with pytest.raises(
+        MethodError,
+        match=rf"--method {name} does not run with DeepSpeed ZeRO offload \(--deepspeed x.json: "
+        rf"zero_optimization.{key} on cpu/nvme\).*use ZeRO-3 without offload \(--deepspeed zero3\)",
+    ):
+        method.check_zero(args, 3, "--deepspeed x.json", config)
+    with pytest.raises(
+        MethodError, match=r"offload_optimizer and zero_optimization\.offload_param"
+    ):
+        method.check_zero(
+            args, 3, "--deepspeed zero3_offload", load_deepspeed_config("zero3_offload")
+        )
+    method.check_zero(args, 3, "--deepspeed zero3", load_deepspeed_config("zero3"))
+
+
+def test_zero_offload_refuses_sgd_and_runs_adamw():
+    # DeepSpeedCPUAdam in adamw_mode is torch AdamW's update (LoRA: zero3_offload equals zero3), SGD is not
+    from loralab.runners.launch import load_deepspeed_config
+    from loralab.runners.methods import get_method, method_args
+
+    config = load_deepspeed_config("zero3_offload")
+    for name in ("lora", "full", "lora-ga", "lora-sb"):
+        get_method(name).check_zero(method_args(name), 3, "--deepspeed zero3_offload", config)
+    with pytest.raises(
+        MethodError,
+        match=r"--optim sgd does not run with DeepSpeed ZeRO offload \(--deepspeed zero3_offload: "
+        r"zero_optimization.offload_optimizer on cpu/nvme\).*use AdamW \(--optim adamw\)",
+    ):
+        get_method("full").check_zero(
+            method_args("full", optim="sgd"), 3, "--deepspeed zero3_offload", config
+        )
+    # offload_param alone keeps the optimizer (accelerate swaps it only under offload_optimizer)
+    config["zero_optimization"].pop("offload_optimizer")
+    get_method("full").check_zero(method_args("full", optim="sgd"), 3, "--deepspeed p.json", config)
+
+
 # ---------------------------------------------------------------- 2 CPU processes
 
 

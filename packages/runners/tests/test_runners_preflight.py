@@ -467,3 +467,27 @@ def test_set_item_that_reaches_no_compared_method_is_refused(item, message):
     with pytest.raises(PreflightError, match=rf"--set {re.escape(item)}: {message}"):
         check_overrides([item], ["full", "lora"])
     check_overrides(["lora_r=4", "lora.lora_r=8", "learning_rate=1e-3"], ["full", "lora"])
+
+
+def test_accelerate_deepspeed_plugin_offload_is_refused_before_loading(
+    tiny_dirs, glue_files, tmp_path, monkeypatch
+):
+    # accelerate launch --config_file deepspeed_zero3_offload.yaml: the plugin's JSON is read up front
+    from loralab.runners.arguments import parse_args
+    from loralab.runners.launch import DEEPSPEED_CONFIGS
+    from loralab.runners.methods import MethodError
+
+    path = tmp_path / "z3o.json"
+    path.write_text(json.dumps(DEEPSPEED_CONFIGS["zero3_offload"]))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(path))
+    args = parse_args(
+        glue.GlueArgs,
+        glue_argv(tiny_dirs["roberta"], glue_files, tmp_path / "out", "--method", "lora-fa"),
+    )
+    with pytest.raises(
+        MethodError,
+        match=r"--method lora-fa does not run with DeepSpeed ZeRO offload \(accelerate's DeepSpeed "
+        r"plugin \(.*z3o.json\): zero_optimization.offload_optimizer and zero_optimization.offload_param",
+    ):
+        preflight.check_train_args(args, auto_class="AutoModelForSequenceClassification")

@@ -367,6 +367,7 @@ def _stage3(originals: Sequence[Tensor], flat: Tensor, where: str) -> ZeroPartit
             "not built with (another optimizer's group?)"
         ) from None
     chunk = list(originals[start:stop])
+    _refuse_offload(chunk, flat, where)
     group = _dp_group(chunk)
     rank, world = _rank_world(group)
     pieces, at = [], 0
@@ -387,6 +388,26 @@ def _stage3(originals: Sequence[Tensor], flat: Tensor, where: str) -> ZeroPartit
             f"partitions {at} (offloaded or swapped parameters are not supported)"
         )
     return ZeroPartition(flat, pieces, 3, rank, world, group)
+
+
+def _refuse_offload(chunk: Sequence[Tensor], flat: Tensor, where: str) -> None:
+    # ZeRO-3 offload is untested with the whole-matrix views (accelerate even swaps the optimizer for
+    # DeepSpeedCPUAdam under offload_optimizer): refuse it rather than train something unverified.
+    # offload_param sets the partitions' final_location (None without offload); offload_optimizer
+    # keeps the fp32 partition on the CPU while the parameters' partitions stay on the accelerator
+    if any(getattr(p.ds_tensor, "final_location", None) is not None for p in chunk):  # type: ignore[attr-defined]
+        raise ZeroLayoutError(
+            f"{where}DeepSpeed ZeRO-3 parameter offload (zero_optimization.offload_param) is not "
+            "supported by this optimizer: use ZeRO-3 without offload"
+        )
+    devices = {p.ds_tensor.device for p in chunk}  # type: ignore[attr-defined]
+    if devices != {flat.device}:
+        raise ZeroLayoutError(
+            f"{where}the ZeRO-3 partition is on {flat.device}, its parameters' partitions on "
+            f"{', '.join(sorted(map(str, devices)))}: DeepSpeed optimizer offload "
+            "(zero_optimization.offload_optimizer) is not supported by this optimizer: use ZeRO-3 "
+            "without offload"
+        )
 
 
 def _stage12(originals: Sequence[Tensor], flat: Tensor, where: str) -> ZeroPartition:

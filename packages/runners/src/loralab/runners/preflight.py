@@ -502,6 +502,21 @@ def check_train_args(
         get_method(args.method).check_zero(
             args, zero_stage(ds_config), f"--deepspeed {args.deepspeed}", ds_config
         )
+    plugin_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if (
+        not getattr(args, "deepspeed", None)
+        and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+        and plugin_file
+        and Path(plugin_file).is_file()
+    ):
+        # accelerate launch with a DeepSpeed plugin YAML: its JSON is known before any model loads
+        from loralab.runners.launch import load_deepspeed_config, zero_stage
+        from loralab.runners.methods import get_method
+
+        ds_config = load_deepspeed_config(plugin_file)
+        get_method(args.method).check_zero(
+            args, zero_stage(ds_config), f"accelerate's DeepSpeed plugin ({plugin_file})", ds_config
+        )
     check_output_dir_writable(args.output_dir)
     check_model_path(args.model_name_or_path)
     if getattr(args, "tokenizer_name", None):

@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import torch
@@ -116,6 +117,11 @@ def deepspeed_config(args: C4Args, env: Env, accum: int) -> dict[str, Any]:
             f"{what} needs whole 2-D weights in the optimizer, but ZeRO stage {stage} hands it flat 1-D partitions (the projection "
             "would silently become plain AdamW). Use ZeRO stage 0 in --deepspeed_config, or plain DDP (torchrun)."
         )
+    # offload: GaLore / GoLore's optimizers are not tested on offloaded partitions, SGD would need
+    # DeepSpeed's CPU optimizer (the same refusal as the fine-tuning runners')
+    method.check_offload(
+        SimpleNamespace(optim=args.optim()), f"--deepspeed_config {path}", cfg, what
+    )
     if method.name != "full" and cfg.get("bf16", {}).get("enabled"):
         raise ValueError(
             f"{what} under DeepSpeed: disable bf16 in --deepspeed_config (its bf16 optimizer flattens the weights "

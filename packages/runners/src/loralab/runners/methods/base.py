@@ -318,6 +318,45 @@ class Method(ABC):
                 f"--method {self.name} needs each weight's matrix in its optimizer, but DeepSpeed ZeRO-{stage} "
                 f"({flag}) flattens and shards them: run it without {flag} (DDP via torchrun / accelerate launch)"
             )
+        self.check_offload(args, flag, config)
+
+    def check_offload(
+        self, args: Any, flag: str, config: Mapping[str, Any] | None, what: str | None = None
+    ) -> None:
+        """Refuse ZeRO offload (``offload_optimizer`` / ``offload_param`` on ``cpu`` / ``nvme``) where it
+        would train something other than what was asked.
+
+        accelerate's DeepSpeed ``prepare`` replaces a client optimizer under ``offload_optimizer`` by
+        ``DeepSpeedCPUAdam(optimizer.param_groups, lr, weight_decay)`` (``map_pytorch_optim_to_deepspeed``,
+        unless ``zero_force_ds_cpu_optimizer`` is false): the same update only for ``torch.optim.AdamW``;
+        a method's own optimizer (GaLore's projection, LoRA-FA's, LoRA-Pro's gradient fix) or SGD would be
+        plain Adam. With ``zero_force_ds_cpu_optimizer: false`` the method's optimizer gets DeepSpeed's
+        offloaded partitions, a layout its ZeRO views are not tested on; so is ``offload_param``.
+        """
+        zero = dict((config or {}).get("zero_optimization") or {})
+        offloaded = [
+            key
+            for key in ("offload_optimizer", "offload_param")
+            if str((zero.get(key) or {}).get("device", "none")).lower() in ("cpu", "nvme")
+        ]
+        if not offloaded:
+            return
+        own_optimizer = type(self).build_optimizer is not Method.build_optimizer
+        optim = getattr(args, "optim", "adamw") if args is not None else "adamw"
+        if own_optimizer:
+            raise MethodError(
+                f"{what or '--method ' + self.name} does not run with DeepSpeed ZeRO offload ({flag}: "
+                "zero_optimization."
+                f"{' and zero_optimization.'.join(offloaded)} on cpu/nvme): accelerate would replace its "
+                "optimizer by DeepSpeed's CPU Adam (plain Adam), and its ZeRO views are not tested on "
+                "offloaded partitions; use ZeRO-3 without offload (--deepspeed zero3)"
+            )
+        if optim != "adamw" and "offload_optimizer" in offloaded:
+            raise MethodError(
+                f"--optim {optim} does not run with DeepSpeed ZeRO offload ({flag}: zero_optimization."
+                "offload_optimizer on cpu/nvme): accelerate would replace the optimizer by DeepSpeed's CPU "
+                "Adam; use AdamW (--optim adamw), or ZeRO-3 without offload (--deepspeed zero3)"
+            )
 
     def import_package(self) -> ModuleType | None:
         """Import the method's package, or raise ``ImportError`` saying what to install."""
