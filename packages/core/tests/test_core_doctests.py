@@ -12,6 +12,7 @@ MODULES = [
     "demo",
     "distributed",
     "estimation",
+    "gradient_sums",
     "gradients",
     "linalg",
     "lora_layers",

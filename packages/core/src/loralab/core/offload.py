@@ -947,7 +947,7 @@ def _run(
     reduce: bool,
     progress: bool,
     total: int | None,
-    budget: int | None = None,
+    budget: float | None = None,
     expected_batches: int | None = None,
     zero3: bool = False,
 ) -> dict[str, Tensor]:
@@ -1062,9 +1062,9 @@ def _run(
                 # after a forward, for a training backward that will not come)
                 from torch.distributed.fsdp import FSDPModule
 
-                for m in model.modules():
-                    if isinstance(m, FSDPModule):
-                        m.reshard()
+                for mod in model.modules():
+                    if isinstance(mod, FSDPModule):
+                        mod.reshard()
             logger.info(
                 "%s: %d blocks, %d batches, %s wiring",
                 ("block-wise (in place, FSDP2)" if fsdp else "block-wise (in place)")

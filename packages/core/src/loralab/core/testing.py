@@ -456,7 +456,7 @@ def gradient_sums_peak() -> Iterator[dict[str, int]]:
         seen["peak_layers"] = max(seen["peak_layers"], len(live))
         seen["peak"] = max(seen["peak"], sum(live.values()))
 
-    class CountedSums(dict):  # type: ignore[type-arg]
+    class CountedSums(dict):
         def __setitem__(self, name: str, value: torch.Tensor) -> None:
             super().__setitem__(name, value)
             live[(id(self), name)] = value.numel()
@@ -474,12 +474,12 @@ def gradient_sums_peak() -> Iterator[dict[str, int]]:
 
     original = gradient_sums.GradientSums
 
-    class Counted(original):  # type: ignore[misc, valid-type]
+    class Counted(original):  # type: ignore[valid-type, misc]
         def __init__(self) -> None:
             super().__init__()
             self.sums = CountedSums()
 
-    gradient_sums.GradientSums = Counted  # type: ignore[misc]
+    gradient_sums.GradientSums = Counted  # type: ignore[misc, assignment]
     try:
         yield seen
     finally:

@@ -22,7 +22,7 @@ from loralab.runners.preflight import check_data_file
 __all__ = ["dtype_kwargs", "load_split", "pad_collate", "require_columns", "take"]
 
 
-def dtype_kwargs(dtype: torch.dtype = torch.float32) -> dict[str, torch.dtype]:
+def dtype_kwargs(dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """``from_pretrained`` keyword arguments that load the weights in ``dtype``.
 
     Always pass one: transformers 5 loads a checkpoint in the dtype it was *saved* in by default, so
