@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from loralab.core.testing import free_port, save_tiny, tiny_llama, tiny_roberta, tiny_t5
+from loralab.core.testing import (
+    free_port,
+    freeing_deepspeed_shm_buffers,
+    save_tiny,
+    tiny_llama,
+    tiny_roberta,
+    tiny_t5,
+)
 
 NEUTRAL = "the a movie film plot actor story scene".split()
 POSITIVE = "great good fun best".split()
@@ -36,6 +43,20 @@ def small_options(method: str) -> dict:
 def method_flags(method: str) -> list[str]:
     """:func:`small_options` as command-line flags (``["--lora_r", "4", ...]``)."""
     return [x for k, v in small_options(method).items() for x in (f"--{k}", str(v))]
+
+
+@pytest.fixture(scope="session")
+def _deepspeed_shm_buffers_of_the_session():
+    with freeing_deepspeed_shm_buffers() as free_now:
+        yield free_now
+
+
+@pytest.fixture(autouse=True)
+def _free_deepspeed_shm_buffers(_deepspeed_shm_buffers_of_the_session):
+    """The runners' tests (and their module fixtures) launch DeepSpeed processes themselves: after
+    each test, free the RAM those processes left in /dev/shm."""
+    yield
+    _deepspeed_shm_buffers_of_the_session()
 
 
 @pytest.fixture(scope="session")

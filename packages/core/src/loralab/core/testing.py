@@ -30,6 +30,7 @@ __all__ = [
     "VOCAB_SIZE",
     "as_zero12_partition",
     "free_port",
+    "freeing_deepspeed_shm_buffers",
     "fully_shard_model",
     "gradient_sums_peak",
     "make_classification_batches",
@@ -319,10 +320,41 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+_SHM = Path("/dev/shm")
+_DEEPSPEED_SHM_BUFFERS = "deepspeed_allreduce_buffer_*"
+
+
+@contextmanager
+def freeing_deepspeed_shm_buffers() -> Iterator[Callable[[], None]]:
+    """Delete the shared-memory buffers DeepSpeed's CPU backend left behind in the block's processes.
+
+    Every DeepSpeed process on the CPU accelerator builds its shared-memory all-reduce op and maps a
+    ~66 MiB file ``/dev/shm/deepspeed_allreduce_buffer_<n>_<addr>_<port>_<rank>`` that nobody
+    unlinks, even at a clean exit: a test suite with dozens of launches filled 16 GiB of RAM-backed
+    ``/dev/shm``. Files that existed before the block are left alone. The block receives a function
+    that frees what is there so far (for a long block, such as a test session, to call between tests).
+
+    Example:
+        >>> with freeing_deepspeed_shm_buffers() as free_now:
+        ...     free_now()  # after run_accelerate("worker.py", ...)
+    """
+    before = set(_SHM.glob(_DEEPSPEED_SHM_BUFFERS))
+
+    def free_now() -> None:
+        for path in set(_SHM.glob(_DEEPSPEED_SHM_BUFFERS)) - before:
+            path.unlink(missing_ok=True)
+
+    try:
+        yield free_now
+    finally:
+        free_now()
+
+
 def _run_launcher(cmd: list[str], env: dict[str, str], timeout: float) -> None:
     import subprocess
 
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    with freeing_deepspeed_shm_buffers():
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, (
         f"{' '.join(cmd)} failed (exit {proc.returncode})\n"
         f"--- stderr (end) ---\n{proc.stderr[-4000:]}\n"
