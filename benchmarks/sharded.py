@@ -6,7 +6,9 @@ Each method trains a random Llama (~97M parameters, untied, vocab 8000) with 2 C
 
 - ``ddp``: ``accelerate`` DDP (every rank holds the whole model, gradients and optimizer state);
 - ``zero2`` / ``zero3``: ``--deepspeed zero2`` / ``zero3`` (accelerate's DeepSpeed plugin);
-- ``fsdp2``: ``--fsdp full_shard`` (``torch.distributed.fsdp.fully_shard``, ``DTensor`` row shards).
+- ``fsdp2``: ``--fsdp full_shard`` (``torch.distributed.fsdp.fully_shard``, ``DTensor`` row shards);
+- ``fsdp2-sgo``: ``--fsdp shard_grad_op`` (the same, each block's gathered weights kept from its
+  forward to its backward: one all-gather per block and step instead of two).
 
 The worker builds the engine, the method (``Method.setup``, its optimizer included) and runs the
 runners' own ``train_step`` exactly as the fine-tuning loop does. Per rank it reports:
@@ -49,7 +51,7 @@ import _common
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "sharded.md"
 METHODS = ("full", "lora", "lora-fa", "lora-pro", "lora-pro-full", "galore", "golore")
-ENGINES = ("ddp", "zero2", "zero3", "fsdp2")
+ENGINES = ("ddp", "zero2", "zero3", "fsdp2", "fsdp2-sgo")
 FULL = _common.ESTIMATION_FULL
 QUICK = _common.ESTIMATION_QUICK
 PREFIX = "SHARDED_RESULT "
@@ -68,9 +70,13 @@ def _method_flags(method: str) -> tuple[str, list[str]]:
 
 
 def _engine_flags(engine: str) -> list[str]:
-    return {"ddp": [], "zero2": ["--deepspeed", "zero2"], "zero3": ["--deepspeed", "zero3"]}.get(
-        engine, ["--fsdp", "full_shard"]
-    )
+    return {
+        "ddp": [],
+        "zero2": ["--deepspeed", "zero2"],
+        "zero3": ["--deepspeed", "zero3"],
+        "fsdp2": ["--fsdp", "full_shard"],
+        "fsdp2-sgo": ["--fsdp", "shard_grad_op"],
+    }[engine]
 
 
 def engines_of(method: str) -> list[str]:
@@ -82,7 +88,7 @@ def engines_of(method: str) -> list[str]:
     if "deepspeed_zero" in sharded:
         out += ["zero2", "zero3"]
     if "fsdp2" in sharded:
-        out.append("fsdp2")
+        out += ["fsdp2", "fsdp2-sgo"]
     return out
 
 
@@ -278,6 +284,12 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 lines.append(_row(results[e], ddp))
     cmd = "python benchmarks/sharded.py" + (" --quick" if args.quick else "")
+    if args.methods != list(METHODS):
+        cmd += " --methods " + " ".join(args.methods)
+    if args.engines != list(ENGINES):
+        cmd += " --engines " + " ".join(args.engines)
+    if args.out != RESULTS:
+        cmd += f" --out {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}"
     lines += [
         "",
         f"Command: `{cmd}`. Machine: {_common.machine_description()} ({platform.python_implementation()} "

@@ -448,7 +448,7 @@ def test_fsdp_refuses_what_it_cannot_shard_before_the_model_loads(setup, tmp_pat
     ):
         parse_args(_argv(setup, tmp_path / "a", "relora", "--fsdp", "full_shard"))
     with pytest.raises(
-        ValueError, match=r"--fsdp supports only 'full_shard' \(FSDP2\), got 'hybrid'"
+        ValueError, match=r"--fsdp supports 'full_shard' or 'shard_grad_op' \(FSDP2\), got 'hybrid'"
     ):
         parse_args(_argv(setup, tmp_path / "b", "adamw", "--fsdp", "hybrid"))
     with pytest.raises(
@@ -473,10 +473,12 @@ def test_fsdp_two_processes_match_single_process_and_resume_exactly(setup, singl
     # --fsdp full_shard: every weight a DTensor row shard; AdamW element-wise on the shards, GaLore /
     # GoLore project the row shards (their SVD / random projectors from the gathered matrix). GoLore is
     # also stopped at its step-3 checkpoint and resumed (projectors, moments, step counters and the
-    # random-projector RNG restored) in the same launch
+    # random-projector RNG restored) in the same launch. AdamW runs under --fsdp shard_grad_op (the
+    # gathered weights kept from forward to backward): the same arithmetic
     runs = {m: tmp_path / m for m in ("adamw", "galore", "golore")}
     fsdp = ["--fsdp", "full_shard"]
-    argvs = [_argv(setup, out, m, *fsdp) for m, out in runs.items()]
+    mode = {"adamw": ["--fsdp", "shard_grad_op"], "galore": fsdp, "golore": fsdp}
+    argvs = [_argv(setup, out, m, *mode[m]) for m, out in runs.items()]
     resumed = tmp_path / "golore_resumed"
     argvs += [
         _argv(setup, resumed, "golore", *fsdp, "--stop_at_step", str(SAVE_EVERY)),
@@ -488,6 +490,10 @@ def test_fsdp_two_processes_match_single_process_and_resume_exactly(setup, singl
     for r in (0, 1):  # every rank says which engine ran
         assert (
             f"[loralab.runners] rank {r}/2: engine fsdp2 (fully_shard, reshard after forward; "
+            "launched by torchrun) on cpu"
+        ) in log
+        assert (
+            f"[loralab.runners] rank {r}/2: engine fsdp2 (fully_shard, no reshard after forward; "
             "launched by torchrun) on cpu"
         ) in log
     for method, out in runs.items():

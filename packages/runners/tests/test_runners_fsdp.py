@@ -102,9 +102,18 @@ def small_glue(tmp_path, helpers):
 def test_fsdp_other_values_and_combinations_are_refused(small_glue):
     model, root = small_glue
     with pytest.raises(
-        ValueError, match=r"--fsdp supports only 'full_shard' \(FSDP2\), got 'shard_grad_op'"
+        ValueError,
+        match=r"--fsdp supports 'full_shard' or 'shard_grad_op' \(FSDP2\), got 'hybrid_shard'",
     ):
-        glue.main(glue_argv(model, root, root / "o1", 4, "--fsdp", "shard_grad_op"))
+        glue.main(glue_argv(model, root, root / "o1", 4, "--fsdp", "hybrid_shard"))
+    with pytest.raises(
+        ValueError, match="--fsdp shard_grad_op cannot be combined with --deepspeed"
+    ):
+        glue.main(
+            glue_argv(
+                model, root, root / "o4", 4, "--fsdp", "shard_grad_op", "--deepspeed", "zero2"
+            )
+        )
     with pytest.raises(ValueError, match="--fsdp full_shard cannot be combined with --deepspeed"):
         glue.main(
             glue_argv(model, root, root / "o2", 4, "--fsdp", "full_shard", "--deepspeed", "zero2")
@@ -341,12 +350,12 @@ def _method_argv(
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_glue_lora_lora_fa_and_full_fine_tuning_under_fsdp_equal_one_process(small_glue, helpers):
-    # torch's AdamW on the DTensor shards (lora, full) and LoRA-FA's optimizer (gathers A), one launch
+    # torch's AdamW on the DTensor shards (lora, full) and LoRA-FA's optimizer (gathers A), one launch;
+    # full fine-tuning under --fsdp shard_grad_op (gathered weights kept from forward to backward)
     model, root = small_glue
     methods = ("lora", "lora-fa", "full")
-    runs = [
-        _method_argv(model, root, root / "fsdp" / m, 2, m, "--fsdp", "full_shard") for m in methods
-    ]
+    mode = {"lora": "full_shard", "lora-fa": "full_shard", "full": "shard_grad_op"}
+    runs = [_method_argv(model, root, root / "fsdp" / m, 2, m, "--fsdp", mode[m]) for m in methods]
     # bf16 under FSDP2's MixedPrecisionPolicy (bfloat16 compute, float32 reduction and master weights)
     bf16 = ["--fsdp", "full_shard", "--bf16", "true"]
     runs.append(_method_argv(model, root, root / "fsdp" / "lora-bf16", 2, "lora", *bf16))
@@ -367,6 +376,9 @@ def test_glue_lora_lora_fa_and_full_fine_tuning_under_fsdp_equal_one_process(sma
         assert sorted(a) == sorted(b), m
         err = max(rel_error(a[k], b[k]) for k in b)
         assert err < ADAPTER_RTOL, (m, err)
+        launch = json.loads((out / "launch.json").read_text())
+        assert launch["reshard_after_forward"] is (mode[m] == "full_shard"), m
+    assert "engine fsdp2 (fully_shard, no reshard after forward; launched by torchrun)" in log
     out = root / "fsdp" / "lora-bf16"
     launch = json.loads((out / "launch.json").read_text())
     assert launch["mixed_precision"] == "bf16 (param bfloat16, reduce float32)"

@@ -16,7 +16,12 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar, get_args, get_origin, get_type_hints
 
-from loralab.runners.launch import ACCELERATE_FSDP_YAML, accelerate_fsdp, fsdp_flag
+from loralab.runners.launch import (
+    ACCELERATE_FSDP_YAML,
+    accelerate_fsdp,
+    check_fsdp_mode,
+    fsdp_flag,
+)
 from loralab.runners.methods import (
     OPTIONS,
     add_method_arguments,
@@ -144,7 +149,8 @@ class TrainArgs:
     fsdp: str | None = _f(
         None,
         "shard parameters, gradients and optimizer state with FSDP2 (torch.distributed.fsdp.fully_shard); "
-        "launch with torchrun. Only 'full_shard'",
+        "launch with torchrun. 'full_shard' (weights gathered again for the backward, least memory) or "
+        "'shard_grad_op' (kept from forward to backward: one all-gather per block and step)",
     )
     disable_tqdm: bool = _f(False, "no progress bars", identity=False)
     save_final_model: bool = _f(
@@ -197,18 +203,17 @@ class TrainArgs:
                 )
             self.fsdp = "full_shard"
         if self.fsdp is not None:
-            if self.fsdp != "full_shard":
-                raise ValueError(f"--fsdp supports only 'full_shard' (FSDP2), got {self.fsdp!r}")
+            check_fsdp_mode(self.fsdp)
             if self.deepspeed:
                 raise ValueError(
-                    f"{fsdp_flag()} cannot be combined with --deepspeed (both shard the model), got "
+                    f"{fsdp_flag(self.fsdp)} cannot be combined with --deepspeed (both shard the model), got "
                     f"--deepspeed {self.deepspeed}"
                 )
             if self.load_in_8bit:
                 # bitsandbytes' int8 layer keeps its row scales on the weight tensor, which FSDP2
                 # replaces by its shard (loralab.core.quant.check_fsdp_quantized)
                 raise ValueError(
-                    f"{fsdp_flag()} cannot shard an 8-bit (LLM.int8) base: use --load_in_4bit "
+                    f"{fsdp_flag(self.fsdp)} cannot shard an 8-bit (LLM.int8) base: use --load_in_4bit "
                     "(FSDP-QLoRA) or drop the sharding, got --load_in_8bit true"
                 )
 

@@ -178,11 +178,33 @@ class FSDPLaunch:
     mixed_precision: str = "no"
 
 
-def fsdp_flag() -> str:
-    """How messages name the FSDP2 request of this process: ``--fsdp full_shard`` or the accelerate YAML."""
+FSDP_MODES: dict[str, bool] = {"full_shard": True, "shard_grad_op": False}
+"""``--fsdp`` values -> FSDP2's ``reshard_after_forward``. ``full_shard``: each block's gathered weights
+are freed after its forward and gathered again for its backward (two all-gathers per block and step,
+the least memory). ``shard_grad_op``: kept from forward to backward (one all-gather, ZeRO-2-like
+memory: the gathered weights of every block live until its backward). The names are the Trainer's
+and FSDP1's ``ShardingStrategy``; the arithmetic is the same, only when weights are gathered differs."""
+
+
+def check_fsdp_mode(mode: str, flag: str = "--fsdp") -> bool:
+    """``reshard_after_forward`` for an ``--fsdp`` value; any other value raises naming ``flag``.
+
+    Example:
+        >>> check_fsdp_mode("shard_grad_op")
+        False
+    """
+    if mode not in FSDP_MODES:
+        raise ValueError(
+            f"{flag} supports {' or '.join(repr(m) for m in FSDP_MODES)} (FSDP2), got {mode!r}"
+        )
+    return FSDP_MODES[mode]
+
+
+def fsdp_flag(mode: str | None = "full_shard") -> str:
+    """How messages name the FSDP2 request of this process: ``--fsdp <mode>`` or the accelerate YAML."""
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         return ACCELERATE_FSDP_YAML
-    return "--fsdp full_shard"
+    return f"--fsdp {mode or 'full_shard'}"
 
 
 def accelerate_fsdp() -> FSDPLaunch | None:

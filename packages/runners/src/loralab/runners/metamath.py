@@ -108,7 +108,7 @@ class MetaMathArgs(TrainArgs):
             from loralab.runners.launch import fsdp_flag
 
             raise ValueError(
-                f"{fsdp_flag()} shards training; --do_train false evaluates without it: drop it"
+                f"{fsdp_flag(self.fsdp)} shards training; --do_train false evaluates without it: drop it"
             )
 
 

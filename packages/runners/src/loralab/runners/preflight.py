@@ -493,7 +493,7 @@ def check_train_args(
         from loralab.runners.launch import fsdp_flag
         from loralab.runners.methods import get_method
 
-        get_method(args.method).check_engine("fsdp2", fsdp_flag())
+        get_method(args.method).check_engine("fsdp2", fsdp_flag(args.fsdp))
     if getattr(args, "deepspeed", None):
         from loralab.runners.launch import load_deepspeed_config, zero_stage
         from loralab.runners.methods import get_method

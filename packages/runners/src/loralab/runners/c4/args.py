@@ -223,7 +223,8 @@ class C4Args:
     fsdp: str | None = _f(
         None,
         "shard parameters, gradients and optimizer state with FSDP2 (torch.distributed.fsdp.fully_shard, "
-        "one group per decoder layer); launch with torchrun. Only 'full_shard'",
+        "one group per decoder layer); launch with torchrun. 'full_shard' (weights gathered again for the "
+        "backward, least memory) or 'shard_grad_op' (kept from forward to backward)",
     )
     local_rank: int = _f(-1, "set by the deepspeed launcher (the LOCAL_RANK variable is used)")
 
@@ -369,15 +370,16 @@ class C4Args:
             self.use_double_quant = False
 
     def _check_fsdp(self) -> None:
-        """``--fsdp full_shard``: FSDP2 for the methods whose optimizers run on its row shards (full
+        """``--fsdp full_shard | shard_grad_op``: FSDP2 for the methods whose optimizers run on its row shards (full
         AdamW / SGD, GaLore, GoLore); refused before anything loads otherwise."""
         if self.fsdp is None:
             return
-        if self.fsdp != "full_shard":
-            raise ValueError(f"--fsdp supports only 'full_shard' (FSDP2), got {self.fsdp!r}")
+        from loralab.runners.launch import check_fsdp_mode
+
+        check_fsdp_mode(self.fsdp)
         if self.deepspeed_config is not None:
             raise ValueError(
-                "--fsdp full_shard cannot be combined with --deepspeed_config (both shard the model), "
+                f"--fsdp {self.fsdp} cannot be combined with --deepspeed_config (both shard the model), "
                 f"got --deepspeed_config {self.deepspeed_config}"
             )
         from loralab.runners.methods import MethodError, get_method
@@ -386,9 +388,9 @@ class C4Args:
         if "fsdp2" not in method.sharded_engines:
             what = "--use_peft --golore" if self.use_peft else f"--optimizer {self.optimizer}"
             raise MethodError(
-                f"{what} ({method.name}) does not run under --fsdp full_shard yet: drop --fsdp (one "
+                f"{what} ({method.name}) does not run under --fsdp {self.fsdp} yet: drop --fsdp (one "
                 "process or DDP via torchrun), or use --optimizer golore_adamw (GoLore's optimizer "
-                "form, which runs under --fsdp full_shard)"
+                "form, which runs under FSDP2)"
             )
 
     def _applies(self, flag: str, method: str, optim: str) -> bool:

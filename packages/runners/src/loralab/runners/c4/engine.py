@@ -155,13 +155,15 @@ def deepspeed_bf16(args: C4Args) -> bool:
 
 
 def build_engine(args: C4Args, env: Env, method: Method, accum: int) -> Engine:
-    """DeepSpeed under ``--deepspeed_config``; FSDP2 under ``--fsdp full_shard`` (one group per decoder
-    layer; ``--dtype bfloat16`` casts the model itself, so the shards are bfloat16); else DDP, or
+    """DeepSpeed under ``--deepspeed_config``; FSDP2 under ``--fsdp full_shard`` or ``shard_grad_op`` (one group per
+    decoder layer; ``--dtype bfloat16`` casts the model itself, so the shards are bfloat16); else DDP, or
     (methods DDP cannot average) an explicit gradient all-reduce; one process needs neither."""
     if args.deepspeed_config is not None:
         return DeepSpeedEngine(deepspeed_config(args, env, accum), device=env.device)
     if args.fsdp is not None:
-        return FSDP2Engine(device=env.device)
+        from loralab.runners.launch import check_fsdp_mode
+
+        return FSDP2Engine(device=env.device, reshard_after_forward=check_fsdp_mode(args.fsdp))
     # the only buffers (rotary inv_freq) are identical on every rank: no per-forward broadcast
     # (torch 2.13 renamed broadcast_buffers to forward_sync_buffers)
     import inspect

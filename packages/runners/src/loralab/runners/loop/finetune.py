@@ -36,6 +36,7 @@ from torch import nn
 
 from loralab.runners.launch import (
     accelerate_fsdp,
+    check_fsdp_mode,
     fill_deepspeed_config,
     fsdp_flag,
     load_deepspeed_config,
@@ -155,8 +156,10 @@ def build_engine(args: Any, hidden_size: int | None = None) -> Engine:
     :func:`build_accelerator`."""
     if getattr(args, "fsdp", None):
         launch = accelerate_fsdp()  # accelerate launch with the FSDP2 YAML: its plugin's settings
-        if launch is None:
-            return FSDP2Engine(bf16=bool(args.bf16))
+        if launch is None:  # torchrun --fsdp full_shard | shard_grad_op
+            return FSDP2Engine(
+                bf16=bool(args.bf16), reshard_after_forward=check_fsdp_mode(args.fsdp)
+            )
         return FSDP2Engine(
             bf16=bool(args.bf16),
             reshard_after_forward=launch.reshard_after_forward,
@@ -195,7 +198,7 @@ def finetune(
     method = get_method(args.method)
     method.check_available()
     if getattr(args, "fsdp", None):
-        method.check_engine("fsdp2", fsdp_flag())
+        method.check_engine("fsdp2", fsdp_flag(args.fsdp))
     if args.deepspeed:
         # before any process group forms: --deepspeed names the config, its ZeRO stage is known already
         ds_config = load_deepspeed_config(args.deepspeed)
@@ -212,7 +215,7 @@ def finetune(
             engine.acc.state.deepspeed_plugin.deepspeed_config,
         )
     if isinstance(engine, FSDP2Engine):
-        method.check_engine("fsdp2", fsdp_flag())
+        method.check_engine("fsdp2", fsdp_flag(args.fsdp))
     print(engine_line(engine), flush=True)
 
     # 2. output directory, data, run identity
