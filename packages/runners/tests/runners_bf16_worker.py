@@ -3,8 +3,8 @@ also imports it for the one-process reference (:func:`reference`).
 
 One launch trains every method of :data:`METHODS` for :data:`STEPS` steps on a toy model (weights
 13×6, 13×13, 13×13 and 3×13: every row split unevenly over the 2 ranks), each rank on its own micro-batch, in
-bfloat16 with float32 master weights, under two engines in turn (the two 13×13 layers share LoRA-Pro's
-batched buckets):
+bfloat16 with float32 master weights, under four engines in turn (the two 13×13 layers share
+LoRA-Pro's batched buckets):
 
 - ``fsdp2``: ``fully_shard`` on each layer and the root with
   ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``: float32 parameter shards
@@ -14,11 +14,17 @@ batched buckets):
   parameters partitioned, float32 master partitions (what the optimizer steps) made from them,
   bfloat16 gradients cast to float32 and averaged, the mean kept in bfloat16 (DeepSpeed's gradient
   accumulation dtype) and handed to the optimizer in float32, masters copied back to the bfloat16
-  parameters after each step.
+  parameters after each step;
+- ``zero1`` / ``zero2``: DeepSpeed ZeRO-1 / ZeRO-2 with the same ``bf16`` settings: the same
+  arithmetic over flat float32 master partitions (each rank's contiguous slice of every parameter
+  group, the whole bfloat16 parameters on every rank);
+- ``zero1-fp32acc``: ZeRO-1 with ``data_types.grad_accum_dtype: fp32``, for which DeepSpeed wraps
+  the optimizer in its ``BF16_Optimizer`` (other flat partitions) and keeps the averaged gradient
+  in float32.
 
 :func:`reference` runs this arithmetic in one process: float32 master weights, a bfloat16 copy of
 them for forward and backward of each rank's micro-batch, the bfloat16 gradients cast to float32 and
-averaged, the optimizer step on the float32 masters; for ZeRO-3 from the bfloat16-rounded start,
+averaged, the optimizer step on the float32 masters; for ZeRO from the bfloat16-rounded start,
 with the mean rounded to bfloat16 and the frozen weights rounded to bfloat16 after each step (LoRA-Pro
 full mode decays them), as DeepSpeed does.
 
@@ -61,7 +67,7 @@ METHODS = (
 # the methods that hold whole weight matrices during the step (counted by WholeLog)
 WHOLE_MATRIX_METHODS = ("lora_pro_full", "galore", "golore")
 WEIGHT_SHAPES = {(HID, IN), (HID, HID), (OUT, HID)}
-ENGINES = ("fsdp2", "zero3")
+ENGINES = ("fsdp2", "zero1", "zero1-fp32acc", "zero2", "zero3")
 
 
 class Toy(nn.Module):
@@ -146,10 +152,10 @@ def trainable(model: nn.Module) -> list[str]:
 
 def start(method: str, engine: str) -> nn.Module:
     """The float32 model ``engine`` starts from: :func:`build`'s for FSDP2 (its float32 parameters
-    are the masters); for ZeRO-3 its values rounded to bfloat16, since DeepSpeed casts the model to
+    are the masters); for ZeRO its values rounded to bfloat16, since DeepSpeed casts the model to
     bfloat16 first and makes the float32 masters from the bfloat16 parameters."""
     model = build(method)
-    if engine == "zero3":
+    if engine != "fsdp2":
         with torch.no_grad():
             for p in model.parameters():
                 p.copy_(p.bfloat16())
@@ -181,12 +187,13 @@ def reference(method: str, engine: str) -> dict[str, Tensor]:
                     sums[k] = g if k not in sums else sums[k] + g
         for k, (pm, _) in enumerate(pairs):
             pm.grad = sums[k] / WORLD if k in sums else None
-            if engine == "zero3" and pm.grad is not None:
-                # DeepSpeed keeps the averaged gradient in its accumulation dtype (bfloat16)
+            if engine in ("zero1", "zero2", "zero3") and pm.grad is not None:
+                # DeepSpeed keeps the averaged gradient in its accumulation dtype (bfloat16; float32
+                # under zero1-fp32acc)
                 pm.grad = pm.grad.bfloat16().float()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if engine == "zero3":
+        if engine != "fsdp2":
             # DeepSpeed keeps frozen parameters in bfloat16 only (no float32 master): LoRA-Pro full
             # mode's weight decay of the base weight (weight_decay_mode="effective") multiplies them
             # in bfloat16, rounding at every step (a no-op for every other method: they stay put)
@@ -309,27 +316,31 @@ def run_fsdp2(method: str, rank: int) -> dict[str, Any]:
     return {"params": out, "max_matrices": matrices, "max_tensors": tensors}
 
 
-def ds_config() -> dict[str, Any]:
+def ds_config(stage: int, accumulate_fp32: bool = False) -> dict[str, Any]:
+    extra = {"data_types": {"grad_accum_dtype": "fp32"}} if accumulate_fp32 else {}
     return {
+        **extra,
         "train_micro_batch_size_per_gpu": MICRO,
         "gradient_accumulation_steps": 1,
         "bf16": {"enabled": True},
         "communication_data_type": "fp32",
-        "zero_optimization": {"stage": 3},
+        "zero_optimization": {"stage": stage},
         "zero_allow_untested_optimizer": True,
         "gradient_clipping": 0.0,
         "steps_per_print": 10**9,
     }
 
 
-def run_zero3(method: str, rank: int) -> dict[str, Any]:
+def run_zero(stage: int, method: str, rank: int, accumulate_fp32: bool = False) -> dict[str, Any]:
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
     model = build(method)
     opt = optimizer(method, model)
     names = trainable(model)  # after the optimizer, which may freeze some (LoRA-FA's A)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config())
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=opt, config=ds_config(stage, accumulate_fp32)
+    )
     matrices = tensors = 0
     for b in batches(rank):
         loss = engine(**b)
@@ -339,8 +350,9 @@ def run_zero3(method: str, rank: int) -> dict[str, Any]:
         matrices, tensors = max(matrices, log.max_matrices), max(tensors, log.max_tensors)
     params = dict(model.named_parameters())
     out = {n: safe_get_full_fp32_param(params[n]).detach().clone() for n in names}
+    wrapper = type(engine.optimizer).__name__  # the optimizer DeepSpeed wrapped around ours
     engine.destroy()
-    return {"params": out, "max_matrices": matrices, "max_tensors": tensors}
+    return {"params": out, "max_matrices": matrices, "max_tensors": tensors, "wrapper": wrapper}
 
 
 def main(prefix: str) -> None:
@@ -349,10 +361,17 @@ def main(prefix: str) -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     rank = dist.get_rank()
     out: dict[str, dict[str, Any]] = {}
-    for engine, run in (("fsdp2", run_fsdp2), ("zero3", run_zero3)):
+    runs: dict[str, Callable[[str, int], dict[str, Any]]] = {
+        "fsdp2": run_fsdp2,
+        "zero1": lambda method, rank: run_zero(1, method, rank),
+        "zero1-fp32acc": lambda method, rank: run_zero(1, method, rank, True),
+        "zero2": lambda method, rank: run_zero(2, method, rank),
+        "zero3": lambda method, rank: run_zero(3, method, rank),
+    }
+    for engine in ENGINES:
         for method in METHODS:
             try:
-                out[f"{engine}/{method}"] = run(method, rank)
+                out[f"{engine}/{method}"] = runs[engine](method, rank)
             except Exception as e:  # reported by the test, naming the engine and method
                 out[f"{engine}/{method}"] = {"error": f"{type(e).__name__}: {e}"}
             dist.barrier()

@@ -4,16 +4,18 @@ same arithmetic in one process; and the whole weight matrices a rank holds durin
 One ``torchrun`` launch (:mod:`runners_bf16_worker`) trains full fine-tuning (torch AdamW), LoRA
 (PEFT + torch AdamW), LoRA-FA, LoRA-Pro (efficient and full mode), GaLore and GoLore for 3 steps under
 FSDP2 (``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``) and then under DeepSpeed
-ZeRO-3 bf16. What "the single-process bf16 run" is (:func:`runners_bf16_worker.reference`): float32
+ZeRO-1, ZeRO-1 with float32 gradient accumulation (DeepSpeed's ``BF16_Optimizer``), ZeRO-2 and ZeRO-3,
+all bf16. What "the single-process bf16 run" is (:func:`runners_bf16_worker.reference`): float32
 master weights, a bfloat16 copy of them for forward and backward of each rank's micro-batch, the
 bfloat16 gradients cast to float32 and averaged, the optimizer step on the float32 masters; per
 engine, what that engine does in one process:
 
 - FSDP2: from the float32 model (FSDP2's shards are the float32 parameters; it gathers them as
   bfloat16 and reduces the gradients in float32, ``reduce_dtype``);
-- ZeRO-3: from the float32 model rounded to bfloat16 (DeepSpeed casts the model to bfloat16 and
+- ZeRO (every stage): from the float32 model rounded to bfloat16 (DeepSpeed casts the model to bfloat16 and
   makes the float32 masters from it), and the averaged gradient rounded to bfloat16 (DeepSpeed keeps
-  it in its gradient accumulation dtype, bfloat16, even with ``communication_data_type: fp32``); the
+  it in its gradient accumulation dtype, bfloat16, even with ``communication_data_type: fp32``; not
+  under ``grad_accum_dtype: fp32``); the
   frozen weights, which DeepSpeed holds in bfloat16 only, rounded to bfloat16 after each step (LoRA-Pro
   full mode's weight decay of the base weight multiplies them in place there: without this rounding
   the reference differs from the ZeRO-3 run by 3.0e-3 of the parameter change, measured, and
@@ -54,13 +56,19 @@ BF16_EPS = 2.0**-8
 # vs. per-layer solves). A master one float32 ulp off can round to a bfloat16 weight one bfloat16 ulp
 # (2^-8 relative) off, and the next steps' gradients follow it at bfloat16 precision: relative to how
 # far the parameter moved in 3 steps, a difference of the order of 2^-8. Measured (worst over the
-# parameters): 0 for the element-wise optimizers on both engines and for GaLore / GoLore / LoRA-Pro
-# full mode under ZeRO-3, 1.3e-7 for LoRA-Pro efficient under ZeRO-3, 2.4e-8 to 9.3e-7 for LoRA-Pro
-# and GaLore / GoLore under FSDP2. LoRA-Pro full mode under ZeRO-3 differed by 3.0e-3 while the
+# parameters): 0 for the element-wise optimizers on every engine and for GaLore / GoLore / LoRA-Pro
+# full mode under every ZeRO stage, 1.3e-7 for LoRA-Pro efficient under ZeRO-1/2/3 (0 with float32
+# gradient accumulation), 2.4e-8 to 9.3e-7 for LoRA-Pro and GaLore / GoLore under FSDP2. LoRA-Pro full mode under ZeRO-3 differed by 3.0e-3 while the
 # reference kept the decayed base weights in float32: that was the bfloat16 in-place weight decay of
 # the frozen base weights (emulated in one process it accounts for 3.03e-3), not its per-layer
 # solves; with the reference doing the same, 0.
 TOL = 2 * BF16_EPS
+WRAPPER = {
+    "zero1": "DeepSpeedZeroOptimizer",
+    "zero1-fp32acc": "BF16_Optimizer",
+    "zero2": "DeepSpeedZeroOptimizer",
+    "zero3": "DeepSpeedZeroOptimizer_Stage3",
+}
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +109,9 @@ def test_bf16_sharded_matches_one_process_bf16(results, references, engine, meth
         assert torch.isfinite(t).all(), f"{engine}/{method}: {name} is not finite"
         # every rank gathers the same whole masters
         torch.testing.assert_close(outs[1]["params"][name], t, rtol=0, atol=0)
+    # the DeepSpeed path each engine stands for (zero1-fp32acc: the bf16 optimizer's own flat
+    # partitions, which DeepSpeed picks for ZeRO-1 with float32 gradient accumulation)
+    assert outs[0].get("wrapper") == WRAPPER.get(engine), outs[0].get("wrapper")
     first = {n: p.detach() for n, p in start(method, engine).named_parameters()}
     err = _relative_error(got, ref, first)
     print(f"{engine}/{method}: max |sharded - one process| / max |change| = {err:.3g}")
@@ -108,7 +119,7 @@ def test_bf16_sharded_matches_one_process_bf16(results, references, engine, meth
 
 
 # the most weight matrices some rank holds whole at once: one (GaLore's SVD refresh gathers one
-# gradient at a time under FSDP2; under ZeRO-3 the owner of a matrix gathers its weight and gradient,
+# gradient at a time under FSDP2; under ZeRO (every stage) the owner of a matrix gathers its weight and gradient,
 # LoRA-Pro full mode's owner builds its g̃ and Adam direction), none for LoRA-Pro full mode under
 # FSDP2 (each rank builds its rows of g̃ only)
 WHOLE = {("fsdp2", "lora_pro_full"): 0}

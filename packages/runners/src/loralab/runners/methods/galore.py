@@ -7,7 +7,6 @@ subspace; other parameters use the plain optimizer.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from torch import nn
@@ -91,7 +90,9 @@ class GaLore(Method):
     # projects each weight's gradient matrix: under DeepSpeed ZeRO-1/2/3 the optimizer finds each matrix
     # in the flat partitions and updates it whole on one owner rank, its low-rank state on that rank
     # only (loralab.core.zero_views); FSDP2's row shards are projected with the row-shard algebra
-    # (GaLoreAdamW / GaLoreSGD, loralab.golore.projector)
+    # (GaLoreAdamW / GaLoreSGD, loralab.golore.projector). DeepSpeed's bf16 (bfloat16 weights over
+    # float32 master partitions, its BF16_Optimizer at ZeRO-1 with float32 gradient accumulation)
+    # steps the float32 masters exactly as one process does (runners_bf16_worker.py)
     sharded_engines: ClassVar[frozenset[str]] = frozenset({"deepspeed_zero", "fsdp2"})
     optimizers = ("adamw", "sgd")
     options = GALORE_OPTIONS
@@ -99,27 +100,6 @@ class GaLore(Method):
     has_adapter = False
     quantized_base = False
     defaults: ClassVar[dict[str, Any]] = dict(GALORE_DEFAULTS)
-
-    def check_zero(
-        self, args: Any, stage: int, flag: str, config: Mapping[str, Any] | None = None
-    ) -> None:
-        super().check_zero(args, stage, flag, config)
-        if stage < 1:
-            return
-        if getattr(args, "bf16", False):
-            what = "--bf16"
-        elif (config or {}).get("bf16", {}).get("enabled") is True:
-            what = "bf16.enabled in the DeepSpeed config"
-        else:
-            return
-        # DeepSpeed's bf16 under ZeRO keeps bf16 weights over float32 partitions (ZeRO-1: its own
-        # BF16_Optimizer): the owner-rank step would run on them, but only float32 is tested against
-        # one process
-        raise MethodError(
-            f"{what} with --method {self.name} under DeepSpeed ZeRO-{stage} ({flag}) is not supported "
-            "by the runners yet (tested in float32 only): train in float32 under ZeRO, or in bf16 with "
-            "DDP (torchrun / accelerate launch) or --fsdp full_shard"
-        )
 
     def check_model(self, model: nn.Module, args: Any) -> None:
         self.import_package()
