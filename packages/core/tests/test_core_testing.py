@@ -6,6 +6,7 @@ import torch
 from loralab.core.testing import (
     TINY_ARCHS,
     VOCAB_SIZE,
+    freeing_deepspeed_shm_buffers,
     make_classification_batches,
     make_lm_batches,
     make_seq2seq_batches,
@@ -146,3 +147,28 @@ def test_zero3_gather_peak_counts_whole_parameters_at_each_gather():
         "total": total,
         "gathers": 1,
     }
+
+
+def test_freeing_deepspeed_shm_buffers_deletes_only_what_appeared_in_the_block():
+    from pathlib import Path
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no /dev/shm")
+    older = shm / "deepspeed_allreduce_buffer_0_test_older_0"
+    older.write_bytes(b"x")
+    other = shm / "loralab_test_not_a_deepspeed_buffer"
+    try:
+        with freeing_deepspeed_shm_buffers() as free_now:
+            first = shm / "deepspeed_allreduce_buffer_0_test_first_0"
+            first.write_bytes(b"x")
+            free_now()  # frees what appeared so far
+            assert not first.exists()
+            second = shm / "deepspeed_allreduce_buffer_0_test_second_1"
+            second.write_bytes(b"x")
+            other.write_bytes(b"x")
+        assert not second.exists()  # and the rest at the end of the block
+        assert older.exists() and other.exists()  # not ours, or not DeepSpeed's: kept
+    finally:
+        older.unlink(missing_ok=True)
+        other.unlink(missing_ok=True)

@@ -186,8 +186,9 @@ memory: the gathered weights of every block live until its backward). The names 
 and FSDP1's ``ShardingStrategy``; the arithmetic is the same, only when weights are gathered differs."""
 
 
-def check_fsdp_mode(mode: str, flag: str = "--fsdp") -> bool:
-    """``reshard_after_forward`` for an ``--fsdp`` value; any other value raises naming ``flag``.
+def check_fsdp_mode(mode: str) -> bool:
+    """``reshard_after_forward`` for an ``--fsdp`` value; any other value raises naming the flag and
+    the values it takes.
 
     Example:
         >>> check_fsdp_mode("shard_grad_op")
@@ -195,7 +196,7 @@ def check_fsdp_mode(mode: str, flag: str = "--fsdp") -> bool:
     """
     if mode not in FSDP_MODES:
         raise ValueError(
-            f"{flag} supports {' or '.join(repr(m) for m in FSDP_MODES)} (FSDP2), got {mode!r}"
+            f"--fsdp supports {' or '.join(repr(m) for m in FSDP_MODES)} (FSDP2), got {mode!r}"
         )
     return FSDP_MODES[mode]
 

@@ -25,6 +25,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, get_args, get_origin, get_type_hints
 
+from loralab.runners.launch import check_fsdp_mode
+
 __all__ = ["OPTIMIZERS", "OPTION_DEFAULTS", "SCHEDULERS", "C4Args", "build_parser", "parse_args"]
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "galore_adamw", "golore_adamw", "galore_sgd", "golore_sgd")
@@ -374,8 +376,6 @@ class C4Args:
         AdamW / SGD, GaLore, GoLore); refused before anything loads otherwise."""
         if self.fsdp is None:
             return
-        from loralab.runners.launch import check_fsdp_mode
-
         check_fsdp_mode(self.fsdp)
         if self.deepspeed_config is not None:
             raise ValueError(

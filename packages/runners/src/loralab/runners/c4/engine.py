@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from loralab.runners.c4.args import C4Args
+from loralab.runners.launch import check_fsdp_mode
 from loralab.runners.loop import DeepSpeedEngine, Engine, FSDP2Engine, TorchEngine
 from loralab.runners.methods import Method, get_method
 
@@ -161,8 +162,6 @@ def build_engine(args: C4Args, env: Env, method: Method, accum: int) -> Engine:
     if args.deepspeed_config is not None:
         return DeepSpeedEngine(deepspeed_config(args, env, accum), device=env.device)
     if args.fsdp is not None:
-        from loralab.runners.launch import check_fsdp_mode
-
         return FSDP2Engine(device=env.device, reshard_after_forward=check_fsdp_mode(args.fsdp))
     # the only buffers (rotary inv_freq) are identical on every rank: no per-forward broadcast
     # (torch 2.13 renamed broadcast_buffers to forward_sync_buffers)
