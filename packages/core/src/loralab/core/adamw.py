@@ -62,7 +62,8 @@ def _update_moments_(
     beta1: float,
     beta2: float,
 ) -> None:
-    grads = [g.to(m.dtype) for g, m in zip(grads, exp_avgs)]
+    # a cast only where the dtypes differ: .to() is one dispatch per tensor even when it is a no-op
+    grads = [g if g.dtype == m.dtype else g.to(m.dtype) for g, m in zip(grads, exp_avgs)]
     torch._foreach_lerp_(list(exp_avgs), grads, 1 - beta1)
     torch._foreach_mul_(list(exp_avg_sqs), beta2)
     torch._foreach_addcmul_(list(exp_avg_sqs), grads, grads, 1 - beta2)

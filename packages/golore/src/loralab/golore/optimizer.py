@@ -64,6 +64,7 @@ from torch.optim import Optimizer
 from loralab.core import sharding
 from loralab.core.adamw import adamw_direction, check_adamw_hparams
 from loralab.core.zero_views import ZeroPartition, full_shape, is_zero_partition, zero_partition
+from loralab.golore import batching
 from loralab.golore.projector import (
     PROJ_TYPES,
     PROJECTIONS,
@@ -392,20 +393,26 @@ class SubspaceOptimizer(Optimizer):
         group: dict[str, Any],
         gi: int,
         pi: int,
+        *,
+        project: bool = True,
+        step: int | None = None,
     ) -> Item:
         """``(tensor to update, low-rank or plain gradient, state, side, p)`` for one parameter.
 
         Under FSDP2 the tensor to update and the gradient are this rank's rows (plain tensors sharing
         the ``DTensor``'s storage), so the state and the elementwise maths cover the shard only; the
         projection of a matrix uses the row-shard algebra (:func:`project_shard`, and
-        :func:`project_back_shard` given ``p``, the sharded parameter, in :meth:`_full_update`)."""
+        :func:`project_back_shard` given ``p``, the sharded parameter, in :meth:`_full_update`).
+        ``project=False`` leaves the gradient whole (:meth:`_project_items` projects many at once);
+        ``step``: the state's step count when the caller has read it."""
         if grad.is_sparse:
             raise RuntimeError(
                 f"{type(self).__name__} does not support sparse gradients (param group {gi}, shape {tuple(p.shape)})"
             )
         if "step" not in state:
             state["step"] = torch.tensor(0.0)
-        step = int(state["step"].item())
+        if step is None:
+            step = int(state["step"].item())
         target = sharding.local_tensor(p)
         grad = self._preprocess_grad(target, sharding.local_tensor(grad), group)
         side: Side | None = None
@@ -413,21 +420,70 @@ class SubspaceOptimizer(Optimizer):
             side = projector_side(p.shape, group["proj_type"])
             if step % group["update_proj_gap"] == 0 or self._projector_mats(state, side) is None:
                 self._refresh(p, grad, state, group, gi, pi, side, step)
-            # the refresh above guarantees a projector
+        item = (target, grad, state, side, p)
+        return self._project_items([item])[0] if project else item
+
+    def _project_items(self, items: list[Item]) -> list[Item]:
+        """Project the gradients of ``items`` (from :meth:`_prepare_item` with ``project=False``).
+
+        Small unsharded matrices of one shape go through one ``bmm`` (:mod:`loralab.golore.batching`;
+        the path depends on the matrix's size only, so one item or many give the same numbers);
+        the others one at a time with the row-shard algebra (:func:`project_shard`)."""
+        out = list(items)
+        batches: dict[tuple[Any, ...], list[int]] = {}
+        for k, (target, grad, state, side, like) in enumerate(items):
+            if side is None:
+                continue
+            # _prepare_item refreshed when there was none: every projected item has a projector
             mats = cast(tuple[Tensor, ...], self._projector_mats(state, side))
-            grad = project_shard(grad, mats, side, p)
-        return target, grad, state, side, p
+            if (
+                batching.batchable(grad, side)
+                and not sharding.is_dtensor(like)
+                and grad.dtype == mats[0].dtype
+            ):
+                key = (side, tuple(grad.shape), tuple(mats[0].shape), grad.dtype, grad.device)
+                batches.setdefault(key, []).append(k)
+            else:
+                out[k] = (target, project_shard(grad, mats, side, like), state, side, like)
+        for (side, shape, *_), ks in batches.items():
+            for part in batching.chunks(len(ks), shape[0] * shape[1]):
+                chunk = ks[part]
+                lows = batching.project_batch(
+                    [items[k][1] for k in chunk],
+                    [self._projector_mats(items[k][2], side)[0] for k in chunk],  # type: ignore[index]
+                    side,
+                )
+                for k, low in zip(chunk, lows):
+                    target, _grad, state, _side, like = items[k]
+                    out[k] = (target, low, state, side, like)
+        return out
 
     def _gather(
         self, group: dict[str, Any], gi: int, params: Iterable[Tensor] | None = None
     ) -> list[Item]:
-        items = []
         index = {id(p): i for i, p in enumerate(group["params"])}
-        for p in group["params"] if params is None else params:
-            if p.grad is None:
-                continue
-            items.append(self._prepare_item(p, p.grad, self.state[p], group, gi, index[id(p)]))
-        return items
+        todo = [p for p in (group["params"] if params is None else params) if p.grad is not None]
+        states = [self.state[p] for p in todo]
+        for state in states:
+            if "step" not in state:
+                state["step"] = torch.tensor(0.0)
+        # every step count in one read: a read per parameter is a dispatch each, which showed in
+        # GPU profiles of small models
+        steps = _read_steps([s["step"] for s in states]) if states else []
+        items = [
+            self._prepare_item(
+                p,
+                cast(Tensor, p.grad),
+                state,
+                group,
+                gi,
+                index[id(p)],
+                project=False,
+                step=int(step),
+            )
+            for p, state, step in zip(todo, states, steps)
+        ]
+        return self._project_items(items)
 
     def _step_zero_partition(self, group: dict[str, Any], gi: int, originals: list[Tensor]) -> None:
         """One step of a group whose parameters DeepSpeed ZeRO (stage 1, 2 or 3) replaced by this
@@ -517,6 +573,45 @@ class SubspaceOptimizer(Optimizer):
             project_back_shard(direction, mats, side, p if like is None else like) * group["scale"]
         )
 
+    def _add_updates_(
+        self, group: dict[str, Any], pairs: list[tuple[Item, Tensor]], alpha: float
+    ) -> None:
+        """``p += alpha · (full-space update of d)`` (:meth:`_full_update`) for each ``(item, d)``.
+
+        Few kernels per step, no (m, n) temporary per matrix: small unsharded matrices of one shape
+        take one ``bmm`` and one ``_foreach_add_`` (:mod:`loralab.golore.batching`), larger ones one
+        ``addmm_`` each with the scale folded into ``alpha``, unprojected tensors one
+        ``_foreach_add_``. Sharded rows (FSDP2), a dtype change and the two-sided projection take
+        :meth:`_full_update`.
+        """
+        scaled = alpha * group["scale"]
+        plain: tuple[list[Tensor], list[Tensor]] = ([], [])
+        batches: dict[tuple[Any, ...], list[tuple[Tensor, Tensor, Tensor]]] = {}
+        for (p, _g, state, side, like), d in pairs:
+            if side is None and d.dtype == p.dtype:
+                plain[0].append(p)
+                plain[1].append(d)
+                continue
+            if side is not None and not sharding.is_dtensor(like):
+                mats = cast(tuple[Tensor, ...], self._projector_mats(state, side))
+                if p.dtype == mats[0].dtype == d.dtype and side != "full":
+                    if batching.batchable(p, side):
+                        key = (side, tuple(p.shape), tuple(mats[0].shape), p.dtype, p.device)
+                        batches.setdefault(key, []).append((p, d, mats[0]))
+                    elif side == "left":  # P·N
+                        p.addmm_(mats[0], d, alpha=scaled)
+                    else:  # N·Q
+                        p.addmm_(d, mats[0], alpha=scaled)
+                    continue
+            full = self._full_update(p, d, state, side, group, like)
+            p.add_(full if full.dtype == p.dtype else full.to(p.dtype), alpha=alpha)
+        if plain[0]:
+            torch._foreach_add_(plain[0], plain[1], alpha=alpha)
+        for (side, shape, *_), rows in batches.items():
+            for part in batching.chunks(len(rows), shape[0] * shape[1]):
+                ps, ds, ms = zip(*rows[part])
+                batching.add_back_batch_(ps, ds, ms, side, scaled)
+
     # one signature for torch.optim.Optimizer.step's two overloads (closure None / given)
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -569,6 +664,25 @@ def _owners(zp: ZeroPartition, group: dict[str, Any], every: bool) -> dict[int, 
             owners[id(pc.param)] = k
             load[k] += pc.numel
     return owners
+
+
+def _count_steps(states: list[dict[str, Any]]) -> list[int]:
+    """Add one to each state's ``"step"`` and return the new counts, in one operation each (not one
+    per parameter)."""
+    if not states:
+        return []
+    steps = [st["step"] for st in states]
+    torch._foreach_add_(steps, 1.0)
+    return _read_steps(steps)
+
+
+def _read_steps(steps: list[Tensor]) -> list[int]:
+    """The values of 0-d step tensors: one read when they share a device and dtype (the usual CPU
+    scalars), else one per tensor (an engine may have moved a loaded state)."""
+    first = steps[0]
+    if all(t.device == first.device and t.dtype == first.dtype for t in steps):
+        return [int(v) for v in torch.stack(steps).tolist()]
+    return [int(t.item()) for t in steps]
 
 
 def _moment_dtype(p: Tensor) -> torch.dtype:
@@ -672,7 +786,7 @@ class GaLoreAdamW(SubspaceOptimizer):
     def _update(self, group: dict[str, Any], items: list[Item]) -> None:
         lr, wd, style = group["lr"], group["weight_decay"], group["adamw_style"]
         by_step: dict[int, list[int]] = {}
-        for k, (p, g, state, _side, _like) in enumerate(items):
+        for p, g, state, _side, _like in items:
             if "exp_avg" not in state:
                 dt = _moment_dtype(p)
                 state["exp_avg"] = torch.zeros_like(
@@ -681,8 +795,8 @@ class GaLoreAdamW(SubspaceOptimizer):
                 state["exp_avg_sq"] = torch.zeros_like(
                     g, dtype=dt, memory_format=torch.preserve_format
                 )
-            state["step"] += 1
-            by_step.setdefault(int(state["step"].item()), []).append(k)
+        for k, step in enumerate(_count_steps([st for _p, _g, st, _s, _l in items])):
+            by_step.setdefault(step, []).append(k)
         for step, ks in by_step.items():
             dirs = adamw_direction(
                 [items[k][1] for k in ks],
@@ -694,16 +808,12 @@ class GaLoreAdamW(SubspaceOptimizer):
                 style=style,
                 correct_bias=group.get("correct_bias", True),
             )
-            for k, d in zip(ks, dirs):
-                p, _g, state, side, like = items[k]
-                full = self._full_update(p, d, state, side, group, like)
-                if style == "torch" and wd:
-                    p.mul_(1 - lr * wd)
-                p.add_(full.to(p.dtype), alpha=-lr)
-                if style == "hf" and wd:
-                    p.add_(
-                        p, alpha=-lr * wd
-                    )  # after the step, as galore-torch / transformers' AdamW
+            params = [items[k][0] for k in ks]
+            if style == "torch" and wd:
+                torch._foreach_mul_(params, 1 - lr * wd)
+            self._add_updates_(group, [(items[k], d) for k, d in zip(ks, dirs)], -lr)
+            if style == "hf" and wd:  # after the step, as galore-torch / transformers' AdamW
+                torch._foreach_add_(params, params, alpha=-lr * wd)
 
 
 class GoLoreAdamW(GaLoreAdamW):
@@ -828,8 +938,10 @@ class GaLoreSGD(SubspaceOptimizer):
 
     def _update(self, group: dict[str, Any], items: list[Item]) -> None:
         mu, damp, lr = group["momentum"], group["dampening"], group["lr"]
-        for p, g, state, side, like in items:
-            state["step"] += 1
+        _count_steps([item[2] for item in items])
+        pairs = []
+        for item in items:
+            p, g, state, _side, _like = item
             g = g.to(_moment_dtype(p))
             if mu != 0:
                 if "momentum_buffer" not in state:
@@ -840,7 +952,8 @@ class GaLoreSGD(SubspaceOptimizer):
                 d = g.add(buf, alpha=mu) if group["nesterov"] else buf
             else:
                 d = g
-            p.add_(self._full_update(p, d, state, side, group, like).to(p.dtype), alpha=-lr)
+            pairs.append((item, d))
+        self._add_updates_(group, pairs, -lr)
 
 
 class GoLoreSGD(GaLoreSGD):
