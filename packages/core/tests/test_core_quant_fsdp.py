@@ -130,3 +130,23 @@ def test_int8_layer_under_fsdp2_is_refused(one_rank_group):
 def test_plain_models_have_nothing_to_check(one_rank_group):
     assert check_fsdp_quantized(_net(torch.uint8)) == 0  # quantized, not sharded
     assert check_fsdp_quantized(_shard(nn.Sequential(nn.Linear(4, 4)))) == 0  # sharded, float
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+def test_fsdp_storage_check_before_sharding(storage, monkeypatch):
+    """Integer code storage is refused before ``fully_shard`` where this torch's FSDP2 cannot shard
+    it (torch < 2.13 builds integer sharded parameters with requires_grad=True and fails; seen on 2.11
+    with CUDA); float storage, and every storage on a torch that can, pass."""
+    import loralab.core.quant as quant
+
+    net = _net(storage)
+    assert quant.check_fsdp_storage(net) == 1  # this torch (2.13) shards every storage
+    monkeypatch.setattr(quant, "fsdp2_shards_integer_storage", lambda: False)
+    if storage.is_floating_point:
+        assert quant.check_fsdp_storage(net) == 1
+    else:
+        with pytest.raises(
+            QuantizationError,
+            match=r"0 \(Linear4bit\) stores its 4-bit codes as torch.uint8.*bnb_4bit_quant_storage=torch.bfloat16",
+        ):
+            quant.check_fsdp_storage(net)

@@ -139,7 +139,7 @@ def test_fsdp_qlora_lora_lora_sb_and_lora_ga_equal_one_process_reload_and_resume
     shutil.rmtree(tmp_path / "ga1")
 
 
-def test_fsdp_qlora_refusals_name_the_flag(tiny_dirs, tmp_path, helpers):
+def test_fsdp_qlora_refusals_name_the_flag(tiny_dirs, tmp_path, helpers, monkeypatch):
     files = metamath_files(tmp_path, helpers)
     model = tiny_dirs["llama"]
     base = argv(model, files, tmp_path / "o", 2, "lora", "--fsdp", "full_shard")
@@ -163,3 +163,12 @@ def test_fsdp_qlora_refusals_name_the_flag(tiny_dirs, tmp_path, helpers):
         metamath.main([*no_quant, "--bnb_4bit_quant_storage", "bfloat16"])
     with pytest.raises(ValueError, match="--merge_and_save cannot merge an FSDP2-sharded model"):
         metamath.main([*base, "--merge_and_save", "true"])
+    # torch < 2.13: FSDP2 fails on integer parameters (seen on 2.11 with CUDA): uint8 codes refused
+    import loralab.core.quant as quant
+
+    monkeypatch.setattr(quant, "fsdp2_shards_integer_storage", lambda: False)
+    with pytest.raises(
+        ValueError,
+        match=r"cannot shard 4-bit codes stored as uint8.*--bnb_4bit_quant_storage bfloat16",
+    ):
+        metamath.main(base)

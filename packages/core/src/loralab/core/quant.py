@@ -58,10 +58,12 @@ __all__ = [
     "QuantSpec",
     "QuantizationError",
     "check_fsdp_quantized",
+    "check_fsdp_storage",
     "dequantize_weight",
     "dequantized_copy",
     "dtype_kwarg",
     "float_targets",
+    "fsdp2_shards_integer_storage",
     "is_quantized",
     "load_float_model_for_estimation",
     "load_quant_statistics_",
@@ -357,6 +359,45 @@ def _requantize_sharded_4bit_(module: nn.Module, weight: Tensor, spec: QuantSpec
         )
     write_rows_(old, codes)
     setattr(module, "quant_state", qs)  # noqa: B010 (nn.Module's attributes are typed Tensor | Module)
+
+
+def fsdp2_shards_integer_storage() -> bool:
+    """Whether this torch's FSDP2 can shard integer parameters (4-bit codes in ``torch.uint8``)."""
+    # torch < 2.13: FSDP2 builds each sharded parameter as nn.Parameter(...) with requires_grad left
+    # at its default True, which fails for integer tensors (pytorch/pytorch#177844): seen failing on
+    # 2.11 (CUDA, benchmarks/cuda_fsdp_qlora.py), working on 2.13; 2.12 not checked, so refused
+    return tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
+
+
+def check_fsdp_storage(model: nn.Module) -> int:
+    """Check, before ``fully_shard``, that this torch's FSDP2 can shard ``model``'s 4-bit codes.
+
+    A ``Linear4bit`` stores its packed codes in ``bnb_4bit_quant_storage``; with an integer storage
+    (``torch.uint8``, bitsandbytes' default) FSDP2 before torch 2.13 fails inside ``fully_shard``
+    ("only Tensors of floating point dtype can require gradients"). Returns the number of 4-bit layers
+    checked.
+
+    Raises:
+        QuantizationError: naming the first such layer and the storage to load with instead.
+
+    Example:
+        >>> from loralab.core.testing import tiny_llama
+        >>> check_fsdp_storage(tiny_llama())  # no bitsandbytes layer
+        0
+    """
+    layers = [(n, m) for n, m in model.named_modules() if layer_kind(m) == "linear4bit"]
+    if fsdp2_shards_integer_storage():
+        return len(layers)
+    for name, layer in layers:
+        storage = layer.weight.dtype
+        if not storage.is_floating_point:
+            raise QuantizationError(
+                f"{name} (Linear4bit) stores its 4-bit codes as {storage}, which FSDP2 in torch "
+                f"{torch.__version__} cannot shard (fixed in torch 2.13, pytorch/pytorch#177844). Load the "
+                "model with BitsAndBytesConfig(bnb_4bit_quant_storage=torch.bfloat16) (FSDP-QLoRA's usual "
+                "storage), or use torch >= 2.13"
+            )
+    return len(layers)
 
 
 def check_fsdp_quantized(model: nn.Module) -> int:

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from loralab.core.adapter_gradients import estimate_adapter_gradients
 from loralab.core.linalg import SVDMethod
-from loralab.core.quant import check_fsdp_quantized, dequantize_weight
+from loralab.core.quant import check_fsdp_quantized, check_fsdp_storage, dequantize_weight
 from loralab.core.sharding import is_dtensor
 from loralab.core.targets import layer_kind
 from loralab.lora_ga.config import DTYPES, LoraGAConfig
@@ -166,6 +166,7 @@ def get_lora_ga_model(
     with lora_ga_session() as session:
         peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     if shard is not None:
+        check_fsdp_storage(peft_model)  # what this torch's fully_shard itself would fail on
         # FSDP2 (fully_shard) works in place: same modules and names, DTensor row-shard parameters
         peft_model = cast(PeftModel, shard(peft_model))
         # FSDP-QLoRA: refuse, before the estimate, what FSDP2 would break in bitsandbytes layers

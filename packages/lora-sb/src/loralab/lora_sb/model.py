@@ -30,7 +30,7 @@ from peft import PeftModel, get_peft_model
 from torch import Tensor, nn
 
 from loralab.core.adapter_gradients import estimate_adapter_gradients
-from loralab.core.quant import check_fsdp_quantized
+from loralab.core.quant import check_fsdp_quantized, check_fsdp_storage
 from loralab.lora_sb.config import LoraSBConfig
 from loralab.lora_sb.layer import (
     LoraSBLayerMixin,
@@ -296,6 +296,7 @@ def get_lora_sb_model(
         model, config, adapter_name=adapter_name, autocast_adapter_dtype=False
     )
     if shard is not None:
+        check_fsdp_storage(peft_model)  # what this torch's fully_shard itself would fail on
         # FSDP2 (fully_shard) works in place: same modules and names, DTensor row-shard parameters
         peft_model = cast(PeftModel, shard(peft_model))
         if config.sb_init != "gradient":  # the gradient init checks in initialize_lora_sb_weights

@@ -159,6 +159,18 @@ def check_quantization_args(args: Any) -> None:
             raise ValueError(
                 f"--bnb_4bit_quant_storage must be one of {', '.join(QUANT_STORAGES)}, got {storage!r}"
             )
+        from loralab.core.quant import fsdp2_shards_integer_storage
+
+        if (
+            getattr(args, "fsdp", None)
+            and storage == "uint8"
+            and not fsdp2_shards_integer_storage()
+        ):
+            raise ValueError(
+                f"--fsdp with --load_in_4bit: FSDP2 in torch {torch.__version__} cannot shard 4-bit codes "
+                "stored as uint8 (fixed in torch 2.13): pass --bnb_4bit_quant_storage bfloat16, or use "
+                "torch >= 2.13"
+            )
         if (
             getattr(args, "fsdp", None)
             and getattr(args, "bf16", False)

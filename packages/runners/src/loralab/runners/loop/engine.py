@@ -48,6 +48,7 @@ from torch import nn
 
 from loralab.core.quant import (
     check_fsdp_quantized,
+    check_fsdp_storage,
     load_quant_statistics_,
     load_state_dict_with_quantized_,
     quant_statistics,
@@ -600,6 +601,7 @@ class FSDP2Engine(TorchEngine):
                 )
         else:
             block_names = set(getattr(_inner_model(model), "_no_split_modules", None) or ())
+        check_fsdp_storage(model)  # before fully_shard, which fails on it in torch < 2.13
         blocks = [m for m in model.modules() if type(m).__name__ in block_names]
         if not blocks:
             blocks = [
