@@ -40,7 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results" / "c4_pretrain.md"
 
-FULL = {"max_length": 256, "batch_size": 8, "steps": 6}
+FULL = {"max_length": 256, "batch_size": 8, "steps": 20}
 QUICK = {"max_length": 64, "batch_size": 2, "steps": 5}
 
 RUNS = {
@@ -70,11 +70,11 @@ def _run(
         sys.executable, "-m", "loralab.runners.c4", "--output_dir", str(out), "--model_config", "llama_60m",
         "--tokenizer", setup["tokenizer"], "--train_data", setup["train_data"], "--max_length", str(size["max_length"]),
         "--batch_size", str(size["batch_size"]), "--num_training_steps", str(steps), "--warmup_steps", "1",
-        "--lr", "1e-3", "--update_proj_gap", str(steps), "--eval_every", str(steps), "--save_every", str(steps),
+        "--lr", "1e-3", "--eval_every", str(steps), "--save_every", str(steps),
         "--eval_tokens", str(size["max_length"]), "--plot", "false", "--seed", "0", *extra,
     ]  # fmt: skip
-    if name != "adamw":
-        argv += SUBSPACE
+    if name != "adamw":  # the runner refuses subspace flags for AdamW
+        argv += [*SUBSPACE, "--update_proj_gap", str(steps)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     print(f"[{name}] running ...", flush=True)
     proc = subprocess.run(argv, env=env, capture_output=True, text=True)
@@ -86,8 +86,10 @@ def _run(
         for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
         if r["kind"] == "train"
     ]
+    per_step = sorted(r["tokens_per_s"] for r in train[1:])  # after the first (projectors)
     return {
         "tokens_per_s": summary["tokens_per_s"],
+        "median_tokens_per_s": per_step[len(per_step) // 2],
         "tokens_per_cpu_s": summary["tokens_per_cpu_s"],
         "step1_cpu_s": train[0]["step_cpu_s"],
         "state_mib": _state_mib(out / f"checkpoint-{steps}" / "optimizer.pt"),
@@ -99,34 +101,72 @@ def _run(
     }
 
 
+def _warm_up_gpu(seconds: float = 10.0) -> None:
+    """Matrix products for ``seconds``: an idle GPU runs at a fraction of its clock (an H200 read 345
+    MHz before the first run), and the first process measured would pay the ramp."""
+    import time
+
+    x = torch.randn(4096, 4096, device="cuda")
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        x = torch.tanh(x @ x)
+        torch.cuda.synchronize()
+
+
+def _combine(runs: list[dict]) -> dict:
+    """One row of an optimizer's runs: throughputs averaged, the rest from the first run."""
+    row = dict(runs[0])
+    for key in ("tokens_per_s", "median_tokens_per_s", "tokens_per_cpu_s"):
+        row[key] = sum(r[key] for r in runs) / len(runs)
+    row["runs"] = len(runs)
+    return row
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help=f"short sequences, few steps: {QUICK}")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run (CPU)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="optimizer steps per run (default: the size's)"
+    )
+    p.add_argument(
+        "--repeat",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run each optimizer twice (order A B C C B A) and average the throughputs (default on)",
+    )
     p.add_argument("--output", default=str(RESULTS))
     a = p.parse_args()
-    size = QUICK if a.quick else FULL
+    size = dict(QUICK if a.quick else FULL)
+    if a.steps is not None:
+        size["steps"] = a.steps
 
     from loralab.runners.c4.testing import write_tiny_setup
 
     with tempfile.TemporaryDirectory() as tmp:
         n_docs = max(200, 4 * size["steps"] * size["batch_size"] * size["max_length"] // 300)
         setup = write_tiny_setup(Path(tmp) / "setup", train_docs=n_docs, validation_docs=20)
-        rows = {
-            name: _run(name, extra, setup, size, Path(tmp) / f"run{k}", a.threads)
-            for k, (name, extra) in enumerate(RUNS.items())
-        }
+        if torch.cuda.is_available():
+            _warm_up_gpu()
+        # every optimizer twice, in the order A B C C B A: a machine that speeds up or slows down
+        # during the benchmark (GPU clocks leaving idle, other jobs) favours no optimizer
+        order = list(RUNS) + list(RUNS)[::-1]
+        runs: dict[str, list[dict]] = {name: [] for name in RUNS}
+        for k, name in enumerate(order if a.repeat else RUNS):
+            runs[name].append(_run(name, RUNS[name], setup, size, Path(tmp) / f"run{k}", a.threads))
+        rows = {name: _combine(rs) for name, rs in runs.items()}
 
     base = rows["adamw"]
     device = base["device"]
     mem_label = "peak RSS (MiB)" if base["mem_kind"].startswith("cpu") else "peak GPU alloc (MiB)"
     lines = [
-        f"| optimizer | tokens/s (wall) | tokens / CPU-s | × AdamW (CPU-s) | step-1 CPU s (1st projector) | optimizer state (MiB) | × AdamW | {mem_label} | × AdamW |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| optimizer | tokens/s (wall) | median tokens/s (wall) | × AdamW (median) | tokens / CPU-s | × AdamW (CPU-s) | step-1 CPU s (1st projector) | optimizer state (MiB) | × AdamW | {mem_label} | × AdamW |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         lines.append(
-            f"| {name} | {r['tokens_per_s']:.0f} | {r['tokens_per_cpu_s']:.0f} | {r['tokens_per_cpu_s'] / base['tokens_per_cpu_s']:.2f} | "
+            f"| {name} | {r['tokens_per_s']:.0f} | {r['median_tokens_per_s']:.0f} | "
+            f"{r['median_tokens_per_s'] / base['median_tokens_per_s']:.2f} | {r['tokens_per_cpu_s']:.0f} | {r['tokens_per_cpu_s'] / base['tokens_per_cpu_s']:.2f} | "
             f"{r['step1_cpu_s']:.2f} | {r['state_mib']:.0f} | {r['state_mib'] / base['state_mib']:.2f} | {r['peak_mem_mb']:.0f} | "
             f"{r['peak_mem_mb'] / base['peak_mem_mb']:.2f} |"
         )
@@ -139,7 +179,10 @@ def main() -> None:
         f"{os.cpu_count()}-core CPU ({platform.machine()}), torch {torch.__version__}"
         if device == "cpu" else torch.cuda.get_device_name(0) + f", torch {torch.__version__}"
     )  # fmt: skip
-    command = f"python benchmarks/c4_pretrain.py{' --quick' if a.quick else ''}{'' if a.threads == 1 else f' --threads {a.threads}'}"
+    command = (
+        f"python benchmarks/c4_pretrain.py{' --quick' if a.quick else ''}{'' if a.threads == 1 else f' --threads {a.threads}'}"
+        f"{'' if a.steps is None else f' --steps {a.steps}'}{'' if a.repeat else ' --no-repeat'}"
+    )
     text = "\n".join(
         [
             "# C4 pre-training: AdamW vs GaLore vs GoLore (llama_60m)",
@@ -149,7 +192,8 @@ def main() -> None:
             "(shared machine: compare the CPU-second columns, wall-clock tokens/s include other jobs)",
             f"- date: {datetime.date.today().isoformat()}",
             f"- model: llama_60m ({base['params'] / 1e6:.1f}M parameters, vocab 32000), {size['max_length']}-token sequences, "
-            f"micro-batch {size['batch_size']}, {size['steps']} steps (throughput averaged over steps 2..{size['steps']}); "
+            f"micro-batch {size['batch_size']}, {size['steps']} steps (throughput: mean and median over steps 2..{size['steps']}"
+            f"{', each optimizer run twice in the order A B C C B A and the two runs averaged' if a.repeat else ''}); "
             "GaLore/GoLore rank 128, scale 0.25, the 7 attention/MLP matrices of every layer projected",
             "",
             table,
