@@ -148,6 +148,38 @@ def test_command_line_flags_and_defaults():
         parser.parse_args(["--method", "lora-ga", "--ga_direction", "sideways"])
 
 
+def test_setup_method_refuses_an_option_of_another_method_in_arguments_built_by_hand():
+    # Method.setup checks the method's own options only; the entrypoints' setup_method adds the
+    # registry's check, so arguments that skipped method_args / parse_args are still refused
+    from loralab.runners.methods import setup_method
+
+    args = method_args("lora", lora_r=RANK)
+    args.rand_ratio = 0.5
+    with pytest.raises(
+        MethodError,
+        match=r"^--rand_ratio does not apply to --method lora \(it applies to: golore\); remove it$",
+    ):
+        setup_method(get_method("lora"), tiny_llama(), args)
+    own = get_method("lora").resolve_options(argparse.Namespace(max_steps=10, rand_ratio=0.5))
+    assert (own.lora_r, own.rand_ratio, own.optim) == (8, 0.5, "adamw")
+
+
+def test_base_imports_no_method_module():
+    """The method modules and the registry import base: base importing any of them (even lazily,
+    inside a function) would close an import circle."""
+    import ast
+    import inspect
+
+    from loralab.runners.methods import base
+
+    for node in ast.walk(ast.parse(inspect.getsource(base))):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [getattr(node, "module", None) or "", *(a.name for a in node.names)]
+            assert not any(n.startswith("loralab.runners.methods") for n in names), ast.unparse(
+                node
+            )
+
+
 def test_gradient_methods_need_batches():
     if not installed("lora-sb"):
         pytest.skip("loralab-lora-sb not installed")

@@ -58,7 +58,7 @@ from loralab.runners.loop import (
     run_loop,
     save_checkpoint,
 )
-from loralab.runners.methods import FinalDirectory, get_method
+from loralab.runners.methods import FinalDirectory, get_method, setup_method
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -167,7 +167,8 @@ def run(args: C4Args) -> dict[str, Any]:
     dtype = (
         torch.bfloat16 if args.dtype == "bfloat16" and not deepspeed_bf16(args) else torch.float32
     )
-    setup = method.setup(
+    setup = setup_method(
+        method,
         model.to(device=env.device, dtype=dtype),
         margs,
         scheduler=lambda opt: get_scheduler(

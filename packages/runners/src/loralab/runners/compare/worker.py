@@ -135,7 +135,7 @@ def run_method(spec: RunSpec) -> dict[str, Any]:
     from loralab.runners.compare.recipes import recipe_for
     from loralab.runners.compare.task import load_data, load_model, num_labels
     from loralab.runners.loop import ListBatches, LoopConfig, MetricsLog, TorchEngine, run_loop
-    from loralab.runners.methods import get_method, method_args
+    from loralab.runners.methods import get_method, method_args, setup_method
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
@@ -198,8 +198,11 @@ def run_method(spec: RunSpec) -> dict[str, Any]:
         # the method's setup (gradient estimation for LoRA-GA / LoRA-SB) is timed as init
         torch.manual_seed(spec.seed)
         start = time.perf_counter()
-        setup = method.setup(
-            model, args, train_batches=[{k: v.to(device) for k, v in b.items()} for b in batches]
+        setup = setup_method(
+            method,
+            model,
+            args,
+            train_batches=[{k: v.to(device) for k, v in b.items()} for b in batches],
         )
         init_time = time.perf_counter() - start
         model, optimizer = engine.prepare(setup.model, setup.optimizer, setup.scheduler)

@@ -192,7 +192,7 @@ def finetune(
     ``evaluate(engine, model)`` runs on every process and returns metrics (logged as ``eval_<name>``),
     every ``--eval_steps`` and at the end.
     """
-    from loralab.runners.methods import get_method
+    from loralab.runners.methods import get_method, setup_method
 
     # 1. engine
     method = get_method(args.method)
@@ -274,7 +274,9 @@ def finetune(
         model.to(engine.device)
         init_batches = data.first_batches(_init_batch_count(method, args))
     # an engine that shards the parameters (FSDP2) does so before the method builds its optimizer
-    setup = method.setup(model, args, init_batches, resume=resume is not None, shard=engine.shard)
+    setup = setup_method(
+        method, model, args, init_batches, resume=resume is not None, shard=engine.shard
+    )
     model, optimizer = engine.prepare(setup.model, setup.optimizer, setup.scheduler)
     if args.report_to != "none" and isinstance(engine, AccelerateEngine):
         engine.acc.init_trackers(

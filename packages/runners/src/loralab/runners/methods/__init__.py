@@ -2,7 +2,9 @@
 lora-xs | lora-pro | galore | golore``.
 
 ``get_method(name).setup(model, args, train_batches)`` returns ``MethodSetup(model, optimizer,
-scheduler, callbacks)``. Methods whose package is not installed raise ``ImportError`` with the
+scheduler, callbacks)``; entrypoints call ``setup_method(get_method(name), model, args, ...)``, which
+first refuses an option of another method in ``args`` (as ``method_args`` and
+``resolve_method_options`` do). Methods whose package is not installed raise ``ImportError`` with the
 ``pip install`` line only when used.
 
 Example:
@@ -15,17 +17,24 @@ Example:
 
 from loralab.runners.methods.base import (
     COMMON_DEFAULTS,
-    OPTIONS,
     Callback,
     FinalDirectory,
     Method,
     MethodError,
     MethodSetup,
     Option,
-    resolve_method_options,
 )
 from loralab.runners.methods.cli import add_method_arguments
-from loralab.runners.methods.registry import METHODS, MethodArgs, get_method, method_args, methods
+from loralab.runners.methods.registry import (
+    METHODS,
+    OPTIONS,
+    MethodArgs,
+    get_method,
+    method_args,
+    methods,
+    resolve_method_options,
+    setup_method,
+)
 
 __all__ = [
     "COMMON_DEFAULTS",
@@ -43,4 +52,5 @@ __all__ = [
     "method_args",
     "methods",
     "resolve_method_options",
+    "setup_method",
 ]

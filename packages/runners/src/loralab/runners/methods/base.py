@@ -2,11 +2,16 @@
 
 A *method* turns a loaded model (plus, for gradient-initialized methods, a few training batches) into
 ``MethodSetup(model, optimizer, scheduler, callbacks)``. Every entrypoint calls the registry
-(:func:`loralab.runners.methods.get_method`) and nothing else, so adding a method is one module.
+(:func:`loralab.runners.methods.get_method`, :func:`loralab.runners.methods.setup_method`) and nothing
+else, so adding a method is one module.
 
 Each method module declares its options (:class:`Option`: name, type, and the config-dataclass field
-whose ``metadata["help"]`` documents it) and their defaults; :data:`OPTIONS` is their union. :func:`resolve_method_options` rejects an option given to a
-method it does not apply to, naming the argument (``--rand_ratio does not apply to --method lora``).
+whose ``metadata["help"]`` documents it) and their defaults; :meth:`Method.resolve_options` fills and
+checks them. This module knows no method but the one at hand: the union of every method's options
+(:data:`~loralab.runners.methods.registry.OPTIONS`) and the refusal of an option given to a method it
+does not apply to (``--rand_ratio does not apply to --method lora``) need every method, so they live in
+the registry (:func:`~loralab.runners.methods.registry.resolve_method_options`), which imports this
+module and never the other way round.
 
 Example:
     >>> from loralab.runners.methods import get_method, method_args
@@ -41,7 +46,6 @@ from loralab.runners.loop.trainer import Callback
 __all__ = [
     "COMMON_DEFAULTS",
     "LORA_OPTIONS",
-    "OPTIONS",
     "SHARDING_ENGINES",
     "TARGET_MODULES",
     "Callback",
@@ -51,7 +55,6 @@ __all__ = [
     "MethodSetup",
     "Option",
     "base_optimizer",
-    "resolve_method_options",
 ]
 
 logger = logging.getLogger(__name__)
@@ -142,44 +145,6 @@ LORA_OPTIONS: tuple[Option, ...] = (
 )
 """The options of the LoRA family (lora, lora-ga, lora-fa, lora-sb, lora-pro): ``peft.LoraConfig`` fields."""
 
-
-class _AllOptions(Mapping[str, Option]):
-    """Every registered method's options by name, collected from the method modules on first use (so a
-    new method is one module: its options come with it)."""
-
-    def __init__(self) -> None:
-        self._options: dict[str, Option] | None = None
-
-    def _load(self) -> dict[str, Option]:
-        if self._options is None:
-            options: dict[str, Option] = {}
-            for method in _registry().values():
-                declared = {o.name: o for o in method.options}
-                if set(declared) != set(method.defaults):
-                    raise MethodError(
-                        f"--method {method.name}: options {sorted(declared)} and defaults "
-                        f"{sorted(method.defaults)} must name the same flags"
-                    )
-                for name, opt in declared.items():
-                    if options.setdefault(name, opt) != opt:
-                        raise MethodError(
-                            f"--{name} is declared differently by two methods ({method.name} and another)"
-                        )
-            self._options = options
-        return self._options
-
-    def __getitem__(self, key: str) -> Option:
-        return self._load()[key]
-
-    def __iter__(self) -> Any:
-        return iter(self._load())
-
-    def __len__(self) -> int:
-        return len(self._load())
-
-
-OPTIONS: Mapping[str, Option] = _AllOptions()
-"""Every method option by name: the union of the registered methods' ``options``."""
 
 COMMON_DEFAULTS: dict[str, Any] = dict(
     learning_rate=1e-4,
@@ -388,6 +353,55 @@ class Method(ABC):
         """Raise the ``pip install`` error early (before any model is loaded) if the package is missing."""
         self.import_package()
 
+    def resolve_options(self, args: Any) -> Any:
+        """Check and fill this method's options and the common hyper-parameters in ``args`` (in place;
+        returns ``args``).
+
+        Unset options (``None`` or missing) get :attr:`defaults`; choices and ranges are checked;
+        ``target_modules`` given as a comma-separated string becomes a list (``"all-linear"`` stays a
+        string); missing :data:`COMMON_DEFAULTS` are filled, then ``optim`` and ``max_steps`` checked.
+        Options of other methods are not looked at: refusing them needs every method, which is the
+        registry's :func:`~loralab.runners.methods.registry.resolve_method_options`.
+        """
+        # a method may declare defaults without options (golore-relora, not a --method choice, takes
+        # galore's and golore's flags): those have no choices to check here
+        declared = {o.name: o for o in self.options}
+        for name, default in self.defaults.items():
+            value = getattr(args, name, None)
+            if value is None:
+                value = default
+            opt = declared.get(name)
+            if opt is not None and opt.choices is not None and value not in opt.choices:
+                raise MethodError(
+                    f"--{name} must be one of {', '.join(map(str, opt.choices))}, got {value!r}"
+                )
+            if name == "target_modules" and isinstance(value, str) and value != "all-linear":
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            setattr(args, name, value)
+        for name in ("lora_r", "galore_rank", "ga_iters", "sb_num_batches", "update_proj_gap"):
+            if (
+                name in self.defaults
+                and getattr(args, name) is not None
+                and getattr(args, name) < 1
+            ):
+                raise MethodError(f"--{name} must be >= 1, got {getattr(args, name)}")
+        if "rand_ratio" in self.defaults and not 0.0 <= args.rand_ratio <= 1.0:
+            raise MethodError(f"--rand_ratio must be in [0, 1], got {args.rand_ratio}")
+        if "lora_dropout" in self.defaults and not 0.0 <= args.lora_dropout < 1.0:
+            raise MethodError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+        for name, default in COMMON_DEFAULTS.items():
+            if not hasattr(args, name):
+                setattr(args, name, default)
+        if args.optim not in self.optimizers:
+            raise MethodError(
+                f"--optim {args.optim} does not apply to --method {self.name} (it runs with: {', '.join(self.optimizers)})"
+            )
+        if args.max_steps < 1:
+            raise MethodError(
+                f"max_steps must be >= 1 (the number of optimizer steps), got {args.max_steps}"
+            )
+        return args
+
     def setup(
         self,
         model: nn.Module,
@@ -399,6 +413,9 @@ class Method(ABC):
         shard: Callable[[nn.Module], nn.Module] | None = None,
     ) -> MethodSetup:
         """Wrap ``model`` and build its optimizer and scheduler from ``args``.
+
+        Checks this method's options (:meth:`resolve_options`) but not whether ``args`` sets an option
+        of another method: entrypoints call :func:`loralab.runners.methods.setup_method`, which does.
 
         Args:
             model: a loaded ``transformers`` model (float weights; quantized where the method allows).
@@ -415,7 +432,7 @@ class Method(ABC):
                 the parameters by shards: :meth:`loralab.runners.loop.engine.Engine.shard`), through
                 :meth:`wrap_sharded` (gradient-based inits shard before they estimate).
         """
-        resolve_method_options(self, args)
+        self.resolve_options(args)
         self.check_model(model, args)
         if self.needs_batches and not resume and train_batches is None:
             raise MethodError(
@@ -565,63 +582,10 @@ def build_scheduler(optimizer: Optimizer, args: Any) -> Any:
     )
 
 
-def resolve_method_options(method: Method, args: Any) -> Any:
-    """Check and fill ``args``'s method options for ``method`` (in place; returns ``args``).
-
-    An option of another method that was set (not ``None``) raises :class:`MethodError` naming it;
-    unset options of this method get the method's default; ``target_modules`` given as a
-    comma-separated string becomes a list (``"all-linear"`` stays a string).
-    """
-    for name in OPTIONS:
-        value = getattr(args, name, None)
-        if name not in method.defaults:
-            if value is not None:
-                users = [n for n, m in _registry().items() if name in m.defaults]
-                raise MethodError(
-                    f"--{name} does not apply to --method {method.name} (it applies to: {', '.join(users) or 'none'}); remove it"
-                )
-            continue
-        if value is None:
-            value = method.defaults[name]
-        opt = OPTIONS[name]
-        if opt.choices is not None and value not in opt.choices:
-            raise MethodError(
-                f"--{name} must be one of {', '.join(map(str, opt.choices))}, got {value!r}"
-            )
-        if name == "target_modules" and isinstance(value, str) and value != "all-linear":
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        setattr(args, name, value)
-    for name in ("lora_r", "galore_rank", "ga_iters", "sb_num_batches", "update_proj_gap"):
-        if name in method.defaults and getattr(args, name) is not None and getattr(args, name) < 1:
-            raise MethodError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if "rand_ratio" in method.defaults and not 0.0 <= args.rand_ratio <= 1.0:
-        raise MethodError(f"--rand_ratio must be in [0, 1], got {args.rand_ratio}")
-    if "lora_dropout" in method.defaults and not 0.0 <= args.lora_dropout < 1.0:
-        raise MethodError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
-    for name, default in COMMON_DEFAULTS.items():
-        if not hasattr(args, name):
-            setattr(args, name, default)
-    if args.optim not in method.optimizers:
-        raise MethodError(
-            f"--optim {args.optim} does not apply to --method {method.name} (it runs with: {', '.join(method.optimizers)})"
-        )
-    if args.max_steps < 1:
-        raise MethodError(
-            f"max_steps must be >= 1 (the number of optimizer steps), got {args.max_steps}"
-        )
-    return args
-
-
 def option_flag(args: Any, name: str) -> str:
     """How the entrypoint spells option ``name`` in error messages: ``--name``, or the entrypoint's
     own flag from ``args.flag_names`` (C4 follows the GaLore scripts: ``--rank`` for ``galore_rank``)."""
     return "--" + getattr(args, "flag_names", {}).get(name, name)
-
-
-def _registry() -> Mapping[str, Method]:
-    from loralab.runners.methods import registry
-
-    return registry.methods()
 
 
 def lora_kwargs(args: Any) -> dict[str, Any]:

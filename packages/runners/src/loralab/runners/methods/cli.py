@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from loralab.runners.methods.base import OPTIONS
-from loralab.runners.methods.registry import METHODS, get_method
+from loralab.runners.methods.registry import METHODS, OPTIONS, get_method
 
 __all__ = ["add_method_arguments"]
 
