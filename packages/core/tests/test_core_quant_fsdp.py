@@ -150,3 +150,18 @@ def test_fsdp_storage_check_before_sharding(storage, monkeypatch):
             match=r"0 \(Linear4bit\) stores its 4-bit codes as torch.uint8.*bnb_4bit_quant_storage=torch.bfloat16",
         ):
             quant.check_fsdp_storage(net)
+
+
+def test_cpu_repacking_off_sets_and_restores_the_flag():
+    """Inside the block no 4-bit layer repacks (bitsandbytes' flag off), after it each layer has its
+    own value back. On a CPU with AVX512-BF16 the estimates' own no-grad passes repacked layers and
+    cut their targets' gradients (the adapter-gradient tests failed there without it)."""
+    from loralab.core.quant import cpu_repacking_off
+
+    net = nn.Sequential(_net(torch.uint8), _net(torch.bfloat16))
+    layers = [m for m in net.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    assert len(layers) == 2
+    layers[0].support_avx512bf16_for_cpu, layers[1].support_avx512bf16_for_cpu = True, False
+    with cpu_repacking_off(net) as n:
+        assert n == 2 and not any(m.support_avx512bf16_for_cpu for m in layers)
+    assert [m.support_avx512bf16_for_cpu for m in layers] == [True, False]

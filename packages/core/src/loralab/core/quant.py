@@ -59,6 +59,7 @@ __all__ = [
     "QuantizationError",
     "check_fsdp_quantized",
     "check_fsdp_storage",
+    "cpu_repacking_off",
     "dequantize_weight",
     "dequantized_copy",
     "dtype_kwarg",
@@ -139,6 +140,35 @@ def _quant_state(module: nn.Module) -> Any:
             "device (layer.to('cpu') or .cuda()) or load the model with a BitsAndBytesConfig first"
         )
     return qs
+
+
+@contextmanager
+def cpu_repacking_off(model: nn.Module) -> Iterator[int]:
+    """bitsandbytes' CPU repacking off on every 4-bit layer of ``model`` inside the block (restored after);
+    yields how many layers it covers.
+
+    bitsandbytes (>= 0.48, CPUs with AVX512-BF16) repacks a ``Linear4bit``'s codes for its CPU kernel at
+    the first eval-mode forward whose input needs no gradient, and a backward through a repacked layer
+    gives no input gradient (bitsandbytes 0.50). A gradient estimate makes such forwards itself (the
+    block boundaries under ``no_grad``, the layers before the first target), so a layer repacked there
+    would cut the gradient of every target below it (seen on a Xeon with AVX512-BF16: targets with no
+    gradient). The plain 4-bit kernel computes the same function.
+
+    Example:
+        >>> from loralab.core.testing import tiny_llama
+        >>> with cpu_repacking_off(tiny_llama()) as n:  # no bitsandbytes layer
+        ...     n
+        0
+    """
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    saved = [m.support_avx512bf16_for_cpu for m in layers]
+    for m in layers:  # setattr: bitsandbytes' plain bool attribute, not a Module field
+        setattr(m, "support_avx512bf16_for_cpu", False)  # noqa: B010
+    try:
+        yield len(layers)
+    finally:
+        for m, value in zip(layers, saved):
+            setattr(m, "support_avx512bf16_for_cpu", value)  # noqa: B010
 
 
 def _cpu_packed(qs: Any) -> bool:
