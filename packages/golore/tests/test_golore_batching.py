@@ -61,12 +61,13 @@ def test_one_parameter_at_a_time_equals_all_at_once(cls, small, monkeypatch):
         monkeypatch.setattr(batching, "BATCH_ELEMENTS", 64)
     kw = {"momentum": 0.9} if cls is GaLoreSGD else {"weight_decay": 0.1}
     a, b = _params(SHAPES), _params(SHAPES)
-    groups = (
-        lambda ps: [  # noqa: E731
+
+    def groups(ps):
+        return [
             {"params": ps[:8], "rank": 4, "update_proj_gap": 2, "scale": 0.5},
             {"params": ps[8:]},
         ]
-    )
+
     oa, ob = cls(groups(a), lr=1e-2, **kw), cls(groups(b), lr=1e-2, **kw)
     for step in range(3):  # a projector refresh at step 2 (gap 2)
         oa.step()
