@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from loralab.core.quant import cpu_repacking_off
 from loralab.core.sharding import refresh_fsdp_trainable
 
 __all__ = [
@@ -78,8 +79,10 @@ def check_finite(name: str, grad: Tensor) -> None:
 
 @contextmanager
 def estimation_mode(model: nn.Module, weights: Iterable[nn.Parameter], train: bool) -> Any:
-    """Only ``weights`` require grad, ``.grad`` cleared, mode set; everything restored on exit
-    (under FSDP2, its groups re-read the trainable parameters after each change)."""
+    """Only ``weights`` require grad, ``.grad`` cleared, mode set, bitsandbytes' CPU repacking off
+    (:func:`~loralab.core.quant.cpu_repacking_off`: an estimate's own no-grad forwards would repack
+    4-bit layers and cut the backward through them); everything restored on exit (under FSDP2, its
+    groups re-read the trainable parameters after each change)."""
     weights = list(weights)
     params = list(model.parameters())
     saved_flags = [p.requires_grad for p in params]
@@ -93,7 +96,8 @@ def estimation_mode(model: nn.Module, weights: Iterable[nn.Parameter], train: bo
             w.requires_grad_(True)
         refresh_fsdp_trainable(model)  # FSDP2 reads the trainable set once, at its first forward
         model.train(train)
-        yield
+        with cpu_repacking_off(model):
+            yield
     finally:
         for p, flag, g in zip(params, saved_flags, saved_grads):
             p.requires_grad_(flag)

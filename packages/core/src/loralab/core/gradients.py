@@ -136,7 +136,6 @@ from loralab.core.estimation import (
     default_loss,
     estimation_mode,
 )
-from loralab.core.quant import cpu_repacking_off
 from loralab.core.sharding import all_ranks_agree, gather_rows, is_dtensor
 from loralab.core.targets import TargetLayer, find_targets, to_storage_layout
 
@@ -335,42 +334,6 @@ def estimate_gradients(
         >>> sorted(norms)
         ['transformer.h.0.attn.c_attn', 'transformer.h.1.attn.c_attn']
     """
-    # bitsandbytes could repack a 4-bit layer during the estimate's own no-grad forwards and cut the
-    # backward through it (loralab.core.quant.cpu_repacking_off)
-    with cpu_repacking_off(model):
-        return _estimate_gradients(
-            model,
-            batches,
-            targets,
-            num_batches=num_batches,
-            loss_fn=loss_fn,
-            consumer=consumer,
-            offload=offload,
-            device=device,
-            no_split_module_classes=no_split_module_classes,
-            train=train,
-            reduce=reduce,
-            progress=progress,
-            blockwise=blockwise,
-        )
-
-
-def _estimate_gradients(
-    model: nn.Module,
-    batches: Iterable[Any],
-    targets: Targets = "all-linear",
-    *,
-    num_batches: int | None = None,
-    loss_fn: LossFn | None = None,
-    consumer: GradientConsumer | None = None,
-    offload: bool = False,
-    device: torch.device | str | None = None,
-    no_split_module_classes: Sequence[str] | None = None,
-    train: bool = False,
-    reduce: bool = True,
-    progress: bool = True,
-    blockwise: bool | None = None,
-) -> dict[str, Tensor]:
     if num_batches is not None and num_batches < 1:
         raise ValueError(f"num_batches must be >= 1 or None, got {num_batches}")
     resolved = resolve_targets(model, targets)
@@ -648,7 +611,6 @@ def estimate_gradients_from_step(
     weights = _distinct_weights(resolved)
     acc = gradient_sums.GradientSums()
     with (
-        cpu_repacking_off(model),  # see estimate_gradients
         estimation_mode(model, weights, train),
         gradient_sums.summing_gradients(resolved, acc),
         torch.enable_grad(),

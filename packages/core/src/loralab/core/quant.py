@@ -152,7 +152,8 @@ def cpu_repacking_off(model: nn.Module) -> Iterator[int]:
     gives no input gradient (bitsandbytes 0.50). A gradient estimate makes such forwards itself (the
     block boundaries under ``no_grad``, the layers before the first target), so a layer repacked there
     would cut the gradient of every target below it (seen on a Xeon with AVX512-BF16: targets with no
-    gradient). The plain 4-bit kernel computes the same function.
+    gradient); every estimate runs inside this (``loralab.core.estimation.estimation_mode``). The
+    plain 4-bit kernel computes the same function.
 
     Example:
         >>> from loralab.core.testing import tiny_llama

@@ -430,7 +430,7 @@ class SubspaceOptimizer(Optimizer):
         the path depends on the matrix's size only, so one item or many give the same numbers);
         the others one at a time with the row-shard algebra (:func:`project_shard`)."""
         out = list(items)
-        batches: dict[tuple[Any, ...], list[int]] = {}
+        batches: dict[tuple[Any, ...], list[tuple[int, Tensor]]] = {}  # key: (index, projector)
         for k, (target, grad, state, side, like) in enumerate(items):
             if side is None:
                 continue
@@ -442,17 +442,13 @@ class SubspaceOptimizer(Optimizer):
                 and grad.dtype == mats[0].dtype
             ):
                 key = (side, tuple(grad.shape), tuple(mats[0].shape), grad.dtype, grad.device)
-                batches.setdefault(key, []).append(k)
+                batches.setdefault(key, []).append((k, mats[0]))
             else:
                 out[k] = (target, project_shard(grad, mats, side, like), state, side, like)
-        for (side, shape, *_), ks in batches.items():
-            for part in batching.chunks(len(ks), shape[0] * shape[1]):
-                chunk = ks[part]
-                lows = batching.project_batch(
-                    [items[k][1] for k in chunk],
-                    [self._projector_mats(items[k][2], side)[0] for k in chunk],  # type: ignore[index]
-                    side,
-                )
+        for (side, shape, *_), rows in batches.items():
+            for part in batching.chunks(len(rows), shape[0] * shape[1]):
+                chunk, mats_ = zip(*rows[part])
+                lows = batching.project_batch([items[k][1] for k in chunk], mats_, side)
                 for k, low in zip(chunk, lows):
                     target, _grad, state, _side, like = items[k]
                     out[k] = (target, low, state, side, like)
