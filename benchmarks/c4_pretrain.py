@@ -32,6 +32,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import _common
@@ -104,8 +105,6 @@ def _run(
 def _warm_up_gpu(seconds: float = 10.0) -> None:
     """Matrix products for ``seconds``: an idle GPU runs at a fraction of its clock (an H200 read 345
     MHz before the first run), and the first process measured would pay the ramp."""
-    import time
-
     x = torch.randn(4096, 4096, device="cuda")
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < seconds:

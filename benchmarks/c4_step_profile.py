@@ -33,6 +33,8 @@ import torch
 
 RANK, SCALE = 128, 0.25
 RESULTS = Path(__file__).resolve().parent / "results"
+FULL = dict(model_config="llama_60m", batch_size=8, max_length=256, steps=30, warmup=3)
+QUICK = dict(model_config="llama_20m", batch_size=2, max_length=64, steps=6, warmup=1)
 
 
 def _batch(vocab: int, batch: int, seq: int, device: str) -> dict[str, torch.Tensor]:
@@ -99,18 +101,26 @@ def _profile(model, opt, batch) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--max_length", type=int, default=256)
-    p.add_argument("--model_config", default="llama_60m")
-    p.add_argument("--quick", action="store_true", help="llama_20m, 2x64 tokens, 6 steps")
+    # size flags default to None: --quick fills the ones not given, so no flag is silently overridden
+    p.add_argument("--steps", type=int, default=None, help=f"timed steps (default {FULL['steps']})")
+    p.add_argument("--warmup", type=int, default=None, help=f"default {FULL['warmup']}")
+    p.add_argument("--batch_size", type=int, default=None, help=f"default {FULL['batch_size']}")
+    p.add_argument("--max_length", type=int, default=None, help=f"default {FULL['max_length']}")
+    p.add_argument("--model_config", default=None, help=f"default {FULL['model_config']}")
+    p.add_argument("--quick", action="store_true", help=f"defaults {QUICK}")
     p.add_argument(
         "--out", type=Path, default=None, help="default: results/c4_step_profile[_cuda].md"
     )
     a = p.parse_args(argv)
-    if a.quick:
-        a.model_config, a.batch_size, a.max_length, a.steps, a.warmup = "llama_20m", 2, 64, 6, 1
+    size = QUICK if a.quick else FULL
+    given = [k for k in size if getattr(a, k) is not None]  # echoed in the report's command
+    for key, value in size.items():
+        if getattr(a, key) is None:
+            setattr(a, key, value)
+    command = f"python benchmarks/c4_step_profile.py --device {a.device}" + (
+        " --quick" if a.quick else ""
+    )
+    command += "".join(f" --{k} {getattr(a, k)}" for k in given)
     if a.out is None:
         a.out = RESULTS / f"c4_step_profile{'_cuda' if a.device == 'cuda' else ''}.md"
 
@@ -150,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"# C4 step profile: {a.model_config}, {a.batch_size}x{a.max_length} tokens, {dev}, torch {torch.__version__}",
         "",
-        f"Command: `python benchmarks/c4_step_profile.py --device {a.device}{' --quick' if a.quick else f' --steps {a.steps}'}`. Each optimizer: "
+        f"Command: `{command}`. Each optimizer: "
         f"{a.warmup} warm-up steps after its first, then {a.steps // 2} steps in pass 1 and {a.steps // 2} in pass 2 "
         "(order A B C D D C B A). Times in ms; tokens/s from the median whole step.",
         "",

@@ -40,6 +40,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "cuda_fsdp_qlora.md"
 SHAPE = dict(hidden_size=1024, num_hidden_layers=8, intermediate_size=2816, vocab_size=32000)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK_R, ALPHA, STEPS, LR = 8, 16, 4, 2e-4
+QUICK_SHAPE = dict(hidden_size=256, num_hidden_layers=4, intermediate_size=688, vocab_size=8000)
 BATCH, SEQ = 4, 256
 DEVICE = (
     "cuda"  # --cpu (a dry run of this script's logic on gloo and bitsandbytes' CPU backend): "cpu"
@@ -149,7 +150,8 @@ def report(data: dict) -> str:
     lines = [
         "## FSDP-QLoRA on a GPU: LoRA-GA / LoRA-SB init on an NF4 base, FSDP2 vs no FSDP2",
         "",
-        f"- command: `torchrun --nproc-per-node {data['world_size']} benchmarks/cuda_fsdp_qlora.py` "
+        f"- command: `torchrun --nproc-per-node {data['world_size']} benchmarks/cuda_fsdp_qlora.py"
+        f"{' --quick' if data.get('quick') else ''}` "
         "(one rank: `python benchmarks/cuda_fsdp_qlora.py` is the same)",
         f"- machine: {data['device']}, torch {data['torch']}, bitsandbytes {data['bitsandbytes']}, "
         f"transformers {data['transformers']}; {data['world_size']} rank(s) (NCCL)",
@@ -201,9 +203,7 @@ def main() -> None:
     ap.add_argument(
         "--results", type=Path, default=RESULTS, help="the markdown written by a GPU run"
     )
-    ap.add_argument(
-        "--quick", action="store_true", help="accepted for `nox -s bench`; the run is small"
-    )
+    ap.add_argument("--quick", action="store_true", help=f"a smaller model ({QUICK_SHAPE})")
     ap.add_argument("--cpu", action="store_true", help="dry run on the CPU (gloo), small shape")
     ap.add_argument(
         "--report", type=Path, default=None, help="print the markdown of a run's JSON and exit"
@@ -224,6 +224,8 @@ def main() -> None:
 
         os.environ["MASTER_PORT"] = str(free_port())
     global DEVICE
+    if args.quick:
+        SHAPE.update(QUICK_SHAPE)
     if args.cpu:
         DEVICE = "cpu"
         SHAPE.update(hidden_size=64, num_hidden_layers=2, intermediate_size=128, vocab_size=512)
@@ -242,6 +244,7 @@ def main() -> None:
         "bitsandbytes": bitsandbytes.__version__,
         "transformers": transformers.__version__,
         "world_size": dist.get_world_size(),
+        "quick": args.quick,
         "shape": SHAPE,
         "runs": {},
     }
