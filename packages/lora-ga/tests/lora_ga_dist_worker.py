@@ -98,7 +98,7 @@ def seed_flow(model, data, accelerator, **kwargs):
         return peft.get_peft_model(model, config())
 
 
-def peft_config():
+def peft_config(scale="stable"):
     import peft
 
     return peft.LoraConfig(
@@ -106,17 +106,17 @@ def peft_config():
         lora_alpha=ALPHA,
         target_modules=TARGETS,
         init_lora_weights="lora_ga",
-        lora_ga_config=peft.LoraGAConfig(),
+        lora_ga_config=peft.LoraGAConfig(scale=scale),
     )
 
 
-def peft_flow(model, batches):
+def peft_flow(model, batches, scale="stable"):
     """PEFT's LoRA-GA code with ``preprocess_loraga`` imported from loralab."""
     import peft
 
     from loralab.lora_ga import preprocess_loraga
 
-    cfg = peft_config()
+    cfg = peft_config(scale)
 
     def train_step():
         for b in batches:
@@ -236,7 +236,16 @@ def main(prefix: str, checkpoint: str) -> None:
     results["native_zero3"], results["native_zero3_gathered"], results["uneven_error"] = (
         run_native_zero3(rank)
     )
-    results["peft_flow_zero3"] = init_state(peft_flow(partitioned_llama(), rank_batches(rank)))
+    from loralab.core.testing import zero3_gather_peak
+
+    base = partitioned_llama()
+    with zero3_gather_peak(base) as gathered:  # train_step fetches one module at a time
+        results["peft_flow_zero3"] = init_state(peft_flow(base, rank_batches(rank)))
+    results["peft_flow_zero3_gathered"] = gathered
+    # scale="weight_svd" reads each base weight after the estimate: gathered one layer at a time
+    results["peft_flow_zero3_weight_svd"] = init_state(
+        peft_flow(partitioned_llama(), rank_batches(rank), scale="weight_svd")
+    )
     results["hf_zero3"], results["hf_zero3_gathered"] = run_hf_zero3(rank, checkpoint)
     torch.save(results, f"{prefix}.{rank}.pt")
 

@@ -64,19 +64,30 @@ def test_every_rank_initialises_like_one_process_on_all_batches(ranks, mode):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("mode", ["peft_flow", "peft_flow_zero3"])
+@pytest.mark.parametrize("mode", ["peft_flow", "peft_flow_zero3", "peft_flow_zero3_weight_svd"])
 def test_peft_flow_drop_in_initialises_every_rank_like_one_process(ranks, mode):
     # PEFT's own preprocess_loraga would keep each rank's gradient; the drop-in all-reduces it (and
-    # gathers a ZeRO-3 partitioned model whole while train_step, the caller's own loop, runs)
+    # on a ZeRO-3 partitioned model fetches each module while train_step, the caller's loop, runs)
+    scale = "weight_svd" if mode.endswith("weight_svd") else "stable"
     r0, r1 = ranks[0][mode], ranks[1][mode]
     assert r0.keys() == r1.keys() and len(r0) == 2 * len(w.TARGETS)
     for name in r0:
         for x, y, what in zip(r0[name], r1[name], ("A", "B", "W0")):
             assert torch.equal(x, y), f"{name}: {what} differs between ranks"
-    single = w.init_state(w.peft_flow(tiny_llama(), list(w.loader())))
+    single = w.init_state(w.peft_flow(tiny_llama(), list(w.loader()), scale=scale))
     assert _rel(r0, single) < INIT_RTOL
-    alone = w.init_state(w.peft_flow(tiny_llama(), w.rank_batches(0)))
+    alone = w.init_state(w.peft_flow(tiny_llama(), w.rank_batches(0), scale=scale))
     assert _rel(alone, single) > 100 * INIT_RTOL
+
+
+@pytest.mark.multiprocess
+def test_peft_flow_on_zero3_never_gathers_more_than_one_module(ranks):
+    # counted at every GatheredParameters entry while train_step (the caller's loop) and
+    # get_peft_model run: the largest single parameter (the embeddings or the head) at most
+    largest = max(p.numel() for p in tiny_llama().parameters())
+    for out in ranks:
+        seen = out["peft_flow_zero3_gathered"]
+        assert seen["gathers"] > 0 and 0 < seen["peak"] <= largest < seen["total"], seen
 
 
 @pytest.mark.multiprocess

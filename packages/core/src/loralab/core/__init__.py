@@ -69,6 +69,8 @@ from loralab.core.targets import (
 )
 
 __version__ = "0.1.0"
+from loralab.core.zero3_fetch import fetching_zero3_parameters
+
 __all__ = [
     "DEFAULT_BLOCK_CLASSES",
     "GradientConsumer",
@@ -91,6 +93,7 @@ __all__ = [
     "estimate_adapter_gradients",
     "estimate_gradients",
     "estimate_gradients_offloaded",
+    "fetching_zero3_parameters",
     "find_all_linear_modules",
     "find_blocks",
     "find_lora_pairs",

@@ -44,9 +44,11 @@ same way: DeepSpeed decides where a gathered block lives, so another ``device`` 
 gather is a collective: the ranks check before each batch that all of them have one
 (``GradientEstimationError`` on every rank otherwise), and a model whose blocks are not found, or
 not called once each per forward, raises (``no_split_module_classes`` names the blocks).
-``blockwise=False`` asks for the hook path instead: it gathers the whole model on every rank for the
-estimate (:func:`loralab.core.distributed.gathered_zero3_model`), for architectures the block-wise
-order cannot handle. A module hooked by ``deepspeed.initialize`` raises ``TypeError`` (estimate
+``blockwise=False`` asks for the hook path instead, for architectures the block-wise order cannot
+handle: each module's parameters are gathered only while its forward or backward runs
+(:func:`loralab.core.zero3_fetch.fetching_zero3_parameters`, what DeepSpeed's engine does with its
+own hooks), so the whole model is never gathered, but every batch's activations live until its
+backward as in any training step. A module hooked by ``deepspeed.initialize`` raises ``TypeError`` (estimate
 before it).
 
 FSDP2. The choice is to estimate on the sharded model, as a training step would, not before
@@ -123,7 +125,6 @@ from loralab.core import gradient_sums
 from loralab.core.distributed import (
     _is_zero3_partitioned,
     all_reduce_mean_,
-    gathered_zero3_model,
     is_distributed,
     is_main_process,
     unwrap_model,
@@ -138,6 +139,7 @@ from loralab.core.estimation import (
 )
 from loralab.core.sharding import all_ranks_agree, gather_rows, is_dtensor
 from loralab.core.targets import TargetLayer, find_targets, to_storage_layout
+from loralab.core.zero3_fetch import fetching_zero3_parameters
 
 __all__ = [
     "GradientConsumer",
@@ -309,7 +311,7 @@ def estimate_gradients(
             hidden states on the model's device. ``False``: the hook path. ``offload=True`` is
             block-wise by construction (``blockwise=False`` with it is refused). A DeepSpeed ZeRO-3
             partitioned model is always block-wise, one block gathered at a time, unless
-            ``blockwise=False``, which gathers the whole model on every rank (module docstring).
+            ``blockwise=False``, which gathers each module only while it runs (module docstring).
 
     Returns:
         ``{name: grad}`` on the weights' device (offload: on the CPU), or an empty dict with a consumer.
@@ -399,8 +401,8 @@ def estimate_gradients(
             return run_blockwise()
         except _BlockStructureError as e:
             raise GradientEstimationError(
-                f"{e}; or pass blockwise=False to gather the whole DeepSpeed ZeRO-3 model on every "
-                "rank for the estimate"
+                f"{e}; or pass blockwise=False to estimate with hooks, which gather each module of "
+                "the DeepSpeed ZeRO-3 model only while it runs"
             ) from None
     if blockwise is not False:
         blocker = _blockwise_blocker(model)
@@ -428,9 +430,9 @@ def estimate_gradients(
             )
             if done is not None:
                 return done
-    # DeepSpeed ZeRO-3 with blockwise=False (asked for): the model is gathered whole on every rank for
-    # the estimate (a no-op for any other model)
-    with gathered_zero3_model(model, "gradient estimate"):
+    # DeepSpeed ZeRO-3 with blockwise=False (asked for): each module's parameters are gathered only
+    # while its forward or backward runs (a no-op for any other model)
+    with fetching_zero3_parameters(model, "gradient estimate"):
         return _estimate_plain(
             model,
             batches,
@@ -580,7 +582,11 @@ def estimate_gradients_from_step(
     train_step)`` contract): ``train_step`` runs any number of ``loss.backward()`` calls on ``model``;
     each target's gradient is summed in float32 as it arrives (its ``.grad`` is freed at once, as in
     :func:`estimate_gradients`) and divided by the number of backward passes that reached it, then
-    averaged across ranks (``reduce``) and handed to ``consumer`` one layer at a time.
+    averaged across ranks (``reduce``) and handed to ``consumer`` one layer at a time. A model
+    partitioned by DeepSpeed ZeRO-3 before ``deepspeed.initialize`` has each module's parameters
+    gathered only while its forward or backward runs
+    (:func:`~loralab.core.zero3_fetch.fetching_zero3_parameters`); a consumer that reads or writes a
+    weight gathers it itself.
 
     Args:
         model: the model ``train_step`` runs (float target weights).
@@ -611,6 +617,9 @@ def estimate_gradients_from_step(
     weights = _distinct_weights(resolved)
     acc = gradient_sums.GradientSums()
     with (
+        # a DeepSpeed ZeRO-3 partitioned model: each module gathered only while its forward or
+        # backward runs, since the loop is the caller's and cannot be run block by block
+        fetching_zero3_parameters(model, "gradient estimate"),
         estimation_mode(model, weights, train),
         gradient_sums.summing_gradients(resolved, acc),
         torch.enable_grad(),

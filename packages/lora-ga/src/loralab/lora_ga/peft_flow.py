@@ -20,11 +20,12 @@ how the gradient is obtained and held:
   keeps each rank's own gradient); a base model sharded with FSDP2's ``fully_shard`` before this call
   is estimated on its shards (``train_step`` runs the sharded model) and each rank writes its rows of
   ``W0'``; ``get_peft_model`` then warns that the new ``lora_A`` / ``lora_B`` are outside FSDP2
-  (``fully_shard`` each of them before training, see the README); a model partitioned by DeepSpeed
-  ZeRO-3's ``deepspeed.zero.Init`` (before ``deepspeed.initialize``) is gathered whole on every rank
-  while ``train_step`` runs (``train_step`` is the caller's own forward and backward loop, so
-  loralab cannot reorder it block by block as :func:`~loralab.lora_ga.get_lora_ga_model` does, and
-  nothing fetches the partitions during it; the native API never gathers the whole model), and
+  (``fully_shard`` each of them before training, see the README); in a model partitioned by
+  DeepSpeed ZeRO-3's ``deepspeed.zero.Init`` (before ``deepspeed.initialize``) each module's
+  parameters are gathered only while its forward or backward runs
+  (:func:`loralab.core.zero3_fetch.fetching_zero3_parameters`: ``train_step`` is the caller's own
+  loop, which loralab cannot reorder block by block as :func:`~loralab.lora_ga.get_lora_ga_model`
+  does, so it fetches as DeepSpeed's engine would; the whole model is never gathered), and
   ``get_peft_model`` writes ``W0'`` into the partitions one layer at a time;
 - bitsandbytes 4/8-bit targets work (PEFT refuses them): during ``train_step`` they are float copies
   of their dequantized weights (:func:`loralab.core.quant.float_targets`), and the init re-quantizes
@@ -67,14 +68,14 @@ import logging
 import os
 import zlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from peft import LoraConfig
 from peft.tuners.lora.config import LoraGAConfig as PeftLoraGAConfig
 from torch import Tensor, nn
 
-from loralab.core.distributed import gathered_zero3_model
+from loralab.core.distributed import gathered_parameters
 from loralab.core.gradients import estimate_gradients_from_step
 from loralab.core.quant import dequantize_weight, float_targets
 from loralab.core.targets import TargetLayer, find_targets, layer_kind, to_storage_layout
@@ -234,18 +235,22 @@ def preprocess_loraga(
         # Streaming: the full gradient becomes r·(m+n) numbers here and is dropped by the caller.
         r, scaling = layer_args[name]
         module = targets[name].module
-        weight = dequantize_weight(module).to(grad.device) if sub.scale == "weight_svd" else None
-        factors[name] = peft_lora_ga_factors(
-            grad.float(),
-            r,
-            scaling=scaling,
-            direction=sub.direction,
-            scale=sub.scale,
-            stable_gamma=float(sub.stable_gamma),
-            weight=weight,
-            name=name,
-            seed=zlib.crc32(name.encode()),
-        )
+        weight_svd = sub.scale == "weight_svd"
+        # a ZeRO-3 partitioned weight is gathered for this layer only (a collective: every rank
+        # finishes the layers in the same order)
+        with gathered_parameters([cast(Tensor, module.weight)] if weight_svd else []):
+            weight = dequantize_weight(module).to(grad.device) if weight_svd else None
+            factors[name] = peft_lora_ga_factors(
+                grad.float(),
+                r,
+                scaling=scaling,
+                direction=sub.direction,
+                scale=sub.scale,
+                stable_gamma=float(sub.stable_gamma),
+                weight=weight,
+                name=name,
+                seed=zlib.crc32(name.encode()),
+            )
 
     use_cache = cache_file is not None and os.path.exists(cache_file)
     use_cache = use_cache and os.path.getsize(str(cache_file)) > 0
@@ -272,14 +277,10 @@ def preprocess_loraga(
                 )
             consumer(name, grad)
 
-        # gathered_zero3_model: a model partitioned by deepspeed.zero.Init (before deepspeed.initialize)
-        # is made whole on every rank while train_step runs (a no-op for any other model). Unlike
-        # estimate_gradients, the loop is the caller's: its forwards and backwards cannot be
-        # reordered block by block, and no hook fetches the partitions while they run.
-        with (
-            gathered_zero3_model(model, "preprocess_loraga"),
-            float_targets(model, list(targets)) as swapped,
-        ):
+        # a model partitioned by deepspeed.zero.Init (before deepspeed.initialize): the estimator
+        # gathers each module only while its forward or backward runs (train_step is the caller's
+        # loop, which cannot be run block by block as estimate_gradients does)
+        with float_targets(model, list(targets)) as swapped:
             estimation_targets = find_targets(model, list(targets), include_heads=True)
             estimate_gradients_from_step(
                 model, train_step, estimation_targets, consumer=consume, train=True
