@@ -431,20 +431,27 @@ def test_deepspeed_config_is_filled_from_the_flags_and_checked(tmp_path):
         cfg(dict(auto, train_batch_size=16))
     with pytest.raises(ValueError, match="remove its 'optimizer'/'scheduler' sections"):
         cfg(dict(auto, optimizer={"type": "AdamW"}))
-    # GaLore / GoLore run under ZeRO-1/2/3 (loralab.core.zero_views), in float32 only for now
+    # GaLore / GoLore run under ZeRO-1/2/3 (loralab.core.zero_views); --dtype bfloat16 there is
+    # DeepSpeed's bf16 (float32 master partitions), as for AdamW
     galore = cfg(auto, "--optimizer", "galore_adamw")
     assert galore["zero_optimization"]["stage"] == 2 and galore["bf16"] == {"enabled": False}
+    golore_bf16 = cfg(auto, "--optimizer", "golore_adamw", "--dtype", "bfloat16")
+    assert golore_bf16["bf16"] == {"enabled": True}
+    # an explicit bf16 section must agree with --dtype (else the run trains in another precision
+    # than its summary says)
     with pytest.raises(
         ValueError,
-        match=r"--dtype bfloat16 with --optimizer golore_adamw under DeepSpeed ZeRO stage 2 is not "
-        r"supported by the runners yet \(tested in float32 only\): use --dtype float32",
-    ):
-        cfg(auto, "--optimizer", "golore_adamw", "--dtype", "bfloat16")
-    with pytest.raises(
-        ValueError,
-        match=r"--optimizer galore_adamw under DeepSpeed: disable bf16 in --deepspeed_config",
+        match=r"bf16.enabled=true disagrees with --dtype float32 \(--optimizer galore_adamw at ZeRO "
+        r"stage 2 runs DeepSpeed's bf16 off\); set it to \"auto\"",
     ):
         cfg(dict(auto, bf16={"enabled": True}), "--optimizer", "galore_adamw")
+    with pytest.raises(ValueError, match=r"bf16.enabled=false disagrees with --dtype bfloat16"):
+        cfg(dict(auto, bf16={"enabled": False}), "--optimizer", "adamw", "--dtype", "bfloat16")
+    with pytest.raises(
+        ValueError,
+        match=r"--optimizer galore_adamw under DeepSpeed ZeRO stage 0: disable bf16 in --deepspeed_config",
+    ):
+        cfg(dict(auto, zero_optimization={"stage": 0}, bf16={"enabled": True}), "--optimizer", "galore_adamw")  # fmt: skip
     # at stage 0 the runner casts the model itself (DeepSpeed's bf16 stays off)
     stage0 = dict(auto, zero_optimization={"stage": 0}, bf16={"enabled": "auto"})
     assert cfg(stage0, "--optimizer", "galore_adamw", "--dtype", "bfloat16")["bf16"] == {

@@ -37,6 +37,10 @@ STEPS = 6
 GAP = 2  # projector refresh / ReLoRA merge every 2 steps: refreshes at steps 0, 2, 4
 SAVE_EVERY = 3
 RTOL, ATOL = 1e-5, 1e-6
+# DeepSpeed bf16 under ZeRO-3, 2 ranks vs one process: measured equal bit for bit (0); allowed a
+# quarter of a bfloat16 ulp (2^-10), the loss change one weight rounding differently could cause.
+# Against the float32 run: measured 1.6e-4, allowed one bfloat16 ulp (2^-8).
+BF16_RTOL, BF16_VS_FP32_RTOL = 2.0**-10, 2.0**-8
 SUBSPACE = ["--rank", "8", "--update_proj_gap", str(GAP), "--galore_scale", "1.0"]
 METHODS = {
     "adamw": ["--optimizer", "adamw"],
@@ -364,11 +368,11 @@ ZERO3 = {
 LAUNCH_TIMEOUT = 900
 
 
-def _deepspeed_launch(runs: list[list[str]], tmp_path: Path, name: str) -> str:
+def _deepspeed_launch(runs: list[list[str]], tmp_path: Path, name: str, nproc: int = 2) -> str:
     pytest.importorskip("deepspeed")
     runs_file = tmp_path / f"{name}.json"
     runs_file.write_text(json.dumps(runs))
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port",
            str(free_port()), str(WORKER), str(runs_file)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(
@@ -436,6 +440,40 @@ def test_deepspeed_zero3_golore_resumes_exactly(setup, golore_zero3, tmp_path):
     assert _train_losses(out) == _train_losses(ref)
     assert resumed["final_eval_loss"] == want["final_eval_loss"]
     assert resumed["tokens_seen"] == want["tokens_seen"]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+@pytest.mark.timeout(2 * LAUNCH_TIMEOUT + 120)
+def test_deepspeed_zero3_bf16_golore_matches_one_process_bf16(setup, single, tmp_path):
+    # --dtype bfloat16 under ZeRO-3 is DeepSpeed's bf16 (a bfloat16 model for forward and backward,
+    # float32 master partitions the GoLore owner ranks read whole): 2 ranks against the same run in one
+    # process on the same global batch (two data streams, two accumulated micro-batches)
+    (tmp_path / "zero3.json").write_text(json.dumps(ZERO3))  # no bf16 section: --dtype decides
+
+    def argv(out: Path, *extra: str) -> list[str]:
+        ds = ["--deepspeed_config", str(tmp_path / "zero3.json"), "--dtype", "bfloat16"]
+        return _argv(setup, out, "golore", *ds, *extra)
+
+    two, one = tmp_path / "two", tmp_path / "one"
+    log = _deepspeed_launch([argv(two)], tmp_path, "two")
+    for r in (0, 1):
+        assert f"rank {r}/2: engine deepspeed ZeRO-3, bf16 (fp32 masters) on cpu" in log
+    _deepspeed_launch([argv(one, "--data_streams", "2")], tmp_path, "one", nproc=1)
+    got, want = _train_losses(two), _train_losses(one)
+    assert all(math.isfinite(x) for x in got) and len(got) == STEPS
+    # the ranks average bfloat16 gradients where one process accumulates two micro-batches in
+    # bfloat16: the same step up to bfloat16 rounding (2^-8 relative), which later steps carry on
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=BF16_RTOL, atol=0)
+    # and the same training as the float32 run, at bfloat16 precision
+    fp32 = _train_losses(single("golore")[0])
+    torch.testing.assert_close(
+        torch.tensor(got), torch.tensor(fp32), rtol=BF16_VS_FP32_RTOL, atol=0
+    )
+    assert got != fp32, "the bf16 run computed the float32 run's losses: bf16 was not used"
+    summary = json.loads((two / "run_summary.json").read_text())
+    assert summary["finished"] and summary["deepspeed"]
+    assert json.loads((two / "run_config.json").read_text())["dtype"] == "bfloat16"
 
 
 def test_fsdp_refuses_what_it_cannot_shard_before_the_model_loads(setup, tmp_path):

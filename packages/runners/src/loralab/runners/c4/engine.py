@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from loralab.runners.c4.args import C4Args
-from loralab.runners.launch import check_fsdp_mode
+from loralab.runners.launch import check_fsdp_mode, zero_stage
 from loralab.runners.loop import DeepSpeedEngine, Engine, FSDP2Engine, TorchEngine
 from loralab.runners.methods import Method, get_method
 
@@ -101,12 +101,15 @@ def deepspeed_config(args: C4Args, env: Env, accum: int) -> dict[str, Any]:
             raise ValueError(
                 f'--deepspeed_config {path}: {key}={cfg[key]} disagrees with the command line ({value}); set it to "auto"'
             )
-    stage = int(cfg.get("zero_optimization", {}).get("stage", 0))
+    stage = zero_stage(cfg)
     method = get_method(args.method_name())
     what = "--use_peft --golore" if args.use_peft else f"--optimizer {args.optimizer}"
     ds_bf16 = deepspeed_bf16(args)
+    explicit_bf16 = cfg.get("bf16", {}).get("enabled", "auto")
     for key in ("bf16", "fp16"):
-        section = cfg.setdefault(key, {"enabled": False}) if key == "bf16" else cfg.get(key)
+        # no bf16 section reads as "auto": --dtype decides (DeepSpeed's default, off, would train a
+        # --dtype bfloat16 run in float32)
+        section = cfg.setdefault(key, {"enabled": "auto"}) if key == "bf16" else cfg.get(key)
         if section is not None and section.get("enabled") == "auto":
             section["enabled"] = ds_bf16 if key == "bf16" else False
     if cfg.get("fp16", {}).get("enabled"):
@@ -123,18 +126,19 @@ def deepspeed_config(args: C4Args, env: Env, accum: int) -> dict[str, Any]:
     method.check_offload(
         SimpleNamespace(optim=args.optim()), f"--deepspeed_config {path}", cfg, what
     )
-    if method.name != "full" and cfg.get("bf16", {}).get("enabled"):
+    if stage == 0 and method.name != "full" and explicit_bf16 is True:
         raise ValueError(
-            f"{what} under DeepSpeed: disable bf16 in --deepspeed_config (its bf16 optimizer flattens the weights "
-            "at stage 0, and the subspace optimizers' ZeRO path is tested in float32 only); --dtype bfloat16 "
-            "casts the model itself at stage 0"
+            f"{what} under DeepSpeed ZeRO stage 0: disable bf16 in --deepspeed_config (its bf16 optimizer "
+            "flattens the weights at stage 0, and the projection needs whole 2-D weights); --dtype bfloat16 "
+            "casts the model itself at stage 0, and ZeRO stage 1-3 runs DeepSpeed's bf16"
         )
-    if stage != 0 and args.dtype == "bfloat16" and not ds_bf16:
-        # GaLore / GoLore under ZeRO-1/2/3: each matrix is gathered whole to an owner rank
-        # (loralab.core.zero_views); that path is tested against one process in float32 only
+    if explicit_bf16 != "auto" and bool(explicit_bf16) != ds_bf16:
+        # an explicit bf16 section that disagrees with --dtype would train in another precision than
+        # the run's summary says
         raise ValueError(
-            f"--dtype bfloat16 with {what} under DeepSpeed ZeRO stage {stage} is not supported by the runners "
-            "yet (tested in float32 only): use --dtype float32, ZeRO stage 0, DDP (torchrun) or --fsdp full_shard"
+            f"--deepspeed_config {path}: bf16.enabled={str(explicit_bf16).lower()} disagrees with --dtype "
+            f"{args.dtype} ({what} at ZeRO stage {stage} runs DeepSpeed's bf16 "
+            f'{"on" if ds_bf16 else "off"}); set it to "auto"'
         )
     if stage != 0 and method.name != "full":
         # GaLore / GoLore's optimizers are client optimizers DeepSpeed does not know (an explicit false
@@ -146,13 +150,27 @@ def deepspeed_config(args: C4Args, env: Env, accum: int) -> dict[str, Any]:
 
 
 def deepspeed_bf16(args: C4Args) -> bool:
-    """Whether ``--dtype bfloat16`` is DeepSpeed's own bf16 (float32 master weights; plain AdamW / SGD
-    only) rather than the model cast to bfloat16 by the runner (the subspace methods at ZeRO stage 0)."""
-    return (
-        args.deepspeed_config is not None
-        and args.dtype == "bfloat16"
-        and get_method(args.method_name()).name == "full"
-    )
+    """Whether ``--dtype bfloat16`` is DeepSpeed's own bf16 (float32 master weights, a bfloat16 model
+    for forward and backward) rather than the model cast to bfloat16 by the runner.
+
+    DeepSpeed's bf16: plain AdamW / SGD at every stage; GaLore / GoLore at ZeRO stage 1-3, whose
+    whole-matrix views (``loralab.core.zero_views``) read the float32 master partitions as they read
+    float32 ones (tested against one process in ``test_runners_bf16_sharded.py``). The runner casts the
+    model: the subspace methods at stage 0 (DeepSpeed's bf16 optimizer would flatten the weights) and
+    the ReLoRA path.
+    """
+    if args.deepspeed_config is None or args.dtype != "bfloat16":
+        return False
+    method = get_method(args.method_name())
+    if method.name == "full":
+        return True
+    return method.zero_partitioning and _zero_stage(Path(args.deepspeed_config)) >= 1
+
+
+def _zero_stage(path: Path) -> int:
+    if not path.is_file():
+        raise FileNotFoundError(f"--deepspeed_config {path} does not exist")
+    return zero_stage(json.loads(path.read_text()))
 
 
 def build_engine(args: C4Args, env: Env, method: Method, accum: int) -> Engine:
