@@ -491,3 +491,25 @@ def test_accelerate_deepspeed_plugin_offload_is_refused_before_loading(
         r"plugin \(.*z3o.json\): zero_optimization.offload_optimizer and zero_optimization.offload_param",
     ):
         preflight.check_train_args(args, auto_class="AutoModelForSequenceClassification")
+
+
+def test_rank_check_builds_its_meta_model_without_a_registered_zero3_config(tiny_dirs):
+    # a ZeRO-3 DeepSpeed config registered with transformers (an earlier run in the process) would make
+    # from_config build under deepspeed.zero.Init, a collective; the shapes-only model needs none of it
+    # (a second training in one ZeRO-3 launch hung here), and the registration is left as it was
+    pytest.importorskip("deepspeed")
+    from transformers.integrations import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
+
+    registered = HfDeepSpeedConfig(
+        {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+    )
+    try:
+        assert is_deepspeed_zero3_enabled()
+        model = preflight._meta_model(tiny_dirs["llama"], "AutoModelForCausalLM")
+        assert all(p.is_meta and not hasattr(p, "ds_id") for p in model.parameters())
+        assert is_deepspeed_zero3_enabled()
+    finally:
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+    del registered

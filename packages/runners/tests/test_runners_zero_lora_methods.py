@@ -56,8 +56,6 @@ METHODS: dict[str, list[str]] = {
 # stage. The optimizer's other pairs are tested elsewhere: efficient mode under ZeRO-1/2/3 and full
 # mode under ZeRO-2/3 in the package's 2-rank tests (lora_pro_dist_worker.py), efficient mode under
 # ZeRO-3 bf16 in test_runners_bf16_sharded.py.
-# A second training in one ZeRO-3 launch stalls before making its output directory (seen again with a
-# private extension cache), so full mode could not join the GoLore launch below.
 CASES = [
     ("lora-fa", "zero2"),
     ("lora-fa", "zero3"),
@@ -87,13 +85,14 @@ def _args(model: str, files: dict, out: Path, batch: int, method: str) -> list[s
             "--adam_epsilon", "1e-4", "--lora_dropout", "0", *METHODS[method]]  # fmt: skip
 
 
-def _launch(cmd: list[str], cwd: Path) -> None:
+def _launch(cmd: list[str], cwd: Path) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     if proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}"
         )
+    return proc.stdout + proc.stderr
 
 
 def _losses(out: Path) -> list[float]:
@@ -167,14 +166,15 @@ GALORE_FLAGS = {
 GALORE_REL = 1e-5
 GALORE_ATOL = 1e-8
 GALORE_LOSS_REL = 1e-5
-# one training per launch: under ZeRO-3 (accelerate's DeepSpeed plugin) a second training in the same
-# launch stalled before making its output directory (observed; seen again with a private
-# TORCH_EXTENSIONS_DIR, so not the stale DeepSpeed extension build lock found the same day, and not
-# explained). To keep CI short only GoLore under ZeRO-3 runs here (partitioned
-# parameters, an SVD projector at step 0 and a random one at step 2: GaLore's code path and GoLore's);
-# ZeRO-1/2's flat partitions under the same owner-rank code are tested in the golore package
-# (golore_dist_worker.py), and GaLore under ZeRO-2 from the runners passed once by hand (2026-12-03)
-GALORE_LAUNCHES = [("zero3", ("golore",))]
+# GoLore and GaLore under ZeRO-3 in one launch (partitioned parameters; GoLore: an SVD projector at
+# step 0 and a random one at step 2), then GoLore stopped after its step-2 checkpoint and resumed in
+# the same launch. Several trainings in one ZeRO-3 launch used to hang in the second one's rank check:
+# the first run's DeepSpeed config stayed registered with transformers, which then built the rank
+# check's meta model under deepspeed.zero.Init (one rank gathering, the other broadcasting); the
+# fine-tuning runs now unregister it when they end. ZeRO-1/2's flat partitions under the same
+# owner-rank code are tested in the golore package (golore_dist_worker.py), and GaLore under ZeRO-2
+# from the runners passed once by hand (2026-12-03)
+GALORE_LAUNCHES = [("zero3", ("golore", "galore"))]
 WORKER = Path(__file__).with_name("runners_fsdp_worker.py")
 
 
@@ -197,17 +197,23 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize(
     ("stage", "methods"), GALORE_LAUNCHES, ids=[f"{s}-{'+'.join(m)}" for s, m in GALORE_LAUNCHES]
 )
-def test_glue_galore_and_golore_under_deepspeed_equal_one_process(
+def test_glue_galore_and_golore_under_deepspeed_equal_one_process_and_resume_exactly(
     roberta_no_dropout, glue_files, tmp_path, helpers, stage, methods
 ):
     outs = {m: tmp_path / f"{m}_{stage}" for m in methods}
-    runs = [["glue", [*_galore_args(roberta_no_dropout, glue_files, out, 2, m), "--deepspeed", stage]]
+    save = ["--save_steps", "2"]  # checkpoint-2 (and the last step's checkpoint-3)
+    runs = [["glue", [*_galore_args(roberta_no_dropout, glue_files, out, 2, m), "--deepspeed", stage, *save]]
             for m, out in outs.items()]  # fmt: skip
+    # the first method's run as an interrupted one (no final/, no checkpoint-3), resumed from checkpoint-2
+    first, resumed = outs[methods[0]], tmp_path / f"{methods[0]}_{stage}_resumed"
+    runs += [["copy_run", [str(first), str(resumed)]],
+             ["glue", [*_galore_args(roberta_no_dropout, glue_files, resumed, 2, methods[0]), "--deepspeed", stage,
+                       *save, "--resume_from_checkpoint", "latest"]]]  # fmt: skip
     (tmp_path / "runs.json").write_text(json.dumps(runs))
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
            str(helpers.free_port()), str(WORKER), str(tmp_path / "runs.json")]  # fmt: skip
     start = time.monotonic()
-    _launch(cmd, tmp_path)
+    log = _launch(cmd, tmp_path)
     print(f"deepspeed launch ({stage}, {' + '.join(methods)}): {time.monotonic() - start:.0f} s")
     from transformers import AutoModelForSequenceClassification
 
@@ -224,6 +230,13 @@ def test_glue_galore_and_golore_under_deepspeed_equal_one_process(
         # every projected matrix trained (not a silent no-op): the attention and MLP weights moved
         moved = [k for k in want if k.endswith("dense.weight") and k in init]
         assert moved and all(not torch.allclose(got[k], init[k]) for k in moved)
+    # the resume under ZeRO-3 (DeepSpeed's checkpoint through accelerate: each owner rank's projectors,
+    # moments and step counters) continues the uninterrupted run exactly
+    assert (first / "checkpoint-2").is_dir()
+    assert f"resumed from {resumed / 'checkpoint-2'} at step 2" in log
+    assert _losses(resumed) == _losses(first)
+    got, want = _weights(resumed), _weights(first)
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_galore_and_golore_accept_bf16_under_every_zero_stage():

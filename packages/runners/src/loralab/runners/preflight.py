@@ -417,8 +417,27 @@ def _meta_model(model_path: str, auto_class: str) -> Any:
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(model_path)
-    with torch.device("meta"):
+    with torch.device("meta"), _without_zero3_loading():
         return getattr(transformers, auto_class).from_config(config)
+
+
+@contextlib.contextmanager
+def _without_zero3_loading() -> Iterator[None]:
+    """transformers builds every model under ``deepspeed.zero.Init`` (collectives on every rank)
+    while a ZeRO-3 DeepSpeed config is registered with it process-wide; a shapes-only model on the
+    meta device needs none of that (under it, two ranks once waited on each other forever)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    active = ref() if ref is not None else None
+    if active is None:
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(active)
 
 
 def check_ranks(

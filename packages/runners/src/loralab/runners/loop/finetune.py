@@ -192,6 +192,31 @@ def finetune(
     ``evaluate(engine, model)`` runs on every process and returns metrics (logged as ``eval_<name>``),
     every ``--eval_steps`` and at the end.
     """
+    try:
+        return _finetune(
+            args, model, train_dataset, collate_fn, evaluate, tokenizer=tokenizer, engine=engine
+        )
+    finally:
+        # accelerate's DeepSpeed plugin registers its config with transformers process-wide (a weak
+        # reference that outlives the run while anything holds the plugin): under ZeRO-3 every later
+        # from_pretrained / from_config in the process would build its model partitioned under
+        # deepspeed.zero.Init, which a following run (a sweep, a notebook, a second training in one
+        # launch, where it hung in the rank check) did not ask for
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+
+
+def _finetune(
+    args: Any,
+    model: nn.Module,
+    train_dataset: Sequence[Any],
+    collate_fn: Callable[[list[Any]], dict[str, torch.Tensor]],
+    evaluate: Evaluate | None,
+    *,
+    tokenizer: Any,
+    engine: Engine | None,
+) -> TrainResult:
     from loralab.runners.methods import get_method, setup_method
 
     # 1. engine
