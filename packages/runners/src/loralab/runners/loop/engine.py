@@ -723,10 +723,10 @@ def engine_line(engine: Engine) -> str:
     elif isinstance(engine, AccelerateEngine):
         what = f"accelerate ({str(engine.acc.distributed_type).split('.')[-1]})"
     elif isinstance(engine, DeepSpeedEngine):
-        bf16 = engine.config.get("bf16", {}).get("enabled") is True
-        what = f"deepspeed ZeRO-{zero_stage(engine.config)}" + (
-            ", bf16 (fp32 masters)" if bf16 else ""
+        masters = (
+            ", bf16 (fp32 masters)" if engine.config.get("bf16", {}).get("enabled") is True else ""
         )
+        what = f"deepspeed ZeRO-{zero_stage(engine.config)}{masters}"
     elif isinstance(engine, TorchEngine):
         kind = (
             "one process"
