@@ -64,7 +64,15 @@ def test_deepspeed_zero2_checkpoint_resume_is_exact(results):
 
 
 @pytest.mark.parametrize(
-    "cls", ["GaLoreAdamW", "GoLoreAdamW", "GaLoreSGD", "GaLoreAdafactor", "GaLoreAdamW8bit"]
+    "cls",
+    [
+        "GaLoreAdamW",
+        "GaLoreAdamW-torch",
+        "GoLoreAdamW",
+        "GaLoreSGD",
+        "GaLoreAdafactor",
+        "GaLoreAdamW8bit",
+    ],
 )
 def test_zero12_partition_in_one_process_equals_the_plain_step(cls):
     """The ZeRO path (each matrix found in the flat partition, updated whole on its owner rank,
@@ -73,7 +81,10 @@ def test_zero12_partition_in_one_process_equals_the_plain_step(cls):
     import loralab.golore as golore
     from loralab.core.testing import as_zero12_partition, make_lm_batches
 
+    # the AdamW forms: the owner computes the weight-free update D and each rank decays and adds it
+    # (torch style: decay first; hf, the default: after)
     kwargs = {
+        "GaLoreAdamW-torch": {"adamw_style": "torch"},
         "GaLoreSGD": {"momentum": 0.9},
         "GoLoreAdamW": {"rand_ratio": 0.5, "total_steps": 4},
         "GaLoreAdafactor": {"relative_step": False, "scale_parameter": False},
@@ -83,7 +94,7 @@ def test_zero12_partition_in_one_process_equals_the_plain_step(cls):
     for zero in (False, True):
         model = tiny_llama().double()
         params = list(model.parameters())
-        opt = getattr(golore, cls)(
+        opt = getattr(golore, cls.split("-")[0])(
             [{"params": params, "rank": 4, "update_proj_gap": 2}],
             lr=1e-2,
             **({} if cls == "GaLoreAdafactor" else {"weight_decay": 0.1}),
@@ -103,3 +114,25 @@ def test_zero12_partition_in_one_process_equals_the_plain_step(cls):
     plain, zero = out
     for n in plain:
         torch.testing.assert_close(zero[n], plain[n], rtol=1e-10, atol=1e-12, msg=n)
+
+
+def test_a_partition_state_saved_with_other_owners_is_refused():
+    # a checkpoint whose partition state holds the low-rank state of a matrix this rank no longer
+    # owns (an older owner assignment): stepping on would restart that matrix silently
+    from types import SimpleNamespace
+
+    from loralab.golore import GaLoreAdamW
+
+    w = torch.nn.Parameter(torch.zeros(4, 4))
+    opt = GaLoreAdamW([{"params": [w], "rank": 2}], lr=1e-2)
+    piece = SimpleNamespace(index=0, param=w)
+    zp = SimpleNamespace(pieces=[piece], rank=0, all_agree=lambda ok: ok)
+    state = {"param0.exp_avg": torch.zeros(2, 4)}
+    where = "GaLoreAdamW param group 0"
+    opt._check_owned_state(zp, {}, {id(w): 1}, 0, where)  # nothing foreign: fine
+    opt._check_owned_state(zp, state, {id(w): 0}, 1, where)  # its own: fine
+    opt._check_owned_state(zp, state, {id(w): 1}, 1, where)  # checked once per group: not again
+    with pytest.raises(
+        RuntimeError, match=r"param group 0: .*parameters \[0\].*another owner assignment"
+    ):
+        opt._check_owned_state(zp, state, {id(w): 1}, 2, where)

@@ -53,12 +53,15 @@ BF16_EPS = 2.0**-8
 # The engines compute every bfloat16 forward and backward as the reference does, from the same
 # bfloat16 weights, as long as the float32 masters agree bit for bit; they differ in the order of
 # float32 sums (the gradient mean, LoRA-Pro's and GaLore's sums over row shards, LoRA-Pro's batched
-# vs. per-layer solves). A master one float32 ulp off can round to a bfloat16 weight one bfloat16 ulp
-# (2^-8 relative) off, and the next steps' gradients follow it at bfloat16 precision: relative to how
-# far the parameter moved in 3 steps, a difference of the order of 2^-8. Measured (worst over the
-# parameters): 0 for the element-wise optimizers on every engine and for GaLore / GoLore / LoRA-Pro
-# full mode under every ZeRO stage, 1.3e-7 for LoRA-Pro efficient under ZeRO-1/2/3 (0 with float32
-# gradient accumulation), 2.4e-8 to 9.3e-7 for LoRA-Pro and GaLore / GoLore under FSDP2. LoRA-Pro full mode under ZeRO-3 differed by 3.0e-3 while the
+# vs. per-layer solves) and GaLore / GoLore's ZeRO owner rounding its update D before each rank adds
+# it (one process adds it in one fused addmm). A master one float32 ulp off can round to a bfloat16
+# weight one bfloat16 ulp (2^-8 relative) off, and the next steps' gradients follow it at bfloat16
+# precision: relative to how far the parameter moved in 3 steps, a difference of the order of 2^-8.
+# Measured (worst over the parameters, 2026-12-04): 0 for the element-wise optimizers on every engine
+# and for LoRA-Pro full mode under every ZeRO stage, 1.6e-6 to 8.1e-6 for GaLore / GoLore under
+# ZeRO-1/2/3 (0 before the owner scattered D instead of the whole weight), 1.3e-7 for LoRA-Pro
+# efficient under ZeRO-1/2/3 (0 with float32 gradient accumulation), up to 3.5e-6 for LoRA-Pro and
+# GaLore / GoLore under FSDP2. LoRA-Pro full mode under ZeRO-3 differed by 3.0e-3 while the
 # reference kept the decayed base weights in float32: that was the bfloat16 in-place weight decay of
 # the frozen base weights (emulated in one process it accounts for 3.03e-3), not its per-layer
 # solves; with the reference doing the same, 0.
@@ -119,7 +122,8 @@ def test_bf16_sharded_matches_one_process_bf16(results, references, engine, meth
 
 
 # the most weight matrices some rank holds whole at once: one (GaLore's SVD refresh gathers one
-# gradient at a time under FSDP2; under ZeRO (every stage) the owner of a matrix gathers its weight and gradient,
+# gradient at a time under FSDP2; under ZeRO (every stage) the owner of a matrix gathers its gradient and
+# builds its update there (the AdamW forms never gather the weight),
 # LoRA-Pro full mode's owner builds its g̃ and Adam direction), none for LoRA-Pro full mode under
 # FSDP2 (each rank builds its rows of g̃ only)
 WHOLE = {("fsdp2", "lora_pro_full"): 0}

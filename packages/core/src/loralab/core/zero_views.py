@@ -251,16 +251,25 @@ class ZeroPartition:
         chosen = self.pieces if params is None else [self.piece(p) for p in params]
         return {id(pc.param): self._assemble(parts, pc) for pc in chosen}
 
+    def sole_holder(self, p: Tensor) -> int | None:
+        """The rank that holds every element of ``p`` (``None`` when it is split). Under ZeRO-1/2 most
+        parameters lie on one rank; a ZeRO-3 parameter is split over all of them."""
+        holders = [k for k, (lo, hi, _) in enumerate(self.piece(p).spans) if hi > lo]
+        return holders[0] if len(holders) == 1 else None
+
     def gather_to(self, like_flat: Tensor, p: Tensor, owner: int) -> Tensor | None:
         """The whole ``p`` from ``like_flat`` on rank ``owner`` only (``None`` elsewhere): one
-        gather, as much traffic as the matrix itself, for weight matrices that one rank updates."""
+        gather, as much traffic as the matrix itself, for weight matrices that one rank updates; no
+        communication when the owner holds all of ``p`` (:meth:`sole_holder`)."""
         pc = self.piece(p)
-        width = max(hi - lo for lo, hi, _ in pc.spans)
         lo, hi, at = pc.spans[self.rank]
+        if self.world == 1 or self.sole_holder(p) == owner:
+            if self.rank != owner:
+                return None
+            return like_flat.view(-1)[at : at + hi - lo].clone().view(pc.shape)
+        width = max(hi - lo for lo, hi, _ in pc.spans)
         send = like_flat.new_zeros(width)
         send[: hi - lo] = like_flat.view(-1)[at : at + hi - lo]
-        if self.world == 1:
-            return send[: pc.numel].view(pc.shape)
         gathered = (
             [torch.empty_like(send) for _ in range(self.world)] if self.rank == owner else None
         )
@@ -278,27 +287,38 @@ class ZeroPartition:
     def scatter_from_(self, like_flat: Tensor, p: Tensor, value: Tensor | None, owner: int) -> None:
         """Write the whole ``value`` that rank ``owner`` holds (``None`` elsewhere) into every rank's
         elements of ``p`` in ``like_flat``: one scatter, the reverse of :meth:`gather_to`."""
-        pc = self.piece(p)
-        width = max(hi - lo for lo, hi, _ in pc.spans)
-        lo, hi, at = pc.spans[self.rank]
-        recv = like_flat.new_empty(width)
-        if self.world == 1:
-            assert value is not None
-            recv[: pc.numel] = value.reshape(-1)
-        else:
-            chunks = None
-            if self.rank == owner:
-                assert value is not None
-                flat_v = value.reshape(-1).to(like_flat.dtype)
-                chunks = []
-                for lo_, h, _ in pc.spans:
-                    c = like_flat.new_zeros(width)
-                    c[: h - lo_] = flat_v[lo_:h]
-                    chunks.append(c)
-            src = dist.get_global_rank(self.group, owner) if self.group else owner
-            dist.scatter(recv, chunks, src=src, group=self.group)
+        lo, hi, at = self.piece(p).spans[self.rank]
         if hi > lo:
-            like_flat.view(-1)[at : at + hi - lo].copy_(recv[: hi - lo])
+            mine = self.scatter(p, value, owner, like_flat.dtype)
+            like_flat.view(-1)[at : at + hi - lo].copy_(mine)
+        else:
+            self.scatter(p, value, owner, like_flat.dtype)  # a collective: every rank takes part
+
+    def scatter(self, p: Tensor, value: Tensor | None, owner: int, dtype: torch.dtype) -> Tensor:
+        """This rank's elements of the whole ``value`` that rank ``owner`` holds (``None`` elsewhere),
+        1-D in ``dtype`` (possibly empty): one scatter; no communication when the owner holds all of
+        ``p`` (:meth:`sole_holder`)."""
+        pc = self.piece(p)
+        lo, hi, _ = pc.spans[self.rank]
+        if self.world == 1 or self.sole_holder(p) == owner:
+            if self.rank != owner:
+                return torch.empty(0, dtype=dtype, device=self.flat.device)
+            assert value is not None
+            return value.reshape(-1).to(dtype)
+        width = max(hi_ - lo_ for lo_, hi_, _ in pc.spans)
+        recv = torch.empty(width, dtype=dtype, device=self.flat.device)
+        chunks = None
+        if self.rank == owner:
+            assert value is not None
+            flat_v = value.reshape(-1).to(dtype)
+            chunks = []
+            for lo_, h, _ in pc.spans:
+                c = recv.new_zeros(width)
+                c[: h - lo_] = flat_v[lo_:h]
+                chunks.append(c)
+        src = dist.get_global_rank(self.group, owner) if self.group else owner
+        dist.scatter(recv, chunks, src=src, group=self.group)
+        return recv[: hi - lo]
 
 
 def _dp_group(params: Sequence[Tensor]) -> Any:

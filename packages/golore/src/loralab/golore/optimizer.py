@@ -206,6 +206,9 @@ class SubspaceOptimizer(Optimizer):
     # whether _update works on each rank's rows of an FSDP2-sharded parameter (elementwise maths only)
     _steps_row_shards: bool = True
     _fsdp2_refusal: str = ""
+    # whether a step is w <- a·w + D with D independent of w (a weight-free update, then
+    # _apply_delta_): under ZeRO the owner rank then needs the gradient whole, never the weight
+    _affine_in_weight: bool = False
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         super().__init__(params, defaults)
@@ -485,16 +488,21 @@ class SubspaceOptimizer(Optimizer):
         """One step of a group whose parameters DeepSpeed ZeRO (stage 1, 2 or 3) replaced by this
         rank's flat fp32 partition (:mod:`loralab.core.zero_views` finds each parameter in it).
 
-        Every weight matrix to project has one **owner rank** (assigned greedily by size, the same on
-        every rank): its gradient and master weight are gathered to the owner only (one matrix at a
-        time, never all-gathered), the owner runs the ordinary update on the whole matrix with the
-        matrix's low-rank state, and scatters the new values back to the ranks that hold its
-        elements. The low-rank state of a matrix lives on its owner only, in the partition's state
+        Every weight matrix to project has one **owner rank**, the same on every rank: the rank that
+        holds all of its elements when one does (most matrices under ZeRO-1/2: then nothing moves),
+        else the least loaded one by elements. Its gradient is gathered to the owner only (one
+        matrix at a time, never all-gathered) and the owner runs the update on the whole matrix with
+        the matrix's low-rank state. For AdamW (:attr:`_affine_in_weight`) that update is
+        ``w ← a·w + D`` with ``D`` independent of ``w``: the owner computes ``D`` alone and scatters
+        it, and each rank applies it to its own elements (no weight gather: two collectives per
+        matrix instead of three); the other forms gather the master weight too and scatter the new
+        values. The low-rank state of a matrix lives on its owner only, in the partition's state
         under ``"param{i}.<key>"`` (tensors only, so DeepSpeed's checkpoints keep it); the optimizer
         state is split over the ranks as ZeRO splits any other. Parameters that are not projected
         (vectors) step element-wise on this rank's elements (for the 8-bit and Adafactor forms, whose
         states need whole tensors, they go to an owner too). The result equals one process's up to
-        the order of the gradient sums; random projectors are seeded per parameter as in one process.
+        the order of the gradient sums and the rounding of ``D`` on its own; random projectors are
+        seeded per parameter as in one process.
         """
         where = f"{type(self).__name__} param group {gi}"
         if len(group["params"]) != 1 or group["params"][0].dim() != 1:
@@ -520,6 +528,10 @@ class SubspaceOptimizer(Optimizer):
             for k, v in sub.items():
                 state[prefix + k] = v
 
+        self._check_owned_state(zp, state, owners, gi, where)
+        # the owner's weight-free update: the decay is applied by every rank to its elements
+        weight_free = {**group, "weight_decay": 0.0}
+
         for pc in zp.pieces:
             prefix = f"param{pc.index}."
             owner = owners.get(id(pc.param))
@@ -533,6 +545,21 @@ class SubspaceOptimizer(Optimizer):
                 )
                 keep(prefix, sub)
                 continue
+            if self._affine_in_weight:
+                whole_grad = zp.gather_to(grad, pc.param, owner)
+                delta = None
+                if whole_grad is not None:  # the owner: D, the update of a zero weight
+                    sub = substate(prefix)
+                    delta = torch.zeros(pc.shape, dtype=flat.dtype, device=flat.device)
+                    item = self._prepare_item(delta, whole_grad, sub, weight_free, gi, pc.index)
+                    self._update(weight_free, [item])
+                    keep(prefix, sub)
+                    del whole_grad, item
+                mine = zp.scatter(pc.param, delta, owner, flat.dtype)
+                del delta
+                if mine.numel():
+                    self._apply_delta_(zp.local(flat, pc.param), mine, group)
+                continue
             weight = zp.gather_to(flat, pc.param, owner)
             whole_grad = zp.gather_to(grad, pc.param, owner)
             if weight is not None and whole_grad is not None:  # the owner
@@ -545,6 +572,42 @@ class SubspaceOptimizer(Optimizer):
             # free the owner's whole matrix now: bound until the next gather returned, it would make
             # two whole matrices at once on the owner of consecutive parameters
             del weight
+
+    def _check_owned_state(
+        self,
+        zp: ZeroPartition,
+        state: dict[str, Any],
+        owners: dict[int, int],
+        gi: int,
+        where: str,
+    ) -> None:
+        """Refuse, on every rank, a partition state holding another rank's matrices (a checkpoint
+        saved with another owner assignment: stepping on would silently restart those matrices'
+        moments and projectors). Checked at each group's first step of this optimizer object, on
+        every rank at once (a collective; DeepSpeed loads a checkpoint into a new engine's
+        optimizer before its first step, writing into the state in place)."""
+        checked = self.__dict__.setdefault("_owned_state_checked", set())
+        if gi in checked:
+            return
+        foreign = [
+            pc.index
+            for pc in zp.pieces
+            if owners.get(id(pc.param), zp.rank) != zp.rank
+            and any(k.startswith(f"param{pc.index}.") for k in state)
+        ]
+        if not zp.all_agree(not foreign):
+            raise RuntimeError(
+                f"{where}: the optimizer state loaded on a rank holds the low-rank state of matrices "
+                f"another rank updates now ({'parameters ' + str(foreign[:5]) if foreign else 'on another rank'}): "
+                "the checkpoint was saved with another owner assignment (an older loralab-golore or "
+                "another DeepSpeed layout). Resume with the version and world size that saved it."
+            )
+        checked.add(gi)
+
+    def _apply_delta_(self, local: Tensor, delta: Tensor, group: dict[str, Any]) -> None:
+        """``local ← a·local + delta`` for this rank's elements of a matrix whose weight-free update
+        ``delta`` its owner computed (only for :attr:`_affine_in_weight` forms)."""
+        raise NotImplementedError
 
     def _preprocess_grad(self, p: Tensor, grad: Tensor, group: dict[str, Any]) -> Tensor:
         return grad
@@ -650,12 +713,19 @@ class SubspaceOptimizer(Optimizer):
 
 def _owners(zp: ZeroPartition, group: dict[str, Any], every: bool) -> dict[int, int]:
     """The rank that updates each projected matrix of a ZeRO partition (each parameter when
-    ``every``): greedily the least loaded rank by elements so far, in parameter order
+    ``every``): the rank that holds all of its elements when one does (no communication), then for
+    the split ones greedily the least loaded rank by elements so far, in parameter order
     (deterministic: every rank computes the same)."""
     load = [0] * zp.world
     owners = {}
-    for pc in zp.pieces:
-        if every or (group["rank"] is not None and len(pc.shape) == 2):
+    chosen = [pc for pc in zp.pieces if every or (group["rank"] is not None and len(pc.shape) == 2)]
+    for pc in chosen:
+        holder = zp.sole_holder(pc.param)
+        if holder is not None:
+            owners[id(pc.param)] = holder
+            load[holder] += pc.numel
+    for pc in chosen:
+        if id(pc.param) not in owners:
             k = min(range(zp.world), key=lambda r: (load[r], r))
             owners[id(pc.param)] = k
             load[k] += pc.numel
@@ -810,6 +880,17 @@ class GaLoreAdamW(SubspaceOptimizer):
             self._add_updates_(group, [(items[k], d) for k, d in zip(ks, dirs)], -lr)
             if style == "hf" and wd:  # after the step, as galore-torch / transformers' AdamW
                 torch._foreach_add_(params, params, alpha=-lr * wd)
+
+    _affine_in_weight = True
+
+    def _apply_delta_(self, local: Tensor, delta: Tensor, group: dict[str, Any]) -> None:
+        # the same order as _update: decay before (torch) or after (hf) the step
+        lr, wd, style = group["lr"], group["weight_decay"], group["adamw_style"]
+        if style == "torch" and wd:
+            local.mul_(1 - lr * wd)
+        local.add_(delta)
+        if style == "hf" and wd:
+            local.add_(local, alpha=-lr * wd)
 
 
 class GoLoreAdamW(GaLoreAdamW):
