@@ -21,7 +21,15 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from loralab.core.sharding import local_tensor
-from loralab.golore import GaLoreAdamW, GaLoreSGD, GoLoreAdamW, GoLoreSGD
+from loralab.golore import (
+    GaLoreAdafactor,
+    GaLoreAdamW,
+    GaLoreAdamW8bit,
+    GaLoreSGD,
+    GoLoreAdafactor,
+    GoLoreAdamW,
+    GoLoreSGD,
+)
 
 STEPS, MICRO, IN, OUT = 4, 4, 6, 3
 # refreshes at steps 0 and 2 (update_proj_gap 2); GoLore: SVD at 0, random at 2
@@ -37,6 +45,13 @@ CONFIGS = {
         GoLoreSGD,
         dict(lr=5e-2, momentum=0.9, nesterov=True, proj_type="reverse_std", rand_step=2),
     ),
+    # the forms that step each sharded parameter whole on an owner rank (_step_fsdp_owners)
+    "galore_adamw8bit": (GaLoreAdamW8bit, dict(lr=1e-2, weight_decay=0.1, scale=0.5, eps=1e-4)),
+    "golore_adafactor": (
+        GoLoreAdafactor,
+        dict(lr=1e-2, rand_step=2, beta1=0.9, relative_step=False, scale_parameter=True),
+    ),
+    "galore_adafactor": (GaLoreAdafactor, dict(lr=None, relative_step=True, weight_decay=0.1)),
 }
 SUBSPACE = dict(rank=2, update_proj_gap=2)
 

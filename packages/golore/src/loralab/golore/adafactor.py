@@ -90,12 +90,8 @@ class GaLoreAdafactor(SubspaceOptimizer):
 
     _moment_keys = ("exp_avg",)
     # factored second moments (row / column means) and the RMS of the update and of the parameter
-    # are whole-matrix reductions: not ported to row shards yet
+    # are whole-matrix reductions: under FSDP2 each sharded parameter steps whole on an owner rank
     _steps_row_shards = False
-    _fsdp2_refusal = (
-        "Adafactor's factored second moments and RMS clipping need whole-matrix reductions; use "
-        "optimizer='adamw' (GaLoreAdamW / GoLoreAdamW) or optimizer='sgd' under FSDP2"
-    )
 
     def __init__(
         self,

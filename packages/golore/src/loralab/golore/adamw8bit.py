@@ -134,12 +134,8 @@ class GaLoreAdamW8bit(SubspaceOptimizer):
 
     _moment_keys = ("state1", "state2")
     # bitsandbytes quantizes each state tensor block-wise over the whole tensor, and its kernels take
-    # plain tensors: not ported to row shards yet
+    # plain tensors: under FSDP2 each sharded parameter steps whole on an owner rank
     _steps_row_shards = False
-    _fsdp2_refusal = (
-        "8-bit states are quantized block-wise over whole tensors; use optimizer='adamw' "
-        "(GaLoreAdamW / GoLoreAdamW, float32 low-rank states) under FSDP2"
-    )
 
     def __init__(
         self,

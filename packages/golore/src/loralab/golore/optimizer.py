@@ -204,8 +204,8 @@ class SubspaceOptimizer(Optimizer):
 
     _moment_keys: tuple[str, ...] = ()
     # whether _update works on each rank's rows of an FSDP2-sharded parameter (elementwise maths only)
+    # (the others step each FSDP2-sharded parameter whole on an owner rank: _step_fsdp_owners)
     _steps_row_shards: bool = True
-    _fsdp2_refusal: str = ""
     # whether a step is w <- a·w + D with D independent of w (a weight-free update, then
     # _apply_delta_): under ZeRO the owner rank then needs the gradient whole, never the weight
     _affine_in_weight: bool = False
@@ -220,11 +220,6 @@ class SubspaceOptimizer(Optimizer):
         where = f"{type(self).__name__} param group {len(self.param_groups) - 1}"
         self._validate_base(group, where)
         _validate_subspace_group(group, where)
-        if not self._steps_row_shards and any(sharding.is_sharded(p) for p in group["params"]):
-            raise NotImplementedError(
-                f"{where}: {type(self).__name__} does not run on FSDP2-sharded parameters (fully_shard): "
-                f"{self._fsdp2_refusal}"
-            )
         # Remember each group's index and, for groups with matrices to project, its parameters:
         # DeepSpeed ZeRO-1/2 later replaces them by one flat fp32 partition and steps one group at a
         # time through a one-element param_groups list (so the enumerate index is not the group's).
@@ -256,15 +251,18 @@ class SubspaceOptimizer(Optimizer):
             # a projected matrix keeps (r, n) / (m, r) / (r, r) moments and (m, r) / (r, n) projectors
             # under FSDP2 each rank keeps the state of its rows only (m_k of the m rows), and of its
             # column block of a left projection's (r, n) moments (n_k of the n columns)
+            # (the forms that step a sharded parameter whole on its owner keep whole-tensor state)
             moments = ("exp_avg", "exp_avg_sq", "momentum_buffer")
+            by_rows = self._steps_row_shards
             if group["rank"] is None or p.dim() != 2:
-                return dict.fromkeys(moments, tuple(sharding.local_tensor(p).shape))
+                shape = sharding.local_tensor(p).shape if by_rows else p.shape
+                return dict.fromkeys(moments, tuple(shape))
             n = p.shape[1]
-            rows = sharding.rows_of(p)
+            rows = sharding.rows_of(p) if by_rows else slice(0, p.shape[0])
             m_k = rows.stop - rows.start
             side = projector_side(p.shape, group["proj_type"])
             r = effective_rank(p.shape, group["rank"], side)
-            cols = sharding.cols_of(p, n)
+            cols = sharding.cols_of(p, n) if by_rows else slice(0, n)
             n_k = cols.stop - cols.start
             low = {"left": (r, n_k), "right": (m_k, r), "full": (r, r)}[side]
             out: dict[str, tuple[int, ...]] = dict.fromkeys(moments, low)
@@ -573,6 +571,66 @@ class SubspaceOptimizer(Optimizer):
             # two whole matrices at once on the owner of consecutive parameters
             del weight
 
+    def _step_fsdp_owners(
+        self, group: dict[str, Any], gi: int, params: Iterable[Tensor] | None = None
+    ) -> None:
+        """One step of a group with FSDP2-sharded parameters for the forms whose update needs whole
+        tensors (8-bit block-wise states, Adafactor's factored moments and RMS: ``_steps_row_shards``
+        false), the same numbers as one process.
+
+        Every sharded parameter has one **owner rank** (the least loaded by elements, in parameter
+        order: the same on every rank). Its weight and gradient are all-gathered (one parameter at a
+        time), the owner runs the ordinary update on the whole tensor with the state it alone keeps
+        (plain tensors: save each rank's ``state_dict``, as the runners do, not a
+        ``torch.distributed.checkpoint`` of the optimizer), and broadcasts the new values, of which
+        every rank keeps its rows. Collectives over the parameter's mesh: every rank steps the same
+        parameters in the same order. Unsharded parameters step as usual.
+        """
+        index = {id(p): i for i, p in enumerate(group["params"])}
+        owners = self._fsdp_owners(group)
+        plain = []
+        for p in group["params"] if params is None else params:
+            if p.grad is None:
+                continue
+            if not sharding.is_sharded(p):
+                plain.append(p)
+                continue
+            mesh = cast(Any, p).device_mesh
+            owner = owners[id(p)]
+            weight = sharding.whole(p.detach())
+            whole_grad = sharding.whole(p.grad)
+            if mesh.get_local_rank() == owner:
+                item = self._prepare_item(
+                    weight, whole_grad, self.state[p], group, gi, index[id(p)]
+                )
+                self._update(group, [item])
+                del item
+            del whole_grad
+            torch.distributed.broadcast(weight, group=mesh.get_group(), group_src=owner)
+            sharding.write_rows_(p, weight)
+            del weight
+        if plain:
+            items = self._gather(group, gi, plain)
+            if items:
+                self._update(group, items)
+
+    def _fsdp_owners(self, group: dict[str, Any]) -> dict[int, int]:
+        """``{id(p): mesh rank}`` for the group's sharded parameters (see :meth:`_step_fsdp_owners`)."""
+        cache = self.__dict__.setdefault("_fsdp_owner_cache", {})
+        key = tuple(id(p) for p in group["params"])
+        if key not in cache:
+            owners: dict[int, int] = {}
+            load: dict[int, list[int]] = {}
+            for p in group["params"]:
+                if sharding.is_sharded(p):
+                    world = cast(Any, p).device_mesh.size()
+                    ranks = load.setdefault(world, [0] * world)
+                    k = min(range(world), key=lambda r: (ranks[r], r))
+                    owners[id(p)] = k
+                    ranks[k] += p.numel()
+            cache[key] = owners
+        return cast(dict[int, int], cache[key])
+
     def _check_owned_state(
         self,
         zp: ZeroPartition,
@@ -689,6 +747,9 @@ class SubspaceOptimizer(Optimizer):
             if originals is not None:
                 self._step_zero_partition(group, gi, originals)
                 continue
+            if not self._steps_row_shards and any(sharding.is_sharded(p) for p in group["params"]):
+                self._step_fsdp_owners(group, gi)
+                continue
             items = self._gather(group, gi)
             if items:
                 self._update(group, items)
@@ -699,7 +760,11 @@ class SubspaceOptimizer(Optimizer):
         """Step one parameter (its group's hyper-parameters); used by layer-wise stepping hooks."""
         for k, group in enumerate(self.param_groups):
             if any(p is param for p in group["params"]):
-                items = self._gather(group, self._group_index(group, k), [param])
+                gi = self._group_index(group, k)
+                if not self._steps_row_shards and sharding.is_sharded(param):
+                    self._step_fsdp_owners(group, gi, [param])
+                    return
+                items = self._gather(group, gi, [param])
                 if items:
                     self._update(group, items)
                 return
