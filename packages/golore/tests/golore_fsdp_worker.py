@@ -46,7 +46,12 @@ CONFIGS = {
         dict(lr=5e-2, momentum=0.9, nesterov=True, proj_type="reverse_std", rand_step=2),
     ),
     # the forms that step each sharded parameter whole on an owner rank (_step_fsdp_owners)
-    "galore_adamw8bit": (GaLoreAdamW8bit, dict(lr=1e-2, weight_decay=0.1, scale=0.5, eps=1e-4)),
+    # min_8bit_size 16: the toy's (2, 13) / (13, 2) moments are quantized 8-bit (the default keeps
+    # tensors under 4096 elements in 32 bits)
+    "galore_adamw8bit": (
+        GaLoreAdamW8bit,
+        dict(lr=1e-2, weight_decay=0.1, scale=0.5, eps=1e-4, min_8bit_size=16),
+    ),
     "golore_adafactor": (
         GoLoreAdafactor,
         dict(lr=1e-2, rand_step=2, beta1=0.9, relative_step=False, scale_parameter=True),

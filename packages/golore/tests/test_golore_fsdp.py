@@ -261,6 +261,8 @@ def test_fsdp2_8bit_and_adafactor_keep_whole_state_on_the_owner_only(fsdp_ranks)
             state = {k: tuple(v.tolist()) for k, v in out[name]["state"].items()}
             if r == 0 and name == "galore_adamw8bit":  # whole (r, n) / (m, r) shapes, not rows
                 assert state["lin1.weight.proj_right"] == (2, 6)
+                assert state["lin1.weight.state1"] == (13, 2)  # 8-bit moments (min_8bit_size 16)
+                assert state["lin1.weight.absmax1"] == (1,)
             if r == 1 and name == "golore_adafactor":
                 assert state["lin2.weight.exp_avg"] == (
                     2,
