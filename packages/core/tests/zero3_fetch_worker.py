@@ -12,7 +12,7 @@ import deepspeed
 import torch
 
 from loralab.core.gradients import estimate_gradients, estimate_gradients_from_step
-from loralab.core.testing import make_lm_batches, tiny_llama, zero3_gather_peak
+from loralab.core.testing import make_lm_batches, tiny_llama, tiny_model, zero3_gather_peak
 from loralab.core.zero3_fetch import fetching_zero3_parameters
 
 DS_CONFIG = {
@@ -77,6 +77,18 @@ def main(prefix: str) -> None:
         "frozen": dict(checkpointing=False, frozen=True),
     }.items():
         out[mode], out[f"{mode}_seen"] = backward_passes(partitioned(tiny_llama()), batches, **kw)
+
+    # other architectures: GPT-2 (Conv1D layers that save their weight itself, the head tied to the
+    # token embeddings: one parameter read by two modules, its gradient accumulated once from both)
+    # and T5 (encoder-decoder, relative position bias, tied head)
+    for arch in ("gpt2", "t5"):
+        model = tiny_model(arch)
+        deepspeed.zero.Init(module=model, config_dict_or_path=DS_CONFIG)
+        with zero3_gather_peak(model) as seen, fetching_zero3_parameters(model):
+            for b in batches:
+                model(**b).loss.backward()
+        seen["whole_after"] = whole_now(model)
+        out[arch], out[f"{arch}_seen"] = grads(model), seen
 
     # core's estimators on a partitioned model: the hook path (blockwise=False) and the caller's loop;
     # each rank its own batches, all-reduced (the mean over both ranks' batches)

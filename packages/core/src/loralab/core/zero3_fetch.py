@@ -19,7 +19,11 @@ every rank for the duration (:func:`loralab.core.distributed.gathered_zero3_mode
   gathered (so at most two are whole at once, plus the ones below), since the view rebuilt for a
   node keeps its storage alive while the node runs, releasing earlier is safe; a parameter whose
   gradient autograd accumulates stays whole until its post-accumulate-grad hook fires (autograd
-  lays the gradient out like the parameter, which must then have its whole shape).
+  lays the gradient out like the parameter, which must then have its whole shape): a weight two
+  modules share (a head tied to the token embeddings) stays whole from its first use in the backward
+  until the last contribution to its gradient arrives. Tested against one process on Llama, GPT-2
+  (``Conv1D``, tied head) and T5 (encoder-decoder, tied head), with gradient checkpointing and frozen
+  weights.
 
 Every gather is a collective over the parameter's process group, and the ranks gather in the same
 order because they run the same forward and backward (the caller's ``train_step`` must run the same
