@@ -78,16 +78,16 @@ class _Fetcher:
     """The gathers one :func:`fetching_zero3_parameters` block holds, and its hooks' logic."""
 
     def __init__(self) -> None:
-        # id(param) -> the GatheredParameters block holding it whole (one block per gather call)
-        self.held: dict[int, Any] = {}
+        # id(GatheredParameters block) -> (block, its parameters): one block per gather call
         self.blocks: dict[int, tuple[Any, list[nn.Parameter]]] = {}
         # storage address -> [(param, first element, numel)] of the parameters held whole now
         self.storage: dict[int, list[tuple[nn.Parameter, int, int]]] = {}
         self.forward_blocks: dict[int, list[Any]] = {}  # id(module) -> its open forward gathers
-        self.pending_grad: set[int] = (
-            set()
-        )  # whole for a backward node, gradient not yet accumulated
-        self.grad_hooks: dict[int, Any] = {}
+        # whole for a backward node, gradient not yet accumulated
+        self.pending_grad: set[int] = set()
+        self.grad_hooks: dict[
+            int, Any
+        ] = {}  # id(param) -> (gradient pre-hook, post-accumulate hook)
         self.backward_blocks: list[Any] = []  # gathered by the backward, released lazily
         self.end_queued = False
 
@@ -101,7 +101,6 @@ class _Fetcher:
         block.__enter__()
         self.blocks[id(block)] = (block, todo)
         for p in todo:
-            self.held[id(p)] = block
             setattr(p, _WHOLE, True)  # loralab's own gathered_parameters leaves it alone
             data = p.data
             self.storage.setdefault(data.untyped_storage().data_ptr(), []).append(
@@ -115,7 +114,6 @@ class _Fetcher:
             return
         _, params = entry
         for p in params:
-            del self.held[id(p)]
             delattr(p, _WHOLE)
             ptr = p.data.untyped_storage().data_ptr()
             kept = [e for e in self.storage.get(ptr, []) if e[0] is not p]
