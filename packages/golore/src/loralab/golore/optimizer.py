@@ -283,7 +283,9 @@ class SubspaceOptimizer(Optimizer):
         ours = [p for g in self.param_groups for p in g["params"]]
         for sid, p in zip(saved_ids, ours):
             for key, value in state_dict["state"].get(sid, {}).items():
-                if key != "step" and isinstance(value, Tensor) and value.is_floating_point():
+                # every state tensor, not only the floating ones: torch casts all of them to the
+                # parameter's dtype, which turned the 8-bit forms' uint8 moments into float32 codes
+                if key != "step" and isinstance(value, Tensor):
                     self.state[p][key] = value.to(device=p.device, copy=True)
 
     # ---------------------------------------------------------------- projector
