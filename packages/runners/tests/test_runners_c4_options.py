@@ -65,15 +65,15 @@ def test_bf16_checkpointing_tensorboard_rotation_and_jagged_schedule(setup, tmp_
         (
             ["--optimizer", "adamw", "--rank", "7", "--rand_ratio", "0.3"],
             [
-                "--rank belongs to --optimizer galore_adamw | golore_adamw | galore_sgd | golore_sgd and --use_peft --golore, not to --optimizer adamw",
-                "--rand_ratio belongs to --optimizer golore_adamw | golore_sgd and --use_peft --golore, not to --optimizer adamw",
+                "--rank belongs to --optimizer galore_adamw | golore_adamw | galore_adamw8bit | golore_adamw8bit | galore_sgd | golore_sgd and --use_peft --golore, not to --optimizer adamw",
+                "--rand_ratio belongs to --optimizer golore_adamw | golore_adamw8bit | golore_sgd and --use_peft --golore, not to --optimizer adamw",
             ],
         ),
         (
             ["--optimizer", "galore_sgd", "--adam_eps", "1e-6", "--rand_ratio", "0.5"],
             [
-                "--adam_eps belongs to --optimizer adamw | adam | galore_adamw | golore_adamw and --use_peft --golore --optimizer adamw, not to --optimizer galore_sgd",
-                "--rand_ratio belongs to --optimizer golore_adamw | golore_sgd and --use_peft --golore, not to --optimizer galore_sgd",
+                "--adam_eps belongs to --optimizer adamw | adam | galore_adamw | golore_adamw | galore_adamw8bit | golore_adamw8bit and --use_peft --golore --optimizer adamw, not to --optimizer galore_sgd",
+                "--rand_ratio belongs to --optimizer golore_adamw | golore_adamw8bit | golore_sgd and --use_peft --golore, not to --optimizer galore_sgd",
             ],
         ),
         (
@@ -82,7 +82,7 @@ def test_bf16_checkpointing_tensorboard_rotation_and_jagged_schedule(setup, tmp_
         ),
         (
             ["--use_peft", "--golore", "--proj_type", "left"],
-            ["--proj_type belongs to --optimizer galore_adamw | golore_adamw | galore_sgd | golore_sgd, not to --use_peft --golore --optimizer adamw"],
+            ["--proj_type belongs to --optimizer galore_adamw | golore_adamw | galore_adamw8bit | golore_adamw8bit | galore_sgd | golore_sgd, not to --use_peft --golore --optimizer adamw"],
         ),
         (
             ["--scheduler", "linear", "--min_lr_ratio", "0.2", "--cycle_length", "10"],

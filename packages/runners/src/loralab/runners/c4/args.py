@@ -29,7 +29,10 @@ from loralab.runners.launch import check_fsdp_mode
 
 __all__ = ["OPTIMIZERS", "OPTION_DEFAULTS", "SCHEDULERS", "C4Args", "build_parser", "parse_args"]
 
-OPTIMIZERS = ("adamw", "adam", "sgd", "galore_adamw", "golore_adamw", "galore_sgd", "golore_sgd")
+OPTIMIZERS = (
+    "adamw", "adam", "sgd", "galore_adamw", "golore_adamw", "galore_adamw8bit", "golore_adamw8bit",
+    "galore_sgd", "golore_sgd",
+)  # fmt: skip
 """``--optimizer`` choices. ``galore_*`` / ``golore_*`` project the attention and MLP weights."""
 SCHEDULERS = ("cosine", "linear", "cosine_restarts", "constant")
 DTYPES = ("float32", "bfloat16")
@@ -58,7 +61,7 @@ REGISTRY_NAMES = {
     "proj_type": "proj_type",
     "rand_ratio": "rand_ratio",
 }
-# C4 flag -> the inner optimizer it configures
+# C4 flag -> the inner optimizer family it configures (adamw: AdamW and its 8-bit form)
 OPTIM_FLAGS = {"adam_beta1": "adamw", "adam_beta2": "adamw", "adam_eps": "adamw", "momentum": "sgd"}
 # C4 flag -> the --scheduler values it applies to
 SCHEDULER_FLAGS = {
@@ -306,7 +309,9 @@ class C4Args:
         return "golore-relora" if self.use_peft else _c4_method(self.optimizer)
 
     def optim(self) -> str:
-        """The inner optimizer: ``sgd`` for the ``*sgd`` choices, else ``adamw`` (``adam`` = AdamW)."""
+        """The inner optimizer: ``sgd`` for the ``*sgd`` choices, ``adamw8bit`` for the ``*adamw8bit``
+        ones (bitsandbytes' block-wise 8-bit moments, galore-torch's ``GaLoreAdamW8bit``), else
+        ``adamw`` (``adam`` = AdamW)."""
         return _c4_optim(self.optimizer)
 
     def registry_args(self, total_steps: int) -> Any:
@@ -318,7 +323,7 @@ class C4Args:
         options = {v: getattr(self, k) for k, v in REGISTRY_NAMES.items() if v in defaults}
         inner = (
             dict(adam_beta1=self.adam_beta1, adam_beta2=self.adam_beta2, adam_epsilon=self.adam_eps)
-            if self.optim() == "adamw"
+            if _optim_family(self.optim()) == "adamw"
             else dict(momentum=self.momentum)
         )
         margs = method_args(
@@ -398,7 +403,7 @@ class C4Args:
 
         if flag in REGISTRY_NAMES:
             return REGISTRY_NAMES[flag] in get_method(method).defaults
-        return OPTIM_FLAGS[flag] == optim
+        return OPTIM_FLAGS[flag] == _optim_family(optim)
 
     def _refuse_foreign_options(self) -> None:
         """Refuse every given option that the chosen optimizer / schedule does not read."""
@@ -434,7 +439,7 @@ class C4Args:
                 applies = self._applies(flag, method, optim)
             if applies and getattr(self, flag) is None:
                 setattr(self, flag, default)
-        if optim == "adamw" and self.adam_eps is None:
+        if _optim_family(optim) == "adamw" and self.adam_eps is None:
             # galore-torch's AdamW default, which the GaLore/GoLore C4 runs used
             self.adam_eps = 1e-6 if method in ("galore", "golore") else 1e-8
 
@@ -485,7 +490,13 @@ def _c4_method(optimizer: str) -> str:
 
 
 def _c4_optim(optimizer: str) -> str:
-    return "sgd" if optimizer.endswith("sgd") else "adamw"
+    if optimizer.endswith("sgd"):
+        return "sgd"
+    return "adamw8bit" if optimizer.endswith("adamw8bit") else "adamw"
+
+
+def _optim_family(optim: str) -> str:
+    return "adamw" if optim in ("adamw", "adamw8bit") else optim
 
 
 def _arg_type(tp: Any) -> tuple[Any, bool]:

@@ -94,7 +94,9 @@ class GaLore(Method):
     # float32 master partitions, its BF16_Optimizer at ZeRO-1 with float32 gradient accumulation)
     # steps the float32 masters exactly as one process does (runners_bf16_worker.py)
     sharded_engines: ClassVar[frozenset[str]] = frozenset({"deepspeed_zero", "fsdp2"})
-    optimizers = ("adamw", "sgd")
+    # adamw8bit: bitsandbytes' block-wise 8-bit low-rank moments (galore-torch's GaLoreAdamW8bit; the
+    # C4 runner's --optimizer galore_adamw8bit / golore_adamw8bit)
+    optimizers = ("adamw", "adamw8bit", "sgd")
     options = GALORE_OPTIONS
     # full weights train: nothing to merge, and a bitsandbytes weight gets no gradient
     has_adapter = False
