@@ -214,3 +214,29 @@ def test_zero3_offload_is_refused_naming_the_config_key(monkeypatch):
         r"offload \(zero_optimization\.offload_optimizer\)",
     ):
         zero_partition(params, on_cpu)
+
+
+def test_a_matrix_one_rank_holds_whole_moves_without_communication(monkeypatch):
+    # ZeRO-1/2 over 2 ranks: most parameters lie on one rank (sole_holder), which then gathers and
+    # scatters them locally; no process group exists here, so any collective would raise
+    params, master = _stage12(2)
+    size = master.numel() // 2
+    holders = []
+    for rank in range(2):
+        _fake_world(monkeypatch, rank, 2)
+        part = master[rank * size : (rank + 1) * size]
+        zp = zero_partition(params, part)
+        holders.append([zp.sole_holder(p) for p in params])
+        for p, holder in zip(params, holders[-1]):
+            if holder is None:
+                continue
+            got = zp.gather_to(part, p, owner=holder)
+            mine = zp.scatter(p, None if got is None else got * 2, holder, torch.float64)
+            if rank == holder:
+                off = p.storage_offset()
+                assert torch.equal(got.reshape(-1), master[off : off + p.numel()])
+                assert torch.equal(mine, got.reshape(-1) * 2)
+            else:
+                assert got is None and mine.numel() == 0
+    # every rank computes the same holders: 6 + 5 elements on rank 0, the (3, 4) one across both
+    assert holders[0] == holders[1] == [0, 0, None]
