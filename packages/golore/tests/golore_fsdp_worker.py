@@ -59,6 +59,8 @@ CONFIGS = {
     "galore_adafactor": (GaLoreAdafactor, dict(lr=None, relative_step=True, weight_decay=0.1)),
 }
 SUBSPACE = dict(rank=2, update_proj_gap=2)
+# layer-wise stepping under FSDP2: the row-shard algebra (AdamW, SGD) and an owner-rank form (8-bit)
+LAYERWISE = ("galore_adamw", "golore_sgd_reverse", "galore_adamw8bit")
 
 
 class Toy(nn.Module):
@@ -176,10 +178,38 @@ def resume(rank: int) -> dict:
     return {n: p.full_tensor().clone() for n, p in model.named_parameters()}
 
 
+def layerwise(name: str, rank: int) -> dict:
+    """``register_layerwise_step``: each parameter steps its row shard in FSDP2's post-reduce-scatter
+    hook (no optimizer.step())."""
+    from loralab.golore.layerwise import register_layerwise_step
+
+    model = sharded(toy())
+    cls, param_groups = groups(model, name)
+    opt = cls(param_groups)
+    handle = register_layerwise_step(opt)
+    left = []
+    for b in batches(10 + rank):
+        model(**b).backward()
+        left.append(sum(p.grad is not None for p in model.parameters()))
+    handle.remove()
+    return {
+        "params": {n: p.full_tensor().clone() for n, p in model.named_parameters()},
+        "grads_left": left,
+    }
+
+
 def main(prefix: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     out = {name: train(name, rank) for name in CONFIGS}
+    out["layerwise"] = {name: layerwise(name, rank) for name in LAYERWISE}
+    try:  # DDP-style use (a parameter not sharded by FSDP2) is refused
+        from loralab.golore.layerwise import register_layerwise_step
+
+        register_layerwise_step(GaLoreAdamW([{"params": [nn.Parameter(torch.zeros(3, 2))]}]))
+        out["layerwise_refusal"] = ""
+    except RuntimeError as e:
+        out["layerwise_refusal"] = str(e)
     out["resume"] = resume(rank)
     torch.save(out, f"{prefix}.{rank}.pt")
     dist.destroy_process_group()

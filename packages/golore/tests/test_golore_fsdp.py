@@ -25,7 +25,7 @@ from loralab.golore.projector import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
-from golore_fsdp_worker import CONFIGS, STEPS, batches, groups, toy
+from golore_fsdp_worker import CONFIGS, LAYERWISE, STEPS, batches, groups, toy
 
 WORKER = Path(__file__).with_name("golore_fsdp_worker.py")
 # float64: the data-parallel mean of the gradients and the all-reduced Σ_k P_kᵀ·G_k change only the
@@ -295,3 +295,23 @@ def test_fsdp2_owner_forms_hold_one_whole_parameter_at_a_time(fsdp_ranks):
         for name in OWNER_CONFIGS:
             assert out[name]["gathers"] == [shapes] * STEPS, name
             assert 1 <= max(out[name]["alive"]) <= 2, (name, out[name]["alive"])
+
+
+@pytest.mark.multiprocess
+def test_fsdp2_layerwise_stepping_equals_one_process(fsdp_ranks):
+    # FSDP2 runs each sharded parameter's post-accumulate-grad hooks after its reduce-scatter: the
+    # layer-wise step updates its rows there, the same as optimizer.step() in one process
+    for name in LAYERWISE:
+        init, ref = _one_process(name)
+        for r, out in enumerate(fsdp_ranks):
+            got = out["layerwise"][name]
+            assert got["grads_left"] == [0] * STEPS, (name, got["grads_left"])  # every one freed
+            for n in ref:
+                moved = (ref[n] - init[n]).norm()
+                err = ((got["params"][n] - ref[n]).norm() / moved).item()
+                assert err < TOL, (name, r, n, err)
+    for out in fsdp_ranks:
+        assert out["layerwise_refusal"].startswith(
+            "layer-wise stepping across processes needs every trained parameter sharded by FSDP2"
+        ), out["layerwise_refusal"]
+        assert "under DDP the gradient hook fires before the all-reduce" in out["layerwise_refusal"]

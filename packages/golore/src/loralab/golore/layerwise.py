@@ -8,9 +8,16 @@ received ``accumulation_steps`` gradients, so gradient accumulation works: on th
 micro-batches the gradient accumulates in ``.grad`` as usual, on the last one the parameter is
 updated inside backward and its gradient freed.
 
+Under FSDP2 (``fully_shard``) it works across ranks: FSDP2 runs a sharded parameter's
+post-accumulate-grad hooks after its reduce-scatter, with this rank's rows of the averaged gradient,
+so each parameter steps its row shard there (the row-shard algebra's collectives, or an owner rank's
+whole-tensor step for the 8-bit / Adafactor forms, run inside the hooks, in the same order on every
+rank). GaLore's own per-layer mode is single-GPU only.
+
 Limits: gradient clipping by global norm is impossible (the norm is not known until backward ends);
-single process only (under DDP the hook fires before the bucketed all-reduce has written the
-averaged gradient); ``optimizer.step()`` after backward is then a no-op (no gradients left).
+under DDP (or any multi-process run whose parameters are not FSDP2 shards) it is refused: the hook
+fires before the bucketed all-reduce has written the averaged gradient; ``optimizer.step()`` after
+backward is then a no-op (no gradients left).
 
 Example:
     >>> import torch
@@ -32,6 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from loralab.core import sharding
 from loralab.core.distributed import world_size
 from loralab.golore.optimizer import SubspaceOptimizer
 
@@ -73,7 +81,7 @@ def register_layerwise_step(
 
     Raises:
         TypeError: ``optimizer`` cannot step one parameter at a time.
-        RuntimeError: called in a multi-process run.
+        RuntimeError: called in a multi-process run whose parameters are not all FSDP2 shards (DDP).
     """
     if not isinstance(optimizer, SubspaceOptimizer):
         raise TypeError(
@@ -81,17 +89,16 @@ def register_layerwise_step(
         )
     if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
         raise ValueError(f"accumulation_steps must be a positive int, got {accumulation_steps!r}")
-    if world_size() > 1:
+    trained = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+    unsharded = [tuple(p.shape) for p in trained if not sharding.is_sharded(p)]
+    if world_size() > 1 and unsharded:
         raise RuntimeError(
-            "layer-wise stepping is single-process: under DDP the gradient hook fires before the all-reduce has "
-            f"averaged the gradient, and FSDP2 reduces it outside these hooks (world size {world_size()}); "
-            "use a normal optimizer.step() there (GaLoreAdamW / GaLoreSGD step FSDP2 row shards)"
+            "layer-wise stepping across processes needs every trained parameter sharded by FSDP2 "
+            f"(fully_shard), whose hooks see the averaged gradient; {len(unsharded)} are not (shapes "
+            f"{unsharded[:3]}; world size {world_size()}): under DDP the gradient hook fires before the "
+            "all-reduce has averaged the gradient. Use fully_shard, or a normal optimizer.step()"
         )
     handle = LayerwiseStepHandle(optimizer, accumulation_steps)
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if p.requires_grad:
-                handle._handles.append(
-                    p.register_post_accumulate_grad_hook(torch.no_grad()(handle._hook))
-                )
+    for p in trained:
+        handle._handles.append(p.register_post_accumulate_grad_hook(torch.no_grad()(handle._hook)))
     return handle
