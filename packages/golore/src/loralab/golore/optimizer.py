@@ -618,20 +618,15 @@ class SubspaceOptimizer(Optimizer):
 
     def _fsdp_owners(self, group: dict[str, Any]) -> dict[int, int]:
         """``{id(p): mesh rank}`` for the group's sharded parameters (see :meth:`_step_fsdp_owners`)."""
-        cache = self.__dict__.setdefault("_fsdp_owner_cache", {})
-        key = tuple(id(p) for p in group["params"])
-        if key not in cache:
-            owners: dict[int, int] = {}
-            load: dict[int, list[int]] = {}
-            for p in group["params"]:
-                if sharding.is_sharded(p):
-                    world = cast(Any, p).device_mesh.size()
-                    ranks = load.setdefault(world, [0] * world)
-                    k = min(range(world), key=lambda r: (ranks[r], r))
-                    owners[id(p)] = k
-                    ranks[k] += p.numel()
-            cache[key] = owners
-        return cast(dict[int, int], cache[key])
+        by_world: dict[int, list[tuple[int, int, int | None]]] = {}
+        for p in group["params"]:
+            if sharding.is_sharded(p):
+                world = cast(Any, p).device_mesh.size()
+                by_world.setdefault(world, []).append((id(p), p.numel(), None))
+        owners: dict[int, int] = {}
+        for world, items in by_world.items():
+            owners.update(_least_loaded_owners(items, world))
+        return owners
 
     def _check_owned_state(
         self,
@@ -780,22 +775,28 @@ class SubspaceOptimizer(Optimizer):
 
 def _owners(zp: ZeroPartition, group: dict[str, Any], every: bool) -> dict[int, int]:
     """The rank that updates each projected matrix of a ZeRO partition (each parameter when
-    ``every``): the rank that holds all of its elements when one does (no communication), then for
-    the split ones greedily the least loaded rank by elements so far, in parameter order
-    (deterministic: every rank computes the same)."""
-    load = [0] * zp.world
-    owners = {}
+    ``every``): the rank that holds all of its elements when one does (no communication), else the
+    least loaded one (:func:`_least_loaded_owners`)."""
     chosen = [pc for pc in zp.pieces if every or (group["rank"] is not None and len(pc.shape) == 2)]
-    for pc in chosen:
-        holder = zp.sole_holder(pc.param)
-        if holder is not None:
-            owners[id(pc.param)] = holder
-            load[holder] += pc.numel
-    for pc in chosen:
-        if id(pc.param) not in owners:
-            k = min(range(zp.world), key=lambda r: (load[r], r))
-            owners[id(pc.param)] = k
-            load[k] += pc.numel
+    items = [(id(pc.param), pc.numel, zp.sole_holder(pc.param)) for pc in chosen]
+    return _least_loaded_owners(items, zp.world)
+
+
+def _least_loaded_owners(items: list[tuple[int, int, int | None]], world: int) -> dict[int, int]:
+    """``{key: rank}`` for ``(key, elements, fixed rank or None)`` items: the fixed ones keep their rank
+    (and count towards its load), the others go, in order, to the least loaded rank by elements so far
+    (ties: the lowest rank). Deterministic: every rank computes the same."""
+    load = [0] * world
+    owners: dict[int, int] = {}
+    for key, numel, fixed in items:
+        if fixed is not None:
+            owners[key] = fixed
+            load[fixed] += numel
+    for key, numel, fixed in items:
+        if fixed is None:
+            k = min(range(world), key=lambda r: (load[r], r))
+            owners[key] = k
+            load[k] += numel
     return owners
 
 
