@@ -45,3 +45,19 @@ def test_unwrap_model():
     user = nn.Module()
     user.module = inner
     assert unwrap_model(user) is user
+
+
+def test_collectives_run_on_a_device_the_backend_serves():
+    # DeepSpeed's CPU offload hands an optimizer CPU partitions while NCCL reduces CUDA tensors only:
+    # the ZeRO views (and the reductions here) copy to the backend's device and back
+    from loralab.core.distributed import _backend_device_type, collective_device
+
+    assert _backend_device_type("cpu", "nccl") == "cuda"
+    assert _backend_device_type("cuda", "nccl") == "cuda"
+    assert _backend_device_type("cuda", "gloo") == "cpu"  # gloo's gather / scatter are CPU-only
+    assert _backend_device_type("cpu", "gloo") == "cpu"
+    assert _backend_device_type("cpu", "cpu:gloo,cuda:nccl") == "cpu"  # a per-device backend
+    assert _backend_device_type("cuda", "cpu:gloo,cuda:nccl") == "cuda"
+    assert _backend_device_type("xpu", "xccl") == "xpu"
+    assert _backend_device_type("cpu", "some_plugin") == "cpu"  # unknown: the tensor's own
+    assert collective_device(torch.device("cpu")) == torch.device("cpu")  # no process group

@@ -152,7 +152,7 @@ def test_layout_errors_name_the_cause(monkeypatch):
         zero_partition(s3, foreign)
     short = torch.zeros(20)
     short.ds_id = "7_9"
-    with pytest.raises(ZeroLayoutError, match="offloaded or swapped"):
+    with pytest.raises(ZeroLayoutError, match="swapped to NVMe"):
         zero_partition(s3, short)
     s3[0].ds_tensor.ds_numel = 1  # 1 element per rank cannot hold 6 elements on one rank
     bad = torch.zeros(18)
@@ -194,26 +194,30 @@ def test_flat_partition_returns_the_one_flat_tensor_and_refuses_anything_else():
         flat_partition({"params": [flat, flat]}, "g")
 
 
-def test_zero3_offload_is_refused_naming_the_config_key(monkeypatch):
-    # offload_param marks the partitions' final_location; offload_optimizer moves the fp32 partition
-    # to the CPU while the parameters' partitions stay on the accelerator (here: the meta device)
+def test_zero3_cpu_offload_reads_and_nvme_offload_is_refused_naming_the_config_key(monkeypatch):
+    # offload_param marks the partitions' final_location ("not-nvme" for the CPU); offload_optimizer
+    # keeps the fp32 partition on the CPU while the parameters' partitions stay on the accelerator
+    # (here: the meta device). Both read; NVMe (swapped out between uses) is refused
+    offload_config = pytest.importorskip("deepspeed.runtime.zero.offload_config")
+
     _fake_world(monkeypatch, 0, 1)
     params = _stage3_params(1)
     flat = torch.zeros(23)
     flat.ds_id = "7_9"
     params[1].ds_tensor.final_location = "not-nvme"
-    with pytest.raises(ZeroLayoutError, match=r"offload \(zero_optimization\.offload_param\)"):
-        zero_partition(params, flat, "opt group 0")
-    params[1].ds_tensor.final_location = None
-    zero_partition(params, flat)  # no offload: the layout reads
+    assert zero_partition(params, flat).flat is flat
     on_cpu = torch.zeros(23, device="meta")
     on_cpu.ds_id = "7_9"
+    assert zero_partition(params, on_cpu).comm_device == torch.device(
+        "meta"
+    )  # one rank: no routing
+    params[1].ds_tensor.final_location = offload_config.OffloadDeviceEnum.nvme
     with pytest.raises(
         ZeroLayoutError,
-        match=r"partition is on meta, its parameters' partitions on cpu: DeepSpeed optimizer "
-        r"offload \(zero_optimization\.offload_optimizer\)",
+        match=r"opt group 0: .*offload to NVMe \(zero_optimization\.offload_param\.device nvme\).*"
+        r"device: cpu",
     ):
-        zero_partition(params, on_cpu)
+        zero_partition(params, flat, "opt group 0: ")
 
 
 def test_a_matrix_one_rank_holds_whole_moves_without_communication(monkeypatch):

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
@@ -24,6 +26,7 @@ __all__ = [
     "all_reduce_mean_",
     "all_reduce_mean_dict_",
     "broadcast_",
+    "collective_device",
     "gathered_parameters",
     "gathered_zero3_model",
     "is_distributed",
@@ -54,12 +57,46 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
+# the device type each backend's collectives take tensors on. gloo also reduces CUDA tensors, but
+# not in every collective (gather / scatter are CPU-only): CPU for all of them
+_BACKEND_DEVICE = {"gloo": "cpu", "mpi": "cpu", "nccl": "cuda", "xccl": "xpu", "hccl": "hpu"}
+
+
+def _backend_device_type(device_type: str, backend: str) -> str:
+    """The device type a collective of ``backend`` (``dist.get_backend()``'s string: ``"nccl"``,
+    ``"gloo"``, or a per-device one such as ``"cpu:gloo,cuda:nccl"``) takes a tensor of
+    ``device_type`` on: its own when the backend serves it, else the backend's (the first one named)."""
+    served: list[str] = []
+    for part in str(backend).lower().split(","):
+        dev, _, name = part.strip().rpartition(":")
+        served.append(dev or _BACKEND_DEVICE.get(name, device_type))
+    return device_type if device_type in served else served[0]
+
+
+def collective_device(device: torch.device, group: Any = None) -> torch.device:
+    """Where a collective over ``group`` (default: the world) can take a tensor that lives on
+    ``device``: ``device`` itself, or the backend's device — the current accelerator for NCCL when the
+    tensor is on the CPU (DeepSpeed's optimizer offload keeps the partitions there), the CPU for
+    gloo when it is on an accelerator. The caller copies there and back.
+
+    Example:
+        >>> import torch
+        >>> collective_device(torch.device("cpu"))  # one process: wherever the tensor is
+        device(type='cpu')
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return device
+    kind = _backend_device_type(device.type, dist.get_backend(group))
+    if kind == device.type:
+        return device
+    if kind == "cpu":
+        return torch.device("cpu")
+    return torch.device(kind, torch.accelerator.current_device_index())
+
+
 def _reduce_device(t: Tensor) -> Tensor:
-    # gloo reduces CPU tensors only; NCCL reduces CUDA tensors only.
-    backend = dist.get_backend()
-    if backend == "gloo" and t.device.type != "cpu":
-        return t.cpu()
-    return t
+    where = collective_device(t.device)
+    return t if where == t.device else t.to(where)
 
 
 def all_reduce_mean_(tensor: Tensor) -> Tensor:

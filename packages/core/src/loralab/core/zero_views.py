@@ -33,9 +33,14 @@ flattened elements each rank holds and where that range starts in the rank's par
 
 The layout is read from the parameters themselves (no DeepSpeed object is needed, so an optimizer
 works under ``deepspeed.initialize``, accelerate's DeepSpeed plugin and the runners alike), and
-checked: a layout that does not add up (a data-parallel group smaller than the world, offloaded or
-swapped parameters) raises instead of guessing. Every communicating call is a collective over the
+checked: a layout that does not add up (a data-parallel group smaller than the world, parameters
+swapped to NVMe) raises instead of guessing. Every communicating call is a collective over the
 partition's process group: call it on every rank, in the same order.
+
+DeepSpeed's CPU offload (``offload_optimizer`` / ``offload_param`` on ``cpu``) keeps the partitions,
+and so the optimizer step, on the CPU; the collectives then run on the process group's device
+(:func:`loralab.core.distributed.collective_device`: the accelerator for NCCL) and their results
+come back to the partition's device.
 
 Example:
     >>> import torch
@@ -54,6 +59,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from loralab.core.distributed import collective_device
 
 __all__ = [
     "GroupOriginals",
@@ -177,6 +184,8 @@ class ZeroPartition:
         self.world = world
         self.group = group
         self._by_id = {id(pc.param): pc for pc in pieces}
+        # where this group's collectives take tensors (offloaded CPU partitions under NCCL: the GPU)
+        self.comm_device = collective_device(flat.device, group) if world > 1 else flat.device
 
     def piece(self, p: Tensor) -> Piece:
         """The :class:`Piece` of an original parameter; ``KeyError`` naming its shape if it is not
@@ -225,17 +234,29 @@ class ZeroPartition:
         finite gradients, must take the same branch on every rank)."""
         if self.world == 1:
             return ok
-        flag = torch.tensor(1.0 if ok else 0.0, device=self.flat.device)
+        flag = torch.tensor(1.0 if ok else 0.0, device=self.comm_device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
         return bool(flag.item() == 1.0)
+
+    def all_reduce_sum_(self, tensor: Tensor) -> Tensor:
+        """Sum ``tensor`` in place over the ranks of the partition and return it (values that each
+        rank computed for its own matrices, zeros elsewhere, become every rank's)."""
+        if self.world == 1:
+            return tensor
+        buf = tensor.to(self.comm_device)
+        dist.all_reduce(buf, group=self.group)
+        if buf is not tensor:
+            tensor.copy_(buf)
+        return tensor
 
     def _all_gather(self, local: Tensor) -> list[Tensor]:
         local = local.detach().contiguous().view(-1)
         if self.world == 1:
             return [local]
-        parts = [torch.empty_like(local) for _ in range(self.world)]
-        dist.all_gather(parts, local, group=self.group)
-        return parts
+        send = local.to(self.comm_device)
+        parts = [torch.empty_like(send) for _ in range(self.world)]
+        dist.all_gather(parts, send, group=self.group)
+        return [part.to(local.device) for part in parts]
 
     def _assemble(self, parts: Sequence[Tensor], pc: Piece) -> Tensor:
         chunks = [parts[k][at : at + hi - lo] for k, (lo, hi, at) in enumerate(pc.spans) if hi > lo]
@@ -268,7 +289,7 @@ class ZeroPartition:
                 return None
             return like_flat.view(-1)[at : at + hi - lo].clone().view(pc.shape)
         width = max(hi - lo for lo, hi, _ in pc.spans)
-        send = like_flat.new_zeros(width)
+        send = like_flat.new_zeros(width, device=self.comm_device)
         send[: hi - lo] = like_flat.view(-1)[at : at + hi - lo]
         gathered = (
             [torch.empty_like(send) for _ in range(self.world)] if self.rank == owner else None
@@ -282,7 +303,7 @@ class ZeroPartition:
         if gathered is None:
             return None
         chunks = [gathered[k][: h - lo_] for k, (lo_, h, _) in enumerate(pc.spans) if h > lo_]
-        return torch.cat(chunks).view(pc.shape)
+        return torch.cat(chunks).view(pc.shape).to(like_flat.device)
 
     def scatter_from_(self, like_flat: Tensor, p: Tensor, value: Tensor | None, owner: int) -> None:
         """Write the whole ``value`` that rank ``owner`` holds (``None`` elsewhere) into every rank's
@@ -306,11 +327,11 @@ class ZeroPartition:
             assert value is not None
             return value.reshape(-1).to(dtype)
         width = max(hi_ - lo_ for lo_, hi_, _ in pc.spans)
-        recv = torch.empty(width, dtype=dtype, device=self.flat.device)
+        recv = torch.empty(width, dtype=dtype, device=self.comm_device)
         chunks = None
         if self.rank == owner:
             assert value is not None
-            flat_v = value.reshape(-1).to(dtype)
+            flat_v = value.reshape(-1).to(device=self.comm_device, dtype=dtype)
             chunks = []
             for lo_, h, _ in pc.spans:
                 c = recv.new_zeros(width)
@@ -318,7 +339,7 @@ class ZeroPartition:
                 chunks.append(c)
         src = dist.get_global_rank(self.group, owner) if self.group else owner
         dist.scatter(recv, chunks, src=src, group=self.group)
-        return recv[: hi - lo]
+        return recv[: hi - lo].to(self.flat.device)
 
 
 def _dp_group(params: Sequence[Tensor]) -> Any:
@@ -387,7 +408,7 @@ def _stage3(originals: Sequence[Tensor], flat: Tensor, where: str) -> ZeroPartit
             "not built with (another optimizer's group?)"
         ) from None
     chunk = list(originals[start:stop])
-    _refuse_offload(chunk, flat, where)
+    _refuse_nvme(chunk, where)
     group = _dp_group(chunk)
     rank, world = _rank_world(group)
     pieces, at = [], 0
@@ -405,28 +426,20 @@ def _stage3(originals: Sequence[Tensor], flat: Tensor, where: str) -> ZeroPartit
     if at != flat.numel():
         raise ZeroLayoutError(
             f"{where}the ZeRO-3 partition {name!r} has {flat.numel()} elements, its parameters' "
-            f"partitions {at} (offloaded or swapped parameters are not supported)"
+            f"partitions {at} (partitions swapped to NVMe are not supported)"
         )
     return ZeroPartition(flat, pieces, 3, rank, world, group)
 
 
-def _refuse_offload(chunk: Sequence[Tensor], flat: Tensor, where: str) -> None:
-    # ZeRO-3 offload is untested with the whole-matrix views (accelerate even swaps the optimizer for
-    # DeepSpeedCPUAdam under offload_optimizer): refuse it rather than train something unverified.
-    # offload_param sets the partitions' final_location (None without offload); offload_optimizer
-    # keeps the fp32 partition on the CPU while the parameters' partitions stay on the accelerator
-    if any(getattr(p.ds_tensor, "final_location", None) is not None for p in chunk):  # type: ignore[attr-defined]
+def _refuse_nvme(chunk: Sequence[Tensor], where: str) -> None:
+    # offload_param on NVMe swaps the parameters' partitions out between uses, and DeepSpeed's swapper
+    # moves optimizer state as partition-shaped element-wise tensors (a projected or low-rank state
+    # is neither). CPU offload (final_location "not-nvme") keeps everything resident: supported
+    location = {getattr(getattr(p.ds_tensor, "final_location", None), "value", None) for p in chunk}  # type: ignore[attr-defined]
+    if "nvme" in location:
         raise ZeroLayoutError(
-            f"{where}DeepSpeed ZeRO-3 parameter offload (zero_optimization.offload_param) is not "
-            "supported by this optimizer: use ZeRO-3 without offload"
-        )
-    devices = {p.ds_tensor.device for p in chunk}  # type: ignore[attr-defined]
-    if devices != {flat.device}:
-        raise ZeroLayoutError(
-            f"{where}the ZeRO-3 partition is on {flat.device}, its parameters' partitions on "
-            f"{', '.join(sorted(map(str, devices)))}: DeepSpeed optimizer offload "
-            "(zero_optimization.offload_optimizer) is not supported by this optimizer: use ZeRO-3 "
-            "without offload"
+            f"{where}DeepSpeed ZeRO-3 parameter offload to NVMe (zero_optimization.offload_param.device "
+            "nvme) is not supported by this optimizer: offload to the CPU (device: cpu) instead"
         )
 
 
