@@ -6,7 +6,10 @@ One launch runs every mode in turn on the same seeded model, each rank a differe
 - ``ddp``: GoLore (SVD, then random projectors) + GaLore groups under DDP;
 - ``zero0`` / ``zero1`` / ``zero2``: the same optimizer as a DeepSpeed client optimizer;
 - ``zero2resume``: ZeRO-2 with a DeepSpeed checkpoint saved mid-way and loaded into a fresh engine;
-- ``zero3``: the same under ZeRO-3 (every matrix partitioned; each one updated on its owner rank).
+- ``zero3``: the same under ZeRO-3 (every matrix partitioned; each one updated on its owner rank);
+- ``zero2offload`` / ``zero3offload``: ZeRO-2 with the optimizer offloaded to the CPU, ZeRO-3 with the
+  optimizer and the parameters offloaded (``zero_force_ds_cpu_optimizer: false`` keeps GoLore's
+  optimizer; DeepSpeed would otherwise refuse a client optimizer under offload).
 """
 
 import sys
@@ -20,7 +23,7 @@ from loralab.golore import GoLoreAdamW
 # Adam's first steps are ~lr·sign(g): with a tiny eps, the ulp-level differences of ZeRO-3's
 # reduce-scatter order in near-zero gradient entries (the embedding rows) become whole-lr differences
 EPS = 1e-4
-MODES = ("ddp", "zero0", "zero1", "zero2", "zero2resume", "zero3")
+MODES = ("ddp", "zero0", "zero1", "zero2", "zero2resume", "zero3", "zero2offload", "zero3offload")
 CKPT = ""  # set in main: a checkpoint folder next to the outputs
 STEPS = 4
 
@@ -35,13 +38,19 @@ def groups(model):
     ]
 
 
-def ds_config(stage):
-    return {
+def ds_config(stage, offload=False):
+    config = {
         "train_micro_batch_size_per_gpu": 2,
         "zero_optimization": {"stage": stage},
         "zero_allow_untested_optimizer": True,
         "gradient_clipping": 0.0,  # DeepSpeed clips to 1.0 by default; DDP does not clip
     }
+    if offload:
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        if stage == 3:
+            config["zero_optimization"]["offload_param"] = {"device": "cpu"}
+        config["zero_force_ds_cpu_optimizer"] = False
+    return config
 
 
 def run_resume(rank, batches):
@@ -85,9 +94,12 @@ def run(mode, rank):
     if mode == "zero2resume":
         return run_resume(rank, batches)
     try:
+        stage = int(mode[4])
         engine, *_ = deepspeed.initialize(
-            model=model, optimizer=opt, config=ds_config(int(mode[-1]))
+            model=model, optimizer=opt, config=ds_config(stage, mode.endswith("offload"))
         )
+        if mode.endswith("offload"):  # the offload took effect: DeepSpeed's CPU partitions
+            assert engine.zero_cpu_offload() and engine.optimizer.optimizer is opt
         for b in batches:
             loss = engine(**b).loss
             engine.backward(loss)

@@ -57,6 +57,16 @@ def test_deepspeed_zero_client_optimizer_equals_ddp(results, stage):
 
 
 @pytest.mark.multiprocess
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_cpu_offload_equals_the_same_stage_without(results, stage):
+    # offload_optimizer (and, at ZeRO-3, offload_param) on the CPU: GoLore's own optimizer steps the
+    # CPU partitions, the same arithmetic as without offload (bit for bit on these CPU ranks; on GPUs
+    # the collectives run on the GPU and the results come back to the CPU partitions)
+    for rank in (0, 1):
+        _assert_same(results(f"zero{stage}offload", rank), results(f"zero{stage}", rank))
+
+
+@pytest.mark.multiprocess
 def test_deepspeed_zero2_checkpoint_resume_is_exact(results):
     # the low-rank states live in ZeRO's partition state; a DeepSpeed checkpoint must carry them
     for rank in (0, 1):

@@ -6,7 +6,8 @@ on its own half of every batch through ``deepspeed.initialize(optimizer=create_l
 - ``zero0`` / ``zero1`` / ``zero2`` / ``zero3``: ZeRO stage 0-3, correction in ``step`` (the
   default; under ZeRO-1/2/3 on B's gradient gathered from DeepSpeed's flat partitions);
 - ``zero2_backward`` / ``zero3_backward``: ``correct_in_backward=True`` (B's gradient corrected by
-  a hook before DeepSpeed reduces and flattens it).
+  a hook before DeepSpeed reduces and flattens it);
+- ``zero3_offload``: ZeRO-3 with the optimizer and the parameters offloaded to the CPU.
 
 Parameters (gathered for ZeRO-3) or the error text are written to ``{prefix}.{rank}.pt``.
 """
@@ -52,14 +53,19 @@ def toy_batches(n, batch, seed):
     ]
 
 
-def ds_config(stage):
-    return {
+def ds_config(stage, offload=False):
+    config = {
         "train_micro_batch_size_per_gpu": MICRO,
         "gradient_accumulation_steps": 1,
         "zero_optimization": {"stage": stage},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
     }
+    if offload:  # CPU offload of the optimizer state and the parameters; keep our optimizer
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        config["zero_optimization"]["offload_param"] = {"device": "cpu"}
+        config["zero_force_ds_cpu_optimizer"] = False
+    return config
 
 
 def trainable(model):
@@ -80,6 +86,7 @@ def main(prefix: str) -> None:
         ("zero3", 3, False),
         ("zero2_backward", 2, True),
         ("zero3_backward", 3, True),
+        ("zero3_offload", 3, False),
     ]
     for name, stage, in_backward in runs:
         model = toy_peft(0)
@@ -87,7 +94,8 @@ def main(prefix: str) -> None:
             model, RANK, ALPHA, LR, weight_decay=WD, correct_in_backward=in_backward
         )
         try:
-            engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(stage))
+            config = ds_config(stage, offload=name.endswith("offload"))
+            engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
             for b in batches:
                 engine.backward(engine(**b))
                 engine.step()

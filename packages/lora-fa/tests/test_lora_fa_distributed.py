@@ -44,7 +44,7 @@ def _rel(got, ref, init):
 
 
 @pytest.mark.multiprocess
-def test_deepspeed_zero0_to_3_equal_one_process(tmp_path):
+def test_deepspeed_zero0_to_3_and_cpu_offload_equal_one_process(tmp_path):
     pytest.importorskip("deepspeed")
     prefix = tmp_path / "run"
     run_torchrun(WORKER, prefix, timeout=900)
@@ -62,7 +62,10 @@ def test_deepspeed_zero0_to_3_equal_one_process(tmp_path):
     )
     assert _rel(plain, ref, init) > 0.1  # plain LoRA (uncorrected B) would be caught
     for out in ranks:
-        for run in ("zero0", "zero1", "zero2", "zero3", "zero2_backward", "zero3_backward"):
+        for run in (
+            *("zero0", "zero1", "zero2", "zero3", "zero2_backward", "zero3_backward"),
+            "zero3_offload",  # optimizer and parameters offloaded to the CPU
+        ):
             assert set(out[run]) == set(ref), run
             for n in ref:
                 if "lora_A" in n:  # A frozen and never touched

@@ -5,7 +5,8 @@ mode, LoRA layers + a plain-AdamW head) several ways, and writes its parameters:
 ``accelerate`` (``Accelerator.prepare``),
 ``zero1`` / ``zero2`` / ``zero3`` (DeepSpeed ZeRO-1 / 2 / 3: the optimizer finds its layers in the
 flat partitions itself), ``zero2_attached`` (the optional ``attach_deepspeed`` call of older code) and ``full_zero2`` /
-``full_zero3`` (``mode="full"``, every parameter).
+``full_zero3`` (``mode="full"``, every parameter); ``zero3_offload`` / ``full_zero3_offload``: ZeRO-3
+with the optimizer and the parameters offloaded to the CPU.
 """
 
 import sys
@@ -23,14 +24,19 @@ STEPS, MICRO = 4, 4
 LR = 1e-2
 
 
-def ds_config(stage):
-    return {
+def ds_config(stage, offload=False):
+    config = {
         "train_micro_batch_size_per_gpu": MICRO,
         "gradient_accumulation_steps": 1,
         "zero_optimization": {"stage": stage},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
     }
+    if offload:  # CPU offload of the optimizer state and the parameters; keep our optimizer
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        config["zero_optimization"]["offload_param"] = {"device": "cpu"}
+        config["zero_force_ds_cpu_optimizer"] = False
+    return config
 
 
 def params(model):
@@ -71,10 +77,12 @@ def main(prefix: str) -> None:
         ("zero2", 2, False),
         ("zero2_attached", 2, True),
         ("zero3", 3, False),
+        ("zero3_offload", 3, False),
     ):
         model = toy_peft(0, dtype=torch.float32)
         opt = LoraProAdamW(model, lr=LR, weight_decay=0.1)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(stage))
+        config = ds_config(stage, offload=name.endswith("offload"))
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
         if attach:
             opt.attach_deepspeed(engine)
         for b in batches:
@@ -87,10 +95,11 @@ def main(prefix: str) -> None:
             out[name] = params(model)
 
     # full mode: the m×n Adam states on each layer's owner rank (weight decay of the effective weight)
-    for name, stage in (("full_zero2", 2), ("full_zero3", 3)):
+    for name, stage in (("full_zero2", 2), ("full_zero3", 3), ("full_zero3_offload", 3)):
         model = toy_peft(0, dtype=torch.float32)
         opt = LoraProAdamW(model, lr=LR, weight_decay=0.1, mode="full")
-        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(stage))
+        config = ds_config(stage, offload=name.endswith("offload"))
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
         for b in batches:
             engine.backward(engine(**b))
             engine.step()

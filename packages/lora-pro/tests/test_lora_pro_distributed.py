@@ -32,7 +32,9 @@ def _rel(got, ref, init):
 
 
 @pytest.mark.multiprocess
-def test_ddp_accelerate_and_deepspeed_zero1_zero2_zero3_equal_one_process_both_modes(lp, tmp_path):
+def test_ddp_accelerate_deepspeed_zero1_to_3_and_cpu_offload_equal_one_process_both_modes(
+    lp, tmp_path
+):
     pytest.importorskip("deepspeed")
     prefix = tmp_path / "run"
     run_torchrun(WORKER, prefix, timeout=900)
@@ -47,7 +49,9 @@ def test_ddp_accelerate_and_deepspeed_zero1_zero2_zero3_equal_one_process_both_m
     )
     assert _rel(plain, ref, init) > 0.1  # plain LoRA training would be caught below
     for out in ranks:
-        for engine in ("ddp", "accelerate", "zero1", "zero2", "zero2_attached", "zero3"):
+        for engine in (
+            *("ddp", "accelerate", "zero1", "zero2", "zero2_attached", "zero3", "zero3_offload"),
+        ):
             assert set(out[engine]) == set(ref), engine
             # round-off of the gradient averaging only: exact LoRA-Pro on the gathered layers
             assert _rel(out[engine], ref, init) < 1e-5, engine
@@ -56,7 +60,7 @@ def test_ddp_accelerate_and_deepspeed_zero1_zero2_zero3_equal_one_process_both_m
     )
     lora = {n for n in ref if "lora_" in n}
     for out in ranks:
-        for engine in ("full_zero2", "full_zero3"):
+        for engine in ("full_zero2", "full_zero3", "full_zero3_offload"):
             assert set(out[engine]) == set(ref), engine
             assert _rel({n: out[engine][n] for n in lora}, {n: ref[n] for n in lora}, init) < 1e-5
             for n in ref:  # the rest, frozen base weights included (decayed): absolute

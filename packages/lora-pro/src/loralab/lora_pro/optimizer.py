@@ -607,10 +607,7 @@ class LoraProAdamW(torch.optim.Optimizer):
                 f"LoraProAdamW: non-finite gradients, factors or adjusted directions (NaN/Inf) in "
                 f"LoRA layer(s) {bad or 'of another rank'} (mode='full' under DeepSpeed ZeRO)"
             )
-        if zp.world > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(new, group=zp.group)  # each layer's values come from its owner only
+        zp.all_reduce_sum_(new)  # each layer's values come from its owner only
         # element-wise AdamW for the group's other parameters (its LoRA elements are overwritten)
         self._plain_step(group, [flat])
         offset = 0
