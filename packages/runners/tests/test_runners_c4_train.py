@@ -351,15 +351,20 @@ def test_deepspeed_two_processes_match_single_process(setup, single, tmp_path):
     )
     assert launcher is not None, "the deepspeed launcher is not on PATH"
     configs = {}
-    for stage in (0, 1, 2):
+    for stage in (0, 1, 2, "2_offload"):
+        zero = {"stage": int(str(stage)[0])}
+        if stage == "2_offload":
+            zero["offload_optimizer"] = {"device": "cpu"}
         configs[stage] = tmp_path / f"zero{stage}.json"
         configs[stage].write_text(json.dumps({
             "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-            "gradient_clipping": "auto", "zero_optimization": {"stage": stage},
+            "gradient_clipping": "auto", "zero_optimization": zero,
         }))  # fmt: skip
     # AdamW under ZeRO-1 and ZeRO-2; GaLore / GoLore at stage 0 here (ZeRO-3: the tests below), GaLore
     # 8-bit under ZeRO-2 (every tensor stepped whole on its owner rank); the ReLoRA path needs whole
-    # 2-D weights: stage 0
+    # 2-D weights: stage 0. AdamW and GoLore under ZeRO-2 with the optimizer offloaded to the CPU:
+    # deepspeed.initialize keeps the client optimizer only with zero_force_ds_cpu_optimizer false,
+    # which the runner sets
     plan = [
         ("adamw", 1),
         ("adamw", 2),
@@ -367,14 +372,19 @@ def test_deepspeed_two_processes_match_single_process(setup, single, tmp_path):
         ("golore", 0),
         ("relora", 0),
         ("galore8bit", 2),
+        ("adamw", "2_offload"),
+        ("golore", "2_offload"),
     ]
     runs = [(m, s, tmp_path / f"{m}_zero{s}") for m, s in plan]
     cmd = [launcher, "--num_gpus", "2", "--master_port", str(free_port())]
-    _launch(
+    log = _launch(
         cmd,
         [_argv(setup, out, m, "--deepspeed_config", str(configs[s])) for m, s, out in runs],
         tmp_path,
     )
+    assert (
+        log.count("engine deepspeed ZeRO-2, optimizer offloaded to cpu on cpu") == 4
+    )  # 2 runs x 2 ranks
     for method, _, out in runs:
         _assert_same_run(out, single(method)[0], rtol=RTOL_8BIT if method == "galore8bit" else RTOL)
         assert json.loads((out / "run_summary.json").read_text())["deepspeed"]

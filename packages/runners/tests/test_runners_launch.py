@@ -149,51 +149,74 @@ def test_method_that_needs_whole_matrices_refuses_zero():
 
 
 @pytest.mark.parametrize("name", ["lora-fa", "lora-pro", "galore", "golore"])
-@pytest.mark.parametrize("key", ["offload_optimizer", "offload_param"])
-def test_method_with_its_own_optimizer_refuses_zero_offload(name: str, key: str):
-    # accelerate swaps a client optimizer for DeepSpeedCPUAdam under offload_optimizer: GaLore, LoRA-FA,
-    # LoRA-Pro and GoLore would silently train plain Adam (a 2-rank GLUE run differed from zero3)
+def test_method_with_its_own_optimizer_keeps_it_under_zero_cpu_offload(name: str):
+    # accelerate swaps a client optimizer for DeepSpeedCPUAdam under offload_optimizer (and
+    # deepspeed.initialize refuses any other): GaLore, LoRA-FA, LoRA-Pro and GoLore would silently
+    # train plain Adam (a 2-rank GLUE run once differed from zero3 so). The check keeps the method's
+    # optimizer on DeepSpeed's CPU partitions instead (2-rank runs: test_runners_zero_lora_methods.py)
     from loralab.runners.launch import load_deepspeed_config
     from loralab.runners.methods import get_method, method_args
 
     method = get_method(name)
     args = method_args(name, learning_rate=1e-3, max_steps=2)
-    config = load_deepspeed_config("zero3")
-    config["zero_optimization"][key] = {"device": "cpu"}
+    config = load_deepspeed_config("zero3_offload")
+    method.check_zero(args, 3, "--deepspeed zero3_offload", config)
+    assert config["zero_force_ds_cpu_optimizer"] is False
+    config = load_deepspeed_config("zero3_offload")
+    config["zero_optimization"].pop("offload_optimizer")  # parameters only: no optimizer swap
+    method.check_zero(args, 3, "--deepspeed p.json", config)
+    assert "zero_force_ds_cpu_optimizer" not in config
+    # an explicit true would swap it: refused, naming the key
+    config = {**load_deepspeed_config("zero3_offload"), "zero_force_ds_cpu_optimizer": True}
     with pytest.raises(
         MethodError,
-        match=rf"--method {name} does not run with DeepSpeed ZeRO offload \(--deepspeed x.json: "
-        rf"zero_optimization.{key} on cpu/nvme\).*use ZeRO-3 without offload \(--deepspeed zero3\)",
+        match=rf"--method {name} does not run with zero_force_ds_cpu_optimizer: true \(--deepspeed "
+        r"x.json\).*DeepSpeed's CPU Adam \(plain Adam\); remove the key",
     ):
         method.check_zero(args, 3, "--deepspeed x.json", config)
-    with pytest.raises(
-        MethodError, match=r"offload_optimizer and zero_optimization\.offload_param"
-    ):
-        method.check_zero(
-            args, 3, "--deepspeed zero3_offload", load_deepspeed_config("zero3_offload")
-        )
+    # NVMe: DeepSpeed swaps state whose layout it knows, not the method's
+    for key in ("offload_optimizer", "offload_param"):
+        config = load_deepspeed_config("zero3_offload")
+        config["zero_optimization"][key] = {"device": "nvme", "nvme_path": "/tmp"}
+        with pytest.raises(
+            MethodError,
+            match=rf"--method {name} does not run with DeepSpeed ZeRO offload to NVMe \(--deepspeed "
+            rf"n.json: zero_optimization.{key} on nvme\).*offload to the CPU \(device: cpu",
+        ):
+            method.check_zero(args, 3, "--deepspeed n.json", config)
     method.check_zero(args, 3, "--deepspeed zero3", load_deepspeed_config("zero3"))
 
 
-def test_zero_offload_refuses_sgd_and_runs_adamw():
-    # DeepSpeedCPUAdam in adamw_mode is torch AdamW's update (LoRA: zero3_offload equals zero3), SGD is not
+def test_zero_offload_keeps_sgd_and_lets_accelerate_run_adamw_as_cpu_adam():
+    # DeepSpeedCPUAdam in adamw_mode is torch AdamW's update: accelerate's swap is kept for AdamW;
+    # SGD is not Adam: the runner keeps torch's SGD on the CPU partitions
     from loralab.runners.launch import load_deepspeed_config
     from loralab.runners.methods import get_method, method_args
 
-    config = load_deepspeed_config("zero3_offload")
     for name in ("lora", "full", "lora-ga", "lora-sb"):
+        config = load_deepspeed_config("zero3_offload")
         get_method(name).check_zero(method_args(name), 3, "--deepspeed zero3_offload", config)
+        assert "zero_force_ds_cpu_optimizer" not in config, name
+    config = load_deepspeed_config("zero3_offload")
+    sgd = method_args("full", optim="sgd")
+    get_method("full").check_zero(sgd, 3, "--deepspeed zero3_offload", config)
+    assert config["zero_force_ds_cpu_optimizer"] is False
+    # deepspeed.initialize without accelerate (the C4 runner) keeps every client optimizer, AdamW too
+    config = load_deepspeed_config("zero3_offload")
+    get_method("full").check_offload(
+        method_args("full"), "--deepspeed_config c.json", config, cpu_adam_for_adamw=False
+    )
+    assert config["zero_force_ds_cpu_optimizer"] is False
+    # NVMe optimizer state: DeepSpeed's own CPU Adam swaps it (AdamW), torch's SGD is refused
+    config = load_deepspeed_config("zero3_offload")
+    config["zero_optimization"]["offload_optimizer"]["device"] = "nvme"
+    get_method("full").check_zero(method_args("full"), 3, "--deepspeed n.json", config)
     with pytest.raises(
         MethodError,
-        match=r"--optim sgd does not run with DeepSpeed ZeRO offload \(--deepspeed zero3_offload: "
-        r"zero_optimization.offload_optimizer on cpu/nvme\).*use AdamW \(--optim adamw\)",
+        match=r"--optim sgd does not run with DeepSpeed ZeRO offload to NVMe \(--deepspeed n.json: "
+        r"zero_optimization.offload_optimizer on nvme\)",
     ):
-        get_method("full").check_zero(
-            method_args("full", optim="sgd"), 3, "--deepspeed zero3_offload", config
-        )
-    # offload_param alone keeps the optimizer (accelerate swaps it only under offload_optimizer)
-    config["zero_optimization"].pop("offload_optimizer")
-    get_method("full").check_zero(method_args("full", optim="sgd"), 3, "--deepspeed p.json", config)
+        get_method("full").check_zero(sgd, 3, "--deepspeed n.json", config)
 
 
 # ---------------------------------------------------------------- 2 CPU processes

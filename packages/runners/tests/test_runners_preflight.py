@@ -7,6 +7,7 @@ no entrypoint.
 
 from __future__ import annotations
 
+import copy
 import doctest
 import json
 import re
@@ -469,7 +470,7 @@ def test_set_item_that_reaches_no_compared_method_is_refused(item, message):
     check_overrides(["lora_r=4", "lora.lora_r=8", "learning_rate=1e-3"], ["full", "lora"])
 
 
-def test_accelerate_deepspeed_plugin_offload_is_refused_before_loading(
+def test_accelerate_deepspeed_plugin_nvme_offload_is_refused_before_loading(
     tiny_dirs, glue_files, tmp_path, monkeypatch
 ):
     # accelerate launch --config_file deepspeed_zero3_offload.yaml: the plugin's JSON is read up front
@@ -478,7 +479,9 @@ def test_accelerate_deepspeed_plugin_offload_is_refused_before_loading(
     from loralab.runners.methods import MethodError
 
     path = tmp_path / "z3o.json"
-    path.write_text(json.dumps(DEEPSPEED_CONFIGS["zero3_offload"]))
+    config = copy.deepcopy(DEEPSPEED_CONFIGS["zero3_offload"])
+    config["zero_optimization"]["offload_param"] = {"device": "nvme", "nvme_path": str(tmp_path)}
+    path.write_text(json.dumps(config))
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(path))
     args = parse_args(
@@ -487,8 +490,8 @@ def test_accelerate_deepspeed_plugin_offload_is_refused_before_loading(
     )
     with pytest.raises(
         MethodError,
-        match=r"--method lora-fa does not run with DeepSpeed ZeRO offload \(accelerate's DeepSpeed "
-        r"plugin \(.*z3o.json\): zero_optimization.offload_optimizer and zero_optimization.offload_param",
+        match=r"--method lora-fa does not run with DeepSpeed ZeRO offload to NVMe \(accelerate's "
+        r"DeepSpeed plugin \(.*z3o.json\): zero_optimization.offload_param on nvme\)",
     ):
         preflight.check_train_args(args, auto_class="AutoModelForSequenceClassification")
 

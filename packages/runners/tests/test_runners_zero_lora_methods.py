@@ -56,9 +56,13 @@ METHODS: dict[str, list[str]] = {
 # stage. The optimizer's other pairs are tested elsewhere: efficient mode under ZeRO-1/2/3 and full
 # mode under ZeRO-2/3 in the package's 2-rank tests (lora_pro_dist_worker.py), efficient mode under
 # ZeRO-3 bf16 in test_runners_bf16_sharded.py.
+# zero3_offload (optimizer and parameters offloaded to the CPU): the runner keeps LoRA-FA's optimizer
+# (zero_force_ds_cpu_optimizer false; accelerate would swap in DeepSpeed's CPU Adam) on DeepSpeed's
+# CPU partitions; LoRA-Pro's and GoLore's under offload in the packages' 2-rank tests and below
 CASES = [
     ("lora-fa", "zero2"),
     ("lora-fa", "zero3"),
+    ("lora-fa", "zero3_offload"),
     ("lora-pro", "zero2"),
     ("lora-pro-full", "zero3"),
 ]
@@ -134,7 +138,11 @@ def test_glue_deepspeed_two_ranks_equal_one_process(
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
            str(helpers.free_port()), "--module", "loralab.runners.glue",
            *_args(roberta_no_dropout, glue_files, out, 2, method), "--deepspeed", stage]  # fmt: skip
-    _launch(cmd, tmp_path)
+    log = _launch(cmd, tmp_path)
+    if stage.endswith("offload"):  # the offload ran, with the method's own optimizer
+        ds = json.loads((out / "launch.json").read_text())["deepspeed_config"]
+        assert ds["zero_force_ds_cpu_optimizer"] is False, ds
+        assert "optimizer offloaded to cpu, parameters offloaded to cpu" in log
     assert _losses(out) == pytest.approx(_losses(single), rel=LOSS_REL[method])
     got = _adapter(out)
     assert set(got) == set(want)
@@ -173,8 +181,10 @@ GALORE_LOSS_REL = 1e-5
 # check's meta model under deepspeed.zero.Init (one rank gathering, the other broadcasting); the
 # fine-tuning runs now unregister it when they end. ZeRO-1/2's flat partitions under the same
 # owner-rank code are tested in the golore package (golore_dist_worker.py), and GaLore under ZeRO-2
-# from the runners passed once by hand (2026-12-03)
-GALORE_LAUNCHES = [("zero3", ("golore", "galore"))]
+# from the runners passed once by hand (2026-12-03). GoLore again under zero3_offload (optimizer and
+# parameters on the CPU; the runner keeps GoLore's optimizer there), with its resume: DeepSpeed's
+# checkpoint of the offloaded partitions carries the owner ranks' projectors and moments
+GALORE_LAUNCHES = [("zero3", ("golore", "galore")), ("zero3_offload", ("golore",))]
 WORKER = Path(__file__).with_name("runners_fsdp_worker.py")
 
 
@@ -215,6 +225,11 @@ def test_glue_galore_and_golore_under_deepspeed_equal_one_process_and_resume_exa
     start = time.monotonic()
     log = _launch(cmd, tmp_path)
     print(f"deepspeed launch ({stage}, {' + '.join(methods)}): {time.monotonic() - start:.0f} s")
+    if stage.endswith("offload"):  # every rank's engine line names the offload
+        assert (
+            log.count("optimizer offloaded to cpu, parameters offloaded to cpu")
+            >= 2 * len(runs) - 2
+        )
     from transformers import AutoModelForSequenceClassification
 
     init = AutoModelForSequenceClassification.from_pretrained(roberta_no_dropout).state_dict()

@@ -121,10 +121,15 @@ def deepspeed_config(args: C4Args, env: Env, accum: int) -> dict[str, Any]:
             f"{what} needs whole 2-D weights in the optimizer, but ZeRO stage {stage} hands it flat 1-D partitions (the projection "
             "would silently become plain AdamW). Use ZeRO stage 0 in --deepspeed_config, or plain DDP (torchrun)."
         )
-    # offload: GaLore / GoLore's optimizers are not tested on offloaded partitions, SGD would need
-    # DeepSpeed's CPU optimizer (the same refusal as the fine-tuning runners')
+    # offload: deepspeed.initialize refuses a client optimizer under offload_optimizer unless
+    # zero_force_ds_cpu_optimizer is false; every C4 optimizer is one (AdamW included: torch's AdamW
+    # then steps the CPU partitions), set here; NVMe and an explicit true are refused
     method.check_offload(
-        SimpleNamespace(optim=args.optim()), f"--deepspeed_config {path}", cfg, what
+        SimpleNamespace(optim=args.optim()),
+        f"--deepspeed_config {path}",
+        cfg,
+        what,
+        cpu_adam_for_adamw=False,
     )
     if stage == 0 and method.name != "full" and explicit_bf16 is True:
         raise ValueError(

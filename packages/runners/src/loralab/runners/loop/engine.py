@@ -718,15 +718,15 @@ def engine_line(engine: Engine) -> str:
         bf16 = ", bf16 params, fp32 reduce" if engine.bf16 else ""
         what = f"fsdp2 (fully_shard, {policy}{bf16}; launched by {engine.launcher})"
     elif isinstance(engine, AccelerateEngine) and engine.deepspeed:
-        stage = zero_stage(engine.acc.state.deepspeed_plugin.deepspeed_config)
-        what = f"accelerate + DeepSpeed ZeRO-{stage}"
+        config = engine.acc.state.deepspeed_plugin.deepspeed_config
+        what = f"accelerate + DeepSpeed ZeRO-{zero_stage(config)}{_offload_words(config)}"
     elif isinstance(engine, AccelerateEngine):
         what = f"accelerate ({str(engine.acc.distributed_type).split('.')[-1]})"
     elif isinstance(engine, DeepSpeedEngine):
         masters = (
             ", bf16 (fp32 masters)" if engine.config.get("bf16", {}).get("enabled") is True else ""
         )
-        what = f"deepspeed ZeRO-{zero_stage(engine.config)}{masters}"
+        what = f"deepspeed ZeRO-{zero_stage(engine.config)}{masters}{_offload_words(engine.config)}"
     elif isinstance(engine, TorchEngine):
         kind = (
             "one process"
@@ -739,6 +739,17 @@ def engine_line(engine: Engine) -> str:
     else:
         what = engine.name
     return f"[loralab.runners] rank {engine.rank}/{engine.world_size}: engine {what} on {engine.device}"
+
+
+def _offload_words(config: dict[str, Any]) -> str:
+    """``", optimizer offloaded to cpu, parameters offloaded to cpu"`` (or ``""``) for an engine line."""
+    zero = config.get("zero_optimization") or {}
+    words = [
+        f", {what} offloaded to {device}"
+        for key, what in (("offload_optimizer", "optimizer"), ("offload_param", "parameters"))
+        if (device := str((zero.get(key) or {}).get("device", "none")).lower()) != "none"
+    ]
+    return "".join(words)
 
 
 def _inner_model(model: nn.Module) -> nn.Module:

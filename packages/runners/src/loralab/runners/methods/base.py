@@ -31,7 +31,7 @@ import importlib
 import logging
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -61,6 +61,10 @@ logger = logging.getLogger(__name__)
 
 SHARDING_ENGINES = ("deepspeed_zero", "fsdp2")
 """Engines that shard parameters, named in :attr:`Method.sharded_engines`."""
+OFFLOAD_KEYS = (
+    "offload_optimizer",
+    "offload_param",
+)  # DeepSpeed's zero_optimization offload sections
 
 
 class MethodError(ValueError):
@@ -273,11 +277,12 @@ class Method(ABC):
             )
 
     def check_zero(
-        self, args: Any, stage: int, flag: str, config: Mapping[str, Any] | None = None
+        self, args: Any, stage: int, flag: str, config: MutableMapping[str, Any] | None = None
     ) -> None:
         """Raise :class:`MethodError` naming ``flag`` when the method (with the options in ``args``)
         cannot run under DeepSpeed ZeRO ``stage`` (0: DeepSpeed without partitioning always runs).
-        ``config``: the DeepSpeed config when known (accelerate's plugin: its ``bf16`` section)."""
+        ``config``: the DeepSpeed config when known (accelerate's plugin: its ``bf16`` section); under
+        offload it may be amended to keep the method's optimizer (:meth:`check_offload`)."""
         if stage >= 1 and not self.zero_partitioning:
             raise MethodError(
                 f"--method {self.name} needs each weight's matrix in its optimizer, but DeepSpeed ZeRO-{stage} "
@@ -286,42 +291,66 @@ class Method(ABC):
         self.check_offload(args, flag, config)
 
     def check_offload(
-        self, args: Any, flag: str, config: Mapping[str, Any] | None, what: str | None = None
+        self,
+        args: Any,
+        flag: str,
+        config: MutableMapping[str, Any] | None,
+        what: str | None = None,
+        *,
+        cpu_adam_for_adamw: bool = True,
     ) -> None:
-        """Refuse ZeRO offload (``offload_optimizer`` / ``offload_param`` on ``cpu`` / ``nvme``) where it
-        would train something other than what was asked.
+        """Keep the method's optimizer under DeepSpeed ZeRO offload, or refuse what cannot run.
 
-        accelerate's DeepSpeed ``prepare`` replaces a client optimizer under ``offload_optimizer`` by
-        ``DeepSpeedCPUAdam(optimizer.param_groups, lr, weight_decay)`` (``map_pytorch_optim_to_deepspeed``,
-        unless ``zero_force_ds_cpu_optimizer`` is false): the same update only for ``torch.optim.AdamW``;
-        a method's own optimizer (GaLore's projection, LoRA-FA's, LoRA-Pro's gradient fix) or SGD would be
-        plain Adam. With ``zero_force_ds_cpu_optimizer: false`` the method's optimizer gets DeepSpeed's
-        offloaded partitions, a layout its ZeRO views are not tested on; so is ``offload_param``.
+        Under ``offload_optimizer`` accelerate's DeepSpeed ``prepare`` replaces a client optimizer by
+        ``DeepSpeedCPUAdam(optimizer.param_groups, lr, weight_decay)`` (``map_pytorch_optim_to_deepspeed``)
+        and ``deepspeed.initialize`` refuses any other client optimizer, unless the config says
+        ``zero_force_ds_cpu_optimizer: false``. DeepSpeed's CPU Adam is torch AdamW's update, so
+        ``--optim adamw`` keeps it where the engine swaps (``cpu_adam_for_adamw``: accelerate does, the
+        C4 runner's ``deepspeed.initialize`` does not); a method's own optimizer (GaLore's projection,
+        LoRA-FA's, LoRA-Pro's gradient fix) or SGD would silently become plain Adam. For those this
+        sets ``zero_force_ds_cpu_optimizer`` to false in ``config`` (in place: call it on the config
+        the engine will use), and they step DeepSpeed's CPU partitions (:mod:`loralab.core.zero_views`
+        routes their collectives through the process group's device). Refused, naming the key: an
+        explicit ``zero_force_ds_cpu_optimizer: true`` for them, and offload to NVMe (DeepSpeed's
+        swapper moves optimizer state it knows the shape of; the low-rank and owner-rank states are
+        not that).
         """
-        zero = dict((config or {}).get("zero_optimization") or {})
-        offloaded = [
-            key
-            for key in ("offload_optimizer", "offload_param")
-            if str((zero.get(key) or {}).get("device", "none")).lower() in ("cpu", "nvme")
-        ]
+        if config is None:
+            return
+        zero = config.get("zero_optimization") or {}
+        device = {
+            key: str((zero.get(key) or {}).get("device", "none")).lower() for key in OFFLOAD_KEYS
+        }
+        offloaded = [key for key in OFFLOAD_KEYS if device[key] in ("cpu", "nvme")]
         if not offloaded:
             return
         own_optimizer = type(self).build_optimizer is not Method.build_optimizer
         optim = getattr(args, "optim", "adamw") if args is not None else "adamw"
-        if own_optimizer:
+        name = what or (f"--method {self.name}" if own_optimizer else f"--optim {optim}")
+        keeps_client = own_optimizer or optim != "adamw" or not cpu_adam_for_adamw
+        # NVMe: the parameters of a method's own optimizer (it reads their partitions) and the
+        # optimizer state of any optimizer DeepSpeed did not write
+        nvme = [
+            key
+            for key in offloaded
+            if device[key] == "nvme" and (own_optimizer if key == "offload_param" else keeps_client)
+        ]
+        if nvme:
             raise MethodError(
-                f"{what or '--method ' + self.name} does not run with DeepSpeed ZeRO offload ({flag}: "
-                "zero_optimization."
-                f"{' and zero_optimization.'.join(offloaded)} on cpu/nvme): accelerate would replace its "
-                "optimizer by DeepSpeed's CPU Adam (plain Adam), and its ZeRO views are not tested on "
-                "offloaded partitions; use ZeRO-3 without offload (--deepspeed zero3)"
+                f"{name} does not run with DeepSpeed ZeRO offload to NVMe ({flag}: zero_optimization."
+                f"{' and zero_optimization.'.join(nvme)} on nvme): DeepSpeed swaps state it knows the "
+                "layout of, not this optimizer's; offload to the CPU (device: cpu, e.g. --deepspeed "
+                "zero3_offload)"
             )
-        if optim != "adamw" and "offload_optimizer" in offloaded:
+        if "offload_optimizer" not in offloaded or not keeps_client:
+            return
+        if config.get("zero_force_ds_cpu_optimizer") is True:
             raise MethodError(
-                f"--optim {optim} does not run with DeepSpeed ZeRO offload ({flag}: zero_optimization."
-                "offload_optimizer on cpu/nvme): accelerate would replace the optimizer by DeepSpeed's CPU "
-                "Adam; use AdamW (--optim adamw), or ZeRO-3 without offload (--deepspeed zero3)"
+                f"{name} does not run with zero_force_ds_cpu_optimizer: true ({flag}): under "
+                "zero_optimization.offload_optimizer it replaces the optimizer by DeepSpeed's CPU Adam "
+                "(plain Adam); remove the key (the runner then keeps the optimizer) or set it to false"
             )
+        config["zero_force_ds_cpu_optimizer"] = False
 
     def import_package(self) -> ModuleType | None:
         """Import the method's package, or raise ``ImportError`` saying what to install."""
