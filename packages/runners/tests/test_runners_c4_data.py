@@ -468,15 +468,29 @@ def test_deepspeed_config_is_filled_from_the_flags_and_checked(tmp_path):
         ]["stage"]
         == 0
     )
-    # ZeRO offload: GaLore / GoLore's optimizers are refused on offloaded partitions; AdamW runs
+    # ZeRO offload: every optimizer is a client optimizer of deepspeed.initialize, kept on the CPU
+    # partitions (zero_force_ds_cpu_optimizer false), AdamW too; NVMe only for DeepSpeed's own state
+    cpu = dict(auto, zero_optimization={"stage": 3, "offload_optimizer": {"device": "cpu"}})
+    for optimizer in ("galore_adamw", "adamw", "sgd"):
+        assert cfg(cpu, "--optimizer", optimizer)["zero_force_ds_cpu_optimizer"] is False
+    with pytest.raises(
+        ValueError,
+        match=r"--optimizer golore_adamw does not run with zero_force_ds_cpu_optimizer: true",
+    ):
+        cfg(dict(cpu, zero_force_ds_cpu_optimizer=True), "--optimizer", "golore_adamw")
     offload = dict(auto, zero_optimization={"stage": 3, "offload_param": {"device": "nvme"}})
     with pytest.raises(
         ValueError,
-        match=r"--optimizer galore_adamw does not run with DeepSpeed ZeRO offload \(--deepspeed_config .*: "
-        r"zero_optimization\.offload_param on cpu/nvme\)",
+        match=r"--optimizer galore_adamw does not run with DeepSpeed ZeRO offload to NVMe \(--deepspeed_config "
+        r".*: zero_optimization\.offload_param on nvme\)",
     ):
         cfg(offload, "--optimizer", "galore_adamw")
     assert cfg(offload, "--optimizer", "adamw")["zero_optimization"]["stage"] == 3
+    elastic = dict(auto, zero_optimization={"stage": 2, "elastic_checkpoint": True})
+    with pytest.raises(
+        ValueError, match=r"zero_optimization.elastic_checkpoint true cannot be resumed"
+    ):
+        cfg(elastic, "--optimizer", "adamw")
     with pytest.raises(FileNotFoundError, match=r"--deepspeed_config .* does not exist"):
         deepspeed_config(
             parse_args(["--output_dir", "x", "--deepspeed_config", str(tmp_path / "none.json")]),

@@ -480,3 +480,24 @@ def test_winogrande_torchrun_script_two_processes_equal_one_process(tiny_dirs, t
         json.loads(r)["prediction"]
         for r in (single / winogrande.PREDICTIONS_FILE).read_text().splitlines()
     ]
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_elastic_checkpoints_are_refused_before_anything_trains(stage):
+    # ZeRO-3 raises at the first save; ZeRO-1/2 elastic loading needs the step in the param groups
+    # (DeepSpeed's fused optimizers), which no runner optimizer keeps: the resume would fail (C4's
+    # --deepspeed_config: test_runners_c4_data.py)
+    from loralab.runners.launch import check_elastic_checkpoint
+    from loralab.runners.methods import get_method, method_args
+
+    config = {"zero_optimization": {"stage": stage, "elastic_checkpoint": True}}
+    for name in ("lora", "golore"):
+        with pytest.raises(
+            ValueError,
+            match=r"--deepspeed e.json: zero_optimization.elastic_checkpoint true cannot be resumed.*"
+            r"remove the key",
+        ):
+            get_method(name).check_zero(method_args(name), stage, "--deepspeed e.json", config)
+    config["zero_optimization"]["elastic_checkpoint"] = False
+    check_elastic_checkpoint(config, "--deepspeed e.json")
+    check_elastic_checkpoint({"zero_optimization": {"stage": 0, "elastic_checkpoint": True}}, "x")

@@ -98,6 +98,26 @@ def zero_stage(config: dict[str, Any]) -> int:
     return int(config.get("zero_optimization", {}).get("stage", 0))
 
 
+def check_elastic_checkpoint(config: dict[str, Any], flag: str) -> None:
+    """Refuse ``zero_optimization.elastic_checkpoint: true`` before anything trains: no checkpoint of
+    such a run could be resumed.
+
+    ZeRO-3 raises ``NotImplementedError`` at the first save. ZeRO-1/2 save, but their elastic load
+    needs the step counter in the optimizer's param groups (DeepSpeed's own fused optimizers keep it
+    there) and re-partitions the state as element-wise tensors: every optimizer the runners pass keeps
+    its step per parameter (torch AdamW and SGD, DeepSpeed's CPU Adam, the methods' optimizers), so the
+    resume fails (measured on 2 CPU ranks: ``AssertionError`` for LoRA-FA and LoRA-Pro,
+    ``KeyError: 'param0.step'`` for GoLore's owner-rank state).
+    """
+    zero = config.get("zero_optimization") or {}
+    if zero.get("elastic_checkpoint") is True and zero_stage(config) >= 1:
+        raise ValueError(
+            f"{flag}: zero_optimization.elastic_checkpoint true cannot be resumed with the runners' "
+            "optimizers (ZeRO-3 refuses to save it; ZeRO-1/2 elastic loading needs DeepSpeed's own "
+            "optimizer); remove the key (DeepSpeed's default, rigid checkpoints, resume exactly)"
+        )
+
+
 def fill_deepspeed_config(
     config: dict[str, Any],
     *,

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from loralab.runners.c4.args import C4Args
-from loralab.runners.launch import check_fsdp_mode, zero_stage
+from loralab.runners.launch import check_elastic_checkpoint, check_fsdp_mode, zero_stage
 from loralab.runners.loop import DeepSpeedEngine, Engine, FSDP2Engine, TorchEngine
 from loralab.runners.methods import Method, get_method
 
@@ -121,6 +121,7 @@ def deepspeed_config(args: C4Args, env: Env, accum: int) -> dict[str, Any]:
             f"{what} needs whole 2-D weights in the optimizer, but ZeRO stage {stage} hands it flat 1-D partitions (the projection "
             "would silently become plain AdamW). Use ZeRO stage 0 in --deepspeed_config, or plain DDP (torchrun)."
         )
+    check_elastic_checkpoint(cfg, f"--deepspeed_config {path}")
     # offload: deepspeed.initialize refuses a client optimizer under offload_optimizer unless
     # zero_force_ds_cpu_optimizer is false; every C4 optimizer is one (AdamW included: torch's AdamW
     # then steps the CPU partitions), set here; NVMe and an explicit true are refused

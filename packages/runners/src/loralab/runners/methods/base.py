@@ -41,6 +41,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from loralab.runners.launch import check_elastic_checkpoint
 from loralab.runners.loop.trainer import Callback
 
 __all__ = [
@@ -288,6 +289,8 @@ class Method(ABC):
                 f"--method {self.name} needs each weight's matrix in its optimizer, but DeepSpeed ZeRO-{stage} "
                 f"({flag}) flattens and shards them: run it without {flag} (DDP via torchrun / accelerate launch)"
             )
+        if config is not None:
+            check_elastic_checkpoint(dict(config), flag)
         self.check_offload(args, flag, config)
 
     def check_offload(
