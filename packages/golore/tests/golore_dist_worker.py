@@ -9,7 +9,9 @@ One launch runs every mode in turn on the same seeded model, each rank a differe
 - ``zero3``: the same under ZeRO-3 (every matrix partitioned; each one updated on its owner rank);
 - ``zero2offload`` / ``zero3offload``: ZeRO-2 with the optimizer offloaded to the CPU, ZeRO-3 with the
   optimizer and the parameters offloaded (``zero_force_ds_cpu_optimizer: false`` keeps GoLore's
-  optimizer; DeepSpeed would otherwise refuse a client optimizer under offload).
+  optimizer; DeepSpeed would otherwise refuse a client optimizer under offload);
+- ``zero2roundrobin``: ZeRO-2 with ``round_robin_gradients`` (DeepSpeed reorders the parameters in
+  its flat buffers; the views read each one's place from its storage offset).
 """
 
 import sys
@@ -23,7 +25,17 @@ from loralab.golore import GoLoreAdamW
 # Adam's first steps are ~lr·sign(g): with a tiny eps, the ulp-level differences of ZeRO-3's
 # reduce-scatter order in near-zero gradient entries (the embedding rows) become whole-lr differences
 EPS = 1e-4
-MODES = ("ddp", "zero0", "zero1", "zero2", "zero2resume", "zero3", "zero2offload", "zero3offload")
+MODES = (
+    "ddp",
+    "zero0",
+    "zero1",
+    "zero2",
+    "zero2resume",
+    "zero3",
+    "zero2offload",
+    "zero3offload",
+    "zero2roundrobin",
+)
 CKPT = ""  # set in main: a checkpoint folder next to the outputs
 STEPS = 4
 
@@ -38,13 +50,15 @@ def groups(model):
     ]
 
 
-def ds_config(stage, offload=False):
+def ds_config(stage, offload=False, round_robin=False):
     config = {
         "train_micro_batch_size_per_gpu": 2,
         "zero_optimization": {"stage": stage},
         "zero_allow_untested_optimizer": True,
         "gradient_clipping": 0.0,  # DeepSpeed clips to 1.0 by default; DDP does not clip
     }
+    if round_robin:
+        config["zero_optimization"]["round_robin_gradients"] = True
     if offload:
         config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
         if stage == 3:
@@ -96,7 +110,9 @@ def run(mode, rank):
     try:
         stage = int(mode[4])
         engine, *_ = deepspeed.initialize(
-            model=model, optimizer=opt, config=ds_config(stage, mode.endswith("offload"))
+            model=model,
+            optimizer=opt,
+            config=ds_config(stage, mode.endswith("offload"), mode.endswith("roundrobin")),
         )
         if mode.endswith("offload"):  # the offload took effect: DeepSpeed's CPU partitions
             assert engine.zero_cpu_offload() and engine.optimizer.optimizer is opt

@@ -67,6 +67,13 @@ def test_deepspeed_cpu_offload_equals_the_same_stage_without(results, stage):
 
 
 @pytest.mark.multiprocess
+def test_deepspeed_round_robin_gradients_equals_zero2(results):
+    # round_robin_gradients reorders the parameters inside DeepSpeed's flat buffers
+    for rank in (0, 1):
+        _assert_same(results("zero2roundrobin", rank), results("zero2", rank))
+
+
+@pytest.mark.multiprocess
 def test_deepspeed_zero2_checkpoint_resume_is_exact(results):
     # the low-rank states live in ZeRO's partition state; a DeepSpeed checkpoint must carry them
     for rank in (0, 1):
