@@ -519,7 +519,9 @@ def test_fsdp_refuses_what_it_cannot_shard_before_the_model_loads(setup, tmp_pat
     ):
         parse_args(_argv(setup, tmp_path / "a", "relora", "--fsdp", "full_shard"))
     with pytest.raises(
-        ValueError, match=r"--fsdp supports 'full_shard' or 'shard_grad_op' \(FSDP2\), got 'hybrid'"
+        ValueError,
+        match=r"--fsdp supports 'full_shard' or 'shard_grad_op' \(FSDP2\), optionally followed by "
+        r"'offload' .*got 'hybrid'",
     ):
         parse_args(_argv(setup, tmp_path / "b", "adamw", "--fsdp", "hybrid"))
     with pytest.raises(
@@ -546,7 +548,8 @@ def test_fsdp_two_processes_match_single_process_and_resume_exactly(setup, singl
     # also stopped at its step-3 checkpoint and resumed (projectors, moments, step counters and the
     # random-projector RNG restored) in the same launch. AdamW runs under --fsdp shard_grad_op (the
     # gathered weights kept from forward to backward): the same arithmetic. GaLore 8-bit steps each
-    # sharded parameter whole on an owner rank (its 8-bit state there only); stopped and resumed too
+    # sharded parameter whole on an owner rank (its 8-bit state there only); stopped and resumed too,
+    # and run again under --fsdp "full_shard offload" (CPUOffloadPolicy: the same arithmetic here)
     runs = {m: tmp_path / m for m in ("adamw", "galore", "golore", "galore8bit")}
     fsdp = ["--fsdp", "full_shard"]
     mode = {
@@ -556,6 +559,8 @@ def test_fsdp_two_processes_match_single_process_and_resume_exactly(setup, singl
         "galore8bit": fsdp,
     }
     argvs = [_argv(setup, out, m, *mode[m]) for m, out in runs.items()]
+    offloaded = tmp_path / "galore8bit_offload"
+    argvs.append(_argv(setup, offloaded, "galore8bit", "--fsdp", "full_shard offload"))
     resumed = tmp_path / "golore_resumed"
     resumed8 = tmp_path / "galore8bit_resumed"
     for method, out in (("golore", resumed), ("galore8bit", resumed8)):
@@ -602,6 +607,13 @@ def test_fsdp_two_processes_match_single_process_and_resume_exactly(setup, singl
         for o in owned
     )
     assert _train_losses(resumed8) == _train_losses(runs["galore8bit"])
+    assert "reshard after forward, parameters offloaded to cpu; launched by torchrun" in log
+    assert _train_losses(offloaded) == _train_losses(runs["galore8bit"])
+    off = json.loads((offloaded / "run_summary.json").read_text())
+    assert (
+        off["final_eval_loss"]
+        == json.loads((runs["galore8bit"] / "run_summary.json").read_text())["final_eval_loss"]
+    )
     ref8 = json.loads((runs["galore8bit"] / "run_summary.json").read_text())
     assert (
         json.loads((resumed8 / "run_summary.json").read_text())["final_eval_loss"]

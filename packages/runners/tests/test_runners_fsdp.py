@@ -103,7 +103,8 @@ def test_fsdp_other_values_and_combinations_are_refused(small_glue):
     model, root = small_glue
     with pytest.raises(
         ValueError,
-        match=r"--fsdp supports 'full_shard' or 'shard_grad_op' \(FSDP2\), got 'hybrid_shard'",
+        match=r"--fsdp supports 'full_shard' or 'shard_grad_op' \(FSDP2\), optionally followed by "
+        r"'offload' .*got 'hybrid_shard'",
     ):
         glue.main(glue_argv(model, root, root / "o1", 4, "--fsdp", "hybrid_shard"))
     with pytest.raises(
@@ -161,9 +162,15 @@ def test_every_rank_prints_its_engine(small_glue):
     engine = object.__new__(FSDP2Engine)  # the FSDP2 line without a process group
     engine.rank, engine.world_size, engine.device = 1, 2, torch.device("cpu")
     engine.bf16, engine.reshard_after_forward, engine.launcher = True, False, "accelerate"
+    engine.offload = False
     assert engine_line(engine) == (
         "[loralab.runners] rank 1/2: engine fsdp2 (fully_shard, no reshard after forward, bf16 "
         "params, fp32 reduce; launched by accelerate) on cpu"
+    )
+    engine.offload = True  # fsdp_offload_params / --fsdp "shard_grad_op offload"
+    assert engine_line(engine) == (
+        "[loralab.runners] rank 1/2: engine fsdp2 (fully_shard, no reshard after forward, bf16 "
+        "params, fp32 reduce, parameters offloaded to cpu; launched by accelerate) on cpu"
     )
 
 
@@ -220,7 +227,6 @@ FSDP_YAML_ENV = {
     ("env", "extra", "message"),
     [
         ({"FSDP_VERSION": "1"}, [], r"only FSDP2 is supported, set fsdp_version: 2, got fsdp_version 1"),
-        ({"FSDP_OFFLOAD_PARAMS": "true"}, [], r"fsdp_offload_params is not supported, got fsdp_offload_params: true"),
         ({"FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}, [], r"fsdp_cpu_ram_efficient_loading is not supported"),
         ({"FSDP_ACTIVATION_CHECKPOINTING": "true"}, [], r"fsdp_activation_checkpointing is not supported \(use --gradient_checkpointing true\)"),
         ({"FSDP_AUTO_WRAP_POLICY": "SIZE_BASED_WRAP"}, [], r"must be TRANSFORMER_BASED_WRAP .*got fsdp_auto_wrap_policy SIZE_BASED_WRAP"),
@@ -254,6 +260,8 @@ def test_accelerate_fsdp_yaml_is_read_and_refuses_unsharded_methods(
     monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "false")
     monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", "RobertaLayer,RobertaEmbeddings")
     assert accelerate_fsdp() == FSDPLaunch(False, ("RobertaLayer", "RobertaEmbeddings"))
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")  # FSDP2's CPUOffloadPolicy
+    assert accelerate_fsdp().offload_params is True
     argv = ["--model_name_or_path", model, "--task_name", "sst2", "--train_file", str(root / "train.jsonl"),
             "--validation_file", str(root / "val.jsonl"), "--output_dir", str(root / "xs"), "--max_steps", "1",
             "--method", "lora-xs", *helpers.method_flags("lora-xs")]  # fmt: skip
@@ -283,7 +291,7 @@ def test_metamath_evaluation_only_refuses_fsdp(small_glue, monkeypatch):
 def test_fsdp2_engine_refuses_wrap_classes_the_model_lacks():
     engine = object.__new__(FSDP2Engine)  # no process group needed to reach the check
     engine.bf16, engine.reshard_after_forward, engine.device = False, True, torch.device("cpu")
-    engine.wrap_classes = ("LlamaDecoderLayer",)
+    engine.wrap_classes, engine.offload = ("LlamaDecoderLayer",), False
     with pytest.raises(
         ValueError,
         match=r"fsdp_transformer_layer_cls_to_wrap names classes the model does not have: \['LlamaDecoderLayer'\]",
@@ -551,6 +559,67 @@ def test_glue_galore_and_golore_under_fsdp_equal_one_process_and_resume_exactly(
     a = load_file(str(root / "fsdp" / "galore" / "final" / "model.safetensors"))
     c = load_file(str(resumed / "final" / "model.safetensors"))
     assert all(torch.equal(c[k], a[k]) for k in a)
+
+
+# --fsdp "full_shard offload" (FSDP2's CPUOffloadPolicy): the shards, their gradients and every
+# optimizer's state and step on the CPU. On these CPU ranks the arithmetic is the run without offload's,
+# so each method is compared with it bit for bit: torch's AdamW (lora), LoRA-FA and LoRA-Pro (gathered
+# factors), GoLore (row-shard projections), LoRA-GA's init (estimated on the offloaded shards); GoLore
+# also resumes from its step-2 checkpoint. GaLore 8-bit (owner ranks): the C4 runner's test
+OFFLOAD_RUNS = {
+    "lora": [],
+    "lora-fa": [],
+    "lora-pro": [],
+    "golore": ["--galore_rank", "4", "--update_proj_gap", "2", "--rand_ratio", "0.5"],
+    "lora-ga": ["--ga_iters", "2", "--target_modules", "key,value"],
+}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_glue_fsdp_cpu_offload_equals_fsdp_for_every_method_family_and_resumes(small_glue, helpers):
+    from safetensors.torch import load_file
+
+    model, root = small_glue
+    runs = []
+    for m, f in OFFLOAD_RUNS.items():
+        for mode in ("full_shard", "full_shard offload"):
+            out = root / mode.replace(" ", "_") / m
+            runs.append(
+                (
+                    "glue",
+                    _method_argv(model, root, out, 2, m, *f, "--fsdp", mode, "--save_steps", "2"),
+                )
+            )
+    # GoLore's offloaded run as one interrupted after its step-2 checkpoint (no final/, no
+    # checkpoint-3), resumed under offload in the same launch
+    uninterrupted, resumed = root / "full_shard_offload" / "golore", root / "resumed"
+    golore = _method_argv(model, root, resumed, 2, "golore", *OFFLOAD_RUNS["golore"], "--fsdp",
+                          "full_shard offload", "--save_steps", "2")  # fmt: skip
+    runs += [("copy_run", [str(uninterrupted), str(resumed)]),
+             ("glue", [*golore, "--resume_from_checkpoint", "latest"])]  # fmt: skip
+    log = run_worker(runs, root, helpers.free_port())
+    # every rank of every offloaded run (and of the resumed one) names the offload
+    assert (
+        log.count("reshard after forward, parameters offloaded to cpu; launched by torchrun") == 12
+    )
+    for m in OFFLOAD_RUNS:
+        plain, off = root / "full_shard" / m, root / "full_shard_offload" / m
+        assert json.loads((off / "launch.json").read_text())["offload"] == "cpu (CPUOffloadPolicy)"
+        got = [r["loss"] for r in records(off, "train")]
+        assert len(got) == STEPS and got == [r["loss"] for r in records(plain, "train")], m
+        final = "model.safetensors" if m == "golore" else "adapter_model.safetensors"
+        a, b = load_file(str(off / "final" / final)), load_file(str(plain / "final" / final))
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in b), m
+    assert f"resumed from {resumed / 'checkpoint-2'} at step 2" in log
+    assert [r["loss"] for r in records(resumed, "train")][-1] == got_last(uninterrupted)
+    a = load_file(str(resumed / "final" / "model.safetensors"))
+    b = load_file(str(uninterrupted / "final" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def got_last(out: Path) -> float:
+    return [r["loss"] for r in records(out, "train")][-1]
 
 
 def launch(cmd: list[str], cwd: Path, timeout: int = TIMEOUT) -> str:

@@ -69,6 +69,7 @@ def test_fsdp_qlora_lora_lora_sb_and_lora_ga_equal_one_process_reload_and_resume
 
     model, files = tiny_dirs["llama"], metamath_files(tmp_path, helpers)
     fsdp = ["--fsdp", "full_shard"]
+    offload = ["--fsdp", "full_shard offload"]
     lora_extra = ["--bnb_4bit_quant_storage", "bfloat16"]
     ga, resumed = tmp_path / "ga", tmp_path / "ga_resumed"
     save, resume = ["--save_steps", "2"], ["--resume_from_checkpoint", "latest"]
@@ -79,6 +80,12 @@ def test_fsdp_qlora_lora_lora_sb_and_lora_ga_equal_one_process_reload_and_resume
             ("metamath", argv(model, files, ga, 2, "lora-ga", *save, *fsdp)),
             ("copy_run", [str(ga), str(resumed)]),
             ("metamath", argv(model, files, resumed, 2, "lora-ga", *save, *resume, *fsdp)),
+            # FSDP-QLoRA with CPU offload (the 70B-on-few-GPUs setting): the same arithmetic here
+            (
+                "metamath",
+                argv(model, files, tmp_path / "lora_off", 2, "lora", *lora_extra, *offload),
+            ),
+            ("metamath", argv(model, files, tmp_path / "ga_off", 2, "lora-ga", *save, *offload)),
         ],
         tmp_path,
         helpers.free_port(),
@@ -137,6 +144,14 @@ def test_fsdp_qlora_lora_lora_sb_and_lora_ga_equal_one_process_reload_and_resume
     c = adapter(resumed)
     assert all(torch.equal(c[k], a[k]) for k in a)
     shutil.rmtree(tmp_path / "ga1")
+
+    # CPU offload (CPUOffloadPolicy): the codes' shards on the CPU, each block's copied for its passes
+    for plain, off in (("lora", "lora_off"), ("ga", "ga_off")):
+        assert losses(tmp_path / off) == losses(tmp_path / plain), off
+        a, b = adapter(tmp_path / off), adapter(tmp_path / plain)
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in b), off
+        launch = json.loads((tmp_path / off / "launch.json").read_text())
+        assert launch["offload"] == "cpu (CPUOffloadPolicy)", off
 
 
 def test_fsdp_qlora_refusals_name_the_flag(tiny_dirs, tmp_path, helpers, monkeypatch):

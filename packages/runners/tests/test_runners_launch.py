@@ -125,7 +125,10 @@ def test_accelerate_yaml_configs_load():
         "deepspeed_zero3": "DEEPSPEED",
         "deepspeed_zero3_offload": "DEEPSPEED",
         "fsdp2": "FSDP",
+        "fsdp2_offload": "FSDP",
     }
+    offload = load_config_from_file(str(CONFIGS / "accelerate" / "fsdp2_offload.yaml"))
+    assert offload.fsdp_config["fsdp_offload_params"] is True
     for stem in ("zero2", "zero3", "zero3_offload"):
         raw = yaml.safe_load((CONFIGS / "accelerate" / f"deepspeed_{stem}.yaml").read_text())
         # the plugin YAMLs point at the JSON files (path from the repository root)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, get_args, get_origin, get_type_h
 
 from loralab.runners.launch import (
     ACCELERATE_FSDP_YAML,
+    FSDP_OFFLOAD,
     accelerate_fsdp,
     check_fsdp_mode,
     fsdp_flag,
@@ -150,7 +151,8 @@ class TrainArgs:
         None,
         "shard parameters, gradients and optimizer state with FSDP2 (torch.distributed.fsdp.fully_shard); "
         "launch with torchrun. 'full_shard' (weights gathered again for the backward, least memory) or "
-        "'shard_grad_op' (kept from forward to backward: one all-gather per block and step)",
+        "'shard_grad_op' (kept from forward to backward: one all-gather per block and step); add "
+        "'offload' (\"full_shard offload\") to keep the shards, gradients and optimizer step on the CPU",
     )
     disable_tqdm: bool = _f(False, "no progress bars", identity=False)
     save_final_model: bool = _f(
@@ -201,7 +203,7 @@ class TrainArgs:
                 raise ValueError(
                     f"{ACCELERATE_FSDP_YAML} has mixed_precision: bf16: pass --bf16 true, got --bf16 false"
                 )
-            self.fsdp = "full_shard"
+            self.fsdp = f"full_shard {FSDP_OFFLOAD}" if launch.offload_params else "full_shard"
         if self.fsdp is not None:
             check_fsdp_mode(self.fsdp)
             if self.deepspeed:

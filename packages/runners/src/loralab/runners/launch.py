@@ -190,12 +190,15 @@ class FSDPLaunch:
     ``reshard_after_forward``: ``fsdp_reshard_after_forward`` (true: full shard, the gathered weights are
     freed after each block's forward and gathered again for its backward). ``wrap_classes``:
     ``fsdp_transformer_layer_cls_to_wrap`` (``None``: the model's ``_no_split_modules``, as accelerate
-    does). ``mixed_precision``: the YAML's ``mixed_precision``.
+    does). ``mixed_precision``: the YAML's ``mixed_precision``. ``offload_params``:
+    ``fsdp_offload_params`` (FSDP2's ``CPUOffloadPolicy``: the shards, their gradients and the optimizer
+    step on the CPU).
     """
 
     reshard_after_forward: bool = True
     wrap_classes: tuple[str, ...] | None = None
     mixed_precision: str = "no"
+    offload_params: bool = False
 
 
 FSDP_MODES: dict[str, bool] = {"full_shard": True, "shard_grad_op": False}
@@ -206,19 +209,38 @@ memory: the gathered weights of every block live until its backward). The names 
 and FSDP1's ``ShardingStrategy``; the arithmetic is the same, only when weights are gathered differs."""
 
 
+FSDP_OFFLOAD = "offload"
+"""The ``--fsdp`` option after the mode (the Trainer's syntax, ``--fsdp "full_shard offload"``): FSDP2's
+``CPUOffloadPolicy``, the sharded parameters, their gradients and the optimizer step on the CPU, each
+block's weights copied to the accelerator for its forward and backward."""
+
+
 def check_fsdp_mode(mode: str) -> bool:
-    """``reshard_after_forward`` for an ``--fsdp`` value; any other value raises naming the flag and
-    the values it takes.
+    """``reshard_after_forward`` for an ``--fsdp`` value (a mode, optionally followed by
+    :data:`FSDP_OFFLOAD`); any other value raises naming the flag and the values it takes.
 
     Example:
-        >>> check_fsdp_mode("shard_grad_op")
-        False
+        >>> check_fsdp_mode("shard_grad_op"), check_fsdp_mode("full_shard offload")
+        (False, True)
     """
-    if mode not in FSDP_MODES:
+    words = mode.split()
+    if not words or words[0] not in FSDP_MODES or any(w != FSDP_OFFLOAD for w in words[1:]):
         raise ValueError(
-            f"--fsdp supports {' or '.join(repr(m) for m in FSDP_MODES)} (FSDP2), got {mode!r}"
+            f"--fsdp supports {' or '.join(repr(m) for m in FSDP_MODES)} (FSDP2), optionally followed "
+            f'by {FSDP_OFFLOAD!r} (CPU offload of the shards, e.g. --fsdp "full_shard offload"), got '
+            f"{mode!r}"
         )
-    return FSDP_MODES[mode]
+    return FSDP_MODES[words[0]]
+
+
+def fsdp_offload(mode: str | None) -> bool:
+    """Whether an ``--fsdp`` value asks for CPU offload (:data:`FSDP_OFFLOAD`).
+
+    Example:
+        >>> fsdp_offload("full_shard offload"), fsdp_offload("full_shard"), fsdp_offload(None)
+        (True, False, False)
+    """
+    return mode is not None and FSDP_OFFLOAD in mode.split()
 
 
 def fsdp_flag(mode: str | None = "full_shard") -> str:
@@ -255,7 +277,6 @@ def accelerate_fsdp() -> FSDPLaunch | None:
         )
     plugin = FullyShardedDataParallelPlugin()
     refused = {
-        "fsdp_offload_params": type(plugin.cpu_offload).__name__ == "CPUOffloadPolicy",
         "fsdp_cpu_ram_efficient_loading": bool(plugin.cpu_ram_efficient_loading),
         "fsdp_activation_checkpointing": bool(plugin.activation_checkpointing),
     }
@@ -288,4 +309,5 @@ def accelerate_fsdp() -> FSDPLaunch | None:
         reshard_after_forward=bool(plugin.reshard_after_forward),
         wrap_classes=tuple(n.strip() for n in names if n.strip()) if names else None,
         mixed_precision=mixed,
+        offload_params=type(plugin.cpu_offload).__name__ == "CPUOffloadPolicy",
     )

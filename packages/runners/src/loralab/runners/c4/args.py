@@ -229,7 +229,8 @@ class C4Args:
         None,
         "shard parameters, gradients and optimizer state with FSDP2 (torch.distributed.fsdp.fully_shard, "
         "one group per decoder layer); launch with torchrun. 'full_shard' (weights gathered again for the "
-        "backward, least memory) or 'shard_grad_op' (kept from forward to backward)",
+        "backward, least memory) or 'shard_grad_op' (kept from forward to backward); add 'offload' "
+        '("full_shard offload") to keep the shards, gradients and optimizer step on the CPU',
     )
     local_rank: int = _f(-1, "set by the deepspeed launcher (the LOCAL_RANK variable is used)")
 

@@ -23,7 +23,12 @@ import torch
 import torch.distributed as dist
 
 from loralab.runners.c4.args import C4Args
-from loralab.runners.launch import check_elastic_checkpoint, check_fsdp_mode, zero_stage
+from loralab.runners.launch import (
+    check_elastic_checkpoint,
+    check_fsdp_mode,
+    fsdp_offload,
+    zero_stage,
+)
 from loralab.runners.loop import DeepSpeedEngine, Engine, FSDP2Engine, TorchEngine
 from loralab.runners.methods import Method, get_method
 
@@ -186,7 +191,11 @@ def build_engine(args: C4Args, env: Env, method: Method, accum: int) -> Engine:
     if args.deepspeed_config is not None:
         return DeepSpeedEngine(deepspeed_config(args, env, accum), device=env.device)
     if args.fsdp is not None:
-        return FSDP2Engine(device=env.device, reshard_after_forward=check_fsdp_mode(args.fsdp))
+        return FSDP2Engine(
+            device=env.device,
+            reshard_after_forward=check_fsdp_mode(args.fsdp),
+            offload=fsdp_offload(args.fsdp),
+        )
     # the only buffers (rotary inv_freq) are identical on every rank: no per-forward broadcast
     # (torch 2.13 renamed broadcast_buffers to forward_sync_buffers)
     import inspect

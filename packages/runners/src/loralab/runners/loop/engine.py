@@ -540,6 +540,13 @@ class FSDP2Engine(TorchEngine):
     forward and backward in bfloat16 on the gathered parameters, gradients reduced in float32, and the
     sharded parameters, their gradients and the optimizer stay float32 (no autocast).
 
+    ``offload=True`` (``--fsdp "full_shard offload"``, ``fsdp_offload_params: true``): FSDP2's
+    ``CPUOffloadPolicy``: the shards and their gradients live on the CPU, each block's weights are
+    copied to the accelerator for its forward and backward, and the optimizer steps on the CPU. On an
+    accelerator the process group then gets a CPU backend next to the accelerator's (``cpu:gloo``,
+    as torchtitan does), so that the optimizers' collectives on CPU shards (GaLore's projections,
+    LoRA-Pro's sums, the gradient norm) run there.
+
     Checkpoints: the model through ``torch.distributed.checkpoint`` (``model/``, sharded, every rank
     writes its rows), each rank's optimizer state (its own rows only) in ``optimizer_rank{r}.pt``,
     ``scheduler.pt``, ``rng_state_rank{r}.pt`` and, with a 4-bit base (FSDP-QLoRA), the layers'
@@ -559,6 +566,7 @@ class FSDP2Engine(TorchEngine):
         reshard_after_forward: bool = True,
         wrap_classes: tuple[str, ...] | None = None,
         launcher: str = "torchrun",
+        offload: bool = False,
     ) -> None:
         import torch.distributed as dist
 
@@ -566,6 +574,8 @@ class FSDP2Engine(TorchEngine):
         self.reshard_after_forward = reshard_after_forward
         self.wrap_classes = wrap_classes
         self.launcher = launcher
+        self.offload = offload
+        cuda = torch.cuda.is_available()
         if not dist.is_initialized():
             if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
                 raise RuntimeError(
@@ -573,9 +583,20 @@ class FSDP2Engine(TorchEngine):
                     "--nproc-per-node N ...); it found none"
                 )
             local = int(os.environ.get("LOCAL_RANK", "0"))
-            if torch.cuda.is_available():
+            if cuda:
                 torch.cuda.set_device(local)
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            backend = "gloo" if not cuda else "cuda:nccl,cpu:gloo" if offload else "nccl"
+            dist.init_process_group(backend)
+        elif (
+            offload
+            and cuda
+            and "cpu" not in str(dist.get_backend()).lower()
+            and (str(dist.get_backend()).lower() != "gloo")
+        ):
+            raise RuntimeError(
+                f"FSDP2 CPU offload needs a process group that reduces CPU tensors, got backend "
+                f"{dist.get_backend()!r}: initialise it with 'cuda:nccl,cpu:gloo' (or let the runner do it)"
+            )
         super().__init__(device)
 
     @property
@@ -586,6 +607,11 @@ class FSDP2Engine(TorchEngine):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         kw: dict[str, Any] = {"reshard_after_forward": self.reshard_after_forward}
+        if self.offload:
+            from torch.distributed.fsdp import CPUOffloadPolicy
+
+            # pinned CPU memory for the copies to the accelerator; there is none to pin for on a CPU
+            kw["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
         if self.bf16:
             kw["mp_policy"] = MixedPrecisionPolicy(
                 param_dtype=torch.bfloat16, reduce_dtype=torch.float32
@@ -698,6 +724,7 @@ class FSDP2Engine(TorchEngine):
             "reshard_after_forward": self.reshard_after_forward,
             "backend": dist.get_backend(),
             "mixed_precision": "bf16 (param bfloat16, reduce float32)" if self.bf16 else "no",
+            "offload": "cpu (CPUOffloadPolicy)" if self.offload else "none",
         }
 
 
@@ -716,7 +743,8 @@ def engine_line(engine: Engine) -> str:
             "reshard after forward" if engine.reshard_after_forward else "no reshard after forward"
         )
         bf16 = ", bf16 params, fp32 reduce" if engine.bf16 else ""
-        what = f"fsdp2 (fully_shard, {policy}{bf16}; launched by {engine.launcher})"
+        offload = ", parameters offloaded to cpu" if engine.offload else ""
+        what = f"fsdp2 (fully_shard, {policy}{bf16}{offload}; launched by {engine.launcher})"
     elif isinstance(engine, AccelerateEngine) and engine.deepspeed:
         config = engine.acc.state.deepspeed_plugin.deepspeed_config
         what = f"accelerate + DeepSpeed ZeRO-{zero_stage(config)}{_offload_words(config)}"

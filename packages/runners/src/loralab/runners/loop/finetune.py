@@ -39,6 +39,7 @@ from loralab.runners.launch import (
     check_fsdp_mode,
     fill_deepspeed_config,
     fsdp_flag,
+    fsdp_offload,
     load_deepspeed_config,
     zero_stage,
 )
@@ -158,13 +159,16 @@ def build_engine(args: Any, hidden_size: int | None = None) -> Engine:
         launch = accelerate_fsdp()  # accelerate launch with the FSDP2 YAML: its plugin's settings
         if launch is None:  # torchrun --fsdp full_shard | shard_grad_op
             return FSDP2Engine(
-                bf16=bool(args.bf16), reshard_after_forward=check_fsdp_mode(args.fsdp)
+                bf16=bool(args.bf16),
+                reshard_after_forward=check_fsdp_mode(args.fsdp),
+                offload=fsdp_offload(args.fsdp),
             )
         return FSDP2Engine(
             bf16=bool(args.bf16),
             reshard_after_forward=launch.reshard_after_forward,
             wrap_classes=launch.wrap_classes,
             launcher="accelerate",
+            offload=launch.offload_params,
         )
     return AccelerateEngine(build_accelerator(args, hidden_size))
 
