@@ -677,3 +677,17 @@ def test_glue_lora_and_galore_under_accelerate_fsdp2_yaml_equal_one_process(smal
             assert all(torch.equal(got_sd[k], a[k]) for k in a if k in got_sd)
         else:
             assert any("lora_B" in n for n, _ in reloaded.named_parameters())
+
+
+def test_fsdp2_offload_refuses_a_process_group_that_cannot_reduce_cpu_shards(monkeypatch):
+    # on GPUs the runner makes its process group "cuda:nccl,cpu:gloo"; one made elsewhere with NCCL
+    # alone could not reduce the offloaded (CPU) shards: refused before any model is sharded
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.accelerator, "current_device_index", lambda: 0)
+    with pytest.raises(
+        RuntimeError, match=r"FSDP2 CPU offload needs a process group that reduces CPU"
+    ):
+        FSDP2Engine(offload=True)

@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from loralab.core.distributed import collective_device
 from loralab.core.quant import (
     check_fsdp_quantized,
     check_fsdp_storage,
@@ -587,12 +588,8 @@ class FSDP2Engine(TorchEngine):
                 torch.cuda.set_device(local)
             backend = "gloo" if not cuda else "cuda:nccl,cpu:gloo" if offload else "nccl"
             dist.init_process_group(backend)
-        elif (
-            offload
-            and cuda
-            and "cpu" not in str(dist.get_backend()).lower()
-            and (str(dist.get_backend()).lower() != "gloo")
-        ):
+        elif offload and collective_device(torch.device("cpu")).type != "cpu":
+            # a process group made elsewhere whose backend cannot reduce the CPU shards
             raise RuntimeError(
                 f"FSDP2 CPU offload needs a process group that reduces CPU tensors, got backend "
                 f"{dist.get_backend()!r}: initialise it with 'cuda:nccl,cpu:gloo' (or let the runner do it)"
