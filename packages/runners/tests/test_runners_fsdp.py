@@ -63,13 +63,16 @@ def torchrun(argv: list[str], cwd: Path, port: int) -> str:
     return proc.stdout + proc.stderr
 
 
-def run_worker(runs: list[tuple[str, list[str]]], root: Path, port: int) -> str:
-    """Several ``(recipe, argv)`` trainings in one 2-process torchrun launch (runners_fsdp_worker.py)."""
+def run_worker(
+    runs: list[tuple[str, list[str]]], root: Path, port: int, env: dict[str, str] | None = None
+) -> str:
+    """Several ``(recipe, argv)`` trainings in one 2-process torchrun launch (runners_fsdp_worker.py);
+    ``env``: extra environment (what ``accelerate launch`` would set)."""
     (root / "runs.json").write_text(json.dumps(runs))
     worker = Path(__file__).with_name("runners_fsdp_worker.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
            str(port), str(worker), str(root / "runs.json")]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     return proc.stdout + proc.stderr
@@ -227,7 +230,7 @@ FSDP_YAML_ENV = {
     ("env", "extra", "message"),
     [
         ({"FSDP_VERSION": "1"}, [], r"only FSDP2 is supported, set fsdp_version: 2, got fsdp_version 1"),
-        ({"FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}, [], r"fsdp_cpu_ram_efficient_loading is not supported"),
+        ({"FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}, ["--load_in_4bit", "true"], r"fsdp_cpu_ram_efficient_loading does not load a quantized base \(--load_in_4bit\)"),
         ({"FSDP_ACTIVATION_CHECKPOINTING": "true"}, [], r"fsdp_activation_checkpointing is not supported \(use --gradient_checkpointing true\)"),
         ({"FSDP_AUTO_WRAP_POLICY": "SIZE_BASED_WRAP"}, [], r"must be TRANSFORMER_BASED_WRAP .*got fsdp_auto_wrap_policy SIZE_BASED_WRAP"),
         ({"FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT"}, [], r"must be SHARDED_STATE_DICT .*got fsdp_state_dict_type FULL_STATE_DICT"),
@@ -262,6 +265,8 @@ def test_accelerate_fsdp_yaml_is_read_and_refuses_unsharded_methods(
     assert accelerate_fsdp() == FSDPLaunch(False, ("RobertaLayer", "RobertaEmbeddings"))
     monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")  # FSDP2's CPUOffloadPolicy
     assert accelerate_fsdp().offload_params is True
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")  # rank 0 loads, the others on meta
+    assert accelerate_fsdp().cpu_ram_efficient_loading is True
     argv = ["--model_name_or_path", model, "--task_name", "sst2", "--train_file", str(root / "train.jsonl"),
             "--validation_file", str(root / "val.jsonl"), "--output_dir", str(root / "xs"), "--max_steps", "1",
             "--method", "lora-xs", *helpers.method_flags("lora-xs")]  # fmt: skip
@@ -291,7 +296,7 @@ def test_metamath_evaluation_only_refuses_fsdp(small_glue, monkeypatch):
 def test_fsdp2_engine_refuses_wrap_classes_the_model_lacks():
     engine = object.__new__(FSDP2Engine)  # no process group needed to reach the check
     engine.bf16, engine.reshard_after_forward, engine.device = False, True, torch.device("cpu")
-    engine.wrap_classes, engine.offload = ("LlamaDecoderLayer",), False
+    engine.wrap_classes, engine.offload, engine.rank0_loading = ("LlamaDecoderLayer",), False, False
     with pytest.raises(
         ValueError,
         match=r"fsdp_transformer_layer_cls_to_wrap names classes the model does not have: \['LlamaDecoderLayer'\]",
@@ -691,3 +696,56 @@ def test_fsdp2_offload_refuses_a_process_group_that_cannot_reduce_cpu_shards(mon
         RuntimeError, match=r"FSDP2 CPU offload needs a process group that reduces CPU"
     ):
         FSDP2Engine(offload=True)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_accelerate_fsdp2_cpu_ram_efficient_loading_loads_on_rank0_only_and_trains_the_same(
+    small_glue, tiny_dirs, tmp_path, helpers
+):
+    # fsdp_cpu_ram_efficient_loading: true (accelerate's YAML; here its environment under torchrun):
+    # transformers loads the weights on rank 0 only and builds rank 1's model on the meta device; the
+    # engine shards on the meta device and fills both ranks' shards from rank 0. LoRA (GLUE, a new
+    # head initialised on rank 0), LoRA-GA (its init estimated after the broadcast), GoLore, and LoRA
+    # on MetaMath's Llama (rotary buffers not in the state dict: broadcast) equal the same runs
+    # loaded on every rank (--fsdp full_shard), bit for bit
+    from safetensors.torch import load_file
+
+    model, root = small_glue
+    flags = {
+        "lora": [],
+        "lora-ga": ["--ga_iters", "2", "--target_modules", "key,value"],
+        "golore": ["--galore_rank", "4", "--update_proj_gap", "2", "--rand_ratio", "0.5"],
+    }
+    rows = [
+        {"query": f"What is {a} plus {a}?", "response": f"The answer is: {2 * a}"} for a in range(8)
+    ]
+    (root / "MetaMathQA-395K.json").write_text(json.dumps(rows))
+    gsm8k = helpers.write_jsonl(root / "gsm8k_test.jsonl", helpers.gsm8k_rows(3, 1))
+    llama = ["--model_name_or_path", tiny_dirs["llama"], "--train_file", str(root / "MetaMathQA-395K.json"),
+             "--eval_file", gsm8k, "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2",
+             "--max_steps", str(STEPS), "--logging_steps", "1", "--learning_rate", "1e-3", "--max_length", "64",
+             "--max_new_tokens", "2", "--prompt_template", "qa", "--method", "lora", "--lora_r", "4",
+             "--lora_dropout", "0", "--disable_tqdm", "true"]  # fmt: skip
+
+    def runs(kind: str, fsdp: list[str]) -> list[tuple[str, list[str]]]:
+        out = [
+            ("glue", _method_argv(model, root, root / kind / m, 2, m, *f, *fsdp))
+            for m, f in flags.items()
+        ]
+        return [*out, ("metamath", [*llama, "--output_dir", str(root / kind / "metamath"), *fsdp])]
+
+    run_worker(runs("every_rank", ["--fsdp", "full_shard"]), root, helpers.free_port())
+    env = {**FSDP_YAML_ENV, "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}
+    log = run_worker(runs("rank0", []), root, helpers.free_port(), env=env)
+    # rank 1 built every model on the meta device; rank 0 loaded them
+    assert log.count("rank 1: 0 of ") == 4 and "rank 0: 0 of " not in log, log[-3000:]
+    for m in (*flags, "metamath"):
+        one, two = root / "rank0" / m, root / "every_rank" / m
+        assert json.loads((one / "launch.json").read_text())["rank0_loading"] is True, m
+        assert [r["loss"] for r in records(one, "train")] == [
+            r["loss"] for r in records(two, "train")
+        ], m
+        final = "model.safetensors" if m == "golore" else "adapter_model.safetensors"
+        a, b = load_file(str(one / "final" / final)), load_file(str(two / "final" / final))
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in b), m

@@ -203,6 +203,14 @@ class TrainArgs:
                 raise ValueError(
                     f"{ACCELERATE_FSDP_YAML} has mixed_precision: bf16: pass --bf16 true, got --bf16 false"
                 )
+            quantized = [f for f in ("load_in_4bit", "load_in_8bit") if getattr(self, f, False)]
+            if launch.cpu_ram_efficient_loading and quantized:
+                # transformers quantizes while loading on every rank (no meta model to fill from rank 0)
+                raise ValueError(
+                    f"{ACCELERATE_FSDP_YAML}: fsdp_cpu_ram_efficient_loading does not load a quantized "
+                    f"base (--{quantized[0]}): transformers quantizes it on every rank; set "
+                    "fsdp_cpu_ram_efficient_loading: false"
+                )
             self.fsdp = f"full_shard {FSDP_OFFLOAD}" if launch.offload_params else "full_shard"
         if self.fsdp is not None:
             check_fsdp_mode(self.fsdp)

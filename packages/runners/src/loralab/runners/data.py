@@ -41,6 +41,27 @@ def dtype_kwargs(dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     return {dtype_kwarg(): dtype}
 
 
+def load_pretrained(auto_class: Any, path: str, *, on_meta: bool = False, **kwargs: Any) -> Any:
+    """``auto_class.from_pretrained(path, **kwargs)``; with ``on_meta`` the same model built from its
+    config on the meta device, no weight read (FSDP2's rank-0 loading: every other rank receives its
+    shards from rank 0, :class:`loralab.runners.loop.engine.FSDP2Engine`). The dtype keyword goes to
+    the model, the others (``num_labels``) to the config; quantization is not for the meta path.
+
+    Example:
+        >>> # load_pretrained(AutoModelForCausalLM, path, on_meta=True, **dtype_kwargs())  # no weights
+    """
+    if not on_meta:
+        return auto_class.from_pretrained(path, **kwargs)
+    from transformers import AutoConfig
+
+    if "quantization_config" in kwargs:
+        raise ValueError("load_pretrained: a quantized model is not built on the meta device")
+    model_kwargs = {k: kwargs.pop(k) for k in (dtype_kwarg(),) if k in kwargs}
+    config = AutoConfig.from_pretrained(path, **kwargs)
+    with torch.device("meta"):
+        return auto_class.from_config(config, **model_kwargs)
+
+
 _BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 

@@ -21,9 +21,21 @@ import numpy as np
 import torch
 
 from loralab.runners.arguments import TrainArgs, _f, parse_args
-from loralab.runners.data import dtype_kwargs, load_split, pad_collate, require_columns, take
+from loralab.runners.data import (
+    dtype_kwargs,
+    load_pretrained,
+    load_split,
+    pad_collate,
+    require_columns,
+    take,
+)
 from loralab.runners.loop import to_device
-from loralab.runners.loop.finetune import TrainResult, check_output_dir, finetune
+from loralab.runners.loop.finetune import (
+    TrainResult,
+    check_output_dir,
+    finetune,
+    loads_on_meta,
+)
 from loralab.runners.predictions import write_predictions
 from loralab.runners.preflight import check_train_args
 from loralab.runners.quantization import bnb_config, prepare_quantized_model, quantized_load_kwargs
@@ -179,11 +191,14 @@ def load_seq_cls_model(
     tokenizer: Any = None,
     quantization_config: Any = None,
     gradient_checkpointing: bool = False,
+    on_meta: bool = False,
 ) -> tuple[Any, Any, list[str]]:
     """``(model, tokenizer, head names)``: an fp32 ``AutoModelForSequenceClassification`` of ``path``.
 
     The new head is initialized under ``torch.manual_seed(seed)`` (every run from the same seed
-    starts from the same head). ``tokenizer`` defaults to ``path``'s; a missing pad token becomes eos,
+    starts from the same head). ``on_meta``: built on the meta device, no weight read (the ranks but
+    the first under FSDP2's rank-0 loading, :func:`loralab.runners.data.load_pretrained`).
+    ``tokenizer`` defaults to ``path``'s; a missing pad token becomes eos,
     and the model's ``pad_token_id`` follows the tokenizer's when the config has none. The head
     names (``classifier`` / ``score`` / ``classification_head``) are what ``modules_to_save`` needs.
 
@@ -197,8 +212,10 @@ def load_seq_cls_model(
         tokenizer = _load_tokenizer(path)
     torch.manual_seed(seed)
     # fp32 whatever the checkpoint's stored dtype (see dtype_kwargs)
-    model = AutoModelForSequenceClassification.from_pretrained(
+    model = load_pretrained(
+        AutoModelForSequenceClassification,
         path,
+        on_meta=on_meta,
         num_labels=num_labels,
         **dtype_kwargs(torch.float32),
         **quantized_load_kwargs(quantization_config),
@@ -260,6 +277,7 @@ def run(args: GlueArgs) -> TrainResult:
         # the new head stays float (it trains as modules_to_save)
         quantization_config=bnb_config(args, skip_modules=list(HEAD_NAMES)),
         gradient_checkpointing=args.gradient_checkpointing,
+        on_meta=loads_on_meta(args),  # fsdp_cpu_ram_efficient_loading: the weights on rank 0 only
     )
     args.task_type = "SEQ_CLS"
     args.modules_to_save = heads or None

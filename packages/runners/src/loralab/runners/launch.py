@@ -192,13 +192,15 @@ class FSDPLaunch:
     ``fsdp_transformer_layer_cls_to_wrap`` (``None``: the model's ``_no_split_modules``, as accelerate
     does). ``mixed_precision``: the YAML's ``mixed_precision``. ``offload_params``:
     ``fsdp_offload_params`` (FSDP2's ``CPUOffloadPolicy``: the shards, their gradients and the optimizer
-    step on the CPU).
+    step on the CPU). ``cpu_ram_efficient_loading``: ``fsdp_cpu_ram_efficient_loading`` (rank 0 loads
+    the weights, the others build the model on the meta device and receive their shards from it).
     """
 
     reshard_after_forward: bool = True
     wrap_classes: tuple[str, ...] | None = None
     mixed_precision: str = "no"
     offload_params: bool = False
+    cpu_ram_efficient_loading: bool = False
 
 
 FSDP_MODES: dict[str, bool] = {"full_shard": True, "shard_grad_op": False}
@@ -277,7 +279,6 @@ def accelerate_fsdp() -> FSDPLaunch | None:
         )
     plugin = FullyShardedDataParallelPlugin()
     refused = {
-        "fsdp_cpu_ram_efficient_loading": bool(plugin.cpu_ram_efficient_loading),
         "fsdp_activation_checkpointing": bool(plugin.activation_checkpointing),
     }
     for key, on in refused.items():
@@ -310,4 +311,5 @@ def accelerate_fsdp() -> FSDPLaunch | None:
         wrap_classes=tuple(n.strip() for n in names if n.strip()) if names else None,
         mixed_precision=mixed,
         offload_params=type(plugin.cpu_offload).__name__ == "CPUOffloadPolicy",
+        cpu_ram_efficient_loading=bool(plugin.cpu_ram_efficient_loading),
     )

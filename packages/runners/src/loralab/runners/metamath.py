@@ -26,7 +26,14 @@ from typing import Any
 import torch
 
 from loralab.runners.arguments import TrainArgs, _f, parse_args
-from loralab.runners.data import dtype_kwargs, load_split, pad_collate, require_columns, take
+from loralab.runners.data import (
+    dtype_kwargs,
+    load_pretrained,
+    load_split,
+    pad_collate,
+    require_columns,
+    take,
+)
 from loralab.runners.example_flags import lorafa_example_argv
 from loralab.runners.gsm8k import (
     PROMPT_TEMPLATES,
@@ -42,6 +49,7 @@ from loralab.runners.loop.finetune import (
     build_engine,
     check_output_dir,
     finetune,
+    loads_on_meta,
 )
 from loralab.runners.loop.metrics import MetricsLog
 from loralab.runners.preflight import check_train_args
@@ -119,20 +127,24 @@ def load_causal_lm(
     *,
     quantization_config: Any = None,
     gradient_checkpointing: bool = False,
+    on_meta: bool = False,
 ) -> tuple[Any, Any]:
     """``AutoModelForCausalLM`` and its tokenizer; a missing pad token becomes eos (generation pads left).
 
     ``quantization_config`` (a ``BitsAndBytesConfig``, :func:`loralab.runners.quantization.bnb_config`)
     loads a quantized base prepared for k-bit training
-    (:func:`loralab.runners.quantization.prepare_quantized_model`).
+    (:func:`loralab.runners.quantization.prepare_quantized_model`). ``on_meta``: built on the meta
+    device, no weight read (FSDP2's rank-0 loading, :func:`loralab.runners.data.load_pretrained`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_name or path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(
+    model = load_pretrained(
+        AutoModelForCausalLM,
         path,
+        on_meta=on_meta,
         **dtype_kwargs(TORCH_DTYPES[torch_dtype]),
         **quantized_load_kwargs(quantization_config),
     )
@@ -262,13 +274,15 @@ def evaluate_gsm8k(
 
 def load_run_model(args: Any) -> tuple[Any, Any]:
     """:func:`load_causal_lm` with a run's flags (``--model_name_or_path``, ``--tokenizer_name``,
-    ``--torch_dtype``, the quantization flags, ``--gradient_checkpointing``)."""
+    ``--torch_dtype``, the quantization flags, ``--gradient_checkpointing``). Under accelerate's
+    ``fsdp_cpu_ram_efficient_loading`` only rank 0 loads the weights (:func:`loads_on_meta`)."""
     return load_causal_lm(
         args.model_name_or_path,
         args.tokenizer_name,
         args.torch_dtype,
         quantization_config=bnb_config(args),
         gradient_checkpointing=args.gradient_checkpointing,
+        on_meta=loads_on_meta(args),
     )
 
 

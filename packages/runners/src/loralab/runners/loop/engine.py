@@ -37,11 +37,12 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -56,6 +57,8 @@ from loralab.core.quant import (
     quantized_layer_names,
 )
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "AccelerateEngine",
     "DeepSpeedEngine",
@@ -64,6 +67,7 @@ __all__ = [
     "ProcessGroupEngine",
     "TorchEngine",
     "engine_line",
+    "init_fsdp_process_group",
 ]
 
 
@@ -548,6 +552,12 @@ class FSDP2Engine(TorchEngine):
     as torchtitan does), so that the optimizers' collectives on CPU shards (GaLore's projections,
     LoRA-Pro's sums, the gradient norm) run there.
 
+    ``rank0_loading=True`` (accelerate's ``fsdp_cpu_ram_efficient_loading: true``): only rank 0 loaded
+    the weights, the other ranks built the model on the meta device (transformers does so when the
+    process group exists before ``from_pretrained``: :func:`init_fsdp_process_group`); :meth:`shard`
+    shards on the meta device and fills every rank's shards from rank 0's whole state dict, so no rank
+    but the first ever holds the whole model in CPU memory.
+
     Checkpoints: the model through ``torch.distributed.checkpoint`` (``model/``, sharded, every rank
     writes its rows), each rank's optimizer state (its own rows only) in ``optimizer_rank{r}.pt``,
     ``scheduler.pt``, ``rng_state_rank{r}.pt`` and, with a 4-bit base (FSDP-QLoRA), the layers'
@@ -568,32 +578,15 @@ class FSDP2Engine(TorchEngine):
         wrap_classes: tuple[str, ...] | None = None,
         launcher: str = "torchrun",
         offload: bool = False,
+        rank0_loading: bool = False,
     ) -> None:
-        import torch.distributed as dist
-
         self.bf16 = bf16
         self.reshard_after_forward = reshard_after_forward
         self.wrap_classes = wrap_classes
         self.launcher = launcher
         self.offload = offload
-        cuda = torch.cuda.is_available()
-        if not dist.is_initialized():
-            if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-                raise RuntimeError(
-                    "--fsdp full_shard needs a launcher that sets RANK / WORLD_SIZE (torchrun "
-                    "--nproc-per-node N ...); it found none"
-                )
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            if cuda:
-                torch.cuda.set_device(local)
-            backend = "gloo" if not cuda else "cuda:nccl,cpu:gloo" if offload else "nccl"
-            dist.init_process_group(backend)
-        elif offload and collective_device(torch.device("cpu")).type != "cpu":
-            # a process group made elsewhere whose backend cannot reduce the CPU shards
-            raise RuntimeError(
-                f"FSDP2 CPU offload needs a process group that reduces CPU tensors, got backend "
-                f"{dist.get_backend()!r}: initialise it with 'cuda:nccl,cpu:gloo' (or let the runner do it)"
-            )
+        self.rank0_loading = rank0_loading
+        init_fsdp_process_group(offload=offload)
         super().__init__(device)
 
     @property
@@ -613,7 +606,22 @@ class FSDP2Engine(TorchEngine):
             kw["mp_policy"] = MixedPrecisionPolicy(
                 param_dtype=torch.bfloat16, reduce_dtype=torch.float32
             )
-        model = model.to(self.device)
+        if self.rank0_loading:
+            # only rank 0 holds the weights (the others built the model on the meta device): shard on
+            # the meta device, then fill every rank's shards from rank 0's whole state dict
+            whole = model.state_dict() if self.is_main else {}
+            buffers = _non_persistent_buffers(model)
+            params = list(model.parameters())
+            logger.info(
+                "rank %d: %d of %d parameters loaded here (the others on the meta device); every "
+                "rank's shards come from rank 0",
+                self.rank,
+                sum(not p.is_meta for p in params),
+                len(params),
+            )
+            model = model.to("meta")
+        else:
+            model = model.to(self.device)
         if self.wrap_classes is not None:
             block_names = set(self.wrap_classes)
             found = {type(m).__name__ for m in model.modules()}
@@ -638,6 +646,8 @@ class FSDP2Engine(TorchEngine):
             # the inner model is its own group, so its forward gathers the embeddings and head too
             fully_shard(inner, **kw)
         fully_shard(model, **kw)
+        if self.rank0_loading:
+            _load_from_rank0(model, whole, buffers, self.device)
         # a 4-bit base (FSDP-QLoRA): refuse what would corrupt the sharded codes, before any forward
         check_fsdp_quantized(model)
         self._model = model
@@ -722,7 +732,77 @@ class FSDP2Engine(TorchEngine):
             "backend": dist.get_backend(),
             "mixed_precision": "bf16 (param bfloat16, reduce float32)" if self.bf16 else "no",
             "offload": "cpu (CPUOffloadPolicy)" if self.offload else "none",
+            "rank0_loading": self.rank0_loading,
         }
+
+
+def init_fsdp_process_group(*, offload: bool = False) -> None:
+    """Start the process group of an FSDP2 run from torchrun's / accelerate's environment, unless one
+    exists: gloo on CPUs, NCCL on GPUs (``cuda:nccl,cpu:gloo`` under CPU offload, so that collectives on
+    the CPU shards run too); a group made elsewhere that cannot reduce CPU tensors is refused under
+    offload. Entrypoints call it before loading when only rank 0 loads the weights (transformers
+    builds the other ranks' models on the meta device only once the group exists)."""
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available()
+    if not dist.is_initialized():
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            raise RuntimeError(
+                "--fsdp full_shard needs a launcher that sets RANK / WORLD_SIZE (torchrun "
+                "--nproc-per-node N ...); it found none"
+            )
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if cuda:
+            torch.cuda.set_device(local)
+        backend = "gloo" if not cuda else "cuda:nccl,cpu:gloo" if offload else "nccl"
+        dist.init_process_group(backend)
+    elif offload and collective_device(torch.device("cpu")).type != "cpu":
+        # a process group made elsewhere whose backend cannot reduce the CPU shards
+        raise RuntimeError(
+            f"FSDP2 CPU offload needs a process group that reduces CPU tensors, got backend "
+            f"{dist.get_backend()!r}: initialise it with 'cuda:nccl,cpu:gloo' (or let the runner do it)"
+        )
+
+
+def _non_persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers a state dict leaves out (rotary ``inv_freq``; on the meta device on the ranks that
+    built their model there), copied before the model moves to the meta device: rank 0's are
+    broadcast."""
+    out = {}
+    for prefix, module in model.named_modules():
+        for name in module._non_persistent_buffers_set:
+            buf = module._buffers.get(name)
+            if buf is not None:
+                out[f"{prefix}.{name}" if prefix else name] = buf.detach().clone()
+    return out
+
+
+def _load_from_rank0(
+    model: nn.Module,
+    whole: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor],
+    device: torch.device,
+) -> None:
+    """Materialise a model sharded on the meta device and fill it from rank 0: the shards from rank
+    0's whole state dict (``broadcast_from_rank0``, each rank keeping its rows), the non-persistent
+    buffers broadcast from rank 0 (the other ranks' may be placeholders)."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    model.to_empty(device=device)
+    set_model_state_dict(
+        model,
+        cast(Any, whole),  # torch types it as dict[str, ValueType] (invariant)
+        options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True),
+    )
+    for name, value in sorted(buffers.items()):
+        where = collective_device(torch.device(device))
+        # the ranks built on the meta device hold no values: room for rank 0's
+        value = torch.empty_like(value, device=where) if value.is_meta else value.to(where)
+        dist.broadcast(value, src=0)
+        module_name, _, buffer_name = name.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else model
+        module._buffers[buffer_name] = value.to(device)
 
 
 def engine_line(engine: Engine) -> str:

@@ -53,7 +53,13 @@ from loralab.runners.loop.checkpoint import (
     remove_temporary,
     run_identity,
 )
-from loralab.runners.loop.engine import AccelerateEngine, Engine, FSDP2Engine, engine_line
+from loralab.runners.loop.engine import (
+    AccelerateEngine,
+    Engine,
+    FSDP2Engine,
+    engine_line,
+    init_fsdp_process_group,
+)
 from loralab.runners.loop.metrics import MetricsLog
 from loralab.runners.loop.trainer import LoopConfig, run_loop
 from loralab.runners.methods.base import FinalDirectory
@@ -150,6 +156,20 @@ def build_accelerator(args: Any, hidden_size: int | None = None) -> Any:
     return acc
 
 
+def loads_on_meta(args: Any) -> bool:
+    """Whether this process builds its model on the meta device instead of loading the weights:
+    under accelerate's ``fsdp_cpu_ram_efficient_loading: true`` every rank but the first (rank 0
+    loads them, :class:`FSDP2Engine` fills every rank's shards from it, so no other rank ever holds
+    the whole model in CPU memory). Starts the process group to know the rank."""
+    launch = accelerate_fsdp() if getattr(args, "fsdp", None) else None
+    if launch is None or not launch.cpu_ram_efficient_loading:
+        return False
+    init_fsdp_process_group(offload=launch.offload_params)
+    import torch.distributed as dist
+
+    return dist.get_rank() != 0
+
+
 def build_engine(args: Any, hidden_size: int | None = None) -> Engine:
     """The fine-tuning recipes' engine: :class:`FSDP2Engine` under ``--fsdp full_shard`` or ``accelerate
     launch`` with an FSDP2 config (the plugin's settings, :func:`loralab.runners.launch.accelerate_fsdp`;
@@ -169,6 +189,7 @@ def build_engine(args: Any, hidden_size: int | None = None) -> Engine:
             wrap_classes=launch.wrap_classes,
             launcher="accelerate",
             offload=launch.offload_params,
+            rank0_loading=launch.cpu_ram_efficient_loading,
         )
     return AccelerateEngine(build_accelerator(args, hidden_size))
 
@@ -300,7 +321,10 @@ def _finetune(
             hf_model.config.use_cache = False
     init_batches = None
     if method.needs_batches and resume is None:
-        model.to(engine.device)
+        if not getattr(
+            engine, "rank0_loading", False
+        ):  # (else the engine places them as it shards)
+            model.to(engine.device)
         init_batches = data.first_batches(_init_batch_count(method, args))
     # an engine that shards the parameters (FSDP2) does so before the method builds its optimizer
     setup = setup_method(
