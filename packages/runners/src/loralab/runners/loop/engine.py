@@ -647,7 +647,9 @@ class FSDP2Engine(TorchEngine):
             fully_shard(inner, **kw)
         fully_shard(model, **kw)
         if self.rank0_loading:
-            _load_from_rank0(model, whole, buffers, self.device)
+            # under CPU offload FSDP2 wants its shards materialised on the CPU (it checks at lazy init)
+            shards_on = torch.device("cpu") if self.offload else self.device
+            _load_from_rank0(model, whole, buffers, shards_on, self.device)
         # a 4-bit base (FSDP-QLoRA): refuse what would corrupt the sharded codes, before any forward
         check_fsdp_quantized(model)
         self._model = model
@@ -781,15 +783,17 @@ def _load_from_rank0(
     model: nn.Module,
     whole: dict[str, torch.Tensor],
     buffers: dict[str, torch.Tensor],
+    shards_on: torch.device,
     device: torch.device,
 ) -> None:
-    """Materialise a model sharded on the meta device and fill it from rank 0: the shards from rank
-    0's whole state dict (``broadcast_from_rank0``, each rank keeping its rows), the non-persistent
-    buffers broadcast from rank 0 (the other ranks' may be placeholders)."""
+    """Materialise a model sharded on the meta device and fill it from rank 0: the shards (on
+    ``shards_on``: the CPU under offload) from rank 0's whole state dict (``broadcast_from_rank0``,
+    each rank keeping its rows), the non-persistent buffers broadcast from rank 0 (the other ranks'
+    may be placeholders), every buffer on ``device``."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    model.to_empty(device=device)
+    model.to_empty(device=shards_on)
     set_model_state_dict(
         model,
         cast(Any, whole),  # torch types it as dict[str, ValueType] (invariant)
@@ -803,6 +807,13 @@ def _load_from_rank0(
         module_name, _, buffer_name = name.rpartition(".")
         module = model.get_submodule(module_name) if module_name else model
         module._buffers[buffer_name] = value.to(device)
+    if (
+        shards_on != device
+    ):  # CPU offload: the shards stay on the CPU, the buffers go where compute is
+        for module in model.modules():
+            for name, buf in module._buffers.items():
+                if buf is not None:
+                    module._buffers[name] = buf.to(device)
 
 
 def engine_line(engine: Engine) -> str:
