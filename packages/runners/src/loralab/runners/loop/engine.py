@@ -611,13 +611,13 @@ class FSDP2Engine(TorchEngine):
             # the meta device, then fill every rank's shards from rank 0's whole state dict
             whole = model.state_dict() if self.is_main else {}
             buffers = _non_persistent_buffers(model)
-            params = list(model.parameters())
+            loaded = [not p.is_meta for p in model.parameters()]  # (no reference kept: freed below)
             logger.info(
                 "rank %d: %d of %d parameters loaded here (the others on the meta device); every "
                 "rank's shards come from rank 0",
                 self.rank,
-                sum(not p.is_meta for p in params),
-                len(params),
+                sum(loaded),
+                len(loaded),
             )
             model = model.to("meta")
         else:
