@@ -128,8 +128,16 @@ def test_fsdp_other_values_and_combinations_are_refused(small_glue):
         )
 
 
+def _without_fsdp2(monkeypatch, method: str) -> None:
+    # every fine-tuning method runs under FSDP2 now: the refusal of one that does not (a method whose
+    # sharded_engines lacks "fsdp2") is tested on LoRA-XS with FSDP2 taken out of its engines
+    cls = type(get_method(method))
+    monkeypatch.setattr(cls, "sharded_engines", cls.sharded_engines - {"fsdp2"})
+
+
 @pytest.mark.parametrize("method", ["lora-xs"])
-def test_methods_not_yet_sharded_are_refused_under_fsdp(small_glue, helpers, method):
+def test_methods_not_yet_sharded_are_refused_under_fsdp(small_glue, helpers, monkeypatch, method):
+    _without_fsdp2(monkeypatch, method)
     model, root = small_glue
     argv = ["--model_name_or_path", model, "--task_name", "sst2", "--train_file", str(root / "train.jsonl"),
             "--validation_file", str(root / "val.jsonl"), "--output_dir", str(root / method), "--max_steps", "1",
@@ -141,7 +149,10 @@ def test_methods_not_yet_sharded_are_refused_under_fsdp(small_glue, helpers, met
 
 
 def test_sharded_engines_capability():
-    for name in ("lora", "lora-fa", "lora-pro", "full", "lora-ga", "lora-sb", "galore", "golore"):
+    for name in (
+        *("lora", "lora-fa", "lora-pro", "full", "lora-ga", "lora-sb", "lora-xs", "galore"),
+        "golore",
+    ):
         get_method(name).check_engine("fsdp2", "--fsdp full_shard")
     assert get_method("lora-ga").zero_partitioning and get_method("lora-sb").zero_partitioning
     assert get_method("lora").zero_partitioning and get_method("full").zero_partitioning
@@ -230,6 +241,7 @@ FSDP_YAML_ENV = {
     ("env", "extra", "message"),
     [
         ({"FSDP_VERSION": "1"}, [], r"only FSDP2 is supported, set fsdp_version: 2, got fsdp_version 1"),
+        ({"FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}, ["--method", "lora-xs", "--lora_r", "4"], r"fsdp_cpu_ram_efficient_loading builds the model without weights .* --method lora-xs computes its adapters from the weights"),
         ({"FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}, ["--load_in_4bit", "true"], r"fsdp_cpu_ram_efficient_loading does not load a quantized base \(--load_in_4bit\)"),
         ({"FSDP_ACTIVATION_CHECKPOINTING": "true"}, [], r"fsdp_activation_checkpointing is not supported \(use --gradient_checkpointing true\)"),
         ({"FSDP_AUTO_WRAP_POLICY": "SIZE_BASED_WRAP"}, [], r"must be TRANSFORMER_BASED_WRAP .*got fsdp_auto_wrap_policy SIZE_BASED_WRAP"),
@@ -256,6 +268,7 @@ def test_accelerate_fsdp_yaml_is_read_and_refuses_unsharded_methods(
     from loralab.runners.launch import FSDPLaunch, accelerate_fsdp
 
     assert accelerate_fsdp() is None  # not launched by accelerate with an FSDP config
+    _without_fsdp2(monkeypatch, "lora-xs")
     model, root = small_glue
     for k, v in FSDP_YAML_ENV.items():
         monkeypatch.setenv(k, v)
@@ -267,6 +280,7 @@ def test_accelerate_fsdp_yaml_is_read_and_refuses_unsharded_methods(
     assert accelerate_fsdp().offload_params is True
     monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")  # rank 0 loads, the others on meta
     assert accelerate_fsdp().cpu_ram_efficient_loading is True
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")
     argv = ["--model_name_or_path", model, "--task_name", "sst2", "--train_file", str(root / "train.jsonl"),
             "--validation_file", str(root / "val.jsonl"), "--output_dir", str(root / "xs"), "--max_steps", "1",
             "--method", "lora-xs", *helpers.method_flags("lora-xs")]  # fmt: skip
@@ -366,16 +380,26 @@ def test_glue_lora_lora_fa_and_full_fine_tuning_under_fsdp_equal_one_process(sma
     # torch's AdamW on the DTensor shards (lora, full) and LoRA-FA's optimizer (gathers A), one launch;
     # full fine-tuning under --fsdp shard_grad_op (gathered weights kept from forward to backward)
     model, root = small_glue
-    methods = ("lora", "lora-fa", "full")
-    mode = {"lora": "full_shard", "lora-fa": "full_shard", "full": "shard_grad_op"}
-    runs = [_method_argv(model, root, root / "fsdp" / m, 2, m, "--fsdp", mode[m]) for m in methods]
+    # LoRA-XS: its frozen factors from each whole weight's SVD before sharding, only R trains
+    methods = ("lora", "lora-fa", "full", "lora-xs")
+    mode = {
+        "lora": "full_shard",
+        "lora-fa": "full_shard",
+        "full": "shard_grad_op",
+        "lora-xs": "full_shard",
+    }
+    flags = {m: helpers.method_flags(m) if m == "lora-xs" else [] for m in methods}
+    runs = [
+        _method_argv(model, root, root / "fsdp" / m, 2, m, *flags[m], "--fsdp", mode[m])
+        for m in methods
+    ]
     # bf16 under FSDP2's MixedPrecisionPolicy (bfloat16 compute, float32 reduction and master weights)
     bf16 = ["--fsdp", "full_shard", "--bf16", "true"]
     runs.append(_method_argv(model, root, root / "fsdp" / "lora-bf16", 2, "lora", *bf16))
     log = run_worker([("glue", argv) for argv in runs], root, helpers.free_port())
     for m in methods:
         single = root / "single" / m
-        expected = glue.main(_method_argv(model, root, single, 4, m))
+        expected = glue.main(_method_argv(model, root, single, 4, m, *flags[m]))
         out = root / "fsdp" / m
         got = [r["loss"] for r in records(out, "train")]
         want = [r["loss"] for r in records(single, "train")]

@@ -204,6 +204,12 @@ class TrainArgs:
                     f"{ACCELERATE_FSDP_YAML} has mixed_precision: bf16: pass --bf16 true, got --bf16 false"
                 )
             quantized = [f for f in ("load_in_4bit", "load_in_8bit") if getattr(self, f, False)]
+            if launch.cpu_ram_efficient_loading and get_method(self.method).builds_from_weights:
+                raise ValueError(
+                    f"{ACCELERATE_FSDP_YAML}: fsdp_cpu_ram_efficient_loading builds the model without "
+                    f"weights on every rank but the first, and --method {self.method} computes its "
+                    "adapters from the weights before sharding; set fsdp_cpu_ram_efficient_loading: false"
+                )
             if launch.cpu_ram_efficient_loading and quantized:
                 # transformers quantizes while loading on every rank (no meta model to fill from rank 0)
                 raise ValueError(

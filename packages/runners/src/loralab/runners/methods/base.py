@@ -250,6 +250,9 @@ class Method(ABC):
     requires: ClassVar[tuple[str, ...]] = ()
     needs_batches: ClassVar[bool] = False
     sharded_engines: ClassVar[frozenset[str]] = frozenset({"deepspeed_zero"})
+    builds_from_weights: ClassVar[bool] = False
+    """Whether :meth:`wrap` reads the pretrained weights' values (LoRA-XS: their SVD), so it cannot
+    run on a model built on the meta device (FSDP2's rank-0 loading)."""
     ddp_wrappable: ClassVar[bool] = True
     optimizers: ClassVar[tuple[str, ...]] = ("adamw",)
     extra: ClassVar[str | None] = None

@@ -42,6 +42,10 @@ class LoraXS(Method):
     description = (
         "LoRA-XS: only an r x r matrix trains, between frozen factors from the weight's SVD"
     )
+    # FSDP2: the frozen factors come from the whole weights before sharding (the default
+    # wrap_sharded: wrap, then shard); only the r x r R trains (torch AdamW on its row shards)
+    sharded_engines: ClassVar[frozenset[str]] = frozenset({"deepspeed_zero", "fsdp2"})
+    builds_from_weights = True  # the frozen factors: the weights' SVD (or a seeded draw) in wrap()
     options = (
         *LORA_OPTIONS,
         Option(
