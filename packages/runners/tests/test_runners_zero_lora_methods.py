@@ -330,3 +330,62 @@ def test_glue_galore_and_golore_bf16_under_deepspeed_zero2_track_one_process_bf1
         # the projected matrices trained in the saved bfloat16 model (not a silent no-op)
         moved = [k for k in projected if k.endswith("dense.weight")]
         assert moved and all(not torch.equal(got[k], init[k].bfloat16()) for k in moved)
+
+
+# accelerate launch with a DeepSpeed ZeRO-3 YAML whose zero3_init_flag is true: the entrypoint builds
+# the Accelerator before the model, so transformers loads every weight partitioned
+# (deepspeed.zero.Init) instead of whole on every rank. The environment is what `accelerate launch`
+# sets for such a YAML; the deepspeed launcher starts the processes
+ZERO3_INIT_ENV = {
+    "ACCELERATE_USE_DEEPSPEED": "true",
+    "ACCELERATE_DEEPSPEED_ZERO3_INIT": "true",
+}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_accelerate_zero3_init_loads_partitioned_and_trains_as_zero3(
+    roberta_no_dropout, glue_files, tmp_path, helpers
+):
+    from loralab.runners.launch import DEEPSPEED_CONFIGS
+
+    (tmp_path / "zero3.json").write_text(json.dumps(DEEPSPEED_CONFIGS["zero3"]))
+    env = {**ZERO3_INIT_ENV, "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(tmp_path / "zero3.json")}
+    flags = {"lora-fa": _args, "golore": _galore_args}
+    outs = {}
+    for kind, extra, extra_env in (("init", [], env), ("whole", ["--deepspeed", "zero3"], {})):
+        runs = []
+        for m, make in flags.items():
+            outs[kind, m] = tmp_path / kind / m
+            runs.append(
+                ["glue", [*make(roberta_no_dropout, glue_files, outs[kind, m], 2, m), *extra]]
+            )
+        (tmp_path / f"{kind}.json").write_text(json.dumps(runs))
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+               str(helpers.free_port()), str(WORKER), str(tmp_path / f"{kind}.json")]  # fmt: skip
+        os.environ.update(extra_env)
+        try:
+            log = _launch(cmd, tmp_path)
+        finally:
+            for k in extra_env:
+                os.environ.pop(k)
+        if kind == "init":
+            assert "loaded partitioned (deepspeed.zero.Init)" in log, log[-3000:]
+    from transformers import AutoModelForSequenceClassification
+
+    for m in flags:
+        got, want = outs["init", m], outs["whole", m]
+        assert _losses(got) == pytest.approx(_losses(want), rel=1e-6), m
+        if m == "lora-fa":
+            a, b = _adapter(got), _adapter(want)
+        else:
+            # GoLore's final/ is a whole model: compared as it reloads the bare way (the model loaded
+            # under zero.Init saves its LayerNorms under the checkpoint's legacy names, gamma / beta,
+            # which from_pretrained maps back)
+            a, b = (
+                AutoModelForSequenceClassification.from_pretrained(o / "final").state_dict()
+                for o in (got, want)
+            )
+        assert sorted(a) == sorted(b), m
+        for k in b:
+            assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7), (m, k)

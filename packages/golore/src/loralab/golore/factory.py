@@ -17,6 +17,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from loralab.core.targets import TargetSpec, find_targets
+from loralab.core.zero_views import full_shape
 from loralab.golore.adafactor import GaLoreAdafactor, GoLoreAdafactor
 from loralab.golore.adamw8bit import GaLoreAdamW8bit, GoLoreAdamW8bit
 from loralab.golore.optimizer import GaLoreAdamW, GaLoreSGD, GoLoreAdamW, GoLoreSGD
@@ -52,7 +53,9 @@ def subspace_param_groups(
     projected_ids = {
         id(t.weight)
         for t in found.values()
-        if t.weight.requires_grad and t.weight.dim() == 2 and not t.is_quantized
+        # full_shape: a ZeRO-3 partitioned weight (a model loaded under deepspeed.zero.Init) is 1-D
+        # and empty on this rank; its shape is the whole matrix's
+        if t.weight.requires_grad and len(full_shape(t.weight)) == 2 and not t.is_quantized
     }
     projected: list[nn.Parameter] = []
     plain: list[nn.Parameter] = []

@@ -33,6 +33,7 @@ from loralab.runners.loop import to_device
 from loralab.runners.loop.finetune import (
     TrainResult,
     check_output_dir,
+    engine_before_loading,
     finetune,
     loads_on_meta,
 )
@@ -269,6 +270,9 @@ def run(args: GlueArgs) -> TrainResult:
     collate = pad_collate(tokenizer.pad_token_id)
 
     # model (the method wraps it inside finetune)
+    # accelerate's ZeRO-3 with zero3_init_flag: the Accelerator before the model, which then loads
+    # partitioned (deepspeed.zero.Init)
+    engine = engine_before_loading(args)
     model, _, heads = load_seq_cls_model(
         args.model_name_or_path,
         num_labels,
@@ -315,7 +319,7 @@ def run(args: GlueArgs) -> TrainResult:
             )
         return {**glue_metrics(args.task_name, preds, labels), "num_examples": float(len(labels))}
 
-    return finetune(args, model, train_set, collate, evaluate, tokenizer=tokenizer)
+    return finetune(args, model, train_set, collate, evaluate, tokenizer=tokenizer, engine=engine)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

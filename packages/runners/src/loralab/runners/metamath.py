@@ -48,6 +48,7 @@ from loralab.runners.loop.finetune import (
     TrainResult,
     build_engine,
     check_output_dir,
+    engine_before_loading,
     finetune,
     loads_on_meta,
 )
@@ -289,6 +290,8 @@ def load_run_model(args: Any) -> tuple[Any, Any]:
 def run(args: MetaMathArgs) -> TrainResult | dict[str, float]:
     """Fine-tune on MetaMathQA (unless ``--do_train false``) and evaluate on GSM8K."""
     check_output_dir(args)  # before anything loads
+    # accelerate's ZeRO-3 with zero3_init_flag: the Accelerator before the model (loaded partitioned)
+    engine = engine_before_loading(args) if args.do_train else None
     model, tokenizer = load_run_model(args)
     questions, answers = _load_eval(args)
     predictions_path = Path(args.output_dir) / PREDICTIONS_FILE
@@ -312,7 +315,13 @@ def run(args: MetaMathArgs) -> TrainResult | dict[str, float]:
     train_set = _load_train(args, tokenizer)
     args.task_type = "CAUSAL_LM"
     return finetune(
-        args, model, train_set, pad_collate(tokenizer.pad_token_id), evaluate, tokenizer=tokenizer
+        args,
+        model,
+        train_set,
+        pad_collate(tokenizer.pad_token_id),
+        evaluate,
+        tokenizer=tokenizer,
+        engine=engine,
     )
 
 

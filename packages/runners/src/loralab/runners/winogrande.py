@@ -28,7 +28,12 @@ import torch
 
 from loralab.runners.arguments import TrainArgs, _f, parse_args
 from loralab.runners.data import load_split, pad_collate, require_columns, take
-from loralab.runners.loop.finetune import TrainResult, check_output_dir, finetune
+from loralab.runners.loop.finetune import (
+    TrainResult,
+    check_output_dir,
+    engine_before_loading,
+    finetune,
+)
 from loralab.runners.predictions import write_predictions
 from loralab.runners.preflight import check_train_args
 
@@ -163,6 +168,8 @@ def run(args: WinoGrandeArgs) -> TrainResult:
     from loralab.runners.metamath import load_run_model
 
     check_output_dir(args)  # before anything loads
+    # accelerate's ZeRO-3 with zero3_init_flag: the Accelerator before the model (loaded partitioned)
+    engine = engine_before_loading(args)
     model, tokenizer = load_run_model(args)
     train_src = (
         f"--train_file {args.train_file}"
@@ -241,7 +248,13 @@ def run(args: WinoGrandeArgs) -> TrainResult:
 
     args.task_type = "CAUSAL_LM"
     return finetune(
-        args, model, train_set, pad_collate(tokenizer.pad_token_id), evaluate, tokenizer=tokenizer
+        args,
+        model,
+        train_set,
+        pad_collate(tokenizer.pad_token_id),
+        evaluate,
+        tokenizer=tokenizer,
+        engine=engine,
     )
 
 

@@ -170,6 +170,30 @@ def loads_on_meta(args: Any) -> bool:
     return dist.get_rank() != 0
 
 
+def engine_before_loading(args: Any) -> Engine | None:
+    """The engine, built before the entrypoint loads its model when loading depends on it, else
+    ``None`` (:func:`finetune` builds it): ``accelerate launch`` with a DeepSpeed ZeRO-3 YAML whose
+    ``zero3_init_flag`` is true. Its Accelerator registers the config with transformers, which then
+    builds every weight partitioned (``deepspeed.zero.Init``, each rank its own part) instead of
+    whole on every rank. (``--deepspeed zero3`` loads the model whole, then DeepSpeed partitions it.)
+    """
+    if args.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return None
+    if os.environ.get("ACCELERATE_DEEPSPEED_ZERO3_INIT", "false").lower() != "true":
+        return None
+    plugin_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if not plugin_file or zero_stage(load_deepspeed_config(plugin_file)) != 3:
+        return None
+    from transformers import AutoConfig
+
+    hidden = getattr(AutoConfig.from_pretrained(args.model_name_or_path), "hidden_size", None)
+    engine = build_engine(args, hidden)
+    logger.info(
+        "ZeRO-3 with zero3_init_flag: the model is loaded partitioned (deepspeed.zero.Init)"
+    )
+    return engine
+
+
 def build_engine(args: Any, hidden_size: int | None = None) -> Engine:
     """The fine-tuning recipes' engine: :class:`FSDP2Engine` under ``--fsdp full_shard`` or ``accelerate
     launch`` with an FSDP2 config (the plugin's settings, :func:`loralab.runners.launch.accelerate_fsdp`;
