@@ -30,10 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import os
 import platform
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -95,14 +92,14 @@ def worker(mode: str, path: str) -> None:
 
 
 def _launch(mode: str, path: str, port: int) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(port), __file__, "--worker", mode, path]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(PREFIX)]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{mode} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(lines[-1][len(PREFIX) :])
+    """One 2-rank launch of :func:`worker` in ``mode``; its printed result."""
+    torchrun = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port)]
+    return _common.run_in_subprocess(
+        [*torchrun, __file__, "--worker", mode, path],
+        label=mode,
+        env={"OMP_NUM_THREADS": "1"},
+        result_prefix=PREFIX,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

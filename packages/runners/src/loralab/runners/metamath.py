@@ -314,15 +314,8 @@ def run(args: MetaMathArgs) -> TrainResult | dict[str, float]:
         return _evaluate_only(args, model, evaluate)
     train_set = _load_train(args, tokenizer)
     args.task_type = "CAUSAL_LM"
-    return finetune(
-        args,
-        model,
-        train_set,
-        pad_collate(tokenizer.pad_token_id),
-        evaluate,
-        tokenizer=tokenizer,
-        engine=engine,
-    )
+    collate = pad_collate(tokenizer.pad_token_id)
+    return finetune(args, model, train_set, collate, evaluate, tokenizer=tokenizer, engine=engine)
 
 
 def _evaluate_only(args: TrainArgs, model: Any, evaluate: Any) -> dict[str, float]:

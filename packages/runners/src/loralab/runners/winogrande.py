@@ -247,15 +247,8 @@ def run(args: WinoGrandeArgs) -> TrainResult:
         }
 
     args.task_type = "CAUSAL_LM"
-    return finetune(
-        args,
-        model,
-        train_set,
-        pad_collate(tokenizer.pad_token_id),
-        evaluate,
-        tokenizer=tokenizer,
-        engine=engine,
-    )
+    collate = pad_collate(tokenizer.pad_token_id)
+    return finetune(args, model, train_set, collate, evaluate, tokenizer=tokenizer, engine=engine)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
