@@ -729,10 +729,10 @@ def test_accelerate_fsdp2_cpu_ram_efficient_loading_loads_on_rank0_only_and_trai
 ):
     # fsdp_cpu_ram_efficient_loading: true (accelerate's YAML; here its environment under torchrun):
     # transformers loads the weights on rank 0 only and builds rank 1's model on the meta device; the
-    # engine shards on the meta device and fills both ranks' shards from rank 0. LoRA (GLUE, a new
-    # head initialised on rank 0), LoRA-GA (its init estimated after the broadcast), GoLore, and LoRA
-    # on MetaMath's Llama (rotary buffers not in the state dict: broadcast) equal the same runs
-    # loaded on every rank (--fsdp full_shard), bit for bit
+    # engine shards on the meta device and fills both ranks' shards from rank 0. Every method family
+    # on GLUE (LoRA with a new head initialised on rank 0, LoRA-GA / LoRA-SB with their inits
+    # estimated after the broadcast, ...) and LoRA on MetaMath's Llama (rotary buffers not in the
+    # state dict: broadcast) equal the same runs loaded on every rank (--fsdp full_shard), bit for bit
     from safetensors.torch import load_file
 
     model, root = small_glue
@@ -740,6 +740,12 @@ def test_accelerate_fsdp2_cpu_ram_efficient_loading_loads_on_rank0_only_and_trai
         "lora": [],
         "lora-ga": ["--ga_iters", "2", "--target_modules", "key,value"],
         "golore": ["--galore_rank", "4", "--update_proj_gap", "2", "--rand_ratio", "0.5"],
+        # and the other families: LoRA-FA (A frozen), LoRA-Pro, LoRA-SB (its init after the
+        # broadcast), full fine-tuning
+        "lora-fa": [],
+        "lora-pro": [],
+        "lora-sb": ["--sb_num_batches", "2", "--target_modules", "key,value"],
+        "full": [],
     }
     rows = [
         {"query": f"What is {a} plus {a}?", "response": f"The answer is: {2 * a}"} for a in range(8)
@@ -763,13 +769,13 @@ def test_accelerate_fsdp2_cpu_ram_efficient_loading_loads_on_rank0_only_and_trai
     env = {**FSDP_YAML_ENV, "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}
     log = run_worker(runs("rank0", []), root, helpers.free_port(), env=env)
     # rank 1 built every model on the meta device; rank 0 loaded them
-    assert log.count("rank 1: 0 of ") == 4 and "rank 0: 0 of " not in log, log[-3000:]
+    assert log.count("rank 1: 0 of ") == 8 and "rank 0: 0 of " not in log, log[-3000:]
     for m in (*flags, "metamath"):
         one, two = root / "rank0" / m, root / "every_rank" / m
         assert json.loads((one / "launch.json").read_text())["rank0_loading"] is True, m
         assert [r["loss"] for r in records(one, "train")] == [
             r["loss"] for r in records(two, "train")
         ], m
-        final = "model.safetensors" if m == "golore" else "adapter_model.safetensors"
+        final = "model.safetensors" if m in ("golore", "full") else "adapter_model.safetensors"
         a, b = load_file(str(one / "final" / final)), load_file(str(two / "final" / final))
         assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in b), m
