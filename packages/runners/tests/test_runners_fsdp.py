@@ -593,14 +593,18 @@ def test_glue_galore_and_golore_under_fsdp_equal_one_process_and_resume_exactly(
 # --fsdp "full_shard offload" (FSDP2's CPUOffloadPolicy): the shards, their gradients and every
 # optimizer's state and step on the CPU. On these CPU ranks the arithmetic is the run without offload's,
 # so each method is compared with it bit for bit: torch's AdamW (lora), LoRA-FA and LoRA-Pro (gathered
-# factors), GoLore (row-shard projections), LoRA-GA's init (estimated on the offloaded shards); GoLore
-# also resumes from its step-2 checkpoint. GaLore 8-bit (owner ranks): the C4 runner's test
+# factors), GoLore (row-shard projections), LoRA-GA's and LoRA-SB's inits (estimated on the offloaded
+# shards), LoRA-XS, full fine-tuning; GoLore also resumes from its step-2 checkpoint. GaLore 8-bit
+# (owner ranks): the C4 runner's test
 OFFLOAD_RUNS = {
     "lora": [],
     "lora-fa": [],
     "lora-pro": [],
     "golore": ["--galore_rank", "4", "--update_proj_gap", "2", "--rand_ratio", "0.5"],
     "lora-ga": ["--ga_iters", "2", "--target_modules", "key,value"],
+    "lora-sb": ["--sb_num_batches", "2", "--target_modules", "key,value"],
+    "lora-xs": ["--lora_r", "4"],
+    "full": [],
 }
 
 
@@ -630,14 +634,14 @@ def test_glue_fsdp_cpu_offload_equals_fsdp_for_every_method_family_and_resumes(s
     log = run_worker(runs, root, helpers.free_port())
     # every rank of every offloaded run (and of the resumed one) names the offload
     assert (
-        log.count("reshard after forward, parameters offloaded to cpu; launched by torchrun") == 12
+        log.count("reshard after forward, parameters offloaded to cpu; launched by torchrun") == 18
     )
     for m in OFFLOAD_RUNS:
         plain, off = root / "full_shard" / m, root / "full_shard_offload" / m
         assert json.loads((off / "launch.json").read_text())["offload"] == "cpu (CPUOffloadPolicy)"
         got = [r["loss"] for r in records(off, "train")]
         assert len(got) == STEPS and got == [r["loss"] for r in records(plain, "train")], m
-        final = "model.safetensors" if m == "golore" else "adapter_model.safetensors"
+        final = "model.safetensors" if m in ("golore", "full") else "adapter_model.safetensors"
         a, b = load_file(str(off / "final" / final)), load_file(str(plain / "final" / final))
         assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in b), m
     assert f"resumed from {resumed / 'checkpoint-2'} at step 2" in log
