@@ -504,3 +504,18 @@ def test_elastic_checkpoints_are_refused_before_anything_trains(stage):
     config["zero_optimization"]["elastic_checkpoint"] = False
     check_elastic_checkpoint(config, "--deepspeed e.json")
     check_elastic_checkpoint({"zero_optimization": {"stage": 0, "elastic_checkpoint": True}}, "x")
+
+
+def test_zero_offload_reads_the_offload_sections_that_offload():
+    from loralab.runners.launch import load_deepspeed_config, zero_offload
+
+    assert zero_offload(load_deepspeed_config("zero3")) == {}
+    assert zero_offload(load_deepspeed_config("zero3_offload")) == {
+        "offload_optimizer": "cpu",
+        "offload_param": "cpu",
+    }
+    none = {"zero_optimization": {"offload_param": {"device": "none"}, "offload_optimizer": None}}
+    assert zero_offload(none) == {}
+    assert zero_offload({"zero_optimization": {"offload_param": {"device": "NVMe"}}}) == {
+        "offload_param": "nvme"
+    }

@@ -85,9 +85,8 @@ class _Fetcher:
         self.forward_blocks: dict[int, list[Any]] = {}  # id(module) -> its open forward gathers
         # whole for a backward node, gradient not yet accumulated
         self.pending_grad: set[int] = set()
-        self.grad_hooks: dict[
-            int, Any
-        ] = {}  # id(param) -> (gradient pre-hook, post-accumulate hook)
+        # id(param) -> (gradient pre-hook, post-accumulate hook)
+        self.grad_hooks: dict[int, Any] = {}
         self.backward_blocks: list[Any] = []  # gathered by the backward, released lazily
         self.end_queued = False
 

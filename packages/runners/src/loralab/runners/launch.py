@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,11 +95,27 @@ def load_deepspeed_config(spec: str | dict[str, Any]) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def zero_stage(config: dict[str, Any]) -> int:
+def zero_stage(config: Mapping[str, Any]) -> int:
     return int(config.get("zero_optimization", {}).get("stage", 0))
 
 
-def check_elastic_checkpoint(config: dict[str, Any], flag: str) -> None:
+def zero_offload(config: Mapping[str, Any]) -> dict[str, str]:
+    """``{section: device}`` for the ``zero_optimization`` offload sections of a DeepSpeed config that
+    offload (``offload_optimizer`` / ``offload_param`` with a device other than ``none``).
+
+    Example:
+        >>> zero_offload({"zero_optimization": {"offload_param": {"device": "cpu"}}})
+        {'offload_param': 'cpu'}
+    """
+    zero = config.get("zero_optimization") or {}
+    devices = {
+        key: str((zero.get(key) or {}).get("device", "none")).lower()
+        for key in ("offload_optimizer", "offload_param")
+    }
+    return {key: device for key, device in devices.items() if device != "none"}
+
+
+def check_elastic_checkpoint(config: Mapping[str, Any], flag: str) -> None:
     """Refuse ``zero_optimization.elastic_checkpoint: true`` before anything trains: no checkpoint of
     such a run could be resumed.
 

@@ -553,8 +553,8 @@ class FSDP2Engine(TorchEngine):
     LoRA-Pro's sums, the gradient norm) run there.
 
     ``rank0_loading=True`` (accelerate's ``fsdp_cpu_ram_efficient_loading: true``): only rank 0 loaded
-    the weights, the other ranks built the model on the meta device (transformers does so when the
-    process group exists before ``from_pretrained``: :func:`init_fsdp_process_group`); :meth:`shard`
+    the weights, the other ranks built the model on the meta device
+    (:func:`loralab.runners.loop.finetune.loads_on_meta`, :func:`loralab.runners.data.load_pretrained`); :meth:`shard`
     shards on the meta device and fills every rank's shards from rank 0's whole state dict, so no rank
     but the first ever holds the whole model in CPU memory.
 
@@ -742,8 +742,8 @@ def init_fsdp_process_group(*, offload: bool = False) -> None:
     """Start the process group of an FSDP2 run from torchrun's / accelerate's environment, unless one
     exists: gloo on CPUs, NCCL on GPUs (``cuda:nccl,cpu:gloo`` under CPU offload, so that collectives on
     the CPU shards run too); a group made elsewhere that cannot reduce CPU tensors is refused under
-    offload. Entrypoints call it before loading when only rank 0 loads the weights (transformers
-    builds the other ranks' models on the meta device only once the group exists)."""
+    offload. Entrypoints call it before loading when only rank 0 loads the weights (each rank must
+    know its rank to load or to build on the meta device)."""
     import torch.distributed as dist
 
     cuda = torch.cuda.is_available()
@@ -799,17 +799,16 @@ def _load_from_rank0(
         cast(Any, whole),  # torch types it as dict[str, ValueType] (invariant)
         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True),
     )
+    where = collective_device(torch.device(device))
     for name, value in sorted(buffers.items()):
-        where = collective_device(torch.device(device))
         # the ranks built on the meta device hold no values: room for rank 0's
         value = torch.empty_like(value, device=where) if value.is_meta else value.to(where)
         dist.broadcast(value, src=0)
         module_name, _, buffer_name = name.rpartition(".")
         module = model.get_submodule(module_name) if module_name else model
         module._buffers[buffer_name] = value.to(device)
-    if (
-        shards_on != device
-    ):  # CPU offload: the shards stay on the CPU, the buffers go where compute is
+    if shards_on != device:
+        # CPU offload: the shards stay on the CPU, the buffers go where the compute is
         for module in model.modules():
             for name, buf in module._buffers.items():
                 if buf is not None:
@@ -859,13 +858,12 @@ def engine_line(engine: Engine) -> str:
 
 def _offload_words(config: dict[str, Any]) -> str:
     """``", optimizer offloaded to cpu, parameters offloaded to cpu"`` (or ``""``) for an engine line."""
-    zero = config.get("zero_optimization") or {}
-    words = [
-        f", {what} offloaded to {device}"
-        for key, what in (("offload_optimizer", "optimizer"), ("offload_param", "parameters"))
-        if (device := str((zero.get(key) or {}).get("device", "none")).lower()) != "none"
-    ]
-    return "".join(words)
+    from loralab.runners.launch import zero_offload
+
+    names = {"offload_optimizer": "optimizer", "offload_param": "parameters"}
+    return "".join(
+        f", {names[key]} offloaded to {dev}" for key, dev in zero_offload(config).items()
+    )
 
 
 def _inner_model(model: nn.Module) -> nn.Module:

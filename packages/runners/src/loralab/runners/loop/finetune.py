@@ -345,9 +345,8 @@ def _finetune(
             hf_model.config.use_cache = False
     init_batches = None
     if method.needs_batches and resume is None:
-        if not getattr(
-            engine, "rank0_loading", False
-        ):  # (else the engine places them as it shards)
+        # (under rank-0 loading the engine places the weights as it shards)
+        if not getattr(engine, "rank0_loading", False):
             model.to(engine.device)
         init_batches = data.first_batches(_init_batch_count(method, args))
     # an engine that shards the parameters (FSDP2) does so before the method builds its optimizer

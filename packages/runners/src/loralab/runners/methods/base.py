@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from loralab.runners.launch import check_elastic_checkpoint
+from loralab.runners.launch import check_elastic_checkpoint, zero_offload
 from loralab.runners.loop.trainer import Callback
 
 __all__ = [
@@ -62,10 +62,6 @@ logger = logging.getLogger(__name__)
 
 SHARDING_ENGINES = ("deepspeed_zero", "fsdp2")
 """Engines that shard parameters, named in :attr:`Method.sharded_engines`."""
-OFFLOAD_KEYS = (
-    "offload_optimizer",
-    "offload_param",
-)  # DeepSpeed's zero_optimization offload sections
 
 
 class MethodError(ValueError):
@@ -293,7 +289,7 @@ class Method(ABC):
                 f"({flag}) flattens and shards them: run it without {flag} (DDP via torchrun / accelerate launch)"
             )
         if config is not None:
-            check_elastic_checkpoint(dict(config), flag)
+            check_elastic_checkpoint(config, flag)
         self.check_offload(args, flag, config)
 
     def check_offload(
@@ -323,11 +319,8 @@ class Method(ABC):
         """
         if config is None:
             return
-        zero = config.get("zero_optimization") or {}
-        device = {
-            key: str((zero.get(key) or {}).get("device", "none")).lower() for key in OFFLOAD_KEYS
-        }
-        offloaded = [key for key in OFFLOAD_KEYS if device[key] in ("cpu", "nvme")]
+        device = zero_offload(config)
+        offloaded = list(device)
         if not offloaded:
             return
         own_optimizer = type(self).build_optimizer is not Method.build_optimizer
