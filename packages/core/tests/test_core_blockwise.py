@@ -280,3 +280,29 @@ def test_zero3_refusals_name_the_way_out():
         estimate_gradients(
             flat, [torch.zeros(1, 4)], loss_fn=lambda m, b: m(b).sum(), progress=False
         )
+
+
+def test_blockwise_returns_freed_host_memory_after_each_batch_and_block(monkeypatch):
+    """glibc keeps the memory of each block's passes in heaps pinned by the recorded boundary
+    activations (measured under FSDP2: 1422 MiB resident with 242 MiB live); the block-wise order
+    hands it back after every recorded batch and every finished block."""
+    import loralab.core.offload as offload
+    from loralab.core.host_memory import release_freed_host_memory
+
+    calls = []
+    monkeypatch.setattr(
+        offload, "release_freed_host_memory", lambda: calls.append(1) or release_freed_host_memory()
+    )
+    model = tiny_llama()
+    got = _collect(model=model, batches=make_lm_batches(N_BATCHES), blockwise=True)
+    assert got and len(calls) == N_BATCHES + model.config.num_hidden_layers
+
+
+def test_release_freed_host_memory_leaves_live_tensors():
+    from loralab.core.host_memory import release_freed_host_memory
+
+    t = torch.arange(1 << 20, dtype=torch.float32)
+    junk = [torch.ones(1 << 16) for _ in range(64)]
+    del junk
+    assert isinstance(release_freed_host_memory(), bool)
+    assert torch.equal(t, torch.arange(1 << 20, dtype=torch.float32))

@@ -97,6 +97,7 @@ from loralab.core.estimation import (
     default_loss,
     estimation_mode,
 )
+from loralab.core.host_memory import release_freed_host_memory
 from loralab.core.sharding import gather_rows, is_dtensor
 from loralab.core.targets import TargetLayer, to_storage_layout
 
@@ -466,6 +467,7 @@ class _Offloader:
                 module.to("cpu")
             if k in gathers:
                 gathers.pop(k).close()
+            release_freed_host_memory()
 
         for b in self.blocks:
             handles.append(b.register_forward_pre_hook(pre, with_kwargs=True))
@@ -1046,6 +1048,8 @@ def _run(
                         reason = "another rank declined the block-wise order"
                 if reason is not None:
                     raise _Declined(reason, batch_list)
+                # this batch's forward freed its activations around the few it records
+                release_freed_host_memory()
                 if bar is not None:
                     bar.update(1)
             n = len(recs)
@@ -1100,6 +1104,7 @@ def _run(
                             adj, _ = off.glue_adjoint(batch, rec, k)
                         if adj and (off.block_targets[k] or rec.grad_inputs.get(k)):
                             off.block_backward(rec, k, adj, sums)
+                            release_freed_host_memory()
                         if identity_only:
                             # route T'_k to the producers of block k's inputs, then drop it
                             for kk, c in [key for key in rec.in_adjoints if key[0] == k]:
@@ -1129,6 +1134,9 @@ def _run(
                 for name in off.block_targets[k]:  # same order on every rank (all-reduce)
                     finish(name, sums.pop(name), n, rows=name in acc.fsdp)
                 del sums, acc
+                # the block's passes freed their activations around the records kept for the
+                # blocks before it (see loralab.core.host_memory)
+                release_freed_host_memory()
             # 4. targets outside the blocks
             if off.glue_targets:
                 if not identity_only:
