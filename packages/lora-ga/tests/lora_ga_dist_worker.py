@@ -37,6 +37,8 @@ import sys
 
 import torch
 
+from loralab.core.distributed import end_process_group
+
 RANK_R = 4
 ALPHA = 8
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -248,6 +250,7 @@ def main(prefix: str, checkpoint: str) -> None:
     )
     results["hf_zero3"], results["hf_zero3_gathered"] = run_hf_zero3(rank, checkpoint)
     torch.save(results, f"{prefix}.{rank}.pt")
+    end_process_group()  # not left to the interpreter's exit (see its docstring)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from loralab.core.distributed import end_process_group
+
 RANK_R = 4
 ALPHA = 8
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -173,7 +175,7 @@ def main(prefix: str, path: str) -> None:
     except Exception as e:
         out["cast_error"] = f"{type(e).__name__}: {e}"
     torch.save(out, f"{prefix}.{rank}.pt")
-    dist.destroy_process_group()
+    end_process_group()  # not left to the interpreter's exit (see its docstring)
 
 
 if __name__ == "__main__":

@@ -153,3 +153,44 @@ def test_peft_flow_on_a_sharded_model_trains_like_one_process_once_adapters_are_
     # the frozen base weights did not move
     for name, (_, _, W0) in s0.items():
         assert torch.equal(W0, ranks[0]["peft_flow"][name][2])
+
+
+@pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
+def test_sharded_offset_is_computed_on_the_shard_and_equals_the_whole_one(tmp_path, conv1d):
+    """A float FSDP2 weight is offset on its own rows (no gather of the whole matrix): on a one-rank
+    mesh the shard is the whole weight, so the result must equal the unsharded write bit for bit; a
+    non-finite offset is refused on every rank, naming it."""
+    import copy
+
+    import torch.distributed as dist
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+    from transformers.pytorch_utils import Conv1D
+
+    from loralab.core.sharding import is_dtensor, whole
+    from loralab.lora_ga.layer import write_factors
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already up in this process")
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        torch.manual_seed(0)
+        inner = Conv1D(12, 16) if conv1d else nn.Linear(16, 12)  # (out, in) = (12, 16)
+        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["0"], fan_in_fan_out=conv1d)
+        plain = get_peft_model(nn.Sequential(inner), cfg)
+        sharded = copy.deepcopy(plain)
+        fully_shard(sharded)
+        A, B = torch.randn(4, 16), torch.randn(12, 4)
+        layer = lambda m: m.base_model.model[0]  # noqa: E731
+        assert is_dtensor(layer(sharded).get_base_layer().weight)
+        write_factors(layer(plain), "default", A, B, torch.float32)
+        write_factors(layer(sharded), "default", A, B, torch.float32)
+        got = whole(layer(sharded).get_base_layer().weight.detach())
+        assert torch.equal(got, layer(plain).get_base_layer().weight.detach())
+        with pytest.raises(ValueError, match="non-finite"):
+            write_factors(layer(sharded), "default", A * 1e30, B * 1e30, torch.float32)
+    finally:
+        dist.destroy_process_group()

@@ -46,7 +46,13 @@ from torch import Tensor, nn
 
 from loralab.core.distributed import gathered_parameters
 from loralab.core.quant import dequantize_weight, requantize_weight_
-from loralab.core.sharding import is_dtensor, write_rows_
+from loralab.core.sharding import (
+    all_ranks_agree,
+    is_dtensor,
+    local_tensor,
+    rows_of,
+    write_rows_,
+)
 from loralab.core.targets import layer_kind
 from loralab.lora_ga.maths import offset_weight
 
@@ -82,8 +88,10 @@ def write_factors(layer: LoraLayer, adapter: str, A: Tensor, B: Tensor, dtype: t
     :func:`~loralab.lora_ga.save_lora_ga_adapter` (the rank-2r plain LoRA export).
 
     Under FSDP2 (``fully_shard``: ``DTensor`` row shards) every rank passes the same whole ``A``,
-    ``B``: each writes its own rows of ``A``, ``B`` and of ``W0 − s·B·A``; the base weight is
-    all-gathered for the offset (one layer's (out, in) matrix at a time, a collective).
+    ``B``: each writes its own rows of ``A``, ``B`` and of ``W0 − s·B·A``. A float base offsets its
+    own shard from the factors alone (:func:`_offset_shard_`: no gather, no whole matrix); a 4-bit
+    base is all-gathered and re-quantized (its codes are not split by rows; one layer at a time, a
+    collective).
     """
     # the factors are Linear / Conv sub-modules and base an adaptable layer: all weights are Parameters
     lora_A = cast(nn.Parameter, layer.lora_A[adapter].weight)
@@ -107,16 +115,38 @@ def write_factors(layer: LoraLayer, adapter: str, A: Tensor, B: Tensor, dtype: t
             else:
                 param.data = value.contiguous()
             stored.append(value)
-        # (out, in) float32 copy, whatever the storage (Linear, Conv1D, bnb; core reads a 4-bit layer
-        # right even after bitsandbytes repacked it for its CPU kernel; FSDP2 shards: all-gathered)
-        w = dequantize_weight(base)
-        # Offset with the factors exactly as stored, so W0' x + s B (A x) = W0 x up to W0's rounding.
-        requantize_weight_(base, offset_weight(w, stored[0], stored[1], s))
+        if is_dtensor(base_w) and layer_kind(base) in ("linear", "conv1d"):
+            _offset_shard_(base, stored[0], stored[1], s)
+        else:
+            # (out, in) float32 copy, whatever the storage (Linear, Conv1D, bnb; core reads a 4-bit
+            # layer right even after bitsandbytes repacked it for its CPU kernel; FSDP2: gathered)
+            w = dequantize_weight(base)
+            # Offset with the factors as stored, so W0' x + s B (A x) = W0 x up to W0's rounding.
+            requantize_weight_(base, offset_weight(w, stored[0], stored[1], s))
     store = layer.__dict__.setdefault("_lora_ga_init", {})
     store[adapter] = (
         stored[0].detach().to("cpu", copy=True),
         stored[1].detach().to("cpu", copy=True),
     )
+
+
+def _offset_shard_(base: nn.Module, A: Tensor, B: Tensor, s: float) -> None:
+    """``W0 − s·B·A`` on this rank's shard of an FSDP2 float weight only (the offset's rows are the
+    shard's rows of ``B`` times ``A``; a ``Conv1D`` stores (in, out), so there the shard holds input
+    columns: ``A``'s). The ranks check finiteness together, so that all raise or none does."""
+    weight = cast(Tensor, base.weight)
+    local = local_tensor(weight)
+    rows = rows_of(weight)
+    if layer_kind(base) == "conv1d":
+        new = offset_weight(local.T, A[:, rows], B, s).T
+    else:
+        new = offset_weight(local, A, B[rows], s)
+    if not all_ranks_agree(bool(torch.isfinite(new).all()), [weight]):
+        raise ValueError(
+            f"LoRA-GA's offset W0 - s*B*A of {type(base).__name__} ({weight.dtype}) has non-finite "
+            "values on at least one rank"
+        )
+    local.copy_(new)
 
 
 @dataclass
