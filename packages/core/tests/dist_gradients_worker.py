@@ -12,6 +12,7 @@ import torch.distributed as dist
 from loralab.core.distributed import (
     all_reduce_mean_dict_,
     broadcast_,
+    end_process_group,
     is_distributed,
     rank,
     world_size,
@@ -67,7 +68,7 @@ def main(out_prefix: str) -> None:
         },
         f"{out_prefix}.{rank()}.pt",
     )
-    dist.destroy_process_group()
+    end_process_group()  # not left to the interpreter's exit (see its docstring)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Shard, distribute_tensor
 
+from loralab.core.distributed import end_process_group
 from loralab.core.sharding import (
     all_ranks_agree,
     broadcast_from_first_,
@@ -90,7 +91,7 @@ def main(prefix: str) -> None:
     except NotImplementedError as e:
         out["error"] = str(e)
     torch.save(out, f"{prefix}.{rank}.pt")
-    dist.destroy_process_group()
+    end_process_group()  # not left to the interpreter's exit (see its docstring)
 
 
 if __name__ == "__main__":

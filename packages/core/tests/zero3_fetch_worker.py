@@ -11,6 +11,7 @@ import sys
 import deepspeed
 import torch
 
+from loralab.core.distributed import end_process_group
 from loralab.core.gradients import estimate_gradients, estimate_gradients_from_step
 from loralab.core.testing import make_lm_batches, tiny_llama, tiny_model, zero3_gather_peak
 from loralab.core.zero3_fetch import fetching_zero3_parameters
@@ -107,6 +108,7 @@ def main(prefix: str) -> None:
     out["from_step_seen"] = seen
     out["whole_after_estimates"] = whole_now(model)
     torch.save(out, f"{prefix}.{rank}.pt")
+    end_process_group()  # not left to the interpreter's exit (see its docstring)
 
 
 if __name__ == "__main__":

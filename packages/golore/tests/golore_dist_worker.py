@@ -19,6 +19,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from loralab.core.distributed import end_process_group
 from loralab.core.testing import make_lm_batches, tiny_llama
 from loralab.golore import GoLoreAdamW
 
@@ -136,7 +137,7 @@ def main(prefix: str) -> None:
     for mode in MODES:
         torch.save(run(mode, rank), f"{prefix}.{mode}.{rank}.pt")
         dist.barrier()
-    dist.destroy_process_group()
+    end_process_group()  # not left to the interpreter's exit (see its docstring)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
+from loralab.core.distributed import end_process_group
 from loralab.core.sharding import local_tensor
 from loralab.golore import (
     GaLoreAdafactor,
@@ -212,7 +213,7 @@ def main(prefix: str) -> None:
         out["layerwise_refusal"] = str(e)
     out["resume"] = resume(rank)
     torch.save(out, f"{prefix}.{rank}.pt")
-    dist.destroy_process_group()
+    end_process_group()  # not left to the interpreter's exit (see its docstring)
 
 
 if __name__ == "__main__":

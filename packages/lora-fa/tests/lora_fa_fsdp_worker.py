@@ -16,6 +16,7 @@ from torch.distributed.fsdp import fully_shard
 sys.path.insert(0, str(Path(__file__).parent))
 from lora_fa_dist_worker import ALPHA, LR, MICRO, RANK, WD, toy_batches, toy_peft
 
+from loralab.core.distributed import end_process_group
 from loralab.lora_fa import LoraFAError, create_lorafa_optimizer
 
 STEPS = 3
@@ -48,7 +49,7 @@ def main(prefix: str) -> None:
     except LoraFAError as e:
         out["error"] = str(e)
     torch.save(out, f"{prefix}.{rank}.pt")
-    dist.destroy_process_group()
+    end_process_group()  # not left to the interpreter's exit (see its docstring)
 
 
 if __name__ == "__main__":

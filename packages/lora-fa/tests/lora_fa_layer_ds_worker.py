@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from loralab.core.distributed import end_process_group
 from loralab.lora_fa import create_lorafa_optimizer
 from loralab.lora_fa import layer as lorafa_layer
 
@@ -111,6 +112,7 @@ def main(prefix: str) -> None:
                 out[f"zero{stage}/{kind}"] = f"{type(e).__name__}: {e}"
     torch.save(out, f"{prefix}.{rank}.pt")
     dist.barrier()
+    end_process_group()  # not left to the interpreter's exit (see its docstring)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import toy_batches, toy_peft
 
+from loralab.core.distributed import end_process_group
 from loralab.lora_pro import LoraProAdamW
 
 STEPS, MICRO = 4, 4
@@ -112,6 +113,7 @@ def main(prefix: str) -> None:
             out[name] = {n: p.detach().clone() for n, p in model.named_parameters()}
     torch.save(out, f"{prefix}.{rank}.pt")
     dist.barrier()
+    end_process_group()  # not left to the interpreter's exit (see its docstring)
 
 
 if __name__ == "__main__":

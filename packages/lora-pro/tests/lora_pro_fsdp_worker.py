@@ -17,6 +17,7 @@ from torch.distributed.fsdp import fully_shard
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import toy_batches, toy_peft
 
+from loralab.core.distributed import end_process_group
 from loralab.lora_pro import LoraProAdamW
 
 STEPS, MICRO, LR, WD = 3, 4, 1e-2, 0.1
@@ -44,7 +45,7 @@ def main(prefix: str) -> None:
     rank = dist.get_rank()
     out = {mode: train(mode, rank) for mode in ("efficient", "full")}
     torch.save(out, f"{prefix}.{rank}.pt")
-    dist.destroy_process_group()
+    end_process_group()  # not left to the interpreter's exit (see its docstring)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ import sys
 
 import torch
 
+from loralab.core.distributed import end_process_group
+
 RANK_R = 4
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 INIT_LR = 1e-3
@@ -287,7 +289,7 @@ def main(prefix: str) -> None:
         out = {"init": init, "final": final, **(flags[0] if flags else {})}
         torch.save(out, f"{prefix}.{mode}.{rank}.pt")
         dist.barrier()
-    dist.destroy_process_group()
+    end_process_group()  # not left to the interpreter's exit (see its docstring)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from loralab.core.distributed import end_process_group
+
 _spec = importlib.util.spec_from_file_location(
     "lora_sb_dist_worker", Path(__file__).with_name("lora_sb_dist_worker.py")
 )
@@ -141,7 +143,7 @@ def main(prefix: str, path: str) -> None:
     except Exception as e:
         out["cast_error"] = f"{type(e).__name__}: {e}"
     torch.save(out, f"{prefix}.{rank}.pt")
-    dist.destroy_process_group()
+    end_process_group()  # not left to the interpreter's exit (see its docstring)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from loralab.core.distributed import end_process_group
 from loralab.core.sharding import is_dtensor
 
 IN, HID, OUT, RANK, ALPHA = 6, 13, 3, 2, 4
@@ -376,7 +377,7 @@ def main(prefix: str) -> None:
                 out[f"{engine}/{method}"] = {"error": f"{type(e).__name__}: {e}"}
             dist.barrier()
     torch.save(out, f"{prefix}.{rank}.pt")
-    dist.destroy_process_group()
+    end_process_group()  # not left to the interpreter's exit (see its docstring)
 
 
 if __name__ == "__main__":

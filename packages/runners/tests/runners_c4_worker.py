@@ -11,6 +11,7 @@ The deepspeed launcher appends ``--local_rank=N``, which is ignored (``LOCAL_RAN
 import json
 import sys
 
+from loralab.core.distributed import end_process_group
 from loralab.runners.c4 import parse_args, run
 
 if __name__ == "__main__":
@@ -18,3 +19,4 @@ if __name__ == "__main__":
     with open(runs_file) as fh:
         for argv in json.load(fh):
             run(parse_args(argv))
+    end_process_group()  # as the entrypoints do once their run finished

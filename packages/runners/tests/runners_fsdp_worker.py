@@ -14,6 +14,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from loralab.core.distributed import end_process_group
+
 
 def main(runs: str) -> None:
     for recipe, argv in json.loads(Path(runs).read_text()):
@@ -29,6 +31,7 @@ def main(runs: str) -> None:
             dist.barrier()
             continue
         importlib.import_module(f"loralab.runners.{recipe}").main(argv)
+    end_process_group()  # as the entrypoints do once their runs finished
 
 
 if __name__ == "__main__":

@@ -519,3 +519,50 @@ def test_zero_offload_reads_the_offload_sections_that_offload():
     assert zero_offload({"zero_optimization": {"offload_param": {"device": "NVMe"}}}) == {
         "offload_param": "nvme"
     }
+
+
+# ---------------------------------------------------------------- the end of a run's process group
+
+
+def _start_group() -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+def test_entrypoint_destroys_the_process_group_its_run_started():
+    """A rank that exits with its group alive leaves the teardown to the interpreter's exit (gloo:
+    SIGABRT there now and then, NCCL: a warning): the entrypoint destroys a group its run started once
+    the run finished, and leaves it after bad input (another rank may wait in a collective) and when
+    the group existed before (the caller's)."""
+    import torch
+    import torch.distributed as dist
+
+    from loralab.core.distributed import end_process_group
+    from loralab.runners.cli import run_entrypoint
+
+    def finished(argv):
+        _start_group()
+        dist.all_reduce(torch.ones(1))
+        return {"accuracy": 1.0}
+
+    def refused(argv):
+        _start_group()
+        raise MethodError("--method x: refused")
+
+    assert not dist.is_initialized()
+    assert run_entrypoint(finished, [], prog="t") == 0
+    assert not dist.is_initialized()
+    try:
+        assert run_entrypoint(refused, [], prog="t") == 2
+        assert dist.is_initialized()  # after an error: left to the process exit
+    finally:
+        end_process_group()
+    assert not dist.is_initialized()
+    _start_group()  # the caller's group
+    try:
+        assert run_entrypoint(lambda argv: None, [], prog="t") == 0
+        assert dist.is_initialized()
+    finally:
+        end_process_group()
+    end_process_group()  # nothing left: no error

@@ -72,18 +72,29 @@ def run_entrypoint(
     errors do: ``PROG: error: MESSAGE`` on stderr and status 2, without a traceback (the message
     names the flag, file and line, and what to do). Any other exception is a bug and propagates.
 
+    A process group the run started (torchrun, accelerate, DeepSpeed) is ended once the run finished
+    (:func:`loralab.core.distributed.end_process_group`: a rank that exits with it alive can abort in
+    the interpreter's exit); after an error it is left to the process exit, as the teardown would
+    wait for ranks that are still inside a collective.
+
     Example:
         >>> from loralab.runners import glue
         >>> run_entrypoint(glue.main, ["--help"], prog="loralab glue")  # doctest: +SKIP
     """
+    import torch.distributed as dist
+
+    from loralab.core.distributed import end_process_group
     from loralab.runners.methods import MethodError
     from loralab.runners.preflight import PreflightError
 
+    started_before = dist.is_available() and dist.is_initialized()
     try:
         result = entry(argv)
     except (PreflightError, MethodError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+    if not started_before:
+        end_process_group()
     return result if isinstance(result, int) else 0
 
 

@@ -289,8 +289,10 @@ class AccelerateEngine(Engine):
             self.acc.log(values, step=step)
 
     def end(self):
-        if self.acc.trackers:
-            self.acc.end_training()
+        # the trackers only: accelerate's end_training would also destroy the process group, which
+        # the entrypoint ends itself once the run returned (loralab.core.distributed.end_process_group)
+        for tracker in self.acc.trackers:
+            tracker.finish()
 
 
 # ---------------------------------------------------------------------------------- torch.distributed
