@@ -172,10 +172,10 @@ def reset_peak_rss() -> bool:
 
         reset_peak_rss(); before = rss_mib(); run(); extra = peak_rss_mib() - before
     """
-    import ctypes
+    from loralab.core.host_memory import release_freed_host_memory
 
+    release_freed_host_memory()
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:

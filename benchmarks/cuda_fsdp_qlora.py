@@ -236,6 +236,7 @@ def main() -> None:
     import bitsandbytes
     import transformers
 
+    from loralab.core.distributed import end_process_group
     from loralab.core.testing import save_tiny, tiny_llama
 
     result: dict = {
@@ -302,7 +303,7 @@ def main() -> None:
         print(text)
         if not args.cpu:  # a dry run does not replace the GPU's results
             args.results.write_text(text)
-    dist.destroy_process_group()
+    end_process_group()  # not left to the interpreter's exit
 
 
 if __name__ == "__main__":

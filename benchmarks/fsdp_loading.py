@@ -50,6 +50,7 @@ def worker(mode: str, path: str) -> None:
     torch.set_num_threads(1)
     from transformers import AutoModelForCausalLM
 
+    from loralab.core.distributed import end_process_group
     from loralab.runners.data import dtype_kwargs, load_pretrained
     from loralab.runners.loop.engine import FSDP2Engine, init_fsdp_process_group
 
@@ -89,6 +90,7 @@ def worker(mode: str, path: str) -> None:
     if engine.is_main:
         print(PREFIX + json.dumps({"mode": mode, "ranks": rows}), flush=True)
     engine.end()
+    end_process_group()  # not left to the interpreter's exit
 
 
 def _launch(mode: str, path: str, port: int) -> dict:

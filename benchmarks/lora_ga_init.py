@@ -216,6 +216,7 @@ def fsdp2_worker(size: dict, threads: int, out_file: str) -> None:
     torch.set_num_threads(threads)
     import loralab.core.gradients as core_gradients
     import loralab.core.offload as core_offload
+    from loralab.core.distributed import end_process_group
     from loralab.core.targets import find_all_linear_modules
     from loralab.core.testing import fully_shard_model, gradient_sums_peak
     from loralab.lora_ga import LoraGAConfig, get_lora_ga_model
@@ -292,7 +293,7 @@ def fsdp2_worker(size: dict, threads: int, out_file: str) -> None:
     if rank == 0:
         torch.save(factors, out_file)
         print(FSDP_PREFIX + json.dumps({"mode": "fsdp2", "ranks": rows}), flush=True)
-    dist.destroy_process_group()
+    end_process_group()  # not left to the interpreter's exit
 
 
 @contextmanager

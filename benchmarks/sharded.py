@@ -135,14 +135,12 @@ class _RssSampler:
 
 def _release_freed_memory() -> None:
     """Hand memory freed by the sharding back to the OS, so RSS shows what is still held."""
-    import ctypes
     import gc
 
+    from loralab.core.host_memory import release_freed_host_memory
+
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:  # not glibc: RSS may keep freed pages
-        pass
+    release_freed_host_memory()  # not glibc: RSS may keep freed pages
 
 
 def worker(method: str, engine_name: str, size: dict, steps: int, warmup: int) -> None:
@@ -152,6 +150,7 @@ def worker(method: str, engine_name: str, size: dict, steps: int, warmup: int) -
     torch.set_num_threads(1)
     base_rss = _common.rss_mib()
 
+    from loralab.core.distributed import end_process_group
     from loralab.runners.arguments import TrainArgs, parse_args
     from loralab.runners.loop.finetune import build_engine
     from loralab.runners.loop.trainer import train_step
@@ -204,6 +203,7 @@ def worker(method: str, engine_name: str, size: dict, steps: int, warmup: int) -
     if engine.is_main:
         print(PREFIX + json.dumps({"method": method, "engine": engine_name, "ranks": rows}))
     engine.end()
+    end_process_group()  # not left to the interpreter's exit
 
 
 def _launch(method: str, engine: str, quick: bool, steps: int, warmup: int, port: int) -> dict:
