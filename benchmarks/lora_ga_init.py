@@ -17,7 +17,8 @@ the activations) and a ~97M one (12 x 768, vocab 8000). Each mode runs in its ow
   are recorded, then each block's backward runs over all batches and its gradients are finished and
   turned into factors, so at most one block's float32 sums exist;
 - ``loralab+hooks``: the same with core's hook path forced (``estimate_gradients(blockwise=False)``,
-  patched into ``loralab.lora_ga.model``): every target's sum exists until the last batch;
+  patched into ``loralab.core.adapter_gradients``, checked to be called): every target's sum exists
+  until the last batch;
 - ``loralab+offload``: ``offload=True`` (block-wise with the weights on the CPU, one block on the
   compute device; on a CPU-only run the same algorithm as ``loralab``);
 - ``seed``: the seed's API, ``estimate_gradient`` (returns every gradient, as the seed does) then
@@ -110,7 +111,6 @@ def _factors(pm) -> dict:
 
 def worker(mode: str, size: dict, threads: int, device: str, out_file: str) -> dict:
     """Run one mode in this (fresh) process; save the factors to ``out_file``; return the measurements."""
-    import functools
     import gc
 
     import torch
@@ -118,7 +118,7 @@ def worker(mode: str, size: dict, threads: int, device: str, out_file: str) -> d
     torch.set_num_threads(threads)
     import peft
 
-    import loralab.lora_ga.model as ga_model
+    import loralab.core.adapter_gradients as adapter_gradients
     from loralab.core.gradients import estimate_gradients
     from loralab.core.targets import find_all_linear_modules
     from loralab.lora_ga import LoraGAConfig, LoraGAContext, estimate_gradient, get_lora_ga_model
@@ -172,8 +172,19 @@ def worker(mode: str, size: dict, threads: int, device: str, out_file: str) -> d
     elif mode == "loralab":
         pm = get_lora_ga_model(model, LoraGAConfig(**cfg), batches, progress=False)
     elif mode == "loralab+hooks":
-        ga_model.estimate_gradients = functools.partial(estimate_gradients, blockwise=False)
+        forced = []  # the patch must be where get_lora_ga_model's estimate is called, or it is void
+
+        def hooks_path(*args, **kwargs):
+            forced.append(True)
+            return estimate_gradients(*args, **{**kwargs, "blockwise": False})
+
+        adapter_gradients.estimate_gradients = hooks_path
         pm = get_lora_ga_model(model, LoraGAConfig(**cfg), batches, progress=False)
+        if not forced:
+            raise RuntimeError(
+                "loralab+hooks: get_lora_ga_model did not estimate through "
+                "loralab.core.adapter_gradients.estimate_gradients; patch where it does now"
+            )
     elif mode == "loralab+offload":
         pm = get_lora_ga_model(
             model, LoraGAConfig(**cfg), batches, offload=True, device=device, progress=False
