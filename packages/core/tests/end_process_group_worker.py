@@ -16,6 +16,7 @@ from loralab.core.distributed import end_process_group
 
 if __name__ == "__main__":
     dist.init_process_group("gloo")
+    # imported after the group exists: its functions keep the group as a default argument
     import torch.distributed.nn
 
     t = torch.ones(1024)
