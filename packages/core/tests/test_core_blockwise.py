@@ -285,7 +285,8 @@ def test_zero3_refusals_name_the_way_out():
 def test_blockwise_returns_freed_host_memory_after_each_batch_and_block(monkeypatch):
     """glibc keeps the memory of each block's passes in heaps pinned by the recorded boundary
     activations (measured under FSDP2: 1422 MiB resident with 242 MiB live); the block-wise order
-    hands it back after every recorded batch and every finished block."""
+    hands it back after each block's recording forward, each recorded batch, each block's backward
+    pass over a batch and each finished block."""
     import loralab.core.offload as offload
     from loralab.core.host_memory import release_freed_host_memory
 
@@ -295,7 +296,8 @@ def test_blockwise_returns_freed_host_memory_after_each_batch_and_block(monkeypa
     )
     model = tiny_llama()
     got = _collect(model=model, batches=make_lm_batches(N_BATCHES), blockwise=True)
-    assert got and len(calls) == N_BATCHES + model.config.num_hidden_layers
+    blocks = model.config.num_hidden_layers
+    assert got and len(calls) == 2 * N_BATCHES * blocks + N_BATCHES + blocks
 
 
 def test_release_freed_host_memory_leaves_live_tensors():
