@@ -156,7 +156,9 @@ def test_peft_flow_on_a_sharded_model_trains_like_one_process_once_adapters_are_
 
 
 @pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
-def test_sharded_offset_is_computed_on_the_shard_and_equals_the_whole_one(tmp_path, conv1d):
+def test_sharded_offset_is_computed_on_the_shard_and_equals_the_whole_one(
+    tmp_path, conv1d, monkeypatch
+):
     """A float FSDP2 weight is offset on its own rows (no gather of the whole matrix): on a one-rank
     mesh the shard is the whole weight, so the result must equal the unsharded write bit for bit; a
     non-finite offset is refused on every rank, naming it."""
@@ -168,6 +170,7 @@ def test_sharded_offset_is_computed_on_the_shard_and_equals_the_whole_one(tmp_pa
     from torch.distributed.fsdp import fully_shard
     from transformers.pytorch_utils import Conv1D
 
+    import loralab.lora_ga.layer as layer_module
     from loralab.core.sharding import is_dtensor, whole
     from loralab.lora_ga.layer import write_factors
 
@@ -187,7 +190,13 @@ def test_sharded_offset_is_computed_on_the_shard_and_equals_the_whole_one(tmp_pa
         layer = lambda m: m.base_model.model[0]  # noqa: E731
         assert is_dtensor(layer(sharded).get_base_layer().weight)
         write_factors(layer(plain), "default", A, B, torch.float32)
+        read_whole = []  # the whole-weight read (an all-gather under FSDP2) must not happen
+        dequantize = layer_module.dequantize_weight
+        monkeypatch.setattr(
+            layer_module, "dequantize_weight", lambda m: read_whole.append(m) or dequantize(m)
+        )
         write_factors(layer(sharded), "default", A, B, torch.float32)
+        assert read_whole == []
         got = whole(layer(sharded).get_base_layer().weight.detach())
         assert torch.equal(got, layer(plain).get_base_layer().weight.detach())
         with pytest.raises(ValueError, match="non-finite"):
