@@ -197,6 +197,24 @@ def load_average_note() -> str:
     return f"1-min load average at the end: {load1:.1f} on {os.cpu_count()} cores"
 
 
+def command_footer(cmd: str, after_load: str = "") -> str:
+    """The results file's line naming the command, machine, Python, load average and date (UTC);
+    ``after_load`` continues the load-average phrase (e.g. what it means for the times).
+
+    Example::
+
+        lines.append(command_footer("python benchmarks/x.py --quick"))
+    """
+    import datetime as _dt
+    import platform
+
+    return (
+        f"Command: `{cmd}`. Machine: {machine_description()} ({platform.python_implementation()} "
+        f"{platform.python_version()}); {load_average_note()}{after_load}. Date: "
+        f"{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC."
+    )
+
+
 def machine_description(device: str = "cpu") -> str:
     """The machine and torch version for a results file.
 

@@ -29,9 +29,7 @@ Writes the markdown table to ``benchmarks/results/core.md``.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -204,9 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     cmd = "python benchmarks/core_gradients.py" + (" --quick" if args.quick else "")
     lines += [
         "",
-        f"Command: `{cmd}`. Machine: {_common.machine_description()} ({platform.python_implementation()} "
-        f"{platform.python_version()}); {_common.load_average_note()} — the machine was shared with other jobs while this ran, "
-        f"so times are indicative. Date: {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC.",
+        _common.command_footer(
+            cmd, " — the machine was shared with other jobs while this ran, so times are indicative"
+        ),
         "",
         "Reading it: on a CPU-only machine `offload` cannot lower the *weights'* memory (they already live "
         "in host RAM), so its gain here is the gradient memory: with a consumer at most one block's "

@@ -28,9 +28,7 @@ Writes the markdown table to ``benchmarks/results/fsdp_loading.md``.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -161,9 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd = "python benchmarks/fsdp_loading.py" + (" --quick" if args.quick else "")
     lines += [
         "",
-        f"Command: `{cmd}`. Machine: {_common.machine_description()} ({platform.python_implementation()} "
-        f"{platform.python_version()}); {_common.load_average_note()}. Date: "
-        f"{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC.",
+        _common.command_footer(cmd),
         "",
     ]
     _common.write_results(args.out, "\n".join(lines))

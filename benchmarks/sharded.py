@@ -35,10 +35,8 @@ Writes the markdown table to ``benchmarks/results/sharded.md``.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -292,9 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd += f" --out {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}"
     lines += [
         "",
-        f"Command: `{cmd}`. Machine: {_common.machine_description()} ({platform.python_implementation()} "
-        f"{platform.python_version()}); {_common.load_average_note()}. Date: "
-        f"{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC. Peak memory is reliable on a shared machine; "
+        _common.command_footer(cmd) + " Peak memory is reliable on a shared machine; "
         "step times are indicative when the load average exceeds the 2 cores.",
         "",
         "Not run (the runners refuse the engine for the method at the time of this run): "

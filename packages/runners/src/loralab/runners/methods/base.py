@@ -319,9 +319,8 @@ class Method(ABC):
         """
         if config is None:
             return
-        device = zero_offload(config)
-        offloaded = list(device)
-        if not offloaded:
+        device = zero_offload(config)  # {offloaded section: device}
+        if not device:
             return
         own_optimizer = type(self).build_optimizer is not Method.build_optimizer
         optim = getattr(args, "optim", "adamw") if args is not None else "adamw"
@@ -331,8 +330,8 @@ class Method(ABC):
         # optimizer state of any optimizer DeepSpeed did not write
         nvme = [
             key
-            for key in offloaded
-            if device[key] == "nvme" and (own_optimizer if key == "offload_param" else keeps_client)
+            for key, dev in device.items()
+            if dev == "nvme" and (own_optimizer if key == "offload_param" else keeps_client)
         ]
         if nvme:
             raise MethodError(
@@ -341,7 +340,7 @@ class Method(ABC):
                 "layout of, not this optimizer's; offload to the CPU (device: cpu, e.g. --deepspeed "
                 "zero3_offload)"
             )
-        if "offload_optimizer" not in offloaded or not keeps_client:
+        if "offload_optimizer" not in device or not keeps_client:
             return
         if config.get("zero_force_ds_cpu_optimizer") is True:
             raise MethodError(
