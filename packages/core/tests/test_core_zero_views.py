@@ -244,3 +244,44 @@ def test_a_matrix_one_rank_holds_whole_moves_without_communication(monkeypatch):
                 assert got is None and mine.numel() == 0
     # every rank computes the same holders: 6 + 5 elements on rank 0, the (3, 4) one across both
     assert holders[0] == holders[1] == [0, 0, None]
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_row_blocks_sum_to_the_whole_matrix_and_give_back_each_ranks_elements(monkeypatch, world):
+    # the geometry of the projection algebra on element ranges: each rank's elements placed in the
+    # rows they touch sum (over the ranks) to the whole matrix, every row is the "first row" of one
+    # rank, and a row is shared exactly when a rank boundary falls inside it
+    params, master = _stage12(world)
+    size = master.numel() // world
+    for p in params:
+        if p.dim() != 2:
+            continue
+        m, n = p.shape
+        total = torch.zeros(m, n, dtype=master.dtype)
+        firsts = torch.zeros(m, dtype=torch.int64)
+        touched = torch.zeros(m, dtype=torch.int64)
+        for rank in range(world):
+            _fake_world(monkeypatch, rank, world)
+            part = master[rank * size : (rank + 1) * size]
+            zp = zero_partition(params, part)
+            rows = zp.row_span(p)
+            block = zp.row_block(part, p)
+            assert block.shape == (rows.stop - rows.start, n)
+            total[rows] += block
+            firsts[zp.first_rows(p)] += 1
+            touched[rows] += 1
+            assert torch.equal(zp.from_row_block(block, p), zp.local(part, p))
+            shared = zp.shared_rows(p)
+        off = p.storage_offset()  # the master values of p: its place in the flat buffer
+        assert torch.equal(total, master[off : off + m * n].view(m, n))
+        assert bool((firsts == 1).all())
+        assert shared == [i for i in range(m) if touched[i] > 1]
+
+
+def test_from_row_block_refuses_a_block_of_other_rows(monkeypatch):
+    params, master = _stage12(2)
+    _fake_world(monkeypatch, 0, 2)
+    zp = zero_partition(params, master[: master.numel() // 2])
+    p = next(q for q in params if q.dim() == 2 and zp.holds(q))
+    with pytest.raises(ValueError, match="this rank's rows"):
+        zp.from_row_block(torch.zeros(p.shape[0] + 1, p.shape[1], dtype=master.dtype), p)

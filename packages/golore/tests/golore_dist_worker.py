@@ -6,7 +6,8 @@ One launch runs every mode in turn on the same seeded model, each rank a differe
 - ``ddp``: GoLore (SVD, then random projectors) + GaLore groups under DDP;
 - ``zero0`` / ``zero1`` / ``zero2``: the same optimizer as a DeepSpeed client optimizer;
 - ``zero2resume``: ZeRO-2 with a DeepSpeed checkpoint saved mid-way and loaded into a fresh engine;
-- ``zero3``: the same under ZeRO-3 (every matrix partitioned; each one updated on its owner rank);
+- ``zero3``: the same under ZeRO-3 (every matrix partitioned over the ranks: the projection algebra on
+  each rank's elements, checked to have run);
 - ``zero2offload`` / ``zero3offload``: ZeRO-2 with the optimizer offloaded to the CPU, ZeRO-3 with the
   optimizer and the parameters offloaded (``zero_force_ds_cpu_optimizer: false`` keeps GoLore's
   optimizer; DeepSpeed would otherwise refuse a client optimizer under offload);
@@ -96,6 +97,12 @@ def run_resume(rank, batches):
 def run(mode, rank):
     model = tiny_llama()
     opt = GoLoreAdamW(groups(model), lr=1e-2, weight_decay=0.1, eps=EPS)
+    split = []  # the matrices stepped by the projection algebra on ZeRO's element ranges
+    step_split = opt._step_split_matrices
+    opt._step_split_matrices = lambda zp, state, pieces, *a: (
+        split.extend(pieces),
+        step_split(zp, state, pieces, *a),
+    )[1]
     batches = make_lm_batches(STEPS, seed=rank)  # different data per rank
     if mode == "ddp":
         ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -123,6 +130,8 @@ def run(mode, rank):
             engine.step()
     except (RuntimeError, NotImplementedError) as e:
         return {"error": f"{type(e).__name__}: {e}"}
+    if mode.startswith("zero3") and not split:  # ZeRO-3 splits every matrix over the ranks
+        return {"error": "ZeRO-3 did not step its split matrices by the projection algebra"}
     with deepspeed.zero.GatheredParameters(list(model.parameters())):  # a no-op below ZeRO-3
         return {n: p.detach().clone() for n, p in model.named_parameters()}
 

@@ -146,10 +146,11 @@ def test_a_partition_state_saved_with_other_owners_is_refused():
     zp = SimpleNamespace(pieces=[piece], rank=0, all_agree=lambda ok: ok)
     state = {"param0.exp_avg": torch.zeros(2, 4)}
     where = "GaLoreAdamW param group 0"
-    opt._check_owned_state(zp, {}, {id(w): 1}, 0, where)  # nothing foreign: fine
-    opt._check_owned_state(zp, state, {id(w): 0}, 1, where)  # its own: fine
-    opt._check_owned_state(zp, state, {id(w): 1}, 1, where)  # checked once per group: not again
+    group = opt.param_groups[0]
+    opt._check_owned_state(zp, {}, {id(w): 1}, 0, where, [], group)  # nothing foreign: fine
+    opt._check_owned_state(zp, state, {id(w): 0}, 1, where, [], group)  # its own: fine
+    opt._check_owned_state(zp, state, {id(w): 1}, 1, where, [], group)  # once per group: not again
     with pytest.raises(
         RuntimeError, match=r"param group 0: .*parameters \[0\].*another owner assignment"
     ):
-        opt._check_owned_state(zp, state, {id(w): 1}, 2, where)
+        opt._check_owned_state(zp, state, {id(w): 1}, 2, where, [], group)

@@ -169,3 +169,46 @@ def test_golore_reference_pattern_loses_the_reprojection():
     ours = {"exp_avg": torch.ones(2, 3)}
     ours["exp_avg"].copy_(new.T @ (state["matrix"] @ ours["exp_avg"]))
     assert torch.equal(ours["exp_avg"], torch.zeros(2, 3))  # orthogonal new subspace → carried to 0
+
+
+@pytest.mark.parametrize("proj_type", ["right", "left"])
+def test_rank_above_the_smaller_dimension_matches_galore_torch(proj_type, galore_torch):
+    """A (2, 150) and a (150, 2) matrix with rank 3: the thin SVD has 2 singular vectors, which
+    galore-torch keeps silently (``Vh[:rank]``, ``U[:, :rank]``); ours stepped into an error
+    (the rank was clipped to the projected dimension only, 150) until 2026-12-05. (galore-torch
+    itself fails here with ``reverse_std``: its back-projection picks the side from the low-rank
+    gradient's shape, which is square; ours runs, see the next test.)"""
+    torch.manual_seed(0)
+    weights = [torch.randn(2, 150), torch.randn(150, 2)]
+    ours_w = [torch.nn.Parameter(w.clone()) for w in weights]
+    ref_w = [torch.nn.Parameter(w.clone()) for w in weights]
+    kw = dict(rank=3, update_proj_gap=2, scale=0.25, proj_type=proj_type)
+    ours = GaLoreAdamW(
+        [{"params": ours_w, **kw, "reproject_moments": False, "svd_method": "full"}],
+        lr=1e-2,
+        weight_decay=0.01,
+    )
+    ref = galore_torch.GaLoreAdamW(
+        [{"params": ref_w, **kw}], lr=1e-2, weight_decay=0.01, no_deprecation_warning=True
+    )
+    for step in range(3):
+        targets = [
+            torch.randn(w.shape, generator=torch.Generator().manual_seed(step)) for w in weights
+        ]
+        for ws, opt in ((ours_w, ours), (ref_w, ref)):
+            opt.zero_grad()
+            sum(((w - t) ** 2).sum() for w, t in zip(ws, targets)).backward()
+            opt.step()
+    for a, b in zip(ours_w, ref_w):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    assert ours.state[ours_w[0]]["exp_avg"].shape == ((2, 2) if proj_type == "right" else (2, 150))
+
+
+def test_rank_above_the_smaller_dimension_with_reverse_std():
+    w = torch.nn.Parameter(torch.randn(2, 150, generator=torch.Generator().manual_seed(0)))
+    before = w.detach().clone()
+    opt = GaLoreAdamW([{"params": [w], "rank": 3, "proj_type": "reverse_std"}], lr=1e-2)
+    (w**2).sum().backward()
+    opt.step()
+    assert opt.state[w]["proj_right"].shape == (2, 150)  # Q: 2 of the 150 directions
+    assert torch.isfinite(w).all() and not torch.equal(w, before)

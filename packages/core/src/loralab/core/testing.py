@@ -412,15 +412,18 @@ def run_accelerate(
 def as_zero12_partition(
     optimizer: torch.optim.Optimizer, params: list[torch.Tensor], pad: int = 3
 ) -> tuple[Callable[[], None], Callable[[], None]]:
-    """Do to ``optimizer`` in one process what DeepSpeed ZeRO-1/2 does with world size 1.
+    """Do to ``optimizer`` what DeepSpeed ZeRO-1/2 does, in one process or on each rank of the
+    default process group.
 
     ``params`` (the trainable parameters, all in the optimizer's first and only param group) become
-    views of one flat buffer (padded by ``pad`` elements, as DeepSpeed aligns it), and the group holds
-    a flat copy of it (the fp32 master partition). Returns ``hand_gradient()``, to call after
-    backward (moves the gradients into the partition's, as DeepSpeed's step does) and
-    ``copy_back()``, to call after the optimizer step (copies the partition back into the model's
-    buffer). For fast single-process tests of the optimizers' ZeRO path
-    (:mod:`loralab.core.zero_views`); the real engines run in the multi-process tests.
+    views of one flat buffer (padded by ``pad`` elements, as DeepSpeed aligns it; the padded size
+    must split evenly over the ranks), and the group holds a copy of this rank's equal slice of it
+    (the fp32 master partition; the whole buffer with one process). Returns ``hand_gradient()``, to
+    call after backward (averages the gradients over the ranks and moves this rank's slice into the
+    partition's, as DeepSpeed's step does) and ``copy_back()``, to call after the optimizer step
+    (every rank's partition back into the model's buffer). For fast tests of the optimizers' ZeRO
+    path (:mod:`loralab.core.zero_views`) with split points of the test's choosing (``pad`` and the
+    order of ``params`` move them); the real engines run in the multi-process tests.
 
     Example:
         >>> w = torch.nn.Parameter(torch.ones(2, 2))
@@ -431,29 +434,46 @@ def as_zero12_partition(
         tensor([[0.5000, 0.5000],
                 [0.5000, 0.5000]])
     """
+    import torch.distributed as dist
+
     if len(optimizer.param_groups) != 1:
         raise ValueError(
             f"as_zero12_partition: expects one param group, got {len(optimizer.param_groups)}"
         )
-    total = sum(p.numel() for p in params)
-    buf = torch.zeros(total + pad, dtype=params[0].dtype)
+    ranks = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ranks else (0, 1)
+    total = sum(p.numel() for p in params) + pad
+    if total % world:
+        raise ValueError(
+            f"as_zero12_partition: {total} elements with the padding do not split over {world} "
+            "ranks; choose pad so that they do"
+        )
+    size = total // world
+    buf = torch.zeros(total, dtype=params[0].dtype)
     off = 0
     for p in params:
         buf[off : off + p.numel()].copy_(p.detach().reshape(-1))
         p.data = buf[off : off + p.numel()].view(p.shape)
         off += p.numel()
-    master = nn.Parameter(buf.clone())
+    master = nn.Parameter(buf[rank * size : (rank + 1) * size].clone())
     optimizer.param_groups[0]["params"] = [master]
 
     def hand_gradient() -> None:
         zeros = [torch.zeros(p.numel(), dtype=buf.dtype) for p in params]
         grads = [z if p.grad is None else p.grad.reshape(-1) for z, p in zip(zeros, params)]
-        master.grad = torch.cat([*grads, torch.zeros(pad, dtype=buf.dtype)])
+        whole = torch.cat([*grads, torch.zeros(pad, dtype=buf.dtype)])
+        if world > 1:
+            dist.all_reduce(whole)
+            whole /= world
+        master.grad = whole[rank * size : (rank + 1) * size].clone()
         for p in params:
             p.grad = None
 
     def copy_back() -> None:
-        buf.copy_(master.detach())
+        if world == 1:
+            buf.copy_(master.detach())
+        else:
+            dist.all_gather_into_tensor(buf, master.detach())
 
     return hand_gradient, copy_back
 

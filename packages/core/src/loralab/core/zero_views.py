@@ -229,6 +229,111 @@ class ZeroPartition:
         if hi > lo:
             like_flat.view(-1)[at : at + hi - lo].copy_(value.reshape(-1)[lo:hi])
 
+    def row_span(self, p: Tensor) -> slice:
+        """The rows of the matrix ``p`` that this rank's elements touch (row-major; the first and the
+        last may hold only some of their elements here), empty when it holds none.
+
+        Example:
+            >>> # a (4, 3) matrix split after its 5th element: rank 0 touches rows 0-1, rank 1 rows 1-3
+            >>> # zp.row_span(w) == slice(0, 2) on rank 0, slice(1, 4) on rank 1
+        """
+        pc = self.piece(p)
+        lo, hi, _ = pc.spans[self.rank]
+        if hi <= lo:
+            return slice(0, 0)
+        n = pc.shape[1]
+        return slice(lo // n, (hi - 1) // n + 1)
+
+    def first_rows(self, p: Tensor) -> slice:
+        """The rows of the matrix ``p`` whose first element this rank holds: each row belongs to
+        exactly one rank this way (sums over rows count a row split between two ranks once)."""
+        pc = self.piece(p)
+        lo, hi, _ = pc.spans[self.rank]
+        n = pc.shape[1]
+        if hi <= lo:
+            return slice(0, 0)
+        return slice(-(-lo // n), -(-hi // n))
+
+    def shared_rows(self, p: Tensor) -> list[int]:
+        """The rows of the matrix ``p`` whose elements lie on more than one rank (a rank boundary falls
+        inside them), in order; the same list on every rank."""
+        pc = self.piece(p)
+        n = pc.shape[1]
+        rows: set[int] = set()
+        for lo, hi, _ in pc.spans:
+            if hi > lo:
+                if lo % n:
+                    rows.add(lo // n)
+                if hi % n:
+                    rows.add((hi - 1) // n)
+        return sorted(rows)
+
+    def row_block(self, like_flat: Tensor, p: Tensor) -> Tensor:
+        """This rank's elements of the matrix ``p`` in ``like_flat`` placed in the rows they touch
+        (:meth:`row_span`), zeros where other ranks hold the elements: a ``(rows, n)`` matrix. Summed
+        over the ranks (row by row) these blocks are the whole matrix, so a product with a
+        projector's rows, ``P_kᵀ·G_k`` or ``G_k·Q``, sums over the ranks to the whole product."""
+        pc = self.piece(p)
+        lo, hi, at = pc.spans[self.rank]
+        rows = self.row_span(p)
+        n = pc.shape[1]
+        block = like_flat.new_zeros(rows.stop - rows.start, n)
+        if hi > lo:
+            start = lo - rows.start * n
+            block.view(-1)[start : start + hi - lo] = like_flat.view(-1)[at : at + hi - lo]
+        return block
+
+    def from_row_block(self, block: Tensor, p: Tensor) -> Tensor:
+        """This rank's elements (1-D, as :meth:`local` lays them out) of a value given on the rows of
+        :meth:`row_span` (the reverse of :meth:`row_block`)."""
+        pc = self.piece(p)
+        lo, hi, _ = pc.spans[self.rank]
+        rows = self.row_span(p)
+        n = pc.shape[1]
+        if block.shape != (rows.stop - rows.start, n):
+            raise ValueError(
+                f"from_row_block: block has shape {tuple(block.shape)}, this rank's rows of the "
+                f"parameter {(rows.stop - rows.start, n)}"
+            )
+        start = lo - rows.start * n
+        return block.reshape(-1)[start : start + hi - lo]
+
+    def broadcast_(self, tensor: Tensor, src: int) -> Tensor:
+        """Overwrite ``tensor`` on every rank with rank ``src``'s (of the partition's group)."""
+        if self.world == 1:
+            return tensor
+        buf = tensor.to(self.comm_device)
+        dist.broadcast(
+            buf, src=dist.get_global_rank(self.group, src) if self.group else src, group=self.group
+        )
+        if buf is not tensor:
+            tensor.copy_(buf)
+        return tensor
+
+    def reduce_scatter_sum(self, tensor: Tensor) -> Tensor:
+        """The ``world`` equal blocks of the 1-D ``tensor`` summed over the ranks, block ``k`` to rank
+        ``k`` (a reduce-scatter: each rank receives only its block)."""
+        if self.world == 1:
+            return tensor
+        if tensor.dim() != 1 or tensor.numel() % self.world:
+            raise ValueError(
+                f"reduce_scatter_sum: needs a 1-D tensor of a multiple of {self.world} elements, "
+                f"got shape {tuple(tensor.shape)}"
+            )
+        send = tensor.to(self.comm_device)
+        out = send.new_empty(tensor.numel() // self.world)
+        dist.reduce_scatter_tensor(out, send, op=dist.ReduceOp.SUM, group=self.group)
+        return out.to(tensor.device)
+
+    def all_gather_flat(self, block: Tensor) -> Tensor:
+        """Every rank's 1-D ``block`` (all of one size) concatenated in rank order (an all-gather)."""
+        if self.world == 1:
+            return block
+        send = block.contiguous().view(-1).to(self.comm_device)
+        out = send.new_empty(send.numel() * self.world)
+        dist.all_gather_into_tensor(out, send, group=self.group)
+        return out.to(block.device)
+
     def all_agree(self, ok: bool) -> bool:
         """``ok`` and-ed over the ranks of the partition (a check made on local elements, such as
         finite gradients, must take the same branch on every rank)."""

@@ -78,6 +78,7 @@ from loralab.golore.projector import (
     reproject_first_moment,
     reproject_second_moment,
     shard_projector,
+    transition_matrices,
     transition_shard,
 )
 
@@ -327,30 +328,13 @@ class SubspaceOptimizer(Optimizer):
     ) -> None:
         """A new projector for ``p`` from ``grad`` (this rank's rows of the gradient when ``p`` is
         FSDP2-sharded), the moments carried into its basis, stored as this rank keeps it."""
-        rand_step = resolve_rand_step(group)
-        kind: Projection = "random" if rand_step is not None and step >= rand_step else "svd"
-        gen = torch.Generator().manual_seed(self._param_seed(gi, pi, group, step))
-        dtype = torch.float32 if grad.dtype in (torch.bfloat16, torch.float16) else grad.dtype
-        if kind == "svd":
+        if _projection_kind(group, step) == "svd":
             # the only whole matrix a sharded step builds: one gradient at a time, freed on return
             source = sharding.gather_rows(p, grad)
         else:
             # a random projector reads only the shape, dtype and device: no gather, no (m, n) memory
             source = grad.new_empty(()).expand(tuple(p.shape))
-        try:
-            new = new_projector(
-                source,
-                group["rank"],
-                side,
-                kind,
-                generator=gen,
-                svd_method=group["svd_method"],
-                dtype=dtype,
-            )
-        except FloatingPointError as e:
-            raise FloatingPointError(
-                f"{type(self).__name__}: parameter {pi} of param group {gi} (shape {tuple(p.shape)}) at step {step}: {e}"
-            ) from e
+        new = self._draw_projector(source, group, gi, pi, side, step)
         del source
         for mat in new:  # replicas of one projector must agree bit for bit (seeded draws too)
             sharding.broadcast_from_first_(mat, p)
@@ -359,6 +343,29 @@ class SubspaceOptimizer(Optimizer):
         if old is not None and group["reproject_moments"]:
             self._reproject_moments(state, transition_shard(old, new, side, p), side, group)
         self._store_mats(state, side, new)
+
+    def _draw_projector(
+        self, source: Tensor, group: dict[str, Any], gi: int, pi: int, side: Side, step: int
+    ) -> tuple[Tensor, ...]:
+        """The whole new projector of parameter ``pi`` of group ``gi`` at ``step``: from the whole
+        gradient ``source`` (SVD) or, for a random one, from its shape alone (seeded per parameter
+        and step, so every rank and a resumed run draw the same)."""
+        gen = torch.Generator().manual_seed(self._param_seed(gi, pi, group, step))
+        dtype = torch.float32 if source.dtype in (torch.bfloat16, torch.float16) else source.dtype
+        try:
+            return new_projector(
+                source,
+                group["rank"],
+                side,
+                _projection_kind(group, step),
+                generator=gen,
+                svd_method=group["svd_method"],
+                dtype=dtype,
+            )
+        except FloatingPointError as e:
+            raise FloatingPointError(
+                f"{type(self).__name__}: parameter {pi} of param group {gi} (shape {tuple(source.shape)}) at step {step}: {e}"
+            ) from e
 
     def _reproject_moments(
         self, state: dict[str, Any], trans: tuple[Tensor, ...], side: Side, group: dict[str, Any]
@@ -496,7 +503,9 @@ class SubspaceOptimizer(Optimizer):
         ``w ← a·w + D`` with ``D`` independent of ``w``: the owner computes ``D`` alone and scatters
         it, and each rank applies it to its own elements (no weight gather: two collectives per
         matrix instead of three); the other forms gather the master weight too and scatter the new
-        values. The low-rank state of a matrix lives on its owner only, in the partition's state
+        values. A matrix split over ranks in the AdamW forms never travels whole except at a
+        projector refresh (:meth:`_step_split_matrices`: the projection algebra on each rank's
+        elements). The low-rank state of a matrix lives on its owner only, in the partition's state
         under ``"param{i}.<key>"`` (tensors only, so DeepSpeed's checkpoints keep it); the optimizer
         state is split over the ranks as ZeRO splits any other. Parameters that are not projected
         (vectors) step element-wise on this rank's elements (for the 8-bit and Adafactor forms, whose
@@ -528,13 +537,19 @@ class SubspaceOptimizer(Optimizer):
             for k, v in sub.items():
                 state[prefix + k] = v
 
-        self._check_owned_state(zp, state, owners, gi, where)
+        split = [pc for pc in zp.pieces if self._steps_split(zp, pc, group)]
+        self._check_owned_state(zp, state, owners, gi, where, split, group)
+        if split:
+            self._step_split_matrices(zp, state, split, owners, group, gi)
         # the owner's weight-free update: the decay is applied by every rank to its elements
         weight_free = {**group, "weight_decay": 0.0}
+        done = {id(pc.param) for pc in split}
 
         for pc in zp.pieces:
             prefix = f"param{pc.index}."
             owner = owners.get(id(pc.param))
+            if id(pc.param) in done:
+                continue
             if owner is None:  # a vector: element-wise on this rank's elements, in place
                 if not zp.holds(pc.param):
                     continue
@@ -572,6 +587,227 @@ class SubspaceOptimizer(Optimizer):
             # free the owner's whole matrix now: bound until the next gather returned, it would make
             # two whole matrices at once on the owner of consecutive parameters
             del weight
+
+    def _steps_split(self, zp: ZeroPartition, pc: Any, group: dict[str, Any]) -> bool:
+        """Whether the ZeRO piece ``pc`` steps by :meth:`_step_split_matrices`: a matrix to project on
+        one side, split over ranks, in a form whose step is affine in the weight (AdamW)."""
+        return (
+            self._affine_in_weight
+            and zp.world > 1
+            and group["rank"] is not None
+            and len(pc.shape) == 2
+            and pc.numel > 0
+            and zp.sole_holder(pc.param) is None
+            and projector_side(pc.shape, group["proj_type"]) != "full"
+        )
+
+    def _split_layout(
+        self, zp: ZeroPartition, pc: Any, group: dict[str, Any]
+    ) -> tuple[Side, int, dict[str, tuple[int, ...]]]:
+        """``(side, r, {state key: shape on this rank})`` of a matrix that
+        :meth:`_step_split_matrices` steps: a right projection keeps the whole ``Q`` (r, n) and the
+        moments of the rows this rank touches (``R = G·Qᵀ`` row by row); a left one the same rows of
+        ``P`` and the moments of a column block of ``R = Pᵀ·G`` (:func:`block_of` over the world,
+        on every rank, holder or not)."""
+        n = pc.shape[1]
+        side = projector_side(pc.shape, group["proj_type"])
+        r = effective_rank(pc.shape, group["rank"], side)
+        rows = zp.row_span(pc.param)
+        m_k = rows.stop - rows.start
+        out: dict[str, tuple[int, ...]] = {}
+        if side == "right":
+            if m_k:
+                out = {"proj_right": (r, n), "exp_avg": (m_k, r), "exp_avg_sq": (m_k, r)}
+        else:
+            cols = sharding.block_of(n, zp.world, zp.rank)
+            n_k = cols.stop - cols.start
+            if m_k:
+                out["proj_left"] = (m_k, r)
+            if n_k:
+                out["exp_avg"] = out["exp_avg_sq"] = (r, n_k)
+        return side, r, out
+
+    def _step_split_matrices(
+        self,
+        zp: ZeroPartition,
+        state: dict[str, Any],
+        pieces: list[Any],
+        owners: dict[int, int],
+        group: dict[str, Any],
+        gi: int,
+    ) -> None:
+        """One AdamW step of the matrices of a ZeRO partition that are split over ranks, by the
+        projection algebra on each rank's elements: no matrix is gathered or scattered whole, except
+        the gradient to its owner at an SVD refresh.
+
+        Each rank places its elements of the gradient ``G`` in the rows they touch
+        (:meth:`~loralab.core.zero_views.ZeroPartition.row_block`, zeros elsewhere); these blocks
+        sum over the ranks to ``G``. A right projection ``R = G·Qᵀ`` (m, r) is then computed row by
+        row with no communication but the rows a rank boundary splits (their partial products
+        all-reduced, ``r`` numbers each); the rows' Adam moments live on the ranks that touch them
+        (a split row on both, computed alike). A left projection ``R = Pᵀ·G = Σ_k P_kᵀ·G_k`` (r, n)
+        is reduce-scattered by column blocks, Adam runs on each rank's block, and the direction
+        ``N`` is all-gathered back (``r·n`` numbers each way instead of ``m·n``). Each rank then adds
+        ``D = −lr·scale·(P_k·N)`` or ``(N_k·Q)`` on its own elements and decays them
+        (:meth:`_apply_delta_`). Every collective takes all split matrices of the group at once.
+
+        A refresh draws the projector on the matrix's owner (the whole gradient gathered there for
+        an SVD; a random one from the seed) and broadcasts it; the moments move into the new basis
+        with ``C = P_newᵀ·P_old`` summed over each row's one rank, or ``Q_old·Q_newᵀ`` locally. The
+        result equals one process's up to the order of the sums."""
+        flat = zp.flat
+        grad = cast(Tensor, flat.grad)
+        subs = []
+        for pc in pieces:
+            prefix = f"param{pc.index}."
+            sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            if "step" not in sub:
+                sub["step"] = torch.tensor(0.0)
+            subs.append(sub)
+        layouts = [self._split_layout(zp, pc, group) for pc in pieces]
+        steps = _read_steps([sub["step"] for sub in subs])
+        # a holder without its projector (a refresh not yet run) refreshes out of turn; agreed by all
+        flags = torch.tensor(
+            [
+                float(zp.holds(pc.param) and self._projector_mats(sub, side) is None)
+                for pc, sub, (side, _r, _l) in zip(pieces, subs, layouts)
+            ],
+            dtype=flat.dtype,
+            device=flat.device,
+        )
+        missing = zp.all_reduce_sum_(flags).tolist()
+        for k, (pc, sub, (side, r, _)) in enumerate(zip(pieces, subs, layouts)):
+            if steps[k] % group["update_proj_gap"] == 0 or missing[k]:
+                self._refresh_split(zp, pc, sub, side, r, owners[id(pc.param)], group, gi, steps[k])
+
+        # the projected gradients: this rank's rows (right) or column block (left) of R
+        lows: list[Tensor | None] = [None] * len(pieces)
+        shared: list[tuple[int, int]] = []  # (piece, row) of the right projections' split rows
+        left = [k for k, (side, _r, _l) in enumerate(layouts) if side == "left"]
+        blocks = _ColumnBlocks(
+            [pieces[k].shape[1] for k in left], [layouts[k][1] for k in left], zp.world
+        )
+        send = flat.new_zeros(blocks.size * zp.world) if left else None
+        for k, (pc, sub, (side, _r, _l)) in enumerate(zip(pieces, subs, layouts)):
+            if side == "right":
+                shared += [(k, row) for row in zp.shared_rows(pc.param)]
+                if zp.holds(pc.param):
+                    q = sub["proj_right"]
+                    lows[k] = zp.row_block(grad, pc.param).to(q.dtype) @ q.T
+            elif zp.holds(pc.param):
+                p_rows = sub["proj_left"]
+                blocks.put_all(
+                    cast(Tensor, send),
+                    left.index(k),
+                    p_rows.T @ zp.row_block(grad, pc.param).to(p_rows.dtype),
+                )
+        if shared:
+            width = max(layouts[k][1] for k, _row in shared)
+            buf = flat.new_zeros(len(shared), width)
+            for j, (k, row) in enumerate(shared):
+                rows = zp.row_span(pieces[k].param)
+                if rows.start <= row < rows.stop:
+                    low = cast(Tensor, lows[k])
+                    buf[j, : low.shape[1]] = low[row - rows.start]
+            zp.all_reduce_sum_(buf)
+            for j, (k, row) in enumerate(shared):
+                rows = zp.row_span(pieces[k].param)
+                if rows.start <= row < rows.stop:
+                    low = cast(Tensor, lows[k])
+                    low[row - rows.start] = buf[j, : low.shape[1]]
+        if left:
+            mine = zp.reduce_scatter_sum(cast(Tensor, send))
+            for j, k in enumerate(left):
+                lows[k] = blocks.take(mine, j, zp.rank)
+
+        # Adam on this rank's part of each R (the step counts advance on every rank alike)
+        counts = _count_steps(subs)
+        todo = [k for k, low in enumerate(lows) if low is not None and low.numel()]
+        for k in todo:
+            sub, low = subs[k], cast(Tensor, lows[k])
+            if "exp_avg" not in sub:
+                sub["exp_avg"] = torch.zeros_like(low, dtype=_moment_dtype(low))
+                sub["exp_avg_sq"] = torch.zeros_like(low, dtype=_moment_dtype(low))
+        dirs: dict[int, Tensor] = {}
+        for step in sorted({counts[k] for k in todo}):
+            ks = [k for k in todo if counts[k] == step]
+            out = adamw_direction(
+                [cast(Tensor, lows[k]) for k in ks],
+                [subs[k]["exp_avg"] for k in ks],
+                [subs[k]["exp_avg_sq"] for k in ks],
+                step=step,
+                betas=tuple(group["betas"]),
+                eps=group["eps"],
+                style=group["adamw_style"],
+                correct_bias=group.get("correct_bias", True),
+            )
+            dirs.update(zip(ks, out))
+
+        # back to each rank's elements: N of a left projection all-gathered from the column blocks
+        whole_n: dict[int, Tensor] = {}
+        if left:
+            send = flat.new_zeros(blocks.size)
+            for j, k in enumerate(left):
+                if k in dirs:
+                    blocks.put(send, j, zp.rank, dirs[k])
+            every = zp.all_gather_flat(send)
+            for j, k in enumerate(left):
+                if zp.holds(pieces[k].param):
+                    whole_n[k] = blocks.whole(every, j)
+        for k, (pc, sub, (side, _r, _l)) in enumerate(zip(pieces, subs, layouts)):
+            if zp.holds(pc.param):
+                if side == "right":
+                    block = dirs[k].to(sub["proj_right"].dtype) @ sub["proj_right"]
+                else:
+                    block = sub["proj_left"] @ whole_n[k].to(sub["proj_left"].dtype)
+                delta = zp.from_row_block(block, pc.param) * (-group["lr"] * group["scale"])
+                self._apply_delta_(zp.local(flat, pc.param), delta.to(flat.dtype), group)
+            for key, value in sub.items():
+                state[f"param{pc.index}.{key}"] = value
+
+    def _refresh_split(
+        self,
+        zp: ZeroPartition,
+        pc: Any,
+        sub: dict[str, Any],
+        side: Side,
+        r: int,
+        owner: int,
+        group: dict[str, Any],
+        gi: int,
+        step: int,
+    ) -> None:
+        """A new projector for a matrix :meth:`_step_split_matrices` steps (a collective: every
+        rank, every such matrix, in order): drawn on ``owner``, broadcast, kept as
+        :meth:`_split_layout` says, the moments carried into its basis."""
+        flat = zp.flat
+        svd = _projection_kind(group, step) == "svd"
+        whole = zp.gather_to(cast(Tensor, flat.grad), pc.param, owner) if svd else None
+        m, n = pc.shape
+        dtype = torch.float32 if flat.dtype in (torch.bfloat16, torch.float16) else flat.dtype
+        mat = torch.empty((m, r) if side == "left" else (r, n), dtype=dtype, device=flat.device)
+        if zp.rank == owner:
+            source = whole if whole is not None else flat.new_empty(()).expand(m, n)
+            mat.copy_(self._draw_projector(source, group, gi, pc.index, side, step)[0])
+        del whole
+        zp.broadcast_(mat, owner)
+        rows = zp.row_span(pc.param)
+        new = mat[rows].contiguous() if side == "left" else mat
+        old = self._projector_mats(sub, side)
+        if group["reproject_moments"] and step > 0:
+            if side == "left":
+                # C = P_newᵀ·P_old over all rows: each row counted on the one rank holding its start
+                first = zp.first_rows(pc.param)
+                here = slice(first.start - rows.start, first.stop - rows.start)
+                trans = new.new_zeros(r, r)
+                if old is not None and first.stop > first.start:
+                    trans += new[here].T @ old[0][here]
+                zp.all_reduce_sum_(trans)
+                self._reproject_moments(sub, (trans,), side, group)
+            elif old is not None:
+                self._reproject_moments(sub, transition_matrices(old, (new,), side), side, group)
+        if rows.stop > rows.start:
+            self._store_mats(sub, side, (new,))
 
     def _step_fsdp_owners(
         self, group: dict[str, Any], gi: int, params: Iterable[Tensor] | None = None
@@ -635,25 +871,41 @@ class SubspaceOptimizer(Optimizer):
         owners: dict[int, int],
         gi: int,
         where: str,
+        split: list[Any],
+        group: dict[str, Any],
     ) -> None:
-        """Refuse, on every rank, a partition state holding another rank's matrices (a checkpoint
-        saved with another owner assignment: stepping on would silently restart those matrices'
-        moments and projectors). Checked at each group's first step of this optimizer object, on
-        every rank at once (a collective; DeepSpeed loads a checkpoint into a new engine's
-        optimizer before its first step, writing into the state in place)."""
+        """Refuse, on every rank, a partition state laid out for another assignment: one holding the
+        low-rank state of matrices another rank updates now, or, for the matrices split over ranks
+        (:meth:`_step_split_matrices`), state of other shapes than this rank keeps (a checkpoint of
+        another owner assignment or of loralab-golore before 2026-12-05, which kept a split matrix's
+        state whole on its owner). Stepping on would silently restart those matrices' moments and
+        projectors. Checked at each group's first step of this optimizer object, on every rank at
+        once (a collective; DeepSpeed loads a checkpoint into a new engine's optimizer before its
+        first step, writing into the state in place)."""
         checked = self.__dict__.setdefault("_owned_state_checked", set())
         if gi in checked:
             return
+        split_ids = {id(pc.param) for pc in split}
         foreign = [
             pc.index
             for pc in zp.pieces
-            if owners.get(id(pc.param), zp.rank) != zp.rank
+            if id(pc.param) not in split_ids
+            and owners.get(id(pc.param), zp.rank) != zp.rank
             and any(k.startswith(f"param{pc.index}.") for k in state)
         ]
+        for pc in split:
+            expected = self._split_layout(zp, pc, group)[2]
+            prefix = f"param{pc.index}."
+            for key, value in state.items():
+                if key.startswith(prefix) and key[len(prefix) :] != "step":
+                    shape = tuple(value.shape) if isinstance(value, Tensor) else None
+                    if expected.get(key[len(prefix) :]) != shape:
+                        foreign.append(pc.index)
+                        break
         if not zp.all_agree(not foreign):
             raise RuntimeError(
                 f"{where}: the optimizer state loaded on a rank holds the low-rank state of matrices "
-                f"another rank updates now ({'parameters ' + str(foreign[:5]) if foreign else 'on another rank'}): "
+                f"in another layout than this rank keeps ({'parameters ' + str(foreign[:5]) if foreign else 'on another rank'}): "
                 "the checkpoint was saved with another owner assignment (an older loralab-golore or "
                 "another DeepSpeed layout). Resume with the version and world size that saved it."
             )
@@ -771,6 +1023,56 @@ class SubspaceOptimizer(Optimizer):
 
     def _update(self, group: dict[str, Any], items: list[Item]) -> None:  # pragma: no cover
         raise NotImplementedError
+
+
+class _ColumnBlocks:
+    """The packing of several (r_j, n_j) matrices into one flat buffer per rank, by column blocks
+    (:func:`~loralab.core.sharding.block_of` of each matrix's columns over ``world`` ranks): rank
+    ``k``'s region holds block ``k`` of every matrix, transposed (columns contiguous) and padded to
+    ``⌈n_j / world⌉`` columns, so one reduce-scatter sums every matrix and hands each rank its
+    blocks, and one all-gather brings every matrix back whole."""
+
+    def __init__(self, ns: list[int], rs: list[int], world: int) -> None:
+        self.ns, self.rs, self.world = ns, rs, world
+        self.chunks = [-(-n // world) for n in ns]
+        self.offsets = [0]
+        for c, r in zip(self.chunks, rs):
+            self.offsets.append(self.offsets[-1] + c * r)
+        self.size = self.offsets[-1]  # one rank's region
+
+    def _view(self, region: Tensor, j: int) -> Tensor:
+        lo = self.offsets[j]
+        return region[lo : lo + self.chunks[j] * self.rs[j]].view(self.chunks[j], self.rs[j])
+
+    def put(self, region: Tensor, j: int, rank: int, block: Tensor) -> None:
+        """Write the (r, n_k) column block of matrix ``j`` that rank ``rank`` keeps into ``region``."""
+        self._view(region, j)[: block.shape[1]] = block.T
+
+    def put_all(self, buf: Tensor, j: int, value: Tensor) -> None:
+        """Write every rank's block of the whole (r, n) ``value`` of matrix ``j`` into ``buf`` (all
+        ``world`` regions, in rank order)."""
+        for k in range(self.world):
+            cols = sharding.block_of(self.ns[j], self.world, k)
+            region = buf[k * self.size : (k + 1) * self.size]
+            self.put(region, j, k, value[:, cols])
+
+    def take(self, region: Tensor, j: int, rank: int) -> Tensor:
+        """The (r, n_k) block of matrix ``j`` that rank ``rank`` keeps, from its ``region``."""
+        cols = sharding.block_of(self.ns[j], self.world, rank)
+        return self._view(region, j)[: cols.stop - cols.start].T.contiguous()
+
+    def whole(self, buf: Tensor, j: int) -> Tensor:
+        """Matrix ``j`` whole (r, n) from every rank's region (an all-gathered ``buf``)."""
+        parts = [
+            self.take(buf[k * self.size : (k + 1) * self.size], j, k) for k in range(self.world)
+        ]
+        return torch.cat(parts, dim=1)
+
+
+def _projection_kind(group: dict[str, Any], step: int) -> Projection:
+    """Which projector a refresh at ``step`` draws: random from the group's ``rand_step`` on, else SVD."""
+    rand_step = resolve_rand_step(group)
+    return "random" if rand_step is not None and step >= rand_step else "svd"
 
 
 def _owners(zp: ZeroPartition, group: dict[str, Any], every: bool) -> dict[int, int]:

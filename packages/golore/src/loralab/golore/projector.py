@@ -107,10 +107,18 @@ def projector_side(shape: tuple[int, ...] | torch.Size, proj_type: str) -> Side:
 
 
 def effective_rank(shape: tuple[int, ...] | torch.Size, rank: int, side: Side) -> int:
-    """``rank`` clipped to the projected dimension (galore-torch's ``Vh[:rank]`` does the same silently)."""
+    """``rank`` clipped to the matrix's smaller dimension, on every side: an (m, n) gradient has at
+    most ``min(m, n)`` singular vectors (galore-torch's ``U[:, :rank]`` / ``Vh[:rank]`` of the thin
+    SVD clip the same way, silently), and a random projector keeps the SVD's shape so that GoLore's
+    switch from SVD to random projectors leaves the moments' shape alone. ``side`` is kept for the
+    callers' symmetry (it does not change the result).
+
+    Example:
+        >>> effective_rank((2, 150), 3, "right")  # 2 singular vectors at most
+        2
+    """
     m, n = shape[-2], shape[-1]
-    dim = {"left": m, "right": n, "full": min(m, n)}[side]
-    return min(rank, dim)
+    return min(rank, m, n)
 
 
 def new_projector(
