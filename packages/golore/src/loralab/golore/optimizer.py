@@ -503,10 +503,12 @@ class SubspaceOptimizer(Optimizer):
         ``w ← a·w + D`` with ``D`` independent of ``w``: the owner computes ``D`` alone and scatters
         it, and each rank applies it to its own elements (no weight gather: two collectives per
         matrix instead of three); the other forms gather the master weight too and scatter the new
-        values. A matrix split over ranks in the AdamW forms never travels whole except at a
-        projector refresh (:meth:`_step_split_matrices`: the projection algebra on each rank's
-        elements). The low-rank state of a matrix lives on its owner only, in the partition's state
-        under ``"param{i}.<key>"`` (tensors only, so DeepSpeed's checkpoints keep it); the optimizer
+        values. A matrix split over ranks in the AdamW forms has no owner for its steps and never
+        travels whole except at a projector refresh (:meth:`_step_split_matrices`: the projection
+        algebra on each rank's elements, each rank keeping the state of its own rows or columns).
+        The low-rank state of a matrix stepped by an owner lives on that rank only; every state is
+        in the partition's state under ``"param{i}.<key>"`` (tensors only, so DeepSpeed's
+        checkpoints keep it); the optimizer
         state is split over the ranks as ZeRO splits any other. Parameters that are not projected
         (vectors) step element-wise on this rank's elements (for the 8-bit and Adafactor forms, whose
         states need whole tensors, they go to an owner too). The result equals one process's up to
