@@ -265,7 +265,7 @@ def test_row_blocks_sum_to_the_whole_matrix_and_give_back_each_ranks_elements(mo
             part = master[rank * size : (rank + 1) * size]
             zp = zero_partition(params, part)
             rows = zp.row_span(p)
-            block = zp.row_block(part, p)
+            block = zp.row_block(zp.local(part, p), p)
             assert block.shape == (rows.stop - rows.start, n)
             total[rows] += block
             firsts[zp.first_rows(p)] += 1

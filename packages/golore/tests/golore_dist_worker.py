@@ -12,7 +12,8 @@ One launch runs every mode in turn on the same seeded model, each rank a differe
   optimizer and the parameters offloaded (``zero_force_ds_cpu_optimizer: false`` keeps GoLore's
   optimizer; DeepSpeed would otherwise refuse a client optimizer under offload);
 - ``zero2roundrobin``: ZeRO-2 with ``round_robin_gradients`` (DeepSpeed reorders the parameters in
-  its flat buffers; the views read each one's place from its storage offset).
+  its flat buffers; the views read each one's place from its storage offset);
+- ``ddp-sgd`` / ``zero3-sgd``: GoLore's momentum SGD (coupled weight decay) under DDP and ZeRO-3.
 """
 
 import sys
@@ -22,7 +23,7 @@ import torch.distributed as dist
 
 from loralab.core.distributed import end_process_group
 from loralab.core.testing import make_lm_batches, tiny_llama
-from loralab.golore import GoLoreAdamW
+from loralab.golore import GoLoreAdamW, GoLoreSGD
 
 # Adam's first steps are ~lr·sign(g): with a tiny eps, the ulp-level differences of ZeRO-3's
 # reduce-scatter order in near-zero gradient entries (the embedding rows) become whole-lr differences
@@ -37,6 +38,8 @@ MODES = (
     "zero2offload",
     "zero3offload",
     "zero2roundrobin",
+    "ddp-sgd",
+    "zero3-sgd",
 )
 CKPT = ""  # set in main: a checkpoint folder next to the outputs
 STEPS = 4
@@ -96,7 +99,10 @@ def run_resume(rank, batches):
 
 def run(mode, rank):
     model = tiny_llama()
-    opt = GoLoreAdamW(groups(model), lr=1e-2, weight_decay=0.1, eps=EPS)
+    if mode.endswith("-sgd"):  # coupled weight decay: added to each rank's gradient elements
+        opt = GoLoreSGD(groups(model), lr=5e-2, momentum=0.9, weight_decay=0.1)
+    else:
+        opt = GoLoreAdamW(groups(model), lr=1e-2, weight_decay=0.1, eps=EPS)
     split = []  # the matrices stepped by the projection algebra on ZeRO's element ranges
     step_split = opt._step_split_matrices
     opt._step_split_matrices = lambda zp, state, pieces, *a: (
@@ -104,7 +110,7 @@ def run(mode, rank):
         step_split(zp, state, pieces, *a),
     )[1]
     batches = make_lm_batches(STEPS, seed=rank)  # different data per rank
-    if mode == "ddp":
+    if mode.startswith("ddp"):
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         for b in batches:
             opt.zero_grad()

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from loralab.core.distributed import end_process_group
 from loralab.core.testing import as_zero12_partition
-from loralab.golore import GaLoreAdamW, GoLoreAdamW
+from loralab.golore import GaLoreAdamW, GaLoreSGD, GoLoreAdamW, GoLoreSGD
 
 STEPS, GAP = 5, 2
 # (out, in): std projects right when out >= in, left otherwise
@@ -46,6 +46,21 @@ CASES = {
     ),
     "golore": (GoLoreAdamW, {"weight_decay": 0.1, "rand_ratio": 0.4, "total_steps": STEPS}),
     "galore-no-reproject": (GaLoreAdamW, {"reproject_moments": False, "correct_bias": False}),
+    # SGD: the weight decay is coupled (added to each rank's gradient elements before projecting)
+    "galore-sgd-nesterov": (
+        GaLoreSGD,
+        {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.1},
+    ),
+    "golore-sgd": (
+        GoLoreSGD,
+        {
+            "momentum": 0.8,
+            "dampening": 0.1,
+            "weight_decay": 0.05,
+            "rand_ratio": 0.4,
+            "total_steps": STEPS,
+        },
+    ),
 }
 
 
@@ -74,7 +89,8 @@ def loss_of(ps, order, rank, step):
 
 
 def optimizer(cls, kwargs, ps):
-    return cls([{"params": ps, "rank": 3, "update_proj_gap": GAP}], lr=1e-2, eps=1e-8, **kwargs)
+    settings = {"lr": 1e-2, **({"eps": 1e-8} if "AdamW" in cls.__name__ else {}), **kwargs}
+    return cls([{"params": ps, "rank": 3, "update_proj_gap": GAP}], **settings)
 
 
 def reference(cls, kwargs, order, world):

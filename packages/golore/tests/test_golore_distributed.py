@@ -57,6 +57,13 @@ def test_deepspeed_zero_client_optimizer_equals_ddp(results, stage):
 
 
 @pytest.mark.multiprocess
+def test_deepspeed_zero3_momentum_sgd_equals_ddp(results):
+    # GoLoreSGD: its weight decay is added to the gradient before projecting, on each rank's elements
+    _assert_same(results("zero3-sgd", 0), results("zero3-sgd", 1))
+    _assert_same(results("ddp-sgd", 0), results("zero3-sgd", 0), atol=ATOL)
+
+
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_cpu_offload_equals_the_same_stage_without(results, stage):
     # offload_optimizer (and, at ZeRO-3, offload_param) on the CPU: GoLore's own optimizer steps the

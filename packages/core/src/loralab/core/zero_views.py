@@ -268,19 +268,24 @@ class ZeroPartition:
                     rows.add((hi - 1) // n)
         return sorted(rows)
 
-    def row_block(self, like_flat: Tensor, p: Tensor) -> Tensor:
-        """This rank's elements of the matrix ``p`` in ``like_flat`` placed in the rows they touch
-        (:meth:`row_span`), zeros where other ranks hold the elements: a ``(rows, n)`` matrix. Summed
-        over the ranks (row by row) these blocks are the whole matrix, so a product with a
-        projector's rows, ``P_kᵀ·G_k`` or ``G_k·Q``, sums over the ranks to the whole product."""
+    def row_block(self, elements: Tensor, p: Tensor) -> Tensor:
+        """This rank's ``elements`` of the matrix ``p`` (1-D, as :meth:`local` gives them) placed in
+        the rows they touch (:meth:`row_span`), zeros where other ranks hold the elements: a
+        ``(rows, n)`` matrix. Summed over the ranks (row by row) these blocks are the whole matrix,
+        so a product with a projector's rows, ``P_kᵀ·G_k`` or ``G_k·Q``, sums over the ranks to the
+        whole product."""
         pc = self.piece(p)
-        lo, hi, at = pc.spans[self.rank]
+        lo, hi, _ = pc.spans[self.rank]
+        if elements.numel() != hi - lo:
+            raise ValueError(
+                f"row_block: got {elements.numel()} elements, this rank holds {hi - lo} of the parameter"
+            )
         rows = self.row_span(p)
         n = pc.shape[1]
-        block = like_flat.new_zeros(rows.stop - rows.start, n)
+        block = elements.new_zeros(rows.stop - rows.start, n)
         if hi > lo:
             start = lo - rows.start * n
-            block.view(-1)[start : start + hi - lo] = like_flat.view(-1)[at : at + hi - lo]
+            block.view(-1)[start : start + hi - lo] = elements.reshape(-1)
         return block
 
     def from_row_block(self, block: Tensor, p: Tensor) -> Tensor:
@@ -387,15 +392,24 @@ class ZeroPartition:
         """The whole ``p`` from ``like_flat`` on rank ``owner`` only (``None`` elsewhere): one
         gather, as much traffic as the matrix itself, for weight matrices that one rank updates; no
         communication when the owner holds all of ``p`` (:meth:`sole_holder`)."""
+        return self.gather_elements_to(self.local(like_flat, p), p, owner)
+
+    def gather_elements_to(self, elements: Tensor, p: Tensor, owner: int) -> Tensor | None:
+        """:meth:`gather_to` of every rank's ``elements`` of ``p`` (1-D, as :meth:`local` lays them
+        out: a value computed from them, such as a gradient with a weight-decay term added)."""
         pc = self.piece(p)
-        lo, hi, at = pc.spans[self.rank]
+        lo, hi, _ = pc.spans[self.rank]
+        if elements.numel() != hi - lo:
+            raise ValueError(
+                f"gather_elements_to: got {elements.numel()} elements, this rank holds {hi - lo} of the parameter"
+            )
         if self.world == 1 or self.sole_holder(p) == owner:
             if self.rank != owner:
                 return None
-            return like_flat.view(-1)[at : at + hi - lo].clone().view(pc.shape)
+            return elements.reshape(-1).clone().view(pc.shape)
         width = max(hi - lo for lo, hi, _ in pc.spans)
-        send = like_flat.new_zeros(width, device=self.comm_device)
-        send[: hi - lo] = like_flat.view(-1)[at : at + hi - lo]
+        send = elements.new_zeros(width, device=self.comm_device)
+        send[: hi - lo] = elements.reshape(-1)
         gathered = (
             [torch.empty_like(send) for _ in range(self.world)] if self.rank == owner else None
         )
@@ -408,7 +422,7 @@ class ZeroPartition:
         if gathered is None:
             return None
         chunks = [gathered[k][: h - lo_] for k, (lo_, h, _) in enumerate(pc.spans) if h > lo_]
-        return torch.cat(chunks).view(pc.shape).to(like_flat.device)
+        return torch.cat(chunks).view(pc.shape).to(elements.device)
 
     def scatter_from_(self, like_flat: Tensor, p: Tensor, value: Tensor | None, owner: int) -> None:
         """Write the whole ``value`` that rank ``owner`` holds (``None`` elsewhere) into every rank's

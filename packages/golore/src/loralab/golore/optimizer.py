@@ -210,6 +210,10 @@ class SubspaceOptimizer(Optimizer):
     # whether a step is w <- a·w + D with D independent of w (a weight-free update, then
     # _apply_delta_): under ZeRO the owner rank then needs the gradient whole, never the weight
     _affine_in_weight: bool = False
+    # whether a matrix DeepSpeed ZeRO splits over ranks can step by the projection algebra on each
+    # rank's elements (_step_split_matrices): the update is the back-projection of a low-rank
+    # direction (_low_rank_directions) plus element-wise terms (_preprocess_grad, _apply_delta_)
+    _steps_split_elements: bool = False
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         super().__init__(params, defaults)
@@ -503,7 +507,7 @@ class SubspaceOptimizer(Optimizer):
         ``w ← a·w + D`` with ``D`` independent of ``w``: the owner computes ``D`` alone and scatters
         it, and each rank applies it to its own elements (no weight gather: two collectives per
         matrix instead of three); the other forms gather the master weight too and scatter the new
-        values. A matrix split over ranks in the AdamW forms has no owner for its steps and never
+        values. A matrix split over ranks in the AdamW and SGD forms has no owner for its steps and never
         travels whole except at a projector refresh (:meth:`_step_split_matrices`: the projection
         algebra on each rank's elements, each rank keeping the state of its own rows or columns).
         The low-rank state of a matrix stepped by an owner lives on that rank only; every state is
@@ -592,9 +596,10 @@ class SubspaceOptimizer(Optimizer):
 
     def _steps_split(self, zp: ZeroPartition, pc: Any, group: dict[str, Any]) -> bool:
         """Whether the ZeRO piece ``pc`` steps by :meth:`_step_split_matrices`: a matrix to project on
-        one side, split over ranks, in a form whose step is affine in the weight (AdamW)."""
+        one side, split over ranks, in a form whose update is a back-projected low-rank direction
+        plus element-wise terms (AdamW, SGD)."""
         return (
-            self._affine_in_weight
+            self._steps_split_elements
             and zp.world > 1
             and group["rank"] is not None
             and len(pc.shape) == 2
@@ -638,7 +643,7 @@ class SubspaceOptimizer(Optimizer):
         group: dict[str, Any],
         gi: int,
     ) -> None:
-        """One AdamW step of the matrices of a ZeRO partition that are split over ranks, by the
+        """One step of the matrices of a ZeRO partition that are split over ranks, by the
         projection algebra on each rank's elements: no matrix is gathered or scattered whole, except
         the gradient to its owner at an SVD refresh.
 
@@ -659,6 +664,12 @@ class SubspaceOptimizer(Optimizer):
         result equals one process's up to the order of the sums."""
         flat = zp.flat
         grad = cast(Tensor, flat.grad)
+        # this rank's elements of each gradient, with the form's element-wise terms (SGD's coupled
+        # weight decay) as one process adds them before projecting
+        local_grads = [
+            self._preprocess_grad(zp.local(flat, pc.param), zp.local(grad, pc.param), group)
+            for pc in pieces
+        ]
         subs = []
         for pc in pieces:
             prefix = f"param{pc.index}."
@@ -680,7 +691,10 @@ class SubspaceOptimizer(Optimizer):
         missing = zp.all_reduce_sum_(flags).tolist()
         for k, (pc, sub, (side, r, _)) in enumerate(zip(pieces, subs, layouts)):
             if steps[k] % group["update_proj_gap"] == 0 or missing[k]:
-                self._refresh_split(zp, pc, sub, side, r, owners[id(pc.param)], group, gi, steps[k])
+                owner = owners[id(pc.param)]
+                self._refresh_split(
+                    zp, pc, local_grads[k], sub, side, r, owner, group, gi, steps[k]
+                )
 
         # the projected gradients: this rank's rows (right) or column block (left) of R
         lows: list[Tensor | None] = [None] * len(pieces)
@@ -695,14 +709,15 @@ class SubspaceOptimizer(Optimizer):
                 shared += [(k, row) for row in zp.shared_rows(pc.param)]
                 if zp.holds(pc.param):
                     q = sub["proj_right"]
-                    lows[k] = zp.row_block(grad, pc.param).to(q.dtype) @ q.T
+                    lows[k] = zp.row_block(local_grads[k], pc.param).to(q.dtype) @ q.T
             elif zp.holds(pc.param):
                 p_rows = sub["proj_left"]
                 blocks.put_all(
                     cast(Tensor, send),
                     left.index(k),
-                    p_rows.T @ zp.row_block(grad, pc.param).to(p_rows.dtype),
+                    p_rows.T @ zp.row_block(local_grads[k], pc.param).to(p_rows.dtype),
                 )
+        del local_grads
         if shared:
             width = max(layouts[k][1] for k, _row in shared)
             buf = flat.new_zeros(len(shared), width)
@@ -722,28 +737,16 @@ class SubspaceOptimizer(Optimizer):
             for j, k in enumerate(left):
                 lows[k] = blocks.take(mine, j, zp.rank)
 
-        # Adam on this rank's part of each R (the step counts advance on every rank alike)
+        # the form's update on this rank's part of each R (step counts advance on every rank alike)
         counts = _count_steps(subs)
         todo = [k for k, low in enumerate(lows) if low is not None and low.numel()]
-        for k in todo:
-            sub, low = subs[k], cast(Tensor, lows[k])
-            if "exp_avg" not in sub:
-                sub["exp_avg"] = torch.zeros_like(low, dtype=_moment_dtype(low))
-                sub["exp_avg_sq"] = torch.zeros_like(low, dtype=_moment_dtype(low))
-        dirs: dict[int, Tensor] = {}
-        for step in sorted({counts[k] for k in todo}):
-            ks = [k for k in todo if counts[k] == step]
-            out = adamw_direction(
-                [cast(Tensor, lows[k]) for k in ks],
-                [subs[k]["exp_avg"] for k in ks],
-                [subs[k]["exp_avg_sq"] for k in ks],
-                step=step,
-                betas=tuple(group["betas"]),
-                eps=group["eps"],
-                style=group["adamw_style"],
-                correct_bias=group.get("correct_bias", True),
-            )
-            dirs.update(zip(ks, out))
+        found = self._low_rank_directions(
+            group,
+            [cast(Tensor, lows[k]) for k in todo],
+            [subs[k] for k in todo],
+            [counts[k] for k in todo],
+        )
+        dirs = dict(zip(todo, found))
 
         # back to each rank's elements: N of a left projection all-gathered from the column blocks
         whole_n: dict[int, Tensor] = {}
@@ -751,7 +754,7 @@ class SubspaceOptimizer(Optimizer):
             send = flat.new_zeros(blocks.size)
             for j, k in enumerate(left):
                 if k in dirs:
-                    blocks.put(send, j, zp.rank, dirs[k])
+                    blocks.put(send, j, dirs[k])
             every = zp.all_gather_flat(send)
             for j, k in enumerate(left):
                 if zp.holds(pieces[k].param):
@@ -771,6 +774,7 @@ class SubspaceOptimizer(Optimizer):
         self,
         zp: ZeroPartition,
         pc: Any,
+        local_grad: Tensor,
         sub: dict[str, Any],
         side: Side,
         r: int,
@@ -780,11 +784,12 @@ class SubspaceOptimizer(Optimizer):
         step: int,
     ) -> None:
         """A new projector for a matrix :meth:`_step_split_matrices` steps (a collective: every
-        rank, every such matrix, in order): drawn on ``owner``, broadcast, kept as
-        :meth:`_split_layout` says, the moments carried into its basis."""
+        rank, every such matrix, in order) from this rank's elements ``local_grad`` of its
+        gradient: drawn on ``owner``, broadcast, kept as :meth:`_split_layout` says, the moments
+        carried into its basis."""
         flat = zp.flat
         svd = _projection_kind(group, step) == "svd"
-        whole = zp.gather_to(cast(Tensor, flat.grad), pc.param, owner) if svd else None
+        whole = zp.gather_elements_to(local_grad, pc.param, owner) if svd else None
         m, n = pc.shape
         dtype = torch.float32 if flat.dtype in (torch.bfloat16, torch.float16) else flat.dtype
         mat = torch.empty((m, r) if side == "left" else (r, n), dtype=dtype, device=flat.device)
@@ -914,8 +919,9 @@ class SubspaceOptimizer(Optimizer):
         checked.add(gi)
 
     def _apply_delta_(self, local: Tensor, delta: Tensor, group: dict[str, Any]) -> None:
-        """``local ← a·local + delta`` for this rank's elements of a matrix whose weight-free update
-        ``delta`` its owner computed (only for :attr:`_affine_in_weight` forms)."""
+        """``local ← a·local + delta`` (the form's element-wise decay around the update) for this
+        rank's elements of a matrix whose update ``delta`` its owner computed weight-free
+        (:attr:`_affine_in_weight` forms) or the split step computed (:attr:`_steps_split_elements`)."""
         raise NotImplementedError
 
     def _preprocess_grad(self, p: Tensor, grad: Tensor, group: dict[str, Any]) -> Tensor:
@@ -1026,6 +1032,18 @@ class SubspaceOptimizer(Optimizer):
     def _update(self, group: dict[str, Any], items: list[Item]) -> None:  # pragma: no cover
         raise NotImplementedError
 
+    def _low_rank_directions(
+        self,
+        group: dict[str, Any],
+        grads: list[Tensor],
+        states: list[dict[str, Any]],
+        steps: list[int],
+    ) -> list[Tensor]:  # pragma: no cover - overridden by the _steps_split_elements forms
+        """The directions ``d`` of the (low-rank or plain) gradients ``grads`` (the update is
+        ``−lr·d`` back-projected and scaled), their ``states`` updated in place; ``steps``: each
+        state's step count, already advanced for this step."""
+        raise NotImplementedError
+
 
 class _ColumnBlocks:
     """The packing of several (r_j, n_j) matrices into one flat buffer per rank, by column blocks
@@ -1046,8 +1064,8 @@ class _ColumnBlocks:
         lo = self.offsets[j]
         return region[lo : lo + self.chunks[j] * self.rs[j]].view(self.chunks[j], self.rs[j])
 
-    def put(self, region: Tensor, j: int, rank: int, block: Tensor) -> None:
-        """Write the (r, n_k) column block of matrix ``j`` that rank ``rank`` keeps into ``region``."""
+    def put(self, region: Tensor, j: int, block: Tensor) -> None:
+        """Write a rank's (r, n_k) column block of matrix ``j`` into that rank's ``region``."""
         self._view(region, j)[: block.shape[1]] = block.T
 
     def put_all(self, buf: Tensor, j: int, value: Tensor) -> None:
@@ -1056,7 +1074,7 @@ class _ColumnBlocks:
         for k in range(self.world):
             cols = sharding.block_of(self.ns[j], self.world, k)
             region = buf[k * self.size : (k + 1) * self.size]
-            self.put(region, j, k, value[:, cols])
+            self.put(region, j, value[:, cols])
 
     def take(self, region: Tensor, j: int, rank: int) -> Tensor:
         """The (r, n_k) block of matrix ``j`` that rank ``rank`` keeps, from its ``region``."""
@@ -1223,37 +1241,56 @@ class GaLoreAdamW(SubspaceOptimizer):
 
     def _update(self, group: dict[str, Any], items: list[Item]) -> None:
         lr, wd, style = group["lr"], group["weight_decay"], group["adamw_style"]
-        by_step: dict[int, list[int]] = {}
-        for p, g, state, _side, _like in items:
+        states = [st for _p, _g, st, _s, _l in items]
+        dirs = self._low_rank_directions(
+            group, [g for _p, g, _st, _s, _l in items], states, _count_steps(states)
+        )
+        params = [p for p, _g, _st, _s, _l in items]
+        if style == "torch" and wd:
+            torch._foreach_mul_(params, 1 - lr * wd)
+        self._add_updates_(group, list(zip(items, dirs)), -lr)
+        if style == "hf" and wd:  # after the step, as galore-torch / transformers' AdamW
+            torch._foreach_add_(params, params, alpha=-lr * wd)
+
+    def _low_rank_directions(
+        self,
+        group: dict[str, Any],
+        grads: list[Tensor],
+        states: list[dict[str, Any]],
+        steps: list[int],
+    ) -> list[Tensor]:
+        # Adam's moments of the projected gradient (float32 for bf16/fp16), one foreach pass per step
+        # count (a resumed or re-built state may mix them)
+        for g, state in zip(grads, states):
             if "exp_avg" not in state:
-                dt = _moment_dtype(p)
+                dt = _moment_dtype(g)
                 state["exp_avg"] = torch.zeros_like(
                     g, dtype=dt, memory_format=torch.preserve_format
                 )
                 state["exp_avg_sq"] = torch.zeros_like(
                     g, dtype=dt, memory_format=torch.preserve_format
                 )
-        for k, step in enumerate(_count_steps([st for _p, _g, st, _s, _l in items])):
+        by_step: dict[int, list[int]] = {}
+        for k, step in enumerate(steps):
             by_step.setdefault(step, []).append(k)
+        out: list[Tensor] = list(grads)
         for step, ks in by_step.items():
             dirs = adamw_direction(
-                [items[k][1] for k in ks],
-                [items[k][2]["exp_avg"] for k in ks],
-                [items[k][2]["exp_avg_sq"] for k in ks],
+                [grads[k] for k in ks],
+                [states[k]["exp_avg"] for k in ks],
+                [states[k]["exp_avg_sq"] for k in ks],
                 step=step,
                 betas=tuple(group["betas"]),
                 eps=group["eps"],
-                style=style,
+                style=group["adamw_style"],
                 correct_bias=group.get("correct_bias", True),
             )
-            params = [items[k][0] for k in ks]
-            if style == "torch" and wd:
-                torch._foreach_mul_(params, 1 - lr * wd)
-            self._add_updates_(group, [(items[k], d) for k, d in zip(ks, dirs)], -lr)
-            if style == "hf" and wd:  # after the step, as galore-torch / transformers' AdamW
-                torch._foreach_add_(params, params, alpha=-lr * wd)
+            for k, d in zip(ks, dirs):
+                out[k] = d
+        return out
 
     _affine_in_weight = True
+    _steps_split_elements = True
 
     def _apply_delta_(self, local: Tensor, delta: Tensor, group: dict[str, Any]) -> None:
         # the same order as _update: decay before (torch) or after (hf) the step
@@ -1385,24 +1422,41 @@ class GaLoreSGD(SubspaceOptimizer):
             return grad.add(p, alpha=group["weight_decay"])
         return grad
 
+    _steps_split_elements = True
+
     def _update(self, group: dict[str, Any], items: list[Item]) -> None:
-        mu, damp, lr = group["momentum"], group["dampening"], group["lr"]
-        _count_steps([item[2] for item in items])
-        pairs = []
-        for item in items:
-            p, g, state, _side, _like = item
-            g = g.to(_moment_dtype(p))
+        states = [item[2] for item in items]
+        dirs = self._low_rank_directions(
+            group, [item[1] for item in items], states, _count_steps(states)
+        )
+        self._add_updates_(group, list(zip(items, dirs)), -group["lr"])
+
+    def _low_rank_directions(
+        self,
+        group: dict[str, Any],
+        grads: list[Tensor],
+        states: list[dict[str, Any]],
+        steps: list[int],
+    ) -> list[Tensor]:
+        # torch.optim.SGD's momentum (dampening, Nesterov) on the projected gradient
+        mu, damp = group["momentum"], group["dampening"]
+        out = []
+        for g, state in zip(grads, states):
+            g = g.to(_moment_dtype(g))
             if mu != 0:
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = g.clone()
                 else:
                     state["momentum_buffer"].mul_(mu).add_(g, alpha=1 - damp)
                 buf = state["momentum_buffer"]
-                d = g.add(buf, alpha=mu) if group["nesterov"] else buf
+                out.append(g.add(buf, alpha=mu) if group["nesterov"] else buf)
             else:
-                d = g
-            pairs.append((item, d))
-        self._add_updates_(group, pairs, -lr)
+                out.append(g)
+        return out
+
+    def _apply_delta_(self, local: Tensor, delta: Tensor, group: dict[str, Any]) -> None:
+        # the weight decay is coupled (in the gradient, _preprocess_grad): nothing after the step
+        local.add_(delta)
 
 
 class GoLoreSGD(GaLoreSGD):
