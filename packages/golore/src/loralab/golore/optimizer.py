@@ -919,10 +919,17 @@ class SubspaceOptimizer(Optimizer):
         checked.add(gi)
 
     def _apply_delta_(self, local: Tensor, delta: Tensor, group: dict[str, Any]) -> None:
-        """``local ← a·local + delta`` (the form's element-wise decay around the update) for this
-        rank's elements of a matrix whose update ``delta`` its owner computed weight-free
-        (:attr:`_affine_in_weight` forms) or the split step computed (:attr:`_steps_split_elements`)."""
-        raise NotImplementedError
+        """``local ← a·local + delta`` (the form's element-wise decay around the update, as
+        :meth:`_update` applies it) for this rank's elements of a matrix whose update ``delta`` its
+        owner computed weight-free (:attr:`_affine_in_weight` forms) or the split step computed
+        (:attr:`_steps_split_elements`)."""
+        self._decay_([local], group, after=False)
+        local.add_(delta)
+        self._decay_([local], group, after=True)
+
+    def _decay_(self, params: list[Tensor], group: dict[str, Any], *, after: bool) -> None:
+        """The form's decoupled weight decay of ``params``, before (``after=False``) or after the
+        update; none by default (SGD's decay is coupled: :meth:`_preprocess_grad`)."""
 
     def _preprocess_grad(self, p: Tensor, grad: Tensor, group: dict[str, Any]) -> Tensor:
         return grad
@@ -1029,8 +1036,18 @@ class SubspaceOptimizer(Optimizer):
             f"{type(self).__name__}.step_parameter: the parameter (shape {tuple(param.shape)}) is not in any param group"
         )
 
-    def _update(self, group: dict[str, Any], items: list[Item]) -> None:  # pragma: no cover
-        raise NotImplementedError
+    def _update(self, group: dict[str, Any], items: list[Item]) -> None:
+        """One step of ``items`` (:meth:`_prepare_item`): the step counts advance, the form's
+        directions (:meth:`_low_rank_directions`), ``p ← p − lr·(back-projected direction)`` with the
+        form's decay around it (:meth:`_decay_`). Forms with other state (8-bit, Adafactor) override it."""
+        states = [item[2] for item in items]
+        dirs = self._low_rank_directions(
+            group, [item[1] for item in items], states, _count_steps(states)
+        )
+        params = [item[0] for item in items]
+        self._decay_(params, group, after=False)
+        self._add_updates_(group, list(zip(items, dirs)), -group["lr"])
+        self._decay_(params, group, after=True)
 
     def _low_rank_directions(
         self,
@@ -1239,17 +1256,12 @@ class GaLoreAdamW(SubspaceOptimizer):
         if not isinstance(group.get("correct_bias", True), bool):
             raise ValueError(f"{where}: correct_bias must be a bool, got {group['correct_bias']!r}")
 
-    def _update(self, group: dict[str, Any], items: list[Item]) -> None:
+    def _decay_(self, params: list[Tensor], group: dict[str, Any], *, after: bool) -> None:
+        # torch.optim.AdamW decays before the step; galore-torch / transformers' AdamW ("hf") after
         lr, wd, style = group["lr"], group["weight_decay"], group["adamw_style"]
-        states = [st for _p, _g, st, _s, _l in items]
-        dirs = self._low_rank_directions(
-            group, [g for _p, g, _st, _s, _l in items], states, _count_steps(states)
-        )
-        params = [p for p, _g, _st, _s, _l in items]
-        if style == "torch" and wd:
+        if wd and not after and style == "torch":
             torch._foreach_mul_(params, 1 - lr * wd)
-        self._add_updates_(group, list(zip(items, dirs)), -lr)
-        if style == "hf" and wd:  # after the step, as galore-torch / transformers' AdamW
+        if wd and after and style == "hf":
             torch._foreach_add_(params, params, alpha=-lr * wd)
 
     def _low_rank_directions(
@@ -1291,15 +1303,6 @@ class GaLoreAdamW(SubspaceOptimizer):
 
     _affine_in_weight = True
     _steps_split_elements = True
-
-    def _apply_delta_(self, local: Tensor, delta: Tensor, group: dict[str, Any]) -> None:
-        # the same order as _update: decay before (torch) or after (hf) the step
-        lr, wd, style = group["lr"], group["weight_decay"], group["adamw_style"]
-        if style == "torch" and wd:
-            local.mul_(1 - lr * wd)
-        local.add_(delta)
-        if style == "hf" and wd:
-            local.add_(local, alpha=-lr * wd)
 
 
 class GoLoreAdamW(GaLoreAdamW):
@@ -1424,13 +1427,6 @@ class GaLoreSGD(SubspaceOptimizer):
 
     _steps_split_elements = True
 
-    def _update(self, group: dict[str, Any], items: list[Item]) -> None:
-        states = [item[2] for item in items]
-        dirs = self._low_rank_directions(
-            group, [item[1] for item in items], states, _count_steps(states)
-        )
-        self._add_updates_(group, list(zip(items, dirs)), -group["lr"])
-
     def _low_rank_directions(
         self,
         group: dict[str, Any],
@@ -1453,10 +1449,6 @@ class GaLoreSGD(SubspaceOptimizer):
             else:
                 out.append(g)
         return out
-
-    def _apply_delta_(self, local: Tensor, delta: Tensor, group: dict[str, Any]) -> None:
-        # the weight decay is coupled (in the gradient, _preprocess_grad): nothing after the step
-        local.add_(delta)
 
 
 class GoLoreSGD(GaLoreSGD):
