@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from loralab.core.distributed import end_process_group
 from loralab.core.testing import as_zero12_partition
-from loralab.golore import GaLoreAdamW, GaLoreSGD, GoLoreAdamW, GoLoreSGD
+from loralab.golore import GaLoreAdafactor, GaLoreAdamW, GaLoreSGD, GoLoreAdamW, GoLoreSGD
 
 STEPS, GAP = 5, 2
 # (out, in): std projects right when out >= in, left otherwise
@@ -163,6 +163,36 @@ def run_case(cls, kwargs, order, pad, rank, world, counter):
     }
 
 
+NAN_CASES = {
+    # (layout, optimizer, matrix whose gradient gets a NaN): the projector's SVD fails on the
+    # matrix's owner rank; every rank must raise instead of waiting in the next collective
+    "split-adamw": ("b2d2e2", GaLoreAdamW, {}, "d"),  # split: the element-range algebra
+    "owner-adamw": ("b2d2e2", GaLoreAdamW, {}, "a"),  # rank 0 holds it whole
+    "owner-adafactor": (
+        "b2d2e2",
+        GaLoreAdafactor,
+        {"relative_step": False, "scale_parameter": False},
+        "d",
+    ),  # split, stepped whole on an owner
+}
+
+
+def run_nan(layout, cls, kwargs, bad, rank):
+    order, pad = LAYOUTS[layout]
+    ps = params(order)
+    opt = cls([{"params": ps, "rank": 3, "update_proj_gap": GAP}], lr=1e-2, **kwargs)
+    hand_gradient, _copy_back = as_zero12_partition(opt, ps, pad=pad)
+    loss_of(ps, order, rank, 0).backward()
+    if rank == 0:
+        ps[order.index(bad)].grad[0, 0] = float("nan")
+    hand_gradient()
+    try:
+        opt.step()
+    except FloatingPointError as e:
+        return {"error": type(e).__name__, "message": str(e)}
+    return {"error": None, "message": ""}
+
+
 def main(prefix):
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -171,6 +201,8 @@ def main(prefix):
     for layout, (order, pad) in LAYOUTS.items():
         for case, (cls, kwargs) in CASES.items():
             out[f"{layout}/{case}"] = run_case(cls, kwargs, order, pad, rank, world, counter)
+    for case, (layout, cls, kwargs, bad) in NAN_CASES.items():
+        out[f"nan/{case}"] = run_nan(layout, cls, kwargs, bad, rank)
     torch.save(out, f"{prefix}.{rank}.pt")
     end_process_group()
 

@@ -551,6 +551,9 @@ class SubspaceOptimizer(Optimizer):
         weight_free = {**group, "weight_decay": 0.0}
         done = {id(pc.param) for pc in split}
 
+        # an owner's failed projector (a non-finite gradient) is raised on every rank after the loop:
+        # raised on the owner alone, it would leave the others waiting in the next collective
+        failed: list[FloatingPointError] = []
         for pc in zp.pieces:
             prefix = f"param{pc.index}."
             owner = owners.get(id(pc.param))
@@ -572,10 +575,15 @@ class SubspaceOptimizer(Optimizer):
                 if whole_grad is not None:  # the owner: D, the update of a zero weight
                     sub = substate(prefix)
                     delta = torch.zeros(pc.shape, dtype=flat.dtype, device=flat.device)
-                    item = self._prepare_item(delta, whole_grad, sub, weight_free, gi, pc.index)
-                    self._update(weight_free, [item])
+                    try:
+                        item = self._prepare_item(delta, whole_grad, sub, weight_free, gi, pc.index)
+                        self._update(weight_free, [item])
+                        del item
+                    except FloatingPointError as e:
+                        failed.append(e)
+                        delta.zero_()
                     keep(prefix, sub)
-                    del whole_grad, item
+                    del whole_grad
                 mine = zp.scatter(pc.param, delta, owner, flat.dtype)
                 del delta
                 if mine.numel():
@@ -585,14 +593,20 @@ class SubspaceOptimizer(Optimizer):
             whole_grad = zp.gather_to(grad, pc.param, owner)
             if weight is not None and whole_grad is not None:  # the owner
                 sub = substate(prefix)
-                item = self._prepare_item(weight, whole_grad, sub, group, gi, pc.index)
-                self._update(group, [item])
+                try:
+                    item = self._prepare_item(weight, whole_grad, sub, group, gi, pc.index)
+                    self._update(group, [item])
+                    del item
+                except FloatingPointError as e:
+                    failed.append(e)
                 keep(prefix, sub)
-                del whole_grad, item
+                del whole_grad
             zp.scatter_from_(flat, pc.param, weight, owner)
             # free the owner's whole matrix now: bound until the next gather returned, it would make
             # two whole matrices at once on the owner of consecutive parameters
             del weight
+        if not zp.all_agree(not failed):
+            raise failed[0] if failed else _failed_elsewhere(where)
 
     def _steps_split(self, zp: ZeroPartition, pc: Any, group: dict[str, Any]) -> bool:
         """Whether the ZeRO piece ``pc`` steps by :meth:`_step_split_matrices`: a matrix to project on
@@ -793,10 +807,18 @@ class SubspaceOptimizer(Optimizer):
         m, n = pc.shape
         dtype = torch.float32 if flat.dtype in (torch.bfloat16, torch.float16) else flat.dtype
         mat = torch.empty((m, r) if side == "left" else (r, n), dtype=dtype, device=flat.device)
+        failed = None
         if zp.rank == owner:
             source = whole if whole is not None else flat.new_empty(()).expand(m, n)
-            mat.copy_(self._draw_projector(source, group, gi, pc.index, side, step)[0])
+            try:
+                mat.copy_(self._draw_projector(source, group, gi, pc.index, side, step)[0])
+            except FloatingPointError as e:
+                failed = e
         del whole
+        if not zp.all_agree(failed is None):  # every rank raises, none waits for the broadcast
+            raise failed or _failed_elsewhere(
+                f"{type(self).__name__} param group {gi}, parameter {pc.index} at step {step}"
+            )
         zp.broadcast_(mat, owner)
         rows = zp.row_span(pc.param)
         new = mat[rows].contiguous() if side == "left" else mat
@@ -1104,6 +1126,15 @@ class _ColumnBlocks:
             self.take(buf[k * self.size : (k + 1) * self.size], j, k) for k in range(self.world)
         ]
         return torch.cat(parts, dim=1)
+
+
+def _failed_elsewhere(where: str) -> FloatingPointError:
+    """The error the other ranks raise when an owner rank could not compute a projector."""
+    return FloatingPointError(
+        f"{where}: a projector could not be computed on another rank (a non-finite gradient; that "
+        "rank's error names the parameter and step). Lower the learning rate, clip gradients or "
+        "check the data."
+    )
 
 
 def _projection_kind(group: dict[str, Any], step: int) -> Projection:
