@@ -199,6 +199,23 @@ def layerwise(name: str, rank: int) -> dict:
     }
 
 
+def nan_step(name: str, rank: int) -> str:
+    """One step with a NaN in rank 0's shard of ``lin1.weight``'s gradient: the error each rank
+    raised (every rank must raise; an owner-rank form once raised on the owner alone, leaving the
+    other rank waiting in the broadcast)."""
+    model = sharded(toy())
+    cls, param_groups = groups(model, name)
+    opt = cls(param_groups)
+    model(**batches(10 + rank)[0]).backward()
+    if rank == 0:
+        local_tensor(model.lin1.weight.grad)[0, 0] = float("nan")
+    try:
+        opt.step()
+    except FloatingPointError as e:
+        return str(e)
+    return ""
+
+
 def main(prefix: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -212,6 +229,7 @@ def main(prefix: str) -> None:
     except RuntimeError as e:
         out["layerwise_refusal"] = str(e)
     out["resume"] = resume(rank)
+    out["nan"] = {name: nan_step(name, rank) for name in ("galore_adamw", "galore_adafactor")}
     torch.save(out, f"{prefix}.{rank}.pt")
     end_process_group()  # not left to the interpreter's exit (see its docstring)
 

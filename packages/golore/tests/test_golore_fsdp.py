@@ -315,3 +315,14 @@ def test_fsdp2_layerwise_stepping_equals_one_process(fsdp_ranks):
             "layer-wise stepping across processes needs every trained parameter sharded by FSDP2"
         ), out["layerwise_refusal"]
         assert "under DDP the gradient hook fires before the all-reduce" in out["layerwise_refusal"]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("name", ["galore_adamw", "galore_adafactor"])
+def test_fsdp2_a_failing_projector_raises_on_every_rank(fsdp_ranks, name):
+    # a NaN in one rank's shard of a gradient: the SVD fails (on every rank for the row-shard
+    # algebra, which gathers the gradient everywhere; on the owner alone for Adafactor / 8-bit):
+    # both ranks raise, neither waits in a collective
+    messages = [out["nan"][name] for out in fsdp_ranks]
+    assert all(messages), messages
+    assert any("has NaN/Inf values" in m for m in messages), messages

@@ -856,6 +856,9 @@ class SubspaceOptimizer(Optimizer):
         index = {id(p): i for i, p in enumerate(group["params"])}
         owners = self._fsdp_owners(group)
         plain = []
+        # an owner's failed projector (a non-finite gradient) is raised on every rank after the loop
+        failed: list[FloatingPointError] = []
+        stepped: list[Tensor] = []
         for p in group["params"] if params is None else params:
             if p.grad is None:
                 continue
@@ -867,15 +870,25 @@ class SubspaceOptimizer(Optimizer):
             weight = sharding.whole(p.detach())
             whole_grad = sharding.whole(p.grad)
             if mesh.get_local_rank() == owner:
-                item = self._prepare_item(
-                    weight, whole_grad, self.state[p], group, gi, index[id(p)]
-                )
-                self._update(group, [item])
-                del item
+                try:
+                    item = self._prepare_item(
+                        weight, whole_grad, self.state[p], group, gi, index[id(p)]
+                    )
+                    self._update(group, [item])
+                    del item
+                except FloatingPointError as e:
+                    failed.append(e)
             del whole_grad
             torch.distributed.broadcast(weight, group=mesh.get_group(), group_src=owner)
             sharding.write_rows_(p, weight)
+            stepped.append(p)
             del weight
+        if not sharding.all_ranks_agree(not failed, stepped):
+            raise (
+                failed[0]
+                if failed
+                else _failed_elsewhere(f"{type(self).__name__} param group {gi}")
+            )
         if plain:
             items = self._gather(group, gi, plain)
             if items:
