@@ -13,6 +13,8 @@ One launch runs every mode in turn on the same seeded model, each rank a differe
   optimizer; DeepSpeed would otherwise refuse a client optimizer under offload);
 - ``zero2roundrobin``: ZeRO-2 with ``round_robin_gradients`` (DeepSpeed reorders the parameters in
   its flat buffers; the views read each one's place from its storage offset);
+- ``zero3subgroups``: ZeRO-3 with a small ``sub_group_size`` (each param group stepped in several
+  partitions, as DeepSpeed does for large models);
 - ``ddp-sgd`` / ``zero3-sgd``: GoLore's momentum SGD (coupled weight decay) under DDP and ZeRO-3.
 """
 
@@ -38,6 +40,7 @@ MODES = (
     "zero2offload",
     "zero3offload",
     "zero2roundrobin",
+    "zero3subgroups",
     "ddp-sgd",
     "zero3-sgd",
 )
@@ -55,7 +58,7 @@ def groups(model):
     ]
 
 
-def ds_config(stage, offload=False, round_robin=False):
+def ds_config(stage, offload=False, round_robin=False, sub_groups=False):
     config = {
         "train_micro_batch_size_per_gpu": 2,
         "zero_optimization": {"stage": stage},
@@ -64,6 +67,8 @@ def ds_config(stage, offload=False, round_robin=False):
     }
     if round_robin:
         config["zero_optimization"]["round_robin_gradients"] = True
+    if sub_groups:  # ZeRO-3 steps each param group in partitions of ~this many elements
+        config["zero_optimization"]["sub_group_size"] = 3000
     if offload:
         config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
         if stage == 3:
@@ -103,10 +108,10 @@ def run(mode, rank):
         opt = GoLoreSGD(groups(model), lr=5e-2, momentum=0.9, weight_decay=0.1)
     else:
         opt = GoLoreAdamW(groups(model), lr=1e-2, weight_decay=0.1, eps=EPS)
-    split = []  # the matrices stepped by the projection algebra on ZeRO's element ranges
+    split = []  # per call: the matrices stepped by the projection algebra on ZeRO's element ranges
     step_split = opt._step_split_matrices
     opt._step_split_matrices = lambda zp, state, pieces, *a: (
-        split.extend(pieces),
+        split.append(len(pieces)),
         step_split(zp, state, pieces, *a),
     )[1]
     batches = make_lm_batches(STEPS, seed=rank)  # different data per rank
@@ -126,7 +131,12 @@ def run(mode, rank):
         engine, *_ = deepspeed.initialize(
             model=model,
             optimizer=opt,
-            config=ds_config(stage, mode.endswith("offload"), mode.endswith("roundrobin")),
+            config=ds_config(
+                stage,
+                mode.endswith("offload"),
+                mode.endswith("roundrobin"),
+                mode.endswith("subgroups"),
+            ),
         )
         if mode.endswith("offload"):  # the offload took effect: DeepSpeed's CPU partitions
             assert engine.zero_cpu_offload() and engine.optimizer.optimizer is opt
@@ -138,6 +148,8 @@ def run(mode, rank):
         return {"error": f"{type(e).__name__}: {e}"}
     if mode.startswith("zero3") and not split:  # ZeRO-3 splits every matrix over the ranks
         return {"error": "ZeRO-3 did not step its split matrices by the projection algebra"}
+    if mode == "zero3subgroups" and len(split) <= STEPS:  # several partitions per step
+        return {"error": f"sub_group_size did not split the group: {split}"}
     with deepspeed.zero.GatheredParameters(list(model.parameters())):  # a no-op below ZeRO-3
         return {n: p.detach().clone() for n, p in model.named_parameters()}
 

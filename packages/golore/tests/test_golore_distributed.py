@@ -57,6 +57,13 @@ def test_deepspeed_zero_client_optimizer_equals_ddp(results, stage):
 
 
 @pytest.mark.multiprocess
+def test_deepspeed_zero3_sub_groups_equal_ddp(results):
+    # a small sub_group_size: DeepSpeed steps each param group in several partitions
+    _assert_same(results("zero3subgroups", 0), results("zero3subgroups", 1))
+    _assert_same(results("ddp", 0), results("zero3subgroups", 0), atol=ATOL)
+
+
+@pytest.mark.multiprocess
 def test_deepspeed_zero3_momentum_sgd_equals_ddp(results):
     # GoLoreSGD: its weight decay is added to the gradient before projecting, on each rank's elements
     _assert_same(results("zero3-sgd", 0), results("zero3-sgd", 1))

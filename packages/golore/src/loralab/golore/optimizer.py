@@ -921,11 +921,13 @@ class SubspaceOptimizer(Optimizer):
         (:meth:`_step_split_matrices`), state of other shapes than this rank keeps (a checkpoint of
         another owner assignment or of loralab-golore before 2026-12-05, which kept a split matrix's
         state whole on its owner). Stepping on would silently restart those matrices' moments and
-        projectors. Checked at each group's first step of this optimizer object, on every rank at
+        projectors. Checked at each partition's first step of this optimizer object, on every rank at
         once (a collective; DeepSpeed loads a checkpoint into a new engine's optimizer before its
         first step, writing into the state in place)."""
         checked = self.__dict__.setdefault("_owned_state_checked", set())
-        if gi in checked:
+        # per partition: ZeRO-3 steps a group in sub-groups (sub_group_size), one partition each
+        key = (gi, zp.pieces[0].index if zp.pieces else -1)
+        if key in checked:
             return
         split_ids = {id(pc.param) for pc in split}
         foreign = [
@@ -951,7 +953,7 @@ class SubspaceOptimizer(Optimizer):
                 "the checkpoint was saved with another owner assignment (an older loralab-golore or "
                 "another DeepSpeed layout). Resume with the version and world size that saved it."
             )
-        checked.add(gi)
+        checked.add(key)
 
     def _apply_delta_(self, local: Tensor, delta: Tensor, group: dict[str, Any]) -> None:
         """``local ← a·local + delta`` (the form's element-wise decay around the update, as
