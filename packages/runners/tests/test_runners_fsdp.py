@@ -783,3 +783,21 @@ def test_accelerate_fsdp2_cpu_ram_efficient_loading_loads_on_rank0_only_and_trai
         final = "model.safetensors" if m in ("golore", "full") else "adapter_model.safetensors"
         a, b = load_file(str(one / "final" / final)), load_file(str(two / "final" / final))
         assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in b), m
+
+
+@pytest.mark.multiprocess
+def test_a_slower_rank_does_not_refuse_the_output_dir_of_the_next_run_in_one_launch(
+    small_glue, helpers
+):
+    # two runs in one launch (the process group made once): rank 1 starts the second one 4 s late;
+    # rank 0 used to write that run's run_config.json / launch.json before rank 1 had checked the
+    # directory, which rank 1 then refused as "not empty" (seen in CI, 2026-12-05)
+    model, root = small_glue
+    first, second = root / "first", root / "second"
+    runs = [
+        ("glue", _method_argv(model, root, first, 2, "lora", "--fsdp", "full_shard")),
+        ("slow_rank", ["4"]),
+        ("glue", _method_argv(model, root, second, 2, "lora", "--fsdp", "full_shard")),
+    ]
+    run_worker(runs, root, helpers.free_port())
+    assert (second / "final").is_dir() and (second / "launch.json").is_file()

@@ -323,6 +323,7 @@ def _evaluate_only(args: TrainArgs, model: Any, evaluate: Any) -> dict[str, floa
     engine = build_engine(args)
     assert isinstance(engine, AccelerateEngine)  # --fsdp is refused without training (validate)
     out = Path(args.output_dir)
+    engine.barrier()  # every rank checked --output_dir before the main process writes (see finetune)
     if engine.is_main:
         if args.overwrite_output_dir:
             remove_run_artifacts(out)

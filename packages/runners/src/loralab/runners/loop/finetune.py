@@ -317,6 +317,10 @@ def _finetune(
         resume = (ckpt, state)
     else:
         identity = RunIdentity.new(settings)
+    # every rank has checked --output_dir (check_output_dir, before loading) before the main process
+    # writes into it: in a launch that runs several trainings the process group already exists, and
+    # a fast main process wrote this run's files before a slower rank's check, which then refused them
+    engine.barrier()
     if engine.is_main:
         if getattr(args, "overwrite_output_dir", False):
             remove_run_artifacts(out)
