@@ -46,6 +46,15 @@ CASES = {
     ),
     "golore": (GoLoreAdamW, {"weight_decay": 0.1, "rand_ratio": 0.4, "total_steps": STEPS}),
     "galore-no-reproject": (GaLoreAdamW, {"reproject_moments": False, "correct_bias": False}),
+    # two-sided: (r, r) partial products all-reduced; P by rows, Q whole
+    "galore-full": (
+        GaLoreAdamW,
+        {"weight_decay": 0.1, "proj_type": "full", "second_moment": "project"},
+    ),
+    "golore-sgd-full": (
+        GoLoreSGD,
+        {"lr": 0.5, "momentum": 0.9, "proj_type": "full", "rand_ratio": 0.4, "total_steps": STEPS},
+    ),
     # SGD: the weight decay is coupled (added to each rank's gradient elements before projecting)
     "galore-sgd-nesterov": (
         GaLoreSGD,
@@ -54,6 +63,7 @@ CASES = {
     "golore-sgd": (
         GoLoreSGD,
         {
+            "lr": 0.2,
             "momentum": 0.8,
             "dampening": 0.1,
             "weight_decay": 0.05,

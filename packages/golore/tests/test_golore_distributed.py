@@ -170,35 +170,40 @@ def test_a_partition_state_saved_with_other_owners_is_refused():
         opt._check_owned_state(zp, state, {id(w): 1}, 2, where, [], group)
 
 
-@pytest.mark.parametrize("side", ["right", "left"])
-def test_a_split_matrix_state_in_the_owner_layout_is_refused(side):
+@pytest.mark.parametrize("cls", ["GaLoreAdamW", "GaLoreSGD"])
+@pytest.mark.parametrize("side", ["right", "left", "full"])
+def test_a_split_matrix_state_in_the_owner_layout_is_refused(side, cls):
     # a matrix split over ranks keeps, since 2026-12-05, each rank's rows (right) or column block
     # (left) of its moments; a checkpoint from before held it whole on the owner: refused, not
-    # stepped on with moments of the wrong shape (or restarted)
+    # stepped on with moments of the wrong shape (or restarted). The form's own layout passes
+    # (SGD's momentum_buffer included)
+    import loralab.golore as golore
     from loralab.core.zero_views import Piece, ZeroPartition
-    from loralab.golore import GaLoreAdamW
 
-    w = torch.nn.Parameter(torch.zeros(6, 4) if side == "right" else torch.zeros(4, 6))
-    opt = GaLoreAdamW([{"params": [w], "rank": 2}], lr=1e-2)
+    w = torch.nn.Parameter(torch.zeros(4, 6) if side == "left" else torch.zeros(6, 4))
+    proj_type = "full" if side == "full" else "std"
+    opt = getattr(golore, cls)([{"params": [w], "rank": 2, "proj_type": proj_type}], lr=1e-2)
     group = opt.param_groups[0]
     flat = torch.zeros(13)
     piece = Piece(w, 0, w.shape, ((0, 13, 0), (13, 24, 0)))  # rank 0: 13 elements, inside a row
     zp = ZeroPartition(flat, [piece], 3, 0, 2, None)
     zp.all_agree = lambda ok: ok  # one process stands in for the two ranks' vote
     mine = opt._split_layout(zp, piece, group)[2]
-    rows = 4 if side == "right" else 3  # 13 elements touch rows 0-3 (4 wide) / 0-2 (6 wide)
-    assert mine == (
-        {"proj_right": (2, 4), "exp_avg": (rows, 2), "exp_avg_sq": (rows, 2)}
-        if side == "right"
-        else {"proj_left": (rows, 2), "exp_avg": (2, 3), "exp_avg_sq": (2, 3)}
-    )
-    where = "GaLoreAdamW param group 0"
+    rows = 3 if side == "left" else 4  # 13 elements touch rows 0-2 (6 wide) / 0-3 (4 wide)
+    moments = {"left": (2, 3), "right": (rows, 2), "full": (2, 2)}[side]
+    projectors = {
+        "left": {"proj_left": (rows, 2)},
+        "right": {"proj_right": (2, 4)},
+        "full": {"proj_left": (rows, 2), "proj_right": (2, 4)},
+    }[side]
+    assert mine == {**projectors, **dict.fromkeys(opt._moment_keys, moments)}
+    where = f"{cls} param group 0"
     ok = {f"param0.{k}": torch.zeros(s) for k, s in mine.items()} | {
         "param0.step": torch.tensor(3.0)
     }
     opt._check_owned_state(zp, ok, {id(w): 1}, 0, where, [piece], group)  # its own layout: fine
-    whole = (6, 2) if side == "right" else (2, 6)  # the owner's whole (m, r) / (r, n) moments
-    old = {**ok, "param0.exp_avg": torch.zeros(whole)}
+    whole = {"left": (2, 6), "right": (6, 2), "full": (3, 3)}[side]  # the owner's whole state
+    old = {**ok, f"param0.{opt._moment_keys[0]}": torch.zeros(whole)}
     with pytest.raises(
         RuntimeError, match=r"another layout.*parameters \[0\].*older loralab-golore"
     ):

@@ -52,6 +52,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Callable, Iterable
@@ -609,9 +610,9 @@ class SubspaceOptimizer(Optimizer):
             raise failed[0] if failed else _failed_elsewhere(where)
 
     def _steps_split(self, zp: ZeroPartition, pc: Any, group: dict[str, Any]) -> bool:
-        """Whether the ZeRO piece ``pc`` steps by :meth:`_step_split_matrices`: a matrix to project on
-        one side, split over ranks, in a form whose update is a back-projected low-rank direction
-        plus element-wise terms (AdamW, SGD)."""
+        """Whether the ZeRO piece ``pc`` steps by :meth:`_step_split_matrices`: a matrix to project,
+        split over ranks, in a form whose update is a back-projected low-rank direction plus
+        element-wise terms (AdamW, SGD)."""
         return (
             self._steps_split_elements
             and zp.world > 1
@@ -619,7 +620,6 @@ class SubspaceOptimizer(Optimizer):
             and len(pc.shape) == 2
             and pc.numel > 0
             and zp.sole_holder(pc.param) is None
-            and projector_side(pc.shape, group["proj_type"]) != "full"
         )
 
     def _split_layout(
@@ -629,23 +629,27 @@ class SubspaceOptimizer(Optimizer):
         :meth:`_step_split_matrices` steps: a right projection keeps the whole ``Q`` (r, n) and the
         moments of the rows this rank touches (``R = G·Qᵀ`` row by row); a left one the same rows of
         ``P`` and the moments of a column block of ``R = Pᵀ·G`` (:func:`block_of` over the world,
-        on every rank, holder or not)."""
+        on every rank, holder or not); a two-sided one ``P``'s rows, the whole ``Q`` and the (r, r)
+        moments, on each rank holding part of the matrix. Moments: the form's
+        :attr:`_moment_keys`."""
         n = pc.shape[1]
         side = projector_side(pc.shape, group["proj_type"])
         r = effective_rank(pc.shape, group["rank"], side)
         rows = zp.row_span(pc.param)
         m_k = rows.stop - rows.start
         out: dict[str, tuple[int, ...]] = {}
-        if side == "right":
-            if m_k:
-                out = {"proj_right": (r, n), "exp_avg": (m_k, r), "exp_avg_sq": (m_k, r)}
-        else:
+        if side == "right" and m_k:
+            out = {"proj_right": (r, n), **dict.fromkeys(self._moment_keys, (m_k, r))}
+        elif side == "full" and m_k:
+            out = {"proj_left": (m_k, r), "proj_right": (r, n)}
+            out.update(dict.fromkeys(self._moment_keys, (r, r)))
+        elif side == "left":
             cols = sharding.block_of(n, zp.world, zp.rank)
             n_k = cols.stop - cols.start
             if m_k:
                 out["proj_left"] = (m_k, r)
             if n_k:
-                out["exp_avg"] = out["exp_avg_sq"] = (r, n_k)
+                out.update(dict.fromkeys(self._moment_keys, (r, n_k)))
         return side, r, out
 
     def _step_split_matrices(
@@ -718,8 +722,17 @@ class SubspaceOptimizer(Optimizer):
             [pieces[k].shape[1] for k in left], [layouts[k][1] for k in left], zp.world
         )
         send = flat.new_zeros(blocks.size * zp.world) if left else None
-        for k, (pc, sub, (side, _r, _l)) in enumerate(zip(pieces, subs, layouts)):
-            if side == "right":
+        # two-sided: the (r, r) partial products P_kᵀ·G_k·Qᵀ of every such matrix, one all-reduce
+        full = [k for k, (side, _r, _l) in enumerate(layouts) if side == "full"]
+        at = dict(zip(full, itertools.accumulate((layouts[k][1] ** 2 for k in full), initial=0)))
+        squares = flat.new_zeros(sum(layouts[k][1] ** 2 for k in full))
+        for k, (pc, sub, (side, r, _l)) in enumerate(zip(pieces, subs, layouts)):
+            if side == "full":
+                if zp.holds(pc.param):
+                    p_rows, q = sub["proj_left"], sub["proj_right"]
+                    block = zp.row_block(local_grads[k], pc.param).to(q.dtype)
+                    squares[at[k] : at[k] + r * r] = (p_rows.T @ block @ q.T).reshape(-1)
+            elif side == "right":
                 shared += [(k, row) for row in zp.shared_rows(pc.param)]
                 if zp.holds(pc.param):
                     q = sub["proj_right"]
@@ -750,6 +763,12 @@ class SubspaceOptimizer(Optimizer):
             mine = zp.reduce_scatter_sum(cast(Tensor, send))
             for j, k in enumerate(left):
                 lows[k] = blocks.take(mine, j, zp.rank)
+        if full:
+            zp.all_reduce_sum_(squares)
+            for k in full:
+                if zp.holds(pieces[k].param):
+                    r = layouts[k][1]
+                    lows[k] = squares[at[k] : at[k] + r * r].view(r, r).clone()
 
         # the form's update on this rank's part of each R (step counts advance on every rank alike)
         counts = _count_steps(subs)
@@ -777,6 +796,9 @@ class SubspaceOptimizer(Optimizer):
             if zp.holds(pc.param):
                 if side == "right":
                     block = dirs[k].to(sub["proj_right"].dtype) @ sub["proj_right"]
+                elif side == "full":
+                    p_rows, q = sub["proj_left"], sub["proj_right"]
+                    block = p_rows @ dirs[k].to(q.dtype) @ q
                 else:
                     block = sub["proj_left"] @ whole_n[k].to(sub["proj_left"].dtype)
                 delta = zp.from_row_block(block, pc.param) * (-group["lr"] * group["scale"])
@@ -806,12 +828,15 @@ class SubspaceOptimizer(Optimizer):
         whole = zp.gather_elements_to(local_grad, pc.param, owner) if svd else None
         m, n = pc.shape
         dtype = torch.float32 if flat.dtype in (torch.bfloat16, torch.float16) else flat.dtype
-        mat = torch.empty((m, r) if side == "left" else (r, n), dtype=dtype, device=flat.device)
+        shapes = {"left": [(m, r)], "right": [(r, n)], "full": [(m, r), (r, n)]}[side]
+        mats = [torch.empty(shape, dtype=dtype, device=flat.device) for shape in shapes]
         failed = None
         if zp.rank == owner:
             source = whole if whole is not None else flat.new_empty(()).expand(m, n)
             try:
-                mat.copy_(self._draw_projector(source, group, gi, pc.index, side, step)[0])
+                drawn = self._draw_projector(source, group, gi, pc.index, side, step)
+                for mat, value in zip(mats, drawn):
+                    mat.copy_(value)
             except FloatingPointError as e:
                 failed = e
         del whole
@@ -819,24 +844,31 @@ class SubspaceOptimizer(Optimizer):
             raise failed or _failed_elsewhere(
                 f"{type(self).__name__} param group {gi}, parameter {pc.index} at step {step}"
             )
-        zp.broadcast_(mat, owner)
+        for mat in mats:
+            zp.broadcast_(mat, owner)
         rows = zp.row_span(pc.param)
-        new = mat[rows].contiguous() if side == "left" else mat
+        # P (left, full) by this rank's rows; Q (right, full) whole
+        new = tuple(
+            mat[rows].contiguous() if j == 0 and side != "right" else mat
+            for j, mat in enumerate(mats)
+        )
         old = self._projector_mats(sub, side)
         if group["reproject_moments"] and step > 0:
-            if side == "left":
+            trans: tuple[Tensor, ...] = ()
+            if side != "right":
                 # C = P_newᵀ·P_old over all rows: each row counted on the one rank holding its start
                 first = zp.first_rows(pc.param)
                 here = slice(first.start - rows.start, first.stop - rows.start)
-                trans = new.new_zeros(r, r)
+                c = new[0].new_zeros(r, r)
                 if old is not None and first.stop > first.start:
-                    trans += new[here].T @ old[0][here]
-                zp.all_reduce_sum_(trans)
-                self._reproject_moments(sub, (trans,), side, group)
-            elif old is not None:
-                self._reproject_moments(sub, transition_matrices(old, (new,), side), side, group)
+                    c += new[0][here].T @ old[0][here]
+                trans = (zp.all_reduce_sum_(c),)
+            if side != "left" and old is not None:  # D = Q_old·Q_newᵀ: Q is whole on a holder
+                trans += transition_matrices((old[-1],), (new[-1],), "right")
+            if len(trans) == len(new):  # a two-sided one's non-holders keep no moments
+                self._reproject_moments(sub, trans, side, group)
         if rows.stop > rows.start:
-            self._store_mats(sub, side, (new,))
+            self._store_mats(sub, side, new)
 
     def _step_fsdp_owners(
         self, group: dict[str, Any], gi: int, params: Iterable[Tensor] | None = None
@@ -926,8 +958,8 @@ class SubspaceOptimizer(Optimizer):
         first step, writing into the state in place)."""
         checked = self.__dict__.setdefault("_owned_state_checked", set())
         # per partition: ZeRO-3 steps a group in sub-groups (sub_group_size), one partition each
-        key = (gi, zp.pieces[0].index if zp.pieces else -1)
-        if key in checked:
+        partition = (gi, zp.pieces[0].index if zp.pieces else -1)
+        if partition in checked:
             return
         split_ids = {id(pc.param) for pc in split}
         foreign = [
@@ -953,7 +985,7 @@ class SubspaceOptimizer(Optimizer):
                 "the checkpoint was saved with another owner assignment (an older loralab-golore or "
                 "another DeepSpeed layout). Resume with the version and world size that saved it."
             )
-        checked.add(key)
+        checked.add(partition)
 
     def _apply_delta_(self, local: Tensor, delta: Tensor, group: dict[str, Any]) -> None:
         """``local ← a·local + delta`` (the form's element-wise decay around the update, as
