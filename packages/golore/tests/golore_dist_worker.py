@@ -15,7 +15,9 @@ One launch runs every mode in turn on the same seeded model, each rank a differe
   its flat buffers; the views read each one's place from its storage offset);
 - ``zero3subgroups``: ZeRO-3 with a small ``sub_group_size`` (each param group stepped in several
   partitions, as DeepSpeed does for large models);
-- ``ddp-sgd`` / ``zero3-sgd``: GoLore's momentum SGD (coupled weight decay) under DDP and ZeRO-3.
+- ``ddp-sgd`` / ``zero3-sgd``: GoLore's momentum SGD (coupled weight decay) under DDP and ZeRO-3;
+  ``zero3resume-sgd``: the same with a DeepSpeed checkpoint saved mid-way and loaded into a fresh
+  ZeRO-3 engine (each rank's rows / column blocks of the split matrices' state).
 """
 
 import sys
@@ -43,6 +45,7 @@ MODES = (
     "zero3subgroups",
     "ddp-sgd",
     "zero3-sgd",
+    "zero3resume-sgd",
 )
 CKPT = ""  # set in main: a checkpoint folder next to the outputs
 STEPS = 4
@@ -77,14 +80,20 @@ def ds_config(stage, offload=False, round_robin=False, sub_groups=False):
     return config
 
 
-def run_resume(rank, batches):
-    """ZeRO-2: train half, save a DeepSpeed checkpoint, resume in a fresh engine, train the rest."""
+def optimizer(model, sgd):
+    if sgd:  # coupled weight decay: added to each rank's gradient elements
+        return GoLoreSGD(groups(model), lr=5e-2, momentum=0.9, weight_decay=0.1)
+    return GoLoreAdamW(groups(model), lr=1e-2, weight_decay=0.1, eps=EPS)
+
+
+def run_resume(rank, batches, stage=2, sgd=False):
+    """Train half, save a DeepSpeed checkpoint, resume in a fresh engine, train the rest."""
     import deepspeed
 
     def engine():
         model = tiny_llama()
-        opt = GoLoreAdamW(groups(model), lr=1e-2, weight_decay=0.1, eps=EPS)
-        return deepspeed.initialize(model=model, optimizer=opt, config=ds_config(2))[0], model
+        opt = optimizer(model, sgd)
+        return deepspeed.initialize(model=model, optimizer=opt, config=ds_config(stage))[0], model
 
     def train(eng, bs):
         for b in bs:
@@ -99,15 +108,13 @@ def run_resume(rank, batches):
     second, model = engine()
     second.load_checkpoint(CKPT, tag="half")
     train(second, batches[half:])
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):  # a no-op below ZeRO-3
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 def run(mode, rank):
     model = tiny_llama()
-    if mode.endswith("-sgd"):  # coupled weight decay: added to each rank's gradient elements
-        opt = GoLoreSGD(groups(model), lr=5e-2, momentum=0.9, weight_decay=0.1)
-    else:
-        opt = GoLoreAdamW(groups(model), lr=1e-2, weight_decay=0.1, eps=EPS)
+    opt = optimizer(model, mode.endswith("-sgd"))
     split = []  # per call: the matrices stepped by the projection algebra on ZeRO's element ranges
     step_split = opt._step_split_matrices
     opt._step_split_matrices = lambda zp, state, pieces, *a: (
@@ -126,6 +133,8 @@ def run(mode, rank):
 
     if mode == "zero2resume":
         return run_resume(rank, batches)
+    if mode == "zero3resume-sgd":
+        return run_resume(rank, batches, stage=3, sgd=True)
     try:
         stage = int(mode[4])
         engine, *_ = deepspeed.initialize(

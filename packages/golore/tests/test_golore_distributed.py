@@ -88,6 +88,13 @@ def test_deepspeed_round_robin_gradients_equals_zero2(results):
 
 
 @pytest.mark.multiprocess
+def test_deepspeed_zero3_checkpoint_resume_is_exact(results):
+    # the split matrices' state (each rank's rows / column blocks, momentum SGD) in ZeRO-3 checkpoints
+    for rank in (0, 1):
+        _assert_same(results("zero3resume-sgd", rank), results("zero3-sgd", rank))
+
+
+@pytest.mark.multiprocess
 def test_deepspeed_zero2_checkpoint_resume_is_exact(results):
     # the low-rank states live in ZeRO's partition state; a DeepSpeed checkpoint must carry them
     for rank in (0, 1):
