@@ -209,8 +209,8 @@ class WholeLog:
     """Counts the weight matrices held whole on this rank while active.
 
     Wraps the calls that make a whole weight-sized (``WEIGHT_SHAPES``, last two dims) tensor on a rank
-    during a step: the gathers (``DTensor.full_tensor`` under FSDP2, ``ZeroPartition.gather_to`` and
-    ``wholes`` under ZeRO) and LoRA-Pro full mode's m×n maths (``optimal_equivalent_gradient``, the
+    during a step: the gathers (``DTensor.full_tensor`` under FSDP2, ``ZeroPartition.gather_to`` /
+    ``gather_elements_to`` and ``wholes`` under ZeRO) and LoRA-Pro full mode's m×n maths (``optimal_equivalent_gradient``, the
     Adam direction). Each result is tagged with the matrix it belongs to (the parameter it was
     gathered for; a tensor computed from a tracked one keeps its tag), tracked by a weak reference,
     and at each call ``max_matrices`` records how many distinct matrices still have a live whole
@@ -282,7 +282,8 @@ class WholeLog:
         from loralab.core.zero_views import ZeroPartition
 
         self._wrap(DTensor, "full_tensor")
-        self._wrap(ZeroPartition, "gather_to", lambda zp, flat, p, owner: id(p))
+        # gather_to goes through gather_elements_to: one wrapper sees both
+        self._wrap(ZeroPartition, "gather_elements_to", lambda zp, elements, p, owner: id(p))
         self._wrap(ZeroPartition, "wholes")
         import loralab.lora_pro.optimizer as lp
 

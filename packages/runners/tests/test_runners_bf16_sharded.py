@@ -122,10 +122,10 @@ def test_bf16_sharded_matches_one_process_bf16(results, references, engine, meth
 
 
 # the most weight matrices some rank holds whole at once: one (GaLore's SVD refresh gathers one
-# gradient at a time under FSDP2; under ZeRO (every stage) the owner of a matrix gathers its gradient and
-# builds its update there (the AdamW forms never gather the weight),
-# LoRA-Pro full mode's owner builds its g̃ and Adam direction), none for LoRA-Pro full mode under
-# FSDP2 (each rank builds its rows of g̃ only)
+# gradient at a time to one rank under FSDP2 and ZeRO; between refreshes a matrix ZeRO splits over
+# ranks is stepped by the projection algebra on each rank's elements, none whole, and one a rank holds
+# whole under ZeRO-1/2 is updated there; LoRA-Pro full mode's owner builds its g̃ and Adam direction),
+# none for LoRA-Pro full mode under FSDP2 (each rank builds its rows of g̃ only)
 WHOLE = {("fsdp2", "lora_pro_full"): 0}
 
 
