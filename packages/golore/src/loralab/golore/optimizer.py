@@ -500,25 +500,24 @@ class SubspaceOptimizer(Optimizer):
         """One step of a group whose parameters DeepSpeed ZeRO (stage 1, 2 or 3) replaced by this
         rank's flat fp32 partition (:mod:`loralab.core.zero_views` finds each parameter in it).
 
-        Every weight matrix to project has one **owner rank**, the same on every rank: the rank that
-        holds all of its elements when one does (most matrices under ZeRO-1/2: then nothing moves),
-        else the least loaded one by elements. Its gradient is gathered to the owner only (one
-        matrix at a time, never all-gathered) and the owner runs the update on the whole matrix with
-        the matrix's low-rank state. For AdamW (:attr:`_affine_in_weight`) that update is
-        ``w ← a·w + D`` with ``D`` independent of ``w``: the owner computes ``D`` alone and scatters
-        it, and each rank applies it to its own elements (no weight gather: two collectives per
-        matrix instead of three); the other forms gather the master weight too and scatter the new
-        values. A matrix split over ranks in the AdamW and SGD forms has no owner for its steps and never
-        travels whole except at a projector refresh (:meth:`_step_split_matrices`: the projection
-        algebra on each rank's elements, each rank keeping the state of its own rows or columns).
-        The low-rank state of a matrix stepped by an owner lives on that rank only; every state is
-        in the partition's state under ``"param{i}.<key>"`` (tensors only, so DeepSpeed's
-        checkpoints keep it); the optimizer
-        state is split over the ranks as ZeRO splits any other. Parameters that are not projected
-        (vectors) step element-wise on this rank's elements (for the 8-bit and Adafactor forms, whose
-        states need whole tensors, they go to an owner too). The result equals one process's up to
-        the order of the gradient sums and the rounding of ``D`` on its own; random projectors are
-        seeded per parameter as in one process.
+        - A weight matrix to project that one rank holds whole (most matrices under ZeRO-1/2) is
+          updated on that rank, with no communication. (AdamW, :attr:`_affine_in_weight`, computes
+          the weight-free update ``D`` of ``w ← a·w + D`` and applies it with the decay.)
+        - A matrix split over ranks (every matrix under ZeRO-3) steps, in the AdamW and SGD forms,
+          by the projection algebra on each rank's elements (:meth:`_step_split_matrices`): only
+          low-rank numbers move between projector refreshes, and each rank keeps the state of its
+          own rows or columns. The 8-bit and Adafactor forms, whose states need whole tensors, give
+          it one **owner rank** (the least loaded by elements, the same on every rank): its gradient
+          and master weight are gathered there (one matrix at a time, never all-gathered), the owner
+          runs the ordinary update with the state it alone keeps, and the new values are scattered.
+        - Vectors step element-wise on this rank's elements (the 8-bit and Adafactor forms: on an
+          owner too).
+
+        Every state lives in the partition's state under ``"param{i}.<key>"`` (tensors only, so
+        DeepSpeed's checkpoints keep it), so the optimizer state is split over the ranks as ZeRO
+        splits any other. A projector an owner cannot compute (a non-finite gradient) is raised on
+        every rank. The result equals one process's up to the order of the sums; random projectors
+        are seeded per parameter as in one process.
         """
         where = f"{type(self).__name__} param group {gi}"
         if len(group["params"]) != 1 or group["params"][0].dim() != 1:
