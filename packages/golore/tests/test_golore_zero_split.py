@@ -1,7 +1,8 @@
-"""GaLore / GoLore AdamW on matrices that ZeRO splits over ranks: the projection algebra on each
-rank's elements (``_step_split_matrices``) equals the one-process step, and moves low-rank numbers
-only (4 CPU ranks, gloo, float64, hand-made ZeRO-1/2 partitions with chosen split points; the real
-DeepSpeed engines, ZeRO-3 splitting every matrix, run in test_golore_distributed.py)."""
+"""GaLore / GoLore (AdamW and momentum SGD, one- and two-sided) on matrices that ZeRO splits over
+ranks: the projection algebra on each rank's elements (``_step_split_matrices``) equals the
+one-process step and moves low-rank numbers only, and a projector that fails on one rank raises on
+every rank (4 CPU ranks, gloo, float64, hand-made ZeRO-1/2 partitions with chosen split points; the
+real DeepSpeed engines, ZeRO-3 splitting every matrix, run in test_golore_distributed.py)."""
 
 import math
 from pathlib import Path
