@@ -195,6 +195,7 @@ def test_a_split_matrix_state_in_the_owner_layout_is_refused(side, cls):
     piece = Piece(w, 0, w.shape, ((0, 13, 0), (13, 24, 0)))  # rank 0: 13 elements, inside a row
     zp = ZeroPartition(flat, [piece], 3, 0, 2, None)
     zp.all_agree = lambda ok: ok  # one process stands in for the two ranks' vote
+    zp.all_reduce_sum_ = lambda t: t
     mine = opt._split_layout(zp, piece, group)[2]
     rows = 3 if side == "left" else 4  # 13 elements touch rows 0-2 (6 wide) / 0-3 (4 wide)
     moments = {"left": (2, 3), "right": (rows, 2), "full": (2, 2)}[side]
@@ -208,7 +209,12 @@ def test_a_split_matrix_state_in_the_owner_layout_is_refused(side, cls):
     ok = {f"param0.{k}": torch.zeros(s) for k, s in mine.items()} | {
         "param0.step": torch.tensor(3.0)
     }
-    opt._check_owned_state(zp, ok, {id(w): 1}, 0, where, [piece], group)  # its own layout: fine
+    # its own layout: fine, nothing to refresh out of turn
+    assert opt._check_owned_state(zp, ok, {id(w): 1}, 0, where, [piece], group) == set()
+    no_projector = {k: v for k, v in ok.items() if not k.startswith("param0.proj")}
+    opt._owned_state_checked.clear()
+    assert opt._check_owned_state(zp, no_projector, {id(w): 1}, 0, where, [piece], group) == {0}
+    assert opt._check_owned_state(zp, no_projector, {id(w): 1}, 0, where, [piece], group) == set()
     whole = {"left": (2, 6), "right": (6, 2), "full": (3, 3)}[side]  # the owner's whole state
     old = {**ok, f"param0.{opt._moment_keys[0]}": torch.zeros(whole)}
     with pytest.raises(

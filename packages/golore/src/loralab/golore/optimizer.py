@@ -544,9 +544,9 @@ class SubspaceOptimizer(Optimizer):
                 state[prefix + k] = v
 
         split = [pc for pc in zp.pieces if self._steps_split(zp, pc, group)]
-        self._check_owned_state(zp, state, owners, gi, where, split, group)
+        refresh_now = self._check_owned_state(zp, state, owners, gi, where, split, group)
         if split:
-            self._step_split_matrices(zp, state, split, owners, group, gi)
+            self._step_split_matrices(zp, state, split, owners, group, gi, refresh_now)
         # the owner's weight-free update: the decay is applied by every rank to its elements
         weight_free = {**group, "weight_decay": 0.0}
         done = {id(pc.param) for pc in split}
@@ -659,6 +659,7 @@ class SubspaceOptimizer(Optimizer):
         owners: dict[int, int],
         group: dict[str, Any],
         gi: int,
+        refresh_now: set[int],
     ) -> None:
         """One step of the matrices of a ZeRO partition that are split over ranks, by the
         projection algebra on each rank's elements: no matrix is gathered or scattered whole, except
@@ -677,8 +678,9 @@ class SubspaceOptimizer(Optimizer):
 
         A refresh draws the projector on the matrix's owner (the whole gradient gathered there for
         an SVD; a random one from the seed) and broadcasts it; the moments move into the new basis
-        with ``C = P_newᵀ·P_old`` summed over each row's one rank, or ``Q_old·Q_newᵀ`` locally. The
-        result equals one process's up to the order of the sums."""
+        with ``C = P_newᵀ·P_old`` summed over each row's one rank, or ``Q_old·Q_newᵀ`` locally.
+        ``refresh_now``: the matrices (by index) to refresh out of turn (:meth:`_check_owned_state`).
+        The result equals one process's up to the order of the sums."""
         flat = zp.flat
         grad = cast(Tensor, flat.grad)
         # this rank's elements of each gradient, with the form's element-wise terms (SGD's coupled
@@ -696,18 +698,8 @@ class SubspaceOptimizer(Optimizer):
             subs.append(sub)
         layouts = [self._split_layout(zp, pc, group) for pc in pieces]
         steps = _read_steps([sub["step"] for sub in subs])
-        # a holder without its projector (a refresh not yet run) refreshes out of turn; agreed by all
-        flags = torch.tensor(
-            [
-                float(zp.holds(pc.param) and self._projector_mats(sub, side) is None)
-                for pc, sub, (side, _r, _l) in zip(pieces, subs, layouts)
-            ],
-            dtype=flat.dtype,
-            device=flat.device,
-        )
-        missing = zp.all_reduce_sum_(flags).tolist()
         for k, (pc, sub, (side, r, _)) in enumerate(zip(pieces, subs, layouts)):
-            if steps[k] % group["update_proj_gap"] == 0 or missing[k]:
+            if steps[k] % group["update_proj_gap"] == 0 or pc.index in refresh_now:
                 owner = owners[id(pc.param)]
                 self._refresh_split(
                     zp, pc, local_grads[k], sub, side, r, owner, group, gi, steps[k]
@@ -717,14 +709,16 @@ class SubspaceOptimizer(Optimizer):
         lows: list[Tensor | None] = [None] * len(pieces)
         shared: list[tuple[int, int]] = []  # (piece, row) of the right projections' split rows
         left = [k for k, (side, _r, _l) in enumerate(layouts) if side == "left"]
+        slot = {k: j for j, k in enumerate(left)}  # each left matrix's place in the packed buffers
         blocks = _ColumnBlocks(
             [pieces[k].shape[1] for k in left], [layouts[k][1] for k in left], zp.world
         )
         send = flat.new_zeros(blocks.size * zp.world) if left else None
         # two-sided: the (r, r) partial products P_kᵀ·G_k·Qᵀ of every such matrix, one all-reduce
         full = [k for k, (side, _r, _l) in enumerate(layouts) if side == "full"]
-        at = dict(zip(full, itertools.accumulate((layouts[k][1] ** 2 for k in full), initial=0)))
-        squares = flat.new_zeros(sum(layouts[k][1] ** 2 for k in full))
+        offsets = list(itertools.accumulate((layouts[k][1] ** 2 for k in full), initial=0))
+        at = dict(zip(full, offsets))
+        squares = flat.new_zeros(offsets[-1])
         for k, (pc, sub, (side, r, _l)) in enumerate(zip(pieces, subs, layouts)):
             if side == "full":
                 if zp.holds(pc.param):
@@ -740,7 +734,7 @@ class SubspaceOptimizer(Optimizer):
                 p_rows = sub["proj_left"]
                 blocks.put_all(
                     cast(Tensor, send),
-                    left.index(k),
+                    slot[k],
                     p_rows.T @ zp.row_block(local_grads[k], pc.param).to(p_rows.dtype),
                 )
         del local_grads
@@ -946,7 +940,7 @@ class SubspaceOptimizer(Optimizer):
         where: str,
         split: list[Any],
         group: dict[str, Any],
-    ) -> None:
+    ) -> set[int]:
         """Refuse, on every rank, a partition state laid out for another assignment: one holding the
         low-rank state of matrices another rank updates now, or, for the matrices split over ranks
         (:meth:`_step_split_matrices`), state of other shapes than this rank keeps (a checkpoint of
@@ -954,12 +948,17 @@ class SubspaceOptimizer(Optimizer):
         state whole on its owner). Stepping on would silently restart those matrices' moments and
         projectors. Checked at each partition's first step of this optimizer object, on every rank at
         once (a collective; DeepSpeed loads a checkpoint into a new engine's optimizer before its
-        first step, writing into the state in place)."""
+        first step, writing into the state in place).
+
+        Returns the indices of the split matrices whose projector some rank holding part of them
+        lacks (a fresh state, or one saved before its first refresh): refreshed out of turn. Only a
+        partition's first step can find one (every holder keeps its projector from then on), so
+        the collective that finds them runs once, here, not in every step."""
         checked = self.__dict__.setdefault("_owned_state_checked", set())
         # per partition: ZeRO-3 steps a group in sub-groups (sub_group_size), one partition each
         partition = (gi, zp.pieces[0].index if zp.pieces else -1)
         if partition in checked:
-            return
+            return set()
         split_ids = {id(pc.param) for pc in split}
         foreign = [
             pc.index
@@ -985,6 +984,17 @@ class SubspaceOptimizer(Optimizer):
                 "another DeepSpeed layout). Resume with the version and world size that saved it."
             )
         checked.add(partition)
+        if not split:
+            return set()
+        lacking = []
+        for pc in split:
+            expected = self._split_layout(zp, pc, group)[2]
+            prefix = f"param{pc.index}."
+            lacking.append(any(k.startswith("proj") and prefix + k not in state for k in expected))
+        flags = zp.all_reduce_sum_(
+            torch.tensor(lacking, dtype=torch.float32, device=zp.flat.device)
+        )
+        return {pc.index for pc, n in zip(split, flags.tolist()) if n}
 
     def _apply_delta_(self, local: Tensor, delta: Tensor, group: dict[str, Any]) -> None:
         """``local ← a·local + delta`` (the form's element-wise decay around the update, as
