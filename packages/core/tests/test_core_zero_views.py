@@ -285,3 +285,21 @@ def test_from_row_block_refuses_a_block_of_other_rows(monkeypatch):
     p = next(q for q in params if q.dim() == 2 and zp.holds(q))
     with pytest.raises(ValueError, match="this rank's rows"):
         zp.from_row_block(torch.zeros(p.shape[0] + 1, p.shape[1], dtype=master.dtype), p)
+
+
+def test_element_helpers_refuse_the_wrong_number_of_elements(monkeypatch):
+    # a value of another parameter's (or another rank's) size must not be placed silently
+    params, master = _stage12(2)
+    _fake_world(monkeypatch, 0, 2)
+    zp = zero_partition(params, master[: master.numel() // 2])
+    p = next(q for q in params if q.dim() == 2 and zp.holds(q))
+    lo, hi = zp.local_range(p)
+    wrong = torch.zeros(hi - lo + 1, dtype=master.dtype)
+    with pytest.raises(ValueError, match=r"row_block: got \d+ elements, this rank holds"):
+        zp.row_block(wrong, p)
+    with pytest.raises(ValueError, match=r"gather_elements_to: got \d+ elements, this rank holds"):
+        zp.gather_elements_to(wrong, p, owner=0)
+    with pytest.raises(
+        ValueError, match="reduce_scatter_sum: needs a 1-D tensor of a multiple of 2"
+    ):
+        zp.reduce_scatter_sum(torch.zeros(3))

@@ -234,8 +234,12 @@ class ZeroPartition:
         last may hold only some of their elements here), empty when it holds none.
 
         Example:
+            >>> import torch
+            >>> buf = torch.arange(6.0)
+            >>> w = buf.view(2, 3)  # one process: the partition holds all of w
+            >>> zero_partition([w], buf.clone()).row_span(w)
+            slice(0, 2, None)
             >>> # a (4, 3) matrix split after its 5th element: rank 0 touches rows 0-1, rank 1 rows 1-3
-            >>> # zp.row_span(w) == slice(0, 2) on rank 0, slice(1, 4) on rank 1
         """
         pc = self.piece(p)
         lo, hi, _ = pc.spans[self.rank]
@@ -273,7 +277,17 @@ class ZeroPartition:
         the rows they touch (:meth:`row_span`), zeros where other ranks hold the elements: a
         ``(rows, n)`` matrix. Summed over the ranks (row by row) these blocks are the whole matrix,
         so a product with a projector's rows, ``P_kᵀ·G_k`` or ``G_k·Q``, sums over the ranks to the
-        whole product."""
+        whole product. ``ValueError`` when ``elements`` is not this rank's number of elements.
+
+        Example:
+            >>> import torch
+            >>> buf = torch.arange(6.0)
+            >>> w = buf.view(2, 3)
+            >>> zp = zero_partition([w], buf.clone())
+            >>> zp.row_block(zp.local(zp.flat, w), w)
+            tensor([[0., 1., 2.],
+                    [3., 4., 5.]])
+        """
         pc = self.piece(p)
         lo, hi, _ = pc.spans[self.rank]
         if elements.numel() != hi - lo:
@@ -396,7 +410,18 @@ class ZeroPartition:
 
     def gather_elements_to(self, elements: Tensor, p: Tensor, owner: int) -> Tensor | None:
         """:meth:`gather_to` of every rank's ``elements`` of ``p`` (1-D, as :meth:`local` lays them
-        out: a value computed from them, such as a gradient with a weight-decay term added)."""
+        out: a value computed from them, such as a gradient with a weight-decay term added).
+        ``ValueError`` when ``elements`` is not this rank's number of elements.
+
+        Example:
+            >>> import torch
+            >>> buf = torch.arange(6.0)
+            >>> w = buf.view(2, 3)
+            >>> zp = zero_partition([w], buf.clone())
+            >>> zp.gather_elements_to(zp.local(zp.flat, w) * 2, w, owner=0)
+            tensor([[ 0.,  2.,  4.],
+                    [ 6.,  8., 10.]])
+        """
         pc = self.piece(p)
         lo, hi, _ = pc.spans[self.rank]
         if elements.numel() != hi - lo:
