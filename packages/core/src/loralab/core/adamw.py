@@ -38,9 +38,23 @@ __all__ = [
     "check_adamw_hparams",
     "fused_adamw_",
     "fused_adamw_available",
+    "moment_dtype",
 ]
 
 AdamWStyle = Literal["torch", "hf"]
+
+
+def moment_dtype(like: Tensor | torch.dtype) -> torch.dtype:
+    """The dtype an optimizer keeps its state (moments, projectors) in for a parameter or dtype
+    ``like``: float32 for half precision (Adam's squared gradients underflow in bf16 / fp16), else
+    ``like``'s own.
+
+    Example:
+        >>> moment_dtype(torch.zeros(2, dtype=torch.bfloat16)), moment_dtype(torch.float64)
+        (torch.float32, torch.float64)
+    """
+    dtype = like if isinstance(like, torch.dtype) else like.dtype
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def check_adamw_hparams(lr: float, betas: Sequence[float], eps: float, weight_decay: float) -> None:

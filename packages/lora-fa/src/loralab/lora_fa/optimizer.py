@@ -58,7 +58,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from loralab.core.adamw import AdamWStyle, adamw_update_, check_adamw_hparams
+from loralab.core.adamw import AdamWStyle, adamw_update_, check_adamw_hparams, moment_dtype
 from loralab.core.distributed import gathered_parameters
 from loralab.core.lora_layers import LoraPair, LoraPairError, find_lora_pairs
 from loralab.core.sharding import all_ranks_agree, is_sharded, local_tensor, whole
@@ -109,11 +109,6 @@ def _warn_zero_a(pairs: list[LoraPair]) -> None:
 def _version(t: Tensor) -> int:
     # in-place changes of a DTensor parameter reach its local shard, whose version counter moves
     return local_tensor(t)._version
-
-
-def _moment_dtype(p: Tensor) -> torch.dtype:
-    # Adam moments in float32 for half-precision parameters (their squares underflow in bf16/fp16).
-    return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
 
 
 class LoraFAAdamW(torch.optim.Optimizer):
@@ -456,7 +451,7 @@ class LoraFAAdamW(torch.optim.Optimizer):
                     # parameters without a gradient were skipped above
                     [local_tensor(cast(Tensor, p.grad)) for p, _ in items],
                     M,
-                    out_dtype=_moment_dtype(items[0][0]),
+                    out_dtype=moment_dtype(items[0][0]),
                 )
                 names += [pair.name for _, pair in items]
             keys += plain
@@ -477,10 +472,10 @@ class LoraFAAdamW(torch.optim.Optimizer):
                 if not state:
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
                     state["exp_avg"] = torch.zeros_like(
-                        p, dtype=_moment_dtype(p), memory_format=torch.preserve_format
+                        p, dtype=moment_dtype(p), memory_format=torch.preserve_format
                     )
                     state["exp_avg_sq"] = torch.zeros_like(
-                        p, dtype=_moment_dtype(p), memory_format=torch.preserve_format
+                        p, dtype=moment_dtype(p), memory_format=torch.preserve_format
                     )
                 state["step"] += 1
                 by_step[(int(state["step"].item()), p.device)].append((p, g, key))

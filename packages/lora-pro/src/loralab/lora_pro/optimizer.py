@@ -51,6 +51,7 @@ from loralab.core.adamw import (
     check_adamw_hparams,
     fused_adamw_,
     fused_adamw_available,
+    moment_dtype,
 )
 from loralab.core.linalg import accumulation_dtype
 from loralab.core.lora_layers import LoraPair, LoraPairError, find_lora_pairs
@@ -88,11 +89,6 @@ Mode = Literal["efficient", "full"]
 WeightDecayMode = Literal["factors", "effective"]
 MODES = ("efficient", "full")
 WEIGHT_DECAY_MODES = ("factors", "effective")
-
-
-def _moment_dtype(p: Tensor) -> torch.dtype:
-    # Keep Adam moments in float32 for half-precision parameters (their squares underflow in bf16).
-    return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
 
 
 def _factor_dtype(like: Tensor) -> torch.dtype:
@@ -566,7 +562,7 @@ class LoraProAdamW(torch.optim.Optimizer):
                 state[key + "step"] = torch.tensor(0.0, dtype=torch.float32)
                 for name in ("full_exp_avg", "full_exp_avg_sq"):
                     state[key + name] = torch.zeros(
-                        gt.shape[1:], dtype=_moment_dtype(flat), device=flat.device
+                        gt.shape[1:], dtype=moment_dtype(flat), device=flat.device
                     )
             state[key + "step"] += 1
             (N,) = adamw_direction(
@@ -657,9 +653,9 @@ class LoraProAdamW(torch.optim.Optimizer):
     def _moments(self, p: Tensor, shape: torch.Size, prefix: str = "") -> tuple[Tensor, Tensor]:
         state = self.state[p]
         if prefix + "exp_avg" not in state:
-            state[prefix + "exp_avg"] = torch.zeros(shape, dtype=_moment_dtype(p), device=p.device)
+            state[prefix + "exp_avg"] = torch.zeros(shape, dtype=moment_dtype(p), device=p.device)
             state[prefix + "exp_avg_sq"] = torch.zeros(
-                shape, dtype=_moment_dtype(p), device=p.device
+                shape, dtype=moment_dtype(p), device=p.device
             )
         return state[prefix + "exp_avg"], state[prefix + "exp_avg_sq"]
 
