@@ -113,7 +113,7 @@ def test_second_moment_projection_policy_matches_dense_reference():
 def test_reprojected_update_does_not_depend_on_svd_signs(monkeypatch):
     """Stale moments (galore-torch) change meaning when LAPACK flips a singular vector's sign — which a
     1e-9 perturbation of the gradient can do. Re-projected moments make the update sign-invariant."""
-    import loralab.golore.optimizer as optmod
+    import loralab.golore.subspace as optmod  # where _draw_projector looks new_projector up
 
     w0 = torch.randn(M, N, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
     grads = _grads()

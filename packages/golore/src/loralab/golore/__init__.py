@@ -24,7 +24,6 @@ from loralab.golore.optimizer import (
     GoLoreAdamW,
     GoLoreSGD,
     SubspaceOptimizer,
-    resolve_rand_step,
 )
 from loralab.golore.relora import (
     ReLoRaCallback,
@@ -33,6 +32,7 @@ from loralab.golore.relora import (
     ReLoRaModel,
     merge_and_reinit,
 )
+from loralab.golore.subspace import resolve_rand_step
 
 __version__ = "0.1.0"
 __all__ = [

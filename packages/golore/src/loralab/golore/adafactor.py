@@ -40,8 +40,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from loralab.golore.optimizer import Item, SubspaceOptimizer
+from loralab.golore.optimizer import SubspaceOptimizer
 from loralab.golore.projector import Side, reproject_first_moment, reproject_second_moment
+from loralab.golore.subspace import Item
 
 __all__ = ["GaLoreAdafactor", "GoLoreAdafactor"]
 

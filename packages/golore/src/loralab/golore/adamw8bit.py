@@ -44,8 +44,9 @@ import torch
 from torch import Tensor
 
 from loralab.core.adamw import check_adamw_hparams
-from loralab.golore.optimizer import Item, SubspaceOptimizer, _is_int
+from loralab.golore.optimizer import SubspaceOptimizer
 from loralab.golore.projector import Side, reproject_first_moment, reproject_second_moment
+from loralab.golore.subspace import Item, _is_int
 
 __all__ = ["GaLoreAdamW8bit", "GoLoreAdamW8bit", "optimizer_state_bytes"]
 
