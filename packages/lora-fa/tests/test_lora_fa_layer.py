@@ -7,7 +7,6 @@ matmuls differs); float32 (NF4, checkpointing) use rtol=1e-5, atol=1e-6.
 from __future__ import annotations
 
 import copy
-import doctest
 
 import peft
 import pytest
@@ -446,14 +445,6 @@ def test_nf4_with_the_lorafa_optimizer_trains_like_peft_lorafa(nf4_path, patch_s
     for pair in find_lora_pairs(ours):
         assert torch.equal(pair.A, A0[pair.name]), pair.name
         torch.testing.assert_close(pair.B, want[pair.name], rtol=1e-4, atol=1e-6)
-
-
-def test_docstring_examples_run():
-    for module in (lorafa_layer, lorafa_memory):
-        result = doctest.testmod(
-            module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
-        )
-        assert result.failed == 0 and result.attempted > 0, module.__name__
 
 
 # ---------------------------------------------------------------------------- DeepSpeed
