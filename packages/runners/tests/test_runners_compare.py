@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
 import json
 import shutil
 import struct
@@ -15,9 +14,6 @@ from loralab.runners.compare import (
     recipes,
     report,
     run_compare,
-    task,
-    testing,
-    worker,
 )
 from loralab.runners.compare.make_task import build
 from loralab.runners.compare.task import EMBEDDED_DIR
@@ -264,12 +260,6 @@ def test_summaries_and_table_from_records():
         in table
     )
     assert "| b | failed: boom |" in table
-
-
-@pytest.mark.parametrize("module", [recipes, report, task, testing, worker])
-def test_docstring_examples(module):
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert result.failed == 0
 
 
 def test_run_compare_api_returns_summaries(tmp_path):

@@ -8,7 +8,6 @@ no entrypoint.
 from __future__ import annotations
 
 import copy
-import doctest
 import json
 import re
 import sys
@@ -18,7 +17,6 @@ import pytest
 
 from loralab.runners import glue, metamath, preflight, winogrande
 from loralab.runners.cli import main as loralab_main
-from loralab.runners.compare import checks as compare_checks
 from loralab.runners.compare.checks import check_overrides
 from loralab.runners.data import load_split
 from loralab.runners.preflight import (
@@ -51,12 +49,6 @@ def no_model_load(monkeypatch):
 
     monkeypatch.setattr(glue, "load_seq_cls_model", boom)
     monkeypatch.setattr(metamath, "load_causal_lm", boom)
-
-
-@pytest.mark.parametrize("module", [preflight, compare_checks])
-def test_module_examples(module):
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0
 
 
 # ---------------------------------------------------------------- --set (loralab compare)

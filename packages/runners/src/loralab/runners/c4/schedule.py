@@ -10,7 +10,7 @@
 Example:
     >>> from loralab.runners.c4.schedule import lr_multiplier
     >>> round(lr_multiplier(50, "cosine", num_training_steps=100, warmup_steps=10, min_lr_ratio=0.1), 4)
-    0.6061
+    0.6281
 """
 
 from __future__ import annotations

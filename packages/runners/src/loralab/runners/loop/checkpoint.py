@@ -22,8 +22,8 @@ settings differ from the command line's is refused, naming each flag ``old -> ne
 Example:
     >>> import tempfile
     >>> out = Path(tempfile.mkdtemp()) / "run"
-    >>> prepare_output_dir(out, overwrite=False, resume=None)
-    >>> (out / "metrics.jsonl").write_text("{}\\n")
+    >>> prepare_output_dir(out, overwrite=False, resume=None)  # a new directory: fine
+    >>> out.mkdir(); (out / "metrics.jsonl").write_text("{}\\n")  # a previous run's files
     3
     >>> prepare_output_dir(out, overwrite=False, resume=None)
     Traceback (most recent call last):

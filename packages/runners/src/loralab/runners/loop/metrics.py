@@ -18,7 +18,8 @@ last checkpoint; those steps are redone).
 Example:
     >>> import tempfile, json
     >>> log = MetricsLog(Path(tempfile.mkdtemp()) / "metrics.jsonl")
-    >>> log.train(1, loss=0.5, learning_rate=1e-3, time_s=0.1)
+    >>> log.train(1, loss=0.5, learning_rate=1e-3, time_s=0.1)  # returns the record it wrote
+    {'kind': 'train', 'step': 1, 'loss': 0.5, 'learning_rate': 0.001, 'time_s': 0.1}
     >>> json.loads(log.path.read_text())["kind"]
     'train'
 """

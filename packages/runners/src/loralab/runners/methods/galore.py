@@ -51,8 +51,8 @@ def largest_rank(
 
     Example:
         >>> from loralab.core.testing import tiny_llama
-        >>> largest_rank(tiny_llama(), "all-linear")[0]
-        64
+        >>> largest_rank(tiny_llama(), "all-linear")  # k_proj: 32 outputs (grouped-query attention)
+        (32, 'model.layers.0.self_attn.k_proj', (32, 64))
     """
     from loralab.core.targets import find_targets
     from loralab.golore.projector import projector_side
