@@ -14,6 +14,7 @@ MODULES = [
     "estimation",
     "gradient_sums",
     "gradients",
+    "host_memory",
     "linalg",
     "lora_layers",
     "modules",
@@ -22,6 +23,7 @@ MODULES = [
     "sharding",
     "targets",
     "testing",
+    "zero3_fetch",
     "zero_views",
 ]
 
