@@ -181,9 +181,10 @@ def test_a_partition_state_saved_with_other_owners_is_refused():
 @pytest.mark.parametrize("side", ["right", "left", "full"])
 def test_a_split_matrix_state_in_the_owner_layout_is_refused(side, cls):
     # a matrix split over ranks keeps, since 2026-12-05, each rank's rows (right) or column block
-    # (left) of its moments; a checkpoint from before held it whole on the owner: refused, not
-    # stepped on with moments of the wrong shape (or restarted). The form's own layout passes
-    # (SGD's momentum_buffer included)
+    # (left) of its moments, and (later that day) a column block of Q (right, full) on every rank; a
+    # checkpoint from before held the state whole on the owner, or Q whole: refused, not stepped on
+    # with state of the wrong shape (or restarted). The form's own layout passes (SGD's
+    # momentum_buffer included)
     import loralab.golore as golore
     from loralab.core.zero_views import Piece, ZeroPartition
 
@@ -201,8 +202,8 @@ def test_a_split_matrix_state_in_the_owner_layout_is_refused(side, cls):
     moments = {"left": (2, 3), "right": (rows, 2), "full": (2, 2)}[side]
     projectors = {
         "left": {"proj_left": (rows, 2)},
-        "right": {"proj_right": (2, 4)},
-        "full": {"proj_left": (rows, 2), "proj_right": (2, 4)},
+        "right": {"proj_right": (2, 2)},  # rank 0's block of Q's 4 columns
+        "full": {"proj_left": (rows, 2), "proj_right": (2, 2)},
     }[side]
     assert mine == {**projectors, **dict.fromkeys(opt._moment_keys, moments)}
     where = f"{cls} param group 0"
@@ -221,3 +222,7 @@ def test_a_split_matrix_state_in_the_owner_layout_is_refused(side, cls):
         RuntimeError, match=r"another layout.*parameters \[0\].*older loralab-golore"
     ):
         opt._check_owned_state(zp, old, {id(w): 0}, 1, where, [piece], group)
+    if side != "left":  # Q whole on every holder (the layout before Q's column blocks)
+        whole_q = {**ok, "param0.proj_right": torch.zeros(2, 4)}
+        with pytest.raises(RuntimeError, match=r"another layout.*parameters \[0\]"):
+            opt._check_owned_state(zp, whole_q, {id(w): 0}, 2, where, [piece], group)

@@ -196,15 +196,16 @@ def test_fsdp2_two_ranks_equal_one_process(fsdp_ranks):
 
 @pytest.mark.multiprocess
 def test_fsdp2_state_covers_the_rank_rows_only(fsdp_ranks):
-    # right projection: (m_k, r) moments and the whole (r, n) Q; left: the rank's column block
-    # (torch.chunk's split of the n columns) of the (r, n) moments and its (m_k, r) rows of P; full:
-    # the whole (r, r) moments; plain AdamW on the biases: the rank's rows
+    # right projection: (m_k, r) moments and the rank's column block of the (r, n) Q; left: the
+    # rank's column block (torch.chunk's split of the n columns) of the (r, n) moments and its
+    # (m_k, r) rows of P; full: the whole (r, r) moments, P's rows and Q's column block; plain AdamW
+    # on the biases: the rank's rows
     for r, out in enumerate(fsdp_ranks):
         m_k = {m: b - a for m, ((a, b)) in ((m, ROWS[m][r]) for m in ROWS)}
         n_k = {n: b - a for n, ((a, b)) in ((n, COLS[n][r]) for n in COLS)}
         state = {k: tuple(v.tolist()) for k, v in out["galore_adamw"]["state"].items()}
         assert state["lin1.weight.exp_avg"] == (m_k[13], 2)
-        assert state["lin1.weight.proj_right"] == (2, 6)
+        assert state["lin1.weight.proj_right"] == (2, n_k[6])
         assert state["lin2.weight.exp_avg"] == (2, n_k[13])
         assert state["lin2.weight.exp_avg_sq"] == (2, n_k[13])
         assert state["lin2.weight.proj_left"] == (m_k[5], 2)
@@ -225,7 +226,7 @@ def test_fsdp2_state_covers_the_rank_rows_only(fsdp_ranks):
         full = {k: tuple(v.tolist()) for k, v in out["galore_adamw_torch_full"]["state"].items()}
         assert full["lin1.weight.exp_avg"] == (2, 2)
         assert full["lin1.weight.proj_left"] == (m_k[13], 2)
-        assert full["lin1.weight.proj_right"] == (2, 6)
+        assert full["lin1.weight.proj_right"] == (2, n_k[6])
 
 
 @pytest.mark.multiprocess

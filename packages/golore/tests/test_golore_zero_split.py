@@ -61,8 +61,9 @@ def _matrices_over_ranks(worker, case):
 @pytest.mark.multiprocess
 def test_split_matrices_move_low_rank_numbers_only(results):
     # between projector refreshes no gradient or update travels whole (no gather / scatter); what
-    # moves is at most the left projections' (r, n) twice (reduce-scatter, all-gather) and r numbers
-    # per row a rank boundary splits (the slack: small flags)
+    # moves is at most the left projections' (r, n) twice (reduce-scatter, all-gather), the right
+    # and two-sided ones' Q (r, n) once (all-gathered from the ranks' column blocks, padded to
+    # ⌈n / world⌉ columns each) and r numbers per row a rank boundary splits (the slack: small flags)
     worker, ranks = results
     for case, out in ranks[0].items():
         if case.startswith("nan/"):
@@ -73,11 +74,12 @@ def test_split_matrices_move_low_rank_numbers_only(results):
         for k in out["split"]:
             m, n = worker.SHAPES[k]
             r = min(3, m, n)
+            q = r * WORLD * -(-n // WORLD)  # Q all-gathered
             if kwargs.get("proj_type") == "full":
-                bound += r * r  # the (r, r) partial products, all-reduced
+                bound += r * r + q  # the (r, r) partial products, all-reduced
                 continue
             left = (m < n) != (kwargs.get("proj_type") == "reverse_std")
-            bound += 2 * r * n if left else 2 * r * WORLD
+            bound += 2 * r * n if left else 2 * r * WORLD + q
         for rank in ranks:
             for step in rank[case]["collectives"]:
                 kinds = {name for name, _ in step}

@@ -34,10 +34,10 @@ What differs from the references, on purpose (tested):
   ``Σ_k P_kᵀ·G_k`` by columns, keeps the rank's column block of the (r, n) moments (columns split as
   ``torch.chunk`` splits rows, :func:`loralab.core.sharding.cols_of`), and all-gathers the (r, n)
   direction to form its rows ``P_k·N`` of the update; ``"full"``'s (r, r) state is whole on every
-  rank (small, and its change of basis mixes columns). Projectors: the rank's rows of ``P``, the whole
-  (r, n) ``Q``. An SVD refresh gathers the gradient of one matrix at a time
-  (:func:`loralab.core.sharding.gather_rows`) and every rank keeps its rows of ``P`` (``Q`` whole),
-  broadcast from the first rank so replicas agree bit for bit. The result equals one process's up
+  rank (small, and its change of basis mixes columns). Projectors: the rank's rows of ``P`` and its
+  column block of ``Q`` (all-gathered whole for the step: ``r·n`` numbers). An SVD refresh gathers
+  the gradient of one matrix at a time (:func:`loralab.core.sharding.gather_rows`), the projector is
+  broadcast from the first rank so replicas agree bit for bit, and every rank keeps its share. The result equals one process's up
   to the order of the sums. The 8-bit and Adafactor forms, whose states need whole tensors, step
   each sharded parameter whole on an owner rank instead.
 

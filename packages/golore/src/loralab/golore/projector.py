@@ -23,9 +23,10 @@ Which side ``proj_type`` picks (as galore-torch): ``std`` projects the *smaller*
 opposite; ``left``/``right``/``full`` as named.
 
 Row shards (FSDP2's ``fully_shard``: each rank holds a block ``G_k`` of the rows of ``G``): no rank
-needs the whole ``G`` to project it. Each rank keeps its rows ``P_k`` of ``P`` and the whole ``Q``
-(r, n), and :func:`project_shard` / :func:`transition_shard` use ``G·Qᵀ = [G_k·Qᵀ]_k`` (row-sharded
-result) and ``Pᵀ·G = Σ_k P_kᵀ·G_k``. For a left projection that sum is reduce-scattered by columns:
+needs the whole ``G`` to project it. Each rank keeps its rows ``P_k`` of ``P`` and a column block of
+``Q`` (r, n) (all-gathered whole where a step needs it: ``r·n`` numbers, against the ``m·n`` of a
+weight), and :func:`project_shard` / :func:`transition_shard` use ``G·Qᵀ = [G_k·Qᵀ]_k``
+(row-sharded result), ``Pᵀ·G = Σ_k P_kᵀ·G_k`` and ``Q_old·Q_newᵀ = Σ_k Q_old,k·Q_new,kᵀ``. For a left projection that sum is reduce-scattered by columns:
 each rank receives, and keeps its moments for, its column block ``[Pᵀ·G]_{:, J_k}`` (the columns
 split as ``torch.chunk`` splits rows, :func:`loralab.core.sharding.cols_of`), which Adam's elementwise
 maths and the change of basis ``C·R`` (C acts from the left, so columns never mix) respect;
@@ -34,7 +35,7 @@ maths and the change of basis ``C·R`` (C acts from the left, so columns never m
 ``C·R·D`` mixes columns (and rows), and r×r is r/n of a left projection's state.
 :func:`project_back` of a rank's row blocks is the rank's rows of the update (``R_k·Q``, ``P_k·R·Q``).
 Only a projector refresh by SVD needs the whole gradient (gathered by the optimizer, one matrix at a
-time); :func:`shard_projector` then keeps the rank's rows.
+time); :func:`shard_projector` then keeps the rank's rows of ``P`` and columns of ``Q``.
 
 Example:
     >>> import torch
@@ -58,7 +59,9 @@ from torch import Tensor
 
 from loralab.core.linalg import stiefel_sample, truncated_svd
 from loralab.core.sharding import (
+    cols_of,
     gather_columns,
+    is_sharded,
     rows_of,
     sum_columns_over_shards,
     sum_over_shards_,
@@ -247,8 +250,9 @@ def reproject_second_moment(exp_avg_sq: Tensor, trans: Mats, side: Side) -> Tens
 
 def shard_projector(mats: Mats, side: Side, like: Tensor) -> Mats:
     """The part of a whole projector that this rank keeps for the row-sharded matrix ``like``: its rows
-    of ``P`` (left, full) and the whole ``Q`` (right, full; (r, n) is small). ``mats`` itself when
-    ``like`` is not sharded.
+    of ``P`` (left, full) and its column block of ``Q`` (right, full; :func:`cols_of`, the blocks a left
+    projection's moments are kept in), so no rank keeps more of a projector than its share. ``mats``
+    itself when ``like`` is not sharded.
 
     Example:
         >>> import torch
@@ -256,22 +260,35 @@ def shard_projector(mats: Mats, side: Side, like: Tensor) -> Mats:
         >>> shard_projector((p,), "left", torch.zeros(6, 4))[0] is p  # one process: the whole P
         True
     """
-    rows = rows_of(like)
-    if rows == slice(0, like.shape[0]) or side == "right":
+    if not is_sharded(like):
         return mats
-    if side == "left":
-        return (mats[0][rows].contiguous(),)
-    return (mats[0][rows].contiguous(), mats[1])
+    kept = []
+    if side != "right":
+        kept.append(mats[0][rows_of(like)].contiguous())
+    if side != "left":
+        kept.append(mats[-1][:, cols_of(like, like.shape[1])].contiguous())
+    return tuple(kept)
+
+
+def _whole_q(mats: Mats, side: Side, like: Tensor) -> Mats:
+    """``mats`` as :func:`shard_projector` keeps them, with ``Q`` (right, full) all-gathered whole from
+    the ranks' column blocks (call on every rank); ``mats`` itself for a left projection or when
+    ``like`` is not sharded."""
+    if side == "left" or not is_sharded(like):
+        return mats
+    return (*mats[:-1], gather_columns(mats[-1], like, like.shape[1]))
 
 
 def project_shard(grad_rows: Tensor, mats: Mats, side: Side, like: Tensor) -> Tensor:
     """:func:`project` of this rank's row block of the gradient of ``like``, ``mats`` as
     :func:`shard_projector` keeps them; :func:`project` when ``like`` is not sharded (call on every rank).
 
-    - right: ``G_k·Qᵀ``, this rank's rows of the (m, r) result (no communication);
+    - right: ``G_k·Qᵀ``, this rank's rows of the (m, r) result (``Q`` all-gathered from its
+      column blocks: ``r·n`` numbers);
     - left: this rank's column block (:func:`loralab.core.sharding.cols_of`) of ``Σ_k P_kᵀ·G_k``, the
       (r, n) partial products reduce-scattered by columns;
-    - full: ``Σ_k P_kᵀ·G_k·Qᵀ``, the (r, r) partial products all-reduced, whole on every rank.
+    - full: ``Σ_k P_kᵀ·G_k·Qᵀ``, the (r, r) partial products all-reduced, whole on every rank (``Q``
+      all-gathered as for a right projection).
 
     Example:
         >>> import torch
@@ -279,7 +296,7 @@ def project_shard(grad_rows: Tensor, mats: Mats, side: Side, like: Tensor) -> Te
         >>> torch.equal(project_shard(g, (q,), "right", g), project(g, (q,), "right"))
         True
     """
-    low = project(grad_rows, mats, side)
+    low = project(grad_rows, _whole_q(mats, side, like), side)
     if side == "left":
         return sum_columns_over_shards(low, like)
     if side == "full":
@@ -289,9 +306,10 @@ def project_shard(grad_rows: Tensor, mats: Mats, side: Side, like: Tensor) -> Te
 
 def project_back_shard(low: Tensor, mats: Mats, side: Side, like: Tensor) -> Tensor:
     """:func:`project_back` of what :func:`project_shard` gave this rank (or a direction of the same
-    layout): this rank's rows of the full-space update. Left: the (r, n) ``N`` is all-gathered from
-    the ranks' column blocks, then ``P_k·N`` (call on every rank); right ``R_k·Q`` and full
-    ``P_k·R·Q`` need no communication. :func:`project_back` when ``like`` is not sharded.
+    layout): this rank's rows of the full-space update (call on every rank). Left: the (r, n) ``N``
+    is all-gathered from the ranks' column blocks, then ``P_k·N``; right ``R_k·Q`` and full
+    ``P_k·R·Q`` with ``Q`` all-gathered from its column blocks. :func:`project_back` when ``like`` is
+    not sharded.
 
     Example:
         >>> import torch
@@ -302,15 +320,16 @@ def project_back_shard(low: Tensor, mats: Mats, side: Side, like: Tensor) -> Ten
     """
     if side == "left":
         low = gather_columns(low, like, like.shape[1])
-    return project_back(low, mats, side)
+    return project_back(low, _whole_q(mats, side, like), side)
 
 
 def transition_shard(old: Mats, new: Mats, side: Side, like: Tensor) -> Mats:
     """:func:`transition_matrices` of projectors kept as :func:`shard_projector` does:
-    ``C = P_newᵀ·P_old = Σ_k P_new,kᵀ·P_old,k`` is summed over the ranks (an (r, r) all-reduce; call on
-    every rank), ``D = Q_old·Q_newᵀ`` needs no communication (``Q`` is whole). Each matrix is whole on
-    every rank, so the moments' blocks re-project locally: a right projection's row block ``R_k·D``, a
-    left one's column block ``C·R_{:, J_k} = (C·R)_{:, J_k}`` (and ``(C∘C)·v_{:, J_k}``).
+    ``C = P_newᵀ·P_old = Σ_k P_new,kᵀ·P_old,k`` over the row blocks and ``D = Q_old·Q_newᵀ =
+    Σ_k Q_old,k·Q_new,kᵀ`` over the column blocks, each an (r, r) all-reduce (call on every rank).
+    Each matrix is whole on every rank, so the moments' blocks re-project locally: a right
+    projection's row block ``R_k·D``, a left one's column block ``C·R_{:, J_k} = (C·R)_{:, J_k}``
+    (and ``(C∘C)·v_{:, J_k}``).
 
     Example:
         >>> import torch
@@ -320,6 +339,6 @@ def transition_shard(old: Mats, new: Mats, side: Side, like: Tensor) -> Mats:
         True
     """
     trans = transition_matrices(old, new, side)
-    if side != "right":
-        sum_over_shards_(trans[0], like)
+    for t in trans:
+        sum_over_shards_(t, like)
     return trans

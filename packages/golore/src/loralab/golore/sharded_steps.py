@@ -23,7 +23,7 @@ from torch import Tensor
 from loralab.core import sharding
 from loralab.core.adamw import moment_dtype
 from loralab.core.zero_views import ZeroPartition, is_zero_partition, zero_partition
-from loralab.golore.projector import Side, effective_rank, projector_side, transition_matrices
+from loralab.golore.projector import Side, effective_rank, projector_side
 from loralab.golore.subspace import (
     SubspaceOptimizerBase,
     _count_steps,
@@ -185,30 +185,30 @@ class ShardedSteps(SubspaceOptimizerBase):
         self, zp: ZeroPartition, pc: Any, group: dict[str, Any]
     ) -> tuple[Side, int, dict[str, tuple[int, ...]]]:
         """``(side, r, {state key: shape on this rank})`` of a matrix that
-        :meth:`_step_split_matrices` steps: a right projection keeps the whole ``Q`` (r, n) and the
-        moments of the rows this rank touches (``R = G·Qᵀ`` row by row); a left one the same rows of
-        ``P`` and the moments of a column block of ``R = Pᵀ·G`` (:func:`block_of` over the world,
-        on every rank, holder or not); a two-sided one ``P``'s rows, the whole ``Q`` and the (r, r)
-        moments, on each rank holding part of the matrix. Moments: the form's
-        :attr:`_moment_keys`."""
+        :meth:`_step_split_matrices` steps. Every rank keeps a column block of ``Q`` (r, n) (right,
+        two-sided; :func:`~loralab.core.sharding.block_of` over the world, holder or not); a rank
+        holding part of the matrix keeps ``P``'s rows it touches (left, two-sided) and the moments:
+        of those rows for a right projection (``R = G·Qᵀ`` row by row), (r, r) for a two-sided one.
+        A left projection's moments are a column block of ``R = Pᵀ·G`` on every rank. So no rank
+        keeps more of a projector than its share. Moments: the form's :attr:`_moment_keys`."""
         n = pc.shape[1]
         side = projector_side(pc.shape, group["proj_type"])
         r = effective_rank(pc.shape, group["rank"], side)
         rows = zp.row_span(pc.param)
         m_k = rows.stop - rows.start
+        cols = sharding.block_of(n, zp.world, zp.rank)
+        n_k = cols.stop - cols.start
         out: dict[str, tuple[int, ...]] = {}
+        if side != "right" and m_k:
+            out["proj_left"] = (m_k, r)
+        if side != "left":
+            out["proj_right"] = (r, n_k)
         if side == "right" and m_k:
-            out = {"proj_right": (r, n), **dict.fromkeys(self._moment_keys, (m_k, r))}
+            out.update(dict.fromkeys(self._moment_keys, (m_k, r)))
         elif side == "full" and m_k:
-            out = {"proj_left": (m_k, r), "proj_right": (r, n)}
             out.update(dict.fromkeys(self._moment_keys, (r, r)))
-        elif side == "left":
-            cols = sharding.block_of(n, zp.world, zp.rank)
-            n_k = cols.stop - cols.start
-            if m_k:
-                out["proj_left"] = (m_k, r)
-            if n_k:
-                out.update(dict.fromkeys(self._moment_keys, (r, n_k)))
+        elif side == "left" and n_k:
+            out.update(dict.fromkeys(self._moment_keys, (r, n_k)))
         return side, r, out
 
     def _step_split_matrices(
@@ -228,7 +228,8 @@ class ShardedSteps(SubspaceOptimizerBase):
         Each rank places its elements of the gradient ``G`` in the rows they touch
         (:meth:`~loralab.core.zero_views.ZeroPartition.row_block`, zeros elsewhere); these blocks
         sum over the ranks to ``G``. A right projection ``R = G·Qᵀ`` (m, r) is then computed row by
-        row with no communication but the rows a rank boundary splits (their partial products
+        row, ``Q`` all-gathered from the column blocks the ranks keep (``r·n`` numbers), with no
+        other communication but the rows a rank boundary splits (their partial products
         all-reduced, ``r`` numbers each); the rows' Adam moments live on the ranks that touch them
         (a split row on both, computed alike). A left projection ``R = Pᵀ·G = Σ_k P_kᵀ·G_k`` (r, n)
         is reduce-scattered by column blocks, Adam runs on each rank's block, and the direction
@@ -265,6 +266,17 @@ class ShardedSteps(SubspaceOptimizerBase):
                     zp, pc, local_grads[k], sub, side, r, owner, group, gi, steps[k]
                 )
 
+        # Q whole for the right and two-sided projections: every rank keeps a column block, one
+        # all-gather brings all of them back (r·n numbers per matrix; used again for the update)
+        two_sided = [k for k, (side, _r, _l) in enumerate(layouts) if side != "left"]
+        qs = self._whole_projectors_right(
+            zp,
+            [pieces[k] for k in two_sided],
+            [subs[k] for k in two_sided],
+            [layouts[k][1] for k in two_sided],
+        )
+        q_whole = dict(zip(two_sided, qs))
+
         # the projected gradients: this rank's rows (right) or column block (left) of R
         lows: list[Tensor | None] = [None] * len(pieces)
         shared: list[tuple[int, int]] = []  # (piece, row) of the right projections' split rows
@@ -282,13 +294,13 @@ class ShardedSteps(SubspaceOptimizerBase):
         for k, (pc, sub, (side, r, _l)) in enumerate(zip(pieces, subs, layouts)):
             if side == "full":
                 if zp.holds(pc.param):
-                    p_rows, q = sub["proj_left"], sub["proj_right"]
+                    p_rows, q = sub["proj_left"], q_whole[k]
                     block = zp.row_block(local_grads[k], pc.param).to(q.dtype)
                     squares[at[k] : at[k] + r * r] = (p_rows.T @ block @ q.T).reshape(-1)
             elif side == "right":
                 shared += [(k, row) for row in zp.shared_rows(pc.param)]
                 if zp.holds(pc.param):
-                    q = sub["proj_right"]
+                    q = q_whole[k]
                     lows[k] = zp.row_block(local_grads[k], pc.param).to(q.dtype) @ q.T
             elif zp.holds(pc.param):
                 p_rows = sub["proj_left"]
@@ -348,9 +360,9 @@ class ShardedSteps(SubspaceOptimizerBase):
         for k, (pc, sub, (side, _r, _l)) in enumerate(zip(pieces, subs, layouts)):
             if zp.holds(pc.param):
                 if side == "right":
-                    block = dirs[k].to(sub["proj_right"].dtype) @ sub["proj_right"]
+                    block = dirs[k].to(q_whole[k].dtype) @ q_whole[k]
                 elif side == "full":
-                    p_rows, q = sub["proj_left"], sub["proj_right"]
+                    p_rows, q = sub["proj_left"], q_whole[k]
                     block = p_rows @ dirs[k].to(q.dtype) @ q
                 else:
                     block = sub["proj_left"] @ whole_n[k].to(sub["proj_left"].dtype)
@@ -400,28 +412,47 @@ class ShardedSteps(SubspaceOptimizerBase):
         for mat in mats:
             zp.broadcast_(mat, owner)
         rows = zp.row_span(pc.param)
-        # P (left, full) by this rank's rows; Q (right, full) whole
-        new = tuple(
-            mat[rows].contiguous() if j == 0 and side != "right" else mat
-            for j, mat in enumerate(mats)
-        )
-        old = self._projector_mats(sub, side)
+        cols = sharding.block_of(n, zp.world, zp.rank)
+        # P (left, full) by this rank's rows, Q (right, full) by its column block
+        p_new = mats[0][rows].contiguous() if side != "right" else None
+        q_new = mats[-1][:, cols].contiguous() if side != "left" else None
+        p_old, q_old = sub.get("proj_left"), sub.get("proj_right")
+        del mats
         if group["reproject_moments"] and step > 0:
             trans: tuple[Tensor, ...] = ()
-            if side != "right":
+            if p_new is not None:
                 # C = P_newᵀ·P_old over all rows: each row counted on the one rank holding its start
                 first = zp.first_rows(pc.param)
                 here = slice(first.start - rows.start, first.stop - rows.start)
-                c = new[0].new_zeros(r, r)
-                if old is not None and first.stop > first.start:
-                    c += new[0][here].T @ old[0][here]
+                c = p_new.new_zeros(r, r)
+                if p_old is not None and first.stop > first.start:
+                    c += p_new[here].T @ p_old[here]
                 trans = (zp.all_reduce_sum_(c),)
-            if side != "left" and old is not None:  # D = Q_old·Q_newᵀ: Q is whole on a holder
-                trans += transition_matrices((old[-1],), (new[-1],), "right")
-            if len(trans) == len(new):  # a two-sided one's non-holders keep no moments
-                self._reproject_moments(sub, trans, side, group)
-        if rows.stop > rows.start:
-            self._store_mats(sub, side, new)
+            if q_new is not None:
+                # D = Q_old·Q_newᵀ = Σ over the column blocks
+                d = q_new.new_zeros(r, r)
+                if q_old is not None:
+                    d += q_old @ q_new.T
+                trans += (zp.all_reduce_sum_(d),)
+            self._reproject_moments(sub, trans, side, group)  # the moments this rank keeps
+        if p_new is not None and rows.stop > rows.start:
+            sub["proj_left"] = p_new
+        if q_new is not None:
+            sub["proj_right"] = q_new
+
+    def _whole_projectors_right(
+        self, zp: ZeroPartition, pieces: list[Any], subs: list[dict[str, Any]], rs: list[int]
+    ) -> list[Tensor]:
+        """The whole ``Q`` (r, n) of each right or two-sided split matrix, from the column blocks the
+        ranks keep (:meth:`_split_layout`): one all-gather for all of them (a collective)."""
+        if not pieces:
+            return []
+        blocks = _ColumnBlocks([pc.shape[1] for pc in pieces], rs, zp.world)
+        send = zp.flat.new_zeros(blocks.size, dtype=subs[0]["proj_right"].dtype)
+        for j, sub in enumerate(subs):
+            blocks.put(send, j, sub["proj_right"])
+        every = zp.all_gather_flat(send)
+        return [blocks.whole(every, j) for j in range(len(pieces))]
 
     def _step_fsdp_owners(
         self, group: dict[str, Any], gi: int, params: Iterable[Tensor] | None = None
@@ -504,8 +535,8 @@ class ShardedSteps(SubspaceOptimizerBase):
         """Refuse, on every rank, a partition state laid out for another assignment: one holding the
         low-rank state of matrices another rank updates now, or, for the matrices split over ranks
         (:meth:`_step_split_matrices`), state of other shapes than this rank keeps (a checkpoint of
-        another owner assignment or of loralab-golore before 2026-12-05, which kept a split matrix's
-        state whole on its owner). Stepping on would silently restart those matrices' moments and
+        another owner assignment or of an earlier loralab-golore, which kept a split matrix's state
+        whole on its owner, or later a right projection's ``Q`` whole on each holder). Stepping on would silently restart those matrices' moments and
         projectors. Checked at each partition's first step of this optimizer object, on every rank at
         once (a collective; DeepSpeed loads a checkpoint into a new engine's optimizer before its
         first step, writing into the state in place).

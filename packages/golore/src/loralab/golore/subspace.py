@@ -190,8 +190,8 @@ class SubspaceOptimizerBase(Optimizer):
 
         def expected(p: Tensor, group: Any) -> dict[str, tuple[int, ...]]:
             # a projected matrix keeps (r, n) / (m, r) / (r, r) moments and (m, r) / (r, n) projectors
-            # under FSDP2 each rank keeps the state of its rows only (m_k of the m rows), and of its
-            # column block of a left projection's (r, n) moments (n_k of the n columns)
+            # under FSDP2 each rank keeps the state of its rows only (m_k of the m rows), and its
+            # column block (n_k of the n columns) of a left projection's (r, n) moments and of Q
             # (the forms that step a sharded parameter whole on its owner keep whole-tensor state)
             moments = ("exp_avg", "exp_avg_sq", "momentum_buffer")
             by_rows = self._steps_row_shards
@@ -210,7 +210,7 @@ class SubspaceOptimizerBase(Optimizer):
             if side in ("left", "full"):
                 out["proj_left"] = (m_k, r)
             if side in ("right", "full"):
-                out["proj_right"] = (r, n)
+                out["proj_right"] = (r, n_k)
             return out
 
         check_state_dict(self, state_dict, expected, settings=("rank", "proj_type"))
