@@ -1,45 +1,19 @@
 """Every example in loralab.core's docstrings runs and prints what it says."""
 
-import doctest
-import importlib
-
 import pytest
 
-MODULES = [
-    "__init__",
-    "adamw",
-    "adapter_gradients",
-    "demo",
-    "distributed",
-    "estimation",
-    "gradient_sums",
-    "gradients",
-    "host_memory",
-    "linalg",
-    "lora_layers",
-    "modules",
-    "offload",
-    "quant",
-    "sharding",
-    "targets",
-    "testing",
-    "zero3_fetch",
-    "zero_views",
-]
+from loralab.core.testing import package_modules, run_docstring_examples
+
+# modules whose examples need an optional dependency of loralab-core
+NEEDS = {
+    "loralab.core.quant": "bitsandbytes",
+    "loralab.core.lora_layers": "peft",
+    "loralab.core.adapter_gradients": "peft",
+}
 
 
-@pytest.mark.parametrize("name", MODULES)
+@pytest.mark.parametrize("name", package_modules("loralab.core"))
 def test_docstring_examples(name):
-    if name in ("quant",):
-        pytest.importorskip("bitsandbytes")
-    if name in ("lora_layers", "adapter_gradients"):
-        pytest.importorskip("peft")
-    module = importlib.import_module(
-        "loralab.core" if name == "__init__" else f"loralab.core.{name}"
-    )
-    result = doctest.testmod(
-        module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False
-    )
-    assert result.failed == 0, (
-        f"{result.failed} of {result.attempted} examples failed in loralab.core.{name}"
-    )
+    if name in NEEDS:
+        pytest.importorskip(NEEDS[name])
+    run_docstring_examples(name)

@@ -63,12 +63,3 @@ def test_refuses_other_group_and_parameter_counts():
 def test_refuses_what_is_not_a_state_dict():
     with pytest.raises(ValueError, match="not an optimizer state_dict"):
         check_state_dict(_adamw((2, 3)), {"exp_avg": 1}, _same)
-
-
-def test_module_example():
-    import doctest
-
-    from loralab.core import optim_state
-
-    result = doctest.testmod(optim_state, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0

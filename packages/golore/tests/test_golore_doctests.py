@@ -1,22 +1,10 @@
-"""Every example in loralab.golore's docstrings runs and prints what it says (GaLore / GoLore)."""
-
-import doctest
-import importlib
-import pkgutil
+"""Every example in loralab.golore's docstrings runs and prints what it says."""
 
 import pytest
 
-import loralab.golore as package
-
-MODULES = ["loralab.golore"] + [
-    m.name for m in pkgutil.walk_packages(package.__path__, prefix="loralab.golore.")
-]
+from loralab.core.testing import package_modules, run_docstring_examples
 
 
-@pytest.mark.parametrize("name", MODULES)
+@pytest.mark.parametrize("name", package_modules("loralab.golore"))
 def test_docstring_examples(name):
-    module = importlib.import_module(name)
-    result = doctest.testmod(
-        module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False
-    )
-    assert result.failed == 0, f"{name}: {result.failed} of {result.attempted} examples failed"
+    run_docstring_examples(name)

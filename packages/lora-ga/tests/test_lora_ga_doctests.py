@@ -1,20 +1,10 @@
-"""Every example in the docstrings of loralab.lora_ga's modules runs."""
-
-import doctest
-import importlib
+"""Every example in loralab.lora_ga's docstrings runs and prints what it says."""
 
 import pytest
 
-MODULES = ["config", "maths", "model", "save", "layer", "peft_flow"]
+from loralab.core.testing import package_modules, run_docstring_examples
 
 
-@pytest.mark.parametrize("name", MODULES)
+@pytest.mark.parametrize("name", package_modules("loralab.lora_ga"))
 def test_docstring_examples(name):
-    module = importlib.import_module(f"loralab.lora_ga.{name}")
-    result = doctest.testmod(
-        module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False
-    )
-    assert result.attempted > 0
-    assert result.failed == 0, (
-        f"{result.failed} of {result.attempted} examples failed in loralab.lora_ga.{name}"
-    )
+    run_docstring_examples(name)

@@ -418,17 +418,3 @@ def test_bad_arguments_and_save_without_init(tmp_path):
         save_loraga_model_final(pm, tmp_path)
     with pytest.raises(TypeError, match="PeftModel"):
         save_loraga_model_init(tiny_llama(), tmp_path)
-
-
-def test_seed_docstring_examples_run():
-    import doctest
-    import importlib
-
-    module = importlib.import_module("loralab.lora_ga.seed")
-    result = doctest.testmod(
-        module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False
-    )
-    assert result.attempted > 0
-    assert result.failed == 0, (
-        f"{result.failed} of {result.attempted} examples failed in loralab.lora_ga.seed"
-    )

@@ -1,25 +1,10 @@
-"""Every example in loralab.runners' docstrings runs and prints what it says (``__main__`` modules,
-which run a command when imported, aside)."""
-
-import doctest
-import importlib
-import pkgutil
+"""Every example in loralab.runners's docstrings runs and prints what it says."""
 
 import pytest
 
-import loralab.runners as package
-
-MODULES = ["loralab.runners"] + [
-    m.name
-    for m in pkgutil.walk_packages(package.__path__, prefix="loralab.runners.")
-    if not m.name.endswith(".__main__")
-]
+from loralab.core.testing import package_modules, run_docstring_examples
 
 
-@pytest.mark.parametrize("name", MODULES)
+@pytest.mark.parametrize("name", package_modules("loralab.runners"))
 def test_docstring_examples(name):
-    module = importlib.import_module(name)
-    result = doctest.testmod(
-        module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False
-    )
-    assert result.failed == 0, f"{name}: {result.failed} of {result.attempted} examples failed"
+    run_docstring_examples(name)

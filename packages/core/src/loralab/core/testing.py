@@ -37,7 +37,9 @@ __all__ = [
     "make_lm_batches",
     "make_seq2seq_batches",
     "offline_tokenizer",
+    "package_modules",
     "run_accelerate",
+    "run_docstring_examples",
     "run_torchrun",
     "save_tiny",
     "tiny_gpt2",
@@ -309,6 +311,42 @@ def fully_shard_model(model: nn.Module) -> nn.Module:
         fully_shard(inner)
     fully_shard(model)
     return model
+
+
+def package_modules(package: str) -> list[str]:
+    """The names of ``package`` and of every module below it (``__main__`` modules, which run a
+    command when imported, left out): what a test of the docstring examples walks, so that a new
+    module cannot be missed.
+
+    Example:
+        >>> package_modules("loralab.core")[:2]
+        ['loralab.core', 'loralab.core.adamw']
+    """
+    import importlib
+    import pkgutil
+
+    root = importlib.import_module(package)
+    below = pkgutil.walk_packages(root.__path__, prefix=package + ".")
+    return [package, *sorted(m.name for m in below if not m.name.endswith(".__main__"))]
+
+
+def run_docstring_examples(name: str) -> None:
+    """Run the examples in the docstrings of module ``name`` as loralab writes them (``...`` matches
+    anything, whitespace runs compare equal); raise ``AssertionError`` naming the module and the
+    count of failures (doctest prints each one).
+
+    Example:
+        >>> run_docstring_examples("loralab.core.adamw")
+    """
+    import doctest
+    import importlib
+
+    module = importlib.import_module(name)
+    result = doctest.testmod(
+        module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False
+    )
+    if result.failed:
+        raise AssertionError(f"{name}: {result.failed} of {result.attempted} examples failed")
 
 
 def free_port() -> int:

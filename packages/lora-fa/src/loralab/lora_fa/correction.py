@@ -18,7 +18,8 @@ one batched ``bmm``.
 
 Example:
     >>> import torch
-    >>> A, g_B = torch.randn(4, 32), torch.randn(16, 4)
+    >>> gen = torch.Generator().manual_seed(0)
+    >>> A, g_B = torch.randn(4, 32, generator=gen), torch.randn(16, 4, generator=gen)
     >>> M = correction_matrix(A, scaling=2.0)
     >>> torch.allclose(g_B @ M, g_B @ torch.linalg.inv(A @ A.T) / 4, atol=1e-4)
     True
