@@ -20,6 +20,7 @@ from loralab.core.sharding import (
     broadcast_from_first_,
     cols_of,
     gather_columns,
+    gather_columns_packed,
     gather_rows,
     is_sharded,
     local_rows,
@@ -58,6 +59,7 @@ def main(prefix: str) -> None:
         2
     ).backward()  # the mean over 4 rows = the mean of both halves' means ×2
     out: dict = {"rank": rank}
+    blocks = []
     for i, layer in enumerate(net):
         p = layer.weight
         assert is_sharded(p) and is_sharded(p.grad)
@@ -76,11 +78,16 @@ def main(prefix: str) -> None:
         out[f"cols{i}"] = torch.tensor([cols.start, cols.stop])
         out[f"PtG_cols{i}"] = PtG_cols.clone()
         out[f"PtG_gathered{i}"] = gather_columns(PtG_cols, p, p.shape[1]).clone()
+        blocks.append(PtG_cols)
         Q = torch.ones(p.shape[1], 2)
         out[f"GQ{i}"] = gather_rows(p, local_tensor(p.grad) @ Q).clone()
         update = torch.full(p.shape, float(i + 1)) + torch.arange(p.shape[0]).unsqueeze(1)
         write_rows_(p, update)
         out[f"written{i}"] = p.full_tensor().clone()
+    # every layer's blocks whole from one all-gather (the layers share the mesh)
+    packed = gather_columns_packed(blocks, net[0].weight, [layer.weight.shape[1] for layer in net])
+    for i, value in enumerate(packed):
+        out[f"PtG_packed{i}"] = value.clone()
     out["agree_true"] = all_ranks_agree(True, [net[0].weight])
     out["agree_false"] = all_ranks_agree(rank == 0, [net[0].weight])  # False on one rank only
     mine = torch.arange(6.0).reshape(2, 3) + 100 * rank  # each rank its own values

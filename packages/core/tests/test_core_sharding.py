@@ -124,6 +124,7 @@ def test_fsdp2_whole_matrices_equal_one_process(tmp_path):
                 out[f"PtG_cols{i}"], (P.T @ G)[:, cols], rtol=1e-6, atol=1e-6
             )
             torch.testing.assert_close(out[f"PtG_gathered{i}"], P.T @ G, rtol=1e-6, atol=1e-6)
+            assert torch.equal(out[f"PtG_packed{i}"], out[f"PtG_gathered{i}"])  # one all-gather
             assert torch.equal(out[f"written{i}"], update)
     for out in ranks:
         assert out["agree_true"] is True and out["agree_false"] is False

@@ -41,7 +41,7 @@ Example:
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -49,11 +49,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 __all__ = [
+    "ColumnBlocks",
     "all_ranks_agree",
     "block_of",
     "broadcast_from_first_",
     "cols_of",
     "gather_columns",
+    "gather_columns_packed",
     "gather_rows",
     "is_dtensor",
     "is_sharded",
@@ -288,6 +290,41 @@ def gather_columns(block: Tensor, like: Tensor, n: int) -> Tensor:
     return out[:n].T.contiguous()
 
 
+def gather_columns_packed(
+    blocks: Sequence[Tensor], like: Tensor, ns: Sequence[int]
+) -> list[Tensor]:
+    """:func:`gather_columns` of many matrices at once: each rank's (r_j, n_j,k) column blocks of the
+    (r_j, n_j) matrices, all sharded like ``like`` (its process group), whole on every rank from one
+    all-gather (:class:`ColumnBlocks`); ``blocks`` themselves when ``like`` is not sharded.
+
+    Example:
+        >>> import torch
+        >>> b = [torch.ones(2, 5), torch.zeros(1, 3)]
+        >>> gather_columns_packed(b, torch.zeros(4, 5), [5, 3])[1] is b[1]  # not sharded
+        True
+    """
+    if not is_sharded(like):
+        return list(blocks)
+    if not blocks:
+        return []
+    world, rank = _world_rank(like)
+    packing = ColumnBlocks(list(ns), [b.shape[0] for b in blocks], world)
+    for b, n in zip(blocks, ns):
+        _check_2d(b, "gather_columns_packed")
+        share = block_of(n, world, rank)
+        if b.shape[1] != share.stop - share.start:
+            raise ValueError(
+                f"gather_columns_packed: a block has {b.shape[1]} columns, this rank's share of {n} "
+                f"is {share.stop - share.start}: got shape {tuple(b.shape)}"
+            )
+    send = blocks[0].new_zeros(packing.size)
+    for j, b in enumerate(blocks):
+        packing.put(send, j, b)
+    every = send.new_empty(world * packing.size)
+    dist.all_gather_into_tensor(every, send, group=_group(like))
+    return [packing.whole(every, j) for j in range(len(blocks))]
+
+
 def gather_rows(like: Tensor, rows: Tensor) -> Tensor:
     """The whole matrix from this rank's ``rows`` (laid out as ``like``'s local shard; ``rows`` itself
     when ``like`` is not sharded). For small results such as ``N·Aᵀ`` (m×r) of a row-sharded ``N``."""
@@ -370,3 +407,57 @@ def all_ranks_agree(ok: bool, tensors: Iterable[Tensor]) -> bool:
     flag = torch.tensor(1.0 if ok else 0.0, device=local_tensor(sharded).device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=_group(sharded))
     return bool(flag.item() == 1.0)
+
+
+class ColumnBlocks:
+    """The packing of several (r_j, n_j) matrices into one flat buffer per rank, by column blocks
+    (:func:`block_of` of each matrix's columns over ``world`` ranks): rank ``k``'s region holds block
+    ``k`` of every matrix, transposed (columns contiguous) and padded to ``⌈n_j / world⌉`` columns, so
+    one reduce-scatter sums every matrix and hands each rank its blocks, and one all-gather brings
+    every matrix back whole (:func:`gather_columns_packed`; the ZeRO steps of ``loralab.golore``).
+
+    Example:
+        >>> import torch
+        >>> blocks = ColumnBlocks([5, 2], [3, 1], world=2)  # a (3, 5) and a (1, 2) matrix
+        >>> a, b = torch.arange(15.0).view(3, 5), torch.tensor([[7.0, 8.0]])
+        >>> buf = torch.zeros(2 * blocks.size)  # both ranks' regions, in rank order
+        >>> blocks.put_all(buf, 0, a); blocks.put_all(buf, 1, b)
+        >>> torch.equal(blocks.whole(buf, 0), a), torch.equal(blocks.take(buf[blocks.size :], 1, 1), b[:, 1:])
+        (True, True)
+    """
+
+    def __init__(self, ns: list[int], rs: list[int], world: int) -> None:
+        self.ns, self.rs, self.world = ns, rs, world
+        self.chunks = [-(-n // world) for n in ns]
+        self.offsets = [0]
+        for c, r in zip(self.chunks, rs):
+            self.offsets.append(self.offsets[-1] + c * r)
+        self.size = self.offsets[-1]  # one rank's region
+
+    def _view(self, region: Tensor, j: int) -> Tensor:
+        lo = self.offsets[j]
+        return region[lo : lo + self.chunks[j] * self.rs[j]].view(self.chunks[j], self.rs[j])
+
+    def put(self, region: Tensor, j: int, block: Tensor) -> None:
+        """Write a rank's (r, n_k) column block of matrix ``j`` into that rank's ``region``."""
+        self._view(region, j)[: block.shape[1]] = block.T
+
+    def put_all(self, buf: Tensor, j: int, value: Tensor) -> None:
+        """Write every rank's block of the whole (r, n) ``value`` of matrix ``j`` into ``buf`` (all
+        ``world`` regions, in rank order)."""
+        for k in range(self.world):
+            cols = block_of(self.ns[j], self.world, k)
+            region = buf[k * self.size : (k + 1) * self.size]
+            self.put(region, j, value[:, cols])
+
+    def take(self, region: Tensor, j: int, rank: int) -> Tensor:
+        """The (r, n_k) block of matrix ``j`` that rank ``rank`` keeps, from its ``region``."""
+        cols = block_of(self.ns[j], self.world, rank)
+        return self._view(region, j)[: cols.stop - cols.start].T.contiguous()
+
+    def whole(self, buf: Tensor, j: int) -> Tensor:
+        """Matrix ``j`` whole (r, n) from every rank's region (an all-gathered ``buf``)."""
+        parts = [
+            self.take(buf[k * self.size : (k + 1) * self.size], j, k) for k in range(self.world)
+        ]
+        return torch.cat(parts, dim=1)

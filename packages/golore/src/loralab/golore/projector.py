@@ -270,21 +270,25 @@ def shard_projector(mats: Mats, side: Side, like: Tensor) -> Mats:
     return tuple(kept)
 
 
-def _whole_q(mats: Mats, side: Side, like: Tensor) -> Mats:
-    """``mats`` as :func:`shard_projector` keeps them, with ``Q`` (right, full) all-gathered whole from
-    the ranks' column blocks (call on every rank); ``mats`` itself for a left projection or when
-    ``like`` is not sharded."""
+def _whole_q(mats: Mats, side: Side, like: Tensor, whole_q: Tensor | None) -> Mats:
+    """``mats`` as :func:`shard_projector` keeps them, with ``Q`` (right, full) whole: ``whole_q``
+    when the caller gathered it already (:func:`loralab.core.sharding.gather_columns_packed`, many
+    matrices in one all-gather), else all-gathered here from the ranks' column blocks (call on every
+    rank); ``mats`` itself for a left projection or when ``like`` is not sharded."""
     if side == "left" or not is_sharded(like):
         return mats
-    return (*mats[:-1], gather_columns(mats[-1], like, like.shape[1]))
+    q = gather_columns(mats[-1], like, like.shape[1]) if whole_q is None else whole_q
+    return (*mats[:-1], q)
 
 
-def project_shard(grad_rows: Tensor, mats: Mats, side: Side, like: Tensor) -> Tensor:
+def project_shard(
+    grad_rows: Tensor, mats: Mats, side: Side, like: Tensor, whole_q: Tensor | None = None
+) -> Tensor:
     """:func:`project` of this rank's row block of the gradient of ``like``, ``mats`` as
     :func:`shard_projector` keeps them; :func:`project` when ``like`` is not sharded (call on every rank).
 
     - right: ``G_k·Qᵀ``, this rank's rows of the (m, r) result (``Q`` all-gathered from its
-      column blocks: ``r·n`` numbers);
+      column blocks, ``r·n`` numbers, unless the caller passes it whole as ``whole_q``);
     - left: this rank's column block (:func:`loralab.core.sharding.cols_of`) of ``Σ_k P_kᵀ·G_k``, the
       (r, n) partial products reduce-scattered by columns;
     - full: ``Σ_k P_kᵀ·G_k·Qᵀ``, the (r, r) partial products all-reduced, whole on every rank (``Q``
@@ -296,7 +300,7 @@ def project_shard(grad_rows: Tensor, mats: Mats, side: Side, like: Tensor) -> Te
         >>> torch.equal(project_shard(g, (q,), "right", g), project(g, (q,), "right"))
         True
     """
-    low = project(grad_rows, _whole_q(mats, side, like), side)
+    low = project(grad_rows, _whole_q(mats, side, like, whole_q), side)
     if side == "left":
         return sum_columns_over_shards(low, like)
     if side == "full":
@@ -304,7 +308,9 @@ def project_shard(grad_rows: Tensor, mats: Mats, side: Side, like: Tensor) -> Te
     return low
 
 
-def project_back_shard(low: Tensor, mats: Mats, side: Side, like: Tensor) -> Tensor:
+def project_back_shard(
+    low: Tensor, mats: Mats, side: Side, like: Tensor, whole_q: Tensor | None = None
+) -> Tensor:
     """:func:`project_back` of what :func:`project_shard` gave this rank (or a direction of the same
     layout): this rank's rows of the full-space update (call on every rank). Left: the (r, n) ``N``
     is all-gathered from the ranks' column blocks, then ``P_k·N``; right ``R_k·Q`` and full
@@ -320,7 +326,7 @@ def project_back_shard(low: Tensor, mats: Mats, side: Side, like: Tensor) -> Ten
     """
     if side == "left":
         low = gather_columns(low, like, like.shape[1])
-    return project_back(low, _whole_q(mats, side, like), side)
+    return project_back(low, _whole_q(mats, side, like, whole_q), side)
 
 
 def transition_shard(old: Mats, new: Mats, side: Side, like: Tensor) -> Mats:

@@ -282,7 +282,7 @@ class ShardedSteps(SubspaceOptimizerBase):
         shared: list[tuple[int, int]] = []  # (piece, row) of the right projections' split rows
         left = [k for k, (side, _r, _l) in enumerate(layouts) if side == "left"]
         slot = {k: j for j, k in enumerate(left)}  # each left matrix's place in the packed buffers
-        blocks = _ColumnBlocks(
+        blocks = sharding.ColumnBlocks(
             [pieces[k].shape[1] for k in left], [layouts[k][1] for k in left], zp.world
         )
         send = flat.new_zeros(blocks.size * zp.world) if left else None
@@ -447,7 +447,7 @@ class ShardedSteps(SubspaceOptimizerBase):
         ranks keep (:meth:`_split_layout`): one all-gather for all of them (a collective)."""
         if not pieces:
             return []
-        blocks = _ColumnBlocks([pc.shape[1] for pc in pieces], rs, zp.world)
+        blocks = sharding.ColumnBlocks([pc.shape[1] for pc in pieces], rs, zp.world)
         send = zp.flat.new_zeros(blocks.size, dtype=subs[0]["proj_right"].dtype)
         for j, sub in enumerate(subs):
             blocks.put(send, j, sub["proj_right"])
@@ -586,50 +586,6 @@ class ShardedSteps(SubspaceOptimizerBase):
             torch.tensor(lacking, dtype=torch.float32, device=zp.flat.device)
         )
         return {pc.index for pc, n in zip(split, flags.tolist()) if n}
-
-
-class _ColumnBlocks:
-    """The packing of several (r_j, n_j) matrices into one flat buffer per rank, by column blocks
-    (:func:`~loralab.core.sharding.block_of` of each matrix's columns over ``world`` ranks): rank
-    ``k``'s region holds block ``k`` of every matrix, transposed (columns contiguous) and padded to
-    ``⌈n_j / world⌉`` columns, so one reduce-scatter sums every matrix and hands each rank its
-    blocks, and one all-gather brings every matrix back whole."""
-
-    def __init__(self, ns: list[int], rs: list[int], world: int) -> None:
-        self.ns, self.rs, self.world = ns, rs, world
-        self.chunks = [-(-n // world) for n in ns]
-        self.offsets = [0]
-        for c, r in zip(self.chunks, rs):
-            self.offsets.append(self.offsets[-1] + c * r)
-        self.size = self.offsets[-1]  # one rank's region
-
-    def _view(self, region: Tensor, j: int) -> Tensor:
-        lo = self.offsets[j]
-        return region[lo : lo + self.chunks[j] * self.rs[j]].view(self.chunks[j], self.rs[j])
-
-    def put(self, region: Tensor, j: int, block: Tensor) -> None:
-        """Write a rank's (r, n_k) column block of matrix ``j`` into that rank's ``region``."""
-        self._view(region, j)[: block.shape[1]] = block.T
-
-    def put_all(self, buf: Tensor, j: int, value: Tensor) -> None:
-        """Write every rank's block of the whole (r, n) ``value`` of matrix ``j`` into ``buf`` (all
-        ``world`` regions, in rank order)."""
-        for k in range(self.world):
-            cols = sharding.block_of(self.ns[j], self.world, k)
-            region = buf[k * self.size : (k + 1) * self.size]
-            self.put(region, j, value[:, cols])
-
-    def take(self, region: Tensor, j: int, rank: int) -> Tensor:
-        """The (r, n_k) block of matrix ``j`` that rank ``rank`` keeps, from its ``region``."""
-        cols = sharding.block_of(self.ns[j], self.world, rank)
-        return self._view(region, j)[: cols.stop - cols.start].T.contiguous()
-
-    def whole(self, buf: Tensor, j: int) -> Tensor:
-        """Matrix ``j`` whole (r, n) from every rank's region (an all-gathered ``buf``)."""
-        parts = [
-            self.take(buf[k * self.size : (k + 1) * self.size], j, k) for k in range(self.world)
-        ]
-        return torch.cat(parts, dim=1)
 
 
 def _failed_elsewhere(where: str) -> FloatingPointError:

@@ -367,9 +367,11 @@ class SubspaceOptimizerBase(Optimizer):
 
         Small unsharded matrices of one shape go through one ``bmm`` (:mod:`loralab.golore.batching`;
         the path depends on the matrix's size only, so one item or many give the same numbers);
-        the others one at a time with the row-shard algebra (:func:`project_shard`)."""
+        the others one at a time with the row-shard algebra (:func:`project_shard`), the sharded
+        right / two-sided ones with ``Q`` gathered for all of them at once (:meth:`_whole_qs`)."""
         out = list(items)
         batches: dict[tuple[Any, ...], list[tuple[int, Tensor]]] = {}  # key: (index, projector)
+        wholes = self._whole_qs(enumerate(items))
         for k, (target, grad, state, side, like) in enumerate(items):
             if side is None:
                 continue
@@ -383,7 +385,8 @@ class SubspaceOptimizerBase(Optimizer):
                 key = (side, tuple(grad.shape), tuple(mats[0].shape), grad.dtype, grad.device)
                 batches.setdefault(key, []).append((k, mats[0]))
             else:
-                out[k] = (target, project_shard(grad, mats, side, like), state, side, like)
+                low = project_shard(grad, mats, side, like, wholes.get(k))
+                out[k] = (target, low, state, side, like)
         for (side, shape, *_), rows in batches.items():
             for part in batching.chunks(len(rows), shape[0] * shape[1]):
                 chunk, mats_ = zip(*rows[part])
@@ -435,17 +438,35 @@ class SubspaceOptimizerBase(Optimizer):
         side: Side | None,
         group: dict[str, Any],
         like: Tensor | None = None,
+        whole_q: Tensor | None = None,
     ) -> Tensor:
         """The full-space update of ``p`` (this rank's rows) for a low-rank ``direction``; ``like``:
         the parameter as the optimizer holds it (an FSDP2 ``DTensor``: a left projection's direction is
-        a column block, all-gathered here), ``p`` when not given."""
+        a column block, all-gathered here), ``p`` when not given; ``whole_q``: a sharded right /
+        two-sided projection's ``Q`` already gathered (:meth:`_whole_qs`), else gathered here."""
         if side is None:
             return direction
         # side is set only for parameters projected (so given a projector) in this step
         mats = cast(tuple[Tensor, ...], self._projector_mats(state, side))
-        return (
-            project_back_shard(direction, mats, side, p if like is None else like) * group["scale"]
-        )
+        back = project_back_shard(direction, mats, side, p if like is None else like, whole_q)
+        return back * group["scale"]
+
+    def _whole_qs(self, items: Iterable[tuple[int, Item]]) -> dict[int, Tensor]:
+        """``{k: Q whole}`` for the FSDP2-sharded right / two-sided projections among the numbered
+        ``items``, from the column blocks each rank keeps: one all-gather per device mesh for all of
+        them (:func:`~loralab.core.sharding.gather_columns_packed`; a collective, in item order), not
+        one per matrix. The whole ``Q`` matrices live for one step's projection or update."""
+        by_mesh: dict[Any, list[tuple[int, Tensor, Tensor]]] = {}
+        for k, (_target, _grad, state, side, like) in items:
+            if side in ("right", "full") and sharding.is_sharded(like):
+                q = cast(tuple[Tensor, ...], self._projector_mats(state, side))[-1]
+                by_mesh.setdefault(cast(Any, like).device_mesh, []).append((k, q, like))
+        wholes: dict[int, Tensor] = {}
+        for entries in by_mesh.values():
+            ks, qs, likes = zip(*entries)
+            gathered = sharding.gather_columns_packed(qs, likes[0], [x.shape[1] for x in likes])
+            wholes.update(zip(ks, gathered))
+        return wholes
 
     def _add_updates_(
         self, group: dict[str, Any], pairs: list[tuple[Item, Tensor]], alpha: float
@@ -461,7 +482,8 @@ class SubspaceOptimizerBase(Optimizer):
         scaled = alpha * group["scale"]
         plain: tuple[list[Tensor], list[Tensor]] = ([], [])
         batches: dict[tuple[Any, ...], list[tuple[Tensor, Tensor, Tensor]]] = {}
-        for (p, _g, state, side, like), d in pairs:
+        wholes = self._whole_qs((k, item) for k, (item, _d) in enumerate(pairs))
+        for k, ((p, _g, state, side, like), d) in enumerate(pairs):
             if side is None and d.dtype == p.dtype:
                 plain[0].append(p)
                 plain[1].append(d)
@@ -477,7 +499,7 @@ class SubspaceOptimizerBase(Optimizer):
                     else:  # N·Q
                         p.addmm_(d, mats[0], alpha=scaled)
                     continue
-            full = self._full_update(p, d, state, side, group, like)
+            full = self._full_update(p, d, state, side, group, like, wholes.get(k))
             p.add_(full if full.dtype == p.dtype else full.to(p.dtype), alpha=alpha)
         if plain[0]:
             torch._foreach_add_(plain[0], plain[1], alpha=alpha)
