@@ -268,14 +268,14 @@ class ShardedSteps(SubspaceOptimizerBase):
 
         # Q whole for the right and two-sided projections: every rank keeps a column block, one
         # all-gather brings all of them back (r·n numbers per matrix; used again for the update)
-        two_sided = [k for k, (side, _r, _l) in enumerate(layouts) if side != "left"]
-        qs = self._whole_projectors_right(
+        with_q = [k for k, (side, _r, _l) in enumerate(layouts) if side != "left"]
+        qs = self._whole_split_qs(
             zp,
-            [pieces[k] for k in two_sided],
-            [subs[k] for k in two_sided],
-            [layouts[k][1] for k in two_sided],
+            [pieces[k] for k in with_q],
+            [subs[k] for k in with_q],
+            [layouts[k][1] for k in with_q],
         )
-        q_whole = dict(zip(two_sided, qs))
+        q_whole = dict(zip(with_q, qs))
 
         # the projected gradients: this rank's rows (right) or column block (left) of R
         lows: list[Tensor | None] = [None] * len(pieces)
@@ -440,7 +440,7 @@ class ShardedSteps(SubspaceOptimizerBase):
         if q_new is not None:
             sub["proj_right"] = q_new
 
-    def _whole_projectors_right(
+    def _whole_split_qs(
         self, zp: ZeroPartition, pieces: list[Any], subs: list[dict[str, Any]], rs: list[int]
     ) -> list[Tensor]:
         """The whole ``Q`` (r, n) of each right or two-sided split matrix, from the column blocks the
