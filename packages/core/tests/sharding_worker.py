@@ -88,6 +88,10 @@ def main(prefix: str) -> None:
     packed = gather_columns_packed(blocks, net[0].weight, [layer.weight.shape[1] for layer in net])
     for i, value in enumerate(packed):
         out[f"PtG_packed{i}"] = value.clone()
+    try:  # one buffer for every block: a block of another dtype is refused, not cast
+        gather_columns_packed([blocks[0], blocks[1].double()], net[0].weight, [3, 3])
+    except ValueError as e:
+        out["packed_error"] = str(e)
     out["agree_true"] = all_ranks_agree(True, [net[0].weight])
     out["agree_false"] = all_ranks_agree(rank == 0, [net[0].weight])  # False on one rank only
     mine = torch.arange(6.0).reshape(2, 3) + 100 * rank  # each rank its own values

@@ -132,3 +132,4 @@ def test_fsdp2_whole_matrices_equal_one_process(tmp_path):
         assert torch.equal(out["broadcast"], torch.arange(6.0).reshape(2, 3))
         assert torch.equal(out["broadcast_t"], torch.arange(6.0).reshape(2, 3).T)
         assert "Shard(dim=1)" in out["error"] and "Shard(0)" in out["error"]
+        assert "must share dtype and device" in out["packed_error"]

@@ -294,8 +294,9 @@ def gather_columns_packed(
     blocks: Sequence[Tensor], like: Tensor, ns: Sequence[int]
 ) -> list[Tensor]:
     """:func:`gather_columns` of many matrices at once: each rank's (r_j, n_j,k) column blocks of the
-    (r_j, n_j) matrices, all sharded like ``like`` (its process group), whole on every rank from one
-    all-gather (:class:`ColumnBlocks`); ``blocks`` themselves when ``like`` is not sharded.
+    (r_j, n_j) matrices, all sharded like ``like`` (its process group) and of one dtype and device,
+    whole on every rank from one all-gather (:class:`ColumnBlocks`); ``blocks`` themselves when
+    ``like`` is not sharded.
 
     Example:
         >>> import torch
@@ -307,6 +308,11 @@ def gather_columns_packed(
         return list(blocks)
     if not blocks:
         return []
+    kinds = {(b.dtype, b.device) for b in blocks}
+    if len(kinds) > 1:  # one buffer: a block of another dtype would be cast on the way
+        raise ValueError(
+            f"gather_columns_packed: blocks of one call must share dtype and device, got {sorted(map(str, kinds))}"
+        )
     world, rank = _world_rank(like)
     packing = ColumnBlocks(list(ns), [b.shape[0] for b in blocks], world)
     for b, n in zip(blocks, ns):

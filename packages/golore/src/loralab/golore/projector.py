@@ -26,11 +26,12 @@ Row shards (FSDP2's ``fully_shard``: each rank holds a block ``G_k`` of the rows
 needs the whole ``G`` to project it. Each rank keeps its rows ``P_k`` of ``P`` and a column block of
 ``Q`` (r, n) (all-gathered whole where a step needs it: ``r·n`` numbers, against the ``m·n`` of a
 weight), and :func:`project_shard` / :func:`transition_shard` use ``G·Qᵀ = [G_k·Qᵀ]_k``
-(row-sharded result), ``Pᵀ·G = Σ_k P_kᵀ·G_k`` and ``Q_old·Q_newᵀ = Σ_k Q_old,k·Q_new,kᵀ``. For a left projection that sum is reduce-scattered by columns:
-each rank receives, and keeps its moments for, its column block ``[Pᵀ·G]_{:, J_k}`` (the columns
-split as ``torch.chunk`` splits rows, :func:`loralab.core.sharding.cols_of`), which Adam's elementwise
-maths and the change of basis ``C·R`` (C acts from the left, so columns never mix) respect;
-:func:`project_back_shard` all-gathers the (r, n) direction and returns the rank's rows ``P_k·N``. For
+(row-sharded result), ``Pᵀ·G = Σ_k P_kᵀ·G_k`` and ``Q_old·Q_newᵀ = Σ_k Q_old,k·Q_new,kᵀ``. A left
+projection's ``Pᵀ·G`` is reduce-scattered by columns: each rank receives, and keeps its moments
+for, its column block ``[Pᵀ·G]_{:, J_k}`` (the columns split as ``torch.chunk`` splits rows,
+:func:`loralab.core.sharding.cols_of`), which Adam's elementwise maths and the change of basis
+``C·R`` (C acts from the left, so columns never mix) respect; :func:`project_back_shard`
+all-gathers the (r, n) direction and returns the rank's rows ``P_k·N``. For
 ``"full"`` the (r, r) ``Pᵀ·G·Qᵀ`` is all-reduced and kept whole on every rank: its change of basis
 ``C·R·D`` mixes columns (and rows), and r×r is r/n of a left projection's state.
 :func:`project_back` of a rank's row blocks is the rank's rows of the update (``R_k·Q``, ``P_k·R·Q``).

@@ -135,12 +135,10 @@ class ShardedSteps(SubspaceOptimizerBase):
                 if whole_grad is not None:  # the owner: D, the update of a zero weight
                     sub = substate(prefix)
                     delta = torch.zeros(pc.shape, dtype=flat.dtype, device=flat.device)
-                    try:
-                        item = self._prepare_item(delta, whole_grad, sub, weight_free, gi, pc.index)
-                        self._update(weight_free, [item])
-                        del item
-                    except FloatingPointError as e:
-                        failed.append(e)
+                    ok = self._update_on_owner(
+                        delta, whole_grad, sub, weight_free, gi, pc.index, failed
+                    )
+                    if not ok:
                         delta.zero_()
                     keep(prefix, sub)
                     del whole_grad
@@ -153,12 +151,7 @@ class ShardedSteps(SubspaceOptimizerBase):
             whole_grad = zp.gather_to(grad, pc.param, owner)
             if weight is not None and whole_grad is not None:  # the owner
                 sub = substate(prefix)
-                try:
-                    item = self._prepare_item(weight, whole_grad, sub, group, gi, pc.index)
-                    self._update(group, [item])
-                    del item
-                except FloatingPointError as e:
-                    failed.append(e)
+                self._update_on_owner(weight, whole_grad, sub, group, gi, pc.index, failed)
                 keep(prefix, sub)
                 del whole_grad
             zp.scatter_from_(flat, pc.param, weight, owner)
@@ -167,6 +160,27 @@ class ShardedSteps(SubspaceOptimizerBase):
             del weight
         if not zp.all_agree(not failed):
             raise failed[0] if failed else _failed_elsewhere(where)
+
+    def _update_on_owner(
+        self,
+        target: Tensor,
+        grad: Tensor,
+        sub: dict[str, Any],
+        group: dict[str, Any],
+        gi: int,
+        index: int,
+        failed: list[FloatingPointError],
+    ) -> bool:
+        """The ordinary update of one whole matrix on its owner rank. A projector that cannot be
+        computed (a non-finite gradient) is appended to ``failed`` and False returned: the caller
+        raises it on every rank after its loop, where raising here would leave the other ranks
+        waiting in the next collective."""
+        try:
+            self._update(group, [self._prepare_item(target, grad, sub, group, gi, index)])
+        except FloatingPointError as e:
+            failed.append(e)
+            return False
+        return True
 
     def _steps_split(self, zp: ZeroPartition, pc: Any, group: dict[str, Any]) -> bool:
         """Whether the ZeRO piece ``pc`` steps by :meth:`_step_split_matrices`: a matrix to project,
@@ -486,14 +500,8 @@ class ShardedSteps(SubspaceOptimizerBase):
             weight = sharding.whole(p.detach())
             whole_grad = sharding.whole(p.grad)
             if mesh.get_local_rank() == owner:
-                try:
-                    item = self._prepare_item(
-                        weight, whole_grad, self.state[p], group, gi, index[id(p)]
-                    )
-                    self._update(group, [item])
-                    del item
-                except FloatingPointError as e:
-                    failed.append(e)
+                state = self.state[p]
+                self._update_on_owner(weight, whole_grad, state, group, gi, index[id(p)], failed)
             del whole_grad
             torch.distributed.broadcast(weight, group=mesh.get_group(), group_src=owner)
             sharding.write_rows_(p, weight)

@@ -453,14 +453,16 @@ class SubspaceOptimizerBase(Optimizer):
 
     def _whole_qs(self, items: Iterable[tuple[int, Item]]) -> dict[int, Tensor]:
         """``{k: Q whole}`` for the FSDP2-sharded right / two-sided projections among the numbered
-        ``items``, from the column blocks each rank keeps: one all-gather per device mesh for all of
-        them (:func:`~loralab.core.sharding.gather_columns_packed`; a collective, in item order), not
-        one per matrix. The whole ``Q`` matrices live for one step's projection or update."""
+        ``items``, from the column blocks each rank keeps: one all-gather per device mesh (and dtype)
+        for all of them (:func:`~loralab.core.sharding.gather_columns_packed`; a collective, in item
+        order), not one per matrix. The whole ``Q`` matrices live for one step's projection or
+        update."""
         by_mesh: dict[Any, list[tuple[int, Tensor, Tensor]]] = {}
         for k, (_target, _grad, state, side, like) in items:
             if side in ("right", "full") and sharding.is_sharded(like):
                 q = cast(tuple[Tensor, ...], self._projector_mats(state, side))[-1]
-                by_mesh.setdefault(cast(Any, like).device_mesh, []).append((k, q, like))
+                key = (cast(Any, like).device_mesh, q.dtype, q.device)
+                by_mesh.setdefault(key, []).append((k, q, like))
         wholes: dict[int, Tensor] = {}
         for entries in by_mesh.values():
             ks, qs, likes = zip(*entries)
