@@ -235,6 +235,60 @@ def _check_2d(value: Tensor, what: str) -> None:
         raise ValueError(f"{what} needs a 2-D matrix, got shape {tuple(value.shape)}")
 
 
+class ColumnBlocks:
+    """The packing of several (r_j, n_j) matrices into one flat buffer per rank, by column blocks
+    (:func:`block_of` of each matrix's columns over ``world`` ranks): rank ``k``'s region holds block
+    ``k`` of every matrix, transposed (columns contiguous) and padded to ``⌈n_j / world⌉`` columns, so
+    one reduce-scatter sums every matrix and hands each rank its blocks, and one all-gather brings
+    every matrix back whole (:func:`gather_columns_packed`; the ZeRO steps of ``loralab.golore``).
+
+    Example:
+        >>> import torch
+        >>> blocks = ColumnBlocks([5, 2], [3, 1], world=2)  # a (3, 5) and a (1, 2) matrix
+        >>> a, b = torch.arange(15.0).view(3, 5), torch.tensor([[7.0, 8.0]])
+        >>> buf = torch.zeros(2 * blocks.size)  # both ranks' regions, in rank order
+        >>> blocks.put_all(buf, 0, a); blocks.put_all(buf, 1, b)
+        >>> torch.equal(blocks.whole(buf, 0), a), torch.equal(blocks.take(buf[blocks.size :], 1, 1), b[:, 1:])
+        (True, True)
+    """
+
+    def __init__(self, ns: list[int], rs: list[int], world: int) -> None:
+        self.ns, self.rs, self.world = ns, rs, world
+        self.chunks = [-(-n // world) for n in ns]
+        self.offsets = [0]
+        for c, r in zip(self.chunks, rs):
+            self.offsets.append(self.offsets[-1] + c * r)
+        self.size = self.offsets[-1]  # one rank's region
+
+    def _view(self, region: Tensor, j: int) -> Tensor:
+        lo = self.offsets[j]
+        return region[lo : lo + self.chunks[j] * self.rs[j]].view(self.chunks[j], self.rs[j])
+
+    def put(self, region: Tensor, j: int, block: Tensor) -> None:
+        """Write a rank's (r, n_k) column block of matrix ``j`` into that rank's ``region``."""
+        self._view(region, j)[: block.shape[1]] = block.T
+
+    def put_all(self, buf: Tensor, j: int, value: Tensor) -> None:
+        """Write every rank's block of the whole (r, n) ``value`` of matrix ``j`` into ``buf`` (all
+        ``world`` regions, in rank order)."""
+        for k in range(self.world):
+            cols = block_of(self.ns[j], self.world, k)
+            region = buf[k * self.size : (k + 1) * self.size]
+            self.put(region, j, value[:, cols])
+
+    def take(self, region: Tensor, j: int, rank: int) -> Tensor:
+        """The (r, n_k) block of matrix ``j`` that rank ``rank`` keeps, from its ``region``."""
+        cols = block_of(self.ns[j], self.world, rank)
+        return self._view(region, j)[: cols.stop - cols.start].T.contiguous()
+
+    def whole(self, buf: Tensor, j: int) -> Tensor:
+        """Matrix ``j`` whole (r, n) from every rank's region (an all-gathered ``buf``)."""
+        parts = [
+            self.take(buf[k * self.size : (k + 1) * self.size], j, k) for k in range(self.world)
+        ]
+        return torch.cat(parts, dim=1)
+
+
 def sum_columns_over_shards(value: Tensor, like: Tensor) -> Tensor:
     """This rank's column block (:func:`cols_of`) of ``value`` (r, n) summed over the ranks that share
     ``like``'s shards: a reduce-scatter by columns, so each rank receives (and keeps) only its block;
@@ -249,16 +303,13 @@ def sum_columns_over_shards(value: Tensor, like: Tensor) -> Tensor:
     _check_2d(value, "sum_columns_over_shards")
     if not is_sharded(like):
         return value
-    world, _rank = _world_rank(like)
-    r, n = value.shape
-    chunk = -(-n // world)
-    # reduce_scatter_tensor splits dim 0 into equal blocks: the transpose, zero-padded to world·c rows
-    buf = value.new_zeros(world * chunk, r)
-    buf[:n].copy_(value.T)
-    out = value.new_empty(chunk, r)
-    dist.reduce_scatter_tensor(out, buf, op=dist.ReduceOp.SUM, group=_group(like))
-    cols = cols_of(like, n)
-    return out[: cols.stop - cols.start].T.contiguous()
+    world, rank = _world_rank(like)
+    packing = ColumnBlocks([value.shape[1]], [value.shape[0]], world)
+    send = value.new_zeros(world * packing.size)  # every rank's column block, in rank order
+    packing.put_all(send, 0, value)
+    mine = value.new_empty(packing.size)
+    dist.reduce_scatter_tensor(mine, send, op=dist.ReduceOp.SUM, group=_group(like))
+    return packing.take(mine, 0, rank)
 
 
 def gather_columns(block: Tensor, like: Tensor, n: int) -> Tensor:
@@ -274,20 +325,7 @@ def gather_columns(block: Tensor, like: Tensor, n: int) -> Tensor:
     _check_2d(block, "gather_columns")
     if not is_sharded(like):
         return block
-    cols = cols_of(like, n)
-    if block.shape[1] != cols.stop - cols.start:
-        raise ValueError(
-            f"gather_columns: this rank's block has {block.shape[1]} columns, its share of {n} "
-            f"is {cols.stop - cols.start}: got shape {tuple(block.shape)}"
-        )
-    world, _rank = _world_rank(like)
-    r = block.shape[0]
-    chunk = -(-n // world)
-    buf = block.new_zeros(chunk, r)
-    buf[: block.shape[1]].copy_(block.T)
-    out = block.new_empty(world * chunk, r)
-    dist.all_gather_into_tensor(out, buf, group=_group(like))
-    return out[:n].T.contiguous()
+    return _gather_column_blocks([block], like, [n], "gather_columns")[0]
 
 
 def gather_columns_packed(
@@ -306,23 +344,31 @@ def gather_columns_packed(
     """
     if not is_sharded(like):
         return list(blocks)
+    return _gather_column_blocks(blocks, like, ns, "gather_columns_packed")
+
+
+def _gather_column_blocks(
+    blocks: Sequence[Tensor], like: Tensor, ns: Sequence[int], what: str
+) -> list[Tensor]:
+    """The all-gather behind :func:`gather_columns` / :func:`gather_columns_packed` (``like`` sharded),
+    each block checked against this rank's share of its columns."""
     if not blocks:
         return []
     kinds = {(b.dtype, b.device) for b in blocks}
     if len(kinds) > 1:  # one buffer: a block of another dtype would be cast on the way
         raise ValueError(
-            f"gather_columns_packed: blocks of one call must share dtype and device, got {sorted(map(str, kinds))}"
+            f"{what}: blocks of one call must share dtype and device, got {sorted(map(str, kinds))}"
         )
     world, rank = _world_rank(like)
-    packing = ColumnBlocks(list(ns), [b.shape[0] for b in blocks], world)
     for b, n in zip(blocks, ns):
-        _check_2d(b, "gather_columns_packed")
+        _check_2d(b, what)
         share = block_of(n, world, rank)
         if b.shape[1] != share.stop - share.start:
             raise ValueError(
-                f"gather_columns_packed: a block has {b.shape[1]} columns, this rank's share of {n} "
+                f"{what}: this rank's block has {b.shape[1]} columns, its share of {n} "
                 f"is {share.stop - share.start}: got shape {tuple(b.shape)}"
             )
+    packing = ColumnBlocks(list(ns), [b.shape[0] for b in blocks], world)
     send = blocks[0].new_zeros(packing.size)
     for j, b in enumerate(blocks):
         packing.put(send, j, b)
@@ -413,57 +459,3 @@ def all_ranks_agree(ok: bool, tensors: Iterable[Tensor]) -> bool:
     flag = torch.tensor(1.0 if ok else 0.0, device=local_tensor(sharded).device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=_group(sharded))
     return bool(flag.item() == 1.0)
-
-
-class ColumnBlocks:
-    """The packing of several (r_j, n_j) matrices into one flat buffer per rank, by column blocks
-    (:func:`block_of` of each matrix's columns over ``world`` ranks): rank ``k``'s region holds block
-    ``k`` of every matrix, transposed (columns contiguous) and padded to ``⌈n_j / world⌉`` columns, so
-    one reduce-scatter sums every matrix and hands each rank its blocks, and one all-gather brings
-    every matrix back whole (:func:`gather_columns_packed`; the ZeRO steps of ``loralab.golore``).
-
-    Example:
-        >>> import torch
-        >>> blocks = ColumnBlocks([5, 2], [3, 1], world=2)  # a (3, 5) and a (1, 2) matrix
-        >>> a, b = torch.arange(15.0).view(3, 5), torch.tensor([[7.0, 8.0]])
-        >>> buf = torch.zeros(2 * blocks.size)  # both ranks' regions, in rank order
-        >>> blocks.put_all(buf, 0, a); blocks.put_all(buf, 1, b)
-        >>> torch.equal(blocks.whole(buf, 0), a), torch.equal(blocks.take(buf[blocks.size :], 1, 1), b[:, 1:])
-        (True, True)
-    """
-
-    def __init__(self, ns: list[int], rs: list[int], world: int) -> None:
-        self.ns, self.rs, self.world = ns, rs, world
-        self.chunks = [-(-n // world) for n in ns]
-        self.offsets = [0]
-        for c, r in zip(self.chunks, rs):
-            self.offsets.append(self.offsets[-1] + c * r)
-        self.size = self.offsets[-1]  # one rank's region
-
-    def _view(self, region: Tensor, j: int) -> Tensor:
-        lo = self.offsets[j]
-        return region[lo : lo + self.chunks[j] * self.rs[j]].view(self.chunks[j], self.rs[j])
-
-    def put(self, region: Tensor, j: int, block: Tensor) -> None:
-        """Write a rank's (r, n_k) column block of matrix ``j`` into that rank's ``region``."""
-        self._view(region, j)[: block.shape[1]] = block.T
-
-    def put_all(self, buf: Tensor, j: int, value: Tensor) -> None:
-        """Write every rank's block of the whole (r, n) ``value`` of matrix ``j`` into ``buf`` (all
-        ``world`` regions, in rank order)."""
-        for k in range(self.world):
-            cols = block_of(self.ns[j], self.world, k)
-            region = buf[k * self.size : (k + 1) * self.size]
-            self.put(region, j, value[:, cols])
-
-    def take(self, region: Tensor, j: int, rank: int) -> Tensor:
-        """The (r, n_k) block of matrix ``j`` that rank ``rank`` keeps, from its ``region``."""
-        cols = block_of(self.ns[j], self.world, rank)
-        return self._view(region, j)[: cols.stop - cols.start].T.contiguous()
-
-    def whole(self, buf: Tensor, j: int) -> Tensor:
-        """Matrix ``j`` whole (r, n) from every rank's region (an all-gathered ``buf``)."""
-        parts = [
-            self.take(buf[k * self.size : (k + 1) * self.size], j, k) for k in range(self.world)
-        ]
-        return torch.cat(parts, dim=1)

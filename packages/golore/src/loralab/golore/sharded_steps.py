@@ -566,8 +566,8 @@ class ShardedSteps(SubspaceOptimizerBase):
             and owners.get(id(pc.param), zp.rank) != zp.rank
             and any(k.startswith(f"param{pc.index}.") for k in state)
         ]
-        for pc in split:
-            expected = self._split_layout(zp, pc, group)[2]
+        layouts = [self._split_layout(zp, pc, group)[2] for pc in split]
+        for pc, expected in zip(split, layouts):
             prefix = f"param{pc.index}."
             for key, value in state.items():
                 if key.startswith(prefix) and key[len(prefix) :] != "step":
@@ -585,11 +585,10 @@ class ShardedSteps(SubspaceOptimizerBase):
         checked.add(partition)
         if not split:
             return set()
-        lacking = []
-        for pc in split:
-            expected = self._split_layout(zp, pc, group)[2]
-            prefix = f"param{pc.index}."
-            lacking.append(any(k.startswith("proj") and prefix + k not in state for k in expected))
+        lacking = [
+            any(k.startswith("proj") and f"param{pc.index}.{k}" not in state for k in expected)
+            for pc, expected in zip(split, layouts)
+        ]
         flags = zp.all_reduce_sum_(
             torch.tensor(lacking, dtype=torch.float32, device=zp.flat.device)
         )
