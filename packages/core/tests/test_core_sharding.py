@@ -133,3 +133,24 @@ def test_fsdp2_whole_matrices_equal_one_process(tmp_path):
         assert torch.equal(out["broadcast_t"], torch.arange(6.0).reshape(2, 3).T)
         assert "Shard(dim=1)" in out["error"] and "Shard(0)" in out["error"]
         assert "must share dtype and device" in out["packed_error"]
+
+
+def test_column_blocks_round_trip_and_refuse_mismatched_shapes():
+    # every rank's regions written from whole matrices give the matrices back, whatever the padding
+    from loralab.core.sharding import ColumnBlocks
+
+    mats = [torch.arange(21.0).view(3, 7), torch.ones(2, 1), torch.zeros(4, 0)]
+    blocks = ColumnBlocks([7, 1, 0], [3, 2, 4], world=3)
+    buf = torch.full((3 * blocks.size,), float("nan"))
+    for j, m in enumerate(mats):
+        blocks.put_all(buf, j, m)
+    for j, m in enumerate(mats):
+        assert torch.equal(blocks.whole(buf, j), m)
+        for k in range(3):
+            cols = block_of(m.shape[1], 3, k)
+            region = buf[k * blocks.size : (k + 1) * blocks.size]
+            assert torch.equal(blocks.take(region, j, k), m[:, cols])
+    with pytest.raises(ValueError, match="one width n and one height r per matrix"):
+        ColumnBlocks([7, 1], [3], world=2)
+    with pytest.raises(ValueError, match="world >= 1"):
+        ColumnBlocks([7], [3], world=0)

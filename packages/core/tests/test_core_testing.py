@@ -172,3 +172,19 @@ def test_freeing_deepspeed_shm_buffers_deletes_only_what_appeared_in_the_block()
     finally:
         older.unlink(missing_ok=True)
         other.unlink(missing_ok=True)
+
+
+def test_run_docstring_examples_fails_on_a_wrong_example(tmp_path, monkeypatch):
+    from loralab.core.testing import package_modules, run_docstring_examples
+
+    pkg = tmp_path / "docpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "good.py").write_text('"""\n>>> 1 + 1\n2\n"""\n')
+    (pkg / "bad.py").write_text('"""\n>>> 1 + 1\n3\n"""\n')
+    (pkg / "__main__.py").write_text("raise SystemExit('imported')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert package_modules("docpkg") == ["docpkg", "docpkg.bad", "docpkg.good"]  # no __main__
+    run_docstring_examples("docpkg.good")
+    with pytest.raises(AssertionError, match=r"docpkg.bad: 1 of 1 examples failed"):
+        run_docstring_examples("docpkg.bad")

@@ -253,6 +253,11 @@ class ColumnBlocks:
     """
 
     def __init__(self, ns: list[int], rs: list[int], world: int) -> None:
+        if len(ns) != len(rs) or world < 1 or min([*ns, *rs], default=0) < 0:
+            raise ValueError(
+                f"ColumnBlocks needs one width n and one height r per matrix (n, r >= 0) and world "
+                f">= 1, got ns={ns}, rs={rs}, world={world}"
+            )
         self.ns, self.rs, self.world = ns, rs, world
         self.chunks = [-(-n // world) for n in ns]
         self.offsets = [0]
