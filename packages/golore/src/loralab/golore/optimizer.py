@@ -44,7 +44,8 @@ What differs from the references, on purpose (tested):
 Where the code is: this module holds the optimizers and the choice of path per param group; the
 machinery they share (validation, refresh, projection, the update, FSDP2 row shards) is in
 :mod:`loralab.golore.subspace`, the DeepSpeed ZeRO partitions and FSDP2 owner ranks in
-:mod:`loralab.golore.sharded_steps`.
+:mod:`loralab.golore.sharded_steps`, the matrices ZeRO splits over ranks in
+:mod:`loralab.golore.zero_split`.
 
 Example:
     >>> import torch

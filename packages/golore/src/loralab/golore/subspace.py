@@ -3,7 +3,8 @@ re-projection, projection and the update, for parameters one process holds whole
 shards (the projection algebra on rows, :func:`loralab.golore.projector.project_shard`).
 
 The optimizers themselves are in :mod:`loralab.golore.optimizer`; the steps of parameters an engine
-splits otherwise (DeepSpeed ZeRO partitions, FSDP2 owner ranks) in :mod:`loralab.golore.sharded_steps`.
+splits otherwise in :mod:`loralab.golore.zero_split` (a matrix DeepSpeed ZeRO splits over ranks) and
+:mod:`loralab.golore.sharded_steps` (ZeRO partitions, FSDP2 owner ranks).
 """
 
 from __future__ import annotations
