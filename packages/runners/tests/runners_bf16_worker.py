@@ -285,10 +285,13 @@ class WholeLog:
         # gather_to goes through gather_elements_to: one wrapper sees both
         self._wrap(ZeroPartition, "gather_elements_to", lambda zp, elements, p, owner: id(p))
         self._wrap(ZeroPartition, "wholes")
-        import loralab.lora_pro.optimizer as lp
+        # LoRA-Pro full mode's m×n tensors: built in full_mode (FSDP2, one process) and zero_steps (ZeRO)
+        import loralab.lora_pro.full_mode as lp_full
+        import loralab.lora_pro.zero_steps as lp_zero
 
-        self._wrap(lp, "optimal_equivalent_gradient")
-        self._wrap(lp, "adamw_direction")
+        for module in (lp_full, lp_zero):
+            self._wrap(module, "optimal_equivalent_gradient")
+            self._wrap(module, "adamw_direction")
         return self
 
     def __exit__(self, *exc: object) -> None:
