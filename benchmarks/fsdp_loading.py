@@ -50,7 +50,7 @@ def worker(mode: str, path: str) -> None:
 
     from loralab.core.distributed import end_process_group
     from loralab.runners.data import dtype_kwargs, load_pretrained
-    from loralab.runners.loop.engine import FSDP2Engine, init_fsdp_process_group
+    from loralab.runners.loop.fsdp2_engine import FSDP2Engine, init_fsdp_process_group
 
     init_fsdp_process_group()
     import torch.distributed as dist

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from loralab.runners import glue
-from loralab.runners.loop.engine import FSDP2Engine
+from loralab.runners.loop.fsdp2_engine import FSDP2Engine
 from loralab.runners.methods import MethodError, get_method
 
 TIMEOUT = 900

@@ -44,7 +44,7 @@ def dtype_kwargs(dtype: torch.dtype = torch.float32) -> dict[str, Any]:
 def load_pretrained(auto_class: Any, path: str, *, on_meta: bool = False, **kwargs: Any) -> Any:
     """``auto_class.from_pretrained(path, **kwargs)``; with ``on_meta`` the same model built from its
     config on the meta device, no weight read (FSDP2's rank-0 loading: every other rank receives its
-    shards from rank 0, :class:`loralab.runners.loop.engine.FSDP2Engine`). The dtype keyword goes to
+    shards from rank 0, :class:`loralab.runners.loop.fsdp2_engine.FSDP2Engine`). The dtype keyword goes to
     the model, the others (``num_labels``) to the config; quantization is not for the meta path.
 
     Example:

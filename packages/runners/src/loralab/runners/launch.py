@@ -276,7 +276,7 @@ def accelerate_fsdp() -> FSDPLaunch | None:
     state stays ``MULTI_CPU``/``NO`` and the model would silently train as DDP or alone), and its FSDP2
     ``prepare`` swaps the optimizer's parameters after sharding. The fine-tuning entrypoints instead
     shard with these settings before the method's optimizer is built (:class:`loralab.runners.loop.
-    engine.FSDP2Engine`), on GPUs and CPUs alike. Options that engine cannot honour are refused here,
+    fsdp2_engine.FSDP2Engine`), on GPUs and CPUs alike. Options that engine cannot honour are refused here,
     each naming its YAML key.
 
     Example:

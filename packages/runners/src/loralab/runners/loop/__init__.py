@@ -50,10 +50,10 @@ from loralab.runners.loop.engine import (
     AccelerateEngine,
     DeepSpeedEngine,
     Engine,
-    FSDP2Engine,
     TorchEngine,
     engine_line,
 )
+from loralab.runners.loop.fsdp2_engine import FSDP2Engine
 from loralab.runners.loop.metrics import KINDS, MetricsLog
 from loralab.runners.loop.trainer import (
     CRASH_ENV,

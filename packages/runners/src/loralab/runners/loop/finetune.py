@@ -53,13 +53,8 @@ from loralab.runners.loop.checkpoint import (
     remove_temporary,
     run_identity,
 )
-from loralab.runners.loop.engine import (
-    AccelerateEngine,
-    Engine,
-    FSDP2Engine,
-    engine_line,
-    init_fsdp_process_group,
-)
+from loralab.runners.loop.engine import AccelerateEngine, Engine, engine_line
+from loralab.runners.loop.fsdp2_engine import FSDP2Engine, init_fsdp_process_group
 from loralab.runners.loop.metrics import MetricsLog
 from loralab.runners.loop.trainer import LoopConfig, run_loop
 from loralab.runners.methods.base import FinalDirectory
