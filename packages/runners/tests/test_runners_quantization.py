@@ -7,6 +7,7 @@ end through ``python -m loralab.runners.metamath`` (bitsandbytes runs NF4 and in
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -327,10 +328,18 @@ def test_every_adapter_method_on_a_quantized_base(
         ] == str((final / "offset_base").resolve())
         assert "offset_base/" in (final / "README.md").read_text()
         assert (final / "original_base_adapter" / "adapter_config.json").is_file()
+        # a plain LoRA config: no LoRA-GA fields for PEFT to warn about, no init left to run
+        config = json.loads((final / "adapter_config.json").read_text())
+        assert config["init_lora_weights"] is True and config.get("lora_ga_config") is None
+        assert not {"stable_gamma", "direction", "scale", "iters"} & set(config)
     else:
         base = _quantized_base(tiny_dirs["llama"], bits)
     # lora-sb: final/ is the plain-LoRA export (R folded into B), bare PEFT reads it
-    reloaded = PeftModel.from_pretrained(base, final)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reloaded = PeftModel.from_pretrained(base, final)
+    unexpected = [str(w.message) for w in caught if "Unexpected keyword" in str(w.message)]
+    assert not unexpected, unexpected
     reloaded.eval()
     # the run computes with bitsandbytes' plain 4-bit kernel (the runners turn its CPU repacking off);
     # on CPUs with AVX512-BF16 a bare eval forward would switch to the repacked bf16 kernel, another
