@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 from pathlib import Path
 
 import pytest
@@ -184,7 +185,14 @@ def reload_final(base: str, final: Path, auto_class: str, **kwargs):
 
     cls = getattr(transformers, auto_class)
     if (final / "adapter_config.json").is_file():
-        return PeftModel.from_pretrained(cls.from_pretrained(base, **kwargs), str(final)).eval()
+        base_model = cls.from_pretrained(base, **kwargs)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = PeftModel.from_pretrained(base_model, str(final)).eval()
+        # an adapter config PEFT does not know (a method's own fields) warns the user on every load
+        unknown = [str(w.message) for w in caught if "Unexpected keyword" in str(w.message)]
+        assert not unknown, f"{final}/adapter_config.json: {unknown}"
+        return model
     return cls.from_pretrained(str(final), **kwargs).eval()
 
 
