@@ -540,6 +540,40 @@ def test_every_rank_prints_its_engine_line():
     assert engine_line(ds) == "[loralab.runners] rank 0/1: engine deepspeed ZeRO-2 on cpu"
 
 
+def test_each_engine_labels_its_stage():
+    """The words of every engine's start line (each engine's label()), multi-rank ones without a
+    process group: DDP or an explicit all-reduce, accelerate with and without DeepSpeed and its
+    offload, DeepSpeed's bf16 masters."""
+    import types
+
+    from loralab.runners.loop import AccelerateEngine, DeepSpeedEngine, TorchEngine, engine_line
+
+    torch_engine = object.__new__(TorchEngine)
+    torch_engine.rank, torch_engine.world_size, torch_engine.device = 1, 2, torch.device("cpu")
+    torch_engine.ddp = True
+    assert engine_line(torch_engine) == "[loralab.runners] rank 1/2: engine torch (DDP) on cpu"
+    torch_engine.ddp = False
+    assert torch_engine.label() == "torch (gradient all-reduce)"
+
+    zero3 = {
+        "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}},
+        "bf16": {"enabled": True},
+    }
+    acc = object.__new__(AccelerateEngine)
+    acc.acc = types.SimpleNamespace(
+        state=types.SimpleNamespace(deepspeed_plugin=types.SimpleNamespace(deepspeed_config=zero3)),
+        distributed_type="DistributedType.DEEPSPEED",
+    )
+    assert acc.label() == "accelerate + DeepSpeed ZeRO-3, optimizer offloaded to cpu"
+    acc.acc = types.SimpleNamespace(
+        state=types.SimpleNamespace(deepspeed_plugin=None),
+        distributed_type="DistributedType.MULTI_CPU",
+    )
+    assert acc.label() == "accelerate (MULTI_CPU)"
+    ds = DeepSpeedEngine(zero3, device="cpu")
+    assert ds.label() == "deepspeed ZeRO-3, bf16 (fp32 masters), optimizer offloaded to cpu"
+
+
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_fsdp_two_processes_match_single_process_and_resume_exactly(setup, single, tmp_path):
