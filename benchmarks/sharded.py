@@ -18,7 +18,13 @@ runners' own ``train_step`` exactly as the fine-tuning loop does. Per rank it re
   the imports: what this rank's parameters, gradients, optimizer state and activations cost;
 - optimizer-state bytes: every tensor in the innermost optimizer's ``state`` (a ``DTensor`` counts its
   local shard; DeepSpeed's fp32 master partitions are not included, see the table notes);
-- step time: the median of the timed steps (after warm-up), the slowest rank's.
+- step time: the median of the timed steps (after warm-up), the slowest rank's;
+- optimizer-step time: of each timed step, the time inside the innermost optimizer's ``step`` (summed
+  when the engine calls it more than once a step: DeepSpeed's ZeRO-3 sub-groups), the median, the
+  slowest rank's. The rest of the step is the engine's forward, backward and gradient reduction.
+
+``--profile`` also prints, for each run, rank 0's 15 most expensive operators (self CPU time) over one
+timed step (``torch.profiler``; the step is then left out of the timings).
 
 Ratios are to the same method's ``ddp`` run. Targets (issue "sharded training"): per-rank optimizer
 state ≤ 0.55× DDP's under ZeRO-3 and FSDP2; step time ≤ 1.3× the method's DDP step.
@@ -28,6 +34,7 @@ Usage::
     python benchmarks/sharded.py --quick            # small Llama, a minute or two per method
     python benchmarks/sharded.py                    # ~97M-parameter Llama
     python benchmarks/sharded.py --methods lora galore --engines ddp fsdp2
+    python benchmarks/sharded.py --methods galore --engines ddp fsdp2 --profile
 
 Writes the markdown table to ``benchmarks/results/sharded.md``.
 """
@@ -53,6 +60,7 @@ ENGINES = ("ddp", "zero2", "zero3", "fsdp2", "fsdp2-sgo")
 FULL = _common.ESTIMATION_FULL
 QUICK = _common.ESTIMATION_QUICK
 PREFIX = "SHARDED_RESULT "
+PROFILE_PREFIX = "SHARDED_PROFILE "
 
 
 def _method_flags(method: str) -> tuple[str, list[str]]:
@@ -110,6 +118,38 @@ def _state_bytes(optimizer) -> int:
     return total
 
 
+def _innermost_optimizer(optimizer):
+    """The optimizer that steps the parameters (inside accelerate's and DeepSpeed's wrappers)."""
+    inner = optimizer
+    while hasattr(inner, "optimizer") and inner.optimizer is not inner:
+        inner = inner.optimizer
+    return inner
+
+
+class _StepTimer:
+    """Time spent in ``optimizer.step`` (an instance attribute wrapping the bound method), per
+    training step: :meth:`start` opens a step, :meth:`stop` returns the seconds it spent stepping."""
+
+    def __init__(self, optimizer) -> None:
+        self._spent = 0.0
+        step = optimizer.step
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return step(*args, **kwargs)
+            finally:
+                self._spent += time.perf_counter() - t0
+
+        optimizer.step = timed
+
+    def start(self) -> None:
+        self._spent = 0.0
+
+    def stop(self) -> float:
+        return self._spent
+
+
 class _RssSampler:
     """The highest RSS seen by a background thread sampling every ``period`` seconds."""
 
@@ -141,7 +181,9 @@ def _release_freed_memory() -> None:
     release_freed_host_memory()  # not glibc: RSS may keep freed pages
 
 
-def worker(method: str, engine_name: str, size: dict, steps: int, warmup: int) -> None:
+def worker(
+    method: str, engine_name: str, size: dict, steps: int, warmup: int, profile: bool = False
+) -> None:
     """One (method, engine) run on this rank; rank 0 prints every rank's numbers."""
     import torch
 
@@ -178,22 +220,30 @@ def worker(method: str, engine_name: str, size: dict, steps: int, warmup: int) -
     model, optimizer = engine.prepare(setup.model, setup.optimizer, setup.scheduler)
     model.train()
     _release_freed_memory()
+    timer = _StepTimer(_innermost_optimizer(optimizer))
     sampler = _RssSampler()
-    times = []
-    for step in range(warmup + steps):
+    times, opt_times = [], []
+    profiled = warmup if profile else None  # this step runs under the profiler, untimed
+    for step in range(warmup + steps + int(profile)):
         batch = {k: v.to(engine.device) for k, v in batches[step % len(batches)].items()}
+        timer.start()
         t0 = time.perf_counter()
-        out = train_step(engine, model, optimizer, setup.scheduler, [batch], step=step, method=name)
+        with _profiled(step == profiled, engine.rank == 0, f"{method} {engine_name}"):
+            out = train_step(
+                engine, model, optimizer, setup.scheduler, [batch], step=step, method=name
+            )
         if hasattr(optimizer, "zero_grad"):
             optimizer.zero_grad(set_to_none=True)
-        if step >= warmup:
+        if step >= warmup and step != profiled:
             times.append(time.perf_counter() - t0)
+            opt_times.append(timer.stop())
     peak = sampler.stop()
     row = {
         "rank": engine.rank,
         "peak_mib": peak - imported_rss,
         "state_bytes": _state_bytes(optimizer),
         "step_s": statistics.median(times),
+        "opt_step_s": statistics.median(opt_times),
         "loss": out.loss,
         "import_mib": imported_rss - base_rss,
     }
@@ -204,12 +254,40 @@ def worker(method: str, engine_name: str, size: dict, steps: int, warmup: int) -
     end_process_group()  # not left to the interpreter's exit
 
 
-def _launch(method: str, engine: str, quick: bool, steps: int, warmup: int, port: int) -> dict:
+def _profiled(on: bool, printer: bool, title: str):
+    """A ``torch.profiler`` over the block when ``on``; ``printer``: this rank prints the table."""
+    import contextlib
+
+    if not on:
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def run():
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            yield
+        if printer:
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+            print(f"{PROFILE_PREFIX}{title}: one step, rank 0 (torch {torch.__version__})\n{table}")
+
+    return run()
+
+
+def _launch(
+    method: str, engine: str, quick: bool, steps: int, warmup: int, port: int, profile: bool = False
+) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
            str(port), __file__, "--worker", method, engine, "--steps", str(steps), "--warmup",
-           str(warmup), *(["--quick"] if quick else [])]  # fmt: skip
+           str(warmup), *(["--quick"] if quick else []), *(["--profile"] if profile else [])]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+    if profile:
+        start = proc.stdout.find(PROFILE_PREFIX)
+        if start >= 0:  # the table runs up to the result line
+            end = proc.stdout.find(PREFIX, start + len(PROFILE_PREFIX))
+            print(proc.stdout[start + len(PROFILE_PREFIX) : end if end >= 0 else None], flush=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(PREFIX)]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{method} under {engine} failed:\n{proc.stderr[-4000:]}")
@@ -223,10 +301,13 @@ def _row(r: dict, ddp: dict) -> str:
     d_peak = max(x["peak_mib"] for x in ddp["ranks"])
     d_state = max(x["state_bytes"] for x in ddp["ranks"])
     d_step = max(x["step_s"] for x in ddp["ranks"])
+    opt = max(x["opt_step_s"] for x in r["ranks"])
+    d_opt = max(x["opt_step_s"] for x in ddp["ranks"])
     state_ratio = f"{state / d_state:.2f}" if d_state else "—"
     return (
         f"| {r['method']} | {r['engine']} | {peak:.0f} | {peak / d_peak:.2f} | {state / 2**20:.1f} | "
-        f"{state_ratio} | {step:.2f} | {step / d_step:.2f} | {r['ranks'][0]['loss']:.4f} |"
+        f"{state_ratio} | {step:.2f} | {step / d_step:.2f} | {opt:.2f} | {opt / d_opt:.2f} | "
+        f"{step - opt:.2f} | {r['ranks'][0]['loss']:.4f} |"
     )
 
 
@@ -241,10 +322,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed first steps (default 2)")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS, help="markdown file to write")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="print rank 0's most expensive operators over one extra step of each run",
+    )
     args = parser.parse_args(argv)
     size = QUICK if args.quick else FULL
     if args.worker:
-        worker(args.worker[0], args.worker[1], size, args.steps, args.warmup)
+        worker(args.worker[0], args.worker[1], size, args.steps, args.warmup, args.profile)
         return 0
 
     lines = [
@@ -255,10 +341,13 @@ def main(argv: list[str] | None = None) -> int:
         f"(gloo, one torch thread each), fp32, {args.warmup} warm-up + {args.steps} timed steps; the runners' "
         "engines and methods (`Method.setup`, `train_step`). peak = the rank's highest RSS during training "
         "(sampled every 2 ms) minus its RSS after the imports (the worst rank); state = tensors in the optimizer's state on that rank (a DTensor: its "
-        "shard); step = median step time of the slowest rank. Ratios to the method's DDP run.",
+        "shard); step = median step time of the slowest rank; opt. step = the part of a step inside the "
+        "innermost optimizer's `step` (median, slowest rank), the rest = step − opt. step: the engine's "
+        "forward, backward and gradient reduction. Ratios to the method's DDP run.",
         "",
-        "| method | engine | peak (MiB) | peak / DDP | state (MiB) | state / DDP | step (s) | step / DDP | loss (last step) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | engine | peak (MiB) | peak / DDP | state (MiB) | state / DDP | step (s) | step / DDP "
+        "| opt. step (s) | opt. step / DDP | rest (s) | loss (last step) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     port = 29700
     missing = []
@@ -270,7 +359,9 @@ def main(argv: list[str] | None = None) -> int:
         for e in engines:
             port += 1
             try:
-                results[e] = _launch(method, e, args.quick, args.steps, args.warmup, port)
+                results[e] = _launch(
+                    method, e, args.quick, args.steps, args.warmup, port, args.profile
+                )
             except RuntimeError as err:  # one failing cell must not lose the others' numbers
                 failed[e] = str(err).strip().splitlines()[-1][:200]
             print(f"{method} {e}: {'FAILED' if e in failed else 'done'}", flush=True)
@@ -278,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         for e in engines:
             if e in failed or ddp is None:
                 why = failed.get(e, "no DDP run to compare with")
-                lines.append(f"| {method} | {e} | failed: {why} | | | | | | |")
+                lines.append(f"| {method} | {e} | failed: {why} | | | | | | | | | |")
             else:
                 lines.append(_row(results[e], ddp))
     cmd = "python benchmarks/sharded.py" + (" --quick" if args.quick else "")
@@ -286,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
         cmd += " --methods " + " ".join(args.methods)
     if args.engines != list(ENGINES):
         cmd += " --engines " + " ".join(args.engines)
+    if args.profile:
+        cmd += " --profile"
     if args.out != RESULTS:
         cmd += f" --out {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}"
     lines += [
