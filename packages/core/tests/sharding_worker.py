@@ -30,6 +30,7 @@ from loralab.core.sharding import (
     sum_over_shards_,
     whole,
     whole_grad,
+    whole_packed,
     write_rows_,
 )
 
@@ -60,6 +61,14 @@ def main(prefix: str) -> None:
     ).backward()  # the mean over 4 rows = the mean of both halves' means ×2
     out: dict = {"rank": rank}
     blocks = []
+    # every weight and gradient whole from one all-gather, mixed with plain tensors, equal to whole()
+    plain = torch.arange(6.0).reshape(2, 3)
+    mixed = [x for layer in net for x in (layer.weight, layer.weight.grad)] + [plain]
+    packed_wholes = whole_packed(mixed)
+    assert packed_wholes[-1] is plain
+    out["whole_packed_equal"] = all(
+        torch.equal(w, whole(t)) and w.is_contiguous() for w, t in zip(packed_wholes, mixed)
+    )
     for i, layer in enumerate(net):
         p = layer.weight
         assert is_sharded(p) and is_sharded(p.grad)

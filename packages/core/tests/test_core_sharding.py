@@ -133,6 +133,8 @@ def test_fsdp2_whole_matrices_equal_one_process(tmp_path):
         assert torch.equal(out["broadcast_t"], torch.arange(6.0).reshape(2, 3).T)
         assert "Shard(dim=1)" in out["error"] and "Shard(0)" in out["error"]
         assert "must share dtype and device" in out["packed_error"]
+        # whole_packed: every weight and gradient (uneven and empty row shards) as whole() gives it
+        assert out["whole_packed_equal"] is True
 
 
 def test_column_blocks_round_trip_and_refuse_mismatched_shapes():

@@ -67,6 +67,7 @@ __all__ = [
     "sum_over_shards_",
     "whole",
     "whole_grad",
+    "whole_packed",
     "write_rows_",
 ]
 
@@ -138,6 +139,44 @@ def whole(t: Tensor) -> Tensor:
         _layout(t)
         return t.full_tensor()  # type: ignore[attr-defined]
     return t
+
+
+def whole_packed(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """:func:`whole` of many tensors with one all-gather per process group and dtype, not one each
+    (a collective when any is sharded: call on every rank with the same tensors in the same order).
+    The row shards (2-D, ``Shard(0)``) of each (mesh, dtype, device) travel in one buffer, packed as
+    the column blocks of their transposes (:class:`ColumnBlocks`); the others come back as
+    :func:`whole` gives them (the gathered ones detached: for optimizers, which step under
+    ``no_grad``). For many small tensors such as LoRA factors and their gradients, where a
+    collective's fixed cost dominates.
+
+    Example:
+        >>> import torch
+        >>> a, b = torch.ones(2, 3), torch.zeros(4, 1)
+        >>> [t is u for t, u in zip(whole_packed([a, b]), (a, b))]  # nothing sharded: the tensors
+        [True, True]
+    """
+    out = [whole(t) if not is_sharded(t) else t for t in tensors]
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, t in enumerate(tensors):
+        if is_sharded(t):
+            _layout(t)
+            if t.dim() != 2:
+                raise ValueError(
+                    f"whole_packed gathers 2-D row shards, got a sharded tensor of shape {tuple(t.shape)}"
+                )
+            key = (t.device_mesh, t.dtype, t.device)  # type: ignore[attr-defined]
+            groups.setdefault(key, []).append(i)
+    for idx in groups.values():
+        like = tensors[idx[0]]
+        # rows of (m, n) = columns of its transpose (n, m): ColumnBlocks' layout
+        blocks = [local_tensor(tensors[i]).detach().T for i in idx]
+        wholes = _gather_column_blocks(
+            blocks, like, [tensors[i].shape[0] for i in idx], "whole_packed"
+        )
+        for i, w in zip(idx, wholes):
+            out[i] = w.T.contiguous()
+    return out
 
 
 def whole_grad(p: Tensor) -> Tensor | None:

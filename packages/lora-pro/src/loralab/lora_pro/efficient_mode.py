@@ -5,6 +5,7 @@ on stacked Adam state.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import defaultdict
 from typing import Any
@@ -15,9 +16,9 @@ from torch import Tensor
 from loralab.core.adamw import fused_adamw_, fused_adamw_available
 from loralab.core.linalg import accumulation_dtype
 from loralab.core.lora_layers import LoraPair
-from loralab.core.sharding import local_tensor, rows_of, whole
+from loralab.core.sharding import local_tensor, rows_of
 from loralab.lora_pro.adjust import lora_pro_gradients_buckets
-from loralab.lora_pro.optimizer_base import LoraProOptimizerBase, _grad
+from loralab.lora_pro.optimizer_base import LoraProOptimizerBase
 
 __all__ = ["EfficientModeSteps"]
 
@@ -34,36 +35,26 @@ class EfficientModeSteps(LoraProOptimizerBase):
         # work of all shapes that share a rank, dtype and device runs as one batch (see
         # lora_pro_gradients_buckets).
         stacks: dict[tuple, list[tuple[list[LoraPair], Tensor, Tensor, Tensor]]] = defaultdict(list)
+        # every layer's A, g_A, B, g_B whole: under FSDP2 all of them from one all-gather (LoRA-sized;
+        # four collectives per layer cost more than the adjustment), else the tensors themselves
+        wholes = iter(self._whole_factors([pair for bucket in buckets for pair in bucket]))
         for bucket in buckets:
             r, n = bucket[0].A.shape
             m = bucket[0].B.shape[0]
             dt = accumulation_dtype(bucket[0].A.dtype)
             kw: dict[str, Any] = dict(dtype=dt, device=bucket[0].A.device)
+            layers = [tuple(itertools.islice(wholes, 4)) for _ in bucket]  # (A, g_A, B, g_B) each
             if (
                 kw["device"].type == "cpu"
             ):  # one copy of each tensor, per-layer copies are cheap here
                 A_gA, B_gB = self._stacking_buffers(len(bucket), r, n, m, dt)
-                for i, pair in enumerate(bucket):
-                    # whole(): gathered when FSDP2 shards them (LoRA-sized), else the tensor itself
-                    A_i, gA_i = whole(pair.A.detach()), whole(_grad(pair.A))
-                    B_i, gB_i = whole(pair.B.detach()), whole(_grad(pair.B))
+                for i, (A_i, gA_i, B_i, gB_i) in enumerate(layers):
                     torch.cat([A_i, gA_i], dim=0, out=A_gA[i])
                     torch.cat([B_i, gB_i], dim=1, out=B_gB[i])
             else:  # accelerators: a few batched copy kernels rather than two launches per layer
-                A_gA = torch.cat(
-                    [
-                        torch.stack([whole(p.A.detach()) for p in bucket]),
-                        torch.stack([whole(_grad(p.A)) for p in bucket]),
-                    ],
-                    dim=1,
-                ).to(dt)
-                B_gB = torch.cat(
-                    [
-                        torch.stack([whole(p.B.detach()) for p in bucket]),
-                        torch.stack([whole(_grad(p.B)) for p in bucket]),
-                    ],
-                    dim=2,
-                ).to(dt)
+                As, gAs, Bs, gBs = zip(*layers)
+                A_gA = torch.cat([torch.stack(As), torch.stack(gAs)], dim=1).to(dt)
+                B_gB = torch.cat([torch.stack(Bs), torch.stack(gBs)], dim=2).to(dt)
             s = torch.tensor([p.scaling for p in bucket], **kw)
             stacks[(r, dt, A_gA.device)].append((bucket, A_gA, B_gB, s))
         done = []

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from loralab.core.adamw import adamw_step_, moment_dtype
 from loralab.core.lora_layers import LoraPair
-from loralab.core.sharding import all_ranks_agree, local_tensor, whole
+from loralab.core.sharding import all_ranks_agree, local_tensor, whole, whole_packed
 from loralab.core.zero_views import GroupOriginals
 
 __all__ = ["LoraProOptimizerBase"]
@@ -121,12 +121,18 @@ class LoraProOptimizerBase(torch.optim.Optimizer):
         grads = [local_tensor(g) for g in grads]
         adamw_step_(locals_, grads, ms, vs, steps, **self._adam_kwargs(group))
 
+    def _whole_factors(self, pairs: list[LoraPair]) -> list[Tensor]:
+        """``A, g_A, B, g_B`` of each pair in turn, whole: under FSDP2 gathered from their row shards
+        by one all-gather for all of them (:func:`~loralab.core.sharding.whole_packed`; a collective),
+        else the tensors themselves."""
+        return whole_packed(
+            [t for p in pairs for t in (p.A.detach(), _grad(p.A), p.B.detach(), _grad(p.B))]
+        )
+
     def _stack(self, bucket: list[LoraPair]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         # whole factors and gradients (gathered when FSDP2 shards them: they are LoRA-sized)
-        A = torch.stack([whole(p.A.detach()) for p in bucket])
-        B = torch.stack([whole(p.B.detach()) for p in bucket])
-        gA = torch.stack([whole(_grad(p.A)) for p in bucket])
-        gB = torch.stack([whole(_grad(p.B)) for p in bucket])
+        wholes = self._whole_factors(bucket)
+        A, gA, B, gB = (torch.stack(wholes[k::4]) for k in range(4))
         s = torch.tensor([p.scaling for p in bucket], dtype=torch.float64)
         # non-finite gradients are caught together with the adjusted ones, in _check_out
         return A, B, gA, gB, s
