@@ -61,7 +61,7 @@ from torch import Tensor, nn
 from loralab.core.adamw import AdamWStyle, adamw_update_, check_adamw_hparams, moment_dtype
 from loralab.core.distributed import gathered_parameters
 from loralab.core.lora_layers import LoraPair, LoraPairError, find_lora_pairs
-from loralab.core.sharding import all_ranks_agree, is_sharded, local_tensor, whole
+from loralab.core.sharding import all_ranks_agree, is_sharded, local_tensor, whole, whole_packed
 from loralab.core.zero_views import (
     GroupOriginals,
     flat_partition,
@@ -240,11 +240,11 @@ class LoraFAAdamW(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------------------- correction matrices
 
-    def _matrix(self, pair: LoraPair, *, fresh: bool = False) -> Tensor:
+    def _matrix(self, pair: LoraPair) -> Tensor:
         """``(1/s²)(A·Aᵀ + ridge·I)⁺`` for one layer, cached while A's tensor is unchanged."""
         version = _version(pair.A)
         hit = self._cache.get(id(pair.B))
-        if not fresh and hit is not None and hit[0] == version:
+        if hit is not None and hit[0] == version:
             return hit[1]
         with gathered_parameters([pair.A]):
             # a sharded (FSDP2) A is gathered: it is r×in, small
@@ -265,10 +265,26 @@ class LoraFAAdamW(torch.optim.Optimizer):
         # gathering a sharded A is a collective: every rank must decide alike whether to rebuild
         if all_ranks_agree(valid, As):
             return cast(tuple, hit)[1]
-        fresh = zero3 or any(is_sharded(a) for a in As)
-        M = torch.stack([self._matrix(p, fresh=fresh) for p in pairs])
+        if zero3 or any(is_sharded(a) for a in As):
+            M = torch.stack(self._fresh_matrices(pairs))
+        else:
+            M = torch.stack([self._matrix(p) for p in pairs])
         self._stacks[key] = (versions, M)
         return M
+
+    def _fresh_matrices(self, pairs: list[LoraPair]) -> list[Tensor]:
+        """:meth:`_matrix` of each pair from its A gathered afresh (a collective), every A of
+        ``pairs`` at once: one ``GatheredParameters`` block for ZeRO-3, one all-gather for FSDP2's
+        row shards (:func:`~loralab.core.sharding.whole_packed`), not one collective per layer."""
+        As = [p.A for p in pairs]
+        with gathered_parameters(As):
+            Ms = [
+                correction_matrix(A, p.scaling, ridge=self.ridge, dtype=torch.float32)
+                for p, A in zip(pairs, whole_packed([a.detach() for a in As]))
+            ]
+        for p, M in zip(pairs, Ms):
+            self._cache[id(p.B)] = (_version(p.A), M)
+        return Ms
 
     def refresh(self) -> None:
         """Recompute the cached ``(A·Aᵀ)⁻¹`` (call after changing an A through ``.data``).
