@@ -35,14 +35,15 @@ class EfficientModeSteps(LoraProOptimizerBase):
         # work of all shapes that share a rank, dtype and device runs as one batch (see
         # lora_pro_gradients_buckets).
         stacks: dict[tuple, list[tuple[list[LoraPair], Tensor, Tensor, Tensor]]] = defaultdict(list)
-        # every layer's A, g_A, B, g_B whole: under FSDP2 all of them from one all-gather (LoRA-sized;
-        # four collectives per layer cost more than the adjustment), else the tensors themselves
-        wholes = iter(self._whole_factors([pair for bucket in buckets for pair in bucket]))
         for bucket in buckets:
             r, n = bucket[0].A.shape
             m = bucket[0].B.shape[0]
             dt = accumulation_dtype(bucket[0].A.dtype)
             kw: dict[str, Any] = dict(dtype=dt, device=bucket[0].A.device)
+            # the bucket's A, g_A, B, g_B whole: under FSDP2 from one all-gather per bucket (four
+            # collectives per layer cost more than the adjustment; one for every bucket at once would
+            # hold every layer's whole factors besides the stacked copies), else the tensors themselves
+            wholes = iter(self._whole_factors(bucket))
             layers = [tuple(itertools.islice(wholes, 4)) for _ in bucket]  # (A, g_A, B, g_B) each
             if (
                 kw["device"].type == "cpu"
