@@ -148,6 +148,8 @@ def test_column_blocks_round_trip_and_refuse_mismatched_shapes():
         blocks.put_all(buf, j, m)
     for j, m in enumerate(mats):
         assert torch.equal(blocks.whole(buf, j), m)
+        transposed = blocks.whole_transposed(buf, j)  # one copy, no padding read
+        assert torch.equal(transposed, m.T) and transposed.is_contiguous()
         for k in range(3):
             cols = block_of(m.shape[1], 3, k)
             region = buf[k * blocks.size : (k + 1) * blocks.size]

@@ -156,26 +156,27 @@ def whole_packed(tensors: Sequence[Tensor]) -> list[Tensor]:
         >>> [t is u for t, u in zip(whole_packed([a, b]), (a, b))]  # nothing sharded: the tensors
         [True, True]
     """
-    out = [whole(t) if not is_sharded(t) else t for t in tensors]
+    out = list(tensors)
     groups: dict[tuple[Any, ...], list[int]] = {}
     for i, t in enumerate(tensors):
-        if is_sharded(t):
-            _layout(t)
-            if t.dim() != 2:
-                raise ValueError(
-                    f"whole_packed gathers 2-D row shards, got a sharded tensor of shape {tuple(t.shape)}"
-                )
-            key = (t.device_mesh, t.dtype, t.device)  # type: ignore[attr-defined]
-            groups.setdefault(key, []).append(i)
+        if not is_sharded(t):
+            out[i] = whole(t)
+            continue
+        _layout(t)
+        if t.dim() != 2:
+            raise ValueError(
+                f"whole_packed gathers 2-D row shards, got a sharded tensor of shape {tuple(t.shape)}"
+            )
+        key = (t.device_mesh, t.dtype, t.device)  # type: ignore[attr-defined]
+        groups.setdefault(key, []).append(i)
     for idx in groups.values():
-        like = tensors[idx[0]]
-        # rows of (m, n) = columns of its transpose (n, m): ColumnBlocks' layout
+        # rows of (m, n) = columns of its transpose (n, m): ColumnBlocks' layout, which stores each
+        # block transposed, i.e. the local rows as they are
         blocks = [local_tensor(tensors[i]).detach().T for i in idx]
-        wholes = _gather_column_blocks(
-            blocks, like, [tensors[i].shape[0] for i in idx], "whole_packed"
-        )
-        for i, w in zip(idx, wholes):
-            out[i] = w.T.contiguous()
+        ns = [tensors[i].shape[0] for i in idx]
+        packing, every = _all_gather_column_blocks(blocks, tensors[idx[0]], ns, "whole_packed")
+        for j, i in enumerate(idx):
+            out[i] = packing.whole_transposed(every, j)
     return out
 
 
@@ -332,6 +333,17 @@ class ColumnBlocks:
         ]
         return torch.cat(parts, dim=1)
 
+    def whole_transposed(self, buf: Tensor, j: int) -> Tensor:
+        """``whole(buf, j).T`` (n, r) contiguous, in one copy: each region stores its block
+        transposed, so the regions' rows stack to the transpose (for row shards, packed as the
+        column blocks of their transposes: :func:`whole_packed`)."""
+        parts = []
+        for k in range(self.world):
+            cols = block_of(self.ns[j], self.world, k)
+            region = buf[k * self.size : (k + 1) * self.size]
+            parts.append(self._view(region, j)[: cols.stop - cols.start])
+        return torch.cat(parts, dim=0)
+
 
 def sum_columns_over_shards(value: Tensor, like: Tensor) -> Tensor:
     """This rank's column block (:func:`cols_of`) of ``value`` (r, n) summed over the ranks that share
@@ -398,6 +410,15 @@ def _gather_column_blocks(
     each block checked against this rank's share of its columns."""
     if not blocks:
         return []
+    packing, every = _all_gather_column_blocks(blocks, like, ns, what)
+    return [packing.whole(every, j) for j in range(len(blocks))]
+
+
+def _all_gather_column_blocks(
+    blocks: Sequence[Tensor], like: Tensor, ns: Sequence[int], what: str
+) -> tuple[ColumnBlocks, Tensor]:
+    """Every rank's packed column blocks (:class:`ColumnBlocks`) from one all-gather over ``like``'s
+    group, each block checked against this rank's share of its columns: ``(packing, buffer)``."""
     kinds = {(b.dtype, b.device) for b in blocks}
     if len(kinds) > 1:  # one buffer: a block of another dtype would be cast on the way
         raise ValueError(
@@ -418,7 +439,7 @@ def _gather_column_blocks(
         packing.put(send, j, b)
     every = send.new_empty(world * packing.size)
     dist.all_gather_into_tensor(every, send, group=_group(like))
-    return [packing.whole(every, j) for j in range(len(blocks))]
+    return packing, every
 
 
 def gather_rows(like: Tensor, rows: Tensor) -> Tensor:
