@@ -7,6 +7,7 @@ from loralab.lora_ga.peft_flow import preprocess_loraga
 from loralab.lora_ga.save import (
     get_lora_ga_init_factors,
     load_lora_ga_model,
+    plain_lora_config,
     save_lora_ga_adapter,
     save_lora_ga_model,
     set_lora_ga_init_factors,
@@ -31,6 +32,7 @@ __all__ = [
     "lora_ga_factors",
     "lora_scaling",
     "offset_weight",
+    "plain_lora_config",
     "preprocess_loraga",
     "save_lora_ga_adapter",
     "save_lora_ga_model",

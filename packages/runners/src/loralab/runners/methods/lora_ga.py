@@ -8,7 +8,6 @@ runs used rsLoRA (``--use_rslora true``). Then AdamW as for LoRA.
 from __future__ import annotations
 
 import itertools
-import json
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -47,6 +46,7 @@ class LoraGA(Method):
         "LoraGAConfig",
         "get_lora_ga_model",
         "save_lora_ga_adapter",
+        "plain_lora_config",
         "get_lora_ga_init_factors",
         "set_lora_ga_init_factors",
     )
@@ -156,10 +156,13 @@ class LoraGA(Method):
             pkg.save_lora_ga_adapter(
                 model, directory / ORIGINAL_BASE_ADAPTER, state_dict=state_dict
             )
-            cfg_path = directory / "adapter_config.json"
-            cfg = plain_adapter_config(json.loads(cfg_path.read_text()), pkg.LoraGAConfig)
-            cfg["base_model_name_or_path"] = str((out.where / OFFSET_BASE).resolve())
-            cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+            # a plain LoRA config (the init is spent, the settings are in run_config.json): PEFT's
+            # bare load would warn about each LoRA-GA field ("Unexpected keyword arguments"); it
+            # names the offset base the adapter fits
+            adapter = cast("PeftModel", model).active_adapter
+            plain = pkg.plain_lora_config(cast("PeftModel", model).peft_config[adapter])
+            plain.base_model_name_or_path = str((out.where / OFFSET_BASE).resolve())
+            plain.save_pretrained(str(directory))
         (directory / "README.md").write_text(lora_ga_readme(quantized))
 
     def checkpoint_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -168,32 +171,6 @@ class LoraGA(Method):
 
     def load_checkpoint_state(self, model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
         self.package().set_lora_ga_init_factors(model, dict(state))
-
-
-def plain_adapter_config(saved: dict[str, Any], config_class: type) -> dict[str, Any]:
-    """A saved LoRA-GA ``adapter_config.json`` as plain LoRA's: the trained rank-r adapter on the
-    offset base is an ordinary LoRA there (its init is spent), so ``init_lora_weights`` is ``true``
-    and the fields ``config_class`` (:class:`loralab.lora_ga.LoraGAConfig`) adds to
-    ``peft.LoraConfig`` are dropped: PEFT's bare load would otherwise warn about each ("Unexpected
-    keyword arguments ... saved using a higher version of the library"). The run's LoRA-GA settings
-    stay in ``run_config.json``.
-
-    Example:
-        >>> from loralab.lora_ga import LoraGAConfig
-        >>> cfg = plain_adapter_config({"r": 8, "init_lora_weights": "lora_ga", "stable_gamma": 16}, LoraGAConfig)
-        >>> cfg
-        {'r': 8, 'init_lora_weights': True, 'lora_ga_config': None}
-    """
-    import dataclasses
-
-    import peft
-
-    extra = {f.name for f in dataclasses.fields(config_class)} - {
-        f.name for f in dataclasses.fields(peft.LoraConfig)
-    }
-    plain = {k: v for k, v in saved.items() if k not in extra}
-    plain.update(init_lora_weights=True, lora_ga_config=None)
-    return plain
 
 
 def save_offset_base(
