@@ -137,19 +137,19 @@ def test_fsdp_storage_check_before_sharding(storage, monkeypatch):
     """Integer code storage is refused before ``fully_shard`` where this torch's FSDP2 cannot shard
     it (torch < 2.13 builds integer sharded parameters with requires_grad=True and fails; seen on 2.11
     with CUDA); float storage, and every storage on a torch that can, pass."""
-    import loralab.core.quant as quant
+    import loralab.core.quant.fsdp as quant_fsdp
 
     net = _net(storage)
-    assert quant.check_fsdp_storage(net) == 1  # this torch (2.13) shards every storage
-    monkeypatch.setattr(quant, "fsdp2_shards_integer_storage", lambda: False)
+    assert quant_fsdp.check_fsdp_storage(net) == 1  # this torch (2.13) shards every storage
+    monkeypatch.setattr(quant_fsdp, "fsdp2_shards_integer_storage", lambda: False)
     if storage.is_floating_point:
-        assert quant.check_fsdp_storage(net) == 1
+        assert quant_fsdp.check_fsdp_storage(net) == 1
     else:
         with pytest.raises(
             QuantizationError,
             match=r"0 \(Linear4bit\) stores its 4-bit codes as torch.uint8.*bnb_4bit_quant_storage=torch.bfloat16",
         ):
-            quant.check_fsdp_storage(net)
+            quant_fsdp.check_fsdp_storage(net)
 
 
 def test_cpu_repacking_off_sets_and_restores_the_flag():
