@@ -189,11 +189,8 @@ class ZeroSplitSteps(SubspaceOptimizerBase):
         flat = zp.flat
         lows: list[Tensor | None] = [None] * len(pieces)
         shared: list[tuple[int, int]] = []  # (piece, row) of the right projections' split rows
-        left = [k for k, (side, _r, _l) in enumerate(layouts) if side == "left"]
+        left, blocks = _left_packing(zp, pieces, layouts)
         slot = {k: j for j, k in enumerate(left)}  # each left matrix's place in the packed buffers
-        blocks = sharding.ColumnBlocks(
-            [pieces[k].shape[1] for k in left], [layouts[k][1] for k in left], zp.world
-        )
         send = flat.new_zeros(blocks.size * zp.world) if left else None
         # two-sided: the (r, r) partial products P_kᵀ·G_k·Qᵀ of every such matrix, one all-reduce
         full = [k for k, (side, _r, _l) in enumerate(layouts) if side == "full"]
@@ -258,12 +255,9 @@ class ZeroSplitSteps(SubspaceOptimizerBase):
         ``D = −lr·scale·(P_k·N)``, ``(N_k·Q)`` or ``(P_k·N·Q)`` on the rows this rank touches, added
         to its elements with the form's decay (:meth:`_apply_delta_`)."""
         flat = zp.flat
-        left = [k for k, (side, _r, _l) in enumerate(layouts) if side == "left"]
+        left, blocks = _left_packing(zp, pieces, layouts)
         whole_n: dict[int, Tensor] = {}
         if left:
-            blocks = sharding.ColumnBlocks(
-                [pieces[k].shape[1] for k in left], [layouts[k][1] for k in left], zp.world
-            )
             send = flat.new_zeros(blocks.size)
             for j, k in enumerate(left):
                 if k in dirs:
@@ -367,6 +361,19 @@ class ZeroSplitSteps(SubspaceOptimizerBase):
             blocks.put(send, j, sub["proj_right"])
         every = zp.all_gather_flat(send)
         return [blocks.whole(every, j) for j in range(len(pieces))]
+
+
+def _left_packing(
+    zp: ZeroPartition, pieces: list[Any], layouts: list[Layout]
+) -> tuple[list[int], sharding.ColumnBlocks]:
+    """The left projections among ``pieces`` (by index) and how their (r, n_k) blocks pack by
+    column blocks over the ranks: the one layout the projection's reduce-scatter and the update's
+    all-gather share."""
+    left = [k for k, (side, _r, _l) in enumerate(layouts) if side == "left"]
+    blocks = sharding.ColumnBlocks(
+        [pieces[k].shape[1] for k in left], [layouts[k][1] for k in left], zp.world
+    )
+    return left, blocks
 
 
 def _failed_elsewhere(where: str) -> FloatingPointError:
