@@ -26,6 +26,15 @@ runners' own ``train_step`` exactly as the fine-tuning loop does. Per rank it re
 ``--profile`` also prints, for each run, rank 0's 15 most expensive operators (self CPU time) over one
 timed step (``torch.profiler``; the step is then left out of the timings).
 
+``--keep-freed-memory`` runs every rank with glibc's allocator told to keep freed memory in the
+process (``MALLOC_MMAP_MAX_=0``, ``MALLOC_TRIM_THRESHOLD_`` = 64 GiB) instead of handing every block
+over 32 MiB back to the system when it is freed: what a GPU's caching allocator does. Why it matters
+here: a DeepSpeed ZeRO step runs the inner optimizer on one flat partition per parameter group, so
+its temporaries (``exp_avg_sq.sqrt()``, the division after it) are single ~185 MiB tensors, freshly
+mapped and page-faulted in at every step; on a virtual machine that returns freed pages to its host
+that costs seconds (see the results' notes). The peak column then includes memory held free, so
+compare peaks from a run without the flag.
+
 Ratios are to the same method's ``ddp`` run. Targets (issue "sharded training"): per-rank optimizer
 state ≤ 0.55× DDP's under ZeRO-3 and FSDP2; step time ≤ 1.3× the method's DDP step.
 
@@ -275,13 +284,27 @@ def _profiled(on: bool, printer: bool, title: str):
     return run()
 
 
+# glibc's tunables that keep freed memory in the process: no block is mmap()ed (so none is unmapped
+# at free), and the heap's top is trimmed only above 64 GiB
+KEEP_FREED_MEMORY = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 * 2**30)}
+
+
 def _launch(
-    method: str, engine: str, quick: bool, steps: int, warmup: int, port: int, profile: bool = False
+    method: str,
+    engine: str,
+    quick: bool,
+    steps: int,
+    warmup: int,
+    port: int,
+    profile: bool = False,
+    keep_freed_memory: bool = False,
 ) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
            str(port), __file__, "--worker", method, engine, "--steps", str(steps), "--warmup",
            str(warmup), *(["--quick"] if quick else []), *(["--profile"] if profile else [])]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if keep_freed_memory:
+        env.update(KEEP_FREED_MEMORY)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     if profile:
         start = proc.stdout.find(PROFILE_PREFIX)
@@ -327,6 +350,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="print rank 0's most expensive operators over one extra step of each run",
     )
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="run the ranks with glibc keeping freed memory (no per-step page faults on large "
+        "temporaries; the peak column then includes memory held free)",
+    )
     args = parser.parse_args(argv)
     size = QUICK if args.quick else FULL
     if args.worker:
@@ -360,7 +389,14 @@ def main(argv: list[str] | None = None) -> int:
             port += 1
             try:
                 results[e] = _launch(
-                    method, e, args.quick, args.steps, args.warmup, port, args.profile
+                    method,
+                    e,
+                    args.quick,
+                    args.steps,
+                    args.warmup,
+                    port,
+                    args.profile,
+                    args.keep_freed_memory,
                 )
             except RuntimeError as err:  # one failing cell must not lose the others' numbers
                 failed[e] = str(err).strip().splitlines()[-1][:200]
@@ -379,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
         cmd += " --engines " + " ".join(args.engines)
     if args.profile:
         cmd += " --profile"
+    if args.keep_freed_memory:
+        cmd += " --keep-freed-memory"
     if args.out != RESULTS:
         cmd += f" --out {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}"
     lines += [
@@ -386,6 +424,16 @@ def main(argv: list[str] | None = None) -> int:
         _common.command_footer(cmd) + " Peak memory is reliable on a shared machine; "
         "step times are indicative when the load average exceeds the 2 cores.",
         "",
+        *(
+            [
+                "Run with `--keep-freed-memory` (glibc keeps freed memory in each rank: "
+                + ", ".join(f"`{k}={v}`" for k, v in KEEP_FREED_MEMORY.items())
+                + "): the peak column includes memory held free.",
+                "",
+            ]
+            if args.keep_freed_memory
+            else []
+        ),
         "Not run (the runners refuse the engine for the method at the time of this run): "
         + (", ".join(missing) if missing else "none")
         + ". DeepSpeed keeps fp32 master partitions of the trainable parameters besides the optimizer's "
