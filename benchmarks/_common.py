@@ -17,6 +17,8 @@ Example::
 from __future__ import annotations
 
 import argparse
+import ctypes
+import functools
 import json
 import os
 import resource
@@ -159,6 +161,39 @@ def rss_mib() -> float:
     import psutil
 
     return psutil.Process().memory_info().rss / 2**20
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                     "uordblks", "fordblks", "keepcost")
+    ]  # fmt: skip
+
+
+@functools.cache
+def _mallinfo2() -> Any:
+    try:
+        fn = ctypes.CDLL(None).mallinfo2  # glibc >= 2.33
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+    fn.argtypes = []
+    return fn
+
+
+def heap_in_use_mib() -> float | None:
+    """Bytes this process's C allocator has handed out and not yet freed, in MiB (glibc's
+    ``mallinfo2``: ``uordblks + hblkhd``, over every arena), or ``None`` off glibc.
+
+    torch's CPU tensors are ``malloc``ed, so this follows the live tensors; unlike RSS it leaves out
+    the free chunks a heap keeps between live ones (fragmentation) and pages not yet touched.
+    """
+    fn = _mallinfo2()
+    if fn is None:
+        return None
+    info = fn()
+    return (info.uordblks + info.hblkhd) / 2**20
 
 
 def reset_peak_rss() -> bool:

@@ -16,6 +16,10 @@ runners' own ``train_step`` exactly as the fine-tuning loop does. Per rank it re
 - peak RSS while training (sampled every 2 ms from the first step on, after the model was built whole
   and the engine sharded it and freed memory was handed back with ``malloc_trim``) minus the RSS after
   the imports: what this rank's parameters, gradients, optimizer state and activations cost;
+- peak heap in use, the same way: the bytes glibc's ``malloc`` has handed out and not yet freed
+  (``mallinfo2``), which follows the live tensors; RSS also counts the free chunks a heap keeps
+  between live ones, which repeated all-gather buffers and activations of different lifetimes leave
+  behind (on a GPU the caching allocator's reserved-vs-allocated);
 - optimizer-state bytes: every tensor in the innermost optimizer's ``state`` (a ``DTensor`` counts its
   local shard; DeepSpeed's fp32 master partitions are not included, see the table notes);
 - step time: the median of the timed steps (after warm-up), the slowest rank's;
@@ -160,24 +164,32 @@ class _StepTimer:
 
 
 class _RssSampler:
-    """The highest RSS seen by a background thread sampling every ``period`` seconds."""
+    """The highest RSS and the highest heap in use (:func:`_common.heap_in_use_mib`) seen by a
+    background thread sampling every ``period`` seconds."""
 
     def __init__(self, period: float = 0.002) -> None:
         import threading
 
         self.peak = _common.rss_mib()
+        self.heap_peak = _common.heap_in_use_mib() or 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(period,), daemon=True)
         self._thread.start()
 
+    def _sample(self) -> None:
+        self.peak = max(self.peak, _common.rss_mib())
+        self.heap_peak = max(self.heap_peak, _common.heap_in_use_mib() or 0.0)
+
     def _run(self, period: float) -> None:
         while not self._stop.wait(period):
-            self.peak = max(self.peak, _common.rss_mib())
+            self._sample()
 
-    def stop(self) -> float:
+    def stop(self) -> tuple[float, float]:
+        """(peak RSS, peak heap in use), MiB."""
         self._stop.set()
         self._thread.join()
-        return max(self.peak, _common.rss_mib())
+        self._sample()
+        return self.peak, self.heap_peak
 
 
 def _release_freed_memory() -> None:
@@ -218,6 +230,7 @@ def worker(
     args.progress = False
     engine = build_engine(args, size["hidden_size"])
     imported_rss = _common.rss_mib()
+    imported_heap = _common.heap_in_use_mib() or 0.0
     model, batches = _common.llama_and_batches(size)
     # every rank draws its own half of the global batch
     batches = [
@@ -246,10 +259,11 @@ def worker(
         if step >= warmup and step != profiled:
             times.append(time.perf_counter() - t0)
             opt_times.append(timer.stop())
-    peak = sampler.stop()
+    peak, heap_peak = sampler.stop()
     row = {
         "rank": engine.rank,
         "peak_mib": peak - imported_rss,
+        "heap_peak_mib": heap_peak - imported_heap,
         "state_bytes": _state_bytes(optimizer),
         "step_s": statistics.median(times),
         "opt_step_s": statistics.median(opt_times),
@@ -326,9 +340,12 @@ def _row(r: dict, ddp: dict) -> str:
     d_step = max(x["step_s"] for x in ddp["ranks"])
     opt = max(x["opt_step_s"] for x in r["ranks"])
     d_opt = max(x["opt_step_s"] for x in ddp["ranks"])
+    heap = max(x["heap_peak_mib"] for x in r["ranks"])
+    d_heap = max(x["heap_peak_mib"] for x in ddp["ranks"])
     state_ratio = f"{state / d_state:.2f}" if d_state else "—"
     return (
-        f"| {r['method']} | {r['engine']} | {peak:.0f} | {peak / d_peak:.2f} | {state / 2**20:.1f} | "
+        f"| {r['method']} | {r['engine']} | {peak:.0f} | {peak / d_peak:.2f} | {heap:.0f} | "
+        f"{heap / d_heap:.2f} | {state / 2**20:.1f} | "
         f"{state_ratio} | {step:.2f} | {step / d_step:.2f} | {opt:.2f} | {opt / d_opt:.2f} | "
         f"{step - opt:.2f} | {r['ranks'][0]['loss']:.4f} |"
     )
@@ -369,14 +386,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{size['vocab_size']}), global batch {size['batch_size']}x{size['seq_len']} tokens split over 2 ranks "
         f"(gloo, one torch thread each), fp32, {args.warmup} warm-up + {args.steps} timed steps; the runners' "
         "engines and methods (`Method.setup`, `train_step`). peak = the rank's highest RSS during training "
-        "(sampled every 2 ms) minus its RSS after the imports (the worst rank); state = tensors in the optimizer's state on that rank (a DTensor: its "
+        "(sampled every 2 ms) minus its RSS after the imports (the worst rank); in use = the same for the bytes the C allocator has "
+        "handed out and not freed (glibc's `mallinfo2`: the live tensors, without the free chunks a heap keeps between them); state = tensors in the optimizer's state on that rank (a DTensor: its "
         "shard); step = median step time of the slowest rank; opt. step = the part of a step inside the "
         "innermost optimizer's `step` (median, slowest rank), the rest = step − opt. step: the engine's "
         "forward, backward and gradient reduction. Ratios to the method's DDP run.",
         "",
-        "| method | engine | peak (MiB) | peak / DDP | state (MiB) | state / DDP | step (s) | step / DDP "
-        "| opt. step (s) | opt. step / DDP | rest (s) | loss (last step) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | engine | peak (MiB) | peak / DDP | in use (MiB) | in use / DDP | state (MiB) "
+        "| state / DDP | step (s) | step / DDP | opt. step (s) | opt. step / DDP | rest (s) "
+        "| loss (last step) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     port = 29700
     missing = []
@@ -405,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         for e in engines:
             if e in failed or ddp is None:
                 why = failed.get(e, "no DDP run to compare with")
-                lines.append(f"| {method} | {e} | failed: {why} | | | | | | | | | |")
+                lines.append(f"| {method} | {e} | failed: {why} | | | | | | | | | | | |")
             else:
                 lines.append(_row(results[e], ddp))
     cmd = "python benchmarks/sharded.py" + (" --quick" if args.quick else "")
