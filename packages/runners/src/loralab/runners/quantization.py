@@ -379,7 +379,8 @@ def base_state_dict(
         >>> "model.layers.0.self_attn.q_proj.weight" in sd, any("lora" in k for k in sd)
         (True, False)
     """
-    from loralab.core.quant import layer_kind, quantized_layer_names
+    from loralab.core.modules import layer_kind
+    from loralab.core.quant import quantized_layer_names
 
     adapter_parts = (".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embedding_B.")
     prefix = "base_model.model."
