@@ -36,8 +36,8 @@ over 32 MiB back to the system when it is freed: what a GPU's caching allocator 
 here: a DeepSpeed ZeRO step runs the inner optimizer on one flat partition per parameter group, so
 its temporaries (``exp_avg_sq.sqrt()``, the division after it) are single ~185 MiB tensors, freshly
 mapped and page-faulted in at every step; on a virtual machine that returns freed pages to its host
-that costs seconds (see the results' notes). The peak column then includes memory held free, so
-compare peaks from a run without the flag.
+that costs seconds (see the results' notes). The peak (RSS) column then includes memory held free,
+so compare RSS peaks from a run without the flag; the in-use column is unaffected.
 
 Ratios are to the same method's ``ddp`` run. Targets (issue "sharded training"): per-rank optimizer
 state ≤ 0.55× DDP's under ZeRO-3 and FSDP2; step time ≤ 1.3× the method's DDP step.
@@ -343,9 +343,11 @@ def _row(r: dict, ddp: dict) -> str:
     heap = max(x["heap_peak_mib"] for x in r["ranks"])
     d_heap = max(x["heap_peak_mib"] for x in ddp["ranks"])
     state_ratio = f"{state / d_state:.2f}" if d_state else "—"
+    # off glibc there is no mallinfo2: no heap figures
+    heap_cells = f"{heap:.0f} | {heap / d_heap:.2f}" if d_heap > 0 else "— | —"
     return (
-        f"| {r['method']} | {r['engine']} | {peak:.0f} | {peak / d_peak:.2f} | {heap:.0f} | "
-        f"{heap / d_heap:.2f} | {state / 2**20:.1f} | "
+        f"| {r['method']} | {r['engine']} | {peak:.0f} | {peak / d_peak:.2f} | {heap_cells} | "
+        f"{state / 2**20:.1f} | "
         f"{state_ratio} | {step:.2f} | {step / d_step:.2f} | {opt:.2f} | {opt / d_opt:.2f} | "
         f"{step - opt:.2f} | {r['ranks'][0]['loss']:.4f} |"
     )
@@ -371,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         "--keep-freed-memory",
         action="store_true",
         help="run the ranks with glibc keeping freed memory (no per-step page faults on large "
-        "temporaries; the peak column then includes memory held free)",
+        "temporaries; the RSS peak column then includes memory held free)",
     )
     args = parser.parse_args(argv)
     size = QUICK if args.quick else FULL
@@ -447,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
             [
                 "Run with `--keep-freed-memory` (glibc keeps freed memory in each rank: "
                 + ", ".join(f"`{k}={v}`" for k, v in KEEP_FREED_MEMORY.items())
-                + "): the peak column includes memory held free.",
+                + "): the peak (RSS) column includes memory held free; in use does not.",
                 "",
             ]
             if args.keep_freed_memory
