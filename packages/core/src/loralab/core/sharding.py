@@ -309,6 +309,14 @@ class ColumnBlocks:
         lo = self.offsets[j]
         return region[lo : lo + self.chunks[j] * self.rs[j]].view(self.chunks[j], self.rs[j])
 
+    def _region(self, buf: Tensor, k: int) -> Tensor:
+        return buf[k * self.size : (k + 1) * self.size]
+
+    def _stored(self, region: Tensor, j: int, rank: int) -> Tensor:
+        """Rank ``rank``'s block of matrix ``j`` as its ``region`` stores it: (n_k, r), transposed."""
+        cols = block_of(self.ns[j], self.world, rank)
+        return self._view(region, j)[: cols.stop - cols.start]
+
     def put(self, region: Tensor, j: int, block: Tensor) -> None:
         """Write a rank's (r, n_k) column block of matrix ``j`` into that rank's ``region``."""
         self._view(region, j)[: block.shape[1]] = block.T
@@ -317,32 +325,22 @@ class ColumnBlocks:
         """Write every rank's block of the whole (r, n) ``value`` of matrix ``j`` into ``buf`` (all
         ``world`` regions, in rank order)."""
         for k in range(self.world):
-            cols = block_of(self.ns[j], self.world, k)
-            region = buf[k * self.size : (k + 1) * self.size]
-            self.put(region, j, value[:, cols])
+            self.put(self._region(buf, k), j, value[:, block_of(self.ns[j], self.world, k)])
 
     def take(self, region: Tensor, j: int, rank: int) -> Tensor:
         """The (r, n_k) block of matrix ``j`` that rank ``rank`` keeps, from its ``region``."""
-        cols = block_of(self.ns[j], self.world, rank)
-        return self._view(region, j)[: cols.stop - cols.start].T.contiguous()
+        return self._stored(region, j, rank).T.contiguous()
 
     def whole(self, buf: Tensor, j: int) -> Tensor:
         """Matrix ``j`` whole (r, n) from every rank's region (an all-gathered ``buf``)."""
-        parts = [
-            self.take(buf[k * self.size : (k + 1) * self.size], j, k) for k in range(self.world)
-        ]
-        return torch.cat(parts, dim=1)
+        blocks = [self._stored(self._region(buf, k), j, k).T for k in range(self.world)]
+        return torch.cat(blocks, dim=1)
 
     def whole_transposed(self, buf: Tensor, j: int) -> Tensor:
         """``whole(buf, j).T`` (n, r) contiguous, in one copy: each region stores its block
         transposed, so the regions' rows stack to the transpose (for row shards, packed as the
         column blocks of their transposes: :func:`whole_packed`)."""
-        parts = []
-        for k in range(self.world):
-            cols = block_of(self.ns[j], self.world, k)
-            region = buf[k * self.size : (k + 1) * self.size]
-            parts.append(self._view(region, j)[: cols.stop - cols.start])
-        return torch.cat(parts, dim=0)
+        return torch.cat([self._stored(self._region(buf, k), j, k) for k in range(self.world)])
 
 
 def sum_columns_over_shards(value: Tensor, like: Tensor) -> Tensor:
