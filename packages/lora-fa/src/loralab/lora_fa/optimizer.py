@@ -246,12 +246,7 @@ class LoraFAAdamW(torch.optim.Optimizer):
         hit = self._cache.get(id(pair.B))
         if hit is not None and hit[0] == version:
             return hit[1]
-        with gathered_parameters([pair.A]):
-            # a sharded (FSDP2) A is gathered: it is r×in, small
-            A = whole(pair.A)
-            M = correction_matrix(A, pair.scaling, ridge=self.ridge, dtype=torch.float32)
-        self._cache[id(pair.B)] = (_version(pair.A), M)
-        return M
+        return self._fresh_matrices([pair])[0]
 
     def _stacked(self, pairs: list[LoraPair]) -> Tensor:
         key = tuple(id(p.B) for p in pairs)
@@ -273,14 +268,15 @@ class LoraFAAdamW(torch.optim.Optimizer):
         return M
 
     def _fresh_matrices(self, pairs: list[LoraPair]) -> list[Tensor]:
-        """:meth:`_matrix` of each pair from its A gathered afresh (a collective), every A of
-        ``pairs`` at once: one ``GatheredParameters`` block for ZeRO-3, one all-gather for FSDP2's
-        row shards (:func:`~loralab.core.sharding.whole_packed`), not one collective per layer."""
+        """:meth:`_matrix` of each pair from its A gathered afresh (a collective when A is sharded:
+        r×in, small), cached; every A of ``pairs`` at once: one ``GatheredParameters`` block for
+        ZeRO-3, one all-gather for FSDP2's row shards (:func:`~loralab.core.sharding.whole_packed`),
+        not one collective per layer."""
         As = [p.A for p in pairs]
         with gathered_parameters(As):
             Ms = [
                 correction_matrix(A, p.scaling, ridge=self.ridge, dtype=torch.float32)
-                for p, A in zip(pairs, whole_packed([a.detach() for a in As]))
+                for p, A in zip(pairs, whole_packed(As))
             ]
         for p, M in zip(pairs, Ms):
             self._cache[id(p.B)] = (_version(p.A), M)
