@@ -5,7 +5,6 @@ on stacked Adam state.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections import defaultdict
 from typing import Any
@@ -43,8 +42,7 @@ class EfficientModeSteps(LoraProOptimizerBase):
             # the bucket's A, g_A, B, g_B whole: under FSDP2 from one all-gather per bucket (four
             # collectives per layer cost more than the adjustment; one for every bucket at once would
             # hold every layer's whole factors besides the stacked copies), else the tensors themselves
-            wholes = iter(self._whole_factors(bucket))
-            layers = [tuple(itertools.islice(wholes, 4)) for _ in bucket]  # (A, g_A, B, g_B) each
+            layers = self._whole_factors(bucket)  # (A, g_A, B, g_B) of each layer
             if (
                 kw["device"].type == "cpu"
             ):  # one copy of each tensor, per-layer copies are cheap here

@@ -121,18 +121,21 @@ class LoraProOptimizerBase(torch.optim.Optimizer):
         grads = [local_tensor(g) for g in grads]
         adamw_step_(locals_, grads, ms, vs, steps, **self._adam_kwargs(group))
 
-    def _whole_factors(self, pairs: list[LoraPair]) -> list[Tensor]:
-        """``A, g_A, B, g_B`` of each pair in turn, whole: under FSDP2 gathered from their row shards
-        by one all-gather for all of them (:func:`~loralab.core.sharding.whole_packed`; a collective),
+    def _whole_factors(self, pairs: list[LoraPair]) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """``(A, g_A, B, g_B)`` of each pair, whole: under FSDP2 gathered from their row shards by
+        one all-gather for all of them (:func:`~loralab.core.sharding.whole_packed`; a collective),
         else the tensors themselves."""
-        return whole_packed(
+        wholes = whole_packed(
             [t for p in pairs for t in (p.A.detach(), _grad(p.A), p.B.detach(), _grad(p.B))]
         )
+        return [
+            (wholes[i], wholes[i + 1], wholes[i + 2], wholes[i + 3])
+            for i in range(0, len(wholes), 4)
+        ]
 
     def _stack(self, bucket: list[LoraPair]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         # whole factors and gradients (gathered when FSDP2 shards them: they are LoRA-sized)
-        wholes = self._whole_factors(bucket)
-        A, gA, B, gB = (torch.stack(wholes[k::4]) for k in range(4))
+        A, gA, B, gB = (torch.stack(ts) for ts in zip(*self._whole_factors(bucket)))
         s = torch.tensor([p.scaling for p in bucket], dtype=torch.float64)
         # non-finite gradients are caught together with the adjusted ones, in _check_out
         return A, B, gA, gB, s
